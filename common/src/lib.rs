@@ -1,0 +1,131 @@
+//! The gateway's shared model: the declarative [`Config`] (one schema for the config file and the
+//! admin API), its validation, and the compiled [`Snapshot`] the data plane reads.
+//!
+//! The only way to a `Snapshot` is [`Snapshot::compile`]; [`load_config`] reads a file in TOML
+//! or JSON and reports errors with the path of the offending field. No async runtime here.
+
+pub mod config;
+pub mod router;
+pub mod snapshot;
+
+pub use config::Config;
+pub use snapshot::{Limits, Route, RouteAction, Snapshot, Target, Timeouts, Upstream};
+
+use std::path::Path;
+
+/// A configuration that cannot be used, with the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The text is not valid TOML / JSON, or a field has the wrong type or is unknown.
+    #[error("{path}: {reason}")]
+    Syntax { path: String, reason: String },
+    /// A field holds a value the gateway cannot use.
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+    /// The file could not be read.
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+}
+
+impl ConfigError {
+    /// An invalid field, named by its path (`routes[2].upstream`).
+    pub fn field(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The path of the field the error is about (`.` for the whole document).
+    pub fn path(&self) -> &str {
+        match self {
+            ConfigError::Syntax { path, .. }
+            | ConfigError::Invalid { path, .. }
+            | ConfigError::Io { path, .. } => path,
+        }
+    }
+}
+
+/// Which syntax a config text is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Json,
+}
+
+impl Format {
+    /// JSON for a `.json` file or a text starting with `{`, TOML otherwise.
+    pub fn detect(path: Option<&Path>, text: &str) -> Format {
+        let json_ext = path
+            .and_then(|p| p.extension())
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if json_ext || text.trim_start().starts_with('{') {
+            Format::Json
+        } else {
+            Format::Toml
+        }
+    }
+}
+
+/// Parses a config text (no semantic checks: see [`Snapshot::compile`]).
+pub fn parse_config(text: &str, format: Format) -> Result<Config, ConfigError> {
+    let syntax = |path: String, reason: String| ConfigError::Syntax {
+        path: if path.is_empty() || path == "." {
+            ".".to_owned()
+        } else {
+            path
+        },
+        reason,
+    };
+    match format {
+        Format::Json => {
+            let de = &mut serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de)
+                .map_err(|e| syntax(e.path().to_string(), e.inner().to_string()))
+        }
+        Format::Toml => {
+            let de = toml::Deserializer::parse(text)
+                .map_err(|e| syntax(".".into(), e.message().to_owned()))?;
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let inner = e.inner();
+                let reason = match inner.span() {
+                    Some(span) => {
+                        let line = text[..span.start.min(text.len())].lines().count().max(1);
+                        format!("{} (line {line})", inner.message())
+                    }
+                    None => inner.message().to_owned(),
+                };
+                syntax(e.path().to_string(), reason)
+            })
+        }
+    }
+}
+
+/// Reads and parses a config file.
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_config(&text, Format::detect(Some(path), &text))
+}
+
+/// The config used when the gateway is started without `--config`: a listener on
+/// 127.0.0.1:8080 whose demo routes answer without any upstream.
+pub const DEFAULT_CONFIG: &str = r#"# Embedded default: answers on 127.0.0.1:8080 without any upstream.
+[[listeners]]
+address = "127.0.0.1:8080"
+
+[[routes]]
+id = "health"
+path = "/health"
+respond = { status = 200, body = "ok\n" }
+
+[[routes]]
+id = "hello"
+path_prefix = "/"
+respond = { status = 200, body = "Hello from the gateway. Configure routes with --config FILE.\n" }
+"#;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,589 @@
+//! The compiled, immutable [`Snapshot`] the workers read, and [`Snapshot::compile`], the one
+//! validating function that builds it from a [`Config`]. A config file and (later) an admin API
+//! change both go through it, so an invalid config cannot be represented in a snapshot.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::config::{Config, DirectResponseConfig, RouteConfig};
+use crate::router::{PathTable, Router};
+use crate::ConfigError;
+
+/// Most targets in one upstream.
+pub const MAX_TARGETS: usize = 256;
+/// Largest target weight.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Largest `max_header_count` (the parser keeps header slots on the stack).
+pub const MAX_HEADER_COUNT: usize = 256;
+/// Largest direct-response body.
+pub const MAX_DIRECT_BODY: usize = 64 * 1024;
+
+/// Everything a worker needs to serve requests, compiled once per config change.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Monotonically increasing config revision.
+    pub revision: u64,
+    /// Configured worker count, if any.
+    pub workers: Option<usize>,
+    /// Listen addresses (binding happens at start; a change needs a restart).
+    pub listeners: Vec<SocketAddr>,
+    pub router: Router,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// Most idle pooled connections per target and worker.
+    pub max_idle_per_target: usize,
+    pub drain_timeout: Duration,
+    /// The config this snapshot was compiled from, normalised (for `GET` and diffs).
+    pub config: Config,
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub id: Box<str>,
+    /// Methods accepted; `None` accepts any.
+    pub methods: Option<Box<[Box<[u8]>]>>,
+    /// Bytes of the matched prefix to remove before forwarding (0: none).
+    pub strip_prefix_len: usize,
+    pub action: RouteAction,
+}
+
+impl Route {
+    /// Whether this route takes `method`.
+    #[inline]
+    pub fn accepts(&self, method: &[u8]) -> bool {
+        match &self.methods {
+            None => true,
+            Some(list) => list.iter().any(|m| &m[..] == method),
+        }
+    }
+}
+
+/// What a route does with a request.
+#[derive(Debug)]
+pub enum RouteAction {
+    /// Forward to `upstreams[index]`.
+    Proxy { upstream: usize },
+    /// Answer with these bytes: the status line and fields in `bytes[..head_len]` (without the
+    /// blank line, so the worker can add `Connection: close` when it must), the body after.
+    Respond { bytes: Box<[u8]>, head_len: usize },
+}
+
+/// A compiled upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    pub id: Box<str>,
+    pub targets: Vec<Target>,
+    /// Smooth weighted round-robin order over `targets` (indices), one full cycle.
+    pub schedule: Box<[u16]>,
+}
+
+/// One resolved backend address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// Timeouts as durations.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub client_header: Duration,
+    pub client_body: Duration,
+    pub client_idle: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response_head: Duration,
+    pub upstream_body: Duration,
+    pub upstream_idle: Duration,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_header_count: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Snapshot {
+    /// Validates `config` and compiles it. Host names in target addresses are resolved here
+    /// (blocking DNS), so call it off the data-plane workers.
+    pub fn compile(config: Config, revision: u64) -> Result<Snapshot, ConfigError> {
+        if config.workers == Some(0) || config.workers.is_some_and(|w| w > 1024) {
+            return Err(ConfigError::field("workers", "must be between 1 and 1024"));
+        }
+        if config.listeners.is_empty() {
+            return Err(ConfigError::field("listeners", "at least one listener is required"));
+        }
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let addr: SocketAddr = l.address.parse().map_err(|_| {
+                ConfigError::field(
+                    format!("listeners[{i}].address"),
+                    format!("{:?} is not an IP:PORT socket address", l.address),
+                )
+            })?;
+            if listeners.contains(&addr) && addr.port() != 0 {
+                return Err(ConfigError::field(
+                    format!("listeners[{i}].address"),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            listeners.push(addr);
+        }
+
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for (i, u) in config.upstreams.iter().enumerate() {
+            let at = format!("upstreams[{i}]");
+            check_id(&u.id, &format!("{at}.id"))?;
+            if config.upstreams[..i].iter().any(|o| o.id == u.id) {
+                return Err(ConfigError::field(
+                    format!("{at}.id"),
+                    format!("duplicate upstream id {:?}", u.id),
+                ));
+            }
+            if u.targets.is_empty() || u.targets.len() > MAX_TARGETS {
+                return Err(ConfigError::field(
+                    format!("{at}.targets"),
+                    format!("must have 1 to {MAX_TARGETS} targets"),
+                ));
+            }
+            let mut targets = Vec::with_capacity(u.targets.len());
+            for (j, t) in u.targets.iter().enumerate() {
+                let weight = t.weight.unwrap_or(1);
+                if !(1..=MAX_WEIGHT).contains(&weight) {
+                    return Err(ConfigError::field(
+                        format!("{at}.targets[{j}].weight"),
+                        format!("must be between 1 and {MAX_WEIGHT}"),
+                    ));
+                }
+                let addr = resolve(&t.address)
+                    .map_err(|e| ConfigError::field(format!("{at}.targets[{j}].address"), e))?;
+                targets.push(Target { addr, weight });
+            }
+            let schedule = smooth_wrr(&targets);
+            upstreams.push(Upstream {
+                id: u.id.as_str().into(),
+                targets,
+                schedule,
+            });
+        }
+
+        let mut routes = Vec::with_capacity(config.routes.len());
+        let mut router = Router::default();
+        for (i, r) in config.routes.iter().enumerate() {
+            let route = compile_route(r, i, &config, &upstreams)?;
+            add_to_router(&mut router, r, i, &config.routes)?;
+            routes.push(route);
+        }
+        router
+            .wildcard_hosts
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+
+        let t = &config.timeouts;
+        let ms = |name: &str, v: u64| -> Result<Duration, ConfigError> {
+            if !(1..=86_400_000).contains(&v) {
+                return Err(ConfigError::field(
+                    format!("timeouts.{name}"),
+                    "must be between 1 and 86400000 milliseconds",
+                ));
+            }
+            Ok(Duration::from_millis(v))
+        };
+        let timeouts = Timeouts {
+            client_header: ms("client_header_ms", t.client_header_ms)?,
+            client_body: ms("client_body_ms", t.client_body_ms)?,
+            client_idle: ms("client_idle_ms", t.client_idle_ms)?,
+            upstream_connect: ms("upstream_connect_ms", t.upstream_connect_ms)?,
+            upstream_response_head: ms("upstream_response_head_ms", t.upstream_response_head_ms)?,
+            upstream_body: ms("upstream_body_ms", t.upstream_body_ms)?,
+            upstream_idle: ms("upstream_idle_ms", t.upstream_idle_ms)?,
+        };
+        let l = &config.limits;
+        if !(1024..=1024 * 1024).contains(&l.max_header_bytes) {
+            return Err(ConfigError::field(
+                "limits.max_header_bytes",
+                "must be between 1024 and 1048576",
+            ));
+        }
+        if !(1..=MAX_HEADER_COUNT).contains(&l.max_header_count) {
+            return Err(ConfigError::field(
+                "limits.max_header_count",
+                format!("must be between 1 and {MAX_HEADER_COUNT}"),
+            ));
+        }
+        if !(16..=l.max_header_bytes).contains(&l.max_uri_bytes) {
+            return Err(ConfigError::field(
+                "limits.max_uri_bytes",
+                "must be between 16 and limits.max_header_bytes",
+            ));
+        }
+        let limits = Limits {
+            max_header_bytes: l.max_header_bytes,
+            max_header_count: l.max_header_count,
+            max_uri_bytes: l.max_uri_bytes,
+            max_body_bytes: l.max_body_bytes,
+        };
+        if config.upstream_pool.max_idle_per_target > 10_000 {
+            return Err(ConfigError::field(
+                "upstream_pool.max_idle_per_target",
+                "must be at most 10000",
+            ));
+        }
+        let drain_ms = config.shutdown.drain_timeout_ms;
+        if drain_ms > 3_600_000 {
+            return Err(ConfigError::field(
+                "shutdown.drain_timeout_ms",
+                "must be at most 3600000 milliseconds",
+            ));
+        }
+        Ok(Snapshot {
+            revision,
+            workers: config.workers,
+            listeners,
+            router,
+            routes,
+            upstreams,
+            timeouts,
+            limits,
+            max_idle_per_target: config.upstream_pool.max_idle_per_target,
+            drain_timeout: Duration::from_millis(drain_ms),
+            config,
+        })
+    }
+}
+
+fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::field(
+            at,
+            format!("{id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("{address:?} has port 0"));
+        }
+        return Ok(addr);
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{address:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{address:?} is not HOST:PORT with a port from 1 to 65535"));
+    }
+    let mut addrs = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{address:?} resolved to no address"))
+}
+
+/// Smooth weighted round robin (as nginx does it), unrolled into one cycle so workers only
+/// keep a counter: weights 5,1,1 give a a b a c a a.
+fn smooth_wrr(targets: &[Target]) -> Box<[u16]> {
+    let g = targets.iter().fold(0, |g, t| gcd(g, t.weight));
+    let weights: Vec<i64> = targets.iter().map(|t| i64::from(t.weight / g)).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; targets.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..targets.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        // Targets are capped at MAX_TARGETS (256), so the index fits.
+        out.push(best as u16);
+    }
+    out.into_boxed_slice()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn compile_route(
+    r: &RouteConfig,
+    i: usize,
+    config: &Config,
+    upstreams: &[Upstream],
+) -> Result<Route, ConfigError> {
+    let at = format!("routes[{i}]");
+    check_id(&r.id, &format!("{at}.id"))?;
+    if config.routes[..i].iter().any(|o| o.id == r.id) {
+        return Err(ConfigError::field(
+            format!("{at}.id"),
+            format!("duplicate route id {:?}", r.id),
+        ));
+    }
+    let path = match (&r.path, &r.path_prefix) {
+        (Some(p), None) => p,
+        (None, Some(p)) => p,
+        _ => {
+            return Err(ConfigError::field(
+                at,
+                "exactly one of `path` and `path_prefix` is required",
+            ))
+        }
+    };
+    let field = if r.path.is_some() {
+        "path"
+    } else {
+        "path_prefix"
+    };
+    if !path.starts_with('/') || path.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'?') {
+        return Err(ConfigError::field(
+            format!("{at}.{field}"),
+            format!("{path:?} must start with '/' and hold visible ASCII without '?' or '#'"),
+        ));
+    }
+    if path.contains('#') {
+        return Err(ConfigError::field(
+            format!("{at}.{field}"),
+            format!("{path:?} must not contain '#'"),
+        ));
+    }
+    if r.strip_prefix && r.path_prefix.is_none() {
+        return Err(ConfigError::field(
+            format!("{at}.strip_prefix"),
+            "only applies to a `path_prefix` route",
+        ));
+    }
+    let methods = if r.methods.is_empty() {
+        None
+    } else {
+        for (j, m) in r.methods.iter().enumerate() {
+            if m.is_empty() || !m.bytes().all(is_tchar) {
+                return Err(ConfigError::field(
+                    format!("{at}.methods[{j}]"),
+                    format!("{m:?} is not a method token"),
+                ));
+            }
+        }
+        Some(
+            r.methods
+                .iter()
+                .map(|m| m.as_bytes().into())
+                .collect::<Vec<Box<[u8]>>>()
+                .into_boxed_slice(),
+        )
+    };
+    let action = match (&r.upstream, &r.respond) {
+        (Some(u), None) => match upstreams.iter().position(|x| &*x.id == u) {
+            Some(upstream) => RouteAction::Proxy { upstream },
+            None => {
+                return Err(ConfigError::field(
+                    format!("{at}.upstream"),
+                    format!("unknown upstream {u:?}"),
+                ))
+            }
+        },
+        (None, Some(d)) => direct_response(d, &format!("{at}.respond"))?,
+        _ => {
+            return Err(ConfigError::field(
+                at,
+                "exactly one of `upstream` and `respond` is required",
+            ))
+        }
+    };
+    let strip_prefix_len = if r.strip_prefix {
+        path.trim_end_matches('/').len()
+    } else {
+        0
+    };
+    Ok(Route {
+        id: r.id.as_str().into(),
+        methods,
+        strip_prefix_len,
+        action,
+    })
+}
+
+fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, ConfigError> {
+    if !(200..=599).contains(&d.status) {
+        return Err(ConfigError::field(
+            format!("{at}.status"),
+            "must be between 200 and 599",
+        ));
+    }
+    if d.body.len() > MAX_DIRECT_BODY {
+        return Err(ConfigError::field(
+            format!("{at}.body"),
+            format!("must be at most {MAX_DIRECT_BODY} bytes"),
+        ));
+    }
+    if d.content_type.is_empty()
+        || d
+            .content_type
+            .bytes()
+            .any(|b| !(b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b)))
+    {
+        return Err(ConfigError::field(
+            format!("{at}.content_type"),
+            "must be a non-empty visible ASCII field value",
+        ));
+    }
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+        d.status,
+        reason_phrase(d.status),
+        d.content_type,
+        d.body.len()
+    );
+    let mut bytes = head.into_bytes();
+    let head_len = bytes.len();
+    bytes.extend_from_slice(d.body.as_bytes());
+    Ok(RouteAction::Respond {
+        bytes: bytes.into_boxed_slice(),
+        head_len,
+    })
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+fn add_to_router(
+    router: &mut Router,
+    r: &RouteConfig,
+    i: usize,
+    all: &[RouteConfig],
+) -> Result<(), ConfigError> {
+    let at = format!("routes[{i}]");
+    let (path, exact) = match (&r.path, &r.path_prefix) {
+        (Some(p), _) => (p.as_bytes(), true),
+        (_, Some(p)) => (p.as_bytes(), false),
+        _ => unreachable!("compile_route checked that one of path / path_prefix is set"),
+    };
+    // Two routes with the same host key and path, whose method sets overlap, would make the
+    // second one unreachable: refuse instead of silently shadowing it.
+    for (j, o) in all[..i].iter().enumerate() {
+        let same_path = match (&o.path, &o.path_prefix) {
+            (Some(p), _) => exact && p.as_bytes() == path,
+            (_, Some(p)) => !exact && p.as_bytes() == path,
+            _ => false,
+        };
+        let hosts_overlap = (o.hosts.is_empty() && r.hosts.is_empty())
+            || o
+                .hosts
+                .iter()
+                .any(|h| r.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)));
+        let methods_overlap = o.methods.is_empty()
+            || r.methods.is_empty()
+            || o.methods.iter().any(|m| r.methods.contains(m));
+        if same_path && hosts_overlap && methods_overlap {
+            return Err(ConfigError::field(
+                at,
+                format!(
+                    "matches the same host, path and methods as routes[{j}] ({:?}), so one of them could never be chosen",
+                    o.id
+                ),
+            ));
+        }
+    }
+    let id = u32::try_from(i).map_err(|_| ConfigError::field("routes", "too many routes"))?;
+    if r.hosts.is_empty() {
+        insert(&mut router.any_host, path, exact, id);
+    } else {
+        for (j, h) in r.hosts.iter().enumerate() {
+            let host = h.to_ascii_lowercase();
+            let host = host.strip_suffix('.').unwrap_or(&host);
+            let (wild, name) = match host.strip_prefix("*.") {
+                Some(rest) => (true, rest),
+                None => (false, host),
+            };
+            if !valid_host_pattern(name) {
+                return Err(ConfigError::field(
+                    format!("{at}.hosts[{j}]"),
+                    format!("{h:?} is not a host name or `*.` wildcard"),
+                ));
+            }
+            if wild {
+                let suffix = format!(".{name}").into_bytes().into_boxed_slice();
+                let pos = router
+                    .wildcard_hosts
+                    .iter()
+                    .position(|(s, _)| *s == suffix)
+                    .unwrap_or_else(|| {
+                        router.wildcard_hosts.push((suffix, PathTable::default()));
+                        router.wildcard_hosts.len() - 1
+                    });
+                insert(&mut router.wildcard_hosts[pos].1, path, exact, id);
+            } else {
+                let table = router
+                    .exact_hosts
+                    .entry(name.as_bytes().into())
+                    .or_default();
+                insert(table, path, exact, id);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn insert(table: &mut PathTable, path: &[u8], exact: bool, id: u32) {
+    if exact {
+        table.insert_exact(path, id);
+    } else {
+        table.insert_prefix(path, id);
+    }
+}
+
+fn valid_host_pattern(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        || (name.starts_with('[') && name.ends_with(']'))
+}
+
+/// RFC 9110 `tchar`.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}

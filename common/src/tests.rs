@@ -1,0 +1,181 @@
+//! Config parsing, validation and routing tests.
+
+use super::*;
+
+/// The minimal file from the data-plane issue: must work unchanged.
+const ISSUE_EXAMPLE: &str = r#"
+workers = 1                      # optional; default: the CPUs this process may run on
+
+[[listeners]]
+address = "127.0.0.1:8080"
+
+[[upstreams]]
+id = "backend"
+targets = [{ address = "127.0.0.1:9001", weight = 1 }]   # weight optional
+
+[[routes]]
+id = "all"
+path_prefix = "/"                # or: path = "/exact"
+hosts = ["api.example.com", "*.example.com"]   # optional
+methods = ["GET", "POST"]        # optional
+strip_prefix = false             # optional
+upstream = "backend"
+"#;
+
+fn compile(text: &str) -> Result<Snapshot, ConfigError> {
+    Snapshot::compile(parse_config(text, Format::detect(None, text))?, 1)
+}
+
+fn route_id<'a>(s: &'a Snapshot, host: Option<&str>, path: &str, method: &str) -> Option<&'a str> {
+    s.router
+        .find(host.map(str::as_bytes), path.as_bytes(), |id| {
+            s.routes[id as usize].accepts(method.as_bytes())
+        })
+        .map(|id| &*s.routes[id as usize].id)
+}
+
+#[test]
+fn issue_example_compiles() {
+    let s = compile(ISSUE_EXAMPLE).unwrap();
+    assert_eq!(s.workers, Some(1));
+    assert_eq!(s.listeners, vec!["127.0.0.1:8080".parse().unwrap()]);
+    assert_eq!(route_id(&s, Some("api.example.com"), "/x", "GET"), Some("all"));
+    assert_eq!(route_id(&s, Some("a.b.example.com:80"), "/", "POST"), Some("all"));
+    assert_eq!(route_id(&s, Some("example.com"), "/", "GET"), None);
+    assert_eq!(route_id(&s, Some("api.example.com"), "/", "DELETE"), None);
+}
+
+#[test]
+fn default_config_compiles_and_answers() {
+    let s = compile(DEFAULT_CONFIG).unwrap();
+    assert_eq!(route_id(&s, None, "/health", "GET"), Some("health"));
+    assert_eq!(route_id(&s, Some("x"), "/anything", "POST"), Some("hello"));
+}
+
+#[test]
+fn json_is_accepted_too() {
+    let json = r#"{"listeners":[{"address":"127.0.0.1:0"}],
+        "routes":[{"id":"r","path":"/x","respond":{"body":"hi"}}]}"#;
+    let s = compile(json).unwrap();
+    assert_eq!(route_id(&s, None, "/x", "GET"), Some("r"));
+}
+
+#[test]
+fn route_precedence_is_host_then_path_then_method() {
+    let s = compile(
+        r#"
+[[listeners]]
+address = "127.0.0.1:0"
+[[routes]]
+id = "any-prefix"
+path_prefix = "/"
+respond = {}
+[[routes]]
+id = "any-api"
+path_prefix = "/api"
+respond = {}
+[[routes]]
+id = "wild"
+path_prefix = "/"
+hosts = ["*.example.com"]
+respond = {}
+[[routes]]
+id = "wild-longer"
+path_prefix = "/"
+hosts = ["*.eu.example.com"]
+respond = {}
+[[routes]]
+id = "exact-host"
+path_prefix = "/"
+hosts = ["api.example.com"]
+methods = ["GET"]
+respond = {}
+[[routes]]
+id = "exact-path"
+path = "/api/status"
+respond = {}
+[[routes]]
+id = "post-only"
+path = "/api/items"
+methods = ["POST"]
+respond = {}
+"#,
+    )
+    .unwrap();
+    assert_eq!(route_id(&s, Some("api.example.com"), "/api", "GET"), Some("exact-host"));
+    // The exact host does not take DELETE, so the wildcard host is next.
+    assert_eq!(route_id(&s, Some("api.example.com"), "/api", "DELETE"), Some("wild"));
+    assert_eq!(route_id(&s, Some("x.eu.example.com"), "/", "GET"), Some("wild-longer"));
+    assert_eq!(route_id(&s, Some("other"), "/api/status", "GET"), Some("exact-path"));
+    assert_eq!(route_id(&s, Some("other"), "/api/v1", "GET"), Some("any-api"));
+    assert_eq!(route_id(&s, Some("other"), "/apiv1", "GET"), Some("any-prefix"));
+    assert_eq!(route_id(&s, None, "/api/items", "POST"), Some("post-only"));
+    assert_eq!(route_id(&s, None, "/api/items", "GET"), Some("any-api"));
+}
+
+fn err(text: &str) -> ConfigError {
+    compile(text).unwrap_err()
+}
+
+#[test]
+fn errors_name_the_field() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    let e = err(&format!("{base}[[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"nope\"\n"));
+    assert_eq!(e.path(), "routes[0].upstream");
+    assert!(e.to_string().contains("unknown upstream \"nope\""), "{e}");
+
+    let e = err(&format!("{base}[[routes]]\nid = \"r\"\npath = \"/\"\nupstrem = \"x\"\n"));
+    assert_eq!(e.path(), "routes[0].upstrem");
+    assert!(e.to_string().contains("unknown field `upstrem`"), "{e}");
+
+    let e = err("[[listeners]]\naddress = \"localhost\"\n");
+    assert_eq!(e.path(), "listeners[0].address");
+
+    let e = err(&format!(
+        "{base}[[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"127.0.0.1:1\", weight = 0 }}]\n"
+    ));
+    assert_eq!(e.path(), "upstreams[0].targets[0].weight");
+
+    let e = err(&format!("{base}[limits]\nmax_header_count = 1000\n"));
+    assert_eq!(e.path(), "limits.max_header_count");
+
+    let e = err(&format!("{base}[timeouts]\nclient_header_ms = 0\n"));
+    assert_eq!(e.path(), "timeouts.client_header_ms");
+
+    let e = err(&format!("workers = \"two\"\n{base}"));
+    assert_eq!(e.path(), "workers");
+
+    let e = err("listeners = []\n");
+    assert_eq!(e.path(), "listeners");
+
+    let e = err(&format!(
+        "{base}[[routes]]\nid = \"a\"\npath = \"/x\"\nrespond = {{}}\n[[routes]]\nid = \"b\"\npath = \"/x\"\nrespond = {{}}\n"
+    ));
+    assert_eq!(e.path(), "routes[1]");
+    assert!(e.to_string().contains("routes[0]"), "{e}");
+
+    let e = err(&format!(
+        "{base}[[routes]]\nid = \"a\"\npath = \"/x\"\nhosts = [\"bad host\"]\nrespond = {{}}\n"
+    ));
+    assert_eq!(e.path(), "routes[0].hosts[0]");
+}
+
+#[test]
+fn smooth_weighted_round_robin_interleaves() {
+    let s = compile(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\ntargets = [\
+         { address = \"127.0.0.1:1\", weight = 5 }, { address = \"127.0.0.1:2\" }, \
+         { address = \"127.0.0.1:3\" }]\n",
+    )
+    .unwrap();
+    assert_eq!(&*s.upstreams[0].schedule, &[0, 0, 1, 0, 2, 0, 0]);
+}
+
+#[test]
+fn strip_prefix_length_ignores_trailing_slash() {
+    let s = compile(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath_prefix = \"/api/\"\nstrip_prefix = true\nrespond = {}\n",
+    )
+    .unwrap();
+    assert_eq!(s.routes[0].strip_prefix_len, 4);
+}
