@@ -63,13 +63,6 @@ impl PathTable {
         }
     }
 
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (bool, &[u8], &[u32])> {
-        self.exact
-            .iter()
-            .map(|(k, v)| (true, &k[..], &v[..]))
-            .chain(self.prefix.iter().map(|(k, v)| (false, &k[..], &v[..])))
-    }
-
     fn find(&self, path: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<u32> {
         if let Some(ids) = self.exact.get(path) {
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {

@@ -1,1 +1,196 @@
-pub fn x(){}
+//! The data plane: a thread-per-core HTTP/1.1 reverse proxy on monoio.
+//!
+//! Map for a newcomer:
+//! - [`start`] binds the listeners, spawns one pinned worker thread per CPU (`worker`), each
+//!   with its own monoio runtime (io_uring, or epoll when io_uring is unavailable or forced)
+//!   and its own SO_REUSEPORT socket per listen address.
+//! - `proxy` serves one client connection: parse (`codec::request`), route (the snapshot's
+//!   router), forward with vectored writes (`gather`), relay the response (`codec::response`,
+//!   `codec::chunked`), keep-alive and pipelining, WebSocket tunnels.
+//! - `upstream` holds each worker's keep-alive connection pools.
+//! - `status` has the responses the gateway sends itself.
+//!
+//! The config arrives as an `ArcSwap<Snapshot>` loaded once per request; the control plane
+//! swaps it without ever blocking a worker.
+
+pub mod codec;
+pub mod gather;
+mod proxy;
+pub mod status;
+pub mod upstream;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use common::Snapshot;
+
+pub use worker::allowed_cpus;
+
+/// Which I/O driver to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    /// io_uring when the kernel allows it, epoll otherwise.
+    Auto,
+    /// epoll even where io_uring works (tests, odd kernels).
+    Epoll,
+}
+
+impl DriverChoice {
+    /// From the `GATEWAY_IO_DRIVER` environment variable (`epoll`, `io_uring` or `auto`).
+    pub fn from_env() -> Result<DriverChoice, String> {
+        match std::env::var("GATEWAY_IO_DRIVER").as_deref() {
+            Err(_) | Ok("") | Ok("auto") | Ok("io_uring") | Ok("iouring") => Ok(DriverChoice::Auto),
+            Ok("epoll") | Ok("legacy") => Ok(DriverChoice::Epoll),
+            Ok(other) => Err(format!(
+                "GATEWAY_IO_DRIVER={other:?}: expected `auto`, `io_uring` or `epoll`"
+            )),
+        }
+    }
+}
+
+/// The driver the workers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    IoUring,
+    Epoll,
+}
+
+impl std::fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DriverKind::IoUring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        })
+    }
+}
+
+/// How to start the data plane.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// Worker threads.
+    pub workers: usize,
+    pub driver: DriverChoice,
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot create the worker runtime: {0} (io_uring needs locked memory: raise RLIMIT_MEMLOCK, \
+         e.g. LimitMEMLOCK=infinity in the systemd unit, or set GATEWAY_IO_DRIVER=epoll)"
+    )]
+    Runtime(std::io::Error),
+    #[error("cannot spawn a worker thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The running workers.
+#[derive(Debug)]
+pub struct DataPlane {
+    /// Bound listen addresses (port 0 resolved), in config order.
+    pub addresses: Vec<SocketAddr>,
+    pub driver: DriverKind,
+    pub workers: usize,
+    /// The CPU each worker is pinned to.
+    pub cpus: Vec<Option<usize>>,
+    shutdown: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Binds every listener of the current snapshot and starts the workers.
+pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataPlane, StartError> {
+    let workers = opts.workers.max(1);
+    let driver = match opts.driver {
+        DriverChoice::Epoll => DriverKind::Epoll,
+        DriverChoice::Auto if monoio::utils::detect_uring() => DriverKind::IoUring,
+        DriverChoice::Auto => DriverKind::Epoll,
+    };
+    let snap = config.load_full();
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut addresses = Vec::new();
+    for &addr in &snap.listeners {
+        let sockets = worker::bind_listeners(addr, workers)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        addresses.push(sockets[0].local_addr().map_err(|source| StartError::Bind { addr, source })?);
+        for (w, s) in sockets.into_iter().enumerate() {
+            per_worker[w].push(s);
+        }
+    }
+    let cpus_allowed = allowed_cpus();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(workers);
+    let mut cpus = Vec::with_capacity(workers);
+    for (index, listeners) in per_worker.into_iter().enumerate() {
+        // Pin only when there are enough CPUs for one worker each; more workers than CPUs
+        // share them as the scheduler sees fit.
+        let cpu = (workers <= cpus_allowed.len()).then(|| cpus_allowed[index]);
+        cpus.push(cpu);
+        let spec = worker::WorkerSpec {
+            index,
+            cpu,
+            driver,
+            config: config.clone(),
+            listeners,
+            shutdown: shutdown.clone(),
+            ready: ready_tx.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("gw-worker-{index}"))
+            .spawn(move || worker::run(spec))
+            .map_err(StartError::Spawn)?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    let plane = DataPlane {
+        addresses,
+        driver,
+        workers,
+        cpus,
+        shutdown,
+        threads,
+    };
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                plane.begin_shutdown();
+                return Err(e);
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(plane)
+}
+
+impl DataPlane {
+    /// Starts the graceful drain: stop accepting, close idle connections, let in-flight
+    /// requests finish within the snapshot's drain timeout.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// Waits for the workers to finish, at most until `deadline`. Returns whether all did.
+    pub fn join(self, deadline: Instant) -> bool {
+        for t in self.threads {
+            while !t.is_finished() {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = t.join();
+        }
+        true
+    }
+}

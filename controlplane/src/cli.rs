@@ -1,0 +1,117 @@
+//! Command-line parsing for the `gateway` binary (no dependency: the grammar is tiny).
+
+use std::path::PathBuf;
+
+use dataplane::DriverChoice;
+
+/// Usage text printed by `--help` and on a usage error.
+pub const USAGE: &str = "\
+usage: gateway [--config FILE] [--workers N] [--io-driver auto|epoll]
+       gateway --check FILE
+       gateway --help | --version
+
+  --config FILE     TOML (or JSON) config; without it an embedded demo config
+                    listens on 127.0.0.1:8080
+  --workers N       worker threads (default: `workers` in the config, else one
+                    per CPU in the affinity mask)
+  --io-driver D     auto (io_uring when available) or epoll; also
+                    GATEWAY_IO_DRIVER
+  --check FILE      validate FILE and exit (0 valid, 2 invalid)
+
+signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads --config";
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Run(RunArgs),
+    Check(PathBuf),
+    Help,
+    Version,
+}
+
+/// Arguments of a normal run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunArgs {
+    pub config: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub driver: Option<DriverChoice>,
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut run = RunArgs::default();
+    let mut check = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "-c" | "--config" => run.config = Some(PathBuf::from(value("--config")?)),
+            "--check" => check = Some(PathBuf::from(value("--check")?)),
+            "-w" | "--workers" => {
+                let v = value("--workers")?;
+                match v.parse::<usize>() {
+                    Ok(n) if (1..=1024).contains(&n) => run.workers = Some(n),
+                    _ => return Err(format!("--workers {v:?}: expected a number from 1 to 1024")),
+                }
+            }
+            "--io-driver" => {
+                run.driver = Some(match value("--io-driver")?.as_str() {
+                    "auto" | "io_uring" => DriverChoice::Auto,
+                    "epoll" => DriverChoice::Epoll,
+                    other => return Err(format!("--io-driver {other:?}: expected auto or epoll")),
+                })
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    match check {
+        Some(path) if run == RunArgs::default() => Ok(Command::Check(path)),
+        Some(_) => Err("--check takes no other option".to_owned()),
+        None => Ok(Command::Run(run)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn parses_the_documented_forms() {
+        assert_eq!(p(&[]), Ok(Command::Run(RunArgs::default())));
+        assert_eq!(
+            p(&["--config", "g.toml", "--workers", "2"]),
+            Ok(Command::Run(RunArgs {
+                config: Some("g.toml".into()),
+                workers: Some(2),
+                driver: None
+            }))
+        );
+        assert_eq!(p(&["--check=g.toml"]), Ok(Command::Check("g.toml".into())));
+        assert_eq!(
+            p(&["--io-driver", "epoll"]),
+            Ok(Command::Run(RunArgs {
+                driver: Some(DriverChoice::Epoll),
+                ..RunArgs::default()
+            }))
+        );
+        assert!(p(&["--workers", "0"]).is_err());
+        assert!(p(&["--config"]).is_err());
+        assert!(p(&["--bogus"]).is_err());
+        assert!(p(&["--check", "a", "--workers", "2"]).is_err());
+    }
+}

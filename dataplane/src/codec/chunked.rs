@@ -1,0 +1,312 @@
+//! Incremental validator for the chunked transfer coding (RFC 9112 §7.1).
+//!
+//! Hot path. The gateway relays chunked bodies verbatim (no userspace copy), so this decoder
+//! does not produce data: it walks bytes as they arrive, byte by byte through the framing and in
+//! one step over chunk data, and says how many of them belong to the message and when the
+//! message ends. It is strict where leniency has enabled request smuggling: hex sizes that would
+//! overflow, bare LF or CR, bytes between the size and CRLF other than a well-formed extension,
+//! missing CRLF after data, and framing fields in the trailer section are all errors.
+
+use common::snapshot::is_tchar;
+
+/// Longest chunk-size line (size, extensions, CRLF) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why a chunked body is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("malformed chunked framing")]
+    Malformed,
+    #[error("chunk size overflows")]
+    Overflow,
+    #[error("trailer section too large")]
+    TrailerTooLarge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Expecting the first hex digit of a size.
+    SizeStart,
+    /// In the hex digits.
+    Size,
+    /// After the size (or an extension piece): BWS, `;`, or CR.
+    AfterSize { saw_ws: bool },
+    /// Inside chunk extensions (tokens, `=`, `;`, whitespace).
+    Ext,
+    /// Inside a quoted-string extension value.
+    ExtQuoted,
+    /// After a backslash in a quoted string.
+    ExtQuotedEscape,
+    /// Saw CR of the size line; expecting LF.
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    TrailerName,
+    TrailerValue,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Resumable chunked-body validator.
+#[derive(Debug, Clone)]
+pub struct ChunkedDecoder {
+    state: State,
+    size: u64,
+    line_len: usize,
+    trailer_len: usize,
+    max_trailer: usize,
+    /// Bytes of chunk data seen so far.
+    data_len: u64,
+    /// First bytes of the current trailer field name, lower-cased, to spot framing fields.
+    name: [u8; 20],
+    name_len: usize,
+}
+
+impl ChunkedDecoder {
+    /// A decoder whose trailer section may hold up to `max_trailer` bytes.
+    pub fn new(max_trailer: usize) -> Self {
+        Self {
+            state: State::SizeStart,
+            size: 0,
+            line_len: 0,
+            trailer_len: 0,
+            max_trailer,
+            data_len: 0,
+            name: [0; 20],
+            name_len: 0,
+        }
+    }
+
+    /// Whether the whole message (last chunk and trailers) has been seen.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Total chunk-data bytes seen so far.
+    pub fn data_len(&self) -> u64 {
+        self.data_len
+    }
+
+    /// Walks `input`; returns how many bytes belong to this message (all of `input` unless the
+    /// message ends inside it).
+    pub fn advance(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
+        let mut i = 0;
+        while i < input.len() {
+            if self.state == State::Data {
+                let take = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                i += take;
+                self.size -= take as u64;
+                self.data_len += take as u64;
+                if self.size == 0 {
+                    self.state = State::DataCr;
+                }
+                continue;
+            }
+            if self.state == State::Done {
+                break;
+            }
+            let b = input[i];
+            i += 1;
+            self.step(b)?;
+        }
+        Ok(i)
+    }
+
+    fn step(&mut self, b: u8) -> Result<(), ChunkError> {
+        use State::*;
+        let in_size_line = matches!(
+            self.state,
+            SizeStart | Size | AfterSize { .. } | Ext | ExtQuoted | ExtQuotedEscape | SizeLf
+        );
+        if in_size_line {
+            self.line_len += 1;
+            if self.line_len > MAX_CHUNK_LINE {
+                return Err(ChunkError::Malformed);
+            }
+        }
+        if matches!(self.state, TrailerStart | TrailerName | TrailerValue | TrailerLf | EndLf) {
+            self.trailer_len += 1;
+            if self.trailer_len > self.max_trailer {
+                return Err(ChunkError::TrailerTooLarge);
+            }
+        }
+        self.state = match (self.state, b) {
+            (SizeStart | Size, _) if b.is_ascii_hexdigit() => {
+                let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                self.size = self
+                    .size
+                    .checked_mul(16)
+                    .and_then(|s| s.checked_add(d))
+                    .ok_or(ChunkError::Overflow)?;
+                Size
+            }
+            (Size, b' ' | b'\t') => AfterSize { saw_ws: true },
+            (Size | AfterSize { .. }, b';') => Ext,
+            (Size, b'\r') | (AfterSize { saw_ws: false }, b'\r') => SizeLf,
+            (AfterSize { .. }, b' ' | b'\t') => AfterSize { saw_ws: true },
+            (Ext, b'"') => ExtQuoted,
+            (Ext, b'\r') => SizeLf,
+            (Ext, _) if is_tchar(b) || matches!(b, b'=' | b';' | b' ' | b'\t') => Ext,
+            (ExtQuoted, b'"') => Ext,
+            (ExtQuoted, b'\\') => ExtQuotedEscape,
+            (ExtQuoted, _) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
+                ExtQuoted
+            }
+            (ExtQuotedEscape, _) if b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80 => {
+                ExtQuoted
+            }
+            (SizeLf, b'\n') => {
+                self.line_len = 0;
+                if self.size == 0 {
+                    TrailerStart
+                } else {
+                    Data
+                }
+            }
+            (DataCr, b'\r') => DataLf,
+            (DataLf, b'\n') => SizeStart,
+            (TrailerStart, b'\r') => EndLf,
+            (TrailerStart, _) if is_tchar(b) => {
+                self.name_len = 0;
+                self.push_name(b);
+                TrailerName
+            }
+            (TrailerName, b':') => {
+                if self.is_framing_name() {
+                    return Err(ChunkError::Malformed);
+                }
+                TrailerValue
+            }
+            (TrailerName, _) if is_tchar(b) => {
+                self.push_name(b);
+                TrailerName
+            }
+            (TrailerValue, b'\r') => TrailerLf,
+            (TrailerValue, _) if b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80 => {
+                TrailerValue
+            }
+            (TrailerLf, b'\n') => TrailerStart,
+            (EndLf, b'\n') => Done,
+            _ => return Err(ChunkError::Malformed),
+        };
+        Ok(())
+    }
+
+    fn push_name(&mut self, b: u8) {
+        if self.name_len < self.name.len() {
+            self.name[self.name_len] = b.to_ascii_lowercase();
+        }
+        self.name_len += 1;
+    }
+
+    /// Fields that must never appear in a trailer because they control framing, routing or
+    /// the connection (RFC 9110 §6.5.1).
+    fn is_framing_name(&self) -> bool {
+        if self.name_len > self.name.len() {
+            return false;
+        }
+        matches!(
+            &self.name[..self.name_len],
+            b"content-length"
+                | b"transfer-encoding"
+                | b"host"
+                | b"connection"
+                | b"keep-alive"
+                | b"te"
+                | b"trailer"
+                | b"upgrade"
+                | b"proxy-connection"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` split at every offset; returns (consumed, done) or the error, checking that
+    /// every split gives the same answer as one piece.
+    fn feed_all_splits(input: &[u8]) -> Result<(usize, bool), ChunkError> {
+        let whole = {
+            let mut d = ChunkedDecoder::new(1024);
+            d.advance(input).map(|n| (n, d.is_done()))
+        };
+        for split in 0..=input.len() {
+            let mut d = ChunkedDecoder::new(1024);
+            let got = d.advance(&input[..split]).and_then(|a| {
+                if d.is_done() {
+                    return Ok((a, true));
+                }
+                let b = d.advance(&input[split..])?;
+                Ok((a + b, d.is_done()))
+            });
+            assert_eq!(got, whole, "split at {split} of {:?}", String::from_utf8_lossy(input));
+        }
+        whole
+    }
+
+    #[test]
+    fn valid_bodies() {
+        let ok: &[&[u8]] = &[
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            b"A\r\n0123456789\r\n0\r\n\r\n",
+            b"a\r\n0123456789\r\n0\r\n\r\n",
+            b"5;name=value\r\nhello\r\n0\r\n\r\n",
+            b"5 ; a=\"q \\\" x\"; b\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nY: z\r\n\r\n",
+            b"000005\r\nhello\r\n0000\r\n\r\n",
+        ];
+        for input in ok {
+            assert_eq!(feed_all_splits(input), Ok((input.len(), true)));
+        }
+    }
+
+    #[test]
+    fn stops_at_message_end() {
+        let input = b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n";
+        assert_eq!(feed_all_splits(input), Ok((15, true)));
+    }
+
+    #[test]
+    fn invalid_bodies() {
+        let bad: &[(&[u8], ChunkError)] = &[
+            (b"zz\r\nok\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"-5\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5 \r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5\r\nhelloX\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5\r\nhello\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a\x00b\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"0x5\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"\r\n", ChunkError::Malformed),
+            (b"10000000000000005\r\nhello\r\n0\r\n\r\n", ChunkError::Overflow),
+            (b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", ChunkError::Malformed),
+            (b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n", ChunkError::Malformed),
+            (b"5\r\nhello\r\n0\r\n: v\r\n\r\n", ChunkError::Malformed),
+        ];
+        for (input, want) in bad {
+            assert_eq!(feed_all_splits(input), Err(*want), "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn trailer_size_is_bounded() {
+        let mut d = ChunkedDecoder::new(16);
+        let r = d.advance(b"0\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n");
+        assert_eq!(r, Err(ChunkError::TrailerTooLarge));
+    }
+
+    #[test]
+    fn counts_data() {
+        let mut d = ChunkedDecoder::new(64);
+        d.advance(b"5\r\nhello\r\n3\r\nabc\r\n").unwrap();
+        assert_eq!(d.data_len(), 8);
+        assert!(!d.is_done());
+    }
+}

@@ -1,0 +1,220 @@
+//! HTTP/1.1 message heads and body framing, parsed in place.
+//!
+//! Hot path. `request` and `response` run httparse over a connection's read buffer and then
+//! apply the intermediary rules of RFC 9110 / RFC 9112 that httparse leaves to its caller:
+//! framing (Content-Length, Transfer-Encoding), Host, hop-by-hop fields. They do not copy the
+//! head: they return offsets into the buffer and fill a [`FieldPlan`] saying which field lines
+//! to leave out when the head is forwarded. `chunked` validates chunked bodies as they stream.
+
+pub mod chunked;
+pub mod request;
+pub mod response;
+
+/// A byte range in a connection's read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Span {
+    /// The bytes of this span in `buf`.
+    #[inline]
+    pub fn of<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.start..self.end]
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the connection closes (responses only).
+    UntilClose,
+}
+
+/// Per-connection scratch that a parse fills: field lines to leave out when forwarding, and the
+/// client's `X-Forwarded-For` values. Reused from request to request, so it does not allocate
+/// once warm.
+#[derive(Debug, Default)]
+pub struct FieldPlan {
+    /// Field lines (with their CRLF) not to forward, in buffer order.
+    pub drop: Vec<Span>,
+    /// Values of the client's `X-Forwarded-For` lines, in order.
+    pub xff: Vec<Span>,
+}
+
+impl FieldPlan {
+    pub fn clear(&mut self) {
+        self.drop.clear();
+        self.xff.clear();
+    }
+}
+
+/// Offset of `part` (a sub-slice of `buf`) within `buf`.
+#[inline]
+pub(crate) fn offset_in(buf: &[u8], part: &[u8]) -> usize {
+    part.as_ptr() as usize - buf.as_ptr() as usize
+}
+
+/// Trims optional whitespace (SP / HTAB) at both ends.
+#[inline]
+pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(v.len());
+    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// Parses a Content-Length value: 1*DIGIT, nothing else, no overflow.
+pub(crate) fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let v = trim_ows(v);
+    if v.is_empty() || v.len() > 19 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in v {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(n)
+}
+
+/// The comma-separated elements of a list-valued field, trimmed, empty ones skipped
+/// (RFC 9110 §5.6.1).
+pub(crate) fn list_elements(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(trim_ows).filter(|e| !e.is_empty())
+}
+
+/// Result of folding Transfer-Encoding lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct TransferCodings {
+    pub present: bool,
+    /// `chunked` is the last coding.
+    pub chunked_last: bool,
+    /// A coding other than `chunked` appears.
+    pub other: bool,
+    /// Something is malformed (not a token, `chunked` twice or not last).
+    pub malformed: bool,
+}
+
+impl TransferCodings {
+    pub fn add_line(&mut self, v: &[u8]) {
+        self.present = true;
+        for coding in list_elements(v) {
+            // Parameters (`;q=`) are not allowed on transfer codings we accept; a token check
+            // rejects them, as well as quoted or otherwise odd names.
+            if !coding.iter().all(|&b| common::snapshot::is_tchar(b)) {
+                self.malformed = true;
+                continue;
+            }
+            if self.chunked_last {
+                // Anything after chunked, including a second chunked.
+                self.malformed = true;
+            }
+            if coding.eq_ignore_ascii_case(b"chunked") {
+                self.chunked_last = true;
+            } else {
+                self.other = true;
+                self.chunked_last = false;
+            }
+        }
+    }
+}
+
+/// Whether `v` is a syntactically valid `Host` value: uri-host [ ":" port ] (RFC 9110 §7.2),
+/// with no userinfo, path or whitespace. Empty is valid (no authority).
+pub(crate) fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(close) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &v[1..close];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &v[close + 1..] {
+            [] => (&v[..0], None),
+            [b':', port @ ..] => (&v[..0], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().position(|&b| b == b':') {
+            Some(c) => (&v[..c], Some(&v[c + 1..])),
+            None => (v, None),
+        }
+    };
+    let host_ok = host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+'
+                    | b',' | b';' | b'=' | b'%'
+            )
+    });
+    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    host_ok && port_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b" 42 "), Some(42));
+        for bad in [&b""[..], b"-1", b"0x10", b"1_000", b"1,1", b"99999999999999999999", b"+5"] {
+            assert_eq!(parse_content_length(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let fold = |lines: &[&[u8]]| {
+            let mut t = TransferCodings::default();
+            for l in lines {
+                t.add_line(l);
+            }
+            (t.chunked_last, t.other, t.malformed)
+        };
+        assert_eq!(fold(&[b"chunked"]), (true, false, false));
+        assert_eq!(fold(&[b"CHUNKED"]), (true, false, false));
+        assert_eq!(fold(&[b"chunked,"]), (true, false, false));
+        assert_eq!(fold(&[b"gzip, chunked"]), (true, true, false));
+        assert_eq!(fold(&[b"chunked", b"identity"]), (false, true, true));
+        assert_eq!(fold(&[b"chunked, chunked"]), (true, false, true));
+        assert_eq!(fold(&[b"\"chunked\""]), (false, false, true));
+        assert_eq!(fold(&[b"xchunked"]), (false, true, false));
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [&b"localhost"[..], b"a.b:8080", b"[::1]:80", b"[::1]", b"", b"x_y"] {
+            assert!(valid_host(ok), "{ok:?}");
+        }
+        for bad in [&b"user@localhost"[..], b"a b", b"a/b", b"a:port", b"[::1", b"[zz]", b"a:123456"] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Request heads: httparse plus the intermediary's checks (RFC 9112 §2-7, RFC 9110 §5-7).
+//!
+//! Hot path: header slots live on the stack, nothing is allocated, the result is offsets into
+//! the read buffer. Everything that could let a request be framed differently by the gateway
+//! and by an upstream is an error here: bare LF or CR, obs-fold, whitespace before the colon,
+//! duplicate or malformed Content-Length, Content-Length with Transfer-Encoding, codings other
+//! than a final `chunked`, missing, duplicate or malformed Host.
+
+use std::mem::MaybeUninit;
+
+use common::snapshot::MAX_HEADER_COUNT;
+use common::Limits;
+
+use super::{
+    offset_in, parse_content_length, trim_ows, valid_host, BodyKind, FieldPlan, Span,
+    TransferCodings,
+};
+use crate::status::Status;
+
+/// A parsed request head; every span points into the buffer given to [`parse_request`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead {
+    /// Start of the request line (leading empty lines skipped).
+    pub start: usize,
+    /// Start of the first field line (end of the request line and its CRLF).
+    pub fields_start: usize,
+    /// End of the field lines (start of the final empty line).
+    pub fields_end: usize,
+    /// End of the head (after the final empty line).
+    pub head_end: usize,
+    pub method: Span,
+    /// The request target as received.
+    pub target: Span,
+    /// The part of the target to forward and route on: the whole target in origin form, the
+    /// path and query in absolute form (may be empty: forward `/`).
+    pub origin_target: Span,
+    /// Length of the path within `origin_target` (before `?`).
+    pub path_len: usize,
+    /// The target was absolute-form (`http://host/path`): the Host line is replaced.
+    pub absolute: bool,
+    pub http10: bool,
+    /// Host to route on and to forward: the Host value, or the absolute-form authority.
+    pub host: Option<Span>,
+    pub body: BodyKind,
+    /// The client allows this connection to be reused after the response.
+    pub keep_alive: bool,
+    /// The `Upgrade` value when the client asked for an upgrade (`Connection: upgrade`).
+    pub upgrade: Option<Span>,
+    /// `Expect: 100-continue` with a body to come.
+    pub expect_continue: bool,
+}
+
+impl RequestHead {
+    /// The path the router matches.
+    pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        let t = self.origin_target.of(buf);
+        if t.is_empty() {
+            b"/"
+        } else {
+            &t[..self.path_len]
+        }
+    }
+
+    /// Methods that are safe to send twice (RFC 9110 §9.2.2).
+    pub fn is_idempotent(&self, buf: &[u8]) -> bool {
+        matches!(
+            self.method.of(buf),
+            b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
+        )
+    }
+
+    pub fn is_head(&self, buf: &[u8]) -> bool {
+        self.method.of(buf) == b"HEAD"
+    }
+}
+
+/// Longest list of connection options (`Connection: a, b, ...`) accepted.
+const MAX_CONNECTION_OPTIONS: usize = 16;
+
+/// Parses the request head at the start of `buf`. `Ok(None)`: incomplete, read more (unless the
+/// buffer already holds `max_header_bytes`, which the caller turns into 431 / 414 with
+/// [`head_too_large`]). Errors carry the status to answer with; the connection is then closed.
+pub fn parse_request(
+    buf: &[u8],
+    limits: &Limits,
+    plan: &mut FieldPlan,
+) -> Result<Option<RequestHead>, Status> {
+    plan.clear();
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADER_COUNT];
+    let mut req = httparse::Request::new(&mut []);
+    let slots = &mut slots[..limits.max_header_count.min(MAX_HEADER_COUNT)];
+    let head_end = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= limits.max_header_bytes {
+                return Err(head_too_large(buf, limits));
+            }
+            // A request line longer than the URI limit need not be read to its end.
+            if !buf[..buf.len().min(limits.max_uri_bytes + 64)].contains(&b'\n')
+                && buf.len() > limits.max_uri_bytes + 64
+            {
+                return Err(Status::UriTooLong);
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Status::HeadersTooLarge),
+        Err(httparse::Error::Version) => return Err(Status::VersionNotSupported),
+        Err(_) => return Err(Status::BadRequest),
+    };
+    if head_end > limits.max_header_bytes {
+        return Err(head_too_large(buf, limits));
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Status::BadRequest);
+    };
+    let method_span = span_of(buf, method.as_bytes());
+    let target_span = span_of(buf, target.as_bytes());
+    let start = method_span.start;
+    let headers = &*req.headers;
+    let fields_start = headers
+        .first()
+        .map_or(head_end - 2, |h| offset_in(buf, h.name.as_bytes()));
+    let fields_end = head_end - 2;
+    // httparse accepts a bare LF as a line end; an upstream might not. Require CRLF everywhere.
+    if !ends_with_crlf(buf, fields_start) || &buf[fields_end..head_end] != b"\r\n" {
+        return Err(Status::BadRequest);
+    }
+    if target_span.len() > limits.max_uri_bytes {
+        return Err(Status::UriTooLong);
+    }
+
+    let mut host: Option<Span> = None;
+    let mut host_index: Option<usize> = None;
+    let mut content_length: Option<u64> = None;
+    let mut codings = TransferCodings::default();
+    let mut close = false;
+    let mut keep_alive_opt = false;
+    let mut upgrade_opt = false;
+    let mut upgrade_value: Option<Span> = None;
+    let mut expect_continue = false;
+    let mut options = [Span::default(); MAX_CONNECTION_OPTIONS];
+    let mut n_options = 0;
+    let mut dropped = [0u64; MAX_HEADER_COUNT / 64];
+
+    for (i, h) in headers.iter().enumerate() {
+        let line_end = headers
+            .get(i + 1)
+            .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
+        if !ends_with_crlf(buf, line_end) {
+            return Err(Status::BadRequest);
+        }
+        let name = h.name.as_bytes();
+        let value = trim_ows(h.value);
+        let mut drop = false;
+        match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                if host.is_some() || !valid_host(value) {
+                    return Err(Status::BadRequest);
+                }
+                host = Some(span_of(buf, value));
+                host_index = Some(i);
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                if content_length.is_some() {
+                    return Err(Status::BadRequest);
+                }
+                content_length = Some(parse_content_length(value).ok_or(Status::BadRequest)?);
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                codings.add_line(value);
+                drop = true;
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for opt in super::list_elements(value) {
+                    if opt.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if opt.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive_opt = true;
+                    } else if opt.eq_ignore_ascii_case(b"upgrade") {
+                        upgrade_opt = true;
+                    } else {
+                        if n_options == MAX_CONNECTION_OPTIONS {
+                            return Err(Status::BadRequest);
+                        }
+                        options[n_options] = span_of(buf, opt);
+                        n_options += 1;
+                    }
+                }
+                drop = true;
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                upgrade_value = Some(span_of(buf, value));
+                drop = true;
+            }
+            6 if name.eq_ignore_ascii_case(b"expect") => {
+                if value.eq_ignore_ascii_case(b"100-continue") {
+                    expect_continue = true;
+                } else {
+                    return Err(Status::ExpectationFailed);
+                }
+                drop = true;
+            }
+            15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
+                if !value.is_empty() {
+                    plan.xff.push(span_of(buf, value));
+                }
+                drop = true;
+            }
+            2 if name.eq_ignore_ascii_case(b"te") => drop = true,
+            10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
+            16 if name.eq_ignore_ascii_case(b"proxy-connection") => drop = true,
+            19 if name.eq_ignore_ascii_case(b"proxy-authorization") => drop = true,
+            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => drop = true,
+            16 if name.eq_ignore_ascii_case(b"x-forwarded-host") => drop = true,
+            _ => {}
+        }
+        if drop {
+            dropped[i / 64] |= 1 << (i % 64);
+        }
+    }
+    // Fields named by Connection are hop-by-hop too, except those the request cannot lose
+    // (RFC 9110 §7.6.1 lets a client name any field; Host and framing stay end-to-end).
+    if n_options > 0 {
+        for (i, h) in headers.iter().enumerate() {
+            let name = h.name.as_bytes();
+            let protected = name.eq_ignore_ascii_case(b"host")
+                || name.eq_ignore_ascii_case(b"content-length");
+            if !protected
+                && options[..n_options]
+                    .iter()
+                    .any(|o| o.of(buf).eq_ignore_ascii_case(name))
+            {
+                dropped[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+
+    let http10 = version == 0;
+    // Request target forms (RFC 9112 §3.2).
+    let t = target.as_bytes();
+    let mut absolute = false;
+    let mut origin_target = target_span;
+    if t.first() == Some(&b'/') {
+    } else if let Some(rest) = strip_scheme(t) {
+        absolute = true;
+        let auth_len = rest
+            .iter()
+            .position(|&b| b == b'/' || b == b'?' || b == b'#')
+            .unwrap_or(rest.len());
+        let authority = &rest[..auth_len];
+        if authority.is_empty() || !valid_host(authority) {
+            return Err(Status::BadRequest);
+        }
+        let auth_span = span_of(buf, authority);
+        origin_target = Span {
+            start: auth_span.end,
+            end: target_span.end,
+        };
+        if origin_target.of(buf).first() == Some(&b'?') {
+            // `http://h?q` has an empty path: it must be forwarded as `/?q`, which needs a
+            // rewrite this gateway does not do; such targets are rare enough to refuse.
+            return Err(Status::BadRequest);
+        }
+        if let Some(i) = host_index {
+            // The authority wins over Host (RFC 9112 §3.2.2); the Host line is rewritten.
+            dropped[i / 64] |= 1 << (i % 64);
+        }
+        host = Some(auth_span);
+    } else if t == b"*" && method == "OPTIONS" {
+    } else if method == "CONNECT" {
+        return Err(Status::MethodNotAllowed);
+    } else {
+        return Err(Status::BadRequest);
+    }
+    if !http10 && host_index.is_none() {
+        return Err(Status::BadRequest);
+    }
+    let path_len = origin_target
+        .of(buf)
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(origin_target.len());
+
+    let body = if codings.present {
+        if http10 || content_length.is_some() || codings.malformed {
+            // HTTP/1.0 has no chunked; CL with TE is the classic smuggling vector: refuse
+            // rather than pick one (RFC 9112 §6.1, §6.3).
+            return Err(Status::BadRequest);
+        }
+        if codings.other {
+            return Err(Status::NotImplemented);
+        }
+        if !codings.chunked_last {
+            return Err(Status::BadRequest);
+        }
+        BodyKind::Chunked
+    } else {
+        match content_length {
+            Some(0) | None => BodyKind::None,
+            Some(n) if n > limits.max_body_bytes => return Err(Status::PayloadTooLarge),
+            Some(n) => BodyKind::Length(n),
+        }
+    };
+    let keep_alive = if http10 {
+        keep_alive_opt && !close
+    } else {
+        !close
+    };
+    let upgrade = if upgrade_opt && !http10 {
+        upgrade_value
+    } else {
+        None
+    };
+
+    // Turn the dropped-field bitmap into line spans, in buffer order.
+    for (i, h) in headers.iter().enumerate() {
+        if dropped[i / 64] & (1 << (i % 64)) != 0 {
+            let line_start = offset_in(buf, h.name.as_bytes());
+            let end = headers
+                .get(i + 1)
+                .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
+            drop_line(plan, Span {
+                start: line_start,
+                end,
+            });
+        }
+    }
+
+    Ok(Some(RequestHead {
+        start,
+        fields_start,
+        fields_end,
+        head_end,
+        method: method_span,
+        target: target_span,
+        origin_target,
+        path_len,
+        absolute,
+        http10,
+        host,
+        body,
+        keep_alive,
+        upgrade,
+        expect_continue: expect_continue && body != BodyKind::None,
+    }))
+}
+
+/// Adds a line to the drop list, merging it with the previous one when adjacent.
+fn drop_line(plan: &mut FieldPlan, line: Span) {
+    if let Some(last) = plan.drop.last_mut() {
+        if last.end == line.start {
+            last.end = line.end;
+            return;
+        }
+    }
+    plan.drop.push(line);
+}
+
+/// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
+/// alone is too long, 431 otherwise.
+pub fn head_too_large(buf: &[u8], limits: &Limits) -> Status {
+    let skip = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    match buf[skip..].iter().position(|&b| b == b'\n') {
+        None => Status::UriTooLong,
+        Some(eol) if eol > limits.max_uri_bytes => Status::UriTooLong,
+        Some(_) => Status::HeadersTooLarge,
+    }
+}
+
+fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
+    for scheme in [&b"http://"[..], b"https://"] {
+        if t.len() > scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return Some(&t[scheme.len()..]);
+        }
+    }
+    None
+}
+
+fn span_of(buf: &[u8], part: &[u8]) -> Span {
+    let start = offset_in(buf, part);
+    Span {
+        start,
+        end: start + part.len(),
+    }
+}
+
+/// Whether the line ending just before `end` is CRLF.
+fn ends_with_crlf(buf: &[u8], end: usize) -> bool {
+    end >= 2 && &buf[end - 2..end] == b"\r\n"
+}
+
+#[cfg(test)]
+mod tests;

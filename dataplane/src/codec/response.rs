@@ -1,0 +1,292 @@
+//! Response heads from upstreams: httparse plus framing and hop-by-hop rules (RFC 9112 §6.3,
+//! RFC 9110 §7.6.1).
+//!
+//! Hot path, no allocation. A response the gateway cannot frame without doubt (differing
+//! Content-Length values, bare LF line ends, malformed fields) is an error that becomes 502.
+
+use std::mem::MaybeUninit;
+
+use common::snapshot::MAX_HEADER_COUNT;
+
+use super::{offset_in, parse_content_length, trim_ows, BodyKind, FieldPlan, Span, TransferCodings};
+
+/// A parsed response head; offsets are into the buffer given to [`parse_response`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseHead {
+    pub status: u16,
+    /// Start of the first field line (end of the status line).
+    pub fields_start: usize,
+    /// Start of the final empty line.
+    pub fields_end: usize,
+    pub head_end: usize,
+    pub body: BodyKind,
+    /// The upstream connection can carry another request once this body is read.
+    pub reusable: bool,
+}
+
+/// Why a response head is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    #[error("malformed response head")]
+    Malformed,
+    #[error("response head too large")]
+    TooLarge,
+    #[error("conflicting Content-Length values")]
+    ConflictingLength,
+}
+
+/// Parses the response head at the start of `buf`. `head_request` says the request was HEAD
+/// (so the response has no body whatever it declares). `Ok(None)`: incomplete.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    max_head: usize,
+    plan: &mut FieldPlan,
+) -> Result<Option<ResponseHead>, ResponseError> {
+    plan.clear();
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADER_COUNT];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_end = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+            return Err(ResponseError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooLarge),
+        Err(_) => return Err(ResponseError::Malformed),
+    };
+    if head_end > max_head {
+        return Err(ResponseError::TooLarge);
+    }
+    let (Some(status), Some(version)) = (resp.code, resp.version) else {
+        return Err(ResponseError::Malformed);
+    };
+    let headers = &*resp.headers;
+    let fields_end = head_end - 2;
+    let fields_start = headers
+        .first()
+        .map_or(fields_end, |h| offset_in(buf, h.name.as_bytes()));
+    // The status line must start the buffer (no leading empty lines in responses) and every
+    // line must end in CRLF.
+    if !buf.starts_with(b"HTTP/1.") || !crlf_before(buf, fields_start) || &buf[fields_end..head_end] != b"\r\n" {
+        return Err(ResponseError::Malformed);
+    }
+
+    let mut content_length: Option<u64> = None;
+    let mut codings = TransferCodings::default();
+    let mut close = version == 0;
+    let mut options = [Span::default(); 16];
+    let mut n_options = 0;
+    let mut dropped = [0u64; MAX_HEADER_COUNT / 64];
+    let mut cl_lines = [0u64; MAX_HEADER_COUNT / 64];
+
+    for (i, h) in headers.iter().enumerate() {
+        let line_end = headers
+            .get(i + 1)
+            .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
+        if !crlf_before(buf, line_end) {
+            return Err(ResponseError::Malformed);
+        }
+        let name = h.name.as_bytes();
+        let value = trim_ows(h.value);
+        let mut drop = false;
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                let n = parse_content_length(value).ok_or(ResponseError::Malformed)?;
+                match content_length {
+                    Some(prev) if prev != n => return Err(ResponseError::ConflictingLength),
+                    // An identical repeat is harmless; forward one.
+                    Some(_) => drop = true,
+                    None => content_length = Some(n),
+                }
+                cl_lines[i / 64] |= 1 << (i % 64);
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => codings.add_line(value),
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for opt in super::list_elements(value) {
+                    if opt.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !opt.eq_ignore_ascii_case(b"keep-alive")
+                        && !opt.eq_ignore_ascii_case(b"upgrade")
+                        && n_options < options.len()
+                    {
+                        options[n_options] = Span {
+                            start: offset_in(buf, opt),
+                            end: offset_in(buf, opt) + opt.len(),
+                        };
+                        n_options += 1;
+                    }
+                }
+                drop = status != 101;
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => drop = status != 101,
+            10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
+            16 if name.eq_ignore_ascii_case(b"proxy-connection") => drop = true,
+            2 if name.eq_ignore_ascii_case(b"te") => drop = true,
+            _ => {}
+        }
+        if drop {
+            dropped[i / 64] |= 1 << (i % 64);
+        }
+    }
+    if n_options > 0 {
+        for (i, h) in headers.iter().enumerate() {
+            let name = h.name.as_bytes();
+            let protected = name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"transfer-encoding");
+            if !protected
+                && options[..n_options]
+                    .iter()
+                    .any(|o| o.of(buf).eq_ignore_ascii_case(name))
+            {
+                dropped[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+
+    let no_body = head_request || (100..200).contains(&status) || status == 204 || status == 304;
+    let mut reusable = !close;
+    let body = if no_body {
+        BodyKind::None
+    } else if codings.present {
+        if content_length.is_some() {
+            // Transfer-Encoding overrides Content-Length, which must not reach the client; the
+            // upstream connection is not trusted again (RFC 9112 §6.3 (3)).
+            dropped
+                .iter_mut()
+                .zip(cl_lines)
+                .for_each(|(d, c)| *d |= c);
+            reusable = false;
+        }
+        if codings.chunked_last && !codings.malformed {
+            BodyKind::Chunked
+        } else {
+            reusable = false;
+            BodyKind::UntilClose
+        }
+    } else {
+        match content_length {
+            Some(0) => BodyKind::None,
+            Some(n) => BodyKind::Length(n),
+            None => {
+                reusable = false;
+                BodyKind::UntilClose
+            }
+        }
+    };
+    if status == 101 {
+        reusable = false;
+    }
+
+    for (i, h) in headers.iter().enumerate() {
+        if dropped[i / 64] & (1 << (i % 64)) != 0 {
+            let start = offset_in(buf, h.name.as_bytes());
+            let end = headers
+                .get(i + 1)
+                .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
+            match plan.drop.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => plan.drop.push(Span { start, end }),
+            }
+        }
+    }
+
+    Ok(Some(ResponseHead {
+        status,
+        fields_start,
+        fields_end,
+        head_end,
+        body,
+        reusable,
+    }))
+}
+
+fn crlf_before(buf: &[u8], end: usize) -> bool {
+    end >= 2 && &buf[end - 2..end] == b"\r\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &[u8], head: bool) -> Result<Option<ResponseHead>, ResponseError> {
+        let mut plan = FieldPlan::default();
+        parse_response(input, head, 16384, &mut plan)
+    }
+
+    /// Forwarded head: every field line minus the dropped ones.
+    fn forwarded(input: &[u8]) -> String {
+        let mut plan = FieldPlan::default();
+        let h = parse_response(input, false, 16384, &mut plan).unwrap().unwrap();
+        let mut out = Vec::new();
+        let mut at = h.fields_start;
+        for d in &plan.drop {
+            out.extend_from_slice(&input[at..d.start]);
+            at = d.end;
+        }
+        out.extend_from_slice(&input[at..h.fields_end]);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn framing() {
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false).unwrap().unwrap();
+        assert_eq!((r.body, r.reusable, r.head_end), (BodyKind::Length(5), true, 38));
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).unwrap().unwrap();
+        assert_eq!(r.body, BodyKind::None);
+        let r = parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.body, BodyKind::None);
+        let r = parse(b"HTTP/1.1 200 OK\r\n\r\nabc", false).unwrap().unwrap();
+        assert_eq!((r.body, r.reusable), (BodyKind::UntilClose, false));
+        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((r.body, r.reusable), (BodyKind::Chunked, true));
+        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        assert!(!r.reusable);
+        let r = parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        assert!(!r.reusable);
+    }
+
+    #[test]
+    fn te_overrides_cl_and_cl_is_dropped() {
+        let input = b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let r = parse(input, false).unwrap().unwrap();
+        assert_eq!((r.body, r.reusable), (BodyKind::Chunked, false));
+        assert_eq!(forwarded(input), "Transfer-Encoding: chunked\r\n");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_dropped() {
+        let input = b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nTrailer: X-T\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(forwarded(input), "Trailer: X-T\r\nContent-Length: 2\r\n");
+    }
+
+    #[test]
+    fn bad_responses() {
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n", false),
+            Err(ResponseError::ConflictingLength)
+        );
+        assert_eq!(parse(b"HTTP/1.1 200 OK\nContent-Length: 2\n\n", false), Err(ResponseError::Malformed));
+        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false), Err(ResponseError::Malformed));
+        assert_eq!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false), Err(ResponseError::Malformed));
+        assert_eq!(parse(b"garbage\r\n\r\n", false), Err(ResponseError::Malformed));
+        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nA: b", false), Ok(None));
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.body, BodyKind::Length(2));
+    }
+
+    #[test]
+    fn split_at_every_offset() {
+        let input: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: x\r\nX: 1\r\nContent-Length: 3\r\n\r\nabc";
+        let full = parse(input, false).unwrap().unwrap();
+        for cut in 0..input.len() {
+            match parse(&input[..cut], false) {
+                Ok(None) => assert!(cut < full.head_end, "cut {cut}"),
+                Ok(Some(h)) => assert_eq!(h.head_end, full.head_end),
+                Err(e) => panic!("cut {cut}: {e}"),
+            }
+        }
+    }
+}

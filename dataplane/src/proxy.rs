@@ -1,0 +1,876 @@
+//! One client connection: read a request head, route it, forward it, relay the response, and
+//! loop for the next request (keep-alive, pipelining).
+//!
+//! Hot path. Per request: one snapshot load, a parse over the read buffer, a route lookup, one
+//! vectored write of the head (and whatever body bytes came with it) from the read buffer, and
+//! the same for the response. Bodies move between sockets in the connections' own buffers. After
+//! warm-up nothing here allocates; the only per-request state is on the stack or in buffers
+//! owned by the connection.
+//!
+//! Error policy: a problem caused by the client is a 4xx, one caused by the upstream a 502 (504
+//! on its timeouts), and the client connection is closed whenever framing could be in doubt.
+//! A read that timed out is never retried on the same connection: with io_uring its bytes may
+//! already be consumed.
+
+use std::cell::Cell;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::{Limits, Route, RouteAction, Snapshot, Timeouts};
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::TcpStream;
+
+use crate::codec::chunked::ChunkedDecoder;
+use crate::codec::request::{parse_request, RequestHead};
+use crate::codec::response::{parse_response, ResponseHead};
+use crate::codec::{BodyKind, FieldPlan, Span};
+use crate::gather::{Gather, Piece};
+use crate::status::{Status, CONTINUE};
+use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
+use crate::worker::WorkerCtx;
+
+/// Initial size of a client connection's read buffer; it grows up to `max_header_bytes` for a
+/// large head and to [`BODY_BUF`] to relay a large request body.
+const CLIENT_BUF: usize = 8 * 1024;
+const BODY_BUF: usize = 64 * 1024;
+
+/// Why reading from a socket stopped.
+#[derive(Debug)]
+enum ReadError {
+    Timeout,
+    Io,
+}
+
+/// How a request ended for the client connection.
+#[derive(Debug)]
+enum Next {
+    /// Ready for the next request on this connection.
+    KeepAlive,
+    /// Close the connection.
+    Close,
+    /// The upstream switched protocols: tunnel bytes both ways from now on.
+    Upgrade(UpstreamConn, ResponseHead),
+}
+
+/// What went wrong talking to an upstream, and so what the client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamFailure {
+    /// Nothing came back at all (closed or reset before any byte).
+    NothingReceived,
+    Timeout,
+    Broken,
+}
+
+/// A response the gateway makes itself.
+#[derive(Debug, Clone, Copy)]
+enum Reply<'a> {
+    Canned(Status),
+    /// A route's direct response: head without its blank line, then the body.
+    Direct { bytes: &'a [u8], head_len: usize },
+}
+
+struct Client {
+    stream: TcpStream,
+    /// Read buffer; `buf[pos..]` is received and not yet consumed.
+    buf: Vec<u8>,
+    pos: usize,
+    scratch: Vec<u8>,
+    iov: Vec<libc::iovec>,
+    req_plan: FieldPlan,
+    resp_plan: FieldPlan,
+    peer_ip: IpAddr,
+    limits: Limits,
+    timeouts: Timeouts,
+    served: u64,
+}
+
+/// Serves one accepted connection until it closes.
+pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let snap = ctx.config.load();
+    let mut client = Client {
+        stream,
+        buf: Vec::with_capacity(CLIENT_BUF),
+        pos: 0,
+        scratch: Vec::with_capacity(512),
+        iov: Vec::with_capacity(16),
+        req_plan: FieldPlan::default(),
+        resp_plan: FieldPlan::default(),
+        peer_ip: peer.ip(),
+        limits: snap.limits,
+        timeouts: snap.timeouts,
+        served: 0,
+    };
+    drop(snap);
+    loop {
+        let head = match client.read_head(&ctx).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return,
+            Err(status) => {
+                client.send_static(status.response(true)).await;
+                return;
+            }
+        };
+        // One snapshot per request: a keep-alive client sees a config change on its very next
+        // request, and this request finishes on the snapshot it started with.
+        let snap = ctx.config.load_full();
+        client.limits = snap.limits;
+        client.timeouts = snap.timeouts;
+        client.served += 1;
+        match client.handle(&ctx, &snap, head).await {
+            Next::KeepAlive if !ctx.draining.get() => {}
+            Next::KeepAlive | Next::Close => return,
+            Next::Upgrade(conn, resp) => {
+                drop(snap);
+                return client.tunnel(conn, resp).await;
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Reads until a whole request head is buffered at `buf[0..]`. `Ok(None)`: the client went
+    /// away or stayed idle (close quietly). `Err`: answer with that status and close.
+    async fn read_head(&mut self, ctx: &WorkerCtx) -> Result<Option<RequestHead>, Status> {
+        // Move pipelined bytes to the front so the head's offsets start at 0.
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos.., 0);
+            self.buf.truncate(self.buf.len() - self.pos);
+            self.pos = 0;
+        }
+        let mut header_deadline = None;
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
+                    return Ok(Some(head));
+                }
+            }
+            let deadline = match header_deadline {
+                Some(d) => d,
+                None if !self.buf.is_empty() => {
+                    let d = Instant::now() + self.timeouts.client_header;
+                    header_deadline = Some(d);
+                    d
+                }
+                // Waiting for the first byte of a request.
+                None if self.served == 0 => Instant::now() + self.timeouts.client_header,
+                None => Instant::now() + self.timeouts.client_idle,
+            };
+            let waiting_idle = self.buf.is_empty();
+            if waiting_idle && ctx.draining.get() {
+                return Ok(None);
+            }
+            let slot = waiting_idle.then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
+            let want = self.limits.max_header_bytes;
+            let res = read_more(&mut self.stream, &mut self.buf, &mut self.pos, want, deadline).await;
+            if let Some(slot) = slot {
+                ctx.idle.borrow_mut().remove(slot);
+            }
+            match res {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                // Closed mid-head: nobody to answer.
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(ReadError::Timeout) if waiting_idle => return Ok(None),
+                Err(ReadError::Timeout) => return Err(Status::RequestTimeout),
+                Err(ReadError::Io) => return Ok(None),
+            }
+        }
+    }
+
+    async fn handle(&mut self, ctx: &WorkerCtx, snap: &Snapshot, head: RequestHead) -> Next {
+        let method = head.method.of(&self.buf);
+        let host = head.host.map(|h| h.of(&self.buf));
+        let found = snap.router.find(host, head.path(&self.buf), |id| {
+            snap.routes[id as usize].accepts(method)
+        });
+        let Some(id) = found else {
+            return self.respond(&head, Reply::Canned(Status::NotFound)).await;
+        };
+        let route = &snap.routes[id as usize];
+        match &route.action {
+            RouteAction::Respond { bytes, head_len } => {
+                self.respond(&head, Reply::Direct { bytes, head_len: *head_len }).await
+            }
+            RouteAction::Proxy { upstream } => {
+                let target = ctx.pick_target(snap, *upstream);
+                self.proxy(ctx, &head, route, target).await
+            }
+        }
+    }
+
+    /// Answers without an upstream.
+    async fn respond(&mut self, head: &RequestHead, reply: Reply<'_>) -> Next {
+        // The request body is consumed if it is all buffered; otherwise close after answering
+        // rather than read a body nobody wants.
+        let complete = self.skip_buffered_body(head);
+        let close = !complete || !head.keep_alive;
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        match reply {
+            Reply::Direct { bytes, head_len } => {
+                out.extend_from_slice(&bytes[..head_len]);
+                if close {
+                    out.extend_from_slice(b"Connection: close\r\n");
+                } else if head.http10 {
+                    out.extend_from_slice(b"Connection: keep-alive\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+                if !head.is_head(&self.buf) {
+                    out.extend_from_slice(&bytes[head_len..]);
+                }
+            }
+            Reply::Canned(status) => out.extend_from_slice(status.response(close || head.http10)),
+        }
+        let (res, out) = self.stream.write_all(out).await;
+        self.scratch = out;
+        if res.is_err() || close || matches!(reply, Reply::Canned(_) if head.http10) {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    /// Consumes the request body if it is entirely in the buffer.
+    fn skip_buffered_body(&mut self, head: &RequestHead) -> bool {
+        let avail = &self.buf[head.head_end..];
+        let used = match head.body {
+            BodyKind::None | BodyKind::UntilClose => Some(0),
+            BodyKind::Length(n) => usize::try_from(n).ok().filter(|&n| n <= avail.len()),
+            BodyKind::Chunked => {
+                let mut d = ChunkedDecoder::new(self.limits.max_header_bytes);
+                match d.advance(avail) {
+                    Ok(n) if d.is_done() => Some(n),
+                    _ => None,
+                }
+            }
+        };
+        match used {
+            Some(n) => {
+                self.pos = head.head_end + n;
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn send_static(&mut self, bytes: &'static [u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// Forwards the request to `target` and relays the response.
+    async fn proxy(
+        &mut self,
+        ctx: &WorkerCtx,
+        head: &RequestHead,
+        route: &Route,
+        target: SocketAddr,
+    ) -> Next {
+        // Body bytes that arrived with the head go out in the same write.
+        let buffered = &self.buf[head.head_end..];
+        let mut decoder = None;
+        let (first_body, mut body_left) = match head.body {
+            BodyKind::None | BodyKind::UntilClose => (0, 0u64),
+            BodyKind::Length(n) => {
+                let k = usize::try_from(n).map_or(buffered.len(), |n| n.min(buffered.len()));
+                (k, n - k as u64)
+            }
+            BodyKind::Chunked => {
+                let mut d = ChunkedDecoder::new(self.limits.max_header_bytes);
+                let k = match d.advance(buffered) {
+                    Ok(k) => k,
+                    Err(_) => return self.fail(Status::BadRequest).await,
+                };
+                if d.data_len() > self.limits.max_body_bytes {
+                    return self.fail(Status::PayloadTooLarge).await;
+                }
+                let left = u64::from(!d.is_done());
+                decoder = Some(d);
+                (k, left)
+            }
+        };
+        let body_end = head.head_end + first_body;
+        // The whole request is in the buffer: it can be sent again on a fresh connection.
+        let replayable = body_left == 0;
+        let (line, tail) = self.write_request_extras(head, route);
+
+        let mut retried = false;
+        let (mut conn, resp) = loop {
+            let now = Instant::now();
+            let pooled_conn = ctx.pool.borrow_mut().take(target, now);
+            let pooled = pooled_conn.is_some();
+            let mut conn = match pooled_conn {
+                Some(c) => c,
+                None => match connect(target, self.timeouts.upstream_connect).await {
+                    Ok(c) => c,
+                    Err(ConnectError::Timeout) => return self.fail(Status::GatewayTimeout).await,
+                    Err(ConnectError::Io(_)) => return self.fail(Status::BadGateway).await,
+                },
+            };
+            let pieces = request_pieces(head, &self.req_plan, line, tail, body_end);
+            let g = Gather::new(
+                std::mem::take(&mut self.buf),
+                std::mem::take(&mut self.scratch),
+                std::mem::take(&mut self.iov),
+                pieces,
+            );
+            let (res, g) = g.write_all(&mut conn.stream).await;
+            (self.buf, self.scratch, self.iov) = g.into_parts();
+            if res.is_err() {
+                // A pooled connection the upstream had closed: nothing of the request got
+                // through, so it can go again on a fresh connection, once.
+                if pooled && replayable && !retried {
+                    retried = true;
+                    continue;
+                }
+                return self.fail(Status::BadGateway).await;
+            }
+            self.pos = body_end;
+            if body_left > 0 {
+                if head.expect_continue {
+                    let (res, _) = self.stream.write_all(CONTINUE).await;
+                    if res.is_err() {
+                        return Next::Close;
+                    }
+                }
+                match self
+                    .relay_request_body(&mut conn, head.body, &mut body_left, decoder.as_mut())
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(Some(status)) => return self.fail(status).await,
+                    Err(None) => return Next::Close,
+                }
+            }
+            let deadline = Instant::now() + self.timeouts.upstream_response_head;
+            match self.read_response_head(&mut conn, head, deadline).await {
+                Ok(resp) => break (conn, resp),
+                Err(UpstreamFailure::NothingReceived)
+                    if pooled && replayable && !retried && head.is_idempotent(&self.buf) =>
+                {
+                    retried = true;
+                    self.pos = head.start;
+                    continue;
+                }
+                Err(UpstreamFailure::Timeout) => return self.fail(Status::GatewayTimeout).await,
+                Err(_) => return self.fail(Status::BadGateway).await,
+            }
+        };
+
+        if resp.status == 101 {
+            if head.upgrade.is_none() {
+                return self.fail(Status::BadGateway).await;
+            }
+            return Next::Upgrade(conn, resp);
+        }
+        let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
+        let reusable = resp.reusable && !head.http10;
+        match self.relay_response(&mut conn, &resp, head, close_client).await {
+            Ok(true) if reusable => {
+                conn.buf.clear();
+                ctx.pool.borrow_mut().put(target, conn, Instant::now());
+            }
+            Ok(_) => {}
+            Err(()) => return Next::Close,
+        }
+        if close_client {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    /// Writes the rewritten request line (if any) and the fields to add into `scratch`.
+    /// Returns their spans there.
+    fn write_request_extras(&mut self, head: &RequestHead, route: &Route) -> (Option<Span>, Span) {
+        let buf = &self.buf;
+        let out = &mut self.scratch;
+        out.clear();
+        let mut target = head.origin_target.of(buf);
+        let strip = route.strip_prefix_len.min(head.path_len);
+        let line = if head.absolute || strip > 0 {
+            target = &target[strip..];
+            out.extend_from_slice(head.method.of(buf));
+            out.push(b' ');
+            if target.first() != Some(&b'/') {
+                out.push(b'/');
+            }
+            out.extend_from_slice(target);
+            out.extend_from_slice(if head.http10 {
+                b" HTTP/1.0\r\n"
+            } else {
+                b" HTTP/1.1\r\n"
+            });
+            Some(Span {
+                start: 0,
+                end: out.len(),
+            })
+        } else {
+            None
+        };
+        let tail_start = out.len();
+        if head.absolute {
+            if let Some(h) = head.host {
+                out.extend_from_slice(b"Host: ");
+                out.extend_from_slice(h.of(buf));
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        for v in &self.req_plan.xff {
+            out.extend_from_slice(v.of(buf));
+            out.extend_from_slice(b", ");
+        }
+        write_ip(out, self.peer_ip);
+        out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+        if let Some(h) = head.host {
+            if !h.is_empty() {
+                out.extend_from_slice(b"X-Forwarded-Host: ");
+                out.extend_from_slice(h.of(buf));
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if head.body == BodyKind::Chunked {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        if let Some(u) = head.upgrade {
+            out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
+            out.extend_from_slice(u.of(buf));
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        (
+            line,
+            Span {
+                start: tail_start,
+                end: out.len(),
+            },
+        )
+    }
+
+    /// Streams the rest of the request body from the client to the upstream, through the
+    /// client's read buffer. `Err(Some(status))`: answer the client with it; `Err(None)`: just
+    /// close.
+    async fn relay_request_body(
+        &mut self,
+        conn: &mut UpstreamConn,
+        kind: BodyKind,
+        left: &mut u64,
+        mut decoder: Option<&mut ChunkedDecoder>,
+    ) -> Result<(), Option<Status>> {
+        while *left > 0 {
+            if self.pos == self.buf.len() {
+                self.buf.clear();
+                self.pos = 0;
+                if self.buf.capacity() < BODY_BUF {
+                    self.buf.reserve(BODY_BUF);
+                }
+            }
+            if self.pos == self.buf.len() {
+                let deadline = Instant::now() + self.timeouts.client_body;
+                match read_more(&mut self.stream, &mut self.buf, &mut self.pos, BODY_BUF, deadline).await {
+                    Ok(0) | Err(ReadError::Io) => return Err(None),
+                    Ok(_) => {}
+                    Err(ReadError::Timeout) => return Err(Some(Status::RequestTimeout)),
+                }
+            }
+            let avail = &self.buf[self.pos..];
+            let take = match (kind, decoder.as_deref_mut()) {
+                (BodyKind::Chunked, Some(d)) => {
+                    let k = d.advance(avail).map_err(|_| Some(Status::BadRequest))?;
+                    if d.data_len() > self.limits.max_body_bytes {
+                        return Err(Some(Status::PayloadTooLarge));
+                    }
+                    if d.is_done() {
+                        *left = 0;
+                    }
+                    k
+                }
+                _ => {
+                    let k = usize::try_from(*left).map_or(avail.len(), |l| l.min(avail.len()));
+                    *left -= k as u64;
+                    k
+                }
+            };
+            let start = self.pos;
+            let buf = std::mem::take(&mut self.buf);
+            let (res, slice) = conn.stream.write_all(buf.slice(start..start + take)).await;
+            self.buf = slice.into_inner();
+            self.pos = start + take;
+            if res.is_err() {
+                return Err(Some(Status::BadGateway));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the response head into `conn.buf`, relaying 1xx interim responses (other than
+    /// 101) to the client on the way.
+    async fn read_response_head(
+        &mut self,
+        conn: &mut UpstreamConn,
+        head: &RequestHead,
+        deadline: Instant,
+    ) -> Result<ResponseHead, UpstreamFailure> {
+        let is_head = head.is_head(&self.buf);
+        let mut received = false;
+        conn.buf.clear();
+        loop {
+            if !conn.buf.is_empty() {
+                match parse_response(&conn.buf, is_head, UPSTREAM_BUF, &mut self.resp_plan) {
+                    Ok(Some(resp)) if (100..200).contains(&resp.status) && resp.status != 101 => {
+                        if !head.http10 {
+                            let interim = std::mem::take(&mut conn.buf);
+                            let end = resp.head_end;
+                            let (res, slice) = self.stream.write_all(interim.slice(..end)).await;
+                            conn.buf = slice.into_inner();
+                            if res.is_err() {
+                                return Err(UpstreamFailure::Broken);
+                            }
+                        }
+                        conn.buf.drain(..resp.head_end);
+                        continue;
+                    }
+                    Ok(Some(resp)) => return Ok(resp),
+                    Ok(None) => {}
+                    Err(_) => return Err(UpstreamFailure::Broken),
+                }
+            }
+            let mut pos = 0;
+            match read_more(&mut conn.stream, &mut conn.buf, &mut pos, UPSTREAM_BUF, deadline).await {
+                Ok(0) | Err(ReadError::Io) if !received => return Err(UpstreamFailure::NothingReceived),
+                Ok(0) | Err(ReadError::Io) => return Err(UpstreamFailure::Broken),
+                Err(ReadError::Timeout) => return Err(UpstreamFailure::Timeout),
+                Ok(_) => received = true,
+            }
+        }
+    }
+
+    /// Sends the response head (minus hop-by-hop fields) and body to the client. `Ok(true)`:
+    /// the body ended exactly where the framing said and the upstream connection is clean.
+    async fn relay_response(
+        &mut self,
+        conn: &mut UpstreamConn,
+        resp: &ResponseHead,
+        head: &RequestHead,
+        close_client: bool,
+    ) -> Result<bool, ()> {
+        // Fields the gateway adds: connection management towards this client only.
+        self.scratch.clear();
+        if close_client {
+            self.scratch.extend_from_slice(b"Connection: close\r\n");
+        } else if head.http10 {
+            self.scratch.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        self.scratch.extend_from_slice(b"\r\n");
+        let tail = Span {
+            start: 0,
+            end: self.scratch.len(),
+        };
+
+        let avail = &conn.buf[resp.head_end..];
+        let mut decoder = None;
+        let (first, mut left) = match resp.body {
+            BodyKind::None => (0, 0u64),
+            BodyKind::Length(n) => {
+                let k = usize::try_from(n).map_or(avail.len(), |n| n.min(avail.len()));
+                (k, n - k as u64)
+            }
+            BodyKind::Chunked => {
+                let mut d = ChunkedDecoder::new(UPSTREAM_BUF);
+                let k = d.advance(avail).map_err(|_| ())?;
+                let left = u64::from(!d.is_done());
+                decoder = Some(d);
+                (k, left)
+            }
+            BodyKind::UntilClose => (avail.len(), 1),
+        };
+        let mut clean = resp.head_end + first == conn.buf.len();
+        let pieces = response_pieces(resp, &self.resp_plan, tail, first);
+        let g = Gather::new(
+            std::mem::take(&mut conn.buf),
+            std::mem::take(&mut self.scratch),
+            std::mem::take(&mut self.iov),
+            pieces,
+        );
+        let (res, g) = g.write_all(&mut self.stream).await;
+        (conn.buf, self.scratch, self.iov) = g.into_parts();
+        res.map_err(|_| ())?;
+
+        while left > 0 {
+            conn.buf.clear();
+            let mut pos = 0;
+            let deadline = Instant::now() + self.timeouts.upstream_body;
+            let n = match read_more(&mut conn.stream, &mut conn.buf, &mut pos, UPSTREAM_BUF, deadline).await {
+                Ok(0) if resp.body == BodyKind::UntilClose => return Ok(false),
+                Ok(n) => n,
+                // Truncated or stalled body: the client cannot tell unless the connection
+                // closes (RFC 9112 §8).
+                Err(_) => return Err(()),
+            };
+            if n == 0 {
+                return Err(());
+            }
+            let take = match resp.body {
+                BodyKind::Chunked => {
+                    let d = decoder.as_mut().ok_or(())?;
+                    let k = d.advance(&conn.buf).map_err(|_| ())?;
+                    if d.is_done() {
+                        left = 0;
+                    }
+                    k
+                }
+                BodyKind::UntilClose => n,
+                _ => {
+                    let k = usize::try_from(left).map_or(n, |l| l.min(n));
+                    left -= k as u64;
+                    k
+                }
+            };
+            clean = take == conn.buf.len();
+            let buf = std::mem::take(&mut conn.buf);
+            let (res, slice) = self.stream.write_all(buf.slice(..take)).await;
+            conn.buf = slice.into_inner();
+            res.map_err(|_| ())?;
+        }
+        Ok(clean)
+    }
+
+    /// After a 101: relays the head, then bytes both ways until both sides are done or the
+    /// tunnel has been silent for `upstream_body`.
+    async fn tunnel(mut self, mut conn: UpstreamConn, resp: ResponseHead) {
+        // Bytes the client sent after the upgrade request belong to the new protocol.
+        if self.pos < self.buf.len() {
+            let start = self.pos;
+            let buf = std::mem::take(&mut self.buf);
+            let (res, slice) = conn.stream.write_all(buf.slice(start..)).await;
+            self.buf = slice.into_inner();
+            if res.is_err() {
+                return;
+            }
+            self.pos = self.buf.len();
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(b"\r\n");
+        let tail = Span { start: 0, end: 2 };
+        let pieces = response_pieces(&resp, &self.resp_plan, tail, conn.buf.len() - resp.head_end);
+        let g = Gather::new(
+            std::mem::take(&mut conn.buf),
+            std::mem::take(&mut self.scratch),
+            std::mem::take(&mut self.iov),
+            pieces,
+        );
+        let (res, g) = g.write_all(&mut self.stream).await;
+        (conn.buf, self.scratch, self.iov) = g.into_parts();
+        if res.is_err() {
+            return;
+        }
+
+        let idle = self.timeouts.upstream_body;
+        let client_fd = self.stream.as_raw_fd();
+        let upstream_fd = conn.stream.as_raw_fd();
+        let (cr, cw) = self.stream.into_split();
+        let (ur, uw) = conn.stream.into_split();
+        let activity = Cell::new(Instant::now());
+        let open = Cell::new(2u8);
+        let up = copy_half(cr, uw, self.buf, &activity, &open);
+        let down = copy_half(ur, cw, conn.buf, &activity, &open);
+        let watchdog = async {
+            loop {
+                if open.get() == 0 {
+                    return;
+                }
+                let quiet_until = activity.get() + idle;
+                if Instant::now() >= quiet_until {
+                    // Wake both pending reads with EOF; no read is cancelled mid-flight.
+                    // SAFETY: both fds belong to streams owned by the copy futures joined
+                    // below, which are still alive, so neither fd can have been reused.
+                    unsafe {
+                        libc::shutdown(client_fd, libc::SHUT_RDWR);
+                        libc::shutdown(upstream_fd, libc::SHUT_RDWR);
+                    }
+                    return;
+                }
+                monoio::time::sleep_until(quiet_until.min(Instant::now() + Duration::from_millis(500)).into()).await;
+            }
+        };
+        monoio::join!(up, down, watchdog);
+    }
+
+    /// Answers with `status` (if the client can still take it) and closes.
+    async fn fail(&mut self, status: Status) -> Next {
+        self.send_static(status.response(true)).await;
+        Next::Close
+    }
+}
+
+/// Copies one direction of a tunnel until EOF or error, then half-closes the other side.
+async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
+    mut from: R,
+    mut to: W,
+    mut buf: Vec<u8>,
+    activity: &Cell<Instant>,
+    open: &Cell<u8>,
+) {
+    if buf.capacity() < 16 * 1024 {
+        buf.reserve(16 * 1024);
+    }
+    loop {
+        buf.clear();
+        let (res, b) = from.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        activity.set(Instant::now());
+        let (res, b) = to.write_all(buf).await;
+        buf = b;
+        if res.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+    open.set(open.get() - 1);
+}
+
+/// The kept field lines between `at` and `end`: everything except `drops` (in order).
+struct KeptFields<'a> {
+    drops: std::slice::Iter<'a, Span>,
+    at: usize,
+    end: usize,
+    done: bool,
+}
+
+impl Iterator for KeptFields<'_> {
+    type Item = Piece;
+
+    fn next(&mut self) -> Option<Piece> {
+        if let Some(d) = self.drops.next() {
+            let piece = Piece::Src(Span {
+                start: self.at,
+                end: d.start,
+            });
+            self.at = d.end;
+            return Some(piece);
+        }
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        Some(Piece::Src(Span {
+            start: self.at,
+            end: self.end,
+        }))
+    }
+}
+
+/// The pieces of a forwarded head: the start line, the kept field lines, the added fields
+/// (with the blank line) and the body bytes that came with the head.
+fn head_pieces<'a>(
+    line: Piece,
+    fields: (usize, usize),
+    drops: &'a [Span],
+    added: Span,
+    body: Span,
+) -> impl Iterator<Item = Piece> + 'a {
+    std::iter::once(line)
+        .chain(KeptFields {
+            drops: drops.iter(),
+            at: fields.0,
+            end: fields.1,
+            done: false,
+        })
+        .chain([Piece::Extra(added), Piece::Src(body)])
+}
+
+/// The pieces of a forwarded request: request line (rewritten or original), kept fields,
+/// added fields, then the body bytes that came with the head.
+fn request_pieces<'a>(
+    head: &RequestHead,
+    plan: &'a FieldPlan,
+    line: Option<Span>,
+    added: Span,
+    body_end: usize,
+) -> impl Iterator<Item = Piece> + 'a {
+    let first = match line {
+        Some(l) => Piece::Extra(l),
+        None => Piece::Src(Span {
+            start: head.start,
+            end: head.fields_start,
+        }),
+    };
+    let body = Span {
+        start: head.head_end,
+        end: body_end,
+    };
+    head_pieces(first, (head.fields_start, head.fields_end), &plan.drop, added, body)
+}
+
+/// The pieces of a relayed response head and the first `body_len` body bytes after it.
+fn response_pieces<'a>(
+    resp: &ResponseHead,
+    plan: &'a FieldPlan,
+    added: Span,
+    body_len: usize,
+) -> impl Iterator<Item = Piece> + 'a {
+    let line = Piece::Src(Span {
+        start: 0,
+        end: resp.fields_start,
+    });
+    let body = Span {
+        start: resp.head_end,
+        end: resp.head_end + body_len,
+    };
+    head_pieces(line, (resp.fields_start, resp.fields_end), &plan.drop, added, body)
+}
+
+/// Appends the textual form of `ip` without allocating.
+fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    use std::io::Write;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let _ = write!(out, "{ip}");
+}
+
+/// Reads more bytes into `buf` (after compacting consumed ones), up to `max` buffered,
+/// failing at `deadline`. `Ok(0)`: end of stream.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    max: usize,
+    deadline: Instant,
+) -> Result<usize, ReadError> {
+    if *pos == buf.len() {
+        buf.clear();
+        *pos = 0;
+    } else if *pos > 0 && buf.len() == buf.capacity() {
+        buf.copy_within(*pos.., 0);
+        buf.truncate(buf.len() - *pos);
+        *pos = 0;
+    }
+    if buf.len() == buf.capacity() {
+        if buf.len() >= max {
+            return Err(ReadError::Io);
+        }
+        // Grow by doubling, up to `max`.
+        buf.reserve_exact(buf.capacity().max(1024).min(max - buf.len()));
+    }
+    let len = buf.len();
+    let owned = std::mem::take(buf);
+    let read = stream.read(owned.slice_mut(len..));
+    match monoio::time::timeout_at(deadline.into(), read).await {
+        Ok((res, slice)) => {
+            *buf = slice.into_inner();
+            res.map_err(|_| ReadError::Io)
+        }
+        // The buffer went with the cancelled read; the caller closes this connection.
+        Err(_) => Err(ReadError::Timeout),
+    }
+}

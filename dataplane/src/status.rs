@@ -1,0 +1,149 @@
+//! Responses the gateway sends itself.
+//!
+//! Hot path: every response is a `&'static [u8]` written as is. Each exists in a keep-alive and a
+//! `Connection: close` form; a unit test checks that every Content-Length is right.
+
+/// A status the gateway answers with on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    PayloadTooLarge,
+    UriTooLong,
+    ExpectationFailed,
+    HeadersTooLarge,
+    NotImplemented,
+    BadGateway,
+    ServiceUnavailable,
+    GatewayTimeout,
+    VersionNotSupported,
+}
+
+macro_rules! canned {
+    ($code:literal $reason:literal, $len:literal, $body:literal) => {
+        (
+            concat!(
+                "HTTP/1.1 ", $code, " ", $reason,
+                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ", $len,
+                "\r\n\r\n", $body
+            )
+            .as_bytes(),
+            concat!(
+                "HTTP/1.1 ", $code, " ", $reason,
+                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ", $len,
+                "\r\nConnection: close\r\n\r\n", $body
+            )
+            .as_bytes(),
+        )
+    };
+}
+
+impl Status {
+    /// Every status, for tests and docs.
+    pub const ALL: [Status; 13] = [
+        Status::BadRequest,
+        Status::NotFound,
+        Status::MethodNotAllowed,
+        Status::RequestTimeout,
+        Status::PayloadTooLarge,
+        Status::UriTooLong,
+        Status::ExpectationFailed,
+        Status::HeadersTooLarge,
+        Status::NotImplemented,
+        Status::BadGateway,
+        Status::ServiceUnavailable,
+        Status::GatewayTimeout,
+        Status::VersionNotSupported,
+    ];
+
+    /// The numeric code.
+    pub fn code(self) -> u16 {
+        match self {
+            Status::BadRequest => 400,
+            Status::NotFound => 404,
+            Status::MethodNotAllowed => 405,
+            Status::RequestTimeout => 408,
+            Status::PayloadTooLarge => 413,
+            Status::UriTooLong => 414,
+            Status::ExpectationFailed => 417,
+            Status::HeadersTooLarge => 431,
+            Status::NotImplemented => 501,
+            Status::BadGateway => 502,
+            Status::ServiceUnavailable => 503,
+            Status::GatewayTimeout => 504,
+            Status::VersionNotSupported => 505,
+        }
+    }
+
+    /// The full response; with `close` it says `Connection: close` (and the caller closes).
+    pub fn response(self, close: bool) -> &'static [u8] {
+        let (keep, closing) = match self {
+            Status::BadRequest => canned!("400" "Bad Request", "23", "400 malformed request.\n"),
+            Status::NotFound => canned!("404" "Not Found", "35", "404 no route matches this request.\n"),
+            Status::MethodNotAllowed => {
+                canned!("405" "Method Not Allowed", "31", "405 method not supported here.\n")
+            }
+            Status::RequestTimeout => {
+                canned!("408" "Request Timeout", "34", "408 request not received in time.\n")
+            }
+            Status::PayloadTooLarge => {
+                canned!("413" "Content Too Large", "31", "413 request body is too large.\n")
+            }
+            Status::UriTooLong => canned!("414" "URI Too Long", "29", "414 request target too long.\n"),
+            Status::ExpectationFailed => {
+                canned!("417" "Expectation Failed", "29", "417 unsupported expectation.\n")
+            }
+            Status::HeadersTooLarge => {
+                canned!("431" "Request Header Fields Too Large", "28", "431 request head too large.\n")
+            }
+            Status::NotImplemented => {
+                canned!("501" "Not Implemented", "35", "501 transfer coding not supported.\n")
+            }
+            Status::BadGateway => canned!("502" "Bad Gateway", "35", "502 upstream failed or misbehaved.\n"),
+            Status::ServiceUnavailable => {
+                canned!("503" "Service Unavailable", "30", "503 gateway is shutting down.\n")
+            }
+            Status::GatewayTimeout => {
+                canned!("504" "Gateway Timeout", "37", "504 upstream did not answer in time.\n")
+            }
+            Status::VersionNotSupported => {
+                canned!("505" "HTTP Version Not Supported", "32", "505 HTTP version not supported.\n")
+            }
+        };
+        if close {
+            closing
+        } else {
+            keep
+        }
+    }
+}
+
+/// `HTTP/1.1 100 Continue`, sent before reading a body the client is waiting to send.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canned_responses_are_well_framed() {
+        for s in Status::ALL {
+            for close in [false, true] {
+                let r = std::str::from_utf8(s.response(close)).unwrap();
+                let (head, body) = r.split_once("\r\n\r\n").unwrap();
+                assert!(head.starts_with(&format!("HTTP/1.1 {} ", s.code())), "{head}");
+                let cl: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert_eq!(cl, body.len(), "{s:?}: {body:?}");
+                assert_eq!(head.contains("Connection: close"), close);
+                assert!(body.starts_with(&s.code().to_string()));
+            }
+        }
+    }
+}

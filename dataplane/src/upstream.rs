@@ -1,0 +1,113 @@
+//! Upstream connections: connect with a deadline, and a per-worker keep-alive pool.
+//!
+//! Hot path for `take` / `put`. The pool is keyed by target address, not by upstream or
+//! snapshot, so a config change keeps the connections of targets that still exist. Each target
+//! keeps at most `max_idle` idle connections (most recently used first out); idle ones older
+//! than the idle timeout are closed on the next `take` and by the worker's periodic sweep.
+
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::router::Fnv;
+use monoio::net::TcpStream;
+
+/// Size of an upstream connection's read buffer (response heads and body relay).
+pub const UPSTREAM_BUF: usize = 64 * 1024;
+
+/// An open connection to a target with its read buffer.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub buf: Vec<u8>,
+    pub idle_since: Instant,
+}
+
+impl UpstreamConn {
+    fn new(stream: TcpStream) -> Self {
+        UpstreamConn {
+            stream,
+            buf: Vec::with_capacity(UPSTREAM_BUF),
+            idle_since: Instant::now(),
+        }
+    }
+}
+
+/// Why a connection to a target could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Opens a connection with TCP_NODELAY, failing after `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, ConnectError> {
+    let stream = monoio::time::timeout(timeout, TcpStream::connect_addr(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout)??;
+    stream.set_nodelay(true)?;
+    Ok(UpstreamConn::new(stream))
+}
+
+/// Idle connections of one worker, per target.
+#[derive(Debug)]
+pub struct Pool {
+    idle: HashMap<SocketAddr, Vec<UpstreamConn>, BuildHasherDefault<Fnv>>,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Pool {
+            idle: HashMap::default(),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// The most recently returned live connection to `addr`, if any.
+    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<UpstreamConn> {
+        let list = self.idle.get_mut(&addr)?;
+        while let Some(conn) = list.pop() {
+            if now.duration_since(conn.idle_since) < self.idle_timeout {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was fully read; dropped when the pool is full.
+    pub fn put(&mut self, addr: SocketAddr, mut conn: UpstreamConn, now: Instant) {
+        if self.max_idle == 0 || !conn.buf.is_empty() {
+            return;
+        }
+        conn.idle_since = now;
+        let list = self.idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(conn);
+        }
+    }
+
+    /// Closes connections idle for longer than the idle timeout.
+    pub fn sweep(&mut self, now: Instant) {
+        let timeout = self.idle_timeout;
+        for list in self.idle.values_mut() {
+            list.retain(|c| now.duration_since(c.idle_since) < timeout);
+        }
+    }
+
+    /// Closes every idle connection (shutdown).
+    pub fn clear(&mut self) {
+        self.idle.clear();
+    }
+
+    /// Idle connections held, over all targets.
+    pub fn idle_count(&self) -> usize {
+        self.idle.values().map(Vec::len).sum()
+    }
+}

@@ -1,0 +1,298 @@
+//! Worker threads: one per CPU, each pinned, each with its own monoio runtime and its own
+//! SO_REUSEPORT listener per listen address, sharing nothing on the request path but the config
+//! snapshot.
+//!
+//! Shutdown without cancelling an in-flight accept (which leaks the accepted fd in monoio
+//! 0.2.4): a supervisor task per worker polls the process-wide shutdown flag, then shuts the
+//! listening sockets down (which makes the pending accept fail), closes idle keep-alive
+//! connections the same way, and waits for in-flight requests up to the drain deadline.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use common::Snapshot;
+use monoio::net::TcpListener;
+
+use crate::upstream::Pool;
+use crate::{DriverKind, StartError};
+
+/// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`, `Cell`).
+#[derive(Debug)]
+pub(crate) struct WorkerCtx {
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub pool: RefCell<Pool>,
+    rr: RefCell<RoundRobin>,
+    /// Set once shutdown begins: finish the current request, then close.
+    pub draining: Cell<bool>,
+    /// Connections waiting for their next request, closed at once on shutdown.
+    pub idle: RefCell<IdleSet>,
+    active: Cell<usize>,
+    index: usize,
+}
+
+/// Per-upstream position in its round-robin schedule, reset when the snapshot changes.
+#[derive(Debug, Default)]
+struct RoundRobin {
+    revision: u64,
+    next: Vec<u32>,
+}
+
+impl WorkerCtx {
+    /// The next target of `upstream` by smooth weighted round robin.
+    pub fn pick_target(&self, snap: &Snapshot, upstream: usize) -> SocketAddr {
+        let mut rr = self.rr.borrow_mut();
+        if rr.revision != snap.revision || rr.next.len() != snap.upstreams.len() {
+            rr.revision = snap.revision;
+            rr.next.clear();
+            // Workers start at different points so they do not all hit the same target first.
+            rr.next.resize(snap.upstreams.len(), self.index as u32);
+        }
+        let up = &snap.upstreams[upstream];
+        let n = rr.next[upstream];
+        rr.next[upstream] = n.wrapping_add(1);
+        let slot = up.schedule[n as usize % up.schedule.len()];
+        up.targets[usize::from(slot)].addr
+    }
+}
+
+/// Raw fds of idle connections, in reusable slots.
+#[derive(Debug, Default)]
+pub(crate) struct IdleSet {
+    slots: Vec<RawFd>,
+    free: Vec<usize>,
+}
+
+impl IdleSet {
+    pub fn insert(&mut self, fd: RawFd) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = fd;
+                i
+            }
+            None => {
+                self.slots.push(fd);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    pub fn remove(&mut self, slot: usize) {
+        self.slots[slot] = -1;
+        self.free.push(slot);
+    }
+
+    fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.slots.iter().copied().filter(|&fd| fd >= 0)
+    }
+}
+
+/// Decrements the worker's active-connection count when a connection task ends or is dropped.
+struct ActiveGuard(Rc<WorkerCtx>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+    }
+}
+
+/// Everything one worker thread needs.
+pub(crate) struct WorkerSpec {
+    pub index: usize,
+    pub cpu: Option<usize>,
+    pub driver: DriverKind,
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub listeners: Vec<StdListener>,
+    pub shutdown: Arc<AtomicBool>,
+    /// Receives the outcome of building the runtime.
+    pub ready: mpsc::Sender<Result<(), StartError>>,
+}
+
+/// io_uring submission queue size per worker.
+const RING_ENTRIES: u32 = 1024;
+
+/// Thread body: pin, build the runtime, serve until shutdown.
+pub(crate) fn run(spec: WorkerSpec) {
+    if let Some(cpu) = spec.cpu {
+        pin_to_cpu(cpu);
+    }
+    match spec.driver {
+        DriverKind::IoUring => {
+            match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(RING_ENTRIES)
+                .enable_timer()
+                .build()
+            {
+                Ok(mut rt) => {
+                    let _ = spec.ready.send(Ok(()));
+                    rt.block_on(worker_main(spec));
+                }
+                Err(e) => {
+                    let _ = spec.ready.send(Err(StartError::Runtime(e)));
+                }
+            }
+        }
+        DriverKind::Epoll => {
+            match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+            {
+                Ok(mut rt) => {
+                    let _ = spec.ready.send(Ok(()));
+                    rt.block_on(worker_main(spec));
+                }
+                Err(e) => {
+                    let _ = spec.ready.send(Err(StartError::Runtime(e)));
+                }
+            }
+        }
+    }
+}
+
+async fn worker_main(spec: WorkerSpec) {
+    let snap = spec.config.load();
+    let ctx = Rc::new(WorkerCtx {
+        config: spec.config.clone(),
+        pool: RefCell::new(Pool::new(snap.max_idle_per_target, snap.timeouts.upstream_idle)),
+        rr: RefCell::new(RoundRobin::default()),
+        draining: Cell::new(false),
+        idle: RefCell::new(IdleSet::default()),
+        active: Cell::new(0),
+        index: spec.index,
+    });
+    drop(snap);
+    let mut listener_fds = Vec::new();
+    for std_listener in spec.listeners {
+        match TcpListener::from_std(std_listener) {
+            Ok(listener) => {
+                listener_fds.push(listener.as_raw_fd());
+                monoio::spawn(accept_loop(ctx.clone(), listener));
+            }
+            Err(e) => eprintln!("gateway: worker {}: cannot use listener: {e}", spec.index),
+        }
+    }
+    supervise(&ctx, &spec.shutdown, &listener_fds).await;
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if ctx.draining.get() {
+                    break;
+                }
+                ctx.active.set(ctx.active.get() + 1);
+                let guard = ActiveGuard(ctx.clone());
+                monoio::spawn(async move {
+                    let ctx = guard.0.clone();
+                    crate::proxy::serve(ctx, stream, peer).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                if ctx.draining.get() {
+                    break;
+                }
+                // Out of fds or memory: back off instead of spinning.
+                eprintln!("gateway: accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Housekeeping until shutdown, then the drain.
+async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd]) {
+    let mut last_sweep = Instant::now();
+    loop {
+        monoio::time::sleep(Duration::from_millis(100)).await;
+        if shutdown.load(Ordering::Acquire) {
+            break;
+        }
+        let now = Instant::now();
+        if now.duration_since(last_sweep) >= Duration::from_secs(1) {
+            let snap = ctx.config.load();
+            let mut pool = ctx.pool.borrow_mut();
+            pool.max_idle = snap.max_idle_per_target;
+            pool.idle_timeout = snap.timeouts.upstream_idle;
+            pool.sweep(now);
+            last_sweep = now;
+        }
+    }
+    ctx.draining.set(true);
+    for &fd in listener_fds {
+        // SAFETY: the listeners are owned by accept tasks that live as long as this runtime, so
+        // the fds are open and still theirs. shutdown() only makes the pending accept fail.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    for fd in ctx.idle.borrow().fds() {
+        // SAFETY: a connection removes its fd from the idle set before it closes the socket,
+        // and this runs on the same thread, so every fd here is open and idle.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    let deadline = Instant::now() + ctx.config.load().drain_timeout;
+    while ctx.active.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctx.pool.borrow_mut().clear();
+}
+
+/// Binds `count` SO_REUSEPORT listening sockets on `addr` (port 0 resolved by the first).
+pub(crate) fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<StdListener>> {
+    let mut out = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: StdListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// The CPUs this process may run on (its affinity mask).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: as above; pid 0 is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!(
+                "gateway: could not pin worker to CPU {cpu}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
