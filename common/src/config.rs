@@ -87,7 +87,8 @@ pub struct RouteConfig {
     /// Default: any host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
-    /// Methods this route answers (case-sensitive tokens such as `GET`). Default: any method.
+    /// Methods this route answers (case-sensitive tokens such as `GET`; `GET` implies `HEAD`).
+    /// Default: any method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     /// Remove the matched `path_prefix` before forwarding (`/api/x` → `/x`). Default false.

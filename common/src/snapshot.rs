@@ -51,12 +51,15 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether this route takes `method`.
+    /// Whether this route takes `method`. A route that takes GET also takes HEAD, as every
+    /// GET resource must (RFC 9110 §9.3.2).
     #[inline]
     pub fn accepts(&self, method: &[u8]) -> bool {
         match &self.methods {
             None => true,
-            Some(list) => list.iter().any(|m| &m[..] == method),
+            Some(list) => list
+                .iter()
+                .any(|m| &m[..] == method || (method == b"HEAD" && &m[..] == b"GET")),
         }
     }
 }

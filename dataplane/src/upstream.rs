@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::router::Fnv;
@@ -53,6 +54,24 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
     Ok(UpstreamConn::new(stream))
 }
 
+/// Idle time after which a pooled connection is checked before reuse.
+pub const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Whether an idle connection is still open and has no unexpected bytes waiting.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: the fd is open (owned by `stream`); recv writes at most one byte into `byte`.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
 /// Idle connections of one worker, per target.
 #[derive(Debug)]
 pub struct Pool {
@@ -70,11 +89,15 @@ impl Pool {
         }
     }
 
-    /// The most recently returned live connection to `addr`, if any.
+    /// The most recently returned live connection to `addr`, if any. A connection idle for
+    /// more than [`CHECK_AFTER_IDLE`] is first checked with a non-blocking peek, so one the
+    /// upstream closed while it sat in the pool (its keep-alive timeout) is not used; under
+    /// load connections come back sooner and cost no extra syscall.
     pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<UpstreamConn> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(conn) = list.pop() {
-            if now.duration_since(conn.idle_since) < self.idle_timeout {
+            let idle = now.duration_since(conn.idle_since);
+            if idle < self.idle_timeout && (idle < CHECK_AFTER_IDLE || still_open(&conn.stream)) {
                 return Some(conn);
             }
         }

@@ -11,7 +11,7 @@ use common::snapshot::MAX_HEADER_COUNT;
 use super::{offset_in, parse_content_length, trim_ows, BodyKind, FieldPlan, Span, TransferCodings};
 
 /// A parsed response head; offsets are into the buffer given to [`parse_response`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseHead {
     pub status: u16,
     /// Start of the first field line (end of the status line).

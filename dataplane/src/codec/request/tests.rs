@@ -1,1 +1,173 @@
+//! Request-head fixtures, each also fed cut at every offset to mimic partial reads.
 
+use super::*;
+
+fn limits() -> Limits {
+    Limits {
+        max_header_bytes: 4096,
+        max_header_count: 32,
+        max_uri_bytes: 1024,
+        max_body_bytes: 1 << 20,
+    }
+}
+
+/// Parses `input`, checking that every strict prefix is either incomplete or fails the same
+/// way (a prefix can never succeed where the whole fails, or end differently).
+fn parse(input: &[u8]) -> Result<RequestHead, Status> {
+    let mut plan = FieldPlan::default();
+    let whole = parse_request(input, &limits(), &mut plan).map(|h| h.expect("complete fixture"));
+    for cut in 0..input.len() {
+        let mut p = FieldPlan::default();
+        match (parse_request(&input[..cut], &limits(), &mut p), &whole) {
+            (Ok(None), _) => {}
+            (Ok(Some(h)), Ok(w)) => assert_eq!(h.head_end, w.head_end, "cut {cut}"),
+            (Err(e), Err(w)) => assert_eq!(e, *w, "cut {cut}"),
+            (got, want) => panic!("cut {cut}: {got:?} but whole gives {want:?}"),
+        }
+    }
+    whole
+}
+
+/// What the gateway would forward of the field lines.
+fn kept_fields(input: &[u8]) -> String {
+    let mut plan = FieldPlan::default();
+    let h = parse_request(input, &limits(), &mut plan).unwrap().unwrap();
+    let mut out = Vec::new();
+    let mut at = h.fields_start;
+    for d in &plan.drop {
+        out.extend_from_slice(&input[at..d.start]);
+        at = d.end;
+    }
+    out.extend_from_slice(&input[at..h.fields_end]);
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn simple_get() {
+    let input = b"GET /a/b?x=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n";
+    let h = parse(input).unwrap();
+    assert_eq!(h.method.of(input), b"GET");
+    assert_eq!(h.path(input), b"/a/b");
+    assert_eq!(h.host.unwrap().of(input), b"example.com");
+    assert_eq!((h.body, h.keep_alive, h.http10), (BodyKind::None, true, false));
+    assert_eq!(h.head_end, input.len());
+    assert_eq!(&input[h.start..h.fields_start], b"GET /a/b?x=1 HTTP/1.1\r\n");
+}
+
+#[test]
+fn leading_empty_line_is_skipped() {
+    let input = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let h = parse(input).unwrap();
+    assert_eq!(h.start, 2);
+}
+
+#[test]
+fn bodies() {
+    let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n").unwrap();
+    assert_eq!(h.body, BodyKind::Length(5));
+    let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap();
+    assert_eq!(h.body, BodyKind::Chunked);
+    let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").unwrap();
+    assert_eq!(h.body, BodyKind::None);
+    let input = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n";
+    assert_eq!(parse(input).unwrap_err(), Status::PayloadTooLarge);
+}
+
+#[test]
+fn keep_alive_rules() {
+    let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(!h.keep_alive);
+    let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert!(!h.keep_alive && h.http10);
+    let h = parse(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap();
+    assert!(h.keep_alive);
+}
+
+#[test]
+fn smuggling_vectors_are_rejected() {
+    let bad: &[(&[u8], Status)] = &[
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Status::NotImplemented),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", Status::NotImplemented),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \"chunked\"\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0cchunked\r\n\r\n", Status::BadRequest),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\nHost: a\n\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.1\r\n\r\n", Status::BadRequest),
+        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", Status::BadRequest),
+        (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", Status::BadRequest),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Status::VersionNotSupported),
+        (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", Status::BadRequest),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", Status::MethodNotAllowed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: telepathy\r\n\r\n", Status::ExpectationFailed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n: empty\r\n\r\n", Status::BadRequest),
+    ];
+    for (input, want) in bad {
+        assert_eq!(parse(input).unwrap_err(), *want, "{}", String::from_utf8_lossy(input));
+    }
+}
+
+#[test]
+fn hop_by_hop_and_forwarding_fields_are_dropped() {
+    let input = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Drop-Me, Host\r\nX-Drop-Me: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: x\r\nProxy-Authorization: y\r\nUpgrade: z\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nX-Keep: yes\r\n\r\n";
+    assert_eq!(kept_fields(input), "Host: a\r\nX-Keep: yes\r\n");
+    let mut plan = FieldPlan::default();
+    parse_request(input, &limits(), &mut plan).unwrap();
+    assert_eq!(plan.xff.len(), 1);
+    assert_eq!(plan.xff[0].of(input), b"1.2.3.4");
+}
+
+#[test]
+fn absolute_form_replaces_host() {
+    let input = b"GET http://Good.example:8080/p?q HTTP/1.1\r\nHost: evil.example\r\nX: 1\r\n\r\n";
+    let h = parse(input).unwrap();
+    assert!(h.absolute);
+    assert_eq!(h.host.unwrap().of(input), b"Good.example:8080");
+    assert_eq!(h.origin_target.of(input), b"/p?q");
+    assert_eq!(h.path(input), b"/p");
+    assert_eq!(kept_fields(input), "X: 1\r\n");
+    let h = parse(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    assert_eq!(h.path(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n"), b"/");
+    assert_eq!(parse(b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(), Status::BadRequest);
+}
+
+#[test]
+fn upgrade_and_expect() {
+    let input = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let h = parse(input).unwrap();
+    assert_eq!(h.upgrade.unwrap().of(input), b"websocket");
+    let h = parse(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    assert!(h.upgrade.is_none());
+    let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").unwrap();
+    assert!(h.expect_continue);
+    let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n").unwrap();
+    assert!(!h.expect_continue);
+}
+
+#[test]
+fn limits_give_the_right_status() {
+    let l = limits();
+    let mut plan = FieldPlan::default();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(1100));
+    assert_eq!(parse_request(long_uri.as_bytes(), &l, &mut plan).unwrap_err(), Status::UriTooLong);
+    let huge_line = format!("GET /{}", "a".repeat(5000));
+    assert_eq!(parse_request(huge_line.as_bytes(), &l, &mut plan).unwrap_err(), Status::UriTooLong);
+    let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(40));
+    assert_eq!(parse_request(many.as_bytes(), &l, &mut plan).unwrap_err(), Status::HeadersTooLarge);
+    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "y".repeat(5000));
+    assert_eq!(parse_request(big.as_bytes(), &l, &mut plan).unwrap_err(), Status::HeadersTooLarge);
+    let partial_big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "y".repeat(5000));
+    assert_eq!(parse_request(partial_big.as_bytes(), &l, &mut plan).unwrap_err(), Status::HeadersTooLarge);
+}

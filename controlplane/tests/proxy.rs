@@ -1,0 +1,496 @@
+//! End-to-end tests of the data plane through the real `gateway` binary, each run under
+//! io_uring and under the forced epoll fallback.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use support::*;
+
+both_drivers!(
+    forwards_head_exactly_and_reuses_connections,
+    routes_by_host_path_and_method,
+    strip_prefix_rewrites_the_target,
+    streams_request_bodies,
+    relays_chunked_responses_with_trailers,
+    no_body_responses,
+    response_until_close_closes_client,
+    pipelined_requests_answer_in_order,
+    expect_continue_gets_interim_response,
+    limits_answer_431_414_413,
+    client_header_timeout_is_408,
+    upstream_failures_are_502_and_504,
+    dead_pooled_connection_is_retried_for_idempotent_requests,
+    stale_idle_connection_is_not_used,
+    weighted_round_robin,
+    hop_by_hop_fields_removed_from_response,
+    websocket_echo_through_upgrade,
+    malformed_request_is_400_and_closes,
+    sighup_reload_applies_on_next_request_of_open_connection,
+    graceful_shutdown_finishes_in_flight_request,
+);
+
+fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /a?b=1 HTTP/1.1\r\nHost: api.test\r\nUser-Agent: t/1\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.head, "HTTP/1.1 200 OK\r\nContent-Length: 17");
+    assert_eq!(r.body_str(), "origin saw /a?b=1");
+    let r = c.roundtrip("GET /second HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n");
+    assert_eq!(r.body_str(), "origin saw /second");
+    let seen = origin.wait_requests(2);
+    assert_eq!(
+        seen[0].head,
+        "GET /a?b=1 HTTP/1.1\r\nHost: api.test\r\nUser-Agent: t/1\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
+    );
+    assert_eq!(
+        seen[1].head,
+        "GET /second HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.1.1.1, 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
+    );
+    // The second request went over the pooled upstream connection.
+    assert_eq!(seen[0].conn, seen[1].conn);
+}
+
+fn routes_by_host_path_and_method(driver: Driver) {
+    let origin = Origin::echo();
+    let config = proxy_config(
+        origin.addr,
+        r#"
+[[routes]]
+id = "health"
+path = "/health"
+respond = { body = "fine\n" }
+
+[[routes]]
+id = "exact-host"
+path_prefix = "/"
+hosts = ["direct.test"]
+methods = ["GET"]
+respond = { status = 201, body = "direct", content_type = "text/x-test" }
+"#,
+    );
+    let gw = Gateway::start(&config.replace("path_prefix = \"/\"\nupstream", "path_prefix = \"/api\"\nupstream"), driver);
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.head, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5");
+    assert_eq!(r.body_str(), "fine\n");
+    let r = c.roundtrip("GET /anything HTTP/1.1\r\nHost: Direct.Test:80\r\n\r\n");
+    assert_eq!((r.status, r.body_str()), (201, "direct"));
+    assert_eq!(r.header("content-type"), Some("text/x-test"));
+    let r = c.roundtrip("HEAD /anything HTTP/1.1\r\nHost: direct.test\r\n\r\n");
+    assert_eq!((r.status, r.header("content-length")), (201, Some("6")));
+    let r = c.roundtrip("GET /api/x HTTP/1.1\r\nHost: other\r\n\r\n");
+    assert_eq!(r.body_str(), "origin saw /api/x");
+    // POST is not a method of the exact-host route, and /nothing has no other route.
+    let r = c.roundtrip("POST /nothing HTTP/1.1\r\nHost: direct.test\r\nContent-Length: 2\r\n\r\nhi");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body_str(), "404 no route matches this request.\n");
+    // The connection survives a 404 whose body was consumed.
+    let r = c.roundtrip("GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 200);
+}
+
+fn strip_prefix_rewrites_the_target(driver: Driver) {
+    let origin = Origin::echo();
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n[[routes]]\nid = \"api\"\npath_prefix = \"/api\"\nstrip_prefix = true\nupstream = \"o\"\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config, driver);
+    let mut c = gw.connect();
+    assert_eq!(c.roundtrip("GET /api/v1/items?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /v1/items?x=1");
+    assert_eq!(c.roundtrip("GET /api HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /");
+    assert_eq!(c.roundtrip("GET /api?q HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /?q");
+    assert_eq!(c.roundtrip("GET /apix HTTP/1.1\r\nHost: a\r\n\r\n").status, 404);
+    let seen = origin.wait_requests(3);
+    assert!(seen[0].head.starts_with("GET /v1/items?x=1 HTTP/1.1\r\nHost: a\r\n"), "{}", seen[0].head);
+}
+
+fn streams_request_bodies(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    // 1 MiB with Content-Length, written in pieces.
+    let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    c.send(format!("PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    for piece in body.chunks(100_000) {
+        c.send(piece);
+    }
+    assert_eq!(c.read_response().status, 200);
+    // Chunked with extensions and trailers: relayed verbatim.
+    let chunked = "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n";
+    let r = c.roundtrip(&format!("POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"));
+    assert_eq!(r.status, 200);
+    let seen = origin.wait_requests(2);
+    assert_eq!(seen[0].raw_body, body);
+    assert!(seen[0].head.contains("\r\nContent-Length: 1048576"));
+    assert_eq!(seen[1].raw_body, chunked.as_bytes());
+    assert!(seen[1].head.ends_with("Transfer-Encoding: chunked"), "{}", seen[1].head);
+}
+
+fn relays_chunked_responses_with_trailers(driver: Driver) {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5\r\nhello\r\n");
+        thread::sleep(Duration::from_millis(20));
+        let _ = s.write_all(b"6;e=v\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n");
+        Keep::Open
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut got = Vec::new();
+    let want: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5\r\nhello\r\n6;e=v\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n";
+    while got.len() < want.len() {
+        let mut b = [0u8; 4096];
+        let n = c.stream.read(&mut b).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+    // Still usable afterwards.
+    assert_eq!(c.roundtrip("GET /c HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "hello world");
+}
+
+fn no_body_responses(driver: Driver) {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let target = req.request_line().split(' ').nth(1).unwrap().to_owned();
+        let _ = match target.as_str() {
+            "/204" => s.write_all(b"HTTP/1.1 204 No Content\r\nX: y\r\n\r\n"),
+            "/304" => s.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nContent-Length: 9\r\n\r\n"),
+            _ => s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n123456789"),
+        };
+        Keep::Open
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    // HEAD, 204 and 304 pipelined with a GET: each has no body, so the GET's body is intact.
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /204 HTTP/1.1\r\nHost: a\r\n\r\nGET /304 HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = c.read_response_to("HEAD");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("9")));
+    assert_eq!(c.read_response_to("GET").status, 204);
+    assert_eq!(c.read_response_to("GET").status, 304);
+    let r = c.read_response_to("GET");
+    assert_eq!((r.status, r.body_str()), (200, "123456789"));
+}
+
+fn response_until_close_closes_client(driver: Driver) {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close body");
+        Keep::Close
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.body_str(), "until-close body");
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+fn pipelined_requests_answer_in_order(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    let mut batch = String::new();
+    for i in 0..5 {
+        batch.push_str(&format!("GET /p{i} HTTP/1.1\r\nHost: a\r\n\r\n"));
+    }
+    batch.push_str("POST /p5 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /p6 HTTP/1.1\r\nHost: a\r\n\r\n");
+    c.send(batch.as_bytes());
+    for i in 0..7 {
+        assert_eq!(c.read_response().body_str(), format!("origin saw /p{i}"));
+    }
+}
+
+fn expect_continue_gets_interim_response(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"POST /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    let interim = c.read_response();
+    assert_eq!(interim.head, "HTTP/1.1 100 Continue");
+    c.send(b"hello");
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    let seen = origin.wait_requests(1);
+    assert_eq!(seen[0].raw_body, b"hello");
+    assert!(seen[0].header("expect").is_none());
+}
+
+fn limits_answer_431_414_413(driver: Driver) {
+    let origin = Origin::echo();
+    let config = proxy_config(
+        origin.addr,
+        "[limits]\nmax_header_bytes = 2048\nmax_header_count = 10\nmax_uri_bytes = 256\nmax_body_bytes = 1000\n",
+    );
+    let gw = Gateway::start(&config, driver);
+    let cases = [
+        (format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(300)), 414),
+        (format!("GET /{}", "u".repeat(5000)), 414),
+        (format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(20)), 431),
+        (format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "y".repeat(3000)), 431),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n".to_owned(), 413),
+    ];
+    for (req, status) in cases {
+        let mut c = gw.connect();
+        c.send(req.as_bytes());
+        let r = c.read_response();
+        assert_eq!(r.status, status, "{}", &req[..40]);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(c.is_closed_within(Duration::from_secs(5)));
+    }
+    // A chunked body that grows past the limit while streaming.
+    let mut c = gw.connect();
+    c.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for _ in 0..3 {
+        c.send(format!("190\r\n{}\r\n", "z".repeat(400)).as_bytes());
+    }
+    assert_eq!(c.read_response().status, 413);
+    assert_eq!(origin.requests().len(), 0);
+}
+
+fn client_header_timeout_is_408(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, "[timeouts]\nclient_header_ms = 300\n"), driver);
+    let mut c = gw.connect();
+    c.send(b"GET / HTTP/1.1\r\nHost: a\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 408);
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+}
+
+fn upstream_failures_are_502_and_504(driver: Driver) {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        match req.request_line().split(' ').nth(1).unwrap() {
+            "/slow" => {
+                thread::sleep(Duration::from_millis(1500));
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                Keep::Open
+            }
+            "/garbage" => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\nok");
+                Keep::Close
+            }
+            "/truncated" => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some");
+                Keep::Close
+            }
+            _ => Keep::Close,
+        }
+    }));
+    let dead = closed_port();
+    let config = format!(
+        "{}\n[[upstreams]]\nid = \"dead\"\ntargets = [{{ address = \"{dead}\" }}]\n[[routes]]\nid = \"dead\"\npath = \"/dead\"\nupstream = \"dead\"\n",
+        proxy_config(origin.addr, "[timeouts]\nupstream_response_head_ms = 400\n")
+    );
+    let gw = Gateway::start(&config, driver);
+    let expect = |path: &str, status: u16| {
+        let mut c = gw.connect();
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(r.status, status, "{path}");
+        assert!(c.is_closed_within(Duration::from_secs(5)), "{path}");
+    };
+    expect("/slow", 504);
+    expect("/garbage", 502);
+    expect("/dead", 502);
+    expect("/closes-without-answer", 502);
+    // A truncated body cannot be reported with a status any more: the client sees the
+    // connection close before the declared length.
+    let mut c = gw.connect();
+    c.send(b"GET /truncated HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = c.stream.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some"), "{text}");
+    assert_eq!(got.len(), "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some".len());
+}
+
+fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
+    // The origin answers, then closes the connection shortly after without saying so: the
+    // gateway's pooled connection is dead when the next request arrives.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        thread::sleep(Duration::from_millis(50));
+        Keep::Close
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    assert_eq!(c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    thread::sleep(Duration::from_millis(300));
+    // Idempotent: retried once on a fresh connection, the client never notices.
+    assert_eq!(c.roundtrip("GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    thread::sleep(Duration::from_millis(300));
+    // Not idempotent and already sent: the upstream may have acted on it, so 502.
+    let r = c.roundtrip("POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+    assert_eq!(r.status, 502);
+    let targets: Vec<String> = origin.requests().iter().map(|r| r.request_line().to_owned()).collect();
+    assert_eq!(targets, ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1"]);
+}
+
+fn stale_idle_connection_is_not_used(driver: Driver) {
+    // Same origin behaviour, but the connection has been idle long enough that the gateway
+    // checks it before use: even a POST goes through.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        thread::sleep(Duration::from_millis(50));
+        Keep::Close
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    assert_eq!(c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    thread::sleep(Duration::from_millis(1300));
+    let r = c.roundtrip("POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+    assert_eq!(r.status, 200);
+}
+
+fn weighted_round_robin(driver: Driver) {
+    let hits = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let origins: Vec<Origin> = hits
+        .iter()
+        .map(|h| {
+            let h = h.clone();
+            Origin::start(Arc::new(move |_r: &Received, s: &mut TcpStream| {
+                h.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                Keep::Open
+            }))
+        })
+        .collect();
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\" }}]\n[[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\n",
+        origins[0].addr, origins[1].addr
+    );
+    let gw = Gateway::start(&config, driver);
+    let mut c = gw.connect();
+    for _ in 0..40 {
+        assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    }
+    assert_eq!((hits[0].load(Ordering::SeqCst), hits[1].load(Ordering::SeqCst)), (30, 10));
+}
+
+fn hop_by_hop_fields_removed_from_response(driver: Driver) {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok");
+        Keep::Open
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Drop, TE\r\nX-Drop: 1\r\nTE: trailers\r\nKeep-Alive: 1\r\nProxy-Authorization: secret\r\n\r\n");
+    assert_eq!(r.head, "HTTP/1.1 200 OK\r\nX-Kept: 1\r\nContent-Length: 2");
+    let seen = origin.wait_requests(1);
+    assert_eq!(seen[0].head, "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a");
+}
+
+/// RFC 6455 §1.3 example key and accept value.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+fn websocket_echo_through_upgrade(driver: Driver) {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        assert_eq!(req.header("upgrade"), Some("websocket"));
+        assert_eq!(req.header("connection"), Some("upgrade"));
+        assert_eq!(req.header("sec-websocket-key"), Some(WS_KEY));
+        let _ = write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n");
+        // Echo frames: unmask each client frame and send it back unmasked.
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let frame = &buf[..n];
+            let len = usize::from(frame[1] & 0x7f);
+            let mask = &frame[2..6];
+            let payload: Vec<u8> = frame[6..6 + len].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            let mut out = vec![frame[0], len as u8];
+            out.extend_from_slice(&payload);
+            if s.write_all(&out).is_err() {
+                break;
+            }
+        }
+        Keep::Close
+    }));
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    let r = c.roundtrip(&format!("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"));
+    assert_eq!(r.status, 101);
+    assert_eq!(r.header("sec-websocket-accept"), Some(WS_ACCEPT));
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    for msg in ["hello", "through the gateway"] {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(msg.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        c.send(&frame);
+        let mut got = vec![0u8; 2 + msg.len()];
+        c.stream.read_exact(&mut got).unwrap();
+        assert_eq!(got[0], 0x81);
+        assert_eq!(&got[2..], msg.as_bytes());
+    }
+}
+
+fn malformed_request_is_400_and_closes(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ] {
+        let mut c = gw.connect();
+        c.send(bad);
+        let r = c.read_response();
+        assert_eq!(r.status, 400);
+        assert!(c.is_closed_within(Duration::from_secs(5)));
+    }
+    assert!(origin.requests().is_empty());
+}
+
+fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
+    let origin = Origin::echo();
+    let base = "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"v\"\npath = \"/version\"\nrespond = { body = \"one\" }\n";
+    let gw = Gateway::start(base, driver);
+    let mut c = gw.connect();
+    assert_eq!(c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "one");
+    let next = format!(
+        "{}[[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n[[routes]]\nid = \"new\"\npath_prefix = \"/new\"\nupstream = \"o\"\n",
+        base.replace("\"one\"", "\"two\""),
+        origin.addr
+    );
+    std::fs::write(&gw.config_path, next).unwrap();
+    gw.signal(libc::SIGHUP);
+    gw.wait_log("(revision 2)", Duration::from_secs(5));
+    assert_eq!(c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "two");
+    assert_eq!(c.roundtrip("GET /new/x HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /new/x");
+    // An invalid file is refused and the running config stays.
+    std::fs::write(&gw.config_path, "listeners = 3").unwrap();
+    gw.signal(libc::SIGHUP);
+    gw.wait_log("refused, still on revision 2", Duration::from_secs(5));
+    assert_eq!(c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "two");
+}
+
+fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        thread::sleep(Duration::from_millis(700));
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
+        Keep::Open
+    }));
+    let mut gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut idle = gw.connect();
+    let mut busy = gw.connect();
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n");
+    origin.wait_requests(1);
+    gw.signal(libc::SIGTERM);
+    // The idle keep-alive connection is closed at once.
+    assert!(idle.is_closed_within(Duration::from_secs(3)));
+    // The in-flight request completes, told that the connection closes.
+    let r = busy.read_response();
+    assert_eq!((r.status, r.body_str()), (200, "done"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}

@@ -1,0 +1,480 @@
+//! Test harness: starts the real `gateway` binary on loopback (port 0, the bound port read from
+//! its log), origin servers written here, and raw-socket clients. Deadlines, not sleeps.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// I/O driver a test runs the gateway on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    IoUring,
+    Epoll,
+}
+
+/// Generates one test per driver from `fn name(driver: Driver)`.
+#[macro_export]
+macro_rules! both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod io_uring {
+            $( #[test] fn $name() { super::$name($crate::support::Driver::IoUring) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name($crate::support::Driver::Epoll) } )*
+        }
+    };
+}
+
+static UNIQUE: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("gw-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running gateway process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Gateway {
+    /// Starts the gateway on `config` (TOML; its listener should use port 0).
+    pub fn start(config: &str, driver: Driver) -> Gateway {
+        Self::start_with(config, driver, &[])
+    }
+
+    pub fn start_with(config: &str, driver: Driver, extra_args: &[&str]) -> Gateway {
+        let dir = temp_dir("gw");
+        let config_path = dir.join("gateway.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.arg("--config").arg(&config_path).args(extra_args);
+        cmd.env(
+            "GATEWAY_IO_DRIVER",
+            match driver {
+                Driver::IoUring => "auto",
+                Driver::Epoll => "epoll",
+            },
+        );
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn gateway");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("gateway: listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("gateway did not start: {:?}", log.lock().unwrap());
+            }
+        };
+        let gw = Gateway {
+            child: Some(child),
+            addr,
+            config_path,
+            log,
+        };
+        if driver == Driver::IoUring {
+            // The kernel here supports io_uring; make sure the test really ran on it.
+            gw.wait_log("driver io_uring", Duration::from_secs(5));
+        } else {
+            gw.wait_log("driver epoll", Duration::from_secs(5));
+        }
+        gw
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}: {:?}",
+                self.log.lock().unwrap()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A raw HTTP/1.1 client connection with a read buffer.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// The head as received, without the final CRLF CRLF.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    pub fn body_str(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 65536];
+        match self.stream.read(&mut chunk) {
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Reads one response to a request of `method`.
+    pub fn read_response_to(&mut self, method: &str) -> Response {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            assert!(self.fill() > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&self.buf));
+        };
+        let head = String::from_utf8(self.buf[..head_end].to_vec()).unwrap();
+        self.buf.drain(..head_end + 4);
+        let status: u16 = head[9..12].parse().unwrap();
+        let mut resp = Response {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        if method == "HEAD" || status < 200 || status == 204 || status == 304 {
+            return resp;
+        }
+        let chunked = resp
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            let (body, used) = loop {
+                if let Some(done) = decode_chunked(&self.buf) {
+                    break done;
+                }
+                assert!(self.fill() > 0, "closed inside a chunked body");
+            };
+            resp.body = body;
+            self.buf.drain(..used);
+        } else if let Some(cl) = resp.header("content-length") {
+            let n: usize = cl.parse().unwrap();
+            while self.buf.len() < n {
+                assert!(self.fill() > 0, "closed inside a body");
+            }
+            resp.body = self.buf.drain(..n).collect();
+        } else {
+            while self.fill() > 0 {}
+            resp.body = std::mem::take(&mut self.buf);
+        }
+        resp
+    }
+
+    pub fn read_response(&mut self) -> Response {
+        self.read_response_to("GET")
+    }
+
+    /// Sends `request` and reads the response.
+    pub fn roundtrip(&mut self, request: &str) -> Response {
+        self.send(request.as_bytes());
+        let method = request.split(' ').next().unwrap().to_owned();
+        self.read_response_to(&method)
+    }
+
+    /// Whether the peer closes the connection within `timeout` (nothing else arriving).
+    pub fn is_closed_within(&mut self, timeout: Duration) -> bool {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+        let mut b = [0u8; 1];
+        let closed = match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => panic!("unexpected byte after the response"),
+            Err(e) => matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        };
+        self.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        closed
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Decodes a complete chunked body at the start of `buf`: (data, bytes used incl. trailers).
+pub fn decode_chunked(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    loop {
+        let eol = find(&buf[at..], b"\r\n")? + at;
+        let size_str = std::str::from_utf8(&buf[at..eol]).ok()?;
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        at = eol + 2;
+        if size == 0 {
+            let end = find(&buf[at - 2..], b"\r\n\r\n")? + at - 2 + 4;
+            return Some((out, end));
+        }
+        if buf.len() < at + size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&buf[at..at + size]);
+        at += size + 2;
+    }
+}
+
+/// One request as an origin received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Connection number (1-based, per origin).
+    pub conn: usize,
+    /// The raw head, without the final CRLF CRLF.
+    pub head: String,
+    /// The body bytes as they came on the wire (chunked framing kept).
+    pub raw_body: Vec<u8>,
+}
+
+impl Received {
+    pub fn request_line(&self) -> &str {
+        self.head.lines().next().unwrap()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// What an origin answers to a request.
+pub type Handler = dyn Fn(&Received, &mut TcpStream) -> Keep + Send + Sync;
+
+/// Whether the origin keeps the connection after answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    Open,
+    Close,
+}
+
+/// A threaded origin server on 127.0.0.1 that records what it receives.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Origin {
+    /// Answers every request with `200 OK` and a body naming the request target.
+    pub fn echo() -> Origin {
+        Self::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+            let target = req.request_line().split(' ').nth(1).unwrap_or("").to_owned();
+            let body = format!("origin saw {target}");
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            Keep::Open
+        }))
+    }
+
+    pub fn start(handler: Arc<Handler>) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = received.clone();
+        thread::spawn(move || {
+            let mut conn_no = 0;
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                conn_no += 1;
+                let handler = handler.clone();
+                let rec = rec.clone();
+                let conn = conn_no;
+                thread::spawn(move || serve_origin(stream, conn, &*handler, &rec));
+            }
+        });
+        Origin { addr, received }
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until the origin has seen `n` requests.
+    pub fn wait_requests(&self, n: usize) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.requests();
+            if r.len() >= n {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "origin saw {} of {n} requests", r.len());
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn serve_origin(mut s: TcpStream, conn: usize, handler: &Handler, rec: &Mutex<Vec<Received>>) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 65536];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end + 4);
+        let mut req = Received {
+            conn,
+            head,
+            raw_body: Vec::new(),
+        };
+        let body_len = if req
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+        {
+            loop {
+                if let Some((_, used)) = decode_chunked(&buf) {
+                    break used;
+                }
+                let mut chunk = [0u8; 65536];
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        } else {
+            let n: usize = req.header("content-length").map_or(0, |v| v.parse().unwrap());
+            while buf.len() < n {
+                let mut chunk = [0u8; 65536];
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            n
+        };
+        req.raw_body = buf.drain(..body_len).collect();
+        rec.lock().unwrap().push(req.clone());
+        if handler(&req, &mut s) == Keep::Close {
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// A loopback port with nothing listening on it (bound, then closed).
+pub fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A config with one listener on port 0 and one catch-all route to `origin`, plus `extra`
+/// TOML appended.
+pub fn proxy_config(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[upstreams]]\nid = \"origin\"\ntargets = [{{ address = \"{origin}\" }}]\n\n[[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n\n{extra}"
+    )
+}
