@@ -119,7 +119,10 @@ impl Snapshot {
             return Err(ConfigError::field("workers", "must be between 1 and 1024"));
         }
         if config.listeners.is_empty() {
-            return Err(ConfigError::field("listeners", "at least one listener is required"));
+            return Err(ConfigError::field(
+                "listeners",
+                "at least one listener is required",
+            ));
         }
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (i, l) in config.listeners.iter().enumerate() {
@@ -286,7 +289,9 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("{address:?} is not HOST:PORT"))?;
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!("{address:?} is not HOST:PORT with a port from 1 to 65535"));
+        return Err(format!(
+            "{address:?} is not HOST:PORT with a port from 1 to 65535"
+        ));
     }
     let mut addrs = address
         .to_socket_addrs()
@@ -356,7 +361,11 @@ fn compile_route(
     } else {
         "path_prefix"
     };
-    if !path.starts_with('/') || path.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'?') {
+    if !path.starts_with('/')
+        || path
+            .bytes()
+            .any(|b| !(0x21..0x7f).contains(&b) || b == b'?')
+    {
         return Err(ConfigError::field(
             format!("{at}.{field}"),
             format!("{path:?} must start with '/' and hold visible ASCII without '?' or '#'"),
@@ -438,8 +447,7 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
         ));
     }
     if d.content_type.is_empty()
-        || d
-            .content_type
+        || d.content_type
             .bytes()
             .any(|b| !(b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b)))
     {
@@ -508,8 +516,7 @@ fn add_to_router(
             _ => false,
         };
         let hosts_overlap = (o.hosts.is_empty() && r.hosts.is_empty())
-            || o
-                .hosts
+            || o.hosts
                 .iter()
                 .any(|h| r.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)));
         let methods_overlap = o.methods.is_empty()

@@ -39,8 +39,14 @@ fn issue_example_compiles() {
     let s = compile(ISSUE_EXAMPLE).unwrap();
     assert_eq!(s.workers, Some(1));
     assert_eq!(s.listeners, vec!["127.0.0.1:8080".parse().unwrap()]);
-    assert_eq!(route_id(&s, Some("api.example.com"), "/x", "GET"), Some("all"));
-    assert_eq!(route_id(&s, Some("a.b.example.com:80"), "/", "POST"), Some("all"));
+    assert_eq!(
+        route_id(&s, Some("api.example.com"), "/x", "GET"),
+        Some("all")
+    );
+    assert_eq!(
+        route_id(&s, Some("a.b.example.com:80"), "/", "POST"),
+        Some("all")
+    );
     assert_eq!(route_id(&s, Some("example.com"), "/", "GET"), None);
     assert_eq!(route_id(&s, Some("api.example.com"), "/", "DELETE"), None);
 }
@@ -102,13 +108,31 @@ respond = {}
 "#,
     )
     .unwrap();
-    assert_eq!(route_id(&s, Some("api.example.com"), "/api", "GET"), Some("exact-host"));
+    assert_eq!(
+        route_id(&s, Some("api.example.com"), "/api", "GET"),
+        Some("exact-host")
+    );
     // The exact host does not take DELETE, so the wildcard host is next.
-    assert_eq!(route_id(&s, Some("api.example.com"), "/api", "DELETE"), Some("wild"));
-    assert_eq!(route_id(&s, Some("x.eu.example.com"), "/", "GET"), Some("wild-longer"));
-    assert_eq!(route_id(&s, Some("other"), "/api/status", "GET"), Some("exact-path"));
-    assert_eq!(route_id(&s, Some("other"), "/api/v1", "GET"), Some("any-api"));
-    assert_eq!(route_id(&s, Some("other"), "/apiv1", "GET"), Some("any-prefix"));
+    assert_eq!(
+        route_id(&s, Some("api.example.com"), "/api", "DELETE"),
+        Some("wild")
+    );
+    assert_eq!(
+        route_id(&s, Some("x.eu.example.com"), "/", "GET"),
+        Some("wild-longer")
+    );
+    assert_eq!(
+        route_id(&s, Some("other"), "/api/status", "GET"),
+        Some("exact-path")
+    );
+    assert_eq!(
+        route_id(&s, Some("other"), "/api/v1", "GET"),
+        Some("any-api")
+    );
+    assert_eq!(
+        route_id(&s, Some("other"), "/apiv1", "GET"),
+        Some("any-prefix")
+    );
     assert_eq!(route_id(&s, None, "/api/items", "POST"), Some("post-only"));
     assert_eq!(route_id(&s, None, "/api/items", "GET"), Some("any-api"));
 }
@@ -120,11 +144,15 @@ fn err(text: &str) -> ConfigError {
 #[test]
 fn errors_name_the_field() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
-    let e = err(&format!("{base}[[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"nope\"\n"));
+    let e = err(&format!(
+        "{base}[[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"nope\"\n"
+    ));
     assert_eq!(e.path(), "routes[0].upstream");
     assert!(e.to_string().contains("unknown upstream \"nope\""), "{e}");
 
-    let e = err(&format!("{base}[[routes]]\nid = \"r\"\npath = \"/\"\nupstrem = \"x\"\n"));
+    let e = err(&format!(
+        "{base}[[routes]]\nid = \"r\"\npath = \"/\"\nupstrem = \"x\"\n"
+    ));
     assert_eq!(e.path(), "routes[0].upstrem");
     assert!(e.to_string().contains("unknown field `upstrem`"), "{e}");
 

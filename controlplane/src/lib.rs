@@ -162,7 +162,10 @@ fn wait_for_signals(
                 // The workers stop by themselves at the drain deadline; the margin covers
                 // their last timer tick.
                 let all = plane.join(Instant::now() + drain + Duration::from_secs(2));
-                eprintln!("gateway: stopped{}", if all { "" } else { " (workers still busy)" });
+                eprintln!(
+                    "gateway: stopped{}",
+                    if all { "" } else { " (workers still busy)" }
+                );
                 return 0;
             }
         }

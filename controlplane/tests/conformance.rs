@@ -27,7 +27,11 @@ fn conformance_cases_pass(driver: Driver) {
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance");
     let dir = temp_dir("conformance");
     let log = dir.join("origin.jsonl");
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let _origin = Killed(
         Command::new("python3")
             .arg(suite.join("standin/origin.py"))
@@ -40,7 +44,10 @@ fn conformance_cases_pass(driver: Driver) {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "conformance origin did not start");
+        assert!(
+            Instant::now() < deadline,
+            "conformance origin did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let origin = format!("127.0.0.1:{port}").parse().unwrap();

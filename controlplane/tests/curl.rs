@@ -29,16 +29,31 @@ fn curl_keep_alive_upload_and_download(driver: Driver) {
             };
             let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
             let text = format!("{} bytes, sum {sum}", body.len());
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}", text.len());
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
         }
         Keep::Open
     }));
-    let gw = Gateway::start(&proxy_config(origin.addr, "[limits]\nmax_body_bytes = 4194304\n"), driver);
+    let gw = Gateway::start(
+        &proxy_config(origin.addr, "[limits]\nmax_body_bytes = 4194304\n"),
+        driver,
+    );
     let base = format!("http://{}", gw.addr);
 
     // Two URLs in one curl run share one connection: the second transfer makes no connect.
     let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code}:%{num_connects} "])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}:%{num_connects} ",
+        ])
         .arg(format!("{base}/one"))
         .arg(format!("{base}/two"))
         .output()
@@ -48,7 +63,15 @@ fn curl_keep_alive_upload_and_download(driver: Driver) {
     // Chunked upload from stdin.
     let upload = pattern(3 * 1024 * 1024 + 17);
     let mut child = Command::new("curl")
-        .args(["-s", "-T", "-", "-H", "Transfer-Encoding: chunked", "-H", "Expect:"])
+        .args([
+            "-s",
+            "-T",
+            "-",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect:",
+        ])
         .arg(format!("{base}/upload"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -57,9 +80,15 @@ fn curl_keep_alive_upload_and_download(driver: Driver) {
     child.stdin.take().unwrap().write_all(&upload).unwrap();
     let out = child.wait_with_output().unwrap();
     let sum: u64 = upload.iter().map(|&b| u64::from(b)).sum();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{} bytes, sum {sum}", upload.len()));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{} bytes, sum {sum}", upload.len())
+    );
     let seen = origin.requests();
-    let up = seen.iter().find(|r| r.request_line().starts_with("PUT /upload")).unwrap();
+    let up = seen
+        .iter()
+        .find(|r| r.request_line().starts_with("PUT /upload"))
+        .unwrap();
     assert_eq!(up.header("transfer-encoding"), Some("chunked"));
 
     // 10 MiB download, byte-exact.
@@ -73,5 +102,8 @@ fn curl_keep_alive_upload_and_download(driver: Driver) {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("200 {BIG}"));
-    assert!(std::fs::read(&file).unwrap() == pattern(BIG), "downloaded bytes differ");
+    assert!(
+        std::fs::read(&file).unwrap() == pattern(BIG),
+        "downloaded bytes differ"
+    );
 }

@@ -43,7 +43,8 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     assert_eq!(r.status, 200);
     assert_eq!(r.head, "HTTP/1.1 200 OK\r\nContent-Length: 17");
     assert_eq!(r.body_str(), "origin saw /a?b=1");
-    let r = c.roundtrip("GET /second HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n");
+    let r =
+        c.roundtrip("GET /second HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n");
     assert_eq!(r.body_str(), "origin saw /second");
     let seen = origin.wait_requests(2);
     assert_eq!(
@@ -76,10 +77,19 @@ methods = ["GET"]
 respond = { status = 201, body = "direct", content_type = "text/x-test" }
 "#,
     );
-    let gw = Gateway::start(&config.replace("path_prefix = \"/\"\nupstream", "path_prefix = \"/api\"\nupstream"), driver);
+    let gw = Gateway::start(
+        &config.replace(
+            "path_prefix = \"/\"\nupstream",
+            "path_prefix = \"/api\"\nupstream",
+        ),
+        driver,
+    );
     let mut c = gw.connect();
     let r = c.roundtrip("GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(r.head, "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5");
+    assert_eq!(
+        r.head,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5"
+    );
     assert_eq!(r.body_str(), "fine\n");
     let r = c.roundtrip("GET /anything HTTP/1.1\r\nHost: Direct.Test:80\r\n\r\n");
     assert_eq!((r.status, r.body_str()), (201, "direct"));
@@ -89,7 +99,8 @@ respond = { status = 201, body = "direct", content_type = "text/x-test" }
     let r = c.roundtrip("GET /api/x HTTP/1.1\r\nHost: other\r\n\r\n");
     assert_eq!(r.body_str(), "origin saw /api/x");
     // POST is not a method of the exact-host route, and /nothing has no other route.
-    let r = c.roundtrip("POST /nothing HTTP/1.1\r\nHost: direct.test\r\nContent-Length: 2\r\n\r\nhi");
+    let r =
+        c.roundtrip("POST /nothing HTTP/1.1\r\nHost: direct.test\r\nContent-Length: 2\r\n\r\nhi");
     assert_eq!(r.status, 404);
     assert_eq!(r.body_str(), "404 no route matches this request.\n");
     // The connection survives a 404 whose body was consumed.
@@ -105,12 +116,33 @@ fn strip_prefix_rewrites_the_target(driver: Driver) {
     );
     let gw = Gateway::start(&config, driver);
     let mut c = gw.connect();
-    assert_eq!(c.roundtrip("GET /api/v1/items?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /v1/items?x=1");
-    assert_eq!(c.roundtrip("GET /api HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /");
-    assert_eq!(c.roundtrip("GET /api?q HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /?q");
-    assert_eq!(c.roundtrip("GET /apix HTTP/1.1\r\nHost: a\r\n\r\n").status, 404);
+    assert_eq!(
+        c.roundtrip("GET /api/v1/items?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "origin saw /v1/items?x=1"
+    );
+    assert_eq!(
+        c.roundtrip("GET /api HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "origin saw /"
+    );
+    assert_eq!(
+        c.roundtrip("GET /api?q HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "origin saw /?q"
+    );
+    assert_eq!(
+        c.roundtrip("GET /apix HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        404
+    );
     let seen = origin.wait_requests(3);
-    assert!(seen[0].head.starts_with("GET /v1/items?x=1 HTTP/1.1\r\nHost: a\r\n"), "{}", seen[0].head);
+    assert!(
+        seen[0]
+            .head
+            .starts_with("GET /v1/items?x=1 HTTP/1.1\r\nHost: a\r\n"),
+        "{}",
+        seen[0].head
+    );
 }
 
 fn streams_request_bodies(driver: Driver) {
@@ -119,20 +151,32 @@ fn streams_request_bodies(driver: Driver) {
     let mut c = gw.connect();
     // 1 MiB with Content-Length, written in pieces.
     let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-    c.send(format!("PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    c.send(
+        format!(
+            "PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
     for piece in body.chunks(100_000) {
         c.send(piece);
     }
     assert_eq!(c.read_response().status, 200);
     // Chunked with extensions and trailers: relayed verbatim.
     let chunked = "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n";
-    let r = c.roundtrip(&format!("POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"));
+    let r = c.roundtrip(&format!(
+        "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"
+    ));
     assert_eq!(r.status, 200);
     let seen = origin.wait_requests(2);
     assert_eq!(seen[0].raw_body, body);
     assert!(seen[0].head.contains("\r\nContent-Length: 1048576"));
     assert_eq!(seen[1].raw_body, chunked.as_bytes());
-    assert!(seen[1].head.ends_with("Transfer-Encoding: chunked"), "{}", seen[1].head);
+    assert!(
+        seen[1].head.ends_with("Transfer-Encoding: chunked"),
+        "{}",
+        seen[1].head
+    );
 }
 
 fn relays_chunked_responses_with_trailers(driver: Driver) {
@@ -155,7 +199,10 @@ fn relays_chunked_responses_with_trailers(driver: Driver) {
     }
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
     // Still usable afterwards.
-    assert_eq!(c.roundtrip("GET /c HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "hello world");
+    assert_eq!(
+        c.roundtrip("GET /c HTTP/1.1\r\nHost: a\r\n\r\n").body_str(),
+        "hello world"
+    );
 }
 
 fn no_body_responses(driver: Driver) {
@@ -163,7 +210,9 @@ fn no_body_responses(driver: Driver) {
         let target = req.request_line().split(' ').nth(1).unwrap().to_owned();
         let _ = match target.as_str() {
             "/204" => s.write_all(b"HTTP/1.1 204 No Content\r\nX: y\r\n\r\n"),
-            "/304" => s.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nContent-Length: 9\r\n\r\n"),
+            "/304" => s.write_all(
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\nContent-Length: 9\r\n\r\n",
+            ),
             _ => s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n123456789"),
         };
         Keep::Open
@@ -230,11 +279,26 @@ fn limits_answer_431_414_413(driver: Driver) {
     );
     let gw = Gateway::start(&config, driver);
     let cases = [
-        (format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(300)), 414),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(300)),
+            414,
+        ),
         (format!("GET /{}", "u".repeat(5000)), 414),
-        (format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(20)), 431),
-        (format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "y".repeat(3000)), 431),
-        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n".to_owned(), 413),
+        (
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(20)),
+            431,
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+                "y".repeat(3000)
+            ),
+            431,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n".to_owned(),
+            413,
+        ),
     ];
     for (req, status) in cases {
         let mut c = gw.connect();
@@ -256,7 +320,10 @@ fn limits_answer_431_414_413(driver: Driver) {
 
 fn client_header_timeout_is_408(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, "[timeouts]\nclient_header_ms = 300\n"), driver);
+    let gw = Gateway::start(
+        &proxy_config(origin.addr, "[timeouts]\nclient_header_ms = 300\n"),
+        driver,
+    );
     let mut c = gw.connect();
     c.send(b"GET / HTTP/1.1\r\nHost: a\r\n");
     let r = c.read_response();
@@ -273,7 +340,9 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
                 Keep::Open
             }
             "/garbage" => {
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\nok");
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\nok",
+                );
                 Keep::Close
             }
             "/truncated" => {
@@ -306,8 +375,14 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     let mut got = Vec::new();
     let _ = c.stream.read_to_end(&mut got);
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some"), "{text}");
-    assert_eq!(got.len(), "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some".len());
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some"),
+        "{text}"
+    );
+    assert_eq!(
+        got.len(),
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some".len()
+    );
 }
 
 fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
@@ -320,15 +395,25 @@ fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
     }));
     let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
     let mut c = gw.connect();
-    assert_eq!(c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    assert_eq!(
+        c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
     thread::sleep(Duration::from_millis(300));
     // Idempotent: retried once on a fresh connection, the client never notices.
-    assert_eq!(c.roundtrip("GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    assert_eq!(
+        c.roundtrip("GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
     thread::sleep(Duration::from_millis(300));
     // Not idempotent and already sent: the upstream may have acted on it, so 502.
     let r = c.roundtrip("POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
     assert_eq!(r.status, 502);
-    let targets: Vec<String> = origin.requests().iter().map(|r| r.request_line().to_owned()).collect();
+    let targets: Vec<String> = origin
+        .requests()
+        .iter()
+        .map(|r| r.request_line().to_owned())
+        .collect();
     assert_eq!(targets, ["GET /1 HTTP/1.1", "GET /2 HTTP/1.1"]);
 }
 
@@ -342,7 +427,10 @@ fn stale_idle_connection_is_not_used(driver: Driver) {
     }));
     let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
     let mut c = gw.connect();
-    assert_eq!(c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    assert_eq!(
+        c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
     thread::sleep(Duration::from_millis(1300));
     let r = c.roundtrip("POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
     assert_eq!(r.status, 200);
@@ -370,7 +458,13 @@ fn weighted_round_robin(driver: Driver) {
     for _ in 0..40 {
         assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
     }
-    assert_eq!((hits[0].load(Ordering::SeqCst), hits[1].load(Ordering::SeqCst)), (30, 10));
+    assert_eq!(
+        (
+            hits[0].load(Ordering::SeqCst),
+            hits[1].load(Ordering::SeqCst)
+        ),
+        (30, 10)
+    );
 }
 
 fn hop_by_hop_fields_removed_from_response(driver: Driver) {
@@ -406,7 +500,11 @@ fn websocket_echo_through_upgrade(driver: Driver) {
             let frame = &buf[..n];
             let len = usize::from(frame[1] & 0x7f);
             let mask = &frame[2..6];
-            let payload: Vec<u8> = frame[6..6 + len].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+            let payload: Vec<u8> = frame[6..6 + len]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
             let mut out = vec![frame[0], len as u8];
             out.extend_from_slice(&payload);
             if s.write_all(&out).is_err() {
@@ -456,7 +554,11 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
     let base = "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"v\"\npath = \"/version\"\nrespond = { body = \"one\" }\n";
     let gw = Gateway::start(base, driver);
     let mut c = gw.connect();
-    assert_eq!(c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "one");
+    assert_eq!(
+        c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "one"
+    );
     let next = format!(
         "{}[[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n[[routes]]\nid = \"new\"\npath_prefix = \"/new\"\nupstream = \"o\"\n",
         base.replace("\"one\"", "\"two\""),
@@ -465,13 +567,25 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
     std::fs::write(&gw.config_path, next).unwrap();
     gw.signal(libc::SIGHUP);
     gw.wait_log("(revision 2)", Duration::from_secs(5));
-    assert_eq!(c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "two");
-    assert_eq!(c.roundtrip("GET /new/x HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "origin saw /new/x");
+    assert_eq!(
+        c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "two"
+    );
+    assert_eq!(
+        c.roundtrip("GET /new/x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "origin saw /new/x"
+    );
     // An invalid file is refused and the running config stays.
     std::fs::write(&gw.config_path, "listeners = 3").unwrap();
     gw.signal(libc::SIGHUP);
     gw.wait_log("refused, still on revision 2", Duration::from_secs(5));
-    assert_eq!(c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n").body_str(), "two");
+    assert_eq!(
+        c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "two"
+    );
 }
 
 fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {

@@ -97,7 +97,10 @@ impl Gather {
             match res {
                 Ok(0) => {
                     return (
-                        Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "peer stopped reading")),
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::WriteZero,
+                            "peer stopped reading",
+                        )),
                         self,
                     )
                 }

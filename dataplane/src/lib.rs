@@ -116,12 +116,17 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         DriverChoice::Auto => DriverKind::Epoll,
     };
     let snap = config.load_full();
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut addresses = Vec::new();
     for &addr in &snap.listeners {
         let sockets = worker::bind_listeners(addr, workers)
             .map_err(|source| StartError::Bind { addr, source })?;
-        addresses.push(sockets[0].local_addr().map_err(|source| StartError::Bind { addr, source })?);
+        addresses.push(
+            sockets[0]
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?,
+        );
         for (w, s) in sockets.into_iter().enumerate() {
             per_worker[w].push(s);
         }

@@ -69,7 +69,10 @@ enum UpstreamFailure {
 enum Reply<'a> {
     Canned(Status),
     /// A route's direct response: head without its blank line, then the body.
-    Direct { bytes: &'a [u8], head_len: usize },
+    Direct {
+        bytes: &'a [u8],
+        head_len: usize,
+    },
 }
 
 struct Client {
@@ -165,7 +168,14 @@ impl Client {
             }
             let slot = waiting_idle.then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
             let want = self.limits.max_header_bytes;
-            let res = read_more(&mut self.stream, &mut self.buf, &mut self.pos, want, deadline).await;
+            let res = read_more(
+                &mut self.stream,
+                &mut self.buf,
+                &mut self.pos,
+                want,
+                deadline,
+            )
+            .await;
             if let Some(slot) = slot {
                 ctx.idle.borrow_mut().remove(slot);
             }
@@ -188,12 +198,18 @@ impl Client {
             snap.routes[id as usize].accepts(method)
         });
         let Some(id) = found else {
-            return self.respond(&head, Reply::Canned(Status::NotFound)).await;
+            return self
+                .respond(&head, Reply::Canned(Status::NotFound), ctx)
+                .await;
         };
         let route = &snap.routes[id as usize];
         match &route.action {
             RouteAction::Respond { bytes, head_len } => {
-                self.respond(&head, Reply::Direct { bytes, head_len: *head_len }).await
+                let reply = Reply::Direct {
+                    bytes,
+                    head_len: *head_len,
+                };
+                self.respond(&head, reply, ctx).await
             }
             RouteAction::Proxy { upstream } => {
                 let target = ctx.pick_target(snap, *upstream);
@@ -203,11 +219,11 @@ impl Client {
     }
 
     /// Answers without an upstream.
-    async fn respond(&mut self, head: &RequestHead, reply: Reply<'_>) -> Next {
+    async fn respond(&mut self, head: &RequestHead, reply: Reply<'_>, ctx: &WorkerCtx) -> Next {
         // The request body is consumed if it is all buffered; otherwise close after answering
         // rather than read a body nobody wants.
         let complete = self.skip_buffered_body(head);
-        let close = !complete || !head.keep_alive;
+        let close = !complete || !head.keep_alive || ctx.draining.get();
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         match reply {
@@ -321,8 +337,9 @@ impl Client {
             (self.buf, self.scratch, self.iov) = g.into_parts();
             if res.is_err() {
                 // A pooled connection the upstream had closed: nothing of the request got
-                // through, so it can go again on a fresh connection, once.
-                if pooled && replayable && !retried {
+                // through and nothing more has been read from the client, so it can go
+                // again on a fresh connection, once.
+                if pooled && !retried {
                     retried = true;
                     continue;
                 }
@@ -366,9 +383,13 @@ impl Client {
             }
             return Next::Upgrade(conn, resp);
         }
-        let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
+        let close_client =
+            !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
         let reusable = resp.reusable && !head.http10;
-        match self.relay_response(&mut conn, &resp, head, close_client).await {
+        match self
+            .relay_response(&mut conn, &resp, head, close_client)
+            .await
+        {
             Ok(true) if reusable => {
                 conn.buf.clear();
                 ctx.pool.borrow_mut().put(target, conn, Instant::now());
@@ -471,7 +492,15 @@ impl Client {
             }
             if self.pos == self.buf.len() {
                 let deadline = Instant::now() + self.timeouts.client_body;
-                match read_more(&mut self.stream, &mut self.buf, &mut self.pos, BODY_BUF, deadline).await {
+                match read_more(
+                    &mut self.stream,
+                    &mut self.buf,
+                    &mut self.pos,
+                    BODY_BUF,
+                    deadline,
+                )
+                .await
+                {
                     Ok(0) | Err(ReadError::Io) => return Err(None),
                     Ok(_) => {}
                     Err(ReadError::Timeout) => return Err(Some(Status::RequestTimeout)),
@@ -540,8 +569,18 @@ impl Client {
                 }
             }
             let mut pos = 0;
-            match read_more(&mut conn.stream, &mut conn.buf, &mut pos, UPSTREAM_BUF, deadline).await {
-                Ok(0) | Err(ReadError::Io) if !received => return Err(UpstreamFailure::NothingReceived),
+            match read_more(
+                &mut conn.stream,
+                &mut conn.buf,
+                &mut pos,
+                UPSTREAM_BUF,
+                deadline,
+            )
+            .await
+            {
+                Ok(0) | Err(ReadError::Io) if !received => {
+                    return Err(UpstreamFailure::NothingReceived)
+                }
                 Ok(0) | Err(ReadError::Io) => return Err(UpstreamFailure::Broken),
                 Err(ReadError::Timeout) => return Err(UpstreamFailure::Timeout),
                 Ok(_) => received = true,
@@ -563,7 +602,8 @@ impl Client {
         if close_client {
             self.scratch.extend_from_slice(b"Connection: close\r\n");
         } else if head.http10 {
-            self.scratch.extend_from_slice(b"Connection: keep-alive\r\n");
+            self.scratch
+                .extend_from_slice(b"Connection: keep-alive\r\n");
         }
         self.scratch.extend_from_slice(b"\r\n");
         let tail = Span {
@@ -604,7 +644,15 @@ impl Client {
             conn.buf.clear();
             let mut pos = 0;
             let deadline = Instant::now() + self.timeouts.upstream_body;
-            let n = match read_more(&mut conn.stream, &mut conn.buf, &mut pos, UPSTREAM_BUF, deadline).await {
+            let n = match read_more(
+                &mut conn.stream,
+                &mut conn.buf,
+                &mut pos,
+                UPSTREAM_BUF,
+                deadline,
+            )
+            .await
+            {
                 Ok(0) if resp.body == BodyKind::UntilClose => return Ok(false),
                 Ok(n) => n,
                 // Truncated or stalled body: the client cannot tell unless the connection
@@ -694,7 +742,12 @@ impl Client {
                     }
                     return;
                 }
-                monoio::time::sleep_until(quiet_until.min(Instant::now() + Duration::from_millis(500)).into()).await;
+                monoio::time::sleep_until(
+                    quiet_until
+                        .min(Instant::now() + Duration::from_millis(500))
+                        .into(),
+                )
+                .await;
             }
         };
         monoio::join!(up, down, watchdog);
@@ -807,7 +860,13 @@ fn request_pieces<'a>(
         start: head.head_end,
         end: body_end,
     };
-    head_pieces(first, (head.fields_start, head.fields_end), &plan.drop, added, body)
+    head_pieces(
+        first,
+        (head.fields_start, head.fields_end),
+        &plan.drop,
+        added,
+        body,
+    )
 }
 
 /// The pieces of a relayed response head and the first `body_len` body bytes after it.
@@ -825,7 +884,13 @@ fn response_pieces<'a>(
         start: resp.head_end,
         end: resp.head_end + body_len,
     };
-    head_pieces(line, (resp.fields_start, resp.fields_end), &plan.drop, added, body)
+    head_pieces(
+        line,
+        (resp.fields_start, resp.fields_end),
+        &plan.drop,
+        added,
+        body,
+    )
 }
 
 /// Appends the textual form of `ip` without allocating.

@@ -25,15 +25,25 @@ macro_rules! canned {
     ($code:literal $reason:literal, $len:literal, $body:literal) => {
         (
             concat!(
-                "HTTP/1.1 ", $code, " ", $reason,
-                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ", $len,
-                "\r\n\r\n", $body
+                "HTTP/1.1 ",
+                $code,
+                " ",
+                $reason,
+                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ",
+                $len,
+                "\r\n\r\n",
+                $body
             )
             .as_bytes(),
             concat!(
-                "HTTP/1.1 ", $code, " ", $reason,
-                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ", $len,
-                "\r\nConnection: close\r\n\r\n", $body
+                "HTTP/1.1 ",
+                $code,
+                " ",
+                $reason,
+                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ",
+                $len,
+                "\r\nConnection: close\r\n\r\n",
+                $body
             )
             .as_bytes(),
         )
@@ -81,7 +91,9 @@ impl Status {
     pub fn response(self, close: bool) -> &'static [u8] {
         let (keep, closing) = match self {
             Status::BadRequest => canned!("400" "Bad Request", "23", "400 malformed request.\n"),
-            Status::NotFound => canned!("404" "Not Found", "35", "404 no route matches this request.\n"),
+            Status::NotFound => {
+                canned!("404" "Not Found", "35", "404 no route matches this request.\n")
+            }
             Status::MethodNotAllowed => {
                 canned!("405" "Method Not Allowed", "31", "405 method not supported here.\n")
             }
@@ -91,7 +103,9 @@ impl Status {
             Status::PayloadTooLarge => {
                 canned!("413" "Content Too Large", "31", "413 request body is too large.\n")
             }
-            Status::UriTooLong => canned!("414" "URI Too Long", "29", "414 request target too long.\n"),
+            Status::UriTooLong => {
+                canned!("414" "URI Too Long", "29", "414 request target too long.\n")
+            }
             Status::ExpectationFailed => {
                 canned!("417" "Expectation Failed", "29", "417 unsupported expectation.\n")
             }
@@ -101,7 +115,9 @@ impl Status {
             Status::NotImplemented => {
                 canned!("501" "Not Implemented", "35", "501 transfer coding not supported.\n")
             }
-            Status::BadGateway => canned!("502" "Bad Gateway", "35", "502 upstream failed or misbehaved.\n"),
+            Status::BadGateway => {
+                canned!("502" "Bad Gateway", "35", "502 upstream failed or misbehaved.\n")
+            }
             Status::ServiceUnavailable => {
                 canned!("503" "Service Unavailable", "30", "503 gateway is shutting down.\n")
             }
@@ -133,7 +149,10 @@ mod tests {
             for close in [false, true] {
                 let r = std::str::from_utf8(s.response(close)).unwrap();
                 let (head, body) = r.split_once("\r\n\r\n").unwrap();
-                assert!(head.starts_with(&format!("HTTP/1.1 {} ", s.code())), "{head}");
+                assert!(
+                    head.starts_with(&format!("HTTP/1.1 {} ", s.code())),
+                    "{head}"
+                );
                 let cl: usize = head
                     .lines()
                     .find_map(|l| l.strip_prefix("Content-Length: "))

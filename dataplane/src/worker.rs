@@ -160,7 +160,10 @@ async fn worker_main(spec: WorkerSpec) {
     let snap = spec.config.load();
     let ctx = Rc::new(WorkerCtx {
         config: spec.config.clone(),
-        pool: RefCell::new(Pool::new(snap.max_idle_per_target, snap.timeouts.upstream_idle)),
+        pool: RefCell::new(Pool::new(
+            snap.max_idle_per_target,
+            snap.timeouts.upstream_idle,
+        )),
         rr: RefCell::new(RoundRobin::default()),
         draining: Cell::new(false),
         idle: RefCell::new(IdleSet::default()),
@@ -245,7 +248,23 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
 }
 
 /// Binds `count` SO_REUSEPORT listening sockets on `addr` (port 0 resolved by the first).
+///
+/// SO_REUSEPORT would also let this process share a port with another process of the same user
+/// that already listens there, silently splitting its traffic; a plain bind first makes that an
+/// "address in use" error instead.
 pub(crate) fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<StdListener>> {
+    if addr.port() != 0 {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.bind(&addr.into())?;
+    }
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count {

@@ -106,7 +106,9 @@ fn allocations_per_request(driver: DriverChoice) -> f64 {
     let plane = dataplane::start(shared, StartOptions { workers: 1, driver }).unwrap();
     let mut client = TcpStream::connect(plane.addresses[0]).unwrap();
     client.set_nodelay(true).unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     // Warm up: buffers, pools and the runtime's slabs reach their working size.
     drive(&mut client, 2_000);
     const N: usize = 20_000;
@@ -129,6 +131,9 @@ fn plain_keep_alive_get_proxy_path_does_not_allocate() {
         let per_request = allocations_per_request(driver);
         // Zero on the request path; the bound leaves room only for the workers' once-a-second
         // housekeeping timers during the run, which are not per request.
-        assert!(per_request < 0.001, "{driver:?}: {per_request} allocations per request");
+        assert!(
+            per_request < 0.001,
+            "{driver:?}: {per_request} allocations per request"
+        );
     }
 }

@@ -205,7 +205,9 @@ impl Response {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         Client {
             stream,
             buf: Vec::new(),
@@ -234,7 +236,11 @@ impl Client {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
                 break i;
             }
-            assert!(self.fill() > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                self.fill() > 0,
+                "connection closed before a response head: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
         };
         let head = String::from_utf8(self.buf[..head_end].to_vec()).unwrap();
         self.buf.drain(..head_end + 4);
@@ -292,7 +298,9 @@ impl Client {
             Ok(_) => panic!("unexpected byte after the response"),
             Err(e) => matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
         };
-        self.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         closed
     }
 }
@@ -366,9 +374,18 @@ impl Origin {
     /// Answers every request with `200 OK` and a body naming the request target.
     pub fn echo() -> Origin {
         Self::start(Arc::new(|req: &Received, s: &mut TcpStream| {
-            let target = req.request_line().split(' ').nth(1).unwrap_or("").to_owned();
+            let target = req
+                .request_line()
+                .split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .to_owned();
             let body = format!("origin saw {target}");
-            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
             Keep::Open
         }))
     }
@@ -404,7 +421,11 @@ impl Origin {
             if r.len() >= n {
                 return r;
             }
-            assert!(Instant::now() < deadline, "origin saw {} of {n} requests", r.len());
+            assert!(
+                Instant::now() < deadline,
+                "origin saw {} of {n} requests",
+                r.len()
+            );
             thread::sleep(Duration::from_millis(5));
         }
     }
@@ -446,7 +467,9 @@ fn serve_origin(mut s: TcpStream, conn: usize, handler: &Handler, rec: &Mutex<Ve
                 }
             }
         } else {
-            let n: usize = req.header("content-length").map_or(0, |v| v.parse().unwrap());
+            let n: usize = req
+                .header("content-length")
+                .map_or(0, |v| v.parse().unwrap());
             while buf.len() < n {
                 let mut chunk = [0u8; 65536];
                 match s.read(&mut chunk) {

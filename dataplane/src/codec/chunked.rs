@@ -30,7 +30,9 @@ enum State {
     /// In the hex digits.
     Size,
     /// After the size (or an extension piece): BWS, `;`, or CR.
-    AfterSize { saw_ws: bool },
+    AfterSize {
+        saw_ws: bool,
+    },
     /// Inside chunk extensions (tokens, `=`, `;`, whitespace).
     Ext,
     /// Inside a quoted-string extension value.
@@ -128,7 +130,10 @@ impl ChunkedDecoder {
                 return Err(ChunkError::Malformed);
             }
         }
-        if matches!(self.state, TrailerStart | TrailerName | TrailerValue | TrailerLf | EndLf) {
+        if matches!(
+            self.state,
+            TrailerStart | TrailerName | TrailerValue | TrailerLf | EndLf
+        ) {
             self.trailer_len += 1;
             if self.trailer_len > self.max_trailer {
                 return Err(ChunkError::TrailerTooLarge);
@@ -153,7 +158,9 @@ impl ChunkedDecoder {
             (Ext, _) if is_tchar(b) || matches!(b, b'=' | b';' | b' ' | b'\t') => Ext,
             (ExtQuoted, b'"') => Ext,
             (ExtQuoted, b'\\') => ExtQuotedEscape,
-            (ExtQuoted, _) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
+            (ExtQuoted, _)
+                if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 =>
+            {
                 ExtQuoted
             }
             (ExtQuotedEscape, _) if b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80 => {
@@ -244,7 +251,12 @@ mod tests {
                 let b = d.advance(&input[split..])?;
                 Ok((a + b, d.is_done()))
             });
-            assert_eq!(got, whole, "split at {split} of {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                got,
+                whole,
+                "split at {split} of {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         whole
     }
@@ -285,13 +297,24 @@ mod tests {
             (b"5;a\x00b\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"0x5\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"\r\n", ChunkError::Malformed),
-            (b"10000000000000005\r\nhello\r\n0\r\n\r\n", ChunkError::Overflow),
-            (b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", ChunkError::Malformed),
+            (
+                b"10000000000000005\r\nhello\r\n0\r\n\r\n",
+                ChunkError::Overflow,
+            ),
+            (
+                b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n",
+                ChunkError::Malformed,
+            ),
             (b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n", ChunkError::Malformed),
             (b"5\r\nhello\r\n0\r\n: v\r\n\r\n", ChunkError::Malformed),
         ];
         for (input, want) in bad {
-            assert_eq!(feed_all_splits(input), Err(*want), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                feed_all_splits(input),
+                Err(*want),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

@@ -75,8 +75,14 @@ pub(crate) fn offset_in(buf: &[u8], part: &[u8]) -> usize {
 /// Trims optional whitespace (SP / HTAB) at both ends.
 #[inline]
 pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(v.len());
-    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -99,7 +105,9 @@ pub(crate) fn parse_content_length(v: &[u8]) -> Option<u64> {
 /// The comma-separated elements of a list-valued field, trimmed, empty ones skipped
 /// (RFC 9110 §5.6.1).
 pub(crate) fn list_elements(v: &[u8]) -> impl Iterator<Item = &[u8]> {
-    v.split(|&b| b == b',').map(trim_ows).filter(|e| !e.is_empty())
+    v.split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
 }
 
 /// Result of folding Transfer-Encoding lines.
@@ -168,8 +176,21 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
         b.is_ascii_alphanumeric()
             || matches!(
                 b,
-                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+'
-                    | b',' | b';' | b'=' | b'%'
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
             )
     });
     let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
@@ -184,7 +205,15 @@ mod tests {
     fn content_length() {
         assert_eq!(parse_content_length(b"0"), Some(0));
         assert_eq!(parse_content_length(b" 42 "), Some(42));
-        for bad in [&b""[..], b"-1", b"0x10", b"1_000", b"1,1", b"99999999999999999999", b"+5"] {
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"0x10",
+            b"1_000",
+            b"1,1",
+            b"99999999999999999999",
+            b"+5",
+        ] {
             assert_eq!(parse_content_length(bad), None, "{bad:?}");
         }
     }
@@ -210,10 +239,25 @@ mod tests {
 
     #[test]
     fn host_values() {
-        for ok in [&b"localhost"[..], b"a.b:8080", b"[::1]:80", b"[::1]", b"", b"x_y"] {
+        for ok in [
+            &b"localhost"[..],
+            b"a.b:8080",
+            b"[::1]:80",
+            b"[::1]",
+            b"",
+            b"x_y",
+        ] {
             assert!(valid_host(ok), "{ok:?}");
         }
-        for bad in [&b"user@localhost"[..], b"a b", b"a/b", b"a:port", b"[::1", b"[zz]", b"a:123456"] {
+        for bad in [
+            &b"user@localhost"[..],
+            b"a b",
+            b"a/b",
+            b"a:port",
+            b"[::1",
+            b"[zz]",
+            b"a:123456",
+        ] {
             assert!(!valid_host(bad), "{bad:?}");
         }
     }

@@ -225,8 +225,8 @@ pub fn parse_request(
     if n_options > 0 {
         for (i, h) in headers.iter().enumerate() {
             let name = h.name.as_bytes();
-            let protected = name.eq_ignore_ascii_case(b"host")
-                || name.eq_ignore_ascii_case(b"content-length");
+            let protected =
+                name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"content-length");
             if !protected
                 && options[..n_options]
                     .iter()
@@ -321,10 +321,13 @@ pub fn parse_request(
             let end = headers
                 .get(i + 1)
                 .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
-            drop_line(plan, Span {
-                start: line_start,
-                end,
-            });
+            drop_line(
+                plan,
+                Span {
+                    start: line_start,
+                    end,
+                },
+            );
         }
     }
 
@@ -361,7 +364,10 @@ fn drop_line(plan: &mut FieldPlan, line: Span) {
 /// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
 /// alone is too long, 431 otherwise.
 pub fn head_too_large(buf: &[u8], limits: &Limits) -> Status {
-    let skip = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    let skip = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
     match buf[skip..].iter().position(|&b| b == b'\n') {
         None => Status::UriTooLong,
         Some(eol) if eol > limits.max_uri_bytes => Status::UriTooLong,

@@ -8,7 +8,9 @@ use std::mem::MaybeUninit;
 
 use common::snapshot::MAX_HEADER_COUNT;
 
-use super::{offset_in, parse_content_length, trim_ows, BodyKind, FieldPlan, Span, TransferCodings};
+use super::{
+    offset_in, parse_content_length, trim_ows, BodyKind, FieldPlan, Span, TransferCodings,
+};
 
 /// A parsed response head; offsets are into the buffer given to [`parse_response`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +72,10 @@ pub fn parse_response(
         .map_or(fields_end, |h| offset_in(buf, h.name.as_bytes()));
     // The status line must start the buffer (no leading empty lines in responses) and every
     // line must end in CRLF.
-    if !buf.starts_with(b"HTTP/1.") || !crlf_before(buf, fields_start) || &buf[fields_end..head_end] != b"\r\n" {
+    if !buf.starts_with(b"HTTP/1.")
+        || !crlf_before(buf, fields_start)
+        || &buf[fields_end..head_end] != b"\r\n"
+    {
         return Err(ResponseError::Malformed);
     }
 
@@ -154,10 +159,7 @@ pub fn parse_response(
         if content_length.is_some() {
             // Transfer-Encoding overrides Content-Length, which must not reach the client; the
             // upstream connection is not trusted again (RFC 9112 §6.3 (3)).
-            dropped
-                .iter_mut()
-                .zip(cl_lines)
-                .for_each(|(d, c)| *d |= c);
+            dropped.iter_mut().zip(cl_lines).for_each(|(d, c)| *d |= c);
             reusable = false;
         }
         if codings.chunked_last && !codings.malformed {
@@ -219,7 +221,9 @@ mod tests {
     /// Forwarded head: every field line minus the dropped ones.
     fn forwarded(input: &[u8]) -> String {
         let mut plan = FieldPlan::default();
-        let h = parse_response(input, false, 16384, &mut plan).unwrap().unwrap();
+        let h = parse_response(input, false, 16384, &mut plan)
+            .unwrap()
+            .unwrap();
         let mut out = Vec::new();
         let mut at = h.fields_start;
         for d in &plan.drop {
@@ -232,19 +236,45 @@ mod tests {
 
     #[test]
     fn framing() {
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false).unwrap().unwrap();
-        assert_eq!((r.body, r.reusable, r.head_end), (BodyKind::Length(5), true, 38));
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.body, r.reusable, r.head_end),
+            (BodyKind::Length(5), true, 38)
+        );
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, BodyKind::None);
-        let r = parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.body, BodyKind::None);
-        let r = parse(b"HTTP/1.1 200 OK\r\n\r\nabc", false).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 200 OK\r\n\r\nabc", false)
+            .unwrap()
+            .unwrap();
         assert_eq!((r.body, r.reusable), (BodyKind::UntilClose, false));
-        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((r.body, r.reusable), (BodyKind::Chunked, true));
-        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert!(!r.reusable);
-        let r = parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert!(!r.reusable);
     }
 
@@ -265,21 +295,42 @@ mod tests {
     #[test]
     fn bad_responses() {
         assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n", false),
+            parse(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n",
+                false
+            ),
             Err(ResponseError::ConflictingLength)
         );
-        assert_eq!(parse(b"HTTP/1.1 200 OK\nContent-Length: 2\n\n", false), Err(ResponseError::Malformed));
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false), Err(ResponseError::Malformed));
-        assert_eq!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false), Err(ResponseError::Malformed));
-        assert_eq!(parse(b"garbage\r\n\r\n", false), Err(ResponseError::Malformed));
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\nContent-Length: 2\n\n", false),
+            Err(ResponseError::Malformed)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
+            Err(ResponseError::Malformed)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 2000 OK\r\n\r\n", false),
+            Err(ResponseError::Malformed)
+        );
+        assert_eq!(
+            parse(b"garbage\r\n\r\n", false),
+            Err(ResponseError::Malformed)
+        );
         assert_eq!(parse(b"HTTP/1.1 200 OK\r\nA: b", false), Ok(None));
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.body, BodyKind::Length(2));
     }
 
     #[test]
     fn split_at_every_offset() {
-        let input: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: x\r\nX: 1\r\nContent-Length: 3\r\n\r\nabc";
+        let input: &[u8] =
+            b"HTTP/1.1 200 OK\r\nConnection: x\r\nX: 1\r\nContent-Length: 3\r\n\r\nabc";
         let full = parse(input, false).unwrap().unwrap();
         for cut in 0..input.len() {
             match parse(&input[..cut], false) {

@@ -49,9 +49,15 @@ fn simple_get() {
     assert_eq!(h.method.of(input), b"GET");
     assert_eq!(h.path(input), b"/a/b");
     assert_eq!(h.host.unwrap().of(input), b"example.com");
-    assert_eq!((h.body, h.keep_alive, h.http10), (BodyKind::None, true, false));
+    assert_eq!(
+        (h.body, h.keep_alive, h.http10),
+        (BodyKind::None, true, false)
+    );
     assert_eq!(h.head_end, input.len());
-    assert_eq!(&input[h.start..h.fields_start], b"GET /a/b?x=1 HTTP/1.1\r\n");
+    assert_eq!(
+        &input[h.start..h.fields_start],
+        b"GET /a/b?x=1 HTTP/1.1\r\n"
+    );
 }
 
 #[test]
@@ -115,7 +121,12 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/1.1\r\nHost: a\r\n: empty\r\n\r\n", Status::BadRequest),
     ];
     for (input, want) in bad {
-        assert_eq!(parse(input).unwrap_err(), *want, "{}", String::from_utf8_lossy(input));
+        assert_eq!(
+            parse(input).unwrap_err(),
+            *want,
+            "{}",
+            String::from_utf8_lossy(input)
+        );
     }
 }
 
@@ -140,7 +151,10 @@ fn absolute_form_replaces_host() {
     assert_eq!(kept_fields(input), "X: 1\r\n");
     let h = parse(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
     assert_eq!(h.path(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n"), b"/");
-    assert_eq!(parse(b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(), Status::BadRequest);
+    assert_eq!(
+        parse(b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(),
+        Status::BadRequest
+    );
 }
 
 #[test]
@@ -150,7 +164,9 @@ fn upgrade_and_expect() {
     assert_eq!(h.upgrade.unwrap().of(input), b"websocket");
     let h = parse(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n").unwrap();
     assert!(h.upgrade.is_none());
-    let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n").unwrap();
+    let h =
+        parse(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
+            .unwrap();
     assert!(h.expect_continue);
     let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n").unwrap();
     assert!(!h.expect_continue);
@@ -161,13 +177,31 @@ fn limits_give_the_right_status() {
     let l = limits();
     let mut plan = FieldPlan::default();
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(1100));
-    assert_eq!(parse_request(long_uri.as_bytes(), &l, &mut plan).unwrap_err(), Status::UriTooLong);
+    assert_eq!(
+        parse_request(long_uri.as_bytes(), &l, &mut plan).unwrap_err(),
+        Status::UriTooLong
+    );
     let huge_line = format!("GET /{}", "a".repeat(5000));
-    assert_eq!(parse_request(huge_line.as_bytes(), &l, &mut plan).unwrap_err(), Status::UriTooLong);
+    assert_eq!(
+        parse_request(huge_line.as_bytes(), &l, &mut plan).unwrap_err(),
+        Status::UriTooLong
+    );
     let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(40));
-    assert_eq!(parse_request(many.as_bytes(), &l, &mut plan).unwrap_err(), Status::HeadersTooLarge);
-    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "y".repeat(5000));
-    assert_eq!(parse_request(big.as_bytes(), &l, &mut plan).unwrap_err(), Status::HeadersTooLarge);
+    assert_eq!(
+        parse_request(many.as_bytes(), &l, &mut plan).unwrap_err(),
+        Status::HeadersTooLarge
+    );
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+        "y".repeat(5000)
+    );
+    assert_eq!(
+        parse_request(big.as_bytes(), &l, &mut plan).unwrap_err(),
+        Status::HeadersTooLarge
+    );
     let partial_big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "y".repeat(5000));
-    assert_eq!(parse_request(partial_big.as_bytes(), &l, &mut plan).unwrap_err(), Status::HeadersTooLarge);
+    assert_eq!(
+        parse_request(partial_big.as_bytes(), &l, &mut plan).unwrap_err(),
+        Status::HeadersTooLarge
+    );
 }

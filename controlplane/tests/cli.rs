@@ -1,0 +1,92 @@
+//! The `gateway` command line: `--check`, exit codes, error messages that name the field.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+fn gateway(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(args)
+        .env("GATEWAY_IO_DRIVER", "auto")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(name: &str, text: &str) -> String {
+    let path = temp_dir("cli").join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let f = write(
+        "ok.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\nrespond = {}\n",
+    );
+    let (code, out, _) = gateway(&["--check", &f]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.ends_with("OK (1 listener(s), 0 upstream(s), 1 route(s))\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_and_run_refuse_an_invalid_file_naming_the_field() {
+    let f = write(
+        "bad.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"missing\"\n",
+    );
+    for args in [vec!["--check", &f], vec!["--config", &f]] {
+        let (code, _, err) = gateway(&args);
+        assert_eq!(code, Some(2));
+        assert!(
+            err.contains("invalid config: routes[0].upstream: unknown upstream \"missing\""),
+            "{err}"
+        );
+    }
+    let json = write("bad.json", "{\"listeners\": [{\"address\": 80}]}");
+    let (code, _, err) = gateway(&["--check", &json]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("listeners[0].address: invalid type"), "{err}");
+    let (code, _, err) = gateway(&["--check", "/nonexistent/gateway.toml"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/gateway.toml"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, err) = gateway(&["--frobnicate"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unknown argument \"--frobnicate\""), "{err}");
+    let (code, out, _) = gateway(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("--check FILE"));
+}
+
+#[test]
+fn a_port_already_in_use_is_refused() {
+    let config = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\nrespond = {}\n";
+    let first = Gateway::start(config, Driver::IoUring);
+    let taken = config.replace("127.0.0.1:0", &first.addr.to_string());
+    let f = write("taken.toml", &taken);
+    let (code, _, err) = gateway(&["--config", &f]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("cannot listen on {}", first.addr)),
+        "{err}"
+    );
+    // The first instance still answers.
+    let mut c = first.connect();
+    assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    assert!(!c.is_closed_within(Duration::from_millis(100)));
+}
