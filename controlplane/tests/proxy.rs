@@ -345,6 +345,12 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
                 );
                 Keep::Close
             }
+            "/bad-chunk" => {
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+                );
+                Keep::Close
+            }
             "/truncated" => {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some");
                 Keep::Close
@@ -366,6 +372,7 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     };
     expect("/slow", 504);
     expect("/garbage", 502);
+    expect("/bad-chunk", 502);
     expect("/dead", 502);
     expect("/closes-without-answer", 502);
     // A truncated body cannot be reported with a status any more: the client sees the

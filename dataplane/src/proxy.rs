@@ -621,7 +621,11 @@ impl Client {
             }
             BodyKind::Chunked => {
                 let mut d = ChunkedDecoder::new(UPSTREAM_BUF);
-                let k = d.advance(avail).map_err(|_| ())?;
+                let Ok(k) = d.advance(avail) else {
+                    // Nothing sent yet: the client can still be told.
+                    self.send_static(Status::BadGateway.response(true)).await;
+                    return Err(());
+                };
                 let left = u64::from(!d.is_done());
                 decoder = Some(d);
                 (k, left)
