@@ -1,1 +1,429 @@
-fn main() {}
+//! Load-test harness: the gateway against nginx and HAProxy as reverse proxies, in front of the
+//! same nginx origin, on loopback, pinned to separate CPU sets, measured with wrk.
+//!
+//! `cargo run -p loadtest --release -- compare` builds the release gateway, checks that every
+//! proxy returns the expected bytes, warms up, then runs wrk against each proxy (and the origin
+//! directly) for each body size, interleaved and repeated, reading each proxy's CPU time from
+//! `/proc`. It prints a markdown table of medians with ratios to nginx, and writes a CSV and an
+//! SVG chart. `--churn` adds a run with a config reload every 10 ms, `--idle N` measures RSS per
+//! idle keep-alive connection, and `scaling` repeats the comparison for several worker counts
+//! on separate CPU sets. Every run is bounded in time and targets 127.0.0.1 only.
+
+mod procs;
+mod report;
+mod wrk;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use procs::{Kind, Proc, Workdir, BODIES};
+use report::Sample;
+
+const USAGE: &str = "\
+usage: loadtest compare [options]
+       loadtest scaling [options] [--worker-counts 1,2,4,8]
+
+options (defaults in brackets):
+  --reps N              repetitions, interleaved [3]
+  --duration S          seconds per wrk run [5]
+  --warmup S            seconds of warm-up per proxy and body [2]
+  --connections N       wrk connections [50]
+  --workers N           workers/threads of every proxy and of the origin [1]
+  --wrk-cpus LIST       CPUs for wrk [0]
+  --proxy-cpus LIST     CPUs for the proxies [1]
+  --origin-cpus LIST    CPUs for the origin [1]
+  --proxies LIST        among gateway,nginx,haproxy [all three]
+  --bodies LIST         among 13b,4k,64k [all three]
+  --churn               also measure the gateway with a config reload every 10 ms
+  --idle N              also measure RSS per idle keep-alive connection with N connections
+  --out DIR             where the CSV, SVG and table go [loadtest/out]
+  --gateway PATH        gateway binary [build and use target/release/gateway]";
+
+#[derive(Debug, Clone)]
+struct Options {
+    reps: usize,
+    duration: u64,
+    warmup: u64,
+    connections: usize,
+    workers: usize,
+    wrk_cpus: String,
+    proxy_cpus: String,
+    origin_cpus: String,
+    proxies: Vec<Kind>,
+    bodies: Vec<(&'static str, usize)>,
+    churn: bool,
+    idle: usize,
+    out: PathBuf,
+    gateway: Option<PathBuf>,
+    worker_counts: Vec<usize>,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_owned()
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        reps: 3,
+        duration: 5,
+        warmup: 2,
+        connections: 50,
+        workers: 1,
+        wrk_cpus: "0".into(),
+        proxy_cpus: "1".into(),
+        origin_cpus: "1".into(),
+        proxies: vec![Kind::Gateway, Kind::Nginx, Kind::Haproxy],
+        bodies: BODIES.to_vec(),
+        churn: false,
+        idle: 0,
+        out: workspace_root().join("loadtest/out"),
+        gateway: None,
+        worker_counts: vec![1, 2, 4, 8],
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--reps" => o.reps = val()?.parse()?,
+            "--duration" => o.duration = val()?.parse()?,
+            "--warmup" => o.warmup = val()?.parse()?,
+            "--connections" => o.connections = val()?.parse()?,
+            "--workers" => o.workers = val()?.parse()?,
+            "--wrk-cpus" => o.wrk_cpus = val()?,
+            "--proxy-cpus" => o.proxy_cpus = val()?,
+            "--origin-cpus" => o.origin_cpus = val()?,
+            "--proxies" => o.proxies = val()?.split(',').map(Kind::parse).collect::<Result<_>>()?,
+            "--bodies" => {
+                let v = val()?;
+                o.bodies = v
+                    .split(',')
+                    .map(|b| BODIES.iter().find(|(n, _)| *n == b).copied().with_context(|| format!("unknown body {b:?}")))
+                    .collect::<Result<_>>()?;
+            }
+            "--churn" => o.churn = true,
+            "--idle" => o.idle = val()?.parse()?,
+            "--out" => o.out = PathBuf::from(val()?),
+            "--gateway" => o.gateway = Some(PathBuf::from(val()?)),
+            "--worker-counts" => o.worker_counts = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            other => bail!("unknown option {other:?}\n{USAGE}"),
+        }
+    }
+    if o.reps == 0 || o.duration == 0 || o.duration > 600 || o.reps > 50 {
+        bail!("--reps must be 1..50 and --duration 1..600 seconds");
+    }
+    Ok(o)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(mode) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let opts = parse_options(&args[1..])?;
+    for tool in ["wrk", "nginx", "haproxy", "taskset"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed: apt-get install wrk nginx-light haproxy util-linux");
+        }
+    }
+    procs::raise_nofile();
+    let gateway = match &opts.gateway {
+        Some(p) => p.clone(),
+        None => build_gateway()?,
+    };
+    std::fs::create_dir_all(&opts.out)?;
+    println!("machine: {}", machine());
+    match mode.as_str() {
+        "compare" => compare(&opts, &gateway, "compare"),
+        "scaling" => scaling(&opts, &gateway),
+        _ => bail!("unknown mode {mode:?}\n{USAGE}"),
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .chain(["/usr/sbin", "/sbin"].iter().map(|d| Path::new(d).join(tool)))
+        .find(|p| p.is_file())
+}
+
+fn build_gateway() -> Result<PathBuf> {
+    let root = workspace_root();
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "controlplane", "--bin", "gateway"])
+        .current_dir(&root)
+        .status()?;
+    if !status.success() {
+        bail!("building the gateway failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), PathBuf::from);
+    Ok(target.join("release/gateway"))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    format!("{cpu}, {cpus} CPUs, Linux {}", kernel.trim())
+}
+
+/// One full comparison with the CPU sets and worker count in `opts`.
+fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
+    let dir = Workdir(opts.out.join(format!("work-{tag}")));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0)?;
+    let origin = procs::start_origin(&dir, opts.workers, &opts.origin_cpus)?;
+    let mut proxies: Vec<(Kind, Proc)> = Vec::new();
+    for &kind in &opts.proxies {
+        let p = procs::start_proxy(kind, &dir, gateway, opts.workers, &opts.proxy_cpus, origin.addr)?;
+        proxies.push((kind, p));
+    }
+    // Every proxy must return exactly what the origin serves before anything is measured.
+    for (name, len) in &opts.bodies {
+        let want = procs::body_bytes(*len);
+        for addr in std::iter::once(origin.addr).chain(proxies.iter().map(|(_, p)| p.addr)) {
+            let (status, body) = http_get(addr, &format!("/{name}"))?;
+            if status != 200 || body != want {
+                bail!("{addr} answered /{name} with status {status} and {} bytes (want 200 and {len} exact bytes)", body.len());
+            }
+        }
+    }
+    println!(
+        "verified: every proxy returns the expected bodies; workers {}, wrk on CPUs {}, proxies on {}, origin on {}",
+        opts.workers, opts.wrk_cpus, opts.proxy_cpus, opts.origin_cpus
+    );
+    let wrk_threads = cpu_count(&opts.wrk_cpus);
+    for (name, _) in &opts.bodies {
+        for addr in std::iter::once(origin.addr).chain(proxies.iter().map(|(_, p)| p.addr)) {
+            wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.warmup, &format!("http://{addr}/{name}"))?;
+        }
+    }
+
+    let mut samples = Vec::new();
+    for rep in 0..opts.reps {
+        for (name, _) in &opts.bodies {
+            // Rotate the order each repetition so no proxy always runs right after another.
+            let mut order: Vec<Option<usize>> = std::iter::once(None).chain((0..proxies.len()).map(Some)).collect();
+            let shift = rep % order.len();
+            order.rotate_left(shift);
+            for which in order {
+                let (label, addr, pid) = match which {
+                    None => (Kind::Direct.name().to_owned(), origin.addr, None),
+                    Some(i) => (proxies[i].0.name().to_owned(), proxies[i].1.addr, Some(proxies[i].1.pid())),
+                };
+                let before = pid.map(procs::cpu_seconds).unwrap_or(0.0);
+                let w = wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.duration, &format!("http://{addr}/{name}"))?;
+                let cpu_s = pid.map(procs::cpu_seconds).unwrap_or(0.0) - before;
+                println!(
+                    "rep {rep} {name:>4} {label:<14} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",
+                    w.rps,
+                    w.p99_us,
+                    cpu_s,
+                    if cpu_s > 0.0 { w.requests as f64 / cpu_s } else { 0.0 },
+                    w.non_2xx,
+                    w.socket_errors
+                );
+                samples.push(Sample {
+                    proxy: label,
+                    body: (*name).to_owned(),
+                    rep,
+                    wrk: w,
+                    cpu_s,
+                });
+            }
+        }
+    }
+    let summaries = report::summarize(&samples);
+    let table = report::table(&summaries);
+    println!("\n{table}");
+    let csv = opts.out.join(format!("{tag}.csv"));
+    let svg = opts.out.join(format!("{tag}.svg"));
+    report::write_csv(&csv, &samples)?;
+    let title = format!("requests per proxy CPU-second, {} worker(s) each", opts.workers);
+    report::write_svg(&svg, &summaries, &title)?;
+    let mut md = format!("machine: {}\n\n{table}", machine());
+
+    if opts.churn {
+        if let Some((_, gw)) = proxies.iter().find(|(k, _)| *k == Kind::Gateway) {
+            let text = churn(opts, &dir, gw, origin.addr)?;
+            println!("{text}");
+            md.push_str(&format!("\n{text}"));
+        }
+    }
+    if opts.idle > 0 {
+        let mut lines = String::from("\n| proxy | idle connections | RSS before | RSS after | per connection |\n| --- | ---: | ---: | ---: | ---: |\n");
+        for (kind, p) in &proxies {
+            if matches!(kind, Kind::Gateway | Kind::Nginx) {
+                lines.push_str(&idle_rss(p, opts.idle)?);
+            }
+        }
+        println!("{lines}");
+        md.push_str(&lines);
+    }
+    std::fs::write(opts.out.join(format!("{tag}.md")), md)?;
+    println!("wrote {}, {} and {}", csv.display(), svg.display(), opts.out.join(format!("{tag}.md")).display());
+    drop(proxies);
+    drop(origin);
+    Ok(())
+}
+
+fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+            None => 1,
+        })
+        .sum::<usize>()
+        .max(1)
+}
+
+/// Worker counts 1, 2, 4, 8 with separate CPU sets for proxies, origin and wrk.
+fn scaling(opts: &Options, gateway: &Path) -> Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let mut ran = false;
+    for &w in &opts.worker_counts {
+        if 3 * w > cpus {
+            println!("scaling: skipping {w} workers: needs {} CPUs (proxies, origin, wrk), this machine has {cpus}", 3 * w);
+            continue;
+        }
+        let range = |from: usize| format!("{}-{}", from, from + w - 1);
+        let o = Options {
+            workers: w,
+            proxy_cpus: range(0),
+            origin_cpus: range(w),
+            wrk_cpus: range(2 * w),
+            connections: opts.connections.max(50 * w),
+            ..opts.clone()
+        };
+        compare(&o, gateway, &format!("scaling-{w}w"))?;
+        ran = true;
+    }
+    if !ran {
+        bail!("no worker count fits on {cpus} CPUs");
+    }
+    Ok(())
+}
+
+/// Gateway throughput for 13-byte bodies with and without a config reload every 10 ms.
+fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result<String> {
+    let conf = dir.file("gateway.toml");
+    let wrk_threads = cpu_count(&opts.wrk_cpus);
+    let url = format!("http://{}/13b", gw.addr);
+    let mut plain = Vec::new();
+    let mut churned = Vec::new();
+    let mut reloads = 0;
+    for _ in 0..opts.reps {
+        plain.push(wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.duration, &url)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (stop2, count2, conf2, pid) = (stop.clone(), count.clone(), conf.clone(), gw.pid());
+        let port = gw.addr.port();
+        let workers = opts.workers;
+        let changer = std::thread::spawn(move || {
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                n += 1;
+                // A real change each time: a route whose answer alternates.
+                let extra = format!("[[routes]]\nid = \"churn\"\npath = \"/churn\"\nrespond = {{ body = \"{n}\" }}\n");
+                let text = procs::gateway_config(port, workers, origin, &extra);
+                let tmp = conf2.with_extension("tmp");
+                if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &conf2).is_ok() {
+                    // SAFETY: kill(2) on the gateway child.
+                    unsafe { libc::kill(pid, libc::SIGHUP) };
+                    count2.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let r = wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.duration, &url);
+        stop.store(true, Ordering::Relaxed);
+        let _ = changer.join();
+        reloads += count.load(Ordering::Relaxed);
+        churned.push(r?);
+    }
+    let med = |v: &[wrk::WrkResult]| {
+        let mut x: Vec<f64> = v.iter().map(|r| r.rps).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let (a, b) = (med(&plain), med(&churned));
+    let non2xx: u64 = plain.iter().chain(&churned).map(|r| r.non_2xx).sum();
+    let errors: u64 = plain.iter().chain(&churned).map(|r| r.socket_errors).sum();
+    Ok(format!(
+        "| config churn (gateway, 13b) | req/s |\n| --- | ---: |\n| no change | {a:.0} |\n| change every 10 ms ({reloads} reloads) | {b:.0} ({:.1}% of no change) |\n| non-2xx responses, all runs | {non2xx} |\n| socket errors, all runs | {errors} |\n",
+        100.0 * b / a
+    ))
+}
+
+/// Opens `n` keep-alive connections (one request each), then reads the proxy's RSS growth.
+fn idle_rss(p: &Proc, n: usize) -> Result<String> {
+    let before = procs::rss_kib(p.pid());
+    let mut conns = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for _ in 0..n {
+        if Instant::now() > deadline {
+            bail!("opening {n} idle connections took too long");
+        }
+        let mut s = TcpStream::connect(p.addr).context("opening idle connections (raise ulimit -n?)")?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /13b HTTP/1.1\r\nHost: loadtest\r\n\r\n")?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"Hello, world!") {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                bail!("{} closed an idle connection", p.name);
+            }
+            got.extend_from_slice(&buf[..k]);
+        }
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = procs::rss_kib(p.pid());
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+    drop(conns);
+    Ok(format!("| {} | {n} | {before} KiB | {after} KiB | {per:.0} bytes |\n", p.name))
+}
+
+/// GET with `Connection: close`; returns the status and the (de-chunked) body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: loadtest\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no response head")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head.get(9..12).context("short status line")?.parse()?;
+    let body = raw[split + 4..].to_vec();
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    if !chunked {
+        return Ok((status, body));
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        let eol = body[at..].windows(2).position(|w| w == b"\r\n").context("bad chunk")? + at;
+        let size = usize::from_str_radix(String::from_utf8_lossy(&body[at..eol]).split(';').next().unwrap_or("").trim(), 16)?;
+        at = eol + 2;
+        if size == 0 {
+            return Ok((status, out));
+        }
+        out.extend_from_slice(body.get(at..at + size).context("short chunk")?);
+        at += size + 2;
+    }
+}

@@ -1,0 +1,318 @@
+//! The processes under test: a static origin (nginx), the gateway, nginx and HAProxy as
+//! reverse proxies, each pinned with `taskset`, each with the same worker count; plus CPU time
+//! and RSS read from `/proc` for a process and its descendants.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Bodies the origin serves, by URL path.
+pub const BODIES: [(&str, usize); 3] = [("13b", 13), ("4k", 4096), ("64k", 65536)];
+
+/// The content of a body: 13 bytes are "Hello, world!", the others a repeating pattern.
+pub fn body_bytes(len: usize) -> Vec<u8> {
+    if len == 13 {
+        return b"Hello, world!".to_vec();
+    }
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running process, stopped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_pinned(name: &str, cpus: &str, program: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Result<Child> {
+    let log_file = std::fs::File::create(log)?;
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c").arg(cpus).arg(program).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    cmd.spawn()
+        .with_context(|| format!("starting {name} ({program}); is it installed?"))
+}
+
+/// Waits until `addr` accepts connections.
+fn wait_listening(name: &str, addr: SocketAddr, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("{name} did not listen on {addr}:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Where config files and logs of one run go.
+#[derive(Debug, Clone)]
+pub struct Workdir(pub PathBuf);
+
+impl Workdir {
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+/// Starts nginx serving the three bodies with keep-alive.
+pub fn start_origin(dir: &Workdir, workers: usize, cpus: &str) -> Result<Proc> {
+    let www = dir.file("www");
+    std::fs::create_dir_all(&www)?;
+    for (name, len) in BODIES {
+        std::fs::write(www.join(name), body_bytes(len))?;
+    }
+    let port = free_port()?;
+    let conf = format!(
+        "worker_processes {workers};\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
+         error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
+         http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
+           keepalive_requests 10000000;\n  keepalive_timeout 120s;\n  default_type application/octet-stream;\n  open_file_cache max=64 valid=600s;\n\
+           client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
+           server {{\n    listen 127.0.0.1:{port} reuseport;\n    root {www};\n  }}\n}}\n",
+        err = dir.file("origin.err").display(),
+        pid = dir.file("origin.pid").display(),
+        tmp = dir.file("tmp").display(),
+        www = www.display(),
+    );
+    start_nginx(dir, "origin", &conf, port, cpus)
+}
+
+fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> Result<Proc> {
+    std::fs::create_dir_all(dir.file("tmp"))?;
+    let path = dir.file(&format!("{name}.nginx.conf"));
+    std::fs::write(&path, conf)?;
+    let log = dir.file(&format!("{name}.log"));
+    let child = spawn_pinned(name, cpus, "nginx", &["-p", &dir.0.display().to_string(), "-c", &path.display().to_string()], &log, &[])?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let p = Proc {
+        name: name.to_owned(),
+        addr,
+        child,
+    };
+    wait_listening(name, addr, &log)?;
+    Ok(p)
+}
+
+/// Which reverse proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// No proxy: wrk straight at the origin, as the ceiling.
+    Direct,
+    Gateway,
+    Nginx,
+    Haproxy,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "origin-direct",
+            Kind::Gateway => "gateway",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Kind> {
+        Ok(match s {
+            "gateway" => Kind::Gateway,
+            "nginx" => Kind::Nginx,
+            "haproxy" => Kind::Haproxy,
+            other => bail!("unknown proxy {other:?} (gateway, nginx, haproxy)"),
+        })
+    }
+}
+
+/// Gateway config text for `workers` workers in front of `origin`; `extra_route` is appended.
+pub fn gateway_config(port: u16, workers: usize, origin: SocketAddr, extra: &str) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "workers = {workers}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[[upstreams]]\nid = \"origin\"\n\
+         targets = [{{ address = \"{origin}\" }}]\n[upstream_pool]\nmax_idle_per_target = 1024\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n{extra}"
+    );
+    s
+}
+
+/// Starts one reverse proxy in front of `origin`.
+pub fn start_proxy(kind: Kind, dir: &Workdir, gateway_bin: &Path, workers: usize, cpus: &str, origin: SocketAddr) -> Result<Proc> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    match kind {
+        Kind::Direct => bail!("the origin is not started as a proxy"),
+        Kind::Gateway => {
+            let conf = dir.file("gateway.toml");
+            std::fs::write(&conf, gateway_config(port, workers, origin, ""))?;
+            let log = dir.file("gateway.log");
+            let child = spawn_pinned(
+                "gateway",
+                cpus,
+                &gateway_bin.display().to_string(),
+                &["--config", &conf.display().to_string()],
+                &log,
+                &[],
+            )?;
+            let p = Proc {
+                name: "gateway".into(),
+                addr,
+                child,
+            };
+            wait_listening("gateway", addr, &log)?;
+            Ok(p)
+        }
+        Kind::Nginx => {
+            let conf = format!(
+                "worker_processes {workers};\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
+                 error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
+                 http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 120s;\n\
+                   client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
+                   upstream origin {{\n    server {origin};\n    keepalive 1024;\n    keepalive_requests 10000000;\n  }}\n\
+                   server {{\n    listen 127.0.0.1:{port} reuseport;\n    location / {{\n      proxy_pass http://origin;\n\
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+                err = dir.file("nginx-proxy.err").display(),
+                pid = dir.file("nginx-proxy.pid").display(),
+                tmp = dir.file("tmp").display(),
+            );
+            start_nginx(dir, "nginx-proxy", &conf, port, cpus)
+        }
+        Kind::Haproxy => {
+            let conf = format!(
+                "global\n  nbthread {workers}\n  maxconn 9000\n\ndefaults\n  mode http\n  timeout connect 5s\n\
+                 timeout client 120s\n  timeout server 120s\n  http-reuse always\n\n\
+                 frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
+                 backend be\n  server origin {origin}\n"
+            );
+            let path = dir.file("haproxy.cfg");
+            std::fs::write(&path, conf)?;
+            let log = dir.file("haproxy.log");
+            let child = spawn_pinned("haproxy", cpus, "haproxy", &["-f", &path.display().to_string(), "-db"], &log, &[])?;
+            let p = Proc {
+                name: "haproxy".into(),
+                addr,
+                child,
+            };
+            wait_listening("haproxy", addr, &log)?;
+            Ok(p)
+        }
+    }
+}
+
+/// Process ids of `root` and all its descendants.
+fn tree(root: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if let Some(fields) = stat_fields(pid) {
+                if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
+                    parents.push((pid, ppid));
+                }
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// Fields of /proc/PID/stat after the command name (field 3 onwards: state, ppid, ...).
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// CPU seconds used so far by `root` and its descendants (utime + stime, plus the
+/// cutime + cstime of children that already exited).
+pub fn cpu_seconds(root: i32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    tree(root)
+        .into_iter()
+        .filter_map(stat_fields)
+        .map(|f| {
+            // stat fields 14..17 are utime, stime, cutime, cstime; `f` starts at field 3.
+            (11..15).filter_map(|i| f.get(i)?.parse::<f64>().ok()).sum::<f64>()
+        })
+        .sum::<f64>()
+        / ticks
+}
+
+/// Resident memory of `root` and its descendants, in KiB.
+pub fn rss_kib(root: i32) -> u64 {
+    tree(root)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it).
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit / setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            return lim.rlim_cur;
+        }
+    }
+    0
+}

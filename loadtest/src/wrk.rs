@@ -1,0 +1,90 @@
+//! Running wrk pinned to its CPUs and reading its report.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Default)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+}
+
+/// Runs `wrk --latency` against `url`.
+pub fn run(cpus: &str, threads: usize, connections: usize, seconds: u64, url: &str) -> Result<WrkResult> {
+    let out = Command::new("taskset")
+        .args(["-c", cpus, "wrk", "--latency"])
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{}", connections.max(threads)))
+        .arg(format!("-d{seconds}s"))
+        .arg(url)
+        .output()
+        .context("running wrk; is it installed (apt-get install wrk)?")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
+}
+
+fn parse(text: &str) -> Result<WrkResult> {
+    let mut r = WrkResult::default();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["50%", v] => r.p50_us = micros(v)?,
+            ["99%", v] => r.p99_us = micros(v)?,
+            [n, "requests", "in", secs, ..] => {
+                r.requests = n.parse()?;
+                r.seconds = secs.trim_end_matches(',').trim_end_matches('s').parse()?;
+            }
+            ["Requests/sec:", v] => r.rps = v.parse()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.non_2xx = n.parse()?,
+            ["Socket", "errors:", rest @ ..] => {
+                r.socket_errors = rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
+            }
+            _ => {}
+        }
+    }
+    if r.requests == 0 {
+        bail!("no requests completed");
+    }
+    Ok(r)
+}
+
+/// `831.00us`, `1.36ms`, `2.00s` in microseconds.
+fn micros(v: &str) -> Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        bail!("latency {v:?}")
+    };
+    Ok(num.parse::<f64>()? * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_report() {
+        let text = "Running 5s test @ http://127.0.0.1:9102/13b\n  1 threads and 50 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency     0.90ms  222.74us   5.06ms   73.99%\n  Latency Distribution\n     50%  831.00us\n     75%    1.00ms\n     90%    1.10ms\n     99%    1.36ms\n  268000 requests in 5.00s, 33.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 5\nRequests/sec:  53550.29\nTransfer/sec:      6.62MB\n";
+        let r = parse(text).unwrap();
+        assert_eq!((r.requests, r.non_2xx, r.socket_errors), (268000, 5, 3));
+        assert_eq!((r.p50_us, r.p99_us, r.seconds), (831.0, 1360.0, 5.0));
+        assert!((r.rps - 53550.29).abs() < 1e-6);
+    }
+}
