@@ -112,7 +112,7 @@ pub fn start_origin(dir: &Workdir, workers: usize, cpus: &str) -> Result<Proc> {
         "worker_processes {workers};\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
          error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
          http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
-           keepalive_requests 10000000;\n  keepalive_timeout 120s;\n  default_type application/octet-stream;\n  open_file_cache max=64 valid=600s;\n\
+           keepalive_requests 10000000;\n  keepalive_timeout 120s;\n  default_type application/octet-stream;\n  open_file_cache max=64 inactive=600s;\n  open_file_cache_valid 600s;\n\
            client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
            server {{\n    listen 127.0.0.1:{port} reuseport;\n    root {www};\n  }}\n}}\n",
         err = dir.file("origin.err").display(),
