@@ -96,6 +96,8 @@ pub struct Timeouts {
     pub client_header: Duration,
     pub client_body: Duration,
     pub client_idle: Duration,
+    /// `None`: parking disabled.
+    pub client_park: Option<Duration>,
     pub upstream_connect: Duration,
     pub upstream_response_head: Duration,
     pub upstream_body: Duration,
@@ -203,6 +205,10 @@ impl Snapshot {
             client_header: ms("client_header_ms", t.client_header_ms)?,
             client_body: ms("client_body_ms", t.client_body_ms)?,
             client_idle: ms("client_idle_ms", t.client_idle_ms)?,
+            client_park: match t.client_park_ms {
+                0 => None,
+                v => Some(ms("client_park_ms", v)?),
+            },
             upstream_connect: ms("upstream_connect_ms", t.upstream_connect_ms)?,
             upstream_response_head: ms("upstream_response_head_ms", t.upstream_response_head_ms)?,
             upstream_body: ms("upstream_body_ms", t.upstream_body_ms)?,

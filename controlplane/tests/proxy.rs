@@ -33,6 +33,7 @@ both_drivers!(
     malformed_request_is_400_and_closes,
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
+    parked_connections_resume_and_expire,
 );
 
 fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
@@ -614,4 +615,40 @@ fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
     assert_eq!((r.status, r.body_str()), (200, "done"));
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+fn parked_connections_resume_and_expire(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(
+        &proxy_config(
+            origin.addr,
+            "[timeouts]\nclient_park_ms = 30\nclient_idle_ms = 1500\n",
+        ),
+        driver,
+    );
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    // Idle well past the park time: the connection is parked, then resumes on the next bytes,
+    // even when the next head arrives in pieces.
+    thread::sleep(Duration::from_millis(200));
+    c.send(b"GET /2 HTTP/1.1\r\n");
+    thread::sleep(Duration::from_millis(100));
+    c.send(b"Host: a\r\n\r\n");
+    assert_eq!(c.read_response().body_str(), "origin saw /2");
+    thread::sleep(Duration::from_millis(200));
+    // Pipelined requests sent to a parked connection.
+    c.send(b"GET /3 HTTP/1.1\r\nHost: a\r\n\r\nGET /4 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(c.read_response().body_str(), "origin saw /3");
+    assert_eq!(c.read_response().body_str(), "origin saw /4");
+    // A parked connection is still closed after client_idle_ms (checked once a second).
+    let started = std::time::Instant::now();
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -67,6 +67,16 @@ impl Gather {
         }
     }
 
+    /// Bytes still to write.
+    pub fn len(&self) -> usize {
+        self.remaining
+    }
+
+    /// Whether everything has been written.
+    pub fn is_empty(&self) -> bool {
+        self.remaining == 0
+    }
+
     /// Gives the buffers back.
     pub fn into_parts(self) -> (Vec<u8>, Vec<u8>, Vec<libc::iovec>) {
         (self.src, self.extra, self.iov)

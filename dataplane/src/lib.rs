@@ -14,7 +14,9 @@
 //! swaps it without ever blocking a worker.
 
 pub mod codec;
+pub mod forward;
 pub mod gather;
+mod park;
 mod proxy;
 pub mod status;
 pub mod upstream;

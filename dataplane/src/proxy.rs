@@ -13,21 +13,26 @@
 //! already be consumed.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use common::{Limits, Route, RouteAction, Snapshot, Timeouts};
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, Splitable,
+};
 use monoio::net::TcpStream;
 
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::{parse_request, RequestHead};
 use crate::codec::response::{parse_response, ResponseHead};
 use crate::codec::{BodyKind, FieldPlan, Span};
-use crate::gather::{Gather, Piece};
+use crate::forward::{self, request_pieces, response_pieces};
+use crate::gather::Gather;
 use crate::status::{Status, CONTINUE};
 use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
 use crate::worker::WorkerCtx;
@@ -88,11 +93,26 @@ struct Client {
     limits: Limits,
     timeouts: Timeouts,
     served: u64,
+    /// Cancels the read that waits for a next request when the connection parks.
+    canceller: Canceller,
 }
 
-/// Serves one accepted connection until it closes.
-pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+/// What waiting for the next request head gave.
+#[derive(Debug)]
+enum Head {
+    Request(RequestHead),
+    /// The client closed or stayed silent too long: close quietly.
+    Closed,
+    /// Idle past `client_park_ms`: hand the socket to the worker's park lot.
+    Park,
+}
+
+/// Serves a connection until it closes or parks; `served` counts requests already served on
+/// it (0 for a fresh connection).
+pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, served: u64) {
+    if served == 0 {
+        let _ = stream.set_nodelay(true);
+    }
     let snap = ctx.config.load();
     let mut client = Client {
         stream,
@@ -102,16 +122,27 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAdd
         iov: Vec::with_capacity(16),
         req_plan: FieldPlan::default(),
         resp_plan: FieldPlan::default(),
-        peer_ip: peer.ip(),
+        peer_ip: peer,
         limits: snap.limits,
         timeouts: snap.timeouts,
-        served: 0,
+        served,
+        canceller: Canceller::new(),
     };
     drop(snap);
     loop {
         let head = match client.read_head(&ctx).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return,
+            Ok(Head::Request(head)) => head,
+            Ok(Head::Closed) => return,
+            Ok(Head::Park) => {
+                let Client {
+                    stream, peer_ip, ..
+                } = client;
+                if let Some(lot) = ctx.park.borrow_mut().as_mut() {
+                    // A socket the kernel will not watch is closed, like an expired one.
+                    let _ = lot.park(stream, peer_ip, Instant::now());
+                }
+                return;
+            }
             Err(status) => {
                 client.send_static(status.response(true)).await;
                 return;
@@ -135,9 +166,9 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAdd
 }
 
 impl Client {
-    /// Reads until a whole request head is buffered at `buf[0..]`. `Ok(None)`: the client went
-    /// away or stayed idle (close quietly). `Err`: answer with that status and close.
-    async fn read_head(&mut self, ctx: &WorkerCtx) -> Result<Option<RequestHead>, Status> {
+    /// Reads until a whole request head is buffered at `buf[0..]`. `Err`: answer with that
+    /// status and close.
+    async fn read_head(&mut self, ctx: &WorkerCtx) -> Result<Head, Status> {
         // Move pipelined bytes to the front so the head's offsets start at 0.
         if self.pos > 0 {
             self.buf.copy_within(self.pos.., 0);
@@ -148,12 +179,13 @@ impl Client {
         loop {
             if !self.buf.is_empty() {
                 if let Some(head) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
-                    return Ok(Some(head));
+                    return Ok(Head::Request(head));
                 }
             }
+            let waiting_idle = self.buf.is_empty();
             let deadline = match header_deadline {
                 Some(d) => d,
-                None if !self.buf.is_empty() => {
+                None if !waiting_idle => {
                     let d = Instant::now() + self.timeouts.client_header;
                     header_deadline = Some(d);
                     d
@@ -162,32 +194,77 @@ impl Client {
                 None if self.served == 0 => Instant::now() + self.timeouts.client_header,
                 None => Instant::now() + self.timeouts.client_idle,
             };
-            let waiting_idle = self.buf.is_empty();
             if waiting_idle && ctx.draining.get() {
-                return Ok(None);
+                return Ok(Head::Closed);
             }
             let slot = waiting_idle.then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
-            let want = self.limits.max_header_bytes;
-            let res = read_more(
-                &mut self.stream,
-                &mut self.buf,
-                &mut self.pos,
-                want,
-                deadline,
-            )
-            .await;
+            let park_after = self
+                .timeouts
+                .client_park
+                .filter(|_| waiting_idle && self.served > 0 && ctx.park.borrow().is_some());
+            let res = match park_after {
+                Some(grace) => self.read_or_park(grace).await,
+                None => {
+                    let want = self.limits.max_header_bytes;
+                    read_more(
+                        &mut self.stream,
+                        &mut self.buf,
+                        &mut self.pos,
+                        want,
+                        deadline,
+                    )
+                    .await
+                    .map(Some)
+                }
+            };
             if let Some(slot) = slot {
                 ctx.idle.borrow_mut().remove(slot);
             }
             match res {
-                Ok(0) if self.buf.is_empty() => return Ok(None),
-                // Closed mid-head: nobody to answer.
-                Ok(0) => return Ok(None),
-                Ok(_) => {}
-                Err(ReadError::Timeout) if waiting_idle => return Ok(None),
+                Ok(None) => return Ok(Head::Park),
+                // Closed before or in the middle of a head: nobody to answer.
+                Ok(Some(0)) => return Ok(Head::Closed),
+                Ok(Some(_)) => {}
+                Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Closed),
                 Err(ReadError::Timeout) => return Err(Status::RequestTimeout),
-                Err(ReadError::Io) => return Ok(None),
+                Err(ReadError::Io) => return Ok(Head::Closed),
             }
+        }
+    }
+
+    /// Waits up to `grace` for the next request's first bytes. `Ok(None)`: nothing came and
+    /// the read was cancelled without consuming anything, so the connection can park.
+    async fn read_or_park(&mut self, grace: Duration) -> Result<Option<usize>, ReadError> {
+        self.buf.clear();
+        self.pos = 0;
+        let owned = std::mem::take(&mut self.buf);
+        let read = self.stream.cancelable_read(owned, self.canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let mut timer = std::pin::pin!(monoio::time::sleep(grace));
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let (res, buf) = match first {
+            Some(done) => done,
+            None => {
+                // Cancel, then wait for the read to finish either way: bytes that arrived in
+                // the meantime are returned with the buffer, never lost.
+                self.canceller = std::mem::take(&mut self.canceller).cancel();
+                read.await
+            }
+        };
+        self.buf = buf;
+        match res {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => Ok(None),
+            Err(_) => Err(ReadError::Io),
         }
     }
 
@@ -311,7 +388,14 @@ impl Client {
         let body_end = head.head_end + first_body;
         // The whole request is in the buffer: it can be sent again on a fresh connection.
         let replayable = body_left == 0;
-        let (line, tail) = self.write_request_extras(head, route);
+        let (line, tail) = forward::request_extras(
+            &self.buf,
+            head,
+            &self.req_plan,
+            route.strip_prefix_len,
+            self.peer_ip,
+            &mut self.scratch,
+        );
 
         let mut retried = false;
         let (mut conn, resp) = loop {
@@ -402,74 +486,6 @@ impl Client {
         } else {
             Next::KeepAlive
         }
-    }
-
-    /// Writes the rewritten request line (if any) and the fields to add into `scratch`.
-    /// Returns their spans there.
-    fn write_request_extras(&mut self, head: &RequestHead, route: &Route) -> (Option<Span>, Span) {
-        let buf = &self.buf;
-        let out = &mut self.scratch;
-        out.clear();
-        let mut target = head.origin_target.of(buf);
-        let strip = route.strip_prefix_len.min(head.path_len);
-        let line = if head.absolute || strip > 0 {
-            target = &target[strip..];
-            out.extend_from_slice(head.method.of(buf));
-            out.push(b' ');
-            if target.first() != Some(&b'/') {
-                out.push(b'/');
-            }
-            out.extend_from_slice(target);
-            out.extend_from_slice(if head.http10 {
-                b" HTTP/1.0\r\n"
-            } else {
-                b" HTTP/1.1\r\n"
-            });
-            Some(Span {
-                start: 0,
-                end: out.len(),
-            })
-        } else {
-            None
-        };
-        let tail_start = out.len();
-        if head.absolute {
-            if let Some(h) = head.host {
-                out.extend_from_slice(b"Host: ");
-                out.extend_from_slice(h.of(buf));
-                out.extend_from_slice(b"\r\n");
-            }
-        }
-        out.extend_from_slice(b"X-Forwarded-For: ");
-        for v in &self.req_plan.xff {
-            out.extend_from_slice(v.of(buf));
-            out.extend_from_slice(b", ");
-        }
-        write_ip(out, self.peer_ip);
-        out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
-        if let Some(h) = head.host {
-            if !h.is_empty() {
-                out.extend_from_slice(b"X-Forwarded-Host: ");
-                out.extend_from_slice(h.of(buf));
-                out.extend_from_slice(b"\r\n");
-            }
-        }
-        if head.body == BodyKind::Chunked {
-            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
-        }
-        if let Some(u) = head.upgrade {
-            out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
-            out.extend_from_slice(u.of(buf));
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        (
-            line,
-            Span {
-                start: tail_start,
-                end: out.len(),
-            },
-        )
     }
 
     /// Streams the rest of the request body from the client to the upstream, through the
@@ -792,119 +808,6 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
     }
     let _ = to.shutdown().await;
     open.set(open.get() - 1);
-}
-
-/// The kept field lines between `at` and `end`: everything except `drops` (in order).
-struct KeptFields<'a> {
-    drops: std::slice::Iter<'a, Span>,
-    at: usize,
-    end: usize,
-    done: bool,
-}
-
-impl Iterator for KeptFields<'_> {
-    type Item = Piece;
-
-    fn next(&mut self) -> Option<Piece> {
-        if let Some(d) = self.drops.next() {
-            let piece = Piece::Src(Span {
-                start: self.at,
-                end: d.start,
-            });
-            self.at = d.end;
-            return Some(piece);
-        }
-        if self.done {
-            return None;
-        }
-        self.done = true;
-        Some(Piece::Src(Span {
-            start: self.at,
-            end: self.end,
-        }))
-    }
-}
-
-/// The pieces of a forwarded head: the start line, the kept field lines, the added fields
-/// (with the blank line) and the body bytes that came with the head.
-fn head_pieces<'a>(
-    line: Piece,
-    fields: (usize, usize),
-    drops: &'a [Span],
-    added: Span,
-    body: Span,
-) -> impl Iterator<Item = Piece> + 'a {
-    std::iter::once(line)
-        .chain(KeptFields {
-            drops: drops.iter(),
-            at: fields.0,
-            end: fields.1,
-            done: false,
-        })
-        .chain([Piece::Extra(added), Piece::Src(body)])
-}
-
-/// The pieces of a forwarded request: request line (rewritten or original), kept fields,
-/// added fields, then the body bytes that came with the head.
-fn request_pieces<'a>(
-    head: &RequestHead,
-    plan: &'a FieldPlan,
-    line: Option<Span>,
-    added: Span,
-    body_end: usize,
-) -> impl Iterator<Item = Piece> + 'a {
-    let first = match line {
-        Some(l) => Piece::Extra(l),
-        None => Piece::Src(Span {
-            start: head.start,
-            end: head.fields_start,
-        }),
-    };
-    let body = Span {
-        start: head.head_end,
-        end: body_end,
-    };
-    head_pieces(
-        first,
-        (head.fields_start, head.fields_end),
-        &plan.drop,
-        added,
-        body,
-    )
-}
-
-/// The pieces of a relayed response head and the first `body_len` body bytes after it.
-fn response_pieces<'a>(
-    resp: &ResponseHead,
-    plan: &'a FieldPlan,
-    added: Span,
-    body_len: usize,
-) -> impl Iterator<Item = Piece> + 'a {
-    let line = Piece::Src(Span {
-        start: 0,
-        end: resp.fields_start,
-    });
-    let body = Span {
-        start: resp.head_end,
-        end: resp.head_end + body_len,
-    };
-    head_pieces(
-        line,
-        (resp.fields_start, resp.fields_end),
-        &plan.drop,
-        added,
-        body,
-    )
-}
-
-/// Appends the textual form of `ip` without allocating.
-fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    use std::io::Write;
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    let _ = write!(out, "{ip}");
 }
 
 /// Reads more bytes into `buf` (after compacting consumed ones), up to `max` buffered,

@@ -9,8 +9,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use common::Snapshot;
-use monoio::net::TcpListener;
+use monoio::net::{TcpListener, TcpStream};
 
+use crate::park::ParkLot;
 use crate::upstream::Pool;
 use crate::{DriverKind, StartError};
 
@@ -34,6 +35,8 @@ pub(crate) struct WorkerCtx {
     pub draining: Cell<bool>,
     /// Connections waiting for their next request, closed at once on shutdown.
     pub idle: RefCell<IdleSet>,
+    /// Keep-alive connections idle past `client_park_ms`; `None` when epoll is unavailable.
+    pub park: RefCell<Option<ParkLot>>,
     active: Cell<usize>,
     index: usize,
 }
@@ -91,6 +94,65 @@ impl IdleSet {
 
     fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.slots.iter().copied().filter(|&fd| fd >= 0)
+    }
+}
+
+/// Starts a task serving `stream`; `served` counts the requests it already served.
+pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, served: u64) {
+    ctx.active.set(ctx.active.get() + 1);
+    let guard = ActiveGuard(ctx.clone());
+    monoio::spawn(async move {
+        let ctx = guard.0.clone();
+        crate::proxy::serve(ctx, stream, peer, served).await;
+        drop(guard);
+    });
+}
+
+/// Resumes parked connections as their sockets become readable.
+async fn unpark_loop(ctx: Rc<WorkerCtx>, driver: DriverKind) {
+    let Some(epfd) = ctx.park.borrow().as_ref().map(ParkLot::epoll_fd) else {
+        return;
+    };
+    // monoio can wait for any pollable fd through a stream type; a duplicate of the epoll fd,
+    // dressed as a Unix stream, is never read or written, only polled.
+    // SAFETY: dup of an open fd; the new fd is owned by the stream built on it.
+    let dup = unsafe { libc::dup(epfd) };
+    if dup < 0 {
+        return;
+    }
+    // SAFETY: `dup` is a fresh fd owned by nothing else.
+    let std_stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(dup) };
+    let Ok(waiter) = monoio::net::UnixStream::from_std(std_stream) else {
+        return;
+    };
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+    loop {
+        // Under epoll, a relaxed wait would trust stale readiness; ask the kernel instead.
+        if waiter
+            .readable(driver == DriverKind::IoUring)
+            .await
+            .is_err()
+            || ctx.draining.get()
+        {
+            return;
+        }
+        loop {
+            // SAFETY: `events` has room for 64 entries; timeout 0 never blocks.
+            let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), 64, 0) };
+            if n <= 0 {
+                break;
+            }
+            for ev in &events[..n as usize] {
+                let data = ev.u64;
+                let parked = ctx.park.borrow_mut().as_mut().and_then(|p| p.take(data));
+                if let Some(p) = parked {
+                    spawn_connection(&ctx, p.stream, p.peer, 1);
+                }
+            }
+            if n < 64 {
+                break;
+            }
+        }
     }
 }
 
@@ -167,9 +229,11 @@ async fn worker_main(spec: WorkerSpec) {
         rr: RefCell::new(RoundRobin::default()),
         draining: Cell::new(false),
         idle: RefCell::new(IdleSet::default()),
+        park: RefCell::new(ParkLot::new().ok()),
         active: Cell::new(0),
         index: spec.index,
     });
+    monoio::spawn(unpark_loop(ctx.clone(), spec.driver));
     drop(snap);
     let mut listener_fds = Vec::new();
     for std_listener in spec.listeners {
@@ -191,13 +255,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
                 if ctx.draining.get() {
                     break;
                 }
-                ctx.active.set(ctx.active.get() + 1);
-                let guard = ActiveGuard(ctx.clone());
-                monoio::spawn(async move {
-                    let ctx = guard.0.clone();
-                    crate::proxy::serve(ctx, stream, peer).await;
-                    drop(guard);
-                });
+                spawn_connection(&ctx, stream, peer.ip(), 0);
             }
             Err(e) => {
                 if ctx.draining.get() {
@@ -226,10 +284,16 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
             pool.max_idle = snap.max_idle_per_target;
             pool.idle_timeout = snap.timeouts.upstream_idle;
             pool.sweep(now);
+            if let Some(park) = ctx.park.borrow_mut().as_mut() {
+                park.expire(now, snap.timeouts.client_idle);
+            }
             last_sweep = now;
         }
     }
     ctx.draining.set(true);
+    if let Some(park) = ctx.park.borrow_mut().as_mut() {
+        park.clear();
+    }
     for &fd in listener_fds {
         // SAFETY: the listeners are owned by accept tasks that live as long as this runtime, so
         // the fds are open and still theirs. shutdown() only makes the pending accept fail.

@@ -65,7 +65,10 @@ struct Options {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_owned()
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -88,7 +91,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().with_context(|| format!("{a} needs a value"));
+        let mut val = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{a} needs a value"))
+        };
         match a.as_str() {
             "--reps" => o.reps = val()?.parse()?,
             "--duration" => o.duration = val()?.parse()?,
@@ -103,14 +110,25 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 let v = val()?;
                 o.bodies = v
                     .split(',')
-                    .map(|b| BODIES.iter().find(|(n, _)| *n == b).copied().with_context(|| format!("unknown body {b:?}")))
+                    .map(|b| {
+                        BODIES
+                            .iter()
+                            .find(|(n, _)| *n == b)
+                            .copied()
+                            .with_context(|| format!("unknown body {b:?}"))
+                    })
                     .collect::<Result<_>>()?;
             }
             "--churn" => o.churn = true,
             "--idle" => o.idle = val()?.parse()?,
             "--out" => o.out = PathBuf::from(val()?),
             "--gateway" => o.gateway = Some(PathBuf::from(val()?)),
-            "--worker-counts" => o.worker_counts = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--worker-counts" => {
+                o.worker_counts = val()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
@@ -151,14 +169,25 @@ fn which(tool: &str) -> Option<PathBuf> {
         .to_str()?
         .split(':')
         .map(|d| Path::new(d).join(tool))
-        .chain(["/usr/sbin", "/sbin"].iter().map(|d| Path::new(d).join(tool)))
+        .chain(
+            ["/usr/sbin", "/sbin"]
+                .iter()
+                .map(|d| Path::new(d).join(tool)),
+        )
         .find(|p| p.is_file())
 }
 
 fn build_gateway() -> Result<PathBuf> {
     let root = workspace_root();
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "controlplane", "--bin", "gateway"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "controlplane",
+            "--bin",
+            "gateway",
+        ])
         .current_dir(&root)
         .status()?;
     if !status.success() {
@@ -171,7 +200,12 @@ fn build_gateway() -> Result<PathBuf> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     // SAFETY: sysconf has no preconditions.
@@ -187,7 +221,14 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     let origin = procs::start_origin(&dir, opts.workers, &opts.origin_cpus)?;
     let mut proxies: Vec<(Kind, Proc)> = Vec::new();
     for &kind in &opts.proxies {
-        let p = procs::start_proxy(kind, &dir, gateway, opts.workers, &opts.proxy_cpus, origin.addr)?;
+        let p = procs::start_proxy(
+            kind,
+            &dir,
+            gateway,
+            opts.workers,
+            &opts.proxy_cpus,
+            origin.addr,
+        )?;
         proxies.push((kind, p));
     }
     // Every proxy must return exactly what the origin serves before anything is measured.
@@ -207,7 +248,13 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     let wrk_threads = cpu_count(&opts.wrk_cpus);
     for (name, _) in &opts.bodies {
         for addr in std::iter::once(origin.addr).chain(proxies.iter().map(|(_, p)| p.addr)) {
-            wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.warmup, &format!("http://{addr}/{name}"))?;
+            wrk::run(
+                &opts.wrk_cpus,
+                wrk_threads,
+                opts.connections,
+                opts.warmup,
+                &format!("http://{addr}/{name}"),
+            )?;
         }
     }
 
@@ -215,16 +262,28 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     for rep in 0..opts.reps {
         for (name, _) in &opts.bodies {
             // Rotate the order each repetition so no proxy always runs right after another.
-            let mut order: Vec<Option<usize>> = std::iter::once(None).chain((0..proxies.len()).map(Some)).collect();
+            let mut order: Vec<Option<usize>> = std::iter::once(None)
+                .chain((0..proxies.len()).map(Some))
+                .collect();
             let shift = rep % order.len();
             order.rotate_left(shift);
             for which in order {
                 let (label, addr, pid) = match which {
                     None => (Kind::Direct.name().to_owned(), origin.addr, None),
-                    Some(i) => (proxies[i].0.name().to_owned(), proxies[i].1.addr, Some(proxies[i].1.pid())),
+                    Some(i) => (
+                        proxies[i].0.name().to_owned(),
+                        proxies[i].1.addr,
+                        Some(proxies[i].1.pid()),
+                    ),
                 };
                 let before = pid.map(procs::cpu_seconds).unwrap_or(0.0);
-                let w = wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.duration, &format!("http://{addr}/{name}"))?;
+                let w = wrk::run(
+                    &opts.wrk_cpus,
+                    wrk_threads,
+                    opts.connections,
+                    opts.duration,
+                    &format!("http://{addr}/{name}"),
+                )?;
                 let cpu_s = pid.map(procs::cpu_seconds).unwrap_or(0.0) - before;
                 println!(
                     "rep {rep} {name:>4} {label:<14} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",
@@ -251,7 +310,10 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     let csv = opts.out.join(format!("{tag}.csv"));
     let svg = opts.out.join(format!("{tag}.svg"));
     report::write_csv(&csv, &samples)?;
-    let title = format!("requests per proxy CPU-second, {} worker(s) each", opts.workers);
+    let title = format!(
+        "requests per proxy CPU-second, {} worker(s) each",
+        opts.workers
+    );
     report::write_svg(&svg, &summaries, &title)?;
     let mut md = format!("machine: {}\n\n{table}", machine());
 
@@ -273,7 +335,12 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
         md.push_str(&lines);
     }
     std::fs::write(opts.out.join(format!("{tag}.md")), md)?;
-    println!("wrote {}, {} and {}", csv.display(), svg.display(), opts.out.join(format!("{tag}.md")).display());
+    println!(
+        "wrote {}, {} and {}",
+        csv.display(),
+        svg.display(),
+        opts.out.join(format!("{tag}.md")).display()
+    );
     drop(proxies);
     drop(origin);
     Ok(())
@@ -282,7 +349,12 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
 fn cpu_count(list: &str) -> usize {
     list.split(',')
         .map(|part| match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().unwrap_or(0).saturating_sub(a.parse().unwrap_or(0)) + 1,
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .unwrap_or(0)
+                    .saturating_sub(a.parse().unwrap_or(0))
+                    + 1
+            }
             None => 1,
         })
         .sum::<usize>()
@@ -326,7 +398,13 @@ fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result
     let mut churned = Vec::new();
     let mut reloads = 0;
     for _ in 0..opts.reps {
-        plain.push(wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.duration, &url)?);
+        plain.push(wrk::run(
+            &opts.wrk_cpus,
+            wrk_threads,
+            opts.connections,
+            opts.duration,
+            &url,
+        )?);
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let (stop2, count2, conf2, pid) = (stop.clone(), count.clone(), conf.clone(), gw.pid());
@@ -349,7 +427,13 @@ fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        let r = wrk::run(&opts.wrk_cpus, wrk_threads, opts.connections, opts.duration, &url);
+        let r = wrk::run(
+            &opts.wrk_cpus,
+            wrk_threads,
+            opts.connections,
+            opts.duration,
+            &url,
+        );
         stop.store(true, Ordering::Relaxed);
         let _ = changer.join();
         reloads += count.load(Ordering::Relaxed);
@@ -378,7 +462,8 @@ fn idle_rss(p: &Proc, n: usize) -> Result<String> {
         if Instant::now() > deadline {
             bail!("opening {n} idle connections took too long");
         }
-        let mut s = TcpStream::connect(p.addr).context("opening idle connections (raise ulimit -n?)")?;
+        let mut s =
+            TcpStream::connect(p.addr).context("opening idle connections (raise ulimit -n?)")?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(b"GET /13b HTTP/1.1\r\nHost: loadtest\r\n\r\n")?;
         let mut got = Vec::new();
@@ -396,29 +481,51 @@ fn idle_rss(p: &Proc, n: usize) -> Result<String> {
     let after = procs::rss_kib(p.pid());
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     drop(conns);
-    Ok(format!("| {} | {n} | {before} KiB | {after} KiB | {per:.0} bytes |\n", p.name))
+    Ok(format!(
+        "| {} | {n} | {before} KiB | {after} KiB | {per:.0} bytes |\n",
+        p.name
+    ))
 }
 
 /// GET with `Connection: close`; returns the status and the (de-chunked) body.
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: loadtest\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: loadtest\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no response head")?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no response head")?;
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let status: u16 = head.get(9..12).context("short status line")?.parse()?;
     let body = raw[split + 4..].to_vec();
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
     if !chunked {
         return Ok((status, body));
     }
     let mut out = Vec::new();
     let mut at = 0;
     loop {
-        let eol = body[at..].windows(2).position(|w| w == b"\r\n").context("bad chunk")? + at;
-        let size = usize::from_str_radix(String::from_utf8_lossy(&body[at..eol]).split(';').next().unwrap_or("").trim(), 16)?;
+        let eol = body[at..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk")?
+            + at;
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&body[at..eol])
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim(),
+            16,
+        )?;
         at = eol + 2;
         if size == 0 {
             return Ok((status, out));

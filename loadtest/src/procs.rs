@@ -63,7 +63,14 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_pinned(name: &str, cpus: &str, program: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Result<Child> {
+fn spawn_pinned(
+    name: &str,
+    cpus: &str,
+    program: &str,
+    args: &[&str],
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Result<Child> {
     let log_file = std::fs::File::create(log)?;
     let mut cmd = Command::new("taskset");
     cmd.arg("-c").arg(cpus).arg(program).args(args);
@@ -128,7 +135,19 @@ fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> 
     let path = dir.file(&format!("{name}.nginx.conf"));
     std::fs::write(&path, conf)?;
     let log = dir.file(&format!("{name}.log"));
-    let child = spawn_pinned(name, cpus, "nginx", &["-p", &dir.0.display().to_string(), "-c", &path.display().to_string()], &log, &[])?;
+    let child = spawn_pinned(
+        name,
+        cpus,
+        "nginx",
+        &[
+            "-p",
+            &dir.0.display().to_string(),
+            "-c",
+            &path.display().to_string(),
+        ],
+        &log,
+        &[],
+    )?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let p = Proc {
         name: name.to_owned(),
@@ -182,7 +201,14 @@ pub fn gateway_config(port: u16, workers: usize, origin: SocketAddr, extra: &str
 }
 
 /// Starts one reverse proxy in front of `origin`.
-pub fn start_proxy(kind: Kind, dir: &Workdir, gateway_bin: &Path, workers: usize, cpus: &str, origin: SocketAddr) -> Result<Proc> {
+pub fn start_proxy(
+    kind: Kind,
+    dir: &Workdir,
+    gateway_bin: &Path,
+    workers: usize,
+    cpus: &str,
+    origin: SocketAddr,
+) -> Result<Proc> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     match kind {
@@ -232,7 +258,14 @@ pub fn start_proxy(kind: Kind, dir: &Workdir, gateway_bin: &Path, workers: usize
             let path = dir.file("haproxy.cfg");
             std::fs::write(&path, conf)?;
             let log = dir.file("haproxy.log");
-            let child = spawn_pinned("haproxy", cpus, "haproxy", &["-f", &path.display().to_string(), "-db"], &log, &[])?;
+            let child = spawn_pinned(
+                "haproxy",
+                cpus,
+                "haproxy",
+                &["-f", &path.display().to_string(), "-db"],
+                &log,
+                &[],
+            )?;
             let p = Proc {
                 name: "haproxy".into(),
                 addr,
@@ -249,7 +282,9 @@ fn tree(root: i32) -> Vec<i32> {
     let mut parents: Vec<(i32, i32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
             if let Some(fields) = stat_fields(pid) {
                 if let Some(ppid) = fields.get(1).and_then(|p| p.parse().ok()) {
                     parents.push((pid, ppid));
@@ -284,7 +319,9 @@ pub fn cpu_seconds(root: i32) -> f64 {
         .filter_map(stat_fields)
         .map(|f| {
             // stat fields 14..17 are utime, stime, cutime, cstime; `f` starts at field 3.
-            (11..15).filter_map(|i| f.get(i)?.parse::<f64>().ok()).sum::<f64>()
+            (11..15)
+                .filter_map(|i| f.get(i)?.parse::<f64>().ok())
+                .sum::<f64>()
         })
         .sum::<f64>()
         / ticks

@@ -170,7 +170,12 @@ pub fn write_csv(path: &Path, samples: &[Sample]) -> Result<()> {
 
 /// Grouped bars: requests per proxy CPU-second, one group per body size, one bar per proxy.
 pub fn write_svg(path: &Path, summaries: &[Summary], title: &str) -> Result<()> {
-    let proxies: Vec<String> = dedup(summaries.iter().filter(|s| s.per_cpu_s > 0.0).map(|s| s.proxy.clone()));
+    let proxies: Vec<String> = dedup(
+        summaries
+            .iter()
+            .filter(|s| s.per_cpu_s > 0.0)
+            .map(|s| s.proxy.clone()),
+    );
     let bodies: Vec<String> = dedup(summaries.iter().map(|s| s.body.clone()));
     let max = summaries.iter().map(|s| s.per_cpu_s).fold(0.0, f64::max) * 1.15;
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
@@ -198,16 +203,26 @@ pub fn write_svg(path: &Path, summaries: &[Summary], title: &str) -> Result<()> 
         })
         .y_desc("requests per proxy CPU-second")
         .draw()?;
-    let colours = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+    let colours = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
     for (pi, proxy) in proxies.iter().enumerate() {
         let colour = colours[pi % colours.len()];
         let bars: Vec<Rectangle<(u32, f64)>> = bodies
             .iter()
             .enumerate()
             .filter_map(|(bi, body)| {
-                let s = summaries.iter().find(|s| &s.proxy == proxy && &s.body == body)?;
+                let s = summaries
+                    .iter()
+                    .find(|s| &s.proxy == proxy && &s.body == body)?;
                 let x = bi as u32 * group + pi as u32;
-                Some(Rectangle::new([(x, 0.0), (x + 1, s.per_cpu_s)], colour.filled()))
+                Some(Rectangle::new(
+                    [(x, 0.0), (x + 1, s.per_cpu_s)],
+                    colour.filled(),
+                ))
             })
             .collect();
         chart

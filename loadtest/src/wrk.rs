@@ -17,7 +17,13 @@ pub struct WrkResult {
 }
 
 /// Runs `wrk --latency` against `url`.
-pub fn run(cpus: &str, threads: usize, connections: usize, seconds: u64, url: &str) -> Result<WrkResult> {
+pub fn run(
+    cpus: &str,
+    threads: usize,
+    connections: usize,
+    seconds: u64,
+    url: &str,
+) -> Result<WrkResult> {
     let out = Command::new("taskset")
         .args(["-c", cpus, "wrk", "--latency"])
         .arg(format!("-t{threads}"))

@@ -1,0 +1,206 @@
+//! Criterion benchmarks of the request path pieces and the whole in-memory path (parse, route,
+//! head rewrite, gather), plus allocations per request counted by a global allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use benches::{snapshot_with_routes, BROWSER_GET, MINIMAL_GET};
+use common::{Limits, RouteAction, Snapshot};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use dataplane::codec::chunked::ChunkedDecoder;
+use dataplane::codec::request::parse_request;
+use dataplane::codec::FieldPlan;
+use dataplane::forward::{request_extras, request_pieces};
+use dataplane::gather::Gather;
+
+struct Counting;
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator, only counting.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+
+/// Buffers a connection keeps from request to request.
+struct Scratch {
+    buf: Vec<u8>,
+    plan: FieldPlan,
+    extra: Vec<u8>,
+    iov: Vec<libc::iovec>,
+}
+
+/// The whole in-memory request path: parse, route, head rewrite, build the vectored write.
+/// Returns the number of bytes the write would send.
+fn request_path(snap: &Snapshot, s: &mut Scratch) -> usize {
+    let limits: &Limits = &snap.limits;
+    let head = parse_request(&s.buf, limits, &mut s.plan)
+        .expect("valid request")
+        .expect("complete request");
+    let method = head.method.of(&s.buf);
+    let host = head.host.map(|h| h.of(&s.buf));
+    let id = snap
+        .router
+        .find(host, head.path(&s.buf), |id| {
+            snap.routes[id as usize].accepts(method)
+        })
+        .expect("a route matches");
+    let route = &snap.routes[id as usize];
+    let RouteAction::Proxy { upstream } = route.action else {
+        unreachable!("bench routes proxy")
+    };
+    black_box(&snap.upstreams[upstream]);
+    let (line, tail) = request_extras(
+        &s.buf,
+        &head,
+        &s.plan,
+        route.strip_prefix_len,
+        PEER,
+        &mut s.extra,
+    );
+    let pieces = request_pieces(&head, &s.plan, line, tail, head.head_end);
+    let g = Gather::new(
+        std::mem::take(&mut s.buf),
+        std::mem::take(&mut s.extra),
+        std::mem::take(&mut s.iov),
+        pieces,
+    );
+    let len = g.len();
+    (s.buf, s.extra, s.iov) = g.into_parts();
+    len
+}
+
+fn scratch(request: &[u8]) -> Scratch {
+    let mut buf = Vec::with_capacity(8192);
+    buf.extend_from_slice(request);
+    Scratch {
+        buf,
+        plan: FieldPlan::default(),
+        extra: Vec::with_capacity(512),
+        iov: Vec::with_capacity(16),
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let snap10 = snapshot_with_routes(10);
+    let snap1000 = snapshot_with_routes(1000);
+    let limits = snap10.limits;
+
+    let mut g = c.benchmark_group("parse");
+    let mut plan = FieldPlan::default();
+    g.bench_function("minimal_get", |b| {
+        b.iter(|| parse_request(black_box(MINIMAL_GET), &limits, &mut plan))
+    });
+    g.bench_function("browser_get", |b| {
+        b.iter(|| parse_request(black_box(BROWSER_GET), &limits, &mut plan))
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("route");
+    for (name, snap) in [("10_routes", &snap10), ("1000_routes", &snap1000)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                snap.router.find(
+                    Some(black_box(&b"api.example.com"[..])),
+                    black_box(b"/api/v1/orders/12345"),
+                    |id| snap.routes[id as usize].accepts(b"GET"),
+                )
+            })
+        });
+    }
+    g.finish();
+
+    let shared = ArcSwap::from_pointee(snapshot_with_routes(10));
+    c.bench_function("snapshot_load", |b| {
+        b.iter(|| black_box(shared.load().revision))
+    });
+    let shared_arc = Arc::new(shared);
+    c.bench_function("snapshot_load_full", |b| {
+        b.iter(|| black_box(shared_arc.load_full().revision))
+    });
+
+    let mut s = scratch(BROWSER_GET);
+    let head = parse_request(&s.buf, &limits, &mut s.plan)
+        .unwrap()
+        .unwrap();
+    c.bench_function("head_rewrite", |b| {
+        b.iter(|| {
+            let (line, tail) = request_extras(&s.buf, &head, &s.plan, 0, PEER, &mut s.extra);
+            let pieces = request_pieces(&head, &s.plan, line, tail, head.head_end);
+            let g = Gather::new(
+                std::mem::take(&mut s.buf),
+                std::mem::take(&mut s.extra),
+                std::mem::take(&mut s.iov),
+                pieces,
+            );
+            let n = g.len();
+            (s.buf, s.extra, s.iov) = g.into_parts();
+            n
+        })
+    });
+
+    let mut g = c.benchmark_group("request_path");
+    for (name, snap) in [("10_routes", &snap10), ("1000_routes", &snap1000)] {
+        let mut s = scratch(BROWSER_GET);
+        g.bench_function(name, |b| b.iter(|| request_path(snap, &mut s)));
+    }
+    g.finish();
+
+    let body: Vec<u8> = {
+        let mut v = Vec::new();
+        for _ in 0..16 {
+            v.extend_from_slice(b"1000\r\n");
+            v.extend(std::iter::repeat_n(b'x', 4096));
+            v.extend_from_slice(b"\r\n");
+        }
+        v.extend_from_slice(b"0\r\n\r\n");
+        v
+    };
+    c.bench_function("chunked_validate_64k", |b| {
+        b.iter_batched(
+            || ChunkedDecoder::new(16384),
+            |mut d| d.advance(black_box(&body)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    // Allocations per request on the in-memory path, after warm-up.
+    let mut s = scratch(BROWSER_GET);
+    for _ in 0..1000 {
+        request_path(&snap1000, &mut s);
+    }
+    const N: u64 = 100_000;
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for _ in 0..N {
+        black_box(request_path(&snap1000, &mut s));
+    }
+    let allocs = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    println!(
+        "allocations per request on the in-memory path: {} ({allocs} over {N} requests)",
+        allocs as f64 / N as f64
+    );
+}
+
+criterion_group!(hot_path, benches);
+criterion_main!(hot_path);

@@ -1,0 +1,199 @@
+//! Building a forwarded head: the new request line (when the target changes), the fields the
+//! gateway adds, and the list of pieces (kept runs of the original head, added fields, body
+//! bytes) that one vectored write sends.
+//!
+//! Hot path: writes into a reused scratch buffer only; no allocation once it has grown.
+
+use std::net::IpAddr;
+
+use crate::codec::request::RequestHead;
+use crate::codec::response::ResponseHead;
+use crate::codec::{BodyKind, FieldPlan, Span};
+use crate::gather::Piece;
+
+/// Writes into `out` (cleared first) the rewritten request line, if the target changes
+/// (absolute form, or `strip_prefix_len` bytes of prefix to remove), and the fields the
+/// gateway adds, ending with the blank line. Returns their spans in `out`.
+pub fn request_extras(
+    buf: &[u8],
+    head: &RequestHead,
+    plan: &FieldPlan,
+    strip_prefix_len: usize,
+    peer: IpAddr,
+    out: &mut Vec<u8>,
+) -> (Option<Span>, Span) {
+    out.clear();
+    let mut target = head.origin_target.of(buf);
+    let strip = strip_prefix_len.min(head.path_len);
+    let line = if head.absolute || strip > 0 {
+        target = &target[strip..];
+        out.extend_from_slice(head.method.of(buf));
+        out.push(b' ');
+        if target.first() != Some(&b'/') {
+            out.push(b'/');
+        }
+        out.extend_from_slice(target);
+        out.extend_from_slice(if head.http10 {
+            b" HTTP/1.0\r\n"
+        } else {
+            b" HTTP/1.1\r\n"
+        });
+        Some(Span {
+            start: 0,
+            end: out.len(),
+        })
+    } else {
+        None
+    };
+    let tail_start = out.len();
+    if head.absolute {
+        if let Some(h) = head.host {
+            out.extend_from_slice(b"Host: ");
+            out.extend_from_slice(h.of(buf));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    for v in &plan.xff {
+        out.extend_from_slice(v.of(buf));
+        out.extend_from_slice(b", ");
+    }
+    write_ip(out, peer);
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+    if let Some(h) = head.host {
+        if !h.is_empty() {
+            out.extend_from_slice(b"X-Forwarded-Host: ");
+            out.extend_from_slice(h.of(buf));
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if head.body == BodyKind::Chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if let Some(u) = head.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
+        out.extend_from_slice(u.of(buf));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (
+        line,
+        Span {
+            start: tail_start,
+            end: out.len(),
+        },
+    )
+}
+
+/// The kept field lines between `at` and `end`: everything except `drops` (in order).
+struct KeptFields<'a> {
+    drops: std::slice::Iter<'a, Span>,
+    at: usize,
+    end: usize,
+    done: bool,
+}
+
+impl Iterator for KeptFields<'_> {
+    type Item = Piece;
+
+    fn next(&mut self) -> Option<Piece> {
+        if let Some(d) = self.drops.next() {
+            let piece = Piece::Src(Span {
+                start: self.at,
+                end: d.start,
+            });
+            self.at = d.end;
+            return Some(piece);
+        }
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        Some(Piece::Src(Span {
+            start: self.at,
+            end: self.end,
+        }))
+    }
+}
+
+/// The pieces of a forwarded head: the start line, the kept field lines, the added fields
+/// (with the blank line) and the body bytes that came with the head.
+pub fn head_pieces<'a>(
+    line: Piece,
+    fields: (usize, usize),
+    drops: &'a [Span],
+    added: Span,
+    body: Span,
+) -> impl Iterator<Item = Piece> + 'a {
+    std::iter::once(line)
+        .chain(KeptFields {
+            drops: drops.iter(),
+            at: fields.0,
+            end: fields.1,
+            done: false,
+        })
+        .chain([Piece::Extra(added), Piece::Src(body)])
+}
+
+/// The pieces of a forwarded request: request line (rewritten or original), kept fields,
+/// added fields, then the body bytes that came with the head.
+pub fn request_pieces<'a>(
+    head: &RequestHead,
+    plan: &'a FieldPlan,
+    line: Option<Span>,
+    added: Span,
+    body_end: usize,
+) -> impl Iterator<Item = Piece> + 'a {
+    let first = match line {
+        Some(l) => Piece::Extra(l),
+        None => Piece::Src(Span {
+            start: head.start,
+            end: head.fields_start,
+        }),
+    };
+    let body = Span {
+        start: head.head_end,
+        end: body_end,
+    };
+    head_pieces(
+        first,
+        (head.fields_start, head.fields_end),
+        &plan.drop,
+        added,
+        body,
+    )
+}
+
+/// The pieces of a relayed response head and the first `body_len` body bytes after it.
+pub fn response_pieces<'a>(
+    resp: &ResponseHead,
+    plan: &'a FieldPlan,
+    added: Span,
+    body_len: usize,
+) -> impl Iterator<Item = Piece> + 'a {
+    let line = Piece::Src(Span {
+        start: 0,
+        end: resp.fields_start,
+    });
+    let body = Span {
+        start: resp.head_end,
+        end: resp.head_end + body_len,
+    };
+    head_pieces(
+        line,
+        (resp.fields_start, resp.fields_end),
+        &plan.drop,
+        added,
+        body,
+    )
+}
+
+/// Appends the textual form of `ip` without allocating.
+pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    use std::io::Write;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let _ = write!(out, "{ip}");
+}
