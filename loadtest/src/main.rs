@@ -28,6 +28,7 @@ use report::Sample;
 const USAGE: &str = "\
 usage: loadtest compare [options]
        loadtest scaling [options] [--worker-counts 1,2,4,8]
+       loadtest report RESULTS.csv      (table and chart again from a CSV)
 
 options (defaults in brackets):
   --reps N              repetitions, interleaved [3]
@@ -144,6 +145,15 @@ fn main() -> Result<()> {
         println!("{USAGE}");
         return Ok(());
     };
+    if mode == "report" {
+        let csv = PathBuf::from(args.get(1).context("report needs a CSV file")?);
+        let summaries = report::summarize(&report::read_csv(&csv)?);
+        println!("{}", report::table(&summaries));
+        let svg = csv.with_extension("svg");
+        report::write_svg(&svg, &summaries, "requests per proxy CPU-second")?;
+        println!("wrote {}", svg.display());
+        return Ok(());
+    }
     let opts = parse_options(&args[1..])?;
     for tool in ["wrk", "nginx", "haproxy", "taskset"] {
         if which(tool).is_none() {

@@ -93,20 +93,23 @@ fn ratio(a: f64, b: f64) -> String {
 /// The comparison table in markdown, each proxy's figures beside the ratio to nginx's.
 pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| body | proxy | req/s | p50 | p99 | proxy CPU-s | req per proxy CPU-s | req/s vs nginx | req/CPU-s vs nginx | p99 vs nginx | non-2xx | socket errors |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| body | proxy | req/s | p50 | p99 | proxy CPU-s | req per proxy CPU-s | req/s vs nginx | p50 vs nginx | p99 vs nginx | CPU-s vs nginx | req/CPU-s vs nginx | non-2xx | socket errors |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for s in summaries {
         let nginx = summaries
             .iter()
             .find(|n| n.proxy == "nginx" && n.body == s.body);
-        let (r_rps, r_cpu, r_p99) = match nginx {
-            Some(n) if s.proxy != "origin-direct" => (
+        let dash = || "-".to_owned();
+        let [r_rps, r_p50, r_p99, r_cpu_s, r_cpu] = match nginx {
+            Some(n) if s.proxy != "origin-direct" => [
                 ratio(s.rps, n.rps),
-                ratio(s.per_cpu_s, n.per_cpu_s),
+                ratio(s.p50_us, n.p50_us),
                 ratio(s.p99_us, n.p99_us),
-            ),
-            _ => ("-".into(), "-".into(), "-".into()),
+                ratio(s.cpu_s, n.cpu_s),
+                ratio(s.per_cpu_s, n.per_cpu_s),
+            ],
+            _ => [dash(), dash(), dash(), dash(), dash()],
         };
         let per_cpu = if s.per_cpu_s > 0.0 {
             format!("{:.0}", s.per_cpu_s)
@@ -115,7 +118,7 @@ pub fn table(summaries: &[Summary]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.body,
             s.proxy,
             s.rps,
@@ -124,8 +127,10 @@ pub fn table(summaries: &[Summary]) -> String {
             s.cpu_s,
             per_cpu,
             r_rps,
-            r_cpu,
+            r_p50,
             r_p99,
+            r_cpu_s,
+            r_cpu,
             s.non_2xx,
             s.socket_errors
         );
@@ -139,6 +144,36 @@ fn fmt_us(us: f64) -> String {
     } else {
         format!("{us:.0} µs")
     }
+}
+
+/// Reads back a CSV written by [`write_csv`].
+pub fn read_csv(path: &Path) -> Result<Vec<Sample>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let bad = || anyhow::anyhow!("{}:{}: malformed line {line:?}", path.display(), i + 1);
+        if f.len() != 12 {
+            return Err(bad());
+        }
+        let num = |k: usize| f[k].parse::<f64>().map_err(|_| bad());
+        out.push(Sample {
+            proxy: f[0].to_owned(),
+            body: f[1].to_owned(),
+            rep: num(2)? as usize,
+            wrk: WrkResult {
+                requests: num(3)? as u64,
+                seconds: num(4)?,
+                rps: num(5)?,
+                p50_us: num(6)?,
+                p99_us: num(7)?,
+                non_2xx: num(10)? as u64,
+                socket_errors: num(11)? as u64,
+            },
+            cpu_s: num(8)?,
+        });
+    }
+    Ok(out)
 }
 
 /// Every run, one line each.
@@ -202,6 +237,7 @@ pub fn write_svg(path: &Path, summaries: &[Summary], title: &str) -> Result<()> 
             }
         })
         .y_desc("requests per proxy CPU-second")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     let colours = [
         RGBColor(31, 119, 180),
