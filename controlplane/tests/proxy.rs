@@ -393,14 +393,18 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     );
 }
 
-fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
-    // The origin answers, then closes the connection shortly after without saying so: the
-    // gateway's pooled connection is dead when the next request arrives.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+/// Answers, then closes the connection shortly after without saying so: the gateway's pooled
+/// connection is dead when the next request arrives.
+fn origin_closing_after_each_answer() -> Origin {
+    Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         thread::sleep(Duration::from_millis(50));
         Keep::Close
-    }));
+    }))
+}
+
+fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
+    let origin = origin_closing_after_each_answer();
     let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     assert_eq!(
@@ -426,13 +430,9 @@ fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
 }
 
 fn stale_idle_connection_is_not_used(driver: Driver) {
-    // Same origin behaviour, but the connection has been idle long enough that the gateway
-    // checks it before use: even a POST goes through.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-        thread::sleep(Duration::from_millis(50));
-        Keep::Close
-    }));
+    // The pooled connection has been idle long enough that the gateway checks it before use:
+    // even a POST goes through.
+    let origin = origin_closing_after_each_answer();
     let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     assert_eq!(

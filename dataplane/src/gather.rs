@@ -123,6 +123,26 @@ impl Gather {
     }
 }
 
+/// Sends `pieces` of `src` and `extra` with vectored writes, lending the buffers (and the
+/// iovec array) to the kernel and putting them back afterwards, whatever the outcome.
+pub async fn write_gathered(
+    stream: &mut TcpStream,
+    src: &mut Vec<u8>,
+    extra: &mut Vec<u8>,
+    iov: &mut Vec<libc::iovec>,
+    pieces: impl Iterator<Item = Piece>,
+) -> std::io::Result<()> {
+    let g = Gather::new(
+        std::mem::take(src),
+        std::mem::take(extra),
+        std::mem::take(iov),
+        pieces,
+    );
+    let (res, g) = g.write_all(stream).await;
+    (*src, *extra, *iov) = g.into_parts();
+    res
+}
+
 // SAFETY: the iovecs point into `src` and `extra`, heap buffers owned by this value that are not
 // touched while it is lent to the runtime; moving a `Vec` does not move its heap data, so the
 // pointers stay valid for as long as the runtime holds the value. `first..len` are live iovecs.

@@ -32,7 +32,7 @@ use crate::codec::request::{parse_request, RequestHead};
 use crate::codec::response::{parse_response, ResponseHead};
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::forward::{self, request_pieces, response_pieces};
-use crate::gather::Gather;
+use crate::gather::write_gathered;
 use crate::status::{Status, CONTINUE};
 use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
 use crate::worker::WorkerCtx;
@@ -411,15 +411,15 @@ impl Client {
                 },
             };
             let pieces = request_pieces(head, &self.req_plan, line, tail, body_end);
-            let g = Gather::new(
-                std::mem::take(&mut self.buf),
-                std::mem::take(&mut self.scratch),
-                std::mem::take(&mut self.iov),
+            let sent = write_gathered(
+                &mut conn.stream,
+                &mut self.buf,
+                &mut self.scratch,
+                &mut self.iov,
                 pieces,
-            );
-            let (res, g) = g.write_all(&mut conn.stream).await;
-            (self.buf, self.scratch, self.iov) = g.into_parts();
-            if res.is_err() {
+            )
+            .await;
+            if sent.is_err() {
                 // A pooled connection the upstream had closed: nothing of the request got
                 // through and nothing more has been read from the client, so it can go
                 // again on a fresh connection, once.
@@ -650,15 +650,15 @@ impl Client {
         };
         let mut clean = resp.head_end + first == conn.buf.len();
         let pieces = response_pieces(resp, &self.resp_plan, tail, first);
-        let g = Gather::new(
-            std::mem::take(&mut conn.buf),
-            std::mem::take(&mut self.scratch),
-            std::mem::take(&mut self.iov),
+        write_gathered(
+            &mut self.stream,
+            &mut conn.buf,
+            &mut self.scratch,
+            &mut self.iov,
             pieces,
-        );
-        let (res, g) = g.write_all(&mut self.stream).await;
-        (conn.buf, self.scratch, self.iov) = g.into_parts();
-        res.map_err(|_| ())?;
+        )
+        .await
+        .map_err(|_| ())?;
 
         while left > 0 {
             conn.buf.clear();
@@ -724,16 +724,17 @@ impl Client {
         self.scratch.clear();
         self.scratch.extend_from_slice(b"\r\n");
         let tail = Span { start: 0, end: 2 };
-        let pieces = response_pieces(&resp, &self.resp_plan, tail, conn.buf.len() - resp.head_end);
-        let g = Gather::new(
-            std::mem::take(&mut conn.buf),
-            std::mem::take(&mut self.scratch),
-            std::mem::take(&mut self.iov),
+        let rest = conn.buf.len() - resp.head_end;
+        let pieces = response_pieces(&resp, &self.resp_plan, tail, rest);
+        let sent = write_gathered(
+            &mut self.stream,
+            &mut conn.buf,
+            &mut self.scratch,
+            &mut self.iov,
             pieces,
-        );
-        let (res, g) = g.write_all(&mut self.stream).await;
-        (conn.buf, self.scratch, self.iov) = g.into_parts();
-        if res.is_err() {
+        )
+        .await;
+        if sent.is_err() {
             return;
         }
 

@@ -186,34 +186,31 @@ pub(crate) fn run(spec: WorkerSpec) {
         pin_to_cpu(cpu);
     }
     match spec.driver {
-        DriverKind::IoUring => {
-            match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        DriverKind::IoUring => serve_on(
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                 .with_entries(RING_ENTRIES)
                 .enable_timer()
-                .build()
-            {
-                Ok(mut rt) => {
-                    let _ = spec.ready.send(Ok(()));
-                    rt.block_on(worker_main(spec));
-                }
-                Err(e) => {
-                    let _ = spec.ready.send(Err(StartError::Runtime(e)));
-                }
-            }
-        }
-        DriverKind::Epoll => {
-            match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .build(),
+            spec,
+        ),
+        DriverKind::Epoll => serve_on(
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                 .enable_timer()
-                .build()
-            {
-                Ok(mut rt) => {
-                    let _ = spec.ready.send(Ok(()));
-                    rt.block_on(worker_main(spec));
-                }
-                Err(e) => {
-                    let _ = spec.ready.send(Err(StartError::Runtime(e)));
-                }
-            }
+                .build(),
+            spec,
+        ),
+    }
+}
+
+/// Reports how building the runtime went, then serves on it until shutdown.
+fn serve_on<D: monoio::Driver>(built: io::Result<monoio::Runtime<D>>, spec: WorkerSpec) {
+    match built {
+        Ok(mut rt) => {
+            let _ = spec.ready.send(Ok(()));
+            rt.block_on(worker_main(spec));
+        }
+        Err(e) => {
+            let _ = spec.ready.send(Err(StartError::Runtime(e)));
         }
     }
 }

@@ -66,6 +66,99 @@ impl FieldPlan {
     }
 }
 
+/// Which header fields (by index) a parse decided not to forward; turned into line spans by
+/// [`DroppedFields::into_plan`].
+#[derive(Debug, Default)]
+pub(crate) struct DroppedFields([u64; common::snapshot::MAX_HEADER_COUNT / 64]);
+
+impl DroppedFields {
+    pub fn mark(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    pub fn is_marked(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Marks every field named by a `Connection` option, except `protected` names
+    /// (RFC 9110 §7.6.1: the fields a connection option names are hop-by-hop).
+    pub fn mark_nominated(
+        &mut self,
+        buf: &[u8],
+        headers: &[httparse::Header<'_>],
+        options: &[Span],
+        protected: &[&[u8]],
+    ) {
+        if options.is_empty() {
+            return;
+        }
+        for (i, h) in headers.iter().enumerate() {
+            let name = h.name.as_bytes();
+            if !protected.iter().any(|p| p.eq_ignore_ascii_case(name))
+                && options.iter().any(|o| o.of(buf).eq_ignore_ascii_case(name))
+            {
+                self.mark(i);
+            }
+        }
+    }
+
+    /// Writes the marked fields' lines (with their CRLF), merged when adjacent, into `plan`.
+    pub fn into_plan(
+        self,
+        buf: &[u8],
+        headers: &[httparse::Header<'_>],
+        fields_end: usize,
+        plan: &mut FieldPlan,
+    ) {
+        for i in (0..headers.len()).filter(|&i| self.is_marked(i)) {
+            let start = offset_in(buf, headers[i].name.as_bytes());
+            let end = line_end(buf, headers, i, fields_end);
+            match plan.drop.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => plan.drop.push(Span { start, end }),
+            }
+        }
+    }
+}
+
+/// End (after its line break) of header field `i`'s line: where the next field starts, or
+/// `fields_end` for the last one.
+pub(crate) fn line_end(
+    buf: &[u8],
+    headers: &[httparse::Header<'_>],
+    i: usize,
+    fields_end: usize,
+) -> usize {
+    headers
+        .get(i + 1)
+        .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()))
+}
+
+/// Whether the line ending just before `end` ends in CRLF (httparse also accepts a bare LF,
+/// which a downstream parser might read differently).
+pub(crate) fn crlf_before(buf: &[u8], end: usize) -> bool {
+    end >= 2 && &buf[end - 2..end] == b"\r\n"
+}
+
+/// The field lines a forwarded head keeps: everything between `fields_start` and `fields_end`
+/// except the plan's dropped lines (for tests).
+#[cfg(test)]
+pub(crate) fn kept_fields(
+    buf: &[u8],
+    fields_start: usize,
+    fields_end: usize,
+    plan: &FieldPlan,
+) -> String {
+    let mut out = Vec::new();
+    let mut at = fields_start;
+    for d in &plan.drop {
+        out.extend_from_slice(&buf[at..d.start]);
+        at = d.end;
+    }
+    out.extend_from_slice(&buf[at..fields_end]);
+    String::from_utf8(out).expect("test heads are ASCII")
+}
+
 /// Offset of `part` (a sub-slice of `buf`) within `buf`.
 #[inline]
 pub(crate) fn offset_in(buf: &[u8], part: &[u8]) -> usize {

@@ -12,8 +12,8 @@ use common::snapshot::MAX_HEADER_COUNT;
 use common::Limits;
 
 use super::{
-    offset_in, parse_content_length, trim_ows, valid_host, BodyKind, FieldPlan, Span,
-    TransferCodings,
+    crlf_before, line_end, offset_in, parse_content_length, trim_ows, valid_host, BodyKind,
+    DroppedFields, FieldPlan, Span, TransferCodings,
 };
 use crate::status::Status;
 
@@ -124,7 +124,7 @@ pub fn parse_request(
         .map_or(head_end - 2, |h| offset_in(buf, h.name.as_bytes()));
     let fields_end = head_end - 2;
     // httparse accepts a bare LF as a line end; an upstream might not. Require CRLF everywhere.
-    if !ends_with_crlf(buf, fields_start) || &buf[fields_end..head_end] != b"\r\n" {
+    if !crlf_before(buf, fields_start) || &buf[fields_end..head_end] != b"\r\n" {
         return Err(Status::BadRequest);
     }
     if target_span.len() > limits.max_uri_bytes {
@@ -142,13 +142,10 @@ pub fn parse_request(
     let mut expect_continue = false;
     let mut options = [Span::default(); MAX_CONNECTION_OPTIONS];
     let mut n_options = 0;
-    let mut dropped = [0u64; MAX_HEADER_COUNT / 64];
+    let mut dropped = DroppedFields::default();
 
     for (i, h) in headers.iter().enumerate() {
-        let line_end = headers
-            .get(i + 1)
-            .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
-        if !ends_with_crlf(buf, line_end) {
+        if !crlf_before(buf, line_end(buf, headers, i, fields_end)) {
             return Err(Status::BadRequest);
         }
         let name = h.name.as_bytes();
@@ -217,25 +214,17 @@ pub fn parse_request(
             _ => {}
         }
         if drop {
-            dropped[i / 64] |= 1 << (i % 64);
+            dropped.mark(i);
         }
     }
     // Fields named by Connection are hop-by-hop too, except those the request cannot lose
-    // (RFC 9110 §7.6.1 lets a client name any field; Host and framing stay end-to-end).
-    if n_options > 0 {
-        for (i, h) in headers.iter().enumerate() {
-            let name = h.name.as_bytes();
-            let protected =
-                name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"content-length");
-            if !protected
-                && options[..n_options]
-                    .iter()
-                    .any(|o| o.of(buf).eq_ignore_ascii_case(name))
-            {
-                dropped[i / 64] |= 1 << (i % 64);
-            }
-        }
-    }
+    // (a client may name any field; Host and framing stay end-to-end).
+    dropped.mark_nominated(
+        buf,
+        headers,
+        &options[..n_options],
+        &[b"host", b"content-length"],
+    );
 
     let http10 = version == 0;
     // Request target forms (RFC 9112 §3.2).
@@ -265,7 +254,7 @@ pub fn parse_request(
         }
         if let Some(i) = host_index {
             // The authority wins over Host (RFC 9112 §3.2.2); the Host line is rewritten.
-            dropped[i / 64] |= 1 << (i % 64);
+            dropped.mark(i);
         }
         host = Some(auth_span);
     } else if t == b"*" && method == "OPTIONS" {
@@ -314,22 +303,7 @@ pub fn parse_request(
         None
     };
 
-    // Turn the dropped-field bitmap into line spans, in buffer order.
-    for (i, h) in headers.iter().enumerate() {
-        if dropped[i / 64] & (1 << (i % 64)) != 0 {
-            let line_start = offset_in(buf, h.name.as_bytes());
-            let end = headers
-                .get(i + 1)
-                .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
-            drop_line(
-                plan,
-                Span {
-                    start: line_start,
-                    end,
-                },
-            );
-        }
-    }
+    dropped.into_plan(buf, headers, fields_end, plan);
 
     Ok(Some(RequestHead {
         start,
@@ -348,17 +322,6 @@ pub fn parse_request(
         upgrade,
         expect_continue: expect_continue && body != BodyKind::None,
     }))
-}
-
-/// Adds a line to the drop list, merging it with the previous one when adjacent.
-fn drop_line(plan: &mut FieldPlan, line: Span) {
-    if let Some(last) = plan.drop.last_mut() {
-        if last.end == line.start {
-            last.end = line.end;
-            return;
-        }
-    }
-    plan.drop.push(line);
 }
 
 /// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
@@ -390,11 +353,6 @@ fn span_of(buf: &[u8], part: &[u8]) -> Span {
         start,
         end: start + part.len(),
     }
-}
-
-/// Whether the line ending just before `end` is CRLF.
-fn ends_with_crlf(buf: &[u8], end: usize) -> bool {
-    end >= 2 && &buf[end - 2..end] == b"\r\n"
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@ use std::mem::MaybeUninit;
 use common::snapshot::MAX_HEADER_COUNT;
 
 use super::{
-    offset_in, parse_content_length, trim_ows, BodyKind, FieldPlan, Span, TransferCodings,
+    crlf_before, line_end, offset_in, parse_content_length, trim_ows, BodyKind, DroppedFields,
+    FieldPlan, Span, TransferCodings,
 };
 
 /// A parsed response head; offsets are into the buffer given to [`parse_response`].
@@ -84,14 +85,11 @@ pub fn parse_response(
     let mut close = version == 0;
     let mut options = [Span::default(); 16];
     let mut n_options = 0;
-    let mut dropped = [0u64; MAX_HEADER_COUNT / 64];
-    let mut cl_lines = [0u64; MAX_HEADER_COUNT / 64];
+    let mut dropped = DroppedFields::default();
+    let mut cl_lines = DroppedFields::default();
 
     for (i, h) in headers.iter().enumerate() {
-        let line_end = headers
-            .get(i + 1)
-            .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
-        if !crlf_before(buf, line_end) {
+        if !crlf_before(buf, line_end(buf, headers, i, fields_end)) {
             return Err(ResponseError::Malformed);
         }
         let name = h.name.as_bytes();
@@ -106,7 +104,7 @@ pub fn parse_response(
                     Some(_) => drop = true,
                     None => content_length = Some(n),
                 }
-                cl_lines[i / 64] |= 1 << (i % 64);
+                cl_lines.mark(i);
             }
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => codings.add_line(value),
             10 if name.eq_ignore_ascii_case(b"connection") => {
@@ -133,23 +131,15 @@ pub fn parse_response(
             _ => {}
         }
         if drop {
-            dropped[i / 64] |= 1 << (i % 64);
+            dropped.mark(i);
         }
     }
-    if n_options > 0 {
-        for (i, h) in headers.iter().enumerate() {
-            let name = h.name.as_bytes();
-            let protected = name.eq_ignore_ascii_case(b"content-length")
-                || name.eq_ignore_ascii_case(b"transfer-encoding");
-            if !protected
-                && options[..n_options]
-                    .iter()
-                    .any(|o| o.of(buf).eq_ignore_ascii_case(name))
-            {
-                dropped[i / 64] |= 1 << (i % 64);
-            }
-        }
-    }
+    dropped.mark_nominated(
+        buf,
+        headers,
+        &options[..n_options],
+        &[b"content-length", b"transfer-encoding"],
+    );
 
     let no_body = head_request || (100..200).contains(&status) || status == 204 || status == 304;
     let mut reusable = !close;
@@ -159,7 +149,9 @@ pub fn parse_response(
         if content_length.is_some() {
             // Transfer-Encoding overrides Content-Length, which must not reach the client; the
             // upstream connection is not trusted again (RFC 9112 §6.3 (3)).
-            dropped.iter_mut().zip(cl_lines).for_each(|(d, c)| *d |= c);
+            for i in (0..headers.len()).filter(|&i| cl_lines.is_marked(i)) {
+                dropped.mark(i);
+            }
             reusable = false;
         }
         if codings.chunked_last && !codings.malformed {
@@ -182,18 +174,7 @@ pub fn parse_response(
         reusable = false;
     }
 
-    for (i, h) in headers.iter().enumerate() {
-        if dropped[i / 64] & (1 << (i % 64)) != 0 {
-            let start = offset_in(buf, h.name.as_bytes());
-            let end = headers
-                .get(i + 1)
-                .map_or(fields_end, |n| offset_in(buf, n.name.as_bytes()));
-            match plan.drop.last_mut() {
-                Some(last) if last.end == start => last.end = end,
-                _ => plan.drop.push(Span { start, end }),
-            }
-        }
-    }
+    dropped.into_plan(buf, headers, fields_end, plan);
 
     Ok(Some(ResponseHead {
         status,
@@ -203,10 +184,6 @@ pub fn parse_response(
         body,
         reusable,
     }))
-}
-
-fn crlf_before(buf: &[u8], end: usize) -> bool {
-    end >= 2 && &buf[end - 2..end] == b"\r\n"
 }
 
 #[cfg(test)]
@@ -224,14 +201,7 @@ mod tests {
         let h = parse_response(input, false, 16384, &mut plan)
             .unwrap()
             .unwrap();
-        let mut out = Vec::new();
-        let mut at = h.fields_start;
-        for d in &plan.drop {
-            out.extend_from_slice(&input[at..d.start]);
-            at = d.end;
-        }
-        out.extend_from_slice(&input[at..h.fields_end]);
-        String::from_utf8(out).unwrap()
+        crate::codec::kept_fields(input, h.fields_start, h.fields_end, &plan)
     }
 
     #[test]

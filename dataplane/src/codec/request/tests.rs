@@ -32,14 +32,7 @@ fn parse(input: &[u8]) -> Result<RequestHead, Status> {
 fn kept_fields(input: &[u8]) -> String {
     let mut plan = FieldPlan::default();
     let h = parse_request(input, &limits(), &mut plan).unwrap().unwrap();
-    let mut out = Vec::new();
-    let mut at = h.fields_start;
-    for d in &plan.drop {
-        out.extend_from_slice(&input[at..d.start]);
-        at = d.end;
-    }
-    out.extend_from_slice(&input[at..h.fields_end]);
-    String::from_utf8(out).unwrap()
+    crate::codec::kept_fields(input, h.fields_start, h.fields_end, &plan)
 }
 
 #[test]
