@@ -36,6 +36,33 @@ pub struct Config {
     /// Graceful shutdown on SIGTERM / SIGINT.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// The admin REST API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin REST API (control plane).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `IP:PORT` the admin API listens on; never a data-plane listener. Port 0 picks a free
+    /// port. A non-loopback address needs `token` (or `GATEWAY_ADMIN_TOKEN`). Default
+    /// `127.0.0.1:9901`. Changes take effect after a restart.
+    pub listen: String,
+    /// Bearer token every admin request except `GET /v1/health` must carry. Default: the
+    /// `GATEWAY_ADMIN_TOKEN` environment variable, else a token generated on first start and
+    /// stored in the data directory (`admin-token`, mode 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9901".to_owned(),
+            token: None,
+        }
+    }
 }
 
 /// One listening socket.

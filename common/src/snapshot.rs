@@ -35,6 +35,8 @@ pub struct Snapshot {
     /// Most idle pooled connections per target and worker.
     pub max_idle_per_target: usize,
     pub drain_timeout: Duration,
+    /// Where the admin API listens.
+    pub admin_listen: SocketAddr,
     /// The config this snapshot was compiled from, normalised (for `GET` and diffs).
     pub config: Config,
 }
@@ -245,6 +247,26 @@ impl Snapshot {
                 "must be at most 10000",
             ));
         }
+        let admin_listen: SocketAddr = config.admin.listen.parse().map_err(|_| {
+            ConfigError::field(
+                "admin.listen",
+                format!("{:?} is not an IP:PORT socket address", config.admin.listen),
+            )
+        })?;
+        if listeners.contains(&admin_listen) && admin_listen.port() != 0 {
+            return Err(ConfigError::field(
+                "admin.listen",
+                format!("{admin_listen} is also a data-plane listener"),
+            ));
+        }
+        if let Some(token) = &config.admin.token {
+            if token.len() < 16 || token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+                return Err(ConfigError::field(
+                    "admin.token",
+                    "must be at least 16 visible ASCII characters",
+                ));
+            }
+        }
         let drain_ms = config.shutdown.drain_timeout_ms;
         if drain_ms > 3_600_000 {
             return Err(ConfigError::field(
@@ -263,6 +285,7 @@ impl Snapshot {
             limits,
             max_idle_per_target: config.upstream_pool.max_idle_per_target,
             drain_timeout: Duration::from_millis(drain_ms),
+            admin_listen,
             config,
         })
     }

@@ -6,12 +6,18 @@ use dataplane::DriverChoice;
 
 /// Usage text printed by `--help` and on a usage error.
 pub const USAGE: &str = "\
-usage: gateway [--config FILE] [--workers N] [--io-driver auto|epoll]
+usage: gateway [--config FILE] [--data-dir DIR] [--replace-state]
+               [--workers N] [--io-driver auto|epoll]
        gateway --check FILE
        gateway --help | --version
 
-  --config FILE     TOML (or JSON) config; without it an embedded demo config
-                    listens on 127.0.0.1:8080
+  --config FILE     TOML (or JSON) config that seeds an empty data directory;
+                    without it, and with no stored state, an embedded demo
+                    config listens on 127.0.0.1:8080
+  --data-dir DIR    where accepted config revisions are stored (default ./data);
+                    a stored config is resumed at start
+  --replace-state   with --config over a data directory that already holds a
+                    config: make the file the next revision (else refused)
   --workers N       worker threads (default: `workers` in the config, else one
                     per CPU in the affinity mask)
   --io-driver D     auto (io_uring when available) or epoll; also
@@ -33,6 +39,8 @@ pub enum Command {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunArgs {
     pub config: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub replace_state: bool,
     pub workers: Option<usize>,
     pub driver: Option<DriverChoice>,
 }
@@ -58,6 +66,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "-V" | "--version" => return Ok(Command::Version),
             "-c" | "--config" => run.config = Some(PathBuf::from(value("--config")?)),
             "--check" => check = Some(PathBuf::from(value("--check")?)),
+            "--data-dir" => run.data_dir = Some(PathBuf::from(value("--data-dir")?)),
+            "--replace-state" => run.replace_state = true,
             "-w" | "--workers" => {
                 let v = value("--workers")?;
                 match v.parse::<usize>() {
@@ -98,7 +108,7 @@ mod tests {
             Ok(Command::Run(RunArgs {
                 config: Some("g.toml".into()),
                 workers: Some(2),
-                driver: None
+                ..RunArgs::default()
             }))
         );
         assert_eq!(p(&["--check=g.toml"]), Ok(Command::Check("g.toml".into())));

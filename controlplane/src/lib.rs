@@ -1,19 +1,30 @@
-//! The control plane: owns the authoritative config, validates and compiles it into snapshots,
-//! publishes them to the workers through one `ArcSwap`, and runs the process (signals,
-//! graceful shutdown). The `gateway` binary is a thin `main` over [`run`].
+//! The control plane: owns the authoritative config (persisted in the data directory with its
+//! history), validates and compiles every change into a snapshot, publishes it to the workers
+//! through one `ArcSwap`, serves the admin REST API on its own thread, and runs the process
+//! (signals, graceful shutdown). The `gateway` binary is a thin `main` over [`run`].
 //!
-//! For now the config comes from a file (or the embedded default) and is reloaded on SIGHUP
-//! through the same validate-and-publish path that the admin API will use.
+//! Start-up: a data directory that holds a config is resumed; an empty one is seeded from
+//! `--config` (or the embedded default). `--config` over a non-empty data directory is refused
+//! unless `--replace-state` makes the file the next revision. SIGHUP re-reads `--config`
+//! through the same validate-persist-publish path as the admin API.
 
+pub mod api;
 pub mod cli;
+pub mod store;
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use common::config::AdminConfig;
 use common::{parse_config, Config, ConfigError, Format, Snapshot, DEFAULT_CONFIG};
 use dataplane::{DataPlane, StartOptions};
+
+use crate::api::{Admin, RuntimeInfo};
+use crate::store::Store;
 
 pub use cli::{Command, RunArgs};
 
@@ -22,7 +33,7 @@ pub const EXIT_INVALID: i32 = 2;
 /// Exit code for a failure to start (bind, runtime).
 pub const EXIT_FAILURE: i32 = 1;
 
-/// Where the running config came from.
+/// Where a config came from.
 #[derive(Debug, Clone)]
 pub enum ConfigSource {
     Embedded,
@@ -31,11 +42,14 @@ pub enum ConfigSource {
 
 /// Reads and compiles a config from `source`.
 pub fn load(source: &ConfigSource, revision: u64) -> Result<Snapshot, ConfigError> {
-    let config: Config = match source {
-        ConfigSource::Embedded => parse_config(DEFAULT_CONFIG, Format::Toml)?,
-        ConfigSource::File(path) => common::load_config(path)?,
-    };
-    Snapshot::compile(config, revision)
+    Snapshot::compile(read_config(source)?, revision)
+}
+
+fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
+    match source {
+        ConfigSource::Embedded => parse_config(DEFAULT_CONFIG, Format::Toml),
+        ConfigSource::File(path) => common::load_config(path),
+    }
 }
 
 /// `gateway --check FILE`: validates and reports; returns the exit code.
@@ -58,53 +72,246 @@ pub fn check(path: &Path) -> i32 {
     }
 }
 
-/// Runs the gateway until SIGTERM / SIGINT; returns the process exit code.
-pub fn run(args: RunArgs) -> i32 {
+/// A start-up failure: the exit code and what to tell the operator.
+type Fail = (i32, String);
+
+/// Opens or seeds the data directory.
+fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
     let source = match &args.config {
         Some(p) => ConfigSource::File(p.clone()),
         None => ConfigSource::Embedded,
     };
-    let snapshot = match load(&source, 1) {
-        Ok(s) => s,
-        Err(e) => {
-            match &source {
-                ConfigSource::File(p) => eprintln!("{}: invalid config: {e}", p.display()),
-                ConfigSource::Embedded => eprintln!("embedded config: invalid: {e}"),
-            }
-            return EXIT_INVALID;
-        }
+    let describe = |e: ConfigError| match &source {
+        ConfigSource::File(p) => (
+            EXIT_INVALID,
+            format!("{}: invalid config: {e}", p.display()),
+        ),
+        ConfigSource::Embedded => (EXIT_INVALID, format!("embedded config: invalid: {e}")),
     };
+    let stored = Store::open(dir).map_err(|e| {
+        (
+            EXIT_FAILURE,
+            format!("cannot read the state in {}: {e}", dir.display()),
+        )
+    })?;
+    match stored {
+        Some(mut store) => {
+            let Some(path) = &args.config else {
+                eprintln!(
+                    "gateway: resuming config revision {} from {}",
+                    store.revision(),
+                    dir.display()
+                );
+                return Ok(store);
+            };
+            if !args.replace_state {
+                return Err((
+                    EXIT_INVALID,
+                    format!(
+                        "{} already holds config revision {}; refusing to replace it with {}: \
+                         drop --config to resume it, or add --replace-state to make the file \
+                         the next revision",
+                        dir.display(),
+                        store.revision(),
+                        path.display()
+                    ),
+                ));
+            }
+            let config = read_config(&source).map_err(describe)?;
+            Snapshot::compile(config.clone(), store.revision() + 1).map_err(describe)?;
+            store
+                .commit(config, "file (--replace-state)")
+                .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
+            eprintln!(
+                "gateway: {} replaced the stored config as revision {}",
+                path.display(),
+                store.revision()
+            );
+            Ok(store)
+        }
+        None => {
+            let config = read_config(&source).map_err(describe)?;
+            Snapshot::compile(config.clone(), 1).map_err(describe)?;
+            let what = match &source {
+                ConfigSource::File(p) => format!("file {}", p.display()),
+                ConfigSource::Embedded => "embedded default".to_owned(),
+            };
+            Store::create(dir, config, &what).map_err(|e| {
+                (
+                    EXIT_FAILURE,
+                    format!("cannot create the state in {}: {e}", dir.display()),
+                )
+            })
+        }
+    }
+}
+
+/// The admin token: from the config, from `GATEWAY_ADMIN_TOKEN`, or generated once and kept
+/// in the data directory (mode 0600). Returns it and where it came from.
+fn admin_token(admin: &AdminConfig, dir: &Path) -> Result<(String, String), Fail> {
+    if let Some(t) = &admin.token {
+        return Ok((t.clone(), "[admin] token".to_owned()));
+    }
+    if let Ok(t) = std::env::var("GATEWAY_ADMIN_TOKEN") {
+        if t.len() >= 16 && t.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            return Ok((t, "GATEWAY_ADMIN_TOKEN".to_owned()));
+        }
+        return Err((
+            EXIT_INVALID,
+            "GATEWAY_ADMIN_TOKEN must be at least 16 visible ASCII characters".to_owned(),
+        ));
+    }
+    let path = dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if t.len() >= 16 {
+            return Ok((t, path.display().to_string()));
+        }
+    }
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|e| (EXIT_FAILURE, format!("cannot read /dev/urandom: {e}")))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(format!("{token}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+        })
+        .map_err(|e| {
+            (
+                EXIT_FAILURE,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+    eprintln!("gateway: generated an admin token in {}", path.display());
+    Ok((token, path.display().to_string()))
+}
+
+/// Runs the gateway until SIGTERM / SIGINT; returns the process exit code.
+pub fn run(args: RunArgs) -> i32 {
+    match start(args) {
+        Ok(code) => code,
+        Err((code, message)) => {
+            eprintln!("gateway: {message}");
+            code
+        }
+    }
+}
+
+fn start(args: RunArgs) -> Result<i32, Fail> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("data"));
+    if args.config.is_none() && Store::open(&data_dir).ok().flatten().is_none() {
+        eprintln!("gateway: no --config given; using the embedded default config (demo routes, no upstream)");
+    }
+    let store = open_state(&args, &data_dir)?;
+    let snapshot = Snapshot::compile(store.config().clone(), store.revision()).map_err(|e| {
+        (
+            EXIT_INVALID,
+            format!(
+                "stored config revision {} is invalid: {e}",
+                store.revision()
+            ),
+        )
+    })?;
     let workers = args
         .workers
         .or(snapshot.workers)
         .unwrap_or_else(|| dataplane::allowed_cpus().len().max(1));
     let driver = match args.driver {
         Some(d) => d,
-        None => match dataplane::DriverChoice::from_env() {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("gateway: {e}");
-                return EXIT_INVALID;
-            }
-        },
+        None => dataplane::DriverChoice::from_env().map_err(|e| (EXIT_INVALID, e))?,
     };
-    if matches!(source, ConfigSource::Embedded) {
-        eprintln!("gateway: no --config given; using the embedded default config (demo routes, no upstream)");
+    let admin_config = store.config().admin.clone();
+    let (token, token_source) = admin_token(&admin_config, &data_dir)?;
+    let admin_addr = snapshot.admin_listen;
+    if !admin_addr.ip().is_loopback() && token_source.ends_with("admin-token") {
+        return Err((
+            EXIT_INVALID,
+            format!(
+                "admin.listen {admin_addr} is not a loopback address: set [admin] token or \
+                 GATEWAY_ADMIN_TOKEN explicitly before exposing the admin API"
+            ),
+        ));
     }
+    let admin_listener = std::net::TcpListener::bind(admin_addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| {
+            (
+                EXIT_FAILURE,
+                format!("cannot listen on {admin_addr} for the admin API: {e}"),
+            )
+        })?;
+    let admin_bound = admin_listener
+        .local_addr()
+        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
 
-    // Signals are taken synchronously by this thread: block them before any worker exists so
-    // every thread inherits the mask.
+    // Signals are taken synchronously by this thread: block them before any other thread
+    // exists so every thread inherits the mask.
     let signals = block_signals();
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let plane = match dataplane::start(shared.clone(), StartOptions { workers, driver }) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            return EXIT_FAILURE;
-        }
-    };
+    let plane = dataplane::start(shared.clone(), StartOptions { workers, driver })
+        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let admin = Arc::new(Admin::new(store, shared.clone(), token));
+    admin.set_runtime(RuntimeInfo {
+        workers: plane.workers,
+        driver: plane.driver.to_string(),
+        listeners: plane.addresses.clone(),
+        admin: admin_bound,
+    });
+    spawn_admin(admin.clone(), admin_listener)?;
     log_started(&plane);
-    wait_for_signals(&signals, &source, &shared, plane)
+    eprintln!(
+        "gateway: admin API listening on http://{admin_bound} (bearer token from {token_source})"
+    );
+    Ok(wait_for_signals(
+        &signals,
+        args.config.as_deref(),
+        &admin,
+        &shared,
+        plane,
+    ))
+}
+
+/// Runs the admin API on its own thread with a current-thread tokio runtime.
+fn spawn_admin(admin: Arc<Admin>, listener: std::net::TcpListener) -> Result<(), Fail> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (EXIT_FAILURE, format!("cannot start the admin runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("gw-admin".into())
+        .spawn(move || {
+            // The admin thread shares CPUs with the workers; a lower priority keeps its bursts
+            // (validation, fsync wake-ups) from preempting request handling.
+            // SAFETY: setpriority on this thread's own id; no memory is involved.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+            }
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("gateway: admin API cannot use its listener: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, api::app(admin)).await {
+                    eprintln!("gateway: admin API stopped: {e}");
+                }
+            });
+        })
+        .map_err(|e| (EXIT_FAILURE, format!("cannot spawn the admin thread: {e}")))?;
+    Ok(())
 }
 
 fn log_started(plane: &DataPlane) {
@@ -139,7 +346,8 @@ fn block_signals() -> libc::sigset_t {
 
 fn wait_for_signals(
     set: &libc::sigset_t,
-    source: &ConfigSource,
+    config_file: Option<&Path>,
+    admin: &Admin,
     shared: &ArcSwap<Snapshot>,
     plane: DataPlane,
 ) -> i32 {
@@ -151,7 +359,10 @@ fn wait_for_signals(
             continue;
         }
         match sig {
-            libc::SIGHUP => reload(source, shared),
+            libc::SIGHUP => match config_file {
+                Some(path) => admin.reload_file(path),
+                None => eprintln!("gateway: SIGHUP ignored: no --config file to re-read"),
+            },
             _ => {
                 let drain = shared.load().drain_timeout;
                 eprintln!(
@@ -169,29 +380,5 @@ fn wait_for_signals(
                 return 0;
             }
         }
-    }
-}
-
-/// SIGHUP: re-reads the config file and publishes it if valid.
-fn reload(source: &ConfigSource, shared: &ArcSwap<Snapshot>) {
-    let ConfigSource::File(path) = source else {
-        eprintln!("gateway: SIGHUP ignored: running on the embedded config");
-        return;
-    };
-    let current = shared.load();
-    match load(source, current.revision + 1) {
-        Ok(next) => {
-            if next.listeners != current.listeners {
-                eprintln!("gateway: reload: listener changes take effect only after a restart");
-            }
-            let revision = next.revision;
-            shared.store(Arc::new(next));
-            eprintln!("gateway: reloaded {} (revision {revision})", path.display());
-        }
-        Err(e) => eprintln!(
-            "gateway: reload of {} refused, still on revision {}: {e}",
-            path.display(),
-            current.revision
-        ),
     }
 }

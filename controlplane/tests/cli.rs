@@ -8,11 +8,12 @@ use std::time::Duration;
 use support::*;
 
 fn gateway(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(args)
-        .env("GATEWAY_IO_DRIVER", "auto")
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+    cmd.args(args);
+    if args.contains(&"--config") {
+        cmd.arg("--data-dir").arg(temp_dir("cli-data"));
+    }
+    let out = cmd.env("GATEWAY_IO_DRIVER", "auto").output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

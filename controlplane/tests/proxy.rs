@@ -568,7 +568,7 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
         "one"
     );
     let next = format!(
-        "{}[[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n[[routes]]\nid = \"new\"\npath_prefix = \"/new\"\nupstream = \"o\"\n",
+        "{}[[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n[[routes]]\nid = \"new\"\npath_prefix = \"/new\"\nupstream = \"o\"\n{ADMIN_SECTION}",
         base.replace("\"one\"", "\"two\""),
         origin.addr
     );

@@ -5,7 +5,8 @@
 //! proxy returns the expected bytes, warms up, then runs wrk against each proxy (and the origin
 //! directly) for each body size, interleaved and repeated, reading each proxy's CPU time from
 //! `/proc`. It prints a markdown table of medians with ratios to nginx, and writes a CSV and an
-//! SVG chart. `--churn` adds a run with a config reload every 10 ms, `--idle N` measures RSS per
+//! SVG chart. `--churn` adds a run with a config change through the admin API every 10 ms,
+//! `--idle N` measures RSS per
 //! idle keep-alive connection, and `scaling` repeats the comparison for several worker counts
 //! on separate CPU sets. Every run is bounded in time and targets 127.0.0.1 only.
 
@@ -41,7 +42,8 @@ options (defaults in brackets):
   --origin-cpus LIST    CPUs for the origin [1]
   --proxies LIST        among gateway,nginx,haproxy [all three]
   --bodies LIST         among 13b,4k,64k [all three]
-  --churn               also measure the gateway with a config reload every 10 ms
+  --churn               also measure the gateway with a config change every 10 ms
+                        through its admin API
   --idle N              also measure RSS per idle keep-alive connection with N connections
   --out DIR             where the CSV, SVG and table go [loadtest/out]
   --gateway PATH        gateway binary [build and use target/release/gateway]";
@@ -329,7 +331,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
 
     if opts.churn {
         if let Some((_, gw)) = proxies.iter().find(|(k, _)| *k == Kind::Gateway) {
-            let text = churn(opts, &dir, gw, origin.addr)?;
+            let text = churn(opts, gw)?;
             println!("{text}");
             md.push_str(&format!("\n{text}"));
         }
@@ -399,14 +401,16 @@ fn scaling(opts: &Options, gateway: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Gateway throughput for 13-byte bodies with and without a config reload every 10 ms.
-fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result<String> {
-    let conf = dir.file("gateway.toml");
+/// Gateway throughput for 13-byte bodies with and without a config change every 10 ms,
+/// made through the admin API (each one validated, persisted and published).
+fn churn(opts: &Options, gw: &Proc) -> Result<String> {
+    let admin = gw.admin.context("the gateway has no admin API address")?;
     let wrk_threads = cpu_count(&opts.wrk_cpus);
     let url = format!("http://{}/13b", gw.addr);
     let mut plain = Vec::new();
     let mut churned = Vec::new();
-    let mut reloads = 0;
+    let mut changes = 0;
+    let failed = Arc::new(AtomicU64::new(0));
     for _ in 0..opts.reps {
         plain.push(wrk::run(
             &opts.wrk_cpus,
@@ -417,24 +421,24 @@ fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result
         )?);
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
-        let (stop2, count2, conf2, pid) = (stop.clone(), count.clone(), conf.clone(), gw.pid());
-        let port = gw.addr.port();
-        let workers = opts.workers;
+        let (stop2, count2, failed2) = (stop.clone(), count.clone(), failed.clone());
         let changer = std::thread::spawn(move || {
             let mut n = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(3600);
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs(3600);
             while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                // One change per 10 ms tick, whatever each one takes (no drift).
+                let tick = start + Duration::from_millis(10 * n);
+                if let Some(wait) = tick.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
                 n += 1;
                 // A real change each time: a route whose answer alternates.
-                let extra = format!("[[routes]]\nid = \"churn\"\npath = \"/churn\"\nrespond = {{ body = \"{n}\" }}\n");
-                let text = procs::gateway_config(port, workers, origin, &extra);
-                let tmp = conf2.with_extension("tmp");
-                if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &conf2).is_ok() {
-                    // SAFETY: kill(2) on the gateway child.
-                    unsafe { libc::kill(pid, libc::SIGHUP) };
-                    count2.fetch_add(1, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(10));
+                let body = format!(r#"{{"path":"/churn","respond":{{"body":"{n}"}}}}"#);
+                match admin_put(admin, "/v1/routes/churn", &body) {
+                    Ok(200 | 201) => count2.fetch_add(1, Ordering::Relaxed),
+                    _ => failed2.fetch_add(1, Ordering::Relaxed),
+                };
             }
         });
         let r = wrk::run(
@@ -446,7 +450,7 @@ fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result
         );
         stop.store(true, Ordering::Relaxed);
         let _ = changer.join();
-        reloads += count.load(Ordering::Relaxed);
+        changes += count.load(Ordering::Relaxed);
         churned.push(r?);
     }
     let med = |v: &[wrk::WrkResult]| {
@@ -458,9 +462,27 @@ fn churn(opts: &Options, dir: &Workdir, gw: &Proc, origin: SocketAddr) -> Result
     let non2xx: u64 = plain.iter().chain(&churned).map(|r| r.non_2xx).sum();
     let errors: u64 = plain.iter().chain(&churned).map(|r| r.socket_errors).sum();
     Ok(format!(
-        "| config churn (gateway, 13b) | req/s |\n| --- | ---: |\n| no change | {a:.0} |\n| change every 10 ms ({reloads} reloads) | {b:.0} ({:.1}% of no change) |\n| non-2xx responses, all runs | {non2xx} |\n| socket errors, all runs | {errors} |\n",
+        "| config churn (gateway, 13b) | req/s |\n| --- | ---: |\n| no change | {a:.0} |\n| change every 10 ms through the admin API ({changes} changes in {} s, {} refused) | {b:.0} ({:.1}% of no change) |\n| non-2xx responses, all runs | {non2xx} |\n| socket errors, all runs | {errors} |\n",
+        opts.reps as u64 * opts.duration,
+        failed.load(Ordering::Relaxed),
         100.0 * b / a
     ))
+}
+
+/// `PUT` to the gateway's admin API; returns the status.
+fn admin_put(admin: SocketAddr, path: &str, body: &str) -> Result<u16> {
+    let mut s = TcpStream::connect(admin)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        procs::ADMIN_TOKEN,
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let head = String::from_utf8_lossy(&raw[..raw.len().min(12)]).to_string();
+    Ok(head.get(9..12).context("short admin response")?.parse()?)
 }
 
 /// Opens `n` keep-alive connections (one request each), then reads the proxy's RSS growth.

@@ -31,6 +31,8 @@ pub fn free_port() -> Result<u16> {
 pub struct Proc {
     pub name: String,
     pub addr: SocketAddr,
+    /// The gateway's admin API.
+    pub admin: Option<SocketAddr>,
     child: Child,
 }
 
@@ -152,6 +154,7 @@ fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> 
     let p = Proc {
         name: name.to_owned(),
         addr,
+        admin: None,
         child,
     };
     wait_listening(name, addr, &log)?;
@@ -188,14 +191,19 @@ impl Kind {
     }
 }
 
-/// Gateway config text for `workers` workers in front of `origin`; `extra_route` is appended.
-pub fn gateway_config(port: u16, workers: usize, origin: SocketAddr, extra: &str) -> String {
+/// The admin token the harness gives the gateway.
+pub const ADMIN_TOKEN: &str = "loadtest-admin-token-0123456789";
+
+/// Gateway config text for `workers` workers in front of `origin`, its admin API on
+/// `admin_port`.
+pub fn gateway_config(port: u16, admin_port: u16, workers: usize, origin: SocketAddr) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
         "workers = {workers}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[[upstreams]]\nid = \"origin\"\n\
          targets = [{{ address = \"{origin}\" }}]\n[upstream_pool]\nmax_idle_per_target = 1024\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n{extra}"
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n"
     );
     s
 }
@@ -215,19 +223,27 @@ pub fn start_proxy(
         Kind::Direct => bail!("the origin is not started as a proxy"),
         Kind::Gateway => {
             let conf = dir.file("gateway.toml");
-            std::fs::write(&conf, gateway_config(port, workers, origin, ""))?;
+            let admin_port = free_port()?;
+            std::fs::write(&conf, gateway_config(port, admin_port, workers, origin))?;
             let log = dir.file("gateway.log");
+            let data = dir.file("gateway-data");
             let child = spawn_pinned(
                 "gateway",
                 cpus,
                 &gateway_bin.display().to_string(),
-                &["--config", &conf.display().to_string()],
+                &[
+                    "--config",
+                    &conf.display().to_string(),
+                    "--data-dir",
+                    &data.display().to_string(),
+                ],
                 &log,
                 &[],
             )?;
             let p = Proc {
                 name: "gateway".into(),
                 addr,
+                admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
                 child,
             };
             wait_listening("gateway", addr, &log)?;
@@ -269,6 +285,7 @@ pub fn start_proxy(
             let p = Proc {
                 name: "haproxy".into(),
                 addr,
+                admin: None,
                 child,
             };
             wait_listening("haproxy", addr, &log)?;

@@ -42,11 +42,19 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The admin section every test config gets unless it has its own: a free port and a known
+/// token.
+pub const ADMIN_SECTION: &str =
+    "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"test-admin-token-0123456789\"\n";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A running gateway process, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Gateway {
     child: Option<Child>,
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub config_path: PathBuf,
+    pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -59,9 +67,54 @@ impl Gateway {
     pub fn start_with(config: &str, driver: Driver, extra_args: &[&str]) -> Gateway {
         let dir = temp_dir("gw");
         let config_path = dir.join("gateway.toml");
-        std::fs::write(&config_path, config).unwrap();
+        let text = if config.contains("[admin]") {
+            config.to_owned()
+        } else {
+            format!("{config}{ADMIN_SECTION}")
+        };
+        std::fs::write(&config_path, text).unwrap();
+        let data_dir = dir.join("data");
+        Self::spawn(
+            &["--config", config_path.to_str().unwrap()],
+            &data_dir,
+            config_path.clone(),
+            driver,
+            extra_args,
+        )
+    }
+
+    /// Starts the gateway with an existing config file and data directory.
+    pub fn start_with_data(
+        config: &std::path::Path,
+        data_dir: &std::path::Path,
+        extra_args: &[&str],
+    ) -> Gateway {
+        Self::spawn(
+            &["--config", config.to_str().unwrap()],
+            data_dir,
+            config.to_owned(),
+            Driver::IoUring,
+            extra_args,
+        )
+    }
+
+    /// Starts the gateway on an existing data directory (no --config).
+    pub fn resume(data_dir: &std::path::Path, driver: Driver) -> Gateway {
+        Self::spawn(&[], data_dir, PathBuf::new(), driver, &[])
+    }
+
+    fn spawn(
+        args: &[&str],
+        data_dir: &std::path::Path,
+        config_path: PathBuf,
+        driver: Driver,
+        extra_args: &[&str],
+    ) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
-        cmd.arg("--config").arg(&config_path).args(extra_args);
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args);
         cmd.env(
             "GATEWAY_IO_DRIVER",
             match driver {
@@ -81,20 +134,29 @@ impl Gateway {
                 if let Some(addr) = line.strip_prefix("gateway: listening on http://") {
                     let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
                 }
+                if let Some(rest) = line.strip_prefix("gateway: admin API listening on http://") {
+                    let addr = rest.split(' ').next().unwrap();
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
                 log2.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("gateway did not start: {:?}", log.lock().unwrap());
+        let mut addrs = Vec::new();
+        for _ in 0..2 {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("gateway did not start: {:?}", log.lock().unwrap());
+                }
             }
-        };
+        }
         let gw = Gateway {
             child: Some(child),
-            addr,
+            addr: addrs[0],
+            admin: addrs[1],
             config_path,
+            data_dir: data_dir.to_owned(),
             log,
         };
         if driver == Driver::IoUring {
@@ -135,12 +197,17 @@ impl Gateway {
 
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        self.wait_exit_status(timeout).and_then(|s| s.code())
+    }
+
+    /// Waits for the process to exit and returns how it ended.
+    pub fn wait_exit_status(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().unwrap();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 self.child = None;
-                return status.code();
+                return Some(status);
             }
             if Instant::now() >= deadline {
                 return None;
@@ -433,6 +500,9 @@ impl Origin {
 
 fn serve_origin(mut s: TcpStream, conn: usize, handler: &Handler, rec: &Mutex<Vec<Received>>) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    // Handlers may write a response in pieces; without this, Nagle holds the last piece back
+    // until the gateway's delayed ACK.
+    let _ = s.set_nodelay(true);
     let mut buf = Vec::new();
     loop {
         let head_end = loop {
@@ -500,4 +570,53 @@ pub fn proxy_config(origin: SocketAddr, extra: &str) -> String {
     format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[upstreams]]\nid = \"origin\"\ntargets = [{{ address = \"{origin}\" }}]\n\n[[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n\n{extra}"
     )
+}
+
+impl Gateway {
+    /// One admin API request with the test token; `body` is sent as JSON.
+    pub fn admin(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        self.admin_with(
+            method,
+            path,
+            body,
+            &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        )
+    }
+
+    /// One admin API request with exactly the extra `headers` given (plus Content-Type for
+    /// a body unless `headers` names one).
+    pub fn admin_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        let mut c = Client::connect(self.admin);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = body {
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                req.push_str("Content-Type: application/json\r\n");
+            }
+            req.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len()));
+        } else {
+            req.push_str("\r\n");
+        }
+        c.send(req.as_bytes());
+        c.read_response_to(method)
+    }
+}
+
+impl Response {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
 }

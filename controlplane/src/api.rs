@@ -1,0 +1,1115 @@
+//! The admin REST API (axum): resources `routes` and `upstreams`, the whole config, revisions,
+//! status and health, with revisions and strong ETags, conditional writes, dry runs and
+//! `application/problem+json` errors (RFC 9457).
+//!
+//! Every write goes through [`Admin::apply`]: build the candidate config, validate and compile
+//! it with the same code the config file goes through, persist it, then publish the snapshot
+//! with one `ArcSwap::store` before answering. A refused change changes nothing.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use common::config::{RouteConfig, UpstreamConfig};
+use common::{Config, ConfigError, Snapshot};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::store::Store;
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// What the data plane runs on, for `/v1/status`.
+#[derive(Debug, Clone)]
+pub struct RuntimeInfo {
+    pub workers: usize,
+    pub driver: String,
+    pub listeners: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+/// Shared state of the control plane.
+#[derive(Debug)]
+pub struct Admin {
+    store: Mutex<Store>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    token: String,
+    started: Instant,
+    runtime: Mutex<Option<RuntimeInfo>>,
+}
+
+/// An error answer: `application/problem+json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub title: &'static str,
+    pub detail: String,
+    /// JSON pointer (RFC 6901) of the offending field in the request body, if any.
+    pub pointer: Option<String>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+        Problem {
+            status,
+            title,
+            detail: detail.into(),
+            pointer: None,
+        }
+    }
+
+    fn at(mut self, pointer: impl Into<String>) -> Self {
+        self.pointer = Some(pointer.into());
+        self
+    }
+
+    fn not_found(what: String) -> Self {
+        Problem::new(StatusCode::NOT_FOUND, "Not Found", what)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(p) = self.pointer {
+            body["pointer"] = Value::String(p);
+        }
+        let mut resp = (self.status, body.to_string()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"gateway-admin\""),
+            );
+        }
+        resp
+    }
+}
+
+/// A resource kind under `/v1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Routes,
+    Upstreams,
+}
+
+impl Kind {
+    fn parse(s: &str) -> Result<Kind, Problem> {
+        match s {
+            "routes" => Ok(Kind::Routes),
+            "upstreams" => Ok(Kind::Upstreams),
+            other => Err(Problem::not_found(format!("no resource kind {other:?}"))),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Routes => "routes",
+            Kind::Upstreams => "upstreams",
+        }
+    }
+
+    fn ids(self, c: &Config) -> Vec<String> {
+        match self {
+            Kind::Routes => c.routes.iter().map(|r| r.id.clone()).collect(),
+            Kind::Upstreams => c.upstreams.iter().map(|u| u.id.clone()).collect(),
+        }
+    }
+
+    fn get(self, c: &Config, id: &str) -> Option<Value> {
+        match self {
+            Kind::Routes => c.routes.iter().find(|r| r.id == id).map(to_value),
+            Kind::Upstreams => c.upstreams.iter().find(|u| u.id == id).map(to_value),
+        }
+    }
+
+    fn list(self, c: &Config) -> Vec<Value> {
+        match self {
+            Kind::Routes => c.routes.iter().map(to_value).collect(),
+            Kind::Upstreams => c.upstreams.iter().map(to_value).collect(),
+        }
+    }
+
+    /// Inserts or replaces the item; returns whether it was created.
+    fn put(self, c: &mut Config, id: &str, mut value: Value) -> Result<bool, Problem> {
+        let Value::Object(map) = &mut value else {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid Value",
+                format!("a {} item must be a JSON object", self.name()),
+            )
+            .at(""));
+        };
+        match map.get("id") {
+            None => {
+                map.insert("id".into(), Value::String(id.to_owned()));
+            }
+            Some(Value::String(s)) if s == id => {}
+            Some(_) => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid Value",
+                    format!("the body's id must be {id:?}, the id in the path"),
+                )
+                .at("/id"))
+            }
+        }
+        fn upsert<T: Clone>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) -> bool {
+            match list.iter_mut().find(|x| same(x)) {
+                Some(slot) => {
+                    *slot = item;
+                    false
+                }
+                None => {
+                    list.push(item);
+                    true
+                }
+            }
+        }
+        Ok(match self {
+            Kind::Routes => {
+                let item: RouteConfig = typed(value)?;
+                upsert(&mut c.routes, item, |r| r.id == id)
+            }
+            Kind::Upstreams => {
+                let item: UpstreamConfig = typed(value)?;
+                upsert(&mut c.upstreams, item, |u| u.id == id)
+            }
+        })
+    }
+
+    fn remove(self, c: &mut Config, id: &str) -> bool {
+        match self {
+            Kind::Routes => {
+                let before = c.routes.len();
+                c.routes.retain(|r| r.id != id);
+                before != c.routes.len()
+            }
+            Kind::Upstreams => {
+                let before = c.upstreams.len();
+                c.upstreams.retain(|u| u.id != id);
+                before != c.upstreams.len()
+            }
+        }
+    }
+
+    /// Resources that refer to the item and would dangle without it.
+    fn referrers(self, c: &Config, id: &str) -> Vec<String> {
+        match self {
+            Kind::Routes => Vec::new(),
+            Kind::Upstreams => c
+                .routes
+                .iter()
+                .filter(|r| r.upstream.as_deref() == Some(id))
+                .map(|r| format!("routes/{}", r.id))
+                .collect(),
+        }
+    }
+}
+
+fn to_value<T: serde::Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
+}
+
+/// Deserializes with the path of the first offending field: unknown fields are 400, values of
+/// the wrong type 422.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let pointer = path_to_pointer(&e.path().to_string());
+        let detail = e.inner().to_string();
+        let status = if detail.starts_with("unknown field") {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        let title = if status == StatusCode::BAD_REQUEST {
+            "Unknown Field"
+        } else {
+            "Invalid Value"
+        };
+        Problem::new(status, title, detail).at(pointer)
+    })
+}
+
+/// `routes[2].targets[0].weight` → `/routes/2/targets/0/weight`.
+pub fn path_to_pointer(path: &str) -> String {
+    if path == "." || path.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    for part in path.split('.') {
+        let mut rest = part;
+        let name_end = rest.find('[').unwrap_or(rest.len());
+        if name_end > 0 {
+            out.push('/');
+            out.push_str(&rest[..name_end].replace('~', "~0").replace('/', "~1"));
+        }
+        rest = &rest[name_end..];
+        while let Some(close) = rest.find(']') {
+            out.push('/');
+            out.push_str(&rest[1..close]);
+            rest = &rest[close + 1..];
+        }
+    }
+    out
+}
+
+/// A validation error as a 422 with the pointer of the field.
+fn invalid(e: ConfigError) -> Problem {
+    let (status, title) = match e {
+        ConfigError::Syntax { .. } => (StatusCode::BAD_REQUEST, "Malformed Config"),
+        _ => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid Config"),
+    };
+    Problem::new(status, title, e.to_string()).at(path_to_pointer(e.path()))
+}
+
+/// RFC 7396 JSON Merge Patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Default::default());
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// What a change does, item by item.
+fn diff(old: &Config, new: &Config) -> Vec<Value> {
+    let old_items: std::collections::BTreeMap<String, Value> =
+        crate::store::item_values(old).into_iter().collect();
+    let new_items: std::collections::BTreeMap<String, Value> =
+        crate::store::item_values(new).into_iter().collect();
+    let entry = |op: &str, key: &str| {
+        let (kind, id) = key.split_once('/').unwrap_or((key, ""));
+        json!({"op": op, "kind": kind, "id": id})
+    };
+    let mut out = Vec::new();
+    for (key, value) in &old_items {
+        match new_items.get(key) {
+            None => out.push(entry("remove", key)),
+            Some(v) if v != value => out.push(entry("replace", key)),
+            Some(_) => {}
+        }
+    }
+    for key in new_items.keys().filter(|k| !old_items.contains_key(*k)) {
+        out.push(entry("add", key));
+    }
+    let settings = |c: &Config| {
+        let mut v = to_value(c);
+        if let Value::Object(m) = &mut v {
+            m.remove("routes");
+            m.remove("upstreams");
+        }
+        v
+    };
+    if settings(old) != settings(new) {
+        out.push(json!({"op": "replace", "kind": "settings"}));
+    }
+    out
+}
+
+/// Conditional request headers (RFC 9110 §13).
+#[derive(Debug, Default)]
+struct Preconditions {
+    if_match: Option<String>,
+    if_none_match_any: bool,
+}
+
+impl Preconditions {
+    fn from(headers: &HeaderMap) -> Preconditions {
+        Preconditions {
+            if_match: headers
+                .get(header::IF_MATCH)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            if_none_match_any: headers
+                .get(header::IF_NONE_MATCH)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim() == "*"),
+        }
+    }
+
+    /// Checks against the current ETag of the target (`None`: it does not exist).
+    fn check(&self, current: Option<&str>) -> Result<(), Problem> {
+        let failed = |detail: String| {
+            Err(Problem::new(
+                StatusCode::PRECONDITION_FAILED,
+                "Precondition Failed",
+                detail,
+            ))
+        };
+        if let Some(wanted) = &self.if_match {
+            let ok = match current {
+                None => false,
+                Some(etag) => wanted
+                    .split(',')
+                    .map(str::trim)
+                    .any(|w| w == "*" || w == etag),
+            };
+            if !ok {
+                return failed(format!(
+                    "If-Match {wanted} does not match the current ETag {}",
+                    current.unwrap_or("(none: it does not exist)")
+                ));
+            }
+        }
+        if self.if_none_match_any && current.is_some() {
+            return failed("If-None-Match: * but it already exists".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WriteQuery {
+    #[serde(default)]
+    dry_run: Option<String>,
+}
+
+impl WriteQuery {
+    fn dry_run(&self) -> Result<bool, Problem> {
+        match self.dry_run.as_deref() {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(other) => Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "Bad Query",
+                format!("dry_run={other:?}: expected true or false"),
+            )),
+        }
+    }
+}
+
+/// The outcome of a write.
+#[derive(Debug)]
+pub struct Applied {
+    pub revision: u64,
+    pub changes: Vec<Value>,
+    pub dry_run: bool,
+}
+
+fn config_etag(revision: u64) -> String {
+    format!("\"config-r{revision}\"")
+}
+
+fn item_etag(kind: Kind, id: &str, revision: u64) -> String {
+    format!("\"{}-{id}-r{revision}\"", kind.name())
+}
+
+impl Admin {
+    pub fn new(store: Store, shared: Arc<ArcSwap<Snapshot>>, token: String) -> Admin {
+        Admin {
+            store: Mutex::new(store),
+            shared,
+            token,
+            started: Instant::now(),
+            runtime: Mutex::new(None),
+        }
+    }
+
+    pub fn set_runtime(&self, info: RuntimeInfo) {
+        *lock(&self.runtime) = Some(info);
+    }
+
+    /// The one way a change happens: build the candidate from the current config, validate and
+    /// compile it, persist it, publish it. With `dry_run` it stops after validation.
+    pub fn apply(
+        &self,
+        dry_run: bool,
+        source: &str,
+        build: impl FnOnce(&Store) -> Result<Config, Problem>,
+    ) -> Result<Applied, Problem> {
+        let mut store = lock(&self.store);
+        let next = build(&store)?;
+        let revision = store.revision() + 1;
+        let snapshot = Snapshot::compile(next.clone(), revision).map_err(invalid)?;
+        let current = store.config();
+        if snapshot.listeners != self.shared.load().listeners {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid Config",
+                "listeners cannot change while the gateway runs; restart it with the new config",
+            )
+            .at("/listeners"));
+        }
+        if next.admin != current.admin {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid Config",
+                "admin settings cannot change while the gateway runs; restart it with the new config",
+            )
+            .at("/admin"));
+        }
+        let changes = diff(current, &next);
+        if dry_run || changes.is_empty() {
+            return Ok(Applied {
+                revision: store.revision(),
+                changes,
+                dry_run,
+            });
+        }
+        let committed = store.commit(next, source).map_err(|e| {
+            eprintln!("gateway: admin: cannot persist the change: {e}");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Not Persisted",
+                "the change could not be written to the data directory; nothing changed",
+            )
+        })?;
+        debug_assert_eq!(committed, revision);
+        self.shared.store(Arc::new(snapshot));
+        Ok(Applied {
+            revision,
+            changes,
+            dry_run: false,
+        })
+    }
+
+    /// SIGHUP: the config file again, through the same path.
+    pub fn reload_file(&self, path: &std::path::Path) {
+        let result = self.apply(false, "file reload", |_| {
+            common::load_config(path).map_err(invalid)
+        });
+        match result {
+            Ok(a) if a.changes.is_empty() => {
+                eprintln!(
+                    "gateway: reloaded {}: no change (revision {})",
+                    path.display(),
+                    a.revision
+                )
+            }
+            Ok(a) => eprintln!(
+                "gateway: reloaded {} (revision {})",
+                path.display(),
+                a.revision
+            ),
+            Err(p) => eprintln!(
+                "gateway: reload of {} refused, still on revision {}: {}",
+                path.display(),
+                lock(&self.store).revision(),
+                p.detail
+            ),
+        }
+    }
+
+    fn revision(&self) -> u64 {
+        lock(&self.store).revision()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the store half-changed (commit replaces it
+    // in one assignment after the files are written), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The admin API router.
+pub fn app(admin: Arc<Admin>) -> Router {
+    let protected = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/config", get(get_config).put(put_config))
+        .route("/v1/config:batch", post(batch))
+        .route("/v1/revisions", get(list_revisions))
+        .route("/v1/revisions/{rev}", get(get_revision).post(rollback))
+        .route("/v1/{kind}", get(list_items))
+        .route(
+            "/v1/{kind}/{id}",
+            get(get_item)
+                .put(put_item)
+                .patch(patch_item)
+                .delete(delete_item),
+        )
+        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .merge(protected)
+        .fallback(|| async { Problem::not_found("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method Not Allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .with_state(admin)
+}
+
+async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
+        next.run(req).await
+    } else {
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "a valid bearer token is required",
+        )
+        .into_response()
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, &expected) in b.iter().enumerate() {
+        diff |= a.get(i).copied().unwrap_or(0) ^ expected;
+    }
+    diff == 0
+}
+
+/// Reads a JSON body: right content type (415), at most 1 MiB (413), well-formed (400).
+async fn json_body(headers: &HeaderMap, body: Body, patch: bool) -> Result<Value, Problem> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ctype
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let ok = mime == "application/json" || (patch && mime == "application/merge-patch+json");
+    if !ok {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type",
+            format!(
+                "expected Content-Type application/json{}, got {ctype:?}",
+                if patch {
+                    " or application/merge-patch+json"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Content Too Large",
+            format!("the body exceeds {MAX_BODY} bytes"),
+        )
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Malformed JSON", e.to_string()))
+}
+
+fn json_response(status: StatusCode, etag: Option<String>, body: Value) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    if let Some(e) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        resp.headers_mut().insert(header::ETAG, e);
+    }
+    resp
+}
+
+fn dry_run_response(a: &Applied) -> Response {
+    json_response(
+        StatusCode::OK,
+        None,
+        json!({"dry_run": true, "revision": a.revision, "would_be_revision": a.revision + 1, "changes": a.changes}),
+    )
+}
+
+async fn status(State(admin): State<Arc<Admin>>) -> Response {
+    let info = lock(&admin.runtime).clone();
+    let snap = admin.shared.load();
+    let body = json!({
+        "revision": admin.revision(),
+        "published_revision": snap.revision,
+        "uptime_seconds": admin.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "workers": info.as_ref().map(|i| i.workers),
+        "io_driver": info.as_ref().map(|i| i.driver.clone()),
+        "listeners": info.as_ref().map(|i| i.listeners.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "admin": info.as_ref().map(|i| i.admin.to_string()),
+        "routes": snap.routes.len(),
+        "upstreams": snap.upstreams.len(),
+    });
+    json_response(StatusCode::OK, None, body)
+}
+
+async fn get_config(State(admin): State<Arc<Admin>>) -> Response {
+    let store = lock(&admin.store);
+    json_response(
+        StatusCode::OK,
+        Some(config_etag(store.revision())),
+        to_value(store.config()),
+    )
+}
+
+async fn put_config(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let dry_run = q.dry_run()?;
+    let pre = Preconditions::from(&headers);
+    let value = json_body(&headers, body, false).await?;
+    let config: Config = typed(value)?;
+    let applied = admin.apply(dry_run, "api: PUT /v1/config", |store| {
+        pre.check(Some(&config_etag(store.revision())))?;
+        Ok(config)
+    })?;
+    if applied.dry_run {
+        return Ok(dry_run_response(&applied));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        Some(config_etag(applied.revision)),
+        json!({"revision": applied.revision, "changes": applied.changes}),
+    ))
+}
+
+async fn list_items(
+    State(admin): State<Arc<Admin>>,
+    Path(kind): Path<String>,
+) -> Result<Response, Problem> {
+    let kind = Kind::parse(&kind)?;
+    let store = lock(&admin.store);
+    let items = kind.list(store.config());
+    Ok(json_response(
+        StatusCode::OK,
+        Some(config_etag(store.revision())),
+        json!({"revision": store.revision(), "items": items}),
+    ))
+}
+
+fn current_item_etag(store: &Store, kind: Kind, id: &str) -> Option<String> {
+    kind.get(store.config(), id)?;
+    let rev = store
+        .item_revision(kind.name(), id)
+        .unwrap_or(store.revision());
+    Some(item_etag(kind, id, rev))
+}
+
+async fn get_item(
+    State(admin): State<Arc<Admin>>,
+    Path((kind, id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let kind = Kind::parse(&kind)?;
+    let store = lock(&admin.store);
+    let Some(value) = kind.get(store.config(), &id) else {
+        return Err(Problem::not_found(format!(
+            "no {} item {id:?}",
+            kind.name()
+        )));
+    };
+    let rev = store
+        .item_revision(kind.name(), &id)
+        .unwrap_or(store.revision());
+    let mut resp = json_response(StatusCode::OK, Some(item_etag(kind, &id, rev)), value);
+    if let Ok(v) = HeaderValue::from_str(&rev.to_string()) {
+        resp.headers_mut().insert("revision", v);
+    }
+    Ok(resp)
+}
+
+/// Shared by PUT and PATCH of one item.
+async fn write_item(
+    admin: &Admin,
+    kind: Kind,
+    id: &str,
+    q: &WriteQuery,
+    headers: &HeaderMap,
+    body: Body,
+    method: Method,
+) -> Result<Response, Problem> {
+    let dry_run = q.dry_run()?;
+    let pre = Preconditions::from(headers);
+    let patch = method == Method::PATCH;
+    let input = json_body(headers, body, patch).await?;
+    let mut created = false;
+    let applied = admin
+        .apply(
+            dry_run,
+            &format!("api: {method} /v1/{}/{id}", kind.name()),
+            |store| {
+                pre.check(current_item_etag(store, kind, id).as_deref())?;
+                let mut next = store.config().clone();
+                let value = if patch {
+                    let Some(mut current) = kind.get(&next, id) else {
+                        return Err(Problem::not_found(format!(
+                            "no {} item {id:?} to patch",
+                            kind.name()
+                        )));
+                    };
+                    merge_patch(&mut current, &input);
+                    current
+                } else {
+                    input
+                };
+                created = kind.put(&mut next, id, value)?;
+                Ok(next)
+            },
+        )
+        .map_err(|p| item_pointer(p, kind, id, admin))?;
+    if applied.dry_run {
+        return Ok(dry_run_response(&applied));
+    }
+    let store = lock(&admin.store);
+    let etag = current_item_etag(&store, kind, id);
+    let value = kind.get(store.config(), id).unwrap_or(Value::Null);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = json_response(status, etag, value);
+    if created {
+        if let Ok(v) = HeaderValue::from_str(&format!("/v1/{}/{id}", kind.name())) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// A validation error about the written item itself is reported relative to its body.
+fn item_pointer(mut p: Problem, kind: Kind, id: &str, admin: &Admin) -> Problem {
+    if let Some(ptr) = &p.pointer {
+        let store = lock(&admin.store);
+        let mut candidate_ids = kind.ids(store.config());
+        if !candidate_ids.iter().any(|x| x == id) {
+            candidate_ids.push(id.to_owned());
+        }
+        if let Some(index) = candidate_ids.iter().position(|x| x == id) {
+            let prefix = format!("/{}/{index}", kind.name());
+            if let Some(rest) = ptr.strip_prefix(&prefix) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    p.pointer = Some(rest.to_owned());
+                }
+            }
+        }
+    }
+    p
+}
+
+async fn put_item(
+    State(admin): State<Arc<Admin>>,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    write_item(
+        &admin,
+        Kind::parse(&kind)?,
+        &id,
+        &q,
+        &headers,
+        body,
+        Method::PUT,
+    )
+    .await
+}
+
+async fn patch_item(
+    State(admin): State<Arc<Admin>>,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    write_item(
+        &admin,
+        Kind::parse(&kind)?,
+        &id,
+        &q,
+        &headers,
+        body,
+        Method::PATCH,
+    )
+    .await
+}
+
+async fn delete_item(
+    State(admin): State<Arc<Admin>>,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let kind = Kind::parse(&kind)?;
+    let dry_run = q.dry_run()?;
+    let pre = Preconditions::from(&headers);
+    let applied = admin.apply(
+        dry_run,
+        &format!("api: DELETE /v1/{}/{id}", kind.name()),
+        |store| {
+            let etag = current_item_etag(store, kind, &id);
+            if etag.is_none() {
+                return Err(Problem::not_found(format!(
+                    "no {} item {id:?}",
+                    kind.name()
+                )));
+            }
+            pre.check(etag.as_deref())?;
+            let users = kind.referrers(store.config(), &id);
+            if !users.is_empty() {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "Still Referenced",
+                    format!("{}/{id} is used by {}", kind.name(), users.join(", ")),
+                ));
+            }
+            let mut next = store.config().clone();
+            kind.remove(&mut next, &id);
+            Ok(next)
+        },
+    )?;
+    if applied.dry_run {
+        return Ok(dry_run_response(&applied));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// One operation of a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Operation {
+    op: String,
+    kind: String,
+    id: String,
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    operations: Vec<Operation>,
+}
+
+async fn batch(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<WriteQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let dry_run = q.dry_run()?;
+    let pre = Preconditions::from(&headers);
+    let batch: Batch = typed(json_body(&headers, body, false).await?)?;
+    let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
+        pre.check(Some(&config_etag(store.revision())))?;
+        let mut next = store.config().clone();
+        for (i, op) in batch.operations.into_iter().enumerate() {
+            let at = |p: Problem| {
+                let ptr = format!("/operations/{i}{}", p.pointer.clone().unwrap_or_default());
+                p.at(ptr)
+            };
+            let kind = Kind::parse(&op.kind).map_err(|p| {
+                at(Problem {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    ..p
+                })
+            })?;
+            match op.op.as_str() {
+                "put" => {
+                    let value = op.value.ok_or_else(|| {
+                        at(Problem::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid Value",
+                            "put needs a value",
+                        ))
+                    })?;
+                    kind.put(&mut next, &op.id, value).map_err(at)?;
+                }
+                "patch" => {
+                    let patch = op.value.ok_or_else(|| {
+                        at(Problem::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid Value",
+                            "patch needs a value",
+                        ))
+                    })?;
+                    let Some(mut current) = kind.get(&next, &op.id) else {
+                        return Err(at(Problem::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid Value",
+                            format!("no {} item {:?} to patch", kind.name(), op.id),
+                        )));
+                    };
+                    merge_patch(&mut current, &patch);
+                    kind.put(&mut next, &op.id, current).map_err(at)?;
+                }
+                "delete" => {
+                    if !kind.remove(&mut next, &op.id) {
+                        return Err(at(Problem::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid Value",
+                            format!("no {} item {:?} to delete", kind.name(), op.id),
+                        )));
+                    }
+                }
+                other => {
+                    return Err(at(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid Value",
+                        format!("op {other:?}: expected put, patch or delete"),
+                    )))
+                }
+            }
+        }
+        Ok(next)
+    })?;
+    if applied.dry_run {
+        return Ok(dry_run_response(&applied));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        Some(config_etag(applied.revision)),
+        json!({"revision": applied.revision, "changes": applied.changes}),
+    ))
+}
+
+async fn list_revisions(State(admin): State<Arc<Admin>>) -> Response {
+    let store = lock(&admin.store);
+    let list: Vec<Value> = store
+        .revisions()
+        .into_iter()
+        .map(|r| json!({"revision": r.revision, "created_ms": r.created_ms, "source": r.source}))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        None,
+        json!({"current": store.revision(), "revisions": list}),
+    )
+}
+
+fn parse_revision(s: &str) -> Result<u64, Problem> {
+    s.parse()
+        .map_err(|_| Problem::not_found(format!("{s:?} is not a revision number")))
+}
+
+async fn get_revision(
+    State(admin): State<Arc<Admin>>,
+    Path(rev): Path<String>,
+) -> Result<Response, Problem> {
+    let n = parse_revision(&rev)?;
+    let store = lock(&admin.store);
+    match store.load_revision(n) {
+        Ok(Some(r)) => Ok(json_response(
+            StatusCode::OK,
+            None,
+            json!({"revision": r.revision, "created_ms": r.created_ms, "source": r.source, "config": r.config}),
+        )),
+        Ok(None) => Err(Problem::not_found(format!("revision {n} is not kept"))),
+        Err(e) => Err(Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Unreadable Revision",
+            e.to_string(),
+        )),
+    }
+}
+
+/// `POST /v1/revisions/{n}:rollback`: makes revision n's config the next revision.
+async fn rollback(
+    State(admin): State<Arc<Admin>>,
+    Path(rev): Path<String>,
+    Query(q): Query<WriteQuery>,
+) -> Result<Response, Problem> {
+    let Some(n) = rev.strip_suffix(":rollback") else {
+        return Err(Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+            "POST only to /v1/revisions/{n}:rollback",
+        ));
+    };
+    let n = parse_revision(n)?;
+    let dry_run = q.dry_run()?;
+    let applied = admin.apply(dry_run, &format!("rollback to {n}"), |store| {
+        match store.load_revision(n) {
+            Ok(Some(r)) => Ok(r.config),
+            Ok(None) => Err(Problem::not_found(format!("revision {n} is not kept"))),
+            Err(e) => Err(Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Unreadable Revision",
+                e.to_string(),
+            )),
+        }
+    })?;
+    if applied.dry_run {
+        return Ok(dry_run_response(&applied));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        Some(config_etag(applied.revision)),
+        json!({"revision": applied.revision, "rolled_back_to": n, "changes": applied.changes}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers() {
+        assert_eq!(
+            path_to_pointer("routes[2].targets[0].weight"),
+            "/routes/2/targets/0/weight"
+        );
+        assert_eq!(path_to_pointer("."), "");
+        assert_eq!(
+            path_to_pointer("limits.max_uri_bytes"),
+            "/limits/max_uri_bytes"
+        );
+    }
+
+    #[test]
+    fn merge_patch_rfc7396_examples() {
+        let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        merge_patch(&mut t, &json!({"a": "z", "c": {"f": null}}));
+        assert_eq!(t, json!({"a": "z", "c": {"d": "e"}}));
+        let mut t = json!({"a": ["b"]});
+        merge_patch(&mut t, &json!({"a": "c"}));
+        assert_eq!(t, json!({"a": "c"}));
+        let mut t = json!({"a": "foo"});
+        merge_patch(&mut t, &json!(null));
+        assert_eq!(t, json!(null));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-12", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-124", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-1234", b"secret-token-123"));
+    }
+}

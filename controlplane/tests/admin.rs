@@ -1,0 +1,606 @@
+//! The admin REST API through the real binary: CRUD, ETags and preconditions, dry runs,
+//! problem+json errors, authentication, revisions and rollback, durability across `kill -9`,
+//! and config changes under traffic.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+fn base_config(origin: std::net::SocketAddr) -> String {
+    format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"origin\"\ntargets = [{{ address = \"{origin}\" }}]\n[[routes]]\nid = \"health\"\npath = \"/health\"\nrespond = {{ body = \"ok\" }}\n"
+    )
+}
+
+fn start(origin: &Origin) -> Gateway {
+    Gateway::start(&base_config(origin.addr), Driver::IoUring)
+}
+
+fn revision(gw: &Gateway) -> u64 {
+    gw.admin("GET", "/v1/status", None).json()["revision"]
+        .as_u64()
+        .unwrap()
+}
+
+fn problem(r: &Response, status: u16) -> Value {
+    assert_eq!(r.status, status, "{}\n{}", r.head, r.body_str());
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/problem+json"),
+        "{}",
+        r.head
+    );
+    let p = r.json();
+    assert_eq!(p["status"], json!(status));
+    assert!(p["title"].is_string() && p["detail"].is_string(), "{p}");
+    p
+}
+
+#[test]
+fn routes_and_upstreams_crud() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    // Create.
+    let r = gw.admin(
+        "PUT",
+        "/v1/upstreams/api",
+        Some(&format!(
+            r#"{{"targets":[{{"address":"{}"}}]}}"#,
+            origin.addr
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    assert_eq!(r.header("location"), Some("/v1/upstreams/api"));
+    let etag = r.header("etag").unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert_eq!(
+        r.json(),
+        json!({"id": "api", "targets": [{"address": origin.addr.to_string()}]})
+    );
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/api",
+        Some(r#"{"path_prefix":"/api","upstream":"api"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    // Read.
+    let r = gw.admin("GET", "/v1/upstreams/api", None);
+    assert_eq!((r.status, r.header("etag")), (200, Some(etag.as_str())));
+    let r = gw.admin("GET", "/v1/routes", None);
+    let list = r.json();
+    let ids: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["health", "api"]);
+    // Replace (idempotent: the same body twice keeps the revision and the ETag).
+    let body = r#"{"path_prefix":"/api","upstream":"api","methods":["GET"]}"#;
+    let r = gw.admin("PUT", "/v1/routes/api", Some(body));
+    assert_eq!(r.status, 200);
+    let rev = revision(&gw);
+    let again = gw.admin("PUT", "/v1/routes/api", Some(body));
+    assert_eq!(
+        (again.status, again.header("etag")),
+        (200, r.header("etag"))
+    );
+    assert_eq!(revision(&gw), rev);
+    // Merge patch.
+    let r = gw.admin_with(
+        "PATCH",
+        "/v1/routes/api",
+        Some(r#"{"methods":null,"strip_prefix":true}"#),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("Content-Type", "application/merge-patch+json"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        r.json(),
+        json!({"id": "api", "path_prefix": "/api", "strip_prefix": true, "upstream": "api"})
+    );
+    // The route answers through the data plane.
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "origin saw /x"
+    );
+    // An upstream still in use cannot go.
+    let p = problem(&gw.admin("DELETE", "/v1/upstreams/api", None), 409);
+    assert!(p["detail"].as_str().unwrap().contains("routes/api"), "{p}");
+    assert_eq!(gw.admin("DELETE", "/v1/routes/api", None).status, 204);
+    assert_eq!(gw.admin("DELETE", "/v1/upstreams/api", None).status, 204);
+    problem(&gw.admin("GET", "/v1/routes/api", None), 404);
+    problem(&gw.admin("DELETE", "/v1/routes/api", None), 404);
+    problem(&gw.admin("GET", "/v1/widgets", None), 404);
+    assert_eq!(
+        c.roundtrip("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        404
+    );
+}
+
+#[test]
+fn new_route_answers_on_an_open_keep_alive_connection() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        404
+    );
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/orders",
+        Some(r#"{"path_prefix":"/orders","upstream":"origin"}"#),
+    );
+    assert_eq!(r.status, 201);
+    let r = c.roundtrip("GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.body_str()), (200, "origin saw /orders/1"));
+}
+
+#[test]
+fn conditional_writes() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let etag = gw
+        .admin("GET", "/v1/routes/health", None)
+        .header("etag")
+        .unwrap()
+        .to_owned();
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let write = |body: &str| {
+        gw.admin_with(
+            "PUT",
+            "/v1/routes/health",
+            Some(body),
+            &[("Authorization", &auth), ("If-Match", &etag)],
+        )
+    };
+    // Two writers read the same ETag: the first wins, the second is told.
+    assert_eq!(
+        write(r#"{"path":"/health","respond":{"body":"one"}}"#).status,
+        200
+    );
+    let p = problem(
+        &write(r#"{"path":"/health","respond":{"body":"two"}}"#),
+        412,
+    );
+    assert!(p["detail"].as_str().unwrap().contains(&etag), "{p}");
+    assert_eq!(
+        gw.admin("GET", "/v1/routes/health", None).json()["respond"]["body"],
+        json!("one")
+    );
+    // If-None-Match: * creates only.
+    let create_only = |id: &str| {
+        gw.admin_with(
+            "PUT",
+            &format!("/v1/routes/{id}"),
+            Some(r#"{"path":"/x","respond":{}}"#),
+            &[("Authorization", &auth), ("If-None-Match", "*")],
+        )
+    };
+    assert_eq!(create_only("x").status, 201);
+    problem(&create_only("x"), 412);
+    // The whole config has an ETag too.
+    let cfg = gw.admin("GET", "/v1/config", None);
+    let cfg_etag = cfg.header("etag").unwrap().to_owned();
+    let body = cfg.body_str().to_owned();
+    let put = |tag: &str| {
+        gw.admin_with(
+            "PUT",
+            "/v1/config",
+            Some(&body),
+            &[("Authorization", &auth), ("If-Match", tag)],
+        )
+    };
+    problem(&put("\"stale\""), 412);
+    assert_eq!(put(&cfg_etag).status, 200);
+}
+
+#[test]
+fn dry_run_changes_nothing_and_reports_the_diff() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let before = gw.admin("GET", "/v1/config", None);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/new?dry_run=true",
+        Some(r#"{"path":"/new","upstream":"origin"}"#),
+    );
+    assert_eq!(r.status, 200);
+    let diff = r.json();
+    assert_eq!(diff["dry_run"], json!(true));
+    assert_eq!(
+        diff["changes"],
+        json!([{"op": "add", "kind": "routes", "id": "new"}])
+    );
+    let r = gw.admin("DELETE", "/v1/routes/health?dry_run=true", None);
+    assert_eq!(
+        r.json()["changes"],
+        json!([{"op": "remove", "kind": "routes", "id": "health"}])
+    );
+    let after = gw.admin("GET", "/v1/config", None);
+    assert_eq!(
+        (after.body_str(), after.header("etag")),
+        (before.body_str(), before.header("etag"))
+    );
+    problem(&gw.admin("GET", "/v1/routes/new", None), 404);
+    // Validation still runs in a dry run.
+    problem(
+        &gw.admin(
+            "PUT",
+            "/v1/routes/bad?dry_run=true",
+            Some(r#"{"path":"/b","upstream":"nope"}"#),
+        ),
+        422,
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_the_field_and_changes_nothing() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let rev = revision(&gw);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let p = problem(
+        &gw.admin("PUT", "/v1/routes/r", Some(r#"{"path": "/r", "#)),
+        400,
+    );
+    assert_eq!(p["title"], json!("Malformed JSON"));
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/routes/r",
+            Some(r#"{"path":"/r","respond":{},"colour":"red"}"#),
+        ),
+        400,
+    );
+    assert_eq!(p["pointer"], json!("/colour"), "{p}");
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/upstreams/u",
+            Some(r#"{"targets":[{"address":"127.0.0.1:1","weight":"heavy"}]}"#),
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/targets/0/weight"), "{p}");
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/upstreams/u",
+            Some(r#"{"targets":[{"address":"127.0.0.1:1","weight":0}]}"#),
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/targets/0/weight"), "{p}");
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/routes/r",
+            Some(r#"{"path":"/r","upstream":"missing"}"#),
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/upstream"), "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown upstream \"missing\""),
+        "{p}"
+    );
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/routes/r",
+            Some(r#"{"id":"other","path":"/r","respond":{}}"#),
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/id"));
+    let big = format!(
+        r#"{{"path":"/r","respond":{{"body":"{}"}}}}"#,
+        "x".repeat(1_100_000)
+    );
+    problem(&gw.admin("PUT", "/v1/routes/r", Some(&big)), 413);
+    let r = gw.admin_with(
+        "PUT",
+        "/v1/routes/r",
+        Some(r#"{"path":"/r","respond":{}}"#),
+        &[("Authorization", &auth), ("Content-Type", "text/plain")],
+    );
+    problem(&r, 415);
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/config",
+            Some(r#"{"listeners":[{"address":"127.0.0.1:1"}]}"#),
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/listeners"));
+    assert_eq!(revision(&gw), rev);
+    problem(&gw.admin("GET", "/v1/routes/r", None), 404);
+}
+
+#[test]
+fn every_endpoint_but_health_needs_the_token() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let health = gw.admin_with("GET", "/v1/health", None, &[]);
+    assert_eq!(
+        (health.status, health.json()),
+        (200, json!({"status": "ok"}))
+    );
+    let operations: &[(&str, &str, Option<&str>)] = &[
+        ("GET", "/v1/status", None),
+        ("GET", "/v1/config", None),
+        ("PUT", "/v1/config", Some("{}")),
+        ("POST", "/v1/config:batch", Some(r#"{"operations":[]}"#)),
+        ("GET", "/v1/revisions", None),
+        ("GET", "/v1/revisions/1", None),
+        ("POST", "/v1/revisions/1:rollback", None),
+        ("GET", "/v1/routes", None),
+        ("GET", "/v1/routes/health", None),
+        ("PUT", "/v1/routes/x", Some("{}")),
+        ("PATCH", "/v1/routes/health", Some("{}")),
+        ("DELETE", "/v1/routes/health", None),
+        ("GET", "/v1/upstreams", None),
+        ("GET", "/v1/upstreams/origin", None),
+        ("PUT", "/v1/upstreams/x", Some("{}")),
+        ("PATCH", "/v1/upstreams/origin", Some("{}")),
+        ("DELETE", "/v1/upstreams/origin", None),
+    ];
+    let rev = revision(&gw);
+    for (method, path, body) in operations {
+        for headers in [
+            vec![],
+            vec![("Authorization", "Bearer wrong-token-0123456789")],
+            vec![("Authorization", "Basic dGVzdA==")],
+        ] {
+            let r = gw.admin_with(method, path, *body, &headers);
+            let p = problem(&r, 401);
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some("Bearer realm=\"gateway-admin\""),
+                "{method} {path}: {p}"
+            );
+        }
+    }
+    assert_eq!(revision(&gw), rev);
+}
+
+#[test]
+fn revisions_rollback_and_batches() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let r1 = revision(&gw);
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/a",
+            Some(r#"{"path":"/a","respond":{"body":"a"}}"#)
+        )
+        .status,
+        201
+    );
+    // A batch is all or nothing: a bad last operation leaves the first undone too.
+    let bad = r#"{"operations":[{"op":"put","kind":"routes","id":"b","value":{"path":"/b","respond":{}}},{"op":"delete","kind":"routes","id":"missing"}]}"#;
+    let p = problem(&gw.admin("POST", "/v1/config:batch", Some(bad)), 422);
+    assert_eq!(p["pointer"], json!("/operations/1"), "{p}");
+    problem(&gw.admin("GET", "/v1/routes/b", None), 404);
+    let good = r#"{"operations":[{"op":"put","kind":"routes","id":"b","value":{"path":"/b","respond":{}}},{"op":"patch","kind":"routes","id":"a","value":{"respond":{"body":"a2"}}},{"op":"delete","kind":"routes","id":"health"}]}"#;
+    let r = gw.admin("POST", "/v1/config:batch", Some(good));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let rev = r.json()["revision"].as_u64().unwrap();
+    assert_eq!(rev, r1 + 2);
+    let list = gw.admin("GET", "/v1/revisions", None).json();
+    assert_eq!(list["current"], json!(rev));
+    let numbers: Vec<u64> = list["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [r1, r1 + 1, r1 + 2]);
+    let old = gw.admin("GET", &format!("/v1/revisions/{r1}"), None).json();
+    assert_eq!(old["config"]["routes"][0]["id"], json!("health"));
+    // Roll back to the first revision: a new revision with the old config.
+    let r = gw.admin("POST", &format!("/v1/revisions/{r1}:rollback"), None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.json()["revision"], json!(rev + 1));
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "ok"
+    );
+    assert_eq!(
+        c.roundtrip("GET /b HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        404
+    );
+    problem(&gw.admin("POST", "/v1/revisions/999:rollback", None), 404);
+    let status = gw.admin("GET", "/v1/status", None).json();
+    assert_eq!(status["revision"], json!(rev + 1));
+    assert_eq!(status["published_revision"], json!(rev + 1));
+    assert_eq!(status["io_driver"], json!("io_uring"));
+    assert_eq!(status["workers"], json!(1));
+    assert_eq!(status["listeners"], json!([gw.addr.to_string()]));
+}
+
+#[test]
+fn acknowledged_changes_survive_kill_9() {
+    let origin = Origin::echo();
+    let mut gw = start(&origin);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/durable",
+        Some(r#"{"path":"/durable","respond":{"body":"still here"}}"#),
+    );
+    assert_eq!(r.status, 201);
+    gw.signal(libc::SIGKILL);
+    let status = gw
+        .wait_exit_status(Duration::from_secs(5))
+        .expect("killed gateway exits");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let data = gw.data_dir.clone();
+    drop(gw);
+    // Restart on the data directory alone: the acknowledged change is there.
+    let gw = Gateway::resume(&data, Driver::IoUring);
+    gw.wait_log("resuming config revision 2", Duration::from_secs(5));
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /durable HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "still here"
+    );
+}
+
+#[test]
+fn config_file_over_stored_state_needs_replace_state() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/kept",
+            Some(r#"{"path":"/kept","respond":{}}"#)
+        )
+        .status,
+        201
+    );
+    let data = gw.data_dir.clone();
+    let config = gw.config_path.clone();
+    drop(gw);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--replace-state"));
+    let gw = Gateway::start_with_data(&config, &data, &["--replace-state"]);
+    gw.wait_log(
+        "replaced the stored config as revision 3",
+        Duration::from_secs(5),
+    );
+    problem(&gw.admin("GET", "/v1/routes/kept", None), 404);
+}
+
+#[test]
+fn generated_token_is_private_and_public_admin_needs_a_configured_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("token");
+    let config = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let path = dir.join("g.toml");
+    std::fs::write(&path, config).unwrap();
+    let gw = Gateway::start_with_data(&path, &dir.join("data"), &[]);
+    let token_file = dir.join("data/admin-token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(token.len() >= 32);
+    let ok = gw.admin_with(
+        "GET",
+        "/v1/status",
+        None,
+        &[("Authorization", &format!("Bearer {token}"))],
+    );
+    assert_eq!(ok.status, 200);
+    drop(gw);
+    let public = dir.join("public.toml");
+    std::fs::write(
+        &public,
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"0.0.0.0:0\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&public)
+        .arg("--data-dir")
+        .arg(dir.join("data2"))
+        .env_remove("GATEWAY_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+}
+
+#[test]
+fn five_hundred_route_changes_under_traffic_fail_no_request() {
+    let origin = Origin::echo();
+    let gw = Arc::new(start(&origin));
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/api",
+            Some(r#"{"path_prefix":"/api","upstream":"origin"}"#)
+        )
+        .status,
+        201
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (gw, stop, ok, failed) = (gw.clone(), stop.clone(), ok.clone(), failed.clone());
+        thread::spawn(move || {
+            let mut c = gw.connect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let r = c.roundtrip("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n");
+                if r.status == 200 && r.body_str() == "origin saw /api/x" {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let t0 = std::time::Instant::now();
+    for i in 0..500 {
+        let body = format!(r#"{{"path":"/churn","respond":{{"body":"{i}"}}}}"#);
+        assert!(matches!(
+            gw.admin("PUT", "/v1/routes/churn", Some(&body)).status,
+            200 | 201
+        ));
+    }
+    eprintln!(
+        "500 changes in {:?}, {} requests",
+        t0.elapsed(),
+        ok.load(Ordering::Relaxed)
+    );
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "only {} requests ran",
+        ok.load(Ordering::Relaxed)
+    );
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /churn HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "499"
+    );
+}
