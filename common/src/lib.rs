@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod router;
+pub mod slots;
 pub mod snapshot;
 
 pub use config::Config;

@@ -50,6 +50,8 @@ pub struct Route {
     /// Bytes of the matched prefix to remove before forwarding (0: none).
     pub strip_prefix_len: usize,
     pub action: RouteAction,
+    /// Where this route's request counters live ([`crate::slots`]).
+    pub metrics_slot: u32,
 }
 
 impl Route {
@@ -459,6 +461,7 @@ fn compile_route(
         methods,
         strip_prefix_len,
         action,
+        metrics_slot: crate::slots::route_slot(&r.id),
     })
 }
 

@@ -32,6 +32,8 @@ pub const MAX_BODY: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct RuntimeInfo {
     pub workers: usize,
+    /// Each worker's counters, summed by `/metrics`.
+    pub metrics: Vec<Arc<dataplane::metrics::WorkerMetrics>>,
     pub driver: String,
     pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
@@ -535,6 +537,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn app(admin: Arc<Admin>) -> Router {
     let protected = Router::new()
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/v1/config", get(get_config).put(put_config))
         .route("/v1/config:batch", post(batch))
         .route("/v1/revisions", get(list_revisions))
@@ -663,6 +666,21 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "upstreams": snap.upstreams.len(),
     });
     json_response(StatusCode::OK, None, body)
+}
+
+/// Prometheus text format: per-worker counters summed at scrape time.
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let workers = lock(&admin.runtime)
+        .as_ref()
+        .map(|i| i.metrics.clone())
+        .unwrap_or_default();
+    let text = dataplane::metrics::render(&workers, admin.shared.load().revision);
+    let mut resp = (StatusCode::OK, text).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 async fn get_config(State(admin): State<Arc<Admin>>) -> Response {

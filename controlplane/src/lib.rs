@@ -263,6 +263,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let admin = Arc::new(Admin::new(store, shared.clone(), token));
     admin.set_runtime(RuntimeInfo {
         workers: plane.workers,
+        metrics: plane.metrics.clone(),
         driver: plane.driver.to_string(),
         listeners: plane.addresses.clone(),
         admin: admin_bound,

@@ -345,6 +345,7 @@ fn every_endpoint_but_health_needs_the_token() {
     );
     let operations: &[(&str, &str, Option<&str>)] = &[
         ("GET", "/v1/status", None),
+        ("GET", "/metrics", None),
         ("GET", "/v1/config", None),
         ("PUT", "/v1/config", Some("{}")),
         ("POST", "/v1/config:batch", Some(r#"{"operations":[]}"#)),
@@ -603,4 +604,81 @@ fn five_hundred_route_changes_under_traffic_fail_no_request() {
             .body_str(),
         "499"
     );
+}
+
+#[test]
+fn metrics_count_requests_by_route_and_class() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/api",
+            Some(r#"{"path_prefix":"/api","upstream":"origin"}"#)
+        )
+        .status,
+        201
+    );
+    let dead = closed_port();
+    let body = format!(r#"{{"targets":[{{"address":"{dead}"}}]}}"#);
+    assert_eq!(
+        gw.admin("PUT", "/v1/upstreams/dead", Some(&body)).status,
+        201
+    );
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/dead",
+            Some(r#"{"path":"/dead","upstream":"dead"}"#)
+        )
+        .status,
+        201
+    );
+    let mut c = gw.connect();
+    for _ in 0..3 {
+        assert_eq!(
+            c.roundtrip("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            200
+        );
+    }
+    assert_eq!(
+        c.roundtrip("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        200
+    );
+    assert_eq!(
+        c.roundtrip("GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        404
+    );
+    assert_eq!(
+        gw.connect()
+            .roundtrip("GET /dead HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        502
+    );
+    let r = gw.admin("GET", "/metrics", None);
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = r.body_str();
+    for line in [
+        "gateway_requests_total{route=\"api\",class=\"2xx\"} 3",
+        "gateway_requests_total{route=\"health\",class=\"2xx\"} 1",
+        "gateway_requests_total{route=\"(none)\",class=\"4xx\"} 1",
+        "gateway_requests_total{route=\"dead\",class=\"5xx\"} 1",
+        "gateway_upstream_errors_total{kind=\"connect_failed\"} 1",
+        "gateway_request_duration_seconds_count 6",
+        "gateway_upstream_response_duration_seconds_count 3",
+        "gateway_config_revision 4",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    // The open keep-alive connection is counted (it may also be parked between requests).
+    assert!(text.contains("gateway_open_connections "), "{text}");
 }

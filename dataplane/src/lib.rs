@@ -16,6 +16,7 @@
 pub mod codec;
 pub mod forward;
 pub mod gather;
+pub mod metrics;
 mod park;
 mod proxy;
 pub mod status;
@@ -105,6 +106,8 @@ pub struct DataPlane {
     pub workers: usize,
     /// The CPU each worker is pinned to.
     pub cpus: Vec<Option<usize>>,
+    /// Each worker's counters, for scraping.
+    pub metrics: Vec<Arc<metrics::WorkerMetrics>>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -138,6 +141,8 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(workers);
     let mut cpus = Vec::with_capacity(workers);
+    let all_metrics: Vec<Arc<metrics::WorkerMetrics>> =
+        (0..workers).map(|_| Arc::default()).collect();
     for (index, listeners) in per_worker.into_iter().enumerate() {
         // Pin only when there are enough CPUs for one worker each; more workers than CPUs
         // share them as the scheduler sees fit.
@@ -150,6 +155,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
             config: config.clone(),
             listeners,
             shutdown: shutdown.clone(),
+            metrics: all_metrics[index].clone(),
             ready: ready_tx.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -164,6 +170,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         driver,
         workers,
         cpus,
+        metrics: all_metrics,
         shutdown,
         threads,
     };

@@ -20,6 +20,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use common::slots::NO_ROUTE_SLOT;
 use common::{Limits, Route, RouteAction, Snapshot, Timeouts};
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{
@@ -33,6 +34,7 @@ use crate::codec::response::{parse_response, ResponseHead};
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::forward::{self, request_pieces, response_pieces};
 use crate::gather::write_gathered;
+use crate::metrics::UpstreamError;
 use crate::status::{Status, CONTINUE};
 use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
 use crate::worker::WorkerCtx;
@@ -67,6 +69,8 @@ enum UpstreamFailure {
     NothingReceived,
     Timeout,
     Broken,
+    /// A response head the gateway cannot frame.
+    Malformed,
 }
 
 /// A response the gateway makes itself.
@@ -95,6 +99,9 @@ struct Client {
     served: u64,
     /// Cancels the read that waits for a next request when the connection parks.
     canceller: Canceller,
+    /// Status of the response last sent, and the metrics slot of the route that sent it.
+    last_status: u16,
+    last_slot: u32,
 }
 
 /// What waiting for the next request head gave.
@@ -127,6 +134,8 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, s
         timeouts: snap.timeouts,
         served,
         canceller: Canceller::new(),
+        last_status: 0,
+        last_slot: NO_ROUTE_SLOT,
     };
     drop(snap);
     loop {
@@ -154,7 +163,16 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, s
         client.limits = snap.limits;
         client.timeouts = snap.timeouts;
         client.served += 1;
-        match client.handle(&ctx, &snap, head).await {
+        let started = Instant::now();
+        client.last_status = 0;
+        client.last_slot = NO_ROUTE_SLOT;
+        let next = client.handle(&ctx, &snap, head).await;
+        if client.last_status != 0 {
+            let us = started.elapsed().as_micros() as u64;
+            ctx.metrics
+                .request(client.last_slot, client.last_status, us);
+        }
+        match next {
             Next::KeepAlive if !ctx.draining.get() => {}
             Next::KeepAlive | Next::Close => return,
             Next::Upgrade(conn, resp) => {
@@ -280,6 +298,7 @@ impl Client {
                 .await;
         };
         let route = &snap.routes[id as usize];
+        self.last_slot = route.metrics_slot;
         match &route.action {
             RouteAction::Respond { bytes, head_len } => {
                 let reply = Reply::Direct {
@@ -318,6 +337,10 @@ impl Client {
             }
             Reply::Canned(status) => out.extend_from_slice(status.response(close || head.http10)),
         }
+        self.last_status = match reply {
+            Reply::Direct { bytes, .. } => direct_status(bytes),
+            Reply::Canned(status) => status.code(),
+        };
         let (res, out) = self.stream.write_all(out).await;
         self.scratch = out;
         if res.is_err() || close || matches!(reply, Reply::Canned(_) if head.http10) {
@@ -406,8 +429,14 @@ impl Client {
                 Some(c) => c,
                 None => match connect(target, self.timeouts.upstream_connect).await {
                     Ok(c) => c,
-                    Err(ConnectError::Timeout) => return self.fail(Status::GatewayTimeout).await,
-                    Err(ConnectError::Io(_)) => return self.fail(Status::BadGateway).await,
+                    Err(ConnectError::Timeout) => {
+                        ctx.metrics.upstream_error(UpstreamError::ConnectTimeout);
+                        return self.fail(Status::GatewayTimeout).await;
+                    }
+                    Err(ConnectError::Io(_)) => {
+                        ctx.metrics.upstream_error(UpstreamError::ConnectFailed);
+                        return self.fail(Status::BadGateway).await;
+                    }
                 },
             };
             let pieces = request_pieces(head, &self.req_plan, line, tail, body_end);
@@ -427,6 +456,7 @@ impl Client {
                     retried = true;
                     continue;
                 }
+                ctx.metrics.upstream_error(UpstreamError::Broken);
                 return self.fail(Status::BadGateway).await;
             }
             self.pos = body_end;
@@ -446,9 +476,14 @@ impl Client {
                     Err(None) => return Next::Close,
                 }
             }
-            let deadline = Instant::now() + self.timeouts.upstream_response_head;
+            let sent_at = Instant::now();
+            let deadline = sent_at + self.timeouts.upstream_response_head;
             match self.read_response_head(&mut conn, head, deadline).await {
-                Ok(resp) => break (conn, resp),
+                Ok(resp) => {
+                    let us = sent_at.elapsed().as_micros() as u64;
+                    ctx.metrics.upstream_latency.observe(us);
+                    break (conn, resp);
+                }
                 Err(UpstreamFailure::NothingReceived)
                     if pooled && replayable && !retried && head.is_idempotent(&self.buf) =>
                 {
@@ -456,20 +491,33 @@ impl Client {
                     self.pos = head.start;
                     continue;
                 }
-                Err(UpstreamFailure::Timeout) => return self.fail(Status::GatewayTimeout).await,
-                Err(_) => return self.fail(Status::BadGateway).await,
+                Err(UpstreamFailure::Timeout) => {
+                    ctx.metrics.upstream_error(UpstreamError::ResponseTimeout);
+                    return self.fail(Status::GatewayTimeout).await;
+                }
+                Err(UpstreamFailure::Malformed) => {
+                    ctx.metrics.upstream_error(UpstreamError::Malformed);
+                    return self.fail(Status::BadGateway).await;
+                }
+                Err(UpstreamFailure::NothingReceived | UpstreamFailure::Broken) => {
+                    ctx.metrics.upstream_error(UpstreamError::Broken);
+                    return self.fail(Status::BadGateway).await;
+                }
             }
         };
 
         if resp.status == 101 {
             if head.upgrade.is_none() {
+                ctx.metrics.upstream_error(UpstreamError::Malformed);
                 return self.fail(Status::BadGateway).await;
             }
+            self.last_status = 101;
             return Next::Upgrade(conn, resp);
         }
         let close_client =
             !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
         let reusable = resp.reusable && !head.http10;
+        self.last_status = resp.status;
         match self
             .relay_response(&mut conn, &resp, head, close_client)
             .await
@@ -581,7 +629,7 @@ impl Client {
                     }
                     Ok(Some(resp)) => return Ok(resp),
                     Ok(None) => {}
-                    Err(_) => return Err(UpstreamFailure::Broken),
+                    Err(_) => return Err(UpstreamFailure::Malformed),
                 }
             }
             let mut pos = 0;
@@ -639,7 +687,7 @@ impl Client {
                 let mut d = ChunkedDecoder::new(UPSTREAM_BUF);
                 let Ok(k) = d.advance(avail) else {
                     // Nothing sent yet: the client can still be told.
-                    self.send_static(Status::BadGateway.response(true)).await;
+                    self.fail(Status::BadGateway).await;
                     return Err(());
                 };
                 let left = u64::from(!d.is_done());
@@ -776,6 +824,7 @@ impl Client {
 
     /// Answers with `status` (if the client can still take it) and closes.
     async fn fail(&mut self, status: Status) -> Next {
+        self.last_status = status.code();
         self.send_static(status.response(true)).await;
         Next::Close
     }
@@ -846,4 +895,13 @@ async fn read_more(
         // The buffer went with the cancelled read; the caller closes this connection.
         Err(_) => Err(ReadError::Timeout),
     }
+}
+
+/// The status code of a direct response (its bytes start with `HTTP/1.1 NNN`).
+fn direct_status(bytes: &[u8]) -> u16 {
+    bytes
+        .get(9..12)
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(200)
 }

@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use common::Snapshot;
 use monoio::net::{TcpListener, TcpStream};
 
+use crate::metrics::WorkerMetrics;
 use crate::park::ParkLot;
 use crate::upstream::Pool;
 use crate::{DriverKind, StartError};
@@ -37,6 +38,7 @@ pub(crate) struct WorkerCtx {
     pub idle: RefCell<IdleSet>,
     /// Keep-alive connections idle past `client_park_ms`; `None` when epoll is unavailable.
     pub park: RefCell<Option<ParkLot>>,
+    pub metrics: Arc<WorkerMetrics>,
     active: Cell<usize>,
     index: usize,
 }
@@ -100,6 +102,7 @@ impl IdleSet {
 /// Starts a task serving `stream`; `served` counts the requests it already served.
 pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, served: u64) {
     ctx.active.set(ctx.active.get() + 1);
+    ctx.metrics.set_open_connections(ctx.active.get());
     let guard = ActiveGuard(ctx.clone());
     monoio::spawn(async move {
         let ctx = guard.0.clone();
@@ -162,6 +165,7 @@ struct ActiveGuard(Rc<WorkerCtx>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        self.0.metrics.set_open_connections(self.0.active.get());
     }
 }
 
@@ -173,6 +177,7 @@ pub(crate) struct WorkerSpec {
     pub config: Arc<ArcSwap<Snapshot>>,
     pub listeners: Vec<StdListener>,
     pub shutdown: Arc<AtomicBool>,
+    pub metrics: Arc<WorkerMetrics>,
     /// Receives the outcome of building the runtime.
     pub ready: mpsc::Sender<Result<(), StartError>>,
 }
@@ -227,6 +232,7 @@ async fn worker_main(spec: WorkerSpec) {
         draining: Cell::new(false),
         idle: RefCell::new(IdleSet::default()),
         park: RefCell::new(ParkLot::new().ok()),
+        metrics: spec.metrics.clone(),
         active: Cell::new(0),
         index: spec.index,
     });

@@ -1,0 +1,266 @@
+//! Per-worker counters, summed only when scraped.
+//!
+//! Hot path. Each worker writes its own [`WorkerMetrics`]; nothing on the request path is
+//! shared or contended. A counter is bumped with a relaxed load and store (not a locked
+//! read-modify-write: there is one writer), and the control plane reads them with relaxed
+//! loads when `/metrics` is scraped, so a scrape may be a few increments behind, never torn.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::slots::{route_slot_names, MAX_ROUTE_SLOTS};
+
+/// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` follows).
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Why talking to an upstream failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    ConnectFailed,
+    ConnectTimeout,
+    ResponseTimeout,
+    /// Closed or reset before or during the response.
+    Broken,
+    /// A response the gateway could not frame.
+    Malformed,
+}
+
+impl UpstreamError {
+    const ALL: [UpstreamError; 5] = [
+        UpstreamError::ConnectFailed,
+        UpstreamError::ConnectTimeout,
+        UpstreamError::ResponseTimeout,
+        UpstreamError::Broken,
+        UpstreamError::Malformed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            UpstreamError::ConnectFailed => "connect_failed",
+            UpstreamError::ConnectTimeout => "connect_timeout",
+            UpstreamError::ResponseTimeout => "response_timeout",
+            UpstreamError::Broken => "broken",
+            UpstreamError::Malformed => "malformed",
+        }
+    }
+}
+
+#[inline]
+fn bump(c: &AtomicU64, by: u64) {
+    // Single writer: a plain load and store is enough and avoids a locked instruction.
+    c.store(
+        c.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
+}
+
+/// A latency histogram.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        bump(&self.buckets[i], 1);
+        bump(&self.sum_us, us);
+    }
+}
+
+/// One worker's counters.
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    /// `[slot * 5 + status class]`: requests by route and status class (1xx..5xx).
+    requests: Box<[AtomicU64]>,
+    pub request_latency: Histogram,
+    pub upstream_latency: Histogram,
+    upstream_errors: [AtomicU64; 5],
+    open_connections: AtomicU64,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            requests: (0..MAX_ROUTE_SLOTS * 5)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            request_latency: Histogram::default(),
+            upstream_latency: Histogram::default(),
+            upstream_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            open_connections: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// Counts a finished request.
+    #[inline]
+    pub fn request(&self, slot: u32, status: u16, latency_us: u64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(c) = self.requests.get(slot as usize * 5 + class) {
+            bump(c, 1);
+        }
+        self.request_latency.observe(latency_us);
+    }
+
+    #[inline]
+    pub fn upstream_error(&self, kind: UpstreamError) {
+        bump(&self.upstream_errors[kind as usize], 1);
+    }
+
+    pub fn set_open_connections(&self, n: usize) {
+        self.open_connections.store(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Prometheus text exposition of the sum over `workers`.
+pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
+    let sum = |f: &dyn Fn(&WorkerMetrics) -> &AtomicU64| -> u64 {
+        workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
+    };
+    let mut out = String::new();
+    out.push_str("# HELP gateway_requests_total Requests answered, by route and status class.\n");
+    out.push_str("# TYPE gateway_requests_total counter\n");
+    let names = route_slot_names();
+    for (slot, name) in names.iter().enumerate() {
+        for class in 0..5 {
+            let n = sum(&|w: &WorkerMetrics| &w.requests[slot * 5 + class]);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "gateway_requests_total{{route=\"{}\",class=\"{}xx\"}} {n}",
+                    escape(name),
+                    class + 1
+                );
+            }
+        }
+    }
+    out.push_str("# HELP gateway_upstream_errors_total Failures talking to upstreams, by kind.\n");
+    out.push_str("# TYPE gateway_upstream_errors_total counter\n");
+    for kind in UpstreamError::ALL {
+        let n = sum(&|w: &WorkerMetrics| &w.upstream_errors[kind as usize]);
+        let _ = writeln!(
+            out,
+            "gateway_upstream_errors_total{{kind=\"{}\"}} {n}",
+            kind.label()
+        );
+    }
+    histogram(
+        &mut out,
+        "gateway_request_duration_seconds",
+        "Time from a complete request head to the end of the response.",
+        workers,
+        |w| &w.request_latency,
+    );
+    histogram(
+        &mut out,
+        "gateway_upstream_response_duration_seconds",
+        "Time from the request sent upstream to the response head received.",
+        workers,
+        |w| &w.upstream_latency,
+    );
+    out.push_str("# HELP gateway_open_connections Client connections being served (parked idle ones excluded).\n");
+    out.push_str("# TYPE gateway_open_connections gauge\n");
+    let _ = writeln!(
+        out,
+        "gateway_open_connections {}",
+        sum(&|w: &WorkerMetrics| &w.open_connections)
+    );
+    out.push_str("# HELP gateway_config_revision The config revision the workers serve.\n");
+    out.push_str("# TYPE gateway_config_revision gauge\n");
+    let _ = writeln!(out, "gateway_config_revision {revision}");
+    out
+}
+
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    workers: &[Arc<WorkerMetrics>],
+    pick: impl Fn(&WorkerMetrics) -> &Histogram,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0u64;
+    for (i, bound) in LATENCY_BUCKETS_US
+        .iter()
+        .map(|&b| format!("{}", b as f64 / 1e6))
+        .chain(std::iter::once("+Inf".to_owned()))
+        .enumerate()
+    {
+        cumulative += workers
+            .iter()
+            .map(|w| pick(w).buckets[i].load(Ordering::Relaxed))
+            .sum::<u64>();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let sum_us: u64 = workers
+        .iter()
+        .map(|w| pick(w).sum_us.load(Ordering::Relaxed))
+        .sum();
+    let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
+fn escape(label: &str) -> String {
+    label.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_sums_over_workers() {
+        let a = Arc::new(WorkerMetrics::default());
+        let b = Arc::new(WorkerMetrics::default());
+        let slot = common::slots::route_slot("metrics-test-route");
+        a.request(slot, 200, 150);
+        b.request(slot, 204, 3_000);
+        b.request(slot, 502, 20);
+        a.upstream_error(UpstreamError::ConnectTimeout);
+        a.set_open_connections(2);
+        b.set_open_connections(3);
+        let text = render(&[a, b], 7);
+        assert!(
+            text.contains("gateway_requests_total{route=\"metrics-test-route\",class=\"2xx\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_requests_total{route=\"metrics-test-route\",class=\"5xx\"} 1\n")
+        );
+        assert!(text.contains("gateway_upstream_errors_total{kind=\"connect_timeout\"} 1\n"));
+        assert!(
+            text.contains("gateway_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("gateway_request_duration_seconds_bucket{le=\"0.00025\"} 2\n"));
+        assert!(text.contains("gateway_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("gateway_request_duration_seconds_count 3\n"));
+        assert!(
+            text.contains("gateway_request_duration_seconds_sum 0.00317\n"),
+            "{text}"
+        );
+        assert!(text.contains("gateway_open_connections 5\n"));
+        assert!(text.contains("gateway_config_revision 7\n"));
+    }
+}
