@@ -533,24 +533,58 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The admin API router.
+/// The OpenAPI 3 document served at `/v1/openapi.json`; a test checks it against
+/// [`ENDPOINTS`], which the router is built from.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every endpoint as (method, path template as in the OpenAPI document).
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/v1/status"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/config"),
+    ("PUT", "/v1/config"),
+    ("POST", "/v1/config:batch"),
+    ("GET", "/v1/revisions"),
+    ("GET", "/v1/revisions/{revision}"),
+    ("POST", "/v1/revisions/{revision}"),
+    ("GET", "/v1/{kind}"),
+    ("GET", "/v1/{kind}/{id}"),
+    ("PUT", "/v1/{kind}/{id}"),
+    ("PATCH", "/v1/{kind}/{id}"),
+    ("DELETE", "/v1/{kind}/{id}"),
+];
+
+fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> {
+    use axum::routing::{delete, patch, put};
+    match (method, path) {
+        ("GET", "/v1/status") => get(status),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/v1/openapi.json") => get(openapi),
+        ("GET", "/v1/config") => get(get_config),
+        ("PUT", "/v1/config") => put(put_config),
+        ("POST", "/v1/config:batch") => post(batch),
+        ("GET", "/v1/revisions") => get(list_revisions),
+        ("GET", "/v1/revisions/{revision}") => get(get_revision),
+        ("POST", "/v1/revisions/{revision}") => post(rollback),
+        ("GET", "/v1/{kind}") => get(list_items),
+        ("GET", "/v1/{kind}/{id}") => get(get_item),
+        ("PUT", "/v1/{kind}/{id}") => put(put_item),
+        ("PATCH", "/v1/{kind}/{id}") => patch(patch_item),
+        ("DELETE", "/v1/{kind}/{id}") => delete(delete_item),
+        _ => unreachable!("ENDPOINTS and handler() list the same endpoints"),
+    }
+}
+
+/// The admin API router, built from [`ENDPOINTS`].
 pub fn app(admin: Arc<Admin>) -> Router {
-    let protected = Router::new()
-        .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/v1/config", get(get_config).put(put_config))
-        .route("/v1/config:batch", post(batch))
-        .route("/v1/revisions", get(list_revisions))
-        .route("/v1/revisions/{rev}", get(get_revision).post(rollback))
-        .route("/v1/{kind}", get(list_items))
-        .route(
-            "/v1/{kind}/{id}",
-            get(get_item)
-                .put(put_item)
-                .patch(patch_item)
-                .delete(delete_item),
-        )
-        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    let mut protected: Router<Arc<Admin>> = Router::new();
+    for &(method, path) in ENDPOINTS.iter().filter(|(_, p)| *p != "/v1/health") {
+        protected = protected.route(path, handler(method, path));
+    }
+    let protected =
+        protected.route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route(
             "/v1/health",
@@ -566,6 +600,15 @@ pub fn app(admin: Arc<Admin>) -> Router {
             )
         })
         .with_state(admin)
+}
+
+async fn openapi() -> Response {
+    let mut resp = (StatusCode::OK, OPENAPI).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
@@ -1095,6 +1138,42 @@ async fn rollback(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openapi_document_lists_exactly_the_endpoints() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], json!("3.0.3"));
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in ["get", "put", "post", "patch", "delete"] {
+                if item.get(method).is_some() {
+                    documented.push((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = ENDPOINTS
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+        // Every endpoint but health requires the bearer scheme.
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            json!("bearer")
+        );
+        assert_eq!(doc["security"], json!([{"bearer": []}]));
+        assert_eq!(doc["paths"]["/v1/health"]["get"]["security"], json!([]));
+        // Every operation documents the 401 it answers without a token.
+        for (method, path) in ENDPOINTS.iter().filter(|(_, p)| *p != "/v1/health") {
+            let op = &doc["paths"][*path][method.to_lowercase()];
+            assert!(
+                op["responses"]["401"].is_object(),
+                "{method} {path} lacks a 401"
+            );
+        }
+    }
 
     #[test]
     fn pointers() {

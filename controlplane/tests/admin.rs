@@ -343,28 +343,26 @@ fn every_endpoint_but_health_needs_the_token() {
         (health.status, health.json()),
         (200, json!({"status": "ok"}))
     );
-    let operations: &[(&str, &str, Option<&str>)] = &[
-        ("GET", "/v1/status", None),
-        ("GET", "/metrics", None),
-        ("GET", "/v1/config", None),
-        ("PUT", "/v1/config", Some("{}")),
-        ("POST", "/v1/config:batch", Some(r#"{"operations":[]}"#)),
-        ("GET", "/v1/revisions", None),
-        ("GET", "/v1/revisions/1", None),
-        ("POST", "/v1/revisions/1:rollback", None),
-        ("GET", "/v1/routes", None),
-        ("GET", "/v1/routes/health", None),
-        ("PUT", "/v1/routes/x", Some("{}")),
-        ("PATCH", "/v1/routes/health", Some("{}")),
-        ("DELETE", "/v1/routes/health", None),
-        ("GET", "/v1/upstreams", None),
-        ("GET", "/v1/upstreams/origin", None),
-        ("PUT", "/v1/upstreams/x", Some("{}")),
-        ("PATCH", "/v1/upstreams/origin", Some("{}")),
-        ("DELETE", "/v1/upstreams/origin", None),
-    ];
+    // Every endpoint the router serves (the same table the OpenAPI document is checked
+    // against), with its path parameters filled in.
+    let operations: Vec<(&str, String, Option<&str>)> = controlplane::api::ENDPOINTS
+        .iter()
+        .filter(|(_, p)| *p != "/v1/health")
+        .map(|&(method, path)| {
+            let path = path
+                .replace("{kind}", "routes")
+                .replace("{id}", "health")
+                .replace(
+                    "{revision}",
+                    if method == "POST" { "1:rollback" } else { "1" },
+                );
+            let body = matches!(method, "PUT" | "PATCH" | "POST").then_some("{}");
+            (method, path, body)
+        })
+        .collect();
+    assert!(operations.len() >= 14);
     let rev = revision(&gw);
-    for (method, path, body) in operations {
+    for (method, path, body) in &operations {
         for headers in [
             vec![],
             vec![("Authorization", "Bearer wrong-token-0123456789")],
@@ -681,4 +679,18 @@ fn metrics_count_requests_by_route_and_class() {
     }
     // The open keep-alive connection is counted (it may also be parked between requests).
     assert!(text.contains("gateway_open_connections "), "{text}");
+}
+
+#[test]
+fn openapi_document_is_served() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let r = gw.admin("GET", "/v1/openapi.json", None);
+    assert_eq!(
+        (r.status, r.header("content-type")),
+        (200, Some("application/json"))
+    );
+    let doc = r.json();
+    assert_eq!(doc["openapi"], json!("3.0.3"));
+    assert!(doc["paths"]["/v1/{kind}/{id}"]["patch"].is_object());
 }
