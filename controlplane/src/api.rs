@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -341,25 +341,32 @@ fn diff(old: &Config, new: &Config) -> Vec<Value> {
 /// Conditional request headers (RFC 9110 §13).
 #[derive(Debug, Default)]
 struct Preconditions {
-    if_match: Option<String>,
-    if_none_match_any: bool,
+    if_match: Option<Vec<String>>,
+    if_none_match: Option<Vec<String>>,
+}
+
+/// The entity tags of an `If-Match` / `If-None-Match` value: `*` or a comma-separated list
+/// (RFC 9110 §13.1.1). Anything that is not a current strong ETag simply never matches, so a
+/// malformed `If-Match` fails with 412 and a malformed `If-None-Match` does not block.
+fn entity_tags(value: &str) -> Vec<String> {
+    value.split(',').map(|t| t.trim().to_owned()).collect()
 }
 
 impl Preconditions {
     fn from(headers: &HeaderMap) -> Preconditions {
+        let parse = |name: header::HeaderName| {
+            headers
+                .get(&name)
+                .map(|v| entity_tags(&String::from_utf8_lossy(v.as_bytes())))
+        };
         Preconditions {
-            if_match: headers
-                .get(header::IF_MATCH)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            if_none_match_any: headers
-                .get(header::IF_NONE_MATCH)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.trim() == "*"),
+            if_match: parse(header::IF_MATCH),
+            if_none_match: parse(header::IF_NONE_MATCH),
         }
     }
 
-    /// Checks against the current ETag of the target (`None`: it does not exist).
+    /// Checks against the current ETag of the target (`None`: it does not exist). Weak
+    /// comparison never matches here: writes need strong validators.
     fn check(&self, current: Option<&str>) -> Result<(), Problem> {
         let failed = |detail: String| {
             Err(Problem::new(
@@ -368,43 +375,62 @@ impl Preconditions {
                 detail,
             ))
         };
-        if let Some(wanted) = &self.if_match {
-            let ok = match current {
-                None => false,
-                Some(etag) => wanted
-                    .split(',')
-                    .map(str::trim)
-                    .any(|w| w == "*" || w == etag),
-            };
-            if !ok {
+        let matches = |tags: &[String]| match current {
+            None => false,
+            Some(etag) => tags.iter().any(|t| t == "*" || t == etag),
+        };
+        if let Some(tags) = &self.if_match {
+            if !matches(tags) {
                 return failed(format!(
-                    "If-Match {wanted} does not match the current ETag {}",
+                    "If-Match {} does not match the current ETag {}",
+                    tags.join(", "),
                     current.unwrap_or("(none: it does not exist)")
                 ));
             }
         }
-        if self.if_none_match_any && current.is_some() {
-            return failed("If-None-Match: * but it already exists".into());
+        if let Some(tags) = &self.if_none_match {
+            if matches(tags) {
+                return failed(format!(
+                    "If-None-Match {} matches the current ETag {}",
+                    tags.join(", "),
+                    current.unwrap_or("")
+                ));
+            }
         }
         Ok(())
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct WriteQuery {
-    #[serde(default)]
-    dry_run: Option<String>,
+    raw: Option<String>,
 }
 
 impl WriteQuery {
     fn dry_run(&self) -> Result<bool, Problem> {
-        match self.dry_run.as_deref() {
+        let bad = |detail: String| Err(Problem::new(StatusCode::BAD_REQUEST, "Bad Query", detail));
+        let mut value: Option<&str> = None;
+        for pair in self
+            .raw
+            .as_deref()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k != "dry_run" {
+                return bad(format!("unknown query parameter {k:?}"));
+            }
+            if value.replace(v).is_some() {
+                return bad("dry_run given more than once".to_owned());
+            }
+        }
+        match value.map(str::to_ascii_lowercase).as_deref() {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
-            Some(other) => Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "Bad Query",
-                format!("dry_run={other:?}: expected true or false"),
+            Some(_) => bad(format!(
+                "dry_run={:?}: expected true or false",
+                value.unwrap_or_default()
             )),
         }
     }
@@ -549,12 +575,27 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("GET", "/v1/revisions"),
     ("GET", "/v1/revisions/{revision}"),
     ("POST", "/v1/revisions/{revision}"),
-    ("GET", "/v1/{kind}"),
-    ("GET", "/v1/{kind}/{id}"),
-    ("PUT", "/v1/{kind}/{id}"),
-    ("PATCH", "/v1/{kind}/{id}"),
-    ("DELETE", "/v1/{kind}/{id}"),
+    ("GET", "/v1/routes"),
+    ("GET", "/v1/routes/{id}"),
+    ("PUT", "/v1/routes/{id}"),
+    ("PATCH", "/v1/routes/{id}"),
+    ("DELETE", "/v1/routes/{id}"),
+    ("GET", "/v1/upstreams"),
+    ("GET", "/v1/upstreams/{id}"),
+    ("PUT", "/v1/upstreams/{id}"),
+    ("PATCH", "/v1/upstreams/{id}"),
+    ("DELETE", "/v1/upstreams/{id}"),
 ];
+
+/// The router path serving a documented path: one template serves every resource kind.
+fn template(path: &str) -> String {
+    for kind in ["/v1/routes", "/v1/upstreams"] {
+        if let Some(rest) = path.strip_prefix(kind) {
+            return format!("/v1/{{kind}}{rest}");
+        }
+    }
+    path.to_owned()
+}
 
 fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> {
     use axum::routing::{delete, patch, put};
@@ -580,8 +621,13 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
 /// The admin API router, built from [`ENDPOINTS`].
 pub fn app(admin: Arc<Admin>) -> Router {
     let mut protected: Router<Arc<Admin>> = Router::new();
+    let mut registered: Vec<(&str, String)> = Vec::new();
     for &(method, path) in ENDPOINTS.iter().filter(|(_, p)| *p != "/v1/health") {
-        protected = protected.route(path, handler(method, path));
+        let t = template(path);
+        if !registered.contains(&(method, t.clone())) {
+            protected = protected.route(&t, handler(method, &t));
+            registered.push((method, t));
+        }
     }
     let protected =
         protected.route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
@@ -737,11 +783,11 @@ async fn get_config(State(admin): State<Arc<Admin>>) -> Response {
 
 async fn put_config(
     State(admin): State<Arc<Admin>>,
-    Query(q): Query<WriteQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let dry_run = q.dry_run()?;
+    let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
     let value = json_body(&headers, body, false).await?;
     let config: Config = typed(value)?;
@@ -885,7 +931,7 @@ fn item_pointer(mut p: Problem, kind: Kind, id: &str, admin: &Admin) -> Problem 
 async fn put_item(
     State(admin): State<Arc<Admin>>,
     Path((kind, id)): Path<(String, String)>,
-    Query(q): Query<WriteQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
@@ -893,7 +939,7 @@ async fn put_item(
         &admin,
         Kind::parse(&kind)?,
         &id,
-        &q,
+        &WriteQuery { raw },
         &headers,
         body,
         Method::PUT,
@@ -904,7 +950,7 @@ async fn put_item(
 async fn patch_item(
     State(admin): State<Arc<Admin>>,
     Path((kind, id)): Path<(String, String)>,
-    Query(q): Query<WriteQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
@@ -912,7 +958,7 @@ async fn patch_item(
         &admin,
         Kind::parse(&kind)?,
         &id,
-        &q,
+        &WriteQuery { raw },
         &headers,
         body,
         Method::PATCH,
@@ -923,11 +969,11 @@ async fn patch_item(
 async fn delete_item(
     State(admin): State<Arc<Admin>>,
     Path((kind, id)): Path<(String, String)>,
-    Query(q): Query<WriteQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let kind = Kind::parse(&kind)?;
-    let dry_run = q.dry_run()?;
+    let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
     let applied = admin.apply(
         dry_run,
@@ -979,11 +1025,11 @@ struct Batch {
 
 async fn batch(
     State(admin): State<Arc<Admin>>,
-    Query(q): Query<WriteQuery>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let dry_run = q.dry_run()?;
+    let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
     let batch: Batch = typed(json_body(&headers, body, false).await?)?;
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
@@ -1103,17 +1149,15 @@ async fn get_revision(
 async fn rollback(
     State(admin): State<Arc<Admin>>,
     Path(rev): Path<String>,
-    Query(q): Query<WriteQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
     let Some(n) = rev.strip_suffix(":rollback") else {
-        return Err(Problem::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method Not Allowed",
-            "POST only to /v1/revisions/{n}:rollback",
+        return Err(Problem::not_found(
+            "no such endpoint: POST goes to /v1/revisions/{n}:rollback".into(),
         ));
     };
     let n = parse_revision(n)?;
-    let dry_run = q.dry_run()?;
+    let dry_run = WriteQuery { raw }.dry_run()?;
     let applied = admin.apply(dry_run, &format!("rollback to {n}"), |store| {
         match store.load_revision(n) {
             Ok(Some(r)) => Ok(r.config),
