@@ -611,8 +611,8 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
         ("POST", "/v1/revisions/{revision}") => post(rollback),
         ("GET", "/v1/{kind}") => get(list_items),
         ("GET", "/v1/{kind}/{id}") => get(get_item),
-        ("PUT", "/v1/{kind}/{id}") => put(put_item),
-        ("PATCH", "/v1/{kind}/{id}") => patch(patch_item),
+        ("PUT", "/v1/{kind}/{id}") => put(put_or_patch_item),
+        ("PATCH", "/v1/{kind}/{id}") => patch(put_or_patch_item),
         ("DELETE", "/v1/{kind}/{id}") => delete(delete_item),
         _ => unreachable!("ENDPOINTS and handler() list the same endpoints"),
     }
@@ -928,40 +928,24 @@ fn item_pointer(mut p: Problem, kind: Kind, id: &str, admin: &Admin) -> Problem 
     p
 }
 
-async fn put_item(
+/// `PUT` (upsert) and `PATCH` (merge patch) of one item.
+async fn put_or_patch_item(
     State(admin): State<Arc<Admin>>,
     Path((kind, id)): Path<(String, String)>,
+    method: Method,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
+    let kind = Kind::parse(&kind)?;
     write_item(
         &admin,
-        Kind::parse(&kind)?,
+        kind,
         &id,
         &WriteQuery { raw },
         &headers,
         body,
-        Method::PUT,
-    )
-    .await
-}
-
-async fn patch_item(
-    State(admin): State<Arc<Admin>>,
-    Path((kind, id)): Path<(String, String)>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Problem> {
-    write_item(
-        &admin,
-        Kind::parse(&kind)?,
-        &id,
-        &WriteQuery { raw },
-        &headers,
-        body,
-        Method::PATCH,
+        method,
     )
     .await
 }

@@ -438,16 +438,8 @@ fn revisions_rollback_and_batches() {
     assert_eq!(status["listeners"], json!([gw.addr.to_string()]));
 }
 
-#[test]
-fn acknowledged_changes_survive_kill_9() {
-    let origin = Origin::echo();
-    let mut gw = start(&origin);
-    let r = gw.admin(
-        "PUT",
-        "/v1/routes/durable",
-        Some(r#"{"path":"/durable","respond":{"body":"still here"}}"#),
-    );
-    assert_eq!(r.status, 201);
+/// Kills the gateway with SIGKILL and starts it again on its data directory alone.
+fn kill_9_and_resume(mut gw: Gateway) -> Gateway {
     gw.signal(libc::SIGKILL);
     let status = gw
         .wait_exit_status(Duration::from_secs(5))
@@ -458,8 +450,21 @@ fn acknowledged_changes_survive_kill_9() {
     );
     let data = gw.data_dir.clone();
     drop(gw);
+    Gateway::resume(&data, Driver::IoUring)
+}
+
+#[test]
+fn acknowledged_changes_survive_kill_9() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/durable",
+        Some(r#"{"path":"/durable","respond":{"body":"still here"}}"#),
+    );
+    assert_eq!(r.status, 201);
     // Restart on the data directory alone: the acknowledged change is there.
-    let gw = Gateway::resume(&data, Driver::IoUring);
+    let gw = kill_9_and_resume(gw);
     gw.wait_log("resuming config revision 2", Duration::from_secs(5));
     let mut c = gw.connect();
     assert_eq!(
@@ -711,7 +716,7 @@ fn openapi_document_is_served() {
 #[test]
 fn kill_9_during_a_burst_of_changes_keeps_every_acknowledged_one() {
     let origin = Origin::echo();
-    let mut gw = start(&origin);
+    let gw = start(&origin);
     let admin = gw.admin;
     let acked = Arc::new(AtomicUsize::new(0));
     let writer = {
@@ -723,7 +728,9 @@ fn kill_9_during_a_burst_of_changes_keeps_every_acknowledged_one() {
                     "PUT /v1/routes/burst HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 );
-                let Ok(mut s) = std::net::TcpStream::connect(admin) else { return };
+                let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+                    return;
+                };
                 use std::io::{Read, Write};
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 if s.write_all(req.as_bytes()).is_err() {
@@ -742,20 +749,31 @@ fn kill_9_during_a_burst_of_changes_keeps_every_acknowledged_one() {
     // Let some changes through, then kill the gateway in the middle of the burst.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while acked.load(Ordering::SeqCst) < 50 {
-        assert!(std::time::Instant::now() < deadline, "changes are not being acknowledged");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "changes are not being acknowledged"
+        );
         thread::sleep(Duration::from_millis(2));
     }
-    gw.signal(libc::SIGKILL);
-    gw.wait_exit_status(Duration::from_secs(5)).expect("killed gateway exits");
+    let gw = kill_9_and_resume(gw);
     writer.join().unwrap();
     let last_acked = acked.load(Ordering::SeqCst);
-    let data = gw.data_dir.clone();
-    drop(gw);
     // The stored config loads, and holds the last acknowledged change or a later one (a change
     // can be durable and then lose its answer to the kill, never the reverse).
-    let gw = Gateway::resume(&data, Driver::IoUring);
-    let body = gw.connect().roundtrip("GET /burst HTTP/1.1\r\nHost: a\r\n\r\n").body_str().to_owned();
-    let stored: usize = body.parse().unwrap_or_else(|_| panic!("unexpected body {body:?}"));
-    assert!(stored >= last_acked, "stored {stored} < last acknowledged {last_acked}");
-    assert!(stored <= last_acked + 1, "stored {stored} was never sent after {last_acked}");
+    let body = gw
+        .connect()
+        .roundtrip("GET /burst HTTP/1.1\r\nHost: a\r\n\r\n")
+        .body_str()
+        .to_owned();
+    let stored: usize = body
+        .parse()
+        .unwrap_or_else(|_| panic!("unexpected body {body:?}"));
+    assert!(
+        stored >= last_acked,
+        "stored {stored} < last acknowledged {last_acked}"
+    );
+    assert!(
+        stored <= last_acked + 1,
+        "stored {stored} was never sent after {last_acked}"
+    );
 }
