@@ -423,6 +423,7 @@ fn churn(opts: &Options, gw: &Proc) -> Result<String> {
         let count = Arc::new(AtomicU64::new(0));
         let (stop2, count2, failed2) = (stop.clone(), count.clone(), failed.clone());
         let changer = std::thread::spawn(move || {
+            let mut client = AdminClient::new(admin);
             let mut n = 0u64;
             let start = Instant::now();
             let deadline = start + Duration::from_secs(3600);
@@ -435,7 +436,7 @@ fn churn(opts: &Options, gw: &Proc) -> Result<String> {
                 n += 1;
                 // A real change each time: a route whose answer alternates.
                 let body = format!(r#"{{"path":"/churn","respond":{{"body":"{n}"}}}}"#);
-                match admin_put(admin, "/v1/routes/churn", &body) {
+                match client.put("/v1/routes/churn", &body) {
                     Ok(200 | 201) => count2.fetch_add(1, Ordering::Relaxed),
                     _ => failed2.fetch_add(1, Ordering::Relaxed),
                 };
@@ -469,20 +470,68 @@ fn churn(opts: &Options, gw: &Proc) -> Result<String> {
     ))
 }
 
-/// `PUT` to the gateway's admin API; returns the status.
-fn admin_put(admin: SocketAddr, path: &str, body: &str) -> Result<u16> {
-    let mut s = TcpStream::connect(admin)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "PUT {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        procs::ADMIN_TOKEN,
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let head = String::from_utf8_lossy(&raw[..raw.len().min(12)]).to_string();
-    Ok(head.get(9..12).context("short admin response")?.parse()?)
+/// A keep-alive connection to the gateway's admin API, reopened when it breaks.
+struct AdminClient {
+    addr: SocketAddr,
+    conn: Option<TcpStream>,
+}
+
+impl AdminClient {
+    fn new(addr: SocketAddr) -> Self {
+        AdminClient { addr, conn: None }
+    }
+
+    /// `PUT` with a JSON body; returns the status.
+    fn put(&mut self, path: &str, body: &str) -> Result<u16> {
+        let result = self.try_put(path, body);
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    fn try_put(&mut self, path: &str, body: &str) -> Result<u16> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(self.addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_nodelay(true)?;
+            self.conn = Some(s);
+        }
+        let s = self.conn.as_mut().context("admin connection")?;
+        let request = format!(
+            "PUT {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            procs::ADMIN_TOKEN,
+            body.len()
+        );
+        s.write_all(request.as_bytes())?;
+        // Read the head, then exactly Content-Length bytes of body.
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                bail!("admin connection closed");
+            }
+            raw.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+        let status: u16 = head.get(9..12).context("short admin response")?.parse()?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(Ok(0), |v| v.trim().parse())?;
+        while raw.len() < head_end + length {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                bail!("admin connection closed");
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+        Ok(status)
+    }
 }
 
 /// Opens `n` keep-alive connections (one request each), then reads the proxy's RSS growth.
