@@ -731,6 +731,19 @@ fn json_response(status: StatusCode, etag: Option<String>, body: Value) -> Respo
     resp
 }
 
+/// The answer to a change of the whole config: the dry-run diff, or the new revision and
+/// what changed (and, for a rollback, the revision rolled back to).
+fn config_change_response(a: &Applied, rolled_back_to: Option<u64>) -> Response {
+    if a.dry_run {
+        return dry_run_response(a);
+    }
+    let mut body = json!({"revision": a.revision, "changes": a.changes});
+    if let Some(n) = rolled_back_to {
+        body["rolled_back_to"] = json!(n);
+    }
+    json_response(StatusCode::OK, Some(config_etag(a.revision)), body)
+}
+
 fn dry_run_response(a: &Applied) -> Response {
     json_response(
         StatusCode::OK,
@@ -795,14 +808,7 @@ async fn put_config(
         pre.check(Some(&config_etag(store.revision())))?;
         Ok(config)
     })?;
-    if applied.dry_run {
-        return Ok(dry_run_response(&applied));
-    }
-    Ok(json_response(
-        StatusCode::OK,
-        Some(config_etag(applied.revision)),
-        json!({"revision": applied.revision, "changes": applied.changes}),
-    ))
+    Ok(config_change_response(&applied, None))
 }
 
 async fn list_items(
@@ -1079,14 +1085,7 @@ async fn batch(
         }
         Ok(next)
     })?;
-    if applied.dry_run {
-        return Ok(dry_run_response(&applied));
-    }
-    Ok(json_response(
-        StatusCode::OK,
-        Some(config_etag(applied.revision)),
-        json!({"revision": applied.revision, "changes": applied.changes}),
-    ))
+    Ok(config_change_response(&applied, None))
 }
 
 async fn list_revisions(State(admin): State<Arc<Admin>>) -> Response {
@@ -1153,14 +1152,7 @@ async fn rollback(
             )),
         }
     })?;
-    if applied.dry_run {
-        return Ok(dry_run_response(&applied));
-    }
-    Ok(json_response(
-        StatusCode::OK,
-        Some(config_etag(applied.revision)),
-        json!({"revision": applied.revision, "rolled_back_to": n, "changes": applied.changes}),
-    ))
+    Ok(config_change_response(&applied, Some(n)))
 }
 
 #[cfg(test)]
