@@ -18,6 +18,7 @@ pub mod forward;
 pub mod gather;
 pub mod metrics;
 mod park;
+pub mod policy;
 mod proxy;
 pub mod status;
 pub mod upstream;
