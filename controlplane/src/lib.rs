@@ -134,7 +134,10 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
             Snapshot::compile(config.clone(), 1).map_err(describe)?;
             let what = match &source {
                 ConfigSource::File(p) => format!("file {}", p.display()),
-                ConfigSource::Embedded => "embedded default".to_owned(),
+                ConfigSource::Embedded => {
+                    eprintln!("gateway: no --config given; using the embedded default config (demo routes, no upstream)");
+                    "embedded default".to_owned()
+                }
             };
             Store::create(dir, config, &what).map_err(|e| {
                 (
@@ -209,9 +212,6 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
-    if args.config.is_none() && Store::open(&data_dir).ok().flatten().is_none() {
-        eprintln!("gateway: no --config given; using the embedded default config (demo routes, no upstream)");
-    }
     let store = open_state(&args, &data_dir)?;
     let snapshot = Snapshot::compile(store.config().clone(), store.revision()).map_err(|e| {
         (
