@@ -77,7 +77,16 @@ fn request_path(snap: &Snapshot, s: &mut Scratch) -> usize {
 /// The head rewrite: added fields, new request line if any, and the iovecs of the write.
 /// Returns the bytes the write would send.
 fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usize {
-    let (line, tail) = request_extras(&s.buf, head, &s.plan, strip_prefix_len, PEER, &mut s.extra);
+    let (line, tail) = request_extras(
+        &s.buf,
+        head,
+        &s.plan,
+        strip_prefix_len,
+        PEER,
+        b"",
+        None,
+        &mut s.extra,
+    );
     let pieces = request_pieces(head, &s.plan, line, tail, head.head_end);
     let g = Gather::new(
         std::mem::take(&mut s.buf),

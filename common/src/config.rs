@@ -39,6 +39,338 @@ pub struct Config {
     /// The admin REST API.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The clients that policies identify (by API key or JWT claim).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerConfig>,
+    /// Secrets that identify a consumer (API keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<CredentialConfig>,
+    /// Named policies (IP filter, domain allowlist, CORS, API key, JWT, ACL, rate limit) that
+    /// `global_policies`, routes and consumers refer to by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyConfig>,
+    /// Ids of policies that apply to every route, before the route's own. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub global_policies: Vec<String>,
+    /// CIDRs of proxies in front of the gateway whose `X-Forwarded-For` / `Forwarded` fields
+    /// are believed: the client address is then the rightmost address in those fields that
+    /// is not itself a trusted proxy. Default none: the client address is always the socket
+    /// peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+}
+
+/// A client of the APIs: an application, a partner, a team.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Unique id (the same alphabet as route ids). Sent upstream in the authentication
+    /// policy's `consumer_header`, and matched against a JWT's `consumer_claim`.
+    pub id: String,
+    /// Group names (same alphabet) that `acl` policies can allow. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Ids of `rate_limit` policies applied to this consumer's requests once authenticated,
+    /// after the route's. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+}
+
+/// A secret that identifies one consumer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// Unique id (same alphabet as route ids).
+    pub id: String,
+    /// Id of the consumer this credential identifies.
+    pub consumer: String,
+    /// `api_key` (the only kind so far; JWTs name their consumer in a claim instead).
+    pub kind: CredentialKind,
+    /// The API key, 8 to 256 visible ASCII characters. Write-only: once accepted it is
+    /// replaced by `key_sha256` and never stored, shown or logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// SHA-256 of the key, 64 lower-case hex digits. Set by the gateway from `key`, or given
+    /// directly to add a key without ever sending it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+}
+
+/// Kinds of credential.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    #[default]
+    ApiKey,
+}
+
+/// A named policy. `kind` selects which fields it takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PolicyConfig {
+    IpFilter(IpFilterConfig),
+    Domain(DomainConfig),
+    Cors(CorsConfig),
+    ApiKey(ApiKeyConfig),
+    Jwt(JwtConfig),
+    Acl(AclConfig),
+    RateLimit(RateLimitConfig),
+}
+
+impl PolicyConfig {
+    /// The policy's id.
+    pub fn id(&self) -> &str {
+        match self {
+            PolicyConfig::IpFilter(p) => &p.id,
+            PolicyConfig::Domain(p) => &p.id,
+            PolicyConfig::Cors(p) => &p.id,
+            PolicyConfig::ApiKey(p) => &p.id,
+            PolicyConfig::Jwt(p) => &p.id,
+            PolicyConfig::Acl(p) => &p.id,
+            PolicyConfig::RateLimit(p) => &p.id,
+        }
+    }
+
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PolicyConfig::IpFilter(_) => "ip_filter",
+            PolicyConfig::Domain(_) => "domain",
+            PolicyConfig::Cors(_) => "cors",
+            PolicyConfig::ApiKey(_) => "api_key",
+            PolicyConfig::Jwt(_) => "jwt",
+            PolicyConfig::Acl(_) => "acl",
+            PolicyConfig::RateLimit(_) => "rate_limit",
+        }
+    }
+}
+
+/// `kind = "ip_filter"`: allow and deny lists of client addresses. A client in `deny` is
+/// refused; otherwise, when `allow` is not empty, a client outside it is refused (403).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpFilterConfig {
+    pub id: String,
+    /// IPv4 / IPv6 CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or single addresses. Default none.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// CIDRs or addresses refused even when in `allow`. Default none.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// `kind = "domain"`: the `Host` values the gateway answers for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub id: String,
+    /// Host names, exact (`api.example.com`) or `*.example.com` (one or more labels);
+    /// case-insensitive, port ignored. At least one.
+    pub hosts: Vec<String>,
+    /// Status for any other host: 421 (Misdirected Request, the default) or 403.
+    #[serde(default = "default_domain_status")]
+    pub status: u16,
+}
+
+fn default_domain_status() -> u16 {
+    421
+}
+
+/// `kind = "cors"`: which web origins may call the route from a browser. Requests whose
+/// `Origin` (or, without one, `Referer`) is not allowed get 403; preflights (`OPTIONS` with
+/// `Access-Control-Request-Method`) are answered by the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    pub id: String,
+    /// Allowed origins, `scheme://host[:port]` exactly as browsers send them, or `*` for any.
+    /// At least one.
+    pub origins: Vec<String>,
+    /// Methods a preflight may ask for. Default `GET`, `HEAD`, `POST`.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Request header names a preflight may ask for (case-insensitive). Default none.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Response header names the browser may expose to the page. Default none.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Seconds a browser may cache a preflight answer, at most 86,400. Default 600.
+    #[serde(default = "default_max_age")]
+    pub max_age_s: u32,
+    /// Whether pages may send cookies / HTTP auth (`Access-Control-Allow-Credentials`).
+    /// Not allowed with `*`. Default false.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// Whether a request with neither `Origin` nor `Referer` (not from a browser page) is
+    /// refused. Default false.
+    #[serde(default)]
+    pub require_origin: bool,
+}
+
+fn default_max_age() -> u32 {
+    600
+}
+
+/// `kind = "api_key"`: authenticates with an API key (see `credentials`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub id: String,
+    /// Request header that carries the key. Default `X-Api-Key` when `query` is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Query parameter that carries the key (also accepted when `header` is set). Default
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Header that carries the consumer id to the upstream; any copy the client sent is
+    /// removed. Default `X-Consumer-Id`.
+    #[serde(default = "default_consumer_header")]
+    pub consumer_header: String,
+    /// Whether the key is kept out of the forwarded request (header removed; a query key is
+    /// left in place, see the README). Default true.
+    #[serde(default = "default_true")]
+    pub strip_credential: bool,
+}
+
+fn default_consumer_header() -> String {
+    "X-Consumer-Id".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// JWT signature algorithms. The policy's, never the token's, decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    #[default]
+    HS256,
+    RS256,
+    ES256,
+}
+
+/// `kind = "jwt"`: authenticates with a bearer JSON Web Token (RFC 7519).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub id: String,
+    /// `HS256`, `RS256` or `ES256`. Tokens whose header names another `alg` are refused.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret, at least 32 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// RS256 / ES256 public key in PEM (`BEGIN PUBLIC KEY`, or `BEGIN RSA PUBLIC KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// A JWK set (`{"keys": [...]}`) instead of `secret` / `public_key`; a token's `kid`
+    /// picks the key. At most 16 keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    /// Required `iss`. Default: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Required `aud` (a string, or one element of an array). Default: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds, at most 3,600. Default 30.
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+    /// Whether a token without `exp` is refused. Default true.
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// Claim whose (string) value is the consumer id. Default `sub`.
+    #[serde(default = "default_claim")]
+    pub consumer_claim: String,
+    /// Header that carries the consumer id to the upstream. Default `X-Consumer-Id`.
+    #[serde(default = "default_consumer_header")]
+    pub consumer_header: String,
+    /// Whether `Authorization` is removed before forwarding. Default true.
+    #[serde(default = "default_true")]
+    pub strip_credential: bool,
+    /// Longest token accepted, in bytes (longer: 401), 256 to 65,536. Default 8,192.
+    #[serde(default = "default_max_token")]
+    pub max_token_bytes: usize,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_claim() -> String {
+    "sub".to_owned()
+}
+fn default_max_token() -> usize {
+    8192
+}
+
+/// `kind = "acl"`: only the listed consumers or members of the listed groups pass (403 for
+/// others; 401 when no authentication policy identified a consumer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    pub id: String,
+    /// Consumer ids allowed. Default none.
+    #[serde(default)]
+    pub consumers: Vec<String>,
+    /// Group names allowed. Default none. At least one consumer or group in all.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// The period a rate is counted over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RatePeriod {
+    #[default]
+    Second,
+    Minute,
+    Hour,
+}
+
+impl RatePeriod {
+    /// The period in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
+            RatePeriod::Second => 1,
+            RatePeriod::Minute => 60,
+            RatePeriod::Hour => 3600,
+        }
+    }
+}
+
+/// `kind = "rate_limit"`: a token bucket of `burst` requests refilled at `rate` per `per`,
+/// shared by all workers. Over the limit: 429 with `Retry-After`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub id: String,
+    /// Requests per `per`, 1 to 1,000,000,000.
+    pub rate: u64,
+    /// `second`, `minute` or `hour`. Default `second`.
+    #[serde(default)]
+    pub per: RatePeriod,
+    /// Requests admitted at once from a full bucket, 1 to 1,000,000,000. Default: `rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// What a bucket is kept per: `route` (one bucket for the policy), `client_ip`,
+    /// `consumer` (anonymous requests count per client IP) or `header:NAME` (requests
+    /// without the header share one bucket). Default `route`.
+    #[serde(default = "default_rate_key")]
+    pub key: String,
+    /// Most keyed buckets kept, 1 to 10,000,000; see the README for the memory bound.
+    /// Default 100,000.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+    /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` on 429. Default false.
+    #[serde(default)]
+    pub x_ratelimit_headers: bool,
+}
+
+fn default_rate_key() -> String {
+    "route".to_owned()
+}
+fn default_max_keys() -> usize {
+    100_000
 }
 
 /// The admin REST API (control plane).
@@ -127,6 +459,11 @@ pub struct RouteConfig {
     /// A fixed response the gateway sends itself, without any upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub respond: Option<DirectResponseConfig>,
+    /// Ids of policies that apply to this route, after `global_policies`. Whatever the
+    /// order here, they run in the fixed order IP filter, domain / CORS, authentication,
+    /// ACL, rate limit. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {

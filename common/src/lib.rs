@@ -4,7 +4,10 @@
 //! The only way to a `Snapshot` is [`Snapshot::compile`]; [`load_config`] reads a file in TOML
 //! or JSON and reports errors with the path of the offending field. No async runtime here.
 
+pub mod cidr;
 pub mod config;
+pub mod keys;
+pub mod policy;
 pub mod router;
 pub mod slots;
 pub mod snapshot;

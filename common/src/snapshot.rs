@@ -37,7 +37,10 @@ pub struct Snapshot {
     pub drain_timeout: Duration,
     /// Where the admin API listens.
     pub admin_listen: SocketAddr,
-    /// The config this snapshot was compiled from, normalised (for `GET` and diffs).
+    /// Consumers, credentials and policies, compiled.
+    pub policies: crate::policy::Policies,
+    /// The config this snapshot was compiled from, normalised (for `GET` and diffs): API
+    /// keys appear only as `key_sha256`.
     pub config: Config,
 }
 
@@ -52,6 +55,8 @@ pub struct Route {
     pub action: RouteAction,
     /// Where this route's request counters live ([`crate::slots`]).
     pub metrics_slot: u32,
+    /// Indices into `Snapshot::policies.list`, global ones included, in stage order.
+    pub policies: Box<[u16]>,
 }
 
 impl Route {
@@ -120,7 +125,7 @@ pub struct Limits {
 impl Snapshot {
     /// Validates `config` and compiles it. Host names in target addresses are resolved here
     /// (blocking DNS), so call it off the data-plane workers.
-    pub fn compile(config: Config, revision: u64) -> Result<Snapshot, ConfigError> {
+    pub fn compile(mut config: Config, revision: u64) -> Result<Snapshot, ConfigError> {
         if config.workers == Some(0) || config.workers.is_some_and(|w| w > 1024) {
             return Err(ConfigError::field("workers", "must be between 1 and 1024"));
         }
@@ -184,10 +189,17 @@ impl Snapshot {
             });
         }
 
+        let policies = crate::policy::compile(&mut config)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut router = Router::default();
         for (i, r) in config.routes.iter().enumerate() {
-            let route = compile_route(r, i, &config, &upstreams)?;
+            let mut route = compile_route(r, i, &config, &upstreams)?;
+            route.policies = crate::policy::route_policies(
+                &policies,
+                &config,
+                &r.policies,
+                &format!("routes[{i}].policies"),
+            )?;
             add_to_router(&mut router, r, i, &config.routes)?;
             routes.push(route);
         }
@@ -288,12 +300,13 @@ impl Snapshot {
             max_idle_per_target: config.upstream_pool.max_idle_per_target,
             drain_timeout: Duration::from_millis(drain_ms),
             admin_listen,
+            policies,
             config,
         })
     }
 }
 
-fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
@@ -462,6 +475,7 @@ fn compile_route(
         strip_prefix_len,
         action,
         metrics_slot: crate::slots::route_slot(&r.id),
+        policies: Box::new([]),
     })
 }
 
@@ -612,7 +626,7 @@ fn insert(table: &mut PathTable, path: &[u8], exact: bool, id: u32) {
     }
 }
 
-fn valid_host_pattern(name: &str) -> bool {
+pub(crate) fn valid_host_pattern(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {

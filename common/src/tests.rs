@@ -207,3 +207,86 @@ fn strip_prefix_length_ignores_trailing_slash() {
     .unwrap();
     assert_eq!(s.routes[0].strip_prefix_len, 4);
 }
+
+const POLICY_BASE: &str = "[[listeners]]\naddress = \"127.0.0.1:8080\"\n[[upstreams]]\nid = \"orders\"\ntargets = [{ address = \"127.0.0.1:9001\" }]\n";
+
+fn invalid_at(extra: &str) -> String {
+    match compile(&format!("{POLICY_BASE}{extra}")) {
+        Err(e) => e.path().to_owned(),
+        Ok(_) => panic!("accepted: {extra}"),
+    }
+}
+
+#[test]
+fn policies_run_in_stage_order_with_global_ones() {
+    let text = format!(
+        "global_policies = [\"limit\"]\n{POLICY_BASE}\
+         [[consumers]]\nid = \"app\"\n\
+         [[credentials]]\nid = \"k\"\nconsumer = \"app\"\nkind = \"api_key\"\nkey = \"0123456789\"\n\
+         [[policies]]\nid = \"limit\"\nkind = \"rate_limit\"\nrate = 10\n\
+         [[policies]]\nid = \"keys\"\nkind = \"api_key\"\n\
+         [[policies]]\nid = \"ips\"\nkind = \"ip_filter\"\nallow = [\"10.0.0.0/8\"]\n\
+         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"orders\"\npolicies = [\"keys\", \"ips\"]\n"
+    );
+    let s = compile(&text).unwrap();
+    let ids: Vec<&str> = s.routes[0]
+        .policies
+        .iter()
+        .map(|&i| &*s.policies.list[i as usize].id)
+        .collect();
+    assert_eq!(ids, ["ips", "keys", "limit"]);
+    // The key is replaced by its hash in the compiled (stored) config.
+    let c = &s.config.credentials[0];
+    assert!(c.key.is_none());
+    assert_eq!(
+        c.key_sha256.as_deref(),
+        Some("84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882")
+    );
+}
+
+#[test]
+fn invalid_policies_name_the_field() {
+    let route = "[[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"orders\"\n";
+    assert_eq!(
+        invalid_at("[[policies]]\nid = \"p\"\nkind = \"ip_filter\"\nallow = [\"10.0.0.0/33\"]\n"),
+        "policies[0].allow[0]"
+    );
+    assert_eq!(
+        invalid_at("[[credentials]]\nid = \"k\"\nconsumer = \"ghost\"\nkind = \"api_key\"\nkey = \"0123456789\"\n"),
+        "credentials[0].consumer"
+    );
+    assert_eq!(
+        invalid_at("[[consumers]]\nid = \"a\"\n[[credentials]]\nid = \"k\"\nconsumer = \"a\"\nkind = \"api_key\"\n"),
+        "credentials[0].key"
+    );
+    assert_eq!(
+        invalid_at(&format!("{route}policies = [\"ghost\"]\n")),
+        "routes[0].policies[0]"
+    );
+    assert_eq!(
+        invalid_at("[[policies]]\nid = \"p\"\nkind = \"rate_limit\"\nrate = 5\nkey = \"cookie\"\n"),
+        "policies[0].key"
+    );
+    assert_eq!(
+        invalid_at(
+            "[[policies]]\nid = \"p\"\nkind = \"jwt\"\nalgorithm = \"HS256\"\nsecret = \"short\"\n"
+        ),
+        "policies[0].secret"
+    );
+    assert_eq!(
+        invalid_at("[[policies]]\nid = \"p\"\nkind = \"cors\"\norigins = [\"*\"]\nallow_credentials = true\n"),
+        "policies[0].allow_credentials"
+    );
+    assert_eq!(
+        invalid_at(
+            "[[policies]]\nid = \"p\"\nkind = \"domain\"\nhosts = [\"a.example\"]\nstatus = 404\n"
+        ),
+        "policies[0].status"
+    );
+    assert_eq!(
+        invalid_at("[[policies]]\nid = \"p\"\nkind = \"ip_filter\"\nallow = [\"10.0.0.0/8\"]\n[[consumers]]\nid = \"a\"\npolicies = [\"p\"]\n"),
+        "consumers[0].policies[0]"
+    );
+    let err = compile(&format!("trusted_proxies = [\"nope\"]\n{POLICY_BASE}")).unwrap_err();
+    assert_eq!(err.path(), "trusted_proxies[0]");
+}

@@ -18,7 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use common::config::{RouteConfig, UpstreamConfig};
+use common::config::{ConsumerConfig, CredentialConfig, PolicyConfig, RouteConfig, UpstreamConfig};
 use common::{Config, ConfigError, Snapshot};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -110,13 +110,28 @@ impl IntoResponse for Problem {
 pub enum Kind {
     Routes,
     Upstreams,
+    Consumers,
+    Credentials,
+    Policies,
 }
+
+/// Every resource kind's collection path.
+pub const KIND_PATHS: [&str; 5] = [
+    "/v1/routes",
+    "/v1/upstreams",
+    "/v1/consumers",
+    "/v1/credentials",
+    "/v1/policies",
+];
 
 impl Kind {
     fn parse(s: &str) -> Result<Kind, Problem> {
         match s {
             "routes" => Ok(Kind::Routes),
             "upstreams" => Ok(Kind::Upstreams),
+            "consumers" => Ok(Kind::Consumers),
+            "credentials" => Ok(Kind::Credentials),
+            "policies" => Ok(Kind::Policies),
             other => Err(Problem::not_found(format!("no resource kind {other:?}"))),
         }
     }
@@ -125,6 +140,9 @@ impl Kind {
         match self {
             Kind::Routes => "routes",
             Kind::Upstreams => "upstreams",
+            Kind::Consumers => "consumers",
+            Kind::Credentials => "credentials",
+            Kind::Policies => "policies",
         }
     }
 
@@ -132,6 +150,9 @@ impl Kind {
         match self {
             Kind::Routes => c.routes.iter().map(|r| r.id.clone()).collect(),
             Kind::Upstreams => c.upstreams.iter().map(|u| u.id.clone()).collect(),
+            Kind::Consumers => c.consumers.iter().map(|u| u.id.clone()).collect(),
+            Kind::Credentials => c.credentials.iter().map(|u| u.id.clone()).collect(),
+            Kind::Policies => c.policies.iter().map(|u| u.id().to_owned()).collect(),
         }
     }
 
@@ -139,6 +160,9 @@ impl Kind {
         match self {
             Kind::Routes => c.routes.iter().find(|r| r.id == id).map(to_value),
             Kind::Upstreams => c.upstreams.iter().find(|u| u.id == id).map(to_value),
+            Kind::Consumers => c.consumers.iter().find(|u| u.id == id).map(to_value),
+            Kind::Credentials => c.credentials.iter().find(|u| u.id == id).map(to_value),
+            Kind::Policies => c.policies.iter().find(|u| u.id() == id).map(to_value),
         }
     }
 
@@ -146,6 +170,9 @@ impl Kind {
         match self {
             Kind::Routes => c.routes.iter().map(to_value).collect(),
             Kind::Upstreams => c.upstreams.iter().map(to_value).collect(),
+            Kind::Consumers => c.consumers.iter().map(to_value).collect(),
+            Kind::Credentials => c.credentials.iter().map(to_value).collect(),
+            Kind::Policies => c.policies.iter().map(to_value).collect(),
         }
     }
 
@@ -194,6 +221,18 @@ impl Kind {
                 let item: UpstreamConfig = typed(value)?;
                 upsert(&mut c.upstreams, item, |u| u.id == id)
             }
+            Kind::Consumers => {
+                let item: ConsumerConfig = typed(value)?;
+                upsert(&mut c.consumers, item, |u| u.id == id)
+            }
+            Kind::Credentials => {
+                let item: CredentialConfig = typed(value)?;
+                upsert(&mut c.credentials, item, |u| u.id == id)
+            }
+            Kind::Policies => {
+                let item: PolicyConfig = typed(value)?;
+                upsert(&mut c.policies, item, |u| u.id() == id)
+            }
         })
     }
 
@@ -209,6 +248,21 @@ impl Kind {
                 c.upstreams.retain(|u| u.id != id);
                 before != c.upstreams.len()
             }
+            Kind::Consumers => {
+                let before = c.consumers.len();
+                c.consumers.retain(|u| u.id != id);
+                before != c.consumers.len()
+            }
+            Kind::Credentials => {
+                let before = c.credentials.len();
+                c.credentials.retain(|u| u.id != id);
+                before != c.credentials.len()
+            }
+            Kind::Policies => {
+                let before = c.policies.len();
+                c.policies.retain(|u| u.id() != id);
+                before != c.policies.len()
+            }
         }
     }
 
@@ -222,6 +276,39 @@ impl Kind {
                 .filter(|r| r.upstream.as_deref() == Some(id))
                 .map(|r| format!("routes/{}", r.id))
                 .collect(),
+            Kind::Consumers => {
+                let credentials = c
+                    .credentials
+                    .iter()
+                    .filter(|k| k.consumer == id)
+                    .map(|k| format!("credentials/{}", k.id));
+                let acls = c.policies.iter().filter_map(|p| match p {
+                    PolicyConfig::Acl(a) if a.consumers.iter().any(|x| x == id) => {
+                        Some(format!("policies/{}", a.id))
+                    }
+                    _ => None,
+                });
+                credentials.chain(acls).collect()
+            }
+            Kind::Credentials => Vec::new(),
+            Kind::Policies => {
+                let mut out: Vec<String> = c
+                    .routes
+                    .iter()
+                    .filter(|r| r.policies.iter().any(|p| p == id))
+                    .map(|r| format!("routes/{}", r.id))
+                    .collect();
+                out.extend(
+                    c.consumers
+                        .iter()
+                        .filter(|k| k.policies.iter().any(|p| p == id))
+                        .map(|k| format!("consumers/{}", k.id)),
+                );
+                if c.global_policies.iter().any(|p| p == id) {
+                    out.push("global_policies".to_owned());
+                }
+                out
+            }
         }
     }
 }
@@ -327,8 +414,9 @@ fn diff(old: &Config, new: &Config) -> Vec<Value> {
     let settings = |c: &Config| {
         let mut v = to_value(c);
         if let Value::Object(m) = &mut v {
-            m.remove("routes");
-            m.remove("upstreams");
+            for kind in KIND_PATHS {
+                m.remove(&kind["/v1/".len()..]);
+            }
         }
         v
     };
@@ -478,7 +566,10 @@ impl Admin {
         let mut store = lock(&self.store);
         let next = build(&store)?;
         let revision = store.revision() + 1;
-        let snapshot = Snapshot::compile(next.clone(), revision).map_err(invalid)?;
+        let snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
+        // The compiled config is the normalised one (API keys replaced by their hashes):
+        // that is what is stored, diffed and served.
+        let next = snapshot.config.clone();
         let current = store.config();
         if snapshot.listeners != self.shared.load().listeners {
             return Err(Problem::new(
@@ -585,11 +676,26 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("PUT", "/v1/upstreams/{id}"),
     ("PATCH", "/v1/upstreams/{id}"),
     ("DELETE", "/v1/upstreams/{id}"),
+    ("GET", "/v1/consumers"),
+    ("GET", "/v1/consumers/{id}"),
+    ("PUT", "/v1/consumers/{id}"),
+    ("PATCH", "/v1/consumers/{id}"),
+    ("DELETE", "/v1/consumers/{id}"),
+    ("GET", "/v1/credentials"),
+    ("GET", "/v1/credentials/{id}"),
+    ("PUT", "/v1/credentials/{id}"),
+    ("PATCH", "/v1/credentials/{id}"),
+    ("DELETE", "/v1/credentials/{id}"),
+    ("GET", "/v1/policies"),
+    ("GET", "/v1/policies/{id}"),
+    ("PUT", "/v1/policies/{id}"),
+    ("PATCH", "/v1/policies/{id}"),
+    ("DELETE", "/v1/policies/{id}"),
 ];
 
 /// The router path serving a documented path: one template serves every resource kind.
 fn template(path: &str) -> String {
-    for kind in ["/v1/routes", "/v1/upstreams"] {
+    for kind in KIND_PATHS {
         if let Some(rest) = path.strip_prefix(kind) {
             return format!("/v1/{{kind}}{rest}");
         }
@@ -884,12 +990,43 @@ async fn write_item(
                             kind.name()
                         )));
                     };
+                    // A null for a member the item does not have removes nothing, but it must
+                    // still name a field of the item's type (the schema has no other fields).
+                    if let (Value::Object(patch_map), Value::Object(cur)) = (&input, &current) {
+                        let mut probe = cur.clone();
+                        let mut any = false;
+                        for (k, v) in patch_map {
+                            if v.is_null() && !cur.contains_key(k) {
+                                probe.insert(k.clone(), Value::Null);
+                                any = true;
+                            }
+                        }
+                        if any {
+                            if let Err(mut p) =
+                                kind.put(&mut next.clone(), id, Value::Object(probe))
+                            {
+                                if p.status == StatusCode::BAD_REQUEST {
+                                    p.status = StatusCode::UNPROCESSABLE_ENTITY;
+                                    p.title = "Invalid Value";
+                                    return Err(p);
+                                }
+                            }
+                        }
+                    }
                     merge_patch(&mut current, &input);
                     current
                 } else {
                     input
                 };
-                created = kind.put(&mut next, id, value)?;
+                created = kind.put(&mut next, id, value).map_err(|mut p| {
+                    // A patch whose result has a field its kind does not take is a patch
+                    // that cannot be applied (RFC 5789 §2.2), not a malformed request.
+                    if patch && p.status == StatusCode::BAD_REQUEST {
+                        p.status = StatusCode::UNPROCESSABLE_ENTITY;
+                        p.title = "Invalid Value";
+                    }
+                    p
+                })?;
                 Ok(next)
             },
         )

@@ -118,7 +118,10 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
                 ));
             }
             let config = read_config(&source).map_err(describe)?;
-            Snapshot::compile(config.clone(), store.revision() + 1).map_err(describe)?;
+            // Stored as compiled: API keys only as their hashes.
+            let config = Snapshot::compile(config, store.revision() + 1)
+                .map_err(describe)?
+                .config;
             store
                 .commit(config, "file (--replace-state)")
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
@@ -131,7 +134,7 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
         }
         None => {
             let config = read_config(&source).map_err(describe)?;
-            Snapshot::compile(config.clone(), 1).map_err(describe)?;
+            let config = Snapshot::compile(config, 1).map_err(describe)?.config;
             let what = match &source {
                 ConfigSource::File(p) => format!("file {}", p.display()),
                 ConfigSource::Embedded => {

@@ -248,7 +248,30 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
             serde_json::to_value(u).unwrap_or_default(),
         )
     });
-    routes.chain(upstreams).collect()
+    let consumers = config.consumers.iter().map(|u| {
+        (
+            format!("consumers/{}", u.id),
+            serde_json::to_value(u).unwrap_or_default(),
+        )
+    });
+    let credentials = config.credentials.iter().map(|u| {
+        (
+            format!("credentials/{}", u.id),
+            serde_json::to_value(u).unwrap_or_default(),
+        )
+    });
+    let policies = config.policies.iter().map(|u| {
+        (
+            format!("policies/{}", u.id()),
+            serde_json::to_value(u).unwrap_or_default(),
+        )
+    });
+    routes
+        .chain(upstreams)
+        .chain(consumers)
+        .chain(credentials)
+        .chain(policies)
+        .collect()
 }
 
 /// Writes `name` in `dir` through a temp file and a rename, so that it holds either its old

@@ -14,25 +14,44 @@ use crate::gather::Piece;
 /// Writes into `out` (cleared first) the rewritten request line, if the target changes
 /// (absolute form, or `strip_prefix_len` bytes of prefix to remove), and the fields the
 /// gateway adds, ending with the blank line. Returns their spans in `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn request_extras(
     buf: &[u8],
     head: &RequestHead,
     plan: &FieldPlan,
     strip_prefix_len: usize,
     peer: IpAddr,
+    added: &[u8],
+    query_drop: Option<Span>,
     out: &mut Vec<u8>,
 ) -> (Option<Span>, Span) {
     out.clear();
     let mut target = head.origin_target.of(buf);
     let strip = strip_prefix_len.min(head.path_len);
-    let line = if head.absolute || strip > 0 {
+    let line = if head.absolute || strip > 0 || query_drop.is_some() {
+        let origin = head.origin_target.start;
         target = &target[strip..];
         out.extend_from_slice(head.method.of(buf));
         out.push(b' ');
         if target.first() != Some(&b'/') {
             out.push(b'/');
         }
-        out.extend_from_slice(target);
+        match query_drop {
+            // A span of the target (after the stripped prefix) to leave out.
+            Some(q) if q.start >= origin + strip && q.end <= origin + head.origin_target.len() => {
+                let (a, b) = (q.start - origin - strip, q.end - origin - strip);
+                let kept = [&target[..a], &target[b..]];
+                let joined_len = kept[0].len() + kept[1].len();
+                // "/p?k=v" without its only parameter loses the '?' too.
+                if kept[1].is_empty() && kept[0].ends_with(b"?") {
+                    out.extend_from_slice(&kept[0][..kept[0].len() - 1]);
+                } else if joined_len > 0 {
+                    out.extend_from_slice(kept[0]);
+                    out.extend_from_slice(kept[1]);
+                }
+            }
+            _ => out.extend_from_slice(target),
+        }
         out.extend_from_slice(if head.http10 {
             b" HTTP/1.0\r\n"
         } else {
@@ -75,6 +94,7 @@ pub fn request_extras(
         out.extend_from_slice(u.of(buf));
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(added);
     out.extend_from_slice(b"\r\n");
     (
         line,

@@ -35,6 +35,7 @@ use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::forward::{self, request_pieces, response_pieces};
 use crate::gather::write_gathered;
 use crate::metrics::UpstreamError;
+use crate::policy::{self, Clock, PolicyState, Verdict};
 use crate::status::{Status, CONTINUE};
 use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
 use crate::worker::WorkerCtx;
@@ -102,6 +103,8 @@ struct Client {
     /// Status of the response last sent, and the metrics slot of the route that sent it.
     last_status: u16,
     last_slot: u32,
+    /// What the route's policies decided for the current request.
+    policy: PolicyState,
 }
 
 /// What waiting for the next request head gave.
@@ -136,6 +139,7 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, s
         canceller: Canceller::new(),
         last_status: 0,
         last_slot: NO_ROUTE_SLOT,
+        policy: PolicyState::default(),
     };
     drop(snap);
     loop {
@@ -299,6 +303,30 @@ impl Client {
         };
         let route = &snap.routes[id as usize];
         self.last_slot = route.metrics_slot;
+        if route.policies.is_empty() {
+            self.policy.reset();
+        } else {
+            let verdict = policy::check(
+                snap,
+                route,
+                &self.buf,
+                &head,
+                self.peer_ip,
+                &mut ctx.limiters.borrow_mut(),
+                Clock::now(),
+                &mut self.policy,
+            );
+            if let Verdict::Answer(_) = verdict {
+                let out = std::mem::take(&mut self.policy.out);
+                let reply = Reply::Direct {
+                    bytes: &out,
+                    head_len: self.policy.out_head_len,
+                };
+                let next = self.respond(&head, reply, ctx).await;
+                self.policy.out = out;
+                return next;
+            }
+        }
         match &route.action {
             RouteAction::Respond { bytes, head_len } => {
                 let reply = Reply::Direct {
@@ -411,12 +439,17 @@ impl Client {
         let body_end = head.head_end + first_body;
         // The whole request is in the buffer: it can be sent again on a fresh connection.
         let replayable = body_left == 0;
+        for &d in &self.policy.drops {
+            policy::add_drop(&mut self.req_plan.drop, d);
+        }
         let (line, tail) = forward::request_extras(
             &self.buf,
             head,
             &self.req_plan,
             route.strip_prefix_len,
             self.peer_ip,
+            &self.policy.extra,
+            self.policy.query_drop,
             &mut self.scratch,
         );
 
@@ -661,8 +694,18 @@ impl Client {
         head: &RequestHead,
         close_client: bool,
     ) -> Result<bool, ()> {
-        // Fields the gateway adds: connection management towards this client only.
+        // Fields the gateway adds: connection management towards this client only, and the
+        // CORS fields of a cors policy (which replace any the upstream sent).
         self.scratch.clear();
+        if !self.policy.response_extra.is_empty() {
+            self.scratch.extend_from_slice(&self.policy.response_extra);
+            policy::drop_cors_fields(
+                &conn.buf,
+                resp.fields_start,
+                resp.fields_end,
+                &mut self.resp_plan.drop,
+            );
+        }
         if close_client {
             self.scratch.extend_from_slice(b"Connection: close\r\n");
         } else if head.http10 {

@@ -39,6 +39,8 @@ pub(crate) struct WorkerCtx {
     /// Keep-alive connections idle past `client_park_ms`; `None` when epoll is unavailable.
     pub park: RefCell<Option<ParkLot>>,
     pub metrics: Arc<WorkerMetrics>,
+    /// This worker's handles on the shared rate-limit buckets.
+    pub limiters: RefCell<crate::policy::Limiters>,
     active: Cell<usize>,
     index: usize,
 }
@@ -233,6 +235,7 @@ async fn worker_main(spec: WorkerSpec) {
         idle: RefCell::new(IdleSet::default()),
         park: RefCell::new(ParkLot::new().ok()),
         metrics: spec.metrics.clone(),
+        limiters: RefCell::default(),
         active: Cell::new(0),
         index: spec.index,
     });

@@ -1,4 +1,876 @@
-//! Traffic policies (in progress): the pieces the request path will call once policies are
-//! configurable. Only the rate limiter's core exists so far; it is not wired to any route yet.
+//! Traffic policies on the request path: IP filter, domain allowlist and CORS,
+//! authentication (API key, JWT), authorization (ACL) and rate limiting, run in that fixed
+//! order over a route's compiled policy list (global ones first, see
+//! [`common::policy::Stage`]).
+//!
+//! Hot path for routes that have policies; routes without any skip this module entirely.
+//! [`check`] reads the request head in place and writes only into the connection's reused
+//! [`PolicyState`]: either a complete refusal (403, 421, 401, 429, or a CORS preflight
+//! answer) or what the forwarded request must gain and lose (the consumer header, the
+//! credential). IP, API-key and rate-limit checks allocate nothing once warm; a JWT is
+//! decoded and parsed (see [`jwt`]); a rate-limit key seen for the first time inserts one map
+//! entry.
 
+pub mod jwt;
 pub mod ratelimit;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+
+use common::policy::{Cors, Policies, PolicyKind, RateKey, RateLimit, Stage};
+use common::{Route, Snapshot};
+
+use crate::codec::request::RequestHead;
+use crate::codec::Span;
+use ratelimit::{key_of, Limiter, Registry};
+
+/// Per-connection scratch the policies write into; reused from request to request.
+#[derive(Debug, Default)]
+pub struct PolicyState {
+    /// A refusal or preflight answer: the head without its blank line, then the body.
+    pub out: Vec<u8>,
+    pub out_head_len: usize,
+    /// Field lines to add to the forwarded request (each with its CRLF).
+    pub extra: Vec<u8>,
+    /// Field lines of the request not to forward, in buffer order.
+    pub drops: Vec<Span>,
+    /// Bytes of the request target to leave out (an API key query parameter).
+    pub query_drop: Option<Span>,
+    /// Field lines to add to the response (CORS), each with its CRLF.
+    pub response_extra: Vec<u8>,
+    decode: Vec<u8>,
+}
+
+impl PolicyState {
+    /// Forgets the previous request's decisions.
+    pub fn reset(&mut self) {
+        self.out.clear();
+        self.out_head_len = 0;
+        self.extra.clear();
+        self.drops.clear();
+        self.query_drop = None;
+        self.response_extra.clear();
+    }
+}
+
+/// What the policies decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the request, with the changes in the [`PolicyState`].
+    Pass,
+    /// Answer with `PolicyState::out` (status given for metrics).
+    Answer(u16),
+}
+
+/// The rate-limit buckets a worker uses, resolved from the [`Registry`] once per snapshot.
+#[derive(Debug, Default)]
+pub struct Limiters {
+    revision: u64,
+    by_policy: Vec<Option<Arc<Limiter>>>,
+}
+
+impl Limiters {
+    fn refresh(&mut self, snap: &Snapshot) {
+        if self.revision == snap.revision && self.by_policy.len() == snap.policies.list.len() {
+            return;
+        }
+        // Build the new list before dropping the old one, so a limiter kept across the
+        // change is still alive when the registry is asked for it.
+        let fresh: Vec<Option<Arc<Limiter>>> = snap
+            .policies
+            .list
+            .iter()
+            .map(|p| match &p.kind {
+                PolicyKind::RateLimit(rl) => Some(Registry::global().get(&p.id, rl)),
+                _ => None,
+            })
+            .collect();
+        self.by_policy = fresh;
+        self.revision = snap.revision;
+    }
+}
+
+/// The time the checks run at.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Monotonic nanoseconds (rate limits).
+    pub mono_ns: u64,
+    /// Seconds since the Unix epoch (JWT `exp` / `nbf`).
+    pub unix_s: u64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        Clock {
+            mono_ns: ratelimit::now_ns(),
+            unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// One request field line.
+#[derive(Debug, Clone, Copy)]
+struct Field<'a> {
+    line: Span,
+    name: &'a [u8],
+    value: &'a [u8],
+}
+
+/// The field lines of a parsed request head (the parser has already checked that every line
+/// ends in CRLF and has a colon).
+fn fields<'a>(buf: &'a [u8], head: &RequestHead) -> impl Iterator<Item = Field<'a>> + 'a {
+    lines(buf, head.fields_start, head.fields_end)
+}
+
+/// Removes from a relayed response every `Access-Control-*` field line (and any `Vary`
+/// is left alone: the gateway adds `Vary: Origin` beside it).
+pub fn drop_cors_fields(buf: &[u8], start: usize, end: usize, drops: &mut Vec<Span>) {
+    for f in lines(buf, start, end) {
+        if f.name.len() > 15 && f.name[..15].eq_ignore_ascii_case(b"access-control-") {
+            add_drop(drops, f.line);
+        }
+    }
+}
+
+fn lines(buf: &[u8], start: usize, end: usize) -> impl Iterator<Item = Field<'_>> + '_ {
+    let mut at = start;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let rest = &buf[at..end];
+        let len = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
+        let line = &rest[..len];
+        let start = at;
+        at += len;
+        let colon = line.iter().position(|&b| b == b':')?;
+        let value = trim(&line[colon + 1..]);
+        Some(Field {
+            line: Span {
+                start,
+                end: start + len,
+            },
+            name: &line[..colon],
+            value,
+        })
+    })
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let s = v
+        .iter()
+        .position(|&b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .unwrap_or(v.len());
+    let e = v
+        .iter()
+        .rposition(|&b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .map_or(s, |i| i + 1);
+    &v[s..e]
+}
+
+/// The one field named `name`: `Err` when it appears more than once (ambiguous).
+fn one_field<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Result<Option<Field<'a>>, ()> {
+    let mut found = None;
+    for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(name)) {
+        if found.is_some() {
+            return Err(());
+        }
+        found = Some(f);
+    }
+    Ok(found)
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the rightmost
+/// address in `X-Forwarded-For` (or, without one, `Forwarded: for=`) that is not itself a
+/// trusted proxy. Walking from the right stops at anything unreadable, which leaves the last
+/// address walked (never one the client could forge past a trusted hop).
+pub fn client_ip(p: &Policies, buf: &[u8], head: &RequestHead, peer: IpAddr) -> IpAddr {
+    let peer = canonical(peer);
+    if p.trusted_proxies.is_empty() || !p.trusted_proxies.contains(peer) {
+        return peer;
+    }
+    // The last hops only: a longer chain than this is treated as unreadable beyond it.
+    const HOPS: usize = 32;
+    let mut hops = [None::<IpAddr>; HOPS];
+    let mut n = 0usize;
+    let mut push = |ip: Option<IpAddr>| {
+        hops[n % HOPS] = ip;
+        n += 1;
+    };
+    let xff = fields(buf, head).any(|f| f.name.eq_ignore_ascii_case(b"x-forwarded-for"));
+    for f in fields(buf, head) {
+        if xff && f.name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            for item in f.value.split(|&b| b == b',') {
+                push(parse_ip(trim(item)));
+            }
+        } else if !xff && f.name.eq_ignore_ascii_case(b"forwarded") {
+            for element in f.value.split(|&b| b == b',') {
+                let ip = element.split(|&b| b == b';').find_map(|pair| {
+                    let pair = trim(pair);
+                    (pair.len() > 4 && pair[..4].eq_ignore_ascii_case(b"for="))
+                        .then(|| forwarded_for(&pair[4..]))
+                });
+                push(ip.flatten());
+            }
+        }
+    }
+    let mut client = peer;
+    for i in (n.saturating_sub(HOPS)..n).rev() {
+        match hops[i % HOPS] {
+            Some(ip) => {
+                client = ip;
+                if !p.trusted_proxies.contains(ip) {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    client
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn parse_ip(s: &[u8]) -> Option<IpAddr> {
+    std::str::from_utf8(s).ok()?.parse().ok().map(canonical)
+}
+
+/// A `Forwarded` `for=` value: `192.0.2.1`, `"192.0.2.1:80"`, `"[2001:db8::1]:443"`.
+fn forwarded_for(v: &[u8]) -> Option<IpAddr> {
+    let v = v
+        .strip_prefix(b"\"")
+        .and_then(|x| x.strip_suffix(b"\""))
+        .unwrap_or(v);
+    if let Some(rest) = v.strip_prefix(b"[") {
+        let end = rest.iter().position(|&b| b == b']')?;
+        let ip: Ipv6Addr = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
+        return Some(canonical(IpAddr::V6(ip)));
+    }
+    let host = match v.iter().position(|&b| b == b':') {
+        Some(i) => &v[..i],
+        None => v,
+    };
+    parse_ip(host)
+}
+
+/// Runs `route`'s policies (and, once authenticated, the consumer's) over the request.
+#[allow(clippy::too_many_arguments)]
+pub fn check(
+    snap: &Snapshot,
+    route: &Route,
+    buf: &[u8],
+    head: &RequestHead,
+    peer: IpAddr,
+    limiters: &mut Limiters,
+    clock: Clock,
+    st: &mut PolicyState,
+) -> Verdict {
+    st.reset();
+    let p = &snap.policies;
+    let client = client_ip(p, buf, head, peer);
+    let list = &route.policies;
+    let mut consumer: Option<u32> = None;
+    let mut i = 0;
+    while i < list.len() {
+        let policy = &p.list[list[i] as usize];
+        match &policy.kind {
+            PolicyKind::IpFilter { allow, deny } => {
+                if deny.contains(client) || (!allow.is_empty() && !allow.contains(client)) {
+                    return refuse(
+                        st,
+                        403,
+                        &policy.id,
+                        "the client address is not allowed",
+                        &[],
+                    );
+                }
+            }
+            PolicyKind::Domain(d) => {
+                let mut lower = [0u8; 256];
+                let host = head
+                    .host
+                    .map(|h| h.of(buf))
+                    .and_then(|h| host_key(h, &mut lower));
+                if !host.is_some_and(|h| d.allows(h)) {
+                    return refuse(
+                        st,
+                        d.status,
+                        &policy.id,
+                        "the gateway does not serve this host",
+                        &[],
+                    );
+                }
+            }
+            PolicyKind::Cors(c) => {
+                if let Some(v) = cors(c, &policy.id, buf, head, st) {
+                    return v;
+                }
+            }
+            PolicyKind::ApiKey(_) | PolicyKind::Jwt(_) => {
+                // Authentication policies form one group: the first whose credential is
+                // present decides; none present is a 401.
+                let start = i;
+                while i + 1 < list.len()
+                    && p.list[list[i + 1] as usize].stage == Stage::Authentication
+                {
+                    i += 1;
+                }
+                match authenticate(p, &list[start..=i], buf, head, clock, st) {
+                    Ok(c) => consumer = Some(c),
+                    Err(v) => return v,
+                }
+            }
+            PolicyKind::Acl { consumers, groups } => {
+                let Some(c) = consumer else {
+                    return refuse(st, 401, &policy.id, "authentication is required", &[]);
+                };
+                let who = &p.consumers[c as usize];
+                let allowed =
+                    consumers.contains(&c) || who.groups.iter().any(|g| groups.contains(g));
+                if !allowed {
+                    return refuse(
+                        st,
+                        403,
+                        &policy.id,
+                        "the consumer is not allowed on this route",
+                        &[],
+                    );
+                }
+            }
+            PolicyKind::RateLimit(rl) => {
+                if let Some(v) = rate_limit(
+                    snap, list[i], rl, &policy.id, buf, head, client, consumer, limiters, clock, st,
+                ) {
+                    return v;
+                }
+            }
+        }
+        i += 1;
+    }
+    if let Some(c) = consumer {
+        for &idx in p.consumers[c as usize].policies.iter() {
+            if list.contains(&idx) {
+                continue;
+            }
+            let policy = &p.list[idx as usize];
+            if let PolicyKind::RateLimit(rl) = &policy.kind {
+                if let Some(v) = rate_limit(
+                    snap, idx, rl, &policy.id, buf, head, client, consumer, limiters, clock, st,
+                ) {
+                    return v;
+                }
+            }
+        }
+    }
+    Verdict::Pass
+}
+
+/// Lower-cases `host` without its port and trailing dot.
+fn host_key<'a>(host: &[u8], out: &'a mut [u8; 256]) -> Option<&'a [u8]> {
+    let name = if host.first() == Some(&b'[') {
+        let end = host.iter().position(|&b| b == b']')?;
+        &host[..=end]
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(c) => &host[..c],
+            None => host,
+        }
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.len() > out.len() {
+        return None;
+    }
+    let out = &mut out[..name.len()];
+    for (o, b) in out.iter_mut().zip(name) {
+        *o = b.to_ascii_lowercase();
+    }
+    Some(out)
+}
+
+/// The origin (`scheme://authority`) of a `Referer` URL.
+fn referer_origin(r: &[u8]) -> Option<&[u8]> {
+    let scheme_end = r.windows(3).position(|w| w == b"://")?;
+    let rest = &r[scheme_end + 3..];
+    let auth_end = rest
+        .iter()
+        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    Some(&r[..scheme_end + 3 + auth_end])
+}
+
+fn cors(
+    c: &Cors,
+    id: &str,
+    buf: &[u8],
+    head: &RequestHead,
+    st: &mut PolicyState,
+) -> Option<Verdict> {
+    let Ok(origin) = one_field(buf, head, b"origin") else {
+        return Some(refuse(st, 403, id, "more than one Origin field", &[]));
+    };
+    let Some(origin) = origin.map(|f| f.value) else {
+        let referer = fields(buf, head).find(|f| f.name.eq_ignore_ascii_case(b"referer"));
+        return match referer {
+            Some(r) => match referer_origin(r.value) {
+                Some(o) if c.allows(o) => None,
+                _ => Some(refuse(
+                    st,
+                    403,
+                    id,
+                    "the referring page's origin is not allowed",
+                    &[],
+                )),
+            },
+            None if c.require_origin => Some(refuse(st, 403, id, "the request has no Origin", &[])),
+            None => None,
+        };
+    };
+    if !c.allows(origin) || origin.iter().any(|&b| !(0x21..0x7f).contains(&b)) {
+        return Some(refuse(st, 403, id, "the origin is not allowed", &[]));
+    }
+    let method = head.method.of(buf);
+    let requested = fields(buf, head).find(|f| {
+        f.name
+            .eq_ignore_ascii_case(b"access-control-request-method")
+    });
+    if method == b"OPTIONS" {
+        if let Some(requested) = requested {
+            // A preflight: answered here, never forwarded.
+            if !c.methods.iter().any(|m| &m[..] == requested.value) {
+                return Some(refuse(
+                    st,
+                    403,
+                    id,
+                    "the method is not allowed for this origin",
+                    &[],
+                ));
+            }
+            let asked = fields(buf, head).filter(|f| {
+                f.name
+                    .eq_ignore_ascii_case(b"access-control-request-headers")
+            });
+            for f in asked {
+                for name in f
+                    .value
+                    .split(|&b| b == b',')
+                    .map(trim)
+                    .filter(|n| !n.is_empty())
+                {
+                    if !c.headers.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+                        return Some(refuse(
+                            st,
+                            403,
+                            id,
+                            "a requested header is not allowed for this origin",
+                            &[],
+                        ));
+                    }
+                }
+            }
+            let out = &mut st.out;
+            out.clear();
+            out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
+            allow_origin_fields(c, origin, out);
+            out.extend_from_slice(b"Access-Control-Allow-Methods: ");
+            out.extend_from_slice(&c.allow_methods);
+            out.extend_from_slice(b"\r\n");
+            if !c.allow_headers.is_empty() {
+                out.extend_from_slice(b"Access-Control-Allow-Headers: ");
+                out.extend_from_slice(&c.allow_headers);
+                out.extend_from_slice(b"\r\n");
+            }
+            let _ = write!(out, "Access-Control-Max-Age: {}\r\n", c.max_age_s);
+            st.out_head_len = out.len();
+            return Some(Verdict::Answer(204));
+        }
+    }
+    let extra = &mut st.response_extra;
+    allow_origin_fields(c, origin, extra);
+    if !c.expose_headers.is_empty() {
+        extra.extend_from_slice(b"Access-Control-Expose-Headers: ");
+        extra.extend_from_slice(&c.expose_headers);
+        extra.extend_from_slice(b"\r\n");
+    }
+    None
+}
+
+fn allow_origin_fields(c: &Cors, origin: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"Access-Control-Allow-Origin: ");
+    if c.any_origin && !c.allow_credentials {
+        out.extend_from_slice(b"*\r\n");
+    } else {
+        out.extend_from_slice(origin);
+        out.extend_from_slice(b"\r\nVary: Origin\r\n");
+    }
+    if c.allow_credentials {
+        out.extend_from_slice(b"Access-Control-Allow-Credentials: true\r\n");
+    }
+}
+
+/// Tries the authentication policies `group` in order; returns the consumer.
+fn authenticate(
+    p: &Policies,
+    group: &[u16],
+    buf: &[u8],
+    head: &RequestHead,
+    clock: Clock,
+    st: &mut PolicyState,
+) -> Result<u32, Verdict> {
+    // Client-sent copies of any consumer header are never forwarded.
+    for &idx in group {
+        let name: &[u8] = match &p.list[idx as usize].kind {
+            PolicyKind::ApiKey(k) => &k.consumer_header,
+            PolicyKind::Jwt(j) => &j.consumer_header,
+            _ => continue,
+        };
+        for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(name)) {
+            add_drop(&mut st.drops, f.line);
+        }
+    }
+    for &idx in group {
+        let policy = &p.list[idx as usize];
+        match &policy.kind {
+            PolicyKind::ApiKey(k) => {
+                let mut presented: Option<(&[u8], Option<Span>, Option<Span>)> = None;
+                if let Some(h) = &k.header {
+                    match one_field(buf, head, h) {
+                        Err(()) => {
+                            return Err(unauthorized(
+                                st,
+                                p,
+                                group,
+                                &policy.id,
+                                "more than one API key field",
+                            ))
+                        }
+                        Ok(Some(f)) => presented = Some((f.value, Some(f.line), None)),
+                        Ok(None) => {}
+                    }
+                }
+                if presented.is_none() {
+                    if let Some(q) = &k.query {
+                        if let Some((value, span)) = query_param(buf, head, q) {
+                            presented = Some((value, None, Some(span)));
+                        }
+                    }
+                }
+                let Some((key, line, query)) = presented else {
+                    continue;
+                };
+                let digest = common::policy::api_key_digest(key);
+                // The table is keyed by the digest: a lookup compares digests, never keys, so
+                // its timing says nothing about any stored key.
+                let Some(&consumer) = p.api_keys.get(&digest) else {
+                    return Err(unauthorized(
+                        st,
+                        p,
+                        group,
+                        &policy.id,
+                        "the API key is not valid",
+                    ));
+                };
+                if k.strip_credential {
+                    if let Some(l) = line {
+                        add_drop(&mut st.drops, l);
+                    }
+                    st.query_drop = query;
+                }
+                consumer_field(st, &k.consumer_header, &p.consumers[consumer as usize].id);
+                return Ok(consumer);
+            }
+            PolicyKind::Jwt(j) => {
+                let auth = match one_field(buf, head, b"authorization") {
+                    Err(()) => {
+                        return Err(unauthorized(
+                            st,
+                            p,
+                            group,
+                            &policy.id,
+                            "more than one Authorization field",
+                        ))
+                    }
+                    Ok(a) => a,
+                };
+                let Some(auth) = auth else { continue };
+                let v = auth.value;
+                if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
+                    continue;
+                }
+                let token = trim(&v[7..]);
+                let consumer = match jwt::verify(j, token, clock.unix_s, &mut st.decode) {
+                    Ok(id) => match p.consumer_ids.get(id.as_str()) {
+                        Some(&c) => c,
+                        None => {
+                            return Err(unauthorized(
+                                st,
+                                p,
+                                group,
+                                &policy.id,
+                                "the token's consumer is unknown",
+                            ))
+                        }
+                    },
+                    Err(e) => return Err(unauthorized(st, p, group, &policy.id, e.reason())),
+                };
+                if j.strip_credential {
+                    add_drop(&mut st.drops, auth.line);
+                }
+                consumer_field(st, &j.consumer_header, &p.consumers[consumer as usize].id);
+                return Ok(consumer);
+            }
+            _ => {}
+        }
+    }
+    let id = &p.list[group[0] as usize].id;
+    Err(unauthorized(st, p, group, id, "credentials are required"))
+}
+
+fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
+    st.extra.extend_from_slice(name);
+    st.extra.extend_from_slice(b": ");
+    st.extra.extend_from_slice(id.as_bytes());
+    st.extra.extend_from_slice(b"\r\n");
+}
+
+/// The value of query parameter `name` and the span to remove with it (the pair and one
+/// adjacent `&`). The value is used as sent (API keys are visible ASCII and need no
+/// decoding).
+fn query_param<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<(&'a [u8], Span)> {
+    let target = head.origin_target;
+    let t = target.of(buf);
+    let q = t.iter().position(|&b| b == b'?')?;
+    let mut at = q + 1;
+    let mut found = None;
+    for pair in t[q + 1..].split(|&b| b == b'&') {
+        let start = at;
+        at += pair.len() + 1;
+        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(e) => (&pair[..e], &pair[e + 1..]),
+            None => (pair, &pair[pair.len()..]),
+        };
+        if k == name {
+            if found.is_some() {
+                return None;
+            }
+            // Remove "name=value&", or "&name=value" when it is the last pair.
+            let end = start + pair.len();
+            let span = if end < t.len() {
+                Span {
+                    start: start + target.start,
+                    end: end + 1 + target.start,
+                }
+            } else {
+                Span {
+                    start: start - 1 + target.start,
+                    end: end + target.start,
+                }
+            };
+            found = Some((v, span));
+        }
+    }
+    found
+}
+
+/// Adds `s` to `drops`, keeping it sorted, merged and free of overlaps.
+pub fn add_drop(drops: &mut Vec<Span>, s: Span) {
+    let pos = drops.partition_point(|d| d.start < s.start);
+    drops.insert(pos, s);
+    let mut w = 0;
+    for r in 1..drops.len() {
+        if drops[r].start <= drops[w].end {
+            drops[w].end = drops[w].end.max(drops[r].end);
+        } else {
+            w += 1;
+            drops[w] = drops[r];
+        }
+    }
+    drops.truncate(w + 1);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rate_limit(
+    snap: &Snapshot,
+    idx: u16,
+    rl: &RateLimit,
+    id: &str,
+    buf: &[u8],
+    head: &RequestHead,
+    client: IpAddr,
+    consumer: Option<u32>,
+    limiters: &mut Limiters,
+    clock: Clock,
+    st: &mut PolicyState,
+) -> Option<Verdict> {
+    limiters.refresh(snap);
+    let limiter = limiters.by_policy.get(idx as usize)?.as_ref()?;
+    let ip_key = |ip: IpAddr| {
+        let mut raw = [0u8; 17];
+        raw[0] = b'i';
+        raw[1..].copy_from_slice(&match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        });
+        key_of(&raw)
+    };
+    let key = match &rl.key {
+        RateKey::Route => None,
+        RateKey::ClientIp => Some(ip_key(client)),
+        RateKey::Consumer => Some(match consumer {
+            Some(c) => {
+                let mut raw = [0u8; 65];
+                let cid = snap.policies.consumers[c as usize].id.as_bytes();
+                raw[0] = b'c';
+                raw[1..=cid.len()].copy_from_slice(cid);
+                key_of(&raw[..=cid.len()])
+            }
+            None => ip_key(client),
+        }),
+        RateKey::Header(name) => Some(key_of(
+            fields(buf, head)
+                .find(|f| f.name.eq_ignore_ascii_case(name))
+                .map_or(&b""[..], |f| f.value),
+        )),
+    };
+    let d = limiter.check(key.as_ref(), clock.mono_ns);
+    if d.allowed {
+        return None;
+    }
+    let retry_s = d.retry_after_ns.div_ceil(1_000_000_000).max(1);
+    let reset_s = d.reset_ns.div_ceil(1_000_000_000).max(retry_s);
+    let mut fields_buf = [0u8; 512];
+    let mut w = &mut fields_buf[..];
+    let _ = write!(w, "Retry-After: {retry_s}\r\nRateLimit-Policy: ");
+    let _ = w.write_all(&rl.policy_field);
+    let _ = write!(w, "\r\nRateLimit: \"{id}\";r=0;t={retry_s}\r\n");
+    if rl.x_ratelimit_headers {
+        let _ = write!(
+            w,
+            "X-RateLimit-Limit: {}\r\nX-RateLimit-Remaining: 0\r\nX-RateLimit-Reset: {reset_s}\r\n",
+            rl.rate
+        );
+    }
+    let used = 512 - w.len();
+    Some(refuse(
+        st,
+        429,
+        id,
+        "the rate limit is exceeded",
+        &fields_buf[..used],
+    ))
+}
+
+fn unauthorized(
+    st: &mut PolicyState,
+    p: &Policies,
+    group: &[u16],
+    id: &str,
+    detail: &str,
+) -> Verdict {
+    let mut challenge = [0u8; 256];
+    let mut w = &mut challenge[..];
+    for &idx in group {
+        match &p.list[idx as usize].kind {
+            PolicyKind::Jwt(_) => {
+                let _ = w.write_all(b"WWW-Authenticate: Bearer realm=\"gateway\"\r\n");
+            }
+            PolicyKind::ApiKey(_) => {
+                let _ = w.write_all(b"WWW-Authenticate: ApiKey realm=\"gateway\"\r\n");
+            }
+            _ => {}
+        }
+    }
+    let used = 256 - w.len();
+    refuse(st, 401, id, detail, &challenge[..used])
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        204 => "No Content",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        421 => "Misdirected Request",
+        429 => "Too Many Requests",
+        _ => "Error",
+    }
+}
+
+/// Writes a problem+json refusal (RFC 9457) into `st.out`.
+fn refuse(st: &mut PolicyState, status: u16, policy: &str, detail: &str, extra: &[u8]) -> Verdict {
+    let title = reason(status);
+    let mut body = [0u8; 384];
+    let mut w = &mut body[..];
+    let _ = writeln!(
+        w,
+        "{{\"type\":\"about:blank\",\"title\":\"{title}\",\"status\":{status},\"detail\":\"{detail}\",\"policy\":\"{policy}\"}}"
+    );
+    let body_len = 384 - w.len();
+    let out = &mut st.out;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {title}\r\nContent-Type: application/problem+json\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\n"
+    );
+    out.extend_from_slice(extra);
+    st.out_head_len = out.len();
+    out.extend_from_slice(&body[..body_len]);
+    Verdict::Answer(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_stay_sorted_and_merged() {
+        let mut d = vec![Span { start: 10, end: 20 }, Span { start: 40, end: 50 }];
+        add_drop(&mut d, Span { start: 30, end: 35 });
+        add_drop(&mut d, Span { start: 20, end: 30 });
+        add_drop(&mut d, Span { start: 40, end: 50 });
+        assert_eq!(
+            d,
+            vec![Span { start: 10, end: 35 }, Span { start: 40, end: 50 }]
+        );
+    }
+
+    #[test]
+    fn referer_origins() {
+        assert_eq!(
+            referer_origin(b"https://app.example/x?y"),
+            Some(&b"https://app.example"[..])
+        );
+        assert_eq!(
+            referer_origin(b"http://a:8080"),
+            Some(&b"http://a:8080"[..])
+        );
+        assert_eq!(referer_origin(b"nonsense"), None);
+    }
+
+    #[test]
+    fn forwarded_values() {
+        assert_eq!(
+            forwarded_for(b"192.0.2.60"),
+            Some("192.0.2.60".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_for(b"\"192.0.2.60:8080\""),
+            Some("192.0.2.60".parse().unwrap())
+        );
+        assert_eq!(
+            forwarded_for(b"\"[2001:db8::1]:4711\""),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        assert_eq!(forwarded_for(b"unknown"), None);
+        assert_eq!(forwarded_for(b"_hidden"), None);
+    }
+}

@@ -6,7 +6,14 @@
 //! drive a fake clock. A bucket admits `burst` requests at once and then one every
 //! `period / rate`: over a span S it admits at most `burst + S * rate / period` requests.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Instant;
+
+use common::policy::{RateKey, RateLimit};
+use dashmap::DashMap;
+use sha2::{Digest, Sha256};
 
 /// A limit: `rate` requests per `period_ns`, with `burst` admitted at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +103,151 @@ impl Bucket {
     }
 }
 
+/// A bucket key of fixed size, so a keyed bucket costs the same whatever the key: keys up to
+/// 31 bytes are kept as `[len, bytes.., 0..]`; longer ones (header values can be kilobytes) as
+/// `[0xff, SHA-256(key)[..31]]`.
+pub type Key = [u8; 32];
+
+/// The fixed-size key for `raw`.
+pub fn key_of(raw: &[u8]) -> Key {
+    let mut k = [0u8; 32];
+    if raw.len() < 32 {
+        k[0] = raw.len() as u8;
+        k[1..=raw.len()].copy_from_slice(raw);
+    } else {
+        let digest = Sha256::digest(raw);
+        k[0] = 0xff;
+        k[1..].copy_from_slice(&digest[..31]);
+    }
+    k
+}
+
+/// Bytes of memory one keyed bucket costs at most: a map slot is 41 bytes (the key, the
+/// arrival time and a control byte), and right after the table doubles only 7/16 of its slots
+/// are used (94 bytes per key); the rest is slack for uneven shards. The README quotes the
+/// bound built from it, and a test checks it with a counting allocator.
+pub const BYTES_PER_KEY: usize = 128;
+
+/// The buckets of one rate-limit policy: one for the whole policy, or one per key in a
+/// sharded map, shared by every worker.
+///
+/// Memory stays bounded: when the map holds `max_keys` buckets, a new key first sweeps out
+/// the buckets that have refilled completely (they hold no information: a fresh bucket
+/// behaves the same), at most once per emission interval of the burst; if the map is still
+/// full, every new key shares one overflow bucket until room appears. A flood of distinct
+/// keys therefore costs at most `max_keys * BYTES_PER_KEY` plus the shards' fixed overhead,
+/// and cannot grant the flood more than one extra bucket's worth of requests.
+#[derive(Debug)]
+pub struct Limiter {
+    pub limit: Limit,
+    single: Bucket,
+    overflow: Bucket,
+    keyed: DashMap<Key, Bucket>,
+    max_keys: usize,
+    next_sweep_ns: AtomicU64,
+}
+
+impl Limiter {
+    pub fn new(limit: Limit, max_keys: usize) -> Limiter {
+        Limiter {
+            limit,
+            single: Bucket::default(),
+            overflow: Bucket::default(),
+            keyed: DashMap::new(),
+            max_keys,
+            next_sweep_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks one request: against the policy's single bucket when `key` is `None`, else
+    /// against that key's bucket.
+    pub fn check(&self, key: Option<&Key>, now_ns: u64) -> Decision {
+        let Some(key) = key else {
+            return self.single.check(&self.limit, now_ns);
+        };
+        if let Some(bucket) = self.keyed.get(key) {
+            return bucket.check(&self.limit, now_ns);
+        }
+        if self.keyed.len() >= self.max_keys {
+            self.sweep(now_ns);
+            if self.keyed.len() >= self.max_keys {
+                return self.overflow.check(&self.limit, now_ns);
+            }
+        }
+        let bucket = self.keyed.entry(*key).or_default();
+        bucket.check(&self.limit, now_ns)
+    }
+
+    /// Drops the buckets that are full again, at most once per emission interval times the
+    /// burst (so a flood of new keys does not turn every request into a full scan).
+    fn sweep(&self, now_ns: u64) {
+        let due = self.next_sweep_ns.load(Ordering::Relaxed);
+        if now_ns < due {
+            return;
+        }
+        let next = now_ns.saturating_add(self.limit.tolerance_ns.max(1_000_000));
+        if self
+            .next_sweep_ns
+            .compare_exchange(due, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.keyed.retain(|_, b| b.arrival_ns() > now_ns);
+    }
+
+    /// Number of keyed buckets held.
+    pub fn keys(&self) -> usize {
+        self.keyed.len()
+    }
+}
+
+/// Limiters by policy id, so that a config change that leaves a rate-limit policy's id and
+/// parameters alone keeps its buckets. Workers ask once per snapshot revision; a policy that
+/// no snapshot any worker holds uses is freed (the registry keeps only a weak reference).
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_id: Mutex<HashMap<Box<str>, Entry>>,
+}
+
+type RateParams = (u64, u64, u64, RateKey, usize);
+type Entry = (RateParams, Weak<Limiter>);
+
+impl Registry {
+    /// The process-wide registry.
+    pub fn global() -> &'static Registry {
+        static REGISTRY: OnceLock<Registry> = OnceLock::new();
+        REGISTRY.get_or_init(Registry::default)
+    }
+
+    /// The limiter for policy `id` with parameters `rl`: the existing one if the parameters
+    /// are unchanged and someone still holds it, else a new one.
+    pub fn get(&self, id: &str, rl: &RateLimit) -> Arc<Limiter> {
+        let params = rl.params();
+        let mut map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((p, weak)) = map.get(id) {
+            if *p == params {
+                if let Some(l) = weak.upgrade() {
+                    return l;
+                }
+            }
+        }
+        let limit = Limit::new(rl.rate, rl.period_s * 1_000_000_000, rl.burst)
+            .expect("compile checked rate, burst and period (rate <= 1e9 <= period in ns)");
+        let limiter = Arc::new(Limiter::new(limit, rl.max_keys));
+        map.retain(|_, (_, w)| w.strong_count() > 0);
+        map.insert(id.into(), (params, Arc::downgrade(&limiter)));
+        limiter
+    }
+}
+
+/// Nanoseconds on the process's monotonic clock, the time every real limiter check uses.
+pub fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    // Starts at one second so that a bucket's zero arrival time is always in the past.
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1_000_000_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +326,64 @@ mod tests {
             .collect();
         let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(total, 1000);
+    }
+
+    #[test]
+    fn keyed_buckets_are_separate_and_bounded() {
+        let limit = Limit::new(1, SECOND, 2).unwrap();
+        let l = Limiter::new(limit, 1000);
+        let (a, b) = (key_of(b"10.0.0.1"), key_of(b"10.0.0.2"));
+        assert!(l.check(Some(&a), SECOND).allowed);
+        assert!(l.check(Some(&a), SECOND).allowed);
+        assert!(!l.check(Some(&a), SECOND).allowed);
+        assert!(l.check(Some(&b), SECOND).allowed);
+        // Long keys are hashed into the fixed size, and stay distinct.
+        let long1 = key_of(&[b'x'; 100]);
+        let mut v = vec![b'x'; 100];
+        v[99] = b'y';
+        assert_ne!(long1, key_of(&v));
+        assert_ne!(key_of(b"ab"), key_of(b"ab\0"));
+    }
+
+    #[test]
+    fn a_million_distinct_keys_stay_within_max_keys() {
+        // 1000/s, burst 10: a key's bucket is full again 10 ms after its one request.
+        let limit = Limit::new(1000, SECOND, 10).unwrap();
+        let l = Limiter::new(limit, 10_000);
+        let mut now = SECOND;
+        let mut refused = 0;
+        for i in 0..1_000_000u32 {
+            now += 1_000; // 1,000,000 requests per second of fake time, each a new key
+            if !l.check(Some(&key_of(&i.to_be_bytes())), now).allowed {
+                refused += 1;
+            }
+            assert!(l.keys() <= 10_000);
+        }
+        // Sweeps keep room: only new keys arriving while the map is full of live buckets
+        // share the overflow bucket, and that bucket refuses once its burst is used.
+        assert!(refused < 1_000_000 / 2, "refused {refused}");
+    }
+
+    #[test]
+    fn registry_keeps_state_for_unchanged_policies() {
+        let rl = |rate| RateLimit {
+            rate,
+            period_s: 1,
+            burst: 1,
+            key: RateKey::Route,
+            max_keys: 10,
+            x_ratelimit_headers: false,
+            policy_field: Box::new([]),
+        };
+        let reg = Registry::default();
+        let a = reg.get("p", &rl(5));
+        let b = reg.get("p", &rl(5));
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = reg.get("p", &rl(6));
+        assert!(!Arc::ptr_eq(&a, &c));
+        drop((a, b, c));
+        let d = reg.get("p", &rl(6));
+        assert_eq!(d.limit.rate, 6);
     }
 
     #[test]

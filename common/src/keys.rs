@@ -1,0 +1,348 @@
+//! Key material for JWT verification, read from PEM or from a JWK set, and the base64 codecs
+//! both need. Only the shape is checked here (a DER `SubjectPublicKeyInfo` of the right
+//! algorithm, a 65-byte uncompressed P-256 point, a 2048-bit or larger RSA modulus); the data
+//! plane hands the bytes to its signature library.
+//!
+//! Base64url decoding is also used per request on tokens, so it does not allocate beyond its
+//! output and never panics on hostile input.
+
+use crate::config::JwtAlgorithm;
+
+/// A key that verifies signatures of one algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyMaterial {
+    /// HS256 shared secret.
+    Hmac(Box<[u8]>),
+    /// RS256 public key: big-endian modulus and exponent without leading zeros.
+    Rsa { n: Box<[u8]>, e: Box<[u8]> },
+    /// ES256 public key: the uncompressed point `04 || x || y`.
+    P256 { point: Box<[u8]> },
+}
+
+/// One verification key and its `kid`, if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKey {
+    pub kid: Option<Box<str>>,
+    pub material: KeyMaterial,
+}
+
+fn b64_value(c: u8, url: bool) -> Option<u8> {
+    Some(match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' if url => 62,
+        b'_' if url => 63,
+        b'+' if !url => 62,
+        b'/' if !url => 63,
+        _ => return None,
+    })
+}
+
+/// Decodes base64url without padding (RFC 4648 §5, as JWS uses it) into `out` (cleared
+/// first). `None` on any byte outside the alphabet, on `=`, or on a length no encoding has.
+pub fn decode_b64url(input: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    decode(input, true, out)
+}
+
+/// Decodes standard base64 (RFC 4648 §4) with optional padding, ignoring ASCII whitespace
+/// (as in PEM bodies).
+pub fn decode_b64(input: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let mut clean: Vec<u8> = input
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    while clean.last() == Some(&b'=') {
+        clean.pop();
+    }
+    decode(&clean, false, out)
+}
+
+fn decode(input: &[u8], url: bool, out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
+    if input.len() % 4 == 1 {
+        return None;
+    }
+    out.reserve(input.len() / 4 * 3 + 2);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for &c in input {
+        acc = (acc << 6) | u32::from(b64_value(c, url)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    // Leftover bits must be zero, or two encodings would decode to the same bytes.
+    if acc & ((1 << bits) - 1) != 0 {
+        return None;
+    }
+    Some(())
+}
+
+/// Encodes base64url without padding.
+pub fn encode_b64url(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let n = chunk.len();
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=n {
+            out.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A DER reader over one buffer: just what public keys need.
+struct Der<'a>(&'a [u8]);
+
+impl<'a> Der<'a> {
+    /// Reads one element with tag `tag` and returns its contents.
+    fn take(&mut self, tag: u8) -> Result<&'a [u8], String> {
+        let b = self.0;
+        if b.first() != Some(&tag) {
+            return Err(format!("expected DER tag {tag:#04x}"));
+        }
+        let (len, head) = match *b.get(1).ok_or("truncated DER")? {
+            l if l < 0x80 => (usize::from(l), 2),
+            0x81 => (usize::from(*b.get(2).ok_or("truncated DER")?), 3),
+            0x82 => (
+                usize::from(*b.get(2).ok_or("truncated DER")?) << 8
+                    | usize::from(*b.get(3).ok_or("truncated DER")?),
+                4,
+            ),
+            _ => return Err("unsupported DER length".into()),
+        };
+        let end = head + len;
+        if end > b.len() {
+            return Err("truncated DER".into());
+        }
+        self.0 = &b[end..];
+        Ok(&b[head..end])
+    }
+}
+
+const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+fn strip_zeros(b: &[u8]) -> &[u8] {
+    let i = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[i..]
+}
+
+fn rsa_key(n: &[u8], e: &[u8]) -> Result<KeyMaterial, String> {
+    let (n, e) = (strip_zeros(n), strip_zeros(e));
+    if n.len() < 256 || n.len() > 1024 {
+        return Err(format!(
+            "the RSA modulus has {} bits; 2048 to 8192 are accepted",
+            n.len() * 8
+        ));
+    }
+    if e.is_empty() || e.len() > 4 || e[e.len() - 1] & 1 == 0 {
+        return Err("the RSA exponent must be odd and at most 32 bits".into());
+    }
+    Ok(KeyMaterial::Rsa {
+        n: n.into(),
+        e: e.into(),
+    })
+}
+
+fn p256_key(point: &[u8]) -> Result<KeyMaterial, String> {
+    if point.len() != 65 || point[0] != 4 {
+        return Err("the P-256 key must be an uncompressed point (65 bytes)".into());
+    }
+    Ok(KeyMaterial::P256 {
+        point: point.into(),
+    })
+}
+
+/// RSAPublicKey (PKCS #1): SEQUENCE { n INTEGER, e INTEGER }.
+fn pkcs1(der: &[u8]) -> Result<KeyMaterial, String> {
+    let mut seq = Der(Der(der).take(0x30)?);
+    let n = seq.take(0x02)?;
+    let e = seq.take(0x02)?;
+    rsa_key(n, e)
+}
+
+/// SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { algorithm OID, parameters }, BIT STRING }.
+fn spki(der: &[u8], algorithm: JwtAlgorithm) -> Result<KeyMaterial, String> {
+    let mut outer = Der(Der(der).take(0x30)?);
+    let mut alg = Der(outer.take(0x30)?);
+    let oid = alg.take(0x06)?;
+    let bits = outer.take(0x03)?;
+    let key = bits.strip_prefix(&[0]).ok_or("bad BIT STRING")?;
+    match algorithm {
+        JwtAlgorithm::RS256 if oid == OID_RSA => pkcs1(key),
+        JwtAlgorithm::ES256 if oid == OID_EC => {
+            if alg.take(0x06)? != OID_P256 {
+                return Err("the EC key is not on curve P-256".into());
+            }
+            p256_key(key)
+        }
+        _ => Err(format!(
+            "the key's algorithm does not match the policy's {algorithm:?}"
+        )),
+    }
+}
+
+/// Reads a PEM public key for RS256 or ES256.
+pub fn from_pem(pem: &str, algorithm: JwtAlgorithm) -> Result<KeyMaterial, String> {
+    let (label, body) = pem_body(pem).ok_or("not a PEM block (-----BEGIN ...-----)")?;
+    let mut der = Vec::new();
+    decode_b64(body.as_bytes(), &mut der).ok_or("the PEM body is not valid base64")?;
+    match label {
+        "PUBLIC KEY" => spki(&der, algorithm),
+        "RSA PUBLIC KEY" if algorithm == JwtAlgorithm::RS256 => pkcs1(&der),
+        other => Err(format!(
+            "a {other:?} PEM block cannot verify {algorithm:?} (use a PUBLIC KEY block)"
+        )),
+    }
+}
+
+fn pem_body(pem: &str) -> Option<(&str, &str)> {
+    let start = pem.find("-----BEGIN ")?;
+    let rest = &pem[start + 11..];
+    let label_end = rest.find("-----")?;
+    let label = &rest[..label_end];
+    let body = &rest[label_end + 5..];
+    let end = body.find(&format!("-----END {label}-----"))?;
+    Some((label, &body[..end]))
+}
+
+/// Reads a JWK set: every key must suit `algorithm` (`kty` `oct`, `RSA` or `EC` P-256).
+pub fn from_jwks(jwks: &serde_json::Value, algorithm: JwtAlgorithm) -> Result<Vec<JwtKey>, String> {
+    let keys = jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("a JWK set is an object with a \"keys\" array")?;
+    if keys.is_empty() || keys.len() > 16 {
+        return Err("a JWK set must hold 1 to 16 keys".into());
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        let field = |name: &str| -> Result<Vec<u8>, String> {
+            let s = k
+                .get(name)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| format!("keys[{i}] has no string {name:?}"))?;
+            let mut v = Vec::new();
+            decode_b64url(s.as_bytes(), &mut v)
+                .ok_or_else(|| format!("keys[{i}].{name} is not base64url"))?;
+            Ok(v)
+        };
+        if let Some(alg) = k.get("alg").and_then(|v| v.as_str()) {
+            if alg != format!("{algorithm:?}") {
+                return Err(format!(
+                    "keys[{i}] is for {alg}, the policy verifies {algorithm:?}"
+                ));
+            }
+        }
+        let kty = k.get("kty").and_then(|v| v.as_str()).unwrap_or("");
+        let material = match (algorithm, kty) {
+            (JwtAlgorithm::HS256, "oct") => {
+                let secret = field("k")?;
+                check_secret(&secret).map_err(|e| format!("keys[{i}]: {e}"))?;
+                KeyMaterial::Hmac(secret.into())
+            }
+            (JwtAlgorithm::RS256, "RSA") => {
+                rsa_key(&field("n")?, &field("e")?).map_err(|e| format!("keys[{i}]: {e}"))?
+            }
+            (JwtAlgorithm::ES256, "EC") => {
+                if k.get("crv").and_then(|v| v.as_str()) != Some("P-256") {
+                    return Err(format!("keys[{i}] is not on curve P-256"));
+                }
+                let (x, y) = (field("x")?, field("y")?);
+                if x.len() != 32 || y.len() != 32 {
+                    return Err(format!("keys[{i}]: x and y must be 32 bytes each"));
+                }
+                let mut point = vec![4u8];
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                p256_key(&point)?
+            }
+            _ => {
+                return Err(format!(
+                    "keys[{i}] has kty {kty:?}, which cannot verify {algorithm:?}"
+                ))
+            }
+        };
+        let kid = k.get("kid").and_then(|v| v.as_str()).map(Into::into);
+        out.push(JwtKey { kid, material });
+    }
+    Ok(out)
+}
+
+/// An HS256 secret must hold at least 256 bits (RFC 7518 §3.2).
+pub fn check_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() < 32 {
+        Err("an HS256 secret must be at least 32 bytes".into())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_round_trip_and_rejects() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let enc = encode_b64url(&data);
+            let mut dec = Vec::new();
+            decode_b64url(enc.as_bytes(), &mut dec).unwrap();
+            assert_eq!(dec, data);
+        }
+        let mut out = Vec::new();
+        assert!(decode_b64url(b"a", &mut out).is_none());
+        assert!(decode_b64url(b"ab=", &mut out).is_none());
+        assert!(decode_b64url(b"a+b/", &mut out).is_none());
+        // "QR" leaves non-zero bits: not a canonical encoding.
+        assert!(decode_b64url(b"QR", &mut out).is_none());
+        assert!(decode_b64url(b"QQ", &mut out).is_some());
+    }
+
+    // openssl ecparam -name prime256v1 -genkey | openssl ec -pubout
+    const EC_PEM: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEfzynpaEj2BSm008l1QvmJNZRDc92
+yKFmjJ0jhJ1rLnSYNC1PdaadfahDLMTrgJgFh10PQ9TDKDLHmT58wITqMQ==
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn pem_keys() {
+        let k = from_pem(EC_PEM, JwtAlgorithm::ES256).unwrap();
+        assert!(matches!(k, KeyMaterial::P256 { ref point } if point.len() == 65));
+        // An EC key cannot serve an RS256 policy.
+        assert!(from_pem(EC_PEM, JwtAlgorithm::RS256).is_err());
+        assert!(from_pem("not pem", JwtAlgorithm::RS256).is_err());
+        assert!(from_pem(
+            "-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----",
+            JwtAlgorithm::RS256
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn jwks_keys() {
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "oct", "kid": "a", "k": encode_b64url(&[7u8; 32])}
+        ]});
+        let keys = from_jwks(&jwks, JwtAlgorithm::HS256).unwrap();
+        assert_eq!(keys[0].kid.as_deref(), Some("a"));
+        assert!(from_jwks(&jwks, JwtAlgorithm::RS256).is_err());
+        let short = serde_json::json!({"keys": [{"kty": "oct", "k": "AAAA"}]});
+        assert!(from_jwks(&short, JwtAlgorithm::HS256).is_err());
+        assert!(from_jwks(&serde_json::json!({"keys": []}), JwtAlgorithm::HS256).is_err());
+    }
+}

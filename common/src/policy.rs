@@ -1,0 +1,755 @@
+//! Compiled traffic policies: consumers, credentials and policies checked and turned into
+//! what the data plane runs per request (CIDR sets, hashed API keys, parsed JWT keys,
+//! precomputed header bytes). Called by [`crate::Snapshot::compile`] only.
+//!
+//! Policies run in a fixed order whatever order a route lists them in, by [`Stage`]: IP
+//! filter, domain allowlist and CORS, authentication, authorization (ACL), rate limit. The
+//! rate-limit buckets themselves are not here: they must outlive a snapshot, so the data
+//! plane keeps them, keyed by the policy id and [`RateLimit::params`].
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::cidr::IpSet;
+use crate::config::{
+    ApiKeyConfig, Config, CorsConfig, JwtAlgorithm, JwtConfig, PolicyConfig, RateLimitConfig,
+};
+use crate::keys::{self, JwtKey, KeyMaterial};
+use crate::snapshot::check_id;
+use crate::ConfigError;
+
+/// Most policies in one config (indices are `u16`).
+pub const MAX_POLICIES: usize = 4096;
+
+/// Where in the fixed order a policy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    IpFilter,
+    Domain,
+    Authentication,
+    Authorization,
+    RateLimit,
+}
+
+/// Everything about policies a worker needs.
+#[derive(Debug, Default)]
+pub struct Policies {
+    pub list: Vec<Policy>,
+    pub consumers: Vec<Consumer>,
+    /// SHA-256 of each API key → index into `consumers`.
+    pub api_keys: HashMap<[u8; 32], u32>,
+    /// Consumer id → index into `consumers` (JWT consumer claims).
+    pub consumer_ids: HashMap<Box<str>, u32>,
+    /// Peers whose forwarding fields are believed.
+    pub trusted_proxies: IpSet,
+    /// Indices into `list` that apply to every route (in stage order).
+    pub global: Box<[u16]>,
+}
+
+/// A compiled consumer.
+#[derive(Debug)]
+pub struct Consumer {
+    pub id: Box<str>,
+    pub groups: Box<[Box<str>]>,
+    /// Rate-limit policies for this consumer, indices into `Policies::list`.
+    pub policies: Box<[u16]>,
+}
+
+/// A compiled policy.
+#[derive(Debug)]
+pub struct Policy {
+    pub id: Box<str>,
+    pub stage: Stage,
+    pub kind: PolicyKind,
+}
+
+/// What a policy checks.
+#[derive(Debug)]
+pub enum PolicyKind {
+    IpFilter {
+        /// Empty: everyone not denied.
+        allow: IpSet,
+        deny: IpSet,
+    },
+    Domain(Domain),
+    Cors(Cors),
+    ApiKey(ApiKey),
+    Jwt(Jwt),
+    Acl {
+        consumers: Box<[u32]>,
+        groups: Box<[Box<str>]>,
+    },
+    RateLimit(RateLimit),
+}
+
+/// Allowed `Host` values, lower-case without port.
+#[derive(Debug)]
+pub struct Domain {
+    pub exact: Box<[Box<[u8]>]>,
+    /// `.example.com` for `*.example.com`.
+    pub suffixes: Box<[Box<[u8]>]>,
+    /// 421 or 403.
+    pub status: u16,
+}
+
+impl Domain {
+    /// Whether `host` (lower-case, no port, no trailing dot) is allowed.
+    pub fn allows(&self, host: &[u8]) -> bool {
+        self.exact.iter().any(|h| &h[..] == host)
+            || self
+                .suffixes
+                .iter()
+                .any(|s| host.len() > s.len() && host.ends_with(s))
+    }
+}
+
+/// A compiled CORS policy; the `Access-Control-*` values are preformatted.
+#[derive(Debug)]
+pub struct Cors {
+    pub any_origin: bool,
+    /// Allowed origins, lower-case.
+    pub origins: Box<[Box<[u8]>]>,
+    /// Methods a preflight may ask for.
+    pub methods: Box<[Box<[u8]>]>,
+    /// Header names a preflight may ask for, lower-case.
+    pub headers: Box<[Box<[u8]>]>,
+    /// `Access-Control-Allow-Methods` value.
+    pub allow_methods: Box<[u8]>,
+    /// `Access-Control-Allow-Headers` value (empty: none).
+    pub allow_headers: Box<[u8]>,
+    /// `Access-Control-Expose-Headers` value (empty: none).
+    pub expose_headers: Box<[u8]>,
+    pub max_age_s: u32,
+    pub allow_credentials: bool,
+    pub require_origin: bool,
+}
+
+impl Cors {
+    /// Whether `origin` (as sent, `scheme://host[:port]`) may call.
+    pub fn allows(&self, origin: &[u8]) -> bool {
+        self.any_origin || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// A compiled API-key policy.
+#[derive(Debug)]
+pub struct ApiKey {
+    /// Header name carrying the key.
+    pub header: Option<Box<[u8]>>,
+    /// Query parameter carrying the key.
+    pub query: Option<Box<[u8]>>,
+    pub consumer_header: Box<[u8]>,
+    pub strip_credential: bool,
+}
+
+/// A compiled JWT policy.
+#[derive(Debug)]
+pub struct Jwt {
+    pub algorithm: JwtAlgorithm,
+    pub keys: Box<[JwtKey]>,
+    pub issuer: Option<Box<str>>,
+    pub audience: Option<Box<str>>,
+    pub leeway_s: u64,
+    pub require_exp: bool,
+    pub consumer_claim: Box<str>,
+    pub consumer_header: Box<[u8]>,
+    pub strip_credential: bool,
+    pub max_token_bytes: usize,
+}
+
+/// What a rate-limit bucket is kept per.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RateKey {
+    Route,
+    ClientIp,
+    Consumer,
+    /// Lower-case header name.
+    Header(Box<[u8]>),
+}
+
+/// A compiled rate-limit policy.
+#[derive(Debug)]
+pub struct RateLimit {
+    pub rate: u64,
+    pub period_s: u64,
+    pub burst: u64,
+    pub key: RateKey,
+    pub max_keys: usize,
+    pub x_ratelimit_headers: bool,
+    /// `RateLimit-Policy` field value: `"id";q=RATE;w=PERIOD`.
+    pub policy_field: Box<[u8]>,
+}
+
+impl RateLimit {
+    /// What decides whether bucket state can be kept across a config change: the same id
+    /// with the same parameters keeps its buckets.
+    pub fn params(&self) -> (u64, u64, u64, RateKey, usize) {
+        (
+            self.rate,
+            self.period_s,
+            self.burst,
+            self.key.clone(),
+            self.max_keys,
+        )
+    }
+}
+
+/// A header name: an RFC 9110 token.
+fn check_header_name(name: &str, at: &str) -> Result<Box<[u8]>, ConfigError> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(crate::snapshot::is_tchar) {
+        return Err(ConfigError::field(
+            at,
+            format!("{name:?} is not a header field name"),
+        ));
+    }
+    Ok(name.as_bytes().into())
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        let d = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        out[i] = d(pair[0])? << 4 | d(pair[1])?;
+    }
+    Some(out)
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// SHA-256 of an API key, as stored.
+pub fn api_key_digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// Checks and compiles consumers, credentials and policies. Replaces each credential's
+/// `key` by its `key_sha256` in `config`, so the key itself is never stored.
+pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
+    if config.policies.len() > MAX_POLICIES {
+        return Err(ConfigError::field(
+            "policies",
+            format!("at most {MAX_POLICIES} policies"),
+        ));
+    }
+    let mut consumer_index: HashMap<&str, u32> = HashMap::new();
+    for (i, c) in config.consumers.iter().enumerate() {
+        check_id(&c.id, &format!("consumers[{i}].id"))?;
+        if consumer_index.insert(&c.id, i as u32).is_some() {
+            return Err(ConfigError::field(
+                format!("consumers[{i}].id"),
+                format!("duplicate consumer id {:?}", c.id),
+            ));
+        }
+        for (j, g) in c.groups.iter().enumerate() {
+            check_id(g, &format!("consumers[{i}].groups[{j}]"))?;
+        }
+    }
+
+    let mut list = Vec::with_capacity(config.policies.len());
+    let mut policy_index: HashMap<&str, u16> = HashMap::new();
+    for (i, p) in config.policies.iter().enumerate() {
+        let at = format!("policies[{i}]");
+        check_id(p.id(), &format!("{at}.id"))?;
+        if policy_index.insert(p.id(), i as u16).is_some() {
+            return Err(ConfigError::field(
+                format!("{at}.id"),
+                format!("duplicate policy id {:?}", p.id()),
+            ));
+        }
+        list.push(compile_policy(p, &at, &consumer_index)?);
+    }
+
+    let resolve = |ids: &[String], at: &str| -> Result<Vec<u16>, ConfigError> {
+        let mut out: Vec<u16> = Vec::with_capacity(ids.len());
+        for (j, id) in ids.iter().enumerate() {
+            let &p = policy_index.get(id.as_str()).ok_or_else(|| {
+                ConfigError::field(format!("{at}[{j}]"), format!("unknown policy {id:?}"))
+            })?;
+            if out.contains(&p) {
+                return Err(ConfigError::field(
+                    format!("{at}[{j}]"),
+                    format!("policy {id:?} is listed twice"),
+                ));
+            }
+            out.push(p);
+        }
+        Ok(out)
+    };
+
+    let mut consumers = Vec::with_capacity(config.consumers.len());
+    for (i, c) in config.consumers.iter().enumerate() {
+        let at = format!("consumers[{i}].policies");
+        let policies = resolve(&c.policies, &at)?;
+        for (j, &p) in policies.iter().enumerate() {
+            if list[p as usize].stage != Stage::RateLimit {
+                return Err(ConfigError::field(
+                    format!("{at}[{j}]"),
+                    "a consumer can only have rate_limit policies (the others run before the consumer is known)",
+                ));
+            }
+        }
+        consumers.push(Consumer {
+            id: c.id.as_str().into(),
+            groups: c.groups.iter().map(|g| g.as_str().into()).collect(),
+            policies: policies.into(),
+        });
+    }
+
+    let mut global = resolve(&config.global_policies, "global_policies")?;
+    global.sort_by_key(|&p| list[p as usize].stage);
+
+    let trusted_proxies = IpSet::parse(&config.trusted_proxies)
+        .map_err(|(j, e)| ConfigError::field(format!("trusted_proxies[{j}]"), e.0))?;
+
+    let mut api_keys = HashMap::new();
+    let mut credential_ids: HashMap<&str, ()> = HashMap::new();
+    for (i, c) in config.credentials.iter_mut().enumerate() {
+        let at = format!("credentials[{i}]");
+        check_id(&c.id, &format!("{at}.id"))?;
+        if credential_ids.insert(&c.id, ()).is_some() {
+            return Err(ConfigError::field(
+                format!("{at}.id"),
+                format!("duplicate credential id {:?}", c.id),
+            ));
+        }
+        let &consumer = consumer_index.get(c.consumer.as_str()).ok_or_else(|| {
+            ConfigError::field(
+                format!("{at}.consumer"),
+                format!("unknown consumer {:?}", c.consumer),
+            )
+        })?;
+        let digest = match (&c.key, &c.key_sha256) {
+            (Some(key), _) => {
+                if !(8..=256).contains(&key.len())
+                    || key.bytes().any(|b| !(0x21..0x7f).contains(&b))
+                {
+                    return Err(ConfigError::field(
+                        format!("{at}.key"),
+                        "an API key must be 8 to 256 visible ASCII characters",
+                    ));
+                }
+                api_key_digest(key.as_bytes())
+            }
+            (None, Some(hex)) => hex32(hex).ok_or_else(|| {
+                ConfigError::field(
+                    format!("{at}.key_sha256"),
+                    "must be 64 lower-case hex digits",
+                )
+            })?,
+            (None, None) => {
+                return Err(ConfigError::field(
+                    format!("{at}.key"),
+                    "an api_key credential needs `key` (or `key_sha256`)",
+                ))
+            }
+        };
+        if api_keys.insert(digest, consumer).is_some() {
+            return Err(ConfigError::field(
+                format!("{at}.key"),
+                "another credential has the same key",
+            ));
+        }
+        c.key = None;
+        c.key_sha256 = Some(to_hex(&digest));
+    }
+
+    let consumer_ids = consumer_index
+        .iter()
+        .map(|(&id, &i)| (Box::from(id), i))
+        .collect();
+    Ok(Policies {
+        list,
+        consumers,
+        api_keys,
+        consumer_ids,
+        trusted_proxies,
+        global: global.into(),
+    })
+}
+
+/// A route's policies: the global ones, then its own, in stage order (stable, so that
+/// authentication policies are tried in the order listed).
+pub fn route_policies(
+    policies: &Policies,
+    config: &Config,
+    ids: &[String],
+    at: &str,
+) -> Result<Box<[u16]>, ConfigError> {
+    let mut out: Vec<u16> = policies.global.to_vec();
+    for (j, id) in ids.iter().enumerate() {
+        let p = config
+            .policies
+            .iter()
+            .position(|p| p.id() == id)
+            .ok_or_else(|| {
+                ConfigError::field(format!("{at}[{j}]"), format!("unknown policy {id:?}"))
+            })? as u16;
+        if out.contains(&p) {
+            let why = if policies.global.contains(&p) {
+                "is already a global policy"
+            } else {
+                "is listed twice"
+            };
+            return Err(ConfigError::field(
+                format!("{at}[{j}]"),
+                format!("policy {id:?} {why}"),
+            ));
+        }
+        out.push(p);
+    }
+    out.sort_by_key(|&p| policies.list[p as usize].stage);
+    Ok(out.into())
+}
+
+fn compile_policy(
+    p: &PolicyConfig,
+    at: &str,
+    consumers: &HashMap<&str, u32>,
+) -> Result<Policy, ConfigError> {
+    let (stage, kind) = match p {
+        PolicyConfig::IpFilter(f) => {
+            if f.allow.is_empty() && f.deny.is_empty() {
+                return Err(ConfigError::field(
+                    at,
+                    "an ip_filter needs `allow` or `deny` entries",
+                ));
+            }
+            let allow = IpSet::parse(&f.allow)
+                .map_err(|(j, e)| ConfigError::field(format!("{at}.allow[{j}]"), e.0))?;
+            let deny = IpSet::parse(&f.deny)
+                .map_err(|(j, e)| ConfigError::field(format!("{at}.deny[{j}]"), e.0))?;
+            (Stage::IpFilter, PolicyKind::IpFilter { allow, deny })
+        }
+        PolicyConfig::Domain(d) => {
+            if d.hosts.is_empty() {
+                return Err(ConfigError::field(
+                    format!("{at}.hosts"),
+                    "at least one host is required",
+                ));
+            }
+            if d.status != 421 && d.status != 403 {
+                return Err(ConfigError::field(
+                    format!("{at}.status"),
+                    "must be 421 or 403",
+                ));
+            }
+            let mut exact = Vec::new();
+            let mut suffixes = Vec::new();
+            for (j, h) in d.hosts.iter().enumerate() {
+                let host = h.to_ascii_lowercase();
+                let host = host.strip_suffix('.').unwrap_or(&host);
+                let (wild, name) = match host.strip_prefix("*.") {
+                    Some(rest) => (true, rest),
+                    None => (false, host),
+                };
+                if !crate::snapshot::valid_host_pattern(name) {
+                    return Err(ConfigError::field(
+                        format!("{at}.hosts[{j}]"),
+                        format!("{h:?} is not a host name or `*.` wildcard"),
+                    ));
+                }
+                if wild {
+                    suffixes.push(format!(".{name}").into_bytes().into_boxed_slice());
+                } else {
+                    exact.push(name.as_bytes().into());
+                }
+            }
+            (
+                Stage::Domain,
+                PolicyKind::Domain(Domain {
+                    exact: exact.into(),
+                    suffixes: suffixes.into(),
+                    status: d.status,
+                }),
+            )
+        }
+        PolicyConfig::Cors(c) => (Stage::Domain, PolicyKind::Cors(compile_cors(c, at)?)),
+        PolicyConfig::ApiKey(k) => (
+            Stage::Authentication,
+            PolicyKind::ApiKey(compile_api_key(k, at)?),
+        ),
+        PolicyConfig::Jwt(j) => (Stage::Authentication, PolicyKind::Jwt(compile_jwt(j, at)?)),
+        PolicyConfig::Acl(a) => {
+            if a.consumers.is_empty() && a.groups.is_empty() {
+                return Err(ConfigError::field(
+                    at,
+                    "an acl needs at least one of `consumers` and `groups`",
+                ));
+            }
+            let mut ids = Vec::with_capacity(a.consumers.len());
+            for (j, c) in a.consumers.iter().enumerate() {
+                let &i = consumers.get(c.as_str()).ok_or_else(|| {
+                    ConfigError::field(
+                        format!("{at}.consumers[{j}]"),
+                        format!("unknown consumer {c:?}"),
+                    )
+                })?;
+                ids.push(i);
+            }
+            for (j, g) in a.groups.iter().enumerate() {
+                check_id(g, &format!("{at}.groups[{j}]"))?;
+            }
+            (
+                Stage::Authorization,
+                PolicyKind::Acl {
+                    consumers: ids.into(),
+                    groups: a.groups.iter().map(|g| g.as_str().into()).collect(),
+                },
+            )
+        }
+        PolicyConfig::RateLimit(r) => (
+            Stage::RateLimit,
+            PolicyKind::RateLimit(compile_rate_limit(r, at)?),
+        ),
+    };
+    Ok(Policy {
+        id: p.id().into(),
+        stage,
+        kind,
+    })
+}
+
+fn token_list(items: &[String], at: &str, lower: bool) -> Result<Vec<Box<[u8]>>, ConfigError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, m)| {
+            let v = check_header_name(m, &format!("{at}[{j}]"))?;
+            Ok(if lower {
+                v.to_ascii_lowercase().into()
+            } else {
+                v
+            })
+        })
+        .collect()
+}
+
+fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {
+    if c.origins.is_empty() {
+        return Err(ConfigError::field(
+            format!("{at}.origins"),
+            "at least one origin (or \"*\") is required",
+        ));
+    }
+    let any_origin = c.origins.iter().any(|o| o == "*");
+    let mut origins = Vec::new();
+    for (j, o) in c.origins.iter().enumerate() {
+        if o == "*" {
+            continue;
+        }
+        let ok = (o.starts_with("http://") || o.starts_with("https://"))
+            && !o.ends_with('/')
+            && o.split_once("://").is_some_and(|(_, h)| {
+                !h.is_empty() && !h.contains('/') && h.bytes().all(|b| (0x21..0x7f).contains(&b))
+            });
+        if !ok {
+            return Err(ConfigError::field(
+                format!("{at}.origins[{j}]"),
+                format!("{o:?} is not an origin (scheme://host[:port], no path) or \"*\""),
+            ));
+        }
+        origins.push(o.to_ascii_lowercase().into_bytes().into_boxed_slice());
+    }
+    if any_origin && c.allow_credentials {
+        return Err(ConfigError::field(
+            format!("{at}.allow_credentials"),
+            "cannot be true when origins contains \"*\" (browsers refuse it)",
+        ));
+    }
+    if c.max_age_s > 86_400 {
+        return Err(ConfigError::field(
+            format!("{at}.max_age_s"),
+            "must be at most 86400",
+        ));
+    }
+    let default_methods = ["GET".to_owned(), "HEAD".to_owned(), "POST".to_owned()];
+    let methods_src: &[String] = if c.methods.is_empty() {
+        &default_methods
+    } else {
+        &c.methods
+    };
+    let methods = token_list(methods_src, &format!("{at}.methods"), false)?;
+    let headers = token_list(&c.headers, &format!("{at}.headers"), true)?;
+    token_list(&c.expose_headers, &format!("{at}.expose_headers"), false)?;
+    Ok(Cors {
+        any_origin,
+        origins: origins.into(),
+        allow_methods: methods_src.join(", ").into_bytes().into(),
+        allow_headers: c.headers.join(", ").into_bytes().into(),
+        expose_headers: c.expose_headers.join(", ").into_bytes().into(),
+        methods: methods.into(),
+        headers: headers.into(),
+        max_age_s: c.max_age_s,
+        allow_credentials: c.allow_credentials,
+        require_origin: c.require_origin,
+    })
+}
+
+fn compile_api_key(k: &ApiKeyConfig, at: &str) -> Result<ApiKey, ConfigError> {
+    let header = match (&k.header, &k.query) {
+        (Some(h), _) => Some(check_header_name(h, &format!("{at}.header"))?),
+        (None, None) => Some(b"X-Api-Key"[..].into()),
+        (None, Some(_)) => None,
+    };
+    let query = match &k.query {
+        Some(q) => {
+            if q.is_empty()
+                || q.len() > 64
+                || !q
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+            {
+                return Err(ConfigError::field(
+                    format!("{at}.query"),
+                    format!("{q:?} must be 1 to 64 letters, digits, '-', '_', '.' or '~'"),
+                ));
+            }
+            Some(q.as_bytes().into())
+        }
+        None => None,
+    };
+    Ok(ApiKey {
+        header,
+        query,
+        consumer_header: check_header_name(&k.consumer_header, &format!("{at}.consumer_header"))?,
+        strip_credential: k.strip_credential,
+    })
+}
+
+fn compile_jwt(j: &JwtConfig, at: &str) -> Result<Jwt, ConfigError> {
+    let sources = [j.secret.is_some(), j.public_key.is_some(), j.jwks.is_some()]
+        .iter()
+        .filter(|&&x| x)
+        .count();
+    if sources != 1 {
+        return Err(ConfigError::field(
+            at,
+            "exactly one of `secret`, `public_key` and `jwks` is required",
+        ));
+    }
+    let keys = if let Some(jwks) = &j.jwks {
+        keys::from_jwks(jwks, j.algorithm)
+            .map_err(|e| ConfigError::field(format!("{at}.jwks"), e))?
+    } else if let Some(secret) = &j.secret {
+        if j.algorithm != JwtAlgorithm::HS256 {
+            return Err(ConfigError::field(
+                format!("{at}.secret"),
+                format!(
+                    "{:?} verifies with a public key (`public_key` or `jwks`)",
+                    j.algorithm
+                ),
+            ));
+        }
+        keys::check_secret(secret.as_bytes())
+            .map_err(|e| ConfigError::field(format!("{at}.secret"), e))?;
+        vec![JwtKey {
+            kid: None,
+            material: KeyMaterial::Hmac(secret.as_bytes().into()),
+        }]
+    } else {
+        let pem = j.public_key.as_deref().unwrap_or_default();
+        if j.algorithm == JwtAlgorithm::HS256 {
+            return Err(ConfigError::field(
+                format!("{at}.public_key"),
+                "HS256 verifies with `secret` (or an `oct` key in `jwks`)",
+            ));
+        }
+        vec![JwtKey {
+            kid: None,
+            material: keys::from_pem(pem, j.algorithm)
+                .map_err(|e| ConfigError::field(format!("{at}.public_key"), e))?,
+        }]
+    };
+    if j.leeway_s > 3600 {
+        return Err(ConfigError::field(
+            format!("{at}.leeway_s"),
+            "must be at most 3600",
+        ));
+    }
+    if !(256..=65_536).contains(&j.max_token_bytes) {
+        return Err(ConfigError::field(
+            format!("{at}.max_token_bytes"),
+            "must be between 256 and 65536",
+        ));
+    }
+    if j.consumer_claim.is_empty() || j.consumer_claim.len() > 64 {
+        return Err(ConfigError::field(
+            format!("{at}.consumer_claim"),
+            "must be 1 to 64 characters",
+        ));
+    }
+    Ok(Jwt {
+        algorithm: j.algorithm,
+        keys: keys.into(),
+        issuer: j.issuer.as_deref().map(Into::into),
+        audience: j.audience.as_deref().map(Into::into),
+        leeway_s: j.leeway_s,
+        require_exp: j.require_exp,
+        consumer_claim: j.consumer_claim.as_str().into(),
+        consumer_header: check_header_name(&j.consumer_header, &format!("{at}.consumer_header"))?,
+        strip_credential: j.strip_credential,
+        max_token_bytes: j.max_token_bytes,
+    })
+}
+
+fn compile_rate_limit(r: &RateLimitConfig, at: &str) -> Result<RateLimit, ConfigError> {
+    const MAX: u64 = 1_000_000_000;
+    if !(1..=MAX).contains(&r.rate) {
+        return Err(ConfigError::field(
+            format!("{at}.rate"),
+            "must be between 1 and 1000000000",
+        ));
+    }
+    let burst = r.burst.unwrap_or(r.rate);
+    if !(1..=MAX).contains(&burst) {
+        return Err(ConfigError::field(
+            format!("{at}.burst"),
+            "must be between 1 and 1000000000",
+        ));
+    }
+    let key = match r.key.as_str() {
+        "route" => RateKey::Route,
+        "client_ip" => RateKey::ClientIp,
+        "consumer" => RateKey::Consumer,
+        k => match k.strip_prefix("header:") {
+            Some(name) => RateKey::Header(
+                check_header_name(name, &format!("{at}.key"))?
+                    .to_ascii_lowercase()
+                    .into(),
+            ),
+            None => {
+                return Err(ConfigError::field(
+                    format!("{at}.key"),
+                    format!("{k:?} is not one of route, client_ip, consumer, header:NAME"),
+                ))
+            }
+        },
+    };
+    if !(1..=10_000_000).contains(&r.max_keys) {
+        return Err(ConfigError::field(
+            format!("{at}.max_keys"),
+            "must be between 1 and 10000000",
+        ));
+    }
+    let period_s = r.per.seconds();
+    Ok(RateLimit {
+        rate: r.rate,
+        period_s,
+        burst,
+        key,
+        max_keys: r.max_keys,
+        x_ratelimit_headers: r.x_ratelimit_headers,
+        policy_field: format!("\"{}\";q={};w={}", r.id, r.rate, period_s)
+            .into_bytes()
+            .into(),
+    })
+}

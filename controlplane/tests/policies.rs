@@ -1,0 +1,800 @@
+//! Traffic policies through the real binary: the issue's example config unchanged, IP filter
+//! with trusted proxies, domain allowlist, CORS, API keys, JWT (HS256, RS256, ES256) and
+//! their failure modes, ACLs, rate limiting (accuracy under wrk, headers, state kept across
+//! config changes), and the admin API's resources and validation for all of it.
+
+mod support;
+
+use std::process::Command;
+
+use common::keys::encode_b64url;
+use support::*;
+
+/// The example from the issue, verbatim, plus a listener, an upstream and the admin section.
+const EXAMPLE: &str = r#"
+[[consumers]]
+id = "mobile-app"
+groups = ["mobile"]
+
+[[credentials]]
+id = "mobile-app-key"
+consumer = "mobile-app"
+kind = "api_key"
+key = "s3cr3t-key-1"             # stored only as a hash once loaded
+
+[[policies]]
+id = "key-auth"
+kind = "api_key"
+header = "X-Api-Key"
+
+[[policies]]
+id = "office-only"
+kind = "ip_filter"
+allow = ["127.0.0.0/8", "10.0.0.0/8", "2001:db8::/32"]
+deny = ["10.9.0.0/16"]
+
+[[policies]]
+id = "per-ip-limit"
+kind = "rate_limit"
+rate = 1000
+per = "second"                   # second | minute | hour
+burst = 100
+key = "client_ip"                # route (one bucket) | client_ip | consumer | header:NAME
+
+[[routes]]
+id = "orders"
+path_prefix = "/orders"
+upstream = "orders"
+policies = ["office-only", "key-auth", "per-ip-limit"]
+"#;
+
+fn example_config(origin: std::net::SocketAddr) -> String {
+    format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"orders\"\ntargets = [{{ address = \"{origin}\" }}]\n{EXAMPLE}"
+    )
+}
+
+fn get(gw: &Gateway, path: &str, headers: &str) -> Response {
+    let mut c = gw.connect();
+    c.roundtrip(&format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n"
+    ))
+}
+
+fn assert_problem(r: &Response, status: u16) {
+    assert_eq!(r.status, status, "{}\n{}", r.head, r.body_str());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let body: serde_json::Value = r.json();
+    assert_eq!(body["status"], status);
+}
+
+fn example_config_works_unchanged(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&example_config(origin.addr), driver);
+
+    let none = get(&gw, "/orders/1", "");
+    assert_problem(&none, 401);
+    assert_eq!(
+        none.header("www-authenticate"),
+        Some("ApiKey realm=\"gateway\"")
+    );
+    assert_problem(&get(&gw, "/orders/1", "X-Api-Key: s3cr3t-key-2\r\n"), 401);
+    // Two key fields are ambiguous, so refused.
+    assert_problem(
+        &get(
+            &gw,
+            "/orders/1",
+            "X-Api-Key: s3cr3t-key-1\r\nX-Api-Key: s3cr3t-key-1\r\n",
+        ),
+        401,
+    );
+    assert!(
+        origin.requests().is_empty(),
+        "no refused request reaches the origin"
+    );
+
+    let ok = get(
+        &gw,
+        "/orders/1",
+        "X-Api-Key: s3cr3t-key-1\r\nX-Consumer-Id: forged\r\nX-Other: kept\r\n",
+    );
+    assert_eq!(ok.status, 200, "{}", ok.head);
+    let seen = origin.wait_requests(1);
+    let head = &seen[0].head;
+    assert_eq!(seen[0].header("x-consumer-id"), Some("mobile-app"));
+    assert_eq!(head.matches("X-Consumer-Id").count(), 1, "{head}");
+    assert!(!head.to_ascii_lowercase().contains("x-api-key"), "{head}");
+    assert!(!head.contains("forged"), "{head}");
+    assert_eq!(seen[0].header("x-other"), Some("kept"));
+
+    // The key is stored and shown only as its hash.
+    let creds = gw
+        .admin("GET", "/v1/credentials/mobile-app-key", None)
+        .json();
+    assert_eq!(creds["key_sha256"].as_str().map(str::len), Some(64));
+    assert!(creds.get("key").is_none());
+    for entry in walk(&gw.data_dir) {
+        let text = std::fs::read_to_string(&entry).unwrap_or_default();
+        assert!(
+            !text.contains("s3cr3t-key-1"),
+            "{} holds the key",
+            entry.display()
+        );
+    }
+    // And the key still works after a restart from the stored state.
+    drop(gw);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+both_drivers!(example_config_works_unchanged);
+
+#[test]
+fn a_stored_hashed_key_works_after_restart() {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&example_config(origin.addr), Driver::IoUring);
+    let data = gw.data_dir.clone();
+    drop(gw);
+    let gw = Gateway::resume(&data, Driver::IoUring);
+    assert_eq!(
+        get(&gw, "/orders", "X-Api-Key: s3cr3t-key-1\r\n").status,
+        200
+    );
+}
+
+#[test]
+fn ip_filter_ignores_forged_forwarding_fields_from_untrusted_peers() {
+    let origin = Origin::echo();
+    let policy = "[[policies]]\nid = \"tens\"\nkind = \"ip_filter\"\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.9.0.0/16\"]\n";
+    let untrusted = Gateway::start(
+        &format!(
+            "global_policies = [\"tens\"]\n{}",
+            proxy_config(origin.addr, policy)
+        ),
+        Driver::IoUring,
+    );
+    // The peer is 127.0.0.1, which is not trusted: forwarding fields change nothing.
+    let forged = get(&untrusted, "/", "X-Forwarded-For: 10.1.1.1\r\n");
+    assert_problem(&forged, 403);
+    assert_eq!(forged.json()["policy"], "tens");
+    assert_problem(&get(&untrusted, "/", "Forwarded: for=10.1.1.1\r\n"), 403);
+    assert!(origin.requests().is_empty());
+
+    let trusted = Gateway::start(
+        &format!(
+            "global_policies = [\"tens\"]\ntrusted_proxies = [\"127.0.0.0/8\", \"192.0.2.0/24\"]\n{}",
+            proxy_config(origin.addr, policy)
+        ),
+        Driver::IoUring,
+    );
+    let cases = [
+        ("", 403),
+        ("X-Forwarded-For: 10.1.1.1\r\n", 200),
+        ("X-Forwarded-For: 10.9.0.5\r\n", 403),
+        // Rightmost untrusted address wins: the client cannot prepend its way in.
+        ("X-Forwarded-For: 10.1.1.1, 203.0.113.9\r\n", 403),
+        ("X-Forwarded-For: 203.0.113.9, 10.1.1.1\r\n", 200),
+        // Trusted hops on the right are skipped.
+        ("X-Forwarded-For: 10.1.1.1, 192.0.2.7\r\n", 200),
+        (
+            "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: 10.1.1.1, 192.0.2.7\r\n",
+            200,
+        ),
+        // Garbage stops the walk: the last address walked (a trusted proxy) is the client.
+        ("X-Forwarded-For: 10.1.1.1, garbage, 192.0.2.7\r\n", 403),
+        ("Forwarded: for=\"10.1.1.1:1234\";proto=http\r\n", 200),
+        ("Forwarded: for=\"[2001:db8::1]\"\r\n", 403),
+    ];
+    for (headers, want) in cases {
+        let r = get(&trusted, "/", headers);
+        assert_eq!(r.status, want, "{headers:?}: {}", r.body_str());
+    }
+}
+
+#[test]
+fn domain_allowlist_answers_421() {
+    let origin = Origin::echo();
+    let extra = "[[policies]]\nid = \"hosts\"\nkind = \"domain\"\nhosts = [\"api.example.com\", \"*.example.net\"]\n";
+    let gw = Gateway::start(
+        &format!(
+            "global_policies = [\"hosts\"]\n{}",
+            proxy_config(origin.addr, extra)
+        ),
+        Driver::IoUring,
+    );
+    for (host, want) in [
+        ("api.example.com", 200),
+        ("API.Example.com:8080", 200),
+        ("a.b.example.net", 200),
+        ("example.net", 421),
+        ("evil.example", 421),
+    ] {
+        let mut c = gw.connect();
+        let r = c.roundtrip(&format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(r.status, want, "{host}");
+        if want == 421 {
+            assert_problem(&r, 421);
+        }
+    }
+}
+
+#[test]
+fn cors_preflight_and_origin_checks() {
+    let origin = Origin::echo();
+    let extra = "[[policies]]\nid = \"web\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\nmethods = [\"GET\", \"POST\"]\nheaders = [\"X-Api-Key\", \"Content-Type\"]\nexpose_headers = [\"X-Request-Id\"]\nmax_age_s = 300\n";
+    let config = proxy_config(origin.addr, extra).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\npolicies = [\"web\"]\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let pre = c.roundtrip("OPTIONS /x HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: x-api-key, content-type\r\n\r\n");
+    assert_eq!(pre.status, 204, "{}", pre.head);
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        pre.header("access-control-allow-methods"),
+        Some("GET, POST")
+    );
+    assert_eq!(
+        pre.header("access-control-allow-headers"),
+        Some("X-Api-Key, Content-Type")
+    );
+    assert_eq!(pre.header("access-control-max-age"), Some("300"));
+    assert_eq!(pre.header("vary"), Some("Origin"));
+    // The same connection goes on.
+    let pre2 = c.roundtrip("OPTIONS /x HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example\r\nAccess-Control-Request-Method: POST\r\n\r\n");
+    assert_problem(&pre2, 403);
+    let pre3 = c.roundtrip("OPTIONS /x HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: DELETE\r\n\r\n");
+    assert_problem(&pre3, 403);
+    let pre4 = c.roundtrip("OPTIONS /x HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-secret\r\n\r\n");
+    assert_problem(&pre4, 403);
+    assert!(
+        origin.requests().is_empty(),
+        "preflights never reach the origin"
+    );
+
+    let real = get(&gw, "/x", "Origin: https://app.example.com\r\n");
+    assert_eq!(real.status, 200);
+    assert_eq!(
+        real.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        real.header("access-control-expose-headers"),
+        Some("X-Request-Id")
+    );
+    assert_problem(&get(&gw, "/x", "Origin: https://evil.example\r\n"), 403);
+    assert_problem(
+        &get(&gw, "/x", "Referer: https://evil.example/page\r\n"),
+        403,
+    );
+    assert_eq!(
+        get(&gw, "/x", "Referer: https://app.example.com/page?q\r\n").status,
+        200
+    );
+    // Not from a browser page at all: allowed unless require_origin.
+    assert_eq!(get(&gw, "/x", "").status, 200);
+}
+
+const SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!";
+const NOW_SLACK: u64 = 3600;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn signed_part(header: &str, claims: &str) -> String {
+    format!(
+        "{}.{}",
+        encode_b64url(header.as_bytes()),
+        encode_b64url(claims.as_bytes())
+    )
+}
+
+fn hs256(header: &str, claims: &str, secret: &[u8]) -> String {
+    let signed = signed_part(header, claims);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let sig = ring::hmac::sign(&key, signed.as_bytes());
+    format!("{signed}.{}", encode_b64url(sig.as_ref()))
+}
+
+fn rs256(claims: &str) -> String {
+    let der = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/rsa2048.pkcs1.der"
+    ))
+    .unwrap();
+    let pair = ring::signature::RsaKeyPair::from_der(&der).unwrap();
+    let signed = signed_part(r#"{"alg":"RS256","typ":"JWT"}"#, claims);
+    let mut sig = vec![0u8; pair.public().modulus_len()];
+    pair.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signed.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
+    format!("{signed}.{}", encode_b64url(&sig))
+}
+
+fn claims(sub: &str, extra: &str) -> String {
+    format!(
+        r#"{{"sub":"{sub}","iss":"https://issuer.example","aud":"orders","exp":{}{extra}}}"#,
+        now() + NOW_SLACK
+    )
+}
+
+#[test]
+fn jwt_policies_through_the_admin_api() {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), Driver::IoUring);
+    let pem = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/rsa2048.pub.pem"
+    ))
+    .unwrap();
+
+    // ES256 key pair made here; its public half goes in as a JWK set.
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+    let ec = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).unwrap();
+    use ring::signature::KeyPair;
+    let point = ec.public_key().as_ref();
+    let jwk = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+        "x": encode_b64url(&point[1..33]), "y": encode_b64url(&point[33..])}]});
+
+    let common = r#""issuer":"https://issuer.example","audience":"orders""#;
+    for (id, body) in [
+        ("hs", format!(r#"{{"kind":"jwt","algorithm":"HS256","secret":"{SECRET}",{common}}}"#)),
+        ("rs", serde_json::json!({"kind":"jwt","algorithm":"RS256","public_key":pem,"issuer":"https://issuer.example","audience":"orders"}).to_string()),
+        ("es", serde_json::json!({"kind":"jwt","algorithm":"ES256","jwks":jwk,"issuer":"https://issuer.example","audience":"orders","max_token_bytes":1024}).to_string()),
+    ] {
+        let r = gw.admin("PUT", &format!("/v1/policies/{id}"), Some(&body));
+        assert_eq!(r.status, 201, "{id}: {}", r.body_str());
+    }
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/consumers/partner",
+            Some(r#"{"groups":["partners"]}"#)
+        )
+        .status,
+        201
+    );
+    for id in ["hs", "rs", "es"] {
+        let body = format!(r#"{{"path_prefix":"/{id}","upstream":"origin","policies":["{id}"]}}"#);
+        let r = gw.admin("PUT", &format!("/v1/routes/{id}"), Some(&body));
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    let bearer = |t: &str| format!("Authorization: Bearer {t}\r\n");
+
+    let good_hs = hs256(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &claims("partner", ""),
+        SECRET.as_bytes(),
+    );
+    let ok = get(&gw, "/hs", &bearer(&good_hs));
+    assert_eq!(ok.status, 200, "{}", ok.body_str());
+    let seen = origin.wait_requests(1);
+    assert_eq!(seen[0].header("x-consumer-id"), Some("partner"));
+    assert!(
+        seen[0].header("authorization").is_none(),
+        "the token is stripped"
+    );
+    assert_eq!(
+        get(&gw, "/rs", &bearer(&rs256(&claims("partner", "")))).status,
+        200
+    );
+    let es_signed = signed_part(r#"{"alg":"ES256","kid":"k1"}"#, &claims("partner", ""));
+    let es_sig = ec.sign(&rng, es_signed.as_bytes()).unwrap();
+    let good_es = format!("{es_signed}.{}", encode_b64url(es_sig.as_ref()));
+    assert_eq!(get(&gw, "/es", &bearer(&good_es)).status, 200);
+
+    let t = now();
+    let hs = |c: &str| hs256(r#"{"alg":"HS256"}"#, c, SECRET.as_bytes());
+    let bad: Vec<(&str, &str, String)> = vec![
+        (
+            "expired",
+            "/hs",
+            hs(&format!(
+                r#"{{"sub":"partner","iss":"https://issuer.example","aud":"orders","exp":{}}}"#,
+                t - 120
+            )),
+        ),
+        (
+            "not yet valid",
+            "/hs",
+            hs(&claims("partner", &format!(r#","nbf":{}"#, t + 600))),
+        ),
+        (
+            "wrong aud",
+            "/hs",
+            hs(&format!(
+                r#"{{"sub":"partner","iss":"https://issuer.example","aud":"billing","exp":{}}}"#,
+                t + 60
+            )),
+        ),
+        (
+            "wrong iss",
+            "/hs",
+            hs(&format!(
+                r#"{{"sub":"partner","iss":"https://evil.example","aud":"orders","exp":{}}}"#,
+                t + 60
+            )),
+        ),
+        ("unknown consumer", "/hs", hs(&claims("nobody", ""))),
+        (
+            "bad signature",
+            "/hs",
+            hs256(
+                r#"{"alg":"HS256"}"#,
+                &claims("partner", ""),
+                b"a-different-secret-also-32-bytes-long",
+            ),
+        ),
+        (
+            "alg none",
+            "/hs",
+            format!(
+                "{}.",
+                signed_part(r#"{"alg":"none"}"#, &claims("partner", ""))
+            ),
+        ),
+        (
+            "HS256 signed with the RSA public key",
+            "/rs",
+            hs256(r#"{"alg":"HS256"}"#, &claims("partner", ""), pem.as_bytes()),
+        ),
+        (
+            "RS256 header, HMAC signature",
+            "/rs",
+            hs256(r#"{"alg":"RS256"}"#, &claims("partner", ""), pem.as_bytes()),
+        ),
+        (
+            "malformed base64",
+            "/hs",
+            "eyJhbGciOiJIUzI1NiJ9.***.AAAA".to_owned(),
+        ),
+        ("two parts", "/hs", "eyJhbGciOiJIUzI1NiJ9.e30".to_owned()),
+        (
+            "unknown kid",
+            "/es",
+            format!(
+                "{}.{}",
+                signed_part(r#"{"alg":"ES256","kid":"k9"}"#, &claims("partner", "")),
+                encode_b64url(es_sig.as_ref())
+            ),
+        ),
+        ("oversized", "/es", format!("{good_es}{}", "A".repeat(2000))),
+    ];
+    for (what, path, token) in &bad {
+        let r = get(&gw, path, &bearer(token));
+        assert_problem(&r, 401);
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer")),
+            "{what}: {}",
+            r.head
+        );
+    }
+    // No token at all; and a different scheme is not a bearer token.
+    assert_problem(&get(&gw, "/hs", ""), 401);
+    assert_problem(
+        &get(&gw, "/hs", "Authorization: Basic dXNlcjpwYXNz\r\n"),
+        401,
+    );
+    // Still serving after all of that.
+    assert_eq!(get(&gw, "/hs", &bearer(&good_hs)).status, 200);
+    assert_eq!(origin.requests().len(), 4);
+}
+
+#[test]
+fn acl_by_consumer_and_group() {
+    let origin = Origin::echo();
+    let extra = r#"
+[[consumers]]
+id = "app"
+groups = ["mobile"]
+[[consumers]]
+id = "partner"
+[[consumers]]
+id = "ops"
+[[credentials]]
+id = "app-key"
+consumer = "app"
+kind = "api_key"
+key = "app-key-0000000001"
+[[credentials]]
+id = "partner-key"
+consumer = "partner"
+kind = "api_key"
+key = "partner-key-000001"
+[[credentials]]
+id = "ops-key"
+consumer = "ops"
+kind = "api_key"
+key = "ops-key-0000000001"
+[[policies]]
+id = "keys"
+kind = "api_key"
+query = "apikey"
+[[policies]]
+id = "mobile-or-ops"
+kind = "acl"
+groups = ["mobile"]
+consumers = ["ops"]
+"#;
+    let config = proxy_config(origin.addr, extra).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\npolicies = [\"mobile-or-ops\", \"keys\"]\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    assert_eq!(get(&gw, "/a?apikey=app-key-0000000001&x=1", "").status, 200);
+    assert_eq!(get(&gw, "/a?x=1&apikey=ops-key-0000000001", "").status, 200);
+    assert_problem(&get(&gw, "/a?apikey=partner-key-000001", ""), 403);
+    assert_problem(&get(&gw, "/a?apikey=nope-nope-nope", ""), 401);
+    assert_problem(&get(&gw, "/a", "X-Api-Key: app-key-0000000001\r\n"), 401);
+    // The key is taken out of the forwarded target.
+    let seen = origin.wait_requests(2);
+    assert_eq!(seen[0].request_line(), "GET /a?x=1 HTTP/1.1");
+    assert_eq!(seen[1].request_line(), "GET /a?x=1 HTTP/1.1");
+}
+
+#[test]
+fn policy_resources_are_validated_like_the_rest() {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&example_config(origin.addr), Driver::IoUring);
+    let rev = || gw.admin("GET", "/v1/status", None).json()["revision"].clone();
+    let before = rev();
+    let cases: [(&str, &str, &str, &str); 8] = [
+        (
+            "PUT",
+            "/v1/policies/bad",
+            r#"{"kind":"ip_filter","allow":["10.0.0.0/33"]}"#,
+            "/allow/0",
+        ),
+        (
+            "PUT",
+            "/v1/policies/bad",
+            r#"{"kind":"ip_filter","deny":["10.0.0.1/8"]}"#,
+            "/deny/0",
+        ),
+        (
+            "PUT",
+            "/v1/credentials/c",
+            r#"{"consumer":"ghost","kind":"api_key","key":"0123456789abcdef"}"#,
+            "/consumer",
+        ),
+        (
+            "PUT",
+            "/v1/credentials/c",
+            r#"{"consumer":"mobile-app","kind":"api_key"}"#,
+            "/key",
+        ),
+        (
+            "PUT",
+            "/v1/policies/bad",
+            r#"{"kind":"acl","consumers":["ghost"]}"#,
+            "/consumers/0",
+        ),
+        (
+            "PUT",
+            "/v1/policies/bad",
+            r#"{"kind":"rate_limit","rate":0}"#,
+            "/rate",
+        ),
+        (
+            "PUT",
+            "/v1/policies/bad",
+            r#"{"kind":"jwt","algorithm":"RS256","secret":"0123456789abcdef0123456789abcdef"}"#,
+            "/secret",
+        ),
+        (
+            "PATCH",
+            "/v1/routes/orders",
+            r#"{"policies":["ghost"]}"#,
+            "/policies/0",
+        ),
+    ];
+    for (method, path, body, pointer) in cases {
+        let r = gw.admin(method, path, Some(body));
+        assert_eq!(r.status, 422, "{path} {body}: {}", r.body_str());
+        assert_eq!(r.json()["pointer"], pointer, "{body}");
+        assert_eq!(rev(), before, "a refused change changes nothing");
+    }
+    // References block deletes.
+    assert_eq!(
+        gw.admin("DELETE", "/v1/consumers/mobile-app", None).status,
+        409
+    );
+    assert_eq!(
+        gw.admin("DELETE", "/v1/policies/key-auth", None).status,
+        409
+    );
+    // Dry run, then the real thing, with ETags.
+    let body = r#"{"kind":"rate_limit","rate":5,"per":"minute","key":"header:X-Tenant"}"#;
+    let dry = gw.admin("PUT", "/v1/policies/tenant?dry_run=true", Some(body));
+    assert_eq!(dry.status, 200, "{}", dry.body_str());
+    assert_eq!(gw.admin("GET", "/v1/policies/tenant", None).status, 404);
+    let made = gw.admin("PUT", "/v1/policies/tenant", Some(body));
+    assert_eq!(made.status, 201);
+    let etag = made.header("etag").unwrap().to_owned();
+    let stale = gw.admin_with(
+        "PATCH",
+        "/v1/policies/tenant",
+        Some(r#"{"rate":6}"#),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("If-Match", "\"stale\""),
+        ],
+    );
+    assert_eq!(stale.status, 412);
+    let patched = gw.admin_with(
+        "PATCH",
+        "/v1/policies/tenant",
+        Some(r#"{"rate":6}"#),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("If-Match", &etag),
+        ],
+    );
+    assert_eq!(patched.status, 200, "{}", patched.body_str());
+    assert_eq!(patched.json()["rate"], 6);
+    // A field the policy's kind does not take.
+    let wrong = gw.admin(
+        "PATCH",
+        "/v1/policies/tenant",
+        Some(r#"{"allow":["10.0.0.0/8"]}"#),
+    );
+    assert_eq!(wrong.status, 422);
+    assert_eq!(gw.admin("DELETE", "/v1/policies/tenant", None).status, 204);
+}
+
+#[test]
+fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
+    let origin = Origin::echo();
+    let extra = "[[policies]]\nid = \"five\"\nkind = \"rate_limit\"\nrate = 5\nper = \"minute\"\nburst = 5\nx_ratelimit_headers = true\n";
+    let config = proxy_config(origin.addr, extra).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\npolicies = [\"five\"]\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    for _ in 0..5 {
+        assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n").status, 200);
+    }
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_problem(&r, 429);
+    // One request per 12 s: the next slot opens 12 s after the first admitted one.
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=12).contains(&retry), "{retry}");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"five\";q=5;w=60"));
+    assert_eq!(
+        r.header("ratelimit"),
+        Some(format!("\"five\";r=0;t={retry}").as_str())
+    );
+    assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert!(r.header("x-ratelimit-reset").is_some());
+
+    // An unrelated change keeps the bucket: still limited.
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/other",
+        Some(r#"{"path":"/other","respond":{"body":"x"}}"#),
+    );
+    assert_eq!(r.status, 201);
+    assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n").status, 429);
+    // Changing the policy itself starts a fresh bucket.
+    let r = gw.admin("PATCH", "/v1/policies/five", Some(r#"{"burst":6}"#));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n").status, 200);
+}
+
+/// wrk's Lua hooks count statuses and check every 429's headers; `done` prints the totals.
+const WRK_SCRIPT: &str = r#"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; limited = 0; other = 0; missing = 0 end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1
+  elseif status == 429 then
+    limited = limited + 1
+    if headers["Retry-After"] == nil or headers["RateLimit-Policy"] == nil or headers["RateLimit"] == nil then
+      missing = missing + 1
+    end
+  else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local ok, limited, other, missing = 0, 0, 0, 0
+  for _, t in ipairs(threads) do
+    ok = ok + t:get("ok"); limited = limited + t:get("limited")
+    other = other + t:get("other"); missing = missing + t:get("missing")
+  end
+  io.write(string.format("COUNTS ok=%d limited=%d other=%d missing=%d errors=%d\n",
+    ok, limited, other, missing, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"#;
+
+#[test]
+fn rate_limit_is_exact_for_the_node_under_wrk() {
+    // 2 workers share one bucket of 1000/s with burst 100, driven far past it for 10 s.
+    let extra = "[[policies]]\nid = \"node\"\nkind = \"rate_limit\"\nrate = 1000\nburst = 100\n";
+    let config = format!(
+        "workers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"fast\"\npath = \"/\"\nrespond = {{ body = \"ok\" }}\npolicies = [\"node\"]\n{extra}"
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let dir = temp_dir("wrk");
+    let script = dir.join("count.lua");
+    std::fs::write(&script, WRK_SCRIPT).unwrap();
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", "-d10s", "-s"])
+        .arg(&script)
+        .arg(format!("http://{}/", gw.addr))
+        .output()
+        .expect("wrk is needed: scripts/test installs it");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    let counts = text
+        .lines()
+        .find_map(|l| l.strip_prefix("COUNTS "))
+        .expect("wrk printed its counts");
+    let field = |name: &str| -> u64 {
+        counts
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // wrk drives for a little over the 10 s asked (it prints how long); the bucket admits
+    // its burst plus one request per millisecond of that.
+    let secs: f64 = text
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(" requests in ")?;
+            rest.split_once("s,")?.0.parse().ok()
+        })
+        .expect("wrk printed its duration");
+    let (ok, limited) = (field("ok"), field("limited"));
+    let allowed = 100.0 + 1000.0 * secs;
+    println!(
+        "admitted {ok} of {} in {secs} s: {:.4} of the 10,100 a 10 s drive allows, {:.4} of the {allowed} this drive allows",
+        ok + limited,
+        ok as f64 / 10_100.0,
+        ok as f64 / allowed
+    );
+    assert!(limited > 10 * ok, "wrk did not drive the limit hard enough");
+    let ratio = ok as f64 / allowed;
+    assert!(
+        (0.99..=1.01).contains(&ratio),
+        "admitted {ok}, want {allowed} within 1%"
+    );
+    assert_eq!(field("other"), 0, "every refusal is a 429");
+    assert_eq!(
+        field("missing"),
+        0,
+        "every 429 has Retry-After and RateLimit fields"
+    );
+    assert_eq!(field("errors"), 0);
+}
