@@ -163,7 +163,7 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, s
         };
         // One snapshot per request: a keep-alive client sees a config change on its very next
         // request, and this request finishes on the snapshot it started with.
-        let snap = ctx.config.load_full();
+        let snap = ctx.snapshot();
         client.limits = snap.limits;
         client.timeouts = snap.timeouts;
         client.served += 1;

@@ -30,6 +30,11 @@ use crate::{DriverKind, StartError};
 #[derive(Debug)]
 pub(crate) struct WorkerCtx {
     pub config: Arc<ArcSwap<Snapshot>>,
+    /// The snapshot this worker last saw, shared by its requests without touching the
+    /// `Arc`'s counter, which every worker would otherwise bounce between cores twice per
+    /// request. The extra `Rc` is allocated once per config change, not per request.
+    #[allow(clippy::redundant_allocation)]
+    current: RefCell<Rc<Arc<Snapshot>>>,
     pub pool: RefCell<Pool>,
     rr: RefCell<RoundRobin>,
     /// Set once shutdown begins: finish the current request, then close.
@@ -53,6 +58,18 @@ struct RoundRobin {
 }
 
 impl WorkerCtx {
+    /// The current snapshot for one request: a check of the published pointer (no shared
+    /// write), and a new local handle only when the config changed.
+    #[allow(clippy::redundant_allocation)]
+    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
+        let published = self.config.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&published, &current) {
+            *current = Rc::new(Arc::clone(&published));
+        }
+        Rc::clone(&current)
+    }
+
     /// The next target of `upstream` by smooth weighted round robin.
     pub fn pick_target(&self, snap: &Snapshot, upstream: usize) -> SocketAddr {
         let mut rr = self.rr.borrow_mut();
@@ -226,6 +243,7 @@ async fn worker_main(spec: WorkerSpec) {
     let snap = spec.config.load();
     let ctx = Rc::new(WorkerCtx {
         config: spec.config.clone(),
+        current: RefCell::new(Rc::new(spec.config.load_full())),
         pool: RefCell::new(Pool::new(
             snap.max_idle_per_target,
             snap.timeouts.upstream_idle,
