@@ -99,7 +99,8 @@ fn jwt_policy(algorithm: JwtAlgorithm, material: KeyMaterial) -> Jwt {
     }
 }
 
-const CLAIMS: &str = r#"{"sub":"mobile-app","iss":"https://issuer.example","aud":"orders","exp":4102444800}"#;
+const CLAIMS: &str =
+    r#"{"sub":"mobile-app","iss":"https://issuer.example","aud":"orders","exp":4102444800}"#;
 
 fn signed(alg: &str) -> String {
     format!(
@@ -143,8 +144,13 @@ fn jwt(c: &mut Criterion) {
     let s = signed("RS256");
     let mut sig = vec![0u8; pair.public().modulus_len()];
     let rng = ring::rand::SystemRandom::new();
-    pair.sign(&ring::signature::RSA_PKCS1_SHA256, &rng, s.as_bytes(), &mut sig)
-        .unwrap();
+    pair.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &rng,
+        s.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
     let rs_token = format!("{s}.{}", encode_b64url(&sig));
 
     let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;

@@ -40,7 +40,7 @@ options (defaults in brackets):
   --wrk-cpus LIST       CPUs for wrk [0]
   --proxy-cpus LIST     CPUs for the proxies [1]
   --origin-cpus LIST    CPUs for the origin [1]
-  --proxies LIST        among gateway,nginx,haproxy [all three]
+  --proxies LIST        among gateway,gateway+policies,nginx,haproxy [all four]
   --bodies LIST         among 13b,4k,64k [all three]
   --churn               also measure the gateway with a config change every 10 ms
                         through its admin API
@@ -84,7 +84,12 @@ fn parse_options(args: &[String]) -> Result<Options> {
         wrk_cpus: "0".into(),
         proxy_cpus: "1".into(),
         origin_cpus: "1".into(),
-        proxies: vec![Kind::Gateway, Kind::Nginx, Kind::Haproxy],
+        proxies: vec![
+            Kind::Gateway,
+            Kind::GatewayPolicies,
+            Kind::Nginx,
+            Kind::Haproxy,
+        ],
         bodies: BODIES.to_vec(),
         churn: false,
         idle: 0,
@@ -574,7 +579,8 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: loadtest\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: loadtest\r\nX-Api-Key: {}\r\nConnection: close\r\n\r\n",
+        procs::API_KEY
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

@@ -167,6 +167,9 @@ pub enum Kind {
     /// No proxy: wrk straight at the origin, as the ceiling.
     Direct,
     Gateway,
+    /// The gateway with an API-key and a rate-limit policy on its route (the limit is high
+    /// enough never to refuse): what those policies cost per request.
+    GatewayPolicies,
     Nginx,
     Haproxy,
 }
@@ -176,6 +179,7 @@ impl Kind {
         match self {
             Kind::Direct => "origin-direct",
             Kind::Gateway => "gateway",
+            Kind::GatewayPolicies => "gateway+policies",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
         }
@@ -184,9 +188,10 @@ impl Kind {
     pub fn parse(s: &str) -> Result<Kind> {
         Ok(match s {
             "gateway" => Kind::Gateway,
+            "gateway+policies" => Kind::GatewayPolicies,
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
-            other => bail!("unknown proxy {other:?} (gateway, nginx, haproxy)"),
+            other => bail!("unknown proxy {other:?} (gateway, gateway+policies, nginx, haproxy)"),
         })
     }
 }
@@ -194,16 +199,39 @@ impl Kind {
 /// The admin token the harness gives the gateway.
 pub const ADMIN_TOKEN: &str = "loadtest-admin-token-0123456789";
 
+/// The API key every wrk run sends (proxies other than `gateway+policies` ignore it).
+pub const API_KEY: &str = "loadtest-api-key-0001";
+
 /// Gateway config text for `workers` workers in front of `origin`, its admin API on
-/// `admin_port`.
-pub fn gateway_config(port: u16, admin_port: u16, workers: usize, origin: SocketAddr) -> String {
+/// `admin_port`; with `policies`, the route requires an API key and counts requests against
+/// a per-client-IP rate limit that never refuses at these rates.
+pub fn gateway_config(
+    port: u16,
+    admin_port: u16,
+    workers: usize,
+    origin: SocketAddr,
+    policies: bool,
+) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
         "workers = {workers}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[[upstreams]]\nid = \"origin\"\n\
          targets = [{{ address = \"{origin}\" }}]\n[upstream_pool]\nmax_idle_per_target = 1024\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n\
-         [admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n"
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n"
+    );
+    if policies {
+        let _ = write!(
+            s,
+            "policies = [\"key-auth\", \"per-ip-limit\"]\n\
+             [[consumers]]\nid = \"loadtest\"\n\
+             [[credentials]]\nid = \"loadtest-key\"\nconsumer = \"loadtest\"\nkind = \"api_key\"\nkey = \"{API_KEY}\"\n\
+             [[policies]]\nid = \"key-auth\"\nkind = \"api_key\"\nheader = \"X-Api-Key\"\n\
+             [[policies]]\nid = \"per-ip-limit\"\nkind = \"rate_limit\"\nrate = 1000000000\nburst = 1000000000\nkey = \"client_ip\"\n"
+        );
+    }
+    let _ = write!(
+        s,
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n"
     );
     s
 }
@@ -221,12 +249,20 @@ pub fn start_proxy(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     match kind {
         Kind::Direct => bail!("the origin is not started as a proxy"),
-        Kind::Gateway => {
-            let conf = dir.file("gateway.toml");
+        Kind::Gateway | Kind::GatewayPolicies => {
+            let name = kind.name();
+            let conf = dir.file(&format!("{name}.toml"));
             let admin_port = free_port()?;
-            std::fs::write(&conf, gateway_config(port, admin_port, workers, origin))?;
-            let log = dir.file("gateway.log");
-            let data = dir.file("gateway-data");
+            let text = gateway_config(
+                port,
+                admin_port,
+                workers,
+                origin,
+                kind == Kind::GatewayPolicies,
+            );
+            std::fs::write(&conf, text)?;
+            let log = dir.file(&format!("{name}.log"));
+            let data = dir.file(&format!("{name}-data"));
             let child = spawn_pinned(
                 "gateway",
                 cpus,
@@ -241,12 +277,12 @@ pub fn start_proxy(
                 &[],
             )?;
             let p = Proc {
-                name: "gateway".into(),
+                name: name.into(),
                 addr,
                 admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
                 child,
             };
-            wait_listening("gateway", addr, &log)?;
+            wait_listening(name, addr, &log)?;
             Ok(p)
         }
         Kind::Nginx => {

@@ -16,7 +16,7 @@ pub struct WrkResult {
     pub socket_errors: u64,
 }
 
-/// Runs `wrk --latency` against `url`.
+/// Runs `wrk --latency` against `url`, sending the API key the `gateway+policies` route wants.
 pub fn run(
     cpus: &str,
     threads: usize,
@@ -29,6 +29,7 @@ pub fn run(
         .arg(format!("-t{threads}"))
         .arg(format!("-c{}", connections.max(threads)))
         .arg(format!("-d{seconds}s"))
+        .args(["-H", &format!("X-Api-Key: {}", crate::procs::API_KEY)])
         .arg(url)
         .output()
         .context("running wrk; is it installed (apt-get install wrk)?")?;
