@@ -798,3 +798,24 @@ fn rate_limit_is_exact_for_the_node_under_wrk() {
     );
     assert_eq!(field("errors"), 0);
 }
+
+#[test]
+fn dot_segments_cannot_route_around_a_policy() {
+    let origin = Origin::echo();
+    // `/orders` needs a key; everything else is open.
+    let config = format!(
+        "{}[[routes]]\nid = \"open\"\npath_prefix = \"/\"\nupstream = \"orders\"\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    assert_eq!(get(&gw, "/public/x", "").status, 200);
+    for path in [
+        "/public/../orders/1",
+        "/public/%2e%2e/orders",
+        "/public%2f..%2forders",
+    ] {
+        let r = get(&gw, path, "");
+        assert_eq!(r.status, 400, "{path}");
+    }
+    assert_eq!(origin.requests().len(), 1);
+}

@@ -271,6 +271,12 @@ pub fn parse_request(
         .iter()
         .position(|&b| b == b'?' || b == b'#')
         .unwrap_or(origin_target.len());
+    // Routes (and the policies on them) match the path as sent. A `..` segment would let
+    // `/public/../admin` match `/public` here and reach `/admin` at an upstream that
+    // resolves it: refuse dot segments, encoded ones too (RFC 3986 §6.2.2.3).
+    if has_dot_segment(&origin_target.of(buf)[..path_len]) {
+        return Err(Status::BadRequest);
+    }
 
     let body = if codings.present {
         if http10 || content_length.is_some() || codings.malformed {
@@ -326,6 +332,42 @@ pub fn parse_request(
 
 /// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
 /// alone is too long, 431 otherwise.
+/// Whether `path` has a `.` or `..` segment, counting `%2e` as a dot and `%2f`, `%5c` and
+/// `\\` as separators (upstreams differ on which of those they decode).
+pub fn has_dot_segment(path: &[u8]) -> bool {
+    let mut dots = 0usize;
+    let mut other = false;
+    let mut i = 0;
+    loop {
+        let (sep, step, dot) = match path.get(i) {
+            None => (true, 1, false),
+            Some(b'/' | b'\\') => (true, 1, false),
+            Some(b'.') => (false, 1, true),
+            Some(b'%') if path.len() >= i + 3 => match &path[i + 1..i + 3] {
+                b"2e" | b"2E" => (false, 3, true),
+                b"2f" | b"2F" | b"5c" | b"5C" => (true, 3, false),
+                _ => (false, 1, false),
+            },
+            Some(_) => (false, 1, false),
+        };
+        if sep {
+            if !other && (dots == 1 || dots == 2) {
+                return true;
+            }
+            if i >= path.len() {
+                return false;
+            }
+            dots = 0;
+            other = false;
+        } else if dot {
+            dots += 1;
+        } else {
+            other = true;
+        }
+        i += step;
+    }
+}
+
 pub fn head_too_large(buf: &[u8], limits: &Limits) -> Status {
     let skip = buf
         .iter()

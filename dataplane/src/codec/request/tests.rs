@@ -198,3 +198,34 @@ fn limits_give_the_right_status() {
         Status::HeadersTooLarge
     );
 }
+
+#[test]
+fn dot_segments_are_found_in_every_spelling() {
+    for bad in [
+        &b"/a/../b"[..],
+        b"/..",
+        b"/.",
+        b"/a/.",
+        b"/a/./b",
+        b"/a/%2e%2E/b",
+        b"/a/.%2e/b",
+        b"/a%2f..%2fb",
+        b"/a%5C..",
+        b"/a\\..\\b",
+    ] {
+        assert!(has_dot_segment(bad), "{}", String::from_utf8_lossy(bad));
+    }
+    for good in [
+        &b"/"[..],
+        b"/a/b",
+        b"/a/.b/c",
+        b"/a/b./c",
+        b"/.well-known/x",
+        b"/a/.../b",
+        b"/a%2fb",
+        b"/%2",
+        b"/a%",
+    ] {
+        assert!(!has_dot_segment(good), "{}", String::from_utf8_lossy(good));
+    }
+}
