@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::cidr::IpSet;
 use common::config::JwtAlgorithm;
 use common::keys::{encode_b64url, JwtKey, KeyMaterial};
-use common::policy::{api_key_digest, Jwt};
+use common::policy::{api_key_digest, ApiKeys, Jwt};
 use criterion::{criterion_group, criterion_main, Criterion};
 use dataplane::policy::jwt;
 use dataplane::policy::ratelimit::{key_of, now_ns, Limit, Limiter};
@@ -70,13 +70,13 @@ fn cidr(c: &mut Criterion) {
 }
 
 fn api_key(c: &mut Criterion) {
-    let mut table = std::collections::HashMap::new();
+    let mut table = ApiKeys::default();
     for i in 0..10_000u32 {
         table.insert(api_key_digest(format!("key-{i:012}").as_bytes()), i);
     }
     let presented = b"key-000000004242";
     c.bench_function("api_key_lookup_10000_keys", |b| {
-        b.iter(|| table.get(&api_key_digest(presented)).copied())
+        b.iter(|| table.find(&api_key_digest(presented)))
     });
 }
 

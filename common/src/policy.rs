@@ -37,14 +37,68 @@ pub enum Stage {
 pub struct Policies {
     pub list: Vec<Policy>,
     pub consumers: Vec<Consumer>,
-    /// SHA-256 of each API key → index into `consumers`.
-    pub api_keys: HashMap<[u8; 32], u32>,
+    /// API keys by their SHA-256 digest (see [`ApiKeys`]).
+    pub api_keys: ApiKeys,
     /// Consumer id → index into `consumers` (JWT consumer claims).
     pub consumer_ids: HashMap<Box<str>, u32>,
     /// Peers whose forwarding fields are believed.
     pub trusted_proxies: IpSet,
     /// Indices into `list` that apply to every route (in stage order).
     pub global: Box<[u16]>,
+}
+
+/// Stored API keys: SHA-256 digests, bucketed by their first 8 bytes. A lookup hashes the
+/// presented key, finds the bucket, and compares the full digests in constant time, so
+/// neither the table nor the comparison's timing depends on how much of a stored digest a
+/// guess matches.
+#[derive(Debug, Default)]
+pub struct ApiKeys {
+    buckets: HashMap<u64, Vec<([u8; 32], u32)>>,
+}
+
+impl ApiKeys {
+    /// Adds a digest for `consumer`; `false` if the digest is already there.
+    pub fn insert(&mut self, digest: [u8; 32], consumer: u32) -> bool {
+        let bucket = self.buckets.entry(prefix(&digest)).or_default();
+        if bucket.iter().any(|(d, _)| constant_time_eq(d, &digest)) {
+            return false;
+        }
+        bucket.push((digest, consumer));
+        true
+    }
+
+    /// The consumer whose key has SHA-256 `digest`.
+    pub fn find(&self, digest: &[u8; 32]) -> Option<u32> {
+        let bucket = self.buckets.get(&prefix(digest))?;
+        let mut found = None;
+        for (d, consumer) in bucket {
+            if constant_time_eq(d, digest) {
+                found = Some(*consumer);
+            }
+        }
+        found
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.buckets.values().map(Vec::len).sum()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+fn prefix(d: &[u8; 32]) -> u64 {
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// Compares two equal-length byte strings without an early exit.
+pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Keeps the optimiser from turning the fold back into an early-exit comparison.
+    std::hint::black_box(diff) == 0
 }
 
 /// A compiled consumer.
@@ -310,7 +364,7 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
     let trusted_proxies = IpSet::parse(&config.trusted_proxies)
         .map_err(|(j, e)| ConfigError::field(format!("trusted_proxies[{j}]"), e.0))?;
 
-    let mut api_keys = HashMap::new();
+    let mut api_keys = ApiKeys::default();
     let mut credential_ids: HashMap<&str, ()> = HashMap::new();
     for (i, c) in config.credentials.iter_mut().enumerate() {
         let at = format!("credentials[{i}]");
@@ -352,7 +406,7 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
                 ))
             }
         };
-        if api_keys.insert(digest, consumer).is_some() {
+        if !api_keys.insert(digest, consumer) {
             return Err(ConfigError::field(
                 format!("{at}.key"),
                 "another credential has the same key",

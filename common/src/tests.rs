@@ -290,3 +290,20 @@ fn invalid_policies_name_the_field() {
     let err = compile(&format!("trusted_proxies = [\"nope\"]\n{POLICY_BASE}")).unwrap_err();
     assert_eq!(err.path(), "trusted_proxies[0]");
 }
+
+#[test]
+fn api_keys_are_found_by_digest_only() {
+    use crate::policy::{api_key_digest, constant_time_eq, ApiKeys};
+    let mut keys = ApiKeys::default();
+    assert!(keys.insert(api_key_digest(b"first-key-0001"), 0));
+    assert!(keys.insert(api_key_digest(b"second-key-002"), 1));
+    assert!(!keys.insert(api_key_digest(b"first-key-0001"), 2));
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys.find(&api_key_digest(b"second-key-002")), Some(1));
+    assert_eq!(keys.find(&api_key_digest(b"second-key-003")), None);
+    // Same first 8 bytes, different rest: only the full digest matches.
+    let mut near = api_key_digest(b"first-key-0001");
+    near[31] ^= 1;
+    assert_eq!(keys.find(&near), None);
+    assert!(!constant_time_eq(&near, &api_key_digest(b"first-key-0001")));
+}

@@ -569,9 +569,8 @@ fn authenticate(
                     continue;
                 };
                 let digest = common::policy::api_key_digest(key);
-                // The table is keyed by the digest: a lookup compares digests, never keys, so
-                // its timing says nothing about any stored key.
-                let Some(&consumer) = p.api_keys.get(&digest) else {
+                // Only digests are compared, in constant time; a key itself never is.
+                let Some(consumer) = p.api_keys.find(&digest) else {
                     return Err(unauthorized(
                         st,
                         p,
