@@ -404,6 +404,11 @@ pub struct ListenerConfig {
     /// `IP:PORT` to listen on, for example `127.0.0.1:8080` or `[::1]:8080`. Port 0 picks a free
     /// port (the chosen one is printed at start). No default.
     pub address: String,
+    /// Ids of `ip_filter` and `domain` policies for every request that comes in on this
+    /// listener, whether or not a route matches; they run before the global and route
+    /// policies. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }
 
 /// A named set of backend targets.

@@ -45,6 +45,11 @@ pub struct Policies {
     pub trusted_proxies: IpSet,
     /// Indices into `list` that apply to every route (in stage order).
     pub global: Box<[u16]>,
+    /// The global `ip_filter` and `domain` policies: what a request that matches no route
+    /// still goes through.
+    pub global_unrouted: Box<[u16]>,
+    /// Per listener (by index), its `ip_filter` and `domain` policies, in stage order.
+    pub listeners: Vec<Box<[u16]>>,
 }
 
 /// Stored API keys: SHA-256 digests, bucketed by their first 8 bytes. A lookup hashes the
@@ -360,6 +365,26 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
 
     let mut global = resolve(&config.global_policies, "global_policies")?;
     global.sort_by_key(|&p| list[p as usize].stage);
+    let unrouted = |p: &u16| {
+        matches!(
+            list[*p as usize].kind,
+            PolicyKind::IpFilter { .. } | PolicyKind::Domain(_)
+        )
+    };
+    let global_unrouted: Vec<u16> = global.iter().copied().filter(unrouted).collect();
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for (i, l) in config.listeners.iter().enumerate() {
+        let at = format!("listeners[{i}].policies");
+        let mut ids = resolve(&l.policies, &at)?;
+        if let Some(j) = ids.iter().position(|p| !unrouted(p)) {
+            return Err(ConfigError::field(
+                format!("{at}[{j}]"),
+                "a listener can only have ip_filter and domain policies (the others need a route)",
+            ));
+        }
+        ids.sort_by_key(|&p| list[p as usize].stage);
+        listeners.push(ids.into_boxed_slice());
+    }
 
     let trusted_proxies = IpSet::parse(&config.trusted_proxies)
         .map_err(|(j, e)| ConfigError::field(format!("trusted_proxies[{j}]"), e.0))?;
@@ -427,6 +452,8 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         consumer_ids,
         trusted_proxies,
         global: global.into(),
+        global_unrouted: global_unrouted.into(),
+        listeners,
     })
 }
 
@@ -461,6 +488,16 @@ pub fn route_policies(
         out.push(p);
     }
     out.sort_by_key(|&p| policies.list[p as usize].stage);
+    let has = |stage| {
+        out.iter()
+            .any(|&p| policies.list[p as usize].stage == stage)
+    };
+    if has(Stage::Authorization) && !has(Stage::Authentication) {
+        return Err(ConfigError::field(
+            at,
+            "an acl policy needs an authentication policy (api_key or jwt) on the same route or in global_policies",
+        ));
+    }
     Ok(out.into())
 }
 

@@ -287,6 +287,10 @@ fn invalid_policies_name_the_field() {
         invalid_at("[[policies]]\nid = \"p\"\nkind = \"ip_filter\"\nallow = [\"10.0.0.0/8\"]\n[[consumers]]\nid = \"a\"\npolicies = [\"p\"]\n"),
         "consumers[0].policies[0]"
     );
+    assert_eq!(
+        invalid_at(&format!("[[consumers]]\nid = \"a\"\n[[policies]]\nid = \"p\"\nkind = \"acl\"\nconsumers = [\"a\"]\n{route}policies = [\"p\"]\n")),
+        "routes[0].policies"
+    );
     let err = compile(&format!("trusted_proxies = [\"nope\"]\n{POLICY_BASE}")).unwrap_err();
     assert_eq!(err.path(), "trusted_proxies[0]");
 }

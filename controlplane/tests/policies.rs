@@ -819,3 +819,37 @@ fn dot_segments_cannot_route_around_a_policy() {
     }
     assert_eq!(origin.requests().len(), 1);
 }
+
+#[test]
+fn listener_and_global_host_policies_run_without_a_route() {
+    let origin = Origin::echo();
+    let config = format!(
+        "global_policies = [\"office\"]\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\npolicies = [\"hosts\"]\n\
+         [[upstreams]]\nid = \"origin\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"x\"\npath = \"/x\"\nupstream = \"origin\"\n\
+         [[policies]]\nid = \"hosts\"\nkind = \"domain\"\nhosts = [\"api.example.com\"]\nstatus = 403\n\
+         [[policies]]\nid = \"office\"\nkind = \"ip_filter\"\nallow = [\"127.0.0.0/8\"]\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let req = |host: &str, path: &str| {
+        let mut c = gw.connect();
+        c.roundtrip(&format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ))
+    };
+    assert_eq!(req("api.example.com", "/x").status, 200);
+    assert_eq!(req("api.example.com", "/nope").status, 404);
+    let r = req("evil.example", "/nope");
+    assert_problem(&r, 403);
+    assert_eq!(r.json()["policy"], "hosts");
+    assert_problem(&req("evil.example", "/x"), 403);
+    // Only ip_filter and domain policies can sit on a listener.
+    let r = gw.admin("PUT", "/v1/policies/keys", Some(r#"{"kind":"api_key"}"#));
+    assert_eq!(r.status, 201);
+    let mut config: serde_json::Value = gw.admin("GET", "/v1/config", None).json();
+    config["listeners"][0]["policies"] = serde_json::json!(["keys"]);
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert_eq!(r.json()["pointer"], "/listeners/0/policies/0");
+}

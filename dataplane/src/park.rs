@@ -9,7 +9,6 @@
 //! connection.
 
 use std::io;
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use monoio::net::TcpStream;
 #[derive(Debug)]
 pub(crate) struct Parked {
     pub stream: TcpStream,
-    pub peer: IpAddr,
+    pub peer: crate::worker::Peer,
     since: Instant,
 }
 
@@ -58,7 +57,12 @@ impl ParkLot {
     }
 
     /// Parks `stream`; gives it back when the kernel refuses to watch it.
-    pub fn park(&mut self, stream: TcpStream, peer: IpAddr, now: Instant) -> Result<(), TcpStream> {
+    pub fn park(
+        &mut self,
+        stream: TcpStream,
+        peer: crate::worker::Peer,
+        now: Instant,
+    ) -> Result<(), TcpStream> {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {

@@ -38,7 +38,7 @@ use crate::metrics::UpstreamError;
 use crate::policy::{self, Clock, PolicyState, Verdict};
 use crate::status::{Status, CONTINUE};
 use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
-use crate::worker::WorkerCtx;
+use crate::worker::{Peer, WorkerCtx};
 
 /// Initial size of a client connection's read buffer; it grows up to `max_header_bytes` for a
 /// large head and to [`BODY_BUF`] to relay a large request body.
@@ -95,6 +95,8 @@ struct Client {
     req_plan: FieldPlan,
     resp_plan: FieldPlan,
     peer_ip: IpAddr,
+    /// Index of the listener the connection came in on.
+    listener: u16,
     limits: Limits,
     timeouts: Timeouts,
     served: u64,
@@ -119,7 +121,7 @@ enum Head {
 
 /// Serves a connection until it closes or parks; `served` counts requests already served on
 /// it (0 for a fresh connection).
-pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, served: u64) {
+pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, served: u64) {
     if served == 0 {
         let _ = stream.set_nodelay(true);
     }
@@ -132,7 +134,8 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, s
         iov: Vec::with_capacity(16),
         req_plan: FieldPlan::default(),
         resp_plan: FieldPlan::default(),
-        peer_ip: peer,
+        peer_ip: peer.ip,
+        listener: peer.listener,
         limits: snap.limits,
         timeouts: snap.timeouts,
         served,
@@ -148,11 +151,18 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, s
             Ok(Head::Closed) => return,
             Ok(Head::Park) => {
                 let Client {
-                    stream, peer_ip, ..
+                    stream,
+                    peer_ip,
+                    listener,
+                    ..
                 } = client;
                 if let Some(lot) = ctx.park.borrow_mut().as_mut() {
                     // A socket the kernel will not watch is closed, like an expired one.
-                    let _ = lot.park(stream, peer_ip, Instant::now());
+                    let peer = Peer {
+                        ip: peer_ip,
+                        listener,
+                    };
+                    let _ = lot.park(stream, peer, Instant::now());
                 }
                 return;
             }
@@ -296,19 +306,25 @@ impl Client {
         let found = snap.router.find(host, head.path(&self.buf), |id| {
             snap.routes[id as usize].accepts(method)
         });
-        let Some(id) = found else {
-            return self
-                .respond(&head, Reply::Canned(Status::NotFound), ctx)
-                .await;
-        };
-        let route = &snap.routes[id as usize];
-        self.last_slot = route.metrics_slot;
-        if route.policies.is_empty() {
+        let route = found.map(|id| &snap.routes[id as usize]);
+        if let Some(route) = route {
+            self.last_slot = route.metrics_slot;
+        }
+        let p = &snap.policies;
+        let screened = match route {
+            Some(r) => !r.policies.is_empty(),
+            None => !p.global_unrouted.is_empty(),
+        } || p
+            .listeners
+            .get(self.listener as usize)
+            .is_some_and(|l| !l.is_empty());
+        if !screened {
             self.policy.reset();
         } else {
             let verdict = policy::check(
                 snap,
                 route,
+                self.listener,
                 &self.buf,
                 &head,
                 self.peer_ip,
@@ -327,6 +343,11 @@ impl Client {
                 return next;
             }
         }
+        let Some(route) = route else {
+            return self
+                .respond(&head, Reply::Canned(Status::NotFound), ctx)
+                .await;
+        };
         match &route.action {
             RouteAction::Respond { bytes, head_len } => {
                 let reply = Reply::Direct {

@@ -118,8 +118,16 @@ impl IdleSet {
     }
 }
 
+/// Who is at the other end of a client connection, and which listener it came in on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    pub ip: IpAddr,
+    /// Index into the snapshot's listeners (for listener policies).
+    pub listener: u16,
+}
+
 /// Starts a task serving `stream`; `served` counts the requests it already served.
-pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: IpAddr, served: u64) {
+pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: Peer, served: u64) {
     ctx.active.set(ctx.active.get() + 1);
     ctx.metrics.set_open_connections(ctx.active.get());
     let guard = ActiveGuard(ctx.clone());
@@ -260,11 +268,11 @@ async fn worker_main(spec: WorkerSpec) {
     monoio::spawn(unpark_loop(ctx.clone(), spec.driver));
     drop(snap);
     let mut listener_fds = Vec::new();
-    for std_listener in spec.listeners {
+    for (index, std_listener) in spec.listeners.into_iter().enumerate() {
         match TcpListener::from_std(std_listener) {
             Ok(listener) => {
                 listener_fds.push(listener.as_raw_fd());
-                monoio::spawn(accept_loop(ctx.clone(), listener));
+                monoio::spawn(accept_loop(ctx.clone(), listener, index as u16));
             }
             Err(e) => eprintln!("gateway: worker {}: cannot use listener: {e}", spec.index),
         }
@@ -272,14 +280,18 @@ async fn worker_main(spec: WorkerSpec) {
     supervise(&ctx, &spec.shutdown, &listener_fds).await;
 }
 
-async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener) {
+async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, index: u16) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 if ctx.draining.get() {
                     break;
                 }
-                spawn_connection(&ctx, stream, peer.ip(), 0);
+                let peer = Peer {
+                    ip: peer.ip(),
+                    listener: index,
+                };
+                spawn_connection(&ctx, stream, peer, 0);
             }
             Err(e) => {
                 if ctx.draining.get() {

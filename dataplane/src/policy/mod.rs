@@ -264,11 +264,14 @@ fn forwarded_for(v: &[u8]) -> Option<IpAddr> {
     parse_ip(host)
 }
 
-/// Runs `route`'s policies (and, once authenticated, the consumer's) over the request.
+/// Runs the listener's policies, then `route`'s (and, once authenticated, the consumer's)
+/// over the request. Without a route (no match), the listener's and the global IP filter and
+/// domain policies still run, so that an unknown host gets its 421 rather than a 404.
 #[allow(clippy::too_many_arguments)]
 pub fn check(
     snap: &Snapshot,
-    route: &Route,
+    route: Option<&Route>,
+    listener: u16,
     buf: &[u8],
     head: &RequestHead,
     peer: IpAddr,
@@ -279,37 +282,32 @@ pub fn check(
     st.reset();
     let p = &snap.policies;
     let client = client_ip(p, buf, head, peer);
+    let on_listener = p
+        .listeners
+        .get(listener as usize)
+        .map_or(&[][..], |l| &l[..]);
+    for &idx in on_listener {
+        if let Some(v) = screen(p, idx, client, buf, head, st) {
+            return v;
+        }
+    }
+    let Some(route) = route else {
+        for &idx in p.global_unrouted.iter() {
+            if let Some(v) = screen(p, idx, client, buf, head, st) {
+                return v;
+            }
+        }
+        return Verdict::Pass;
+    };
     let list = &route.policies;
     let mut consumer: Option<u32> = None;
     let mut i = 0;
     while i < list.len() {
         let policy = &p.list[list[i] as usize];
         match &policy.kind {
-            PolicyKind::IpFilter { allow, deny } => {
-                if deny.contains(client) || (!allow.is_empty() && !allow.contains(client)) {
-                    return refuse(
-                        st,
-                        403,
-                        &policy.id,
-                        "the client address is not allowed",
-                        &[],
-                    );
-                }
-            }
-            PolicyKind::Domain(d) => {
-                let mut lower = [0u8; 256];
-                let host = head
-                    .host
-                    .map(|h| h.of(buf))
-                    .and_then(|h| host_key(h, &mut lower));
-                if !host.is_some_and(|h| d.allows(h)) {
-                    return refuse(
-                        st,
-                        d.status,
-                        &policy.id,
-                        "the gateway does not serve this host",
-                        &[],
-                    );
+            PolicyKind::IpFilter { .. } | PolicyKind::Domain(_) => {
+                if let Some(v) = screen(p, list[i], client, buf, head, st) {
+                    return v;
                 }
             }
             PolicyKind::Cors(c) => {
@@ -374,6 +372,49 @@ pub fn check(
         }
     }
     Verdict::Pass
+}
+
+/// An IP filter or domain policy: a refusal, or `None` to go on.
+fn screen(
+    p: &Policies,
+    idx: u16,
+    client: IpAddr,
+    buf: &[u8],
+    head: &RequestHead,
+    st: &mut PolicyState,
+) -> Option<Verdict> {
+    let policy = &p.list[idx as usize];
+    match &policy.kind {
+        PolicyKind::IpFilter { allow, deny }
+            if deny.contains(client) || (!allow.is_empty() && !allow.contains(client)) =>
+        {
+            return Some(refuse(
+                st,
+                403,
+                &policy.id,
+                "the client address is not allowed",
+                &[],
+            ));
+        }
+        PolicyKind::Domain(d) => {
+            let mut lower = [0u8; 256];
+            let host = head
+                .host
+                .map(|h| h.of(buf))
+                .and_then(|h| host_key(h, &mut lower));
+            if !host.is_some_and(|h| d.allows(h)) {
+                return Some(refuse(
+                    st,
+                    d.status,
+                    &policy.id,
+                    "the gateway does not serve this host",
+                    &[],
+                ));
+            }
+        }
+        _ => {}
+    }
+    None
 }
 
 /// Lower-cases `host` without its port and trailing dot.
