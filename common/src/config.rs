@@ -58,6 +58,21 @@ pub struct Config {
     /// peer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// The one field the trusted proxies write the client address in: `x-forwarded-for`
+    /// (the default) or `forwarded` (RFC 7239). The other is never read, so a client cannot
+    /// slip an address past a proxy that only appends to the other one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip_header: Option<ClientIpHeader>,
+}
+
+/// The field trusted proxies write the client address in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientIpHeader {
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 /// A client of the APIs: an application, a partner, a team.

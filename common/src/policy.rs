@@ -41,8 +41,10 @@ pub struct Policies {
     pub api_keys: ApiKeys,
     /// Consumer id → index into `consumers` (JWT consumer claims).
     pub consumer_ids: HashMap<Box<str>, u32>,
-    /// Peers whose forwarding fields are believed.
+    /// Peers whose forwarding field is believed.
     pub trusted_proxies: IpSet,
+    /// Which field they write: `Forwarded` (true) or `X-Forwarded-For`.
+    pub client_ip_from_forwarded: bool,
     /// Indices into `list` that apply to every route (in stage order).
     pub global: Box<[u16]>,
     /// The global `ip_filter` and `domain` policies: what a request that matches no route
@@ -265,6 +267,40 @@ fn check_header_name(name: &str, at: &str) -> Result<Box<[u8]>, ConfigError> {
     Ok(name.as_bytes().into())
 }
 
+/// Fields that frame or route the request, or that the gateway itself sets: a policy must not
+/// remove or add them.
+const RESERVED_FIELDS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+/// A header name a policy may strip or set (for `consumer_header`, `Authorization` too is
+/// refused, so that a consumer id never replaces a credential).
+fn check_policy_header(name: &str, at: &str, consumer: bool) -> Result<Box<[u8]>, ConfigError> {
+    let v = check_header_name(name, at)?;
+    let reserved = RESERVED_FIELDS.iter().any(|r| r.eq_ignore_ascii_case(name))
+        || (consumer && name.eq_ignore_ascii_case("authorization"));
+    if reserved {
+        return Err(ConfigError::field(
+            at,
+            format!("{name:?} frames or routes the request and cannot be used here"),
+        ));
+    }
+    Ok(v)
+}
+
 fn hex32(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
@@ -441,6 +477,8 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         c.key_sha256 = Some(to_hex(&digest));
     }
 
+    let client_ip_from_forwarded =
+        config.client_ip_header == Some(crate::config::ClientIpHeader::Forwarded);
     let consumer_ids = consumer_index
         .iter()
         .map(|(&id, &i)| (Box::from(id), i))
@@ -451,6 +489,7 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         api_keys,
         consumer_ids,
         trusted_proxies,
+        client_ip_from_forwarded,
         global: global.into(),
         global_unrouted: global_unrouted.into(),
         listeners,
@@ -687,7 +726,7 @@ fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {
 
 fn compile_api_key(k: &ApiKeyConfig, at: &str) -> Result<ApiKey, ConfigError> {
     let header = match (&k.header, &k.query) {
-        (Some(h), _) => Some(check_header_name(h, &format!("{at}.header"))?),
+        (Some(h), _) => Some(check_policy_header(h, &format!("{at}.header"), false)?),
         (None, None) => Some(b"X-Api-Key"[..].into()),
         (None, Some(_)) => None,
     };
@@ -711,7 +750,11 @@ fn compile_api_key(k: &ApiKeyConfig, at: &str) -> Result<ApiKey, ConfigError> {
     Ok(ApiKey {
         header,
         query,
-        consumer_header: check_header_name(&k.consumer_header, &format!("{at}.consumer_header"))?,
+        consumer_header: check_policy_header(
+            &k.consumer_header,
+            &format!("{at}.consumer_header"),
+            true,
+        )?,
         strip_credential: k.strip_credential,
     })
 }
@@ -786,7 +829,11 @@ fn compile_jwt(j: &JwtConfig, at: &str) -> Result<Jwt, ConfigError> {
         leeway_s: j.leeway_s,
         require_exp: j.require_exp,
         consumer_claim: j.consumer_claim.as_str().into(),
-        consumer_header: check_header_name(&j.consumer_header, &format!("{at}.consumer_header"))?,
+        consumer_header: check_policy_header(
+            &j.consumer_header,
+            &format!("{at}.consumer_header"),
+            true,
+        )?,
         strip_credential: j.strip_credential,
         max_token_bytes: j.max_token_bytes,
     })
@@ -832,6 +879,16 @@ fn compile_rate_limit(r: &RateLimitConfig, at: &str) -> Result<RateLimit, Config
         ));
     }
     let period_s = r.per.seconds();
+    // The bucket holds burst * (period / rate) nanoseconds of credit in a u64.
+    if (period_s * 1_000_000_000 / r.rate)
+        .checked_mul(burst)
+        .is_none()
+    {
+        return Err(ConfigError::field(
+            format!("{at}.burst"),
+            "is too large for this rate (burst / rate must cover less than 584 years)",
+        ));
+    }
     Ok(RateLimit {
         rate: r.rate,
         period_s,

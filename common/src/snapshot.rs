@@ -57,6 +57,9 @@ pub struct Route {
     pub metrics_slot: u32,
     /// Indices into `Snapshot::policies.list`, global ones included, in stage order.
     pub policies: Box<[u16]>,
+    /// Whether a `cors` policy is among them: the route then also takes CORS preflights
+    /// (`OPTIONS`), which that policy answers, whatever its `methods`.
+    pub has_cors: bool,
 }
 
 impl Route {
@@ -200,6 +203,12 @@ impl Snapshot {
                 &r.policies,
                 &format!("routes[{i}].policies"),
             )?;
+            route.has_cors = route.policies.iter().any(|&p| {
+                matches!(
+                    policies.list[p as usize].kind,
+                    crate::policy::PolicyKind::Cors(_)
+                )
+            });
             add_to_router(&mut router, r, i, &config.routes)?;
             routes.push(route);
         }
@@ -476,6 +485,7 @@ fn compile_route(
         action,
         metrics_slot: crate::slots::route_slot(&r.id),
         policies: Box::new([]),
+        has_cors: false,
     })
 }
 

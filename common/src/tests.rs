@@ -291,6 +291,32 @@ fn invalid_policies_name_the_field() {
         invalid_at(&format!("[[consumers]]\nid = \"a\"\n[[policies]]\nid = \"p\"\nkind = \"acl\"\nconsumers = [\"a\"]\n{route}policies = [\"p\"]\n")),
         "routes[0].policies"
     );
+    // burst * (1 hour / 1) overflows the bucket's nanosecond counter.
+    assert_eq!(
+        invalid_at("[[policies]]\nid = \"p\"\nkind = \"rate_limit\"\nrate = 1\nper = \"hour\"\nburst = 10000000\n"),
+        "policies[0].burst"
+    );
+    for reserved in [
+        "Content-Length",
+        "host",
+        "Transfer-Encoding",
+        "X-Forwarded-For",
+    ] {
+        assert_eq!(
+            invalid_at(&format!(
+                "[[policies]]\nid = \"p\"\nkind = \"api_key\"\nheader = \"{reserved}\"\n"
+            )),
+            "policies[0].header"
+        );
+    }
+    assert_eq!(
+        invalid_at(
+            "[[policies]]\nid = \"p\"\nkind = \"api_key\"\nconsumer_header = \"Authorization\"\n"
+        ),
+        "policies[0].consumer_header"
+    );
+    let err = compile(&format!("client_ip_header = \"x-real-ip\"\n{POLICY_BASE}")).unwrap_err();
+    assert_eq!(err.path(), "client_ip_header");
     let err = compile(&format!("trusted_proxies = [\"nope\"]\n{POLICY_BASE}")).unwrap_err();
     assert_eq!(err.path(), "trusted_proxies[0]");
 }

@@ -96,7 +96,7 @@ fn example_config_works_unchanged(driver: Driver) {
     let ok = get(
         &gw,
         "/orders/1",
-        "X-Api-Key: s3cr3t-key-1\r\nX-Consumer-Id: forged\r\nX-Other: kept\r\n",
+        "X-Api-Key: s3cr3t-key-1\r\nX-Consumer-Id: forged\r\nX-Consumer_Id: forged\r\nX-Other: kept\r\n",
     );
     assert_eq!(ok.status, 200, "{}", ok.head);
     let seen = origin.wait_requests(1);
@@ -193,11 +193,36 @@ fn ip_filter_ignores_forged_forwarding_fields_from_untrusted_peers() {
         ),
         // Garbage stops the walk: the last address walked (a trusted proxy) is the client.
         ("X-Forwarded-For: 10.1.1.1, garbage, 192.0.2.7\r\n", 403),
-        ("Forwarded: for=\"10.1.1.1:1234\";proto=http\r\n", 200),
-        ("Forwarded: for=\"[2001:db8::1]\"\r\n", 403),
+        // A port after the address is understood.
+        ("X-Forwarded-For: 10.1.1.1:4711\r\n", 200),
+        ("X-Forwarded-For: 203.0.113.9, [2001:db8::1]:443\r\n", 403),
+        // Only the configured field is read: a Forwarded the proxies never write is ignored.
+        ("Forwarded: for=10.1.1.1\r\n", 403),
     ];
     for (headers, want) in cases {
         let r = get(&trusted, "/", headers);
+        assert_eq!(r.status, want, "{headers:?}: {}", r.body_str());
+    }
+
+    let forwarded = Gateway::start(
+        &format!(
+            "global_policies = [\"tens\"]\ntrusted_proxies = [\"127.0.0.0/8\"]\nclient_ip_header = \"forwarded\"\n{}",
+            proxy_config(origin.addr, policy)
+        ),
+        Driver::IoUring,
+    );
+    for (headers, want) in [
+        ("Forwarded: for=\"10.1.1.1:1234\";proto=http\r\n", 200),
+        ("Forwarded: for=203.0.113.9, for=10.1.1.1\r\n", 200),
+        ("Forwarded: for=10.1.1.1, for=203.0.113.9\r\n", 403),
+        ("Forwarded: for=\"[2001:db8::1]\"\r\n", 403),
+        // The client's own X-Forwarded-For is not read when the proxies write Forwarded.
+        (
+            "X-Forwarded-For: 10.1.1.1\r\nForwarded: for=203.0.113.9\r\n",
+            403,
+        ),
+    ] {
+        let r = get(&forwarded, "/", headers);
         assert_eq!(r.status, want, "{headers:?}: {}", r.body_str());
     }
 }
@@ -235,11 +260,23 @@ fn domain_allowlist_answers_421() {
 fn cors_preflight_and_origin_checks() {
     let origin = Origin::echo();
     let extra = "[[policies]]\nid = \"web\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\nmethods = [\"GET\", \"POST\"]\nheaders = [\"X-Api-Key\", \"Content-Type\"]\nexpose_headers = [\"X-Request-Id\"]\nmax_age_s = 300\n";
-    let config = proxy_config(origin.addr, extra).replace(
-        "upstream = \"origin\"\n",
-        "upstream = \"origin\"\npolicies = [\"web\"]\n",
+    let extra = format!(
+        "{extra}[[policies]]\nid = \"keys\"\nkind = \"api_key\"\n\
+         [[routes]]\nid = \"keyed\"\npath = \"/k\"\nupstream = \"origin\"\npolicies = [\"web\", \"keys\"]\n"
+    );
+    // The route takes GET and POST only; preflights still reach its cors policy.
+    let config = proxy_config(origin.addr, &extra).replace(
+        "upstream = \"origin\"\n\n",
+        "upstream = \"origin\"\nmethods = [\"GET\", \"POST\"]\npolicies = [\"web\"]\n\n",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
+    // A later policy's refusal of an allowed origin carries the CORS fields.
+    let refused = get(&gw, "/k", "Origin: https://app.example.com\r\n");
+    assert_problem(&refused, 401);
+    assert_eq!(
+        refused.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
     let mut c = gw.connect();
     let pre = c.roundtrip("OPTIONS /x HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: x-api-key, content-type\r\n\r\n");
     assert_eq!(pre.status, 204, "{}", pre.head);
@@ -813,6 +850,8 @@ fn dot_segments_cannot_route_around_a_policy() {
         "/public/../orders/1",
         "/public/%2e%2e/orders",
         "/public%2f..%2forders",
+        "/public/..;/orders",
+        "/public#/../orders",
     ] {
         let r = get(&gw, path, "");
         assert_eq!(r.status, 400, "{path}");

@@ -303,8 +303,10 @@ impl Client {
     async fn handle(&mut self, ctx: &WorkerCtx, snap: &Snapshot, head: RequestHead) -> Next {
         let method = head.method.of(&self.buf);
         let host = head.host.map(|h| h.of(&self.buf));
+        let preflight = method == b"OPTIONS" && policy::is_preflight(&self.buf, &head);
         let found = snap.router.find(host, head.path(&self.buf), |id| {
-            snap.routes[id as usize].accepts(method)
+            let r = &snap.routes[id as usize];
+            r.accepts(method) || (preflight && r.has_cors)
         });
         let route = found.map(|id| &snap.routes[id as usize]);
         if let Some(route) = route {

@@ -274,7 +274,10 @@ pub fn parse_request(
     // Routes (and the policies on them) match the path as sent. A `..` segment would let
     // `/public/../admin` match `/public` here and reach `/admin` at an upstream that
     // resolves it: refuse dot segments, encoded ones too (RFC 3986 §6.2.2.3).
-    if has_dot_segment(&origin_target.of(buf)[..path_len]) {
+    if has_dot_segment(&origin_target.of(buf)[..path_len]) || origin_target.of(buf).contains(&b'#')
+    {
+        // A fragment is never part of a request target (RFC 9112 §3.2); forwarded, it
+        // would hide the rest of the path from this check.
         return Err(Status::BadRequest);
     }
 
@@ -332,16 +335,23 @@ pub fn parse_request(
 
 /// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
 /// alone is too long, 431 otherwise.
-/// Whether `path` has a `.` or `..` segment, counting `%2e` as a dot and `%2f`, `%5c` and
-/// `\\` as separators (upstreams differ on which of those they decode).
+/// Whether `path` has a `.` or `..` segment, counting `%2e` as a dot, `%2f`, `%5c` and
+/// `\\` as separators, and ignoring `;` parameters (`..;x` is `..` to servlet containers):
+/// upstreams differ on which of those they decode.
 pub fn has_dot_segment(path: &[u8]) -> bool {
     let mut dots = 0usize;
     let mut other = false;
+    // After a `;` the rest of the segment is parameters, not part of its name.
+    let mut params = false;
     let mut i = 0;
     loop {
         let (sep, step, dot) = match path.get(i) {
             None => (true, 1, false),
             Some(b'/' | b'\\') => (true, 1, false),
+            Some(b';') => {
+                params = true;
+                (false, 1, false)
+            }
             Some(b'.') => (false, 1, true),
             Some(b'%') if path.len() >= i + 3 => match &path[i + 1..i + 3] {
                 b"2e" | b"2E" => (false, 3, true),
@@ -359,6 +369,8 @@ pub fn has_dot_segment(path: &[u8]) -> bool {
             }
             dots = 0;
             other = false;
+            params = false;
+        } else if params {
         } else if dot {
             dots += 1;
         } else {

@@ -125,6 +125,19 @@ fn fields<'a>(buf: &'a [u8], head: &RequestHead) -> impl Iterator<Item = Field<'
     lines(buf, head.fields_start, head.fields_end)
 }
 
+/// Whether an `OPTIONS` request is a CORS preflight (it has `Origin` and
+/// `Access-Control-Request-Method`).
+pub fn is_preflight(buf: &[u8], head: &RequestHead) -> bool {
+    let (mut origin, mut method) = (false, false);
+    for f in fields(buf, head) {
+        origin |= f.name.eq_ignore_ascii_case(b"origin");
+        method |= f
+            .name
+            .eq_ignore_ascii_case(b"access-control-request-method");
+    }
+    origin && method
+}
+
 /// Removes from a relayed response every `Access-Control-*` field line (and any `Vary`
 /// is left alone: the gateway adds `Vary: Origin` beside it).
 pub fn drop_cors_fields(buf: &[u8], start: usize, end: usize, drops: &mut Vec<Span>) {
@@ -203,11 +216,15 @@ pub fn client_ip(p: &Policies, buf: &[u8], head: &RequestHead, peer: IpAddr) -> 
         hops[n % HOPS] = ip;
         n += 1;
     };
-    let xff = fields(buf, head).any(|f| f.name.eq_ignore_ascii_case(b"x-forwarded-for"));
+    // Only the one field the trusted proxies are configured to write: were the other read
+    // too, a client could supply it where the proxy never touches it.
+    let xff = !p.client_ip_from_forwarded;
     for f in fields(buf, head) {
         if xff && f.name.eq_ignore_ascii_case(b"x-forwarded-for") {
             for item in f.value.split(|&b| b == b',') {
-                push(parse_ip(trim(item)));
+                let item = trim(item);
+                // Some proxies add the port: `192.0.2.1:4711`, `[2001:db8::1]:443`.
+                push(parse_ip(item).or_else(|| forwarded_for(item)));
             }
         } else if !xff && f.name.eq_ignore_ascii_case(b"forwarded") {
             for element in f.value.split(|&b| b == b',') {
@@ -575,7 +592,8 @@ fn authenticate(
             PolicyKind::Jwt(j) => &j.consumer_header,
             _ => continue,
         };
-        for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(name)) {
+        // `X-Consumer_Id` too: CGI-style upstreams read both spellings as one variable.
+        for f in fields(buf, head).filter(|f| same_field_name(f.name, name)) {
             add_drop(&mut st.drops, f.line);
         }
     }
@@ -676,6 +694,18 @@ fn authenticate(
     Err(unauthorized(st, p, group, id, "credentials are required"))
 }
 
+/// Field names equal ignoring case and taking `_` for `-`.
+fn same_field_name(a: &[u8], b: &[u8]) -> bool {
+    let norm = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| norm(x) == norm(y))
+}
+
 fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
     st.extra.extend_from_slice(name);
     st.extra.extend_from_slice(b": ");
@@ -759,7 +789,13 @@ fn rate_limit(
         raw[0] = b'i';
         raw[1..].copy_from_slice(&match ip {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
+            IpAddr::V6(v6) => {
+                // One bucket per /64: a single host usually holds a whole /64 and could
+                // otherwise take a fresh bucket per address.
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                o
+            }
         });
         key_of(&raw)
     };
@@ -817,20 +853,22 @@ fn unauthorized(
     id: &str,
     detail: &str,
 ) -> Verdict {
-    let mut challenge = [0u8; 256];
-    let mut w = &mut challenge[..];
-    for &idx in group {
-        match &p.list[idx as usize].kind {
-            PolicyKind::Jwt(_) => {
-                let _ = w.write_all(b"WWW-Authenticate: Bearer realm=\"gateway\"\r\n");
-            }
-            PolicyKind::ApiKey(_) => {
-                let _ = w.write_all(b"WWW-Authenticate: ApiKey realm=\"gateway\"\r\n");
-            }
-            _ => {}
-        }
-    }
-    let used = 256 - w.len();
+    // One challenge per scheme, however many policies of each kind the route has.
+    let kinds = |f: fn(&PolicyKind) -> bool| group.iter().any(|&i| f(&p.list[i as usize].kind));
+    let bearer: &[u8] = if kinds(|k| matches!(k, PolicyKind::Jwt(_))) {
+        b"WWW-Authenticate: Bearer realm=\"gateway\"\r\n"
+    } else {
+        b""
+    };
+    let api_key: &[u8] = if kinds(|k| matches!(k, PolicyKind::ApiKey(_))) {
+        b"WWW-Authenticate: ApiKey realm=\"gateway\"\r\n"
+    } else {
+        b""
+    };
+    let mut challenge = [0u8; 96];
+    challenge[..bearer.len()].copy_from_slice(bearer);
+    challenge[bearer.len()..bearer.len() + api_key.len()].copy_from_slice(api_key);
+    let used = bearer.len() + api_key.len();
     refuse(st, 401, id, detail, &challenge[..used])
 }
 
@@ -855,13 +893,19 @@ fn refuse(st: &mut PolicyState, status: u16, policy: &str, detail: &str, extra: 
         "{{\"type\":\"about:blank\",\"title\":\"{title}\",\"status\":{status},\"detail\":\"{detail}\",\"policy\":\"{policy}\"}}"
     );
     let body_len = 384 - w.len();
-    let out = &mut st.out;
+    let PolicyState {
+        out,
+        response_extra,
+        ..
+    } = st;
     out.clear();
     let _ = write!(
         out,
         "HTTP/1.1 {status} {title}\r\nContent-Type: application/problem+json\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\n"
     );
     out.extend_from_slice(extra);
+    // A later policy's refusal of an allowed cross-origin call: the page may read it.
+    out.extend_from_slice(response_extra);
     st.out_head_len = out.len();
     out.extend_from_slice(&body[..body_len]);
     Verdict::Answer(status)

@@ -212,6 +212,9 @@ fn dot_segments_are_found_in_every_spelling() {
         b"/a%2f..%2fb",
         b"/a%5C..",
         b"/a\\..\\b",
+        b"/public/..;/admin",
+        b"/public/..;x=1/admin",
+        b"/a/.;/b",
     ] {
         assert!(has_dot_segment(bad), "{}", String::from_utf8_lossy(bad));
     }
@@ -225,6 +228,8 @@ fn dot_segments_are_found_in_every_spelling() {
         b"/a%2fb",
         b"/%2",
         b"/a%",
+        b"/a;v=1/b",
+        b"/a/x;..",
     ] {
         assert!(!has_dot_segment(good), "{}", String::from_utf8_lossy(good));
     }
