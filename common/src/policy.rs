@@ -101,10 +101,14 @@ fn prefix(d: &[u8; 32]) -> u64 {
     u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
-/// Compares two equal-length byte strings without an early exit.
-pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // Keeps the optimiser from turning the fold back into an early-exit comparison.
+/// Compares `given` with `expected` in time that depends only on `expected`'s length (a
+/// secret's length is not the secret).
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, &e) in expected.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ e;
+    }
+    // Keeps the optimiser from turning the loop back into an early-exit comparison.
     std::hint::black_box(diff) == 0
 }
 

@@ -129,7 +129,7 @@ impl Router {
 
 /// Strips the port and lower-cases `host` into `out`; `None` when it is too long to match any
 /// configured host.
-fn normalize_host<'a>(host: &[u8], out: &'a mut [u8; MAX_HOST_LEN]) -> Option<&'a [u8]> {
+pub fn normalize_host<'a>(host: &[u8], out: &'a mut [u8; MAX_HOST_LEN]) -> Option<&'a [u8]> {
     let name = if host.first() == Some(&b'[') {
         // IP literal: keep the brackets, drop ":port" after them.
         let end = host.iter().position(|&b| b == b']')?;

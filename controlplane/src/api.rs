@@ -24,6 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::store::Store;
+use common::policy::constant_time_eq;
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -780,15 +781,6 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
         )
         .into_response()
     }
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a guess was right.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for (i, &expected) in b.iter().enumerate() {
-        diff |= a.get(i).copied().unwrap_or(0) ^ expected;
-    }
-    diff == 0
 }
 
 /// Reads a JSON body: right content type (415), at most 1 MiB (413), well-formed (400).

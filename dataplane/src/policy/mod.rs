@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use common::policy::{Cors, Policies, PolicyKind, RateKey, RateLimit, Stage};
+use common::router::{normalize_host, MAX_HOST_LEN};
 use common::{Route, Snapshot};
 
 use crate::codec::request::RequestHead;
@@ -414,11 +415,11 @@ fn screen(
             ));
         }
         PolicyKind::Domain(d) => {
-            let mut lower = [0u8; 256];
+            let mut lower = [0u8; MAX_HOST_LEN];
             let host = head
                 .host
                 .map(|h| h.of(buf))
-                .and_then(|h| host_key(h, &mut lower));
+                .and_then(|h| normalize_host(h, &mut lower));
             if !host.is_some_and(|h| d.allows(h)) {
                 return Some(refuse(
                     st,
@@ -432,28 +433,6 @@ fn screen(
         _ => {}
     }
     None
-}
-
-/// Lower-cases `host` without its port and trailing dot.
-fn host_key<'a>(host: &[u8], out: &'a mut [u8; 256]) -> Option<&'a [u8]> {
-    let name = if host.first() == Some(&b'[') {
-        let end = host.iter().position(|&b| b == b']')?;
-        &host[..=end]
-    } else {
-        match host.iter().rposition(|&b| b == b':') {
-            Some(c) => &host[..c],
-            None => host,
-        }
-    };
-    let name = name.strip_suffix(b".").unwrap_or(name);
-    if name.len() > out.len() {
-        return None;
-    }
-    let out = &mut out[..name.len()];
-    for (o, b) in out.iter_mut().zip(name) {
-        *o = b.to_ascii_lowercase();
-    }
-    Some(out)
 }
 
 /// The origin (`scheme://authority`) of a `Referer` URL.
