@@ -41,6 +41,8 @@ pub struct Policies {
     pub api_keys: ApiKeys,
     /// Consumer id → index into `consumers` (JWT consumer claims).
     pub consumer_ids: HashMap<Box<str>, u32>,
+    /// Policy id → index into `list`.
+    pub by_id: HashMap<Box<str>, u16>,
     /// Peers whose forwarding field is believed.
     pub trusted_proxies: IpSet,
     /// Which field they write: `Forwarded` (true) or `X-Forwarded-For`.
@@ -487,11 +489,16 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         .iter()
         .map(|(&id, &i)| (Box::from(id), i))
         .collect();
+    let by_id = policy_index
+        .iter()
+        .map(|(&id, &i)| (Box::from(id), i))
+        .collect();
     Ok(Policies {
         list,
         consumers,
         api_keys,
         consumer_ids,
+        by_id,
         trusted_proxies,
         client_ip_from_forwarded,
         global: global.into(),
@@ -504,19 +511,14 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
 /// authentication policies are tried in the order listed).
 pub fn route_policies(
     policies: &Policies,
-    config: &Config,
     ids: &[String],
     at: &str,
 ) -> Result<Box<[u16]>, ConfigError> {
     let mut out: Vec<u16> = policies.global.to_vec();
     for (j, id) in ids.iter().enumerate() {
-        let p = config
-            .policies
-            .iter()
-            .position(|p| p.id() == id)
-            .ok_or_else(|| {
-                ConfigError::field(format!("{at}[{j}]"), format!("unknown policy {id:?}"))
-            })? as u16;
+        let &p = policies.by_id.get(id.as_str()).ok_or_else(|| {
+            ConfigError::field(format!("{at}[{j}]"), format!("unknown policy {id:?}"))
+        })?;
         if out.contains(&p) {
             let why = if policies.global.contains(&p) {
                 "is already a global policy"

@@ -199,7 +199,6 @@ impl Snapshot {
             let mut route = compile_route(r, i, &config, &upstreams)?;
             route.policies = crate::policy::route_policies(
                 &policies,
-                &config,
                 &r.policies,
                 &format!("routes[{i}].policies"),
             )?;
