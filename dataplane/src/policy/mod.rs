@@ -1,9 +1,9 @@
 //! Traffic policies on the request path: IP filter, domain allowlist and CORS,
 //! authentication (API key, JWT), authorization (ACL) and rate limiting, run in that fixed
-//! order over a route's compiled policy list (global ones first, see
-//! [`common::policy::Stage`]).
+//! order: the listener's policies, then the route's compiled list (global ones included,
+//! sorted by [`common::policy::Stage`]), then the authenticated consumer's rate limits.
 //!
-//! Hot path for routes that have policies; routes without any skip this module entirely.
+//! Hot path for requests that have policies; the others skip this module entirely.
 //! [`check`] reads the request head in place and writes only into the connection's reused
 //! [`PolicyState`]: either a complete refusal (403, 421, 401, 429, or a CORS preflight
 //! answer) or what the forwarded request must gain and lose (the consumer header, the
@@ -139,8 +139,8 @@ pub fn is_preflight(buf: &[u8], head: &RequestHead) -> bool {
     origin && method
 }
 
-/// Removes from a relayed response every `Access-Control-*` field line (and any `Vary`
-/// is left alone: the gateway adds `Vary: Origin` beside it).
+/// Removes from a relayed response every `Access-Control-*` field line, which the gateway's
+/// own CORS fields replace. (`Vary` stays: the gateway adds `Vary: Origin` beside it.)
 pub fn drop_cors_fields(buf: &[u8], start: usize, end: usize, drops: &mut Vec<Span>) {
     for f in lines(buf, start, end) {
         if f.name.len() > 15 && f.name[..15].eq_ignore_ascii_case(b"access-control-") {
