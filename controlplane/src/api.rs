@@ -238,32 +238,17 @@ impl Kind {
     }
 
     fn remove(self, c: &mut Config, id: &str) -> bool {
+        fn remove_where<T>(list: &mut Vec<T>, gone: impl Fn(&T) -> bool) -> bool {
+            let before = list.len();
+            list.retain(|x| !gone(x));
+            before != list.len()
+        }
         match self {
-            Kind::Routes => {
-                let before = c.routes.len();
-                c.routes.retain(|r| r.id != id);
-                before != c.routes.len()
-            }
-            Kind::Upstreams => {
-                let before = c.upstreams.len();
-                c.upstreams.retain(|u| u.id != id);
-                before != c.upstreams.len()
-            }
-            Kind::Consumers => {
-                let before = c.consumers.len();
-                c.consumers.retain(|u| u.id != id);
-                before != c.consumers.len()
-            }
-            Kind::Credentials => {
-                let before = c.credentials.len();
-                c.credentials.retain(|u| u.id != id);
-                before != c.credentials.len()
-            }
-            Kind::Policies => {
-                let before = c.policies.len();
-                c.policies.retain(|u| u.id() != id);
-                before != c.policies.len()
-            }
+            Kind::Routes => remove_where(&mut c.routes, |r| r.id == id),
+            Kind::Upstreams => remove_where(&mut c.upstreams, |u| u.id == id),
+            Kind::Consumers => remove_where(&mut c.consumers, |u| u.id == id),
+            Kind::Credentials => remove_where(&mut c.credentials, |u| u.id == id),
+            Kind::Policies => remove_where(&mut c.policies, |u| u.id() == id),
         }
     }
 

@@ -413,43 +413,25 @@ fn convert_history(dir: &Path, current: &Current) -> io::Result<()> {
     fs::remove_dir_all(&old)
 }
 
-/// `kind/id` → JSON of every route and upstream.
+/// `kind/id` → JSON of every item of every resource kind.
 pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
-    let routes = config.routes.iter().map(|r| {
-        (
-            format!("routes/{}", r.id),
-            serde_json::to_value(r).unwrap_or_default(),
-        )
-    });
-    let upstreams = config.upstreams.iter().map(|u| {
-        (
-            format!("upstreams/{}", u.id),
-            serde_json::to_value(u).unwrap_or_default(),
-        )
-    });
-    let consumers = config.consumers.iter().map(|u| {
-        (
-            format!("consumers/{}", u.id),
-            serde_json::to_value(u).unwrap_or_default(),
-        )
-    });
-    let credentials = config.credentials.iter().map(|u| {
-        (
-            format!("credentials/{}", u.id),
-            serde_json::to_value(u).unwrap_or_default(),
-        )
-    });
-    let policies = config.policies.iter().map(|u| {
-        (
-            format!("policies/{}", u.id()),
-            serde_json::to_value(u).unwrap_or_default(),
-        )
-    });
-    routes
-        .chain(upstreams)
-        .chain(consumers)
-        .chain(credentials)
-        .chain(policies)
+    fn items<'a, T: Serialize>(
+        kind: &'a str,
+        list: &'a [T],
+        id: impl Fn(&T) -> &str + 'a,
+    ) -> impl Iterator<Item = (String, serde_json::Value)> + 'a {
+        list.iter().map(move |x| {
+            (
+                format!("{kind}/{}", id(x)),
+                serde_json::to_value(x).unwrap_or_default(),
+            )
+        })
+    }
+    items("routes", &config.routes, |r| &r.id)
+        .chain(items("upstreams", &config.upstreams, |u| &u.id))
+        .chain(items("consumers", &config.consumers, |u| &u.id))
+        .chain(items("credentials", &config.credentials, |u| &u.id))
+        .chain(items("policies", &config.policies, |p| p.id()))
         .collect()
 }
 
