@@ -46,7 +46,9 @@ options (defaults in brackets):
                         through its admin API
   --idle N              also measure RSS per idle keep-alive connection with N connections
   --out DIR             where the CSV, SVG and table go [loadtest/out]
-  --gateway PATH        gateway binary [build and use target/release/gateway]";
+  --gateway PATH        gateway binary [build and use target/release/gateway]
+  --baseline PATH       also run this second gateway binary, as gateway-baseline, with the
+                        plain gateway's config: an A/B of two builds in one interleaved run";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -64,6 +66,7 @@ struct Options {
     idle: usize,
     out: PathBuf,
     gateway: Option<PathBuf>,
+    baseline: Option<PathBuf>,
     worker_counts: Vec<usize>,
 }
 
@@ -95,6 +98,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         idle: 0,
         out: workspace_root().join("loadtest/out"),
         gateway: None,
+        baseline: None,
         worker_counts: vec![1, 2, 4, 8],
     };
     let mut it = args.iter();
@@ -131,6 +135,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--idle" => o.idle = val()?.parse()?,
             "--out" => o.out = PathBuf::from(val()?),
             "--gateway" => o.gateway = Some(PathBuf::from(val()?)),
+            "--baseline" => o.baseline = Some(PathBuf::from(val()?)),
             "--worker-counts" => {
                 o.worker_counts = val()?
                     .split(',')
@@ -139,6 +144,13 @@ fn parse_options(args: &[String]) -> Result<Options> {
             }
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
+    }
+    match (&o.baseline, o.proxies.contains(&Kind::GatewayBaseline)) {
+        (Some(_), false) => o
+            .proxies
+            .insert(o.proxies.len().min(1), Kind::GatewayBaseline),
+        (None, true) => bail!("gateway-baseline needs --baseline PATH"),
+        _ => {}
     }
     if o.reps == 0 || o.duration == 0 || o.duration > 600 || o.reps > 50 {
         bail!("--reps must be 1..50 and --duration 1..600 seconds");
@@ -238,14 +250,11 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     let origin = procs::start_origin(&dir, opts.workers, &opts.origin_cpus)?;
     let mut proxies: Vec<(Kind, Proc)> = Vec::new();
     for &kind in &opts.proxies {
-        let p = procs::start_proxy(
-            kind,
-            &dir,
-            gateway,
-            opts.workers,
-            &opts.proxy_cpus,
-            origin.addr,
-        )?;
+        let bin = match (kind, &opts.baseline) {
+            (Kind::GatewayBaseline, Some(baseline)) => baseline.as_path(),
+            _ => gateway,
+        };
+        let p = procs::start_proxy(kind, &dir, bin, opts.workers, &opts.proxy_cpus, origin.addr)?;
         proxies.push((kind, p));
     }
     // Every proxy must return exactly what the origin serves before anything is measured.

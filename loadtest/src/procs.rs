@@ -170,6 +170,9 @@ pub enum Kind {
     /// The gateway with an API-key and a rate-limit policy on its route (the limit is high
     /// enough never to refuse): what those policies cost per request.
     GatewayPolicies,
+    /// Another gateway binary (`--baseline PATH`) with the plain gateway's config: an A/B of
+    /// two builds inside one interleaved run.
+    GatewayBaseline,
     Nginx,
     Haproxy,
 }
@@ -180,6 +183,7 @@ impl Kind {
             Kind::Direct => "origin-direct",
             Kind::Gateway => "gateway",
             Kind::GatewayPolicies => "gateway+policies",
+            Kind::GatewayBaseline => "gateway-baseline",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
         }
@@ -189,9 +193,12 @@ impl Kind {
         Ok(match s {
             "gateway" => Kind::Gateway,
             "gateway+policies" => Kind::GatewayPolicies,
+            "gateway-baseline" => Kind::GatewayBaseline,
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
-            other => bail!("unknown proxy {other:?} (gateway, gateway+policies, nginx, haproxy)"),
+            other => bail!(
+                "unknown proxy {other:?} (gateway, gateway+policies, gateway-baseline, nginx, haproxy)"
+            ),
         })
     }
 }
@@ -249,7 +256,7 @@ pub fn start_proxy(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     match kind {
         Kind::Direct => bail!("the origin is not started as a proxy"),
-        Kind::Gateway | Kind::GatewayPolicies => {
+        Kind::Gateway | Kind::GatewayPolicies | Kind::GatewayBaseline => {
             let name = kind.name();
             let conf = dir.file(&format!("{name}.toml"));
             let admin_port = free_port()?;
