@@ -312,7 +312,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                 )?;
                 let cpu_s = pid.map(procs::cpu_seconds).unwrap_or(0.0) - before;
                 println!(
-                    "rep {rep} {name:>4} {label:<14} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",
+                    "rep {rep} {name:>4} {label:<16} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",
                     w.rps,
                     w.p99_us,
                     cpu_s,
