@@ -235,6 +235,12 @@ fn build_uring_runtime(
             .enable_timer()
             .build()
     };
+    with_coop_fallback(build)
+}
+
+/// `build(true)`, or `build(false)` when the kernel refuses the flag (EINVAL); any other
+/// error is returned as it is.
+fn with_coop_fallback<R>(build: impl Fn(bool) -> io::Result<R>) -> io::Result<R> {
     match build(true) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => build(false),
         built => built,
@@ -436,5 +442,52 @@ fn pin_to_cpu(cpu: usize) {
                 io::Error::last_os_error()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coop_taskrun_falls_back_only_on_einval() {
+        let old_kernel = |coop: bool| {
+            if coop {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                Ok("plain ring")
+            }
+        };
+        assert_eq!(with_coop_fallback(old_kernel).unwrap(), "plain ring");
+        let new_kernel = |coop: bool| Ok(if coop { "coop ring" } else { "plain ring" });
+        assert_eq!(with_coop_fallback(new_kernel).unwrap(), "coop ring");
+        let no_memory =
+            |_coop: bool| -> io::Result<&str> { Err(io::Error::from_raw_os_error(libc::ENOMEM)) };
+        let err = with_coop_fallback(no_memory).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOMEM));
+    }
+
+    #[test]
+    fn the_uring_runtime_builds_and_runs_io() {
+        // Builds with the flag on this kernel (or without it on an old one) and completes
+        // real io_uring operations and a timer.
+        let mut rt = build_uring_runtime().expect("an io_uring runtime");
+        let echoed = rt.block_on(async {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = monoio::spawn(async move {
+                let mut s = monoio::net::TcpStream::connect_addr(addr).await.unwrap();
+                let (res, _) = monoio::io::AsyncWriteRentExt::write_all(&mut s, b"ping").await;
+                res.unwrap();
+            });
+            let (mut conn, _) = listener.accept().await.unwrap();
+            monoio::time::sleep(Duration::from_millis(1)).await;
+            let (res, buf) =
+                monoio::io::AsyncReadRentExt::read_exact(&mut conn, vec![0u8; 4]).await;
+            res.unwrap();
+            client.await;
+            buf
+        });
+        assert_eq!(echoed, b"ping");
     }
 }
