@@ -630,3 +630,41 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
         at += size + 2;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn baseline_adds_a_second_gateway_right_after_the_first() {
+        let o = parse_options(&args("--baseline /tmp/old --proxies gateway,nginx")).unwrap();
+        assert_eq!(o.baseline.as_deref(), Some(Path::new("/tmp/old")));
+        assert_eq!(
+            o.proxies,
+            [Kind::Gateway, Kind::GatewayBaseline, Kind::Nginx]
+        );
+        // Named explicitly, it keeps its place and is not added twice.
+        let o = parse_options(&args(
+            "--proxies nginx,gateway-baseline,gateway --baseline /tmp/old",
+        ))
+        .unwrap();
+        assert_eq!(
+            o.proxies,
+            [Kind::Nginx, Kind::GatewayBaseline, Kind::Gateway]
+        );
+    }
+
+    #[test]
+    fn baseline_proxy_without_a_binary_is_refused() {
+        let err = parse_options(&args("--proxies gateway,gateway-baseline")).unwrap_err();
+        assert!(err.to_string().contains("--baseline PATH"), "{err}");
+        assert!(parse_options(&args("--proxies gateway"))
+            .unwrap()
+            .baseline
+            .is_none());
+    }
+}
