@@ -531,6 +531,10 @@ pub struct TimeoutsConfig {
     /// syscalls for clients that pause briefly between requests. 0 disables parking.
     /// Default 20.
     pub client_park_ms: u64,
+    /// How long a client may leave response bytes unacknowledged, or keep its receive window
+    /// shut, before the gateway drops the connection (the kernel's TCP_USER_TIMEOUT, set when
+    /// the connection is accepted). Guards against clients that stop reading. Default 60,000.
+    pub client_send_ms: u64,
     /// TCP connect to a target; on expiry 504. Default 5,000.
     pub upstream_connect_ms: u64,
     /// From the end of sending the request to the end of the response head; on expiry 504.
@@ -539,6 +543,10 @@ pub struct TimeoutsConfig {
     /// Longest silence while relaying a response body or an upgraded (WebSocket) tunnel before
     /// both connections are closed. Default 60,000.
     pub upstream_body_ms: u64,
+    /// How long an upstream may leave request bytes unacknowledged, or keep its receive window
+    /// shut, before the gateway drops the connection (TCP_USER_TIMEOUT, set at connect); the
+    /// client gets 504 if no response has started. Default 60,000.
+    pub upstream_send_ms: u64,
     /// How long an idle pooled upstream connection is kept. Default 30,000.
     pub upstream_idle_ms: u64,
 }
@@ -550,9 +558,11 @@ impl Default for TimeoutsConfig {
             client_body_ms: 30_000,
             client_idle_ms: 60_000,
             client_park_ms: 20,
+            client_send_ms: 60_000,
             upstream_connect_ms: 5_000,
             upstream_response_head_ms: 60_000,
             upstream_body_ms: 60_000,
+            upstream_send_ms: 60_000,
             upstream_idle_ms: 30_000,
         }
     }

@@ -110,9 +110,11 @@ pub struct Timeouts {
     pub client_idle: Duration,
     /// `None`: parking disabled.
     pub client_park: Option<Duration>,
+    pub client_send: Duration,
     pub upstream_connect: Duration,
     pub upstream_response_head: Duration,
     pub upstream_body: Duration,
+    pub upstream_send: Duration,
     pub upstream_idle: Duration,
 }
 
@@ -233,9 +235,11 @@ impl Snapshot {
                 0 => None,
                 v => Some(ms("client_park_ms", v)?),
             },
+            client_send: ms("client_send_ms", t.client_send_ms)?,
             upstream_connect: ms("upstream_connect_ms", t.upstream_connect_ms)?,
             upstream_response_head: ms("upstream_response_head_ms", t.upstream_response_head_ms)?,
             upstream_body: ms("upstream_body_ms", t.upstream_body_ms)?,
+            upstream_send: ms("upstream_send_ms", t.upstream_send_ms)?,
             upstream_idle: ms("upstream_idle_ms", t.upstream_idle_ms)?,
         };
         let l = &config.limits;

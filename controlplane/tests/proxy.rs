@@ -34,6 +34,8 @@ both_drivers!(
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
     parked_connections_resume_and_expire,
+    client_that_stops_reading_is_dropped,
+    upstream_that_stops_reading_the_body_is_504,
 );
 
 fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
@@ -651,4 +653,94 @@ fn parked_connections_resume_and_expire(driver: Driver) {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Far more than loopback socket buffers on both sides can hold (a few MiB each), so the
+/// gateway is left with bytes it cannot hand to a peer that stopped reading.
+const STALL_BYTES: usize = 48 * 1024 * 1024;
+
+fn client_that_stops_reading_is_dropped(driver: Driver) {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {STALL_BYTES}\r\n\r\n"
+        );
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..STALL_BYTES >> 20 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        Keep::Close
+    }));
+    let gw = Gateway::start(
+        &proxy_config(origin.addr, "[timeouts]\nclient_send_ms = 500\n"),
+        driver,
+    );
+    let mut c = gw.connect();
+    c.send(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
+    // Read nothing while the gateway's sends stall against a zero window.
+    thread::sleep(Duration::from_secs(3));
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let ended = loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) if got + n >= STALL_BYTES => break "the whole body",
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("read failed after {got} bytes: {e}"),
+        }
+    };
+    assert!(
+        ended != "the whole body",
+        "the client got the whole body: the stalled connection was never dropped"
+    );
+}
+
+fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
+    // Reads the request head, then nothing, for longer than the test waits.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            thread::sleep(Duration::from_secs(15));
+        }
+    });
+    let gw = Gateway::start(
+        &proxy_config(
+            origin,
+            "[timeouts]\nupstream_send_ms = 500\n[limits]\nmax_body_bytes = 100000000\n",
+        ),
+        driver,
+    );
+    let mut c = gw.connect();
+    c.send(
+        format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {STALL_BYTES}\r\n\r\n")
+            .as_bytes(),
+    );
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..STALL_BYTES >> 20 {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = c.read_response();
+    assert_eq!(r.status, 504, "{}", r.body_str());
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    sender.join().unwrap();
 }

@@ -23,6 +23,8 @@ pub enum UpstreamError {
     ConnectFailed,
     ConnectTimeout,
     ResponseTimeout,
+    /// Left request bytes unacknowledged or its window shut past `upstream_send_ms`.
+    SendTimeout,
     /// Closed or reset before or during the response.
     Broken,
     /// A response the gateway could not frame.
@@ -30,10 +32,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    const ALL: [UpstreamError; 5] = [
+    const ALL: [UpstreamError; 6] = [
         UpstreamError::ConnectFailed,
         UpstreamError::ConnectTimeout,
         UpstreamError::ResponseTimeout,
+        UpstreamError::SendTimeout,
         UpstreamError::Broken,
         UpstreamError::Malformed,
     ];
@@ -43,6 +46,7 @@ impl UpstreamError {
             UpstreamError::ConnectFailed => "connect_failed",
             UpstreamError::ConnectTimeout => "connect_timeout",
             UpstreamError::ResponseTimeout => "response_timeout",
+            UpstreamError::SendTimeout => "send_timeout",
             UpstreamError::Broken => "broken",
             UpstreamError::Malformed => "malformed",
         }
@@ -93,7 +97,7 @@ pub struct WorkerMetrics {
     requests: Box<[AtomicU64]>,
     pub request_latency: Histogram,
     pub upstream_latency: Histogram,
-    upstream_errors: [AtomicU64; 5],
+    upstream_errors: [AtomicU64; UpstreamError::ALL.len()],
     open_connections: AtomicU64,
 }
 
@@ -230,6 +234,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_upstream_error_kind_has_a_counter() {
+        let w = Arc::new(WorkerMetrics::default());
+        for kind in UpstreamError::ALL {
+            w.upstream_error(kind);
+        }
+        let text = render(&[w], 1);
+        for kind in UpstreamError::ALL {
+            let line = format!(
+                "gateway_upstream_errors_total{{kind=\"{}\"}} 1\n",
+                kind.label()
+            );
+            assert!(text.contains(&line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
     fn renders_sums_over_workers() {
         let a = Arc::new(WorkerMetrics::default());
         let b = Arc::new(WorkerMetrics::default());
@@ -249,6 +269,7 @@ mod tests {
             text.contains("gateway_requests_total{route=\"metrics-test-route\",class=\"5xx\"} 1\n")
         );
         assert!(text.contains("gateway_upstream_errors_total{kind=\"connect_timeout\"} 1\n"));
+        assert!(text.contains("gateway_upstream_errors_total{kind=\"send_timeout\"} 0\n"));
         assert!(
             text.contains("gateway_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"),
             "{text}"

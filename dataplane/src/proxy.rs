@@ -37,7 +37,9 @@ use crate::gather::write_gathered;
 use crate::metrics::UpstreamError;
 use crate::policy::{self, Clock, PolicyState, Verdict};
 use crate::status::{Status, CONTINUE};
-use crate::upstream::{connect, ConnectError, UpstreamConn, UPSTREAM_BUF};
+use crate::upstream::{
+    connect, is_send_timeout, set_send_timeout, ConnectError, UpstreamConn, UPSTREAM_BUF,
+};
 use crate::worker::{Peer, WorkerCtx};
 
 /// Initial size of a client connection's read buffer; it grows up to `max_header_bytes` for a
@@ -109,6 +111,15 @@ struct Client {
     policy: PolicyState,
 }
 
+/// Why relaying a request body stopped.
+#[derive(Debug)]
+enum BodyRelayError {
+    /// From the client's side: answer with the status, if any, and close.
+    Client(Option<Status>),
+    /// Writing to the upstream failed.
+    Upstream(std::io::Error),
+}
+
 /// What waiting for the next request head gave.
 #[derive(Debug)]
 enum Head {
@@ -122,10 +133,11 @@ enum Head {
 /// Serves a connection until it closes or parks; `served` counts requests already served on
 /// it (0 for a fresh connection).
 pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, served: u64) {
+    let snap = ctx.config.load();
     if served == 0 {
         let _ = stream.set_nodelay(true);
+        let _ = set_send_timeout(stream.as_raw_fd(), snap.timeouts.client_send);
     }
-    let snap = ctx.config.load();
     let mut client = Client {
         stream,
         buf: Vec::with_capacity(CLIENT_BUF),
@@ -483,7 +495,13 @@ impl Client {
             let pooled = pooled_conn.is_some();
             let mut conn = match pooled_conn {
                 Some(c) => c,
-                None => match connect(target, self.timeouts.upstream_connect).await {
+                None => match connect(
+                    target,
+                    self.timeouts.upstream_connect,
+                    self.timeouts.upstream_send,
+                )
+                .await
+                {
                     Ok(c) => c,
                     Err(ConnectError::Timeout) => {
                         ctx.metrics.upstream_error(UpstreamError::ConnectTimeout);
@@ -504,16 +522,15 @@ impl Client {
                 pieces,
             )
             .await;
-            if sent.is_err() {
+            if let Err(e) = sent {
                 // A pooled connection the upstream had closed: nothing of the request got
                 // through and nothing more has been read from the client, so it can go
                 // again on a fresh connection, once.
-                if pooled && !retried {
+                if pooled && !retried && !is_send_timeout(&e) {
                     retried = true;
                     continue;
                 }
-                ctx.metrics.upstream_error(UpstreamError::Broken);
-                return self.fail(Status::BadGateway).await;
+                return self.upstream_write_failed(ctx, &e).await;
             }
             self.pos = body_end;
             if body_left > 0 {
@@ -528,8 +545,11 @@ impl Client {
                     .await
                 {
                     Ok(()) => {}
-                    Err(Some(status)) => return self.fail(status).await,
-                    Err(None) => return Next::Close,
+                    Err(BodyRelayError::Client(Some(status))) => return self.fail(status).await,
+                    Err(BodyRelayError::Client(None)) => return Next::Close,
+                    Err(BodyRelayError::Upstream(e)) => {
+                        return self.upstream_write_failed(ctx, &e).await
+                    }
                 }
             }
             let sent_at = Instant::now();
@@ -592,16 +612,27 @@ impl Client {
         }
     }
 
+    /// Counts a failed write of the request to the upstream and answers 504 when the upstream
+    /// left it unacknowledged past `upstream_send_ms`, 502 otherwise.
+    async fn upstream_write_failed(&mut self, ctx: &WorkerCtx, e: &std::io::Error) -> Next {
+        if is_send_timeout(e) {
+            ctx.metrics.upstream_error(UpstreamError::SendTimeout);
+            self.fail(Status::GatewayTimeout).await
+        } else {
+            ctx.metrics.upstream_error(UpstreamError::Broken);
+            self.fail(Status::BadGateway).await
+        }
+    }
+
     /// Streams the rest of the request body from the client to the upstream, through the
-    /// client's read buffer. `Err(Some(status))`: answer the client with it; `Err(None)`: just
-    /// close.
+    /// client's read buffer.
     async fn relay_request_body(
         &mut self,
         conn: &mut UpstreamConn,
         kind: BodyKind,
         left: &mut u64,
         mut decoder: Option<&mut ChunkedDecoder>,
-    ) -> Result<(), Option<Status>> {
+    ) -> Result<(), BodyRelayError> {
         while *left > 0 {
             if self.pos == self.buf.len() {
                 self.buf.clear();
@@ -621,17 +652,21 @@ impl Client {
                 )
                 .await
                 {
-                    Ok(0) | Err(ReadError::Io) => return Err(None),
+                    Ok(0) | Err(ReadError::Io) => return Err(BodyRelayError::Client(None)),
                     Ok(_) => {}
-                    Err(ReadError::Timeout) => return Err(Some(Status::RequestTimeout)),
+                    Err(ReadError::Timeout) => {
+                        return Err(BodyRelayError::Client(Some(Status::RequestTimeout)))
+                    }
                 }
             }
             let avail = &self.buf[self.pos..];
             let take = match (kind, decoder.as_deref_mut()) {
                 (BodyKind::Chunked, Some(d)) => {
-                    let k = d.advance(avail).map_err(|_| Some(Status::BadRequest))?;
+                    let k = d
+                        .advance(avail)
+                        .map_err(|_| BodyRelayError::Client(Some(Status::BadRequest)))?;
                     if d.data_len() > self.limits.max_body_bytes {
-                        return Err(Some(Status::PayloadTooLarge));
+                        return Err(BodyRelayError::Client(Some(Status::PayloadTooLarge)));
                     }
                     if d.is_done() {
                         *left = 0;
@@ -649,9 +684,7 @@ impl Client {
             let (res, slice) = conn.stream.write_all(buf.slice(start..start + take)).await;
             self.buf = slice.into_inner();
             self.pos = start + take;
-            if res.is_err() {
-                return Err(Some(Status::BadGateway));
-            }
+            res.map_err(BodyRelayError::Upstream)?;
         }
         Ok(())
     }

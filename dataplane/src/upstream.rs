@@ -45,13 +45,49 @@ pub enum ConnectError {
     Io(#[from] io::Error),
 }
 
-/// Opens a connection with TCP_NODELAY, failing after `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, ConnectError> {
+/// Opens a connection with TCP_NODELAY, failing after `timeout`; bytes it sends that the
+/// upstream leaves unacknowledged (or its window shut) for `send_timeout` make the
+/// connection fail with `ETIMEDOUT`.
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    send_timeout: Duration,
+) -> Result<UpstreamConn, ConnectError> {
     let stream = monoio::time::timeout(timeout, TcpStream::connect_addr(addr))
         .await
         .map_err(|_| ConnectError::Timeout)??;
     stream.set_nodelay(true)?;
+    set_send_timeout(stream.as_raw_fd(), send_timeout)?;
     Ok(UpstreamConn::new(stream))
+}
+
+/// Sets TCP_USER_TIMEOUT: once sent bytes stay unacknowledged, or the peer's receive window
+/// stays shut (zero-window probes unanswered by any opening), for `limit`, the kernel drops
+/// the connection and pending and later I/O on it fails with `ETIMEDOUT`. Costs nothing per
+/// request: no timer of the worker's is involved.
+pub fn set_send_timeout(fd: std::os::fd::RawFd, limit: Duration) -> io::Result<()> {
+    let ms = libc::c_uint::try_from(limit.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: `fd` is an open socket owned by the caller; the option value is a c_uint that
+    // lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether a write failed because the peer left it unacknowledged past the send timeout.
+pub fn is_send_timeout(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ETIMEDOUT)
 }
 
 /// Idle time after which a pooled connection is checked before reuse.
