@@ -111,6 +111,9 @@ struct Client {
     policy: PolicyState,
 }
 
+/// How long a failed write to an upstream waits for an answer it may have sent early.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(100);
+
 /// Why relaying a request body stopped.
 #[derive(Debug)]
 enum BodyRelayError {
@@ -530,7 +533,7 @@ impl Client {
                     retried = true;
                     continue;
                 }
-                return self.upstream_write_failed(ctx, &e).await;
+                return self.upstream_write_failed(ctx, &mut conn, head, &e).await;
             }
             self.pos = body_end;
             if body_left > 0 {
@@ -548,7 +551,7 @@ impl Client {
                     Err(BodyRelayError::Client(Some(status))) => return self.fail(status).await,
                     Err(BodyRelayError::Client(None)) => return Next::Close,
                     Err(BodyRelayError::Upstream(e)) => {
-                        return self.upstream_write_failed(ctx, &e).await
+                        return self.upstream_write_failed(ctx, &mut conn, head, &e).await
                     }
                 }
             }
@@ -612,9 +615,28 @@ impl Client {
         }
     }
 
-    /// Counts a failed write of the request to the upstream and answers 504 when the upstream
-    /// left it unacknowledged past `upstream_send_ms`, 502 otherwise.
-    async fn upstream_write_failed(&mut self, ctx: &WorkerCtx, e: &std::io::Error) -> Next {
+    /// After a failed write of the request to the upstream: an upstream that answered before
+    /// taking the whole request (a 413 or 401 to an upload, then stopped reading or closed) has
+    /// that answer relayed, and the client connection closes since the rest of its body was
+    /// not read. Otherwise the failure is counted and the client gets 504 when the upstream
+    /// left the request unacknowledged past `upstream_send_ms`, 502 otherwise.
+    async fn upstream_write_failed(
+        &mut self,
+        ctx: &WorkerCtx,
+        conn: &mut UpstreamConn,
+        head: &RequestHead,
+        e: &std::io::Error,
+    ) -> Next {
+        // Whatever the upstream sent is already in the socket's receive queue, readable even
+        // after a reset or a timeout; the bound only matters for a socket that is still open.
+        let deadline = Instant::now() + EARLY_ANSWER_WAIT;
+        if let Ok(resp) = self.read_response_head(conn, head, deadline).await {
+            if resp.status != 101 {
+                self.last_status = resp.status;
+                let _ = self.relay_response(conn, &resp, head, true).await;
+                return Next::Close;
+            }
+        }
         if is_send_timeout(e) {
             ctx.metrics.upstream_error(UpstreamError::SendTimeout);
             self.fail(Status::GatewayTimeout).await
