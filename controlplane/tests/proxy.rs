@@ -37,6 +37,7 @@ both_drivers!(
     client_that_stops_reading_is_dropped,
     upstream_that_stops_reading_the_body_is_504,
     early_upstream_answer_to_an_unread_body_is_relayed,
+    body_shorter_than_the_method_after_the_head,
 );
 
 fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
@@ -790,4 +791,25 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
     assert_eq!(r.body_str(), "too big!");
     assert!(c.is_closed_within(Duration::from_secs(5)));
     sender.join().unwrap();
+}
+
+/// A body that arrives after the head, shorter than the method name: the client buffer then
+/// holds fewer bytes than the head's method span (this used to panic the worker).
+fn body_shorter_than_the_method_after_the_head(driver: Driver) {
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"POST /short HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n");
+    thread::sleep(Duration::from_millis(200));
+    c.send(b"abc");
+    let r = c.read_response();
+    assert_eq!(r.status, 200);
+    assert_eq!(origin.wait_requests(1)[0].raw_body, b"abc");
+    // The same connection and worker go on serving, HEAD framing included.
+    let r = c.roundtrip("HEAD /after HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let r = gw
+        .connect()
+        .roundtrip("GET /fresh HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.body_str(), "origin saw /fresh");
 }

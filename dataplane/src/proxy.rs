@@ -52,6 +52,9 @@ const BODY_BUF: usize = 64 * 1024;
 enum ReadError {
     Timeout,
     Io,
+    /// The peer left bytes the gateway sent unacknowledged past its send timeout
+    /// (`ETIMEDOUT` from TCP_USER_TIMEOUT); the connection is gone.
+    Stalled,
 }
 
 /// How a request ended for the client connection.
@@ -71,6 +74,9 @@ enum UpstreamFailure {
     /// Nothing came back at all (closed or reset before any byte).
     NothingReceived,
     Timeout,
+    /// The request stayed unacknowledged past `upstream_send_ms` (the kernel dropped the
+    /// connection while the gateway waited for the answer).
+    Stalled,
     Broken,
     /// A response head the gateway cannot frame.
     Malformed,
@@ -274,7 +280,7 @@ impl Client {
                 Ok(Some(_)) => {}
                 Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Closed),
                 Err(ReadError::Timeout) => return Err(Status::RequestTimeout),
-                Err(ReadError::Io) => return Ok(Head::Closed),
+                Err(ReadError::Io | ReadError::Stalled) => return Ok(Head::Closed),
             }
         }
     }
@@ -477,6 +483,8 @@ impl Client {
         let body_end = head.head_end + first_body;
         // The whole request is in the buffer: it can be sent again on a fresh connection.
         let replayable = body_left == 0;
+        // Read while the head's spans still point at it: relaying a body reuses the buffer.
+        let is_head = head.is_head(&self.buf);
         for &d in &self.policy.drops {
             policy::add_drop(&mut self.req_plan.drop, d);
         }
@@ -533,7 +541,9 @@ impl Client {
                     retried = true;
                     continue;
                 }
-                return self.upstream_write_failed(ctx, &mut conn, head, &e).await;
+                return self
+                    .upstream_write_failed(ctx, &mut conn, head, is_head, &e)
+                    .await;
             }
             self.pos = body_end;
             if body_left > 0 {
@@ -551,13 +561,18 @@ impl Client {
                     Err(BodyRelayError::Client(Some(status))) => return self.fail(status).await,
                     Err(BodyRelayError::Client(None)) => return Next::Close,
                     Err(BodyRelayError::Upstream(e)) => {
-                        return self.upstream_write_failed(ctx, &mut conn, head, &e).await
+                        return self
+                            .upstream_write_failed(ctx, &mut conn, head, is_head, &e)
+                            .await
                     }
                 }
             }
             let sent_at = Instant::now();
             let deadline = sent_at + self.timeouts.upstream_response_head;
-            match self.read_response_head(&mut conn, head, deadline).await {
+            match self
+                .read_response_head(&mut conn, head, is_head, deadline)
+                .await
+            {
                 Ok(resp) => {
                     let us = sent_at.elapsed().as_micros() as u64;
                     ctx.metrics.upstream_latency.observe(us);
@@ -572,6 +587,10 @@ impl Client {
                 }
                 Err(UpstreamFailure::Timeout) => {
                     ctx.metrics.upstream_error(UpstreamError::ResponseTimeout);
+                    return self.fail(Status::GatewayTimeout).await;
+                }
+                Err(UpstreamFailure::Stalled) => {
+                    ctx.metrics.upstream_error(UpstreamError::SendTimeout);
                     return self.fail(Status::GatewayTimeout).await;
                 }
                 Err(UpstreamFailure::Malformed) => {
@@ -625,12 +644,13 @@ impl Client {
         ctx: &WorkerCtx,
         conn: &mut UpstreamConn,
         head: &RequestHead,
+        is_head: bool,
         e: &std::io::Error,
     ) -> Next {
         // Whatever the upstream sent is already in the socket's receive queue, readable even
         // after a reset or a timeout; the bound only matters for a socket that is still open.
         let deadline = Instant::now() + EARLY_ANSWER_WAIT;
-        if let Ok(resp) = self.read_response_head(conn, head, deadline).await {
+        if let Ok(resp) = self.read_response_head(conn, head, is_head, deadline).await {
             if resp.status != 101 {
                 self.last_status = resp.status;
                 let _ = self.relay_response(conn, &resp, head, true).await;
@@ -674,7 +694,9 @@ impl Client {
                 )
                 .await
                 {
-                    Ok(0) | Err(ReadError::Io) => return Err(BodyRelayError::Client(None)),
+                    Ok(0) | Err(ReadError::Io | ReadError::Stalled) => {
+                        return Err(BodyRelayError::Client(None))
+                    }
                     Ok(_) => {}
                     Err(ReadError::Timeout) => {
                         return Err(BodyRelayError::Client(Some(Status::RequestTimeout)))
@@ -713,13 +735,15 @@ impl Client {
 
     /// Reads the response head into `conn.buf`, relaying 1xx interim responses (other than
     /// 101) to the client on the way.
+    /// `is_head`: the request's method is HEAD, worked out before any body relay reused the
+    /// client buffer the request head's spans point into.
     async fn read_response_head(
         &mut self,
         conn: &mut UpstreamConn,
         head: &RequestHead,
+        is_head: bool,
         deadline: Instant,
     ) -> Result<ResponseHead, UpstreamFailure> {
-        let is_head = head.is_head(&self.buf);
         let mut received = false;
         conn.buf.clear();
         loop {
@@ -758,6 +782,7 @@ impl Client {
                 }
                 Ok(0) | Err(ReadError::Io) => return Err(UpstreamFailure::Broken),
                 Err(ReadError::Timeout) => return Err(UpstreamFailure::Timeout),
+                Err(ReadError::Stalled) => return Err(UpstreamFailure::Stalled),
                 Ok(_) => received = true,
             }
         }
@@ -1011,7 +1036,13 @@ async fn read_more(
     match monoio::time::timeout_at(deadline.into(), read).await {
         Ok((res, slice)) => {
             *buf = slice.into_inner();
-            res.map_err(|_| ReadError::Io)
+            res.map_err(|e| {
+                if is_send_timeout(&e) {
+                    ReadError::Stalled
+                } else {
+                    ReadError::Io
+                }
+            })
         }
         // The buffer went with the cancelled read; the caller closes this connection.
         Err(_) => Err(ReadError::Timeout),

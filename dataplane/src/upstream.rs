@@ -57,7 +57,8 @@ pub async fn connect(
         .await
         .map_err(|_| ConnectError::Timeout)??;
     stream.set_nodelay(true)?;
-    set_send_timeout(stream.as_raw_fd(), send_timeout)?;
+    // Where the option is unsupported the connection still works, just without the bound.
+    let _ = set_send_timeout(stream.as_raw_fd(), send_timeout);
     Ok(UpstreamConn::new(stream))
 }
 
