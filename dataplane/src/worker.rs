@@ -133,9 +133,41 @@ pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: Pee
     let guard = ActiveGuard(ctx.clone());
     monoio::spawn(async move {
         let ctx = guard.0.clone();
-        crate::proxy::serve(ctx, stream, peer, served).await;
+        let index = ctx.index;
+        if Contained(crate::proxy::serve(ctx, stream, peer, served))
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "gateway: worker {index}: a connection task panicked (message above); that \
+                 connection was closed and the worker goes on"
+            );
+        }
         drop(guard);
     });
+}
+
+/// Polls a future inside `catch_unwind`. monoio does not catch panics in tasks, so without
+/// this a bug hit by one request would unwind through the runtime and end the worker with
+/// every connection on it. A panicking future resolves to `Err` and is dropped (its locals,
+/// the connection's sockets among them, were dropped while unwinding).
+struct Contained<F>(F);
+
+impl<F: std::future::Future> std::future::Future for Contained<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // SAFETY: structural pinning: the inner future is never moved out of `self`.
+        let inner = unsafe { self.map_unchecked_mut(|c| &mut c.0) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
+    }
 }
 
 /// Resumes parked connections as their sockets become readable.
@@ -448,6 +480,27 @@ fn pin_to_cpu(cpu: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_task_is_contained_and_the_runtime_goes_on() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let outcomes = rt.block_on(async {
+            let bad = monoio::spawn(Contained(async {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+                let empty: &[u8] = &[];
+                empty[usize::from(empty.is_empty())] // index out of bounds: panics
+            }));
+            let good = monoio::spawn(Contained(async {
+                monoio::time::sleep(Duration::from_millis(2)).await;
+                7u8
+            }));
+            (bad.await, good.await)
+        });
+        assert_eq!(outcomes, (Err(()), Ok(7)));
+    }
 
     #[test]
     fn coop_taskrun_falls_back_only_on_einval() {
