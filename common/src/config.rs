@@ -533,7 +533,8 @@ pub struct TimeoutsConfig {
     pub client_park_ms: u64,
     /// How long a client may leave response bytes unacknowledged, or keep its receive window
     /// shut, before the gateway drops the connection (the kernel's TCP_USER_TIMEOUT, set when
-    /// the connection is accepted). Guards against clients that stop reading. Default 60,000.
+    /// the connection is accepted). Guards against clients that stop reading (the shut-window
+    /// case needs Linux 5.11 or later). Default 60,000.
     pub client_send_ms: u64,
     /// TCP connect to a target; on expiry 504. Default 5,000.
     pub upstream_connect_ms: u64,

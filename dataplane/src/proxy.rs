@@ -46,6 +46,10 @@ use crate::worker::{Peer, WorkerCtx};
 /// large head and to [`BODY_BUF`] to relay a large request body.
 const CLIENT_BUF: usize = 8 * 1024;
 const BODY_BUF: usize = 64 * 1024;
+/// Longest a lingering close waits for the client to stop sending.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most a lingering close reads and discards.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why reading from a socket stopped.
 #[derive(Debug)]
@@ -115,6 +119,9 @@ struct Client {
     last_slot: u32,
     /// What the route's policies decided for the current request.
     policy: PolicyState,
+    /// The answer went out while the client may still be sending the request body: close
+    /// with a lingering close.
+    linger: bool,
 }
 
 /// How long a failed write to an upstream waits for an answer it may have sent early.
@@ -164,6 +171,7 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, ser
         last_status: 0,
         last_slot: NO_ROUTE_SLOT,
         policy: PolicyState::default(),
+        linger: false,
     };
     drop(snap);
     loop {
@@ -209,7 +217,13 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, ser
         }
         match next {
             Next::KeepAlive if !ctx.draining.get() => {}
-            Next::KeepAlive | Next::Close => return,
+            Next::KeepAlive => return,
+            Next::Close => {
+                if client.linger {
+                    client.linger_close().await;
+                }
+                return;
+            }
             Next::Upgrade(conn, resp) => {
                 drop(snap);
                 return client.tunnel(conn, resp).await;
@@ -558,7 +572,11 @@ impl Client {
                     .await
                 {
                     Ok(()) => {}
-                    Err(BodyRelayError::Client(Some(status))) => return self.fail(status).await,
+                    Err(BodyRelayError::Client(Some(status))) => {
+                        // A body refused mid-way (413, 400): the client may still be sending.
+                        self.linger = status != Status::RequestTimeout;
+                        return self.fail(status).await;
+                    }
                     Err(BodyRelayError::Client(None)) => return Next::Close,
                     Err(BodyRelayError::Upstream(e)) => {
                         return self
@@ -647,6 +665,8 @@ impl Client {
         is_head: bool,
         e: &std::io::Error,
     ) -> Next {
+        // The rest of the request body may still be on its way from the client.
+        self.linger = true;
         // Whatever the upstream sent is already in the socket's receive queue, readable even
         // after a reset or a timeout; the bound only matters for a socket that is still open.
         let deadline = Instant::now() + EARLY_ANSWER_WAIT;
@@ -966,6 +986,33 @@ impl Client {
             }
         };
         monoio::join!(up, down, watchdog);
+    }
+
+    /// Closes a connection whose request body was not read to the end without destroying the
+    /// answer already written: a close with unread input makes the kernel send a reset, which
+    /// can reach the client before it has read the answer (RFC 9112 §9.6). Stops sending
+    /// (FIN), then reads and discards what the client still sends until it closes, for at most
+    /// `LINGER_TIME` and `LINGER_BYTES`.
+    async fn linger_close(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            self.buf.clear();
+            self.pos = 0;
+            match read_more(
+                &mut self.stream,
+                &mut self.buf,
+                &mut self.pos,
+                BODY_BUF,
+                deadline,
+            )
+            .await
+            {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
     }
 
     /// Answers with `status` (if the client can still take it) and closes.
