@@ -387,31 +387,6 @@ fn cpu_count(list: &str) -> usize {
         .max(1)
 }
 
-/// The CPUs of a list like `0`, `8-11` or `0,2-3`.
-fn cpu_list(list: &str) -> Vec<usize> {
-    list.split(',')
-        .flat_map(|part| {
-            let (a, b) = part.split_once('-').unwrap_or((part, part));
-            let (a, b) = (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0));
-            a..=b.max(a)
-        })
-        .collect()
-}
-
-/// Pins the calling thread to `list` (best effort: an invalid set leaves it unpinned).
-fn pin_current_thread(list: &str) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET only writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in cpu_list(list) {
-            if cpu < libc::CPU_SETSIZE as usize {
-                libc::CPU_SET(cpu, &mut set);
-            }
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// Worker counts 1, 2, 4, 8 with separate CPU sets for proxies, origin and wrk.
 fn scaling(opts: &Options, gateway: &Path) -> Result<()> {
     // SAFETY: sysconf has no preconditions.
@@ -461,11 +436,7 @@ fn churn(opts: &Options, gw: &Proc) -> Result<String> {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let (stop2, count2, failed2) = (stop.clone(), count.clone(), failed.clone());
-        let client_cpus = opts.wrk_cpus.clone();
         let changer = std::thread::spawn(move || {
-            // The changes come from the client side, like wrk's requests: not from the CPUs
-            // whose time is being measured.
-            pin_current_thread(&client_cpus);
             let mut client = AdminClient::new(admin);
             let mut n = 0u64;
             let start = Instant::now();
@@ -685,14 +656,6 @@ mod tests {
             o.proxies,
             [Kind::Nginx, Kind::GatewayBaseline, Kind::Gateway]
         );
-    }
-
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(cpu_list("0"), [0]);
-        assert_eq!(cpu_list("8-11"), [8, 9, 10, 11]);
-        assert_eq!(cpu_list("0,2-3"), [0, 2, 3]);
-        assert_eq!(cpu_count("0,2-3"), 3);
     }
 
     #[test]
