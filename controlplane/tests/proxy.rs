@@ -703,10 +703,11 @@ fn client_that_stops_reading_is_dropped(driver: Driver) {
     );
 }
 
-fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
-    // Reads the request head, then nothing, for longer than the test waits.
+/// An origin for one connection that reads the request head only, then hands the socket to
+/// `then` (which must return within a bounded time).
+fn head_only_origin(then: fn(&mut TcpStream)) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let origin = listener.local_addr().unwrap();
+    let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         if let Ok((mut s, _)) = listener.accept() {
             let mut head = Vec::new();
@@ -714,9 +715,36 @@ fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
             while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
                 head.push(byte[0]);
             }
-            thread::sleep(Duration::from_secs(15));
+            then(&mut s);
         }
     });
+    addr
+}
+
+/// Starts a `STALL_BYTES` upload on `c`: the head now, the body from a thread that stops at
+/// the first failed write.
+fn start_upload(c: &mut Client) -> thread::JoinHandle<()> {
+    c.send(
+        format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {STALL_BYTES}\r\n\r\n")
+            .as_bytes(),
+    );
+    let mut writer = c.stream.try_clone().unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    thread::spawn(move || {
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..STALL_BYTES >> 20 {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
+    // Reads the request head, then nothing, for longer than the test waits.
+    let origin = head_only_origin(|_| thread::sleep(Duration::from_secs(15)));
     let gw = Gateway::start(
         &proxy_config(
             origin,
@@ -725,22 +753,7 @@ fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
         driver,
     );
     let mut c = gw.connect();
-    c.send(
-        format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {STALL_BYTES}\r\n\r\n")
-            .as_bytes(),
-    );
-    let mut writer = c.stream.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        let chunk = vec![b'y'; 1 << 20];
-        for _ in 0..STALL_BYTES >> 20 {
-            if writer.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-    });
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let sender = start_upload(&mut c);
     let r = c.read_response();
     assert_eq!(r.status, 504, "{}", r.body_str());
     assert!(c.is_closed_within(Duration::from_secs(5)));
@@ -750,42 +763,18 @@ fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
 fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
     // Refuses the upload after its head, without reading the body, and closes (which resets
     // the connection, with the body unread).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let origin = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
-                head.push(byte[0]);
-            }
-            let _ = s.write_all(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+    let origin = head_only_origin(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+        );
+        thread::sleep(Duration::from_millis(200));
     });
     let gw = Gateway::start(
         &proxy_config(origin, "[limits]\nmax_body_bytes = 100000000\n"),
         driver,
     );
     let mut c = gw.connect();
-    c.send(
-        format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {STALL_BYTES}\r\n\r\n")
-            .as_bytes(),
-    );
-    let mut writer = c.stream.try_clone().unwrap();
-    let sender = thread::spawn(move || {
-        let chunk = vec![b'y'; 1 << 20];
-        for _ in 0..STALL_BYTES >> 20 {
-            if writer.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-    });
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let sender = start_upload(&mut c);
     let r = c.read_response();
     assert_eq!(r.status, 413, "{}", r.body_str());
     assert_eq!(r.body_str(), "too big!");
