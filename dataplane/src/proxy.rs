@@ -555,6 +555,8 @@ impl Client {
                     retried = true;
                     continue;
                 }
+                // The rest of the request body may still be on its way from the client.
+                self.linger = body_left > 0;
                 return self
                     .upstream_write_failed(ctx, &mut conn, head, is_head, &e)
                     .await;
@@ -579,9 +581,10 @@ impl Client {
                     }
                     Err(BodyRelayError::Client(None)) => return Next::Close,
                     Err(BodyRelayError::Upstream(e)) => {
+                        self.linger = body_left > 0;
                         return self
                             .upstream_write_failed(ctx, &mut conn, head, is_head, &e)
-                            .await
+                            .await;
                     }
                 }
             }
@@ -665,8 +668,6 @@ impl Client {
         is_head: bool,
         e: &std::io::Error,
     ) -> Next {
-        // The rest of the request body may still be on its way from the client.
-        self.linger = true;
         // Whatever the upstream sent is already in the socket's receive queue, readable even
         // after a reset or a timeout; the bound only matters for a socket that is still open.
         let deadline = Instant::now() + EARLY_ANSWER_WAIT;
