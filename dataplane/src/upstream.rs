@@ -67,23 +67,9 @@ pub async fn connect(
 /// the connection and pending and later I/O on it fails with `ETIMEDOUT`. Costs nothing per
 /// request: no timer of the worker's is involved.
 pub fn set_send_timeout(fd: std::os::fd::RawFd, limit: Duration) -> io::Result<()> {
-    let ms = libc::c_uint::try_from(limit.as_millis()).unwrap_or(libc::c_uint::MAX);
-    // SAFETY: `fd` is an open socket owned by the caller; the option value is a c_uint that
-    // lives across the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // SAFETY: `fd` is an open socket owned by the caller, which outlives this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(limit))
 }
 
 /// Whether a write failed because the peer left it unacknowledged past the send timeout.
