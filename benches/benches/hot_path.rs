@@ -83,6 +83,7 @@ fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usiz
         &s.plan,
         strip_prefix_len,
         PEER,
+        b"http",
         b"",
         None,
         &mut s.extra,

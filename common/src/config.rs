@@ -63,6 +63,58 @@ pub struct Config {
     /// slip an address past a proxy that only appends to the other one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip_header: Option<ClientIpHeader>,
+    /// The access log: one JSON line per request. Absent: no access log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogConfig>,
+    /// Request ids and W3C trace context on forwarded requests and responses.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// Where access log lines go and how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file path (created if missing, appended to, reopened on SIGUSR1 for logrotate), or
+    /// `stdout`. Required.
+    pub path: String,
+    /// Fraction of requests answered with 1xx to 4xx that are logged, from 0.0 to 1.0; 5xx
+    /// answers are always logged. Default 1.0 (every request).
+    #[serde(default = "one")]
+    pub sample: f64,
+}
+
+// `sample` is validated to lie in 0.0..=1.0, so it is never NaN.
+impl Eq for AccessLogConfig {}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Request ids and trace context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Every forwarded request and every response carries `X-Request-Id`: the client's value
+    /// when it is 1 to 128 visible ASCII characters, else a new random 128-bit hex id.
+    /// Default true.
+    pub request_id: bool,
+    /// Forwarded requests carry a W3C `traceparent`: a valid incoming one keeps its trace id
+    /// and gets the gateway's own parent id; an absent or invalid one is replaced by a new
+    /// one. `tracestate` is passed through. Default true.
+    pub traceparent: bool,
+    /// The sampled flag of a `traceparent` the gateway creates. Default true.
+    pub sampled: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            request_id: true,
+            traceparent: true,
+            sampled: true,
+        }
+    }
 }
 
 /// The field trusted proxies write the client address in.

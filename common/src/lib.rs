@@ -8,6 +8,7 @@ pub mod cidr;
 pub mod config;
 pub mod keys;
 pub mod policy;
+pub mod reason;
 pub mod router;
 pub mod slots;
 pub mod snapshot;
@@ -129,6 +130,9 @@ respond = { status = 200, body = "ok\n" }
 id = "hello"
 path_prefix = "/"
 respond = { status = 200, body = "Hello from the gateway. Configure routes with --config FILE.\n" }
+
+[access_log]
+path = "stdout"
 "#;
 
 #[cfg(test)]

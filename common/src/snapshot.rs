@@ -39,9 +39,61 @@ pub struct Snapshot {
     pub admin_listen: SocketAddr,
     /// Consumers, credentials and policies, compiled.
     pub policies: crate::policy::Policies,
+    /// The access log, when one is configured.
+    pub access_log: Option<AccessLog>,
+    /// Request ids and trace context.
+    pub tracing: crate::config::TracingConfig,
     /// The config this snapshot was compiled from, normalised (for `GET` and diffs): API
     /// keys appear only as `key_sha256`.
     pub config: Config,
+}
+
+/// The compiled access log settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    /// Where lines go.
+    pub sink: LogSink,
+    /// Of 1xx to 4xx answers, log those whose uniform draw in `0..2^32` is below this
+    /// (`u64` so that a sample of 1.0 logs every one).
+    pub sample_below: u64,
+}
+
+/// Where access log lines are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSink {
+    Stdout,
+    File(std::path::PathBuf),
+}
+
+impl AccessLog {
+    fn compile(c: &crate::config::AccessLogConfig) -> Result<AccessLog, ConfigError> {
+        if !(0.0..=1.0).contains(&c.sample) {
+            return Err(ConfigError::field(
+                "access_log.sample",
+                "must be a fraction from 0.0 to 1.0",
+            ));
+        }
+        let sink = match c.path.as_str() {
+            "" => {
+                return Err(ConfigError::field(
+                    "access_log.path",
+                    "must be a file path or \"stdout\"",
+                ))
+            }
+            "stdout" => LogSink::Stdout,
+            p if !p.starts_with('/') => {
+                return Err(ConfigError::field(
+                    "access_log.path",
+                    "must be an absolute path or \"stdout\"",
+                ))
+            }
+            p => LogSink::File(p.into()),
+        };
+        Ok(AccessLog {
+            sink,
+            sample_below: (c.sample * 4_294_967_296.0) as u64,
+        })
+    }
 }
 
 /// A compiled route.
@@ -83,7 +135,11 @@ pub enum RouteAction {
     Proxy { upstream: usize },
     /// Answer with these bytes: the status line and fields in `bytes[..head_len]` (without the
     /// blank line, so the worker can add `Connection: close` when it must), the body after.
-    Respond { bytes: Box<[u8]>, head_len: usize },
+    Respond {
+        status: u16,
+        bytes: Box<[u8]>,
+        head_len: usize,
+    },
 }
 
 /// A compiled upstream.
@@ -300,6 +356,11 @@ impl Snapshot {
                 "must be at most 3600000 milliseconds",
             ));
         }
+        let access_log = config
+            .access_log
+            .as_ref()
+            .map(AccessLog::compile)
+            .transpose()?;
         Ok(Snapshot {
             revision,
             workers: config.workers,
@@ -313,6 +374,8 @@ impl Snapshot {
             drain_timeout: Duration::from_millis(drain_ms),
             admin_listen,
             policies,
+            access_log,
+            tracing: config.tracing,
             config,
         })
     }
@@ -518,7 +581,7 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
         d.status,
-        reason_phrase(d.status),
+        crate::reason::phrase(d.status),
         d.content_type,
         d.body.len()
     );
@@ -526,32 +589,10 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     let head_len = bytes.len();
     bytes.extend_from_slice(d.body.as_bytes());
     Ok(RouteAction::Respond {
+        status: d.status,
         bytes: bytes.into_boxed_slice(),
         head_len,
     })
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        202 => "Accepted",
-        204 => "No Content",
-        301 => "Moved Permanently",
-        302 => "Found",
-        307 => "Temporary Redirect",
-        308 => "Permanent Redirect",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Status",
-    }
 }
 
 fn add_to_router(

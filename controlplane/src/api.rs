@@ -582,7 +582,7 @@ impl Admin {
             });
         }
         let committed = store.commit(next, source).map_err(|e| {
-            eprintln!("gateway: admin: cannot persist the change: {e}");
+            log::error!("admin: cannot persist the change: {e}");
             Problem::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Not Persisted",
@@ -605,19 +605,15 @@ impl Admin {
         });
         match result {
             Ok(a) if a.changes.is_empty() => {
-                eprintln!(
-                    "gateway: reloaded {}: no change (revision {})",
+                log::info!(
+                    "reloaded {}: no change (revision {})",
                     path.display(),
                     a.revision
                 )
             }
-            Ok(a) => eprintln!(
-                "gateway: reloaded {} (revision {})",
-                path.display(),
-                a.revision
-            ),
-            Err(p) => eprintln!(
-                "gateway: reload of {} refused, still on revision {}: {}",
+            Ok(a) => log::info!("reloaded {} (revision {})", path.display(), a.revision),
+            Err(p) => log::warn!(
+                "reload of {} refused, still on revision {}: {}",
                 path.display(),
                 lock(&self.store).revision(),
                 p.detail

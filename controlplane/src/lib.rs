@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod logger;
 pub mod store;
 
 use std::io::Write as _;
@@ -97,8 +98,8 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
     match stored {
         Some(mut store) => {
             let Some(path) = &args.config else {
-                eprintln!(
-                    "gateway: resuming config revision {} from {}",
+                log::info!(
+                    "resuming config revision {} from {}",
                     store.revision(),
                     dir.display()
                 );
@@ -125,8 +126,8 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
             store
                 .commit(config, "file (--replace-state)")
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
-            eprintln!(
-                "gateway: {} replaced the stored config as revision {}",
+            log::info!(
+                "{} replaced the stored config as revision {}",
                 path.display(),
                 store.revision()
             );
@@ -138,7 +139,7 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
             let what = match &source {
                 ConfigSource::File(p) => format!("file {}", p.display()),
                 ConfigSource::Embedded => {
-                    eprintln!("gateway: no --config given; using the embedded default config (demo routes, no upstream)");
+                    log::info!("no --config given; using the embedded default config (demo routes, no upstream)");
                     "embedded default".to_owned()
                 }
             };
@@ -195,12 +196,13 @@ fn admin_token(admin: &AdminConfig, dir: &Path) -> Result<(String, String), Fail
                 format!("cannot write {}: {e}", path.display()),
             )
         })?;
-    eprintln!("gateway: generated an admin token in {}", path.display());
+    log::info!("generated an admin token in {}", path.display());
     Ok((token, path.display().to_string()))
 }
 
 /// Runs the gateway until SIGTERM / SIGINT; returns the process exit code.
 pub fn run(args: RunArgs) -> i32 {
+    logger::init();
     match start(args) {
         Ok(code) => code,
         Err((code, message)) => {
@@ -273,9 +275,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     });
     spawn_admin(admin.clone(), admin_listener)?;
     log_started(&plane);
-    eprintln!(
-        "gateway: admin API listening on http://{admin_bound} (bearer token from {token_source})"
-    );
+    log::info!("admin API listening on http://{admin_bound} (bearer token from {token_source})");
     Ok(wait_for_signals(
         &signals,
         args.config.as_deref(),
@@ -305,12 +305,12 @@ fn spawn_admin(admin: Arc<Admin>, listener: std::net::TcpListener) -> Result<(),
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {
-                        eprintln!("gateway: admin API cannot use its listener: {e}");
+                        log::error!("admin API cannot use its listener: {e}");
                         return;
                     }
                 };
                 if let Err(e) = axum::serve(listener, api::app(admin)).await {
-                    eprintln!("gateway: admin API stopped: {e}");
+                    log::error!("admin API stopped: {e}");
                 }
             });
         })
@@ -324,14 +324,14 @@ fn log_started(plane: &DataPlane) {
         .iter()
         .map(|c| c.map_or_else(|| "-".to_owned(), |c| c.to_string()))
         .collect();
-    eprintln!(
-        "gateway: driver {}, {} worker(s) pinned to CPUs [{}]",
+    log::info!(
+        "driver {}, {} worker(s) pinned to CPUs [{}]",
         plane.driver,
         plane.workers,
         cpus.join(", ")
     );
     for addr in &plane.addresses {
-        eprintln!("gateway: listening on http://{addr}");
+        log::info!("listening on http://{addr}");
     }
 }
 
@@ -343,6 +343,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -365,22 +366,23 @@ fn wait_for_signals(
         match sig {
             libc::SIGHUP => match config_file {
                 Some(path) => admin.reload_file(path),
-                None => eprintln!("gateway: SIGHUP ignored: no --config file to re-read"),
+                None => log::info!("SIGHUP ignored: no --config file to re-read"),
             },
+            libc::SIGUSR1 => {
+                log::info!("SIGUSR1: reopening the access log");
+                plane.reopen_access_log();
+            }
             _ => {
                 let drain = shared.load().drain_timeout;
-                eprintln!(
-                    "gateway: signal {sig}: draining (up to {} ms), no new connections",
+                log::info!(
+                    "signal {sig}: draining (up to {} ms), no new connections",
                     drain.as_millis()
                 );
                 plane.begin_shutdown();
                 // The workers stop by themselves at the drain deadline; the margin covers
                 // their last timer tick.
                 let all = plane.join(Instant::now() + drain + Duration::from_secs(2));
-                eprintln!(
-                    "gateway: stopped{}",
-                    if all { "" } else { " (workers still busy)" }
-                );
+                log::info!("stopped{}", if all { "" } else { " (workers still busy)" });
                 return 0;
             }
         }

@@ -270,10 +270,7 @@ impl Store {
         if self.index.len() >= COMPACT_AT {
             // The change is already durable; a failed compaction only leaves a longer journal.
             if let Err(e) = self.compact() {
-                eprintln!(
-                    "gateway: cannot compact {}: {e}",
-                    self.dir.join(JOURNAL).display()
-                );
+                log::warn!("cannot compact {}: {e}", self.dir.join(JOURNAL).display());
             }
         }
         Ok(revision)

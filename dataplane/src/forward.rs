@@ -13,7 +13,8 @@ use crate::gather::Piece;
 
 /// Writes into `out` (cleared first) the rewritten request line, if the target changes
 /// (absolute form, or `strip_prefix_len` bytes of prefix to remove), and the fields the
-/// gateway adds, ending with the blank line. Returns their spans in `out`.
+/// gateway adds, ending with the blank line. Returns their spans in `out`. `scheme` is the
+/// listener's (`X-Forwarded-Proto`).
 #[allow(clippy::too_many_arguments)]
 pub fn request_extras(
     buf: &[u8],
@@ -21,6 +22,7 @@ pub fn request_extras(
     plan: &FieldPlan,
     strip_prefix_len: usize,
     peer: IpAddr,
+    scheme: &[u8],
     added: &[u8],
     query_drop: Option<Span>,
     out: &mut Vec<u8>,
@@ -78,7 +80,9 @@ pub fn request_extras(
         out.extend_from_slice(b", ");
     }
     write_ip(out, peer);
-    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
+    out.extend_from_slice(scheme);
+    out.extend_from_slice(b"\r\n");
     if let Some(h) = head.host {
         if !h.is_empty() {
             out.extend_from_slice(b"X-Forwarded-Host: ");

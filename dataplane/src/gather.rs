@@ -8,7 +8,6 @@
 
 use monoio::buf::IoVecBuf;
 use monoio::io::AsyncWriteRent;
-use monoio::net::TcpStream;
 
 use crate::codec::Span;
 
@@ -100,7 +99,10 @@ impl Gather {
 
     /// Writes everything, looping over short writes. Returns the gather (buffers intact) and
     /// the error, if any.
-    pub async fn write_all(mut self, stream: &mut TcpStream) -> (std::io::Result<()>, Gather) {
+    pub async fn write_all<W: AsyncWriteRent>(
+        mut self,
+        stream: &mut W,
+    ) -> (std::io::Result<()>, Gather) {
         while self.remaining > 0 {
             let (res, g) = stream.writev(self).await;
             self = g;
@@ -125,22 +127,24 @@ impl Gather {
 
 /// Sends `pieces` of `src` and `extra` with vectored writes, lending the buffers (and the
 /// iovec array) to the kernel and putting them back afterwards, whatever the outcome.
-pub async fn write_gathered(
-    stream: &mut TcpStream,
+/// Returns the number of bytes written.
+pub async fn write_gathered<W: AsyncWriteRent>(
+    stream: &mut W,
     src: &mut Vec<u8>,
     extra: &mut Vec<u8>,
     iov: &mut Vec<libc::iovec>,
     pieces: impl Iterator<Item = Piece>,
-) -> std::io::Result<()> {
+) -> std::io::Result<usize> {
     let g = Gather::new(
         std::mem::take(src),
         std::mem::take(extra),
         std::mem::take(iov),
         pieces,
     );
+    let total = g.len();
     let (res, g) = g.write_all(stream).await;
     (*src, *extra, *iov) = g.into_parts();
-    res
+    res.map(|()| total)
 }
 
 // SAFETY: the iovecs point into `src` and `extra`, heap buffers owned by this value that are not

@@ -1,28 +1,40 @@
 //! The data plane: a thread-per-core HTTP/1.1 reverse proxy on monoio.
 //!
-//! Map for a newcomer:
-//! - [`start`] binds the listeners, spawns one pinned worker thread per CPU (`worker`), each
-//!   with its own monoio runtime (io_uring, or epoll when io_uring is unavailable or forced)
-//!   and its own SO_REUSEPORT socket per listen address.
-//! - `proxy` serves one client connection: parse (`codec::request`), route (the snapshot's
-//!   router), forward with vectored writes (`gather`), relay the response (`codec::response`,
-//!   `codec::chunked`), keep-alive and pipelining, WebSocket tunnels.
-//! - `upstream` holds each worker's keep-alive connection pools.
-//! - `status` has the responses the gateway sends itself.
+//! Map for a newcomer, in the order a request meets the modules:
+//! - [`start`] binds the listeners (`worker::bind_listeners`, which waits out a crashed
+//!   predecessor's sockets), starts the access log writer (`access_log`) and spawns one pinned
+//!   worker thread per CPU (`worker`), each with its own monoio runtime (io_uring, or epoll
+//!   when io_uring is unavailable or forced) and its own SO_REUSEPORT socket per listen
+//!   address. `worker_ctx` is the state a worker shares with its connection tasks.
+//! - `proxy` serves one client connection, phase by phase (its own map lists them):
+//!   downstream (read the head: `codec::request`; park idle connections: `park`), route (the
+//!   snapshot's router), `policy`, then the connector, the exchange (`forward` and `gather`
+//!   write the head; `codec::response` reads the answer), the relay (`codec::chunked`) or a
+//!   tunnel, and finish.
+//! - `trace` makes request ids and W3C trace context; `error` is the one classified error
+//!   that decides statuses and metric labels; `status` has the responses the gateway sends
+//!   itself; `io` the shared read loop.
+//! - `upstream` holds each worker's keep-alive connection pools; `metrics` the per-worker
+//!   counters the admin API renders; `access_log` the per-worker log buffers and the writer.
 //!
 //! The config arrives as an `ArcSwap<Snapshot>` loaded once per request; the control plane
 //! swaps it without ever blocking a worker.
 
+pub mod access_log;
 pub mod codec;
+pub mod error;
 pub mod forward;
 pub mod gather;
+mod io;
 pub mod metrics;
 mod park;
 pub mod policy;
 mod proxy;
 pub mod status;
+pub mod trace;
 pub mod upstream;
 mod worker;
+mod worker_ctx;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,6 +108,8 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("cannot spawn a worker thread: {0}")]
     Spawn(std::io::Error),
+    #[error("cannot start the access log writer: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// The running workers.
@@ -111,6 +125,7 @@ pub struct DataPlane {
     pub metrics: Vec<Arc<metrics::WorkerMetrics>>,
     shutdown: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    access_log: access_log::AccessLogWriter,
 }
 
 /// Binds every listener of the current snapshot and starts the workers.
@@ -137,6 +152,8 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
             per_worker[w].push(s);
         }
     }
+    let (log_writer, mut logs) = access_log::AccessLogWriter::start(config.clone(), workers)
+        .map_err(StartError::AccessLog)?;
     let cpus_allowed = allowed_cpus();
     let shutdown = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -144,7 +161,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
     let mut cpus = Vec::with_capacity(workers);
     let all_metrics: Vec<Arc<metrics::WorkerMetrics>> =
         (0..workers).map(|_| Arc::default()).collect();
-    for (index, listeners) in per_worker.into_iter().enumerate() {
+    for (index, (listeners, log)) in per_worker.into_iter().zip(logs.drain(..)).enumerate() {
         // Pin only when there are enough CPUs for one worker each; more workers than CPUs
         // share them as the scheduler sees fit.
         let cpu = (workers <= cpus_allowed.len()).then(|| cpus_allowed[index]);
@@ -157,6 +174,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
             listeners,
             shutdown: shutdown.clone(),
             metrics: all_metrics[index].clone(),
+            log,
             ready: ready_tx.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -174,6 +192,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         metrics: all_metrics,
         shutdown,
         threads,
+        access_log: log_writer,
     };
     for _ in 0..workers {
         match ready_rx.recv() {
@@ -195,7 +214,13 @@ impl DataPlane {
         self.shutdown.store(true, Ordering::Release);
     }
 
-    /// Waits for the workers to finish, at most until `deadline`. Returns whether all did.
+    /// Makes the access log reopen its file (after logrotate moved it; SIGUSR1).
+    pub fn reopen_access_log(&self) {
+        self.access_log.reopen();
+    }
+
+    /// Waits for the workers to finish, at most until `deadline`, then for the access log to
+    /// write their last lines. Returns whether all workers finished.
     pub fn join(self, deadline: Instant) -> bool {
         for t in self.threads {
             while !t.is_finished() {
@@ -206,6 +231,7 @@ impl DataPlane {
             }
             let _ = t.join();
         }
+        self.access_log.join();
         true
     }
 }

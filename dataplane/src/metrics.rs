@@ -11,47 +11,13 @@ use std::sync::Arc;
 
 use common::slots::{route_slot_names, MAX_ROUTE_SLOTS};
 
+use crate::error::ErrorKind;
+
 /// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` follows).
 pub const LATENCY_BUCKETS_US: [u64; 16] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
-
-/// Why talking to an upstream failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamError {
-    ConnectFailed,
-    ConnectTimeout,
-    ResponseTimeout,
-    /// Left request bytes unacknowledged or its window shut past `upstream_send_ms`.
-    SendTimeout,
-    /// Closed or reset before or during the response.
-    Broken,
-    /// A response the gateway could not frame.
-    Malformed,
-}
-
-impl UpstreamError {
-    const ALL: [UpstreamError; 6] = [
-        UpstreamError::ConnectFailed,
-        UpstreamError::ConnectTimeout,
-        UpstreamError::ResponseTimeout,
-        UpstreamError::SendTimeout,
-        UpstreamError::Broken,
-        UpstreamError::Malformed,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            UpstreamError::ConnectFailed => "connect_failed",
-            UpstreamError::ConnectTimeout => "connect_timeout",
-            UpstreamError::ResponseTimeout => "response_timeout",
-            UpstreamError::SendTimeout => "send_timeout",
-            UpstreamError::Broken => "broken",
-            UpstreamError::Malformed => "malformed",
-        }
-    }
-}
 
 #[inline]
 fn bump(c: &AtomicU64, by: u64) {
@@ -97,8 +63,10 @@ pub struct WorkerMetrics {
     requests: Box<[AtomicU64]>,
     pub request_latency: Histogram,
     pub upstream_latency: Histogram,
-    upstream_errors: [AtomicU64; UpstreamError::ALL.len()],
+    errors: [AtomicU64; ErrorKind::ALL.len()],
     open_connections: AtomicU64,
+    /// Access log lines dropped because the worker's log buffers were full.
+    access_log_dropped: AtomicU64,
 }
 
 impl Default for WorkerMetrics {
@@ -109,8 +77,9 @@ impl Default for WorkerMetrics {
                 .collect(),
             request_latency: Histogram::default(),
             upstream_latency: Histogram::default(),
-            upstream_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
             open_connections: AtomicU64::new(0),
+            access_log_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -126,9 +95,16 @@ impl WorkerMetrics {
         self.request_latency.observe(latency_us);
     }
 
+    /// Counts a request that ended with `kind`.
     #[inline]
-    pub fn upstream_error(&self, kind: UpstreamError) {
-        bump(&self.upstream_errors[kind as usize], 1);
+    pub fn error(&self, kind: ErrorKind) {
+        bump(&self.errors[kind as usize], 1);
+    }
+
+    /// Counts an access log line dropped for want of buffer space.
+    #[inline]
+    pub fn access_log_dropped(&self) {
+        bump(&self.access_log_dropped, 1);
     }
 
     pub fn set_open_connections(&self, n: usize) {
@@ -158,16 +134,26 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
             }
         }
     }
-    out.push_str("# HELP gateway_upstream_errors_total Failures talking to upstreams, by kind.\n");
-    out.push_str("# TYPE gateway_upstream_errors_total counter\n");
-    for kind in UpstreamError::ALL {
-        let n = sum(&|w: &WorkerMetrics| &w.upstream_errors[kind as usize]);
+    out.push_str(
+        "# HELP gateway_errors_total Requests that ended in an error, by the side that caused it and kind.\n",
+    );
+    out.push_str("# TYPE gateway_errors_total counter\n");
+    for kind in ErrorKind::ALL {
+        let n = sum(&|w: &WorkerMetrics| &w.errors[kind as usize]);
         let _ = writeln!(
             out,
-            "gateway_upstream_errors_total{{kind=\"{}\"}} {n}",
+            "gateway_errors_total{{side=\"{}\",kind=\"{}\"}} {n}",
+            kind.side().label(),
             kind.label()
         );
     }
+    out.push_str("# HELP gateway_access_log_dropped_total Access log lines dropped because the log buffers were full.\n");
+    out.push_str("# TYPE gateway_access_log_dropped_total counter\n");
+    let _ = writeln!(
+        out,
+        "gateway_access_log_dropped_total {}",
+        sum(&|w: &WorkerMetrics| &w.access_log_dropped)
+    );
     histogram(
         &mut out,
         "gateway_request_duration_seconds",
@@ -234,15 +220,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_upstream_error_kind_has_a_counter() {
+    fn every_error_kind_has_a_counter() {
         let w = Arc::new(WorkerMetrics::default());
-        for kind in UpstreamError::ALL {
-            w.upstream_error(kind);
+        for kind in ErrorKind::ALL {
+            w.error(kind);
         }
         let text = render(&[w], 1);
-        for kind in UpstreamError::ALL {
+        for kind in ErrorKind::ALL {
             let line = format!(
-                "gateway_upstream_errors_total{{kind=\"{}\"}} 1\n",
+                "gateway_errors_total{{side=\"{}\",kind=\"{}\"}} 1\n",
+                kind.side().label(),
                 kind.label()
             );
             assert!(text.contains(&line), "{line} missing in:\n{text}");
@@ -257,7 +244,8 @@ mod tests {
         a.request(slot, 200, 150);
         b.request(slot, 204, 3_000);
         b.request(slot, 502, 20);
-        a.upstream_error(UpstreamError::ConnectTimeout);
+        a.error(ErrorKind::ConnectTimeout);
+        b.access_log_dropped();
         a.set_open_connections(2);
         b.set_open_connections(3);
         let text = render(&[a, b], 7);
@@ -268,8 +256,11 @@ mod tests {
         assert!(
             text.contains("gateway_requests_total{route=\"metrics-test-route\",class=\"5xx\"} 1\n")
         );
-        assert!(text.contains("gateway_upstream_errors_total{kind=\"connect_timeout\"} 1\n"));
-        assert!(text.contains("gateway_upstream_errors_total{kind=\"send_timeout\"} 0\n"));
+        assert!(
+            text.contains("gateway_errors_total{side=\"upstream\",kind=\"connect_timeout\"} 1\n")
+        );
+        assert!(text.contains("gateway_errors_total{side=\"upstream\",kind=\"send_timeout\"} 0\n"));
+        assert!(text.contains("gateway_access_log_dropped_total 1\n"));
         assert!(
             text.contains("gateway_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"),
             "{text}"

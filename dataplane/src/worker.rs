@@ -9,7 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,110 +21,13 @@ use arc_swap::ArcSwap;
 use common::Snapshot;
 use monoio::net::{TcpListener, TcpStream};
 
+use crate::access_log::WorkerLog;
 use crate::metrics::WorkerMetrics;
 use crate::park::ParkLot;
+use crate::trace::Rng;
 use crate::upstream::Pool;
+use crate::worker_ctx::{IdleSet, Peer, RoundRobin, WorkerCtx};
 use crate::{DriverKind, StartError};
-
-/// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`, `Cell`).
-#[derive(Debug)]
-pub(crate) struct WorkerCtx {
-    pub config: Arc<ArcSwap<Snapshot>>,
-    /// The snapshot this worker last saw, shared by its requests without touching the
-    /// `Arc`'s counter, which every worker would otherwise bounce between cores twice per
-    /// request. The extra `Rc` is allocated once per config change, not per request.
-    #[allow(clippy::redundant_allocation)]
-    current: RefCell<Rc<Arc<Snapshot>>>,
-    pub pool: RefCell<Pool>,
-    rr: RefCell<RoundRobin>,
-    /// Set once shutdown begins: finish the current request, then close.
-    pub draining: Cell<bool>,
-    /// Connections waiting for their next request, closed at once on shutdown.
-    pub idle: RefCell<IdleSet>,
-    /// Keep-alive connections idle past `client_park_ms`; `None` when epoll is unavailable.
-    pub park: RefCell<Option<ParkLot>>,
-    pub metrics: Arc<WorkerMetrics>,
-    /// This worker's handles on the shared rate-limit buckets.
-    pub limiters: RefCell<crate::policy::Limiters>,
-    active: Cell<usize>,
-    index: usize,
-}
-
-/// Per-upstream position in its round-robin schedule, reset when the snapshot changes.
-#[derive(Debug, Default)]
-struct RoundRobin {
-    revision: u64,
-    next: Vec<u32>,
-}
-
-impl WorkerCtx {
-    /// The current snapshot for one request: a check of the published pointer (no shared
-    /// write), and a new local handle only when the config changed.
-    #[allow(clippy::redundant_allocation)]
-    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
-        let published = self.config.load();
-        let mut current = self.current.borrow_mut();
-        if !Arc::ptr_eq(&published, &current) {
-            *current = Rc::new(Arc::clone(&published));
-        }
-        Rc::clone(&current)
-    }
-
-    /// The next target of `upstream` by smooth weighted round robin.
-    pub fn pick_target(&self, snap: &Snapshot, upstream: usize) -> SocketAddr {
-        let mut rr = self.rr.borrow_mut();
-        if rr.revision != snap.revision || rr.next.len() != snap.upstreams.len() {
-            rr.revision = snap.revision;
-            rr.next.clear();
-            // Workers start at different points so they do not all hit the same target first.
-            rr.next.resize(snap.upstreams.len(), self.index as u32);
-        }
-        let up = &snap.upstreams[upstream];
-        let n = rr.next[upstream];
-        rr.next[upstream] = n.wrapping_add(1);
-        let slot = up.schedule[n as usize % up.schedule.len()];
-        up.targets[usize::from(slot)].addr
-    }
-}
-
-/// Raw fds of idle connections, in reusable slots.
-#[derive(Debug, Default)]
-pub(crate) struct IdleSet {
-    slots: Vec<RawFd>,
-    free: Vec<usize>,
-}
-
-impl IdleSet {
-    pub fn insert(&mut self, fd: RawFd) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = fd;
-                i
-            }
-            None => {
-                self.slots.push(fd);
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    pub fn remove(&mut self, slot: usize) {
-        self.slots[slot] = -1;
-        self.free.push(slot);
-    }
-
-    fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.slots.iter().copied().filter(|&fd| fd >= 0)
-    }
-}
-
-/// Who is at the other end of a client connection, and which listener it came in on.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Peer {
-    pub ip: IpAddr,
-    /// Index into the snapshot's listeners (for listener policies).
-    pub listener: u16,
-}
 
 /// Starts a task serving `stream`; `served` counts the requests it already served.
 pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: Peer, served: u64) {
@@ -138,9 +41,9 @@ pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: Pee
             .await
             .is_err()
         {
-            eprintln!(
-                "gateway: worker {index}: a connection task panicked (message above); that \
-                 connection was closed and the worker goes on"
+            log::error!(
+                "worker {index}: a connection task panicked (message above); that connection \
+                 was closed and the worker goes on"
             );
         }
         drop(guard);
@@ -237,6 +140,8 @@ pub(crate) struct WorkerSpec {
     pub listeners: Vec<StdListener>,
     pub shutdown: Arc<AtomicBool>,
     pub metrics: Arc<WorkerMetrics>,
+    /// This worker's end of the access log.
+    pub log: WorkerLog,
     /// Receives the outcome of building the runtime.
     pub ready: mpsc::Sender<Result<(), StartError>>,
 }
@@ -323,6 +228,8 @@ async fn worker_main(spec: WorkerSpec) {
         park: RefCell::new(ParkLot::new().ok()),
         metrics: spec.metrics.clone(),
         limiters: RefCell::default(),
+        log: RefCell::new(spec.log),
+        rng: RefCell::new(Rng::from_entropy()),
         active: Cell::new(0),
         index: spec.index,
     });
@@ -335,7 +242,7 @@ async fn worker_main(spec: WorkerSpec) {
                 listener_fds.push(listener.as_raw_fd());
                 monoio::spawn(accept_loop(ctx.clone(), listener, index as u16));
             }
-            Err(e) => eprintln!("gateway: worker {}: cannot use listener: {e}", spec.index),
+            Err(e) => log::error!("worker {}: cannot use listener: {e}", spec.index),
         }
     }
     supervise(&ctx, &spec.shutdown, &listener_fds).await;
@@ -359,7 +266,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, index: u16) {
                     break;
                 }
                 // Out of fds or memory: back off instead of spinning.
-                eprintln!("gateway: accept failed: {e}");
+                log::warn!("accept failed: {e}");
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -374,6 +281,8 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
         if shutdown.load(Ordering::Acquire) {
             break;
         }
+        // Lines reach the log within a tick even when traffic is light.
+        ctx.log.borrow_mut().flush();
         let now = Instant::now();
         if now.duration_since(last_sweep) >= Duration::from_secs(1) {
             let snap = ctx.config.load();
@@ -406,6 +315,8 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     ctx.pool.borrow_mut().clear();
+    // Not left to the context's drop: monoio does not drop the tasks still holding it.
+    ctx.log.borrow_mut().close();
 }
 
 /// Binds `count` SO_REUSEPORT listening sockets on `addr` (port 0 resolved by the first).
@@ -415,16 +326,7 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
 /// "address in use" error instead.
 pub(crate) fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<StdListener>> {
     if addr.port() != 0 {
-        let probe = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        probe.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            probe.set_only_v6(true)?;
-        }
-        probe.bind(&addr.into())?;
+        wait_until_free(addr, Instant::now() + PREDECESSOR_WAIT)?;
     }
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
@@ -449,6 +351,75 @@ pub(crate) fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<S
     Ok(out)
 }
 
+/// Longest a start waits for a crashed predecessor's listening sockets to go.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(3);
+
+/// Binds `addr` once without SO_REUSEPORT (and lets it go) to see whether anyone holds it.
+fn probe_bind(addr: SocketAddr) -> io::Result<()> {
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.bind(&addr.into())
+}
+
+/// Returns once `addr` can be bound. A process killed with SIGKILL leaves its listening
+/// sockets bound for a moment while io_uring releases them asynchronously (about 0.2 s), so a
+/// supervisor's immediate restart would fail with "address in use". Such a socket accepts
+/// nothing (a connection to it is refused or reset at once), while a live instance holds the
+/// connection open waiting for a request: only the first is waited out, until `deadline`.
+fn wait_until_free(addr: SocketAddr, deadline: Instant) -> io::Result<()> {
+    loop {
+        match probe_bind(addr) {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse
+                    && Instant::now() < deadline
+                    && !serves(addr) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether a live process accepts and keeps connections on `addr` (an unspecified address is
+/// asked on loopback).
+fn serves(addr: SocketAddr) -> bool {
+    use std::io::Read;
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    match s.read(&mut [0u8; 1]) {
+        // Held open, waiting for a request (or answering one): someone lives there.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            true
+        }
+        Ok(n) => n > 0,
+        // Reset: a socket nobody accepts on any more.
+        Err(_) => false,
+    }
+}
+
 /// The CPUs this process may run on (its affinity mask).
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
@@ -469,8 +440,8 @@ fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "gateway: could not pin worker to CPU {cpu}: {}",
+            log::warn!(
+                "could not pin worker to CPU {cpu}: {}",
                 io::Error::last_os_error()
             );
         }
@@ -500,6 +471,19 @@ mod tests {
             (bad.await, good.await)
         });
         assert_eq!(outcomes, (Err(()), Ok(7)));
+    }
+
+    #[test]
+    fn a_port_held_by_a_live_listener_is_refused_at_once() {
+        let live = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = live.local_addr().unwrap();
+        let started = Instant::now();
+        let err = wait_until_free(addr, Instant::now() + Duration::from_secs(30)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // The live listener keeps the probe's connection in its backlog: no waiting out.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(live);
+        wait_until_free(addr, Instant::now()).expect("free once the listener is gone");
     }
 
     #[test]

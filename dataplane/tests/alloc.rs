@@ -77,13 +77,17 @@ fn origin() -> SocketAddr {
     addr
 }
 
-/// Sends `n` keep-alive requests one after another, reading each full response.
+/// Sends `n` keep-alive requests one after another, reading each full response: the
+/// origin's, with the gateway's `X-Request-Id` (32 hex digits) added to the head.
 fn drive(client: &mut TcpStream, n: usize) {
+    const ID_LINE: usize = "X-Request-Id: ".len() + 32 + 2;
+    let head_end = RESPONSE.len() - "\r\nHello, world!".len();
+    let want = RESPONSE.len() + ID_LINE;
     let mut buf = [0u8; 256];
     for _ in 0..n {
         client.write_all(REQUEST).unwrap();
         let mut got = 0;
-        while got < RESPONSE.len() {
+        while got < want {
             let k = match client.read(&mut buf[got..]) {
                 Ok(k) => k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -92,15 +96,23 @@ fn drive(client: &mut TcpStream, n: usize) {
             assert!(k > 0, "gateway closed the connection");
             got += k;
         }
-        assert_eq!(&buf[..got], RESPONSE);
+        assert_eq!(got, want);
+        assert_eq!(&buf[..head_end], &RESPONSE[..head_end]);
+        assert!(buf[head_end..].starts_with(b"X-Request-Id: "));
+        assert_eq!(&buf[head_end + ID_LINE..got], &RESPONSE[head_end..]);
     }
 }
 
-fn allocations_per_request(driver: DriverChoice) -> f64 {
+/// Allocations per proxied request with the default config (request ids and trace context
+/// on), and with `access_log` set, every request logged to that file.
+fn allocations_per_request(driver: DriverChoice, access_log: Option<&std::path::Path>) -> f64 {
     let origin = origin();
-    let text = format!(
+    let mut text = format!(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{origin}\" }}]\n[[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"o\"\n"
     );
+    if let Some(path) = access_log {
+        text.push_str(&format!("[access_log]\npath = \"{}\"\n", path.display()));
+    }
     let snapshot = Snapshot::compile(parse_config(&text, Format::Toml).unwrap(), 1).unwrap();
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let plane = dataplane::start(shared, StartOptions { workers: 1, driver }).unwrap();
@@ -117,7 +129,8 @@ fn allocations_per_request(driver: DriverChoice) -> f64 {
     let allocs = ALLOCATIONS.load(Ordering::SeqCst) - before;
     let per_request = allocs as f64 / N as f64;
     println!(
-        "{driver:?}: {allocs} allocations over {N} proxied keep-alive GETs = {per_request:.4} per request"
+        "{driver:?}, access log {}: {allocs} allocations over {N} proxied keep-alive GETs = {per_request:.4} per request",
+        if access_log.is_some() { "on" } else { "off" }
     );
     drop(client);
     plane.begin_shutdown();
@@ -125,10 +138,11 @@ fn allocations_per_request(driver: DriverChoice) -> f64 {
     per_request
 }
 
+// One test function: the allocation counter is global, so nothing may run beside it.
 #[test]
 fn plain_keep_alive_get_proxy_path_does_not_allocate() {
     for driver in [DriverChoice::Auto, DriverChoice::Epoll] {
-        let per_request = allocations_per_request(driver);
+        let per_request = allocations_per_request(driver, None);
         // Zero on the request path; the bound leaves room only for the workers' once-a-second
         // housekeeping timers during the run, which are not per request.
         assert!(
@@ -136,4 +150,14 @@ fn plain_keep_alive_get_proxy_path_does_not_allocate() {
             "{driver:?}: {per_request} allocations per request"
         );
     }
+    // With the access log on, lines go into the worker's recycled buffers and the writer
+    // thread hands them back.
+    let dir = std::env::temp_dir().join(format!("gw-alloc-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let per_request = allocations_per_request(DriverChoice::Auto, Some(&log));
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert_eq!(lines, 22_000, "every request logged");
+    assert!(per_request < 0.001, "{per_request} allocations per request");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,32 @@ pub enum ChunkError {
     TrailerTooLarge,
 }
 
+/// Appends the chunk data of a complete chunked body that [`ChunkedDecoder`] has already
+/// validated (so its framing is known to be well-formed); trailers are left out. For bodies
+/// the gateway consumes itself (fan-out steps), not for relaying.
+pub fn decode_validated(raw: &[u8], out: &mut Vec<u8>) {
+    let mut i = 0;
+    while i < raw.len() {
+        let mut size = 0usize;
+        while let Some(d) = raw.get(i).and_then(|&b| (b as char).to_digit(16)) {
+            size = size.saturating_mul(16).saturating_add(d as usize);
+            i += 1;
+        }
+        // Skip extensions up to the end of the size line.
+        match raw[i..].iter().position(|&b| b == b'\n') {
+            Some(lf) => i += lf + 1,
+            None => return,
+        }
+        if size == 0 {
+            return;
+        }
+        let end = (i + size).min(raw.len());
+        out.extend_from_slice(&raw[i..end]);
+        // Data, then its CRLF.
+        i = end + 2;
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Expecting the first hex digit of a size.
@@ -234,6 +260,17 @@ impl ChunkedDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoding_a_validated_body_yields_its_data() {
+        let raw = b"5;ext=1\r\nhello\r\n1\r\n \r\nB\r\nworld, and!\r\n0\r\nX-Check: x\r\n\r\n";
+        let mut d = ChunkedDecoder::new(1024);
+        assert_eq!(d.advance(raw).unwrap(), raw.len());
+        assert!(d.is_done());
+        let mut out = b"prefix:".to_vec();
+        decode_validated(raw, &mut out);
+        assert_eq!(out, b"prefix:hello world, and!");
+    }
 
     /// Feeds `input` split at every offset; returns (consumed, done) or the error, checking that
     /// every split gives the same answer as one piece.

@@ -35,6 +35,47 @@ impl Span {
     }
 }
 
+/// A field the gateway may replace: its first line and value, and whether it appeared more
+/// than once (then its value is ambiguous).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldRef {
+    /// The whole field line with its CRLF.
+    pub line: Span,
+    pub value: Span,
+    pub repeated: bool,
+}
+
+impl FieldRef {
+    pub(crate) fn note(
+        slot: &mut Option<FieldRef>,
+        buf: &[u8],
+        headers: &[httparse::Header<'_>],
+        i: usize,
+        fields_end: usize,
+    ) {
+        match slot {
+            Some(f) => f.repeated = true,
+            None => {
+                *slot = Some(FieldRef {
+                    line: Span {
+                        start: offset_in(buf, headers[i].name.as_bytes()),
+                        end: line_end(buf, headers, i, fields_end),
+                    },
+                    value: {
+                        let v = trim_ows(headers[i].value);
+                        let start = offset_in(buf, v);
+                        Span {
+                            start,
+                            end: start + v.len(),
+                        }
+                    },
+                    repeated: false,
+                })
+            }
+        }
+    }
+}
+
 /// How a message body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {

@@ -13,9 +13,8 @@ use common::Limits;
 
 use super::{
     crlf_before, line_end, offset_in, parse_content_length, trim_ows, valid_host, BodyKind,
-    DroppedFields, FieldPlan, Span, TransferCodings,
+    DroppedFields, FieldPlan, FieldRef, Span, TransferCodings,
 };
-use crate::status::Status;
 
 /// A parsed request head; every span points into the buffer given to [`parse_request`].
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +47,12 @@ pub struct RequestHead {
     pub upgrade: Option<Span>,
     /// `Expect: 100-continue` with a body to come.
     pub expect_continue: bool,
+    /// The `X-Request-Id` field, if any (request ids).
+    pub request_id: Option<FieldRef>,
+    /// The `traceparent` field, if any (W3C trace context).
+    pub traceparent: Option<FieldRef>,
+    /// The `User-Agent` value, if any (the access log).
+    pub user_agent: Option<Span>,
 }
 
 impl RequestHead {
@@ -74,17 +79,42 @@ impl RequestHead {
     }
 }
 
+/// Why a request head cannot be served. Each maps to one [`crate::error::ErrorKind`], which
+/// decides the status; the connection is closed after the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Not a well-formed HTTP/1.1 request head, or ambiguous framing.
+    #[error("malformed request head")]
+    Malformed,
+    #[error("request target too long")]
+    UriTooLong,
+    #[error("request head too large")]
+    HeadTooLarge,
+    #[error("HTTP version not supported")]
+    VersionNotSupported,
+    /// A method the gateway does not proxy (`CONNECT`).
+    #[error("method not supported")]
+    MethodNotAllowed,
+    #[error("unsupported expectation")]
+    ExpectationFailed,
+    #[error("transfer coding not supported")]
+    UnsupportedTransferCoding,
+    /// A declared `Content-Length` above `max_body_bytes`.
+    #[error("request body too large")]
+    BodyTooLarge,
+}
+
 /// Longest list of connection options (`Connection: a, b, ...`) accepted.
 const MAX_CONNECTION_OPTIONS: usize = 16;
 
 /// Parses the request head at the start of `buf`. `Ok(None)`: incomplete, read more (unless the
 /// buffer already holds `max_header_bytes`, which the caller turns into 431 / 414 with
-/// [`head_too_large`]). Errors carry the status to answer with; the connection is then closed.
+/// [`head_too_large`]). The connection is closed after answering an error.
 pub fn parse_request(
     buf: &[u8],
     limits: &Limits,
     plan: &mut FieldPlan,
-) -> Result<Option<RequestHead>, Status> {
+) -> Result<Option<RequestHead>, ParseError> {
     plan.clear();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADER_COUNT];
     let mut req = httparse::Request::new(&mut []);
@@ -101,19 +131,19 @@ pub fn parse_request(
             if !buf[..buf.len().min(limits.max_uri_bytes + 64)].contains(&b'\n')
                 && buf.len() > limits.max_uri_bytes + 64
             {
-                return Err(Status::UriTooLong);
+                return Err(ParseError::UriTooLong);
             }
             return Ok(None);
         }
-        Err(httparse::Error::TooManyHeaders) => return Err(Status::HeadersTooLarge),
-        Err(httparse::Error::Version) => return Err(Status::VersionNotSupported),
-        Err(_) => return Err(Status::BadRequest),
+        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::HeadTooLarge),
+        Err(httparse::Error::Version) => return Err(ParseError::VersionNotSupported),
+        Err(_) => return Err(ParseError::Malformed),
     };
     if head_end > limits.max_header_bytes {
         return Err(head_too_large(buf, limits));
     }
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Err(Status::BadRequest);
+        return Err(ParseError::Malformed);
     };
     let method_span = span_of(buf, method.as_bytes());
     let target_span = span_of(buf, target.as_bytes());
@@ -125,10 +155,10 @@ pub fn parse_request(
     let fields_end = head_end - 2;
     // httparse accepts a bare LF as a line end; an upstream might not. Require CRLF everywhere.
     if !crlf_before(buf, fields_start) || &buf[fields_end..head_end] != b"\r\n" {
-        return Err(Status::BadRequest);
+        return Err(ParseError::Malformed);
     }
     if target_span.len() > limits.max_uri_bytes {
-        return Err(Status::UriTooLong);
+        return Err(ParseError::UriTooLong);
     }
 
     let mut host: Option<Span> = None;
@@ -143,10 +173,13 @@ pub fn parse_request(
     let mut options = [Span::default(); MAX_CONNECTION_OPTIONS];
     let mut n_options = 0;
     let mut dropped = DroppedFields::default();
+    let mut request_id: Option<FieldRef> = None;
+    let mut traceparent: Option<FieldRef> = None;
+    let mut user_agent: Option<Span> = None;
 
     for (i, h) in headers.iter().enumerate() {
         if !crlf_before(buf, line_end(buf, headers, i, fields_end)) {
-            return Err(Status::BadRequest);
+            return Err(ParseError::Malformed);
         }
         let name = h.name.as_bytes();
         let value = trim_ows(h.value);
@@ -154,16 +187,16 @@ pub fn parse_request(
         match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => {
                 if host.is_some() || !valid_host(value) {
-                    return Err(Status::BadRequest);
+                    return Err(ParseError::Malformed);
                 }
                 host = Some(span_of(buf, value));
                 host_index = Some(i);
             }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 if content_length.is_some() {
-                    return Err(Status::BadRequest);
+                    return Err(ParseError::Malformed);
                 }
-                content_length = Some(parse_content_length(value).ok_or(Status::BadRequest)?);
+                content_length = Some(parse_content_length(value).ok_or(ParseError::Malformed)?);
             }
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
                 codings.add_line(value);
@@ -179,7 +212,7 @@ pub fn parse_request(
                         upgrade_opt = true;
                     } else {
                         if n_options == MAX_CONNECTION_OPTIONS {
-                            return Err(Status::BadRequest);
+                            return Err(ParseError::Malformed);
                         }
                         options[n_options] = span_of(buf, opt);
                         n_options += 1;
@@ -195,7 +228,7 @@ pub fn parse_request(
                 if value.eq_ignore_ascii_case(b"100-continue") {
                     expect_continue = true;
                 } else {
-                    return Err(Status::ExpectationFailed);
+                    return Err(ParseError::ExpectationFailed);
                 }
                 drop = true;
             }
@@ -204,6 +237,15 @@ pub fn parse_request(
                     plan.xff.push(span_of(buf, value));
                 }
                 drop = true;
+            }
+            12 if name.eq_ignore_ascii_case(b"x-request-id") => {
+                FieldRef::note(&mut request_id, buf, headers, i, fields_end);
+            }
+            11 if name.eq_ignore_ascii_case(b"traceparent") => {
+                FieldRef::note(&mut traceparent, buf, headers, i, fields_end);
+            }
+            10 if name.eq_ignore_ascii_case(b"user-agent") => {
+                user_agent.get_or_insert(span_of(buf, value));
             }
             2 if name.eq_ignore_ascii_case(b"te") => drop = true,
             10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
@@ -240,7 +282,7 @@ pub fn parse_request(
             .unwrap_or(rest.len());
         let authority = &rest[..auth_len];
         if authority.is_empty() || !valid_host(authority) {
-            return Err(Status::BadRequest);
+            return Err(ParseError::Malformed);
         }
         let auth_span = span_of(buf, authority);
         origin_target = Span {
@@ -250,7 +292,7 @@ pub fn parse_request(
         if origin_target.of(buf).first() == Some(&b'?') {
             // `http://h?q` has an empty path: it must be forwarded as `/?q`, which needs a
             // rewrite this gateway does not do; such targets are rare enough to refuse.
-            return Err(Status::BadRequest);
+            return Err(ParseError::Malformed);
         }
         if let Some(i) = host_index {
             // The authority wins over Host (RFC 9112 §3.2.2); the Host line is rewritten.
@@ -259,12 +301,12 @@ pub fn parse_request(
         host = Some(auth_span);
     } else if t == b"*" && method == "OPTIONS" {
     } else if method == "CONNECT" {
-        return Err(Status::MethodNotAllowed);
+        return Err(ParseError::MethodNotAllowed);
     } else {
-        return Err(Status::BadRequest);
+        return Err(ParseError::Malformed);
     }
     if !http10 && host_index.is_none() {
-        return Err(Status::BadRequest);
+        return Err(ParseError::Malformed);
     }
     let path_len = origin_target
         .of(buf)
@@ -278,26 +320,26 @@ pub fn parse_request(
     {
         // A fragment is never part of a request target (RFC 9112 §3.2); forwarded, it
         // would hide the rest of the path from this check.
-        return Err(Status::BadRequest);
+        return Err(ParseError::Malformed);
     }
 
     let body = if codings.present {
         if http10 || content_length.is_some() || codings.malformed {
             // HTTP/1.0 has no chunked; CL with TE is the classic smuggling vector: refuse
             // rather than pick one (RFC 9112 §6.1, §6.3).
-            return Err(Status::BadRequest);
+            return Err(ParseError::Malformed);
         }
         if codings.other {
-            return Err(Status::NotImplemented);
+            return Err(ParseError::UnsupportedTransferCoding);
         }
         if !codings.chunked_last {
-            return Err(Status::BadRequest);
+            return Err(ParseError::Malformed);
         }
         BodyKind::Chunked
     } else {
         match content_length {
             Some(0) | None => BodyKind::None,
-            Some(n) if n > limits.max_body_bytes => return Err(Status::PayloadTooLarge),
+            Some(n) if n > limits.max_body_bytes => return Err(ParseError::BodyTooLarge),
             Some(n) => BodyKind::Length(n),
         }
     };
@@ -330,6 +372,9 @@ pub fn parse_request(
         keep_alive,
         upgrade,
         expect_continue: expect_continue && body != BodyKind::None,
+        request_id,
+        traceparent,
+        user_agent,
     }))
 }
 
@@ -380,15 +425,15 @@ pub fn has_dot_segment(path: &[u8]) -> bool {
     }
 }
 
-pub fn head_too_large(buf: &[u8], limits: &Limits) -> Status {
+pub fn head_too_large(buf: &[u8], limits: &Limits) -> ParseError {
     let skip = buf
         .iter()
         .take_while(|&&b| b == b'\r' || b == b'\n')
         .count();
     match buf[skip..].iter().position(|&b| b == b'\n') {
-        None => Status::UriTooLong,
-        Some(eol) if eol > limits.max_uri_bytes => Status::UriTooLong,
-        Some(_) => Status::HeadersTooLarge,
+        None => ParseError::UriTooLong,
+        Some(eol) if eol > limits.max_uri_bytes => ParseError::UriTooLong,
+        Some(_) => ParseError::HeadTooLarge,
     }
 }
 

@@ -10,7 +10,7 @@ use common::snapshot::MAX_HEADER_COUNT;
 
 use super::{
     crlf_before, line_end, offset_in, parse_content_length, trim_ows, BodyKind, DroppedFields,
-    FieldPlan, Span, TransferCodings,
+    FieldPlan, FieldRef, Span, TransferCodings,
 };
 
 /// A parsed response head; offsets are into the buffer given to [`parse_response`].
@@ -25,6 +25,8 @@ pub struct ResponseHead {
     pub body: BodyKind,
     /// The upstream connection can carry another request once this body is read.
     pub reusable: bool,
+    /// The upstream's `X-Request-Id` field, which the gateway's replaces.
+    pub request_id: Option<FieldRef>,
 }
 
 /// Why a response head is unusable.
@@ -87,6 +89,7 @@ pub fn parse_response(
     let mut n_options = 0;
     let mut dropped = DroppedFields::default();
     let mut cl_lines = DroppedFields::default();
+    let mut request_id: Option<FieldRef> = None;
 
     for (i, h) in headers.iter().enumerate() {
         if !crlf_before(buf, line_end(buf, headers, i, fields_end)) {
@@ -96,6 +99,9 @@ pub fn parse_response(
         let value = trim_ows(h.value);
         let mut drop = false;
         match name.len() {
+            12 if name.eq_ignore_ascii_case(b"x-request-id") => {
+                FieldRef::note(&mut request_id, buf, headers, i, fields_end);
+            }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 let n = parse_content_length(value).ok_or(ResponseError::Malformed)?;
                 match content_length {
@@ -183,6 +189,7 @@ pub fn parse_response(
         head_end,
         body,
         reusable,
+        request_id,
     }))
 }
 

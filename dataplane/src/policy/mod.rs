@@ -38,8 +38,14 @@ pub struct PolicyState {
     pub drops: Vec<Span>,
     /// Bytes of the request target to leave out (an API key query parameter).
     pub query_drop: Option<Span>,
+    /// An API key query parameter that was read, kept or not, valid or not: the access log
+    /// never writes it.
+    pub secret_query: Option<Span>,
     /// Field lines to add to the response (CORS), each with its CRLF.
     pub response_extra: Vec<u8>,
+    /// The consumer an authentication policy identified (index into the snapshot's
+    /// consumers).
+    pub consumer: Option<u32>,
     decode: Vec<u8>,
 }
 
@@ -51,7 +57,9 @@ impl PolicyState {
         self.extra.clear();
         self.drops.clear();
         self.query_drop = None;
+        self.secret_query = None;
         self.response_extra.clear();
+        self.consumer = None;
     }
 }
 
@@ -144,6 +152,16 @@ pub fn is_preflight(buf: &[u8], head: &RequestHead) -> bool {
 pub fn drop_cors_fields(buf: &[u8], start: usize, end: usize, drops: &mut Vec<Span>) {
     for f in lines(buf, start, end) {
         if f.name.len() > 15 && f.name[..15].eq_ignore_ascii_case(b"access-control-") {
+            add_drop(drops, f.line);
+        }
+    }
+}
+
+/// Removes from a head every field line named `name` (case-insensitively) between `start`
+/// and `end`.
+pub fn drop_named(buf: &[u8], start: usize, end: usize, name: &[u8], drops: &mut Vec<Span>) {
+    for f in lines(buf, start, end) {
+        if f.name.eq_ignore_ascii_case(name) {
             add_drop(drops, f.line);
         }
     }
@@ -283,7 +301,7 @@ fn forwarded_for(v: &[u8]) -> Option<IpAddr> {
 }
 
 /// Runs the listener's policies, then `route`'s (and, once authenticated, the consumer's)
-/// over the request. Without a route (no match), the listener's and the global IP filter and
+/// over the request from `client` (the address [`client_ip`] found). Without a route (no match), the listener's and the global IP filter and
 /// domain policies still run, so that an unknown host gets its 421 rather than a 404.
 #[allow(clippy::too_many_arguments)]
 pub fn check(
@@ -292,14 +310,13 @@ pub fn check(
     listener: u16,
     buf: &[u8],
     head: &RequestHead,
-    peer: IpAddr,
+    client: IpAddr,
     limiters: &mut Limiters,
     clock: Clock,
     st: &mut PolicyState,
 ) -> Verdict {
     st.reset();
     let p = &snap.policies;
-    let client = client_ip(p, buf, head, peer);
     let on_listener = p
         .listeners
         .get(listener as usize)
@@ -343,7 +360,10 @@ pub fn check(
                     i += 1;
                 }
                 match authenticate(p, &list[start..=i], buf, head, clock, st) {
-                    Ok(c) => consumer = Some(c),
+                    Ok(c) => {
+                        consumer = Some(c);
+                        st.consumer = consumer;
+                    }
                     Err(v) => return v,
                 }
             }
@@ -606,6 +626,9 @@ fn authenticate(
                 let Some((key, line, query)) = presented else {
                     continue;
                 };
+                if query.is_some() {
+                    st.secret_query = query;
+                }
                 let digest = common::policy::api_key_digest(key);
                 // Only digests are compared, in constant time; a key itself never is.
                 let Some(consumer) = p.api_keys.find(&digest) else {
@@ -851,20 +874,9 @@ fn unauthorized(
     refuse(st, 401, id, detail, &challenge[..used])
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        204 => "No Content",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        421 => "Misdirected Request",
-        429 => "Too Many Requests",
-        _ => "Error",
-    }
-}
-
 /// Writes a problem+json refusal (RFC 9457) into `st.out`.
 fn refuse(st: &mut PolicyState, status: u16, policy: &str, detail: &str, extra: &[u8]) -> Verdict {
-    let title = reason(status);
+    let title = common::reason::phrase(status);
     let mut body = [0u8; 384];
     let mut w = &mut body[..];
     let _ = writeln!(

@@ -13,7 +13,7 @@ fn limits() -> Limits {
 
 /// Parses `input`, checking that every strict prefix is either incomplete or fails the same
 /// way (a prefix can never succeed where the whole fails, or end differently).
-fn parse(input: &[u8]) -> Result<RequestHead, Status> {
+fn parse(input: &[u8]) -> Result<RequestHead, ParseError> {
     let mut plan = FieldPlan::default();
     let whole = parse_request(input, &limits(), &mut plan).map(|h| h.expect("complete fixture"));
     for cut in 0..input.len() {
@@ -69,7 +69,7 @@ fn bodies() {
     let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n").unwrap();
     assert_eq!(h.body, BodyKind::None);
     let input = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n";
-    assert_eq!(parse(input).unwrap_err(), Status::PayloadTooLarge);
+    assert_eq!(parse(input).unwrap_err(), ParseError::BodyTooLarge);
 }
 
 #[test]
@@ -84,34 +84,34 @@ fn keep_alive_rules() {
 
 #[test]
 fn smuggling_vectors_are_rejected() {
-    let bad: &[(&[u8], Status)] = &[
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Status::NotImplemented),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", Status::NotImplemented),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \"chunked\"\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0cchunked\r\n\r\n", Status::BadRequest),
-        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\nHost: a\n\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.1\r\n\r\n", Status::BadRequest),
-        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", Status::BadRequest),
-        (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", Status::BadRequest),
-        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Status::VersionNotSupported),
-        (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", Status::BadRequest),
-        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", Status::MethodNotAllowed),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: telepathy\r\n\r\n", Status::ExpectationFailed),
-        (b"GET / HTTP/1.1\r\nHost: a\r\n: empty\r\n\r\n", Status::BadRequest),
+    let bad: &[(&[u8], ParseError)] = &[
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", ParseError::UnsupportedTransferCoding),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", ParseError::UnsupportedTransferCoding),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \"chunked\"\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0cchunked\r\n\r\n", ParseError::Malformed),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\nHost: a\n\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\n\r\n", ParseError::Malformed),
+        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", ParseError::VersionNotSupported),
+        (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::MethodNotAllowed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: telepathy\r\n\r\n", ParseError::ExpectationFailed),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n: empty\r\n\r\n", ParseError::Malformed),
     ];
     for (input, want) in bad {
         assert_eq!(
@@ -146,7 +146,7 @@ fn absolute_form_replaces_host() {
     assert_eq!(h.path(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n"), b"/");
     assert_eq!(
         parse(b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(),
-        Status::BadRequest
+        ParseError::Malformed
     );
 }
 
@@ -172,17 +172,17 @@ fn limits_give_the_right_status() {
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(1100));
     assert_eq!(
         parse_request(long_uri.as_bytes(), &l, &mut plan).unwrap_err(),
-        Status::UriTooLong
+        ParseError::UriTooLong
     );
     let huge_line = format!("GET /{}", "a".repeat(5000));
     assert_eq!(
         parse_request(huge_line.as_bytes(), &l, &mut plan).unwrap_err(),
-        Status::UriTooLong
+        ParseError::UriTooLong
     );
     let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(40));
     assert_eq!(
         parse_request(many.as_bytes(), &l, &mut plan).unwrap_err(),
-        Status::HeadersTooLarge
+        ParseError::HeadTooLarge
     );
     let big = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
@@ -190,12 +190,12 @@ fn limits_give_the_right_status() {
     );
     assert_eq!(
         parse_request(big.as_bytes(), &l, &mut plan).unwrap_err(),
-        Status::HeadersTooLarge
+        ParseError::HeadTooLarge
     );
     let partial_big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "y".repeat(5000));
     assert_eq!(
         parse_request(partial_big.as_bytes(), &l, &mut plan).unwrap_err(),
-        Status::HeadersTooLarge
+        ParseError::HeadTooLarge
     );
 }
 

@@ -2,15 +2,13 @@
 //! problem+json errors, authentication, revisions and rollback, durability across `kill -9`,
 //! and config changes under traffic.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{json, Value};
-use support::*;
 
 fn base_config(origin: std::net::SocketAddr) -> String {
     format!(
@@ -667,7 +665,8 @@ fn metrics_count_requests_by_route_and_class() {
         "gateway_requests_total{route=\"health\",class=\"2xx\"} 1",
         "gateway_requests_total{route=\"(none)\",class=\"4xx\"} 1",
         "gateway_requests_total{route=\"dead\",class=\"5xx\"} 1",
-        "gateway_upstream_errors_total{kind=\"connect_failed\"} 1",
+        "gateway_errors_total{side=\"upstream\",kind=\"connect_failed\"} 1",
+        "gateway_errors_total{side=\"gateway\",kind=\"no_route\"} 1",
         "gateway_request_duration_seconds_count 6",
         "gateway_upstream_response_duration_seconds_count 3",
         "gateway_config_revision 4",

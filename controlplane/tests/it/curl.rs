@@ -1,13 +1,11 @@
 //! curl as the client: keep-alive reuse, a chunked upload, a 10 MiB download.
 
-mod support;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use support::*;
+use crate::support::*;
 
 both_drivers!(curl_keep_alive_upload_and_download);
 

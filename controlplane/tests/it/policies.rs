@@ -3,12 +3,10 @@
 //! their failure modes, ACLs, rate limiting (accuracy under wrk, headers, state kept across
 //! config changes), and the admin API's resources and validation for all of it.
 
-mod support;
-
 use std::process::Command;
 
+use crate::support::*;
 use common::keys::encode_b64url;
-use support::*;
 
 /// The example from the issue, verbatim, plus a listener, an upstream and the admin section.
 const EXAMPLE: &str = r#"

@@ -1,8 +1,6 @@
 //! End-to-end tests of the data plane through the real `gateway` binary, each run under
 //! io_uring and under the forced epoll fallback.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 both_drivers!(
     forwards_head_exactly_and_reuses_connections,
@@ -42,7 +40,7 @@ both_drivers!(
 
 fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     let r = c.roundtrip("GET /a?b=1 HTTP/1.1\r\nHost: api.test\r\nUser-Agent: t/1\r\n\r\n");
     assert_eq!(r.status, 200);
@@ -66,7 +64,7 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
 
 fn routes_by_host_path_and_method(driver: Driver) {
     let origin = Origin::echo();
-    let config = proxy_config(
+    let config = framing_config(
         origin.addr,
         r#"
 [[routes]]
@@ -152,7 +150,7 @@ fn strip_prefix_rewrites_the_target(driver: Driver) {
 
 fn streams_request_bodies(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     // 1 MiB with Content-Length, written in pieces.
     let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
@@ -191,7 +189,7 @@ fn relays_chunked_responses_with_trailers(driver: Driver) {
         let _ = s.write_all(b"6;e=v\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n");
         Keep::Open
     }));
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     c.send(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n");
     let mut got = Vec::new();
@@ -222,7 +220,7 @@ fn no_body_responses(driver: Driver) {
         };
         Keep::Open
     }));
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     // HEAD, 204 and 304 pipelined with a GET: each has no body, so the GET's body is intact.
     c.send(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /204 HTTP/1.1\r\nHost: a\r\n\r\nGET /304 HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -239,7 +237,7 @@ fn response_until_close_closes_client(driver: Driver) {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil-close body");
         Keep::Close
     }));
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.body_str(), "until-close body");
@@ -248,7 +246,7 @@ fn response_until_close_closes_client(driver: Driver) {
 
 fn pipelined_requests_answer_in_order(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     let mut batch = String::new();
     for i in 0..5 {
@@ -263,7 +261,7 @@ fn pipelined_requests_answer_in_order(driver: Driver) {
 
 fn expect_continue_gets_interim_response(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     c.send(b"POST /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
     let interim = c.read_response();
@@ -278,7 +276,7 @@ fn expect_continue_gets_interim_response(driver: Driver) {
 
 fn limits_answer_431_414_413(driver: Driver) {
     let origin = Origin::echo();
-    let config = proxy_config(
+    let config = framing_config(
         origin.addr,
         "[limits]\nmax_header_bytes = 2048\nmax_header_count = 10\nmax_uri_bytes = 256\nmax_body_bytes = 1000\n",
     );
@@ -326,7 +324,7 @@ fn limits_answer_431_414_413(driver: Driver) {
 fn client_header_timeout_is_408(driver: Driver) {
     let origin = Origin::echo();
     let gw = Gateway::start(
-        &proxy_config(origin.addr, "[timeouts]\nclient_header_ms = 300\n"),
+        &framing_config(origin.addr, "[timeouts]\nclient_header_ms = 300\n"),
         driver,
     );
     let mut c = gw.connect();
@@ -366,7 +364,7 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     let dead = closed_port();
     let config = format!(
         "{}\n[[upstreams]]\nid = \"dead\"\ntargets = [{{ address = \"{dead}\" }}]\n[[routes]]\nid = \"dead\"\npath = \"/dead\"\nupstream = \"dead\"\n",
-        proxy_config(origin.addr, "[timeouts]\nupstream_response_head_ms = 400\n")
+        framing_config(origin.addr, "[timeouts]\nupstream_response_head_ms = 400\n")
     );
     let gw = Gateway::start(&config, driver);
     let expect = |path: &str, status: u16| {
@@ -409,7 +407,7 @@ fn origin_closing_after_each_answer() -> Origin {
 
 fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
     let origin = origin_closing_after_each_answer();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     assert_eq!(
         c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
@@ -437,7 +435,7 @@ fn stale_idle_connection_is_not_used(driver: Driver) {
     // The pooled connection has been idle long enough that the gateway checks it before use:
     // even a POST goes through.
     let origin = origin_closing_after_each_answer();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     assert_eq!(
         c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
@@ -484,7 +482,7 @@ fn hop_by_hop_fields_removed_from_response(driver: Driver) {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok");
         Keep::Open
     }));
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Drop, TE\r\nX-Drop: 1\r\nTE: trailers\r\nKeep-Alive: 1\r\nProxy-Authorization: secret\r\n\r\n");
     assert_eq!(r.head, "HTTP/1.1 200 OK\r\nX-Kept: 1\r\nContent-Length: 2");
@@ -525,7 +523,7 @@ fn websocket_echo_through_upgrade(driver: Driver) {
         }
         Keep::Close
     }));
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     let r = c.roundtrip(&format!("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"));
     assert_eq!(r.status, 101);
@@ -546,7 +544,7 @@ fn websocket_echo_through_upgrade(driver: Driver) {
 
 fn malformed_request_is_400_and_closes(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     for bad in [
         &b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -606,7 +604,7 @@ fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
         Keep::Open
     }));
-    let mut gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut idle = gw.connect();
     let mut busy = gw.connect();
     busy.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -624,7 +622,7 @@ fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
 fn parked_connections_resume_and_expire(driver: Driver) {
     let origin = Origin::echo();
     let gw = Gateway::start(
-        &proxy_config(
+        &framing_config(
             origin.addr,
             "[timeouts]\nclient_park_ms = 30\nclient_idle_ms = 1500\n",
         ),
@@ -676,7 +674,7 @@ fn client_that_stops_reading_is_dropped(driver: Driver) {
         Keep::Close
     }));
     let gw = Gateway::start(
-        &proxy_config(origin.addr, "[timeouts]\nclient_send_ms = 500\n"),
+        &framing_config(origin.addr, "[timeouts]\nclient_send_ms = 500\n"),
         driver,
     );
     let mut c = gw.connect();
@@ -746,7 +744,7 @@ fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
     // Reads the request head, then nothing, for longer than the test waits.
     let origin = head_only_origin(|_| thread::sleep(Duration::from_secs(15)));
     let gw = Gateway::start(
-        &proxy_config(
+        &framing_config(
             origin,
             "[timeouts]\nupstream_send_ms = 500\n[limits]\nmax_body_bytes = 100000000\n",
         ),
@@ -770,7 +768,7 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
         thread::sleep(Duration::from_millis(200));
     });
     let gw = Gateway::start(
-        &proxy_config(origin, "[limits]\nmax_body_bytes = 100000000\n"),
+        &framing_config(origin, "[limits]\nmax_body_bytes = 100000000\n"),
         driver,
     );
     let mut c = gw.connect();
@@ -795,7 +793,7 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
 /// holds fewer bytes than the head's method span (this used to panic the worker).
 fn body_shorter_than_the_method_after_the_head(driver: Driver) {
     let origin = Origin::echo();
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
     c.send(b"POST /short HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n");
     thread::sleep(Duration::from_millis(200));

@@ -2,14 +2,12 @@
 //! suite) against the gateway, with the suite's own logging origin, under both drivers.
 //! Every MUST case has to pass; the runner exits non-zero on any failure.
 
-mod support;
-
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 both_drivers!(conformance_cases_pass);
 

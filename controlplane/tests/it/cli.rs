@@ -1,11 +1,9 @@
 //! The `gateway` command line: `--check`, exit codes, error messages that name the field.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn gateway(args: &[&str]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
@@ -90,4 +88,34 @@ fn a_port_already_in_use_is_refused() {
     let mut c = first.connect();
     assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
     assert!(!c.is_closed_within(Duration::from_millis(100)));
+}
+
+#[test]
+fn a_restart_right_after_a_crash_comes_up_on_the_same_port() {
+    // What a supervisor with Restart=always does: kill -9, then start again at once. The dead
+    // process's io_uring releases its listening sockets asynchronously, so the port is still
+    // bound for a moment; the new process waits that out (it accepts nothing) instead of
+    // exiting with "address in use".
+    let config = "workers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\nrespond = {}\n";
+    for round in 0..3 {
+        let mut first = Gateway::start(config, Driver::IoUring);
+        let addr = first.addr;
+        let fixed = write(
+            &format!("restart-{round}.toml"),
+            &format!(
+                "{}{ADMIN_SECTION}",
+                config.replace("127.0.0.1:0", &addr.to_string())
+            ),
+        );
+        // A connection in flight when it dies, as in real life.
+        let mut c = first.connect();
+        assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+        first.signal(libc::SIGKILL);
+        assert!(first.wait_exit_status(Duration::from_secs(5)).is_some());
+        let data = temp_dir("restart").join("data");
+        let second = Gateway::start_with_data(std::path::Path::new(&fixed), &data, &[]);
+        assert_eq!(second.addr, addr);
+        let mut c = second.connect();
+        assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    }
 }

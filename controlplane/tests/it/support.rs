@@ -572,6 +572,19 @@ pub fn proxy_config(origin: SocketAddr, extra: &str) -> String {
     )
 }
 
+/// `proxy_config` with request ids and trace context off: for the tests that assert the exact
+/// bytes of forwarded heads (`access_log.rs` tests those fields on the same paths).
+pub fn framing_config(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        "{}
+[tracing]
+request_id = false
+traceparent = false
+",
+        proxy_config(origin, extra)
+    )
+}
+
 impl Gateway {
     /// One admin API request with the test token; `body` is sent as JSON.
     pub fn admin(&self, method: &str, path: &str, body: Option<&str>) -> Response {

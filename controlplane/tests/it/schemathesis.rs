@@ -2,12 +2,10 @@
 //! document, with all its checks: every response must match the document, schema-valid input
 //! must be accepted or refused for a documented reason, schema-violating input refused, no 5xx.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 #[test]
 fn schemathesis_all_checks_pass() {

@@ -1,0 +1,614 @@
+//! The access log (one JSON line per request, field by field for each kind of outcome; no
+//! line lost or torn under wrk; SIGUSR1 reopening), request ids and W3C trace context.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// The fields every line has.
+const FIELDS: [&str; 20] = [
+    "ts",
+    "request_id",
+    "client_ip",
+    "method",
+    "host",
+    "path",
+    "status",
+    "route",
+    "upstream",
+    "target",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "upstream_connect_ms",
+    "upstream_first_byte_ms",
+    "consumer",
+    "user_agent",
+    "error",
+    "trace_id",
+    "retries",
+];
+
+/// Reads the log's lines once there are at least `n`, each parsed (a torn line fails here).
+fn read_log(path: &Path, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let complete = text.ends_with('\n') || text.is_empty();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() >= n && complete {
+            return lines
+                .iter()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("torn or invalid line {l:?}: {e}"));
+                    for f in FIELDS {
+                        assert!(v.get(f).is_some(), "line without {f}: {l}");
+                    }
+                    v
+                })
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} lines in {}:\n{text}",
+            lines.len(),
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An origin that waits `delay` before answering 200, and echoes the request's
+/// `X-Request-Id` back (so the gateway has one to replace).
+fn slow_origin(delay: Duration) -> Origin {
+    Origin::start(Arc::new(move |_req: &Received, s: &mut TcpStream| {
+        thread::sleep(delay);
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nX-Request-Id: from-upstream\r\nContent-Length: 4\r\n\r\nslow"
+        );
+        Keep::Open
+    }))
+}
+
+fn log_config(origin: &Origin, slow: &Origin, log: &Path, extra: &str) -> String {
+    format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[upstreams]]
+id = "origin"
+targets = [{{ address = "{origin}" }}]
+
+[[upstreams]]
+id = "dead"
+targets = [{{ address = "{dead}" }}]
+
+[[upstreams]]
+id = "slow"
+targets = [{{ address = "{slow}" }}]
+
+[[routes]]
+id = "api"
+path_prefix = "/api"
+upstream = "origin"
+
+[[routes]]
+id = "dead"
+path = "/dead"
+upstream = "dead"
+
+[[routes]]
+id = "slow"
+path = "/slow"
+upstream = "slow"
+
+[[routes]]
+id = "private"
+path = "/private"
+upstream = "origin"
+policies = ["key"]
+
+[[consumers]]
+id = "mobile-app"
+
+[[credentials]]
+id = "mobile-key"
+consumer = "mobile-app"
+kind = "api_key"
+key = "s3cr3t-key-1"
+
+[[policies]]
+id = "key"
+kind = "api_key"
+header = "X-Api-Key"
+query = "api_key"
+
+[timeouts]
+upstream_response_head_ms = 400
+
+[access_log]
+path = "{log}"
+{extra}
+"#,
+        origin = origin.addr,
+        dead = closed_port(),
+        slow = slow.addr,
+        log = log.display()
+    )
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The common checks of a line: timestamp format, client, method, numbers.
+fn check_common(v: &Value, method: &str) {
+    let ts = v["ts"].as_str().unwrap();
+    // 2026-12-02T03:04:05.678Z
+    assert_eq!(ts.len(), 24, "{ts}");
+    assert!(
+        ts.ends_with('Z') && &ts[10..11] == "T" && &ts[19..20] == ".",
+        "{ts}"
+    );
+    assert_eq!(v["client_ip"], "127.0.0.1");
+    assert_eq!(v["method"], method);
+    assert!(v["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(v["bytes_in"].as_u64().unwrap() > 0);
+    assert!(v["bytes_out"].as_u64().unwrap() > 0, "{v}");
+    assert!(is_hex(v["trace_id"].as_str().unwrap(), 32), "{v}");
+}
+
+#[test]
+fn every_outcome_is_logged_field_by_field() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(900));
+    let dir = temp_dir("access-log");
+    let log = dir.join("access.log");
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+    let mut c = gw.connect();
+
+    let ok = "GET /api/items?page=2 HTTP/1.1\r\nHost: shop.test\r\nUser-Agent: curl/8.0 \"quoted\"\r\nX-Request-Id: req-200\r\n\r\n";
+    let r = c.roundtrip(ok);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("req-200"));
+    let ok_bytes = r.head.len() + 4 + r.body.len();
+    assert_eq!(
+        c.roundtrip("GET /nowhere HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-404\r\n\r\n")
+            .status,
+        404
+    );
+    let r = c.roundtrip("GET /private?api_key=wrong-key&x=1 HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-401\r\n\r\n");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("x-request-id"), Some("req-401"));
+    let r = c.roundtrip("GET /private?api_key=s3cr3t-key-1 HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-consumer\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let r = gw
+        .connect()
+        .roundtrip("GET /dead HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-502\r\n\r\n");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-request-id"), Some("req-502"));
+    let slow_post =
+        "POST /slow HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 3\r\nX-Request-Id: req-504\r\n\r\nabc";
+    let r = gw.connect().roundtrip(slow_post);
+    assert_eq!(r.status, 504);
+
+    let lines = read_log(&log, 6);
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let by_id = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}: {lines:?}"))
+    };
+
+    let l = by_id("req-200");
+    check_common(l, "GET");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["host"], "shop.test");
+    assert_eq!(l["path"], "/api/items?page=2");
+    assert_eq!(l["route"], "api");
+    assert_eq!(l["upstream"], "origin");
+    assert_eq!(l["target"], origin.addr.to_string());
+    assert_eq!(l["user_agent"], "curl/8.0 \"quoted\"");
+    assert_eq!(l["bytes_in"], ok.len());
+    assert_eq!(l["bytes_out"], ok_bytes);
+    assert!(
+        l["upstream_connect_ms"].as_f64().is_some(),
+        "a new connection: {l}"
+    );
+    assert!(l["upstream_first_byte_ms"].as_f64().is_some());
+    assert_eq!(l["consumer"], Value::Null);
+    assert_eq!(l["error"], Value::Null);
+    assert_eq!(l["retries"], 0);
+
+    let l = by_id("req-404");
+    check_common(l, "GET");
+    assert_eq!(l["status"], 404);
+    assert_eq!(l["route"], Value::Null);
+    assert_eq!(l["upstream"], Value::Null);
+    assert_eq!(l["target"], Value::Null);
+    assert_eq!(l["upstream_connect_ms"], Value::Null);
+    assert_eq!(l["upstream_first_byte_ms"], Value::Null);
+    assert_eq!(l["user_agent"], Value::Null);
+    assert_eq!(l["error"], "no_route");
+
+    let l = by_id("req-401");
+    check_common(l, "GET");
+    assert_eq!(l["status"], 401);
+    assert_eq!(l["route"], "private");
+    // The key the api_key policy reads from the query never reaches the log.
+    assert_eq!(l["path"], "/private?x=1");
+    assert_eq!(l["target"], Value::Null);
+    assert_eq!(l["error"], "policy_denied");
+
+    let l = by_id("req-consumer");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["consumer"], "mobile-app");
+    assert_eq!(l["path"], "/private");
+    // The same upstream connection as the first request: reused, so no connect time.
+    assert_eq!(l["upstream_connect_ms"], Value::Null, "{l}");
+
+    let l = by_id("req-502");
+    check_common(l, "GET");
+    assert_eq!(l["status"], 502);
+    assert_eq!(l["route"], "dead");
+    assert_eq!(l["upstream"], "dead");
+    assert!(l["target"].as_str().is_some());
+    assert_eq!(l["upstream_first_byte_ms"], Value::Null);
+    assert_eq!(l["error"], "connect_failed");
+
+    let l = by_id("req-504");
+    check_common(l, "POST");
+    assert_eq!(l["status"], 504);
+    assert_eq!(l["route"], "slow");
+    assert_eq!(l["target"], slow.addr.to_string());
+    assert_eq!(l["upstream_first_byte_ms"], Value::Null);
+    assert_eq!(l["error"], "response_timeout");
+    assert!(l["duration_ms"].as_f64().unwrap() >= 400.0, "{l}");
+    assert_eq!(l["bytes_in"], slow_post.len());
+}
+
+#[test]
+fn a_client_that_leaves_before_the_answer_is_logged_as_499() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(200));
+    let dir = temp_dir("access-log-499");
+    let log = dir.join("access.log");
+    let config = log_config(&origin, &slow, &log, "").replace(
+        "upstream_response_head_ms = 400",
+        "upstream_response_head_ms = 5000",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Request-Id: gone\r\n\r\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    drop(s);
+    let l = &read_log(&log, 1)[0];
+    assert_eq!(l["request_id"], "gone");
+    assert_eq!(l["status"], 499, "{l}");
+    assert_eq!(l["error"], "client_closed");
+    assert_eq!(l["route"], "slow");
+}
+
+#[test]
+fn unparsable_requests_and_sampling() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("access-log-sample");
+    let log = dir.join("access.log");
+    let config = log_config(&origin, &slow, &log, "sample = 0.0");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // Sampled out: 2xx-4xx.
+    let mut c = gw.connect();
+    for _ in 0..5 {
+        assert_eq!(
+            c.roundtrip("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            200
+        );
+        assert_eq!(
+            c.roundtrip("GET /none HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            404
+        );
+    }
+    // Always logged: 5xx.
+    assert_eq!(
+        gw.connect()
+            .roundtrip("GET /dead HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        502
+    );
+    let lines = read_log(&log, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["status"], 502);
+    drop(gw);
+
+    let log2 = dir.join("all.log");
+    let gw = Gateway::start(&log_config(&origin, &slow, &log2, ""), Driver::IoUring);
+    let r = gw
+        .connect()
+        .roundtrip("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+    assert_eq!(r.status, 400);
+    assert!(is_hex(r.header("x-request-id").unwrap(), 32));
+    let l = &read_log(&log2, 1)[0];
+    assert_eq!(l["status"], 400);
+    assert_eq!(l["error"], "bad_request");
+    assert_eq!(l["method"], "");
+    assert_eq!(l["request_id"], r.header("x-request-id").unwrap());
+    // A stop drains and writes the last lines, and does not wait on the log.
+    let mut gw = gw;
+    assert_eq!(
+        gw.connect()
+            .roundtrip("GET /api/last HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        200
+    );
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    let lines = read_log(&log2, 2);
+    assert_eq!(lines.last().unwrap()["path"], "/api/last");
+}
+
+#[test]
+fn sigusr1_reopens_the_file_after_a_rotation() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("access-log-rotate");
+    let log = dir.join("access.log");
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+    let mut c = gw.connect();
+    assert_eq!(
+        c.roundtrip("GET /api/1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    read_log(&log, 1);
+    // What logrotate does: move the file, then signal.
+    let rotated: PathBuf = dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.signal(libc::SIGUSR1);
+    gw.wait_log("reopening the access log", Duration::from_secs(5));
+    // Lines written before the writer reopens may still go to the moved file; wait until a
+    // request shows up in the new one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 2;
+    while !log.exists() {
+        assert_eq!(
+            c.roundtrip(&format!("GET /api/{n} HTTP/1.1\r\nHost: a\r\n\r\n"))
+                .status,
+            200
+        );
+        n += 1;
+        assert!(Instant::now() < deadline, "no new file after SIGUSR1");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let old = read_log(&rotated, 1);
+    assert_eq!(old[0]["path"], "/api/1");
+    let new = read_log(&log, 1);
+    assert!(new.iter().all(|l| l["path"] != "/api/1"));
+    // Every request is in exactly one of the two files.
+    let total = read_log(&rotated, 1).len() + read_log(&log, 1).len();
+    assert_eq!(total, n - 1);
+}
+
+#[test]
+fn every_request_under_wrk_is_logged_once_and_whole() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("access-log-wrk");
+    let log = dir.join("access.log");
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+    let out = std::process::Command::new("wrk")
+        .args(["-t1", "-c8", "-d2s", "-H", "User-Agent: wrk \"load\"\\test"])
+        .arg(format!("http://{}/api/load", gw.addr))
+        .output()
+        .expect("wrk is needed (scripts/test installs it; Debian package `wrk`)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every request the gateway answered, from its own metrics once the load is over.
+    let answered = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("gateway_requests_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (n, metrics) = loop {
+        let a = gw.admin("GET", "/metrics", None).body_str().to_owned();
+        thread::sleep(Duration::from_millis(300));
+        let b = gw.admin("GET", "/metrics", None).body_str().to_owned();
+        if answered(&a) == answered(&b) {
+            break (answered(&b), b);
+        }
+        assert!(Instant::now() < deadline);
+    };
+    assert!(n > 100, "wrk made only {n} requests");
+    let lines = read_log(&log, n as usize);
+    assert_eq!(lines.len() as u64, n, "one line per request, none lost");
+    let mut ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["request_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, n, "request ids are unique");
+    assert!(lines
+        .iter()
+        .all(|l| l["user_agent"] == "wrk \"load\"\\test"));
+    assert!(
+        metrics.contains("gateway_access_log_dropped_total 0\n"),
+        "{metrics}"
+    );
+}
+
+/// What the origin received for one request through the gateway, and what the client got.
+fn through(gw: &Gateway, origin: &Origin, extra_fields: &str) -> (Received, Response) {
+    let before = origin.requests().len();
+    let r = gw.connect().roundtrip(&format!(
+        "GET /api/t HTTP/1.1\r\nHost: a\r\n{extra_fields}\r\n"
+    ));
+    assert_eq!(r.status, 200);
+    let seen = origin.wait_requests(before + 1).pop().unwrap();
+    (seen, r)
+}
+
+#[test]
+fn request_ids_are_kept_made_and_replaced() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("request-id");
+    let log = dir.join("access.log");
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+
+    // Kept.
+    let (seen, r) = through(&gw, &origin, "X-Request-Id: abc-123_XYZ\r\n");
+    assert_eq!(seen.header("x-request-id"), Some("abc-123_XYZ"));
+    assert_eq!(r.header("x-request-id"), Some("abc-123_XYZ"));
+    // Made: none sent.
+    let (seen, r) = through(&gw, &origin, "");
+    let id = seen.header("x-request-id").unwrap().to_owned();
+    assert!(is_hex(&id, 32), "{id}");
+    assert_eq!(r.header("x-request-id"), Some(id.as_str()));
+    // Replaced: too long, not visible ASCII, or sent twice.
+    let long = "x".repeat(129);
+    for bad in [
+        format!("X-Request-Id: {long}\r\n"),
+        "X-Request-Id: has space\r\n".to_owned(),
+        "X-Request-Id: one\r\nX-Request-Id: two\r\n".to_owned(),
+    ] {
+        let (seen, r) = through(&gw, &origin, &bad);
+        let id = seen.header("x-request-id").unwrap().to_owned();
+        assert!(is_hex(&id, 32), "{bad}: {id}");
+        assert_eq!(
+            seen.head.matches("X-Request-Id").count() + seen.head.matches("x-request-id").count(),
+            1,
+            "{}",
+            seen.head
+        );
+        assert_eq!(r.header("x-request-id"), Some(id.as_str()));
+    }
+    // The gateway's id replaces the one an upstream sends back.
+    let r = gw
+        .connect()
+        .roundtrip("GET /slow HTTP/1.1\r\nHost: a\r\nX-Request-Id: mine\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("mine"));
+    assert!(!r.head.contains("from-upstream"), "{}", r.head);
+    // The log has the same ids.
+    let lines = read_log(&log, 6);
+    assert!(lines.iter().any(|l| l["request_id"] == "abc-123_XYZ"));
+    assert!(lines.iter().any(|l| l["request_id"] == id.as_str()));
+}
+
+#[test]
+fn traceparent_is_continued_created_and_replaced() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("traceparent");
+    let log = dir.join("access.log");
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+    let parse = |v: &str| -> (String, String, String) {
+        let p: Vec<&str> = v.split('-').collect();
+        assert_eq!(p.len(), 4, "{v}");
+        assert_eq!(p[0], "00");
+        assert!(
+            is_hex(p[1], 32) && is_hex(p[2], 16) && is_hex(p[3], 2),
+            "{v}"
+        );
+        (p[1].to_owned(), p[2].to_owned(), p[3].to_owned())
+    };
+
+    // Continued: same trace id and flags, the gateway's own parent id; tracestate untouched.
+    let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let (seen, _) = through(
+        &gw,
+        &origin,
+        &format!("traceparent: {incoming}\r\ntracestate: congo=t61rcWkgMzE\r\n"),
+    );
+    let (trace, parent, flags) = parse(seen.header("traceparent").unwrap());
+    assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+    assert_ne!(parent, "b7ad6b7169203331");
+    assert_eq!(flags, "00");
+    assert_eq!(seen.header("tracestate"), Some("congo=t61rcWkgMzE"));
+    assert_eq!(seen.head.matches("traceparent").count(), 1, "{}", seen.head);
+
+    // Created: none sent (sampled by default).
+    let (seen, _) = through(&gw, &origin, "");
+    let (created, _, flags) = parse(seen.header("traceparent").unwrap());
+    assert_eq!(flags, "01");
+
+    // Replaced: malformed.
+    for bad in [
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "garbage",
+    ] {
+        let (seen, _) = through(&gw, &origin, &format!("traceparent: {bad}\r\n"));
+        let (t, _, _) = parse(seen.header("traceparent").unwrap());
+        assert_ne!(t.to_uppercase(), "0AF7651916CD43DD8448EB211C80319C");
+        assert_ne!(t, "00000000000000000000000000000000");
+    }
+    let lines = read_log(&log, 5);
+    assert!(lines
+        .iter()
+        .any(|l| l["trace_id"] == "0af7651916cd43dd8448eb211c80319c"));
+    assert!(lines.iter().any(|l| l["trace_id"] == created.as_str()));
+}
+
+#[test]
+fn tracing_can_be_turned_off() {
+    let origin = Origin::echo();
+    let config = proxy_config(
+        origin.addr,
+        "[tracing]\nrequest_id = false\ntraceparent = false\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let (seen, r) = through(
+        &gw,
+        &origin,
+        "X-Request-Id: has space\r\ntraceparent: garbage\r\n",
+    );
+    assert_eq!(seen.header("x-request-id"), Some("has space"));
+    assert_eq!(seen.header("traceparent"), Some("garbage"));
+    assert_eq!(r.header("x-request-id"), None);
+}
+
+#[test]
+fn invalid_access_log_settings_are_refused() {
+    let origin = Origin::echo();
+    let dir = temp_dir("access-log-invalid");
+    for (extra, field) in [
+        ("[access_log]\npath = \"relative.log\"\n", "access_log.path"),
+        (
+            "[access_log]\npath = \"/tmp/x.log\"\nsample = 1.5\n",
+            "access_log.sample",
+        ),
+        ("[access_log]\nsample = 0.5\n", "access_log"),
+    ] {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, proxy_config(origin.addr, extra)).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--check")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra}: {err}");
+        assert!(err.contains(field), "{extra}: {err}");
+    }
+}

@@ -1,0 +1,14 @@
+//! The control plane's integration tests, in one binary so the suite links once. Each module
+//! starts the real `gateway` binary (`support`) and talks to it over loopback.
+
+#[macro_use]
+mod support;
+
+mod access_log;
+mod admin;
+mod cli;
+mod conformance;
+mod curl;
+mod policies;
+mod proxy;
+mod schemathesis;

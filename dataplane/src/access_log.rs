@@ -1,0 +1,507 @@
+//! The access log: one JSON object per line per request, written by a thread of its own so a
+//! worker never waits for the disk.
+//!
+//! Each worker appends lines to its own buffer ([`WorkerLog`]). A full buffer, and every
+//! buffer at the worker's 100 ms housekeeping tick, goes to the writer thread over a bounded
+//! channel; the writer writes it with one `write` and sends it back empty for reuse. A worker
+//! holds at most [`BUFFERS_PER_WORKER`] buffers of [`BUFFER_BYTES`]: when all are in flight
+//! (the disk is slower than the traffic) a line is dropped and counted in
+//! `gateway_access_log_dropped_total`, never waited for.
+//!
+//! Hot path for [`WorkerLog::append`] and [`write_fields`]: formatting goes straight into the
+//! reused buffers (no allocation once they exist). The writer reopens the file when the
+//! snapshot names another sink and when [`AccessLogWriter::reopen`] is called (SIGUSR1, after
+//! logrotate moved the file).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use common::snapshot::LogSink;
+use common::Snapshot;
+
+/// Size of one log buffer.
+pub const BUFFER_BYTES: usize = 256 * 1024;
+/// Buffers one worker may have (one filling, the others on their way to the file).
+pub const BUFFERS_PER_WORKER: usize = 4;
+/// Longest `path` and `user_agent` written, in bytes of the original; longer ones are cut
+/// (and end in `...`), so that a line always fits in a buffer.
+pub const MAX_LOGGED_PATH: usize = 8 * 1024;
+pub const MAX_LOGGED_USER_AGENT: usize = 1024;
+/// Room a line can need: the cut fields escaped at 6 bytes per byte in the worst case, plus
+/// the fixed fields.
+const MAX_LINE: usize = 6 * (MAX_LOGGED_PATH + MAX_LOGGED_USER_AGENT + 2 * 1024) + 2048;
+
+/// A worker's end of the access log.
+#[derive(Debug)]
+pub struct WorkerLog {
+    index: usize,
+    /// The buffer lines are appended to (capacity 0 when every buffer is in flight).
+    current: Vec<u8>,
+    /// `None` once closed (the worker stopped).
+    to_writer: Option<SyncSender<(usize, Vec<u8>)>>,
+    returned: Receiver<Vec<u8>>,
+    /// Buffers this worker has allocated (at most [`BUFFERS_PER_WORKER`]).
+    allocated: usize,
+}
+
+impl WorkerLog {
+    /// Room for one more line, handing a full buffer to the writer if need be. `false`: no
+    /// buffer is free, drop the line.
+    pub fn reserve(&mut self) -> bool {
+        if self.to_writer.is_none() {
+            return false;
+        }
+        if self.current.capacity() - self.current.len() >= MAX_LINE {
+            return true;
+        }
+        self.flush();
+        if self.current.capacity() == 0 {
+            match self.returned.try_recv() {
+                Ok(buf) => self.current = buf,
+                Err(_) if self.allocated < BUFFERS_PER_WORKER => {
+                    self.allocated += 1;
+                    self.current = Vec::with_capacity(BUFFER_BYTES);
+                }
+                Err(_) => return false,
+            }
+        }
+        self.current.capacity() - self.current.len() >= MAX_LINE
+    }
+
+    /// The buffer to append one line to, after [`WorkerLog::reserve`] said yes.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.current
+    }
+
+    /// Hands what is buffered to the writer (if it can take it now).
+    pub fn flush(&mut self) {
+        if self.current.is_empty() {
+            return;
+        }
+        let Some(to_writer) = &self.to_writer else {
+            return;
+        };
+        let buf = std::mem::take(&mut self.current);
+        match to_writer.try_send((self.index, buf)) {
+            Ok(()) => {
+                if let Ok(spare) = self.returned.try_recv() {
+                    self.current = spare;
+                }
+            }
+            Err(TrySendError::Full((_, buf)) | TrySendError::Disconnected((_, buf))) => {
+                self.current = buf;
+            }
+        }
+    }
+}
+
+impl WorkerLog {
+    /// The worker stops: its last lines go to the writer even if that means waiting for it,
+    /// and the writer is told this worker is done (it ends once every worker is). Later lines
+    /// are dropped and counted.
+    pub fn close(&mut self) {
+        if let Some(to_writer) = self.to_writer.take() {
+            if !self.current.is_empty() {
+                let _ = to_writer.send((self.index, std::mem::take(&mut self.current)));
+            }
+        }
+    }
+}
+
+impl Drop for WorkerLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread and the workers' ends of it.
+#[derive(Debug)]
+pub struct AccessLogWriter {
+    thread: Option<JoinHandle<()>>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl AccessLogWriter {
+    /// Starts the writer thread; returns it and one [`WorkerLog`] per worker.
+    pub fn start(
+        config: Arc<ArcSwap<Snapshot>>,
+        workers: usize,
+    ) -> std::io::Result<(AccessLogWriter, Vec<WorkerLog>)> {
+        let (to_writer, from_workers) = mpsc::sync_channel(workers * BUFFERS_PER_WORKER);
+        let mut returns = Vec::with_capacity(workers);
+        let mut logs = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let (back, returned) = mpsc::sync_channel(BUFFERS_PER_WORKER);
+            returns.push(back);
+            logs.push(WorkerLog {
+                index,
+                current: Vec::new(),
+                to_writer: Some(to_writer.clone()),
+                returned,
+                allocated: 0,
+            });
+        }
+        let reopen = Arc::new(AtomicBool::new(false));
+        let flag = reopen.clone();
+        let thread = std::thread::Builder::new()
+            .name("gw-access-log".into())
+            .spawn(move || write_loop(config, from_workers, returns, flag))?;
+        Ok((
+            AccessLogWriter {
+                thread: Some(thread),
+                reopen,
+            },
+            logs,
+        ))
+    }
+
+    /// Makes the writer close and reopen its file before the next batch (logrotate).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+    }
+
+    /// Waits for the writer to write what the workers handed it; it ends once every worker
+    /// has dropped its [`WorkerLog`].
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An open sink.
+struct Open {
+    sink: LogSink,
+    out: Box<dyn Write>,
+}
+
+fn open(sink: &LogSink) -> std::io::Result<Open> {
+    let out: Box<dyn Write> = match sink {
+        LogSink::Stdout => Box::new(std::io::stdout()),
+        LogSink::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)?,
+        ),
+    };
+    Ok(Open {
+        sink: sink.clone(),
+        out,
+    })
+}
+
+fn write_loop(
+    config: Arc<ArcSwap<Snapshot>>,
+    batches: Receiver<(usize, Vec<u8>)>,
+    returns: Vec<SyncSender<Vec<u8>>>,
+    reopen: Arc<AtomicBool>,
+) {
+    let mut current: Option<Open> = None;
+    let mut failing = false;
+    loop {
+        let batch = batches.recv_timeout(Duration::from_millis(200));
+        let snap = config.load();
+        let wanted = snap.access_log.as_ref().map(|l| &l.sink);
+        let reopen_now = reopen.swap(false, Ordering::AcqRel);
+        if reopen_now || current.as_ref().map(|o| &o.sink) != wanted {
+            if let Some(mut o) = current.take() {
+                let _ = o.out.flush();
+            }
+        }
+        if current.is_none() {
+            if let Some(sink) = wanted {
+                match open(sink) {
+                    Ok(o) => {
+                        current = Some(o);
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        log::error!(
+                            "access log: cannot open {sink:?}: {e}; lines are lost until it can"
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        match batch {
+            Ok((worker, mut buf)) => {
+                if let Some(o) = current.as_mut() {
+                    if let Err(e) = o.out.write_all(&buf).and_then(|()| o.out.flush()) {
+                        if !failing {
+                            log::error!("access log: write failed: {e}");
+                        }
+                        failing = true;
+                        current = None;
+                    }
+                }
+                buf.clear();
+                let _ = returns[worker].try_send(buf);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// Appends `s` as a JSON string (quotes included), escaping what JSON requires and any byte
+/// that is not printable ASCII (`\u00XX` for each byte of a non-ASCII sequence), so no value
+/// can break a line or the object; `s` is cut at `max` bytes with `...` appended.
+pub fn json_str(out: &mut Vec<u8>, s: &[u8], max: usize) {
+    out.push(b'"');
+    let (s, cut) = if s.len() > max {
+        (&s[..max], true)
+    } else {
+        (s, false)
+    };
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => out.push(b),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+        }
+    }
+    if cut {
+        out.extend_from_slice(b"...");
+    }
+    out.push(b'"');
+}
+
+/// Appends a duration as milliseconds with three decimals (microsecond resolution).
+pub fn json_ms(out: &mut Vec<u8>, d: Duration) {
+    let us = d.as_micros();
+    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+}
+
+/// Appends `t` as an RFC 3339 UTC timestamp with milliseconds, in quotes.
+pub fn json_time(out: &mut Vec<u8>, t: SystemTime) {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let _ = write!(
+        out,
+        "\"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z\"",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_millis()
+    );
+}
+
+/// Year, month, day of the proleptic Gregorian calendar for days since 1970-01-01
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Appends an IP address as a JSON string (IPv4-mapped IPv6 written as IPv4).
+pub fn json_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    out.push(b'"');
+    crate::forward::write_ip(out, ip);
+    out.push(b'"');
+}
+
+/// Appends a JSON string or `null`.
+pub fn json_opt_str(out: &mut Vec<u8>, s: Option<&[u8]>, max: usize) {
+    match s {
+        Some(s) => json_str(out, s, max),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Fields of one line that come from the request head; written when the head is parsed, since
+/// the head's buffer may be reused for the body before the request ends.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadFields<'a> {
+    pub started: SystemTime,
+    pub request_id: &'a [u8],
+    pub client_ip: IpAddr,
+    pub method: &'a [u8],
+    pub host: Option<&'a [u8]>,
+    /// The target as received.
+    pub target: &'a [u8],
+    /// A part of `target` to leave out (an API key query parameter), as offsets in `target`.
+    pub target_cut: Option<(usize, usize)>,
+    pub user_agent: Option<&'a [u8]>,
+    pub trace_id: Option<&'a [u8]>,
+}
+
+/// Writes the head's part of a line: `{"ts":...` up to the last head field, with a trailing
+/// comma.
+pub fn write_head_fields(out: &mut Vec<u8>, f: &HeadFields<'_>) {
+    out.extend_from_slice(b"{\"ts\":");
+    json_time(out, f.started);
+    out.extend_from_slice(b",\"request_id\":");
+    json_str(out, f.request_id, 256);
+    out.extend_from_slice(b",\"client_ip\":");
+    json_ip(out, f.client_ip);
+    out.extend_from_slice(b",\"method\":");
+    json_str(out, f.method, 64);
+    out.extend_from_slice(b",\"host\":");
+    json_opt_str(out, f.host, 1024);
+    out.extend_from_slice(b",\"path\":");
+    match f.target_cut {
+        Some((a, b)) if a <= b && b <= f.target.len() => {
+            // `/p?k=v` without its only parameter loses the `?` too, as forwarded.
+            let (left, right) = (&f.target[..a], &f.target[b..]);
+            let left = if right.is_empty() {
+                left.strip_suffix(b"?").unwrap_or(left)
+            } else {
+                left
+            };
+            let mut joined = [0u8; MAX_LOGGED_PATH];
+            let l = left.len().min(MAX_LOGGED_PATH);
+            joined[..l].copy_from_slice(&left[..l]);
+            let r = right.len().min(MAX_LOGGED_PATH - l);
+            joined[l..l + r].copy_from_slice(&right[..r]);
+            let cut = left.len() + right.len() > MAX_LOGGED_PATH;
+            json_str(out, &joined[..l + r], if cut { l + r - 1 } else { l + r });
+        }
+        _ => json_str(out, f.target, MAX_LOGGED_PATH),
+    }
+    out.extend_from_slice(b",\"user_agent\":");
+    json_opt_str(out, f.user_agent, MAX_LOGGED_USER_AGENT);
+    out.extend_from_slice(b",\"trace_id\":");
+    json_opt_str(out, f.trace_id, 64);
+    out.push(b',');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        let mut out = Vec::new();
+        json_time(
+            &mut out,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_633_600_123),
+        );
+        assert_eq!(out, b"\"2025-12-02T00:00:00.123Z\"");
+        out.clear();
+        json_time(
+            &mut out,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400),
+        );
+        assert_eq!(out, b"\"2000-02-29T00:00:00.000Z\"");
+        out.clear();
+        json_time(
+            &mut out,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_799),
+        );
+        assert_eq!(out, b"\"2099-12-31T23:59:59.000Z\"");
+    }
+
+    #[test]
+    fn hostile_values_cannot_break_a_line_or_the_object() {
+        let mut out = Vec::new();
+        json_str(&mut out, b"a\"b\\c\nd\re\x00f\x7f\xc3\xa9\"}", 100);
+        let s = String::from_utf8(out.clone()).unwrap();
+        assert!(!s.contains('\n') && !s.contains('\r'));
+        let back: String = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, "a\"b\\c\nd\re\u{0}f\u{7f}\u{c3}\u{a9}\"}");
+        out.clear();
+        json_str(&mut out, b"abcdef", 3);
+        assert_eq!(out, b"\"abc...\"");
+    }
+
+    #[test]
+    fn milliseconds_have_three_decimals() {
+        let mut out = Vec::new();
+        json_ms(&mut out, Duration::from_micros(1_234_567));
+        assert_eq!(out, b"1234.567");
+        out.clear();
+        json_ms(&mut out, Duration::from_micros(5));
+        assert_eq!(out, b"0.005");
+    }
+
+    #[test]
+    fn the_api_key_parameter_is_left_out_of_the_path() {
+        let mut out = Vec::new();
+        let f = HeadFields {
+            started: SystemTime::UNIX_EPOCH,
+            request_id: b"r",
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            method: b"GET",
+            host: None,
+            target: b"/p?api_key=s3cret",
+            target_cut: Some((3, 17)),
+            user_agent: None,
+            trace_id: None,
+        };
+        write_head_fields(&mut out, &f);
+        out.pop();
+        out.extend_from_slice(b"}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], "/p");
+        assert_eq!(v["host"], serde_json::Value::Null);
+        let f = HeadFields {
+            target: b"/p?a=1&api_key=s3cret&b=2",
+            target_cut: Some((7, 22)),
+            ..f
+        };
+        out.clear();
+        write_head_fields(&mut out, &f);
+        out.pop();
+        out.extend_from_slice(b"}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], "/p?a=1&b=2");
+    }
+
+    #[test]
+    fn a_worker_drops_lines_instead_of_waiting_when_every_buffer_is_in_flight() {
+        let (to_writer, from_workers) = mpsc::sync_channel(1);
+        let (_back, returned) = mpsc::sync_channel(BUFFERS_PER_WORKER);
+        let mut log = WorkerLog {
+            index: 0,
+            current: Vec::new(),
+            to_writer: Some(to_writer),
+            returned,
+            allocated: 0,
+        };
+        let mut written = 0;
+        // Nobody drains the channel: one buffer goes in flight, the rest fill up.
+        while log.reserve() {
+            let b = log.buffer();
+            b.resize(b.len() + MAX_LINE, b'x');
+            written += 1;
+            assert!(written < 1000, "reserve never refused");
+        }
+        assert!(log.allocated <= BUFFERS_PER_WORKER);
+        // The writer takes the buffer in flight and gives it back: there is room again.
+        let (_, mut buf) = from_workers.try_recv().unwrap();
+        buf.clear();
+        _back.send(buf).unwrap();
+        assert!(log.reserve());
+    }
+}

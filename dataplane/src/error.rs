@@ -1,0 +1,275 @@
+//! The one classified proxy error: what went wrong ([`ErrorKind`], a closed list), which side
+//! caused it, and whether the request may be tried again. The kind alone decides the status the
+//! client gets and the metric label; the access log's `error` field and the
+//! `gateway_errors_total{side,kind}` counter use the same names (listed in the README).
+//!
+//! Hot path: plain `Copy` values, no allocation, no formatting.
+
+use crate::codec::request::ParseError;
+use crate::status::Status;
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something the gateway cannot serve, was too slow, or left.
+    Client,
+    /// An upstream failed, misbehaved or was too slow.
+    Upstream,
+    /// The gateway's own decision: no route, a policy refused.
+    Gateway,
+}
+
+impl Side {
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Gateway => "gateway",
+        }
+    }
+}
+
+/// Every way a request can fail. Adding one means adding it to [`ErrorKind::ALL`], which the
+/// metrics render and a unit test checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A request head or body the gateway cannot parse or frame unambiguously (400).
+    BadRequest,
+    /// Request target longer than `max_uri_bytes` (414).
+    UriTooLong,
+    /// Request head larger than `max_header_bytes` or with too many fields (431).
+    HeadTooLarge,
+    /// Request body larger than `max_body_bytes` (413).
+    BodyTooLarge,
+    /// An HTTP version other than 1.0 and 1.1 (505).
+    VersionNotSupported,
+    /// A method the gateway does not proxy, such as `CONNECT` (405).
+    MethodNotAllowed,
+    /// An `Expect` other than `100-continue` (417).
+    ExpectationFailed,
+    /// A transfer coding other than `chunked` (501).
+    UnsupportedTransferCoding,
+    /// The client did not send the head or body within its timeout (408).
+    ClientTimeout,
+    /// The client closed its connection before the answer was written (logged as 499).
+    ClientClosed,
+    /// No route matches the request (404).
+    NoRoute,
+    /// A policy refused the request (its own status: 401, 403, 421 or 429).
+    PolicyDenied,
+    /// The upstream refused or reset the connection attempt (502).
+    ConnectFailed,
+    /// The connection attempt took longer than `upstream_connect_ms` (504).
+    ConnectTimeout,
+    /// The upstream left request bytes unacknowledged past `upstream_send_ms` (504).
+    SendTimeout,
+    /// No response head within `upstream_response_head_ms`, or a body stalled past
+    /// `upstream_body_ms` (504 when nothing was sent yet).
+    ResponseTimeout,
+    /// The upstream closed or reset the connection before or while answering (502).
+    UpstreamClosed,
+    /// A response the gateway cannot frame (502).
+    UpstreamMalformed,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 18] = [
+        ErrorKind::BadRequest,
+        ErrorKind::UriTooLong,
+        ErrorKind::HeadTooLarge,
+        ErrorKind::BodyTooLarge,
+        ErrorKind::VersionNotSupported,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::ExpectationFailed,
+        ErrorKind::UnsupportedTransferCoding,
+        ErrorKind::ClientTimeout,
+        ErrorKind::ClientClosed,
+        ErrorKind::NoRoute,
+        ErrorKind::PolicyDenied,
+        ErrorKind::ConnectFailed,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::SendTimeout,
+        ErrorKind::ResponseTimeout,
+        ErrorKind::UpstreamClosed,
+        ErrorKind::UpstreamMalformed,
+    ];
+
+    /// The name used in the access log and as the metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::UriTooLong => "uri_too_long",
+            ErrorKind::HeadTooLarge => "head_too_large",
+            ErrorKind::BodyTooLarge => "body_too_large",
+            ErrorKind::VersionNotSupported => "version_not_supported",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::ExpectationFailed => "expectation_failed",
+            ErrorKind::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            ErrorKind::ClientTimeout => "client_timeout",
+            ErrorKind::ClientClosed => "client_closed",
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::PolicyDenied => "policy_denied",
+            ErrorKind::ConnectFailed => "connect_failed",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::SendTimeout => "send_timeout",
+            ErrorKind::ResponseTimeout => "response_timeout",
+            ErrorKind::UpstreamClosed => "upstream_closed",
+            ErrorKind::UpstreamMalformed => "upstream_malformed",
+        }
+    }
+
+    pub fn side(self) -> Side {
+        match self {
+            ErrorKind::BadRequest
+            | ErrorKind::UriTooLong
+            | ErrorKind::HeadTooLarge
+            | ErrorKind::BodyTooLarge
+            | ErrorKind::VersionNotSupported
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::ExpectationFailed
+            | ErrorKind::UnsupportedTransferCoding
+            | ErrorKind::ClientTimeout
+            | ErrorKind::ClientClosed => Side::Client,
+            ErrorKind::NoRoute | ErrorKind::PolicyDenied => Side::Gateway,
+            ErrorKind::ConnectFailed
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::SendTimeout
+            | ErrorKind::ResponseTimeout
+            | ErrorKind::UpstreamClosed
+            | ErrorKind::UpstreamMalformed => Side::Upstream,
+        }
+    }
+
+    /// The canned answer the gateway sends for this kind; `None` where there is nobody to
+    /// answer (the client left) or the answer is the policy's own.
+    pub fn response(self) -> Option<Status> {
+        Some(match self {
+            ErrorKind::BadRequest => Status::BadRequest,
+            ErrorKind::UriTooLong => Status::UriTooLong,
+            ErrorKind::HeadTooLarge => Status::HeadersTooLarge,
+            ErrorKind::BodyTooLarge => Status::PayloadTooLarge,
+            ErrorKind::VersionNotSupported => Status::VersionNotSupported,
+            ErrorKind::MethodNotAllowed => Status::MethodNotAllowed,
+            ErrorKind::ExpectationFailed => Status::ExpectationFailed,
+            ErrorKind::UnsupportedTransferCoding => Status::NotImplemented,
+            ErrorKind::ClientTimeout => Status::RequestTimeout,
+            ErrorKind::NoRoute => Status::NotFound,
+            ErrorKind::ConnectFailed | ErrorKind::UpstreamClosed | ErrorKind::UpstreamMalformed => {
+                Status::BadGateway
+            }
+            ErrorKind::ConnectTimeout | ErrorKind::SendTimeout | ErrorKind::ResponseTimeout => {
+                Status::GatewayTimeout
+            }
+            ErrorKind::ClientClosed | ErrorKind::PolicyDenied => return None,
+        })
+    }
+
+    /// The status recorded for a request that ended with this error before any answer was
+    /// sent: the canned answer's, or 499 for a client that left.
+    pub fn status(self) -> u16 {
+        match self.response() {
+            Some(s) => s.code(),
+            None if self == ErrorKind::PolicyDenied => 403,
+            None => 499,
+        }
+    }
+}
+
+impl From<ParseError> for ErrorKind {
+    fn from(e: ParseError) -> ErrorKind {
+        match e {
+            ParseError::Malformed => ErrorKind::BadRequest,
+            ParseError::UriTooLong => ErrorKind::UriTooLong,
+            ParseError::HeadTooLarge => ErrorKind::HeadTooLarge,
+            ParseError::VersionNotSupported => ErrorKind::VersionNotSupported,
+            ParseError::MethodNotAllowed => ErrorKind::MethodNotAllowed,
+            ParseError::ExpectationFailed => ErrorKind::ExpectationFailed,
+            ParseError::UnsupportedTransferCoding => ErrorKind::UnsupportedTransferCoding,
+            ParseError::BodyTooLarge => ErrorKind::BodyTooLarge,
+        }
+    }
+}
+
+/// A classified failure of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{} ({} side)", kind.label(), kind.side().label())]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    /// Nothing of the request reached the upstream in a way it could have acted on, so the
+    /// connector may send it again on a fresh connection.
+    pub retryable: bool,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind) -> ProxyError {
+        ProxyError {
+            kind,
+            retryable: false,
+        }
+    }
+
+    /// The same error, marked as safe to send again.
+    pub fn retryable(self, yes: bool) -> ProxyError {
+        ProxyError {
+            retryable: yes,
+            ..self
+        }
+    }
+}
+
+impl From<ErrorKind> for ProxyError {
+    fn from(kind: ErrorKind) -> ProxyError {
+        ProxyError::new(kind)
+    }
+}
+
+impl From<ParseError> for ProxyError {
+    fn from(e: ParseError) -> ProxyError {
+        ProxyError::new(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_distinct_label_and_a_status_of_its_side() {
+        let mut labels: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), ErrorKind::ALL.len());
+        for kind in ErrorKind::ALL {
+            let status = kind.status();
+            match kind.side() {
+                Side::Client => assert!(
+                    (400..500).contains(&status) || status == 501 || status == 505,
+                    "{kind:?}"
+                ),
+                Side::Upstream => assert!(status == 502 || status == 504, "{kind:?}"),
+                Side::Gateway => assert!((400..500).contains(&status), "{kind:?}"),
+            }
+        }
+        assert_eq!(ErrorKind::ClientClosed.status(), 499);
+        assert_eq!(ErrorKind::NoRoute.status(), 404);
+        assert_eq!(ErrorKind::SendTimeout.status(), 504);
+    }
+
+    #[test]
+    fn every_parse_error_maps_to_the_status_it_always_had() {
+        let cases = [
+            (ParseError::Malformed, 400),
+            (ParseError::UriTooLong, 414),
+            (ParseError::HeadTooLarge, 431),
+            (ParseError::VersionNotSupported, 505),
+            (ParseError::MethodNotAllowed, 405),
+            (ParseError::ExpectationFailed, 417),
+            (ParseError::UnsupportedTransferCoding, 501),
+            (ParseError::BodyTooLarge, 413),
+        ];
+        for (e, status) in cases {
+            assert_eq!(ErrorKind::from(e).status(), status, "{e:?}");
+            assert_eq!(ErrorKind::from(e).side(), Side::Client);
+        }
+    }
+}

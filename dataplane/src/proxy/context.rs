@@ -1,0 +1,285 @@
+//! The per-request context: everything one request carries from its parsed head to the one
+//! [`RequestCtx::finish`] step that records its metrics and writes its access log line (the
+//! model is Pingora's `ProxyHttp::CTX` and its `logging()` phase).
+//!
+//! Hot path. One context lives on each connection and is reset for every request, so its
+//! buffers (the policies' edits, the access log's head fields) are reused and nothing
+//! allocates once warm.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::slots::NO_ROUTE_SLOT;
+use common::Snapshot;
+
+use crate::access_log::{self, json_ms, json_opt_str, json_str, HeadFields};
+use crate::codec::request::RequestHead;
+use crate::error::ErrorKind;
+use crate::policy::{self, PolicyState};
+use crate::trace::{RequestId, TraceParent};
+use crate::worker_ctx::WorkerCtx;
+
+/// One request's state.
+#[derive(Debug)]
+pub(crate) struct RequestCtx {
+    /// When the head was complete.
+    pub started: Instant,
+    /// Index of the matched route in the snapshot.
+    pub route: Option<u32>,
+    /// The route's metrics slot.
+    pub slot: u32,
+    /// The client's address as the policies see it (after `trusted_proxies`).
+    pub client_ip: IpAddr,
+    /// What the policies decided: header edits, the consumer, a refusal.
+    pub policy: PolicyState,
+    /// Index of the upstream in the snapshot.
+    pub upstream: Option<u32>,
+    /// The target address used.
+    pub target: Option<SocketAddr>,
+    /// Attempts made after the first.
+    pub retries: u8,
+    /// How long the upstream connection took to open; `None` for a pooled one.
+    pub connect: Option<Duration>,
+    /// From the request fully sent upstream to the first byte of the answer.
+    pub first_byte: Option<Duration>,
+    /// Status sent to the client (0: none yet).
+    pub status: u16,
+    /// Bytes on the wire from and to the client, heads included.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<ErrorKind>,
+    pub request_id: RequestId,
+    pub trace: TraceParent,
+    /// The head's fields of the access log line, written before the buffer they come from
+    /// is reused for the body.
+    log_head: Vec<u8>,
+    /// Whether this request is to be logged (the snapshot has an access log).
+    logging: bool,
+}
+
+impl RequestCtx {
+    pub fn new(peer: IpAddr) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            slot: NO_ROUTE_SLOT,
+            client_ip: peer,
+            policy: PolicyState::default(),
+            upstream: None,
+            target: None,
+            retries: 0,
+            connect: None,
+            first_byte: None,
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            request_id: RequestId::default(),
+            trace: TraceParent::default(),
+            log_head: Vec::new(),
+            logging: false,
+        }
+    }
+
+    fn reset(&mut self, snap: &Snapshot, peer: IpAddr) {
+        self.started = Instant::now();
+        self.route = None;
+        self.slot = NO_ROUTE_SLOT;
+        self.client_ip = peer;
+        self.policy.reset();
+        self.upstream = None;
+        self.target = None;
+        self.retries = 0;
+        self.connect = None;
+        self.first_byte = None;
+        self.status = 0;
+        self.bytes_in = 0;
+        self.bytes_out = 0;
+        self.error = None;
+        self.request_id.clear();
+        self.trace.clear();
+        self.log_head.clear();
+        self.logging = snap.access_log.is_some();
+    }
+
+    /// Starts a request whose head was parsed: the client address, its request id and trace
+    /// context.
+    pub fn begin(
+        &mut self,
+        worker: &WorkerCtx,
+        snap: &Snapshot,
+        buf: &[u8],
+        head: &RequestHead,
+        peer: IpAddr,
+    ) {
+        self.reset(snap, peer);
+        self.client_ip = policy::client_ip(&snap.policies, buf, head, peer);
+        let tracing = &snap.tracing;
+        if tracing.request_id || tracing.traceparent {
+            let mut rng = worker.rng.borrow_mut();
+            // A repeated field has no one value to keep.
+            let single = |f: Option<crate::codec::FieldRef>| {
+                f.filter(|f| !f.repeated).map(|f| f.value.of(buf))
+            };
+            if tracing.request_id {
+                self.request_id.set(single(head.request_id), &mut rng);
+            }
+            if tracing.traceparent {
+                self.trace
+                    .set(single(head.traceparent), tracing.sampled, &mut rng);
+            }
+        }
+        self.bytes_in = (head.head_end - head.start) as u64;
+    }
+
+    /// Starts a request whose head could not be parsed (it is answered with a 4xx and
+    /// logged without request fields).
+    pub fn begin_unparsed(&mut self, worker: &WorkerCtx, snap: &Snapshot, peer: IpAddr) {
+        self.reset(snap, peer);
+        if snap.tracing.request_id {
+            self.request_id.set(None, &mut worker.rng.borrow_mut());
+        }
+        if self.logging {
+            let f = HeadFields {
+                started: SystemTime::now(),
+                request_id: self.request_id.as_bytes(),
+                client_ip: peer,
+                method: b"",
+                host: None,
+                target: b"",
+                target_cut: None,
+                user_agent: None,
+                trace_id: None,
+            };
+            access_log::write_head_fields(&mut self.log_head, &f);
+        }
+    }
+
+    /// Writes the head's fields of the access log line; call after the policies ran (they
+    /// decide which query parameter is a credential to leave out) and before the request
+    /// buffer is reused for the body.
+    pub fn capture_head(&mut self, buf: &[u8], head: &RequestHead) {
+        if !self.logging {
+            return;
+        }
+        let target = head.target.of(buf);
+        let target_cut = self.policy.secret_query.and_then(|q| {
+            let start = q.start.checked_sub(head.target.start)?;
+            let end = q.end.checked_sub(head.target.start)?;
+            (end <= target.len()).then_some((start, end))
+        });
+        // The wall clock is read only for logged requests; `started` is the monotonic start.
+        let wall = SystemTime::now() - self.started.elapsed();
+        let f = HeadFields {
+            started: wall,
+            request_id: self.request_id.as_bytes(),
+            client_ip: self.client_ip,
+            method: head.method.of(buf),
+            host: head.host.map(|h| h.of(buf)),
+            target,
+            target_cut,
+            user_agent: head.user_agent.map(|u| u.of(buf)),
+            trace_id: self.trace.trace_id(),
+        };
+        access_log::write_head_fields(&mut self.log_head, &f);
+    }
+
+    /// Records the outcome: `kind` unless an earlier error is already recorded.
+    pub fn fail(&mut self, kind: ErrorKind) {
+        self.error.get_or_insert(kind);
+    }
+
+    /// Ends the request: records its metrics and writes its access log line. A request that
+    /// got no answer and had no error (the client left between requests) leaves no trace.
+    pub fn finish(&mut self, worker: &WorkerCtx, snap: &Snapshot) {
+        if self.status == 0 {
+            match self.error {
+                Some(e) => self.status = e.status(),
+                None => return,
+            }
+        }
+        let elapsed = self.started.elapsed();
+        let metrics = &worker.metrics;
+        metrics.request(self.slot, self.status, elapsed.as_micros() as u64);
+        if let Some(e) = self.error {
+            metrics.error(e);
+        }
+        if let Some(fb) = self.first_byte {
+            metrics.upstream_latency.observe(fb.as_micros() as u64);
+        }
+        if !self.logging {
+            return;
+        }
+        let Some(settings) = &snap.access_log else {
+            return;
+        };
+        let sampled = self.status >= 500
+            || u64::from(worker.rng.borrow_mut().next_u32()) < settings.sample_below;
+        if !sampled {
+            return;
+        }
+        let mut log = worker.log.borrow_mut();
+        if !log.reserve() {
+            metrics.access_log_dropped();
+            return;
+        }
+        let out = log.buffer();
+        out.extend_from_slice(&self.log_head);
+        self.write_tail(out, snap, elapsed);
+    }
+
+    /// The fields known only at the end, closing the object and the line.
+    fn write_tail(&self, out: &mut Vec<u8>, snap: &Snapshot, elapsed: Duration) {
+        use std::io::Write;
+        let _ = write!(out, "\"status\":{},\"route\":", self.status);
+        let route = self
+            .route
+            .and_then(|r| snap.routes.get(r as usize))
+            .map(|r| r.id.as_bytes());
+        json_opt_str(out, route, 256);
+        out.extend_from_slice(b",\"upstream\":");
+        let upstream = self
+            .upstream
+            .and_then(|u| snap.upstreams.get(u as usize))
+            .map(|u| u.id.as_bytes());
+        json_opt_str(out, upstream, 256);
+        out.extend_from_slice(b",\"target\":");
+        match self.target {
+            Some(t) => {
+                let _ = write!(out, "\"{t}\"");
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        let _ = write!(
+            out,
+            ",\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
+            self.bytes_in, self.bytes_out
+        );
+        json_ms(out, elapsed);
+        out.extend_from_slice(b",\"upstream_connect_ms\":");
+        match self.connect {
+            Some(d) => json_ms(out, d),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"upstream_first_byte_ms\":");
+        match self.first_byte {
+            Some(d) => json_ms(out, d),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"consumer\":");
+        let consumer = self
+            .policy
+            .consumer
+            .and_then(|c| snap.policies.consumers.get(c as usize))
+            .map(|c| c.id.as_bytes());
+        json_opt_str(out, consumer, 256);
+        out.extend_from_slice(b",\"retries\":");
+        let _ = write!(out, "{}", self.retries);
+        out.extend_from_slice(b",\"error\":");
+        match self.error {
+            Some(e) => json_str(out, e.label().as_bytes(), 64),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b"}\n");
+    }
+}

@@ -1,0 +1,410 @@
+//! The client side of a connection: reading request heads (and parking idle connections),
+//! answering without an upstream, counting the bytes on the wire, and the lingering close.
+//!
+//! Hot path. The connection owns its read buffer, a scratch buffer for the fields the gateway
+//! writes, and the iovec array for vectored writes; all are reused from request to request.
+
+use std::future::Future;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use common::{Limits, Timeouts};
+use monoio::io::{AsyncWriteRentExt, Canceller};
+
+use super::context::RequestCtx;
+use super::stream::ClientStream;
+use crate::codec::chunked::ChunkedDecoder;
+use crate::codec::request::{parse_request, RequestHead};
+use crate::codec::{BodyKind, FieldPlan};
+use crate::error::ErrorKind;
+use crate::io::{read_more, write_range, ReadError};
+use crate::status::Status;
+use crate::worker_ctx::WorkerCtx;
+
+/// Initial size of a client connection's read buffer; it grows up to `max_header_bytes` for a
+/// large head and to [`BODY_BUF`] to relay a large request body.
+const CLIENT_BUF: usize = 8 * 1024;
+pub(crate) const BODY_BUF: usize = 64 * 1024;
+/// Longest a lingering close waits for the client to stop sending.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most a lingering close reads and discards.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// What waiting for the next request head gave.
+// Returned once per request and matched at once; boxing the head would allocate per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Head {
+    Request(RequestHead),
+    /// The client closed or stayed silent too long: close quietly.
+    Closed,
+    /// Idle past `client_park_ms`: hand the socket to the worker's park lot.
+    Park,
+}
+
+/// A response the gateway makes itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Reply<'a> {
+    Canned(Status),
+    /// A direct response: head without its blank line, then the body.
+    Direct {
+        status: u16,
+        bytes: &'a [u8],
+        head_len: usize,
+    },
+}
+
+/// How a request ended for the client connection.
+#[derive(Debug)]
+pub(crate) enum Next<U> {
+    /// Ready for the next request on this connection.
+    KeepAlive,
+    /// Close the connection.
+    Close,
+    /// The upstream switched protocols: tunnel bytes both ways from now on.
+    Upgrade(U),
+}
+
+/// A client connection.
+pub(crate) struct Downstream<S> {
+    pub stream: S,
+    /// Read buffer; `buf[pos..]` is received and not yet consumed.
+    pub buf: Vec<u8>,
+    pub pos: usize,
+    pub scratch: Vec<u8>,
+    pub iov: Vec<libc::iovec>,
+    pub req_plan: FieldPlan,
+    pub resp_plan: FieldPlan,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Requests served on this connection.
+    pub served: u64,
+    /// Cancels the read that waits for a next request when the connection parks.
+    canceller: Canceller,
+    /// The answer went out while the client may still be sending the request body: close
+    /// with a lingering close.
+    pub linger: bool,
+}
+
+impl<S> std::fmt::Debug for Downstream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downstream")
+            .field("buffered", &(self.buf.len() - self.pos))
+            .field("served", &self.served)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ClientStream> Downstream<S> {
+    pub fn new(stream: S, limits: Limits, timeouts: Timeouts, served: u64) -> Self {
+        Downstream {
+            stream,
+            buf: Vec::with_capacity(CLIENT_BUF),
+            pos: 0,
+            scratch: Vec::with_capacity(512),
+            iov: Vec::with_capacity(16),
+            req_plan: FieldPlan::default(),
+            resp_plan: FieldPlan::default(),
+            limits,
+            timeouts,
+            served,
+            canceller: Canceller::new(),
+            linger: false,
+        }
+    }
+
+    /// Reads until a whole request head is buffered at `buf[0..]`. `Err`: answer with that
+    /// error's status and close.
+    pub async fn read_head(&mut self, ctx: &WorkerCtx) -> Result<Head, ErrorKind> {
+        // Move pipelined bytes to the front so the head's offsets start at 0.
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos.., 0);
+            self.buf.truncate(self.buf.len() - self.pos);
+            self.pos = 0;
+        }
+        let mut header_deadline = None;
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
+                    return Ok(Head::Request(head));
+                }
+            }
+            let waiting_idle = self.buf.is_empty();
+            let deadline = match header_deadline {
+                Some(d) => d,
+                None if !waiting_idle => {
+                    let d = Instant::now() + self.timeouts.client_header;
+                    header_deadline = Some(d);
+                    d
+                }
+                // Waiting for the first byte of a request.
+                None if self.served == 0 => Instant::now() + self.timeouts.client_header,
+                None => Instant::now() + self.timeouts.client_idle,
+            };
+            if waiting_idle && ctx.draining.get() {
+                return Ok(Head::Closed);
+            }
+            let slot = waiting_idle.then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
+            let park_after = self
+                .timeouts
+                .client_park
+                .filter(|_| waiting_idle && self.served > 0 && ctx.park.borrow().is_some());
+            let res = match park_after {
+                Some(grace) => self.read_or_park(grace).await,
+                None => {
+                    let want = self.limits.max_header_bytes;
+                    read_more(
+                        &mut self.stream,
+                        &mut self.buf,
+                        &mut self.pos,
+                        want,
+                        deadline,
+                    )
+                    .await
+                    .map(Some)
+                }
+            };
+            if let Some(slot) = slot {
+                ctx.idle.borrow_mut().remove(slot);
+            }
+            match res {
+                Ok(None) => return Ok(Head::Park),
+                // Closed before or in the middle of a head: nobody to answer.
+                Ok(Some(0)) => return Ok(Head::Closed),
+                Ok(Some(_)) => {}
+                Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Closed),
+                Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
+                Err(ReadError::Io | ReadError::Stalled) => return Ok(Head::Closed),
+            }
+        }
+    }
+
+    /// Waits up to `grace` for the next request's first bytes. `Ok(None)`: nothing came and
+    /// the read was cancelled without consuming anything, so the connection can park.
+    async fn read_or_park(&mut self, grace: Duration) -> Result<Option<usize>, ReadError> {
+        self.buf.clear();
+        self.pos = 0;
+        let owned = std::mem::take(&mut self.buf);
+        let read = self.stream.cancelable_read(owned, self.canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let mut timer = std::pin::pin!(monoio::time::sleep(grace));
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let (res, buf) = match first {
+            Some(done) => done,
+            None => {
+                // Cancel, then wait for the read to finish either way: bytes that arrived in
+                // the meantime are returned with the buffer, never lost.
+                self.canceller = std::mem::take(&mut self.canceller).cancel();
+                read.await
+            }
+        };
+        self.buf = buf;
+        match res {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => Ok(None),
+            Err(_) => Err(ReadError::Io),
+        }
+    }
+
+    /// Answers without an upstream. The request body is consumed if it is all buffered;
+    /// otherwise the connection closes after answering rather than read a body nobody wants.
+    pub async fn respond(
+        &mut self,
+        ctx: &WorkerCtx,
+        req: &mut RequestCtx,
+        head: &RequestHead,
+        reply: Reply<'_>,
+    ) -> Next<std::convert::Infallible> {
+        let complete = self.skip_buffered_body(head, req);
+        let close = !complete || !head.keep_alive || ctx.draining.get();
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        let (status, head_bytes, body) = match reply {
+            Reply::Direct {
+                status,
+                bytes,
+                head_len,
+            } => (status, &bytes[..head_len], &bytes[head_len..]),
+            Reply::Canned(status) => {
+                let (h, b) = split_canned(status.response(false));
+                (status.code(), h, b)
+            }
+        };
+        out.extend_from_slice(head_bytes);
+        push_request_id(&mut out, req);
+        // A canned answer to an HTTP/1.0 client closes too: it carries no keep-alive.
+        let canned_close = matches!(reply, Reply::Canned(_)) && head.http10;
+        if close || canned_close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if head.http10 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head.is_head(&self.buf) {
+            out.extend_from_slice(body);
+        }
+        req.status = status;
+        let len = out.len();
+        let res = write_range(&mut self.stream, &mut out, 0..len).await;
+        self.scratch = out;
+        match res {
+            Ok(()) => req.bytes_out += len as u64,
+            Err(_) => {
+                req.fail(ErrorKind::ClientClosed);
+                return Next::Close;
+            }
+        }
+        if close || canned_close {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    /// Consumes the request body if it is entirely in the buffer.
+    fn skip_buffered_body(&mut self, head: &RequestHead, req: &mut RequestCtx) -> bool {
+        let avail = &self.buf[head.head_end..];
+        let used = match head.body {
+            BodyKind::None | BodyKind::UntilClose => Some(0),
+            BodyKind::Length(n) => usize::try_from(n).ok().filter(|&n| n <= avail.len()),
+            BodyKind::Chunked => {
+                let mut d = ChunkedDecoder::new(self.limits.max_header_bytes);
+                match d.advance(avail) {
+                    Ok(n) if d.is_done() => Some(n),
+                    _ => None,
+                }
+            }
+        };
+        match used {
+            Some(n) => {
+                self.pos = head.head_end + n;
+                req.bytes_in += n as u64;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers with the canned response for `kind` (if the client can still take one),
+    /// records the error, and closes.
+    pub async fn fail<U>(&mut self, req: &mut RequestCtx, kind: ErrorKind) -> Next<U> {
+        req.fail(kind);
+        if let Some(status) = kind.response() {
+            req.status = status.code();
+            let (h, body) = split_canned(status.response(true));
+            let mut out = std::mem::take(&mut self.scratch);
+            out.clear();
+            out.extend_from_slice(h);
+            push_request_id(&mut out, req);
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(body);
+            let len = out.len();
+            match write_range(&mut self.stream, &mut out, 0..len).await {
+                Ok(()) => req.bytes_out += len as u64,
+                // Nobody got the answer: logged as 499, with the error that caused it.
+                Err(_) => req.status = ErrorKind::ClientClosed.status(),
+            }
+            self.scratch = out;
+        }
+        Next::Close
+    }
+
+    /// Writes `src[range]` to the client, counting it.
+    pub async fn send(
+        &mut self,
+        req: &mut RequestCtx,
+        src: &mut Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> std::io::Result<()> {
+        let len = range.len() as u64;
+        write_range(&mut self.stream, src, range).await?;
+        req.bytes_out += len;
+        Ok(())
+    }
+
+    /// Sends `100 Continue` to a client waiting for it before sending its body.
+    pub async fn send_continue(&mut self, req: &mut RequestCtx) -> std::io::Result<()> {
+        let (res, _) = self.stream.write_all(crate::status::CONTINUE).await;
+        res?;
+        req.bytes_out += crate::status::CONTINUE.len() as u64;
+        Ok(())
+    }
+
+    /// Closes a connection whose request body was not read to the end without destroying the
+    /// answer already written: a close with unread input makes the kernel send a reset, which
+    /// can reach the client before it has read the answer (RFC 9112 §9.6). Stops sending
+    /// (FIN), then reads and discards what the client still sends until it closes, for at most
+    /// `LINGER_TIME` and `LINGER_BYTES`.
+    pub async fn linger_close(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            self.buf.clear();
+            self.pos = 0;
+            match read_more(
+                &mut self.stream,
+                &mut self.buf,
+                &mut self.pos,
+                BODY_BUF,
+                deadline,
+            )
+            .await
+            {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    }
+}
+
+/// How long a request waits for its answer before the gateway checks, before writing it, that
+/// the client is still there (a client that gave up is logged as 499 and sent nothing).
+const LEFT_CHECK_AFTER: Duration = Duration::from_millis(50);
+
+/// Whether the client closed its end while the gateway was waiting for the upstream (one
+/// non-blocking peek, only for answers that took a while).
+pub(crate) fn client_left<S: ClientStream>(down: &Downstream<S>, req: &RequestCtx) -> bool {
+    if req.started.elapsed() < LEFT_CHECK_AFTER {
+        return false;
+    }
+    let mut byte = 0u8;
+    // SAFETY: the fd is open (owned by `down.stream`); recv writes at most one byte.
+    let n = unsafe {
+        libc::recv(
+            down.stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+/// A canned response split into its head without the blank line, and its body.
+fn split_canned(bytes: &'static [u8]) -> (&'static [u8], &'static [u8]) {
+    let end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("every canned response has a blank line (status.rs tests it)");
+    (&bytes[..end + 2], &bytes[end + 4..])
+}
+
+/// Appends `X-Request-Id: <id>\r\n` when the request has an id.
+pub(crate) fn push_request_id(out: &mut Vec<u8>, req: &RequestCtx) {
+    if !req.request_id.is_empty() {
+        out.extend_from_slice(b"X-Request-Id: ");
+        out.extend_from_slice(req.request_id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}

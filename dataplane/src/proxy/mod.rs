@@ -1,0 +1,513 @@
+//! One client connection, request after request, in the order a request goes through the
+//! gateway:
+//!
+//! 1. `downstream`: read the head (or park the idle connection); answers the gateway makes
+//!    itself; the lingering close. Written against the client-stream seam (`stream`).
+//! 2. route and policies (here, [`handle`]): the snapshot's router, then the listener's,
+//!    global and route policies, which write their edits and the consumer into the request
+//!    context (`context`).
+//! 3. action: a direct response, or [`proxy`]: `connector` checks a session out (pooled or
+//!    new; the one retry lives there), `exchange` sends the head and body and reads the
+//!    response head, `relay` streams the response body, `tunnel` takes over after a 101.
+//! 4. finish: [`context::RequestCtx::finish`] records the metrics and writes the access log
+//!    line, once per request.
+//!
+//! Hot path. Per request: one snapshot load, a parse over the read buffer, a route lookup, one
+//! vectored write of the head (and whatever body bytes came with it) from the read buffer, and
+//! the same for the response. Bodies move between sockets in the connections' own buffers.
+//! After warm-up nothing here allocates; the per-request state lives in the connection's
+//! reused [`context::RequestCtx`].
+//!
+//! Error policy: every failure is one [`crate::error::ErrorKind`], which decides the status (a
+//! 4xx for the client's fault, 502 / 504 for the upstream's) and the metric; the client
+//! connection is closed whenever framing could be in doubt.
+
+mod connector;
+mod context;
+mod downstream;
+mod exchange;
+mod relay;
+mod stream;
+mod tunnel;
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use common::{Route, RouteAction, Snapshot};
+use monoio::net::TcpStream;
+
+use crate::codec::chunked::ChunkedDecoder;
+use crate::codec::request::RequestHead;
+use crate::codec::response::ResponseHead;
+use crate::codec::BodyKind;
+use crate::error::ErrorKind;
+use crate::forward::{self, request_pieces};
+use crate::policy::{self, Clock, Verdict};
+use crate::status::Status;
+use crate::upstream::{set_send_timeout, UpstreamConn};
+use crate::worker_ctx::{Peer, WorkerCtx};
+use connector::{Connector, Outcome};
+use context::RequestCtx;
+use downstream::{Downstream, Head, Reply};
+use exchange::{read_head, relay_request_body, send_head, BodyRelayError, HeadRead};
+use stream::ClientStream;
+
+/// How a request ended for its connection; an upgrade carries the upstream connection.
+type Next = downstream::Next<(UpstreamConn, ResponseHead)>;
+
+/// How long a failed write to an upstream waits for an answer it may have sent early.
+const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Serves a connection until it closes or parks; `served` counts requests already served on
+/// it (0 for a fresh connection).
+pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, served: u64) {
+    serve_stream(ctx, stream, peer, served).await
+}
+
+async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer, served: u64) {
+    let snap = ctx.config.load();
+    if served == 0 {
+        // SAFETY: the fd belongs to `stream`, which lives until the end of this function.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        let _ = socket2::SockRef::from(&fd).set_nodelay(true);
+        let _ = set_send_timeout(stream.as_raw_fd(), snap.timeouts.client_send);
+    }
+    let mut down = Downstream::new(stream, snap.limits, snap.timeouts, served);
+    drop(snap);
+    let mut req = RequestCtx::new(peer.ip);
+    loop {
+        let head = match down.read_head(&ctx).await {
+            Ok(Head::Request(head)) => head,
+            Ok(Head::Closed) => return,
+            Ok(Head::Park) => {
+                if let Ok(tcp) = down.stream.into_parkable() {
+                    if let Some(lot) = ctx.park.borrow_mut().as_mut() {
+                        // A socket the kernel will not watch is closed, like an expired one.
+                        let _ = lot.park(tcp, peer, Instant::now());
+                    }
+                }
+                return;
+            }
+            Err(kind) => {
+                let snap = ctx.snapshot();
+                req.begin_unparsed(&ctx, &snap, peer.ip);
+                let _ = down.fail::<()>(&mut req, kind).await;
+                req.bytes_in = down.buf.len() as u64;
+                req.finish(&ctx, &snap);
+                return;
+            }
+        };
+        // One snapshot per request: a keep-alive client sees a config change on its very next
+        // request, and this request finishes on the snapshot it started with.
+        let snap = ctx.snapshot();
+        down.limits = snap.limits;
+        down.timeouts = snap.timeouts;
+        down.served += 1;
+        req.begin(&ctx, &snap, &down.buf, &head, peer.ip);
+        let next = handle(&ctx, &snap, &mut down, &mut req, peer, head).await;
+        match next {
+            Next::KeepAlive if !ctx.draining.get() => req.finish(&ctx, &snap),
+            Next::KeepAlive => {
+                req.finish(&ctx, &snap);
+                return;
+            }
+            Next::Close => {
+                req.finish(&ctx, &snap);
+                if down.linger {
+                    down.linger_close().await;
+                }
+                return;
+            }
+            Next::Upgrade((conn, resp)) => {
+                tunnel::tunnel(down, &mut req, conn, resp).await;
+                req.finish(&ctx, &snap);
+                return;
+            }
+        }
+    }
+}
+
+/// Routes the request, runs its policies, and carries out the route's action.
+async fn handle<S: ClientStream>(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    peer: Peer,
+    head: RequestHead,
+) -> Next {
+    let method = head.method.of(&down.buf);
+    let host = head.host.map(|h| h.of(&down.buf));
+    let preflight = method == b"OPTIONS" && policy::is_preflight(&down.buf, &head);
+    let found = snap.router.find(host, head.path(&down.buf), |id| {
+        let r = &snap.routes[id as usize];
+        r.accepts(method) || (preflight && r.has_cors)
+    });
+    let route = found.map(|id| &snap.routes[id as usize]);
+    if let (Some(id), Some(route)) = (found, route) {
+        req.route = Some(id);
+        req.slot = route.metrics_slot;
+    }
+    let p = &snap.policies;
+    let screened = match route {
+        Some(r) => !r.policies.is_empty(),
+        None => !p.global_unrouted.is_empty(),
+    } || p
+        .listeners
+        .get(peer.listener as usize)
+        .is_some_and(|l| !l.is_empty());
+    if screened {
+        let verdict = policy::check(
+            snap,
+            route,
+            peer.listener,
+            &down.buf,
+            &head,
+            req.client_ip,
+            &mut ctx.limiters.borrow_mut(),
+            Clock::now(),
+            &mut req.policy,
+        );
+        req.capture_head(&down.buf, &head);
+        if let Verdict::Answer(status) = verdict {
+            if status >= 400 {
+                req.fail(ErrorKind::PolicyDenied);
+            }
+            let out = std::mem::take(&mut req.policy.out);
+            let reply = Reply::Direct {
+                status,
+                bytes: &out,
+                head_len: req.policy.out_head_len,
+            };
+            let next = down.respond(ctx, req, &head, reply).await;
+            req.policy.out = out;
+            return answered(next);
+        }
+    } else {
+        req.capture_head(&down.buf, &head);
+    }
+    let Some(route) = route else {
+        req.fail(ErrorKind::NoRoute);
+        let reply = Reply::Canned(Status::NotFound);
+        return answered(down.respond(ctx, req, &head, reply).await);
+    };
+    match &route.action {
+        RouteAction::Respond {
+            status,
+            bytes,
+            head_len,
+        } => {
+            let reply = Reply::Direct {
+                status: *status,
+                bytes,
+                head_len: *head_len,
+            };
+            answered(down.respond(ctx, req, &head, reply).await)
+        }
+        RouteAction::Proxy { upstream } => {
+            req.upstream = Some(*upstream as u32);
+            let target = ctx.pick_target(snap, *upstream);
+            proxy(ctx, snap, down, req, &head, route, target, peer.ip).await
+        }
+    }
+}
+
+/// A gateway answer never upgrades.
+fn answered(next: downstream::Next<std::convert::Infallible>) -> Next {
+    match next {
+        downstream::Next::KeepAlive => Next::KeepAlive,
+        downstream::Next::Close => Next::Close,
+    }
+}
+
+/// Forwards the request to `target` and relays the response; `peer` is the address the
+/// connection came from (appended to `X-Forwarded-For`).
+#[allow(clippy::too_many_arguments)]
+async fn proxy<S: ClientStream>(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    route: &Route,
+    target: std::net::SocketAddr,
+    peer: std::net::IpAddr,
+) -> Next {
+    // Body bytes that arrived with the head go out in the same write.
+    let buffered = &down.buf[head.head_end..];
+    let mut decoder = None;
+    let (first_body, mut body_left) = match head.body {
+        BodyKind::None | BodyKind::UntilClose => (0, 0u64),
+        BodyKind::Length(n) => {
+            let k = usize::try_from(n).map_or(buffered.len(), |n| n.min(buffered.len()));
+            (k, n - k as u64)
+        }
+        BodyKind::Chunked => {
+            let mut d = ChunkedDecoder::new(down.limits.max_header_bytes);
+            let k = match d.advance(buffered) {
+                Ok(k) => k,
+                Err(_) => return down.fail(req, ErrorKind::BadRequest).await,
+            };
+            if d.data_len() > down.limits.max_body_bytes {
+                return down.fail(req, ErrorKind::BodyTooLarge).await;
+            }
+            let left = u64::from(!d.is_done());
+            decoder = Some(d);
+            (k, left)
+        }
+    };
+    let body_end = head.head_end + first_body;
+    // The whole request is in the buffer: it can be sent again on a fresh connection.
+    let replayable = body_left == 0 && head.is_idempotent(&down.buf);
+    // Read while the head's spans still point at it: relaying a body reuses the buffer.
+    let is_head = head.is_head(&down.buf);
+    add_trace_fields(snap, down, req, head);
+    for &d in &req.policy.drops {
+        policy::add_drop(&mut down.req_plan.drop, d);
+    }
+    let (line, tail) = forward::request_extras(
+        &down.buf,
+        head,
+        &down.req_plan,
+        route.strip_prefix_len,
+        peer,
+        down.stream.scheme().as_bytes(),
+        &req.policy.extra,
+        req.policy.query_drop,
+        &mut down.scratch,
+    );
+
+    req.bytes_in += first_body as u64;
+    let timeouts = down.timeouts;
+    let connector = Connector::new(
+        ctx,
+        target,
+        timeouts.upstream_connect,
+        timeouts.upstream_send,
+    );
+    // Set by an attempt whose request write failed: the upstream may have answered early.
+    let mut write_failed = None;
+    let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
+        let conn = &mut session.conn;
+        let pieces = request_pieces(head, &down.req_plan, line, tail, body_end);
+        if let Err((err, io)) = send_head(
+            conn,
+            &mut down.buf,
+            &mut down.scratch,
+            &mut down.iov,
+            pieces,
+        )
+        .await
+        {
+            write_failed = Some(io);
+            return Err(err);
+        }
+        write_failed = None;
+        down.pos = body_end;
+        if body_left > 0 {
+            if head.expect_continue && down.send_continue(req).await.is_err() {
+                return Err(ErrorKind::ClientClosed.into());
+            }
+            match relay_request_body(down, req, conn, head.body, &mut body_left, decoder.as_mut())
+                .await
+            {
+                Ok(()) => {}
+                Err(BodyRelayError::Client(kind)) => {
+                    // A body refused mid-way (413, 400): the client may still be sending.
+                    down.linger = matches!(kind, ErrorKind::BadRequest | ErrorKind::BodyTooLarge);
+                    return Err(kind.into());
+                }
+                Err(BodyRelayError::Upstream(io)) => {
+                    // The rest of the request body may still be on its way from the client.
+                    down.linger = body_left > 0;
+                    let err = exchange::write_error(&io);
+                    write_failed = Some(io);
+                    return Err(err);
+                }
+            }
+        }
+        let sent_at = Instant::now();
+        let deadline = sent_at + timeouts.upstream_response_head;
+        let mut first_byte = None;
+        conn.buf.clear();
+        loop {
+            let read = read_head(
+                conn,
+                is_head,
+                deadline,
+                &mut down.resp_plan,
+                &mut first_byte,
+                replayable,
+            )
+            .await;
+            match read {
+                Ok(HeadRead::Interim(end)) => {
+                    if !head.http10 && down.send(req, &mut conn.buf, 0..end).await.is_err() {
+                        return Err(ErrorKind::ClientClosed.into());
+                    }
+                    conn.buf.drain(..end);
+                }
+                Ok(HeadRead::Final(resp)) => {
+                    req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
+                    return Ok(resp);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let (mut session, resp) = match connector.run(req, attempt).await {
+        Ok(done) => done,
+        Err((session, err)) => {
+            if err.kind.side() == crate::error::Side::Client {
+                // The client's body failed: its own status (408 has no lingering close).
+                return down.fail(req, err.kind).await;
+            }
+            if let (Some(mut session), Some(_)) = (session, write_failed) {
+                // The rest of the request body may still be on its way from the client.
+                down.linger |= body_left > 0;
+                return early_answer(down, req, snap, &mut session.conn, head, is_head, err.kind)
+                    .await;
+            }
+            return down.fail(req, err.kind).await;
+        }
+    };
+
+    if resp.status == 101 {
+        if head.upgrade.is_none() {
+            return down.fail(req, ErrorKind::UpstreamMalformed).await;
+        }
+        req.status = 101;
+        return Next::Upgrade((session.conn, resp));
+    }
+    let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
+    let reusable = resp.reusable && !head.http10;
+    let relayed = relay::relay_response(
+        down,
+        req,
+        &mut session.conn,
+        &resp,
+        head.http10,
+        close_client,
+        snap.tracing.request_id,
+    )
+    .await;
+    match relayed {
+        Ok(clean) => {
+            let outcome = if clean && reusable {
+                Outcome::Reusable
+            } else {
+                Outcome::Done
+            };
+            connector.checkin(session, outcome);
+        }
+        Err(e) if req.status == 0 => return down.fail(req, e.kind).await,
+        Err(e) => {
+            req.fail(e.kind);
+            return Next::Close;
+        }
+    }
+    if close_client {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+/// After a failed write of the request to the upstream: an upstream that answered before
+/// taking the whole request (a 413 or 401 to an upload, then stopped reading or closed) has
+/// that answer relayed, and the client connection closes since the rest of its body was not
+/// read. Otherwise the client gets the write failure's status (504 when the upstream left the
+/// request unacknowledged past `upstream_send_ms`, 502 otherwise).
+async fn early_answer<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    snap: &Snapshot,
+    conn: &mut UpstreamConn,
+    head: &RequestHead,
+    is_head: bool,
+    kind: ErrorKind,
+) -> Next {
+    // Whatever the upstream sent is already in the socket's receive queue, readable even
+    // after a reset or a timeout; the bound only matters for a socket that is still open.
+    let deadline = Instant::now() + EARLY_ANSWER_WAIT;
+    conn.buf.clear();
+    let mut first_byte = None;
+    loop {
+        match read_head(
+            conn,
+            is_head,
+            deadline,
+            &mut down.resp_plan,
+            &mut first_byte,
+            false,
+        )
+        .await
+        {
+            Ok(HeadRead::Interim(end)) => {
+                conn.buf.drain(..end);
+            }
+            Ok(HeadRead::Final(resp)) if resp.status != 101 => {
+                let relayed = relay::relay_response(
+                    down,
+                    req,
+                    conn,
+                    &resp,
+                    head.http10,
+                    true,
+                    snap.tracing.request_id,
+                )
+                .await;
+                if let Err(e) = relayed {
+                    req.fail(e.kind);
+                }
+                return Next::Close;
+            }
+            _ => return down.fail(req, kind).await,
+        }
+    }
+}
+
+/// Adds the request id and trace context to the forwarded head, in place of the client's.
+fn add_trace_fields<S>(
+    snap: &Snapshot,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+) {
+    let fields = (head.fields_start, head.fields_end);
+    let replace = |field: Option<crate::codec::FieldRef>,
+                   name: &[u8],
+                   drops: &mut Vec<crate::codec::Span>,
+                   buf: &[u8]| {
+        if let Some(f) = field {
+            policy::add_drop(drops, f.line);
+            if f.repeated {
+                policy::drop_named(buf, fields.0, fields.1, name, drops);
+            }
+        }
+    };
+    if snap.tracing.request_id && !req.request_id.is_empty() {
+        replace(
+            head.request_id,
+            b"x-request-id",
+            &mut down.req_plan.drop,
+            &down.buf,
+        );
+        let extra = &mut req.policy.extra;
+        extra.extend_from_slice(b"X-Request-Id: ");
+        extra.extend_from_slice(req.request_id.as_bytes());
+        extra.extend_from_slice(b"\r\n");
+    }
+    if let Some(value) = req.trace.value().filter(|_| snap.tracing.traceparent) {
+        replace(
+            head.traceparent,
+            b"traceparent",
+            &mut down.req_plan.drop,
+            &down.buf,
+        );
+        let extra = &mut req.policy.extra;
+        extra.extend_from_slice(b"traceparent: ");
+        extra.extend_from_slice(value);
+        extra.extend_from_slice(b"\r\n");
+    }
+}

@@ -1,0 +1,253 @@
+//! The response body: [`BodyReader`] frames it as it arrives (length, chunked, until close),
+//! and [`relay_response`] sends the head and the body on to the client.
+//!
+//! Hot path: the head goes out with one vectored write from the upstream's read buffer (the
+//! first body bytes in the same write), and each later read is written on from the same
+//! buffer; nothing is copied or allocated.
+
+use std::time::{Duration, Instant};
+
+use super::context::RequestCtx;
+use super::downstream::{client_left, push_request_id, Downstream};
+use super::stream::ClientStream;
+use crate::codec::chunked::ChunkedDecoder;
+use crate::codec::response::ResponseHead;
+use crate::codec::{BodyKind, Span};
+use crate::error::{ErrorKind, ProxyError};
+use crate::forward::response_pieces;
+use crate::gather::write_gathered;
+use crate::io::{read_more, ReadError};
+use crate::policy;
+use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
+
+/// Reads a response body from its upstream connection, piece by piece.
+#[derive(Debug)]
+pub(crate) struct BodyReader {
+    kind: BodyKind,
+    /// Bytes still to come (1 while a chunked or close-delimited body is not done).
+    left: u64,
+    decoder: Option<ChunkedDecoder>,
+    /// The last piece ended exactly where the framing said: the connection holds nothing more.
+    clean: bool,
+    /// Longest wait for the next piece.
+    idle: Duration,
+    /// Body bytes that came with the head, at `head_end..` of the buffer.
+    first: usize,
+}
+
+impl BodyReader {
+    /// A reader for `resp`, whose head ends at `resp.head_end` in `buf`; the body bytes that
+    /// arrived with the head are [`BodyReader::first`].
+    pub fn start(resp: &ResponseHead, buf: &[u8], idle: Duration) -> Result<Self, ProxyError> {
+        let avail = &buf[resp.head_end..];
+        let mut decoder = None;
+        let (first, left) = match resp.body {
+            BodyKind::None => (0, 0u64),
+            BodyKind::Length(n) => {
+                let k = usize::try_from(n).map_or(avail.len(), |n| n.min(avail.len()));
+                (k, n - k as u64)
+            }
+            BodyKind::Chunked => {
+                let mut d = ChunkedDecoder::new(UPSTREAM_BUF);
+                let k = d
+                    .advance(avail)
+                    .map_err(|_| ProxyError::new(ErrorKind::UpstreamMalformed))?;
+                let left = u64::from(!d.is_done());
+                decoder = Some(d);
+                (k, left)
+            }
+            BodyKind::UntilClose => (avail.len(), 1),
+        };
+        Ok(BodyReader {
+            kind: resp.body,
+            left,
+            decoder,
+            clean: resp.head_end + first == buf.len(),
+            idle,
+            first,
+        })
+    }
+
+    /// Body bytes that came in the same read as the head (right after it).
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// Whether the body ended exactly where its framing said, leaving the connection clean for
+    /// another request (always false for a close-delimited body).
+    pub fn clean(&self) -> bool {
+        self.left == 0 && self.clean
+    }
+
+    /// Reads the next piece into `conn.buf` (cleared first). `Some(n)`: pass on
+    /// `conn.buf[..n]`; `None`: the body is complete.
+    pub async fn next(&mut self, conn: &mut UpstreamConn) -> Result<Option<usize>, ProxyError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        conn.buf.clear();
+        let mut pos = 0;
+        let deadline = Instant::now() + self.idle;
+        let n = match read_more(
+            &mut conn.stream,
+            &mut conn.buf,
+            &mut pos,
+            UPSTREAM_BUF,
+            deadline,
+        )
+        .await
+        {
+            Ok(0) if self.kind == BodyKind::UntilClose => {
+                self.left = 0;
+                self.clean = false;
+                return Ok(None);
+            }
+            // Truncated: the client can only tell if the connection closes (RFC 9112 §8).
+            Ok(0) | Err(ReadError::Io | ReadError::Stalled) => {
+                return Err(ErrorKind::UpstreamClosed.into())
+            }
+            Err(ReadError::Timeout) => return Err(ErrorKind::ResponseTimeout.into()),
+            Ok(n) => n,
+        };
+        let take = match (self.kind, self.decoder.as_mut()) {
+            (BodyKind::Chunked, Some(d)) => {
+                let k = d
+                    .advance(&conn.buf)
+                    .map_err(|_| ProxyError::new(ErrorKind::UpstreamMalformed))?;
+                if d.is_done() {
+                    self.left = 0;
+                }
+                k
+            }
+            (BodyKind::UntilClose, _) => n,
+            _ => {
+                let k = usize::try_from(self.left).map_or(n, |l| l.min(n));
+                self.left -= k as u64;
+                k
+            }
+        };
+        self.clean = take == conn.buf.len();
+        Ok(Some(take))
+    }
+
+    /// Reads the whole rest of the body, appending its content to `out` (chunked framing
+    /// removed), failing when the body on the wire exceeds `max` bytes (a fan-out step's
+    /// bound). `conn.buf` must still hold the head and the first body bytes.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub async fn collect(
+        &mut self,
+        conn: &mut UpstreamConn,
+        head_end: usize,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<(), ProxyError> {
+        let too_big = ProxyError::new(ErrorKind::UpstreamMalformed);
+        let mut raw = Vec::new();
+        let wire = if self.kind == BodyKind::Chunked {
+            &mut raw
+        } else {
+            &mut *out
+        };
+        let start = wire.len();
+        if self.first > max {
+            return Err(too_big);
+        }
+        wire.extend_from_slice(&conn.buf[head_end..head_end + self.first]);
+        while let Some(n) = self.next(conn).await? {
+            if wire.len() - start + n > max {
+                return Err(too_big);
+            }
+            wire.extend_from_slice(&conn.buf[..n]);
+        }
+        if self.kind == BodyKind::Chunked {
+            crate::codec::chunked::decode_validated(&raw, out);
+        }
+        Ok(())
+    }
+}
+
+/// Sends the response head (minus hop-by-hop fields, plus the gateway's own) and its body to
+/// the client. `Ok(true)`: the body ended exactly where the framing said and the upstream
+/// connection is clean. On `Err`, `req.status` says whether the head went out (0: nothing was
+/// sent, the client can still get an error answer).
+pub(crate) async fn relay_response<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    conn: &mut UpstreamConn,
+    resp: &ResponseHead,
+    http10: bool,
+    close_client: bool,
+    replace_request_id: bool,
+) -> Result<bool, ProxyError> {
+    let idle = down.timeouts.upstream_body;
+    if client_left(down, req) {
+        req.fail(ErrorKind::ClientClosed);
+        return Err(ErrorKind::ClientClosed.into());
+    }
+    // Fields the gateway adds: connection management towards this client only, the request
+    // id, and the CORS fields of a cors policy (which replace any the upstream sent).
+    down.scratch.clear();
+    if !req.policy.response_extra.is_empty() {
+        down.scratch.extend_from_slice(&req.policy.response_extra);
+        policy::drop_cors_fields(
+            &conn.buf,
+            resp.fields_start,
+            resp.fields_end,
+            &mut down.resp_plan.drop,
+        );
+    }
+    if replace_request_id {
+        push_request_id(&mut down.scratch, req);
+        if let Some(f) = resp.request_id {
+            policy::add_drop(&mut down.resp_plan.drop, f.line);
+            if f.repeated {
+                policy::drop_named(
+                    &conn.buf,
+                    resp.fields_start,
+                    resp.fields_end,
+                    b"x-request-id",
+                    &mut down.resp_plan.drop,
+                );
+            }
+        }
+    }
+    if close_client {
+        down.scratch.extend_from_slice(b"Connection: close\r\n");
+    } else if http10 {
+        down.scratch
+            .extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    down.scratch.extend_from_slice(b"\r\n");
+    let tail = Span {
+        start: 0,
+        end: down.scratch.len(),
+    };
+
+    let mut body = BodyReader::start(resp, &conn.buf, idle)?;
+    let pieces = response_pieces(resp, &down.resp_plan, tail, body.first());
+    let sent = write_gathered(
+        &mut down.stream,
+        &mut conn.buf,
+        &mut down.scratch,
+        &mut down.iov,
+        pieces,
+    )
+    .await;
+    match sent {
+        Ok(n) => {
+            req.status = resp.status;
+            req.bytes_out += n as u64;
+        }
+        Err(_) => {
+            // The client left before its answer: logged as 499.
+            req.fail(ErrorKind::ClientClosed);
+            return Err(ErrorKind::ClientClosed.into());
+        }
+    }
+    while let Some(n) = body.next(conn).await? {
+        if down.send(req, &mut conn.buf, 0..n).await.is_err() {
+            return Err(ErrorKind::ClientClosed.into());
+        }
+    }
+    Ok(body.clean())
+}

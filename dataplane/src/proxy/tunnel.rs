@@ -1,0 +1,126 @@
+//! Upgrades (WebSocket): after the upstream's `101 Switching Protocols`, the gateway relays
+//! the head and then bytes both ways until both sides are done or the tunnel has been silent
+//! for `upstream_body_ms`.
+
+use std::cell::Cell;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+
+use super::context::RequestCtx;
+use super::downstream::Downstream;
+use super::stream::ClientStream;
+use crate::codec::response::ResponseHead;
+use crate::codec::Span;
+use crate::forward::response_pieces;
+use crate::gather::write_gathered;
+use crate::io::write_range;
+use crate::upstream::UpstreamConn;
+
+/// Relays the 101 head, then tunnels until both directions are closed.
+pub(crate) async fn tunnel<S: ClientStream>(
+    mut down: Downstream<S>,
+    req: &mut RequestCtx,
+    mut conn: UpstreamConn,
+    resp: ResponseHead,
+) {
+    // Bytes the client sent after the upgrade request belong to the new protocol.
+    if down.pos < down.buf.len() {
+        let range = down.pos..down.buf.len();
+        if write_range(&mut conn.stream, &mut down.buf, range)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        down.pos = down.buf.len();
+    }
+    down.scratch.clear();
+    down.scratch.extend_from_slice(b"\r\n");
+    let tail = Span { start: 0, end: 2 };
+    let rest = conn.buf.len() - resp.head_end;
+    let pieces = response_pieces(&resp, &down.resp_plan, tail, rest);
+    match write_gathered(
+        &mut down.stream,
+        &mut conn.buf,
+        &mut down.scratch,
+        &mut down.iov,
+        pieces,
+    )
+    .await
+    {
+        Ok(n) => req.bytes_out += n as u64,
+        Err(_) => return,
+    }
+
+    let idle = down.timeouts.upstream_body;
+    let client_fd = down.stream.as_raw_fd();
+    let upstream_fd = conn.stream.as_raw_fd();
+    let (cr, cw) = down.stream.into_split();
+    let (ur, uw) = conn.stream.into_split();
+    let activity = Cell::new(Instant::now());
+    let open = Cell::new(2u8);
+    let up = copy_half(cr, uw, down.buf, &activity, &open);
+    let down_half = copy_half(ur, cw, conn.buf, &activity, &open);
+    let watchdog = async {
+        loop {
+            if open.get() == 0 {
+                return;
+            }
+            let quiet_until = activity.get() + idle;
+            if Instant::now() >= quiet_until {
+                // Wake both pending reads with EOF; no read is cancelled mid-flight.
+                // SAFETY: both fds belong to streams owned by the copy futures joined
+                // below, which are still alive, so neither fd can have been reused.
+                unsafe {
+                    libc::shutdown(client_fd, libc::SHUT_RDWR);
+                    libc::shutdown(upstream_fd, libc::SHUT_RDWR);
+                }
+                return;
+            }
+            monoio::time::sleep_until(
+                quiet_until
+                    .min(Instant::now() + Duration::from_millis(500))
+                    .into(),
+            )
+            .await;
+        }
+    };
+    let (sent_up, sent_down, ()) = monoio::join!(up, down_half, watchdog);
+    req.bytes_in += sent_up;
+    req.bytes_out += sent_down;
+}
+
+/// Copies one direction of a tunnel until EOF or error, then half-closes the other side.
+/// Returns the bytes copied.
+async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
+    mut from: R,
+    mut to: W,
+    mut buf: Vec<u8>,
+    activity: &Cell<Instant>,
+    open: &Cell<u8>,
+) -> u64 {
+    if buf.capacity() < 16 * 1024 {
+        buf.reserve(16 * 1024);
+    }
+    let mut copied = 0u64;
+    loop {
+        buf.clear();
+        let (res, b) = from.read(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(n) => copied += n as u64,
+        }
+        activity.set(Instant::now());
+        let (res, b) = to.write_all(buf).await;
+        buf = b;
+        if res.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+    open.set(open.get() - 1);
+    copied
+}

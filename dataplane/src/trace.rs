@@ -1,0 +1,309 @@
+//! Request ids and W3C trace context (`traceparent`, Trace Context Level 1 §3.2).
+//!
+//! Hot path: ids live in fixed arrays on the request context; generating one is a few rounds of
+//! a per-worker PRNG seeded from the kernel; nothing allocates.
+//!
+//! Rules: a client's `X-Request-Id` is kept when it is one value of 1 to 128 visible ASCII
+//! characters, otherwise the gateway makes a new 128-bit id (32 lowercase hex digits). A valid
+//! incoming `traceparent` keeps its trace id and flags and gets a new parent id (the gateway's
+//! hop); an absent, repeated or invalid one is replaced by a new trace (flags from `sampled`).
+
+/// Longest client-supplied request id kept.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// A fast non-cryptographic generator (wyrand), one per worker, seeded from `getrandom`. Ids
+/// need to be unique and not guessable from each other, not secret.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the kernel's random source (the time and thread as a fallback).
+    pub fn from_entropy() -> Rng {
+        let mut seed = [0u8; 8];
+        // SAFETY: writes at most 8 bytes into `seed`.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let mut s = u64::from_ne_bytes(seed);
+        if n != 8 {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            // SAFETY: gettid has no arguments and cannot fail.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u64;
+            s = t ^ tid.rotate_left(32);
+        }
+        Rng(s)
+    }
+
+    #[cfg(test)]
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        (t as u64) ^ ((t >> 64) as u64)
+    }
+
+    /// A uniform draw in `0..2^32`.
+    #[inline]
+    pub fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    fn nonzero(&mut self) -> u64 {
+        loop {
+            let v = self.next_u64();
+            if v != 0 {
+                return v;
+            }
+        }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(out: &mut [u8], v: u64) {
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
+/// This request's id, as it is forwarded, returned and logged.
+#[derive(Clone, Copy)]
+pub struct RequestId {
+    bytes: [u8; MAX_REQUEST_ID],
+    len: u8,
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId {
+            bytes: [0; MAX_REQUEST_ID],
+            len: 0,
+        }
+    }
+}
+
+impl RequestId {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Keeps the client's value if it is 1 to 128 visible ASCII characters (so it is safe in a
+    /// header and a log line); otherwise makes a new one.
+    pub fn set(&mut self, client: Option<&[u8]>, rng: &mut Rng) {
+        match client {
+            Some(v)
+                if !v.is_empty()
+                    && v.len() <= MAX_REQUEST_ID
+                    && v.iter().all(|&b| (0x21..0x7f).contains(&b)) =>
+            {
+                self.bytes[..v.len()].copy_from_slice(v);
+                self.len = v.len() as u8;
+            }
+            _ => {
+                hex_into(&mut self.bytes[..16], rng.next_u64());
+                hex_into(&mut self.bytes[16..32], rng.next_u64());
+                self.len = 32;
+            }
+        }
+    }
+}
+
+/// The trace context of this request's hop through the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// `00-<trace id>-<parent id>-<flags>`, 55 bytes; empty when not set.
+    header: [u8; 55],
+    set: bool,
+}
+
+impl Default for TraceParent {
+    fn default() -> Self {
+        TraceParent {
+            header: [0; 55],
+            set: false,
+        }
+    }
+}
+
+impl TraceParent {
+    pub fn clear(&mut self) {
+        self.set = false;
+    }
+
+    /// The `traceparent` value to forward, if any.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.set.then_some(&self.header[..])
+    }
+
+    /// The 32 hex digits of the trace id, if any.
+    pub fn trace_id(&self) -> Option<&[u8]> {
+        self.set.then_some(&self.header[3..35])
+    }
+
+    /// Continues the incoming trace (`client`: the one `traceparent` value, if exactly one came)
+    /// with a new parent id, or starts a new trace.
+    pub fn set(&mut self, client: Option<&[u8]>, sampled: bool, rng: &mut Rng) {
+        let h = &mut self.header;
+        h[..3].copy_from_slice(b"00-");
+        h[35] = b'-';
+        h[52] = b'-';
+        match client.and_then(parse_traceparent) {
+            Some((trace_id, flags)) => {
+                h[3..35].copy_from_slice(trace_id);
+                h[53..55].copy_from_slice(flags);
+            }
+            None => {
+                hex_into(&mut h[3..19], rng.nonzero());
+                hex_into(&mut h[19..35], rng.next_u64());
+                h[53..55].copy_from_slice(if sampled { b"01" } else { b"00" });
+            }
+        }
+        hex_into(&mut h[36..52], rng.nonzero());
+        self.set = true;
+    }
+}
+
+fn is_lower_hex(s: &[u8]) -> bool {
+    s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The trace id and flags of a valid `traceparent` value.
+fn parse_traceparent(v: &[u8]) -> Option<(&[u8], &[u8])> {
+    if v.len() < 55 {
+        return None;
+    }
+    let (version, trace_id, parent_id, flags) = (&v[0..2], &v[3..35], &v[36..52], &v[53..55]);
+    let dashes = v[2] == b'-' && v[35] == b'-' && v[52] == b'-';
+    // Version 00 is exactly 55 bytes; a later version may append fields after a dash.
+    let length_ok = match version {
+        b"00" => v.len() == 55,
+        b"ff" => false,
+        _ => v.len() == 55 || v[55] == b'-',
+    };
+    let ok = dashes
+        && length_ok
+        && is_lower_hex(version)
+        && is_lower_hex(trace_id)
+        && is_lower_hex(parent_id)
+        && is_lower_hex(flags)
+        && trace_id.iter().any(|&b| b != b'0')
+        && parent_id.iter().any(|&b| b != b'0');
+    ok.then_some((trace_id, flags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_traceparent_keeps_its_trace_id_and_flags_with_a_new_parent() {
+        let mut rng = Rng::seeded(1);
+        let mut tp = TraceParent::default();
+        tp.set(Some(VALID), true, &mut rng);
+        let v = tp.value().unwrap();
+        assert_eq!(&v[..36], &VALID[..36]);
+        assert_eq!(&v[52..], b"-01");
+        assert_ne!(
+            &v[36..52],
+            &VALID[36..52],
+            "the gateway's hop has its own parent id"
+        );
+        assert!(is_lower_hex(&v[36..52]));
+        assert_eq!(tp.trace_id().unwrap(), b"4bf92f3577b34da6a3ce929d0e0e4736");
+        let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        tp.set(Some(unsampled), true, &mut rng);
+        assert_eq!(
+            &tp.value().unwrap()[53..],
+            b"00",
+            "the caller's flags are kept"
+        );
+    }
+
+    #[test]
+    fn an_invalid_or_absent_traceparent_starts_a_new_trace() {
+        let bad: &[&[u8]] = &[
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            b"00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"garbage",
+            b"",
+        ];
+        let mut rng = Rng::seeded(7);
+        for (i, b) in bad.iter().enumerate() {
+            let mut tp = TraceParent::default();
+            tp.set(Some(b), i % 2 == 0, &mut rng);
+            let v = tp.value().unwrap();
+            assert!(
+                parse_traceparent(v).is_some(),
+                "{:?}",
+                String::from_utf8_lossy(v)
+            );
+            assert_ne!(&v[3..35], &VALID[3..35]);
+            assert_eq!(&v[53..], if i % 2 == 0 { b"01" } else { b"00" });
+        }
+        let mut tp = TraceParent::default();
+        tp.set(None, true, &mut rng);
+        assert!(parse_traceparent(tp.value().unwrap()).is_some());
+    }
+
+    #[test]
+    fn a_later_version_with_more_fields_is_continued() {
+        let v = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds";
+        assert!(parse_traceparent(v).is_some());
+        assert!(parse_traceparent(&v[..56]).is_some());
+        assert!(
+            parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_visible_ascii_and_made_otherwise() {
+        let mut rng = Rng::seeded(3);
+        let mut id = RequestId::default();
+        id.set(Some(b"abc-123"), &mut rng);
+        assert_eq!(id.as_bytes(), b"abc-123");
+        let longest = [b'x'; 128];
+        id.set(Some(&longest), &mut rng);
+        assert_eq!(id.as_bytes(), &longest[..]);
+        let mut seen = std::collections::HashSet::new();
+        for bad in [
+            &[b'x'; 129][..],
+            b"",
+            b"has space",
+            b"tab\there",
+            b"caf\xc3\xa9",
+        ] {
+            id.set(Some(bad), &mut rng);
+            assert_eq!(id.as_bytes().len(), 32, "{bad:?}");
+            assert!(is_lower_hex(id.as_bytes()));
+            assert!(seen.insert(id.as_bytes().to_vec()), "ids repeat");
+        }
+        id.set(None, &mut rng);
+        assert_eq!(id.as_bytes().len(), 32);
+    }
+}

@@ -1,0 +1,122 @@
+//! State one worker shares among its connection tasks ([`WorkerCtx`]), and who is at the other
+//! end of a client connection ([`Peer`]). A leaf module: the worker builds it, the request
+//! path reads it, and neither imports the other for it.
+
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use common::Snapshot;
+
+use crate::access_log::WorkerLog;
+use crate::metrics::WorkerMetrics;
+use crate::park::ParkLot;
+use crate::trace::Rng;
+use crate::upstream::Pool;
+
+/// Per-worker state shared by that worker's connection tasks (single-threaded: `Rc`, `Cell`).
+#[derive(Debug)]
+pub(crate) struct WorkerCtx {
+    pub config: Arc<ArcSwap<Snapshot>>,
+    /// The snapshot this worker last saw, shared by its requests without touching the
+    /// `Arc`'s counter, which every worker would otherwise bounce between cores twice per
+    /// request. The extra `Rc` is allocated once per config change, not per request.
+    #[allow(clippy::redundant_allocation)]
+    pub current: RefCell<Rc<Arc<Snapshot>>>,
+    pub pool: RefCell<Pool>,
+    pub rr: RefCell<RoundRobin>,
+    /// Set once shutdown begins: finish the current request, then close.
+    pub draining: Cell<bool>,
+    /// Connections waiting for their next request, closed at once on shutdown.
+    pub idle: RefCell<IdleSet>,
+    /// Keep-alive connections idle past `client_park_ms`; `None` when epoll is unavailable.
+    pub park: RefCell<Option<ParkLot>>,
+    pub metrics: Arc<WorkerMetrics>,
+    /// This worker's handles on the shared rate-limit buckets.
+    pub limiters: RefCell<crate::policy::Limiters>,
+    /// This worker's end of the access log.
+    pub log: RefCell<WorkerLog>,
+    /// Request ids, trace ids and log sampling.
+    pub rng: RefCell<Rng>,
+    pub active: Cell<usize>,
+    pub index: usize,
+}
+
+/// Per-upstream position in its round-robin schedule, reset when the snapshot changes.
+#[derive(Debug, Default)]
+pub(crate) struct RoundRobin {
+    revision: u64,
+    next: Vec<u32>,
+}
+
+impl WorkerCtx {
+    /// The current snapshot for one request: a check of the published pointer (no shared
+    /// write), and a new local handle only when the config changed.
+    #[allow(clippy::redundant_allocation)]
+    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
+        let published = self.config.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&published, &current) {
+            *current = Rc::new(Arc::clone(&published));
+        }
+        Rc::clone(&current)
+    }
+
+    /// The next target of `upstream` by smooth weighted round robin.
+    pub fn pick_target(&self, snap: &Snapshot, upstream: usize) -> SocketAddr {
+        let mut rr = self.rr.borrow_mut();
+        if rr.revision != snap.revision || rr.next.len() != snap.upstreams.len() {
+            rr.revision = snap.revision;
+            rr.next.clear();
+            // Workers start at different points so they do not all hit the same target first.
+            rr.next.resize(snap.upstreams.len(), self.index as u32);
+        }
+        let up = &snap.upstreams[upstream];
+        let n = rr.next[upstream];
+        rr.next[upstream] = n.wrapping_add(1);
+        let slot = up.schedule[n as usize % up.schedule.len()];
+        up.targets[usize::from(slot)].addr
+    }
+}
+
+/// Raw fds of idle connections, in reusable slots.
+#[derive(Debug, Default)]
+pub(crate) struct IdleSet {
+    slots: Vec<RawFd>,
+    free: Vec<usize>,
+}
+
+impl IdleSet {
+    pub fn insert(&mut self, fd: RawFd) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = fd;
+                i
+            }
+            None => {
+                self.slots.push(fd);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    pub fn remove(&mut self, slot: usize) {
+        self.slots[slot] = -1;
+        self.free.push(slot);
+    }
+
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.slots.iter().copied().filter(|&fd| fd >= 0)
+    }
+}
+
+/// Who is at the other end of a client connection, and which listener it came in on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    pub ip: IpAddr,
+    /// Index into the snapshot's listeners (for listener policies).
+    pub listener: u16,
+}
