@@ -369,17 +369,17 @@ fn probe_bind(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Returns once `addr` can be bound. A process killed with SIGKILL leaves its listening
-/// sockets bound for a moment while io_uring releases them asynchronously (about 0.2 s), so a
-/// supervisor's immediate restart would fail with "address in use". Such a socket accepts
-/// nothing (a connection to it is refused or reset at once), while a live instance holds the
-/// connection open waiting for a request: only the first is waited out, until `deadline`.
+/// sockets bound for a moment while io_uring releases them asynchronously (milliseconds to a
+/// few hundred), so a supervisor's immediate restart would fail with "address in use". Such a
+/// socket is still listening but no process has a file descriptor for it any more, while a
+/// live instance does: only the first is waited out, until `deadline`.
 fn wait_until_free(addr: SocketAddr, deadline: Instant) -> io::Result<()> {
     loop {
         match probe_bind(addr) {
             Err(e)
                 if e.kind() == io::ErrorKind::AddrInUse
                     && Instant::now() < deadline
-                    && !serves(addr) =>
+                    && !held_by_a_process(addr.port()) =>
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -388,36 +388,69 @@ fn wait_until_free(addr: SocketAddr, deadline: Instant) -> io::Result<()> {
     }
 }
 
-/// Whether a live process accepts and keeps connections on `addr` (an unspecified address is
-/// asked on loopback).
-fn serves(addr: SocketAddr) -> bool {
-    use std::io::Read;
-    let mut target = addr;
-    if target.ip().is_unspecified() {
-        target.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
-    else {
+/// Whether a process has a file descriptor for a socket listening on `port` (in this network
+/// namespace). Sockets are found in `/proc/net/tcp{,6}` and their owners in `/proc/*/fd`;
+/// processes of other users are only visible to root, so for anyone else another user's
+/// instance counts as gone and is waited for until the deadline, then refused all the same.
+fn held_by_a_process(port: u16) -> bool {
+    let inodes = listening_inodes(port);
+    if inodes.is_empty() {
         return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-    match s.read(&mut [0u8; 1]) {
-        // Held open, waiting for a request (or answering one): someone lives there.
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            true
-        }
-        Ok(n) => n > 0,
-        // Reset: a socket nobody accepts on any more.
-        Err(_) => false,
     }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for entry in procs.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy();
+            let inode = link
+                .strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok());
+            if inode.is_some_and(|i| inodes.contains(&i)) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Inodes of the TCP sockets in LISTEN state on `port`.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && local_port == Some(port) {
+                if let Ok(i) = inode.parse() {
+                    out.push(i);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The CPUs this process may run on (its affinity mask).
@@ -477,13 +510,50 @@ mod tests {
     fn a_port_held_by_a_live_listener_is_refused_at_once() {
         let live = StdListener::bind("127.0.0.1:0").unwrap();
         let addr = live.local_addr().unwrap();
+        assert!(held_by_a_process(addr.port()));
         let started = Instant::now();
         let err = wait_until_free(addr, Instant::now() + Duration::from_secs(30)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        // The live listener keeps the probe's connection in its backlog: no waiting out.
+        // Not waited out: this process holds it.
         assert!(started.elapsed() < Duration::from_secs(10));
         drop(live);
         wait_until_free(addr, Instant::now()).expect("free once the listener is gone");
+    }
+
+    #[test]
+    fn a_listener_only_io_uring_still_holds_is_waited_out() {
+        // What SIGKILL leaves: a listening socket whose last reference is an io_uring's file
+        // table, released a moment later. A registered file with its fd closed is just that.
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(16).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let ring = io_uring::IoUring::new(8).unwrap();
+        ring.submitter()
+            .register_files(&[socket.as_raw_fd()])
+            .unwrap();
+        drop(socket);
+        assert_eq!(
+            probe_bind(addr).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse,
+            "the ring keeps it bound"
+        );
+        assert!(!held_by_a_process(addr.port()));
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(ring);
+        });
+        wait_until_free(addr, Instant::now() + Duration::from_secs(20))
+            .expect("waited until the ring let it go");
+        release.join().unwrap();
     }
 
     #[test]

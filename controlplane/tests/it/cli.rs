@@ -94,8 +94,9 @@ fn a_port_already_in_use_is_refused() {
 fn a_restart_right_after_a_crash_comes_up_on_the_same_port() {
     // What a supervisor with Restart=always does: kill -9, then start again at once. The dead
     // process's io_uring releases its listening sockets asynchronously, so the port is still
-    // bound for a moment; the new process waits that out (it accepts nothing) instead of
-    // exiting with "address in use".
+    // bound for a moment (a few ms on this kernel, so this rarely hits it; the worker's unit
+    // test `a_listener_only_io_uring_still_holds_is_waited_out` always does); the new process
+    // waits that out instead of exiting with "address in use".
     let config = "workers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\nrespond = {}\n";
     for round in 0..3 {
         let mut first = Gateway::start(config, Driver::IoUring);
