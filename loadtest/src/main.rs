@@ -40,7 +40,8 @@ options (defaults in brackets):
   --wrk-cpus LIST       CPUs for wrk [0]
   --proxy-cpus LIST     CPUs for the proxies [1]
   --origin-cpus LIST    CPUs for the origin [1]
-  --proxies LIST        among gateway,gateway+policies,nginx,haproxy [all four]
+  --proxies LIST        among gateway,gateway+policies,gateway+log,nginx,haproxy
+                        [gateway,gateway+policies,nginx,haproxy]
   --bodies LIST         among 13b,4k,64k [all three]
   --churn               also measure the gateway with a config change every 10 ms
                         through its admin API

@@ -170,6 +170,9 @@ pub enum Kind {
     /// The gateway with an API-key and a rate-limit policy on its route (the limit is high
     /// enough never to refuse): what those policies cost per request.
     GatewayPolicies,
+    /// The gateway with its access log on, every request written to a file: what the log
+    /// costs per request.
+    GatewayLog,
     /// Another gateway binary (`--baseline PATH`) with the plain gateway's config: an A/B of
     /// two builds inside one interleaved run.
     GatewayBaseline,
@@ -183,6 +186,7 @@ impl Kind {
             Kind::Direct => "origin-direct",
             Kind::Gateway => "gateway",
             Kind::GatewayPolicies => "gateway+policies",
+            Kind::GatewayLog => "gateway+log",
             Kind::GatewayBaseline => "gateway-baseline",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
@@ -193,11 +197,12 @@ impl Kind {
         Ok(match s {
             "gateway" => Kind::Gateway,
             "gateway+policies" => Kind::GatewayPolicies,
+            "gateway+log" => Kind::GatewayLog,
             "gateway-baseline" => Kind::GatewayBaseline,
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
             other => bail!(
-                "unknown proxy {other:?} (gateway, gateway+policies, gateway-baseline, nginx, haproxy)"
+                "unknown proxy {other:?} (gateway, gateway+policies, gateway+log, gateway-baseline, nginx, haproxy)"
             ),
         })
     }
@@ -211,13 +216,15 @@ pub const API_KEY: &str = "loadtest-api-key-0001";
 
 /// Gateway config text for `workers` workers in front of `origin`, its admin API on
 /// `admin_port`; with `policies`, the route requires an API key and counts requests against
-/// a per-client-IP rate limit that never refuses at these rates.
+/// a per-client-IP rate limit that never refuses at these rates; with `access_log`, every
+/// request is logged to that file.
 pub fn gateway_config(
     port: u16,
     admin_port: u16,
     workers: usize,
     origin: SocketAddr,
     policies: bool,
+    access_log: Option<&Path>,
 ) -> String {
     let mut s = String::new();
     let _ = write!(
@@ -235,6 +242,9 @@ pub fn gateway_config(
              [[policies]]\nid = \"key-auth\"\nkind = \"api_key\"\nheader = \"X-Api-Key\"\n\
              [[policies]]\nid = \"per-ip-limit\"\nkind = \"rate_limit\"\nrate = 1000000000\nburst = 1000000000\nkey = \"client_ip\"\n"
         );
+    }
+    if let Some(path) = access_log {
+        let _ = write!(s, "[access_log]\npath = \"{}\"\n", path.display());
     }
     let _ = write!(
         s,
@@ -256,16 +266,18 @@ pub fn start_proxy(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     match kind {
         Kind::Direct => bail!("the origin is not started as a proxy"),
-        Kind::Gateway | Kind::GatewayPolicies | Kind::GatewayBaseline => {
+        Kind::Gateway | Kind::GatewayPolicies | Kind::GatewayLog | Kind::GatewayBaseline => {
             let name = kind.name();
             let conf = dir.file(&format!("{name}.toml"));
             let admin_port = free_port()?;
+            let access_log = dir.file(&format!("{name}-access.log"));
             let text = gateway_config(
                 port,
                 admin_port,
                 workers,
                 origin,
                 kind == Kind::GatewayPolicies,
+                (kind == Kind::GatewayLog).then_some(access_log.as_path()),
             );
             std::fs::write(&conf, text)?;
             let log = dir.file(&format!("{name}.log"));
