@@ -12,6 +12,7 @@ pub mod reason;
 pub mod router;
 pub mod slots;
 pub mod snapshot;
+mod validate;
 
 pub use config::Config;
 pub use snapshot::{Limits, Route, RouteAction, Snapshot, Target, Timeouts, Upstream};

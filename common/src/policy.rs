@@ -16,7 +16,7 @@ use crate::config::{
     ApiKeyConfig, Config, CorsConfig, JwtAlgorithm, JwtConfig, PolicyConfig, RateLimitConfig,
 };
 use crate::keys::{self, JwtKey, KeyMaterial};
-use crate::snapshot::check_id;
+use crate::validate::{check_id, is_tchar, valid_host_pattern};
 use crate::ConfigError;
 
 /// Most policies in one config (indices are `u16`).
@@ -264,7 +264,7 @@ impl RateLimit {
 
 /// A header name: an RFC 9110 token.
 fn check_header_name(name: &str, at: &str) -> Result<Box<[u8]>, ConfigError> {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(crate::snapshot::is_tchar) {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(is_tchar) {
         return Err(ConfigError::field(
             at,
             format!("{name:?} is not a header field name"),
@@ -587,7 +587,7 @@ fn compile_policy(
                     Some(rest) => (true, rest),
                     None => (false, host),
                 };
-                if !crate::snapshot::valid_host_pattern(name) {
+                if !valid_host_pattern(name) {
                     return Err(ConfigError::field(
                         format!("{at}.hosts[{j}]"),
                         format!("{h:?} is not a host name or `*.` wildcard"),

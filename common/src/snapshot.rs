@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use crate::config::{Config, DirectResponseConfig, RouteConfig};
 use crate::router::{PathTable, Router};
+use crate::validate::{check_id, valid_host_pattern};
 use crate::ConfigError;
+
+pub use crate::validate::is_tchar;
 
 /// Most targets in one upstream.
 pub const MAX_TARGETS: usize = 256;
@@ -381,22 +384,6 @@ impl Snapshot {
     }
 }
 
-pub(crate) fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::field(
-            at,
-            format!("{id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
-        ))
-    }
-}
-
 fn resolve(address: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = address.parse::<SocketAddr>() {
         if addr.port() == 0 {
@@ -678,22 +665,4 @@ fn insert(table: &mut PathTable, path: &[u8], exact: bool, id: u32) {
     } else {
         table.insert_prefix(path, id);
     }
-}
-
-pub(crate) fn valid_host_pattern(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-        || (name.starts_with('[') && name.ends_with(']'))
-}
-
-/// RFC 9110 `tchar`.
-pub fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }

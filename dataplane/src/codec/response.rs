@@ -68,6 +68,11 @@ pub fn parse_response(
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Err(ResponseError::Malformed);
     };
+    // Three digits whose first is a class 1 to 5 (RFC 9110 §15); httparse takes `020` as 20.
+    // Found by fuzzing: such a status line was relayed as it came.
+    if !(100..=599).contains(&status) {
+        return Err(ResponseError::Malformed);
+    }
     let headers = &*resp.headers;
     let fields_end = head_end - 2;
     let fields_start = headers
@@ -290,6 +295,21 @@ mod tests {
             parse(b"HTTP/1.1 2000 OK\r\n\r\n", false),
             Err(ResponseError::Malformed)
         );
+        // Status codes outside the five classes (a fuzzing find: `020` parsed as 20).
+        for line in [
+            &b"HTTP/1.1 020 OK"[..],
+            b"HTTP/1.1 099 X",
+            b"HTTP/1.1 600 X",
+            b"HTTP/1.1 999 X",
+        ] {
+            let mut msg = line.to_vec();
+            msg.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+            assert_eq!(
+                parse(&msg, false),
+                Err(ResponseError::Malformed),
+                "{line:?}"
+            );
+        }
         assert_eq!(
             parse(b"garbage\r\n\r\n", false),
             Err(ResponseError::Malformed)

@@ -1,0 +1,42 @@
+//! Checks shared by the config compilers (`snapshot`, `policy`): ids, host patterns, tokens.
+//! A leaf module: it imports nothing of the crate but the error type, so the compilers can
+//! share it without depending on each other.
+
+use crate::ConfigError;
+
+/// An id: 1 to 64 letters, digits, `-`, `_` or `.`; `at` names the field.
+pub(crate) fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::field(
+            at,
+            format!("{id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+/// A host name in a route or domain policy: dot-separated labels of letters, digits, `-` and
+/// `_` (a `*.` wildcard is checked by the caller), or a bracketed IPv6 literal.
+pub(crate) fn valid_host_pattern(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        || (name.starts_with('[') && name.ends_with(']'))
+}
+
+/// RFC 9110 `tchar`.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
