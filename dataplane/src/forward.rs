@@ -221,3 +221,101 @@ pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     };
     let _ = write!(out, "{ip}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::request::parse_request;
+    use crate::gather::Gather;
+
+    const LIMITS: common::Limits = common::Limits {
+        max_header_bytes: 8192,
+        max_header_count: 64,
+        max_uri_bytes: 4096,
+        max_body_bytes: 1 << 20,
+    };
+
+    /// The head the upstream gets for `request` (its body bytes included).
+    fn forwarded(
+        request: &[u8],
+        strip: usize,
+        scheme: &[u8],
+        added: &[u8],
+        query_drop: Option<(usize, usize)>,
+    ) -> String {
+        let mut plan = FieldPlan::default();
+        let head = parse_request(request, &LIMITS, &mut plan).unwrap().unwrap();
+        let mut out = Vec::new();
+        let query_drop = query_drop.map(|(start, end)| Span { start, end });
+        let (line, tail) = request_extras(
+            request,
+            &head,
+            &plan,
+            strip,
+            "192.0.2.7".parse().unwrap(),
+            scheme,
+            added,
+            query_drop,
+            &mut out,
+        );
+        let pieces = request_pieces(&head, &plan, line, tail, request.len());
+        let g = Gather::new(request.to_vec(), out, Vec::new(), pieces);
+        let (src, extra, iov) = g.into_parts();
+        // Rebuild the bytes the iovecs point at, in order.
+        let mut bytes = Vec::new();
+        for v in &iov {
+            // SAFETY: each iovec points into `src` or `extra`, both alive here.
+            bytes.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        drop((src, extra));
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn forwarding_fields_are_appended_and_hop_by_hop_ones_left_out() {
+        let got = forwarded(
+            b"POST /p HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: gopher\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nhi",
+            0,
+            b"https",
+            b"X-Consumer-Id: app\r\n",
+            None,
+        );
+        assert_eq!(
+            got,
+            "POST /p HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: api.test\r\nX-Consumer-Id: app\r\n\r\nhi"
+        );
+    }
+
+    #[test]
+    fn the_target_is_rewritten_for_a_stripped_prefix_an_absolute_form_and_a_dropped_key() {
+        let got = forwarded(
+            b"GET /api/v1/x?k=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            4,
+            b"http",
+            b"",
+            None,
+        );
+        assert!(
+            got.starts_with("GET /v1/x?k=1 HTTP/1.1\r\nHost: a\r\n"),
+            "{got}"
+        );
+        let got = forwarded(
+            b"GET http://b.test/p HTTP/1.1\r\nHost: ignored\r\n\r\n",
+            0,
+            b"http",
+            b"",
+            None,
+        );
+        assert!(got.starts_with("GET /p HTTP/1.1\r\n"), "{got}");
+        assert!(
+            got.contains("\r\nHost: b.test\r\n") && !got.contains("ignored"),
+            "{got}"
+        );
+        // `?api_key=s` is the only parameter: the `?` goes too.
+        let req = b"GET /p?api_key=s HTTP/1.1\r\nHost: a\r\n\r\n";
+        let got = forwarded(req, 0, b"http", b"", Some((6, 16)));
+        assert!(got.starts_with("GET /p HTTP/1.1\r\n"), "{got}");
+    }
+}

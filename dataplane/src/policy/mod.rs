@@ -948,4 +948,259 @@ mod tests {
         assert_eq!(forwarded_for(b"unknown"), None);
         assert_eq!(forwarded_for(b"_hidden"), None);
     }
+
+    // The checks in-process, from a TOML snapshot, without a socket.
+
+    use common::{parse_config, Format};
+
+    use crate::codec::request::parse_request;
+    use crate::codec::FieldPlan;
+
+    const BASE: &str = r#"
+[[listeners]]
+address = "127.0.0.1:0"
+[[upstreams]]
+id = "o"
+targets = [{ address = "127.0.0.1:9" }]
+[[consumers]]
+id = "app"
+groups = ["mobile"]
+[[consumers]]
+id = "ops"
+[[credentials]]
+id = "app-key"
+consumer = "app"
+kind = "api_key"
+key = "app-secret-1"
+[[credentials]]
+id = "ops-key"
+consumer = "ops"
+kind = "api_key"
+key = "ops-secret-1"
+"#;
+
+    fn snapshot(extra: &str) -> Snapshot {
+        let text = format!("{BASE}{extra}");
+        Snapshot::compile(parse_config(&text, Format::Toml).unwrap(), 1).unwrap()
+    }
+
+    /// Runs the policies of `route` over `request` from `client` at `now_s` seconds.
+    fn run(
+        snap: &Snapshot,
+        route: &str,
+        request: &[u8],
+        client: &str,
+        now_s: u64,
+    ) -> (Verdict, PolicyState) {
+        let limits = snap.limits;
+        let mut plan = FieldPlan::default();
+        let head = parse_request(request, &limits, &mut plan).unwrap().unwrap();
+        let route = snap.routes.iter().find(|r| &*r.id == route).unwrap();
+        let mut st = PolicyState::default();
+        let clock = Clock {
+            mono_ns: now_s * 1_000_000_000,
+            unix_s: 1_800_000_000 + now_s,
+        };
+        let verdict = check(
+            snap,
+            Some(route),
+            0,
+            request,
+            &head,
+            client.parse().unwrap(),
+            &mut Limiters::default(),
+            clock,
+            &mut st,
+        );
+        (verdict, st)
+    }
+
+    fn answer(st: &PolicyState) -> String {
+        String::from_utf8_lossy(&st.out).into_owned()
+    }
+
+    #[test]
+    fn an_api_key_identifies_the_consumer_and_is_not_forwarded() {
+        let snap = snapshot(
+            r#"
+[[policies]]
+id = "unit-key"
+kind = "api_key"
+header = "X-Api-Key"
+[[routes]]
+id = "r"
+path_prefix = "/"
+upstream = "o"
+policies = ["unit-key"]
+"#,
+        );
+        let req = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Api-Key: app-secret-1\r\nX-Consumer-Id: forged\r\n\r\n";
+        let (v, st) = run(&snap, "r", req, "127.0.0.1", 0);
+        assert_eq!(v, Verdict::Pass);
+        assert_eq!(
+            snap.policies.consumers[st.consumer.unwrap() as usize]
+                .id
+                .as_ref(),
+            "app"
+        );
+        assert_eq!(st.extra, b"X-Consumer-Id: app\r\n");
+        // The key line and the forged consumer line are both left out of the forwarded head.
+        let dropped: Vec<&[u8]> = st.drops.iter().map(|d| d.of(req)).collect();
+        assert_eq!(
+            dropped,
+            [&b"X-Api-Key: app-secret-1\r\nX-Consumer-Id: forged\r\n"[..]]
+        );
+
+        let (v, st) = run(
+            &snap,
+            "r",
+            b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "127.0.0.1",
+            0,
+        );
+        assert_eq!(v, Verdict::Answer(401));
+        assert!(
+            answer(&st).starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+            "{}",
+            answer(&st)
+        );
+        let bad = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Api-Key: nope\r\n\r\n";
+        assert_eq!(run(&snap, "r", bad, "127.0.0.1", 0).0, Verdict::Answer(401));
+        assert_eq!(run(&snap, "r", bad, "127.0.0.1", 0).1.consumer, None);
+    }
+
+    #[test]
+    fn acl_ip_filter_and_domain_refuse_with_their_status() {
+        let snap = snapshot(
+            r#"
+[[policies]]
+id = "unit-key2"
+kind = "api_key"
+[[policies]]
+id = "mobile-only"
+kind = "acl"
+groups = ["mobile"]
+[[policies]]
+id = "tens"
+kind = "ip_filter"
+allow = ["10.0.0.0/8"]
+deny = ["10.9.0.0/16"]
+[[policies]]
+id = "hosts"
+kind = "domain"
+hosts = ["api.example.com", "*.example.net"]
+[[routes]]
+id = "acl"
+path = "/acl"
+upstream = "o"
+policies = ["unit-key2", "mobile-only"]
+[[routes]]
+id = "ip"
+path = "/ip"
+upstream = "o"
+policies = ["tens"]
+[[routes]]
+id = "dom"
+path = "/dom"
+upstream = "o"
+policies = ["hosts"]
+"#,
+        );
+        let app = b"GET /acl HTTP/1.1\r\nHost: a\r\nX-Api-Key: app-secret-1\r\n\r\n";
+        let ops = b"GET /acl HTTP/1.1\r\nHost: a\r\nX-Api-Key: ops-secret-1\r\n\r\n";
+        assert_eq!(run(&snap, "acl", app, "127.0.0.1", 0).0, Verdict::Pass);
+        let (v, st) = run(&snap, "acl", ops, "127.0.0.1", 0);
+        assert_eq!(v, Verdict::Answer(403));
+        assert!(
+            answer(&st).contains("\"policy\":\"mobile-only\""),
+            "{}",
+            answer(&st)
+        );
+
+        let ip = b"GET /ip HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(run(&snap, "ip", ip, "10.1.2.3", 0).0, Verdict::Pass);
+        assert_eq!(run(&snap, "ip", ip, "10.9.0.1", 0).0, Verdict::Answer(403));
+        assert_eq!(run(&snap, "ip", ip, "192.0.2.1", 0).0, Verdict::Answer(403));
+
+        let host = |h: &str| format!("GET /dom HTTP/1.1\r\nHost: {h}\r\n\r\n");
+        assert_eq!(
+            run(
+                &snap,
+                "dom",
+                host("API.example.com:443").as_bytes(),
+                "127.0.0.1",
+                0
+            )
+            .0,
+            Verdict::Pass
+        );
+        assert_eq!(
+            run(
+                &snap,
+                "dom",
+                host("x.example.net").as_bytes(),
+                "127.0.0.1",
+                0
+            )
+            .0,
+            Verdict::Pass
+        );
+        assert_eq!(
+            run(&snap, "dom", host("evil.test").as_bytes(), "127.0.0.1", 0).0,
+            Verdict::Answer(421)
+        );
+    }
+
+    #[test]
+    fn a_rate_limit_refuses_past_its_burst_and_refills_on_the_fake_clock() {
+        let snap = snapshot(
+            r#"
+[[policies]]
+id = "unit-rate-limit"
+kind = "rate_limit"
+rate = 1
+per = "second"
+burst = 2
+key = "client_ip"
+[[routes]]
+id = "r"
+path_prefix = "/"
+upstream = "o"
+policies = ["unit-rate-limit"]
+"#,
+        );
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut limiters = Limiters::default();
+        let mut go = |client: &str, now_s: u64| {
+            let limits = snap.limits;
+            let mut plan = FieldPlan::default();
+            let head = parse_request(req, &limits, &mut plan).unwrap().unwrap();
+            let mut st = PolicyState::default();
+            let clock = Clock {
+                mono_ns: 1_000_000_000_000 + now_s * 1_000_000_000,
+                unix_s: now_s,
+            };
+            let v = check(
+                &snap,
+                Some(&snap.routes[0]),
+                0,
+                req,
+                &head,
+                client.parse().unwrap(),
+                &mut limiters,
+                clock,
+                &mut st,
+            );
+            (v, answer(&st))
+        };
+        assert_eq!(go("192.0.2.1", 0).0, Verdict::Pass);
+        assert_eq!(go("192.0.2.1", 0).0, Verdict::Pass);
+        let (v, text) = go("192.0.2.1", 0);
+        assert_eq!(v, Verdict::Answer(429));
+        assert!(text.contains("Retry-After: 1\r\n"), "{text}");
+        // Another client has its own bucket; a second later one token is back.
+        assert_eq!(go("192.0.2.2", 0).0, Verdict::Pass);
+        assert_eq!(go("192.0.2.1", 1).0, Verdict::Pass);
+        assert_eq!(go("192.0.2.1", 1).0, Verdict::Answer(429));
+    }
 }
