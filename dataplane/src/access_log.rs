@@ -265,6 +265,17 @@ pub fn json_str(out: &mut Vec<u8>, s: &[u8], max: usize) {
     } else {
         (s, false)
     };
+    // Most values need no escaping: one copy.
+    if s.iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(s);
+        if cut {
+            out.extend_from_slice(b"...");
+        }
+        out.push(b'"');
+        return;
+    }
     for &b in s {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -287,26 +298,74 @@ pub fn json_str(out: &mut Vec<u8>, s: &[u8], max: usize) {
     out.push(b'"');
 }
 
+/// Appends `n` in decimal (no `fmt` machinery: this runs for every logged request).
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `n` (below 10^width) zero-padded to `width` digits.
+fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut digits = [b'0'; 4];
+    let mut n = n;
+    for d in digits[..width].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits[..width]);
+}
+
 /// Appends a duration as milliseconds with three decimals (microsecond resolution).
 pub fn json_ms(out: &mut Vec<u8>, d: Duration) {
-    let us = d.as_micros();
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+    let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+    push_u64(out, us / 1000);
+    out.push(b'.');
+    push_padded(out, us % 1000, 3);
+}
+
+thread_local! {
+    /// The last second formatted on this thread (`YYYY-MM-DDTHH:MM:SS`): lines in the same
+    /// second only format their milliseconds.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
 }
 
 /// Appends `t` as an RFC 3339 UTC timestamp with milliseconds, in quotes.
 pub fn json_time(out: &mut Vec<u8>, t: SystemTime) {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    let _ = write!(
-        out,
-        "\"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z\"",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_millis()
-    );
+    let (cached, mut text) = SECOND.with(|c| c.get());
+    if cached != secs {
+        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        let mut w = Vec::with_capacity(19);
+        push_padded(&mut w, y.clamp(0, 9999) as u64, 4);
+        w.push(b'-');
+        push_padded(&mut w, u64::from(m), 2);
+        w.push(b'-');
+        push_padded(&mut w, u64::from(d), 2);
+        w.push(b'T');
+        push_padded(&mut w, rem / 3600, 2);
+        w.push(b':');
+        push_padded(&mut w, rem / 60 % 60, 2);
+        w.push(b':');
+        push_padded(&mut w, rem % 60, 2);
+        text.copy_from_slice(&w);
+        SECOND.with(|c| c.set((secs, text)));
+    }
+    out.push(b'"');
+    out.extend_from_slice(&text);
+    out.push(b'.');
+    push_padded(out, u64::from(since.subsec_millis()), 3);
+    out.extend_from_slice(b"Z\"");
 }
 
 /// Year, month, day of the proleptic Gregorian calendar for days since 1970-01-01
@@ -324,11 +383,59 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// Appends an IP address as a JSON string (IPv4-mapped IPv6 written as IPv4).
+/// Appends an IP address (IPv4-mapped IPv6 as IPv4) without quotes.
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(_) => crate::forward::write_ip(out, ip),
+    }
+}
+
+/// Appends an IP address as a JSON string.
 pub fn json_ip(out: &mut Vec<u8>, ip: IpAddr) {
     out.push(b'"');
-    crate::forward::write_ip(out, ip);
+    push_ip(out, ip);
     out.push(b'"');
+}
+
+/// Appends a socket address as a JSON string (`"192.0.2.1:80"`, `"[2001:db8::1]:80"`).
+pub fn json_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
+    out.push(b'"');
+    if addr.is_ipv6() && addr.ip().to_canonical().is_ipv6() {
+        out.push(b'[');
+        push_ip(out, addr.ip());
+        out.push(b']');
+    } else {
+        push_ip(out, addr.ip());
+    }
+    out.push(b':');
+    push_u64(out, u64::from(addr.port()));
+    out.push(b'"');
+}
+
+/// Appends an id (a route, upstream or consumer id, an error kind: validated to letters,
+/// digits, `-`, `_` and `.`, so nothing to escape) as a JSON string, or `null`.
+pub fn json_id(out: &mut Vec<u8>, id: Option<&str>) {
+    match id {
+        Some(id) => {
+            debug_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+            out.push(b'"');
+            out.extend_from_slice(id.as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 /// Appends a JSON string or `null`.
@@ -433,6 +540,30 @@ mod tests {
         out.clear();
         json_str(&mut out, b"abcdef", 3);
         assert_eq!(out, b"\"abc...\"");
+    }
+
+    #[test]
+    fn numbers_and_addresses_are_written_like_display_does() {
+        for n in [0u64, 7, 10, 99, 100, 65_535, u64::MAX] {
+            let mut out = Vec::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for a in [
+            "127.0.0.1:8080",
+            "[2001:db8::1]:443",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+        ] {
+            let addr: std::net::SocketAddr = a.parse().unwrap();
+            let mut out = Vec::new();
+            json_addr(&mut out, addr);
+            assert_eq!(out, format!("\"{a}\"").as_bytes());
+        }
+        let mapped: std::net::SocketAddr = "[::ffff:192.0.2.1]:80".parse().unwrap();
+        let mut out = Vec::new();
+        json_addr(&mut out, mapped);
+        assert_eq!(out, b"\"192.0.2.1:80\"");
     }
 
     #[test]

@@ -230,6 +230,7 @@ async fn worker_main(spec: WorkerSpec) {
         limiters: RefCell::default(),
         log: RefCell::new(spec.log),
         rng: RefCell::new(Rng::from_entropy()),
+        wall: Cell::new((Instant::now(), std::time::SystemTime::now())),
         active: Cell::new(0),
         index: spec.index,
     });
@@ -283,6 +284,7 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
         }
         // Lines reach the log within a tick even when traffic is light.
         ctx.log.borrow_mut().flush();
+        ctx.renew_wall();
         let now = Instant::now();
         if now.duration_since(last_sweep) >= Duration::from_secs(1) {
             let snap = ctx.config.load();

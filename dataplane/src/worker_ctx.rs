@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use common::Snapshot;
@@ -41,6 +42,9 @@ pub(crate) struct WorkerCtx {
     pub log: RefCell<WorkerLog>,
     /// Request ids, trace ids and log sampling.
     pub rng: RefCell<Rng>,
+    /// A wall-clock reading and the monotonic instant it was taken at, renewed every
+    /// housekeeping tick: access log timestamps come from it without a clock call per request.
+    pub wall: Cell<(Instant, SystemTime)>,
     pub active: Cell<usize>,
     pub index: usize,
 }
@@ -53,6 +57,20 @@ pub(crate) struct RoundRobin {
 }
 
 impl WorkerCtx {
+    /// The wall-clock time of the monotonic instant `at` (within a tick of a clock step).
+    pub fn wall_time(&self, at: Instant) -> SystemTime {
+        let (base, wall) = self.wall.get();
+        match at.checked_duration_since(base) {
+            Some(d) => wall + d,
+            None => wall - base.duration_since(at),
+        }
+    }
+
+    /// Takes a new wall-clock reading (the worker's housekeeping tick).
+    pub fn renew_wall(&self) {
+        self.wall.set((Instant::now(), SystemTime::now()));
+    }
+
     /// The current snapshot for one request: a check of the published pointer (no shared
     /// write), and a new local handle only when the config changed.
     #[allow(clippy::redundant_allocation)]

@@ -157,6 +157,23 @@ pub fn drop_cors_fields(buf: &[u8], start: usize, end: usize, drops: &mut Vec<Sp
     }
 }
 
+/// Leaves `field` (a field the parser noted, named `name`) out of a head whose field lines
+/// span `fields`; every line of that name when it was repeated.
+pub fn drop_field(
+    buf: &[u8],
+    field: Option<crate::codec::FieldRef>,
+    fields: (usize, usize),
+    name: &[u8],
+    drops: &mut Vec<Span>,
+) {
+    if let Some(f) = field {
+        add_drop(drops, f.line);
+        if f.repeated {
+            drop_named(buf, fields.0, fields.1, name, drops);
+        }
+    }
+}
+
 /// Removes from a head every field line named `name` (case-insensitively) between `start`
 /// and `end`.
 pub fn drop_named(buf: &[u8], start: usize, end: usize, name: &[u8], drops: &mut Vec<Span>) {

@@ -199,6 +199,14 @@ mod tests {
         }
     }
 
+    fn fake_pool(idle: Vec<UpstreamConn>) -> FakePool {
+        FakePool {
+            idle: RefCell::new(idle),
+            connects: Cell::new(0),
+            put_back: Cell::new(0),
+        }
+    }
+
     /// An origin that answers `n` connections with one response each.
     fn origin(n: usize) -> SocketAddr {
         let l = StdListener::bind("127.0.0.1:0").unwrap();
@@ -256,11 +264,7 @@ mod tests {
     fn a_dead_pooled_connection_is_retried_once_on_a_fresh_one() {
         let target = origin(1);
         runtime().block_on(async move {
-            let pool = FakePool {
-                idle: RefCell::new(vec![dead_conn().await]),
-                connects: Cell::new(0),
-                put_back: Cell::new(0),
-            };
+            let pool = fake_pool(vec![dead_conn().await]);
             let connector = Connector::new(
                 &pool,
                 target,
@@ -295,11 +299,7 @@ mod tests {
                     drop(s);
                 }
             });
-            let pool = FakePool {
-                idle: RefCell::new(Vec::new()),
-                connects: Cell::new(0),
-                put_back: Cell::new(0),
-            };
+            let pool = fake_pool(Vec::new());
             let connector = Connector::new(
                 &pool,
                 target,
@@ -340,11 +340,7 @@ mod tests {
         let target = l.local_addr().unwrap();
         drop(l);
         runtime().block_on(async move {
-            let pool = FakePool {
-                idle: RefCell::new(Vec::new()),
-                connects: Cell::new(0),
-                put_back: Cell::new(0),
-            };
+            let pool = fake_pool(Vec::new());
             let connector = Connector::new(
                 &pool,
                 target,

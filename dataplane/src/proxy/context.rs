@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::slots::NO_ROUTE_SLOT;
 use common::Snapshot;
 
-use crate::access_log::{self, json_ms, json_opt_str, json_str, HeadFields};
+use crate::access_log::{self, json_addr, json_id, json_ms, push_u64, HeadFields};
 use crate::codec::request::RequestHead;
 use crate::error::ErrorKind;
 use crate::policy::{self, PolicyState};
@@ -158,7 +158,7 @@ impl RequestCtx {
     /// Writes the head's fields of the access log line; call after the policies ran (they
     /// decide which query parameter is a credential to leave out) and before the request
     /// buffer is reused for the body.
-    pub fn capture_head(&mut self, buf: &[u8], head: &RequestHead) {
+    pub fn capture_head(&mut self, worker: &WorkerCtx, buf: &[u8], head: &RequestHead) {
         if !self.logging {
             return;
         }
@@ -168,10 +168,8 @@ impl RequestCtx {
             let end = q.end.checked_sub(head.target.start)?;
             (end <= target.len()).then_some((start, end))
         });
-        // The wall clock is read only for logged requests; `started` is the monotonic start.
-        let wall = SystemTime::now() - self.started.elapsed();
         let f = HeadFields {
-            started: wall,
+            started: worker.wall_time(self.started),
             request_id: self.request_id.as_bytes(),
             client_ip: self.client_ip,
             method: head.method.of(buf),
@@ -230,31 +228,24 @@ impl RequestCtx {
 
     /// The fields known only at the end, closing the object and the line.
     fn write_tail(&self, out: &mut Vec<u8>, snap: &Snapshot, elapsed: Duration) {
-        use std::io::Write;
-        let _ = write!(out, "\"status\":{},\"route\":", self.status);
-        let route = self
-            .route
-            .and_then(|r| snap.routes.get(r as usize))
-            .map(|r| r.id.as_bytes());
-        json_opt_str(out, route, 256);
+        out.extend_from_slice(b"\"status\":");
+        push_u64(out, u64::from(self.status));
+        out.extend_from_slice(b",\"route\":");
+        let route = self.route.and_then(|r| snap.routes.get(r as usize));
+        json_id(out, route.map(|r| &*r.id));
         out.extend_from_slice(b",\"upstream\":");
-        let upstream = self
-            .upstream
-            .and_then(|u| snap.upstreams.get(u as usize))
-            .map(|u| u.id.as_bytes());
-        json_opt_str(out, upstream, 256);
+        let upstream = self.upstream.and_then(|u| snap.upstreams.get(u as usize));
+        json_id(out, upstream.map(|u| &*u.id));
         out.extend_from_slice(b",\"target\":");
         match self.target {
-            Some(t) => {
-                let _ = write!(out, "\"{t}\"");
-            }
+            Some(t) => json_addr(out, t),
             None => out.extend_from_slice(b"null"),
         }
-        let _ = write!(
-            out,
-            ",\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
-            self.bytes_in, self.bytes_out
-        );
+        out.extend_from_slice(b",\"bytes_in\":");
+        push_u64(out, self.bytes_in);
+        out.extend_from_slice(b",\"bytes_out\":");
+        push_u64(out, self.bytes_out);
+        out.extend_from_slice(b",\"duration_ms\":");
         json_ms(out, elapsed);
         out.extend_from_slice(b",\"upstream_connect_ms\":");
         match self.connect {
@@ -270,16 +261,12 @@ impl RequestCtx {
         let consumer = self
             .policy
             .consumer
-            .and_then(|c| snap.policies.consumers.get(c as usize))
-            .map(|c| c.id.as_bytes());
-        json_opt_str(out, consumer, 256);
+            .and_then(|c| snap.policies.consumers.get(c as usize));
+        json_id(out, consumer.map(|c| &*c.id));
         out.extend_from_slice(b",\"retries\":");
-        let _ = write!(out, "{}", self.retries);
+        push_u64(out, u64::from(self.retries));
         out.extend_from_slice(b",\"error\":");
-        match self.error {
-            Some(e) => json_str(out, e.label().as_bytes(), 64),
-            None => out.extend_from_slice(b"null"),
-        }
+        json_id(out, self.error.map(ErrorKind::label));
         out.extend_from_slice(b"}\n");
     }
 }

@@ -400,11 +400,17 @@ fn split_canned(bytes: &'static [u8]) -> (&'static [u8], &'static [u8]) {
     (&bytes[..end + 2], &bytes[end + 4..])
 }
 
+/// Appends the field line `name: value\r\n`.
+pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends `X-Request-Id: <id>\r\n` when the request has an id.
 pub(crate) fn push_request_id(out: &mut Vec<u8>, req: &RequestCtx) {
     if !req.request_id.is_empty() {
-        out.extend_from_slice(b"X-Request-Id: ");
-        out.extend_from_slice(req.request_id.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(out, b"X-Request-Id", req.request_id.as_bytes());
     }
 }

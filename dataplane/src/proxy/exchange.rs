@@ -51,12 +51,12 @@ pub(crate) async fn send_head(
     extra: &mut Vec<u8>,
     iov: &mut Vec<libc::iovec>,
     pieces: impl Iterator<Item = Piece>,
-) -> Result<(), (ProxyError, std::io::Error)> {
+) -> Result<(), ProxyError> {
     match write_gathered(&mut conn.stream, src, extra, iov, pieces).await {
         Ok(_) => Ok(()),
         Err(e) => {
             let err = write_error(&e);
-            Err((err.retryable(err.kind == ErrorKind::UpstreamClosed), e))
+            Err(err.retryable(err.kind == ErrorKind::UpstreamClosed))
         }
     }
 }
@@ -124,9 +124,7 @@ pub(crate) async fn exchange(
     let len = request.len();
     let (mut extra, mut iov) = (Vec::new(), Vec::new());
     let whole = std::iter::once(Piece::Src(crate::codec::Span { start: 0, end: len }));
-    send_head(conn, request, &mut extra, &mut iov, whole)
-        .await
-        .map_err(|(e, _)| e)?;
+    send_head(conn, request, &mut extra, &mut iov, whole).await?;
     conn.buf.clear();
     let mut first_byte = None;
     loop {
@@ -142,17 +140,10 @@ pub(crate) async fn exchange(
     }
 }
 
-/// Why relaying a request body stopped.
-#[derive(Debug)]
-pub(crate) enum BodyRelayError {
-    /// From the client's side: answer with the error's status, if it has one, and close.
-    Client(ErrorKind),
-    /// Writing to the upstream failed.
-    Upstream(std::io::Error),
-}
-
 /// Streams the rest of the request body from the client to the upstream, through the
 /// client's read buffer (`left`: bytes still to come, or 1 while a chunked body is not done).
+/// A client-side error means the client's body failed (answer with its status, if any); an
+/// upstream-side one that writing to the upstream failed.
 pub(crate) async fn relay_request_body<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
@@ -160,7 +151,7 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
     kind: BodyKind,
     left: &mut u64,
     mut decoder: Option<&mut ChunkedDecoder>,
-) -> Result<(), BodyRelayError> {
+) -> Result<(), ProxyError> {
     while *left > 0 {
         if down.pos == down.buf.len() {
             down.buf.clear();
@@ -181,12 +172,10 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
             .await
             {
                 Ok(0) | Err(ReadError::Io | ReadError::Stalled) => {
-                    return Err(BodyRelayError::Client(ErrorKind::ClientClosed))
+                    return Err(ErrorKind::ClientClosed.into())
                 }
                 Ok(_) => {}
-                Err(ReadError::Timeout) => {
-                    return Err(BodyRelayError::Client(ErrorKind::ClientTimeout))
-                }
+                Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout.into()),
             }
         }
         let avail = &down.buf[down.pos..];
@@ -194,9 +183,9 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
             (BodyKind::Chunked, Some(d)) => {
                 let k = d
                     .advance(avail)
-                    .map_err(|_| BodyRelayError::Client(ErrorKind::BadRequest))?;
+                    .map_err(|_| ProxyError::new(ErrorKind::BadRequest))?;
                 if d.data_len() > down.limits.max_body_bytes {
-                    return Err(BodyRelayError::Client(ErrorKind::BodyTooLarge));
+                    return Err(ErrorKind::BodyTooLarge.into());
                 }
                 if d.is_done() {
                     *left = 0;
@@ -215,7 +204,7 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
         down.buf = slice.into_inner();
         down.pos = start + take;
         req.bytes_in += take as u64;
-        res.map_err(BodyRelayError::Upstream)?;
+        res.map_err(|e| write_error(&e))?;
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::RequestHead;
 use crate::codec::response::ResponseHead;
 use crate::codec::BodyKind;
-use crate::error::ErrorKind;
+use crate::error::{ErrorKind, Side};
 use crate::forward::{self, request_pieces};
 use crate::policy::{self, Clock, Verdict};
 use crate::status::Status;
@@ -48,8 +48,8 @@ use crate::upstream::{set_send_timeout, UpstreamConn};
 use crate::worker_ctx::{Peer, WorkerCtx};
 use connector::{Connector, Outcome};
 use context::RequestCtx;
-use downstream::{Downstream, Head, Reply};
-use exchange::{read_head, relay_request_body, send_head, BodyRelayError, HeadRead};
+use downstream::{push_field, Downstream, Head, Reply};
+use exchange::{read_head, relay_request_body, send_head, HeadRead};
 use stream::ClientStream;
 
 /// How a request ended for its connection; an upgrade carries the upstream connection.
@@ -168,7 +168,7 @@ async fn handle<S: ClientStream>(
             Clock::now(),
             &mut req.policy,
         );
-        req.capture_head(&down.buf, &head);
+        req.capture_head(ctx, &down.buf, &head);
         if let Verdict::Answer(status) = verdict {
             if status >= 400 {
                 req.fail(ErrorKind::PolicyDenied);
@@ -184,7 +184,7 @@ async fn handle<S: ClientStream>(
             return answered(next);
         }
     } else {
-        req.capture_head(&down.buf, &head);
+        req.capture_head(ctx, &down.buf, &head);
     }
     let Some(route) = route else {
         req.fail(ErrorKind::NoRoute);
@@ -207,7 +207,7 @@ async fn handle<S: ClientStream>(
         RouteAction::Proxy { upstream } => {
             req.upstream = Some(*upstream as u32);
             let target = ctx.pick_target(snap, *upstream);
-            proxy(ctx, snap, down, req, &head, route, target, peer.ip).await
+            proxy(ctx, down, req, &head, route, target, peer.ip).await
         }
     }
 }
@@ -222,10 +222,8 @@ fn answered(next: downstream::Next<std::convert::Infallible>) -> Next {
 
 /// Forwards the request to `target` and relays the response; `peer` is the address the
 /// connection came from (appended to `X-Forwarded-For`).
-#[allow(clippy::too_many_arguments)]
 async fn proxy<S: ClientStream>(
     ctx: &WorkerCtx,
-    snap: &Snapshot,
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     head: &RequestHead,
@@ -261,7 +259,7 @@ async fn proxy<S: ClientStream>(
     let replayable = body_left == 0 && head.is_idempotent(&down.buf);
     // Read while the head's spans still point at it: relaying a body reuses the buffer.
     let is_head = head.is_head(&down.buf);
-    add_trace_fields(snap, down, req, head);
+    add_trace_fields(down, req, head);
     for &d in &req.policy.drops {
         policy::add_drop(&mut down.req_plan.drop, d);
     }
@@ -286,43 +284,40 @@ async fn proxy<S: ClientStream>(
         timeouts.upstream_send,
     );
     // Set by an attempt whose request write failed: the upstream may have answered early.
-    let mut write_failed = None;
+    let mut write_failed = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
         let conn = &mut session.conn;
         let pieces = request_pieces(head, &down.req_plan, line, tail, body_end);
-        if let Err((err, io)) = send_head(
+        let sent = send_head(
             conn,
             &mut down.buf,
             &mut down.scratch,
             &mut down.iov,
             pieces,
         )
-        .await
-        {
-            write_failed = Some(io);
-            return Err(err);
-        }
-        write_failed = None;
+        .await;
+        write_failed = sent.is_err();
+        sent?;
         down.pos = body_end;
         if body_left > 0 {
             if head.expect_continue && down.send_continue(req).await.is_err() {
                 return Err(ErrorKind::ClientClosed.into());
             }
-            match relay_request_body(down, req, conn, head.body, &mut body_left, decoder.as_mut())
-                .await
-            {
+            let relayed =
+                relay_request_body(down, req, conn, head.body, &mut body_left, decoder.as_mut())
+                    .await;
+            match relayed {
                 Ok(()) => {}
-                Err(BodyRelayError::Client(kind)) => {
+                Err(e) if e.kind.side() == Side::Client => {
                     // A body refused mid-way (413, 400): the client may still be sending.
-                    down.linger = matches!(kind, ErrorKind::BadRequest | ErrorKind::BodyTooLarge);
-                    return Err(kind.into());
+                    down.linger = matches!(e.kind, ErrorKind::BadRequest | ErrorKind::BodyTooLarge);
+                    return Err(e);
                 }
-                Err(BodyRelayError::Upstream(io)) => {
+                Err(e) => {
                     // The rest of the request body may still be on its way from the client.
                     down.linger = body_left > 0;
-                    let err = exchange::write_error(&io);
-                    write_failed = Some(io);
-                    return Err(err);
+                    write_failed = true;
+                    return Err(e);
                 }
             }
         }
@@ -358,15 +353,14 @@ async fn proxy<S: ClientStream>(
     let (mut session, resp) = match connector.run(req, attempt).await {
         Ok(done) => done,
         Err((session, err)) => {
-            if err.kind.side() == crate::error::Side::Client {
+            if err.kind.side() == Side::Client {
                 // The client's body failed: its own status (408 has no lingering close).
                 return down.fail(req, err.kind).await;
             }
-            if let (Some(mut session), Some(_)) = (session, write_failed) {
+            if let (Some(mut session), true) = (session, write_failed) {
                 // The rest of the request body may still be on its way from the client.
                 down.linger |= body_left > 0;
-                return early_answer(down, req, snap, &mut session.conn, head, is_head, err.kind)
-                    .await;
+                return early_answer(down, req, &mut session.conn, head, is_head, err.kind).await;
             }
             return down.fail(req, err.kind).await;
         }
@@ -388,7 +382,6 @@ async fn proxy<S: ClientStream>(
         &resp,
         head.http10,
         close_client,
-        snap.tracing.request_id,
     )
     .await;
     match relayed {
@@ -421,7 +414,6 @@ async fn proxy<S: ClientStream>(
 async fn early_answer<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
-    snap: &Snapshot,
     conn: &mut UpstreamConn,
     head: &RequestHead,
     is_head: bool,
@@ -447,16 +439,8 @@ async fn early_answer<S: ClientStream>(
                 conn.buf.drain(..end);
             }
             Ok(HeadRead::Final(resp)) if resp.status != 101 => {
-                let relayed = relay::relay_response(
-                    down,
-                    req,
-                    conn,
-                    &resp,
-                    head.http10,
-                    true,
-                    snap.tracing.request_id,
-                )
-                .await;
+                let relayed =
+                    relay::relay_response(down, req, conn, &resp, head.http10, true).await;
                 if let Err(e) = relayed {
                     req.fail(e.kind);
                 }
@@ -467,47 +451,21 @@ async fn early_answer<S: ClientStream>(
     }
 }
 
-/// Adds the request id and trace context to the forwarded head, in place of the client's.
-fn add_trace_fields<S>(
-    snap: &Snapshot,
-    down: &mut Downstream<S>,
-    req: &mut RequestCtx,
-    head: &RequestHead,
-) {
+/// Adds the request id and trace context to the forwarded head, in place of the client's
+/// (each is set only when `[tracing]` asks for it).
+fn add_trace_fields<S>(down: &mut Downstream<S>, req: &mut RequestCtx, head: &RequestHead) {
     let fields = (head.fields_start, head.fields_end);
-    let replace = |field: Option<crate::codec::FieldRef>,
-                   name: &[u8],
-                   drops: &mut Vec<crate::codec::Span>,
-                   buf: &[u8]| {
-        if let Some(f) = field {
-            policy::add_drop(drops, f.line);
-            if f.repeated {
-                policy::drop_named(buf, fields.0, fields.1, name, drops);
-            }
-        }
-    };
-    if snap.tracing.request_id && !req.request_id.is_empty() {
-        replace(
-            head.request_id,
-            b"x-request-id",
-            &mut down.req_plan.drop,
-            &down.buf,
+    let drops = &mut down.req_plan.drop;
+    if !req.request_id.is_empty() {
+        policy::drop_field(&down.buf, head.request_id, fields, b"x-request-id", drops);
+        push_field(
+            &mut req.policy.extra,
+            b"X-Request-Id",
+            req.request_id.as_bytes(),
         );
-        let extra = &mut req.policy.extra;
-        extra.extend_from_slice(b"X-Request-Id: ");
-        extra.extend_from_slice(req.request_id.as_bytes());
-        extra.extend_from_slice(b"\r\n");
     }
-    if let Some(value) = req.trace.value().filter(|_| snap.tracing.traceparent) {
-        replace(
-            head.traceparent,
-            b"traceparent",
-            &mut down.req_plan.drop,
-            &down.buf,
-        );
-        let extra = &mut req.policy.extra;
-        extra.extend_from_slice(b"traceparent: ");
-        extra.extend_from_slice(value);
-        extra.extend_from_slice(b"\r\n");
+    if let Some(value) = req.trace.value() {
+        policy::drop_field(&down.buf, head.traceparent, fields, b"traceparent", drops);
+        push_field(&mut req.policy.extra, b"traceparent", value);
     }
 }

@@ -166,6 +166,23 @@ impl BodyReader {
     }
 }
 
+/// Adds the request's `X-Request-Id` to the fields the gateway writes (`extra`) and leaves out
+/// any the upstream sent, when the request has an id (`[tracing] request_id`).
+pub(crate) fn replace_request_id(
+    extra: &mut Vec<u8>,
+    drops: &mut Vec<Span>,
+    buf: &[u8],
+    resp: &ResponseHead,
+    req: &RequestCtx,
+) {
+    if req.request_id.is_empty() {
+        return;
+    }
+    push_request_id(extra, req);
+    let fields = (resp.fields_start, resp.fields_end);
+    policy::drop_field(buf, resp.request_id, fields, b"x-request-id", drops);
+}
+
 /// Sends the response head (minus hop-by-hop fields, plus the gateway's own) and its body to
 /// the client. `Ok(true)`: the body ended exactly where the framing said and the upstream
 /// connection is clean. On `Err`, `req.status` says whether the head went out (0: nothing was
@@ -177,7 +194,6 @@ pub(crate) async fn relay_response<S: ClientStream>(
     resp: &ResponseHead,
     http10: bool,
     close_client: bool,
-    replace_request_id: bool,
 ) -> Result<bool, ProxyError> {
     let idle = down.timeouts.upstream_body;
     if client_left(down, req) {
@@ -196,21 +212,13 @@ pub(crate) async fn relay_response<S: ClientStream>(
             &mut down.resp_plan.drop,
         );
     }
-    if replace_request_id {
-        push_request_id(&mut down.scratch, req);
-        if let Some(f) = resp.request_id {
-            policy::add_drop(&mut down.resp_plan.drop, f.line);
-            if f.repeated {
-                policy::drop_named(
-                    &conn.buf,
-                    resp.fields_start,
-                    resp.fields_end,
-                    b"x-request-id",
-                    &mut down.resp_plan.drop,
-                );
-            }
-        }
-    }
+    replace_request_id(
+        &mut down.scratch,
+        &mut down.resp_plan.drop,
+        &conn.buf,
+        resp,
+        req,
+    );
     if close_client {
         down.scratch.extend_from_slice(b"Connection: close\r\n");
     } else if http10 {

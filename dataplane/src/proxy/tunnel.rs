@@ -10,6 +10,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
 use super::context::RequestCtx;
 use super::downstream::Downstream;
+use super::relay::replace_request_id;
 use super::stream::ClientStream;
 use crate::codec::response::ResponseHead;
 use crate::codec::Span;
@@ -37,8 +38,18 @@ pub(crate) async fn tunnel<S: ClientStream>(
         down.pos = down.buf.len();
     }
     down.scratch.clear();
+    replace_request_id(
+        &mut down.scratch,
+        &mut down.resp_plan.drop,
+        &conn.buf,
+        &resp,
+        req,
+    );
     down.scratch.extend_from_slice(b"\r\n");
-    let tail = Span { start: 0, end: 2 };
+    let tail = Span {
+        start: 0,
+        end: down.scratch.len(),
+    };
     let rest = conn.buf.len() - resp.head_end;
     let pieces = response_pieces(&resp, &down.resp_plan, tail, rest);
     match write_gathered(
