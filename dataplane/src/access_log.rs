@@ -429,7 +429,9 @@ pub fn json_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
 pub fn json_id(out: &mut Vec<u8>, id: Option<&str>) {
     match id {
         Some(id) => {
-            debug_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+            debug_assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
             out.push(b'"');
             out.extend_from_slice(id.as_bytes());
             out.push(b'"');

@@ -5,7 +5,8 @@
 //!   predecessor's sockets), starts the access log writer (`access_log`) and spawns one pinned
 //!   worker thread per CPU (`worker`), each with its own monoio runtime (io_uring, or epoll
 //!   when io_uring is unavailable or forced) and its own SO_REUSEPORT socket per listen
-//!   address. `worker_ctx` is the state a worker shares with its connection tasks.
+//!   address. `worker_ctx` is the state a worker shares with its connection tasks, `peer`
+//!   who is at the other end of a connection.
 //! - `proxy` serves one client connection, phase by phase (its own map lists them):
 //!   downstream (read the head: `codec::request`; park idle connections: `park`), route (the
 //!   snapshot's router), `policy`, then the connector, the exchange (`forward` and `gather`
@@ -28,6 +29,7 @@ pub mod gather;
 mod io;
 pub mod metrics;
 mod park;
+mod peer;
 pub mod policy;
 mod proxy;
 pub mod status;

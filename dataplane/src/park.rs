@@ -18,7 +18,7 @@ use monoio::net::TcpStream;
 #[derive(Debug)]
 pub(crate) struct Parked {
     pub stream: TcpStream,
-    pub peer: crate::worker_ctx::Peer,
+    pub peer: crate::peer::Peer,
     since: Instant,
 }
 
@@ -60,7 +60,7 @@ impl ParkLot {
     pub fn park(
         &mut self,
         stream: TcpStream,
-        peer: crate::worker_ctx::Peer,
+        peer: crate::peer::Peer,
         now: Instant,
     ) -> Result<(), TcpStream> {
         let index = match self.free.pop() {

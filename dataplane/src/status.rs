@@ -161,6 +161,12 @@ mod tests {
                     .unwrap();
                 assert_eq!(cl, body.len(), "{s:?}: {body:?}");
                 assert_eq!(head.contains("Connection: close"), close);
+                // The reason phrases are the one table's (`common::reason`).
+                let status_line = head.lines().next().unwrap();
+                assert_eq!(
+                    status_line,
+                    format!("HTTP/1.1 {} {}", s.code(), common::reason::phrase(s.code()))
+                );
                 assert!(body.starts_with(&s.code().to_string()));
             }
         }

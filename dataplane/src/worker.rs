@@ -24,9 +24,10 @@ use monoio::net::{TcpListener, TcpStream};
 use crate::access_log::WorkerLog;
 use crate::metrics::WorkerMetrics;
 use crate::park::ParkLot;
+use crate::peer::Peer;
 use crate::trace::Rng;
 use crate::upstream::Pool;
-use crate::worker_ctx::{IdleSet, Peer, RoundRobin, WorkerCtx};
+use crate::worker_ctx::{IdleSet, RoundRobin, WorkerCtx};
 use crate::{DriverKind, StartError};
 
 /// Starts a task serving `stream`; `served` counts the requests it already served.

@@ -1,9 +1,8 @@
-//! State one worker shares among its connection tasks ([`WorkerCtx`]), and who is at the other
-//! end of a client connection ([`Peer`]). A leaf module: the worker builds it, the request
-//! path reads it, and neither imports the other for it.
+//! State one worker shares among its connection tasks ([`WorkerCtx`]). The worker builds it
+//! and the request path reads it, so neither imports the other for it.
 
 use std::cell::{Cell, RefCell};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -129,12 +128,4 @@ impl IdleSet {
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.slots.iter().copied().filter(|&fd| fd >= 0)
     }
-}
-
-/// Who is at the other end of a client connection, and which listener it came in on.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Peer {
-    pub ip: IpAddr,
-    /// Index into the snapshot's listeners (for listener policies).
-    pub listener: u16,
 }
