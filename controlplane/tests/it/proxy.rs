@@ -523,10 +523,16 @@ fn websocket_echo_through_upgrade(driver: Driver) {
         }
         Keep::Close
     }));
-    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    // Request ids on (the default): the 101 carries the id the upstream got, too.
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
     let mut c = gw.connect();
-    let r = c.roundtrip(&format!("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"));
+    let r = c.roundtrip(&format!("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\nX-Request-Id: ws-1\r\n\r\n"));
     assert_eq!(r.status, 101);
+    assert_eq!(r.header("x-request-id"), Some("ws-1"));
+    assert_eq!(
+        origin.wait_requests(1)[0].header("x-request-id"),
+        Some("ws-1")
+    );
     assert_eq!(r.header("sec-websocket-accept"), Some(WS_ACCEPT));
     assert_eq!(r.header("upgrade"), Some("websocket"));
     for msg in ["hello", "through the gateway"] {
