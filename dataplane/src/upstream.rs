@@ -27,6 +27,23 @@ pub struct UpstreamConn {
 }
 
 impl UpstreamConn {
+    /// Reads more of the upstream's answer into `buf` (appending), failing at `deadline`.
+    /// `Ok(0)`: the upstream closed.
+    pub(crate) async fn read_more(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<usize, crate::io::ReadError> {
+        let mut pos = 0;
+        crate::io::read_more(
+            &mut self.stream,
+            &mut self.buf,
+            &mut pos,
+            UPSTREAM_BUF,
+            deadline,
+        )
+        .await
+    }
+
     fn new(stream: TcpStream) -> Self {
         UpstreamConn {
             stream,

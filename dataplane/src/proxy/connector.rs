@@ -253,6 +253,10 @@ mod tests {
         }
     }
 
+    fn connector(pool: &FakePool, target: SocketAddr) -> Connector<'_, FakePool> {
+        Connector::new(pool, target, Duration::from_secs(1), Duration::from_secs(1))
+    }
+
     fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
@@ -265,12 +269,7 @@ mod tests {
         let target = origin(1);
         runtime().block_on(async move {
             let pool = fake_pool(vec![dead_conn().await]);
-            let connector = Connector::new(
-                &pool,
-                target,
-                Duration::from_secs(1),
-                Duration::from_secs(1),
-            );
+            let connector = connector(&pool, target);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let (session, answer) = connector
                 .run(&mut req, async |s, _req| get(s).await)
@@ -300,12 +299,7 @@ mod tests {
                 }
             });
             let pool = fake_pool(Vec::new());
-            let connector = Connector::new(
-                &pool,
-                target,
-                Duration::from_secs(1),
-                Duration::from_secs(1),
-            );
+            let connector = connector(&pool, target);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let (session, err) = connector
                 .run(&mut req, async |s, _req| get(s).await)
@@ -341,12 +335,7 @@ mod tests {
         drop(l);
         runtime().block_on(async move {
             let pool = fake_pool(Vec::new());
-            let connector = Connector::new(
-                &pool,
-                target,
-                Duration::from_secs(1),
-                Duration::from_secs(1),
-            );
+            let connector = connector(&pool, target);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let err = connector
                 .run(&mut req, async |_s, _req| -> Result<(), ProxyError> {

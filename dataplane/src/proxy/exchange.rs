@@ -83,16 +83,7 @@ pub(crate) async fn read_head(
                 Err(_) => return Err(ErrorKind::UpstreamMalformed.into()),
             }
         }
-        let mut pos = 0;
-        match read_more(
-            &mut conn.stream,
-            &mut conn.buf,
-            &mut pos,
-            UPSTREAM_BUF,
-            deadline,
-        )
-        .await
-        {
+        match conn.read_more(deadline).await {
             Ok(0) | Err(ReadError::Io) => {
                 let nothing = first_byte.is_none();
                 return Err(

@@ -16,7 +16,7 @@ use crate::codec::{BodyKind, Span};
 use crate::error::{ErrorKind, ProxyError};
 use crate::forward::response_pieces;
 use crate::gather::write_gathered;
-use crate::io::{read_more, ReadError};
+use crate::io::ReadError;
 use crate::policy;
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
 
@@ -86,17 +86,7 @@ impl BodyReader {
             return Ok(None);
         }
         conn.buf.clear();
-        let mut pos = 0;
-        let deadline = Instant::now() + self.idle;
-        let n = match read_more(
-            &mut conn.stream,
-            &mut conn.buf,
-            &mut pos,
-            UPSTREAM_BUF,
-            deadline,
-        )
-        .await
-        {
+        let n = match conn.read_more(Instant::now() + self.idle).await {
             Ok(0) if self.kind == BodyKind::UntilClose => {
                 self.left = 0;
                 self.clean = false;
