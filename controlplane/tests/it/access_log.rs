@@ -612,3 +612,23 @@ fn invalid_access_log_settings_are_refused() {
         assert!(err.contains(field), "{extra}: {err}");
     }
 }
+
+#[test]
+fn client_ip_is_the_one_the_policies_use_behind_trusted_proxies() {
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("access-log-xff");
+    let log = dir.join("access.log");
+    let config = format!(
+        "trusted_proxies = [\"127.0.0.0/8\"]\n{}",
+        log_config(&origin, &slow, &log, "")
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // A route without policies: the log alone asks for the client address.
+    let r = gw.connect().roundtrip(
+        "GET /api/x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.4, 203.0.113.9\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let l = &read_log(&log, 1)[0];
+    assert_eq!(l["client_ip"], "203.0.113.9", "{l}");
+}

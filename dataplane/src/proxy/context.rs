@@ -15,7 +15,7 @@ use common::Snapshot;
 use crate::access_log::{self, json_addr, json_id, json_ms, push_u64, HeadFields};
 use crate::codec::request::RequestHead;
 use crate::error::ErrorKind;
-use crate::policy::{self, PolicyState};
+use crate::policy::PolicyState;
 use crate::trace::{RequestId, TraceParent};
 use crate::worker_ctx::WorkerCtx;
 
@@ -102,8 +102,8 @@ impl RequestCtx {
         self.logging = snap.access_log.is_some();
     }
 
-    /// Starts a request whose head was parsed: the client address, its request id and trace
-    /// context.
+    /// Starts a request whose head was parsed: its request id and trace context. The client
+    /// address is the peer's until `handle` resolves it (only when a policy or the log uses it).
     pub fn begin(
         &mut self,
         worker: &WorkerCtx,
@@ -113,7 +113,6 @@ impl RequestCtx {
         peer: IpAddr,
     ) {
         self.reset(snap, peer);
-        self.client_ip = policy::client_ip(&snap.policies, buf, head, peer);
         let tracing = &snap.tracing;
         if tracing.request_id || tracing.traceparent {
             let mut rng = worker.rng.borrow_mut();
@@ -180,6 +179,11 @@ impl RequestCtx {
             trace_id: self.trace.trace_id(),
         };
         access_log::write_head_fields(&mut self.log_head, &f);
+    }
+
+    /// Whether this request gets an access log line (its head fields are then captured).
+    pub fn logging(&self) -> bool {
+        self.logging
     }
 
     /// Records the outcome: `kind` unless an earlier error is already recorded.

@@ -157,6 +157,10 @@ async fn handle<S: ClientStream>(
         .listeners
         .get(peer.listener as usize)
         .is_some_and(|l| !l.is_empty());
+    if screened || req.logging() {
+        // Behind trusted proxies this walks X-Forwarded-For: only when something reads it.
+        req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
+    }
     if screened {
         let verdict = policy::check(
             snap,
