@@ -76,3 +76,37 @@ pub(crate) async fn write_range<W: monoio::io::AsyncWriteRent>(
     *buf = slice.into_inner();
     res.map(|_| ())
 }
+
+/// What a non-blocking peek at a socket saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peeked {
+    /// Nothing to read yet: the peer is there and quiet.
+    Nothing,
+    /// Bytes are waiting.
+    Data,
+    /// The peer closed (FIN) or reset the connection.
+    Closed,
+}
+
+/// Peeks at one byte of `fd` without consuming it or waiting (one `recv` with `MSG_PEEK`).
+pub(crate) fn peek(fd: std::os::fd::RawFd) -> Peeked {
+    let mut byte = 0u8;
+    // SAFETY: the caller's socket `fd` is open for the duration of the call; recv writes at
+    // most one byte into `byte`.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Peeked::Closed,
+        n if n > 0 => Peeked::Data,
+        _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => {
+            Peeked::Nothing
+        }
+        _ => Peeked::Closed,
+    }
+}

@@ -99,17 +99,7 @@ pub const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Whether an idle connection is still open and has no unexpected bytes waiting.
 fn still_open(stream: &TcpStream) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: the fd is open (owned by `stream`); recv writes at most one byte into `byte`.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    crate::io::peek(stream.as_raw_fd()) == crate::io::Peeked::Nothing
 }
 
 /// Idle connections of one worker, per target.

@@ -17,7 +17,7 @@ use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::{parse_request, RequestHead};
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::ErrorKind;
-use crate::io::{read_more, write_range, ReadError};
+use crate::io::{peek, read_more, write_range, Peeked, ReadError};
 use crate::status::Status;
 use crate::worker_ctx::WorkerCtx;
 
@@ -377,18 +377,7 @@ pub(crate) fn client_left<S: ClientStream>(down: &Downstream<S>, req: &RequestCt
     if req.started.elapsed() < LEFT_CHECK_AFTER {
         return false;
     }
-    let mut byte = 0u8;
-    // SAFETY: the fd is open (owned by `down.stream`); recv writes at most one byte.
-    let n = unsafe {
-        libc::recv(
-            down.stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0
-        || (n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::ConnectionReset)
+    peek(down.stream.as_raw_fd()) == Peeked::Closed
 }
 
 /// A canned response split into its head without the blank line, and its body.
