@@ -226,8 +226,6 @@ impl<S: ClientStream> Downstream<S> {
     ) -> Next<std::convert::Infallible> {
         let complete = self.skip_buffered_body(head, req);
         let close = !complete || !head.keep_alive || ctx.draining.get();
-        let mut out = std::mem::take(&mut self.scratch);
-        out.clear();
         let (status, head_bytes, body) = match reply {
             Reply::Direct {
                 status,
@@ -239,34 +237,63 @@ impl<S: ClientStream> Downstream<S> {
                 (status.code(), h, b)
             }
         };
-        out.extend_from_slice(head_bytes);
-        push_request_id(&mut out, req);
         // A canned answer to an HTTP/1.0 client closes too: it carries no keep-alive.
-        let canned_close = matches!(reply, Reply::Canned(_)) && head.http10;
-        if close || canned_close {
-            out.extend_from_slice(b"Connection: close\r\n");
+        let close = close || (matches!(reply, Reply::Canned(_)) && head.http10);
+        let connection: &[u8] = if close {
+            b"Connection: close\r\n"
         } else if head.http10 {
-            out.extend_from_slice(b"Connection: keep-alive\r\n");
+            b"Connection: keep-alive\r\n"
+        } else {
+            b""
+        };
+        let body = if head.is_head(&self.buf) {
+            &[][..]
+        } else {
+            body
+        };
+        if !self
+            .write_answer(req, status, head_bytes, connection, body)
+            .await
+            || close
+        {
+            Next::Close
+        } else {
+            Next::KeepAlive
         }
+    }
+
+    /// Writes an answer the gateway makes itself: `head` (status line and fields, without
+    /// the blank line), the request id, `connection` (a Connection field line, or nothing),
+    /// the blank line, then `body`. `false`: the client got nothing (logged as 499).
+    async fn write_answer(
+        &mut self,
+        req: &mut RequestCtx,
+        status: u16,
+        head: &[u8],
+        connection: &[u8],
+        body: &[u8],
+    ) -> bool {
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        out.extend_from_slice(head);
+        push_request_id(&mut out, req);
+        out.extend_from_slice(connection);
         out.extend_from_slice(b"\r\n");
-        if !head.is_head(&self.buf) {
-            out.extend_from_slice(body);
-        }
-        req.status = status;
+        out.extend_from_slice(body);
         let len = out.len();
         let res = write_range(&mut self.stream, &mut out, 0..len).await;
         self.scratch = out;
         match res {
-            Ok(()) => req.bytes_out += len as u64,
+            Ok(()) => {
+                req.status = status;
+                req.bytes_out += len as u64;
+                true
+            }
             Err(_) => {
                 req.fail(ErrorKind::ClientClosed);
-                return Next::Close;
+                req.status = ErrorKind::ClientClosed.status();
+                false
             }
-        }
-        if close || canned_close {
-            Next::Close
-        } else {
-            Next::KeepAlive
         }
     }
 
@@ -299,21 +326,8 @@ impl<S: ClientStream> Downstream<S> {
     pub async fn fail<U>(&mut self, req: &mut RequestCtx, kind: ErrorKind) -> Next<U> {
         req.fail(kind);
         if let Some(status) = kind.response() {
-            req.status = status.code();
-            let (h, body) = split_canned(status.response(true));
-            let mut out = std::mem::take(&mut self.scratch);
-            out.clear();
-            out.extend_from_slice(h);
-            push_request_id(&mut out, req);
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(body);
-            let len = out.len();
-            match write_range(&mut self.stream, &mut out, 0..len).await {
-                Ok(()) => req.bytes_out += len as u64,
-                // Nobody got the answer: logged as 499, with the error that caused it.
-                Err(_) => req.status = ErrorKind::ClientClosed.status(),
-            }
-            self.scratch = out;
+            let (head, body) = split_canned(status.response(true));
+            self.write_answer(req, status.code(), head, b"", body).await;
         }
         Next::Close
     }
