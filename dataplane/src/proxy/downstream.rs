@@ -15,10 +15,12 @@ use super::context::RequestCtx;
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::{parse_request, RequestHead};
+use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::ErrorKind;
 use crate::io::{peek, read_more, write_range, Peeked, ReadError};
 use crate::status::Status;
+use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
 
 /// Initial size of a client connection's read buffer; it grows up to `max_header_bytes` for a
@@ -55,14 +57,17 @@ pub(crate) enum Reply<'a> {
 }
 
 /// How a request ended for the client connection.
+// Returned once per request and matched at once; boxing the upgrade would allocate.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub(crate) enum Next<U> {
+pub(crate) enum Next {
     /// Ready for the next request on this connection.
     KeepAlive,
     /// Close the connection.
     Close,
-    /// The upstream switched protocols: tunnel bytes both ways from now on.
-    Upgrade(U),
+    /// The upstream switched protocols: tunnel bytes both ways from now on, over this
+    /// upstream connection, after relaying its 101 head.
+    Upgrade(UpstreamConn, ResponseHead),
 }
 
 /// A client connection.
@@ -223,7 +228,7 @@ impl<S: ClientStream> Downstream<S> {
         req: &mut RequestCtx,
         head: &RequestHead,
         reply: Reply<'_>,
-    ) -> Next<std::convert::Infallible> {
+    ) -> Next {
         let complete = self.skip_buffered_body(head, req);
         let close = !complete || !head.keep_alive || ctx.draining.get();
         let (status, head_bytes, body) = match reply {
@@ -323,7 +328,7 @@ impl<S: ClientStream> Downstream<S> {
 
     /// Answers with the canned response for `kind` (if the client can still take one),
     /// records the error, and closes.
-    pub async fn fail<U>(&mut self, req: &mut RequestCtx, kind: ErrorKind) -> Next<U> {
+    pub async fn fail(&mut self, req: &mut RequestCtx, kind: ErrorKind) -> Next {
         req.fail(kind);
         if let Some(status) = kind.response() {
             let (head, body) = split_canned(status.response(true));

@@ -38,7 +38,6 @@ use monoio::net::TcpStream;
 
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::RequestHead;
-use crate::codec::response::ResponseHead;
 use crate::codec::BodyKind;
 use crate::error::{ErrorKind, Side};
 use crate::forward::{self, request_pieces};
@@ -49,12 +48,9 @@ use crate::upstream::{set_send_timeout, UpstreamConn};
 use crate::worker_ctx::WorkerCtx;
 use connector::{Connector, Outcome};
 use context::RequestCtx;
-use downstream::{push_field, Downstream, Head, Reply};
+use downstream::{push_field, Downstream, Head, Next, Reply};
 use exchange::{read_head, relay_request_body, send_head, HeadRead};
 use stream::ClientStream;
-
-/// How a request ended for its connection; an upgrade carries the upstream connection.
-type Next = downstream::Next<(UpstreamConn, ResponseHead)>;
 
 /// How long a failed write to an upstream waits for an answer it may have sent early.
 const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -92,7 +88,7 @@ async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer
             Err(kind) => {
                 let snap = ctx.snapshot();
                 req.begin_unparsed(&ctx, &snap, peer.ip);
-                let _ = down.fail::<()>(&mut req, kind).await;
+                let _ = down.fail(&mut req, kind).await;
                 req.bytes_in = down.buf.len() as u64;
                 req.finish(&ctx, &snap);
                 return;
@@ -119,7 +115,7 @@ async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer
                 }
                 return;
             }
-            Next::Upgrade((conn, resp)) => {
+            Next::Upgrade(conn, resp) => {
                 tunnel::tunnel(down, &mut req, conn, resp).await;
                 req.finish(&ctx, &snap);
                 return;
@@ -161,8 +157,8 @@ async fn handle<S: ClientStream>(
         // Behind trusted proxies this walks X-Forwarded-For: only when something reads it.
         req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
     }
-    if screened {
-        let verdict = policy::check(
+    let verdict = screened.then(|| {
+        policy::check(
             snap,
             route,
             peer.listener,
@@ -172,29 +168,28 @@ async fn handle<S: ClientStream>(
             &mut ctx.limiters.borrow_mut(),
             Clock::now(),
             &mut req.policy,
-        );
-        req.capture_head(ctx, &down.buf, &head);
-        if let Verdict::Answer(status) = verdict {
-            if status >= 400 {
-                req.fail(ErrorKind::PolicyDenied);
-            }
-            let out = std::mem::take(&mut req.policy.out);
-            let reply = Reply::Direct {
-                status,
-                bytes: &out,
-                head_len: req.policy.out_head_len,
-            };
-            let next = down.respond(ctx, req, &head, reply).await;
-            req.policy.out = out;
-            return answered(next);
+        )
+    });
+    // After the policies (they say which query parameter is a credential to leave out).
+    req.capture_head(ctx, &down.buf, &head);
+    if let Some(Verdict::Answer(status)) = verdict {
+        if status >= 400 {
+            req.fail(ErrorKind::PolicyDenied);
         }
-    } else {
-        req.capture_head(ctx, &down.buf, &head);
+        let out = std::mem::take(&mut req.policy.out);
+        let reply = Reply::Direct {
+            status,
+            bytes: &out,
+            head_len: req.policy.out_head_len,
+        };
+        let next = down.respond(ctx, req, &head, reply).await;
+        req.policy.out = out;
+        return next;
     }
     let Some(route) = route else {
         req.fail(ErrorKind::NoRoute);
         let reply = Reply::Canned(Status::NotFound);
-        return answered(down.respond(ctx, req, &head, reply).await);
+        return down.respond(ctx, req, &head, reply).await;
     };
     match &route.action {
         RouteAction::Respond {
@@ -207,21 +202,13 @@ async fn handle<S: ClientStream>(
                 bytes,
                 head_len: *head_len,
             };
-            answered(down.respond(ctx, req, &head, reply).await)
+            down.respond(ctx, req, &head, reply).await
         }
         RouteAction::Proxy { upstream } => {
             req.upstream = Some(*upstream as u32);
             let target = ctx.pick_target(snap, *upstream);
             proxy(ctx, down, req, &head, route, target, peer.ip).await
         }
-    }
-}
-
-/// A gateway answer never upgrades.
-fn answered(next: downstream::Next<std::convert::Infallible>) -> Next {
-    match next {
-        downstream::Next::KeepAlive => Next::KeepAlive,
-        downstream::Next::Close => Next::Close,
     }
 }
 
@@ -376,7 +363,7 @@ async fn proxy<S: ClientStream>(
             return down.fail(req, ErrorKind::UpstreamMalformed).await;
         }
         req.status = 101;
-        return Next::Upgrade((session.conn, resp));
+        return Next::Upgrade(session.conn, resp);
     }
     let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
     let reusable = resp.reusable && !head.http10;
