@@ -259,21 +259,33 @@ fn write_loop(
 /// that is not printable ASCII (`\u00XX` for each byte of a non-ASCII sequence), so no value
 /// can break a line or the object; `s` is cut at `max` bytes with `...` appended.
 pub fn json_str(out: &mut Vec<u8>, s: &[u8], max: usize) {
+    json_str_parts(out, &[s], max);
+}
+
+/// [`json_str`] of the concatenation of `parts`, without joining them first.
+fn json_str_parts(out: &mut Vec<u8>, parts: &[&[u8]], max: usize) {
     out.push(b'"');
-    let (s, cut) = if s.len() > max {
-        (&s[..max], true)
-    } else {
-        (s, false)
-    };
+    let mut room = max;
+    let mut cut = false;
+    for part in parts {
+        let take = part.len().min(room);
+        escape_into(out, &part[..take]);
+        room -= take;
+        cut |= take < part.len();
+    }
+    if cut {
+        out.extend_from_slice(b"...");
+    }
+    out.push(b'"');
+}
+
+/// Appends `s` escaped for the inside of a JSON string.
+fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
     // Most values need no escaping: one copy.
     if s.iter()
         .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
     {
         out.extend_from_slice(s);
-        if cut {
-            out.extend_from_slice(b"...");
-        }
-        out.push(b'"');
         return;
     }
     for &b in s {
@@ -292,10 +304,6 @@ pub fn json_str(out: &mut Vec<u8>, s: &[u8], max: usize) {
             }
         }
     }
-    if cut {
-        out.extend_from_slice(b"...");
-    }
-    out.push(b'"');
 }
 
 /// Appends `n` in decimal (no `fmt` machinery: this runs for every logged request).
@@ -481,20 +489,8 @@ pub fn write_head_fields(out: &mut Vec<u8>, f: &HeadFields<'_>) {
     out.extend_from_slice(b",\"path\":");
     match f.target_cut {
         Some((a, b)) if a <= b && b <= f.target.len() => {
-            // `/p?k=v` without its only parameter loses the `?` too, as forwarded.
-            let (left, right) = (&f.target[..a], &f.target[b..]);
-            let left = if right.is_empty() {
-                left.strip_suffix(b"?").unwrap_or(left)
-            } else {
-                left
-            };
-            let mut joined = [0u8; MAX_LOGGED_PATH];
-            let l = left.len().min(MAX_LOGGED_PATH);
-            joined[..l].copy_from_slice(&left[..l]);
-            let r = right.len().min(MAX_LOGGED_PATH - l);
-            joined[l..l + r].copy_from_slice(&right[..r]);
-            let cut = left.len() + right.len() > MAX_LOGGED_PATH;
-            json_str(out, &joined[..l + r], if cut { l + r - 1 } else { l + r });
+            let kept = crate::forward::cut_out(f.target, a, b);
+            json_str_parts(out, &kept, MAX_LOGGED_PATH);
         }
         _ => json_str(out, f.target, MAX_LOGGED_PATH),
     }

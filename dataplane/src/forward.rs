@@ -42,14 +42,8 @@ pub fn request_extras(
             // A span of the target (after the stripped prefix) to leave out.
             Some(q) if q.start >= origin + strip && q.end <= origin + head.origin_target.len() => {
                 let (a, b) = (q.start - origin - strip, q.end - origin - strip);
-                let kept = [&target[..a], &target[b..]];
-                let joined_len = kept[0].len() + kept[1].len();
-                // "/p?k=v" without its only parameter loses the '?' too.
-                if kept[1].is_empty() && kept[0].ends_with(b"?") {
-                    out.extend_from_slice(&kept[0][..kept[0].len() - 1]);
-                } else if joined_len > 0 {
-                    out.extend_from_slice(kept[0]);
-                    out.extend_from_slice(kept[1]);
+                for piece in cut_out(target, a, b) {
+                    out.extend_from_slice(piece);
                 }
             }
             _ => out.extend_from_slice(target),
@@ -107,6 +101,17 @@ pub fn request_extras(
             end: out.len(),
         },
     )
+}
+
+/// `target` without its bytes `a..b` (a query parameter), as the two pieces around them;
+/// `/p?k=v` without its only parameter loses the `?` too. `a <= b <= target.len()`.
+pub fn cut_out(target: &[u8], a: usize, b: usize) -> [&[u8]; 2] {
+    let (left, right) = (&target[..a], &target[b..]);
+    if right.is_empty() {
+        [left.strip_suffix(b"?").unwrap_or(left), right]
+    } else {
+        [left, right]
+    }
 }
 
 /// The kept field lines between `at` and `end`: everything except `drops` (in order).
