@@ -7,7 +7,7 @@
 //! allocates once warm.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::slots::NO_ROUTE_SLOT;
 use common::Snapshot;
@@ -140,7 +140,7 @@ impl RequestCtx {
         }
         if self.logging {
             let f = HeadFields {
-                started: SystemTime::now(),
+                started: worker.wall_time(self.started),
                 request_id: self.request_id.as_bytes(),
                 client_ip: peer,
                 method: b"",
