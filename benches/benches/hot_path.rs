@@ -82,6 +82,7 @@ fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usiz
         head,
         &s.plan,
         strip_prefix_len,
+        None,
         PEER,
         b"http",
         b"",

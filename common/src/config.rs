@@ -69,6 +69,175 @@ pub struct Config {
     /// Request ids and W3C trace context on forwarded requests and responses.
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// Fan-outs: one client request answered by several upstream requests whose JSON
+    /// answers are merged. Routes name them in `aggregate`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregates: Vec<AggregateConfig>,
+    /// Kinds of client (mobile, partner, ...) that route `variants` answer differently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_profiles: Vec<ClientProfileConfig>,
+}
+
+/// A fan-out: several upstream requests (steps) for one client request, their JSON answers
+/// merged into one object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Unique id (same alphabet as route ids).
+    pub id: String,
+    /// Longest the whole aggregate may take, 1 to 600,000 ms; steps still running then have
+    /// failed with a timeout. Default 1,000.
+    #[serde(default = "default_deadline")]
+    pub deadline_ms: u64,
+    /// What happens when two steps set the same key to values that are not both objects:
+    /// `error` (502), `first`, `last`, or `append` (arrays concatenate, other values become
+    /// an array of both). Default `error`.
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+    /// Largest step response body, 1 to 67,108,864 bytes; larger is that step's failure.
+    /// Default 1,048,576.
+    #[serde(default = "default_max_step_bytes")]
+    pub max_step_bytes: usize,
+    /// The upstream requests, 1 to 32, merged in this order.
+    pub steps: Vec<StepConfig>,
+}
+
+fn default_deadline() -> u64 {
+    1000
+}
+fn default_max_step_bytes() -> usize {
+    1024 * 1024
+}
+
+/// How an aggregate resolves two steps' values meeting at one key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    #[default]
+    Error,
+    First,
+    Last,
+    Append,
+}
+
+/// One upstream request of an aggregate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    /// Unique within the aggregate (same alphabet as route ids; not `query`).
+    pub id: String,
+    /// Id of the upstream the request goes to.
+    pub upstream: String,
+    /// Request target template: `/items/{id}?lang={query.lang}`. `{name}` is a route
+    /// parameter, `{query.name}` a query parameter of the client's request, `{step.a.b}` a
+    /// field of an earlier step's answer (the step must be in `after`).
+    pub path: String,
+    /// Request method. Default `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Whether the aggregate fails when this step does. Default true.
+    #[serde(default = "default_true")]
+    pub required: bool,
+    /// Longest this step may take, 1 to 600,000 ms (the aggregate's deadline still applies).
+    /// Default: the aggregate's deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Steps that must have answered before this one starts. Default none: it starts at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// Client request fields copied to this step's request, e.g. `Authorization`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pass_headers: Vec<String>,
+    /// Whether this step's request carries the client's request body (at most one step).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub body: bool,
+    /// Dot path of the member to take instead of the whole answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Dot paths of the members to keep (all others go). Not with `deny`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Dot paths of the members to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Top-level members to rename: `{ qty = "in_stock" }`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rename: std::collections::BTreeMap<String, String>,
+    /// Put the result under this key instead of merging its members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// A kind of client, recognised by exactly one of a header, the User-Agent, a query
+/// parameter or the authenticated consumer's groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientProfileConfig {
+    /// Unique id (same alphabet as route ids).
+    pub id: String,
+    /// A request field whose value is one of `values` (compared exactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<NameValues>,
+    /// User-Agent patterns, `*` matching any run of characters (case-sensitive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_agent: Vec<String>,
+    /// A query parameter whose value is one of `values`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<NameValues>,
+    /// Groups of the authenticated consumer (any one of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumer_groups: Vec<String>,
+}
+
+/// A field or parameter name and the values that match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameValues {
+    pub name: String,
+    pub values: Vec<String>,
+}
+
+/// Reshaping of a JSON response (routes and variants).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeConfig {
+    /// Dot paths of the members to keep. Not with `deny`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Dot paths of the members to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    /// Top-level members to rename.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rename: std::collections::BTreeMap<String, String>,
+    /// Dot path of the member to answer with instead of the whole body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Wrap the result in an object under this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Largest body reshaped, 1 to 67,108,864 bytes; larger ones are relayed unchanged.
+    /// Default 1,048,576.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<usize>,
+}
+
+/// A route's answer for one kind of client: exactly one of `upstream`, `aggregate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    /// Id of the client profile this variant is for.
+    pub profile: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<String>,
+    /// Request target template for `upstream` (like the route's `rewrite`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<String>,
+    /// Reshaping of the upstream's JSON answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<ShapeConfig>,
 }
 
 /// Where access log lines go and how many.
@@ -500,13 +669,15 @@ pub struct TargetConfig {
 }
 
 /// A routing rule. Exactly one of `path` / `path_prefix`, and exactly one of `upstream` /
-/// `respond`.
+/// `respond` / `aggregate`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Unique id, same alphabet as upstream ids.
     pub id: String,
-    /// Matches this exact path (the request target before `?`), for example `/health`.
+    /// Matches this exact path (the request target before `?`), for example `/health`; a
+    /// segment `{name}` matches any one non-empty segment and names a route parameter
+    /// (`/products/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Matches paths that start with this prefix at a segment boundary: `/api` matches `/api`,
@@ -531,6 +702,19 @@ pub struct RouteConfig {
     /// A fixed response the gateway sends itself, without any upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub respond: Option<DirectResponseConfig>,
+    /// Id of the aggregate (fan-out) that answers this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<String>,
+    /// For `upstream`: the forwarded request target, a template filled from the route's
+    /// `{name}` parameters (`/items/{id}`); the client's query string is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<String>,
+    /// For `upstream`: reshaping of the JSON answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<ShapeConfig>,
+    /// Other answers for kinds of client: the first whose profile matches is used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantConfig>,
     /// Ids of policies that apply to this route, after `global_policies`. Whatever the
     /// order here, they run in the fixed order IP filter, domain / CORS, authentication,
     /// ACL, rate limit. Default none.

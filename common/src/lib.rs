@@ -4,6 +4,7 @@
 //! The only way to a `Snapshot` is [`Snapshot::compile`]; [`load_config`] reads a file in TOML
 //! or JSON and reports errors with the path of the offending field. No async runtime here.
 
+pub mod aggregate;
 pub mod cidr;
 pub mod config;
 pub mod keys;
@@ -15,7 +16,7 @@ pub mod snapshot;
 mod validate;
 
 pub use config::Config;
-pub use snapshot::{Limits, Route, RouteAction, Snapshot, Target, Timeouts, Upstream};
+pub use snapshot::{Limits, Route, RouteAction, Snapshot, Target, Timeouts, Upstream, Variant};
 
 use std::path::Path;
 

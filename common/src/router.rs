@@ -3,7 +3,9 @@
 //! Hot path. Order, fixed and documented in the README:
 //! 1. host: the exact host table, then wildcard hosts (longest suffix first), then routes without
 //!    `hosts`;
-//! 2. within a host table: the exact path, then path prefixes from the longest to the shortest;
+//! 2. within a host table: the exact path, then parametrised paths (`/products/{id}`; at the
+//!    first segment where two differ, a literal segment wins over a parameter), then path
+//!    prefixes from the longest to the shortest;
 //! 3. within one path entry: routes in config order whose `methods` contain the method.
 //!
 //! The first candidate whose methods match wins; when a more specific candidate exists but does
@@ -41,10 +43,45 @@ type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
 /// Longest host name the router compares (RFC 1035 caps names at 253 octets).
 pub const MAX_HOST_LEN: usize = 255;
 
+/// One segment of a parametrised path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    /// Matches exactly these bytes.
+    Literal(Box<[u8]>),
+    /// Matches any one non-empty segment.
+    Param,
+}
+
+/// Whether `path` (without its query) matches `pattern`; calls `capture` with each
+/// parameter's segment, in order.
+pub fn match_pattern<'a>(
+    pattern: &[Seg],
+    path: &'a [u8],
+    mut capture: impl FnMut(&'a [u8]),
+) -> bool {
+    let Some(rest) = path.strip_prefix(b"/") else {
+        return false;
+    };
+    let mut segs = rest.split(|&b| b == b'/');
+    for p in pattern {
+        let Some(seg) = segs.next() else {
+            return false;
+        };
+        match p {
+            Seg::Literal(l) if **l == *seg => {}
+            Seg::Param if !seg.is_empty() => capture(seg),
+            _ => return false,
+        }
+    }
+    segs.next().is_none()
+}
+
 /// Routes sharing a host key, indexed by path.
 #[derive(Debug, Default)]
 pub(crate) struct PathTable {
     exact: FnvMap<Box<[u8]>, Vec<u32>>,
+    /// Parametrised paths, most specific first (see the module's order).
+    params: Vec<(Box<[Seg]>, Vec<u32>)>,
     prefix: FnvMap<Box<[u8]>, Vec<u32>>,
     /// Distinct prefix lengths, longest first.
     prefix_lens: Vec<usize>,
@@ -53,6 +90,30 @@ pub(crate) struct PathTable {
 impl PathTable {
     pub(crate) fn insert_exact(&mut self, path: &[u8], route: u32) {
         self.exact.entry(path.into()).or_default().push(route);
+    }
+
+    pub(crate) fn insert_param(&mut self, path: &[u8], route: u32) {
+        let pattern: Box<[Seg]> = path[1..]
+            .split(|&b| b == b'/')
+            .map(|s| {
+                if s.first() == Some(&b'{') {
+                    Seg::Param
+                } else {
+                    Seg::Literal(s.into())
+                }
+            })
+            .collect();
+        match self.params.iter_mut().find(|(p, _)| *p == pattern) {
+            Some((_, ids)) => ids.push(route),
+            None => self.params.push((pattern, vec![route])),
+        }
+        // Literal before parameter at the first difference; then fewer segments first.
+        let rank = |p: &[Seg]| -> Vec<u8> {
+            p.iter()
+                .map(|s| u8::from(matches!(s, Seg::Param)))
+                .collect()
+        };
+        self.params.sort_by_key(|(p, _)| rank(p));
     }
 
     pub(crate) fn insert_prefix(&mut self, prefix: &[u8], route: u32) {
@@ -67,6 +128,13 @@ impl PathTable {
         if let Some(ids) = self.exact.get(path) {
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
                 return Some(id);
+            }
+        }
+        for (pattern, ids) in &self.params {
+            if match_pattern(pattern, path, |_| {}) {
+                if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
+                    return Some(id);
+                }
             }
         }
         for &len in &self.prefix_lens {
@@ -166,6 +234,34 @@ mod tests {
         assert_eq!(normalize_host(b"[::1]:80", &mut b), Some(&b"[::1]"[..]));
         assert_eq!(normalize_host(b"a.b.", &mut b), Some(&b"a.b"[..]));
         assert_eq!(normalize_host(&[b'a'; 300], &mut b), None);
+    }
+
+    #[test]
+    fn parametrised_paths_rank_between_exact_and_prefix() {
+        let mut t = PathTable::default();
+        t.insert_prefix(b"/products", 0);
+        t.insert_param(b"/products/{id}", 1);
+        t.insert_exact(b"/products/new", 2);
+        t.insert_param(b"/products/{id}/reviews", 3);
+        t.insert_param(b"/{kind}/special", 4);
+        t.insert_param(b"/products/{x}/{y}", 5);
+        t.insert_param(b"/products/top/{n}", 6);
+        assert_eq!(t.find(b"/products/7", |_| true), Some(1));
+        assert_eq!(t.find(b"/products/new", |_| true), Some(2));
+        assert_eq!(t.find(b"/products/7/reviews", |_| true), Some(3));
+        // Literal `products` wins over `{kind}` at the first segment.
+        assert_eq!(t.find(b"/products/special", |_| true), Some(1));
+        assert_eq!(t.find(b"/things/special", |_| true), Some(4));
+        assert_eq!(t.find(b"/products/top/3", |_| true), Some(6));
+        assert_eq!(t.find(b"/products/a/b", |_| true), Some(5));
+        // An empty segment is no parameter value: the prefix route takes it.
+        assert_eq!(t.find(b"/products/", |_| true), Some(0));
+        assert_eq!(t.find(b"/products/1/2/3", |_| true), Some(0));
+        let mut got = Vec::new();
+        let p = [Seg::Literal((*b"p").into()), Seg::Param, Seg::Param];
+        assert!(match_pattern(&p, b"/p/a%20b/c", |v| got.push(v.to_vec())));
+        assert_eq!(got, vec![b"a%20b".to_vec(), b"c".to_vec()]);
+        assert!(!match_pattern(&p, b"/p/a", |_| {}));
     }
 
     #[test]

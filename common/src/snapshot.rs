@@ -5,8 +5,9 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use crate::aggregate::{Aggregate, Profile, ProfileMatch, Shape, Template};
 use crate::config::{Config, DirectResponseConfig, RouteConfig};
-use crate::router::{PathTable, Router};
+use crate::router::{PathTable, Router, Seg};
 use crate::validate::{check_id, valid_host_pattern};
 use crate::ConfigError;
 
@@ -46,6 +47,10 @@ pub struct Snapshot {
     pub access_log: Option<AccessLog>,
     /// Request ids and trace context.
     pub tracing: crate::config::TracingConfig,
+    /// Fan-outs that routes refer to.
+    pub aggregates: Vec<Aggregate>,
+    /// Client profiles that route variants refer to.
+    pub profiles: Vec<Profile>,
     /// The config this snapshot was compiled from, normalised (for `GET` and diffs): API
     /// keys appear only as `key_sha256`.
     pub config: Config,
@@ -115,6 +120,29 @@ pub struct Route {
     /// Whether a `cors` policy is among them: the route then also takes CORS preflights
     /// (`OPTIONS`), which that policy answers, whatever its `methods`.
     pub has_cors: bool,
+    /// The segments of a parametrised `path` (empty for other routes).
+    pub pattern: Box<[Seg]>,
+    /// The names of its `{name}` parameters, in path order.
+    pub params: Box<[Box<str>]>,
+    /// The forwarded request target of a proxied route, when rewritten.
+    pub rewrite: Option<Template>,
+    /// Reshaping of a proxied route's JSON answers.
+    pub shape: Option<Shape>,
+    /// Answers for kinds of client, tried in order after the policies.
+    pub variants: Box<[Variant]>,
+    /// `Vary` value naming the request fields the variants' profiles read (empty: none).
+    pub vary: Box<[u8]>,
+}
+
+/// A route's answer for one client profile.
+#[derive(Debug)]
+pub struct Variant {
+    /// Index into the snapshot's profiles.
+    pub profile: usize,
+    /// `Proxy` or `Aggregate`.
+    pub action: RouteAction,
+    pub rewrite: Option<Template>,
+    pub shape: Option<Shape>,
 }
 
 impl Route {
@@ -136,6 +164,8 @@ impl Route {
 pub enum RouteAction {
     /// Forward to `upstreams[index]`.
     Proxy { upstream: usize },
+    /// Fan out: `aggregates[index]`.
+    Aggregate { aggregate: usize },
     /// Answer with these bytes: the status line and fields in `bytes[..head_len]` (without the
     /// blank line, so the worker can add `Connection: close` when it must), the body after.
     Respond {
@@ -253,16 +283,37 @@ impl Snapshot {
             });
         }
 
+        let upstream_ids: Vec<&str> = upstreams.iter().map(|u| &*u.id).collect();
+        let aggregates = config
+            .aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                crate::aggregate::compile_aggregate(a, i, &config.aggregates, &upstream_ids)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let profiles = config
+            .client_profiles
+            .iter()
+            .enumerate()
+            .map(|(i, p)| crate::aggregate::compile_profile(p, i, &config.client_profiles))
+            .collect::<Result<Vec<_>, _>>()?;
         let policies = crate::policy::compile(&mut config)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut router = Router::default();
+        let known = Known {
+            upstreams: &upstreams,
+            aggregates: &aggregates,
+            profiles: &profiles,
+        };
         for (i, r) in config.routes.iter().enumerate() {
-            let mut route = compile_route(r, i, &config, &upstreams)?;
+            let mut route = compile_route(r, i, &config, &known)?;
             route.policies = crate::policy::route_policies(
                 &policies,
                 &r.policies,
                 &format!("routes[{i}].policies"),
             )?;
+            route.vary = variants_vary(&route, &profiles, &policies, &format!("routes[{i}]"))?;
             route.has_cors = route.policies.iter().any(|&p| {
                 matches!(
                     policies.list[p as usize].kind,
@@ -379,6 +430,8 @@ impl Snapshot {
             policies,
             access_log,
             tracing: config.tracing,
+            aggregates,
+            profiles,
             config,
         })
     }
@@ -438,11 +491,18 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
+/// What routes can refer to.
+struct Known<'a> {
+    upstreams: &'a [Upstream],
+    aggregates: &'a [Aggregate],
+    profiles: &'a [Profile],
+}
+
 fn compile_route(
     r: &RouteConfig,
     i: usize,
     config: &Config,
-    upstreams: &[Upstream],
+    known: &Known<'_>,
 ) -> Result<Route, ConfigError> {
     let at = format!("routes[{i}]");
     check_id(&r.id, &format!("{at}.id"))?;
@@ -483,6 +543,16 @@ fn compile_route(
             format!("{path:?} must not contain '#'"),
         ));
     }
+    let (pattern, params) = if r.path.is_some() && path.contains(['{', '}']) {
+        parse_pattern(path, &format!("{at}.path"))?
+    } else if path.contains(['{', '}']) {
+        return Err(ConfigError::field(
+            format!("{at}.path_prefix"),
+            format!("{path:?}: parameters ({{name}}) are for `path`, not `path_prefix`"),
+        ));
+    } else {
+        (Box::default(), Box::default())
+    };
     if r.strip_prefix && r.path_prefix.is_none() {
         return Err(ConfigError::field(
             format!("{at}.strip_prefix"),
@@ -508,24 +578,80 @@ fn compile_route(
                 .into_boxed_slice(),
         )
     };
-    let action = match (&r.upstream, &r.respond) {
-        (Some(u), None) => match upstreams.iter().position(|x| &*x.id == u) {
-            Some(upstream) => RouteAction::Proxy { upstream },
-            None => {
-                return Err(ConfigError::field(
-                    format!("{at}.upstream"),
-                    format!("unknown upstream {u:?}"),
-                ))
-            }
-        },
-        (None, Some(d)) => direct_response(d, &format!("{at}.respond"))?,
+    let action = match (&r.upstream, &r.respond, &r.aggregate) {
+        (None, Some(d), None) => direct_response(d, &format!("{at}.respond"))?,
+        (u, None, a) if u.is_some() != a.is_some() => {
+            route_action(u.as_deref(), a.as_deref(), known, &params, &at)?
+        }
         _ => {
             return Err(ConfigError::field(
                 at,
-                "exactly one of `upstream` and `respond` is required",
+                "exactly one of `upstream`, `respond` and `aggregate` is required",
             ))
         }
     };
+    let (rewrite, shape) = proxy_options(
+        r.upstream.is_some(),
+        r.rewrite.as_deref(),
+        r.response.as_ref(),
+        &params,
+        &at,
+    )?;
+    if rewrite.is_some() && r.strip_prefix {
+        return Err(ConfigError::field(
+            format!("{at}.rewrite"),
+            "replaces the whole path, so `strip_prefix` cannot be set with it",
+        ));
+    }
+    let mut variants = Vec::with_capacity(r.variants.len());
+    for (k, v) in r.variants.iter().enumerate() {
+        let vat = format!("{at}.variants[{k}]");
+        let profile = known
+            .profiles
+            .iter()
+            .position(|p| *p.id == *v.profile)
+            .ok_or_else(|| {
+                ConfigError::field(
+                    format!("{vat}.profile"),
+                    format!("unknown client profile {:?}", v.profile),
+                )
+            })?;
+        if r.variants[..k].iter().any(|o| o.profile == v.profile) {
+            return Err(ConfigError::field(
+                format!("{vat}.profile"),
+                format!(
+                    "profile {:?} already has a variant on this route",
+                    v.profile
+                ),
+            ));
+        }
+        if v.upstream.is_some() == v.aggregate.is_some() {
+            return Err(ConfigError::field(
+                vat,
+                "exactly one of `upstream` and `aggregate` is required",
+            ));
+        }
+        let action = route_action(
+            v.upstream.as_deref(),
+            v.aggregate.as_deref(),
+            known,
+            &params,
+            &vat,
+        )?;
+        let (rewrite, shape) = proxy_options(
+            v.upstream.is_some(),
+            v.rewrite.as_deref(),
+            v.response.as_ref(),
+            &params,
+            &vat,
+        )?;
+        variants.push(Variant {
+            profile,
+            action,
+            rewrite,
+            shape,
+        });
+    }
     let strip_prefix_len = if r.strip_prefix {
         path.trim_end_matches('/').len()
     } else {
@@ -539,7 +665,169 @@ fn compile_route(
         metrics_slot: crate::slots::route_slot(&r.id),
         policies: Box::new([]),
         has_cors: false,
+        pattern,
+        params,
+        rewrite,
+        shape,
+        variants: variants.into_boxed_slice(),
+        vary: Box::default(),
     })
+}
+
+/// A route's or variant's `upstream` / `aggregate` (exactly one is set).
+fn route_action(
+    upstream: Option<&str>,
+    aggregate: Option<&str>,
+    known: &Known<'_>,
+    params: &[Box<str>],
+    at: &str,
+) -> Result<RouteAction, ConfigError> {
+    if let Some(u) = upstream {
+        return match known.upstreams.iter().position(|x| &*x.id == u) {
+            Some(upstream) => Ok(RouteAction::Proxy { upstream }),
+            None => Err(ConfigError::field(
+                format!("{at}.upstream"),
+                format!("unknown upstream {u:?}"),
+            )),
+        };
+    }
+    let a = aggregate.unwrap_or_default();
+    let index = known
+        .aggregates
+        .iter()
+        .position(|x| &*x.id == a)
+        .ok_or_else(|| {
+            ConfigError::field(
+                format!("{at}.aggregate"),
+                format!("unknown aggregate {a:?}"),
+            )
+        })?;
+    for s in known.aggregates[index].steps.iter() {
+        crate::aggregate::check_params(
+            &s.path,
+            params,
+            &format!("{at}.aggregate ({a:?}, step {:?})", s.id),
+        )?;
+    }
+    Ok(RouteAction::Aggregate { aggregate: index })
+}
+
+/// `rewrite` and `response`, which only a proxied route or variant takes.
+fn proxy_options(
+    proxied: bool,
+    rewrite: Option<&str>,
+    response: Option<&crate::config::ShapeConfig>,
+    params: &[Box<str>],
+    at: &str,
+) -> Result<(Option<Template>, Option<Shape>), ConfigError> {
+    if !proxied {
+        for (set, name) in [
+            (rewrite.is_some(), "rewrite"),
+            (response.is_some(), "response"),
+        ] {
+            if set {
+                return Err(ConfigError::field(
+                    format!("{at}.{name}"),
+                    "only applies with `upstream`",
+                ));
+            }
+        }
+        return Ok((None, None));
+    }
+    let rewrite = rewrite
+        .map(|t| crate::aggregate::compile_rewrite(t, params, &format!("{at}.rewrite")))
+        .transpose()?;
+    let shape = response
+        .map(|c| crate::aggregate::compile_shape(c, &format!("{at}.response")))
+        .transpose()?;
+    Ok((rewrite, shape))
+}
+
+/// Splits a parametrised path into segments: `/products/{id}` → `products`, a parameter.
+fn parse_pattern(
+    path: &str,
+    at: &str,
+) -> Result<(Box<[Seg]>, crate::aggregate::Names), ConfigError> {
+    let mut segs = Vec::new();
+    let mut names: Vec<Box<str>> = Vec::new();
+    for seg in path[1..].split('/') {
+        if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            if !crate::aggregate::valid_param_name(name) {
+                return Err(ConfigError::field(
+                    at,
+                    format!("{path:?}: {{{name}}}: a parameter name is letters, digits and '_'"),
+                ));
+            }
+            if names.iter().any(|n| **n == *name) {
+                return Err(ConfigError::field(
+                    at,
+                    format!("{path:?}: parameter {{{name}}} appears twice"),
+                ));
+            }
+            names.push(name.into());
+            segs.push(Seg::Param);
+        } else if seg.contains(['{', '}']) {
+            return Err(ConfigError::field(
+                at,
+                format!("{path:?}: a parameter is a whole segment, `/{{name}}/`"),
+            ));
+        } else {
+            segs.push(Seg::Literal(seg.as_bytes().into()));
+        }
+    }
+    Ok((segs.into_boxed_slice(), names.into_boxed_slice()))
+}
+
+/// The `Vary` value for a route's variants: the request fields their profiles read. A
+/// consumer-group profile reads the route's credential, so it needs an authentication policy.
+fn variants_vary(
+    route: &Route,
+    profiles: &[Profile],
+    policies: &crate::policy::Policies,
+    at: &str,
+) -> Result<Box<[u8]>, ConfigError> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        if !names.iter().any(|x| x.eq_ignore_ascii_case(n)) {
+            names.push(n.to_owned());
+        }
+    };
+    for (k, v) in route.variants.iter().enumerate() {
+        match &profiles[v.profile].matcher {
+            ProfileMatch::Header { name, .. } => add(name),
+            ProfileMatch::UserAgent(_) => add("User-Agent"),
+            // The query is part of the URL a cache keys on already.
+            ProfileMatch::Query { .. } => {}
+            ProfileMatch::ConsumerGroups(_) => {
+                let mut found = false;
+                for &p in route.policies.iter() {
+                    match &policies.list[p as usize].kind {
+                        crate::policy::PolicyKind::ApiKey(k) => {
+                            found = true;
+                            if let Some(h) = &k.header {
+                                add(&String::from_utf8_lossy(h));
+                            }
+                        }
+                        crate::policy::PolicyKind::Jwt(_) => {
+                            found = true;
+                            add("Authorization");
+                        }
+                        _ => {}
+                    }
+                }
+                if !found {
+                    return Err(ConfigError::field(
+                        format!("{at}.variants[{k}].profile"),
+                        format!(
+                            "profile {:?} matches consumer groups, so the route needs an authentication policy (api_key or jwt)",
+                            profiles[v.profile].id
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(names.join(", ").into_bytes().into_boxed_slice())
 }
 
 fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, ConfigError> {
@@ -598,7 +886,7 @@ fn add_to_router(
     // second one unreachable: refuse instead of silently shadowing it.
     for (j, o) in all[..i].iter().enumerate() {
         let same_path = match (&o.path, &o.path_prefix) {
-            (Some(p), _) => exact && p.as_bytes() == path,
+            (Some(p), _) => exact && same_pattern(p.as_bytes(), path),
             (_, Some(p)) => !exact && p.as_bytes() == path,
             _ => false,
         };
@@ -659,8 +947,26 @@ fn add_to_router(
     Ok(())
 }
 
+/// Whether two `path`s match the same requests (parameter names aside).
+fn same_pattern(a: &[u8], b: &[u8]) -> bool {
+    let segs = |p: &[u8]| -> Vec<Vec<u8>> {
+        p.split(|&c| c == b'/')
+            .map(|s| {
+                if s.first() == Some(&b'{') {
+                    b"{}".to_vec()
+                } else {
+                    s.to_vec()
+                }
+            })
+            .collect()
+    };
+    segs(a) == segs(b)
+}
+
 fn insert(table: &mut PathTable, path: &[u8], exact: bool, id: u32) {
-    if exact {
+    if exact && path.contains(&b'{') {
+        table.insert_param(path, id);
+    } else if exact {
         table.insert_exact(path, id);
     } else {
         table.insert_prefix(path, id);

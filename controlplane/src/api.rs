@@ -18,7 +18,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use common::config::{ConsumerConfig, CredentialConfig, PolicyConfig, RouteConfig, UpstreamConfig};
+use common::config::{
+    AggregateConfig, ClientProfileConfig, ConsumerConfig, CredentialConfig, PolicyConfig,
+    RouteConfig, UpstreamConfig,
+};
 use common::{Config, ConfigError, Snapshot};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -114,15 +117,19 @@ pub enum Kind {
     Consumers,
     Credentials,
     Policies,
+    Aggregates,
+    ClientProfiles,
 }
 
 /// Every resource kind's collection path.
-pub const KIND_PATHS: [&str; 5] = [
+pub const KIND_PATHS: [&str; 7] = [
     "/v1/routes",
     "/v1/upstreams",
     "/v1/consumers",
     "/v1/credentials",
     "/v1/policies",
+    "/v1/aggregates",
+    "/v1/client_profiles",
 ];
 
 impl Kind {
@@ -133,6 +140,8 @@ impl Kind {
             "consumers" => Ok(Kind::Consumers),
             "credentials" => Ok(Kind::Credentials),
             "policies" => Ok(Kind::Policies),
+            "aggregates" => Ok(Kind::Aggregates),
+            "client_profiles" => Ok(Kind::ClientProfiles),
             other => Err(Problem::not_found(format!("no resource kind {other:?}"))),
         }
     }
@@ -144,6 +153,8 @@ impl Kind {
             Kind::Consumers => "consumers",
             Kind::Credentials => "credentials",
             Kind::Policies => "policies",
+            Kind::Aggregates => "aggregates",
+            Kind::ClientProfiles => "client_profiles",
         }
     }
 
@@ -154,6 +165,8 @@ impl Kind {
             Kind::Consumers => c.consumers.iter().map(|u| u.id.clone()).collect(),
             Kind::Credentials => c.credentials.iter().map(|u| u.id.clone()).collect(),
             Kind::Policies => c.policies.iter().map(|u| u.id().to_owned()).collect(),
+            Kind::Aggregates => c.aggregates.iter().map(|u| u.id.clone()).collect(),
+            Kind::ClientProfiles => c.client_profiles.iter().map(|u| u.id.clone()).collect(),
         }
     }
 
@@ -164,6 +177,8 @@ impl Kind {
             Kind::Consumers => c.consumers.iter().find(|u| u.id == id).map(to_value),
             Kind::Credentials => c.credentials.iter().find(|u| u.id == id).map(to_value),
             Kind::Policies => c.policies.iter().find(|u| u.id() == id).map(to_value),
+            Kind::Aggregates => c.aggregates.iter().find(|u| u.id == id).map(to_value),
+            Kind::ClientProfiles => c.client_profiles.iter().find(|u| u.id == id).map(to_value),
         }
     }
 
@@ -174,6 +189,8 @@ impl Kind {
             Kind::Consumers => c.consumers.iter().map(to_value).collect(),
             Kind::Credentials => c.credentials.iter().map(to_value).collect(),
             Kind::Policies => c.policies.iter().map(to_value).collect(),
+            Kind::Aggregates => c.aggregates.iter().map(to_value).collect(),
+            Kind::ClientProfiles => c.client_profiles.iter().map(to_value).collect(),
         }
     }
 
@@ -234,6 +251,14 @@ impl Kind {
                 let item: PolicyConfig = typed(value)?;
                 upsert(&mut c.policies, item, |u| u.id() == id)
             }
+            Kind::Aggregates => {
+                let item: AggregateConfig = typed(value)?;
+                upsert(&mut c.aggregates, item, |u| u.id == id)
+            }
+            Kind::ClientProfiles => {
+                let item: ClientProfileConfig = typed(value)?;
+                upsert(&mut c.client_profiles, item, |u| u.id == id)
+            }
         })
     }
 
@@ -249,6 +274,8 @@ impl Kind {
             Kind::Consumers => remove_where(&mut c.consumers, |u| u.id == id),
             Kind::Credentials => remove_where(&mut c.credentials, |u| u.id == id),
             Kind::Policies => remove_where(&mut c.policies, |u| u.id() == id),
+            Kind::Aggregates => remove_where(&mut c.aggregates, |u| u.id == id),
+            Kind::ClientProfiles => remove_where(&mut c.client_profiles, |u| u.id == id),
         }
     }
 
@@ -256,10 +283,37 @@ impl Kind {
     fn referrers(self, c: &Config, id: &str) -> Vec<String> {
         match self {
             Kind::Routes => Vec::new(),
-            Kind::Upstreams => c
+            Kind::Upstreams => {
+                let routes = c
+                    .routes
+                    .iter()
+                    .filter(|r| {
+                        r.upstream.as_deref() == Some(id)
+                            || r.variants.iter().any(|v| v.upstream.as_deref() == Some(id))
+                    })
+                    .map(|r| format!("routes/{}", r.id));
+                let aggregates = c
+                    .aggregates
+                    .iter()
+                    .filter(|a| a.steps.iter().any(|s| s.upstream == id))
+                    .map(|a| format!("aggregates/{}", a.id));
+                routes.chain(aggregates).collect()
+            }
+            Kind::Aggregates => c
                 .routes
                 .iter()
-                .filter(|r| r.upstream.as_deref() == Some(id))
+                .filter(|r| {
+                    r.aggregate.as_deref() == Some(id)
+                        || r.variants
+                            .iter()
+                            .any(|v| v.aggregate.as_deref() == Some(id))
+                })
+                .map(|r| format!("routes/{}", r.id))
+                .collect(),
+            Kind::ClientProfiles => c
+                .routes
+                .iter()
+                .filter(|r| r.variants.iter().any(|v| v.profile == id))
                 .map(|r| format!("routes/{}", r.id))
                 .collect(),
             Kind::Consumers => {
@@ -673,6 +727,16 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("PUT", "/v1/policies/{id}"),
     ("PATCH", "/v1/policies/{id}"),
     ("DELETE", "/v1/policies/{id}"),
+    ("GET", "/v1/aggregates"),
+    ("GET", "/v1/aggregates/{id}"),
+    ("PUT", "/v1/aggregates/{id}"),
+    ("PATCH", "/v1/aggregates/{id}"),
+    ("DELETE", "/v1/aggregates/{id}"),
+    ("GET", "/v1/client_profiles"),
+    ("GET", "/v1/client_profiles/{id}"),
+    ("PUT", "/v1/client_profiles/{id}"),
+    ("PATCH", "/v1/client_profiles/{id}"),
+    ("DELETE", "/v1/client_profiles/{id}"),
 ];
 
 /// The router path serving a documented path: one template serves every resource kind.

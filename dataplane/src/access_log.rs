@@ -420,6 +420,12 @@ pub fn json_ip(out: &mut Vec<u8>, ip: IpAddr) {
 /// Appends a socket address as a JSON string (`"192.0.2.1:80"`, `"[2001:db8::1]:80"`).
 pub fn json_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     out.push(b'"');
+    push_addr(out, addr);
+    out.push(b'"');
+}
+
+/// Appends a socket address (`192.0.2.1:80`, `[2001:db8::1]:80`).
+pub fn push_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     if addr.is_ipv6() && addr.ip().to_canonical().is_ipv6() {
         out.push(b'[');
         push_ip(out, addr.ip());
@@ -429,7 +435,6 @@ pub fn json_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     }
     out.push(b':');
     push_u64(out, u64::from(addr.port()));
-    out.push(b'"');
 }
 
 /// Appends an id (a route, upstream or consumer id, an error kind: validated to letters,

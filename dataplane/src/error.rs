@@ -70,10 +70,14 @@ pub enum ErrorKind {
     UpstreamClosed,
     /// A response the gateway cannot frame (502).
     UpstreamMalformed,
+    /// A required step of an aggregate failed (its own 4xx, else 502, 504 for a timeout).
+    StepFailed,
+    /// Two steps of an aggregate set the same key under `on_conflict = "error"` (502).
+    StepConflict,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -92,6 +96,8 @@ impl ErrorKind {
         ErrorKind::ResponseTimeout,
         ErrorKind::UpstreamClosed,
         ErrorKind::UpstreamMalformed,
+        ErrorKind::StepFailed,
+        ErrorKind::StepConflict,
     ];
 
     /// The name used in the access log and as the metric label.
@@ -115,6 +121,8 @@ impl ErrorKind {
             ErrorKind::ResponseTimeout => "response_timeout",
             ErrorKind::UpstreamClosed => "upstream_closed",
             ErrorKind::UpstreamMalformed => "upstream_malformed",
+            ErrorKind::StepFailed => "step_failed",
+            ErrorKind::StepConflict => "step_conflict",
         }
     }
 
@@ -136,7 +144,9 @@ impl ErrorKind {
             | ErrorKind::SendTimeout
             | ErrorKind::ResponseTimeout
             | ErrorKind::UpstreamClosed
-            | ErrorKind::UpstreamMalformed => Side::Upstream,
+            | ErrorKind::UpstreamMalformed
+            | ErrorKind::StepFailed
+            | ErrorKind::StepConflict => Side::Upstream,
         }
     }
 
@@ -154,9 +164,11 @@ impl ErrorKind {
             ErrorKind::UnsupportedTransferCoding => Status::NotImplemented,
             ErrorKind::ClientTimeout => Status::RequestTimeout,
             ErrorKind::NoRoute => Status::NotFound,
-            ErrorKind::ConnectFailed | ErrorKind::UpstreamClosed | ErrorKind::UpstreamMalformed => {
-                Status::BadGateway
-            }
+            ErrorKind::ConnectFailed
+            | ErrorKind::UpstreamClosed
+            | ErrorKind::UpstreamMalformed
+            | ErrorKind::StepFailed
+            | ErrorKind::StepConflict => Status::BadGateway,
             ErrorKind::ConnectTimeout | ErrorKind::SendTimeout | ErrorKind::ResponseTimeout => {
                 Status::GatewayTimeout
             }
@@ -186,6 +198,103 @@ impl From<ParseError> for ErrorKind {
             ParseError::ExpectationFailed => ErrorKind::ExpectationFailed,
             ParseError::UnsupportedTransferCoding => ErrorKind::UnsupportedTransferCoding,
             ParseError::BodyTooLarge => ErrorKind::BodyTooLarge,
+        }
+    }
+}
+
+/// Why a step failed: the label in `_errors`, the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepError {
+    /// The step's own timeout.
+    Timeout,
+    /// The aggregate's deadline.
+    Deadline,
+    /// No connection, or the connection failed before a whole answer.
+    Upstream,
+    /// The step answered with a status outside 2xx.
+    Status,
+    /// The answer is not JSON (its type, or an encoding).
+    NotJson,
+    InvalidJson,
+    /// The answer is larger than `max_step_bytes`.
+    TooLarge,
+    /// A placeholder of its path has no scalar value.
+    MissingField,
+    /// Its `target` names a member the answer does not have.
+    TargetMissing,
+    /// Its result is not an object and it has no `group`.
+    NotAnObject,
+    /// A step it waits for failed.
+    Dependency,
+}
+
+impl StepError {
+    pub const ALL: [StepError; 11] = [
+        StepError::Timeout,
+        StepError::Deadline,
+        StepError::Upstream,
+        StepError::Status,
+        StepError::NotJson,
+        StepError::InvalidJson,
+        StepError::TooLarge,
+        StepError::MissingField,
+        StepError::TargetMissing,
+        StepError::NotAnObject,
+        StepError::Dependency,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StepError::Timeout => "timeout",
+            StepError::Deadline => "deadline",
+            StepError::Upstream => "upstream",
+            StepError::Status => "status",
+            StepError::NotJson => "not_json",
+            StepError::InvalidJson => "invalid_json",
+            StepError::TooLarge => "too_large",
+            StepError::MissingField => "missing_field",
+            StepError::TargetMissing => "target_missing",
+            StepError::NotAnObject => "not_an_object",
+            StepError::Dependency => "dependency",
+        }
+    }
+}
+
+/// Why a proxied route's JSON answer was relayed unchanged instead of reshaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Not `application/json` (or `+json`).
+    NotJson,
+    /// A `Content-Encoding` other than identity.
+    Compressed,
+    /// Larger than the shape's `max_bytes`.
+    TooLarge,
+    /// Not valid JSON.
+    InvalidJson,
+    /// No member at the shape's `target`.
+    TargetMissing,
+    /// A status outside 2xx.
+    Status,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 6] = [
+        SkipReason::NotJson,
+        SkipReason::Compressed,
+        SkipReason::TooLarge,
+        SkipReason::InvalidJson,
+        SkipReason::TargetMissing,
+        SkipReason::Status,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::NotJson => "not_json",
+            SkipReason::Compressed => "compressed",
+            SkipReason::TooLarge => "too_large",
+            SkipReason::InvalidJson => "invalid_json",
+            SkipReason::TargetMissing => "target_missing",
+            SkipReason::Status => "status",
         }
     }
 }
@@ -232,6 +341,18 @@ impl From<ParseError> for ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_step_error_and_skip_reason_has_a_distinct_label() {
+        let mut labels: Vec<&str> = StepError::ALL.iter().map(|e| e.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), StepError::ALL.len());
+        let mut labels: Vec<&str> = SkipReason::ALL.iter().map(|e| e.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), SkipReason::ALL.len());
+    }
 
     #[test]
     fn every_kind_has_a_distinct_label_and_a_status_of_its_side() {

@@ -12,15 +12,16 @@ use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::gather::Piece;
 
 /// Writes into `out` (cleared first) the rewritten request line, if the target changes
-/// (absolute form, or `strip_prefix_len` bytes of prefix to remove), and the fields the
-/// gateway adds, ending with the blank line. Returns their spans in `out`. `scheme` is the
-/// listener's (`X-Forwarded-Proto`).
+/// (absolute form, `strip_prefix_len` bytes of prefix to remove, or a `rewrite` path that
+/// replaces the path and keeps the query), and the fields the gateway adds, ending with the
+/// blank line. Returns their spans in `out`. `scheme` is the listener's (`X-Forwarded-Proto`).
 #[allow(clippy::too_many_arguments)]
 pub fn request_extras(
     buf: &[u8],
     head: &RequestHead,
     plan: &FieldPlan,
     strip_prefix_len: usize,
+    rewrite: Option<&[u8]>,
     peer: IpAddr,
     scheme: &[u8],
     added: &[u8],
@@ -29,13 +30,19 @@ pub fn request_extras(
 ) -> (Option<Span>, Span) {
     out.clear();
     let mut target = head.origin_target.of(buf);
-    let strip = strip_prefix_len.min(head.path_len);
-    let line = if head.absolute || strip > 0 || query_drop.is_some() {
+    // Bytes of the path to leave out: a stripped prefix, or the whole path for a rewrite.
+    let strip = match rewrite {
+        Some(_) => head.path_len,
+        None => strip_prefix_len.min(head.path_len),
+    };
+    let line = if head.absolute || strip > 0 || query_drop.is_some() || rewrite.is_some() {
         let origin = head.origin_target.start;
         target = &target[strip..];
         out.extend_from_slice(head.method.of(buf));
         out.push(b' ');
-        if target.first() != Some(&b'/') {
+        if let Some(path) = rewrite {
+            out.extend_from_slice(path);
+        } else if target.first() != Some(&b'/') {
             out.push(b'/');
         }
         match query_drop {
@@ -248,6 +255,17 @@ mod tests {
         added: &[u8],
         query_drop: Option<(usize, usize)>,
     ) -> String {
+        forwarded_to(request, strip, None, scheme, added, query_drop)
+    }
+
+    fn forwarded_to(
+        request: &[u8],
+        strip: usize,
+        rewrite: Option<&[u8]>,
+        scheme: &[u8],
+        added: &[u8],
+        query_drop: Option<(usize, usize)>,
+    ) -> String {
         let mut plan = FieldPlan::default();
         let head = parse_request(request, &LIMITS, &mut plan).unwrap().unwrap();
         let mut out = Vec::new();
@@ -257,6 +275,7 @@ mod tests {
             &head,
             &plan,
             strip,
+            rewrite,
             "192.0.2.7".parse().unwrap(),
             scheme,
             added,
@@ -322,5 +341,24 @@ mod tests {
         let req = b"GET /p?api_key=s HTTP/1.1\r\nHost: a\r\n\r\n";
         let got = forwarded(req, 0, b"http", b"", Some((6, 16)));
         assert!(got.starts_with("GET /p HTTP/1.1\r\n"), "{got}");
+    }
+
+    #[test]
+    fn a_rewrite_replaces_the_path_and_keeps_the_query() {
+        let req = b"GET /products/7?lang=en&key=s3cret HTTP/1.1\r\nHost: h\r\n\r\n";
+        let got = forwarded_to(req, 0, Some(b"/items/7"), b"http", b"", None);
+        assert!(
+            got.starts_with("GET /items/7?lang=en&key=s3cret HTTP/1.1\r\n"),
+            "{got}"
+        );
+        // The API key parameter (`&key=s3cret`, bytes 23..34) is still cut out.
+        let got = forwarded_to(req, 0, Some(b"/items/7"), b"http", b"", Some((23, 34)));
+        assert!(
+            got.starts_with("GET /items/7?lang=en HTTP/1.1\r\n"),
+            "{got}"
+        );
+        let bare = b"GET /products/7 HTTP/1.1\r\nHost: h\r\n\r\n";
+        let got = forwarded_to(bare, 0, Some(b"/items/7"), b"http", b"", None);
+        assert!(got.starts_with("GET /items/7 HTTP/1.1\r\n"), "{got}");
     }
 }

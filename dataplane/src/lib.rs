@@ -32,6 +32,7 @@ mod park;
 mod peer;
 pub mod policy;
 mod proxy;
+pub mod shape;
 pub mod status;
 pub mod trace;
 pub mod upstream;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::slots::{route_slot_names, MAX_ROUTE_SLOTS};
 
-use crate::error::ErrorKind;
+use crate::error::{ErrorKind, SkipReason, StepError};
 
 /// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` follows).
 pub const LATENCY_BUCKETS_US: [u64; 16] = [
@@ -67,6 +67,22 @@ pub struct WorkerMetrics {
     open_connections: AtomicU64,
     /// Access log lines dropped because the worker's log buffers were full.
     access_log_dropped: AtomicU64,
+    /// Shaped answers relayed unchanged, by reason.
+    transform_skipped: [AtomicU64; SkipReason::ALL.len()],
+    /// Aggregate steps by (aggregate, step). Locked once per finished step by its worker,
+    /// and by a scrape; aggregates are not the plain proxy path.
+    steps: std::sync::Mutex<StepMap>,
+}
+
+/// Step counters by (aggregate id, step id).
+type StepMap = std::collections::BTreeMap<(Box<str>, Box<str>), StepStats>;
+
+/// One aggregate step's latency histogram and failures.
+#[derive(Debug, Default, Clone)]
+struct StepStats {
+    buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: u64,
+    failures: [u64; StepError::ALL.len()],
 }
 
 impl Default for WorkerMetrics {
@@ -78,6 +94,8 @@ impl Default for WorkerMetrics {
             request_latency: Histogram::default(),
             upstream_latency: Histogram::default(),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            transform_skipped: std::array::from_fn(|_| AtomicU64::new(0)),
+            steps: Default::default(),
             open_connections: AtomicU64::new(0),
             access_log_dropped: AtomicU64::new(0),
         }
@@ -105,6 +123,27 @@ impl WorkerMetrics {
     #[inline]
     pub fn access_log_dropped(&self) {
         bump(&self.access_log_dropped, 1);
+    }
+
+    /// Counts a shaped answer relayed unchanged.
+    pub fn transform_skipped(&self, reason: SkipReason) {
+        bump(&self.transform_skipped[reason as usize], 1);
+    }
+
+    /// Records a finished aggregate step: how long it took, and how it failed if it did.
+    pub fn step(&self, aggregate: &str, step: &str, us: u64, failed: Option<StepError>) {
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (Box::from(aggregate), Box::from(step));
+        let s = steps.entry(key).or_default();
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        s.buckets[i] += 1;
+        s.sum_us += us;
+        if let Some(e) = failed {
+            s.failures[e as usize] += 1;
+        }
     }
 
     pub fn set_open_connections(&self, n: usize) {
@@ -168,6 +207,17 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
         workers,
         |w| &w.upstream_latency,
     );
+    out.push_str("# HELP gateway_transform_skipped_total Answers of routes with `response` relayed unchanged, by reason.\n");
+    out.push_str("# TYPE gateway_transform_skipped_total counter\n");
+    for reason in SkipReason::ALL {
+        let n = sum(&|w: &WorkerMetrics| &w.transform_skipped[reason as usize]);
+        let _ = writeln!(
+            out,
+            "gateway_transform_skipped_total{{reason=\"{}\"}} {n}",
+            reason.label()
+        );
+    }
+    steps(&mut out, workers);
     out.push_str("# HELP gateway_open_connections Client connections being served (parked idle ones excluded).\n");
     out.push_str("# TYPE gateway_open_connections gauge\n");
     let _ = writeln!(
@@ -209,6 +259,63 @@ fn histogram(
         .sum();
     let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
+/// The aggregate step histogram and failure counters, summed over the workers.
+fn steps(out: &mut String, workers: &[Arc<WorkerMetrics>]) {
+    let mut all = StepMap::default();
+    for w in workers {
+        let steps = w.steps.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, s) in steps.iter() {
+            let t = all.entry(k.clone()).or_default();
+            for (a, b) in t.buckets.iter_mut().zip(s.buckets) {
+                *a += b;
+            }
+            t.sum_us += s.sum_us;
+            for (a, b) in t.failures.iter_mut().zip(s.failures) {
+                *a += b;
+            }
+        }
+    }
+    let name = "gateway_aggregate_step_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time an aggregate step took, by aggregate and step."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for ((agg, step), s) in &all {
+        let labels = format!("aggregate=\"{}\",step=\"{}\"", escape(agg), escape(step));
+        let mut cumulative = 0;
+        for (i, n) in s.buckets.iter().enumerate() {
+            cumulative += n;
+            let le = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_owned(), |&b| format!("{}", b as f64 / 1e6));
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", s.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+    let name = "gateway_aggregate_step_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Aggregate steps that failed, by aggregate, step and kind."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for ((agg, step), s) in &all {
+        for e in StepError::ALL {
+            let n = s.failures[e as usize];
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "{name}{{aggregate=\"{}\",step=\"{}\",kind=\"{}\"}} {n}",
+                    escape(agg),
+                    escape(step),
+                    e.label()
+                );
+            }
+        }
+    }
 }
 
 fn escape(label: &str) -> String {

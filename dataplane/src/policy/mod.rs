@@ -184,6 +184,22 @@ pub fn drop_named(buf: &[u8], start: usize, end: usize, name: &[u8], drops: &mut
     }
 }
 
+/// Every field line between `start` and `end` as (line span, name, trimmed value).
+pub fn each_field(
+    buf: &[u8],
+    start: usize,
+    end: usize,
+) -> impl Iterator<Item = (Span, &[u8], &[u8])> + '_ {
+    lines(buf, start, end).map(|f| (f.line, f.name, f.value))
+}
+
+/// The value of the first field named `name` (case-insensitively) between `start` and `end`.
+pub fn field_value<'a>(buf: &'a [u8], start: usize, end: usize, name: &[u8]) -> Option<&'a [u8]> {
+    lines(buf, start, end)
+        .find(|f| f.name.eq_ignore_ascii_case(name))
+        .map(|f| f.value)
+}
+
 fn lines(buf: &[u8], start: usize, end: usize) -> impl Iterator<Item = Field<'_>> + '_ {
     let mut at = start;
     std::iter::from_fn(move || {

@@ -50,6 +50,14 @@ pub(crate) struct RequestCtx {
     pub error: Option<ErrorKind>,
     pub request_id: RequestId,
     pub trace: TraceParent,
+    /// Index of the aggregate that answered, if one did.
+    pub aggregate: Option<u32>,
+    /// Its steps that failed (indices), for the access log.
+    pub failed_steps: Vec<u16>,
+    /// Field lines the route adds to its answer (`Vary` for variants), each with its CRLF.
+    pub response_fields: Vec<u8>,
+    /// The forwarded path of a rewritten route.
+    pub rewritten: Vec<u8>,
     /// The head's fields of the access log line, written before the buffer they come from
     /// is reused for the body.
     log_head: Vec<u8>,
@@ -76,6 +84,10 @@ impl RequestCtx {
             error: None,
             request_id: RequestId::default(),
             trace: TraceParent::default(),
+            aggregate: None,
+            failed_steps: Vec::new(),
+            response_fields: Vec::new(),
+            rewritten: Vec::new(),
             log_head: Vec::new(),
             logging: false,
         }
@@ -98,6 +110,10 @@ impl RequestCtx {
         self.error = None;
         self.request_id.clear();
         self.trace.clear();
+        self.aggregate = None;
+        self.failed_steps.clear();
+        self.response_fields.clear();
+        self.rewritten.clear();
         self.log_head.clear();
         self.logging = snap.access_log.is_some();
     }
@@ -271,6 +287,19 @@ impl RequestCtx {
         push_u64(out, u64::from(self.retries));
         out.extend_from_slice(b",\"error\":");
         json_id(out, self.error.map(ErrorKind::label));
+        let aggregate = self.aggregate.and_then(|a| snap.aggregates.get(a as usize));
+        if let Some(a) = aggregate {
+            out.extend_from_slice(b",\"aggregate\":");
+            json_id(out, Some(&a.id));
+            out.extend_from_slice(b",\"failed_steps\":[");
+            for (i, &j) in self.failed_steps.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json_id(out, a.steps.get(usize::from(j)).map(|s| &*s.id));
+            }
+            out.push(b']');
+        }
         out.extend_from_slice(b"}\n");
     }
 }

@@ -267,6 +267,35 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
+    /// Sends an answer the gateway composed for this request (an aggregate's): `head` is the
+    /// status line and fields without the blank line; the connection is kept when the
+    /// client allows it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_made(
+        &mut self,
+        ctx: &WorkerCtx,
+        req: &mut RequestCtx,
+        status: u16,
+        head: &[u8],
+        body: &[u8],
+        keep_alive: bool,
+        http10: bool,
+    ) -> Next {
+        let close = !keep_alive || ctx.draining.get();
+        let connection: &[u8] = if close {
+            b"Connection: close\r\n"
+        } else if http10 {
+            b"Connection: keep-alive\r\n"
+        } else {
+            b""
+        };
+        if self.write_answer(req, status, head, connection, body).await && !close {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
     /// Writes an answer the gateway makes itself: `head` (status line and fields, without
     /// the blank line), the request id, `connection` (a Connection field line, or nothing),
     /// the blank line, then `body`. `false`: the client got nothing (logged as 499).
@@ -282,6 +311,7 @@ impl<S: ClientStream> Downstream<S> {
         out.clear();
         out.extend_from_slice(head);
         push_request_id(&mut out, req);
+        out.extend_from_slice(&req.response_fields);
         out.extend_from_slice(connection);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body);

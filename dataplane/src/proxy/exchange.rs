@@ -101,9 +101,8 @@ pub(crate) async fn read_head(
 
 /// One whole exchange for a request already complete in `request` (head and body): sends it,
 /// skips interim responses, and returns the final head with a reader for its body, which
-/// starts in `conn.buf` after `head_end`. The seam fan-out aggregation calls for each of its
-/// steps (tested below; the aggregation issue wires it to routes).
-#[cfg_attr(not(test), allow(dead_code))]
+/// starts in `conn.buf` after `head_end`. Each step of an aggregate is one (`fanout`).
+/// `replayable`: the request may be sent again if the connection closes before any answer.
 pub(crate) async fn exchange(
     conn: &mut UpstreamConn,
     request: &mut Vec<u8>,
@@ -111,6 +110,7 @@ pub(crate) async fn exchange(
     deadline: Instant,
     body_idle: std::time::Duration,
     plan: &mut FieldPlan,
+    replayable: bool,
 ) -> Result<(ResponseHead, BodyReader), ProxyError> {
     let len = request.len();
     let (mut extra, mut iov) = (Vec::new(), Vec::new());
@@ -119,7 +119,7 @@ pub(crate) async fn exchange(
     conn.buf.clear();
     let mut first_byte = None;
     loop {
-        match read_head(conn, is_head, deadline, plan, &mut first_byte, false).await? {
+        match read_head(conn, is_head, deadline, plan, &mut first_byte, replayable).await? {
             HeadRead::Interim(end) => {
                 conn.buf.drain(..end);
             }
@@ -284,11 +284,14 @@ mod tests {
                     deadline,
                     Duration::from_secs(5),
                     &mut plan,
+                    true,
                 )
                 .await?;
                 let mut out = Vec::new();
-                body.collect(&mut conn, resp.head_end, &mut out, 1024)
+                let within = body
+                    .collect(&mut conn, resp.head_end, &mut out, 1024)
                     .await?;
+                assert!(within);
                 Ok::<_, ProxyError>((resp.status, out, body.clean()))
             };
             monoio::join!(step(a), step(b))

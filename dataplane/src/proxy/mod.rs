@@ -26,7 +26,9 @@ mod connector;
 mod context;
 mod downstream;
 mod exchange;
+mod fanout;
 mod relay;
+mod select;
 mod stream;
 mod tunnel;
 
@@ -191,7 +193,19 @@ async fn handle<S: ClientStream>(
         let reply = Reply::Canned(Status::NotFound);
         return down.respond(ctx, req, &head, reply).await;
     };
-    match &route.action {
+    let choice = if route.variants.is_empty() {
+        select::Choice {
+            action: &route.action,
+            rewrite: route.rewrite.as_ref(),
+            shape: route.shape.as_ref(),
+        }
+    } else {
+        if !route.vary.is_empty() {
+            push_field(&mut req.response_fields, b"Vary", &route.vary);
+        }
+        select::choose(snap, route, &down.buf, &head, req.policy.consumer)
+    };
+    match choice.action {
         RouteAction::Respond {
             status,
             bytes,
@@ -206,14 +220,44 @@ async fn handle<S: ClientStream>(
         }
         RouteAction::Proxy { upstream } => {
             req.upstream = Some(*upstream as u32);
+            if let Some(t) = choice.rewrite {
+                let params = select::params(route, head.path(&down.buf));
+                let values = select::RequestValues {
+                    params: &params,
+                    query: None,
+                    steps: &[],
+                };
+                if crate::shape::fill(t, &values, &mut req.rewritten).is_err() {
+                    // A parameter with a malformed percent-escape.
+                    return down.fail(req, ErrorKind::BadRequest).await;
+                }
+            }
+            if choice.shape.is_some() {
+                // Shaping needs the body as the upstream made it.
+                let fields = (head.fields_start, head.fields_end);
+                policy::drop_named(
+                    &down.buf,
+                    fields.0,
+                    fields.1,
+                    b"accept-encoding",
+                    &mut req.policy.drops,
+                );
+                req.policy
+                    .extra
+                    .extend_from_slice(b"Accept-Encoding: identity\r\n");
+            }
             let target = ctx.pick_target(snap, *upstream);
-            proxy(ctx, down, req, &head, route, target, peer.ip).await
+            proxy(ctx, down, req, &head, route, target, peer.ip, choice.shape).await
+        }
+        RouteAction::Aggregate { aggregate } => {
+            fanout::aggregate(ctx, snap, down, req, &head, route, *aggregate, peer.ip).await
         }
     }
 }
 
-/// Forwards the request to `target` and relays the response; `peer` is the address the
-/// connection came from (appended to `X-Forwarded-For`).
+/// Forwards the request to `target` and relays the response (reshaped by `shape`, if any);
+/// `peer` is the address the connection came from (appended to `X-Forwarded-For`).
+#[allow(clippy::too_many_arguments)]
 async fn proxy<S: ClientStream>(
     ctx: &WorkerCtx,
     down: &mut Downstream<S>,
@@ -222,6 +266,7 @@ async fn proxy<S: ClientStream>(
     route: &Route,
     target: std::net::SocketAddr,
     peer: std::net::IpAddr,
+    shape: Option<&common::aggregate::Shape>,
 ) -> Next {
     // Body bytes that arrived with the head go out in the same write.
     let buffered = &down.buf[head.head_end..];
@@ -260,6 +305,7 @@ async fn proxy<S: ClientStream>(
         head,
         &down.req_plan,
         route.strip_prefix_len,
+        (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
         peer,
         down.stream.scheme().as_bytes(),
         &req.policy.extra,
@@ -367,15 +413,33 @@ async fn proxy<S: ClientStream>(
     }
     let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
     let reusable = resp.reusable && !head.http10;
-    let relayed = relay::relay_response(
-        down,
-        req,
-        &mut session.conn,
-        &resp,
-        head.http10,
-        close_client,
-    )
-    .await;
+    let relayed = match shape {
+        Some(shape) if !is_head => {
+            let metrics = &ctx.metrics;
+            relay::relay_shaped(
+                down,
+                req,
+                &mut session.conn,
+                &resp,
+                head.http10,
+                close_client,
+                shape,
+                metrics,
+            )
+            .await
+        }
+        _ => {
+            relay::relay_response(
+                down,
+                req,
+                &mut session.conn,
+                &resp,
+                head.http10,
+                close_client,
+            )
+            .await
+        }
+    };
     match relayed {
         Ok(clean) => {
             let outcome = if clean && reusable {

@@ -13,12 +13,15 @@ use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, Span};
-use crate::error::{ErrorKind, ProxyError};
+use crate::error::{ErrorKind, ProxyError, SkipReason};
 use crate::forward::response_pieces;
 use crate::gather::write_gathered;
 use crate::io::ReadError;
+use crate::metrics::WorkerMetrics;
 use crate::policy;
+use crate::shape::{self, is_json_type};
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
+use common::aggregate::Shape;
 
 /// Reads a response body from its upstream connection, piece by piece.
 #[derive(Debug)]
@@ -121,17 +124,16 @@ impl BodyReader {
     }
 
     /// Reads the whole rest of the body, appending its content to `out` (chunked framing
-    /// removed), failing when the body on the wire exceeds `max` bytes (a fan-out step's
-    /// bound). `conn.buf` must still hold the head and the first body bytes.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// removed). `Ok(false)`: the body on the wire is larger than `max` bytes (a fan-out
+    /// step's bound), and reading stopped there. `conn.buf` must still hold the head and the
+    /// first body bytes.
     pub async fn collect(
         &mut self,
         conn: &mut UpstreamConn,
         head_end: usize,
         out: &mut Vec<u8>,
         max: usize,
-    ) -> Result<(), ProxyError> {
-        let too_big = ProxyError::new(ErrorKind::UpstreamMalformed);
+    ) -> Result<bool, ProxyError> {
         let mut raw = Vec::new();
         let wire = if self.kind == BodyKind::Chunked {
             &mut raw
@@ -140,19 +142,19 @@ impl BodyReader {
         };
         let start = wire.len();
         if self.first > max {
-            return Err(too_big);
+            return Ok(false);
         }
         wire.extend_from_slice(&conn.buf[head_end..head_end + self.first]);
         while let Some(n) = self.next(conn).await? {
             if wire.len() - start + n > max {
-                return Err(too_big);
+                return Ok(false);
             }
             wire.extend_from_slice(&conn.buf[..n]);
         }
         if self.kind == BodyKind::Chunked {
             crate::codec::chunked::decode_validated(&raw, out);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -173,6 +175,49 @@ pub(crate) fn replace_request_id(
     policy::drop_field(buf, resp.request_id, fields, b"x-request-id", drops);
 }
 
+/// Writes into `down.scratch` the fields the gateway adds to a relayed response, ending with
+/// the blank line: connection management towards this client only, the request id, the
+/// route's own fields (`Vary`), the CORS fields of a cors policy (which replace any the
+/// upstream sent), and `Content-Length` for a body the gateway rewrote.
+fn response_tail<S>(
+    down: &mut Downstream<S>,
+    req: &RequestCtx,
+    buf: &[u8],
+    resp: &ResponseHead,
+    http10: bool,
+    close_client: bool,
+    content_length: Option<usize>,
+) -> Span {
+    down.scratch.clear();
+    if !req.policy.response_extra.is_empty() {
+        down.scratch.extend_from_slice(&req.policy.response_extra);
+        policy::drop_cors_fields(
+            buf,
+            resp.fields_start,
+            resp.fields_end,
+            &mut down.resp_plan.drop,
+        );
+    }
+    replace_request_id(&mut down.scratch, &mut down.resp_plan.drop, buf, resp, req);
+    down.scratch.extend_from_slice(&req.response_fields);
+    if let Some(n) = content_length {
+        down.scratch.extend_from_slice(b"Content-Length: ");
+        crate::access_log::push_u64(&mut down.scratch, n as u64);
+        down.scratch.extend_from_slice(b"\r\n");
+    }
+    if close_client {
+        down.scratch.extend_from_slice(b"Connection: close\r\n");
+    } else if http10 {
+        down.scratch
+            .extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    down.scratch.extend_from_slice(b"\r\n");
+    Span {
+        start: 0,
+        end: down.scratch.len(),
+    }
+}
+
 /// Sends the response head (minus hop-by-hop fields, plus the gateway's own) and its body to
 /// the client. `Ok(true)`: the body ended exactly where the framing said and the upstream
 /// connection is clean. On `Err`, `req.status` says whether the head went out (0: nothing was
@@ -190,37 +235,7 @@ pub(crate) async fn relay_response<S: ClientStream>(
         req.fail(ErrorKind::ClientClosed);
         return Err(ErrorKind::ClientClosed.into());
     }
-    // Fields the gateway adds: connection management towards this client only, the request
-    // id, and the CORS fields of a cors policy (which replace any the upstream sent).
-    down.scratch.clear();
-    if !req.policy.response_extra.is_empty() {
-        down.scratch.extend_from_slice(&req.policy.response_extra);
-        policy::drop_cors_fields(
-            &conn.buf,
-            resp.fields_start,
-            resp.fields_end,
-            &mut down.resp_plan.drop,
-        );
-    }
-    replace_request_id(
-        &mut down.scratch,
-        &mut down.resp_plan.drop,
-        &conn.buf,
-        resp,
-        req,
-    );
-    if close_client {
-        down.scratch.extend_from_slice(b"Connection: close\r\n");
-    } else if http10 {
-        down.scratch
-            .extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    down.scratch.extend_from_slice(b"\r\n");
-    let tail = Span {
-        start: 0,
-        end: down.scratch.len(),
-    };
-
+    let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
     let pieces = response_pieces(resp, &down.resp_plan, tail, body.first());
     let sent = write_gathered(
@@ -248,4 +263,121 @@ pub(crate) async fn relay_response<S: ClientStream>(
         }
     }
     Ok(body.clean())
+}
+
+/// Like [`relay_response`], for a route with a `response` shape: a 2xx identity-encoded JSON
+/// answer within `max_bytes` is read whole, reshaped and sent with its new length (its
+/// `ETag` dropped, since the body changed); any other answer is relayed unchanged and counted
+/// in `gateway_transform_skipped_total`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn relay_shaped<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    conn: &mut UpstreamConn,
+    resp: &ResponseHead,
+    http10: bool,
+    close_client: bool,
+    shape: &Shape,
+    metrics: &WorkerMetrics,
+) -> Result<bool, ProxyError> {
+    let (fs, fe) = (resp.fields_start, resp.fields_end);
+    let skip = if !(200..300).contains(&resp.status) {
+        Some(SkipReason::Status)
+    } else if !policy::field_value(&conn.buf, fs, fe, b"content-type").is_some_and(is_json_type) {
+        Some(SkipReason::NotJson)
+    } else if policy::field_value(&conn.buf, fs, fe, b"content-encoding")
+        .is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"))
+    {
+        Some(SkipReason::Compressed)
+    } else if matches!(resp.body, BodyKind::Length(n) if n > shape.max_bytes as u64) {
+        Some(SkipReason::TooLarge)
+    } else {
+        None
+    };
+    if let Some(reason) = skip {
+        metrics.transform_skipped(reason);
+        return relay_response(down, req, conn, resp, http10, close_client).await;
+    }
+    if client_left(down, req) {
+        req.fail(ErrorKind::ClientClosed);
+        return Err(ErrorKind::ClientClosed.into());
+    }
+    // The head and the body's bytes as they came on the wire: relayed as they are when the
+    // body turns out too large or not JSON (a reader started on them resumes where this one
+    // stopped).
+    let head_end = resp.head_end;
+    let mut reader = BodyReader::start(resp, &conn.buf, down.timeouts.upstream_body)?;
+    let mut wire = conn.buf[..head_end + reader.first()].to_vec();
+    let mut over = wire.len() - head_end > shape.max_bytes;
+    while !over {
+        match reader.next(conn).await? {
+            Some(n) => {
+                wire.extend_from_slice(&conn.buf[..n]);
+                over = wire.len() - head_end > shape.max_bytes;
+            }
+            None => break,
+        }
+    }
+    let clean = reader.clean();
+    let shaped = if over {
+        Err(SkipReason::TooLarge)
+    } else {
+        let mut decoded = Vec::new();
+        let content = if resp.body == BodyKind::Chunked {
+            crate::codec::chunked::decode_validated(&wire[head_end..], &mut decoded);
+            &decoded[..]
+        } else {
+            &wire[head_end..]
+        };
+        match serde_json::from_slice::<serde_json::Value>(content) {
+            Err(_) => Err(SkipReason::InvalidJson),
+            Ok(v) => match shape::apply(shape, v) {
+                Ok(v) => Ok(serde_json::to_vec(&v).unwrap_or_default()),
+                Err(_) => Err(SkipReason::TargetMissing),
+            },
+        }
+    };
+    conn.buf = wire;
+    let mut body = match shaped {
+        Ok(body) => body,
+        Err(reason) => {
+            metrics.transform_skipped(reason);
+            return relay_response(down, req, conn, resp, http10, close_client).await;
+        }
+    };
+    for name in [&b"content-length"[..], b"transfer-encoding", b"etag"] {
+        policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
+    }
+    let tail = response_tail(
+        down,
+        req,
+        &conn.buf,
+        resp,
+        http10,
+        close_client,
+        Some(body.len()),
+    );
+    let pieces = response_pieces(resp, &down.resp_plan, tail, 0);
+    let sent = write_gathered(
+        &mut down.stream,
+        &mut conn.buf,
+        &mut down.scratch,
+        &mut down.iov,
+        pieces,
+    )
+    .await;
+    let n = match sent {
+        Ok(n) => n,
+        Err(_) => {
+            req.fail(ErrorKind::ClientClosed);
+            return Err(ErrorKind::ClientClosed.into());
+        }
+    };
+    req.status = resp.status;
+    req.bytes_out += n as u64;
+    let len = body.len();
+    if down.send(req, &mut body, 0..len).await.is_err() {
+        return Err(ErrorKind::ClientClosed.into());
+    }
+    Ok(clean)
 }

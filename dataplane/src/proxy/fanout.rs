@@ -1,0 +1,708 @@
+//! Fan-out aggregation: one client request answered by several upstream requests (steps)
+//! whose JSON answers are merged into one object.
+//!
+//! Steps run concurrently on the worker, each an [`exchange`] on a session from the
+//! [`Connector`] (pooled like any proxied request); a step with `after` starts once those
+//! steps have answered. Each step is bounded by its `timeout_ms` and by the aggregate's
+//! `deadline_ms`, so the answer never waits past the deadline. The first failed required step
+//! (in step order) ends the aggregate at once: the steps still running are dropped, which
+//! cancels their I/O and closes their connections.
+//!
+//! Not the plain proxy path: an aggregate parses and writes JSON and allocates per request.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use common::aggregate::Aggregate;
+use common::{Route, Snapshot};
+use serde_json::{json, Map, Value};
+
+use super::connector::{Connector, Outcome};
+use super::context::RequestCtx;
+use super::downstream::{Downstream, Next, BODY_BUF};
+use super::exchange::exchange;
+use super::select::{params, query_of, RequestValues};
+use super::stream::ClientStream;
+use crate::codec::chunked::ChunkedDecoder;
+use crate::codec::request::RequestHead;
+use crate::codec::{BodyKind, FieldPlan};
+use crate::error::{ErrorKind, ProxyError, StepError};
+use crate::io::{read_more, ReadError};
+use crate::policy::{each_field, field_value};
+use crate::shape::{self, is_json_type};
+use crate::worker_ctx::WorkerCtx;
+
+/// A failed step.
+#[derive(Debug)]
+struct Failure {
+    error: StepError,
+    /// The status this failure stands for: the step's own for a 4xx, 504 for timeouts, else
+    /// 502.
+    status: u16,
+    /// What the step's upstream answered, if it did.
+    upstream_status: Option<u16>,
+    /// A 4xx answer's JSON body, relayed when the step is required.
+    body: Option<Vec<u8>>,
+    detail: String,
+}
+
+impl Failure {
+    fn new(error: StepError, detail: impl Into<String>) -> Failure {
+        let status = match error {
+            StepError::Timeout | StepError::Deadline => 504,
+            _ => 502,
+        };
+        Failure {
+            error,
+            status,
+            upstream_status: None,
+            body: None,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A step's answer: the raw body (kept to name the other step of a conflict) and its value
+/// after `target`.
+#[derive(Debug)]
+struct Answer {
+    raw: Vec<u8>,
+    value: Value,
+}
+
+type StepOutcome = Result<Answer, Failure>;
+
+/// What every step's request carries, captured from the client's head before its buffer is
+/// reused for the body.
+#[derive(Debug)]
+struct Input {
+    params: Vec<(Box<str>, Vec<u8>)>,
+    query: Option<Vec<u8>>,
+    /// Forwarding and policy fields, each line with its CRLF.
+    fields: Vec<u8>,
+    /// Per step: the client field lines `pass_headers` names.
+    pass: Vec<Vec<u8>>,
+    /// The client's `Content-Type`, for the step that takes the body.
+    content_type: Option<Vec<u8>>,
+    keep_alive: bool,
+    http10: bool,
+    is_head: bool,
+}
+
+impl Input {
+    fn capture<S: ClientStream>(
+        down: &Downstream<S>,
+        req: &RequestCtx,
+        head: &RequestHead,
+        route: &Route,
+        agg: &Aggregate,
+        peer: IpAddr,
+    ) -> Input {
+        let buf = &down.buf[..];
+        let mut fields = Vec::with_capacity(256);
+        fields.extend_from_slice(b"X-Forwarded-For: ");
+        for v in &down.req_plan.xff {
+            fields.extend_from_slice(v.of(buf));
+            fields.extend_from_slice(b", ");
+        }
+        crate::forward::write_ip(&mut fields, peer);
+        fields.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
+        fields.extend_from_slice(down.stream.scheme().as_bytes());
+        fields.extend_from_slice(b"\r\n");
+        if let Some(h) = head.host.filter(|h| !h.is_empty()) {
+            fields.extend_from_slice(b"X-Forwarded-Host: ");
+            fields.extend_from_slice(h.of(buf));
+            fields.extend_from_slice(b"\r\n");
+        }
+        // The consumer header, X-Request-Id and traceparent.
+        fields.extend_from_slice(&req.policy.extra);
+        fields.extend_from_slice(b"Accept-Encoding: identity\r\n");
+        let dropped = |line: crate::codec::Span| {
+            req.policy
+                .drops
+                .iter()
+                .any(|d| d.start <= line.start && line.end <= d.end)
+        };
+        let pass = agg
+            .steps
+            .iter()
+            .map(|s| {
+                let mut out = Vec::new();
+                if s.pass_headers.is_empty() {
+                    return out;
+                }
+                for (line, name, _) in each_field(buf, head.fields_start, head.fields_end) {
+                    let wanted = s
+                        .pass_headers
+                        .iter()
+                        .any(|p| name.eq_ignore_ascii_case(p.as_bytes()));
+                    if wanted && !dropped(line) {
+                        out.extend_from_slice(line.of(buf));
+                    }
+                }
+                out
+            })
+            .collect();
+        Input {
+            params: params(route, head.path(buf)),
+            query: query_of(buf, head).map(<[u8]>::to_vec),
+            fields,
+            pass,
+            content_type: field_value(buf, head.fields_start, head.fields_end, b"content-type")
+                .map(<[u8]>::to_vec),
+            keep_alive: head.keep_alive,
+            http10: head.http10,
+            is_head: head.is_head(buf),
+        }
+    }
+}
+
+/// Answers the request with the aggregate `snap.aggregates[index]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn aggregate<S: ClientStream>(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    route: &Route,
+    index: usize,
+    peer: IpAddr,
+) -> Next {
+    let agg = &snap.aggregates[index];
+    req.aggregate = Some(index as u32);
+    super::add_trace_fields(down, req, head);
+    let input = Input::capture(down, req, head, route, agg, peer);
+    let body = match read_body(down, req, head).await {
+        Ok(b) => b,
+        Err(kind) => {
+            down.linger = kind != ErrorKind::ClientTimeout;
+            return down.fail(req, kind).await;
+        }
+    };
+    let started = Instant::now();
+    let deadline = started + agg.deadline;
+    let results = run_steps(ctx, snap, agg, &input, &body, deadline, peer).await;
+    record(ctx, req, agg, &results);
+    let (status, head_fields, out) = answer(agg, results, req);
+    let mut resp = Vec::with_capacity(160 + head_fields.len());
+    resp.extend_from_slice(b"HTTP/1.1 ");
+    crate::access_log::push_u64(&mut resp, u64::from(status));
+    resp.push(b' ');
+    resp.extend_from_slice(common::reason::phrase(status).as_bytes());
+    resp.extend_from_slice(b"\r\n");
+    resp.extend_from_slice(&head_fields);
+    resp.extend_from_slice(b"Content-Length: ");
+    crate::access_log::push_u64(&mut resp, out.len() as u64);
+    resp.extend_from_slice(b"\r\n");
+    resp.extend_from_slice(&req.policy.response_extra);
+    let body: &[u8] = if input.is_head { b"" } else { &out };
+    down.send_made(
+        ctx,
+        req,
+        status,
+        &resp,
+        body,
+        input.keep_alive,
+        input.http10,
+    )
+    .await
+}
+
+/// Reads the whole request body (within `max_body_bytes`), leaving `down.pos` after it.
+async fn read_body<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+) -> Result<Vec<u8>, ErrorKind> {
+    let mut out = Vec::new();
+    let limit = down.limits.max_body_bytes;
+    let mut decoder = match head.body {
+        BodyKind::None | BodyKind::UntilClose => {
+            down.pos = head.head_end;
+            return Ok(out);
+        }
+        BodyKind::Length(_) => None,
+        BodyKind::Chunked => Some(ChunkedDecoder::new(down.limits.max_header_bytes)),
+    };
+    let mut left = match head.body {
+        BodyKind::Length(n) => n,
+        _ => 1,
+    };
+    down.pos = head.head_end;
+    let mut asked = false;
+    let mut raw = Vec::new();
+    loop {
+        let avail = &down.buf[down.pos..];
+        let take = match decoder.as_mut() {
+            Some(d) => {
+                let k = d.advance(avail).map_err(|_| ErrorKind::BadRequest)?;
+                if d.data_len() > limit {
+                    return Err(ErrorKind::BodyTooLarge);
+                }
+                raw.extend_from_slice(&avail[..k]);
+                if d.is_done() {
+                    left = 0;
+                }
+                k
+            }
+            None => {
+                let k = usize::try_from(left).map_or(avail.len(), |l| l.min(avail.len()));
+                out.extend_from_slice(&avail[..k]);
+                left -= k as u64;
+                k
+            }
+        };
+        down.pos += take;
+        req.bytes_in += take as u64;
+        if left == 0 {
+            break;
+        }
+        if head.expect_continue && !asked {
+            asked = true;
+            down.send_continue(req)
+                .await
+                .map_err(|_| ErrorKind::ClientClosed)?;
+        }
+        let deadline = Instant::now() + down.timeouts.client_body;
+        match read_more(
+            &mut down.stream,
+            &mut down.buf,
+            &mut down.pos,
+            BODY_BUF,
+            deadline,
+        )
+        .await
+        {
+            Ok(0) | Err(ReadError::Io | ReadError::Stalled) => return Err(ErrorKind::ClientClosed),
+            Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
+            Ok(_) => {}
+        }
+    }
+    if decoder.is_some() {
+        crate::codec::chunked::decode_validated(&raw, &mut out);
+    }
+    Ok(out)
+}
+
+type StepFuture<'a> = Pin<Box<dyn Future<Output = StepOutcome> + 'a>>;
+
+/// Runs the steps, each when the steps it waits for have answered; stops at the first
+/// failed required step. A step never started has no result.
+#[allow(clippy::too_many_arguments)]
+async fn run_steps(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    agg: &Aggregate,
+    input: &Input,
+    body: &[u8],
+    deadline: Instant,
+    peer: IpAddr,
+) -> Vec<Option<(Duration, StepOutcome)>> {
+    let n = agg.steps.len();
+    let mut results: Vec<Option<(Duration, StepOutcome)>> = (0..n).map(|_| None).collect();
+    let mut started = vec![false; n];
+    let mut running: Vec<(usize, Instant, StepFuture<'_>)> = Vec::with_capacity(n);
+    let mut path = Vec::new();
+    loop {
+        // Start every step whose `after` steps have all answered (a failed one fails it).
+        let mut progress = true;
+        while progress {
+            progress = false;
+            for j in 0..n {
+                let step = &agg.steps[j];
+                if started[j] || step.after.iter().any(|&d| results[d].is_none()) {
+                    continue;
+                }
+                started[j] = true;
+                progress = true;
+                let failed_dep = step
+                    .after
+                    .iter()
+                    .find(|&&d| matches!(results[d], Some((_, Err(_)))));
+                if let Some(&d) = failed_dep {
+                    let why = format!("step {:?} it waits for failed", agg.steps[d].id);
+                    results[j] = Some((
+                        Duration::ZERO,
+                        Err(Failure::new(StepError::Dependency, why)),
+                    ));
+                    continue;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    let f = Failure::new(StepError::Deadline, "the aggregate's deadline passed");
+                    results[j] = Some((Duration::ZERO, Err(f)));
+                    continue;
+                }
+                let earlier: Vec<Option<&Value>> = results
+                    .iter()
+                    .map(|r| match r {
+                        Some((_, Ok(a))) if !step.after.is_empty() => Some(&a.value),
+                        _ => None,
+                    })
+                    .collect();
+                let values = RequestValues {
+                    params: &input.params,
+                    query: input.query.as_deref(),
+                    steps: &earlier,
+                };
+                path.clear();
+                if let Err(missing) = shape::fill(&step.path, &values, &mut path) {
+                    let f = Failure::new(
+                        StepError::MissingField,
+                        format!("{missing} has no scalar value for the step's path"),
+                    );
+                    results[j] = Some((Duration::ZERO, Err(f)));
+                    continue;
+                }
+                let target = ctx.pick_target(snap, step.upstream);
+                let request = step_request(agg, j, &path, target, input, body);
+                let (budget, own) = {
+                    let left = deadline - now;
+                    if step.timeout < left {
+                        (step.timeout, true)
+                    } else {
+                        (left, false)
+                    }
+                };
+                let fut = call(ctx, snap, agg, j, target, request, peer);
+                let timed = async move {
+                    match monoio::time::timeout(budget, fut).await {
+                        Ok(r) => r,
+                        Err(_) if own => Err(Failure::new(
+                            StepError::Timeout,
+                            format!(
+                                "no whole answer within its timeout_ms ({} ms)",
+                                budget.as_millis()
+                            ),
+                        )),
+                        Err(_) => Err(Failure::new(
+                            StepError::Deadline,
+                            "no whole answer before the aggregate's deadline",
+                        )),
+                    }
+                };
+                running.push((j, now, Box::pin(timed)));
+            }
+        }
+        let required_failed =
+            (0..n).any(|j| agg.steps[j].required && matches!(results[j], Some((_, Err(_)))));
+        if required_failed || running.is_empty() {
+            // Dropping the futures still running cancels their I/O.
+            return results;
+        }
+        let (j, at, out) = std::future::poll_fn(|cx| {
+            for i in 0..running.len() {
+                if let Poll::Ready(out) = running[i].2.as_mut().poll(cx) {
+                    let (j, at, _) = running.swap_remove(i);
+                    return Poll::Ready((j, at, out));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        results[j] = Some((at.elapsed(), out));
+    }
+}
+
+/// The request line and fields of step `j`, then its body.
+fn step_request(
+    agg: &Aggregate,
+    j: usize,
+    path: &[u8],
+    target: std::net::SocketAddr,
+    input: &Input,
+    body: &[u8],
+) -> Vec<u8> {
+    let step = &agg.steps[j];
+    let body: &[u8] = if step.body { body } else { b"" };
+    let mut r = Vec::with_capacity(256 + input.fields.len() + body.len());
+    r.extend_from_slice(step.method.as_bytes());
+    r.push(b' ');
+    r.extend_from_slice(path);
+    r.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    crate::access_log::push_addr(&mut r, target);
+    r.extend_from_slice(b"\r\n");
+    r.extend_from_slice(&input.fields);
+    r.extend_from_slice(&input.pass[j]);
+    let bodiless = matches!(&*step.method, "GET" | "HEAD" | "DELETE" | "OPTIONS");
+    if step.body || !bodiless {
+        if step.body {
+            if let Some(ct) = &input.content_type {
+                r.extend_from_slice(b"Content-Type: ");
+                r.extend_from_slice(ct);
+                r.extend_from_slice(b"\r\n");
+            }
+        }
+        r.extend_from_slice(b"Content-Length: ");
+        crate::access_log::push_u64(&mut r, body.len() as u64);
+        r.extend_from_slice(b"\r\n");
+    }
+    r.extend_from_slice(b"\r\n");
+    r.extend_from_slice(body);
+    r
+}
+
+/// One step's exchange on a pooled or new session, its answer read whole and checked.
+#[allow(clippy::too_many_arguments)]
+async fn call(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    agg: &Aggregate,
+    j: usize,
+    target: std::net::SocketAddr,
+    mut request: Vec<u8>,
+    peer: IpAddr,
+) -> StepOutcome {
+    let step = &agg.steps[j];
+    let t = snap.timeouts;
+    let connector = Connector::new(ctx, target, t.upstream_connect, t.upstream_send);
+    let idempotent = matches!(
+        &*step.method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    );
+    let is_head = &*step.method == "HEAD";
+    let max = agg.max_step_bytes;
+    let mut rc = RequestCtx::new(peer);
+    let mut plan = FieldPlan::default();
+    let attempt = async |session: &mut super::connector::Session, _: &mut RequestCtx| {
+        let head_deadline = Instant::now() + t.upstream_response_head;
+        let conn = &mut session.conn;
+        let (resp, mut reader) = exchange(
+            conn,
+            &mut request,
+            is_head,
+            head_deadline,
+            t.upstream_body,
+            &mut plan,
+            idempotent,
+        )
+        .await?;
+        let (fs, fe) = (resp.fields_start, resp.fields_end);
+        let json = field_value(&conn.buf, fs, fe, b"content-type").is_some_and(is_json_type);
+        let encoded = field_value(&conn.buf, fs, fe, b"content-encoding")
+            .is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"));
+        let mut raw = Vec::new();
+        let within = reader.collect(conn, resp.head_end, &mut raw, max).await?;
+        let clean = within && reader.clean() && resp.reusable;
+        Ok::<_, ProxyError>((resp.status, json, encoded, within, raw, clean))
+    };
+    let (session, (status, json, encoded, within, raw, clean)) =
+        match connector.run(&mut rc, attempt).await {
+            Ok(done) => done,
+            Err((_, e)) => {
+                let mut f = Failure::new(StepError::Upstream, e.kind.label());
+                if e.kind.status() == 504 {
+                    f.status = 504;
+                }
+                return Err(f);
+            }
+        };
+    connector.checkin(
+        session,
+        if clean {
+            Outcome::Reusable
+        } else {
+            Outcome::Done
+        },
+    );
+    if !(200..300).contains(&status) {
+        let mut f = Failure::new(StepError::Status, format!("answered {status}"));
+        f.upstream_status = Some(status);
+        if (400..500).contains(&status) {
+            f.status = status;
+            if json && !encoded && within && serde_json::from_slice::<Value>(&raw).is_ok() {
+                f.body = Some(raw);
+            }
+        }
+        return Err(f);
+    }
+    if !within {
+        return Err(Failure::new(
+            StepError::TooLarge,
+            format!("its answer is larger than max_step_bytes ({max})"),
+        ));
+    }
+    let value = if raw.is_empty() && (status == 204 || is_head) {
+        Value::Object(Map::new())
+    } else if encoded || !json {
+        return Err(Failure::new(
+            StepError::NotJson,
+            "its answer is not identity-encoded application/json",
+        ));
+    } else {
+        match serde_json::from_slice::<Value>(&raw) {
+            Ok(v) => v,
+            Err(e) => return Err(Failure::new(StepError::InvalidJson, e.to_string())),
+        }
+    };
+    match shape::apply_target(&step.shape, value) {
+        Ok(value) => Ok(Answer { raw, value }),
+        Err(_) => Err(Failure::new(
+            StepError::TargetMissing,
+            "its answer has no member at `target`",
+        )),
+    }
+}
+
+/// Per-step metrics and the failed steps for the access log.
+fn record(
+    ctx: &WorkerCtx,
+    req: &mut RequestCtx,
+    agg: &Aggregate,
+    results: &[Option<(Duration, StepOutcome)>],
+) {
+    for (j, r) in results.iter().enumerate() {
+        let Some((took, out)) = r else { continue };
+        let failed = out.as_ref().err().map(|f| f.error);
+        ctx.metrics
+            .step(&agg.id, &agg.steps[j].id, took.as_micros() as u64, failed);
+        if failed.is_some() {
+            req.failed_steps.push(j as u16);
+        }
+    }
+}
+
+/// The status, the head fields (before Content-Length) and the body of the answer.
+fn answer(
+    agg: &Aggregate,
+    mut results: Vec<Option<(Duration, StepOutcome)>>,
+    req: &mut RequestCtx,
+) -> (u16, Vec<u8>, Vec<u8>) {
+    let n = agg.steps.len();
+    // A required step that failed: the first in step order decides.
+    if let Some(j) =
+        (0..n).find(|&j| agg.steps[j].required && matches!(results[j], Some((_, Err(_)))))
+    {
+        let Some((_, Err(f))) = results[j].take() else {
+            unreachable!("checked above")
+        };
+        return step_failed(agg, j, f, req);
+    }
+    let mut merged = Map::new();
+    let mut errors = Vec::new();
+    for j in 0..n {
+        let step = &agg.steps[j];
+        let value = match results[j].take() {
+            Some((_, Ok(a))) => {
+                results[j] = Some((
+                    Duration::ZERO,
+                    Ok(Answer {
+                        raw: a.raw,
+                        value: Value::Null,
+                    }),
+                ));
+                shape::apply_rest(&step.shape, a.value)
+            }
+            Some((_, Err(f))) => {
+                errors.push(error_member(&step.id, &f));
+                continue;
+            }
+            None => continue,
+        };
+        let Value::Object(obj) = value else {
+            let f = Failure::new(
+                StepError::NotAnObject,
+                "its result is not a JSON object; give the step a `group`",
+            );
+            req.failed_steps.push(j as u16);
+            if step.required {
+                return step_failed(agg, j, f, req);
+            }
+            errors.push(error_member(&step.id, &f));
+            continue;
+        };
+        if let Err(path) = shape::merge(&mut merged, obj, agg.on_conflict) {
+            let key = path.join(".");
+            let other = (0..j)
+                .find(|&k| earlier_sets(agg, k, &results[k], &path))
+                .map_or("?", |k| &*agg.steps[k].id);
+            req.fail(ErrorKind::StepConflict);
+            let detail = format!(
+                "steps {other:?} and {:?} both set {key:?} (on_conflict = \"error\")",
+                step.id
+            );
+            let body = json!({
+                "type": "about:blank",
+                "title": "Bad Gateway",
+                "status": 502,
+                "detail": detail,
+                "steps": [other, &*step.id],
+                "key": key,
+            });
+            return problem(502, &body);
+        }
+    }
+    let complete = errors.is_empty();
+    if !complete {
+        merged.insert("_errors".to_owned(), Value::Array(errors));
+    }
+    let mut head = Vec::with_capacity(96);
+    head.extend_from_slice(b"Content-Type: application/json\r\nX-Gateway-Completed: ");
+    head.extend_from_slice(if complete { b"true\r\n" } else { b"false\r\n" });
+    let out = serde_json::to_vec(&Value::Object(merged)).unwrap_or_default();
+    (200, head, out)
+}
+
+/// Whether step `k`'s shaped answer has a value at `path` (to name the other step of a
+/// conflict; runs only then).
+fn earlier_sets(
+    agg: &Aggregate,
+    k: usize,
+    result: &Option<(Duration, StepOutcome)>,
+    path: &[String],
+) -> bool {
+    let Some((_, Ok(a))) = result else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&a.raw) else {
+        return false;
+    };
+    let Ok(v) = shape::apply(&agg.steps[k].shape, v) else {
+        return false;
+    };
+    let path: Vec<Box<str>> = path.iter().map(|p| p.as_str().into()).collect();
+    shape::lookup(&v, &path).is_some()
+}
+
+fn error_member(step: &str, f: &Failure) -> Value {
+    let mut m = json!({"step": step, "status": f.status, "error": f.error.label()});
+    if let Some(s) = f.upstream_status {
+        m["upstream_status"] = json!(s);
+    }
+    m
+}
+
+/// The answer when required step `j` failed: its own 4xx (its JSON body, or problem+json),
+/// else 502 / 504 with problem+json naming the step.
+fn step_failed(
+    agg: &Aggregate,
+    j: usize,
+    f: Failure,
+    req: &mut RequestCtx,
+) -> (u16, Vec<u8>, Vec<u8>) {
+    req.fail(ErrorKind::StepFailed);
+    let step = &agg.steps[j];
+    if let Some(body) = f.body {
+        let mut head = Vec::with_capacity(96);
+        head.extend_from_slice(b"Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
+        return (f.status, head, body);
+    }
+    let body = json!({
+        "type": "about:blank",
+        "title": common::reason::phrase(f.status),
+        "status": f.status,
+        "detail": format!("required step {:?} failed: {}", step.id, f.detail),
+        "step": &*step.id,
+        "error": f.error.label(),
+    });
+    problem(f.status, &body)
+}
+
+fn problem(status: u16, body: &Value) -> (u16, Vec<u8>, Vec<u8>) {
+    let head = b"Content-Type: application/problem+json\r\nX-Gateway-Completed: false\r\n".to_vec();
+    (status, head, serde_json::to_vec(body).unwrap_or_default())
+}

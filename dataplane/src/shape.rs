@@ -1,0 +1,405 @@
+//! JSON reshaping and merging for aggregates and shaped routes, and the filling of
+//! request-target templates. Pure functions over `serde_json::Value`, so the benches and the
+//! unit tests call them directly.
+//!
+//! Not on the plain proxy path: only aggregates and routes with `response` come here, and
+//! they parse JSON, which allocates.
+
+use std::borrow::Cow;
+
+use common::aggregate::{Part, Shape, Template};
+use common::config::OnConflict;
+use serde_json::{Map, Value};
+
+/// Why a shape could not be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeError {
+    /// `target` names a member the value does not have.
+    TargetMissing,
+}
+
+/// The value at `path` (`[]`: the value itself).
+pub fn lookup<'a>(mut v: &'a Value, path: &[Box<str>]) -> Option<&'a Value> {
+    for key in path {
+        v = match v {
+            Value::Object(m) => m.get(&**key)?,
+            Value::Array(a) => a.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+fn take(v: &mut Value, path: &[Box<str>]) -> Option<Value> {
+    let (last, parents) = path.split_last()?;
+    let mut at = v;
+    for key in parents {
+        at = match at {
+            Value::Object(m) => m.get_mut(&**key)?,
+            _ => return None,
+        };
+    }
+    match at {
+        Value::Object(m) => m.remove(&**last),
+        _ => None,
+    }
+}
+
+fn put(dst: &mut Map<String, Value>, path: &[Box<str>], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut at = dst;
+    for key in parents {
+        let slot = at
+            .entry(&**key)
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !slot.is_object() {
+            *slot = Value::Object(Map::new());
+        }
+        let Value::Object(m) = slot else {
+            return;
+        };
+        at = m;
+    }
+    at.insert(last.to_string(), value);
+}
+
+/// `allow`, `deny` and `rename` on one object (arrays apply them to each element).
+fn filter(v: &mut Value, shape: &Shape) {
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(|i| filter(i, shape)),
+        Value::Object(_) => {
+            if !shape.allow.is_empty() {
+                let mut kept = Map::new();
+                for path in shape.allow.iter() {
+                    if let Some(x) = take(v, path) {
+                        put(&mut kept, path, x);
+                    }
+                }
+                *v = Value::Object(kept);
+            }
+            for path in shape.deny.iter() {
+                take(v, path);
+            }
+            if let Value::Object(m) = v {
+                for (from, to) in shape.rename.iter() {
+                    if let Some(x) = m.remove(&**from) {
+                        m.insert(to.to_string(), x);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Applies `shape` in its order: `target`, `allow` / `deny`, `rename`, `group`.
+pub fn apply(shape: &Shape, v: Value) -> Result<Value, ShapeError> {
+    Ok(apply_rest(shape, apply_target(shape, v)?))
+}
+
+/// The first part of a shape: the member `target` names (the value itself without one).
+pub fn apply_target(shape: &Shape, mut v: Value) -> Result<Value, ShapeError> {
+    match &shape.target {
+        Some(t) => take(&mut v, t).ok_or(ShapeError::TargetMissing),
+        None => Ok(v),
+    }
+}
+
+/// The rest of a shape, after `target`: `allow` / `deny`, `rename`, `group`.
+pub fn apply_rest(shape: &Shape, mut v: Value) -> Value {
+    filter(&mut v, shape);
+    if let Some(g) = &shape.group {
+        let mut m = Map::new();
+        m.insert(g.to_string(), v);
+        v = Value::Object(m);
+    }
+    v
+}
+
+/// Merges `src` into `dst`: objects recursively, other values that meet by `policy`.
+/// `Err(path)`: `on_conflict = "error"` and two values met at `path` (outermost key first).
+pub fn merge(
+    dst: &mut Map<String, Value>,
+    src: Map<String, Value>,
+    policy: OnConflict,
+) -> Result<(), Vec<String>> {
+    for (k, v) in src {
+        let Some(existing) = dst.get_mut(&k) else {
+            dst.insert(k, v);
+            continue;
+        };
+        match (existing, v) {
+            (Value::Object(a), Value::Object(b)) => {
+                if let Err(mut path) = merge(a, b, policy) {
+                    path.insert(0, k);
+                    return Err(path);
+                }
+            }
+            (existing, v) => match policy {
+                OnConflict::Error => return Err(vec![k]),
+                OnConflict::First => {}
+                OnConflict::Last => *existing = v,
+                OnConflict::Append => match (existing, v) {
+                    (Value::Array(a), Value::Array(b)) => a.extend(b),
+                    (Value::Array(a), v) => a.push(v),
+                    (existing, v) => {
+                        let old = existing.take();
+                        *existing = Value::Array(vec![old, v]);
+                    }
+                },
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `Content-Type` value names JSON (`application/json`, `*/*+json`).
+pub fn is_json_type(value: &[u8]) -> bool {
+    let essence = value.split(|&b| b == b';').next().unwrap_or(&[]);
+    let essence = crate::codec::trim_ows(essence);
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() > 5
+            && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
+            && essence.contains(&b'/'))
+}
+
+/// Appends `bytes` percent-encoded: every byte but the unreserved ones (RFC 3986 §2.3), so
+/// the result is one path segment or one query value whatever it holds.
+pub fn pct_encode(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed one.
+pub fn pct_decode(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    if !raw.contains(&b'%') {
+        return Some(Cow::Borrowed(raw));
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hi = hex(*raw.get(i + 1)?)?;
+            let lo = hex(*raw.get(i + 2)?)?;
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    Some(Cow::Owned(out))
+}
+
+/// The raw value of query parameter `name` in `query` (the part after `?`).
+pub fn query_param<'a>(query: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    query.split(|&b| b == b'&').find_map(|pair| {
+        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &[][..]),
+        };
+        (k == name).then_some(v)
+    })
+}
+
+/// A scalar JSON value as placeholder text; `None` for null, objects and arrays.
+pub fn scalar_text(v: &Value) -> Option<Cow<'_, [u8]>> {
+    match v {
+        Value::String(s) => Some(Cow::Borrowed(s.as_bytes())),
+        Value::Number(n) => Some(Cow::Owned(n.to_string().into_bytes())),
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { b"true" } else { b"false" })),
+        _ => None,
+    }
+}
+
+/// Where placeholder values come from.
+pub trait Values {
+    /// The route parameter `name`, raw from the request path.
+    fn param(&self, name: &str) -> Option<&[u8]>;
+    /// The client's query string (after `?`), if any.
+    fn query(&self) -> Option<&[u8]>;
+    /// The earlier step `step`'s answer (after its `target`).
+    fn step(&self, step: usize) -> Option<&Value>;
+}
+
+/// Fills `t` into `out`. Values from the client are percent-decoded, then every value is
+/// percent-encoded as one segment or query value. `Err`: the placeholder (as written) whose
+/// value is missing, malformed or not a scalar.
+pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(), String> {
+    for part in t.parts.iter() {
+        let value: Option<Cow<'_, [u8]>> = match part {
+            Part::Literal(l) => {
+                out.extend_from_slice(l.as_bytes());
+                continue;
+            }
+            Part::Param(name) => values.param(name).and_then(pct_decode),
+            Part::Query(name) => values
+                .query()
+                .and_then(|q| query_param(q, name.as_bytes()))
+                .and_then(pct_decode),
+            Part::Step { step, path } => values
+                .step(*step)
+                .and_then(|v| lookup(v, path))
+                .and_then(scalar_text),
+        };
+        match value {
+            Some(v) => pct_encode(&v, out),
+            None => return Err(placeholder_name(part)),
+        }
+    }
+    Ok(())
+}
+
+fn placeholder_name(part: &Part) -> String {
+    match part {
+        Part::Literal(l) => l.to_string(),
+        Part::Param(n) => format!("{{{n}}}"),
+        Part::Query(n) => format!("{{query.{n}}}"),
+        Part::Step { step, path } => format!("{{step {step}: {}}}", path.join(".")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn paths(p: &[&str]) -> Box<[common::aggregate::DotPath]> {
+        p.iter()
+            .map(|s| s.split('.').map(Into::into).collect())
+            .collect()
+    }
+
+    #[test]
+    fn shape_applies_target_then_filters_then_rename_then_group() {
+        let shape = Shape {
+            target: Some(vec!["data".into()].into_boxed_slice()),
+            allow: paths(&["qty", "where.city"]),
+            rename: vec![("qty".into(), "in_stock".into())].into_boxed_slice(),
+            group: Some("stock".into()),
+            ..Shape::default()
+        };
+        let v = json!({"data": {"qty": 3, "cost": 9, "where": {"city": "Oslo", "zip": "1"}}});
+        assert_eq!(
+            apply(&shape, v).unwrap(),
+            json!({"stock": {"in_stock": 3, "where": {"city": "Oslo"}}})
+        );
+        assert_eq!(
+            apply(&shape, json!({"nodata": 1})),
+            Err(ShapeError::TargetMissing)
+        );
+        let deny = Shape {
+            deny: paths(&["cost", "a.b"]),
+            ..Shape::default()
+        };
+        assert_eq!(
+            apply(&deny, json!([{"cost": 1, "x": 2, "a": {"b": 1, "c": 2}}])).unwrap(),
+            json!([{"x": 2, "a": {"c": 2}}])
+        );
+    }
+
+    #[test]
+    fn merge_policies() {
+        let obj = |v: Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let a = || obj(json!({"id": 1, "tags": ["a"], "meta": {"x": 1}}));
+        let b = || obj(json!({"id": 2, "tags": ["b"], "meta": {"y": 2}}));
+        let mut m = a();
+        assert_eq!(
+            merge(&mut m, b(), OnConflict::Error),
+            Err(vec!["id".to_owned()])
+        );
+        let mut m = a();
+        merge(&mut m, obj(json!({"meta": {"y": 2}})), OnConflict::Error).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"id": 1, "tags": ["a"], "meta": {"x": 1, "y": 2}})
+        );
+        let mut m = a();
+        assert_eq!(
+            merge(&mut m, obj(json!({"meta": {"x": 5}})), OnConflict::Error),
+            Err(vec!["meta".to_owned(), "x".to_owned()])
+        );
+        let mut m = a();
+        merge(&mut m, b(), OnConflict::First).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"id": 1, "tags": ["a"], "meta": {"x": 1, "y": 2}})
+        );
+        let mut m = a();
+        merge(&mut m, b(), OnConflict::Last).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"id": 2, "tags": ["b"], "meta": {"x": 1, "y": 2}})
+        );
+        let mut m = a();
+        merge(&mut m, b(), OnConflict::Append).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"id": [1, 2], "tags": ["a", "b"], "meta": {"x": 1, "y": 2}})
+        );
+    }
+
+    struct V(Value);
+    impl Values for V {
+        fn param(&self, name: &str) -> Option<&[u8]> {
+            (name == "id").then_some(&b"a%2Fb c"[..])
+        }
+        fn query(&self) -> Option<&[u8]> {
+            Some(b"lang=en&x=%ZZ")
+        }
+        fn step(&self, step: usize) -> Option<&Value> {
+            (step == 0).then_some(&self.0)
+        }
+    }
+
+    #[test]
+    fn templates_fill_and_encode() {
+        let t = Template {
+            parts: vec![
+                Part::Literal("/i/".into()),
+                Part::Param("id".into()),
+                Part::Literal("/".into()),
+                Part::Step {
+                    step: 0,
+                    path: vec!["p".into(), "sku".into()].into_boxed_slice(),
+                },
+                Part::Literal("?l=".into()),
+                Part::Query("lang".into()),
+            ]
+            .into_boxed_slice(),
+            has_query: true,
+        };
+        let mut out = Vec::new();
+        fill(&t, &V(json!({"p": {"sku": "x/y&z"}})), &mut out).unwrap();
+        assert_eq!(out, b"/i/a%2Fb%20c/x%2Fy%26z?l=en");
+        out.clear();
+        let err = fill(&t, &V(json!({"p": {"sku": {"nested": 1}}})), &mut out).unwrap_err();
+        assert!(err.contains("sku"), "{err}");
+        let bad = Template {
+            parts: vec![Part::Query("x".into())].into_boxed_slice(),
+            has_query: false,
+        };
+        assert!(fill(&bad, &V(Value::Null), &mut out).is_err());
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json_type(b"application/json"));
+        assert!(is_json_type(b"Application/JSON; charset=utf-8"));
+        assert!(is_json_type(b"application/problem+json"));
+        assert!(!is_json_type(b"text/plain"));
+        assert!(!is_json_type(b"+json"));
+    }
+}
