@@ -552,7 +552,7 @@ fn check_cycles(steps: &[Step], at: &str) -> Result<(), ConfigError> {
 /// How a client profile recognises its clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProfileMatch {
-    /// A request field (lower-cased name) with one of the values.
+    /// A request field (name compared case-insensitively) with one of the values.
     Header {
         name: Box<str>,
         values: Box<[Box<str>]>,
@@ -623,13 +623,8 @@ pub fn compile_profile(
                 "at least one value is required",
             ));
         }
-        let name = if kind == "header" {
-            nv.name.to_ascii_lowercase()
-        } else {
-            nv.name.clone()
-        };
         Ok((
-            name.into(),
+            nv.name.as_str().into(),
             nv.values.iter().map(|v| v.as_str().into()).collect(),
         ))
     };

@@ -429,6 +429,8 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
         .chain(items("consumers", &config.consumers, |u| &u.id))
         .chain(items("credentials", &config.credentials, |u| &u.id))
         .chain(items("policies", &config.policies, |p| p.id()))
+        .chain(items("aggregates", &config.aggregates, |a| &a.id))
+        .chain(items("client_profiles", &config.client_profiles, |p| &p.id))
         .collect()
 }
 

@@ -1,0 +1,121 @@
+//! Criterion bench of an aggregate's JSON work per request: three step answers of about
+//! 1 KiB each parsed, shaped (allow, rename, group) and merged into one object, then
+//! written out, the way `fanout` does it for every aggregate request. Also prints the
+//! allocations one merge makes (a counting global allocator).
+//!
+//! Run with `cargo bench -p benches --bench aggregate`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::aggregate::{DotPath, Shape};
+use common::config::OnConflict;
+use criterion::{criterion_group, criterion_main, Criterion};
+use dataplane::shape;
+use serde_json::{json, Map, Value};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged, only counting calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn paths(p: &[&str]) -> Box<[DotPath]> {
+    p.iter()
+        .map(|s| s.split('.').map(Into::into).collect())
+        .collect()
+}
+
+/// Three answers of about 1 KiB: a product, its reviews, its stock.
+fn bodies() -> [Vec<u8>; 3] {
+    let product = json!({
+        "id": "12345", "name": "Desk lamp with a long descriptive name", "price": 39.5,
+        "sku": "LMP-12345", "cost": 11.2, "currency": "EUR",
+        "description": "x".repeat(600),
+        "supplier": {"name": "Acme", "contact": "ops@acme.test", "country": "DE"},
+        "tags": ["lighting", "office", "desk", "led"],
+    });
+    let reviews = json!((0..6)
+        .map(|i| json!({
+            "id": i, "stars": 4 + i % 2, "author": format!("reader-{i}"),
+            "text": "Bright, even light and a sturdy base. Would buy again."
+        }))
+        .collect::<Vec<_>>());
+    let stock = json!({"data": {
+        "sku": "LMP-12345", "qty": 12, "warehouse": "north", "reserved": 3,
+        "locations": (0..12).map(|i| json!({"bin": format!("A-{i:02}"), "qty": i})).collect::<Vec<_>>(),
+        "updated": "2026-12-02T05:00:00Z"
+    }});
+    [product, reviews, stock].map(|v| serde_json::to_vec(&v).unwrap())
+}
+
+fn shapes() -> [Shape; 3] {
+    [
+        Shape {
+            allow: paths(&["id", "name", "price", "sku", "supplier.name"]),
+            ..Shape::default()
+        },
+        Shape {
+            group: Some("reviews".into()),
+            ..Shape::default()
+        },
+        Shape {
+            target: Some(vec!["data".into()].into_boxed_slice()),
+            allow: paths(&["qty", "warehouse"]),
+            rename: vec![("qty".into(), "in_stock".into())].into_boxed_slice(),
+            ..Shape::default()
+        },
+    ]
+}
+
+/// What one aggregate request does with its steps' answers.
+fn merge(bodies: &[Vec<u8>; 3], shapes: &[Shape; 3]) -> Vec<u8> {
+    let mut merged = Map::new();
+    for (body, shape) in bodies.iter().zip(shapes) {
+        let v: Value = serde_json::from_slice(body).unwrap();
+        let v = shape::apply_rest(shape, shape::apply_target(shape, v).unwrap());
+        let Value::Object(obj) = v else {
+            unreachable!("every shape here gives an object")
+        };
+        shape::merge(&mut merged, obj, OnConflict::Error).unwrap();
+    }
+    serde_json::to_vec(&Value::Object(merged)).unwrap()
+}
+
+fn aggregate(c: &mut Criterion) {
+    let bodies = bodies();
+    let shapes = shapes();
+    let sizes: Vec<usize> = bodies.iter().map(Vec::len).collect();
+    let before = ALLOCS.load(Ordering::Relaxed);
+    let out = merge(&bodies, &shapes);
+    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    println!(
+        "merge of 3 step answers ({sizes:?} bytes) into {} bytes: {allocs} allocations",
+        out.len()
+    );
+    c.bench_function("aggregate_merge_3x1k_allow_rename_group", |b| {
+        b.iter(|| merge(&bodies, &shapes))
+    });
+}
+
+criterion_group!(benches, aggregate);
+criterion_main!(benches);

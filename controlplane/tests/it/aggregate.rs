@@ -1,0 +1,790 @@
+//! Fan-out aggregation, path parameters and rewrites, client profiles and variants, and
+//! response shaping, through the real binary: the issue's example config unchanged, steps
+//! that hang, fail, answer 404, return invalid JSON or 5 MB, collide under each conflict
+//! policy; parallel steps taking the time of the slowest; a step using an earlier step's
+//! field; each profile kind; and every resource changed at runtime through the admin API
+//! while a client keeps its connection open.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// What a fake service answers: status, content type, body, delay before answering.
+type Answer = (u16, &'static str, String, u64);
+
+/// A service answering each request with `handler(target, request)`.
+fn service(handler: impl Fn(&str, &Received) -> Answer + Send + Sync + 'static) -> Origin {
+    Origin::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
+        let target = req
+            .request_line()
+            .split(' ')
+            .nth(1)
+            .unwrap_or("")
+            .to_owned();
+        let (status, ctype, body, delay) = handler(&target, req);
+        if delay > 0 {
+            thread::sleep(Duration::from_millis(delay));
+        }
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Keep::Open
+    }))
+}
+
+fn json_ok(body: Value) -> Answer {
+    (200, "application/json", body.to_string(), 0)
+}
+
+/// The three services of the issue's example: catalog, reviews, inventory.
+struct Services {
+    catalog: Origin,
+    reviews: Origin,
+    inventory: Origin,
+}
+
+fn services() -> Services {
+    Services {
+        catalog: service(|target, _| {
+            let id = target
+                .trim_start_matches("/items/")
+                .split('?')
+                .next()
+                .unwrap();
+            json_ok(
+                json!({"id": id, "name": "Lamp", "price": 30, "sku": format!("SKU-{id}"), "cost": 12}),
+            )
+        }),
+        reviews: service(|target, _| json_ok(json!([{"stars": 5, "of": target}]))),
+        inventory: service(|target, _| {
+            let sku = target.trim_start_matches("/stock/");
+            json_ok(json!({"data": {"qty": 7, "warehouse": format!("north-{sku}")}}))
+        }),
+    }
+}
+
+fn upstreams(s: &Services) -> String {
+    format!(
+        r#"
+[[upstreams]]
+id = "catalog"
+targets = [{{ address = "{}" }}]
+
+[[upstreams]]
+id = "reviews"
+targets = [{{ address = "{}" }}]
+
+[[upstreams]]
+id = "inventory"
+targets = [{{ address = "{}" }}]
+"#,
+        s.catalog.addr, s.reviews.addr, s.inventory.addr
+    )
+}
+
+/// The aggregate and route of the issue, verbatim.
+const EXAMPLE: &str = r#"
+[[aggregates]]
+id = "product-page"
+deadline_ms = 1000            # the whole aggregate; default 1000
+on_conflict = "error"         # error | first | last | append: two steps set the same key
+max_step_bytes = 1048576      # default 1 MiB; a bigger step body is that step's failure
+
+[[aggregates.steps]]
+id = "product"
+upstream = "catalog"
+path = "/items/{id}"          # {id}: the route's parameter; query parameters can be used too
+required = true               # default true
+allow = ["id", "name", "price", "sku"]   # or deny = [...]; dot paths reach nested fields
+
+[[aggregates.steps]]
+id = "reviews"
+upstream = "reviews"
+path = "/reviews?product={id}"
+group = "reviews"             # put this step's JSON under this key
+required = false
+timeout_ms = 300
+
+[[aggregates.steps]]
+id = "stock"
+upstream = "inventory"
+path = "/stock/{product.sku}" # a field of the "product" step's response (after its target)
+after = ["product"]           # runs when "product" has answered; others run in parallel
+target = "data"               # first take the object under "data"
+rename = { qty = "in_stock" }
+
+[[routes]]
+id = "product-page"
+path = "/products/{id}"
+methods = ["GET"]
+aggregate = "product-page"    # instead of upstream
+"#;
+
+/// An access log file in a fresh directory, and its `[access_log]` section.
+fn access_log(tag: &str) -> (std::path::PathBuf, String) {
+    let path = temp_dir(tag).join("access.log");
+    let section = format!("\n[access_log]\npath = \"{}\"\n", path.display());
+    (path, section)
+}
+
+/// The first access log line containing `needle` (waits up to 5 s for it).
+fn log_line(path: &std::path::Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needle:?} in {text}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn listener() -> &'static str {
+    "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n"
+}
+
+fn get(c: &mut Client, path: &str, extra: &str) -> Response {
+    c.roundtrip(&format!(
+        "GET {path} HTTP/1.1\r\nHost: shop.test\r\n{extra}\r\n"
+    ))
+}
+
+#[test]
+fn the_example_merges_three_services_with_a_sequential_step() {
+    let s = services();
+    let (log, section) = access_log("aggregate-example");
+    let config = format!("{}{}{EXAMPLE}{section}", listener(), upstreams(&s));
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let r = get(&mut c, "/products/42?lang=en", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.header("X-Gateway-Completed"), Some("true"));
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    assert!(r.header("X-Request-Id").is_some());
+    assert_eq!(
+        r.json(),
+        json!({
+            "id": "42", "name": "Lamp", "price": 30, "sku": "SKU-42",
+            "reviews": [{"stars": 5, "of": "/reviews?product=42"}],
+            "in_stock": 7, "warehouse": "north-SKU-42"
+        })
+    );
+    // The stock step used the product step's field; steps never get the client's query.
+    let stock = s.inventory.wait_requests(1);
+    assert_eq!(stock[0].request_line(), "GET /stock/SKU-42 HTTP/1.1");
+    let product = &s.catalog.wait_requests(1)[0];
+    assert_eq!(product.request_line(), "GET /items/42 HTTP/1.1");
+    assert_eq!(product.header("Host"), Some(&*s.catalog.addr.to_string()));
+    assert_eq!(product.header("X-Forwarded-Host"), Some("shop.test"));
+    assert_eq!(product.header("Accept-Encoding"), Some("identity"));
+    assert_eq!(product.header("X-Request-Id"), r.header("X-Request-Id"));
+    assert!(product.header("traceparent").is_some());
+    // The connection stays usable, and HEAD gets the head only.
+    let r = c.roundtrip("HEAD /products/7 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert!(
+        r.header("Content-Length")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            > 20
+    );
+    // A percent-encoded parameter is decoded, then encoded again as one segment.
+    let r = get(&mut c, "/products/a%2Fb%20c", "");
+    assert_eq!(r.status, 200);
+    let seen = s.catalog.wait_requests(3);
+    assert_eq!(seen[2].request_line(), "GET /items/a%2Fb%20c HTTP/1.1");
+    // Metrics: per step latency, and the access log names the aggregate.
+    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        m.contains("gateway_aggregate_step_duration_seconds_count{aggregate=\"product-page\",step=\"stock\"} 3"),
+        "{m}"
+    );
+    let line = log_line(&log, "\"aggregate\":\"product-page\"");
+    assert!(line.contains("\"failed_steps\":[]"), "{line}");
+}
+
+/// A gateway with one aggregate over `steps` (TOML of `[[aggregates.steps]]`), each step on
+/// its own upstream `u0`, `u1`... served by `origins`.
+fn one_aggregate(
+    origins: &[&Origin],
+    aggregate: &str,
+    steps: &str,
+) -> (Gateway, std::path::PathBuf) {
+    let mut config = listener().to_owned();
+    for (i, o) in origins.iter().enumerate() {
+        config.push_str(&format!(
+            "\n[[upstreams]]\nid = \"u{i}\"\ntargets = [{{ address = \"{}\" }}]\n",
+            o.addr
+        ));
+    }
+    let (log, section) = access_log("aggregate");
+    config.push_str(&format!(
+        "\n[[aggregates]]\nid = \"agg\"\n{aggregate}\n{steps}\n[[routes]]\nid = \"agg\"\npath = \"/agg\"\naggregate = \"agg\"\n{section}"
+    ));
+    (Gateway::start(&config, Driver::IoUring), log)
+}
+
+fn step(id: &str, upstream: usize, extra: &str) -> String {
+    format!("\n[[aggregates.steps]]\nid = \"{id}\"\nupstream = \"u{upstream}\"\npath = \"/{id}\"\n{extra}\n")
+}
+
+#[test]
+fn failing_steps_follow_the_status_rules() {
+    let ok = service(|_, _| json_ok(json!({"a": 1})));
+    let hang = service(|_, _| json_ok(json!({"late": 1})).with_delay(3000));
+    let e500 = service(|_, _| (500, "text/plain", "boom".into(), 0));
+    let e404 = service(|_, _| {
+        (
+            404,
+            "application/json",
+            r#"{"message":"no such item"}"#.into(),
+            0,
+        )
+    });
+    let e404_text = service(|_, _| (404, "text/html", "<h1>nope</h1>".into(), 0));
+    let invalid = service(|_, _| (200, "application/json", "{\"a\": ".into(), 0));
+    let big = service(|_, _| {
+        (
+            200,
+            "application/json",
+            format!("{{\"x\":\"{}\"}}", "y".repeat(5 << 20)),
+            0,
+        )
+    });
+    let text = service(|_, _| (200, "text/plain", "{}".into(), 0));
+    let origins = [&ok, &hang, &e500, &e404, &e404_text, &invalid, &big, &text];
+
+    // Optional steps that fail each way: 200, the others merged, every failure listed.
+    let steps = [
+        step("ok", 0, ""),
+        step("hang", 1, "required = false\ntimeout_ms = 300"),
+        step("e500", 2, "required = false"),
+        step("e404", 3, "required = false"),
+        step("invalid", 5, "required = false"),
+        step("big", 6, "required = false"),
+        step("text", 7, "required = false"),
+    ]
+    .concat();
+    let (gw, log) = one_aggregate(&origins, "max_step_bytes = 1048576", &steps);
+    let mut c = gw.connect();
+    let started = Instant::now();
+    let r = get(&mut c, "/agg", "");
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.header("X-Gateway-Completed"), Some("false"));
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let body = r.json();
+    assert_eq!(body["a"], 1);
+    let errors: Vec<(String, u64, String)> = body["_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_owned(),
+                e["status"].as_u64().unwrap(),
+                e["error"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("hang", 504, "timeout"),
+        ("e500", 502, "status"),
+        ("e404", 404, "status"),
+        ("invalid", 502, "invalid_json"),
+        ("big", 502, "too_large"),
+        ("text", 502, "not_json"),
+    ];
+    assert_eq!(
+        errors,
+        want.iter()
+            .map(|(a, b, c)| (a.to_string(), *b, c.to_string()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(body["_errors"][1]["upstream_status"], 500);
+    let line = log_line(&log, "\"failed_steps\":[\"hang\"");
+    assert!(line.contains("\"status\":200"), "{line}");
+    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        m.contains("gateway_aggregate_step_failures_total{aggregate=\"agg\",step=\"big\",kind=\"too_large\"} 1"),
+        "{m}"
+    );
+    drop(gw);
+
+    // Required steps: each failure decides the answer.
+    let cases: [(&str, usize, u16, &str); 6] = [
+        ("hang", 1, 504, "timeout"),
+        ("e500", 2, 502, "status"),
+        ("invalid", 5, 502, "invalid_json"),
+        ("big", 6, 502, "too_large"),
+        ("text", 7, 502, "not_json"),
+        ("e404", 4, 404, "status"),
+    ];
+    for (id, upstream, status, error) in cases {
+        let steps = [step("ok", 0, ""), step(id, upstream, "timeout_ms = 300")].concat();
+        let (gw, _) = one_aggregate(&origins, "", &steps);
+        let r = get(&mut gw.connect(), "/agg", "");
+        assert_eq!(r.status, status, "{id}: {}", r.body_str());
+        assert_eq!(r.header("X-Gateway-Completed"), Some("false"));
+        assert_eq!(
+            r.header("Content-Type"),
+            Some("application/problem+json"),
+            "{id}"
+        );
+        let p = r.json();
+        assert_eq!(p["step"], id);
+        assert_eq!(p["error"], error);
+        assert_eq!(p["status"], status);
+        assert!(p["detail"].as_str().unwrap().contains(id));
+    }
+    // A required 404 with a JSON body: that status and that body.
+    let steps = [step("ok", 0, ""), step("e404", 3, "")].concat();
+    let (gw, _) = one_aggregate(&origins, "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json(), json!({"message": "no such item"}));
+
+    // The deadline bounds everything, whatever the step timeouts say.
+    let steps = [step("ok", 0, ""), step("hang", 1, "timeout_ms = 5000")].concat();
+    let (gw, _) = one_aggregate(&origins, "deadline_ms = 400", &steps);
+    let started = Instant::now();
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"], "deadline");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}
+
+trait WithDelay {
+    fn with_delay(self, ms: u64) -> Answer;
+}
+
+impl WithDelay for Answer {
+    fn with_delay(mut self, ms: u64) -> Answer {
+        self.3 = ms;
+        self
+    }
+}
+
+#[test]
+fn parallel_steps_take_the_time_of_the_slowest() {
+    let slow =
+        |ms: u64| service(move |_, _| json_ok(json!({ format!("k{ms}"): ms })).with_delay(ms));
+    let (a, b, c) = (slow(100), slow(200), slow(300));
+    let steps = [step("a", 0, ""), step("b", 1, ""), step("c", 2, "")].concat();
+    let (gw, _) = one_aggregate(&[&a, &b, &c], "", &steps);
+    let mut client = gw.connect();
+    // Warm the pools, then time.
+    get(&mut client, "/agg", "");
+    let started = Instant::now();
+    let r = get(&mut client, "/agg", "");
+    let took = started.elapsed();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"k100": 100, "k200": 200, "k300": 300}));
+    // One after another would take 600 ms.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(500),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn conflicts_follow_on_conflict() {
+    let one = service(|_, _| json_ok(json!({"id": 1, "tags": ["a"], "meta": {"x": 1}})));
+    let two = service(|_, _| json_ok(json!({"id": 2, "tags": ["b"], "meta": {"y": 2}})));
+    let steps = [step("one", 0, ""), step("two", 1, "")].concat();
+    let cases = [
+        (
+            "first",
+            json!({"id": 1, "tags": ["a"], "meta": {"x": 1, "y": 2}}),
+        ),
+        (
+            "last",
+            json!({"id": 2, "tags": ["b"], "meta": {"x": 1, "y": 2}}),
+        ),
+        (
+            "append",
+            json!({"id": [1, 2], "tags": ["a", "b"], "meta": {"x": 1, "y": 2}}),
+        ),
+    ];
+    for (policy, want) in cases {
+        let (gw, _) = one_aggregate(
+            &[&one, &two],
+            &format!("on_conflict = \"{policy}\""),
+            &steps,
+        );
+        let r = get(&mut gw.connect(), "/agg", "");
+        assert_eq!(r.status, 200, "{policy}");
+        assert_eq!(r.json(), want, "{policy}");
+    }
+    let (gw, log) = one_aggregate(&[&one, &two], "on_conflict = \"error\"", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 502);
+    let p = r.json();
+    assert_eq!(p["steps"], json!(["one", "two"]));
+    assert_eq!(p["key"], "id");
+    let line = log_line(&log, "\"error\":\"step_conflict\"");
+    assert!(line.contains("\"status\":502"), "{line}");
+}
+
+/// Profiles of every kind, their variants, and Vary.
+const PROFILES: &str = r#"
+[[consumers]]
+id = "acme"
+groups = ["partners"]
+
+[[credentials]]
+id = "acme-key"
+consumer = "acme"
+kind = "api_key"
+key = "acme-key-0123"
+
+[[policies]]
+id = "keys"
+kind = "api_key"
+
+[[client_profiles]]
+id = "partner"
+consumer_groups = ["partners"]
+
+[[client_profiles]]
+id = "mobile"
+header = { name = "X-Client", values = ["ios", "android"] }
+
+[[client_profiles]]
+id = "iphone"
+user_agent = ["*iPhone*"]
+
+[[client_profiles]]
+id = "compact"
+query = { name = "view", values = ["compact"] }
+
+[[aggregates]]
+id = "mobile-page"
+[[aggregates.steps]]
+id = "product"
+upstream = "catalog"
+path = "/items/{id}"
+allow = ["id", "name"]
+
+[[routes]]
+id = "variants"
+path = "/products/{id}"
+aggregate = "product-page"
+policies = ["keys"]
+variants = [
+  { profile = "partner", upstream = "catalog", rewrite = "/items/{id}", response = { deny = ["cost"] } },
+  { profile = "mobile", aggregate = "mobile-page" },
+  { profile = "iphone", upstream = "catalog", rewrite = "/items/{id}", response = { allow = ["name"], rename = { name = "title" } } },
+  { profile = "compact", upstream = "catalog", rewrite = "/items/{id}", response = { allow = ["id"], group = "item" } },
+]
+"#;
+
+#[test]
+fn each_profile_kind_selects_its_variant() {
+    let s = services();
+    let config = format!("{}{}{EXAMPLE}{PROFILES}", listener(), upstreams(&s))
+        .replace("path = \"/products/{id}\"\nmethods = [\"GET\"]\naggregate = \"product-page\"    # instead of upstream", "path = \"/p/{id}\"\naggregate = \"product-page\"");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let key = "X-Api-Key: acme-key-0123\r\n";
+    // The partner (consumer group) gets the catalog's item without its cost.
+    let r = get(&mut c, "/products/5", key);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        r.json(),
+        json!({"id": "5", "name": "Lamp", "price": 30, "sku": "SKU-5"})
+    );
+    assert_eq!(r.header("Vary"), Some("X-Api-Key, X-Client, User-Agent"));
+    assert!(r.header("X-Gateway-Completed").is_none());
+    assert_eq!(
+        s.catalog.requests().last().unwrap().request_line(),
+        "GET /items/5 HTTP/1.1"
+    );
+    // Without the key: the policy refuses first, whatever the profile.
+    let r = get(&mut c, "/products/5", "X-Client: ios\r\n");
+    assert_eq!(r.status, 401);
+    // The other kinds, with a consumer outside the partner group (the partner variant comes
+    // first). A header profile: the mobile aggregate.
+    let config2 = config.replace(
+        "id = \"acme\"\ngroups = [\"partners\"]",
+        "id = \"acme\"\ngroups = [\"others\"]",
+    );
+    drop(c);
+    drop(gw);
+    let gw = Gateway::start(&config2, Driver::IoUring);
+    let mut c = gw.connect();
+    let r = get(
+        &mut c,
+        "/products/6",
+        &format!("{key}X-Client: android\r\n"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"id": "6", "name": "Lamp"}));
+    assert_eq!(r.header("X-Gateway-Completed"), Some("true"));
+    assert_eq!(r.header("Vary"), Some("X-Api-Key, X-Client, User-Agent"));
+    // A User-Agent profile.
+    let r = get(
+        &mut c,
+        "/products/6",
+        &format!("{key}User-Agent: Mozilla/5.0 (iPhone; CPU)\r\n"),
+    );
+    assert_eq!(r.json(), json!({"title": "Lamp"}));
+    // A query profile.
+    let r = get(&mut c, "/products/6?view=compact", key);
+    assert_eq!(r.json(), json!({"item": {"id": "6"}}));
+    // None: the route's own aggregate.
+    let r = get(&mut c, "/products/6", key);
+    assert_eq!(r.header("X-Gateway-Completed"), Some("true"));
+    assert_eq!(r.json()["in_stock"], 7);
+}
+
+#[test]
+fn path_parameters_rewrites_and_response_shapes() {
+    let svc = service(|target, _| match target {
+        t if t.starts_with("/text") => (200, "text/plain", "{\"cost\":1}".into(), 0),
+        t if t.starts_with("/big") => (
+            200,
+            "application/json",
+            format!("{{\"cost\":\"{}\"}}", "x".repeat(4096)),
+            0,
+        ),
+        t if t.starts_with("/missing") => (404, "application/json", "{\"cost\":1}".into(), 0),
+        t => json_ok(json!({"target": t, "cost": 9, "nested": {"secret": 1, "ok": 2}})),
+    });
+    let config = format!(
+        r#"{}
+[[upstreams]]
+id = "svc"
+targets = [{{ address = "{}" }}]
+
+[[routes]]
+id = "exact"
+path = "/users/me"
+respond = {{ status = 200, body = "me" }}
+
+[[routes]]
+id = "user"
+path = "/users/{{id}}"
+upstream = "svc"
+rewrite = "/v2/accounts/{{id}}"
+response = {{ deny = ["cost", "nested.secret"], max_bytes = 1024 }}
+
+[[routes]]
+id = "orders"
+path = "/users/{{id}}/orders/{{order}}"
+upstream = "svc"
+rewrite = "/orders/{{order}}?user={{id}}"
+
+[[routes]]
+id = "other"
+path_prefix = "/"
+upstream = "svc"
+response = {{ allow = ["target"], max_bytes = 1024 }}
+"#,
+        listener(),
+        svc.addr
+    );
+    // `?` in a rewrite is refused: the client's query is kept instead.
+    let gw = Gateway::start(
+        &config.replace("/orders/{order}?user={id}", "/orders/{order}"),
+        Driver::IoUring,
+    );
+    let mut c = gw.connect();
+    assert_eq!(get(&mut c, "/users/me", "").body_str(), "me");
+    let r = get(&mut c, "/users/17?x=1", "Accept-Encoding: gzip\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"target": "/v2/accounts/17?x=1", "nested": {"ok": 2}})
+    );
+    assert_eq!(r.header("Content-Length"), Some(&*r.body.len().to_string()));
+    let seen = svc.requests();
+    assert_eq!(
+        seen.last().unwrap().header("Accept-Encoding"),
+        Some("identity")
+    );
+    let r = get(&mut c, "/users/17/orders/9", "");
+    assert_eq!(r.json()["target"], "/orders/9");
+    // Not JSON, too large, not 2xx: relayed unchanged and counted.
+    let r = get(&mut c, "/text", "");
+    assert_eq!(r.body_str(), "{\"cost\":1}");
+    let r = get(&mut c, "/big", "");
+    assert!(r.body.len() > 4096);
+    let r = get(&mut c, "/missing", "");
+    assert_eq!((r.status, r.body_str()), (404, "{\"cost\":1}"));
+    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    for reason in ["not_json", "too_large", "status"] {
+        assert!(
+            m.contains(&format!(
+                "gateway_transform_skipped_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {m}"
+        );
+    }
+}
+
+#[test]
+fn everything_changes_at_runtime_through_the_admin_api() {
+    let s = services();
+    let gw = Gateway::start(&format!("{}{}", listener(), upstreams(&s)), Driver::IoUring);
+    // One client connection kept open throughout.
+    let mut c = gw.connect();
+    assert_eq!(get(&mut c, "/products/1", "").status, 404);
+
+    let aggregate = json!({
+        "steps": [
+            {"id": "product", "upstream": "catalog", "path": "/items/{id}", "allow": ["id", "name"]},
+            {"id": "stock", "upstream": "inventory", "path": "/stock/{product.sku}", "after": ["product"]}
+        ]
+    });
+    // Validation: a field of a step not in `after`, with the JSON pointer of the field.
+    let mut bad = aggregate.clone();
+    bad["steps"][1]["after"] = json!([]);
+    let r = gw.admin("PUT", "/v1/aggregates/page", Some(&bad.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert_eq!(r.json()["pointer"], "/steps/1/path", "{}", r.body_str());
+    // A cycle.
+    let mut cyc = aggregate.clone();
+    cyc["steps"][0]["after"] = json!(["stock"]);
+    let r = gw.admin("PUT", "/v1/aggregates/page", Some(&cyc.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    // Dry run changes nothing.
+    let r = gw.admin(
+        "PUT",
+        "/v1/aggregates/page?dry_run=true",
+        Some(&aggregate.to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(gw.admin("GET", "/v1/aggregates/page", None).status, 404);
+    let r = gw.admin("PUT", "/v1/aggregates/page", Some(&aggregate.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let etag = r
+        .header("ETag")
+        .unwrap_or_else(|| panic!("{}", r.head))
+        .to_owned();
+    // The stock step reads the product's sku although `allow` leaves it out of the answer:
+    // `{step.field}` sees a step's answer after its `target` only.
+    let route = json!({"path": "/products/{id}", "aggregate": "page"});
+    let r = gw.admin("PUT", "/v1/routes/page", Some(&route.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let r = get(&mut c, "/products/3", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        r.json(),
+        json!({"id": "3", "name": "Lamp", "data": {"qty": 7, "warehouse": "north-SKU-3"}})
+    );
+    // A route using an unknown route parameter is refused, naming it.
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/bad",
+        Some(&json!({"path": "/x/{other}", "aggregate": "page"}).to_string()),
+    );
+    assert_eq!(r.status, 422);
+    assert!(r.body_str().contains("{id}"), "{}", r.body_str());
+    // If-Match with a stale tag: 412; with the current one: the change applies.
+    let mut changed = aggregate.clone();
+    changed["steps"][1]["target"] = json!("data");
+    changed["steps"][1]["rename"] = json!({"qty": "in_stock"});
+    let r = gw.admin_with(
+        "PUT",
+        "/v1/aggregates/page",
+        Some(&changed.to_string()),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("If-Match", "\"stale\""),
+        ],
+    );
+    assert_eq!(r.status, 412);
+    let r = gw.admin_with(
+        "PUT",
+        "/v1/aggregates/page",
+        Some(&changed.to_string()),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("If-Match", &etag),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let r = get(&mut c, "/products/3", "");
+    assert_eq!(
+        r.json(),
+        json!({"id": "3", "name": "Lamp", "in_stock": 7, "warehouse": "north-SKU-3"})
+    );
+    // Profiles and variants at runtime.
+    let r = gw.admin(
+        "PUT",
+        "/v1/client_profiles/mobile",
+        Some(&json!({"header": {"name": "X-Client", "values": ["ios"]}}).to_string()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let r = gw.admin(
+        "PUT",
+        "/v1/client_profiles/twice",
+        Some(
+            &json!({"header": {"name": "X-Client", "values": ["ios"]}, "user_agent": ["*"]})
+                .to_string(),
+        ),
+    );
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    let route = json!({"path": "/products/{id}", "aggregate": "page", "variants": [
+        {"profile": "mobile", "upstream": "catalog", "rewrite": "/items/{id}", "response": {"allow": ["name"]}}
+    ]});
+    let r = gw.admin("PUT", "/v1/routes/page", Some(&route.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let r = get(&mut c, "/products/3", "X-Client: ios\r\n");
+    assert_eq!(r.json(), json!({"name": "Lamp"}));
+    assert_eq!(r.header("Vary"), Some("X-Client"));
+    // Deleting what a route uses: 409 naming the route.
+    for path in [
+        "/v1/aggregates/page",
+        "/v1/client_profiles/mobile",
+        "/v1/upstreams/inventory",
+    ] {
+        let r = gw.admin("DELETE", path, None);
+        assert_eq!(r.status, 409, "{path}: {}", r.body_str());
+        assert!(
+            r.body_str().contains("routes/page") || r.body_str().contains("aggregates/page"),
+            "{}",
+            r.body_str()
+        );
+    }
+    // Remove the route, then the rest goes.
+    assert_eq!(gw.admin("DELETE", "/v1/routes/page", None).status, 204);
+    assert_eq!(gw.admin("DELETE", "/v1/aggregates/page", None).status, 204);
+    assert_eq!(
+        gw.admin("DELETE", "/v1/client_profiles/mobile", None)
+            .status,
+        204
+    );
+    assert_eq!(get(&mut c, "/products/3", "").status, 404);
+    let list = gw.admin("GET", "/v1/aggregates", None).json();
+    assert_eq!(list["items"], json!([]));
+    // What is written survives a restart on the same data directory.
+    let r = gw.admin("PUT", "/v1/aggregates/kept", Some(&aggregate.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let data = gw.data_dir.clone();
+    drop(c);
+    drop(gw);
+    let gw = Gateway::resume(&data, Driver::IoUring);
+    let r = gw.admin("GET", "/v1/aggregates/kept", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["steps"][1]["after"], json!(["product"]));
+}
