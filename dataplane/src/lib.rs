@@ -27,6 +27,7 @@ pub mod error;
 pub mod forward;
 pub mod gather;
 mod io;
+pub mod json;
 pub mod metrics;
 mod park;
 mod peer;

@@ -1,9 +1,9 @@
-//! JSON reshaping and merging for aggregates and shaped routes, and the filling of
-//! request-target templates. Pure functions over `serde_json::Value`, so the benches and the
-//! unit tests call them directly.
+//! Request-target templates and their values, and JSON reshaping and merging over
+//! `serde_json::Value` trees: what [`crate::json`] falls back to for arrays and `append`, and
+//! the baseline the `aggregate` bench compares it with. Pure functions, called directly by
+//! the benches and the unit tests.
 //!
-//! Not on the plain proxy path: only aggregates and routes with `response` come here, and
-//! they parse JSON, which allocates.
+//! Not on the plain proxy path: only aggregates and rewritten or shaped routes come here.
 
 use std::borrow::Cow;
 
@@ -227,8 +227,8 @@ pub trait Values {
     fn param(&self, name: &str) -> Option<&[u8]>;
     /// The client's query string (after `?`), if any.
     fn query(&self) -> Option<&[u8]>;
-    /// The earlier step `step`'s answer (after its `target`).
-    fn step(&self, step: usize) -> Option<&Value>;
+    /// The scalar at `path` in the earlier step `step`'s answer (after its `target`).
+    fn step_field(&self, step: usize, path: &[Box<str>]) -> Option<Cow<'_, [u8]>>;
 }
 
 /// Fills `t` into `out`. Values from the client are percent-decoded, then every value is
@@ -246,10 +246,7 @@ pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(),
                 .query()
                 .and_then(|q| query_param(q, name.as_bytes()))
                 .and_then(pct_decode),
-            Part::Step { step, path } => values
-                .step(*step)
-                .and_then(|v| lookup(v, path))
-                .and_then(scalar_text),
+            Part::Step { step, path } => values.step_field(*step, path),
         };
         match value {
             Some(v) => pct_encode(&v, out),
@@ -359,8 +356,11 @@ mod tests {
         fn query(&self) -> Option<&[u8]> {
             Some(b"lang=en&x=%ZZ")
         }
-        fn step(&self, step: usize) -> Option<&Value> {
-            (step == 0).then_some(&self.0)
+        fn step_field(&self, step: usize, path: &[Box<str>]) -> Option<Cow<'_, [u8]>> {
+            (step == 0)
+                .then_some(&self.0)
+                .and_then(|v| lookup(v, path))
+                .and_then(scalar_text)
         }
     }
 

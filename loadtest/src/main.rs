@@ -10,6 +10,7 @@
 //! idle keep-alive connection, and `scaling` repeats the comparison for several worker counts
 //! on separate CPU sets. Every run is bounded in time and targets 127.0.0.1 only.
 
+mod aggregate;
 mod procs;
 mod report;
 mod wrk;
@@ -29,6 +30,7 @@ use report::Sample;
 const USAGE: &str = "\
 usage: loadtest compare [options]
        loadtest scaling [options] [--worker-counts 1,2,4,8]
+       loadtest aggregate [options]     (an aggregate of 3 steps against 3 proxied requests)
        loadtest report RESULTS.csv      (table and chart again from a CSV)
 
 options (defaults in brackets):
@@ -190,6 +192,7 @@ fn main() -> Result<()> {
     match mode.as_str() {
         "compare" => compare(&opts, &gateway, "compare"),
         "scaling" => scaling(&opts, &gateway),
+        "aggregate" => aggregate::run(&opts, &gateway),
         _ => bail!("unknown mode {mode:?}\n{USAGE}"),
     }
 }

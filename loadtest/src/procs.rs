@@ -253,6 +253,42 @@ pub fn gateway_config(
     s
 }
 
+/// Starts the gateway `bin` on the config file `conf` (which listens on `addr`, its admin API
+/// on `admin_port`), pinned to `cpus`.
+pub fn start_gateway(
+    dir: &Workdir,
+    bin: &Path,
+    cpus: &str,
+    name: &str,
+    conf: &Path,
+    addr: SocketAddr,
+    admin_port: u16,
+) -> Result<Proc> {
+    let log = dir.file(&format!("{name}.log"));
+    let data = dir.file(&format!("{name}-data"));
+    let child = spawn_pinned(
+        "gateway",
+        cpus,
+        &bin.display().to_string(),
+        &[
+            "--config",
+            &conf.display().to_string(),
+            "--data-dir",
+            &data.display().to_string(),
+        ],
+        &log,
+        &[],
+    )?;
+    let p = Proc {
+        name: name.into(),
+        addr,
+        admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
+        child,
+    };
+    wait_listening(name, addr, &log)?;
+    Ok(p)
+}
+
 /// Starts one reverse proxy in front of `origin`.
 pub fn start_proxy(
     kind: Kind,
@@ -280,29 +316,7 @@ pub fn start_proxy(
                 (kind == Kind::GatewayLog).then_some(access_log.as_path()),
             );
             std::fs::write(&conf, text)?;
-            let log = dir.file(&format!("{name}.log"));
-            let data = dir.file(&format!("{name}-data"));
-            let child = spawn_pinned(
-                "gateway",
-                cpus,
-                &gateway_bin.display().to_string(),
-                &[
-                    "--config",
-                    &conf.display().to_string(),
-                    "--data-dir",
-                    &data.display().to_string(),
-                ],
-                &log,
-                &[],
-            )?;
-            let p = Proc {
-                name: name.into(),
-                addr,
-                admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
-                child,
-            };
-            wait_listening(name, addr, &log)?;
-            Ok(p)
+            start_gateway(dir, gateway_bin, cpus, name, &conf, addr, admin_port)
         }
         Kind::Nginx => {
             let conf = format!(

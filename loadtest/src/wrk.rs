@@ -40,6 +40,29 @@ pub fn run(
     parse(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
 }
 
+/// Runs `wrk --latency` with a Lua `script` (plain, no API key) against `url`.
+pub fn run_script(
+    cpus: &str,
+    connections: usize,
+    seconds: u64,
+    script: Option<&std::path::Path>,
+    url: &str,
+) -> Result<WrkResult> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpus, "wrk", "--latency", "-t1"])
+        .arg(format!("-c{}", connections.max(1)))
+        .arg(format!("-d{seconds}s"));
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd.arg(url).output().context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
+}
+
 fn parse(text: &str) -> Result<WrkResult> {
     let mut r = WrkResult::default();
     for line in text.lines().map(str::trim) {

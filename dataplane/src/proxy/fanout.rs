@@ -18,19 +18,20 @@ use std::time::{Duration, Instant};
 
 use common::aggregate::Aggregate;
 use common::{Route, Snapshot};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::connector::{Connector, Outcome};
 use super::context::RequestCtx;
 use super::downstream::{Downstream, Next, BODY_BUF};
 use super::exchange::exchange;
-use super::select::{params, query_of, RequestValues};
+use super::select::{params, query_of, RequestValues, StepAnswer};
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::RequestHead;
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError, StepError};
 use crate::io::{read_more, ReadError};
+use crate::json::{self, Node};
 use crate::policy::{each_field, field_value};
 use crate::shape::{self, is_json_type};
 use crate::worker_ctx::WorkerCtx;
@@ -65,12 +66,11 @@ impl Failure {
     }
 }
 
-/// A step's answer: the raw body (kept to name the other step of a conflict) and its value
-/// after `target`.
+/// A step's answer: its body, checked to be JSON with a member at the step's `target`.
+/// Merging reads it in place ([`json::Node`]).
 #[derive(Debug)]
 struct Answer {
     raw: Vec<u8>,
-    value: Value,
 }
 
 type StepOutcome = Result<Answer, Failure>;
@@ -337,10 +337,13 @@ async fn run_steps(
                     results[j] = Some((Duration::ZERO, Err(f)));
                     continue;
                 }
-                let earlier: Vec<Option<&Value>> = results
+                let earlier: Vec<StepAnswer<'_>> = results
                     .iter()
-                    .map(|r| match r {
-                        Some((_, Ok(a))) if !step.after.is_empty() => Some(&a.value),
+                    .enumerate()
+                    .map(|(k, r)| match r {
+                        Some((_, Ok(a))) if step.after.contains(&k) => {
+                            Some((&a.raw[..], agg.steps[k].shape.target.as_ref()))
+                        }
                         _ => None,
                     })
                     .collect();
@@ -514,7 +517,7 @@ async fn call(
         f.upstream_status = Some(status);
         if (400..500).contains(&status) {
             f.status = status;
-            if json && !encoded && within && serde_json::from_slice::<Value>(&raw).is_ok() {
+            if json && !encoded && within && json::parse(&raw).is_ok() {
                 f.body = Some(raw);
             }
         }
@@ -526,26 +529,27 @@ async fn call(
             format!("its answer is larger than max_step_bytes ({max})"),
         ));
     }
-    let value = if raw.is_empty() && (status == 204 || is_head) {
-        Value::Object(Map::new())
+    let raw = if raw.is_empty() && (status == 204 || is_head) {
+        b"{}".to_vec()
     } else if encoded || !json {
         return Err(Failure::new(
             StepError::NotJson,
             "its answer is not identity-encoded application/json",
         ));
     } else {
-        match serde_json::from_slice::<Value>(&raw) {
-            Ok(v) => v,
-            Err(e) => return Err(Failure::new(StepError::InvalidJson, e.to_string())),
-        }
+        raw
     };
-    match shape::apply_target(&step.shape, value) {
-        Ok(value) => Ok(Answer { raw, value }),
-        Err(_) => Err(Failure::new(
+    let answer = match json::parse(&raw) {
+        Ok(a) => a,
+        Err(e) => return Err(Failure::new(StepError::InvalidJson, e.to_string())),
+    };
+    if json::apply_target(&step.shape, answer).is_err() {
+        return Err(Failure::new(
             StepError::TargetMissing,
             "its answer has no member at `target`",
-        )),
+        ));
     }
+    Ok(Answer { raw })
 }
 
 /// Per-step metrics and the failed steps for the access log.
@@ -582,28 +586,28 @@ fn answer(
         };
         return step_failed(agg, j, f, req);
     }
-    let mut merged = Map::new();
+    let mut merged: json::Members<'_> = Vec::new();
     let mut errors = Vec::new();
+    let mut size = 64;
     for j in 0..n {
         let step = &agg.steps[j];
-        let value = match results[j].take() {
-            Some((_, Ok(a))) => {
-                results[j] = Some((
-                    Duration::ZERO,
-                    Ok(Answer {
-                        raw: a.raw,
-                        value: Value::Null,
-                    }),
-                ));
-                shape::apply_rest(&step.shape, a.value)
-            }
+        let raw = match &results[j] {
+            Some((_, Ok(a))) => &a.raw,
             Some((_, Err(f))) => {
-                errors.push(error_member(&step.id, &f));
+                errors.push(error_member(&step.id, f));
                 continue;
             }
             None => continue,
         };
-        let Value::Object(obj) = value else {
+        size += raw.len();
+        // Both were checked when the step answered: valid JSON, a member at `target`.
+        let Ok(answer) = json::parse(raw) else {
+            continue;
+        };
+        let Ok(mut node) = json::apply(&step.shape, answer) else {
+            continue;
+        };
+        let Some(members) = node.members() else {
             let f = Failure::new(
                 StepError::NotAnObject,
                 "its result is not a JSON object; give the step a `group`",
@@ -615,7 +619,7 @@ fn answer(
             errors.push(error_member(&step.id, &f));
             continue;
         };
-        if let Err(path) = shape::merge(&mut merged, obj, agg.on_conflict) {
+        if let Err(path) = json::merge(&mut merged, std::mem::take(members), agg.on_conflict) {
             let key = path.join(".");
             let other = (0..j)
                 .find(|&k| earlier_sets(agg, k, &results[k], &path))
@@ -638,12 +642,14 @@ fn answer(
     }
     let complete = errors.is_empty();
     if !complete {
-        merged.insert("_errors".to_owned(), Value::Array(errors));
+        merged.retain(|(k, _)| k != "_errors");
+        merged.push(("_errors".into(), Node::Value(Value::Array(errors))));
     }
     let mut head = Vec::with_capacity(96);
     head.extend_from_slice(b"Content-Type: application/json\r\nX-Gateway-Completed: ");
     head.extend_from_slice(if complete { b"true\r\n" } else { b"false\r\n" });
-    let out = serde_json::to_vec(&Value::Object(merged)).unwrap_or_default();
+    let mut out = Vec::with_capacity(size);
+    Node::Object(merged).write(&mut out);
     (200, head, out)
 }
 
@@ -658,14 +664,14 @@ fn earlier_sets(
     let Some((_, Ok(a))) = result else {
         return false;
     };
-    let Ok(v) = serde_json::from_slice::<Value>(&a.raw) else {
+    let Ok(node) = json::parse(&a.raw) else {
         return false;
     };
-    let Ok(v) = shape::apply(&agg.steps[k].shape, v) else {
+    let Ok(shaped) = json::apply(&agg.steps[k].shape, node) else {
         return false;
     };
     let path: Vec<Box<str>> = path.iter().map(|p| p.as_str().into()).collect();
-    shape::lookup(&v, &path).is_some()
+    json::lookup(&shaped, &path).is_some()
 }
 
 fn error_member(step: &str, f: &Failure) -> Value {

@@ -17,9 +17,10 @@ use crate::error::{ErrorKind, ProxyError, SkipReason};
 use crate::forward::response_pieces;
 use crate::gather::write_gathered;
 use crate::io::ReadError;
+use crate::json;
 use crate::metrics::WorkerMetrics;
 use crate::policy;
-use crate::shape::{self, is_json_type};
+use crate::shape::is_json_type;
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
 use common::aggregate::Shape;
 
@@ -329,10 +330,14 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         } else {
             &wire[head_end..]
         };
-        match serde_json::from_slice::<serde_json::Value>(content) {
+        match json::parse(content) {
             Err(_) => Err(SkipReason::InvalidJson),
-            Ok(v) => match shape::apply(shape, v) {
-                Ok(v) => Ok(serde_json::to_vec(&v).unwrap_or_default()),
+            Ok(v) => match json::apply(shape, v) {
+                Ok(v) => {
+                    let mut out = Vec::with_capacity(content.len());
+                    v.write(&mut out);
+                    Ok(out)
+                }
                 Err(_) => Err(SkipReason::TargetMissing),
             },
         }

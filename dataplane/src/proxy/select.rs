@@ -4,14 +4,15 @@
 //!
 //! Routes without variants or parameters cost one branch here.
 
-use common::aggregate::{glob_match, ProfileMatch, Shape, Template};
-use common::router::match_pattern;
-use common::{Route, RouteAction, Snapshot};
-use serde_json::Value;
+use std::borrow::Cow;
 
 use crate::codec::request::RequestHead;
+use crate::json;
 use crate::policy::each_field;
 use crate::shape::{query_param, Values};
+use common::aggregate::{glob_match, DotPath, ProfileMatch, Shape, Template};
+use common::router::match_pattern;
+use common::{Route, RouteAction, Snapshot};
 
 /// What answers a request.
 #[derive(Debug, Clone, Copy)]
@@ -79,13 +80,16 @@ pub(crate) fn query_of<'a>(buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8]
     t.get(head.path_len..)?.strip_prefix(b"?")
 }
 
+/// An earlier step's answer as it came (checked JSON) and the step's `target`.
+pub(crate) type StepAnswer<'a> = Option<(&'a [u8], Option<&'a DotPath>)>;
+
 /// Template values of one request: its route parameters and query, and (for aggregates) the
 /// answers of the steps that ran before.
 #[derive(Debug)]
 pub(crate) struct RequestValues<'a> {
     pub params: &'a [(Box<str>, Vec<u8>)],
     pub query: Option<&'a [u8]>,
-    pub steps: &'a [Option<&'a Value>],
+    pub steps: &'a [StepAnswer<'a>],
 }
 
 impl Values for RequestValues<'_> {
@@ -98,8 +102,14 @@ impl Values for RequestValues<'_> {
     fn query(&self) -> Option<&[u8]> {
         self.query
     }
-    fn step(&self, step: usize) -> Option<&Value> {
-        *self.steps.get(step)?
+    fn step_field(&self, step: usize, path: &[Box<str>]) -> Option<Cow<'_, [u8]>> {
+        let (raw, target) = (*self.steps.get(step)?)?;
+        let answer = json::parse(raw).ok()?;
+        let at = match target {
+            Some(t) => json::lookup(&answer, t)?,
+            None => answer,
+        };
+        json::scalar_text(&json::lookup(&at, path)?)
     }
 }
 

@@ -1,0 +1,574 @@
+//! JSON kept as the text it arrived in, opened only where a shape or a merge has to look
+//! inside: [`Node`]. An aggregate's step answers are parsed once to check them
+//! (serde_json's validating skip, no tree), then each object that `target`, `allow`, `deny`,
+//! `rename` or a merge collision needs is split into its members, whose values stay
+//! borrowed slices of the answer; the merged answer is written out from those slices. Only
+//! what changes is rebuilt, so a typical aggregate allocates a few vectors per step instead
+//! of a node per JSON value (the `aggregate` bench measures both ways).
+//!
+//! Arrays that a shape filters element by element and values that `append` combines fall back
+//! to `serde_json::Value`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use common::aggregate::{DotPath, Shape};
+use common::config::OnConflict;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// One JSON value.
+#[derive(Debug, Clone)]
+pub enum Node<'a> {
+    /// Unchanged text of the answer.
+    Raw(&'a RawValue),
+    /// An object that was opened: its members in order, each key once.
+    Object(Members<'a>),
+    /// A value built or changed as a tree.
+    Value(Value),
+}
+
+/// An opened object's members.
+pub type Members<'a> = Vec<(Cow<'a, str>, Node<'a>)>;
+
+/// Why a text is not usable.
+pub type Error = serde_json::Error;
+
+/// Checks that `text` is one JSON value (nothing else around it) and keeps it as text; an
+/// object is split into its members in the same pass (merging needs them anyway).
+pub fn parse(text: &[u8]) -> Result<Node<'_>, Error> {
+    if text.trim_ascii_start().first() == Some(&b'{') {
+        let Object(m) = serde_json::from_slice(text)?;
+        return Ok(Node::Object(m));
+    }
+    let raw: &RawValue = serde_json::from_slice(text)?;
+    Ok(Node::Raw(raw))
+}
+
+/// What kind of value a node is, by its first byte.
+fn first_byte(n: &Node<'_>) -> u8 {
+    match n {
+        Node::Raw(r) => r.get().trim_start().bytes().next().unwrap_or(b'n'),
+        Node::Object(_) => b'{',
+        Node::Value(Value::Object(_)) => b'{',
+        Node::Value(Value::Array(_)) => b'[',
+        Node::Value(_) => b'0',
+    }
+}
+
+impl<'a> Node<'a> {
+    /// Whether the value is a JSON object.
+    pub fn is_object(&self) -> bool {
+        first_byte(self) == b'{'
+    }
+
+    /// The members of an object (opened in place); `None` for other values.
+    pub fn members(&mut self) -> Option<&mut Members<'a>> {
+        if !self.is_object() {
+            return None;
+        }
+        match self {
+            Node::Raw(r) => {
+                let Object(m) = serde_json::from_str(r.get()).ok()?;
+                *self = Node::Object(m);
+            }
+            Node::Value(Value::Object(map)) => {
+                let m = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (Cow::Owned(k), Node::Value(v)))
+                    .collect();
+                *self = Node::Object(m);
+            }
+            _ => {}
+        }
+        match self {
+            Node::Object(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The value as a `serde_json::Value` (parsed if still text).
+    pub fn into_value(self) -> Value {
+        match self {
+            Node::Raw(r) => serde_json::from_str(r.get()).unwrap_or(Value::Null),
+            Node::Object(m) => Value::Object(
+                m.into_iter()
+                    .map(|(k, v)| (k.into_owned(), v.into_value()))
+                    .collect(),
+            ),
+            Node::Value(v) => v,
+        }
+    }
+
+    /// The member at `path`, taken out of this value.
+    fn take(&mut self, path: &[Box<str>]) -> Option<Node<'a>> {
+        let (first, rest) = path.split_first()?;
+        let m = self.members()?;
+        let i = m.iter().position(|(k, _)| k == &**first)?;
+        if rest.is_empty() {
+            Some(m.remove(i).1)
+        } else {
+            m[i].1.take(rest)
+        }
+    }
+
+    /// Writes the value as JSON text.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Node::Raw(r) => out.extend_from_slice(r.get().trim().as_bytes()),
+            Node::Object(m) => {
+                out.push(b'{');
+                for (i, (k, v)) in m.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let _ = serde_json::to_writer(&mut *out, &**k);
+                    out.push(b':');
+                    v.write(out);
+                }
+                out.push(b'}');
+            }
+            Node::Value(v) => {
+                let _ = serde_json::to_writer(&mut *out, v);
+            }
+        }
+    }
+}
+
+/// Puts `value` at `path` in `dst`, making the objects on the way.
+fn put<'a>(dst: &mut Members<'a>, path: &[Box<str>], value: Node<'a>) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    let i = match dst.iter().position(|(k, _)| k == &**first) {
+        Some(i) => i,
+        None => {
+            dst.push((Cow::Owned(first.to_string()), Node::Object(Vec::new())));
+            dst.len() - 1
+        }
+    };
+    if rest.is_empty() {
+        dst[i].1 = value;
+        return;
+    }
+    if !dst[i].1.is_object() {
+        dst[i].1 = Node::Object(Vec::new());
+    }
+    if let Some(m) = dst[i].1.members() {
+        put(m, rest, value);
+    }
+}
+
+/// The member at `path` of a value (`[]`: the value itself), without changing it. Array
+/// elements are reached by their index.
+pub fn lookup<'a>(node: &Node<'a>, path: &[Box<str>]) -> Option<Node<'a>> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(node.clone());
+    };
+    let child = match node {
+        Node::Raw(r) => {
+            let t = r.get().trim_start();
+            if t.starts_with('{') {
+                let Object(m) = serde_json::from_str(t).ok()?;
+                m.into_iter().find(|(k, _)| k == &**first)?.1
+            } else if t.starts_with('[') {
+                let items: Vec<&RawValue> = serde_json::from_str(t).ok()?;
+                Node::Raw(items.get(first.parse::<usize>().ok()?)?)
+            } else {
+                return None;
+            }
+        }
+        Node::Object(m) => m.iter().find(|(k, _)| k == &**first)?.1.clone(),
+        Node::Value(v) => {
+            Node::Value(crate::shape::lookup(v, std::slice::from_ref(first))?.clone())
+        }
+    };
+    lookup(&child, rest)
+}
+
+/// A scalar as placeholder text: a string's content, a number's or boolean's text; `None`
+/// for null, objects and arrays.
+pub fn scalar_text(node: &Node<'_>) -> Option<Cow<'static, [u8]>> {
+    match node {
+        Node::Raw(r) => {
+            let t = r.get().trim();
+            match t.as_bytes().first()? {
+                b'"' => {
+                    let s: String = serde_json::from_str(t).ok()?;
+                    Some(Cow::Owned(s.into_bytes()))
+                }
+                b'-' | b'0'..=b'9' | b't' | b'f' => Some(Cow::Owned(t.as_bytes().to_vec())),
+                _ => None,
+            }
+        }
+        Node::Object(_) => None,
+        Node::Value(v) => crate::shape::scalar_text(v).map(|c| Cow::Owned(c.into_owned())),
+    }
+}
+
+/// Why a shape could not be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeError {
+    /// `target` names a member the value does not have.
+    TargetMissing,
+}
+
+/// The first part of a shape: the member `target` names (the value itself without one).
+pub fn apply_target<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeError> {
+    match &shape.target {
+        Some(t) => v.take(t).ok_or(ShapeError::TargetMissing),
+        None => Ok(v),
+    }
+}
+
+/// The rest of a shape, after `target`: `allow` / `deny`, `rename`, `group`.
+pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Node<'a> {
+    let filters = !shape.allow.is_empty() || !shape.deny.is_empty() || !shape.rename.is_empty();
+    if filters {
+        if first_byte(&v) == b'[' {
+            // Element by element: as a tree.
+            let mut value = v.into_value();
+            let only_filters = Shape {
+                group: None,
+                target: None,
+                ..shape.clone()
+            };
+            value = crate::shape::apply_rest(&only_filters, value);
+            v = Node::Value(value);
+        } else if v.is_object() {
+            filter(&mut v, &shape.allow, &shape.deny);
+            if let Some(m) = v.members() {
+                for (from, to) in shape.rename.iter() {
+                    if let Some(i) = m.iter().position(|(k, _)| k == &**from) {
+                        let (_, x) = m.remove(i);
+                        m.retain(|(k, _)| k != &**to);
+                        m.push((Cow::Owned(to.to_string()), x));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(g) = &shape.group {
+        v = Node::Object(vec![(Cow::Owned(g.to_string()), v)]);
+    }
+    v
+}
+
+fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) {
+    if !allow.is_empty() {
+        let mut kept = Vec::with_capacity(allow.len());
+        for path in allow {
+            if let Some(x) = v.take(path) {
+                put(&mut kept, path, x);
+            }
+        }
+        *v = Node::Object(kept);
+    }
+    for path in deny {
+        v.take(path);
+    }
+}
+
+/// Applies `shape` in its order: `target`, `allow` / `deny`, `rename`, `group`.
+pub fn apply<'a>(shape: &Shape, v: Node<'a>) -> Result<Node<'a>, ShapeError> {
+    Ok(apply_rest(shape, apply_target(shape, v)?))
+}
+
+/// Merges the members `src` into `dst`: objects recursively, other values that meet by
+/// `policy`. `Err(path)`: `on_conflict = "error"` and two values met at `path` (outermost
+/// key first).
+pub fn merge<'a>(
+    dst: &mut Members<'a>,
+    src: Members<'a>,
+    policy: OnConflict,
+) -> Result<(), Vec<String>> {
+    let mut index = KeyIndex::of(dst);
+    for (k, mut v) in src {
+        let Some(i) = index.find(dst, &k) else {
+            index.push(dst, k, v);
+            continue;
+        };
+        let existing = &mut dst[i].1;
+        if existing.is_object() && v.is_object() {
+            let (Some(a), Some(b)) = (existing.members(), v.members()) else {
+                continue;
+            };
+            if let Err(mut path) = merge(a, std::mem::take(b), policy) {
+                path.insert(0, k.into_owned());
+                return Err(path);
+            }
+            continue;
+        }
+        match policy {
+            OnConflict::Error => return Err(vec![k.into_owned()]),
+            OnConflict::First => {}
+            OnConflict::Last => *existing = v,
+            OnConflict::Append => {
+                let old = std::mem::replace(existing, Node::Value(Value::Null)).into_value();
+                let new = v.into_value();
+                *existing = Node::Value(match (old, new) {
+                    (Value::Array(mut a), Value::Array(b)) => {
+                        a.extend(b);
+                        Value::Array(a)
+                    }
+                    (Value::Array(mut a), b) => {
+                        a.push(b);
+                        Value::Array(a)
+                    }
+                    (a, b) => Value::Array(vec![a, b]),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finds members by key: a scan for small objects, a hash index once one grows past
+/// [`KeyIndex::SCAN`] members, so a large object costs linear time, not quadratic.
+#[derive(Default)]
+struct KeyIndex<'a> {
+    map: Option<std::collections::HashMap<Cow<'a, str>, usize>>,
+}
+
+impl<'a> KeyIndex<'a> {
+    const SCAN: usize = 32;
+
+    fn find(&self, members: &Members<'a>, key: &str) -> Option<usize> {
+        match &self.map {
+            Some(m) => m.get(key).copied(),
+            None => members.iter().position(|(k, _)| k == key),
+        }
+    }
+
+    fn push(&mut self, members: &mut Members<'a>, key: Cow<'a, str>, value: Node<'a>) {
+        if let Some(m) = &mut self.map {
+            m.insert(key.clone(), members.len());
+        }
+        members.push((key, value));
+        if self.map.is_none() && members.len() > Self::SCAN {
+            self.map = Some(
+                members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect(),
+            );
+        }
+    }
+
+    /// An index over `members` as they are.
+    fn of(members: &Members<'a>) -> KeyIndex<'a> {
+        let mut ix = KeyIndex::default();
+        if members.len() > Self::SCAN {
+            ix.map = Some(
+                members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect(),
+            );
+        }
+        ix
+    }
+}
+
+/// An object's text split into its members, values left as text; of repeated keys the last
+/// is kept (as serde_json does).
+struct Object<'a>(Members<'a>);
+
+impl<'de> Deserialize<'de> for Object<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Object<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<'de>, A::Error> {
+                let mut out: Members<'de> = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                let mut index = KeyIndex::default();
+                while let Some(Key(k)) = map.next_key()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    match index.find(&out, &k) {
+                        Some(i) => out[i].1 = Node::Raw(v),
+                        None => index.push(&mut out, k, Node::Raw(v)),
+                    }
+                }
+                Ok(Object(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A key, borrowed from the text when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Map};
+
+    fn paths(p: &[&str]) -> Box<[DotPath]> {
+        p.iter()
+            .map(|s| s.split('.').map(Into::into).collect())
+            .collect()
+    }
+
+    fn text(n: &Node<'_>) -> Value {
+        let mut out = Vec::new();
+        n.write(&mut out);
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn shapes_open_only_what_they_touch() {
+        let body = br#"{"data": {"qty": 3, "cost": 9, "where": {"city": "Oslo", "zip": "1"}}, "x": [1, 2]}"#;
+        let shape = Shape {
+            target: Some(vec!["data".into()].into_boxed_slice()),
+            allow: paths(&["qty", "where.city"]),
+            rename: vec![("qty".into(), "in_stock".into())].into_boxed_slice(),
+            group: Some("stock".into()),
+            ..Shape::default()
+        };
+        let n = apply(&shape, parse(body).unwrap()).unwrap();
+        assert_eq!(
+            text(&n),
+            json!({"stock": {"in_stock": 3, "where": {"city": "Oslo"}}})
+        );
+        let missing = apply(&shape, parse(br#"{"nodata": 1}"#).unwrap());
+        assert_eq!(missing.unwrap_err(), ShapeError::TargetMissing);
+        // Untouched members are written back as they came, spacing and all.
+        let deny = Shape {
+            deny: paths(&["data.cost"]),
+            ..Shape::default()
+        };
+        let mut out = Vec::new();
+        apply(&deny, parse(body).unwrap()).unwrap().write(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"data":{"qty":3,"where":{"city": "Oslo", "zip": "1"}},"x":[1, 2]}"#
+        );
+        // Arrays are filtered element by element.
+        let arr = Shape {
+            deny: paths(&["cost"]),
+            ..Shape::default()
+        };
+        let n = apply(&arr, parse(br#"[{"cost": 1, "x": 2}, {"y": 3}]"#).unwrap()).unwrap();
+        assert_eq!(text(&n), json!([{"x": 2}, {"y": 3}]));
+    }
+
+    #[test]
+    fn merges_follow_the_policy() {
+        let a = br#"{"id": 1, "tags": ["a"], "meta": {"x": 1}}"#;
+        let b = br#"{"id": 2, "tags": ["b"], "meta": {"y": 2}}"#;
+        let run = |policy| {
+            let mut dst = Vec::new();
+            for body in [&a[..], &b[..]] {
+                let mut n = parse(body).unwrap();
+                merge(&mut dst, std::mem::take(n.members().unwrap()), policy)?;
+            }
+            Ok::<_, Vec<String>>(text(&Node::Object(dst)))
+        };
+        assert_eq!(run(OnConflict::Error), Err(vec!["id".to_owned()]));
+        assert_eq!(
+            run(OnConflict::First),
+            Ok(json!({"id": 1, "tags": ["a"], "meta": {"x": 1, "y": 2}}))
+        );
+        assert_eq!(
+            run(OnConflict::Last),
+            Ok(json!({"id": 2, "tags": ["b"], "meta": {"x": 1, "y": 2}}))
+        );
+        assert_eq!(
+            run(OnConflict::Append),
+            Ok(json!({"id": [1, 2], "tags": ["a", "b"], "meta": {"x": 1, "y": 2}}))
+        );
+        // A nested collision names its whole path.
+        let mut dst = Vec::new();
+        let mut n = parse(br#"{"m": {"k": {"z": 1}}}"#).unwrap();
+        merge(
+            &mut dst,
+            std::mem::take(n.members().unwrap()),
+            OnConflict::Error,
+        )
+        .unwrap();
+        let mut n = parse(br#"{"m": {"k": {"z": 2}}}"#).unwrap();
+        let err = merge(
+            &mut dst,
+            std::mem::take(n.members().unwrap()),
+            OnConflict::Error,
+        );
+        assert_eq!(err, Err(vec!["m".into(), "k".into(), "z".into()]));
+    }
+
+    #[test]
+    fn keys_with_escapes_repeats_and_many_members() {
+        let mut n = parse(br#"{"a\"b": 1, "x": 1, "x": 2}"#).unwrap();
+        let m = n.members().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].0, "a\"b");
+        assert_eq!(text(&n), json!({"a\"b": 1, "x": 2}));
+        // Past the scan threshold, lookups go through the index.
+        let big: Map<String, Value> = (0..500).map(|i| (format!("k{i}"), json!(i))).collect();
+        let body = serde_json::to_vec(&Value::Object(big.clone())).unwrap();
+        let mut dst = Vec::new();
+        let mut n = parse(&body).unwrap();
+        merge(
+            &mut dst,
+            std::mem::take(n.members().unwrap()),
+            OnConflict::Error,
+        )
+        .unwrap();
+        let mut again = parse(br#"{"k499": 1, "new": true}"#).unwrap();
+        let err = merge(
+            &mut dst,
+            std::mem::take(again.members().unwrap()),
+            OnConflict::Error,
+        );
+        assert_eq!(err, Err(vec!["k499".to_owned()]));
+        assert_eq!(dst.len(), 500);
+    }
+
+    #[test]
+    fn lookups_and_scalars() {
+        let n = parse(br#"{"p": {"sku": "A/1", "n": 7, "ok": true, "o": {}, "list": ["x", "y"]}}"#)
+            .unwrap();
+        let at = |p: &str| {
+            let path: Vec<Box<str>> = p.split('.').map(Into::into).collect();
+            lookup(&n, &path)
+                .and_then(|v| scalar_text(&v))
+                .map(|c| c.into_owned())
+        };
+        assert_eq!(at("p.sku"), Some(b"A/1".to_vec()));
+        assert_eq!(at("p.n"), Some(b"7".to_vec()));
+        assert_eq!(at("p.ok"), Some(b"true".to_vec()));
+        assert_eq!(at("p.list.1"), Some(b"y".to_vec()));
+        assert_eq!(at("p.o"), None);
+        assert_eq!(at("p.nope"), None);
+        assert!(parse(b"{\"a\": ").is_err());
+        assert!(parse(b"{} {}").is_err());
+    }
+}
