@@ -94,7 +94,10 @@ fn merge(bodies: &[Vec<u8>; 3], shapes: &[Shape; 3]) -> Vec<u8> {
     let mut size = 0;
     for (body, shape) in bodies.iter().zip(shapes) {
         size += body.len();
-        let node = json::apply(shape, json::parse(body).unwrap()).unwrap();
+        // As a step: checked when it answers, restored from that check to be merged.
+        let checked = json::check(body).unwrap();
+        let restored = json::restore(body, &checked).unwrap();
+        let node = json::apply(shape, restored).unwrap();
         let mut node = node;
         let members = std::mem::take(node.members().unwrap());
         json::merge(&mut merged, members, OnConflict::Error).unwrap();

@@ -21,8 +21,8 @@ use serde_json::Value;
 /// One JSON value.
 #[derive(Debug, Clone)]
 pub enum Node<'a> {
-    /// Unchanged text of the answer.
-    Raw(&'a RawValue),
+    /// Unchanged text of the answer: one JSON value, already checked.
+    Raw(&'a str),
     /// An object that was opened: its members in order, each key once.
     Object(Members<'a>),
     /// A value built or changed as a tree.
@@ -43,13 +43,104 @@ pub fn parse(text: &[u8]) -> Result<Node<'_>, Error> {
         return Ok(Node::Object(m));
     }
     let raw: &RawValue = serde_json::from_slice(text)?;
-    Ok(Node::Raw(raw))
+    Ok(Node::Raw(raw.get()))
+}
+
+/// What [`check`] learnt about a text, kept beside it so that [`restore`] gives its
+/// [`Node`] again without a second pass: for an object, where each member's key and value
+/// lie in the text.
+#[derive(Debug, Clone, Default)]
+pub struct Checked {
+    members: Option<Vec<(KeySpan, std::ops::Range<usize>)>>,
+}
+
+/// A member's key: a span of the text, or the unescaped key when it had escapes.
+#[derive(Debug, Clone)]
+enum KeySpan {
+    At(std::ops::Range<usize>),
+    Owned(Box<str>),
+}
+
+/// Checks `text` like [`parse`], keeping the result as offsets (the text can then move, to
+/// be borrowed again by [`restore`]).
+pub fn check(text: &[u8]) -> Result<Checked, Error> {
+    if text.trim_ascii_start().first() != Some(&b'{') {
+        let _: &RawValue = serde_json::from_slice(text)?;
+        return Ok(Checked { members: None });
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let members = serde::de::Deserializer::deserialize_map(
+        &mut de,
+        Spans {
+            base: text.as_ptr() as usize,
+        },
+    )?;
+    de.end()?;
+    Ok(Checked {
+        members: Some(members),
+    })
+}
+
+/// Splits an object's text into the spans of its members, in order.
+struct Spans {
+    base: usize,
+}
+
+impl<'de> Visitor<'de> for Spans {
+    type Value = Vec<(KeySpan, std::ops::Range<usize>)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let span = |s: &str| {
+            let at = s.as_ptr() as usize - self.base;
+            at..at + s.len()
+        };
+        let mut out: Self::Value = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        while let Some(Key(k)) = map.next_key()? {
+            let v: &'de RawValue = map.next_value()?;
+            let value = span(v.get());
+            let key = match k {
+                Cow::Borrowed(b) => KeySpan::At(span(b)),
+                Cow::Owned(o) => KeySpan::Owned(o.into()),
+            };
+            // Repeated keys are resolved by `restore`.
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+}
+
+/// The [`Node`] of a text [`check`] accepted, without checking it again. `None` only if the
+/// text is not the one that was checked.
+pub fn restore<'a>(text: &'a [u8], checked: &Checked) -> Option<Node<'a>> {
+    let text = std::str::from_utf8(text).ok()?;
+    let Some(members) = &checked.members else {
+        return Some(Node::Raw(text.trim()));
+    };
+    let mut out = Vec::with_capacity(members.len());
+    let mut index = KeyIndex::default();
+    for (k, v) in members {
+        let key = match k {
+            KeySpan::At(r) => Cow::Borrowed(text.get(r.clone())?),
+            KeySpan::Owned(o) => Cow::Owned(o.to_string()),
+        };
+        let value = Node::Raw(text.get(v.clone())?);
+        // Of repeated keys the last is kept, as serde_json does.
+        match index.find(&out, &key) {
+            Some(i) => out[i].1 = value,
+            None => index.push(&mut out, key, value),
+        }
+    }
+    Some(Node::Object(out))
 }
 
 /// What kind of value a node is, by its first byte.
 fn first_byte(n: &Node<'_>) -> u8 {
     match n {
-        Node::Raw(r) => r.get().trim_start().bytes().next().unwrap_or(b'n'),
+        Node::Raw(r) => r.trim_start().bytes().next().unwrap_or(b'n'),
         Node::Object(_) => b'{',
         Node::Value(Value::Object(_)) => b'{',
         Node::Value(Value::Array(_)) => b'[',
@@ -70,7 +161,7 @@ impl<'a> Node<'a> {
         }
         match self {
             Node::Raw(r) => {
-                let Object(m) = serde_json::from_str(r.get()).ok()?;
+                let Object(m) = serde_json::from_str(r).ok()?;
                 *self = Node::Object(m);
             }
             Node::Value(Value::Object(map)) => {
@@ -91,7 +182,7 @@ impl<'a> Node<'a> {
     /// The value as a `serde_json::Value` (parsed if still text).
     pub fn into_value(self) -> Value {
         match self {
-            Node::Raw(r) => serde_json::from_str(r.get()).unwrap_or(Value::Null),
+            Node::Raw(r) => serde_json::from_str(r).unwrap_or(Value::Null),
             Node::Object(m) => Value::Object(
                 m.into_iter()
                     .map(|(k, v)| (k.into_owned(), v.into_value()))
@@ -116,7 +207,7 @@ impl<'a> Node<'a> {
     /// Writes the value as JSON text.
     pub fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Node::Raw(r) => out.extend_from_slice(r.get().trim().as_bytes()),
+            Node::Raw(r) => out.extend_from_slice(r.trim().as_bytes()),
             Node::Object(m) => {
                 out.push(b'{');
                 for (i, (k, v)) in m.iter().enumerate() {
@@ -168,13 +259,13 @@ pub fn lookup<'a>(node: &Node<'a>, path: &[Box<str>]) -> Option<Node<'a>> {
     };
     let child = match node {
         Node::Raw(r) => {
-            let t = r.get().trim_start();
+            let t = r.trim_start();
             if t.starts_with('{') {
                 let Object(m) = serde_json::from_str(t).ok()?;
                 m.into_iter().find(|(k, _)| k == &**first)?.1
             } else if t.starts_with('[') {
                 let items: Vec<&RawValue> = serde_json::from_str(t).ok()?;
-                Node::Raw(items.get(first.parse::<usize>().ok()?)?)
+                Node::Raw(items.get(first.parse::<usize>().ok()?)?.get())
             } else {
                 return None;
             }
@@ -192,7 +283,7 @@ pub fn lookup<'a>(node: &Node<'a>, path: &[Box<str>]) -> Option<Node<'a>> {
 pub fn scalar_text(node: &Node<'_>) -> Option<Cow<'static, [u8]>> {
     match node {
         Node::Raw(r) => {
-            let t = r.get().trim();
+            let t = r.trim();
             match t.as_bytes().first()? {
                 b'"' => {
                     let s: String = serde_json::from_str(t).ok()?;
@@ -391,8 +482,8 @@ impl<'de> Deserialize<'de> for Object<'de> {
                 while let Some(Key(k)) = map.next_key()? {
                     let v: &'de RawValue = map.next_value()?;
                     match index.find(&out, &k) {
-                        Some(i) => out[i].1 = Node::Raw(v),
-                        None => index.push(&mut out, k, Node::Raw(v)),
+                        Some(i) => out[i].1 = Node::Raw(v.get()),
+                        None => index.push(&mut out, k, Node::Raw(v.get())),
                     }
                 }
                 Ok(Object(out))
@@ -550,6 +641,23 @@ mod tests {
         );
         assert_eq!(err, Err(vec!["k499".to_owned()]));
         assert_eq!(dst.len(), 500);
+    }
+
+    #[test]
+    fn a_checked_text_is_restored_without_a_second_pass() {
+        let body = br#" {"a": [1, 2], "k\u0065y": {"x": "y"}} "#.to_vec();
+        let checked = check(&body).unwrap();
+        let moved = body.clone();
+        drop(body);
+        let n = restore(&moved, &checked).unwrap();
+        assert_eq!(text(&n), json!({"a": [1, 2], "key": {"x": "y"}}));
+        let twice = br#"{"x": 1, "y": 0, "x": 2}"#;
+        let n = restore(twice, &check(twice).unwrap()).unwrap();
+        assert_eq!(text(&n), json!({"x": 2, "y": 0}));
+        let scalar = b"[1, 2]".to_vec();
+        let c = check(&scalar).unwrap();
+        assert_eq!(text(&restore(&scalar, &c).unwrap()), json!([1, 2]));
+        assert!(check(b"{\"a\": 1,}").is_err());
     }
 
     #[test]

@@ -74,8 +74,9 @@ pub struct WorkerMetrics {
     steps: std::sync::Mutex<StepMap>,
 }
 
-/// Step counters by (aggregate id, step id).
-type StepMap = std::collections::BTreeMap<(Box<str>, Box<str>), StepStats>;
+/// Step counters by aggregate id, then step id.
+type StepMap =
+    std::collections::BTreeMap<Box<str>, std::collections::BTreeMap<Box<str>, StepStats>>;
 
 /// One aggregate step's latency histogram and failures.
 #[derive(Debug, Default, Clone)]
@@ -130,19 +131,36 @@ impl WorkerMetrics {
         bump(&self.transform_skipped[reason as usize], 1);
     }
 
-    /// Records a finished aggregate step: how long it took, and how it failed if it did.
-    pub fn step(&self, aggregate: &str, step: &str, us: u64, failed: Option<StepError>) {
-        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (Box::from(aggregate), Box::from(step));
-        let s = steps.entry(key).or_default();
-        let i = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        s.buckets[i] += 1;
-        s.sum_us += us;
-        if let Some(e) = failed {
-            s.failures[e as usize] += 1;
+    /// Records an aggregate's finished steps: `(step id, microseconds, failure)` each. One
+    /// lock per aggregate; allocates only the first time a step is seen.
+    pub fn steps<'a>(
+        &self,
+        aggregate: &str,
+        steps: impl Iterator<Item = (&'a str, u64, Option<StepError>)>,
+    ) {
+        let mut all = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        if !all.contains_key(aggregate) {
+            all.insert(aggregate.into(), Default::default());
+        }
+        let Some(by_step) = all.get_mut(aggregate) else {
+            return;
+        };
+        for (step, us, failed) in steps {
+            if !by_step.contains_key(step) {
+                by_step.insert(step.into(), StepStats::default());
+            }
+            let Some(s) = by_step.get_mut(step) else {
+                continue;
+            };
+            let i = LATENCY_BUCKETS_US
+                .iter()
+                .position(|&b| us <= b)
+                .unwrap_or(LATENCY_BUCKETS_US.len());
+            s.buckets[i] += 1;
+            s.sum_us += us;
+            if let Some(e) = failed {
+                s.failures[e as usize] += 1;
+            }
         }
     }
 
@@ -263,11 +281,14 @@ fn histogram(
 
 /// The aggregate step histogram and failure counters, summed over the workers.
 fn steps(out: &mut String, workers: &[Arc<WorkerMetrics>]) {
-    let mut all = StepMap::default();
+    let mut all: std::collections::BTreeMap<(Box<str>, Box<str>), StepStats> = Default::default();
     for w in workers {
         let steps = w.steps.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, s) in steps.iter() {
-            let t = all.entry(k.clone()).or_default();
+        let flat = steps
+            .iter()
+            .flat_map(|(a, m)| m.iter().map(move |(st, s)| ((a.clone(), st.clone()), s)));
+        for (k, s) in flat {
+            let t = all.entry(k).or_default();
             for (a, b) in t.buckets.iter_mut().zip(s.buckets) {
                 *a += b;
             }

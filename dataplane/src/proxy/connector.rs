@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::context::RequestCtx;
 use crate::error::{ErrorKind, ProxyError};
 use crate::upstream::{connect, ConnectError, UpstreamConn};
 use crate::worker_ctx::WorkerCtx;
@@ -23,6 +22,24 @@ pub(crate) struct Session {
     pub target: SocketAddr,
     /// Taken from the pool (it may have been closed by the upstream while idle).
     pub reused: bool,
+}
+
+/// What the connector records about the sessions of one exchange (a request's, or an
+/// aggregate step's).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Attempts {
+    /// The target address used.
+    pub target: Option<SocketAddr>,
+    /// How long the upstream connection took to open; `None` for a pooled one.
+    pub connect: Option<Duration>,
+    /// Attempts made after the first.
+    pub retries: u8,
+}
+
+impl AsMut<Attempts> for Attempts {
+    fn as_mut(&mut self) -> &mut Attempts {
+        self
+    }
 }
 
 /// How a session's exchange ended.
@@ -94,9 +111,14 @@ impl<'a, P: SessionSource> Connector<'a, P> {
 
     /// A pooled session, or a new connection (`fresh`: never a pooled one). Records the target
     /// and the connect time in the request context.
-    pub async fn checkout(&self, req: &mut RequestCtx, fresh: bool) -> Result<Session, ProxyError> {
-        req.target = Some(self.target);
-        req.connect = None;
+    pub async fn checkout(
+        &self,
+        rec: &mut impl AsMut<Attempts>,
+        fresh: bool,
+    ) -> Result<Session, ProxyError> {
+        let rec = rec.as_mut();
+        rec.target = Some(self.target);
+        rec.connect = None;
         if !fresh {
             if let Some(conn) = self.source.take_idle(self.target, Instant::now()) {
                 return Ok(Session {
@@ -115,7 +137,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 ConnectError::Timeout => ProxyError::new(ErrorKind::ConnectTimeout),
                 ConnectError::Io(_) => ProxyError::new(ErrorKind::ConnectFailed),
             })?;
-        req.connect = Some(started.elapsed());
+        rec.connect = Some(started.elapsed());
         Ok(Session {
             conn,
             target: self.target,
@@ -136,10 +158,10 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// error that says the request may go again, runs it once more on a fresh connection.
     /// On failure the last session (if one was checked out) comes back with the error, so the
     /// caller can still read an answer the upstream sent early.
-    pub async fn run<T>(
+    pub async fn run<C: AsMut<Attempts>, T>(
         &self,
-        req: &mut RequestCtx,
-        mut attempt: impl AsyncFnMut(&mut Session, &mut RequestCtx) -> Result<T, ProxyError>,
+        req: &mut C,
+        mut attempt: impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
     ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
         let mut fresh = false;
         loop {
@@ -153,7 +175,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     // A pooled connection the upstream had closed: nothing of the request
                     // was acted on, so it goes again on a new connection, once.
                     fresh = true;
-                    req.retries += 1;
+                    req.as_mut().retries += 1;
                 }
                 Err(e) => return Err((Some(session), e)),
             }
@@ -170,6 +192,7 @@ mod tests {
     use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
     use super::*;
+    use crate::proxy::context::RequestCtx;
 
     /// A pool that hands out the connections it was given, and counts connects.
     struct FakePool {
@@ -278,9 +301,12 @@ mod tests {
             assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
             assert!(!session.reused);
             assert_eq!(pool.connects.get(), 1);
-            assert_eq!(req.retries, 1);
-            assert_eq!(req.target, Some(target));
-            assert!(req.connect.is_some(), "the fresh connection's connect time");
+            assert_eq!(req.attempts.retries, 1);
+            assert_eq!(req.attempts.target, Some(target));
+            assert!(
+                req.attempts.connect.is_some(),
+                "the fresh connection's connect time"
+            );
             connector.checkin(session, Outcome::Reusable);
             assert_eq!(pool.put_back.get(), 1);
         });
@@ -310,7 +336,7 @@ mod tests {
                 session.is_some(),
                 "the session comes back for an early answer"
             );
-            assert_eq!((pool.connects.get(), req.retries), (1, 0));
+            assert_eq!((pool.connects.get(), req.attempts.retries), (1, 0));
 
             // A pooled connection, but the error says the upstream may have acted on it.
             let dead = dead_conn().await;
@@ -324,7 +350,7 @@ mod tests {
                 .map(|_| ())
                 .expect_err("not retryable");
             assert_eq!(err.1.kind, ErrorKind::ResponseTimeout);
-            assert_eq!((pool.connects.get(), req.retries), (1, 0));
+            assert_eq!((pool.connects.get(), req.attempts.retries), (1, 0));
         });
     }
 
@@ -346,7 +372,7 @@ mod tests {
                 .expect_err("nothing listens");
             assert!(err.0.is_none());
             assert_eq!(err.1.kind, ErrorKind::ConnectFailed);
-            assert_eq!(req.connect, None);
+            assert_eq!(req.attempts.connect, None);
         });
     }
 }

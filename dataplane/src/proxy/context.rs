@@ -6,12 +6,13 @@
 //! buffers (the policies' edits, the access log's head fields) are reused and nothing
 //! allocates once warm.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use common::slots::NO_ROUTE_SLOT;
 use common::Snapshot;
 
+use super::connector::Attempts;
 use crate::access_log::{self, json_addr, json_id, json_ms, push_u64, HeadFields};
 use crate::codec::request::RequestHead;
 use crate::error::ErrorKind;
@@ -34,12 +35,8 @@ pub(crate) struct RequestCtx {
     pub policy: PolicyState,
     /// Index of the upstream in the snapshot.
     pub upstream: Option<u32>,
-    /// The target address used.
-    pub target: Option<SocketAddr>,
-    /// Attempts made after the first.
-    pub retries: u8,
-    /// How long the upstream connection took to open; `None` for a pooled one.
-    pub connect: Option<Duration>,
+    /// The target, connect time and retries of the upstream exchange.
+    pub attempts: Attempts,
     /// From the request fully sent upstream to the first byte of the answer.
     pub first_byte: Option<Duration>,
     /// Status sent to the client (0: none yet).
@@ -65,6 +62,12 @@ pub(crate) struct RequestCtx {
     logging: bool,
 }
 
+impl AsMut<Attempts> for RequestCtx {
+    fn as_mut(&mut self) -> &mut Attempts {
+        &mut self.attempts
+    }
+}
+
 impl RequestCtx {
     pub fn new(peer: IpAddr) -> RequestCtx {
         RequestCtx {
@@ -74,9 +77,7 @@ impl RequestCtx {
             client_ip: peer,
             policy: PolicyState::default(),
             upstream: None,
-            target: None,
-            retries: 0,
-            connect: None,
+            attempts: Attempts::default(),
             first_byte: None,
             status: 0,
             bytes_in: 0,
@@ -100,9 +101,7 @@ impl RequestCtx {
         self.client_ip = peer;
         self.policy.reset();
         self.upstream = None;
-        self.target = None;
-        self.retries = 0;
-        self.connect = None;
+        self.attempts = Attempts::default();
         self.first_byte = None;
         self.status = 0;
         self.bytes_in = 0;
@@ -257,7 +256,7 @@ impl RequestCtx {
         let upstream = self.upstream.and_then(|u| snap.upstreams.get(u as usize));
         json_id(out, upstream.map(|u| &*u.id));
         out.extend_from_slice(b",\"target\":");
-        match self.target {
+        match self.attempts.target {
             Some(t) => json_addr(out, t),
             None => out.extend_from_slice(b"null"),
         }
@@ -268,7 +267,7 @@ impl RequestCtx {
         out.extend_from_slice(b",\"duration_ms\":");
         json_ms(out, elapsed);
         out.extend_from_slice(b",\"upstream_connect_ms\":");
-        match self.connect {
+        match self.attempts.connect {
             Some(d) => json_ms(out, d),
             None => out.extend_from_slice(b"null"),
         }
@@ -284,7 +283,7 @@ impl RequestCtx {
             .and_then(|c| snap.policies.consumers.get(c as usize));
         json_id(out, consumer.map(|c| &*c.id));
         out.extend_from_slice(b",\"retries\":");
-        push_u64(out, u64::from(self.retries));
+        push_u64(out, u64::from(self.attempts.retries));
         out.extend_from_slice(b",\"error\":");
         json_id(out, self.error.map(ErrorKind::label));
         let aggregate = self.aggregate.and_then(|a| snap.aggregates.get(a as usize));

@@ -16,8 +16,9 @@ use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::{parse_request, RequestHead};
 use crate::codec::response::ResponseHead;
-use crate::codec::{BodyKind, FieldPlan};
+use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
+use crate::gather::{write_gathered, Piece};
 use crate::io::{peek, read_more, write_range, Peeked, ReadError};
 use crate::status::Status;
 use crate::upstream::UpstreamConn;
@@ -268,8 +269,8 @@ impl<S: ClientStream> Downstream<S> {
     }
 
     /// Sends an answer the gateway composed for this request (an aggregate's): `head` is the
-    /// status line and fields without the blank line; the connection is kept when the
-    /// client allows it.
+    /// status line and fields without the blank line, `body` goes out from its own buffer in
+    /// the same vectored write (not copied); the connection is kept when the client allows.
     #[allow(clippy::too_many_arguments)]
     pub async fn send_made(
         &mut self,
@@ -277,22 +278,56 @@ impl<S: ClientStream> Downstream<S> {
         req: &mut RequestCtx,
         status: u16,
         head: &[u8],
-        body: &[u8],
+        body: &mut Vec<u8>,
         keep_alive: bool,
         http10: bool,
     ) -> Next {
         let close = !keep_alive || ctx.draining.get();
-        let connection: &[u8] = if close {
-            b"Connection: close\r\n"
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        out.extend_from_slice(head);
+        push_request_id(&mut out, req);
+        out.extend_from_slice(&req.response_fields);
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
         } else if http10 {
-            b"Connection: keep-alive\r\n"
-        } else {
-            b""
-        };
-        if self.write_answer(req, status, head, connection, body).await && !close {
-            Next::KeepAlive
-        } else {
-            Next::Close
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        let pieces = [
+            Piece::Extra(Span {
+                start: 0,
+                end: out.len(),
+            }),
+            Piece::Src(Span {
+                start: 0,
+                end: body.len(),
+            }),
+        ];
+        let sent = write_gathered(
+            &mut self.stream,
+            body,
+            &mut out,
+            &mut self.iov,
+            pieces.into_iter(),
+        )
+        .await;
+        self.scratch = out;
+        match sent {
+            Ok(n) => {
+                req.status = status;
+                req.bytes_out += n as u64;
+                if close {
+                    Next::Close
+                } else {
+                    Next::KeepAlive
+                }
+            }
+            Err(_) => {
+                req.fail(ErrorKind::ClientClosed);
+                req.status = ErrorKind::ClientClosed.status();
+                Next::Close
+            }
         }
     }
 

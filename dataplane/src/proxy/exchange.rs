@@ -112,10 +112,12 @@ pub(crate) async fn exchange(
     plan: &mut FieldPlan,
     replayable: bool,
 ) -> Result<(ResponseHead, BodyReader), ProxyError> {
+    // One buffer: a plain write, no iovec list.
     let len = request.len();
-    let (mut extra, mut iov) = (Vec::new(), Vec::new());
-    let whole = std::iter::once(Piece::Src(crate::codec::Span { start: 0, end: len }));
-    send_head(conn, request, &mut extra, &mut iov, whole).await?;
+    if let Err(e) = crate::io::write_range(&mut conn.stream, request, 0..len).await {
+        let err = write_error(&e);
+        return Err(err.retryable(err.kind == ErrorKind::UpstreamClosed));
+    }
     conn.buf.clear();
     let mut first_byte = None;
     loop {

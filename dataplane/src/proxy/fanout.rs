@@ -20,7 +20,7 @@ use common::aggregate::Aggregate;
 use common::{Route, Snapshot};
 use serde_json::{json, Value};
 
-use super::connector::{Connector, Outcome};
+use super::connector::{Attempts, Connector, Outcome};
 use super::context::RequestCtx;
 use super::downstream::{Downstream, Next, BODY_BUF};
 use super::exchange::exchange;
@@ -67,10 +67,11 @@ impl Failure {
 }
 
 /// A step's answer: its body, checked to be JSON with a member at the step's `target`.
-/// Merging reads it in place ([`json::Node`]).
+/// Merging reads it in place ([`json::Node`]), from where the check left it.
 #[derive(Debug)]
 struct Answer {
     raw: Vec<u8>,
+    checked: json::Checked,
 }
 
 type StepOutcome = Result<Answer, Failure>;
@@ -185,9 +186,9 @@ pub(super) async fn aggregate<S: ClientStream>(
     };
     let started = Instant::now();
     let deadline = started + agg.deadline;
-    let results = run_steps(ctx, snap, agg, &input, &body, deadline, peer).await;
+    let results = run_steps(ctx, snap, agg, &input, &body, deadline).await;
     record(ctx, req, agg, &results);
-    let (status, head_fields, out) = answer(agg, results, req);
+    let (status, head_fields, mut out) = answer(agg, results, req);
     let mut resp = Vec::with_capacity(160 + head_fields.len());
     resp.extend_from_slice(b"HTTP/1.1 ");
     crate::access_log::push_u64(&mut resp, u64::from(status));
@@ -199,13 +200,15 @@ pub(super) async fn aggregate<S: ClientStream>(
     crate::access_log::push_u64(&mut resp, out.len() as u64);
     resp.extend_from_slice(b"\r\n");
     resp.extend_from_slice(&req.policy.response_extra);
-    let body: &[u8] = if input.is_head { b"" } else { &out };
+    if input.is_head {
+        out.clear();
+    }
     down.send_made(
         ctx,
         req,
         status,
         &resp,
-        body,
+        &mut out,
         input.keep_alive,
         input.http10,
     )
@@ -300,7 +303,6 @@ async fn run_steps(
     input: &Input,
     body: &[u8],
     deadline: Instant,
-    peer: IpAddr,
 ) -> Vec<Option<(Duration, StepOutcome)>> {
     let n = agg.steps.len();
     let mut results: Vec<Option<(Duration, StepOutcome)>> = (0..n).map(|_| None).collect();
@@ -337,16 +339,20 @@ async fn run_steps(
                     results[j] = Some((Duration::ZERO, Err(f)));
                     continue;
                 }
-                let earlier: Vec<StepAnswer<'_>> = results
-                    .iter()
-                    .enumerate()
-                    .map(|(k, r)| match r {
-                        Some((_, Ok(a))) if step.after.contains(&k) => {
-                            Some((&a.raw[..], agg.steps[k].shape.target.as_ref()))
-                        }
-                        _ => None,
-                    })
-                    .collect();
+                let earlier: Vec<StepAnswer<'_>> = if step.after.is_empty() {
+                    Vec::new()
+                } else {
+                    results
+                        .iter()
+                        .enumerate()
+                        .map(|(k, r)| match r {
+                            Some((_, Ok(a))) if step.after.contains(&k) => {
+                                Some((&a.raw[..], agg.steps[k].shape.target.as_ref()))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                };
                 let values = RequestValues {
                     params: &input.params,
                     query: input.query.as_deref(),
@@ -371,7 +377,7 @@ async fn run_steps(
                         (left, false)
                     }
                 };
-                let fut = call(ctx, snap, agg, j, target, request, peer);
+                let fut = call(ctx, snap, agg, j, target, request);
                 let timed = async move {
                     match monoio::time::timeout(budget, fut).await {
                         Ok(r) => r,
@@ -458,7 +464,6 @@ async fn call(
     j: usize,
     target: std::net::SocketAddr,
     mut request: Vec<u8>,
-    peer: IpAddr,
 ) -> StepOutcome {
     let step = &agg.steps[j];
     let t = snap.timeouts;
@@ -469,9 +474,9 @@ async fn call(
     );
     let is_head = &*step.method == "HEAD";
     let max = agg.max_step_bytes;
-    let mut rc = RequestCtx::new(peer);
+    let mut attempts = Attempts::default();
     let mut plan = FieldPlan::default();
-    let attempt = async |session: &mut super::connector::Session, _: &mut RequestCtx| {
+    let attempt = async |session: &mut super::connector::Session, _: &mut Attempts| {
         let head_deadline = Instant::now() + t.upstream_response_head;
         let conn = &mut session.conn;
         let (resp, mut reader) = exchange(
@@ -484,17 +489,24 @@ async fn call(
             idempotent,
         )
         .await?;
-        let (fs, fe) = (resp.fields_start, resp.fields_end);
-        let json = field_value(&conn.buf, fs, fe, b"content-type").is_some_and(is_json_type);
-        let encoded = field_value(&conn.buf, fs, fe, b"content-encoding")
-            .is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"));
-        let mut raw = Vec::new();
+        let (mut json, mut encoded) = (false, false);
+        for (_, name, value) in each_field(&conn.buf, resp.fields_start, resp.fields_end) {
+            if name.eq_ignore_ascii_case(b"content-type") {
+                json = is_json_type(value);
+            } else if name.eq_ignore_ascii_case(b"content-encoding") {
+                encoded = !value.eq_ignore_ascii_case(b"identity");
+            }
+        }
+        let mut raw = match resp.body {
+            BodyKind::Length(n) => Vec::with_capacity(usize::try_from(n).unwrap_or(max).min(max)),
+            _ => Vec::new(),
+        };
         let within = reader.collect(conn, resp.head_end, &mut raw, max).await?;
         let clean = within && reader.clean() && resp.reusable;
         Ok::<_, ProxyError>((resp.status, json, encoded, within, raw, clean))
     };
     let (session, (status, json, encoded, within, raw, clean)) =
-        match connector.run(&mut rc, attempt).await {
+        match connector.run(&mut attempts, attempt).await {
             Ok(done) => done,
             Err((_, e)) => {
                 let mut f = Failure::new(StepError::Upstream, e.kind.label());
@@ -539,17 +551,21 @@ async fn call(
     } else {
         raw
     };
-    let answer = match json::parse(&raw) {
-        Ok(a) => a,
+    let checked = match json::check(&raw) {
+        Ok(c) => c,
         Err(e) => return Err(Failure::new(StepError::InvalidJson, e.to_string())),
     };
-    if json::apply_target(&step.shape, answer).is_err() {
-        return Err(Failure::new(
-            StepError::TargetMissing,
-            "its answer has no member at `target`",
-        ));
+    if step.shape.target.is_some() {
+        let has_target = json::restore(&raw, &checked)
+            .is_some_and(|a| json::apply_target(&step.shape, a).is_ok());
+        if !has_target {
+            return Err(Failure::new(
+                StepError::TargetMissing,
+                "its answer has no member at `target`",
+            ));
+        }
     }
-    Ok(Answer { raw })
+    Ok(Answer { raw, checked })
 }
 
 /// Per-step metrics and the failed steps for the access log.
@@ -559,15 +575,18 @@ fn record(
     agg: &Aggregate,
     results: &[Option<(Duration, StepOutcome)>],
 ) {
-    for (j, r) in results.iter().enumerate() {
-        let Some((took, out)) = r else { continue };
+    let done = results.iter().enumerate().filter_map(|(j, r)| {
+        let (took, out) = r.as_ref()?;
         let failed = out.as_ref().err().map(|f| f.error);
-        ctx.metrics
-            .step(&agg.id, &agg.steps[j].id, took.as_micros() as u64, failed);
+        Some((j, took.as_micros() as u64, failed))
+    });
+    for (j, _, failed) in done.clone() {
         if failed.is_some() {
             req.failed_steps.push(j as u16);
         }
     }
+    let steps = done.map(|(j, us, failed)| (&*agg.steps[j].id, us, failed));
+    ctx.metrics.steps(&agg.id, steps);
 }
 
 /// The status, the head fields (before Content-Length) and the body of the answer.
@@ -591,17 +610,17 @@ fn answer(
     let mut size = 64;
     for j in 0..n {
         let step = &agg.steps[j];
-        let raw = match &results[j] {
-            Some((_, Ok(a))) => &a.raw,
+        let a = match &results[j] {
+            Some((_, Ok(a))) => a,
             Some((_, Err(f))) => {
                 errors.push(error_member(&step.id, f));
                 continue;
             }
             None => continue,
         };
-        size += raw.len();
+        size += a.raw.len();
         // Both were checked when the step answered: valid JSON, a member at `target`.
-        let Ok(answer) = json::parse(raw) else {
+        let Some(answer) = json::restore(&a.raw, &a.checked) else {
             continue;
         };
         let Ok(mut node) = json::apply(&step.shape, answer) else {
