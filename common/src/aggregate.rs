@@ -267,6 +267,12 @@ pub fn compile_shape(c: &ShapeConfig, at: &str) -> Result<Shape, ConfigError> {
 /// Compiles a route's `rewrite` (route parameters only; the client's query is appended).
 pub fn compile_rewrite(text: &str, params: &[Box<str>], at: &str) -> Result<Template, ConfigError> {
     let t = Template::parse(text, at, None)?;
+    if t.parts.iter().any(|p| matches!(p, Part::Query(_))) {
+        return Err(ConfigError::field(
+            at,
+            format!("{text:?}: a rewrite takes route parameters only ({{name}}); the client's query string is kept as it is"),
+        ));
+    }
     if t.has_query {
         return Err(ConfigError::field(
             at,
@@ -505,9 +511,13 @@ fn compile_step(
 }
 
 /// Fields a step's request gets from the gateway, never copied from the client.
-const HOP_OR_GATEWAY_FIELDS: [&str; 14] = [
+const HOP_OR_GATEWAY_FIELDS: [&str; 18] = [
     "host",
     "content-length",
+    "content-type",
+    "content-encoding",
+    "accept-encoding",
+    "expect",
     "transfer-encoding",
     "connection",
     "keep-alive",

@@ -179,17 +179,18 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// The value as a `serde_json::Value` (parsed if still text).
-    pub fn into_value(self) -> Value {
-        match self {
-            Node::Raw(r) => serde_json::from_str(r).unwrap_or(Value::Null),
+    /// The value as a `serde_json::Value` (parsed if still text). Fails for text nested
+    /// deeper than serde_json's 128 levels, which [`check`] lets through.
+    pub fn into_value(self) -> Result<Value, Error> {
+        Ok(match self {
+            Node::Raw(r) => serde_json::from_str(r)?,
             Node::Object(m) => Value::Object(
                 m.into_iter()
-                    .map(|(k, v)| (k.into_owned(), v.into_value()))
-                    .collect(),
+                    .map(|(k, v)| Ok((k.into_owned(), v.into_value()?)))
+                    .collect::<Result<_, Error>>()?,
             ),
             Node::Value(v) => v,
-        }
+        })
     }
 
     /// The member at `path`, taken out of this value.
@@ -303,6 +304,17 @@ pub fn scalar_text(node: &Node<'_>) -> Option<Cow<'static, [u8]>> {
 pub enum ShapeError {
     /// `target` names a member the value does not have.
     TargetMissing,
+    /// An array to filter nests deeper than 128 levels.
+    TooDeep,
+}
+
+/// Why two answers could not be merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeError {
+    /// `on_conflict = "error"` and two values met at this path (outermost key first).
+    Conflict(Vec<String>),
+    /// Values to `append` nest deeper than 128 levels.
+    TooDeep,
 }
 
 /// The first part of a shape: the member `target` names (the value itself without one).
@@ -314,12 +326,12 @@ pub fn apply_target<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, Shap
 }
 
 /// The rest of a shape, after `target`: `allow` / `deny`, `rename`, `group`.
-pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Node<'a> {
+pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeError> {
     let filters = !shape.allow.is_empty() || !shape.deny.is_empty() || !shape.rename.is_empty();
     if filters {
         if first_byte(&v) == b'[' {
             // Element by element: as a tree.
-            let mut value = v.into_value();
+            let mut value = v.into_value().map_err(|_| ShapeError::TooDeep)?;
             let only_filters = Shape {
                 group: None,
                 target: None,
@@ -343,7 +355,7 @@ pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Node<'a> {
     if let Some(g) = &shape.group {
         v = Node::Object(vec![(Cow::Owned(g.to_string()), v)]);
     }
-    v
+    Ok(v)
 }
 
 fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) {
@@ -363,17 +375,16 @@ fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) {
 
 /// Applies `shape` in its order: `target`, `allow` / `deny`, `rename`, `group`.
 pub fn apply<'a>(shape: &Shape, v: Node<'a>) -> Result<Node<'a>, ShapeError> {
-    Ok(apply_rest(shape, apply_target(shape, v)?))
+    apply_rest(shape, apply_target(shape, v)?)
 }
 
 /// Merges the members `src` into `dst`: objects recursively, other values that meet by
-/// `policy`. `Err(path)`: `on_conflict = "error"` and two values met at `path` (outermost
-/// key first).
+/// `policy`.
 pub fn merge<'a>(
     dst: &mut Members<'a>,
     src: Members<'a>,
     policy: OnConflict,
-) -> Result<(), Vec<String>> {
+) -> Result<(), MergeError> {
     let mut index = KeyIndex::of(dst);
     for (k, mut v) in src {
         let Some(i) = index.find(dst, &k) else {
@@ -385,19 +396,25 @@ pub fn merge<'a>(
             let (Some(a), Some(b)) = (existing.members(), v.members()) else {
                 continue;
             };
-            if let Err(mut path) = merge(a, std::mem::take(b), policy) {
-                path.insert(0, k.into_owned());
-                return Err(path);
+            match merge(a, std::mem::take(b), policy) {
+                Err(MergeError::Conflict(mut path)) => {
+                    path.insert(0, k.into_owned());
+                    return Err(MergeError::Conflict(path));
+                }
+                Err(e) => return Err(e),
+                Ok(()) => {}
             }
             continue;
         }
         match policy {
-            OnConflict::Error => return Err(vec![k.into_owned()]),
+            OnConflict::Error => return Err(MergeError::Conflict(vec![k.into_owned()])),
             OnConflict::First => {}
             OnConflict::Last => *existing = v,
             OnConflict::Append => {
-                let old = std::mem::replace(existing, Node::Value(Value::Null)).into_value();
-                let new = v.into_value();
+                let old = std::mem::replace(existing, Node::Value(Value::Null));
+                let (Ok(old), Ok(new)) = (old.into_value(), v.into_value()) else {
+                    return Err(MergeError::TooDeep);
+                };
                 *existing = Node::Value(match (old, new) {
                     (Value::Array(mut a), Value::Array(b)) => {
                         a.extend(b);
@@ -570,6 +587,9 @@ mod tests {
         };
         let n = apply(&arr, parse(br#"[{"cost": 1, "x": 2}, {"y": 3}]"#).unwrap()).unwrap();
         assert_eq!(text(&n), json!([{"x": 2}, {"y": 3}]));
+        let deep = format!("[{}1{}]", "[".repeat(200), "]".repeat(200));
+        let r = apply(&arr, parse(deep.as_bytes()).unwrap());
+        assert_eq!(r.unwrap_err(), ShapeError::TooDeep);
     }
 
     #[test]
@@ -582,9 +602,12 @@ mod tests {
                 let mut n = parse(body).unwrap();
                 merge(&mut dst, std::mem::take(n.members().unwrap()), policy)?;
             }
-            Ok::<_, Vec<String>>(text(&Node::Object(dst)))
+            Ok::<_, MergeError>(text(&Node::Object(dst)))
         };
-        assert_eq!(run(OnConflict::Error), Err(vec!["id".to_owned()]));
+        assert_eq!(
+            run(OnConflict::Error),
+            Err(MergeError::Conflict(vec!["id".to_owned()]))
+        );
         assert_eq!(
             run(OnConflict::First),
             Ok(json!({"id": 1, "tags": ["a"], "meta": {"x": 1, "y": 2}}))
@@ -612,7 +635,30 @@ mod tests {
             std::mem::take(n.members().unwrap()),
             OnConflict::Error,
         );
-        assert_eq!(err, Err(vec!["m".into(), "k".into(), "z".into()]));
+        assert_eq!(
+            err,
+            Err(MergeError::Conflict(vec![
+                "m".into(),
+                "k".into(),
+                "z".into()
+            ]))
+        );
+        // Values nested past serde_json's limit cannot be appended: an error, not a null.
+        let deep = format!("{{\"d\": {}1{}}}", "[".repeat(200), "]".repeat(200));
+        let mut dst = Vec::new();
+        for _ in 0..2 {
+            let mut n = parse(deep.as_bytes()).unwrap();
+            let r = merge(
+                &mut dst,
+                std::mem::take(n.members().unwrap()),
+                OnConflict::Append,
+            );
+            if !dst.is_empty() && r.is_err() {
+                assert_eq!(r, Err(MergeError::TooDeep));
+                return;
+            }
+        }
+        panic!("the deep values were appended");
     }
 
     #[test]
@@ -639,7 +685,7 @@ mod tests {
             std::mem::take(again.members().unwrap()),
             OnConflict::Error,
         );
-        assert_eq!(err, Err(vec!["k499".to_owned()]));
+        assert_eq!(err, Err(MergeError::Conflict(vec!["k499".to_owned()])));
         assert_eq!(dst.len(), 500);
     }
 

@@ -200,6 +200,19 @@ pub fn pct_decode(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
     Some(Cow::Owned(out))
 }
 
+/// Decodes a query value as browsers and forms encode it (`application/x-www-form-urlencoded`):
+/// `+` is a space, then `%XX` escapes; `None` for a malformed escape.
+pub fn form_decode(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    if !raw.contains(&b'+') {
+        return pct_decode(raw);
+    }
+    let spaced: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    Some(Cow::Owned(pct_decode(&spaced)?.into_owned()))
+}
+
 /// The raw value of query parameter `name` in `query` (the part after `?`).
 pub fn query_param<'a>(query: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     query.split(|&b| b == b'&').find_map(|pair| {
@@ -245,7 +258,7 @@ pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(),
             Part::Query(name) => values
                 .query()
                 .and_then(|q| query_param(q, name.as_bytes()))
-                .and_then(pct_decode),
+                .and_then(form_decode),
             Part::Step { step, path } => values.step_field(*step, path),
         };
         match value {
@@ -362,6 +375,13 @@ mod tests {
                 .and_then(|v| lookup(v, path))
                 .and_then(scalar_text)
         }
+    }
+
+    #[test]
+    fn query_values_decode_like_forms() {
+        assert_eq!(&*form_decode(b"a+b%2Bc").unwrap(), b"a b+c");
+        assert_eq!(&*form_decode(b"plain").unwrap(), b"plain");
+        assert!(form_decode(b"%G0").is_none());
     }
 
     #[test]

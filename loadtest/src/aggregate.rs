@@ -25,8 +25,18 @@ use crate::procs::{self, Workdir};
 use crate::wrk::{self, WrkResult};
 use crate::Options;
 
-/// A 1 KiB JSON answer whose keys are prefixed with `k` so three of them never collide.
-fn json_body(k: usize) -> Vec<u8> {
+/// Two kinds of 1 KiB JSON answer, keys prefixed with `k` so three of them never collide:
+/// `dense`, an array of 38 small objects (numbers and short strings: the costliest to check
+/// per byte), or text, a record with a few long string members (cheap per byte).
+fn json_body(k: usize, dense: bool) -> Vec<u8> {
+    if !dense {
+        let text = "A sturdy desk lamp with a warm, even light and a heavy base. ".repeat(14);
+        let s = format!(
+            "{{\"s{k}_id\":{k},\"s{k}_name\":\"Desk lamp {k}\",\"s{k}_price\":39.5,\"s{k}_tags\":[\"lighting\",\"office\"],\"s{k}_description\":\"{}\"}}",
+            &text[..text.len().min(880)]
+        );
+        return s.into_bytes();
+    }
     let mut s = format!("{{\"s{k}_id\":{k},\"s{k}_items\":[");
     let mut i = 0;
     while s.len() < 1000 {
@@ -197,6 +207,62 @@ fn start(
     Ok(gw)
 }
 
+/// Part 1 for one kind of body: a table of the repetitions and the median CPU ratio.
+fn instant(
+    o: &Options,
+    gateway: &Path,
+    dir: &Workdir,
+    script: &Path,
+    stop: &Arc<AtomicBool>,
+    dense: bool,
+) -> Result<String> {
+    let kind = if dense { "dense" } else { "text" };
+    let origins: Vec<SocketAddr> = (0..3)
+        .map(|k| {
+            origin(
+                json_body(k, dense),
+                Duration::ZERO,
+                o.origin_cpus.clone(),
+                stop.clone(),
+            )
+        })
+        .collect::<Result<_>>()?;
+    let gw = start(
+        o,
+        gateway,
+        dir,
+        &origins,
+        &format!("gateway-instant-{kind}"),
+    )?;
+    let c = o.connections;
+    measured(o, &gw, c, None, "/agg").context("warm-up")?;
+    measured(o, &gw, c, Some(script), "/s0").context("warm-up")?;
+    let mut out = format!(
+        "| instant origins, 1 KiB {kind} JSON | requests/s | p50 | p99 | gateway CPU µs per aggregate or per 3 proxied |\n| --- | --- | --- | --- | --- |\n"
+    );
+    let mut agg_cost = Vec::new();
+    let mut three_cost = Vec::new();
+    for rep in 0..o.reps {
+        let (a, a_cpu) = measured(o, &gw, c, None, "/agg")?;
+        let (p, p_cpu) = measured(o, &gw, c, Some(script), "/s0")?;
+        let per_agg = a_cpu / a.requests as f64 * 1e6;
+        let per_three = p_cpu / p.requests as f64 * 3.0 * 1e6;
+        agg_cost.push(per_agg);
+        three_cost.push(per_three);
+        out.push_str(&format!(
+            "| rep {rep}: aggregate of 3 | {:.0} | {:.2} ms | {:.2} ms | {per_agg:.1} |\n| rep {rep}: 3 proxied requests | {:.0} (÷3: {:.0}) | {:.2} ms | {:.2} ms | {per_three:.1} |\n",
+            a.rps, a.p50_us / 1e3, a.p99_us / 1e3, p.rps, p.rps / 3.0, p.p50_us / 1e3, p.p99_us / 1e3
+        ));
+    }
+    out.push_str(&format!(
+        "\n{kind} JSON, median gateway CPU: {:.1} µs per aggregate, {:.1} µs per 3 proxied requests (ratio {:.2})\n\n",
+        median(&agg_cost),
+        median(&three_cost),
+        median(&agg_cost) / median(&three_cost)
+    ));
+    Ok(out)
+}
+
 /// Runs both parts and prints their tables.
 pub fn run(o: &Options, gateway: &Path) -> Result<()> {
     let dir = Workdir(o.out.join("aggregate"));
@@ -213,43 +279,11 @@ pub fn run(o: &Options, gateway: &Path) -> Result<()> {
     let mut out = String::new();
 
     // 1. Instant origins: CPU per aggregate against CPU per three proxied requests.
-    let instant: Vec<SocketAddr> = (0..3)
-        .map(|k| {
-            origin(
-                json_body(k),
-                Duration::ZERO,
-                o.origin_cpus.clone(),
-                stop.clone(),
-            )
-        })
-        .collect::<Result<_>>()?;
-    let gw = start(o, gateway, &dir, &instant, "gateway-instant")?;
-    let c = o.connections;
-    measured(o, &gw, c, None, "/agg").context("warm-up")?;
-    measured(o, &gw, c, Some(&script), "/s0").context("warm-up")?;
-    out.push_str("| instant origins, 1 KiB JSON | requests/s | p50 | p99 | gateway CPU µs per aggregate or per 3 proxied |\n| --- | --- | --- | --- | --- |\n");
-    let mut agg_cost = Vec::new();
-    let mut three_cost = Vec::new();
-    for rep in 0..o.reps {
-        let (a, a_cpu) = measured(o, &gw, c, None, "/agg")?;
-        let (p, p_cpu) = measured(o, &gw, c, Some(&script), "/s0")?;
-        let per_agg = a_cpu / a.requests as f64 * 1e6;
-        let per_three = p_cpu / p.requests as f64 * 3.0 * 1e6;
-        agg_cost.push(per_agg);
-        three_cost.push(per_three);
-        out.push_str(&format!(
-            "| rep {rep}: aggregate of 3 | {:.0} | {:.2} ms | {:.2} ms | {per_agg:.1} |\n| rep {rep}: 3 proxied requests | {:.0} (÷3: {:.0}) | {:.2} ms | {:.2} ms | {per_three:.1} |\n",
-            a.rps, a.p50_us / 1e3, a.p99_us / 1e3, p.rps, p.rps / 3.0, p.p50_us / 1e3, p.p99_us / 1e3
-        ));
+    for dense in [true, false] {
+        let part = instant(o, gateway, &dir, &script, &stop, dense)?;
+        println!("{part}");
+        out.push_str(&part);
     }
-    out.push_str(&format!(
-        "\nmedian gateway CPU: {:.1} µs per aggregate, {:.1} µs per 3 proxied requests (ratio {:.2})\n\n",
-        median(&agg_cost),
-        median(&three_cost),
-        median(&agg_cost) / median(&three_cost)
-    ));
-    println!("{out}");
-    drop(gw);
 
     // 2. Origins after 5, 10, 20 ms: latency at about half the saturated rate.
     let delayed: Vec<SocketAddr> = [5u64, 10, 20]
@@ -257,7 +291,7 @@ pub fn run(o: &Options, gateway: &Path) -> Result<()> {
         .enumerate()
         .map(|(k, &ms)| {
             origin(
-                json_body(k),
+                json_body(k, true),
                 Duration::from_millis(ms),
                 o.origin_cpus.clone(),
                 stop.clone(),

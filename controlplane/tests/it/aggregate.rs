@@ -474,7 +474,7 @@ user_agent = ["*iPhone*"]
 
 [[client_profiles]]
 id = "compact"
-query = { name = "view", values = ["compact"] }
+query = { name = "view", values = ["compact", "very compact"] }
 
 [[aggregates]]
 id = "mobile-page"
@@ -550,6 +550,9 @@ fn each_profile_kind_selects_its_variant() {
     // A query profile.
     let r = get(&mut c, "/products/6?view=compact", key);
     assert_eq!(r.json(), json!({"item": {"id": "6"}}));
+    // Query values decode as forms send them: `+` is a space.
+    let r = get(&mut c, "/products/6?view=very+compact", key);
+    assert_eq!(r.json(), json!({"item": {"id": "6"}}));
     // None: the route's own aggregate.
     let r = get(&mut c, "/products/6", key);
     assert_eq!(r.header("X-Gateway-Completed"), Some("true"));
@@ -609,7 +612,11 @@ response = {{ allow = ["target"], max_bytes = 1024 }}
     );
     let mut c = gw.connect();
     assert_eq!(get(&mut c, "/users/me", "").body_str(), "me");
-    let r = get(&mut c, "/users/17?x=1", "Accept-Encoding: gzip\r\n");
+    let r = get(
+        &mut c,
+        "/users/17?x=1",
+        "Accept-Encoding: gzip\r\nRange: bytes=0-3\r\n",
+    );
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json(),
@@ -617,10 +624,15 @@ response = {{ allow = ["target"], max_bytes = 1024 }}
     );
     assert_eq!(r.header("Content-Length"), Some(&*r.body.len().to_string()));
     let seen = svc.requests();
-    assert_eq!(
-        seen.last().unwrap().header("Accept-Encoding"),
-        Some("identity")
-    );
+    let last = seen.last().unwrap();
+    assert_eq!(last.header("Accept-Encoding"), Some("identity"));
+    // A range of a body that is reshaped would not match: the whole body is asked for.
+    assert_eq!(last.header("Range"), None);
+    // HEAD on a shaped route: the unshaped body's length is not passed on.
+    let r = c.roundtrip("HEAD /users/17 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Length"), None, "{}", r.head);
+    let mut c = gw.connect();
     let r = get(&mut c, "/users/17/orders/9", "");
     assert_eq!(r.json()["target"], "/orders/9");
     // Not JSON, too large, not 2xx: relayed unchanged and counted.
@@ -787,4 +799,102 @@ fn everything_changes_at_runtime_through_the_admin_api() {
     let r = gw.admin("GET", "/v1/aggregates/kept", None);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["steps"][1]["after"], json!(["product"]));
+}
+
+#[test]
+fn request_bodies_auth_challenges_and_shaped_heads() {
+    // A step that takes the client's body echoes it back as JSON; a 401 step with a challenge.
+    let echo = service(|_, req| {
+        let body = String::from_utf8_lossy(&req.raw_body).into_owned();
+        let ct = req.header("Content-Type").unwrap_or("").to_owned();
+        json_ok(json!({"got": body, "type": ct, "len": req.header("Content-Length")}))
+    });
+    let denied = Origin::start(Arc::new(|_: &Received, s: &mut TcpStream| {
+        let body = r#"{"type":"about:blank","title":"Unauthorized","status":401}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/problem+json\r\nWWW-Authenticate: Bearer realm=\"orders\"\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Keep::Open
+    }));
+    let steps = [
+        step("echo", 0, "method = \"POST\"\nbody = true"),
+        step("auth", 1, "required = false"),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&[&echo, &denied], "", &steps);
+    let mut c = gw.connect();
+    // A chunked body reaches the body step whole, with its type and a length.
+    c.send(b"POST /agg HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let b = r.json();
+    assert_eq!(
+        (&b["got"], &b["type"], &b["len"]),
+        (&json!("hello world"), &json!("text/plain"), &json!("11"))
+    );
+    assert_eq!(b["_errors"][0]["status"], 401);
+    // The same connection goes on: the body was read to its end.
+    let r = c.roundtrip("POST /agg HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok");
+    assert_eq!(r.json()["got"], "ok");
+    // Chunk extensions cannot make the gateway hold much more than max_body_bytes.
+    let mut c2 = gw.connect();
+    c2.send(b"POST /agg HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let ext = format!("1;{}\r\na\r\n", "x".repeat(4000));
+    let mut refused = false;
+    for _ in 0..6000 {
+        if c2.stream.write_all(ext.as_bytes()).is_err() {
+            refused = true;
+            break;
+        }
+    }
+    if !refused {
+        let _ = c2.stream.write_all(b"0\r\n\r\n");
+    }
+    let r = c2.read_response();
+    assert_eq!(r.status, 413);
+    drop(gw);
+
+    // A required 401 passes its body, type and challenge on.
+    let steps = [step("auth", 1, "")].concat();
+    let (gw, _) = one_aggregate(&[&echo, &denied], "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("WWW-Authenticate"),
+        Some("Bearer realm=\"orders\"")
+    );
+    assert_eq!(r.header("Content-Type"), Some("application/problem+json"));
+    assert_eq!(r.json()["title"], "Unauthorized");
+}
+
+#[test]
+fn validation_refuses_what_cannot_work() {
+    let s = services();
+    let base = format!("{}{}", listener(), upstreams(&s));
+    let check = |extra: &str| -> String {
+        let dir = temp_dir("aggregate-check");
+        let path = dir.join("g.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--check")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "accepted: {extra}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = check("[[routes]]\nid = \"r\"\npath = \"/p/{id}\"\nupstream = \"catalog\"\nrewrite = \"/i/{query.id}\"\n");
+    assert!(e.contains("routes[0].rewrite"), "{e}");
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\npass_headers = [\"Accept-Encoding\"]\n");
+    assert!(e.contains("aggregates[0].steps[0].pass_headers[0]"), "{e}");
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\nafter = [\"t\"]\n[[aggregates.steps]]\nid = \"t\"\nupstream = \"catalog\"\npath = \"/y\"\nafter = [\"s\"]\n");
+    assert!(e.contains("after"), "{e}");
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\nbody = true\n[[aggregates.steps]]\nid = \"t\"\nupstream = \"catalog\"\npath = \"/y\"\nbody = true\n");
+    assert!(e.contains("at most one step"), "{e}");
+    let e = check("[[client_profiles]]\nid = \"p\"\nconsumer_groups = [\"g\"]\n[[routes]]\nid = \"r\"\npath = \"/r\"\nupstream = \"catalog\"\nvariants = [{ profile = \"p\", upstream = \"reviews\" }]\n");
+    assert!(e.contains("authentication policy"), "{e}");
+    let e = check("[[routes]]\nid = \"r\"\npath = \"/a/{x}/{x}\"\nrespond = { body = \"x\" }\n");
+    assert!(e.contains("appears twice"), "{e}");
 }

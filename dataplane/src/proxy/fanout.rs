@@ -45,8 +45,10 @@ struct Failure {
     status: u16,
     /// What the step's upstream answered, if it did.
     upstream_status: Option<u16>,
-    /// A 4xx answer's JSON body, relayed when the step is required.
-    body: Option<Vec<u8>>,
+    /// A 4xx answer's JSON body and its `Content-Type`, relayed when the step is required.
+    body: Option<(Vec<u8>, Vec<u8>)>,
+    /// A 4xx answer's `WWW-Authenticate` (a 401 must carry one), relayed with it.
+    authenticate: Option<Vec<u8>>,
     detail: String,
 }
 
@@ -61,6 +63,7 @@ impl Failure {
             status,
             upstream_status: None,
             body: None,
+            authenticate: None,
             detail: detail.into(),
         }
     }
@@ -243,7 +246,10 @@ async fn read_body<S: ClientStream>(
         let take = match decoder.as_mut() {
             Some(d) => {
                 let k = d.advance(avail).map_err(|_| ErrorKind::BadRequest)?;
-                if d.data_len() > limit {
+                // The framing is kept until the end: bound it too (chunk extensions can make
+                // it far larger than the data), at the body limit plus 64 KiB.
+                if d.data_len() > limit || (raw.len() + k) as u64 > limit.saturating_mul(2) + 65536
+                {
                     return Err(ErrorKind::BodyTooLarge);
                 }
                 raw.extend_from_slice(&avail[..k]);
@@ -489,23 +495,41 @@ async fn call(
             idempotent,
         )
         .await?;
-        let (mut json, mut encoded) = (false, false);
+        let (mut json, mut encoded, mut ctype, mut authenticate) = (false, false, None, None);
         for (_, name, value) in each_field(&conn.buf, resp.fields_start, resp.fields_end) {
             if name.eq_ignore_ascii_case(b"content-type") {
                 json = is_json_type(value);
+                ctype = Some(value);
             } else if name.eq_ignore_ascii_case(b"content-encoding") {
                 encoded = !value.eq_ignore_ascii_case(b"identity");
+            } else if name.eq_ignore_ascii_case(b"www-authenticate") && authenticate.is_none() {
+                authenticate = Some(value);
             }
         }
+        // What a required 4xx passes on to the client.
+        let (ctype, authenticate) = if (400..500).contains(&resp.status) {
+            (ctype.map(<[u8]>::to_vec), authenticate.map(<[u8]>::to_vec))
+        } else {
+            (None, None)
+        };
         let mut raw = match resp.body {
             BodyKind::Length(n) => Vec::with_capacity(usize::try_from(n).unwrap_or(max).min(max)),
             _ => Vec::new(),
         };
         let within = reader.collect(conn, resp.head_end, &mut raw, max).await?;
         let clean = within && reader.clean() && resp.reusable;
-        Ok::<_, ProxyError>((resp.status, json, encoded, within, raw, clean))
+        Ok::<_, ProxyError>((
+            resp.status,
+            json,
+            encoded,
+            within,
+            raw,
+            clean,
+            ctype,
+            authenticate,
+        ))
     };
-    let (session, (status, json, encoded, within, raw, clean)) =
+    let (session, (status, json, encoded, within, raw, clean, ctype, authenticate)) =
         match connector.run(&mut attempts, attempt).await {
             Ok(done) => done,
             Err((_, e)) => {
@@ -529,8 +553,11 @@ async fn call(
         f.upstream_status = Some(status);
         if (400..500).contains(&status) {
             f.status = status;
-            if json && !encoded && within && json::parse(&raw).is_ok() {
-                f.body = Some(raw);
+            f.authenticate = authenticate;
+            if let Some(ct) = ctype.filter(|_| json && !encoded && within) {
+                if json::parse(&raw).is_ok() {
+                    f.body = Some((raw, ct));
+                }
             }
         }
         return Err(f);
@@ -619,12 +646,30 @@ fn answer(
             None => continue,
         };
         size += a.raw.len();
-        // Both were checked when the step answered: valid JSON, a member at `target`.
+        // Checked when the step answered: valid JSON, a member at `target`.
         let Some(answer) = json::restore(&a.raw, &a.checked) else {
             continue;
         };
-        let Ok(mut node) = json::apply(&step.shape, answer) else {
-            continue;
+        let shaped = json::apply(&step.shape, answer).map_err(|e| match e {
+            json::ShapeError::TooDeep => Failure::new(
+                StepError::InvalidJson,
+                "an array its shape filters nests deeper than 128 levels",
+            ),
+            json::ShapeError::TargetMissing => Failure::new(
+                StepError::TargetMissing,
+                "its answer has no member at `target`",
+            ),
+        });
+        let mut node = match shaped {
+            Ok(node) => node,
+            Err(f) => {
+                req.failed_steps.push(j as u16);
+                if step.required {
+                    return step_failed(agg, j, f, req);
+                }
+                errors.push(error_member(&step.id, &f));
+                continue;
+            }
         };
         let Some(members) = node.members() else {
             let f = Failure::new(
@@ -638,7 +683,19 @@ fn answer(
             errors.push(error_member(&step.id, &f));
             continue;
         };
-        if let Err(path) = json::merge(&mut merged, std::mem::take(members), agg.on_conflict) {
+        let path = match json::merge(&mut merged, std::mem::take(members), agg.on_conflict) {
+            Ok(()) => continue,
+            Err(json::MergeError::Conflict(path)) => path,
+            Err(json::MergeError::TooDeep) => {
+                let f = Failure::new(
+                    StepError::InvalidJson,
+                    "values to append nest deeper than 128 levels",
+                );
+                req.failed_steps.push(j as u16);
+                return step_failed(agg, j, f, req);
+            }
+        };
+        {
             let key = path.join(".");
             let other = (0..j)
                 .find(|&k| earlier_sets(agg, k, &results[k], &path))
@@ -706,14 +763,25 @@ fn error_member(step: &str, f: &Failure) -> Value {
 fn step_failed(
     agg: &Aggregate,
     j: usize,
-    f: Failure,
+    mut f: Failure,
     req: &mut RequestCtx,
 ) -> (u16, Vec<u8>, Vec<u8>) {
     req.fail(ErrorKind::StepFailed);
     let step = &agg.steps[j];
-    if let Some(body) = f.body {
-        let mut head = Vec::with_capacity(96);
-        head.extend_from_slice(b"Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
+    let auth = f.authenticate.take();
+    let authenticate = |head: &mut Vec<u8>| {
+        if let Some(a) = &auth {
+            head.extend_from_slice(b"WWW-Authenticate: ");
+            head.extend_from_slice(a);
+            head.extend_from_slice(b"\r\n");
+        }
+    };
+    if let Some((body, ctype)) = f.body.take() {
+        let mut head = Vec::with_capacity(128);
+        head.extend_from_slice(b"Content-Type: ");
+        head.extend_from_slice(&ctype);
+        head.extend_from_slice(b"\r\nX-Gateway-Completed: false\r\n");
+        authenticate(&mut head);
         return (f.status, head, body);
     }
     let body = json!({
@@ -724,7 +792,9 @@ fn step_failed(
         "step": &*step.id,
         "error": f.error.label(),
     });
-    problem(f.status, &body)
+    let (status, mut head, out) = problem(f.status, &body);
+    authenticate(&mut head);
+    (status, head, out)
 }
 
 fn problem(status: u16, body: &Value) -> (u16, Vec<u8>, Vec<u8>) {

@@ -233,15 +233,11 @@ async fn handle<S: ClientStream>(
                 }
             }
             if choice.shape.is_some() {
-                // Shaping needs the body as the upstream made it.
+                // Shaping needs the whole body as the upstream made it.
                 let fields = (head.fields_start, head.fields_end);
-                policy::drop_named(
-                    &down.buf,
-                    fields.0,
-                    fields.1,
-                    b"accept-encoding",
-                    &mut req.policy.drops,
-                );
+                for name in [&b"accept-encoding"[..], b"range", b"if-range"] {
+                    policy::drop_named(&down.buf, fields.0, fields.1, name, &mut req.policy.drops);
+                }
                 req.policy
                     .extra
                     .extend_from_slice(b"Accept-Encoding: identity\r\n");
@@ -428,7 +424,15 @@ async fn proxy<S: ClientStream>(
             )
             .await
         }
-        _ => {
+        shape => {
+            if shape.is_some() {
+                // A HEAD on a shaped route: the length and tag of the unshaped body would not
+                // be those of the GET answer.
+                let (fs, fe) = (resp.fields_start, resp.fields_end);
+                for name in [&b"content-length"[..], b"etag"] {
+                    policy::drop_named(&session.conn.buf, fs, fe, name, &mut down.resp_plan.drop);
+                }
+            }
             relay::relay_response(
                 down,
                 req,

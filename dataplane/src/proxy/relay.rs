@@ -282,7 +282,8 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     metrics: &WorkerMetrics,
 ) -> Result<bool, ProxyError> {
     let (fs, fe) = (resp.fields_start, resp.fields_end);
-    let skip = if !(200..300).contains(&resp.status) {
+    // 206 carries a range of the body, 204 none: only whole 2xx bodies are reshaped.
+    let skip = if !(200..300).contains(&resp.status) || matches!(resp.status, 204 | 206) {
         Some(SkipReason::Status)
     } else if !policy::field_value(&conn.buf, fs, fe, b"content-type").is_some_and(is_json_type) {
         Some(SkipReason::NotJson)
@@ -338,7 +339,8 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
                     v.write(&mut out);
                     Ok(out)
                 }
-                Err(_) => Err(SkipReason::TargetMissing),
+                Err(json::ShapeError::TargetMissing) => Err(SkipReason::TargetMissing),
+                Err(json::ShapeError::TooDeep) => Err(SkipReason::InvalidJson),
             },
         }
     };
@@ -347,7 +349,12 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         Ok(body) => body,
         Err(reason) => {
             metrics.transform_skipped(reason);
-            return relay_response(down, req, conn, resp, http10, close_client).await;
+            // A reader started on `wire` sees a clean end; what followed the body in the
+            // last read (if anything) is what the first reader saw.
+            let finished_clean = over || clean;
+            let relayed = relay_response(down, req, conn, resp, http10, close_client).await;
+            conn.buf = Vec::with_capacity(UPSTREAM_BUF);
+            return relayed.map(|c| c && finished_clean);
         }
     };
     for name in [&b"content-length"[..], b"transfer-encoding", b"etag"] {
@@ -380,6 +387,8 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     };
     req.status = resp.status;
     req.bytes_out += n as u64;
+    // The pooled connection keeps a buffer of the usual size, not the body's.
+    conn.buf = Vec::with_capacity(UPSTREAM_BUF);
     let len = body.len();
     if down.send(req, &mut body, 0..len).await.is_err() {
         return Err(ErrorKind::ClientClosed.into());

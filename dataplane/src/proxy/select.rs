@@ -66,7 +66,7 @@ fn profile_matches(
         }),
         ProfileMatch::Query { name, values } => query_of(buf, head)
             .and_then(|q| query_param(q, name.as_bytes()))
-            .and_then(crate::shape::pct_decode)
+            .and_then(crate::shape::form_decode)
             .is_some_and(|v| one_of(values, &v)),
         ProfileMatch::ConsumerGroups(groups) => consumer
             .and_then(|c| snap.policies.consumers.get(c as usize))
