@@ -1,15 +1,16 @@
 //! `loadtest aggregate`: an aggregate of three parallel steps against three loopback origins
 //! answering 1 KiB of JSON, beside the same three requests made through plain proxy routes.
 //!
-//! 1. Instant origins, saturating load: gateway CPU per aggregate request against gateway
-//!    CPU per three proxied requests (wrk cycling over the three routes).
+//! 1. Instant origins (nginx answering a fixed JSON body), saturating load: gateway CPU per
+//!    aggregate request against gateway CPU per three proxied requests (wrk cycling over the
+//!    three routes), for a dense and a text-heavy 1 KiB body.
 //! 2. Origins answering after 5, 10 and 20 ms: the aggregate's saturated rate, then a run at
 //!    about half of it (closed loop, with as many connections as that rate needs at the
 //!    slowest step's latency) for p50 / p99, beside each proxied route at the same
 //!    connection count (one after another, a client's three calls take the sum).
 //!
-//! The origins are threads of this process (one per connection, pinned to the origin CPUs),
-//! on 127.0.0.1 only; every run is bounded by `--duration`.
+//! The delayed origins are threads of this process (one per connection, pinned to the origin
+//! CPUs); everything is on 127.0.0.1 only and every run is bounded by `--duration`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -213,20 +214,11 @@ fn instant(
     gateway: &Path,
     dir: &Workdir,
     script: &Path,
-    stop: &Arc<AtomicBool>,
     dense: bool,
 ) -> Result<String> {
     let kind = if dense { "dense" } else { "text" };
-    let origins: Vec<SocketAddr> = (0..3)
-        .map(|k| {
-            origin(
-                json_body(k, dense),
-                Duration::ZERO,
-                o.origin_cpus.clone(),
-                stop.clone(),
-            )
-        })
-        .collect::<Result<_>>()?;
+    let bodies: Vec<Vec<u8>> = (0..3).map(|k| json_body(k, dense)).collect();
+    let (_nginx, origins) = procs::start_json_origins(dir, &bodies, &o.origin_cpus)?;
     let gw = start(
         o,
         gateway,
@@ -280,7 +272,7 @@ pub fn run(o: &Options, gateway: &Path) -> Result<()> {
 
     // 1. Instant origins: CPU per aggregate against CPU per three proxied requests.
     for dense in [true, false] {
-        let part = instant(o, gateway, &dir, &script, &stop, dense)?;
+        let part = instant(o, gateway, &dir, &script, dense)?;
         println!("{part}");
         out.push_str(&part);
     }

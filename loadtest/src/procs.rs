@@ -132,6 +132,40 @@ pub fn start_origin(dir: &Workdir, workers: usize, cpus: &str) -> Result<Proc> {
     start_nginx(dir, "origin", &conf, port, cpus)
 }
 
+/// Starts one nginx answering on a port per body with that body as `application/json`;
+/// returns it with the ports' addresses.
+pub fn start_json_origins(
+    dir: &Workdir,
+    bodies: &[Vec<u8>],
+    cpus: &str,
+) -> Result<(Proc, Vec<SocketAddr>)> {
+    let mut servers = String::new();
+    let mut addrs = Vec::new();
+    for body in bodies {
+        let text = String::from_utf8_lossy(body);
+        if text.contains(['\'', '\\']) {
+            bail!("a JSON origin body cannot hold ' or \\");
+        }
+        let port = free_port()?;
+        addrs.push(format!("127.0.0.1:{port}").parse()?);
+        servers.push_str(&format!(
+            "  server {{\n    listen 127.0.0.1:{port} reuseport;\n    location / {{\n      default_type application/json;\n      return 200 '{text}';\n    }}\n  }}\n"
+        ));
+    }
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
+         error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 120s;\n\
+         client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n{servers}}}\n",
+        err = dir.file("json-origin.err").display(),
+        pid = dir.file("json-origin.pid").display(),
+        tmp = dir.file("tmp").display(),
+    );
+    let first = addrs.first().map_or(0, |a: &SocketAddr| a.port());
+    let p = start_nginx(dir, "json-origin", &conf, first, cpus)?;
+    Ok((p, addrs))
+}
+
 fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> Result<Proc> {
     std::fs::create_dir_all(dir.file("tmp"))?;
     let path = dir.file(&format!("{name}.nginx.conf"));
