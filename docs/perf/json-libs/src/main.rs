@@ -10,7 +10,7 @@ fn body(k: usize, dense: bool) -> Vec<u8> {
         let text = "A sturdy desk lamp with a warm, even light and a heavy base. ".repeat(14);
         return format!(
             "{{\"s{k}_id\":{k},\"s{k}_name\":\"Desk lamp {k}\",\"s{k}_price\":39.5,\"s{k}_tags\":[\"lighting\",\"office\"],\"s{k}_description\":\"{}\"}}",
-            &text[..880]
+            &text[..text.len().min(880)]
         )
         .into_bytes();
     }
