@@ -1,6 +1,6 @@
 //! JSON kept as the text it arrived in, opened only where a shape or a merge has to look
-//! inside: [`Node`]. An aggregate's step answers are parsed once to check them
-//! (serde_json's validating skip, no tree), then each object that `target`, `allow`, `deny`,
+//! inside: [`Node`]. An aggregate's step answers are checked once ([`check`], the gateway's
+//! own one-pass checker in `validate`, no tree), then each object that `target`, `allow`, `deny`,
 //! `rename` or a merge collision needs is split into its members, whose values stay
 //! borrowed slices of the answer; the merged answer is written out from those slices. Only
 //! what changes is rebuilt, so a typical aggregate allocates a few vectors per step instead
@@ -32,18 +32,21 @@ pub enum Node<'a> {
 /// An opened object's members.
 pub type Members<'a> = Vec<(Cow<'a, str>, Node<'a>)>;
 
-/// Why a text is not usable.
+mod validate;
+
+pub use validate::{Invalid, MAX_DEPTH};
+
+/// Why a value could not be made into a tree.
 pub type Error = serde_json::Error;
 
 /// Checks that `text` is one JSON value (nothing else around it) and keeps it as text; an
 /// object is split into its members in the same pass (merging needs them anyway).
-pub fn parse(text: &[u8]) -> Result<Node<'_>, Error> {
-    if text.trim_ascii_start().first() == Some(&b'{') {
-        let Object(m) = serde_json::from_slice(text)?;
-        return Ok(Node::Object(m));
-    }
-    let raw: &RawValue = serde_json::from_slice(text)?;
-    Ok(Node::Raw(raw.get()))
+pub fn parse(text: &[u8]) -> Result<Node<'_>, Invalid> {
+    let checked = check(text)?;
+    restore(text, &checked).ok_or(Invalid {
+        at: 0,
+        what: "not the text that was checked",
+    })
 }
 
 /// What [`check`] learnt about a text, kept beside it so that [`restore`] gives its
@@ -62,55 +65,31 @@ enum KeySpan {
 }
 
 /// Checks `text` like [`parse`], keeping the result as offsets (the text can then move, to
-/// be borrowed again by [`restore`]).
-pub fn check(text: &[u8]) -> Result<Checked, Error> {
-    if text.trim_ascii_start().first() != Some(&b'{') {
-        let _: &RawValue = serde_json::from_slice(text)?;
+/// be borrowed again by [`restore`]). One pass of [`validate`]'s checker, not serde_json's.
+pub fn check(text: &[u8]) -> Result<Checked, Invalid> {
+    let Some(spans) = validate::check(text)? else {
         return Ok(Checked { members: None });
-    }
-    let mut de = serde_json::Deserializer::from_slice(text);
-    let members = serde::de::Deserializer::deserialize_map(
-        &mut de,
-        Spans {
-            base: text.as_ptr() as usize,
-        },
-    )?;
-    de.end()?;
+    };
+    let members = spans
+        .into_iter()
+        .map(|(key, escaped, value)| {
+            let key = if escaped {
+                // The quoted key, unescaped (rare: names are plain in practice).
+                let quoted = &text[key.start - 1..key.end + 1];
+                let name: String = serde_json::from_slice(quoted).map_err(|_| Invalid {
+                    at: key.start,
+                    what: "a member name that cannot be decoded (a lone surrogate)",
+                })?;
+                KeySpan::Owned(name.into())
+            } else {
+                KeySpan::At(key)
+            };
+            Ok((key, value))
+        })
+        .collect::<Result<_, Invalid>>()?;
     Ok(Checked {
         members: Some(members),
     })
-}
-
-/// Splits an object's text into the spans of its members, in order.
-struct Spans {
-    base: usize,
-}
-
-impl<'de> Visitor<'de> for Spans {
-    type Value = Vec<(KeySpan, std::ops::Range<usize>)>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let span = |s: &str| {
-            let at = s.as_ptr() as usize - self.base;
-            at..at + s.len()
-        };
-        let mut out: Self::Value = Vec::with_capacity(map.size_hint().unwrap_or(8));
-        while let Some(Key(k)) = map.next_key()? {
-            let v: &'de RawValue = map.next_value()?;
-            let value = span(v.get());
-            let key = match k {
-                Cow::Borrowed(b) => KeySpan::At(span(b)),
-                Cow::Owned(o) => KeySpan::Owned(o.into()),
-            };
-            // Repeated keys are resolved by `restore`.
-            out.push((key, value));
-        }
-        Ok(out)
-    }
 }
 
 /// The [`Node`] of a text [`check`] accepted, without checking it again. `None` only if the
@@ -587,9 +566,9 @@ mod tests {
         };
         let n = apply(&arr, parse(br#"[{"cost": 1, "x": 2}, {"y": 3}]"#).unwrap()).unwrap();
         assert_eq!(text(&n), json!([{"x": 2}, {"y": 3}]));
+        // Nesting past MAX_DEPTH is refused when the text is checked.
         let deep = format!("[{}1{}]", "[".repeat(200), "]".repeat(200));
-        let r = apply(&arr, parse(deep.as_bytes()).unwrap());
-        assert_eq!(r.unwrap_err(), ShapeError::TooDeep);
+        assert!(parse(deep.as_bytes()).is_err());
     }
 
     #[test]
@@ -643,22 +622,9 @@ mod tests {
                 "z".into()
             ]))
         );
-        // Values nested past serde_json's limit cannot be appended: an error, not a null.
+        // Values nested past the limit never get this far: the check refuses them.
         let deep = format!("{{\"d\": {}1{}}}", "[".repeat(200), "]".repeat(200));
-        let mut dst = Vec::new();
-        for _ in 0..2 {
-            let mut n = parse(deep.as_bytes()).unwrap();
-            let r = merge(
-                &mut dst,
-                std::mem::take(n.members().unwrap()),
-                OnConflict::Append,
-            );
-            if !dst.is_empty() && r.is_err() {
-                assert_eq!(r, Err(MergeError::TooDeep));
-                return;
-            }
-        }
-        panic!("the deep values were appended");
+        assert!(parse(deep.as_bytes()).is_err());
     }
 
     #[test]
@@ -704,6 +670,8 @@ mod tests {
         let c = check(&scalar).unwrap();
         assert_eq!(text(&restore(&scalar, &c).unwrap()), json!([1, 2]));
         assert!(check(b"{\"a\": 1,}").is_err());
+        // A member name that cannot be decoded is refused, not renamed.
+        assert!(check(br#"{"\ud800": 1}"#).is_err());
     }
 
     #[test]

@@ -383,24 +383,9 @@ async fn run_steps(
                         (left, false)
                     }
                 };
-                let fut = call(ctx, snap, agg, j, target, request);
-                let timed = async move {
-                    match monoio::time::timeout(budget, fut).await {
-                        Ok(r) => r,
-                        Err(_) if own => Err(Failure::new(
-                            StepError::Timeout,
-                            format!(
-                                "no whole answer within its timeout_ms ({} ms)",
-                                budget.as_millis()
-                            ),
-                        )),
-                        Err(_) => Err(Failure::new(
-                            StepError::Deadline,
-                            "no whole answer before the aggregate's deadline",
-                        )),
-                    }
-                };
-                running.push((j, now, Box::pin(timed)));
+                // Built in place: the step's future is large, and each move copies it whole.
+                let task = timed_call(ctx, snap, agg, j, target, request, budget, own);
+                running.push((j, now, Box::pin(task)));
             }
         }
         let required_failed =
@@ -420,6 +405,35 @@ async fn run_steps(
         })
         .await;
         results[j] = Some((at.elapsed(), out));
+    }
+}
+
+/// Step `j`'s exchange, bounded by `budget`: its own timeout (`own`) or what is left of the
+/// aggregate's deadline.
+#[allow(clippy::too_many_arguments)]
+async fn timed_call(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    agg: &Aggregate,
+    j: usize,
+    target: std::net::SocketAddr,
+    request: Vec<u8>,
+    budget: Duration,
+    own: bool,
+) -> StepOutcome {
+    match monoio::time::timeout(budget, call(ctx, snap, agg, j, target, request)).await {
+        Ok(r) => r,
+        Err(_) if own => Err(Failure::new(
+            StepError::Timeout,
+            format!(
+                "no whole answer within its timeout_ms ({} ms)",
+                budget.as_millis()
+            ),
+        )),
+        Err(_) => Err(Failure::new(
+            StepError::Deadline,
+            "no whole answer before the aggregate's deadline",
+        )),
     }
 }
 
