@@ -461,7 +461,10 @@ mod tests {
             }
         }
         assert_eq!(stop_bytes(u64::from_le_bytes(*b"ab \x7f\xffc~!")), 0);
-        assert_eq!(stop_bytes(u64::from_le_bytes(*b"\xc3\xa9\xe6\xbc\xa2 za")), 0);
+        assert_eq!(
+            stop_bytes(u64::from_le_bytes(*b"\xc3\xa9\xe6\xbc\xa2 za")),
+            0
+        );
     }
 
     #[test]

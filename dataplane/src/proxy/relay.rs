@@ -219,6 +219,39 @@ fn response_tail<S>(
     }
 }
 
+/// Writes the response head from `conn.buf` (minus the dropped fields), the gateway's fields
+/// (`tail` in `down.scratch`) and the first `first_body` body bytes in one vectored write.
+/// A client that is gone is recorded (logged as 499).
+async fn send_head<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    conn: &mut UpstreamConn,
+    resp: &ResponseHead,
+    tail: Span,
+    first_body: usize,
+) -> Result<(), ProxyError> {
+    let pieces = response_pieces(resp, &down.resp_plan, tail, first_body);
+    let sent = write_gathered(
+        &mut down.stream,
+        &mut conn.buf,
+        &mut down.scratch,
+        &mut down.iov,
+        pieces,
+    )
+    .await;
+    match sent {
+        Ok(n) => {
+            req.status = resp.status;
+            req.bytes_out += n as u64;
+            Ok(())
+        }
+        Err(_) => {
+            req.fail(ErrorKind::ClientClosed);
+            Err(ErrorKind::ClientClosed.into())
+        }
+    }
+}
+
 /// Sends the response head (minus hop-by-hop fields, plus the gateway's own) and its body to
 /// the client. `Ok(true)`: the body ended exactly where the framing said and the upstream
 /// connection is clean. On `Err`, `req.status` says whether the head went out (0: nothing was
@@ -238,26 +271,7 @@ pub(crate) async fn relay_response<S: ClientStream>(
     }
     let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
-    let pieces = response_pieces(resp, &down.resp_plan, tail, body.first());
-    let sent = write_gathered(
-        &mut down.stream,
-        &mut conn.buf,
-        &mut down.scratch,
-        &mut down.iov,
-        pieces,
-    )
-    .await;
-    match sent {
-        Ok(n) => {
-            req.status = resp.status;
-            req.bytes_out += n as u64;
-        }
-        Err(_) => {
-            // The client left before its answer: logged as 499.
-            req.fail(ErrorKind::ClientClosed);
-            return Err(ErrorKind::ClientClosed.into());
-        }
-    }
+    send_head(down, req, conn, resp, tail, body.first()).await?;
     while let Some(n) = body.next(conn).await? {
         if down.send(req, &mut conn.buf, 0..n).await.is_err() {
             return Err(ErrorKind::ClientClosed.into());
@@ -369,24 +383,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         close_client,
         Some(body.len()),
     );
-    let pieces = response_pieces(resp, &down.resp_plan, tail, 0);
-    let sent = write_gathered(
-        &mut down.stream,
-        &mut conn.buf,
-        &mut down.scratch,
-        &mut down.iov,
-        pieces,
-    )
-    .await;
-    let n = match sent {
-        Ok(n) => n,
-        Err(_) => {
-            req.fail(ErrorKind::ClientClosed);
-            return Err(ErrorKind::ClientClosed.into());
-        }
-    };
-    req.status = resp.status;
-    req.bytes_out += n as u64;
+    send_head(down, req, conn, resp, tail, 0).await?;
     // The pooled connection keeps a buffer of the usual size, not the body's.
     conn.buf = Vec::with_capacity(UPSTREAM_BUF);
     let len = body.len();
