@@ -247,7 +247,7 @@ async fn read_body<S: ClientStream>(
             Some(d) => {
                 let k = d.advance(avail).map_err(|_| ErrorKind::BadRequest)?;
                 // The framing is kept until the end: bound it too (chunk extensions can make
-                // it far larger than the data), at the body limit plus 64 KiB.
+                // it far larger than the data): at most the body limit again, plus 64 KiB.
                 if d.data_len() > limit || (raw.len() + k) as u64 > limit.saturating_mul(2) + 65536
                 {
                     return Err(ErrorKind::BodyTooLarge);
@@ -383,7 +383,7 @@ async fn run_steps(
                         (left, false)
                     }
                 };
-                // Built in place: the step's future is large, and each move copies it whole.
+                // One move into its box: the step's future is large and a move copies it whole.
                 let task = timed_call(ctx, snap, agg, j, target, request, budget, own);
                 running.push((j, now, Box::pin(task)));
             }
