@@ -415,6 +415,26 @@ impl<S: ClientStream> Downstream<S> {
         Ok(())
     }
 
+    /// Reads more of the request body into the buffer (after `pos`), waiting at most
+    /// `client_body_ms`. A client that closes or stalls is `ClientClosed`, one that is silent
+    /// too long `ClientTimeout`.
+    pub async fn read_body_bytes(&mut self) -> Result<(), ErrorKind> {
+        let deadline = Instant::now() + self.timeouts.client_body;
+        match read_more(
+            &mut self.stream,
+            &mut self.buf,
+            &mut self.pos,
+            BODY_BUF,
+            deadline,
+        )
+        .await
+        {
+            Ok(0) | Err(ReadError::Io | ReadError::Stalled) => Err(ErrorKind::ClientClosed),
+            Err(ReadError::Timeout) => Err(ErrorKind::ClientTimeout),
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// Sends `100 Continue` to a client waiting for it before sending its body.
     pub async fn send_continue(&mut self, req: &mut RequestCtx) -> std::io::Result<()> {
         let (res, _) = self.stream.write_all(crate::status::CONTINUE).await;

@@ -20,7 +20,7 @@ use crate::codec::response::{parse_response, ResponseHead};
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError};
 use crate::gather::{write_gathered, Piece};
-use crate::io::{read_more, ReadError};
+use crate::io::ReadError;
 use crate::upstream::{is_send_timeout, UpstreamConn, UPSTREAM_BUF};
 
 /// What reading a response head gave.
@@ -154,22 +154,7 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
             }
         }
         if down.pos == down.buf.len() {
-            let deadline = Instant::now() + down.timeouts.client_body;
-            match read_more(
-                &mut down.stream,
-                &mut down.buf,
-                &mut down.pos,
-                BODY_BUF,
-                deadline,
-            )
-            .await
-            {
-                Ok(0) | Err(ReadError::Io | ReadError::Stalled) => {
-                    return Err(ErrorKind::ClientClosed.into())
-                }
-                Ok(_) => {}
-                Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout.into()),
-            }
+            down.read_body_bytes().await?;
         }
         let avail = &down.buf[down.pos..];
         let take = match (kind, decoder.as_deref_mut()) {

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::connector::{Attempts, Connector, Outcome};
 use super::context::RequestCtx;
-use super::downstream::{Downstream, Next, BODY_BUF};
+use super::downstream::{Downstream, Next};
 use super::exchange::exchange;
 use super::select::{params, query_of, RequestValues, StepAnswer};
 use super::stream::ClientStream;
@@ -30,7 +30,6 @@ use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::RequestHead;
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError, StepError};
-use crate::io::{read_more, ReadError};
 use crate::json::{self, Node};
 use crate::policy::{each_field, field_value};
 use crate::shape::{self, is_json_type};
@@ -276,20 +275,7 @@ async fn read_body<S: ClientStream>(
                 .await
                 .map_err(|_| ErrorKind::ClientClosed)?;
         }
-        let deadline = Instant::now() + down.timeouts.client_body;
-        match read_more(
-            &mut down.stream,
-            &mut down.buf,
-            &mut down.pos,
-            BODY_BUF,
-            deadline,
-        )
-        .await
-        {
-            Ok(0) | Err(ReadError::Io | ReadError::Stalled) => return Err(ErrorKind::ClientClosed),
-            Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
-            Ok(_) => {}
-        }
+        down.read_body_bytes().await?;
     }
     if decoder.is_some() {
         crate::codec::chunked::decode_validated(&raw, &mut out);
