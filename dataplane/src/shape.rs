@@ -165,6 +165,43 @@ pub fn is_json_type(value: &[u8]) -> bool {
             && essence.contains(&b'/'))
 }
 
+/// What the gateway needs to know of an upstream answer's head before it reads the body as
+/// JSON (a step's answer, a shaped route's), from one pass over its fields: the first of each.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AnswerFields<'a> {
+    pub content_type: Option<&'a [u8]>,
+    /// A `Content-Encoding` other than `identity`.
+    pub encoded: bool,
+    pub www_authenticate: Option<&'a [u8]>,
+}
+
+impl<'a> AnswerFields<'a> {
+    /// Reads the field lines between `start` and `end` of `buf`.
+    pub fn of(buf: &'a [u8], start: usize, end: usize) -> AnswerFields<'a> {
+        let mut f = AnswerFields::default();
+        let mut encoding = None;
+        for (_, name, value) in crate::policy::each_field(buf, start, end) {
+            let slot = if name.eq_ignore_ascii_case(b"content-type") {
+                &mut f.content_type
+            } else if name.eq_ignore_ascii_case(b"content-encoding") {
+                &mut encoding
+            } else if name.eq_ignore_ascii_case(b"www-authenticate") {
+                &mut f.www_authenticate
+            } else {
+                continue;
+            };
+            slot.get_or_insert(value);
+        }
+        f.encoded = encoding.is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"));
+        f
+    }
+
+    /// Whether the body is JSON as it is (a JSON type, no encoding).
+    pub fn is_plain_json(&self) -> bool {
+        !self.encoded && self.content_type.is_some_and(is_json_type)
+    }
+}
+
 /// Appends `bytes` percent-encoded: every byte but the unreserved ones (RFC 3986 §2.3), so
 /// the result is one path segment or one query value whatever it holds.
 pub fn pct_encode(bytes: &[u8], out: &mut Vec<u8>) {

@@ -32,7 +32,7 @@ use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError, StepError};
 use crate::json::{self, Node};
 use crate::policy::{each_field, field_value};
-use crate::shape::{self, is_json_type};
+use crate::shape::{self, AnswerFields};
 use crate::worker_ctx::WorkerCtx;
 
 /// A failed step.
@@ -495,17 +495,9 @@ async fn call(
             idempotent,
         )
         .await?;
-        let (mut json, mut encoded, mut ctype, mut authenticate) = (false, false, None, None);
-        for (_, name, value) in each_field(&conn.buf, resp.fields_start, resp.fields_end) {
-            if name.eq_ignore_ascii_case(b"content-type") {
-                json = is_json_type(value);
-                ctype = Some(value);
-            } else if name.eq_ignore_ascii_case(b"content-encoding") {
-                encoded = !value.eq_ignore_ascii_case(b"identity");
-            } else if name.eq_ignore_ascii_case(b"www-authenticate") && authenticate.is_none() {
-                authenticate = Some(value);
-            }
-        }
+        let fields = AnswerFields::of(&conn.buf, resp.fields_start, resp.fields_end);
+        let (json, encoded) = (fields.is_plain_json(), fields.encoded);
+        let (ctype, authenticate) = (fields.content_type, fields.www_authenticate);
         // What a required 4xx passes on to the client.
         let (ctype, authenticate) = if (400..500).contains(&resp.status) {
             (ctype.map(<[u8]>::to_vec), authenticate.map(<[u8]>::to_vec))

@@ -20,7 +20,7 @@ use crate::io::ReadError;
 use crate::json;
 use crate::metrics::WorkerMetrics;
 use crate::policy;
-use crate::shape::is_json_type;
+use crate::shape::{is_json_type, AnswerFields};
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
 use common::aggregate::Shape;
 
@@ -296,14 +296,13 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     metrics: &WorkerMetrics,
 ) -> Result<bool, ProxyError> {
     let (fs, fe) = (resp.fields_start, resp.fields_end);
+    let fields = AnswerFields::of(&conn.buf, fs, fe);
     // 206 carries a range of the body, 204 none: only whole 2xx bodies are reshaped.
     let skip = if !(200..300).contains(&resp.status) || matches!(resp.status, 204 | 206) {
         Some(SkipReason::Status)
-    } else if !policy::field_value(&conn.buf, fs, fe, b"content-type").is_some_and(is_json_type) {
+    } else if fields.content_type.is_none_or(|t| !is_json_type(t)) {
         Some(SkipReason::NotJson)
-    } else if policy::field_value(&conn.buf, fs, fe, b"content-encoding")
-        .is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"))
-    {
+    } else if fields.encoded {
         Some(SkipReason::Compressed)
     } else if matches!(resp.body, BodyKind::Length(n) if n > shape.max_bytes as u64) {
         Some(SkipReason::TooLarge)
