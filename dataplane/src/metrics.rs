@@ -28,6 +28,15 @@ fn bump(c: &AtomicU64, by: u64) {
     );
 }
 
+/// The histogram bucket of a latency in microseconds.
+#[inline]
+fn bucket(us: u64) -> usize {
+    LATENCY_BUCKETS_US
+        .iter()
+        .position(|&b| us <= b)
+        .unwrap_or(LATENCY_BUCKETS_US.len())
+}
+
 /// A latency histogram.
 #[derive(Debug)]
 pub struct Histogram {
@@ -47,11 +56,7 @@ impl Default for Histogram {
 impl Histogram {
     #[inline]
     pub fn observe(&self, us: u64) {
-        let i = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        bump(&self.buckets[i], 1);
+        bump(&self.buckets[bucket(us)], 1);
         bump(&self.sum_us, us);
     }
 }
@@ -152,11 +157,7 @@ impl WorkerMetrics {
             let Some(s) = by_step.get_mut(step) else {
                 continue;
             };
-            let i = LATENCY_BUCKETS_US
-                .iter()
-                .position(|&b| us <= b)
-                .unwrap_or(LATENCY_BUCKETS_US.len());
-            s.buckets[i] += 1;
+            s.buckets[bucket(us)] += 1;
             s.sum_us += us;
             if let Some(e) = failed {
                 s.failures[e as usize] += 1;
@@ -258,28 +259,43 @@ fn histogram(
 ) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} histogram");
-    let mut cumulative = 0u64;
-    for (i, bound) in LATENCY_BUCKETS_US
-        .iter()
-        .map(|&b| format!("{}", b as f64 / 1e6))
-        .chain(std::iter::once("+Inf".to_owned()))
-        .enumerate()
-    {
-        cumulative += workers
+    let mut buckets = [0u64; LATENCY_BUCKETS_US.len() + 1];
+    for (i, b) in buckets.iter_mut().enumerate() {
+        *b = workers
             .iter()
             .map(|w| pick(w).buckets[i].load(Ordering::Relaxed))
-            .sum::<u64>();
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            .sum();
     }
     let sum_us: u64 = workers
         .iter()
         .map(|w| pick(w).sum_us.load(Ordering::Relaxed))
         .sum();
-    let _ = writeln!(out, "{name}_sum {}", sum_us as f64 / 1e6);
-    let _ = writeln!(out, "{name}_count {cumulative}");
+    series(out, name, "", &buckets, sum_us);
 }
 
-/// The aggregate step histogram and failure counters, summed over the workers.
+/// One histogram series: its cumulative buckets, sum and count, with `labels` (`a="b",...`,
+/// or empty) on each line.
+fn series(out: &mut String, name: &str, labels: &str, buckets: &[u64], sum_us: u64) {
+    let (sep, braces) = if labels.is_empty() {
+        ("", String::new())
+    } else {
+        (",", format!("{{{labels}}}"))
+    };
+    let mut cumulative = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        cumulative += n;
+        let le = LATENCY_BUCKETS_US
+            .get(i)
+            .map_or("+Inf".to_owned(), |&b| format!("{}", b as f64 / 1e6));
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(out, "{name}_sum{braces} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+}
+
 fn steps(out: &mut String, workers: &[Arc<WorkerMetrics>]) {
     let mut all: std::collections::BTreeMap<(Box<str>, Box<str>), StepStats> = Default::default();
     for w in workers {
@@ -306,16 +322,7 @@ fn steps(out: &mut String, workers: &[Arc<WorkerMetrics>]) {
     let _ = writeln!(out, "# TYPE {name} histogram");
     for ((agg, step), s) in &all {
         let labels = format!("aggregate=\"{}\",step=\"{}\"", escape(agg), escape(step));
-        let mut cumulative = 0;
-        for (i, n) in s.buckets.iter().enumerate() {
-            cumulative += n;
-            let le = LATENCY_BUCKETS_US
-                .get(i)
-                .map_or("+Inf".to_owned(), |&b| format!("{}", b as f64 / 1e6));
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", s.sum_us as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+        series(out, name, &labels, &s.buckets, s.sum_us);
     }
     let name = "gateway_aggregate_step_failures_total";
     let _ = writeln!(
