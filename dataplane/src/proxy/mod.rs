@@ -410,29 +410,24 @@ async fn proxy<S: ClientStream>(
     let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
     let reusable = resp.reusable && !head.http10;
     let relayed = match shape {
-        Some(shape) if !is_head => {
+        Some(shape) => {
             let metrics = &ctx.metrics;
+            let conn = &mut session.conn;
+            let http10 = head.http10;
             relay::relay_shaped(
                 down,
                 req,
-                &mut session.conn,
+                conn,
                 &resp,
-                head.http10,
+                http10,
                 close_client,
+                is_head,
                 shape,
                 metrics,
             )
             .await
         }
-        shape => {
-            if shape.is_some() {
-                // A HEAD on a shaped route: the length and tag of the unshaped body would not
-                // be those of the GET answer.
-                let (fs, fe) = (resp.fields_start, resp.fields_end);
-                for name in [&b"content-length"[..], b"etag"] {
-                    policy::drop_named(&session.conn.buf, fs, fe, name, &mut down.resp_plan.drop);
-                }
-            }
+        None => {
             relay::relay_response(
                 down,
                 req,

@@ -283,7 +283,8 @@ pub(crate) async fn relay_response<S: ClientStream>(
 /// Like [`relay_response`], for a route with a `response` shape: a 2xx identity-encoded JSON
 /// answer within `max_bytes` is read whole, reshaped and sent with its new length (its
 /// `ETag` dropped, since the body changed); any other answer is relayed unchanged and counted
-/// in `gateway_transform_skipped_total`.
+/// in `gateway_transform_skipped_total`. The answer to a HEAD (`is_head`) is relayed without
+/// the unshaped body's length and tag, which would not be the GET answer's.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn relay_shaped<S: ClientStream>(
     down: &mut Downstream<S>,
@@ -292,10 +293,17 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     resp: &ResponseHead,
     http10: bool,
     close_client: bool,
+    is_head: bool,
     shape: &Shape,
     metrics: &WorkerMetrics,
 ) -> Result<bool, ProxyError> {
     let (fs, fe) = (resp.fields_start, resp.fields_end);
+    if is_head {
+        for name in [&b"content-length"[..], b"etag"] {
+            policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
+        }
+        return relay_response(down, req, conn, resp, http10, close_client).await;
+    }
     let fields = AnswerFields::of(&conn.buf, fs, fe);
     // 206 carries a range of the body, 204 none: only whole 2xx bodies are reshaped.
     let skip = if !(200..300).contains(&resp.status) || matches!(resp.status, 204 | 206) {
