@@ -31,10 +31,14 @@ fn service(handler: impl Fn(&str, &Received) -> Answer + Send + Sync + 'static) 
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
         }
+        // A HEAD answer has no body (RFC 9110 §9.3.2): an origin that sent one anyway could
+        // leave it in a pooled connection for the next request.
+        let head_only = req.request_line().starts_with("HEAD ");
         let _ = write!(
             s,
-            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            if head_only { "" } else { &body }
         );
         Keep::Open
     }))
