@@ -76,6 +76,13 @@ pub struct Config {
     /// Kinds of client (mobile, partner, ...) that route `variants` answer differently.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_profiles: Vec<ClientProfileConfig>,
+    /// Name servers and TTL bounds for host names in target addresses and SRV discovery.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub resolver: ResolverConfig,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A fan-out: several upstream requests (steps) for one client request, their JSON answers
@@ -648,24 +655,225 @@ pub struct ListenerConfig {
 }
 
 /// A named set of backend targets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Unique id that routes refer to: letters, digits, `-`, `_`, `.`; 1 to 64 characters.
     pub id: String,
-    /// The instances requests are spread over by weighted round robin. At least one.
+    /// The instances requests are spread over. At least one, unless `discovery` finds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetConfig>,
+    /// Targets found in DNS instead of listed: `{ dns_srv = "_http._tcp.catalog.internal" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryConfig>,
+    /// How a request's target is chosen: `round_robin` (weighted; the default),
+    /// `least_request` (power of two choices over outstanding requests) or `hash`
+    /// (consistent, on `hash_on`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+    /// With `balance = "hash"`: what is hashed, `header:NAME`, `cookie:NAME`, `client_ip` or
+    /// `path`. Required with `hash`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<String>,
+    /// Active health checks, run by the control plane. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive health: targets that fail requests in a row are ejected for a while. Absent:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive: Option<PassiveConfig>,
+    /// Retries of failed requests on another target. Absent: only the retry of a pooled
+    /// connection the upstream had closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
+    /// Limits per upstream and gateway node; above one, requests are answered 503 at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<CircuitConfig>,
 }
 
 /// One backend instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// `HOST:PORT`; a host name is resolved when the config is loaded. No default.
+    /// `IP:PORT`, or `HOST:PORT` with a host name that the control plane resolves (A and
+    /// AAAA) through `[resolver]` and re-resolves when its TTL runs out. No default.
     pub address: String,
     /// Relative share of requests, 1 to 1000. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// No new requests; in-flight ones finish, pooled connections to it close. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
+/// Where an upstream's targets come from when they are not listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A DNS SRV name, for example `_http._tcp.catalog.internal`: the records' targets and
+    /// ports (of the lowest priority), weighted by the records' weights.
+    pub dns_srv: String,
+}
+
+/// Load-balancing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    LeastRequest,
+    Hash,
+}
+
+/// Active health checks: an HTTP/1.1 `GET` to each target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// The path checked, starting with `/`. No default.
+    pub path: String,
+    /// Time between two checks of one target (with up to 10% jitter). 100 to 3,600,000.
+    /// Default 5,000.
+    #[serde(default = "default_check_interval")]
+    pub interval_ms: u64,
+    /// How long one check may take. 1 to `interval_ms`. Default 1,000.
+    #[serde(default = "default_check_timeout")]
+    pub timeout_ms: u64,
+    /// Passing checks in a row that make an unhealthy target healthy. 1 to 100. Default 2.
+    #[serde(default = "default_two")]
+    pub healthy_after: u32,
+    /// Failing checks in a row that make a target unhealthy. 1 to 100. Default 2.
+    #[serde(default = "default_two")]
+    pub unhealthy_after: u32,
+    /// Statuses that pass. Default `[200]`.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: Vec<u16>,
+}
+
+fn default_check_interval() -> u64 {
+    5_000
+}
+fn default_check_timeout() -> u64 {
+    1_000
+}
+fn default_two() -> u32 {
+    2
+}
+fn default_expect_status() -> Vec<u16> {
+    vec![200]
+}
+
+/// Passive health (outlier ejection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveConfig {
+    /// Failed requests in a row (connect failures, resets, timeouts, malformed answers, 5xx
+    /// statuses) that eject a target. 1 to 1,000. Default 5.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts; the n-th in a row lasts n times as long (at most
+    /// 10 times). 1 to 3,600,000. Default 30,000.
+    pub ejection_ms: u64,
+    /// Most of an upstream's targets ejected at once, in percent (at least one target when
+    /// above 0). 0 to 100. Default 50.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            ejection_ms: 30_000,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Which requests may be retried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryMethods {
+    /// GET, HEAD, OPTIONS, TRACE, PUT, DELETE (RFC 9110 section 9.2.2).
+    #[default]
+    Idempotent,
+    All,
+}
+
+/// Retries on another target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries in all, the first included (2: one retry). 1 to 10. Default 2.
+    pub attempts: u32,
+    /// What is retried: error kinds (`connect_failed`, `connect_timeout`, `send_timeout`,
+    /// `response_timeout`, `upstream_closed`, `upstream_malformed`), the groups `connect`
+    /// (both connect kinds), `reset` (`upstream_closed`) and `timeout` (`connect_timeout`,
+    /// `send_timeout`, `response_timeout`), and status codes from 500 to 599 as strings.
+    /// Default `["connect", "reset", "timeout"]`.
+    pub on: Vec<String>,
+    /// `idempotent` (the default) or `all`.
+    pub methods: RetryMethods,
+    /// Retries allowed, in percent of the upstream's requests in the current second. 0 to
+    /// 100. Default 20.
+    pub budget_percent: u32,
+    /// Retries allowed per second whatever the percentage says. Default 3.
+    pub budget_min_per_s: u32,
+    /// Bounds each try (connect, send, response head). Absent: only the `[timeouts]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            on: vec!["connect".into(), "reset".into(), "timeout".into()],
+            methods: RetryMethods::Idempotent,
+            budget_percent: 20,
+            budget_min_per_s: 3,
+            per_try_timeout_ms: None,
+        }
+    }
+}
+
+/// Circuit-breaking limits per upstream and gateway node. Each is optional (absent: no
+/// limit), 1 to 1,000,000.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Open connections to the upstream's targets (pooled ones included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a new connection to open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u32>,
+    /// Requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+}
+
+/// Where and how host names in target addresses and SRV names are resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// `IP:PORT` (or `IP`, port 53) of the name servers, tried in order. Default: the
+    /// `nameserver` lines of `/etc/resolv.conf`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Shortest time an answer is kept, whatever its TTL says. Default 1,000.
+    pub min_ttl_ms: u64,
+    /// Longest time an answer is kept. Default 300,000.
+    pub max_ttl_ms: u64,
+    /// How long one query waits for each name server. Default 2,000.
+    pub timeout_ms: u64,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_ttl_ms: 1_000,
+            max_ttl_ms: 300_000,
+            timeout_ms: 2_000,
+        }
+    }
 }
 
 /// A routing rule. Exactly one of `path` / `path_prefix`, and exactly one of `upstream` /

@@ -8,11 +8,13 @@ pub mod aggregate;
 pub mod cidr;
 pub mod config;
 pub mod keys;
+pub mod live;
 pub mod policy;
 pub mod reason;
 pub mod router;
 pub mod slots;
 pub mod snapshot;
+pub mod upstreams;
 mod validate;
 
 pub use config::Config;

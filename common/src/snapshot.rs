@@ -2,11 +2,13 @@
 //! validating function that builds it from a [`Config`]. A config file and (later) an admin API
 //! change both go through it, so an invalid config cannot be represented in a snapshot.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::aggregate::{Aggregate, Profile, ProfileMatch, Shape, Template};
-use crate::config::{Config, DirectResponseConfig, RouteConfig};
+use crate::config::{Balance, Config, DirectResponseConfig, RouteConfig};
+use crate::live::{Passive, UpstreamLive};
 use crate::router::{PathTable, Router, Seg};
 use crate::validate::{check_id, valid_host_pattern};
 use crate::ConfigError;
@@ -175,20 +177,96 @@ pub enum RouteAction {
     },
 }
 
-/// A compiled upstream.
+/// A compiled upstream: what the operator configured. Its addresses right now are in
+/// `live`, which the control plane keeps across revisions and updates as DNS answers change.
 #[derive(Debug)]
 pub struct Upstream {
     pub id: Box<str>,
+    /// The configured targets (empty with SRV discovery).
     pub targets: Vec<Target>,
-    /// Smooth weighted round-robin order over `targets` (indices), one full cycle.
-    pub schedule: Box<[u16]>,
+    /// The SRV name targets are discovered from, if any.
+    pub srv: Option<Box<str>>,
+    pub balance: Balance,
+    /// What `hash` balancing hashes.
+    pub hash_on: HashOn,
+    pub health_check: Option<HealthCheck>,
+    pub passive: Option<Passive>,
+    pub retry: Option<RetryPolicy>,
+    pub circuit: Option<Circuit>,
+    /// The target set and counters requests use.
+    pub live: Arc<UpstreamLive>,
 }
 
-/// One resolved backend address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One configured target.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub addr: SocketAddr,
+    /// As written: `IP:PORT` or `HOST:PORT`.
+    pub address: Box<str>,
+    /// The address, when `address` is a literal one.
+    pub addr: Option<SocketAddr>,
+    /// The host name and port, when `address` names a host.
+    pub host: Option<(Box<str>, u16)>,
     pub weight: u32,
+    pub draining: bool,
+}
+
+/// What `hash` balancing hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// Nothing (the upstream does not hash).
+    None,
+    /// A request header field (name lowercased).
+    Header(Box<str>),
+    Cookie(Box<str>),
+    ClientIp,
+    Path,
+}
+
+/// Active health checks, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: Box<str>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    pub expect_status: Box<[u16]>,
+}
+
+/// Retries, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// Bit `i`: failures of [`crate::live::FAILURE_KINDS`]`[i]` are retried.
+    pub on_kinds: u8,
+    /// Bit `s - 500`: status `s` is retried.
+    pub on_status: u128,
+    /// `methods = "all"`.
+    pub all_methods: bool,
+    pub budget_percent: u32,
+    pub budget_min_per_s: u32,
+    pub per_try: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// Whether a failure of kind index `kind` is retried.
+    pub fn on_kind(&self, kind: usize) -> bool {
+        self.on_kinds & (1 << kind) != 0
+    }
+
+    /// Whether an answer with `status` is retried.
+    pub fn on_status(&self, status: u16) -> bool {
+        (500..600).contains(&status) && self.on_status & (1u128 << (status - 500)) != 0
+    }
+}
+
+/// Circuit limits (`u32::MAX`: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Circuit {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub max_requests: u32,
 }
 
 /// Timeouts as durations.
@@ -217,8 +295,8 @@ pub struct Limits {
 }
 
 impl Snapshot {
-    /// Validates `config` and compiles it. Host names in target addresses are resolved here
-    /// (blocking DNS), so call it off the data-plane workers.
+    /// Validates `config` and compiles it. Host names in target addresses are kept as names
+    /// (no DNS here): the control plane resolves them into each upstream's `live` set.
     pub fn compile(mut config: Config, revision: u64) -> Result<Snapshot, ConfigError> {
         if config.workers == Some(0) || config.workers.is_some_and(|w| w > 1024) {
             return Err(ConfigError::field("workers", "must be between 1 and 1024"));
@@ -246,43 +324,17 @@ impl Snapshot {
             listeners.push(addr);
         }
 
+        crate::upstreams::check_resolver(&config.resolver)?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for (i, u) in config.upstreams.iter().enumerate() {
-            let at = format!("upstreams[{i}]");
-            check_id(&u.id, &format!("{at}.id"))?;
             if config.upstreams[..i].iter().any(|o| o.id == u.id) {
                 return Err(ConfigError::field(
-                    format!("{at}.id"),
+                    format!("upstreams[{i}].id"),
                     format!("duplicate upstream id {:?}", u.id),
                 ));
             }
-            if u.targets.is_empty() || u.targets.len() > MAX_TARGETS {
-                return Err(ConfigError::field(
-                    format!("{at}.targets"),
-                    format!("must have 1 to {MAX_TARGETS} targets"),
-                ));
-            }
-            let mut targets = Vec::with_capacity(u.targets.len());
-            for (j, t) in u.targets.iter().enumerate() {
-                let weight = t.weight.unwrap_or(1);
-                if !(1..=MAX_WEIGHT).contains(&weight) {
-                    return Err(ConfigError::field(
-                        format!("{at}.targets[{j}].weight"),
-                        format!("must be between 1 and {MAX_WEIGHT}"),
-                    ));
-                }
-                let addr = resolve(&t.address)
-                    .map_err(|e| ConfigError::field(format!("{at}.targets[{j}].address"), e))?;
-                targets.push(Target { addr, weight });
-            }
-            let schedule = smooth_wrr(&targets);
-            upstreams.push(Upstream {
-                id: u.id.as_str().into(),
-                targets,
-                schedule,
-            });
+            upstreams.push(crate::upstreams::compile_upstream(u, i)?);
         }
-
         let upstream_ids: Vec<&str> = upstreams.iter().map(|u| &*u.id).collect();
         let aggregates = config
             .aggregates
@@ -434,60 +486,6 @@ impl Snapshot {
             profiles,
             config,
         })
-    }
-}
-
-fn resolve(address: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = address.parse::<SocketAddr>() {
-        if addr.port() == 0 {
-            return Err(format!("{address:?} has port 0"));
-        }
-        return Ok(addr);
-    }
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{address:?} is not HOST:PORT"))?;
-    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!(
-            "{address:?} is not HOST:PORT with a port from 1 to 65535"
-        ));
-    }
-    let mut addrs = address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?;
-    addrs
-        .next()
-        .ok_or_else(|| format!("{address:?} resolved to no address"))
-}
-
-/// Smooth weighted round robin (as nginx does it), unrolled into one cycle so workers only
-/// keep a counter: weights 5,1,1 give a a b a c a a.
-fn smooth_wrr(targets: &[Target]) -> Box<[u16]> {
-    let g = targets.iter().fold(0, |g, t| gcd(g, t.weight));
-    let weights: Vec<i64> = targets.iter().map(|t| i64::from(t.weight / g)).collect();
-    let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; targets.len()];
-    let mut out = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..targets.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        // Targets are capped at MAX_TARGETS (256), so the index fits.
-        out.push(best as u16);
-    }
-    out.into_boxed_slice()
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
     }
 }
 

@@ -196,7 +196,10 @@ fn smooth_weighted_round_robin_interleaves() {
          { address = \"127.0.0.1:3\" }]\n",
     )
     .unwrap();
-    assert_eq!(&*s.upstreams[0].schedule, &[0, 0, 1, 0, 2, 0, 0]);
+    assert_eq!(
+        &*s.upstreams[0].live.set.load().schedule,
+        &[0, 0, 1, 0, 2, 0, 0]
+    );
 }
 
 #[test]

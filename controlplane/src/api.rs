@@ -51,6 +51,7 @@ pub struct Admin {
     token: String,
     started: Instant,
     runtime: Mutex<Option<RuntimeInfo>>,
+    upstreams: crate::upstreams::Upstreams,
 }
 
 /// An error answer: `application/problem+json`.
@@ -581,13 +582,19 @@ fn item_etag(kind: Kind, id: &str, revision: u64) -> String {
 }
 
 impl Admin {
-    pub fn new(store: Store, shared: Arc<ArcSwap<Snapshot>>, token: String) -> Admin {
+    pub fn new(
+        store: Store,
+        shared: Arc<ArcSwap<Snapshot>>,
+        token: String,
+        upstreams: crate::upstreams::Upstreams,
+    ) -> Admin {
         Admin {
             store: Mutex::new(store),
             shared,
             token,
             started: Instant::now(),
             runtime: Mutex::new(None),
+            upstreams,
         }
     }
 
@@ -606,7 +613,7 @@ impl Admin {
         let mut store = lock(&self.store);
         let next = build(&store)?;
         let revision = store.revision() + 1;
-        let snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
+        let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
         // The compiled config is the normalised one (API keys replaced by their hashes):
         // that is what is stored, diffed and served.
         let next = snapshot.config.clone();
@@ -644,6 +651,7 @@ impl Admin {
             )
         })?;
         debug_assert_eq!(committed, revision);
+        self.upstreams.adopt(&mut snapshot);
         self.shared.store(Arc::new(snapshot));
         Ok(Applied {
             revision,
@@ -712,6 +720,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("PUT", "/v1/upstreams/{id}"),
     ("PATCH", "/v1/upstreams/{id}"),
     ("DELETE", "/v1/upstreams/{id}"),
+    ("GET", "/v1/upstreams/{id}/health"),
     ("GET", "/v1/consumers"),
     ("GET", "/v1/consumers/{id}"),
     ("PUT", "/v1/consumers/{id}"),
@@ -766,6 +775,7 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
         ("PUT", "/v1/{kind}/{id}") => put(put_or_patch_item),
         ("PATCH", "/v1/{kind}/{id}") => patch(put_or_patch_item),
         ("DELETE", "/v1/{kind}/{id}") => delete(delete_item),
+        ("GET", "/v1/{kind}/{id}/health") => get(upstream_health),
         _ => unreachable!("ENDPOINTS and handler() list the same endpoints"),
     }
 }
@@ -919,13 +929,29 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         .as_ref()
         .map(|i| i.metrics.clone())
         .unwrap_or_default();
-    let text = dataplane::metrics::render(&workers, admin.shared.load().revision);
+    let mut text = dataplane::metrics::render(&workers, admin.shared.load().revision);
+    admin.upstreams.render_metrics(&mut text);
     let mut resp = (StatusCode::OK, text).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+/// `GET /v1/upstreams/{id}/health`: each target's address, state, last active check and
+/// counters.
+async fn upstream_health(
+    State(admin): State<Arc<Admin>>,
+    Path((kind, id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    if kind != "upstreams" {
+        return Err(Problem::not_found("no such endpoint".into()));
+    }
+    match admin.upstreams.health(&id) {
+        Some(body) => Ok(json_response(StatusCode::OK, None, body)),
+        None => Err(Problem::not_found(format!("no upstream {id:?}"))),
+    }
 }
 
 async fn get_config(State(admin): State<Arc<Admin>>) -> Response {

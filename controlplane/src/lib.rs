@@ -10,8 +10,10 @@
 
 pub mod api;
 pub mod cli;
+pub mod dns;
 pub mod logger;
 pub mod store;
+pub mod upstreams;
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
@@ -218,15 +220,16 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
     let store = open_state(&args, &data_dir)?;
-    let snapshot = Snapshot::compile(store.config().clone(), store.revision()).map_err(|e| {
-        (
-            EXIT_INVALID,
-            format!(
-                "stored config revision {} is invalid: {e}",
-                store.revision()
-            ),
-        )
-    })?;
+    let mut snapshot =
+        Snapshot::compile(store.config().clone(), store.revision()).map_err(|e| {
+            (
+                EXIT_INVALID,
+                format!(
+                    "stored config revision {} is invalid: {e}",
+                    store.revision()
+                ),
+            )
+        })?;
     let workers = args
         .workers
         .or(snapshot.workers)
@@ -262,10 +265,17 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     // Signals are taken synchronously by this thread: block them before any other thread
     // exists so every thread inherits the mask.
     let signals = block_signals();
+    let upstreams = upstreams::Upstreams::start().map_err(|e| {
+        (
+            EXIT_FAILURE,
+            format!("cannot start the upstream manager: {e}"),
+        )
+    })?;
+    upstreams.adopt(&mut snapshot);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let plane = dataplane::start(shared.clone(), StartOptions { workers, driver })
         .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
-    let admin = Arc::new(Admin::new(store, shared.clone(), token));
+    let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams));
     admin.set_runtime(RuntimeInfo {
         workers: plane.workers,
         metrics: plane.metrics.clone(),

@@ -480,8 +480,9 @@ mod tests {
             id: "u".into(),
             targets: vec![TargetConfig {
                 address: "127.0.0.1:1".into(),
-                weight: None,
+                ..TargetConfig::default()
             }],
+            ..UpstreamConfig::default()
         });
         config.routes.push(route("a", "u"));
         let mut store = Store::create(&d, config.clone(), "test").unwrap();

@@ -74,10 +74,20 @@ pub enum ErrorKind {
     StepFailed,
     /// Two steps of an aggregate set the same key under `on_conflict = "error"` (502).
     StepConflict,
+    /// The upstream has no address to send to (a host name not resolved yet, an SRV name
+    /// with no records) (503, `X-Gateway-Reason: no_targets`).
+    NoTargets,
+    /// The upstream's `circuit.max_connections` is reached and a new connection is needed
+    /// (503, `X-Gateway-Reason: max_connections`).
+    CircuitMaxConnections,
+    /// `circuit.max_pending` requests already wait for a new connection (503).
+    CircuitMaxPending,
+    /// `circuit.max_requests` requests to the upstream are already in flight (503).
+    CircuitMaxRequests,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 20] = [
+    pub const ALL: [ErrorKind; 24] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -98,6 +108,10 @@ impl ErrorKind {
         ErrorKind::UpstreamMalformed,
         ErrorKind::StepFailed,
         ErrorKind::StepConflict,
+        ErrorKind::NoTargets,
+        ErrorKind::CircuitMaxConnections,
+        ErrorKind::CircuitMaxPending,
+        ErrorKind::CircuitMaxRequests,
     ];
 
     /// The name used in the access log and as the metric label.
@@ -123,7 +137,36 @@ impl ErrorKind {
             ErrorKind::UpstreamMalformed => "upstream_malformed",
             ErrorKind::StepFailed => "step_failed",
             ErrorKind::StepConflict => "step_conflict",
+            ErrorKind::NoTargets => "no_targets",
+            ErrorKind::CircuitMaxConnections => "circuit_max_connections",
+            ErrorKind::CircuitMaxPending => "circuit_max_pending",
+            ErrorKind::CircuitMaxRequests => "circuit_max_requests",
         }
+    }
+
+    /// What the gateway's own 503 says in `X-Gateway-Reason`.
+    pub fn reason(self) -> Option<&'static [u8]> {
+        Some(match self {
+            ErrorKind::NoTargets => b"no_targets",
+            ErrorKind::CircuitMaxConnections => b"max_connections",
+            ErrorKind::CircuitMaxPending => b"max_pending",
+            ErrorKind::CircuitMaxRequests => b"max_requests",
+            _ => return None,
+        })
+    }
+
+    /// This kind's index in [`common::live::FAILURE_KINDS`]: a failure of the target (counted
+    /// per target, for passive health, and what `retry.on` names).
+    pub fn target_failure(self) -> Option<usize> {
+        Some(match self {
+            ErrorKind::ConnectFailed => 0,
+            ErrorKind::ConnectTimeout => 1,
+            ErrorKind::SendTimeout => 2,
+            ErrorKind::ResponseTimeout => 3,
+            ErrorKind::UpstreamClosed => 4,
+            ErrorKind::UpstreamMalformed => 5,
+            _ => return None,
+        })
     }
 
     pub fn side(self) -> Side {
@@ -138,7 +181,12 @@ impl ErrorKind {
             | ErrorKind::UnsupportedTransferCoding
             | ErrorKind::ClientTimeout
             | ErrorKind::ClientClosed => Side::Client,
-            ErrorKind::NoRoute | ErrorKind::PolicyDenied => Side::Gateway,
+            ErrorKind::NoRoute
+            | ErrorKind::PolicyDenied
+            | ErrorKind::NoTargets
+            | ErrorKind::CircuitMaxConnections
+            | ErrorKind::CircuitMaxPending
+            | ErrorKind::CircuitMaxRequests => Side::Gateway,
             ErrorKind::ConnectFailed
             | ErrorKind::ConnectTimeout
             | ErrorKind::SendTimeout
@@ -172,6 +220,10 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout | ErrorKind::SendTimeout | ErrorKind::ResponseTimeout => {
                 Status::GatewayTimeout
             }
+            ErrorKind::NoTargets
+            | ErrorKind::CircuitMaxConnections
+            | ErrorKind::CircuitMaxPending
+            | ErrorKind::CircuitMaxRequests => Status::ServiceUnavailable,
             ErrorKind::ClientClosed | ErrorKind::PolicyDenied => return None,
         })
     }
@@ -368,12 +420,19 @@ mod tests {
                     "{kind:?}"
                 ),
                 Side::Upstream => assert!(status == 502 || status == 504, "{kind:?}"),
-                Side::Gateway => assert!((400..500).contains(&status), "{kind:?}"),
+                Side::Gateway => assert!(
+                    (400..500).contains(&status) || (status == 503 && kind.reason().is_some()),
+                    "{kind:?}"
+                ),
             }
         }
         assert_eq!(ErrorKind::ClientClosed.status(), 499);
         assert_eq!(ErrorKind::NoRoute.status(), 404);
         assert_eq!(ErrorKind::SendTimeout.status(), 504);
+        for (i, name) in common::live::FAILURE_KINDS[..6].iter().enumerate() {
+            let kind = ErrorKind::ALL.iter().find(|k| k.label() == *name).unwrap();
+            assert_eq!(kind.target_failure(), Some(i), "{name}");
+        }
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Status {
                 canned!("502" "Bad Gateway", "35", "502 upstream failed or misbehaved.\n")
             }
             Status::ServiceUnavailable => {
-                canned!("503" "Service Unavailable", "30", "503 gateway is shutting down.\n")
+                canned!("503" "Service Unavailable", "43", "503 no upstream can take this request now.\n")
             }
             Status::GatewayTimeout => {
                 canned!("504" "Gateway Timeout", "37", "504 upstream did not answer in time.\n")

@@ -24,6 +24,30 @@ pub struct UpstreamConn {
     pub stream: TcpStream,
     pub buf: Vec<u8>,
     pub idle_since: Instant,
+    /// Counted in its upstream's open connections (`circuit.max_connections`) while it lives.
+    pub counted: Option<Counted>,
+}
+
+/// One open connection in an upstream's circuit counters; dropped with the connection.
+#[derive(Debug)]
+pub struct Counted(std::sync::Arc<common::live::UpstreamLive>);
+
+impl Counted {
+    pub fn new(live: &std::sync::Arc<common::live::UpstreamLive>) -> Counted {
+        live.circuit
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(live.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0
+            .circuit
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl UpstreamConn {
@@ -49,6 +73,7 @@ impl UpstreamConn {
             stream,
             buf: Vec::with_capacity(UPSTREAM_BUF),
             idle_since: Instant::now(),
+            counted: None,
         }
     }
 }
@@ -152,6 +177,11 @@ impl Pool {
         for list in self.idle.values_mut() {
             list.retain(|c| now.duration_since(c.idle_since) < timeout);
         }
+    }
+
+    /// Closes the idle connections to targets `keep` says no to (removed or draining).
+    pub fn retain(&mut self, mut keep: impl FnMut(&SocketAddr) -> bool) {
+        self.idle.retain(|addr, _| keep(addr));
     }
 
     /// Closes every idle connection (shutdown).

@@ -278,6 +278,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, index: u16) {
 /// Housekeeping until shutdown, then the drain.
 async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd]) {
     let mut last_sweep = Instant::now();
+    let mut seen_generation = common::live::GENERATION.load(Ordering::Relaxed);
     loop {
         monoio::time::sleep(Duration::from_millis(100)).await;
         if shutdown.load(Ordering::Acquire) {
@@ -293,6 +294,18 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
             pool.max_idle = snap.max_idle_per_target;
             pool.idle_timeout = snap.timeouts.upstream_idle;
             pool.sweep(now);
+            let generation = common::live::GENERATION.load(Ordering::Relaxed);
+            if generation != seen_generation {
+                // Target sets changed: pooled connections to addresses that left, or that
+                // drain, close; those to addresses that remain stay.
+                seen_generation = generation;
+                let mut keep = std::collections::HashSet::new();
+                for u in &snap.upstreams {
+                    let set = u.live.set.load();
+                    keep.extend(set.targets.iter().filter(|t| !t.draining).map(|t| t.addr));
+                }
+                pool.retain(|addr| keep.contains(addr));
+            }
             if let Some(park) = ctx.park.borrow_mut().as_mut() {
                 park.expire(now, snap.timeouts.client_idle);
             }

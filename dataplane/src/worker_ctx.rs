@@ -2,7 +2,6 @@
 //! and the request path reads it, so neither imports the other for it.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -81,21 +80,21 @@ impl WorkerCtx {
         }
         Rc::clone(&current)
     }
+}
 
-    /// The next target of `upstream` by smooth weighted round robin.
-    pub fn pick_target(&self, snap: &Snapshot, upstream: usize) -> SocketAddr {
-        let mut rr = self.rr.borrow_mut();
-        if rr.revision != snap.revision || rr.next.len() != snap.upstreams.len() {
-            rr.revision = snap.revision;
-            rr.next.clear();
-            // Workers start at different points so they do not all hit the same target first.
-            rr.next.resize(snap.upstreams.len(), self.index as u32);
+impl RoundRobin {
+    /// The next position in upstream `index`'s schedule; positions restart (each worker at
+    /// its own offset, so they do not all hit the same target first) when the snapshot
+    /// changes.
+    pub fn next(&mut self, revision: u64, count: usize, index: usize, offset: u32) -> u32 {
+        if self.revision != revision || self.next.len() != count {
+            self.revision = revision;
+            self.next.clear();
+            self.next.resize(count, offset);
         }
-        let up = &snap.upstreams[upstream];
-        let n = rr.next[upstream];
-        rr.next[upstream] = n.wrapping_add(1);
-        let slot = up.schedule[n as usize % up.schedule.len()];
-        up.targets[usize::from(slot)].addr
+        let n = self.next[index];
+        self.next[index] = n.wrapping_add(1);
+        n
     }
 }
 

@@ -123,7 +123,7 @@ pub fn start_origin(dir: &Workdir, workers: usize, cpus: &str) -> Result<Proc> {
          http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
            keepalive_requests 10000000;\n  keepalive_timeout 120s;\n  default_type application/octet-stream;\n  open_file_cache max=64 inactive=600s;\n  open_file_cache_valid 600s;\n\
            client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
-           server {{\n    listen 127.0.0.1:{port} reuseport;\n    root {www};\n  }}\n}}\n",
+           server {{\n    listen 127.0.0.1:{port} reuseport;\n    listen 127.0.0.2:{port} reuseport;\n    root {www};\n  }}\n}}\n",
         err = dir.file("origin.err").display(),
         pid = dir.file("origin.pid").display(),
         tmp = dir.file("tmp").display(),
@@ -210,6 +210,15 @@ pub enum Kind {
     /// Another gateway binary (`--baseline PATH`) with the plain gateway's config: an A/B of
     /// two builds inside one interleaved run.
     GatewayBaseline,
+    /// Two targets (the origin on 127.0.0.1 and on 127.0.0.2), weighted round robin: the
+    /// reference for the balancing and health-check rows.
+    GatewayRr2,
+    /// Two targets, `balance = "least_request"`.
+    GatewayLeastRequest,
+    /// Two targets, `balance = "hash"` on the path.
+    GatewayHash,
+    /// Two targets, round robin, an active health check on each every second.
+    GatewayHealth,
     Nginx,
     Haproxy,
 }
@@ -222,6 +231,10 @@ impl Kind {
             Kind::GatewayPolicies => "gateway+policies",
             Kind::GatewayLog => "gateway+log",
             Kind::GatewayBaseline => "gateway-baseline",
+            Kind::GatewayRr2 => "gateway+rr2",
+            Kind::GatewayLeastRequest => "gateway+least_request",
+            Kind::GatewayHash => "gateway+hash",
+            Kind::GatewayHealth => "gateway+health",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
         }
@@ -233,10 +246,15 @@ impl Kind {
             "gateway+policies" => Kind::GatewayPolicies,
             "gateway+log" => Kind::GatewayLog,
             "gateway-baseline" => Kind::GatewayBaseline,
+            "gateway+rr2" => Kind::GatewayRr2,
+            "gateway+least_request" => Kind::GatewayLeastRequest,
+            "gateway+hash" => Kind::GatewayHash,
+            "gateway+health" => Kind::GatewayHealth,
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
             other => bail!(
-                "unknown proxy {other:?} (gateway, gateway+policies, gateway+log, gateway-baseline, nginx, haproxy)"
+                "unknown proxy {other:?} (gateway, gateway+policies, gateway+log, gateway-baseline, \
+                 gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy)"
             ),
         })
     }
@@ -251,7 +269,8 @@ pub const API_KEY: &str = "loadtest-api-key-0001";
 /// Gateway config text for `workers` workers in front of `origin`, its admin API on
 /// `admin_port`; with `policies`, the route requires an API key and counts requests against
 /// a per-client-IP rate limit that never refuses at these rates; with `access_log`, every
-/// request is logged to that file.
+/// request is logged to that file; `balance` (the rows with two targets) gives the second
+/// target (the origin on 127.0.0.2) and the upstream's balancing and health settings.
 pub fn gateway_config(
     port: u16,
     admin_port: u16,
@@ -259,13 +278,22 @@ pub fn gateway_config(
     origin: SocketAddr,
     policies: bool,
     access_log: Option<&Path>,
+    balance: Option<&str>,
 ) -> String {
     let mut s = String::new();
+    let targets = match balance {
+        None => format!("{{ address = \"{origin}\" }}"),
+        Some(_) => format!(
+            "{{ address = \"{origin}\" }}, {{ address = \"127.0.0.2:{}\" }}",
+            origin.port()
+        ),
+    };
     let _ = write!(
         s,
         "workers = {workers}\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n[[upstreams]]\nid = \"origin\"\n\
-         targets = [{{ address = \"{origin}\" }}]\n[upstream_pool]\nmax_idle_per_target = 1024\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n"
+         targets = [{targets}]\n{}\n[upstream_pool]\nmax_idle_per_target = 1024\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n",
+        balance.unwrap_or("")
     );
     if policies {
         let _ = write!(
@@ -336,7 +364,14 @@ pub fn start_proxy(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     match kind {
         Kind::Direct => bail!("the origin is not started as a proxy"),
-        Kind::Gateway | Kind::GatewayPolicies | Kind::GatewayLog | Kind::GatewayBaseline => {
+        Kind::Gateway
+        | Kind::GatewayPolicies
+        | Kind::GatewayLog
+        | Kind::GatewayBaseline
+        | Kind::GatewayRr2
+        | Kind::GatewayLeastRequest
+        | Kind::GatewayHash
+        | Kind::GatewayHealth => {
             let name = kind.name();
             let conf = dir.file(&format!("{name}.toml"));
             let admin_port = free_port()?;
@@ -348,6 +383,15 @@ pub fn start_proxy(
                 origin,
                 kind == Kind::GatewayPolicies,
                 (kind == Kind::GatewayLog).then_some(access_log.as_path()),
+                match kind {
+                    Kind::GatewayRr2 => Some(""),
+                    Kind::GatewayLeastRequest => Some("balance = \"least_request\""),
+                    Kind::GatewayHash => Some("balance = \"hash\"\nhash_on = \"path\""),
+                    Kind::GatewayHealth => Some(
+                        "health_check = { path = \"/\", interval_ms = 1000, expect_status = [200, 403, 404] }",
+                    ),
+                    _ => None,
+                },
             );
             std::fs::write(&conf, text)?;
             start_gateway(dir, gateway_bin, cpus, name, &conf, addr, admin_port)

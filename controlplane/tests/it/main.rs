@@ -13,3 +13,4 @@ mod curl;
 mod policies;
 mod proxy;
 mod schemathesis;
+mod upstreams;

@@ -1,18 +1,25 @@
-//! The upstream connector seam: every upstream session is checked out here (a pooled
-//! connection or a new one), checked back in with its outcome, and retried here.
+//! The upstream connector seam: for one exchange (a request's, or an aggregate step's) it
+//! applies the upstream's circuit limits, picks a target (balancing over the healthy ones),
+//! checks a session out (a pooled connection or a new one), runs the exchange, reports the
+//! outcome (per-target counters, passive health) and retries on another target when the
+//! upstream's `retry` policy and budget allow.
 //!
-//! Hot path. [`Connector::run`] owns the one retry the gateway makes today: a request that
-//! failed on a *reused* connection in a way that proves the upstream never acted on it (the
-//! error says `retryable`) goes once more on a fresh connection. Where sessions come from is a
+//! Hot path. An upstream with no circuit, retry or passive settings costs a target-set load,
+//! one flags load in the pick and two striped counter updates per request. The one retry the
+//! gateway always makes stays: a request that failed on a *reused* connection in a way that
+//! proves the upstream never acted on it (the error says `retryable`) goes once more on a
+//! fresh connection to the same target, whatever the policy. Where sessions come from is a
 //! [`SessionSource`]: the worker's pool and `connect` in production, a fake in the tests.
-//! Balancing (the target) is chosen before, by the worker's round robin; health, ejection and
-//! circuit limits plug in at [`Connector::checkin`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use common::live::{now_ms, LiveTarget, Pick, TargetSet, STATUS_5XX};
+use common::snapshot::{RetryPolicy, Upstream};
+
 use crate::error::{ErrorKind, ProxyError};
-use crate::upstream::{connect, ConnectError, UpstreamConn};
+use crate::upstream::{connect, ConnectError, Counted, UpstreamConn};
 use crate::worker_ctx::WorkerCtx;
 
 /// An upstream session: an HTTP/1.1 connection to one target.
@@ -22,18 +29,31 @@ pub(crate) struct Session {
     pub target: SocketAddr,
     /// Taken from the pool (it may have been closed by the upstream while idle).
     pub reused: bool,
+    /// When this try must have its response head (`retry.per_try_timeout_ms`), if bounded.
+    pub try_deadline: Option<Instant>,
+    /// The connection may go back to the pool (its target is not draining).
+    poolable: bool,
+}
+
+impl Session {
+    /// The response-head deadline of this try: `deadline`, or sooner when tries are bounded.
+    pub fn head_deadline(&self, deadline: Instant) -> Instant {
+        self.try_deadline.map_or(deadline, |t| t.min(deadline))
+    }
 }
 
 /// What the connector records about the sessions of one exchange (a request's, or an
 /// aggregate step's).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Attempts {
-    /// The target address used.
+    /// The target address used (the last one, after retries).
     pub target: Option<SocketAddr>,
     /// How long the upstream connection took to open; `None` for a pooled one.
     pub connect: Option<Duration>,
     /// Attempts made after the first.
     pub retries: u8,
+    /// Something was sent to the client already (an interim response): no more retries.
+    pub committed: bool,
 }
 
 impl AsMut<Attempts> for Attempts {
@@ -51,7 +71,7 @@ pub(crate) enum Outcome {
     Done,
 }
 
-/// Where sessions come from.
+/// Where sessions come from, and the worker's balancing state.
 pub(crate) trait SessionSource {
     /// An idle connection to `target`, if one is pooled.
     fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<UpstreamConn>;
@@ -64,6 +84,13 @@ pub(crate) trait SessionSource {
         timeout: Duration,
         send_timeout: Duration,
     ) -> Result<UpstreamConn, ConnectError>;
+    /// This worker's counter stripe.
+    fn stripe(&self) -> usize;
+    /// The next round-robin position for upstream `index` of a snapshot with `revision`
+    /// and `count` upstreams.
+    fn next_rr(&self, revision: u64, count: usize, index: usize) -> u32;
+    /// Random bits.
+    fn random(&self) -> u64;
 }
 
 impl SessionSource for WorkerCtx {
@@ -83,89 +110,301 @@ impl SessionSource for WorkerCtx {
     ) -> Result<UpstreamConn, ConnectError> {
         connect(target, timeout, send_timeout).await
     }
+
+    fn stripe(&self) -> usize {
+        self.index
+    }
+
+    fn next_rr(&self, revision: u64, count: usize, index: usize) -> u32 {
+        self.rr
+            .borrow_mut()
+            .next(revision, count, index, self.index as u32)
+    }
+
+    fn random(&self) -> u64 {
+        self.rng.borrow_mut().next_u64()
+    }
 }
 
-/// Sessions to one target for one request.
+/// The upstream a connector serves and the snapshot facts it needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UpstreamRef<'a> {
+    pub upstream: &'a Upstream,
+    pub index: usize,
+    pub revision: u64,
+    pub count: usize,
+}
+
+impl<'a> UpstreamRef<'a> {
+    pub fn of(snap: &'a common::Snapshot, index: usize) -> Self {
+        UpstreamRef {
+            upstream: &snap.upstreams[index],
+            index,
+            revision: snap.revision,
+            count: snap.upstreams.len(),
+        }
+    }
+}
+
+/// Sessions to one upstream for one exchange.
 #[derive(Debug)]
 pub(crate) struct Connector<'a, P> {
     source: &'a P,
-    target: SocketAddr,
+    up: UpstreamRef<'a>,
     connect_timeout: Duration,
     send_timeout: Duration,
+    /// The hashed key (`balance = "hash"`).
+    key: u64,
+    /// The retry policy, when the request may be sent again at all (its whole body is in
+    /// hand and its method is one the policy retries).
+    retry: Option<&'a RetryPolicy>,
+}
+
+/// Decrements a circuit counter when dropped.
+struct Held<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Counts one more in `counter` unless that passes `max`.
+fn hold(counter: &std::sync::atomic::AtomicU32, max: u32) -> Option<Held<'_>> {
+    if counter.fetch_add(1, Relaxed) >= max {
+        counter.fetch_sub(1, Relaxed);
+        return None;
+    }
+    Some(Held(counter))
 }
 
 impl<'a, P: SessionSource> Connector<'a, P> {
+    /// `replayable`: the whole request is in hand, so it can be sent again; `idempotent`: its
+    /// method is safe to repeat; `key`: the hashed balancing key (0 when not hashing).
     pub fn new(
         source: &'a P,
-        target: SocketAddr,
-        connect_timeout: Duration,
-        send_timeout: Duration,
+        up: UpstreamRef<'a>,
+        timeouts: &common::Timeouts,
+        key: u64,
+        replayable: bool,
+        idempotent: bool,
     ) -> Self {
+        let retry = up
+            .upstream
+            .retry
+            .as_ref()
+            .filter(|r| r.attempts > 1 && replayable && (idempotent || r.all_methods));
         Connector {
             source,
-            target,
-            connect_timeout,
-            send_timeout,
+            up,
+            connect_timeout: timeouts.upstream_connect,
+            send_timeout: timeouts.upstream_send,
+            key,
+            retry,
         }
     }
 
-    /// A pooled session, or a new connection (`fresh`: never a pooled one). Records the target
-    /// and the connect time in the request context.
-    pub async fn checkout(
+    fn pick(&self, set: &TargetSet, avoid: Option<SocketAddr>) -> Option<usize> {
+        let u = self.up.upstream;
+        let counter = match u.balance {
+            common::config::Balance::RoundRobin => {
+                self.source
+                    .next_rr(self.up.revision, self.up.count, self.up.index)
+            }
+            _ => 0,
+        };
+        let random = match u.balance {
+            common::config::Balance::LeastRequest => self.source.random(),
+            _ => 0,
+        };
+        set.pick(&Pick {
+            balance: u.balance,
+            counter,
+            random,
+            key: self.key,
+            avoid,
+        })
+    }
+
+    /// A pooled session to `target`, or a new connection (`fresh`: never a pooled one).
+    /// Records the target and the connect time.
+    async fn checkout(
         &self,
-        rec: &mut impl AsMut<Attempts>,
+        rec: &mut Attempts,
+        target: &LiveTarget,
         fresh: bool,
+        try_deadline: Option<Instant>,
     ) -> Result<Session, ProxyError> {
-        let rec = rec.as_mut();
-        rec.target = Some(self.target);
+        let addr = target.addr;
+        rec.target = Some(addr);
         rec.connect = None;
+        let poolable = !target.draining;
         if !fresh {
-            if let Some(conn) = self.source.take_idle(self.target, Instant::now()) {
+            if let Some(conn) = self.source.take_idle(addr, Instant::now()) {
                 return Ok(Session {
                     conn,
-                    target: self.target,
+                    target: addr,
                     reused: true,
+                    try_deadline,
+                    poolable,
                 });
             }
         }
+        let live = &self.up.upstream.live;
+        let mut pending = None;
+        if let Some(c) = &self.up.upstream.circuit {
+            if live.circuit.connections.load(Relaxed) >= c.max_connections {
+                live.circuit.rejected[0].fetch_add(1, Relaxed);
+                return Err(ErrorKind::CircuitMaxConnections.into());
+            }
+            pending = hold(&live.circuit.pending, c.max_pending);
+            if pending.is_none() {
+                live.circuit.rejected[1].fetch_add(1, Relaxed);
+                return Err(ErrorKind::CircuitMaxPending.into());
+            }
+        }
         let started = Instant::now();
-        let conn = self
+        let timeout = match try_deadline {
+            Some(t) => self
+                .connect_timeout
+                .min(t.saturating_duration_since(started)),
+            None => self.connect_timeout,
+        };
+        let mut conn = self
             .source
-            .connect(self.target, self.connect_timeout, self.send_timeout)
+            .connect(addr, timeout, self.send_timeout)
             .await
             .map_err(|e| match e {
                 ConnectError::Timeout => ProxyError::new(ErrorKind::ConnectTimeout),
                 ConnectError::Io(_) => ProxyError::new(ErrorKind::ConnectFailed),
             })?;
+        drop(pending);
+        if self.up.upstream.circuit.is_some() {
+            conn.counted = Some(Counted::new(live));
+        }
         rec.connect = Some(started.elapsed());
         Ok(Session {
             conn,
-            target: self.target,
+            target: addr,
             reused: false,
+            try_deadline,
+            poolable,
         })
     }
 
     /// Returns a session after its exchange; a reusable one goes back to the pool.
     pub fn checkin(&self, session: Session, outcome: Outcome) {
-        if outcome == Outcome::Reusable {
+        if outcome == Outcome::Reusable && session.poolable {
             let mut conn = session.conn;
             conn.buf.clear();
             self.source.put_idle(session.target, conn, Instant::now());
         }
     }
 
-    /// Runs `attempt` on a checked-out session. When it fails on a reused session with an
-    /// error that says the request may go again, runs it once more on a fresh connection.
-    /// On failure the last session (if one was checked out) comes back with the error, so the
-    /// caller can still read an answer the upstream sent early.
+    /// Runs `attempt` on a session to a target of the upstream, and again on another target
+    /// while the retry policy says the failure (or the answer's status, from `status_of`)
+    /// should be retried, tries and budget are left, and nothing was sent to the client.
+    /// On failure the last session (if one was checked out) comes back with the error, so
+    /// the caller can still read an answer the upstream sent early.
     pub async fn run<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
         mut attempt: impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
+        status_of: impl Fn(&T) -> u16,
     ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
+        let u = self.up.upstream;
+        let live = &u.live;
+        let _in_flight = match &u.circuit {
+            Some(c) => match hold(&live.circuit.requests, c.max_requests) {
+                Some(h) => Some(h),
+                None => {
+                    live.circuit.rejected[2].fetch_add(1, Relaxed);
+                    return Err((None, ErrorKind::CircuitMaxRequests.into()));
+                }
+            },
+            None => None,
+        };
+        if self.retry.is_some() {
+            live.budget.note_request(now_ms());
+        }
+        let set = live.set.load();
+        let stripe = self.source.stripe();
+        let mut tries = 0u32;
+        let mut avoid = None;
+        loop {
+            tries += 1;
+            let Some(i) = self.pick(&set, avoid) else {
+                return Err((None, ErrorKind::NoTargets.into()));
+            };
+            let target = &set.targets[i];
+            let state = &target.state;
+            if tries > 1 {
+                state.count_retry(stripe);
+            }
+            state.begin(stripe);
+            let result = self.on_target(req, target, &mut attempt).await;
+            state.end(stripe);
+            let failure = match &result {
+                Ok((_, v)) => {
+                    let status = status_of(v);
+                    if status >= 500 {
+                        state.count_error(stripe, STATUS_5XX);
+                        state.failed(u.passive.as_ref(), &set, now_ms());
+                    } else {
+                        state.succeeded();
+                    }
+                    self.retry.is_some_and(|r| r.on_status(status))
+                }
+                Err((_, e)) => match e.kind.target_failure() {
+                    Some(k) => {
+                        state.count_error(stripe, k);
+                        state.failed(u.passive.as_ref(), &set, now_ms());
+                        self.retry.is_some_and(|r| r.on_kind(k))
+                    }
+                    None => false,
+                },
+            };
+            let again = failure
+                && !req.as_mut().committed
+                && self.retry.is_some_and(|r| {
+                    tries < r.attempts
+                        && live
+                            .budget
+                            .try_retry(now_ms(), r.budget_percent, r.budget_min_per_s)
+                });
+            if !again {
+                return result;
+            }
+            if let Ok((session, _)) = result {
+                // The answer is not relayed: the connection, with its body unread, closes.
+                self.checkin(session, Outcome::Done);
+            }
+            req.as_mut().retries = req.as_mut().retries.saturating_add(1);
+            avoid = Some(target.addr);
+        }
+    }
+
+    /// One try on `target`: a pooled session, and once more on a fresh connection when the
+    /// pooled one turns out to have been closed by the upstream.
+    async fn on_target<C: AsMut<Attempts>, T>(
+        &self,
+        req: &mut C,
+        target: &LiveTarget,
+        attempt: &mut impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
+    ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
+        let try_deadline = self
+            .up
+            .upstream
+            .retry
+            .as_ref()
+            .and_then(|r| r.per_try)
+            .map(|t| Instant::now() + t);
         let mut fresh = false;
         loop {
-            let mut session = match self.checkout(req, fresh).await {
+            let mut session = match self
+                .checkout(req.as_mut(), target, fresh, try_deadline)
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => return Err((None, e)),
             };
@@ -175,7 +414,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     // A pooled connection the upstream had closed: nothing of the request
                     // was acted on, so it goes again on a new connection, once.
                     fresh = true;
-                    req.as_mut().retries += 1;
+                    let rec = req.as_mut();
+                    rec.retries = rec.retries.saturating_add(1);
                 }
                 Err(e) => return Err((Some(session), e)),
             }
@@ -220,6 +460,33 @@ mod tests {
             self.connects.set(self.connects.get() + 1);
             connect(target, timeout, send_timeout).await
         }
+
+        fn stripe(&self) -> usize {
+            0
+        }
+
+        fn next_rr(&self, _revision: u64, _count: usize, _index: usize) -> u32 {
+            0
+        }
+
+        fn random(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A snapshot with one upstream of `targets` (and `extra` upstream settings in TOML).
+    fn upstream(targets: &[SocketAddr], extra: &str) -> common::Snapshot {
+        let list: Vec<String> = targets
+            .iter()
+            .map(|t| format!("{{ address = \"{t}\" }}"))
+            .collect();
+        let text = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+             targets = [{}]\n{extra}\n",
+            list.join(", ")
+        );
+        let config = common::parse_config(&text, common::Format::Toml).unwrap();
+        common::Snapshot::compile(config, 1).unwrap()
     }
 
     fn fake_pool(idle: Vec<UpstreamConn>) -> FakePool {
@@ -276,8 +543,15 @@ mod tests {
         }
     }
 
-    fn connector(pool: &FakePool, target: SocketAddr) -> Connector<'_, FakePool> {
-        Connector::new(pool, target, Duration::from_secs(1), Duration::from_secs(1))
+    fn connector<'a>(pool: &'a FakePool, snap: &'a common::Snapshot) -> Connector<'a, FakePool> {
+        Connector::new(
+            pool,
+            UpstreamRef::of(snap, 0),
+            &snap.timeouts,
+            0,
+            true,
+            true,
+        )
     }
 
     fn runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
@@ -292,10 +566,11 @@ mod tests {
         let target = origin(1);
         runtime().block_on(async move {
             let pool = fake_pool(vec![dead_conn().await]);
-            let connector = connector(&pool, target);
+            let snap = upstream(&[target], "");
+            let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let (session, answer) = connector
-                .run(&mut req, async |s, _req| get(s).await)
+                .run(&mut req, async |s, _req| get(s).await, |_| 200)
                 .await
                 .expect("the retry on a fresh connection succeeds");
             assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
@@ -325,10 +600,11 @@ mod tests {
                 }
             });
             let pool = fake_pool(Vec::new());
-            let connector = connector(&pool, target);
+            let snap = upstream(&[target], "");
+            let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let (session, err) = connector
-                .run(&mut req, async |s, _req| get(s).await)
+                .run(&mut req, async |s, _req| get(s).await, |_| 200)
                 .await
                 .expect_err("a fresh connection's failure is final");
             assert_eq!(err.kind, ErrorKind::UpstreamClosed);
@@ -343,9 +619,13 @@ mod tests {
             pool.idle.borrow_mut().push(dead);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let err = connector
-                .run(&mut req, async |_s, _req| -> Result<(), ProxyError> {
-                    Err(ProxyError::new(ErrorKind::ResponseTimeout))
-                })
+                .run(
+                    &mut req,
+                    async |_s, _req| -> Result<(), ProxyError> {
+                        Err(ProxyError::new(ErrorKind::ResponseTimeout))
+                    },
+                    |_| 200,
+                )
                 .await
                 .map(|_| ())
                 .expect_err("not retryable");
@@ -361,12 +641,15 @@ mod tests {
         drop(l);
         runtime().block_on(async move {
             let pool = fake_pool(Vec::new());
-            let connector = connector(&pool, target);
+            let snap = upstream(&[target], "");
+            let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
             let err = connector
-                .run(&mut req, async |_s, _req| -> Result<(), ProxyError> {
-                    Ok(())
-                })
+                .run(
+                    &mut req,
+                    async |_s, _req| -> Result<(), ProxyError> { Ok(()) },
+                    |_| 200,
+                )
                 .await
                 .map(|_| ())
                 .expect_err("nothing listens");

@@ -20,7 +20,7 @@ use common::aggregate::Aggregate;
 use common::{Route, Snapshot};
 use serde_json::{json, Value};
 
-use super::connector::{Attempts, Connector, Outcome};
+use super::connector::{Attempts, Connector, Outcome, UpstreamRef};
 use super::context::RequestCtx;
 use super::downstream::{Downstream, Next};
 use super::exchange::exchange;
@@ -34,6 +34,7 @@ use crate::json::{self, Node};
 use crate::policy::{each_field, field_value};
 use crate::shape::{self, AnswerFields};
 use crate::worker_ctx::WorkerCtx;
+use common::snapshot::HashOn;
 
 /// A failed step.
 #[derive(Debug)]
@@ -90,6 +91,8 @@ struct Input {
     pass: Vec<Vec<u8>>,
     /// The client's `Content-Type`, for the step that takes the body.
     content_type: Option<Vec<u8>>,
+    /// Per step: the balancing key, for a step whose upstream hashes.
+    keys: Vec<u64>,
     keep_alive: bool,
     http10: bool,
     is_head: bool,
@@ -97,6 +100,7 @@ struct Input {
 
 impl Input {
     fn capture<S: ClientStream>(
+        snap: &Snapshot,
         down: &Downstream<S>,
         req: &RequestCtx,
         head: &RequestHead,
@@ -149,7 +153,16 @@ impl Input {
                 out
             })
             .collect();
+        let keys = agg
+            .steps
+            .iter()
+            .map(|s| match &snap.upstreams[s.upstream].hash_on {
+                HashOn::None => 0,
+                on => super::select::hash_key(on, buf, head, req.client_ip),
+            })
+            .collect();
         Input {
+            keys,
             params: params(route, head.path(buf)),
             query: query_of(buf, head).map(<[u8]>::to_vec),
             fields,
@@ -178,7 +191,7 @@ pub(super) async fn aggregate<S: ClientStream>(
     let agg = &snap.aggregates[index];
     req.aggregate = Some(index as u32);
     super::add_trace_fields(down, req, head);
-    let input = Input::capture(down, req, head, route, agg, peer);
+    let input = Input::capture(snap, down, req, head, route, agg, peer);
     let body = match read_body(down, req, head).await {
         Ok(b) => b,
         Err(kind) => {
@@ -359,8 +372,8 @@ async fn run_steps(
                     results[j] = Some((Duration::ZERO, Err(f)));
                     continue;
                 }
-                let target = ctx.pick_target(snap, step.upstream);
-                let request = step_request(agg, j, &path, target, input, body);
+                let request =
+                    step_request(agg, j, &path, &snap.upstreams[step.upstream], input, body);
                 let (budget, own) = {
                     let left = deadline - now;
                     if step.timeout < left {
@@ -370,7 +383,7 @@ async fn run_steps(
                     }
                 };
                 // One move into its box: the step's future is large and a move copies it whole.
-                let task = timed_call(ctx, snap, agg, j, target, request, budget, own);
+                let task = timed_call(ctx, snap, agg, j, input.keys[j], request, budget, own);
                 running.push((j, now, Box::pin(task)));
             }
         }
@@ -402,12 +415,12 @@ async fn timed_call(
     snap: &Snapshot,
     agg: &Aggregate,
     j: usize,
-    target: std::net::SocketAddr,
+    key: u64,
     request: Vec<u8>,
     budget: Duration,
     own: bool,
 ) -> StepOutcome {
-    match monoio::time::timeout(budget, call(ctx, snap, agg, j, target, request)).await {
+    match monoio::time::timeout(budget, call(ctx, snap, agg, j, key, request)).await {
         Ok(r) => r,
         Err(_) if own => Err(Failure::new(
             StepError::Timeout,
@@ -428,7 +441,7 @@ fn step_request(
     agg: &Aggregate,
     j: usize,
     path: &[u8],
-    target: std::net::SocketAddr,
+    upstream: &common::Upstream,
     input: &Input,
     body: &[u8],
 ) -> Vec<u8> {
@@ -439,7 +452,13 @@ fn step_request(
     r.push(b' ');
     r.extend_from_slice(path);
     r.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    crate::access_log::push_addr(&mut r, target);
+    // The upstream's name for itself: its first target as written, or its SRV name.
+    let host = match (&upstream.srv, upstream.targets.first()) {
+        (Some(srv), _) => &**srv,
+        (None, Some(t)) => &*t.address,
+        (None, None) => &*upstream.id,
+    };
+    r.extend_from_slice(host.as_bytes());
     r.extend_from_slice(b"\r\n");
     r.extend_from_slice(&input.fields);
     r.extend_from_slice(&input.pass[j]);
@@ -468,22 +487,23 @@ async fn call(
     snap: &Snapshot,
     agg: &Aggregate,
     j: usize,
-    target: std::net::SocketAddr,
+    key: u64,
     mut request: Vec<u8>,
 ) -> StepOutcome {
     let step = &agg.steps[j];
     let t = snap.timeouts;
-    let connector = Connector::new(ctx, target, t.upstream_connect, t.upstream_send);
     let idempotent = matches!(
         &*step.method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     );
+    let up = UpstreamRef::of(snap, step.upstream);
+    let connector = Connector::new(ctx, up, &t, key, true, idempotent);
     let is_head = &*step.method == "HEAD";
     let max = agg.max_step_bytes;
     let mut attempts = Attempts::default();
     let mut plan = FieldPlan::default();
     let attempt = async |session: &mut super::connector::Session, _: &mut Attempts| {
-        let head_deadline = Instant::now() + t.upstream_response_head;
+        let head_deadline = session.head_deadline(Instant::now() + t.upstream_response_head);
         let conn = &mut session.conn;
         let (resp, mut reader) = exchange(
             conn,
@@ -522,7 +542,7 @@ async fn call(
         ))
     };
     let (session, (status, json, encoded, within, raw, clean, ctype, authenticate)) =
-        match connector.run(&mut attempts, attempt).await {
+        match connector.run(&mut attempts, attempt, |a| a.0).await {
             Ok(done) => done,
             Err((_, e)) => {
                 let mut f = Failure::new(StepError::Upstream, e.kind.label());

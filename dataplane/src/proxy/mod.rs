@@ -242,8 +242,11 @@ async fn handle<S: ClientStream>(
                     .extra
                     .extend_from_slice(b"Accept-Encoding: identity\r\n");
             }
-            let target = ctx.pick_target(snap, *upstream);
-            proxy(ctx, down, req, &head, route, target, peer.ip, choice.shape).await
+            let up = connector::UpstreamRef::of(snap, *upstream);
+            if up.upstream.hash_on == common::snapshot::HashOn::ClientIp {
+                req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
+            }
+            proxy(ctx, down, req, &head, route, up, peer.ip, choice.shape).await
         }
         RouteAction::Aggregate { aggregate } => {
             fanout::aggregate(ctx, snap, down, req, &head, route, *aggregate, peer.ip).await
@@ -251,8 +254,8 @@ async fn handle<S: ClientStream>(
     }
 }
 
-/// Forwards the request to `target` and relays the response (reshaped by `shape`, if any);
-/// `peer` is the address the connection came from (appended to `X-Forwarded-For`).
+/// Forwards the request to a target of `up` and relays the response (reshaped by `shape`, if
+/// any); `peer` is the address the connection came from (appended to `X-Forwarded-For`).
 #[allow(clippy::too_many_arguments)]
 async fn proxy<S: ClientStream>(
     ctx: &WorkerCtx,
@@ -260,7 +263,7 @@ async fn proxy<S: ClientStream>(
     req: &mut RequestCtx,
     head: &RequestHead,
     route: &Route,
-    target: std::net::SocketAddr,
+    up: connector::UpstreamRef<'_>,
     peer: std::net::IpAddr,
     shape: Option<&common::aggregate::Shape>,
 ) -> Next {
@@ -289,7 +292,12 @@ async fn proxy<S: ClientStream>(
     };
     let body_end = head.head_end + first_body;
     // The whole request is in the buffer: it can be sent again on a fresh connection.
-    let replayable = body_left == 0 && head.is_idempotent(&down.buf);
+    let idempotent = head.is_idempotent(&down.buf);
+    let replayable = body_left == 0 && idempotent;
+    let key = match &up.upstream.hash_on {
+        common::snapshot::HashOn::None => 0,
+        on => select::hash_key(on, &down.buf, head, req.client_ip),
+    };
     // Read while the head's spans still point at it: relaying a body reuses the buffer.
     let is_head = head.is_head(&down.buf);
     add_trace_fields(down, req, head);
@@ -311,12 +319,7 @@ async fn proxy<S: ClientStream>(
 
     req.bytes_in += first_body as u64;
     let timeouts = down.timeouts;
-    let connector = Connector::new(
-        ctx,
-        target,
-        timeouts.upstream_connect,
-        timeouts.upstream_send,
-    );
+    let connector = Connector::new(ctx, up, &timeouts, key, body_left == 0, idempotent);
     // Set by an attempt whose request write failed: the upstream may have answered early.
     let mut write_failed = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
@@ -356,7 +359,8 @@ async fn proxy<S: ClientStream>(
             }
         }
         let sent_at = Instant::now();
-        let deadline = sent_at + timeouts.upstream_response_head;
+        let deadline = session.head_deadline(sent_at + timeouts.upstream_response_head);
+        let conn = &mut session.conn;
         let mut first_byte = None;
         conn.buf.clear();
         loop {
@@ -371,8 +375,12 @@ async fn proxy<S: ClientStream>(
             .await;
             match read {
                 Ok(HeadRead::Interim(end)) => {
-                    if !head.http10 && down.send(req, &mut conn.buf, 0..end).await.is_err() {
-                        return Err(ErrorKind::ClientClosed.into());
+                    if !head.http10 {
+                        // Passed on: the request cannot be retried from here on.
+                        req.attempts.committed = true;
+                        if down.send(req, &mut conn.buf, 0..end).await.is_err() {
+                            return Err(ErrorKind::ClientClosed.into());
+                        }
                     }
                     conn.buf.drain(..end);
                 }
@@ -384,8 +392,20 @@ async fn proxy<S: ClientStream>(
             }
         }
     };
-    let (mut session, resp) = match connector.run(req, attempt).await {
+    let (mut session, resp) = match connector.run(req, attempt, |r| r.status).await {
         Ok(done) => done,
+        Err((_, err)) if err.kind.reason().is_some() => {
+            // The gateway's own 503 (circuit limits, no address): the connection stays.
+            req.fail(err.kind);
+            push_field(
+                &mut req.response_fields,
+                b"X-Gateway-Reason",
+                err.kind.reason().unwrap_or_default(),
+            );
+            return down
+                .respond(ctx, req, head, Reply::Canned(Status::ServiceUnavailable))
+                .await;
+        }
         Err((session, err)) => {
             if err.kind.side() == Side::Client {
                 // The client's body failed: its own status (408 has no lingering close).

@@ -11,7 +11,9 @@ use crate::json;
 use crate::policy::each_field;
 use crate::shape::{query_param, Values};
 use common::aggregate::{glob_match, DotPath, ProfileMatch, Shape, Template};
+use common::live::hash_bytes;
 use common::router::match_pattern;
+use common::snapshot::HashOn;
 use common::{Route, RouteAction, Snapshot};
 
 /// What answers a request.
@@ -123,4 +125,46 @@ pub(crate) fn params(route: &Route, path: &[u8]) -> Vec<(Box<str>, Vec<u8>)> {
         }
     });
     out
+}
+
+/// The key `balance = "hash"` hashes for this request: a header's value, a cookie's, the
+/// client address or the path (without the query). A missing header or cookie hashes as
+/// empty, so such requests all go to one target.
+pub(crate) fn hash_key(
+    on: &HashOn,
+    buf: &[u8],
+    head: &RequestHead,
+    client_ip: std::net::IpAddr,
+) -> u64 {
+    let fields = || each_field(buf, head.fields_start, head.fields_end);
+    match on {
+        HashOn::None => 0,
+        HashOn::Header(name) => {
+            let v = fields()
+                .find(|(_, n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map_or(&[][..], |(_, _, v)| v);
+            hash_bytes(v)
+        }
+        HashOn::Cookie(name) => {
+            let v = fields()
+                .filter(|(_, n, _)| n.eq_ignore_ascii_case(b"cookie"))
+                .flat_map(|(_, _, v)| v.split(|&b| b == b';'))
+                .find_map(|pair| {
+                    let pair = pair.trim_ascii();
+                    let eq = pair.iter().position(|&b| b == b'=')?;
+                    (&pair[..eq] == name.as_bytes()).then(|| &pair[eq + 1..])
+                })
+                .unwrap_or_default();
+            hash_bytes(v)
+        }
+        HashOn::ClientIp => match client_ip {
+            std::net::IpAddr::V4(a) => hash_bytes(&a.octets()),
+            std::net::IpAddr::V6(a) => hash_bytes(&a.octets()),
+        },
+        HashOn::Path => {
+            let path = head.path(buf);
+            let end = path.iter().position(|&b| b == b'?').unwrap_or(path.len());
+            hash_bytes(&path[..end])
+        }
+    }
 }

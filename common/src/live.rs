@@ -1,0 +1,748 @@
+//! The live side of upstreams: which addresses each upstream's targets have right now, and each
+//! target's health and counters. Shared by every worker (which picks targets and reports
+//! outcomes) and the control plane (which resolves host names, runs active checks, ends
+//! ejections and serves `/v1/upstreams/{id}/health`).
+//!
+//! A [`Snapshot`](crate::Snapshot) keeps what the operator wrote (host names included); an
+//! upstream's current [`TargetSet`] lives in its [`UpstreamLive`], which the control plane keeps
+//! from one config revision to the next and replaces without a revision when DNS answers
+//! change. A [`TargetState`] is keyed by upstream and address, so health survives unrelated
+//! config changes.
+//!
+//! Hot path: [`TargetSet::pick`] costs one relaxed load of the chosen target's flags when it
+//! is usable; the per-target counters are striped per worker so workers do not share a cache
+//! line for them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Balance;
+
+/// Counter stripes per target; worker `i` writes stripe `i % STRIPES`.
+pub const STRIPES: usize = 16;
+
+/// Failure kinds counted per target; the data plane maps its error kinds onto these.
+pub const FAILURE_KINDS: [&str; 7] = [
+    "connect_failed",
+    "connect_timeout",
+    "send_timeout",
+    "response_timeout",
+    "upstream_closed",
+    "upstream_malformed",
+    "status_5xx",
+];
+
+/// Index of `status_5xx` in [`FAILURE_KINDS`].
+pub const STATUS_5XX: usize = 6;
+
+const UNHEALTHY: u8 = 1;
+const EJECTED: u8 = 2;
+
+/// Bumped whenever any upstream's target set changes: workers then drop pooled connections
+/// to addresses no longer in use.
+pub static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since the first call in this process (the clock of ejections).
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// One worker's counters for one target.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    requests: AtomicU64,
+    outstanding: AtomicI64,
+    retries: AtomicU64,
+    errors: [AtomicU64; FAILURE_KINDS.len()],
+}
+
+/// The last active check of a target, and the streaks that decide its state.
+#[derive(Debug, Default, Clone)]
+pub struct CheckState {
+    pub last: Option<LastCheck>,
+    pub passes: u32,
+    pub fails: u32,
+}
+
+/// One active check's result.
+#[derive(Debug, Clone, Copy)]
+pub struct LastCheck {
+    pub at: SystemTime,
+    pub ok: bool,
+    /// The status answered, if one was.
+    pub status: Option<u16>,
+}
+
+/// Health and counters of one target (one address of one upstream).
+#[derive(Debug, Default)]
+pub struct TargetState {
+    flags: AtomicU8,
+    consecutive_failures: AtomicU32,
+    /// Ejections in a row (each within `ejection_ms` of the previous one's end).
+    streak: AtomicU32,
+    ejections: AtomicU64,
+    ejected_until: AtomicU64,
+    stripes: [Stripe; STRIPES],
+    /// Written by the active checker only.
+    pub check: Mutex<CheckState>,
+}
+
+/// Passive health settings, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passive {
+    pub consecutive_failures: u32,
+    pub ejection_ms: u64,
+    pub max_ejected_percent: u32,
+}
+
+impl TargetState {
+    pub fn new() -> Arc<TargetState> {
+        Arc::new(TargetState::default())
+    }
+
+    /// Neither failing its active checks nor ejected.
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        self.flags.load(Relaxed) == 0
+    }
+
+    pub fn is_unhealthy(&self) -> bool {
+        self.flags.load(Relaxed) & UNHEALTHY != 0
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.flags.load(Relaxed) & EJECTED != 0
+    }
+
+    /// The active checker's verdict.
+    pub fn set_unhealthy(&self, unhealthy: bool) {
+        if unhealthy {
+            self.flags.fetch_or(UNHEALTHY, Relaxed);
+        } else {
+            self.flags.fetch_and(!UNHEALTHY, Relaxed);
+        }
+    }
+
+    /// A request to this target starts (worker `stripe`).
+    #[inline]
+    pub fn begin(&self, stripe: usize) {
+        let s = &self.stripes[stripe % STRIPES];
+        s.requests.fetch_add(1, Relaxed);
+        s.outstanding.fetch_add(1, Relaxed);
+    }
+
+    /// A request to this target ended.
+    #[inline]
+    pub fn end(&self, stripe: usize) {
+        self.stripes[stripe % STRIPES]
+            .outstanding
+            .fetch_sub(1, Relaxed);
+    }
+
+    /// A request failed here with [`FAILURE_KINDS`]`[kind]`.
+    pub fn count_error(&self, stripe: usize, kind: usize) {
+        self.stripes[stripe % STRIPES].errors[kind].fetch_add(1, Relaxed);
+    }
+
+    /// A retry went to this target.
+    pub fn count_retry(&self, stripe: usize) {
+        self.stripes[stripe % STRIPES].retries.fetch_add(1, Relaxed);
+    }
+
+    /// Requests in flight, over all workers.
+    pub fn outstanding(&self) -> u64 {
+        let n: i64 = self
+            .stripes
+            .iter()
+            .map(|s| s.outstanding.load(Relaxed))
+            .sum();
+        n.max(0) as u64
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.stripes.iter().map(|s| s.requests.load(Relaxed)).sum()
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.stripes.iter().map(|s| s.retries.load(Relaxed)).sum()
+    }
+
+    /// Failures of [`FAILURE_KINDS`]`[kind]`.
+    pub fn errors(&self, kind: usize) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.errors[kind].load(Relaxed))
+            .sum()
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Relaxed)
+    }
+
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Relaxed)
+    }
+
+    /// A request succeeded here (passive health): the failure streak ends.
+    #[inline]
+    pub fn succeeded(&self) {
+        if self.consecutive_failures.load(Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+    }
+
+    /// A request failed here. With passive health, the `consecutive_failures`-th failure in
+    /// a row ejects the target, unless `max_ejected_percent` of `set` is already ejected.
+    /// Returns whether this call ejected it.
+    pub fn failed(&self, passive: Option<&Passive>, set: &TargetSet, now: u64) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let Some(p) = passive else { return false };
+        if n < p.consecutive_failures || self.is_ejected() {
+            return false;
+        }
+        let total = set.targets.len();
+        let allowed = match p.max_ejected_percent {
+            0 => 0,
+            pct => (total * pct as usize / 100).max(1),
+        };
+        let ejected = set.targets.iter().filter(|t| t.state.is_ejected()).count();
+        if ejected >= allowed {
+            return false;
+        }
+        if self.flags.fetch_or(EJECTED, Relaxed) & EJECTED != 0 {
+            return false; // another worker got there first
+        }
+        let last_end = self.ejected_until.load(Relaxed);
+        let streak = if last_end != 0 && now < last_end + p.ejection_ms {
+            self.streak.load(Relaxed) + 1
+        } else {
+            1
+        };
+        self.streak.store(streak, Relaxed);
+        self.ejections.fetch_add(1, Relaxed);
+        self.ejected_until
+            .store(now + p.ejection_ms * u64::from(streak.min(10)), Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        true
+    }
+
+    /// Ends an ejection whose time is up (the control plane's tick). Returns whether it did.
+    pub fn expire(&self, now: u64) -> bool {
+        if self.is_ejected() && now >= self.ejected_until.load(Relaxed) {
+            self.flags.fetch_and(!EJECTED, Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// `healthy`, `unhealthy`, `ejected` or `draining` (in that order of precedence, last
+    /// first).
+    pub fn state_label(&self, draining: bool) -> &'static str {
+        if draining {
+            "draining"
+        } else if self.is_ejected() {
+            "ejected"
+        } else if self.is_unhealthy() {
+            "unhealthy"
+        } else {
+            "healthy"
+        }
+    }
+}
+
+/// One address requests can go to.
+#[derive(Debug, Clone)]
+pub struct LiveTarget {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// The host name it was resolved from; `None` for a literal address.
+    pub host: Option<Arc<str>>,
+    pub draining: bool,
+    pub state: Arc<TargetState>,
+}
+
+impl LiveTarget {
+    /// May get new requests without panic mode.
+    #[inline]
+    fn usable(&self) -> bool {
+        !self.draining && self.state.is_healthy()
+    }
+}
+
+/// What a pick needs besides the set.
+#[derive(Debug, Clone, Copy)]
+pub struct Pick {
+    pub balance: Balance,
+    /// The worker's position in this upstream's round-robin schedule.
+    pub counter: u32,
+    /// Random bits (least_request's two choices).
+    pub random: u64,
+    /// The hashed key (hash balancing).
+    pub key: u64,
+    /// A target tried already (a retry goes elsewhere when it can).
+    pub avoid: Option<SocketAddr>,
+}
+
+/// An upstream's addresses right now, with what balancing needs precomputed.
+#[derive(Debug, Default)]
+pub struct TargetSet {
+    pub targets: Vec<LiveTarget>,
+    /// Smooth weighted round-robin order over `targets` (indices), one full cycle.
+    pub schedule: Box<[u16]>,
+    /// Consistent-hash ring: (point, target index), sorted by point.
+    ring: Box<[(u64, u16)]>,
+}
+
+/// Ring points per unit of weight.
+const POINTS_PER_WEIGHT: usize = 100;
+/// Most points on one ring.
+const MAX_POINTS: usize = 64 * 1024;
+
+impl TargetSet {
+    pub fn new(targets: Vec<LiveTarget>) -> TargetSet {
+        let schedule = smooth_wrr(&targets);
+        let ring = ring(&targets);
+        TargetSet {
+            targets,
+            schedule,
+            ring,
+        }
+    }
+
+    /// Chooses a target for a request: by `p.balance` among usable targets (not draining,
+    /// healthy, not ejected, and not `p.avoid` when another will do). When no target is
+    /// usable, panic mode: any target that is not draining, then any at all. `None` only for
+    /// an empty set.
+    #[inline]
+    pub fn pick(&self, p: &Pick) -> Option<usize> {
+        let n = self.targets.len();
+        if n == 0 {
+            return None;
+        }
+        let first = match p.balance {
+            Balance::RoundRobin => {
+                usize::from(self.schedule[p.counter as usize % self.schedule.len()])
+            }
+            Balance::LeastRequest => self.two_choices(p.random),
+            Balance::Hash => self.ring_walk(p.key, p.avoid).unwrap_or(0),
+        };
+        let t = &self.targets[first];
+        if t.usable() && Some(t.addr) != p.avoid {
+            return Some(first);
+        }
+        // Fallbacks, from the best kind of target to any: scan from a point that moves with
+        // the schedule so the load of a target that is down spreads over the others.
+        let start = match p.balance {
+            Balance::Hash => first,
+            _ => p.counter as usize,
+        };
+        let tiers: [&dyn Fn(&LiveTarget) -> bool; 4] = [
+            &|t| t.usable() && Some(t.addr) != p.avoid,
+            &|t| t.usable(),
+            &|t| !t.draining,
+            &|_| true,
+        ];
+        for ok in tiers {
+            if let Some(i) = (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| ok(&self.targets[i]))
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Power of two choices: of two random targets, the one with fewer outstanding requests
+    /// per unit of weight (a usable one before one that is not).
+    fn two_choices(&self, random: u64) -> usize {
+        let n = self.targets.len();
+        if n == 1 {
+            return 0;
+        }
+        let i = (random as u32 as usize) % n;
+        let j = (i + 1 + ((random >> 32) as usize) % (n - 1)) % n;
+        let (a, b) = (&self.targets[i], &self.targets[j]);
+        match (a.usable(), b.usable()) {
+            (true, false) => return i,
+            (false, true) => return j,
+            _ => {}
+        }
+        // (oa + 1) / wa <= (ob + 1) / wb, without division.
+        let load = |t: &LiveTarget, other: &LiveTarget| {
+            (t.state.outstanding() + 1) * u64::from(other.weight)
+        };
+        if load(a, b) <= load(b, a) {
+            i
+        } else {
+            j
+        }
+    }
+
+    /// The first usable target (not `avoid`) at or after `key` on the ring.
+    fn ring_walk(&self, key: u64, avoid: Option<SocketAddr>) -> Option<usize> {
+        let start = self.ring.partition_point(|&(point, _)| point < key);
+        let len = self.ring.len();
+        let first = usize::from(self.ring[start % len].1);
+        (0..len)
+            .map(|k| usize::from(self.ring[(start + k) % len].1))
+            .find(|&i| {
+                let t = &self.targets[i];
+                t.usable() && Some(t.addr) != avoid
+            })
+            .or(Some(first))
+    }
+
+    /// How many targets are ejected now.
+    pub fn ejected(&self) -> usize {
+        self.targets.iter().filter(|t| t.state.is_ejected()).count()
+    }
+}
+
+/// Smooth weighted round robin (as nginx does it), unrolled into one cycle so workers only
+/// keep a counter: weights 5,1,1 give a a b a c a a.
+pub fn smooth_wrr(targets: &[LiveTarget]) -> Box<[u16]> {
+    if targets.is_empty() {
+        return Box::new([0]);
+    }
+    let g = targets.iter().fold(0, |g, t| gcd(g, t.weight.max(1)));
+    let weights: Vec<i64> = targets
+        .iter()
+        .map(|t| i64::from(t.weight.max(1) / g))
+        .collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; targets.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..targets.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        // Targets are capped at MAX_TARGETS (256), so the index fits.
+        out.push(best as u16);
+    }
+    out.into_boxed_slice()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// A consistent-hash ring: each target owns points derived from its address only, so adding
+/// or removing one target moves only the keys of its points (about 1/N of them).
+fn ring(targets: &[LiveTarget]) -> Box<[(u64, u16)]> {
+    if targets.is_empty() {
+        return Box::new([]);
+    }
+    let g = targets.iter().fold(0, |g, t| gcd(g, t.weight.max(1)));
+    let units: usize = targets.iter().map(|t| (t.weight.max(1) / g) as usize).sum();
+    let per_unit = (MAX_POINTS / units).clamp(1, POINTS_PER_WEIGHT);
+    let mut ring = Vec::with_capacity(units * per_unit);
+    for (i, t) in targets.iter().enumerate() {
+        let name = t.addr.to_string();
+        for k in 0..(t.weight.max(1) / g) as usize * per_unit {
+            let mut h = hash_bytes(name.as_bytes());
+            h = mix(h ^ k as u64);
+            ring.push((h, i as u16));
+        }
+    }
+    ring.sort_unstable();
+    ring.into_boxed_slice()
+}
+
+/// A 64-bit hash of `bytes` for hash balancing (FNV-1a, then a finaliser so nearby keys land
+/// far apart on the ring).
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Circuit counters of one upstream on this node.
+#[derive(Debug, Default)]
+pub struct CircuitCounters {
+    pub connections: AtomicU32,
+    pub pending: AtomicU32,
+    pub requests: AtomicU32,
+    /// Requests refused, by reason: max_connections, max_pending, max_requests.
+    pub rejected: [AtomicU64; 3],
+}
+
+/// Reasons in the order of [`CircuitCounters::rejected`].
+pub const CIRCUIT_REASONS: [&str; 3] = ["max_connections", "max_pending", "max_requests"];
+
+/// The retry budget: requests and retries over a sliding one-second window (this second's
+/// counts plus the previous second's, weighted by how much of it the window still covers),
+/// so the allowance does not drop to the floor at each second's start.
+#[derive(Debug, Default)]
+pub struct RetryBudget {
+    second: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+    prev_requests: AtomicU64,
+    prev_retries: AtomicU64,
+    /// Retries refused for want of budget.
+    pub denied: AtomicU64,
+}
+
+impl RetryBudget {
+    fn roll(&self, now_ms: u64) {
+        let s = now_ms / 1000;
+        let seen = self.second.load(Relaxed);
+        // Only forwards: a worker with an older reading must not reset a newer second.
+        if s > seen
+            && self
+                .second
+                .compare_exchange(seen, s, Relaxed, Relaxed)
+                .is_ok()
+        {
+            let (req, ret) = (
+                self.requests.swap(0, Relaxed),
+                self.retries.swap(0, Relaxed),
+            );
+            let adjacent = s == seen + 1;
+            self.prev_requests
+                .store(if adjacent { req } else { 0 }, Relaxed);
+            self.prev_retries
+                .store(if adjacent { ret } else { 0 }, Relaxed);
+        }
+    }
+
+    /// A request (not a retry) to the upstream.
+    pub fn note_request(&self, now_ms: u64) {
+        self.roll(now_ms);
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// Takes one retry from the budget if there is one: retries over the last second stay
+    /// within `percent` of the requests over the last second, or `min_per_s`, whichever is
+    /// more.
+    pub fn try_retry(&self, now_ms: u64, percent: u32, min_per_s: u32) -> bool {
+        self.roll(now_ms);
+        let left = 1000 - now_ms % 1000;
+        let window = |cur: &AtomicU64, prev: &AtomicU64| {
+            cur.load(Relaxed) + prev.load(Relaxed) * left / 1000
+        };
+        let requests = window(&self.requests, &self.prev_requests);
+        let allowed = (requests * u64::from(percent) / 100).max(u64::from(min_per_s));
+        let used = self.prev_retries.load(Relaxed) * left / 1000;
+        if used + self.retries.fetch_add(1, Relaxed) < allowed {
+            true
+        } else {
+            self.retries.fetch_sub(1, Relaxed);
+            self.denied.fetch_add(1, Relaxed);
+            false
+        }
+    }
+}
+
+/// An upstream's live state: its current target set, and its circuit and budget counters.
+/// The control plane keeps one per upstream id across config revisions.
+#[derive(Debug, Default)]
+pub struct UpstreamLive {
+    pub set: ArcSwap<TargetSet>,
+    pub circuit: CircuitCounters,
+    pub budget: RetryBudget,
+}
+
+impl UpstreamLive {
+    pub fn new(set: TargetSet) -> Arc<UpstreamLive> {
+        Arc::new(UpstreamLive {
+            set: ArcSwap::from_pointee(set),
+            circuit: CircuitCounters::default(),
+            budget: RetryBudget::default(),
+        })
+    }
+
+    /// Replaces the target set (in-flight requests keep the one they picked from).
+    pub fn publish(&self, set: TargetSet) {
+        self.set.store(Arc::new(set));
+        GENERATION.fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: usize) -> TargetSet {
+        TargetSet::new(
+            (0..n)
+                .map(|i| LiveTarget {
+                    addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 80)),
+                    weight: 1,
+                    host: None,
+                    draining: false,
+                    state: TargetState::new(),
+                })
+                .collect(),
+        )
+    }
+
+    fn pick(s: &TargetSet, balance: Balance, counter: u32, key: u64) -> usize {
+        s.pick(&Pick {
+            balance,
+            counter,
+            random: u64::from(counter).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            key,
+            avoid: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn round_robin_skips_targets_that_are_down_and_panics_when_all_are() {
+        let s = set(3);
+        s.targets[1].state.set_unhealthy(true);
+        let got: Vec<usize> = (0..6)
+            .map(|c| pick(&s, Balance::RoundRobin, c, 0))
+            .collect();
+        assert!(!got.contains(&1), "{got:?}");
+        assert!(got.contains(&0) && got.contains(&2));
+        s.targets[0].state.set_unhealthy(true);
+        s.targets[2].state.set_unhealthy(true);
+        // Panic mode: every target is down, requests still go to all of them in turn.
+        let got: std::collections::HashSet<usize> = (0..3)
+            .map(|c| pick(&s, Balance::RoundRobin, c, 0))
+            .collect();
+        assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn a_retry_avoids_the_target_it_came_from_when_another_is_usable() {
+        let s = set(2);
+        let p = |avoid| {
+            s.pick(&Pick {
+                balance: Balance::RoundRobin,
+                counter: 0,
+                random: 0,
+                key: 0,
+                avoid,
+            })
+            .unwrap()
+        };
+        let first = p(None);
+        assert_ne!(p(Some(s.targets[first].addr)), first);
+    }
+
+    #[test]
+    fn draining_targets_get_nothing_while_another_target_is_left() {
+        let mut s = set(2);
+        s.targets[0].draining = true;
+        let s = TargetSet::new(s.targets);
+        s.targets[1].state.set_unhealthy(true);
+        // Even in panic mode a draining target is the last resort.
+        assert!((0..4).all(|c| pick(&s, Balance::RoundRobin, c, 0) == 1));
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_loaded_of_two() {
+        let s = set(2);
+        for _ in 0..5 {
+            s.targets[0].state.begin(0);
+        }
+        assert!((0..20).all(|c| pick(&s, Balance::LeastRequest, c, 0) == 1));
+        for _ in 0..10 {
+            s.targets[1].state.begin(1);
+        }
+        assert!((0..20).all(|c| pick(&s, Balance::LeastRequest, c, 0) == 0));
+    }
+
+    #[test]
+    fn hashing_is_stable_and_removing_one_of_ten_moves_about_a_tenth() {
+        let ten = set(10);
+        let keys: Vec<u64> = (0..10_000u32)
+            .map(|k| hash_bytes(format!("user-{k}").as_bytes()))
+            .collect();
+        let before: Vec<SocketAddr> = keys
+            .iter()
+            .map(|&k| ten.targets[pick(&ten, Balance::Hash, 0, k)].addr)
+            .collect();
+        let again: Vec<SocketAddr> = keys
+            .iter()
+            .map(|&k| ten.targets[pick(&ten, Balance::Hash, 7, k)].addr)
+            .collect();
+        assert_eq!(before, again, "the same key reaches the same target");
+        let nine = TargetSet::new(ten.targets[..9].to_vec());
+        let moved = keys
+            .iter()
+            .zip(&before)
+            .filter(|(&k, &was)| nine.targets[pick(&nine, Balance::Hash, 0, k)].addr != was)
+            .count();
+        // Only the removed target's keys move: about 1/10 of them.
+        assert!((700..1300).contains(&moved), "{moved} of 10000 moved");
+        let removed = ten.targets[9].addr;
+        assert_eq!(moved, before.iter().filter(|&&a| a == removed).count());
+    }
+
+    #[test]
+    fn passive_ejection_respects_the_threshold_the_cap_and_grows() {
+        let s = set(3);
+        let p = Passive {
+            consecutive_failures: 2,
+            ejection_ms: 1000,
+            max_ejected_percent: 50,
+        };
+        let t0 = &s.targets[0].state;
+        assert!(!t0.failed(Some(&p), &s, 0));
+        assert!(t0.failed(Some(&p), &s, 0), "second failure in a row ejects");
+        assert!(t0.is_ejected());
+        // 50% of 3 is one target: the second is not ejected.
+        let t1 = &s.targets[1].state;
+        assert!(!t1.failed(Some(&p), &s, 0) && !t1.failed(Some(&p), &s, 0));
+        assert!(!t1.is_ejected());
+        assert!(!t0.expire(999) && t0.expire(1000));
+        // Ejected again soon after: twice as long.
+        t0.failed(Some(&p), &s, 1500);
+        assert!(t0.failed(Some(&p), &s, 1500));
+        assert!(!t0.expire(3499) && t0.expire(3500));
+        assert_eq!(t0.ejections(), 2);
+        // A success ends a streak of failures.
+        t1.succeeded();
+        assert_eq!(t1.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn the_retry_budget_allows_a_percentage_over_a_sliding_second_with_a_floor() {
+        let b = RetryBudget::default();
+        for _ in 0..100 {
+            b.note_request(5_000);
+        }
+        let granted = (0..50).filter(|_| b.try_retry(5_100, 20, 3)).count();
+        assert_eq!(granted, 20);
+        // Half a second later the window still holds half of the last second: 50 requests
+        // and 10 retries, so 10 - 10 = 0 more, and then the floor of 3 would be exceeded too.
+        let granted = (0..50).filter(|_| b.try_retry(6_500, 20, 3)).count();
+        assert_eq!(granted, 0);
+        // Two seconds on, nothing is left of it: the floor.
+        let granted = (0..50).filter(|_| b.try_retry(8_000, 20, 3)).count();
+        assert_eq!(granted, 3);
+        assert_eq!(b.denied.load(Relaxed), 30 + 50 + 47);
+        // A stale reading does not reset a newer second.
+        b.note_request(7_000);
+        assert_eq!(b.second.load(Relaxed), 8);
+    }
+}

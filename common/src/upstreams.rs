@@ -1,0 +1,426 @@
+//! Compiling an upstream's config: targets (literal addresses or host names, never resolved
+//! here), balancing, health checks, passive ejection, retries and circuit limits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::config::{Balance, RetryMethods, UpstreamConfig};
+use crate::live::{LiveTarget, Passive, TargetSet, TargetState, UpstreamLive, FAILURE_KINDS};
+use crate::snapshot::{
+    Circuit, HashOn, HealthCheck, RetryPolicy, Target, Upstream, MAX_TARGETS, MAX_WEIGHT,
+};
+use crate::validate::check_id;
+use crate::ConfigError;
+
+/// Validates and compiles `upstreams[i]`. Its live set holds the literal addresses only; the
+/// control plane adds the resolved ones.
+pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream, ConfigError> {
+    let at = format!("upstreams[{i}]");
+    let field = |name: &str, reason: String| ConfigError::field(format!("{at}.{name}"), reason);
+    check_id(&u.id, &format!("{at}.id"))?;
+    let srv = match &u.discovery {
+        Some(d) => {
+            if !u.targets.is_empty() {
+                return Err(field(
+                    "targets",
+                    "must be empty when `discovery` finds the targets".into(),
+                ));
+            }
+            if !valid_host(d.dns_srv.trim_end_matches('.')) {
+                return Err(field(
+                    "discovery.dns_srv",
+                    format!("{:?} is not a DNS name", d.dns_srv),
+                ));
+            }
+            Some(d.dns_srv.trim_end_matches('.').into())
+        }
+        None => {
+            if u.targets.is_empty() || u.targets.len() > MAX_TARGETS {
+                return Err(field(
+                    "targets",
+                    format!("must have 1 to {MAX_TARGETS} targets (or set `discovery`)"),
+                ));
+            }
+            None
+        }
+    };
+    let mut targets = Vec::with_capacity(u.targets.len());
+    for (j, t) in u.targets.iter().enumerate() {
+        let weight = t.weight.unwrap_or(1);
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            return Err(field(
+                &format!("targets[{j}].weight"),
+                format!("must be between 1 and {MAX_WEIGHT}"),
+            ));
+        }
+        let (addr, host) =
+            parse_address(&t.address).map_err(|e| field(&format!("targets[{j}].address"), e))?;
+        if targets
+            .iter()
+            .any(|o: &Target| o.address == t.address.as_str().into())
+        {
+            return Err(field(
+                &format!("targets[{j}].address"),
+                format!("{:?} is listed twice", t.address),
+            ));
+        }
+        targets.push(Target {
+            address: t.address.as_str().into(),
+            addr,
+            host,
+            weight,
+            draining: t.draining,
+        });
+    }
+    let balance = u.balance.unwrap_or(Balance::RoundRobin);
+    let hash_on = match (balance, &u.hash_on) {
+        (Balance::Hash, Some(h)) => parse_hash_on(h).map_err(|e| field("hash_on", e))?,
+        (Balance::Hash, None) => {
+            return Err(field(
+                "hash_on",
+                "is required with balance = \"hash\"".into(),
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(field(
+                "hash_on",
+                "only applies with balance = \"hash\"".into(),
+            ))
+        }
+        (_, None) => HashOn::None,
+    };
+    let health_check = match &u.health_check {
+        None => None,
+        Some(h) => {
+            if !h.path.starts_with('/') || h.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(field(
+                    "health_check.path",
+                    "must start with `/` and hold no spaces or control characters".into(),
+                ));
+            }
+            if !(100..=3_600_000).contains(&h.interval_ms) {
+                return Err(field(
+                    "health_check.interval_ms",
+                    "must be between 100 and 3600000".into(),
+                ));
+            }
+            if !(1..=h.interval_ms).contains(&h.timeout_ms) {
+                return Err(field(
+                    "health_check.timeout_ms",
+                    "must be between 1 and interval_ms".into(),
+                ));
+            }
+            for (name, v) in [
+                ("healthy_after", h.healthy_after),
+                ("unhealthy_after", h.unhealthy_after),
+            ] {
+                if !(1..=100).contains(&v) {
+                    return Err(field(
+                        &format!("health_check.{name}"),
+                        "must be between 1 and 100".into(),
+                    ));
+                }
+            }
+            if h.expect_status.is_empty()
+                || h.expect_status.iter().any(|s| !(100..=599).contains(s))
+            {
+                return Err(field(
+                    "health_check.expect_status",
+                    "must list 1 or more statuses from 100 to 599".into(),
+                ));
+            }
+            Some(HealthCheck {
+                path: h.path.as_str().into(),
+                interval: Duration::from_millis(h.interval_ms),
+                timeout: Duration::from_millis(h.timeout_ms),
+                healthy_after: h.healthy_after,
+                unhealthy_after: h.unhealthy_after,
+                expect_status: h.expect_status.clone().into(),
+            })
+        }
+    };
+    let passive = match &u.passive {
+        None => None,
+        Some(p) => {
+            if !(1..=1000).contains(&p.consecutive_failures) {
+                return Err(field(
+                    "passive.consecutive_failures",
+                    "must be between 1 and 1000".into(),
+                ));
+            }
+            if !(1..=3_600_000).contains(&p.ejection_ms) {
+                return Err(field(
+                    "passive.ejection_ms",
+                    "must be between 1 and 3600000".into(),
+                ));
+            }
+            if p.max_ejected_percent > 100 {
+                return Err(field(
+                    "passive.max_ejected_percent",
+                    "must be between 0 and 100".into(),
+                ));
+            }
+            Some(Passive {
+                consecutive_failures: p.consecutive_failures,
+                ejection_ms: p.ejection_ms,
+                max_ejected_percent: p.max_ejected_percent,
+            })
+        }
+    };
+    let retry = match &u.retry {
+        None => None,
+        Some(r) => {
+            if !(1..=10).contains(&r.attempts) {
+                return Err(field("retry.attempts", "must be between 1 and 10".into()));
+            }
+            if r.budget_percent > 100 {
+                return Err(field(
+                    "retry.budget_percent",
+                    "must be between 0 and 100".into(),
+                ));
+            }
+            if r.budget_min_per_s > 1_000_000 {
+                return Err(field(
+                    "retry.budget_min_per_s",
+                    "must be at most 1000000".into(),
+                ));
+            }
+            if r.per_try_timeout_ms
+                .is_some_and(|t| !(1..=86_400_000).contains(&t))
+            {
+                return Err(field(
+                    "retry.per_try_timeout_ms",
+                    "must be between 1 and 86400000".into(),
+                ));
+            }
+            let (mut on_kinds, mut on_status) = (0u8, 0u128);
+            for (k, name) in r.on.iter().enumerate() {
+                match retry_on(name) {
+                    Some(RetryOn::Kinds(bits)) => on_kinds |= bits,
+                    Some(RetryOn::Status(s)) => on_status |= 1u128 << (s - 500),
+                    None => {
+                        return Err(field(
+                            &format!("retry.on[{k}]"),
+                            format!(
+                                "{name:?} is not an error kind ({}, or the groups connect, \
+                                 reset, timeout) or a status from 500 to 599",
+                                FAILURE_KINDS[..6].join(", ")
+                            ),
+                        ))
+                    }
+                }
+            }
+            Some(RetryPolicy {
+                attempts: r.attempts,
+                on_kinds,
+                on_status,
+                all_methods: r.methods == RetryMethods::All,
+                budget_percent: r.budget_percent,
+                budget_min_per_s: r.budget_min_per_s,
+                per_try: r.per_try_timeout_ms.map(Duration::from_millis),
+            })
+        }
+    };
+    let circuit = match &u.circuit {
+        None => None,
+        Some(c) => {
+            for (name, v) in [
+                ("max_connections", c.max_connections),
+                ("max_pending", c.max_pending),
+                ("max_requests", c.max_requests),
+            ] {
+                if v.is_some_and(|v| !(1..=1_000_000).contains(&v)) {
+                    return Err(field(
+                        &format!("circuit.{name}"),
+                        "must be between 1 and 1000000".into(),
+                    ));
+                }
+            }
+            Some(Circuit {
+                max_connections: c.max_connections.unwrap_or(u32::MAX),
+                max_pending: c.max_pending.unwrap_or(u32::MAX),
+                max_requests: c.max_requests.unwrap_or(u32::MAX),
+            })
+        }
+    };
+    let live = UpstreamLive::new(literal_set(&targets));
+    Ok(Upstream {
+        id: u.id.as_str().into(),
+        targets,
+        srv,
+        balance,
+        hash_on,
+        health_check,
+        passive,
+        retry,
+        circuit,
+        live,
+    })
+}
+
+/// The targets with literal addresses, with fresh states (what an upstream has before the
+/// control plane adopts it).
+fn literal_set(targets: &[Target]) -> TargetSet {
+    TargetSet::new(
+        targets
+            .iter()
+            .filter_map(|t| {
+                Some(LiveTarget {
+                    addr: t.addr?,
+                    weight: t.weight,
+                    host: None,
+                    draining: t.draining,
+                    state: TargetState::new(),
+                })
+            })
+            .collect(),
+    )
+}
+
+enum RetryOn {
+    Kinds(u8),
+    Status(u16),
+}
+
+fn retry_on(name: &str) -> Option<RetryOn> {
+    let bit = |kind: &str| 1u8 << FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+    let kinds = match name {
+        "connect" => bit("connect_failed") | bit("connect_timeout"),
+        "reset" => bit("upstream_closed"),
+        "timeout" => bit("connect_timeout") | bit("send_timeout") | bit("response_timeout"),
+        _ => match FAILURE_KINDS[..6].iter().position(|k| *k == name) {
+            Some(i) => 1 << i,
+            None => {
+                let s: u16 = name.parse().ok()?;
+                return (500..600).contains(&s).then_some(RetryOn::Status(s));
+            }
+        },
+    };
+    Some(RetryOn::Kinds(kinds))
+}
+
+fn parse_hash_on(h: &str) -> Result<HashOn, String> {
+    let token = |name: &str| !name.is_empty() && name.bytes().all(crate::snapshot::is_tchar);
+    match h.split_once(':') {
+        Some(("header", name)) if token(name) => {
+            Ok(HashOn::Header(name.to_ascii_lowercase().into()))
+        }
+        Some(("cookie", name)) if token(name) => Ok(HashOn::Cookie(name.into())),
+        None if h == "client_ip" => Ok(HashOn::ClientIp),
+        None if h == "path" => Ok(HashOn::Path),
+        _ => Err(format!(
+            "{h:?} is not header:NAME, cookie:NAME, client_ip or path"
+        )),
+    }
+}
+
+/// A target address parsed: the literal address, or the host name and port.
+type Parsed = (Option<SocketAddr>, Option<(Box<str>, u16)>);
+
+/// A target address: a literal `IP:PORT`, or `HOST:PORT` with a DNS name.
+pub fn parse_address(address: &str) -> Result<Parsed, String> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("{address:?} has port 0"));
+        }
+        return Ok((Some(addr), None));
+    }
+    let bad = || format!("{address:?} is not IP:PORT or HOST:PORT with a port from 1 to 65535");
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_end_matches('.');
+    if port == 0 || !valid_host(host) {
+        return Err(bad());
+    }
+    Ok((None, Some((host.to_ascii_lowercase().into(), port))))
+}
+
+/// A name server as `[resolver] nameservers` lists it: `IP:PORT`, or `IP` (port 53).
+pub fn parse_nameserver(s: &str) -> Option<SocketAddr> {
+    s.parse::<SocketAddr>().ok().or_else(|| {
+        s.parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+/// Checks `[resolver]`.
+pub(crate) fn check_resolver(r: &crate::config::ResolverConfig) -> Result<(), ConfigError> {
+    for (i, s) in r.nameservers.iter().enumerate() {
+        if parse_nameserver(s).is_none_or(|a| a.port() == 0) {
+            return Err(ConfigError::field(
+                format!("resolver.nameservers[{i}]"),
+                format!("{s:?} is not IP or IP:PORT"),
+            ));
+        }
+    }
+    if !(1..=86_400_000).contains(&r.min_ttl_ms) {
+        return Err(ConfigError::field(
+            "resolver.min_ttl_ms",
+            "must be between 1 and 86400000",
+        ));
+    }
+    if !(r.min_ttl_ms..=86_400_000).contains(&r.max_ttl_ms) {
+        return Err(ConfigError::field(
+            "resolver.max_ttl_ms",
+            "must be between min_ttl_ms and 86400000",
+        ));
+    }
+    if !(1..=60_000).contains(&r.timeout_ms) {
+        return Err(ConfigError::field(
+            "resolver.timeout_ms",
+            "must be between 1 and 60000",
+        ));
+    }
+    Ok(())
+}
+
+/// A DNS name: dot-separated labels of letters, digits, `-` and `_` (SRV names), each 1 to
+/// 63 characters, 253 in all.
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_literal_or_host_names_never_resolved_here() {
+        let (a, h) = parse_address("127.0.0.1:80").unwrap();
+        assert_eq!((a.unwrap().port(), h), (80, None));
+        let (a, h) = parse_address("Catalog.Internal:8080").unwrap();
+        assert_eq!((a, h), (None, Some(("catalog.internal".into(), 8080))));
+        for bad in [
+            "catalog",
+            "catalog:0",
+            "catalog:http",
+            "a b:80",
+            "1.2.3:80",
+            ":80",
+        ] {
+            assert!(parse_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_on_takes_kinds_groups_and_statuses() {
+        let Some(RetryOn::Kinds(k)) = retry_on("connect") else {
+            panic!()
+        };
+        assert_eq!(k, 0b11);
+        assert!(matches!(retry_on("503"), Some(RetryOn::Status(503))));
+        assert!(retry_on("404").is_none() && retry_on("status_5xx").is_none());
+        assert!(matches!(
+            retry_on("upstream_malformed"),
+            Some(RetryOn::Kinds(32))
+        ));
+    }
+}

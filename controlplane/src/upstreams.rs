@@ -1,0 +1,916 @@
+//! The upstream manager: keeps each upstream's live state ([`UpstreamLive`]) from one config
+//! revision to the next, resolves host names and SRV names (re-resolving when their TTL runs
+//! out), runs active health checks, ends passive ejections when their time is up, and
+//! answers `/v1/upstreams/{id}/health` and the per-target metrics.
+//!
+//! It runs on its own thread ("gw-upstreams", a current-thread tokio runtime), never on a
+//! worker. [`Upstreams::adopt`] is called with every snapshot before it is published: it links
+//! the snapshot's upstreams to their live state and, for names it has not seen before, waits
+//! for a first answer (bounded by the resolver timeout) so a new upstream has addresses when
+//! its routes go live. Target states are keyed by upstream id and address, so health and
+//! counters survive config changes that leave a target in place.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use common::live::{
+    now_ms, LastCheck, LiveTarget, TargetSet, TargetState, UpstreamLive, CIRCUIT_REASONS,
+    FAILURE_KINDS,
+};
+use common::snapshot::{HealthCheck, Target};
+use common::Snapshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::AbortHandle;
+
+use crate::dns::{Resolver, Srv};
+
+/// How often ended ejections are noticed.
+const EJECTION_TICK: Duration = Duration::from_millis(50);
+
+/// Handle on the upstream manager (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rt: tokio::runtime::Handle,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    resolver: Resolver,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    upstreams: HashMap<Box<str>, Entry>,
+    states: HashMap<(Box<str>, SocketAddr), Arc<TargetState>>,
+    hosts: HashMap<Box<str>, Host>,
+    srvs: HashMap<Box<str>, SrvName>,
+    checks: HashMap<(Box<str>, SocketAddr), Check>,
+}
+
+/// One upstream as the manager keeps it.
+#[derive(Debug)]
+struct Entry {
+    live: Arc<UpstreamLive>,
+    targets: Vec<Target>,
+    srv: Option<Box<str>>,
+    health_check: Option<HealthCheck>,
+}
+
+/// A host name's addresses.
+#[derive(Debug)]
+struct Host {
+    addrs: Vec<IpAddr>,
+    task: Option<AbortHandle>,
+    stats: Arc<LookupStats>,
+}
+
+/// An SRV name's records (the lowest priority's).
+#[derive(Debug)]
+struct SrvName {
+    records: Vec<Srv>,
+    task: Option<AbortHandle>,
+    stats: Arc<LookupStats>,
+}
+
+#[derive(Debug, Default)]
+struct LookupStats {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Check {
+    config: HealthCheck,
+    task: AbortHandle,
+}
+
+/// What a first lookup found.
+enum Found {
+    Ips(Vec<IpAddr>, u32),
+    Srv(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32),
+    Failed(String),
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Upstreams {
+    /// Starts the manager's thread.
+    pub fn start() -> std::io::Result<Upstreams> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("gw-upstreams".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                rt.block_on(std::future::pending::<()>());
+            })?;
+        let rt = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the upstream thread did not start"))??;
+        let inner = Arc::new(Inner {
+            rt,
+            state: Mutex::new(State {
+                resolver: Resolver {
+                    servers: Vec::new(),
+                    timeout: Duration::from_secs(2),
+                    hosts_file: true,
+                },
+                min_ttl: Duration::from_secs(1),
+                max_ttl: Duration::from_secs(300),
+                upstreams: HashMap::new(),
+                states: HashMap::new(),
+                hosts: HashMap::new(),
+                srvs: HashMap::new(),
+                checks: HashMap::new(),
+            }),
+        });
+        let weak = Arc::downgrade(&inner);
+        inner.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(EJECTION_TICK).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let now = now_ms();
+                let st = lock(&inner.state);
+                for s in st.states.values() {
+                    s.expire(now);
+                }
+            }
+        });
+        Ok(Upstreams { inner })
+    }
+
+    /// Links `snap`'s upstreams to their live state, resolving names not seen before, and
+    /// publishes their target sets. Call it with every snapshot before publishing it.
+    pub fn adopt(&self, snap: &mut Snapshot) {
+        let r = &snap.config.resolver;
+        let resolver = Resolver::new(&r.nameservers, Duration::from_millis(r.timeout_ms))
+            .unwrap_or_else(|e| {
+                log::warn!("resolver: {e}; using the system's name servers");
+                Resolver::new(&[], Duration::from_millis(r.timeout_ms)).unwrap_or(Resolver {
+                    servers: Vec::new(),
+                    timeout: Duration::from_secs(2),
+                    hosts_file: true,
+                })
+            });
+        let (min_ttl, max_ttl) = (
+            Duration::from_millis(r.min_ttl_ms),
+            Duration::from_millis(r.max_ttl_ms),
+        );
+        // Names new to the manager get a first answer before the snapshot goes live; the
+        // lock is not held meanwhile (the lookups run on the manager's thread).
+        let (new_hosts, new_srvs) = {
+            let st = lock(&self.inner.state);
+            let mut hosts = HashSet::new();
+            let mut srvs = HashSet::new();
+            for u in &snap.upstreams {
+                for t in &u.targets {
+                    if let Some((h, _)) = &t.host {
+                        if !st.hosts.contains_key(h) {
+                            hosts.insert(h.clone());
+                        }
+                    }
+                }
+                if let Some(s) = &u.srv {
+                    if !st.srvs.contains_key(s) {
+                        srvs.insert(s.clone());
+                    }
+                }
+            }
+            (hosts, srvs)
+        };
+        let found = self.first_lookups(&resolver, new_hosts, new_srvs);
+
+        let mut st = lock(&self.inner.state);
+        st.resolver = resolver;
+        st.min_ttl = min_ttl;
+        st.max_ttl = max_ttl;
+        for (name, found) in found {
+            self.record_first(&mut st, name, found);
+        }
+        let mut seen = HashSet::new();
+        for u in &mut snap.upstreams {
+            seen.insert(u.id.clone());
+            let entry = st.upstreams.entry(u.id.clone()).or_insert_with(|| Entry {
+                live: u.live.clone(),
+                targets: Vec::new(),
+                srv: None,
+                health_check: None,
+            });
+            entry.targets = u.targets.clone();
+            entry.srv = u.srv.clone();
+            entry.health_check = u.health_check.clone();
+            u.live = entry.live.clone();
+        }
+        st.upstreams.retain(|id, _| seen.contains(id));
+        let ids: Vec<Box<str>> = st.upstreams.keys().cloned().collect();
+        for id in &ids {
+            rebuild(&mut st, id);
+        }
+        self.reconcile(&mut st);
+    }
+
+    /// Runs the first lookups of `hosts` and `srvs` concurrently on the manager's thread and
+    /// waits for them (each is bounded by the resolver's timeout per server).
+    fn first_lookups(
+        &self,
+        resolver: &Resolver,
+        hosts: HashSet<Box<str>>,
+        srvs: HashSet<Box<str>>,
+    ) -> Vec<(Name, Found)> {
+        if hosts.is_empty() && srvs.is_empty() {
+            return Vec::new();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = hosts.len() + srvs.len();
+        for h in hosts {
+            let (tx, resolver) = (tx.clone(), resolver.clone());
+            self.inner.rt.spawn(async move {
+                let found = match resolver.lookup_ip(&h).await {
+                    Ok((ips, ttl)) => Found::Ips(ips, ttl),
+                    Err(e) => Found::Failed(e.to_string()),
+                };
+                let _ = tx.send((Name::Host(h), found));
+            });
+        }
+        for s in srvs {
+            let (tx, resolver) = (tx.clone(), resolver.clone());
+            self.inner.rt.spawn(async move {
+                let found = match resolve_srv(&resolver, &s, |_| false).await {
+                    Ok((records, extra, ttl)) => Found::Srv(records, extra, ttl),
+                    Err(e) => Found::Failed(e.to_string()),
+                };
+                let _ = tx.send((Name::Srv(s), found));
+            });
+        }
+        drop(tx);
+        let limit = resolver.timeout * (resolver.servers.len().max(1) as u32 + 1);
+        let deadline = std::time::Instant::now() + limit;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(r) => out.push(r),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Records a first lookup and starts the name's refresh task.
+    fn record_first(&self, st: &mut State, name: Name, found: Found) {
+        match name {
+            Name::Host(h) => {
+                let stats = Arc::new(LookupStats::default());
+                let (addrs, next) = match found {
+                    Found::Ips(ips, ttl) => {
+                        stats.ok.fetch_add(1, Relaxed);
+                        (ips, clamp(ttl, st.min_ttl, st.max_ttl))
+                    }
+                    Found::Failed(e) => {
+                        stats.failed.fetch_add(1, Relaxed);
+                        log::warn!(
+                            "resolver: {h}: {e}; retrying in {} ms",
+                            st.min_ttl.as_millis()
+                        );
+                        (Vec::new(), st.min_ttl)
+                    }
+                    Found::Srv(..) => return,
+                };
+                let task = self.refresh_host(h.clone(), next, stats.clone());
+                st.hosts.insert(
+                    h,
+                    Host {
+                        addrs,
+                        task: Some(task),
+                        stats,
+                    },
+                );
+            }
+            Name::Srv(s) => {
+                let stats = Arc::new(LookupStats::default());
+                let (records, next) = match found {
+                    Found::Srv(records, extra, ttl) => {
+                        stats.ok.fetch_add(1, Relaxed);
+                        self.seed_hosts(st, &extra);
+                        (lowest_priority(records), clamp(ttl, st.min_ttl, st.max_ttl))
+                    }
+                    Found::Failed(e) => {
+                        stats.failed.fetch_add(1, Relaxed);
+                        log::warn!(
+                            "resolver: SRV {s}: {e}; retrying in {} ms",
+                            st.min_ttl.as_millis()
+                        );
+                        (Vec::new(), st.min_ttl)
+                    }
+                    Found::Ips(..) => return,
+                };
+                let task = self.refresh_srv(s.clone(), next, stats.clone());
+                st.srvs.insert(
+                    s,
+                    SrvName {
+                        records,
+                        task: Some(task),
+                        stats,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Addresses an SRV answer carried for its targets: hosts not known yet start with them
+    /// (and refresh at their TTL).
+    fn seed_hosts(&self, st: &mut State, extra: &[(String, IpAddr, u32)]) {
+        let mut by_host: HashMap<&str, (Vec<IpAddr>, u32)> = HashMap::new();
+        for (name, ip, ttl) in extra {
+            let e = by_host.entry(name).or_insert((Vec::new(), u32::MAX));
+            e.0.push(*ip);
+            e.1 = e.1.min(*ttl);
+        }
+        for (name, (ips, ttl)) in by_host {
+            if st.hosts.contains_key(name) {
+                continue;
+            }
+            let stats = Arc::new(LookupStats::default());
+            let next = clamp(ttl, st.min_ttl, st.max_ttl);
+            let task = self.refresh_host(name.into(), next, stats.clone());
+            st.hosts.insert(
+                name.into(),
+                Host {
+                    addrs: ips,
+                    task: Some(task),
+                    stats,
+                },
+            );
+        }
+    }
+
+    /// Re-resolves `host` every time its TTL runs out; a failed lookup keeps the addresses
+    /// it had and is retried after `min_ttl_ms`.
+    fn refresh_host(
+        &self,
+        host: Box<str>,
+        first: Duration,
+        stats: Arc<LookupStats>,
+    ) -> AbortHandle {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner
+            .rt
+            .spawn(async move {
+                let mut next = first;
+                loop {
+                    tokio::time::sleep(next).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let resolver = lock(&inner.state).resolver.clone();
+                    let result = resolver.lookup_ip(&host).await;
+                    let mut st = lock(&inner.state);
+                    next = match result {
+                        Ok((ips, ttl)) => {
+                            stats.ok.fetch_add(1, Relaxed);
+                            let changed = st.hosts.get_mut(&host).is_some_and(|h| {
+                                let changed = h.addrs != ips;
+                                h.addrs = ips;
+                                changed
+                            });
+                            if changed {
+                                log::info!("resolver: {host} has new addresses");
+                                Upstreams { inner: inner.clone() }.rebuild_using(&mut st, |e| {
+                                    e.targets
+                                        .iter()
+                                        .any(|t| t.host.as_ref().is_some_and(|(h, _)| *h == host))
+                                });
+                            }
+                            clamp(ttl, st.min_ttl, st.max_ttl)
+                        }
+                        Err(e) => {
+                            stats.failed.fetch_add(1, Relaxed);
+                            log::warn!(
+                                "resolver: {host}: {e}; keeping its last addresses, retrying in {} ms",
+                                st.min_ttl.as_millis()
+                            );
+                            st.min_ttl
+                        }
+                    };
+                }
+            })
+            .abort_handle()
+    }
+
+    /// Re-resolves an SRV name every time its TTL runs out.
+    fn refresh_srv(&self, name: Box<str>, first: Duration, stats: Arc<LookupStats>) -> AbortHandle {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner
+            .rt
+            .spawn(async move {
+                let mut next = first;
+                loop {
+                    tokio::time::sleep(next).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let resolver = lock(&inner.state).resolver.clone();
+                    let known: HashSet<Box<str>> = lock(&inner.state).hosts.keys().cloned().collect();
+                    let result = resolve_srv(&resolver, &name, |h| known.contains(h)).await;
+                    let mut st = lock(&inner.state);
+                    let me = Upstreams { inner: inner.clone() };
+                    next = match result {
+                        Ok((records, extra, ttl)) => {
+                            stats.ok.fetch_add(1, Relaxed);
+                            me.seed_hosts(&mut st, &extra);
+                            let records = lowest_priority(records);
+                            let changed = st.srvs.get_mut(&name).is_some_and(|s| {
+                                let changed = s.records != records;
+                                s.records = records;
+                                changed
+                            });
+                            if changed {
+                                log::info!("resolver: SRV {name} has new records");
+                            }
+                            // Rebuilt either way: a target's addresses may have arrived.
+                            me.rebuild_using(&mut st, |e| e.srv.as_deref() == Some(&*name));
+                            clamp(ttl, st.min_ttl, st.max_ttl)
+                        }
+                        Err(e) => {
+                            stats.failed.fetch_add(1, Relaxed);
+                            log::warn!(
+                                "resolver: SRV {name}: {e}; keeping its last records, retrying in {} ms",
+                                st.min_ttl.as_millis()
+                            );
+                            st.min_ttl
+                        }
+                    };
+                }
+            })
+            .abort_handle()
+    }
+
+    fn rebuild_using(&self, st: &mut State, uses: impl Fn(&Entry) -> bool) {
+        let ids: Vec<Box<str>> = st
+            .upstreams
+            .iter()
+            .filter(|(_, e)| uses(e))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            rebuild(st, id);
+        }
+        self.reconcile(st);
+    }
+
+    /// Starts and stops health checks to match the target sets, and forgets the states,
+    /// names and lookups nothing uses any more.
+    fn reconcile(&self, st: &mut State) {
+        let mut wanted: HashMap<TargetKey, (HealthCheck, Arc<TargetState>, String)> =
+            HashMap::new();
+        let mut in_use = HashSet::new();
+        let mut names = HashSet::new();
+        for (id, e) in &st.upstreams {
+            let set = e.live.set.load();
+            for t in &set.targets {
+                in_use.insert((id.clone(), t.addr));
+                if let Some(hc) = &e.health_check {
+                    let host = match &t.host {
+                        Some(h) => format!("{h}:{}", t.addr.port()),
+                        None => t.addr.to_string(),
+                    };
+                    wanted.insert((id.clone(), t.addr), (hc.clone(), t.state.clone(), host));
+                }
+            }
+            for t in &e.targets {
+                if let Some((h, _)) = &t.host {
+                    names.insert(h.clone());
+                }
+            }
+            if let Some(s) = &e.srv {
+                if let Some(srv) = st.srvs.get(s) {
+                    names.extend(
+                        srv.records
+                            .iter()
+                            .map(|r| Box::<str>::from(r.target.as_str())),
+                    );
+                }
+            }
+        }
+        st.checks.retain(|key, c| {
+            let keep = wanted.get(key).is_some_and(|(hc, _, _)| *hc == c.config);
+            if !keep {
+                c.task.abort();
+            }
+            keep
+        });
+        for (key, (hc, state, host)) in wanted {
+            if st.checks.contains_key(&key) {
+                continue;
+            }
+            let task = self
+                .inner
+                .rt
+                .spawn(health_checks(key.1, hc.clone(), host, state))
+                .abort_handle();
+            st.checks.insert(key, Check { config: hc, task });
+        }
+        st.states.retain(|key, _| in_use.contains(key));
+        st.hosts.retain(|h, host| {
+            let keep = names.contains(h);
+            if !keep {
+                if let Some(t) = host.task.take() {
+                    t.abort();
+                }
+            }
+            keep
+        });
+        let srv_names: HashSet<Box<str>> = st
+            .upstreams
+            .values()
+            .filter_map(|e| e.srv.clone())
+            .collect();
+        st.srvs.retain(|s, srv| {
+            let keep = srv_names.contains(s);
+            if !keep {
+                if let Some(t) = srv.task.take() {
+                    t.abort();
+                }
+            }
+            keep
+        });
+    }
+
+    /// `GET /v1/upstreams/{id}/health`; `None` for an unknown id.
+    pub fn health(&self, id: &str) -> Option<serde_json::Value> {
+        let st = lock(&self.inner.state);
+        let e = st.upstreams.get(id)?;
+        let set = e.live.set.load();
+        let targets: Vec<serde_json::Value> = set
+            .targets
+            .iter()
+            .map(|t| {
+                let check = t.state.check.lock().unwrap_or_else(|p| p.into_inner()).last;
+                serde_json::json!({
+                    "address": t.addr.to_string(),
+                    "host": t.host.as_deref(),
+                    "state": t.state.state_label(t.draining),
+                    "last_check": check.map(|c: LastCheck| serde_json::json!({
+                        "at": rfc3339(c.at),
+                        "ok": c.ok,
+                        "status": c.status,
+                    })),
+                    "consecutive_failures": t.state.consecutive_failures(),
+                    "outstanding": t.state.outstanding(),
+                    "ejections": t.state.ejections(),
+                })
+            })
+            .collect();
+        Some(serde_json::json!({ "targets": targets }))
+    }
+
+    /// Per-target and per-upstream metrics, and DNS lookups, in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let st = lock(&self.inner.state);
+        let mut ids: Vec<&Box<str>> = st.upstreams.keys().collect();
+        ids.sort();
+        let mut targets = Vec::new();
+        for id in &ids {
+            let e = &st.upstreams[*id];
+            let set = e.live.set.load_full();
+            targets.push((id, e, set));
+        }
+        let _ = writeln!(out, "# HELP gateway_target_requests_total Requests sent to each target, retries included.\n# TYPE gateway_target_requests_total counter");
+        for (id, _, set) in &targets {
+            for t in &set.targets {
+                let _ = writeln!(
+                    out,
+                    "gateway_target_requests_total{{upstream=\"{id}\",target=\"{}\"}} {}",
+                    t.addr,
+                    t.state.requests()
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_target_errors_total Failed requests per target, by kind.\n# TYPE gateway_target_errors_total counter");
+        for (id, _, set) in &targets {
+            for t in &set.targets {
+                for (k, kind) in FAILURE_KINDS.iter().enumerate() {
+                    let n = t.state.errors(k);
+                    if n > 0 {
+                        let _ = writeln!(out, "gateway_target_errors_total{{upstream=\"{id}\",target=\"{}\",kind=\"{kind}\"}} {n}", t.addr);
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_target_retries_total Retries sent to each target.\n# TYPE gateway_target_retries_total counter");
+        for (id, _, set) in &targets {
+            for t in &set.targets {
+                let _ = writeln!(
+                    out,
+                    "gateway_target_retries_total{{upstream=\"{id}\",target=\"{}\"}} {}",
+                    t.addr,
+                    t.state.retries()
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_target_outstanding Requests in flight to each target.\n# TYPE gateway_target_outstanding gauge");
+        for (id, _, set) in &targets {
+            for t in &set.targets {
+                let _ = writeln!(
+                    out,
+                    "gateway_target_outstanding{{upstream=\"{id}\",target=\"{}\"}} {}",
+                    t.addr,
+                    t.state.outstanding()
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_target_state 1 for each target's current state.\n# TYPE gateway_target_state gauge");
+        for (id, _, set) in &targets {
+            for t in &set.targets {
+                let now = t.state.state_label(t.draining);
+                for state in ["healthy", "unhealthy", "ejected", "draining"] {
+                    let _ = writeln!(out, "gateway_target_state{{upstream=\"{id}\",target=\"{}\",state=\"{state}\"}} {}", t.addr, u8::from(now == state));
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_target_ejections_total Passive ejections of each target.\n# TYPE gateway_target_ejections_total counter");
+        for (id, _, set) in &targets {
+            for t in &set.targets {
+                let _ = writeln!(
+                    out,
+                    "gateway_target_ejections_total{{upstream=\"{id}\",target=\"{}\"}} {}",
+                    t.addr,
+                    t.state.ejections()
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_circuit_rejected_total Requests answered 503 by a circuit limit.\n# TYPE gateway_circuit_rejected_total counter");
+        for (id, e, _) in &targets {
+            for (i, reason) in CIRCUIT_REASONS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "gateway_circuit_rejected_total{{upstream=\"{id}\",reason=\"{reason}\"}} {}",
+                    e.live.circuit.rejected[i].load(Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP gateway_retry_budget_denied_total Retries not made because the retry budget was spent.\n# TYPE gateway_retry_budget_denied_total counter");
+        for (id, e, _) in &targets {
+            let _ = writeln!(
+                out,
+                "gateway_retry_budget_denied_total{{upstream=\"{id}\"}} {}",
+                e.live.budget.denied.load(Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP gateway_dns_lookups_total DNS lookups of target host names and SRV names, by result.\n# TYPE gateway_dns_lookups_total counter");
+        let mut names: Vec<(String, &LookupStats)> = st
+            .hosts
+            .iter()
+            .map(|(h, x)| (h.to_string(), &*x.stats))
+            .chain(st.srvs.iter().map(|(s, x)| (s.to_string(), &*x.stats)))
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, stats) in names {
+            for (result, n) in [("ok", &stats.ok), ("failed", &stats.failed)] {
+                let _ = writeln!(
+                    out,
+                    "gateway_dns_lookups_total{{name=\"{name}\",result=\"{result}\"}} {}",
+                    n.load(Relaxed)
+                );
+            }
+        }
+    }
+}
+
+/// An SRV name's records and addresses for their targets: those the answer carried, and
+/// those looked up for targets it did not (unless `known` already has them).
+async fn resolve_srv(
+    resolver: &Resolver,
+    name: &str,
+    known: impl Fn(&str) -> bool,
+) -> Result<(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32), crate::dns::DnsError> {
+    let (records, mut extra, ttl) = resolver.lookup_srv(name).await?;
+    let mut missing: Vec<&str> = records
+        .iter()
+        .map(|r| r.target.as_str())
+        .filter(|t| !known(t) && !extra.iter().any(|(n, _, _)| n == t))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    for host in missing {
+        match resolver.lookup_ip(host).await {
+            Ok((ips, ttl)) => extra.extend(ips.into_iter().map(|ip| (host.to_owned(), ip, ttl))),
+            Err(e) => log::warn!("resolver: {host} (a target of SRV {name}): {e}"),
+        }
+    }
+    Ok((records, extra, ttl))
+}
+
+/// A target of an upstream: its id and address.
+type TargetKey = (Box<str>, SocketAddr);
+
+/// A name being looked up for the first time.
+enum Name {
+    Host(Box<str>),
+    Srv(Box<str>),
+}
+
+/// The records of the lowest priority (RFC 2782: higher ones are only for when those fail,
+/// which health checks and ejection handle here).
+fn lowest_priority(mut records: Vec<Srv>) -> Vec<Srv> {
+    let Some(p) = records.iter().map(|r| r.priority).min() else {
+        return records;
+    };
+    records.retain(|r| r.priority == p);
+    records.sort_by(|a, b| (&a.target, a.port).cmp(&(&b.target, b.port)));
+    records
+}
+
+fn clamp(ttl_s: u32, min: Duration, max: Duration) -> Duration {
+    Duration::from_secs(u64::from(ttl_s)).clamp(min, max.max(min))
+}
+
+/// Publishes upstream `id`'s target set from its config and the names' current answers.
+fn rebuild(st: &mut State, id: &str) {
+    let Some(e) = st.upstreams.get(id) else {
+        return;
+    };
+    let mut list: Vec<(SocketAddr, u32, Option<Arc<str>>, bool)> = Vec::new();
+    for t in &e.targets {
+        match (&t.addr, &t.host) {
+            (Some(a), _) => list.push((*a, t.weight, None, t.draining)),
+            (None, Some((h, port))) => {
+                let name: Arc<str> = Arc::from(&**h);
+                for ip in st.hosts.get(h).map(|x| &x.addrs[..]).unwrap_or_default() {
+                    list.push((
+                        SocketAddr::new(*ip, *port),
+                        t.weight,
+                        Some(name.clone()),
+                        t.draining,
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    if let Some(srv) = e.srv.as_ref().and_then(|s| st.srvs.get(s)) {
+        // SRV weights (0 to 65535) scaled so the largest is 1000; 0 counts as 1.
+        let max = srv
+            .records
+            .iter()
+            .map(|r| r.weight)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        for r in &srv.records {
+            let w = (u32::from(r.weight) * 1000 / u32::from(max)).max(1);
+            let name: Arc<str> = Arc::from(r.target.as_str());
+            for ip in st
+                .hosts
+                .get(r.target.as_str())
+                .map(|x| &x.addrs[..])
+                .unwrap_or_default()
+            {
+                list.push((SocketAddr::new(*ip, r.port), w, Some(name.clone()), false));
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    list.retain(|(a, ..)| seen.insert(*a));
+    list.truncate(common::snapshot::MAX_TARGETS);
+    let live = e.live.clone();
+    let targets = list
+        .into_iter()
+        .map(|(addr, weight, host, draining)| {
+            let state = st.states.entry((Box::from(id), addr)).or_default().clone();
+            LiveTarget {
+                addr,
+                weight,
+                host,
+                draining,
+                state,
+            }
+        })
+        .collect();
+    live.publish(TargetSet::new(targets));
+}
+
+/// Checks one target every `interval` (with up to 10% jitter, the first at a random point
+/// of the first interval) and sets its state after `unhealthy_after` / `healthy_after`
+/// results in a row.
+async fn health_checks(addr: SocketAddr, hc: HealthCheck, host: String, state: Arc<TargetState>) {
+    let interval = hc.interval.as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(jitter(interval))).await;
+    loop {
+        let status = check_once(addr, &hc, &host).await;
+        let ok = status.is_some_and(|s| hc.expect_status.contains(&s));
+        {
+            let mut c = state.check.lock().unwrap_or_else(|p| p.into_inner());
+            c.last = Some(LastCheck {
+                at: SystemTime::now(),
+                ok,
+                status,
+            });
+            if ok {
+                c.passes += 1;
+                c.fails = 0;
+                if state.is_unhealthy() && c.passes >= hc.healthy_after {
+                    state.set_unhealthy(false);
+                    log::info!("health: {addr} is healthy again");
+                }
+            } else {
+                c.fails += 1;
+                c.passes = 0;
+                if !state.is_unhealthy() && c.fails >= hc.unhealthy_after {
+                    state.set_unhealthy(true);
+                    log::warn!("health: {addr} is unhealthy ({} failed checks)", c.fails);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(
+            interval - interval / 10 + jitter(interval / 5),
+        ))
+        .await;
+    }
+}
+
+/// A random point in `0..max` milliseconds.
+fn jitter(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `b`.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    u64::from_ne_bytes(b) % max
+}
+
+/// One check: `GET path` on a new connection; the status answered, or `None` when the target
+/// did not answer a status line within the timeout.
+async fn check_once(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gateway-health-check\r\nConnection: close\r\n\r\n",
+            hc.path
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::with_capacity(256);
+        let mut chunk = [0u8; 256];
+        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let line = buf.split(|&b| b == b'\r').next()?;
+        let line = std::str::from_utf8(line).ok()?;
+        let mut parts = line.splitn(3, ' ');
+        if !parts.next()?.starts_with("HTTP/1.") {
+            return None;
+        }
+        parts.next()?.parse::<u16>().ok()
+    };
+    tokio::time::timeout(hc.timeout, exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn rfc3339(t: SystemTime) -> serde_json::Value {
+    let mut out = Vec::new();
+    dataplane::access_log::json_time(&mut out, t);
+    serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_are_clamped_and_only_the_lowest_srv_priority_is_used() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
+        assert_eq!(clamp(0, min, max), min);
+        assert_eq!(clamp(30, min, max), Duration::from_secs(30));
+        assert_eq!(clamp(86_400, min, max), max);
+        let srv = |priority, target: &str| Srv {
+            priority,
+            weight: 1,
+            port: 80,
+            target: target.into(),
+        };
+        let got = lowest_priority(vec![srv(20, "c"), srv(10, "b"), srv(10, "a")]);
+        assert_eq!(got, vec![srv(10, "a"), srv(10, "b")]);
+    }
+}

@@ -1,0 +1,907 @@
+//! Upstreams that come and go, through the real binary on loopback: active health checks with
+//! retries covering a killed target, per-try timeouts, DNS discovery (A and SRV) against a DNS
+//! server the test runs (`tests/dns_server.py`, PyPI `dnslib`), the retry budget, consistent
+//! hashing, circuit limits and draining.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// How a backend answers requests other than its health check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// 200 with its name as the body.
+    Answer,
+    /// This status, always (health checks too).
+    Status(u16),
+    /// Reads the request and never answers.
+    Silent,
+    /// Answers after this long.
+    Slow(Duration),
+    /// Answers requests, fails its health check (500).
+    SickCheck,
+}
+
+/// A backend that can be killed (listener and every connection closed) and brought back on
+/// the same address.
+struct Backend {
+    addr: SocketAddr,
+    name: String,
+    mode: Mode,
+    /// Requests other than health checks, and POSTs among them.
+    hits: Arc<AtomicUsize>,
+    posts: Arc<AtomicUsize>,
+    /// Connections the backend saw closed by the gateway.
+    closed: Arc<AtomicUsize>,
+    alive: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Backend {
+    fn start(name: &str, mode: Mode) -> Backend {
+        Self::on("127.0.0.1:0".parse().unwrap(), name, mode)
+    }
+
+    fn on(addr: SocketAddr, name: &str, mode: Mode) -> Backend {
+        let mut b = Backend {
+            addr,
+            name: name.to_owned(),
+            mode,
+            hits: Arc::default(),
+            posts: Arc::default(),
+            closed: Arc::default(),
+            alive: Arc::new(AtomicBool::new(false)),
+            conns: Arc::default(),
+        };
+        b.listen();
+        b
+    }
+
+    fn listen(&mut self) {
+        let listener = TcpListener::bind(self.addr).unwrap();
+        self.addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let alive = Arc::new(AtomicBool::new(true));
+        self.alive = alive.clone();
+        let (name, mode) = (self.name.clone(), self.mode);
+        let (hits, posts, closed, conns) = (
+            self.hits.clone(),
+            self.posts.clone(),
+            self.closed.clone(),
+            self.conns.clone(),
+        );
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while alive.load(SeqCst) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        conns.lock().unwrap().push(s.try_clone().unwrap());
+                        let (name, hits, posts, closed, alive) = (
+                            name.clone(),
+                            hits.clone(),
+                            posts.clone(),
+                            closed.clone(),
+                            alive.clone(),
+                        );
+                        thread::spawn(move || {
+                            serve(s, &name, mode, &hits, &posts, &alive);
+                            closed.fetch_add(1, SeqCst);
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+    }
+
+    /// Stops listening and closes every connection, as a crashed process would.
+    fn kill(&mut self) {
+        self.alive.store(false, SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // The accept loop notices within a couple of milliseconds and drops the listener.
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    fn revive(&mut self) {
+        self.listen();
+    }
+}
+
+fn serve(
+    mut s: TcpStream,
+    name: &str,
+    mode: Mode,
+    hits: &AtomicUsize,
+    posts: &AtomicUsize,
+    alive: &AtomicBool,
+) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < end + len {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + len);
+        if !alive.load(SeqCst) {
+            return;
+        }
+        let health = head.starts_with("get /healthz ");
+        if !health {
+            hits.fetch_add(1, SeqCst);
+            if head.starts_with("post ") {
+                posts.fetch_add(1, SeqCst);
+            }
+        }
+        let (status, body) = match mode {
+            Mode::Status(code) => (code, name.to_owned()),
+            Mode::Silent if !health => {
+                // Hold the connection open without answering until the gateway gives up.
+                let mut b = [0u8; 1];
+                while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+                return;
+            }
+            Mode::Slow(d) if !health => {
+                thread::sleep(d);
+                (200, name.to_owned())
+            }
+            Mode::SickCheck if health => (500, name.to_owned()),
+            _ => (200, name.to_owned()),
+        };
+        let reply = format!(
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if s.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A config with one route to upstream `u` made of `targets` (TOML inline tables) and
+/// `settings` (more keys of the upstream).
+fn config(workers: usize, targets: &[String], settings: &str, extra: &str) -> String {
+    format!(
+        "workers = {workers}\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[upstreams]]\n\
+         id = \"u\"\ntargets = [{}]\n{settings}\n\n[[routes]]\nid = \"all\"\npath_prefix = \"/\"\n\
+         upstream = \"u\"\n{extra}",
+        targets.join(", ")
+    )
+}
+
+fn target(addr: SocketAddr) -> String {
+    format!("{{ address = \"{addr}\" }}")
+}
+
+fn get(gw: &Gateway, path: &str) -> Response {
+    gw.connect().roundtrip(&format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    ))
+}
+
+/// One state per target address, from the health endpoint.
+fn states(gw: &Gateway) -> HashMap<String, String> {
+    let r = gw.admin("GET", "/v1/upstreams/u/health", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    r.json()["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["address"].as_str().unwrap().to_owned(),
+                t["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `addr`'s state is `want`; returns how long that took.
+fn wait_state(gw: &Gateway, addr: SocketAddr, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let now = states(gw);
+        if now.get(&addr.to_string()).map(String::as_str) == Some(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{addr} not {want} within {limit:?}: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A counter's value from `/metrics` (0 when the series is absent).
+fn metric(gw: &Gateway, series: &str) -> u64 {
+    let r = gw.admin("GET", "/metrics", None);
+    r.body_str()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Clients sending GETs on keep-alive connections until told to stop; each answer's status
+/// is counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<HashMap<u16, usize>>>,
+}
+
+impl Load {
+    fn start(gw: &Gateway, clients: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|_| {
+                let (addr, stop) = (gw.addr, stop.clone());
+                thread::spawn(move || {
+                    let mut seen = HashMap::new();
+                    let mut c = Client::connect(addr);
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !stop.load(SeqCst) && Instant::now() < deadline {
+                        let r = c.roundtrip("GET /load HTTP/1.1\r\nHost: t\r\n\r\n");
+                        *seen.entry(r.status).or_insert(0) += 1;
+                        if r.header("connection") == Some("close") {
+                            c = Client::connect(addr);
+                        }
+                        thread::sleep(pause);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(self) -> HashMap<u16, usize> {
+        self.stop.store(true, SeqCst);
+        let mut all = HashMap::new();
+        for t in self.threads {
+            for (status, n) in t.join().expect("a client saw a broken answer") {
+                *all.entry(status).or_insert(0) += n;
+            }
+        }
+        all
+    }
+}
+
+#[test]
+fn a_killed_target_is_covered_by_retries_marked_unhealthy_and_comes_back() {
+    let mut backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Backend::start(n, Mode::Answer))
+        .collect();
+    let targets: Vec<String> = backends.iter().map(|b| target(b.addr)).collect();
+    let settings = "health_check = { path = \"/healthz\", interval_ms = 300, timeout_ms = 200, \
+                    healthy_after = 2, unhealthy_after = 2 }\n\
+                    retry = { attempts = 3, on = [\"connect\", \"reset\", \"timeout\", \"502\", \
+                    \"503\"], budget_percent = 50 }";
+    let gw = Gateway::start(&config(2, &targets, settings, ""), Driver::IoUring);
+    let load = Load::start(&gw, 4, Duration::from_millis(3));
+    thread::sleep(Duration::from_millis(800));
+    let b = backends[1].addr;
+    assert!(backends[1].hits.load(SeqCst) > 0, "b had its share before");
+
+    backends[1].kill();
+    let took = wait_state(&gw, b, "unhealthy", Duration::from_secs(5));
+    // interval_ms * unhealthy_after plus one interval.
+    assert!(
+        took <= Duration::from_millis(300 * 2 + 300),
+        "marked unhealthy after {took:?}"
+    );
+    let series = format!("gateway_target_requests_total{{upstream=\"u\",target=\"{b}\"}}");
+    let before = metric(&gw, &series);
+    thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        metric(&gw, &series),
+        before,
+        "an unhealthy target gets no requests"
+    );
+
+    backends[1].revive();
+    wait_state(&gw, b, "healthy", Duration::from_secs(5));
+    let hits_before: Vec<usize> = backends.iter().map(|b| b.hits.load(SeqCst)).collect();
+    thread::sleep(Duration::from_millis(900));
+    let statuses = load.finish();
+    let share: Vec<usize> = backends
+        .iter()
+        .zip(&hits_before)
+        .map(|(b, before)| b.hits.load(SeqCst) - before)
+        .collect();
+    let total: usize = share.iter().sum();
+    assert!(
+        share[1] * 5 >= total,
+        "b is back and gets its share: {share:?}"
+    );
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "no failed request: {statuses:?}"
+    );
+    assert!(statuses[&200] > 200, "{statuses:?}");
+
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    let t = &health["targets"][1];
+    assert_eq!(t["address"], b.to_string());
+    assert_eq!(t["host"], serde_json::Value::Null);
+    assert_eq!(t["state"], "healthy");
+    assert_eq!(t["last_check"]["ok"], true);
+    assert_eq!(t["last_check"]["status"], 200);
+    assert!(t["last_check"]["at"].as_str().unwrap().ends_with('Z'));
+    for key in ["consecutive_failures", "outstanding", "ejections"] {
+        assert!(t[key].is_u64(), "{key}: {t}");
+    }
+    assert!(
+        metric(
+            &gw,
+            &format!(
+                "gateway_target_retries_total{{upstream=\"u\",target=\"{}\"}}",
+                backends[0].addr
+            )
+        ) + metric(
+            &gw,
+            &format!(
+                "gateway_target_retries_total{{upstream=\"u\",target=\"{}\"}}",
+                backends[2].addr
+            )
+        ) > 0,
+        "the requests b failed were retried on the others"
+    );
+    let missing = gw.admin("GET", "/v1/upstreams/nope/health", None);
+    assert_eq!(missing.status, 404);
+}
+
+#[test]
+fn a_silent_target_times_out_per_try_and_a_post_is_not_retried() {
+    let silent = Backend::start("silent", Mode::Silent);
+    let ok = Backend::start("ok", Mode::Answer);
+    let settings = "retry = { attempts = 2, on = [\"timeout\"], per_try_timeout_ms = 300 }";
+    let gw = Gateway::start(
+        &config(1, &[target(silent.addr), target(ok.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    for _ in 0..4 {
+        let r = get(&gw, "/x");
+        assert_eq!((r.status, r.body_str()), (200, "ok"));
+    }
+    assert!(silent.hits.load(SeqCst) >= 1, "the silent target was tried");
+    let mut timed_out = 0;
+    for _ in 0..4 {
+        let started = Instant::now();
+        let r = gw.connect().roundtrip(
+            "POST /order HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        );
+        match r.status {
+            200 => assert_eq!(r.body_str(), "ok"),
+            504 => {
+                let took = started.elapsed();
+                assert!(
+                    took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+                    "{took:?}"
+                );
+                timed_out += 1;
+            }
+            other => panic!("POST answered {other}"),
+        }
+    }
+    assert!(timed_out >= 1, "one POST went to the silent target");
+    assert_eq!(
+        silent.posts.load(SeqCst),
+        timed_out,
+        "each failed POST tried once"
+    );
+    assert_eq!(
+        ok.posts.load(SeqCst),
+        4 - timed_out,
+        "no POST retried on the other"
+    );
+}
+
+/// The DNS server of `tests/dns_server.py` with its zone and query log.
+struct Dns {
+    child: Child,
+    port: u16,
+    zone: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Dns {
+    fn start(zone: &serde_json::Value) -> Dns {
+        let dir = temp_dir("dns");
+        let (zone_path, log) = (dir.join("zone.json"), dir.join("queries.log"));
+        std::fs::write(&zone_path, zone.to_string()).unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dns_server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(&zone_path)
+            .arg(&log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the test DNS server");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let Ok(port) = line.trim().parse() else {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the test DNS server did not start (it needs the PyPI package dnslib): {err}");
+        };
+        Dns {
+            child,
+            port,
+            zone: zone_path,
+            log,
+        }
+    }
+
+    fn set_zone(&self, zone: &serde_json::Value) {
+        let tmp = self.zone.with_extension("tmp");
+        std::fs::write(&tmp, zone.to_string()).unwrap();
+        std::fs::rename(&tmp, &self.zone).unwrap();
+    }
+
+    /// When each query for `name` of `qtype` came (monotonic seconds).
+    fn queries(&self, name: &str, qtype: &str) -> Vec<f64> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut p = l.split(' ');
+                let (t, n, q) = (p.next()?, p.next()?, p.next()?);
+                (n == name && q == qtype).then(|| t.parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
+    let first = Backend::start("first", Mode::Answer);
+    let port = first.addr.port();
+    // The new address: the same port on another loopback address.
+    let second = Backend::on(
+        SocketAddr::from(([127, 0, 0, 2], port)),
+        "second",
+        Mode::Answer,
+    );
+    let heavy = Backend::start("heavy", Mode::Answer);
+    let light = Backend::start("light", Mode::Answer);
+    let zone = |ip: &str| {
+        serde_json::json!({
+            "ttl": 0,
+            "a": {
+                "svc.test": [ip],
+                "heavy.test": ["127.0.0.1"],
+                "light.test": ["127.0.0.1"],
+            },
+            "srv": {"_http._tcp.pool.test": [
+                [10, 30, heavy.addr.port(), "heavy.test"],
+                [10, 10, light.addr.port(), "light.test"],
+                [20, 50, light.addr.port(), "light.test"],
+            ]},
+        })
+    };
+    let dns = Dns::start(&zone("127.0.0.1"));
+    let extra = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 1500\n\n\
+         [[upstreams]]\nid = \"pool\"\ndiscovery = {{ dns_srv = \"_http._tcp.pool.test\" }}\n\n\
+         [[routes]]\nid = \"pool\"\npath_prefix = \"/pool\"\nupstream = \"pool\"\n",
+        dns.port
+    );
+    let gw = Gateway::start(
+        &config(
+            1,
+            &[format!("{{ address = \"svc.test:{port}\" }}")],
+            "",
+            &extra,
+        ),
+        Driver::IoUring,
+    );
+    assert_eq!(get(&gw, "/x").body_str(), "first");
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    assert_eq!(health["targets"][0]["host"], "svc.test");
+    assert_eq!(health["targets"][0]["address"], first.addr.to_string());
+
+    dns.set_zone(&zone("127.0.0.2"));
+    let changed = Instant::now();
+    loop {
+        if get(&gw, "/x").body_str() == "second" {
+            break;
+        }
+        // The clamped TTL (1.5 s) plus one second.
+        assert!(
+            changed.elapsed() < Duration::from_millis(2500),
+            "traffic did not move"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Every later request goes to the new address.
+    for _ in 0..5 {
+        assert_eq!(get(&gw, "/x").body_str(), "second");
+    }
+    let asked = dns.queries("svc.test", "A");
+    assert!(asked.len() >= 2, "{asked:?}");
+    for pair in asked.windows(2) {
+        // TTL 0 in the answers, clamped up to min_ttl_ms: no query before it ran out.
+        assert!(pair[1] - pair[0] >= 1.45, "queries too close: {asked:?}");
+    }
+
+    // SRV: the lowest priority's records, in proportion to their weights (3:1).
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..200 {
+        *seen
+            .entry(get(&gw, "/pool").body_str().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.get("heavy"), Some(&150), "{seen:?}");
+    assert_eq!(seen.get("light"), Some(&50), "{seen:?}");
+    drop(second);
+}
+
+#[test]
+fn retries_stay_within_the_budget_when_every_target_fails() {
+    let a = Backend::start("a", Mode::Status(503));
+    let b = Backend::start("b", Mode::Status(503));
+    let settings =
+        "retry = { attempts = 3, on = [\"503\"], budget_percent = 20, budget_min_per_s = 3 }";
+    let gw = Gateway::start(
+        &config(1, &[target(a.addr), target(b.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    let started = Instant::now();
+    let mut c = gw.connect();
+    let n = 150;
+    for _ in 0..n {
+        let r = c.roundtrip("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(r.status, 503, "the last try's answer is relayed");
+    }
+    // Whole one-second windows the run touched (the window slides).
+    let seconds = started.elapsed().as_secs() + 2;
+    let tries = a.hits.load(SeqCst) + b.hits.load(SeqCst);
+    let retries = (tries - n) as u64;
+    // Per second: 20% of that second's requests, or 3, whichever is more.
+    let bound = n as u64 * 20 / 100 + 3 * seconds;
+    assert!(retries > 0, "failures were retried");
+    assert!(
+        retries <= bound,
+        "{retries} retries for {n} requests (bound {bound})"
+    );
+    assert!(metric(&gw, "gateway_retry_budget_denied_total{upstream=\"u\"}") > 0);
+}
+
+#[test]
+fn hashing_keeps_keys_on_their_target_and_removing_one_of_ten_moves_a_tenth() {
+    let backends: Vec<Backend> = (0..10)
+        .map(|i| Backend::start(&format!("t{i}"), Mode::Answer))
+        .collect();
+    let targets: Vec<String> = backends.iter().map(|b| target(b.addr)).collect();
+    let settings = "balance = \"hash\"\nhash_on = \"header:X-User-Id\"";
+    let gw = Gateway::start(&config(2, &targets, settings, ""), Driver::IoUring);
+    let mut c = gw.connect();
+    let mut ask = |user: usize| {
+        let r = c.roundtrip(&format!(
+            "GET /x HTTP/1.1\r\nHost: t\r\nX-User-Id: user-{user}\r\n\r\n"
+        ));
+        r.body_str().to_owned()
+    };
+    let before: Vec<String> = (0..300).map(&mut ask).collect();
+    let again: Vec<String> = (0..300).map(&mut ask).collect();
+    assert_eq!(before, again, "the same key reaches the same target");
+    let used: std::collections::HashSet<&String> = before.iter().collect();
+    assert!(used.len() >= 8, "keys spread over the targets: {used:?}");
+
+    let nine: Vec<serde_json::Value> = backends[..9]
+        .iter()
+        .map(|b| serde_json::json!({"address": b.addr.to_string()}))
+        .collect();
+    let body = serde_json::json!({"id": "u", "targets": nine, "balance": "hash", "hash_on": "header:X-User-Id"});
+    let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let mut c = gw.connect();
+    let after: Vec<String> = (0..300)
+        .map(|user| {
+            c.roundtrip(&format!(
+                "GET /x HTTP/1.1\r\nHost: t\r\nX-User-Id: user-{user}\r\n\r\n"
+            ))
+            .body_str()
+            .to_owned()
+        })
+        .collect();
+    let moved: Vec<usize> = (0..300).filter(|&k| before[k] != after[k]).collect();
+    // Only the removed target's keys move, and they are about a tenth.
+    assert!(moved.iter().all(|&k| before[k] == "t9"), "{moved:?}");
+    assert_eq!(moved.len(), before.iter().filter(|t| *t == "t9").count());
+    assert!(
+        (12..=60).contains(&moved.len()),
+        "{} of 300 moved",
+        moved.len()
+    );
+}
+
+#[test]
+fn circuit_limits_answer_503_with_the_reason() {
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(600)));
+    let settings = "circuit = { max_requests = 2 }";
+    let gw = Gateway::start(
+        &config(1, &[target(slow.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    let addr = gw.addr;
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            thread::spawn(move || {
+                Client::connect(addr)
+                    .roundtrip("GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .status
+            })
+        })
+        .collect();
+    while slow.hits.load(SeqCst) < 2 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-gateway-reason"), Some("max_requests"));
+    for t in busy {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    // The client connection stays usable, and so does the upstream once below the limit.
+    assert_eq!(
+        c.roundtrip("GET /c HTTP/1.1\r\nHost: t\r\n\r\n").status,
+        200
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            "gateway_circuit_rejected_total{upstream=\"u\",reason=\"max_requests\"}"
+        ),
+        1
+    );
+    drop(gw);
+
+    // max_pending: a target whose accept queue is full leaves connects hanging.
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(s) = TcpStream::connect_timeout(&stuck_addr, Duration::from_millis(100)) {
+            fillers.push(s);
+        }
+    }
+    let settings = "circuit = { max_pending = 1, max_connections = 100 }";
+    let gw = Gateway::start(
+        &config(
+            1,
+            &[target(stuck_addr)],
+            settings,
+            "[timeouts]\nupstream_connect_ms = 1500\n",
+        ),
+        Driver::IoUring,
+    );
+    let addr = gw.addr;
+    let waiting = thread::spawn(move || {
+        Client::connect(addr)
+            .roundtrip("GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .status
+    });
+    thread::sleep(Duration::from_millis(300));
+    let r = gw.connect().roundtrip("GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("x-gateway-reason")),
+        (503, Some("max_pending"))
+    );
+    assert_eq!(
+        waiting.join().unwrap(),
+        504,
+        "the pending one times out connecting"
+    );
+    drop(fillers);
+}
+
+#[test]
+fn max_connections_counts_pooled_connections() {
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(400)));
+    let settings = "circuit = { max_connections = 1 }";
+    let gw = Gateway::start(
+        &config(1, &[target(slow.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    let addr = gw.addr;
+    let first = thread::spawn(move || {
+        Client::connect(addr)
+            .roundtrip("GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .status
+    });
+    while slow.hits.load(SeqCst) < 1 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    // The one connection is busy: a second request would need a new one.
+    let r = gw.connect().roundtrip("GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("x-gateway-reason")),
+        (503, Some("max_connections"))
+    );
+    assert_eq!(first.join().unwrap(), 200);
+    // Pooled again, it serves the next request.
+    assert_eq!(get(&gw, "/c").status, 200);
+}
+
+#[test]
+fn a_draining_target_finishes_in_flight_requests_and_gets_no_new_ones() {
+    let old = Backend::start("old", Mode::Slow(Duration::from_millis(500)));
+    let new = Backend::start("new", Mode::Answer);
+    let gw = Gateway::start(
+        &config(1, &[target(old.addr), target(new.addr)], "", ""),
+        Driver::IoUring,
+    );
+    // Warm a pooled connection to each.
+    let mut c = gw.connect();
+    for _ in 0..2 {
+        assert_eq!(
+            c.roundtrip("GET /w HTTP/1.1\r\nHost: t\r\n\r\n").status,
+            200
+        );
+    }
+    assert_eq!(old.hits.load(SeqCst), 1);
+    let addr = gw.addr;
+    let in_flight = thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        let mut bodies = Vec::new();
+        for _ in 0..2 {
+            let r = c.roundtrip("GET /slow HTTP/1.1\r\nHost: t\r\n\r\n");
+            assert_eq!(r.status, 200);
+            bodies.push(r.body_str().to_owned());
+        }
+        bodies
+    });
+    while old.hits.load(SeqCst) < 2 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let body = serde_json::json!({"id": "u", "targets": [
+        {"address": old.addr.to_string(), "draining": true},
+        {"address": new.addr.to_string()},
+    ]});
+    let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(states(&gw)[&old.addr.to_string()], "draining");
+    let bodies = in_flight.join().unwrap();
+    assert!(
+        bodies.contains(&"old".to_owned()),
+        "the in-flight request finished: {bodies:?}"
+    );
+    let hits = old.hits.load(SeqCst);
+    for _ in 0..6 {
+        assert_eq!(get(&gw, "/n").body_str(), "new");
+    }
+    assert_eq!(
+        old.hits.load(SeqCst),
+        hits,
+        "no new requests to a draining target"
+    );
+    // Its pooled connections close (the worker's next sweep, within about a second).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let opened = old.conns.lock().unwrap().len();
+    assert!(opened >= 1);
+    while old.closed.load(SeqCst) < opened {
+        assert!(
+            Instant::now() < deadline,
+            "pooled connections to old stayed open"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn failing_targets_are_ejected_for_a_growing_time_and_come_back() {
+    let good = Backend::start("good", Mode::Answer);
+    let bad = Backend::start("bad", Mode::Status(500));
+    let settings =
+        "passive = { consecutive_failures = 3, ejection_ms = 600, max_ejected_percent = 50 }";
+    let gw = Gateway::start(
+        &config(1, &[target(good.addr), target(bad.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    let mut c = gw.connect();
+    let mut send = |n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: t\r\n\r\n").status)
+            .collect()
+    };
+    // Round robin: every other request reaches bad until its third 500 in a row.
+    let statuses = send(10);
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 500).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(states(&gw)[&bad.addr.to_string()], "ejected");
+    let hits = bad.hits.load(SeqCst);
+    assert!(send(6).iter().all(|&s| s == 200));
+    assert_eq!(
+        bad.hits.load(SeqCst),
+        hits,
+        "an ejected target gets no requests"
+    );
+    // Back after ejection_ms, failing again: ejected again, for twice as long.
+    let waited = wait_state(&gw, bad.addr, "healthy", Duration::from_secs(3));
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    send(10);
+    assert_eq!(states(&gw)[&bad.addr.to_string()], "ejected");
+    let again = wait_state(&gw, bad.addr, "healthy", Duration::from_secs(5));
+    assert!(
+        again >= Duration::from_millis(1000),
+        "the second ejection lasts 2 x 600 ms: {again:?}"
+    );
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    assert_eq!(health["targets"][1]["ejections"], 2);
+    assert_eq!(
+        metric(
+            &gw,
+            &format!(
+                "gateway_target_errors_total{{upstream=\"u\",target=\"{}\",kind=\"status_5xx\"}}",
+                bad.addr
+            )
+        ),
+        6
+    );
+}
+
+#[test]
+fn when_every_target_fails_its_checks_requests_still_go_to_them() {
+    let a = Backend::start("a", Mode::SickCheck);
+    let b = Backend::start("b", Mode::SickCheck);
+    let settings = "health_check = { path = \"/healthz\", interval_ms = 100, timeout_ms = 50, unhealthy_after = 1 }";
+    let gw = Gateway::start(
+        &config(1, &[target(a.addr), target(b.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    wait_state(&gw, a.addr, "unhealthy", Duration::from_secs(3));
+    wait_state(&gw, b.addr, "unhealthy", Duration::from_secs(3));
+    // Panic mode: both are down, so both still get their share.
+    let bodies: std::collections::HashSet<String> = (0..4)
+        .map(|_| get(&gw, "/x").body_str().to_owned())
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+}
