@@ -224,6 +224,7 @@ async fn worker_main(spec: WorkerSpec) {
             snap.timeouts.upstream_idle,
         )),
         rr: RefCell::new(RoundRobin::default()),
+        sets: RefCell::new(Default::default()),
         draining: Cell::new(false),
         idle: RefCell::new(IdleSet::default()),
         park: RefCell::new(ParkLot::new().ok()),

@@ -27,6 +27,8 @@ pub(crate) struct WorkerCtx {
     pub current: RefCell<Rc<Arc<Snapshot>>>,
     pub pool: RefCell<Pool>,
     pub rr: RefCell<RoundRobin>,
+    /// Each upstream's target set as this worker last saw it (see [`WorkerCtx::target_set`]).
+    pub sets: RefCell<SetCache>,
     /// Set once shutdown begins: finish the current request, then close.
     pub draining: Cell<bool>,
     /// Connections waiting for their next request, closed at once on shutdown.
@@ -45,6 +47,14 @@ pub(crate) struct WorkerCtx {
     pub wall: Cell<(Instant, SystemTime)>,
     pub active: Cell<usize>,
     pub index: usize,
+}
+
+/// Per upstream, the target set this worker last saw, reset when the snapshot changes.
+#[derive(Debug, Default)]
+#[allow(clippy::redundant_allocation)]
+pub(crate) struct SetCache {
+    revision: u64,
+    sets: Vec<Option<Rc<Arc<common::live::TargetSet>>>>,
 }
 
 /// Per-upstream position in its round-robin schedule, reset when the snapshot changes.
@@ -67,6 +77,35 @@ impl WorkerCtx {
     /// Takes a new wall-clock reading (the worker's housekeeping tick).
     pub fn renew_wall(&self) {
         self.wall.set((Instant::now(), SystemTime::now()));
+    }
+
+    /// The current target set of upstream `index` (of a snapshot with `revision` and `count`
+    /// upstreams) for one exchange: like [`WorkerCtx::snapshot`], a check of the published
+    /// pointer and a new local handle only when the set changed, so requests that hold it to
+    /// their end touch no shared reference count.
+    #[allow(clippy::redundant_allocation)]
+    pub fn target_set(
+        &self,
+        revision: u64,
+        count: usize,
+        index: usize,
+        live: &common::live::UpstreamLive,
+    ) -> Rc<Arc<common::live::TargetSet>> {
+        let mut cache = self.sets.borrow_mut();
+        if cache.revision != revision || cache.sets.len() != count {
+            cache.revision = revision;
+            cache.sets.clear();
+            cache.sets.resize(count, None);
+        }
+        let published = live.set.load();
+        match &cache.sets[index] {
+            Some(rc) if Arc::ptr_eq(rc, &published) => rc.clone(),
+            _ => {
+                let rc = Rc::new(Arc::clone(&published));
+                cache.sets[index] = Some(rc.clone());
+                rc
+            }
+        }
     }
 
     /// The current snapshot for one request: a check of the published pointer (no shared

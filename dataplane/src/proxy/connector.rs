@@ -11,8 +11,11 @@
 //! fresh connection to the same target, whatever the policy. Where sessions come from is a
 //! [`SessionSource`]: the worker's pool and `connect` in production, a fake in the tests.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::live::{now_ms, LiveTarget, Pick, TargetSet, STATUS_5XX};
@@ -91,6 +94,9 @@ pub(crate) trait SessionSource {
     fn next_rr(&self, revision: u64, count: usize, index: usize) -> u32;
     /// Random bits.
     fn random(&self) -> u64;
+    /// The upstream's current target set.
+    #[allow(clippy::redundant_allocation)]
+    fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>>;
 }
 
 impl SessionSource for WorkerCtx {
@@ -124,6 +130,11 @@ impl SessionSource for WorkerCtx {
     fn random(&self) -> u64 {
         self.rng.borrow_mut().next_u64()
     }
+
+    #[allow(clippy::redundant_allocation)]
+    fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>> {
+        WorkerCtx::target_set(self, up.revision, up.count, up.index, &up.upstream.live)
+    }
 }
 
 /// The upstream a connector serves and the snapshot facts it needs.
@@ -146,11 +157,21 @@ impl<'a> UpstreamRef<'a> {
     }
 }
 
-/// Sessions to one upstream for one exchange.
+/// Sessions to one upstream for one exchange. While it lives, the request counts as
+/// outstanding on its target (least_request, `/health`) and in flight for
+/// `circuit.max_requests`: both end when the connector is dropped, after the answer was
+/// relayed or the exchange failed.
 #[derive(Debug)]
-pub(crate) struct Connector<'a, P> {
+pub(crate) struct Connector<'a, P: SessionSource> {
     source: &'a P,
     up: UpstreamRef<'a>,
+    /// The target set this exchange picks from (held to its end: indices stay valid).
+    #[allow(clippy::redundant_allocation)]
+    set: Rc<Arc<TargetSet>>,
+    /// The target whose request is open (begun and not yet ended).
+    open: Cell<Option<usize>>,
+    /// Counted in the upstream's in-flight requests.
+    in_flight: Cell<bool>,
     connect_timeout: Duration,
     send_timeout: Duration,
     /// The hashed key (`balance = "hash"`).
@@ -170,12 +191,26 @@ impl Drop for Held<'_> {
 }
 
 /// Counts one more in `counter` unless that passes `max`.
-fn hold(counter: &std::sync::atomic::AtomicU32, max: u32) -> Option<Held<'_>> {
+fn try_count(counter: &std::sync::atomic::AtomicU32, max: u32) -> bool {
     if counter.fetch_add(1, Relaxed) >= max {
         counter.fetch_sub(1, Relaxed);
-        return None;
+        return false;
     }
-    Some(Held(counter))
+    true
+}
+
+/// [`try_count`], released when the guard is dropped.
+fn hold(counter: &std::sync::atomic::AtomicU32, max: u32) -> Option<Held<'_>> {
+    try_count(counter, max).then_some(Held(counter))
+}
+
+impl<P: SessionSource> Drop for Connector<'_, P> {
+    fn drop(&mut self) {
+        self.close_target();
+        if self.in_flight.get() {
+            self.up.upstream.live.circuit.requests.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl<'a, P: SessionSource> Connector<'a, P> {
@@ -195,6 +230,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             .as_ref()
             .filter(|r| r.attempts > 1 && replayable && (idempotent || r.all_methods));
         Connector {
+            set: source.target_set(&up),
+            open: Cell::new(None),
+            in_flight: Cell::new(false),
             source,
             up,
             connect_timeout: timeouts.upstream_connect,
@@ -314,20 +352,18 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
         let u = self.up.upstream;
         let live = &u.live;
-        let _in_flight = match &u.circuit {
-            Some(c) => match hold(&live.circuit.requests, c.max_requests) {
-                Some(h) => Some(h),
-                None => {
-                    live.circuit.rejected[2].fetch_add(1, Relaxed);
-                    return Err((None, ErrorKind::CircuitMaxRequests.into()));
-                }
-            },
-            None => None,
-        };
+        if let Some(c) = &u.circuit {
+            if !try_count(&live.circuit.requests, c.max_requests) {
+                live.circuit.rejected[2].fetch_add(1, Relaxed);
+                return Err((None, ErrorKind::CircuitMaxRequests.into()));
+            }
+            // Released when the connector is dropped (the answer relayed).
+            self.in_flight.set(true);
+        }
         if self.retry.is_some() {
             live.budget.note_request(now_ms());
         }
-        let set = live.set.load();
+        let set = self.set.clone();
         let stripe = self.source.stripe();
         let mut tries = 0u32;
         let mut avoid = None;
@@ -341,9 +377,10 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if tries > 1 {
                 state.count_retry(stripe);
             }
+            self.close_target();
             state.begin(stripe);
+            self.open.set(Some(i));
             let result = self.on_target(req, target, &mut attempt).await;
-            state.end(stripe);
             let failure = match &result {
                 Ok((_, v)) => {
                     let status = status_of(v);
@@ -381,6 +418,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             }
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             avoid = Some(target.addr);
+        }
+    }
+
+    /// Ends the open target's request (it stops counting as outstanding there).
+    fn close_target(&self) {
+        if let Some(i) = self.open.take() {
+            self.set.targets[i].state.end(self.source.stripe());
         }
     }
 
@@ -471,6 +515,10 @@ mod tests {
 
         fn random(&self) -> u64 {
             0
+        }
+
+        fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>> {
+            Rc::new(up.upstream.live.set.load_full())
         }
     }
 
@@ -656,6 +704,31 @@ mod tests {
             assert!(err.0.is_none());
             assert_eq!(err.1.kind, ErrorKind::ConnectFailed);
             assert_eq!(req.attempts.connect, None);
+        });
+    }
+
+    #[test]
+    fn a_request_counts_as_outstanding_and_in_flight_until_the_connector_is_dropped() {
+        let target = origin(1);
+        runtime().block_on(async move {
+            let pool = fake_pool(Vec::new());
+            let snap = upstream(&[target], "circuit = { max_requests = 5 }");
+            let live = &snap.upstreams[0].live;
+            let state = live.set.load().targets[0].state.clone();
+            let connector = connector(&pool, &snap);
+            let mut req = RequestCtx::new([127, 0, 0, 1].into());
+            let (session, _) = connector
+                .run(&mut req, async |s, _req| get(s).await, |_| 200)
+                .await
+                .expect("the origin answers");
+            // The answer's body would be relayed now: still outstanding.
+            assert_eq!(state.outstanding(), 1);
+            assert_eq!(live.circuit.requests.load(Relaxed), 1);
+            connector.checkin(session, Outcome::Done);
+            drop(connector);
+            assert_eq!(state.outstanding(), 0);
+            assert_eq!(live.circuit.requests.load(Relaxed), 0);
+            assert_eq!(state.requests(), 1);
         });
     }
 }
