@@ -580,7 +580,8 @@ impl UpstreamLive {
     /// Replaces the target set (in-flight requests keep the one they picked from).
     pub fn publish(&self, set: TargetSet) {
         self.set.store(Arc::new(set));
-        GENERATION.fetch_add(1, Relaxed);
+        // Release: a worker that sees the new generation (Acquire) sees the new set.
+        GENERATION.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 }
 

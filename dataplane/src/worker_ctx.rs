@@ -54,6 +54,9 @@ pub(crate) struct WorkerCtx {
 #[allow(clippy::redundant_allocation)]
 pub(crate) struct SetCache {
     revision: u64,
+    /// [`common::live::GENERATION`] when the entries were taken: while it has not moved, no
+    /// set was published and the entries are current.
+    generation: u64,
     sets: Vec<Option<Rc<Arc<common::live::TargetSet>>>>,
 }
 
@@ -80,9 +83,9 @@ impl WorkerCtx {
     }
 
     /// The current target set of upstream `index` (of a snapshot with `revision` and `count`
-    /// upstreams) for one exchange: like [`WorkerCtx::snapshot`], a check of the published
-    /// pointer and a new local handle only when the set changed, so requests that hold it to
-    /// their end touch no shared reference count.
+    /// upstreams) for one exchange: one load of the publication counter while nothing was
+    /// published, and a new local handle only when a set changed, so requests that hold it
+    /// to their end touch no shared reference count.
     #[allow(clippy::redundant_allocation)]
     pub fn target_set(
         &self,
@@ -92,20 +95,21 @@ impl WorkerCtx {
         live: &common::live::UpstreamLive,
     ) -> Rc<Arc<common::live::TargetSet>> {
         let mut cache = self.sets.borrow_mut();
-        if cache.revision != revision || cache.sets.len() != count {
+        let generation = common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire);
+        if cache.revision != revision || cache.sets.len() != count || cache.generation != generation
+        {
             cache.revision = revision;
+            cache.generation = generation;
             cache.sets.clear();
             cache.sets.resize(count, None);
         }
-        let published = live.set.load();
-        match &cache.sets[index] {
-            Some(rc) if Arc::ptr_eq(rc, &published) => rc.clone(),
-            _ => {
-                let rc = Rc::new(Arc::clone(&published));
-                cache.sets[index] = Some(rc.clone());
-                rc
-            }
+        if let Some(rc) = &cache.sets[index] {
+            return rc.clone();
         }
+        let published = live.set.load();
+        let rc = Rc::new(Arc::clone(&published));
+        cache.sets[index] = Some(rc.clone());
+        rc
     }
 
     /// The current snapshot for one request: a check of the published pointer (no shared

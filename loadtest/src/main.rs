@@ -42,7 +42,10 @@ options (defaults in brackets):
   --wrk-cpus LIST       CPUs for wrk [0]
   --proxy-cpus LIST     CPUs for the proxies [1]
   --origin-cpus LIST    CPUs for the origin [1]
-  --proxies LIST        among gateway,gateway+policies,gateway+log,nginx,haproxy
+  --proxies LIST        among gateway,gateway+policies,gateway+log,nginx,haproxy and the
+                        two-target upstream rows gateway+rr2 (round robin, the reference),
+                        gateway+least_request, gateway+hash (on the path) and
+                        gateway+health (an active check per target every second)
                         [gateway,gateway+policies,nginx,haproxy]
   --bodies LIST         among 13b,4k,64k [all three]
   --churn               also measure the gateway with a config change every 10 ms

@@ -4,7 +4,10 @@
 # (valgrind does not run io_uring): total instructions after N1 and after N2 requests, the
 # difference divided by N2 - N1. Deterministic to about 0.5%, unlike timings on a shared VM.
 #
-# usage: docs/perf/instructions/run.sh GATEWAY_BIN [GATEWAY_BIN...]
+# usage: [GW_TOML=config.toml] docs/perf/instructions/run.sh GATEWAY_BIN [GATEWAY_BIN...]
+# (GW_TOML: another gateway config on the same ports, default gw.toml next to this script;
+# gw-*.toml are the upstream-balancing variants with two targets, the origin on 127.0.0.1
+# and 127.0.0.2)
 # needs: valgrind, nginx, python3. Uses 127.0.0.1 ports 7310, 7311, 7319 and /tmp/vg-instr.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +21,7 @@ sleep 0.5
 count() { # BIN N -> instructions
     rm -rf "$work/data"
     GATEWAY_IO_DRIVER=epoll valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-        "$1" --config "$here/gw.toml" --data-dir "$work/data" > "$work/gw.log" 2>&1 &
+        "$1" --config "${GW_TOML:-$here/gw.toml}" --data-dir "$work/data" > "$work/gw.log" 2>&1 &
     local vpid=$!
     for _ in $(seq 1 300); do (echo > /dev/tcp/127.0.0.1/7310) 2>/dev/null && break; sleep 0.1; done
     python3 "$here/client.py" "$2"
