@@ -563,6 +563,19 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
         assert!(pair[1] - pair[0] >= 1.45, "queries too close: {asked:?}");
     }
 
+    // The name disappears (NXDOMAIN): the last good address stays, the failure is counted.
+    let mut gone = zone("127.0.0.2");
+    gone["a"].as_object_mut().unwrap().remove("svc.test");
+    dns.set_zone(&gone);
+    let failed = "gateway_dns_lookups_total{name=\"svc.test\",result=\"failed\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&gw, failed) == 0 {
+        assert!(Instant::now() < deadline, "no failed lookup counted");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&gw, "/x").body_str(), "second");
+    dns.set_zone(&zone("127.0.0.2"));
+
     // SRV: the lowest priority's records, in proportion to their weights (3:1).
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..200 {

@@ -172,6 +172,9 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     open: Cell<Option<usize>>,
     /// Counted in the upstream's in-flight requests.
     in_flight: Cell<bool>,
+    /// [`common::live::GENERATION`] when the exchange began: if target sets were published
+    /// since, a connection is pooled only if its target is still there and not draining.
+    generation: u64,
     connect_timeout: Duration,
     send_timeout: Duration,
     /// The hashed key (`balance = "hash"`).
@@ -230,6 +233,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             .as_ref()
             .filter(|r| r.attempts > 1 && replayable && (idempotent || r.all_methods));
         Connector {
+            generation: common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire),
             set: source.target_set(&up),
             open: Cell::new(None),
             in_flight: Cell::new(false),
@@ -330,9 +334,22 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         })
     }
 
-    /// Returns a session after its exchange; a reusable one goes back to the pool.
+    /// Returns a session after its exchange; a reusable one goes back to the pool unless its
+    /// target drains or left meanwhile (the worker's sweep, which closes pooled connections
+    /// to such targets, may already have run).
     pub fn checkin(&self, session: Session, outcome: Outcome) {
-        if outcome == Outcome::Reusable && session.poolable {
+        let mut poolable = session.poolable;
+        if poolable
+            && common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire)
+                != self.generation
+        {
+            let now = self.up.upstream.live.set.load();
+            poolable = now
+                .targets
+                .iter()
+                .any(|t| t.addr == session.target && !t.draining);
+        }
+        if outcome == Outcome::Reusable && poolable {
             let mut conn = session.conn;
             conn.buf.clear();
             self.source.put_idle(session.target, conn, Instant::now());

@@ -546,8 +546,10 @@ async fn call(
             Ok(done) => done,
             Err((_, e)) => {
                 let mut f = Failure::new(StepError::Upstream, e.kind.label());
-                if e.kind.status() == 504 {
-                    f.status = 504;
+                // A timeout stays a 504; the gateway's own 503s (circuit limits, no
+                // address) stay 503s.
+                if matches!(e.kind.status(), 503 | 504) {
+                    f.status = e.kind.status();
                 }
                 return Err(f);
             }
