@@ -177,27 +177,26 @@ impl Upstreams {
         );
         // Names new to the manager get a first answer before the snapshot goes live; the
         // lock is not held meanwhile (the lookups run on the manager's thread).
-        let (new_hosts, new_srvs) = {
+        let new_names = {
             let st = lock(&self.inner.state);
-            let mut hosts = HashSet::new();
-            let mut srvs = HashSet::new();
+            let mut names = Vec::new();
             for u in &snap.upstreams {
                 for t in &u.targets {
                     if let Some((h, _)) = &t.host {
-                        if !st.hosts.contains_key(h) {
-                            hosts.insert(h.clone());
-                        }
+                        names.push(Name::Host(h.clone()));
                     }
                 }
-                if let Some(s) = &u.srv {
-                    if !st.srvs.contains_key(s) {
-                        srvs.insert(s.clone());
-                    }
-                }
+                names.extend(u.srv.clone().map(Name::Srv));
             }
-            (hosts, srvs)
+            names.retain(|n| match n {
+                Name::Host(h) => !st.hosts.contains_key(h),
+                Name::Srv(s) => !st.srvs.contains_key(s),
+            });
+            names.sort();
+            names.dedup();
+            names
         };
-        let found = self.first_lookups(&resolver, new_hosts, new_srvs);
+        let found = self.first_lookups(&resolver, new_names);
 
         let mut st = lock(&self.inner.state);
         st.resolver = resolver;
@@ -228,37 +227,19 @@ impl Upstreams {
         self.reconcile(&mut st);
     }
 
-    /// Runs the first lookups of `hosts` and `srvs` concurrently on the manager's thread and
-    /// waits for them (each is bounded by the resolver's timeout per server).
-    fn first_lookups(
-        &self,
-        resolver: &Resolver,
-        hosts: HashSet<Box<str>>,
-        srvs: HashSet<Box<str>>,
-    ) -> Vec<(Name, Found)> {
-        if hosts.is_empty() && srvs.is_empty() {
+    /// Runs the first lookups of `names` concurrently on the manager's thread and waits for
+    /// them (each is bounded by the resolver's timeout per server).
+    fn first_lookups(&self, resolver: &Resolver, names: Vec<Name>) -> Vec<(Name, Found)> {
+        if names.is_empty() {
             return Vec::new();
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let n = hosts.len() + srvs.len();
-        for h in hosts {
+        let n = names.len();
+        for name in names {
             let (tx, resolver) = (tx.clone(), resolver.clone());
             self.inner.rt.spawn(async move {
-                let found = match resolver.lookup_ip(&h).await {
-                    Ok((ips, ttl)) => Found::Ips(ips, ttl),
-                    Err(e) => Found::Failed(e.to_string()),
-                };
-                let _ = tx.send((Name::Host(h), found));
-            });
-        }
-        for s in srvs {
-            let (tx, resolver) = (tx.clone(), resolver.clone());
-            self.inner.rt.spawn(async move {
-                let found = match resolve_srv(&resolver, &s, |_| false).await {
-                    Ok((records, extra, ttl)) => Found::Srv(records, extra, ttl),
-                    Err(e) => Found::Failed(e.to_string()),
-                };
-                let _ = tx.send((Name::Srv(s), found));
+                let found = lookup(&resolver, &name, &HashSet::new()).await;
+                let _ = tx.send((name, found));
             });
         }
         drop(tx);
@@ -275,147 +256,99 @@ impl Upstreams {
         out
     }
 
-    /// Records a first lookup and starts the name's refresh task.
+    /// Records a name's first answer (or failure) and starts its refresh task.
     fn record_first(&self, st: &mut State, name: Name, found: Found) {
-        match name {
+        let stats = Arc::new(LookupStats::default());
+        match &name {
             Name::Host(h) => {
-                let stats = Arc::new(LookupStats::default());
-                let (addrs, next) = match found {
-                    Found::Ips(ips, ttl) => {
-                        stats.ok.fetch_add(1, Relaxed);
-                        (ips, clamp(ttl, st.min_ttl, st.max_ttl))
-                    }
-                    Found::Failed(e) => {
-                        stats.failed.fetch_add(1, Relaxed);
-                        log::warn!(
-                            "resolver: {h}: {e}; retrying in {} ms",
-                            st.min_ttl.as_millis()
-                        );
-                        (Vec::new(), st.min_ttl)
-                    }
-                    Found::Srv(..) => return,
-                };
-                let task = self.refresh_host(h.clone(), next, stats.clone());
-                st.hosts.insert(
-                    h,
-                    Host {
-                        addrs,
-                        task: Some(task),
-                        stats,
-                    },
-                );
+                st.hosts.entry(h.clone()).or_insert_with(|| Host {
+                    addrs: Vec::new(),
+                    task: None,
+                    stats: stats.clone(),
+                });
             }
-            Name::Srv(s) => {
-                let stats = Arc::new(LookupStats::default());
-                let (records, next) = match found {
-                    Found::Srv(records, extra, ttl) => {
-                        stats.ok.fetch_add(1, Relaxed);
-                        self.seed_hosts(st, &extra);
-                        (lowest_priority(records), clamp(ttl, st.min_ttl, st.max_ttl))
-                    }
-                    Found::Failed(e) => {
-                        stats.failed.fetch_add(1, Relaxed);
-                        log::warn!(
-                            "resolver: SRV {s}: {e}; retrying in {} ms",
-                            st.min_ttl.as_millis()
-                        );
-                        (Vec::new(), st.min_ttl)
-                    }
-                    Found::Ips(..) => return,
-                };
-                let task = self.refresh_srv(s.clone(), next, stats.clone());
-                st.srvs.insert(
-                    s,
-                    SrvName {
-                        records,
-                        task: Some(task),
-                        stats,
-                    },
-                );
+            Name::Srv(srv) => {
+                st.srvs.entry(srv.clone()).or_insert_with(|| SrvName {
+                    records: Vec::new(),
+                    task: None,
+                    stats: stats.clone(),
+                });
             }
         }
+        let Some(next) = self.apply(st, &name, found, false) else {
+            return;
+        };
+        let task = self.refresh(name.clone(), next);
+        match &name {
+            Name::Host(h) => st.hosts.get_mut(h).map(|e| e.task = Some(task)),
+            Name::Srv(srv) => st.srvs.get_mut(srv).map(|e| e.task = Some(task)),
+        };
     }
 
-    /// Addresses an SRV answer carried for its targets: hosts not known yet start with them
-    /// (and refresh at their TTL).
-    fn seed_hosts(&self, st: &mut State, extra: &[(String, IpAddr, u32)]) {
-        let mut by_host: HashMap<&str, (Vec<IpAddr>, u32)> = HashMap::new();
-        for (name, ip, ttl) in extra {
-            let e = by_host.entry(name).or_insert((Vec::new(), u32::MAX));
-            e.0.push(*ip);
-            e.1 = e.1.min(*ttl);
-        }
-        for (name, (ips, ttl)) in by_host {
-            if st.hosts.contains_key(name) {
-                continue;
+    /// Applies a lookup's result to `name`'s entry: new addresses or records (the upstreams
+    /// using them rebuilt when `rebuild`), or a failure that keeps the last good ones.
+    /// Returns when to ask again; `None` when the name is no longer used.
+    fn apply(&self, st: &mut State, name: &Name, found: Found, rebuild: bool) -> Option<Duration> {
+        let (min, max) = (st.min_ttl, st.max_ttl);
+        let (changed, next) = match found {
+            Found::Failed(e) => {
+                self.stats(st, name)?.failed.fetch_add(1, Relaxed);
+                log::warn!(
+                    "resolver: {name}: {e}; keeping its last answer, retrying in {} ms",
+                    min.as_millis()
+                );
+                return Some(min);
             }
-            let stats = Arc::new(LookupStats::default());
-            let next = clamp(ttl, st.min_ttl, st.max_ttl);
-            let task = self.refresh_host(name.into(), next, stats.clone());
-            st.hosts.insert(
-                name.into(),
-                Host {
-                    addrs: ips,
-                    task: Some(task),
-                    stats,
-                },
-            );
-        }
-    }
-
-    /// Re-resolves `host` every time its TTL runs out; a failed lookup keeps the addresses
-    /// it had and is retried after `min_ttl_ms`.
-    fn refresh_host(
-        &self,
-        host: Box<str>,
-        first: Duration,
-        stats: Arc<LookupStats>,
-    ) -> AbortHandle {
-        let weak = Arc::downgrade(&self.inner);
-        self.inner
-            .rt
-            .spawn(async move {
-                let mut next = first;
-                loop {
-                    tokio::time::sleep(next).await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    let resolver = lock(&inner.state).resolver.clone();
-                    let result = resolver.lookup_ip(&host).await;
-                    let mut st = lock(&inner.state);
-                    next = match result {
-                        Ok((ips, ttl)) => {
-                            stats.ok.fetch_add(1, Relaxed);
-                            let changed = st.hosts.get_mut(&host).is_some_and(|h| {
-                                let changed = h.addrs != ips;
-                                h.addrs = ips;
-                                changed
-                            });
-                            if changed {
-                                log::info!("resolver: {host} has new addresses");
-                                Upstreams { inner: inner.clone() }.rebuild_using(&mut st, |e| {
-                                    e.targets
-                                        .iter()
-                                        .any(|t| t.host.as_ref().is_some_and(|(h, _)| *h == host))
-                                });
-                            }
-                            clamp(ttl, st.min_ttl, st.max_ttl)
-                        }
-                        Err(e) => {
-                            stats.failed.fetch_add(1, Relaxed);
-                            log::warn!(
-                                "resolver: {host}: {e}; keeping its last addresses, retrying in {} ms",
-                                st.min_ttl.as_millis()
-                            );
-                            st.min_ttl
-                        }
-                    };
+            Found::Ips(ips, ttl) => {
+                let Name::Host(h) = name else { return None };
+                let host = st.hosts.get_mut(h)?;
+                host.stats.ok.fetch_add(1, Relaxed);
+                let changed = host.addrs != ips;
+                host.addrs = ips;
+                (changed, clamp(ttl, min, max))
+            }
+            Found::Srv(records, extra, ttl) => {
+                let Name::Srv(srv) = name else { return None };
+                st.srvs.get(srv)?.stats.ok.fetch_add(1, Relaxed);
+                // Addresses the answer carried (or that were looked up) for targets not
+                // known yet: those hosts start with them.
+                let mut by_host: HashMap<&str, (Vec<IpAddr>, u32)> = HashMap::new();
+                for (host, ip, ttl) in &extra {
+                    let e = by_host.entry(host).or_insert((Vec::new(), u32::MAX));
+                    e.0.push(*ip);
+                    e.1 = e.1.min(*ttl);
                 }
-            })
-            .abort_handle()
+                let mut seeded = false;
+                for (host, (ips, ttl)) in by_host {
+                    if !st.hosts.contains_key(host) {
+                        self.record_first(st, Name::Host(host.into()), Found::Ips(ips, ttl));
+                        seeded = true;
+                    }
+                }
+                let records = lowest_priority(records);
+                let entry = st.srvs.get_mut(srv)?;
+                let changed = entry.records != records || seeded;
+                entry.records = records;
+                (changed, clamp(ttl, min, max))
+            }
+        };
+        if changed && rebuild {
+            log::info!("resolver: {name} has a new answer");
+            self.rebuild_using(st, |e| e.uses(name));
+        }
+        Some(next)
     }
 
-    /// Re-resolves an SRV name every time its TTL runs out.
-    fn refresh_srv(&self, name: Box<str>, first: Duration, stats: Arc<LookupStats>) -> AbortHandle {
+    fn stats<'s>(&self, st: &'s State, name: &Name) -> Option<&'s LookupStats> {
+        match name {
+            Name::Host(h) => st.hosts.get(h).map(|e| &*e.stats),
+            Name::Srv(s) => st.srvs.get(s).map(|e| &*e.stats),
+        }
+    }
+
+    /// Asks for `name` again every time its answer's TTL (clamped) runs out, or `min_ttl_ms`
+    /// after a failure, until it is no longer used.
+    fn refresh(&self, name: Name, first: Duration) -> AbortHandle {
         let weak = Arc::downgrade(&self.inner);
         self.inner
             .rt
@@ -424,37 +357,19 @@ impl Upstreams {
                 loop {
                     tokio::time::sleep(next).await;
                     let Some(inner) = weak.upgrade() else { return };
-                    let resolver = lock(&inner.state).resolver.clone();
-                    let known: HashSet<Box<str>> = lock(&inner.state).hosts.keys().cloned().collect();
-                    let result = resolve_srv(&resolver, &name, |h| known.contains(h)).await;
-                    let mut st = lock(&inner.state);
-                    let me = Upstreams { inner: inner.clone() };
-                    next = match result {
-                        Ok((records, extra, ttl)) => {
-                            stats.ok.fetch_add(1, Relaxed);
-                            me.seed_hosts(&mut st, &extra);
-                            let records = lowest_priority(records);
-                            let changed = st.srvs.get_mut(&name).is_some_and(|s| {
-                                let changed = s.records != records;
-                                s.records = records;
-                                changed
-                            });
-                            if changed {
-                                log::info!("resolver: SRV {name} has new records");
-                            }
-                            // Rebuilt either way: a target's addresses may have arrived.
-                            me.rebuild_using(&mut st, |e| e.srv.as_deref() == Some(&*name));
-                            clamp(ttl, st.min_ttl, st.max_ttl)
-                        }
-                        Err(e) => {
-                            stats.failed.fetch_add(1, Relaxed);
-                            log::warn!(
-                                "resolver: SRV {name}: {e}; keeping its last records, retrying in {} ms",
-                                st.min_ttl.as_millis()
-                            );
-                            st.min_ttl
-                        }
+                    let (resolver, known) = {
+                        let st = lock(&inner.state);
+                        (st.resolver.clone(), st.hosts.keys().cloned().collect())
                     };
+                    let found = lookup(&resolver, &name, &known).await;
+                    let me = Upstreams {
+                        inner: inner.clone(),
+                    };
+                    let mut st = lock(&inner.state);
+                    match me.apply(&mut st, &name, found, true) {
+                        Some(n) => next = n,
+                        None => return,
+                    }
                 }
             })
             .abort_handle()
@@ -719,10 +634,47 @@ async fn resolve_srv(
 /// A target of an upstream: its id and address.
 type TargetKey = (Box<str>, SocketAddr);
 
-/// A name being looked up for the first time.
+/// A name the manager looks up: a target's host name (A and AAAA) or an SRV name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Name {
     Host(Box<str>),
     Srv(Box<str>),
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Name::Host(h) => f.write_str(h),
+            Name::Srv(s) => write!(f, "SRV {s}"),
+        }
+    }
+}
+
+impl Entry {
+    /// Whether this upstream's targets come from `name`.
+    fn uses(&self, name: &Name) -> bool {
+        match name {
+            Name::Host(h) => self
+                .targets
+                .iter()
+                .any(|t| t.host.as_ref().is_some_and(|(x, _)| x == h)),
+            Name::Srv(s) => self.srv.as_ref() == Some(s),
+        }
+    }
+}
+
+/// One lookup of `name`; an SRV name's targets are looked up too unless `known` has them.
+async fn lookup(resolver: &Resolver, name: &Name, known: &HashSet<Box<str>>) -> Found {
+    let result = match name {
+        Name::Host(h) => resolver
+            .lookup_ip(h)
+            .await
+            .map(|(ips, ttl)| Found::Ips(ips, ttl)),
+        Name::Srv(s) => resolve_srv(resolver, s, |h| known.contains(h))
+            .await
+            .map(|(records, extra, ttl)| Found::Srv(records, extra, ttl)),
+    };
+    result.unwrap_or_else(|e| Found::Failed(e.to_string()))
 }
 
 /// The records of the lowest priority (RFC 2782: higher ones are only for when those fail,
