@@ -505,15 +505,44 @@ impl Upstreams {
             let set = e.live.set.load_full();
             targets.push((id, e, set));
         }
-        let _ = writeln!(out, "# HELP gateway_target_requests_total Requests sent to each target, retries included.\n# TYPE gateway_target_requests_total counter");
-        for (id, _, set) in &targets {
-            for t in &set.targets {
-                let _ = writeln!(
-                    out,
-                    "gateway_target_requests_total{{upstream=\"{id}\",target=\"{}\"}} {}",
-                    t.addr,
-                    t.state.requests()
-                );
+        // One series per target: name, type, help, value.
+        let series: [(&str, &str, &str, &TargetValue); 4] = [
+            (
+                "gateway_target_requests_total",
+                "counter",
+                "Requests sent to each target, retries included.",
+                &|t| t.state.requests(),
+            ),
+            (
+                "gateway_target_retries_total",
+                "counter",
+                "Retries sent to each target.",
+                &|t| t.state.retries(),
+            ),
+            (
+                "gateway_target_outstanding",
+                "gauge",
+                "Requests in flight to each target.",
+                &|t| t.state.outstanding(),
+            ),
+            (
+                "gateway_target_ejections_total",
+                "counter",
+                "Passive ejections of each target.",
+                &|t| t.state.ejections(),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (id, _, set) in &targets {
+                for t in &set.targets {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{upstream=\"{id}\",target=\"{}\"}} {}",
+                        t.addr,
+                        value(t)
+                    );
+                }
             }
         }
         let _ = writeln!(out, "# HELP gateway_target_errors_total Failed requests per target, by kind.\n# TYPE gateway_target_errors_total counter");
@@ -527,28 +556,6 @@ impl Upstreams {
                 }
             }
         }
-        let _ = writeln!(out, "# HELP gateway_target_retries_total Retries sent to each target.\n# TYPE gateway_target_retries_total counter");
-        for (id, _, set) in &targets {
-            for t in &set.targets {
-                let _ = writeln!(
-                    out,
-                    "gateway_target_retries_total{{upstream=\"{id}\",target=\"{}\"}} {}",
-                    t.addr,
-                    t.state.retries()
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP gateway_target_outstanding Requests in flight to each target.\n# TYPE gateway_target_outstanding gauge");
-        for (id, _, set) in &targets {
-            for t in &set.targets {
-                let _ = writeln!(
-                    out,
-                    "gateway_target_outstanding{{upstream=\"{id}\",target=\"{}\"}} {}",
-                    t.addr,
-                    t.state.outstanding()
-                );
-            }
-        }
         let _ = writeln!(out, "# HELP gateway_target_state 1 for each target's current state.\n# TYPE gateway_target_state gauge");
         for (id, _, set) in &targets {
             for t in &set.targets {
@@ -556,17 +563,6 @@ impl Upstreams {
                 for state in ["healthy", "unhealthy", "ejected", "draining"] {
                     let _ = writeln!(out, "gateway_target_state{{upstream=\"{id}\",target=\"{}\",state=\"{state}\"}} {}", t.addr, u8::from(now == state));
                 }
-            }
-        }
-        let _ = writeln!(out, "# HELP gateway_target_ejections_total Passive ejections of each target.\n# TYPE gateway_target_ejections_total counter");
-        for (id, _, set) in &targets {
-            for t in &set.targets {
-                let _ = writeln!(
-                    out,
-                    "gateway_target_ejections_total{{upstream=\"{id}\",target=\"{}\"}} {}",
-                    t.addr,
-                    t.state.ejections()
-                );
             }
         }
         let _ = writeln!(out, "# HELP gateway_circuit_rejected_total Requests answered 503 by a circuit limit.\n# TYPE gateway_circuit_rejected_total counter");
@@ -630,6 +626,9 @@ async fn resolve_srv(
     }
     Ok((records, extra, ttl))
 }
+
+/// A per-target metric's value.
+type TargetValue = dyn Fn(&LiveTarget) -> u64;
 
 /// A target of an upstream: its id and address.
 type TargetKey = (Box<str>, SocketAddr);
