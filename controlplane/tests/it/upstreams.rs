@@ -870,6 +870,11 @@ fn failing_targets_are_ejected_for_a_growing_time_and_come_back() {
         "{statuses:?}"
     );
     assert_eq!(states(&gw)[&bad.addr.to_string()], "ejected");
+    // Health is keyed by upstream and address: an unrelated change keeps it.
+    let route = r#"{"path": "/other", "respond": {"status": 204}}"#;
+    let r = gw.admin("PUT", "/v1/routes/other", Some(route));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    assert_eq!(states(&gw)[&bad.addr.to_string()], "ejected");
     let hits = bad.hits.load(SeqCst);
     assert!(send(6).iter().all(|&s| s == 200));
     assert_eq!(
