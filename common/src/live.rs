@@ -46,6 +46,12 @@ const EJECTED: u8 = 2;
 /// to addresses no longer in use.
 pub static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// Tells the workers that something they cache changed (a target set, or the snapshot the
+/// upstreams come from): their next sweep prunes pooled connections against it.
+pub fn bump_generation() {
+    GENERATION.fetch_add(1, std::sync::atomic::Ordering::Release);
+}
+
 /// Milliseconds since the first call in this process (the clock of ejections).
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -201,9 +207,14 @@ impl TargetState {
     /// a row ejects the target, unless `max_ejected_percent` of `set` is already ejected.
     /// Returns whether this call ejected it.
     pub fn failed(&self, passive: Option<&Passive>, set: &TargetSet, now: u64) -> bool {
+        if self.is_ejected() {
+            // Requests that were in flight when it was ejected (or panic mode): they do not
+            // count towards the next ejection.
+            return false;
+        }
         let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         let Some(p) = passive else { return false };
-        if n < p.consecutive_failures || self.is_ejected() {
+        if n < p.consecutive_failures {
             return false;
         }
         let total = set.targets.len();
@@ -215,26 +226,41 @@ impl TargetState {
         if ejected >= allowed {
             return false;
         }
-        if self.flags.fetch_or(EJECTED, Relaxed) & EJECTED != 0 {
-            return false; // another worker got there first
-        }
         let last_end = self.ejected_until.load(Relaxed);
         let streak = if last_end != 0 && now < last_end + p.ejection_ms {
             self.streak.load(Relaxed) + 1
         } else {
             1
         };
+        // The end is written before the flag, so the control plane's tick never sees the
+        // flag with the previous ejection's (past) end.
+        let until = now + p.ejection_ms * u64::from(streak.min(10));
+        self.ejected_until
+            .store(until, std::sync::atomic::Ordering::Release);
+        if self
+            .flags
+            .fetch_or(EJECTED, std::sync::atomic::Ordering::Release)
+            & EJECTED
+            != 0
+        {
+            return false; // another worker got there first
+        }
         self.streak.store(streak, Relaxed);
         self.ejections.fetch_add(1, Relaxed);
-        self.ejected_until
-            .store(now + p.ejection_ms * u64::from(streak.min(10)), Relaxed);
         self.consecutive_failures.store(0, Relaxed);
         true
     }
 
     /// Ends an ejection whose time is up (the control plane's tick). Returns whether it did.
     pub fn expire(&self, now: u64) -> bool {
-        if self.is_ejected() && now >= self.ejected_until.load(Relaxed) {
+        let ejected = self.flags.load(std::sync::atomic::Ordering::Acquire) & EJECTED != 0;
+        if ejected
+            && now
+                >= self
+                    .ejected_until
+                    .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.consecutive_failures.store(0, Relaxed);
             self.flags.fetch_and(!EJECTED, Relaxed);
             return true;
         }
@@ -340,7 +366,8 @@ impl TargetSet {
         // the schedule so the load of a target that is down spreads over the others.
         let start = match p.balance {
             Balance::Hash => first,
-            _ => p.counter as usize,
+            Balance::LeastRequest => (p.random >> 16) as usize,
+            Balance::RoundRobin => p.counter as usize,
         };
         let tiers: [&dyn Fn(&LiveTarget) -> bool; 4] = [
             &|t| t.usable() && Some(t.addr) != p.avoid,
@@ -448,13 +475,14 @@ fn ring(targets: &[LiveTarget]) -> Box<[(u64, u16)]> {
     if targets.is_empty() {
         return Box::new([]);
     }
-    let g = targets.iter().fold(0, |g, t| gcd(g, t.weight.max(1)));
-    let units: usize = targets.iter().map(|t| (t.weight.max(1) / g) as usize).sum();
+    // Not reduced by the weights' common divisor: a target's points then depend only on its
+    // own address and weight while the weights add up to at most MAX_POINTS / 100.
+    let units: usize = targets.iter().map(|t| t.weight.max(1) as usize).sum();
     let per_unit = (MAX_POINTS / units).clamp(1, POINTS_PER_WEIGHT);
     let mut ring = Vec::with_capacity(units * per_unit);
     for (i, t) in targets.iter().enumerate() {
         let name = t.addr.to_string();
-        for k in 0..(t.weight.max(1) / g) as usize * per_unit {
+        for k in 0..t.weight.max(1) as usize * per_unit {
             let mut h = hash_bytes(name.as_bytes());
             h = mix(h ^ k as u64);
             ring.push((h, i as u16));
@@ -581,7 +609,7 @@ impl UpstreamLive {
     pub fn publish(&self, set: TargetSet) {
         self.set.store(Arc::new(set));
         // Release: a worker that sees the new generation (Acquire) sees the new set.
-        GENERATION.fetch_add(1, std::sync::atomic::Ordering::Release);
+        bump_generation();
     }
 }
 
@@ -697,6 +725,56 @@ mod tests {
         assert!((700..1300).contains(&moved), "{moved} of 10000 moved");
         let removed = ten.targets[9].addr;
         assert_eq!(moved, before.iter().filter(|&&a| a == removed).count());
+    }
+
+    #[test]
+    fn adding_a_lighter_target_moves_no_key_between_the_others() {
+        let weighted = |weights: &[u32]| {
+            TargetSet::new(
+                weights
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &weight)| LiveTarget {
+                        addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
+                        weight,
+                        host: None,
+                        draining: false,
+                        state: TargetState::new(),
+                    })
+                    .collect(),
+            )
+        };
+        let (two, three) = (weighted(&[2, 2]), weighted(&[2, 2, 1]));
+        for k in 0..5_000u32 {
+            let key = hash_bytes(&k.to_be_bytes());
+            let after = three.targets[pick(&three, Balance::Hash, 0, key)].addr;
+            let before = two.targets[pick(&two, Balance::Hash, 0, key)].addr;
+            assert!(
+                after == before || after == three.targets[2].addr,
+                "key {k} moved"
+            );
+        }
+    }
+
+    #[test]
+    fn failures_while_ejected_do_not_count_towards_the_next_ejection() {
+        let s = set(2);
+        let p = Passive {
+            consecutive_failures: 2,
+            ejection_ms: 100,
+            max_ejected_percent: 50,
+        };
+        let t = &s.targets[0].state;
+        t.failed(Some(&p), &s, 0);
+        assert!(t.failed(Some(&p), &s, 0));
+        // In-flight requests failing after the ejection.
+        assert!(!t.failed(Some(&p), &s, 10) && !t.failed(Some(&p), &s, 20));
+        assert!(t.expire(100));
+        assert_eq!(t.consecutive_failures(), 0);
+        assert!(
+            !t.failed(Some(&p), &s, 150),
+            "one failure is not two in a row"
+        );
     }
 
     #[test]

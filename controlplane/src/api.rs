@@ -653,6 +653,9 @@ impl Admin {
         debug_assert_eq!(committed, revision);
         self.upstreams.adopt(&mut snapshot);
         self.shared.store(Arc::new(snapshot));
+        // Again once the snapshot is out: the workers' next sweep prunes pooled connections
+        // to the targets of upstreams this change removed.
+        common::live::bump_generation();
         Ok(Applied {
             revision,
             changes,

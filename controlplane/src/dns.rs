@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub enum DnsError {
     #[error("no name server answered within {0} ms")]
     Timeout(u128),
+    #[error("no such name (NXDOMAIN)")]
+    NxDomain,
     #[error("name server said {0}")]
     Rcode(String),
     #[error("no records in the answer")]
@@ -146,8 +148,9 @@ impl Resolver {
         for &server in &self.servers {
             match self.ask(server, &bytes, id, qtype).await {
                 Ok(a) => return Ok(a),
-                // An authoritative "no such name" is an answer; try no other server.
-                Err(e @ DnsError::Rcode(_)) => return Err(e),
+                // "No such name" is an answer; other refusals (SERVFAIL, REFUSED) try the
+                // next server.
+                Err(DnsError::NxDomain) => return Err(DnsError::NxDomain),
                 Err(e) => last = e,
             }
         }
@@ -217,7 +220,7 @@ impl Resolver {
 fn read_answer(packet: &Packet<'_>, qtype: TYPE) -> Result<Answer, DnsError> {
     match packet.rcode() {
         RCODE::NoError => {}
-        RCODE::NameError => return Err(DnsError::Rcode("NXDOMAIN".into())),
+        RCODE::NameError => return Err(DnsError::NxDomain),
         other => return Err(DnsError::Rcode(format!("{other:?}"))),
     }
     let mut ans = Answer {

@@ -90,6 +90,7 @@ struct LookupStats {
 struct Check {
     config: HealthCheck,
     task: AbortHandle,
+    state: Arc<TargetState>,
 }
 
 /// What a first lookup found.
@@ -235,6 +236,7 @@ impl Upstreams {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let n = names.len();
+        let asked = names.clone();
         for name in names {
             let (tx, resolver) = (tx.clone(), resolver.clone());
             self.inner.rt.spawn(async move {
@@ -245,7 +247,7 @@ impl Upstreams {
         drop(tx);
         let limit = resolver.timeout * (resolver.servers.len().max(1) as u32 + 1);
         let deadline = std::time::Instant::now() + limit;
-        let mut out = Vec::with_capacity(n);
+        let mut out: Vec<(Name, Found)> = Vec::with_capacity(n);
         while out.len() < n {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
@@ -253,11 +255,24 @@ impl Upstreams {
                 Err(_) => break,
             }
         }
+        // A name without an answer by now is a failure like any other: it is retried after
+        // min_ttl_ms by its refresh task.
+        for name in asked {
+            if !out.iter().any(|(n, _)| *n == name) {
+                let why = format!("no answer within {} ms", limit.as_millis());
+                out.push((name, Found::Failed(why)));
+            }
+        }
         out
     }
 
-    /// Records a name's first answer (or failure) and starts its refresh task.
+    /// Records a name's first answer (or failure) and starts its refresh task (a name that
+    /// has an entry already keeps its task and just takes the answer).
     fn record_first(&self, st: &mut State, name: Name, found: Found) {
+        if self.stats(st, &name).is_some() {
+            self.apply(st, &name, found, true);
+            return;
+        }
         let stats = Arc::new(LookupStats::default());
         match &name {
             Name::Host(h) => {
@@ -286,9 +301,9 @@ impl Upstreams {
     }
 
     /// Applies a lookup's result to `name`'s entry: new addresses or records (the upstreams
-    /// using them rebuilt when `rebuild`), or a failure that keeps the last good ones.
+    /// using them rebuilt when `publish`), or a failure that keeps the last good ones.
     /// Returns when to ask again; `None` when the name is no longer used.
-    fn apply(&self, st: &mut State, name: &Name, found: Found, rebuild: bool) -> Option<Duration> {
+    fn apply(&self, st: &mut State, name: &Name, found: Found, publish: bool) -> Option<Duration> {
         let (min, max) = (st.min_ttl, st.max_ttl);
         let (changed, next) = match found {
             Found::Failed(e) => {
@@ -318,23 +333,37 @@ impl Upstreams {
                     e.0.push(*ip);
                     e.1 = e.1.min(*ttl);
                 }
-                let mut seeded = false;
-                for (host, (ips, ttl)) in by_host {
-                    if !st.hosts.contains_key(host) {
-                        self.record_first(st, Name::Host(host.into()), Found::Ips(ips, ttl));
-                        seeded = true;
-                    }
-                }
                 let records = lowest_priority(records);
+                let mut seeded = false;
+                for r in &records {
+                    if st.hosts.contains_key(r.target.as_str()) {
+                        continue;
+                    }
+                    let found = match by_host.remove(r.target.as_str()) {
+                        Some((ips, ttl)) => Found::Ips(ips, ttl),
+                        None => Found::Failed(format!("no address for this target of {name}")),
+                    };
+                    self.record_first(st, Name::Host(r.target.as_str().into()), found);
+                    seeded = true;
+                }
                 let entry = st.srvs.get_mut(srv)?;
                 let changed = entry.records != records || seeded;
                 entry.records = records;
                 (changed, clamp(ttl, min, max))
             }
         };
-        if changed && rebuild {
+        if changed && publish {
             log::info!("resolver: {name} has a new answer");
-            self.rebuild_using(st, |e| e.uses(name));
+            let users: Vec<Box<str>> = st
+                .upstreams
+                .iter()
+                .filter(|(_, e)| e.uses(name, &st.srvs))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &users {
+                rebuild(st, id);
+            }
+            self.reconcile(st);
         }
         Some(next)
     }
@@ -375,19 +404,6 @@ impl Upstreams {
             .abort_handle()
     }
 
-    fn rebuild_using(&self, st: &mut State, uses: impl Fn(&Entry) -> bool) {
-        let ids: Vec<Box<str>> = st
-            .upstreams
-            .iter()
-            .filter(|(_, e)| uses(e))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &ids {
-            rebuild(st, id);
-        }
-        self.reconcile(st);
-    }
-
     /// Starts and stops health checks to match the target sets, and forgets the states,
     /// names and lookups nothing uses any more.
     fn reconcile(&self, st: &mut State) {
@@ -425,7 +441,11 @@ impl Upstreams {
         st.checks.retain(|key, c| {
             let keep = wanted.get(key).is_some_and(|(hc, _, _)| *hc == c.config);
             if !keep {
+                // No active checks any more (or new settings, which start over): the target
+                // is not held unhealthy by checks that no longer run.
                 c.task.abort();
+                c.state.set_unhealthy(false);
+                *c.state.check.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
             }
             keep
         });
@@ -436,9 +456,16 @@ impl Upstreams {
             let task = self
                 .inner
                 .rt
-                .spawn(health_checks(key.1, hc.clone(), host, state))
+                .spawn(health_checks(key.1, hc.clone(), host, state.clone()))
                 .abort_handle();
-            st.checks.insert(key, Check { config: hc, task });
+            st.checks.insert(
+                key,
+                Check {
+                    config: hc,
+                    task,
+                    state,
+                },
+            );
         }
         st.states.retain(|key, _| in_use.contains(key));
         st.hosts.retain(|h, host| {
@@ -611,8 +638,10 @@ async fn resolve_srv(
     known: impl Fn(&str) -> bool,
 ) -> Result<(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32), crate::dns::DnsError> {
     let (records, mut extra, ttl) = resolver.lookup_srv(name).await?;
+    let lowest = records.iter().map(|r| r.priority).min();
     let mut missing: Vec<&str> = records
         .iter()
+        .filter(|r| Some(r.priority) == lowest)
         .map(|r| r.target.as_str())
         .filter(|t| !known(t) && !extra.iter().any(|(n, _, _)| n == t))
         .collect();
@@ -650,13 +679,20 @@ impl std::fmt::Display for Name {
 }
 
 impl Entry {
-    /// Whether this upstream's targets come from `name`.
-    fn uses(&self, name: &Name) -> bool {
+    /// Whether this upstream's targets come from `name`: a host name among its targets or
+    /// among its SRV records' targets, or its SRV name.
+    fn uses(&self, name: &Name, srvs: &HashMap<Box<str>, SrvName>) -> bool {
         match name {
-            Name::Host(h) => self
-                .targets
-                .iter()
-                .any(|t| t.host.as_ref().is_some_and(|(x, _)| x == h)),
+            Name::Host(h) => {
+                self.targets
+                    .iter()
+                    .any(|t| t.host.as_ref().is_some_and(|(x, _)| x == h))
+                    || self
+                        .srv
+                        .as_ref()
+                        .and_then(|s| srvs.get(s))
+                        .is_some_and(|s| s.records.iter().any(|r| *r.target == **h))
+            }
             Name::Srv(s) => self.srv.as_ref() == Some(s),
         }
     }

@@ -585,7 +585,25 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
     }
     assert_eq!(seen.get("heavy"), Some(&150), "{seen:?}");
     assert_eq!(seen.get("light"), Some(&50), "{seen:?}");
-    drop(second);
+
+    // A record's host moves: the SRV upstream follows it too.
+    let moved = Backend::on(
+        SocketAddr::from(([127, 0, 0, 2], light.addr.port())),
+        "moved",
+        Mode::Answer,
+    );
+    let mut zone2 = zone("127.0.0.2");
+    zone2["a"]["light.test"] = serde_json::json!(["127.0.0.2"]);
+    dns.set_zone(&zone2);
+    let changed = Instant::now();
+    while !(0..4).any(|_| get(&gw, "/pool").body_str() == "moved") {
+        assert!(
+            changed.elapsed() < Duration::from_millis(2500),
+            "the SRV upstream did not follow its record's host"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop((second, moved));
 }
 
 #[test]
@@ -922,4 +940,15 @@ fn when_every_target_fails_its_checks_requests_still_go_to_them() {
         .map(|_| get(&gw, "/x").body_str().to_owned())
         .collect();
     assert_eq!(bodies.len(), 2, "{bodies:?}");
+    // Without active checks, nothing holds them unhealthy any more.
+    let body = serde_json::json!({"id": "u", "targets": [
+        {"address": a.addr.to_string()}, {"address": b.addr.to_string()},
+    ]});
+    let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    for t in health["targets"].as_array().unwrap() {
+        assert_eq!(t["state"], "healthy", "{t}");
+        assert_eq!(t["last_check"], serde_json::Value::Null, "{t}");
+    }
 }

@@ -334,22 +334,14 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         })
     }
 
-    /// Returns a session after its exchange; a reusable one goes back to the pool unless its
-    /// target drains or left meanwhile (the worker's sweep, which closes pooled connections
-    /// to such targets, may already have run).
+    /// Returns a session after its exchange; a reusable one goes back to the pool, unless
+    /// target sets or the config changed during the exchange: its target may be draining or
+    /// gone, and the worker's sweep, which closes pooled connections to such targets, may
+    /// already have run (a rare extra connect instead of a connection left open).
     pub fn checkin(&self, session: Session, outcome: Outcome) {
-        let mut poolable = session.poolable;
-        if poolable
-            && common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire)
-                != self.generation
-        {
-            let now = self.up.upstream.live.set.load();
-            poolable = now
-                .targets
-                .iter()
-                .any(|t| t.addr == session.target && !t.draining);
-        }
-        if outcome == Outcome::Reusable && poolable {
+        let unchanged =
+            common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation;
+        if outcome == Outcome::Reusable && session.poolable && unchanged {
             let mut conn = session.conn;
             conn.buf.clear();
             self.source.put_idle(session.target, conn, Instant::now());
@@ -377,7 +369,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // Released when the connector is dropped (the answer relayed).
             self.in_flight.set(true);
         }
-        if self.retry.is_some() {
+        if u.retry.is_some() {
+            // Every request of the upstream counts towards the budget, retryable or not.
             live.budget.note_request(now_ms());
         }
         let set = self.set.clone();

@@ -153,12 +153,21 @@ impl Input {
                 out
             })
             .collect();
+        let by_client_ip = agg
+            .steps
+            .iter()
+            .any(|s| snap.upstreams[s.upstream].hash_on == HashOn::ClientIp);
+        let client_ip = match by_client_ip {
+            // Behind trusted proxies: the address they name, as for a proxied route.
+            true => crate::policy::client_ip(&snap.policies, buf, head, peer),
+            false => req.client_ip,
+        };
         let keys = agg
             .steps
             .iter()
             .map(|s| match &snap.upstreams[s.upstream].hash_on {
                 HashOn::None => 0,
-                on => super::select::hash_key(on, buf, head, req.client_ip),
+                on => super::select::hash_key(on, buf, head, client_ip),
             })
             .collect();
         Input {

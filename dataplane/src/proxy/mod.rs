@@ -397,6 +397,8 @@ async fn proxy<S: ClientStream>(
         Err((_, err)) if err.kind.reason().is_some() => {
             // The gateway's own 503 (circuit limits, no address): the connection stays.
             req.fail(err.kind);
+            // Counted again by `respond` as it skips the buffered body.
+            req.bytes_in -= first_body as u64;
             push_field(
                 &mut req.response_fields,
                 b"X-Gateway-Reason",
