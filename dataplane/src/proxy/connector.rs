@@ -268,30 +268,37 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         })
     }
 
-    /// A pooled session to `target`, or a new connection (`fresh`: never a pooled one).
-    /// Records the target and the connect time.
-    async fn checkout(
+    /// A pooled session to `target`, if one is idle. Records the target. Not async: the
+    /// common case builds no connect future.
+    fn pooled(
         &self,
         rec: &mut Attempts,
         target: &LiveTarget,
-        fresh: bool,
+        try_deadline: Option<Instant>,
+    ) -> Option<Session> {
+        rec.target = Some(target.addr);
+        rec.connect = None;
+        let conn = self.source.take_idle(target.addr, Instant::now())?;
+        Some(Session {
+            conn,
+            target: target.addr,
+            reused: true,
+            try_deadline,
+            poolable: !target.draining,
+        })
+    }
+
+    /// A new connection to `target`, within the circuit limits. Records the target and the
+    /// connect time.
+    async fn connect_new(
+        &self,
+        rec: &mut Attempts,
+        target: &LiveTarget,
         try_deadline: Option<Instant>,
     ) -> Result<Session, ProxyError> {
         let addr = target.addr;
         rec.target = Some(addr);
         rec.connect = None;
-        let poolable = !target.draining;
-        if !fresh {
-            if let Some(conn) = self.source.take_idle(addr, Instant::now()) {
-                return Ok(Session {
-                    conn,
-                    target: addr,
-                    reused: true,
-                    try_deadline,
-                    poolable,
-                });
-            }
-        }
         let live = &self.up.upstream.live;
         let mut pending = None;
         if let Some(c) = &self.up.upstream.circuit {
@@ -330,7 +337,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             target: addr,
             reused: false,
             try_deadline,
-            poolable,
+            poolable: !target.draining,
         })
     }
 
@@ -373,13 +380,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // Every request of the upstream counts towards the budget, retryable or not.
             live.budget.note_request(now_ms());
         }
-        let set = self.set.clone();
+        let set: &TargetSet = &self.set;
         let stripe = self.source.stripe();
         let mut tries = 0u32;
         let mut avoid = None;
         loop {
             tries += 1;
-            let Some(i) = self.pick(&set, avoid) else {
+            let Some(i) = self.pick(set, avoid) else {
                 return Err((None, ErrorKind::NoTargets.into()));
             };
             let target = &set.targets[i];
@@ -396,7 +403,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     let status = status_of(v);
                     if status >= 500 {
                         state.count_error(stripe, STATUS_5XX);
-                        state.failed(u.passive.as_ref(), &set, now_ms());
+                        state.failed(u.passive.as_ref(), set, now_ms());
                     } else {
                         state.succeeded();
                     }
@@ -405,7 +412,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 Err((_, e)) => match e.kind.target_failure() {
                     Some(k) => {
                         state.count_error(stripe, k);
-                        state.failed(u.passive.as_ref(), &set, now_ms());
+                        state.failed(u.passive.as_ref(), set, now_ms());
                         self.retry.is_some_and(|r| r.on_kind(k))
                     }
                     None => false,
@@ -455,12 +462,16 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             .map(|t| Instant::now() + t);
         let mut fresh = false;
         loop {
-            let mut session = match self
-                .checkout(req.as_mut(), target, fresh, try_deadline)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => return Err((None, e)),
+            let pooled = match fresh {
+                false => self.pooled(req.as_mut(), target, try_deadline),
+                true => None,
+            };
+            let mut session = match pooled {
+                Some(s) => s,
+                None => match self.connect_new(req.as_mut(), target, try_deadline).await {
+                    Ok(s) => s,
+                    Err(e) => return Err((None, e)),
+                },
             };
             match attempt(&mut session, req).await {
                 Ok(v) => return Ok((session, v)),
