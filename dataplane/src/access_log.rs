@@ -393,21 +393,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Appends an IP address (IPv4-mapped IPv6 as IPv4) without quotes.
 fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                push_u64(out, u64::from(octet));
-            }
-        }
-        IpAddr::V6(_) => crate::forward::write_ip(out, ip),
-    }
+    crate::forward::write_ip(out, ip);
 }
 
 /// Appends an IP address as a JSON string.

@@ -5,7 +5,10 @@
 # difference divided by N2 - N1. Deterministic to about 0.5%, unlike timings on a shared VM.
 #
 # usage: [GW_TOML=config.toml] docs/perf/instructions/run.sh GATEWAY_BIN [GATEWAY_BIN...]
-# (GW_TOML: another gateway config on the same ports, default gw.toml next to this script;
+# (VG_EXTRA: more callgrind options, e.g. VG_EXTRA='--toggle-collect=*serve_stream*' to count
+# only the connection tasks' own work, without the runtime's timer ticks and idle wake-ups,
+# which vary with the client's pace on a busy machine;
+# GW_TOML: another gateway config on the same ports, default gw.toml next to this script;
 # gw-*.toml are the upstream-balancing variants with two targets, the origin on 127.0.0.1
 # and 127.0.0.2)
 # needs: valgrind, nginx, python3. Uses 127.0.0.1 ports 7310, 7311, 7319 and /tmp/vg-instr.
@@ -20,7 +23,8 @@ trap 'kill $ngpid 2>/dev/null || true' EXIT
 sleep 0.5
 count() { # BIN N -> instructions
     rm -rf "$work/data"
-    GATEWAY_IO_DRIVER=epoll valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+    # shellcheck disable=SC2086
+    GATEWAY_IO_DRIVER=epoll valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" ${VG_EXTRA:-} \
         "$1" --config "${GW_TOML:-$here/gw.toml}" --data-dir "$work/data" > "$work/gw.log" 2>&1 &
     local vpid=$!
     for _ in $(seq 1 300); do (echo > /dev/tcp/127.0.0.1/7310) 2>/dev/null && break; sleep 0.1; done
