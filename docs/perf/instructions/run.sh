@@ -2,15 +2,17 @@
 # User-space instructions per plain proxied request (13-byte answer, keep-alive, default
 # config: request ids and traceparent on), counted by valgrind's callgrind on the epoll driver
 # (valgrind does not run io_uring): total instructions after N1 and after N2 requests, the
-# difference divided by N2 - N1. Deterministic to about 0.5%, unlike timings on a shared VM.
+# difference divided by N2 - N1. Steady to about 1% on a quiet machine, unlike timings on a
+# shared VM; on a busy one the whole-process count moves with the client's pace (see VG_EXTRA).
 #
 # usage: [GW_TOML=config.toml] docs/perf/instructions/run.sh GATEWAY_BIN [GATEWAY_BIN...]
 # (VG_EXTRA: more callgrind options, e.g. VG_EXTRA='--toggle-collect=*serve_stream*' to count
 # only the connection tasks' own work, without the runtime's timer ticks and idle wake-ups,
 # which vary with the client's pace on a busy machine;
 # GW_TOML: another gateway config on the same ports, default gw.toml next to this script;
-# gw-*.toml are the upstream-balancing variants with two targets, the origin on 127.0.0.1
-# and 127.0.0.2)
+# gw-log.toml logs every request to /tmp/vg-instr/access.log; gw-rr2, gw-least_request,
+# gw-hash and gw-health.toml are the upstream-balancing variants with two targets, the
+# origin on 127.0.0.1 and 127.0.0.2)
 # needs: valgrind, nginx, python3. Uses 127.0.0.1 ports 7310, 7311, 7319 and /tmp/vg-instr.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
