@@ -279,16 +279,41 @@ fn json_str_parts(out: &mut Vec<u8>, parts: &[&[u8]], max: usize) {
     out.push(b'"');
 }
 
-/// Appends `s` escaped for the inside of a JSON string.
-fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
-    // Most values need no escaping: one copy.
-    if s.iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
-        out.extend_from_slice(s);
-        return;
+/// How many bytes at the start of `s` go into a log line as they are: printable ASCII other
+/// than a quote or a backslash. Eight bytes at a time while none needs escaping.
+fn plain_run(s: &[u8]) -> usize {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut i = 0;
+    while let Some(chunk) = s.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        // Quotes, backslashes and control bytes, bytes from 0x80, and 0x7f (DEL). Only the
+        // lowest flag counts (higher ones can be borrows).
+        let del = (w ^ (ONES * 0x7f)).wrapping_sub(ONES) & !(w ^ (ONES * 0x7f)) & HIGH;
+        let stops = crate::json::stop_bytes(w) | (w & HIGH) | del;
+        if stops != 0 {
+            return i + (stops.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
     }
-    for &b in s {
+    while i < s.len() && (0x20..0x7f).contains(&s[i]) && s[i] != b'"' && s[i] != b'\\' {
+        i += 1;
+    }
+    i
+}
+
+/// Appends `s` escaped for the inside of a JSON string: plain runs copied whole, the bytes
+/// between them escaped one by one.
+fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
+    let mut at = 0;
+    loop {
+        let plain = plain_run(&s[at..]);
+        out.extend_from_slice(&s[at..at + plain]);
+        at += plain;
+        let Some(&b) = s.get(at) else { return };
+        at += 1;
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -306,17 +331,89 @@ fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
     }
 }
 
-/// Appends `n` in decimal (no `fmt` machinery: this runs for every logged request).
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+
+    /// The byte-at-a-time definition the fast path must agree with.
+    fn slow(s: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &b in s {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x20..=0x7e => out.push(b),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                _ => out.extend_from_slice(format!("\\u00{b:02x}").as_bytes()),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn numbers_are_written_as_display_writes_them() {
+        let mut out = Vec::new();
+        let mut check = |n: u64| {
+            out.clear();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        };
+        for n in 0..=10_001 {
+            check(n);
+        }
+        for shift in 0..64 {
+            check(1u64 << shift);
+            check((1u64 << shift) - 1);
+        }
+        check(u64::MAX);
+    }
+
+    #[test]
+    fn escaping_agrees_with_the_byte_by_byte_definition_at_every_position() {
+        let specials = [
+            b'"', b'\\', 0x00, 0x1f, b'\n', 0x7f, 0x80, 0xc3, 0xff, b' ', b'~',
+        ];
+        for len in 0..20 {
+            for pos in 0..len.max(1) {
+                for &sp in &specials {
+                    let mut s: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                    if pos < len {
+                        s[pos] = sp;
+                    }
+                    let mut out = Vec::new();
+                    escape_into(&mut out, &s);
+                    assert_eq!(out, slow(&s), "{s:?}");
+                }
+            }
+        }
+    }
+}
+
+/// Appends `n` in decimal (no `fmt` machinery: this runs for every logged request), two
+/// digits per division.
 pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+                                2021222324252627282930313233343536373839\
+                                4041424344454647484950515253545556575859\
+                                6061626364656667686970717273747576777879\
+                                8081828384858687888990919293949596979899";
     let mut digits = [0u8; 20];
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     out.extend_from_slice(&digits[i..]);
 }

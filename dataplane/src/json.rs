@@ -34,6 +34,7 @@ pub type Members<'a> = Vec<(Cow<'a, str>, Node<'a>)>;
 
 mod validate;
 
+pub(crate) use validate::stop_bytes;
 pub use validate::{Invalid, MAX_DEPTH};
 
 /// Why a value could not be made into a tree.

@@ -74,7 +74,7 @@ static STOP: [bool; 256] = {
 /// the first such byte (bits above it may be set spuriously by borrows; only the lowest is
 /// used).
 #[inline]
-fn stop_bytes(w: u64) -> u64 {
+pub(crate) fn stop_bytes(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
