@@ -314,19 +314,24 @@ fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
         at += plain;
         let Some(&b) = s.get(at) else { return };
         at += 1;
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-            }
+        escape_byte(out, b);
+    }
+}
+
+/// Appends one byte as it goes inside a JSON string in a log line.
+fn escape_byte(out: &mut Vec<u8>, b: u8) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        0x20..=0x7e => out.push(b),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
         }
     }
 }
@@ -335,21 +340,22 @@ fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
 mod escape_tests {
     use super::*;
 
-    /// The byte-at-a-time definition the fast path must agree with.
+    /// Byte by byte: what the runs of plain bytes must not change.
     fn slow(s: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         for &b in s {
-            match b {
-                b'"' => out.extend_from_slice(b"\\\""),
-                b'\\' => out.extend_from_slice(b"\\\\"),
-                0x20..=0x7e => out.push(b),
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                b'\t' => out.extend_from_slice(b"\\t"),
-                _ => out.extend_from_slice(format!("\\u00{b:02x}").as_bytes()),
-            }
+            escape_byte(&mut out, b);
         }
         out
+    }
+
+    #[test]
+    fn bytes_are_escaped_as_json_wants_them() {
+        let mut out = Vec::new();
+        for b in [b'a', b'"', b'\\', b'\n', 0x01, 0x7f, 0xe9] {
+            escape_byte(&mut out, b);
+        }
+        assert_eq!(out, br#"a\"\\\n\u0001\u007f\u00e9"#);
     }
 
     #[test]
