@@ -427,12 +427,16 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 /// Appends `n` (below 10^width) zero-padded to `width` digits.
 fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
     let mut digits = [b'0'; 4];
-    let mut n = n;
-    for d in digits[..width].iter_mut().rev() {
+    fill_padded(&mut digits[..width], n);
+    out.extend_from_slice(&digits[..width]);
+}
+
+/// Writes `n` (below 10^len) zero-padded into all of `dst`.
+fn fill_padded(dst: &mut [u8], mut n: u64) {
+    for d in dst.iter_mut().rev() {
         *d = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    out.extend_from_slice(&digits[..width]);
 }
 
 /// Appends a duration as milliseconds with three decimals (microsecond resolution).
@@ -457,19 +461,16 @@ pub fn json_time(out: &mut Vec<u8>, t: SystemTime) {
     if cached != secs {
         let (y, m, d) = civil_from_days((secs / 86_400) as i64);
         let rem = secs % 86_400;
-        let mut w = Vec::with_capacity(19);
-        push_padded(&mut w, y.clamp(0, 9999) as u64, 4);
-        w.push(b'-');
-        push_padded(&mut w, u64::from(m), 2);
-        w.push(b'-');
-        push_padded(&mut w, u64::from(d), 2);
-        w.push(b'T');
-        push_padded(&mut w, rem / 3600, 2);
-        w.push(b':');
-        push_padded(&mut w, rem / 60 % 60, 2);
-        w.push(b':');
-        push_padded(&mut w, rem % 60, 2);
-        text.copy_from_slice(&w);
+        // In place: no buffer is allocated, not even once a second.
+        fill_padded(&mut text[0..4], y.clamp(0, 9999) as u64);
+        fill_padded(&mut text[5..7], u64::from(m));
+        fill_padded(&mut text[8..10], u64::from(d));
+        fill_padded(&mut text[11..13], rem / 3600);
+        fill_padded(&mut text[14..16], rem / 60 % 60);
+        fill_padded(&mut text[17..19], rem % 60);
+        for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
+            text[at] = sep;
+        }
         SECOND.with(|c| c.set((secs, text)));
     }
     out.push(b'"');
