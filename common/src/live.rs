@@ -143,6 +143,14 @@ impl TargetState {
         s.outstanding.fetch_add(1, Relaxed);
     }
 
+    /// A request that [`TargetState::begin`] counted never reached the target (a circuit
+    /// limit refused the connection it needed): it is not counted as one.
+    pub fn refused(&self, stripe: usize) {
+        self.stripes[stripe % STRIPES]
+            .requests
+            .fetch_sub(1, Relaxed);
+    }
+
     /// A request to this target ended.
     #[inline]
     pub fn end(&self, stripe: usize) {

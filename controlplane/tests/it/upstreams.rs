@@ -797,6 +797,12 @@ fn max_connections_counts_pooled_connections() {
     assert_eq!(first.join().unwrap(), 200);
     // Pooled again, it serves the next request.
     assert_eq!(get(&gw, "/c").status, 200);
+    // The refused request never reached the target: two requests, not three.
+    let series = format!(
+        "gateway_target_requests_total{{upstream=\"u\",target=\"{}\"}}",
+        slow.addr
+    );
+    assert_eq!(metric(&gw, &series), 2);
 }
 
 #[test]

@@ -409,6 +409,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     }
                     self.retry.is_some_and(|r| r.on_status(status))
                 }
+                Err((_, e)) if e.kind.reason().is_some() => {
+                    // Refused before reaching the target (max_connections, max_pending).
+                    state.refused(stripe);
+                    false
+                }
                 Err((_, e)) => match e.kind.target_failure() {
                     Some(k) => {
                         state.count_error(stripe, k);
