@@ -55,6 +55,14 @@ pub struct RequestHead {
     pub user_agent: Option<Span>,
 }
 
+/// Methods that are safe to send twice (RFC 9110 §9.2.2).
+pub fn is_idempotent_method(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
+    )
+}
+
 impl RequestHead {
     /// The path the router matches.
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
@@ -66,12 +74,9 @@ impl RequestHead {
         }
     }
 
-    /// Methods that are safe to send twice (RFC 9110 §9.2.2).
+    /// Whether the request's method is safe to send twice ([`is_idempotent_method`]).
     pub fn is_idempotent(&self, buf: &[u8]) -> bool {
-        matches!(
-            self.method.of(buf),
-            b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE"
-        )
+        is_idempotent_method(self.method.of(buf))
     }
 
     pub fn is_head(&self, buf: &[u8]) -> bool {

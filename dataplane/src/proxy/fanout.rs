@@ -165,9 +165,8 @@ impl Input {
         let keys = agg
             .steps
             .iter()
-            .map(|s| match &snap.upstreams[s.upstream].hash_on {
-                HashOn::None => 0,
-                on => super::select::hash_key(on, buf, head, client_ip),
+            .map(|s| {
+                super::select::hash_key(&snap.upstreams[s.upstream].hash_on, buf, head, client_ip)
             })
             .collect();
         Input {
@@ -501,10 +500,7 @@ async fn call(
 ) -> StepOutcome {
     let step = &agg.steps[j];
     let t = snap.timeouts;
-    let idempotent = matches!(
-        &*step.method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    );
+    let idempotent = crate::codec::request::is_idempotent_method(step.method.as_bytes());
     let up = UpstreamRef::of(snap, step.upstream);
     let connector = Connector::new(ctx, up, &t, key, true, idempotent);
     let is_head = &*step.method == "HEAD";

@@ -294,10 +294,7 @@ async fn proxy<S: ClientStream>(
     // The whole request is in the buffer: it can be sent again on a fresh connection.
     let idempotent = head.is_idempotent(&down.buf);
     let replayable = body_left == 0 && idempotent;
-    let key = match &up.upstream.hash_on {
-        common::snapshot::HashOn::None => 0,
-        on => select::hash_key(on, &down.buf, head, req.client_ip),
-    };
+    let key = select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
     // Read while the head's spans still point at it: relaying a body reuses the buffer.
     let is_head = head.is_head(&down.buf);
     add_trace_fields(down, req, head);
