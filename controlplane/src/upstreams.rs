@@ -93,6 +93,33 @@ struct Check {
     state: Arc<TargetState>,
 }
 
+// A name's refresh task and a target's checks end with their entries, however those go.
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for SrvName {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Check {
+    /// No active checks any more (or new settings, which start over): the target is not held
+    /// unhealthy by checks that no longer run.
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.set_unhealthy(false);
+        *self.state.check.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    }
+}
+
 /// What a first lookup found.
 enum Found {
     Ips(Vec<IpAddr>, u32),
@@ -438,17 +465,8 @@ impl Upstreams {
                 }
             }
         }
-        st.checks.retain(|key, c| {
-            let keep = wanted.get(key).is_some_and(|(hc, _, _)| *hc == c.config);
-            if !keep {
-                // No active checks any more (or new settings, which start over): the target
-                // is not held unhealthy by checks that no longer run.
-                c.task.abort();
-                c.state.set_unhealthy(false);
-                *c.state.check.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
-            }
-            keep
-        });
+        st.checks
+            .retain(|key, c| wanted.get(key).is_some_and(|(hc, _, _)| *hc == c.config));
         for (key, (hc, state, host)) in wanted {
             if st.checks.contains_key(&key) {
                 continue;
@@ -468,29 +486,13 @@ impl Upstreams {
             );
         }
         st.states.retain(|key, _| in_use.contains(key));
-        st.hosts.retain(|h, host| {
-            let keep = names.contains(h);
-            if !keep {
-                if let Some(t) = host.task.take() {
-                    t.abort();
-                }
-            }
-            keep
-        });
+        st.hosts.retain(|h, _| names.contains(h));
         let srv_names: HashSet<Box<str>> = st
             .upstreams
             .values()
             .filter_map(|e| e.srv.clone())
             .collect();
-        st.srvs.retain(|s, srv| {
-            let keep = srv_names.contains(s);
-            if !keep {
-                if let Some(t) = srv.task.take() {
-                    t.abort();
-                }
-            }
-            keep
-        });
+        st.srvs.retain(|s, _| srv_names.contains(s));
     }
 
     /// `GET /v1/upstreams/{id}/health`; `None` for an unknown id.
