@@ -17,6 +17,7 @@ use crate::ConfigError;
 pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream, ConfigError> {
     let at = format!("upstreams[{i}]");
     let field = |name: &str, reason: String| ConfigError::field(format!("{at}.{name}"), reason);
+    let within = |name: &str, v: u64, lo: u64, hi: u64| within(format!("{at}.{name}"), v, lo, hi);
     check_id(&u.id, &format!("{at}.id"))?;
     let srv = match &u.discovery {
         Some(d) => {
@@ -47,12 +48,12 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
     let mut targets = Vec::with_capacity(u.targets.len());
     for (j, t) in u.targets.iter().enumerate() {
         let weight = t.weight.unwrap_or(1);
-        if !(1..=MAX_WEIGHT).contains(&weight) {
-            return Err(field(
-                &format!("targets[{j}].weight"),
-                format!("must be between 1 and {MAX_WEIGHT}"),
-            ));
-        }
+        within(
+            &format!("targets[{j}].weight"),
+            weight.into(),
+            1,
+            MAX_WEIGHT.into(),
+        )?;
         let (addr, host) =
             parse_address(&t.address).map_err(|e| field(&format!("targets[{j}].address"), e))?;
         if targets
@@ -98,12 +99,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                     "must start with `/` and hold no spaces or control characters".into(),
                 ));
             }
-            if !(100..=3_600_000).contains(&h.interval_ms) {
-                return Err(field(
-                    "health_check.interval_ms",
-                    "must be between 100 and 3600000".into(),
-                ));
-            }
+            within("health_check.interval_ms", h.interval_ms, 100, 3_600_000)?;
             if !(1..=h.interval_ms).contains(&h.timeout_ms) {
                 return Err(field(
                     "health_check.timeout_ms",
@@ -114,12 +110,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                 ("healthy_after", h.healthy_after),
                 ("unhealthy_after", h.unhealthy_after),
             ] {
-                if !(1..=100).contains(&v) {
-                    return Err(field(
-                        &format!("health_check.{name}"),
-                        "must be between 1 and 100".into(),
-                    ));
-                }
+                within(&format!("health_check.{name}"), v.into(), 1, 100)?;
             }
             if h.expect_status.is_empty()
                 || h.expect_status.iter().any(|s| !(100..=599).contains(s))
@@ -142,24 +133,19 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
     let passive = match &u.passive {
         None => None,
         Some(p) => {
-            if !(1..=1000).contains(&p.consecutive_failures) {
-                return Err(field(
-                    "passive.consecutive_failures",
-                    "must be between 1 and 1000".into(),
-                ));
-            }
-            if !(1..=3_600_000).contains(&p.ejection_ms) {
-                return Err(field(
-                    "passive.ejection_ms",
-                    "must be between 1 and 3600000".into(),
-                ));
-            }
-            if p.max_ejected_percent > 100 {
-                return Err(field(
-                    "passive.max_ejected_percent",
-                    "must be between 0 and 100".into(),
-                ));
-            }
+            within(
+                "passive.consecutive_failures",
+                p.consecutive_failures.into(),
+                1,
+                1000,
+            )?;
+            within("passive.ejection_ms", p.ejection_ms, 1, 3_600_000)?;
+            within(
+                "passive.max_ejected_percent",
+                p.max_ejected_percent.into(),
+                0,
+                100,
+            )?;
             Some(Passive {
                 consecutive_failures: p.consecutive_failures,
                 ejection_ms: p.ejection_ms,
@@ -170,28 +156,16 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
     let retry = match &u.retry {
         None => None,
         Some(r) => {
-            if !(1..=10).contains(&r.attempts) {
-                return Err(field("retry.attempts", "must be between 1 and 10".into()));
-            }
-            if r.budget_percent > 100 {
-                return Err(field(
-                    "retry.budget_percent",
-                    "must be between 0 and 100".into(),
-                ));
-            }
+            within("retry.attempts", r.attempts.into(), 1, 10)?;
+            within("retry.budget_percent", r.budget_percent.into(), 0, 100)?;
             if r.budget_min_per_s > 1_000_000 {
                 return Err(field(
                     "retry.budget_min_per_s",
                     "must be at most 1000000".into(),
                 ));
             }
-            if r.per_try_timeout_ms
-                .is_some_and(|t| !(1..=86_400_000).contains(&t))
-            {
-                return Err(field(
-                    "retry.per_try_timeout_ms",
-                    "must be between 1 and 86400000".into(),
-                ));
+            if let Some(t) = r.per_try_timeout_ms {
+                within("retry.per_try_timeout_ms", t, 1, 86_400_000)?;
             }
             let (mut on_kinds, mut on_status) = (0u8, 0u128);
             for (k, name) in r.on.iter().enumerate() {
@@ -229,11 +203,8 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                 ("max_pending", c.max_pending),
                 ("max_requests", c.max_requests),
             ] {
-                if v.is_some_and(|v| !(1..=1_000_000).contains(&v)) {
-                    return Err(field(
-                        &format!("circuit.{name}"),
-                        "must be between 1 and 1000000".into(),
-                    ));
+                if let Some(v) = v {
+                    within(&format!("circuit.{name}"), v.into(), 1, 1_000_000)?;
                 }
             }
             Some(Circuit {
@@ -354,25 +325,27 @@ pub(crate) fn check_resolver(r: &crate::config::ResolverConfig) -> Result<(), Co
             ));
         }
     }
-    if !(1..=86_400_000).contains(&r.min_ttl_ms) {
-        return Err(ConfigError::field(
-            "resolver.min_ttl_ms",
-            "must be between 1 and 86400000",
-        ));
-    }
+    within("resolver.min_ttl_ms".into(), r.min_ttl_ms, 1, 86_400_000)?;
     if !(r.min_ttl_ms..=86_400_000).contains(&r.max_ttl_ms) {
         return Err(ConfigError::field(
             "resolver.max_ttl_ms",
             "must be between min_ttl_ms and 86400000",
         ));
     }
-    if !(1..=60_000).contains(&r.timeout_ms) {
-        return Err(ConfigError::field(
-            "resolver.timeout_ms",
-            "must be between 1 and 60000",
-        ));
-    }
+    within("resolver.timeout_ms".into(), r.timeout_ms, 1, 60_000)?;
     Ok(())
+}
+
+/// `v` in `lo..=hi`, or the error "must be between LO and HI" at `path`.
+fn within(path: String, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::field(
+            path,
+            format!("must be between {lo} and {hi}"),
+        ))
+    }
 }
 
 /// A DNS name: dot-separated labels of letters, digits, `-` and `_` (SRV names), each 1 to
