@@ -76,6 +76,12 @@ pub struct Config {
     /// Kinds of client (mobile, partner, ...) that route `variants` answer differently.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_profiles: Vec<ClientProfileConfig>,
+    /// Certificates (with their private keys) that TLS listeners serve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateConfig>,
+    /// HTTP/2 with clients (TLS listeners offering `h2`, cleartext listeners with `h2c`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub http2: Http2Config,
     /// Name servers and TTL bounds for host names in target addresses and SRV discovery.
     #[serde(default, skip_serializing_if = "is_default")]
     pub resolver: ResolverConfig,
@@ -652,6 +658,135 @@ pub struct ListenerConfig {
     /// policies. Default none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// Terminate TLS on this listener: `{ certificates = ["api-example"] }`. Absent:
+    /// cleartext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsConfig>,
+    /// On a cleartext listener, also accept HTTP/2 with prior knowledge (RFC 9113 3.3): a
+    /// connection that opens with the HTTP/2 preface speaks HTTP/2, any other HTTP/1.1.
+    /// Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub h2c: bool,
+}
+
+/// TLS settings of one listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// Ids of `certificates`, at least one. A client's SNI name picks the certificate whose
+    /// names match it (exactly, else by wildcard); clients without SNI, or with a name none
+    /// matches, get the first.
+    pub certificates: Vec<String>,
+    /// Lowest TLS version accepted: `"1.2"` (the default) or `"1.3"`.
+    #[serde(
+        default = "default_min_tls",
+        skip_serializing_if = "is_default_min_tls"
+    )]
+    pub min_version: String,
+    /// Protocols offered by ALPN, in order of preference: `"h2"`, `"http/1.1"`. Default both.
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+}
+
+fn default_min_tls() -> String {
+    "1.2".to_owned()
+}
+fn is_default_min_tls(v: &str) -> bool {
+    v == "1.2"
+}
+fn default_alpn() -> Vec<String> {
+    vec!["h2".to_owned(), "http/1.1".to_owned()]
+}
+
+/// A certificate chain and its private key, for TLS listeners.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Unique id that listeners refer to (same alphabet as route ids).
+    pub id: String,
+    /// The certificate chain in PEM, leaf first. One of `cert_pem` and `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_pem: Option<String>,
+    /// A file holding the PEM chain, read whenever the config is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// The private key in PEM (PKCS#8, PKCS#1 or SEC1). Write-only: the admin API stores it
+    /// with mode 0600 in the data directory and replaces it by `key_sha256`; it is never
+    /// shown.
+    #[serde(default, skip_serializing)]
+    pub key_pem: Option<String>,
+    /// A file holding the private key, read whenever the config is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// SHA-256 of the key's PEM text, 64 lower-case hex digits. Set by the gateway; a PUT
+    /// that carries it instead of `key_pem` keeps the key stored under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// Read-only, set by the gateway: the DNS names the certificate is valid for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Read-only, set by the gateway: when the certificate expires (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// The key found under `key_sha256` in the data directory, filled in by the control
+    /// plane before compiling; never serialised.
+    #[serde(skip)]
+    pub stored_key: StoredKey,
+}
+
+/// A private key kept out of every serialised form, `Debug` and equality (it follows from
+/// `key_sha256`, which is compared).
+#[derive(Clone, Default)]
+pub struct StoredKey(pub Option<std::sync::Arc<str>>);
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "StoredKey(..)"
+        } else {
+            "StoredKey(None)"
+        })
+    }
+}
+
+impl PartialEq for StoredKey {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for StoredKey {}
+
+/// HTTP/2 with clients: limits against abusive peers and flow-control windows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Most streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS), 1 to
+    /// 1,000. Default 128.
+    pub max_concurrent_streams: u32,
+    /// Largest decoded header list a client may send (SETTINGS_MAX_HEADER_LIST_SIZE), in
+    /// bytes; larger: the stream is refused with 431. 1,024 to 1,048,576. Default 65,536
+    /// (the same header-byte bound `[limits] max_header_bytes` also applies).
+    pub max_header_list_size: u32,
+    /// Initial flow-control window of each stream, 65,535 to 16,777,216. Default 1,048,576.
+    pub initial_stream_window: u32,
+    /// Flow-control window of the whole connection, 65,535 to 67,108,864. Default 4,194,304.
+    pub initial_connection_window: u32,
+    /// Streams a client may reset before the gateway has answered them, within the life of
+    /// one connection, before the connection is closed with ENHANCE_YOUR_CALM (rapid reset,
+    /// CVE-2023-44487). 1 to 10,000. Default 100.
+    pub max_pending_resets: u32,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 128,
+            max_header_list_size: 65_536,
+            initial_stream_window: 1 << 20,
+            initial_connection_window: 4 << 20,
+            max_pending_resets: 100,
+        }
+    }
 }
 
 /// A named set of backend targets.
@@ -994,6 +1129,9 @@ pub struct TimeoutsConfig {
     pub upstream_send_ms: u64,
     /// How long an idle pooled upstream connection is kept. Default 30,000.
     pub upstream_idle_ms: u64,
+    /// From accepting a connection on a TLS listener to the end of its handshake; on expiry
+    /// the connection is closed. Default 10,000.
+    pub tls_handshake_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -1009,6 +1147,7 @@ impl Default for TimeoutsConfig {
             upstream_body_ms: 60_000,
             upstream_send_ms: 60_000,
             upstream_idle_ms: 30_000,
+            tls_handshake_ms: 10_000,
         }
     }
 }

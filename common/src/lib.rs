@@ -14,11 +14,14 @@ pub mod reason;
 pub mod router;
 pub mod slots;
 pub mod snapshot;
+pub mod tls;
 pub mod upstreams;
 mod validate;
 
 pub use config::Config;
-pub use snapshot::{Limits, Route, RouteAction, Snapshot, Target, Timeouts, Upstream, Variant};
+pub use snapshot::{
+    Limits, ListenerProtocols, Route, RouteAction, Snapshot, Target, Timeouts, Upstream, Variant,
+};
 
 use std::path::Path;
 

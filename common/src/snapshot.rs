@@ -33,6 +33,10 @@ pub struct Snapshot {
     pub workers: Option<usize>,
     /// Listen addresses (binding happens at start; a change needs a restart).
     pub listeners: Vec<SocketAddr>,
+    /// Per listener, in the order of `listeners`: TLS and HTTP/2 (these change at runtime).
+    pub listener_protocols: Vec<ListenerProtocols>,
+    /// HTTP/2 limits and windows.
+    pub http2: crate::config::Http2Config,
     pub router: Router,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
@@ -283,6 +287,16 @@ pub struct Timeouts {
     pub upstream_body: Duration,
     pub upstream_send: Duration,
     pub upstream_idle: Duration,
+    pub tls_handshake: Duration,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerProtocols {
+    /// Terminate TLS with this config; `None`: cleartext.
+    pub tls: Option<crate::tls::ListenerTls>,
+    /// Cleartext HTTP/2 with prior knowledge.
+    pub h2c: bool,
 }
 
 /// Request limits.
@@ -323,6 +337,9 @@ impl Snapshot {
             }
             listeners.push(addr);
         }
+
+        let listener_protocols = compile_tls(&mut config)?;
+        check_http2(&config.http2)?;
 
         crate::upstreams::check_resolver(&config.resolver)?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
@@ -403,6 +420,7 @@ impl Snapshot {
             upstream_body: ms("upstream_body_ms", t.upstream_body_ms)?,
             upstream_send: ms("upstream_send_ms", t.upstream_send_ms)?,
             upstream_idle: ms("upstream_idle_ms", t.upstream_idle_ms)?,
+            tls_handshake: ms("tls_handshake_ms", t.tls_handshake_ms)?,
         };
         let l = &config.limits;
         if !(1024..=1024 * 1024).contains(&l.max_header_bytes) {
@@ -471,6 +489,8 @@ impl Snapshot {
             revision,
             workers: config.workers,
             listeners,
+            listener_protocols,
+            http2: config.http2.clone(),
             router,
             routes,
             upstreams,
@@ -487,6 +507,97 @@ impl Snapshot {
             config,
         })
     }
+}
+
+/// Compiles `certificates` (filling their read-only fields) and each listener's TLS and
+/// HTTP/2 settings.
+fn compile_tls(config: &mut Config) -> Result<Vec<ListenerProtocols>, ConfigError> {
+    let now = std::time::SystemTime::now();
+    let mut certs = Vec::with_capacity(config.certificates.len());
+    for i in 0..config.certificates.len() {
+        let at = format!("certificates[{i}]");
+        let id = config.certificates[i].id.clone();
+        crate::validate::check_id(&id, &format!("{at}.id"))?;
+        if config.certificates[..i].iter().any(|c| c.id == id) {
+            return Err(ConfigError::field(
+                format!("{at}.id"),
+                format!("duplicate certificate id {id:?}"),
+            ));
+        }
+        let c = &mut config.certificates[i];
+        certs.push(std::sync::Arc::new(crate::tls::compile_certificate(
+            c, &at, now,
+        )?));
+    }
+    let mut out = Vec::with_capacity(config.listeners.len());
+    for (i, l) in config.listeners.iter().enumerate() {
+        let at = format!("listeners[{i}]");
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                if t.certificates.is_empty() {
+                    return Err(ConfigError::field(
+                        format!("{at}.tls.certificates"),
+                        "a TLS listener needs at least one certificate",
+                    ));
+                }
+                let mut mine = Vec::with_capacity(t.certificates.len());
+                for (j, id) in t.certificates.iter().enumerate() {
+                    let Some(c) = certs.iter().find(|c| c.id == *id) else {
+                        return Err(ConfigError::field(
+                            format!("{at}.tls.certificates[{j}]"),
+                            format!("no certificate has id {id:?}"),
+                        ));
+                    };
+                    mine.push(c.clone());
+                }
+                Some(crate::tls::compile_listener(t, mine, &format!("{at}.tls"))?)
+            }
+        };
+        if l.h2c && tls.is_some() {
+            return Err(ConfigError::field(
+                format!("{at}.h2c"),
+                "h2c is for cleartext listeners; a TLS listener offers HTTP/2 through `tls.alpn`",
+            ));
+        }
+        out.push(ListenerProtocols { tls, h2c: l.h2c });
+    }
+    Ok(out)
+}
+
+fn check_http2(h: &crate::config::Http2Config) -> Result<(), ConfigError> {
+    use crate::upstreams::within;
+    let at = |f: &str| format!("http2.{f}");
+    within(
+        at("max_concurrent_streams"),
+        h.max_concurrent_streams.into(),
+        1,
+        1000,
+    )?;
+    within(
+        at("max_header_list_size"),
+        h.max_header_list_size.into(),
+        1024,
+        1 << 20,
+    )?;
+    within(
+        at("initial_stream_window"),
+        h.initial_stream_window.into(),
+        65_535,
+        1 << 24,
+    )?;
+    within(
+        at("initial_connection_window"),
+        h.initial_connection_window.into(),
+        65_535,
+        1 << 26,
+    )?;
+    within(
+        at("max_pending_resets"),
+        h.max_pending_resets.into(),
+        1,
+        10_000,
+    )
 }
 
 /// What routes can refer to.

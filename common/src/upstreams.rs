@@ -337,7 +337,7 @@ pub(crate) fn check_resolver(r: &crate::config::ResolverConfig) -> Result<(), Co
 }
 
 /// `v` in `lo..=hi`, or the error "must be between LO and HI" at `path`.
-fn within(path: String, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+pub(crate) fn within(path: String, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
     if (lo..=hi).contains(&v) {
         Ok(())
     } else {

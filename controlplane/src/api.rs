@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use common::config::{
-    AggregateConfig, ClientProfileConfig, ConsumerConfig, CredentialConfig, PolicyConfig,
-    RouteConfig, UpstreamConfig,
+    AggregateConfig, CertificateConfig, ClientProfileConfig, ConsumerConfig, CredentialConfig,
+    PolicyConfig, RouteConfig, UpstreamConfig,
 };
 use common::{Config, ConfigError, Snapshot};
 use serde::Deserialize;
@@ -120,10 +120,11 @@ pub enum Kind {
     Policies,
     Aggregates,
     ClientProfiles,
+    Certificates,
 }
 
 /// Every resource kind's collection path.
-pub const KIND_PATHS: [&str; 7] = [
+pub const KIND_PATHS: [&str; 8] = [
     "/v1/routes",
     "/v1/upstreams",
     "/v1/consumers",
@@ -131,6 +132,7 @@ pub const KIND_PATHS: [&str; 7] = [
     "/v1/policies",
     "/v1/aggregates",
     "/v1/client_profiles",
+    "/v1/certificates",
 ];
 
 impl Kind {
@@ -143,6 +145,7 @@ impl Kind {
             "policies" => Ok(Kind::Policies),
             "aggregates" => Ok(Kind::Aggregates),
             "client_profiles" => Ok(Kind::ClientProfiles),
+            "certificates" => Ok(Kind::Certificates),
             other => Err(Problem::not_found(format!("no resource kind {other:?}"))),
         }
     }
@@ -156,6 +159,7 @@ impl Kind {
             Kind::Policies => "policies",
             Kind::Aggregates => "aggregates",
             Kind::ClientProfiles => "client_profiles",
+            Kind::Certificates => "certificates",
         }
     }
 
@@ -168,6 +172,7 @@ impl Kind {
             Kind::Policies => c.policies.iter().map(|u| u.id().to_owned()).collect(),
             Kind::Aggregates => c.aggregates.iter().map(|u| u.id.clone()).collect(),
             Kind::ClientProfiles => c.client_profiles.iter().map(|u| u.id.clone()).collect(),
+            Kind::Certificates => c.certificates.iter().map(|u| u.id.clone()).collect(),
         }
     }
 
@@ -180,6 +185,7 @@ impl Kind {
             Kind::Policies => c.policies.iter().find(|u| u.id() == id).map(to_value),
             Kind::Aggregates => c.aggregates.iter().find(|u| u.id == id).map(to_value),
             Kind::ClientProfiles => c.client_profiles.iter().find(|u| u.id == id).map(to_value),
+            Kind::Certificates => c.certificates.iter().find(|u| u.id == id).map(to_value),
         }
     }
 
@@ -192,6 +198,7 @@ impl Kind {
             Kind::Policies => c.policies.iter().map(to_value).collect(),
             Kind::Aggregates => c.aggregates.iter().map(to_value).collect(),
             Kind::ClientProfiles => c.client_profiles.iter().map(to_value).collect(),
+            Kind::Certificates => c.certificates.iter().map(to_value).collect(),
         }
     }
 
@@ -260,6 +267,10 @@ impl Kind {
                 let item: ClientProfileConfig = typed(value)?;
                 upsert(&mut c.client_profiles, item, |u| u.id == id)
             }
+            Kind::Certificates => {
+                let item: CertificateConfig = typed(value)?;
+                upsert(&mut c.certificates, item, |u| u.id == id)
+            }
         })
     }
 
@@ -277,6 +288,7 @@ impl Kind {
             Kind::Policies => remove_where(&mut c.policies, |u| u.id() == id),
             Kind::Aggregates => remove_where(&mut c.aggregates, |u| u.id == id),
             Kind::ClientProfiles => remove_where(&mut c.client_profiles, |u| u.id == id),
+            Kind::Certificates => remove_where(&mut c.certificates, |u| u.id == id),
         }
     }
 
@@ -316,6 +328,17 @@ impl Kind {
                 .iter()
                 .filter(|r| r.variants.iter().any(|v| v.profile == id))
                 .map(|r| format!("routes/{}", r.id))
+                .collect(),
+            Kind::Certificates => c
+                .listeners
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| {
+                    l.tls
+                        .as_ref()
+                        .is_some_and(|t| t.certificates.iter().any(|x| x == id))
+                })
+                .map(|(i, _)| format!("listeners/{i}"))
                 .collect(),
             Kind::Consumers => {
                 let credentials = c
@@ -611,8 +634,10 @@ impl Admin {
         build: impl FnOnce(&Store) -> Result<Config, Problem>,
     ) -> Result<Applied, Problem> {
         let mut store = lock(&self.store);
-        let next = build(&store)?;
+        let mut next = build(&store)?;
         let revision = store.revision() + 1;
+        let new_keys = crate::keys::take_new(&next);
+        crate::keys::load(store.dir(), &mut next);
         let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
         // The compiled config is the normalised one (API keys replaced by their hashes):
         // that is what is stored, diffed and served.
@@ -642,6 +667,15 @@ impl Admin {
                 dry_run,
             });
         }
+        // Keys first: a committed config never names a key that is not on disk.
+        crate::keys::save(store.dir(), &new_keys).map_err(|e| {
+            log::error!("admin: cannot store a private key: {e}");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Not Persisted",
+                "a private key could not be written to the data directory; nothing changed",
+            )
+        })?;
         let committed = store.commit(next, source).map_err(|e| {
             log::error!("admin: cannot persist the change: {e}");
             Problem::new(
@@ -749,6 +783,11 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("PUT", "/v1/client_profiles/{id}"),
     ("PATCH", "/v1/client_profiles/{id}"),
     ("DELETE", "/v1/client_profiles/{id}"),
+    ("GET", "/v1/certificates"),
+    ("GET", "/v1/certificates/{id}"),
+    ("PUT", "/v1/certificates/{id}"),
+    ("PATCH", "/v1/certificates/{id}"),
+    ("DELETE", "/v1/certificates/{id}"),
 ];
 
 /// The router path serving a documented path: one template serves every resource kind.

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod cli;
 pub mod dns;
+pub mod keys;
 pub mod logger;
 pub mod store;
 pub mod upstreams;
@@ -120,11 +121,15 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
                     ),
                 ));
             }
-            let config = read_config(&source).map_err(describe)?;
-            // Stored as compiled: API keys only as their hashes.
+            let mut config = read_config(&source).map_err(describe)?;
+            let new_keys = keys::take_new(&config);
+            keys::load(dir, &mut config);
+            // Stored as compiled: API keys only as their hashes, private keys in keys/.
             let config = Snapshot::compile(config, store.revision() + 1)
                 .map_err(describe)?
                 .config;
+            keys::save(dir, &new_keys)
+                .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
             store
                 .commit(config, "file (--replace-state)")
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
@@ -136,8 +141,12 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
             Ok(store)
         }
         None => {
-            let config = read_config(&source).map_err(describe)?;
+            let mut config = read_config(&source).map_err(describe)?;
+            let new_keys = keys::take_new(&config);
+            keys::load(dir, &mut config);
             let config = Snapshot::compile(config, 1).map_err(describe)?.config;
+            keys::save(dir, &new_keys)
+                .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
             let what = match &source {
                 ConfigSource::File(p) => format!("file {}", p.display()),
                 ConfigSource::Embedded => {
@@ -220,16 +229,17 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
     let store = open_state(&args, &data_dir)?;
-    let mut snapshot =
-        Snapshot::compile(store.config().clone(), store.revision()).map_err(|e| {
-            (
-                EXIT_INVALID,
-                format!(
-                    "stored config revision {} is invalid: {e}",
-                    store.revision()
-                ),
-            )
-        })?;
+    let mut stored = store.config().clone();
+    keys::load(&data_dir, &mut stored);
+    let mut snapshot = Snapshot::compile(stored, store.revision()).map_err(|e| {
+        (
+            EXIT_INVALID,
+            format!(
+                "stored config revision {} is invalid: {e}",
+                store.revision()
+            ),
+        )
+    })?;
     let workers = args
         .workers
         .or(snapshot.workers)
@@ -284,7 +294,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         admin: admin_bound,
     });
     spawn_admin(admin.clone(), admin_listener)?;
-    log_started(&plane);
+    log_started(&plane, &shared.load());
     log::info!("admin API listening on http://{admin_bound} (bearer token from {token_source})");
     Ok(wait_for_signals(
         &signals,
@@ -328,7 +338,7 @@ fn spawn_admin(admin: Arc<Admin>, listener: std::net::TcpListener) -> Result<(),
     Ok(())
 }
 
-fn log_started(plane: &DataPlane) {
+fn log_started(plane: &DataPlane, snap: &Snapshot) {
     let cpus: Vec<String> = plane
         .cpus
         .iter()
@@ -340,8 +350,12 @@ fn log_started(plane: &DataPlane) {
         plane.workers,
         cpus.join(", ")
     );
-    for addr in &plane.addresses {
-        log::info!("listening on http://{addr}");
+    for (i, addr) in plane.addresses.iter().enumerate() {
+        match snap.listener_protocols.get(i) {
+            Some(p) if p.tls.is_some() => log::info!("listening on https://{addr}"),
+            Some(p) if p.h2c => log::info!("listening on http://{addr} (h2c too)"),
+            _ => log::info!("listening on http://{addr}"),
+        }
     }
 }
 

@@ -431,6 +431,7 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
         .chain(items("policies", &config.policies, |p| p.id()))
         .chain(items("aggregates", &config.aggregates, |a| &a.id))
         .chain(items("client_profiles", &config.client_profiles, |p| &p.id))
+        .chain(items("certificates", &config.certificates, |c| &c.id))
         .collect()
 }
 

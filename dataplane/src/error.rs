@@ -55,6 +55,8 @@ pub enum ErrorKind {
     ClientClosed,
     /// No route matches the request (404).
     NoRoute,
+    /// On TLS, the request's host is not the SNI name the connection was opened for (421).
+    Misdirected,
     /// A policy refused the request (its own status: 401, 403, 421 or 429).
     PolicyDenied,
     /// The upstream refused or reset the connection attempt (502).
@@ -87,7 +89,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 24] = [
+    pub const ALL: [ErrorKind; 25] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -99,6 +101,7 @@ impl ErrorKind {
         ErrorKind::ClientTimeout,
         ErrorKind::ClientClosed,
         ErrorKind::NoRoute,
+        ErrorKind::Misdirected,
         ErrorKind::PolicyDenied,
         ErrorKind::ConnectFailed,
         ErrorKind::ConnectTimeout,
@@ -128,6 +131,7 @@ impl ErrorKind {
             ErrorKind::ClientTimeout => "client_timeout",
             ErrorKind::ClientClosed => "client_closed",
             ErrorKind::NoRoute => "no_route",
+            ErrorKind::Misdirected => "misdirected",
             ErrorKind::PolicyDenied => "policy_denied",
             ErrorKind::ConnectFailed => "connect_failed",
             ErrorKind::ConnectTimeout => "connect_timeout",
@@ -180,7 +184,8 @@ impl ErrorKind {
             | ErrorKind::ExpectationFailed
             | ErrorKind::UnsupportedTransferCoding
             | ErrorKind::ClientTimeout
-            | ErrorKind::ClientClosed => Side::Client,
+            | ErrorKind::ClientClosed
+            | ErrorKind::Misdirected => Side::Client,
             ErrorKind::NoRoute
             | ErrorKind::PolicyDenied
             | ErrorKind::NoTargets
@@ -212,6 +217,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedTransferCoding => Status::NotImplemented,
             ErrorKind::ClientTimeout => Status::RequestTimeout,
             ErrorKind::NoRoute => Status::NotFound,
+            ErrorKind::Misdirected => Status::MisdirectedRequest,
             ErrorKind::ConnectFailed
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamMalformed

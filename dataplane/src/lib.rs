@@ -35,6 +35,7 @@ pub mod policy;
 mod proxy;
 pub mod shape;
 pub mod status;
+pub mod tls;
 pub mod trace;
 pub mod upstream;
 mod worker;

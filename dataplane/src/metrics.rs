@@ -12,6 +12,7 @@ use std::sync::Arc;
 use common::slots::{route_slot_names, MAX_ROUTE_SLOTS};
 
 use crate::error::{ErrorKind, SkipReason, StepError};
+use crate::tls::HandshakeFailure;
 
 /// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` follows).
 pub const LATENCY_BUCKETS_US: [u64; 16] = [
@@ -70,6 +71,10 @@ pub struct WorkerMetrics {
     pub upstream_latency: Histogram,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     open_connections: AtomicU64,
+    /// Completed TLS handshakes.
+    tls_handshakes: AtomicU64,
+    /// Failed TLS handshakes, by reason.
+    tls_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Access log lines dropped because the worker's log buffers were full.
     access_log_dropped: AtomicU64,
     /// Shaped answers relayed unchanged, by reason.
@@ -103,6 +108,8 @@ impl Default for WorkerMetrics {
             transform_skipped: std::array::from_fn(|_| AtomicU64::new(0)),
             steps: Default::default(),
             open_connections: AtomicU64::new(0),
+            tls_handshakes: AtomicU64::new(0),
+            tls_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             access_log_dropped: AtomicU64::new(0),
         }
     }
@@ -162,6 +169,14 @@ impl WorkerMetrics {
             if let Some(e) = failed {
                 s.failures[e as usize] += 1;
             }
+        }
+    }
+
+    /// Counts a TLS handshake: `None` completed, else why it failed.
+    pub fn tls_handshake(&self, failed: Option<HandshakeFailure>) {
+        match failed {
+            None => bump(&self.tls_handshakes, 1),
+            Some(why) => bump(&self.tls_failures[why as usize], 1),
         }
     }
 
@@ -237,6 +252,23 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
         );
     }
     steps(&mut out, workers);
+    out.push_str(
+        "# HELP gateway_tls_handshakes_total TLS handshakes on client connections, by outcome.\n",
+    );
+    out.push_str("# TYPE gateway_tls_handshakes_total counter\n");
+    let _ = writeln!(
+        out,
+        "gateway_tls_handshakes_total{{result=\"ok\"}} {}",
+        sum(&|w: &WorkerMetrics| &w.tls_handshakes)
+    );
+    for why in HandshakeFailure::ALL {
+        let n = sum(&|w: &WorkerMetrics| &w.tls_failures[why as usize]);
+        let _ = writeln!(
+            out,
+            "gateway_tls_handshakes_total{{result=\"{}\"}} {n}",
+            why.label()
+        );
+    }
     out.push_str("# HELP gateway_open_connections Client connections being served (parked idle ones excluded).\n");
     out.push_str("# TYPE gateway_open_connections gauge\n");
     let _ = writeln!(

@@ -12,6 +12,7 @@ pub enum Status {
     RequestTimeout,
     PayloadTooLarge,
     UriTooLong,
+    MisdirectedRequest,
     ExpectationFailed,
     HeadersTooLarge,
     NotImplemented,
@@ -52,13 +53,14 @@ macro_rules! canned {
 
 impl Status {
     /// Every status, for tests and docs.
-    pub const ALL: [Status; 13] = [
+    pub const ALL: [Status; 14] = [
         Status::BadRequest,
         Status::NotFound,
         Status::MethodNotAllowed,
         Status::RequestTimeout,
         Status::PayloadTooLarge,
         Status::UriTooLong,
+        Status::MisdirectedRequest,
         Status::ExpectationFailed,
         Status::HeadersTooLarge,
         Status::NotImplemented,
@@ -77,6 +79,7 @@ impl Status {
             Status::RequestTimeout => 408,
             Status::PayloadTooLarge => 413,
             Status::UriTooLong => 414,
+            Status::MisdirectedRequest => 421,
             Status::ExpectationFailed => 417,
             Status::HeadersTooLarge => 431,
             Status::NotImplemented => 501,
@@ -106,6 +109,11 @@ impl Status {
             Status::UriTooLong => {
                 canned!("414" "URI Too Long", "29", "414 request target too long.\n")
             }
+            Status::MisdirectedRequest => canned!(
+                "421" "Misdirected Request",
+                "57",
+                "421 the request's host differs from the TLS server name.\n"
+            ),
             Status::ExpectationFailed => {
                 canned!("417" "Expectation Failed", "29", "417 unsupported expectation.\n")
             }

@@ -11,6 +11,12 @@ use crate::support::*;
 
 both_drivers!(conformance_cases_pass);
 
+/// The same cases over TLS (io_uring only: the TLS layer is the same on both drivers).
+#[test]
+fn conformance_cases_pass_over_tls() {
+    run(Driver::IoUring, true);
+}
+
 /// Kills the origin process when the test ends, however it ends.
 struct Killed(Child);
 
@@ -22,6 +28,10 @@ impl Drop for Killed {
 }
 
 fn conformance_cases_pass(driver: Driver) {
+    run(driver, false);
+}
+
+fn run(driver: Driver, tls: bool) {
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance");
     let dir = temp_dir("conformance");
     let log = dir.join("origin.jsonl");
@@ -49,10 +59,24 @@ fn conformance_cases_pass(driver: Driver) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let origin = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = proxy_config(origin, "[timeouts]\nupstream_response_head_ms = 3000\n");
+    let mut config = proxy_config(origin, "[timeouts]\nupstream_response_head_ms = 3000\n");
+    if tls {
+        let cert = crate::tls::Cert::new(&dir, "localhost");
+        config = config.replacen(
+            "address = \"127.0.0.1:0\"\n",
+            "address = \"127.0.0.1:0\"\ntls = { certificates = [\"local\"] }\n",
+            1,
+        );
+        config.push_str(&format!(
+            "\n[[certificates]]\nid = \"local\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.cert.display(),
+            cert.key.display()
+        ));
+    }
     let gw = Gateway::start(&config, driver);
     let out = Command::new("python3")
         .arg(suite.join("run_cases.py"))
+        .args(tls.then_some("--tls"))
         .arg("--proxy")
         .arg(gw.addr.to_string())
         .arg("--origin-log")

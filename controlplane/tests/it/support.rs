@@ -51,7 +51,10 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// A running gateway process, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Gateway {
     child: Option<Child>,
+    /// The first listener.
     pub addr: SocketAddr,
+    /// Every listener, in config order.
+    pub listeners: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
@@ -131,30 +134,37 @@ impl Gateway {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("gateway: listening on http://") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                let listener = line
+                    .strip_prefix("gateway: listening on http://")
+                    .or_else(|| line.strip_prefix("gateway: listening on https://"));
+                if let Some(rest) = listener {
+                    let addr = rest.split(' ').next().unwrap();
+                    let _ = tx.send((false, addr.parse::<SocketAddr>().unwrap()));
                 }
                 if let Some(rest) = line.strip_prefix("gateway: admin API listening on http://") {
                     let addr = rest.split(' ').next().unwrap();
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                    let _ = tx.send((true, addr.parse::<SocketAddr>().unwrap()));
                 }
                 log2.lock().unwrap().push(line);
             }
         });
+        // Every listener, in config order, then the admin API.
         let mut addrs = Vec::new();
-        for _ in 0..2 {
+        let admin = loop {
             match rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(a) => addrs.push(a),
+                Ok((false, a)) => addrs.push(a),
+                Ok((true, a)) => break a,
                 Err(_) => {
                     let _ = child.kill();
                     panic!("gateway did not start: {:?}", log.lock().unwrap());
                 }
             }
-        }
+        };
         let gw = Gateway {
             child: Some(child),
             addr: addrs[0],
-            admin: addrs[1],
+            listeners: addrs,
+            admin,
             config_path,
             data_dir: data_dir.to_owned(),
             log,

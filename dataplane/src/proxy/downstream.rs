@@ -19,7 +19,7 @@ use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
 use crate::gather::{write_gathered, Piece};
-use crate::io::{peek, read_more, write_range, Peeked, ReadError};
+use crate::io::{read_more, write_range, ReadError};
 use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
@@ -150,11 +150,11 @@ impl<S: ClientStream> Downstream<S> {
             if waiting_idle && ctx.draining.get() {
                 return Ok(Head::Closed);
             }
-            let slot = waiting_idle.then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
-            let park_after = self
-                .timeouts
-                .client_park
-                .filter(|_| waiting_idle && self.served > 0 && ctx.park.borrow().is_some());
+            let slot = (waiting_idle && S::WHOLE_CONNECTION)
+                .then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
+            let park_after = self.timeouts.client_park.filter(|_| {
+                S::PARKABLE && waiting_idle && self.served > 0 && ctx.park.borrow().is_some()
+            });
             let res = match park_after {
                 Some(grace) => self.read_or_park(grace).await,
                 None => {
@@ -481,7 +481,7 @@ pub(crate) fn client_left<S: ClientStream>(down: &Downstream<S>, req: &RequestCt
     if req.started.elapsed() < LEFT_CHECK_AFTER {
         return false;
     }
-    peek(down.stream.as_raw_fd()) == Peeked::Closed
+    down.stream.client_gone()
 }
 
 /// A canned response split into its head without the blank line, and its body.

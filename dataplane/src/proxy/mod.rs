@@ -27,6 +27,7 @@ mod context;
 mod downstream;
 mod exchange;
 mod fanout;
+mod http2;
 mod relay;
 mod select;
 mod stream;
@@ -60,24 +61,61 @@ const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(
 /// Serves a connection until it closes or parks; `served` counts requests already served on
 /// it (0 for a fresh connection).
 pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, served: u64) {
-    serve_stream(ctx, stream, peer, served).await
+    if served == 0 {
+        let snap = ctx.config.load();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        // SAFETY: the fd belongs to `stream`, which outlives this borrow.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = socket2::SockRef::from(&borrowed).set_nodelay(true);
+        let _ = set_send_timeout(fd, snap.timeouts.client_send);
+        let tls = snap
+            .listener_protocols
+            .get(usize::from(peer.listener))
+            .and_then(|l| l.tls.as_ref());
+        if let Some(tls) = tls {
+            let config = tls.config.clone();
+            let deadline = Instant::now() + snap.timeouts.tls_handshake;
+            drop(snap);
+            match crate::tls::accept(stream, config, deadline).await {
+                Ok(tls) => {
+                    ctx.metrics.tls_handshake(None);
+                    if tls.is_h2() {
+                        http2::serve(ctx, tls, &[], peer).await;
+                    } else {
+                        serve_stream(ctx, tls, peer, 0).await;
+                    }
+                }
+                Err(why) => ctx.metrics.tls_handshake(Some(why)),
+            }
+            return;
+        }
+    }
+    if let Some((stream, read)) = serve_stream(ctx.clone(), stream, peer, served).await {
+        http2::serve(ctx, stream, &read, peer).await;
+    }
 }
 
-async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer, served: u64) {
+/// Serves one HTTP/2 stream, as one request on the HTTP/1.1 path.
+async fn serve_h2_stream(ctx: Rc<WorkerCtx>, stream: http2::H2Stream, peer: Peer) {
+    let _ = serve_stream(ctx, stream, peer, 0).await;
+}
+
+/// Serves requests until the connection closes or parks. `Some`: the client opened with the
+/// HTTP/2 preface on an `h2c` listener; the stream and the bytes read so far go to HTTP/2.
+async fn serve_stream<S: ClientStream>(
+    ctx: Rc<WorkerCtx>,
+    stream: S,
+    peer: Peer,
+    served: u64,
+) -> Option<(S, Vec<u8>)> {
     let snap = ctx.config.load();
-    if served == 0 {
-        // SAFETY: the fd belongs to `stream`, which lives until the end of this function.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-        let _ = socket2::SockRef::from(&fd).set_nodelay(true);
-        let _ = set_send_timeout(stream.as_raw_fd(), snap.timeouts.client_send);
-    }
     let mut down = Downstream::new(stream, snap.limits, snap.timeouts, served);
     drop(snap);
     let mut req = RequestCtx::new(peer.ip);
     loop {
         let head = match down.read_head(&ctx).await {
             Ok(Head::Request(head)) => head,
-            Ok(Head::Closed) => return,
+            Ok(Head::Closed) => return None,
             Ok(Head::Park) => {
                 if let Ok(tcp) = down.stream.into_parkable() {
                     if let Some(lot) = ctx.park.borrow_mut().as_mut() {
@@ -85,7 +123,19 @@ async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer
                         let _ = lot.park(tcp, peer, Instant::now());
                     }
                 }
-                return;
+                return None;
+            }
+            Err(_)
+                if S::PRIOR_KNOWLEDGE
+                    && down.served == 0
+                    && down.buf.starts_with(&http2::PREFACE[..18])
+                    && ctx
+                        .snapshot()
+                        .listener_protocols
+                        .get(usize::from(peer.listener))
+                        .is_some_and(|l| l.h2c) =>
+            {
+                return Some((down.stream, down.buf));
             }
             Err(kind) => {
                 let snap = ctx.snapshot();
@@ -93,7 +143,7 @@ async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer
                 let _ = down.fail(&mut req, kind).await;
                 req.bytes_in = down.buf.len() as u64;
                 req.finish(&ctx, &snap);
-                return;
+                return None;
             }
         };
         // One snapshot per request: a keep-alive client sees a config change on its very next
@@ -108,22 +158,31 @@ async fn serve_stream<S: ClientStream>(ctx: Rc<WorkerCtx>, stream: S, peer: Peer
             Next::KeepAlive if !ctx.draining.get() => req.finish(&ctx, &snap),
             Next::KeepAlive => {
                 req.finish(&ctx, &snap);
-                return;
+                return None;
             }
             Next::Close => {
                 req.finish(&ctx, &snap);
                 if down.linger {
                     down.linger_close().await;
                 }
-                return;
+                return None;
             }
             Next::Upgrade(conn, resp) => {
                 tunnel::tunnel(down, &mut req, conn, resp).await;
                 req.finish(&ctx, &snap);
-                return;
+                return None;
             }
         }
     }
+}
+
+/// Whether a `Host` value (with or without a port) names `sni` (lower-case), ignoring case.
+fn same_host(host: &[u8], sni: &str) -> bool {
+    let name = match host.iter().rposition(|&b| b == b':') {
+        Some(i) if !host.starts_with(b"[") => &host[..i],
+        _ => host,
+    };
+    name.eq_ignore_ascii_case(sni.as_bytes())
 }
 
 /// Routes the request, runs its policies, and carries out the route's action.
@@ -137,6 +196,13 @@ async fn handle<S: ClientStream>(
 ) -> Next {
     let method = head.method.of(&down.buf);
     let host = head.host.map(|h| h.of(&down.buf));
+    if let (Some(sni), Some(host)) = (down.stream.sni(), host) {
+        if !same_host(host, sni) {
+            req.fail(ErrorKind::Misdirected);
+            let reply = Reply::Canned(Status::MisdirectedRequest);
+            return down.respond(ctx, req, &head, reply).await;
+        }
+    }
     let preflight = method == b"OPTIONS" && policy::is_preflight(&down.buf, &head);
     let found = snap.router.find(host, head.path(&down.buf), |id| {
         let r = &snap.routes[id as usize];

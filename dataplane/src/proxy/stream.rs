@@ -1,18 +1,20 @@
 //! The client-stream seam: what a client connection's I/O is written against. Plain TCP
-//! implements it today; a TLS stream implements it for HTTPS listeners without the request
-//! path changing.
+//! and TLS ([`crate::tls::TlsStream`]) implement it; the request path is the same for both.
 
 use std::os::fd::AsRawFd;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, Split};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, CancelableAsyncReadRent, OwnedReadHalf, OwnedWriteHalf,
+    Splitable,
+};
 use monoio::net::TcpStream;
+
+use crate::tls::{TlsReadHalf, TlsStream, TlsWriteHalf};
 
 /// The scheme a client used, as `X-Forwarded-Proto` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     Http,
-    /// For TLS listeners (the TLS issue); nothing constructs it yet.
-    #[allow(dead_code)]
     Https,
 }
 
@@ -27,10 +29,35 @@ impl Scheme {
 
 /// A client connection's byte stream.
 pub(crate) trait ClientStream:
-    AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + Split + AsRawFd + 'static
+    AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + AsRawFd + 'static
 {
+    /// Whether an idle connection can give its task back ([`Self::into_parkable`]).
+    const PARKABLE: bool;
+    /// Whether the stream is a whole connection (not one stream of a multiplexed one): only
+    /// then may the worker shut its socket down while it waits for a request (the drain).
+    const WHOLE_CONNECTION: bool = true;
+    /// Whether the stream is a whole connection that may turn out to speak HTTP/2 with
+    /// prior knowledge (a cleartext TCP connection).
+    const PRIOR_KNOWLEDGE: bool;
+    type ReadHalf: AsyncReadRent + Unpin + 'static;
+    type WriteHalf: AsyncWriteRent + Unpin + 'static;
+
     /// The scheme of the listener the client reached.
     fn scheme(&self) -> Scheme;
+
+    /// The TLS SNI name the client sent, lower-case.
+    fn sni(&self) -> Option<&str> {
+        None
+    }
+
+    /// Whether the client has gone (closed or reset) while the gateway was busy: one
+    /// non-blocking peek at the socket.
+    fn client_gone(&self) -> bool {
+        crate::io::peek(self.as_raw_fd()) == crate::io::Peeked::Closed
+    }
+
+    /// A read half and a write half that may run at once (for a tunnel).
+    fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf);
 
     /// The bare TCP socket, for parking an idle connection in the worker's epoll set; `Err`
     /// (the stream itself) where state above TCP (a TLS session) cannot be parked.
@@ -40,11 +67,43 @@ pub(crate) trait ClientStream:
 }
 
 impl ClientStream for TcpStream {
+    const PARKABLE: bool = true;
+    const PRIOR_KNOWLEDGE: bool = true;
+    type ReadHalf = OwnedReadHalf<TcpStream>;
+    type WriteHalf = OwnedWriteHalf<TcpStream>;
+
     fn scheme(&self) -> Scheme {
         Scheme::Http
     }
 
+    fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf) {
+        self.into_split()
+    }
+
     fn into_parkable(self) -> Result<TcpStream, Self> {
         Ok(self)
+    }
+}
+
+impl ClientStream for TlsStream {
+    const PARKABLE: bool = false;
+    const PRIOR_KNOWLEDGE: bool = false;
+    type ReadHalf = TlsReadHalf;
+    type WriteHalf = TlsWriteHalf;
+
+    fn scheme(&self) -> Scheme {
+        Scheme::Https
+    }
+
+    fn sni(&self) -> Option<&str> {
+        TlsStream::sni(self)
+    }
+
+    fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf) {
+        self.split()
+    }
+
+    fn into_parkable(self) -> Result<TcpStream, Self> {
+        Err(self)
     }
 }

@@ -68,7 +68,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let idle = down.timeouts.upstream_body;
     let client_fd = down.stream.as_raw_fd();
     let upstream_fd = conn.stream.as_raw_fd();
-    let (cr, cw) = down.stream.into_split();
+    let (cr, cw) = down.stream.into_halves();
     let (ur, uw) = conn.stream.into_split();
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);

@@ -1,0 +1,564 @@
+//! Certificates and TLS listener settings, compiled: each certificate's chain and key are
+//! parsed and checked against each other (and the clock), and each TLS listener gets one
+//! rustls `ServerConfig` whose resolver picks a certificate by the client's SNI name.
+//!
+//! A new snapshot brings new `ServerConfig`s: the next handshake uses them, a connection
+//! already established keeps the session it has.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{CertificateConfig, ListenerTlsConfig};
+use crate::ConfigError;
+
+/// The `ring` crypto provider every TLS config uses (no cmake, no C toolchain).
+pub fn provider() -> Arc<CryptoProvider> {
+    static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// One usable certificate.
+#[derive(Debug)]
+pub struct Certificate {
+    pub id: String,
+    /// DNS names from subjectAltName (else the subject's common name), lower-case.
+    pub names: Vec<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+    pub key: Arc<CertifiedKey>,
+}
+
+/// The compiled TLS side of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub config: Arc<ServerConfig>,
+    /// Whether ALPN offers `h2`.
+    pub h2: bool,
+}
+
+/// Parses and checks one certificate entry; `key_pem` is the key text from wherever it came.
+/// Fills `names`, `not_after` and `key_sha256` into `c` and drops `key_pem` from it.
+pub fn compile_certificate(
+    c: &mut CertificateConfig,
+    at: &str,
+    now: SystemTime,
+) -> Result<Certificate, ConfigError> {
+    let field = |f: &str| format!("{at}.{f}");
+    let cert_text = match (&c.cert_pem, &c.cert_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::field(
+                field("cert_file"),
+                "give `cert_pem` or `cert_file`, not both",
+            ))
+        }
+        (Some(pem), None) => pem.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::field(field("cert_file"), format!("cannot read {path:?}: {e}"))
+        })?,
+        (None, None) => {
+            return Err(ConfigError::field(
+                field("cert_pem"),
+                "a certificate needs `cert_pem` or `cert_file`",
+            ))
+        }
+    };
+    let cert_at = if c.cert_pem.is_some() {
+        "cert_pem"
+    } else {
+        "cert_file"
+    };
+    let (key_text, key_at) =
+        match (&c.key_pem, &c.key_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::field(
+                    field("key_file"),
+                    "give `key_pem` or `key_file`, not both",
+                ))
+            }
+            (Some(pem), None) => (pem.clone(), "key_pem"),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::field(field("key_file"), format!("cannot read {path:?}: {e}"))
+                })?;
+                (text, "key_file")
+            }
+            (None, None) => match (&c.key_sha256, &c.stored_key.0) {
+                (Some(_), Some(key)) => (key.to_string(), "key_sha256"),
+                (Some(_), None) => {
+                    return Err(ConfigError::field(
+                        field("key_sha256"),
+                        "no stored key has this digest: send the key itself in `key_pem`",
+                    ))
+                }
+                (None, _) => return Err(ConfigError::field(
+                    field("key_pem"),
+                    "a certificate needs `key_pem`, `key_file` or the `key_sha256` of a stored key",
+                )),
+            },
+        };
+    let digest = sha256_hex(key_text.as_bytes());
+    if key_at == "key_sha256" {
+        if c.key_sha256.as_deref() != Some(digest.as_str()) {
+            return Err(ConfigError::field(
+                field("key_sha256"),
+                "the stored key does not match this digest",
+            ));
+        }
+    } else if let Some(given) = &c.key_sha256 {
+        // With `key_file` the digest is the gateway's own output, refreshed from the file.
+        if *given != digest && key_at == "key_pem" {
+            return Err(ConfigError::field(
+                field("key_sha256"),
+                "does not match `key_pem`; leave it out when sending a new key",
+            ));
+        }
+    }
+
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_text.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            ConfigError::field(field(cert_at), format!("not a PEM certificate chain: {e}"))
+        })?;
+    let Some(leaf) = chain.first() else {
+        return Err(ConfigError::field(
+            field(cert_at),
+            "holds no `BEGIN CERTIFICATE` block",
+        ));
+    };
+    let parsed = parse_leaf(leaf).ok_or_else(|| {
+        ConfigError::field(
+            field(cert_at),
+            "the first certificate is not a valid X.509 certificate",
+        )
+    })?;
+    let now_s = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if parsed.not_after <= now_s {
+        return Err(ConfigError::field(
+            field(cert_at),
+            format!("the certificate expired at {}", rfc3339(parsed.not_after)),
+        ));
+    }
+    if parsed.names.is_empty() {
+        return Err(ConfigError::field(
+            field(cert_at),
+            "the certificate names no DNS name (subjectAltName or common name)",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
+        .map_err(|e| ConfigError::field(field(key_at), format!("not a PEM private key: {e}")))?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| ConfigError::field(field(key_at), format!("unusable private key: {e}")))?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified.keys_match().map_err(|_| {
+        ConfigError::field(
+            field(key_at),
+            "the private key does not belong to the certificate",
+        )
+    })?;
+    c.key_pem = None;
+    c.key_sha256 = Some(digest);
+    c.names = parsed.names.clone();
+    c.not_after = Some(rfc3339(parsed.not_after));
+    Ok(Certificate {
+        id: c.id.clone(),
+        names: parsed.names,
+        not_after: parsed.not_after,
+        key: Arc::new(certified),
+    })
+}
+
+/// Builds a listener's rustls config; `certs` are its certificates in its order.
+pub fn compile_listener(
+    tls: &ListenerTlsConfig,
+    certs: Vec<Arc<Certificate>>,
+    at: &str,
+) -> Result<ListenerTls, ConfigError> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version.as_str() {
+        "1.2" => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        "1.3" => &[&rustls::version::TLS13],
+        other => {
+            return Err(ConfigError::field(
+                format!("{at}.min_version"),
+                format!("{other:?} is not a TLS version this gateway offers: \"1.2\" or \"1.3\""),
+            ))
+        }
+    };
+    let mut alpn = Vec::with_capacity(tls.alpn.len());
+    for (i, p) in tls.alpn.iter().enumerate() {
+        if p != "h2" && p != "http/1.1" {
+            return Err(ConfigError::field(
+                format!("{at}.alpn[{i}]"),
+                format!("{p:?} is not a protocol this gateway speaks: \"h2\" or \"http/1.1\""),
+            ));
+        }
+        if tls.alpn[..i].contains(p) {
+            return Err(ConfigError::field(
+                format!("{at}.alpn[{i}]"),
+                format!("{p:?} is listed twice"),
+            ));
+        }
+        alpn.push(p.as_bytes().to_vec());
+    }
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| ConfigError::field(format!("{at}.min_version"), e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { certs }));
+    config.alpn_protocols = alpn;
+    Ok(ListenerTls {
+        h2: tls.alpn.iter().any(|p| p == "h2"),
+        config: Arc::new(config),
+    })
+}
+
+/// Picks a listener's certificate by SNI: an exact name, then a wildcard (`*.example.com`
+/// covers one label), then the first.
+#[derive(Debug)]
+pub struct SniResolver {
+    certs: Vec<Arc<Certificate>>,
+}
+
+impl SniResolver {
+    /// The certificate for a client that sent `sni` (already lower-case ASCII, as rustls
+    /// gives it).
+    pub fn pick(&self, sni: Option<&str>) -> Option<&Arc<Certificate>> {
+        if let Some(name) = sni {
+            let exact = self
+                .certs
+                .iter()
+                .find(|c| c.names.iter().any(|n| n == name));
+            if exact.is_some() {
+                return exact;
+            }
+            if let Some((_, parent)) = name.split_once('.') {
+                let wild = self.certs.iter().find(|c| {
+                    c.names
+                        .iter()
+                        .any(|n| n.strip_prefix("*.").is_some_and(|p| p == parent))
+                });
+                if wild.is_some() {
+                    return wild;
+                }
+            }
+        }
+        self.certs.first()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name()).map(|c| c.key.clone())
+    }
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from(b"0123456789abcdef"[(b >> 4) as usize]));
+        out.push(char::from(b"0123456789abcdef"[(b & 15) as usize]));
+    }
+    out
+}
+
+/// What the gateway reads from a leaf certificate.
+#[derive(Debug, PartialEq)]
+pub struct Leaf {
+    pub names: Vec<String>,
+    pub not_after: i64,
+}
+
+/// Reads the names and expiry from a DER certificate: a DER walk over the fields it needs
+/// (RFC 5280 4.1), nothing more. `None` if the structure is not a certificate.
+pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
+    let (cert, _) = Der::read(der, 0x30)?;
+    let (tbs, _) = Der::read(cert, 0x30)?;
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = Der::read(rest, 0xa0)?.1; // version
+    }
+    rest = Der::read(rest, 0x02)?.1; // serialNumber
+    rest = Der::read(rest, 0x30)?.1; // signature
+    rest = Der::read(rest, 0x30)?.1; // issuer
+    let (validity, after) = Der::read(rest, 0x30)?;
+    let (_, v) = Der::any(validity)?; // notBefore
+    let ((tag, body), _) = Der::any(v)?;
+    let not_after = parse_time(tag, body)?;
+    let (subject, after) = Der::read(after, 0x30)?;
+    let mut rest = Der::read(after, 0x30)?.1; // subjectPublicKeyInfo
+    let mut names = Vec::new();
+    while let Some(((tag, body), next)) = Der::any(rest) {
+        rest = next;
+        if tag != 0xa3 {
+            continue;
+        }
+        let (exts, _) = Der::read(body, 0x30)?;
+        let mut exts = exts;
+        while !exts.is_empty() {
+            let (ext, next) = Der::read(exts, 0x30)?;
+            exts = next;
+            let (oid, mut ext_rest) = Der::read(ext, 0x06)?;
+            if oid != [0x55, 0x1d, 0x11] {
+                continue; // not subjectAltName
+            }
+            if ext_rest.first() == Some(&0x01) {
+                ext_rest = Der::read(ext_rest, 0x01)?.1; // critical
+            }
+            let (value, _) = Der::read(ext_rest, 0x04)?;
+            let (mut general, _) = Der::read(value, 0x30)?;
+            while !general.is_empty() {
+                let (t, next) = Der::any(general)?;
+                general = next;
+                if t.0 == 0x82 {
+                    let name = std::str::from_utf8(t.1).ok()?;
+                    names.push(name.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    if names.is_empty() {
+        // No dNSName: the subject's last common name, as older clients read it.
+        let mut rdns = subject;
+        while !rdns.is_empty() {
+            let (set, next) = Der::read(rdns, 0x31)?;
+            rdns = next;
+            let (atv, _) = Der::read(set, 0x30)?;
+            let (oid, value) = Der::read(atv, 0x06)?;
+            if oid == [0x55, 0x04, 0x03] {
+                let (t, _) = Der::any(value)?;
+                if let Ok(cn) = std::str::from_utf8(t.1) {
+                    if !cn.is_empty() && !cn.contains(' ') {
+                        names = vec![cn.to_ascii_lowercase()];
+                    }
+                }
+            }
+        }
+    }
+    Some(Leaf { names, not_after })
+}
+
+/// DER tag-length-value reading.
+struct Der;
+
+/// One DER element, `(tag, body)`, and the input after it.
+type Element<'a> = ((u8, &'a [u8]), &'a [u8]);
+
+impl Der {
+    /// The next element, whatever its tag: `((tag, body), rest)`.
+    fn any(input: &[u8]) -> Option<Element<'_>> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let len = if first < 0x80 {
+            first as usize
+        } else {
+            let n = (first & 0x7f) as usize;
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let mut len = 0usize;
+            for &b in &rest[..n] {
+                len = (len << 8) | b as usize;
+            }
+            rest = &rest[n..];
+            len
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some(((tag, &rest[..len]), &rest[len..]))
+    }
+
+    /// The next element, which must have tag `tag`: `(body, rest)`.
+    fn read(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let ((t, body), rest) = Der::any(input)?;
+        (t == tag).then_some((body, rest))
+    }
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, tag 0x17) or GeneralizedTime (`YYYYMMDDHHMMSSZ`, 0x18) to Unix
+/// seconds.
+fn parse_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let digits = |s: &[u8]| -> Option<i64> {
+        s.iter().try_fold(0i64, |acc, &b| {
+            b.is_ascii_digit().then(|| acc * 10 + i64::from(b - b'0'))
+        })
+    };
+    let (year, rest) = match tag {
+        0x17 if text.len() == 13 => {
+            let yy = digits(&text[..2])?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+        }
+        0x18 if text.len() == 15 => (digits(&text[..4])?, &text[4..]),
+        _ => return None,
+    };
+    if rest[10] != b'Z' {
+        return None;
+    }
+    let month = digits(&rest[0..2])?;
+    let day = digits(&rest[2..4])?;
+    let (h, m, s) = (
+        digits(&rest[4..6])?,
+        digits(&rest[6..8])?,
+        digits(&rest[8..10])?,
+    );
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Inverse of days_from_civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_round_trip() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(parse_time(0x17, b"491231235959Z"), Some(2_524_607_999));
+        assert_eq!(parse_time(0x18, b"20380119031408Z"), Some(2_147_483_648));
+        assert_eq!(parse_time(0x17, b"491231235959"), None);
+        assert_eq!(parse_time(0x18, b"2038011903140xZ"), None);
+        for t in [0, 86_399, 1_700_000_000, 4_102_444_800] {
+            let text = rfc3339(t);
+            let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_digit).collect();
+            let mut g = digits.clone();
+            g.push(b'Z');
+            assert_eq!(parse_time(0x18, &g), Some(t), "{text}");
+        }
+    }
+
+    const API_PEM: &str = include_str!("../testdata/api.pem");
+    const API_KEY: &str = include_str!("../testdata/api.key");
+    const OTHER_PEM: &str = include_str!("../testdata/other.pem");
+    const OTHER_KEY: &str = include_str!("../testdata/other.key");
+
+    fn entry(cert: &str, key: &str) -> CertificateConfig {
+        CertificateConfig {
+            id: "c".into(),
+            cert_pem: Some(cert.into()),
+            key_pem: Some(key.into()),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(e: ConfigError) -> String {
+        e.path().to_owned()
+    }
+
+    #[test]
+    fn a_good_pair_compiles_and_shows_names_expiry_and_digest() {
+        let mut c = entry(API_PEM, API_KEY);
+        let cert = compile_certificate(&mut c, "certificates[0]", SystemTime::now()).unwrap();
+        assert_eq!(cert.names, ["api.example", "*.api.example"]);
+        assert_eq!(c.names, cert.names);
+        assert!(c.not_after.as_deref().unwrap().starts_with("2126-"));
+        assert_eq!(c.key_pem, None, "the key never stays in the config");
+        assert_eq!(
+            c.key_sha256.as_deref(),
+            Some(&*sha256_hex(API_KEY.as_bytes()))
+        );
+        // An RSA certificate with only a common name.
+        let mut o = entry(OTHER_PEM, OTHER_KEY);
+        let other = compile_certificate(&mut o, "certificates[1]", SystemTime::now()).unwrap();
+        assert_eq!(other.names, ["other.example"]);
+    }
+
+    #[test]
+    fn bad_pairs_are_refused_naming_the_field() {
+        let now = SystemTime::now();
+        let at = "certificates[0]";
+        let e = compile_certificate(&mut entry(API_PEM, OTHER_KEY), at, now).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].key_pem");
+        let e = compile_certificate(&mut entry("junk", API_KEY), at, now).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].cert_pem");
+        let e = compile_certificate(&mut entry(API_PEM, "junk"), at, now).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].key_pem");
+        let later = UNIX_EPOCH + std::time::Duration::from_secs(7_000_000_000);
+        let e = compile_certificate(&mut entry(API_PEM, API_KEY), at, later).unwrap_err();
+        assert!(e.to_string().contains("expired at 2126-"), "{e}");
+        assert_eq!(field_of(e), "certificates[0].cert_pem");
+        // A digest with no key behind it, and a digest that is not the key's.
+        let mut c = entry(API_PEM, API_KEY);
+        c.key_pem = None;
+        c.key_sha256 = Some("0".repeat(64));
+        let e = compile_certificate(&mut c.clone(), at, now).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].key_sha256");
+        c.stored_key = crate::config::StoredKey(Some(API_KEY.into()));
+        let e = compile_certificate(&mut c, at, now).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].key_sha256");
+    }
+
+    #[test]
+    fn sni_prefers_exact_then_wildcard_then_the_first() {
+        let mut a = entry(OTHER_PEM, OTHER_KEY);
+        let mut b = entry(API_PEM, API_KEY);
+        let now = SystemTime::now();
+        let first = Arc::new(compile_certificate(&mut a, "a", now).unwrap());
+        let api = Arc::new(compile_certificate(&mut b, "b", now).unwrap());
+        let r = SniResolver {
+            certs: vec![first, api],
+        };
+        let pick = |n: Option<&str>| r.pick(n).unwrap().names[0].clone();
+        assert_eq!(pick(Some("api.example")), "api.example");
+        assert_eq!(pick(Some("v1.api.example")), "api.example");
+        // A wildcard covers one label only.
+        assert_eq!(pick(Some("a.b.api.example")), "other.example");
+        assert_eq!(pick(Some("unknown.test")), "other.example");
+        assert_eq!(pick(None), "other.example");
+    }
+
+    #[test]
+    fn der_walk_refuses_truncated_input() {
+        assert_eq!(parse_leaf(&[]), None);
+        assert_eq!(parse_leaf(&[0x30, 0x05, 0x30, 0x03]), None);
+        assert_eq!(parse_leaf(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+}

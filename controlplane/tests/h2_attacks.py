@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Negative HTTP/2 tests against the gateway's h2c listener (loopback only).
+
+Usage: h2_attacks.py HOST:PORT [SLOW_PATH]
+       h2_attacks.py --drain HOST:PORT SLOW_PATH
+
+SLOW_PATH: a path the gateway answers only after a while (a slow origin); streams reset while
+it is being answered count toward the connection's reset limit. --drain: sends one request
+to SLOW_PATH, prints READY, and expects a GOAWAY (NO_ERROR) and then the complete answer
+(the caller sends the gateway SIGTERM after READY).
+
+Each attack runs on its own connection, built frame by frame with the PyPI `h2` package's
+hyperframe and hpack, and checks the gateway's answer (the GOAWAY or RST_STREAM and its error
+code). After each one a well-behaved client on a fresh connection must still get a 200, and a
+second well-behaved connection is kept busy during the floods. Prints one line per check and
+exits 1 on any failure.
+"""
+import socket
+import sys
+import threading
+import time
+
+try:
+    import h2.connection
+    import h2.config
+    import h2.events
+    import hpack
+    from hyperframe.frame import (
+        ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame,
+        SettingsFrame,
+    )
+except ImportError:
+    sys.exit("h2_attacks.py needs the PyPI package h2 (pip install h2)")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+NO_ERROR, PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 6, 9, 11
+
+ARGS = [a for a in sys.argv[1:] if a != "--drain"]
+DRAIN = "--drain" in sys.argv
+HOST, PORT = ARGS[0].rsplit(":", 1)
+PORT = int(PORT)
+SLOW = ARGS[1] if len(ARGS) > 1 else None
+assert HOST.startswith("127.") or HOST == "::1", "loopback targets only"
+failures = []
+
+
+def check(name, ok, detail=""):
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}")
+    if not ok:
+        failures.append(name)
+
+
+def request_headers(path="/", extra=()):
+    return [(":method", "GET"), (":scheme", "http"), (":authority", "localhost"),
+            (":path", path)] + list(extra)
+
+
+class Raw:
+    """A connection that speaks frames by hand."""
+
+    def __init__(self):
+        self.sock = socket.create_connection((HOST, PORT), timeout=5)
+        self.enc = hpack.Encoder()
+        self.buf = b""
+        self.sock.sendall(PREFACE + SettingsFrame(0).serialize())
+
+    def send(self, *frames):
+        self.sock.sendall(b"".join(f.serialize() for f in frames))
+
+    def headers(self, sid, path="/", end_stream=True, extra=()):
+        f = HeadersFrame(sid, self.enc.encode(request_headers(path, extra)))
+        f.flags.add("END_HEADERS")
+        if end_stream:
+            f.flags.add("END_STREAM")
+        return f
+
+    def frames(self, until, timeout=10):
+        """Reads frames until `until(frame)` is true (returns it), the connection closes
+        (returns None) or `timeout` passes (returns "timeout")."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            while len(self.buf) >= 9:
+                length = int.from_bytes(self.buf[:3], "big")
+                if len(self.buf) < 9 + length:
+                    break
+                frame, _ = Frame.parse_frame_header(memoryview(self.buf[:9]))
+                frame.parse_body(memoryview(self.buf[9:9 + length]))
+                self.buf = self.buf[9 + length:]
+                if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                    ack = SettingsFrame(0)
+                    ack.flags.add("ACK")
+                    try:
+                        self.send(ack)
+                    except OSError:
+                        pass
+                if until(frame):
+                    return frame
+            try:
+                self.sock.settimeout(max(0.05, deadline - time.time()))
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return None
+            if not data:
+                return None
+            self.buf += data
+        return "timeout"
+
+    def close(self):
+        self.sock.close()
+
+
+def good_request(path="/ok"):
+    """One GET on a fresh connection with the h2 state machine; returns the status."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    s = socket.create_connection((HOST, PORT), timeout=5)
+    try:
+        conn.initiate_connection()
+        conn.send_headers(1, request_headers(path), end_stream=True)
+        s.sendall(conn.data_to_send())
+        deadline = time.time() + 10
+        status = None
+        while time.time() < deadline:
+            data = s.recv(65536)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers).get(b":status")
+                if isinstance(ev, h2.events.StreamEnded):
+                    return int(status)
+            s.sendall(conn.data_to_send())
+        return None
+    finally:
+        s.close()
+
+
+class Busy(threading.Thread):
+    """A well-behaved client making requests while an attack runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = False
+        self.ok = 0
+        self.bad = []
+
+    def run(self):
+        while not self.stop:
+            try:
+                st = good_request("/busy")
+            except OSError as e:
+                st = repr(e)
+            if st == 200:
+                self.ok += 1
+            else:
+                self.bad.append(st)
+
+
+def is_goaway(f):
+    return isinstance(f, GoAwayFrame)
+
+
+def attack(name, body):
+    busy = Busy()
+    busy.start()
+    try:
+        body()
+    except Exception as e:  # noqa: BLE001 - any exception is a failed check
+        check(name, False, f"raised {e!r}")
+    busy.stop = True
+    busy.join(15)
+    check(f"{name}: others served meanwhile", busy.ok > 0 and not busy.bad,
+          f"ok={busy.ok} bad={busy.bad[:3]}")
+    st = good_request("/after")
+    check(f"{name}: a new client is served after it", st == 200, f"status={st}")
+
+
+def rapid_reset():
+    # CVE-2023-44487: open and cancel streams as fast as possible.
+    r = Raw()
+    frames = []
+    for i in range(2000):
+        sid = 1 + 2 * i
+        frames += [r.headers(sid, "/reset"), RstStreamFrame(sid, error_code=8)]
+    try:
+        for i in range(0, len(frames), 200):
+            r.send(*frames[i:i + 200])
+    except OSError:
+        pass  # the gateway may close before all are sent
+    g = r.frames(is_goaway)
+    check("rapid reset: GOAWAY ENHANCE_YOUR_CALM", g not in (None, "timeout")
+          and g.error_code == ENHANCE_YOUR_CALM,
+          f"got {getattr(g, 'error_code', g)}")
+    r.close()
+
+
+def continuation_flood():
+    # HEADERS without END_HEADERS, then CONTINUATION frames that never end.
+    r = Raw()
+    block = r.enc.encode(request_headers("/flood"))
+    first = HeadersFrame(1, block)
+    r.send(first)
+    junk = ContinuationFrame(1, hpack.Encoder().encode([("x-flood", "a" * 8000)]))
+    try:
+        for _ in range(2000):
+            r.send(junk)
+    except OSError:
+        pass
+    g = r.frames(is_goaway)
+    check("CONTINUATION flood: GOAWAY, connection ended", g is None or is_goaway(g),
+          f"got {getattr(g, 'error_code', g)}")
+    if is_goaway(g):
+        check("CONTINUATION flood: error code", g.error_code in
+              (ENHANCE_YOUR_CALM, COMPRESSION_ERROR, PROTOCOL_ERROR), f"code={g.error_code}")
+    r.close()
+
+
+def oversized_headers():
+    # One header field larger than SETTINGS_MAX_HEADER_LIST_SIZE (64 KiB by default).
+    r = Raw()
+    big = [("x-big", "b" * 100_000)]
+    block = r.enc.encode(request_headers("/big", big))
+    first = HeadersFrame(1, block[:16000])
+    r.send(first)
+    rest = block[16000:]
+    chunks = [rest[i:i + 16000] for i in range(0, len(rest), 16000)]
+    for i, c in enumerate(chunks):
+        f = ContinuationFrame(1, c)
+        if i == len(chunks) - 1:
+            f.flags.add("END_HEADERS")
+        r.send(f)
+
+    def answered(f):
+        return (isinstance(f, HeadersFrame) and f.stream_id == 1) or \
+            (isinstance(f, RstStreamFrame) and f.stream_id == 1) or is_goaway(f)
+    f = r.frames(answered)
+    ok = isinstance(f, (RstStreamFrame, GoAwayFrame))
+    if isinstance(f, HeadersFrame):
+        status = dict(hpack.Decoder().decode(f.data)).get(":status")
+        ok = status == "431"
+        detail = f"status {status}"
+    else:
+        detail = f"{type(f).__name__} {getattr(f, 'error_code', '')}"
+    check("oversized header list: refused (431, RST_STREAM or GOAWAY)", ok, detail)
+    r.close()
+
+
+def raw_frame(ftype, flags, sid, payload):
+    """Frame bytes by hand, for frames hyperframe refuses to build."""
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def invalid_frames():
+    cases = [
+        ("DATA on stream 0", raw_frame(0, 0, 0, b"x"), PROTOCOL_ERROR),
+        ("WINDOW_UPDATE of 0 on the connection", raw_frame(8, 0, 0, b"\0\0\0\0"),
+         PROTOCOL_ERROR),
+        ("SETTINGS ENABLE_PUSH=2", raw_frame(4, 0, 0, b"\0\x02\0\0\0\x02"), PROTOCOL_ERROR),
+        ("HEADERS on an even stream id", None, PROTOCOL_ERROR),
+    ]
+    for name, frame, code in cases:
+        r = Raw()
+        if frame is None:
+            r.send(r.headers(2, "/even"))
+        else:
+            r.sock.sendall(frame)
+        g = r.frames(is_goaway)
+        check(f"invalid frame ({name}): GOAWAY {code}",
+              is_goaway(g) and g.error_code == code,
+              f"got {getattr(g, 'error_code', g)}")
+        r.close()
+    # A frame longer than SETTINGS_MAX_FRAME_SIZE (16384): FRAME_SIZE_ERROR.
+    r = Raw()
+    r.send(r.headers(1, "/x", end_stream=False))
+    r.sock.sendall((20000).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") +
+                   b"\x00" * 20000)
+    g = r.frames(is_goaway)
+    check("oversized frame: GOAWAY FRAME_SIZE_ERROR",
+          is_goaway(g) and g.error_code == FRAME_SIZE_ERROR,
+          f"got {getattr(g, 'error_code', g)}")
+    r.close()
+
+
+def ping_and_settings_flood():
+    # Control frames the gateway must answer, sent without reading the answers.
+    r = Raw()
+    r.sock.settimeout(5)
+    sent = 0
+    try:
+        for _ in range(50):
+            r.send(*([PingFrame(0, opaque_data=b"12345678")] * 500 + [SettingsFrame(0)] * 500))
+            sent += 1000
+    except OSError:
+        pass
+    # The gateway either keeps up or closes this connection; it must not die or stall others.
+    check("PING/SETTINGS flood: the gateway stays up", good_request("/flood-done") == 200,
+          f"{sent} frames sent")
+    r.close()
+
+
+def stream_limit():
+    # More concurrent streams than SETTINGS_MAX_CONCURRENT_STREAMS: the extra are refused.
+    r = Raw()
+    limit = None
+    f = r.frames(lambda f: isinstance(f, SettingsFrame) and "ACK" not in f.flags)
+    if isinstance(f, SettingsFrame):
+        limit = f.settings.get(SettingsFrame.MAX_CONCURRENT_STREAMS)
+    check("SETTINGS_MAX_CONCURRENT_STREAMS announced", limit is not None, f"limit={limit}")
+    if limit:
+        # Streams left open (no END_STREAM) so they stay counted.
+        frames = [r.headers(1 + 2 * i, "/held", end_stream=False) for i in range(limit + 5)]
+        r.send(*frames)
+        f = r.frames(lambda f: isinstance(f, RstStreamFrame) and f.stream_id > 2 * limit - 1
+                     or is_goaway(f))
+        check("streams past the limit refused", isinstance(f, (RstStreamFrame, GoAwayFrame)),
+              f"got {type(f).__name__ if not isinstance(f, str) else f} "
+              f"{getattr(f, 'error_code', '')}")
+    r.close()
+
+
+def slow_reset():
+    # Streams accepted and being answered (a slow origin), then cancelled by the client: each
+    # costs the gateway work, so past http2.max_pending_resets (100) the connection ends.
+    r = Raw()
+    for i in range(150):
+        sid = 1 + 2 * i
+        r.send(r.headers(sid, SLOW))
+        time.sleep(0.005)
+        try:
+            r.send(RstStreamFrame(sid, error_code=8))
+        except OSError:
+            break
+    g = r.frames(is_goaway, timeout=20)
+    check("reset while answering: GOAWAY ENHANCE_YOUR_CALM",
+          is_goaway(g) and g.error_code == ENHANCE_YOUR_CALM,
+          f"got {getattr(g, 'error_code', g)}")
+    r.close()
+
+
+def drain():
+    r = Raw()
+    r.send(r.headers(1, SLOW))
+    print("READY", flush=True)
+    g = r.frames(is_goaway, timeout=20)
+    check("drain: GOAWAY NO_ERROR", is_goaway(g) and g.error_code == NO_ERROR,
+          f"got {getattr(g, 'error_code', g)}")
+    done = r.frames(lambda f: f.stream_id == 1 and "END_STREAM" in f.flags, timeout=20)
+    check("drain: the open stream is answered to the end",
+          not isinstance(done, str) and done is not None)
+    r.close()
+
+
+if DRAIN:
+    drain()
+    print(f"{len(failures)} failed")
+    sys.exit(1 if failures else 0)
+
+attack("rapid reset", rapid_reset)
+if SLOW:
+    attack("reset while answering", slow_reset)
+attack("CONTINUATION flood", continuation_flood)
+attack("oversized header list", oversized_headers)
+attack("invalid frames", invalid_frames)
+attack("PING/SETTINGS flood", ping_and_settings_flood)
+attack("concurrent stream limit", stream_limit)
+print(f"{len(failures)} failed")
+sys.exit(1 if failures else 0)

@@ -1,0 +1,383 @@
+//! HTTP/2 to clients through the real binary: curl `--http2` over TLS (ALPN, SNI for two
+//! names) and with prior knowledge on an h2c listener, bodies both ways (with and without a
+//! length), HEAD, 421, the access log and metrics; h2load over TLS and h2c; the negative
+//! tests of `tests/h2_attacks.py` (PyPI `h2`); and GOAWAY on drain.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+use crate::tls::{curl_tls, Cert};
+
+const BIG: usize = 1024 * 1024;
+
+/// An origin that echoes what it got (method, target, body length and framing), sends 1 MiB
+/// for `/big`, and answers `/slow` after a second.
+fn origin() -> Origin {
+    Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let line = req.request_line().to_owned();
+        let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+        if target == "/big" {
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
+            let _ = s.write_all(&vec![b'x'; BIG]);
+            return Keep::Open;
+        }
+        if target == "/slow" {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let (body, framing) = match decode_chunked(&req.raw_body) {
+            Some((data, _)) if req.header("transfer-encoding").is_some() => (data, "chunked"),
+            _ => (req.raw_body.clone(), "length"),
+        };
+        let text = format!(
+            "{line} body={} framing={framing} proto={}\n",
+            body.len(),
+            req.header("x-forwarded-proto").unwrap_or("-")
+        );
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: yes\r\n\r\n{text}",
+            text.len()
+        );
+        Keep::Open
+    }))
+}
+
+fn config(origin: SocketAddr, a: &Cert, b: &Cert, log: &Path) -> String {
+    format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = {{ certificates = ["a", "b"] }}
+
+[[listeners]]
+address = "127.0.0.1:0"
+h2c = true
+
+[[upstreams]]
+id = "origin"
+targets = [{{ address = "{origin}" }}]
+
+[[routes]]
+id = "direct"
+path = "/direct"
+respond = {{ status = 200, body = "direct\n" }}
+
+[[routes]]
+id = "all"
+path_prefix = "/"
+upstream = "origin"
+
+[[certificates]]
+id = "a"
+cert_file = "{}"
+key_file = "{}"
+
+[[certificates]]
+id = "b"
+cert_file = "{}"
+key_file = "{}"
+
+[access_log]
+path = "{}"
+"#,
+        a.cert.display(),
+        a.key.display(),
+        b.cert.display(),
+        b.key.display(),
+        log.display()
+    )
+}
+
+struct Setup {
+    gw: Gateway,
+    a: Cert,
+    b: Cert,
+    log: std::path::PathBuf,
+    _origin: Origin,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dir = temp_dir(tag);
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let log = dir.join("access.log");
+    let origin = origin();
+    let gw = Gateway::start(&config(origin.addr, &a, &b, &log), Driver::IoUring);
+    Setup {
+        gw,
+        a,
+        b,
+        log,
+        _origin: origin,
+    }
+}
+
+/// curl with `-w` giving the HTTP version and status on the last line.
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl is needed for the HTTP/2 tests");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (body.to_owned(), last.to_owned())
+}
+
+#[test]
+fn curl_speaks_http2_over_tls_and_h2c_through_the_whole_path() {
+    let s = setup("h2-curl");
+    let (tls, h2c) = (s.gw.listeners[0], s.gw.listeners[1]);
+    let resolve = |name: &str| format!("{name}:{}:127.0.0.1", tls.port());
+    let url = |name: &str, path: &str| format!("https://{name}:{}{path}", tls.port());
+
+    // ALPN h2 with SNI for two names, each verified against its own certificate.
+    for (name, cert) in [("a.test", &s.a), ("www.b.test", &s.b)] {
+        let (code, body, err) = curl_tls(tls, name, "/get?x=1", &cert.cert, &["--http2"]);
+        assert_eq!(code, 200, "{err}");
+        assert_eq!(
+            body,
+            "GET /get?x=1 HTTP/1.1 body=0 framing=length proto=https\n"
+        );
+        let (_, last) = curl(&[
+            "--http2",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            cert.cert.to_str().unwrap(),
+            "--resolve",
+            &resolve(name),
+            &url(name, "/v"),
+        ]);
+        assert_eq!(last, "2 200");
+    }
+    // The same listener still speaks HTTP/1.1 to a client that asks for it.
+    let ca = s.a.cert.to_str().unwrap();
+    let (_, last) = curl(&[
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        ca,
+        "--resolve",
+        &resolve("a.test"),
+        &url("a.test", "/"),
+    ]);
+    assert_eq!(last, "1.1 200");
+
+    // Bodies: with a length, and streamed without one (chunked towards the origin).
+    let (body, last) = curl(&[
+        "--http2",
+        "--cacert",
+        ca,
+        "--resolve",
+        &resolve("a.test"),
+        "-d",
+        "hello=world",
+        &url("a.test", "/post"),
+    ]);
+    assert_eq!(last, "2 200");
+    assert_eq!(
+        body,
+        "POST /post HTTP/1.1 body=11 framing=length proto=https\n"
+    );
+    let mut child = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "--cacert",
+            ca,
+            "--resolve",
+            &resolve("a.test"),
+            "-T",
+            "-",
+        ])
+        .arg(url("a.test", "/upload"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&vec![b'u'; 300_000])
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "PUT /upload HTTP/1.1 body=300000 framing=chunked proto=https\n"
+    );
+
+    // A 1 MiB answer through the flow-control windows, and HEAD without a body.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "--cacert",
+            ca,
+            "--resolve",
+            &resolve("a.test"),
+        ])
+        .arg(url("a.test", "/big"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout.len(), BIG);
+    let (head, last) = curl(&[
+        "--http2",
+        "-I",
+        "--cacert",
+        ca,
+        "--resolve",
+        &resolve("a.test"),
+        &url("a.test", "/head"),
+    ]);
+    assert_eq!(last, "2 200");
+    assert!(head.contains("x-origin: yes"), "{head}");
+
+    // :authority naming another host than the SNI name: 421, as over HTTP/1.1.
+    let (_, last) = curl(&[
+        "--http2",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        ca,
+        "--resolve",
+        &resolve("a.test"),
+        "-H",
+        "Host: b.test",
+        &url("a.test", "/"),
+    ]);
+    assert_eq!(last, "2 421");
+
+    // h2c with prior knowledge, and HTTP/1.1 on the same cleartext listener.
+    let (body, last) = curl(&["--http2-prior-knowledge", &format!("http://{h2c}/plain")]);
+    assert_eq!(last, "2 200");
+    assert_eq!(
+        body,
+        "GET /plain HTTP/1.1 body=0 framing=length proto=http\n"
+    );
+    let (body, last) = curl(&["--http2-prior-knowledge", &format!("http://{h2c}/direct")]);
+    assert_eq!((body.as_str(), last.as_str()), ("direct\n", "2 200"));
+    let (_, last) = curl(&[
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        &format!("http://{h2c}/plain"),
+    ]);
+    assert_eq!(last, "1.1 200");
+
+    // Every HTTP/2 request is logged and counted like any other.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+        if text.contains("/upload") && text.contains("\"/direct\"")
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("\"/upload\"") && l.contains("\"status\":200")),
+        "{logged}"
+    );
+    let metrics = s.gw.admin("GET", "/metrics", None).body_str().to_owned();
+    let direct = metrics
+        .lines()
+        .find(|l| l.starts_with("gateway_requests_total{route=\"direct\",class=\"2xx\"}"))
+        .unwrap_or_else(|| panic!("no direct route counter: {metrics}"));
+    assert!(direct.ends_with(" 1"), "{direct}");
+}
+
+/// Runs h2load and checks that every request succeeded.
+fn h2load(args: &[&str]) {
+    let out = Command::new("h2load")
+        .args(["-n", "100000", "-c", "50", "-m", "10"])
+        .args(args)
+        .output()
+        .expect("h2load is needed (scripts/test installs Debian's nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_else(|| panic!("no summary from h2load: {text}"));
+    assert!(
+        line.contains("100000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{line}"
+    );
+    assert!(text.contains("status codes: 100000 2xx"), "{text}");
+}
+
+#[test]
+fn h2load_over_tls_and_h2c_has_no_failures() {
+    let s = setup("h2-load");
+    h2load(&[&format!(
+        "https://127.0.0.1:{}/direct",
+        s.gw.listeners[0].port()
+    )]);
+    h2load(&[&format!("http://{}/direct", s.gw.listeners[1])]);
+}
+
+#[test]
+fn attacks_get_the_right_goaway_or_reset_and_others_are_served() {
+    let s = setup("h2-attacks");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h2_attacks.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(s.gw.listeners[1].to_string())
+        .arg("/slow")
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.trim_end().ends_with("0 failed"), "{text}");
+    assert!(
+        text.lines().filter(|l| l.starts_with("PASS")).count() >= 25,
+        "{text}"
+    );
+}
+
+#[test]
+fn drain_sends_goaway_and_finishes_open_streams() {
+    let mut s = setup("h2-drain");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h2_attacks.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg("--drain")
+        .arg(s.gw.listeners[1].to_string())
+        .arg("/slow")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "READY");
+    // The request is at the origin (it answers after a second): now the drain starts.
+    std::thread::sleep(Duration::from_millis(200));
+    s.gw.signal(libc::SIGTERM);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("0 failed"),
+        "{rest:?}"
+    );
+    assert_eq!(s.gw.wait_exit(Duration::from_secs(15)), Some(0));
+}

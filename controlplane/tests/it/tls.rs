@@ -1,0 +1,425 @@
+//! TLS on listeners through the real binary, with curl and `openssl s_client` as clients:
+//! SNI picks among two certificates, 421 on a Host that is not the SNI name,
+//! `X-Forwarded-Proto: https`, certificates managed through the admin API (key stored 0600
+//! and never shown, a replaced certificate served to the next handshake while an open
+//! connection goes on), handshake failures counted, and the conformance cases over TLS.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+both_drivers!(sni_chooses_the_certificate_and_host_must_match);
+
+/// A self-signed certificate for `name` and `*.name` (P-256), made by the openssl CLI.
+pub struct Cert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Cert {
+    pub fn new(dir: &Path, name: &str) -> Cert {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-subj", &format!("/CN={name}")])
+            .args([
+                "-addext",
+                &format!("subjectAltName=DNS:{name},DNS:*.{name}"),
+            ])
+            .output()
+            .expect("the openssl CLI is needed for the TLS tests (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cert { cert, key }
+    }
+
+    pub fn cert_pem(&self) -> String {
+        std::fs::read_to_string(&self.cert).unwrap()
+    }
+
+    pub fn key_pem(&self) -> String {
+        std::fs::read_to_string(&self.key).unwrap()
+    }
+}
+
+/// Runs curl over TLS to `url` resolving `name` to `addr`, trusting `ca`; returns
+/// (status or 0, body, stderr).
+pub fn curl_tls(
+    addr: std::net::SocketAddr,
+    name: &str,
+    path: &str,
+    ca: &Path,
+    extra: &[&str],
+) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .arg("--cacert")
+        .arg(ca)
+        .args(["--resolve", &format!("{name}:{}:127.0.0.1", addr.port())])
+        .args(extra)
+        .arg(format!("https://{name}:{}{path}", addr.port()))
+        .output()
+        .expect("curl is needed for the TLS tests");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        body.to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The subject line `openssl s_client` prints for the certificate the gateway presents to a
+/// client sending `servername` (`None`: no SNI).
+fn presented_subject(addr: std::net::SocketAddr, servername: Option<&str>) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &addr.to_string()]);
+    match servername {
+        Some(n) => cmd.args(["-servername", n]),
+        None => cmd.arg("-noservername"),
+    };
+    let out = cmd.stdin(Stdio::null()).output().expect("openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no subject in s_client output: {text}"))
+        .to_owned()
+}
+
+fn tls_config(origin: std::net::SocketAddr, a: &Cert, b: &Cert) -> String {
+    format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = {{ certificates = ["a", "b"], alpn = ["http/1.1"] }}
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[upstreams]]
+id = "origin"
+targets = [{{ address = "{origin}" }}]
+
+[[routes]]
+id = "all"
+path_prefix = "/"
+upstream = "origin"
+
+[[certificates]]
+id = "a"
+cert_file = "{}"
+key_file = "{}"
+
+[[certificates]]
+id = "b"
+cert_pem = """{}"""
+key_pem = """{}"""
+"#,
+        a.cert.display(),
+        a.key.display(),
+        b.cert_pem(),
+        b.key_pem(),
+    )
+}
+
+fn metric(gw: &Gateway, line_prefix: &str) -> u64 {
+    let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_prefix} in /metrics"))
+}
+
+fn sni_chooses_the_certificate_and_host_must_match(driver: Driver) {
+    let dir = temp_dir("tls-sni");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = Origin::echo();
+    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), driver);
+    let tls = gw.listeners[0];
+
+    // Each name gets its own certificate: curl verifies it against that one only.
+    let (code, body, err) = curl_tls(tls, "a.test", "/one", &a.cert, &[]);
+    assert_eq!((code, body.as_str()), (200, "origin saw /one"), "{err}");
+    let (code, body, err) = curl_tls(tls, "api.b.test", "/two", &b.cert, &[]);
+    assert_eq!((code, body.as_str()), (200, "origin saw /two"), "{err}");
+    // The wrong trust anchor fails: the certificate really is b's.
+    let (code, _, _) = curl_tls(tls, "b.test", "/", &a.cert, &[]);
+    assert_eq!(code, 0);
+
+    assert!(presented_subject(tls, Some("b.test")).contains("b.test"));
+    assert!(presented_subject(tls, Some("x.a.test")).contains("a.test"));
+    // No SNI, or a name no certificate has: the listener's first certificate.
+    assert!(presented_subject(tls, None).contains("a.test"));
+    assert!(presented_subject(tls, Some("other.example")).contains("a.test"));
+
+    // A Host that is not the SNI name: 421, and the origin never sees it.
+    let seen = origin.requests().len();
+    let (code, body, _) = curl_tls(tls, "a.test", "/", &a.cert, &["-H", "Host: b.test"]);
+    assert_eq!(code, 421, "{body}");
+    assert_eq!(origin.requests().len(), seen);
+    // The same name with a port and in another case is the same host.
+    let (code, _, _) = curl_tls(tls, "a.test", "/", &a.cert, &["-H", "Host: A.Test:443"]);
+    assert_eq!(code, 200);
+
+    // The origin hears that the client used https.
+    let req = origin.requests().pop().unwrap();
+    assert_eq!(req.header("x-forwarded-proto"), Some("https"));
+
+    // Keep-alive over TLS: two requests, one connection.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{num_connects} ",
+        ])
+        .arg("--cacert")
+        .arg(&a.cert)
+        .args(["--resolve", &format!("a.test:{}:127.0.0.1", tls.port())])
+        .arg(format!("https://a.test:{}/k1", tls.port()))
+        .arg(format!("https://a.test:{}/k2", tls.port()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1 0");
+
+    // Cleartext HTTP on the TLS port is a failed handshake, counted by reason; the
+    // cleartext listener beside it still serves.
+    let before = metric(&gw, "gateway_tls_handshakes_total{result=\"bad_message\"}");
+    let mut c = std::net::TcpStream::connect(tls).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    // A TLS alert, then the close (a timeout here would be an error).
+    std::io::Read::read_to_end(&mut c, &mut answer).unwrap();
+    assert_eq!(answer.first(), Some(&0x15), "{answer:?}");
+    let after = metric(&gw, "gateway_tls_handshakes_total{result=\"bad_message\"}");
+    assert_eq!(after, before + 1);
+    assert!(metric(&gw, "gateway_tls_handshakes_total{result=\"ok\"}") >= 8);
+    let mut plain = Client::connect(gw.listeners[1]);
+    let r = plain.roundtrip("GET /plain HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.requests().pop().unwrap().header("x-forwarded-proto"),
+        Some("http")
+    );
+}
+
+#[test]
+fn a_silent_client_is_dropped_at_the_handshake_timeout() {
+    let dir = temp_dir("tls-timeout");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = Origin::echo();
+    let config = format!(
+        "{}\n[timeouts]\ntls_handshake_ms = 300\n",
+        tls_config(origin.addr, &a, &b)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = Client::connect(gw.listeners[0]);
+    let started = Instant::now();
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(
+        metric(&gw, "gateway_tls_handshakes_total{result=\"timeout\"}"),
+        1
+    );
+}
+
+#[test]
+fn certificates_are_managed_through_the_admin_api() {
+    let dir = temp_dir("tls-api");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let a2 = Cert::new(&second, "a.test");
+    let origin = lines_origin();
+    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
+    let tls = gw.listeners[0];
+
+    // A new certificate with its key: created; the key is stored 0600 and never shown.
+    let body = serde_json::json!({"cert_pem": a2.cert_pem(), "key_pem": a2.key_pem()});
+    let r = gw.admin("PUT", "/v1/certificates/c", Some(&body.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let shown = gw.admin("GET", "/v1/certificates/c", None);
+    assert_eq!(shown.status, 200);
+    let item = shown.json();
+    assert!(item.get("key_pem").is_none(), "{item}");
+    let digest = item["key_sha256"].as_str().unwrap().to_owned();
+    assert_eq!(item["names"], serde_json::json!(["a.test", "*.a.test"]));
+    assert!(item["not_after"].as_str().unwrap().ends_with('Z'));
+    let key_file = gw.data_dir.join("keys").join(format!("{digest}.pem"));
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    for path in ["/v1/config", "/v1/certificates", "/v1/revisions/2"] {
+        let text = gw.admin("GET", path, None).body_str().to_owned();
+        assert!(!text.contains("PRIVATE KEY"), "{path} shows a key: {text}");
+    }
+    // GET output PUT back keeps the stored key (no change, no new revision).
+    let etag = |gw: &Gateway| {
+        gw.admin("GET", "/v1/config", None)
+            .header("etag")
+            .map(str::to_owned)
+    };
+    let before = etag(&gw);
+    let r = gw.admin("PUT", "/v1/certificates/c", Some(&item.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(etag(&gw), before);
+
+    // Refusals name the field.
+    let cases = [
+        (
+            serde_json::json!({"cert_pem": a.cert_pem(), "key_pem": b.key_pem()}),
+            "\"pointer\":\"/key_pem\"",
+        ),
+        (
+            serde_json::json!({"cert_pem": "not a certificate", "key_pem": a.key_pem()}),
+            "\"pointer\":\"/cert_pem\"",
+        ),
+        (
+            serde_json::json!({"cert_pem": a.cert_pem(), "key_sha256": "00".repeat(32)}),
+            "\"pointer\":\"/key_sha256\"",
+        ),
+    ];
+    for (body, pointer) in cases {
+        let r = gw.admin("PUT", "/v1/certificates/c", Some(&body.to_string()));
+        assert_eq!(r.status, 422, "{}", r.body_str());
+        assert!(
+            r.body_str().contains(pointer),
+            "{pointer}: {}",
+            r.body_str()
+        );
+    }
+    // A certificate a listener uses cannot go.
+    let r = gw.admin("DELETE", "/v1/certificates/a", None);
+    assert_eq!(r.status, 409, "{}", r.body_str());
+    assert!(r.body_str().contains("listeners/0"), "{}", r.body_str());
+
+    // An open connection keeps its session while the certificate it got is replaced.
+    let mut held = SClient::open(tls, "a.test");
+    assert!(held.get("/before").contains("origin saw /before"));
+    let body = serde_json::json!({"cert_pem": a2.cert_pem(), "key_pem": a2.key_pem()});
+    let r = gw.admin("PUT", "/v1/certificates/a", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    // The next handshake gets the new certificate: only the new one verifies.
+    let (code, _, err) = curl_tls(tls, "a.test", "/new", &a2.cert, &[]);
+    assert_eq!(code, 200, "{err}");
+    let (code, _, _) = curl_tls(tls, "a.test", "/new", &a.cert, &[]);
+    assert_eq!(code, 0);
+    assert!(held.get("/after").contains("origin saw /after"));
+
+    // The listener's certificate list changes at runtime too: b first now.
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["listeners"][0]["tls"]["certificates"] = serde_json::json!(["b", "a"]);
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(presented_subject(tls, None).contains("b.test"));
+
+    // After a restart the stored key is found by its digest.
+    drop(held);
+    let data_dir = gw.data_dir.clone();
+    drop(gw);
+    let gw = Gateway::resume(&data_dir, Driver::IoUring);
+    let (code, _, err) = curl_tls(gw.listeners[0], "a.test", "/resumed", &a2.cert, &[]);
+    assert_eq!(code, 200, "{err}");
+}
+
+/// Answers `origin saw TARGET` and a newline, so a line reader sees each body whole.
+fn lines_origin() -> Origin {
+    Origin::start(std::sync::Arc::new(
+        |req: &Received, s: &mut std::net::TcpStream| {
+            let target = req
+                .request_line()
+                .split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .to_owned();
+            let body = format!("origin saw {target}\n");
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            Keep::Open
+        },
+    ))
+}
+
+/// One `openssl s_client` session kept open, for requests on one TLS connection.
+struct SClient {
+    child: std::process::Child,
+    out: std::sync::mpsc::Receiver<String>,
+}
+
+impl SClient {
+    fn open(addr: std::net::SocketAddr, name: &str) -> SClient {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-ign_eof",
+                "-connect",
+                &addr.to_string(),
+            ])
+            .args(["-servername", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_client");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        SClient { child, out: rx }
+    }
+
+    /// Sends a GET and returns the response's last line (the body: the echo origin's has no
+    /// newline) once it arrives.
+    fn get(&mut self, path: &str) -> String {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        write!(stdin, "GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+        stdin.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = String::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = self.out.recv_timeout(Duration::from_millis(200)) {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.starts_with("origin saw") {
+                    return seen;
+                }
+            }
+        }
+        panic!("no answer on the held connection: {seen:?}");
+    }
+}
+
+impl Drop for SClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,919 @@
+//! HTTP/2 with clients: ALPN `h2` on TLS listeners and prior knowledge on `h2c` listeners.
+//!
+//! The `h2` crate speaks the protocol (framing, HPACK, flow control, and the limits against
+//! rapid reset, CONTINUATION floods and oversized header lists). Each stream becomes one
+//! request on the same path an HTTP/1.1 request takes: its head is written as an HTTP/1.1
+//! head and read through [`H2Stream`], a client stream whose reads give that head and then
+//! the body (chunked when the client sent no length), and whose writes take the HTTP/1.1
+//! answer apart into a HEADERS frame and DATA frames. Routing, policies, aggregation,
+//! profiles, the access log and the metrics therefore behave exactly as over HTTP/1.1.
+//!
+//! The connection's socket is driven through [`PollIo`], which lends monoio's owned-buffer
+//! reads and writes to h2's poll-based I/O (one in flight each way).
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use ::h2::server::SendResponse;
+use ::h2::{Reason, RecvStream, SendStream};
+use bytes::{Buf, Bytes};
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent,
+};
+use monoio::BufResult;
+
+use super::stream::{ClientStream, Scheme};
+use crate::peer::Peer;
+use crate::worker_ctx::WorkerCtx;
+
+/// The client connection preface of RFC 9113 3.4.
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes of frames queued before a write waits for the socket.
+const WRITE_BUF: usize = 64 * 1024;
+/// How often an idle or draining connection is looked at.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Serves one HTTP/2 connection until it closes; `prefix` is what was already read of it.
+pub(crate) async fn serve<S: ClientStream>(
+    ctx: Rc<WorkerCtx>,
+    stream: S,
+    prefix: &[u8],
+    peer: Peer,
+) {
+    let conn_info = Rc::new(ConnInfo {
+        fd: stream.as_raw_fd(),
+        sni: stream.sni().map(Into::into),
+        scheme: stream.scheme(),
+        open: Cell::new(0),
+        last_end: Cell::new(Instant::now()),
+        resets: Cell::new(0),
+        max_resets: ctx.snapshot().http2.max_pending_resets,
+        waker: RefCell::new(None),
+    });
+    let (r, w) = stream.into_halves();
+    let io = PollIo::new(r, w, prefix);
+    let snap = ctx.snapshot();
+    let h = &snap.http2;
+    let mut builder = ::h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(h.max_concurrent_streams)
+        .max_header_list_size(h.max_header_list_size)
+        .initial_window_size(h.initial_stream_window)
+        .initial_connection_window_size(h.initial_connection_window)
+        .max_pending_accept_reset_streams(h.max_pending_resets as usize)
+        .max_concurrent_reset_streams(h.max_pending_resets as usize)
+        .max_local_error_reset_streams(Some(1024))
+        .max_send_buffer_size(WRITE_BUF * 4);
+    let (handshake_timeout, idle_timeout) =
+        (snap.timeouts.client_header, snap.timeouts.client_idle);
+    drop(snap);
+    let mut conn =
+        match monoio::time::timeout(handshake_timeout, builder.handshake::<_, Bytes>(io)).await {
+            Ok(Ok(conn)) => conn,
+            _ => return,
+        };
+    let mut tick = Box::pin(monoio::time::sleep(TICK));
+    let mut goaway = false;
+    let mut calmed = false;
+    loop {
+        let event = poll_fn(|cx| {
+            if !calmed && conn_info.resets.get() > conn_info.max_resets {
+                // Too many streams cancelled while being answered: rapid reset.
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                calmed = true;
+            }
+            {
+                let mut w = conn_info.waker.borrow_mut();
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+            }
+            if let Poll::Ready(next) = conn.poll_accept(cx) {
+                return Poll::Ready(Some(next));
+            }
+            if tick.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Some(Some(Ok((req, respond)))) => {
+                let info = conn_info.clone();
+                let ctx = ctx.clone();
+                info.open.set(info.open.get() + 1);
+                monoio::spawn(async move {
+                    serve_request(ctx, &info, req, respond, peer).await;
+                    info.open.set(info.open.get() - 1);
+                    info.last_end.set(Instant::now());
+                });
+            }
+            // A protocol error (h2 has sent its GOAWAY) or the client went away.
+            Some(Some(Err(e))) => {
+                log::debug!("http/2 connection from {}: {e}", peer.ip);
+                break;
+            }
+            Some(None) => break,
+            None => {
+                tick = Box::pin(monoio::time::sleep(TICK));
+                let idle =
+                    conn_info.open.get() == 0 && conn_info.last_end.get().elapsed() >= idle_timeout;
+                if !goaway && (ctx.draining.get() || idle) {
+                    // GOAWAY with the last stream id: streams already open finish.
+                    conn.graceful_shutdown();
+                    goaway = true;
+                }
+            }
+        }
+    }
+    // Let the last frames (GOAWAY, final DATA) out.
+    let _ = monoio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_closed(cx))).await;
+}
+
+/// What the streams of one connection share.
+struct ConnInfo {
+    fd: std::os::fd::RawFd,
+    sni: Option<Box<str>>,
+    scheme: Scheme,
+    /// Streams being served.
+    open: Cell<u32>,
+    /// When the last stream ended (for the idle timeout).
+    last_end: Cell<Instant>,
+    /// Streams the client reset before their answer was complete.
+    resets: Cell<u32>,
+    /// More than this many resets closes the connection with ENHANCE_YOUR_CALM.
+    max_resets: u32,
+    /// Wakes the connection task (to act on `resets`).
+    waker: RefCell<Option<Waker>>,
+}
+
+impl ConnInfo {
+    /// Counts a stream the client reset mid-answer.
+    fn reset_by_client(&self) {
+        self.resets.set(self.resets.get() + 1);
+        if self.resets.get() > self.max_resets {
+            if let Some(w) = self.waker.borrow().as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+async fn serve_request(
+    ctx: Rc<WorkerCtx>,
+    info: &Rc<ConnInfo>,
+    req: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer: Peer,
+) {
+    let (parts, body) = req.into_parts();
+    let (head, chunked) = request_head(&parts, body.is_end_stream());
+    let stream = H2Stream {
+        info: info.clone(),
+        head,
+        head_pos: 0,
+        body: Some(body),
+        chunked,
+        pending: Bytes::new(),
+        respond: Some(respond),
+        send: None,
+        answer: Answer::Head(Vec::new()),
+        head_request: parts.method == http::Method::HEAD,
+    };
+    super::serve_h2_stream(ctx, stream, peer).await;
+}
+
+/// The HTTP/1.1 head of an HTTP/2 request (RFC 9113 8.3.1 and 8.2.3): the request line from
+/// the pseudo-headers, `Host` from `:authority`, cookies joined into one field, and
+/// `Transfer-Encoding: chunked` when a body follows without a length. Returns the head and
+/// whether the body is to be chunked.
+fn request_head(parts: &http::request::Parts, ended: bool) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    if parts.method == http::Method::CONNECT {
+        out.extend_from_slice(parts.uri.authority().map_or("", |a| a.as_str()).as_bytes());
+    } else {
+        match parts.uri.path_and_query() {
+            Some(pq) if !pq.as_str().is_empty() => out.extend_from_slice(pq.as_str().as_bytes()),
+            _ => out.push(b'/'),
+        }
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    if let Some(a) = authority {
+        super::push_field(&mut out, b"host", a.as_bytes());
+    }
+    let mut cookie: Option<Vec<u8>> = None;
+    let mut has_length = false;
+    for (name, value) in parts.headers.iter() {
+        let n = name.as_str();
+        match n {
+            "host" if authority.is_some() => continue,
+            "cookie" => {
+                let c = cookie.get_or_insert_with(Vec::new);
+                if !c.is_empty() {
+                    c.extend_from_slice(b"; ");
+                }
+                c.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+            | "te" | "http2-settings" => continue,
+            "content-length" => has_length = true,
+            _ => {}
+        }
+        super::push_field(&mut out, n.as_bytes(), value.as_bytes());
+    }
+    if let Some(c) = cookie {
+        super::push_field(&mut out, b"cookie", &c);
+    }
+    let chunked = !ended && !has_length;
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, chunked)
+}
+
+/// Where the HTTP/1.1 answer written to an [`H2Stream`] is.
+enum Answer {
+    /// Collecting the head.
+    Head(Vec<u8>),
+    /// Relaying the body.
+    Body(Framing),
+    Done,
+}
+
+/// How the HTTP/1.1 answer's body is delimited.
+enum Framing {
+    Length(u64),
+    Chunked(Dechunk),
+    Close,
+}
+
+/// One HTTP/2 stream as the request path's client stream.
+pub(crate) struct H2Stream {
+    info: Rc<ConnInfo>,
+    /// The synthesised HTTP/1.1 head, read first.
+    head: Vec<u8>,
+    head_pos: usize,
+    body: Option<RecvStream>,
+    chunked: bool,
+    /// Body bytes (with chunk framing when chunked) not yet read.
+    pending: Bytes,
+    respond: Option<SendResponse<Bytes>>,
+    send: Option<SendStream<Bytes>>,
+    answer: Answer,
+    head_request: bool,
+}
+
+impl std::fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("fd", &self.info.fd)
+            .finish()
+    }
+}
+
+impl H2Stream {
+    /// Waits until request bytes are ready to copy (or the request has ended).
+    async fn next_bytes(&mut self) -> io::Result<()> {
+        while self.head_pos == self.head.len() && self.pending.is_empty() {
+            let Some(body) = self.body.as_mut() else {
+                return Ok(());
+            };
+            match poll_fn(|cx| body.poll_data(cx)).await {
+                Some(Ok(data)) => {
+                    // The window reopens as the request path takes the bytes.
+                    let _ = body.flow_control().release_capacity(data.len());
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.pending = if self.chunked {
+                        let mut framed = Vec::with_capacity(data.len() + 12);
+                        framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        framed.extend_from_slice(&data);
+                        framed.extend_from_slice(b"\r\n");
+                        Bytes::from(framed)
+                    } else {
+                        data
+                    };
+                }
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => {
+                    self.body = None;
+                    if self.chunked {
+                        self.pending = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies ready request bytes into `dst`; 0 once the request has ended.
+    fn copy_out(&mut self, dst: &mut [u8]) -> usize {
+        if self.head_pos < self.head.len() {
+            let n = dst.len().min(self.head.len() - self.head_pos);
+            dst[..n].copy_from_slice(&self.head[self.head_pos..self.head_pos + n]);
+            self.head_pos += n;
+            return n;
+        }
+        let n = dst.len().min(self.pending.len());
+        dst[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.advance(n);
+        n
+    }
+
+    async fn read_owned<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
+        if let Err(e) = self.next_bytes().await {
+            return (Err(e), buf);
+        }
+        let room = buf.bytes_total();
+        // SAFETY: `write_ptr` points at `bytes_total` writable bytes owned by `buf`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(buf.write_ptr(), room) };
+        let n = self.copy_out(dst);
+        // SAFETY: `n` bytes were written at the start.
+        unsafe { buf.set_init(n) };
+        (Ok(n), buf)
+    }
+
+    /// Takes the HTTP/1.1 answer's bytes apart into HEADERS and DATA frames.
+    async fn write_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            let body_piece = match &mut self.answer {
+                Answer::Done => return Ok(()),
+                Answer::Head(buf) => {
+                    let scan_from = buf.len().saturating_sub(3);
+                    buf.extend_from_slice(&data);
+                    let Some(end) = find_head_end(buf, scan_from) else {
+                        if buf.len() > 256 * 1024 {
+                            return Err(io::ErrorKind::InvalidData.into());
+                        }
+                        return Ok(());
+                    };
+                    let all = Bytes::from(std::mem::take(buf));
+                    data = Bytes::slice(&all, end..);
+                    self.start_answer(&all[..end])?;
+                    continue;
+                }
+                Answer::Body(Framing::Length(rem)) => {
+                    // Bytes past the length are not part of this answer.
+                    let take = (*rem).min(data.len() as u64) as usize;
+                    *rem -= take as u64;
+                    let last = *rem == 0;
+                    let piece = data.split_to(take);
+                    data.clear();
+                    (piece, last)
+                }
+                Answer::Body(Framing::Chunked(d)) => {
+                    let mut out = Vec::with_capacity(data.len());
+                    let last = d.feed(&data, &mut out);
+                    data.clear();
+                    (Bytes::from(out), last)
+                }
+                Answer::Body(Framing::Close) => (std::mem::take(&mut data), false),
+            };
+            let (piece, last) = body_piece;
+            if last {
+                self.answer = Answer::Done;
+            }
+            self.send_data(piece, last).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the answer's HEADERS from its HTTP/1.1 head (an informational head is skipped).
+    fn start_answer(&mut self, head: &[u8]) -> io::Result<()> {
+        let mut fields = [httparse::EMPTY_HEADER; 128];
+        let mut parsed = httparse::Response::new(&mut fields);
+        if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        let code = parsed.code.unwrap_or(502);
+        if (100..200).contains(&code) {
+            // 100 Continue and hints are not relayed; 101 cannot happen on HTTP/2.
+            if code == 101 {
+                return Err(io::ErrorKind::InvalidData.into());
+            }
+            self.answer = Answer::Head(Vec::new());
+            return Ok(());
+        }
+        let mut response = http::Response::new(());
+        *response.status_mut() = http::StatusCode::from_u16(code)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        let (mut chunked, mut length) = (false, None);
+        for f in parsed.headers.iter() {
+            let name = f.name;
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = true;
+                continue;
+            }
+            if [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "upgrade",
+                "te",
+            ]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+            {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("content-length") {
+                length = std::str::from_utf8(f.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+            }
+            let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(f.value),
+            ) else {
+                continue;
+            };
+            response.headers_mut().append(n, v);
+        }
+        let no_body = self.head_request || code == 204 || code == 304;
+        let framing = match (no_body, chunked, length) {
+            (true, _, _) => Framing::Length(0),
+            (false, true, _) => Framing::Chunked(Dechunk::default()),
+            (false, false, Some(n)) => Framing::Length(n),
+            (false, false, None) => Framing::Close,
+        };
+        let end = matches!(framing, Framing::Length(0));
+        let respond = self
+            .respond
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        let send = respond
+            .send_response(response, end)
+            .map_err(io::Error::other)?;
+        self.respond = None;
+        self.send = Some(send);
+        self.answer = if end {
+            Answer::Done
+        } else {
+            Answer::Body(framing)
+        };
+        Ok(())
+    }
+
+    /// Sends body bytes as the client's flow-control window allows.
+    async fn send_data(&mut self, mut data: Bytes, end: bool) -> io::Result<()> {
+        let send = self
+            .send
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        if data.is_empty() {
+            if end {
+                send.send_data(Bytes::new(), true)
+                    .map_err(io::Error::other)?;
+            }
+            return Ok(());
+        }
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let cap = loop {
+                let c = send.capacity();
+                if c > 0 {
+                    break c;
+                }
+                match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    None => return Err(io::ErrorKind::BrokenPipe.into()),
+                }
+            };
+            let piece = data.split_to(cap.min(data.len()));
+            send.send_data(piece, end && data.is_empty())
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+impl H2Stream {
+    /// Whether the client has reset this stream.
+    fn was_reset(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let reset = match (self.send.as_mut(), self.respond.as_mut()) {
+            (Some(s), _) => s.poll_reset(&mut cx),
+            (None, Some(r)) => r.poll_reset(&mut cx),
+            (None, None) => return false,
+        };
+        matches!(reset, Poll::Ready(Ok(_)))
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !matches!(self.answer, Answer::Done) && self.was_reset() {
+            self.info.reset_by_client();
+            return;
+        }
+        match self.answer {
+            Answer::Done => {}
+            // A body delimited by the close ends with the stream.
+            Answer::Body(Framing::Close) => {
+                if let Some(s) = self.send.as_mut() {
+                    let _ = s.send_data(Bytes::new(), true);
+                }
+            }
+            // Unanswered or cut short: the client must not take it for complete.
+            _ => {
+                if let Some(s) = self.send.as_mut() {
+                    s.send_reset(Reason::INTERNAL_ERROR);
+                } else if let Some(r) = self.respond.as_mut() {
+                    r.send_reset(Reason::INTERNAL_ERROR);
+                }
+            }
+        }
+    }
+}
+
+/// The offset just past the first `\r\n\r\n` at or after `from`.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| from + i + 4)
+}
+
+/// Chunked-body decoding of the gateway's own output (already validated upstream side).
+#[derive(Debug, Default)]
+struct Dechunk {
+    state: DState,
+    remaining: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum DState {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// In the trailer section; `true` at the start of a line.
+    Trailer(bool),
+    Done,
+}
+
+impl Dechunk {
+    /// Appends the chunk data in `input` to `out`; `true` once the body has ended.
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> bool {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                DState::Size => {
+                    if let Some(d) = char::from(b).to_digit(16) {
+                        self.remaining = self.remaining.saturating_mul(16) + u64::from(d);
+                    } else {
+                        self.state = if b == b'\r' {
+                            DState::SizeLf
+                        } else {
+                            DState::Ext
+                        };
+                    }
+                    i += 1;
+                }
+                DState::Ext => {
+                    if b == b'\r' {
+                        self.state = DState::SizeLf;
+                    }
+                    i += 1;
+                }
+                DState::SizeLf => {
+                    i += 1;
+                    self.state = if self.remaining == 0 {
+                        DState::Trailer(true)
+                    } else {
+                        DState::Data
+                    };
+                }
+                DState::Data => {
+                    let n = (self.remaining.min((input.len() - i) as u64)) as usize;
+                    out.extend_from_slice(&input[i..i + n]);
+                    i += n;
+                    self.remaining -= n as u64;
+                    if self.remaining == 0 {
+                        self.state = DState::DataCr;
+                    }
+                }
+                DState::DataCr => {
+                    i += 1;
+                    self.state = DState::DataLf;
+                }
+                DState::DataLf => {
+                    i += 1;
+                    self.state = DState::Size;
+                }
+                DState::Trailer(line_start) => {
+                    i += 1;
+                    if b == b'\n' {
+                        if line_start {
+                            self.state = DState::Done;
+                        } else {
+                            self.state = DState::Trailer(true);
+                        }
+                    } else if b != b'\r' {
+                        self.state = DState::Trailer(false);
+                    }
+                }
+                DState::Done => break,
+            }
+        }
+        self.state == DState::Done
+    }
+}
+
+impl std::os::fd::AsRawFd for H2Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.info.fd
+    }
+}
+
+impl AsyncReadRent for H2Stream {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.read_owned(buf).await
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+}
+
+impl CancelableAsyncReadRent for H2Stream {
+    async fn cancelable_read<T: IoBufMut>(
+        &mut self,
+        buf: T,
+        _c: CancelHandle,
+    ) -> BufResult<usize, T> {
+        self.read_owned(buf).await
+    }
+
+    async fn cancelable_readv<T: IoVecBufMut>(
+        &mut self,
+        buf: T,
+        _c: CancelHandle,
+    ) -> BufResult<usize, T> {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+}
+
+impl AsyncWriteRent for H2Stream {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        // SAFETY: `read_ptr` points at `bytes_init` initialised bytes owned by `buf`.
+        let plain = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+        let n = plain.len();
+        let res = self.write_bytes(Bytes::copy_from_slice(plain)).await;
+        (res.map(|()| n), buf)
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        let mut all = Vec::new();
+        {
+            // SAFETY: the iovec array and the memory it describes belong to `buf`.
+            let iovs =
+                unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+            for v in iovs {
+                // SAFETY: each iovec describes initialised bytes owned by `buf`.
+                let piece = unsafe {
+                    std::slice::from_raw_parts(v.iov_base.cast::<u8>().cast_const(), v.iov_len)
+                };
+                all.extend_from_slice(piece);
+            }
+        }
+        let n = all.len();
+        let res = self.write_bytes(Bytes::from(all)).await;
+        (res.map(|()| n), buf)
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        if matches!(self.answer, Answer::Body(Framing::Close)) {
+            self.answer = Answer::Done;
+            self.send_data(Bytes::new(), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The halves of a stream that cannot be tunnelled (an HTTP/2 stream): reads end at once,
+/// writes fail.
+#[derive(Debug)]
+pub(crate) struct Refused;
+
+impl AsyncReadRent for Refused {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        (Ok(0), buf)
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        (Ok(0), buf)
+    }
+}
+
+impl AsyncWriteRent for Refused {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ClientStream for H2Stream {
+    const PARKABLE: bool = false;
+    const WHOLE_CONNECTION: bool = false;
+    const PRIOR_KNOWLEDGE: bool = false;
+    type ReadHalf = Refused;
+    type WriteHalf = Refused;
+
+    fn scheme(&self) -> Scheme {
+        self.info.scheme
+    }
+
+    fn sni(&self) -> Option<&str> {
+        self.info.sni.as_deref()
+    }
+
+    fn client_gone(&self) -> bool {
+        false
+    }
+
+    fn into_halves(self) -> (Refused, Refused) {
+        (Refused, Refused)
+    }
+
+    fn into_parkable(self) -> Result<monoio::net::TcpStream, Self> {
+        Err(self)
+    }
+}
+
+type ReadFut<R> = Pin<Box<dyn Future<Output = (R, io::Result<usize>, Vec<u8>)>>>;
+type WriteFut<W> = Pin<Box<dyn Future<Output = (W, io::Result<()>, Vec<u8>)>>>;
+
+/// A connection's two halves as one poll-based byte stream for h2: one owned-buffer read and
+/// one write in flight at a time, each a boxed future that hands its half and buffer back.
+pub(crate) struct PollIo<R, W> {
+    reader: Option<R>,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    reading: Option<ReadFut<R>>,
+    writer: Option<W>,
+    wbuf: Vec<u8>,
+    spare: Vec<u8>,
+    writing: Option<WriteFut<W>>,
+    shut: bool,
+}
+
+impl<R, W> PollIo<R, W> {
+    fn new(reader: R, writer: W, prefix: &[u8]) -> Self {
+        let mut rbuf = Vec::with_capacity(16 * 1024);
+        rbuf.extend_from_slice(prefix);
+        PollIo {
+            reader: Some(reader),
+            rbuf,
+            rpos: 0,
+            reading: None,
+            writer: Some(writer),
+            wbuf: Vec::with_capacity(WRITE_BUF),
+            spare: Vec::with_capacity(WRITE_BUF),
+            writing: None,
+            shut: false,
+        }
+    }
+}
+
+impl<R: AsyncReadRent + 'static, W: AsyncWriteRent + 'static> PollIo<R, W> {
+    fn poll_flush_inner(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(fut) = self.writing.as_mut() {
+                let (w, res, mut buf) = ready!(fut.as_mut().poll(cx));
+                self.writing = None;
+                self.writer = Some(w);
+                buf.clear();
+                self.spare = buf;
+                res?;
+            }
+            if self.wbuf.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(mut w) = self.writer.take() else {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            };
+            let buf = std::mem::replace(&mut self.wbuf, std::mem::take(&mut self.spare));
+            self.writing = Some(Box::pin(async move {
+                let (res, buf) = w.write_all(buf).await;
+                (w, res.map(|_| ()), buf)
+            }));
+        }
+    }
+}
+
+impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> tokio::io::AsyncRead
+    for PollIo<R, W>
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.rpos < this.rbuf.len() {
+                let n = out.remaining().min(this.rbuf.len() - this.rpos);
+                out.put_slice(&this.rbuf[this.rpos..this.rpos + n]);
+                this.rpos += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.reading.is_none() {
+                let Some(mut r) = this.reader.take() else {
+                    return Poll::Ready(Ok(()));
+                };
+                let mut buf = std::mem::take(&mut this.rbuf);
+                buf.clear();
+                this.rpos = 0;
+                this.reading = Some(Box::pin(async move {
+                    let (res, buf) = r.read(buf).await;
+                    (r, res, buf)
+                }));
+            }
+            let Some(fut) = this.reading.as_mut() else {
+                continue;
+            };
+            let (r, res, buf) = ready!(fut.as_mut().poll(cx));
+            this.reading = None;
+            this.rbuf = buf;
+            match res {
+                // End of stream: no reader any more, so every later read says so too.
+                Ok(0) => return Poll::Ready(Ok(())),
+                Ok(_) => this.reader = Some(r),
+                Err(e) => {
+                    this.reader = Some(r);
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> tokio::io::AsyncWrite
+    for PollIo<R, W>
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.wbuf.len() >= WRITE_BUF {
+            ready!(this.poll_flush_inner(cx))?;
+        }
+        this.wbuf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_flush_inner(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_flush_inner(cx))?;
+        if !this.shut {
+            this.shut = true;
+            if let Some(mut w) = this.writer.take() {
+                this.writing = Some(Box::pin(async move {
+                    let res = w.shutdown().await;
+                    (w, res, Vec::new())
+                }));
+            }
+        }
+        this.poll_flush_inner(cx)
+    }
+}
