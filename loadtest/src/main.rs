@@ -13,6 +13,7 @@
 mod aggregate;
 mod procs;
 mod report;
+mod tls;
 mod wrk;
 
 use std::io::{Read, Write};
@@ -31,6 +32,8 @@ const USAGE: &str = "\
 usage: loadtest compare [options]
        loadtest scaling [options] [--worker-counts 1,2,4,8]
        loadtest aggregate [options]     (an aggregate of 3 steps against 3 proxied requests)
+       loadtest tls [options]           (TLS: HTTP/1.1 with wrk, HTTP/2 with h2load, full
+                                        handshakes; the gateway against nginx `ssl http2`)
        loadtest report RESULTS.csv      (table and chart again from a CSV)
 
 options (defaults in brackets):
@@ -196,6 +199,7 @@ fn main() -> Result<()> {
         "compare" => compare(&opts, &gateway, "compare"),
         "scaling" => scaling(&opts, &gateway),
         "aggregate" => aggregate::run(&opts, &gateway),
+        "tls" => tls::run(&opts, &gateway),
         _ => bail!("unknown mode {mode:?}\n{USAGE}"),
     }
 }

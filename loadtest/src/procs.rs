@@ -166,7 +166,7 @@ pub fn start_json_origins(
     Ok((p, addrs))
 }
 
-fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> Result<Proc> {
+pub fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> Result<Proc> {
     std::fs::create_dir_all(dir.file("tmp"))?;
     let path = dir.file(&format!("{name}.nginx.conf"));
     std::fs::write(&path, conf)?;

@@ -243,6 +243,38 @@ fn a_silent_client_is_dropped_at_the_handshake_timeout() {
 }
 
 #[test]
+fn min_version_1_3_refuses_tls_1_2() {
+    let dir = temp_dir("tls-min");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = lines_origin();
+    let config = tls_config(origin.addr, &a, &b).replace(
+        "alpn = [\"http/1.1\"] }",
+        "alpn = [\"http/1.1\"], min_version = \"1.3\" }",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let tls = gw.listeners[0];
+    let (code, _, _) = curl_tls(tls, "a.test", "/", &a.cert, &["--tls-max", "1.2"]);
+    assert_eq!(code, 0, "a TLS 1.2 client must be refused");
+    assert_eq!(
+        metric(&gw, "gateway_tls_handshakes_total{result=\"incompatible\"}"),
+        1
+    );
+    let (code, body, err) = curl_tls(tls, "a.test", "/v13", &a.cert, &["--tlsv1.3"]);
+    assert_eq!((code, body.as_str()), (200, "origin saw /v13\n"), "{err}");
+    // A version the gateway does not offer is refused, naming the field.
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["listeners"][0]["tls"]["min_version"] = serde_json::json!("1.1");
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(
+        r.body_str()
+            .contains("\"pointer\":\"/listeners/0/tls/min_version\""),
+        "{}",
+        r.body_str()
+    );
+}
+
+#[test]
 fn certificates_are_managed_through_the_admin_api() {
     let dir = temp_dir("tls-api");
     let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));

@@ -1,0 +1,367 @@
+//! `loadtest tls`: the gateway against nginx as TLS-terminating reverse proxies in front of
+//! the same nginx origin, with the same certificate (ECDSA P-256, made by the openssl CLI),
+//! TLS 1.2 and 1.3, and the client's choice of cipher suite on both:
+//!
+//! - `h1-13b`, `h1-64k`: HTTP/1.1 over TLS, keep-alive, wrk;
+//! - `h2-13b`, `h2-64k`: HTTP/2 over TLS (ALPN), h2load with 10 streams per connection;
+//! - `handshake-full`: a new connection and a full handshake per request (`openssl s_time
+//!   -new`, four at a time; it never resumes), 13-byte body; no latency figures;
+//! - `handshake-resumed`: a new connection per request that resumes the session (wrk with
+//!   `Connection: close`: wrk resumes; both servers keep sessions, nginx with a shared
+//!   session cache and tickets, the gateway with rustls's defaults).
+//!
+//! Requests per proxy CPU-second and p99 as in `compare`, interleaved, medians of `--reps`.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::procs::{self, Proc, Workdir};
+use crate::report::{self, Sample};
+use crate::wrk::{self, WrkResult};
+use crate::Options;
+
+/// The rows: (label, URL path, how it is driven).
+const CASES: [(&str, &str, Driver); 6] = [
+    ("h1-13b", "/13b", Driver::Wrk),
+    ("h1-64k", "/64k", Driver::Wrk),
+    ("h2-13b", "/13b", Driver::H2load),
+    ("h2-64k", "/64k", Driver::H2load),
+    ("handshake-full", "/13b", Driver::STime),
+    ("handshake-resumed", "/13b", Driver::WrkClose),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    Wrk,
+    WrkClose,
+    H2load,
+    STime,
+}
+
+/// `openssl s_time` processes run at once for full handshakes.
+const S_TIME_PROCS: usize = 4;
+
+pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
+    for tool in ["h2load", "openssl"] {
+        if crate::which(tool).is_none() {
+            bail!("{tool} is not installed: apt-get install nghttp2-client openssl");
+        }
+    }
+    let dir = Workdir(opts.out.join("work-tls"));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0)?;
+    let (cert, key) = (dir.file("cert.pem"), dir.file("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("openssl req")?;
+    if !out.status.success() {
+        bail!("openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let origin = procs::start_origin(&dir, opts.workers, &opts.origin_cpus)?;
+    let gw = start_gateway(opts, &dir, gateway, origin.addr, &cert, &key)?;
+    let nginx = start_nginx(opts, &dir, origin.addr, &cert, &key)?;
+    let proxies = [("gateway", &gw), ("nginx", &nginx)];
+    // Both must answer with the origin's bytes over HTTP/1.1 and HTTP/2 before anything runs.
+    for (name, p) in &proxies {
+        for (body, len) in [("13b", 13usize), ("64k", 65536)] {
+            for flag in ["--http1.1", "--http2"] {
+                let out = Command::new("curl")
+                    .args(["-sk", flag, "-w", "\n%{http_version}"])
+                    .arg(format!("https://localhost:{}/{body}", p.addr.port()))
+                    .output()
+                    .context("curl")?;
+                let text = out.stdout;
+                let want = procs::body_bytes(len);
+                let ok = text.len() > len && text[..len] == want[..];
+                let version =
+                    String::from_utf8_lossy(&text[text.len().min(len + 1)..]).into_owned();
+                let want_version = if flag == "--http2" { "2" } else { "1.1" };
+                if !ok || version != want_version {
+                    bail!("{name} answered /{body} {flag} wrongly (HTTP version {version:?})");
+                }
+            }
+        }
+    }
+    println!(
+        "verified: both proxies return the origin's bodies over HTTP/1.1 and HTTP/2 on TLS; wrk and h2load on CPUs {}, proxies on {}, origin on {}",
+        opts.wrk_cpus, opts.proxy_cpus, opts.origin_cpus
+    );
+    let close_script = dir.file("close.lua");
+    std::fs::write(&close_script, "wrk.headers[\"Connection\"] = \"close\"\n")?;
+    let drive = |case: &(&str, &str, Driver), p: &Proc, seconds: u64| -> Result<WrkResult> {
+        let url = format!("https://localhost:{}{}", p.addr.port(), case.1);
+        match case.2 {
+            Driver::Wrk => wrk::run(&opts.wrk_cpus, 1, opts.connections, seconds, &url),
+            Driver::WrkClose => wrk::run_script(
+                &opts.wrk_cpus,
+                opts.connections,
+                seconds,
+                Some(&close_script),
+                &url,
+            ),
+            Driver::H2load => h2load(&opts.wrk_cpus, opts.connections, seconds, &url, &dir),
+            Driver::STime => s_time(&opts.wrk_cpus, p.addr, seconds, case.1),
+        }
+    };
+    for case in &CASES {
+        for (_, p) in &proxies {
+            drive(case, p, opts.warmup)?;
+        }
+    }
+    let mut samples = Vec::new();
+    for rep in 0..opts.reps {
+        for case in &CASES {
+            let mut order = proxies.to_vec();
+            let n = order.len();
+            order.rotate_left(rep % n);
+            for (name, p) in order {
+                let before = procs::cpu_seconds(p.pid());
+                let w = drive(case, p, opts.duration)?;
+                let cpu_s = procs::cpu_seconds(p.pid()) - before;
+                println!(
+                    "rep {rep} {:>9} {name:<8} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} errors {}",
+                    case.0,
+                    w.rps,
+                    w.p99_us,
+                    cpu_s,
+                    if cpu_s > 0.0 { w.requests as f64 / cpu_s } else { 0.0 },
+                    w.non_2xx,
+                    w.socket_errors
+                );
+                samples.push(Sample {
+                    proxy: name.to_owned(),
+                    body: case.0.to_owned(),
+                    rep,
+                    wrk: w,
+                    cpu_s,
+                });
+            }
+        }
+    }
+    let summaries = report::summarize(&samples);
+    let table = report::table(&summaries);
+    println!("\n{table}");
+    let csv = opts.out.join("tls.csv");
+    report::write_csv(&csv, &samples)?;
+    let md = format!(
+        "machine: {}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (openssl s_time -new; no latency figures); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close).\n\n{table}",
+        crate::machine()
+    );
+    std::fs::write(opts.out.join("tls.md"), md)?;
+    println!(
+        "wrote {} and {}",
+        csv.display(),
+        opts.out.join("tls.md").display()
+    );
+    Ok(())
+}
+
+fn start_gateway(
+    opts: &Options,
+    dir: &Workdir,
+    bin: &Path,
+    origin: std::net::SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> Result<Proc> {
+    let port = procs::free_port()?;
+    let admin_port = procs::free_port()?;
+    let text = procs::gateway_config(port, admin_port, opts.workers, origin, false, None, None)
+        .replacen(
+            &format!("address = \"127.0.0.1:{port}\"\n"),
+            &format!("address = \"127.0.0.1:{port}\"\ntls = {{ certificates = [\"local\"] }}\n"),
+            1,
+        );
+    let text = format!(
+        "{text}[[certificates]]\nid = \"local\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let conf = dir.file("gateway-tls.toml");
+    std::fs::write(&conf, text)?;
+    let addr = format!("127.0.0.1:{port}").parse()?;
+    procs::start_gateway(
+        dir,
+        bin,
+        &opts.proxy_cpus,
+        "gateway-tls",
+        &conf,
+        addr,
+        admin_port,
+    )
+}
+
+/// nginx as Debian 12 packages it (1.22): `listen ... ssl http2`.
+fn start_nginx(
+    opts: &Options,
+    dir: &Workdir,
+    origin: std::net::SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> Result<Proc> {
+    let port = procs::free_port()?;
+    let conf = format!(
+        "worker_processes {workers};\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
+         error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 120s;\n\
+           client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
+           ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_certificate {cert};\n  ssl_certificate_key {key};\n\
+           ssl_session_cache shared:SSL:10m;\n  ssl_session_tickets on;\n\
+           upstream origin {{\n    server {origin};\n    keepalive 1024;\n    keepalive_requests 10000000;\n  }}\n\
+           server {{\n    listen 127.0.0.1:{port} ssl http2 reuseport;\n    location / {{\n      proxy_pass http://origin;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        workers = opts.workers,
+        err = dir.file("nginx-tls.err").display(),
+        pid = dir.file("nginx-tls.pid").display(),
+        tmp = dir.file("tmp").display(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    procs::start_nginx(dir, "nginx-tls", &conf, port, &opts.proxy_cpus)
+}
+
+/// Runs h2load for `seconds` (`-D`) with 10 streams per connection, one thread; the p99 comes
+/// from its per-request log.
+fn h2load(
+    cpus: &str,
+    connections: usize,
+    seconds: u64,
+    url: &str,
+    dir: &Workdir,
+) -> Result<WrkResult> {
+    let log = dir.file("h2load-requests.log");
+    let out = Command::new("taskset")
+        .args(["-c", cpus, "h2load", "-t1", "-m10"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-D{seconds}"))
+        .arg(format!("--log-file={}", log.display()))
+        .arg(url)
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "h2load failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut r =
+        parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
+    // Each line: start time (µs since the epoch), status, time to the whole answer (µs).
+    let mut lat: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    r.p50_us = pick(0.5);
+    r.p99_us = pick(0.99);
+    Ok(r)
+}
+
+/// Full handshakes: `S_TIME_PROCS` `openssl s_time -new` at once for `seconds`, each making
+/// one connection, one handshake and one HTTP/1.0 GET after another.
+fn s_time(cpus: &str, addr: std::net::SocketAddr, seconds: u64, path: &str) -> Result<WrkResult> {
+    let started = std::time::Instant::now();
+    let children = (0..S_TIME_PROCS)
+        .map(|_| {
+            Command::new("taskset")
+                .args(["-c", cpus, "openssl", "s_time", "-new"])
+                .args(["-connect", &addr.to_string(), "-www", path])
+                .args(["-time", &seconds.to_string()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("running openssl s_time")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut r = WrkResult::default();
+    for child in children {
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "1445 connections in 3 real seconds, 309 bytes read per connection"
+        let n: u64 = text
+            .lines()
+            .find(|l| l.contains("connections in") && l.contains("real seconds"))
+            .and_then(|l| l.split(' ').next()?.parse().ok())
+            .with_context(|| format!("unexpected s_time output:\n{text}"))?;
+        r.requests += n;
+    }
+    r.seconds = started.elapsed().as_secs_f64();
+    r.rps = r.requests as f64 / r.seconds;
+    Ok(r)
+}
+
+fn parse_h2load(text: &str) -> Option<WrkResult> {
+    let mut r = WrkResult::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            // "finished in 5.00s, 41234.50 req/s, 1.53MB/s"
+            let mut parts = rest.split(", ");
+            r.seconds = parts.next()?.trim_end_matches('s').parse().ok()?;
+            r.rps = parts.next()?.trim_end_matches(" req/s").parse().ok()?;
+        }
+        if let Some(rest) = line.strip_prefix("requests: ") {
+            // "requests: 200 total, 200 started, 200 done, 200 succeeded, 0 failed, 0 errored, 0 timeout"
+            let field = |name: &str| -> Option<u64> {
+                rest.split(", ")
+                    .find(|p| p.ends_with(name))?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            r.requests = field("succeeded")?;
+            r.socket_errors = field("failed")? + field("errored")? + field("timeout")?;
+        }
+        if let Some(rest) = line.strip_prefix("status codes: ") {
+            // "status codes: 200 2xx, 0 3xx, 0 4xx, 0 5xx"
+            r.non_2xx = rest
+                .split(", ")
+                .skip(1)
+                .filter_map(|p| p.split(' ').next()?.parse::<u64>().ok())
+                .sum();
+        }
+    }
+    (r.seconds > 0.0).then_some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_an_h2load_report() {
+        let text = "finished in 5.00s, 41234.50 req/s, 1.53MB/s\n\
+                    requests: 206172 total, 206672 started, 206172 done, 206170 succeeded, 2 failed, 0 errored, 0 timeout\n\
+                    status codes: 206170 2xx, 0 3xx, 1 4xx, 1 5xx\n";
+        let r = parse_h2load(text).unwrap();
+        assert_eq!(r.seconds, 5.0);
+        assert_eq!(r.rps, 41234.5);
+        assert_eq!(r.requests, 206_170);
+        assert_eq!(r.socket_errors, 2);
+        assert_eq!(r.non_2xx, 2);
+    }
+}
