@@ -362,7 +362,7 @@ impl H2Stream {
                     };
                     let all = Bytes::from(std::mem::take(buf));
                     data = Bytes::slice(&all, end..);
-                    self.start_answer(&all[..end])?;
+                    self.start_answer(&Bytes::slice(&all, ..end))?;
                     continue;
                 }
                 Answer::Body(Framing::Length(rem)) => {
@@ -392,7 +392,8 @@ impl H2Stream {
     }
 
     /// Sends the answer's HEADERS from its HTTP/1.1 head (an informational head is skipped).
-    fn start_answer(&mut self, head: &[u8]) -> io::Result<()> {
+    /// Field values are slices of `head`, not copies.
+    fn start_answer(&mut self, head: &Bytes) -> io::Result<()> {
         let mut fields = [httparse::EMPTY_HEADER; 128];
         let mut parsed = httparse::Response::new(&mut fields);
         if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
@@ -408,6 +409,7 @@ impl H2Stream {
             return Ok(());
         }
         let mut response = http::Response::new(());
+        response.headers_mut().reserve(parsed.headers.len());
         *response.status_mut() = http::StatusCode::from_u16(code)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
         let (mut chunked, mut length) = (false, None);
@@ -434,12 +436,16 @@ impl H2Stream {
                     .ok()
                     .and_then(|v| v.trim().parse().ok());
             }
-            let (Ok(n), Ok(v)) = (
+            let (Ok(n), Ok(mut v)) = (
                 http::HeaderName::from_bytes(name.as_bytes()),
-                http::HeaderValue::from_bytes(f.value),
+                http::HeaderValue::from_maybe_shared(head.slice_ref(f.value)),
             ) else {
                 continue;
             };
+            if n.as_str() == "x-request-id" {
+                // Unique per answer: not worth a place in the client's HPACK table.
+                v.set_sensitive(true);
+            }
             response.headers_mut().append(n, v);
         }
         let no_body = self.head_request || code == 204 || code == 304;
