@@ -251,6 +251,31 @@ def raw_frame(ftype, flags, sid, payload):
     return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
 
 
+def hpack_bomb():
+    # A small block that decodes to a huge header list: one 4 KB field put in the dynamic
+    # table, then referenced by its index (one byte each) 40 times: 160 KB decoded.
+    r = Raw()
+    enc = hpack.Encoder()
+    block = enc.encode(request_headers("/bomb", [("x-bomb", "b" * 4000)] * 40))
+    f = HeadersFrame(1, block)
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    r.send(f)
+
+    def answered(f):
+        return (isinstance(f, HeadersFrame) and f.stream_id == 1) or \
+            (isinstance(f, RstStreamFrame) and f.stream_id == 1) or is_goaway(f)
+    got = r.frames(answered)
+    ok = isinstance(got, (RstStreamFrame, GoAwayFrame))
+    detail = f"{type(got).__name__} {getattr(got, 'error_code', '')}"
+    if isinstance(got, HeadersFrame):
+        status = dict(hpack.Decoder().decode(got.data)).get(":status")
+        ok = status == "431"
+        detail = f"status {status}"
+    check(f"HPACK bomb ({len(block)} bytes encoded): refused", ok, detail)
+    r.close()
+
+
 def invalid_frames():
     cases = [
         ("DATA on stream 0", raw_frame(0, 0, 0, b"x"), PROTOCOL_ERROR),
@@ -361,6 +386,7 @@ if SLOW:
     attack("reset while answering", slow_reset)
 attack("CONTINUATION flood", continuation_flood)
 attack("oversized header list", oversized_headers)
+attack("HPACK bomb", hpack_bomb)
 attack("invalid frames", invalid_frames)
 attack("PING/SETTINGS flood", ping_and_settings_flood)
 attack("concurrent stream limit", stream_limit)
