@@ -771,9 +771,11 @@ pub struct Http2Config {
     pub initial_stream_window: u32,
     /// Flow-control window of the whole connection, 65,535 to 67,108,864. Default 4,194,304.
     pub initial_connection_window: u32,
-    /// Streams a client may reset before the gateway has answered them, within the life of
+    /// Streams a client may reset before the gateway has answered them, over the life of
     /// one connection, before the connection is closed with ENHANCE_YOUR_CALM (rapid reset,
-    /// CVE-2023-44487). 1 to 10,000. Default 100.
+    /// CVE-2023-44487); only while such resets are also more than half of the connection's
+    /// streams, so a long-lived browser connection that cancels now and then is not cut.
+    /// 1 to 10,000. Default 100.
     pub max_pending_resets: u32,
 }
 

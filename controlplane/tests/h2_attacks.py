@@ -363,6 +363,48 @@ def slow_reset():
     r.close()
 
 
+def mostly_answered_resets():
+    # A long-lived connection that cancels some streams mid-answer, as a browser does when a
+    # page changes, but completes most: past the reset limit (100) in number, never in share.
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    s = socket.create_connection((HOST, PORT), timeout=10)
+    conn.initiate_connection()
+    s.sendall(conn.data_to_send())
+    state = {"answered": 0, "goaway": None}
+
+    def pump(want, timeout=10):
+        deadline = time.time() + timeout
+        while want and time.time() < deadline and state["goaway"] is None:
+            for ev in conn.receive_data(s.recv(65536)):
+                if isinstance(ev, h2.events.StreamEnded) and ev.stream_id in want:
+                    want.discard(ev.stream_id)
+                    state["answered"] += 1
+                if isinstance(ev, h2.events.ConnectionTerminated):
+                    state["goaway"] = ev.error_code
+            s.sendall(conn.data_to_send())
+
+    sid = 1
+    rounds = 120
+    for _ in range(rounds):
+        # Three quick requests answered, one slow one cancelled while it is being answered.
+        for path in ("/ok", "/ok", "/ok", SLOW):
+            conn.send_headers(sid, request_headers(path), end_stream=True)
+            sid += 2
+        s.sendall(conn.data_to_send())
+        pump({sid - 8, sid - 6, sid - 4})
+        conn.reset_stream(sid - 2, error_code=8)
+        s.sendall(conn.data_to_send())
+    # The cancelled streams are counted as their answers come back from the slow origin.
+    time.sleep(2)
+    conn.send_headers(sid, request_headers("/ok"), end_stream=True)
+    s.sendall(conn.data_to_send())
+    pump({sid})
+    check("cancelling a quarter of the streams: the connection stays",
+          state["goaway"] is None and state["answered"] == 3 * rounds + 1,
+          f"answered={state['answered']} cancelled={rounds} goaway={state['goaway']}")
+    s.close()
+
+
 def drain():
     r = Raw()
     r.send(r.headers(1, SLOW))
@@ -384,6 +426,7 @@ if DRAIN:
 attack("rapid reset", rapid_reset)
 if SLOW:
     attack("reset while answering", slow_reset)
+    attack("resets among answered streams", mostly_answered_resets)
 attack("CONTINUATION flood", continuation_flood)
 attack("oversized header list", oversized_headers)
 attack("HPACK bomb", hpack_bomb)

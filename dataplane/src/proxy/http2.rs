@@ -54,6 +54,7 @@ pub(crate) async fn serve<S: ClientStream>(
         open: Cell::new(0),
         last_end: Cell::new(Instant::now()),
         resets: Cell::new(0),
+        streams: Cell::new(0),
         max_resets: ctx.snapshot().http2.max_pending_resets,
         waker: RefCell::new(None),
     });
@@ -84,7 +85,7 @@ pub(crate) async fn serve<S: ClientStream>(
     let mut calmed = false;
     loop {
         let event = poll_fn(|cx| {
-            if !calmed && conn_info.resets.get() > conn_info.max_resets {
+            if !calmed && conn_info.too_many_resets() {
                 // Too many streams cancelled while being answered: rapid reset.
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 calmed = true;
@@ -109,6 +110,7 @@ pub(crate) async fn serve<S: ClientStream>(
                 let info = conn_info.clone();
                 let ctx = ctx.clone();
                 info.open.set(info.open.get() + 1);
+                info.streams.set(info.streams.get() + 1);
                 monoio::spawn(async move {
                     serve_request(ctx, &info, req, respond, peer).await;
                     info.open.set(info.open.get() - 1);
@@ -148,17 +150,27 @@ struct ConnInfo {
     last_end: Cell<Instant>,
     /// Streams the client reset before their answer was complete.
     resets: Cell<u32>,
-    /// More than this many resets closes the connection with ENHANCE_YOUR_CALM.
+    /// Streams accepted on the connection.
+    streams: Cell<u32>,
+    /// More than this many resets, when they are also more than half of the streams,
+    /// closes the connection with ENHANCE_YOUR_CALM.
     max_resets: u32,
     /// Wakes the connection task (to act on `resets`).
     waker: RefCell<Option<Waker>>,
 }
 
 impl ConnInfo {
+    /// Rapid reset: many streams cancelled while being answered, and most of them. A
+    /// browser cancels some streams as a page changes; an attack cancels nearly all.
+    fn too_many_resets(&self) -> bool {
+        let resets = self.resets.get();
+        resets > self.max_resets && u64::from(resets) * 2 > u64::from(self.streams.get())
+    }
+
     /// Counts a stream the client reset mid-answer.
     fn reset_by_client(&self) {
         self.resets.set(self.resets.get() + 1);
-        if self.resets.get() > self.max_resets {
+        if self.too_many_resets() {
             if let Some(w) = self.waker.borrow().as_ref() {
                 w.wake_by_ref();
             }
