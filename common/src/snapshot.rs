@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub listeners: Vec<SocketAddr>,
     /// Per listener, in the order of `listeners`: TLS and HTTP/2 (these change at runtime).
     pub listener_protocols: Vec<ListenerProtocols>,
+    /// Every certificate, in config order (for their expiry in the metrics).
+    pub certificates: Vec<std::sync::Arc<crate::tls::Certificate>>,
     /// HTTP/2 limits and windows.
     pub http2: crate::config::Http2Config,
     pub router: Router,
@@ -338,7 +340,7 @@ impl Snapshot {
             listeners.push(addr);
         }
 
-        let listener_protocols = compile_tls(&mut config)?;
+        let (listener_protocols, certificates) = compile_tls(&mut config)?;
         check_http2(&config.http2)?;
 
         crate::upstreams::check_resolver(&config.resolver)?;
@@ -490,6 +492,7 @@ impl Snapshot {
             workers: config.workers,
             listeners,
             listener_protocols,
+            certificates,
             http2: config.http2.clone(),
             router,
             routes,
@@ -511,7 +514,12 @@ impl Snapshot {
 
 /// Compiles `certificates` (filling their read-only fields) and each listener's TLS and
 /// HTTP/2 settings.
-fn compile_tls(config: &mut Config) -> Result<Vec<ListenerProtocols>, ConfigError> {
+type CompiledTls = (
+    Vec<ListenerProtocols>,
+    Vec<std::sync::Arc<crate::tls::Certificate>>,
+);
+
+fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
     let now = std::time::SystemTime::now();
     let mut certs = Vec::with_capacity(config.certificates.len());
     for i in 0..config.certificates.len() {
@@ -562,7 +570,7 @@ fn compile_tls(config: &mut Config) -> Result<Vec<ListenerProtocols>, ConfigErro
         }
         out.push(ListenerProtocols { tls, h2c: l.h2c });
     }
-    Ok(out)
+    Ok((out, certs))
 }
 
 fn check_http2(h: &crate::config::Http2Config) -> Result<(), ConfigError> {

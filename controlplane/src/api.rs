@@ -971,14 +971,35 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         .as_ref()
         .map(|i| i.metrics.clone())
         .unwrap_or_default();
-    let mut text = dataplane::metrics::render(&workers, admin.shared.load().revision);
+    let snap = admin.shared.load();
+    let mut text = dataplane::metrics::render(&workers, snap.revision);
     admin.upstreams.render_metrics(&mut text);
+    render_certificates(&mut text, &snap.certificates);
     let mut resp = (StatusCode::OK, text).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+/// Each certificate's expiry, for alerts before it lapses.
+fn render_certificates(out: &mut String, certs: &[Arc<common::tls::Certificate>]) {
+    use std::fmt::Write as _;
+    if certs.is_empty() {
+        return;
+    }
+    out.push_str(
+        "# HELP gateway_certificate_not_after_seconds When each certificate expires (Unix time).\n",
+    );
+    out.push_str("# TYPE gateway_certificate_not_after_seconds gauge\n");
+    for c in certs {
+        let _ = writeln!(
+            out,
+            "gateway_certificate_not_after_seconds{{certificate=\"{}\"}} {}",
+            c.id, c.not_after
+        );
+    }
 }
 
 /// `GET /v1/upstreams/{id}/health`: each target's address, state, last active check and

@@ -213,6 +213,19 @@ fn sni_chooses_the_certificate_and_host_must_match(driver: Driver) {
     let after = metric(&gw, "gateway_tls_handshakes_total{result=\"bad_message\"}");
     assert_eq!(after, before + 1);
     assert!(metric(&gw, "gateway_tls_handshakes_total{result=\"ok\"}") >= 8);
+    // Expiry as a gauge: 30 days from now, give or take the test's own run time.
+    let expires = metric(
+        &gw,
+        "gateway_certificate_not_after_seconds{certificate=\"b\"}",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 29 * 86_400..now + 31 * 86_400).contains(&expires),
+        "{expires}"
+    );
     let mut plain = Client::connect(gw.listeners[1]);
     let r = plain.roundtrip("GET /plain HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(r.status, 200);
