@@ -26,6 +26,13 @@ fn origin() -> Origin {
             let _ = s.write_all(&vec![b'x'; BIG]);
             return Keep::Open;
         }
+        if target == "/chunked" {
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  6\r\nchunk-\r\n7;x=y\r\nencoded\r\n0\r\nx-t: 1\r\n\r\n",
+            );
+            return Keep::Open;
+        }
         if target == "/slow" {
             std::thread::sleep(Duration::from_secs(1));
         }
@@ -234,6 +241,16 @@ fn curl_speaks_http2_over_tls_and_h2c_through_the_whole_path() {
         .output()
         .unwrap();
     assert_eq!(out.stdout.len(), BIG);
+    // A chunked answer from the origin arrives as DATA frames, its framing gone.
+    let (body, last) = curl(&[
+        "--http2",
+        "--cacert",
+        ca,
+        "--resolve",
+        &resolve("a.test"),
+        &url("a.test", "/chunked"),
+    ]);
+    assert_eq!((body.as_str(), last.as_str()), ("chunk-encoded", "2 200"));
     let (head, last) = curl(&[
         "--http2",
         "-I",

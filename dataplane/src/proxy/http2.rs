@@ -363,6 +363,17 @@ impl H2Stream {
         while !data.is_empty() {
             let body_piece = match &mut self.answer {
                 Answer::Done => return Ok(()),
+                Answer::Head(buf) if buf.is_empty() => {
+                    // The usual case: the whole head in one write, parsed where it lies.
+                    if let Some(end) = find_head_end(&data, 0) {
+                        let head = data.split_to(end);
+                        self.start_answer(&head)?;
+                    } else {
+                        buf.extend_from_slice(&data);
+                        return Ok(());
+                    }
+                    continue;
+                }
                 Answer::Head(buf) => {
                     let scan_from = buf.len().saturating_sub(3);
                     buf.extend_from_slice(&data);
@@ -448,13 +459,20 @@ impl H2Stream {
                     .ok()
                     .and_then(|v| v.trim().parse().ok());
             }
-            let (Ok(n), Ok(mut v)) = (
-                http::HeaderName::from_bytes(name.as_bytes()),
-                http::HeaderValue::from_maybe_shared(head.slice_ref(f.value)),
-            ) else {
+            let request_id = name.eq_ignore_ascii_case("x-request-id");
+            let n = if request_id {
+                // The gateway's own field, on every answer: named without an allocation.
+                http::HeaderName::from_static("x-request-id")
+            } else {
+                match http::HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(n) => n,
+                    Err(_) => continue,
+                }
+            };
+            let Ok(mut v) = http::HeaderValue::from_maybe_shared(head.slice_ref(f.value)) else {
                 continue;
             };
-            if n.as_str() == "x-request-id" {
+            if request_id {
                 // Unique per answer: not worth a place in the client's HPACK table.
                 v.set_sensitive(true);
             }
@@ -700,11 +718,11 @@ impl AsyncWriteRent for H2Stream {
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        let mut all = Vec::new();
-        {
+        let all = {
             // SAFETY: the iovec array and the memory it describes belong to `buf`.
             let iovs =
                 unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+            let mut all = Vec::with_capacity(iovs.iter().map(|v| v.iov_len).sum());
             for v in iovs {
                 // SAFETY: each iovec describes initialised bytes owned by `buf`.
                 let piece = unsafe {
@@ -712,7 +730,8 @@ impl AsyncWriteRent for H2Stream {
                 };
                 all.extend_from_slice(piece);
             }
-        }
+            all
+        };
         let n = all.len();
         let res = self.write_bytes(Bytes::from(all)).await;
         (res.map(|()| n), buf)
@@ -933,5 +952,85 @@ impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> to
             }
         }
         this.poll_flush_inner(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` to a fresh decoder in pieces of `step` bytes.
+    fn dechunk(input: &[u8], step: usize) -> (Vec<u8>, bool) {
+        let mut d = Dechunk::default();
+        let mut out = Vec::new();
+        let mut done = false;
+        for piece in input.chunks(step) {
+            done = d.feed(piece, &mut out);
+        }
+        (out, done)
+    }
+
+    #[test]
+    fn chunked_answers_are_decoded_whatever_the_write_boundaries() {
+        let body = b"5;ext=\"a b\"\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in [1, 2, 3, 7, body.len()] {
+            let (out, done) = dechunk(body, step);
+            assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz", "step {step}");
+            assert!(done, "step {step}");
+        }
+        // Not finished until the last empty line.
+        let (out, done) = dechunk(b"3\r\nabc\r\n0\r\n", 4);
+        assert_eq!((out.as_slice(), done), (&b"abc"[..], false));
+    }
+
+    #[test]
+    fn head_end_is_found_across_the_scan_start() {
+        assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n\r\nbody", 0), Some(19));
+        assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n\r\n", 15), Some(19));
+        assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n", 0), None);
+        assert_eq!(find_head_end(b"ab", 5), None);
+    }
+
+    #[test]
+    fn requests_become_http1_heads() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("https://api.example:8443/items?x=1")
+            .header("host", "ignored.example")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("te", "trailers")
+            .header("x-custom", "v")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let (head, chunked) = request_head(&parts, false);
+        assert!(chunked);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "POST /items?x=1 HTTP/1.1\r\nhost: api.example:8443\r\nx-custom: v\r\n\
+             cookie: a=1; b=2\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        // With a length, or with no body at all, nothing is chunked.
+        let req = http::Request::builder()
+            .method("PUT")
+            .uri("http://h/u")
+            .header("content-length", "3")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let (head, chunked) = request_head(&parts, false);
+        assert!(!chunked);
+        assert!(String::from_utf8(head)
+            .unwrap()
+            .contains("content-length: 3\r\n"));
+        let (parts, ()) = http::Request::get("http://h/")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(
+            request_head(&parts, true),
+            (b"GET / HTTP/1.1\r\nhost: h\r\n\r\n".to_vec(), false)
+        );
     }
 }
