@@ -55,7 +55,7 @@ pub(crate) fn spawn_connection(ctx: &Rc<WorkerCtx>, stream: TcpStream, peer: Pee
 /// this a bug hit by one request would unwind through the runtime and end the worker with
 /// every connection on it. A panicking future resolves to `Err` and is dropped (its locals,
 /// the connection's sockets among them, were dropped while unwinding).
-struct Contained<F>(F);
+pub(crate) struct Contained<F>(pub F);
 
 impl<F: std::future::Future> std::future::Future for Contained<F> {
     type Output = Result<F::Output, ()>;

@@ -30,6 +30,7 @@ use monoio::BufResult;
 
 use super::stream::{ClientStream, Scheme};
 use crate::peer::Peer;
+use crate::worker::Contained;
 use crate::worker_ctx::WorkerCtx;
 
 /// The client connection preface of RFC 9113 3.4.
@@ -112,7 +113,15 @@ pub(crate) async fn serve<S: ClientStream>(
                 info.open.set(info.open.get() + 1);
                 info.streams.set(info.streams.get() + 1);
                 monoio::spawn(async move {
-                    serve_request(ctx, &info, req, respond, peer).await;
+                    // A panic in one stream's request path is contained like a connection's:
+                    // that stream is reset (its handles drop), the worker goes on.
+                    let served = Contained(serve_request(ctx, &info, req, respond, peer)).await;
+                    if served.is_err() {
+                        log::error!(
+                            "an HTTP/2 stream task panicked (message above); that stream was \
+                             reset and the worker goes on"
+                        );
+                    }
                     info.open.set(info.open.get() - 1);
                     info.last_end.set(Instant::now());
                 });
