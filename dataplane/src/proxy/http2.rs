@@ -10,6 +10,13 @@
 //!
 //! The connection's socket is driven through [`PollIo`], which lends monoio's owned-buffer
 //! reads and writes to h2's poll-based I/O (one in flight each way).
+//!
+//! Hot path. Per stream: one task, the request path's future boxed once, its buffers, the
+//! synthesised head, the answer's header map (values are slices of the answer's bytes, not
+//! copies), and h2's own bookkeeping; per body piece one `Bytes`. About 50,000 user-space
+//! instructions per proxied request against nginx's 23,600 (`docs/perf/tls-2cpu.md`): the
+//! next saving is a seam that hands the parsed upstream head to the stream instead of an
+//! HTTP/1.1 head to parse again.
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
@@ -319,8 +326,9 @@ impl H2Stream {
                         continue;
                     }
                     self.pending = if self.chunked {
-                        let mut framed = Vec::with_capacity(data.len() + 12);
-                        framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        let mut framed = Vec::with_capacity(data.len() + 20);
+                        push_hex(&mut framed, data.len());
+                        framed.extend_from_slice(b"\r\n");
                         framed.extend_from_slice(&data);
                         framed.extend_from_slice(b"\r\n");
                         Bytes::from(framed)
@@ -582,6 +590,14 @@ impl Drop for H2Stream {
                 }
             }
         }
+    }
+}
+
+/// Appends `n` in lower-case hex (a chunk size), without formatting machinery.
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (4 * i)) & 15]);
     }
 }
 
@@ -990,6 +1006,15 @@ mod tests {
         // Not finished until the last empty line.
         let (out, done) = dechunk(b"3\r\nabc\r\n0\r\n", 4);
         assert_eq!((out.as_slice(), done), (&b"abc"[..], false));
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        for n in [0usize, 1, 15, 16, 255, 4096, 65_535, usize::MAX] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(out, format!("{n:x}").into_bytes());
+        }
     }
 
     #[test]
