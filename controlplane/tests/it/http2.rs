@@ -45,9 +45,15 @@ fn origin() -> Origin {
             body.len(),
             req.header("x-forwarded-proto").unwrap_or("-")
         );
+        // A HEAD answer has the length of the GET one and no body (RFC 9110 9.3.2).
+        let body = if line.starts_with("HEAD ") {
+            ""
+        } else {
+            text.as_str()
+        };
         let _ = write!(
             s,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: yes\r\n\r\n{text}",
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Origin: yes\r\n\r\n{body}",
             text.len()
         );
         Keep::Open
