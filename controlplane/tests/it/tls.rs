@@ -406,6 +406,98 @@ fn lines_origin() -> Origin {
     ))
 }
 
+#[test]
+fn a_websocket_tunnel_runs_over_tls() {
+    let dir = temp_dir("tls-ws");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    // An origin that upgrades, then echoes each client frame's payload back, unmasked.
+    let origin = Origin::start(std::sync::Arc::new(
+        |req: &Received, s: &mut std::net::TcpStream| {
+            assert_eq!(req.header("upgrade"), Some("websocket"));
+            let _ = write!(
+                s,
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            );
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match std::io::Read::read(s, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let len = usize::from(buf[1] & 0x7f);
+                let (mask, payload) = (&buf[2..6], &buf[6..6 + len.min(n - 6)]);
+                let mut out = vec![buf[0], len as u8];
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+                if s.write_all(&out).is_err() {
+                    break;
+                }
+            }
+            Keep::Close
+        },
+    ));
+    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-ign_eof", "-servername", "a.test"])
+        .args(["-connect", &gw.listeners[0].to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let mut out = child.stdout.take().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let wait_for = |needle: &[u8]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if got
+                .lock()
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "never saw {:?} in {:?}",
+            String::from_utf8_lossy(needle),
+            String::from_utf8_lossy(&got.lock().unwrap())
+        );
+    };
+    wait_for(b"101 Switching Protocols");
+    // Two frames through the tunnel, each echoed back through both TLS halves.
+    for msg in ["hello over tls", "and again"] {
+        let mask = [9u8, 8, 7, 6];
+        let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(msg.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(&frame).unwrap();
+        stdin.flush().unwrap();
+        let mut want = vec![0x81, msg.len() as u8];
+        want.extend_from_slice(msg.as_bytes());
+        wait_for(&want);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// One `openssl s_client` session kept open, for requests on one TLS connection.
 struct SClient {
     child: std::process::Child,
