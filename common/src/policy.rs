@@ -16,7 +16,7 @@ use crate::config::{
     ApiKeyConfig, Config, CorsConfig, JwtAlgorithm, JwtConfig, PolicyConfig, RateLimitConfig,
 };
 use crate::keys::{self, JwtKey, KeyMaterial};
-use crate::validate::{check_id, is_tchar, valid_host_pattern};
+use crate::validate::{check_id, hex32, is_tchar, to_hex, valid_host_pattern};
 use crate::ConfigError;
 
 /// Most policies in one config (indices are `u16`).
@@ -305,26 +305,6 @@ fn check_policy_header(name: &str, at: &str, consumer: bool) -> Result<Box<[u8]>
         ));
     }
     Ok(v)
-}
-
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
-        let d = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        out[i] = d(pair[0])? << 4 | d(pair[1])?;
-    }
-    Some(out)
-}
-
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// SHA-256 of an API key, as stored.

@@ -262,16 +262,15 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Lower-case hex SHA-256.
+/// Lower-case hex SHA-256, as `key_sha256` holds it.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push(char::from(b"0123456789abcdef"[(b >> 4) as usize]));
-        out.push(char::from(b"0123456789abcdef"[(b & 15) as usize]));
-    }
-    out
+    crate::validate::to_hex(&sha2::Sha256::digest(bytes))
+}
+
+/// Whether `s` is a SHA-256 as `key_sha256` holds it (64 lower-case hex digits).
+pub fn is_sha256_hex(s: &str) -> bool {
+    crate::validate::hex32(s).is_some()
 }
 
 /// What the gateway reads from a leaf certificate.

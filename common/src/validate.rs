@@ -40,3 +40,25 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
 pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
+
+/// 64 lower-case hex digits as 32 bytes (a SHA-256 as the config writes it).
+pub(crate) fn hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes().chunks(2).enumerate() {
+        let d = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        out[i] = d(pair[0])? << 4 | d(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Lower-case hex of `b`.
+pub(crate) fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -8,7 +8,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use common::config::StoredKey;
-use common::tls::sha256_hex;
+use common::tls::{is_sha256_hex, sha256_hex};
 use common::Config;
 
 /// A key sent in the clear that needs storing: its digest and its PEM text.
@@ -19,11 +19,7 @@ pub struct NewKey {
 }
 
 fn path(dir: &Path, sha256: &str) -> Option<PathBuf> {
-    let hex = sha256.len() == 64
-        && sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    hex.then(|| dir.join("keys").join(format!("{sha256}.pem")))
+    is_sha256_hex(sha256).then(|| dir.join("keys").join(format!("{sha256}.pem")))
 }
 
 /// The keys `config` carries in `key_pem` (compiling drops them from it).

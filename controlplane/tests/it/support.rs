@@ -450,14 +450,19 @@ pub struct Origin {
 impl Origin {
     /// Answers every request with `200 OK` and a body naming the request target.
     pub fn echo() -> Origin {
-        Self::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        Self::echo_ending("")
+    }
+
+    /// `echo` with `end` after each body (`"\n"`: a line reader sees each body whole).
+    pub fn echo_ending(end: &'static str) -> Origin {
+        Self::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
             let target = req
                 .request_line()
                 .split(' ')
                 .nth(1)
                 .unwrap_or("")
                 .to_owned();
-            let body = format!("origin saw {target}");
+            let body = format!("origin saw {target}{end}");
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",

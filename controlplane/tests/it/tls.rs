@@ -387,23 +387,7 @@ fn certificates_are_managed_through_the_admin_api() {
 
 /// Answers `origin saw TARGET` and a newline, so a line reader sees each body whole.
 fn lines_origin() -> Origin {
-    Origin::start(std::sync::Arc::new(
-        |req: &Received, s: &mut std::net::TcpStream| {
-            let target = req
-                .request_line()
-                .split(' ')
-                .nth(1)
-                .unwrap_or("")
-                .to_owned();
-            let body = format!("origin saw {target}\n");
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            Keep::Open
-        },
-    ))
+    Origin::echo_ending("\n")
 }
 
 #[test]

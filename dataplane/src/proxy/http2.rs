@@ -55,6 +55,8 @@ pub(crate) async fn serve<S: ClientStream>(
     prefix: &[u8],
     peer: Peer,
 ) {
+    let snap = ctx.snapshot();
+    let h = &snap.http2;
     let conn_info = Rc::new(ConnInfo {
         fd: stream.as_raw_fd(),
         sni: stream.sni().map(Into::into),
@@ -63,13 +65,11 @@ pub(crate) async fn serve<S: ClientStream>(
         last_end: Cell::new(Instant::now()),
         resets: Cell::new(0),
         streams: Cell::new(0),
-        max_resets: ctx.snapshot().http2.max_pending_resets,
+        max_resets: h.max_pending_resets,
         waker: RefCell::new(None),
     });
     let (r, w) = stream.into_halves();
     let io = PollIo::new(r, w, prefix);
-    let snap = ctx.snapshot();
-    let h = &snap.http2;
     let mut builder = ::h2::server::Builder::new();
     builder
         .max_concurrent_streams(h.max_concurrent_streams)
