@@ -826,6 +826,35 @@ pub struct UpstreamConfig {
     /// Limits per upstream and gateway node; above one, requests are answered 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit: Option<CircuitConfig>,
+    /// What the targets speak: `http1` (the default), `h2c` (HTTP/2 with prior knowledge)
+    /// or `grpc` (gRPC over h2c: errors become gRPC statuses, `grpc-timeout` is honoured).
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_http1")]
+    pub protocol: UpstreamProtocol,
+    /// `h2c` and `grpc`: streams open at once on one connection before the worker opens
+    /// another to the same target. 1 to 1000; default 100 (or less, if the target says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u32>,
+}
+
+/// The protocol an upstream's targets speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+    Grpc,
+}
+
+impl UpstreamProtocol {
+    pub fn is_http1(&self) -> bool {
+        *self == UpstreamProtocol::Http1
+    }
+
+    /// Whether requests go over HTTP/2 streams.
+    pub fn is_h2(&self) -> bool {
+        !self.is_http1()
+    }
 }
 
 /// One backend instance.

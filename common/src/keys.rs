@@ -84,8 +84,22 @@ fn decode(input: &[u8], url: bool, out: &mut Vec<u8>) -> Option<()> {
 
 /// Encodes base64url without padding.
 pub fn encode_b64url(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    let mut out = Vec::with_capacity(input.len().div_ceil(3) * 4);
+    encode(input, URL_ALPHABET, false, &mut out);
+    // Only ASCII from the alphabet was written.
+    out.into_iter().map(char::from).collect()
+}
+
+/// Appends standard base64 with padding (RFC 4648 §4) of `input` to `out`.
+pub fn encode_b64_into(input: &[u8], out: &mut Vec<u8>) {
+    encode(input, STD_ALPHABET, true, out);
+}
+
+const URL_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const STD_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn encode(input: &[u8], alphabet: &[u8; 64], pad: bool, out: &mut Vec<u8>) {
+    out.reserve(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
         let n = chunk.len();
         let b = [
@@ -95,10 +109,35 @@ pub fn encode_b64url(input: &[u8]) -> String {
         ];
         let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=n {
-            out.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            out.push(alphabet[((v >> (18 - 6 * i)) & 63) as usize]);
+        }
+        if pad {
+            out.extend(std::iter::repeat_n(b'=', 3 - n));
         }
     }
-    out
+}
+
+/// Decodes standard base64 made of padded pieces one after another (a gRPC-Web text body
+/// may be several encodings concatenated), appending to `out`. `None` on a byte outside the
+/// alphabet, misplaced padding, or a length that is not a multiple of 4.
+pub fn decode_b64_pieces(input: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    if !input.len().is_multiple_of(4) {
+        return None;
+    }
+    for group in input.chunks(4) {
+        let pads = group.iter().rev().take_while(|&&c| c == b'=').count();
+        if pads > 2 {
+            return None;
+        }
+        let mut v = 0u32;
+        for &c in &group[..4 - pads] {
+            v = (v << 6) | u32::from(b64_value(c, false)?);
+        }
+        v <<= 6 * pads as u32;
+        let bytes = [(v >> 16) as u8, (v >> 8) as u8, v as u8];
+        out.extend_from_slice(&bytes[..3 - pads]);
+    }
+    Some(())
 }
 
 /// A DER reader over one buffer: just what public keys need.
@@ -293,6 +332,21 @@ pub fn check_secret(secret: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padded_base64_pieces_round_trip() {
+        let mut enc = Vec::new();
+        encode_b64_into(b"hello", &mut enc);
+        assert_eq!(enc, b"aGVsbG8=");
+        // Two encodings one after another decode to both inputs.
+        encode_b64_into(b"\x00\x80\xff!", &mut enc);
+        let mut dec = Vec::new();
+        decode_b64_pieces(&enc, &mut dec).unwrap();
+        assert_eq!(dec, b"hello\x00\x80\xff!");
+        for bad in [&b"aGVsbG8"[..], b"a===", b"aG*s", b"aGVs\nbG8="] {
+            assert!(decode_b64_pieces(bad, &mut Vec::new()).is_none(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn base64url_round_trip_and_rejects() {

@@ -199,6 +199,9 @@ pub struct Upstream {
     pub passive: Option<Passive>,
     pub retry: Option<RetryPolicy>,
     pub circuit: Option<Circuit>,
+    pub protocol: crate::config::UpstreamProtocol,
+    /// `h2c` / `grpc`: streams at once on one connection.
+    pub max_streams: u32,
     /// The target set and counters requests use.
     pub live: Arc<UpstreamLive>,
 }
@@ -237,6 +240,8 @@ pub struct HealthCheck {
     pub healthy_after: u32,
     pub unhealthy_after: u32,
     pub expect_status: Box<[u16]>,
+    /// How targets are checked: HTTP/1.1 `GET`, HTTP/2 `GET` (h2c), or a gRPC call (grpc).
+    pub protocol: crate::config::UpstreamProtocol,
 }
 
 /// Retries, compiled.
@@ -248,6 +253,10 @@ pub struct RetryPolicy {
     pub on_kinds: u8,
     /// Bit `s - 500`: status `s` is retried.
     pub on_status: u128,
+    /// Bit `c`: a gRPC answer with `grpc-status: c` (before any message) is retried, and
+    /// with bit 14 (`UNAVAILABLE`) the failures a gRPC client sees as UNAVAILABLE too
+    /// (connect failures, a connection closed before any answer).
+    pub on_grpc: u32,
     /// `methods = "all"`.
     pub all_methods: bool,
     pub budget_percent: u32,
@@ -264,6 +273,11 @@ impl RetryPolicy {
     /// Whether an answer with `status` is retried.
     pub fn on_status(&self, status: u16) -> bool {
         (500..600).contains(&status) && self.on_status & (1u128 << (status - 500)) != 0
+    }
+
+    /// Whether a gRPC answer with `grpc-status: code` is retried.
+    pub fn on_grpc(&self, code: u8) -> bool {
+        code < 32 && self.on_grpc & (1 << code) != 0
     }
 }
 
@@ -363,6 +377,20 @@ impl Snapshot {
                 crate::aggregate::compile_aggregate(a, i, &config.aggregates, &upstream_ids)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in aggregates.iter().enumerate() {
+            for (j, step) in a.steps.iter().enumerate() {
+                if upstreams[step.upstream].protocol.is_h2() {
+                    return Err(ConfigError::field(
+                        format!("aggregates[{i}].steps[{j}].upstream"),
+                        format!(
+                            "upstream {:?} speaks {}; aggregate steps call HTTP/1.1 upstreams",
+                            &*upstreams[step.upstream].id,
+                            protocol_name(upstreams[step.upstream].protocol)
+                        ),
+                    ));
+                }
+            }
+        }
         let profiles = config
             .client_profiles
             .iter()
@@ -714,6 +742,7 @@ fn compile_route(
         &params,
         &at,
     )?;
+    check_shaped(&action, shape.is_some(), known, &at)?;
     if rewrite.is_some() && r.strip_prefix {
         return Err(ConfigError::field(
             format!("{at}.rewrite"),
@@ -762,6 +791,7 @@ fn compile_route(
             &params,
             &vat,
         )?;
+        check_shaped(&action, shape.is_some(), known, &vat)?;
         variants.push(Variant {
             profile,
             action,
@@ -789,6 +819,38 @@ fn compile_route(
         variants: variants.into_boxed_slice(),
         vary: Box::default(),
     })
+}
+
+/// How an upstream protocol is written in the config.
+fn protocol_name(p: crate::config::UpstreamProtocol) -> &'static str {
+    match p {
+        crate::config::UpstreamProtocol::Http1 => "http1",
+        crate::config::UpstreamProtocol::H2c => "h2c",
+        crate::config::UpstreamProtocol::Grpc => "grpc",
+    }
+}
+
+/// A `response` shape needs an HTTP/1.1 upstream (HTTP/2 answers are relayed as they come).
+fn check_shaped(
+    action: &RouteAction,
+    shaped: bool,
+    known: &Known<'_>,
+    at: &str,
+) -> Result<(), ConfigError> {
+    if let (RouteAction::Proxy { upstream }, true) = (action, shaped) {
+        let u = &known.upstreams[*upstream];
+        if u.protocol.is_h2() {
+            return Err(ConfigError::field(
+                format!("{at}.response"),
+                format!(
+                    "upstream {:?} speaks {}; response shaping needs an http1 upstream",
+                    &*u.id,
+                    protocol_name(u.protocol)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A route's or variant's `upstream` / `aggregate` (exactly one is set).

@@ -340,3 +340,76 @@ fn api_keys_are_found_by_digest_only() {
     assert_eq!(keys.find(&near), None);
     assert!(!constant_time_eq(&near, &api_key_digest(b"first-key-0001")));
 }
+
+#[test]
+fn upstream_protocols_and_what_they_allow() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\n";
+    let up = |extra: &str| {
+        format!("{base}[[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n{extra}\n")
+    };
+    let s = compile(&up("protocol = \"grpc\"\nretry = {}")).unwrap();
+    let u = &s.upstreams[0];
+    assert_eq!(u.protocol, config::UpstreamProtocol::Grpc);
+    assert_eq!(u.max_streams, 100);
+    // gRPC upstreams retry UNAVAILABLE by default, and what a client sees as UNAVAILABLE.
+    let r = u.retry.as_ref().unwrap();
+    assert!(r.on_grpc(14) && !r.on_grpc(4));
+    assert!(
+        r.on_kind(0) && r.on_kind(4) && !r.on_kind(3),
+        "connect failures and resets, not response timeouts"
+    );
+    let s = compile(&up("protocol = \"h2c\"\nmax_streams = 7")).unwrap();
+    assert_eq!(s.upstreams[0].max_streams, 7);
+    // A retry list that names codes takes exactly those.
+    let s = compile(&up(
+        "protocol = \"grpc\"\nretry = { on = [\"grpc:RESOURCE_EXHAUSTED\", \"503\"] }",
+    ))
+    .unwrap();
+    let r = s.upstreams[0].retry.as_ref().unwrap();
+    assert!(r.on_grpc(8) && !r.on_grpc(14) && r.on_status(503));
+
+    for (extra, path) in [
+        ("max_streams = 10", "upstreams[0].max_streams"),
+        (
+            "protocol = \"h2c\"\nmax_streams = 0",
+            "upstreams[0].max_streams",
+        ),
+        (
+            "protocol = \"grpc\"\nmax_streams = 1001",
+            "upstreams[0].max_streams",
+        ),
+        (
+            "retry = { on = [\"grpc:UNAVAILABLE\"] }",
+            "upstreams[0].retry.on",
+        ),
+        (
+            "protocol = \"grpc\"\nretry = { on = [\"grpc:NOPE\"] }",
+            "upstreams[0].retry.on[0]",
+        ),
+        (
+            "protocol = \"grpc\"\nretry = { on = [\"grpc:OK\"] }",
+            "upstreams[0].retry.on[0]",
+        ),
+    ] {
+        assert_eq!(err(&up(extra)).path(), path, "{extra}");
+    }
+    assert_eq!(
+        err(&up("protocol = \"http3\"")).path(),
+        "upstreams[0].protocol"
+    );
+    // Shaping and aggregate steps need HTTP/1.1 upstreams.
+    let shaped = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nid = \"u\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n\
+         [[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"u\"\nresponse = {{ allow = [\"a\"] }}\n"
+    );
+    assert_eq!(err(&shaped).path(), "routes[0].response");
+    let aggregate = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nid = \"u\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n\
+         [[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"u\"\npath = \"/x\"\n\
+         [[routes]]\nid = \"r\"\npath = \"/\"\naggregate = \"a\"\n"
+    );
+    assert_eq!(err(&aggregate).path(), "aggregates[0].steps[0].upstream");
+}

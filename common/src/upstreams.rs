@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{Balance, RetryMethods, UpstreamConfig};
+use crate::config::{Balance, RetryConfig, RetryMethods, UpstreamConfig, UpstreamProtocol};
 use crate::live::{LiveTarget, Passive, TargetSet, TargetState, UpstreamLive, FAILURE_KINDS};
 use crate::snapshot::{
     Circuit, HashOn, HealthCheck, RetryPolicy, Target, Upstream, MAX_TARGETS, MAX_WEIGHT,
@@ -127,6 +127,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                 healthy_after: h.healthy_after,
                 unhealthy_after: h.unhealthy_after,
                 expect_status: h.expect_status.clone().into(),
+                protocol: u.protocol,
             })
         }
     };
@@ -167,27 +168,46 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
             if let Some(t) = r.per_try_timeout_ms {
                 within("retry.per_try_timeout_ms", t, 1, 86_400_000)?;
             }
-            let (mut on_kinds, mut on_status) = (0u8, 0u128);
-            for (k, name) in r.on.iter().enumerate() {
+            let (mut on_kinds, mut on_status, mut on_grpc) = (0u8, 0u128, 0u32);
+            // gRPC upstreams retry what gRPC clients retry: UNAVAILABLE, unless told otherwise.
+            let grpc_default = ["grpc:UNAVAILABLE".to_owned()];
+            let on = match u.protocol {
+                UpstreamProtocol::Grpc if r.on == RetryConfig::default().on => &grpc_default[..],
+                _ => &r.on[..],
+            };
+            for (k, name) in on.iter().enumerate() {
                 match retry_on(name) {
                     Some(RetryOn::Kinds(bits)) => on_kinds |= bits,
                     Some(RetryOn::Status(s)) => on_status |= 1u128 << (s - 500),
+                    Some(RetryOn::Grpc(c)) => on_grpc |= 1 << c,
                     None => {
                         return Err(field(
                             &format!("retry.on[{k}]"),
                             format!(
                                 "{name:?} is not an error kind ({}, or the groups connect, \
-                                 reset, timeout) or a status from 500 to 599",
+                                 reset, timeout), a status from 500 to 599 or grpc:CODE \
+                                 (a gRPC status name such as grpc:UNAVAILABLE)",
                                 FAILURE_KINDS[..6].join(", ")
                             ),
                         ))
                     }
                 }
             }
+            if on_grpc != 0 && u.protocol != UpstreamProtocol::Grpc {
+                return Err(field(
+                    "retry.on",
+                    "grpc:CODE entries need `protocol = \"grpc\"`".into(),
+                ));
+            }
+            if on_grpc & (1 << GRPC_UNAVAILABLE) != 0 {
+                // What a gRPC client sees as UNAVAILABLE when the gateway reports it.
+                on_kinds |= retry_bits("connect") | retry_bits("reset");
+            }
             Some(RetryPolicy {
                 attempts: r.attempts,
                 on_kinds,
                 on_status,
+                on_grpc,
                 all_methods: r.methods == RetryMethods::All,
                 budget_percent: r.budget_percent,
                 budget_min_per_s: r.budget_min_per_s,
@@ -214,6 +234,19 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
             })
         }
     };
+    let max_streams = match (u.protocol, u.max_streams) {
+        (UpstreamProtocol::Http1, Some(_)) => {
+            return Err(field(
+                "max_streams",
+                "applies to `protocol = \"h2c\"` or `\"grpc\"` only".into(),
+            ))
+        }
+        (_, Some(n)) => {
+            within("max_streams", n.into(), 1, 1000)?;
+            n
+        }
+        (_, None) => 100,
+    };
     let live = UpstreamLive::new(literal_set(&targets));
     Ok(Upstream {
         id: u.id.as_str().into(),
@@ -225,6 +258,8 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
         passive,
         retry,
         circuit,
+        protocol: u.protocol,
+        max_streams,
         live,
     })
 }
@@ -251,9 +286,46 @@ fn literal_set(targets: &[Target]) -> TargetSet {
 enum RetryOn {
     Kinds(u8),
     Status(u16),
+    Grpc(u8),
+}
+
+/// gRPC status 14.
+const GRPC_UNAVAILABLE: u8 = 14;
+
+/// The gRPC status codes by name (their index is the code).
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The failure-kind bits of a `retry.on` group or kind name.
+fn retry_bits(name: &str) -> u8 {
+    match retry_on(name) {
+        Some(RetryOn::Kinds(bits)) => bits,
+        _ => 0,
+    }
 }
 
 fn retry_on(name: &str) -> Option<RetryOn> {
+    if let Some(code) = name.strip_prefix("grpc:") {
+        let c = GRPC_CODES.iter().position(|n| *n == code)?;
+        return (c > 0).then_some(RetryOn::Grpc(c as u8));
+    }
     let bit = |kind: &str| 1u8 << FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
     let kinds = match name {
         "connect" => bit("connect_failed") | bit("connect_timeout"),

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use common::config::UpstreamProtocol;
 use common::live::{
     now_ms, LastCheck, LiveTarget, TargetSet, TargetState, UpstreamLive, CIRCUIT_REASONS,
     FAILURE_KINDS,
@@ -844,9 +845,20 @@ fn jitter(max: u64) -> u64 {
     u64::from_ne_bytes(b) % max
 }
 
-/// One check: `GET path` on a new connection; the status answered, or `None` when the target
-/// did not answer a status line within the timeout.
+/// One check on a new connection: `GET path` over HTTP/1.1 or HTTP/2 (h2c), or for a gRPC
+/// upstream the unary call `path` with an empty message. The status answered (a gRPC call
+/// counts as 200 only when its `grpc-status` is 0 and, for the standard health service,
+/// the answer says SERVING), or `None` when the target did not answer within the timeout.
 async fn check_once(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16> {
+    match hc.protocol {
+        UpstreamProtocol::Http1 => {}
+        _ => {
+            return tokio::time::timeout(hc.timeout, check_h2(addr, hc, host))
+                .await
+                .ok()
+                .flatten()
+        }
+    }
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let req = format!(
@@ -875,6 +887,68 @@ async fn check_once(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u1
         .await
         .ok()
         .flatten()
+}
+
+/// [`check_once`] over HTTP/2 with prior knowledge.
+async fn check_h2(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (send, conn) = h2::client::handshake(tcp).await.ok()?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let grpc = hc.protocol == UpstreamProtocol::Grpc;
+    let result = async {
+        let mut send = send.ready().await.ok()?;
+        let mut req = http::Request::builder()
+            .uri(format!("http://{host}{}", hc.path))
+            .header("user-agent", "gateway-health-check");
+        if grpc {
+            req = req
+                .method("POST")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+        }
+        let (resp, mut body_out) = send.send_request(req.body(()).ok()?, !grpc).ok()?;
+        if grpc {
+            // One empty message: no compression flag, length 0.
+            body_out
+                .send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .ok()?;
+        }
+        let resp = resp.await.ok()?;
+        let status = resp.status().as_u16();
+        if !grpc {
+            return Some(status);
+        }
+        let headers = resp.headers().clone();
+        let mut body = resp.into_body();
+        let mut message = Vec::new();
+        while let Some(data) = body.data().await {
+            let data = data.ok()?;
+            let _ = body.flow_control().release_capacity(data.len());
+            message.extend_from_slice(&data);
+        }
+        let trailers = body.trailers().await.ok()?.unwrap_or_default();
+        let code = trailers
+            .get("grpc-status")
+            .or_else(|| headers.get("grpc-status"))
+            .map(|v| v.as_bytes().to_vec());
+        let serving = !hc.path.ends_with("grpc.health.v1.Health/Check")
+            || message.get(5..) == Some(&[0x08, 0x01][..]);
+        Some(
+            if status == 200 && code.as_deref() == Some(b"0") && serving {
+                200
+            } else if status == 200 {
+                // A gRPC failure: not healthy, whatever `expect_status` lists.
+                503
+            } else {
+                status
+            },
+        )
+    }
+    .await;
+    driver.abort();
+    result
 }
 
 fn rfc3339(t: SystemTime) -> serde_json::Value {

@@ -26,6 +26,7 @@ pub mod codec;
 pub mod error;
 pub mod forward;
 pub mod gather;
+mod h2pool;
 mod io;
 pub mod json;
 pub mod metrics;

@@ -219,6 +219,7 @@ async fn worker_main(spec: WorkerSpec) {
     let ctx = Rc::new(WorkerCtx {
         config: spec.config.clone(),
         current: RefCell::new(Rc::new(spec.config.load_full())),
+        h2pool: RefCell::default(),
         pool: RefCell::new(Pool::new(
             snap.max_idle_per_target,
             snap.timeouts.upstream_idle,
@@ -295,6 +296,8 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
             pool.max_idle = snap.max_idle_per_target;
             pool.idle_timeout = snap.timeouts.upstream_idle;
             pool.sweep(now);
+            let mut h2pool = ctx.h2pool.borrow_mut();
+            h2pool.sweep(now, snap.timeouts.upstream_idle);
             let generation = common::live::GENERATION.load(Ordering::Relaxed);
             if generation != seen_generation {
                 // Target sets changed: pooled connections to addresses that left, or that
@@ -306,6 +309,7 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
                     keep.extend(set.targets.iter().filter(|t| !t.draining).map(|t| t.addr));
                 }
                 pool.retain(|addr| keep.contains(addr));
+                h2pool.retain(|addr| keep.contains(addr));
             }
             if let Some(park) = ctx.park.borrow_mut().as_mut() {
                 park.expire(now, snap.timeouts.client_idle);
@@ -332,6 +336,7 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     ctx.pool.borrow_mut().clear();
+    ctx.h2pool.borrow_mut().clear();
     // Not left to the context's drop: monoio does not drop the tasks still holding it.
     ctx.log.borrow_mut().close();
 }

@@ -26,6 +26,8 @@ pub(crate) struct WorkerCtx {
     #[allow(clippy::redundant_allocation)]
     pub current: RefCell<Rc<Arc<Snapshot>>>,
     pub pool: RefCell<Pool>,
+    /// HTTP/2 connections to `h2c` and `grpc` upstreams.
+    pub h2pool: RefCell<crate::h2pool::H2Pool>,
     pub rr: RefCell<RoundRobin>,
     /// Each upstream's target set as this worker last saw it (see [`WorkerCtx::target_set`]).
     pub sets: RefCell<SetCache>,

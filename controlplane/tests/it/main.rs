@@ -10,6 +10,7 @@ mod aggregate;
 mod cli;
 mod conformance;
 mod curl;
+mod grpc;
 mod http2;
 mod policies;
 mod proxy;

@@ -366,6 +366,74 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         mut attempt: impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
         status_of: impl Fn(&T) -> u16,
     ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
+        self.run_tries(
+            req,
+            async |target, req| self.on_target(req, target, &mut attempt).await,
+            |(_, v)| (status_of(v), None),
+            |(session, _)| self.checkin(session, Outcome::Done),
+        )
+        .await
+    }
+
+    /// [`Connector::run`] for an upstream that speaks HTTP/2: `attempt` gets the target and
+    /// this try's deadline and opens its own stream (on a connection from the worker's
+    /// HTTP/2 pool, or a new one from [`Connector::connect_stream`]). `answer_of` gives an
+    /// answer's status and, for a gRPC answer without messages, its `grpc-status`.
+    pub async fn run_h2<C: AsMut<Attempts>, T>(
+        &self,
+        req: &mut C,
+        mut attempt: impl AsyncFnMut(&LiveTarget, Option<Instant>, &mut C) -> Result<T, ProxyError>,
+        answer_of: impl Fn(&T) -> (u16, Option<u8>),
+    ) -> Result<T, ProxyError> {
+        let result = self
+            .run_tries(
+                req,
+                async |target, req| {
+                    let try_deadline = self.try_deadline();
+                    attempt(target, try_deadline, req)
+                        .await
+                        .map_err(|e| (None::<()>, e))
+                },
+                answer_of,
+                drop,
+            )
+            .await;
+        result.map_err(|(_, e)| e)
+    }
+
+    /// A new TCP connection to `target` for HTTP/2, within the circuit limits; records the
+    /// target and the connect time. The connection counts in `circuit.max_connections`
+    /// while the returned guard lives.
+    pub async fn connect_stream(
+        &self,
+        rec: &mut Attempts,
+        target: &LiveTarget,
+        try_deadline: Option<Instant>,
+    ) -> Result<(monoio::net::TcpStream, Option<Counted>), ProxyError> {
+        let session = self.connect_new(rec, target, try_deadline).await?;
+        Ok((session.conn.stream, session.conn.counted))
+    }
+
+    /// When a try must have its response head (`retry.per_try_timeout_ms`), if bounded.
+    fn try_deadline(&self) -> Option<Instant> {
+        self.up
+            .upstream
+            .retry
+            .as_ref()
+            .and_then(|r| r.per_try)
+            .map(|t| Instant::now() + t)
+    }
+
+    /// The retry loop: `one` tries a target; an answer (its status and gRPC status from
+    /// `answer_of`) or a failure is retried on another target while the policy allows, the
+    /// answers not taken going to `discard`.
+    async fn run_tries<C: AsMut<Attempts>, R, X>(
+        &self,
+        req: &mut C,
+        mut one: impl AsyncFnMut(&LiveTarget, &mut C) -> Result<R, (Option<X>, ProxyError)>,
+        answer_of: impl Fn(&R) -> (u16, Option<u8>),
+        discard: impl Fn(R),
+    ) -> Result<R, (Option<X>, ProxyError)> {
         let u = self.up.upstream;
         let live = &u.live;
         if let Some(c) = &u.circuit {
@@ -397,17 +465,18 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             self.close_target();
             state.begin(stripe);
             self.open.set(Some(i));
-            let result = self.on_target(req, target, &mut attempt).await;
+            let result = one(target, req).await;
             let failure = match &result {
-                Ok((_, v)) => {
-                    let status = status_of(v);
+                Ok(v) => {
+                    let (status, grpc) = answer_of(v);
                     if status >= 500 {
                         state.count_error(stripe, STATUS_5XX);
                         state.failed(u.passive.as_ref(), set, now_ms());
                     } else {
                         state.succeeded();
                     }
-                    self.retry.is_some_and(|r| r.on_status(status))
+                    self.retry
+                        .is_some_and(|r| r.on_status(status) || grpc.is_some_and(|c| r.on_grpc(c)))
                 }
                 Err((_, e)) if e.kind.reason().is_some() => {
                     // Refused before reaching the target (max_connections, max_pending).
@@ -434,9 +503,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if !again {
                 return result;
             }
-            if let Ok((session, _)) = result {
-                // The answer is not relayed: the connection, with its body unread, closes.
-                self.checkin(session, Outcome::Done);
+            if let Ok(answer) = result {
+                // The answer is not relayed (its connection or stream closes).
+                discard(answer);
             }
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             avoid = Some(target.addr);
@@ -458,13 +527,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         target: &LiveTarget,
         attempt: &mut impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
     ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
-        let try_deadline = self
-            .up
-            .upstream
-            .retry
-            .as_ref()
-            .and_then(|r| r.per_try)
-            .map(|t| Instant::now() + t);
+        let try_deadline = self.try_deadline();
         let mut fresh = false;
         loop {
             let pooled = match fresh {

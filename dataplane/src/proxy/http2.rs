@@ -521,37 +521,47 @@ impl H2Stream {
     }
 
     /// Sends body bytes as the client's flow-control window allows.
-    async fn send_data(&mut self, mut data: Bytes, end: bool) -> io::Result<()> {
+    async fn send_data(&mut self, data: Bytes, end: bool) -> io::Result<()> {
         let send = self
             .send
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        if data.is_empty() {
-            if end {
-                send.send_data(Bytes::new(), true)
-                    .map_err(io::Error::other)?;
-            }
-            return Ok(());
-        }
-        while !data.is_empty() {
-            send.reserve_capacity(data.len());
-            let cap = loop {
-                let c = send.capacity();
-                if c > 0 {
-                    break c;
-                }
-                match poll_fn(|cx| send.poll_capacity(cx)).await {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(io::Error::other(e)),
-                    None => return Err(io::ErrorKind::BrokenPipe.into()),
-                }
-            };
-            let piece = data.split_to(cap.min(data.len()));
-            send.send_data(piece, end && data.is_empty())
+        send_flow(send, data, end).await
+    }
+}
+
+/// Sends `data` on an HTTP/2 stream as the peer's flow-control window allows (waiting for it
+/// to open: back-pressure), ending the stream after it when `end`.
+pub(crate) async fn send_flow(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> io::Result<()> {
+    if data.is_empty() {
+        if end {
+            send.send_data(Bytes::new(), true)
                 .map_err(io::Error::other)?;
         }
-        Ok(())
+        return Ok(());
     }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = loop {
+            let c = send.capacity();
+            if c > 0 {
+                break c;
+            }
+            match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        };
+        let piece = data.split_to(cap.min(data.len()));
+        send.send_data(piece, end && data.is_empty())
+            .map_err(io::Error::other)?;
+    }
+    Ok(())
 }
 
 impl H2Stream {
@@ -594,7 +604,7 @@ impl Drop for H2Stream {
 }
 
 /// Appends `n` in lower-case hex (a chunk size), without formatting machinery.
-fn push_hex(out: &mut Vec<u8>, n: usize) {
+pub(super) fn push_hex(out: &mut Vec<u8>, n: usize) {
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {
         out.push(b"0123456789abcdef"[(n >> (4 * i)) & 15]);
@@ -827,6 +837,22 @@ impl ClientStream for H2Stream {
         false
     }
 
+    fn take_h2_body(&mut self) -> Option<RecvStream> {
+        // Only before any of the body was read as HTTP/1.1 bytes.
+        if self.head_pos < self.head.len() || !self.pending.is_empty() {
+            return None;
+        }
+        self.body.take()
+    }
+
+    fn take_h2_respond(&mut self) -> Option<SendResponse<Bytes>> {
+        if !matches!(&self.answer, Answer::Head(b) if b.is_empty()) {
+            return None;
+        }
+        self.answer = Answer::Done;
+        self.respond.take()
+    }
+
     fn into_halves(self) -> (Refused, Refused) {
         (Refused, Refused)
     }
@@ -854,7 +880,7 @@ pub(crate) struct PollIo<R, W> {
 }
 
 impl<R, W> PollIo<R, W> {
-    fn new(reader: R, writer: W, prefix: &[u8]) -> Self {
+    pub(crate) fn new(reader: R, writer: W, prefix: &[u8]) -> Self {
         let mut rbuf = Vec::with_capacity(16 * 1024);
         rbuf.extend_from_slice(prefix);
         PollIo {

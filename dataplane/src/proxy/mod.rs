@@ -27,6 +27,7 @@ mod context;
 mod downstream;
 mod exchange;
 mod fanout;
+mod h2forward;
 mod http2;
 mod relay;
 mod select;
@@ -54,6 +55,8 @@ use context::RequestCtx;
 use downstream::{push_field, Downstream, Head, Next, Reply};
 use exchange::{read_head, relay_request_body, send_head, HeadRead};
 use stream::ClientStream;
+
+pub(crate) use http2::PollIo;
 
 /// How long a failed write to an upstream waits for an answer it may have sent early.
 const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -313,6 +316,9 @@ async fn handle<S: ClientStream>(
             let up = connector::UpstreamRef::of(snap, *upstream);
             if up.upstream.hash_on == common::snapshot::HashOn::ClientIp {
                 req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
+            }
+            if up.upstream.protocol.is_h2() {
+                return h2forward::forward(ctx, down, req, &head, route, up, peer.ip).await;
             }
             proxy(ctx, down, req, &head, route, up, peer.ip, choice.shape).await
         }

@@ -56,6 +56,18 @@ pub(crate) trait ClientStream:
         crate::io::peek(self.as_raw_fd()) == crate::io::Peeked::Closed
     }
 
+    /// An HTTP/2 stream's request body as HTTP/2 frames (for an HTTP/2 upstream), if the
+    /// client stream is one and nothing of the body was read through it yet.
+    fn take_h2_body(&mut self) -> Option<h2::RecvStream> {
+        None
+    }
+
+    /// An HTTP/2 stream's response handle, for answering in HTTP/2 frames directly (trailers
+    /// included); after this, writes to the stream fail.
+    fn take_h2_respond(&mut self) -> Option<h2::server::SendResponse<bytes::Bytes>> {
+        None
+    }
+
     /// A read half and a write half that may run at once (for a tunnel).
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf);
 

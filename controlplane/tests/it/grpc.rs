@@ -1,0 +1,557 @@
+//! HTTP/2 and gRPC upstreams through the real binary on loopback: a Python grpcio service
+//! (`tests/grpc_peer.py`) behind the gateway, called with a grpcio client over h2c and TLS
+//! (unary and the three streaming kinds, trailers, deadlines, a killed upstream, retries on
+//! UNAVAILABLE, health checks), gRPC-Web built by hand (binary and text, over HTTP/1.1 and
+//! HTTP/2, with its CORS preflight), an `h2c` upstream reached from HTTP/1.1 and HTTP/2
+//! clients, and h2load against a unary method.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use crate::tls::Cert;
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_peer.py");
+
+/// A running `grpc_peer.py serve`, stopped when dropped (or by [`GrpcService::kill`]).
+struct GrpcService {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl GrpcService {
+    fn start(mode: &str) -> GrpcService {
+        let mut child = Command::new("python3")
+            .arg(PEER)
+            .arg("serve")
+            .arg(mode)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the test gRPC service");
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let _ = out.read_line(&mut line);
+        let Some(port) = line
+            .trim()
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+        else {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the test gRPC service did not start (it needs the PyPI package grpcio): {err}");
+        };
+        GrpcService {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GrpcService {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `grpc_peer.py call` against `target` and returns each check's JSON answer.
+fn calls(
+    target: SocketAddr,
+    tls: Option<(&Cert, &str)>,
+    checks: &[&str],
+) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(PEER).arg("call").arg(target.to_string());
+    if let Some((cert, name)) = tls {
+        cmd.arg("--tls").arg(&cert.cert).arg(name);
+    }
+    let out = cmd
+        .args(checks)
+        .output()
+        .expect("python3 runs the test gRPC client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        answers.len(),
+        checks.len(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answers
+}
+
+fn config(upstream: &str, cert: &Cert, extra: &str) -> String {
+    format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+h2c = true
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = {{ certificates = ["grpc"] }}
+
+[[certificates]]
+id = "grpc"
+cert_file = "{}"
+key_file = "{}"
+
+{upstream}
+
+[[routes]]
+id = "echo"
+path_prefix = "/test.Echo/"
+upstream = "grpc"
+{extra}
+"#,
+        cert.cert.display(),
+        cert.key.display(),
+    )
+}
+
+#[test]
+fn grpc_calls_of_every_kind_pass_through_over_h2c_and_tls() {
+    let svc = GrpcService::start("");
+    let dir = temp_dir("grpc");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\nmax_streams = 8\n\
+         targets = [{{ address = \"{}\" }}]\n\
+         health_check = {{ path = \"/grpc.health.v1.Health/Check\", interval_ms = 200, timeout_ms = 150 }}\n",
+        svc.addr
+    );
+    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    let checks = [
+        "unary",
+        "server_stream",
+        "client_stream",
+        "bidi",
+        "big",
+        "fail:5",
+        "many",
+    ];
+    for (name, tls) in [("h2c", None), ("tls", Some((&cert, "grpc.test")))] {
+        let target = if tls.is_some() {
+            gw.listeners[1]
+        } else {
+            gw.listeners[0]
+        };
+        let a = calls(target, tls, &checks);
+        assert_eq!(a[0]["reply"], "echo:hello", "{name}: {}", a[0]);
+        assert_eq!(a[0]["trailer"], "m1", "{name}: trailers relayed");
+        assert_eq!(
+            a[1]["reply"],
+            serde_json::json!(["item-0", "item-1", "item-2", "item-3", "item-4"]),
+            "{name}"
+        );
+        assert_eq!(a[2]["reply"], "a|b|c", "{name}");
+        assert_eq!(
+            a[3]["reply"],
+            serde_json::json!(["bidi:one", "bidi:two", "bidi:three"]),
+            "{name}: ping-pong needs both directions at once"
+        );
+        assert_eq!(a[4]["reply_len"], 3 * 1024 * 1024 + 5, "{name}");
+        // The upstream's own status and message come through unchanged.
+        assert_eq!(a[5]["code"], "NOT_FOUND", "{name}");
+        assert_eq!(a[5]["details"], "asked to fail", "{name}");
+        // 200 concurrent calls over max_streams = 8 per connection.
+        assert_eq!(a[6]["ok"], 200, "{name}");
+    }
+    // The gRPC health check marks the target healthy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = gw.admin("GET", "/v1/upstreams/grpc/health", None).json();
+        let t = &h["targets"][0];
+        if t["last_check"]["ok"] == true {
+            assert_eq!(t["state"], "healthy", "{h}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no passing gRPC health check: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every call is counted under its route.
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("gateway_requests_total{route=\"echo\",class=\"2xx\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 2 * 206, "{line}");
+}
+
+#[test]
+fn grpc_deadlines_are_enforced_capped_and_an_unreachable_upstream_is_unavailable() {
+    let mut svc = GrpcService::start("");
+    let dir = temp_dir("grpc-deadline");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    );
+    let extra = "[timeouts]\nupstream_response_head_ms = 800\n";
+    let gw = Gateway::start(&config(&upstream, &cert, extra), Driver::IoUring);
+    let h2c = gw.listeners[0];
+    let a = calls(h2c, None, &["remaining", "sleep_long", "deadline"]);
+    // The client asked for 30 s; the upstream is told the capped deadline.
+    let left: u64 = a[0]["reply"].as_str().unwrap().parse().unwrap();
+    assert!(left <= 800 && left > 300, "{}", a[0]);
+    // A call the upstream does not answer in time ends at the gateway's cap with
+    // DEADLINE_EXCEEDED, not after the client's 20 s nor the upstream's 5 s.
+    assert_eq!(a[1]["code"], "DEADLINE_EXCEEDED", "{}", a[1]);
+    let elapsed = a[1]["elapsed_ms"].as_u64().unwrap();
+    assert!((700..3000).contains(&elapsed), "{}", a[1]);
+    // The client's own shorter deadline still holds.
+    assert_eq!(a[2]["code"], "DEADLINE_EXCEEDED", "{}", a[2]);
+
+    // Killed while a call is in flight: the call ends UNAVAILABLE at once.
+    let mut client = Command::new("python3")
+        .arg(PEER)
+        .args(["call", &h2c.to_string(), "sleep_long"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.admin("GET", "/v1/upstreams/grpc/health", None).json()["targets"][0]["outstanding"]
+        != 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Instant::now();
+    svc.kill();
+    let mut out = String::new();
+    client
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = client.wait();
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(answer["code"], "UNAVAILABLE", "{answer}");
+    assert!(killed.elapsed() < Duration::from_secs(3), "{answer}");
+    // And new calls are UNAVAILABLE too (connection refused), not a hang.
+    let started = Instant::now();
+    let a = calls(h2c, None, &["unary"]);
+    assert_eq!(a[0]["code"], "UNAVAILABLE", "{}", a[0]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn grpc_unavailable_answers_and_refused_connects_are_retried_on_another_target() {
+    let (good, bad) = (GrpcService::start(""), GrpcService::start("unavailable"));
+    let dir = temp_dir("grpc-retry");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
+         retry = {{ attempts = 3, budget_percent = 100, budget_min_per_s = 1000 }}\n",
+        good.addr,
+        bad.addr,
+        closed_port()
+    );
+    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    // Round robin sends two of three first tries to a target that fails; each is retried
+    // (`grpc:UNAVAILABLE` is the default for gRPC upstreams) until it reaches the good one.
+    let checks = ["unary"; 12];
+    for a in calls(gw.listeners[0], None, &checks) {
+        assert_eq!(a["reply"], "echo:hello", "{a}");
+    }
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_target_retries_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// The gRPC-Web frames of a body: (flag, payload) pairs.
+fn frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+        out.push((body[0], body[5..5 + len].to_vec()));
+        body = &body[5 + len..];
+    }
+    assert!(body.is_empty(), "trailing bytes: {body:?}");
+    out
+}
+
+/// One gRPC message frame.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0];
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn b64(data: &[u8]) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(data)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn unb64(text: &[u8]) -> Vec<u8> {
+    let out = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(text)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    out.stdout
+}
+
+#[test]
+fn grpc_web_binary_and_text_over_http1_and_http2_with_cors() {
+    let svc = GrpcService::start("");
+    let dir = temp_dir("grpc-web");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    );
+    let extra = r#"policies = ["web"]
+
+[[policies]]
+id = "web"
+kind = "cors"
+origins = ["https://app.example"]
+headers = ["content-type", "x-grpc-web", "x-user-agent", "grpc-timeout"]
+expose_headers = ["grpc-status", "grpc-message"]
+"#;
+    let gw = Gateway::start(&config(&upstream, &cert, extra), Driver::IoUring);
+    let h2c = gw.listeners[0];
+
+    // Binary over HTTP/1.1, by hand: chunked answer, the message frame, the trailer frame.
+    let body = frame(b"hi");
+    let mut c = gw.connect();
+    let mut req = format!(
+        "POST /test.Echo/Unary HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web+proto\r\n\
+         X-Grpc-Web: 1\r\nOrigin: https://app.example\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    c.send(&req);
+    let resp = c.read_response();
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/grpc-web+proto")
+    );
+    assert_eq!(
+        resp.header("access-control-expose-headers"),
+        Some("grpc-status, grpc-message")
+    );
+    let f = frames(&resp.body);
+    assert_eq!(f[0], (0, b"echo:hi".to_vec()));
+    assert_eq!(f[1].0, 0x80);
+    let trailers = String::from_utf8(f[1].1.clone()).unwrap();
+    assert!(trailers.contains("grpc-status:0\r\n"), "{trailers:?}");
+    // The connection stays usable.
+    c.send(&req);
+    assert_eq!(c.read_response().status, 200);
+
+    // Text over HTTP/1.1: a streamed answer in base64, decoded back to the same frames.
+    let mut c = gw.connect();
+    let text = b64(&frame(b"3"));
+    c.send(
+        format!(
+            "POST /test.Echo/ServerStream HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/grpc-web-text\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )
+        .as_bytes(),
+    );
+    let resp = c.read_response();
+    assert_eq!(
+        resp.header("content-type"),
+        Some("application/grpc-web-text")
+    );
+    let f = frames(&unb64(&resp.body));
+    let messages: Vec<&[u8]> = f.iter().map(|(_, p)| p.as_slice()).collect();
+    assert_eq!(messages[..3], [&b"item-0"[..], b"item-1", b"item-2"]);
+    assert_eq!(f[3].0, 0x80);
+
+    // Binary over HTTP/2 (curl, prior knowledge), and an upstream failure as gRPC status.
+    let path = dir.join("msg.bin");
+    std::fs::write(&path, frame(b"4")).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-H"])
+        .arg("content-type: application/grpc-web")
+        .arg("--data-binary")
+        .arg(format!("@{}", path.display()))
+        .arg(format!("http://{h2c}/test.Echo/Fail"))
+        .args(["-D", "-"])
+        .output()
+        .expect("curl is needed for the gRPC-Web test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    // A failure before any message: trailers-only, the status in the head.
+    assert!(text.contains("grpc-status: 4"), "{text}");
+    assert!(text.contains("grpc-message: asked to fail"), "{text}");
+
+    // The CORS preflight a browser sends first.
+    let mut c = gw.connect();
+    let resp = c.roundtrip(
+        "OPTIONS /test.Echo/Unary HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n\
+         Access-Control-Request-Method: POST\r\n\
+         Access-Control-Request-Headers: content-type,x-grpc-web\r\n\r\n",
+    );
+    assert_eq!(resp.status, 204);
+    assert_eq!(
+        resp.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+
+    // A malformed text body is refused as a gRPC answer (INTERNAL, from 400).
+    let mut c = gw.connect();
+    let resp = c.roundtrip(
+        "POST /test.Echo/Unary HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web-text\r\n\
+         Content-Length: 5\r\n\r\n!!!!!",
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("grpc-status"), Some("13"));
+}
+
+#[test]
+fn h2c_upstreams_serve_http1_and_http2_clients() {
+    // The upstream is a second gateway with an h2c listener, in front of an echo origin.
+    let origin = Origin::start(std::sync::Arc::new(|req: &Received, s: &mut TcpStream| {
+        let line = req.request_line().to_owned();
+        let body = String::from_utf8_lossy(&req.raw_body).into_owned();
+        let text = format!(
+            "{line} xff={} te={} body={body}",
+            req.header("x-forwarded-for").unwrap_or("-"),
+            req.header("transfer-encoding").unwrap_or("-"),
+        );
+        let _ = write!(
+            s,
+            "HTTP/1.1 201 Created\r\nContent-Length: {}\r\nX-Origin: yes\r\n\r\n{text}",
+            text.len()
+        );
+        Keep::Open
+    }));
+    let inner = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+             [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
+             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n",
+            origin.addr
+        ),
+        Driver::IoUring,
+    );
+    let outer = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+             [[upstreams]]\nid = \"inner\"\nprotocol = \"h2c\"\n\
+             targets = [{{ address = \"{}\" }}]\n\
+             [[routes]]\nid = \"api\"\npath_prefix = \"/api/\"\nstrip_prefix = true\n\
+             upstream = \"inner\"\n",
+            inner.addr
+        ),
+        Driver::IoUring,
+    );
+    // HTTP/1.1 client: a body with a length and a chunked one, keep-alive between them.
+    let mut c = outer.connect();
+    let resp =
+        c.roundtrip("POST /api/items?x=1 HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(resp.status, 201, "{}", resp.body_str());
+    assert_eq!(resp.header("x-origin"), Some("yes"));
+    let body = resp.body_str();
+    assert!(body.starts_with("POST /items?x=1 HTTP/1.1"), "{body}");
+    assert!(body.ends_with("body=hello"), "{body}");
+    assert!(body.contains("xff=127.0.0.1"), "{body}");
+    let resp = c.roundtrip(
+        "PUT /api/c HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n\
+         3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    );
+    assert_eq!(resp.status, 201);
+    // Read whole, the body goes on with its length.
+    let body = resp.body_str();
+    assert!(body.ends_with("te=- body=abcde"), "{body}");
+
+    // HTTP/2 client.
+    let out = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-d", "from-h2"])
+        .arg(format!("http://{}/api/h2", outer.addr))
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("POST /h2 HTTP/1.1"), "{text}");
+    assert!(text.contains("body=from-h2"), "{text}");
+    assert!(text.ends_with("\n2 201"), "{text}");
+
+    // The inner gateway going away: 502 to the next request, as for HTTP/1.1 upstreams.
+    drop(inner);
+    let mut c = outer.connect();
+    let resp = c.roundtrip("GET /api/gone HTTP/1.1\r\nHost: shop\r\n\r\n");
+    assert_eq!(resp.status, 502);
+}
+
+#[test]
+fn h2load_against_a_grpc_unary_method_has_no_errors() {
+    let svc = GrpcService::start("");
+    let dir = temp_dir("grpc-h2load");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    );
+    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    let msg = dir.join("msg.bin");
+    std::fs::write(&msg, frame(b"load")).unwrap();
+    let out = Command::new("h2load")
+        .args(["-n", "3000", "-c", "8", "-m", "10", "-d"])
+        .arg(&msg)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg(format!("http://{}/test.Echo/Unary", gw.listeners[0]))
+        .output()
+        .expect("h2load (Debian nghttp2-client) is needed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("3000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{text}"
+    );
+    assert!(text.contains("status codes: 3000 2xx"), "{text}");
+    // And every call succeeded as gRPC too: none logged as an error.
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_errors_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,167 @@
+//! HTTP/2 connections to upstreams that speak it (`protocol = "h2c"` or `"grpc"`): per worker
+//! and target, a few multiplexed connections, each carrying up to `max_streams` requests at
+//! once (fewer if the target's SETTINGS say so); a request that finds them all full opens
+//! another. A connection the target closes or sends GOAWAY on is marked closed by its driver
+//! task and leaves the pool at the next look; streams already open on it finish.
+//!
+//! The h2 crate runs the protocol over the same monoio adapter the client side uses
+//! ([`crate::proxy::PollIo`]). Not the hot path of plain HTTP/1.1 proxying; per request it
+//! costs a pool lookup and h2's own stream bookkeeping.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::router::Fnv;
+use h2::client::SendRequest;
+use monoio::net::TcpStream;
+
+use crate::upstream::Counted;
+
+/// The flow-control window the gateway opens per stream and per connection to an upstream.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 8 << 20;
+
+/// One HTTP/2 connection to a target.
+pub(crate) struct H2Conn {
+    send: SendRequest<Bytes>,
+    /// Streams open on it (held by [`StreamSlot`]s).
+    open: Cell<u32>,
+    /// Set by the driver task when the connection has ended (closed, GOAWAY, error).
+    closed: Rc<Cell<bool>>,
+    max_streams: u32,
+    /// When the last stream ended.
+    idle_since: Cell<Instant>,
+    /// Counted in the upstream's open connections (`circuit.max_connections`).
+    _counted: Option<Counted>,
+}
+
+impl std::fmt::Debug for H2Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Conn")
+            .field("open", &self.open.get())
+            .field("closed", &self.closed.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Conn {
+    /// Whether it can take one more stream now.
+    fn has_room(&self) -> bool {
+        let peer = u32::try_from(self.send.current_max_send_streams()).unwrap_or(u32::MAX);
+        !self.closed.get() && self.open.get() < self.max_streams.min(peer.max(1))
+    }
+
+    /// A handle that opens streams on the connection, and the slot the stream holds.
+    pub fn open_stream(self: &Rc<Self>) -> (SendRequest<Bytes>, StreamSlot) {
+        self.open.set(self.open.get() + 1);
+        (self.send.clone(), StreamSlot(self.clone()))
+    }
+
+    /// Marks the connection unusable for new streams (a stream found it dead).
+    pub fn mark_closed(&self) {
+        self.closed.set(true);
+    }
+}
+
+/// One open stream on a connection; the connection counts it until this drops.
+#[derive(Debug)]
+pub(crate) struct StreamSlot(Rc<H2Conn>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let c = &self.0;
+        c.open.set(c.open.get() - 1);
+        if c.open.get() == 0 {
+            c.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// Starts HTTP/2 with prior knowledge on a connected socket and spawns the task that drives
+/// the connection. `Err`: the handshake failed (the peer closed, or wrote garbage).
+pub(crate) async fn handshake(
+    stream: TcpStream,
+    max_streams: u32,
+    max_header_list: u32,
+    counted: Option<Counted>,
+) -> Result<Rc<H2Conn>, h2::Error> {
+    let (r, w) = monoio::io::Splitable::into_split(stream);
+    let io = crate::proxy::PollIo::new(r, w, &[]);
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(max_header_list)
+        .max_concurrent_reset_streams(1024)
+        .enable_push(false);
+    let (send, conn) = b.handshake::<_, Bytes>(io).await?;
+    let closed = Rc::new(Cell::new(false));
+    let flag = closed.clone();
+    monoio::spawn(async move {
+        if let Err(e) = conn.await {
+            log::debug!("upstream HTTP/2 connection ended: {e}");
+        }
+        flag.set(true);
+    });
+    Ok(Rc::new(H2Conn {
+        send,
+        open: Cell::new(0),
+        closed,
+        max_streams,
+        idle_since: Cell::new(Instant::now()),
+        _counted: counted,
+    }))
+}
+
+/// A worker's HTTP/2 upstream connections, per target.
+#[derive(Debug, Default)]
+pub(crate) struct H2Pool {
+    conns: HashMap<SocketAddr, Vec<Rc<H2Conn>>, BuildHasherDefault<Fnv>>,
+}
+
+impl H2Pool {
+    /// A connection to `target` with room for one more stream, if there is one.
+    pub fn take(&mut self, target: SocketAddr) -> Option<Rc<H2Conn>> {
+        let list = self.conns.get_mut(&target)?;
+        list.retain(|c| !c.closed.get());
+        list.iter().find(|c| c.has_room()).cloned()
+    }
+
+    /// Adds a new connection to `target`.
+    pub fn add(&mut self, target: SocketAddr, conn: Rc<H2Conn>) {
+        self.conns.entry(target).or_default().push(conn);
+    }
+
+    /// Drops connections that ended, and those without streams idle for `timeout` (dropping
+    /// the last handle makes the driver send GOAWAY and close). More than one idle
+    /// connection to a target is not kept.
+    pub fn sweep(&mut self, now: Instant, timeout: Duration) {
+        for list in self.conns.values_mut() {
+            list.retain(|c| !c.closed.get());
+            let mut idle_kept = 0;
+            list.retain(|c| {
+                if c.open.get() > 0 {
+                    return true;
+                }
+                idle_kept += 1;
+                idle_kept == 1 && now.duration_since(c.idle_since.get()) < timeout
+            });
+        }
+        self.conns.retain(|_, list| !list.is_empty());
+    }
+
+    /// Drops the connections to targets `keep` says no to (removed or draining); streams
+    /// open on them finish.
+    pub fn retain(&mut self, mut keep: impl FnMut(&SocketAddr) -> bool) {
+        self.conns.retain(|addr, _| keep(addr));
+    }
+
+    /// Drops every connection (shutdown).
+    pub fn clear(&mut self) {
+        self.conns.clear();
+    }
+}

@@ -1,0 +1,1448 @@
+//! Requests to upstreams that speak HTTP/2 (`protocol = "h2c"` or `"grpc"`), and the gRPC
+//! translations at the edge.
+//!
+//! A request reaches here after routing and policies, like any proxied request: its
+//! forwarded head (policies' edits, rewrite, `X-Forwarded-*`, trace fields) is built as for
+//! HTTP/1.1 and turned into an HTTP/2 request. Then:
+//! - an HTTP/2 client's stream is relayed frame by frame in both directions at once
+//!   (bidirectional gRPC streaming), trailers included; its body is sent as it comes, unless
+//!   it is already complete when the request starts (then it can be sent again on another
+//!   target by a retry);
+//! - an HTTP/1.1 client's body is read whole first (up to `limits.max_body_bytes`), and the
+//!   answer goes back chunked with its trailers in the chunked trailer section (or with the
+//!   upstream's length when it has one and no trailers can follow);
+//! - a gRPC-Web call (`application/grpc-web`, `application/grpc-web-text`) to a `grpc`
+//!   upstream becomes a gRPC call: its body is decoded from base64 for `-text`, the answer's
+//!   messages are passed on (in base64 for `-text`) and its trailers become the trailer frame
+//!   (flag 0x80) at the end of the body.
+//!
+//! For gRPC calls (gRPC and gRPC-Web) the gateway's own failures are gRPC answers: HTTP 200
+//! with `grpc-status` and `grpc-message` and no body ("trailers-only"), the status from the
+//! standard HTTP-to-gRPC table (an unreachable upstream is UNAVAILABLE), DEADLINE_EXCEEDED
+//! when the call's `grpc-timeout` ran out. `grpc-timeout` is honoured (the call ends at its
+//! deadline) and capped by `[timeouts] upstream_response_head_ms` (the upstream gets the
+//! capped value).
+//!
+//! Not the HTTP/1.1 hot path: per request it builds an `http::Request` (header map and
+//! values allocated) and h2's own stream state.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::net::IpAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use common::live::LiveTarget;
+use common::Route;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::HeaderMap;
+use monoio::io::AsyncWriteRentExt;
+
+use super::connector::{Connector, UpstreamRef};
+use super::context::RequestCtx;
+use super::downstream::{push_request_id, Downstream, Next};
+use super::http2::{push_hex, send_flow};
+use super::stream::ClientStream;
+use crate::codec::chunked::{decode_validated, ChunkedDecoder};
+use crate::codec::request::RequestHead;
+use crate::codec::BodyKind;
+use crate::error::{ErrorKind, ProxyError};
+use crate::forward::{self, request_pieces};
+use crate::gather::Piece;
+use crate::h2pool;
+use crate::worker_ctx::WorkerCtx;
+
+/// Request body bytes an HTTP/2 client's stream may have ready when its request starts for
+/// the request to count as complete (and so retryable).
+const READY_BODY: usize = 64 * 1024;
+
+/// What kind of call a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// Anything else: relayed as it is.
+    Plain,
+    /// gRPC (`application/grpc`, `application/grpc+proto`, ...).
+    Grpc,
+    /// gRPC-Web to a gRPC upstream: translated; `text` for the base64 form.
+    Web { text: bool },
+}
+
+impl Call {
+    fn is_grpc(self) -> bool {
+        self != Call::Plain
+    }
+}
+
+/// The call kind of a `Content-Type`; gRPC-Web is translated only for a gRPC upstream.
+fn classify(content_type: &[u8], grpc_upstream: bool) -> Call {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    let Some(sub) = essence
+        .get(..12)
+        .filter(|p| p.eq_ignore_ascii_case(b"application/"))
+        .map(|_| &essence[12..])
+    else {
+        return Call::Plain;
+    };
+    // `grpc`, `grpc-web` or `grpc-web-text`, each alone or with `+format`.
+    let is = |name: &[u8]| {
+        sub.len() >= name.len()
+            && sub[..name.len()].eq_ignore_ascii_case(name)
+            && (sub.len() == name.len() || sub[name.len()] == b'+')
+    };
+    if is(b"grpc") {
+        Call::Grpc
+    } else if is(b"grpc-web") && grpc_upstream {
+        Call::Web { text: false }
+    } else if is(b"grpc-web-text") && grpc_upstream {
+        Call::Web { text: true }
+    } else {
+        Call::Plain
+    }
+}
+
+/// `grpc-timeout` (RFC-less, from the gRPC over HTTP/2 spec): 1 to 8 digits and a unit.
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => Duration::from_secs(n.saturating_mul(60)),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A `grpc-timeout` value for `d`: milliseconds, or microseconds below one, rounded up.
+fn grpc_timeout_value(d: Duration) -> HeaderValue {
+    let (n, unit) = if d >= Duration::from_millis(1) {
+        (d.as_millis().min(99_999_999) as u64, b'm')
+    } else {
+        (d.as_micros().max(1) as u64, b'u')
+    };
+    let mut out = Vec::with_capacity(10);
+    crate::access_log::push_u64(&mut out, n);
+    out.push(unit);
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("1m"))
+}
+
+/// The gRPC status for an HTTP status, by the standard table.
+fn grpc_code_for_http(status: u16) -> u8 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// The gRPC status a gateway failure of `kind` gives (`deadline`: the call's `grpc-timeout`
+/// ran out).
+fn grpc_code_for(kind: ErrorKind, deadline: bool) -> u8 {
+    match kind {
+        ErrorKind::ResponseTimeout if deadline => 4,
+        ErrorKind::BodyTooLarge => 8,
+        ErrorKind::ClientClosed => 1,
+        k => grpc_code_for_http(k.status()),
+    }
+}
+
+/// Header fields that are not forwarded between HTTP/1.1 and HTTP/2 (RFC 9113 8.2.2), and
+/// `host`, which becomes `:authority`.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "http2-settings"
+            | "host"
+            | "expect"
+    )
+}
+
+/// The request to send upstream, built once and copied for each try.
+struct Outgoing {
+    method: http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    /// The request for one try; `length`: the body's, when it is in hand and the head has
+    /// none (a body the gateway read whole, or decoded).
+    fn request(&self, length: Option<usize>) -> http::Request<()> {
+        let mut r = http::Request::new(());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        if let Some(n) = length.filter(|&n| n > 0 || self.method == http::Method::POST) {
+            if !self.headers.contains_key(CONTENT_LENGTH) {
+                r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        r
+    }
+}
+
+/// Turns the forwarded HTTP/1.1 head into an HTTP/2 request. Sets `grpc_timeout` to the
+/// call's timeout (capped by `cap`) when it has one.
+fn outgoing(
+    h1: &[u8],
+    call: Call,
+    fallback_authority: &str,
+    cap: Duration,
+    grpc_timeout: &mut Option<Duration>,
+) -> Result<Outgoing, ErrorKind> {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut parsed = httparse::Request::new(&mut fields);
+    match parsed.parse(h1) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(ErrorKind::BadRequest),
+    }
+    let method = http::Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| ErrorKind::BadRequest)?;
+    let path = parsed.path.unwrap_or("/");
+    let host = parsed
+        .headers
+        .iter()
+        .find(|f| f.name.eq_ignore_ascii_case("host"))
+        .and_then(|f| std::str::from_utf8(f.value).ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or(fallback_authority);
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(path)
+        .build()
+        .map_err(|_| ErrorKind::BadRequest)?;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 2);
+    for f in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| ErrorKind::BadRequest)?;
+        if hop_by_hop(name.as_str()) {
+            continue;
+        }
+        if name == "grpc-timeout" {
+            if call.is_grpc() {
+                *grpc_timeout = parse_grpc_timeout(f.value).map(|t| t.min(cap));
+            }
+            continue;
+        }
+        if let Call::Web { .. } = call {
+            // The body changes form; the type becomes plain gRPC.
+            if name == CONTENT_LENGTH || name == CONTENT_TYPE {
+                continue;
+            }
+        }
+        let value = HeaderValue::from_bytes(f.value).map_err(|_| ErrorKind::BadRequest)?;
+        headers.append(name, value);
+    }
+    if let Call::Web { .. } = call {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    }
+    if call.is_grpc() {
+        // gRPC servers require it (it tells them trailers will get through).
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        if let Some(t) = *grpc_timeout {
+            headers.insert("grpc-timeout", grpc_timeout_value(t));
+        }
+    }
+    Ok(Outgoing {
+        method,
+        uri,
+        headers,
+    })
+}
+
+/// A request body as it goes upstream.
+enum Body {
+    /// Complete: sent in one go, and again on a retry.
+    Whole(Bytes),
+    /// An HTTP/2 client's stream still arriving: `first` is what was ready, the rest is
+    /// relayed as it comes (the request cannot be retried).
+    Stream { first: Bytes, rest: RecvStream },
+}
+
+/// What an HTTP/2 client's body stream has ready right now, without waiting: the bytes (up
+/// to [`READY_BODY`]) and whether the body has ended.
+fn take_ready(rest: &mut RecvStream, out: &mut BytesMut) -> Result<bool, ErrorKind> {
+    let mut cx = Context::from_waker(Waker::noop());
+    while out.len() < READY_BODY {
+        if rest.is_end_stream() {
+            return Ok(true);
+        }
+        match rest.poll_data(&mut cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = rest.flow_control().release_capacity(data.len());
+                out.extend_from_slice(&data);
+            }
+            Poll::Ready(Some(Err(_))) => return Err(ErrorKind::ClientClosed),
+            Poll::Ready(None) => return Ok(true),
+            Poll::Pending => return Ok(false),
+        }
+    }
+    Ok(rest.is_end_stream())
+}
+
+/// An HTTP/2 client's request body: whole when it has already ended (or must be read whole:
+/// a gRPC-Web call's), else the stream to relay as it comes. Counts the bytes taken.
+async fn h2_request_body(
+    mut rest: RecvStream,
+    call: Call,
+    max: u64,
+    timeouts: &common::Timeouts,
+    req: &mut RequestCtx,
+) -> Result<Body, ErrorKind> {
+    let mut ready = BytesMut::new();
+    let ended = take_ready(&mut rest, &mut ready)?;
+    if ready.len() as u64 > max {
+        return Err(ErrorKind::BodyTooLarge);
+    }
+    let body = if ended {
+        Body::Whole(ready.freeze())
+    } else if let Call::Web { .. } = call {
+        let deadline = Instant::now() + timeouts.client_body;
+        let more = read_h2_body(&mut rest, max - ready.len() as u64, deadline).await?;
+        ready.extend_from_slice(&more);
+        Body::Whole(ready.freeze())
+    } else {
+        // The rest is counted by nobody: the access log's bytes_in is the head and the
+        // part of the body that was ready.
+        Body::Stream {
+            first: ready.freeze(),
+            rest,
+        }
+    };
+    let n = match &body {
+        Body::Whole(b) | Body::Stream { first: b, .. } => b.len(),
+    };
+    req.bytes_in += n as u64;
+    Ok(body)
+}
+
+/// Reads an HTTP/2 client's whole body (a gRPC-Web call's), up to `max` bytes.
+async fn read_h2_body(
+    rest: &mut RecvStream,
+    max: u64,
+    deadline: Instant,
+) -> Result<Vec<u8>, ErrorKind> {
+    let mut out = Vec::new();
+    loop {
+        let next = monoio::time::timeout_at(deadline.into(), poll_fn(|cx| rest.poll_data(cx)))
+            .await
+            .map_err(|_| ErrorKind::ClientTimeout)?;
+        match next {
+            Some(Ok(data)) => {
+                let _ = rest.flow_control().release_capacity(data.len());
+                if (out.len() + data.len()) as u64 > max {
+                    return Err(ErrorKind::BodyTooLarge);
+                }
+                out.extend_from_slice(&data);
+            }
+            Some(Err(_)) => return Err(ErrorKind::ClientClosed),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Reads an HTTP/1.1 request's whole body (its framing removed) from the client, up to
+/// `limits.max_body_bytes`; the client connection is left at the next request.
+async fn read_h1_body<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+) -> Result<Vec<u8>, ErrorKind> {
+    let max = down.limits.max_body_bytes;
+    down.pos = head.head_end;
+    let mut out = Vec::new();
+    match head.body {
+        BodyKind::None | BodyKind::UntilClose => {}
+        BodyKind::Length(n) => {
+            if n > max {
+                return Err(ErrorKind::BodyTooLarge);
+            }
+            let n = n as usize;
+            out.reserve(n);
+            if head.expect_continue
+                && down.buf.len() - down.pos < n
+                && down.send_continue(req).await.is_err()
+            {
+                return Err(ErrorKind::ClientClosed);
+            }
+            while out.len() < n {
+                if down.pos == down.buf.len() {
+                    down.read_body_bytes().await?;
+                }
+                let take = (n - out.len()).min(down.buf.len() - down.pos);
+                out.extend_from_slice(&down.buf[down.pos..down.pos + take]);
+                down.pos += take;
+            }
+        }
+        BodyKind::Chunked => {
+            let mut decoder = ChunkedDecoder::new(down.limits.max_header_bytes);
+            let mut raw = Vec::new();
+            let mut asked = !head.expect_continue;
+            loop {
+                let k = decoder
+                    .advance(&down.buf[down.pos..])
+                    .map_err(|_| ErrorKind::BadRequest)?;
+                raw.extend_from_slice(&down.buf[down.pos..down.pos + k]);
+                down.pos += k;
+                if decoder.data_len() > max {
+                    return Err(ErrorKind::BodyTooLarge);
+                }
+                if decoder.is_done() {
+                    break;
+                }
+                if !asked {
+                    asked = true;
+                    if down.send_continue(req).await.is_err() {
+                        return Err(ErrorKind::ClientClosed);
+                    }
+                }
+                down.read_body_bytes().await?;
+            }
+            decode_validated(&raw, &mut out);
+            req.bytes_in += raw.len() as u64;
+            return Ok(out);
+        }
+    }
+    req.bytes_in += out.len() as u64;
+    Ok(out)
+}
+
+/// Stops a spawned task when dropped (the request it serves has ended).
+#[derive(Debug, Default)]
+struct Abort {
+    done: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+/// Sets its [`Abort`] when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(Rc<Abort>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.done.set(true);
+        if let Some(w) = self.0.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// Runs `work` until it ends or `abort` is set.
+async fn until_aborted(abort: &Abort, work: impl Future<Output = ()>) {
+    let mut work = pin!(work);
+    poll_fn(|cx| {
+        if abort.done.get() {
+            return Poll::Ready(());
+        }
+        if work.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        *abort.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await;
+}
+
+/// A streamed request body as it was relayed, for sending it again on a retry.
+#[derive(Debug, Default)]
+struct Replay {
+    data: BytesMut,
+    /// The body ended (without trailers) within [`READY_BODY`].
+    ended: bool,
+    /// Too big to keep, or it had trailers: it cannot be sent again.
+    lost: bool,
+}
+
+impl Replay {
+    fn keep(&mut self, piece: &[u8]) {
+        if self.data.len() + piece.len() > READY_BODY {
+            self.lost = true;
+            self.data = BytesMut::new();
+        } else if !self.lost {
+            self.data.extend_from_slice(piece);
+        }
+    }
+
+    /// The whole body, if it can be sent again.
+    fn complete(&self) -> Option<Bytes> {
+        (self.ended && !self.lost).then(|| Bytes::copy_from_slice(&self.data))
+    }
+}
+
+/// Relays an HTTP/2 client's request body to the upstream stream as it arrives, trailers
+/// included, keeping a copy in `replay`; a client that resets its stream resets the
+/// upstream's.
+async fn pump(
+    first: Bytes,
+    mut from: RecvStream,
+    mut to: SendStream<Bytes>,
+    replay: &RefCell<Replay>,
+) {
+    replay.borrow_mut().keep(&first);
+    let _ = send_flow(&mut to, first, false).await;
+    // Once the upstream stream has failed, the body is still read (into `replay`): a
+    // retry on another target may need it.
+    let mut sending = true;
+    loop {
+        match poll_fn(|cx| from.poll_data(cx)).await {
+            Some(Ok(data)) => {
+                let n = data.len();
+                replay.borrow_mut().keep(&data);
+                if sending {
+                    sending = send_flow(&mut to, data, false).await.is_ok();
+                }
+                let _ = from.flow_control().release_capacity(n);
+            }
+            Some(Err(_)) => {
+                replay.borrow_mut().lost = true;
+                to.send_reset(Reason::CANCEL);
+                return;
+            }
+            None => break,
+        }
+    }
+    match poll_fn(|cx| from.poll_trailers(cx)).await {
+        Ok(Some(trailers)) => {
+            replay.borrow_mut().lost = true;
+            let _ = to.send_trailers(trailers);
+        }
+        Ok(None) => {
+            replay.borrow_mut().ended = true;
+            let _ = to.send_data(Bytes::new(), true);
+        }
+        Err(_) => {
+            replay.borrow_mut().lost = true;
+            to.send_reset(Reason::CANCEL);
+        }
+    }
+}
+
+/// An upstream stream whose response head has arrived.
+struct Opened {
+    parts: http::response::Parts,
+    body: RecvStream,
+    /// The stream's place on its connection.
+    _slot: h2pool::StreamSlot,
+    /// Kept so the request side is not reset while the answer is read (the pump holds it
+    /// while the request body streams).
+    _send: Option<SendStream<Bytes>>,
+    /// Stops the request-body pump when the request ends.
+    _pump: Option<AbortOnDrop>,
+}
+
+/// Where an answer goes: an HTTP/2 client stream, an HTTP/1.1 connection, or one of those
+/// through the gRPC-Web encoding.
+trait Sink {
+    /// Sends the head; `end`: nothing follows. `Err`: the client is gone.
+    async fn head(&mut self, status: u16, headers: HeaderMap, end: bool) -> Result<(), ()>;
+    async fn data(&mut self, data: Bytes) -> Result<(), ()>;
+    /// Ends the answer, with trailers if there are some.
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()>;
+    /// Abandons the answer midway: the client sees it cut short (not as complete).
+    fn abort(&mut self);
+    /// Bytes written to the client.
+    fn sent(&self) -> u64;
+}
+
+/// An answer on an HTTP/2 client stream.
+struct H2Sink {
+    respond: SendResponse<Bytes>,
+    send: Option<SendStream<Bytes>>,
+    sent: u64,
+    /// Fields the gateway adds (request id, a route's `Vary`).
+    extra: HeaderMap,
+}
+
+impl Sink for H2Sink {
+    async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
+        for (name, value) in self.extra.drain() {
+            if let Some(name) = name {
+                headers.append(name, value);
+            }
+        }
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = http::StatusCode::from_u16(status).map_err(|_| ())?;
+        *resp.headers_mut() = headers;
+        self.send = Some(self.respond.send_response(resp, end).map_err(|_| ())?);
+        Ok(())
+    }
+
+    async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        let send = self.send.as_mut().ok_or(())?;
+        self.sent += data.len() as u64;
+        send_flow(send, data, false).await.map_err(|_| ())
+    }
+
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        let send = self.send.as_mut().ok_or(())?;
+        match trailers {
+            Some(t) if !t.is_empty() => send.send_trailers(t).map_err(|_| ()),
+            _ => send.send_data(Bytes::new(), true).map_err(|_| ()),
+        }
+    }
+
+    fn abort(&mut self) {
+        match self.send.as_mut() {
+            Some(s) => s.send_reset(Reason::INTERNAL_ERROR),
+            None => self.respond.send_reset(Reason::INTERNAL_ERROR),
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+/// An answer on an HTTP/1.1 connection.
+struct H1Sink<'a, S> {
+    down: &'a mut Downstream<S>,
+    /// Field lines the gateway adds (request id, a route's `Vary`), each with its CRLF.
+    extra: &'a [u8],
+    http10: bool,
+    head_request: bool,
+    /// The client closes after this answer.
+    close: bool,
+    /// The body is sent chunked (else by length, or until close for HTTP/1.0).
+    chunked: bool,
+    out: Vec<u8>,
+    sent: u64,
+}
+
+impl<S: ClientStream> H1Sink<'_, S> {
+    async fn write_out(&mut self) -> Result<(), ()> {
+        let out = std::mem::take(&mut self.out);
+        let (res, mut out) = self.down.stream.write_all(out).await;
+        self.sent += out.len() as u64;
+        out.clear();
+        self.out = out;
+        res.map(|_| ()).map_err(|_| ())
+    }
+}
+
+impl<S: ClientStream> Sink for H1Sink<'_, S> {
+    async fn head(&mut self, status: u16, headers: HeaderMap, end: bool) -> Result<(), ()> {
+        let code = http::StatusCode::from_u16(status).map_err(|_| ())?;
+        let out = &mut self.out;
+        out.extend_from_slice(if self.http10 {
+            b"HTTP/1.0 "
+        } else {
+            b"HTTP/1.1 "
+        });
+        out.extend_from_slice(code.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(code.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut length = false;
+        for (name, value) in headers.iter() {
+            if hop_by_hop(name.as_str()) {
+                continue;
+            }
+            length |= name == CONTENT_LENGTH;
+            super::push_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        out.extend_from_slice(self.extra);
+        if end || self.head_request {
+            if !length && !self.head_request {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+        } else if length {
+            // The upstream's length; trailers, if any, cannot follow.
+        } else if self.http10 {
+            self.close = true;
+        } else {
+            self.chunked = true;
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if self.close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        self.write_out().await
+    }
+
+    async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        if self.head_request || data.is_empty() {
+            return Ok(());
+        }
+        if self.chunked {
+            push_hex(&mut self.out, data.len());
+            self.out.extend_from_slice(b"\r\n");
+            self.out.extend_from_slice(&data);
+            self.out.extend_from_slice(b"\r\n");
+        } else {
+            self.out.extend_from_slice(&data);
+        }
+        self.write_out().await
+    }
+
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        if !self.chunked || self.head_request {
+            return Ok(());
+        }
+        self.out.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.iter().flatten() {
+            super::push_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        self.out.extend_from_slice(b"\r\n");
+        self.write_out().await
+    }
+
+    fn abort(&mut self) {
+        self.close = true;
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+/// The gRPC-Web encoding over another sink: the content type the client used, messages
+/// passed on (base64 for `-text`, in groups of 3 bytes so pieces need no padding), and the
+/// trailers as the final frame.
+struct WebSink<K> {
+    inner: K,
+    text: bool,
+    content_type: HeaderValue,
+    /// Bytes not yet encoded (fewer than 3), for `-text`.
+    carry: Vec<u8>,
+}
+
+impl<K: Sink> WebSink<K> {
+    /// `data` as it goes to the client: base64 for `-text`, keeping a remainder of less
+    /// than 3 bytes back unless `last`.
+    fn encode(&mut self, data: &[u8], last: bool) -> Bytes {
+        if !self.text {
+            return Bytes::copy_from_slice(data);
+        }
+        self.carry.extend_from_slice(data);
+        let whole = if last {
+            self.carry.len()
+        } else {
+            self.carry.len() / 3 * 3
+        };
+        let mut out = Vec::with_capacity(whole / 3 * 4 + 4);
+        common::keys::encode_b64_into(&self.carry[..whole], &mut out);
+        self.carry.drain(..whole);
+        Bytes::from(out)
+    }
+}
+
+impl<K: Sink> Sink for WebSink<K> {
+    async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
+        headers.remove(CONTENT_LENGTH);
+        headers.insert(CONTENT_TYPE, self.content_type.clone());
+        self.inner.head(status, headers, end).await
+    }
+
+    async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        let piece = self.encode(&data, false);
+        if piece.is_empty() {
+            return Ok(());
+        }
+        self.inner.data(piece).await
+    }
+
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        let mut block = Vec::new();
+        for (name, value) in trailers.iter().flatten() {
+            block.extend_from_slice(name.as_str().as_bytes());
+            block.push(b':');
+            block.extend_from_slice(value.as_bytes());
+            block.extend_from_slice(b"\r\n");
+        }
+        let mut frame = Vec::with_capacity(5 + block.len());
+        frame.push(0x80);
+        frame.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&block);
+        let piece = self.encode(&frame, true);
+        self.inner.data(piece).await?;
+        self.inner.finish(None).await
+    }
+
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
+
+    fn sent(&self) -> u64 {
+        self.inner.sent()
+    }
+}
+
+/// A trailers-only gRPC answer's fields: `grpc-status` and a percent-encoded `grpc-message`.
+fn grpc_status_fields(code: u8, message: &str) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(3);
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    let mut m = Vec::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            m.push(b);
+        } else {
+            m.push(b'%');
+            m.extend_from_slice(format!("{b:02X}").as_bytes());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&m) {
+        h.insert("grpc-message", v);
+    }
+    h
+}
+
+/// What the gateway tells a gRPC client about a failure of `kind`.
+fn grpc_message(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ResponseTimeout => "upstream timed out",
+        ErrorKind::ConnectFailed | ErrorKind::ConnectTimeout => "upstream connect failed",
+        ErrorKind::UpstreamClosed => "upstream closed the stream",
+        ErrorKind::NoTargets => "upstream has no targets",
+        ErrorKind::BodyTooLarge => "request too large",
+        _ => kind.label(),
+    }
+}
+
+/// Forwards the request to a target of `up` over HTTP/2 and relays the answer.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn forward<S: ClientStream>(
+    ctx: &WorkerCtx,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    route: &Route,
+    up: UpstreamRef<'_>,
+    peer: IpAddr,
+) -> Next {
+    let grpc_upstream = up.upstream.protocol == common::config::UpstreamProtocol::Grpc;
+    let content_type = crate::policy::field_value(
+        &down.buf,
+        head.fields_start,
+        head.fields_end,
+        b"content-type",
+    )
+    .unwrap_or_default();
+    let call = classify(content_type, grpc_upstream);
+    let web_type = match call {
+        Call::Web { .. } => HeaderValue::from_bytes(content_type).ok(),
+        _ => None,
+    };
+    let is_head = head.is_head(&down.buf);
+    let idempotent = call.is_grpc() || head.is_idempotent(&down.buf);
+    let http10 = head.http10;
+    let keep_alive = head.keep_alive;
+    let key = super::select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
+    // The forwarded head, as HTTP/1.1 would send it, then as an HTTP/2 request.
+    super::add_trace_fields(down, req, head);
+    for &d in &req.policy.drops {
+        crate::policy::add_drop(&mut down.req_plan.drop, d);
+    }
+    let (line, tail) = forward::request_extras(
+        &down.buf,
+        head,
+        &down.req_plan,
+        route.strip_prefix_len,
+        (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
+        peer,
+        down.stream.scheme().as_bytes(),
+        &req.policy.extra,
+        req.policy.query_drop,
+        &mut down.scratch,
+    );
+    let mut h1 = Vec::with_capacity(head.head_end + 256);
+    for piece in request_pieces(head, &down.req_plan, line, tail, head.head_end) {
+        match piece {
+            Piece::Src(s) => h1.extend_from_slice(s.of(&down.buf)),
+            Piece::Extra(s) => h1.extend_from_slice(s.of(&down.scratch)),
+        }
+    }
+    let timeouts = down.timeouts;
+    let mut grpc_timeout = None;
+    let fallback = up
+        .upstream
+        .targets
+        .first()
+        .map_or("upstream", |t| &*t.address);
+    let out = match outgoing(
+        &h1,
+        call,
+        fallback,
+        timeouts.upstream_response_head,
+        &mut grpc_timeout,
+    ) {
+        Ok(o) => o,
+        Err(kind) => return fail(down, req, call, web_type, kind, false).await,
+    };
+    drop(h1);
+    let call_deadline = grpc_timeout.map(|t| req.started + t);
+
+    // The request body.
+    let body = match down.stream.take_h2_body() {
+        Some(rest) => h2_request_body(rest, call, down.limits.max_body_bytes, &timeouts, req).await,
+        None => read_h1_body(down, req, head)
+            .await
+            .map(|b| Body::Whole(b.into())),
+    };
+    let mut body = match body {
+        Ok(b) => b,
+        Err(kind) => return fail(down, req, call, web_type, kind, false).await,
+    };
+    if let (Call::Web { text: true }, Body::Whole(b)) = (call, &body) {
+        let mut decoded = Vec::with_capacity(b.len() / 4 * 3);
+        if common::keys::decode_b64_pieces(b, &mut decoded).is_none() {
+            return fail(down, req, call, web_type, ErrorKind::BadRequest, false).await;
+        }
+        body = Body::Whole(decoded.into());
+    }
+    // A streamed body is kept (up to READY_BODY) as it is relayed: a retry can send it
+    // again once it has ended; until then, the request is committed to its target.
+    let replay = Rc::new(RefCell::new(Replay::default()));
+    let replayable = true;
+
+    let connector = Connector::new(ctx, up, &timeouts, key, replayable, idempotent);
+    let max_header_list = ctx.snapshot().http2.max_header_list_size;
+    let (whole, mut stream_body) = match body {
+        Body::Whole(b) => (Some(b), None),
+        Body::Stream { first, rest } => (None, Some((first, rest))),
+    };
+    let sent_at = Instant::now();
+    let attempt = async |target: &LiveTarget,
+                         try_deadline: Option<Instant>,
+                         req: &mut RequestCtx| {
+        let mut fresh = false;
+        loop {
+            let pooled = if fresh {
+                None
+            } else {
+                ctx.h2pool.borrow_mut().take(target.addr)
+            };
+            req.attempts.target = Some(target.addr);
+            req.attempts.connect = None;
+            let reused = pooled.is_some();
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let started = Instant::now();
+                    let (tcp, counted) = connector
+                        .connect_stream(&mut req.attempts, target, try_deadline)
+                        .await?;
+                    let shake =
+                        h2pool::handshake(tcp, up.upstream.max_streams, max_header_list, counted);
+                    let handshake = monoio::time::timeout(timeouts.upstream_connect, shake);
+                    let c = match handshake.await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(_)) => return Err(ProxyError::new(ErrorKind::ConnectFailed)),
+                        Err(_) => return Err(ProxyError::new(ErrorKind::ConnectTimeout)),
+                    };
+                    req.attempts.connect = Some(started.elapsed());
+                    if !target.draining {
+                        ctx.h2pool.borrow_mut().add(target.addr, c.clone());
+                    }
+                    c
+                }
+            };
+            let (mut send, slot) = conn.open_stream();
+            let body_now = whole.clone().or_else(|| replay.borrow().complete());
+            let end = body_now.as_ref().is_some_and(Bytes::is_empty);
+            let opened = match poll_fn(|cx| send.poll_ready(cx)).await {
+                Ok(()) => {
+                    let length = body_now
+                        .as_ref()
+                        .filter(|_| !call.is_grpc())
+                        .map(Bytes::len);
+                    send.send_request(out.request(length), end)
+                }
+                Err(e) => Err(e),
+            };
+            let (response, up_send) = match opened {
+                Ok(v) => v,
+                Err(e) => {
+                    // A connection that ended (GOAWAY, closed) while pooled.
+                    log::debug!("upstream HTTP/2 stream not opened: {e}");
+                    conn.mark_closed();
+                    if reused && !fresh {
+                        fresh = true;
+                        req.attempts.retries = req.attempts.retries.saturating_add(1);
+                        continue;
+                    }
+                    return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
+                }
+            };
+            let mut pump_guard = None;
+            let mut up_send = Some(up_send);
+            let pumped = body_now.is_none();
+            match (&body_now, stream_body.take()) {
+                (Some(b), _) if !b.is_empty() => {
+                    // Within the stream's window it goes at once; beyond it, h2 holds the
+                    // rest until the window opens (the body is in memory already).
+                    let sending = up_send.as_mut().map(|u| u.send_data(b.clone(), true));
+                    if !matches!(sending, Some(Ok(()))) {
+                        conn.mark_closed();
+                        return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
+                    }
+                }
+                (Some(_), _) => {}
+                (None, Some((first, rest))) => {
+                    let abort = Rc::new(Abort::default());
+                    pump_guard = Some(AbortOnDrop(abort.clone()));
+                    if let Some(to) = up_send.take() {
+                        let replay = replay.clone();
+                        monoio::spawn(async move {
+                            until_aborted(&abort, pump(first, rest, to, &replay)).await;
+                        });
+                    }
+                }
+                (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
+            }
+            let mut deadline = try_deadline
+                .map_or(sent_at + timeouts.upstream_response_head, |t| {
+                    t.min(sent_at + timeouts.upstream_response_head)
+                });
+            if let Some(d) = call_deadline {
+                deadline = deadline.min(d);
+            }
+            let response = monoio::time::timeout_at(deadline.into(), response).await;
+            if pumped && replay.borrow().complete().is_none() {
+                // The body is still arriving (or too big to keep): no other target can get it.
+                req.attempts.committed = true;
+            }
+            return match response {
+                Err(_) => Err(ProxyError::new(ErrorKind::ResponseTimeout)),
+                Ok(Err(e)) => {
+                    // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
+                    let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
+                        || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR));
+                    if e.is_go_away() || e.is_io() {
+                        conn.mark_closed();
+                    }
+                    Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
+                }
+                Ok(Ok(resp)) => {
+                    let (parts, body) = resp.into_parts();
+                    Ok(Opened {
+                        parts,
+                        body,
+                        _slot: slot,
+                        _send: up_send,
+                        _pump: pump_guard,
+                    })
+                }
+            };
+        }
+    };
+    let answer_of = |o: &Opened| {
+        let grpc = o
+            .parts
+            .headers
+            .get("grpc-status")
+            .filter(|_| o.body.is_end_stream())
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|v| v.parse::<u8>().ok());
+        (o.parts.status.as_u16(), grpc)
+    };
+    let opened = connector.run_h2(req, attempt, answer_of).await;
+    let opened = match opened {
+        Ok(o) => o,
+        Err(err) => {
+            let deadline_hit = call_deadline.is_some_and(|d| Instant::now() >= d);
+            if err.kind.reason().is_some() && !call.is_grpc() {
+                req.fail(err.kind);
+                super::push_field(
+                    &mut req.response_fields,
+                    b"X-Gateway-Reason",
+                    err.kind.reason().unwrap_or_default(),
+                );
+            }
+            return fail(down, req, call, web_type, err.kind, deadline_hit).await;
+        }
+    };
+    req.first_byte = Some(sent_at.elapsed());
+    let mut opened = opened;
+    let extra = answer_fields(req, &mut opened.parts.headers);
+    let relay = Relay {
+        idle: timeouts.upstream_body,
+        deadline: call_deadline,
+        grpc: call.is_grpc(),
+    };
+    let (result, sent, clean) = match down.stream.take_h2_respond() {
+        Some(respond) => {
+            let sink = H2Sink {
+                respond,
+                send: None,
+                sent: 0,
+                extra: field_map(&extra),
+            };
+            let (r, s) = relay.run_through(sink, web_type, opened).await;
+            (r, s, false)
+        }
+        None => {
+            let sink = H1Sink {
+                down: &mut *down,
+                extra: &extra,
+                http10,
+                head_request: is_head,
+                close: !keep_alive || ctx.draining.get(),
+                chunked: false,
+                out: Vec::with_capacity(1024),
+                sent: 0,
+            };
+            let close = sink.close;
+            let (r, s) = relay.run_through(sink, web_type, opened).await;
+            (r, s, !close)
+        }
+    };
+    req.bytes_out += sent;
+    match result {
+        Ok(status) => {
+            req.status = status;
+            if clean {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            }
+        }
+        Err((status, kind)) => {
+            req.status = status;
+            req.fail(kind);
+            Next::Close
+        }
+    }
+}
+
+/// The field lines the gateway adds to an answer (the cors policy's, the request id, the
+/// route's `Vary`), with CRLFs; the upstream's own fields they replace are removed from
+/// `upstream` (which is empty for the gateway's own answers).
+fn answer_fields(req: &RequestCtx, upstream: &mut HeaderMap) -> Vec<u8> {
+    let mut extra = Vec::with_capacity(128);
+    if !req.policy.response_extra.is_empty() {
+        extra.extend_from_slice(&req.policy.response_extra);
+        let cors: Vec<HeaderName> = upstream
+            .keys()
+            .filter(|n| n.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in cors {
+            upstream.remove(name);
+        }
+    }
+    if !req.request_id.is_empty() {
+        upstream.remove("x-request-id");
+        push_request_id(&mut extra, req);
+    }
+    extra.extend_from_slice(&req.response_fields);
+    extra
+}
+
+/// The field lines in `lines` (each `name: value\r\n`) as a header map.
+fn field_map(lines: &[u8]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for line in lines.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = HeaderName::from_bytes(&line[..colon].to_ascii_lowercase());
+        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii());
+        if let (Ok(n), Ok(v)) = (name, value) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+/// How an answer is relayed.
+struct Relay {
+    /// The longest wait for the next piece of the body.
+    idle: Duration,
+    /// The call's deadline (`grpc-timeout`).
+    deadline: Option<Instant>,
+    /// The call is gRPC: a deadline that passes mid-answer ends it with DEADLINE_EXCEEDED.
+    grpc: bool,
+}
+
+impl Relay {
+    /// Relays through `sink`, or through it in the gRPC-Web encoding when `web` holds the
+    /// client's content type. Returns the status sent (or the failure's) and the bytes.
+    async fn run_through<K: Sink>(
+        &self,
+        sink: K,
+        web: Option<HeaderValue>,
+        opened: Opened,
+    ) -> (Result<u16, (u16, ErrorKind)>, u64) {
+        match web {
+            Some(content_type) => {
+                let text = content_type
+                    .as_bytes()
+                    .windows(4)
+                    .any(|w| w.eq_ignore_ascii_case(b"text"));
+                let mut sink = WebSink {
+                    inner: sink,
+                    text,
+                    content_type,
+                    carry: Vec::new(),
+                };
+                let r = self.run(&mut sink, opened).await;
+                (r, sink.sent())
+            }
+            None => {
+                let mut sink = sink;
+                let r = self.run(&mut sink, opened).await;
+                (r, sink.sent())
+            }
+        }
+    }
+
+    /// Relays the head, the body and the trailers of an answer to `sink`.
+    async fn run<K: Sink>(&self, sink: &mut K, opened: Opened) -> Result<u16, (u16, ErrorKind)> {
+        let Opened {
+            parts, mut body, ..
+        } = opened;
+        let status = parts.status.as_u16();
+        let end = body.is_end_stream();
+        if sink.head(status, parts.headers, end).await.is_err() {
+            return Err((ErrorKind::ClientClosed.status(), ErrorKind::ClientClosed));
+        }
+        if end {
+            return Ok(status);
+        }
+        loop {
+            let next = self.next(poll_fn(|cx| body.poll_data(cx))).await;
+            match next {
+                Err(deadline) => return Err(self.expire(sink, status, deadline).await),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(self.cut(sink, status).await),
+                Ok(Some(Ok(data))) => {
+                    let n = data.len();
+                    if sink.data(data).await.is_err() {
+                        return Err((status, ErrorKind::ClientClosed));
+                    }
+                    let _ = body.flow_control().release_capacity(n);
+                }
+            }
+        }
+        let trailers = match self.next(poll_fn(|cx| body.poll_trailers(cx))).await {
+            Err(deadline) => return Err(self.expire(sink, status, deadline).await),
+            Ok(Ok(t)) => t,
+            Ok(Err(_)) => return Err(self.cut(sink, status).await),
+        };
+        if sink.finish(trailers).await.is_err() {
+            return Err((status, ErrorKind::ClientClosed));
+        }
+        Ok(status)
+    }
+
+    /// Waits for `fut` until the body's idle limit or the call's deadline; `Err(true)`: the
+    /// deadline passed, `Err(false)`: the upstream was idle too long.
+    async fn next<T>(&self, fut: impl Future<Output = T>) -> Result<T, bool> {
+        let idle_end = Instant::now() + self.idle;
+        let (until, deadline) = match self.deadline {
+            Some(d) if d < idle_end => (d, true),
+            _ => (idle_end, false),
+        };
+        monoio::time::timeout_at(until.into(), fut)
+            .await
+            .map_err(|_| deadline)
+    }
+
+    /// Ends an answer whose upstream ran past the call's deadline (a gRPC call gets
+    /// DEADLINE_EXCEEDED in its trailers) or went idle (cut short; UNAVAILABLE for gRPC).
+    async fn expire<K: Sink>(&self, sink: &mut K, status: u16, deadline: bool) -> (u16, ErrorKind) {
+        let code = if deadline { 4 } else { 14 };
+        self.end_early(sink, code, ErrorKind::ResponseTimeout).await;
+        (status, ErrorKind::ResponseTimeout)
+    }
+
+    /// Ends an answer whose upstream stream failed midway (reset, connection lost): a gRPC
+    /// call gets UNAVAILABLE in its trailers, anything else is cut short.
+    async fn cut<K: Sink>(&self, sink: &mut K, status: u16) -> (u16, ErrorKind) {
+        self.end_early(sink, 14, ErrorKind::UpstreamClosed).await;
+        (status, ErrorKind::UpstreamClosed)
+    }
+
+    async fn end_early<K: Sink>(&self, sink: &mut K, code: u8, kind: ErrorKind) {
+        if !self.grpc {
+            sink.abort();
+            return;
+        }
+        let mut trailers = grpc_status_fields(code, grpc_message(kind));
+        trailers.remove(CONTENT_TYPE);
+        let _ = sink.finish(Some(trailers)).await;
+    }
+}
+
+/// Answers a request that failed before its answer began: a gRPC call gets a trailers-only
+/// gRPC answer (`deadline`: its `grpc-timeout` ran out), anything else the error's status.
+async fn fail<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    call: Call,
+    web_type: Option<HeaderValue>,
+    kind: ErrorKind,
+    deadline: bool,
+) -> Next {
+    if !call.is_grpc() {
+        return down.fail(req, kind).await;
+    }
+    req.fail(kind);
+    let fields = grpc_status_fields(grpc_code_for(kind, deadline), grpc_message(kind));
+    let extra = answer_fields(req, &mut HeaderMap::new());
+    let sent = match down.stream.take_h2_respond() {
+        Some(respond) => {
+            let sink = H2Sink {
+                respond,
+                send: None,
+                sent: 0,
+                extra: field_map(&extra),
+            };
+            send_status(sink, web_type, fields).await
+        }
+        None => {
+            let sink = H1Sink {
+                down: &mut *down,
+                extra: &extra,
+                http10: false,
+                head_request: false,
+                close: true,
+                chunked: false,
+                out: Vec::with_capacity(256),
+                sent: 0,
+            };
+            send_status(sink, web_type, fields).await
+        }
+    };
+    match sent {
+        Some(n) => {
+            req.status = 200;
+            req.bytes_out += n;
+        }
+        None => req.status = ErrorKind::ClientClosed.status(),
+    }
+    Next::Close
+}
+
+/// Sends a trailers-only answer through `sink` (in gRPC-Web form when `web` is set).
+async fn send_status<K: Sink>(sink: K, web: Option<HeaderValue>, fields: HeaderMap) -> Option<u64> {
+    match web {
+        Some(content_type) => {
+            let mut sink = WebSink {
+                inner: sink,
+                text: false,
+                content_type,
+                carry: Vec::new(),
+            };
+            sink.head(200, fields, true).await.ok()?;
+            Some(sink.sent())
+        }
+        None => {
+            let mut sink = sink;
+            sink.head(200, fields, true).await.ok()?;
+            Some(sink.sent())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_classify_calls() {
+        assert_eq!(classify(b"application/grpc", true), Call::Grpc);
+        assert_eq!(classify(b"application/grpc+proto", false), Call::Grpc);
+        assert_eq!(classify(b"Application/GRPC; charset=x", true), Call::Grpc);
+        assert_eq!(
+            classify(b"application/grpc-web", true),
+            Call::Web { text: false }
+        );
+        assert_eq!(
+            classify(b"application/grpc-web-text+proto", true),
+            Call::Web { text: true }
+        );
+        // gRPC-Web is translated for gRPC upstreams only; elsewhere it is relayed as is.
+        assert_eq!(classify(b"application/grpc-web", false), Call::Plain);
+        for plain in [
+            &b"application/json"[..],
+            b"application/grpcx",
+            b"text/grpc",
+            b"",
+        ] {
+            assert_eq!(classify(plain, true), Call::Plain, "{plain:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_and_print() {
+        assert_eq!(
+            parse_grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        for bad in [&b""[..], b"m", b"123456789m", b"10x", b"-1m", b"1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout_value(Duration::from_millis(250)), "250m");
+        assert_eq!(grpc_timeout_value(Duration::from_micros(20)), "20u");
+    }
+
+    #[test]
+    fn gateway_failures_map_to_grpc_statuses() {
+        assert_eq!(grpc_code_for(ErrorKind::ConnectFailed, false), 14);
+        assert_eq!(grpc_code_for(ErrorKind::UpstreamClosed, false), 14);
+        assert_eq!(grpc_code_for(ErrorKind::ResponseTimeout, true), 4);
+        assert_eq!(grpc_code_for(ErrorKind::ResponseTimeout, false), 14);
+        assert_eq!(grpc_code_for(ErrorKind::BadRequest, false), 13);
+        let h = grpc_status_fields(14, "upstream 100% down\n");
+        assert_eq!(h["grpc-status"], "14");
+        assert_eq!(h["grpc-message"], "upstream 100%25 down%0A");
+    }
+
+    #[test]
+    fn forwarded_heads_become_http2_requests() {
+        let h1 = b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: api.example\r\nConnection: keep-alive\r\n\
+                   Content-Type: application/grpc-web-text\r\nContent-Length: 12\r\n\
+                   grpc-timeout: 90S\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+        let mut t = None;
+        let out = outgoing(
+            h1,
+            Call::Web { text: true },
+            "u",
+            Duration::from_secs(60),
+            &mut t,
+        )
+        .unwrap();
+        assert_eq!(t, Some(Duration::from_secs(60)), "capped");
+        assert_eq!(out.method, http::Method::POST);
+        assert_eq!(out.uri, "http://api.example/pkg.Svc/Call");
+        let h = &out.headers;
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["grpc-timeout"], "60000m");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert!(h.get("connection").is_none() && h.get("host").is_none());
+        assert!(h.get("content-length").is_none());
+    }
+}
