@@ -79,6 +79,10 @@ pub struct Config {
     /// Certificates (with their private keys) that TLS listeners serve.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificateConfig>,
+    /// JSON/REST to gRPC transcoders, each from a protobuf descriptor set, that routes to
+    /// gRPC upstreams name in `transcoder`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transcoders: Vec<TranscoderConfig>,
     /// HTTP/2 with clients (TLS listeners offering `h2`, cleartext listeners with `h2c`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub http2: Http2Config,
@@ -836,6 +840,27 @@ pub struct UpstreamConfig {
     pub max_streams: Option<u32>,
 }
 
+/// A JSON/REST to gRPC transcoder: the services of a protobuf descriptor set, each method
+/// mapped to HTTP by its `google.api.http` option.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscoderConfig {
+    /// Unique id that routes refer to.
+    pub id: String,
+    /// Path of a binary `FileDescriptorSet` with its imports (`protoc --include_imports
+    /// --descriptor_set_out=FILE`), read when the config is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_set: Option<String>,
+    /// The same bytes in base64 (for the admin API). Exactly one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_set_base64: Option<String>,
+    /// Full names of the services exposed (`shop.v1.Orders`). At least one.
+    pub services: Vec<String>,
+    /// Largest protobuf message either way, in bytes. 1 to 67,108,864; default 4,194,304.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u64>,
+}
+
 /// The protocol an upstream's targets speak.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1079,6 +1104,10 @@ pub struct RouteConfig {
     /// Id of the aggregate (fan-out) that answers this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<String>,
+    /// With an `upstream` of `protocol = "grpc"`: the id of the transcoder that turns JSON
+    /// requests into gRPC calls (and the answers back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcoder: Option<String>,
     /// For `upstream`: the forwarded request target, a template filled from the route's
     /// `{name}` parameters (`/items/{id}`); the client's query string is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]

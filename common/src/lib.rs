@@ -15,6 +15,7 @@ pub mod router;
 pub mod slots;
 pub mod snapshot;
 pub mod tls;
+pub mod transcode;
 pub mod upstreams;
 mod validate;
 

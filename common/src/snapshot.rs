@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub aggregates: Vec<Aggregate>,
     /// Client profiles that route variants refer to.
     pub profiles: Vec<Profile>,
+    /// JSON to gRPC transcoders that routes refer to.
+    pub transcoders: Vec<std::sync::Arc<crate::transcode::Transcoder>>,
     /// The config this snapshot was compiled from, normalised (for `GET` and diffs): API
     /// keys appear only as `key_sha256`.
     pub config: Config,
@@ -140,6 +142,8 @@ pub struct Route {
     pub variants: Box<[Variant]>,
     /// `Vary` value naming the request fields the variants' profiles read (empty: none).
     pub vary: Box<[u8]>,
+    /// Index into `Snapshot::transcoders`: JSON requests become gRPC calls.
+    pub transcoder: Option<usize>,
 }
 
 /// A route's answer for one client profile.
@@ -397,6 +401,18 @@ impl Snapshot {
             .enumerate()
             .map(|(i, p)| crate::aggregate::compile_profile(p, i, &config.client_profiles))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut transcoders = Vec::with_capacity(config.transcoders.len());
+        for (i, t) in config.transcoders.iter().enumerate() {
+            if config.transcoders[..i].iter().any(|o| o.id == t.id) {
+                return Err(ConfigError::field(
+                    format!("transcoders[{i}].id"),
+                    format!("duplicate transcoder id {:?}", t.id),
+                ));
+            }
+            transcoders.push(std::sync::Arc::new(crate::transcode::compile_transcoder(
+                t, i,
+            )?));
+        }
         let policies = crate::policy::compile(&mut config)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut router = Router::default();
@@ -404,6 +420,7 @@ impl Snapshot {
             upstreams: &upstreams,
             aggregates: &aggregates,
             profiles: &profiles,
+            transcoders: &transcoders,
         };
         for (i, r) in config.routes.iter().enumerate() {
             let mut route = compile_route(r, i, &config, &known)?;
@@ -534,6 +551,7 @@ impl Snapshot {
             access_log,
             tracing: config.tracing,
             aggregates,
+            transcoders,
             profiles,
             config,
         })
@@ -641,6 +659,7 @@ struct Known<'a> {
     upstreams: &'a [Upstream],
     aggregates: &'a [Aggregate],
     profiles: &'a [Profile],
+    transcoders: &'a [std::sync::Arc<crate::transcode::Transcoder>],
 }
 
 fn compile_route(
@@ -743,6 +762,10 @@ fn compile_route(
         &at,
     )?;
     check_shaped(&action, shape.is_some(), known, &at)?;
+    let transcoder = match &r.transcoder {
+        None => None,
+        Some(t) => Some(route_transcoder(r, t, &action, known, &at)?),
+    };
     if rewrite.is_some() && r.strip_prefix {
         return Err(ConfigError::field(
             format!("{at}.rewrite"),
@@ -818,7 +841,36 @@ fn compile_route(
         shape,
         variants: variants.into_boxed_slice(),
         vary: Box::default(),
+        transcoder,
     })
+}
+
+/// A route's `transcoder`: a known one, on a route that proxies to a gRPC upstream and
+/// forwards paths as they are (the methods' HTTP paths are matched on the request's).
+fn route_transcoder(
+    r: &RouteConfig,
+    id: &str,
+    action: &RouteAction,
+    known: &Known<'_>,
+    at: &str,
+) -> Result<usize, ConfigError> {
+    let field = |why: &str| ConfigError::field(format!("{at}.transcoder"), why.to_owned());
+    let index = known
+        .transcoders
+        .iter()
+        .position(|t| &*t.id == id)
+        .ok_or_else(|| field(&format!("unknown transcoder {id:?}")))?;
+    match action {
+        RouteAction::Proxy { upstream }
+            if known.upstreams[*upstream].protocol == crate::config::UpstreamProtocol::Grpc => {}
+        _ => return Err(field("needs an `upstream` with `protocol = \"grpc\"`")),
+    }
+    if !r.variants.is_empty() || r.rewrite.is_some() || r.response.is_some() || r.strip_prefix {
+        return Err(field(
+            "cannot be combined with `variants`, `rewrite`, `response` or `strip_prefix`",
+        ));
+    }
+    Ok(index)
 }
 
 /// How an upstream protocol is written in the config.

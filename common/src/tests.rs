@@ -399,17 +399,13 @@ fn upstream_protocols_and_what_they_allow() {
         "upstreams[0].protocol"
     );
     // Shaping and aggregate steps need HTTP/1.1 upstreams.
-    let shaped = format!(
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
-         [[upstreams]]\nid = \"u\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n\
-         [[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"u\"\nresponse = {{ allow = [\"a\"] }}\n"
-    );
-    assert_eq!(err(&shaped).path(), "routes[0].response");
-    let aggregate = format!(
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
-         [[upstreams]]\nid = \"u\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n\
+    let shaped = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nid = \"u\"\nprotocol = \"h2c\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n\
+         [[routes]]\nid = \"r\"\npath = \"/\"\nupstream = \"u\"\nresponse = { allow = [\"a\"] }\n";
+    assert_eq!(err(shaped).path(), "routes[0].response");
+    let aggregate = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nid = \"u\"\nprotocol = \"grpc\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n\
          [[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"u\"\npath = \"/x\"\n\
-         [[routes]]\nid = \"r\"\npath = \"/\"\naggregate = \"a\"\n"
-    );
-    assert_eq!(err(&aggregate).path(), "aggregates[0].steps[0].upstream");
+         [[routes]]\nid = \"r\"\npath = \"/\"\naggregate = \"a\"\n";
+    assert_eq!(err(aggregate).path(), "aggregates[0].steps[0].upstream");
 }

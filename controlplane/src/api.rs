@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use common::config::{
     AggregateConfig, CertificateConfig, ClientProfileConfig, ConsumerConfig, CredentialConfig,
-    PolicyConfig, RouteConfig, UpstreamConfig,
+    PolicyConfig, RouteConfig, TranscoderConfig, UpstreamConfig,
 };
 use common::{Config, ConfigError, Snapshot};
 use serde::Deserialize;
@@ -121,10 +121,11 @@ pub enum Kind {
     Aggregates,
     ClientProfiles,
     Certificates,
+    Transcoders,
 }
 
 /// Every resource kind's collection path.
-pub const KIND_PATHS: [&str; 8] = [
+pub const KIND_PATHS: [&str; 9] = [
     "/v1/routes",
     "/v1/upstreams",
     "/v1/consumers",
@@ -133,6 +134,7 @@ pub const KIND_PATHS: [&str; 8] = [
     "/v1/aggregates",
     "/v1/client_profiles",
     "/v1/certificates",
+    "/v1/transcoders",
 ];
 
 impl Kind {
@@ -146,6 +148,7 @@ impl Kind {
             "aggregates" => Ok(Kind::Aggregates),
             "client_profiles" => Ok(Kind::ClientProfiles),
             "certificates" => Ok(Kind::Certificates),
+            "transcoders" => Ok(Kind::Transcoders),
             other => Err(Problem::not_found(format!("no resource kind {other:?}"))),
         }
     }
@@ -160,6 +163,7 @@ impl Kind {
             Kind::Aggregates => "aggregates",
             Kind::ClientProfiles => "client_profiles",
             Kind::Certificates => "certificates",
+            Kind::Transcoders => "transcoders",
         }
     }
 
@@ -173,6 +177,7 @@ impl Kind {
             Kind::Aggregates => c.aggregates.iter().map(|u| u.id.clone()).collect(),
             Kind::ClientProfiles => c.client_profiles.iter().map(|u| u.id.clone()).collect(),
             Kind::Certificates => c.certificates.iter().map(|u| u.id.clone()).collect(),
+            Kind::Transcoders => c.transcoders.iter().map(|u| u.id.clone()).collect(),
         }
     }
 
@@ -186,6 +191,7 @@ impl Kind {
             Kind::Aggregates => c.aggregates.iter().find(|u| u.id == id).map(to_value),
             Kind::ClientProfiles => c.client_profiles.iter().find(|u| u.id == id).map(to_value),
             Kind::Certificates => c.certificates.iter().find(|u| u.id == id).map(to_value),
+            Kind::Transcoders => c.transcoders.iter().find(|u| u.id == id).map(to_value),
         }
     }
 
@@ -199,6 +205,7 @@ impl Kind {
             Kind::Aggregates => c.aggregates.iter().map(to_value).collect(),
             Kind::ClientProfiles => c.client_profiles.iter().map(to_value).collect(),
             Kind::Certificates => c.certificates.iter().map(to_value).collect(),
+            Kind::Transcoders => c.transcoders.iter().map(to_value).collect(),
         }
     }
 
@@ -271,6 +278,10 @@ impl Kind {
                 let item: CertificateConfig = typed(value)?;
                 upsert(&mut c.certificates, item, |u| u.id == id)
             }
+            Kind::Transcoders => {
+                let item: TranscoderConfig = typed(value)?;
+                upsert(&mut c.transcoders, item, |u| u.id == id)
+            }
         })
     }
 
@@ -289,6 +300,7 @@ impl Kind {
             Kind::Aggregates => remove_where(&mut c.aggregates, |u| u.id == id),
             Kind::ClientProfiles => remove_where(&mut c.client_profiles, |u| u.id == id),
             Kind::Certificates => remove_where(&mut c.certificates, |u| u.id == id),
+            Kind::Transcoders => remove_where(&mut c.transcoders, |u| u.id == id),
         }
     }
 
@@ -327,6 +339,12 @@ impl Kind {
                 .routes
                 .iter()
                 .filter(|r| r.variants.iter().any(|v| v.profile == id))
+                .map(|r| format!("routes/{}", r.id))
+                .collect(),
+            Kind::Transcoders => c
+                .routes
+                .iter()
+                .filter(|r| r.transcoder.as_deref() == Some(id))
                 .map(|r| format!("routes/{}", r.id))
                 .collect(),
             Kind::Certificates => c
@@ -788,6 +806,11 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("PUT", "/v1/certificates/{id}"),
     ("PATCH", "/v1/certificates/{id}"),
     ("DELETE", "/v1/certificates/{id}"),
+    ("GET", "/v1/transcoders"),
+    ("GET", "/v1/transcoders/{id}"),
+    ("PUT", "/v1/transcoders/{id}"),
+    ("PATCH", "/v1/transcoders/{id}"),
+    ("DELETE", "/v1/transcoders/{id}"),
 ];
 
 /// The router path serving a documented path: one template serves every resource kind.

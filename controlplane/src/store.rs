@@ -432,6 +432,7 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
         .chain(items("aggregates", &config.aggregates, |a| &a.id))
         .chain(items("client_profiles", &config.client_profiles, |p| &p.id))
         .chain(items("certificates", &config.certificates, |c| &c.id))
+        .chain(items("transcoders", &config.transcoders, |t| &t.id))
         .collect()
 }
 

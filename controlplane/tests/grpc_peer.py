@@ -4,6 +4,8 @@
   grpc_peer.py serve [unavailable]   starts the service on 127.0.0.1:0, prints "port N", runs
                                      until stdin closes (the test holds it open); with
                                      `unavailable` every call fails with UNAVAILABLE
+  grpc_peer.py serve-shop GENDIR     the same for the transcoding tests' `shop.v1.Orders`
+                                     (GENDIR: protoc's --python_out for shop.proto)
   grpc_peer.py call TARGET [--tls CA NAME] CHECK...
                                      runs each CHECK through TARGET (the gateway) and prints one
                                      JSON line per check
@@ -111,6 +113,101 @@ def serve(mode):
     # Ends when the test closes stdin (or exits).
     sys.stdin.read()
     server.stop(0)
+
+
+def serve_shop(gendir):
+    """shop.v1.Orders (controlplane/tests/fixtures/proto/shop/v1/shop.proto):
+    GetOrder: id "missing" -> NOT_FOUND; "locked" -> FAILED_PRECONDITION with a
+        google.rpc.Status in grpc-status-details-bin; otherwise an order with that id
+    ListOrders: one order per tag, echoing customer, status and page_size (as the token)
+    CreateOrder: the order with id "new-" + request_id
+    UpdateOrder / Echo: the order as received
+    DeleteOrder: empty; CancelOrder: CANCELLED with the reason as customer
+    GetItems: GetOrder's order; WatchOrders: `count` events for the customer; count 99
+        fails with UNAVAILABLE after two events
+    """
+    sys.path.insert(0, gendir)
+    from shop.v1 import shop_pb2 as pb
+
+    def order(oid):
+        o = pb.Order(id=oid, customer="ann", status=pb.SHIPPED, discount=0.25, gift=True)
+        o.items.add(sku="a-1", quantity=2, price_cents=1999)
+        o.items.add(sku="b-2", quantity=1, price_cents=9007199254740993)
+        o.created_at.FromJsonString("2026-01-02T03:04:05.500Z")
+        o.ship_within.FromJsonString("3600s")
+        o.labels["lane"] = "express"
+        return o
+
+    def get_order(req, ctx):
+        if req.id == "missing":
+            ctx.abort(grpc.StatusCode.NOT_FOUND, "no order " + req.id)
+        if req.id == "locked":
+            # google.rpc.Status{code 9, message, details [Any{type_url, value}]}, by hand.
+            any_ = _ld(1, b"type.googleapis.com/shop.v1.Lock") + _ld(2, b"\x08\x01")
+            status = b"\x08\x09" + _ld(2, b"order is locked") + _ld(3, any_)
+            ctx.set_trailing_metadata((("grpc-status-details-bin", status),))
+            ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "order is locked")
+        return order(req.id)
+
+    def list_orders(req, ctx):
+        out = pb.ListOrdersResponse(next_page_token=str(req.page_size))
+        for t in req.tags:
+            o = out.orders.add(id=t, customer=req.customer, status=req.status, gift=req.gift_only)
+            if req.HasField("since"):
+                o.created_at.CopyFrom(req.since)
+        return out
+
+    def create_order(req, ctx):
+        o = pb.Order()
+        o.CopyFrom(req.order)
+        o.id = "new-" + req.request_id
+        return o
+
+    def same(req, ctx):
+        o = pb.Order()
+        o.CopyFrom(req.order if hasattr(req, "order") else req)
+        return o
+
+    def cancel(req, ctx):
+        return pb.Order(id=req.id, customer=req.reason, status=pb.CANCELLED)
+
+    def watch(req, ctx):
+        for i in range(2 if req.count == 99 else req.count):
+            yield pb.OrderEvent(order_id="%s-%d" % (req.customer, i), status=pb.PENDING, seq=i)
+        if req.count == 99:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "stream broke")
+
+    def h(kind, fn, req_type, resp_type):
+        make = {"uu": grpc.unary_unary_rpc_method_handler, "us": grpc.unary_stream_rpc_method_handler}
+        return make[kind](fn, request_deserializer=req_type.FromString,
+                          response_serializer=resp_type.SerializeToString)
+
+    handlers = {
+        "GetOrder": h("uu", get_order, pb.GetOrderRequest, pb.Order),
+        "ListOrders": h("uu", list_orders, pb.ListOrdersRequest, pb.ListOrdersResponse),
+        "CreateOrder": h("uu", create_order, pb.CreateOrderRequest, pb.Order),
+        "UpdateOrder": h("uu", same, pb.UpdateOrderRequest, pb.Order),
+        "DeleteOrder": h("uu", lambda r, c: pb.DeleteOrderResponse(), pb.DeleteOrderRequest,
+                         pb.DeleteOrderResponse),
+        "CancelOrder": h("uu", cancel, pb.CancelOrderRequest, pb.Order),
+        "GetItems": h("uu", get_order, pb.GetOrderRequest, pb.Order),
+        "WatchOrders": h("us", watch, pb.WatchRequest, pb.OrderEvent),
+        "Echo": h("uu", same, pb.Order, pb.Order),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("shop.v1.Orders", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print("port %d" % port, flush=True)
+    sys.stdin.read()
+    server.stop(0)
+
+
+def _ld(field, data):
+    """A length-delimited protobuf field (lengths below 128)."""
+    return bytes([field << 3 | 2, len(data)]) + data
 
 
 def channel(target, tls):
@@ -224,6 +321,8 @@ def call(argv):
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2] if len(sys.argv) > 2 else "")
+    elif sys.argv[1] == "serve-shop":
+        serve_shop(sys.argv[2])
     elif sys.argv[1] == "call":
         call(sys.argv[2:])
     else:

@@ -23,10 +23,14 @@ struct GrpcService {
 
 impl GrpcService {
     fn start(mode: &str) -> GrpcService {
+        Self::start_with(&["serve", mode])
+    }
+
+    /// `grpc_peer.py` with these arguments (a `serve` mode).
+    fn start_with(args: &[&str]) -> GrpcService {
         let mut child = Command::new("python3")
             .arg(PEER)
-            .arg("serve")
-            .arg(mode)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -554,4 +558,306 @@ fn h2load_against_a_grpc_unary_method_has_no_errors() {
             .any(|l| l.starts_with("gateway_errors_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
+}
+
+const PROTOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proto");
+
+/// Runs protoc (PyPI grpcio-tools) on the test service's proto: its descriptor set (with
+/// imports) and its Python modules, in `dir`.
+fn protoc(dir: &std::path::Path) -> std::path::PathBuf {
+    let set = dir.join("shop.pb");
+    let out = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I", PROTOS, "--include_imports"])
+        .arg(format!("--descriptor_set_out={}", set.display()))
+        .arg(format!("--python_out={}", dir.display()))
+        .arg(format!("{PROTOS}/shop/v1/shop.proto"))
+        .arg(format!("{PROTOS}/google/api/annotations.proto"))
+        .arg(format!("{PROTOS}/google/api/http.proto"))
+        .output()
+        .expect("python3 runs protoc");
+    assert!(
+        out.status.success(),
+        "protoc failed (it needs the PyPI package grpcio-tools): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    set
+}
+
+/// curl with a JSON body (or none); returns the status, the content type and the body.
+fn curl_json(args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code} %{content_type}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl is needed for the transcoding test");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap();
+    let (code, ct) = last.split_once(' ').unwrap_or((last, ""));
+    (code.parse().unwrap(), ct.to_owned(), body.to_owned())
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
+}
+
+#[test]
+fn json_calls_are_transcoded_to_grpc_and_back() {
+    let dir = temp_dir("transcode");
+    let set = protoc(&dir);
+    let mut svc = GrpcService::start_with(&["serve-shop", dir.to_str().unwrap()]);
+    let config = format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+h2c = true
+
+[[upstreams]]
+id = "orders-grpc"
+protocol = "grpc"
+targets = [{{ address = "{}" }}]
+
+[[transcoders]]
+id = "orders"
+descriptor_set = "{}"
+services = ["shop.v1.Orders"]
+
+[[routes]]
+id = "orders-rest"
+path_prefix = "/v1/"
+upstream = "orders-grpc"
+transcoder = "orders"
+
+[[routes]]
+id = "orders-echo"
+path = "/shop.v1.Orders/Echo"
+upstream = "orders-grpc"
+transcoder = "orders"
+"#,
+        svc.addr,
+        set.display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let base = format!("http://{}", gw.addr);
+    let url = |p: &str| format!("{base}{p}");
+
+    // GET with a path variable: nested messages, an enum, repeated fields, a map, int64
+    // beyond 2^53 (as a string), Timestamp and Duration.
+    let (code, ct, body) = curl_json(&[&url("/v1/orders/o-1")]);
+    assert_eq!((code, ct.as_str()), (200, "application/json"), "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"id": "o-1", "customer": "ann", "status": "SHIPPED",
+            "items": [{"sku": "a-1", "quantity": 2, "priceCents": "1999"},
+                      {"sku": "b-2", "quantity": 1, "priceCents": "9007199254740993"}],
+            "createdAt": "2026-01-02T03:04:05.500Z", "shipWithin": "3600s",
+            "labels": {"lane": "express"}, "discount": 0.25, "gift": true})
+    );
+    // Query parameters into fields: a string with an escape, an int, an enum, a repeated
+    // field, a bool and a Timestamp.
+    let (code, _, body) = curl_json(&[&url(
+        "/v1/orders?customer=ann%20lee&pageSize=5&status=PENDING&tags=x&tags=y&gift_only=true\
+         &since=2026-05-01T00:00:00Z",
+    )]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"orders": [
+            {"id": "x", "customer": "ann lee", "status": "PENDING", "gift": true,
+             "createdAt": "2026-05-01T00:00:00Z"},
+            {"id": "y", "customer": "ann lee", "status": "PENDING", "gift": true,
+             "createdAt": "2026-05-01T00:00:00Z"}], "nextPageToken": "5"})
+    );
+    // POST with `body: "order"` and a query parameter for the rest.
+    let (code, _, body) = curl_json(&[
+        "-X",
+        "POST",
+        "-d",
+        r#"{"customer":"bob","items":[{"sku":"z","quantity":3}],"shipWithin":"1.5s"}"#,
+        &url("/v1/orders?requestId=r9"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"id": "new-r9", "customer": "bob",
+            "items": [{"sku": "z", "quantity": 3}], "shipWithin": "1.500s"})
+    );
+    // PATCH and PUT (additional binding) with a nested path variable that wins over the body.
+    for method in ["PATCH", "PUT"] {
+        let (code, _, body) = curl_json(&[
+            "-X",
+            method,
+            "-d",
+            r#"{"id":"ignored","status":"CANCELLED","notes":["a","b"]}"#,
+            &url("/v1/orders/o-7"),
+        ]);
+        assert_eq!(code, 200, "{method}: {body}");
+        assert_eq!(
+            json(&body),
+            serde_json::json!({"id": "o-7", "status": "CANCELLED", "notes": ["a", "b"]}),
+            "{method}"
+        );
+    }
+    // DELETE with an empty answer message; a custom verb with `body: "*"`; response_body.
+    let (code, _, body) = curl_json(&["-X", "DELETE", &url("/v1/orders/o-7")]);
+    assert_eq!((code, body.as_str()), (200, "{}"));
+    let (code, _, body) = curl_json(&[
+        "-X",
+        "POST",
+        "-d",
+        r#"{"reason":"changed mind"}"#,
+        &url("/v1/orders/o-8:cancel"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"id": "o-8", "customer": "changed mind", "status": "CANCELLED"})
+    );
+    let (code, _, body) = curl_json(&[&url("/v1/orders/o-1/items")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)[1]["sku"], "b-2");
+    // A method without a mapping: POST to its gRPC path; over HTTP/2 too.
+    let order = r#"{"id":"e","items":[{"sku":"q","priceCents":"12"}],"status":"PENDING","createdAt":"2026-03-04T05:06:07Z","shipWithin":"0.250s","labels":{"a":"b"}}"#;
+    let (code, _, body) = curl_json(&[
+        "--http2-prior-knowledge",
+        "-d",
+        order,
+        &url("/shop.v1.Orders/Echo"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body), json(order));
+
+    // Server streaming: a JSON array, or newline-delimited JSON when asked for.
+    let (code, _, body) = curl_json(&[&url("/v1/customers/ann/events?count=3")]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!([{"orderId": "ann-0", "status": "PENDING"},
+            {"orderId": "ann-1", "status": "PENDING", "seq": 1},
+            {"orderId": "ann-2", "status": "PENDING", "seq": 2}])
+    );
+    let (code, ct, body) = curl_json(&[
+        "-H",
+        "Accept: application/x-ndjson",
+        &url("/v1/customers/ann/events?count=99"),
+    ]);
+    assert_eq!((code, ct.as_str()), (200, "application/x-ndjson"));
+    let lines: Vec<serde_json::Value> = body.lines().map(json).collect();
+    assert_eq!(lines.len(), 3, "{body}");
+    assert_eq!(lines[1]["orderId"], "ann-1");
+    // The stream failed after two events: the last line says how.
+    assert_eq!(lines[2]["error"]["code"], 14, "{body}");
+    assert_eq!(lines[2]["error"]["message"], "stream broke");
+
+    // gRPC errors become HTTP statuses with a JSON body (and the status details).
+    let (code, _, body) = curl_json(&[&url("/v1/orders/missing")]);
+    assert_eq!(code, 404);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"code": 5, "message": "no order missing", "details": []})
+    );
+    let (code, _, body) = curl_json(&[&url("/v1/orders/locked")]);
+    assert_eq!(code, 400, "FAILED_PRECONDITION");
+    let b = json(&body);
+    assert_eq!(b["code"], 9);
+    assert_eq!(b["details"][0]["@type"], "type.googleapis.com/shop.v1.Lock");
+    assert_eq!(b["details"][0]["value"], "CAE=");
+
+    // Bad requests: 400 naming the field, never reaching the upstream.
+    for (body, field) in [
+        (r#"{"customer":"bob","colour":"red"}"#, "order.colour"),
+        (
+            r#"{"items":[{"quantity":"many"}]}"#,
+            "order.items[0].quantity",
+        ),
+        (
+            r#"{"items":[{"quantity":3000000000}]}"#,
+            "order.items[0].quantity",
+        ),
+        (r#"{"status":"LOST"}"#, "order.status"),
+        (r#"{"createdAt":"yesterday"}"#, "order.createdAt"),
+    ] {
+        let (code, _, answer) = curl_json(&["-d", body, &url("/v1/orders")]);
+        assert_eq!(code, 400, "{body}: {answer}");
+        let a = json(&answer);
+        assert_eq!(
+            (a["code"].as_u64(), a["field"].as_str()),
+            (Some(3), Some(field)),
+            "{answer}"
+        );
+    }
+    let (code, _, answer) = curl_json(&["-d", "{\"customer\":", &url("/v1/orders")]);
+    assert_eq!(code, 400, "{answer}");
+    let (code, _, answer) = curl_json(&[&url("/v1/orders?colour=red")]);
+    assert_eq!(code, 400);
+    assert_eq!(json(&answer)["field"], "colour");
+    // No mapping for the method or the path.
+    let (code, _, _) = curl_json(&["-X", "DELETE", &url("/v1/orders")]);
+    assert_eq!(code, 405);
+    let (code, _, answer) = curl_json(&[&url("/v1/nothing/here")]);
+    assert_eq!(code, 404);
+    assert_eq!(json(&answer)["code"], 5);
+
+    // The transcoders resource: refused descriptor sets name the field.
+    let bad = gw.admin(
+        "PUT",
+        "/v1/transcoders/t2",
+        Some(r#"{"descriptor_set_base64":"AAAA","services":["shop.v1.Orders"]}"#),
+    );
+    assert_eq!(bad.status, 422, "{}", bad.body_str());
+    assert!(
+        bad.body_str()
+            .contains("\"pointer\":\"/descriptor_set_base64\""),
+        "{}",
+        bad.body_str()
+    );
+    let b64 = {
+        let out = Command::new("base64")
+            .arg("-w0")
+            .arg(&set)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let lacking = gw.admin(
+        "PUT",
+        "/v1/transcoders/t2",
+        Some(&format!(
+            r#"{{"descriptor_set_base64":"{b64}","services":["shop.v1.Nope"]}}"#
+        )),
+    );
+    assert_eq!(lacking.status, 422, "{}", lacking.body_str());
+    assert!(
+        lacking.body_str().contains("\"pointer\":\"/services/0\""),
+        "{}",
+        lacking.body_str()
+    );
+    let ok = gw.admin(
+        "PUT",
+        "/v1/transcoders/t2",
+        Some(&format!(
+            r#"{{"descriptor_set_base64":"{b64}","services":["shop.v1.Orders"]}}"#
+        )),
+    );
+    assert_eq!(ok.status, 201, "{}", ok.body_str());
+    let used = gw.admin("DELETE", "/v1/transcoders/orders", None);
+    assert_eq!(used.status, 409, "{}", used.body_str());
+    assert!(
+        used.body_str().contains("routes/orders-rest"),
+        "{}",
+        used.body_str()
+    );
+    assert_eq!(gw.admin("DELETE", "/v1/transcoders/t2", None).status, 204);
+
+    // The upstream gone: 503 with gRPC's UNAVAILABLE.
+    svc.kill();
+    let (code, _, answer) = curl_json(&[&url("/v1/orders/o-1")]);
+    assert_eq!(code, 503, "{answer}");
+    assert_eq!(json(&answer)["code"], 14);
 }

@@ -36,12 +36,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::live::LiveTarget;
-use common::Route;
+use common::transcode::Transcoder;
+use common::{Route, Snapshot};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
 use monoio::io::AsyncWriteRentExt;
+use std::sync::Arc;
 
 use super::connector::{Connector, UpstreamRef};
 use super::context::RequestCtx;
@@ -70,12 +72,40 @@ enum Call {
     Grpc,
     /// gRPC-Web to a gRPC upstream: translated; `text` for the base64 form.
     Web { text: bool },
+    /// JSON on a route with a transcoder.
+    Json,
 }
 
 impl Call {
+    /// Whether it is a gRPC call upstream (gRPC statuses, `grpc-timeout`).
     fn is_grpc(self) -> bool {
         self != Call::Plain
     }
+
+    /// Whether the client's request body is read whole before the call (to translate it).
+    fn whole_body(self) -> bool {
+        matches!(self, Call::Web { .. } | Call::Json)
+    }
+
+    /// Whether the gateway's own failures are gRPC answers (else HTTP or JSON ones).
+    fn grpc_answers(self) -> bool {
+        matches!(self, Call::Grpc | Call::Web { .. })
+    }
+}
+
+/// How an answer is encoded for the client.
+#[derive(Clone)]
+enum Encoding {
+    /// As the upstream sent it.
+    Native,
+    /// gRPC-Web, in the content type the client used.
+    Web(HeaderValue),
+    /// JSON, from the messages of a transcoder's binding.
+    Json {
+        transcoder: Arc<Transcoder>,
+        binding: usize,
+        ndjson: bool,
+    },
 }
 
 /// The call kind of a `Content-Type`; gRPC-Web is translated only for a gRPC upstream.
@@ -143,7 +173,7 @@ fn grpc_timeout_value(d: Duration) -> HeaderValue {
 }
 
 /// The gRPC status for an HTTP status, by the standard table.
-fn grpc_code_for_http(status: u16) -> u8 {
+pub(super) fn grpc_code_for_http(status: u16) -> u8 {
     match status {
         400 => 13,
         401 => 16,
@@ -249,16 +279,21 @@ fn outgoing(
             }
             continue;
         }
-        if let Call::Web { .. } = call {
+        if call.whole_body() {
             // The body changes form; the type becomes plain gRPC.
             if name == CONTENT_LENGTH || name == CONTENT_TYPE {
+                continue;
+            }
+            if call == Call::Json
+                && (name == http::header::ACCEPT || name == http::header::ACCEPT_ENCODING)
+            {
                 continue;
             }
         }
         let value = HeaderValue::from_bytes(f.value).map_err(|_| ErrorKind::BadRequest)?;
         headers.append(name, value);
     }
-    if let Call::Web { .. } = call {
+    if call.whole_body() {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     }
     if call.is_grpc() {
@@ -321,7 +356,7 @@ async fn h2_request_body(
     }
     let body = if ended {
         Body::Whole(ready.freeze())
-    } else if let Call::Web { .. } = call {
+    } else if call.whole_body() {
         let deadline = Instant::now() + timeouts.client_body;
         let more = read_h2_body(&mut rest, max - ready.len() as u64, deadline).await?;
         ready.extend_from_slice(&more);
@@ -557,7 +592,7 @@ struct Opened {
 
 /// Where an answer goes: an HTTP/2 client stream, an HTTP/1.1 connection, or one of those
 /// through the gRPC-Web encoding.
-trait Sink {
+pub(super) trait Sink {
     /// Sends the head; `end`: nothing follows. `Err`: the client is gone.
     async fn head(&mut self, status: u16, headers: HeaderMap, end: bool) -> Result<(), ()>;
     async fn data(&mut self, data: Bytes) -> Result<(), ()>;
@@ -733,6 +768,19 @@ struct WebSink<K> {
 }
 
 impl<K: Sink> WebSink<K> {
+    fn new(inner: K, content_type: HeaderValue) -> Self {
+        let text = content_type
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"text"));
+        WebSink {
+            inner,
+            text,
+            content_type,
+            carry: Vec::new(),
+        }
+    }
+
     /// `data` as it goes to the client: base64 for `-text`, keeping a remainder of less
     /// than 3 bytes back unless `last`.
     fn encode(&mut self, data: &[u8], last: bool) -> Bytes {
@@ -829,6 +877,7 @@ fn grpc_message(kind: ErrorKind) -> &'static str {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn forward<S: ClientStream>(
     ctx: &WorkerCtx,
+    snap: &Snapshot,
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     head: &RequestHead,
@@ -844,11 +893,30 @@ pub(super) async fn forward<S: ClientStream>(
         b"content-type",
     )
     .unwrap_or_default();
-    let call = classify(content_type, grpc_upstream);
-    let web_type = match call {
-        Call::Web { .. } => HeaderValue::from_bytes(content_type).ok(),
-        _ => None,
+    let transcoder = route
+        .transcoder
+        .and_then(|i| snap.transcoders.get(i))
+        .cloned();
+    let call = match transcoder {
+        Some(_) => Call::Json,
+        None => classify(content_type, grpc_upstream),
     };
+    let mut encoding = match call {
+        Call::Web { .. } => HeaderValue::from_bytes(content_type)
+            .map(Encoding::Web)
+            .unwrap_or(Encoding::Native),
+        _ => Encoding::Native,
+    };
+    // What a JSON call maps from, read before the buffer is reused for the body.
+    let json_call = transcoder.as_ref().map(|_| {
+        let accept =
+            crate::policy::field_value(&down.buf, head.fields_start, head.fields_end, b"accept")
+                .unwrap_or_default()
+                .to_vec();
+        let method = String::from_utf8_lossy(head.method.of(&down.buf)).into_owned();
+        let target = String::from_utf8_lossy(head.origin_target.of(&down.buf)).into_owned();
+        (method, target, accept)
+    });
     let is_head = head.is_head(&down.buf);
     let idempotent = call.is_grpc() || head.is_idempotent(&down.buf);
     let http10 = head.http10;
@@ -885,7 +953,7 @@ pub(super) async fn forward<S: ClientStream>(
         .targets
         .first()
         .map_or("upstream", |t| &*t.address);
-    let out = match outgoing(
+    let mut out = match outgoing(
         &h1,
         call,
         fallback,
@@ -893,7 +961,7 @@ pub(super) async fn forward<S: ClientStream>(
         &mut grpc_timeout,
     ) {
         Ok(o) => o,
-        Err(kind) => return fail(down, req, call, web_type, kind, false).await,
+        Err(kind) => return fail(down, req, call, &encoding, kind, false).await,
     };
     drop(h1);
     let call_deadline = grpc_timeout.map(|t| req.started + t);
@@ -907,14 +975,42 @@ pub(super) async fn forward<S: ClientStream>(
     };
     let mut body = match body {
         Ok(b) => b,
-        Err(kind) => return fail(down, req, call, web_type, kind, false).await,
+        Err(kind) => return fail(down, req, call, &encoding, kind, false).await,
     };
     if let (Call::Web { text: true }, Body::Whole(b)) = (call, &body) {
         let mut decoded = Vec::with_capacity(b.len() / 4 * 3);
         if common::keys::decode_b64_pieces(b, &mut decoded).is_none() {
-            return fail(down, req, call, web_type, ErrorKind::BadRequest, false).await;
+            return fail(down, req, call, &encoding, ErrorKind::BadRequest, false).await;
         }
         body = Body::Whole(decoded.into());
+    }
+    if let (Some(t), Some((method, target, accept)), Body::Whole(b)) =
+        (&transcoder, &json_call, &body)
+    {
+        match super::transcode::prepare(t, method, target, b, accept) {
+            Ok(p) => {
+                let grpc_path = &*t.bindings[p.binding].grpc_path;
+                out.method = http::Method::POST;
+                let mut uri = out.uri.clone().into_parts();
+                uri.path_and_query = grpc_path.parse().ok();
+                out.uri = http::Uri::from_parts(uri).unwrap_or_default();
+                encoding = Encoding::Json {
+                    transcoder: t.clone(),
+                    binding: p.binding,
+                    ndjson: p.ndjson,
+                };
+                body = Body::Whole(p.framed);
+            }
+            Err(refused) => {
+                req.fail(match refused.status {
+                    404 => ErrorKind::NoRoute,
+                    405 => ErrorKind::MethodNotAllowed,
+                    _ => ErrorKind::BadRequest,
+                });
+                let close = !keep_alive || ctx.draining.get();
+                return answer_json(down, req, refused.status, refused.body, close).await;
+            }
+        }
     }
     // A streamed body is kept (up to READY_BODY) as it is relayed: a retry can send it
     // again once it has ended; until then, the request is committed to its target.
@@ -1075,7 +1171,7 @@ pub(super) async fn forward<S: ClientStream>(
                     err.kind.reason().unwrap_or_default(),
                 );
             }
-            return fail(down, req, call, web_type, err.kind, deadline_hit).await;
+            return fail(down, req, call, &encoding, err.kind, deadline_hit).await;
         }
     };
     req.first_byte = Some(sent_at.elapsed());
@@ -1086,33 +1182,10 @@ pub(super) async fn forward<S: ClientStream>(
         deadline: call_deadline,
         grpc: call.is_grpc(),
     };
-    let (result, sent, clean) = match down.stream.take_h2_respond() {
-        Some(respond) => {
-            let sink = H2Sink {
-                respond,
-                send: None,
-                sent: 0,
-                extra: field_map(&extra),
-            };
-            let (r, s) = relay.run_through(sink, web_type, opened).await;
-            (r, s, false)
-        }
-        None => {
-            let sink = H1Sink {
-                down: &mut *down,
-                extra: &extra,
-                http10,
-                head_request: is_head,
-                close: !keep_alive || ctx.draining.get(),
-                chunked: false,
-                out: Vec::with_capacity(1024),
-                sent: 0,
-            };
-            let close = sink.close;
-            let (r, s) = relay.run_through(sink, web_type, opened).await;
-            (r, s, !close)
-        }
-    };
+    let close = !keep_alive || ctx.draining.get();
+    let sink = client_sink(down, &extra, http10, is_head, close);
+    let clean = matches!(sink, ClientSink::H1(_)) && !close;
+    let (result, sent) = relay.run_through(sink, encoding, opened).await;
     req.bytes_out += sent;
     match result {
         Ok(status) => {
@@ -1183,30 +1256,30 @@ struct Relay {
 }
 
 impl Relay {
-    /// Relays through `sink`, or through it in the gRPC-Web encoding when `web` holds the
-    /// client's content type. Returns the status sent (or the failure's) and the bytes.
+    /// Relays through `sink` in the client's encoding. Returns the status sent (or the
+    /// failure's) and the bytes.
     async fn run_through<K: Sink>(
         &self,
         sink: K,
-        web: Option<HeaderValue>,
+        encoding: Encoding,
         opened: Opened,
     ) -> (Result<u16, (u16, ErrorKind)>, u64) {
-        match web {
-            Some(content_type) => {
-                let text = content_type
-                    .as_bytes()
-                    .windows(4)
-                    .any(|w| w.eq_ignore_ascii_case(b"text"));
-                let mut sink = WebSink {
-                    inner: sink,
-                    text,
-                    content_type,
-                    carry: Vec::new(),
-                };
+        match encoding {
+            Encoding::Web(content_type) => {
+                let mut sink = WebSink::new(sink, content_type);
                 let r = self.run(&mut sink, opened).await;
                 (r, sink.sent())
             }
-            None => {
+            Encoding::Json {
+                transcoder,
+                binding,
+                ndjson,
+            } => {
+                let mut sink = super::transcode::JsonSink::new(sink, transcoder, binding, ndjson);
+                let r = self.run(&mut sink, opened).await;
+                (r, sink.sent())
+            }
+            Encoding::Native => {
                 let mut sink = sink;
                 let r = self.run(&mut sink, opened).await;
                 (r, sink.sent())
@@ -1293,44 +1366,39 @@ impl Relay {
 }
 
 /// Answers a request that failed before its answer began: a gRPC call gets a trailers-only
-/// gRPC answer (`deadline`: its `grpc-timeout` ran out), anything else the error's status.
+/// gRPC answer (`deadline`: its `grpc-timeout` ran out), a JSON call a JSON error, anything
+/// else the error's status.
 async fn fail<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     call: Call,
-    web_type: Option<HeaderValue>,
+    encoding: &Encoding,
     kind: ErrorKind,
     deadline: bool,
 ) -> Next {
-    if !call.is_grpc() {
+    let code = grpc_code_for(kind, deadline);
+    if call == Call::Json {
+        req.fail(kind);
+        // The client's own faults keep their status; the rest is the gRPC code's.
+        let status = match kind.side() {
+            crate::error::Side::Client => kind.status(),
+            _ => common::transcode::http_status_for_grpc(code.into()),
+        };
+        let body = super::transcode::error_body(code.into(), grpc_message(kind), None, &[]);
+        return answer_json(down, req, status, body, true).await;
+    }
+    if !call.grpc_answers() {
         return down.fail(req, kind).await;
     }
     req.fail(kind);
-    let fields = grpc_status_fields(grpc_code_for(kind, deadline), grpc_message(kind));
+    let fields = grpc_status_fields(code, grpc_message(kind));
     let extra = answer_fields(req, &mut HeaderMap::new());
-    let sent = match down.stream.take_h2_respond() {
-        Some(respond) => {
-            let sink = H2Sink {
-                respond,
-                send: None,
-                sent: 0,
-                extra: field_map(&extra),
-            };
-            send_status(sink, web_type, fields).await
+    let sink = client_sink(down, &extra, false, false, true);
+    let sent = match encoding {
+        Encoding::Web(content_type) => {
+            send_head(WebSink::new(sink, content_type.clone()), 200, fields).await
         }
-        None => {
-            let sink = H1Sink {
-                down: &mut *down,
-                extra: &extra,
-                http10: false,
-                head_request: false,
-                close: true,
-                chunked: false,
-                out: Vec::with_capacity(256),
-                sent: 0,
-            };
-            send_status(sink, web_type, fields).await
-        }
+        _ => send_head(sink, 200, fields).await,
     };
     match sent {
         Some(n) => {
@@ -1342,23 +1410,114 @@ async fn fail<S: ClientStream>(
     Next::Close
 }
 
-/// Sends a trailers-only answer through `sink` (in gRPC-Web form when `web` is set).
-async fn send_status<K: Sink>(sink: K, web: Option<HeaderValue>, fields: HeaderMap) -> Option<u64> {
-    match web {
-        Some(content_type) => {
-            let mut sink = WebSink {
-                inner: sink,
-                text: false,
-                content_type,
-                carry: Vec::new(),
-            };
-            sink.head(200, fields, true).await.ok()?;
-            Some(sink.sent())
+/// Sends a JSON answer the gateway makes (a transcoded call refused or failed); an
+/// HTTP/1.1 connection stays open unless `close`.
+async fn answer_json<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    status: u16,
+    body: Vec<u8>,
+    close: bool,
+) -> Next {
+    let extra = answer_fields(req, &mut HeaderMap::new());
+    let mut sink = client_sink(down, &extra, false, false, close);
+    let keep = matches!(sink, ClientSink::H1(_)) && !close;
+    let mut fields = HeaderMap::new();
+    fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let sent = async {
+        sink.head(status, fields, false).await?;
+        sink.data(body.into()).await?;
+        sink.finish(None).await
+    }
+    .await;
+    req.bytes_out += sink.sent();
+    req.status = match sent {
+        Ok(()) => status,
+        Err(()) => ErrorKind::ClientClosed.status(),
+    };
+    if keep && sent.is_ok() {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
+}
+
+/// Sends a head that ends the answer (a trailers-only gRPC answer) through `sink`; the bytes
+/// sent, `None` when the client is gone.
+async fn send_head<K: Sink>(mut sink: K, status: u16, fields: HeaderMap) -> Option<u64> {
+    sink.head(status, fields, true).await.ok()?;
+    Some(sink.sent())
+}
+
+/// The client's side of an answer: its HTTP/2 stream, or its HTTP/1.1 connection.
+enum ClientSink<'a, S> {
+    H2(H2Sink),
+    H1(H1Sink<'a, S>),
+}
+
+/// The sink for answering on `down`: `extra` are the gateway's field lines; for HTTP/1.1,
+/// `close` closes the connection after the answer.
+fn client_sink<'a, S: ClientStream>(
+    down: &'a mut Downstream<S>,
+    extra: &'a [u8],
+    http10: bool,
+    head_request: bool,
+    close: bool,
+) -> ClientSink<'a, S> {
+    if let Some(respond) = down.stream.take_h2_respond() {
+        return ClientSink::H2(H2Sink {
+            respond,
+            send: None,
+            sent: 0,
+            extra: field_map(extra),
+        });
+    }
+    ClientSink::H1(H1Sink {
+        down,
+        extra,
+        http10,
+        head_request,
+        close,
+        chunked: false,
+        out: Vec::with_capacity(1024),
+        sent: 0,
+    })
+}
+
+impl<S: ClientStream> Sink for ClientSink<'_, S> {
+    async fn head(&mut self, status: u16, headers: HeaderMap, end: bool) -> Result<(), ()> {
+        match self {
+            ClientSink::H2(s) => s.head(status, headers, end).await,
+            ClientSink::H1(s) => s.head(status, headers, end).await,
         }
-        None => {
-            let mut sink = sink;
-            sink.head(200, fields, true).await.ok()?;
-            Some(sink.sent())
+    }
+
+    async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        match self {
+            ClientSink::H2(s) => s.data(data).await,
+            ClientSink::H1(s) => s.data(data).await,
+        }
+    }
+
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        match self {
+            ClientSink::H2(s) => s.finish(trailers).await,
+            ClientSink::H1(s) => s.finish(trailers).await,
+        }
+    }
+
+    fn abort(&mut self) {
+        match self {
+            ClientSink::H2(s) => s.abort(),
+            ClientSink::H1(s) => s.abort(),
+        }
+    }
+
+    fn sent(&self) -> u64 {
+        match self {
+            ClientSink::H2(s) => s.sent(),
+            ClientSink::H1(s) => s.sent(),
         }
     }
 }

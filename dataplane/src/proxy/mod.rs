@@ -32,6 +32,7 @@ mod http2;
 mod relay;
 mod select;
 mod stream;
+mod transcode;
 mod tunnel;
 
 use std::rc::Rc;
@@ -318,7 +319,7 @@ async fn handle<S: ClientStream>(
                 req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
             }
             if up.upstream.protocol.is_h2() {
-                return h2forward::forward(ctx, down, req, &head, route, up, peer.ip).await;
+                return h2forward::forward(ctx, snap, down, req, &head, route, up, peer.ip).await;
             }
             proxy(ctx, down, req, &head, route, up, peer.ip, choice.shape).await
         }

@@ -1,0 +1,507 @@
+//! JSON/REST calls to gRPC upstreams (a route's `transcoder`): the request's method, path,
+//! query and JSON body become one gRPC request message ([`common::transcode`]), and the
+//! answer's messages become JSON: one object for a unary method, a JSON array (or
+//! newline-delimited JSON when the client sends `Accept: application/x-ndjson`) for a
+//! server-streaming one, streamed as the messages arrive.
+//!
+//! Errors are JSON too, `{"code": N, "message": "...", "details": [...]}` with the HTTP
+//! status of the gRPC code (`common::transcode::http_status_for_grpc`): the upstream's
+//! status and message (and the `google.rpc.Status` details of `grpc-status-details-bin`,
+//! each as `{"@type", "value"}` with the value in base64), a refused request as 400 with
+//! `field` naming the bad field, the gateway's own failures (503 for an unreachable
+//! upstream, 504 past a deadline). A stream that fails after its first message cannot change
+//! its status: newline-delimited JSON ends with an `{"error": {...}}` line, a JSON array is
+//! cut short.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::transcode::{http_status_for_grpc, Binding, Transcoder};
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::HeaderMap;
+
+use super::h2forward::Sink;
+
+/// A transcoded call's request, ready to go upstream.
+pub(super) struct Prepared {
+    /// The binding's index in its transcoder.
+    pub binding: usize,
+    /// The request message in a gRPC frame.
+    pub framed: Bytes,
+    pub ndjson: bool,
+}
+
+/// Why a call cannot be made: the HTTP status and the JSON error body.
+pub(super) struct Refused {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Builds the gRPC request of a JSON call: `Err` with the answer when no method maps to
+/// the method and path (404, or 405 when another method does), or the request is bad (400).
+pub(super) fn prepare(
+    t: &Transcoder,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    accept: &[u8],
+) -> Result<Prepared, Refused> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let (index, vars) = match find(t, method, path) {
+        Ok(found) => found,
+        Err(other_method) => {
+            let (status, code, message) = if other_method {
+                (405, 12, format!("{path} does not take {method}"))
+            } else {
+                (404, 5, format!("no method is mapped to {method} {path}"))
+            };
+            return Err(Refused {
+                status,
+                body: error_body(code, &message, None, &[]),
+            });
+        }
+    };
+    let b = &t.bindings[index];
+    let message = b
+        .request_message(&vars, query, body, t.max_message_bytes)
+        .map_err(|r| {
+            let field = (!r.field.is_empty()).then_some(r.field.as_str());
+            let message = match field {
+                Some(f) => format!("invalid value at {f}: {}", r.message),
+                None => r.message.clone(),
+            };
+            Refused {
+                status: 400,
+                body: error_body(3, &message, field, &[]),
+            }
+        })?;
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let ndjson = accept
+        .split(|&b| b == b',')
+        .any(|m| m.trim_ascii().starts_with(b"application/x-ndjson"));
+    Ok(Prepared {
+        binding: index,
+        framed: framed.into(),
+        ndjson,
+    })
+}
+
+/// [`Transcoder::find`], with the binding's index.
+fn find<'p>(t: &Transcoder, method: &str, path: &'p str) -> Result<(usize, Vec<&'p str>), bool> {
+    let (b, vars) = t.find(method, path)?;
+    let index = t
+        .bindings
+        .iter()
+        .position(|x| std::ptr::eq(x, b))
+        .unwrap_or_default();
+    Ok((index, vars))
+}
+
+/// `{"code": N, "message": "...", "field": "...", "details": [...]}`.
+pub(super) fn error_body(
+    code: u32,
+    message: &str,
+    field: Option<&str>,
+    details: &[(String, Vec<u8>)],
+) -> Vec<u8> {
+    let mut v = serde_json::json!({ "code": code, "message": message });
+    if let Some(f) = field {
+        v["field"] = f.into();
+    }
+    let details: Vec<serde_json::Value> = details
+        .iter()
+        .map(|(type_url, value)| {
+            let mut b64 = Vec::new();
+            common::keys::encode_b64_into(value, &mut b64);
+            serde_json::json!({ "@type": type_url, "value": String::from_utf8_lossy(&b64) })
+        })
+        .collect();
+    v["details"] = details.into();
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// The details of a `google.rpc.Status` (field 3, `repeated google.protobuf.Any`): each
+/// `type_url` (1) and `value` (2). Malformed input gives what was read before it.
+fn status_details(mut b: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some((field, value, rest)) = next_field(b) {
+        b = rest;
+        if field != 3 {
+            continue;
+        }
+        let (mut url, mut data, mut any) = (String::new(), Vec::new(), value.unwrap_or_default());
+        while let Some((f, v, rest)) = next_field(any) {
+            any = rest;
+            match (f, v) {
+                (1, Some(v)) => url = String::from_utf8_lossy(v).into_owned(),
+                (2, Some(v)) => data = v.to_vec(),
+                _ => {}
+            }
+        }
+        out.push((url, data));
+    }
+    out
+}
+
+/// A protobuf field read: its number, its bytes when length-delimited, and the rest.
+type Field<'a> = (u64, Option<&'a [u8]>, &'a [u8]);
+
+/// One protobuf field of `b`.
+fn next_field(b: &[u8]) -> Option<Field<'_>> {
+    let (key, mut rest) = varint(b)?;
+    let value = match key & 7 {
+        0 => {
+            rest = varint(rest)?.1;
+            None
+        }
+        1 => {
+            rest = rest.get(8..)?;
+            None
+        }
+        2 => {
+            let (len, r) = varint(rest)?;
+            let len = usize::try_from(len).ok()?;
+            let v = r.get(..len)?;
+            rest = &r[len..];
+            Some(v)
+        }
+        5 => {
+            rest = rest.get(4..)?;
+            None
+        }
+        _ => return None,
+    };
+    Some((key >> 3, value, rest))
+}
+
+fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// The gRPC status of an answer: code, message (percent-decoded) and details.
+fn grpc_status(fields: &HeaderMap) -> (u32, String, Vec<(String, Vec<u8>)>) {
+    let code = fields
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let raw = fields
+        .get("grpc-message")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let mut message = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = raw
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (raw[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                message.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                message.push(c);
+                i += 1;
+            }
+        }
+    }
+    let details = fields
+        .get("grpc-status-details-bin")
+        .and_then(|v| {
+            // Unpadded base64, as gRPC sends binary metadata.
+            let mut text = v.as_bytes().to_vec();
+            while text.len() % 4 != 0 {
+                text.push(b'=');
+            }
+            let mut raw = Vec::new();
+            common::keys::decode_b64_pieces(&text, &mut raw).map(|()| raw)
+        })
+        .map(|raw| status_details(&raw))
+        .unwrap_or_default();
+    (
+        code,
+        String::from_utf8_lossy(&message).into_owned(),
+        details,
+    )
+}
+
+/// The JSON encoding of a gRPC answer over another sink.
+pub(super) struct JsonSink<K> {
+    pub inner: K,
+    pub transcoder: Arc<Transcoder>,
+    pub binding: usize,
+    pub ndjson: bool,
+    /// The answer's head fields, kept until the status is known.
+    head: Option<HeaderMap>,
+    /// Bytes of a message frame not yet complete.
+    frame: Vec<u8>,
+    /// A unary answer's JSON, sent with the trailers' status.
+    unary: Option<Vec<u8>>,
+    /// A stream's head and first bytes went out.
+    started: bool,
+    /// The answer is broken (a malformed message): the rest is dropped.
+    broken: Option<String>,
+}
+
+impl<K: Sink> JsonSink<K> {
+    pub fn new(inner: K, transcoder: Arc<Transcoder>, binding: usize, ndjson: bool) -> Self {
+        JsonSink {
+            inner,
+            transcoder,
+            binding,
+            ndjson,
+            head: None,
+            frame: Vec::new(),
+            unary: None,
+            started: false,
+            broken: None,
+        }
+    }
+
+    fn binding(&self) -> &Binding {
+        &self.transcoder.bindings[self.binding]
+    }
+
+    /// The upstream's head fields that go on to the client (custom metadata), with the JSON
+    /// content type.
+    fn client_fields(&self, content_type: &'static str) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for (name, value) in self.head.iter().flatten() {
+            let n = name.as_str();
+            if n.starts_with("grpc-") || name == CONTENT_TYPE || name == CONTENT_LENGTH {
+                continue;
+            }
+            out.append(name.clone(), value.clone());
+        }
+        out.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        out
+    }
+
+    /// Sends a whole answer: `status` and `body` (JSON).
+    async fn answer(&mut self, status: u16, body: Vec<u8>) -> Result<(), ()> {
+        let mut fields = self.client_fields("application/json");
+        fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        self.inner.head(status, fields, body.is_empty()).await?;
+        if !body.is_empty() {
+            self.inner.data(body.into()).await?;
+            self.inner.finish(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Converts the complete message frames received so far.
+    async fn messages(&mut self) -> Result<(), ()> {
+        while self.broken.is_none() && self.frame.len() >= 5 {
+            let len =
+                u32::from_be_bytes([self.frame[1], self.frame[2], self.frame[3], self.frame[4]])
+                    as usize;
+            if self.frame[0] != 0 {
+                self.broken = Some("the upstream sent a compressed message".into());
+                break;
+            }
+            if len > self.transcoder.max_message_bytes {
+                self.broken = Some(format!(
+                    "the upstream's message of {len} bytes is larger than max_message_bytes"
+                ));
+                break;
+            }
+            if self.frame.len() < 5 + len {
+                break;
+            }
+            let mut json = Vec::with_capacity(len * 2 + 2);
+            let converted = self
+                .binding()
+                .response_json(&self.frame[5..5 + len], &mut json);
+            self.frame.drain(..5 + len);
+            if let Err(e) = converted {
+                self.broken = Some(e);
+                break;
+            }
+            if !self.binding().server_streaming {
+                self.unary = Some(json);
+                continue;
+            }
+            let mut piece = Vec::with_capacity(json.len() + 2);
+            if !self.started {
+                self.started = true;
+                let ct = if self.ndjson {
+                    "application/x-ndjson"
+                } else {
+                    piece.push(b'[');
+                    "application/json"
+                };
+                let fields = self.client_fields(ct);
+                self.inner.head(200, fields, false).await?;
+            } else if !self.ndjson {
+                piece.push(b',');
+            }
+            piece.extend_from_slice(&json);
+            if self.ndjson {
+                piece.push(b'\n');
+            }
+            self.inner.data(piece.into()).await?;
+        }
+        Ok(())
+    }
+}
+
+impl<K: Sink> Sink for JsonSink<K> {
+    async fn head(&mut self, status: u16, headers: HeaderMap, end: bool) -> Result<(), ()> {
+        let grpc = headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if status != 200 || !grpc {
+            // Not a gRPC answer (a proxy in between, a misconfigured target).
+            self.head = Some(headers);
+            let code = super::h2forward::grpc_code_for_http(status);
+            let message = format!("the upstream answered HTTP {status}, not gRPC");
+            let body = error_body(code.into(), &message, None, &[]);
+            self.broken = Some(String::new());
+            return self
+                .answer(if status == 200 { 502 } else { status }, body)
+                .await;
+        }
+        self.head = Some(headers);
+        if end {
+            // Trailers-only: the status is in the head.
+            let fields = self.head.take().unwrap_or_default();
+            return self.finish(Some(fields)).await;
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        if self.broken.is_some() {
+            return Ok(());
+        }
+        self.frame.extend_from_slice(&data);
+        self.messages().await
+    }
+
+    async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        if let Some(why) = self.broken.take() {
+            if why.is_empty() {
+                // Already answered (a non-gRPC answer).
+                return Ok(());
+            }
+            let body = error_body(13, &why, None, &[]);
+            if self.started {
+                self.inner.abort();
+                return Err(());
+            }
+            return self.answer(502, body).await;
+        }
+        let (code, message, details) = grpc_status(&trailers.unwrap_or_default());
+        let streaming = self.binding().server_streaming;
+        if code != 0 {
+            let body = error_body(code, &message, None, &details);
+            if !self.started {
+                return self.answer(http_status_for_grpc(code), body).await;
+            }
+            if self.ndjson {
+                let mut line = b"{\"error\":".to_vec();
+                line.extend_from_slice(&body);
+                line.extend_from_slice(b"}\n");
+                self.inner.data(line.into()).await?;
+                return self.inner.finish(None).await;
+            }
+            // A JSON array already under way cannot carry the error: cut it short.
+            self.inner.abort();
+            return Err(());
+        }
+        if !streaming {
+            return match self.unary.take() {
+                Some(json) => self.answer(200, json).await,
+                None => {
+                    let body = error_body(13, "the upstream answered without a message", None, &[]);
+                    self.answer(502, body).await
+                }
+            };
+        }
+        if !self.started {
+            self.started = true;
+            let (ct, body): (_, &[u8]) = if self.ndjson {
+                ("application/x-ndjson", b"")
+            } else {
+                ("application/json", b"[]")
+            };
+            let fields = self.client_fields(ct);
+            self.inner.head(200, fields, body.is_empty()).await?;
+            if body.is_empty() {
+                return Ok(());
+            }
+            self.inner.data(Bytes::from_static(body)).await?;
+            return self.inner.finish(None).await;
+        }
+        if !self.ndjson {
+            self.inner.data(Bytes::from_static(b"]")).await?;
+        }
+        self.inner.finish(None).await
+    }
+
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
+
+    fn sent(&self) -> u64 {
+        self.inner.sent()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_details_are_read_from_google_rpc_status() {
+        // Status { code: 9, message: "locked", details: [Any { type_url: "t/x", value: "\x01" }] }
+        let any = [0x0a, 3, b't', b'/', b'x', 0x12, 1, 1];
+        let mut status = vec![0x08, 9, 0x12, 6];
+        status.extend_from_slice(b"locked");
+        status.push(0x1a);
+        status.push(any.len() as u8);
+        status.extend_from_slice(&any);
+        assert_eq!(status_details(&status), vec![("t/x".to_owned(), vec![1])]);
+        // Truncated input gives what was read before it.
+        assert!(status_details(&status[..status.len() - 2]).is_empty());
+        let mut fields = HeaderMap::new();
+        fields.insert("grpc-status", HeaderValue::from_static("9"));
+        fields.insert(
+            "grpc-message",
+            HeaderValue::from_static("order%20is%20locked"),
+        );
+        let mut b64 = Vec::new();
+        common::keys::encode_b64_into(&status, &mut b64);
+        while b64.last() == Some(&b'=') {
+            b64.pop();
+        }
+        fields.insert(
+            "grpc-status-details-bin",
+            HeaderValue::from_bytes(&b64).unwrap(),
+        );
+        let (code, message, details) = grpc_status(&fields);
+        assert_eq!((code, message.as_str()), (9, "order is locked"));
+        assert_eq!(details, vec![("t/x".to_owned(), vec![1])]);
+        let body: serde_json::Value =
+            serde_json::from_slice(&error_body(code, &message, None, &details)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"code": 9, "message": "order is locked",
+                "details": [{"@type": "t/x", "value": "AQ=="}]})
+        );
+    }
+}
