@@ -18,6 +18,7 @@ Service `test.Echo`, messages are raw bytes (no protobuf code generation needed)
   Sleep(ms)           -> waits ms milliseconds (or until the call is cancelled), then b"woke"
   Fail(code)          -> aborts with that status code and message "asked to fail"
   Remaining()         -> the call's time remaining in milliseconds, as text ("none" without)
+  LastCancel()        -> how long the last cancelled Sleep ran before it saw the cancel (ms)
 and the standard health service `grpc.health.v1.Health/Check` (empty request: SERVING).
 """
 
@@ -53,11 +54,21 @@ def bidi(request_iterator, context):
         yield b"bidi:" + m
 
 
+LAST_CANCEL = {"ms": -1}
+
+
 def sleep(request, context):
-    end = time.monotonic() + int(request.decode()) / 1000
+    start = time.monotonic()
+    end = start + int(request.decode()) / 1000
     while time.monotonic() < end and context.is_active():
         time.sleep(0.01)
+    if not context.is_active():
+        LAST_CANCEL["ms"] = int((time.monotonic() - start) * 1000)
     return b"woke"
+
+
+def last_cancel(request, context):
+    return b"%d" % LAST_CANCEL["ms"]
 
 
 def fail(request, context):
@@ -92,6 +103,7 @@ def serve(mode):
             unavailable if mode == "unavailable" else unary, **IDENT
         ),
         "Remaining": grpc.unary_unary_rpc_method_handler(remaining, **IDENT),
+        "LastCancel": grpc.unary_unary_rpc_method_handler(last_cancel, **IDENT),
         "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream, **IDENT),
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, **IDENT),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi, **IDENT),
@@ -273,6 +285,8 @@ def check(ch, name):
             payload = b"x" * (3 * 1024 * 1024)
             resp = method(ch, "Unary", "uu")(payload, timeout=20)
             return {"reply_len": len(resp)}
+        if name == "last_cancel":
+            return {"reply": int(method(ch, "LastCancel", "uu")(b"", timeout=10))}
         if name == "remaining":
             return {"reply": method(ch, "Remaining", "uu")(b"", timeout=30).decode()}
         if name == "sleep_long":

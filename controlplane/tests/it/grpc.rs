@@ -125,8 +125,9 @@ upstream = "grpc"
     )
 }
 
-#[test]
-fn grpc_calls_of_every_kind_pass_through_over_h2c_and_tls() {
+both_drivers!(grpc_calls_of_every_kind_pass_through_over_h2c_and_tls);
+
+fn grpc_calls_of_every_kind_pass_through_over_h2c_and_tls(driver: Driver) {
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc");
     let cert = Cert::new(&dir, "grpc.test");
@@ -136,7 +137,7 @@ fn grpc_calls_of_every_kind_pass_through_over_h2c_and_tls() {
          health_check = {{ path = \"/grpc.health.v1.Health/Check\", interval_ms = 200, timeout_ms = 150 }}\n",
         svc.addr
     );
-    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    let gw = Gateway::start(&config(&upstream, &cert, ""), driver);
     let checks = [
         "unary",
         "server_stream",
@@ -219,8 +220,15 @@ fn grpc_deadlines_are_enforced_capped_and_an_unreachable_upstream_is_unavailable
     assert_eq!(a[1]["code"], "DEADLINE_EXCEEDED", "{}", a[1]);
     let elapsed = a[1]["elapsed_ms"].as_u64().unwrap();
     assert!((700..3000).contains(&elapsed), "{}", a[1]);
-    // The client's own shorter deadline still holds.
+    // The client's own shorter deadline still holds, and when it passes the client resets
+    // its stream: the gateway cancels the upstream's call at once, not at its own 800 ms.
     assert_eq!(a[2]["code"], "DEADLINE_EXCEEDED", "{}", a[2]);
+    let a = calls(h2c, None, &["last_cancel"]);
+    let ran = a[0]["reply"].as_i64().unwrap();
+    assert!(
+        (250..700).contains(&ran),
+        "the upstream saw the cancel after {ran} ms"
+    );
 
     // Killed while a call is in flight: the call ends UNAVAILABLE at once.
     let mut client = Command::new("python3")

@@ -38,7 +38,6 @@ use bytes::{Bytes, BytesMut};
 use common::live::LiveTarget;
 use common::transcode::Transcoder;
 use common::{Route, Snapshot};
-use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
@@ -48,7 +47,7 @@ use std::sync::Arc;
 use super::connector::{Connector, UpstreamRef};
 use super::context::RequestCtx;
 use super::downstream::{push_request_id, Downstream, Next};
-use super::http2::{push_hex, send_flow};
+use super::http2::{push_hex, send_flow, H2Answer};
 use super::stream::ClientStream;
 use crate::codec::chunked::{decode_validated, ChunkedDecoder};
 use crate::codec::request::RequestHead;
@@ -600,14 +599,17 @@ pub(super) trait Sink {
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()>;
     /// Abandons the answer midway: the client sees it cut short (not as complete).
     fn abort(&mut self);
+    /// Ready once the client is known to have gone (an HTTP/2 stream it reset).
+    fn poll_gone(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
     /// Bytes written to the client.
     fn sent(&self) -> u64;
 }
 
 /// An answer on an HTTP/2 client stream.
 struct H2Sink {
-    respond: SendResponse<Bytes>,
-    send: Option<SendStream<Bytes>>,
+    answer: H2Answer,
     sent: u64,
     /// Fields the gateway adds (request id, a route's `Vary`).
     extra: HeaderMap,
@@ -623,29 +625,24 @@ impl Sink for H2Sink {
         let mut resp = http::Response::new(());
         *resp.status_mut() = http::StatusCode::from_u16(status).map_err(|_| ())?;
         *resp.headers_mut() = headers;
-        self.send = Some(self.respond.send_response(resp, end).map_err(|_| ())?);
-        Ok(())
+        self.answer.send_head(resp, end).map_err(|_| ())
     }
 
     async fn data(&mut self, data: Bytes) -> Result<(), ()> {
-        let send = self.send.as_mut().ok_or(())?;
         self.sent += data.len() as u64;
-        send_flow(send, data, false).await.map_err(|_| ())
+        self.answer.send_data(data).await.map_err(|_| ())
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
-        let send = self.send.as_mut().ok_or(())?;
-        match trailers {
-            Some(t) if !t.is_empty() => send.send_trailers(t).map_err(|_| ()),
-            _ => send.send_data(Bytes::new(), true).map_err(|_| ()),
-        }
+        self.answer.finish(trailers).map_err(|_| ())
     }
 
     fn abort(&mut self) {
-        match self.send.as_mut() {
-            Some(s) => s.send_reset(Reason::INTERNAL_ERROR),
-            None => self.respond.send_reset(Reason::INTERNAL_ERROR),
-        }
+        self.answer.abort();
+    }
+
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.answer.poll_reset(cx)
     }
 
     fn sent(&self) -> u64 {
@@ -836,6 +833,10 @@ impl<K: Sink> Sink for WebSink<K> {
         self.inner.abort();
     }
 
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.inner.poll_gone(cx)
+    }
+
     fn sent(&self) -> u64 {
         self.inner.sent()
     }
@@ -1018,7 +1019,7 @@ pub(super) async fn forward<S: ClientStream>(
     let replayable = true;
 
     let connector = Connector::new(ctx, up, &timeouts, key, replayable, idempotent);
-    let max_header_list = ctx.snapshot().http2.max_header_list_size;
+    let max_header_list = snap.http2.max_header_list_size;
     let (whole, mut stream_body) = match body {
         Body::Whole(b) => (Some(b), None),
         Body::Stream { first, rest } => (None, Some((first, rest))),
@@ -1133,6 +1134,12 @@ pub(super) async fn forward<S: ClientStream>(
                     if e.is_go_away() || e.is_io() {
                         conn.mark_closed();
                     }
+                    if unprocessed && !fresh && !pumped {
+                        // Once more on a new connection, whatever the retry policy.
+                        fresh = true;
+                        req.attempts.retries = req.attempts.retries.saturating_add(1);
+                        continue;
+                    }
                     Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
                 }
                 Ok(Ok(resp)) => {
@@ -1158,7 +1165,25 @@ pub(super) async fn forward<S: ClientStream>(
             .and_then(|v| v.parse::<u8>().ok());
         (o.parts.status.as_u16(), grpc)
     };
-    let opened = connector.run_h2(req, attempt, answer_of).await;
+    let opened = {
+        // A client that cancels (resets its stream) while the upstream works on the call
+        // ends it there too: dropping the upstream stream resets it.
+        let run = pin!(connector.run_h2(req, attempt, answer_of));
+        let mut run = run;
+        let stream = &mut down.stream;
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = run.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            stream.poll_reset(cx).map(|()| None)
+        })
+        .await
+    };
+    let Some(opened) = opened else {
+        req.fail(ErrorKind::ClientClosed);
+        req.status = ErrorKind::ClientClosed.status();
+        return Next::Close;
+    };
     let opened = match opened {
         Ok(o) => o,
         Err(err) => {
@@ -1301,9 +1326,10 @@ impl Relay {
             return Ok(status);
         }
         loop {
-            let next = self.next(poll_fn(|cx| body.poll_data(cx))).await;
+            let next = self.next(sink, poll_fn(|cx| body.poll_data(cx))).await;
             match next {
-                Err(deadline) => return Err(self.expire(sink, status, deadline).await),
+                Err(None) => return Err((status, ErrorKind::ClientClosed)),
+                Err(Some(deadline)) => return Err(self.expire(sink, status, deadline).await),
                 Ok(None) => break,
                 Ok(Some(Err(_))) => return Err(self.cut(sink, status).await),
                 Ok(Some(Ok(data))) => {
@@ -1315,8 +1341,9 @@ impl Relay {
                 }
             }
         }
-        let trailers = match self.next(poll_fn(|cx| body.poll_trailers(cx))).await {
-            Err(deadline) => return Err(self.expire(sink, status, deadline).await),
+        let trailers = match self.next(sink, poll_fn(|cx| body.poll_trailers(cx))).await {
+            Err(None) => return Err((status, ErrorKind::ClientClosed)),
+            Err(Some(deadline)) => return Err(self.expire(sink, status, deadline).await),
             Ok(Ok(t)) => t,
             Ok(Err(_)) => return Err(self.cut(sink, status).await),
         };
@@ -1326,17 +1353,27 @@ impl Relay {
         Ok(status)
     }
 
-    /// Waits for `fut` until the body's idle limit or the call's deadline; `Err(true)`: the
-    /// deadline passed, `Err(false)`: the upstream was idle too long.
-    async fn next<T>(&self, fut: impl Future<Output = T>) -> Result<T, bool> {
+    /// Waits for `fut` until the body's idle limit or the call's deadline; `Err(Some(true))`:
+    /// the deadline passed, `Err(Some(false))`: the upstream was idle too long, `Err(None)`:
+    /// the client went away (reset its stream).
+    async fn next<K: Sink, T>(
+        &self,
+        sink: &mut K,
+        fut: impl Future<Output = T>,
+    ) -> Result<T, Option<bool>> {
         let idle_end = Instant::now() + self.idle;
         let (until, deadline) = match self.deadline {
             Some(d) if d < idle_end => (d, true),
             _ => (idle_end, false),
         };
-        monoio::time::timeout_at(until.into(), fut)
-            .await
-            .map_err(|_| deadline)
+        let mut fut = pin!(monoio::time::timeout_at(until.into(), fut));
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(|_| Some(deadline)));
+            }
+            sink.poll_gone(cx).map(|()| Err(None))
+        })
+        .await
     }
 
     /// Ends an answer whose upstream ran past the call's deadline (a gRPC call gets
@@ -1465,10 +1502,9 @@ fn client_sink<'a, S: ClientStream>(
     head_request: bool,
     close: bool,
 ) -> ClientSink<'a, S> {
-    if let Some(respond) = down.stream.take_h2_respond() {
+    if let Some(answer) = down.stream.take_h2_respond() {
         return ClientSink::H2(H2Sink {
-            respond,
-            send: None,
+            answer,
             sent: 0,
             extra: field_map(extra),
         });
@@ -1511,6 +1547,13 @@ impl<S: ClientStream> Sink for ClientSink<'_, S> {
         match self {
             ClientSink::H2(s) => s.abort(),
             ClientSink::H1(s) => s.abort(),
+        }
+    }
+
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            ClientSink::H2(s) => s.poll_gone(cx),
+            ClientSink::H1(s) => s.poll_gone(cx),
         }
     }
 

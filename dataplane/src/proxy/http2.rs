@@ -577,6 +577,91 @@ impl H2Stream {
     }
 }
 
+/// An HTTP/2 stream's answer side, taken from its [`H2Stream`] to answer in HTTP/2 terms
+/// directly (an HTTP/2 upstream's answer, with its trailers). A stream the client resets
+/// before the answer is complete counts towards the connection's rapid-reset limit, as for
+/// answers written through the stream.
+pub(crate) struct H2Answer {
+    respond: SendResponse<Bytes>,
+    send: Option<SendStream<Bytes>>,
+    info: Rc<ConnInfo>,
+    /// The answer ended (or was reset by the gateway).
+    done: bool,
+}
+
+impl std::fmt::Debug for H2Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Answer")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl H2Answer {
+    /// Sends the HEADERS; `end`: nothing follows.
+    pub fn send_head(&mut self, resp: http::Response<()>, end: bool) -> Result<(), ::h2::Error> {
+        self.send = Some(self.respond.send_response(resp, end)?);
+        self.done = end;
+        Ok(())
+    }
+
+    /// Sends body bytes as the client's window allows.
+    pub async fn send_data(&mut self, data: Bytes) -> io::Result<()> {
+        let send = self
+            .send
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        send_flow(send, data, false).await
+    }
+
+    /// Ends the answer, with trailers if there are some.
+    pub fn finish(&mut self, trailers: Option<http::HeaderMap>) -> Result<(), ::h2::Error> {
+        let Some(send) = self.send.as_mut() else {
+            return Ok(());
+        };
+        self.done = true;
+        match trailers {
+            Some(t) if !t.is_empty() => send.send_trailers(t),
+            _ => send.send_data(Bytes::new(), true),
+        }
+    }
+
+    /// Resets the stream: the client must not take a cut answer for complete.
+    pub fn abort(&mut self) {
+        self.done = true;
+        match self.send.as_mut() {
+            Some(s) => s.send_reset(Reason::INTERNAL_ERROR),
+            None => self.respond.send_reset(Reason::INTERNAL_ERROR),
+        }
+    }
+
+    /// Ready once the client has reset the stream.
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let reset = match self.send.as_mut() {
+            Some(s) => s.poll_reset(cx),
+            None => self.respond.poll_reset(cx),
+        };
+        match reset {
+            Poll::Ready(_) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for H2Answer {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.poll_reset(&mut cx).is_ready() {
+            self.info.reset_by_client();
+        } else {
+            self.abort();
+        }
+    }
+}
+
 impl Drop for H2Stream {
     fn drop(&mut self) {
         if !matches!(self.answer, Answer::Done) && self.was_reset() {
@@ -845,12 +930,25 @@ impl ClientStream for H2Stream {
         self.body.take()
     }
 
-    fn take_h2_respond(&mut self) -> Option<SendResponse<Bytes>> {
+    fn take_h2_respond(&mut self) -> Option<H2Answer> {
         if !matches!(&self.answer, Answer::Head(b) if b.is_empty()) {
             return None;
         }
+        let respond = self.respond.take()?;
         self.answer = Answer::Done;
-        self.respond.take()
+        Some(H2Answer {
+            respond,
+            send: None,
+            info: self.info.clone(),
+            done: false,
+        })
+    }
+
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.respond.as_mut().map(|r| r.poll_reset(cx)) {
+            Some(Poll::Ready(_)) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
     }
 
     fn into_halves(self) -> (Refused, Refused) {

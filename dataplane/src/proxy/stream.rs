@@ -62,10 +62,16 @@ pub(crate) trait ClientStream:
         None
     }
 
-    /// An HTTP/2 stream's response handle, for answering in HTTP/2 frames directly (trailers
-    /// included); after this, writes to the stream fail.
-    fn take_h2_respond(&mut self) -> Option<h2::server::SendResponse<bytes::Bytes>> {
+    /// An HTTP/2 stream's answer side, for answering in HTTP/2 frames directly (trailers
+    /// included); after this, writes to the stream are dropped.
+    fn take_h2_respond(&mut self) -> Option<super::http2::H2Answer> {
         None
+    }
+
+    /// Ready once the client has reset (cancelled) the request: an HTTP/2 stream's
+    /// RST_STREAM. Never for a whole connection.
+    fn poll_reset(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        std::task::Poll::Pending
     }
 
     /// A read half and a write half that may run at once (for a tunnel).

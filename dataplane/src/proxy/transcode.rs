@@ -457,6 +457,10 @@ impl<K: Sink> Sink for JsonSink<K> {
         self.inner.abort();
     }
 
+    fn poll_gone(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.inner.poll_gone(cx)
+    }
+
     fn sent(&self) -> u64 {
         self.inner.sent()
     }
