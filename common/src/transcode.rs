@@ -580,12 +580,23 @@ impl Binding {
         let empty = body.iter().all(u8::is_ascii_whitespace);
         let query = query.filter(|q| !q.is_empty());
         let msg = if vars.is_empty() && query.is_none() && matches!(self.body, BodyRule::Whole) {
-            // The common case: the body is the message, read straight from the bytes.
+            // The common case: the body is the message, read straight from the bytes, and
+            // read again with the path tracked only when it is refused.
             let body = if empty { &b"{}"[..] } else { body };
             let mut de = serde_json::Deserializer::from_slice(body);
-            let msg = deserialize(&self.input, &mut de)?;
-            de.end().map_err(|e| Refusal::new("", e.to_string()))?;
-            msg
+            let options = DeserializeOptions::new().deny_unknown_fields(true);
+            match DynamicMessage::deserialize_with_options(self.input.clone(), &mut de, &options) {
+                Ok(msg) => {
+                    de.end().map_err(|e| Refusal::new("", e.to_string()))?;
+                    msg
+                }
+                Err(_) => {
+                    let mut de = serde_json::Deserializer::from_slice(body);
+                    return Err(deserialize(&self.input, &mut de)
+                        .err()
+                        .unwrap_or_else(|| Refusal::new("", "invalid JSON")));
+                }
+            }
         } else {
             let mut obj = Map::new();
             match &self.body {

@@ -7,7 +7,12 @@ logs every request (`--log-file`), from which p50 and p99 are taken; the gateway
 comes from /proc/PID/stat before and after each run. Rounds alternate direct and through the
 gateway. The gateway runs pinned to CPU 1 (`taskset`), h2load and the upstream on CPU 0.
 
+With `--upstream fast` the upstream is a second gateway process instead (an h2c listener whose
+route answers itself, 13 bytes, no trailers): not gRPC, but an HTTP/2 upstream fast enough that
+the gateway in the middle, not the upstream, sets the pace.
+
 usage: docs/perf/grpc/run.py GATEWAY_BIN [--calls N] [--rounds R] [--conns C] [--streams M]
+                             [--upstream grpcio|fast]
 needs: h2load (Debian nghttp2-client), python3 with grpcio. Loopback only; ports are chosen
 by the kernel (the gateway's listener is read from its log).
 """
@@ -47,6 +52,17 @@ def h2load(url, calls, conns, streams, msg, log):
     return rps, pick(0.50), pick(0.99)
 
 
+def wait_listen(log):
+    """The first listener address a gateway's log names."""
+    for _ in range(100):
+        log.seek(0)
+        m = re.search(r"listening on http://([\d.:]+)", log.read())
+        if m:
+            return m.group(1)
+        time.sleep(0.1)
+    sys.exit("a gateway did not start")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gateway")
@@ -54,14 +70,39 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--streams", type=int, default=10)
+    ap.add_argument("--upstream", choices=["grpcio", "fast"], default="grpcio")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="gw-grpc-perf-")
     msg = os.path.join(work, "msg.bin")
     with open(msg, "wb") as f:
         f.write(b"\x00\x00\x00\x00\x0d" + b"hello, world!")
-    svc = subprocess.Popen(["taskset", "-c", "0", "python3", PEER, "serve"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    port = int(svc.stdout.readline().split()[1])
+    if a.upstream == "grpcio":
+        svc = subprocess.Popen(["taskset", "-c", "0", "python3", PEER, "serve"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        port = int(svc.stdout.readline().split()[1])
+    else:
+        up_conf = os.path.join(work, "upstream.toml")
+        with open(up_conf, "w") as f:
+            f.write("""workers = 1
+[[listeners]]
+address = "127.0.0.1:0"
+h2c = true
+[admin]
+listen = "127.0.0.1:0"
+[[routes]]
+id = "answer"
+path_prefix = "/"
+respond = { body = "hello, world!", content_type = "application/grpc" }
+[tracing]
+request_id = false
+traceparent = false
+""")
+        up_log = open(os.path.join(work, "upstream.log"), "w+")
+        svc = subprocess.Popen(["taskset", "-c", "0", a.gateway, "--config", up_conf,
+                                "--data-dir", os.path.join(work, "up-data")],
+                               stdin=subprocess.PIPE, stdout=up_log, stderr=subprocess.STDOUT,
+                               text=True)
+        port = int(wait_listen(up_log).rsplit(":", 1)[1])
     conf = os.path.join(work, "gw.toml")
     with open(conf, "w") as f:
         f.write(f"""workers = 1
@@ -82,16 +123,7 @@ upstream = "grpc"
     gwlog = open(os.path.join(work, "gw.log"), "w+")
     gw = subprocess.Popen(["taskset", "-c", "1", a.gateway, "--config", conf, "--data-dir",
                            os.path.join(work, "data")], stdout=gwlog, stderr=subprocess.STDOUT)
-    listen = None
-    for _ in range(100):
-        gwlog.seek(0)
-        m = re.search(r"listening on http://([\d.:]+)", gwlog.read())
-        if m:
-            listen = m.group(1)
-            break
-        time.sleep(0.1)
-    if not listen:
-        sys.exit("the gateway did not start")
+    listen = wait_listen(gwlog)
     log = os.path.join(work, "h2load.log")
     rows = []
     try:
@@ -110,8 +142,9 @@ upstream = "grpc"
         gw.wait()
         svc.stdin.close()
         svc.terminate()
+        svc.wait()
     print(f"{a.calls} unary calls per run, {a.conns} connections x {a.streams} streams, "
-          "13-byte messages; gateway on CPU 1, h2load and the grpcio upstream on CPU 0")
+          f"13-byte messages; gateway on CPU 1, h2load and the {a.upstream} upstream on CPU 0")
     print("| round | path | calls/s | p50 ms | p99 ms | gateway CPU s | calls per gateway CPU-s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r, name, rps, p50, p99, cpu, per_cpu in rows:
