@@ -1,9 +1,10 @@
 //! HTTP/2 and gRPC upstreams through the real binary on loopback: a Python grpcio service
 //! (`tests/grpc_peer.py`) behind the gateway, called with a grpcio client over h2c and TLS
-//! (unary and the three streaming kinds, trailers, deadlines, a killed upstream, retries on
-//! UNAVAILABLE, health checks), gRPC-Web built by hand (binary and text, over HTTP/1.1 and
-//! HTTP/2, with its CORS preflight), an `h2c` upstream reached from HTTP/1.1 and HTTP/2
-//! clients, and h2load against a unary method.
+//! (unary and the three streaming kinds, trailers, deadlines and cancellations, a killed
+//! upstream, retries on UNAVAILABLE, circuit limits, health checks), gRPC-Web built by hand
+//! (binary and text, over HTTP/1.1 and HTTP/2, with its CORS preflight), an `h2c` upstream
+//! reached from HTTP/1.1 and HTTP/2 clients, h2load against a unary method, and JSON calls
+//! transcoded to gRPC (`transcoders`, with descriptor sets made by protoc in the test).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -205,7 +206,8 @@ fn grpc_deadlines_are_enforced_capped_and_an_unreachable_upstream_is_unavailable
     let dir = temp_dir("grpc-deadline");
     let cert = Cert::new(&dir, "grpc.test");
     let upstream = format!(
-        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n\
+         circuit = {{ max_requests = 1 }}\n",
         svc.addr
     );
     let extra = "[timeouts]\nupstream_response_head_ms = 800\n";
@@ -247,6 +249,10 @@ fn grpc_deadlines_are_enforced_capped_and_an_unreachable_upstream_is_unavailable
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The circuit's one request is taken: another call is UNAVAILABLE at once.
+    let a = calls(h2c, None, &["unary"]);
+    assert_eq!(a[0]["code"], "UNAVAILABLE", "{}", a[0]);
+    assert_eq!(a[0]["details"], "circuit_max_requests", "{}", a[0]);
     let killed = Instant::now();
     svc.kill();
     let mut out = String::new();
@@ -489,6 +495,8 @@ fn h2c_upstreams_serve_http1_and_http2_clients() {
             "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
              [[upstreams]]\nid = \"inner\"\nprotocol = \"h2c\"\n\
              targets = [{{ address = \"{}\" }}]\n\
+             health_check = {{ path = \"/ping\", interval_ms = 200, timeout_ms = 150, \
+             expect_status = [201] }}\n\
              [[routes]]\nid = \"api\"\npath_prefix = \"/api/\"\nstrip_prefix = true\n\
              upstream = \"inner\"\n",
             inner.addr
@@ -525,6 +533,28 @@ fn h2c_upstreams_serve_http1_and_http2_clients() {
     assert!(text.starts_with("POST /h2 HTTP/1.1"), "{text}");
     assert!(text.contains("body=from-h2"), "{text}");
     assert!(text.ends_with("\n2 201"), "{text}");
+
+    // Health checks over HTTP/2 (GET /ping, answered 201 by the origin behind).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = outer
+            .admin("GET", "/v1/upstreams/inner/health", None)
+            .json();
+        let check = &h["targets"][0]["last_check"];
+        if check["ok"] == true {
+            assert_eq!(check["status"], 201, "{h}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no passing HTTP/2 health check: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(origin
+        .requests()
+        .iter()
+        .any(|r| r.request_line().starts_with("GET /ping HTTP/1.1")));
 
     // The inner gateway going away: 502 to the next request, as for HTTP/1.1 upstreams.
     drop(inner);
