@@ -5,39 +5,14 @@
 //!
 //! Run with `cargo bench -p benches --bench aggregate`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use common::aggregate::{DotPath, Shape};
 use common::config::OnConflict;
 use criterion::{criterion_group, criterion_main, Criterion};
 use dataplane::{json, shape};
 use serde_json::{json, Map, Value};
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged, only counting calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: benches::Counting = benches::Counting;
 
 fn paths(p: &[&str]) -> Box<[DotPath]> {
     p.iter()
@@ -135,9 +110,9 @@ fn aggregate(c: &mut Criterion) {
         ),
         ("serde_json::Value", merge_values),
     ] {
-        let before = ALLOCS.load(Ordering::Relaxed);
+        let before = benches::allocations();
         let out = f(&bodies, &shapes);
-        let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+        let allocs = benches::allocations() - before;
         println!(
             "{name}: 3 step answers ({sizes:?} bytes) merged into {} bytes with {allocs} allocations",
             out.len()

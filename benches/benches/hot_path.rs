@@ -1,10 +1,8 @@
 //! Criterion benchmarks of the request path pieces and the whole in-memory path (parse, route,
 //! head rewrite, gather), plus allocations per request counted by a global allocator.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -17,29 +15,8 @@ use dataplane::codec::FieldPlan;
 use dataplane::forward::{request_extras, request_pieces};
 use dataplane::gather::Gather;
 
-struct Counting;
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator, only counting.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: benches::Counting = benches::Counting;
 
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 
@@ -187,11 +164,11 @@ fn benches(c: &mut Criterion) {
         request_path(&snap1000, &mut s);
     }
     const N: u64 = 100_000;
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let before = benches::allocations();
     for _ in 0..N {
         black_box(request_path(&snap1000, &mut s));
     }
-    let allocs = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    let allocs = benches::allocations() - before;
     println!(
         "allocations per request on the in-memory path: {} ({allocs} over {N} requests)",
         allocs as f64 / N as f64

@@ -6,38 +6,13 @@
 //!
 //! Run with `cargo bench -p benches --bench transcode`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use common::config::TranscoderConfig;
 use common::transcode::compile_transcoder;
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
 
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged, only counting calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: benches::Counting = benches::Counting;
 
 const SHOP: &[u8] = include_bytes!("../../common/testdata/shop.pb");
 
@@ -71,13 +46,13 @@ fn transcode(c: &mut Criterion) {
     let back: serde_json::Value = serde_json::from_slice(&json_out).unwrap();
     assert_eq!(back, order, "the round trip keeps the order");
 
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = benches::allocations();
     let m = echo.request_message(&[], None, &json_in, max).unwrap();
-    let to_proto = ALLOCS.load(Ordering::Relaxed) - before;
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let to_proto = benches::allocations() - before;
+    let before = benches::allocations();
     let mut out = Vec::with_capacity(2048);
     echo.response_json(&m, &mut out).unwrap();
-    let to_json = ALLOCS.load(Ordering::Relaxed) - before;
+    let to_json = benches::allocations() - before;
     println!(
         "JSON {} bytes -> protobuf {} bytes: {to_proto} allocations; protobuf -> JSON {} bytes: \
          {to_json} allocations",

@@ -1,6 +1,40 @@
 //! Fixtures shared by the benchmarks: request heads and snapshots with many routes.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use common::{parse_config, Format, Snapshot};
+
+/// The system allocator, counting allocations and reallocations; a bench installs it with
+/// `#[global_allocator] static GLOBAL: benches::Counting = benches::Counting;` and reads
+/// [`allocations`] around the work it measures.
+#[derive(Debug)]
+pub struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Allocations and reallocations so far (with [`Counting`] installed).
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+// SAFETY: forwards to the system allocator unchanged, only counting calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
 
 /// The head wrk sends.
 pub const MINIMAL_GET: &[u8] = b"GET /13b HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n";

@@ -53,7 +53,7 @@ use crate::codec::chunked::{decode_validated, ChunkedDecoder};
 use crate::codec::request::RequestHead;
 use crate::codec::BodyKind;
 use crate::error::{ErrorKind, ProxyError};
-use crate::forward::{self, request_pieces};
+use crate::forward::request_pieces;
 use crate::gather::Piece;
 use crate::h2pool;
 use crate::worker_ctx::WorkerCtx;
@@ -924,22 +924,7 @@ pub(super) async fn forward<S: ClientStream>(
     let keep_alive = head.keep_alive;
     let key = super::select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
     // The forwarded head, as HTTP/1.1 would send it, then as an HTTP/2 request.
-    super::add_trace_fields(down, req, head);
-    for &d in &req.policy.drops {
-        crate::policy::add_drop(&mut down.req_plan.drop, d);
-    }
-    let (line, tail) = forward::request_extras(
-        &down.buf,
-        head,
-        &down.req_plan,
-        route.strip_prefix_len,
-        (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
-        peer,
-        down.stream.scheme().as_bytes(),
-        &req.policy.extra,
-        req.policy.query_drop,
-        &mut down.scratch,
-    );
+    let (line, tail) = super::forwarded_head(down, req, head, route, peer);
     let mut h1 = Vec::with_capacity(head.head_end + 256);
     for piece in request_pieces(head, &down.req_plan, line, tail, head.head_end) {
         match piece {

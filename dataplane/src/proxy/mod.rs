@@ -372,22 +372,7 @@ async fn proxy<S: ClientStream>(
     let key = select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
     // Read while the head's spans still point at it: relaying a body reuses the buffer.
     let is_head = head.is_head(&down.buf);
-    add_trace_fields(down, req, head);
-    for &d in &req.policy.drops {
-        policy::add_drop(&mut down.req_plan.drop, d);
-    }
-    let (line, tail) = forward::request_extras(
-        &down.buf,
-        head,
-        &down.req_plan,
-        route.strip_prefix_len,
-        (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
-        peer,
-        down.stream.scheme().as_bytes(),
-        &req.policy.extra,
-        req.policy.query_drop,
-        &mut down.scratch,
-    );
+    let (line, tail) = forwarded_head(down, req, head, route, peer);
 
     req.bytes_in += first_body as u64;
     let timeouts = down.timeouts;
@@ -598,6 +583,34 @@ async fn early_answer<S: ClientStream>(
             _ => return down.fail(req, kind).await,
         }
     }
+}
+
+/// The forwarded head's changes, in `down.scratch`: the request line (when the path changes)
+/// and the fields added at the end (trace context, the policies' edits, `X-Forwarded-*`);
+/// the fields dropped go into `down.req_plan`. [`request_pieces`] then gives the whole head.
+fn forwarded_head<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    route: &Route,
+    peer: std::net::IpAddr,
+) -> (Option<crate::codec::Span>, crate::codec::Span) {
+    add_trace_fields(down, req, head);
+    for &d in &req.policy.drops {
+        policy::add_drop(&mut down.req_plan.drop, d);
+    }
+    forward::request_extras(
+        &down.buf,
+        head,
+        &down.req_plan,
+        route.strip_prefix_len,
+        (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
+        peer,
+        down.stream.scheme().as_bytes(),
+        &req.policy.extra,
+        req.policy.query_drop,
+        &mut down.scratch,
+    )
 }
 
 /// Adds the request id and trace context to the forwarded head, in place of the client's
