@@ -324,7 +324,7 @@ fn parse_template(t: &str, input: &MessageDescriptor) -> Result<Template, String
     for piece in pieces {
         if let Some(inner) = piece.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
             let (field, pattern) = inner.split_once('=').unwrap_or((inner, "*"));
-            let path = field_path(input, field).map_err(|e| bad(&e))?;
+            let path = field_path(input, field, false).map_err(|e| bad(&e))?;
             let k = vars.len();
             vars.push(path);
             units.push(Unit::VarStart(k));
@@ -357,20 +357,27 @@ fn simple_unit(p: &str) -> Option<Unit> {
     }
 }
 
-/// The fields along `a.b.c` in `msg` (proto names): messages on the way, a singular scalar,
-/// enum or well-known-type message at the end.
-fn field_path(msg: &MessageDescriptor, path: &str) -> Result<Vec<FieldDescriptor>, String> {
+/// The fields along `a.b.c` in `msg`: messages on the way, a scalar, enum or
+/// well-known-type message at the end. A template variable (`query` false) names fields by
+/// their proto names and ends on a singular field; a query parameter (`query` true) may use
+/// JSON names and end on a repeated scalar.
+fn field_path(
+    msg: &MessageDescriptor,
+    path: &str,
+    query: bool,
+) -> Result<Vec<FieldDescriptor>, String> {
     let mut out = Vec::new();
     let mut cur = msg.clone();
     let names: Vec<&str> = path.split('.').collect();
     for (k, name) in names.iter().enumerate() {
         let f = cur
             .get_field_by_name(name)
+            .or_else(|| cur.get_field_by_json_name(name).filter(|_| query))
             .ok_or_else(|| format!("{path:?}: no field {name:?} in {}", cur.full_name()))?;
-        if f.is_list() || f.is_map() {
+        let last = k + 1 == names.len();
+        if f.is_map() || (f.is_list() && !(query && last)) {
             return Err(format!("{path:?}: {name} is repeated"));
         }
-        let last = k + 1 == names.len();
         match f.kind() {
             Kind::Message(m) if !last => cur = m,
             Kind::Message(m) if !m.full_name().starts_with("google.protobuf.") => {
@@ -544,29 +551,6 @@ fn set_path(
     Ok(())
 }
 
-/// The fields along a query parameter's name (`a.b`, proto or JSON names; a repeated
-/// scalar leaf is allowed).
-fn query_path(msg: &MessageDescriptor, name: &str) -> Option<Vec<FieldDescriptor>> {
-    let mut out = Vec::new();
-    let mut cur = msg.clone();
-    let parts: Vec<&str> = name.split('.').collect();
-    for (k, part) in parts.iter().enumerate() {
-        let f = cur
-            .get_field_by_name(part)
-            .or_else(|| cur.get_field_by_json_name(part))?;
-        let last = k + 1 == parts.len();
-        match f.kind() {
-            Kind::Message(m) if !last && !f.is_list() => cur = m,
-            _ if !last => return None,
-            Kind::Message(m) if !m.full_name().starts_with("google.protobuf.") => return None,
-            _ if f.is_map() => return None,
-            _ => {}
-        }
-        out.push(f);
-    }
-    Some(out)
-}
-
 impl Binding {
     /// The request message, protobuf-encoded, from the path's variables, the query string
     /// and the JSON body.
@@ -621,9 +605,7 @@ impl Binding {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 let k = decode(k, true).map_err(|()| Refusal::new(k, "bad percent-encoding"))?;
                 let v = decode(v, true).map_err(|()| Refusal::new(&k, "bad percent-encoding"))?;
-                let path = query_path(&self.input, &k).ok_or_else(|| {
-                    Refusal::new(&k, format!("no field {k:?} in {}", self.input.full_name()))
-                })?;
+                let path = field_path(&self.input, &k, true).map_err(|e| Refusal::new(&k, e))?;
                 let leaf = &path[path.len() - 1];
                 let value = typed(leaf, v);
                 set_path(&mut obj, &path, value).map_err(|e| Refusal::new(&k, e))?;
