@@ -79,6 +79,10 @@ pub struct Config {
     /// Certificates (with their private keys) that TLS listeners serve.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificateConfig>,
+    /// This node in a cluster of gateways: its id and the shared stores (Redis for
+    /// cluster-wide rate limits). Absent: a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// JSON/REST to gRPC transcoders, each from a protobuf descriptor set, that routes to
     /// gRPC upstreams name in `transcoder`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -617,6 +621,55 @@ pub struct RateLimitConfig {
     /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` on 429. Default false.
     #[serde(default)]
     pub x_ratelimit_headers: bool,
+    /// `node` (each node counts alone; the default) or `cluster` (the nodes sharing
+    /// `[cluster] redis` count together).
+    #[serde(default, skip_serializing_if = "RateScope::is_node")]
+    pub scope: RateScope,
+    /// With `scope = "cluster"`, what happens while Redis cannot be reached: `allow` (the
+    /// default: requests pass), `deny` (refused with 503) or `local` (each node applies the
+    /// limit alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_store_error: Option<StoreErrorMode>,
+}
+
+/// Where a rate limit is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateScope {
+    #[default]
+    Node,
+    Cluster,
+}
+
+impl RateScope {
+    pub fn is_node(&self) -> bool {
+        *self == RateScope::Node
+    }
+}
+
+/// What a cluster-scoped rate limit does while its store is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreErrorMode {
+    #[default]
+    Allow,
+    Deny,
+    Local,
+}
+
+/// `[cluster]`: this node among several.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster (same alphabet as other ids).
+    pub node_id: String,
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`: where cluster-scoped rate limits are counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    /// How often a node reconciles its rate-limit counts with Redis, in milliseconds. 1 to
+    /// 1,000; default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_ms: Option<u64>,
 }
 
 fn default_rate_key() -> String {

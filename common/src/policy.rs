@@ -246,21 +246,36 @@ pub struct RateLimit {
     pub x_ratelimit_headers: bool,
     /// `RateLimit-Policy` field value: `"id";q=RATE;w=PERIOD`.
     pub policy_field: Box<[u8]>,
+    pub scope: crate::config::RateScope,
+    pub on_store_error: crate::config::StoreErrorMode,
 }
 
 impl RateLimit {
     /// What decides whether bucket state can be kept across a config change: the same id
     /// with the same parameters keeps its buckets.
-    pub fn params(&self) -> (u64, u64, u64, RateKey, usize) {
+    pub fn params(&self) -> RateParams {
         (
             self.rate,
             self.period_s,
             self.burst,
             self.key.clone(),
             self.max_keys,
+            self.scope,
+            self.on_store_error,
         )
     }
 }
+
+/// What identifies a rate limit's buckets across config changes (see [`RateLimit::params`]).
+pub type RateParams = (
+    u64,
+    u64,
+    u64,
+    RateKey,
+    usize,
+    crate::config::RateScope,
+    crate::config::StoreErrorMode,
+);
 
 /// A header name: an RFC 9110 token.
 fn check_header_name(name: &str, at: &str) -> Result<Box<[u8]>, ConfigError> {
@@ -885,5 +900,15 @@ fn compile_rate_limit(r: &RateLimitConfig, at: &str) -> Result<RateLimit, Config
         policy_field: format!("\"{}\";q={};w={}", r.id, r.rate, period_s)
             .into_bytes()
             .into(),
+        scope: r.scope,
+        on_store_error: match (r.scope, r.on_store_error) {
+            (crate::config::RateScope::Node, Some(_)) => {
+                return Err(ConfigError::field(
+                    format!("{at}.on_store_error"),
+                    "applies to `scope = \"cluster\"` only",
+                ))
+            }
+            (_, mode) => mode.unwrap_or_default(),
+        },
     })
 }

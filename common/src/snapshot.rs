@@ -61,9 +61,56 @@ pub struct Snapshot {
     pub profiles: Vec<Profile>,
     /// JSON to gRPC transcoders that routes refer to.
     pub transcoders: Vec<std::sync::Arc<crate::transcode::Transcoder>>,
+    /// This node in a cluster, if it is in one.
+    pub cluster: Option<Cluster>,
     /// The config this snapshot was compiled from, normalised (for `GET` and diffs): API
     /// keys appear only as `key_sha256`.
     pub config: Config,
+}
+
+/// `[cluster]`, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub node_id: Box<str>,
+    /// Where cluster-scoped rate limits are counted.
+    pub redis: Option<RedisAddr>,
+    pub sync: Duration,
+}
+
+/// A Redis server: `redis://[:PASSWORD@]HOST:PORT[/DB]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisAddr {
+    /// `HOST:PORT` (the host resolved when connecting).
+    pub address: Box<str>,
+    pub password: Option<Box<str>>,
+    pub db: u32,
+}
+
+impl RedisAddr {
+    /// Parses a `redis://` URL.
+    pub fn parse(url: &str) -> Result<RedisAddr, String> {
+        let bad = || format!("{url:?} is not redis://[:PASSWORD@]HOST:PORT[/DB]");
+        let rest = url.strip_prefix("redis://").ok_or_else(bad)?;
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let password = auth.map(|a| a.strip_prefix(':').unwrap_or(a).into());
+        let (address, db) = match rest.split_once('/') {
+            Some((a, "")) => (a, 0),
+            Some((a, d)) => (a, d.parse().map_err(|_| bad())?),
+            None => (rest, 0),
+        };
+        let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad());
+        }
+        Ok(RedisAddr {
+            address: address.into(),
+            password,
+            db,
+        })
+    }
 }
 
 /// The compiled access log settings.
@@ -414,6 +461,23 @@ impl Snapshot {
             )?));
         }
         let policies = crate::policy::compile(&mut config)?;
+        let cluster = compile_cluster(&config)?;
+        for (i, p) in policies.list.iter().enumerate() {
+            if let crate::policy::PolicyKind::RateLimit(rl) = &p.kind {
+                let shared = cluster.as_ref().is_some_and(|c| c.redis.is_some());
+                if rl.scope == crate::config::RateScope::Cluster && !shared {
+                    let at = config
+                        .policies
+                        .iter()
+                        .position(|c| c.id() == &*p.id)
+                        .unwrap_or(i);
+                    return Err(ConfigError::field(
+                        format!("policies[{at}].scope"),
+                        "`cluster` needs `[cluster] redis`",
+                    ));
+                }
+            }
+        }
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut router = Router::default();
         let known = Known {
@@ -552,6 +616,7 @@ impl Snapshot {
             tracing: config.tracing,
             aggregates,
             transcoders,
+            cluster,
             profiles,
             config,
         })
@@ -871,6 +936,32 @@ fn route_transcoder(
         ));
     }
     Ok(index)
+}
+
+/// `[cluster]`: a node id, the Redis URL, the sync interval.
+fn compile_cluster(config: &Config) -> Result<Option<Cluster>, ConfigError> {
+    let Some(c) = &config.cluster else {
+        return Ok(None);
+    };
+    check_id(&c.node_id, "cluster.node_id")?;
+    let redis = match &c.redis {
+        Some(url) => {
+            Some(RedisAddr::parse(url).map_err(|e| ConfigError::field("cluster.redis", e))?)
+        }
+        None => None,
+    };
+    let sync_ms = c.sync_ms.unwrap_or(5);
+    if !(1..=1000).contains(&sync_ms) {
+        return Err(ConfigError::field(
+            "cluster.sync_ms",
+            "must be between 1 and 1000",
+        ));
+    }
+    Ok(Some(Cluster {
+        node_id: c.node_id.as_str().into(),
+        redis,
+        sync: Duration::from_millis(sync_ms),
+    }))
 }
 
 /// How an upstream protocol is written in the config.

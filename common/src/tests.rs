@@ -409,3 +409,56 @@ fn upstream_protocols_and_what_they_allow() {
          [[routes]]\nid = \"r\"\npath = \"/\"\naggregate = \"a\"\n";
     assert_eq!(err(aggregate).path(), "aggregates[0].steps[0].upstream");
 }
+
+#[test]
+fn cluster_scoped_rate_limits_need_redis() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                [[policies]]\nid = \"rl\"\nkind = \"rate_limit\"\nrate = 10\n";
+    let s = compile(&format!(
+        "{base}scope = \"cluster\"\non_store_error = \"local\"\n\
+         [cluster]\nnode_id = \"n1\"\nredis = \"redis://:secret@127.0.0.1:6390/2\"\nsync_ms = 10\n"
+    ))
+    .unwrap();
+    let c = s.cluster.as_ref().unwrap();
+    assert_eq!(&*c.node_id, "n1");
+    assert_eq!(c.sync, std::time::Duration::from_millis(10));
+    let r = c.redis.as_ref().unwrap();
+    assert_eq!(
+        (&*r.address, r.password.as_deref(), r.db),
+        ("127.0.0.1:6390", Some("secret"), 2)
+    );
+    let policy::PolicyKind::RateLimit(rl) = &s.policies.list[0].kind else {
+        panic!("a rate limit")
+    };
+    assert_eq!(rl.scope, config::RateScope::Cluster);
+    assert_eq!(rl.on_store_error, config::StoreErrorMode::Local);
+    for (text, path) in [
+        (format!("{base}scope = \"cluster\"\n"), "policies[0].scope"),
+        (
+            format!("{base}scope = \"cluster\"\n[cluster]\nnode_id = \"n1\"\n"),
+            "policies[0].scope",
+        ),
+        (
+            format!("{base}on_store_error = \"deny\"\n"),
+            "policies[0].on_store_error",
+        ),
+        (
+            format!("{base}[cluster]\nnode_id = \"n 1\"\n"),
+            "cluster.node_id",
+        ),
+        (
+            format!("{base}[cluster]\nnode_id = \"n1\"\nredis = \"http://x:1\"\n"),
+            "cluster.redis",
+        ),
+        (
+            format!("{base}[cluster]\nnode_id = \"n1\"\nredis = \"redis://x\"\n"),
+            "cluster.redis",
+        ),
+        (
+            format!("{base}[cluster]\nnode_id = \"n1\"\nsync_ms = 0\n"),
+            "cluster.sync_ms",
+        ),
+    ] {
+        assert_eq!(err(&text).path(), path, "{text}");
+    }
+}

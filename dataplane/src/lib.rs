@@ -158,6 +158,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
             per_worker[w].push(s);
         }
     }
+    policy::cluster::start(config.clone());
     let (log_writer, mut logs) = access_log::AccessLogWriter::start(config.clone(), workers)
         .map_err(StartError::AccessLog)?;
     let cpus_allowed = allowed_cpus();

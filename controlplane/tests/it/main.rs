@@ -8,6 +8,7 @@ mod access_log;
 mod admin;
 mod aggregate;
 mod cli;
+mod cluster;
 mod conformance;
 mod curl;
 mod grpc;

@@ -11,6 +11,7 @@
 //! decoded and parsed (see [`jwt`]); a rate-limit key seen for the first time inserts one map
 //! entry.
 
+pub mod cluster;
 pub mod jwt;
 pub mod ratelimit;
 
@@ -856,6 +857,15 @@ fn rate_limit(
     let d = limiter.check(key.as_ref(), clock.mono_ns);
     if d.allowed {
         return None;
+    }
+    if d.unavailable {
+        return Some(refuse(
+            st,
+            503,
+            id,
+            "the cluster rate limit's store is unreachable",
+            b"Retry-After: 1\r\n",
+        ));
     }
     let retry_s = d.retry_after_ns.div_ceil(1_000_000_000).max(1);
     let reset_s = d.reset_ns.div_ceil(1_000_000_000).max(retry_s);

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
-use common::policy::{RateKey, RateLimit};
+use common::config::{RateScope, StoreErrorMode};
+use common::policy::{RateLimit, RateParams};
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
@@ -54,6 +55,8 @@ pub struct Decision {
     pub reset_ns: u64,
     /// When refused: nanoseconds until a request would be admitted.
     pub retry_after_ns: u64,
+    /// Refused because a cluster limit's store is down (`on_store_error = "deny"`).
+    pub unavailable: bool,
 }
 
 /// One bucket.
@@ -77,6 +80,7 @@ impl Bucket {
                     remaining: 0,
                     reset_ns: base - now_ns,
                     retry_after_ns,
+                    unavailable: false,
                 };
             }
             match self
@@ -90,6 +94,7 @@ impl Bucket {
                         remaining: (limit.tolerance_ns - used) / limit.emission_ns,
                         reset_ns: used,
                         retry_after_ns: 0,
+                        unavailable: false,
                     };
                 }
                 Err(current) => tat = current,
@@ -140,6 +145,9 @@ pub const BYTES_PER_KEY: usize = 128;
 #[derive(Debug)]
 pub struct Limiter {
     pub limit: Limit,
+    /// For `scope = "cluster"`: this node's shares of the cluster's buckets; the node's own
+    /// buckets then serve only `on_store_error = "local"`.
+    pub cluster: Option<super::cluster::ClusterShares>,
     single: Bucket,
     overflow: Bucket,
     keyed: DashMap<Key, Bucket>,
@@ -151,6 +159,7 @@ impl Limiter {
     pub fn new(limit: Limit, max_keys: usize) -> Limiter {
         Limiter {
             limit,
+            cluster: None,
             single: Bucket::default(),
             overflow: Bucket::default(),
             keyed: DashMap::new(),
@@ -162,6 +171,32 @@ impl Limiter {
     /// Checks one request: against the policy's single bucket when `key` is `None`, else
     /// against that key's bucket.
     pub fn check(&self, key: Option<&Key>, now_ns: u64) -> Decision {
+        if let Some(c) = &self.cluster {
+            if !super::cluster::ClusterShares::store_down() {
+                return c.check(&self.limit, key, now_ns);
+            }
+            match c.mode {
+                StoreErrorMode::Allow => {
+                    return Decision {
+                        allowed: true,
+                        remaining: 0,
+                        reset_ns: 0,
+                        retry_after_ns: 0,
+                        unavailable: false,
+                    }
+                }
+                StoreErrorMode::Deny => {
+                    return Decision {
+                        allowed: false,
+                        remaining: 0,
+                        reset_ns: 1_000_000_000,
+                        retry_after_ns: 1_000_000_000,
+                        unavailable: true,
+                    }
+                }
+                StoreErrorMode::Local => {}
+            }
+        }
         let Some(key) = key else {
             return self.single.check(&self.limit, now_ns);
         };
@@ -210,7 +245,6 @@ pub struct Registry {
     by_id: Mutex<HashMap<Box<str>, Entry>>,
 }
 
-type RateParams = (u64, u64, u64, RateKey, usize);
 type Entry = (RateParams, Weak<Limiter>);
 
 impl Registry {
@@ -234,10 +268,30 @@ impl Registry {
         }
         let limit = Limit::new(rl.rate, rl.period_s * 1_000_000_000, rl.burst)
             .expect("compile checked rate, burst and period (rate <= 1e9 <= period in ns)");
-        let limiter = Arc::new(Limiter::new(limit, rl.max_keys));
+        let mut limiter = Limiter::new(limit, rl.max_keys);
+        if rl.scope == RateScope::Cluster {
+            limiter.cluster = Some(super::cluster::ClusterShares::new(
+                rl.on_store_error,
+                rl.max_keys,
+            ));
+        }
+        let limiter = Arc::new(limiter);
         map.retain(|_, (_, w)| w.strong_count() > 0);
         map.insert(id.into(), (params, Arc::downgrade(&limiter)));
         limiter
+    }
+}
+
+impl Registry {
+    /// The cluster-scoped limiters some snapshot still uses, by policy id.
+    pub fn cluster_limiters(&self) -> super::cluster::ClusterLimiters {
+        let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter_map(|(id, (_, w))| {
+                let l = w.upgrade()?;
+                l.cluster.is_some().then(|| (id.clone(), l))
+            })
+            .collect()
     }
 }
 
@@ -251,6 +305,7 @@ pub fn now_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::policy::RateKey;
 
     const SECOND: u64 = 1_000_000_000;
 
@@ -373,6 +428,8 @@ mod tests {
             key: RateKey::Route,
             max_keys: 10,
             x_ratelimit_headers: false,
+            scope: RateScope::Node,
+            on_store_error: StoreErrorMode::Allow,
             policy_field: Box::new([]),
         };
         let reg = Registry::default();

@@ -1,0 +1,219 @@
+//! Gateway nodes sharing a Redis (Debian `redis-server`, started here on a free loopback
+//! port): a cluster-scoped rate limit admits one limit across three nodes, whichever of them
+//! the load reaches, and `on_store_error` decides what happens while Redis is away.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A redis-server on loopback, stopped when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis { child: None, port };
+        r.run();
+        r
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian redis-server) is needed: scripts/test installs it");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn node(id: &str, redis: u16, mode: &str) -> Gateway {
+    Gateway::start(
+        &format!(
+            r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[cluster]
+node_id = "{id}"
+redis = "redis://127.0.0.1:{redis}"
+
+[[policies]]
+id = "cluster-limit"
+kind = "rate_limit"
+scope = "cluster"
+rate = 1000
+per = "second"
+burst = 100
+on_store_error = "{mode}"
+
+[[routes]]
+id = "api"
+path_prefix = "/"
+respond = {{ body = "ok" }}
+policies = ["cluster-limit"]
+"#
+        ),
+        Driver::IoUring,
+    )
+}
+
+/// Sends requests to `targets` (one keep-alive connection each, paced to `per_node` per
+/// second) for `span`, each target during its share of the time given by `on(target, t)`;
+/// returns the 200s, the 429s and the time from the first request to the last.
+fn load(
+    targets: &[SocketAddr],
+    per_node: u64,
+    span: Duration,
+    on: impl Fn(usize, Duration) -> bool + Sync,
+) -> (u64, u64, Duration) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for (i, &addr) in targets.iter().enumerate() {
+            let (ok, limited, on) = (ok.clone(), limited.clone(), &on);
+            s.spawn(move || {
+                let mut c = Client::connect(addr);
+                let gap = Duration::from_nanos(1_000_000_000 / per_node);
+                let mut next = start;
+                loop {
+                    let now = start.elapsed();
+                    if now >= span {
+                        break;
+                    }
+                    if !on(i, now) {
+                        std::thread::sleep(Duration::from_millis(1));
+                        next = Instant::now();
+                        continue;
+                    }
+                    let resp = c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n");
+                    match resp.status {
+                        200 => ok.fetch_add(1, Ordering::Relaxed),
+                        429 => limited.fetch_add(1, Ordering::Relaxed),
+                        s => panic!("unexpected status {s}"),
+                    };
+                    next += gap;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            });
+        }
+    });
+    (
+        ok.load(Ordering::Relaxed),
+        limited.load(Ordering::Relaxed),
+        start.elapsed(),
+    )
+}
+
+#[test]
+fn a_cluster_limit_holds_across_three_nodes() {
+    let redis = Redis::start();
+    let nodes: Vec<Gateway> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| node(id, redis.port, "allow"))
+        .collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|g| g.addr).collect();
+    let span = Duration::from_secs(10);
+    let mut report = Vec::new();
+    for (name, per_node, on) in [
+        (
+            "spread over three nodes",
+            1000,
+            &(|_: usize, _: Duration| true) as &(dyn Fn(usize, Duration) -> bool + Sync),
+        ),
+        ("all on one node", 3000, &|i: usize, _: Duration| i == 0),
+        (
+            "moving from node to node",
+            3000,
+            &|i: usize, t: Duration| (t.as_millis() / 2500) as usize % 3 == i,
+        ),
+    ] {
+        // A full bucket to start from: idle for longer than the burst takes to refill.
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, limited, took) = load(&addrs, per_node, span, on);
+        let expected = 1000.0 * took.as_secs_f64() + 100.0;
+        let error = (ok as f64 - expected) / expected;
+        report.push(format!(
+            "{name}: {ok} admitted, {limited} refused in {:.2} s; expected {expected:.0}, error {:+.2}%",
+            took.as_secs_f64(),
+            error * 100.0
+        ));
+        assert!(limited > 0, "{name}: the load must exceed the limit");
+        assert!(error.abs() <= 0.02, "{}", report.join("\n"));
+    }
+    println!("{}", report.join("\n"));
+}
+
+#[test]
+fn on_store_error_decides_while_redis_is_away() {
+    let mut redis = Redis::start();
+    let allow = node("a", redis.port, "allow");
+    let deny = node("d", redis.port, "deny");
+    let local = node("l", redis.port, "local");
+    // Redis up: the limit holds on each (they share one bucket).
+    let (ok, limited, _) = load(&[allow.addr], 3000, Duration::from_millis(500), |_, _| true);
+    assert!(limited > 0 && ok < 1000, "{ok} {limited}");
+    redis.stop();
+    // Let every node's next round find Redis gone.
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, limited, _) = load(&[allow.addr], 3000, Duration::from_millis(500), |_, _| true);
+    assert_eq!(limited, 0, "allow: every request passes ({ok} admitted)");
+    let mut c = deny.connect();
+    let resp = c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n");
+    assert_eq!(resp.status, 503, "deny");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    // local: the node applies 1000/s + 100 on its own.
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, limited, took) = load(&[local.addr], 3000, Duration::from_millis(1000), |_, _| {
+        true
+    });
+    let expected = 1000.0 * took.as_secs_f64() + 100.0;
+    assert!(limited > 0, "local limits");
+    assert!(
+        (ok as f64 - expected).abs() <= 0.05 * expected,
+        "local: {ok} vs {expected:.0}"
+    );
+    // Redis back: the cluster limit applies again.
+    redis.run();
+    std::thread::sleep(Duration::from_millis(400));
+    let mut c = deny.connect();
+    assert_eq!(
+        c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status,
+        200
+    );
+}
