@@ -59,6 +59,11 @@ impl Drop for Redis {
 }
 
 fn node(id: &str, redis: u16, mode: &str) -> Gateway {
+    node_syncing(id, redis, mode, 5)
+}
+
+/// A node reconciling every `sync_ms`.
+fn node_syncing(id: &str, redis: u16, mode: &str, sync_ms: u64) -> Gateway {
     Gateway::start(
         &format!(
             r#"workers = 1
@@ -69,6 +74,7 @@ address = "127.0.0.1:0"
 [cluster]
 node_id = "{id}"
 redis = "redis://127.0.0.1:{redis}"
+sync_ms = {sync_ms}
 
 [[policies]]
 id = "cluster-limit"
@@ -216,4 +222,41 @@ fn on_store_error_decides_while_redis_is_away() {
         c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status,
         200
     );
+}
+
+/// A measurement more than a check (`cargo test -p controlplane --test it cluster_error_by
+/// -- --ignored --nocapture`): the spread and the moving load of the three-node test, 10 s
+/// each per reconciliation interval, printing the error of each (and checking the 2% up to
+/// 20 ms).
+#[test]
+#[ignore]
+fn cluster_error_by_sync_interval() {
+    let mut report = Vec::new();
+    for sync_ms in [1, 5, 20, 100] {
+        let redis = Redis::start();
+        let nodes: Vec<Gateway> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|id| node_syncing(id, redis.port, "allow", sync_ms))
+            .collect();
+        let addrs: Vec<SocketAddr> = nodes.iter().map(|g| g.addr).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        for (name, per_node, spread) in [("spread", 1000, true), ("moving", 3000, false)] {
+            let (ok, _, took) = load(&addrs, per_node, Duration::from_secs(10), |i, t| {
+                spread || (t.as_millis() / 2500) as usize % 3 == i
+            });
+            let expected = 1000.0 * took.as_secs_f64() + 100.0;
+            let error = (ok as f64 - expected) / expected;
+            report.push(format!(
+                "| {sync_ms} | {name} | {ok} | {expected:.0} | {:+.2}% |",
+                error * 100.0
+            ));
+            // Longer intervals are reported, not held to the 2% (see the README).
+            assert!(sync_ms > 20 || error.abs() <= 0.02, "{}", report.join("\n"));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    println!(
+        "| sync_ms | load | admitted | expected | error |\n| --- | --- | ---: | ---: | ---: |"
+    );
+    println!("{}", report.join("\n"));
 }

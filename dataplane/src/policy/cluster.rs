@@ -5,17 +5,17 @@
 //! per key, an *allowance*: how many requests it may still admit before it hears from Redis
 //! again. A worker's check is one atomic decrement of it. A background thread (`gw-cluster`)
 //! reconciles every `[cluster] sync_ms` (5 ms by default): for each key used lately it sends
-//! the requests this node admitted since the last round, and one Lua script, atomic in Redis,
-//! adds them to the key's arrival time and answers the cluster's headroom (the requests the
-//! bucket would admit now). The node's new allowance is that headroom divided by the number
-//! of live nodes (nodes that reconciled in the last 3 s), so the nodes together never take
-//! more than the headroom between two rounds.
+//! the requests this node admitted (and saw) since the last round, and one Lua script, atomic
+//! in Redis, adds the admitted ones to the key's arrival time and answers the key's headroom
+//! (the requests the bucket would admit now) and how many nodes want the key (saw requests for
+//! it in the last four rounds). The node's new allowance is the headroom plus what the bucket
+//! refills until the next round, divided by the nodes that want the key: the nodes together
+//! take what the bucket holds, and a node that carries the load alone gets all of it.
 //!
 //! The error, in requests: a key a node has not used for a second starts with an allowance of
-//! `burst / live nodes` before its first round there (more than the cluster had if other
-//! nodes emptied the bucket meanwhile); and a lone busy node keeps up to `live nodes × rate ×
-//! sync interval` of headroom unused (about 15 requests at 1,000/s, 3 nodes, 5 ms). Both are
-//! measured by the three-node tests.
+//! `burst / live nodes` before its first round there (more than the cluster had if other nodes
+//! emptied the bucket meanwhile); when the load moves to another node, the old one still
+//! counts as wanting the key for four rounds. Measured by the three-node tests (README).
 //!
 //! While Redis cannot be reached (a round failed), `on_store_error` decides: `allow` admits,
 //! `deny` refuses with 503, `local` applies the limit on this node alone (the node-scoped
@@ -59,6 +59,8 @@ struct Share {
     allowance: AtomicI64,
     /// Requests admitted since the last round.
     spent: AtomicU64,
+    /// Requests refused since the last round (with `spent`: the node's demand).
+    refused: AtomicU64,
     /// When the key was last checked (the caller's clock), 0 before its first use.
     active_ns: AtomicU64,
 }
@@ -146,14 +148,17 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
         true
     } else {
         share.allowance.fetch_add(1, Ordering::AcqRel);
+        share.refused.fetch_add(1, Ordering::Relaxed);
         false
     }
 }
 
-/// The Lua script of a round: KEYS are the buckets, ARGV the node id, the emission interval
-/// and the tolerance (microseconds, fractional), then the requests admitted per key. It
-/// answers the live node count, then each key's headroom. Times count from 2026-01-01 so a
-/// double keeps them to well under a microsecond.
+/// The Lua script of a round: KEYS are the live-node set, then the buckets; ARGV the node id,
+/// the emission interval and the tolerance (microseconds, fractional), how long a node counts
+/// as wanting a key after it last did (microseconds), then per key the requests this node
+/// admitted and the requests it saw (admitted or not). It answers the live node count, then
+/// per key its headroom and the number of nodes that want it (this one included when it
+/// does). Times count from 2026-01-01 so a double keeps them to well under a microsecond.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1767225600) * 1000000 + tonumber(t[2])
@@ -163,17 +168,26 @@ redis.call('PEXPIRE', KEYS[1], 60000)
 local live = redis.call('ZCARD', KEYS[1])
 local emission = tonumber(ARGV[2])
 local tolerance = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
 local out = {live}
 for i = 2, #KEYS do
-  local spent = tonumber(ARGV[i + 2])
+  local spent = tonumber(ARGV[2 * i + 1])
+  local demand = tonumber(ARGV[2 * i + 2])
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   tat = tat + spent * emission
-  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX',
-             math.floor((tat - now + tolerance) / 1000) + 1000)
+  local ttl = math.floor((tat - now + tolerance) / 1000) + 1000
+  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', ttl)
   local headroom = math.floor((now + tolerance - tat) / emission)
   if headroom < 0 then headroom = 0 end
-  out[i] = headroom
+  local wanting = KEYS[i] .. ':nodes'
+  if demand > 0 then redis.call('ZADD', wanting, now, ARGV[1]) end
+  redis.call('ZREMRANGEBYSCORE', wanting, '-inf', now - window)
+  redis.call('PEXPIRE', wanting, ttl)
+  local active = redis.call('ZCARD', wanting)
+  if demand == 0 then active = active + 1 end
+  out[2 * i - 2] = headroom
+  out[2 * i - 1] = active
 end
 return out
 "#;
@@ -211,7 +225,7 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
             conn = Redis::connect(&addr).ok().map(|r| (addr.clone(), r));
         }
         let ok = match conn.as_mut() {
-            Some((_, redis)) => round(redis, &cluster.node_id).is_ok(),
+            Some((_, redis)) => round(redis, &cluster.node_id, cluster.sync).is_ok(),
             None => false,
         };
         let before = STORE.swap(if ok { UP } else { DOWN }, Ordering::Relaxed);
@@ -242,34 +256,31 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
 
 /// One round over every cluster-scoped limiter: their recently used keys' counts go to
 /// Redis, their allowances come back.
-fn round(redis: &mut Redis, node: &str) -> std::io::Result<()> {
+fn round(redis: &mut Redis, node: &str, sync: Duration) -> std::io::Result<()> {
     let now = super::ratelimit::now_ns();
     let limiters = Registry::global().cluster_limiters();
     let mut sent_any = false;
     for (id, limiter) in &limiters {
         let Some(c) = &limiter.cluster else { continue };
-        let mut batch: Vec<(Key, u64)> = Vec::new();
+        let mut batch: Vec<(Key, u64, u64)> = Vec::new();
         for s in c.shares.iter() {
             if fresh(s.value(), now) {
                 let spent = s.value().spent.swap(0, Ordering::Relaxed);
-                batch.push((*s.key(), spent));
+                let refused = s.value().refused.swap(0, Ordering::Relaxed);
+                batch.push((*s.key(), spent, spent + refused));
             }
         }
         c.shares.retain(|_, s| fresh(s, now));
         for chunk in batch.chunks(BATCH) {
-            let answer = redis.eval(&script_args(id, &limiter.limit, node, chunk))?;
+            let answer = redis.eval(&script_args(id, &limiter.limit, node, sync, chunk))?;
             sent_any = true;
-            apply(c, chunk, &answer)?;
+            apply(c, &limiter.limit, sync, chunk, &answer)?;
         }
     }
     if !sent_any {
         // Keeps this node counted as live, and checks the connection.
-        let answer = redis.eval(&script_args(
-            "-",
-            &Limit::new(1, 1, 1).expect("valid"),
-            node,
-            &[],
-        ))?;
+        let idle = Limit::new(1, 1, 1).expect("valid");
+        let answer = redis.eval(&script_args("-", &idle, node, sync, &[]))?;
         if let Some(Reply::Int(n)) = answer.first() {
             LIVE_NODES.store(u32::try_from(*n).unwrap_or(1).max(1), Ordering::Relaxed);
         }
@@ -277,30 +288,49 @@ fn round(redis: &mut Redis, node: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sets the allowances of `chunk`'s keys from a script answer.
-fn apply(c: &ClusterShares, chunk: &[(Key, u64)], answer: &[Reply]) -> std::io::Result<()> {
+/// Sets the allowances of `chunk`'s keys from a script answer: the headroom, plus what the
+/// bucket gains until the next round (granted ahead, so that a bucket which is full at a
+/// round does not lose its refill until the next), shared by the nodes that want the key.
+fn apply(
+    c: &ClusterShares,
+    limit: &Limit,
+    sync: Duration,
+    chunk: &[(Key, u64, u64)],
+    answer: &[Reply],
+) -> std::io::Result<()> {
+    let refill = (u128::from(limit.rate) * sync.as_nanos() / u128::from(limit.period_ns)) as i64;
     let bad = || std::io::Error::other("unexpected script answer");
     let live = match answer.first() {
         Some(Reply::Int(n)) => (*n).max(1),
         _ => return Err(bad()),
     };
     LIVE_NODES.store(u32::try_from(live).unwrap_or(1), Ordering::Relaxed);
-    for ((key, _), reply) in chunk.iter().zip(&answer[1..]) {
-        let Reply::Int(headroom) = reply else {
+    if answer.len() != 1 + 2 * chunk.len() {
+        return Err(bad());
+    }
+    for ((key, _, _), pair) in chunk.iter().zip(answer[1..].chunks(2)) {
+        let (Reply::Int(headroom), Reply::Int(wanting)) = (&pair[0], &pair[1]) else {
             return Err(bad());
         };
+        let wanting = (*wanting).max(1);
         if let Some(s) = c.shares.get(key) {
             // Requests admitted while the round was under way count against the new share.
             let since = s.spent.load(Ordering::Relaxed) as i64;
             s.allowance
-                .store(headroom / live - since, Ordering::Relaxed);
+                .store((headroom + refill) / wanting - since, Ordering::Relaxed);
         }
     }
     Ok(())
 }
 
 /// EVAL arguments for one batch of one policy's keys.
-fn script_args(policy: &str, limit: &Limit, node: &str, chunk: &[(Key, u64)]) -> Vec<Vec<u8>> {
+fn script_args(
+    policy: &str,
+    limit: &Limit,
+    node: &str,
+    sync: Duration,
+    chunk: &[(Key, u64, u64)],
+) -> Vec<Vec<u8>> {
     let emission_us = limit.period_ns as f64 / limit.rate as f64 / 1000.0;
     let tolerance_us = emission_us * limit.burst as f64;
     let mut args: Vec<Vec<u8>> = Vec::with_capacity(6 + 2 * chunk.len());
@@ -308,7 +338,7 @@ fn script_args(policy: &str, limit: &Limit, node: &str, chunk: &[(Key, u64)]) ->
     args.push(SCRIPT.as_bytes().to_vec());
     args.push((chunk.len() + 1).to_string().into_bytes());
     args.push(b"gw:nodes".to_vec());
-    for (key, _) in chunk {
+    for (key, _, _) in chunk {
         let mut k = format!("gw:rl:{policy}:").into_bytes();
         for b in key {
             k.extend_from_slice(format!("{b:02x}").as_bytes());
@@ -318,8 +348,12 @@ fn script_args(policy: &str, limit: &Limit, node: &str, chunk: &[(Key, u64)]) ->
     args.push(node.as_bytes().to_vec());
     args.push(format!("{emission_us:.6}").into_bytes());
     args.push(format!("{tolerance_us:.6}").into_bytes());
-    for (_, spent) in chunk {
+    // A node stops counting as wanting a key four rounds (at least 20 ms) after it last did.
+    let window_us = (sync.as_micros() * 4).max(20_000);
+    args.push(window_us.to_string().into_bytes());
+    for (_, spent, demand) in chunk {
         args.push(spent.to_string().into_bytes());
+        args.push(demand.to_string().into_bytes());
     }
     args
 }
@@ -462,7 +496,11 @@ mod tests {
         assert_eq!(share.spent.load(Ordering::Relaxed), 25);
         share.spent.store(2, Ordering::Relaxed);
         drop(share);
-        apply(&c, &[(ROUTE_KEY, 25)], &[Reply::Int(4), Reply::Int(40)]).unwrap();
+        // 36 of headroom and 4 more refilled over the next 4 ms, for 4 nodes.
+        let sync = Duration::from_millis(4);
+        // Of 5 live nodes, 4 want the key.
+        let answer = [Reply::Int(5), Reply::Int(36), Reply::Int(4)];
+        apply(&c, &limit, sync, &[(ROUTE_KEY, 25, 30)], &answer).unwrap();
         let admitted = (0..100)
             .filter(|_| c.check(&limit, None, t).allowed)
             .count();
