@@ -45,7 +45,9 @@ options (defaults in brackets):
   --wrk-cpus LIST       CPUs for wrk [0]
   --proxy-cpus LIST     CPUs for the proxies [1]
   --origin-cpus LIST    CPUs for the origin [1]
-  --proxies LIST        among gateway,gateway+policies,gateway+log,nginx,haproxy and the
+  --proxies LIST        among gateway,gateway+policies,gateway+cluster (the rate limit of
+                        gateway+policies cluster-scoped on a redis-server the harness
+                        starts),gateway+log,nginx,haproxy and the
                         two-target upstream rows gateway+rr2 (round robin, the reference),
                         gateway+least_request, gateway+hash (on the path) and
                         gateway+health (an active check per target every second)

@@ -34,6 +34,8 @@ pub struct Proc {
     /// The gateway's admin API.
     pub admin: Option<SocketAddr>,
     child: Child,
+    /// A process this one needs (the Redis of `gateway+cluster`), stopped after it.
+    sidecar: Option<Box<Proc>>,
 }
 
 impl Proc {
@@ -190,6 +192,7 @@ pub fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str)
         addr,
         admin: None,
         child,
+        sidecar: None,
     };
     wait_listening(name, addr, &log)?;
     Ok(p)
@@ -204,6 +207,10 @@ pub enum Kind {
     /// The gateway with an API-key and a rate-limit policy on its route (the limit is high
     /// enough never to refuse): what those policies cost per request.
     GatewayPolicies,
+    /// `gateway+policies` with the rate limit counted for a cluster on Redis (`scope =
+    /// "cluster"`, a redis-server the harness starts): what cluster limits cost per request
+    /// beside node limits.
+    GatewayCluster,
     /// The gateway with its access log on, every request written to a file: what the log
     /// costs per request.
     GatewayLog,
@@ -229,6 +236,7 @@ impl Kind {
             Kind::Direct => "origin-direct",
             Kind::Gateway => "gateway",
             Kind::GatewayPolicies => "gateway+policies",
+            Kind::GatewayCluster => "gateway+cluster",
             Kind::GatewayLog => "gateway+log",
             Kind::GatewayBaseline => "gateway-baseline",
             Kind::GatewayRr2 => "gateway+rr2",
@@ -244,6 +252,7 @@ impl Kind {
         Ok(match s {
             "gateway" => Kind::Gateway,
             "gateway+policies" => Kind::GatewayPolicies,
+            "gateway+cluster" => Kind::GatewayCluster,
             "gateway+log" => Kind::GatewayLog,
             "gateway-baseline" => Kind::GatewayBaseline,
             "gateway+rr2" => Kind::GatewayRr2,
@@ -253,7 +262,7 @@ impl Kind {
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
             other => bail!(
-                "unknown proxy {other:?} (gateway, gateway+policies, gateway+log, gateway-baseline, \
+                "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+log, gateway-baseline, \
                  gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy)"
             ),
         })
@@ -270,7 +279,9 @@ pub const API_KEY: &str = "loadtest-api-key-0001";
 /// `admin_port`; with `policies`, the route requires an API key and counts requests against
 /// a per-client-IP rate limit that never refuses at these rates; with `access_log`, every
 /// request is logged to that file; `balance` (the rows with two targets) gives the second
-/// target (the origin on 127.0.0.2) and the upstream's balancing and health settings.
+/// target (the origin on 127.0.0.2) and the upstream's balancing and health settings;
+/// `cluster_redis`: the rate limit is cluster-scoped on the Redis at that port.
+#[allow(clippy::too_many_arguments)]
 pub fn gateway_config(
     port: u16,
     admin_port: u16,
@@ -279,6 +290,7 @@ pub fn gateway_config(
     policies: bool,
     access_log: Option<&Path>,
     balance: Option<&str>,
+    cluster_redis: Option<u16>,
 ) -> String {
     let mut s = String::new();
     let targets = match balance {
@@ -304,6 +316,12 @@ pub fn gateway_config(
              [[policies]]\nid = \"key-auth\"\nkind = \"api_key\"\nheader = \"X-Api-Key\"\n\
              [[policies]]\nid = \"per-ip-limit\"\nkind = \"rate_limit\"\nrate = 1000000000\nburst = 1000000000\nkey = \"client_ip\"\n"
         );
+        if let Some(redis) = cluster_redis {
+            let _ = write!(
+                s,
+                "scope = \"cluster\"\n[cluster]\nnode_id = \"loadtest\"\nredis = \"redis://127.0.0.1:{redis}\"\n"
+            );
+        }
     }
     if let Some(path) = access_log {
         let _ = write!(s, "[access_log]\npath = \"{}\"\n", path.display());
@@ -313,6 +331,39 @@ pub fn gateway_config(
         "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{ADMIN_TOKEN}\"\n"
     );
     s
+}
+
+/// Starts a redis-server on a free loopback port (no persistence), pinned to `cpus`.
+fn start_redis(dir: &Workdir, cpus: &str) -> Result<Proc> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let log = dir.file("redis.log");
+    let child = spawn_pinned(
+        "redis-server",
+        cpus,
+        "redis-server",
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        &log,
+        &[],
+    )?;
+    let p = Proc {
+        name: "redis".into(),
+        addr,
+        admin: None,
+        child,
+        sidecar: None,
+    };
+    wait_listening("redis", addr, &log)?;
+    Ok(p)
 }
 
 /// Starts the gateway `bin` on the config file `conf` (which listens on `addr`, its admin API
@@ -346,6 +397,7 @@ pub fn start_gateway(
         addr,
         admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
         child,
+        sidecar: None,
     };
     wait_listening(name, addr, &log)?;
     Ok(p)
@@ -366,6 +418,7 @@ pub fn start_proxy(
         Kind::Direct => bail!("the origin is not started as a proxy"),
         Kind::Gateway
         | Kind::GatewayPolicies
+        | Kind::GatewayCluster
         | Kind::GatewayLog
         | Kind::GatewayBaseline
         | Kind::GatewayRr2
@@ -376,12 +429,16 @@ pub fn start_proxy(
             let conf = dir.file(&format!("{name}.toml"));
             let admin_port = free_port()?;
             let access_log = dir.file(&format!("{name}-access.log"));
+            let redis = match kind {
+                Kind::GatewayCluster => Some(start_redis(dir, cpus)?),
+                _ => None,
+            };
             let text = gateway_config(
                 port,
                 admin_port,
                 workers,
                 origin,
-                kind == Kind::GatewayPolicies,
+                matches!(kind, Kind::GatewayPolicies | Kind::GatewayCluster),
                 (kind == Kind::GatewayLog).then_some(access_log.as_path()),
                 match kind {
                     Kind::GatewayRr2 => Some(""),
@@ -392,9 +449,12 @@ pub fn start_proxy(
                     ),
                     _ => None,
                 },
+                redis.as_ref().map(|r| r.addr.port()),
             );
             std::fs::write(&conf, text)?;
-            start_gateway(dir, gateway_bin, cpus, name, &conf, addr, admin_port)
+            let mut gw = start_gateway(dir, gateway_bin, cpus, name, &conf, addr, admin_port)?;
+            gw.sidecar = redis.map(Box::new);
+            Ok(gw)
         }
         Kind::Nginx => {
             let conf = format!(
@@ -434,6 +494,7 @@ pub fn start_proxy(
                 addr,
                 admin: None,
                 child,
+                sidecar: None,
             };
             wait_listening("haproxy", addr, &log)?;
             Ok(p)

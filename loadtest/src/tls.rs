@@ -182,12 +182,21 @@ fn start_gateway(
 ) -> Result<Proc> {
     let port = procs::free_port()?;
     let admin_port = procs::free_port()?;
-    let text = procs::gateway_config(port, admin_port, opts.workers, origin, false, None, None)
-        .replacen(
-            &format!("address = \"127.0.0.1:{port}\"\n"),
-            &format!("address = \"127.0.0.1:{port}\"\ntls = {{ certificates = [\"local\"] }}\n"),
-            1,
-        );
+    let text = procs::gateway_config(
+        port,
+        admin_port,
+        opts.workers,
+        origin,
+        false,
+        None,
+        None,
+        None,
+    )
+    .replacen(
+        &format!("address = \"127.0.0.1:{port}\"\n"),
+        &format!("address = \"127.0.0.1:{port}\"\ntls = {{ certificates = [\"local\"] }}\n"),
+        1,
+    );
     let text = format!(
         "{text}[[certificates]]\nid = \"local\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         cert.display(),
