@@ -77,7 +77,7 @@ pub struct Cluster {
     pub sync: Duration,
 }
 
-/// A Redis server: `redis://[:PASSWORD@]HOST:PORT[/DB]`.
+/// A Redis server: `redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisAddr {
     /// `HOST:PORT` (the host resolved when connecting).
@@ -95,6 +95,7 @@ impl RedisAddr {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
         };
+        // `:PASSWORD` or `USER:PASSWORD` (kept as written after the leading colon).
         let password = auth.map(|a| a.strip_prefix(':').unwrap_or(a).into());
         let (address, db) = match rest.split_once('/') {
             Some((a, "")) => (a, 0),

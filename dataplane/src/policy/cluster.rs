@@ -40,6 +40,11 @@ const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 static STORE: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// When the last round succeeded (the limiters' clock), and the interval rounds run at: a
+/// store that has not answered for ten intervals (at least 250 ms) counts as down even while
+/// a round still waits for it.
+static LAST_OK_NS: AtomicU64 = AtomicU64::new(0);
+static SYNC_NS: AtomicU64 = AtomicU64::new(5_000_000);
 /// Nodes that reconciled in the last 3 s, this one included.
 static LIVE_NODES: AtomicU32 = AtomicU32::new(1);
 
@@ -50,6 +55,8 @@ const BATCH: usize = 500;
 
 /// The key of a route-scoped policy's single bucket.
 const ROUTE_KEY: Key = [0; 32];
+/// The key every new key shares while the map is full.
+const OVERFLOW_KEY: Key = [0xfe; 32];
 
 /// One key's share on this node.
 #[derive(Debug, Default)]
@@ -63,6 +70,8 @@ struct Share {
     refused: AtomicU64,
     /// When the key was last checked (the caller's clock), 0 before its first use.
     active_ns: AtomicU64,
+    /// In the next round's list (see [`ClusterShares::dirty`]).
+    queued: std::sync::atomic::AtomicBool,
 }
 
 /// A cluster-scoped limiter's state on this node.
@@ -71,6 +80,12 @@ pub struct ClusterShares {
     pub mode: StoreErrorMode,
     shares: DashMap<Key, Share>,
     max_keys: usize,
+    /// When a full map may next be swept of idle keys (at most once per 100 ms, so a flood
+    /// of new keys does not make every request scan the map).
+    next_sweep_ns: AtomicU64,
+    /// The keys that saw requests since the last round: a round visits only these, so its
+    /// cost follows the traffic, not the number of keys held.
+    dirty: std::sync::Mutex<Vec<Key>>,
 }
 
 impl ClusterShares {
@@ -79,30 +94,39 @@ impl ClusterShares {
             mode,
             shares: DashMap::new(),
             max_keys,
+            next_sweep_ns: AtomicU64::new(0),
+            dirty: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// Whether the store is down (a check then follows `mode`).
+    /// Whether the store is down (a check then follows `mode`): the last round failed, or
+    /// none has succeeded for ten intervals (at least 250 ms).
     pub fn store_down() -> bool {
-        STORE.load(Ordering::Relaxed) == DOWN
+        match STORE.load(Ordering::Relaxed) {
+            DOWN => true,
+            UP => {
+                let silent =
+                    super::ratelimit::now_ns().saturating_sub(LAST_OK_NS.load(Ordering::Relaxed));
+                silent > (SYNC_NS.load(Ordering::Relaxed) * 10).max(250_000_000)
+            }
+            _ => false,
+        }
     }
 
     /// Checks one request against this node's share of the key's cluster bucket.
     pub fn check(&self, limit: &Limit, key: Option<&Key>, now_ns: u64) -> Decision {
         let key = key.unwrap_or(&ROUTE_KEY);
         let allowed = match self.shares.get(key) {
-            Some(share) => take(&share, limit, now_ns),
-            // Full even after dropping the idle keys: refused (bounded memory first).
-            None if self.shares.len() >= self.max_keys && {
-                self.shares.retain(|_, s| fresh(s, now_ns));
-                self.shares.len() >= self.max_keys
-            } =>
-            {
-                false
-            }
+            Some(share) => self.take_and_queue(&share, key, limit, now_ns),
             None => {
+                let key = if self.shares.len() >= self.max_keys && !self.sweep(now_ns) {
+                    // Still full: new keys share one bucket until room appears.
+                    &OVERFLOW_KEY
+                } else {
+                    key
+                };
                 let share = self.shares.entry(*key).or_default();
-                take(&share, limit, now_ns)
+                self.take_and_queue(&share, key, limit, now_ns)
             }
         };
         if allowed {
@@ -114,7 +138,8 @@ impl ClusterShares {
                 unavailable: false,
             };
         }
-        // The next round may bring more; a client is told to come back in a second at most.
+        // The next round may bring more: a client is told to come back after one emission
+        // interval (Retry-After rounds it up to whole seconds).
         let wait = limit.period_ns / limit.rate;
         Decision {
             allowed: false,
@@ -123,6 +148,39 @@ impl ClusterShares {
             retry_after_ns: wait,
             unavailable: false,
         }
+    }
+}
+
+impl ClusterShares {
+    /// [`take`], and the key into the next round's list if it is not there yet.
+    fn take_and_queue(&self, share: &Share, key: &Key, limit: &Limit, now_ns: u64) -> bool {
+        let allowed = take(share, limit, now_ns);
+        if !share.queued.swap(true, Ordering::AcqRel) {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(*key);
+        }
+        allowed
+    }
+
+    /// Drops the idle keys of a full map, at most once per 100 ms; whether there is room now.
+    fn sweep(&self, now_ns: u64) -> bool {
+        let due = self.next_sweep_ns.load(Ordering::Relaxed);
+        if now_ns >= due
+            && self
+                .next_sweep_ns
+                .compare_exchange(
+                    due,
+                    now_ns + 100_000_000,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.shares.retain(|_, s| fresh(s, now_ns));
+        }
+        self.shares.len() < self.max_keys
     }
 }
 
@@ -143,13 +201,26 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
             .store(i64::try_from(start).unwrap_or(i64::MAX), Ordering::Relaxed);
         share.spent.store(0, Ordering::Relaxed);
     }
-    if share.allowance.fetch_sub(1, Ordering::AcqRel) >= 1 {
-        share.spent.fetch_add(1, Ordering::Relaxed);
-        true
-    } else {
-        share.allowance.fetch_add(1, Ordering::AcqRel);
-        share.refused.fetch_add(1, Ordering::Relaxed);
-        false
+    // Taken only while at least one is left (a refusal leaves the allowance alone, so a
+    // round setting it meanwhile is not undone).
+    let mut left = share.allowance.load(Ordering::Acquire);
+    loop {
+        if left < 1 {
+            share.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match share.allowance.compare_exchange_weak(
+            left,
+            left - 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                share.spent.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Err(now) => left = now,
+        }
     }
 }
 
@@ -157,8 +228,9 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
 /// the emission interval and the tolerance (microseconds, fractional), how long a node counts
 /// as wanting a key after it last did (microseconds), then per key the requests this node
 /// admitted and the requests it saw (admitted or not). It answers the live node count, then
-/// per key its headroom and the number of nodes that want it (this one included when it
-/// does). Times count from 2026-01-01 so a double keeps them to well under a microsecond.
+/// per key its headroom, the number of nodes that want it (this one counted once, whether it
+/// does or not) and this node's rank among them (which gets a remainder that does not divide
+/// evenly). Times count from 2026-01-01 so a double keeps them to well under a microsecond.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1767225600) * 1000000 + tonumber(t[2])
@@ -173,7 +245,7 @@ local out = {live}
 for i = 2, #KEYS do
   local spent = tonumber(ARGV[2 * i + 1])
   local demand = tonumber(ARGV[2 * i + 2])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   if tat < now then tat = now end
   tat = tat + spent * emission
   local ttl = math.floor((tat - now + tolerance) / 1000) + 1000
@@ -185,9 +257,14 @@ for i = 2, #KEYS do
   redis.call('ZREMRANGEBYSCORE', wanting, '-inf', now - window)
   redis.call('PEXPIRE', wanting, ttl)
   local active = redis.call('ZCARD', wanting)
-  if demand == 0 then active = active + 1 end
-  out[2 * i - 2] = headroom
-  out[2 * i - 1] = active
+  local rank = redis.call('ZRANK', wanting, ARGV[1])
+  if not rank then
+    active = active + 1
+    rank = active - 1
+  end
+  out[3 * i - 4] = headroom
+  out[3 * i - 3] = active
+  out[3 * i - 2] = rank
 end
 return out
 "#;
@@ -209,6 +286,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>) {
 
 fn reconcile_forever(config: &ArcSwap<Snapshot>) {
     let mut conn: Option<(RedisAddr, Redis)> = None;
+    let mut last_start: Option<Instant> = None;
     loop {
         let snap = config.load_full();
         let Some((cluster, addr)) = snap
@@ -221,13 +299,30 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
             continue;
         };
         let started = Instant::now();
+        SYNC_NS.store(cluster.sync.as_nanos() as u64, Ordering::Relaxed);
+        // What the buckets refill between two rounds: the interval as it really is when
+        // rounds run late.
+        let interval = last_start.map_or(cluster.sync, |l| {
+            started.duration_since(l).max(cluster.sync)
+        });
+        last_start = Some(started);
         if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
             conn = Redis::connect(&addr).ok().map(|r| (addr.clone(), r));
         }
         let ok = match conn.as_mut() {
-            Some((_, redis)) => round(redis, &cluster.node_id, cluster.sync).is_ok(),
+            Some((_, redis)) => {
+                let node = &cluster.node_id;
+                // A bug hit here must not end reconciliation for good: the round fails.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    round(redis, node, interval)
+                }))
+                .is_ok_and(|r| r.is_ok())
+            }
             None => false,
         };
+        if ok {
+            LAST_OK_NS.store(super::ratelimit::now_ns(), Ordering::Relaxed);
+        }
         let before = STORE.swap(if ok { UP } else { DOWN }, Ordering::Relaxed);
         if !ok {
             conn = None;
@@ -256,31 +351,45 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
 
 /// One round over every cluster-scoped limiter: their recently used keys' counts go to
 /// Redis, their allowances come back.
-fn round(redis: &mut Redis, node: &str, sync: Duration) -> std::io::Result<()> {
+/// `interval`: the time between rounds (for the buckets' refill and how long a node counts
+/// as wanting a key).
+fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<()> {
     let now = super::ratelimit::now_ns();
     let limiters = Registry::global().cluster_limiters();
     let mut sent_any = false;
     for (id, limiter) in &limiters {
         let Some(c) = &limiter.cluster else { continue };
         let mut batch: Vec<(Key, u64, u64)> = Vec::new();
-        for s in c.shares.iter() {
-            if fresh(s.value(), now) {
-                let spent = s.value().spent.swap(0, Ordering::Relaxed);
-                let refused = s.value().refused.swap(0, Ordering::Relaxed);
-                batch.push((*s.key(), spent, spent + refused));
+        // Only the keys this node saw requests for since the last round: the others keep
+        // their allowance, and the load on Redis follows the traffic, not the key count.
+        let dirty = std::mem::take(&mut *c.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for key in dirty {
+            let Some(s) = c.shares.get(&key) else {
+                continue;
+            };
+            // Requests from here on queue the key again for the next round.
+            s.queued.store(false, Ordering::Release);
+            let spent = s.spent.swap(0, Ordering::AcqRel);
+            let refused = s.refused.swap(0, Ordering::AcqRel);
+            if spent + refused > 0 {
+                batch.push((key, spent, spent + refused));
             }
         }
-        c.shares.retain(|_, s| fresh(s, now));
+        if now >= c.next_sweep_ns.load(Ordering::Relaxed) {
+            // Idle keys go now and then, not every round.
+            c.next_sweep_ns.store(now + IDLE_NS, Ordering::Relaxed);
+            c.shares.retain(|_, s| fresh(s, now));
+        }
         for chunk in batch.chunks(BATCH) {
-            let answer = redis.eval(&script_args(id, &limiter.limit, node, sync, chunk))?;
+            let answer = redis.eval(&script_args(id, &limiter.limit, node, interval, chunk))?;
             sent_any = true;
-            apply(c, &limiter.limit, sync, chunk, &answer)?;
+            apply(c, &limiter.limit, interval, chunk, &answer)?;
         }
     }
     if !sent_any {
         // Keeps this node counted as live, and checks the connection.
         let idle = Limit::new(1, 1, 1).expect("valid");
-        let answer = redis.eval(&script_args("-", &idle, node, sync, &[]))?;
+        let answer = redis.eval(&script_args("-", &idle, node, interval, &[]))?;
         if let Some(Reply::Int(n)) = answer.first() {
             LIVE_NODES.store(u32::try_from(*n).unwrap_or(1).max(1), Ordering::Relaxed);
         }
@@ -305,19 +414,24 @@ fn apply(
         _ => return Err(bad()),
     };
     LIVE_NODES.store(u32::try_from(live).unwrap_or(1), Ordering::Relaxed);
-    if answer.len() != 1 + 2 * chunk.len() {
+    if answer.len() != 1 + 3 * chunk.len() {
         return Err(bad());
     }
-    for ((key, _, _), pair) in chunk.iter().zip(answer[1..].chunks(2)) {
-        let (Reply::Int(headroom), Reply::Int(wanting)) = (&pair[0], &pair[1]) else {
+    for ((key, _, _), triple) in chunk.iter().zip(answer[1..].chunks(3)) {
+        let (Reply::Int(headroom), Reply::Int(wanting), Reply::Int(rank)) =
+            (&triple[0], &triple[1], &triple[2])
+        else {
             return Err(bad());
         };
         let wanting = (*wanting).max(1);
+        let total = headroom + refill;
+        // What does not divide evenly goes to the first nodes by rank: nothing is lost to
+        // rounding, however low the rate or many the nodes.
+        let share = total / wanting + i64::from(*rank < total % wanting);
         if let Some(s) = c.shares.get(key) {
             // Requests admitted while the round was under way count against the new share.
             let since = s.spent.load(Ordering::Relaxed) as i64;
-            s.allowance
-                .store((headroom + refill) / wanting - since, Ordering::Relaxed);
+            s.allowance.store(share - since, Ordering::Release);
         }
     }
     Ok(())
@@ -338,8 +452,11 @@ fn script_args(
     args.push(SCRIPT.as_bytes().to_vec());
     args.push((chunk.len() + 1).to_string().into_bytes());
     args.push(b"gw:nodes".to_vec());
+    // The limit's parameters are part of the key: a changed policy starts from fresh buckets
+    // (its old arrival times may lie far ahead for the new rate).
+    let params = format!("{}-{}-{}", limit.rate, limit.period_ns, limit.burst);
     for (key, _, _) in chunk {
-        let mut k = format!("gw:rl:{policy}:").into_bytes();
+        let mut k = format!("gw:rl:{policy}:{params}:").into_bytes();
         for b in key {
             k.extend_from_slice(format!("{b:02x}").as_bytes());
         }
@@ -387,7 +504,16 @@ impl Redis {
             writer: stream,
         };
         if let Some(p) = &addr.password {
-            r.command(&[b"AUTH".to_vec(), p.as_bytes().to_vec()])?;
+            // `user:password` (Redis 6 ACL users) or a password alone.
+            let mut auth = vec![b"AUTH".to_vec()];
+            match p.split_once(':') {
+                Some((user, pass)) => {
+                    auth.push(user.as_bytes().to_vec());
+                    auth.push(pass.as_bytes().to_vec());
+                }
+                None => auth.push(p.as_bytes().to_vec()),
+            }
+            r.command(&auth)?;
         }
         if addr.db != 0 {
             r.command(&[b"SELECT".to_vec(), addr.db.to_string().into_bytes()])?;
@@ -438,6 +564,9 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
             if n < 0 {
                 return Ok(Reply::Bulk(None));
             }
+            if n > 512 * 1024 * 1024 {
+                return Err(std::io::Error::other("bulk reply too large"));
+            }
             let mut data = vec![0u8; n as usize + 2];
             std::io::Read::read_exact(r, &mut data)?;
             data.truncate(n as usize);
@@ -445,7 +574,7 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
         }
         b'*' => {
             let n = int()?;
-            let mut items = Vec::with_capacity(n.max(0) as usize);
+            let mut items = Vec::with_capacity(n.clamp(0, 1024) as usize);
             for _ in 0..n.max(0) {
                 items.push(read_reply(r)?);
             }
@@ -499,7 +628,7 @@ mod tests {
         // 36 of headroom and 4 more refilled over the next 4 ms, for 4 nodes.
         let sync = Duration::from_millis(4);
         // Of 5 live nodes, 4 want the key.
-        let answer = [Reply::Int(5), Reply::Int(36), Reply::Int(4)];
+        let answer = [Reply::Int(5), Reply::Int(36), Reply::Int(4), Reply::Int(0)];
         apply(&c, &limit, sync, &[(ROUTE_KEY, 25, 30)], &answer).unwrap();
         let admitted = (0..100)
             .filter(|_| c.check(&limit, None, t).allowed)
