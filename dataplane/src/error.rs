@@ -70,6 +70,10 @@ pub enum ErrorKind {
     ResponseTimeout,
     /// The upstream closed or reset the connection before or while answering (502).
     UpstreamClosed,
+    /// A gRPC call's own deadline (`grpc-timeout`) passed before its answer was complete
+    /// (504, DEADLINE_EXCEEDED). The client's choice, not the target's failure: not counted
+    /// against the target, never retried.
+    DeadlineExceeded,
     /// A response the gateway cannot frame (502).
     UpstreamMalformed,
     /// A required step of an aggregate failed (its own 4xx, else 502, 504 for a timeout).
@@ -89,7 +93,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 25] = [
+    pub const ALL: [ErrorKind; 26] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -108,6 +112,7 @@ impl ErrorKind {
         ErrorKind::SendTimeout,
         ErrorKind::ResponseTimeout,
         ErrorKind::UpstreamClosed,
+        ErrorKind::DeadlineExceeded,
         ErrorKind::UpstreamMalformed,
         ErrorKind::StepFailed,
         ErrorKind::StepConflict,
@@ -138,6 +143,7 @@ impl ErrorKind {
             ErrorKind::SendTimeout => "send_timeout",
             ErrorKind::ResponseTimeout => "response_timeout",
             ErrorKind::UpstreamClosed => "upstream_closed",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::UpstreamMalformed => "upstream_malformed",
             ErrorKind::StepFailed => "step_failed",
             ErrorKind::StepConflict => "step_conflict",
@@ -185,6 +191,7 @@ impl ErrorKind {
             | ErrorKind::UnsupportedTransferCoding
             | ErrorKind::ClientTimeout
             | ErrorKind::ClientClosed
+            | ErrorKind::DeadlineExceeded
             | ErrorKind::Misdirected => Side::Client,
             ErrorKind::NoRoute
             | ErrorKind::PolicyDenied
@@ -223,9 +230,10 @@ impl ErrorKind {
             | ErrorKind::UpstreamMalformed
             | ErrorKind::StepFailed
             | ErrorKind::StepConflict => Status::BadGateway,
-            ErrorKind::ConnectTimeout | ErrorKind::SendTimeout | ErrorKind::ResponseTimeout => {
-                Status::GatewayTimeout
-            }
+            ErrorKind::ConnectTimeout
+            | ErrorKind::SendTimeout
+            | ErrorKind::ResponseTimeout
+            | ErrorKind::DeadlineExceeded => Status::GatewayTimeout,
             ErrorKind::NoTargets
             | ErrorKind::CircuitMaxConnections
             | ErrorKind::CircuitMaxPending
@@ -421,8 +429,12 @@ mod tests {
         for kind in ErrorKind::ALL {
             let status = kind.status();
             match kind.side() {
+                // The client's own deadline passing is a 504, as at other gRPC proxies.
                 Side::Client => assert!(
-                    (400..500).contains(&status) || status == 501 || status == 505,
+                    (400..500).contains(&status)
+                        || status == 501
+                        || status == 505
+                        || kind == ErrorKind::DeadlineExceeded,
                     "{kind:?}"
                 ),
                 Side::Upstream => assert!(status == 502 || status == 504, "{kind:?}"),

@@ -231,6 +231,17 @@ fn grpc_deadlines_are_enforced_capped_and_an_unreachable_upstream_is_unavailable
         (250..700).contains(&ran),
         "the upstream saw the cancel after {ran} ms"
     );
+    // A deadline that passes is the call's, not the target's failure.
+    let h = gw.admin("GET", "/v1/upstreams/grpc/health", None).json();
+    assert_eq!(h["targets"][0]["consecutive_failures"], 0, "{h}");
+    assert_eq!(h["targets"][0]["state"], "healthy", "{h}");
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("kind=\"deadline_exceeded\"") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 
     // Killed while a call is in flight: the call ends UNAVAILABLE at once.
     let mut client = Command::new("python3")

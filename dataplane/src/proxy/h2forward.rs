@@ -188,6 +188,7 @@ pub(super) fn grpc_code_for_http(status: u16) -> u8 {
 fn grpc_code_for(kind: ErrorKind, deadline: bool) -> u8 {
     match kind {
         ErrorKind::ResponseTimeout if deadline => 4,
+        ErrorKind::DeadlineExceeded => 4,
         ErrorKind::BodyTooLarge => 8,
         ErrorKind::ClientClosed => 1,
         k => grpc_code_for_http(k.status()),
@@ -244,7 +245,9 @@ fn outgoing(
     cap: Duration,
     grpc_timeout: &mut Option<Duration>,
 ) -> Result<Outgoing, ErrorKind> {
-    let mut fields = [httparse::EMPTY_HEADER; 128];
+    // The HTTP/1.1 path allows up to `[limits] max_header_count` (100 by default) fields, and
+    // the gateway adds a few.
+    let mut fields = [httparse::EMPTY_HEADER; 256];
     let mut parsed = httparse::Request::new(&mut fields);
     match parsed.parse(h1) {
         Ok(httparse::Status::Complete(_)) => {}
@@ -603,6 +606,16 @@ pub(super) trait Sink {
     fn poll_gone(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
         Poll::Pending
     }
+    /// Whether the client's connection must close after this answer (an HTTP/1.1 answer
+    /// delimited by the close).
+    fn closes(&self) -> bool {
+        false
+    }
+    /// The status the client was sent and the failure, when the sink itself decided them
+    /// (a transcoded call's JSON error, or its stream cut short).
+    fn verdict(&self) -> Option<(u16, Option<ErrorKind>)> {
+        None
+    }
     /// Bytes written to the client.
     fn sent(&self) -> u64;
 }
@@ -617,9 +630,14 @@ struct H2Sink {
 
 impl Sink for H2Sink {
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
+        // `drain` names a field once, then gives its further values without the name.
+        let mut last: Option<HeaderName> = None;
         for (name, value) in self.extra.drain() {
-            if let Some(name) = name {
-                headers.append(name, value);
+            if name.is_some() {
+                last = name;
+            }
+            if let Some(n) = &last {
+                headers.append(n.clone(), value);
             }
         }
         let mut resp = http::Response::new(());
@@ -661,6 +679,8 @@ struct H1Sink<'a, S> {
     close: bool,
     /// The body is sent chunked (else by length, or until close for HTTP/1.0).
     chunked: bool,
+    /// The answer has no body (HEAD, 1xx, 204, 304): body bytes are dropped.
+    no_body: bool,
     out: Vec<u8>,
     sent: u64,
 }
@@ -698,8 +718,12 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
             super::push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         out.extend_from_slice(self.extra);
-        if end || self.head_request {
-            if !length && !self.head_request {
+        // RFC 9110 6.4.1: these answers have no body, whatever follows on the stream.
+        let bodiless = status < 200 || status == 204 || status == 304;
+        self.no_body = self.head_request || bodiless;
+        if self.no_body {
+        } else if end {
+            if !length {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
         } else if length {
@@ -718,7 +742,7 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
     }
 
     async fn data(&mut self, data: Bytes) -> Result<(), ()> {
-        if self.head_request || data.is_empty() {
+        if self.no_body || data.is_empty() {
             return Ok(());
         }
         if self.chunked {
@@ -733,7 +757,7 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
-        if !self.chunked || self.head_request {
+        if !self.chunked || self.no_body {
             return Ok(());
         }
         self.out.extend_from_slice(b"0\r\n");
@@ -746,6 +770,10 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
 
     fn abort(&mut self) {
         self.close = true;
+    }
+
+    fn closes(&self) -> bool {
+        self.close
     }
 
     fn sent(&self) -> u64 {
@@ -837,6 +865,10 @@ impl<K: Sink> Sink for WebSink<K> {
         self.inner.poll_gone(cx)
     }
 
+    fn closes(&self) -> bool {
+        self.inner.closes()
+    }
+
     fn sent(&self) -> u64 {
         self.inner.sent()
     }
@@ -866,6 +898,7 @@ fn grpc_status_fields(code: u8, message: &str) -> HeaderMap {
 fn grpc_message(kind: ErrorKind) -> &'static str {
     match kind {
         ErrorKind::ResponseTimeout => "upstream timed out",
+        ErrorKind::DeadlineExceeded => "deadline exceeded",
         ErrorKind::ConnectFailed | ErrorKind::ConnectTimeout => "upstream connect failed",
         ErrorKind::UpstreamClosed => "upstream closed the stream",
         ErrorKind::NoTargets => "upstream has no targets",
@@ -1111,7 +1144,16 @@ pub(super) async fn forward<S: ClientStream>(
                 req.attempts.committed = true;
             }
             return match response {
-                Err(_) => Err(ProxyError::new(ErrorKind::ResponseTimeout)),
+                // The call's own deadline: the client's choice, not the target's failure.
+                Err(_) if call_deadline.is_some_and(|d| d <= deadline) => {
+                    Err(ProxyError::new(ErrorKind::DeadlineExceeded))
+                }
+                Err(_) => {
+                    // A connection that answers nothing may be dead (a host gone silently):
+                    // new streams go to a new one.
+                    conn.mark_closed();
+                    Err(ProxyError::new(ErrorKind::ResponseTimeout))
+                }
                 Ok(Err(e)) => {
                     // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
                     let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
@@ -1191,12 +1233,19 @@ pub(super) async fn forward<S: ClientStream>(
         idle: timeouts.upstream_body,
         deadline: call_deadline,
         grpc: call.is_grpc(),
+        send: timeouts.client_send,
     };
     let close = !keep_alive || ctx.draining.get();
     let sink = client_sink(down, &extra, http10, is_head, close);
-    let clean = matches!(sink, ClientSink::H1(_)) && !close;
-    let (result, sent) = relay.run_through(sink, encoding, opened).await;
+    let h1 = matches!(sink, ClientSink::H1(_));
+    let (result, sent, closes, verdict) = relay.run_through(sink, encoding, opened).await;
     req.bytes_out += sent;
+    let clean = h1 && !closes;
+    let result = match verdict {
+        Some((status, Some(kind))) => Err((status, kind)),
+        Some((status, None)) => result.map(|_| status),
+        None => result,
+    };
     match result {
         Ok(status) => {
             req.status = status;
@@ -1255,6 +1304,15 @@ fn field_map(lines: &[u8]) -> HeaderMap {
     map
 }
 
+/// What relaying an answer gave: the status sent (or the failure's status and kind), the
+/// bytes sent, whether the client connection must close, and the sink's own verdict.
+type Relayed = (
+    Result<u16, (u16, ErrorKind)>,
+    u64,
+    bool,
+    Option<(u16, Option<ErrorKind>)>,
+);
+
 /// How an answer is relayed.
 struct Relay {
     /// The longest wait for the next piece of the body.
@@ -1263,22 +1321,19 @@ struct Relay {
     deadline: Option<Instant>,
     /// The call is gRPC: a deadline that passes mid-answer ends it with DEADLINE_EXCEEDED.
     grpc: bool,
+    /// The longest wait for the client to take a piece (an HTTP/2 client's window kept shut).
+    send: Duration,
 }
 
 impl Relay {
     /// Relays through `sink` in the client's encoding. Returns the status sent (or the
     /// failure's) and the bytes.
-    async fn run_through<K: Sink>(
-        &self,
-        sink: K,
-        encoding: Encoding,
-        opened: Opened,
-    ) -> (Result<u16, (u16, ErrorKind)>, u64) {
+    async fn run_through<K: Sink>(&self, sink: K, encoding: Encoding, opened: Opened) -> Relayed {
         match encoding {
             Encoding::Web(content_type) => {
                 let mut sink = WebSink::new(sink, content_type);
                 let r = self.run(&mut sink, opened).await;
-                (r, sink.sent())
+                (r, sink.sent(), sink.closes(), sink.verdict())
             }
             Encoding::Json {
                 transcoder,
@@ -1287,12 +1342,12 @@ impl Relay {
             } => {
                 let mut sink = super::transcode::JsonSink::new(sink, transcoder, binding, ndjson);
                 let r = self.run(&mut sink, opened).await;
-                (r, sink.sent())
+                (r, sink.sent(), sink.closes(), sink.verdict())
             }
             Encoding::Native => {
                 let mut sink = sink;
                 let r = self.run(&mut sink, opened).await;
-                (r, sink.sent())
+                (r, sink.sent(), sink.closes(), sink.verdict())
             }
         }
     }
@@ -1310,17 +1365,30 @@ impl Relay {
         if end {
             return Ok(status);
         }
+        // Where the gRPC messages are: trailers may only follow a whole message.
+        let mut cursor = MessageCursor::default();
         loop {
             let next = self.next(sink, poll_fn(|cx| body.poll_data(cx))).await;
             match next {
                 Err(None) => return Err((status, ErrorKind::ClientClosed)),
-                Err(Some(deadline)) => return Err(self.expire(sink, status, deadline).await),
+                Err(Some(deadline)) => {
+                    return Err(self.expire(sink, status, deadline, &cursor).await)
+                }
                 Ok(None) => break,
-                Ok(Some(Err(_))) => return Err(self.cut(sink, status).await),
+                Ok(Some(Err(_))) => return Err(self.cut(sink, status, &cursor).await),
                 Ok(Some(Ok(data))) => {
                     let n = data.len();
-                    if sink.data(data).await.is_err() {
-                        return Err((status, ErrorKind::ClientClosed));
+                    if self.grpc {
+                        cursor.feed(&data);
+                    }
+                    match monoio::time::timeout(self.send, sink.data(data)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(())) => return Err((status, ErrorKind::ClientClosed)),
+                        Err(_) => {
+                            // The client takes nothing (its window kept shut): given up.
+                            sink.abort();
+                            return Err((status, ErrorKind::ClientTimeout));
+                        }
                     }
                     let _ = body.flow_control().release_capacity(n);
                 }
@@ -1328,9 +1396,9 @@ impl Relay {
         }
         let trailers = match self.next(sink, poll_fn(|cx| body.poll_trailers(cx))).await {
             Err(None) => return Err((status, ErrorKind::ClientClosed)),
-            Err(Some(deadline)) => return Err(self.expire(sink, status, deadline).await),
+            Err(Some(deadline)) => return Err(self.expire(sink, status, deadline, &cursor).await),
             Ok(Ok(t)) => t,
-            Ok(Err(_)) => return Err(self.cut(sink, status).await),
+            Ok(Err(_)) => return Err(self.cut(sink, status, &cursor).await),
         };
         if sink.finish(trailers).await.is_err() {
             return Err((status, ErrorKind::ClientClosed));
@@ -1363,27 +1431,95 @@ impl Relay {
 
     /// Ends an answer whose upstream ran past the call's deadline (a gRPC call gets
     /// DEADLINE_EXCEEDED in its trailers) or went idle (cut short; UNAVAILABLE for gRPC).
-    async fn expire<K: Sink>(&self, sink: &mut K, status: u16, deadline: bool) -> (u16, ErrorKind) {
-        let code = if deadline { 4 } else { 14 };
-        self.end_early(sink, code, ErrorKind::ResponseTimeout).await;
-        (status, ErrorKind::ResponseTimeout)
+    async fn expire<K: Sink>(
+        &self,
+        sink: &mut K,
+        status: u16,
+        deadline: bool,
+        cursor: &MessageCursor,
+    ) -> (u16, ErrorKind) {
+        let kind = if deadline {
+            ErrorKind::DeadlineExceeded
+        } else {
+            ErrorKind::ResponseTimeout
+        };
+        self.end_early(sink, grpc_code_for(kind, deadline), kind, cursor)
+            .await;
+        (status, kind)
     }
 
     /// Ends an answer whose upstream stream failed midway (reset, connection lost): a gRPC
     /// call gets UNAVAILABLE in its trailers, anything else is cut short.
-    async fn cut<K: Sink>(&self, sink: &mut K, status: u16) -> (u16, ErrorKind) {
-        self.end_early(sink, 14, ErrorKind::UpstreamClosed).await;
+    async fn cut<K: Sink>(
+        &self,
+        sink: &mut K,
+        status: u16,
+        cursor: &MessageCursor,
+    ) -> (u16, ErrorKind) {
+        self.end_early(sink, 14, ErrorKind::UpstreamClosed, cursor)
+            .await;
         (status, ErrorKind::UpstreamClosed)
     }
 
-    async fn end_early<K: Sink>(&self, sink: &mut K, code: u8, kind: ErrorKind) {
-        if !self.grpc {
+    /// Ends an answer early: a gRPC one with the status in its trailers when its last message
+    /// is whole (a client would read trailers after a partial one as message bytes), anything
+    /// else cut short.
+    async fn end_early<K: Sink>(
+        &self,
+        sink: &mut K,
+        code: u8,
+        kind: ErrorKind,
+        cursor: &MessageCursor,
+    ) {
+        if !self.grpc || !cursor.at_boundary() {
             sink.abort();
             return;
         }
         let mut trailers = grpc_status_fields(code, grpc_message(kind));
         trailers.remove(CONTENT_TYPE);
         let _ = sink.finish(Some(trailers)).await;
+    }
+}
+
+/// Follows the gRPC message framing (a 5-byte prefix with the length, then the message) of
+/// an answer's body.
+#[derive(Debug, Default)]
+struct MessageCursor {
+    /// Prefix bytes read of the current message (0 to 5).
+    prefix: [u8; 5],
+    have: usize,
+    /// Message bytes still to come once the prefix is whole.
+    left: u64,
+}
+
+impl MessageCursor {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = (self.left.min(data.len() as u64)) as usize;
+                self.left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.left = u64::from(u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]));
+                self.have = 0;
+            }
+        }
+    }
+
+    /// Between two messages.
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
     }
 }
 
@@ -1501,6 +1637,7 @@ fn client_sink<'a, S: ClientStream>(
         head_request,
         close,
         chunked: false,
+        no_body: false,
         out: Vec::with_capacity(1024),
         sent: 0,
     })
@@ -1542,6 +1679,13 @@ impl<S: ClientStream> Sink for ClientSink<'_, S> {
         }
     }
 
+    fn closes(&self) -> bool {
+        match self {
+            ClientSink::H2(s) => s.closes(),
+            ClientSink::H1(s) => s.closes(),
+        }
+    }
+
     fn sent(&self) -> u64 {
         match self {
             ClientSink::H2(s) => s.sent(),
@@ -1577,6 +1721,28 @@ mod tests {
         ] {
             assert_eq!(classify(plain, true), Call::Plain, "{plain:?}");
         }
+    }
+
+    #[test]
+    fn message_boundaries_are_followed_across_pieces() {
+        let mut c = MessageCursor::default();
+        assert!(c.at_boundary());
+        let two = [&[0u8, 0, 0, 0, 3, b'a', b'b', b'c'][..], &[0, 0, 0, 0, 0]].concat();
+        for step in [1, 2, 3, two.len()] {
+            let mut c = MessageCursor::default();
+            for piece in two.chunks(step) {
+                c.feed(piece);
+            }
+            assert!(c.at_boundary(), "step {step}");
+        }
+        c.feed(&[0, 0, 0, 0, 4, b'x']);
+        assert!(!c.at_boundary());
+        c.feed(b"yz");
+        assert!(!c.at_boundary());
+        c.feed(b"w");
+        assert!(c.at_boundary());
+        c.feed(&[0, 0]);
+        assert!(!c.at_boundary(), "a prefix begun");
     }
 
     #[test]

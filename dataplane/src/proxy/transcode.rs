@@ -21,6 +21,7 @@ use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
 
 use super::h2forward::Sink;
+use crate::error::ErrorKind;
 
 /// A transcoded call's request, ready to go upstream.
 pub(super) struct Prepared {
@@ -255,6 +256,8 @@ pub(super) struct JsonSink<K> {
     started: bool,
     /// The answer is broken (a malformed message): the rest is dropped.
     broken: Option<String>,
+    /// The status sent and the failure, as the access log and metrics should have them.
+    verdict: Option<(u16, Option<ErrorKind>)>,
 }
 
 impl<K: Sink> JsonSink<K> {
@@ -269,6 +272,7 @@ impl<K: Sink> JsonSink<K> {
             unary: None,
             started: false,
             broken: None,
+            verdict: None,
         }
     }
 
@@ -293,6 +297,7 @@ impl<K: Sink> JsonSink<K> {
 
     /// Sends a whole answer: `status` and `body` (JSON).
     async fn answer(&mut self, status: u16, body: Vec<u8>) -> Result<(), ()> {
+        self.verdict = Some((status, self.verdict.and_then(|v| v.1)));
         let mut fields = self.client_fields("application/json");
         fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         self.inner.head(status, fields, body.is_empty()).await?;
@@ -338,6 +343,7 @@ impl<K: Sink> JsonSink<K> {
             let mut piece = Vec::with_capacity(json.len() + 2);
             if !self.started {
                 self.started = true;
+                self.verdict = Some((200, None));
                 let ct = if self.ndjson {
                     "application/x-ndjson"
                 } else {
@@ -399,9 +405,12 @@ impl<K: Sink> Sink for JsonSink<K> {
                 return Ok(());
             }
             let body = error_body(13, &why, None, &[]);
+            self.verdict = Some((502, Some(ErrorKind::UpstreamMalformed)));
             if self.started {
+                // Cut short: the client must not take it for complete.
+                self.verdict = Some((200, Some(ErrorKind::UpstreamMalformed)));
                 self.inner.abort();
-                return Err(());
+                return Ok(());
             }
             return self.answer(502, body).await;
         }
@@ -420,8 +429,9 @@ impl<K: Sink> Sink for JsonSink<K> {
                 return self.inner.finish(None).await;
             }
             // A JSON array already under way cannot carry the error: cut it short.
+            self.verdict = Some((200, Some(ErrorKind::UpstreamClosed)));
             self.inner.abort();
-            return Err(());
+            return Ok(());
         }
         if !streaming {
             return match self.unary.take() {
@@ -459,6 +469,14 @@ impl<K: Sink> Sink for JsonSink<K> {
 
     fn poll_gone(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.inner.poll_gone(cx)
+    }
+
+    fn closes(&self) -> bool {
+        self.inner.closes()
+    }
+
+    fn verdict(&self) -> Option<(u16, Option<ErrorKind>)> {
+        self.verdict
     }
 
     fn sent(&self) -> u64 {
