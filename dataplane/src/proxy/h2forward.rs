@@ -1087,7 +1087,16 @@ pub(super) async fn forward<S: ClientStream>(
                         .as_ref()
                         .filter(|_| !call.is_grpc())
                         .map(Bytes::len);
-                    send.send_request(out.request(length), end)
+                    let mut request = out.request(length);
+                    if let Some(d) = call_deadline {
+                        // What is left of the call's time, after the body, connects and
+                        // earlier tries.
+                        let left = d.saturating_duration_since(Instant::now());
+                        request
+                            .headers_mut()
+                            .insert("grpc-timeout", grpc_timeout_value(left));
+                    }
+                    send.send_request(request, end)
                 }
                 Err(e) => Err(e),
             };
@@ -1767,6 +1776,9 @@ mod tests {
         assert_eq!(grpc_code_for(ErrorKind::UpstreamClosed, false), 14);
         assert_eq!(grpc_code_for(ErrorKind::ResponseTimeout, true), 4);
         assert_eq!(grpc_code_for(ErrorKind::ResponseTimeout, false), 14);
+        assert_eq!(grpc_code_for(ErrorKind::DeadlineExceeded, false), 4);
+        // The call's own deadline is not the target's failure.
+        assert_eq!(ErrorKind::DeadlineExceeded.target_failure(), None);
         assert_eq!(grpc_code_for(ErrorKind::BadRequest, false), 13);
         let h = grpc_status_fields(14, "upstream 100% down\n");
         assert_eq!(h["grpc-status"], "14");
