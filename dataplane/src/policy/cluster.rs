@@ -130,24 +130,11 @@ impl ClusterShares {
             }
         };
         if allowed {
-            return Decision {
-                allowed: true,
-                remaining: 0,
-                reset_ns: 0,
-                retry_after_ns: 0,
-                unavailable: false,
-            };
+            return Decision::admitted();
         }
         // The next round may bring more: a client is told to come back after one emission
         // interval (Retry-After rounds it up to whole seconds).
-        let wait = limit.period_ns / limit.rate;
-        Decision {
-            allowed: false,
-            remaining: 0,
-            reset_ns: wait,
-            retry_after_ns: wait,
-            unavailable: false,
-        }
+        Decision::refused(limit.period_ns / limit.rate)
     }
 }
 

@@ -59,6 +59,30 @@ pub struct Decision {
     pub unavailable: bool,
 }
 
+impl Decision {
+    /// Admitted, with nothing known about what is left (a cluster share, a store that is down).
+    pub fn admitted() -> Decision {
+        Decision {
+            allowed: true,
+            remaining: 0,
+            reset_ns: 0,
+            retry_after_ns: 0,
+            unavailable: false,
+        }
+    }
+
+    /// Refused; a request may come back after `wait_ns`.
+    pub fn refused(wait_ns: u64) -> Decision {
+        Decision {
+            allowed: false,
+            remaining: 0,
+            reset_ns: wait_ns,
+            retry_after_ns: wait_ns,
+            unavailable: false,
+        }
+    }
+}
+
 /// One bucket.
 #[derive(Debug, Default)]
 pub struct Bucket {
@@ -176,22 +200,11 @@ impl Limiter {
                 return c.check(&self.limit, key, now_ns);
             }
             match c.mode {
-                StoreErrorMode::Allow => {
-                    return Decision {
-                        allowed: true,
-                        remaining: 0,
-                        reset_ns: 0,
-                        retry_after_ns: 0,
-                        unavailable: false,
-                    }
-                }
+                StoreErrorMode::Allow => return Decision::admitted(),
                 StoreErrorMode::Deny => {
                     return Decision {
-                        allowed: false,
-                        remaining: 0,
-                        reset_ns: 1_000_000_000,
-                        retry_after_ns: 1_000_000_000,
                         unavailable: true,
+                        ..Decision::refused(1_000_000_000)
                     }
                 }
                 StoreErrorMode::Local => {}
