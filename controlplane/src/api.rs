@@ -984,6 +984,14 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "admin": info.as_ref().map(|i| i.admin.to_string()),
         "routes": snap.routes.len(),
         "upstreams": snap.upstreams.len(),
+        "cluster": snap.cluster.as_ref().map(|c| {
+            let (redis, live) = dataplane::policy::cluster::store_state();
+            json!({
+                "node_id": &*c.node_id,
+                "redis": c.redis.as_ref().map(|_| redis),
+                "live_nodes": live,
+            })
+        }),
     });
     json_response(StatusCode::OK, None, body)
 }

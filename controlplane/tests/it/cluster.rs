@@ -191,6 +191,17 @@ fn on_store_error_decides_while_redis_is_away() {
     let allow = node("a", redis.port, "allow");
     let deny = node("d", redis.port, "deny");
     let local = node("l", redis.port, "local");
+    // Every node's rounds reach Redis: all three count as live.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = allow.admin("GET", "/v1/status", None).json();
+        assert_ne!(status["cluster"]["redis"], "down", "{status}");
+        if status["cluster"]["redis"] == "up" && status["cluster"]["live_nodes"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Redis up: the limit holds on each (they share one bucket).
     let (ok, limited, _) = load(&[allow.addr], 3000, Duration::from_millis(500), |_, _| true);
     assert!(limited > 0 && ok < 1000, "{ok} {limited}");
@@ -199,6 +210,9 @@ fn on_store_error_decides_while_redis_is_away() {
     std::thread::sleep(Duration::from_millis(300));
     let (ok, limited, _) = load(&[allow.addr], 3000, Duration::from_millis(500), |_, _| true);
     assert_eq!(limited, 0, "allow: every request passes ({ok} admitted)");
+    let status = deny.admin("GET", "/v1/status", None).json();
+    assert_eq!(status["cluster"]["node_id"], "d", "{status}");
+    assert_eq!(status["cluster"]["redis"], "down", "{status}");
     let mut c = deny.connect();
     let resp = c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n");
     assert_eq!(resp.status, 503, "deny");

@@ -256,6 +256,20 @@ end
 return out
 "#;
 
+/// The store as the last round found it, for `/v1/status`: `"up"`, `"down"` (the last round
+/// failed, or none succeeded for ten intervals) or `"unknown"` (no round yet), and the live
+/// nodes the last successful round counted.
+pub fn store_state() -> (&'static str, u32) {
+    let state = if ClusterShares::store_down() {
+        "down"
+    } else if STORE.load(Ordering::Relaxed) == UP {
+        "up"
+    } else {
+        "unknown"
+    };
+    (state, LIVE_NODES.load(Ordering::Relaxed))
+}
+
 /// Starts the thread that reconciles cluster-scoped limits with Redis (it idles while the
 /// config has no `[cluster] redis`).
 pub fn start(config: Arc<ArcSwap<Snapshot>>) {
