@@ -238,8 +238,10 @@ pub(super) async fn aggregate<S: ClientStream>(
     .await
 }
 
-/// Reads the whole request body (within `max_body_bytes`), leaving `down.pos` after it.
-async fn read_body<S: ClientStream>(
+/// Reads the whole request body (within `max_body_bytes`; the head parser already refused
+/// larger lengths), leaving `down.pos` after it. Also what requests of HTTP/1.1 clients to
+/// HTTP/2 upstreams are read with.
+pub(super) async fn read_body<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     head: &RequestHead,

@@ -49,9 +49,7 @@ use super::context::RequestCtx;
 use super::downstream::{push_request_id, Downstream, Next};
 use super::http2::{push_hex, send_flow, H2Answer};
 use super::stream::ClientStream;
-use crate::codec::chunked::{decode_validated, ChunkedDecoder};
 use crate::codec::request::RequestHead;
-use crate::codec::BodyKind;
 use crate::error::{ErrorKind, ProxyError};
 use crate::forward::request_pieces;
 use crate::gather::Piece;
@@ -401,72 +399,6 @@ async fn read_h2_body(
             None => return Ok(out),
         }
     }
-}
-
-/// Reads an HTTP/1.1 request's whole body (its framing removed) from the client, up to
-/// `limits.max_body_bytes`; the client connection is left at the next request.
-async fn read_h1_body<S: ClientStream>(
-    down: &mut Downstream<S>,
-    req: &mut RequestCtx,
-    head: &RequestHead,
-) -> Result<Vec<u8>, ErrorKind> {
-    let max = down.limits.max_body_bytes;
-    down.pos = head.head_end;
-    let mut out = Vec::new();
-    match head.body {
-        BodyKind::None | BodyKind::UntilClose => {}
-        BodyKind::Length(n) => {
-            if n > max {
-                return Err(ErrorKind::BodyTooLarge);
-            }
-            let n = n as usize;
-            out.reserve(n);
-            if head.expect_continue
-                && down.buf.len() - down.pos < n
-                && down.send_continue(req).await.is_err()
-            {
-                return Err(ErrorKind::ClientClosed);
-            }
-            while out.len() < n {
-                if down.pos == down.buf.len() {
-                    down.read_body_bytes().await?;
-                }
-                let take = (n - out.len()).min(down.buf.len() - down.pos);
-                out.extend_from_slice(&down.buf[down.pos..down.pos + take]);
-                down.pos += take;
-            }
-        }
-        BodyKind::Chunked => {
-            let mut decoder = ChunkedDecoder::new(down.limits.max_header_bytes);
-            let mut raw = Vec::new();
-            let mut asked = !head.expect_continue;
-            loop {
-                let k = decoder
-                    .advance(&down.buf[down.pos..])
-                    .map_err(|_| ErrorKind::BadRequest)?;
-                raw.extend_from_slice(&down.buf[down.pos..down.pos + k]);
-                down.pos += k;
-                if decoder.data_len() > max {
-                    return Err(ErrorKind::BodyTooLarge);
-                }
-                if decoder.is_done() {
-                    break;
-                }
-                if !asked {
-                    asked = true;
-                    if down.send_continue(req).await.is_err() {
-                        return Err(ErrorKind::ClientClosed);
-                    }
-                }
-                down.read_body_bytes().await?;
-            }
-            decode_validated(&raw, &mut out);
-            req.bytes_in += raw.len() as u64;
-            return Ok(out);
-        }
-    }
-    req.bytes_in += out.len() as u64;
-    Ok(out)
 }
 
 /// Stops a spawned task when dropped (the request it serves has ended).
@@ -988,7 +920,7 @@ pub(super) async fn forward<S: ClientStream>(
     // The request body.
     let body = match down.stream.take_h2_body() {
         Some(rest) => h2_request_body(rest, call, down.limits.max_body_bytes, &timeouts, req).await,
-        None => read_h1_body(down, req, head)
+        None => super::fanout::read_body(down, req, head)
             .await
             .map(|b| Body::Whole(b.into())),
     };
