@@ -95,8 +95,12 @@ impl Call {
 enum Encoding {
     /// As the upstream sent it.
     Native,
-    /// gRPC-Web, in the content type the client used.
-    Web(HeaderValue),
+    /// gRPC-Web, in the content type the client used; `text`: its base64 form (as
+    /// [`classify`] found it).
+    Web {
+        content_type: HeaderValue,
+        text: bool,
+    },
     /// JSON, from the messages of a transcoder's binding.
     Json {
         transcoder: Arc<Transcoder>,
@@ -725,11 +729,7 @@ struct WebSink<K> {
 }
 
 impl<K: Sink> WebSink<K> {
-    fn new(inner: K, content_type: HeaderValue) -> Self {
-        let text = content_type
-            .as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"text"));
+    fn new(inner: K, content_type: HeaderValue, text: bool) -> Self {
         WebSink {
             inner,
             text,
@@ -868,8 +868,8 @@ pub(super) async fn forward<S: ClientStream>(
         None => classify(content_type, grpc_upstream),
     };
     let mut encoding = match call {
-        Call::Web { .. } => HeaderValue::from_bytes(content_type)
-            .map(Encoding::Web)
+        Call::Web { text } => HeaderValue::from_bytes(content_type)
+            .map(|content_type| Encoding::Web { content_type, text })
             .unwrap_or(Encoding::Native),
         _ => Encoding::Native,
     };
@@ -1271,26 +1271,26 @@ impl Relay {
     /// failure's) and the bytes.
     async fn run_through<K: Sink>(&self, sink: K, encoding: Encoding, opened: Opened) -> Relayed {
         match encoding {
-            Encoding::Web(content_type) => {
-                let mut sink = WebSink::new(sink, content_type);
-                let r = self.run(&mut sink, opened).await;
-                (r, sink.sent(), sink.closes(), sink.verdict())
+            Encoding::Web { content_type, text } => {
+                self.run_into(WebSink::new(sink, content_type, text), opened)
+                    .await
             }
             Encoding::Json {
                 transcoder,
                 binding,
                 ndjson,
             } => {
-                let mut sink = super::transcode::JsonSink::new(sink, transcoder, binding, ndjson);
-                let r = self.run(&mut sink, opened).await;
-                (r, sink.sent(), sink.closes(), sink.verdict())
+                let sink = super::transcode::JsonSink::new(sink, transcoder, binding, ndjson);
+                self.run_into(sink, opened).await
             }
-            Encoding::Native => {
-                let mut sink = sink;
-                let r = self.run(&mut sink, opened).await;
-                (r, sink.sent(), sink.closes(), sink.verdict())
-            }
+            Encoding::Native => self.run_into(sink, opened).await,
         }
+    }
+
+    /// [`Relay::run`] into `sink`, with what the sink knows afterwards.
+    async fn run_into<K: Sink>(&self, mut sink: K, opened: Opened) -> Relayed {
+        let r = self.run(&mut sink, opened).await;
+        (r, sink.sent(), sink.closes(), sink.verdict())
     }
 
     /// Relays the head, the body and the trailers of an answer to `sink`.
@@ -1494,8 +1494,8 @@ async fn fail<S: ClientStream>(
     let extra = answer_fields(req, &mut HeaderMap::new());
     let sink = client_sink(down, &extra, false, false, true);
     let sent = match encoding {
-        Encoding::Web(content_type) => {
-            send_head(WebSink::new(sink, content_type.clone()), 200, fields).await
+        Encoding::Web { content_type, text } => {
+            send_head(WebSink::new(sink, content_type.clone(), *text), 200, fields).await
         }
         _ => send_head(sink, 200, fields).await,
     };
