@@ -456,11 +456,21 @@ impl Transcoder {
     /// the path matches some binding but not with this method (405), `Err(false)` when it
     /// matches none (404).
     pub fn find<'p>(&self, method: &str, path: &'p str) -> Result<(&Binding, Vec<&'p str>), bool> {
+        let (i, vars) = self.find_index(method, path)?;
+        Ok((&self.bindings[i], vars))
+    }
+
+    /// [`Transcoder::find`], giving the binding's index in `bindings`.
+    pub fn find_index<'p>(
+        &self,
+        method: &str,
+        path: &'p str,
+    ) -> Result<(usize, Vec<&'p str>), bool> {
         let mut path_known = false;
-        for b in &self.bindings {
+        for (i, b) in self.bindings.iter().enumerate() {
             if let Some(vars) = b.template.matches(path) {
                 if *b.verb == *method {
-                    return Ok((b, vars));
+                    return Ok((i, vars));
                 }
                 path_known = true;
             }

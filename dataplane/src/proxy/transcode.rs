@@ -51,7 +51,7 @@ pub(super) fn prepare(
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
     };
-    let (index, vars) = match find(t, method, path) {
+    let (index, vars) = match t.find_index(method, path) {
         Ok(found) => found,
         Err(other_method) => {
             let (status, code, message) = if other_method {
@@ -91,17 +91,6 @@ pub(super) fn prepare(
         framed: framed.into(),
         ndjson,
     })
-}
-
-/// [`Transcoder::find`], with the binding's index.
-fn find<'p>(t: &Transcoder, method: &str, path: &'p str) -> Result<(usize, Vec<&'p str>), bool> {
-    let (b, vars) = t.find(method, path)?;
-    let index = t
-        .bindings
-        .iter()
-        .position(|x| std::ptr::eq(x, b))
-        .unwrap_or_default();
-    Ok((index, vars))
 }
 
 /// `{"code": N, "message": "...", "field": "...", "details": [...]}`.
