@@ -47,7 +47,7 @@ use std::sync::Arc;
 use super::connector::{Connector, UpstreamRef};
 use super::context::RequestCtx;
 use super::downstream::{push_request_id, Downstream, Next};
-use super::http2::{push_hex, send_flow, H2Answer};
+use super::http2::{connection_specific, push_hex, send_flow, H2Answer};
 use super::stream::ClientStream;
 use crate::codec::request::RequestHead;
 use crate::error::{ErrorKind, ProxyError};
@@ -197,21 +197,10 @@ fn grpc_code_for(kind: ErrorKind, deadline: bool) -> u8 {
     }
 }
 
-/// Header fields that are not forwarded between HTTP/1.1 and HTTP/2 (RFC 9113 8.2.2), and
-/// `host`, which becomes `:authority`.
+/// Header fields (lower-case names) that are not forwarded between HTTP/1.1 and HTTP/2:
+/// the connection-specific ones, `host` (which becomes `:authority`) and `expect`.
 fn hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "upgrade"
-            | "te"
-            | "http2-settings"
-            | "host"
-            | "expect"
-    )
+    connection_specific(name) || matches!(name, "host" | "expect")
 }
 
 /// The request to send upstream, built once and copied for each try.

@@ -253,8 +253,7 @@ fn request_head(parts: &http::request::Parts, ended: bool) -> (Vec<u8>, bool) {
                 c.extend_from_slice(value.as_bytes());
                 continue;
             }
-            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
-            | "te" | "http2-settings" => continue,
+            n if connection_specific(n) => continue,
             "content-length" => has_length = true,
             _ => {}
         }
@@ -269,6 +268,21 @@ fn request_head(parts: &http::request::Parts, ended: bool) -> (Vec<u8>, bool) {
     }
     out.extend_from_slice(b"\r\n");
     (out, chunked)
+}
+
+/// Whether a lower-case field name is connection-specific (RFC 9113 8.2.2): never carried
+/// between HTTP/1.1 and HTTP/2.
+pub(super) fn connection_specific(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "http2-settings"
+    )
 }
 
 /// Where the HTTP/1.1 answer written to an [`H2Stream`] is.
