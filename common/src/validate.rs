@@ -59,6 +59,6 @@ pub(crate) fn hex32(s: &str) -> Option<[u8; 32]> {
 }
 
 /// Lower-case hex of `b`.
-pub(crate) fn to_hex(b: &[u8]) -> String {
+pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -455,13 +455,12 @@ fn script_args(
     args.push(b"gw:nodes".to_vec());
     // The limit's parameters are part of the key: a changed policy starts from fresh buckets
     // (its old arrival times may lie far ahead for the new rate).
-    let params = format!("{}-{}-{}", limit.rate, limit.period_ns, limit.burst);
+    let prefix = format!(
+        "gw:rl:{policy}:{}-{}-{}:",
+        limit.rate, limit.period_ns, limit.burst
+    );
     for (key, _, _) in chunk {
-        let mut k = format!("gw:rl:{policy}:{params}:").into_bytes();
-        for b in key {
-            k.extend_from_slice(format!("{b:02x}").as_bytes());
-        }
-        args.push(k);
+        args.push(format!("{prefix}{}", common::to_hex(key)).into_bytes());
     }
     args.push(node.as_bytes().to_vec());
     args.push(format!("{emission_us:.6}").into_bytes());
