@@ -670,6 +670,12 @@ pub struct ClusterConfig {
     /// 1,000; default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_ms: Option<u64>,
+    /// With an etcd config store: a file holding 32 random bytes as 64 hex digits (`openssl
+    /// rand -hex 32`), the same on every node. Certificates' private keys are stored in etcd
+    /// encrypted with it (AES-256-GCM), never in the clear; without it an etcd store refuses
+    /// private keys. Read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
 }
 
 fn default_rate_key() -> String {

@@ -26,7 +26,7 @@ use common::{Config, ConfigError, Snapshot};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::store::Store;
+use crate::store::{EtcdStore, Store, StoreError};
 use common::policy::constant_time_eq;
 
 /// Largest request body the admin API reads.
@@ -644,79 +644,179 @@ impl Admin {
     }
 
     /// The one way a change happens: build the candidate from the current config, validate and
-    /// compile it, persist it, publish it. With `dry_run` it stops after validation.
+    /// compile it, persist it, publish it. With `dry_run` it stops after validation. On an
+    /// etcd store, a commit that finds a newer revision committed by another node builds the
+    /// change again on that revision (so `If-Match` preconditions see it and answer 412).
     pub fn apply(
         &self,
         dry_run: bool,
         source: &str,
-        build: impl FnOnce(&Store) -> Result<Config, Problem>,
+        mut build: impl FnMut(&Store) -> Result<Config, Problem>,
     ) -> Result<Applied, Problem> {
         let mut store = lock(&self.store);
-        let mut next = build(&store)?;
-        let revision = store.revision() + 1;
-        let new_keys = crate::keys::take_new(&next);
-        crate::keys::load(store.dir(), &mut next);
-        let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
-        // The compiled config is the normalised one (API keys replaced by their hashes):
-        // that is what is stored, diffed and served.
-        let next = snapshot.config.clone();
-        let current = store.config();
-        if snapshot.listeners != self.shared.load().listeners {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Invalid Config",
-                "listeners cannot change while the gateway runs; restart it with the new config",
-            )
-            .at("/listeners"));
+        if let Store::Etcd(e) = &mut *store {
+            // Validate against the newest shared config, not the one last seen.
+            match e.refresh() {
+                Ok(_) => self.publish_pending(e),
+                Err(err) if !dry_run => return Err(store_problem(err)),
+                Err(_) => {}
+            }
         }
-        if next.admin != current.admin {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "Invalid Config",
-                "admin settings cannot change while the gateway runs; restart it with the new config",
-            )
-            .at("/admin"));
+        for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let mut next = build(&store)?;
+            let revision = store.revision() + 1;
+            let new_keys = crate::keys::take_new(&next);
+            crate::keys::load(store.dir(), &mut next);
+            let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
+            // The compiled config is the normalised one (API keys replaced by their hashes):
+            // that is what is stored, diffed and served.
+            let next = snapshot.config.clone();
+            let current = store.config();
+            if snapshot.listeners != self.shared.load().listeners {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid Config",
+                    "listeners cannot change while the gateway runs; restart it with the new config",
+                )
+                .at("/listeners"));
+            }
+            if next.admin != current.admin {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid Config",
+                    "admin settings cannot change while the gateway runs; restart it with the new config",
+                )
+                .at("/admin"));
+            }
+            let changes = diff(current, &next);
+            let removed = removed_items(current, &next);
+            if let Store::Etcd(e) = &mut *store {
+                check_cluster_write(e, &next, &new_keys, if dry_run { &[] } else { &removed })?;
+            }
+            if dry_run || changes.is_empty() {
+                return Ok(Applied {
+                    revision: store.revision(),
+                    changes,
+                    dry_run,
+                });
+            }
+            match store.commit(next, source, &new_keys) {
+                Ok(committed) => {
+                    debug_assert_eq!(committed, revision);
+                    self.upstreams.adopt(&mut snapshot);
+                    self.shared.store(Arc::new(snapshot));
+                    // Again once the snapshot is out: the workers' next sweep prunes pooled
+                    // connections to the targets of upstreams this change removed.
+                    common::live::bump_generation();
+                    if let Store::Etcd(e) = &mut *store {
+                        e.applied = revision;
+                        e.rejected = None;
+                    }
+                    return Ok(Applied {
+                        revision,
+                        changes,
+                        dry_run: false,
+                    });
+                }
+                Err(StoreError::Conflict) => {
+                    if let Store::Etcd(e) = &mut *store {
+                        self.publish_pending(e);
+                    }
+                }
+                Err(e) => {
+                    log::error!("admin: cannot persist the change: {e}");
+                    return Err(store_problem(e));
+                }
+            }
         }
-        let changes = diff(current, &next);
-        if dry_run || changes.is_empty() {
-            return Ok(Applied {
-                revision: store.revision(),
-                changes,
-                dry_run,
-            });
+        Err(Problem::new(
+            StatusCode::CONFLICT,
+            "Concurrent Changes",
+            format!(
+                "the config changed {MAX_COMMIT_ATTEMPTS} times while this write was validated; \
+                 nothing changed, try again"
+            ),
+        ))
+    }
+
+    /// An etcd record seen by the watch: adopted, and published when it is newer than what
+    /// the workers run.
+    pub fn observe(&self, value: &[u8], mod_revision: i64) {
+        let mut store = lock(&self.store);
+        if let Store::Etcd(e) = &mut *store {
+            e.adopt(value, mod_revision);
+            self.publish_pending(e);
         }
-        // Keys first: a committed config never names a key that is not on disk.
-        crate::keys::save(store.dir(), &new_keys).map_err(|e| {
-            log::error!("admin: cannot store a private key: {e}");
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Not Persisted",
-                "a private key could not be written to the data directory; nothing changed",
-            )
-        })?;
-        let committed = store.commit(next, source).map_err(|e| {
-            log::error!("admin: cannot persist the change: {e}");
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Not Persisted",
-                "the change could not be written to the data directory; nothing changed",
-            )
-        })?;
-        debug_assert_eq!(committed, revision);
-        self.upstreams.adopt(&mut snapshot);
-        self.shared.store(Arc::new(snapshot));
-        // Again once the snapshot is out: the workers' next sweep prunes pooled connections
-        // to the targets of upstreams this change removed.
-        common::live::bump_generation();
-        Ok(Applied {
-            revision,
-            changes,
-            dry_run: false,
-        })
+    }
+
+    /// Publishes the etcd store's newest revision if the workers do not run it yet. One this
+    /// node cannot compile (say, it removes a policy this node's listeners use) is not
+    /// published: the node keeps serving the last one and `/v1/status` names it.
+    fn publish_pending(&self, e: &mut EtcdStore) {
+        let revision = e.revision();
+        if revision <= e.applied || e.rejected.as_ref().is_some_and(|r| r.0 == revision) {
+            return;
+        }
+        let mut next = e.config().clone();
+        let result = e.fetch_keys(&next).and_then(|()| {
+            crate::keys::load(e.dir(), &mut next);
+            Snapshot::compile(next, revision).map_err(|err| err.to_string())
+        });
+        match result {
+            Ok(mut snapshot) => {
+                self.upstreams.adopt(&mut snapshot);
+                self.shared.store(Arc::new(snapshot));
+                common::live::bump_generation();
+                log::info!("config store: revision {revision} published");
+                e.applied = revision;
+                e.rejected = None;
+            }
+            Err(why) => {
+                log::error!(
+                    "config store: revision {revision} cannot be served here ({why}); still \
+                     serving revision {}",
+                    e.applied
+                );
+                e.rejected = Some((revision, why));
+            }
+        }
+    }
+
+    /// This node's id and record, for the etcd heartbeat.
+    pub fn node_record(&self) -> (String, Value) {
+        match &*lock(&self.store) {
+            Store::Etcd(e) => (e.node_id().to_owned(), e.node_record()),
+            Store::Local(_) => (String::new(), Value::Null),
+        }
+    }
+
+    /// The store's state for `/v1/status`.
+    fn store_status(&self) -> Value {
+        match &*lock(&self.store) {
+            Store::Local(s) => json!({"kind": "local", "dir": s.dir().display().to_string()}),
+            Store::Etcd(e) => json!({
+                "kind": "etcd",
+                "url": e.url().redacted(),
+                "node_id": e.node_id(),
+                "reachable": e.health.reachable(),
+                "last_error": e.health.last_error().map(|(at, m)| json!({"at_ms": at, "error": m})),
+                "revision": e.revision(),
+                "applied_revision": e.applied,
+                "rejected": e.rejected.as_ref().map(|(r, why)| json!({"revision": r, "error": why})),
+            }),
+        }
     }
 
     /// SIGHUP: the config file again, through the same path.
     pub fn reload_file(&self, path: &std::path::Path) {
+        if let Store::Etcd(_) = &*lock(&self.store) {
+            log::info!(
+                "SIGHUP ignored: with an etcd store the node file {} is read at start only, \
+                 and shared resources change through the admin API",
+                path.display()
+            );
+            return;
+        }
         let result = self.apply(false, "file reload", |_| {
             common::load_config(path).map_err(invalid)
         });
@@ -743,6 +843,88 @@ impl Admin {
     }
 }
 
+/// Tries of a write that keeps meeting newer revisions from other nodes.
+const MAX_COMMIT_ATTEMPTS: usize = 8;
+
+/// The answer to a store that could not commit or read.
+fn store_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::Unavailable(m) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Store Unavailable",
+            format!(
+                "the config store cannot be reached ({m}); this node keeps serving its last \
+                 config. A write cut off mid-way may still have been committed: read it back \
+                 before retrying"
+            ),
+        ),
+        StoreError::Failed(m) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Not Persisted",
+            format!("{m}; nothing changed"),
+        ),
+        StoreError::Conflict => Problem::new(
+            StatusCode::CONFLICT,
+            "Concurrent Changes",
+            "another revision was committed first; try again",
+        ),
+    }
+}
+
+/// `kind/id` of the items `current` has and `next` does not.
+fn removed_items(current: &Config, next: &Config) -> Vec<String> {
+    let kept: std::collections::BTreeSet<String> = crate::store::item_values(next)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    crate::store::item_values(current)
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !kept.contains(k))
+        .collect()
+}
+
+/// What an etcd store refuses: changes to this node's own settings (they live in its node
+/// file), private keys without a secret to encrypt them with, and removing what another
+/// node's listeners use.
+fn check_cluster_write(
+    e: &mut EtcdStore,
+    next: &Config,
+    new_keys: &[crate::keys::NewKey],
+    removed: &[String],
+) -> Result<(), Problem> {
+    if let Some(pointer) = e.changed_node_setting(next) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid Config",
+            format!(
+                "{} is a setting of this node, read from its node file at start; with an etcd \
+                 store it cannot change through the admin API",
+                &pointer[1..]
+            ),
+        )
+        .at(pointer));
+    }
+    if !new_keys.is_empty() && !e.has_secret() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid Config",
+            "private keys are stored in etcd encrypted with [cluster] secret_file, and this \
+             node's file sets none",
+        )
+        .at("/certificates"));
+    }
+    let users = e.used_elsewhere(removed).map_err(store_problem)?;
+    if !users.is_empty() {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "Still Referenced",
+            format!("still used by other nodes: {}", users.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the store half-changed (commit replaces it
     // in one assignment after the files are written), so a poisoned lock is still usable.
@@ -763,6 +945,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("PUT", "/v1/config"),
     ("POST", "/v1/config:batch"),
     ("GET", "/v1/revisions"),
+    ("GET", "/v1/nodes"),
     ("GET", "/v1/revisions/{revision}"),
     ("POST", "/v1/revisions/{revision}"),
     ("GET", "/v1/routes"),
@@ -833,6 +1016,7 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
         ("PUT", "/v1/config") => put(put_config),
         ("POST", "/v1/config:batch") => post(batch),
         ("GET", "/v1/revisions") => get(list_revisions),
+        ("GET", "/v1/nodes") => get(nodes),
         ("GET", "/v1/revisions/{revision}") => get(get_revision),
         ("POST", "/v1/revisions/{revision}") => post(rollback),
         ("GET", "/v1/{kind}") => get(list_items),
@@ -984,6 +1168,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "admin": info.as_ref().map(|i| i.admin.to_string()),
         "routes": snap.routes.len(),
         "upstreams": snap.upstreams.len(),
+        "store": admin.store_status(),
         "cluster": snap.cluster.as_ref().map(|c| {
             let (redis, live) = dataplane::policy::cluster::store_state();
             json!({
@@ -1069,7 +1254,7 @@ async fn put_config(
     let config: Config = typed(value)?;
     let applied = admin.apply(dry_run, "api: PUT /v1/config", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
-        Ok(config)
+        Ok(config.clone())
     })?;
     Ok(config_change_response(&applied, None))
 }
@@ -1173,7 +1358,7 @@ async fn write_item(
                     merge_patch(&mut current, &input);
                     current
                 } else {
-                    input
+                    input.clone()
                 };
                 created = kind.put(&mut next, id, value).map_err(|mut p| {
                     // A patch whose result has a field its kind does not take is a patch
@@ -1291,7 +1476,7 @@ async fn delete_item(
 }
 
 /// One operation of a batch.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Operation {
     op: String,
@@ -1319,7 +1504,7 @@ async fn batch(
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
         let mut next = store.config().clone();
-        for (i, op) in batch.operations.into_iter().enumerate() {
+        for (i, op) in batch.operations.iter().cloned().enumerate() {
             let at = |p: Problem| {
                 let ptr = format!("/operations/{i}{}", p.pointer.clone().unwrap_or_default());
                 p.at(ptr)
@@ -1382,18 +1567,39 @@ async fn batch(
     Ok(config_change_response(&applied, None))
 }
 
-async fn list_revisions(State(admin): State<Arc<Admin>>) -> Response {
-    let store = lock(&admin.store);
+async fn list_revisions(State(admin): State<Arc<Admin>>) -> Result<Response, Problem> {
+    let mut store = lock(&admin.store);
     let list: Vec<Value> = store
         .revisions()
+        .map_err(store_problem)?
         .into_iter()
         .map(|r| json!({"revision": r.revision, "created_ms": r.created_ms, "source": r.source}))
         .collect();
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         None,
         json!({"current": store.revision(), "revisions": list}),
-    )
+    ))
+}
+
+/// `GET /v1/nodes`: the gateway nodes sharing this config and the revision each serves. A
+/// node on a local data directory is alone.
+async fn nodes(State(admin): State<Arc<Admin>>) -> Result<Response, Problem> {
+    let mut store = lock(&admin.store);
+    let mut list = match &mut *store {
+        Store::Local(_) => {
+            let snap = admin.shared.load();
+            let id = snap.cluster.as_ref().map_or("local", |c| &*c.node_id);
+            vec![json!({
+                "id": id,
+                "applied_revision": snap.revision,
+                "last_seen": crate::store::local::now_ms(),
+            })]
+        }
+        Store::Etcd(e) => e.nodes().map_err(store_problem)?,
+    };
+    list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Ok(json_response(StatusCode::OK, None, json!({"nodes": list})))
 }
 
 fn parse_revision(s: &str) -> Result<u64, Problem> {
@@ -1406,19 +1612,14 @@ async fn get_revision(
     Path(rev): Path<String>,
 ) -> Result<Response, Problem> {
     let n = parse_revision(&rev)?;
-    let store = lock(&admin.store);
-    match store.load_revision(n) {
-        Ok(Some(r)) => Ok(json_response(
+    let mut store = lock(&admin.store);
+    match store.load_revision(n).map_err(store_problem)? {
+        Some(r) => Ok(json_response(
             StatusCode::OK,
             None,
             json!({"revision": r.revision, "created_ms": r.created_ms, "source": r.source, "config": r.config}),
         )),
-        Ok(None) => Err(Problem::not_found(format!("revision {n} is not kept"))),
-        Err(e) => Err(Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Unreadable Revision",
-            e.to_string(),
-        )),
+        None => Err(Problem::not_found(format!("revision {n} is not kept"))),
     }
 }
 
@@ -1435,16 +1636,12 @@ async fn rollback(
     };
     let n = parse_revision(n)?;
     let dry_run = WriteQuery { raw }.dry_run()?;
-    let applied = admin.apply(dry_run, &format!("rollback to {n}"), |store| {
-        match store.load_revision(n) {
-            Ok(Some(r)) => Ok(r.config),
-            Ok(None) => Err(Problem::not_found(format!("revision {n} is not kept"))),
-            Err(e) => Err(Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Unreadable Revision",
-                e.to_string(),
-            )),
-        }
+    let old = lock(&admin.store)
+        .load_revision(n)
+        .map_err(store_problem)?
+        .ok_or_else(|| Problem::not_found(format!("revision {n} is not kept")))?;
+    let applied = admin.apply(dry_run, &format!("rollback to {n}"), |_| {
+        Ok(old.config.clone())
     })?;
     Ok(config_change_response(&applied, Some(n)))
 }

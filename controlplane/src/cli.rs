@@ -8,6 +8,8 @@ use dataplane::DriverChoice;
 pub const USAGE: &str = "\
 usage: gateway [--config FILE] [--data-dir DIR] [--replace-state]
                [--workers N] [--io-driver auto|epoll]
+       gateway --store etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX
+               --config NODE_FILE [--seed-from DIR] [--data-dir DIR] ...
        gateway --check FILE
        gateway --help | --version
 
@@ -18,6 +20,14 @@ usage: gateway [--config FILE] [--data-dir DIR] [--replace-state]
                     a stored config is resumed at start
   --replace-state   with --config over a data directory that already holds a
                     config: make the file the next revision (else refused)
+  --store URL       share the config with other nodes through etcd: NODE_FILE
+                    holds this node's own settings (workers, listeners, admin,
+                    access_log, resolver, [cluster] with node_id); the rest is
+                    in etcd under PREFIX (an empty store is seeded from
+                    NODE_FILE's other resources). The data directory keeps this
+                    node's admin token and its copy of private keys
+  --seed-from DIR   with --store: copy the config of the data directory DIR
+                    into an empty etcd store once (refused if it holds one)
   --workers N       worker threads (default: `workers` in the config, else one
                     per CPU in the affinity mask)
   --io-driver D     auto (io_uring when available) or epoll; also
@@ -43,6 +53,10 @@ pub struct RunArgs {
     pub replace_state: bool,
     pub workers: Option<usize>,
     pub driver: Option<DriverChoice>,
+    /// `--store etcd://...`: the shared config store.
+    pub store: Option<String>,
+    /// `--seed-from DIR`: a data directory to copy into an empty etcd store.
+    pub seed_from: Option<PathBuf>,
 }
 
 /// Parses the arguments after the program name.
@@ -68,6 +82,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--check" => check = Some(PathBuf::from(value("--check")?)),
             "--data-dir" => run.data_dir = Some(PathBuf::from(value("--data-dir")?)),
             "--replace-state" => run.replace_state = true,
+            "--store" => run.store = Some(value("--store")?),
+            "--seed-from" => run.seed_from = Some(PathBuf::from(value("--seed-from")?)),
             "-w" | "--workers" => {
                 let v = value("--workers")?;
                 match v.parse::<usize>() {
@@ -84,6 +100,19 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if run.store.is_none() && run.seed_from.is_some() {
+        return Err("--seed-from needs --store".to_owned());
+    }
+    if run.store.is_some() && run.replace_state {
+        return Err(
+            "--replace-state is for a data directory; with --store, change the shared \
+                    config through the admin API"
+                .to_owned(),
+        );
+    }
+    if run.store.is_some() && run.config.is_none() {
+        return Err("--store needs --config NODE_FILE (with [cluster] node_id)".to_owned());
     }
     match check {
         Some(path) if run == RunArgs::default() => Ok(Command::Check(path)),
@@ -123,5 +152,16 @@ mod tests {
         assert!(p(&["--config"]).is_err());
         assert!(p(&["--bogus"]).is_err());
         assert!(p(&["--check", "a", "--workers", "2"]).is_err());
+        assert_eq!(
+            p(&["--store", "etcd://127.0.0.1:2379/gw", "--config", "n.toml"]),
+            Ok(Command::Run(RunArgs {
+                config: Some("n.toml".into()),
+                store: Some("etcd://127.0.0.1:2379/gw".into()),
+                ..RunArgs::default()
+            }))
+        );
+        assert!(p(&["--store", "etcd://127.0.0.1:2379/gw"]).is_err());
+        assert!(p(&["--seed-from", "data"]).is_err());
+        assert!(p(&["--store=etcd://h:1/g", "-c", "n", "--replace-state"]).is_err());
     }
 }

@@ -18,6 +18,28 @@ pub struct NewKey {
     pem: String,
 }
 
+impl NewKey {
+    pub fn new(pem: String) -> NewKey {
+        NewKey {
+            sha256: sha256_hex(pem.as_bytes()),
+            pem,
+        }
+    }
+
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+}
+
+/// Whether the key with this digest is in the data directory.
+pub fn has(dir: &Path, sha256: &str) -> bool {
+    path(dir, sha256).is_some_and(|p| p.exists())
+}
+
 fn path(dir: &Path, sha256: &str) -> Option<PathBuf> {
     is_sha256_hex(sha256).then(|| dir.join("keys").join(format!("{sha256}.pem")))
 }
@@ -28,10 +50,7 @@ pub fn take_new(config: &Config) -> Vec<NewKey> {
         .certificates
         .iter()
         .filter_map(|c| c.key_pem.as_ref())
-        .map(|pem| NewKey {
-            sha256: sha256_hex(pem.as_bytes()),
-            pem: pem.clone(),
-        })
+        .map(|pem| NewKey::new(pem.clone()))
         .collect()
 }
 

@@ -10,7 +10,9 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod dns;
+pub mod etcd;
 pub mod keys;
 pub mod logger;
 pub mod store;
@@ -28,7 +30,9 @@ use common::{parse_config, Config, ConfigError, Format, Snapshot, DEFAULT_CONFIG
 use dataplane::{DataPlane, StartOptions};
 
 use crate::api::{Admin, RuntimeInfo};
-use crate::store::Store;
+use crate::keys::NewKey;
+use crate::store::etcd::{merge, node_settings, shared_settings, Seed};
+use crate::store::{EtcdStore, LocalStore, Store};
 
 pub use cli::{Command, RunArgs};
 
@@ -80,7 +84,7 @@ pub fn check(path: &Path) -> i32 {
 type Fail = (i32, String);
 
 /// Opens or seeds the data directory.
-fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
+fn open_state(args: &RunArgs, dir: &Path) -> Result<LocalStore, Fail> {
     let source = match &args.config {
         Some(p) => ConfigSource::File(p.clone()),
         None => ConfigSource::Embedded,
@@ -92,7 +96,7 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
         ),
         ConfigSource::Embedded => (EXIT_INVALID, format!("embedded config: invalid: {e}")),
     };
-    let stored = Store::open(dir).map_err(|e| {
+    let stored = LocalStore::open(dir).map_err(|e| {
         (
             EXIT_FAILURE,
             format!("cannot read the state in {}: {e}", dir.display()),
@@ -154,7 +158,7 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
                     "embedded default".to_owned()
                 }
             };
-            Store::create(dir, config, &what).map_err(|e| {
+            LocalStore::create(dir, config, &what).map_err(|e| {
                 (
                     EXIT_FAILURE,
                     format!("cannot create the state in {}: {e}", dir.display()),
@@ -162,6 +166,81 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<Store, Fail> {
             })
         }
     }
+}
+
+/// Connects to the etcd store `url` as the node described by `--config`, seeding an empty
+/// store from `--seed-from` or from the node file's shared resources.
+fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
+    let url = crate::etcd::StoreUrl::parse(url).map_err(|e| (EXIT_INVALID, e))?;
+    let Some(path) = &args.config else {
+        return Err((
+            EXIT_INVALID,
+            "--store needs --config NODE_FILE (with [cluster] node_id)".to_owned(),
+        ));
+    };
+    let bad = |e: String| {
+        (
+            EXIT_INVALID,
+            format!("{}: invalid config: {e}", path.display()),
+        )
+    };
+    let file = read_config(&ConfigSource::File(path.clone())).map_err(|e| bad(e.to_string()))?;
+    if file.cluster.is_none() {
+        return Err(bad(
+            "with --store the node file needs [cluster] node_id".to_owned()
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        (
+            EXIT_FAILURE,
+            format!("cannot create the data directory {}: {e}", dir.display()),
+        )
+    })?;
+    let (seed, keys, what) = match &args.seed_from {
+        Some(seed_dir) => {
+            let local = LocalStore::open(seed_dir)
+                .map_err(|e| (EXIT_FAILURE, format!("{}: {e}", seed_dir.display())))?
+                .ok_or_else(|| {
+                    (
+                        EXIT_INVALID,
+                        format!("--seed-from {}: holds no config", seed_dir.display()),
+                    )
+                })?;
+            let mut config = local.config().clone();
+            keys::load(seed_dir, &mut config);
+            let keys: Vec<NewKey> = config
+                .certificates
+                .iter()
+                .filter_map(|c| c.stored_key.0.as_ref())
+                .map(|pem| NewKey::new(pem.to_string()))
+                .collect();
+            let what = format!(
+                "data directory {} (revision {})",
+                seed_dir.display(),
+                local.revision()
+            );
+            (merge(&node_settings(&file), &config), keys, what)
+        }
+        None => (
+            file.clone(),
+            keys::take_new(&file),
+            format!("file {}", path.display()),
+        ),
+    };
+    // Seeded as compiled (API keys as their hashes), as every stored config is.
+    let mut check = seed.clone();
+    keys::load(dir, &mut check);
+    let seed = Snapshot::compile(check, 1)
+        .map_err(|e| bad(format!("{what}: {e}")))?
+        .config;
+    let seed = Seed {
+        config: shared_settings(&seed),
+        keys,
+        what,
+        explicit: args.seed_from.is_some(),
+    };
+    let store = EtcdStore::open(url, dir, &file, seed).map_err(|e| (EXIT_FAILURE, e))?;
+    Ok(store)
 }
 
 /// The admin token: from the config, from `GATEWAY_ADMIN_TOKEN`, or generated once and kept
@@ -228,8 +307,14 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
-    let store = open_state(&args, &data_dir)?;
+    let mut store = match &args.store {
+        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir)?),
+        None => Store::Local(open_state(&args, &data_dir)?),
+    };
     let mut stored = store.config().clone();
+    if let Store::Etcd(e) = &mut store {
+        e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
+    }
     keys::load(&data_dir, &mut stored);
     let mut snapshot = Snapshot::compile(stored, store.revision()).map_err(|e| {
         (
@@ -285,7 +370,22 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let plane = dataplane::start(shared.clone(), StartOptions { workers, driver })
         .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let etcd = match &mut store {
+        Store::Etcd(e) => {
+            e.applied = e.revision();
+            Some((e.client(), e.health.clone()))
+        }
+        Store::Local(_) => None,
+    };
     let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams));
+    if let Some((client, health)) = etcd {
+        cluster::spawn(admin.clone(), client, health).map_err(|e| {
+            (
+                EXIT_FAILURE,
+                format!("cannot start the config store threads: {e}"),
+            )
+        })?;
+    }
     admin.set_runtime(RuntimeInfo {
         workers: plane.workers,
         metrics: plane.metrics.clone(),

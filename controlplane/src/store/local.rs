@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - `journal.log`: one line of JSON per committed revision (its config, source, time and
-//!   per-item revisions), appended and `fdatasync`ed before [`Store::commit`] returns, so
+//!   per-item revisions), appended and `fdatasync`ed before [`LocalStore::commit`] returns, so
 //!   the caller answers 2xx only once the change is durable. An append to an existing file
 //!   costs one write and one flush: no file is created, renamed or deleted per change, which
 //!   is what made changes expensive (inode allocation and directory updates dominated).
@@ -44,14 +44,14 @@ struct Current {
     config: Config,
 }
 
-/// One journal line: a committed revision.
+/// One journal line: a committed revision (also the value of the etcd store's keys).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    revision: u64,
-    created_ms: u64,
-    source: String,
-    item_revisions: BTreeMap<String, u64>,
-    config: Config,
+pub struct Record {
+    pub revision: u64,
+    pub created_ms: u64,
+    pub source: String,
+    pub item_revisions: BTreeMap<String, u64>,
+    pub config: Config,
 }
 
 /// One stored revision.
@@ -75,9 +75,9 @@ struct Indexed {
     len: usize,
 }
 
-/// The live config and its history.
+/// The live config and its history, in the data directory.
 #[derive(Debug)]
-pub struct Store {
+pub struct LocalStore {
     dir: PathBuf,
     current: Current,
     journal: File,
@@ -94,15 +94,15 @@ fn invalid(path: &Path, e: impl std::fmt::Display) -> io::Error {
     )
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl Store {
+impl LocalStore {
     /// Opens the state in `dir`; `Ok(None)` when the directory holds none yet.
-    pub fn open(dir: &Path) -> io::Result<Option<Store>> {
+    pub fn open(dir: &Path) -> io::Result<Option<LocalStore>> {
         let path = dir.join(CHECKPOINT);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
@@ -170,7 +170,7 @@ impl Store {
             journal.set_len(valid_len as u64)?;
             journal.sync_all()?;
         }
-        let mut store = Store {
+        let mut store = LocalStore {
             dir: dir.to_owned(),
             current,
             journal,
@@ -191,7 +191,7 @@ impl Store {
     }
 
     /// Creates the state in `dir` with `config` as revision 1.
-    pub fn create(dir: &Path, config: Config, source: &str) -> io::Result<Store> {
+    pub fn create(dir: &Path, config: Config, source: &str) -> io::Result<LocalStore> {
         fs::create_dir_all(dir)?;
         let _ = fs::remove_file(dir.join(JOURNAL));
         let current = Current {
@@ -209,7 +209,7 @@ impl Store {
             .append(true)
             .open(dir.join(JOURNAL))?;
         File::open(dir)?.sync_all()?;
-        let mut store = Store {
+        let mut store = LocalStore {
             dir: dir.to_owned(),
             current,
             journal,
@@ -243,17 +243,12 @@ impl Store {
     /// Makes `config` the next revision, durably. Returns its number.
     pub fn commit(&mut self, config: Config, source: &str) -> io::Result<u64> {
         let revision = self.current.revision + 1;
-        let old: BTreeMap<String, serde_json::Value> =
-            item_values(&self.current.config).into_iter().collect();
-        let mut item_revisions = BTreeMap::new();
-        for (key, value) in item_values(&config) {
-            let unchanged = old.get(&key) == Some(&value);
-            let rev = match self.current.item_revisions.get(&key) {
-                Some(&r) if unchanged => r,
-                _ => revision,
-            };
-            item_revisions.insert(key, rev);
-        }
+        let item_revisions = item_revisions_after(
+            &self.current.config,
+            &self.current.item_revisions,
+            &config,
+            revision,
+        );
         let record = Record {
             revision,
             created_ms: now_ms(),
@@ -410,6 +405,27 @@ fn convert_history(dir: &Path, current: &Current) -> io::Result<()> {
     fs::remove_dir_all(&old)
 }
 
+/// The per-item revisions once `next` is committed as `revision` over `old` (with
+/// `old_revisions`): an item keeps its revision while its value stays the same.
+pub fn item_revisions_after(
+    old: &Config,
+    old_revisions: &BTreeMap<String, u64>,
+    next: &Config,
+    revision: u64,
+) -> BTreeMap<String, u64> {
+    let old: BTreeMap<String, serde_json::Value> = item_values(old).into_iter().collect();
+    item_values(next)
+        .into_iter()
+        .map(|(key, value)| {
+            let rev = match old_revisions.get(&key) {
+                Some(&r) if old.get(&key) == Some(&value) => r,
+                _ => revision,
+            };
+            (key, rev)
+        })
+        .collect()
+}
+
 /// `kind/id` → JSON of every item of every resource kind.
 pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
     fn items<'a, T: Serialize>(
@@ -487,13 +503,13 @@ mod tests {
             ..UpstreamConfig::default()
         });
         config.routes.push(route("a", "u"));
-        let mut store = Store::create(&d, config.clone(), "test").unwrap();
+        let mut store = LocalStore::create(&d, config.clone(), "test").unwrap();
         assert_eq!(store.revision(), 1);
         config.routes.push(route("b", "u"));
         assert_eq!(store.commit(config.clone(), "test").unwrap(), 2);
         assert_eq!(store.item_revision("routes", "a"), Some(1));
         assert_eq!(store.item_revision("routes", "b"), Some(2));
-        let reopened = Store::open(&d).unwrap().unwrap();
+        let reopened = LocalStore::open(&d).unwrap().unwrap();
         assert_eq!(reopened.revision(), 2);
         assert_eq!(reopened.config(), &config);
         assert_eq!(reopened.item_revision("upstreams", "u"), Some(1));
@@ -509,14 +525,14 @@ mod tests {
                 .len(),
             1
         );
-        assert!(Store::open(&d.join("nothing")).unwrap().is_none());
+        assert!(LocalStore::open(&d.join("nothing")).unwrap().is_none());
         let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
     fn history_is_bounded() {
         let d = dir();
-        let mut store = Store::create(&d, Config::default(), "test").unwrap();
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
         for i in 0..(KEEP + 5) {
             let c = Config {
                 workers: Some(i % 7 + 1),
@@ -537,7 +553,7 @@ mod tests {
         }
         let journal_lines = fs::read_to_string(d.join(JOURNAL)).unwrap().lines().count();
         assert!(journal_lines < COMPACT_AT, "{journal_lines}");
-        let reopened = Store::open(&d).unwrap().unwrap();
+        let reopened = LocalStore::open(&d).unwrap().unwrap();
         assert_eq!(reopened.revision(), store.revision());
         assert_eq!(reopened.config(), store.config());
         assert_eq!(reopened.revisions().len(), KEEP);
@@ -550,7 +566,7 @@ mod tests {
     #[test]
     fn a_torn_journal_tail_is_dropped() {
         let d = dir();
-        let mut store = Store::create(&d, Config::default(), "test").unwrap();
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
         let two = Config {
             workers: Some(2),
             ..Config::default()
@@ -565,12 +581,12 @@ mod tests {
         f.write_all(br#"{"revision":3,"created_ms":1,"source":"torn","item_revi"#)
             .unwrap();
         drop(f);
-        let mut store = Store::open(&d).unwrap().unwrap();
+        let mut store = LocalStore::open(&d).unwrap().unwrap();
         assert_eq!(store.revision(), 2);
         assert_eq!(store.config(), &two);
         // The next change follows on cleanly.
         store.commit(Config::default(), "test").unwrap();
-        let store = Store::open(&d).unwrap().unwrap();
+        let store = LocalStore::open(&d).unwrap().unwrap();
         assert_eq!(store.revision(), 3);
         assert_eq!(store.revisions().len(), 3);
         let _ = fs::remove_dir_all(&d);
@@ -603,7 +619,7 @@ mod tests {
             config: config.clone(),
         };
         fs::write(d.join(CHECKPOINT), serde_json::to_vec(&current).unwrap()).unwrap();
-        let store = Store::open(&d).unwrap().unwrap();
+        let store = LocalStore::open(&d).unwrap().unwrap();
         assert_eq!(store.revision(), 2);
         assert_eq!(store.config(), &config);
         assert_eq!(store.revisions().len(), 2);

@@ -1,0 +1,612 @@
+//! A small blocking client for etcd's v3 API through its JSON gateway over HTTP/1.1
+//! (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/watch`, `/v3/lease/*`, `/v3/auth/authenticate`).
+//! The gRPC API would need `protoc` at build time; the JSON gateway is part of every etcd
+//! server since 3.3 and carries the same messages, with keys and values in base64 and 64-bit
+//! numbers as strings.
+//!
+//! One request per connection (`Connection: close`): the config store writes rarely, and a
+//! fresh connection after any failure is what a client must do anyway. The endpoints are
+//! tried in turn, starting from the last one that answered.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// How long a connect may take, per endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a unary request may wait for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest answer accepted (a config with its history is far smaller).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+/// What went wrong talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoint answered (connect, I/O or a 5xx): the store is unreachable.
+    #[error("etcd unreachable: {0}")]
+    Unavailable(String),
+    /// etcd answered with an error (bad credentials, permission, bad request).
+    #[error("etcd refused: {0}")]
+    Refused(String),
+}
+
+/// `etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/PREFIX`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    pub endpoints: Vec<String>,
+    /// Key prefix, with a leading and no trailing `/`.
+    pub prefix: String,
+    pub user: Option<(String, String)>,
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        let rest = url.strip_prefix("etcd://").ok_or_else(|| {
+            format!("--store {url:?}: expected etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX")
+        })?;
+        let (authority, prefix) = match rest.split_once('/') {
+            Some((a, p)) => (a, p.trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((creds, hosts)) => {
+                let (u, p) = creds
+                    .split_once(':')
+                    .ok_or_else(|| format!("--store {url:?}: credentials must be USER:PASSWORD"))?;
+                (Some((u.to_owned(), p.to_owned())), hosts)
+            }
+            None => (None, authority),
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("--store {url:?}: no endpoint"));
+        }
+        for e in &endpoints {
+            match e.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => return Err(format!("--store {url:?}: endpoint {e:?} is not HOST:PORT")),
+            }
+        }
+        if prefix.is_empty() || prefix.split('/').any(str::is_empty) {
+            return Err(format!(
+                "--store {url:?}: give a key prefix such as /gateway (without empty segments)"
+            ));
+        }
+        Ok(StoreUrl {
+            endpoints,
+            prefix: format!("/{prefix}"),
+            user,
+        })
+    }
+
+    /// The URL without its password, for logs and `/v1/status`.
+    pub fn redacted(&self) -> String {
+        let user = match &self.user {
+            Some((u, _)) => format!("{u}:***@"),
+            None => String::new(),
+        };
+        format!("etcd://{user}{}{}", self.endpoints.join(","), self.prefix)
+    }
+}
+
+/// One key-value pair as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// A connection-less client: each call opens its own connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    url: StoreUrl,
+    /// The endpoint to try first (the last one that answered).
+    preferred: usize,
+    token: Option<String>,
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len() * 4 / 3 + 4);
+    common::keys::encode_b64_into(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn unb64(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    match v.as_str() {
+        Some(s) if common::keys::decode_b64(s.as_bytes(), &mut out).is_some() => out,
+        _ => Vec::new(),
+    }
+}
+
+/// A 64-bit number, which the gateway sends as a string (absent when zero).
+pub fn num(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The key just after every key that starts with `prefix` (etcd's `range_end` for a prefix).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+pub fn kvs(answer: &Value) -> Vec<Kv> {
+    answer["kvs"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|kv| Kv {
+                    key: String::from_utf8_lossy(&unb64(&kv["key"])).into_owned(),
+                    value: unb64(&kv["value"]),
+                    mod_revision: num(&kv["mod_revision"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Client {
+    pub fn new(url: StoreUrl) -> Client {
+        Client {
+            url,
+            preferred: 0,
+            token: None,
+        }
+    }
+
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    /// The full key for `name` under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.url.prefix)
+    }
+
+    /// One unary call; the answer's JSON.
+    pub fn call(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        if self.url.user.is_some() && self.token.is_none() {
+            self.authenticate()?;
+        }
+        match self.call_once(path, body) {
+            Err(EtcdError::Refused(m)) if self.url.user.is_some() && m.contains("token") => {
+                // The token expired (etcd's simple tokens last 5 minutes by default).
+                self.authenticate()?;
+                self.call_once(path, body)
+            }
+            other => other,
+        }
+    }
+
+    fn authenticate(&mut self) -> Result<(), EtcdError> {
+        let Some((user, password)) = self.url.user.clone() else {
+            return Ok(());
+        };
+        self.token = None;
+        let answer = self.call_once(
+            "/v3/auth/authenticate",
+            &json!({"name": user, "password": password}),
+        )?;
+        match answer["token"].as_str() {
+            Some(t) => {
+                self.token = Some(t.to_owned());
+                Ok(())
+            }
+            None => Err(EtcdError::Refused(format!(
+                "authentication as {user:?} gave no token"
+            ))),
+        }
+    }
+
+    fn call_once(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let answer = self.send(path, body, REQUEST_TIMEOUT)?;
+        let text =
+            read_answer(answer).map_err(|e| EtcdError::Unavailable(format!("{path}: {e}")))?;
+        let value: Value = serde_json::from_slice(&text)
+            .map_err(|e| EtcdError::Unavailable(format!("{path}: answer is not JSON: {e}")))?;
+        // Streaming endpoints answered in one message wrap it in "result".
+        let value = match value.get("result") {
+            Some(r) => r.clone(),
+            None => value,
+        };
+        if let Some(err) = value.get("error").or_else(|| value.get("message")) {
+            let msg = err.as_str().unwrap_or("error").to_owned();
+            // gRPC code 14 UNAVAILABLE (no leader, shutting down) is the store being away.
+            return Err(match num(&value["code"]) {
+                14 | 4 => EtcdError::Unavailable(msg),
+                _ => EtcdError::Refused(msg),
+            });
+        }
+        Ok(value)
+    }
+
+    /// Connects to the first endpoint that takes the connection and sends the request.
+    fn send(&mut self, path: &str, body: &Value, timeout: Duration) -> Result<Answer, EtcdError> {
+        let body = serde_json::to_vec(body).map_err(|e| EtcdError::Refused(e.to_string()))?;
+        let n = self.url.endpoints.len();
+        let mut last = String::new();
+        for i in 0..n {
+            let at = (self.preferred + i) % n;
+            let endpoint = &self.url.endpoints[at];
+            match self.send_to(endpoint, path, &body, timeout) {
+                Ok(s) => {
+                    self.preferred = at;
+                    return Ok(s);
+                }
+                Err(e) => last = format!("{endpoint}: {e}"),
+            }
+        }
+        Err(EtcdError::Unavailable(last))
+    }
+
+    fn send_to(
+        &self,
+        endpoint: &str,
+        path: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> io::Result<Answer> {
+        let mut last = io::Error::other("no address");
+        for addr in endpoint.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(stream) => {
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+                    let auth = match &self.token {
+                        Some(t) => format!("Authorization: {t}\r\n"),
+                        None => String::new(),
+                    };
+                    let head = format!(
+                        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: \
+                         application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let mut w = &stream;
+                    w.write_all(head.as_bytes())?;
+                    w.write_all(body)?;
+                    let mut reader = BufReader::new(stream);
+                    let (status, chunked, length) = read_head(&mut reader)?;
+                    if status >= 500 {
+                        return Err(io::Error::other(format!("HTTP {status}")));
+                    }
+                    return Ok(Answer {
+                        reader,
+                        chunked,
+                        length,
+                    });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Reads keys: the one `name`, or every key starting with `name` when `prefix`.
+    pub fn range(&mut self, name: &str, prefix: bool) -> Result<(Vec<Kv>, i64), EtcdError> {
+        let key = self.key(name);
+        let mut req = json!({"key": b64(key.as_bytes())});
+        if prefix {
+            req["range_end"] = json!(b64(&prefix_end(&key)));
+        }
+        let answer = self.call("/v3/kv/range", &req)?;
+        Ok((kvs(&answer), num(&answer["header"]["revision"])))
+    }
+
+    /// Puts one key, bound to `lease` when not zero.
+    pub fn put(&mut self, name: &str, value: &[u8], lease: i64) -> Result<(), EtcdError> {
+        let mut req = json!({"key": b64(self.key(name).as_bytes()), "value": b64(value)});
+        if lease != 0 {
+            req["lease"] = json!(lease.to_string());
+        }
+        self.call("/v3/kv/put", &req).map(drop)
+    }
+
+    /// A lease of `ttl` seconds; its id.
+    pub fn grant(&mut self, ttl: i64) -> Result<i64, EtcdError> {
+        let answer = self.call("/v3/lease/grant", &json!({"TTL": ttl.to_string()}))?;
+        match num(&answer["ID"]) {
+            0 => Err(EtcdError::Refused("lease grant gave no id".to_owned())),
+            id => Ok(id),
+        }
+    }
+
+    /// Refreshes a lease; false when it has expired.
+    pub fn keep_alive(&mut self, lease: i64) -> Result<bool, EtcdError> {
+        let answer = self.call("/v3/lease/keepalive", &json!({"ID": lease.to_string()}))?;
+        Ok(num(&answer["TTL"]) > 0)
+    }
+
+    /// Opens a watch on `name` (every key under it when `prefix`) from `start` on.
+    pub fn watch(&mut self, name: &str, prefix: bool, start: i64) -> Result<Watch, EtcdError> {
+        if self.url.user.is_some() && self.token.is_none() {
+            self.authenticate()?;
+        }
+        let key = self.key(name);
+        let mut create = json!({"key": b64(key.as_bytes()), "start_revision": start.to_string()});
+        if prefix {
+            create["range_end"] = json!(b64(&prefix_end(&key)));
+        }
+        // Progress notifications every ~10 minutes keep idle connections alive; the read
+        // timeout below is longer than etcd's default progress interval.
+        create["progress_notify"] = json!(true);
+        let answer = self.send(
+            "/v3/watch",
+            &json!({"create_request": create}),
+            Duration::from_secs(15 * 60),
+        )?;
+        Ok(Watch {
+            body: Chunked::new(answer.reader),
+        })
+    }
+}
+
+/// An open watch: a stream of JSON messages, one per line.
+#[derive(Debug)]
+pub struct Watch {
+    body: Chunked,
+}
+
+/// One watch message.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// Keys changed, at the given etcd revision.
+    Changes(Vec<Kv>, i64),
+    /// The watch is running (created, or a progress notification).
+    Progress,
+    /// The watch ended (compacted history or cancelled): read everything again.
+    Ended(String),
+}
+
+impl Watch {
+    pub fn next_event(&mut self) -> Result<WatchEvent, EtcdError> {
+        let line = self
+            .body
+            .line()
+            .map_err(|e| EtcdError::Unavailable(format!("watch: {e}")))?;
+        let value: Value = serde_json::from_slice(&line)
+            .map_err(|e| EtcdError::Unavailable(format!("watch: not JSON: {e}")))?;
+        let r = value.get("result").unwrap_or(&value);
+        if let Some(e) = value.get("error") {
+            return Ok(WatchEvent::Ended(e.to_string()));
+        }
+        if r["canceled"].as_bool() == Some(true) {
+            return Ok(WatchEvent::Ended(format!(
+                "watch cancelled (compact revision {}): {}",
+                num(&r["compact_revision"]),
+                r["cancel_reason"].as_str().unwrap_or("")
+            )));
+        }
+        let Some(events) = r["events"].as_array() else {
+            return Ok(WatchEvent::Progress);
+        };
+        let revision = num(&r["header"]["revision"]);
+        let changed = events
+            .iter()
+            .map(|e| {
+                let kv = &e["kv"];
+                Kv {
+                    key: String::from_utf8_lossy(&unb64(&kv["key"])).into_owned(),
+                    // A DELETE event carries no value.
+                    value: if e["type"].as_str() == Some("DELETE") {
+                        Vec::new()
+                    } else {
+                        unb64(&kv["value"])
+                    },
+                    mod_revision: num(&kv["mod_revision"]),
+                }
+            })
+            .collect();
+        Ok(WatchEvent::Changes(changed, revision))
+    }
+}
+
+/// A response whose head has been read.
+struct Answer {
+    reader: BufReader<TcpStream>,
+    chunked: bool,
+    length: Option<usize>,
+}
+
+/// Reads a response head: its status code, whether the body is chunked, its length.
+fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<(u16, bool, Option<usize>)> {
+    let mut head = Vec::new();
+    loop {
+        let n = r.read_until(b'\n', &mut head)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if head.ends_with(b"\r\n\r\n") {
+            break;
+        }
+        if head.len() > 64 * 1024 {
+            return Err(io::Error::other("response head too long"));
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(io::Error::other("malformed response head")),
+    }
+    let chunked = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            && String::from_utf8_lossy(h.value)
+                .to_ascii_lowercase()
+                .contains("chunked")
+    });
+    let length = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    Ok((resp.code.unwrap_or(0), chunked, length))
+}
+
+/// Reads a whole response body.
+fn read_answer(answer: Answer) -> io::Result<Vec<u8>> {
+    let Answer {
+        reader: mut r,
+        chunked,
+        length,
+    } = answer;
+    if chunked {
+        let mut body = Chunked::new(r);
+        let mut all = Vec::new();
+        // A streaming endpoint answering one request sends one message and ends; read up to
+        // the end or the first complete message, whichever comes first.
+        loop {
+            match body.chunk()? {
+                Some(c) => {
+                    all.extend_from_slice(&c);
+                    if all.len() > MAX_ANSWER {
+                        return Err(io::Error::other("answer too large"));
+                    }
+                    if all.ends_with(b"\n") && serde_json::from_slice::<Value>(&all).is_ok() {
+                        return Ok(all);
+                    }
+                }
+                None => return Ok(all),
+            }
+        }
+    }
+    match length {
+        Some(n) if n > MAX_ANSWER => Err(io::Error::other("answer too large")),
+        Some(n) => {
+            let mut body = vec![0u8; n];
+            r.read_exact(&mut body)?;
+            Ok(body)
+        }
+        None => {
+            let mut body = Vec::new();
+            r.take(MAX_ANSWER as u64 + 1).read_to_end(&mut body)?;
+            Ok(body)
+        }
+    }
+}
+
+/// A chunked body read as newline-separated messages.
+#[derive(Debug)]
+struct Chunked {
+    reader: BufReader<TcpStream>,
+    pending: Vec<u8>,
+    done: bool,
+}
+
+impl Chunked {
+    fn new(reader: BufReader<TcpStream>) -> Chunked {
+        Chunked {
+            reader,
+            pending: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The next chunk's data; `None` at the end of the body.
+    fn chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let r = &mut self.reader;
+        let mut size_line = Vec::new();
+        if r.read_until(b'\n', &mut size_line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let text = String::from_utf8_lossy(&size_line);
+        let hex = text.trim().split(';').next().unwrap_or("");
+        let size = usize::from_str_radix(hex, 16)
+            .map_err(|_| io::Error::other(format!("bad chunk size {hex:?}")))?;
+        if size > MAX_ANSWER {
+            return Err(io::Error::other("chunk too large"));
+        }
+        if size == 0 {
+            self.done = true;
+            return Ok(None);
+        }
+        let mut data = vec![0u8; size + 2];
+        r.read_exact(&mut data)?;
+        data.truncate(size);
+        Ok(Some(data))
+    }
+
+    /// The next complete line (a message), without its newline.
+    fn line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=i).collect();
+                line.pop();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(line);
+            }
+            match self.chunk()? {
+                Some(c) => {
+                    self.pending.extend_from_slice(&c);
+                    if self.pending.len() > MAX_ANSWER {
+                        return Err(io::Error::other("watch message too large"));
+                    }
+                }
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_parse() {
+        let u = StoreUrl::parse("etcd://127.0.0.1:2379,127.0.0.2:2379/gateway/").unwrap();
+        assert_eq!(u.endpoints, ["127.0.0.1:2379", "127.0.0.2:2379"]);
+        assert_eq!(u.prefix, "/gateway");
+        assert_eq!(u.user, None);
+        let u = StoreUrl::parse("etcd://gw:s3cret@localhost:2379/a/b").unwrap();
+        assert_eq!(u.user, Some(("gw".into(), "s3cret".into())));
+        assert_eq!(u.prefix, "/a/b");
+        assert_eq!(u.redacted(), "etcd://gw:***@localhost:2379/a/b");
+        for bad in [
+            "http://127.0.0.1:2379/g",
+            "etcd://127.0.0.1:2379",
+            "etcd://127.0.0.1:2379/",
+            "etcd://127.0.0.1/g",
+            "etcd://127.0.0.1:0/g",
+            "etcd://user@127.0.0.1:2379/g",
+            "etcd:///g",
+            "etcd://h:1/a//b",
+        ] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end("/g/"), b"/g0");
+        assert_eq!(prefix_end("a\u{7f}"), b"b");
+    }
+}

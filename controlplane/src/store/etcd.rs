@@ -1,0 +1,646 @@
+//! The config shared by a cluster of gateway nodes, in etcd (`--store etcd://...`).
+//!
+//! What is shared and what is per node: each node's own file (`--config`) holds its
+//! [`node_settings`] (workers, listeners, admin, access_log, resolver, cluster); everything
+//! else is shared through etcd. The config a node serves is the shared one merged with its
+//! own settings.
+//!
+//! Keys under the prefix `P`:
+//! - `P/config`: the current revision, one [`Record`] (the shared config, its revision
+//!   number, per-item revisions, source and time) as JSON.
+//! - `P/revisions/NNNNNNNNNNNNNNNNNNNN`: the last [`KEEP`] records, for history and rollback.
+//! - `P/keys/SHA256`: certificates' private keys, encrypted with AES-256-GCM under the key in
+//!   `[cluster] secret_file` (the digest of the key's PEM as associated data), never in the
+//!   clear.
+//! - `P/nodes/ID`: each node's record (applied revision, last seen, the shared ids its node
+//!   file uses), bound to a lease so it disappears when the node does.
+//!
+//! A commit is one etcd transaction: if `P/config` still has the `mod_revision` the change
+//! was validated against, put the new record, its history entry and its new keys, and drop
+//! the history entry that falls out of [`KEEP`]; else read the newer record, which the caller
+//! validates its change against again. So two nodes' writers never overwrite each other,
+//! and a 2xx means etcd has committed the change.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::config::{AdminConfig, ResolverConfig};
+use common::Config;
+use ring::aead;
+use serde_json::{json, Value};
+
+use super::local::{item_revisions_after, now_ms, Record, StoredRevision, KEEP};
+use super::StoreError;
+use crate::etcd::{b64, num, Client, EtcdError, StoreUrl};
+use crate::keys::NewKey;
+
+/// Seconds a node's record outlives its last heartbeat.
+pub const NODE_TTL_S: i64 = 10;
+
+/// This node's own settings, taken from its node file: `workers`, `listeners`, `admin`,
+/// `access_log`, `resolver` and `cluster`; everything else left at its default.
+pub fn node_settings(c: &Config) -> Config {
+    Config {
+        workers: c.workers,
+        listeners: c.listeners.clone(),
+        admin: c.admin.clone(),
+        access_log: c.access_log.clone(),
+        resolver: c.resolver.clone(),
+        cluster: c.cluster.clone(),
+        ..Config::default()
+    }
+}
+
+/// The shared part of `c`: everything but the [`node_settings`].
+pub fn shared_settings(c: &Config) -> Config {
+    Config {
+        workers: None,
+        listeners: Vec::new(),
+        admin: AdminConfig::default(),
+        access_log: None,
+        resolver: ResolverConfig::default(),
+        cluster: None,
+        ..c.clone()
+    }
+}
+
+/// The shared config `shared` as served by the node with `node` settings.
+pub fn merge(node: &Config, shared: &Config) -> Config {
+    Config {
+        workers: node.workers,
+        listeners: node.listeners.clone(),
+        admin: node.admin.clone(),
+        access_log: node.access_log.clone(),
+        resolver: node.resolver.clone(),
+        cluster: node.cluster.clone(),
+        ..shared.clone()
+    }
+}
+
+/// The shared ids a node's settings use (`policies/ID`, `certificates/ID`): a write that
+/// removes one of them while that node is up is refused.
+pub fn uses(node: &Config) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in &node.listeners {
+        out.extend(l.policies.iter().map(|p| format!("policies/{p}")));
+        if let Some(tls) = &l.tls {
+            out.extend(tls.certificates.iter().map(|c| format!("certificates/{c}")));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What the store's connection looks like, shared with the watch and heartbeat threads.
+#[derive(Debug, Default)]
+pub struct Health {
+    unreachable: AtomicBool,
+    error: Mutex<Option<(u64, String)>>,
+}
+
+impl Health {
+    pub fn ok(&self) {
+        if self.unreachable.swap(false, Ordering::Relaxed) {
+            log::info!("config store reachable again");
+        }
+    }
+
+    pub fn fail(&self, e: &EtcdError) {
+        if let EtcdError::Unavailable(_) = e {
+            if !self.unreachable.swap(true, Ordering::Relaxed) {
+                log::warn!("config store unreachable ({e}); serving the last config");
+            }
+        }
+        let mut last = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        *last = Some((now_ms(), e.to_string()));
+    }
+
+    pub fn reachable(&self) -> bool {
+        !self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// The last error and when it happened (ms since the epoch).
+    pub fn last_error(&self) -> Option<(u64, String)> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What an empty store starts with.
+#[derive(Debug)]
+pub struct Seed {
+    /// The shared config (compiled).
+    pub config: Config,
+    /// The private keys it names.
+    pub keys: Vec<NewKey>,
+    /// Where it came from, for the revision's source.
+    pub what: String,
+    /// Asked for with `--seed-from`: a store that already holds a config is an error.
+    pub explicit: bool,
+}
+
+/// The etcd store of one node.
+#[derive(Debug)]
+pub struct EtcdStore {
+    client: Client,
+    dir: PathBuf,
+    node_id: String,
+    /// This node's own settings (from its node file).
+    node: Config,
+    /// The key private keys are encrypted with, from `[cluster] secret_file`.
+    secret: Option<[u8; 32]>,
+    /// The newest record seen in etcd, its config merged with `node`.
+    revision: u64,
+    item_revisions: BTreeMap<String, u64>,
+    config: Config,
+    /// etcd's `mod_revision` of `P/config` holding that record (0: none yet).
+    mod_revision: i64,
+    /// The revision published to this node's workers.
+    pub applied: u64,
+    /// A newer revision this node could not serve, and why.
+    pub rejected: Option<(u64, String)>,
+    pub health: Arc<Health>,
+}
+
+/// Reads `[cluster] secret_file`: 64 hex digits.
+fn read_secret(path: &str) -> Result<[u8; 32], String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cluster.secret_file {path}: {e}"))?;
+    let hex = text.trim();
+    let mut out = [0u8; 32];
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "cluster.secret_file {path}: expected 64 hex digits (openssl rand -hex 32)"
+        ));
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    Ok(out)
+}
+
+fn seal(secret: &[u8; 32], key: &NewKey) -> Result<Vec<u8>, String> {
+    use ring::rand::SecureRandom;
+    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, secret).map_err(|_| "bad secret")?;
+    let sealing = aead::LessSafeKey::new(unbound);
+    let mut nonce = [0u8; aead::NONCE_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| "no randomness")?;
+    let mut data = key.pem().as_bytes().to_vec();
+    sealing
+        .seal_in_place_append_tag(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(key.sha256().as_bytes()),
+            &mut data,
+        )
+        .map_err(|_| "encryption failed")?;
+    Ok(serde_json::to_vec(&json!({
+        "alg": "AES-256-GCM",
+        "nonce": b64(&nonce),
+        "ciphertext": b64(&data),
+    }))
+    .unwrap_or_default())
+}
+
+fn open_sealed(secret: &[u8; 32], sha256: &str, stored: &[u8]) -> Result<String, String> {
+    let v: Value = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
+    let field = |name: &str| {
+        let mut out = Vec::new();
+        common::keys::decode_b64(v[name].as_str().unwrap_or("").as_bytes(), &mut out)
+            .map(|()| out)
+            .ok_or_else(|| format!("{name} is not base64"))
+    };
+    let nonce: [u8; aead::NONCE_LEN] = field("nonce")?
+        .try_into()
+        .map_err(|_| "bad nonce length".to_owned())?;
+    let mut data = field("ciphertext")?;
+    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, secret).map_err(|_| "bad secret")?;
+    let opening = aead::LessSafeKey::new(unbound);
+    let plain = opening
+        .open_in_place(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(sha256.as_bytes()),
+            &mut data,
+        )
+        .map_err(|_| {
+            "cannot decrypt: this node's cluster.secret_file differs from the writer's".to_owned()
+        })?;
+    let pem = String::from_utf8(plain.to_vec()).map_err(|_| "not UTF-8".to_owned())?;
+    if common::tls::sha256_hex(pem.as_bytes()) != sha256 {
+        return Err("decrypted key does not match its digest".to_owned());
+    }
+    Ok(pem)
+}
+
+fn revision_key(n: u64) -> String {
+    format!("revisions/{n:020}")
+}
+
+fn unavailable(e: EtcdError) -> StoreError {
+    match e {
+        EtcdError::Unavailable(m) => StoreError::Unavailable(m),
+        EtcdError::Refused(m) => StoreError::Failed(m),
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd and reads the shared config; an empty store is seeded with `seed`
+    /// as revision 1. `node_file` is this node's file, whose node settings are kept.
+    pub fn open(
+        url: StoreUrl,
+        dir: &Path,
+        node_file: &Config,
+        seed: Seed,
+    ) -> Result<EtcdStore, String> {
+        let cluster = node_file.cluster.as_ref().ok_or_else(|| {
+            "--store needs [cluster] node_id in the node file (--config)".to_owned()
+        })?;
+        let secret = match &cluster.secret_file {
+            Some(path) => Some(read_secret(path)?),
+            None => None,
+        };
+        let mut store = EtcdStore {
+            client: Client::new(url),
+            dir: dir.to_owned(),
+            node_id: cluster.node_id.clone(),
+            node: node_settings(node_file),
+            secret,
+            revision: 0,
+            item_revisions: BTreeMap::new(),
+            config: Config::default(),
+            mod_revision: 0,
+            applied: 0,
+            rejected: None,
+            health: Arc::new(Health::default()),
+        };
+        let url = store.client.url().redacted();
+        let found = store
+            .refresh()
+            .map_err(|e| format!("cannot read the config from {url}: {e}"))?;
+        if found {
+            if seed.explicit {
+                return Err(format!(
+                    "{url} already holds config revision {}; --seed-from copies into an empty \
+                     store only",
+                    store.revision
+                ));
+            }
+            if seed.config != shared_settings(&Config::default()) {
+                log::warn!(
+                    "{url} holds config revision {}: the shared resources in {} are ignored \
+                     (they seed an empty store only)",
+                    store.revision,
+                    seed.what
+                );
+            }
+            return Ok(store);
+        }
+        let merged = merge(&store.node, &seed.config);
+        match store.commit(merged, &seed.what, &seed.keys) {
+            Ok(rev) => log::info!("seeded {url} with {} as revision {rev}", seed.what),
+            // Another node seeded it at the same moment: that config stands.
+            Err(StoreError::Conflict) => {}
+            Err(e) => return Err(format!("cannot seed {url}: {e}")),
+        }
+        Ok(store)
+    }
+
+    pub fn url(&self) -> &StoreUrl {
+        self.client.url()
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn node_settings(&self) -> &Config {
+        &self.node
+    }
+
+    pub fn has_secret(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn item_revision(&self, kind: &str, id: &str) -> Option<u64> {
+        self.item_revisions.get(&format!("{kind}/{id}")).copied()
+    }
+
+    fn track<T>(&self, r: Result<T, EtcdError>) -> Result<T, EtcdError> {
+        match &r {
+            Ok(_) => self.health.ok(),
+            Err(e) => self.health.fail(e),
+        }
+        r
+    }
+
+    /// Takes a record read from etcd if it is newer than the one held; whether it was.
+    pub fn adopt(&mut self, value: &[u8], mod_revision: i64) -> bool {
+        if mod_revision <= self.mod_revision {
+            return false;
+        }
+        let record: Record = match serde_json::from_slice(value) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("config store: unreadable record at etcd revision {mod_revision}: {e}");
+                self.rejected = Some((self.revision + 1, format!("unreadable record: {e}")));
+                return false;
+            }
+        };
+        self.mod_revision = mod_revision;
+        self.revision = record.revision;
+        self.item_revisions = record.item_revisions;
+        self.config = merge(&self.node, &record.config);
+        true
+    }
+
+    /// Reads `P/config` and adopts it if newer; whether etcd holds a config at all.
+    pub fn refresh(&mut self) -> Result<bool, StoreError> {
+        let r = self.client.range("config", false);
+        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        match kvs.first() {
+            Some(kv) => {
+                self.adopt(&kv.value, kv.mod_revision);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Commits `config` (this node's settings dropped) as the next revision if nothing was
+    /// committed since the held one; else adopts the newer one and answers
+    /// [`StoreError::Conflict`].
+    pub fn commit(
+        &mut self,
+        config: Config,
+        source: &str,
+        new_keys: &[NewKey],
+    ) -> Result<u64, StoreError> {
+        let revision = self.revision + 1;
+        let shared = shared_settings(&config);
+        let record = Record {
+            revision,
+            created_ms: now_ms(),
+            source: source.to_owned(),
+            item_revisions: item_revisions_after(
+                &self.config,
+                &self.item_revisions,
+                &config,
+                revision,
+            ),
+            config: shared,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| StoreError::Failed(e.to_string()))?;
+        let put = |key: String, value: &[u8]| json!({"request_put": {"key": b64(key.as_bytes()), "value": b64(value)}});
+        let mut success = vec![
+            put(self.client.key("config"), &bytes),
+            put(self.client.key(&revision_key(revision)), &bytes),
+        ];
+        if revision > KEEP as u64 {
+            let old = self.client.key(&revision_key(revision - KEEP as u64));
+            success.push(json!({"request_delete_range": {"key": b64(old.as_bytes())}}));
+        }
+        if !new_keys.is_empty() {
+            let secret = self.secret.as_ref().ok_or_else(|| {
+                StoreError::Failed("no [cluster] secret_file to encrypt private keys".to_owned())
+            })?;
+            // This node keeps its own copy too, as a single node does.
+            crate::keys::save(&self.dir, new_keys).map_err(|e| {
+                StoreError::Failed(format!(
+                    "a private key could not be written to the data directory: {e}"
+                ))
+            })?;
+            for k in new_keys {
+                let sealed = seal(secret, k).map_err(StoreError::Failed)?;
+                success.push(put(
+                    self.client.key(&format!("keys/{}", k.sha256())),
+                    &sealed,
+                ));
+            }
+        }
+        let config_key = b64(self.client.key("config").as_bytes());
+        let txn = json!({
+            "compare": [{
+                "key": config_key,
+                "target": "MOD",
+                "result": "EQUAL",
+                "mod_revision": self.mod_revision.to_string(),
+            }],
+            "success": success,
+            "failure": [{"request_range": {"key": config_key}}],
+        });
+        let r = self.client.call("/v3/kv/txn", &txn);
+        let answer = self.track(r).map_err(unavailable)?;
+        if answer["succeeded"].as_bool() == Some(true) {
+            self.mod_revision = num(&answer["header"]["revision"]);
+            self.revision = revision;
+            self.item_revisions = record.item_revisions;
+            self.config = merge(&self.node, &record.config);
+            return Ok(revision);
+        }
+        let newer = crate::etcd::kvs(&answer["responses"][0]["response_range"]);
+        match newer.first() {
+            Some(kv) => {
+                self.adopt(&kv.value, kv.mod_revision);
+            }
+            None => {
+                // The config key was deleted behind our back: start the sequence again.
+                self.mod_revision = 0;
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Stored revisions, oldest first (without their configs).
+    pub fn revisions(&mut self) -> Result<Vec<StoredRevision>, StoreError> {
+        let r = self.client.range("revisions/", true);
+        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        let mut list: Vec<StoredRevision> = kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<Record>(&kv.value).ok())
+            .map(|r| StoredRevision {
+                revision: r.revision,
+                created_ms: r.created_ms,
+                source: r.source,
+                config: Config::default(),
+            })
+            .collect();
+        list.sort_by_key(|r| r.revision);
+        let from = list.len().saturating_sub(KEEP);
+        Ok(list.split_off(from))
+    }
+
+    /// One stored revision (its shared config merged with this node's settings).
+    pub fn load_revision(&mut self, n: u64) -> Result<Option<StoredRevision>, StoreError> {
+        let r = self.client.range(&revision_key(n), false);
+        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        let Some(kv) = kvs.first() else {
+            return Ok(None);
+        };
+        let record: Record = serde_json::from_slice(&kv.value)
+            .map_err(|e| StoreError::Failed(format!("revision {n} is unreadable: {e}")))?;
+        Ok(Some(StoredRevision {
+            revision: record.revision,
+            created_ms: record.created_ms,
+            source: record.source,
+            config: merge(&self.node, &record.config),
+        }))
+    }
+
+    /// Copies the private keys `config` names that this node does not have yet from etcd
+    /// into the data directory (decrypted, mode 0600).
+    pub fn fetch_keys(&mut self, config: &Config) -> Result<(), String> {
+        let missing: Vec<String> = config
+            .certificates
+            .iter()
+            .filter(|c| c.key_pem.is_none() && c.key_file.is_none())
+            .filter_map(|c| c.key_sha256.clone())
+            .filter(|sha| !crate::keys::has(&self.dir, sha))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let secret = self.secret.ok_or_else(|| {
+            "certificates' private keys are in etcd, encrypted: this node needs the \
+             [cluster] secret_file the writer used"
+                .to_owned()
+        })?;
+        let mut found = Vec::new();
+        for sha in missing {
+            let r = self.client.range(&format!("keys/{sha}"), false);
+            let (kvs, _) = self.track(r).map_err(|e| e.to_string())?;
+            let kv = kvs
+                .first()
+                .ok_or_else(|| format!("private key {sha} is not in etcd"))?;
+            let pem = open_sealed(&secret, &sha, &kv.value)
+                .map_err(|e| format!("private key {sha}: {e}"))?;
+            found.push(NewKey::new(pem));
+        }
+        crate::keys::save(&self.dir, &found).map_err(|e| e.to_string())
+    }
+
+    /// Every node's record (`id`, `applied_revision`, `last_seen`, `uses`).
+    pub fn nodes(&mut self) -> Result<Vec<Value>, StoreError> {
+        let r = self.client.range("nodes/", true);
+        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+            .collect())
+    }
+
+    /// This node's record, as the heartbeat publishes it.
+    pub fn node_record(&self) -> Value {
+        json!({
+            "id": self.node_id,
+            "applied_revision": self.applied,
+            "last_seen": now_ms(),
+            "uses": uses(&self.node),
+        })
+    }
+
+    /// Other nodes that use one of `removed` (`kind/id`): "`kind/id` (node N)" each.
+    pub fn used_elsewhere(&mut self, removed: &[String]) -> Result<Vec<String>, StoreError> {
+        if removed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut users = Vec::new();
+        for node in self.nodes()? {
+            let id = node["id"].as_str().unwrap_or("?");
+            if id == self.node_id {
+                continue;
+            }
+            for used in node["uses"].as_array().into_iter().flatten() {
+                if let Some(u) = used.as_str().filter(|u| removed.iter().any(|r| r == u)) {
+                    users.push(format!("{u} (listeners of node {id})"));
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    /// A field of this node's settings that `next` changes: its JSON pointer.
+    pub fn changed_node_setting(&self, next: &Config) -> Option<&'static str> {
+        let n = &self.node;
+        if next.workers != n.workers {
+            Some("/workers")
+        } else if next.listeners != n.listeners {
+            Some("/listeners")
+        } else if next.admin != n.admin {
+            Some("/admin")
+        } else if next.access_log != n.access_log {
+            Some("/access_log")
+        } else if next.resolver != n.resolver {
+            Some("/resolver")
+        } else if next.cluster != n.cluster {
+            Some("/cluster")
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_sealed_and_opened_only_with_the_same_secret() {
+        let key = NewKey::new("-----BEGIN PRIVATE KEY-----\nxyz\n".to_owned());
+        let secret = [7u8; 32];
+        let sealed = seal(&secret, &key).unwrap();
+        assert!(!String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"));
+        assert_eq!(
+            open_sealed(&secret, key.sha256(), &sealed).unwrap(),
+            key.pem()
+        );
+        assert!(open_sealed(&[8u8; 32], key.sha256(), &sealed).is_err());
+        // Bound to its name: the same ciphertext under another digest does not open.
+        let other = common::tls::sha256_hex(b"other");
+        assert!(open_sealed(&secret, &other, &sealed).is_err());
+    }
+
+    #[test]
+    fn node_and_shared_settings_split_and_merge() {
+        let c: Config = common::parse_config(
+            r#"
+            workers = 2
+            [[listeners]]
+            address = "127.0.0.1:0"
+            policies = ["ipf"]
+            [[policies]]
+            id = "ipf"
+            kind = "ip_filter"
+            allow = ["127.0.0.0/8"]
+            [cluster]
+            node_id = "a"
+            "#,
+            common::Format::Toml,
+        )
+        .unwrap();
+        let node = node_settings(&c);
+        let shared = shared_settings(&c);
+        assert!(node.policies.is_empty() && shared.listeners.is_empty());
+        assert!(shared.cluster.is_none() && shared.workers.is_none());
+        assert_eq!(merge(&node, &shared), c);
+        assert_eq!(uses(&node), ["policies/ipf"]);
+    }
+}
