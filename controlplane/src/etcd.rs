@@ -607,6 +607,6 @@ mod tests {
     #[test]
     fn prefix_ends() {
         assert_eq!(prefix_end("/g/"), b"/g0");
-        assert_eq!(prefix_end("a\u{7f}"), b"b");
+        assert_eq!(prefix_end("a\u{7f}"), [b'a', 0x80]);
     }
 }
