@@ -31,7 +31,7 @@ use dataplane::{DataPlane, StartOptions};
 
 use crate::api::{Admin, RuntimeInfo};
 use crate::keys::NewKey;
-use crate::store::etcd::{merge, node_settings, shared_settings, Seed};
+use crate::store::etcd::{merge, node_settings, shared_settings, OpenError, Seed, SeedOrigin};
 use crate::store::{EtcdStore, LocalStore, Store};
 
 pub use cli::{Command, RunArgs};
@@ -196,50 +196,61 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
             format!("cannot create the data directory {}: {e}", dir.display()),
         )
     })?;
-    let (seed, keys, what) = match &args.seed_from {
-        Some(seed_dir) => {
-            let local = LocalStore::open(seed_dir)
-                .map_err(|e| (EXIT_FAILURE, format!("{}: {e}", seed_dir.display())))?
-                .ok_or_else(|| {
-                    (
-                        EXIT_INVALID,
-                        format!("--seed-from {}: holds no config", seed_dir.display()),
-                    )
-                })?;
-            let mut config = local.config().clone();
-            keys::load(seed_dir, &mut config);
-            let keys: Vec<NewKey> = config
-                .certificates
-                .iter()
-                .filter_map(|c| c.stored_key.0.as_ref())
-                .map(|pem| NewKey::new(pem.to_string()))
-                .collect();
-            let what = format!(
-                "data directory {} (revision {})",
-                seed_dir.display(),
-                local.revision()
-            );
-            (merge(&node_settings(&file), &config), keys, what)
-        }
-        None => (
-            file.clone(),
-            keys::take_new(&file),
-            format!("file {}", path.display()),
-        ),
+    let node = node_settings(&file);
+    let origin = match &args.seed_from {
+        Some(_) => SeedOrigin::Explicit,
+        None => SeedOrigin::NodeFile {
+            has_shared: shared_settings(&file)
+                != shared_settings(&parse_config("", Format::Toml).unwrap_or_default()),
+        },
     };
-    // Seeded as compiled (API keys as their hashes), as every stored config is.
-    let mut check = seed.clone();
-    keys::load(dir, &mut check);
-    let seed = Snapshot::compile(check, 1)
-        .map_err(|e| bad(format!("{what}: {e}")))?
-        .config;
-    let seed = Seed {
-        config: shared_settings(&seed),
-        keys,
-        what,
-        explicit: args.seed_from.is_some(),
+    let seed = || -> Result<Seed, OpenError> {
+        let (seed, keys, what) = match &args.seed_from {
+            Some(seed_dir) => {
+                let local = LocalStore::open(seed_dir)
+                    .map_err(|e| OpenError::Failed(format!("{}: {e}", seed_dir.display())))?
+                    .ok_or_else(|| {
+                        OpenError::Invalid(format!(
+                            "--seed-from {}: holds no config",
+                            seed_dir.display()
+                        ))
+                    })?;
+                let mut config = local.config().clone();
+                keys::load(seed_dir, &mut config);
+                let keys: Vec<NewKey> = config
+                    .certificates
+                    .iter()
+                    .filter_map(|c| c.stored_key.0.as_ref())
+                    .map(|pem| NewKey::new(pem.to_string()))
+                    .collect();
+                let what = format!(
+                    "data directory {} (revision {})",
+                    seed_dir.display(),
+                    local.revision()
+                );
+                (merge(&node, &config), keys, what)
+            }
+            None => (
+                file.clone(),
+                keys::take_new(&file),
+                format!("file {}", path.display()),
+            ),
+        };
+        // Seeded as compiled (API keys as their hashes), as every stored config is.
+        let mut check = seed;
+        keys::load(dir, &mut check);
+        let compiled = Snapshot::compile(check, 1)
+            .map_err(|e| OpenError::Invalid(format!("{what}: invalid config: {e}")))?;
+        Ok(Seed {
+            config: shared_settings(&compiled.config),
+            keys,
+            what,
+        })
     };
-    let store = EtcdStore::open(url, dir, &file, seed).map_err(|e| (EXIT_FAILURE, e))?;
+    let store = EtcdStore::open(url, dir, &file, seed, origin).map_err(|e| match e {
+        OpenError::Invalid(m) => (EXIT_INVALID, m),
+        OpenError::Failed(m) => (EXIT_FAILURE, m),
+    })?;
     Ok(store)
 }
 

@@ -128,6 +128,15 @@ impl Health {
     }
 }
 
+/// Why a node could not open the store.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The node file or the command line is wrong.
+    Invalid(String),
+    /// etcd could not be read or written.
+    Failed(String),
+}
+
 /// What an empty store starts with.
 #[derive(Debug)]
 pub struct Seed {
@@ -137,8 +146,16 @@ pub struct Seed {
     pub keys: Vec<NewKey>,
     /// Where it came from, for the revision's source.
     pub what: String,
-    /// Asked for with `--seed-from`: a store that already holds a config is an error.
-    pub explicit: bool,
+}
+
+/// Where a seed would come from.
+#[derive(Debug, Clone, Copy)]
+pub enum SeedOrigin {
+    /// `--seed-from`: a store that already holds a config is an error.
+    Explicit,
+    /// The node file's shared resources (if it has any): ignored, with a warning, by a
+    /// store that holds a config.
+    NodeFile { has_shared: bool },
 }
 
 /// The etcd store of one node.
@@ -247,19 +264,23 @@ fn unavailable(e: EtcdError) -> StoreError {
 }
 
 impl EtcdStore {
-    /// Connects to etcd and reads the shared config; an empty store is seeded with `seed`
-    /// as revision 1. `node_file` is this node's file, whose node settings are kept.
+    /// Connects to etcd and reads the shared config; an empty store is seeded with what
+    /// `seed` makes as revision 1. `node_file` is this node's file, whose node settings are
+    /// kept.
     pub fn open(
         url: StoreUrl,
         dir: &Path,
         node_file: &Config,
-        seed: Seed,
-    ) -> Result<EtcdStore, String> {
+        seed: impl FnOnce() -> Result<Seed, OpenError>,
+        origin: SeedOrigin,
+    ) -> Result<EtcdStore, OpenError> {
         let cluster = node_file.cluster.as_ref().ok_or_else(|| {
-            "--store needs [cluster] node_id in the node file (--config)".to_owned()
+            OpenError::Invalid(
+                "--store needs [cluster] node_id in the node file (--config)".to_owned(),
+            )
         })?;
         let secret = match &cluster.secret_file {
-            Some(path) => Some(read_secret(path)?),
+            Some(path) => Some(read_secret(path).map_err(OpenError::Invalid)?),
             None => None,
         };
         let mut store = EtcdStore {
@@ -279,31 +300,31 @@ impl EtcdStore {
         let url = store.client.url().redacted();
         let found = store
             .refresh()
-            .map_err(|e| format!("cannot read the config from {url}: {e}"))?;
+            .map_err(|e| OpenError::Failed(format!("cannot read the config from {url}: {e}")))?;
         if found {
-            if seed.explicit {
-                return Err(format!(
+            if let SeedOrigin::Explicit = origin {
+                return Err(OpenError::Invalid(format!(
                     "{url} already holds config revision {}; --seed-from copies into an empty \
                      store only",
                     store.revision
-                ));
+                )));
             }
-            if seed.config != shared_settings(&Config::default()) {
+            if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
-                    "{url} holds config revision {}: the shared resources in {} are ignored \
-                     (they seed an empty store only)",
+                    "{url} holds config revision {}: the shared resources in the node file \
+                     are ignored (they seed an empty store only)",
                     store.revision,
-                    seed.what
                 );
             }
             return Ok(store);
         }
+        let seed = seed()?;
         let merged = merge(&store.node, &seed.config);
         match store.commit(merged, &seed.what, &seed.keys) {
             Ok(rev) => log::info!("seeded {url} with {} as revision {rev}", seed.what),
             // Another node seeded it at the same moment: that config stands.
             Err(StoreError::Conflict) => {}
-            Err(e) => return Err(format!("cannot seed {url}: {e}")),
+            Err(e) => return Err(OpenError::Failed(format!("cannot seed {url}: {e}"))),
         }
         Ok(store)
     }

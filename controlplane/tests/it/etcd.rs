@@ -1,0 +1,541 @@
+//! Gateway nodes sharing their config through etcd (Debian `etcd-server`, started here on
+//! free loopback ports): a change written through one node serves on the others (the time it
+//! takes is measured and printed), two writers with the same ETag get one 2xx and one 412,
+//! writes without If-Match are retried on the newer revision, a DELETE of what another node's
+//! listeners use is refused, node settings stay in the node files, private keys are sealed in
+//! etcd, a node killed while the config changes catches up when it starts, and while etcd is
+//! away the nodes keep serving, writes get 503 and afterwards everything converges.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use crate::tls::Cert;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An etcd server on loopback with its own data directory, killed when dropped.
+struct Etcd {
+    child: Option<Child>,
+    port: u16,
+    peer: u16,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            port: free_port(),
+            peer: free_port(),
+            dir: temp_dir("etcd"),
+        };
+        e.run();
+        e
+    }
+
+    /// Starts (or restarts, on the same data) the server and waits until it is healthy.
+    fn run(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--name", "default"])
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian etcd-server) is needed: scripts/test installs it");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(r) = self.http("GET", "/health", "") {
+                if r.contains("\"true\"") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (as a crash or a network cut would look to the nodes).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.port)
+    }
+
+    /// One request to etcd's JSON gateway; the body, or None if it cannot be reached.
+    fn http(&self, method: &str, path: &str, body: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\nContent-Length: \
+             {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).ok()?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        Some(text.split_once("\r\n\r\n")?.1.to_owned())
+    }
+
+    /// Every value stored under `prefix`, decoded.
+    fn values_under(&self, prefix: &str) -> Vec<String> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}"}}"#,
+            b64(prefix.as_bytes()),
+            b64(&end)
+        );
+        let answer = self.http("POST", "/v3/kv/range", &body).expect("etcd");
+        // A chunked answer: the JSON object is the longest line.
+        let json = answer
+            .lines()
+            .max_by_key(|l| l.len())
+            .unwrap_or_default()
+            .to_owned();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["kvs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|kv| String::from_utf8(unb64(kv["value"].as_str().unwrap())).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn b64(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unb64(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let v = B64.iter().position(|&x| x == c).unwrap() as u32;
+        acc = acc << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// A node file: one listener (with `listener_extra`), the node's id, and `extra`.
+fn node_file(id: &str, listener_extra: &str, extra: &str) -> String {
+    format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n{listener_extra}\n\n\
+         [cluster]\nnode_id = \"{id}\"\n{extra}\n"
+    )
+}
+
+fn node(etcd: &Etcd, prefix: &str, file: &str) -> Gateway {
+    Gateway::start_with(file, Driver::IoUring, &["--store", &etcd.url(prefix)])
+}
+
+/// Status and body of `GET path` on a node's listener.
+fn get(gw: &Gateway, path: &str) -> (u16, String) {
+    let r = gw
+        .connect()
+        .roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+    (r.status, r.body_str().to_owned())
+}
+
+/// Waits until `GET path` on `gw` answers `body`; how long that took.
+fn wait_serves(gw: &Gateway, path: &str, body: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if get(gw, path) == (200, body.to_owned()) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{path} did not serve {body:?} within {timeout:?}: {:?}",
+            get(gw, path)
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn respond_route(path: &str, body: &str) -> String {
+    format!(r#"{{"path":"{path}","respond":{{"status":200,"body":"{body}"}}}}"#)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn three_nodes_share_one_config() {
+    let etcd = Etcd::start();
+    let secret_dir = temp_dir("secret");
+    let secret = secret_dir.join("secret.hex");
+    std::fs::write(&secret, format!("{}\n", "5a".repeat(32))).unwrap();
+    let cluster_extra = format!("secret_file = \"{}\"", secret.display());
+    // Node a seeds the empty store with the policy b's listener uses.
+    let a = node(
+        &etcd,
+        "t1",
+        &format!(
+            "{}\n[[policies]]\nid = \"lan\"\nkind = \"ip_filter\"\nallow = [\"127.0.0.0/8\"]\n",
+            node_file("a", "", &cluster_extra)
+        ),
+    );
+    let b = node(
+        &etcd,
+        "t1",
+        &node_file("b", "policies = [\"lan\"]", &cluster_extra),
+    );
+    let c = node(&etcd, "t1", &node_file("c", "", &cluster_extra));
+
+    // Every node is listed with the revision it serves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes = c.admin("GET", "/v1/nodes", None).json();
+        let ids: Vec<&str> = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap())
+            .collect();
+        if ids == ["a", "b", "c"] {
+            assert!(nodes["nodes"][1]["applied_revision"].as_u64().unwrap() >= 1);
+            assert!(nodes["nodes"][1]["last_seen"].as_u64().unwrap() > 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes: {nodes}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A route written through a serves on b and c; the time it takes, measured.
+    let mut delays = Vec::new();
+    for i in 0..20 {
+        let path = format!("/p{i}");
+        let body = format!("r{i}");
+        let r = a.admin(
+            "PUT",
+            &format!("/v1/routes/p{i}"),
+            Some(&respond_route(&path, &body)),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+        std::thread::scope(|s| {
+            let hb = s.spawn(|| wait_serves(&b, &path, &body, Duration::from_secs(2)));
+            let hc = s.spawn(|| wait_serves(&c, &path, &body, Duration::from_secs(2)));
+            delays.push(hb.join().unwrap());
+            delays.push(hc.join().unwrap());
+        });
+    }
+    delays.sort();
+    println!(
+        "propagation a -> b, c over {} samples: p50 {:?}, p90 {:?}, max {:?}",
+        delays.len(),
+        percentile(&delays, 0.5),
+        percentile(&delays, 0.9),
+        delays[delays.len() - 1]
+    );
+
+    // The same ETag through two nodes at once: one 2xx, one 412.
+    let etag = b.admin("GET", "/v1/routes/p0", None);
+    let etag = etag.header("etag").unwrap().to_owned();
+    let write = |gw: &Gateway, body: &str| {
+        let gw_body = respond_route("/p0", body);
+        gw.admin_with(
+            "PUT",
+            "/v1/routes/p0",
+            Some(&gw_body),
+            &[
+                ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+                ("If-Match", &etag),
+            ],
+        )
+        .status
+    };
+    let statuses = std::thread::scope(|s| {
+        let ha = s.spawn(|| write(&a, "from-a"));
+        let hb = s.spawn(|| write(&b, "from-b"));
+        let mut v = [ha.join().unwrap(), hb.join().unwrap()];
+        v.sort();
+        v
+    });
+    assert_eq!(statuses, [200, 412]);
+
+    // Writers without If-Match on two nodes at once: every write lands, none is lost.
+    std::thread::scope(|s| {
+        for (gw, tag) in [(&a, "a"), (&c, "c")] {
+            s.spawn(move || {
+                for i in 0..8 {
+                    let r = gw.admin(
+                        "PUT",
+                        &format!("/v1/routes/w{tag}{i}"),
+                        Some(&respond_route(&format!("/w{tag}{i}"), tag)),
+                    );
+                    assert_eq!(r.status, 201, "{}", r.body_str());
+                }
+            });
+        }
+    });
+    for gw in [&a, &b, &c] {
+        for tag in ["a", "c"] {
+            for i in 0..8 {
+                wait_serves(gw, &format!("/w{tag}{i}"), tag, Duration::from_secs(5));
+            }
+        }
+    }
+    let revision = a.admin("GET", "/v1/config", None);
+    let current: u64 = revision.header("etag").unwrap()[9..]
+        .trim_end_matches('"')
+        .parse()
+        .unwrap();
+    // Seed, 20 routes, one of the two If-Match writes, 16 writes.
+    assert_eq!(current, 1 + 20 + 1 + 16);
+
+    // What another node's listeners use cannot be deleted; what is unused can.
+    let r = a.admin("DELETE", "/v1/policies/lan", None);
+    assert_eq!(r.status, 409, "{}", r.body_str());
+    assert!(r.body_str().contains("node b"), "{}", r.body_str());
+
+    // Node settings stay in the node files: the config read back is accepted unchanged,
+    // a change to a node setting is refused with a pointer.
+    let config = c.admin("GET", "/v1/config", None).json();
+    let r = c.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let mut changed = config.clone();
+    changed["workers"] = serde_json::json!(2);
+    let r = c.admin("PUT", "/v1/config", Some(&changed.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert_eq!(r.json()["pointer"], "/workers");
+
+    // History and rollback work the same: roll back (through c) to before the w* routes.
+    let revisions = c.admin("GET", "/v1/revisions", None).json();
+    assert_eq!(revisions["current"], current);
+    assert_eq!(
+        revisions["revisions"].as_array().unwrap().len() as u64,
+        current
+    );
+    let r = c.admin("POST", "/v1/revisions/21:rollback", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&a, "/wa0").0 != 404 || get(&b, "/wc7").0 != 404 {
+        assert!(Instant::now() < deadline, "rollback did not reach a and b");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(get(&b, "/p19"), (200, "r19".to_owned()));
+
+    // A private key is sealed in etcd and reaches the other nodes.
+    let cert = Cert::new(&secret_dir, "shared.test");
+    let body = serde_json::json!({"cert_pem": cert.cert_pem(), "key_pem": cert.key_pem()});
+    let r = a.admin("PUT", "/v1/certificates/shared", Some(&body.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let sha = r.json()["key_sha256"].as_str().unwrap().to_owned();
+    let sealed = etcd.values_under("/t1/keys/");
+    assert_eq!(sealed.len(), 1);
+    assert!(!sealed[0].contains("PRIVATE KEY"), "{}", sealed[0]);
+    assert!(sealed[0].contains("AES-256-GCM"));
+    for gw in [&b, &c] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let on_disk = gw.data_dir.join("keys").join(format!("{sha}.pem"));
+        while !on_disk.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} has no key",
+                gw.data_dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(std::fs::read_to_string(&on_disk).unwrap(), cert.key_pem());
+    }
+    for v in etcd.values_under("/t1/") {
+        assert!(!v.contains("PRIVATE KEY"));
+    }
+}
+
+#[test]
+fn nodes_catch_up_and_outlive_an_etcd_outage() {
+    let mut etcd = Etcd::start();
+    let a = node(&etcd, "t2", &node_file("a", "", ""));
+    let b_file = node_file("b", "", "");
+    let mut b = node(&etcd, "t2", &b_file);
+    let r = a.admin("PUT", "/v1/routes/one", Some(&respond_route("/one", "1")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    wait_serves(&b, "/one", "1", Duration::from_secs(5));
+
+    // A node killed while the config changes catches up when it starts again.
+    b.signal(libc::SIGKILL);
+    b.wait_exit_status(Duration::from_secs(5)).unwrap();
+    let r = a.admin("PUT", "/v1/routes/two", Some(&respond_route("/two", "2")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let b = Gateway::start_with_data(
+        &b.config_path.clone(),
+        &b.data_dir.clone(),
+        &["--store", &etcd.url("t2")],
+    );
+    assert_eq!(get(&b, "/two"), (200, "2".to_owned()));
+    assert_eq!(get(&b, "/one"), (200, "1".to_owned()));
+
+    // etcd away: both keep serving, writes get 503, the status says so.
+    etcd.stop();
+    let r = a.admin(
+        "PUT",
+        "/v1/routes/three",
+        Some(&respond_route("/three", "3")),
+    );
+    assert_eq!(r.status, 503, "{}", r.body_str());
+    assert_eq!(r.json()["title"], "Store Unavailable");
+    for gw in [&a, &b] {
+        assert_eq!(get(gw, "/two"), (200, "2".to_owned()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = gw.admin("GET", "/v1/status", None).json();
+            if s["store"]["reachable"] == false {
+                assert_eq!(s["store"]["applied_revision"], 3);
+                break;
+            }
+            assert!(Instant::now() < deadline, "status: {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // etcd back: writes work again and every node converges.
+    etcd.run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = b.admin(
+            "PUT",
+            "/v1/routes/three",
+            Some(&respond_route("/three", "3")),
+        );
+        if r.status == 201 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.body_str());
+        assert!(
+            Instant::now() < deadline,
+            "writes still fail: {}",
+            r.body_str()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for gw in [&a, &b] {
+        wait_serves(gw, "/three", "3", Duration::from_secs(10));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gw.admin("GET", "/v1/status", None).json()["store"]["reachable"] != true {
+            assert!(Instant::now() < deadline, "store still unreachable");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The node without a secret refuses a private key instead of storing it in the clear.
+    let cert = Cert::new(&temp_dir("cert"), "nosecret.test");
+    let body = serde_json::json!({"cert_pem": cert.cert_pem(), "key_pem": cert.key_pem()});
+    let r = a.admin("PUT", "/v1/certificates/x", Some(&body.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(etcd.values_under("/t2/keys/").is_empty());
+}
+
+#[test]
+fn seed_from_copies_a_data_directory_once() {
+    let etcd = Etcd::start();
+    // A single node's data directory with a route.
+    let local = Gateway::start(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[routes]]\nid = \"old\"\npath = \"/old\"\n\
+         respond = { body = \"from the data directory\" }\n",
+        Driver::IoUring,
+    );
+    let data = local.data_dir.clone();
+    drop(local);
+    let file = node_file("a", "", "");
+    let a = Gateway::start_with(
+        &file,
+        Driver::IoUring,
+        &[
+            "--store",
+            &etcd.url("t3"),
+            "--seed-from",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(get(&a, "/old"), (200, "from the data directory".to_owned()));
+    let revisions = a.admin("GET", "/v1/revisions", None).json();
+    assert_eq!(revisions["current"], 1);
+    let source = revisions["revisions"][0]["source"].as_str().unwrap();
+    assert!(source.starts_with("data directory"), "{source}");
+
+    // Once: a store that holds a config is not overwritten.
+    let dir = temp_dir("seed-again");
+    let path = dir.join("node.toml");
+    std::fs::write(&path, format!("{file}{ADMIN_SECTION}")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--store", &etcd.url("t3"), "--config"])
+        .arg(&path)
+        .arg("--seed-from")
+        .arg(&data)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds config revision 1"), "{err}");
+
+    // A node file without [cluster] node_id is refused.
+    std::fs::write(
+        &path,
+        format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n{ADMIN_SECTION}"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--store", &etcd.url("t3"), "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node_id"));
+}
