@@ -198,7 +198,16 @@ fn start(
     let conf = dir.file(&format!("{tag}.toml"));
     std::fs::write(&conf, config(port, admin_port, o.workers, origins))?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let gw = procs::start_gateway(dir, gateway, &o.proxy_cpus, tag, &conf, addr, admin_port)?;
+    let gw = procs::start_gateway(
+        dir,
+        gateway,
+        &o.proxy_cpus,
+        tag,
+        &conf,
+        addr,
+        admin_port,
+        None,
+    )?;
     // The aggregate answers with all three steps merged.
     let (status, body) = crate::http_get(gw.addr, "/agg")?;
     let text = String::from_utf8_lossy(&body);

@@ -47,7 +47,9 @@ options (defaults in brackets):
   --origin-cpus LIST    CPUs for the origin [1]
   --proxies LIST        among gateway,gateway+policies,gateway+cluster (the rate limit of
                         gateway+policies cluster-scoped on a redis-server the harness
-                        starts),gateway+log,nginx,haproxy and the
+                        starts),gateway+etcd and gateway+etcd+cluster (gateway
+                        and gateway+cluster with their config in an etcd the
+                        harness starts),gateway+log,nginx,haproxy and the
                         two-target upstream rows gateway+rr2 (round robin, the reference),
                         gateway+least_request, gateway+hash (on the path) and
                         gateway+health (an active check per target every second)

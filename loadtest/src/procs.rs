@@ -34,8 +34,9 @@ pub struct Proc {
     /// The gateway's admin API.
     pub admin: Option<SocketAddr>,
     child: Child,
-    /// A process this one needs (the Redis of `gateway+cluster`), stopped after it.
-    sidecar: Option<Box<Proc>>,
+    /// Processes this one needs (the Redis of `gateway+cluster`, the etcd of
+    /// `gateway+etcd`), stopped after it.
+    sidecars: Vec<Proc>,
 }
 
 impl Proc {
@@ -192,7 +193,7 @@ pub fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str)
         addr,
         admin: None,
         child,
-        sidecar: None,
+        sidecars: Vec::new(),
     };
     wait_listening(name, addr, &log)?;
     Ok(p)
@@ -211,6 +212,12 @@ pub enum Kind {
     /// "cluster"`, a redis-server the harness starts): what cluster limits cost per request
     /// beside node limits.
     GatewayCluster,
+    /// The plain gateway with its config in etcd (`--store`, an etcd the harness starts)
+    /// instead of its data directory: what the shared store costs per request (nothing is
+    /// expected: the data plane reads the same snapshot).
+    GatewayEtcd,
+    /// `gateway+cluster` with its config in etcd: the cluster layout in full.
+    GatewayEtcdCluster,
     /// The gateway with its access log on, every request written to a file: what the log
     /// costs per request.
     GatewayLog,
@@ -237,6 +244,8 @@ impl Kind {
             Kind::Gateway => "gateway",
             Kind::GatewayPolicies => "gateway+policies",
             Kind::GatewayCluster => "gateway+cluster",
+            Kind::GatewayEtcd => "gateway+etcd",
+            Kind::GatewayEtcdCluster => "gateway+etcd+cluster",
             Kind::GatewayLog => "gateway+log",
             Kind::GatewayBaseline => "gateway-baseline",
             Kind::GatewayRr2 => "gateway+rr2",
@@ -253,6 +262,8 @@ impl Kind {
             "gateway" => Kind::Gateway,
             "gateway+policies" => Kind::GatewayPolicies,
             "gateway+cluster" => Kind::GatewayCluster,
+            "gateway+etcd" => Kind::GatewayEtcd,
+            "gateway+etcd+cluster" => Kind::GatewayEtcdCluster,
             "gateway+log" => Kind::GatewayLog,
             "gateway-baseline" => Kind::GatewayBaseline,
             "gateway+rr2" => Kind::GatewayRr2,
@@ -262,7 +273,8 @@ impl Kind {
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
             other => bail!(
-                "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+log, gateway-baseline, \
+                "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+etcd, \
+                 gateway+etcd+cluster, gateway+log, gateway-baseline, \
                  gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy)"
             ),
         })
@@ -360,14 +372,58 @@ fn start_redis(dir: &Workdir, cpus: &str) -> Result<Proc> {
         addr,
         admin: None,
         child,
-        sidecar: None,
+        sidecars: Vec::new(),
     };
     wait_listening("redis", addr, &log)?;
     Ok(p)
 }
 
+/// Starts an etcd server (`name`) on free loopback ports with its data under `dir`, pinned
+/// to `cpus`.
+fn start_etcd(dir: &Workdir, cpus: &str, name: &str) -> Result<Proc> {
+    let port = free_port()?;
+    let peer = format!("http://127.0.0.1:{}", free_port()?);
+    let client = format!("http://127.0.0.1:{port}");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let log = dir.file(&format!("{name}.log"));
+    let data = dir.file(&format!("{name}-data"));
+    let _ = std::fs::remove_dir_all(&data);
+    let child = spawn_pinned(
+        "etcd",
+        cpus,
+        "etcd",
+        &[
+            "--data-dir",
+            &data.display().to_string(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("default={peer}"),
+        ],
+        &log,
+        &[],
+    )?;
+    let p = Proc {
+        name: "etcd".into(),
+        addr,
+        admin: None,
+        child,
+        sidecars: Vec::new(),
+    };
+    wait_listening("etcd", addr, &log)?;
+    Ok(p)
+}
+
 /// Starts the gateway `bin` on the config file `conf` (which listens on `addr`, its admin API
-/// on `admin_port`), pinned to `cpus`.
+/// on `admin_port`), pinned to `cpus`; with `store`, the config is shared through that etcd
+/// store and `conf` is the node file.
+#[allow(clippy::too_many_arguments)]
 pub fn start_gateway(
     dir: &Workdir,
     bin: &Path,
@@ -376,19 +432,20 @@ pub fn start_gateway(
     conf: &Path,
     addr: SocketAddr,
     admin_port: u16,
+    store: Option<&str>,
 ) -> Result<Proc> {
     let log = dir.file(&format!("{name}.log"));
     let data = dir.file(&format!("{name}-data"));
+    let (conf, data) = (conf.display().to_string(), data.display().to_string());
+    let mut args = vec!["--config", &conf, "--data-dir", &data];
+    if let Some(url) = store {
+        args.extend(["--store", url]);
+    }
     let child = spawn_pinned(
         "gateway",
         cpus,
         &bin.display().to_string(),
-        &[
-            "--config",
-            &conf.display().to_string(),
-            "--data-dir",
-            &data.display().to_string(),
-        ],
+        &args,
         &log,
         &[],
     )?;
@@ -397,7 +454,7 @@ pub fn start_gateway(
         addr,
         admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
         child,
-        sidecar: None,
+        sidecars: Vec::new(),
     };
     wait_listening(name, addr, &log)?;
     Ok(p)
@@ -419,6 +476,8 @@ pub fn start_proxy(
         Kind::Gateway
         | Kind::GatewayPolicies
         | Kind::GatewayCluster
+        | Kind::GatewayEtcd
+        | Kind::GatewayEtcdCluster
         | Kind::GatewayLog
         | Kind::GatewayBaseline
         | Kind::GatewayRr2
@@ -429,8 +488,15 @@ pub fn start_proxy(
             let conf = dir.file(&format!("{name}.toml"));
             let admin_port = free_port()?;
             let access_log = dir.file(&format!("{name}-access.log"));
-            let redis = match kind {
-                Kind::GatewayCluster => Some(start_redis(dir, cpus)?),
+            let cluster = matches!(kind, Kind::GatewayCluster | Kind::GatewayEtcdCluster);
+            let redis = match cluster {
+                true => Some(start_redis(dir, cpus)?),
+                false => None,
+            };
+            let etcd = match kind {
+                Kind::GatewayEtcd | Kind::GatewayEtcdCluster => {
+                    Some(start_etcd(dir, cpus, &format!("{name}-etcd"))?)
+                }
                 _ => None,
             };
             let text = gateway_config(
@@ -438,7 +504,7 @@ pub fn start_proxy(
                 admin_port,
                 workers,
                 origin,
-                matches!(kind, Kind::GatewayPolicies | Kind::GatewayCluster),
+                kind == Kind::GatewayPolicies || cluster,
                 (kind == Kind::GatewayLog).then_some(access_log.as_path()),
                 match kind {
                     Kind::GatewayRr2 => Some(""),
@@ -451,9 +517,31 @@ pub fn start_proxy(
                 },
                 redis.as_ref().map(|r| r.addr.port()),
             );
+            let (text, store) = match &etcd {
+                // The node file seeds the empty store with everything but its node settings.
+                Some(e) => {
+                    let node = if cluster {
+                        text
+                    } else {
+                        format!("{text}[cluster]\nnode_id = \"loadtest\"\n")
+                    };
+                    (node, Some(format!("etcd://{}/loadtest", e.addr)))
+                }
+                None => (text, None),
+            };
             std::fs::write(&conf, text)?;
-            let mut gw = start_gateway(dir, gateway_bin, cpus, name, &conf, addr, admin_port)?;
-            gw.sidecar = redis.map(Box::new);
+            let mut gw = start_gateway(
+                dir,
+                gateway_bin,
+                cpus,
+                name,
+                &conf,
+                addr,
+                admin_port,
+                store.as_deref(),
+            )?;
+            gw.sidecars.extend(redis);
+            gw.sidecars.extend(etcd);
             Ok(gw)
         }
         Kind::Nginx => {
@@ -494,7 +582,7 @@ pub fn start_proxy(
                 addr,
                 admin: None,
                 child,
-                sidecar: None,
+                sidecars: Vec::new(),
             };
             wait_listening("haproxy", addr, &log)?;
             Ok(p)

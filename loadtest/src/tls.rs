@@ -213,6 +213,7 @@ fn start_gateway(
         &conf,
         addr,
         admin_port,
+        None,
     )
 }
 
