@@ -6,11 +6,17 @@
 //!
 //! One request per connection (`Connection: close`): the config store writes rarely, and a
 //! fresh connection after any failure is what a client must do anyway. The endpoints are
-//! tried in turn, starting from the last one that answered.
+//! tried in turn, starting from the last one that answered. `etcds://` speaks TLS (rustls)
+//! to the endpoints, verified against a CA file, with an optional client certificate.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use serde_json::{json, Value};
 
@@ -32,20 +38,68 @@ pub enum EtcdError {
     Refused(String),
 }
 
-/// `etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/PREFIX`, parsed.
+/// TLS to the endpoints (`etcds://`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsFiles {
+    /// PEM file of the CA(s) that sign etcd's certificate; default the system's bundle.
+    pub ca: Option<PathBuf>,
+    /// PEM files of a client certificate and its key, for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The system's CA bundle (Debian `ca-certificates`), used when `ca` is not given.
+const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// `etcd[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/PREFIX[?ca=F&cert=F&key=F]`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreUrl {
     pub endpoints: Vec<String>,
     /// Key prefix, with a leading and no trailing `/`.
     pub prefix: String,
     pub user: Option<(String, String)>,
+    pub tls: Option<TlsFiles>,
 }
 
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<StoreUrl, String> {
-        let rest = url.strip_prefix("etcd://").ok_or_else(|| {
-            format!("--store {url:?}: expected etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX")
-        })?;
+        let usage = || {
+            format!(
+                "--store {url:?}: expected etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX \
+                 or etcds://...?ca=FILE[&cert=FILE&key=FILE]"
+            )
+        };
+        let (rest, tls) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+            (Some(r), _) => (r, None),
+            (_, Some(r)) => (r, Some(TlsFiles::default())),
+            _ => return Err(usage()),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let mut tls = tls;
+        if let Some(q) = query {
+            let files = tls
+                .as_mut()
+                .ok_or_else(|| format!("--store {url:?}: ?ca, ?cert and ?key need etcds://"))?;
+            for pair in q.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let slot = match k {
+                    "ca" => &mut files.ca,
+                    "cert" => &mut files.cert,
+                    "key" => &mut files.key,
+                    _ => return Err(format!("--store {url:?}: unknown option {k:?}")),
+                };
+                if v.is_empty() {
+                    return Err(format!("--store {url:?}: {k} needs a file"));
+                }
+                *slot = Some(PathBuf::from(v));
+            }
+            if files.cert.is_some() != files.key.is_some() {
+                return Err(format!("--store {url:?}: cert and key go together"));
+            }
+        }
         let (authority, prefix) = match rest.split_once('/') {
             Some((a, p)) => (a, p.trim_end_matches('/')),
             None => (rest, ""),
@@ -82,6 +136,7 @@ impl StoreUrl {
             endpoints,
             prefix: format!("/{prefix}"),
             user,
+            tls,
         })
     }
 
@@ -91,7 +146,86 @@ impl StoreUrl {
             Some((u, _)) => format!("{u}:***@"),
             None => String::new(),
         };
-        format!("etcd://{user}{}{}", self.endpoints.join(","), self.prefix)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!(
+            "{scheme}://{user}{}{}",
+            self.endpoints.join(","),
+            self.prefix
+        )
+    }
+
+    /// The TLS client config for `etcds://`: the CA file (or the system's CAs) as roots, the
+    /// client certificate if given.
+    fn client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        let Some(files) = &self.tls else {
+            return Ok(None);
+        };
+        let ca = files
+            .ca
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CAS));
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&ca)
+            .map_err(|e| format!("etcd CA file {}: {e}", ca.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("etcd CA file {}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("etcd CA file {}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("etcd CA file {}: no certificate", ca.display()));
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("etcd client cert {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("etcd client key {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("etcd client cert: {e}"))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(Arc::new(config)))
+    }
+}
+
+/// A connection to one endpoint, plain or TLS.
+#[derive(Debug)]
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
     }
 }
 
@@ -107,6 +241,7 @@ pub struct Kv {
 #[derive(Debug, Clone)]
 pub struct Client {
     url: StoreUrl,
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The endpoint to try first (the last one that answered).
     preferred: usize,
     token: Option<String>,
@@ -163,12 +298,14 @@ pub fn kvs(answer: &Value) -> Vec<Kv> {
 }
 
 impl Client {
-    pub fn new(url: StoreUrl) -> Client {
-        Client {
+    /// A client for `url`; fails only on unreadable TLS files.
+    pub fn new(url: StoreUrl) -> Result<Client, String> {
+        Ok(Client {
+            tls: url.client_config()?,
             url,
             preferred: 0,
             token: None,
-        }
+        })
     }
 
     pub fn url(&self) -> &StoreUrl {
@@ -279,10 +416,22 @@ impl Client {
                          application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
                         body.len()
                     );
-                    let mut w = &stream;
-                    w.write_all(head.as_bytes())?;
-                    w.write_all(body)?;
-                    let mut reader = BufReader::new(stream);
+                    let mut conn = match &self.tls {
+                        Some(config) => {
+                            let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+                            let host = host.trim_start_matches('[').trim_end_matches(']');
+                            let name = ServerName::try_from(host.to_owned())
+                                .map_err(|e| io::Error::other(format!("{host}: {e}")))?;
+                            let tls = rustls::ClientConnection::new(config.clone(), name)
+                                .map_err(io::Error::other)?;
+                            Conn::Tls(Box::new(rustls::StreamOwned::new(tls, stream)))
+                        }
+                        None => Conn::Plain(stream),
+                    };
+                    conn.write_all(head.as_bytes())?;
+                    conn.write_all(body)?;
+                    conn.flush()?;
+                    let mut reader = BufReader::new(conn);
                     let (status, chunked, length) = read_head(&mut reader)?;
                     if status >= 500 {
                         return Err(io::Error::other(format!("HTTP {status}")));
@@ -420,13 +569,13 @@ impl Watch {
 
 /// A response whose head has been read.
 struct Answer {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Conn>,
     chunked: bool,
     length: Option<usize>,
 }
 
 /// Reads a response head: its status code, whether the body is chunked, its length.
-fn read_head(r: &mut BufReader<TcpStream>) -> io::Result<(u16, bool, Option<usize>)> {
+fn read_head(r: &mut BufReader<Conn>) -> io::Result<(u16, bool, Option<usize>)> {
     let mut head = Vec::new();
     loop {
         let n = r.read_until(b'\n', &mut head)?;
@@ -511,13 +660,13 @@ fn read_answer(answer: Answer) -> io::Result<Vec<u8>> {
 /// A chunked body read as newline-separated messages.
 #[derive(Debug)]
 struct Chunked {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Conn>,
     pending: Vec<u8>,
     done: bool,
 }
 
 impl Chunked {
-    fn new(reader: BufReader<TcpStream>) -> Chunked {
+    fn new(reader: BufReader<Conn>) -> Chunked {
         Chunked {
             reader,
             pending: Vec::new(),
@@ -590,6 +739,13 @@ mod tests {
         assert_eq!(u.user, Some(("gw".into(), "s3cret".into())));
         assert_eq!(u.prefix, "/a/b");
         assert_eq!(u.redacted(), "etcd://gw:***@localhost:2379/a/b");
+        assert_eq!(u.tls, None);
+        let u = StoreUrl::parse("etcds://h:2379/g?ca=/c.pem&cert=/a.pem&key=/a.key").unwrap();
+        let files = u.tls.clone().unwrap();
+        assert_eq!(files.ca, Some(PathBuf::from("/c.pem")));
+        assert_eq!(files.key, Some(PathBuf::from("/a.key")));
+        assert_eq!(u.prefix, "/g");
+        assert_eq!(u.redacted(), "etcds://h:2379/g");
         for bad in [
             "http://127.0.0.1:2379/g",
             "etcd://127.0.0.1:2379",
@@ -599,6 +755,10 @@ mod tests {
             "etcd://user@127.0.0.1:2379/g",
             "etcd:///g",
             "etcd://h:1/a//b",
+            "etcd://h:1/g?ca=/c.pem",
+            "etcds://h:1/g?ca=",
+            "etcds://h:1/g?cert=/a.pem",
+            "etcds://h:1/g?bogus=1",
         ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
         }

@@ -390,6 +390,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     };
     let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams));
     if let Some((client, health)) = etcd {
+        health.serving();
         cluster::spawn(admin.clone(), client, health).map_err(|e| {
             (
                 EXIT_FAILURE,

@@ -97,11 +97,17 @@ pub fn uses(node: &Config) -> Vec<String> {
 /// What the store's connection looks like, shared with the watch and heartbeat threads.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// Set once the node serves: failures before that end the start with their own message.
+    serving: AtomicBool,
     unreachable: AtomicBool,
     error: Mutex<Option<(u64, String)>>,
 }
 
 impl Health {
+    pub fn serving(&self) {
+        self.serving.store(true, Ordering::Relaxed);
+    }
+
     pub fn ok(&self) {
         if self.unreachable.swap(false, Ordering::Relaxed) {
             log::info!("config store reachable again");
@@ -110,7 +116,9 @@ impl Health {
 
     pub fn fail(&self, e: &EtcdError) {
         if let EtcdError::Unavailable(_) = e {
-            if !self.unreachable.swap(true, Ordering::Relaxed) {
+            if !self.unreachable.swap(true, Ordering::Relaxed)
+                && self.serving.load(Ordering::Relaxed)
+            {
                 log::warn!("config store unreachable ({e}); serving the last config");
             }
         }
@@ -283,8 +291,9 @@ impl EtcdStore {
             Some(path) => Some(read_secret(path).map_err(OpenError::Invalid)?),
             None => None,
         };
+        let client = Client::new(url).map_err(OpenError::Invalid)?;
         let mut store = EtcdStore {
-            client: Client::new(url),
+            client,
             dir: dir.to_owned(),
             node_id: cluster.node_id.clone(),
             node: node_settings(node_file),

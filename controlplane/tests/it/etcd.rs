@@ -27,6 +27,22 @@ struct Etcd {
     port: u16,
     peer: u16,
     dir: PathBuf,
+    /// With TLS on the client port: the CA that signed the server's certificate.
+    ca: Option<PathBuf>,
+}
+
+/// Runs openssl with `args` in `dir`, which must succeed.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the openssl CLI (Debian openssl) is needed: scripts/test installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Etcd {
@@ -36,6 +52,84 @@ impl Etcd {
             port: free_port(),
             peer: free_port(),
             dir: temp_dir("etcd"),
+            ca: None,
+        };
+        e.run();
+        e
+    }
+
+    /// An etcd serving its clients over TLS, with a certificate for 127.0.0.1 signed by a CA
+    /// made here.
+    fn start_tls() -> Etcd {
+        let dir = temp_dir("etcd-tls");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &dir,
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-days",
+                    "30",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-subj",
+                    "/CN=test etcd CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &dir,
+            &[
+                &["req"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "server.pem",
+            ],
+        );
+        let mut e = Etcd {
+            child: None,
+            port: free_port(),
+            peer: free_port(),
+            ca: Some(dir.join("ca.pem")),
+            dir,
         };
         e.run();
         e
@@ -43,9 +137,17 @@ impl Etcd {
 
     /// Starts (or restarts, on the same data) the server and waits until it is healthy.
     fn run(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.port);
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.port);
         let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if self.ca.is_some() {
+            cmd.arg("--cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(self.dir.join("server.key"));
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--name", "default"])
@@ -80,12 +182,32 @@ impl Etcd {
     }
 
     fn url(&self, prefix: &str) -> String {
-        format!("etcd://127.0.0.1:{}/{prefix}", self.port)
+        match &self.ca {
+            Some(ca) => format!(
+                "etcds://127.0.0.1:{}/{prefix}?ca={}",
+                self.port,
+                ca.display()
+            ),
+            None => format!("etcd://127.0.0.1:{}/{prefix}", self.port),
+        }
     }
 
     /// One request to etcd's JSON gateway; the body, or None if it cannot be reached.
     fn http(&self, method: &str, path: &str, body: &str) -> Option<String> {
         use std::io::{Read, Write};
+        if let Some(ca) = &self.ca {
+            let out = Command::new("curl")
+                .args(["-s", "--max-time", "5", "-X", method, "--cacert"])
+                .arg(ca)
+                .args(["--data-binary", body])
+                .arg(format!("https://127.0.0.1:{}{path}", self.port))
+                .output()
+                .expect("curl (Debian curl) is needed: scripts/test installs it");
+            return out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned());
+        }
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let req = format!(
@@ -538,4 +660,95 @@ fn seed_from_copies_a_data_directory_once() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("node_id"));
+}
+
+#[test]
+fn tls_and_credentials_to_etcd() {
+    let etcd = Etcd::start_tls();
+    // Authentication on, with a root user.
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            r#"{"name":"root","password":"s3cret-pw"}"#,
+        ),
+        ("/v3/auth/user/grant", r#"{"user":"root","role":"root"}"#),
+        ("/v3/auth/enable", "{}"),
+    ] {
+        let answer = etcd.http("POST", path, body).expect("etcd over TLS");
+        assert!(!answer.contains("\"error\""), "{path}: {answer}");
+    }
+    let with_user = etcd
+        .url("t4")
+        .replace("etcds://", "etcds://root:s3cret-pw@");
+    let a = Gateway::start_with(
+        &node_file("a", "", ""),
+        Driver::IoUring,
+        &["--store", &with_user],
+    );
+    let r = a.admin(
+        "PUT",
+        "/v1/routes/tls",
+        Some(&respond_route("/tls", "over tls")),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    assert_eq!(get(&a, "/tls"), (200, "over tls".to_owned()));
+    let status = a.admin("GET", "/v1/status", None).json();
+    assert_eq!(status["store"]["reachable"], true);
+    // The password never shows.
+    assert!(!status.to_string().contains("s3cret-pw"), "{status}");
+    assert!(status["store"]["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("etcds://root:***@"));
+
+    // A wrong password, no credentials, or a CA that did not sign etcd's certificate: the
+    // node refuses to start, saying why.
+    let dir = temp_dir("tls-refused");
+    let path = dir.join("node.toml");
+    std::fs::write(&path, format!("{}{ADMIN_SECTION}", node_file("b", "", ""))).unwrap();
+    let other_ca = temp_dir("other-ca");
+    openssl(
+        &other_ca,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=other",
+        ],
+    );
+    let wrong_ca = format!(
+        "etcds://root:s3cret-pw@127.0.0.1:{}/t4?ca={}",
+        etcd.port,
+        other_ca.join("ca.pem").display()
+    );
+    for (url, expect) in [
+        (
+            with_user.replace("s3cret-pw", "wrong"),
+            "authentication failed",
+        ),
+        (etcd.url("t4"), "user name is empty"),
+        (wrong_ca, "certificate"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--store", &url, "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains(expect), "{url}: {err}");
+    }
 }
