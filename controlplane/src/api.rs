@@ -790,6 +790,11 @@ impl Admin {
         }
     }
 
+    /// The revision this node's workers run.
+    pub fn applied_revision(&self) -> u64 {
+        self.shared.load().revision
+    }
+
     /// The store's state for `/v1/status`.
     fn store_status(&self) -> Value {
         match &*lock(&self.store) {

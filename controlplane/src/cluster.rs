@@ -3,7 +3,8 @@
 //!   its watch compacted catches up in one step), then watches it from the next revision and
 //!   hands every new record to [`Admin::observe`], which validates and publishes it through
 //!   the same path as a local change;
-//! - the heartbeat: every second, refreshes this node's lease and writes its record
+//! - the heartbeat: every second (and as soon as the node applies a revision), refreshes
+//!   this node's lease and writes its record
 //!   (`P/nodes/ID`: applied revision, last seen, the shared ids its node file uses), which
 //!   disappears [`NODE_TTL_S`] seconds after the node does.
 //!
@@ -11,13 +12,15 @@
 //! its last config and retries with a bounded backoff.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::api::Admin;
 use crate::etcd::{Client, EtcdError, WatchEvent};
 use crate::store::etcd::{Health, NODE_TTL_S};
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the heartbeat looks for a newly applied revision between beats.
+const APPLIED_POLL: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Starts the watch and heartbeat threads.
@@ -73,6 +76,7 @@ fn watch_once(admin: &Admin, client: &mut Client, health: &Health) -> Result<Str
 
 fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health) {
     let mut lease = 0i64;
+    let mut published = u64::MAX;
     loop {
         let beat = (|| -> Result<(), EtcdError> {
             if lease == 0 || !client.keep_alive(lease)? {
@@ -80,12 +84,19 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health) {
             }
             let (id, record) = admin.node_record();
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            client.put(&format!("nodes/{id}"), &bytes, lease)
+            client.put(&format!("nodes/{id}"), &bytes, lease)?;
+            published = record["applied_revision"].as_u64().unwrap_or(0);
+            Ok(())
         })();
         match beat {
             Ok(()) => health.ok(),
             Err(e) => health.fail(&e),
         }
-        std::thread::sleep(HEARTBEAT);
+        // The next beat after a second, or as soon as this node applies another revision,
+        // so `GET /v1/nodes` shows it at once.
+        let next = Instant::now() + HEARTBEAT;
+        while Instant::now() < next && admin.applied_revision() == published {
+            std::thread::sleep(APPLIED_POLL);
+        }
     }
 }

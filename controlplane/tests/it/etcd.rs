@@ -458,6 +458,27 @@ fn three_nodes_share_one_config() {
     // Seed, 20 routes, one of the two If-Match writes, 16 writes.
     assert_eq!(current, 1 + 20 + 1 + 16);
 
+    // A dry run through b changes nothing; a batch through b lands on every node at once.
+    let r = b.admin(
+        "PUT",
+        "/v1/routes/dry?dry_run=true",
+        Some(&respond_route("/dry", "dry")),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.json()["changes"][0]["op"], "add");
+    let batch = serde_json::json!({"operations": [
+        {"op": "put", "kind": "routes", "id": "b1", "value": {"path": "/b1", "respond": {"body": "b1"}}},
+        {"op": "delete", "kind": "routes", "id": "wa7"},
+    ]});
+    let r = b.admin("POST", "/v1/config:batch", Some(&batch.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    for gw in [&a, &c] {
+        wait_serves(gw, "/b1", "b1", Duration::from_secs(5));
+        assert_eq!(get(gw, "/wa7").0, 404);
+        assert_eq!(get(gw, "/dry").0, 404);
+    }
+    let current = current + 1;
+
     // What another node's listeners use cannot be deleted; what is unused can.
     let r = a.admin("DELETE", "/v1/policies/lan", None);
     assert_eq!(r.status, 409, "{}", r.body_str());
@@ -481,6 +502,9 @@ fn three_nodes_share_one_config() {
         revisions["revisions"].as_array().unwrap().len() as u64,
         current
     );
+    let r = c.admin("POST", "/v1/revisions/21:rollback?dry_run=true", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(get(&a, "/b1").0, 200);
     let r = c.admin("POST", "/v1/revisions/21:rollback", None);
     assert_eq!(r.status, 200, "{}", r.body_str());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -522,8 +546,8 @@ fn three_nodes_share_one_config() {
 fn nodes_catch_up_and_outlive_an_etcd_outage() {
     let mut etcd = Etcd::start();
     let a = node(&etcd, "t2", &node_file("a", "", ""));
-    let b_file = node_file("b", "", "");
-    let mut b = node(&etcd, "t2", &b_file);
+    let mut b = node(&etcd, "t2", &node_file("b", "", ""));
+    let c = node(&etcd, "t2", &node_file("c", "", ""));
     let r = a.admin("PUT", "/v1/routes/one", Some(&respond_route("/one", "1")));
     assert_eq!(r.status, 201, "{}", r.body_str());
     wait_serves(&b, "/one", "1", Duration::from_secs(5));
@@ -541,16 +565,19 @@ fn nodes_catch_up_and_outlive_an_etcd_outage() {
     assert_eq!(get(&b, "/two"), (200, "2".to_owned()));
     assert_eq!(get(&b, "/one"), (200, "1".to_owned()));
 
-    // etcd away: both keep serving, writes get 503, the status says so.
+    // etcd away: every node keeps serving, writes get 503, the status says so.
+    wait_serves(&c, "/two", "2", Duration::from_secs(5));
     etcd.stop();
-    let r = a.admin(
-        "PUT",
-        "/v1/routes/three",
-        Some(&respond_route("/three", "3")),
-    );
-    assert_eq!(r.status, 503, "{}", r.body_str());
-    assert_eq!(r.json()["title"], "Store Unavailable");
-    for gw in [&a, &b] {
+    for gw in [&a, &b, &c] {
+        let r = gw.admin(
+            "PUT",
+            "/v1/routes/three",
+            Some(&respond_route("/three", "3")),
+        );
+        assert_eq!(r.status, 503, "{}", r.body_str());
+        assert_eq!(r.json()["title"], "Store Unavailable");
+    }
+    for gw in [&a, &b, &c] {
         assert_eq!(get(gw, "/two"), (200, "2".to_owned()));
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -584,7 +611,7 @@ fn nodes_catch_up_and_outlive_an_etcd_outage() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    for gw in [&a, &b] {
+    for gw in [&a, &b, &c] {
         wait_serves(gw, "/three", "3", Duration::from_secs(10));
         let deadline = Instant::now() + Duration::from_secs(5);
         while gw.admin("GET", "/v1/status", None).json()["store"]["reachable"] != true {
