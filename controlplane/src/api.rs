@@ -52,6 +52,8 @@ pub struct Admin {
     started: Instant,
     runtime: Mutex<Option<RuntimeInfo>>,
     upstreams: crate::upstreams::Upstreams,
+    /// Set when a binary upgrade handed over to a successor (its pid): writes are refused.
+    retired: std::sync::atomic::AtomicU32,
 }
 
 /// An error answer: `application/problem+json`.
@@ -636,6 +638,7 @@ impl Admin {
             started: Instant::now(),
             runtime: Mutex::new(None),
             upstreams,
+            retired: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -654,6 +657,17 @@ impl Admin {
         mut build: impl FnMut(&Store) -> Result<Config, Problem>,
     ) -> Result<Applied, Problem> {
         let mut store = lock(&self.store);
+        let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
+        if successor != 0 {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Handed Over",
+                format!(
+                    "this process has handed over to its upgrade (pid {successor}) and takes \
+                     no more changes; retry"
+                ),
+            ));
+        }
         if let Store::Etcd(e) = &mut *store {
             // Validate against the newest shared config, not the one last seen.
             match e.refresh() {
@@ -788,6 +802,19 @@ impl Admin {
             Store::Etcd(e) => (e.node_id().to_owned(), e.node_record()),
             Store::Local(_) => (String::new(), Value::Null),
         }
+    }
+
+    /// Holds the config store for a binary upgrade: no write lands while the successor opens
+    /// it.
+    pub fn freeze(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    /// The successor `pid` serves: from now on writes here are refused.
+    pub fn retire(&self, frozen: MutexGuard<'_, Store>, pid: u32) {
+        self.retired
+            .store(pid, std::sync::atomic::Ordering::Release);
+        drop(frozen);
     }
 
     /// The revision this node's workers run.
@@ -1166,6 +1193,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "revision": admin.revision(),
         "published_revision": snap.revision,
         "uptime_seconds": admin.started.elapsed().as_secs(),
+        "pid": std::process::id(),
         "version": env!("CARGO_PKG_VERSION"),
         "workers": info.as_ref().map(|i| i.workers),
         "io_driver": info.as_ref().map(|i| i.driver.clone()),

@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod keys;
 pub mod logger;
 pub mod store;
+pub mod upgrade;
 pub mod upstreams;
 
 use std::io::Write as _;
@@ -83,8 +84,9 @@ pub fn check(path: &Path) -> i32 {
 /// A start-up failure: the exit code and what to tell the operator.
 type Fail = (i32, String);
 
-/// Opens or seeds the data directory.
-fn open_state(args: &RunArgs, dir: &Path) -> Result<LocalStore, Fail> {
+/// Opens or seeds the data directory. A successor of a binary upgrade (`resume`) resumes the
+/// stored config whatever `--config` says.
+fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fail> {
     let source = match &args.config {
         Some(p) => ConfigSource::File(p.clone()),
         None => ConfigSource::Embedded,
@@ -104,6 +106,14 @@ fn open_state(args: &RunArgs, dir: &Path) -> Result<LocalStore, Fail> {
     })?;
     match stored {
         Some(mut store) => {
+            if resume {
+                log::info!(
+                    "upgrade: resuming config revision {} from {}",
+                    store.revision(),
+                    dir.display()
+                );
+                return Ok(store);
+            }
             let Some(path) = &args.config else {
                 log::info!(
                     "resuming config revision {} from {}",
@@ -314,13 +324,20 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 fn start(args: RunArgs) -> Result<i32, Fail> {
+    let origin = upgrade::Origin::current();
+    let mut inherited = upgrade::take().map_err(|e| {
+        (
+            EXIT_FAILURE,
+            format!("cannot take the sockets handed over by the previous process: {e}"),
+        )
+    })?;
     let data_dir = args
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
     let mut store = match &args.store {
         Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir)?),
-        None => Store::Local(open_state(&args, &data_dir)?),
+        None => Store::Local(open_state(&args, &data_dir, inherited.is_some())?),
     };
     let mut stored = store.config().clone();
     if let Store::Etcd(e) = &mut store {
@@ -356,14 +373,18 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
             ),
         ));
     }
-    let admin_listener = std::net::TcpListener::bind(admin_addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| {
-            (
-                EXIT_FAILURE,
-                format!("cannot listen on {admin_addr} for the admin API: {e}"),
-            )
-        })?;
+    let handed_admin = inherited.as_mut().and_then(|i| i.admin.take());
+    let admin_listener = match handed_admin {
+        Some(l) => Ok(l),
+        None => std::net::TcpListener::bind(admin_addr),
+    }
+    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    .map_err(|e| {
+        (
+            EXIT_FAILURE,
+            format!("cannot listen on {admin_addr} for the admin API: {e}"),
+        )
+    })?;
     let admin_bound = admin_listener
         .local_addr()
         .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
@@ -379,8 +400,18 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     })?;
     upstreams.adopt(&mut snapshot);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let plane = dataplane::start(shared.clone(), StartOptions { workers, driver })
-        .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
+    let plane = dataplane::start(
+        shared.clone(),
+        StartOptions {
+            workers,
+            driver,
+            inherited: inherited
+                .as_mut()
+                .map(|i| std::mem::take(&mut i.listeners))
+                .unwrap_or_default(),
+        },
+    )
+    .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
     let etcd = match &mut store {
         Store::Etcd(e) => {
             e.applied = e.revision();
@@ -405,20 +436,70 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         listeners: plane.addresses.clone(),
         admin: admin_bound,
     });
-    spawn_admin(admin.clone(), admin_listener)?;
+    let admin_fd = std::os::fd::AsRawFd::as_raw_fd(&admin_listener);
+    let stop_admin = Arc::new(tokio::sync::Notify::new());
+    spawn_admin(admin.clone(), admin_listener, stop_admin.clone())?;
     log_started(&plane, &shared.load());
     log::info!("admin API listening on http://{admin_bound} (bearer token from {token_source})");
+    match inherited.as_mut() {
+        Some(i) => {
+            log::info!(
+                "upgrade: serving on the sockets handed over (pid {})",
+                std::process::id()
+            );
+            i.ready();
+            upgrade::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        }
+        None => upgrade::sd_notify("READY=1"),
+    }
+    let handover = Handover {
+        origin,
+        admin_fd,
+        stop_admin,
+    };
     Ok(wait_for_signals(
         &signals,
         args.config.as_deref(),
         &admin,
         &shared,
         plane,
+        &handover,
     ))
 }
 
-/// Runs the admin API on its own thread with a current-thread tokio runtime.
-fn spawn_admin(admin: Arc<Admin>, listener: std::net::TcpListener) -> Result<(), Fail> {
+/// What a binary upgrade needs: how to start the successor, the admin socket to hand it, and
+/// how to stop this process's admin server afterwards.
+struct Handover {
+    origin: Option<upgrade::Origin>,
+    admin_fd: std::os::fd::RawFd,
+    stop_admin: Arc<tokio::sync::Notify>,
+}
+
+/// SIGUSR2: starts the successor on this process's sockets and waits until it serves; its
+/// pid. Admin writes wait meanwhile, and are refused by this process afterwards.
+fn hand_over(admin: &Admin, plane: &DataPlane, h: &Handover) -> Result<u32, String> {
+    let origin = h
+        .origin
+        .as_ref()
+        .ok_or("the path of this binary is unknown")?;
+    let frozen = admin.freeze();
+    log::info!(
+        "SIGUSR2: starting {} to take over the sockets",
+        origin.exe.display()
+    );
+    let successor = upgrade::spawn(origin, &plane.listener_fds, h.admin_fd)
+        .map_err(|e| format!("cannot start {}: {e}", origin.exe.display()))?;
+    let pid = successor.wait_ready(upgrade::READY_TIMEOUT)?;
+    admin.retire(frozen, pid);
+    Ok(pid)
+}
+
+/// Runs the admin API on its own thread with a current-thread tokio runtime, until `stop`.
+fn spawn_admin(
+    admin: Arc<Admin>,
+    listener: std::net::TcpListener,
+    stop: Arc<tokio::sync::Notify>,
+) -> Result<(), Fail> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -441,7 +522,9 @@ fn spawn_admin(admin: Arc<Admin>, listener: std::net::TcpListener) -> Result<(),
                         return;
                     }
                 };
-                if let Err(e) = axum::serve(listener, api::app(admin)).await {
+                let serve = axum::serve(listener, api::app(admin))
+                    .with_graceful_shutdown(async move { stop.notified().await });
+                if let Err(e) = serve.await {
                     log::error!("admin API stopped: {e}");
                 }
             });
@@ -480,6 +563,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -491,6 +575,7 @@ fn wait_for_signals(
     admin: &Admin,
     shared: &ArcSwap<Snapshot>,
     plane: DataPlane,
+    handover: &Handover,
 ) -> i32 {
     loop {
         let mut sig: libc::c_int = 0;
@@ -508,6 +593,22 @@ fn wait_for_signals(
                 log::info!("SIGUSR1: reopening the access log");
                 plane.reopen_access_log();
             }
+            libc::SIGUSR2 => match hand_over(admin, &plane, handover) {
+                Ok(pid) => {
+                    let drain = shared.load().drain_timeout;
+                    log::info!(
+                        "SIGUSR2: process {pid} serves now; this one stops accepting and drains \
+                         (up to {} ms)",
+                        drain.as_millis()
+                    );
+                    handover.stop_admin.notify_one();
+                    plane.begin_handover();
+                    let all = plane.join(Instant::now() + drain + Duration::from_secs(2));
+                    log::info!("stopped{}", if all { "" } else { " (workers still busy)" });
+                    return 0;
+                }
+                Err(e) => log::error!("SIGUSR2: upgrade failed, this process goes on serving: {e}"),
+            },
             _ => {
                 let drain = shared.load().drain_timeout;
                 log::info!(

@@ -92,11 +92,15 @@ impl std::fmt::Display for DriverKind {
 }
 
 /// How to start the data plane.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StartOptions {
     /// Worker threads.
     pub workers: usize,
     pub driver: DriverChoice,
+    /// Listening sockets handed over by the process this one replaces (a binary upgrade),
+    /// by listener index: used instead of binding anew, so no connection waiting in their
+    /// queues is lost. Empty for a normal start.
+    pub inherited: Vec<Vec<std::net::TcpListener>>,
 }
 
 /// Why the data plane could not start.
@@ -129,7 +133,11 @@ pub struct DataPlane {
     pub cpus: Vec<Option<usize>>,
     /// Each worker's counters, for scraping.
     pub metrics: Vec<Arc<metrics::WorkerMetrics>>,
+    /// The listening sockets, by listener index (open while the workers run), for a binary
+    /// upgrade to hand over.
+    pub listener_fds: Vec<Vec<std::os::fd::RawFd>>,
     shutdown: Arc<AtomicBool>,
+    handover: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     access_log: access_log::AccessLogWriter,
 }
@@ -143,19 +151,30 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         DriverChoice::Auto => DriverKind::Epoll,
     };
     let snap = config.load_full();
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+    let mut per_worker: Vec<Vec<(u16, std::net::TcpListener)>> =
         (0..workers).map(|_| Vec::new()).collect();
     let mut addresses = Vec::new();
-    for &addr in &snap.listeners {
-        let sockets = worker::bind_listeners(addr, workers)
+    let mut listener_fds = Vec::new();
+    let mut inherited = opts.inherited;
+    inherited.resize_with(snap.listeners.len(), Vec::new);
+    for (index, (&addr, handed)) in snap.listeners.iter().zip(inherited).enumerate() {
+        let sockets = worker::listeners_for(addr, workers, handed)
             .map_err(|source| StartError::Bind { addr, source })?;
         addresses.push(
             sockets[0]
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr, source })?,
         );
-        for (w, s) in sockets.into_iter().enumerate() {
-            per_worker[w].push(s);
+        listener_fds.push(
+            sockets
+                .iter()
+                .map(std::os::fd::AsRawFd::as_raw_fd)
+                .collect(),
+        );
+        // More sockets than workers (handed over by a process with more workers): the
+        // workers take turns, so every socket's queue is accepted from.
+        for (i, s) in sockets.into_iter().enumerate() {
+            per_worker[i % workers].push((index as u16, s));
         }
     }
     policy::cluster::start(config.clone());
@@ -163,6 +182,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         .map_err(StartError::AccessLog)?;
     let cpus_allowed = allowed_cpus();
     let shutdown = Arc::new(AtomicBool::new(false));
+    let handover = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(workers);
     let mut cpus = Vec::with_capacity(workers);
@@ -180,6 +200,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
             config: config.clone(),
             listeners,
             shutdown: shutdown.clone(),
+            handover: handover.clone(),
             metrics: all_metrics[index].clone(),
             log,
             ready: ready_tx.clone(),
@@ -197,7 +218,9 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         workers,
         cpus,
         metrics: all_metrics,
+        listener_fds,
         shutdown,
+        handover,
         threads,
         access_log: log_writer,
     };
@@ -218,6 +241,14 @@ impl DataPlane {
     /// Starts the graceful drain: stop accepting, close idle connections, let in-flight
     /// requests finish within the snapshot's drain timeout.
     pub fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    /// The drain of a binary upgrade: as [`DataPlane::begin_shutdown`], except that the
+    /// listening sockets, now also the successor's, are left listening; only this process's
+    /// accepts stop.
+    pub fn begin_handover(&self) {
+        self.handover.store(true, Ordering::Release);
         self.shutdown.store(true, Ordering::Release);
     }
 

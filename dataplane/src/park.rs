@@ -146,4 +146,17 @@ impl ParkLot {
     pub fn clear(&mut self) {
         self.expire(Instant::now(), Duration::ZERO);
     }
+
+    /// Takes every parked connection out (the drain of a binary upgrade resumes them, to
+    /// answer a request their client may be sending already).
+    pub fn take_all(&mut self) -> Vec<Parked> {
+        let mut out = Vec::new();
+        for index in 0..self.slots.len() {
+            if let Some(parked) = self.slots[index].conn.take() {
+                self.release(index, &parked);
+                out.push(parked);
+            }
+        }
+        out
+    }
 }

@@ -138,8 +138,13 @@ pub(crate) struct WorkerSpec {
     pub cpu: Option<usize>,
     pub driver: DriverKind,
     pub config: Arc<ArcSwap<Snapshot>>,
-    pub listeners: Vec<StdListener>,
+    /// (listener index, socket): one per listen address, or several for one address after
+    /// a binary upgrade handed over more sockets than there are workers.
+    pub listeners: Vec<(u16, StdListener)>,
     pub shutdown: Arc<AtomicBool>,
+    /// Set with `shutdown` when the listening sockets go on serving in another process: the
+    /// drain then cancels this worker's accepts instead of shutting the sockets down.
+    pub handover: Arc<AtomicBool>,
     pub metrics: Arc<WorkerMetrics>,
     /// This worker's end of the access log.
     pub log: WorkerLog,
@@ -227,6 +232,8 @@ async fn worker_main(spec: WorkerSpec) {
         rr: RefCell::new(RoundRobin::default()),
         sets: RefCell::new(Default::default()),
         draining: Cell::new(false),
+        handover_until: Cell::new(None),
+        accepting: Cell::new(0),
         idle: RefCell::new(IdleSet::default()),
         park: RefCell::new(ParkLot::new().ok()),
         metrics: spec.metrics.clone(),
@@ -240,30 +247,55 @@ async fn worker_main(spec: WorkerSpec) {
     monoio::spawn(unpark_loop(ctx.clone(), spec.driver));
     drop(snap);
     let mut listener_fds = Vec::new();
-    for (index, std_listener) in spec.listeners.into_iter().enumerate() {
+    let accepts = monoio::io::Canceller::new();
+    for (index, std_listener) in spec.listeners {
         match TcpListener::from_std(std_listener) {
             Ok(listener) => {
                 listener_fds.push(listener.as_raw_fd());
-                monoio::spawn(accept_loop(ctx.clone(), listener, index as u16));
+                monoio::spawn(accept_loop(ctx.clone(), listener, index, accepts.handle()));
             }
             Err(e) => log::error!("worker {}: cannot use listener: {e}", spec.index),
         }
     }
-    supervise(&ctx, &spec.shutdown, &listener_fds).await;
+    let stop = Stop {
+        shutdown: &spec.shutdown,
+        handover: &spec.handover,
+        listener_fds: &listener_fds,
+        accepts,
+    };
+    supervise(&ctx, stop).await;
 }
 
-async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, index: u16) {
+async fn accept_loop(
+    ctx: Rc<WorkerCtx>,
+    listener: TcpListener,
+    index: u16,
+    cancel: monoio::io::CancelHandle,
+) {
+    ctx.accepting.set(ctx.accepting.get() + 1);
+    accept_until_drained(&ctx, listener, index, cancel).await;
+    ctx.accepting.set(ctx.accepting.get() - 1);
+}
+
+async fn accept_until_drained(
+    ctx: &Rc<WorkerCtx>,
+    listener: TcpListener,
+    index: u16,
+    cancel: monoio::io::CancelHandle,
+) {
     loop {
-        match listener.accept().await {
+        match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {
-                if ctx.draining.get() {
-                    break;
-                }
                 let peer = Peer {
                     ip: peer.ip(),
                     listener: index,
                 };
-                spawn_connection(&ctx, stream, peer, 0);
+                // A connection taken as the drain begins is still served (once, then closed),
+                // never dropped unanswered.
+                spawn_connection(ctx, stream, peer, 0);
+                if ctx.draining.get() {
+                    break;
+                }
             }
             Err(e) => {
                 if ctx.draining.get() {
@@ -277,8 +309,22 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, index: u16) {
     }
 }
 
+/// How long, in the drain of a binary upgrade, a keep-alive connection still takes one more
+/// request.
+const HANDOVER_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// How a worker is told to stop, and what it stops.
+struct Stop<'a> {
+    shutdown: &'a AtomicBool,
+    handover: &'a AtomicBool,
+    listener_fds: &'a [RawFd],
+    /// Cancels the pending accepts.
+    accepts: monoio::io::Canceller,
+}
+
 /// Housekeeping until shutdown, then the drain.
-async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd]) {
+async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
+    let shutdown = stop.shutdown;
     let mut last_sweep = Instant::now();
     let mut seen_generation = common::live::GENERATION.load(Ordering::Relaxed);
     loop {
@@ -317,22 +363,63 @@ async fn supervise(ctx: &WorkerCtx, shutdown: &AtomicBool, listener_fds: &[RawFd
             last_sweep = now;
         }
     }
+    let handover = stop.handover.load(Ordering::Acquire);
+    let idle_grace = Instant::now() + HANDOVER_IDLE_GRACE;
+    if handover {
+        ctx.handover_until.set(Some(idle_grace));
+    }
     ctx.draining.set(true);
-    if let Some(park) = ctx.park.borrow_mut().as_mut() {
+    if handover {
+        // Parked connections come back as idle ones, under the same grace.
+        let parked = ctx
+            .park
+            .borrow_mut()
+            .as_mut()
+            .map(ParkLot::take_all)
+            .unwrap_or_default();
+        for p in parked {
+            spawn_connection(ctx, p.stream, p.peer, 1);
+        }
+    } else if let Some(park) = ctx.park.borrow_mut().as_mut() {
         park.clear();
     }
-    for &fd in listener_fds {
-        // SAFETY: the listeners are owned by accept tasks that live as long as this runtime, so
-        // the fds are open and still theirs. shutdown() only makes the pending accept fail.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    if handover {
+        // The sockets go on listening in the process this one handed them to: only this
+        // worker's pending accepts end (a connection they already took is served), and the
+        // connections queued on the sockets wait for the successor.
+        drop(stop.accepts.cancel());
+    } else {
+        for &fd in stop.listener_fds {
+            // SAFETY: the listeners are owned by accept tasks that live as long as this
+            // runtime, so the fds are open and still theirs. shutdown() only makes the pending
+            // accept fail.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
     }
-    for fd in ctx.idle.borrow().fds() {
-        // SAFETY: a connection removes its fd from the idle set before it closes the socket,
-        // and this runs on the same thread, so every fd here is open and idle.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-    }
+    // Idle keep-alive connections close at once, or in a binary upgrade once their grace is
+    // over (any request they took meanwhile was answered with `Connection: close`).
+    let mut idle_closed = false;
     let deadline = Instant::now() + ctx.config.load().drain_timeout;
-    while ctx.active.get() > 0 && Instant::now() < deadline {
+    loop {
+        if !idle_closed && (!handover || Instant::now() >= idle_grace) {
+            for fd in ctx.idle.borrow().fds() {
+                // SAFETY: a connection removes its fd from the idle set before it closes the
+                // socket, and this runs on the same thread, so every fd here is open and idle.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+            idle_closed = true;
+        }
+        let accepting = handover && ctx.accepting.get() > 0;
+        if (ctx.active.get() == 0 && !accepting) || Instant::now() >= deadline {
+            if accepting {
+                log::warn!(
+                    "worker {}: {} accept(s) still pending at the end of the drain",
+                    ctx.index,
+                    ctx.accepting.get()
+                );
+            }
+            break;
+        }
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     ctx.pool.borrow_mut().clear();
@@ -371,6 +458,46 @@ pub(crate) fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<S
         out.push(listener);
     }
     Ok(out)
+}
+
+/// The sockets for `addr` with `count` workers: those `handed` over by a predecessor (a
+/// binary upgrade) if any, with more bound beside them into the same SO_REUSEPORT group when
+/// they are fewer than the workers; else [`bind_listeners`].
+pub(crate) fn listeners_for(
+    addr: SocketAddr,
+    count: usize,
+    mut handed: Vec<StdListener>,
+) -> io::Result<Vec<StdListener>> {
+    if handed.is_empty() {
+        return bind_listeners(addr, count);
+    }
+    let bound = handed[0].local_addr()?;
+    let matches = bound.ip() == addr.ip() && (addr.port() == 0 || addr.port() == bound.port());
+    if !matches {
+        return Err(io::Error::other(format!(
+            "the socket handed over is bound to {bound}, not {addr}"
+        )));
+    }
+    while handed.len() < count {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(bound),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        if bound.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(4096)?;
+        handed.push(socket.into());
+    }
+    for s in &handed {
+        s.set_nonblocking(true)?;
+    }
+    Ok(handed)
 }
 
 /// Longest a start waits for a crashed predecessor's listening sockets to go.

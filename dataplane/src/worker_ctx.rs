@@ -33,6 +33,13 @@ pub(crate) struct WorkerCtx {
     pub sets: RefCell<SetCache>,
     /// Set once shutdown begins: finish the current request, then close.
     pub draining: Cell<bool>,
+    /// In the drain of a binary upgrade: until when a keep-alive connection waiting for its
+    /// next request still takes one (answered with `Connection: close`), since its client may
+    /// already be sending it; the successor serves whatever comes next.
+    pub handover_until: Cell<Option<Instant>>,
+    /// Accept loops still running (a binary upgrade's drain waits for them to end: an accept
+    /// left pending when the runtime goes could take a connection nobody would serve).
+    pub accepting: Cell<usize>,
     /// Connections waiting for their next request, closed at once on shutdown.
     pub idle: RefCell<IdleSet>,
     /// Keep-alive connections idle past `client_park_ms`; `None` when epoll is unavailable.

@@ -115,7 +115,15 @@ fn allocations_per_request(driver: DriverChoice, access_log: Option<&std::path::
     }
     let snapshot = Snapshot::compile(parse_config(&text, Format::Toml).unwrap(), 1).unwrap();
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let plane = dataplane::start(shared, StartOptions { workers: 1, driver }).unwrap();
+    let plane = dataplane::start(
+        shared,
+        StartOptions {
+            workers: 1,
+            driver,
+            inherited: Vec::new(),
+        },
+    )
+    .unwrap();
     let mut client = TcpStream::connect(plane.addresses[0]).unwrap();
     client.set_nodelay(true).unwrap();
     client

@@ -45,6 +45,30 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
     );
 }
 
+/// A self-signed P-256 CA in `dir` (`ca.pem`, `ca.key`).
+fn make_ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
 impl Etcd {
     fn start() -> Etcd {
         let mut e = Etcd {
@@ -62,46 +86,23 @@ impl Etcd {
     /// made here.
     fn start_tls() -> Etcd {
         let dir = temp_dir("etcd-tls");
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
+        make_ca(&dir, "test etcd CA");
         openssl(
             &dir,
             &[
-                &["req", "-x509"],
-                &ec[..],
-                &[
-                    "-days",
-                    "30",
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-subj",
-                    "/CN=test etcd CA",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(
-            &dir,
-            &[
-                &["req"],
-                &ec[..],
-                &[
-                    "-keyout",
-                    "server.key",
-                    "-out",
-                    "server.csr",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                ],
-            ]
-            .concat(),
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
         );
         std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
         openssl(
@@ -734,26 +735,7 @@ fn tls_and_credentials_to_etcd() {
     let path = dir.join("node.toml");
     std::fs::write(&path, format!("{}{ADMIN_SECTION}", node_file("b", "", ""))).unwrap();
     let other_ca = temp_dir("other-ca");
-    openssl(
-        &other_ca,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=other",
-        ],
-    );
+    make_ca(&other_ca, "other");
     let wrong_ca = format!(
         "etcds://root:s3cret-pw@127.0.0.1:{}/t4?ca={}",
         etcd.port,

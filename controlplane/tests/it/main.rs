@@ -18,4 +18,5 @@ mod policies;
 mod proxy;
 mod schemathesis;
 mod tls;
+mod upgrade;
 mod upstreams;

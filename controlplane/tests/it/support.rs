@@ -106,6 +106,21 @@ impl Gateway {
         Self::spawn(&[], data_dir, PathBuf::new(), driver, &[])
     }
 
+    /// Starts the gateway binary at `bin` (a copy, which a test may replace) on `config`.
+    pub fn start_binary(bin: &std::path::Path, config: &str) -> Gateway {
+        let dir = temp_dir("gw");
+        let config_path = dir.join("gateway.toml");
+        std::fs::write(&config_path, format!("{config}{ADMIN_SECTION}")).unwrap();
+        Self::spawn_program(
+            bin.as_os_str(),
+            &["--config", config_path.to_str().unwrap()],
+            &dir.join("data"),
+            config_path.clone(),
+            Driver::IoUring,
+            &[],
+        )
+    }
+
     fn spawn(
         args: &[&str],
         data_dir: &std::path::Path,
@@ -113,7 +128,25 @@ impl Gateway {
         driver: Driver,
         extra_args: &[&str],
     ) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        Self::spawn_program(
+            env!("CARGO_BIN_EXE_gateway").as_ref(),
+            args,
+            data_dir,
+            config_path,
+            driver,
+            extra_args,
+        )
+    }
+
+    fn spawn_program(
+        program: &std::ffi::OsStr,
+        args: &[&str],
+        data_dir: &std::path::Path,
+        config_path: PathBuf,
+        driver: Driver,
+        extra_args: &[&str],
+    ) -> Gateway {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .arg("--data-dir")
             .arg(data_dir)
@@ -187,6 +220,11 @@ impl Gateway {
         unsafe {
             libc::kill(self.pid(), sig);
         }
+    }
+
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     /// Waits until a log line contains `needle`.

@@ -136,7 +136,7 @@ impl<S: ClientStream> Downstream<S> {
                 }
             }
             let waiting_idle = self.buf.is_empty();
-            let deadline = match header_deadline {
+            let mut deadline = match header_deadline {
                 Some(d) => d,
                 None if !waiting_idle => {
                     let d = Instant::now() + self.timeouts.client_header;
@@ -148,12 +148,22 @@ impl<S: ClientStream> Downstream<S> {
                 None => Instant::now() + self.timeouts.client_idle,
             };
             if waiting_idle && ctx.draining.get() {
-                return Ok(Head::Closed);
+                match ctx.handover_until.get() {
+                    // A binary upgrade: the client may be sending its next request already;
+                    // it is answered (with `Connection: close`) if it comes within the grace.
+                    Some(until) if Instant::now() < until => deadline = deadline.min(until),
+                    _ => return Ok(Head::Closed),
+                }
             }
             let slot = (waiting_idle && S::WHOLE_CONNECTION)
                 .then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
             let park_after = self.timeouts.client_park.filter(|_| {
-                S::PARKABLE && waiting_idle && self.served > 0 && ctx.park.borrow().is_some()
+                // Not while draining: nothing resumes parked connections any more.
+                S::PARKABLE
+                    && waiting_idle
+                    && self.served > 0
+                    && !ctx.draining.get()
+                    && ctx.park.borrow().is_some()
             });
             let res = match park_after {
                 Some(grace) => self.read_or_park(grace).await,

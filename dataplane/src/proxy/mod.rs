@@ -161,7 +161,11 @@ async fn serve_stream<S: ClientStream>(
         req.begin(&ctx, &snap, &down.buf, &head, peer.ip);
         let next = handle(&ctx, &snap, &mut down, &mut req, peer, head).await;
         match next {
-            Next::KeepAlive if !ctx.draining.get() => req.finish(&ctx, &snap),
+            // A keep-alive answer written as a binary upgrade's drain began: its client may
+            // send the next request at once, which the handover grace still answers.
+            Next::KeepAlive if !ctx.draining.get() || ctx.handover_until.get().is_some() => {
+                req.finish(&ctx, &snap)
+            }
             Next::KeepAlive => {
                 req.finish(&ctx, &snap);
                 return None;

@@ -1,0 +1,254 @@
+//! Binary upgrades (SIGUSR2): the running gateway hands its sockets to the binary at its path
+//! and drains. Under load from wrk (keep-alive) and from a client opening a new connection per
+//! request, three upgrades in a row fail no request and no connection; an upgrade whose new
+//! binary does not start leaves the old process serving (and taking admin writes); the admin
+//! API and the data directory move over with the sockets.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const CONFIG: &str = "workers = 2\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+                      [[routes]]\nid = \"hello\"\npath = \"/\"\nrespond = { body = \"hello\" }\n";
+
+/// The pid serving the admin API (the one that took over last).
+fn serving_pid(gw: &Gateway) -> u32 {
+    gw.admin("GET", "/v1/status", None).json()["pid"]
+        .as_u64()
+        .unwrap() as u32
+}
+
+/// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+fn wait_exited(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !exited(pid) {
+        assert!(Instant::now() < deadline, "process {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGUSR2 to the serving process and waits until another one serves; its pid.
+fn upgrade(gw: &Gateway) -> u32 {
+    let old = serving_pid(gw);
+    // SAFETY: kill(2) on a gateway process this test started (directly or through upgrades).
+    unsafe { libc::kill(old as i32, libc::SIGUSR2) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = serving_pid(gw);
+        if now != old {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no successor took over from {old}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The processes an upgrade chain started (not children of the test): any still running
+/// when the test ends, even by a failed assertion, are stopped by pid.
+struct Chain(std::sync::Mutex<Vec<u32>>);
+
+impl Chain {
+    fn new() -> Chain {
+        Chain(std::sync::Mutex::new(Vec::new()))
+    }
+
+    fn push(&self, pid: u32) -> u32 {
+        self.0.lock().unwrap().push(pid);
+        pid
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        for &pid in self.0.lock().unwrap().iter() {
+            if !exited(pid) {
+                // SAFETY: kill(2) on a gateway process this test started through an upgrade.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Stops a process the test started through an upgrade (not a child of the test), by pid.
+fn stop(pid: u32) {
+    // SAFETY: kill(2) on a gateway process this test started through an upgrade.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    wait_exited(pid, Duration::from_secs(10));
+}
+
+/// One request on a fresh connection; whether it got its 200 and whole body.
+fn one_shot(addr: SocketAddr) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    if text.starts_with("HTTP/1.1 200") && text.ends_with("hello") {
+        Ok(())
+    } else {
+        Err(format!("answer: {text:?}"))
+    }
+}
+
+both_drivers!(three_upgrades_under_load_fail_nothing);
+
+fn three_upgrades_under_load_fail_nothing(driver: Driver) {
+    let chain = Chain::new();
+    let gw = Gateway::start(CONFIG, driver);
+    let addr = gw.addr;
+    let first = serving_pid(&gw);
+    let running = AtomicBool::new(true);
+    let start = Instant::now();
+    let fresh_ok = AtomicU64::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    let (wrk_out, pids) = std::thread::scope(|s| {
+        let wrk = s.spawn(|| {
+            Command::new("wrk")
+                .args(["-t1", "-c16", "-d7s"])
+                .arg(format!("http://{addr}/"))
+                .output()
+                .expect("wrk (Debian wrk) is needed: scripts/test installs it")
+        });
+        s.spawn(|| {
+            while running.load(Ordering::Relaxed) {
+                match one_shot(addr) {
+                    Ok(()) => {
+                        fresh_ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{e} (at {:?})", start.elapsed())),
+                }
+            }
+        });
+        let mut pids = vec![first];
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(1500));
+            pids.push(chain.push(upgrade(&gw)));
+            println!(
+                "upgraded to {} at {:?}",
+                pids.last().unwrap(),
+                start.elapsed()
+            );
+        }
+        let out = wrk.join().unwrap();
+        running.store(false, Ordering::Relaxed);
+        (out, pids)
+    });
+    let wrk_text = String::from_utf8_lossy(&wrk_out.stdout).into_owned();
+    println!("{wrk_text}");
+    println!(
+        "new-connection client: {} requests, {} failures",
+        fresh_ok.load(Ordering::Relaxed),
+        failures.lock().unwrap().len()
+    );
+    assert!(wrk_out.status.success(), "{wrk_text}");
+    let requests: u64 = wrk_text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .map(|(n, _)| n.trim().parse().unwrap())
+        .expect("wrk's summary");
+    assert!(requests > 1000, "{wrk_text}");
+    assert!(!wrk_text.contains("Socket errors"), "{wrk_text}");
+    assert!(!wrk_text.contains("Non-2xx"), "{wrk_text}");
+    assert!(fresh_ok.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        *failures.lock().unwrap(),
+        Vec::<String>::new(),
+        "{:#?}",
+        gw.log_lines()
+    );
+
+    // Four different processes served in turn; each old one drained and exited.
+    let mut distinct = pids.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{pids:?}");
+    for &pid in &pids[..3] {
+        wait_exited(pid, Duration::from_secs(15));
+    }
+    gw.wait_log(
+        &format!("process {} serves now", pids[3]),
+        Duration::from_secs(1),
+    );
+    stop(pids[3]);
+}
+
+/// Replaces the file at `path` (a running binary) with `from`, as a package upgrade does.
+fn install(from: &Path, path: &Path) {
+    let tmp = path.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving() {
+    let dir = temp_dir("upgrade-bin");
+    let bin = dir.join("gateway");
+    install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    let chain = Chain::new();
+    let gw = Gateway::start_binary(&bin, CONFIG);
+    let first = serving_pid(&gw);
+
+    // A "new binary" that cannot start (as one refusing the config would): exit 2.
+    let broken = dir.join("broken.sh");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'gateway: invalid config: simulated' >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&broken, &bin);
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(first as i32, libc::SIGUSR2) };
+    gw.wait_log("upgrade failed", Duration::from_secs(30));
+    assert_eq!(serving_pid(&gw), first);
+    assert_eq!(one_shot(gw.addr), Ok(()));
+    // Still the one taking admin writes.
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/later",
+        Some(r#"{"path":"/later","respond":{"body":"later"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+
+    // The real binary back in place: the upgrade goes through, with the config and the admin
+    // API moving over.
+    install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    let second = chain.push(upgrade(&gw));
+    assert_ne!(second, first);
+    let r = gw
+        .connect()
+        .roundtrip("GET /later HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((r.status, r.body_str()), (200, "later"));
+    let status = gw.admin("GET", "/v1/status", None).json();
+    assert_eq!(status["revision"], 2);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/after",
+        Some(r#"{"path":"/after","respond":{"body":"after"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    wait_exited(first, Duration::from_secs(15));
+    stop(second);
+}
