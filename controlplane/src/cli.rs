@@ -4,37 +4,99 @@ use std::path::PathBuf;
 
 use dataplane::DriverChoice;
 
-/// Usage text printed by `--help` and on a usage error.
-pub const USAGE: &str = "\
-usage: gateway [--config FILE] [--data-dir DIR] [--replace-state]
-               [--workers N] [--io-driver auto|epoll]
-       gateway --store etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX
+/// The short form, printed after a usage error.
+pub const SYNOPSIS: &str = "\
+usage: gateway [--config FILE] [--data-dir DIR] [--replace-state] [--workers N]
+               [--io-driver auto|epoll]
+       gateway --store etcd[s]://[USER:PASSWORD@]HOST:PORT[,...]/PREFIX
                --config NODE_FILE [--seed-from DIR] [--data-dir DIR] ...
-       gateway --check FILE
+       gateway validate FILE | --check FILE
        gateway --help | --version
+Try 'gateway --help' for the manual.";
 
-  --config FILE     TOML (or JSON) config that seeds an empty data directory;
-                    without it, and with no stored state, an embedded demo
-                    config listens on 127.0.0.1:8080
-  --data-dir DIR    where accepted config revisions are stored (default ./data);
-                    a stored config is resumed at start
-  --replace-state   with --config over a data directory that already holds a
-                    config: make the file the next revision (else refused)
-  --store URL       share the config with other nodes through etcd: NODE_FILE
-                    holds this node's own settings (workers, listeners, admin,
-                    access_log, resolver, [cluster] with node_id); the rest is
-                    in etcd under PREFIX (an empty store is seeded from
-                    NODE_FILE's other resources). The data directory keeps this
-                    node's admin token and its copy of private keys
-  --seed-from DIR   with --store: copy the config of the data directory DIR
-                    into an empty etcd store once (refused if it holds one)
-  --workers N       worker threads (default: `workers` in the config, else one
-                    per CPU in the affinity mask)
-  --io-driver D     auto (io_uring when available) or epoll; also
-                    GATEWAY_IO_DRIVER
-  --check FILE      validate FILE and exit (0 valid, 2 invalid)
+/// The manual, printed by `--help`.
+pub const USAGE: &str = "\
+NAME
+    gateway - an API gateway: routing, aggregation, traffic policies, TLS and
+    HTTP/2 at the edge, gRPC inside
 
-signals: SIGTERM/SIGINT drain and exit 0; SIGHUP reloads --config";
+SYNOPSIS
+    gateway [--config FILE] [--data-dir DIR] [--replace-state] [--workers N]
+            [--io-driver auto|epoll]
+    gateway --store etcd[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/PREFIX
+            --config NODE_FILE [--seed-from DIR] [--data-dir DIR] [--workers N]
+    gateway validate FILE
+    gateway --check FILE
+    gateway --help | --version
+
+DESCRIPTION
+    Runs the gateway: data-plane workers (one per CPU by default) serve the
+    listeners of the config, and an admin REST API (127.0.0.1:9901 by default,
+    bearer token) changes the config at runtime. Every accepted change is kept
+    as a numbered revision in the data directory, or in etcd with --store.
+    Without --config and without stored state, an embedded demo config listens
+    on 127.0.0.1:8080.
+
+OPTIONS
+    --config FILE, -c FILE
+        TOML (or JSON) config. Seeds an empty data directory; SIGHUP re-reads
+        it. With --store: this node's own file (workers, listeners, admin,
+        access_log, resolver, [cluster] with node_id).
+    --data-dir DIR
+        Where config revisions, the generated admin token and private keys are
+        kept (default ./data). A stored config is resumed at start.
+    --replace-state
+        With --config over a data directory that holds a config: make the file
+        the next revision (without it the start is refused, exit 2).
+    --store URL
+        Share the config with other nodes through etcd (the v3 JSON gateway);
+        etcds:// for TLS, with ?ca=FILE[&cert=FILE&key=FILE].
+    --seed-from DIR
+        With --store: copy the config of the data directory DIR into an empty
+        store once (exit 2 if it already holds one).
+    --workers N, -w N
+        Worker threads, 1 to 1024 (default: workers in the config, else one
+        per CPU in the affinity mask).
+    --io-driver auto|epoll
+        auto uses io_uring where the kernel allows it, else epoll; epoll
+        forces the fallback. Also GATEWAY_IO_DRIVER.
+    validate FILE, --check FILE
+        Validate FILE as the gateway would at start and exit: 0 valid, 2
+        invalid with the offending field named.
+    --help, -h
+        This manual.
+    --version, -V
+        The version.
+
+SIGNALS
+    SIGTERM, SIGINT   stop accepting, finish requests in flight (up to
+                      shutdown.drain_timeout_ms), exit 0
+    SIGHUP            re-read --config through the admin API's validation
+    SIGUSR1           reopen the access log file (after rotation)
+    SIGUSR2           binary upgrade: start the binary at this one's path on
+                      the same sockets, hand over, drain; if the new one fails
+                      to start, this one goes on serving
+
+ENVIRONMENT
+    GATEWAY_ADMIN_TOKEN   the admin API's bearer token (16+ characters)
+    GATEWAY_IO_DRIVER     auto or epoll, as --io-driver
+    NOTIFY_SOCKET         set by systemd (Type=notify): READY=1 once serving
+
+FILES
+    DATA_DIR/journal.log, DATA_DIR/current.json   config revisions
+    DATA_DIR/admin-token                          generated admin token (0600)
+    DATA_DIR/keys/                                certificates' private keys
+    deploy/gateway.service                        systemd unit
+
+EXIT STATUS
+    0 stopped by a signal, or a valid file; 1 a failure to start (a port in
+    use, an unreachable store); 2 an invalid config or command line.
+
+EXAMPLES
+    gateway                                   # the embedded demo
+    gateway --config gateway.toml --data-dir /var/lib/gateway
+    gateway validate gateway.toml
+    kill -USR2 $(pidof gateway)               # after installing a new binary";
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +142,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "-V" | "--version" => return Ok(Command::Version),
             "-c" | "--config" => run.config = Some(PathBuf::from(value("--config")?)),
             "--check" => check = Some(PathBuf::from(value("--check")?)),
+            "validate" => check = Some(PathBuf::from(value("validate")?)),
             "--data-dir" => run.data_dir = Some(PathBuf::from(value("--data-dir")?)),
             "--replace-state" => run.replace_state = true,
             "--store" => run.store = Some(value("--store")?),
@@ -141,6 +204,11 @@ mod tests {
             }))
         );
         assert_eq!(p(&["--check=g.toml"]), Ok(Command::Check("g.toml".into())));
+        assert_eq!(
+            p(&["validate", "g.toml"]),
+            Ok(Command::Check("g.toml".into()))
+        );
+        assert!(p(&["validate"]).is_err());
         assert_eq!(
             p(&["--io-driver", "epoll"]),
             Ok(Command::Run(RunArgs {

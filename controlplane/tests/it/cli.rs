@@ -31,12 +31,14 @@ fn check_accepts_a_valid_file() {
         "ok.toml",
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\nrespond = {}\n",
     );
-    let (code, out, _) = gateway(&["--check", &f]);
-    assert_eq!(code, Some(0));
-    assert!(
-        out.ends_with("OK (1 listener(s), 0 upstream(s), 1 route(s))\n"),
-        "{out}"
-    );
+    for args in [["--check", &f], ["validate", &f]] {
+        let (code, out, _) = gateway(&args);
+        assert_eq!(code, Some(0));
+        assert!(
+            out.ends_with("OK (1 listener(s), 0 upstream(s), 1 route(s))\n"),
+            "{out}"
+        );
+    }
 }
 
 #[test]
@@ -67,9 +69,22 @@ fn usage_errors_exit_2() {
     let (code, _, err) = gateway(&["--frobnicate"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("unknown argument \"--frobnicate\""), "{err}");
+    assert!(err.contains("Try 'gateway --help'"), "{err}");
     let (code, out, _) = gateway(&["--help"]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("--check FILE"));
+    for section in [
+        "NAME",
+        "SYNOPSIS",
+        "OPTIONS",
+        "SIGNALS",
+        "EXIT STATUS",
+        "--check FILE",
+    ] {
+        assert!(out.contains(section), "{section}: {out}");
+    }
+    let (code, out, _) = gateway(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("gateway "), "{out}");
 }
 
 #[test]
@@ -119,4 +134,39 @@ fn a_restart_right_after_a_crash_comes_up_on_the_same_port() {
         let mut c = second.connect();
         assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
     }
+}
+
+/// `deploy/gateway.service` passes `systemd-analyze verify` (Debian systemd) without a
+/// warning, with ExecStart pointing at the binary under test (verify checks that it exists).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/gateway.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/gateway "));
+    let dir = temp_dir("unit");
+    let path = dir.join("gateway.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/gateway", env!("CARGO_BIN_EXE_gateway")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian systemd) is needed: scripts/test installs it");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim(), "", "systemd-analyze warned");
+    // And it does catch a broken unit.
+    std::fs::write(&path, unit.replace("Type=notify", "Type=notifyy")).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("notifyy"));
 }

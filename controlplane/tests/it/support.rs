@@ -106,8 +106,9 @@ impl Gateway {
         Self::spawn(&[], data_dir, PathBuf::new(), driver, &[])
     }
 
-    /// Starts the gateway binary at `bin` (a copy, which a test may replace) on `config`.
-    pub fn start_binary(bin: &std::path::Path, config: &str) -> Gateway {
+    /// Starts the gateway binary at `bin` (a copy, which a test may replace) on `config`,
+    /// with `env` added to its environment.
+    pub fn start_binary(bin: &std::path::Path, config: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = temp_dir("gw");
         let config_path = dir.join("gateway.toml");
         std::fs::write(&config_path, format!("{config}{ADMIN_SECTION}")).unwrap();
@@ -117,7 +118,7 @@ impl Gateway {
             &dir.join("data"),
             config_path.clone(),
             Driver::IoUring,
-            &[],
+            env,
         )
     }
 
@@ -128,13 +129,17 @@ impl Gateway {
         driver: Driver,
         extra_args: &[&str],
     ) -> Gateway {
+        let mut all = args.to_vec();
+        all.push("--data-dir");
+        all.push(data_dir.to_str().unwrap());
+        all.extend_from_slice(extra_args);
         Self::spawn_program(
             env!("CARGO_BIN_EXE_gateway").as_ref(),
-            args,
+            &all,
             data_dir,
             config_path,
             driver,
-            extra_args,
+            &[],
         )
     }
 
@@ -144,13 +149,13 @@ impl Gateway {
         data_dir: &std::path::Path,
         config_path: PathBuf,
         driver: Driver,
-        extra_args: &[&str],
+        env: &[(&str, &str)],
     ) -> Gateway {
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra_args);
+        cmd.args(args).envs(env.iter().copied());
+        if !args.contains(&"--data-dir") {
+            cmd.arg("--data-dir").arg(data_dir);
+        }
         cmd.env(
             "GATEWAY_IO_DRIVER",
             match driver {

@@ -206,9 +206,25 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     let dir = temp_dir("upgrade-bin");
     let bin = dir.join("gateway");
     install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let next_notice = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let chain = Chain::new();
-    let gw = Gateway::start_binary(&bin, CONFIG);
+    let gw = Gateway::start_binary(
+        &bin,
+        CONFIG,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
     let first = serving_pid(&gw);
+    assert_eq!(next_notice(), "READY=1");
 
     // A "new binary" that cannot start (as one refusing the config would): exit 2.
     let broken = dir.join("broken.sh");
@@ -237,6 +253,8 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
     let second = chain.push(upgrade(&gw));
     assert_ne!(second, first);
+    // The successor tells systemd it is the service's main process now.
+    assert_eq!(next_notice(), format!("MAINPID={second}\nREADY=1"));
     let r = gw
         .connect()
         .roundtrip("GET /later HTTP/1.1\r\nHost: x\r\n\r\n");
