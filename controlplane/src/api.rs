@@ -81,7 +81,7 @@ impl Problem {
         self
     }
 
-    fn not_found(what: String) -> Self {
+    pub(crate) fn not_found(what: String) -> Self {
         Problem::new(StatusCode::NOT_FOUND, "Not Found", what)
     }
 }
@@ -817,6 +817,19 @@ impl Admin {
         drop(frozen);
     }
 
+    /// Each worker's counters (once the data plane runs).
+    pub fn worker_metrics(&self) -> Vec<Arc<dataplane::metrics::WorkerMetrics>> {
+        lock(&self.runtime)
+            .as_ref()
+            .map(|r| r.metrics.clone())
+            .unwrap_or_default()
+    }
+
+    /// The snapshot the workers run.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.load_full()
+    }
+
     /// The revision this node's workers run.
     pub fn applied_revision(&self) -> u64 {
         self.shared.load().revision
@@ -978,6 +991,8 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/v1/config:batch"),
     ("GET", "/v1/revisions"),
     ("GET", "/v1/nodes"),
+    ("GET", "/v1/stream"),
+    ("GET", "/v1/access_log"),
     ("GET", "/v1/revisions/{revision}"),
     ("POST", "/v1/revisions/{revision}"),
     ("GET", "/v1/routes"),
@@ -1049,6 +1064,8 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
         ("POST", "/v1/config:batch") => post(batch),
         ("GET", "/v1/revisions") => get(list_revisions),
         ("GET", "/v1/nodes") => get(nodes),
+        ("GET", "/v1/stream") => get(crate::live::stream),
+        ("GET", "/v1/access_log") => get(crate::live::access_log_tail),
         ("GET", "/v1/revisions/{revision}") => get(get_revision),
         ("POST", "/v1/revisions/{revision}") => post(rollback),
         ("GET", "/v1/{kind}") => get(list_items),
@@ -1079,6 +1096,10 @@ pub fn app(admin: Arc<Admin>) -> Router {
             "/v1/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        // The dashboard's static files: no token, no data (its requests carry the token).
+        .route("/ui", get(crate::live::ui_index))
+        .route("/ui/", get(crate::live::ui_index))
+        .route("/ui/{file}", get(crate::live::ui_file))
         .merge(protected)
         .fallback(|| async { Problem::not_found("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
@@ -1157,7 +1178,7 @@ async fn json_body(headers: &HeaderMap, body: Body, patch: bool) -> Result<Value
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Malformed JSON", e.to_string()))
 }
 
-fn json_response(status: StatusCode, etag: Option<String>, body: Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, etag: Option<String>, body: Value) -> Response {
     let mut resp = (status, axum::Json(body)).into_response();
     if let Some(e) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
         resp.headers_mut().insert(header::ETAG, e);
@@ -1538,7 +1559,13 @@ async fn batch(
         pre.check(Some(&config_etag(store.revision())))?;
         let mut next = store.config().clone();
         for (i, op) in batch.operations.iter().cloned().enumerate() {
-            let at = |p: Problem| {
+            // The batch itself is well-formed; a value that does not fit its kind (an unknown
+            // field, a wrong type) is an operation that cannot be applied: 422.
+            let at = |mut p: Problem| {
+                if p.status == StatusCode::BAD_REQUEST {
+                    p.status = StatusCode::UNPROCESSABLE_ENTITY;
+                    p.title = "Invalid Value";
+                }
                 let ptr = format!("/operations/{i}{}", p.pointer.clone().unwrap_or_default());
                 p.at(ptr)
             };
@@ -1661,6 +1688,7 @@ async fn rollback(
     State(admin): State<Arc<Admin>>,
     Path(rev): Path<String>,
     RawQuery(raw): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let Some(n) = rev.strip_suffix(":rollback") else {
         return Err(Problem::not_found(
@@ -1673,7 +1701,10 @@ async fn rollback(
         .load_revision(n)
         .map_err(store_problem)?
         .ok_or_else(|| Problem::not_found(format!("revision {n} is not kept")))?;
-    let applied = admin.apply(dry_run, &format!("rollback to {n}"), |_| {
+    // With If-Match (the config's ETag), a rollback does not overwrite a change made since.
+    let pre = Preconditions::from(&headers);
+    let applied = admin.apply(dry_run, &format!("rollback to {n}"), |store| {
+        pre.check(Some(&config_etag(store.revision())))?;
         Ok(old.config.clone())
     })?;
     Ok(config_change_response(&applied, Some(n)))

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod dns;
 pub mod etcd;
 pub mod keys;
+pub mod live;
 pub mod logger;
 pub mod store;
 pub mod upgrade;

@@ -38,6 +38,70 @@ fn bucket(us: u64) -> usize {
         .unwrap_or(LATENCY_BUCKETS_US.len())
 }
 
+/// Buckets of a latency histogram, `+Inf` included.
+pub const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// `n` counters at zero, from zeroed memory (the OS maps pages only when first written).
+fn zeroed_counters(n: usize) -> Box<[AtomicU64]> {
+    let zeros: Box<[u64]> = vec![0u64; n].into_boxed_slice();
+    // SAFETY: AtomicU64 has the same size, alignment and bit validity as u64, and the box is
+    // given up to be rebuilt as the same allocation with the same length.
+    unsafe { Box::from_raw(Box::into_raw(zeros) as *mut [AtomicU64]) }
+}
+
+/// One route's counters, summed over the workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCounts {
+    pub route: String,
+    /// Requests by status class, 1xx to 5xx.
+    pub by_class: [u64; 5],
+    /// Latency histogram, [`LATENCY_BUCKETS_US`] then `+Inf`.
+    pub buckets: [u64; BUCKETS],
+}
+
+/// Every route's counters so far (routes that served nothing yet included).
+pub fn route_counts(workers: &[Arc<WorkerMetrics>]) -> Vec<RouteCounts> {
+    route_slot_names()
+        .into_iter()
+        .enumerate()
+        .map(|(slot, route)| {
+            let mut c = RouteCounts {
+                route,
+                by_class: [0; 5],
+                buckets: [0; BUCKETS],
+            };
+            for w in workers {
+                for (class, n) in c.by_class.iter_mut().enumerate() {
+                    *n += w.requests[slot * 5 + class].load(Ordering::Relaxed);
+                }
+                for (b, n) in c.buckets.iter_mut().enumerate() {
+                    *n += w.route_latency[slot * BUCKETS + b].load(Ordering::Relaxed);
+                }
+            }
+            c
+        })
+        .collect()
+}
+
+/// The latency under which a fraction `q` of the requests in `buckets` finished, in
+/// microseconds (the upper bound of the bucket that reaches it; the last finite bound for
+/// `+Inf`); `None` without requests.
+pub fn quantile_us(buckets: &[u64; BUCKETS], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return Some(LATENCY_BUCKETS_US[i.min(LATENCY_BUCKETS_US.len() - 1)]);
+        }
+    }
+    LATENCY_BUCKETS_US.last().copied()
+}
+
 /// A latency histogram.
 #[derive(Debug)]
 pub struct Histogram {
@@ -67,6 +131,9 @@ impl Histogram {
 pub struct WorkerMetrics {
     /// `[slot * 5 + status class]`: requests by route and status class (1xx..5xx).
     requests: Box<[AtomicU64]>,
+    /// `[slot * BUCKETS + bucket]`: request latency by route (no sum), for the dashboard's
+    /// per-route percentiles. Allocated zeroed, so the pages of unused slots stay unmapped.
+    route_latency: Box<[AtomicU64]>,
     pub request_latency: Histogram,
     pub upstream_latency: Histogram,
     errors: [AtomicU64; ErrorKind::ALL.len()],
@@ -102,6 +169,7 @@ impl Default for WorkerMetrics {
             requests: (0..MAX_ROUTE_SLOTS * 5)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            route_latency: zeroed_counters(MAX_ROUTE_SLOTS * BUCKETS),
             request_latency: Histogram::default(),
             upstream_latency: Histogram::default(),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -123,7 +191,12 @@ impl WorkerMetrics {
         if let Some(c) = self.requests.get(slot as usize * 5 + class) {
             bump(c, 1);
         }
-        self.request_latency.observe(latency_us);
+        let b = bucket(latency_us);
+        if let Some(c) = self.route_latency.get(slot as usize * BUCKETS + b) {
+            bump(c, 1);
+        }
+        bump(&self.request_latency.buckets[b], 1);
+        bump(&self.request_latency.sum_us, latency_us);
     }
 
     /// Counts a request that ended with `kind`.
@@ -441,5 +514,26 @@ mod tests {
         );
         assert!(text.contains("gateway_open_connections 5\n"));
         assert!(text.contains("gateway_config_revision 7\n"));
+    }
+
+    #[test]
+    fn route_counts_and_quantiles() {
+        let a = Arc::new(WorkerMetrics::default());
+        let b = Arc::new(WorkerMetrics::default());
+        let slot = common::slots::route_slot("metrics-quantile-route");
+        for _ in 0..98 {
+            a.request(slot, 200, 400);
+        }
+        b.request(slot, 503, 40_000);
+        b.request(slot, 200, 40_000);
+        let counts = route_counts(&[a, b]);
+        let c = counts
+            .iter()
+            .find(|c| c.route == "metrics-quantile-route")
+            .unwrap();
+        assert_eq!(c.by_class, [0, 99, 0, 0, 1]);
+        assert_eq!(quantile_us(&c.buckets, 0.5), Some(500));
+        assert_eq!(quantile_us(&c.buckets, 0.99), Some(50_000));
+        assert_eq!(quantile_us(&[0; BUCKETS], 0.5), None);
     }
 }

@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod conformance;
 mod curl;
+mod dashboard;
 mod etcd;
 mod grpc;
 mod http2;

@@ -1,0 +1,108 @@
+// Drives the admin dashboard in headless Chromium (Debian `chromium`) through playwright-core:
+// a wrong token gets 401, the right one signs in, a route added through the API appears, the
+// req/s number moves under load, a rollback (confirmed) takes the route away again.
+// Screenshots go to SHOTS_DIR. Run by tests/it/dashboard.rs:
+//   node dashboard.mjs ADMIN_URL TOKEN DATA_URL SHOTS_DIR
+import { chromium } from "playwright-core";
+
+const [admin, token, data, shots] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+// Script errors (uncaught exceptions), not the browser's notes about non-2xx answers (the
+// wrong token's 401 is one on purpose).
+const consoleErrors = [];
+page.on("pageerror", (e) => consoleErrors.push(e.message));
+let step = "start";
+
+async function fail(message) {
+  try { await page.screenshot({ path: shots + "/failure.png", fullPage: true }); } catch (e) { /* best effort */ }
+  console.error("FAIL at " + step + ": " + message);
+  await browser.close();
+  process.exit(1);
+}
+
+async function adminApi(method, path, body) {
+  const res = await fetch(admin + path, {
+    method,
+    headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return res;
+}
+
+try {
+  step = "a wrong token gets 401";
+  await page.goto(admin + "/ui");
+  await page.fill("#token", "not-the-token-0123456789");
+  await page.click("#login-form button[type=submit]");
+  await page.waitForFunction(() => document.getElementById("login-error").textContent.includes("401"), null, { timeout: 10000 });
+  if (await page.isVisible("#app")) await fail("the dashboard opened with a wrong token");
+  await page.screenshot({ path: shots + "/01-wrong-token.png" });
+
+  step = "sign in";
+  await page.fill("#token", token);
+  await page.click("#login-form button[type=submit]");
+  await page.waitForSelector("#app", { state: "visible", timeout: 10000 });
+  await page.waitForSelector('#routes tr[data-route="hello"]', { timeout: 10000 });
+  if (page.url().includes(token)) await fail("the token is in the URL");
+  const kept = await page.evaluate(() => sessionStorage.getItem("gw-token"));
+  if (kept !== token) await fail("the token is not kept in the session");
+
+  step = "a route added through the API appears";
+  const put = await adminApi("PUT", "/v1/routes/added-by-test", { path: "/added", respond: { body: "added" } });
+  if (put.status !== 201) await fail("PUT answered " + put.status);
+  await page.waitForSelector('#routes tr[data-route="added-by-test"]', { timeout: 15000 });
+  await page.screenshot({ path: shots + "/02-route-added.png", fullPage: true });
+
+  step = "req/s moves under load";
+  let loading = true;
+  const load = (async () => {
+    let n = 0;
+    while (loading) {
+      await Promise.all(Array.from({ length: 8 }, () => fetch(data + "/").then((r) => r.text())));
+      n += 8;
+    }
+    return n;
+  })();
+  await page.waitForFunction(() => parseFloat(document.getElementById("live-rps").textContent) > 20, null, { timeout: 20000 });
+  await page.waitForFunction(() => {
+    const row = document.querySelector('#routes tr[data-route="hello"] td.num');
+    return row && parseFloat(row.textContent) > 20;
+  }, null, { timeout: 10000 });
+  const rps = await page.textContent("#live-rps");
+  await page.waitForTimeout(3000);
+  await page.screenshot({ path: shots + "/03-live-under-load.png", fullPage: true });
+  loading = false;
+  const sent = await load;
+  console.log("load: " + sent + " requests; the dashboard showed " + rps + " req/s");
+
+  step = "roll back to revision 1 (confirmed)";
+  page.on("dialog", (d) => d.accept());
+  await page.waitForSelector('#revisions tr[data-revision="1"] button.rollback', { timeout: 10000 });
+  await page.click('#revisions tr[data-revision="1"] button.rollback');
+  await page.waitForFunction(() => document.getElementById("rollback-result").textContent.includes("rolled back to 1"), null, { timeout: 10000 });
+  await page.waitForSelector('#routes tr[data-route="added-by-test"]', { state: "detached", timeout: 15000 });
+  const gone = await fetch(data + "/added");
+  if (gone.status !== 404) await fail("/added still answers " + gone.status + " after the rollback");
+
+  step = "diff between two revisions";
+  await page.selectOption("#diff-a", "1");
+  await page.selectOption("#diff-b", "2");
+  await page.click("#diff-show");
+  await page.waitForFunction(() => document.getElementById("diff").textContent.includes("+ routes/added-by-test"), null, { timeout: 10000 });
+  await page.screenshot({ path: shots + "/04-rolled-back.png", fullPage: true });
+
+  step = "the access log's last lines";
+  await page.waitForFunction(() => document.getElementById("log").textContent.includes("\"route\":\"hello\""), null, { timeout: 15000 });
+
+  await page.screenshot({ path: shots + "/05-overview.png", fullPage: true });
+
+  if (consoleErrors.length) await fail("script errors: " + consoleErrors.join(" | "));
+} catch (e) {
+  await fail(e.message);
+}
+await browser.close();
+console.log("ok");
