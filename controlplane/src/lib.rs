@@ -495,7 +495,46 @@ fn hand_over(admin: &Admin, plane: &DataPlane, h: &Handover) -> Result<u32, Stri
     Ok(pid)
 }
 
-/// Runs the admin API on its own thread with a current-thread tokio runtime, until `stop`.
+/// The admin listener, until `stop`: then it takes no more connections (those waiting in the
+/// socket's queue are left to the process the socket was handed to) while the connections it
+/// took go on being served. A graceful shutdown would close a connection accepted a moment
+/// before whose request had not been read yet.
+struct AdminListener {
+    inner: tokio::net::TcpListener,
+    stop: Arc<tokio::sync::Notify>,
+    stopped: bool,
+}
+
+impl axum::serve::Listener for AdminListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if self.stopped {
+                std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                biased;
+                () = self.stop.notified() => self.stopped = true,
+                accepted = self.inner.accept() => match accepted {
+                    Ok(conn) => return conn,
+                    Err(e) => {
+                        log::warn!("admin API: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Runs the admin API on its own thread with a current-thread tokio runtime; after `stop` it
+/// accepts no more connections.
 fn spawn_admin(
     admin: Arc<Admin>,
     listener: std::net::TcpListener,
@@ -523,9 +562,12 @@ fn spawn_admin(
                         return;
                     }
                 };
-                let serve = axum::serve(listener, api::app(admin))
-                    .with_graceful_shutdown(async move { stop.notified().await });
-                if let Err(e) = serve.await {
+                let listener = AdminListener {
+                    inner: listener,
+                    stop,
+                    stopped: false,
+                };
+                if let Err(e) = axum::serve(listener, api::app(admin)).await {
                     log::error!("admin API stopped: {e}");
                 }
             });

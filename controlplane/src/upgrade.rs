@@ -11,7 +11,7 @@
 //! cancels its pending accepts instead of shutting the sockets down (`begin_handover`).
 //! While the successor starts, the old process holds its config store's lock, so no admin
 //! write lands in between; once the successor is ready, writes that still reach the old one
-//! answer `503` and its admin server stops.
+//! answer `503` and it takes no more admin connections.
 //!
 //! Also here: `sd_notify` for systemd's `Type=notify` (`READY=1`, and `MAINPID` from a
 //! successor, which `NotifyAccess=all` lets systemd take as the service's new main process).

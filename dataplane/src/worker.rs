@@ -440,24 +440,29 @@ pub(crate) fn bind_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<S
     let mut out = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(4096)?;
-        let listener: StdListener = socket.into();
+        let listener = reuseport_listener(addr)?;
         addr = listener.local_addr()?;
         out.push(listener);
     }
     Ok(out)
+}
+
+/// One non-blocking SO_REUSEPORT listening socket on `addr`.
+fn reuseport_listener(addr: SocketAddr) -> io::Result<StdListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// The sockets for `addr` with `count` workers: those `handed` over by a predecessor (a
@@ -479,20 +484,7 @@ pub(crate) fn listeners_for(
         )));
     }
     while handed.len() < count {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(bound),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        if bound.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.bind(&bound.into())?;
-        socket.listen(4096)?;
-        handed.push(socket.into());
+        handed.push(reuseport_listener(bound)?);
     }
     for s in &handed {
         s.set_nonblocking(true)?;

@@ -130,7 +130,8 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
                 .expect("wrk (Debian wrk) is needed: scripts/test installs it")
         });
         s.spawn(|| {
-            while running.load(Ordering::Relaxed) {
+            // Bounded by time too, so a failed assertion elsewhere cannot leave it spinning.
+            while running.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
                 match one_shot(addr) {
                     Ok(()) => {
                         fresh_ok.fetch_add(1, Ordering::Relaxed);
