@@ -578,25 +578,27 @@ struct WriteQuery {
     raw: Option<String>,
 }
 
+/// The value of the one query parameter an endpoint takes, `name` (`None` when absent); any
+/// other parameter, or `name` twice, is a 400.
+pub(crate) fn only_param<'a>(raw: Option<&'a str>, name: &str) -> Result<Option<&'a str>, Problem> {
+    let bad = |detail: String| Err(Problem::new(StatusCode::BAD_REQUEST, "Bad Query", detail));
+    let mut value = None;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != name {
+            return bad(format!("unknown query parameter {k:?}"));
+        }
+        if value.replace(v).is_some() {
+            return bad(format!("{name} given more than once"));
+        }
+    }
+    Ok(value)
+}
+
 impl WriteQuery {
     fn dry_run(&self) -> Result<bool, Problem> {
         let bad = |detail: String| Err(Problem::new(StatusCode::BAD_REQUEST, "Bad Query", detail));
-        let mut value: Option<&str> = None;
-        for pair in self
-            .raw
-            .as_deref()
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty())
-        {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if k != "dry_run" {
-                return bad(format!("unknown query parameter {k:?}"));
-            }
-            if value.replace(v).is_some() {
-                return bad("dry_run given more than once".to_owned());
-            }
-        }
+        let value = only_param(self.raw.as_deref(), "dry_run")?;
         match value.map(str::to_ascii_lowercase).as_deref() {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),

@@ -195,12 +195,8 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
             format!("{}: invalid config: {e}", path.display()),
         )
     };
+    // EtcdStore::open refuses a node file without [cluster] node_id.
     let file = read_config(&ConfigSource::File(path.clone())).map_err(|e| bad(e.to_string()))?;
-    if file.cluster.is_none() {
-        return Err(bad(
-            "with --store the node file needs [cluster] node_id".to_owned()
-        ));
-    }
     std::fs::create_dir_all(dir).map_err(|e| {
         (
             EXIT_FAILURE,

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use dataplane::metrics::{quantile_us, route_counts, RouteCounts, BUCKETS};
 use serde_json::{json, Value};
 
-use crate::api::{json_response, Admin, Problem};
+use crate::api::{json_response, only_param, Admin, Problem};
 
 /// Longest a stream runs before the page must open it again.
 const MAX_STREAM_SECONDS: u64 = 3600;
@@ -30,17 +30,7 @@ const LOG_TAIL_BYTES: u64 = 512 * 1024;
 /// One query parameter `name` as a number in `1..=max`, `default` when absent.
 fn number_param(raw: Option<&str>, name: &str, default: u64, max: u64) -> Result<u64, Problem> {
     let bad = |d: String| Problem::new(StatusCode::BAD_REQUEST, "Bad Query", d);
-    let mut value = None;
-    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k != name {
-            return Err(bad(format!("unknown query parameter {k:?}")));
-        }
-        if value.replace(v).is_some() {
-            return Err(bad(format!("{name} given more than once")));
-        }
-    }
-    match value {
+    match only_param(raw, name)? {
         None => Ok(default),
         Some(v) => match v.parse::<u64>() {
             Ok(n) if (1..=max).contains(&n) => Ok(n),
@@ -70,18 +60,55 @@ fn tick(admin: &Admin, prev: Option<&Sample>) -> (Value, Sample) {
     };
     let snap = admin.snapshot();
     let seconds = prev.map_or(0.0, |p| now.at.duration_since(p.at).as_secs_f64());
-    let mut total_buckets = [0u64; BUCKETS];
-    let (mut total_requests, mut total_errors) = (0u64, 0u64);
+    // Counters are by route slot, and slots only ever get added: the same index in the
+    // previous sample is the same route.
+    let slots: std::collections::HashMap<&str, usize> = now
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.route.as_str(), i))
+        .collect();
+    let mut total = Delta::default();
     let mut routes = Vec::new();
     for route in &snap.routes {
-        let Some(cur) = now.routes.iter().find(|c| *c.route == *route.id) else {
+        let Some(&slot) = slots.get(&*route.id) else {
             continue;
         };
+        let cur = &now.routes[slot];
         // The first line has nothing to compare with: no requests, no percentiles yet.
         let before = match prev {
-            Some(p) => p.routes.iter().find(|c| c.route == cur.route),
+            Some(p) => p.routes.get(slot),
             None => Some(cur),
         };
+        let delta = Delta::between(cur, before);
+        total.add(&delta);
+        let mut line = delta.summary(seconds);
+        line.insert("route".into(), json!(&*route.id));
+        line.insert(
+            "requests_total".into(),
+            json!(cur.by_class.iter().sum::<u64>()),
+        );
+        routes.push(Value::Object(line));
+    }
+    let line = json!({
+        "time_ms": crate::store::local::now_ms(),
+        "revision": snap.revision,
+        "total": total.summary(seconds),
+        "routes": routes,
+    });
+    (line, now)
+}
+
+/// Requests, 5xx answers and latencies between two samples.
+#[derive(Default)]
+struct Delta {
+    requests: u64,
+    errors: u64,
+    buckets: [u64; BUCKETS],
+}
+
+impl Delta {
+    fn between(cur: &RouteCounts, before: Option<&RouteCounts>) -> Delta {
         let mut by_class = cur.by_class;
         let mut buckets = cur.buckets;
         if let Some(b) = before {
@@ -92,44 +119,40 @@ fn tick(admin: &Admin, prev: Option<&Sample>) -> (Value, Sample) {
                 *n = n.saturating_sub(old);
             }
         }
-        let requests: u64 = by_class.iter().sum();
-        let errors = by_class[4];
-        total_requests += requests;
-        total_errors += errors;
-        for (t, n) in total_buckets.iter_mut().zip(buckets) {
+        Delta {
+            requests: by_class.iter().sum(),
+            errors: by_class[4],
+            buckets,
+        }
+    }
+
+    fn add(&mut self, other: &Delta) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (t, n) in self.buckets.iter_mut().zip(other.buckets) {
             *t += n;
         }
+    }
+
+    /// `rps` over `seconds`, `error_rate`, `p50_ms`, `p99_ms`.
+    fn summary(&self, seconds: f64) -> serde_json::Map<String, Value> {
         let rate = if seconds > 0.0 {
-            requests as f64 / seconds
+            self.requests as f64 / seconds
         } else {
             0.0
         };
-        routes.push(json!({
-            "route": &*route.id,
-            "rps": (rate * 10.0).round() / 10.0,
-            "error_rate": if requests > 0 { errors as f64 / requests as f64 } else { 0.0 },
-            "p50_ms": ms(quantile_us(&buckets, 0.5)),
-            "p99_ms": ms(quantile_us(&buckets, 0.99)),
-            "requests_total": cur.by_class.iter().sum::<u64>(),
-        }));
+        let error_rate = if self.requests > 0 {
+            self.errors as f64 / self.requests as f64
+        } else {
+            0.0
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("rps".into(), json!((rate * 10.0).round() / 10.0));
+        m.insert("error_rate".into(), json!(error_rate));
+        m.insert("p50_ms".into(), ms(quantile_us(&self.buckets, 0.5)));
+        m.insert("p99_ms".into(), ms(quantile_us(&self.buckets, 0.99)));
+        m
     }
-    let rate = if seconds > 0.0 {
-        total_requests as f64 / seconds
-    } else {
-        0.0
-    };
-    let line = json!({
-        "time_ms": crate::store::local::now_ms(),
-        "revision": snap.revision,
-        "total": {
-            "rps": (rate * 10.0).round() / 10.0,
-            "error_rate": if total_requests > 0 { total_errors as f64 / total_requests as f64 } else { 0.0 },
-            "p50_ms": ms(quantile_us(&total_buckets, 0.5)),
-            "p99_ms": ms(quantile_us(&total_buckets, 0.99)),
-        },
-        "routes": routes,
-    });
-    (line, now)
 }
 
 /// `GET /v1/stream?seconds=N`: one JSON line a second for N seconds (default and most 3600).

@@ -121,7 +121,13 @@ impl Default for Histogram {
 impl Histogram {
     #[inline]
     pub fn observe(&self, us: u64) {
-        bump(&self.buckets[bucket(us)], 1);
+        self.observe_in(bucket(us), us);
+    }
+
+    /// [`Histogram::observe`] with the bucket already known.
+    #[inline]
+    fn observe_in(&self, bucket: usize, us: u64) {
+        bump(&self.buckets[bucket], 1);
         bump(&self.sum_us, us);
     }
 }
@@ -195,8 +201,7 @@ impl WorkerMetrics {
         if let Some(c) = self.route_latency.get(slot as usize * BUCKETS + b) {
             bump(c, 1);
         }
-        bump(&self.request_latency.buckets[b], 1);
-        bump(&self.request_latency.sum_us, latency_us);
+        self.request_latency.observe_in(b, latency_us);
     }
 
     /// Counts a request that ended with `kind`.

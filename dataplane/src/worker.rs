@@ -483,11 +483,11 @@ pub(crate) fn listeners_for(
             "the socket handed over is bound to {bound}, not {addr}"
         )));
     }
-    while handed.len() < count {
-        handed.push(reuseport_listener(bound)?);
-    }
     for s in &handed {
         s.set_nonblocking(true)?;
+    }
+    while handed.len() < count {
+        handed.push(reuseport_listener(bound)?);
     }
     Ok(handed)
 }

@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::config::{AdminConfig, ResolverConfig};
 use common::Config;
 use ring::aead;
 use serde_json::{json, Value};
@@ -40,33 +39,19 @@ use crate::keys::NewKey;
 pub const NODE_TTL_S: i64 = 10;
 
 /// This node's own settings, taken from its node file: `workers`, `listeners`, `admin`,
-/// `access_log`, `resolver` and `cluster`; everything else left at its default.
+/// `access_log`, `resolver` and `cluster` (the fields [`merge`] takes from the node);
+/// everything else left at its default.
 pub fn node_settings(c: &Config) -> Config {
-    Config {
-        workers: c.workers,
-        listeners: c.listeners.clone(),
-        admin: c.admin.clone(),
-        access_log: c.access_log.clone(),
-        resolver: c.resolver.clone(),
-        cluster: c.cluster.clone(),
-        ..Config::default()
-    }
+    merge(c, &Config::default())
 }
 
 /// The shared part of `c`: everything but the [`node_settings`].
 pub fn shared_settings(c: &Config) -> Config {
-    Config {
-        workers: None,
-        listeners: Vec::new(),
-        admin: AdminConfig::default(),
-        access_log: None,
-        resolver: ResolverConfig::default(),
-        cluster: None,
-        ..c.clone()
-    }
+    merge(&Config::default(), c)
 }
 
-/// The shared config `shared` as served by the node with `node` settings.
+/// The shared config `shared` as served by the node with `node` settings: the one place
+/// that says which fields are a node's own.
 pub fn merge(node: &Config, shared: &Config) -> Config {
     Config {
         workers: node.workers,
@@ -374,6 +359,12 @@ impl EtcdStore {
         self.item_revisions.get(&format!("{kind}/{id}")).copied()
     }
 
+    /// Reads `name` (every key under it when `prefix`), noting whether etcd answered.
+    fn read(&mut self, name: &str, prefix: bool) -> Result<Vec<crate::etcd::Kv>, EtcdError> {
+        let r = self.client.range(name, prefix).map(|(kvs, _)| kvs);
+        self.track(r)
+    }
+
     fn track<T>(&self, r: Result<T, EtcdError>) -> Result<T, EtcdError> {
         match &r {
             Ok(_) => self.health.ok(),
@@ -404,8 +395,7 @@ impl EtcdStore {
 
     /// Reads `P/config` and adopts it if newer; whether etcd holds a config at all.
     pub fn refresh(&mut self) -> Result<bool, StoreError> {
-        let r = self.client.range("config", false);
-        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        let kvs = self.read("config", false).map_err(unavailable)?;
         match kvs.first() {
             Some(kv) => {
                 self.adopt(&kv.value, kv.mod_revision);
@@ -501,8 +491,7 @@ impl EtcdStore {
 
     /// Stored revisions, oldest first (without their configs).
     pub fn revisions(&mut self) -> Result<Vec<StoredRevision>, StoreError> {
-        let r = self.client.range("revisions/", true);
-        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        let kvs = self.read("revisions/", true).map_err(unavailable)?;
         let mut list: Vec<StoredRevision> = kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice::<Record>(&kv.value).ok())
@@ -520,8 +509,7 @@ impl EtcdStore {
 
     /// One stored revision (its shared config merged with this node's settings).
     pub fn load_revision(&mut self, n: u64) -> Result<Option<StoredRevision>, StoreError> {
-        let r = self.client.range(&revision_key(n), false);
-        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        let kvs = self.read(&revision_key(n), false).map_err(unavailable)?;
         let Some(kv) = kvs.first() else {
             return Ok(None);
         };
@@ -555,8 +543,9 @@ impl EtcdStore {
         })?;
         let mut found = Vec::new();
         for sha in missing {
-            let r = self.client.range(&format!("keys/{sha}"), false);
-            let (kvs, _) = self.track(r).map_err(|e| e.to_string())?;
+            let kvs = self
+                .read(&format!("keys/{sha}"), false)
+                .map_err(|e| e.to_string())?;
             let kv = kvs
                 .first()
                 .ok_or_else(|| format!("private key {sha} is not in etcd"))?;
@@ -569,8 +558,7 @@ impl EtcdStore {
 
     /// Every node's record (`id`, `applied_revision`, `last_seen`, `uses`).
     pub fn nodes(&mut self) -> Result<Vec<Value>, StoreError> {
-        let r = self.client.range("nodes/", true);
-        let (kvs, _) = self.track(r).map_err(unavailable)?;
+        let kvs = self.read("nodes/", true).map_err(unavailable)?;
         Ok(kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())

@@ -116,6 +116,7 @@ impl Gateway {
             bin.as_os_str(),
             &["--config", config_path.to_str().unwrap()],
             &dir.join("data"),
+            &[],
             config_path.clone(),
             Driver::IoUring,
             env,
@@ -129,33 +130,33 @@ impl Gateway {
         driver: Driver,
         extra_args: &[&str],
     ) -> Gateway {
-        let mut all = args.to_vec();
-        all.push("--data-dir");
-        all.push(data_dir.to_str().unwrap());
-        all.extend_from_slice(extra_args);
         Self::spawn_program(
             env!("CARGO_BIN_EXE_gateway").as_ref(),
-            &all,
+            args,
             data_dir,
+            extra_args,
             config_path,
             driver,
             &[],
         )
     }
 
+    /// Runs `program` with `args`, `--data-dir data_dir`, then `extra_args`, and `env` added.
     fn spawn_program(
         program: &std::ffi::OsStr,
         args: &[&str],
         data_dir: &std::path::Path,
+        extra_args: &[&str],
         config_path: PathBuf,
         driver: Driver,
         env: &[(&str, &str)],
     ) -> Gateway {
         let mut cmd = Command::new(program);
-        cmd.args(args).envs(env.iter().copied());
-        if !args.contains(&"--data-dir") {
-            cmd.arg("--data-dir").arg(data_dir);
-        }
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .envs(env.iter().copied());
         cmd.env(
             "GATEWAY_IO_DRIVER",
             match driver {
