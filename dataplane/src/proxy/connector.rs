@@ -182,6 +182,9 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     /// The retry policy, when the request may be sent again at all (its whole body is in
     /// hand and its method is one the policy retries).
     retry: Option<&'a RetryPolicy>,
+    /// A clock reading from the start of the request, used once for the first pooled take
+    /// (the pool's idle check does not need a fresher one).
+    now: Cell<Option<Instant>>,
 }
 
 /// Decrements a circuit counter when dropped.
@@ -243,7 +246,15 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             send_timeout: timeouts.upstream_send,
             key,
             retry,
+            now: Cell::new(None),
         }
+    }
+
+    /// Lets the first try's pool check use `now` (the request's start) instead of reading
+    /// the clock again.
+    pub fn started_at(self, now: Instant) -> Self {
+        self.now.set(Some(now));
+        self
     }
 
     fn pick(&self, set: &TargetSet, avoid: Option<SocketAddr>) -> Option<usize> {
@@ -278,7 +289,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     ) -> Option<Session> {
         rec.target = Some(target.addr);
         rec.connect = None;
-        let conn = self.source.take_idle(target.addr, Instant::now())?;
+        // The first try reuses the request's clock reading; a retry reads it again.
+        let now = self.now.take().unwrap_or_else(Instant::now);
+        let conn = self.source.take_idle(target.addr, now)?;
         Some(Session {
             conn,
             target: target.addr,
@@ -346,12 +359,18 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// gone, and the worker's sweep, which closes pooled connections to such targets, may
     /// already have run (a rare extra connect instead of a connection left open).
     pub fn checkin(&self, session: Session, outcome: Outcome) {
+        self.checkin_at(session, outcome, Instant::now());
+    }
+
+    /// [`Connector::checkin`] with the time the exchange ended, when the caller has read the
+    /// clock already.
+    pub fn checkin_at(&self, session: Session, outcome: Outcome, now: Instant) {
         let unchanged =
             common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation;
         if outcome == Outcome::Reusable && session.poolable && unchanged {
             let mut conn = session.conn;
             conn.buf.clear();
-            self.source.put_idle(session.target, conn, Instant::now());
+            self.source.put_idle(session.target, conn, now);
         }
     }
 

@@ -39,6 +39,10 @@ pub(crate) struct RequestCtx {
     pub attempts: Attempts,
     /// From the request fully sent upstream to the first byte of the answer.
     pub first_byte: Option<Duration>,
+    /// When the first byte of the upstream's answer arrived.
+    pub answered_at: Option<Instant>,
+    /// When the exchange ended, if the clock was read for it already (see `end_now`).
+    pub ended: Option<Instant>,
     /// Status sent to the client (0: none yet).
     pub status: u16,
     /// Bytes on the wire from and to the client, heads included.
@@ -79,6 +83,8 @@ impl RequestCtx {
             upstream: None,
             attempts: Attempts::default(),
             first_byte: None,
+            answered_at: None,
+            ended: None,
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -103,6 +109,8 @@ impl RequestCtx {
         self.upstream = None;
         self.attempts = Attempts::default();
         self.first_byte = None;
+        self.answered_at = None;
+        self.ended = None;
         self.status = 0;
         self.bytes_in = 0;
         self.bytes_out = 0;
@@ -202,6 +210,14 @@ impl RequestCtx {
     }
 
     /// Records the outcome: `kind` unless an earlier error is already recorded.
+    /// Reads the clock once for the end of the exchange: the pool's idle time, the request's
+    /// duration and the next request's idle deadline all start from it.
+    pub fn end_now(&mut self) -> Instant {
+        let now = Instant::now();
+        self.ended = Some(now);
+        now
+    }
+
     pub fn fail(&mut self, kind: ErrorKind) {
         self.error.get_or_insert(kind);
     }
@@ -215,7 +231,8 @@ impl RequestCtx {
                 None => return,
             }
         }
-        let elapsed = self.started.elapsed();
+        let end = self.ended.unwrap_or_else(Instant::now);
+        let elapsed = end.saturating_duration_since(self.started);
         let metrics = &worker.metrics;
         metrics.request(self.slot, self.status, elapsed.as_micros() as u64);
         if let Some(e) = self.error {

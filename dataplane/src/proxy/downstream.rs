@@ -120,8 +120,13 @@ impl<S: ClientStream> Downstream<S> {
     }
 
     /// Reads until a whole request head is buffered at `buf[0..]`. `Err`: answer with that
-    /// error's status and close.
-    pub async fn read_head(&mut self, ctx: &WorkerCtx) -> Result<Head, ErrorKind> {
+    /// error's status and close. `idle_from`: when the previous request ended, if the clock
+    /// was read for it (the keep-alive wait counts from there).
+    pub async fn read_head(
+        &mut self,
+        ctx: &WorkerCtx,
+        mut idle_from: Option<Instant>,
+    ) -> Result<Head, ErrorKind> {
         // Move pipelined bytes to the front so the head's offsets start at 0.
         if self.pos > 0 {
             self.buf.copy_within(self.pos.., 0);
@@ -129,6 +134,7 @@ impl<S: ClientStream> Downstream<S> {
             self.pos = 0;
         }
         let mut header_deadline = None;
+        let mut idle_start = None;
         loop {
             if !self.buf.is_empty() {
                 if let Some(head) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
@@ -145,7 +151,11 @@ impl<S: ClientStream> Downstream<S> {
                 }
                 // Waiting for the first byte of a request.
                 None if self.served == 0 => Instant::now() + self.timeouts.client_header,
-                None => Instant::now() + self.timeouts.client_idle,
+                None => {
+                    let now = idle_from.take().unwrap_or_else(Instant::now);
+                    idle_start = Some(now);
+                    now + self.timeouts.client_idle
+                }
             };
             if waiting_idle && ctx.draining.get() {
                 match ctx.handover_until.get() {
@@ -166,7 +176,10 @@ impl<S: ClientStream> Downstream<S> {
                     && ctx.park.borrow().is_some()
             });
             let res = match park_after {
-                Some(grace) => self.read_or_park(grace).await,
+                Some(grace) => {
+                    let until = idle_start.take().unwrap_or_else(Instant::now) + grace;
+                    self.read_or_park(until).await
+                }
                 None => {
                     let want = self.limits.max_header_bytes;
                     read_more(
@@ -195,15 +208,16 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
-    /// Waits up to `grace` for the next request's first bytes. `Ok(None)`: nothing came and
-    /// the read was cancelled without consuming anything, so the connection can park.
-    async fn read_or_park(&mut self, grace: Duration) -> Result<Option<usize>, ReadError> {
+    /// Waits until `until` (the park grace) for the next request's first bytes. `Ok(None)`:
+    /// nothing came and the read was cancelled without consuming anything, so the connection
+    /// can park.
+    async fn read_or_park(&mut self, until: Instant) -> Result<Option<usize>, ReadError> {
         self.buf.clear();
         self.pos = 0;
         let owned = std::mem::take(&mut self.buf);
         let read = self.stream.cancelable_read(owned, self.canceller.handle());
         let mut read = std::pin::pin!(read);
-        let mut timer = std::pin::pin!(monoio::time::sleep(grace));
+        let mut timer = std::pin::pin!(monoio::time::sleep_until(until.into()));
         let first = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = read.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
@@ -488,7 +502,12 @@ const LEFT_CHECK_AFTER: Duration = Duration::from_millis(50);
 /// Whether the client closed its end while the gateway was waiting for the upstream (one
 /// non-blocking peek, only for answers that took a while).
 pub(crate) fn client_left<S: ClientStream>(down: &Downstream<S>, req: &RequestCtx) -> bool {
-    if req.started.elapsed() < LEFT_CHECK_AFTER {
+    // The answer's arrival, when known, saves a clock reading.
+    let waited = match req.answered_at {
+        Some(at) => at.saturating_duration_since(req.started),
+        None => req.started.elapsed(),
+    };
+    if waited < LEFT_CHECK_AFTER {
         return false;
     }
     down.stream.client_gone()

@@ -119,7 +119,8 @@ async fn serve_stream<S: ClientStream>(
     drop(snap);
     let mut req = RequestCtx::new(peer.ip);
     loop {
-        let head = match down.read_head(&ctx).await {
+        // The last request's end is the clock reading the idle wait starts from.
+        let head = match down.read_head(&ctx, req.ended).await {
             Ok(Head::Request(head)) => head,
             Ok(Head::Closed) => return None,
             Ok(Head::Park) => {
@@ -159,7 +160,7 @@ async fn serve_stream<S: ClientStream>(
         down.timeouts = snap.timeouts;
         down.served += 1;
         req.begin(&ctx, &snap, &down.buf, &head, peer.ip);
-        let next = handle(&ctx, &snap, &mut down, &mut req, peer, head).await;
+        let next = handle(&ctx, &snap, &mut down, &mut req, peer, &head).await;
         match next {
             // A keep-alive answer written as a binary upgrade's drain began: its client may
             // send the next request at once, which the handover grace still answers.
@@ -202,7 +203,7 @@ async fn handle<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     peer: Peer,
-    head: RequestHead,
+    head: &RequestHead,
 ) -> Next {
     let method = head.method.of(&down.buf);
     let host = head.host.map(|h| h.of(&down.buf));
@@ -210,10 +211,10 @@ async fn handle<S: ClientStream>(
         if !same_host(host, sni) {
             req.fail(ErrorKind::Misdirected);
             let reply = Reply::Canned(Status::MisdirectedRequest);
-            return down.respond(ctx, req, &head, reply).await;
+            return down.respond(ctx, req, head, reply).await;
         }
     }
-    let preflight = method == b"OPTIONS" && policy::is_preflight(&down.buf, &head);
+    let preflight = method == b"OPTIONS" && policy::is_preflight(&down.buf, head);
     let found = snap.router.find(host, head.path(&down.buf), |id| {
         let r = &snap.routes[id as usize];
         r.accepts(method) || (preflight && r.has_cors)
@@ -233,7 +234,7 @@ async fn handle<S: ClientStream>(
         .is_some_and(|l| !l.is_empty());
     if screened || req.logging() {
         // Behind trusted proxies this walks X-Forwarded-For: only when something reads it.
-        req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
+        req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
     }
     let verdict = screened.then(|| {
         policy::check(
@@ -241,7 +242,7 @@ async fn handle<S: ClientStream>(
             route,
             peer.listener,
             &down.buf,
-            &head,
+            head,
             req.client_ip,
             &mut ctx.limiters.borrow_mut(),
             Clock::now(),
@@ -249,7 +250,7 @@ async fn handle<S: ClientStream>(
         )
     });
     // After the policies (they say which query parameter is a credential to leave out).
-    req.capture_head(ctx, &down.buf, &head);
+    req.capture_head(ctx, &down.buf, head);
     if let Some(Verdict::Answer(status)) = verdict {
         if status >= 400 {
             req.fail(ErrorKind::PolicyDenied);
@@ -260,14 +261,14 @@ async fn handle<S: ClientStream>(
             bytes: &out,
             head_len: req.policy.out_head_len,
         };
-        let next = down.respond(ctx, req, &head, reply).await;
+        let next = down.respond(ctx, req, head, reply).await;
         req.policy.out = out;
         return next;
     }
     let Some(route) = route else {
         req.fail(ErrorKind::NoRoute);
         let reply = Reply::Canned(Status::NotFound);
-        return down.respond(ctx, req, &head, reply).await;
+        return down.respond(ctx, req, head, reply).await;
     };
     let choice = if route.variants.is_empty() {
         select::Choice {
@@ -279,7 +280,7 @@ async fn handle<S: ClientStream>(
         if !route.vary.is_empty() {
             push_field(&mut req.response_fields, b"Vary", &route.vary);
         }
-        select::choose(snap, route, &down.buf, &head, req.policy.consumer)
+        select::choose(snap, route, &down.buf, head, req.policy.consumer)
     };
     match choice.action {
         RouteAction::Respond {
@@ -292,7 +293,7 @@ async fn handle<S: ClientStream>(
                 bytes,
                 head_len: *head_len,
             };
-            down.respond(ctx, req, &head, reply).await
+            down.respond(ctx, req, head, reply).await
         }
         RouteAction::Proxy { upstream } => {
             req.upstream = Some(*upstream as u32);
@@ -320,15 +321,15 @@ async fn handle<S: ClientStream>(
             }
             let up = connector::UpstreamRef::of(snap, *upstream);
             if up.upstream.hash_on == common::snapshot::HashOn::ClientIp {
-                req.client_ip = policy::client_ip(p, &down.buf, &head, peer.ip);
+                req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
             }
             if up.upstream.protocol.is_h2() {
-                return h2forward::forward(ctx, snap, down, req, &head, route, up, peer.ip).await;
+                return h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip).await;
             }
-            proxy(ctx, down, req, &head, route, up, peer.ip, choice.shape).await
+            proxy(ctx, down, req, head, route, up, peer.ip, choice.shape).await
         }
         RouteAction::Aggregate { aggregate } => {
-            fanout::aggregate(ctx, snap, down, req, &head, route, *aggregate, peer.ip).await
+            fanout::aggregate(ctx, snap, down, req, head, route, *aggregate, peer.ip).await
         }
     }
 }
@@ -379,8 +380,9 @@ async fn proxy<S: ClientStream>(
     let (line, tail) = forwarded_head(down, req, head, route, peer);
 
     req.bytes_in += first_body as u64;
-    let timeouts = down.timeouts;
-    let connector = Connector::new(ctx, up, &timeouts, key, body_left == 0, idempotent);
+    let head_timeout = down.timeouts.upstream_response_head;
+    let connector = Connector::new(ctx, up, &down.timeouts, key, body_left == 0, idempotent)
+        .started_at(req.started);
     // Set by an attempt whose request write failed: the upstream may have answered early.
     let mut write_failed = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
@@ -420,7 +422,7 @@ async fn proxy<S: ClientStream>(
             }
         }
         let sent_at = Instant::now();
-        let deadline = session.head_deadline(sent_at + timeouts.upstream_response_head);
+        let deadline = session.head_deadline(sent_at + head_timeout);
         let conn = &mut session.conn;
         let mut first_byte = None;
         conn.buf.clear();
@@ -447,6 +449,7 @@ async fn proxy<S: ClientStream>(
                 }
                 Ok(HeadRead::Final(resp)) => {
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
+                    req.answered_at = first_byte;
                     return Ok(resp);
                 }
                 Err(e) => return Err(e),
@@ -529,7 +532,7 @@ async fn proxy<S: ClientStream>(
             } else {
                 Outcome::Done
             };
-            connector.checkin(session, outcome);
+            connector.checkin_at(session, outcome, req.end_now());
         }
         Err(e) if req.status == 0 => return down.fail(req, e.kind).await,
         Err(e) => {
