@@ -1,10 +1,13 @@
+# usage: client.py N [PATH...]: N keep-alive GETs to 127.0.0.1:7310, cycling through the
+# paths (default /13b), each answer read whole and checked to be a 200.
 import socket, sys
 n = int(sys.argv[1])
+paths = sys.argv[2:] or ["/13b"]
 s = socket.create_connection(("127.0.0.1", 7310))
-req = b"GET /13b HTTP/1.1\r\nHost: 127.0.0.1:7310\r\n\r\n"
+reqs = [b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:7310\r\n\r\n" % p.encode() for p in paths]
 buf = b""
 for i in range(n):
-    s.sendall(req)
+    s.sendall(reqs[i % len(reqs)])
     while True:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
