@@ -51,6 +51,16 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
+    /// Empty, with room for the fields the gateway adds to a request (`X-Request-Id`,
+    /// `traceparent`, a few policy fields), so they do not grow the buffer field by field: a
+    /// state lives for a connection, and for one request on an HTTP/2 stream.
+    pub fn with_room() -> PolicyState {
+        PolicyState {
+            extra: Vec::with_capacity(256),
+            ..PolicyState::default()
+        }
+    }
+
     /// Forgets the previous request's decisions.
     pub fn reset(&mut self) {
         self.out.clear();

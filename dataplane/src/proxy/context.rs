@@ -79,7 +79,7 @@ impl RequestCtx {
             route: None,
             slot: NO_ROUTE_SLOT,
             client_ip: peer,
-            policy: PolicyState::default(),
+            policy: PolicyState::with_room(),
             upstream: None,
             attempts: Attempts::default(),
             first_byte: None,

@@ -24,9 +24,8 @@ use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
 
-/// Initial size of a client connection's read buffer; it grows up to `max_header_bytes` for a
-/// large head and to [`BODY_BUF`] to relay a large request body.
-const CLIENT_BUF: usize = 8 * 1024;
+/// A client connection's read buffer starts at its stream's `READ_BUF`; it grows up to
+/// `max_header_bytes` for a large head and to [`BODY_BUF`] to relay a large request body.
 pub(crate) const BODY_BUF: usize = 64 * 1024;
 /// Longest a lingering close waits for the client to stop sending.
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -105,7 +104,7 @@ impl<S: ClientStream> Downstream<S> {
     pub fn new(stream: S, limits: Limits, timeouts: Timeouts, served: u64) -> Self {
         Downstream {
             stream,
-            buf: Vec::with_capacity(CLIENT_BUF),
+            buf: Vec::with_capacity(S::READ_BUF),
             pos: 0,
             scratch: Vec::with_capacity(512),
             iov: Vec::with_capacity(16),

@@ -36,6 +36,8 @@ pub(crate) trait ClientStream:
     /// Whether the stream is a whole connection (not one stream of a multiplexed one): only
     /// then may the worker shut its socket down while it waits for a request (the drain).
     const WHOLE_CONNECTION: bool = true;
+    /// The read buffer a connection starts with (see `downstream::BODY_BUF`).
+    const READ_BUF: usize = 8 * 1024;
     /// Whether the stream is a whole connection that may turn out to speak HTTP/2 with
     /// prior knowledge (a cleartext TCP connection).
     const PRIOR_KNOWLEDGE: bool;
