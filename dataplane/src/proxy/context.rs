@@ -209,7 +209,6 @@ impl RequestCtx {
         self.logging
     }
 
-    /// Records the outcome: `kind` unless an earlier error is already recorded.
     /// Reads the clock once for the end of the exchange: the pool's idle time, the request's
     /// duration and the next request's idle deadline all start from it.
     pub fn end_now(&mut self) -> Instant {
@@ -218,6 +217,7 @@ impl RequestCtx {
         now
     }
 
+    /// Records the outcome: `kind` unless an earlier error is already recorded.
     pub fn fail(&mut self, kind: ErrorKind) {
         self.error.get_or_insert(kind);
     }
