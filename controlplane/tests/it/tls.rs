@@ -2,7 +2,8 @@
 //! SNI picks among two certificates, 421 on a Host that is not the SNI name,
 //! `X-Forwarded-Proto: https`, certificates managed through the admin API (key stored 0600
 //! and never shown, a replaced certificate served to the next handshake while an open
-//! connection goes on), handshake failures counted, and the conformance cases over TLS.
+//! connection goes on), handshake failures counted, sessions resumed over TLS 1.2 and 1.3, and
+//! the conformance cases over TLS.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -285,6 +286,59 @@ fn min_version_1_3_refuses_tls_1_2() {
         "{}",
         r.body_str()
     );
+}
+
+/// One request with `openssl s_client` (`version`: `-tls1_2` or `-tls1_3`), saving the session
+/// to `sess_out` or resuming `sess_in`: its output.
+fn s_client_request(addr: std::net::SocketAddr, version: &str, session: (&str, &Path)) -> String {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            version,
+            "-ign_eof",
+            "-servername",
+            "a.test",
+            "-connect",
+        ])
+        .arg(addr.to_string())
+        .arg(session.0)
+        .arg(session.1)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET /resume HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().expect("openssl s_client");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sessions_resume_over_tls_1_2_and_1_3() {
+    // TLS 1.3 tickets are sent with the first answer, not right after the handshake: a client
+    // that made a request has them and resumes.
+    let dir = temp_dir("tls-resume");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = lines_origin();
+    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
+    let tls = gw.listeners[0];
+    for (version, name) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        let sess = dir.join(format!("session{version}.pem"));
+        let first = s_client_request(tls, version, ("-sess_out", &sess));
+        assert!(first.contains("origin saw /resume"), "{first}");
+        assert!(first.contains(&format!("New, {name}")), "{first}");
+        let again = s_client_request(tls, version, ("-sess_in", &sess));
+        assert!(again.contains("origin saw /resume"), "{again}");
+        assert!(
+            again.contains(&format!("Reused, {name}")),
+            "the {name} session was not resumed: {again}"
+        );
+    }
 }
 
 #[test]
