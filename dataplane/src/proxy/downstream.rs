@@ -133,7 +133,6 @@ impl<S: ClientStream> Downstream<S> {
             self.pos = 0;
         }
         let mut header_deadline = None;
-        let mut idle_start = None;
         loop {
             if !self.buf.is_empty() {
                 if let Some(head) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
@@ -151,9 +150,8 @@ impl<S: ClientStream> Downstream<S> {
                 // Waiting for the first byte of a request.
                 None if self.served == 0 => Instant::now() + self.timeouts.client_header,
                 None => {
-                    let now = idle_from.take().unwrap_or_else(Instant::now);
-                    idle_start = Some(now);
-                    now + self.timeouts.client_idle
+                    // The park timer below counts from the same reading.
+                    *idle_from.get_or_insert_with(Instant::now) + self.timeouts.client_idle
                 }
             };
             if waiting_idle && ctx.draining.get() {
@@ -176,7 +174,7 @@ impl<S: ClientStream> Downstream<S> {
             });
             let res = match park_after {
                 Some(grace) => {
-                    let until = idle_start.take().unwrap_or_else(Instant::now) + grace;
+                    let until = idle_from.unwrap_or_else(Instant::now) + grace;
                     self.read_or_park(until).await
                 }
                 None => {
