@@ -42,13 +42,15 @@ impl Gather {
     ) -> Gather {
         iov.clear();
         let mut remaining = 0;
-        for piece in pieces {
+        // `for_each`, not a `for` loop: the pieces are chained iterators, which iterate
+        // internally part after part instead of re-checking which part is current per item.
+        pieces.for_each(|piece| {
             let (buf, span) = match piece {
                 Piece::Src(s) => (&src, s),
                 Piece::Extra(s) => (&extra, s),
             };
             if span.is_empty() {
-                continue;
+                return;
             }
             let bytes = &buf[span.start..span.end];
             remaining += bytes.len();
@@ -56,7 +58,7 @@ impl Gather {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
                 iov_len: bytes.len(),
             });
-        }
+        });
         Gather {
             src,
             extra,

@@ -82,10 +82,14 @@ fn hex_into(out: &mut [u8], v: u64) {
     out[8..16].copy_from_slice(&hex8(v as u32));
 }
 
-/// This request's id, as it is forwarded, returned and logged.
+/// `X-Request-Id: `, the start of a request id's field line.
+const ID_NAME: &[u8] = b"X-Request-Id: ";
+
+/// This request's id, as it is forwarded, returned and logged. It is kept as its whole field
+/// line (`X-Request-Id: <id>\r\n`), so forwarding and answering each append it in one copy.
 #[derive(Clone, Copy)]
 pub struct RequestId {
-    bytes: [u8; MAX_REQUEST_ID],
+    line: [u8; ID_NAME.len() + MAX_REQUEST_ID + 2],
     len: u8,
 }
 
@@ -97,16 +101,23 @@ impl std::fmt::Debug for RequestId {
 
 impl Default for RequestId {
     fn default() -> Self {
-        RequestId {
-            bytes: [0; MAX_REQUEST_ID],
-            len: 0,
-        }
+        let mut line = [0; ID_NAME.len() + MAX_REQUEST_ID + 2];
+        line[..ID_NAME.len()].copy_from_slice(ID_NAME);
+        RequestId { line, len: 0 }
     }
 }
 
 impl RequestId {
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
+        &self.line[ID_NAME.len()..ID_NAME.len() + usize::from(self.len)]
+    }
+
+    /// `X-Request-Id: <id>\r\n`; empty when there is no id.
+    pub fn field_line(&self) -> &[u8] {
+        match self.len {
+            0 => &[],
+            n => &self.line[..ID_NAME.len() + usize::from(n) + 2],
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -120,38 +131,50 @@ impl RequestId {
     /// Keeps the client's value if it is 1 to 128 visible ASCII characters (so it is safe in a
     /// header and a log line); otherwise makes a new one.
     pub fn set(&mut self, client: Option<&[u8]>, rng: &mut Rng) {
-        match client {
+        let id = &mut self.line[ID_NAME.len()..];
+        let len = match client {
             Some(v)
                 if !v.is_empty()
                     && v.len() <= MAX_REQUEST_ID
                     && v.iter().all(|&b| (0x21..0x7f).contains(&b)) =>
             {
-                self.bytes[..v.len()].copy_from_slice(v);
-                self.len = v.len() as u8;
+                id[..v.len()].copy_from_slice(v);
+                v.len()
             }
             _ => {
-                hex_into(&mut self.bytes[..16], rng.next_u64());
-                hex_into(&mut self.bytes[16..32], rng.next_u64());
-                self.len = 32;
+                hex_into(&mut id[..16], rng.next_u64());
+                hex_into(&mut id[16..32], rng.next_u64());
+                32
             }
-        }
+        };
+        id[len..len + 2].copy_from_slice(b"\r\n");
+        self.len = len as u8;
     }
 }
 
-/// The trace context of this request's hop through the gateway.
+/// `traceparent: `, the start of the trace context's field line.
+const TP_NAME: &[u8] = b"traceparent: ";
+/// Where the value starts in the field line, and its length (version 00).
+const TP: usize = TP_NAME.len();
+const TP_LEN: usize = 55;
+
+/// The trace context of this request's hop through the gateway, kept as its whole field line
+/// (`traceparent: 00-<trace id>-<parent id>-<flags>\r\n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
-    /// `00-<trace id>-<parent id>-<flags>`, 55 bytes; empty when not set.
-    header: [u8; 55],
+    line: [u8; TP + TP_LEN + 2],
     set: bool,
 }
 
 impl Default for TraceParent {
     fn default() -> Self {
-        TraceParent {
-            header: [0; 55],
-            set: false,
-        }
+        let mut line = [0; TP + TP_LEN + 2];
+        line[..TP].copy_from_slice(TP_NAME);
+        line[TP..TP + 3].copy_from_slice(b"00-");
+        line[TP + 35] = b'-';
+        line[TP + 52] = b'-';
+        line[TP + TP_LEN..].copy_from_slice(b"\r\n");
+        TraceParent { line, set: false }
     }
 }
 
@@ -162,21 +185,24 @@ impl TraceParent {
 
     /// The `traceparent` value to forward, if any.
     pub fn value(&self) -> Option<&[u8]> {
-        self.set.then_some(&self.header[..])
+        self.set.then_some(&self.line[TP..TP + TP_LEN])
+    }
+
+    /// `traceparent: <value>\r\n`, if there is a value.
+    pub fn field_line(&self) -> Option<&[u8]> {
+        self.set.then_some(&self.line[..])
     }
 
     /// The 32 hex digits of the trace id, if any.
     pub fn trace_id(&self) -> Option<&[u8]> {
-        self.set.then_some(&self.header[3..35])
+        self.set.then_some(&self.line[TP + 3..TP + 35])
     }
 
     /// Continues the incoming trace (`client`: the one `traceparent` value, if exactly one came)
-    /// with a new parent id, or starts a new trace.
+    /// with a new parent id, or starts a new trace. The version, dashes, name and line end are
+    /// written once, by `default`.
     pub fn set(&mut self, client: Option<&[u8]>, sampled: bool, rng: &mut Rng) {
-        let h = &mut self.header;
-        h[..3].copy_from_slice(b"00-");
-        h[35] = b'-';
-        h[52] = b'-';
+        let h = &mut self.line[TP..TP + TP_LEN];
         match client.and_then(parse_traceparent) {
             Some((trace_id, flags)) => {
                 h[3..35].copy_from_slice(trace_id);
@@ -242,6 +268,10 @@ mod tests {
         );
         assert!(is_lower_hex(&v[36..52]));
         assert_eq!(tp.trace_id().unwrap(), b"4bf92f3577b34da6a3ce929d0e0e4736");
+        let line = [&b"traceparent: "[..], v, b"\r\n"].concat();
+        assert_eq!(tp.field_line().unwrap(), &line[..]);
+        tp.clear();
+        assert_eq!(tp.field_line(), None);
         let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         tp.set(Some(unsampled), true, &mut rng);
         assert_eq!(
@@ -276,6 +306,8 @@ mod tests {
             );
             assert_ne!(&v[3..35], &VALID[3..35]);
             assert_eq!(&v[53..], if i % 2 == 0 { b"01" } else { b"00" });
+            let line = tp.field_line().unwrap();
+            assert!(line.starts_with(b"traceparent: 00-") && line.ends_with(b"\r\n"));
         }
         let mut tp = TraceParent::default();
         tp.set(None, true, &mut rng);
@@ -314,11 +346,21 @@ mod tests {
     fn request_ids_are_kept_when_visible_ascii_and_made_otherwise() {
         let mut rng = Rng::seeded(3);
         let mut id = RequestId::default();
+        assert_eq!(id.field_line(), b"", "no id, no field");
         id.set(Some(b"abc-123"), &mut rng);
         assert_eq!(id.as_bytes(), b"abc-123");
+        assert_eq!(id.field_line(), b"X-Request-Id: abc-123\r\n");
         let longest = [b'x'; 128];
         id.set(Some(&longest), &mut rng);
         assert_eq!(id.as_bytes(), &longest[..]);
+        let line = [&b"X-Request-Id: "[..], &longest, b"\r\n"].concat();
+        assert_eq!(id.field_line(), &line[..]);
+        id.set(Some(b"short"), &mut rng);
+        assert_eq!(
+            id.field_line(),
+            b"X-Request-Id: short\r\n",
+            "a shorter id after a longer one"
+        );
         let mut seen = std::collections::HashSet::new();
         for bad in [
             &[b'x'; 129][..],

@@ -77,9 +77,10 @@ impl FieldRef {
 }
 
 /// How a message body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyKind {
     /// No body.
+    #[default]
     None,
     /// Exactly this many bytes.
     Length(u64),

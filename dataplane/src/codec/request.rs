@@ -16,8 +16,9 @@ use super::{
     DroppedFields, FieldPlan, FieldRef, Span, TransferCodings,
 };
 
-/// A parsed request head; every span points into the buffer given to [`parse_request`].
-#[derive(Debug, Clone, Copy)]
+/// A parsed request head; every span points into the buffer given to [`parse_request`]
+/// (the default, all empty, is a slot for one to be parsed into).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct RequestHead {
     /// Start of the request line (leading empty lines skipped).
     pub start: usize,

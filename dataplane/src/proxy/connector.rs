@@ -377,19 +377,22 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// Runs `attempt` on a session to a target of the upstream, and again on another target
     /// while the retry policy says the failure (or the answer's status, from `status_of`)
     /// should be retried, tries and budget are left, and nothing was sent to the client.
-    /// On failure the last session (if one was checked out) comes back with the error, so
-    /// the caller can still read an answer the upstream sent early.
+    /// The session of the last try is left in `slot`: on success it carries the answer's
+    /// body; on failure (if one was checked out) the caller can still read an answer the
+    /// upstream sent early. The session stays in the caller's slot rather than travel back
+    /// with the answer: the result of every layer of the retry loop is then a few words, not
+    /// a connection and a response head copied at each return.
     pub async fn run<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
+        slot: &mut Option<Session>,
         mut attempt: impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
         status_of: impl Fn(&T) -> u16,
-    ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
+    ) -> Result<T, ProxyError> {
         self.run_tries(
             req,
-            async |target, req| self.on_target(req, target, &mut attempt).await,
-            |(_, v)| (status_of(v), None),
-            |(session, _)| self.checkin(session, Outcome::Done),
+            async |target, req| self.on_target(req, target, slot, &mut attempt).await,
+            |v| (status_of(v), None),
         )
         .await
     }
@@ -404,20 +407,15 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         mut attempt: impl AsyncFnMut(&LiveTarget, Option<Instant>, &mut C) -> Result<T, ProxyError>,
         answer_of: impl Fn(&T) -> (u16, Option<u8>),
     ) -> Result<T, ProxyError> {
-        let result = self
-            .run_tries(
-                req,
-                async |target, req| {
-                    let try_deadline = self.try_deadline();
-                    attempt(target, try_deadline, req)
-                        .await
-                        .map_err(|e| (None::<()>, e))
-                },
-                answer_of,
-                drop,
-            )
-            .await;
-        result.map_err(|(_, e)| e)
+        self.run_tries(
+            req,
+            async |target, req| {
+                let try_deadline = self.try_deadline();
+                attempt(target, try_deadline, req).await
+            },
+            answer_of,
+        )
+        .await
     }
 
     /// A new TCP connection to `target` for HTTP/2, within the circuit limits; records the
@@ -444,21 +442,20 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     }
 
     /// The retry loop: `one` tries a target; an answer (its status and gRPC status from
-    /// `answer_of`) or a failure is retried on another target while the policy allows, the
-    /// answers not taken going to `discard`.
-    async fn run_tries<C: AsMut<Attempts>, R, X>(
+    /// `answer_of`) or a failure is retried on another target while the policy allows (an
+    /// answer not taken is dropped: its connection or stream closes).
+    async fn run_tries<C: AsMut<Attempts>, R>(
         &self,
         req: &mut C,
-        mut one: impl AsyncFnMut(&LiveTarget, &mut C) -> Result<R, (Option<X>, ProxyError)>,
+        mut one: impl AsyncFnMut(&LiveTarget, &mut C) -> Result<R, ProxyError>,
         answer_of: impl Fn(&R) -> (u16, Option<u8>),
-        discard: impl Fn(R),
-    ) -> Result<R, (Option<X>, ProxyError)> {
+    ) -> Result<R, ProxyError> {
         let u = self.up.upstream;
         let live = &u.live;
         if let Some(c) = &u.circuit {
             if !try_count(&live.circuit.requests, c.max_requests) {
                 live.circuit.rejected[2].fetch_add(1, Relaxed);
-                return Err((None, ErrorKind::CircuitMaxRequests.into()));
+                return Err(ErrorKind::CircuitMaxRequests.into());
             }
             // Released when the connector is dropped (the answer relayed).
             self.in_flight.set(true);
@@ -474,7 +471,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         loop {
             tries += 1;
             let Some(i) = self.pick(set, avoid) else {
-                return Err((None, ErrorKind::NoTargets.into()));
+                return Err(ErrorKind::NoTargets.into());
             };
             let target = &set.targets[i];
             let state = &target.state;
@@ -497,12 +494,12 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     self.retry
                         .is_some_and(|r| r.on_status(status) || grpc.is_some_and(|c| r.on_grpc(c)))
                 }
-                Err((_, e)) if e.kind.reason().is_some() => {
+                Err(e) if e.kind.reason().is_some() => {
                     // Refused before reaching the target (max_connections, max_pending).
                     state.refused(stripe);
                     false
                 }
-                Err((_, e)) => match e.kind.target_failure() {
+                Err(e) => match e.kind.target_failure() {
                     Some(k) => {
                         state.count_error(stripe, k);
                         state.failed(u.passive.as_ref(), set, now_ms());
@@ -522,10 +519,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if !again {
                 return result;
             }
-            if let Ok(answer) = result {
-                // The answer is not relayed (its connection or stream closes).
-                discard(answer);
-            }
+            // An answer not relayed is dropped here: its connection or stream closes.
+            drop(result);
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             avoid = Some(target.addr);
         }
@@ -539,13 +534,16 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     }
 
     /// One try on `target`: a pooled session, and once more on a fresh connection when the
-    /// pooled one turns out to have been closed by the upstream.
+    /// pooled one turns out to have been closed by the upstream. The session is left in
+    /// `slot` (see [`Connector::run`]); an earlier try's, whose answer was not taken, closes.
     async fn on_target<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
         target: &LiveTarget,
+        slot: &mut Option<Session>,
         attempt: &mut impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
-    ) -> Result<(Session, T), (Option<Session>, ProxyError)> {
+    ) -> Result<T, ProxyError> {
+        *slot = None;
         let try_deadline = self.try_deadline();
         let mut fresh = false;
         loop {
@@ -553,23 +551,21 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 false => self.pooled(req.as_mut(), target, try_deadline),
                 true => None,
             };
-            let mut session = match pooled {
-                Some(s) => s,
-                None => match self.connect_new(req.as_mut(), target, try_deadline).await {
-                    Ok(s) => s,
-                    Err(e) => return Err((None, e)),
-                },
+            let session = match pooled {
+                Some(s) => slot.insert(s),
+                None => slot.insert(self.connect_new(req.as_mut(), target, try_deadline).await?),
             };
-            match attempt(&mut session, req).await {
-                Ok(v) => return Ok((session, v)),
+            match attempt(session, req).await {
+                Ok(v) => return Ok(v),
                 Err(e) if e.retryable && session.reused && !fresh => {
                     // A pooled connection the upstream had closed: nothing of the request
                     // was acted on, so it goes again on a new connection, once.
                     fresh = true;
+                    *slot = None;
                     let rec = req.as_mut();
                     rec.retries = rec.retries.saturating_add(1);
                 }
-                Err(e) => return Err((Some(session), e)),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -725,11 +721,13 @@ mod tests {
             let snap = upstream(&[target], "");
             let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
-            let (session, answer) = connector
-                .run(&mut req, async |s, _req| get(s).await, |_| 200)
+            let mut slot = None;
+            let answer = connector
+                .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
                 .await
                 .expect("the retry on a fresh connection succeeds");
             assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+            let session = slot.expect("the session that answered");
             assert!(!session.reused);
             assert_eq!(pool.connects.get(), 1);
             assert_eq!(req.attempts.retries, 1);
@@ -759,33 +757,33 @@ mod tests {
             let snap = upstream(&[target], "");
             let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
-            let (session, err) = connector
-                .run(&mut req, async |s, _req| get(s).await, |_| 200)
+            let mut slot = None;
+            let err = connector
+                .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
                 .await
                 .expect_err("a fresh connection's failure is final");
             assert_eq!(err.kind, ErrorKind::UpstreamClosed);
-            assert!(
-                session.is_some(),
-                "the session comes back for an early answer"
-            );
+            assert!(slot.is_some(), "the session stays for an early answer");
             assert_eq!((pool.connects.get(), req.attempts.retries), (1, 0));
 
             // A pooled connection, but the error says the upstream may have acted on it.
             let dead = dead_conn().await;
             pool.idle.borrow_mut().push(dead);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
+            let mut slot = None;
             let err = connector
                 .run(
                     &mut req,
+                    &mut slot,
                     async |_s, _req| -> Result<(), ProxyError> {
                         Err(ProxyError::new(ErrorKind::ResponseTimeout))
                     },
                     |_| 200,
                 )
                 .await
-                .map(|_| ())
                 .expect_err("not retryable");
-            assert_eq!(err.1.kind, ErrorKind::ResponseTimeout);
+            assert_eq!(err.kind, ErrorKind::ResponseTimeout);
+            assert!(slot.is_some_and(|s| s.reused), "the pooled session stays");
             assert_eq!((pool.connects.get(), req.attempts.retries), (1, 0));
         });
     }
@@ -800,17 +798,18 @@ mod tests {
             let snap = upstream(&[target], "");
             let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
+            let mut slot = None;
             let err = connector
                 .run(
                     &mut req,
+                    &mut slot,
                     async |_s, _req| -> Result<(), ProxyError> { Ok(()) },
                     |_| 200,
                 )
                 .await
-                .map(|_| ())
                 .expect_err("nothing listens");
-            assert!(err.0.is_none());
-            assert_eq!(err.1.kind, ErrorKind::ConnectFailed);
+            assert!(slot.is_none(), "no session was opened");
+            assert_eq!(err.kind, ErrorKind::ConnectFailed);
             assert_eq!(req.attempts.connect, None);
         });
     }
@@ -825,10 +824,12 @@ mod tests {
             let state = live.set.load().targets[0].state.clone();
             let connector = connector(&pool, &snap);
             let mut req = RequestCtx::new([127, 0, 0, 1].into());
-            let (session, _) = connector
-                .run(&mut req, async |s, _req| get(s).await, |_| 200)
+            let mut slot = None;
+            connector
+                .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
                 .await
                 .expect("the origin answers");
+            let session = slot.expect("the session that answered");
             // The answer's body would be relayed now: still outstanding.
             assert_eq!(state.outstanding(), 1);
             assert_eq!(live.circuit.requests.load(Relaxed), 1);

@@ -33,11 +33,11 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// What waiting for the next request head gave.
-// Returned once per request and matched at once; boxing the head would allocate per request.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Head {
-    Request(RequestHead),
+    /// A request head, parsed into the caller's `RequestHead` (a few hundred bytes, written
+    /// once there instead of copied out through each layer's return).
+    Request,
     /// The client closed or stayed silent too long: close quietly.
     Closed,
     /// Idle past `client_park_ms`: hand the socket to the worker's park lot.
@@ -57,8 +57,9 @@ pub(crate) enum Reply<'a> {
 }
 
 /// How a request ended for the client connection.
-// Returned once per request and matched at once; boxing the upgrade would allocate.
-#[allow(clippy::large_enum_variant)]
+/// Returned by every request's phases, so it is kept two words small: the rare upgrade is
+/// boxed (one allocation per upgraded connection) rather than copy the connection and the
+/// response head on every return.
 #[derive(Debug)]
 pub(crate) enum Next {
     /// Ready for the next request on this connection.
@@ -67,7 +68,7 @@ pub(crate) enum Next {
     Close,
     /// The upstream switched protocols: tunnel bytes both ways from now on, over this
     /// upstream connection, after relaying its 101 head.
-    Upgrade(UpstreamConn, ResponseHead),
+    Upgrade(Box<(UpstreamConn, ResponseHead)>),
 }
 
 /// A client connection.
@@ -118,13 +119,14 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
-    /// Reads until a whole request head is buffered at `buf[0..]`. `Err`: answer with that
-    /// error's status and close. `idle_from`: when the previous request ended, if the clock
-    /// was read for it (the keep-alive wait counts from there).
+    /// Reads until a whole request head is buffered at `buf[0..]` and parsed into `head`.
+    /// `Err`: answer with that error's status and close. `idle_from`: when the previous
+    /// request ended, if the clock was read for it (the keep-alive wait counts from there).
     pub async fn read_head(
         &mut self,
         ctx: &WorkerCtx,
         mut idle_from: Option<Instant>,
+        head: &mut RequestHead,
     ) -> Result<Head, ErrorKind> {
         // Move pipelined bytes to the front so the head's offsets start at 0.
         if self.pos > 0 {
@@ -135,8 +137,9 @@ impl<S: ClientStream> Downstream<S> {
         let mut header_deadline = None;
         loop {
             if !self.buf.is_empty() {
-                if let Some(head) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
-                    return Ok(Head::Request(head));
+                if let Some(parsed) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
+                    *head = parsed;
+                    return Ok(Head::Request);
                 }
             }
             let waiting_idle = self.buf.is_empty();
@@ -529,7 +532,5 @@ pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Appends `X-Request-Id: <id>\r\n` when the request has an id.
 pub(crate) fn push_request_id(out: &mut Vec<u8>, req: &RequestCtx) {
-    if !req.request_id.is_empty() {
-        push_field(out, b"X-Request-Id", req.request_id.as_bytes());
-    }
+    out.extend_from_slice(req.request_id.field_line());
 }

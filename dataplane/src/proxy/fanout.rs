@@ -548,19 +548,25 @@ async fn call(
             authenticate,
         ))
     };
-    let (session, (status, json, encoded, within, raw, clean, ctype, authenticate)) =
-        match connector.run(&mut attempts, attempt, |a| a.0).await {
-            Ok(done) => done,
-            Err((_, e)) => {
-                let mut f = Failure::new(StepError::Upstream, e.kind.label());
-                // A timeout stays a 504; the gateway's own 503s (circuit limits, no
-                // address) stay 503s.
-                if matches!(e.kind.status(), 503 | 504) {
-                    f.status = e.kind.status();
-                }
-                return Err(f);
+    let mut slot = None;
+    let (status, json, encoded, within, raw, clean, ctype, authenticate) = match connector
+        .run(&mut attempts, &mut slot, attempt, |a| a.0)
+        .await
+    {
+        Ok(done) => done,
+        Err(e) => {
+            let mut f = Failure::new(StepError::Upstream, e.kind.label());
+            // A timeout stays a 504; the gateway's own 503s (circuit limits, no
+            // address) stay 503s.
+            if matches!(e.kind.status(), 503 | 504) {
+                f.status = e.kind.status();
             }
-        };
+            return Err(f);
+        }
+    };
+    let session = slot
+        .take()
+        .expect("an answer comes from the session `run` left in the slot");
     connector.checkin(
         session,
         if clean {

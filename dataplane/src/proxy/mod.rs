@@ -118,10 +118,11 @@ async fn serve_stream<S: ClientStream>(
     let mut down = Downstream::new(stream, snap.limits, snap.timeouts, served);
     drop(snap);
     let mut req = RequestCtx::new(peer.ip);
+    let mut head = RequestHead::default();
     loop {
         // The last request's end is the clock reading the idle wait starts from.
-        let head = match down.read_head(&ctx, req.ended).await {
-            Ok(Head::Request(head)) => head,
+        match down.read_head(&ctx, req.ended, &mut head).await {
+            Ok(Head::Request) => {}
             Ok(Head::Closed) => return None,
             Ok(Head::Park) => {
                 if let Ok(tcp) = down.stream.into_parkable() {
@@ -178,7 +179,8 @@ async fn serve_stream<S: ClientStream>(
                 }
                 return None;
             }
-            Next::Upgrade(conn, resp) => {
+            Next::Upgrade(upgrade) => {
+                let (conn, resp) = *upgrade;
                 tunnel::tunnel(down, &mut req, conn, resp).await;
                 req.finish(&ctx, &snap);
                 return None;
@@ -456,9 +458,10 @@ async fn proxy<S: ClientStream>(
             }
         }
     };
-    let (mut session, resp) = match connector.run(req, attempt, |r| r.status).await {
-        Ok(done) => done,
-        Err((_, err)) if err.kind.reason().is_some() => {
+    let mut slot = None;
+    let resp = match connector.run(req, &mut slot, attempt, |r| r.status).await {
+        Ok(resp) => resp,
+        Err(err) if err.kind.reason().is_some() => {
             // The gateway's own 503 (circuit limits, no address): the connection stays.
             req.fail(err.kind);
             // Counted again by `respond` as it skips the buffered body.
@@ -472,12 +475,12 @@ async fn proxy<S: ClientStream>(
                 .respond(ctx, req, head, Reply::Canned(Status::ServiceUnavailable))
                 .await;
         }
-        Err((session, err)) => {
+        Err(err) => {
             if err.kind.side() == Side::Client {
                 // The client's body failed: its own status (408 has no lingering close).
                 return down.fail(req, err.kind).await;
             }
-            if let (Some(mut session), true) = (session, write_failed) {
+            if let (Some(session), true) = (slot.as_mut(), write_failed) {
                 // The rest of the request body may still be on its way from the client.
                 down.linger |= body_left > 0;
                 return early_answer(down, req, &mut session.conn, head, is_head, err.kind).await;
@@ -485,13 +488,16 @@ async fn proxy<S: ClientStream>(
             return down.fail(req, err.kind).await;
         }
     };
+    let mut session = slot
+        .take()
+        .expect("an answer comes from the session `run` left in the slot");
 
     if resp.status == 101 {
         if head.upgrade.is_none() {
             return down.fail(req, ErrorKind::UpstreamMalformed).await;
         }
         req.status = 101;
-        return Next::Upgrade(session.conn, resp);
+        return Next::Upgrade(Box::new((session.conn, resp)));
     }
     let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
     let reusable = resp.reusable && !head.http10;
@@ -627,14 +633,12 @@ fn add_trace_fields<S>(down: &mut Downstream<S>, req: &mut RequestCtx, head: &Re
     let drops = &mut down.req_plan.drop;
     if !req.request_id.is_empty() {
         policy::drop_field(&down.buf, head.request_id, fields, b"x-request-id", drops);
-        push_field(
-            &mut req.policy.extra,
-            b"X-Request-Id",
-            req.request_id.as_bytes(),
-        );
+        req.policy
+            .extra
+            .extend_from_slice(req.request_id.field_line());
     }
-    if let Some(value) = req.trace.value() {
+    if let Some(line) = req.trace.field_line() {
         policy::drop_field(&down.buf, head.traceparent, fields, b"traceparent", drops);
-        push_field(&mut req.policy.extra, b"traceparent", value);
+        req.policy.extra.extend_from_slice(line);
     }
 }
