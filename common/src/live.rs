@@ -304,7 +304,7 @@ pub struct LiveTarget {
 impl LiveTarget {
     /// May get new requests without panic mode.
     #[inline]
-    fn usable(&self) -> bool {
+    pub fn usable(&self) -> bool {
         !self.draining && self.state.is_healthy()
     }
 }

@@ -259,6 +259,14 @@ fn write_loop(
 /// that is not printable ASCII (`\u00XX` for each byte of a non-ASCII sequence), so no value
 /// can break a line or the object; `s` is cut at `max` bytes with `...` appended.
 pub fn json_str(out: &mut Vec<u8>, s: &[u8], max: usize) {
+    // Most values need neither a cut nor an escape: one scan, one copy.
+    if s.len() <= max && plain_run(s) == s.len() {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s);
+        out.push(b'"');
+        return;
+    }
     json_str_parts(out, &[s], max);
 }
 
@@ -284,19 +292,34 @@ fn json_str_parts(out: &mut Vec<u8>, parts: &[&[u8]], max: usize) {
 fn plain_run(s: &[u8]) -> usize {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     const ONES: u64 = 0x0101_0101_0101_0101;
-    let mut i = 0;
-    while let Some(chunk) = s.get(i..i + 8) {
+    // Quotes, backslashes and control bytes, bytes from 0x80, and 0x7f (DEL), flagged in the
+    // high bit of their byte. Only the lowest flag counts: higher ones can be borrows, which
+    // only ever come from a real flag below them.
+    let stops = |chunk: &[u8]| {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
         let w = u64::from_le_bytes(word);
-        // Quotes, backslashes and control bytes, bytes from 0x80, and 0x7f (DEL). Only the
-        // lowest flag counts (higher ones can be borrows).
         let del = (w ^ (ONES * 0x7f)).wrapping_sub(ONES) & !(w ^ (ONES * 0x7f)) & HIGH;
-        let stops = crate::json::stop_bytes(w) | (w & HIGH) | del;
-        if stops != 0 {
-            return i + (stops.trailing_zeros() / 8) as usize;
+        crate::json::stop_bytes(w) | (w & HIGH) | del
+    };
+    let mut i = 0;
+    while let Some(chunk) = s.get(i..i + 8) {
+        let found = stops(chunk);
+        if found != 0 {
+            return i + (found.trailing_zeros() / 8) as usize;
         }
         i += 8;
+    }
+    if i < s.len() && s.len() >= 8 {
+        // The rest as the last eight bytes, overlapping bytes already found plain (they
+        // raise no flag, so the lowest flag is in the rest).
+        let at = s.len() - 8;
+        let found = stops(&s[at..]);
+        return if found == 0 {
+            s.len()
+        } else {
+            at + (found.trailing_zeros() / 8) as usize
+        };
     }
     while i < s.len() && (0x20..0x7f).contains(&s[i]) && s[i] != b'"' && s[i] != b'\\' {
         i += 1;
@@ -391,6 +414,20 @@ mod escape_tests {
                     let mut out = Vec::new();
                     escape_into(&mut out, &s);
                     assert_eq!(out, slow(&s), "{s:?}");
+                    // The whole string, through the one-copy path when nothing needs escaping.
+                    out.clear();
+                    json_str(&mut out, &s, 64);
+                    assert_eq!(out, [&b"\""[..], &slow(&s), b"\""].concat(), "{s:?}");
+                    // Cut at `max`, escaped or not.
+                    if len > 3 {
+                        out.clear();
+                        json_str(&mut out, &s, 3);
+                        assert_eq!(
+                            out,
+                            [&b"\""[..], &slow(&s[..3]), b"...\""].concat(),
+                            "{s:?}"
+                        );
+                    }
                 }
             }
         }
@@ -424,13 +461,6 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// Appends `n` (below 10^width) zero-padded to `width` digits.
-fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let mut digits = [b'0'; 4];
-    fill_padded(&mut digits[..width], n);
-    out.extend_from_slice(&digits[..width]);
-}
-
 /// Writes `n` (below 10^len) zero-padded into all of `dst`.
 fn fill_padded(dst: &mut [u8], mut n: u64) {
     for d in dst.iter_mut().rev() {
@@ -443,8 +473,9 @@ fn fill_padded(dst: &mut [u8], mut n: u64) {
 pub fn json_ms(out: &mut Vec<u8>, d: Duration) {
     let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
     push_u64(out, us / 1000);
-    out.push(b'.');
-    push_padded(out, us % 1000, 3);
+    let mut fraction = *b".000";
+    fill_padded(&mut fraction[1..], us % 1000);
+    out.extend_from_slice(&fraction);
 }
 
 thread_local! {
@@ -473,11 +504,11 @@ pub fn json_time(out: &mut Vec<u8>, t: SystemTime) {
         }
         SECOND.with(|c| c.set((secs, text)));
     }
-    out.push(b'"');
-    out.extend_from_slice(&text);
-    out.push(b'.');
-    push_padded(out, u64::from(since.subsec_millis()), 3);
-    out.extend_from_slice(b"Z\"");
+    // `"` date and time `.` milliseconds `Z"`, put together here and appended in one copy.
+    let mut quoted = *b"\"YYYY-MM-DDTHH:MM:SS.mmmZ\"";
+    quoted[1..20].copy_from_slice(&text);
+    fill_padded(&mut quoted[21..24], u64::from(since.subsec_millis()));
+    out.extend_from_slice(&quoted);
 }
 
 /// Year, month, day of the proleptic Gregorian calendar for days since 1970-01-01

@@ -234,19 +234,25 @@ pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         // Every proxied request writes one (X-Forwarded-For): digits by hand, not through
         // the formatting machinery (about 600 instructions less per request).
+        // Into a stack array first, then one copy: no capacity check per digit.
         IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
+            let mut text = [0u8; 16];
+            let mut n = 0;
+            for octet in v4.octets() {
                 if octet >= 100 {
-                    out.push(b'0' + octet / 100);
+                    text[n] = b'0' + octet / 100;
+                    n += 1;
                 }
                 if octet >= 10 {
-                    out.push(b'0' + octet / 10 % 10);
+                    text[n] = b'0' + octet / 10 % 10;
+                    n += 1;
                 }
-                out.push(b'0' + octet % 10);
+                text[n] = b'0' + octet % 10;
+                text[n + 1] = b'.';
+                n += 2;
             }
+            // The last octet's dot is not part of the address.
+            out.extend_from_slice(&text[..n - 1]);
         }
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");

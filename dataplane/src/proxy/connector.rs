@@ -258,6 +258,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     }
 
     fn pick(&self, set: &TargetSet, avoid: Option<SocketAddr>) -> Option<usize> {
+        // One target: every balance picks it while it can take the request (the common
+        // case skips the round-robin counter and the random draw).
+        if let [only] = &set.targets[..] {
+            if only.usable() && Some(only.addr) != avoid {
+                return Some(0);
+            }
+        }
         let u = self.up.upstream;
         let counter = match u.balance {
             common::config::Balance::RoundRobin => {

@@ -39,8 +39,6 @@ pub(crate) struct RequestCtx {
     pub attempts: Attempts,
     /// From the request fully sent upstream to the first byte of the answer.
     pub first_byte: Option<Duration>,
-    /// When the first byte of the upstream's answer arrived.
-    pub answered_at: Option<Instant>,
     /// When the exchange ended, if the clock was read for it already (see `end_now`).
     pub ended: Option<Instant>,
     /// Status sent to the client (0: none yet).
@@ -83,7 +81,6 @@ impl RequestCtx {
             upstream: None,
             attempts: Attempts::default(),
             first_byte: None,
-            answered_at: None,
             ended: None,
             status: 0,
             bytes_in: 0,
@@ -109,7 +106,6 @@ impl RequestCtx {
         self.upstream = None;
         self.attempts = Attempts::default();
         self.first_byte = None;
-        self.answered_at = None;
         self.ended = None;
         self.status = 0;
         self.bytes_in = 0;

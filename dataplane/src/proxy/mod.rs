@@ -80,22 +80,36 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, ser
             let config = tls.config.clone();
             let deadline = Instant::now() + snap.timeouts.tls_handshake;
             drop(snap);
-            match crate::tls::accept(stream, config, deadline).await {
-                Ok(tls) => {
-                    ctx.metrics.tls_handshake(None);
-                    if tls.is_h2() {
-                        http2::serve(ctx, tls, &[], peer).await;
-                    } else {
-                        serve_stream(ctx, tls, peer, 0).await;
-                    }
-                }
-                Err(why) => ctx.metrics.tls_handshake(Some(why)),
-            }
+            // Boxed, like prior-knowledge HTTP/2 below: the handshake's and HTTP/2's states
+            // would otherwise make every cleartext connection's task as large as theirs (one
+            // allocation per such connection instead).
+            Box::pin(serve_tls(ctx, stream, config, deadline, peer)).await;
             return;
         }
     }
     if let Some((stream, read)) = serve_stream(ctx.clone(), stream, peer, served).await {
-        http2::serve(ctx, stream, &read, peer).await;
+        Box::pin(http2::serve(ctx, stream, &read, peer)).await;
+    }
+}
+
+/// Serves a connection on a TLS listener: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose.
+async fn serve_tls(
+    ctx: Rc<WorkerCtx>,
+    stream: TcpStream,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    deadline: Instant,
+    peer: Peer,
+) {
+    match crate::tls::accept(stream, config, deadline).await {
+        Ok(tls) => {
+            ctx.metrics.tls_handshake(None);
+            if tls.is_h2() {
+                http2::serve(ctx, tls, &[], peer).await;
+            } else {
+                serve_stream(ctx, tls, peer, 0).await;
+            }
+        }
+        Err(why) => ctx.metrics.tls_handshake(Some(why)),
     }
 }
 
@@ -326,7 +340,10 @@ async fn handle<S: ClientStream>(
                 req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
             }
             if up.upstream.protocol.is_h2() {
-                return h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip).await;
+                // Boxed: its state is larger than the HTTP/1.1 path's, and would otherwise
+                // make every connection's task that large.
+                let forward = h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip);
+                return Box::pin(forward).await;
             }
             proxy(ctx, down, req, head, route, up, peer.ip, choice.shape).await
         }
@@ -451,7 +468,6 @@ async fn proxy<S: ClientStream>(
                 }
                 Ok(HeadRead::Final(resp)) => {
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
-                    req.answered_at = first_byte;
                     return Ok(resp);
                 }
                 Err(e) => return Err(e),
