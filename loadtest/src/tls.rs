@@ -4,6 +4,9 @@
 //!
 //! - `h1-13b`, `h1-64k`: HTTP/1.1 over TLS, keep-alive, wrk;
 //! - `h2-13b`, `h2-64k`: HTTP/2 over TLS (ALPN), h2load with 10 streams per connection;
+//! - `h2-13b-paced`, `h2-64k-paced`: the same at a fixed offered rate, half of what the
+//!   slower proxy served in the saturated warm-up, the same for both: latency where neither
+//!   proxy is the bottleneck (at saturation h2load's own queue of 500 streams sets the p99);
 //! - `handshake-full`: a new connection and a full handshake per request (`openssl s_time
 //!   -new`, four at a time; it never resumes), 13-byte body; no latency figures;
 //! - `handshake-resumed`: a new connection per request that resumes the session (wrk with
@@ -22,12 +25,15 @@ use crate::report::{self, Sample};
 use crate::wrk::{self, WrkResult};
 use crate::Options;
 
-/// The rows: (label, URL path, how it is driven).
-const CASES: [(&str, &str, Driver); 6] = [
+/// The rows: (label, URL path, how it is driven). A paced row follows the saturated row of
+/// its path (its rate comes from that row's warm-up).
+const CASES: [(&str, &str, Driver); 8] = [
     ("h1-13b", "/13b", Driver::Wrk),
     ("h1-64k", "/64k", Driver::Wrk),
     ("h2-13b", "/13b", Driver::H2load),
+    ("h2-13b-paced", "/13b", Driver::H2loadPaced),
     ("h2-64k", "/64k", Driver::H2load),
+    ("h2-64k-paced", "/64k", Driver::H2loadPaced),
     ("handshake-full", "/13b", Driver::STime),
     ("handshake-resumed", "/13b", Driver::WrkClose),
 ];
@@ -37,8 +43,13 @@ enum Driver {
     Wrk,
     WrkClose,
     H2load,
+    /// h2load at a fixed rate: half the slower proxy's saturated warm-up rate on the path.
+    H2loadPaced,
     STime,
 }
+
+/// The paced rows' offered load, as a fraction of the slower proxy's saturated rate.
+const PACED_FRACTION: f64 = 0.5;
 
 /// `openssl s_time` processes run at once for full handshakes.
 const S_TIME_PROCS: usize = 4;
@@ -104,10 +115,24 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     );
     let close_script = dir.file("close.lua");
     std::fs::write(&close_script, "wrk.headers[\"Connection\"] = \"close\"\n")?;
+    // Requests per second per h2load client for each paced path, set by the warm-up.
+    let paced = std::cell::RefCell::new(std::collections::HashMap::<&str, u64>::new());
     let drive = |case: &(&str, &str, Driver), p: &Proc, seconds: u64| -> Result<WrkResult> {
         let url = format!("https://localhost:{}{}", p.addr.port(), case.1);
         match case.2 {
             Driver::Wrk => wrk::run(&opts.wrk_cpus, 1, opts.connections, seconds, &url),
+            Driver::H2loadPaced => {
+                let rps = paced.borrow().get(case.1).copied();
+                let rps = rps.context("a paced row needs its path's saturated row first")?;
+                h2load(
+                    &opts.wrk_cpus,
+                    opts.connections,
+                    seconds,
+                    &url,
+                    &dir,
+                    Some(rps),
+                )
+            }
             Driver::WrkClose => wrk::run_script(
                 &opts.wrk_cpus,
                 opts.connections,
@@ -115,13 +140,25 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
                 Some(&close_script),
                 &url,
             ),
-            Driver::H2load => h2load(&opts.wrk_cpus, opts.connections, seconds, &url, &dir),
+            Driver::H2load => h2load(&opts.wrk_cpus, opts.connections, seconds, &url, &dir, None),
             Driver::STime => s_time(&opts.wrk_cpus, p.addr, seconds, case.1),
         }
     };
     for case in &CASES {
+        let mut slowest = f64::INFINITY;
         for (_, p) in &proxies {
-            drive(case, p, opts.warmup)?;
+            let w = drive(case, p, opts.warmup)?;
+            slowest = slowest.min(w.rps);
+        }
+        if case.2 == Driver::H2load {
+            let per_client = slowest * PACED_FRACTION / opts.connections as f64;
+            let per_client = (per_client as u64).max(1);
+            println!(
+                "paced {}: {} requests/s offered ({per_client} per connection, {PACED_FRACTION} of the slower proxy's {slowest:.0})",
+                case.1,
+                per_client * opts.connections as u64
+            );
+            paced.borrow_mut().insert(case.1, per_client);
         }
     }
     let mut samples = Vec::new();
@@ -246,24 +283,35 @@ fn start_nginx(
     procs::start_nginx(dir, "nginx-tls", &conf, port, &opts.proxy_cpus)
 }
 
-/// Runs h2load for `seconds` (`-D`) with 10 streams per connection, one thread; the p99 comes
-/// from its per-request log.
+/// Runs h2load for `seconds` (`-D`) with 10 streams per connection, one thread, as fast as
+/// it can or at `rps` requests per second per connection; the p99 comes from its
+/// per-request log.
 fn h2load(
     cpus: &str,
     connections: usize,
     seconds: u64,
     url: &str,
     dir: &Workdir,
+    rps: Option<u64>,
 ) -> Result<WrkResult> {
     let log = dir.file("h2load-requests.log");
-    let out = Command::new("taskset")
-        .args(["-c", cpus, "h2load", "-t1", "-m10"])
+    // h2load appends to its log: without this, each run's percentiles would include every
+    // earlier run's requests (both proxies', saturated and paced).
+    match std::fs::remove_file(&log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("removing the last h2load log")
+        }
+        _ => {}
+    }
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", cpus, "h2load", "-t1", "-m10"])
         .arg(format!("-c{connections}"))
         .arg(format!("-D{seconds}"))
-        .arg(format!("--log-file={}", log.display()))
-        .arg(url)
-        .output()
-        .context("running h2load")?;
+        .arg(format!("--log-file={}", log.display()));
+    if let Some(rps) = rps {
+        cmd.arg(format!("--rps={rps}"));
+    }
+    let out = cmd.arg(url).output().context("running h2load")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(

@@ -39,6 +39,9 @@ def cpu_seconds(pid):
 
 
 def h2load(url, calls, conns, streams, msg, log):
+    # h2load appends to its log file: each run's percentiles must come from its own calls.
+    if os.path.exists(log):
+        os.remove(log)
     out = subprocess.run(
         ["taskset", "-c", "0", "h2load", "-n", str(calls), "-c", str(conns), "-m", str(streams),
          "-d", msg, "-H", "content-type: application/grpc", "-H", "te: trailers",
