@@ -5,8 +5,10 @@
 //! - `h1-13b`, `h1-64k`: HTTP/1.1 over TLS, keep-alive, wrk;
 //! - `h2-13b`, `h2-64k`: HTTP/2 over TLS (ALPN), h2load with 10 streams per connection;
 //! - `h2-13b-paced`, `h2-64k-paced`: the same at a fixed offered rate, half of what the
-//!   slower proxy served in the saturated warm-up, the same for both: latency where neither
-//!   proxy is the bottleneck (at saturation h2load's own queue of 500 streams sets the p99);
+//!   slower proxy served in the saturated warm-up, the same for both, one stream at a time
+//!   per connection: latency where neither proxy is the bottleneck (at saturation h2load's
+//!   own queue of 500 streams sets the p99; paced with 10 streams per connection, h2load
+//!   sends in bursts whose own queueing sets it, for nginx as much as for the gateway);
 //! - `handshake-full`: a new connection and a full handshake per request (`openssl s_time
 //!   -new`, four at a time; it never resumes), 13-byte body; no latency figures;
 //! - `handshake-resumed`: a new connection per request that resumes the session (wrk with
@@ -284,8 +286,8 @@ fn start_nginx(
 }
 
 /// Runs h2load for `seconds` (`-D`) with 10 streams per connection, one thread, as fast as
-/// it can or at `rps` requests per second per connection; the p99 comes from its
-/// per-request log.
+/// it can, or at `rps` requests per second per connection one stream at a time; the p99
+/// comes from its per-request log.
 fn h2load(
     cpus: &str,
     connections: usize,
@@ -303,8 +305,10 @@ fn h2load(
         }
         _ => {}
     }
+    // Paced: one stream at a time per connection (see the module's comment).
+    let streams = if rps.is_some() { "-m1" } else { "-m10" };
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", cpus, "h2load", "-t1", "-m10"])
+    cmd.args(["-c", cpus, "h2load", "-t1", streams])
         .arg(format!("-c{connections}"))
         .arg(format!("-D{seconds}"))
         .arg(format!("--log-file={}", log.display()));
