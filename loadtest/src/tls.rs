@@ -6,9 +6,10 @@
 //! - `h2-13b`, `h2-64k`: HTTP/2 over TLS (ALPN), h2load with 10 streams per connection;
 //! - `h2-13b-paced`, `h2-64k-paced`: the same at a fixed offered rate, half of what the
 //!   slower proxy served in the saturated warm-up, the same for both, one stream at a time
-//!   per connection: latency where neither proxy is the bottleneck (at saturation h2load's
-//!   own queue of 500 streams sets the p99; paced with 10 streams per connection, h2load
-//!   sends in bursts whose own queueing sets it, for nginx as much as for the gateway);
+//!   per connection: latency below saturation (at saturation h2load's own queue of 500
+//!   streams sets the p99; paced with 10 streams per connection, its bursts of ten set it).
+//!   h2load's pacing sends every connection's request at the same moment, so a paced
+//!   request's latency includes draining that burst of one answer per connection;
 //! - `handshake-full`: a new connection and a full handshake per request (`openssl s_time
 //!   -new`, four at a time; it never resumes), 13-byte body; no latency figures;
 //! - `handshake-resumed`: a new connection per request that resumes the session (wrk with
