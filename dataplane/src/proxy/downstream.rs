@@ -503,8 +503,9 @@ const LEFT_CHECK_AFTER: Duration = Duration::from_millis(50);
 /// non-blocking peek, only for answers that took a while).
 pub(crate) fn client_left<S: ClientStream>(down: &Downstream<S>, req: &RequestCtx) -> bool {
     // The wait for the answer's first byte, when known, saves a clock reading. It leaves out
-    // the time the request took to send: a client that left during a long upload after which
-    // the answer came at once is found by the failed write instead, with the same 499.
+    // the time the request took to send: after a long upload answered at once, a client that
+    // left meanwhile is not peeked at, like any client answered within LEFT_CHECK_AFTER (its
+    // answer is written, and logged with that answer's status unless the write fails).
     let waited = match req.first_byte {
         Some(wait) => wait,
         None => req.started.elapsed(),
