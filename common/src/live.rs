@@ -304,7 +304,7 @@ pub struct LiveTarget {
 impl LiveTarget {
     /// May get new requests without panic mode.
     #[inline]
-    pub fn usable(&self) -> bool {
+    fn usable(&self) -> bool {
         !self.draining && self.state.is_healthy()
     }
 }

@@ -211,7 +211,8 @@ impl TraceParent {
         self.set = false;
     }
 
-    /// The `traceparent` value to forward, if any.
+    /// The `traceparent` value, if any (forwarding uses the whole `field_line`).
+    #[cfg(test)]
     pub fn value(&self) -> Option<&[u8]> {
         self.set.then_some(&self.line[TP..TP + TP_LEN])
     }

@@ -258,12 +258,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     }
 
     fn pick(&self, set: &TargetSet, avoid: Option<SocketAddr>) -> Option<usize> {
-        // One target: every balance picks it while it can take the request (the common
-        // case skips the round-robin counter and the random draw).
-        if let [only] = &set.targets[..] {
-            if only.usable() && Some(only.addr) != avoid {
-                return Some(0);
-            }
+        // One target: `TargetSet::pick` picks it whatever the balance and its state (its last
+        // fallback takes any target), so the common case skips the round-robin counter and
+        // the random draw.
+        if set.targets.len() == 1 {
+            return Some(0);
         }
         let u = self.up.upstream;
         let counter = match u.balance {
