@@ -457,6 +457,45 @@ impl AsyncWriteRent for TlsStream {
     }
 }
 
+/// A TLS session's plaintext entrance, for a writer that builds its output in pieces (the
+/// HTTP/2 frame writer): bytes pushed are encrypted into records at once, without being
+/// buffered first, and go out with the write half's next `flush`.
+pub struct PlainQueue(Shared);
+
+impl PlainQueue {
+    /// The largest plaintext of one record (RFC 8446 5.1): pushes of whole multiples of it
+    /// fill every record.
+    pub const RECORD: usize = 16 * 1024;
+
+    /// Encrypts `pieces` as one run of records (a record may span pieces).
+    pub fn push(&self, pieces: &[io::IoSlice<'_>]) -> io::Result<()> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        // The session has no buffer limit, so it takes everything or fails.
+        match self.0.borrow_mut().conn.writer().write_vectored(pieces)? {
+            n if n == len => Ok(()),
+            _ => Err(io::ErrorKind::WriteZero.into()),
+        }
+    }
+
+    /// Whether records are waiting to be written.
+    pub fn pending(&self) -> bool {
+        self.0.borrow().conn.wants_write()
+    }
+}
+
+impl std::fmt::Debug for PlainQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlainQueue")
+    }
+}
+
+impl TlsWriteHalf {
+    /// The session's [`PlainQueue`].
+    pub fn plain_queue(&self) -> PlainQueue {
+        PlainQueue(self.session.clone())
+    }
+}
+
 /// The read half of a split [`TlsStream`].
 pub struct TlsReadHalf {
     tcp: OwnedReadHalf<TcpStream>,

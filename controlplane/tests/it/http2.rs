@@ -15,6 +15,12 @@ use crate::tls::{curl_tls, Cert};
 
 const BIG: usize = 1024 * 1024;
 
+/// The `/big` answer: 1 MiB in a pattern with a period (251) prime to every record and
+/// frame size, so a piece lost, repeated or moved shows.
+fn big_body() -> Vec<u8> {
+    (0..BIG).map(|i| (i % 251) as u8).collect()
+}
+
 /// An origin that echoes what it got (method, target, body length and framing), sends 1 MiB
 /// for `/big`, and answers `/slow` after a second.
 fn origin() -> Origin {
@@ -23,7 +29,7 @@ fn origin() -> Origin {
         let target = line.split(' ').nth(1).unwrap_or("").to_owned();
         if target == "/big" {
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
-            let _ = s.write_all(&vec![b'x'; BIG]);
+            let _ = s.write_all(&big_body());
             return Keep::Open;
         }
         if target == "/chunked" {
@@ -247,6 +253,7 @@ fn curl_speaks_http2_over_tls_and_h2c_through_the_whole_path() {
         .output()
         .unwrap();
     assert_eq!(out.stdout.len(), BIG);
+    assert!(out.stdout == big_body(), "the 1 MiB answer arrived changed");
     // A chunked answer from the origin arrives as DATA frames, its framing gone.
     let (body, last) = curl(&[
         "--http2",
@@ -293,6 +300,15 @@ fn curl_speaks_http2_over_tls_and_h2c_through_the_whole_path() {
     );
     let (body, last) = curl(&["--http2-prior-knowledge", &format!("http://{h2c}/direct")]);
     assert_eq!((body.as_str(), last.as_str()), ("direct\n", "2 200"));
+    let out = Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge"])
+        .arg(format!("http://{h2c}/big"))
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout == big_body(),
+        "the 1 MiB answer over h2c arrived changed"
+    );
     let (_, last) = curl(&[
         "--http1.1",
         "-o",

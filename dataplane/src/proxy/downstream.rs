@@ -439,6 +439,20 @@ impl<S: ClientStream> Downstream<S> {
         Ok(())
     }
 
+    /// Like [`Self::send`] for a caller that needs none of `src`'s bytes afterwards (see
+    /// [`ClientStream::write_spent`]: `src` may come back empty).
+    pub async fn send_spent(
+        &mut self,
+        req: &mut RequestCtx,
+        src: &mut Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> std::io::Result<()> {
+        let len = range.len() as u64;
+        self.stream.write_spent(src, range).await?;
+        req.bytes_out += len;
+        Ok(())
+    }
+
     /// Reads more of the request body into the buffer (after `pos`), waiting at most
     /// `client_body_ms`. A client that closes or stalls is `ClientClosed`, one that is silent
     /// too long `ClientTimeout`.

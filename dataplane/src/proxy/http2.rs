@@ -28,15 +28,16 @@ use std::time::{Duration, Instant};
 
 use ::h2::server::SendResponse;
 use ::h2::{Reason, RecvStream, SendStream};
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent,
 };
 use monoio::BufResult;
 
-use super::stream::{ClientStream, Scheme};
+use super::stream::{ClientStream, Scheme, WriteHalf};
 use crate::peer::Peer;
+use crate::tls::PlainQueue;
 use crate::worker::Contained;
 use crate::worker_ctx::WorkerCtx;
 
@@ -45,6 +46,11 @@ pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes of frames queued before a write waits for the socket.
 const WRITE_BUF: usize = 64 * 1024;
+/// On TLS, the smallest rest of a write (beyond whole records) that goes into a record of
+/// its own at once instead of waiting in `wbuf` for the next write.
+const SEAL_TAIL: usize = 4 * 1024;
+/// The least a connection's answer scratch grows by.
+const SCRATCH: usize = 64 * 1024;
 /// How often an idle or draining connection is looked at.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -67,6 +73,7 @@ pub(crate) async fn serve<S: ClientStream>(
         streams: Cell::new(0),
         max_resets: h.max_pending_resets,
         waker: RefCell::new(None),
+        scratch: RefCell::new(BytesMut::new()),
     });
     let (r, w) = stream.into_halves();
     let io = PollIo::new(r, w, prefix);
@@ -173,9 +180,24 @@ struct ConnInfo {
     max_resets: u32,
     /// Wakes the connection task (to act on `resets`).
     waker: RefCell<Option<Waker>>,
+    /// Where answer bytes are copied to become the `Bytes` h2 sends: one allocation reused
+    /// for the connection's answers once h2 has sent what was cut from it before.
+    scratch: RefCell<BytesMut>,
 }
 
 impl ConnInfo {
+    /// `pieces` (`len` bytes in all) copied into one `Bytes` for h2.
+    fn copy_in<'a>(&self, pieces: impl Iterator<Item = &'a [u8]>, len: usize) -> Bytes {
+        let mut scratch = self.scratch.borrow_mut();
+        if scratch.capacity() < len {
+            // Reclaims the allocation when every `Bytes` cut from it before has been
+            // dropped; otherwise a new one, never smaller than the last.
+            scratch.reserve(len.max(SCRATCH));
+        }
+        pieces.for_each(|p| scratch.extend_from_slice(p));
+        scratch.split().freeze()
+    }
+
     /// Rapid reset: many streams cancelled while being answered, and most of them. A
     /// browser cancels some streams as a page changes; an attack cancels nearly all.
     fn too_many_resets(&self) -> bool {
@@ -847,7 +869,8 @@ impl AsyncWriteRent for H2Stream {
         // SAFETY: `read_ptr` points at `bytes_init` initialised bytes owned by `buf`.
         let plain = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
         let n = plain.len();
-        let res = self.write_bytes(Bytes::copy_from_slice(plain)).await;
+        let data = self.info.copy_in(std::iter::once(plain), n);
+        let res = self.write_bytes(data).await;
         (res.map(|()| n), buf)
     }
 
@@ -856,18 +879,17 @@ impl AsyncWriteRent for H2Stream {
             // SAFETY: the iovec array and the memory it describes belong to `buf`.
             let iovs =
                 unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
-            let mut all = Vec::with_capacity(iovs.iter().map(|v| v.iov_len).sum());
-            for v in iovs {
+            let pieces = iovs.iter().map(|v| {
                 // SAFETY: each iovec describes initialised bytes owned by `buf`.
-                let piece = unsafe {
+                unsafe {
                     std::slice::from_raw_parts(v.iov_base.cast::<u8>().cast_const(), v.iov_len)
-                };
-                all.extend_from_slice(piece);
-            }
-            all
+                }
+            });
+            self.info
+                .copy_in(pieces, iovs.iter().map(|v| v.iov_len).sum())
         };
         let n = all.len();
-        let res = self.write_bytes(Bytes::from(all)).await;
+        let res = self.write_bytes(all).await;
         (res.map(|()| n), buf)
     }
 
@@ -899,6 +921,8 @@ impl AsyncReadRent for Refused {
     }
 }
 
+impl WriteHalf for Refused {}
+
 impl AsyncWriteRent for Refused {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         (Err(io::ErrorKind::Unsupported.into()), buf)
@@ -918,6 +942,29 @@ impl AsyncWriteRent for Refused {
 }
 
 impl ClientStream for H2Stream {
+    const KEEPS_WRITES: bool = true;
+    async fn write_spent(
+        &mut self,
+        buf: &mut Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> io::Result<()> {
+        // Body bytes of an answer framed by length or close, filling at least half the
+        // buffer (so what h2 holds is at most twice the bytes it still has to send): handed
+        // to h2 as they lie, with a new buffer for the caller.
+        let plain = matches!(
+            self.answer,
+            Answer::Body(Framing::Length(_) | Framing::Close)
+        );
+        if plain && range.len() * 2 >= buf.capacity() && range.end <= buf.len() {
+            let mut owned = std::mem::replace(buf, Vec::with_capacity(buf.capacity()));
+            owned.truncate(range.end);
+            return self
+                .write_bytes(Bytes::slice(&Bytes::from(owned), range.start..))
+                .await;
+        }
+        crate::io::write_range(self, buf, range).await
+    }
+
     const PARKABLE: bool = false;
     const WHOLE_CONNECTION: bool = false;
     /// A stream's head comes in one piece of a few hundred bytes, and a stream lives for one
@@ -983,6 +1030,12 @@ type WriteFut<W> = Pin<Box<dyn Future<Output = (W, io::Result<()>, Vec<u8>)>>>;
 
 /// A connection's two halves as one poll-based byte stream for h2: one owned-buffer read and
 /// one write in flight at a time, each a boxed future that hands its half and buffer back.
+///
+/// On a socket, frames are copied into `wbuf` and written from there. On TLS they go
+/// straight into the session's records ([`PlainQueue`]), which is the one copy encryption
+/// needs anyway; `wbuf` then only holds what does not fill a whole record yet, so records
+/// stay full-sized however h2 cuts its writes (a 9-byte frame head before each 16 KiB
+/// payload would otherwise cost a record of its own).
 pub(crate) struct PollIo<R, W> {
     reader: Option<R>,
     rbuf: Vec<u8>,
@@ -993,28 +1046,50 @@ pub(crate) struct PollIo<R, W> {
     spare: Vec<u8>,
     writing: Option<WriteFut<W>>,
     shut: bool,
+    /// The TLS session's plaintext entrance, when the writer has one.
+    records: Option<PlainQueue>,
+    /// Plaintext bytes encrypted since the last write of records began.
+    encrypted: usize,
 }
 
-impl<R, W> PollIo<R, W> {
+impl<R, W: WriteHalf> PollIo<R, W> {
     pub(crate) fn new(reader: R, writer: W, prefix: &[u8]) -> Self {
         let mut rbuf = Vec::with_capacity(16 * 1024);
         rbuf.extend_from_slice(prefix);
+        let records = writer.plain_queue();
+        let wbuf_size = if records.is_some() {
+            PlainQueue::RECORD
+        } else {
+            WRITE_BUF
+        };
         PollIo {
             reader: Some(reader),
             rbuf,
             rpos: 0,
             reading: None,
             writer: Some(writer),
-            wbuf: Vec::with_capacity(WRITE_BUF),
-            spare: Vec::with_capacity(WRITE_BUF),
+            wbuf: Vec::with_capacity(wbuf_size),
+            spare: if records.is_some() {
+                Vec::new()
+            } else {
+                Vec::with_capacity(WRITE_BUF)
+            },
             writing: None,
             shut: false,
+            records,
+            encrypted: 0,
         }
     }
 }
 
 impl<R: AsyncReadRent + 'static, W: AsyncWriteRent + 'static> PollIo<R, W> {
     fn poll_flush_inner(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_out(cx, true)
+    }
+
+    /// Writes out what is buffered and waits until it is written; on TLS, `partial` also
+    /// seals the record `wbuf` holds (a flush), otherwise it waits for more.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, partial: bool) -> Poll<io::Result<()>> {
         loop {
             if let Some(fut) = self.writing.as_mut() {
                 let (w, res, mut buf) = ready!(fut.as_mut().poll(cx));
@@ -1024,18 +1099,121 @@ impl<R: AsyncReadRent + 'static, W: AsyncWriteRent + 'static> PollIo<R, W> {
                 self.spare = buf;
                 res?;
             }
-            if self.wbuf.is_empty() {
+            if let Some(records) = &self.records {
+                if partial && !self.wbuf.is_empty() {
+                    records.push(&[io::IoSlice::new(&self.wbuf)])?;
+                    self.wbuf.clear();
+                }
+                if !records.pending() {
+                    return Poll::Ready(Ok(()));
+                }
+            } else if self.wbuf.is_empty() {
                 return Poll::Ready(Ok(()));
             }
             let Some(mut w) = self.writer.take() else {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             };
-            let buf = std::mem::replace(&mut self.wbuf, std::mem::take(&mut self.spare));
-            self.writing = Some(Box::pin(async move {
-                let (res, buf) = w.write_all(buf).await;
-                (w, res.map(|_| ()), buf)
-            }));
+            self.writing = Some(if self.records.is_some() {
+                self.encrypted = 0;
+                Box::pin(async move {
+                    // Writes every record queued when it starts.
+                    let res = w.flush().await;
+                    (w, res, Vec::new())
+                })
+            } else {
+                let buf = std::mem::replace(&mut self.wbuf, std::mem::take(&mut self.spare));
+                Box::pin(async move {
+                    let (res, buf) = w.write_all(buf).await;
+                    (w, res.map(|_| ()), buf)
+                })
+            });
         }
+    }
+}
+
+/// Takes `data` (fewer than [`SmallPieces::MAX`] slices) into TLS records: with what `wbuf`
+/// holds, whole records' worth at once, and a rest shorter than [`SEAL_TAIL`] into `wbuf`.
+/// Returns the bytes encrypted.
+fn encrypt(
+    records: &PlainQueue,
+    wbuf: &mut Vec<u8>,
+    data: &[io::IoSlice<'_>],
+) -> io::Result<usize> {
+    cut_records(|pieces| records.push(pieces), wbuf, data)
+}
+
+/// [`encrypt`] with the records' entrance as `push`.
+fn cut_records(
+    mut push: impl FnMut(&[io::IoSlice<'_>]) -> io::Result<()>,
+    wbuf: &mut Vec<u8>,
+    data: &[io::IoSlice<'_>],
+) -> io::Result<usize> {
+    debug_assert!(data.len() < SmallPieces::MAX);
+    let len: usize = data.iter().map(|d| d.len()).sum();
+    let total = wbuf.len() + len;
+    // A large tail is sealed in a shorter record now rather than copied to wait for more:
+    // past a few KiB, copying costs more than a record's own overhead.
+    let whole = if total % PlainQueue::RECORD >= SEAL_TAIL {
+        total
+    } else {
+        total / PlainQueue::RECORD * PlainQueue::RECORD
+    };
+    // Bytes of `data` that go into records now.
+    let mut from_data = 0;
+    if whole > 0 {
+        from_data = whole - wbuf.len();
+        let mut pieces = SmallPieces::new();
+        if !wbuf.is_empty() {
+            pieces.push(wbuf);
+        }
+        let mut left = from_data;
+        for d in data {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(d.len());
+            pieces.push(&d[..take]);
+            left -= take;
+        }
+        push(pieces.as_slices())?;
+        wbuf.clear();
+    }
+    // The tail (shorter than SEAL_TAIL) waits for more.
+    for d in data {
+        let skip = from_data.min(d.len());
+        from_data -= skip;
+        wbuf.extend_from_slice(&d[skip..]);
+    }
+    Ok(whole)
+}
+
+/// The pieces of one push of records: a few slices, on the stack.
+struct SmallPieces<'a> {
+    slices: [io::IoSlice<'a>; SmallPieces::MAX],
+    len: usize,
+}
+
+impl<'a> SmallPieces<'a> {
+    const MAX: usize = 8;
+
+    fn new() -> Self {
+        SmallPieces {
+            slices: [io::IoSlice::new(&[]); SmallPieces::MAX],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, s: &'a [u8]) {
+        assert!(
+            self.len < SmallPieces::MAX,
+            "callers push at most SmallPieces::MAX slices"
+        );
+        self.slices[self.len] = io::IoSlice::new(s);
+        self.len += 1;
+    }
+
+    fn as_slices(&self) -> &[io::IoSlice<'a>] {
+        &self.slices[..self.len]
     }
 }
 
@@ -1094,12 +1272,39 @@ impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> to
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.records.is_some() {
+            if this.encrypted >= WRITE_BUF {
+                // Enough records for one write: wait for the socket (back-pressure).
+                ready!(this.poll_write_out(cx, false))?;
+            }
+            let data = &data[..data.len().min(SmallPieces::MAX - 1)];
+            if let Some(records) = &this.records {
+                this.encrypted += encrypt(records, &mut this.wbuf, data)?;
+            }
+            return Poll::Ready(Ok(data.iter().map(|d| d.len()).sum()));
+        }
         if this.wbuf.len() >= WRITE_BUF {
             ready!(this.poll_flush_inner(cx))?;
         }
-        this.wbuf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        let mut n = 0;
+        for d in data {
+            this.wbuf.extend_from_slice(d);
+            n += d.len();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1125,6 +1330,91 @@ impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> to
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_are_cut_into_whole_records_and_short_tails_wait() {
+        const R: usize = PlainQueue::RECORD;
+        // h2's writes of a 64 KiB answer: a frame head, then up to 16 KiB of payload, with a
+        // first payload shortened by the answer's head; then a 300-byte last piece.
+        let mut stream = Vec::new();
+        let mut writes: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut byte = 0u8;
+        let mut piece = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    byte = byte.wrapping_add(1);
+                    byte
+                })
+                .collect::<Vec<u8>>()
+        };
+        for payload in [R - 200, R, R, R, 300] {
+            writes.push(vec![piece(9), piece(payload)]);
+        }
+        writes.push(vec![piece(13)]); // a WINDOW_UPDATE on its own
+        let mut wbuf = Vec::new();
+        let mut records = Vec::new();
+        for w in &writes {
+            w.iter().for_each(|p| stream.extend_from_slice(p));
+            let slices: Vec<io::IoSlice<'_>> = w.iter().map(|p| io::IoSlice::new(p)).collect();
+            let before: usize = records.iter().map(Vec::len).sum();
+            let sealed = cut_records(
+                |pieces| {
+                    records.push(pieces.iter().flat_map(|p| p.iter().copied()).collect());
+                    Ok(())
+                },
+                &mut wbuf,
+                &slices,
+            )
+            .unwrap();
+            assert_eq!(records.iter().map(Vec::len).sum::<usize>() - before, sealed);
+            assert!(wbuf.len() < SEAL_TAIL, "a tail that waits is short");
+        }
+        // Nothing lost, nothing repeated, in order.
+        let mut out: Vec<u8> = records.concat();
+        out.extend_from_slice(&wbuf);
+        assert_eq!(out, stream);
+        // Every push is whole records, except one that ends in a tail of SEAL_TAIL or more.
+        for r in &records {
+            assert!(
+                r.len() % R == 0 || r.len() % R >= SEAL_TAIL,
+                "push of {}",
+                r.len()
+            );
+        }
+        // The 9-byte heads did not become records of their own: the first write (long enough
+        // to seal at once), then one whole record per 16 KiB frame, each carrying the heads
+        // and tail bytes left before it; the last 300 bytes and the small frames wait.
+        let lens: Vec<usize> = records.iter().map(Vec::len).collect();
+        assert_eq!(lens, [R - 191, R, R, R]);
+        assert_eq!(wbuf.len(), 3 * 9 + 9 + 300 + 13);
+    }
+
+    #[test]
+    fn a_long_tail_is_sealed_at_once() {
+        let mut wbuf = b"abc".to_vec();
+        let mut pushed = Vec::new();
+        let data = vec![7u8; SEAL_TAIL + 10];
+        let sealed = cut_records(
+            |pieces| {
+                pushed.push(pieces.iter().map(|p| p.len()).collect::<Vec<_>>());
+                Ok(())
+            },
+            &mut wbuf,
+            &[io::IoSlice::new(&data)],
+        )
+        .unwrap();
+        assert_eq!(sealed, SEAL_TAIL + 13);
+        assert_eq!(pushed, vec![vec![3, SEAL_TAIL + 10]]);
+        assert!(wbuf.is_empty());
+        // A short write waits whole.
+        let sealed = cut_records(
+            |_| panic!("nothing to seal"),
+            &mut wbuf,
+            &[io::IoSlice::new(b"xy")],
+        );
+        assert_eq!(sealed.unwrap(), 0);
+        assert_eq!(wbuf, b"xy");
+    }
 
     /// Feeds `input` to a fresh decoder in pieces of `step` bytes.
     fn dechunk(input: &[u8], step: usize) -> (Vec<u8>, bool) {

@@ -230,8 +230,12 @@ async fn send_head<S: ClientStream>(
     tail: Span,
     first_body: usize,
 ) -> Result<(), ProxyError> {
-    let pieces = response_pieces(resp, &down.resp_plan, tail, first_body);
-    let sent = write_gathered(
+    // A stream that keeps what it sends takes a large first piece of the body from the
+    // buffer it lies in (`write_spent`) rather than copy it with the head.
+    let apart = S::KEEPS_WRITES && first_body * 2 >= conn.buf.capacity();
+    let with_head = if apart { 0 } else { first_body };
+    let pieces = response_pieces(resp, &down.resp_plan, tail, with_head);
+    let mut sent = write_gathered(
         &mut down.stream,
         &mut conn.buf,
         &mut down.scratch,
@@ -239,6 +243,15 @@ async fn send_head<S: ClientStream>(
         pieces,
     )
     .await;
+    if let (true, Ok(n)) = (apart, &sent) {
+        let body = resp.head_end..resp.head_end + first_body;
+        let n = *n;
+        sent = down
+            .stream
+            .write_spent(&mut conn.buf, body)
+            .await
+            .map(|()| n + first_body);
+    }
     match sent {
         Ok(n) => {
             req.status = resp.status;
@@ -273,7 +286,8 @@ pub(crate) async fn relay_response<S: ClientStream>(
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
     send_head(down, req, conn, resp, tail, body.first()).await?;
     while let Some(n) = body.next(conn).await? {
-        if down.send(req, &mut conn.buf, 0..n).await.is_err() {
+        // The next read starts over at the buffer's start.
+        if down.send_spent(req, &mut conn.buf, 0..n).await.is_err() {
             return Err(ErrorKind::ClientClosed.into());
         }
     }

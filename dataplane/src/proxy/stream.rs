@@ -9,7 +9,7 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::tls::{TlsReadHalf, TlsStream, TlsWriteHalf};
+use crate::tls::{PlainQueue, TlsReadHalf, TlsStream, TlsWriteHalf};
 
 /// The scheme a client used, as `X-Forwarded-Proto` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +27,23 @@ impl Scheme {
     }
 }
 
+/// The write half of a connection that [`super::PollIo`] writes HTTP/2 frames to.
+pub(crate) trait WriteHalf: AsyncWriteRent + Unpin + 'static {
+    /// Where frames can go synchronously, encrypted into TLS records at once (so they need
+    /// not be copied into a buffer first); `None`: a socket, written from a buffer.
+    fn plain_queue(&self) -> Option<PlainQueue> {
+        None
+    }
+}
+
+impl WriteHalf for OwnedWriteHalf<TcpStream> {}
+
+impl WriteHalf for TlsWriteHalf {
+    fn plain_queue(&self) -> Option<PlainQueue> {
+        Some(TlsWriteHalf::plain_queue(self))
+    }
+}
+
 /// A client connection's byte stream.
 pub(crate) trait ClientStream:
     AsyncReadRent + AsyncWriteRent + CancelableAsyncReadRent + AsRawFd + 'static
@@ -36,13 +53,16 @@ pub(crate) trait ClientStream:
     /// Whether the stream is a whole connection (not one stream of a multiplexed one): only
     /// then may the worker shut its socket down while it waits for a request (the drain).
     const WHOLE_CONNECTION: bool = true;
+    /// Whether the stream keeps what it is given to send until the client takes it (see
+    /// [`Self::write_spent`]).
+    const KEEPS_WRITES: bool = false;
     /// The read buffer a connection starts with (see `downstream::BODY_BUF`).
     const READ_BUF: usize = 8 * 1024;
     /// Whether the stream is a whole connection that may turn out to speak HTTP/2 with
     /// prior knowledge (a cleartext TCP connection).
     const PRIOR_KNOWLEDGE: bool;
     type ReadHalf: AsyncReadRent + Unpin + 'static;
-    type WriteHalf: AsyncWriteRent + Unpin + 'static;
+    type WriteHalf: WriteHalf;
 
     /// The scheme of the listener the client reached.
     fn scheme(&self) -> Scheme;
@@ -56,6 +76,21 @@ pub(crate) trait ClientStream:
     /// non-blocking peek at the socket.
     fn client_gone(&self) -> bool {
         crate::io::peek(self.as_raw_fd()) == crate::io::Peeked::Closed
+    }
+
+    /// Writes `buf[range]` when the caller needs none of `buf`'s bytes afterwards: a stream
+    /// that keeps what it sends until the client takes it (an HTTP/2 stream, waiting for the
+    /// client's flow-control window) may take the buffer itself and leave an empty one of
+    /// the same capacity in its place, instead of copying.
+    async fn write_spent(
+        &mut self,
+        buf: &mut Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> std::io::Result<()>
+    where
+        Self: Sized,
+    {
+        crate::io::write_range(self, buf, range).await
     }
 
     /// An HTTP/2 stream's request body as HTTP/2 frames (for an HTTP/2 upstream), if the
