@@ -61,7 +61,8 @@ options (defaults in brackets):
   --out DIR             where the CSV, SVG and table go [loadtest/out]
   --gateway PATH        gateway binary [build and use target/release/gateway]
   --baseline PATH       also run this second gateway binary, as gateway-baseline, with the
-                        plain gateway's config: an A/B of two builds in one interleaved run";
+                        plain gateway's config: an A/B of two builds in one interleaved run
+                        (compare and tls)";
 
 #[derive(Debug, Clone)]
 struct Options {

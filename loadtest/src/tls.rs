@@ -88,10 +88,27 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
         bail!("openssl req: {}", String::from_utf8_lossy(&out.stderr));
     }
     let origin = procs::start_origin(&dir, opts.workers, &opts.origin_cpus)?;
-    let gw = start_gateway(opts, &dir, gateway, origin.addr, &cert, &key)?;
+    let gw = start_gateway(opts, &dir, gateway, "gateway-tls", origin.addr, &cert, &key)?;
+    // `--baseline`: a second gateway build, interleaved with the others (an A/B).
+    let baseline = match &opts.baseline {
+        Some(bin) => Some(start_gateway(
+            opts,
+            &dir,
+            bin,
+            "gateway-baseline-tls",
+            origin.addr,
+            &cert,
+            &key,
+        )?),
+        None => None,
+    };
     let nginx = start_nginx(opts, &dir, origin.addr, &cert, &key)?;
-    let proxies = [("gateway", &gw), ("nginx", &nginx)];
-    // Both must answer with the origin's bytes over HTTP/1.1 and HTTP/2 before anything runs.
+    let mut proxies = vec![("gateway", &gw)];
+    if let Some(b) = &baseline {
+        proxies.push(("gateway-baseline", b));
+    }
+    proxies.push(("nginx", &nginx));
+    // Each must answer with the origin's bytes over HTTP/1.1 and HTTP/2 before anything runs.
     for (name, p) in &proxies {
         for (body, len) in [("13b", 13usize), ("64k", 65536)] {
             for flag in ["--http1.1", "--http2"] {
@@ -113,7 +130,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
         }
     }
     println!(
-        "verified: both proxies return the origin's bodies over HTTP/1.1 and HTTP/2 on TLS; wrk and h2load on CPUs {}, proxies on {}, origin on {}",
+        "verified: every proxy returns the origin's bodies over HTTP/1.1 and HTTP/2 on TLS; wrk and h2load on CPUs {}, proxies on {}, origin on {}",
         opts.wrk_cpus, opts.proxy_cpus, opts.origin_cpus
     );
     let close_script = dir.file("close.lua");
@@ -212,10 +229,12 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_gateway(
     opts: &Options,
     dir: &Workdir,
     bin: &Path,
+    name: &str,
     origin: std::net::SocketAddr,
     cert: &Path,
     key: &Path,
@@ -242,14 +261,14 @@ fn start_gateway(
         cert.display(),
         key.display()
     );
-    let conf = dir.file("gateway-tls.toml");
+    let conf = dir.file(&format!("{name}.toml"));
     std::fs::write(&conf, text)?;
     let addr = format!("127.0.0.1:{port}").parse()?;
     procs::start_gateway(
         dir,
         bin,
         &opts.proxy_cpus,
-        "gateway-tls",
+        name,
         &conf,
         addr,
         admin_port,
