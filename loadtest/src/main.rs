@@ -45,6 +45,9 @@ options (defaults in brackets):
   --wrk-cpus LIST       CPUs for wrk [0]
   --proxy-cpus LIST     CPUs for the proxies [1]
   --origin-cpus LIST    CPUs for the origin [1]
+  --layout L            shared: wrk on CPU 0, proxies and origin on CPU 1 (the defaults);
+                        split: the proxy alone on CPU 1, wrk and the origin on CPU 0
+                        (as on a many-core machine); CPU options after it override it
   --proxies LIST        among gateway,gateway+policies,gateway+cluster (the rate limit of
                         gateway+policies cluster-scoped on a redis-server the harness
                         starts),gateway+etcd and gateway+etcd+cluster (gateway
@@ -52,8 +55,15 @@ options (defaults in brackets):
                         harness starts),gateway+log,nginx,haproxy and the
                         two-target upstream rows gateway+rr2 (round robin, the reference),
                         gateway+least_request, gateway+hash (on the path) and
-                        gateway+health (an active check per target every second)
-                        [gateway,gateway+policies,nginx,haproxy]
+                        gateway+health (an active check per target every second); the
+                        tuned peers nginx+buf64k (proxy_buffer_size 64k, proxy_buffers
+                        4 64k) and haproxy+buf64k (tune.bufsize 65536), and l4-relay
+                        (HAProxy mode tcp: parses nothing; a reference, not a peer)
+                        [gateway,gateway+policies,nginx,haproxy,nginx+buf64k,
+                        haproxy+buf64k,l4-relay]
+                        The table gives each figure's ratio to the best peer's (nginx,
+                        haproxy and their tuned rows) in its body size, and requests per
+                        (proxy + origin) CPU-second beside per proxy CPU-second.
   --bodies LIST         among 13b,4k,64k [all three]
   --churn               also measure the gateway with a config change every 10 ms
                         through its admin API
@@ -106,6 +116,9 @@ fn parse_options(args: &[String]) -> Result<Options> {
             Kind::GatewayPolicies,
             Kind::Nginx,
             Kind::Haproxy,
+            Kind::NginxTuned,
+            Kind::HaproxyTuned,
+            Kind::L4Relay,
         ],
         bodies: BODIES.to_vec(),
         churn: false,
@@ -131,6 +144,15 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--wrk-cpus" => o.wrk_cpus = val()?,
             "--proxy-cpus" => o.proxy_cpus = val()?,
             "--origin-cpus" => o.origin_cpus = val()?,
+            "--layout" => {
+                let (wrk, proxy, origin) = match val()?.as_str() {
+                    "shared" => ("0", "1", "1"),
+                    "split" => ("0", "1", "0"),
+                    other => bail!("unknown layout {other:?} (shared, split)"),
+                };
+                (o.wrk_cpus, o.proxy_cpus, o.origin_cpus) =
+                    (wrk.into(), proxy.into(), origin.into());
+            }
             "--proxies" => o.proxies = val()?.split(',').map(Kind::parse).collect::<Result<_>>()?,
             "--bodies" => {
                 let v = val()?;
@@ -319,6 +341,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                     ),
                 };
                 let before = pid.map(procs::cpu_seconds).unwrap_or(0.0);
+                let origin_before = procs::cpu_seconds(origin.pid());
                 let w = wrk::run(
                     &opts.wrk_cpus,
                     wrk_threads,
@@ -327,6 +350,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                     &format!("http://{addr}/{name}"),
                 )?;
                 let cpu_s = pid.map(procs::cpu_seconds).unwrap_or(0.0) - before;
+                let origin_cpu_s = procs::cpu_seconds(origin.pid()) - origin_before;
                 println!(
                     "rep {rep} {name:>4} {label:<16} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",
                     w.rps,
@@ -342,6 +366,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                     rep,
                     wrk: w,
                     cpu_s,
+                    origin_cpu_s,
                 });
             }
         }
@@ -672,6 +697,41 @@ mod tests {
             o.proxies,
             [Kind::Nginx, Kind::GatewayBaseline, Kind::Gateway]
         );
+    }
+
+    #[test]
+    fn layouts_set_the_cpu_sets_and_later_options_override_them() {
+        let o = parse_options(&args("--layout split")).unwrap();
+        assert_eq!(
+            (
+                o.wrk_cpus.as_str(),
+                o.proxy_cpus.as_str(),
+                o.origin_cpus.as_str()
+            ),
+            ("0", "1", "0")
+        );
+        let o = parse_options(&args("--layout split --origin-cpus 2")).unwrap();
+        assert_eq!(o.origin_cpus, "2");
+        let o = parse_options(&args("--layout shared")).unwrap();
+        assert_eq!(
+            (
+                o.wrk_cpus.as_str(),
+                o.proxy_cpus.as_str(),
+                o.origin_cpus.as_str()
+            ),
+            ("0", "1", "1")
+        );
+        let err = parse_options(&args("--layout diagonal")).unwrap_err();
+        assert!(err.to_string().contains("shared, split"), "{err}");
+    }
+
+    #[test]
+    fn tuned_peers_and_the_l4_relay_run_by_default() {
+        let o = parse_options(&args("")).unwrap();
+        for k in [Kind::NginxTuned, Kind::HaproxyTuned, Kind::L4Relay] {
+            assert!(o.proxies.contains(&k), "{k:?}");
+            assert_eq!(Kind::parse(k.name()).unwrap(), k);
+        }
     }
 
     #[test]

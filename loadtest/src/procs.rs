@@ -235,6 +235,14 @@ pub enum Kind {
     GatewayHealth,
     Nginx,
     Haproxy,
+    /// nginx as an operator serving large answers tunes it: `proxy_buffer_size 64k;
+    /// proxy_buffers 4 64k;`.
+    NginxTuned,
+    /// HAProxy with `tune.bufsize 65536`.
+    HaproxyTuned,
+    /// HAProxy in `mode tcp` with 64 KiB buffers and splicing: a relay that parses nothing,
+    /// the reference for what the kernel's part costs (not a peer: it does no HTTP).
+    L4Relay,
 }
 
 impl Kind {
@@ -254,6 +262,9 @@ impl Kind {
             Kind::GatewayHealth => "gateway+health",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
+            Kind::NginxTuned => "nginx+buf64k",
+            Kind::HaproxyTuned => "haproxy+buf64k",
+            Kind::L4Relay => "l4-relay",
         }
     }
 
@@ -272,10 +283,14 @@ impl Kind {
             "gateway+health" => Kind::GatewayHealth,
             "nginx" => Kind::Nginx,
             "haproxy" => Kind::Haproxy,
+            "nginx+buf64k" => Kind::NginxTuned,
+            "haproxy+buf64k" => Kind::HaproxyTuned,
+            "l4-relay" => Kind::L4Relay,
             other => bail!(
                 "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+etcd, \
                  gateway+etcd+cluster, gateway+log, gateway-baseline, \
-                 gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy)"
+                 gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy, \
+                 nginx+buf64k, haproxy+buf64k, l4-relay)"
             ),
         })
     }
@@ -544,7 +559,15 @@ pub fn start_proxy(
             gw.sidecars.extend(etcd);
             Ok(gw)
         }
-        Kind::Nginx => {
+        Kind::Nginx | Kind::NginxTuned => {
+            let (name, buffers) = if kind == Kind::NginxTuned {
+                (
+                    "nginx-tuned-proxy",
+                    "      proxy_buffer_size 64k;\n      proxy_buffers 4 64k;\n",
+                )
+            } else {
+                ("nginx-proxy", "")
+            };
             let conf = format!(
                 "worker_processes {workers};\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
                  error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
@@ -552,25 +575,41 @@ pub fn start_proxy(
                    client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
                    upstream origin {{\n    server {origin};\n    keepalive 1024;\n    keepalive_requests 10000000;\n  }}\n\
                    server {{\n    listen 127.0.0.1:{port} reuseport;\n    location / {{\n      proxy_pass http://origin;\n\
-                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-                err = dir.file("nginx-proxy.err").display(),
-                pid = dir.file("nginx-proxy.pid").display(),
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{buffers}    }}\n  }}\n}}\n",
+                err = dir.file(&format!("{name}.err")).display(),
+                pid = dir.file(&format!("{name}.pid")).display(),
                 tmp = dir.file("tmp").display(),
             );
-            start_nginx(dir, "nginx-proxy", &conf, port, cpus)
+            start_nginx(dir, name, &conf, port, cpus)
         }
-        Kind::Haproxy => {
+        Kind::Haproxy | Kind::HaproxyTuned | Kind::L4Relay => {
+            let (name, tune, mode) = match kind {
+                Kind::HaproxyTuned => (
+                    "haproxy-tuned",
+                    "  tune.bufsize 65536\n",
+                    "mode http\n  http-reuse always",
+                ),
+                // Its best form: 64 KiB buffers and splice(2) between the sockets where the
+                // kernel allows, so bodies need not pass through user space at all.
+                Kind::L4Relay => (
+                    "l4-relay",
+                    // Pipes within the file limit (two descriptors each).
+                    "  tune.bufsize 65536\n  maxpipes 256\n",
+                    "mode tcp\n  option splice-auto",
+                ),
+                _ => ("haproxy", "", "mode http\n  http-reuse always"),
+            };
             let conf = format!(
-                "global\n  nbthread {workers}\n  maxconn 9000\n\ndefaults\n  mode http\n  timeout connect 5s\n\
-                 timeout client 120s\n  timeout server 120s\n  http-reuse always\n\n\
+                "global\n  nbthread {workers}\n  maxconn 9000\n{tune}\ndefaults\n  {mode}\n  timeout connect 5s\n\
+                 timeout client 120s\n  timeout server 120s\n\n\
                  frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
                  backend be\n  server origin {origin}\n"
             );
-            let path = dir.file("haproxy.cfg");
+            let path = dir.file(&format!("{name}.cfg"));
             std::fs::write(&path, conf)?;
-            let log = dir.file("haproxy.log");
+            let log = dir.file(&format!("{name}.log"));
             let child = spawn_pinned(
-                "haproxy",
+                name,
                 cpus,
                 "haproxy",
                 &["-f", &path.display().to_string(), "-db"],
@@ -578,13 +617,13 @@ pub fn start_proxy(
                 &[],
             )?;
             let p = Proc {
-                name: "haproxy".into(),
+                name: name.into(),
                 addr,
                 admin: None,
                 child,
                 sidecars: Vec::new(),
             };
-            wait_listening("haproxy", addr, &log)?;
+            wait_listening(name, addr, &log)?;
             Ok(p)
         }
     }

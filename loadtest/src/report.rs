@@ -17,12 +17,25 @@ pub struct Sample {
     pub wrk: WrkResult,
     /// CPU seconds the proxy used during the run (0 for the origin-direct baseline).
     pub cpu_s: f64,
+    /// CPU seconds the origin used during the run (0 where not measured: CSVs from before
+    /// it was).
+    pub origin_cpu_s: f64,
 }
 
 impl Sample {
     pub fn per_cpu_second(&self) -> f64 {
         if self.cpu_s > 0.0 {
             self.wrk.requests as f64 / self.cpu_s
+        } else {
+            0.0
+        }
+    }
+
+    /// Requests per CPU-second of the proxy and the origin together: robust to softirq work
+    /// (the loopback's receive path) being charged to whichever of the two happens to run.
+    pub fn per_pair_cpu_second(&self) -> f64 {
+        if self.cpu_s > 0.0 && self.origin_cpu_s > 0.0 {
+            self.wrk.requests as f64 / (self.cpu_s + self.origin_cpu_s)
         } else {
             0.0
         }
@@ -39,6 +52,8 @@ pub struct Summary {
     pub p99_us: f64,
     pub cpu_s: f64,
     pub per_cpu_s: f64,
+    /// Requests per (proxy + origin) CPU-second; 0 where the origin was not measured.
+    pub per_pair_cpu_s: f64,
     pub non_2xx: u64,
     pub socket_errors: u64,
 }
@@ -73,6 +88,7 @@ pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
                 p99_us: median(runs.iter().map(|s| s.wrk.p99_us).collect()),
                 cpu_s: median(runs.iter().map(|s| s.cpu_s).collect()),
                 per_cpu_s: median(runs.iter().map(|s| s.per_cpu_second()).collect()),
+                per_pair_cpu_s: median(runs.iter().map(|s| s.per_pair_cpu_second()).collect()),
                 non_2xx: runs.iter().map(|s| s.wrk.non_2xx).sum(),
                 socket_errors: runs.iter().map(|s| s.wrk.socket_errors).sum(),
                 proxy,
@@ -90,47 +106,78 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-/// The comparison table in markdown, each proxy's figures beside the ratio to nginx's.
+/// Whether a row is a peer the gateway is measured against: another HTTP proxy (not a
+/// gateway build, not the origin alone, not the L4 relay, which does no HTTP).
+pub fn is_peer(proxy: &str) -> bool {
+    !proxy.starts_with("gateway") && proxy != "origin-direct" && proxy != "l4-relay"
+}
+
+/// The best peer's value of one figure in a body size's rows: the largest where more is
+/// better, the smallest otherwise; `None` without a peer that has it.
+fn best_peer(
+    summaries: &[Summary],
+    body: &str,
+    figure: impl Fn(&Summary) -> f64,
+    more_is_better: bool,
+) -> Option<f64> {
+    summaries
+        .iter()
+        .filter(|p| p.body == body && is_peer(&p.proxy))
+        .map(figure)
+        .filter(|v| *v > 0.0)
+        .reduce(|a, b| if (b > a) == more_is_better { b } else { a })
+}
+
+/// The comparison table in markdown: each row's figures beside their ratio to the best
+/// peer's in its body size, figure by figure (the most requests per second and per
+/// CPU-second, the lowest p50 and p99, each from whichever peer has it); the peer with the
+/// most requests per proxy CPU-second is named.
 pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| body | proxy | req/s | p50 | p99 | proxy CPU-s | req per proxy CPU-s | req/s vs nginx | p50 vs nginx | p99 vs nginx | CPU-s vs nginx | req/CPU-s vs nginx | non-2xx | socket errors |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| body | proxy | req/s | p50 | p99 | proxy CPU-s | req per proxy CPU-s | req per (proxy + origin) CPU-s | best peer | req/s vs best | p50 vs best | p99 vs best | req/CPU-s vs best | req/(proxy + origin) CPU-s vs best | non-2xx | socket errors |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
-    for s in summaries {
-        let nginx = summaries
-            .iter()
-            .find(|n| n.proxy == "nginx" && n.body == s.body);
-        let dash = || "-".to_owned();
-        let [r_rps, r_p50, r_p99, r_cpu_s, r_cpu] = match nginx {
-            Some(n) if s.proxy != "origin-direct" => [
-                ratio(s.rps, n.rps),
-                ratio(s.p50_us, n.p50_us),
-                ratio(s.p99_us, n.p99_us),
-                ratio(s.cpu_s, n.cpu_s),
-                ratio(s.per_cpu_s, n.per_cpu_s),
-            ],
-            _ => [dash(), dash(), dash(), dash(), dash()],
-        };
-        let per_cpu = if s.per_cpu_s > 0.0 {
-            format!("{:.0}", s.per_cpu_s)
+    let dash = || "-".to_owned();
+    let count = |v: f64| {
+        if v > 0.0 {
+            format!("{v:.0}")
         } else {
-            "-".into()
+            dash()
+        }
+    };
+    for s in summaries {
+        let vs = |figure: fn(&Summary) -> f64, more_is_better: bool| {
+            if s.proxy == "origin-direct" {
+                return dash();
+            }
+            match best_peer(summaries, &s.body, figure, more_is_better) {
+                Some(best) => ratio(figure(s), best),
+                None => dash(),
+            }
         };
+        let named = summaries
+            .iter()
+            .filter(|_| s.proxy != "origin-direct")
+            .filter(|p| p.body == s.body && is_peer(&p.proxy))
+            .max_by(|a, b| a.per_cpu_s.total_cmp(&b.per_cpu_s))
+            .map_or_else(dash, |p| p.proxy.clone());
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.body,
             s.proxy,
             s.rps,
             fmt_us(s.p50_us),
             fmt_us(s.p99_us),
             s.cpu_s,
-            per_cpu,
-            r_rps,
-            r_p50,
-            r_p99,
-            r_cpu_s,
-            r_cpu,
+            count(s.per_cpu_s),
+            count(s.per_pair_cpu_s),
+            named,
+            vs(|x| x.rps, true),
+            vs(|x| x.p50_us, false),
+            vs(|x| x.p99_us, false),
+            vs(|x| x.per_cpu_s, true),
+            vs(|x| x.per_pair_cpu_s, true),
             s.non_2xx,
             s.socket_errors
         );
@@ -153,7 +200,8 @@ pub fn read_csv(path: &Path) -> Result<Vec<Sample>> {
     for (i, line) in text.lines().enumerate().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         let bad = || anyhow::anyhow!("{}:{}: malformed line {line:?}", path.display(), i + 1);
-        if f.len() != 12 {
+        // 13 fields since the origin's CPU is measured; 12 before.
+        if f.len() != 12 && f.len() != 13 {
             return Err(bad());
         }
         let num = |k: usize| f[k].parse::<f64>().map_err(|_| bad());
@@ -171,6 +219,7 @@ pub fn read_csv(path: &Path) -> Result<Vec<Sample>> {
                 socket_errors: num(11)? as u64,
             },
             cpu_s: num(8)?,
+            origin_cpu_s: if f.len() == 13 { num(12)? } else { 0.0 },
         });
     }
     Ok(out)
@@ -179,12 +228,12 @@ pub fn read_csv(path: &Path) -> Result<Vec<Sample>> {
 /// Every run, one line each.
 pub fn write_csv(path: &Path, samples: &[Sample]) -> Result<()> {
     let mut out = String::from(
-        "proxy,body,rep,requests,seconds,rps,p50_us,p99_us,proxy_cpu_s,req_per_cpu_s,non_2xx,socket_errors\n",
+        "proxy,body,rep,requests,seconds,rps,p50_us,p99_us,proxy_cpu_s,req_per_cpu_s,non_2xx,socket_errors,origin_cpu_s\n",
     );
     for s in samples {
         let _ = writeln!(
             out,
-            "{},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.3},{:.0},{},{}",
+            "{},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.3},{:.0},{},{},{:.3}",
             s.proxy,
             s.body,
             s.rep,
@@ -196,7 +245,8 @@ pub fn write_csv(path: &Path, samples: &[Sample]) -> Result<()> {
             s.cpu_s,
             s.per_cpu_second(),
             s.wrk.non_2xx,
-            s.wrk.socket_errors
+            s.wrk.socket_errors,
+            s.origin_cpu_s
         );
     }
     std::fs::write(path, out)?;
@@ -283,4 +333,102 @@ fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(proxy: &str, body: &str, rps: f64, p99: f64, per_cpu: f64, pair: f64) -> Summary {
+        Summary {
+            proxy: proxy.into(),
+            body: body.into(),
+            rps,
+            p50_us: p99 / 2.0,
+            p99_us: p99,
+            cpu_s: 1.0,
+            per_cpu_s: per_cpu,
+            per_pair_cpu_s: pair,
+            non_2xx: 0,
+            socket_errors: 0,
+        }
+    }
+
+    /// The cells of `proxy`'s row for `body`.
+    fn row(table: &str, body: &str, proxy: &str) -> Vec<String> {
+        table
+            .lines()
+            .map(|l| {
+                l.split('|')
+                    .map(|c| c.trim().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .find(|c| c.len() > 3 && c[1] == body && c[2] == proxy)
+            .unwrap_or_else(|| panic!("no row {body} {proxy} in\n{table}"))
+    }
+
+    #[test]
+    fn ratios_are_to_the_best_peer_figure_by_figure() {
+        let s = vec![
+            summary("origin-direct", "64k", 90.0, 100.0, 0.0, 0.0),
+            summary("gateway", "64k", 60.0, 1500.0, 300.0, 120.0),
+            summary("nginx", "64k", 50.0, 2000.0, 100.0, 60.0),
+            // The tuned nginx is the best peer per CPU-second; HAProxy has the lowest p99
+            // and the most per (proxy + origin) CPU-second.
+            summary("nginx+buf64k", "64k", 40.0, 3000.0, 200.0, 70.0),
+            summary("haproxy", "64k", 45.0, 1000.0, 150.0, 80.0),
+            // Not a peer, however fast.
+            summary("l4-relay", "64k", 80.0, 500.0, 600.0, 300.0),
+            summary("gateway", "13b", 10.0, 100.0, 10.0, 5.0),
+        ];
+        let t = table(&s);
+        let g = row(&t, "64k", "gateway");
+        // body proxy req/s p50 p99 cpu per-cpu pair best rps-vs p50-vs p99-vs cpu-vs pair-vs
+        assert_eq!(g[9], "nginx+buf64k");
+        assert_eq!(&g[10..15], ["1.20", "1.50", "1.50", "1.50", "1.50"]);
+        // A body size without peers has no ratios; the origin alone has none either.
+        let g13 = row(&t, "13b", "gateway");
+        assert_eq!(&g13[9..15], ["-", "-", "-", "-", "-", "-"]);
+        assert_eq!(
+            &row(&t, "64k", "origin-direct")[10..15],
+            ["-", "-", "-", "-", "-"]
+        );
+        assert!(!is_peer("l4-relay") && !is_peer("gateway-baseline") && is_peer("haproxy+buf64k"));
+    }
+
+    #[test]
+    fn the_csv_keeps_the_origin_cpu_and_old_csvs_still_read() {
+        let dir = std::env::temp_dir().join(format!("loadtest-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.csv");
+        let sample = Sample {
+            proxy: "gateway".into(),
+            body: "13b".into(),
+            rep: 0,
+            wrk: WrkResult {
+                requests: 1000,
+                seconds: 1.0,
+                rps: 1000.0,
+                p50_us: 10.0,
+                p99_us: 20.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+            cpu_s: 0.5,
+            origin_cpu_s: 0.5,
+        };
+        write_csv(&path, &[sample]).unwrap();
+        let back = read_csv(&path).unwrap();
+        assert_eq!(back[0].origin_cpu_s, 0.5);
+        assert_eq!(back[0].per_pair_cpu_second(), 1000.0);
+        let old = "proxy,body,rep,requests,seconds,rps,p50_us,p99_us,proxy_cpu_s,req_per_cpu_s,non_2xx,socket_errors\n\
+                   nginx,13b,0,1000,1.00,1000.0,10.0,20.0,0.500,2000,0,0\n";
+        std::fs::write(&path, old).unwrap();
+        let back = read_csv(&path).unwrap();
+        assert_eq!(
+            (back[0].origin_cpu_s, back[0].per_pair_cpu_second()),
+            (0.0, 0.0)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -189,8 +189,10 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
             order.rotate_left(rep % n);
             for (name, p) in order {
                 let before = procs::cpu_seconds(p.pid());
+                let origin_before = procs::cpu_seconds(origin.pid());
                 let w = drive(case, p, opts.duration)?;
                 let cpu_s = procs::cpu_seconds(p.pid()) - before;
+                let origin_cpu_s = procs::cpu_seconds(origin.pid()) - origin_before;
                 println!(
                     "rep {rep} {:>9} {name:<8} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} errors {}",
                     case.0,
@@ -207,6 +209,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
                     rep,
                     wrk: w,
                     cpu_s,
+                    origin_cpu_s,
                 });
             }
         }
