@@ -24,6 +24,15 @@ use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
 
+/// What a caller does with a buffer it sends from ([`Downstream::send`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    /// Goes on using its bytes: they must stay.
+    Kept,
+    /// Needs none of its bytes: a stream that keeps what it sends may take the buffer.
+    Spent,
+}
+
 /// A client connection's read buffer starts at its stream's `READ_BUF`; it grows up to
 /// `max_header_bytes` for a large head and to [`BODY_BUF`] to relay a large request body.
 pub(crate) const BODY_BUF: usize = 64 * 1024;
@@ -426,29 +435,20 @@ impl<S: ClientStream> Downstream<S> {
         Next::Close
     }
 
-    /// Writes `src[range]` to the client, counting it.
+    /// Writes `src[range]` to the client, counting it. With [`After::Spent`], `src` may come
+    /// back empty (see [`ClientStream::write_spent`]).
     pub async fn send(
         &mut self,
         req: &mut RequestCtx,
         src: &mut Vec<u8>,
         range: std::ops::Range<usize>,
+        after: After,
     ) -> std::io::Result<()> {
         let len = range.len() as u64;
-        write_range(&mut self.stream, src, range).await?;
-        req.bytes_out += len;
-        Ok(())
-    }
-
-    /// Like [`Self::send`] for a caller that needs none of `src`'s bytes afterwards (see
-    /// [`ClientStream::write_spent`]: `src` may come back empty).
-    pub async fn send_spent(
-        &mut self,
-        req: &mut RequestCtx,
-        src: &mut Vec<u8>,
-        range: std::ops::Range<usize>,
-    ) -> std::io::Result<()> {
-        let len = range.len() as u64;
-        self.stream.write_spent(src, range).await?;
+        match after {
+            After::Kept => write_range(&mut self.stream, src, range).await?,
+            After::Spent => self.stream.write_spent(src, range).await?,
+        }
         req.bytes_out += len;
         Ok(())
     }

@@ -53,7 +53,7 @@ use crate::upstream::{set_send_timeout, UpstreamConn};
 use crate::worker_ctx::WorkerCtx;
 use connector::{Connector, Outcome};
 use context::RequestCtx;
-use downstream::{push_field, Downstream, Head, Next, Reply};
+use downstream::{push_field, After, Downstream, Head, Next, Reply};
 use exchange::{read_head, relay_request_body, send_head, HeadRead};
 use stream::ClientStream;
 
@@ -460,7 +460,11 @@ async fn proxy<S: ClientStream>(
                     if !head.http10 {
                         // Passed on: the request cannot be retried from here on.
                         req.attempts.committed = true;
-                        if down.send(req, &mut conn.buf, 0..end).await.is_err() {
+                        if down
+                            .send(req, &mut conn.buf, 0..end, After::Kept)
+                            .await
+                            .is_err()
+                        {
                             return Err(ErrorKind::ClientClosed.into());
                         }
                     }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use super::context::RequestCtx;
-use super::downstream::{client_left, push_request_id, Downstream};
+use super::downstream::{client_left, push_request_id, After, Downstream};
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::response::ResponseHead;
@@ -287,7 +287,11 @@ pub(crate) async fn relay_response<S: ClientStream>(
     send_head(down, req, conn, resp, tail, body.first()).await?;
     while let Some(n) = body.next(conn).await? {
         // The next read starts over at the buffer's start.
-        if down.send_spent(req, &mut conn.buf, 0..n).await.is_err() {
+        if down
+            .send(req, &mut conn.buf, 0..n, After::Spent)
+            .await
+            .is_err()
+        {
             return Err(ErrorKind::ClientClosed.into());
         }
     }
@@ -408,7 +412,11 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     // The pooled connection keeps a buffer of the usual size, not the body's.
     conn.buf = Vec::with_capacity(UPSTREAM_BUF);
     let len = body.len();
-    if down.send(req, &mut body, 0..len).await.is_err() {
+    if down
+        .send(req, &mut body, 0..len, After::Spent)
+        .await
+        .is_err()
+    {
         return Err(ErrorKind::ClientClosed.into());
     }
     Ok(clean)
