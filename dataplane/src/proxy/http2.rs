@@ -18,10 +18,9 @@
 //! relay's buffer itself ([`ClientStream::write_spent`]), a small one a copy into the
 //! connection's scratch. On TLS a body byte is copied twice in user space (into a record to
 //! encrypt it, and rustls's records into the buffer of the TCP write), on h2c once (into
-//! PollIo's write buffer). About 50,000 user-space
-//! instructions per proxied request against nginx's 23,600 (`docs/perf/tls-2cpu.md`): the
-//! next saving is a seam that hands the parsed upstream head to the stream instead of an
-//! HTTP/1.1 head to parse again.
+//! PollIo's write buffer). About 50,000 user-space instructions per proxied request against
+//! nginx's 23,600 (`docs/perf/tls-2cpu.md`): the next saving is a seam that hands the parsed
+//! upstream head to the stream instead of an HTTP/1.1 head to parse again.
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
@@ -948,6 +947,16 @@ impl AsyncWriteRent for Refused {
 
 impl ClientStream for H2Stream {
     const KEEPS_WRITES: bool = true;
+    const PARKABLE: bool = false;
+    const WHOLE_CONNECTION: bool = false;
+    /// A stream's head comes in one piece of a few hundred bytes, and a stream lives for one
+    /// request: a small buffer comes from the allocator's per-thread cache, where 8 KiB would
+    /// not.
+    const READ_BUF: usize = 1024;
+    const PRIOR_KNOWLEDGE: bool = false;
+    type ReadHalf = Refused;
+    type WriteHalf = Refused;
+
     async fn write_spent(
         &mut self,
         buf: &mut Vec<u8>,
@@ -969,16 +978,6 @@ impl ClientStream for H2Stream {
         }
         crate::io::write_range(self, buf, range).await
     }
-
-    const PARKABLE: bool = false;
-    const WHOLE_CONNECTION: bool = false;
-    /// A stream's head comes in one piece of a few hundred bytes, and a stream lives for one
-    /// request: a small buffer comes from the allocator's per-thread cache, where 8 KiB would
-    /// not.
-    const READ_BUF: usize = 1024;
-    const PRIOR_KNOWLEDGE: bool = false;
-    type ReadHalf = Refused;
-    type WriteHalf = Refused;
 
     fn scheme(&self) -> Scheme {
         self.info.scheme
