@@ -39,6 +39,13 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The session a successful [`Connector::run`] left in `slot`, which carries the answer's
+    /// body.
+    pub fn answered(slot: &mut Option<Session>) -> Session {
+        slot.take()
+            .expect("an answer comes from the session `run` left in the slot")
+    }
+
     /// The response-head deadline of this try: `deadline`, or sooner when tries are bounded.
     pub fn head_deadline(&self, deadline: Instant) -> Instant {
         self.try_deadline.map_or(deadline, |t| t.min(deadline))

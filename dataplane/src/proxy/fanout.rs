@@ -20,7 +20,7 @@ use common::aggregate::Aggregate;
 use common::{Route, Snapshot};
 use serde_json::{json, Value};
 
-use super::connector::{Attempts, Connector, Outcome, UpstreamRef};
+use super::connector::{Attempts, Connector, Outcome, Session, UpstreamRef};
 use super::context::RequestCtx;
 use super::downstream::{Downstream, Next};
 use super::exchange::exchange;
@@ -564,9 +564,7 @@ async fn call(
             return Err(f);
         }
     };
-    let session = slot
-        .take()
-        .expect("an answer comes from the session `run` left in the slot");
+    let session = Session::answered(&mut slot);
     connector.checkin(
         session,
         if clean {

@@ -51,7 +51,7 @@ use crate::policy::{self, Clock, Verdict};
 use crate::status::Status;
 use crate::upstream::{set_send_timeout, UpstreamConn};
 use crate::worker_ctx::WorkerCtx;
-use connector::{Connector, Outcome};
+use connector::{Connector, Outcome, Session};
 use context::RequestCtx;
 use downstream::{push_field, After, Downstream, Head, Next, Reply};
 use exchange::{read_head, relay_request_body, send_head, HeadRead};
@@ -508,9 +508,7 @@ async fn proxy<S: ClientStream>(
             return down.fail(req, err.kind).await;
         }
     };
-    let mut session = slot
-        .take()
-        .expect("an answer comes from the session `run` left in the slot");
+    let mut session = Session::answered(&mut slot);
 
     if resp.status == 101 {
         if head.upgrade.is_none() {
