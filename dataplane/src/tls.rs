@@ -3,8 +3,9 @@
 //!
 //! Hot path for HTTPS. Ciphertext is read into one reused buffer per connection, fed to
 //! rustls, and the plaintext is copied once into the caller's buffer; plaintext to send is
-//! encrypted into one reused buffer and written with one `write_all`, so a vectored head and
-//! body go out as one TCP write. (Encrypting needs the copy; nothing else copies.)
+//! encrypted as one run of records (a vectored head and body fill whole records, however many
+//! pieces they come in) and written from one reused buffer with one `write_all`, so they go
+//! out as one TCP write. (Encrypting needs the copy; nothing else copies.)
 //!
 //! For a tunnel the stream splits into a read half and a write half over monoio's split TCP
 //! halves, sharing the rustls session (borrowed only for synchronous calls, never across an
@@ -319,32 +320,39 @@ async fn write_buf<W: AsyncWriteRent, T: IoBuf>(
     (res, buf)
 }
 
-/// Encrypts the pieces of an owned iovec buffer and writes the records in one TCP write.
+/// Encrypts the pieces of an owned iovec buffer as one run of records (a record spans
+/// pieces, so a head gathered from many small pieces does not become as many records) and
+/// writes the records in one TCP write.
 async fn write_iovecs<W: AsyncWriteRent, T: IoVecBuf>(
     tcp: &mut W,
     session: &RefCell<Session>,
     buf: T,
 ) -> BufResult<usize, T> {
-    let mut n = 0;
-    let queued = {
-        let mut s = session.borrow_mut();
-        // SAFETY: the iovec array and the memory it describes belong to `buf`.
-        let iovs =
-            unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
-        iovs.iter().try_for_each(|v| {
-            // SAFETY: as above; each iovec describes initialised bytes owned by `buf`.
-            let piece = unsafe {
-                std::slice::from_raw_parts(v.iov_base.cast::<u8>().cast_const(), v.iov_len)
-            };
-            n += piece.len();
-            s.conn.writer().write_all(piece)
-        })
+    // SAFETY: the iovec array and the memory it describes belong to `buf`, which outlives
+    // `pieces`; `IoSlice` is ABI-compatible with `iovec` on Unix (std guarantees it).
+    let pieces = unsafe {
+        std::slice::from_raw_parts(
+            buf.read_iovec_ptr().cast::<io::IoSlice<'_>>(),
+            buf.read_iovec_len(),
+        )
     };
-    let res = match queued {
+    let n = pieces.iter().map(|p| p.len()).sum();
+    let res = match queue_plain(session, pieces) {
         Ok(()) => flush_records(tcp, session).await.map(|()| n),
         Err(e) => Err(e),
     };
     (res, buf)
+}
+
+/// Encrypts `pieces` into records as one run (a record may span pieces); they go out with
+/// the next [`flush_records`].
+fn queue_plain(session: &RefCell<Session>, pieces: &[io::IoSlice<'_>]) -> io::Result<()> {
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    // The session has no buffer limit, so it takes everything or fails.
+    match session.borrow_mut().conn.writer().write_vectored(pieces)? {
+        n if n == len => Ok(()),
+        _ => Err(io::ErrorKind::WriteZero.into()),
+    }
 }
 
 /// Sends close_notify, then half-closes TCP.
@@ -469,12 +477,7 @@ impl PlainQueue {
 
     /// Encrypts `pieces` as one run of records (a record may span pieces).
     pub fn push(&self, pieces: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let len: usize = pieces.iter().map(|p| p.len()).sum();
-        // The session has no buffer limit, so it takes everything or fails.
-        match self.0.borrow_mut().conn.writer().write_vectored(pieces)? {
-            n if n == len => Ok(()),
-            _ => Err(io::ErrorKind::WriteZero.into()),
-        }
+        queue_plain(&self.0, pieces)
     }
 
     /// Whether records are waiting to be written.
