@@ -155,12 +155,15 @@ pub fn table(summaries: &[Summary]) -> String {
                 None => dash(),
             }
         };
-        let named = summaries
-            .iter()
-            .filter(|_| s.proxy != "origin-direct")
-            .filter(|p| p.body == s.body && is_peer(&p.proxy))
-            .max_by(|a, b| a.per_cpu_s.total_cmp(&b.per_cpu_s))
-            .map_or_else(dash, |p| p.proxy.clone());
+        let named = if s.proxy == "origin-direct" {
+            dash()
+        } else {
+            summaries
+                .iter()
+                .filter(|p| p.body == s.body && is_peer(&p.proxy))
+                .max_by(|a, b| a.per_cpu_s.total_cmp(&b.per_cpu_s))
+                .map_or_else(dash, |p| p.proxy.clone())
+        };
         let _ = writeln!(
             out,
             "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
