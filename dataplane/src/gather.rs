@@ -83,7 +83,13 @@ impl Gather {
         (self.src, self.extra, self.iov)
     }
 
-    fn consume(&mut self, mut n: usize) {
+    /// The iovecs not yet written.
+    pub fn unwritten(&self) -> &[libc::iovec] {
+        &self.iov[self.first..]
+    }
+
+    /// Records that the first `n` unwritten bytes were written.
+    pub fn consume(&mut self, mut n: usize) {
         self.remaining -= n;
         while n > 0 {
             let v = &mut self.iov[self.first];

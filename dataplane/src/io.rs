@@ -30,6 +30,18 @@ pub(crate) async fn read_more<R: AsyncReadRent>(
     max: usize,
     deadline: Instant,
 ) -> Result<usize, ReadError> {
+    read_at_most(stream, buf, pos, max, usize::MAX, deadline).await
+}
+
+/// Like [`read_more`], reading at most `most` bytes.
+pub(crate) async fn read_at_most<R: AsyncReadRent>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    max: usize,
+    most: usize,
+    deadline: Instant,
+) -> Result<usize, ReadError> {
     if *pos == buf.len() {
         buf.clear();
         *pos = 0;
@@ -46,8 +58,9 @@ pub(crate) async fn read_more<R: AsyncReadRent>(
         buf.reserve_exact(buf.capacity().max(1024).min(max - buf.len()));
     }
     let len = buf.len();
+    let end = buf.capacity().min(len.saturating_add(most));
     let owned = std::mem::take(buf);
-    let read = stream.read(owned.slice_mut(len..));
+    let read = stream.read(owned.slice_mut(len..end));
     match monoio::time::timeout_at(deadline.into(), read).await {
         Ok((res, slice)) => {
             *buf = slice.into_inner();

@@ -150,6 +150,8 @@ pub struct WorkerMetrics {
     tls_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Access log lines dropped because the worker's log buffers were full.
     access_log_dropped: AtomicU64,
+    /// Response bytes passed on through a pipe (`splice`), heads included.
+    spliced_bytes: AtomicU64,
     /// Shaped answers relayed unchanged, by reason.
     transform_skipped: [AtomicU64; SkipReason::ALL.len()],
     /// Aggregate steps by (aggregate, step). Locked once per finished step by its worker,
@@ -185,6 +187,7 @@ impl Default for WorkerMetrics {
             tls_handshakes: AtomicU64::new(0),
             tls_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             access_log_dropped: AtomicU64::new(0),
+            spliced_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -214,6 +217,12 @@ impl WorkerMetrics {
     #[inline]
     pub fn access_log_dropped(&self) {
         bump(&self.access_log_dropped, 1);
+    }
+
+    /// Counts response bytes passed on through a pipe.
+    #[inline]
+    pub fn spliced(&self, bytes: u64) {
+        bump(&self.spliced_bytes, bytes);
     }
 
     /// Counts a shaped answer relayed unchanged.
@@ -304,6 +313,13 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
         out,
         "gateway_access_log_dropped_total {}",
         sum(&|w: &WorkerMetrics| &w.access_log_dropped)
+    );
+    out.push_str("# HELP gateway_spliced_bytes_total Response bytes sent to clients through a pipe (splice), the body never copied through the gateway's memory.\n");
+    out.push_str("# TYPE gateway_spliced_bytes_total counter\n");
+    let _ = writeln!(
+        out,
+        "gateway_spliced_bytes_total {}",
+        sum(&|w: &WorkerMetrics| &w.spliced_bytes)
     );
     histogram(
         &mut out,
@@ -491,6 +507,8 @@ mod tests {
         b.request(slot, 502, 20);
         a.error(ErrorKind::ConnectTimeout);
         b.access_log_dropped();
+        a.spliced(65_000);
+        b.spliced(1_000);
         a.set_open_connections(2);
         b.set_open_connections(3);
         let text = render(&[a, b], 7);
@@ -506,6 +524,7 @@ mod tests {
         );
         assert!(text.contains("gateway_errors_total{side=\"upstream\",kind=\"send_timeout\"} 0\n"));
         assert!(text.contains("gateway_access_log_dropped_total 1\n"));
+        assert!(text.contains("gateway_spliced_bytes_total 66000\n"));
         assert!(
             text.contains("gateway_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"),
             "{text}"

@@ -57,12 +57,22 @@ impl UpstreamConn {
         &mut self,
         deadline: Instant,
     ) -> Result<usize, crate::io::ReadError> {
+        self.read_at_most(usize::MAX, deadline).await
+    }
+
+    /// Like [`UpstreamConn::read_more`], reading at most `most` bytes.
+    pub(crate) async fn read_at_most(
+        &mut self,
+        most: usize,
+        deadline: Instant,
+    ) -> Result<usize, crate::io::ReadError> {
         let mut pos = 0;
-        crate::io::read_more(
+        crate::io::read_at_most(
             &mut self.stream,
             &mut self.buf,
             &mut pos,
             UPSTREAM_BUF,
+            most,
             deadline,
         )
         .await

@@ -16,6 +16,7 @@ both_drivers!(
     strip_prefix_rewrites_the_target,
     streams_request_bodies,
     relays_chunked_responses_with_trailers,
+    relays_large_response_bodies,
     no_body_responses,
     response_until_close_closes_client,
     pipelined_requests_answer_in_order,
@@ -180,6 +181,95 @@ fn streams_request_bodies(driver: Driver) {
         "{}",
         seen[1].head
     );
+}
+
+/// Large length-framed bodies go socket to socket through a pipe (`splice`): whole, in
+/// order, the connection reusable afterwards; one the upstream cuts short reaches the client
+/// as far as it came, then the client connection closes.
+fn relays_large_response_bodies(driver: Driver) {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let (len, sent, piece) = match req.request_line().split(' ').nth(1) {
+            Some("/1m") => (1 << 20, 1 << 20, 100_000),
+            Some("/64k") => (65_536, 65_536, 65_536),
+            // Too small to splice: read whole after a head read of at most 8 KiB.
+            Some("/20k") => (20_000, 20_000, 6_000),
+            // Promises 300,000 bytes, sends 100,000 and closes.
+            _ => (300_000, 100_000, 25_000),
+        };
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+        let body: Vec<u8> = (0..sent).map(|i| (i % 251) as u8).collect();
+        for p in body.chunks(piece) {
+            if s.write_all(p).is_err() {
+                return Keep::Close;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        if sent < len {
+            Keep::Close
+        } else {
+            Keep::Open
+        }
+    }));
+    // Request ids on: the gateway's own field goes into the pipe with the head.
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    for (path, len) in [
+        ("/1m", 1 << 20),
+        ("/64k", 65_536),
+        ("/20k", 20_000),
+        ("/1m", 1 << 20),
+    ] {
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-length"), Some(len.to_string().as_str()));
+        assert!(r.header("x-request-id").is_some(), "{}", r.head);
+        assert_eq!(r.body.len(), len);
+        assert!(
+            r.body
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8),
+            "{path}: the body arrived changed"
+        );
+    }
+    // All on one upstream connection: each body ended where its length said.
+    assert_eq!(
+        origin.wait_requests(4).iter().map(|r| r.conn).max(),
+        Some(1)
+    );
+    // Spliced, not copied: all but the first read of each (at most 8 KiB with the head).
+    // The last request is counted when it ends, just after its last byte went out.
+    let least = 2 * ((1 << 20) - 8192) + (65_536 - 8192);
+    let mut spliced = None;
+    for _ in 0..100 {
+        spliced = gw
+            .admin("GET", "/metrics", None)
+            .body_str()
+            .lines()
+            .find_map(|l| l.strip_prefix("gateway_spliced_bytes_total "))
+            .map(|n| n.parse::<u64>().unwrap());
+        if spliced.is_some_and(|n| n >= least) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(spliced.is_some_and(|n| n >= least), "{spliced:?} < {least}");
+    c.send(b"GET /short HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+    let head_end = find(&got, b"\r\n\r\n").expect("the head went out") + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n"));
+    let body = &got[head_end..];
+    assert_eq!(body.len(), 100_000, "what the upstream sent, no more");
+    assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
 }
 
 fn relays_chunked_responses_with_trailers(driver: Driver) {

@@ -46,6 +46,8 @@ pub(crate) struct RequestCtx {
     /// Bytes on the wire from and to the client, heads included.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Of `bytes_out`, those passed on through a pipe ([`crate::splice`]).
+    pub spliced: u64,
     pub error: Option<ErrorKind>,
     pub request_id: RequestId,
     pub trace: TraceParent,
@@ -85,6 +87,7 @@ impl RequestCtx {
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
+            spliced: 0,
             error: None,
             request_id: RequestId::default(),
             trace: TraceParent::default(),
@@ -110,6 +113,7 @@ impl RequestCtx {
         self.status = 0;
         self.bytes_in = 0;
         self.bytes_out = 0;
+        self.spliced = 0;
         self.error = None;
         self.request_id.clear();
         self.trace.clear();
@@ -236,6 +240,9 @@ impl RequestCtx {
         }
         if let Some(fb) = self.first_byte {
             metrics.upstream_latency.observe(fb.as_micros() as u64);
+        }
+        if self.spliced > 0 {
+            metrics.spliced(self.spliced);
         }
         if !self.logging {
             return;

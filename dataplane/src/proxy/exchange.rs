@@ -62,8 +62,9 @@ pub(crate) async fn send_head(
 }
 
 /// Reads a response head into `conn.buf` (which holds whatever is left of an interim
-/// response the caller drained). `first_byte` is set when the first byte arrives; `replayable`:
-/// an upstream that closes before sending anything may get the request again.
+/// response the caller drained), at most `most` bytes per read. `first_byte` is set when the
+/// first byte arrives; `replayable`: an upstream that closes before sending anything may get
+/// the request again.
 pub(crate) async fn read_head(
     conn: &mut UpstreamConn,
     is_head: bool,
@@ -71,6 +72,7 @@ pub(crate) async fn read_head(
     plan: &mut FieldPlan,
     first_byte: &mut Option<Instant>,
     replayable: bool,
+    most: usize,
 ) -> Result<HeadRead, ProxyError> {
     loop {
         if !conn.buf.is_empty() {
@@ -83,7 +85,7 @@ pub(crate) async fn read_head(
                 Err(_) => return Err(ErrorKind::UpstreamMalformed.into()),
             }
         }
-        match conn.read_more(deadline).await {
+        match conn.read_at_most(most, deadline).await {
             Ok(0) | Err(ReadError::Io) => {
                 let nothing = first_byte.is_none();
                 return Err(
@@ -121,7 +123,16 @@ pub(crate) async fn exchange(
     conn.buf.clear();
     let mut first_byte = None;
     loop {
-        match read_head(conn, is_head, deadline, plan, &mut first_byte, replayable).await? {
+        let read = read_head(
+            conn,
+            is_head,
+            deadline,
+            plan,
+            &mut first_byte,
+            replayable,
+            usize::MAX,
+        );
+        match read.await? {
             HeadRead::Interim(end) => {
                 conn.buf.drain(..end);
             }

@@ -442,6 +442,12 @@ async fn proxy<S: ClientStream>(
         }
         let sent_at = Instant::now();
         let deadline = session.head_deadline(sent_at + head_timeout);
+        // A client a large body can be spliced to gets the head with few body bytes, so
+        // that most of such a body is left in the socket to splice.
+        let head_read = match down.stream.splice_socket() {
+            Some(_) => crate::splice::HEAD_READ,
+            None => usize::MAX,
+        };
         let conn = &mut session.conn;
         let mut first_byte = None;
         conn.buf.clear();
@@ -453,6 +459,7 @@ async fn proxy<S: ClientStream>(
                 &mut down.resp_plan,
                 &mut first_byte,
                 replayable,
+                head_read,
             )
             .await;
             match read {
@@ -597,6 +604,7 @@ async fn early_answer<S: ClientStream>(
             &mut down.resp_plan,
             &mut first_byte,
             false,
+            usize::MAX,
         )
         .await
         {

@@ -15,12 +15,13 @@ use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, Span};
 use crate::error::{ErrorKind, ProxyError, SkipReason};
 use crate::forward::response_pieces;
-use crate::gather::write_gathered;
+use crate::gather::{write_gathered, Gather};
 use crate::io::ReadError;
 use crate::json;
 use crate::metrics::WorkerMetrics;
 use crate::policy;
 use crate::shape::{is_json_type, AnswerFields};
+use crate::splice::SpliceError;
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
 use common::aggregate::Shape;
 
@@ -81,6 +82,25 @@ impl BodyReader {
     /// another request (always false for a close-delimited body).
     pub fn clean(&self) -> bool {
         self.left == 0 && self.clean
+    }
+
+    /// The body bytes still to come when they can be spliced: a length-framed body with at
+    /// least [`crate::splice::SPLICE_MIN`] of them left.
+    pub fn spliceable(&self) -> Option<u64> {
+        (matches!(self.kind, BodyKind::Length(_)) && self.left >= crate::splice::SPLICE_MIN)
+            .then_some(self.left)
+    }
+
+    /// Whether the rest of a length-framed body fits in `room` bytes.
+    pub fn rest_fits(&self, room: usize) -> bool {
+        matches!(self.kind, BodyKind::Length(_)) && self.left > 0 && self.left <= room as u64
+    }
+
+    /// Records that the rest of the body was relayed without this reader (spliced): it ended
+    /// where its length said.
+    pub fn spliced(&mut self) {
+        self.left = 0;
+        self.clean = true;
     }
 
     /// Reads the next piece into `conn.buf` (cleared first). `Some(n)`: pass on
@@ -265,6 +285,52 @@ async fn send_head<S: ClientStream>(
     }
 }
 
+/// Sends the head and a large body through a pipe ([`crate::splice`]) when the client's
+/// socket takes a splice and the body is large enough; `None`: neither sent (not spliceable,
+/// or no pipe to spare).
+async fn splice_rest<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    conn: &mut UpstreamConn,
+    resp: &ResponseHead,
+    tail: Span,
+    body: &mut BodyReader,
+) -> Option<Result<bool, ProxyError>> {
+    let (client, len) = (down.stream.splice_socket()?, body.spliceable()?);
+    let pieces = response_pieces(resp, &down.resp_plan, tail, body.first());
+    let mut head = Gather::new(
+        std::mem::take(&mut conn.buf),
+        std::mem::take(&mut down.scratch),
+        std::mem::take(&mut down.iov),
+        pieces,
+    );
+    let idle = down.timeouts.upstream_body;
+    let spliced = crate::splice::relay(&conn.stream, client, &mut head, len, idle).await;
+    (conn.buf, down.scratch, down.iov) = head.into_parts();
+    let (n, failed) = match spliced {
+        Ok(None) => return None,
+        Ok(Some(n)) => (n, None),
+        Err((e, n)) => (n, Some(e)),
+    };
+    if n > 0 {
+        req.status = resp.status;
+        req.bytes_out += n;
+        req.spliced += n;
+    }
+    Some(match failed {
+        None => {
+            body.spliced();
+            Ok(body.clean())
+        }
+        Some(e) => Err(match e {
+            SpliceError::UpstreamClosed => ErrorKind::UpstreamClosed,
+            SpliceError::UpstreamTimeout => ErrorKind::ResponseTimeout,
+            SpliceError::ClientClosed => ErrorKind::ClientClosed,
+        }
+        .into()),
+    })
+}
+
 /// Sends the response head (minus hop-by-hop fields, plus the gateway's own) and its body to
 /// the client. `Ok(true)`: the body ended exactly where the framing said and the upstream
 /// connection is clean. On `Err`, `req.status` says whether the head went out (0: nothing was
@@ -284,7 +350,32 @@ pub(crate) async fn relay_response<S: ClientStream>(
     }
     let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
+    let mut cut = None;
+    if down.stream.splice_socket().is_some() && body.spliceable().is_none() {
+        // The head was read with at most `splice::HEAD_READ` bytes: the rest of a body too
+        // small to splice is read before the head goes out, so both go in one write. One
+        // the upstream cuts short still gets its head and what came, like any other.
+        while body.rest_fits(conn.buf.capacity() - conn.buf.len()) {
+            match conn.read_more(Instant::now() + idle).await {
+                Ok(0) | Err(ReadError::Io | ReadError::Stalled) => {
+                    cut = Some(ErrorKind::UpstreamClosed);
+                    break;
+                }
+                Err(ReadError::Timeout) => {
+                    cut = Some(ErrorKind::ResponseTimeout);
+                    break;
+                }
+                Ok(_) => body = BodyReader::start(resp, &conn.buf, idle)?,
+            }
+        }
+    }
+    if let Some(relayed) = splice_rest(down, req, conn, resp, tail, &mut body).await {
+        return relayed;
+    }
     send_head(down, req, conn, resp, tail, body.first()).await?;
+    if let Some(kind) = cut {
+        return Err(kind.into());
+    }
     while let Some(n) = body.next(conn).await? {
         // The next read starts over at the buffer's start.
         if down

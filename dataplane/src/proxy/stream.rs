@@ -111,6 +111,12 @@ pub(crate) trait ClientStream:
         std::task::Poll::Pending
     }
 
+    /// The client's TCP socket when the stream writes to it unchanged (plain TCP): a large
+    /// body can then be spliced into it ([`crate::splice`]).
+    fn splice_socket(&self) -> Option<&TcpStream> {
+        None
+    }
+
     /// A read half and a write half that may run at once (for a tunnel).
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf);
 
@@ -129,6 +135,10 @@ impl ClientStream for TcpStream {
 
     fn scheme(&self) -> Scheme {
         Scheme::Http
+    }
+
+    fn splice_socket(&self) -> Option<&TcpStream> {
+        Some(self)
     }
 
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf) {
