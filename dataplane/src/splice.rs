@@ -125,7 +125,8 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(pipe) = self.pipe.take() else { return };
-        PIPES.with(|p| {
+        // (`try_with`: a lease dropped while the thread's locals are torn down just closes.)
+        let _ = PIPES.try_with(|p| {
             let mut p = p.borrow_mut();
             if self.held == 0 {
                 p.free.push(pipe);
@@ -331,7 +332,8 @@ mod tests {
     }
 
     /// A client that waits `stall` before it reads (so the gateway's socket fills up), then
-    /// reads to the end and reports what it got; with `leave`, it closes without reading.
+    /// reads to the end and reports what it got; with `leave`, it resets the connection
+    /// after 100 ms without reading.
     fn client(stall: Duration, leave: bool) -> (SocketAddr, mpsc::Receiver<Vec<u8>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         // Small socket buffers (the accepted socket inherits the listener's): a stalled
@@ -342,7 +344,9 @@ mod tests {
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             if leave {
-                // A reset, not a FIN: the gateway's next send fails at once.
+                // After the relay's connect has surely completed, a reset (not a FIN): the
+                // relay's next send fails at once.
+                std::thread::sleep(Duration::from_millis(100));
                 socket2::SockRef::from(&s)
                     .set_linger(Some(Duration::ZERO))
                     .unwrap();
@@ -386,30 +390,50 @@ mod tests {
     const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n";
     const TAIL: &[u8] = b"X-Request-Id: 1\r\n\r\n";
 
-    /// Relays `len` bytes from an upstream that sends `send`, on an io_uring runtime and on
-    /// an epoll one: the outcome, what the client got and the pipes left (free, made).
-    #[allow(clippy::type_complexity)]
-    fn run(
+    /// One relay: an upstream that sends `send` bytes in pieces of `piece` (2 ms apart) and
+    /// closes `hold` after the last, a relay of `len` bytes after a head of `HEAD` and
+    /// `tail`, to a client that reads after `stall` (or resets at once, with `leave`).
+    struct Case {
         send: usize,
         len: u64,
         piece: usize,
+        hold: Duration,
         stall: Duration,
         leave: bool,
         idle: Duration,
-    ) -> Vec<(
+        tail: Vec<u8>,
+    }
+
+    impl Default for Case {
+        fn default() -> Self {
+            Case {
+                send: 300_000,
+                len: 300_000,
+                piece: 300_000,
+                hold: Duration::from_secs(1),
+                stall: Duration::ZERO,
+                leave: false,
+                idle: Duration::from_secs(5),
+                tail: TAIL.to_vec(),
+            }
+        }
+    }
+
+    /// What a relay did: its outcome, what the client got, the thread's pipes (free, made).
+    type Outcome = (
         Result<Option<u64>, (SpliceError, u64)>,
         Vec<u8>,
         (usize, usize),
-    )> {
+    );
+
+    /// Runs `case` on an io_uring runtime, then on an epoll one (same thread, same pipes).
+    fn run(case: &Case) -> Vec<Outcome> {
         let mut outcomes = Vec::new();
         for uring in [true, false] {
-            let from = upstream(
-                send,
-                piece,
-                Duration::from_millis(2),
-                Duration::from_secs(1),
-            );
-            let (to, got) = client(stall, leave);
+            let pause = Duration::from_millis(2);
+            let from = upstream(case.send, case.piece, pause, case.hold);
+            let (to, got) = client(case.stall, case.leave);
+            let (len, idle, tail) = (case.len, case.idle, case.tail.clone());
             let relay_both = async move {
                 let from = TcpStream::connect(from).await.unwrap();
                 let to = TcpStream::connect(to).await.unwrap();
@@ -422,11 +446,10 @@ mod tests {
                     }),
                     Piece::Extra(Span {
                         start: 0,
-                        end: TAIL.len(),
+                        end: tail.len(),
                     }),
                 ];
-                let mut head =
-                    Gather::new(HEAD.to_vec(), TAIL.to_vec(), Vec::new(), pieces.into_iter());
+                let mut head = Gather::new(HEAD.to_vec(), tail, Vec::new(), pieces.into_iter());
                 let res = relay(&from, &to, &mut head, len, idle).await;
                 // The sockets' flags are as they were, whatever happened.
                 assert_eq!((flags(from.as_raw_fd()), flags(to.as_raw_fd())), before);
@@ -446,7 +469,7 @@ mod tests {
                     .unwrap()
                     .block_on(relay_both)
             };
-            let got = if leave {
+            let got = if case.leave {
                 Vec::new()
             } else {
                 got.recv_timeout(Duration::from_secs(10)).unwrap()
@@ -456,8 +479,8 @@ mod tests {
         outcomes
     }
 
-    fn expected(body: usize) -> Vec<u8> {
-        let mut all = [HEAD, TAIL].concat();
+    fn expected(tail: &[u8], body: usize) -> Vec<u8> {
+        let mut all = [HEAD, tail].concat();
         all.extend((0..body).map(byte));
         all
     }
@@ -466,15 +489,13 @@ mod tests {
     fn a_large_body_arrives_whole_after_the_head_and_the_pipe_goes_back() {
         // Pieces with pauses (the relay waits for the upstream) to a client that reads only
         // after 300 ms (the relay waits for the client's socket to drain).
-        for (res, got, pipes) in run(
-            300_000,
-            300_000,
-            7_000,
-            Duration::from_millis(300),
-            false,
-            Duration::from_secs(5),
-        ) {
-            let want = expected(300_000);
+        let case = Case {
+            piece: 7_000,
+            stall: Duration::from_millis(300),
+            ..Case::default()
+        };
+        for (res, got, pipes) in run(&case) {
+            let want = expected(TAIL, 300_000);
             assert_eq!(res, Ok(Some(want.len() as u64)));
             assert_eq!(got.len(), want.len());
             assert!(got == want, "the body arrived changed");
@@ -484,16 +505,31 @@ mod tests {
     }
 
     #[test]
+    fn a_head_larger_than_the_pipe_goes_out_whole_before_the_body() {
+        let mut tail: Vec<u8> = (0..100_000).map(|i| b'a' + (i % 26) as u8).collect();
+        tail.extend_from_slice(b"\r\n\r\n");
+        let case = Case {
+            stall: Duration::from_millis(100),
+            tail: tail.clone(),
+            ..Case::default()
+        };
+        for (res, got, pipes) in run(&case) {
+            let want = expected(&tail, 300_000);
+            assert_eq!(res, Ok(Some(want.len() as u64)));
+            assert!(got == want, "{} bytes, wanted {}", got.len(), want.len());
+            assert_eq!(pipes, (1, 1));
+        }
+    }
+
+    #[test]
     fn the_relay_stops_at_the_body_length_and_leaves_the_rest_in_the_socket() {
-        for (res, got, _) in run(
-            100_000,
-            60_000,
-            100_000,
-            Duration::ZERO,
-            false,
-            Duration::from_secs(5),
-        ) {
-            let want = expected(60_000);
+        let case = Case {
+            send: 100_000,
+            len: 60_000,
+            ..Case::default()
+        };
+        for (res, got, _) in run(&case) {
+            let want = expected(TAIL, 60_000);
             assert_eq!(res, Ok(Some(want.len() as u64)));
             assert!(got == want, "{} bytes, wanted {}", got.len(), want.len());
         }
@@ -501,34 +537,33 @@ mod tests {
 
     #[test]
     fn an_upstream_that_closes_early_has_what_it_sent_passed_on() {
-        for (res, got, pipes) in run(
-            40_000,
-            300_000,
-            10_000,
-            Duration::ZERO,
-            false,
-            Duration::from_secs(5),
-        ) {
-            // The upstream holds its socket a second before it closes; the relay sees the
-            // end of the stream and passes on all 40,000 bytes first.
-            let want = expected(40_000);
+        // The upstream closes right after 40,000 bytes while the client has not read yet:
+        // the pipe still holds bytes when the relay sees the end of the stream, and passes
+        // them all on before it reports the failure.
+        let case = Case {
+            send: 40_000,
+            piece: 10_000,
+            hold: Duration::ZERO,
+            stall: Duration::from_millis(300),
+            ..Case::default()
+        };
+        for (res, got, pipes) in run(&case) {
+            let want = expected(TAIL, 40_000);
             assert_eq!(res, Err((SpliceError::UpstreamClosed, want.len() as u64)));
             assert!(got == want, "{} bytes, wanted {}", got.len(), want.len());
-            assert_eq!(pipes.0, pipes.1, "an emptied pipe goes back");
+            assert_eq!(pipes, (1, 1), "an emptied pipe goes back");
         }
     }
 
     #[test]
     fn a_silent_upstream_times_out() {
-        for (res, got, _) in run(
-            20_000,
-            300_000,
-            20_000,
-            Duration::ZERO,
-            false,
-            Duration::from_millis(200),
-        ) {
-            let want = expected(20_000);
+        let case = Case {
+            send: 20_000,
+            idle: Duration::from_millis(200),
+            ..Case::default()
+        };
+        for (res, got, _) in run(&case) {
+            let want = expected(TAIL, 20_000);
             assert_eq!(res, Err((SpliceError::UpstreamTimeout, want.len() as u64)));
             assert!(got == want);
         }
@@ -536,21 +571,17 @@ mod tests {
 
     #[test]
     fn a_client_that_left_stops_the_relay_and_its_pipe_is_closed_with_the_bytes_in_it() {
-        for (res, _, pipes) in run(
-            300_000,
-            300_000,
-            300_000,
-            Duration::ZERO,
-            true,
-            Duration::from_secs(5),
-        ) {
+        let case = Case {
+            leave: true,
+            ..Case::default()
+        };
+        for (res, _, pipes) in run(&case) {
             assert!(
                 matches!(res, Err((SpliceError::ClientClosed, _))),
                 "{res:?}"
             );
-            // Every pipe made is back in the spares: one that held bytes was closed and
-            // no longer counts.
-            assert_eq!(pipes.0, pipes.1);
+            // The send fails while the pipe holds bytes: that pipe is closed, none is left.
+            assert_eq!(pipes, (0, 0));
         }
     }
 

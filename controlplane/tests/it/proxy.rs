@@ -185,19 +185,32 @@ fn streams_request_bodies(driver: Driver) {
 
 /// Large length-framed bodies go socket to socket through a pipe (`splice`): whole, in
 /// order, the connection reusable afterwards; one the upstream cuts short reaches the client
-/// as far as it came, then the client connection closes.
+/// as far as it came, then the client connection closes. A body too small to splice is read
+/// whole before its head goes out; one that stalls then is a 504.
 fn relays_large_response_bodies(driver: Driver) {
     let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let (len, sent, piece) = match req.request_line().split(' ').nth(1) {
             Some("/1m") => (1 << 20, 1 << 20, 100_000),
             Some("/64k") => (65_536, 65_536, 65_536),
-            // Too small to splice: read whole after a head read of at most 8 KiB.
-            Some("/20k") => (20_000, 20_000, 6_000),
+            Some("/extra") => (65_536, 65_536, 1 << 20),
+            // Too small to splice, arriving after its head.
+            Some("/12k") => (12_000, 12_000, 4_000),
+            // The same, stalling past `upstream_body_ms` after 5,000 bytes.
+            Some("/stall") => (12_000, 5_000, 5_000),
             // Promises 300,000 bytes, sends 100,000 and closes.
             _ => (300_000, 100_000, 25_000),
         };
         let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
-        let body: Vec<u8> = (0..sent).map(|i| (i % 251) as u8).collect();
+        if len == 12_000 {
+            let _ = s.flush();
+            thread::sleep(Duration::from_millis(20));
+        }
+        let mut body: Vec<u8> = (0..sent).map(|i| (i % 251) as u8).collect();
+        if req.request_line().starts_with("GET /extra ") {
+            // Bytes after the body, in the same write: the connection must not serve
+            // another request (the gateway would read them as its answer).
+            body.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale");
+        }
         for p in body.chunks(piece) {
             if s.write_all(p).is_err() {
                 return Keep::Close;
@@ -205,18 +218,23 @@ fn relays_large_response_bodies(driver: Driver) {
             thread::sleep(Duration::from_millis(5));
         }
         if sent < len {
+            // Past the gateway's `upstream_body_ms` before closing.
+            thread::sleep(Duration::from_millis(600));
             Keep::Close
         } else {
             Keep::Open
         }
     }));
     // Request ids on: the gateway's own field goes into the pipe with the head.
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    let gw = Gateway::start(
+        &proxy_config(origin.addr, "[timeouts]\nupstream_body_ms = 300\n"),
+        driver,
+    );
     let mut c = gw.connect();
     for (path, len) in [
         ("/1m", 1 << 20),
         ("/64k", 65_536),
-        ("/20k", 20_000),
+        ("/12k", 12_000),
         ("/1m", 1 << 20),
     ] {
         let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
@@ -237,9 +255,21 @@ fn relays_large_response_bodies(driver: Driver) {
         origin.wait_requests(4).iter().map(|r| r.conn).max(),
         Some(1)
     );
+    // An upstream that sends more than the body: the connection is not used again.
+    for path in ["/extra", "/64k"] {
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(r.body.len(), 65_536, "{path}");
+        assert!(r
+            .body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i % 251) as u8));
+    }
+    let conns: Vec<usize> = origin.wait_requests(6).iter().map(|r| r.conn).collect();
+    assert_eq!(conns[4..], [1, 2], "{conns:?}");
     // Spliced, not copied: all but the first read of each (at most 8 KiB with the head).
     // The last request is counted when it ends, just after its last byte went out.
-    let least = 2 * ((1 << 20) - 8192) + (65_536 - 8192);
+    let least = 2 * ((1 << 20) - 8192) + 3 * (65_536 - 8192);
     let mut spliced = None;
     for _ in 0..100 {
         spliced = gw
@@ -270,6 +300,10 @@ fn relays_large_response_bodies(driver: Driver) {
     let body = &got[head_end..];
     assert_eq!(body.len(), 100_000, "what the upstream sent, no more");
     assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    // Nothing of the stalled answer went out yet: the client gets a 504.
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /stall HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 504, "{}", r.head);
 }
 
 fn relays_chunked_responses_with_trailers(driver: Driver) {

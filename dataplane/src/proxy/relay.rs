@@ -5,6 +5,7 @@
 //! first body bytes in the same write), and each later read is written on from the same
 //! buffer; nothing is copied or allocated.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::context::RequestCtx;
@@ -96,11 +97,11 @@ impl BodyReader {
         matches!(self.kind, BodyKind::Length(_)) && self.left > 0 && self.left <= room as u64
     }
 
-    /// Records that the rest of the body was relayed without this reader (spliced): it ended
-    /// where its length said.
-    pub fn spliced(&mut self) {
+    /// Records that the rest of the body was relayed without this reader (spliced), to its
+    /// length; `extra`: the upstream sent more after it (so the connection is not reused).
+    pub fn spliced(&mut self, extra: bool) {
         self.left = 0;
-        self.clean = true;
+        self.clean = !extra;
     }
 
     /// Reads the next piece into `conn.buf` (cleared first). `Some(n)`: pass on
@@ -319,7 +320,9 @@ async fn splice_rest<S: ClientStream>(
     }
     Some(match failed {
         None => {
-            body.spliced();
+            // Bytes after the body's end would be read as the next request's answer.
+            let extra = crate::io::peek(conn.stream.as_raw_fd()) != crate::io::Peeked::Nothing;
+            body.spliced(extra);
             Ok(body.clean())
         }
         Some(e) => Err(match e {
@@ -354,17 +357,15 @@ pub(crate) async fn relay_response<S: ClientStream>(
     if down.stream.splice_socket().is_some() && body.spliceable().is_none() {
         // The head was read with at most `splice::HEAD_READ` bytes: the rest of a body too
         // small to splice is read before the head goes out, so both go in one write. One
-        // the upstream cuts short still gets its head and what came, like any other.
+        // the upstream cuts short still gets its head and what came, like any other; one
+        // that stalls is a 504 (the timed-out read took the buffer, and nothing was sent).
         while body.rest_fits(conn.buf.capacity() - conn.buf.len()) {
             match conn.read_more(Instant::now() + idle).await {
                 Ok(0) | Err(ReadError::Io | ReadError::Stalled) => {
                     cut = Some(ErrorKind::UpstreamClosed);
                     break;
                 }
-                Err(ReadError::Timeout) => {
-                    cut = Some(ErrorKind::ResponseTimeout);
-                    break;
-                }
+                Err(ReadError::Timeout) => return Err(ErrorKind::ResponseTimeout.into()),
                 Ok(_) => body = BodyReader::start(resp, &conn.buf, idle)?,
             }
         }
