@@ -41,6 +41,9 @@ pub(crate) const MAX_PIPES: usize = 64;
 /// timers.
 const PIPE_BYTES: usize = 64 * 1024;
 
+/// The most iovecs one `writev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
 /// Why a spliced relay stopped before the body's end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SpliceError {
@@ -223,8 +226,9 @@ pub(crate) async fn relay(
         if !head.is_empty() {
             // The head into the pipe first (a copy: it is the gateway's, not the upstream's).
             let iov = head.unwritten();
+            let count = iov.len().min(IOV_MAX) as libc::c_int;
             // SAFETY: the iovecs point into buffers `head` owns and keeps alive for the call.
-            let n = unsafe { libc::writev(wr, iov.as_ptr(), iov.len() as libc::c_int) };
+            let n = unsafe { libc::writev(wr, iov.as_ptr(), count) };
             if n > 0 {
                 head.consume(n as usize);
                 lease.held += n as usize;
@@ -234,26 +238,20 @@ pub(crate) async fn relay(
             }
             stuck = !head.is_empty();
         }
-        if !stuck && failed.is_none() && left > 0 {
-            let room = PIPE_BYTES.saturating_sub(lease.held);
-            let want = usize::try_from(left).map_or(room, |l| l.min(room));
-            match if want == 0 {
-                None
-            } else {
-                Some(splice(src, wr, want))
-            } {
-                None => stuck = true,
-                Some(Ok(0)) => failed = Some(SpliceError::UpstreamClosed),
-                Some(Ok(n)) => {
+        let room = PIPE_BYTES.saturating_sub(lease.held);
+        if !stuck && failed.is_none() && left > 0 && room == 0 {
+            stuck = true;
+        } else if !stuck && failed.is_none() && left > 0 {
+            match splice(src, wr, usize::try_from(left).map_or(room, |l| l.min(room))) {
+                Ok(0) => failed = Some(SpliceError::UpstreamClosed),
+                Ok(n) => {
                     lease.held += n;
                     left -= n as u64;
                 }
                 // Nothing from the upstream yet (or the pipe's slots are full): pass on what
                 // the pipe holds, or wait for the upstream.
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock && lease.held > 0 => {
-                    stuck = true
-                }
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && lease.held > 0 => stuck = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let ready = monoio::time::timeout_at(
                         (Instant::now() + idle).into(),
                         from.readable(false),
@@ -266,8 +264,8 @@ pub(crate) async fn relay(
                     }
                     continue;
                 }
-                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Some(Err(_)) => failed = Some(SpliceError::UpstreamClosed),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => failed = Some(SpliceError::UpstreamClosed),
             }
         }
         let filled = head.is_empty() && (left == 0 || failed.is_some());

@@ -3,7 +3,9 @@
 //!
 //! Hot path: the head goes out with one vectored write from the upstream's read buffer (the
 //! first body bytes in the same write), and each later read is written on from the same
-//! buffer; nothing is copied or allocated.
+//! buffer; nothing is copied or allocated. A large length-framed body to a plain TCP client
+//! goes socket to socket through a pipe instead ([`crate::splice`], `splice_rest`), with the
+//! head written into the pipe ahead of it.
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
