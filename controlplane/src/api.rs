@@ -678,7 +678,12 @@ impl Admin {
                 Err(_) => {}
             }
         }
-        for _ in 0..MAX_COMMIT_ATTEMPTS {
+        let started = std::time::Instant::now();
+        let mut attempts = 0;
+        while attempts < MIN_COMMIT_ATTEMPTS
+            || (attempts < MAX_COMMIT_ATTEMPTS && started.elapsed() < COMMIT_RETRY_FOR)
+        {
+            attempts += 1;
             let mut next = build(&store)?;
             let revision = store.revision() + 1;
             let new_keys = crate::keys::take_new(&next);
@@ -738,6 +743,9 @@ impl Admin {
                     if let Store::Etcd(e) = &mut *store {
                         self.publish_pending(e);
                     }
+                    // A few milliseconds, at random: two nodes that keep meeting each other's
+                    // commits fall out of step.
+                    std::thread::sleep(commit_backoff());
                 }
                 Err(e) => {
                     log::error!("admin: cannot persist the change: {e}");
@@ -749,8 +757,9 @@ impl Admin {
             StatusCode::CONFLICT,
             "Concurrent Changes",
             format!(
-                "the config changed {MAX_COMMIT_ATTEMPTS} times while this write was validated; \
-                 nothing changed, try again"
+                "the config changed {attempts} times while this write was validated (in {} ms); \
+                 nothing changed, try again",
+                started.elapsed().as_millis()
             ),
         ))
     }
@@ -890,8 +899,23 @@ impl Admin {
     }
 }
 
-/// Tries of a write that keeps meeting newer revisions from other nodes.
-const MAX_COMMIT_ATTEMPTS: usize = 8;
+/// Tries of a write that keeps meeting newer revisions from other nodes: at least
+/// `MIN_COMMIT_ATTEMPTS`, then more while under `COMMIT_RETRY_FOR`, at most
+/// `MAX_COMMIT_ATTEMPTS` (a node whose validation is slower than another node's stream of
+/// writes still gets its write in once that stream pauses).
+const MIN_COMMIT_ATTEMPTS: usize = 8;
+const MAX_COMMIT_ATTEMPTS: usize = 64;
+const COMMIT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A random pause of 1 to 4 ms between tries of a conflicting write.
+fn commit_backoff() -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh `RandomState` is seeded at random: enough randomness for a jitter.
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    std::time::Duration::from_micros(1_000 + bits % 3_000)
+}
 
 /// The answer to a store that could not commit or read.
 fn store_problem(e: StoreError) -> Problem {
