@@ -26,6 +26,10 @@ pub struct UpstreamConn {
     pub idle_since: Instant,
     /// Counted in its upstream's open connections (`circuit.max_connections`) while it lives.
     pub counted: Option<Counted>,
+    /// The last answer on this connection had a body large enough to splice: for a client
+    /// that takes a splice, the next answer's head is read with at most
+    /// [`crate::splice::HEAD_READ`] bytes, so a large body stays in the socket.
+    pub large_answers: bool,
 }
 
 /// One open connection in an upstream's circuit counters; dropped with the connection.
@@ -84,6 +88,7 @@ impl UpstreamConn {
             buf: Vec::with_capacity(UPSTREAM_BUF),
             idle_since: Instant::now(),
             counted: None,
+            large_answers: false,
         }
     }
 }

@@ -94,6 +94,12 @@ impl BodyReader {
             .then_some(self.left)
     }
 
+    /// Whether the body is large enough that, read apart from its head, most of it is spliced.
+    pub fn large(&self) -> bool {
+        let least = crate::splice::SPLICE_MIN + crate::splice::HEAD_READ as u64;
+        matches!(self.kind, BodyKind::Length(n) if n >= least)
+    }
+
     /// Whether the rest of a length-framed body fits in `room` bytes.
     pub fn rest_fits(&self, room: usize) -> bool {
         matches!(self.kind, BodyKind::Length(_)) && self.left > 0 && self.left <= room as u64
@@ -356,7 +362,9 @@ pub(crate) async fn relay_response<S: ClientStream>(
     let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
     let mut cut = None;
-    if down.stream.splice_socket().is_some() && body.spliceable().is_none() {
+    let bounded = down.stream.splice_socket().is_some() && conn.large_answers;
+    conn.large_answers = body.large();
+    if bounded && body.spliceable().is_none() {
         // The head was read with at most `splice::HEAD_READ` bytes: the rest of a body too
         // small to splice is read before the head goes out, so both go in one write. One
         // the upstream cuts short still gets its head and what came, like any other; one
