@@ -27,9 +27,10 @@ use crate::gather::Gather;
 /// Body bytes still to come from which a body is spliced rather than copied.
 pub(crate) const SPLICE_MIN: u64 = 16 * 1024;
 
-/// The most a read of a response head takes for a client a body can be spliced to: a head
-/// and a small body (up to about 16 KiB) in one read, and the rest of a large one left in the
-/// socket.
+/// The most a read of a response head takes for a client a body can be spliced to, on an
+/// upstream connection whose last answer was large (`UpstreamConn::large_answers`): a head
+/// with a small body (a 4 KiB one) still in one read, most of a large body left in the
+/// socket to splice.
 pub(crate) const HEAD_READ: usize = 8 * 1024;
 
 /// Pipes one worker keeps at most (one per body being spliced at the same time).

@@ -336,21 +336,20 @@ async fn write_iovecs<W: AsyncWriteRent, T: IoVecBuf>(
             buf.read_iovec_len(),
         )
     };
-    let n = pieces.iter().map(|p| p.len()).sum();
     let res = match queue_plain(session, pieces) {
-        Ok(()) => flush_records(tcp, session).await.map(|()| n),
+        Ok(n) => flush_records(tcp, session).await.map(|()| n),
         Err(e) => Err(e),
     };
     (res, buf)
 }
 
 /// Encrypts `pieces` into records as one run (a record may span pieces); they go out with
-/// the next [`flush_records`].
-fn queue_plain(session: &RefCell<Session>, pieces: &[io::IoSlice<'_>]) -> io::Result<()> {
+/// the next [`flush_records`]. `Ok`: the bytes queued, all of them.
+fn queue_plain(session: &RefCell<Session>, pieces: &[io::IoSlice<'_>]) -> io::Result<usize> {
     let len: usize = pieces.iter().map(|p| p.len()).sum();
     // The session has no buffer limit, so it takes everything or fails.
     match session.borrow_mut().conn.writer().write_vectored(pieces)? {
-        n if n == len => Ok(()),
+        n if n == len => Ok(n),
         _ => Err(io::ErrorKind::WriteZero.into()),
     }
 }
@@ -477,7 +476,7 @@ impl PlainQueue {
 
     /// Encrypts `pieces` as one run of records (a record may span pieces).
     pub fn push(&self, pieces: &[io::IoSlice<'_>]) -> io::Result<()> {
-        queue_plain(&self.0, pieces)
+        queue_plain(&self.0, pieces).map(|_| ())
     }
 
     /// Whether records are waiting to be written.
