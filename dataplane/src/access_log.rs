@@ -35,9 +35,10 @@ pub const BUFFERS_PER_WORKER: usize = 4;
 /// (and end in `...`), so that a line always fits in a buffer.
 pub const MAX_LOGGED_PATH: usize = 8 * 1024;
 pub const MAX_LOGGED_USER_AGENT: usize = 1024;
-/// Room a line can need: the cut fields escaped at 6 bytes per byte in the worst case, plus
-/// the fixed fields.
-const MAX_LINE: usize = 6 * (MAX_LOGGED_PATH + MAX_LOGGED_USER_AGENT + 2 * 1024) + 2048;
+/// Room the end of a line can need (the fields known when the request ends: numbers, ids,
+/// an address, an aggregate's failed steps), on top of the head's part, which is formatted
+/// before the line is reserved and so has a known length.
+pub const MAX_TAIL: usize = 16 * 1024;
 
 /// A worker's end of the access log.
 #[derive(Debug)]
@@ -53,13 +54,14 @@ pub struct WorkerLog {
 }
 
 impl WorkerLog {
-    /// Room for one more line, handing a full buffer to the writer if need be. `false`: no
-    /// buffer is free, drop the line.
-    pub fn reserve(&mut self) -> bool {
+    /// Room for one more line of at most `need` bytes (at most half a buffer), handing a full
+    /// buffer to the writer if need be. `false`: no buffer is free, drop the line.
+    pub fn reserve(&mut self, need: usize) -> bool {
+        debug_assert!(need <= BUFFER_BYTES / 2);
         if self.to_writer.is_none() {
             return false;
         }
-        if self.current.capacity() - self.current.len() >= MAX_LINE {
+        if self.current.capacity() - self.current.len() >= need {
             return true;
         }
         self.flush();
@@ -73,7 +75,7 @@ impl WorkerLog {
                 Err(_) => return false,
             }
         }
-        self.current.capacity() - self.current.len() >= MAX_LINE
+        self.current.capacity() - self.current.len() >= need
     }
 
     /// The buffer to append one line to, after [`WorkerLog::reserve`] said yes.
@@ -302,6 +304,17 @@ fn plain_run(s: &[u8]) -> usize {
         let del = (w ^ (ONES * 0x7f)).wrapping_sub(ONES) & !(w ^ (ONES * 0x7f)) & HIGH;
         crate::json::stop_bytes(w) | (w & HIGH) | del
     };
+    if s.len() < 8 {
+        // One word: the value padded with a plain byte, which raises no flag.
+        let mut word = [b'a'; 8];
+        word[..s.len()].copy_from_slice(s);
+        let found = stops(&word);
+        return if found == 0 {
+            s.len()
+        } else {
+            (found.trailing_zeros() / 8) as usize
+        };
+    }
     let mut i = 0;
     while let Some(chunk) = s.get(i..i + 8) {
         let found = stops(chunk);
@@ -310,7 +323,7 @@ fn plain_run(s: &[u8]) -> usize {
         }
         i += 8;
     }
-    if i < s.len() && s.len() >= 8 {
+    if i < s.len() {
         // The rest as the last eight bytes, overlapping bytes already found plain (they
         // raise no flag, so the lowest flag is in the rest).
         let at = s.len() - 8;
@@ -320,9 +333,6 @@ fn plain_run(s: &[u8]) -> usize {
         } else {
             at + (found.trailing_zeros() / 8) as usize
         };
-    }
-    while i < s.len() && (0x20..0x7f).contains(&s[i]) && s[i] != b'"' && s[i] != b'\\' {
-        i += 1;
     }
     i
 }
@@ -746,9 +756,10 @@ mod tests {
         };
         let mut written = 0;
         // Nobody drains the channel: one buffer goes in flight, the rest fill up.
-        while log.reserve() {
+        let line = BUFFER_BYTES / 3;
+        while log.reserve(line) {
             let b = log.buffer();
-            b.resize(b.len() + MAX_LINE, b'x');
+            b.resize(b.len() + line, b'x');
             written += 1;
             assert!(written < 1000, "reserve never refused");
         }
@@ -757,6 +768,6 @@ mod tests {
         let (_, mut buf) = from_workers.try_recv().unwrap();
         buf.clear();
         _back.send(buf).unwrap();
-        assert!(log.reserve());
+        assert!(log.reserve(line));
     }
 }

@@ -72,6 +72,12 @@ impl AsMut<Attempts> for RequestCtx {
     }
 }
 
+// The end of a line fits in the room `finish` reserves for it: five ids (route, upstream,
+// consumer, error, aggregate) with their keys, every step of an aggregate failed, and the
+// numbers and the target address with theirs.
+const _: () =
+    assert!(access_log::MAX_TAIL >= 5 * (64 + 32) + common::aggregate::MAX_STEPS * (64 + 3) + 1024);
+
 impl RequestCtx {
     pub fn new(peer: IpAddr) -> RequestCtx {
         RequestCtx {
@@ -250,13 +256,15 @@ impl RequestCtx {
         let Some(settings) = &snap.access_log else {
             return;
         };
+        // `sample = 1.0` logs everything without drawing a number.
         let sampled = self.status >= 500
+            || settings.sample_below > u64::from(u32::MAX)
             || u64::from(worker.rng.borrow_mut().next_u32()) < settings.sample_below;
         if !sampled {
             return;
         }
         let mut log = worker.log.borrow_mut();
-        if !log.reserve() {
+        if !log.reserve(self.log_head.len() + access_log::MAX_TAIL) {
             metrics.access_log_dropped();
             return;
         }
@@ -265,7 +273,9 @@ impl RequestCtx {
         self.write_tail(out, snap, elapsed);
     }
 
-    /// The fields known only at the end, closing the object and the line.
+    /// The fields known only at the end, closing the object and the line: at most
+    /// [`access_log::MAX_TAIL`] bytes (ids are at most 64 bytes, an aggregate at most
+    /// `MAX_STEPS` steps; see the assertion below).
     fn write_tail(&self, out: &mut Vec<u8>, snap: &Snapshot, elapsed: Duration) {
         out.extend_from_slice(b"\"status\":");
         push_u64(out, u64::from(self.status));
