@@ -55,6 +55,17 @@ impl Drop for Counted {
 }
 
 impl UpstreamConn {
+    /// How many bytes the read of the next answer's head may take: at most
+    /// [`crate::splice::HEAD_READ`] when the client takes a splice and the last answer here
+    /// was large (so that most of a large body stays in the socket to splice), else no bound.
+    pub(crate) fn head_read(&self, client_splices: bool) -> usize {
+        if client_splices && self.large_answers {
+            crate::splice::HEAD_READ
+        } else {
+            usize::MAX
+        }
+    }
+
     /// Reads more of the upstream's answer into `buf` (appending), failing at `deadline`.
     /// `Ok(0)`: the upstream closed.
     pub(crate) async fn read_more(

@@ -442,13 +442,10 @@ async fn proxy<S: ClientStream>(
         }
         let sent_at = Instant::now();
         let deadline = session.head_deadline(sent_at + head_timeout);
-        // A client a large body can be spliced to gets the head with few body bytes when
-        // this connection's last answer was large, so that most of such a body is left in the
-        // socket to splice (after a small one, the whole answer in one read, as it comes).
-        let head_read = match down.stream.splice_socket() {
-            Some(_) if session.conn.large_answers => crate::splice::HEAD_READ,
-            _ => usize::MAX,
-        };
+        // After a small answer, the whole next one in one read, as it comes.
+        let head_read = session
+            .conn
+            .head_read(down.stream.splice_socket().is_some());
         let conn = &mut session.conn;
         let mut first_byte = None;
         conn.buf.clear();

@@ -362,7 +362,7 @@ pub(crate) async fn relay_response<S: ClientStream>(
     let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
     let mut cut = None;
-    let bounded = down.stream.splice_socket().is_some() && conn.large_answers;
+    let bounded = conn.head_read(down.stream.splice_socket().is_some()) != usize::MAX;
     conn.large_answers = body.large();
     if bounded && body.spliceable().is_none() {
         // The head was read with at most `splice::HEAD_READ` bytes: the rest of a body too
