@@ -275,7 +275,7 @@ impl RequestCtx {
 
     /// The fields known only at the end, closing the object and the line: at most
     /// [`access_log::MAX_TAIL`] bytes (ids are at most 64 bytes, an aggregate at most
-    /// `MAX_STEPS` steps; see the assertion below).
+    /// `MAX_STEPS` steps, each at most once; see the assertion above `impl RequestCtx`).
     fn write_tail(&self, out: &mut Vec<u8>, snap: &Snapshot, elapsed: Duration) {
         out.extend_from_slice(b"\"status\":");
         push_u64(out, u64::from(self.status));
