@@ -240,33 +240,37 @@ pub(crate) async fn relay(
             stuck = !head.is_empty();
         }
         let room = PIPE_BYTES.saturating_sub(lease.held);
-        if !stuck && failed.is_none() && left > 0 && room == 0 {
-            stuck = true;
-        } else if !stuck && failed.is_none() && left > 0 {
-            match splice(src, wr, usize::try_from(left).map_or(room, |l| l.min(room))) {
-                Ok(0) => failed = Some(SpliceError::UpstreamClosed),
-                Ok(n) => {
-                    lease.held += n;
-                    left -= n as u64;
-                }
-                // Nothing from the upstream yet (or the pipe's slots are full): pass on what
-                // the pipe holds, or wait for the upstream.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && lease.held > 0 => stuck = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let ready = monoio::time::timeout_at(
-                        (Instant::now() + idle).into(),
-                        from.readable(false),
-                    )
-                    .await;
-                    match ready {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => failed = Some(SpliceError::UpstreamClosed),
-                        Err(_) => failed = Some(SpliceError::UpstreamTimeout),
+        if !stuck && failed.is_none() && left > 0 {
+            if room == 0 {
+                stuck = true;
+            } else {
+                match splice(src, wr, usize::try_from(left).map_or(room, |l| l.min(room))) {
+                    Ok(0) => failed = Some(SpliceError::UpstreamClosed),
+                    Ok(n) => {
+                        lease.held += n;
+                        left -= n as u64;
                     }
-                    continue;
+                    // Nothing from the upstream yet (or the pipe's slots are full): pass on what
+                    // the pipe holds, or wait for the upstream.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && lease.held > 0 => {
+                        stuck = true
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let ready = monoio::time::timeout_at(
+                            (Instant::now() + idle).into(),
+                            from.readable(false),
+                        )
+                        .await;
+                        match ready {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => failed = Some(SpliceError::UpstreamClosed),
+                            Err(_) => failed = Some(SpliceError::UpstreamTimeout),
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => failed = Some(SpliceError::UpstreamClosed),
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => failed = Some(SpliceError::UpstreamClosed),
             }
         }
         let filled = head.is_empty() && (left == 0 || failed.is_some());
