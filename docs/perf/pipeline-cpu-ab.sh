@@ -8,15 +8,16 @@
 #              [access_log] path = "/tmp/exp/access.log".
 # Rounds: for i in 1..8: cpu.sh BASELINE lg-off.toml 3; cpu.sh NEW lg-off.toml 3;
 #         cpu.sh NEW lg-notrace.toml 3; cpu.sh NEW lg-on.toml 3
-# usage: cpu.sh BINARY CONFIG SECONDS: requests per CPU-second of the gateway process under wrk
+# usage: cpu.sh BINARY CONFIG SECONDS [CONNECTIONS]: requests per CPU-second of the gateway
+# process under wrk (50 connections unless given)
 BIN=$1; CONF=$2
 rm -rf /tmp/exp/d-cpu /tmp/exp/access.log
 taskset -c 1 $BIN --config /tmp/exp/$CONF --data-dir /tmp/exp/d-cpu >/dev/null 2>&1 &
 GP=$!
 sleep 0.4
-taskset -c 0 wrk -t1 -c50 -d1s http://127.0.0.1:18095/ >/dev/null
+taskset -c 0 wrk -t1 -c${4:-50} -d1s http://127.0.0.1:18095/ >/dev/null
 t0=$(awk '{print $14+$15}' /proc/$GP/stat)
-out=$(taskset -c 0 wrk -t1 -c50 -d${3}s http://127.0.0.1:18095/)
+out=$(taskset -c 0 wrk -t1 -c${4:-50} -d${3}s http://127.0.0.1:18095/)
 t1=$(awk '{print $14+$15}' /proc/$GP/stat)
 req=$(echo "$out" | awk '/requests in/ {print $1}')
 echo "$(basename $BIN)/$CONF $(( req * 100 / (t1-t0) ))"
