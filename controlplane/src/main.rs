@@ -6,8 +6,9 @@ use controlplane::cli::{self, Command, SYNOPSIS, USAGE};
 /// mimalloc instead of glibc's malloc. Plain HTTP/1.1 proxying allocates nothing per request,
 /// but the HTTP/2 path does (the `h2` crate's frames, header maps and buffers): glibc's
 /// allocator was 11% of the gateway's CPU time under h2load over TLS, and with mimalloc the
-/// gateway served 19.5% more HTTP/2 requests per CPU-second at 13 B and 5% more at 64 KiB
-/// (`docs/perf/tls-2cpu.md`, run 11).
+/// gateway served 4 to 19% more HTTP/2 requests per CPU-second. The price: HTTP/1.1 over TLS
+/// at 13 B 3 to 5% fewer (rustls allocates per record), about 15 MiB more memory at rest;
+/// cleartext HTTP/1.1 level (`docs/perf/tls-2cpu.md`, run 11).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
