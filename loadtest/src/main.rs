@@ -72,7 +72,10 @@ options (defaults in brackets):
   --gateway PATH        gateway binary [build and use target/release/gateway]
   --baseline PATH       also run this second gateway binary, as gateway-baseline, with the
                         plain gateway's config: an A/B of two builds in one interleaved run
-                        (compare and tls)";
+                        (compare and tls)
+  --rows LIST           tls: only these rows, among h1-13b,h1-64k,h2-13b,h2-13b-paced,
+                        h2-64k,h2-64k-paced,handshake-full,handshake-resumed,
+                        handshake-resumed-4c [all]";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -92,6 +95,8 @@ struct Options {
     gateway: Option<PathBuf>,
     baseline: Option<PathBuf>,
     worker_counts: Vec<usize>,
+    /// `tls`: the rows to run (empty: all).
+    rows: Vec<String>,
 }
 
 fn workspace_root() -> PathBuf {
@@ -127,6 +132,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         gateway: None,
         baseline: None,
         worker_counts: vec![1, 2, 4, 8],
+        rows: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -172,6 +178,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
             "--out" => o.out = PathBuf::from(val()?),
             "--gateway" => o.gateway = Some(PathBuf::from(val()?)),
             "--baseline" => o.baseline = Some(PathBuf::from(val()?)),
+            "--rows" => o.rows = val()?.split(',').map(str::to_owned).collect(),
             "--worker-counts" => {
                 o.worker_counts = val()?
                     .split(',')

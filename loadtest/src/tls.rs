@@ -14,7 +14,13 @@
 //!   -new`, four at a time; it never resumes), 13-byte body; no latency figures;
 //! - `handshake-resumed`: a new connection per request that resumes the session (wrk with
 //!   `Connection: close`: wrk resumes; both servers keep sessions, nginx with a shared
-//!   session cache and tickets, the gateway with rustls's defaults).
+//!   session cache and tickets, the gateway with rustls's defaults). With `--connections`
+//!   (50) connections wrk's one thread is the bottleneck (both proxies serve the same ~4,000
+//!   handshakes per second, neither is busy all the time), so its latency is mostly wrk's
+//!   own event loop: every `epoll_wait` returns every connection, and an answer waits for
+//!   the loop to come round, about one pass over all 50 connections' handshakes;
+//! - `handshake-resumed-4c`: the same with 4 connections, where the client is not the
+//!   bottleneck, for the proxies' own latency.
 //!
 //! Requests per proxy CPU-second and p99 as in `compare`, interleaved, medians of `--reps`.
 
@@ -30,7 +36,7 @@ use crate::Options;
 
 /// The rows: (label, URL path, how it is driven). A paced row follows the saturated row of
 /// its path (its rate comes from that row's warm-up).
-const CASES: [(&str, &str, Driver); 8] = [
+const CASES: [(&str, &str, Driver); 9] = [
     ("h1-13b", "/13b", Driver::Wrk),
     ("h1-64k", "/64k", Driver::Wrk),
     ("h2-13b", "/13b", Driver::H2load),
@@ -39,12 +45,18 @@ const CASES: [(&str, &str, Driver); 8] = [
     ("h2-64k-paced", "/64k", Driver::H2loadPaced),
     ("handshake-full", "/13b", Driver::STime),
     ("handshake-resumed", "/13b", Driver::WrkClose),
+    ("handshake-resumed-4c", "/13b", Driver::WrkCloseFew),
 ];
+
+/// Connections of `handshake-resumed-4c`.
+const FEW_CONNECTIONS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Driver {
     Wrk,
     WrkClose,
+    /// `WrkClose` with [`FEW_CONNECTIONS`] connections.
+    WrkCloseFew,
     H2load,
     /// h2load at a fixed rate: half the slower proxy's saturated warm-up rate on the path.
     H2loadPaced,
@@ -63,6 +75,25 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
             bail!("{tool} is not installed: apt-get install nghttp2-client openssl");
         }
     }
+    for row in &opts.rows {
+        if !CASES.iter().any(|c| c.0 == row) {
+            bail!("unknown tls row {row:?}");
+        }
+    }
+    let chosen =
+        |c: &(&str, &str, Driver)| opts.rows.is_empty() || opts.rows.iter().any(|r| r == c.0);
+    let cases: Vec<_> = CASES.iter().filter(|c| chosen(c)).collect();
+    // A paced row's rate comes from its path's saturated row's warm-up, chosen or not.
+    let warm: Vec<_> = CASES
+        .iter()
+        .filter(|c| {
+            chosen(c)
+                || (c.2 == Driver::H2load
+                    && cases
+                        .iter()
+                        .any(|p| p.2 == Driver::H2loadPaced && p.1 == c.1))
+        })
+        .collect();
     let dir = Workdir(opts.out.join("work-tls"));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0)?;
@@ -153,9 +184,13 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
                     Some(rps),
                 )
             }
-            Driver::WrkClose => wrk::run_script(
+            Driver::WrkClose | Driver::WrkCloseFew => wrk::run_script(
                 &opts.wrk_cpus,
-                opts.connections,
+                if case.2 == Driver::WrkClose {
+                    opts.connections
+                } else {
+                    FEW_CONNECTIONS
+                },
                 seconds,
                 Some(&close_script),
                 &url,
@@ -164,7 +199,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
             Driver::STime => s_time(&opts.wrk_cpus, p.addr, seconds, case.1),
         }
     };
-    for case in &CASES {
+    for case in warm {
         let mut slowest = f64::INFINITY;
         for (_, p) in &proxies {
             let w = drive(case, p, opts.warmup)?;
@@ -183,7 +218,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     }
     let mut samples = Vec::new();
     for rep in 0..opts.reps {
-        for case in &CASES {
+        for case in &cases {
             let mut order = proxies.to_vec();
             let n = order.len();
             order.rotate_left(rep % n);
@@ -220,7 +255,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     let csv = opts.out.join("tls.csv");
     report::write_csv(&csv, &samples)?;
     let md = format!(
-        "machine: {}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (openssl s_time -new; no latency figures); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close).\n\n{table}",
+        "machine: {}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (openssl s_time -new; no latency figures); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close; `-4c`: 4 connections, the client below saturation).\n\n{table}",
         crate::machine()
     );
     std::fs::write(opts.out.join("tls.md"), md)?;
