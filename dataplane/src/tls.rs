@@ -119,13 +119,18 @@ impl std::fmt::Debug for TlsStream {
 }
 
 /// Runs the server side of a handshake on `tcp` until it completes, fails or `deadline`
-/// passes. Bytes the client sent after its last handshake message stay buffered.
+/// passes. Bytes the client sent after its last handshake message stay buffered. A failure
+/// hands the connection back still open, so the caller can count it before the client sees
+/// the close.
 pub(crate) async fn accept(
     mut tcp: TcpStream,
     config: Arc<ServerConfig>,
     deadline: Instant,
-) -> Result<TlsStream, HandshakeFailure> {
-    let mut conn = ServerConnection::new(config).map_err(|_| HandshakeFailure::Other)?;
+) -> Result<TlsStream, (HandshakeFailure, TcpStream)> {
+    let mut conn = match ServerConnection::new(config) {
+        Ok(conn) => conn,
+        Err(_) => return Err((HandshakeFailure::Other, tcp)),
+    };
     // Every write is flushed at once, so the outgoing records never pile up; without a
     // limit a large write is encrypted whole instead of failing part way.
     conn.set_buffer_limit(None);
@@ -169,8 +174,8 @@ pub(crate) async fn accept(
     };
     match monoio::time::timeout_at(deadline.into(), shake).await {
         Ok(Ok(())) => {}
-        Ok(Err(why)) => return Err(why),
-        Err(_) => return Err(HandshakeFailure::Timeout),
+        Ok(Err(why)) => return Err((why, tcp)),
+        Err(_) => return Err((HandshakeFailure::Timeout, tcp)),
     }
     let (sni, h2) = {
         let s = session.borrow();

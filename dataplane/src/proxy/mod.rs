@@ -109,7 +109,11 @@ async fn serve_tls(
                 serve_stream(ctx, tls, peer, 0).await;
             }
         }
-        Err(why) => ctx.metrics.tls_handshake(Some(why)),
+        Err((why, tcp)) => {
+            // Counted before the close, so the count is there once the client sees it.
+            ctx.metrics.tls_handshake(Some(why));
+            drop(tcp);
+        }
     }
 }
 
