@@ -195,6 +195,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         (None, true) => bail!("gateway-baseline needs --baseline PATH"),
         _ => {}
     }
+    tls::check_rows(&o.rows)?;
     if o.reps == 0 || o.duration == 0 || o.duration > 600 || o.reps > 50 {
         bail!("--reps must be 1..50 and --duration 1..600 seconds");
     }
@@ -217,6 +218,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let opts = parse_options(&args[1..])?;
+    if mode != "tls" && !opts.rows.is_empty() {
+        bail!("--rows is for tls only");
+    }
     for tool in ["wrk", "nginx", "haproxy", "taskset"] {
         if which(tool).is_none() {
             bail!("{tool} is not installed: apt-get install wrk nginx-light haproxy util-linux");
@@ -749,5 +753,17 @@ mod tests {
             .unwrap()
             .baseline
             .is_none());
+    }
+
+    #[test]
+    fn tls_rows_are_checked_by_name() {
+        let o = parse_options(&args("--rows handshake-resumed,handshake-resumed-4c")).unwrap();
+        assert_eq!(o.rows, ["handshake-resumed", "handshake-resumed-4c"]);
+        assert!(parse_options(&args("")).unwrap().rows.is_empty());
+        let err = parse_options(&args("--rows h1-13b,h3-13b")).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown tls row \"h3-13b\""),
+            "{err}"
+        );
     }
 }

@@ -48,6 +48,17 @@ const CASES: [(&str, &str, Driver); 9] = [
     ("handshake-resumed-4c", "/13b", Driver::WrkCloseFew),
 ];
 
+/// Refuses a row name `--rows` gives that is not one of [`CASES`].
+pub fn check_rows(rows: &[String]) -> Result<()> {
+    for row in rows {
+        if !CASES.iter().any(|c| c.0 == row) {
+            let known: Vec<&str> = CASES.iter().map(|c| c.0).collect();
+            bail!("unknown tls row {row:?} (rows: {})", known.join(","));
+        }
+    }
+    Ok(())
+}
+
 /// Connections of `handshake-resumed-4c`.
 const FEW_CONNECTIONS: usize = 4;
 
@@ -73,11 +84,6 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     for tool in ["h2load", "openssl"] {
         if crate::which(tool).is_none() {
             bail!("{tool} is not installed: apt-get install nghttp2-client openssl");
-        }
-    }
-    for row in &opts.rows {
-        if !CASES.iter().any(|c| c.0 == row) {
-            bail!("unknown tls row {row:?}");
         }
     }
     let chosen =
