@@ -479,6 +479,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_usage_lists_every_row() {
+        let usage: String = crate::USAGE.split_whitespace().collect();
+        let listed = usage
+            .split("--rowsLISTtls:onlytheserows,among")
+            .nth(1)
+            .and_then(|rest| rest.split('[').next())
+            .expect("--rows in the usage");
+        let names: Vec<&str> = CASES.iter().map(|c| c.0).collect();
+        assert_eq!(listed.split(',').collect::<Vec<_>>(), names);
+    }
+
+    #[test]
     fn parses_an_h2load_report() {
         let text = "finished in 5.00s, 41234.50 req/s, 1.53MB/s\n\
                     requests: 206172 total, 206672 started, 206172 done, 206170 succeeded, 2 failed, 0 errored, 0 timeout\n\
