@@ -4,8 +4,12 @@
 //! Hot path for HTTPS. Ciphertext is read into one reused buffer per connection, fed to
 //! rustls, and the plaintext is copied once into the caller's buffer; plaintext to send is
 //! encrypted as one run of records (a vectored head and body fill whole records, however many
-//! pieces they come in) and written from one reused buffer with one `write_all`, so they go
-//! out as one TCP write. (Encrypting needs the copy; nothing else copies.)
+//! pieces they come in). A flush of at least one full record's plaintext goes from rustls's
+//! buffers straight into the socket with a non-blocking `sendmsg` ([`DirectSend`]: no copy of
+//! the records, and out at once rather than at the end of the event loop's turn); what the
+//! socket does not take, and every smaller flush, is copied into one reused buffer and
+//! written with one `write_all` through the runtime, which batches many connections' small
+//! writes into one system call.
 //!
 //! For a tunnel the stream splits into a read half and a write half over monoio's split TCP
 //! halves, sharing the rustls session (borrowed only for synchronous calls, never across an
@@ -31,6 +35,9 @@ use rustls::ServerConfig;
 
 /// Ciphertext read per TCP read: one full TLS record and its overhead.
 const RECORD_BUF: usize = 16 * 1024 + 512;
+/// Plaintext from which a flush's records go straight to the socket ([`DirectSend`]): one
+/// full record. Below it, the copy saved is smaller than the system call of its own.
+const DIRECT_MIN: usize = 16 * 1024;
 
 /// Why a handshake failed, as the metrics count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,10 +99,16 @@ struct Session {
     /// Ciphertext read from TCP and not yet given to rustls: `rx[rpos..]`.
     rx: Vec<u8>,
     rpos: usize,
-    /// Records to send, reused.
+    /// Records the socket did not take at once, reused.
     tx: Vec<u8>,
     /// TCP reached end of stream.
     eof: bool,
+    /// The TCP socket, for [`DirectSend`].
+    fd: RawFd,
+    /// Plaintext bytes encrypted since the last flush.
+    queued: usize,
+    /// Every flush goes straight to the socket, small ones too (see [`PlainQueue`]).
+    always_direct: bool,
 }
 
 type Shared = Rc<RefCell<Session>>;
@@ -140,6 +153,9 @@ pub(crate) async fn accept(
         rpos: 0,
         tx: Vec::new(),
         eof: false,
+        fd: tcp.as_raw_fd(),
+        queued: 0,
+        always_direct: false,
     }));
     let shake = async {
         loop {
@@ -249,13 +265,28 @@ async fn fill<R: CancelableAsyncReadRent>(
     Ok(true)
 }
 
-/// Writes every record rustls has queued.
+/// Writes every record rustls has queued: straight from rustls's buffers to the socket while
+/// it takes them, the rest (a full send buffer) copied out and written through the runtime.
+/// `tcp` is the session's socket, with no write in flight (the caller owns its write side).
 async fn flush_records<W: AsyncWriteRent>(
     tcp: &mut W,
     session: &RefCell<Session>,
 ) -> io::Result<()> {
     let tx = {
         let mut s = session.borrow_mut();
+        let mut direct = DirectSend(s.fd);
+        // Small writes go through the runtime, which makes one system call for many.
+        let go_direct = s.always_direct || s.queued >= DIRECT_MIN;
+        s.queued = 0;
+        while go_direct && s.conn.wants_write() {
+            match s.conn.write_tls(&mut direct) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
         if !s.conn.wants_write() {
             return Ok(());
         }
@@ -269,6 +300,38 @@ async fn flush_records<W: AsyncWriteRent>(
     let (res, tx) = tcp.write_all(tx).await;
     session.borrow_mut().tx = tx;
     res.map(|_| ())
+}
+
+/// A non-blocking `sendmsg` on a TCP socket, as the sink rustls writes its records to: the
+/// records go from rustls's buffers into the kernel, without a copy into `tx` first and
+/// without waiting for the end of the event loop's turn. A full send buffer is
+/// `WouldBlock`, and [`flush_records`] falls back to the runtime's write.
+struct DirectSend(RawFd);
+
+impl Write for DirectSend {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: an all-zero `msghdr` is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // `IoSlice` is ABI-compatible with `iovec` on Unix (std guarantees it); sendmsg only
+        // reads through the pointer.
+        msg.msg_iov = bufs.as_ptr().cast_mut().cast();
+        msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+        // SAFETY: `msg` describes `bufs`, which outlive the call; the fd is the session's
+        // socket, open while the session is.
+        let n = unsafe { libc::sendmsg(self.0, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads decrypted bytes into `buf` (from its start, as monoio reads do), reading more
@@ -317,7 +380,11 @@ async fn write_buf<W: AsyncWriteRent, T: IoBuf>(
 ) -> BufResult<usize, T> {
     // SAFETY: `read_ptr` points at `bytes_init` initialised bytes owned by `buf`.
     let plain = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
-    let queued = session.borrow_mut().conn.writer().write_all(plain);
+    let queued = {
+        let mut s = session.borrow_mut();
+        s.queued += plain.len();
+        s.conn.writer().write_all(plain)
+    };
     let res = match queued {
         Ok(()) => flush_records(tcp, session).await.map(|()| plain.len()),
         Err(e) => Err(e),
@@ -352,8 +419,10 @@ async fn write_iovecs<W: AsyncWriteRent, T: IoVecBuf>(
 /// the next [`flush_records`]. `Ok`: the bytes queued, all of them.
 fn queue_plain(session: &RefCell<Session>, pieces: &[io::IoSlice<'_>]) -> io::Result<usize> {
     let len: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut s = session.borrow_mut();
+    s.queued += len;
     // The session has no buffer limit, so it takes everything or fails.
-    match session.borrow_mut().conn.writer().write_vectored(pieces)? {
+    match s.conn.writer().write_vectored(pieces)? {
         n if n == len => Ok(n),
         _ => Err(io::ErrorKind::WriteZero.into()),
     }
@@ -471,7 +540,10 @@ impl AsyncWriteRent for TlsStream {
 
 /// A TLS session's plaintext entrance, for a writer that builds its output in pieces (the
 /// HTTP/2 frame writer): bytes pushed are encrypted into records at once, without being
-/// buffered first, and go out with the write half's next `flush`.
+/// buffered first, and go out with the write half's next `flush`. Taking it makes every
+/// flush of the session go straight to the socket: that writer has one flush in flight at a
+/// time, so a small one left to the runtime would hold back the frames after it until the
+/// event loop's next turn.
 pub struct PlainQueue(Shared);
 
 impl PlainQueue {
@@ -499,6 +571,7 @@ impl std::fmt::Debug for PlainQueue {
 impl TlsWriteHalf {
     /// The session's [`PlainQueue`].
     pub fn plain_queue(&self) -> PlainQueue {
+        self.session.borrow_mut().always_direct = true;
         PlainQueue(self.session.clone())
     }
 }
@@ -552,5 +625,199 @@ impl AsyncWriteRent for TlsWriteHalf {
 
     async fn shutdown(&mut self) -> io::Result<()> {
         close(&mut self.tcp, &self.session).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::config::{CertificateConfig, ListenerTlsConfig};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use std::time::{Duration, SystemTime};
+
+    const PEM: &str = include_str!("../../common/testdata/api.pem");
+    const KEY: &str = include_str!("../../common/testdata/api.key");
+    /// Far more than the two small socket buffers below can hold.
+    const BODY: usize = 4 * 1024 * 1024;
+
+    fn byte(i: usize) -> u8 {
+        (i % 251) as u8
+    }
+
+    fn server_config() -> Arc<ServerConfig> {
+        let mut entry = CertificateConfig {
+            id: "c".into(),
+            cert_pem: Some(PEM.into()),
+            key_pem: Some(KEY.into()),
+            ..Default::default()
+        };
+        let cert = common::tls::compile_certificate(&mut entry, "c", SystemTime::now()).unwrap();
+        let tls = ListenerTlsConfig {
+            certificates: vec!["c".into()],
+            min_version: "1.2".into(),
+            alpn: vec!["http/1.1".into()],
+        };
+        common::tls::compile_listener(&tls, vec![Arc::new(cert)], "l")
+            .unwrap()
+            .config
+    }
+
+    fn socket_buffer(fd: RawFd, which: libc::c_int) -> usize {
+        let mut size: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on an open socket into a c_int of the given length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                which,
+                (&mut size as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        size as usize
+    }
+
+    /// The client's check of the server: its certificate is the test one (a self-signed CA
+    /// certificate, which rustls's own verifier refuses as an end entity), and its signatures
+    /// verify.
+    #[derive(Debug)]
+    struct TrustTheTestCertificate;
+
+    impl rustls::client::danger::ServerCertVerifier for TrustTheTestCertificate {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &rustls::pki_types::ServerName<'_>,
+            _ocsp: &[u8],
+            _now: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            let expected = CertificateDer::from_pem_slice(PEM.as_bytes()).unwrap();
+            if end_entity.as_ref() != expected.as_ref() {
+                return Err(rustls::Error::General("not the test certificate".into()));
+            }
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            let algs = common::tls::provider().signature_verification_algorithms;
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            let algs = common::tls::provider().signature_verification_algorithms;
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            common::tls::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// A client with an 8 KiB receive buffer that waits before reading, then reads the body
+    /// (`None`: it ended first) and the end of the stream.
+    fn slow_client(
+        addr: std::net::SocketAddr,
+    ) -> std::thread::JoinHandle<(Option<Vec<u8>>, usize)> {
+        std::thread::spawn(move || {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(8 * 1024).unwrap();
+            socket.connect(&addr.into()).unwrap();
+            let tcp: std::net::TcpStream = socket.into();
+            let rcvbuf = socket_buffer(tcp.as_raw_fd(), libc::SO_RCVBUF);
+            let config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(TrustTheTestCertificate))
+                .with_no_client_auth();
+            let conn =
+                rustls::ClientConnection::new(Arc::new(config), "api.example".try_into().unwrap())
+                    .unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            // The handshake, then a pause: the server's writes fill both buffers meanwhile.
+            tls.write_all(b"go").unwrap();
+            tls.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut got = vec![0u8; BODY];
+            let whole = tls.read_exact(&mut got).is_ok();
+            // Then the end of the stream, without close_notify.
+            let after = tls.read(&mut [0u8; 16]);
+            assert!(
+                matches!(&after, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+                "{after:?}"
+            );
+            (whole.then_some(got), rcvbuf)
+        })
+    }
+
+    #[test]
+    fn a_write_the_socket_cannot_take_at_once_is_out_whole_when_it_returns() {
+        for uring in [true, false] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = slow_client(listener.local_addr().unwrap());
+            let serve = async move {
+                let (std_tcp, _) = listener.accept().unwrap();
+                socket2::SockRef::from(&std_tcp)
+                    .set_send_buffer_size(8 * 1024)
+                    .unwrap();
+                let sndbuf = socket_buffer(std_tcp.as_raw_fd(), libc::SO_SNDBUF);
+                let tcp = TcpStream::from_std(std_tcp).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let Ok(mut tls) = accept(tcp, server_config(), deadline).await else {
+                    panic!("handshake failed");
+                };
+                let (res, _) = tls.read(vec![0u8; 16]).await;
+                assert_eq!(res.unwrap(), 2);
+                // One write of 4 MiB: the socket takes a few KiB at once, the rest goes
+                // through `tx` and the runtime's write.
+                let body: Vec<u8> = (0..BODY).map(byte).collect();
+                let (res, _) = tls.write(body).await;
+                assert_eq!(res.unwrap(), BODY);
+                // Closed at once, with no flush or close_notify after the write: what the
+                // client reads is what the write itself handed to the kernel.
+                drop(tls);
+                sndbuf
+            };
+            let sndbuf = if uring {
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .expect("io_uring runtime (the gateway's own driver)")
+                    .block_on(serve)
+            } else {
+                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .unwrap()
+                    .block_on(serve)
+            };
+            let (got, rcvbuf) = client.join().unwrap();
+            assert!(
+                (sndbuf + rcvbuf) * 8 < BODY,
+                "the buffers ({sndbuf} + {rcvbuf} bytes) would hold most of the body"
+            );
+            let got = got.unwrap_or_else(|| panic!("the body arrived cut short (uring: {uring})"));
+            assert!(
+                got.iter().enumerate().all(|(i, &b)| b == byte(i)),
+                "uring: {uring}"
+            );
+        }
     }
 }
