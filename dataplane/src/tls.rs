@@ -708,8 +708,7 @@ mod tests {
             cert: &CertificateDer<'_>,
             dss: &rustls::DigitallySignedStruct,
         ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            let algs = common::tls::provider().signature_verification_algorithms;
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &algs)
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
         }
 
         fn verify_tls13_signature(
@@ -718,15 +717,16 @@ mod tests {
             cert: &CertificateDer<'_>,
             dss: &rustls::DigitallySignedStruct,
         ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            let algs = common::tls::provider().signature_verification_algorithms;
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &algs)
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
         }
 
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            common::tls::provider()
-                .signature_verification_algorithms
-                .supported_schemes()
+            algorithms().supported_schemes()
         }
+    }
+
+    fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
+        common::tls::provider().signature_verification_algorithms
     }
 
     /// A client with an 8 KiB receive buffer that waits before reading, then reads the body
