@@ -15,8 +15,15 @@ use std::time::{Duration, Instant};
 use common::router::Fnv;
 use monoio::net::TcpStream;
 
-/// Size of an upstream connection's read buffer (response heads and body relay).
+/// Largest response head an upstream may send, and the read buffer's size before its
+/// [`HEAD_ROOM`].
 pub const UPSTREAM_BUF: usize = 64 * 1024;
+/// Room for a response head on top of [`UPSTREAM_BUF`] in the read buffer: an answer whose
+/// body is a multiple of 64 KiB (a 64 KiB file) then comes with its head in as many reads as
+/// the body alone would take, not one more for the last few hundred bytes.
+pub const HEAD_ROOM: usize = 4 * 1024;
+/// Capacity of an upstream connection's read buffer.
+pub const UPSTREAM_READ: usize = UPSTREAM_BUF + HEAD_ROOM;
 
 /// An open connection to a target with its read buffer.
 #[derive(Debug)]
@@ -96,7 +103,7 @@ impl UpstreamConn {
     fn new(stream: TcpStream) -> Self {
         UpstreamConn {
             stream,
-            buf: Vec::with_capacity(UPSTREAM_BUF),
+            buf: Vec::with_capacity(UPSTREAM_READ),
             idle_since: Instant::now(),
             counted: None,
             large_answers: false,

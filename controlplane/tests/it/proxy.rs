@@ -489,6 +489,27 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some");
                 Keep::Close
             }
+            // Heads about the 64 KiB limit, which the read buffer's room past 64 KiB must not
+            // move: one just under it with a 64 KiB body, one just over it.
+            "/head-under-limit" => {
+                let field = "a".repeat(64 * 1024 - 200);
+                let body: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nX-Big: {field}\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(&body);
+                Keep::Open
+            }
+            "/head-over-limit" => {
+                let field = "a".repeat(64 * 1024 + 100);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nX-Big: {field}\r\nContent-Length: 2\r\n\r\nok"
+                );
+                Keep::Close
+            }
             _ => Keep::Close,
         }
     }));
@@ -509,6 +530,19 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     expect("/bad-chunk", 502);
     expect("/dead", 502);
     expect("/closes-without-answer", 502);
+    expect("/head-over-limit", 502);
+    let r = gw
+        .connect()
+        .roundtrip("GET /head-under-limit HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-big").map(str::len), Some(64 * 1024 - 200));
+    assert!(
+        r.body.len() == 64 * 1024
+            && r.body
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 251) as u8)
+    );
     // A truncated body cannot be reported with a status any more: the client sees the
     // connection close before the declared length.
     let mut c = gw.connect();

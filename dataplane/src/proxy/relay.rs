@@ -25,7 +25,7 @@ use crate::metrics::WorkerMetrics;
 use crate::policy;
 use crate::shape::{is_json_type, AnswerFields};
 use crate::splice::SpliceError;
-use crate::upstream::{UpstreamConn, UPSTREAM_BUF};
+use crate::upstream::{UpstreamConn, UPSTREAM_BUF, UPSTREAM_READ};
 use common::aggregate::Shape;
 
 /// Reads a response body from its upstream connection, piece by piece.
@@ -494,7 +494,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
             // last read (if anything) is what the first reader saw.
             let finished_clean = over || clean;
             let relayed = relay_response(down, req, conn, resp, http10, close_client).await;
-            conn.buf = Vec::with_capacity(UPSTREAM_BUF);
+            conn.buf = Vec::with_capacity(UPSTREAM_READ);
             return relayed.map(|c| c && finished_clean);
         }
     };
@@ -512,7 +512,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     );
     send_head(down, req, conn, resp, tail, 0).await?;
     // The pooled connection keeps a buffer of the usual size, not the body's.
-    conn.buf = Vec::with_capacity(UPSTREAM_BUF);
+    conn.buf = Vec::with_capacity(UPSTREAM_READ);
     let len = body.len();
     if down
         .send(req, &mut body, 0..len, After::Spent)
