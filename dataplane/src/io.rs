@@ -123,3 +123,22 @@ pub(crate) fn peek(fd: std::os::fd::RawFd) -> Peeked {
         _ => Peeked::Closed,
     }
 }
+
+/// Runs `fut` to completion on a new runtime of the gateway's io_uring driver (`uring`) or
+/// of its epoll fallback, for tests that must hold under both.
+#[cfg(test)]
+pub(crate) fn block_on_driver<F: std::future::Future>(uring: bool, fut: F) -> F::Output {
+    if uring {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("io_uring runtime (the gateway's own driver)")
+            .block_on(fut)
+    } else {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("epoll runtime")
+            .block_on(fut)
+    }
+}

@@ -459,19 +459,7 @@ mod tests {
                 drop(to);
                 res
             };
-            let res = if uring {
-                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .enable_timer()
-                    .build()
-                    .expect("io_uring runtime (the gateway's own driver)")
-                    .block_on(relay_both)
-            } else {
-                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                    .enable_timer()
-                    .build()
-                    .unwrap()
-                    .block_on(relay_both)
-            };
+            let res = crate::io::block_on_driver(uring, relay_both);
             let got = if case.leave {
                 Vec::new()
             } else {

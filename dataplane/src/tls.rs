@@ -663,23 +663,6 @@ mod tests {
             .config
     }
 
-    fn socket_buffer(fd: RawFd, which: libc::c_int) -> usize {
-        let mut size: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt on an open socket into a c_int of the given length.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                which,
-                (&mut size as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        size as usize
-    }
-
     /// The client's check of the server: its certificate is the test one (a self-signed CA
     /// certificate, which rustls's own verifier refuses as an end entity), and its signatures
     /// verify.
@@ -739,8 +722,8 @@ mod tests {
                 socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             socket.set_recv_buffer_size(8 * 1024).unwrap();
             socket.connect(&addr.into()).unwrap();
+            let rcvbuf = socket.recv_buffer_size().unwrap();
             let tcp: std::net::TcpStream = socket.into();
-            let rcvbuf = socket_buffer(tcp.as_raw_fd(), libc::SO_RCVBUF);
             let config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
                 .with_safe_default_protocol_versions()
                 .unwrap()
@@ -774,10 +757,9 @@ mod tests {
             let client = slow_client(listener.local_addr().unwrap());
             let serve = async move {
                 let (std_tcp, _) = listener.accept().unwrap();
-                socket2::SockRef::from(&std_tcp)
-                    .set_send_buffer_size(8 * 1024)
-                    .unwrap();
-                let sndbuf = socket_buffer(std_tcp.as_raw_fd(), libc::SO_SNDBUF);
+                let sock = socket2::SockRef::from(&std_tcp);
+                sock.set_send_buffer_size(8 * 1024).unwrap();
+                let sndbuf = sock.send_buffer_size().unwrap();
                 let tcp = TcpStream::from_std(std_tcp).unwrap();
                 let deadline = Instant::now() + Duration::from_secs(10);
                 let Ok(mut tls) = accept(tcp, server_config(), deadline).await else {
@@ -799,19 +781,7 @@ mod tests {
                 drop(tls);
                 sndbuf
             };
-            let sndbuf = if uring {
-                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .enable_timer()
-                    .build()
-                    .expect("io_uring runtime (the gateway's own driver)")
-                    .block_on(serve)
-            } else {
-                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                    .enable_timer()
-                    .build()
-                    .unwrap()
-                    .block_on(serve)
-            };
+            let sndbuf = crate::io::block_on_driver(uring, serve);
             let (got, rcvbuf) = client.join().unwrap();
             assert!(
                 (sndbuf + rcvbuf) * 8 < BODY,
