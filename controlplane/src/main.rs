@@ -20,9 +20,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Its default, 1 s, is shorter than the HTTP/2 path's allocation cycle (each connection's
 /// 64 KiB answer buffers are replaced every few hundred answers): the kernel took back
 /// pages that were soon needed again, and refaulting them, huge pages zeroed whole, cost
-/// the gateway 2 to 3% of its CPU time under h2load (about 500 page faults a second; none
-/// with 10 s). Memory left over after a burst still goes back, 10 s later. An operator's
-/// `MIMALLOC_PURGE_DELAY` wins.
+/// the gateway 2 to 3% of its CPU time under h2load (400 to 1,200 page faults a second; 0
+/// to 5 with 10 s; `docs/perf/tls-2cpu.md`). Memory left over after a burst still goes
+/// back, 10 s later. An operator's `MIMALLOC_PURGE_DELAY` wins.
 const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 
 fn configure_allocator() {
