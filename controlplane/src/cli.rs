@@ -81,6 +81,8 @@ ENVIRONMENT
     GATEWAY_ADMIN_TOKEN   the admin API's bearer token (16+ characters)
     GATEWAY_IO_DRIVER     auto or epoll, as --io-driver
     NOTIFY_SOCKET         set by systemd (Type=notify): READY=1 once serving
+    MIMALLOC_PURGE_DELAY  ms before unused memory goes back to the kernel
+                          (default 10000 here; mimalloc's own is 1000)
 
 FILES
     DATA_DIR/journal.log, DATA_DIR/current.json   config revisions
