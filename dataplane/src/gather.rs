@@ -124,6 +124,12 @@ impl Gather {
                         self,
                     )
                 }
+                // The usual case, everything at once: the iovecs need not be read again (by
+                // now they are likely out of the cache, other connections ran meanwhile).
+                Ok(n) if n == self.remaining => {
+                    self.remaining = 0;
+                    self.first = self.iov.len();
+                }
                 Ok(n) => self.consume(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return (Err(e), self),

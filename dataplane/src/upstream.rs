@@ -127,14 +127,14 @@ pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     send_timeout: Duration,
-) -> Result<UpstreamConn, ConnectError> {
+) -> Result<Box<UpstreamConn>, ConnectError> {
     let stream = monoio::time::timeout(timeout, TcpStream::connect_addr(addr))
         .await
         .map_err(|_| ConnectError::Timeout)??;
     stream.set_nodelay(true)?;
     // Where the option is unsupported the connection still works, just without the bound.
     let _ = set_send_timeout(stream.as_raw_fd(), send_timeout);
-    Ok(UpstreamConn::new(stream))
+    Ok(Box::new(UpstreamConn::new(stream)))
 }
 
 /// Sets TCP_USER_TIMEOUT: once sent bytes stay unacknowledged, or the peer's receive window
@@ -163,7 +163,10 @@ fn still_open(stream: &TcpStream) -> bool {
 /// Idle connections of one worker, per target.
 #[derive(Debug)]
 pub struct Pool {
-    idle: HashMap<SocketAddr, Vec<UpstreamConn>, BuildHasherDefault<Fnv>>,
+    /// Boxed: a connection then moves between the pool and a request as one pointer, not
+    /// as its whole state at each of the hand-overs of a request.
+    #[allow(clippy::vec_box)]
+    idle: HashMap<SocketAddr, Vec<Box<UpstreamConn>>, BuildHasherDefault<Fnv>>,
     pub max_idle: usize,
     pub idle_timeout: Duration,
 }
@@ -181,7 +184,7 @@ impl Pool {
     /// more than [`CHECK_AFTER_IDLE`] is first checked with a non-blocking peek, so one the
     /// upstream closed while it sat in the pool (its keep-alive timeout) is not used; under
     /// load connections come back sooner and cost no extra syscall.
-    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<UpstreamConn> {
+    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
@@ -193,7 +196,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last response was fully read; dropped when the pool is full.
-    pub fn put(&mut self, addr: SocketAddr, mut conn: UpstreamConn, now: Instant) {
+    pub fn put(&mut self, addr: SocketAddr, mut conn: Box<UpstreamConn>, now: Instant) {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }

@@ -121,6 +121,19 @@ pub fn parse_request(
     limits: &Limits,
     plan: &mut FieldPlan,
 ) -> Result<Option<RequestHead>, ParseError> {
+    let mut head = RequestHead::default();
+    Ok(parse_request_into(buf, limits, plan, &mut head)?.then_some(head))
+}
+
+/// [`parse_request`] writing the head into `out` (`Ok(true)`: complete), for the hot path:
+/// the head is written once, where the connection keeps it, instead of being returned and
+/// copied there.
+pub fn parse_request_into(
+    buf: &[u8],
+    limits: &Limits,
+    plan: &mut FieldPlan,
+    out: &mut RequestHead,
+) -> Result<bool, ParseError> {
     plan.clear();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADER_COUNT];
     let mut req = httparse::Request::new(&mut []);
@@ -139,7 +152,7 @@ pub fn parse_request(
             {
                 return Err(ParseError::UriTooLong);
             }
-            return Ok(None);
+            return Ok(false);
         }
         Err(httparse::Error::TooManyHeaders) => return Err(ParseError::HeadTooLarge),
         Err(httparse::Error::Version) => return Err(ParseError::VersionNotSupported),
@@ -362,7 +375,7 @@ pub fn parse_request(
 
     dropped.into_plan(buf, headers, fields_end, plan);
 
-    Ok(Some(RequestHead {
+    *out = RequestHead {
         start,
         fields_start,
         fields_end,
@@ -381,7 +394,8 @@ pub fn parse_request(
         request_id,
         traceparent,
         user_agent,
-    }))
+    };
+    Ok(true)
 }
 
 /// The status for a head that does not fit in `max_header_bytes`: 414 when the request line

@@ -28,7 +28,7 @@ use crate::worker_ctx::WorkerCtx;
 /// An upstream session: an HTTP/1.1 connection to one target.
 #[derive(Debug)]
 pub(crate) struct Session {
-    pub conn: UpstreamConn,
+    pub conn: Box<UpstreamConn>,
     pub target: SocketAddr,
     /// Taken from the pool (it may have been closed by the upstream while idle).
     pub reused: bool,
@@ -84,16 +84,16 @@ pub(crate) enum Outcome {
 /// Where sessions come from, and the worker's balancing state.
 pub(crate) trait SessionSource {
     /// An idle connection to `target`, if one is pooled.
-    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<UpstreamConn>;
+    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>>;
     /// Keeps a connection for reuse.
-    fn put_idle(&self, target: SocketAddr, conn: UpstreamConn, now: Instant);
+    fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant);
     /// Opens a new connection.
     async fn connect(
         &self,
         target: SocketAddr,
         timeout: Duration,
         send_timeout: Duration,
-    ) -> Result<UpstreamConn, ConnectError>;
+    ) -> Result<Box<UpstreamConn>, ConnectError>;
     /// This worker's counter stripe.
     fn stripe(&self) -> usize;
     /// The next round-robin position for upstream `index` of a snapshot with `revision`
@@ -107,11 +107,11 @@ pub(crate) trait SessionSource {
 }
 
 impl SessionSource for WorkerCtx {
-    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<UpstreamConn> {
+    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
         self.pool.borrow_mut().take(target, now)
     }
 
-    fn put_idle(&self, target: SocketAddr, conn: UpstreamConn, now: Instant) {
+    fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant) {
         self.pool.borrow_mut().put(target, conn, now);
     }
 
@@ -120,7 +120,7 @@ impl SessionSource for WorkerCtx {
         target: SocketAddr,
         timeout: Duration,
         send_timeout: Duration,
-    ) -> Result<UpstreamConn, ConnectError> {
+    ) -> Result<Box<UpstreamConn>, ConnectError> {
         connect(target, timeout, send_timeout).await
     }
 
@@ -597,17 +597,18 @@ mod tests {
 
     /// A pool that hands out the connections it was given, and counts connects.
     struct FakePool {
-        idle: RefCell<Vec<UpstreamConn>>,
+        #[allow(clippy::vec_box)] // boxed as the real pool keeps them
+        idle: RefCell<Vec<Box<UpstreamConn>>>,
         connects: Cell<u32>,
         put_back: Cell<u32>,
     }
 
     impl SessionSource for FakePool {
-        fn take_idle(&self, _target: SocketAddr, _now: Instant) -> Option<UpstreamConn> {
+        fn take_idle(&self, _target: SocketAddr, _now: Instant) -> Option<Box<UpstreamConn>> {
             self.idle.borrow_mut().pop()
         }
 
-        fn put_idle(&self, _target: SocketAddr, conn: UpstreamConn, _now: Instant) {
+        fn put_idle(&self, _target: SocketAddr, conn: Box<UpstreamConn>, _now: Instant) {
             self.put_back.set(self.put_back.get() + 1);
             self.idle.borrow_mut().push(conn);
         }
@@ -617,7 +618,7 @@ mod tests {
             target: SocketAddr,
             timeout: Duration,
             send_timeout: Duration,
-        ) -> Result<UpstreamConn, ConnectError> {
+        ) -> Result<Box<UpstreamConn>, ConnectError> {
             self.connects.set(self.connects.get() + 1);
             connect(target, timeout, send_timeout).await
         }
@@ -654,7 +655,8 @@ mod tests {
         common::Snapshot::compile(config, 1).unwrap()
     }
 
-    fn fake_pool(idle: Vec<UpstreamConn>) -> FakePool {
+    #[allow(clippy::vec_box)]
+    fn fake_pool(idle: Vec<Box<UpstreamConn>>) -> FakePool {
         FakePool {
             idle: RefCell::new(idle),
             connects: Cell::new(0),
@@ -678,7 +680,7 @@ mod tests {
     }
 
     /// A connection whose far end is already closed, as a pooled one the upstream timed out.
-    async fn dead_conn() -> UpstreamConn {
+    async fn dead_conn() -> Box<UpstreamConn> {
         let l = StdListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let conn = connect(addr, Duration::from_secs(1), Duration::from_secs(1))

@@ -14,7 +14,7 @@ use monoio::io::{AsyncWriteRentExt, Canceller};
 use super::context::RequestCtx;
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
-use crate::codec::request::{parse_request, RequestHead};
+use crate::codec::request::{parse_request_into, RequestHead};
 use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
@@ -145,11 +145,10 @@ impl<S: ClientStream> Downstream<S> {
         }
         let mut header_deadline = None;
         loop {
-            if !self.buf.is_empty() {
-                if let Some(parsed) = parse_request(&self.buf, &self.limits, &mut self.req_plan)? {
-                    *head = parsed;
-                    return Ok(Head::Request);
-                }
+            if !self.buf.is_empty()
+                && parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head)?
+            {
+                return Ok(Head::Request);
             }
             let waiting_idle = self.buf.is_empty();
             let mut deadline = match header_deadline {

@@ -524,7 +524,7 @@ async fn proxy<S: ClientStream>(
             return down.fail(req, ErrorKind::UpstreamMalformed).await;
         }
         req.status = 101;
-        return Next::Upgrade(Box::new((session.conn, resp)));
+        return Next::Upgrade(Box::new((*session.conn, resp)));
     }
     let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
     let reusable = resp.reusable && !head.http10;
