@@ -2,12 +2,18 @@
 //! side and the upstream side share.
 //!
 //! Hot path. A read that times out is never retried on the same connection: with io_uring the
-//! cancelled read may already have consumed bytes, so the caller closes the connection.
+//! cancelled read may already have consumed bytes, so the caller closes the connection. Each
+//! connection side reads with one [`ReadTimer`], registered once and moved forward read after
+//! read, instead of a timer per read.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, RawWakerVTable};
 use std::time::Instant;
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::AsyncReadRent;
+use monoio::time::Sleep;
 
 use crate::upstream::is_send_timeout;
 
@@ -21,16 +27,73 @@ pub(crate) enum ReadError {
     Stalled,
 }
 
+/// A connection side's read deadline: one timer for all its reads, made at the first.
+///
+/// A timer per read (`timeout_at`) enters the runtime's timer wheel when the read waits and
+/// leaves it when the read completes: two updates of the wheel's lists per read, each
+/// writing the neighbouring entries (other connections' timers, cold in the cache). This one
+/// stays registered: a later deadline only moves its expiry forward (no wheel update), and
+/// when the earlier one comes round the wheel re-files the entry once. A client connection's
+/// reads thus touch the wheel about once per timeout period instead of twice per read.
+///
+/// monoio's timer keeps the first waker that polled it, so a timer polled from another task
+/// (an upstream connection taken from the pool by another client connection) is replaced in
+/// place by a new one: as costly as a timer per read, never a missed deadline. Boxed, so that
+/// it stays put while registered whatever moves the connection.
+#[derive(Default)]
+pub(crate) struct ReadTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the timer holds (its data and vtable pointers, only compared).
+    owner: (*const (), *const RawWakerVTable),
+    /// `arm` was called since the last poll.
+    armed: Option<Instant>,
+}
+
+impl std::fmt::Debug for ReadTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ReadTimer")
+            .field(&self.sleep.as_ref().map(|s| s.deadline()))
+            .finish()
+    }
+}
+
+impl ReadTimer {
+    /// Sets the deadline of the next wait (taking effect at the next poll).
+    pub fn arm(&mut self, deadline: Instant) {
+        self.armed = Some(deadline);
+    }
+
+    /// Whether the armed deadline has passed; otherwise the task is woken when it does.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let waker = cx.waker();
+        let owner = (waker.data(), std::ptr::from_ref(waker.vtable()));
+        if let Some(deadline) = self.armed.take() {
+            let deadline = deadline.into();
+            match &mut self.sleep {
+                Some(sleep) if self.owner == owner => sleep.as_mut().reset(deadline),
+                // Dropping the old timer takes it out of the wheel with its waker.
+                Some(sleep) => sleep.set(monoio::time::sleep_until(deadline)),
+                None => self.sleep = Some(Box::pin(monoio::time::sleep_until(deadline))),
+            }
+            self.owner = owner;
+        }
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
+}
+
 /// Reads more bytes into `buf` (after compacting consumed ones), up to `max` buffered,
-/// failing at `deadline`. `Ok(0)`: end of stream.
+/// failing at `deadline` (kept by `timer`). `Ok(0)`: end of stream.
 pub(crate) async fn read_more<R: AsyncReadRent>(
     stream: &mut R,
     buf: &mut Vec<u8>,
     pos: &mut usize,
     max: usize,
     deadline: Instant,
+    timer: &mut ReadTimer,
 ) -> Result<usize, ReadError> {
-    read_at_most(stream, buf, pos, max, usize::MAX, deadline).await
+    read_at_most(stream, buf, pos, max, usize::MAX, deadline, timer).await
 }
 
 /// Like [`read_more`], reading at most `most` bytes.
@@ -41,6 +104,7 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     max: usize,
     most: usize,
     deadline: Instant,
+    timer: &mut ReadTimer,
 ) -> Result<usize, ReadError> {
     if *pos == buf.len() {
         buf.clear();
@@ -60,8 +124,19 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     let len = buf.len();
     let end = buf.capacity().min(len.saturating_add(most));
     let owned = std::mem::take(buf);
-    let read = stream.read(owned.slice_mut(len..end));
-    match monoio::time::timeout_at(deadline.into(), read).await {
+    let mut read = std::pin::pin!(stream.read(owned.slice_mut(len..end)));
+    timer.arm(deadline);
+    let done = std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = read.as_mut().poll(cx) {
+            return Poll::Ready(Ok(done));
+        }
+        if timer.poll_expired(cx) {
+            return Poll::Ready(Err(()));
+        }
+        Poll::Pending
+    })
+    .await;
+    match done {
         Ok((res, slice)) => {
             *buf = slice.into_inner();
             res.map_err(|e| {
@@ -140,5 +215,72 @@ pub(crate) fn block_on_driver<F: std::future::Future>(uring: bool, fut: F) -> F:
             .build()
             .expect("epoll runtime")
             .block_on(fut)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// How long `timer`'s armed deadline took to wake the task; the wait gives up at 1 s (a
+    /// deadline that woke no one then looks like a 1 s wait, since the give-up's own wake-up
+    /// finds the timer expired).
+    async fn expiry(timer: &mut ReadTimer) -> Duration {
+        let start = Instant::now();
+        let expired = std::future::poll_fn(|cx| match timer.poll_expired(cx) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        });
+        let _ = monoio::time::timeout(Duration::from_secs(1), expired).await;
+        start.elapsed()
+    }
+
+    /// Whether `waited` is the wake-up of a deadline `after` the arming, not the give-up's.
+    fn on_time(waited: Duration, after: Duration) -> bool {
+        waited >= after && waited < Duration::from_millis(900)
+    }
+
+    #[test]
+    fn a_later_deadline_moves_the_expiry_on() {
+        for uring in [true, false] {
+            block_on_driver(uring, async {
+                let mut timer = ReadTimer::default();
+                timer.arm(Instant::now() + Duration::from_millis(20));
+                // Registered, as a read that completed before its deadline leaves it.
+                std::future::poll_fn(|cx| Poll::Ready(timer.poll_expired(cx))).await;
+                timer.arm(Instant::now() + Duration::from_millis(80));
+                let waited = expiry(&mut timer).await;
+                assert!(
+                    on_time(waited, Duration::from_millis(80)),
+                    "woken after {waited:?}"
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn a_timer_another_task_waited_on_wakes_the_next_task() {
+        // An upstream connection's timer, last polled by another client connection's task:
+        // monoio's timer keeps the first waker it was given, so without its replacement the
+        // deadline would wake the other task and this one would wait for ever.
+        for uring in [true, false] {
+            block_on_driver(uring, async {
+                let mut timer = monoio::spawn(async {
+                    let mut timer = ReadTimer::default();
+                    timer.arm(Instant::now() + Duration::from_millis(20));
+                    std::future::poll_fn(|cx| Poll::Ready(timer.poll_expired(cx))).await;
+                    timer
+                })
+                .await;
+                timer.arm(Instant::now() + Duration::from_millis(60));
+                let waited = expiry(&mut timer).await;
+                assert!(
+                    on_time(waited, Duration::from_millis(60)),
+                    "woken after {waited:?}"
+                );
+            });
+        }
     }
 }

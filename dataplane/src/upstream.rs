@@ -37,6 +37,8 @@ pub struct UpstreamConn {
     /// that takes a splice, the next answer's head is read with at most
     /// [`crate::splice::HEAD_READ`] bytes, so a large body stays in the socket.
     pub large_answers: bool,
+    /// The deadline of its reads.
+    timer: crate::io::ReadTimer,
 }
 
 /// One open connection in an upstream's circuit counters; dropped with the connection.
@@ -73,6 +75,15 @@ impl UpstreamConn {
         }
     }
 
+    /// Swaps this connection's read timer with `timer`. A client connection lends it the
+    /// timer its task keeps for upstream reads and takes it back at the end of the exchange:
+    /// a timer stays with one task, which keeps it cheap to move on (see
+    /// [`crate::io::ReadTimer`]). Correct either way: a timer left with the connection is
+    /// replaced when another task first waits on it.
+    pub(crate) fn lend_timer(&mut self, timer: &mut crate::io::ReadTimer) {
+        std::mem::swap(&mut self.timer, timer);
+    }
+
     /// Reads more of the upstream's answer into `buf` (appending), failing at `deadline`.
     /// `Ok(0)`: the upstream closed.
     pub(crate) async fn read_more(
@@ -96,6 +107,7 @@ impl UpstreamConn {
             UPSTREAM_BUF,
             most,
             deadline,
+            &mut self.timer,
         )
         .await
     }
@@ -107,6 +119,7 @@ impl UpstreamConn {
             idle_since: Instant::now(),
             counted: None,
             large_answers: false,
+            timer: crate::io::ReadTimer::default(),
         }
     }
 }

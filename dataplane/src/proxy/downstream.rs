@@ -19,7 +19,7 @@ use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
 use crate::gather::{write_gathered, Piece};
-use crate::io::{read_more, write_range, ReadError};
+use crate::io::{read_more, write_range, ReadError, ReadTimer};
 use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
@@ -96,6 +96,11 @@ pub(crate) struct Downstream<S> {
     pub served: u64,
     /// Cancels the read that waits for a next request when the connection parks.
     canceller: Canceller,
+    /// The deadline of its reads.
+    timer: ReadTimer,
+    /// The deadline of the reads of its upstream exchanges, lent to each upstream connection
+    /// for the exchange (`UpstreamConn::lend_timer`).
+    pub upstream_timer: ReadTimer,
     /// The answer went out while the client may still be sending the request body: close
     /// with a lingering close.
     pub linger: bool,
@@ -124,6 +129,8 @@ impl<S: ClientStream> Downstream<S> {
             timeouts,
             served,
             canceller: Canceller::new(),
+            timer: ReadTimer::default(),
+            upstream_timer: ReadTimer::default(),
             linger: false,
         }
     }
@@ -196,6 +203,7 @@ impl<S: ClientStream> Downstream<S> {
                         &mut self.pos,
                         want,
                         deadline,
+                        &mut self.timer,
                     )
                     .await
                     .map(Some)
@@ -225,12 +233,13 @@ impl<S: ClientStream> Downstream<S> {
         let owned = std::mem::take(&mut self.buf);
         let read = self.stream.cancelable_read(owned, self.canceller.handle());
         let mut read = std::pin::pin!(read);
-        let mut timer = std::pin::pin!(monoio::time::sleep_until(until.into()));
+        let timer = &mut self.timer;
+        timer.arm(until);
         let first = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = read.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
             }
-            if timer.as_mut().poll(cx).is_ready() {
+            if timer.poll_expired(cx) {
                 return Poll::Ready(None);
             }
             Poll::Pending
@@ -463,6 +472,7 @@ impl<S: ClientStream> Downstream<S> {
             &mut self.pos,
             BODY_BUF,
             deadline,
+            &mut self.timer,
         )
         .await
         {
@@ -498,6 +508,7 @@ impl<S: ClientStream> Downstream<S> {
                 &mut self.pos,
                 BODY_BUF,
                 deadline,
+                &mut self.timer,
             )
             .await
             {
