@@ -410,10 +410,12 @@ async fn proxy<S: ClientStream>(
     let mut write_failed = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
         let conn = &mut session.conn;
-        // The exchange's reads wait on this connection's timer, which keeps expiring later
-        // with each request instead of re-entering the timer wheel (see `ReadTimer`);
-        // given back at check-in.
-        conn.lend_timer(&mut down.upstream_timer);
+        // The exchange's reads wait on the client connection's timer, which keeps expiring
+        // later with each request instead of re-entering the timer wheel (see `ReadTimer`);
+        // given back at check-in. Not an HTTP/2 stream's: it would be made for one request.
+        if S::WHOLE_CONNECTION {
+            conn.lend_timer(&mut down.upstream_timer);
+        }
         let pieces = request_pieces(head, &down.req_plan, line, tail, body_end);
         let sent = send_head(
             conn,
@@ -569,7 +571,9 @@ async fn proxy<S: ClientStream>(
             } else {
                 Outcome::Done
             };
-            session.conn.lend_timer(&mut down.upstream_timer);
+            if S::WHOLE_CONNECTION {
+                session.conn.lend_timer(&mut down.upstream_timer);
+            }
             connector.checkin_at(session, outcome, req.end_now());
         }
         Err(e) if req.status == 0 => return down.fail(req, e.kind).await,
