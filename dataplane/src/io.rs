@@ -40,6 +40,13 @@ pub(crate) enum ReadError {
 /// (an upstream connection taken from the pool by another client connection) is replaced in
 /// place by a new one: as costly as a timer per read, never a missed deadline. Boxed, so that
 /// it stays put while registered whatever moves the connection.
+///
+/// A read that completes leaves the timer registered until its deadline or the next arming
+/// (that is the saving). Meanwhile it holds the waker of the task that waited, and with it
+/// that task's allocation. A client connection's timers go when it closes or parks; an
+/// upstream connection last used with its own timer (by an HTTP/2 stream or an aggregate's
+/// step, which lend none) keeps at most one finished task alive from the pool, until the
+/// connection's next use or its response-head deadline.
 #[derive(Default)]
 pub(crate) struct ReadTimer {
     sleep: Option<Pin<Box<Sleep>>>,
