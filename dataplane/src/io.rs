@@ -52,7 +52,7 @@ pub(crate) struct ReadTimer {
     sleep: Option<Pin<Box<Sleep>>>,
     /// The waker the timer holds (its data and vtable pointers, only compared).
     owner: (*const (), *const RawWakerVTable),
-    /// `arm` was called since the last poll.
+    /// The deadline `arm` set, applied at the next poll.
     armed: Option<Instant>,
 }
 
