@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// Most idle pooled connections per target and worker.
     pub max_idle_per_target: usize,
+    /// Whether large response bodies may be spliced (`[relay] splice`).
+    pub splice: bool,
     pub drain_timeout: Duration,
     /// Where the admin API listens.
     pub admin_listen: SocketAddr,
@@ -610,6 +612,7 @@ impl Snapshot {
             timeouts,
             limits,
             max_idle_per_target: config.upstream_pool.max_idle_per_target,
+            splice: config.relay.splice,
             drain_timeout: Duration::from_millis(drain_ms),
             admin_listen,
             policies,

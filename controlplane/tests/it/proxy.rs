@@ -311,6 +311,30 @@ fn relays_large_response_bodies(driver: Driver) {
     assert_eq!(r.body.len(), 65_536);
     let r = c.roundtrip("GET /stall HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.status, 504, "{}", r.head);
+    drop(gw);
+
+    // `[relay] splice = false`: the same answers, whole and reusable, all copied.
+    let gw = Gateway::start(
+        &proxy_config(origin.addr, "[relay]\nsplice = false\n"),
+        driver,
+    );
+    let mut c = gw.connect();
+    for (path, len) in [("/1m", 1 << 20), ("/64k", 65_536), ("/1m", 1 << 20)] {
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), len, "{path}");
+        assert!(r
+            .body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i % 251) as u8));
+    }
+    let scraped = gw.admin("GET", "/metrics", None);
+    let metrics = scraped.body_str();
+    let spliced = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_spliced_bytes_total "));
+    assert_eq!(spliced, Some("0"), "{metrics}");
 }
 
 fn relays_chunked_responses_with_trailers(driver: Driver) {

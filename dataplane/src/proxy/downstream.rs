@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Limits, Timeouts};
 use monoio::io::{AsyncWriteRentExt, Canceller};
+use monoio::net::TcpStream;
 
 use super::context::RequestCtx;
 use super::stream::ClientStream;
@@ -104,6 +105,8 @@ pub(crate) struct Downstream<S> {
     /// The answer went out while the client may still be sending the request body: close
     /// with a lingering close.
     pub linger: bool,
+    /// Large response bodies may go through a pipe (`[relay] splice`, set per request).
+    pub splice: bool,
 }
 
 impl<S> std::fmt::Debug for Downstream<S> {
@@ -132,6 +135,17 @@ impl<S: ClientStream> Downstream<S> {
             timer: ReadTimer::default(),
             upstream_timer: ReadTimer::default(),
             linger: false,
+            splice: true,
+        }
+    }
+
+    /// The client's socket when a large body may be spliced into it: splicing is on
+    /// (`[relay] splice`) and the stream is plain TCP.
+    pub fn splice_socket(&self) -> Option<&TcpStream> {
+        if self.splice {
+            self.stream.splice_socket()
+        } else {
+            None
         }
     }
 

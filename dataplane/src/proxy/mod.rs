@@ -177,6 +177,7 @@ async fn serve_stream<S: ClientStream>(
         let snap = ctx.snapshot();
         down.limits = snap.limits;
         down.timeouts = snap.timeouts;
+        down.splice = snap.splice;
         down.served += 1;
         req.begin(&ctx, &snap, &down.buf, &head, peer.ip);
         let next = handle(&ctx, &snap, &mut down, &mut req, peer, &head).await;
@@ -453,9 +454,7 @@ async fn proxy<S: ClientStream>(
         let sent_at = Instant::now();
         let deadline = session.head_deadline(sent_at + head_timeout);
         // After a small answer, the whole next one in one read, as it comes.
-        let head_read = session
-            .conn
-            .head_read(down.stream.splice_socket().is_some());
+        let head_read = session.conn.head_read(down.splice_socket().is_some());
         let conn = &mut session.conn;
         let mut first_byte = None;
         conn.buf.clear();

@@ -294,9 +294,9 @@ async fn send_head<S: ClientStream>(
     }
 }
 
-/// Sends the head and a large body through a pipe ([`crate::splice`]) when the client's
-/// socket takes a splice and the body is large enough; `None`: neither sent (not spliceable,
-/// or no pipe to spare).
+/// Sends the head and a large body through a pipe ([`crate::splice`]) when splicing is on
+/// (`[relay] splice`), the client's socket takes a splice and the body is large enough;
+/// `None`: neither sent (not spliceable, or no pipe to spare).
 async fn splice_rest<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
@@ -305,6 +305,10 @@ async fn splice_rest<S: ClientStream>(
     tail: Span,
     body: &mut BodyReader,
 ) -> Option<Result<bool, ProxyError>> {
+    // Field by field (not `Downstream::splice_socket`): the other fields are taken below.
+    if !down.splice {
+        return None;
+    }
     let (client, len) = (down.stream.splice_socket()?, body.spliceable()?);
     let pieces = response_pieces(resp, &down.resp_plan, tail, body.first());
     let mut head = Gather::new(
@@ -362,7 +366,7 @@ pub(crate) async fn relay_response<S: ClientStream>(
     let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
     let mut cut = None;
-    let bounded = conn.head_read(down.stream.splice_socket().is_some()) != usize::MAX;
+    let bounded = conn.head_read(down.splice_socket().is_some()) != usize::MAX;
     conn.large_answers = body.large();
     if bounded && body.spliceable().is_none() {
         // The head was read with at most `splice::HEAD_READ` bytes: the rest of a body too
