@@ -221,6 +221,9 @@ pub enum Kind {
     /// The gateway with its access log on, every request written to a file: what the log
     /// costs per request.
     GatewayLog,
+    /// The gateway with `[relay] splice = false`: every response body copied through user
+    /// space instead of spliced; the A/B of the splice setting at large bodies.
+    GatewayCopy,
     /// Another gateway binary (`--baseline PATH`) with the plain gateway's config: an A/B of
     /// two builds inside one interleaved run.
     GatewayBaseline,
@@ -255,6 +258,7 @@ impl Kind {
             Kind::GatewayEtcd => "gateway+etcd",
             Kind::GatewayEtcdCluster => "gateway+etcd+cluster",
             Kind::GatewayLog => "gateway+log",
+            Kind::GatewayCopy => "gateway+copy",
             Kind::GatewayBaseline => "gateway-baseline",
             Kind::GatewayRr2 => "gateway+rr2",
             Kind::GatewayLeastRequest => "gateway+least_request",
@@ -276,6 +280,7 @@ impl Kind {
             "gateway+etcd" => Kind::GatewayEtcd,
             "gateway+etcd+cluster" => Kind::GatewayEtcdCluster,
             "gateway+log" => Kind::GatewayLog,
+            "gateway+copy" => Kind::GatewayCopy,
             "gateway-baseline" => Kind::GatewayBaseline,
             "gateway+rr2" => Kind::GatewayRr2,
             "gateway+least_request" => Kind::GatewayLeastRequest,
@@ -288,13 +293,16 @@ impl Kind {
             "l4-relay" => Kind::L4Relay,
             other => bail!(
                 "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+etcd, \
-                 gateway+etcd+cluster, gateway+log, gateway-baseline, \
+                 gateway+etcd+cluster, gateway+log, gateway+copy, gateway-baseline, \
                  gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy, \
                  nginx+buf64k, haproxy+buf64k, l4-relay)"
             ),
         })
     }
 }
+
+/// The config table of the `gateway+copy` row.
+pub const COPY_RELAY: &str = "[relay]\nsplice = false\n";
 
 /// The admin token the harness gives the gateway.
 pub const ADMIN_TOKEN: &str = "loadtest-admin-token-0123456789";
@@ -494,6 +502,7 @@ pub fn start_proxy(
         | Kind::GatewayEtcd
         | Kind::GatewayEtcdCluster
         | Kind::GatewayLog
+        | Kind::GatewayCopy
         | Kind::GatewayBaseline
         | Kind::GatewayRr2
         | Kind::GatewayLeastRequest
@@ -532,6 +541,10 @@ pub fn start_proxy(
                 },
                 redis.as_ref().map(|r| r.addr.port()),
             );
+            let text = match kind {
+                Kind::GatewayCopy => format!("{text}{COPY_RELAY}"),
+                _ => text,
+            };
             let (text, store) = match &etcd {
                 // The node file seeds the empty store with everything but its node settings.
                 Some(e) => {
