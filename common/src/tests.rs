@@ -59,6 +59,19 @@ fn default_config_compiles_and_answers() {
 }
 
 #[test]
+fn bodies_are_copied_unless_splicing_is_asked_for() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    assert!(!compile(base).unwrap().splice);
+    assert!(
+        compile(&format!("{base}[relay]\nsplice = true\n"))
+            .unwrap()
+            .splice
+    );
+    let e = err(&format!("{base}[relay]\nsplice = \"yes\"\n"));
+    assert!(e.to_string().contains("splice"), "{e}");
+}
+
+#[test]
 fn json_is_accepted_too() {
     let json = r#"{"listeners":[{"address":"127.0.0.1:0"}],
         "routes":[{"id":"r","path":"/x","respond":{"body":"hi"}}]}"#;

@@ -7,8 +7,11 @@
 #   2. shared, 64 KiB: the current build (splicing), gateway+copy (`[relay] splice = false`),
 #      73b50c3, nginx and HAProxy with 64 KiB buffers (the splice default, issue 16's row);
 #   3. split, 13 B: the current build, nginx, the L4 relay.
-# 3 interleaved repetitions of 4 s each (REPS, DUR: fewer and shorter, for a local check). $OUT gets all.log and the three CSVs. Loopback only,
-# every step bounded by timeout.
+# Ran 2026-12-04 with the harness of commit 09062ca, when `gateway` spliced by default and
+# `gateway+copy` set `[relay] splice = false`; splicing is off by default since, and the row
+# that flips it is `gateway+splice` (use it in place of gateway+copy to rerun this).
+# 3 interleaved repetitions of 4 s each (REPS, DUR: fewer and shorter, for a local check).
+# $OUT gets all.log and the three CSVs. Loopback only, every step bounded by timeout.
 D=$(cd "$(dirname "$0")" && pwd)
 export PATH=$D/bin:$PATH LD_LIBRARY_PATH=$D/lib
 mkdir -p /var/lib/nginx /var/log/nginx /tmp/lt

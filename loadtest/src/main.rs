@@ -52,8 +52,8 @@ options (defaults in brackets):
                         gateway+policies cluster-scoped on a redis-server the harness
                         starts),gateway+etcd and gateway+etcd+cluster (gateway
                         and gateway+cluster with their config in an etcd the
-                        harness starts),gateway+log,gateway+copy (`[relay] splice =
-                        false`: bodies copied, not spliced),nginx,haproxy and the
+                        harness starts),gateway+log,gateway+splice (`[relay] splice =
+                        true`: large bodies spliced, not copied),nginx,haproxy and the
                         two-target upstream rows gateway+rr2 (round robin, the reference),
                         gateway+least_request, gateway+hash (on the path) and
                         gateway+health (an active check per target every second); the
@@ -753,11 +753,14 @@ mod tests {
     }
 
     #[test]
-    fn the_copy_row_turns_splicing_off() {
-        let o = parse_options(&args("--proxies gateway,gateway+copy")).unwrap();
-        assert_eq!(o.proxies, vec![Kind::Gateway, Kind::GatewayCopy]);
-        assert_eq!(Kind::parse("gateway+copy").unwrap().name(), "gateway+copy");
-        assert!(procs::COPY_RELAY.contains("splice = false"));
+    fn the_splice_row_turns_splicing_on() {
+        let o = parse_options(&args("--proxies gateway,gateway+splice")).unwrap();
+        assert_eq!(o.proxies, vec![Kind::Gateway, Kind::GatewaySplice]);
+        assert_eq!(
+            Kind::parse("gateway+splice").unwrap().name(),
+            "gateway+splice"
+        );
+        assert!(procs::SPLICE_RELAY.contains("splice = true"));
     }
 
     #[test]

@@ -221,9 +221,9 @@ pub enum Kind {
     /// The gateway with its access log on, every request written to a file: what the log
     /// costs per request.
     GatewayLog,
-    /// The gateway with `[relay] splice = false`: every response body copied through user
-    /// space instead of spliced; the A/B of the splice setting at large bodies.
-    GatewayCopy,
+    /// The gateway with `[relay] splice = true`: large response bodies spliced through a pipe
+    /// instead of copied through user space; the A/B of the splice setting at large bodies.
+    GatewaySplice,
     /// Another gateway binary (`--baseline PATH`) with the plain gateway's config: an A/B of
     /// two builds inside one interleaved run.
     GatewayBaseline,
@@ -258,7 +258,7 @@ impl Kind {
             Kind::GatewayEtcd => "gateway+etcd",
             Kind::GatewayEtcdCluster => "gateway+etcd+cluster",
             Kind::GatewayLog => "gateway+log",
-            Kind::GatewayCopy => "gateway+copy",
+            Kind::GatewaySplice => "gateway+splice",
             Kind::GatewayBaseline => "gateway-baseline",
             Kind::GatewayRr2 => "gateway+rr2",
             Kind::GatewayLeastRequest => "gateway+least_request",
@@ -280,7 +280,7 @@ impl Kind {
             "gateway+etcd" => Kind::GatewayEtcd,
             "gateway+etcd+cluster" => Kind::GatewayEtcdCluster,
             "gateway+log" => Kind::GatewayLog,
-            "gateway+copy" => Kind::GatewayCopy,
+            "gateway+splice" => Kind::GatewaySplice,
             "gateway-baseline" => Kind::GatewayBaseline,
             "gateway+rr2" => Kind::GatewayRr2,
             "gateway+least_request" => Kind::GatewayLeastRequest,
@@ -293,7 +293,7 @@ impl Kind {
             "l4-relay" => Kind::L4Relay,
             other => bail!(
                 "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+etcd, \
-                 gateway+etcd+cluster, gateway+log, gateway+copy, gateway-baseline, \
+                 gateway+etcd+cluster, gateway+log, gateway+splice, gateway-baseline, \
                  gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy, \
                  nginx+buf64k, haproxy+buf64k, l4-relay)"
             ),
@@ -301,8 +301,8 @@ impl Kind {
     }
 }
 
-/// The config table of the `gateway+copy` row.
-pub const COPY_RELAY: &str = "[relay]\nsplice = false\n";
+/// The config table of the `gateway+splice` row.
+pub const SPLICE_RELAY: &str = "[relay]\nsplice = true\n";
 
 /// The admin token the harness gives the gateway.
 pub const ADMIN_TOKEN: &str = "loadtest-admin-token-0123456789";
@@ -502,7 +502,7 @@ pub fn start_proxy(
         | Kind::GatewayEtcd
         | Kind::GatewayEtcdCluster
         | Kind::GatewayLog
-        | Kind::GatewayCopy
+        | Kind::GatewaySplice
         | Kind::GatewayBaseline
         | Kind::GatewayRr2
         | Kind::GatewayLeastRequest
@@ -542,7 +542,7 @@ pub fn start_proxy(
                 redis.as_ref().map(|r| r.addr.port()),
             );
             let text = match kind {
-                Kind::GatewayCopy => format!("{text}{COPY_RELAY}"),
+                Kind::GatewaySplice => format!("{text}{SPLICE_RELAY}"),
                 _ => text,
             };
             let (text, store) = match &etcd {
