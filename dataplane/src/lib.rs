@@ -11,7 +11,8 @@
 //!   downstream (read the head: `codec::request`; park idle connections: `park`), route (the
 //!   snapshot's router), `policy`, then the connector, the exchange (`forward` and `gather`
 //!   write the head; `codec::response` reads the answer), the relay (`codec::chunked`; a
-//!   large body socket to socket through a pipe: `splice`) or a tunnel, and finish.
+//!   large body socket to socket through a pipe when `[relay] splice` is on: `splice`) or a
+//!   tunnel, and finish.
 //! - `trace` makes request ids and W3C trace context; `error` is the one classified error
 //!   that decides statuses and metric labels; `status` has the responses the gateway sends
 //!   itself; `io` the shared read loop.
