@@ -1,9 +1,10 @@
 //! Large response bodies relayed socket to socket through a pipe (`splice(2)`): the kernel
 //! moves page references from the upstream socket's receive queue into a pipe and from the
 //! pipe into the client socket's send queue, so no body byte is copied into or out of user
-//! space. Used for a length-framed body with at least [`SPLICE_MIN`] bytes still to come,
-//! from a TCP upstream to a plain TCP client (not TLS, not HTTP/2, not a body the gateway
-//! reads or rewrites).
+//! space. Used, when `[relay] splice` is on (it is off by default: copying measured cheaper on
+//! most machines, `docs/perf/splice-2cpu.md`), for a length-framed body with at least
+//! [`SPLICE_MIN`] bytes still to come, from a TCP upstream to a plain TCP client (not TLS, not
+//! HTTP/2, not a body the gateway reads or rewrites).
 //!
 //! The splices are direct non-blocking system calls on the worker thread: io_uring's splice
 //! cannot try a socket without blocking, so it would run every one in the ring's worker
