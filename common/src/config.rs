@@ -1302,7 +1302,7 @@ impl Default for LimitsConfig {
 }
 
 /// How response bodies are relayed to clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelayConfig {
     /// Large length-framed response bodies (16 KiB or more still to come) go from the upstream
@@ -1311,12 +1311,6 @@ pub struct RelayConfig {
     /// 64 KiB answers per CPU-second in four of the five A/Bs on two CPU makes, with a lower
     /// p99; splicing won the fifth (+37%) (`docs/perf/splice-2cpu.md`).
     pub splice: bool,
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Self { splice: false }
-    }
 }
 
 /// Upstream keep-alive pools (one per worker and target).
