@@ -1,0 +1,25 @@
+#!/bin/bash
+# Device run 8 (assembled by scripts/device-bundle with the build before issue 10, 73b50c3, as
+# the baseline; carried as .bench): issue 10's A/B on two physical cores of the 16-CPU device
+# (CPU 0 and the first CPU that is not its SMT sibling): the current build (bodies copied by
+# default) against gateway-baseline and with the access log on (gateway+log), shared layout
+# (wrk on the first CPU, proxy and origin on the second), 13 B, 4 KiB and 64 KiB, 5
+# interleaved repetitions of 4 s (REPS, DUR: fewer and shorter, for a local check). $OUT gets
+# all.log and ab.csv. Loopback only, bounded by timeout.
+D=$(cd "$(dirname "$0")" && pwd)
+export PATH=$D/bin:$PATH LD_LIBRARY_PATH=$D/lib
+mkdir -p /var/lib/nginx /var/log/nginx /tmp/lt
+chmod +x "$D"/bin/*
+a=0
+sib=$(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list 2>/dev/null || echo 0)
+b=1
+while [[ ",$sib," == *",$b,"* ]] || [[ "$sib" =~ ^0-([0-9]+)$ && $b -le ${BASH_REMATCH[1]} ]]; do b=$((b + 1)); done
+exec > >(tee "$OUT/all.log") 2>&1
+echo "cpu0 siblings: $sib; wrk on CPU $a, proxy and origin on CPU $b"
+lscpu | grep -E 'Model name|^CPU\(s\)|Thread|L1i|L2|L3'
+uname -r
+timeout 420 "$D/bin/loadtest" compare --gateway "$D/bin/gateway" --baseline "$D/bin/gateway-baseline" \
+    --proxies gateway,gateway-baseline,gateway+log --bodies 13b,4k,64k \
+    --wrk-cpus $a --proxy-cpus $b --origin-cpus $b \
+    --reps "${REPS:-5}" --duration "${DUR:-4}" --warmup 1 --out /tmp/lt/ab
+cp /tmp/lt/ab/compare.csv "$OUT/ab.csv"
