@@ -1307,9 +1307,9 @@ impl Default for LimitsConfig {
 pub struct RelayConfig {
     /// Large length-framed response bodies (16 KiB or more still to come) go from the upstream
     /// socket to a plain TCP client's socket through a pipe (`splice(2)`) instead of being
-    /// copied through the gateway's memory. Default false: copying served 7 to 19% more
-    /// 64 KiB answers per CPU-second in four of the five A/Bs on two CPU makes, with a lower
-    /// p99; splicing won the fifth (+37%) (`docs/perf/splice-2cpu.md`).
+    /// copied through the gateway's memory. Default false: over five machines and layouts
+    /// copying served 7 to 19% more 64 KiB answers per CPU-second in three, was level in a
+    /// fourth, and splicing won the fifth (+37%) (`docs/perf/splice-2cpu.md`).
     pub splice: bool,
 }
 
