@@ -188,6 +188,11 @@ fn streams_request_bodies(driver: Driver) {
 /// as far as it came, then the client connection closes. After a large answer the next head
 /// is read apart from its body; a body too small to splice is then read whole before its
 /// head goes out, and one that stalls there is a 504.
+/// Whether `body` is the origins' test pattern: byte `i` is `i % 251`.
+fn patterned(body: &[u8]) -> bool {
+    body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8)
+}
+
 fn relays_large_response_bodies(driver: Driver) {
     let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let (len, sent, piece) = match req.request_line().split(' ').nth(1) {
@@ -246,13 +251,7 @@ fn relays_large_response_bodies(driver: Driver) {
         assert_eq!(r.header("content-length"), Some(len.to_string().as_str()));
         assert!(r.header("x-request-id").is_some(), "{}", r.head);
         assert_eq!(r.body.len(), len);
-        assert!(
-            r.body
-                .iter()
-                .enumerate()
-                .all(|(i, &b)| b == (i % 251) as u8),
-            "{path}: the body arrived changed"
-        );
+        assert!(patterned(&r.body), "{path}: the body arrived changed");
     }
     // All on one upstream connection: each body ended where its length said.
     assert_eq!(
@@ -263,11 +262,7 @@ fn relays_large_response_bodies(driver: Driver) {
     for path in ["/extra", "/64k"] {
         let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert_eq!(r.body.len(), 65_536, "{path}");
-        assert!(r
-            .body
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == (i % 251) as u8));
+        assert!(patterned(&r.body), "{path}");
     }
     let conns: Vec<usize> = origin.wait_requests(6).iter().map(|r| r.conn).collect();
     assert_eq!(conns[4..], [1, 2], "{conns:?}");
@@ -306,7 +301,7 @@ fn relays_large_response_bodies(driver: Driver) {
     assert!(got.starts_with(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n"));
     let body = &got[head_end..];
     assert_eq!(body.len(), 100_000, "what the upstream sent, no more");
-    assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    assert!(patterned(body));
     // After a large answer (so its head is read apart from its body), a small body that
     // stalls: nothing of it went out yet, and the client gets a 504.
     let mut c = gw.connect();
@@ -324,11 +319,7 @@ fn relays_large_response_bodies(driver: Driver) {
         let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert_eq!(r.status, 200);
         assert_eq!(r.body.len(), len, "{path}");
-        assert!(r
-            .body
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == (i % 251) as u8));
+        assert!(patterned(&r.body), "{path}");
     }
     let scraped = gw.admin("GET", "/metrics", None);
     let metrics = scraped.body_str();
@@ -561,13 +552,7 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
         .roundtrip("GET /head-under-limit HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-big").map(str::len), Some(64 * 1024 - 200));
-    assert!(
-        r.body.len() == 64 * 1024
-            && r.body
-                .iter()
-                .enumerate()
-                .all(|(i, &b)| b == (i % 251) as u8)
-    );
+    assert!(r.body.len() == 64 * 1024 && patterned(&r.body));
     // A truncated body cannot be reported with a status any more: the client sees the
     // connection close before the declared length.
     let mut c = gw.connect();
