@@ -135,7 +135,8 @@ impl<S: ClientStream> Downstream<S> {
             timer: ReadTimer::default(),
             upstream_timer: ReadTimer::default(),
             linger: false,
-            splice: true,
+            // Set from the snapshot with each request; copying is the default.
+            splice: false,
         }
     }
 
