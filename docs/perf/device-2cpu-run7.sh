@@ -12,18 +12,8 @@
 # that flips it is `gateway+splice` (use it in place of gateway+copy to rerun this).
 # 3 interleaved repetitions of 4 s each (REPS, DUR: fewer and shorter, for a local check).
 # $OUT gets all.log and the three CSVs. Loopback only, every step bounded by timeout.
-D=$(cd "$(dirname "$0")" && pwd)
-export PATH=$D/bin:$PATH LD_LIBRARY_PATH=$D/lib
-mkdir -p /var/lib/nginx /var/log/nginx /tmp/lt
-chmod +x "$D"/bin/*
-a=0
-sib=$(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list 2>/dev/null || echo 0)
-b=1
-while [[ ",$sib," == *",$b,"* ]] || [[ "$sib" =~ ^0-([0-9]+)$ && $b -le ${BASH_REMATCH[1]} ]]; do b=$((b + 1)); done
-exec > >(tee "$OUT/all.log") 2>&1
-echo "cpu0 siblings: $sib; wrk on CPU $a, proxy on CPU $b"
-lscpu | grep -E 'Model name|^CPU\(s\)|Thread|L1i|L2|L3'
-uname -r
+# shellcheck source=device-lib.sh
+. "$(dirname "$0")/device-lib.sh"
 lt() { # NAME TIMEOUT ARGS...
     local name=$1 t=$2
     shift 2

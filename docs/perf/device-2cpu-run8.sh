@@ -6,18 +6,8 @@
 # (wrk on the first CPU, proxy and origin on the second), 13 B, 4 KiB and 64 KiB, 5
 # interleaved repetitions of 4 s (REPS, DUR: fewer and shorter, for a local check). $OUT gets
 # all.log and ab.csv. Loopback only, bounded by timeout.
-D=$(cd "$(dirname "$0")" && pwd)
-export PATH=$D/bin:$PATH LD_LIBRARY_PATH=$D/lib
-mkdir -p /var/lib/nginx /var/log/nginx /tmp/lt
-chmod +x "$D"/bin/*
-a=0
-sib=$(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list 2>/dev/null || echo 0)
-b=1
-while [[ ",$sib," == *",$b,"* ]] || [[ "$sib" =~ ^0-([0-9]+)$ && $b -le ${BASH_REMATCH[1]} ]]; do b=$((b + 1)); done
-exec > >(tee "$OUT/all.log") 2>&1
-echo "cpu0 siblings: $sib; wrk on CPU $a, proxy and origin on CPU $b"
-lscpu | grep -E 'Model name|^CPU\(s\)|Thread|L1i|L2|L3'
-uname -r
+# shellcheck source=device-lib.sh
+. "$(dirname "$0")/device-lib.sh"
 timeout 420 "$D/bin/loadtest" compare --gateway "$D/bin/gateway" --baseline "$D/bin/gateway-baseline" \
     --proxies gateway,gateway-baseline,gateway+log --bodies 13b,4k,64k \
     --wrk-cpus $a --proxy-cpus $b --origin-cpus $b \
