@@ -11,6 +11,7 @@
 //! on separate CPU sets. Every run is bounded in time and targets 127.0.0.1 only.
 
 mod aggregate;
+mod handshake;
 mod procs;
 mod report;
 mod tls;
@@ -209,6 +210,14 @@ fn main() -> Result<()> {
         println!("{USAGE}");
         return Ok(());
     };
+    if matches!(mode.as_str(), "--help" | "-h" | "help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    // The `handshake-full` row's client, started by `loadtest tls` under taskset.
+    if mode == "handshake-client" {
+        return handshake::client_main(&args[1..]);
+    }
     if mode == "report" {
         let csv = PathBuf::from(args.get(1).context("report needs a CSV file")?);
         let summaries = report::summarize(&report::read_csv(&csv)?);

@@ -10,8 +10,10 @@
 //!   streams sets the p99; paced with 10 streams per connection, its bursts of ten set it).
 //!   h2load's pacing sends every connection's request at the same moment, so a paced
 //!   request's latency includes draining that burst of one answer per connection;
-//! - `handshake-full`: a new connection and a full handshake per request (`openssl s_time
-//!   -new`, four at a time; it never resumes), 13-byte body; no latency figures;
+//! - `handshake-full`: a new connection and a full handshake per request, four at a time,
+//!   never resuming, 13-byte body, each timed from `connect` to the answer's last byte (the
+//!   harness's own rustls client, `handshake.rs`; before 2026-12-04 `openssl s_time -new`,
+//!   which gives no latency);
 //! - `handshake-resumed`: a new connection per request that resumes the session (wrk with
 //!   `Connection: close`: wrk resumes; both servers keep sessions, nginx with a shared
 //!   session cache and tickets, the gateway with rustls's defaults). With `--connections`
@@ -29,6 +31,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::handshake;
 use crate::procs::{self, Proc, Workdir};
 use crate::report::{self, Sample};
 use crate::wrk::{self, WrkResult};
@@ -43,7 +46,7 @@ const CASES: [(&str, &str, Driver); 9] = [
     ("h2-13b-paced", "/13b", Driver::H2loadPaced),
     ("h2-64k", "/64k", Driver::H2load),
     ("h2-64k-paced", "/64k", Driver::H2loadPaced),
-    ("handshake-full", "/13b", Driver::STime),
+    ("handshake-full", "/13b", Driver::Handshakes),
     ("handshake-resumed", "/13b", Driver::WrkClose),
     ("handshake-resumed-4c", "/13b", Driver::WrkCloseFew),
 ];
@@ -71,14 +74,12 @@ enum Driver {
     H2load,
     /// h2load at a fixed rate: half the slower proxy's saturated warm-up rate on the path.
     H2loadPaced,
-    STime,
+    /// Full handshakes, [`handshake::CLIENTS`] at a time.
+    Handshakes,
 }
 
 /// The paced rows' offered load, as a fraction of the slower proxy's saturated rate.
 const PACED_FRACTION: f64 = 0.5;
-
-/// `openssl s_time` processes run at once for full handshakes.
-const S_TIME_PROCS: usize = 4;
 
 pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     for tool in ["h2load", "openssl"] {
@@ -202,7 +203,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
                 &url,
             ),
             Driver::H2load => h2load(&opts.wrk_cpus, opts.connections, seconds, &url, &dir, None),
-            Driver::STime => s_time(&opts.wrk_cpus, p.addr, seconds, case.1),
+            Driver::Handshakes => handshake::drive(&opts.wrk_cpus, p.addr, seconds, case.1),
         }
     };
     for case in warm {
@@ -261,7 +262,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     let csv = opts.out.join("tls.csv");
     report::write_csv(&csv, &samples)?;
     let md = format!(
-        "machine: {}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (openssl s_time -new; no latency figures); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close; `-4c`: 4 connections, the client below saturation).\n\n{table}",
+        "machine: {}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (the harness's rustls client, 4 at a time, no resumption; latency from connect to the answer's last byte); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close; `-4c`: 4 connections, the client below saturation).\n\n{table}",
         crate::machine()
     );
     std::fs::write(opts.out.join("tls.md"), md)?;
@@ -403,40 +404,6 @@ fn h2load(
     };
     r.p50_us = pick(0.5);
     r.p99_us = pick(0.99);
-    Ok(r)
-}
-
-/// Full handshakes: `S_TIME_PROCS` `openssl s_time -new` at once for `seconds`, each making
-/// one connection, one handshake and one HTTP/1.0 GET after another.
-fn s_time(cpus: &str, addr: std::net::SocketAddr, seconds: u64, path: &str) -> Result<WrkResult> {
-    let started = std::time::Instant::now();
-    let children = (0..S_TIME_PROCS)
-        .map(|_| {
-            Command::new("taskset")
-                .args(["-c", cpus, "openssl", "s_time", "-new"])
-                .args(["-connect", &addr.to_string(), "-www", path])
-                .args(["-time", &seconds.to_string()])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("running openssl s_time")
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut r = WrkResult::default();
-    for child in children {
-        let out = child.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // "1445 connections in 3 real seconds, 309 bytes read per connection"
-        let n: u64 = text
-            .lines()
-            .find(|l| l.contains("connections in") && l.contains("real seconds"))
-            .and_then(|l| l.split(' ').next()?.parse().ok())
-            .with_context(|| format!("unexpected s_time output:\n{text}"))?;
-        r.requests += n;
-    }
-    r.seconds = started.elapsed().as_secs_f64();
-    r.rps = r.requests as f64 / r.seconds;
     Ok(r)
 }
 
