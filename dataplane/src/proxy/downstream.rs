@@ -366,6 +366,7 @@ impl<S: ClientStream> Downstream<S> {
             &mut out,
             &mut self.iov,
             pieces.into_iter(),
+            S::COALESCE,
         )
         .await;
         self.scratch = out;

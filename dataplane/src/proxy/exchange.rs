@@ -19,7 +19,7 @@ use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::response::{parse_response, ResponseHead};
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError};
-use crate::gather::{write_gathered, Piece};
+use crate::gather::{write_gathered, Piece, COALESCE_MAX};
 use crate::io::ReadError;
 use crate::upstream::{is_send_timeout, UpstreamConn, UPSTREAM_BUF};
 
@@ -52,7 +52,7 @@ pub(crate) async fn send_head(
     iov: &mut Vec<libc::iovec>,
     pieces: impl Iterator<Item = Piece>,
 ) -> Result<(), ProxyError> {
-    match write_gathered(&mut conn.stream, src, extra, iov, pieces).await {
+    match write_gathered(&mut conn.stream, src, extra, iov, pieces, COALESCE_MAX).await {
         Ok(_) => Ok(()),
         Err(e) => {
             let err = write_error(&e);

@@ -270,6 +270,7 @@ async fn send_head<S: ClientStream>(
         &mut down.scratch,
         &mut down.iov,
         pieces,
+        S::COALESCE,
     )
     .await;
     if let (true, Ok(n)) = (apart, &sent) {

@@ -58,6 +58,9 @@ pub(crate) trait ClientStream:
     const KEEPS_WRITES: bool = false;
     /// The read buffer a connection starts with (see `downstream::BODY_BUF`).
     const READ_BUF: usize = 8 * 1024;
+    /// Gathered writes of at most this many bytes go out as one copy
+    /// ([`crate::gather::Gather::write_all`]); 0 for streams that gather themselves.
+    const COALESCE: usize = 0;
     /// Whether the stream is a whole connection that may turn out to speak HTTP/2 with
     /// prior knowledge (a cleartext TCP connection).
     const PRIOR_KNOWLEDGE: bool;
@@ -129,6 +132,7 @@ pub(crate) trait ClientStream:
 
 impl ClientStream for TcpStream {
     const PARKABLE: bool = true;
+    const COALESCE: usize = crate::gather::COALESCE_MAX;
     const PRIOR_KNOWLEDGE: bool = true;
     type ReadHalf = OwnedReadHalf<TcpStream>;
     type WriteHalf = OwnedWriteHalf<TcpStream>;

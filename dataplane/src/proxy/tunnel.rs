@@ -58,6 +58,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
         &mut down.scratch,
         &mut down.iov,
         pieces,
+        S::COALESCE,
     )
     .await
     {
