@@ -114,8 +114,6 @@ impl Gather {
         }
     }
 
-    /// Writes everything, looping over short writes. Returns the gather (buffers intact) and
-    /// the error, if any.
     /// Copies the unwritten pieces into the spare room of `src` or `extra` (past their
     /// bytes, which the iovecs point at, so nothing moves) and writes the copy with `write`.
     /// `None`: neither buffer has the room, nothing was written.
@@ -163,8 +161,9 @@ impl Gather {
         Some(res.map(|_| ()))
     }
 
-    /// Writes everything; a write of at most `coalesce` bytes goes out as one copy (see the
-    /// module's comment; 0 for streams that do their own gathering, such as TLS).
+    /// Writes everything, looping over short writes. Returns the gather (buffers intact) and
+    /// the error, if any. A write of at most `coalesce` bytes goes out as one copy (see the
+    /// module's comment; 0 for streams that gather themselves, such as TLS).
     pub async fn write_all<W: AsyncWriteRent>(
         mut self,
         stream: &mut W,

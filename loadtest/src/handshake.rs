@@ -29,8 +29,8 @@ use crate::wrk::WrkResult;
 /// Connections in flight at once (one per thread).
 pub const CLIENTS: usize = 4;
 
-/// Longest wait for one read before the handshake counts as failed.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the connection or for one read before the handshake counts as failed.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the client on `cpus` against `addr` for `seconds`, fetching `path` once per handshake.
 pub fn drive(cpus: &str, addr: SocketAddr, seconds: u64, path: &str) -> Result<WrkResult> {
@@ -181,9 +181,9 @@ fn client_config() -> Result<ClientConfig> {
 /// One connection: handshake, request, the whole answer (timed), then the end of the stream.
 /// Returns the answer's status.
 fn fetch(config: &Arc<ClientConfig>, addr: SocketAddr, request: &[u8]) -> Result<u16> {
-    let tcp = TcpStream::connect(addr)?;
+    let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(READ_TIMEOUT))?;
+    tcp.set_read_timeout(Some(TIMEOUT))?;
     let name = ServerName::try_from("localhost")?;
     let conn = ClientConnection::new(config.clone(), name)?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);

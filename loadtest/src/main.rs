@@ -36,6 +36,9 @@ usage: loadtest compare [options]
        loadtest tls [options]           (TLS: HTTP/1.1 with wrk, HTTP/2 with h2load, full
                                         handshakes; the gateway against nginx `ssl http2`)
        loadtest report RESULTS.csv      (table and chart again from a CSV)
+       loadtest handshake-client ADDR PATH SECONDS CLIENTS
+                                        (tls's full-handshake client, one line of
+                                        figures; tls starts it on the client CPUs)
 
 options (defaults in brackets):
   --reps N              repetitions, interleaved [3]
