@@ -713,15 +713,8 @@ fn metric_sum(text: &str, name: &str) -> u64 {
 
 /// GET on the admin API (bearer token, `Connection: close`); returns the body of a 200.
 fn admin_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        procs::ADMIN_TOKEN
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let auth = format!("Authorization: Bearer {}", procs::ADMIN_TOKEN);
+    let raw = get_raw(addr, path, &auth)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").context("no response head")?;
     if !head.starts_with("HTTP/1.1 200") {
@@ -730,17 +723,22 @@ fn admin_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
-/// GET with `Connection: close`; returns the status and the (de-chunked) body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+/// GET with one more header line and `Connection: close`; returns the whole answer.
+fn get_raw(addr: SocketAddr, path: &str, header: &str) -> Result<Vec<u8>> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: loadtest\r\nX-Api-Key: {}\r\nConnection: close\r\n\r\n",
-        procs::API_KEY
+        "GET {path} HTTP/1.1\r\nHost: loadtest\r\n{header}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
+    Ok(raw)
+}
+
+/// GET with `Connection: close`; returns the status and the (de-chunked) body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+    let raw = get_raw(addr, path, &format!("X-Api-Key: {}", procs::API_KEY))?;
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
