@@ -183,16 +183,17 @@ fn streams_request_bodies(driver: Driver) {
     );
 }
 
-/// Large length-framed bodies go socket to socket through a pipe (`splice`): whole, in
-/// order, the connection reusable afterwards; one the upstream cuts short reaches the client
-/// as far as it came, then the client connection closes. After a large answer the next head
-/// is read apart from its body; a body too small to splice is then read whole before its
-/// head goes out, and one that stalls there is a 504.
 /// Whether `body` is the origins' test pattern: byte `i` is `i % 251`.
 fn patterned(body: &[u8]) -> bool {
     body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8)
 }
 
+/// With `[relay] splice = true`, large length-framed bodies go socket to socket through a
+/// pipe (`splice`): whole, in order, the connection reusable afterwards; one the upstream cuts
+/// short reaches the client as far as it came, then the client connection closes. After a
+/// large answer the next head is read apart from its body; a body too small to splice is then
+/// read whole before its head goes out, and one that stalls there is a 504. By default the
+/// same answers are copied, whole, and nothing is spliced.
 fn relays_large_response_bodies(driver: Driver) {
     let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let (len, sent, piece) = match req.request_line().split(' ').nth(1) {
