@@ -80,7 +80,8 @@ options (defaults in brackets):
   --gateway PATH        gateway binary [build and use target/release/gateway]
   --baseline PATH       also run this second gateway binary, as gateway-baseline, with the
                         plain gateway's config: an A/B of two builds in one interleaved run
-                        (compare and tls)
+                        (compare and tls); name gateway-baseline+log in --proxies to run
+                        it with gateway+log's config too (the log's cost in two builds)
   --rows LIST           tls: only these rows, among h1-13b,h1-64k,h2-13b,h2-13b-paced,
                         h2-64k,h2-64k-paced,handshake-full,handshake-resumed,
                         handshake-resumed-4c [all]";
@@ -196,11 +197,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
-    match (&o.baseline, o.proxies.contains(&Kind::GatewayBaseline)) {
+    match (&o.baseline, o.proxies.iter().any(|k| k.is_baseline())) {
         (Some(_), false) => o
             .proxies
             .insert(o.proxies.len().min(1), Kind::GatewayBaseline),
-        (None, true) => bail!("gateway-baseline needs --baseline PATH"),
+        (None, true) => bail!("gateway-baseline rows need --baseline PATH"),
         _ => {}
     }
     tls::check_rows(&o.rows)?;
@@ -322,7 +323,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     let mut proxies: Vec<(Kind, Proc)> = Vec::new();
     for &kind in &opts.proxies {
         let bin = match (kind, &opts.baseline) {
-            (Kind::GatewayBaseline, Some(baseline)) => baseline.as_path(),
+            (k, Some(baseline)) if k.is_baseline() => baseline.as_path(),
             _ => gateway,
         };
         let p = procs::start_proxy(kind, &dir, bin, opts.workers, &opts.proxy_cpus, origin.addr)?;
@@ -417,7 +418,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     report::write_svg(&svg, &summaries, &title)?;
     let mut md = format!("machine: {}\n\n{table}", machine());
     // Issue 10 asks for no lost line at the logged row's rate: every answer has its line.
-    if let Some((kind, p)) = proxies.iter().find(|(k, _)| *k == Kind::GatewayLog) {
+    for (kind, p) in proxies.iter().filter(|(k, _)| k.logs()) {
         let text = access_log_check(p, &dir.file(&format!("{}-access.log", kind.name())))?;
         println!("{text}");
         md.push_str(&format!("\n{text}\n"));
@@ -662,11 +663,13 @@ fn idle_rss(p: &Proc, n: usize) -> Result<String> {
     ))
 }
 
-/// The `gateway+log` row after the runs: its access log's lines against the requests it
+/// A logged row (`gateway+log`, `gateway-baseline+log`) after the runs: its access log's lines against the requests it
 /// answered (`gateway_requests_total`, every one logged at `sample = 1.0`) and the lines its
 /// workers dropped (`gateway_access_log_dropped_total`).
 fn access_log_check(p: &Proc, log: &Path) -> Result<String> {
-    let admin = p.admin.context("gateway+log has no admin API")?;
+    let admin = p
+        .admin
+        .with_context(|| format!("{} has no admin API", p.name))?;
     // The writer thread appends within about 100 ms: count until the count stands still.
     let mut lines = 0;
     for _ in 0..50 {
@@ -681,8 +684,9 @@ fn access_log_check(p: &Proc, log: &Path) -> Result<String> {
     let answered = metric_sum(&metrics, "gateway_requests_total");
     let dropped = metric_sum(&metrics, "gateway_access_log_dropped_total");
     Ok(format!(
-        "gateway+log: {lines} access log lines for {answered} requests answered \
-         (gateway_requests_total), {dropped} dropped (gateway_access_log_dropped_total)"
+        "{}: {lines} access log lines for {answered} requests answered \
+         (gateway_requests_total), {dropped} dropped (gateway_access_log_dropped_total)",
+        p.name
     ))
 }
 
@@ -851,8 +855,26 @@ mod tests {
     }
 
     #[test]
+    fn the_logged_baseline_row_runs_the_baseline_binary_with_the_log_on() {
+        let o = parse_options(&args(
+            "--proxies gateway,gateway+log,gateway-baseline+log --baseline /tmp/old",
+        ))
+        .unwrap();
+        // Named, a baseline row keeps the plain baseline row from being added.
+        assert_eq!(
+            o.proxies,
+            [Kind::Gateway, Kind::GatewayLog, Kind::GatewayBaselineLog]
+        );
+        let k = Kind::parse("gateway-baseline+log").unwrap();
+        assert!(k.is_baseline() && k.logs() && k.name() == "gateway-baseline+log");
+        assert!(!Kind::GatewayLog.is_baseline() && !Kind::GatewayBaseline.logs());
+    }
+
+    #[test]
     fn baseline_proxy_without_a_binary_is_refused() {
         let err = parse_options(&args("--proxies gateway,gateway-baseline")).unwrap_err();
+        assert!(err.to_string().contains("--baseline PATH"), "{err}");
+        let err = parse_options(&args("--proxies gateway-baseline+log")).unwrap_err();
         assert!(err.to_string().contains("--baseline PATH"), "{err}");
         assert!(parse_options(&args("--proxies gateway"))
             .unwrap()

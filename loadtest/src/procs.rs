@@ -227,6 +227,9 @@ pub enum Kind {
     /// Another gateway binary (`--baseline PATH`) with the plain gateway's config: an A/B of
     /// two builds inside one interleaved run.
     GatewayBaseline,
+    /// The `--baseline` binary with `gateway+log`'s config: the A/B of what the access log
+    /// costs in two builds.
+    GatewayBaselineLog,
     /// Two targets (the origin on 127.0.0.1 and on 127.0.0.2), weighted round robin: the
     /// reference for the balancing and health-check rows.
     GatewayRr2,
@@ -249,6 +252,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Rows that run another gateway binary (`--baseline`).
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Kind::GatewayBaseline | Kind::GatewayBaselineLog)
+    }
+
+    /// Rows with the access log on.
+    pub fn logs(self) -> bool {
+        matches!(self, Kind::GatewayLog | Kind::GatewayBaselineLog)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "origin-direct",
@@ -260,6 +273,7 @@ impl Kind {
             Kind::GatewayLog => "gateway+log",
             Kind::GatewaySplice => "gateway+splice",
             Kind::GatewayBaseline => "gateway-baseline",
+            Kind::GatewayBaselineLog => "gateway-baseline+log",
             Kind::GatewayRr2 => "gateway+rr2",
             Kind::GatewayLeastRequest => "gateway+least_request",
             Kind::GatewayHash => "gateway+hash",
@@ -282,6 +296,7 @@ impl Kind {
             "gateway+log" => Kind::GatewayLog,
             "gateway+splice" => Kind::GatewaySplice,
             "gateway-baseline" => Kind::GatewayBaseline,
+            "gateway-baseline+log" => Kind::GatewayBaselineLog,
             "gateway+rr2" => Kind::GatewayRr2,
             "gateway+least_request" => Kind::GatewayLeastRequest,
             "gateway+hash" => Kind::GatewayHash,
@@ -294,7 +309,7 @@ impl Kind {
             other => bail!(
                 "unknown proxy {other:?} (gateway, gateway+policies, gateway+cluster, gateway+etcd, \
                  gateway+etcd+cluster, gateway+log, gateway+splice, gateway-baseline, \
-                 gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy, \
+                 gateway-baseline+log, gateway+rr2, gateway+least_request, gateway+hash, gateway+health, nginx, haproxy, \
                  nginx+buf64k, haproxy+buf64k, l4-relay)"
             ),
         })
@@ -504,6 +519,7 @@ pub fn start_proxy(
         | Kind::GatewayLog
         | Kind::GatewaySplice
         | Kind::GatewayBaseline
+        | Kind::GatewayBaselineLog
         | Kind::GatewayRr2
         | Kind::GatewayLeastRequest
         | Kind::GatewayHash
@@ -529,7 +545,7 @@ pub fn start_proxy(
                 workers,
                 origin,
                 kind == Kind::GatewayPolicies || cluster,
-                (kind == Kind::GatewayLog).then_some(access_log.as_path()),
+                kind.logs().then_some(access_log.as_path()),
                 match kind {
                     Kind::GatewayRr2 => Some(""),
                     Kind::GatewayLeastRequest => Some("balance = \"least_request\""),
