@@ -15,7 +15,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -51,6 +51,9 @@ pub struct WorkerLog {
     returned: Receiver<Vec<u8>>,
     /// Buffers this worker has allocated (at most [`BUFFERS_PER_WORKER`]).
     allocated: usize,
+    /// Texts of the client addresses and targets this worker logged last.
+    pub client_ips: AddrTexts<IpAddr>,
+    targets: AddrTexts<SocketAddr>,
 }
 
 impl WorkerLog {
@@ -78,9 +81,10 @@ impl WorkerLog {
         self.current.capacity() - self.current.len() >= need
     }
 
-    /// The buffer to append one line to, after [`WorkerLog::reserve`] said yes.
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
-        &mut self.current
+    /// The buffer to append one line to, after [`WorkerLog::reserve`] said yes, and the texts
+    /// of the targets logged last.
+    pub fn buffer(&mut self) -> (&mut Vec<u8>, &mut AddrTexts<SocketAddr>) {
+        (&mut self.current, &mut self.targets)
     }
 
     /// Hands what is buffered to the writer (if it can take it now).
@@ -149,6 +153,8 @@ impl AccessLogWriter {
                 to_writer: Some(to_writer.clone()),
                 returned,
                 allocated: 0,
+                client_ips: AddrTexts::default(),
+                targets: AddrTexts::default(),
             });
         }
         let reopen = Arc::new(AtomicBool::new(false));
@@ -445,30 +451,39 @@ mod escape_tests {
 }
 
 /// Appends `n` in decimal (no `fmt` machinery: this runs for every logged request), two
-/// digits per division.
+/// digits per division. The digits are written left-aligned into a fixed array that is
+/// appended whole and cut back to their number: a copy of a known size, which the compiler
+/// turns into a few moves, where a copy of the digits alone would be a call to `memcpy`.
 pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
                                 2021222324252627282930313233343536373839\
                                 4041424344454647484950515253545556575859\
                                 6061626364656667686970717273747576777879\
                                 8081828384858687888990919293949596979899";
+    if n < 10 {
+        out.push(b'0' + n as u8);
+        return;
+    }
+    let len = n.ilog10() as usize + 1;
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
+    let mut i = len;
     while n >= 100 {
         let pair = (n % 100) as usize * 2;
         n /= 100;
         i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        digits[i] = PAIRS[pair];
+        digits[i + 1] = PAIRS[pair + 1];
     }
     if n >= 10 {
         let pair = n as usize * 2;
-        i -= 2;
-        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+        digits[0] = PAIRS[pair];
+        digits[1] = PAIRS[pair + 1];
     } else {
-        i -= 1;
-        digits[i] = b'0' + n as u8;
+        digits[0] = b'0' + n as u8;
     }
-    out.extend_from_slice(&digits[i..]);
+    let end = out.len() + len;
+    out.extend_from_slice(&digits);
+    out.truncate(end);
 }
 
 /// Writes `n` (below 10^len) zero-padded into all of `dst`.
@@ -489,35 +504,39 @@ pub fn json_ms(out: &mut Vec<u8>, d: Duration) {
 }
 
 thread_local! {
-    /// The last second formatted on this thread (`YYYY-MM-DDTHH:MM:SS`): lines in the same
-    /// second only format their milliseconds.
-    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    /// The last timestamp formatted on this thread, in milliseconds since the epoch, and its
+    /// text: lines in the same millisecond copy it, lines in the same second only format their
+    /// milliseconds.
+    static LAST_TIME: std::cell::Cell<(u64, [u8; 26])> =
+        const { std::cell::Cell::new((u64::MAX, *b"\"YYYY-MM-DDTHH:MM:SS.mmmZ\"")) };
 }
 
 /// Appends `t` as an RFC 3339 UTC timestamp with milliseconds, in quotes.
 pub fn json_time(out: &mut Vec<u8>, t: SystemTime) {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (cached, mut text) = SECOND.with(|c| c.get());
-    if cached != secs {
-        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-        let rem = secs % 86_400;
-        // In place: no buffer is allocated, not even once a second.
-        fill_padded(&mut text[0..4], y.clamp(0, 9999) as u64);
-        fill_padded(&mut text[5..7], u64::from(m));
-        fill_padded(&mut text[8..10], u64::from(d));
-        fill_padded(&mut text[11..13], rem / 3600);
-        fill_padded(&mut text[14..16], rem / 60 % 60);
-        fill_padded(&mut text[17..19], rem % 60);
-        for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
-            text[at] = sep;
+    // Without `as_millis`'s 128-bit arithmetic; a time past year 584 million saturates.
+    let ms = since
+        .as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(since.subsec_millis()))
+        .min(u64::MAX - 1);
+    let (last, mut quoted) = LAST_TIME.with(|c| c.get());
+    if last != ms {
+        let secs = ms / 1000;
+        if last / 1000 != secs {
+            // In place: no buffer is allocated, not even once a second.
+            let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+            let rem = secs % 86_400;
+            fill_padded(&mut quoted[1..5], y.clamp(0, 9999) as u64);
+            fill_padded(&mut quoted[6..8], u64::from(m));
+            fill_padded(&mut quoted[9..11], u64::from(d));
+            fill_padded(&mut quoted[12..14], rem / 3600);
+            fill_padded(&mut quoted[15..17], rem / 60 % 60);
+            fill_padded(&mut quoted[18..20], rem % 60);
         }
-        SECOND.with(|c| c.set((secs, text)));
+        fill_padded(&mut quoted[21..24], ms % 1000);
+        LAST_TIME.with(|c| c.set((ms, quoted)));
     }
-    // `"` date and time `.` milliseconds `Z"`, put together here and appended in one copy.
-    let mut quoted = *b"\"YYYY-MM-DDTHH:MM:SS.mmmZ\"";
-    quoted[1..20].copy_from_slice(&text);
-    fill_padded(&mut quoted[21..24], u64::from(since.subsec_millis()));
     out.extend_from_slice(&quoted);
 }
 
@@ -568,6 +587,101 @@ pub fn push_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
     push_u64(out, u64::from(addr.port()));
 }
 
+/// The JSON text of the last address written through it (a client's, a target's), kept so
+/// that the next line with the same address copies it instead of formatting it again.
+#[derive(Debug, Clone, Copy)]
+pub struct AddrText<K> {
+    key: Option<K>,
+    len: u8,
+    text: [u8; ADDR_TEXT],
+}
+
+/// Room for the longest address as a JSON string: `"[` the longest IPv6 text (45 bytes)
+/// `]:65535"`.
+const ADDR_TEXT: usize = 64;
+
+impl<K: Copy + PartialEq> Default for AddrText<K> {
+    fn default() -> Self {
+        AddrText {
+            key: None,
+            len: 0,
+            text: [0; ADDR_TEXT],
+        }
+    }
+}
+
+impl<K: Copy + PartialEq> AddrText<K> {
+    /// Appends `key` as `format` writes it, from the copy kept when it is the last one seen.
+    pub fn write(&mut self, out: &mut Vec<u8>, key: K, format: fn(&mut Vec<u8>, K)) {
+        let start = out.len();
+        if self.key == Some(key) {
+            // The whole array, cut back: a copy of a known size (see `push_u64`).
+            out.extend_from_slice(&self.text);
+            out.truncate(start + usize::from(self.len));
+            return;
+        }
+        format(out, key);
+        let text = &out[start..];
+        if let Some(kept) = self.text.get_mut(..text.len()) {
+            kept.copy_from_slice(text);
+            self.len = text.len() as u8;
+            self.key = Some(key);
+        }
+    }
+}
+
+/// An address type whose texts [`AddrTexts`] keeps.
+pub trait AddrKey: Copy + PartialEq {
+    /// The address's bits folded into 64 (a cheap hash, spread by [`AddrTexts`]).
+    fn fold(self) -> u64;
+}
+
+impl AddrKey for IpAddr {
+    fn fold(self) -> u64 {
+        match self {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                (bits as u64) ^ ((bits >> 64) as u64)
+            }
+        }
+    }
+}
+
+impl AddrKey for SocketAddr {
+    fn fold(self) -> u64 {
+        self.ip().fold() ^ (u64::from(self.port()) << 40)
+    }
+}
+
+/// Slots of [`AddrTexts`].
+const ADDR_SLOTS: usize = 64;
+
+/// The texts of the addresses a worker logged last, one per slot, the slot chosen by a hash
+/// of the address (an address takes its slot from the one there before). Kept by the worker,
+/// not by each connection, so an idle connection holds none of it.
+#[derive(Debug)]
+pub struct AddrTexts<K> {
+    slots: Box<[AddrText<K>; ADDR_SLOTS]>,
+}
+
+impl<K: AddrKey> Default for AddrTexts<K> {
+    fn default() -> Self {
+        AddrTexts {
+            slots: Box::new([AddrText::default(); ADDR_SLOTS]),
+        }
+    }
+}
+
+impl<K: AddrKey> AddrTexts<K> {
+    /// Appends `key` as `format` writes it, from its slot's text when that is `key`'s.
+    pub fn write(&mut self, out: &mut Vec<u8>, key: K, format: fn(&mut Vec<u8>, K)) {
+        // Fibonacci hashing: the top bits of the product.
+        let slot = (key.fold().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize;
+        self.slots[slot % ADDR_SLOTS].write(out, key, format);
+    }
+}
+
 /// Appends an id (a route, upstream or consumer id, an error kind: validated to letters,
 /// digits, `-`, `_` and `.`, so nothing to escape) as a JSON string, or `null`.
 pub fn json_id(out: &mut Vec<u8>, id: Option<&str>) {
@@ -584,6 +698,17 @@ pub fn json_id(out: &mut Vec<u8>, id: Option<&str>) {
     }
 }
 
+/// Appends a value the parser or the gateway already limited to printable ASCII without
+/// quotes or backslashes (a method, which is a token; a trace id, which is hex) as a JSON
+/// string, without scanning it for bytes to escape.
+pub fn json_plain(out: &mut Vec<u8>, s: &[u8]) {
+    debug_assert_eq!(plain_run(s), s.len(), "{s:?}");
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s);
+    out.push(b'"');
+}
+
 /// Appends a JSON string or `null`.
 pub fn json_opt_str(out: &mut Vec<u8>, s: Option<&[u8]>, max: usize) {
     match s {
@@ -598,6 +723,8 @@ pub fn json_opt_str(out: &mut Vec<u8>, s: Option<&[u8]>, max: usize) {
 pub struct HeadFields<'a> {
     pub started: SystemTime,
     pub request_id: &'a [u8],
+    /// `request_id` has no quote or backslash ([`crate::trace::RequestId::is_plain`]).
+    pub request_id_plain: bool,
     pub client_ip: IpAddr,
     pub method: &'a [u8],
     pub host: Option<&'a [u8]>,
@@ -610,16 +737,24 @@ pub struct HeadFields<'a> {
 }
 
 /// Writes the head's part of a line: `{"ts":...` up to the last head field, with a trailing
-/// comma.
-pub fn write_head_fields(out: &mut Vec<u8>, f: &HeadFields<'_>) {
+/// comma. `client_ips` keeps client addresses' texts from one line to the next.
+pub fn write_head_fields(
+    out: &mut Vec<u8>,
+    f: &HeadFields<'_>,
+    client_ips: &mut AddrTexts<IpAddr>,
+) {
     out.extend_from_slice(b"{\"ts\":");
     json_time(out, f.started);
     out.extend_from_slice(b",\"request_id\":");
-    json_str(out, f.request_id, 256);
+    match f.request_id_plain {
+        true => json_plain(out, f.request_id),
+        false => json_str(out, f.request_id, 256),
+    }
     out.extend_from_slice(b",\"client_ip\":");
-    json_ip(out, f.client_ip);
+    client_ips.write(out, f.client_ip, json_ip);
     out.extend_from_slice(b",\"method\":");
-    json_str(out, f.method, 64);
+    // A token (the parser checked it), or empty for a head that did not parse.
+    json_plain(out, f.method);
     out.extend_from_slice(b",\"host\":");
     json_opt_str(out, f.host, 1024);
     out.extend_from_slice(b",\"path\":");
@@ -633,7 +768,11 @@ pub fn write_head_fields(out: &mut Vec<u8>, f: &HeadFields<'_>) {
     out.extend_from_slice(b",\"user_agent\":");
     json_opt_str(out, f.user_agent, MAX_LOGGED_USER_AGENT);
     out.extend_from_slice(b",\"trace_id\":");
-    json_opt_str(out, f.trace_id, 64);
+    // 32 hex digits, parsed or made by the gateway.
+    match f.trace_id {
+        Some(id) => json_plain(out, id),
+        None => out.extend_from_slice(b"null"),
+    }
     out.push(b',');
 }
 
@@ -661,6 +800,51 @@ mod tests {
             SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_799),
         );
         assert_eq!(out, b"\"2099-12-31T23:59:59.000Z\"");
+    }
+
+    #[test]
+    fn a_kept_timestamp_is_only_reused_within_its_millisecond() {
+        // Each time as this thread writes it (after the ones before it, from its kept text)
+        // and as a new thread writes it (from nothing).
+        let base = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_633_599_998);
+        let steps_us = [
+            0,
+            300,
+            1_000,
+            1_999,
+            2_000,
+            2_000,
+            500,
+            1_000_000,
+            86_400_000_000,
+            0,
+        ];
+        let mut t = base;
+        for (i, &step) in steps_us.iter().enumerate() {
+            // The last step goes back a day: a kept text must not survive that either.
+            t = if i == steps_us.len() - 1 {
+                t - Duration::from_secs(86_400)
+            } else {
+                t + Duration::from_micros(step)
+            };
+            let mut here = Vec::new();
+            json_time(&mut here, t);
+            let fresh = std::thread::spawn(move || {
+                let mut out = Vec::new();
+                json_time(&mut out, t);
+                out
+            })
+            .join()
+            .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&here),
+                String::from_utf8_lossy(&fresh),
+                "step {i}"
+            );
+        }
+        let mut out = Vec::new();
+        json_time(&mut out, base + Duration::from_millis(2));
+        assert_eq!(out, b"\"2025-12-02T00:00:00.000Z\"");
     }
 
     #[test]
@@ -701,6 +885,43 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_address_text_is_the_one_of_the_same_address() {
+        let mut kept = AddrText::default();
+        let addrs: Vec<std::net::SocketAddr> = [
+            "127.0.0.1:8080",
+            "127.0.0.1:8080",
+            "127.0.0.1:8081",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+            "127.0.0.1:8080",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for (i, &a) in addrs.iter().enumerate() {
+            let mut out = b"x".to_vec();
+            kept.write(&mut out, a, json_addr);
+            assert_eq!(out, format!("x\"{a}\"").as_bytes(), "address {i}");
+        }
+        // A worker's table: more addresses than slots, each written several times in turn.
+        let mut table = AddrTexts::default();
+        for round in 0..3u16 {
+            for i in 0..(3 * ADDR_SLOTS as u16) {
+                let a = std::net::SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 80 + round));
+                let mut out = Vec::new();
+                table.write(&mut out, a, json_addr);
+                assert_eq!(out, format!("\"{a}\"").as_bytes());
+            }
+        }
+        let mut kept = AddrText::default();
+        for ip in ["10.0.0.1", "10.0.0.1", "::1", "::1"] {
+            let mut out = Vec::new();
+            kept.write(&mut out, ip.parse::<IpAddr>().unwrap(), json_ip);
+            assert_eq!(out, format!("\"{ip}\"").as_bytes());
+        }
+    }
+
+    #[test]
     fn milliseconds_have_three_decimals() {
         let mut out = Vec::new();
         json_ms(&mut out, Duration::from_micros(1_234_567));
@@ -716,6 +937,7 @@ mod tests {
         let f = HeadFields {
             started: SystemTime::UNIX_EPOCH,
             request_id: b"r",
+            request_id_plain: true,
             client_ip: IpAddr::from([127, 0, 0, 1]),
             method: b"GET",
             host: None,
@@ -724,7 +946,7 @@ mod tests {
             user_agent: None,
             trace_id: None,
         };
-        write_head_fields(&mut out, &f);
+        write_head_fields(&mut out, &f, &mut AddrTexts::default());
         out.pop();
         out.extend_from_slice(b"}");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -736,7 +958,7 @@ mod tests {
             ..f
         };
         out.clear();
-        write_head_fields(&mut out, &f);
+        write_head_fields(&mut out, &f, &mut AddrTexts::default());
         out.pop();
         out.extend_from_slice(b"}");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -753,12 +975,14 @@ mod tests {
             to_writer: Some(to_writer),
             returned,
             allocated: 0,
+            client_ips: AddrTexts::default(),
+            targets: AddrTexts::default(),
         };
         let mut written = 0;
         // Nobody drains the channel: one buffer goes in flight, the rest fill up.
         let line = BUFFER_BYTES / 3;
         while log.reserve(line) {
-            let b = log.buffer();
+            let (b, _) = log.buffer();
             b.resize(b.len() + line, b'x');
             written += 1;
             assert!(written < 1000, "reserve never refused");

@@ -119,6 +119,9 @@ const ID_NAME: &[u8] = b"X-Request-Id: ";
 pub struct RequestId {
     line: [u8; ID_NAME.len() + MAX_REQUEST_ID + 2],
     len: u8,
+    /// No quote or backslash in the id (one the gateway made is hex): a log line takes it as
+    /// it is, without a scan for bytes to escape.
+    plain: bool,
 }
 
 impl std::fmt::Debug for RequestId {
@@ -131,7 +134,11 @@ impl Default for RequestId {
     fn default() -> Self {
         let mut line = [0; ID_NAME.len() + MAX_REQUEST_ID + 2];
         line[..ID_NAME.len()].copy_from_slice(ID_NAME);
-        RequestId { line, len: 0 }
+        RequestId {
+            line,
+            len: 0,
+            plain: true,
+        }
     }
 }
 
@@ -152,6 +159,11 @@ impl RequestId {
         self.len == 0
     }
 
+    /// Whether the id has nothing to escape in a JSON string (no quote, no backslash).
+    pub fn is_plain(&self) -> bool {
+        self.plain
+    }
+
     pub fn clear(&mut self) {
         self.len = 0;
     }
@@ -167,11 +179,13 @@ impl RequestId {
                     && v.iter().all(|&b| (0x21..0x7f).contains(&b)) =>
             {
                 id[..v.len()].copy_from_slice(v);
+                self.plain = !v.iter().any(|&b| b == b'"' || b == b'\\');
                 v.len()
             }
             _ => {
                 hex_into(&mut id[..16], rng.next_u64());
                 hex_into(&mut id[16..32], rng.next_u64());
+                self.plain = true;
                 32
             }
         };
@@ -390,12 +404,17 @@ mod tests {
         assert_eq!(id.as_bytes(), &longest[..]);
         let line = [&b"X-Request-Id: "[..], &longest, b"\r\n"].concat();
         assert_eq!(id.field_line(), &line[..]);
+        assert!(id.is_plain());
+        // Kept, but a log line must escape it.
+        id.set(Some(br#"a"b\c"#), &mut rng);
+        assert_eq!((id.as_bytes(), id.is_plain()), (&br#"a"b\c"#[..], false));
         id.set(Some(b"short"), &mut rng);
         assert_eq!(
             id.field_line(),
             b"X-Request-Id: short\r\n",
             "a shorter id after a longer one"
         );
+        assert!(id.is_plain());
         let mut seen = std::collections::HashSet::new();
         for bad in [
             &[b'x'; 129][..],
@@ -406,7 +425,7 @@ mod tests {
         ] {
             id.set(Some(bad), &mut rng);
             assert_eq!(id.as_bytes().len(), 32, "{bad:?}");
-            assert!(is_lower_hex(id.as_bytes()));
+            assert!(is_lower_hex(id.as_bytes()) && id.is_plain());
             assert!(seen.insert(id.as_bytes().to_vec()), "ids repeat");
         }
         id.set(None, &mut rng);

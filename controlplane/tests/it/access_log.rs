@@ -186,8 +186,11 @@ fn every_outcome_is_logged_field_by_field() {
     assert_eq!(r.header("x-request-id"), Some("req-200"));
     let ok_bytes = r.head.len() + 4 + r.body.len();
     assert_eq!(
-        c.roundtrip("GET /nowhere HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-404\r\n\r\n")
-            .status,
+        // A client's id with a quote and a backslash: kept, and escaped in the line.
+        c.roundtrip(
+            "GET /nowhere HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-\"404\\\r\n\r\n"
+        )
+        .status,
         404
     );
     let r = c.roundtrip("GET /private?api_key=wrong-key&x=1 HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-401\r\n\r\n");
@@ -234,7 +237,7 @@ fn every_outcome_is_logged_field_by_field() {
     assert_eq!(l["error"], Value::Null);
     assert_eq!(l["retries"], 0);
 
-    let l = by_id("req-404");
+    let l = by_id("req-\"404\\");
     check_common(l, "GET");
     assert_eq!(l["status"], 404);
     assert_eq!(l["route"], Value::Null);
@@ -258,6 +261,8 @@ fn every_outcome_is_logged_field_by_field() {
     assert_eq!(l["status"], 200);
     assert_eq!(l["consumer"], "mobile-app");
     assert_eq!(l["path"], "/private");
+    // The connection's second line with a target: its text kept from the first.
+    assert_eq!(l["target"], origin.addr.to_string());
     // The same upstream connection as the first request: reused, so no connect time.
     assert_eq!(l["upstream_connect_ms"], Value::Null, "{l}");
 

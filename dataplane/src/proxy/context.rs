@@ -6,14 +6,14 @@
 //! buffers (the policies' edits, the access log's head fields) are reused and nothing
 //! allocates once warm.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::slots::NO_ROUTE_SLOT;
 use common::Snapshot;
 
 use super::connector::Attempts;
-use crate::access_log::{self, json_addr, json_id, json_ms, push_u64, HeadFields};
+use crate::access_log::{self, json_addr, json_id, json_ms, push_u64, AddrTexts, HeadFields};
 use crate::codec::request::RequestHead;
 use crate::error::ErrorKind;
 use crate::policy::PolicyState;
@@ -171,6 +171,7 @@ impl RequestCtx {
             let f = HeadFields {
                 started: worker.wall_time(self.started),
                 request_id: self.request_id.as_bytes(),
+                request_id_plain: self.request_id.is_plain(),
                 client_ip: peer,
                 method: b"",
                 host: None,
@@ -179,7 +180,11 @@ impl RequestCtx {
                 user_agent: None,
                 trace_id: None,
             };
-            access_log::write_head_fields(&mut self.log_head, &f);
+            access_log::write_head_fields(
+                &mut self.log_head,
+                &f,
+                &mut worker.log.borrow_mut().client_ips,
+            );
         }
     }
 
@@ -199,6 +204,7 @@ impl RequestCtx {
         let f = HeadFields {
             started: worker.wall_time(self.started),
             request_id: self.request_id.as_bytes(),
+            request_id_plain: self.request_id.is_plain(),
             client_ip: self.client_ip,
             method: head.method.of(buf),
             host: head.host.map(|h| h.of(buf)),
@@ -207,7 +213,11 @@ impl RequestCtx {
             user_agent: head.user_agent.map(|u| u.of(buf)),
             trace_id: self.trace.trace_id(),
         };
-        access_log::write_head_fields(&mut self.log_head, &f);
+        access_log::write_head_fields(
+            &mut self.log_head,
+            &f,
+            &mut worker.log.borrow_mut().client_ips,
+        );
     }
 
     /// Whether this request gets an access log line (its head fields are then captured).
@@ -268,17 +278,33 @@ impl RequestCtx {
             metrics.access_log_dropped();
             return;
         }
-        let out = log.buffer();
+        let (out, targets) = log.buffer();
         out.extend_from_slice(&self.log_head);
-        self.write_tail(out, snap, elapsed);
+        self.write_tail(out, targets, snap, elapsed);
     }
 
     /// The fields known only at the end, closing the object and the line: at most
     /// [`access_log::MAX_TAIL`] bytes (ids are at most 64 bytes, an aggregate at most
     /// `MAX_STEPS` steps, each at most once; see the assertion above `impl RequestCtx`).
-    fn write_tail(&self, out: &mut Vec<u8>, snap: &Snapshot, elapsed: Duration) {
-        out.extend_from_slice(b"\"status\":");
-        push_u64(out, u64::from(self.status));
+    fn write_tail(
+        &self,
+        out: &mut Vec<u8>,
+        targets: &mut AddrTexts<SocketAddr>,
+        snap: &Snapshot,
+        elapsed: Duration,
+    ) {
+        let s = self.status;
+        if (100..=999).contains(&s) {
+            // Three digits, the usual case, in one copy of a known size.
+            let mut status = *b"\"status\":000";
+            status[9] = b'0' + (s / 100) as u8;
+            status[10] = b'0' + (s / 10 % 10) as u8;
+            status[11] = b'0' + (s % 10) as u8;
+            out.extend_from_slice(&status);
+        } else {
+            out.extend_from_slice(b"\"status\":");
+            push_u64(out, u64::from(s));
+        }
         out.extend_from_slice(b",\"route\":");
         let route = self.route.and_then(|r| snap.routes.get(r as usize));
         json_id(out, route.map(|r| &*r.id));
@@ -287,7 +313,7 @@ impl RequestCtx {
         json_id(out, upstream.map(|u| &*u.id));
         out.extend_from_slice(b",\"target\":");
         match self.attempts.target {
-            Some(t) => json_addr(out, t),
+            Some(t) => targets.write(out, t, json_addr),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"bytes_in\":");
