@@ -5,7 +5,8 @@
 //! proxy returns the expected bytes, warms up, then runs wrk against each proxy (and the origin
 //! directly) for each body size, interleaved and repeated, reading each proxy's CPU time from
 //! `/proc`. It prints a markdown table of medians with ratios to nginx, and writes a CSV and an
-//! SVG chart. `--churn` adds a run with a config change through the admin API every 10 ms,
+//! SVG chart; a run with a second build (`--baseline`) or the access log on also prints those
+//! rows against their reference repetition by repetition ([`report::PAIRS`]). `--churn` adds a run with a config change through the admin API every 10 ms,
 //! `--idle N` measures RSS per
 //! idle keep-alive connection, and `scaling` repeats the comparison for several worker counts
 //! on separate CPU sets. Every run is bounded in time and targets 127.0.0.1 only.
@@ -35,7 +36,8 @@ usage: loadtest compare [options]
        loadtest aggregate [options]     (an aggregate of 3 steps against 3 proxied requests)
        loadtest tls [options]           (TLS: HTTP/1.1 with wrk, HTTP/2 with h2load, full
                                         handshakes; the gateway against nginx `ssl http2`)
-       loadtest report RESULTS.csv      (table and chart again from a CSV)
+       loadtest report RESULTS.csv      (table, paired comparisons and chart again from a
+                                        CSV)
        loadtest handshake-client ADDR PATH SECONDS CLIENTS
                                         (tls's full-handshake client, one line of
                                         figures; tls starts it on the client CPUs)
@@ -227,8 +229,10 @@ fn main() -> Result<()> {
     }
     if mode == "report" {
         let csv = PathBuf::from(args.get(1).context("report needs a CSV file")?);
-        let summaries = report::summarize(&report::read_csv(&csv)?);
+        let samples = report::read_csv(&csv)?;
+        let summaries = report::summarize(&samples);
         println!("{}", report::table(&summaries));
+        print!("{}", report::paired_lines(&samples));
         let svg = csv.with_extension("svg");
         report::write_svg(&svg, &summaries, "requests per proxy CPU-second")?;
         println!("wrote {}", svg.display());
@@ -417,6 +421,11 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     );
     report::write_svg(&svg, &summaries, &title)?;
     let mut md = format!("machine: {}\n\n{table}", machine());
+    let pairs = report::paired_lines(&samples);
+    if !pairs.is_empty() {
+        println!("{pairs}");
+        md.push_str(&format!("\n{pairs}"));
+    }
     // Issue 10 asks for no lost line at the logged row's rate: every answer has its line.
     for (kind, p) in proxies.iter().filter(|(k, _)| k.logs()) {
         let text = access_log_check(p, &dir.file(&format!("{}-access.log", kind.name())))?;

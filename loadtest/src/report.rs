@@ -67,6 +67,81 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Rows compared repetition by repetition when both ran: (row, against). The two run close
+/// together in each repetition, so a slow stretch of the machine touches both, and the
+/// median of their per-repetition ratios is steadier than the ratio of their medians.
+pub const PAIRS: [(&str, &str); 4] = [
+    ("gateway", "gateway-baseline"),
+    ("gateway+log", "gateway"),
+    ("gateway-baseline+log", "gateway-baseline"),
+    ("gateway+log", "gateway-baseline+log"),
+];
+
+/// One row's requests per proxy CPU-second against another's, repetition by repetition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paired {
+    /// Median, lowest and highest of `row / against - 1` over the repetitions.
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Repetitions where `row` served more per CPU-second.
+    pub ahead: usize,
+    pub reps: usize,
+}
+
+/// `row` against `against` at `body`, over the repetitions where both have a figure.
+pub fn paired(samples: &[Sample], body: &str, row: &str, against: &str) -> Option<Paired> {
+    let per_rep = |proxy: &str| {
+        samples
+            .iter()
+            .filter(|s| s.body == body && s.proxy == proxy && s.per_cpu_second() > 0.0)
+            .map(|s| (s.rep, s.per_cpu_second()))
+            .collect::<Vec<_>>()
+    };
+    let theirs = per_rep(against);
+    let changes: Vec<f64> = per_rep(row)
+        .into_iter()
+        .filter_map(|(rep, mine)| {
+            let (_, other) = theirs.iter().find(|(r, _)| *r == rep)?;
+            Some(mine / other - 1.0)
+        })
+        .collect();
+    if changes.is_empty() {
+        return None;
+    }
+    Some(Paired {
+        median: median(changes.clone()),
+        min: changes.iter().copied().fold(f64::INFINITY, f64::min),
+        max: changes.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        ahead: changes.iter().filter(|&&c| c > 0.0).count(),
+        reps: changes.len(),
+    })
+}
+
+/// A line per [`PAIRS`] entry and body size that the samples have both rows of, e.g.
+/// `13b: gateway+log vs gateway, paired by repetition: median -0.8% (-4.3% to +3.9%), ahead
+/// in 2 of 7`.
+pub fn paired_lines(samples: &[Sample]) -> String {
+    let bodies = dedup(samples.iter().map(|s| s.body.clone()));
+    let mut out = String::new();
+    for (row, against) in PAIRS {
+        for body in &bodies {
+            if let Some(p) = paired(samples, body, row, against) {
+                out.push_str(&format!(
+                    "{body}: {row} vs {against}, paired by repetition: median {:+.1}% \
+                     ({:+.1}% to {:+.1}%), ahead in {} of {}\n",
+                    p.median * 100.0,
+                    p.min * 100.0,
+                    p.max * 100.0,
+                    p.ahead,
+                    p.reps
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Groups samples by (proxy, body) in first-seen order and takes medians.
 pub fn summarize(samples: &[Sample]) -> Vec<Summary> {
     let mut keys: Vec<(String, String)> = Vec::new();
@@ -397,6 +472,55 @@ mod tests {
             ["-", "-", "-", "-", "-"]
         );
         assert!(!is_peer("l4-relay") && !is_peer("gateway-baseline") && is_peer("haproxy+buf64k"));
+    }
+
+    fn sample(proxy: &str, body: &str, rep: usize, requests: u64, cpu_s: f64) -> Sample {
+        Sample {
+            proxy: proxy.into(),
+            body: body.into(),
+            rep,
+            wrk: WrkResult {
+                requests,
+                seconds: 1.0,
+                rps: requests as f64,
+                p50_us: 10.0,
+                p99_us: 20.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+            cpu_s,
+            origin_cpu_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn rows_are_compared_repetition_by_repetition() {
+        // The machine slows down in repetition 1 for both rows: the ratio of medians says
+        // the log costs nothing, each repetition says it costs 5% or 10%.
+        let s = vec![
+            sample("gateway", "13b", 0, 1000, 1.0),
+            sample("gateway+log", "13b", 0, 950, 1.0),
+            sample("gateway", "13b", 1, 600, 1.0),
+            sample("gateway+log", "13b", 1, 540, 1.0),
+            sample("gateway", "13b", 2, 1100, 1.0),
+            sample("gateway+log", "13b", 2, 1045, 1.0),
+            // A repetition only one row has is left out.
+            sample("gateway+log", "13b", 3, 2000, 1.0),
+        ];
+        let p = paired(&s, "13b", "gateway+log", "gateway").unwrap();
+        assert_eq!((p.reps, p.ahead), (3, 0));
+        assert!((p.median + 0.05).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p.min + 0.10).abs() < 1e-9 && (p.max + 0.05).abs() < 1e-9,
+            "{p:?}"
+        );
+        assert!(paired(&s, "4k", "gateway+log", "gateway").is_none());
+        assert!(paired(&s, "13b", "gateway", "gateway-baseline").is_none());
+        assert_eq!(
+            paired_lines(&s),
+            "13b: gateway+log vs gateway, paired by repetition: median -5.0% (-10.0% to -5.0%), \
+             ahead in 0 of 3\n"
+        );
     }
 
     #[test]
