@@ -6,8 +6,8 @@
 //! directly) for each body size, interleaved and repeated, reading each proxy's CPU time from
 //! `/proc`. It prints a markdown table of medians with ratios to nginx, and writes a CSV and an
 //! SVG chart; a run with a second build (`--baseline`) or the access log on also prints those
-//! rows against their reference repetition by repetition ([`report::PAIRS`]). `--churn` adds a run with a config change through the admin API every 10 ms,
-//! `--idle N` measures RSS per
+//! rows against their reference repetition by repetition ([`report::PAIRS`]). `--churn` adds a
+//! run with a config change through the admin API every 10 ms, `--idle N` measures RSS per
 //! idle keep-alive connection, and `scaling` repeats the comparison for several worker counts
 //! on separate CPU sets. Every run is bounded in time and targets 127.0.0.1 only.
 
@@ -672,9 +672,9 @@ fn idle_rss(p: &Proc, n: usize) -> Result<String> {
     ))
 }
 
-/// A logged row (`gateway+log`, `gateway-baseline+log`) after the runs: its access log's lines against the requests it
-/// answered (`gateway_requests_total`, every one logged at `sample = 1.0`) and the lines its
-/// workers dropped (`gateway_access_log_dropped_total`).
+/// A logged row (`gateway+log`, `gateway-baseline+log`) after the runs: its access log's lines
+/// against the requests it answered (`gateway_requests_total`, every one logged at
+/// `sample = 1.0`) and the lines its workers dropped (`gateway_access_log_dropped_total`).
 fn access_log_check(p: &Proc, log: &Path) -> Result<String> {
     let admin = p
         .admin
