@@ -189,41 +189,11 @@ fn fetch(config: &Arc<ClientConfig>, addr: SocketAddr, request: &[u8]) -> Result
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     tls.write_all(request)?;
     tls.flush()?;
-    let mut answer = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let status = loop {
-        let n = tls.read(&mut chunk)?;
-        if n == 0 {
-            bail!("the stream ended before the whole answer");
-        }
-        answer.extend_from_slice(&chunk[..n]);
-        if let Some(status) = complete(&answer)? {
-            break status;
-        }
-    };
+    let status = crate::read_answer(&mut tls, &mut Vec::with_capacity(1024), false)?;
     // The server closes (`Connection: close`); a close without close_notify is not an error.
+    let mut chunk = [0u8; 4096];
     while matches!(tls.read(&mut chunk), Ok(n) if n > 0) {}
     Ok(status)
-}
-
-/// The status once `answer` holds a whole head and its `Content-Length` of body.
-fn complete(answer: &[u8]) -> Result<Option<u16>> {
-    let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&answer[..end]).context("a head that is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .context("no status line")?;
-    let length: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .context("an answer without Content-Length")?;
-    Ok((answer.len() >= end + 4 + length).then_some(status))
 }
 
 /// Accepts the server's certificate as it is; verifies the handshake's signatures with it.
@@ -329,24 +299,6 @@ mod tests {
         // The server offers tickets and keeps sessions; the client must not use them.
         let kinds = kinds.join().unwrap();
         assert_eq!(kinds, [rustls::HandshakeKind::Full; 3]);
-    }
-
-    #[test]
-    fn an_answer_is_complete_with_its_whole_body() {
-        let head = b"HTTP/1.1 200 OK\r\nServer: x\r\ncontent-length: 13\r\n\r\n";
-        let mut a = head.to_vec();
-        assert_eq!(
-            complete(&a[..a.len() - 2]).unwrap(),
-            None,
-            "no blank line yet"
-        );
-        assert_eq!(complete(&a).unwrap(), None, "no body yet");
-        a.extend_from_slice(b"0123456789ab");
-        assert_eq!(complete(&a).unwrap(), None, "one byte short");
-        a.push(b'c');
-        assert_eq!(complete(&a).unwrap(), Some(200));
-        let e = complete(b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n");
-        assert!(e.unwrap_err().to_string().contains("Content-Length"));
     }
 
     #[test]

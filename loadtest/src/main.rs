@@ -608,34 +608,57 @@ impl AdminClient {
             body.len()
         );
         s.write_all(request.as_bytes())?;
-        // Read the head, then exactly Content-Length bytes of body.
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 4096];
-        let head_end = loop {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                bail!("admin connection closed");
-            }
-            raw.extend_from_slice(&buf[..n]);
-        };
-        let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
-        let status: u16 = head.get(9..12).context("short admin response")?.parse()?;
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(Ok(0), |v| v.trim().parse())?;
-        while raw.len() < head_end + length {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                bail!("admin connection closed");
-            }
-            raw.extend_from_slice(&buf[..n]);
-        }
-        Ok(status)
+        read_answer(s, &mut Vec::new(), true).context("admin answer")
     }
+}
+
+/// Reads one answer from `s` into `raw` (cleared first): its head, then exactly its
+/// `Content-Length` bytes of body; returns its status. An answer without `Content-Length` has
+/// an empty body when `length_optional`, and is an error otherwise.
+pub(crate) fn read_answer(
+    s: &mut impl Read,
+    raw: &mut Vec<u8>,
+    length_optional: bool,
+) -> Result<u16> {
+    raw.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(status) = complete(raw, length_optional)? {
+            return Ok(status);
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("the connection closed before the whole answer");
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The status once `answer` holds a whole head and its `Content-Length` of body (see
+/// [`read_answer`] for an answer without one).
+fn complete(answer: &[u8], length_optional: bool) -> Result<Option<u16>> {
+    let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&answer[..end]).context("a head that is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.trim().parse::<usize>())
+        .transpose()
+        .context("a Content-Length that is not a number")?;
+    let length = match (length, length_optional) {
+        (Some(n), _) => n,
+        (None, true) => 0,
+        (None, false) => bail!("an answer without Content-Length"),
+    };
+    Ok((answer.len() >= end + 4 + length).then_some(status))
 }
 
 /// Opens `n` keep-alive connections (one request each), then reads the proxy's RSS growth.
@@ -889,6 +912,42 @@ mod tests {
             .unwrap()
             .baseline
             .is_none());
+    }
+
+    #[test]
+    fn an_answer_is_complete_with_its_whole_body() {
+        let head = b"HTTP/1.1 200 OK\r\nServer: x\r\ncontent-length: 13\r\n\r\n";
+        let mut a = head.to_vec();
+        assert_eq!(
+            complete(&a[..a.len() - 2], false).unwrap(),
+            None,
+            "no blank line yet"
+        );
+        assert_eq!(complete(&a, false).unwrap(), None, "no body yet");
+        a.extend_from_slice(b"0123456789ab");
+        assert_eq!(complete(&a, false).unwrap(), None, "one byte short");
+        a.push(b'c');
+        assert_eq!(complete(&a, false).unwrap(), Some(200));
+        let e = complete(
+            b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert!(e.unwrap_err().to_string().contains("Content-Length"));
+        // The admin API's answers: no Content-Length, no body.
+        let no_length = b"HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n";
+        assert_eq!(complete(no_length, true).unwrap(), Some(204));
+        // From a stream; one that ends before the body is whole is an error.
+        let mut stream: &[u8] = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(
+            read_answer(&mut stream, &mut Vec::new(), true).unwrap(),
+            201
+        );
+        let mut short: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok";
+        let e = read_answer(&mut short, &mut Vec::new(), true).unwrap_err();
+        assert!(
+            e.to_string().contains("closed before the whole answer"),
+            "{e}"
+        );
     }
 
     #[test]
