@@ -421,13 +421,15 @@ impl H2Stream {
             let body_piece = match &mut self.answer {
                 Answer::Done => return Ok(()),
                 Answer::Head(buf) if buf.is_empty() => {
-                    // The usual case: the whole head in one write, parsed where it lies.
-                    if let Some(end) = find_head_end(&data, 0) {
-                        let head = data.split_to(end);
-                        self.start_answer(&head)?;
-                    } else {
-                        buf.extend_from_slice(&data);
-                        return Ok(());
+                    // The usual case: the whole head in one write, read where it lies.
+                    match self.start_answer(&data)? {
+                        Some(end) => data.advance(end),
+                        None => {
+                            // Not all there: kept until the rest comes (`start_answer` did
+                            // nothing).
+                            self.answer = Answer::Head(data.to_vec());
+                            return Ok(());
+                        }
                     }
                     continue;
                 }
@@ -442,7 +444,9 @@ impl H2Stream {
                     };
                     let all = Bytes::from(std::mem::take(buf));
                     data = Bytes::slice(&all, end..);
-                    self.start_answer(&Bytes::slice(&all, ..end))?;
+                    if self.start_answer(&Bytes::slice(&all, ..end))?.is_none() {
+                        return Err(io::ErrorKind::InvalidData.into());
+                    }
                     continue;
                 }
                 Answer::Body(Framing::Length(rem)) => {
@@ -471,62 +475,58 @@ impl H2Stream {
         Ok(())
     }
 
-    /// Sends the answer's HEADERS from its HTTP/1.1 head (an informational head is skipped).
-    /// Field values are slices of `head`, not copies.
-    fn start_answer(&mut self, head: &Bytes) -> io::Result<()> {
-        let mut fields = [httparse::EMPTY_HEADER; 128];
-        let mut parsed = httparse::Response::new(&mut fields);
-        if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
-            return Err(io::ErrorKind::InvalidData.into());
-        }
-        let code = parsed.code.unwrap_or(502);
+    /// Sends the answer's HEADERS from the HTTP/1.1 head at the start of `data` (an
+    /// informational head is skipped) and returns the head's length; `None`: the head is not
+    /// all there yet, nothing was done. Field values are slices of `data`, not copies.
+    fn start_answer(&mut self, data: &Bytes) -> io::Result<Option<usize>> {
+        let malformed = || io::Error::from(io::ErrorKind::InvalidData);
+        let mut lines = match AnswerLines::new(data) {
+            Ok(lines) => lines,
+            Err(Incomplete) => return Ok(None),
+        };
+        let code = lines.status().ok_or_else(malformed)?;
         if (100..200).contains(&code) {
             // 100 Continue and hints are not relayed; 101 cannot happen on HTTP/2.
             if code == 101 {
-                return Err(io::ErrorKind::InvalidData.into());
+                return Err(malformed());
+            }
+            loop {
+                match lines.next_line() {
+                    Ok(Line::Field(..)) => {}
+                    Ok(Line::Malformed) => return Err(malformed()),
+                    Ok(Line::End) => break,
+                    Err(Incomplete) => return Ok(None),
+                }
             }
             self.answer = Answer::Head(Vec::new());
-            return Ok(());
+            return Ok(Some(lines.consumed()));
         }
         let mut response = http::Response::new(());
-        response.headers_mut().reserve(parsed.headers.len());
-        *response.status_mut() = http::StatusCode::from_u16(code)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        // Room for a usual answer's fields without growing the map on the way.
+        response.headers_mut().reserve(FIELDS);
+        *response.status_mut() = http::StatusCode::from_u16(code).map_err(|_| malformed())?;
         let (mut chunked, mut length) = (false, None);
-        for f in parsed.headers.iter() {
-            let name = f.name;
-            if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = true;
-                continue;
-            }
-            if [
-                "connection",
-                "keep-alive",
-                "proxy-connection",
-                "upgrade",
-                "te",
-            ]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h))
-            {
-                continue;
-            }
-            if name.eq_ignore_ascii_case("content-length") {
-                length = std::str::from_utf8(f.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok());
-            }
-            let request_id = name.eq_ignore_ascii_case("x-request-id");
-            let n = if request_id {
-                // The gateway's own field, on every answer: named without an allocation.
-                http::HeaderName::from_static("x-request-id")
-            } else {
-                match http::HeaderName::from_bytes(name.as_bytes()) {
-                    Ok(n) => n,
-                    Err(_) => continue,
-                }
+        loop {
+            let (name, value) = match lines.next_line() {
+                Ok(Line::Field(name, value)) => (name, value),
+                Ok(Line::Malformed) => return Err(malformed()),
+                Ok(Line::End) => break,
+                Err(Incomplete) => return Ok(None),
             };
-            let Ok(mut v) = http::HeaderValue::from_maybe_shared(head.slice_ref(f.value)) else {
+            let (n, request_id) = match answer_field(name) {
+                AnswerField::Drop | AnswerField::Invalid => continue,
+                AnswerField::Chunked => {
+                    chunked = true;
+                    continue;
+                }
+                AnswerField::ContentLength => {
+                    length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                    (http::header::CONTENT_LENGTH, false)
+                }
+                AnswerField::RequestId => (X_REQUEST_ID, true),
+                AnswerField::Named(n) => (n, false),
+            };
+            let Ok(mut v) = http::HeaderValue::from_maybe_shared(data.slice_ref(value)) else {
                 continue;
             };
             if request_id {
@@ -557,7 +557,7 @@ impl H2Stream {
         } else {
             Answer::Body(framing)
         };
-        Ok(())
+        Ok(Some(lines.consumed()))
     }
 
     /// Sends body bytes as the client's flow-control window allows.
@@ -742,6 +742,162 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| from + i + 4)
+}
+
+/// Fields an answer's HEADERS usually has room for (`HeaderMap::reserve`).
+const FIELDS: usize = 12;
+
+/// The gateway's own field, on every answer: named without a parse or an allocation.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// What a field of an answer head becomes in HEADERS.
+#[derive(Debug, PartialEq, Eq)]
+enum AnswerField {
+    /// Connection-specific (RFC 9113 8.2.2): not sent.
+    Drop,
+    /// `Transfer-Encoding`: the body is chunked; not sent.
+    Chunked,
+    ContentLength,
+    RequestId,
+    /// Sent under this name.
+    Named(http::HeaderName),
+    /// Not a field name `http` takes: not sent.
+    Invalid,
+}
+
+/// Names a field of an answer head. The fields nearly every answer has are told apart by
+/// length and a comparison, and named with `http`'s constants; any other name goes through
+/// `HeaderName::from_bytes` (which lower-cases and checks it).
+fn answer_field(name: &[u8]) -> AnswerField {
+    use http::header;
+    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    let known = match name.len() {
+        2 if is(b"te") => return AnswerField::Drop,
+        4 if is(b"date") => header::DATE,
+        4 if is(b"etag") => header::ETAG,
+        4 if is(b"vary") => header::VARY,
+        6 if is(b"server") => header::SERVER,
+        7 if is(b"upgrade") => return AnswerField::Drop,
+        10 if is(b"connection") || is(b"keep-alive") => return AnswerField::Drop,
+        12 if is(b"content-type") => header::CONTENT_TYPE,
+        12 if is(b"x-request-id") => return AnswerField::RequestId,
+        13 if is(b"last-modified") => header::LAST_MODIFIED,
+        13 if is(b"accept-ranges") => header::ACCEPT_RANGES,
+        13 if is(b"cache-control") => header::CACHE_CONTROL,
+        14 if is(b"content-length") => return AnswerField::ContentLength,
+        16 if is(b"proxy-connection") => return AnswerField::Drop,
+        17 if is(b"transfer-encoding") => return AnswerField::Chunked,
+        _ => match http::HeaderName::from_bytes(name) {
+            Ok(n) => n,
+            Err(_) => return AnswerField::Invalid,
+        },
+    };
+    AnswerField::Named(known)
+}
+
+/// Whether a line from [`AnswerLines::take_line`] ended in a bare LF.
+fn bare_lf(line: &[u8]) -> bool {
+    line.last() == Some(&b'\n')
+}
+
+/// The head of an answer written to an [`H2Stream`] is not all there yet.
+#[derive(Debug, PartialEq, Eq)]
+struct Incomplete;
+
+/// One line of an answer head's fields.
+#[derive(Debug, PartialEq, Eq)]
+enum Line<'a> {
+    /// A field's name and its value without the whitespace around it.
+    Field(&'a [u8], &'a [u8]),
+    /// A line without a colon or with an empty name, or a bare LF. (A name with whitespace in
+    /// it is a field that `http::HeaderName` refuses.)
+    Malformed,
+    /// The empty line that ends the head.
+    End,
+}
+
+/// Walks the lines of the HTTP/1.1 answer head written to an [`H2Stream`]. That head is the
+/// gateway's own output: an upstream's head that `parse_response` accepted (CRLF line ends,
+/// well-formed fields, a three-digit status), with the gateway's fields added, or a head the
+/// gateway made. So the lines are split where they lie, without a general parser's second
+/// pass (httparse's header array, its validation, and a separate search for the head's end
+/// cost about 3,000 instructions per answer); what the walk still meets that is not a field
+/// line is [`Line::Malformed`], and names and values are checked where they become an
+/// `http::HeaderName` and `HeaderValue`.
+struct AnswerLines<'a> {
+    head: &'a [u8],
+    /// Where the next line starts.
+    at: usize,
+    status: Option<u16>,
+}
+
+impl<'a> AnswerLines<'a> {
+    /// Reads the status line.
+    fn new(head: &'a [u8]) -> Result<Self, Incomplete> {
+        let mut lines = AnswerLines {
+            head,
+            at: 0,
+            status: None,
+        };
+        let line = lines.take_line()?;
+        // `HTTP/1.x SP 3DIGIT [SP reason]`
+        if bare_lf(line) {
+            return Ok(lines);
+        }
+        let version_and_code = line.strip_prefix(b"HTTP/1.");
+        if let Some([_, b' ', a @ b'1'..=b'5', b @ b'0'..=b'9', c @ b'0'..=b'9', rest @ ..]) =
+            version_and_code
+        {
+            if rest.first().is_none_or(|&sp| sp == b' ') {
+                let digit = |x: &u8| u16::from(x - b'0');
+                lines.status = Some(digit(a) * 100 + digit(b) * 10 + digit(c));
+            }
+        }
+        Ok(lines)
+    }
+
+    /// The status code; `None`: the status line is not one.
+    fn status(&self) -> Option<u16> {
+        self.status
+    }
+
+    /// Bytes of the head read so far (all of it once [`Line::End`] was returned).
+    fn consumed(&self) -> usize {
+        self.at
+    }
+
+    /// The next line, without its CRLF (a bare LF stays on it, and makes it malformed).
+    fn take_line(&mut self) -> Result<&'a [u8], Incomplete> {
+        let rest = &self.head[self.at..];
+        let lf = memchr::memchr(b'\n', rest).ok_or(Incomplete)?;
+        self.at += lf + 1;
+        Ok(match rest[..lf].split_last() {
+            Some((b'\r', line)) => line,
+            // Keeps the LF, which makes the line malformed ([`bare_lf`]).
+            _ => &rest[..=lf],
+        })
+    }
+
+    fn next_line(&mut self) -> Result<Line<'a>, Incomplete> {
+        let line = self.take_line()?;
+        if line.is_empty() {
+            return Ok(Line::End);
+        }
+        if bare_lf(line) {
+            return Ok(Line::Malformed);
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            return Ok(Line::Malformed);
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() {
+            return Ok(Line::Malformed);
+        }
+        let ows = |b: &u8| *b == b' ' || *b == b'\t';
+        let start = value.iter().position(|b| !ows(b)).unwrap_or(value.len());
+        let end = value.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+        Ok(Line::Field(name, &value[start..end]))
+    }
 }
 
 /// Chunked-body decoding of the gateway's own output (already validated upstream side).
@@ -1451,6 +1607,132 @@ mod tests {
             push_hex(&mut out, n);
             assert_eq!(out, format!("{n:x}").into_bytes());
         }
+    }
+
+    /// Every line of `head` as [`AnswerLines`] reads it, and the bytes it took.
+    fn walk(head: &[u8]) -> (Option<u16>, Vec<Result<Line<'_>, Incomplete>>, usize) {
+        let Ok(mut lines) = AnswerLines::new(head) else {
+            return (None, vec![Err(Incomplete)], 0);
+        };
+        let mut out = Vec::new();
+        loop {
+            let line = lines.next_line();
+            let stop = !matches!(line, Ok(Line::Field(..)) | Ok(Line::Malformed));
+            out.push(line);
+            if stop {
+                return (lines.status(), out, lines.consumed());
+            }
+        }
+    }
+
+    #[test]
+    fn answer_heads_are_read_line_by_line_where_they_lie() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Type:text/plain\r\nX-A:  spaced \t\r\n\
+                     Empty:\r\nDate: Fri, 04 Dec 2026 23:40:00 GMT\r\n\r\nbody";
+        let (status, lines, used) = walk(head);
+        assert_eq!(status, Some(200));
+        assert_eq!(
+            lines,
+            [
+                Ok(Line::Field(b"Content-Type", b"text/plain")),
+                Ok(Line::Field(b"X-A", b"spaced")),
+                Ok(Line::Field(b"Empty", b"")),
+                Ok(Line::Field(b"Date", b"Fri, 04 Dec 2026 23:40:00 GMT")),
+                Ok(Line::End),
+            ]
+        );
+        assert_eq!(&head[used..], b"body");
+        // No fields, no reason phrase, another minor version.
+        let (status, lines, used) = walk(b"HTTP/1.0 204\r\n\r\n");
+        assert_eq!((status, lines, used), (Some(204), vec![Ok(Line::End)], 16));
+        // Cut anywhere before the empty line's LF, a head is incomplete, not malformed.
+        for cut in 0..head.len() - 4 {
+            let (_, lines, _) = walk(&head[..cut]);
+            assert_eq!(lines.last(), Some(&Err(Incomplete)), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_field_line_or_a_status_line_is_refused() {
+        for line in [&b"no colon"[..], b": empty name", b"Bare: lf\n"] {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            head.extend_from_slice(line);
+            head.extend_from_slice(b"\r\n\r\n");
+            let (status, lines, _) = walk(&head);
+            assert_eq!(status, Some(200));
+            assert_eq!(
+                lines[0],
+                Ok(Line::Malformed),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        for status_line in [
+            &b"HTTP/1.1 200 OK\n"[..],
+            b"HTTP/1.1 2000 OK\r\n",
+            b"HTTP/1.1 20 OK\r\n",
+            b"HTTP/1.1 099 Low\r\n",
+            b"HTTP/1.1 600 High\r\n",
+            b"HTTP/1.1 2x0 OK\r\n",
+            b"HTTP/2.0 200 OK\r\n",
+            b"HTTP/1.1  200 OK\r\n",
+            b"ICY 200 OK\r\n",
+        ] {
+            let lines = AnswerLines::new(status_line).unwrap();
+            assert_eq!(
+                lines.status(),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(status_line)
+            );
+        }
+        for (line, code) in [
+            (&b"HTTP/1.1 100 Continue\r\n"[..], 100),
+            (b"HTTP/1.1 599\r\n", 599),
+        ] {
+            assert_eq!(AnswerLines::new(line).unwrap().status(), Some(code));
+        }
+    }
+
+    #[test]
+    fn answer_fields_are_named_dropped_or_refused() {
+        use http::header;
+        for (name, expected) in [
+            (
+                &b"Content-Type"[..],
+                AnswerField::Named(header::CONTENT_TYPE),
+            ),
+            (b"DATE", AnswerField::Named(header::DATE)),
+            (b"etag", AnswerField::Named(header::ETAG)),
+            (b"Vary", AnswerField::Named(header::VARY)),
+            (b"Server", AnswerField::Named(header::SERVER)),
+            (b"Last-Modified", AnswerField::Named(header::LAST_MODIFIED)),
+            (b"Accept-Ranges", AnswerField::Named(header::ACCEPT_RANGES)),
+            (b"Cache-Control", AnswerField::Named(header::CACHE_CONTROL)),
+            (b"Set-Cookie", AnswerField::Named(header::SET_COOKIE)),
+            (
+                b"X-Custom-Thing",
+                AnswerField::Named(http::HeaderName::from_static("x-custom-thing")),
+            ),
+            (b"Content-Length", AnswerField::ContentLength),
+            (b"X-Request-ID", AnswerField::RequestId),
+            (b"Transfer-Encoding", AnswerField::Chunked),
+            (b"Connection", AnswerField::Drop),
+            (b"Keep-Alive", AnswerField::Drop),
+            (b"Proxy-Connection", AnswerField::Drop),
+            (b"Upgrade", AnswerField::Drop),
+            (b"TE", AnswerField::Drop),
+            (b"Bad Name", AnswerField::Invalid),
+            (b"Bad\x7fName", AnswerField::Invalid),
+        ] {
+            assert_eq!(
+                answer_field(name),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
+        assert_eq!(X_REQUEST_ID.as_str(), "x-request-id");
     }
 
     #[test]
