@@ -23,7 +23,8 @@ static ALLOC: MiMalloc = MiMalloc;
 /// them; larger alignments keep the aligned entry points.
 struct MiMalloc;
 
-/// The alignment every mimalloc block has (its smallest block is a word).
+/// The alignment every mimalloc block has: block sizes are whole words, and a page's first
+/// block starts 16-byte aligned. (Not 16: a 24-byte block can start at 40.)
 const WORD: usize = std::mem::size_of::<usize>();
 
 // SAFETY: each method forwards to mimalloc with the layout's size (and its alignment where
