@@ -233,6 +233,7 @@ fn main() -> Result<()> {
         let summaries = report::summarize(&samples);
         println!("{}", report::table(&summaries));
         print!("{}", report::paired_lines(&samples));
+        print!("{}", report::p99_lines(&samples, "gateway", "nginx"));
         let svg = csv.with_extension("svg");
         report::write_svg(&svg, &summaries, "requests per proxy CPU-second")?;
         println!("wrote {}", svg.display());

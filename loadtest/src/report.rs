@@ -89,22 +89,37 @@ pub struct Paired {
     pub reps: usize,
 }
 
-/// `row` against `against` at `body`, over the repetitions where both have a figure.
-pub fn paired(samples: &[Sample], body: &str, row: &str, against: &str) -> Option<Paired> {
+/// `figure` of `row` and of `against` at `body`, for each repetition where both have a
+/// positive one.
+fn by_repetition(
+    samples: &[Sample],
+    body: &str,
+    row: &str,
+    against: &str,
+    figure: impl Fn(&Sample) -> f64,
+) -> Vec<(f64, f64)> {
     let per_rep = |proxy: &str| {
         samples
             .iter()
-            .filter(|s| s.body == body && s.proxy == proxy && s.per_cpu_second() > 0.0)
-            .map(|s| (s.rep, s.per_cpu_second()))
+            .filter(|s| s.body == body && s.proxy == proxy && figure(s) > 0.0)
+            .map(|s| (s.rep, figure(s)))
             .collect::<Vec<_>>()
     };
     let theirs = per_rep(against);
-    let changes: Vec<f64> = per_rep(row)
+    per_rep(row)
         .into_iter()
         .filter_map(|(rep, mine)| {
             let (_, other) = theirs.iter().find(|(r, _)| *r == rep)?;
-            Some(mine / other - 1.0)
+            Some((mine, *other))
         })
+        .collect()
+}
+
+/// `row` against `against` at `body`, over the repetitions where both have a figure.
+pub fn paired(samples: &[Sample], body: &str, row: &str, against: &str) -> Option<Paired> {
+    let changes: Vec<f64> = by_repetition(samples, body, row, against, Sample::per_cpu_second)
+        .into_iter()
+        .map(|(mine, other)| mine / other - 1.0)
         .collect();
     if changes.is_empty() {
         return None;
@@ -138,6 +153,25 @@ pub fn paired_lines(samples: &[Sample]) -> String {
                 ));
             }
         }
+    }
+    out
+}
+
+/// A line per body size where both rows ran, saying in how many repetitions `row`'s p99 was
+/// below `against`'s, e.g. `h2-13b-paced: gateway's p99 below nginx's in 2 of 5
+/// repetitions`. (A target of "lower p99" read from medians alone hides how often it held.)
+pub fn p99_lines(samples: &[Sample], row: &str, against: &str) -> String {
+    let mut out = String::new();
+    for body in dedup(samples.iter().map(|s| s.body.clone())) {
+        let reps = by_repetition(samples, &body, row, against, |s| s.wrk.p99_us);
+        if reps.is_empty() {
+            continue;
+        }
+        let below = reps.iter().filter(|(mine, other)| mine < other).count();
+        out.push_str(&format!(
+            "{body}: {row}'s p99 below {against}'s in {below} of {} repetitions\n",
+            reps.len()
+        ));
     }
     out
 }
@@ -521,6 +555,33 @@ mod tests {
             "13b: gateway+log vs gateway, paired by repetition: median -5.0% (-10.0% to -5.0%), \
              ahead in 0 of 3\n"
         );
+    }
+
+    #[test]
+    fn p99s_are_compared_repetition_by_repetition() {
+        let with_p99 = |proxy: &str, body: &str, rep: usize, p99_us: f64| {
+            let mut s = sample(proxy, body, rep, 1000, 1.0);
+            s.wrk.p99_us = p99_us;
+            s
+        };
+        let s = vec![
+            with_p99("gateway", "h2-13b", 0, 900.0),
+            with_p99("nginx", "h2-13b", 0, 1000.0),
+            with_p99("gateway", "h2-13b", 1, 1200.0),
+            with_p99("nginx", "h2-13b", 1, 1000.0),
+            // Equal is not below; a repetition only one row has is left out.
+            with_p99("gateway", "h2-13b", 2, 1000.0),
+            with_p99("nginx", "h2-13b", 2, 1000.0),
+            with_p99("gateway", "h2-13b", 3, 10.0),
+            with_p99("gateway", "h1-13b", 0, 10.0),
+            with_p99("nginx", "h1-13b", 0, 20.0),
+        ];
+        assert_eq!(
+            p99_lines(&s, "gateway", "nginx"),
+            "h2-13b: gateway's p99 below nginx's in 1 of 3 repetitions\n\
+             h1-13b: gateway's p99 below nginx's in 1 of 1 repetitions\n"
+        );
+        assert_eq!(p99_lines(&s, "gateway", "haproxy"), "");
     }
 
     #[test]
