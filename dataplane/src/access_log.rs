@@ -297,7 +297,7 @@ fn json_str_parts(out: &mut Vec<u8>, parts: &[&[u8]], max: usize) {
 
 /// How many bytes at the start of `s` go into a log line as they are: printable ASCII other
 /// than a quote or a backslash. Eight bytes at a time while none needs escaping.
-fn plain_run(s: &[u8]) -> usize {
+pub(crate) fn plain_run(s: &[u8]) -> usize {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     const ONES: u64 = 0x0101_0101_0101_0101;
     // Quotes, backslashes and control bytes, bytes from 0x80, and 0x7f (DEL), flagged in the
@@ -487,7 +487,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Writes `n` (below 10^len) zero-padded into all of `dst`.
-fn fill_padded(dst: &mut [u8], mut n: u64) {
+pub(crate) fn fill_padded(dst: &mut [u8], mut n: u64) {
     for d in dst.iter_mut().rev() {
         *d = b'0' + (n % 10) as u8;
         n /= 10;
@@ -654,8 +654,9 @@ impl AddrKey for SocketAddr {
     }
 }
 
-/// Slots of [`AddrTexts`].
-const ADDR_SLOTS: usize = 64;
+/// Slots of [`AddrTexts`]: 2^`ADDR_SLOT_BITS`.
+const ADDR_SLOT_BITS: u32 = 6;
+const ADDR_SLOTS: usize = 1 << ADDR_SLOT_BITS;
 
 /// The texts of the addresses a worker logged last, one per slot, the slot chosen by a hash
 /// of the address (an address takes its slot from the one there before). Kept by the worker,
@@ -676,9 +677,10 @@ impl<K: AddrKey> Default for AddrTexts<K> {
 impl<K: AddrKey> AddrTexts<K> {
     /// Appends `key` as `format` writes it, from its slot's text when that is `key`'s.
     pub fn write(&mut self, out: &mut Vec<u8>, key: K, format: fn(&mut Vec<u8>, K)) {
-        // Fibonacci hashing: the top bits of the product.
-        let slot = (key.fold().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize;
-        self.slots[slot % ADDR_SLOTS].write(out, key, format);
+        // Fibonacci hashing: the top bits of the product, as many as index a slot.
+        let slot =
+            (key.fold().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ADDR_SLOT_BITS)) as usize;
+        self.slots[slot].write(out, key, format);
     }
 }
 
@@ -723,7 +725,7 @@ pub fn json_opt_str(out: &mut Vec<u8>, s: Option<&[u8]>, max: usize) {
 pub struct HeadFields<'a> {
     pub started: SystemTime,
     pub request_id: &'a [u8],
-    /// `request_id` has no quote or backslash ([`crate::trace::RequestId::is_plain`]).
+    /// `request_id` has nothing to escape ([`crate::trace::RequestId::is_plain`]).
     pub request_id_plain: bool,
     pub client_ip: IpAddr,
     pub method: &'a [u8],

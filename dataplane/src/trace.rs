@@ -119,8 +119,8 @@ const ID_NAME: &[u8] = b"X-Request-Id: ";
 pub struct RequestId {
     line: [u8; ID_NAME.len() + MAX_REQUEST_ID + 2],
     len: u8,
-    /// No quote or backslash in the id (one the gateway made is hex): a log line takes it as
-    /// it is, without a scan for bytes to escape.
+    /// Nothing in the id that a log line escapes (`access_log::plain_run`; one the gateway
+    /// made is hex): a log line takes it as it is, without scanning it again.
     plain: bool,
 }
 
@@ -159,7 +159,7 @@ impl RequestId {
         self.len == 0
     }
 
-    /// Whether the id has nothing to escape in a JSON string (no quote, no backslash).
+    /// Whether the id has nothing to escape in a JSON string (here: no quote, no backslash).
     pub fn is_plain(&self) -> bool {
         self.plain
     }
@@ -179,7 +179,7 @@ impl RequestId {
                     && v.iter().all(|&b| (0x21..0x7f).contains(&b)) =>
             {
                 id[..v.len()].copy_from_slice(v);
-                self.plain = !v.iter().any(|&b| b == b'"' || b == b'\\');
+                self.plain = crate::access_log::plain_run(v) == v.len();
                 v.len()
             }
             _ => {

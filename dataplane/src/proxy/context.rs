@@ -297,9 +297,7 @@ impl RequestCtx {
         if (100..=999).contains(&s) {
             // Three digits, the usual case, in one copy of a known size.
             let mut status = *b"\"status\":000";
-            status[9] = b'0' + (s / 100) as u8;
-            status[10] = b'0' + (s / 10 % 10) as u8;
-            status[11] = b'0' + (s % 10) as u8;
+            access_log::fill_padded(&mut status[9..], u64::from(s));
             out.extend_from_slice(&status);
         } else {
             out.extend_from_slice(b"\"status\":");
