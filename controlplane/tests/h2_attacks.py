@@ -246,6 +246,31 @@ def oversized_headers():
     r.close()
 
 
+def missing_path():
+    # A GET with neither :path nor :authority (a host field instead): malformed (RFC 9113
+    # 8.3.1), so RST_STREAM PROTOCOL_ERROR, not an answer for "/"; the connection goes on.
+    r = Raw()
+    block = r.enc.encode([(":method", "GET"), (":scheme", "http"), ("host", "localhost")])
+    f = HeadersFrame(1, block)
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    r.send(f)
+
+    def answered(frame, sid):
+        return (isinstance(frame, (HeadersFrame, RstStreamFrame)) and frame.stream_id == sid) \
+            or is_goaway(frame)
+    got = r.frames(lambda frame: answered(frame, 1))
+    check("missing :path: RST_STREAM PROTOCOL_ERROR", isinstance(got, RstStreamFrame)
+          and got.error_code == PROTOCOL_ERROR,
+          f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+    r.send(r.headers(3, "/ok"))
+    got = r.frames(lambda frame: answered(frame, 3))
+    status = dict(hpack.Decoder().decode(got.data)).get(":status") \
+        if isinstance(got, HeadersFrame) else None
+    check("missing :path: the next stream is answered", status == "200", f"status={status}")
+    r.close()
+
+
 def raw_frame(ftype, flags, sid, payload):
     """Frame bytes by hand, for frames hyperframe refuses to build."""
     return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
@@ -431,6 +456,7 @@ attack("CONTINUATION flood", continuation_flood)
 attack("oversized header list", oversized_headers)
 attack("HPACK bomb", hpack_bomb)
 attack("invalid frames", invalid_frames)
+attack("missing :path", missing_path)
 attack("PING/SETTINGS flood", ping_and_settings_flood)
 attack("concurrent stream limit", stream_limit)
 print(f"{len(failures)} failed")

@@ -1,7 +1,9 @@
 //! HTTP/2 to clients through the real binary: curl `--http2` over TLS (ALPN, SNI for two
 //! names) and with prior knowledge on an h2c listener, bodies both ways (with and without a
 //! length), HEAD, 421, the access log and metrics; h2load over TLS and h2c; the negative
-//! tests of `tests/h2_attacks.py` (PyPI `h2`); and GOAWAY on drain.
+//! tests of `tests/h2_attacks.py` (PyPI `h2`); GOAWAY on drain; and answers that end
+//! with the upstream's close (whole or cut), transfer codings HTTP/2 cannot carry and
+//! interim answers.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -38,6 +40,19 @@ fn origin() -> Origin {
                   6\r\nchunk-\r\n7;x=y\r\nencoded\r\n0\r\nx-t: 1\r\n\r\n",
             );
             return Keep::Open;
+        }
+        // Answers HTTP/2 cannot carry as they are, or that end with the connection.
+        if target == "/te-gzip" {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot gzip");
+            return Keep::Close;
+        }
+        if target == "/close-ok" {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Origin: yes\r\n\r\nuntil the close\n");
+            return Keep::Close;
+        }
+        if target == "/close-cut" {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Origin: yes\r\n\r\nthe start");
+            return Keep::Reset;
         }
         if target == "/slow" {
             std::thread::sleep(Duration::from_secs(1));
@@ -340,6 +355,161 @@ fn curl_speaks_http2_over_tls_and_h2c_through_the_whole_path() {
         .find(|l| l.starts_with("gateway_requests_total{route=\"direct\",class=\"2xx\"}"))
         .unwrap_or_else(|| panic!("no direct route counter: {metrics}"));
     assert!(direct.ends_with(" 1"), "{direct}");
+}
+
+/// How an HTTP/1.1-over-TLS answer to `GET path` ended, read by Python's ssl with ragged
+/// EOFs reported: "close_notify" or "no close_notify"; with its status and body length.
+fn tls_end(addr: SocketAddr, ca: &str, path: &str) -> (String, u16, usize) {
+    const SCRIPT: &str = r#"
+import socket, ssl, sys
+port, ca, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+s = ctx.wrap_socket(raw, server_hostname="a.test", suppress_ragged_eofs=False)
+s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+data, end = b"", "close_notify"
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+except ssl.SSLEOFError:
+    end = "no close_notify"
+head, _, body = data.partition(b"\r\n\r\n")
+print(end, head.split(b" ")[1].decode() if head else "0", len(body))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT, &addr.port().to_string(), ca, path])
+        .output()
+        .expect("python3 is needed for the HTTP/2 tests");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (end, rest) = text
+        .trim()
+        .rsplit_once(' ')
+        .and_then(|(a, len)| Some((a.rsplit_once(' ')?, len)))
+        .map(|((end, status), len)| ((end.to_owned(), status.to_owned()), len.to_owned()))
+        .unwrap_or_else(|| panic!("{text} {err}"));
+    (end.0, end.1.parse().unwrap(), rest.parse().unwrap())
+}
+
+/// curl's exit status, the answer's body and the last line of `-w` (version and status),
+/// and what it printed on stderr.
+fn curl_status(args: &[&str]) -> (Option<i32>, String, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_version} %{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl is needed for the HTTP/2 tests");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap_or(("", ""));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), body.to_owned(), last.to_owned(), err)
+}
+
+#[test]
+fn answers_end_whole_or_visibly_cut_and_interim_ones_reach_http2_clients() {
+    let s = setup("h2-framing");
+    let (tls, h2c) = (s.gw.listeners[0], s.gw.listeners[1]);
+    let ca = s.a.cert.to_str().unwrap();
+    let resolve = format!("a.test:{}:127.0.0.1", tls.port());
+    let over_tls = |version: &str, path: &str| {
+        let url = format!("https://a.test:{}{path}", tls.port());
+        curl_status(&[version, "--cacert", ca, "--resolve", &resolve, &url])
+    };
+    let h2c_url = |path: &str| format!("http://{h2c}{path}");
+
+    // A body the origin ends by closing arrives whole, and ended as such: END_STREAM over
+    // HTTP/2, close_notify over TLS (curl does not tell a TLS close without one apart, so
+    // HTTP/1.1 over TLS is also read by Python's ssl, which does).
+    assert_eq!(
+        tls_end(tls, ca, "/close-ok"),
+        ("close_notify".to_owned(), 200, 16)
+    );
+    let (end, status, _) = tls_end(tls, ca, "/close-cut");
+    assert!(end != "close_notify" || status != 200, "{end} {status}");
+    for (version, proto) in [("--http2", "2 200"), ("--http1.1", "1.1 200")] {
+        let (code, body, last, err) = over_tls(version, "/close-ok");
+        assert_eq!(
+            (code, body.as_str(), last.as_str()),
+            (Some(0), "until the close\n", proto),
+            "{err}"
+        );
+    }
+    let (code, body, last, err) = curl_status(&["--http2-prior-knowledge", &h2c_url("/close-ok")]);
+    assert_eq!(
+        (code, body.as_str(), last.as_str()),
+        (Some(0), "until the close\n", "2 200"),
+        "{err}"
+    );
+    // Cut by the origin's reset: never a whole 200 to an HTTP/2 client (a 502 if the head
+    // had not gone out yet, else a reset stream).
+    let (code, body, last, err) = over_tls("--http2", "/close-cut");
+    assert!(
+        !(code == Some(0) && last.ends_with(" 200")),
+        "TLS /close-cut: curl {code:?}, {last}, body {body:?}: {err}"
+    );
+    let (code, body, last, err) = curl_status(&["--http2-prior-knowledge", &h2c_url("/close-cut")]);
+    assert!(
+        !(code == Some(0) && last.ends_with(" 200")),
+        "h2c /close-cut: curl {code:?}, {last}, body {body:?}: {err}"
+    );
+
+    // A transfer coding HTTP/2 cannot carry: 502 (an HTTP/1.1 client gets it as it came).
+    let (code, _, last, err) = over_tls("--http2", "/te-gzip");
+    assert_eq!((code, last.as_str()), (Some(0), "2 502"), "{err}");
+    let (code, _, last, err) = curl_status(&["--http2-prior-knowledge", &h2c_url("/te-gzip")]);
+    assert_eq!((code, last.as_str()), (Some(0), "2 502"), "{err}");
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http1.1",
+            "--raw",
+            "-D",
+            "-",
+            "--cacert",
+            ca,
+            "--resolve",
+            &resolve,
+        ])
+        .arg(format!("https://a.test:{}/te-gzip", tls.port()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("transfer-encoding: gzip"),
+        "{text}"
+    );
+    assert!(text.ends_with("not gzip"), "{text}");
+
+    // `Expect: 100-continue` over HTTP/2 gets the gateway's 100 as informational HEADERS
+    // (a client waiting for it would otherwise wait out its own timeout first).
+    let (code, body, last, err) = curl_status(&[
+        "-v",
+        "--http2-prior-knowledge",
+        "--expect100-timeout",
+        "20",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        "hello",
+        &h2c_url("/post"),
+    ]);
+    assert_eq!((code, last.as_str()), (Some(0), "2 200"), "{err}");
+    assert_eq!(
+        body,
+        "POST /post HTTP/1.1 body=5 framing=length proto=http\n"
+    );
+    assert!(err.contains("< HTTP/2 100"), "{err}");
 }
 
 /// Runs h2load and checks that every request succeeded.

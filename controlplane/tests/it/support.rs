@@ -483,6 +483,8 @@ pub type Handler = dyn Fn(&Received, &mut TcpStream) -> Keep + Send + Sync;
 pub enum Keep {
     Open,
     Close,
+    /// Close with a TCP reset (no FIN first): what the other side reads is cut, not ended.
+    Reset,
 }
 
 /// A threaded origin server on 127.0.0.1 that records what it receives.
@@ -610,9 +612,16 @@ fn serve_origin(mut s: TcpStream, conn: usize, handler: &Handler, rec: &Mutex<Ve
         };
         req.raw_body = buf.drain(..body_len).collect();
         rec.lock().unwrap().push(req.clone());
-        if handler(&req, &mut s) == Keep::Close {
-            let _ = s.shutdown(Shutdown::Both);
-            return;
+        match handler(&req, &mut s) {
+            Keep::Open => {}
+            Keep::Close => {
+                let _ = s.shutdown(Shutdown::Both);
+                return;
+            }
+            Keep::Reset => {
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                return;
+            }
         }
     }
 }

@@ -27,6 +27,10 @@ pub struct ResponseHead {
     pub reusable: bool,
     /// The upstream's `X-Request-Id` field, which the gateway's replaces.
     pub request_id: Option<FieldRef>,
+    /// The body carries a transfer coding other than `chunked` (or codings that cannot be
+    /// taken apart): an HTTP/1.1 client gets it as it is, with its `Transfer-Encoding`; an
+    /// HTTP/2 client cannot (HTTP/2 has no transfer codings, RFC 9113 §8.2.2).
+    pub transfer_coded: bool,
 }
 
 /// Why a response head is unusable.
@@ -195,6 +199,7 @@ pub fn parse_response(
         body,
         reusable,
         request_id,
+        transfer_coded: !no_body && codings.present && (codings.other || codings.malformed),
     }))
 }
 
@@ -266,6 +271,32 @@ mod tests {
         let r = parse(input, false).unwrap().unwrap();
         assert_eq!((r.body, r.reusable), (BodyKind::Chunked, false));
         assert_eq!(forwarded(input), "Transfer-Encoding: chunked\r\n");
+    }
+
+    #[test]
+    fn codings_other_than_chunked_are_marked() {
+        let coded = |te: &str, head: bool| {
+            let input = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n");
+            let r = parse(input.as_bytes(), head).unwrap().unwrap();
+            (r.body, r.transfer_coded)
+        };
+        assert_eq!(coded("chunked", false), (BodyKind::Chunked, false));
+        assert_eq!(coded("Chunked", false), (BodyKind::Chunked, false));
+        assert_eq!(coded("gzip", false), (BodyKind::UntilClose, true));
+        assert_eq!(coded("gzip, chunked", false), (BodyKind::Chunked, true));
+        assert_eq!(
+            coded("chunked, chunked", false),
+            (BodyKind::UntilClose, true)
+        );
+        assert_eq!(coded("chunked, gzip", false), (BodyKind::UntilClose, true));
+        // No body, nothing to decode.
+        assert_eq!(coded("gzip", true), (BodyKind::None, false));
+        let r = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((r.body, r.transfer_coded), (BodyKind::UntilClose, false));
+        let two =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let r = parse(two, false).unwrap().unwrap();
+        assert_eq!((r.body, r.transfer_coded), (BodyKind::Chunked, true));
     }
 
     #[test]

@@ -230,6 +230,12 @@ async fn serve_request(
     peer: Peer,
 ) {
     let (parts, body) = req.into_parts();
+    if !has_path(&parts) {
+        // Malformed (RFC 9113 §8.3.1): not served as `/`.
+        let mut respond = respond;
+        respond.send_reset(Reason::PROTOCOL_ERROR);
+        return;
+    }
     let (head, chunked) = request_head(&parts, body.is_end_stream());
     let stream = H2Stream {
         info: info.clone(),
@@ -244,6 +250,13 @@ async fn serve_request(
         head_request: parts.method == http::Method::HEAD,
     };
     super::serve_h2_stream(ctx, stream, peer).await;
+}
+
+/// Whether a request that needs a `:path` (all but CONNECT) came with one. h2 refuses an
+/// empty one, and a missing one beside an `:authority`; with neither, the request's URI is
+/// empty, and its path and query would read as `/` (`Uri::path` alone gives "").
+fn has_path(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::CONNECT || !parts.uri.path().is_empty()
 }
 
 /// The HTTP/1.1 head of an HTTP/2 request (RFC 9113 8.3.1 and 8.2.3): the request line from
@@ -478,8 +491,9 @@ impl H2Stream {
     }
 
     /// Sends the answer's HEADERS from the HTTP/1.1 head at the start of `data` (an
-    /// informational head is skipped) and returns the head's length; `None`: the head is not
-    /// all there yet, nothing was done. Field values are slices of `data`, not copies.
+    /// informational head as informational HEADERS, after which the final head is still to
+    /// come) and returns the head's length; `None`: the head is not all there yet, nothing was
+    /// done. Field values are slices of `data`, not copies.
     fn start_answer(&mut self, data: &Bytes) -> io::Result<Option<usize>> {
         let malformed = || io::Error::from(io::ErrorKind::InvalidData);
         let mut lines = match AnswerLines::new(data) {
@@ -487,22 +501,12 @@ impl H2Stream {
             Err(Incomplete) => return Ok(None),
         };
         let code = lines.status().ok_or_else(malformed)?;
-        if (100..200).contains(&code) {
-            // 100 Continue and hints are not relayed; 101 cannot happen on HTTP/2.
-            if code == 101 {
-                return Err(malformed());
-            }
-            loop {
-                match lines.next_line() {
-                    Ok(Line::Field(..)) => {}
-                    Ok(Line::Malformed) => return Err(malformed()),
-                    Ok(Line::End) => break,
-                    Err(Incomplete) => return Ok(None),
-                }
-            }
-            self.answer = Answer::Head(Vec::new());
-            return Ok(Some(lines.consumed()));
+        if code == 101 {
+            // A switch of protocols cannot happen on HTTP/2.
+            return Err(malformed());
         }
+        let informational = code < 200;
+        let no_body = informational || self.head_request || code == 204 || code == 304;
         let mut response = http::Response::new(());
         // Room for a usual answer's fields without growing the map on the way.
         response.headers_mut().reserve(FIELDS);
@@ -522,9 +526,18 @@ impl H2Stream {
                 // framing.
                 AnswerField::Invalid => return Err(malformed()),
                 AnswerField::Chunked => {
+                    // Only `chunked` alone is taken apart here: HTTP/2 carries no transfer
+                    // codings (RFC 9113 §8.2.2), and the request path refuses an answer with
+                    // another one before writing its head.
+                    if !no_body && (chunked || !value.eq_ignore_ascii_case(b"chunked")) {
+                        return Err(malformed());
+                    }
                     chunked = true;
                     continue;
                 }
+                // 1xx and 204 have no content and state no length (RFC 9110 §8.6); a HEAD
+                // or 304 answer's length is the GET one's, kept.
+                AnswerField::ContentLength if informational || code == 204 => continue,
                 AnswerField::ContentLength => {
                     length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
                     (http::header::CONTENT_LENGTH, false)
@@ -542,7 +555,19 @@ impl H2Stream {
             }
             response.headers_mut().append(n, v);
         }
-        let no_body = self.head_request || code == 204 || code == 304;
+        let respond = self
+            .respond
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        if informational {
+            // `100 Continue` (the gateway's own, to a client that asked for it) or an
+            // upstream's hints: informational HEADERS (RFC 9113 §8.1), then the final answer.
+            respond
+                .send_informational(response)
+                .map_err(io::Error::other)?;
+            self.answer = Answer::Head(Vec::new());
+            return Ok(Some(lines.consumed()));
+        }
         let framing = match (no_body, chunked, length) {
             (true, _, _) => Framing::Length(0),
             (false, true, _) => Framing::Chunked(Dechunk::default()),
@@ -550,10 +575,6 @@ impl H2Stream {
             (false, false, None) => Framing::Close,
         };
         let end = matches!(framing, Framing::Length(0));
-        let respond = self
-            .respond
-            .as_mut()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
         let send = respond
             .send_response(response, end)
             .map_err(io::Error::other)?;
@@ -717,13 +738,8 @@ impl Drop for H2Stream {
         }
         match self.answer {
             Answer::Done => {}
-            // A body delimited by the close ends with the stream.
-            Answer::Body(Framing::Close) => {
-                if let Some(s) = self.send.as_mut() {
-                    let _ = s.send_data(Bytes::new(), true);
-                }
-            }
-            // Unanswered or cut short: the client must not take it for complete.
+            // Unanswered or cut short (a body delimited by the upstream's close ends with
+            // `shutdown`, on that close only): the client must not take it for complete.
             _ => {
                 if let Some(s) = self.send.as_mut() {
                     s.send_reset(Reason::INTERNAL_ERROR);
@@ -1116,6 +1132,7 @@ impl ClientStream for H2Stream {
     /// not.
     const READ_BUF: usize = 1024;
     const PRIOR_KNOWLEDGE: bool = false;
+    const TRANSFER_CODINGS: bool = false;
     type ReadHalf = Refused;
     type WriteHalf = Refused;
 
@@ -1795,12 +1812,32 @@ mod tests {
     }
 
     /// What an HTTP/2 client got when the request path wrote `pieces` to its stream: status,
-    /// fields and body; or the kind of error the writes returned. One in-memory connection
-    /// (h2's own client and server over a duplex pipe) per call.
+    /// fields and body; or the kind of error the writes returned (`ConnectionReset`: the
+    /// client saw the stream reset). One in-memory connection (h2's own client and server
+    /// over a duplex pipe) per call.
     fn answered(
         method: &str,
         pieces: &[&[u8]],
     ) -> Result<(u16, http::HeaderMap, Vec<u8>), io::ErrorKind> {
+        answered_in_full(method, pieces, false).map(|a| (a.status, a.fields, a.body))
+    }
+
+    /// What an HTTP/2 client got, informational answers included.
+    struct Got {
+        /// Informational answers: status and `Link` field.
+        informational: Vec<(u16, Option<String>)>,
+        status: u16,
+        fields: http::HeaderMap,
+        body: Vec<u8>,
+    }
+
+    /// [`answered`], with the informational answers, and with the stream shut down after the
+    /// writes when `shutdown` (the request path's end of a body delimited by the close).
+    fn answered_in_full(
+        method: &str,
+        pieces: &[&[u8]],
+        shutdown: bool,
+    ) -> Result<Got, io::ErrorKind> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -1839,6 +1876,9 @@ mod tests {
                 for piece in pieces {
                     stream.write_bytes(piece).await.map_err(|e| e.kind())?;
                 }
+                if shutdown {
+                    stream.shutdown().await.map_err(|e| e.kind())?;
+                }
                 Ok(())
             });
             let (mut client, conn) = ::h2::client::handshake(client_io).await.unwrap();
@@ -1850,16 +1890,31 @@ mod tests {
                 .uri("http://a.test/")
                 .body(())
                 .unwrap();
-            let (answer, _) = client.send_request(request, true).unwrap();
+            let (mut answer, _) = client.send_request(request, true).unwrap();
             server.await.unwrap()?;
-            let (parts, mut body) = answer.await.unwrap().into_parts();
+            let mut informational = Vec::new();
+            while let Some(hint) = poll_fn(|cx| answer.poll_informational(cx)).await {
+                let hint = hint.map_err(|_| io::ErrorKind::ConnectionReset)?;
+                let link = hint
+                    .headers()
+                    .get("link")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                informational.push((hint.status().as_u16(), link));
+            }
+            let answer = answer.await.map_err(|_| io::ErrorKind::ConnectionReset)?;
+            let (parts, mut body) = answer.into_parts();
             let mut got = Vec::new();
             while let Some(data) = body.data().await {
-                let data = data.unwrap();
+                let data = data.map_err(|_| io::ErrorKind::ConnectionReset)?;
                 let _ = body.flow_control().release_capacity(data.len());
                 got.extend_from_slice(&data);
             }
-            Ok((parts.status.as_u16(), parts.headers, got))
+            Ok(Got {
+                informational,
+                status: parts.status.as_u16(),
+                fields: parts.headers,
+                body: got,
+            })
         })
     }
 
@@ -1900,6 +1955,72 @@ mod tests {
         .unwrap();
         assert_eq!((status, body.as_slice()), (201, &b"hello"[..]));
         assert_eq!(fields.get("transfer-encoding"), None);
+    }
+
+    #[test]
+    fn informational_answers_go_out_as_informational_headers() {
+        let answer: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n\
+            HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nContent-Length: 9\r\n\r\n\
+            HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let in_fives: Vec<&[u8]> = answer.chunks(5).collect();
+        for pieces in [vec![answer], in_fives] {
+            let got = answered_in_full("GET", &pieces, false).unwrap();
+            assert_eq!(
+                got.informational,
+                [(100, None), (103, Some("</a.css>; rel=preload".to_owned()))]
+            );
+            assert_eq!((got.status, got.body.as_slice()), (200, &b"ok"[..]));
+        }
+        // No protocol switch on HTTP/2.
+        assert_eq!(
+            answered("GET", &[b"HTTP/1.1 101 Switching Protocols\r\n\r\n"]),
+            Err(io::ErrorKind::InvalidData)
+        );
+    }
+
+    #[test]
+    fn a_body_delimited_by_the_close_ends_whole_only_when_shut_down() {
+        let cut: &[&[u8]] = &[b"HTTP/1.1 200 OK\r\nServer: o\r\n\r\nthe st", b"art"];
+        let got = answered_in_full("GET", cut, true).unwrap();
+        assert_eq!((got.status, got.body.as_slice()), (200, &b"the start"[..]));
+        assert_eq!(got.fields.get("content-length"), None);
+        // Dropped without `shutdown` (the upstream failed mid-body): reset, not ended.
+        assert_eq!(
+            answered_in_full("GET", cut, false).err(),
+            Some(io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    #[test]
+    fn only_chunked_is_taken_apart_and_no_content_states_no_length() {
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                answered("GET", &[head]),
+                Err(io::ErrorKind::InvalidData),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // Without a body there is nothing to decode.
+        let (status, _, body) = answered(
+            "HEAD",
+            &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"],
+        )
+        .unwrap();
+        assert_eq!((status, body.len()), (200, 0));
+        // A 204 with a length loses it (RFC 9110 §8.6); a HEAD answer keeps the GET one's.
+        let (status, fields, _) = answered(
+            "GET",
+            &[b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-A: a\r\n\r\n"],
+        )
+        .unwrap();
+        assert_eq!(status, 204);
+        assert_eq!(fields.get("content-length"), None);
+        assert_eq!(fields.get("x-a").unwrap(), "a");
     }
 
     #[test]
@@ -1967,6 +2088,34 @@ mod tests {
         assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n\r\n", 15), Some(19));
         assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n", 0), None);
         assert_eq!(find_head_end(b"ab", 5), None);
+    }
+
+    #[test]
+    fn a_request_without_a_path_is_not_served_as_slash() {
+        let parts = |method: &str, parts: http::uri::Parts| {
+            let uri = http::Uri::from_parts(parts).unwrap();
+            let req = http::Request::builder().method(method).uri(uri);
+            req.body(()).unwrap().into_parts().0
+        };
+        let with = |pq: Option<&'static str>, authority: Option<&'static str>| {
+            let mut p = http::uri::Parts::default();
+            p.path_and_query = pq.map(http::uri::PathAndQuery::from_static);
+            if let Some(a) = authority {
+                p.scheme = Some(http::uri::Scheme::HTTPS);
+                p.authority = Some(http::uri::Authority::from_static(a));
+            }
+            p
+        };
+        // What h2 makes of `:method GET` with no `:path` and no `:authority` (a `host` field
+        // instead): an empty URI.
+        assert!(!has_path(&parts("GET", with(None, None))));
+        assert!(has_path(&parts("GET", with(Some("/"), None))));
+        assert!(has_path(&parts("GET", with(Some("/a?b"), Some("h.test")))));
+        assert!(has_path(&parts("OPTIONS", with(Some("*"), None))));
+        // CONNECT has none (and is refused later with 405).
+        let mut connect = http::uri::Parts::default();
+        connect.authority = Some(http::uri::Authority::from_static("h.test:443"));
+        assert!(has_path(&parts("CONNECT", connect)));
     }
 
     #[test]

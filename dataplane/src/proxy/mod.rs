@@ -43,6 +43,7 @@ use monoio::net::TcpStream;
 
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::RequestHead;
+use crate::codec::response::ResponseHead;
 use crate::codec::BodyKind;
 use crate::error::{ErrorKind, Side};
 use crate::forward::{self, request_pieces};
@@ -531,6 +532,9 @@ async fn proxy<S: ClientStream>(
         req.status = 101;
         return Next::Upgrade(Box::new((*session.conn, resp)));
     }
+    if !carried::<S>(&resp) {
+        return down.fail(req, ErrorKind::UpstreamMalformed).await;
+    }
     let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
     let reusable = resp.reusable && !head.http10;
     let relayed = match shape {
@@ -621,6 +625,9 @@ async fn early_answer<S: ClientStream>(
             Ok(HeadRead::Interim(end)) => {
                 conn.buf.drain(..end);
             }
+            Ok(HeadRead::Final(resp)) if !carried::<S>(&resp) => {
+                return down.fail(req, ErrorKind::UpstreamMalformed).await;
+            }
             Ok(HeadRead::Final(resp)) if resp.status != 101 => {
                 let relayed =
                     relay::relay_response(down, req, conn, &resp, head.http10, true).await;
@@ -632,6 +639,13 @@ async fn early_answer<S: ClientStream>(
             _ => return down.fail(req, kind).await,
         }
     }
+}
+
+/// Whether the client's protocol can carry `resp`'s body as the upstream coded it: not an
+/// HTTP/2 client's for `Transfer-Encoding: gzip` and the like, which it could only take for
+/// the content itself (nginx answers such an upstream with 502 too).
+fn carried<S: ClientStream>(resp: &ResponseHead) -> bool {
+    S::TRANSFER_CODINGS || !resp.transfer_coded
 }
 
 /// The forwarded head's changes, in `down.scratch`: the request line (when the path changes)

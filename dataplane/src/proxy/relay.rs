@@ -402,6 +402,12 @@ pub(crate) async fn relay_response<S: ClientStream>(
             return Err(ErrorKind::ClientClosed.into());
         }
     }
+    if resp.body == BodyKind::UntilClose {
+        // The upstream's own close ended the body: end it the way that tells a client the
+        // body is whole (END_STREAM on HTTP/2, close_notify over TLS, FIN). Cut short, the
+        // stream is reset instead, and a TLS connection closes without close_notify.
+        let _ = down.stream.shutdown().await;
+    }
     Ok(body.clean())
 }
 

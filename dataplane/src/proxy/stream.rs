@@ -58,6 +58,9 @@ pub(crate) trait ClientStream:
     const KEEPS_WRITES: bool = false;
     /// The read buffer a connection starts with (see `downstream::BODY_BUF`).
     const READ_BUF: usize = 8 * 1024;
+    /// Whether the client's protocol carries HTTP/1.1 transfer codings, so that an answer
+    /// coded with one other than `chunked` can be passed on as it is (HTTP/2 has none).
+    const TRANSFER_CODINGS: bool = true;
     /// Gathered writes of at most this many bytes go out as one copy
     /// ([`crate::gather::Gather::write_all`]); 0 for streams that gather themselves.
     const COALESCE: usize = 0;
