@@ -379,6 +379,22 @@ pub struct Limits {
 }
 
 impl Snapshot {
+    /// Refuses this snapshot's certificates that have expired and that `current` (the
+    /// snapshot running now, if any) does not already serve: publishing one is an error, one
+    /// that expires while in use is not ([`crate::tls::refuse_newly_expired`]).
+    pub fn refuse_newly_expired(
+        &self,
+        current: Option<&Snapshot>,
+        now: std::time::SystemTime,
+    ) -> Result<(), ConfigError> {
+        crate::tls::refuse_newly_expired(
+            &self.config.certificates,
+            &self.certificates,
+            current.map_or(&[][..], |c| &c.certificates[..]),
+            now,
+        )
+    }
+
     /// Validates `config` and compiles it. Host names in target addresses are kept as names
     /// (no DNS here): the control plane resolves them into each upstream's `live` set.
     pub fn compile(mut config: Config, revision: u64) -> Result<Snapshot, ConfigError> {
@@ -635,7 +651,6 @@ type CompiledTls = (
 );
 
 fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
-    let now = std::time::SystemTime::now();
     let mut certs = Vec::with_capacity(config.certificates.len());
     for i in 0..config.certificates.len() {
         let at = format!("certificates[{i}]");
@@ -649,7 +664,7 @@ fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
         }
         let c = &mut config.certificates[i];
         certs.push(std::sync::Arc::new(crate::tls::compile_certificate(
-            c, &at, now,
+            c, &at,
         )?));
     }
     let mut out = Vec::with_capacity(config.listeners.len());

@@ -44,11 +44,12 @@ pub struct ListenerTls {
 }
 
 /// Parses and checks one certificate entry; `key_pem` is the key text from wherever it came.
-/// Fills `names`, `not_after` and `key_sha256` into `c` and drops `key_pem` from it.
+/// Fills `names`, `not_after` and `key_sha256` into `c` and drops `key_pem` from it. Expiry
+/// is not checked here, where every stored certificate is compiled again at each start and
+/// each change, but when one is published ([`refuse_newly_expired`]).
 pub fn compile_certificate(
     c: &mut CertificateConfig,
     at: &str,
-    now: SystemTime,
 ) -> Result<Certificate, ConfigError> {
     let field = |f: &str| format!("{at}.{f}");
     let cert_text = match (&c.cert_pem, &c.cert_file) {
@@ -138,15 +139,6 @@ pub fn compile_certificate(
             "the first certificate is not a valid X.509 certificate",
         )
     })?;
-    let now_s = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if parsed.not_after <= now_s {
-        return Err(ConfigError::field(
-            field(cert_at),
-            format!("the certificate expired at {}", rfc3339(parsed.not_after)),
-        ));
-    }
     if parsed.names.is_empty() {
         return Err(ConfigError::field(
             field(cert_at),
@@ -176,6 +168,50 @@ pub fn compile_certificate(
         not_after: parsed.not_after,
         key: Arc::new(certified),
     })
+}
+
+/// Refuses a certificate that has expired at `now` and is being published: one of `certs`
+/// (compiled from `entries`, in their order) that `current` does not already hold with the
+/// same id and chain. A certificate that expires while in use stays (and is still served,
+/// as nginx does): a restart, or a change elsewhere in the config, does not depend on it.
+pub fn refuse_newly_expired(
+    entries: &[CertificateConfig],
+    certs: &[Arc<Certificate>],
+    current: &[Arc<Certificate>],
+    now: SystemTime,
+) -> Result<(), ConfigError> {
+    let now_s = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (i, (entry, cert)) in entries.iter().zip(certs).enumerate() {
+        let kept = current
+            .iter()
+            .any(|c| c.id == cert.id && c.key.cert == cert.key.cert);
+        if cert.not_after <= now_s && !kept {
+            let field = if entry.cert_file.is_some() {
+                "cert_file"
+            } else {
+                "cert_pem"
+            };
+            return Err(ConfigError::field(
+                format!("certificates[{i}].{field}"),
+                format!("the certificate expired at {}", rfc3339(cert.not_after)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The certificates among `certs` that have expired at `now`: id and expiry (RFC 3339).
+pub fn expired(certs: &[Arc<Certificate>], now: SystemTime) -> Vec<(String, String)> {
+    let now_s = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    certs
+        .iter()
+        .filter(|c| c.not_after <= now_s)
+        .map(|c| (c.id.clone(), rfc3339(c.not_after)))
+        .collect()
 }
 
 /// Builds a listener's rustls config; `certs` are its certificates in its order.
@@ -495,7 +531,7 @@ mod tests {
     #[test]
     fn a_good_pair_compiles_and_shows_names_expiry_and_digest() {
         let mut c = entry(API_PEM, API_KEY);
-        let cert = compile_certificate(&mut c, "certificates[0]", SystemTime::now()).unwrap();
+        let cert = compile_certificate(&mut c, "certificates[0]").unwrap();
         assert_eq!(cert.names, ["api.example", "*.api.example"]);
         assert_eq!(c.names, cert.names);
         assert!(c.not_after.as_deref().unwrap().starts_with("2126-"));
@@ -506,32 +542,61 @@ mod tests {
         );
         // An RSA certificate with only a common name.
         let mut o = entry(OTHER_PEM, OTHER_KEY);
-        let other = compile_certificate(&mut o, "certificates[1]", SystemTime::now()).unwrap();
+        let other = compile_certificate(&mut o, "certificates[1]").unwrap();
         assert_eq!(other.names, ["other.example"]);
     }
 
     #[test]
-    fn bad_pairs_are_refused_naming_the_field() {
-        let now = SystemTime::now();
-        let at = "certificates[0]";
-        let e = compile_certificate(&mut entry(API_PEM, OTHER_KEY), at, now).unwrap_err();
-        assert_eq!(field_of(e), "certificates[0].key_pem");
-        let e = compile_certificate(&mut entry("junk", API_KEY), at, now).unwrap_err();
-        assert_eq!(field_of(e), "certificates[0].cert_pem");
-        let e = compile_certificate(&mut entry(API_PEM, "junk"), at, now).unwrap_err();
-        assert_eq!(field_of(e), "certificates[0].key_pem");
+    fn an_expired_certificate_is_refused_when_published_not_while_in_use() {
         let later = UNIX_EPOCH + std::time::Duration::from_secs(7_000_000_000);
-        let e = compile_certificate(&mut entry(API_PEM, API_KEY), at, later).unwrap_err();
+        let now = SystemTime::now();
+        let mut entries = vec![entry(API_PEM, API_KEY), entry(OTHER_PEM, OTHER_KEY)];
+        entries[1].id = "o".into();
+        let certs: Vec<Arc<Certificate>> = entries
+            .iter_mut()
+            .enumerate()
+            .map(|(i, e)| Arc::new(compile_certificate(e, &format!("certificates[{i}]")).unwrap()))
+            .collect();
+        // Not expired: published whatever runs.
+        refuse_newly_expired(&entries, &certs, &[], now).unwrap();
+        // Expired and new (nothing runs, or what runs has another chain or id): refused,
+        // naming the field the certificate came from.
+        let e = refuse_newly_expired(&entries, &certs, &[], later).unwrap_err();
         assert!(e.to_string().contains("expired at 2126-"), "{e}");
         assert_eq!(field_of(e), "certificates[0].cert_pem");
+        let mut from_file = entries.clone();
+        from_file[0].cert_pem = None;
+        from_file[0].cert_file = Some("/etc/gateway/api.pem".into());
+        let e = refuse_newly_expired(&from_file, &certs, &[], later).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].cert_file");
+        let e = refuse_newly_expired(&entries, &certs, &certs[1..], later).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].cert_pem");
+        // Already served with the same id and chain: kept, expired or not.
+        refuse_newly_expired(&entries, &certs, &certs, later).unwrap();
+        assert_eq!(expired(&certs, now), []);
+        let gone = expired(&certs, later);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(gone[0].0, "c");
+        assert!(gone[0].1.starts_with("2126-"), "{gone:?}");
+    }
+
+    #[test]
+    fn bad_pairs_are_refused_naming_the_field() {
+        let at = "certificates[0]";
+        let e = compile_certificate(&mut entry(API_PEM, OTHER_KEY), at).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].key_pem");
+        let e = compile_certificate(&mut entry("junk", API_KEY), at).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].cert_pem");
+        let e = compile_certificate(&mut entry(API_PEM, "junk"), at).unwrap_err();
+        assert_eq!(field_of(e), "certificates[0].key_pem");
         // A digest with no key behind it, and a digest that is not the key's.
         let mut c = entry(API_PEM, API_KEY);
         c.key_pem = None;
         c.key_sha256 = Some("0".repeat(64));
-        let e = compile_certificate(&mut c.clone(), at, now).unwrap_err();
+        let e = compile_certificate(&mut c.clone(), at).unwrap_err();
         assert_eq!(field_of(e), "certificates[0].key_sha256");
         c.stored_key = crate::config::StoredKey(Some(API_KEY.into()));
-        let e = compile_certificate(&mut c, at, now).unwrap_err();
+        let e = compile_certificate(&mut c, at).unwrap_err();
         assert_eq!(field_of(e), "certificates[0].key_sha256");
     }
 
@@ -539,9 +604,8 @@ mod tests {
     fn sni_prefers_exact_then_wildcard_then_the_first() {
         let mut a = entry(OTHER_PEM, OTHER_KEY);
         let mut b = entry(API_PEM, API_KEY);
-        let now = SystemTime::now();
-        let first = Arc::new(compile_certificate(&mut a, "a", now).unwrap());
-        let api = Arc::new(compile_certificate(&mut b, "b", now).unwrap());
+        let first = Arc::new(compile_certificate(&mut a, "a").unwrap());
+        let api = Arc::new(compile_certificate(&mut b, "b").unwrap());
         let r = SniResolver {
             certs: vec![first, api],
         };

@@ -689,6 +689,10 @@ impl Admin {
             let new_keys = crate::keys::take_new(&next);
             crate::keys::load(store.dir(), &mut next);
             let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
+            // A certificate already served may have expired since; a new one may not.
+            snapshot
+                .refuse_newly_expired(Some(&self.shared.load()), std::time::SystemTime::now())
+                .map_err(invalid)?;
             // The compiled config is the normalised one (API keys replaced by their hashes):
             // that is what is stored, diffed and served.
             let next = snapshot.config.clone();

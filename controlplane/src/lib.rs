@@ -50,9 +50,18 @@ pub enum ConfigSource {
     File(PathBuf),
 }
 
-/// Reads and compiles a config from `source`.
+/// Reads and compiles a config from `source`, as one to publish (an expired certificate in
+/// it is refused).
 pub fn load(source: &ConfigSource, revision: u64) -> Result<Snapshot, ConfigError> {
-    Snapshot::compile(read_config(source)?, revision)
+    compile_new(read_config(source)?, revision)
+}
+
+/// Compiles a config that nothing serves yet: every certificate in it is being published, so
+/// an expired one is refused.
+fn compile_new(config: Config, revision: u64) -> Result<Snapshot, ConfigError> {
+    let snapshot = Snapshot::compile(config, revision)?;
+    snapshot.refuse_newly_expired(None, std::time::SystemTime::now())?;
+    Ok(snapshot)
 }
 
 fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
@@ -140,7 +149,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             // Stored as compiled: API keys only as their hashes, private keys in keys/.
-            let config = Snapshot::compile(config, store.revision() + 1)
+            let config = compile_new(config, store.revision() + 1)
                 .map_err(describe)?
                 .config;
             keys::save(dir, &new_keys)
@@ -159,7 +168,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             let mut config = read_config(&source).map_err(describe)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
-            let config = Snapshot::compile(config, 1).map_err(describe)?.config;
+            let config = compile_new(config, 1).map_err(describe)?.config;
             keys::save(dir, &new_keys)
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
             let what = match &source {
@@ -246,7 +255,7 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
         // Seeded as compiled (API keys as their hashes), as every stored config is.
         let mut check = seed;
         keys::load(dir, &mut check);
-        let compiled = Snapshot::compile(check, 1)
+        let compiled = compile_new(check, 1)
             .map_err(|e| OpenError::Invalid(format!("{what}: invalid config: {e}")))?;
         Ok(Seed {
             config: shared_settings(&compiled.config),
@@ -350,6 +359,11 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
             ),
         )
     })?;
+    // Stored certificates were checked when they were published; one that has expired since
+    // is still served (as nginx does), and said so.
+    for (id, at) in common::tls::expired(&snapshot.certificates, std::time::SystemTime::now()) {
+        log::warn!("certificate {id:?} expired at {at}; still served until it is replaced");
+    }
     let workers = args
         .workers
         .or(snapshot.workers)

@@ -634,7 +634,7 @@ mod tests {
     use common::config::{CertificateConfig, ListenerTlsConfig};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     const PEM: &str = include_str!("../../common/testdata/api.pem");
     const KEY: &str = include_str!("../../common/testdata/api.key");
@@ -652,7 +652,7 @@ mod tests {
             key_pem: Some(KEY.into()),
             ..Default::default()
         };
-        let cert = common::tls::compile_certificate(&mut entry, "c", SystemTime::now()).unwrap();
+        let cert = common::tls::compile_certificate(&mut entry, "c").unwrap();
         let tls = ListenerTlsConfig {
             certificates: vec!["c".into()],
             min_version: "1.2".into(),

@@ -439,6 +439,118 @@ fn certificates_are_managed_through_the_admin_api() {
     assert_eq!(code, 200, "{err}");
 }
 
+/// Replaces `cert`'s certificate file with one for the same name and key that expired in
+/// 2020 (`openssl ca -selfsign` with fixed dates: `req -days` takes no past).
+fn expire(dir: &Path, cert: &Cert, name: &str) {
+    let ca = dir.join("expired-ca");
+    std::fs::create_dir_all(ca.join("new")).unwrap();
+    std::fs::write(ca.join("index.txt"), "").unwrap();
+    std::fs::write(ca.join("serial"), "01\n").unwrap();
+    std::fs::write(
+        ca.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = new\nserial = serial\n\
+         policy = p\ndefault_md = sha256\ncopy_extensions = copy\nunique_subject = no\n\
+         [p]\ncommonName = supplied\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(&ca)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = cert.key.to_str().unwrap();
+    let subject = format!("/CN={name}");
+    let san = format!("subjectAltName=DNS:{name}");
+    run(&[
+        "req", "-new", "-key", key, "-subj", &subject, "-addext", &san, "-out", "x.csr",
+    ]);
+    run(&[
+        "ca",
+        "-batch",
+        "-selfsign",
+        "-config",
+        "ca.cnf",
+        "-keyfile",
+        key,
+        "-in",
+        "x.csr",
+        "-startdate",
+        "20200101000000Z",
+        "-enddate",
+        "20200102000000Z",
+        "-out",
+        "x.pem",
+    ]);
+    std::fs::copy(ca.join("x.pem"), &cert.cert).unwrap();
+}
+
+#[test]
+fn a_certificate_that_expires_in_use_is_still_served_and_only_new_ones_are_refused() {
+    let dir = temp_dir("tls-expired");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = lines_origin();
+    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
+    let data_dir = gw.data_dir.clone();
+    drop(gw);
+    // `a` (a `cert_file`) expires while the gateway is down: the stored config still starts,
+    // and the certificate is served as it is (a client that checks dates refuses it).
+    expire(&dir, &a, "a.test");
+    let gw = Gateway::resume(&data_dir, Driver::IoUring);
+    let tls = gw.listeners[0];
+    let (code, _, err) = curl_tls(tls, "a.test", "/expired", &a.cert, &[]);
+    assert_eq!(code, 0, "curl took an expired certificate: {err}");
+    assert!(err.contains("expired"), "{err}");
+    let (code, body, err) = curl_tls(tls, "a.test", "/expired", &a.cert, &["-k"]);
+    assert_eq!(code, 200, "{err}");
+    assert!(body.contains("origin saw /expired"), "{body}");
+    // A change elsewhere in the config is published; the expired certificate stays.
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/other",
+        Some(r#"{"path_prefix":"/other","upstream":"origin"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    // A new certificate that has already expired is refused, naming its field.
+    let body = serde_json::json!({"cert_pem": std::fs::read_to_string(&a.cert).unwrap(),
+                                  "key_pem": a.key_pem()});
+    let r = gw.admin("PUT", "/v1/certificates/late", Some(&body.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("expired at 2020-01-02T00:00:00Z"),
+        "{}",
+        r.body_str()
+    );
+    assert!(
+        r.body_str().contains("\"pointer\":\"/cert_pem\""),
+        "{}",
+        r.body_str()
+    );
+    // And so is the file given to a gateway that starts from it.
+    let config = dir.join("expired.toml");
+    std::fs::write(&config, tls_config(origin.addr, &a, &b)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--check", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("certificates[0].cert_file") && text.contains("expired"),
+        "{text}"
+    );
+}
+
 /// Answers `origin saw TARGET` and a newline, so a line reader sees each body whole.
 fn lines_origin() -> Origin {
     Origin::echo_ending("\n")
