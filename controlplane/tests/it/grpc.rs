@@ -850,6 +850,18 @@ transcoder = "orders"
     // No mapping for the method or the path.
     let (code, _, _) = curl_json(&["-X", "DELETE", &url("/v1/orders")]);
     assert_eq!(code, 405);
+    // A refused HEAD gets its head only, with the length a GET would get: the connection
+    // stays in step for the next request.
+    let mut c = Client::connect(gw.addr);
+    c.send(b"HEAD /v1/orders HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nothing/here HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = c.read_response_to("HEAD");
+    assert_eq!(head.status, 405);
+    assert!(head.body.is_empty());
+    let length: usize = head.header("content-length").unwrap().parse().unwrap();
+    assert!(length > 0);
+    let next = c.read_response();
+    assert_eq!(next.status, 404, "{}", next.body_str());
+    assert_eq!(json(next.body_str())["code"], 5);
     let (code, _, answer) = curl_json(&[&url("/v1/nothing/here")]);
     assert_eq!(code, 404);
     assert_eq!(json(&answer)["code"], 5);

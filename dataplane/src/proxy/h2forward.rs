@@ -873,6 +873,10 @@ pub(super) async fn forward<S: ClientStream>(
         (method, target, accept)
     });
     let is_head = head.is_head(&down.buf);
+    let asked = Asked {
+        head: is_head,
+        http10: head.http10,
+    };
     let idempotent = call.is_grpc() || head.is_idempotent(&down.buf);
     let http10 = head.http10;
     let keep_alive = head.keep_alive;
@@ -901,7 +905,7 @@ pub(super) async fn forward<S: ClientStream>(
         &mut grpc_timeout,
     ) {
         Ok(o) => o,
-        Err(kind) => return fail(down, req, call, &encoding, kind, false).await,
+        Err(kind) => return fail(down, req, call, &encoding, kind, false, asked).await,
     };
     drop(h1);
     let call_deadline = grpc_timeout.map(|t| req.started + t);
@@ -915,12 +919,21 @@ pub(super) async fn forward<S: ClientStream>(
     };
     let mut body = match body {
         Ok(b) => b,
-        Err(kind) => return fail(down, req, call, &encoding, kind, false).await,
+        Err(kind) => return fail(down, req, call, &encoding, kind, false, asked).await,
     };
     if let (Call::Web { text: true }, Body::Whole(b)) = (call, &body) {
         let mut decoded = Vec::with_capacity(b.len() / 4 * 3);
         if common::keys::decode_b64_pieces(b, &mut decoded).is_none() {
-            return fail(down, req, call, &encoding, ErrorKind::BadRequest, false).await;
+            return fail(
+                down,
+                req,
+                call,
+                &encoding,
+                ErrorKind::BadRequest,
+                false,
+                asked,
+            )
+            .await;
         }
         body = Body::Whole(decoded.into());
     }
@@ -948,7 +961,7 @@ pub(super) async fn forward<S: ClientStream>(
                     _ => ErrorKind::BadRequest,
                 });
                 let close = !keep_alive || ctx.draining.get();
-                return answer_json(down, req, refused.status, refused.body, close).await;
+                return answer_json(down, req, refused.status, refused.body, close, asked).await;
             }
         }
     }
@@ -1153,7 +1166,7 @@ pub(super) async fn forward<S: ClientStream>(
                     err.kind.reason().unwrap_or_default(),
                 );
             }
-            return fail(down, req, call, &encoding, err.kind, deadline_hit).await;
+            return fail(down, req, call, &encoding, err.kind, deadline_hit, asked).await;
         }
     };
     req.first_byte = Some(sent_at.elapsed());
@@ -1453,9 +1466,19 @@ impl MessageCursor {
     }
 }
 
+/// What the client's request line asked for, as far as an answer's form goes.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// HEAD: the answer has no body.
+    head: bool,
+    /// An HTTP/1.0 client.
+    http10: bool,
+}
+
 /// Answers a request that failed before its answer began: a gRPC call gets a trailers-only
 /// gRPC answer (`deadline`: its `grpc-timeout` ran out), a JSON call a JSON error, anything
 /// else the error's status.
+#[allow(clippy::too_many_arguments)]
 async fn fail<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
@@ -1463,6 +1486,7 @@ async fn fail<S: ClientStream>(
     encoding: &Encoding,
     kind: ErrorKind,
     deadline: bool,
+    asked: Asked,
 ) -> Next {
     let code = grpc_code_for(kind, deadline);
     if call == Call::Json {
@@ -1473,7 +1497,7 @@ async fn fail<S: ClientStream>(
             _ => common::transcode::http_status_for_grpc(code.into()),
         };
         let body = super::transcode::error_body(code.into(), grpc_message(kind), None, &[]);
-        return answer_json(down, req, status, body, true).await;
+        return answer_json(down, req, status, body, true, asked).await;
     }
     if !call.grpc_answers() {
         return down.fail(req, kind).await;
@@ -1506,15 +1530,21 @@ async fn answer_json<S: ClientStream>(
     status: u16,
     body: Vec<u8>,
     close: bool,
+    asked: Asked,
 ) -> Next {
     let extra = answer_fields(req, &mut HeaderMap::new());
-    let mut sink = client_sink(down, &extra, false, false, close);
+    let mut sink = client_sink(down, &extra, asked.http10, asked.head, close);
     let keep = matches!(sink, ClientSink::H1(_)) && !close;
     let mut fields = HeaderMap::new();
     fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     let sent = async {
-        sink.head(status, fields, false).await?;
+        // The answer to a HEAD ends with its head (with the length a GET would get): body
+        // bytes after it would be read as the next answer on a kept connection.
+        sink.head(status, fields, asked.head).await?;
+        if asked.head {
+            return Ok(());
+        }
         sink.data(body.into()).await?;
         sink.finish(None).await
     }
