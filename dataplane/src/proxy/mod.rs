@@ -209,12 +209,15 @@ async fn serve_stream<S: ClientStream>(
     }
 }
 
-/// Whether a `Host` value (with or without a port) names `sni` (lower-case), ignoring case.
+/// Whether a `Host` value (with or without a port) names `sni` (lower-case, as rustls gives
+/// it: without a trailing dot), ignoring case. `a.test.` names the same host as `a.test`
+/// (RFC 1034 absolute name), as in routing.
 fn same_host(host: &[u8], sni: &str) -> bool {
     let name = match host.iter().rposition(|&b| b == b':') {
         Some(i) if !host.starts_with(b"[") => &host[..i],
         _ => host,
     };
+    let name = name.strip_suffix(b".").unwrap_or(name);
     name.eq_ignore_ascii_case(sni.as_bytes())
 }
 
@@ -633,6 +636,9 @@ async fn early_answer<S: ClientStream>(
                     relay::relay_response(down, req, conn, &resp, head.http10, true).await;
                 if let Err(e) = relayed {
                     req.fail(e.kind);
+                    // Cut short: no lingering close, whose shutdown would end a TLS
+                    // connection with close_notify, as if the answer were whole.
+                    down.linger = false;
                 }
                 return Next::Close;
             }
@@ -690,5 +696,40 @@ fn add_trace_fields<S>(down: &mut Downstream<S>, req: &mut RequestCtx, head: &Re
     if let Some(line) = req.trace.field_line() {
         policy::drop_field(&down.buf, head.traceparent, fields, b"traceparent", drops);
         req.policy.extra.extend_from_slice(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_host;
+
+    #[test]
+    fn a_host_names_the_sni_name_whatever_its_case_port_or_trailing_dot() {
+        for host in [
+            &b"a.test"[..],
+            b"A.Test",
+            b"a.test:8443",
+            b"a.test.",
+            b"a.test.:443",
+        ] {
+            assert!(
+                same_host(host, "a.test"),
+                "{}",
+                String::from_utf8_lossy(host)
+            );
+        }
+        for host in [
+            &b"b.test"[..],
+            b"a.test..",
+            b"a.tes",
+            b"a.test.b",
+            b"[::1]:443",
+        ] {
+            assert!(
+                !same_host(host, "a.test"),
+                "{}",
+                String::from_utf8_lossy(host)
+            );
+        }
     }
 }
