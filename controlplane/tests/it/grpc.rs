@@ -4,7 +4,8 @@
 //! upstream, retries on UNAVAILABLE, circuit limits, health checks), gRPC-Web built by hand
 //! (binary and text, over HTTP/1.1 and HTTP/2, with its CORS preflight), an `h2c` upstream
 //! reached from HTTP/1.1 and HTTP/2 clients, h2load against a unary method, and JSON calls
-//! transcoded to gRPC (`transcoders`, with descriptor sets made by protoc in the test).
+//! transcoded to gRPC (`transcoders`, with descriptor sets made by protoc in the test); and a
+//! raw HTTP/2 upstream (`tests/h2_reset_peer.py`) that resets the streams it is sent.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -312,6 +313,98 @@ fn grpc_unavailable_answers_and_refused_connects_are_retried_on_another_target()
             .any(|l| l.starts_with("gateway_target_retries_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
+}
+
+/// A running `h2_reset_peer.py CODE`: an h2c upstream that resets every stream with CODE.
+struct ResetPeer {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    addr: SocketAddr,
+}
+
+impl ResetPeer {
+    fn start(code: u32) -> ResetPeer {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2_reset_peer.py");
+        let mut child = Command::new("python3")
+            .args([script, &code.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 runs the test HTTP/2 peer");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let Some(port) = line
+            .trim()
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+        else {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the test HTTP/2 peer did not start (it needs the PyPI package h2): {err}");
+        };
+        ResetPeer {
+            child,
+            out,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// Stops the peer; how many requests it was sent.
+    fn requests(mut self) -> usize {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut text = String::new();
+        let _ = self.out.read_to_string(&mut text);
+        text.lines().filter(|l| l.starts_with("request ")).count()
+    }
+}
+
+#[test]
+fn a_grpc_call_an_upstream_reset_after_taking_it_is_not_sent_to_another_target() {
+    let dir = temp_dir("grpc-reset");
+    let cert = Cert::new(&dir, "grpc.test");
+    let body = dir.join("call.bin");
+    // One empty message, framed.
+    std::fs::write(&body, [0u8, 0, 0, 0, 0]).unwrap();
+    let call = |gw: &Gateway| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--http2-prior-knowledge",
+                "-o",
+                "/dev/null",
+            ])
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .args(["-w", "%{http_code}", "--data-binary"])
+            .arg(format!("@{}", body.display()))
+            .arg(format!("http://{}/test.Echo/Unary", gw.listeners[0]))
+            .output()
+            .expect("curl")
+    };
+    // RST_STREAM INTERNAL_ERROR: the upstream had the call and may have acted on it; with
+    // `retry` on (UNAVAILABLE, the gRPC default) it still goes to no other target.
+    // RST_STREAM REFUSED_STREAM: it did not; another target may get it.
+    for (code, most, least) in [(2, 1, 1), (7, usize::MAX, 2)] {
+        let (a, b) = (ResetPeer::start(code), ResetPeer::start(code));
+        let upstream = format!(
+            "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+             targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
+             retry = {{ attempts = 3, budget_percent = 100, budget_min_per_s = 1000 }}\n",
+            a.addr, b.addr
+        );
+        let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+        let out = call(&gw);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+        drop(gw);
+        let sent = a.requests() + b.requests();
+        assert!(
+            (least..=most).contains(&sent),
+            "RST_STREAM {code}: the call reached the upstream {sent} times"
+        );
+    }
 }
 
 /// The gRPC-Web frames of a body: (flag, payload) pairs.

@@ -62,7 +62,9 @@ pub(crate) struct Attempts {
     pub connect: Option<Duration>,
     /// Attempts made after the first.
     pub retries: u8,
-    /// Something was sent to the client already (an interim response): no more retries.
+    /// Something was sent to the client already (an interim response), or a target may have
+    /// acted on a request not known to be idempotent (a gRPC call it reset after taking it):
+    /// no more retries.
     pub committed: bool,
 }
 

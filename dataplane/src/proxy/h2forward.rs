@@ -1110,6 +1110,12 @@ pub(super) async fn forward<S: ClientStream>(
                         req.attempts.retries = req.attempts.retries.saturating_add(1);
                         continue;
                     }
+                    if !unprocessed && call.is_grpc() {
+                        // Reset by the upstream after it had the call (a code other than
+                        // REFUSED_STREAM): it may have acted on it, and a gRPC method is not
+                        // known to be idempotent, so no other target gets it.
+                        req.attempts.committed = true;
+                    }
                     Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
                 }
                 Ok(Ok(resp)) => {

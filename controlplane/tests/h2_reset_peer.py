@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
+
+Usage: h2_reset_peer.py CODE
+Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
+"request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
+7 REFUSED_STREAM: it did not act on it). Runs until killed. Loopback only.
+"""
+import socket
+import sys
+import threading
+
+try:
+    import h2.config
+    import h2.connection
+    import h2.events
+except ImportError:
+    sys.exit("h2_reset_peer.py needs the PyPI package h2 (pip install h2)")
+
+CODE = int(sys.argv[1])
+lock = threading.Lock()
+
+
+def serve(sock):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers).get(b":path", b"").decode()
+                with lock:
+                    print(f"request {path}", flush=True)
+                conn.reset_stream(event.stream_id, error_code=CODE)
+        sock.sendall(conn.data_to_send())
+
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+print(f"port {listener.getsockname()[1]}", flush=True)
+while True:
+    client, _ = listener.accept()
+    threading.Thread(target=serve, args=(client,), daemon=True).start()
