@@ -638,6 +638,27 @@ fn h2c_upstreams_serve_http1_and_http2_clients() {
     assert!(text.starts_with("POST /h2 HTTP/1.1"), "{text}");
     assert!(text.contains("body=from-h2"), "{text}");
     assert!(text.ends_with("\n2 201"), "{text}");
+    // One that waits for `100 Continue` gets it, and sends its body after it.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-v",
+            "--http2-prior-knowledge",
+            "--expect100-timeout",
+            "20",
+        ])
+        .args(["-H", "Expect: 100-continue", "-d", "after-100"])
+        .arg(format!("http://{}/api/h2", outer.addr))
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .output()
+        .unwrap();
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(text.contains("body=after-100"), "{text}");
+    assert!(text.ends_with("\n2 201"), "{text}");
+    assert!(err.contains("< HTTP/2 100"), "{err}");
 
     // Health checks over HTTP/2 (GET /ping, answered 201 by the origin behind).
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -910,9 +910,24 @@ pub(super) async fn forward<S: ClientStream>(
     drop(h1);
     let call_deadline = grpc_timeout.map(|t| req.started + t);
 
-    // The request body.
+    // The request body. An HTTP/2 client that asked for `100 Continue` gets it (as
+    // informational HEADERS) before its body is read; the HTTP/1.1 path sends its own.
     let body = match down.stream.take_h2_body() {
-        Some(rest) => h2_request_body(rest, call, down.limits.max_body_bytes, &timeouts, req).await,
+        Some(rest) => {
+            if head.expect_continue && down.send_continue(req).await.is_err() {
+                return fail(
+                    down,
+                    req,
+                    call,
+                    &encoding,
+                    ErrorKind::ClientClosed,
+                    false,
+                    asked,
+                )
+                .await;
+            }
+            h2_request_body(rest, call, down.limits.max_body_bytes, &timeouts, req).await
+        }
         None => super::fanout::read_body(down, req, head)
             .await
             .map(|b| Body::Whole(b.into())),
