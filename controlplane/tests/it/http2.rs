@@ -357,41 +357,19 @@ fn curl_speaks_http2_over_tls_and_h2c_through_the_whole_path() {
     assert!(direct.ends_with(" 1"), "{direct}");
 }
 
-/// How an HTTP/1.1-over-TLS answer to `GET path` ended, read by Python's ssl with ragged
-/// EOFs reported: "close_notify" or "no close_notify"; with its status and body length.
+/// How an HTTP/1.1-over-TLS answer to `GET path` ended ("close_notify" or
+/// "no close_notify"), with its status and body length.
 fn tls_end(addr: SocketAddr, ca: &str, path: &str) -> (String, u16, usize) {
-    const SCRIPT: &str = r#"
-import socket, ssl, sys
-port, ca, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-ctx = ssl.create_default_context(cafile=ca)
-raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-s = ctx.wrap_socket(raw, server_hostname="a.test", suppress_ragged_eofs=False)
-s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
-data, end = b"", "close_notify"
-try:
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-except ssl.SSLEOFError:
-    end = "no close_notify"
-head, _, body = data.partition(b"\r\n\r\n")
-print(end, head.split(b" ")[1].decode() if head else "0", len(body))
-"#;
-    let out = Command::new("python3")
-        .args(["-c", SCRIPT, &addr.port().to_string(), ca, path])
-        .output()
-        .expect("python3 is needed for the HTTP/2 tests");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let (end, rest) = text
-        .trim()
-        .rsplit_once(' ')
-        .and_then(|(a, len)| Some((a.rsplit_once(' ')?, len)))
-        .map(|((end, status), len)| ((end.to_owned(), status.to_owned()), len.to_owned()))
-        .unwrap_or_else(|| panic!("{text} {err}"));
-    (end.0, end.1.parse().unwrap(), rest.parse().unwrap())
+    let request = format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    let (end, data) = crate::tls::tls_read_all(addr, ca, "a.test", &request);
+    let text = String::from_utf8_lossy(&data);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (end, status, body.len())
 }
 
 /// curl's exit status, the answer's body and the last line of `-w` (version and status),

@@ -83,6 +83,54 @@ pub fn curl_tls(
     )
 }
 
+/// Sends `request` over TLS (SNI `name`, trusting `ca`) and reads until the connection ends,
+/// with Python's ssl reporting a ragged end: "close_notify" when the gateway ended with one,
+/// "no close_notify" when TCP ended without it; with everything read.
+pub fn tls_read_all(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    name: &str,
+    request: &str,
+) -> (String, Vec<u8>) {
+    const SCRIPT: &str = r#"
+import socket, ssl, sys
+port, ca, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+s = ctx.wrap_socket(raw, server_hostname=name, suppress_ragged_eofs=False)
+s.sendall(sys.stdin.buffer.read())
+data, end = b"", "close_notify"
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+except (ssl.SSLEOFError, ConnectionResetError):
+    end = "no close_notify"
+sys.stdout.buffer.write(end.encode() + b"\n" + data)
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT, &addr.port().to_string(), ca, name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for the TLS tests");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let Some(i) = out.stdout.iter().position(|&b| b == b'\n') else {
+        panic!("{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let end = String::from_utf8_lossy(&out.stdout[..i]).into_owned();
+    (end, out.stdout[i + 1..].to_vec())
+}
+
 /// The subject line `openssl s_client` prints for the certificate the gateway presents to a
 /// client sending `servername` (`None`: no SNI).
 fn presented_subject(addr: std::net::SocketAddr, servername: Option<&str>) -> String {
@@ -568,6 +616,21 @@ fn a_websocket_tunnel_runs_over_tls() {
                 s,
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
             );
+            let target = req
+                .request_line()
+                .split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .to_owned();
+            if target == "/ends" || target == "/resets" {
+                let _ = s.write_all(b"last words");
+                std::thread::sleep(Duration::from_millis(100));
+                return if target == "/ends" {
+                    Keep::Close
+                } else {
+                    Keep::Reset
+                };
+            }
             let mut buf = [0u8; 4096];
             loop {
                 let n = match std::io::Read::read(s, &mut buf) {
@@ -586,6 +649,20 @@ fn a_websocket_tunnel_runs_over_tls() {
         },
     ));
     let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
+    // The tunnel's end follows the upstream's: a close ends it with close_notify, a reset
+    // without (the client must not take an abort for an orderly end).
+    let upgrade = "GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                   Sec-WebSocket-Version: 13\r\n\r\n";
+    let ca = a.cert.to_str().unwrap();
+    for (path, ending) in [("/ends", "close_notify"), ("/resets", "no close_notify")] {
+        let request = upgrade.replace("/chat", path);
+        let (end, data) = tls_read_all(gw.listeners[0], ca, "a.test", &request);
+        let text = String::from_utf8_lossy(&data);
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        assert!(text.ends_with("last words"), "{text}");
+        assert_eq!(end, ending, "{path}");
+    }
     let mut child = Command::new("openssl")
         .args(["s_client", "-quiet", "-ign_eof", "-servername", "a.test"])
         .args(["-connect", &gw.listeners[0].to_string()])

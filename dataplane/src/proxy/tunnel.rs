@@ -73,8 +73,18 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let (ur, uw) = conn.stream.into_split();
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);
-    let up = copy_half(cr, uw, down.buf, &activity, &open);
-    let down_half = copy_half(ur, cw, conn.buf, &activity, &open);
+    // A read or write that fails (a reset, a bad TLS record) ends both directions without
+    // the clean half-close an end gets: a TLS client must not get close_notify for it.
+    let abort = || {
+        // SAFETY: called from a copy future, which still owns a half of each stream, so
+        // neither fd can have been closed and reused.
+        unsafe {
+            libc::shutdown(client_fd, libc::SHUT_RDWR);
+            libc::shutdown(upstream_fd, libc::SHUT_RDWR);
+        }
+    };
+    let up = copy_half(cr, uw, down.buf, &activity, &open, &abort);
+    let down_half = copy_half(ur, cw, conn.buf, &activity, &open, &abort);
     let watchdog = async {
         loop {
             if open.get() == 0 {
@@ -104,35 +114,41 @@ pub(crate) async fn tunnel<S: ClientStream>(
     req.bytes_out += sent_down;
 }
 
-/// Copies one direction of a tunnel until EOF or error, then half-closes the other side.
-/// Returns the bytes copied.
+/// Copies one direction of a tunnel until EOF, then half-closes the other side; on an error
+/// calls `abort` instead. Returns the bytes copied.
 async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
     mut from: R,
     mut to: W,
     mut buf: Vec<u8>,
     activity: &Cell<Instant>,
     open: &Cell<u8>,
+    abort: &impl Fn(),
 ) -> u64 {
     if buf.capacity() < 16 * 1024 {
         buf.reserve(16 * 1024);
     }
     let mut copied = 0u64;
-    loop {
+    let ended = loop {
         buf.clear();
         let (res, b) = from.read(buf).await;
         buf = b;
         match res {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break true,
+            Err(_) => break false,
             Ok(n) => copied += n as u64,
         }
         activity.set(Instant::now());
         let (res, b) = to.write_all(buf).await;
         buf = b;
         if res.is_err() {
-            break;
+            break false;
         }
+    };
+    if ended {
+        let _ = to.shutdown().await;
+    } else {
+        abort();
     }
-    let _ = to.shutdown().await;
     open.set(open.get() - 1);
     copied
 }
