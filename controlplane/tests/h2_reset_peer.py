@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE
+Usage: h2_reset_peer.py CODE [partial]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
-7 REFUSED_STREAM: it did not act on it). Runs until killed. Loopback only.
+7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
+bytes of a message come before the reset. Runs until killed. Loopback only.
 """
 import socket
 import sys
@@ -18,6 +19,7 @@ except ImportError:
     sys.exit("h2_reset_peer.py needs the PyPI package h2 (pip install h2)")
 
 CODE = int(sys.argv[1])
+PARTIAL = sys.argv[2:] == ["partial"]
 lock = threading.Lock()
 
 
@@ -34,6 +36,12 @@ def serve(sock):
                 path = dict(event.headers).get(b":path", b"").decode()
                 with lock:
                     print(f"request {path}", flush=True)
+                if PARTIAL:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    # A message of 10 bytes, 3 of them sent.
+                    conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x0aabc")
+                    sock.sendall(conn.data_to_send())
                 conn.reset_stream(event.stream_id, error_code=CODE)
         sock.sendall(conn.data_to_send())
 

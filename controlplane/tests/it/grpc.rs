@@ -324,9 +324,15 @@ struct ResetPeer {
 
 impl ResetPeer {
     fn start(code: u32) -> ResetPeer {
+        Self::start_with(&[&code.to_string()])
+    }
+
+    /// `h2_reset_peer.py` with these arguments.
+    fn start_with(args: &[&str]) -> ResetPeer {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2_reset_peer.py");
         let mut child = Command::new("python3")
-            .args([script, &code.to_string()])
+            .arg(script)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -775,6 +781,8 @@ fn json_calls_are_transcoded_to_grpc_and_back() {
     let dir = temp_dir("transcode");
     let set = protoc(&dir);
     let mut svc = GrpcService::start_with(&["serve-shop", dir.to_str().unwrap()]);
+    // Answers with the start of a message, then resets.
+    let cut = ResetPeer::start_with(&["2", "partial"]);
     let config = format!(
         r#"workers = 1
 
@@ -787,10 +795,22 @@ id = "orders-grpc"
 protocol = "grpc"
 targets = [{{ address = "{}" }}]
 
+[[upstreams]]
+id = "orders-cut"
+protocol = "grpc"
+targets = [{{ address = "{}" }}]
+
 [[transcoders]]
 id = "orders"
 descriptor_set = "{}"
 services = ["shop.v1.Orders"]
+
+[[routes]]
+id = "orders-cut"
+hosts = ["cut.test"]
+path_prefix = "/v1/"
+upstream = "orders-cut"
+transcoder = "orders"
 
 [[routes]]
 id = "orders-rest"
@@ -805,11 +825,18 @@ upstream = "orders-grpc"
 transcoder = "orders"
 "#,
         svc.addr,
+        cut.addr,
         set.display()
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let base = format!("http://{}", gw.addr);
     let url = |p: &str| format!("{base}{p}");
+
+    // An upstream that fails in the middle of its answer's only message: nothing of it went
+    // out, so the JSON client gets the error (UNAVAILABLE), not an empty reply.
+    let (code, ct, body) = curl_json(&["-H", "Host: cut.test", &url("/v1/orders/o-1")]);
+    assert_eq!((code, ct.as_str()), (503, "application/json"), "{body}");
+    assert_eq!(json(&body)["code"], 14, "{body}");
 
     // GET with a path variable: nested messages, an enum, repeated fields, a map, int64
     // beyond 2^53 (as a string), Timestamp and Duration.

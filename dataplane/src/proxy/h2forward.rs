@@ -1197,6 +1197,7 @@ pub(super) async fn forward<S: ClientStream>(
         idle: timeouts.upstream_body,
         deadline: call_deadline,
         grpc: call.is_grpc(),
+        json: call == Call::Json,
         send: timeouts.client_send,
     };
     let close = !keep_alive || ctx.draining.get();
@@ -1285,6 +1286,9 @@ struct Relay {
     deadline: Option<Instant>,
     /// The call is gRPC: a deadline that passes mid-answer ends it with DEADLINE_EXCEEDED.
     grpc: bool,
+    /// A JSON call (transcoded): its answer is made of whole messages only, so one cut in
+    /// the middle of a message still gets its error answer.
+    json: bool,
     /// The longest wait for the client to take a piece (an HTTP/2 client's window kept shut).
     send: Duration,
 }
@@ -1426,8 +1430,9 @@ impl Relay {
     }
 
     /// Ends an answer early: a gRPC one with the status in its trailers when its last message
-    /// is whole (a client would read trailers after a partial one as message bytes), anything
-    /// else cut short.
+    /// is whole (a client would read trailers after a partial one as message bytes), a JSON
+    /// one with its error (the JSON sink drops a partial message; nothing of it went out),
+    /// anything else cut short.
     async fn end_early<K: Sink>(
         &self,
         sink: &mut K,
@@ -1435,7 +1440,7 @@ impl Relay {
         kind: ErrorKind,
         cursor: &MessageCursor,
     ) {
-        if !self.grpc || !cursor.at_boundary() {
+        if !self.json && (!self.grpc || !cursor.at_boundary()) {
             sink.abort();
             return;
         }
