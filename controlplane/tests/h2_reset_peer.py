@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial]
+Usage: h2_reset_peer.py CODE [partial|silent]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
-bytes of a message come before the reset. Runs until killed. Loopback only.
+bytes of a message come before the reset; with `silent`, nothing is ever answered. Runs
+until killed. Loopback only.
 """
 import socket
 import sys
@@ -20,6 +21,7 @@ except ImportError:
 
 CODE = int(sys.argv[1])
 PARTIAL = sys.argv[2:] == ["partial"]
+SILENT = sys.argv[2:] == ["silent"]
 lock = threading.Lock()
 
 
@@ -36,6 +38,8 @@ def serve(sock):
                 path = dict(event.headers).get(b":path", b"").decode()
                 with lock:
                     print(f"request {path}", flush=True)
+                if SILENT:
+                    continue
                 if PARTIAL:
                     conn.send_headers(event.stream_id, [(":status", "200"),
                                                         ("content-type", "application/grpc")])

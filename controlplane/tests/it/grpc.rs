@@ -413,6 +413,46 @@ fn a_grpc_call_an_upstream_reset_after_taking_it_is_not_sent_to_another_target()
     }
 }
 
+#[test]
+fn a_grpc_content_type_does_not_make_a_post_to_an_h2c_upstream_idempotent() {
+    // Two targets that never answer, a retry policy on timeouts for idempotent methods: a
+    // POST (gRPC or not) reaches one of them once and times out (a gRPC call gets that as
+    // UNAVAILABLE in a trailers-only answer).
+    let (a, b) = (
+        ResetPeer::start_with(&["0", "silent"]),
+        ResetPeer::start_with(&["0", "silent"]),
+    );
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [timeouts]\nupstream_response_head_ms = 300\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\n\
+         targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
+         retry = {{ attempts = 3, on = [\"timeout\"], methods = \"idempotent\", \
+         budget_percent = 100, budget_min_per_s = 1000 }}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        a.addr, b.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+        ])
+        .args(["-H", "content-type: application/grpc", "--data-binary", "x"])
+        .arg(format!("http://{}/svc/Method", gw.listeners[0]))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout);
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(head.contains("grpc-status: 14"), "{head}");
+    drop(gw);
+    assert_eq!(a.requests() + b.requests(), 1);
+}
+
 /// The gRPC-Web frames of a body: (flag, payload) pairs.
 fn frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();

@@ -877,7 +877,9 @@ pub(super) async fn forward<S: ClientStream>(
         head: is_head,
         http10: head.http10,
     };
-    let idempotent = call.is_grpc() || head.is_idempotent(&down.buf);
+    // gRPC calls are all POST: on a `grpc` upstream `methods` does not hold them back (the
+    // README's rule); to an `h2c` upstream a POST is a POST, whatever its content type.
+    let idempotent = (grpc_upstream && call.is_grpc()) || head.is_idempotent(&down.buf);
     let http10 = head.http10;
     let keep_alive = head.keep_alive;
     let key = super::select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
