@@ -21,13 +21,7 @@ type Answer = (u16, &'static str, String, u64);
 /// A service answering each request with `handler(target, request)`.
 fn service(handler: impl Fn(&str, &Received) -> Answer + Send + Sync + 'static) -> Origin {
     Origin::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
-        let target = req
-            .request_line()
-            .split(' ')
-            .nth(1)
-            .unwrap_or("")
-            .to_owned();
-        let (status, ctype, body, delay) = handler(&target, req);
+        let (status, ctype, body, delay) = handler(req.target(), req);
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
         }

@@ -30,30 +30,8 @@ impl GrpcService {
 
     /// `grpc_peer.py` with these arguments (a `serve` mode).
     fn start_with(args: &[&str]) -> GrpcService {
-        let mut child = Command::new("python3")
-            .arg(PEER)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the test gRPC service");
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let _ = out.read_line(&mut line);
-        let Some(port) = line
-            .trim()
-            .strip_prefix("port ")
-            .and_then(|p| p.parse().ok())
-        else {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("the test gRPC service did not start (it needs the PyPI package grpcio): {err}");
-        };
-        GrpcService {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
+        let (child, _, addr) = start_peer(PEER, args, "the test gRPC service", "grpcio");
+        GrpcService { child, addr }
     }
 
     fn kill(&mut self) {
@@ -66,6 +44,38 @@ impl Drop for GrpcService {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts a Python peer (`script` with `args`) that prints `port N` when it listens on
+/// 127.0.0.1:N; its stdout after that line is returned for reading. `needs`: the PyPI package
+/// named when it does not start.
+fn start_peer(
+    script: &str,
+    args: &[&str],
+    what: &str,
+    needs: &str,
+) -> (Child, BufReader<std::process::ChildStdout>, SocketAddr) {
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3 runs {what}: {e}"));
+    let mut line = String::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let _ = out.read_line(&mut line);
+    let Some(port) = line
+        .trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+    else {
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("{what} did not start (it needs the PyPI package {needs}): {err}");
+    };
+    (child, out, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// Runs `grpc_peer.py call` against `target` and returns each check's JSON answer.
@@ -330,30 +340,8 @@ impl ResetPeer {
     /// `h2_reset_peer.py` with these arguments.
     fn start_with(args: &[&str]) -> ResetPeer {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2_reset_peer.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 runs the test HTTP/2 peer");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let _ = out.read_line(&mut line);
-        let Some(port) = line
-            .trim()
-            .strip_prefix("port ")
-            .and_then(|p| p.parse().ok())
-        else {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("the test HTTP/2 peer did not start (it needs the PyPI package h2): {err}");
-        };
-        ResetPeer {
-            child,
-            out,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
+        let (child, out, addr) = start_peer(script, args, "the test HTTP/2 peer", "h2");
+        ResetPeer { child, out, addr }
     }
 
     /// Stops the peer; how many requests it was sent.

@@ -28,7 +28,7 @@ fn big_body() -> Vec<u8> {
 fn origin() -> Origin {
     Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let line = req.request_line().to_owned();
-        let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+        let target = req.target().to_owned();
         if target == "/big" {
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
             let _ = s.write_all(&big_body());
@@ -151,22 +151,11 @@ fn setup(tag: &str) -> Setup {
     }
 }
 
-/// curl with `-w` giving the HTTP version and status on the last line.
+/// curl with `-w` giving the HTTP version and status on the last line: the body and that
+/// line.
 fn curl(args: &[&str]) -> (String, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "-w",
-            "\n%{http_version} %{http_code}",
-        ])
-        .args(args)
-        .output()
-        .expect("curl is needed for the HTTP/2 tests");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, last) = text.rsplit_once('\n').unwrap_or(("", ""));
-    (body.to_owned(), last.to_owned())
+    let (_, body, last, _) = curl_status(args);
+    (body, last)
 }
 
 #[test]

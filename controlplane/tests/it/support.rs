@@ -467,6 +467,11 @@ impl Received {
         self.head.lines().next().unwrap()
     }
 
+    /// The request target (the request line's second word).
+    pub fn target(&self) -> &str {
+        self.request_line().split(' ').nth(1).unwrap_or("")
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.head.lines().skip(1).find_map(|l| {
             let (n, v) = l.split_once(':')?;
@@ -502,13 +507,7 @@ impl Origin {
     /// `echo` with `end` after each body (`"\n"`: a line reader sees each body whole).
     pub fn echo_ending(end: &'static str) -> Origin {
         Self::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
-            let target = req
-                .request_line()
-                .split(' ')
-                .nth(1)
-                .unwrap_or("")
-                .to_owned();
-            let body = format!("origin saw {target}{end}");
+            let body = format!("origin saw {}{end}", req.target());
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",

@@ -616,12 +616,7 @@ fn a_websocket_tunnel_runs_over_tls() {
                 s,
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
             );
-            let target = req
-                .request_line()
-                .split(' ')
-                .nth(1)
-                .unwrap_or("")
-                .to_owned();
+            let target = req.target();
             if target == "/ends" || target == "/resets" {
                 let _ = s.write_all(b"last words");
                 std::thread::sleep(Duration::from_millis(100));
