@@ -35,6 +35,16 @@ pub struct Certificate {
     pub key: Arc<CertifiedKey>,
 }
 
+impl Certificate {
+    /// Whether the certificate has expired at `now`.
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        let now_s = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.not_after <= now_s
+    }
+}
+
 /// The compiled TLS side of one listener.
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
@@ -180,14 +190,11 @@ pub fn refuse_newly_expired(
     current: &[Arc<Certificate>],
     now: SystemTime,
 ) -> Result<(), ConfigError> {
-    let now_s = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
     for (i, (entry, cert)) in entries.iter().zip(certs).enumerate() {
         let kept = current
             .iter()
             .any(|c| c.id == cert.id && c.key.cert == cert.key.cert);
-        if cert.not_after <= now_s && !kept {
+        if cert.expired_at(now) && !kept {
             let field = if entry.cert_file.is_some() {
                 "cert_file"
             } else {
@@ -204,12 +211,9 @@ pub fn refuse_newly_expired(
 
 /// The certificates among `certs` that have expired at `now`: id and expiry (RFC 3339).
 pub fn expired(certs: &[Arc<Certificate>], now: SystemTime) -> Vec<(String, String)> {
-    let now_s = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
     certs
         .iter()
-        .filter(|c| c.not_after <= now_s)
+        .filter(|c| c.expired_at(now))
         .map(|c| (c.id.clone(), rfc3339(c.not_after)))
         .collect()
 }

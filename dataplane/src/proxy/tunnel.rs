@@ -73,10 +73,13 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let (ur, uw) = conn.stream.into_split();
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);
-    // A read or write that fails (a reset, a bad TLS record) ends both directions without
-    // the clean half-close an end gets: a TLS client must not get close_notify for it.
+    // Ends both directions at once, without the clean half-close an end gets: for a read or
+    // write that fails (a reset, a bad TLS record; a TLS client must not get close_notify
+    // for it), and for a tunnel gone quiet (both pending reads wake with EOF; no read is
+    // cancelled mid-flight).
     let abort = || {
-        // SAFETY: called from a copy future, which still owns a half of each stream, so
+        // SAFETY: each copy future owns a half of each stream until it ends; this is called
+        // from a copy future, or from the watchdog while one still runs (`open` > 0), so
         // neither fd can have been closed and reused.
         unsafe {
             libc::shutdown(client_fd, libc::SHUT_RDWR);
@@ -92,13 +95,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
             }
             let quiet_until = activity.get() + idle;
             if Instant::now() >= quiet_until {
-                // Wake both pending reads with EOF; no read is cancelled mid-flight.
-                // SAFETY: both fds belong to streams owned by the copy futures joined
-                // below, which are still alive, so neither fd can have been reused.
-                unsafe {
-                    libc::shutdown(client_fd, libc::SHUT_RDWR);
-                    libc::shutdown(upstream_fd, libc::SHUT_RDWR);
-                }
+                abort();
                 return;
             }
             monoio::time::sleep_until(
