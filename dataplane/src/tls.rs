@@ -109,6 +109,11 @@ struct Session {
     queued: usize,
     /// Every flush goes straight to the socket, small ones too (see [`PlainQueue`]).
     always_direct: bool,
+    /// close_notify was sent and TCP half-closed ([`close`]).
+    shut: bool,
+    /// The stream is split into halves, whose writes may be in flight while the read half
+    /// reads: reading then leaves its output to the write half (see the module's doc).
+    split: bool,
 }
 
 type Shared = Rc<RefCell<Session>>;
@@ -156,6 +161,8 @@ pub(crate) async fn accept(
         fd: tcp.as_raw_fd(),
         queued: 0,
         always_direct: false,
+        shut: false,
+        split: false,
     }));
     let shake = async {
         loop {
@@ -367,7 +374,13 @@ async fn read_owned<R: CancelableAsyncReadRent, T: IoBufMut>(
         match fill(tcp, session, cancel.clone()).await {
             Ok(_) => {}
             Err(Fill::Io) => return (Err(io::ErrorKind::ConnectionReset.into()), buf),
-            Err(Fill::Tls(e)) => return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf),
+            Err(Fill::Tls(e)) => {
+                let mut s = session.borrow_mut();
+                if !s.split {
+                    send_alert(&mut s);
+                }
+                return (Err(io::Error::new(io::ErrorKind::InvalidData, e)), buf);
+            }
         }
     }
 }
@@ -428,11 +441,30 @@ fn queue_plain(session: &RefCell<Session>, pieces: &[io::IoSlice<'_>]) -> io::Re
     }
 }
 
-/// Sends close_notify, then half-closes TCP.
+/// Sends close_notify, then half-closes TCP; once (a second call does nothing).
 async fn close<W: AsyncWriteRent>(tcp: &mut W, session: &RefCell<Session>) -> io::Result<()> {
-    session.borrow_mut().conn.send_close_notify();
+    {
+        let mut s = session.borrow_mut();
+        if std::mem::replace(&mut s.shut, true) {
+            return Ok(());
+        }
+        s.conn.send_close_notify();
+    }
     flush_records(tcp, session).await?;
     tcp.shutdown().await
+}
+
+/// After rustls refused what the client sent: the fatal alert it queued goes out (RFC 8446
+/// §6.2), best effort, without waiting: one non-blocking send, since the connection closes
+/// next whatever happens.
+fn send_alert(s: &mut Session) {
+    let mut direct = DirectSend(s.fd);
+    while s.conn.wants_write() {
+        match s.conn.write_tls(&mut direct) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
 }
 
 impl TlsStream {
@@ -448,6 +480,7 @@ impl TlsStream {
 
     /// The two halves of a tunnel.
     pub fn split(self) -> (TlsReadHalf, TlsWriteHalf) {
+        self.session.borrow_mut().split = true;
         let (r, w) = self.tcp.into_split();
         (
             TlsReadHalf {

@@ -403,9 +403,11 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
     loop {
         if !idle_closed && (!handover || Instant::now() >= idle_grace) {
             for fd in ctx.idle.borrow().fds() {
+                // Reading only: the waiting read ends, and the connection closes itself in
+                // order (close_notify over TLS), which needs the sending side still open.
                 // SAFETY: a connection removes its fd from the idle set before it closes the
                 // socket, and this runs on the same thread, so every fd here is open and idle.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
             }
             idle_closed = true;
         }

@@ -92,43 +92,93 @@ pub fn tls_read_all(
     name: &str,
     request: &str,
 ) -> (String, Vec<u8>) {
-    const SCRIPT: &str = r#"
+    TlsReader::spawn(addr, ca, name, request).finish()
+}
+
+/// [`tls_read_all`] running in the background, for a test that acts on the gateway once the
+/// first answer's bytes are in ([`TlsReader::wait_answered`]).
+pub struct TlsReader {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl TlsReader {
+    pub fn spawn(addr: std::net::SocketAddr, ca: &str, name: &str, request: &str) -> TlsReader {
+        // Prints "got" once the first bytes arrive (or the end, if none do), then the way
+        // the connection ended and everything read.
+        const SCRIPT: &str = r#"
 import socket, ssl, sys
 port, ca, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 ctx = ssl.create_default_context(cafile=ca)
 raw = socket.create_connection(("127.0.0.1", port), timeout=10)
 s = ctx.wrap_socket(raw, server_hostname=name, suppress_ragged_eofs=False)
 s.sendall(sys.stdin.buffer.read())
-data, end = b"", "close_notify"
+data, end, told = b"", "close_notify", False
 try:
     while True:
         chunk = s.recv(65536)
+        if not told:
+            sys.stdout.write("got\n")
+            sys.stdout.flush()
+            told = True
         if not chunk:
             break
         data += chunk
 except (ssl.SSLEOFError, ConnectionResetError):
     end = "no close_notify"
+if not told:
+    sys.stdout.write("got\n")
 sys.stdout.buffer.write(end.encode() + b"\n" + data)
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", SCRIPT, &addr.port().to_string(), ca, name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 is needed for the TLS tests");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let Some(i) = out.stdout.iter().position(|&b| b == b'\n') else {
-        panic!("{}", String::from_utf8_lossy(&out.stderr));
-    };
-    let end = String::from_utf8_lossy(&out.stdout[..i]).into_owned();
-    (end, out.stdout[i + 1..].to_vec())
+        let mut child = Command::new("python3")
+            .args(["-c", SCRIPT, &addr.port().to_string(), ca, name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 is needed for the TLS tests");
+        // Dropping stdin ends it, so the script's read of the request returns.
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(request.as_bytes())
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        TlsReader { child, out }
+    }
+
+    /// Waits until the first bytes of the answer arrived (or the connection ended).
+    pub fn wait_answered(&mut self) {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        assert_eq!(line, "got\n", "the TLS reader failed: {}", self.stderr());
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        err
+    }
+
+    /// How the connection ended and everything read.
+    pub fn finish(mut self) -> (String, Vec<u8>) {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        if line == "got\n" {
+            line.clear();
+            self.out.read_line(&mut line).unwrap();
+        }
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut self.out, &mut data).unwrap();
+        let _ = self.child.wait();
+        if !line.ends_with('\n') {
+            panic!("the TLS reader failed: {}", self.stderr());
+        }
+        (line.trim_end().to_owned(), data)
+    }
 }
 
 /// The subject line `openssl s_client` prints for the certificate the gateway presents to a
@@ -781,4 +831,172 @@ impl Drop for SClient {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A gateway on one TLS listener (certificate `a`) in front of `origin`, with the idle
+/// keep-alive timeout `idle_ms`.
+fn ending_config(origin: std::net::SocketAddr, a: &Cert, idle_ms: u64) -> String {
+    format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = {{ certificates = ["a"], alpn = ["http/1.1"] }}
+
+[[upstreams]]
+id = "origin"
+targets = [{{ address = "{origin}" }}]
+
+[[routes]]
+id = "all"
+path_prefix = "/"
+upstream = "origin"
+
+[[certificates]]
+id = "a"
+cert_file = "{}"
+key_file = "{}"
+
+[timeouts]
+client_idle_ms = {idle_ms}
+"#,
+        a.cert.display(),
+        a.key.display(),
+    )
+}
+
+#[test]
+fn tls_connections_end_with_close_notify_unless_an_answer_was_cut() {
+    let dir = temp_dir("tls-ending");
+    let a = Cert::new(&dir, "a.test");
+    let ca = a.cert.to_str().unwrap();
+    // `/cut` promises 100 bytes, sends 10 and resets; anything else gets "ok\n".
+    let origin = Origin::start(std::sync::Arc::new(
+        |req: &Received, s: &mut std::net::TcpStream| {
+            if req.target() == "/cut" {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..");
+                std::thread::sleep(Duration::from_millis(50));
+                return Keep::Reset;
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+            Keep::Open
+        },
+    ));
+    let gw = Gateway::start(&ending_config(origin.addr, &a, 300), Driver::IoUring);
+    let addr = gw.listeners[0];
+    let ended = |request: &str| {
+        let (end, data) = tls_read_all(addr, ca, "a.test", request);
+        let text = String::from_utf8_lossy(&data).into_owned();
+        (end, text)
+    };
+    // Whole answers, then a close of the gateway's choosing: close_notify (RFC 8446 §6.1),
+    // whatever made it close: the client's `Connection: close`, HTTP/1.0, a request it
+    // refused, the idle timeout.
+    for (why, request, status) in [
+        (
+            "Connection: close",
+            "GET /a HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        (
+            "HTTP/1.0",
+            "GET /a HTTP/1.0\r\nHost: a.test\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        (
+            "a bad request",
+            "GET /a HTTP/1.1\r\nHost: a.test\r\nBad Field: x\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            "the idle timeout",
+            "GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+    ] {
+        let (end, text) = ended(request);
+        assert!(text.starts_with(status), "{why}: {text}");
+        assert_eq!(end, "close_notify", "{why}: {text}");
+    }
+    // An answer cut short ends without it: the client must not take it for a whole one.
+    let (end, text) = ended("GET /cut HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("only ten.."), "{text}");
+    assert_eq!(end, "no close_notify", "{text}");
+
+    // The drain (SIGTERM) closes an idle keep-alive connection in order too.
+    let mut gw = Gateway::start(&ending_config(origin.addr, &a, 60_000), Driver::IoUring);
+    let mut reader = TlsReader::spawn(
+        gw.listeners[0],
+        ca,
+        "a.test",
+        "GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    );
+    reader.wait_answered();
+    gw.signal(libc::SIGTERM);
+    let (end, data) = reader.finish();
+    let text = String::from_utf8_lossy(&data);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(end, "close_notify", "drain: {text}");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn a_record_that_fails_to_decrypt_gets_its_alert() {
+    let dir = temp_dir("tls-alert");
+    let a = Cert::new(&dir, "a.test");
+    let origin = Origin::echo();
+    let gw = Gateway::start(&ending_config(origin.addr, &a, 60_000), Driver::IoUring);
+    // The handshake through memory BIOs, then a request whose record's last byte (its AEAD
+    // tag's) is flipped; what comes back is decrypted by the same session.
+    const SCRIPT: &str = r#"
+import socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="a.test")
+raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        raw.sendall(out.read())
+        chunk = raw.recv(65536)
+        if not chunk:
+            sys.exit("closed during the handshake")
+        inc.write(chunk)
+raw.sendall(out.read())
+tls.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+record = bytearray(out.read())
+record[-1] ^= 1
+raw.sendall(bytes(record))
+while True:
+    try:
+        chunk = raw.recv(65536)
+    except ConnectionResetError:
+        break
+    if not chunk:
+        break
+    inc.write(chunk)
+inc.write_eof()
+try:
+    tls.read(65536)
+    print("read without an error")
+except ssl.SSLError as e:
+    print(e.reason)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SCRIPT, &gw.listeners[0].port().to_string()])
+        .arg(&a.cert)
+        .output()
+        .expect("python3 is needed for the TLS tests");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        "SSLV3_ALERT_BAD_RECORD_MAC",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(origin.requests().is_empty());
 }

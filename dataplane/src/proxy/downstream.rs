@@ -48,8 +48,11 @@ pub(crate) enum Head {
     /// A request head, parsed into the caller's `RequestHead` (a few hundred bytes, written
     /// once there instead of copied out through each layer's return).
     Request,
-    /// The client closed or stayed silent too long: close quietly.
+    /// The client closed, or the connection failed: nothing more to send.
     Closed,
+    /// No next request in time (`client_idle_ms`), or the worker drains: close, telling
+    /// the client the connection ended in order (close_notify over TLS).
+    Done,
     /// Idle past `client_park_ms`: hand the socket to the worker's park lot.
     Park,
 }
@@ -74,8 +77,11 @@ pub(crate) enum Reply<'a> {
 pub(crate) enum Next {
     /// Ready for the next request on this connection.
     KeepAlive,
-    /// Close the connection.
+    /// Close the connection; every answer on it went out whole.
     Close,
+    /// Close the connection at once: the answer was cut short (or could not be written), so
+    /// nothing may tell the client it ended (no close_notify over TLS, no lingering close).
+    Cut,
     /// The upstream switched protocols: tunnel bytes both ways from now on, over this
     /// upstream connection, after relaying its 101 head.
     Upgrade(Box<(UpstreamConn, ResponseHead)>),
@@ -192,7 +198,7 @@ impl<S: ClientStream> Downstream<S> {
                     // A binary upgrade: the client may be sending its next request already;
                     // it is answered (with `Connection: close`) if it comes within the grace.
                     Some(until) if Instant::now() < until => deadline = deadline.min(until),
-                    _ => return Ok(Head::Closed),
+                    _ => return Ok(Head::Done),
                 }
             }
             let slot = (waiting_idle && S::WHOLE_CONNECTION)
@@ -229,10 +235,13 @@ impl<S: ClientStream> Downstream<S> {
             }
             match res {
                 Ok(None) => return Ok(Head::Park),
+                // The drain shuts an idle socket's reading down (`worker::supervise`): an end
+                // of the gateway's making, closed in order.
+                Ok(Some(0)) if waiting_idle && ctx.draining.get() => return Ok(Head::Done),
                 // Closed before or in the middle of a head: nobody to answer.
                 Ok(Some(0)) => return Ok(Head::Closed),
                 Ok(Some(_)) => {}
-                Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Closed),
+                Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Done),
                 Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
                 Err(ReadError::Io | ReadError::Stalled) => return Ok(Head::Closed),
             }
@@ -316,8 +325,9 @@ impl<S: ClientStream> Downstream<S> {
         if !self
             .write_answer(req, status, head_bytes, connection, body)
             .await
-            || close
         {
+            Next::Cut
+        } else if close {
             Next::Close
         } else {
             Next::KeepAlive
@@ -383,7 +393,7 @@ impl<S: ClientStream> Downstream<S> {
             Err(_) => {
                 req.fail(ErrorKind::ClientClosed);
                 req.status = ErrorKind::ClientClosed.status();
-                Next::Close
+                Next::Cut
             }
         }
     }
@@ -452,11 +462,18 @@ impl<S: ClientStream> Downstream<S> {
     /// records the error, and closes.
     pub async fn fail(&mut self, req: &mut RequestCtx, kind: ErrorKind) -> Next {
         req.fail(kind);
-        if let Some(status) = kind.response() {
-            let (head, body) = split_canned(status.response(true));
-            self.write_answer(req, status.code(), head, b"", body).await;
+        match kind.response() {
+            Some(status) => {
+                let (head, body) = split_canned(status.response(true));
+                if self.write_answer(req, status.code(), head, b"", body).await {
+                    Next::Close
+                } else {
+                    Next::Cut
+                }
+            }
+            // No answer for the client (it is gone or timed out): a plain close.
+            None => Next::Cut,
         }
-        Next::Close
     }
 
     /// Writes `src[range]` to the client, counting it. With [`After::Spent`], `src` may come

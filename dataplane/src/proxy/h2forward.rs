@@ -1175,7 +1175,7 @@ pub(super) async fn forward<S: ClientStream>(
     let Some(opened) = opened else {
         req.fail(ErrorKind::ClientClosed);
         req.status = ErrorKind::ClientClosed.status();
-        return Next::Close;
+        return Next::Cut;
     };
     let opened = match opened {
         Ok(o) => o,
@@ -1225,7 +1225,7 @@ pub(super) async fn forward<S: ClientStream>(
         Err((status, kind)) => {
             req.status = status;
             req.fail(kind);
-            Next::Close
+            Next::Cut
         }
     }
 }
@@ -1544,10 +1544,13 @@ async fn fail<S: ClientStream>(
         Some(n) => {
             req.status = 200;
             req.bytes_out += n;
+            Next::Close
         }
-        None => req.status = ErrorKind::ClientClosed.status(),
+        None => {
+            req.status = ErrorKind::ClientClosed.status();
+            Next::Cut
+        }
     }
-    Next::Close
 }
 
 /// Sends a JSON answer the gateway makes (a transcoded call refused or failed); an
@@ -1582,10 +1585,10 @@ async fn answer_json<S: ClientStream>(
         Ok(()) => status,
         Err(()) => ErrorKind::ClientClosed.status(),
     };
-    if keep && sent.is_ok() {
-        Next::KeepAlive
-    } else {
-        Next::Close
+    match sent {
+        Ok(()) if keep => Next::KeepAlive,
+        Ok(()) => Next::Close,
+        Err(()) => Next::Cut,
     }
 }
 

@@ -143,6 +143,10 @@ async fn serve_stream<S: ClientStream>(
         match down.read_head(&ctx, req.ended, &mut head).await {
             Ok(Head::Request) => {}
             Ok(Head::Closed) => return None,
+            Ok(Head::Done) => {
+                down.stream.close_whole().await;
+                return None;
+            }
             Ok(Head::Park) => {
                 if let Ok(tcp) = down.stream.into_parkable() {
                     if let Some(lot) = ctx.park.borrow_mut().as_mut() {
@@ -167,9 +171,12 @@ async fn serve_stream<S: ClientStream>(
             Err(kind) => {
                 let snap = ctx.snapshot();
                 req.begin_unparsed(&ctx, &snap, peer.ip);
-                let _ = down.fail(&mut req, kind).await;
+                let next = down.fail(&mut req, kind).await;
                 req.bytes_in = down.buf.len() as u64;
                 req.finish(&ctx, &snap);
+                if matches!(next, Next::Close) {
+                    down.stream.close_whole().await;
+                }
                 return None;
             }
         };
@@ -190,13 +197,20 @@ async fn serve_stream<S: ClientStream>(
             }
             Next::KeepAlive => {
                 req.finish(&ctx, &snap);
+                down.stream.close_whole().await;
                 return None;
             }
             Next::Close => {
                 req.finish(&ctx, &snap);
                 if down.linger {
                     down.linger_close().await;
+                } else {
+                    down.stream.close_whole().await;
                 }
+                return None;
+            }
+            Next::Cut => {
+                req.finish(&ctx, &snap);
                 return None;
             }
             Next::Upgrade(upgrade) => {
@@ -585,7 +599,7 @@ async fn proxy<S: ClientStream>(
         Err(e) if req.status == 0 => return down.fail(req, e.kind).await,
         Err(e) => {
             req.fail(e.kind);
-            return Next::Close;
+            return Next::Cut;
         }
     }
     if close_client {
@@ -634,13 +648,13 @@ async fn early_answer<S: ClientStream>(
             Ok(HeadRead::Final(resp)) if resp.status != 101 => {
                 let relayed =
                     relay::relay_response(down, req, conn, &resp, head.http10, true).await;
-                if let Err(e) = relayed {
-                    req.fail(e.kind);
-                    // Cut short: no lingering close, whose shutdown would end a TLS
-                    // connection with close_notify, as if the answer were whole.
-                    down.linger = false;
-                }
-                return Next::Close;
+                return match relayed {
+                    Ok(_) => Next::Close,
+                    Err(e) => {
+                        req.fail(e.kind);
+                        Next::Cut
+                    }
+                };
             }
             _ => return down.fail(req, kind).await,
         }

@@ -99,6 +99,12 @@ pub(crate) trait ClientStream:
         crate::io::write_range(self, buf, range).await
     }
 
+    /// Ends a connection whose answers all went out whole, the way that tells the client so:
+    /// over TLS, close_notify then FIN (RFC 8446 §6.1; without it a client cannot tell an
+    /// answer delimited by the close from one cut short). Plain TCP and HTTP/2 streams have
+    /// nothing to add to the close that follows. Never after an answer cut short.
+    async fn close_whole(&mut self) {}
+
     /// An HTTP/2 stream's request body as HTTP/2 frames (for an HTTP/2 upstream), if the
     /// client stream is one and nothing of the body was read through it yet.
     fn take_h2_body(&mut self) -> Option<h2::RecvStream> {
@@ -169,6 +175,11 @@ impl ClientStream for TlsStream {
 
     fn sni(&self) -> Option<&str> {
         TlsStream::sni(self)
+    }
+
+    async fn close_whole(&mut self) {
+        // A client that is gone makes this fail: nothing more to do either way.
+        let _ = self.shutdown().await;
     }
 
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf) {
