@@ -281,18 +281,11 @@ async fn flush_records<W: AsyncWriteRent>(
 ) -> io::Result<()> {
     let tx = {
         let mut s = session.borrow_mut();
-        let mut direct = DirectSend(s.fd);
         // Small writes go through the runtime, which makes one system call for many.
         let go_direct = s.always_direct || s.queued >= DIRECT_MIN;
         s.queued = 0;
-        while go_direct && s.conn.wants_write() {
-            match s.conn.write_tls(&mut direct) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
+        if go_direct {
+            send_direct(&mut s)?;
         }
         if !s.conn.wants_write() {
             return Ok(());
@@ -458,16 +451,44 @@ async fn close<W: AsyncWriteRent>(tcp: &mut W, session: &RefCell<Session>) -> io
 /// §6.2), best effort, without waiting: one non-blocking send, since the connection closes
 /// next whatever happens.
 fn send_alert(s: &mut Session) {
+    let _ = send_direct(s);
+}
+
+/// Writes what rustls has queued with non-blocking sends, as far as the socket takes it.
+/// `Err` only for a failed send (not for a full send buffer).
+fn send_direct(s: &mut Session) -> io::Result<()> {
     let mut direct = DirectSend(s.fd);
     while s.conn.wants_write() {
         match s.conn.write_tls(&mut direct) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 impl TlsStream {
+    /// Sends close_notify before the connection is dropped (whose close sends the FIN): at
+    /// once with a non-blocking send, which takes the small record unless the send buffer is
+    /// full, else through the runtime. Once, like [`close`].
+    pub async fn close_notify(&mut self) -> io::Result<()> {
+        {
+            let mut s = self.session.borrow_mut();
+            if std::mem::replace(&mut s.shut, true) {
+                return Ok(());
+            }
+            s.conn.send_close_notify();
+            send_direct(&mut s)?;
+            if !s.conn.wants_write() {
+                return Ok(());
+            }
+        }
+        flush_records(&mut self.tcp, &self.session).await
+    }
+
     /// The SNI name the client sent, lower-case.
     pub fn sni(&self) -> Option<&str> {
         self.sni.as_deref()

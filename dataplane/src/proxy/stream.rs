@@ -100,9 +100,10 @@ pub(crate) trait ClientStream:
     }
 
     /// Ends a connection whose answers all went out whole, the way that tells the client so:
-    /// over TLS, close_notify then FIN (RFC 8446 §6.1; without it a client cannot tell an
-    /// answer delimited by the close from one cut short). Plain TCP and HTTP/2 streams have
-    /// nothing to add to the close that follows. Never after an answer cut short.
+    /// over TLS, close_notify before the close's FIN (RFC 8446 §6.1; without it a client
+    /// cannot tell an answer delimited by the close from one cut short). Plain TCP and HTTP/2
+    /// streams have nothing to add to the close that follows. Never after an answer cut
+    /// short.
     async fn close_whole(&mut self) {}
 
     /// An HTTP/2 stream's request body as HTTP/2 frames (for an HTTP/2 upstream), if the
@@ -179,7 +180,7 @@ impl ClientStream for TlsStream {
 
     async fn close_whole(&mut self) {
         // A client that is gone makes this fail: nothing more to do either way.
-        let _ = self.shutdown().await;
+        let _ = self.close_notify().await;
     }
 
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf) {
