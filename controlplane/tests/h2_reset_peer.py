@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
-bytes of a message come before the reset; with `silent`, nothing is ever answered. Runs
-until killed. Loopback only.
+bytes of a message come before the reset; with `silent`, nothing is ever answered; with
+`goaway`, the connection ends with GOAWAY CODE whose last stream id is below the request's
+(it was not acted on) and a close. Runs until killed. Loopback only.
 """
 import socket
 import sys
@@ -22,6 +23,7 @@ except ImportError:
 CODE = int(sys.argv[1])
 PARTIAL = sys.argv[2:] == ["partial"]
 SILENT = sys.argv[2:] == ["silent"]
+GOAWAY = sys.argv[2:] == ["goaway"]
 lock = threading.Lock()
 
 
@@ -40,6 +42,11 @@ def serve(sock):
                     print(f"request {path}", flush=True)
                 if SILENT:
                     continue
+                if GOAWAY:
+                    conn.close_connection(error_code=CODE, last_stream_id=max(0, event.stream_id - 2))
+                    sock.sendall(conn.data_to_send())
+                    sock.close()
+                    return
                 if PARTIAL:
                     conn.send_headers(event.stream_id, [(":status", "200"),
                                                         ("content-type", "application/grpc")])

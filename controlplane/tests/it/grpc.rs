@@ -5,7 +5,8 @@
 //! (binary and text, over HTTP/1.1 and HTTP/2, with its CORS preflight), an `h2c` upstream
 //! reached from HTTP/1.1 and HTTP/2 clients, h2load against a unary method, and JSON calls
 //! transcoded to gRPC (`transcoders`, with descriptor sets made by protoc in the test); and a
-//! raw HTTP/2 upstream (`tests/h2_reset_peer.py`) that resets the streams it is sent.
+//! raw HTTP/2 upstream (`tests/h2_reset_peer.py`) that resets the streams it is sent or
+//! refuses them with GOAWAY.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -333,10 +334,6 @@ struct ResetPeer {
 }
 
 impl ResetPeer {
-    fn start(code: u32) -> ResetPeer {
-        Self::start_with(&[&code.to_string()])
-    }
-
     /// `h2_reset_peer.py` with these arguments.
     fn start_with(args: &[&str]) -> ResetPeer {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h2_reset_peer.py");
@@ -355,7 +352,7 @@ impl ResetPeer {
 }
 
 #[test]
-fn a_grpc_call_an_upstream_reset_after_taking_it_is_not_sent_to_another_target() {
+fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
     let dir = temp_dir("grpc-reset");
     let cert = Cert::new(&dir, "grpc.test");
     let body = dir.join("call.bin");
@@ -380,9 +377,21 @@ fn a_grpc_call_an_upstream_reset_after_taking_it_is_not_sent_to_another_target()
     };
     // RST_STREAM INTERNAL_ERROR: the upstream had the call and may have acted on it; with
     // `retry` on (UNAVAILABLE, the gRPC default) it still goes to no other target.
-    // RST_STREAM REFUSED_STREAM: it did not; another target may get it.
-    for (code, most, least) in [(2, 1, 1), (7, usize::MAX, 2)] {
-        let (a, b) = (ResetPeer::start(code), ResetPeer::start(code));
+    // RST_STREAM REFUSED_STREAM: it did not; another target may get it. So may a call above
+    // the last stream id of a GOAWAY, whatever its code (RFC 9113 6.8; 11: ENHANCE_YOUR_CALM).
+    for (code, mode, most, least) in [
+        (2, "reset", 1, 1),
+        (7, "reset", usize::MAX, 2),
+        (11, "goaway", usize::MAX, 2),
+        (0, "goaway", usize::MAX, 2),
+    ] {
+        let args = [code.to_string(), mode.to_owned()];
+        let args: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != "reset")
+            .collect();
+        let (a, b) = (ResetPeer::start_with(&args), ResetPeer::start_with(&args));
         let upstream = format!(
             "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
              targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
@@ -396,7 +405,7 @@ fn a_grpc_call_an_upstream_reset_after_taking_it_is_not_sent_to_another_target()
         let sent = a.requests() + b.requests();
         assert!(
             (least..=most).contains(&sent),
-            "RST_STREAM {code}: the call reached the upstream {sent} times"
+            "{mode} {code}: the call reached the upstream {sent} times"
         );
     }
 }

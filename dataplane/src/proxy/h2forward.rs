@@ -1116,8 +1116,12 @@ pub(super) async fn forward<S: ClientStream>(
                 }
                 Ok(Err(e)) => {
                     // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
+                    // So may a stream above the last id of the upstream's GOAWAY, whatever
+                    // its error code (6.8); h2 reports only those with the GOAWAY's error
+                    // (the streams at or below it that the close cuts end with an I/O one).
                     let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
-                        || (e.is_go_away() && e.reason() == Some(Reason::NO_ERROR));
+                        || (e.is_go_away()
+                            && (e.is_remote() || e.reason() == Some(Reason::NO_ERROR)));
                     if e.is_go_away() || e.is_io() {
                         conn.mark_closed();
                     }
