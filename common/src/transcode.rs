@@ -460,6 +460,18 @@ impl Transcoder {
         Ok((&self.bindings[i], vars))
     }
 
+    /// The methods some binding takes at `path`, for a 405's `Allow` (RFC 9110 10.2.1): in
+    /// the bindings' order, each once, comma-separated.
+    pub fn allowed(&self, path: &str) -> String {
+        let mut allow: Vec<&str> = Vec::new();
+        for b in &self.bindings {
+            if !allow.contains(&&*b.verb) && b.template.matches(path).is_some() {
+                allow.push(&b.verb);
+            }
+        }
+        allow.join(", ")
+    }
+
     /// [`Transcoder::find`], giving the binding's index in `bindings`.
     pub fn find_index<'p>(
         &self,
@@ -805,6 +817,8 @@ mod tests {
         assert!(t.find("GET", "/v1/orders").is_ok());
         // A known path with another method: 405; an unknown path: 404.
         assert_eq!(t.find("DELETE", "/v1/orders").err(), Some(true));
+        assert_eq!(t.allowed("/v1/orders"), "GET, POST");
+        assert_eq!(t.allowed("/v2/orders"), "");
         assert_eq!(t.find("GET", "/v2/orders").err(), Some(false));
         assert_eq!(t.find("GET", "/v1/orders/7/items/9").err(), Some(false));
     }

@@ -1034,6 +1034,8 @@ transcoder = "orders"
     c.send(b"HEAD /v1/orders HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nothing/here HTTP/1.1\r\nHost: x\r\n\r\n");
     let head = c.read_response_to("HEAD");
     assert_eq!(head.status, 405);
+    // RFC 9110 15.5.6: the methods the path takes.
+    assert_eq!(head.header("allow"), Some("GET, POST"));
     assert!(head.body.is_empty());
     let length: usize = head.header("content-length").unwrap().parse().unwrap();
     assert!(length > 0);

@@ -977,6 +977,10 @@ pub(super) async fn forward<S: ClientStream>(
                     405 => ErrorKind::MethodNotAllowed,
                     _ => ErrorKind::BadRequest,
                 });
+                if let Some(allow) = &refused.allow {
+                    // RFC 9110 15.5.6: a 405 names the methods the target takes.
+                    super::push_field(&mut req.response_fields, b"Allow", allow.as_bytes());
+                }
                 let close = !keep_alive || ctx.draining.get();
                 return answer_json(down, req, refused.status, refused.body, close, asked).await;
             }

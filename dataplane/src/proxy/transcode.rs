@@ -36,6 +36,8 @@ pub(super) struct Prepared {
 pub(super) struct Refused {
     pub status: u16,
     pub body: Vec<u8>,
+    /// A 405's `Allow` value: the methods the path takes.
+    pub allow: Option<String>,
 }
 
 /// Builds the gRPC request of a JSON call: `Err` with the answer when no method maps to
@@ -62,6 +64,7 @@ pub(super) fn prepare(
             return Err(Refused {
                 status,
                 body: error_body(code, &message, None, &[]),
+                allow: other_method.then(|| t.allowed(path)),
             });
         }
     };
@@ -77,6 +80,7 @@ pub(super) fn prepare(
             Refused {
                 status: 400,
                 body: error_body(3, &message, field, &[]),
+                allow: None,
             }
         })?;
     let mut framed = Vec::with_capacity(5 + message.len());
