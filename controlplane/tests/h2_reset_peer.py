@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
 bytes of a message come before the reset; with `silent`, nothing is ever answered; with
 `goaway`, the connection ends with GOAWAY CODE whose last stream id is below the request's
-(it was not acted on) and a close. Runs until killed. Loopback only.
+(it was not acted on) and a close; with `no-content`, the answer is a 204 that carries
+`content-length: 0` (which RFC 9110 8.6 forbids). Runs until killed. Loopback only.
 """
 import socket
 import sys
@@ -24,6 +25,7 @@ CODE = int(sys.argv[1])
 PARTIAL = sys.argv[2:] == ["partial"]
 SILENT = sys.argv[2:] == ["silent"]
 GOAWAY = sys.argv[2:] == ["goaway"]
+NO_CONTENT = sys.argv[2:] == ["no-content"]
 lock = threading.Lock()
 
 
@@ -41,6 +43,11 @@ def serve(sock):
                 with lock:
                     print(f"request {path}", flush=True)
                 if SILENT:
+                    continue
+                if NO_CONTENT:
+                    conn.send_headers(event.stream_id, [(":status", "204"),
+                                                        ("content-length", "0")],
+                                      end_stream=True)
                     continue
                 if GOAWAY:
                     conn.close_connection(error_code=CODE, last_stream_id=max(0, event.stream_id - 2))

@@ -450,6 +450,45 @@ fn a_grpc_content_type_does_not_make_a_post_to_an_h2c_upstream_idempotent() {
     assert_eq!(a.requests() + b.requests(), 1);
 }
 
+#[test]
+fn a_204_from_an_http2_upstream_goes_out_without_content_length() {
+    // The upstream's 204 carries `content-length: 0`, which RFC 9110 8.6 forbids: the
+    // gateway's answer, over HTTP/1.1 and HTTP/2, has none.
+    let peer = ResetPeer::start_with(&["0", "no-content"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\n\
+         targets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for (version, status) in [
+        ("--http1.1", "HTTP/1.1 204"),
+        ("--http2-prior-knowledge", "HTTP/2 204"),
+    ] {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                version,
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+            ])
+            .arg(format!("http://{}/nothing", gw.listeners[0]))
+            .output()
+            .expect("curl");
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(head.starts_with(&status.to_ascii_lowercase()), "{head}");
+        assert!(!head.contains("content-length"), "{version}: {head}");
+    }
+    drop(gw);
+    assert_eq!(peer.requests(), 2);
+}
+
 /// The gRPC-Web frames of a body: (flag, payload) pairs.
 fn frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();

@@ -99,6 +99,9 @@ pub fn parse_response(
     let mut dropped = DroppedFields::default();
     let mut cl_lines = DroppedFields::default();
     let mut request_id: Option<FieldRef> = None;
+    // RFC 9110 8.6, RFC 9112 6.1: a 1xx or 204 carries neither Content-Length nor
+    // Transfer-Encoding; an upstream's goes no further (nginx drops them too).
+    let unframed = status < 200 || status == 204;
 
     for (i, h) in headers.iter().enumerate() {
         if !crlf_before(buf, line_end(buf, headers, i, fields_end)) {
@@ -119,9 +122,13 @@ pub fn parse_response(
                     Some(_) => drop = true,
                     None => content_length = Some(n),
                 }
+                drop |= unframed;
                 cl_lines.mark(i);
             }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => codings.add_line(value),
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                codings.add_line(value);
+                drop = unframed;
+            }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 for opt in super::list_elements(value) {
                     if opt.eq_ignore_ascii_case(b"close") {
@@ -297,6 +304,22 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
         let r = parse(two, false).unwrap().unwrap();
         assert_eq!((r.body, r.transfer_coded), (BodyKind::Chunked, true));
+    }
+
+    #[test]
+    fn no_framing_fields_go_out_in_1xx_and_204() {
+        for input in [
+            &b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n"[..],
+            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nX-A: 1\r\nContent-Length: 7\r\n\r\n",
+        ] {
+            let r = parse(input, false).unwrap().unwrap();
+            assert_eq!((r.body, r.transfer_coded), (BodyKind::None, false));
+            assert_eq!(forwarded(input), "X-A: 1\r\n");
+        }
+        // A 304's length is the GET answer's (RFC 9110 8.6): kept.
+        let input = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(forwarded(input), "Content-Length: 5\r\n");
     }
 
     #[test]

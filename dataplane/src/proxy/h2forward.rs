@@ -1337,7 +1337,12 @@ impl Relay {
         } = opened;
         let status = parts.status.as_u16();
         let end = body.is_end_stream();
-        if sink.head(status, parts.headers, end).await.is_err() {
+        let mut headers = parts.headers;
+        if status == 204 {
+            // RFC 9110 8.6: a 204 carries no Content-Length, whatever the upstream sent.
+            headers.remove(CONTENT_LENGTH);
+        }
+        if sink.head(status, headers, end).await.is_err() {
             return Err((ErrorKind::ClientClosed.status(), ErrorKind::ClientClosed));
         }
         if end {
