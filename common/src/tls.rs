@@ -263,7 +263,8 @@ pub fn compile_listener(
 }
 
 /// Picks a listener's certificate by SNI: an exact name, then a wildcard (`*.example.com`
-/// covers one label), then the first.
+/// covers one label), then the first. Among several at the same step (an ECDSA and an RSA
+/// certificate for one name, say), the first whose key the client can use.
 #[derive(Debug)]
 pub struct SniResolver {
     certs: Vec<Arc<Certificate>>,
@@ -271,34 +272,69 @@ pub struct SniResolver {
 
 impl SniResolver {
     /// The certificate for a client that sent `sni` (already lower-case ASCII, as rustls
-    /// gives it).
-    pub fn pick(&self, sni: Option<&str>) -> Option<&Arc<Certificate>> {
+    /// gives it), `usable` telling whether the client can take a certificate's key (asked
+    /// only where a step has more than one certificate to choose from).
+    pub fn pick(
+        &self,
+        sni: Option<&str>,
+        usable: impl Fn(&Certificate) -> bool,
+    ) -> Option<&Arc<Certificate>> {
         if let Some(name) = sni {
             let exact = self
                 .certs
                 .iter()
-                .find(|c| c.names.iter().any(|n| n == name));
-            if exact.is_some() {
-                return exact;
+                .filter(|c| c.names.iter().any(|n| n == name));
+            if let Some(c) = first_usable(exact, &usable) {
+                return Some(c);
             }
             if let Some((_, parent)) = name.split_once('.') {
-                let wild = self.certs.iter().find(|c| {
+                let wild = self.certs.iter().filter(|c| {
                     c.names
                         .iter()
                         .any(|n| n.strip_prefix("*.").is_some_and(|p| p == parent))
                 });
-                if wild.is_some() {
-                    return wild;
+                if let Some(c) = first_usable(wild, &usable) {
+                    return Some(c);
                 }
             }
         }
-        self.certs.first()
+        first_usable(self.certs.iter(), &usable)
     }
+}
+
+/// The first of `candidates` that is `usable`, else the first (the handshake then fails on
+/// it, as it would have anyway); `usable` is not asked when there is only one.
+fn first_usable<'a>(
+    mut candidates: impl Iterator<Item = &'a Arc<Certificate>>,
+    usable: &impl Fn(&Certificate) -> bool,
+) -> Option<&'a Arc<Certificate>> {
+    let first = candidates.next()?;
+    let mut rest = candidates.peekable();
+    if rest.peek().is_none() || usable(first) {
+        return Some(first);
+    }
+    Some(rest.find(|c| usable(c)).unwrap_or(first))
+}
+
+/// Whether a client can take `key`: it offers a signature scheme the key signs with, and a
+/// cipher suite that goes with the key's algorithm (any TLS 1.3 suite; for TLS 1.2, an
+/// ECDHE_ECDSA suite for an ECDSA key, ECDHE_RSA for an RSA one).
+fn client_can_use(key: &CertifiedKey, hello: &ClientHello<'_>) -> bool {
+    let alg = key.key.algorithm();
+    let suites = &provider().cipher_suites;
+    let suite_fits = hello.cipher_suites().iter().any(|offered| {
+        suites
+            .iter()
+            .any(|s| s.suite() == *offered && s.usable_for_signature_algorithm(alg))
+    });
+    suite_fits && key.key.choose_scheme(hello.signature_schemes()).is_some()
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.pick(hello.server_name()).map(|c| c.key.clone())
+        let usable = |c: &Certificate| client_can_use(&c.key, &hello);
+        self.pick(hello.server_name(), usable)
+            .map(|c| c.key.clone())
     }
 }
 
@@ -613,13 +649,50 @@ mod tests {
         let r = SniResolver {
             certs: vec![first, api],
         };
-        let pick = |n: Option<&str>| r.pick(n).unwrap().names[0].clone();
+        let pick = |n: Option<&str>| r.pick(n, |_| true).unwrap().names[0].clone();
         assert_eq!(pick(Some("api.example")), "api.example");
         assert_eq!(pick(Some("v1.api.example")), "api.example");
         // A wildcard covers one label only.
         assert_eq!(pick(Some("a.b.api.example")), "other.example");
         assert_eq!(pick(Some("unknown.test")), "other.example");
         assert_eq!(pick(None), "other.example");
+    }
+
+    #[test]
+    fn among_certificates_for_one_name_the_first_the_client_can_use_wins() {
+        let cert = |id: &str, pem: &str, key: &str| {
+            let mut c = entry(pem, key);
+            c.id = id.into();
+            Arc::new(compile_certificate(&mut c, "c").unwrap())
+        };
+        let r = SniResolver {
+            certs: vec![
+                cert("other", OTHER_PEM, OTHER_KEY),
+                cert("api-1", API_PEM, API_KEY),
+                cert("api-2", API_PEM, API_KEY),
+            ],
+        };
+        let pick = |n: Option<&str>, usable: &dyn Fn(&Certificate) -> bool| {
+            r.pick(n, usable).unwrap().id.clone()
+        };
+        assert_eq!(pick(Some("api.example"), &|_| true), "api-1");
+        assert_eq!(pick(Some("api.example"), &|c| c.id != "api-1"), "api-2");
+        assert_eq!(pick(Some("v1.api.example"), &|c| c.id != "api-1"), "api-2");
+        // None usable: the first, for the handshake to fail on as before.
+        assert_eq!(pick(Some("api.example"), &|_| false), "api-1");
+        // Without a match: the first usable of all.
+        assert_eq!(pick(None, &|c| c.id == "api-2"), "api-2");
+        // A single candidate is taken without asking.
+        let asked = std::cell::Cell::new(0);
+        let r = SniResolver {
+            certs: vec![cert("api-1", API_PEM, API_KEY)],
+        };
+        let counting = |_: &Certificate| {
+            asked.set(asked.get() + 1);
+            false
+        };
+        assert_eq!(r.pick(Some("api.example"), counting).unwrap().id, "api-1");
+        assert_eq!(asked.get(), 0);
     }
 
     #[test]

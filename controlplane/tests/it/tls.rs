@@ -15,7 +15,8 @@ use crate::support::*;
 
 both_drivers!(sni_chooses_the_certificate_and_host_must_match);
 
-/// A self-signed certificate for `name` and `*.name` (P-256), made by the openssl CLI.
+/// A self-signed certificate for `name` and `*.name` (P-256, or RSA), made by the openssl
+/// CLI.
 pub struct Cert {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -23,11 +24,26 @@ pub struct Cert {
 
 impl Cert {
     pub fn new(dir: &Path, name: &str) -> Cert {
-        let cert = dir.join(format!("{name}.pem"));
-        let key = dir.join(format!("{name}.key"));
+        Self::made(
+            dir,
+            name,
+            "",
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        )
+    }
+
+    /// The same for an RSA 2048 key.
+    pub fn new_rsa(dir: &Path, name: &str) -> Cert {
+        Self::made(dir, name, "-rsa", &["-newkey", "rsa:2048"])
+    }
+
+    fn made(dir: &Path, name: &str, suffix: &str, key_args: &[&str]) -> Cert {
+        let cert = dir.join(format!("{name}{suffix}.pem"));
+        let key = dir.join(format!("{name}{suffix}.key"));
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+            .args(["req", "-x509"])
+            .args(key_args)
+            .args(["-nodes", "-days", "30"])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -999,4 +1015,70 @@ except ssl.SSLError as e:
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(origin.requests().is_empty());
+}
+
+#[test]
+fn an_ecdsa_and_an_rsa_certificate_for_one_name_each_go_to_the_clients_that_can_use_them() {
+    let dir = temp_dir("tls-key-types");
+    let (ec, rsa) = (Cert::new(&dir, "a.test"), Cert::new_rsa(&dir, "a.test"));
+    let config = format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+tls = {{ certificates = ["ec", "rsa"] }}
+
+[[routes]]
+id = "all"
+path_prefix = "/"
+respond = {{ status = 200, body = "ok" }}
+
+[[certificates]]
+id = "ec"
+cert_file = "{}"
+key_file = "{}"
+
+[[certificates]]
+id = "rsa"
+cert_file = "{}"
+key_file = "{}"
+"#,
+        ec.cert.display(),
+        ec.key.display(),
+        rsa.cert.display(),
+        rsa.key.display(),
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // The size of the key of the certificate the gateway presented to `openssl s_client`
+    // run with `args`, or what went wrong.
+    let key_bits = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &gw.listeners[0].to_string()])
+            .args(["-servername", "a.test"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("Server public key is "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("no certificate: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // A client that takes both gets the first listed.
+    assert_eq!(key_bits(&[]), "256 bit");
+    assert_eq!(key_bits(&["-tls1_2"]), "256 bit");
+    // TLS 1.3 with RSA-PSS signatures only, TLS 1.2 with RSA suites only: the RSA one.
+    assert_eq!(
+        key_bits(&["-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256"]),
+        "2048 bit"
+    );
+    assert_eq!(
+        key_bits(&["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"]),
+        "2048 bit"
+    );
+    assert_eq!(
+        key_bits(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
+        "256 bit"
+    );
 }
