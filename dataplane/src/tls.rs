@@ -38,6 +38,8 @@ const RECORD_BUF: usize = 16 * 1024 + 512;
 /// Plaintext from which a flush's records go straight to the socket ([`DirectSend`]): one
 /// full record. Below it, the copy saved is smaller than the system call of its own.
 const DIRECT_MIN: usize = 16 * 1024;
+/// Longest [`TlsStream::close_notify`] waits for a full send buffer to take the record.
+const CLOSE_NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a handshake failed, as the metrics count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +111,8 @@ struct Session {
     queued: usize,
     /// Every flush goes straight to the socket, small ones too (see [`PlainQueue`]).
     always_direct: bool,
-    /// close_notify was sent and TCP half-closed ([`close`]).
+    /// close_notify was sent (by [`close`], which also half-closes TCP, or by
+    /// [`TlsStream::close_notify`]).
     shut: bool,
     /// The stream is split into halves, whose writes may be in flight while the read half
     /// reads: reading then leaves its output to the write half (see the module's doc).
@@ -473,7 +476,7 @@ fn send_direct(s: &mut Session) -> io::Result<()> {
 impl TlsStream {
     /// Sends close_notify before the connection is dropped (whose close sends the FIN): at
     /// once with a non-blocking send, which takes the small record unless the send buffer is
-    /// full, else through the runtime. Once, like [`close`].
+    /// full, else through the runtime within [`CLOSE_NOTIFY_WAIT`]. Once, like [`close`].
     pub async fn close_notify(&mut self) -> io::Result<()> {
         {
             let mut s = self.session.borrow_mut();
@@ -486,7 +489,12 @@ impl TlsStream {
                 return Ok(());
             }
         }
-        flush_records(&mut self.tcp, &self.session).await
+        // A client that does not read does not hold the connection open for long.
+        let flushed = flush_records(&mut self.tcp, &self.session);
+        match monoio::time::timeout(CLOSE_NOTIFY_WAIT, flushed).await {
+            Ok(res) => res,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        }
     }
 
     /// The SNI name the client sent, lower-case.

@@ -114,6 +114,8 @@ pub fn parse_response(
             12 if name.eq_ignore_ascii_case(b"x-request-id") => {
                 FieldRef::note(&mut request_id, buf, headers, i, fields_end);
             }
+            // Dropped unread where no length may be (a bad one cannot hurt).
+            14 if unframed && name.eq_ignore_ascii_case(b"content-length") => drop = true,
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 let n = parse_content_length(value).ok_or(ResponseError::Malformed)?;
                 match content_length {
@@ -122,7 +124,6 @@ pub fn parse_response(
                     Some(_) => drop = true,
                     None => content_length = Some(n),
                 }
-                drop |= unframed;
                 cl_lines.mark(i);
             }
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
@@ -312,6 +313,7 @@ mod tests {
             &b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n"[..],
             b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
             b"HTTP/1.1 103 Early Hints\r\nX-A: 1\r\nContent-Length: 7\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 1\r\nX-A: 1\r\nContent-Length: 2\r\n\r\n",
         ] {
             let r = parse(input, false).unwrap().unwrap();
             assert_eq!((r.body, r.transfer_coded), (BodyKind::None, false));
