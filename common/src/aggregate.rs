@@ -511,7 +511,7 @@ fn compile_step(
 }
 
 /// Fields a step's request gets from the gateway, never copied from the client.
-const HOP_OR_GATEWAY_FIELDS: [&str; 18] = [
+const HOP_OR_GATEWAY_FIELDS: [&str; 19] = [
     "host",
     "content-length",
     "content-type",
@@ -525,6 +525,7 @@ const HOP_OR_GATEWAY_FIELDS: [&str; 18] = [
     "te",
     "trailer",
     "proxy-connection",
+    "proxy-authorization",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",

@@ -185,24 +185,29 @@ pub(crate) enum Peeked {
 
 /// Peeks at one byte of `fd` without consuming it or waiting (one `recv` with `MSG_PEEK`).
 pub(crate) fn peek(fd: std::os::fd::RawFd) -> Peeked {
-    let mut byte = 0u8;
+    peek_into(fd, &mut [0u8; 1]).0
+}
+
+/// Peeks at up to `buf.len()` bytes of `fd` without consuming them or waiting: what it saw,
+/// and how many bytes it copied into `buf`.
+pub(crate) fn peek_into(fd: std::os::fd::RawFd, buf: &mut [u8]) -> (Peeked, usize) {
     // SAFETY: the caller's socket `fd` is open for the duration of the call; recv writes at
-    // most one byte into `byte`.
+    // most `buf.len()` bytes into `buf`.
     let n = unsafe {
         libc::recv(
             fd,
-            (&mut byte as *mut u8).cast(),
-            1,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
     match n {
-        0 => Peeked::Closed,
-        n if n > 0 => Peeked::Data,
+        0 => (Peeked::Closed, 0),
+        n if n > 0 => (Peeked::Data, n as usize),
         _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => {
-            Peeked::Nothing
+            (Peeked::Nothing, 0)
         }
-        _ => Peeked::Closed,
+        _ => (Peeked::Closed, 0),
     }
 }
 

@@ -241,6 +241,33 @@ fn step(id: &str, upstream: usize, extra: &str) -> String {
 }
 
 #[test]
+fn pass_headers_never_carry_fields_the_client_made_hop_by_hop() {
+    // `X-Foo` is named by the client's Connection: hop-by-hop (RFC 9110 7.6.1), so it
+    // reaches no step even where `pass_headers` asks for it; Authorization does.
+    let o = service(|_, _| json_ok(json!({"a": 1})));
+    let steps = step("s", 0, "pass_headers = [\"X-Foo\", \"Authorization\"]");
+    let (gw, _) = one_aggregate(&[&o], "", &steps);
+    let mut c = gw.connect();
+    let r = get(
+        &mut c,
+        "/agg",
+        "Connection: X-Foo\r\nX-Foo: secret\r\nAuthorization: Bearer t\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = &o.wait_requests(1)[0];
+    assert_eq!(seen.header("Authorization"), Some("Bearer t"));
+    assert_eq!(seen.header("X-Foo"), None);
+    // Proxy-Authorization is the gateway's to drop, like the other hop-by-hop fields.
+    let e = gw.admin(
+        "PUT",
+        "/v1/aggregates/agg2",
+        Some(r#"{"steps": [{"id": "s", "upstream": "u0", "path": "/s", "pass_headers": ["Proxy-Authorization"]}]}"#),
+    );
+    assert_eq!(e.status, 422, "{}", e.body_str());
+    assert!(e.body_str().contains("pass_headers[0]"), "{}", e.body_str());
+}
+
+#[test]
 fn failing_steps_follow_the_status_rules() {
     let ok = service(|_, _| json_ok(json!({"a": 1})));
     let hang = service(|_, _| json_ok(json!({"late": 1})).with_delay(3000));

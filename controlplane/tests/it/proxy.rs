@@ -21,6 +21,7 @@ both_drivers!(
     response_until_close_closes_client,
     pipelined_requests_answer_in_order,
     expect_continue_gets_interim_response,
+    interim_answers_lose_hop_by_hop_and_framing_fields,
     limits_answer_431_414_413,
     client_header_timeout_is_408,
     upstream_failures_are_502_and_504,
@@ -36,6 +37,9 @@ both_drivers!(
     client_that_stops_reading_is_dropped,
     upstream_that_stops_reading_the_body_is_504,
     early_upstream_answer_to_an_unread_body_is_relayed,
+    early_answer_from_an_upstream_that_stops_reading_comes_at_once,
+    a_refused_upload_gets_its_answer_through_a_lingering_close,
+    http10_expectations_are_ignored,
     body_shorter_than_the_method_after_the_head,
 );
 
@@ -420,6 +424,30 @@ fn expect_continue_gets_interim_response(driver: Driver) {
     let seen = origin.wait_requests(1);
     assert_eq!(seen[0].raw_body, b"hello");
     assert!(seen[0].header("expect").is_none());
+}
+
+fn interim_answers_lose_hop_by_hop_and_framing_fields(driver: Driver) {
+    // RFC 9110 7.6.1 and 8.6: like a final head, an interim one goes on without the fields
+    // its Connection names, Connection itself and any Content-Length.
+    let origin = Origin::start(std::sync::Arc::new(|_: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\
+              Connection: X-Foo\r\nX-Foo: secret\r\nContent-Length: 7\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        );
+        Keep::Open
+    }));
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"GET /hints HTTP/1.1\r\nHost: a\r\n\r\n");
+    let interim = c.read_response();
+    assert!(interim.head.starts_with("HTTP/1.1 103"), "{}", interim.head);
+    assert_eq!(interim.header("link"), Some("</a.css>; rel=preload"));
+    for gone in ["x-foo", "connection", "content-length"] {
+        assert_eq!(interim.header(gone), None, "{}", interim.head);
+    }
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (200, "ok"));
 }
 
 fn limits_answer_431_414_413(driver: Driver) {
@@ -969,6 +997,93 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
         other => panic!("expected end of stream after the answer, got {other:?}"),
     }
     sender.join().unwrap();
+}
+
+fn early_answer_from_an_upstream_that_stops_reading_comes_at_once(driver: Driver) {
+    // Refuses the upload after its head, then neither reads nor closes: the answer reaches
+    // the client at once, not after `upstream_send_ms` (30 s here; the client waits 10).
+    let origin = head_only_origin(|s| {
+        let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
+        thread::sleep(Duration::from_secs(15));
+    });
+    let gw = Gateway::start(
+        &framing_config(
+            origin,
+            "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
+        ),
+        driver,
+    );
+    let mut c = gw.connect();
+    let started = std::time::Instant::now();
+    let sender = start_upload(&mut c);
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (413, "too big!"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    sender.join().unwrap();
+}
+
+fn a_refused_upload_gets_its_answer_through_a_lingering_close(driver: Driver) {
+    // Refused by the gateway itself before any of the body is read: for its declared length
+    // (413), and for its path (404, no route), with 200 kB of the body sent. An abrupt close
+    // with that unread resets the connection, which can destroy the answer before the client
+    // has read it (RFC 9112 9.6).
+    let origin = Origin::echo();
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"origin\"\ntargets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"up\"\npath_prefix = \"/up/\"\nupstream = \"origin\"\n\n\
+         [limits]\nmax_body_bytes = 1000000\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config, driver);
+    for (head, status) in [
+        (
+            "POST /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5000000\r\n\r\n",
+            413,
+        ),
+        (
+            "POST /elsewhere HTTP/1.1\r\nHost: a\r\nContent-Length: 900000\r\n\r\n",
+            404,
+        ),
+    ] {
+        let mut c = gw.connect();
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        c.send(head.as_bytes());
+        let _ = c.stream.write_all(&vec![b'x'; 200_000]);
+        thread::sleep(Duration::from_millis(500));
+        let mut got = Vec::new();
+        let end = c.stream.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{head:?}: {end:?}, {text:?}"
+        );
+        // Ended by the gateway's FIN after the answer, not by a reset (on loopback the
+        // answer arrives before a reset would; across a network, a reset can overtake it).
+        assert!(end.is_ok(), "{head:?}: {end:?}");
+    }
+    assert!(origin.requests().is_empty());
+}
+
+fn http10_expectations_are_ignored(driver: Driver) {
+    // RFC 9110 10.1.1 and 15.2: no `100 Continue` to an HTTP/1.0 client, which may not
+    // know it; its body is read as it comes.
+    let origin = Origin::echo();
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"POST /ten HTTP/1.0\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    thread::sleep(Duration::from_millis(200));
+    c.send(b"hello");
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(origin.wait_requests(1)[0].raw_body, b"hello");
 }
 
 /// A body that arrives after the head, shorter than the method name: the client buffer then

@@ -390,7 +390,9 @@ pub fn parse_request_into(
         body,
         keep_alive,
         upgrade,
-        expect_continue: expect_continue && body != BodyKind::None,
+        // RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored (and 15.2: no 1xx
+        // goes to an HTTP/1.0 client).
+        expect_continue: expect_continue && body != BodyKind::None && !http10,
         request_id,
         traceparent,
         user_agent,

@@ -25,15 +25,6 @@ use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
 
-/// What a caller does with a buffer it sends from ([`Downstream::send`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum After {
-    /// Goes on using its bytes: they must stay.
-    Kept,
-    /// Needs none of its bytes: a stream that keeps what it sends may take the buffer.
-    Spent,
-}
-
 /// A client connection's read buffer starts at its stream's `READ_BUF`; it grows up to
 /// `max_header_bytes` for a large head and to [`BODY_BUF`] to relay a large request body.
 pub(crate) const BODY_BUF: usize = 64 * 1024;
@@ -108,8 +99,8 @@ pub(crate) struct Downstream<S> {
     /// The deadline of the reads of its upstream exchanges, lent to each upstream connection
     /// for the exchange (`UpstreamConn::lend_timer`).
     pub upstream_timer: ReadTimer,
-    /// The answer went out while the client may still be sending the request body: close
-    /// with a lingering close.
+    /// The client may still be sending the request body (set as a request with a body
+    /// starts, cleared once the body has been read): a close is a lingering close.
     pub linger: bool,
     /// Large response bodies may go through a pipe (`[relay] splice`, set per request).
     pub splice: bool,
@@ -193,7 +184,9 @@ impl<S: ClientStream> Downstream<S> {
                     *idle_from.get_or_insert_with(Instant::now) + self.timeouts.client_idle
                 }
             };
-            if waiting_idle && ctx.draining.get() {
+            // A new connection's first request is still served (once, then closed): it may
+            // be on its way, or already in (a TLS session's buffer).
+            if waiting_idle && self.served > 0 && ctx.draining.get() {
                 match ctx.handover_until.get() {
                     // A binary upgrade: the client may be sending its next request already;
                     // it is answered (with `Connection: close`) if it comes within the grace.
@@ -296,6 +289,9 @@ impl<S: ClientStream> Downstream<S> {
         reply: Reply<'_>,
     ) -> Next {
         let complete = self.skip_buffered_body(head, req);
+        if complete {
+            self.linger = false;
+        }
         let close = !complete || !head.keep_alive || ctx.draining.get();
         let (status, head_bytes, body) = match reply {
             Reply::Direct {
@@ -476,20 +472,16 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
-    /// Writes `src[range]` to the client, counting it. With [`After::Spent`], `src` may come
-    /// back empty (see [`ClientStream::write_spent`]).
+    /// Writes `src[range]` to the client, counting it, when the caller needs none of `src`'s
+    /// bytes afterwards: `src` may come back empty (see [`ClientStream::write_spent`]).
     pub async fn send(
         &mut self,
         req: &mut RequestCtx,
         src: &mut Vec<u8>,
         range: std::ops::Range<usize>,
-        after: After,
     ) -> std::io::Result<()> {
         let len = range.len() as u64;
-        match after {
-            After::Kept => write_range(&mut self.stream, src, range).await?,
-            After::Spent => self.stream.write_spent(src, range).await?,
-        }
+        self.stream.write_spent(src, range).await?;
         req.bytes_out += len;
         Ok(())
     }

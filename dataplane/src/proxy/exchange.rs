@@ -6,7 +6,8 @@
 //! Hot path: the request head goes out with one vectored write straight from the client's
 //! read buffer; nothing allocates.
 
-use std::time::Instant;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use monoio::buf::IoBuf;
 use monoio::io::AsyncWriteRentExt;
@@ -20,15 +21,15 @@ use crate::codec::response::{parse_response, ResponseHead};
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError};
 use crate::gather::{write_gathered, Piece, COALESCE_MAX};
-use crate::io::ReadError;
+use crate::io::{peek_into, Peeked, ReadError};
 use crate::upstream::{is_send_timeout, UpstreamConn, UPSTREAM_BUF};
 
 /// What reading a response head gave.
 #[derive(Debug)]
 pub(crate) enum HeadRead {
-    /// An interim (1xx other than 101) response of this many bytes at the start of the
-    /// buffer: pass it on or skip it, drain it, and read again.
-    Interim(usize),
+    /// An interim (1xx other than 101) response at the start of the buffer (its fields to
+    /// drop in the caller's plan): pass it on or skip it, drain it, and read again.
+    Interim(ResponseHead),
     Final(ResponseHead),
 }
 
@@ -78,7 +79,7 @@ pub(crate) async fn read_head(
         if !conn.buf.is_empty() {
             match parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan) {
                 Ok(Some(resp)) if (100..200).contains(&resp.status) && resp.status != 101 => {
-                    return Ok(HeadRead::Interim(resp.head_end));
+                    return Ok(HeadRead::Interim(resp));
                 }
                 Ok(Some(resp)) => return Ok(HeadRead::Final(resp)),
                 Ok(None) => {}
@@ -133,8 +134,8 @@ pub(crate) async fn exchange(
             usize::MAX,
         );
         match read.await? {
-            HeadRead::Interim(end) => {
-                conn.buf.drain(..end);
+            HeadRead::Interim(resp) => {
+                conn.buf.drain(..resp.head_end);
             }
             HeadRead::Final(resp) => {
                 let reader = BodyReader::start(&resp, &conn.buf, body_idle)?;
@@ -189,13 +190,51 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
         };
         let start = down.pos;
         let buf = std::mem::take(&mut down.buf);
-        let (res, slice) = conn.stream.write_all(buf.slice(start..start + take)).await;
+        let fd = conn.stream.as_raw_fd();
+        let write = conn.stream.write_all(buf.slice(start..start + take));
+        let Some((res, slice)) = unless_answered(write, fd).await else {
+            // The write is abandoned with the buffer it held: the client connection closes
+            // after the answer, so nothing in it is needed.
+            down.buf = Vec::with_capacity(BODY_BUF);
+            down.pos = 0;
+            return Err(ProxyError::new(ErrorKind::UpstreamClosed));
+        };
         down.buf = slice.into_inner();
         down.pos = start + take;
         req.bytes_in += take as u64;
         res.map_err(|e| write_error(&e))?;
     }
     Ok(())
+}
+
+/// How long a write of request body bytes runs before the gateway looks whether the
+/// upstream has answered meanwhile, and again after each such interval.
+const EARLY_CHECK: Duration = Duration::from_millis(100);
+
+/// Runs `write` (of request body bytes to the upstream on socket `fd`) to its end, unless
+/// the upstream answers while the write is stuck: an upload's early 413 or 401, after which
+/// the upstream stops reading. `None` then, within [`EARLY_CHECK`], rather than at the send
+/// timeout (`upstream_send_ms`); the caller relays the answer (`early_answer`). A lone
+/// interim answer (`HTTP/1.1 100 Continue`) does not count: the upstream still reads.
+async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<F::Output> {
+    let mut write = std::pin::pin!(write);
+    loop {
+        match monoio::time::timeout(EARLY_CHECK, write.as_mut()).await {
+            Ok(out) => return Some(out),
+            Err(_) => {
+                let mut start = [0u8; 12];
+                if let (Peeked::Data, n) = peek_into(fd, &mut start) {
+                    let interim = n == start.len()
+                        && start.starts_with(b"HTTP/1.")
+                        && start[9] == b'1'
+                        && start[8] == b' ';
+                    if !interim {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

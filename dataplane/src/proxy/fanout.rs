@@ -127,10 +127,13 @@ impl Input {
         // The consumer header, X-Request-Id and traceparent.
         fields.extend_from_slice(&req.policy.extra);
         fields.extend_from_slice(b"Accept-Encoding: identity\r\n");
+        // The policies' drops, and the fields the client made hop-by-hop (named in its
+        // `Connection`, RFC 9110 7.6.1), which the request's plan drops.
         let dropped = |line: crate::codec::Span| {
             req.policy
                 .drops
                 .iter()
+                .chain(&down.req_plan.drop)
                 .any(|d| d.start <= line.start && line.end <= d.end)
         };
         let pass = agg
@@ -303,6 +306,7 @@ pub(super) async fn read_body<S: ClientStream>(
     if decoder.is_some() {
         crate::codec::chunked::decode_validated(&raw, &mut out);
     }
+    down.linger = false;
     Ok(out)
 }
 

@@ -936,7 +936,11 @@ pub(super) async fn forward<S: ClientStream>(
     };
     let mut body = match body {
         Ok(b) => b,
-        Err(kind) => return fail(down, req, call, &encoding, kind, false, asked).await,
+        Err(kind) => {
+            // A stalled client gets no lingering close (as on the other paths).
+            down.linger &= kind != ErrorKind::ClientTimeout;
+            return fail(down, req, call, &encoding, kind, false, asked).await;
+        }
     };
     if let (Call::Web { text: true }, Body::Whole(b)) = (call, &body) {
         let mut decoded = Vec::with_capacity(b.len() / 4 * 3);

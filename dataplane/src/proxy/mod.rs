@@ -54,7 +54,7 @@ use crate::upstream::{set_send_timeout, UpstreamConn};
 use crate::worker_ctx::WorkerCtx;
 use connector::{Connector, Outcome, Session};
 use context::RequestCtx;
-use downstream::{push_field, After, Downstream, Head, Next, Reply};
+use downstream::{push_field, Downstream, Head, Next, Reply};
 use exchange::{read_head, relay_request_body, send_head, HeadRead};
 use stream::ClientStream;
 
@@ -175,7 +175,14 @@ async fn serve_stream<S: ClientStream>(
                 req.bytes_in = down.buf.len() as u64;
                 req.finish(&ctx, &snap);
                 if matches!(next, Next::Close) {
-                    down.stream.close_whole().await;
+                    // The client may be sending a body behind the refused head (a 413 for
+                    // its length, a 417): a reset would destroy the answer (RFC 9112 9.6).
+                    down.linger = S::WHOLE_CONNECTION && kind != ErrorKind::ClientTimeout;
+                    if down.linger {
+                        down.linger_close().await;
+                    } else {
+                        down.stream.close_whole().await;
+                    }
                 }
                 return None;
             }
@@ -187,6 +194,13 @@ async fn serve_stream<S: ClientStream>(
         down.timeouts = snap.timeouts;
         down.splice = snap.splice;
         down.served += 1;
+        // Until its body has been read, closing means a lingering close (RFC 9112 9.6).
+        down.linger = S::WHOLE_CONNECTION
+            && match head.body {
+                BodyKind::None | BodyKind::UntilClose => false,
+                BodyKind::Length(n) => ((down.buf.len() - head.head_end) as u64) < n,
+                BodyKind::Chunked => true,
+            };
         req.begin(&ctx, &snap, &down.buf, &head, peer.ip);
         let next = handle(&ctx, &snap, &mut down, &mut req, peer, &head).await;
         match next {
@@ -447,7 +461,9 @@ async fn proxy<S: ClientStream>(
         write_failed = sent.is_err();
         sent?;
         down.pos = body_end;
-        if body_left > 0 {
+        if body_left == 0 {
+            down.linger = false;
+        } else {
             if head.expect_continue && down.send_continue(req).await.is_err() {
                 return Err(ErrorKind::ClientClosed.into());
             }
@@ -455,7 +471,7 @@ async fn proxy<S: ClientStream>(
                 relay_request_body(down, req, conn, head.body, &mut body_left, decoder.as_mut())
                     .await;
             match relayed {
-                Ok(()) => {}
+                Ok(()) => down.linger = false,
                 Err(e) if e.kind.side() == Side::Client => {
                     // A body refused mid-way (413, 400): the client may still be sending.
                     down.linger = matches!(e.kind, ErrorKind::BadRequest | ErrorKind::BodyTooLarge);
@@ -488,19 +504,18 @@ async fn proxy<S: ClientStream>(
             )
             .await;
             match read {
-                Ok(HeadRead::Interim(end)) => {
+                Ok(HeadRead::Interim(interim)) => {
                     if !head.http10 {
                         // Passed on: the request cannot be retried from here on.
                         req.attempts.committed = true;
-                        if down
-                            .send(req, &mut conn.buf, 0..end, After::Kept)
+                        if relay::send_interim(down, req, &mut conn.buf, &interim)
                             .await
                             .is_err()
                         {
                             return Err(ErrorKind::ClientClosed.into());
                         }
                     }
-                    conn.buf.drain(..end);
+                    conn.buf.drain(..interim.head_end);
                 }
                 Ok(HeadRead::Final(resp)) => {
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
@@ -639,8 +654,8 @@ async fn early_answer<S: ClientStream>(
         )
         .await
         {
-            Ok(HeadRead::Interim(end)) => {
-                conn.buf.drain(..end);
+            Ok(HeadRead::Interim(interim)) => {
+                conn.buf.drain(..interim.head_end);
             }
             Ok(HeadRead::Final(resp)) if !carried::<S>(&resp) => {
                 return down.fail(req, ErrorKind::UpstreamMalformed).await;

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::context::RequestCtx;
-use super::downstream::{client_left, push_request_id, After, Downstream};
+use super::downstream::{client_left, push_request_id, Downstream};
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::response::ResponseHead;
@@ -295,6 +295,36 @@ async fn send_head<S: ClientStream>(
     }
 }
 
+/// Passes an interim (1xx) answer at the start of `buf` on to the client, its fields as the
+/// plan keeps them (hop-by-hop ones and any framing field dropped, as in a final head).
+pub(crate) async fn send_interim<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    buf: &mut Vec<u8>,
+    interim: &ResponseHead,
+) -> Result<(), ()> {
+    down.scratch.clear();
+    down.scratch.extend_from_slice(b"\r\n");
+    let end = Span { start: 0, end: 2 };
+    let pieces = response_pieces(interim, &down.resp_plan, end, 0);
+    let sent = write_gathered(
+        &mut down.stream,
+        buf,
+        &mut down.scratch,
+        &mut down.iov,
+        pieces,
+        S::COALESCE,
+    )
+    .await;
+    match sent {
+        Ok(n) => {
+            req.bytes_out += n as u64;
+            Ok(())
+        }
+        Err(_) => Err(()),
+    }
+}
+
 /// Sends the head and a large body through a pipe ([`crate::splice`]) when splicing is on
 /// (`[relay] splice`), the client's socket takes a splice and the body is large enough;
 /// `None`: neither sent (not spliceable, or no pipe to spare).
@@ -394,11 +424,7 @@ pub(crate) async fn relay_response<S: ClientStream>(
     }
     while let Some(n) = body.next(conn).await? {
         // The next read starts over at the buffer's start.
-        if down
-            .send(req, &mut conn.buf, 0..n, After::Spent)
-            .await
-            .is_err()
-        {
+        if down.send(req, &mut conn.buf, 0..n).await.is_err() {
             return Err(ErrorKind::ClientClosed.into());
         }
     }
@@ -525,11 +551,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     // The pooled connection keeps a buffer of the usual size, not the body's.
     conn.buf = Vec::with_capacity(UPSTREAM_READ);
     let len = body.len();
-    if down
-        .send(req, &mut body, 0..len, After::Spent)
-        .await
-        .is_err()
-    {
+    if down.send(req, &mut body, 0..len).await.is_err() {
         return Err(ErrorKind::ClientClosed.into());
     }
     Ok(clean)
