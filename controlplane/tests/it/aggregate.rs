@@ -268,6 +268,32 @@ fn pass_headers_never_carry_fields_the_client_made_hop_by_hop() {
 }
 
 #[test]
+fn max_step_bytes_bounds_a_chunked_answer_by_its_content() {
+    // 900 bytes of JSON in 9-byte chunks: about 1,400 on the wire, under the 1,000-byte
+    // bound by content, as the bound is documented.
+    let value = "v".repeat(890);
+    let body = format!("{{\"a\":\"{value}\"}}");
+    assert_eq!(body.len(), 898);
+    let chunked: String = body
+        .as_bytes()
+        .chunks(9)
+        .map(|c| format!("{:x}\r\n{}\r\n", c.len(), String::from_utf8_lossy(c)))
+        .collect();
+    let o = Origin::start(Arc::new(move |_: &Received, s: &mut TcpStream| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{chunked}0\r\n\r\n"
+        );
+        Keep::Open
+    }));
+    let (gw, _) = one_aggregate(&[&o], "max_step_bytes = 1000", &step("s", 0, ""));
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.json()["a"], json!(value));
+}
+
+#[test]
 fn failing_steps_follow_the_status_rules() {
     let ok = service(|_, _| json_ok(json!({"a": 1})));
     let hang = service(|_, _| json_ok(json!({"late": 1})).with_delay(3000));

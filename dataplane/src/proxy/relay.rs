@@ -100,6 +100,15 @@ impl BodyReader {
         matches!(self.kind, BodyKind::Length(n) if n >= least)
     }
 
+    /// Whether a body of which `wire` bytes have been read (its framing included) is over
+    /// `max` bytes of content: its chunks' data, or the bytes themselves.
+    fn over(&self, wire: usize, max: usize) -> bool {
+        match &self.decoder {
+            Some(d) => d.data_len() > max as u64 || wire > max.saturating_mul(2) + 65536,
+            None => wire > max,
+        }
+    }
+
     /// Whether the rest of a length-framed body fits in `room` bytes.
     pub fn rest_fits(&self, room: usize) -> bool {
         matches!(self.kind, BodyKind::Length(_)) && self.left > 0 && self.left <= room as u64
@@ -154,9 +163,9 @@ impl BodyReader {
     }
 
     /// Reads the whole rest of the body, appending its content to `out` (chunked framing
-    /// removed). `Ok(false)`: the body on the wire is larger than `max` bytes (a fan-out
-    /// step's bound), and reading stopped there. `conn.buf` must still hold the head and the
-    /// first body bytes.
+    /// removed). `Ok(false)`: the body is larger than `max` bytes (a fan-out step's bound;
+    /// a chunked one's framing counts too once it passes `max` again and 64 KiB), and
+    /// reading stopped there. `conn.buf` must still hold the head and the first body bytes.
     pub async fn collect(
         &mut self,
         conn: &mut UpstreamConn,
@@ -171,12 +180,12 @@ impl BodyReader {
             &mut *out
         };
         let start = wire.len();
-        if self.first > max {
+        if self.over(self.first, max) {
             return Ok(false);
         }
         wire.extend_from_slice(&conn.buf[head_end..head_end + self.first]);
         while let Some(n) = self.next(conn).await? {
-            if wire.len() - start + n > max {
+            if self.over(wire.len() - start + n, max) {
                 return Ok(false);
             }
             wire.extend_from_slice(&conn.buf[..n]);
