@@ -294,6 +294,20 @@ fn max_step_bytes_bounds_a_chunked_answer_by_its_content() {
 }
 
 #[test]
+fn a_client_gone_while_the_steps_ran_is_logged_499() {
+    let slow = service(|_, _| json_ok(json!({"a": 1})).with_delay(400));
+    let (gw, log) = one_aggregate(&[&slow], "", &step("s", 0, ""));
+    let mut c = gw.connect();
+    c.send(b"GET /agg?gone=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    drop(c);
+    let line = log_line(&log, "gone=1");
+    assert!(line.contains("\"status\":499"), "{line}");
+    // One still there gets its answer.
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+}
+
+#[test]
 fn failing_steps_follow_the_status_rules() {
     let ok = service(|_, _| json_ok(json!({"a": 1})));
     let hang = service(|_, _| json_ok(json!({"late": 1})).with_delay(3000));

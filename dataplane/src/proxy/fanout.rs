@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use super::connector::{Attempts, Connector, Outcome, Session, UpstreamRef};
 use super::context::RequestCtx;
-use super::downstream::{Downstream, Next};
+use super::downstream::{client_left, Downstream, Next};
 use super::exchange::exchange;
 use super::select::{params, query_of, RequestValues, StepAnswer};
 use super::stream::ClientStream;
@@ -214,6 +214,12 @@ pub(super) async fn aggregate<S: ClientStream>(
     let deadline = started + agg.deadline;
     let results = run_steps(ctx, snap, agg, &input, &body, deadline).await;
     record(ctx, req, agg, &results);
+    if client_left(down, req) {
+        // Gone while the steps ran (nginx's 499): nothing to send, nothing to log as sent.
+        req.fail(ErrorKind::ClientClosed);
+        req.status = ErrorKind::ClientClosed.status();
+        return Next::Cut;
+    }
     let (status, head_fields, mut out) = answer(agg, results, req);
     let mut resp = Vec::with_capacity(160 + head_fields.len());
     resp.extend_from_slice(b"HTTP/1.1 ");
