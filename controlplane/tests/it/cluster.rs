@@ -186,6 +186,37 @@ fn a_cluster_limit_holds_across_three_nodes() {
 }
 
 #[test]
+fn pausing_between_bursts_does_not_pass_a_slow_cluster_limit() {
+    // 5 a minute: after the first 5, a client pausing 1.2 s between bursts gets nothing
+    // more (each pause used to start the node's share over from a full allowance).
+    let redis = Redis::start();
+    let gw = Gateway::start(
+        &format!(
+            "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+             [cluster]\nnode_id = \"n1\"\nredis = \"redis://127.0.0.1:{}\"\n\n\
+             [[policies]]\nid = \"slow\"\nkind = \"rate_limit\"\nscope = \"cluster\"\n\
+             rate = 5\nper = \"minute\"\nburst = 5\nkey = \"client_ip\"\n\n\
+             [[routes]]\nid = \"api\"\npath_prefix = \"/\"\n\
+             respond = {{ body = \"ok\" }}\npolicies = [\"slow\"]\n",
+            redis.port
+        ),
+        Driver::IoUring,
+    );
+    let mut c = gw.connect();
+    let mut admitted = Vec::new();
+    for round in 0..3 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        let ok = (0..6)
+            .filter(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status == 200)
+            .count();
+        admitted.push(ok);
+    }
+    assert_eq!(admitted, [5, 0, 0]);
+}
+
+#[test]
 fn on_store_error_decides_while_redis_is_away() {
     let mut redis = Redis::start();
     let allow = node("a", redis.port, "allow");

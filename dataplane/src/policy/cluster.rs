@@ -12,9 +12,11 @@
 //! refills until the next round, divided by the nodes that want the key: the nodes together
 //! take what the bucket holds, and a node that carries the load alone gets all of it.
 //!
-//! The error, in requests: a key a node has not used for a second starts with an allowance of
-//! `burst / live nodes` before its first round there (more than the cluster had if other nodes
-//! emptied the bucket meanwhile); when the load moves to another node, the old one still
+//! The error, in requests: a key a node has not used for as long as its bucket takes to
+//! fill (`burst` emissions, at least a second) starts with an allowance of `burst / live
+//! nodes` before its first round there (more than the cluster had if other nodes emptied the
+//! bucket meanwhile); one used within that time starts from what its last round left plus
+//! its part of the refill since; when the load moves to another node, the old one still
 //! counts as wanting the key for four rounds. Measured by the three-node tests (README).
 //!
 //! While Redis cannot be reached (a round failed), `on_store_error` decides: `allow` admits,
@@ -48,7 +50,8 @@ static SYNC_NS: AtomicU64 = AtomicU64::new(5_000_000);
 /// Nodes that reconciled in the last 3 s, this one included.
 static LIVE_NODES: AtomicU32 = AtomicU32::new(1);
 
-/// Keys not used for this long stop being reconciled (and restart from a fresh allowance).
+/// Keys not used for this long stop being reconciled; past their bucket's fill time too, they
+/// restart from a fresh allowance.
 const IDLE_NS: u64 = 1_000_000_000;
 /// Keys sent to Redis in one script call.
 const BATCH: usize = 500;
@@ -70,6 +73,10 @@ struct Share {
     refused: AtomicU64,
     /// When the key was last checked (the caller's clock), 0 before its first use.
     active_ns: AtomicU64,
+    /// How long after its last use the share is kept: its limit's fill time, at least
+    /// [`IDLE_NS`]. Dropped sooner, a key could start over from a full allowance each time
+    /// and pass its limit by pausing.
+    horizon_ns: AtomicU64,
     /// In the next round's list (see [`ClusterShares::dirty`]).
     queued: std::sync::atomic::AtomicBool,
 }
@@ -171,18 +178,30 @@ impl ClusterShares {
     }
 }
 
-/// Whether the share was used within [`IDLE_NS`].
+/// Whether the share was used within its horizon (see [`Share::horizon_ns`]).
 fn fresh(s: &Share, now_ns: u64) -> bool {
-    now_ns.saturating_sub(s.active_ns.load(Ordering::Relaxed)) < IDLE_NS
+    let horizon = s.horizon_ns.load(Ordering::Relaxed).max(IDLE_NS);
+    now_ns.saturating_sub(s.active_ns.load(Ordering::Relaxed)) < horizon
 }
 
-/// Takes one request from `share`; a share idle for a while starts again from `burst /
-/// live nodes`.
+/// Takes one request from `share`. A share idle for [`IDLE_NS`] (no longer reconciled) first
+/// gets its allowance back: `burst / live nodes` after its bucket's fill time (or at its first
+/// use), else what it had plus its part of the refill since.
 fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
     let last = share.active_ns.swap(now_ns, Ordering::Relaxed);
-    if now_ns.saturating_sub(last) >= IDLE_NS {
+    let idle = now_ns.saturating_sub(last);
+    if idle >= IDLE_NS {
+        let horizon = limit.tolerance_ns().max(IDLE_NS);
+        share.horizon_ns.store(horizon, Ordering::Relaxed);
         let live = u64::from(LIVE_NODES.load(Ordering::Relaxed).max(1));
-        let start = (limit.burst / live).max(1);
+        let full = (limit.burst / live).max(1);
+        let start = if last == 0 || idle >= horizon {
+            full
+        } else {
+            let left = u64::try_from(share.allowance.load(Ordering::Acquire)).unwrap_or(0);
+            let refilled = idle / limit.emission_ns().max(1) / live;
+            left.saturating_add(refilled).min(full)
+        };
         share
             .allowance
             .store(i64::try_from(start).unwrap_or(i64::MAX), Ordering::Relaxed);
@@ -608,8 +627,40 @@ mod tests {
         assert!(read_reply(&mut short).is_err());
     }
 
+    /// Held by the tests that set [`LIVE_NODES`] (a process-wide count).
+    static LIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn a_pause_shorter_than_the_fill_time_gives_back_only_the_refill() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        LIVE_NODES.store(1, Ordering::Relaxed);
+        // 5 a minute, burst 5: one every 12 s, full again after 60 s.
+        let limit = Limit::new(5, 60_000_000_000, 5).unwrap();
+        let c = ClusterShares::new(StoreErrorMode::Allow, 10);
+        let second = 1_000_000_000;
+        let t = 100 * second;
+        let admitted = |at: u64| (0..6).filter(|_| c.check(&limit, None, at).allowed).count();
+        assert_eq!(admitted(t), 5);
+        // Idle past a second: no longer reconciled, and swept by a round, but kept, and
+        // empty as the bucket is (it was a fresh allowance again each second before).
+        let later = t + 1_100_000_000;
+        c.shares.retain(|_, s| fresh(s, later));
+        assert_eq!(admitted(later), 0);
+        // 12 s after that: one emission's refill.
+        assert_eq!(admitted(later + 12 * second), 1);
+        // A minute unused: full again.
+        assert_eq!(admitted(later + 80 * second), 5);
+        // A fast limit's share still goes after a second unused.
+        let fast = Limit::new(1000, second, 100).unwrap();
+        let d = ClusterShares::new(StoreErrorMode::Allow, 10);
+        assert!(d.check(&fast, None, t).allowed);
+        d.shares.retain(|_, s| fresh(s, t + 1_100_000_000));
+        assert!(d.shares.is_empty());
+    }
+
     #[test]
     fn shares_admit_their_allowance_then_refuse() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         let limit = Limit::new(1000, 1_000_000_000, 100).unwrap();
         let c = ClusterShares::new(StoreErrorMode::Allow, 10);
         LIVE_NODES.store(4, Ordering::Relaxed);

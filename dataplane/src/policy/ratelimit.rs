@@ -29,6 +29,16 @@ pub struct Limit {
 }
 
 impl Limit {
+    /// Nanoseconds between two admitted requests at the sustained rate.
+    pub fn emission_ns(&self) -> u64 {
+        self.emission_ns
+    }
+
+    /// How long an emptied bucket takes to fill again (`burst` emissions).
+    pub fn tolerance_ns(&self) -> u64 {
+        self.tolerance_ns
+    }
+
     /// `rate` and `burst` at least 1; `period_ns` at least `rate`.
     pub fn new(rate: u64, period_ns: u64, burst: u64) -> Option<Limit> {
         if rate == 0 || burst == 0 || period_ns < rate {
