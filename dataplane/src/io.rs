@@ -211,6 +211,28 @@ pub(crate) fn peek_into(fd: std::os::fd::RawFd, buf: &mut [u8]) -> (Peeked, usiz
     }
 }
 
+/// The bytes of `fd`'s TCP connection its peer has acknowledged (`TCP_INFO`); `None` if
+/// the kernel does not say.
+pub(crate) fn bytes_acked(fd: std::os::fd::RawFd) -> Option<u64> {
+    // SAFETY: an all-zero `tcp_info` is valid (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large; the
+    // caller's socket is open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // A kernel too old to fill the field gives a shorter struct.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+}
+
 /// Runs `fut` to completion on a new runtime of the gateway's io_uring driver (`uring`) or
 /// of its epoll fallback, for tests that must hold under both.
 #[cfg(test)]

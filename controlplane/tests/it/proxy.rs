@@ -38,6 +38,7 @@ both_drivers!(
     upstream_that_stops_reading_the_body_is_504,
     early_upstream_answer_to_an_unread_body_is_relayed,
     early_answer_from_an_upstream_that_stops_reading_comes_at_once,
+    an_upstream_that_answers_early_but_reads_on_gets_the_whole_body,
     a_refused_upload_gets_its_answer_through_a_lingering_close,
     http10_expectations_are_ignored,
     body_shorter_than_the_method_after_the_head,
@@ -1000,30 +1001,97 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
 }
 
 fn early_answer_from_an_upstream_that_stops_reading_comes_at_once(driver: Driver) {
-    // Refuses the upload after its head, then neither reads nor closes: the answer reaches
-    // the client at once, not after `upstream_send_ms` (30 s here; the client waits 10).
-    let origin = head_only_origin(|s| {
+    // Refuses the upload after its head (after a `100 Continue`, for the second), then
+    // neither reads nor closes: the answer reaches the client within a couple of seconds,
+    // not after `upstream_send_ms` (30 s here; the client waits 10).
+    fn refuse(s: &mut TcpStream) {
         let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
         thread::sleep(Duration::from_secs(15));
+    }
+    fn go_on_then_refuse(s: &mut TcpStream) {
+        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        refuse(s);
+    }
+    for then in [refuse as fn(&mut TcpStream), go_on_then_refuse] {
+        let origin = head_only_origin(then);
+        let gw = Gateway::start(
+            &framing_config(
+                origin,
+                "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
+            ),
+            driver,
+        );
+        let mut c = gw.connect();
+        let started = std::time::Instant::now();
+        let sender = start_upload(&mut c);
+        let mut r = c.read_response();
+        if r.status == 100 {
+            r = c.read_response();
+        }
+        assert_eq!((r.status, r.body_str()), (413, "too big!"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(c.is_closed_within(Duration::from_secs(5)));
+        sender.join().unwrap();
+    }
+}
+
+fn an_upstream_that_answers_early_but_reads_on_gets_the_whole_body(driver: Driver) {
+    // Answers 200 at once, then reads the 6 MiB body slowly (at most 256 KiB every 150 ms,
+    // through a small receive buffer, so the gateway's writes wait once its send buffer is
+    // full): it still gets all of it.
+    const BODY: usize = 6 << 20;
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener.set_recv_buffer_size(256 * 1024).unwrap();
+    listener
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(4).unwrap();
+    let listener: std::net::TcpListener = listener.into();
+    let origin = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let mut got = 0;
+        let mut buf = vec![0u8; 256 * 1024];
+        while got < BODY {
+            thread::sleep(Duration::from_millis(150));
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        let _ = tx.send(got);
     });
     let gw = Gateway::start(
-        &framing_config(
-            origin,
-            "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
-        ),
+        &framing_config(origin, "[limits]\nmax_body_bytes = 100000000\n"),
         driver,
     );
     let mut c = gw.connect();
-    let started = std::time::Instant::now();
-    let sender = start_upload(&mut c);
+    c.send(format!("POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: {BODY}\r\n\r\n").as_bytes());
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let _ = writer.write_all(&vec![b'z'; BODY]);
+    });
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let r = c.read_response();
-    assert_eq!((r.status, r.body_str()), (413, "too big!"));
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(c.is_closed_within(Duration::from_secs(5)));
+    assert_eq!((r.status, r.body_str()), (200, "ok"));
+    let got = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(got, BODY);
     sender.join().unwrap();
 }
 

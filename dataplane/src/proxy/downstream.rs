@@ -521,8 +521,9 @@ impl<S: ClientStream> Downstream<S> {
     /// (FIN), then reads and discards what the client still sends until it closes, for at most
     /// `LINGER_TIME` and `LINGER_BYTES`.
     pub async fn linger_close(&mut self) {
-        let _ = self.stream.shutdown().await;
         let deadline = Instant::now() + LINGER_TIME;
+        // Within the same bound: over TLS the shutdown writes close_notify.
+        let _ = monoio::time::timeout_at(deadline.into(), self.stream.shutdown()).await;
         let mut drained = 0;
         while drained < LINGER_BYTES {
             self.buf.clear();

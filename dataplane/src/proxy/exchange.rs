@@ -210,31 +210,65 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
 /// How long a write of request body bytes runs before the gateway looks whether the
 /// upstream has answered meanwhile, and again after each such interval.
 const EARLY_CHECK: Duration = Duration::from_millis(100);
+/// How long an upstream that has answered may take none of the body (no byte acknowledged)
+/// before the gateway stops sending it.
+const EARLY_STALL: Duration = Duration::from_secs(1);
 
 /// Runs `write` (of request body bytes to the upstream on socket `fd`) to its end, unless
-/// the upstream answers while the write is stuck: an upload's early 413 or 401, after which
-/// the upstream stops reading. `None` then, within [`EARLY_CHECK`], rather than at the send
-/// timeout (`upstream_send_ms`); the caller relays the answer (`early_answer`). A lone
-/// interim answer (`HTTP/1.1 100 Continue`) does not count: the upstream still reads.
+/// the upstream has answered and stopped taking the body: an upload's early 413 or 401,
+/// after which it reads no more. `None` then, once no byte of it has been acknowledged for
+/// [`EARLY_STALL`] (not at the send timeout, `upstream_send_ms`); the caller relays the
+/// answer (`early_answer`). An upstream that answered and still reads, however slowly, gets
+/// the whole body (RFC 9112 9.3 leaves that to the client).
 async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<F::Output> {
     let mut write = std::pin::pin!(write);
+    // The acknowledged count, and since when it has not moved.
+    let mut still: Option<(u64, Instant)> = None;
     loop {
         match monoio::time::timeout(EARLY_CHECK, write.as_mut()).await {
             Ok(out) => return Some(out),
             Err(_) => {
-                let mut start = [0u8; 12];
-                if let (Peeked::Data, n) = peek_into(fd, &mut start) {
-                    let interim = n == start.len()
-                        && start.starts_with(b"HTTP/1.")
-                        && start[9] == b'1'
-                        && start[8] == b' ';
-                    if !interim {
-                        return None;
+                let Some(acked) = crate::io::bytes_acked(fd) else {
+                    continue;
+                };
+                let now = Instant::now();
+                match still {
+                    Some((before, since)) if before == acked => {
+                        if now - since >= EARLY_STALL && final_answer_waiting(fd) {
+                            return None;
+                        }
                     }
+                    _ => still = Some((acked, now)),
                 }
             }
         }
     }
+}
+
+/// Whether the upstream's socket holds the start of a final answer: what is there past
+/// any whole interim (1xx) heads, and not what may still become one.
+fn final_answer_waiting(fd: RawFd) -> bool {
+    let mut buf = [0u8; 2048];
+    let (Peeked::Data, n) = peek_into(fd, &mut buf) else {
+        return false;
+    };
+    let interim = |r: &[u8]| r.len() >= 10 && r.starts_with(b"HTTP/1.") && &r[8..10] == b" 1";
+    let mut rest = &buf[..n];
+    while interim(rest) {
+        match rest.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(i) => rest = &rest[i + 4..],
+            // Not whole yet (or longer than the peek): the upstream is still talking.
+            None => return false,
+        }
+    }
+    // A start too short to tell from an interim head's.
+    let may_be_interim = rest.len() < 10
+        && rest
+            .iter()
+            .zip(b"HTTP/1.1 1")
+            .enumerate()
+            .all(|(i, (a, b))| i == 7 || a == b);
+    !rest.is_empty() && !may_be_interim
 }
 
 #[cfg(test)]

@@ -216,7 +216,8 @@ async fn serve_stream<S: ClientStream>(
             }
             Next::Close => {
                 req.finish(&ctx, &snap);
-                if down.linger {
+                // Not an HTTP/2 stream's: resetting it is how that ends.
+                if down.linger && S::WHOLE_CONNECTION {
                     down.linger_close().await;
                 } else {
                     down.stream.close_whole().await;
@@ -426,6 +427,8 @@ async fn proxy<S: ClientStream>(
             (k, left)
         }
     };
+    // All of it in the buffer already: nothing of it is left to linger for.
+    down.linger &= body_left > 0;
     let body_end = head.head_end + first_body;
     // The whole request is in the buffer: it can be sent again on a fresh connection.
     let idempotent = head.is_idempotent(&down.buf);
@@ -461,9 +464,7 @@ async fn proxy<S: ClientStream>(
         write_failed = sent.is_err();
         sent?;
         down.pos = body_end;
-        if body_left == 0 {
-            down.linger = false;
-        } else {
+        if body_left > 0 {
             if head.expect_continue && down.send_continue(req).await.is_err() {
                 return Err(ErrorKind::ClientClosed.into());
             }
