@@ -889,6 +889,28 @@ upstream = "orders-cut"
 transcoder = "orders"
 
 [[routes]]
+id = "orders-keyed"
+hosts = ["keyed.test"]
+path_prefix = "/v1/"
+upstream = "orders-grpc"
+transcoder = "orders"
+policies = ["query-key"]
+
+[[policies]]
+id = "query-key"
+kind = "api_key"
+query = "apikey"
+
+[[consumers]]
+id = "app"
+
+[[credentials]]
+id = "app-key"
+consumer = "app"
+kind = "api_key"
+key = "key-of-the-app"
+
+[[routes]]
 id = "orders-rest"
 path_prefix = "/v1/"
 upstream = "orders-grpc"
@@ -913,6 +935,15 @@ transcoder = "orders"
     let (code, ct, body) = curl_json(&["-H", "Host: cut.test", &url("/v1/orders/o-1")]);
     assert_eq!((code, ct.as_str()), (503, "application/json"), "{body}");
     assert_eq!(json(&body)["code"], 14, "{body}");
+
+    // An API key in the query is the gateway's, not a message field: taken out first.
+    let (code, _, body) = curl_json(&[
+        "-H",
+        "Host: keyed.test",
+        &url("/v1/orders/o-1?apikey=key-of-the-app"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["id"], "o-1", "{body}");
 
     // GET with a path variable: nested messages, an enum, repeated fields, a map, int64
     // beyond 2^53 (as a string), Timestamp and Duration.

@@ -544,6 +544,54 @@ fn jwt_policies_through_the_admin_api() {
 }
 
 #[test]
+fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() {
+    // A route taking an API key or a JWT: a valid key with a forged bearer token (alg none,
+    // sub admin) beside it. The key decides; the token, which nothing verified, must not
+    // reach an upstream that may read claims from it. The other way round, a valid token
+    // with a wrong key in the query: the key is not forwarded either.
+    let origin = Origin::echo();
+    let config = format!(
+        "{}\n[[policies]]\nid = \"hs\"\nkind = \"jwt\"\nalgorithm = \"HS256\"\n\
+         secret = \"{SECRET}\"\n\n[[policies]]\nid = \"qkey\"\nkind = \"api_key\"\n\
+         query = \"apikey\"\n\n[[consumers]]\nid = \"partner\"\n\n\
+         [[routes]]\nid = \"either\"\npath_prefix = \"/either\"\nupstream = \"orders\"\n\
+         policies = [\"key-auth\", \"hs\"]\n\n\
+         [[routes]]\nid = \"token-first\"\npath_prefix = \"/token-first\"\n\
+         upstream = \"orders\"\npolicies = [\"hs\", \"qkey\"]\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let forged = format!(
+        "{}.",
+        signed_part(r#"{"alg":"none"}"#, r#"{"sub":"admin"}"#)
+    );
+    let r = get(
+        &gw,
+        "/either/x",
+        &format!("X-Api-Key: s3cr3t-key-1\r\nAuthorization: Bearer {forged}\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = &origin.wait_requests(1)[0];
+    assert_eq!(seen.header("x-consumer-id"), Some("mobile-app"));
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("x-api-key"), None);
+    let token = hs256(
+        r#"{"alg":"HS256"}"#,
+        &claims("partner", ""),
+        SECRET.as_bytes(),
+    );
+    let r = get(
+        &gw,
+        "/token-first/y?apikey=nonsense&keep=1",
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = &origin.wait_requests(2)[1];
+    assert_eq!(seen.header("x-consumer-id"), Some("partner"));
+    assert_eq!(seen.target(), "/token-first/y?keep=1");
+}
+
+#[test]
 fn acl_by_consumer_and_group() {
     let origin = Origin::echo();
     let extra = r#"

@@ -690,6 +690,7 @@ fn authenticate(
                     }
                     st.query_drop = query;
                 }
+                strip_unchecked(p, group, idx, buf, head, st);
                 consumer_field(st, &k.consumer_header, &p.consumers[consumer as usize].id);
                 return Ok(consumer);
             }
@@ -730,6 +731,7 @@ fn authenticate(
                 if j.strip_credential {
                     add_drop(&mut st.drops, auth.line);
                 }
+                strip_unchecked(p, group, idx, buf, head, st);
                 consumer_field(st, &j.consumer_header, &p.consumers[consumer as usize].id);
                 return Ok(consumer);
             }
@@ -738,6 +740,41 @@ fn authenticate(
     }
     let id = &p.list[group[0] as usize].id;
     Err(unauthorized(st, p, group, id, "credentials are required"))
+}
+
+/// After the policy `decided` of `group` authenticated the request: the credentials the
+/// group's other policies would have read, which nobody checked, are not forwarded either
+/// where those policies strip theirs (an unverified bearer token next to a valid API key
+/// must not reach an upstream that reads claims from it).
+fn strip_unchecked(
+    p: &Policies,
+    group: &[u16],
+    decided: u16,
+    buf: &[u8],
+    head: &RequestHead,
+    st: &mut PolicyState,
+) {
+    for &idx in group.iter().filter(|&&i| i != decided) {
+        match &p.list[idx as usize].kind {
+            PolicyKind::ApiKey(k) if k.strip_credential => {
+                if let Some(h) = &k.header {
+                    for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(h)) {
+                        add_drop(&mut st.drops, f.line);
+                    }
+                }
+                if let (Some(q), None) = (&k.query, st.query_drop) {
+                    st.query_drop = query_param(buf, head, q).map(|(_, span)| span);
+                }
+            }
+            PolicyKind::Jwt(j) if j.strip_credential => {
+                for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(b"authorization"))
+                {
+                    add_drop(&mut st.drops, f.line);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Field names equal ignoring case and taking `_` for `-`.
