@@ -401,6 +401,19 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
     }
 
     let mut global = resolve(&config.global_policies, "global_policies")?;
+    let is_cors = |p: u16| matches!(list[p as usize].kind, PolicyKind::Cors(_));
+    if let Some(j) = global
+        .iter()
+        .enumerate()
+        .filter(|&(_, &p)| is_cors(p))
+        .nth(1)
+        .map(|(j, _)| j)
+    {
+        return Err(ConfigError::field(
+            format!("global_policies[{j}]"),
+            "a second cors policy: each answer takes one (its fields would go out twice)",
+        ));
+    }
     global.sort_by_key(|&p| list[p as usize].stage);
     let unrouted = |p: &u16| {
         matches!(
@@ -523,6 +536,17 @@ pub fn route_policies(
             return Err(ConfigError::field(
                 format!("{at}[{j}]"),
                 format!("policy {id:?} {why}"),
+            ));
+        }
+        let is_cors = |p: u16| matches!(policies.list[p as usize].kind, PolicyKind::Cors(_));
+        if let Some(&other) = out.iter().find(|&&o| is_cors(p) && is_cors(o)) {
+            return Err(ConfigError::field(
+                format!("{at}[{j}]"),
+                format!(
+                    "policy {id:?} is a second cors policy here, after {:?}: a route takes one \
+                     (its fields would go out twice)",
+                    policies.list[other as usize].id
+                ),
             ));
         }
         out.push(p);

@@ -260,7 +260,11 @@ fn cors_preflight_and_origin_checks() {
     let extra = "[[policies]]\nid = \"web\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\nmethods = [\"GET\", \"POST\"]\nheaders = [\"X-Api-Key\", \"Content-Type\"]\nexpose_headers = [\"X-Request-Id\"]\nmax_age_s = 300\n";
     let extra = format!(
         "{extra}[[policies]]\nid = \"keys\"\nkind = \"api_key\"\n\
-         [[routes]]\nid = \"keyed\"\npath = \"/k\"\nupstream = \"origin\"\npolicies = [\"web\", \"keys\"]\n"
+         [[routes]]\nid = \"keyed\"\npath = \"/k\"\nupstream = \"origin\"\npolicies = [\"web\", \"keys\"]\n\
+         [[routes]]\nid = \"said\"\npath = \"/said\"\nrespond = {{ body = \"said\" }}\npolicies = [\"web\"]\n\
+         [[upstreams]]\nid = \"gone\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"down\"\npath = \"/down\"\nupstream = \"gone\"\npolicies = [\"web\"]\n",
+        closed_port()
     );
     // The route takes GET and POST only; preflights still reach its cors policy.
     let config = proxy_config(origin.addr, &extra).replace(
@@ -325,6 +329,39 @@ fn cors_preflight_and_origin_checks() {
     );
     // Not from a browser page at all: allowed unless require_origin.
     assert_eq!(get(&gw, "/x", "").status, 200);
+    // The gateway's own answers carry the fields too, once: a respond route's, a 502.
+    for (path, status) in [("/said", 200), ("/down", 502)] {
+        let r = get(&gw, path, "Origin: https://app.example.com\r\n");
+        assert_eq!(r.status, status, "{path}: {}", r.head);
+        let acao = r
+            .head
+            .lines()
+            .filter(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("access-control-allow-origin:")
+            })
+            .count();
+        assert_eq!(acao, 1, "{path}: {}", r.head);
+        assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("https://app.example.com"),
+            "{path}"
+        );
+    }
+    // A second cors policy on a route would send every field twice: refused.
+    let second = gw.admin(
+        "PUT",
+        "/v1/policies/web2",
+        Some(r#"{"kind":"cors","origins":["https://b.example"]}"#),
+    );
+    assert_eq!(second.status, 201, "{}", second.body_str());
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/twice",
+        Some(r#"{"path":"/twice","respond":{"body":"x"},"policies":["web","web2"]}"#),
+    );
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(r.body_str().contains("policies[1]"), "{}", r.body_str());
 }
 
 const SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!";

@@ -410,6 +410,8 @@ impl<S: ClientStream> Downstream<S> {
         out.extend_from_slice(head);
         push_request_id(&mut out, req);
         out.extend_from_slice(&req.response_fields);
+        // A cors policy's fields: a page may read the gateway's own answers too.
+        out.extend_from_slice(&req.policy.response_extra);
         out.extend_from_slice(connection);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body);

@@ -310,6 +310,8 @@ async fn handle<S: ClientStream>(
             req.fail(ErrorKind::PolicyDenied);
         }
         let out = std::mem::take(&mut req.policy.out);
+        // The policy's answer carries the CORS fields already.
+        req.policy.response_extra.clear();
         let reply = Reply::Direct {
             status,
             bytes: &out,
