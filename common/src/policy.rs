@@ -539,15 +539,20 @@ pub fn route_policies(
             ));
         }
         let is_cors = |p: u16| matches!(policies.list[p as usize].kind, PolicyKind::Cors(_));
-        if let Some(&other) = out.iter().find(|&&o| is_cors(p) && is_cors(o)) {
-            return Err(ConfigError::field(
-                format!("{at}[{j}]"),
-                format!(
-                    "policy {id:?} is a second cors policy here, after {:?}: a route takes one \
-                     (its fields would go out twice)",
-                    policies.list[other as usize].id
-                ),
-            ));
+        if is_cors(p) {
+            // The route's own replaces a global one (more specific wins); two of its own
+            // would send every field twice.
+            out.retain(|&o| !(is_cors(o) && policies.global.contains(&o)));
+            if let Some(&other) = out.iter().find(|&&o| is_cors(o)) {
+                return Err(ConfigError::field(
+                    format!("{at}[{j}]"),
+                    format!(
+                        "policy {id:?} is a second cors policy here, after {:?}: a route \
+                         takes one (its fields would go out twice)",
+                        policies.list[other as usize].id
+                    ),
+                ));
+            }
         }
         out.push(p);
     }

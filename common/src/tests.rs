@@ -234,6 +234,49 @@ fn invalid_at(extra: &str) -> String {
 }
 
 #[test]
+fn a_routes_own_cors_policy_replaces_a_global_one_and_two_are_refused() {
+    let cors =
+        |id: &str| format!("[[policies]]\nid = \"{id}\"\nkind = \"cors\"\norigins = [\"*\"]\n");
+    let text = format!(
+        "global_policies = [\"g\"]\n{POLICY_BASE}{}{}{}\
+         [[routes]]\nid = \"own\"\npath = \"/own\"\nupstream = \"orders\"\npolicies = [\"r\"]\n\
+         [[routes]]\nid = \"plain\"\npath = \"/plain\"\nupstream = \"orders\"\n",
+        cors("g"),
+        cors("r"),
+        cors("r2")
+    );
+    let s = compile(&text).unwrap();
+    let ids = |i: usize| -> Vec<&str> {
+        s.routes[i]
+            .policies
+            .iter()
+            .map(|&p| &*s.policies.list[p as usize].id)
+            .collect()
+    };
+    assert_eq!(ids(0), ["r"]);
+    assert_eq!(ids(1), ["g"]);
+    let twice = text.replace("policies = [\"r\"]", "policies = [\"r\", \"r2\"]");
+    assert_eq!(
+        compile(&twice)
+            .err()
+            .map(|e| e.path().to_owned())
+            .as_deref(),
+        Some("routes[0].policies[1]")
+    );
+    let globals = text.replace(
+        "global_policies = [\"g\"]",
+        "global_policies = [\"g\", \"r2\"]",
+    );
+    assert_eq!(
+        compile(&globals)
+            .err()
+            .map(|e| e.path().to_owned())
+            .as_deref(),
+        Some("global_policies[1]")
+    );
+}
+
+#[test]
 fn policies_run_in_stage_order_with_global_ones() {
     let text = format!(
         "global_policies = [\"limit\"]\n{POLICY_BASE}\
