@@ -188,7 +188,7 @@ fn every_outcome_is_logged_field_by_field() {
     assert_eq!(
         // A client's id with a quote and a backslash: kept, and escaped in the line.
         c.roundtrip(
-            "GET /nowhere HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-\"404\\\r\n\r\n"
+            "GET /nowhere?api_key=s3cr3t-key-1 HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-\"404\\\r\n\r\n"
         )
         .status,
         404
@@ -240,6 +240,8 @@ fn every_outcome_is_logged_field_by_field() {
     let l = by_id("req-\"404\\");
     check_common(l, "GET");
     assert_eq!(l["status"], 404);
+    // Refused before any api_key policy read it: the key is still left out.
+    assert_eq!(l["path"], "/nowhere");
     assert_eq!(l["route"], Value::Null);
     assert_eq!(l["upstream"], Value::Null);
     assert_eq!(l["target"], Value::Null);

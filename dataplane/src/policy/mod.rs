@@ -799,7 +799,11 @@ fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
 /// The value of query parameter `name` and the span to remove with it (the pair and one
 /// adjacent `&`). The value is used as sent (API keys are visible ASCII and need no
 /// decoding).
-fn query_param<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<(&'a [u8], Span)> {
+pub(crate) fn query_param<'a>(
+    buf: &'a [u8],
+    head: &RequestHead,
+    name: &[u8],
+) -> Option<(&'a [u8], Span)> {
     let target = head.origin_target;
     let t = target.of(buf);
     let q = t.iter().position(|&b| b == b'?')?;

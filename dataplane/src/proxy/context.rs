@@ -196,7 +196,20 @@ impl RequestCtx {
             return;
         }
         let target = head.target.of(buf);
-        let target_cut = self.policy.secret_query.and_then(|q| {
+        // Also where no api_key policy read the query (a refusal before one ran, a 404): a
+        // key one would have read is never logged.
+        let secret = self.policy.secret_query.or_else(|| {
+            let snap = worker.snapshot();
+            snap.policies.list.iter().find_map(|p| match &p.kind {
+                common::policy::PolicyKind::ApiKey(k) => k
+                    .query
+                    .as_deref()
+                    .and_then(|q| crate::policy::query_param(buf, head, q))
+                    .map(|(_, span)| span),
+                _ => None,
+            })
+        });
+        let target_cut = secret.and_then(|q| {
             let start = q.start.checked_sub(head.target.start)?;
             let end = q.end.checked_sub(head.target.start)?;
             (end <= target.len()).then_some((start, end))
