@@ -849,42 +849,18 @@ impl Drop for SClient {
     }
 }
 
-/// A gateway on one TLS listener (certificate `a`) in front of `origin`, with the idle
-/// keep-alive timeout `idle_ms`.
-fn ending_config(origin: std::net::SocketAddr, a: &Cert, idle_ms: u64) -> String {
+/// [`tls_config`] with the idle keep-alive timeout `idle_ms`.
+fn ending_config(origin: std::net::SocketAddr, a: &Cert, b: &Cert, idle_ms: u64) -> String {
     format!(
-        r#"workers = 1
-
-[[listeners]]
-address = "127.0.0.1:0"
-tls = {{ certificates = ["a"], alpn = ["http/1.1"] }}
-
-[[upstreams]]
-id = "origin"
-targets = [{{ address = "{origin}" }}]
-
-[[routes]]
-id = "all"
-path_prefix = "/"
-upstream = "origin"
-
-[[certificates]]
-id = "a"
-cert_file = "{}"
-key_file = "{}"
-
-[timeouts]
-client_idle_ms = {idle_ms}
-"#,
-        a.cert.display(),
-        a.key.display(),
+        "{}\n[timeouts]\nclient_idle_ms = {idle_ms}\n",
+        tls_config(origin, a, b)
     )
 }
 
 #[test]
 fn tls_connections_end_with_close_notify_unless_an_answer_was_cut() {
     let dir = temp_dir("tls-ending");
-    let a = Cert::new(&dir, "a.test");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
     let ca = a.cert.to_str().unwrap();
     // `/cut` promises 100 bytes, sends 10 and resets; anything else gets "ok\n".
     let origin = Origin::start(std::sync::Arc::new(
@@ -898,7 +874,7 @@ fn tls_connections_end_with_close_notify_unless_an_answer_was_cut() {
             Keep::Open
         },
     ));
-    let gw = Gateway::start(&ending_config(origin.addr, &a, 300), Driver::IoUring);
+    let gw = Gateway::start(&ending_config(origin.addr, &a, &b, 300), Driver::IoUring);
     let addr = gw.listeners[0];
     let ended = |request: &str| {
         let (end, data) = tls_read_all(addr, ca, "a.test", request);
@@ -941,7 +917,7 @@ fn tls_connections_end_with_close_notify_unless_an_answer_was_cut() {
     assert_eq!(end, "no close_notify", "{text}");
 
     // The drain (SIGTERM) closes an idle keep-alive connection in order too.
-    let mut gw = Gateway::start(&ending_config(origin.addr, &a, 60_000), Driver::IoUring);
+    let mut gw = Gateway::start(&ending_config(origin.addr, &a, &b, 60_000), Driver::IoUring);
     let mut reader = TlsReader::spawn(
         gw.listeners[0],
         ca,
@@ -960,9 +936,9 @@ fn tls_connections_end_with_close_notify_unless_an_answer_was_cut() {
 #[test]
 fn a_record_that_fails_to_decrypt_gets_its_alert() {
     let dir = temp_dir("tls-alert");
-    let a = Cert::new(&dir, "a.test");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
     let origin = Origin::echo();
-    let gw = Gateway::start(&ending_config(origin.addr, &a, 60_000), Driver::IoUring);
+    let gw = Gateway::start(&ending_config(origin.addr, &a, &b, 60_000), Driver::IoUring);
     // The handshake through memory BIOs, then a request whose record's last byte (its AEAD
     // tag's) is flipped; what comes back is decrypted by the same session.
     const SCRIPT: &str = r#"
