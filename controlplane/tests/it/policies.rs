@@ -327,8 +327,12 @@ fn cors_preflight_and_origin_checks() {
         get(&gw, "/x", "Referer: https://app.example.com/page?q\r\n").status,
         200
     );
-    // Not from a browser page at all: allowed unless require_origin.
-    assert_eq!(get(&gw, "/x", "").status, 200);
+    // Not from a browser page at all: allowed unless require_origin, and marked as varying
+    // by Origin for shared caches.
+    let plain = get(&gw, "/x", "");
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("vary"), Some("Origin"));
+    assert_eq!(plain.header("access-control-allow-origin"), None);
     // The gateway's own answers carry the fields too, once: a respond route's, a 502.
     for (path, status) in [("/said", 200), ("/down", 502)] {
         let r = get(&gw, path, "Origin: https://app.example.com\r\n");
