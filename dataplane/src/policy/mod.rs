@@ -521,7 +521,7 @@ fn cors(
         return Some(refuse(st, 403, id, "more than one Origin field", &[]));
     };
     let Some(origin) = origin.map(|f| f.value) else {
-        if !(c.any_origin && !c.allow_credentials) {
+        if !c.any_origin || c.allow_credentials {
             // The answer would differ with an Origin: a shared cache must know (and the
             // upstream's own Access-Control-* fields are dropped, as with one).
             st.response_extra.extend_from_slice(b"Vary: Origin\r\n");
