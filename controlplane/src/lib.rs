@@ -206,7 +206,7 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
     };
     // EtcdStore::open refuses a node file without [cluster] node_id.
     let file = read_config(&ConfigSource::File(path.clone())).map_err(|e| bad(e.to_string()))?;
-    std::fs::create_dir_all(dir).map_err(|e| {
+    store::local::private_dir(dir).map_err(|e| {
         (
             EXIT_FAILURE,
             format!("cannot create the data directory {}: {e}", dir.display()),

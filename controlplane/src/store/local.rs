@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -104,6 +105,13 @@ impl LocalStore {
     /// Opens the state in `dir`; `Ok(None)` when the directory holds none yet.
     pub fn open(dir: &Path) -> io::Result<Option<LocalStore>> {
         let path = dir.join(CHECKPOINT);
+        if path.exists() {
+            // State written by a build that left it readable to all (0644 in a 0755 dir).
+            private_dir(dir)?;
+            for name in [CHECKPOINT, JOURNAL] {
+                let _ = fs::set_permissions(dir.join(name), fs::Permissions::from_mode(0o600));
+            }
+        }
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -164,6 +172,7 @@ impl LocalStore {
         let journal = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&journal_path)?;
         if valid_len < bytes.len() {
             // A torn tail from a crash: never acknowledged, so drop it before appending.
@@ -192,7 +201,7 @@ impl LocalStore {
 
     /// Creates the state in `dir` with `config` as revision 1.
     pub fn create(dir: &Path, config: Config, source: &str) -> io::Result<LocalStore> {
-        fs::create_dir_all(dir)?;
+        private_dir(dir)?;
         let _ = fs::remove_file(dir.join(JOURNAL));
         let current = Current {
             revision: 0,
@@ -207,6 +216,7 @@ impl LocalStore {
         let journal = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(dir.join(JOURNAL))?;
         File::open(dir)?.sync_all()?;
         let mut store = LocalStore {
@@ -455,10 +465,27 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
 /// Writes `name` in `dir` through a temp file and a rename, durably: the file and then the
 /// directory are fsynced, so `name` holds either its old content or `bytes`, whole, and the
 /// new content survives a crash once this returns.
+/// Makes `dir` (and its parents) if needed, and leaves it to the gateway's user alone: the
+/// state in it holds the config's secrets (the admin token, JWT secrets, store passwords).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
+    // A leftover would keep its own mode.
+    let _ = fs::remove_file(&tmp);
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -488,6 +515,27 @@ mod tests {
             upstream: Some(upstream.into()),
             ..RouteConfig::default()
         }
+    }
+
+    #[test]
+    fn the_state_is_readable_by_the_gateways_user_alone() {
+        let d = dir();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
+        store.commit(Config::default(), "test").unwrap();
+        assert_eq!(mode(&d), 0o700);
+        assert_eq!(mode(&d.join(JOURNAL)), 0o600);
+        assert_eq!(mode(&d.join(CHECKPOINT)), 0o600);
+        drop(store);
+        // State an older build left open to everyone is closed when it is opened.
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        for f in [JOURNAL, CHECKPOINT] {
+            fs::set_permissions(d.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        LocalStore::open(&d).unwrap().unwrap();
+        assert_eq!(mode(&d), 0o700);
+        assert_eq!(mode(&d.join(JOURNAL)), 0o600);
+        assert_eq!(mode(&d.join(CHECKPOINT)), 0o600);
     }
 
     #[test]
