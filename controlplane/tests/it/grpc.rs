@@ -451,6 +451,37 @@ fn a_grpc_content_type_does_not_make_a_post_to_an_h2c_upstream_idempotent() {
 }
 
 #[test]
+fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
+    // A silent target and one that answers (204): a request whose first try times out goes
+    // to the other with a full `upstream_response_head_ms` of its own (it had none left, and
+    // the answering target was blamed).
+    let (silent, answers) = (
+        ResetPeer::start_with(&["0", "silent"]),
+        ResetPeer::start_with(&["0", "no-content"]),
+    );
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [timeouts]\nupstream_response_head_ms = 400\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\n\
+         targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
+         retry = {{ attempts = 2, on = [\"timeout\"], budget_percent = 100, \
+         budget_min_per_s = 1000 }}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        silent.addr, answers.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for _ in 0..2 {
+        let r = gw
+            .connect()
+            .roundtrip("GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.status, 204, "{}", r.head);
+    }
+    drop(gw);
+    assert_eq!(silent.requests(), 1);
+    assert_eq!(answers.requests(), 2);
+}
+
+#[test]
 fn a_204_from_an_http2_upstream_goes_out_without_content_length() {
     // The upstream's 204 carries `content-length: 0`, which RFC 9110 8.6 forbids: the
     // gateway's answer, over HTTP/1.1 and HTTP/2, has none.

@@ -392,7 +392,13 @@ fn a_silent_target_times_out_per_try_and_a_post_is_not_retried() {
         let r = get(&gw, "/x");
         assert_eq!((r.status, r.body_str()), (200, "ok"));
     }
-    assert!(silent.hits.load(SeqCst) >= 1, "the silent target was tried");
+    // Round robin over the first tries: two of four on the silent target (retries take no
+    // turn; taking one made every first try land on it).
+    assert_eq!(
+        silent.hits.load(SeqCst),
+        2,
+        "first tries on the silent target"
+    );
     let mut timed_out = 0;
     for _ in 0..4 {
         let started = Instant::now();

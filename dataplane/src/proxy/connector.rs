@@ -275,6 +275,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
         let u = self.up.upstream;
         let counter = match u.balance {
+            // A retry's pick leaves the rotation to first tries: taking the next turn, with
+            // two targets, would start every request on the same (failing) one.
+            common::config::Balance::RoundRobin if avoid.is_some() => self.source.random() as u32,
             common::config::Balance::RoundRobin => {
                 self.source
                     .next_rr(self.up.revision, self.up.count, self.up.index)

@@ -1012,7 +1012,9 @@ pub(super) async fn forward<S: ClientStream>(
         Body::Whole(b) => (Some(b), None),
         Body::Stream { first, rest } => (None, Some((first, rest))),
     };
-    let sent_at = Instant::now();
+    // When the last try went out: each try has its own `upstream_response_head_ms`, as on
+    // HTTP/1.1 (one shared deadline left a retry none, and blamed its target for it).
+    let sent_at = std::cell::Cell::new(Instant::now());
     let attempt = async |target: &LiveTarget,
                          try_deadline: Option<Instant>,
                          req: &mut RequestCtx| {
@@ -1110,10 +1112,9 @@ pub(super) async fn forward<S: ClientStream>(
                 }
                 (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
             }
-            let mut deadline = try_deadline
-                .map_or(sent_at + timeouts.upstream_response_head, |t| {
-                    t.min(sent_at + timeouts.upstream_response_head)
-                });
+            sent_at.set(Instant::now());
+            let head_deadline = sent_at.get() + timeouts.upstream_response_head;
+            let mut deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             if let Some(d) = call_deadline {
                 deadline = deadline.min(d);
             }
@@ -1215,7 +1216,7 @@ pub(super) async fn forward<S: ClientStream>(
             return fail(down, req, call, &encoding, err.kind, deadline_hit, asked).await;
         }
     };
-    req.first_byte = Some(sent_at.elapsed());
+    req.first_byte = Some(sent_at.get().elapsed());
     let mut opened = opened;
     let extra = answer_fields(req, &mut opened.parts.headers);
     let relay = Relay {
