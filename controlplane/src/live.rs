@@ -194,7 +194,9 @@ pub async fn stream(
 }
 
 /// `GET /v1/access_log?lines=N`: the last N lines (default 50, at most 1000) of the access
-/// log file; 404 when the access log is off or goes to stdout.
+/// log file; 404 when the access log is off or goes to stdout. Only the gateway's own lines
+/// (JSON objects starting with `"ts"`): `access_log.path` may name any file, and this must
+/// not read out one that is not a log (a stored private key, another service's secrets).
 pub async fn access_log_tail(
     State(admin): State<Arc<Admin>>,
     RawQuery(raw): RawQuery,
@@ -226,6 +228,7 @@ pub async fn access_log_tail(
             // The first line was cut by the window.
             lines.remove(0);
         }
+        lines.retain(|l| l.starts_with("{\"ts\":\"") && l.ends_with('}'));
         let skip = lines.len().saturating_sub(want);
         Ok(lines[skip..].iter().map(|l| (*l).to_owned()).collect())
     };

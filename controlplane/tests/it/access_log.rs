@@ -289,6 +289,47 @@ fn every_outcome_is_logged_field_by_field() {
 }
 
 #[test]
+fn the_admin_tail_shows_log_lines_only_whatever_the_file_holds() {
+    // access_log.path may name any file; GET /v1/access_log must not read out one that is
+    // not a log (a stored private key, say) through it.
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(10));
+    let dir = temp_dir("access-log-tail");
+    let log = dir.join("access.log");
+    std::fs::write(
+        &log,
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+    let r = gw
+        .connect()
+        .roundtrip("GET /api/t HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tail = gw.admin("GET", "/v1/access_log?lines=10", None).json();
+        let lines = tail["lines"].as_array().unwrap().clone();
+        assert!(
+            lines
+                .iter()
+                .all(|l| !l.as_str().unwrap().contains("PRIVATE KEY")
+                    && !l.as_str().unwrap().contains("MIGH")),
+            "{tail}"
+        );
+        if lines.len() == 1 {
+            assert!(
+                lines[0].as_str().unwrap().contains("\"path\":\"/api/t\""),
+                "{tail}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{tail}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn a_client_that_leaves_before_the_answer_is_logged_as_499() {
     let origin = Origin::echo();
     let slow = slow_origin(Duration::from_millis(200));
