@@ -82,6 +82,26 @@ impl Format {
 }
 
 /// Parses a config text (no semantic checks: see [`Snapshot::compile`]).
+/// `url` with the password of its `USER:PASSWORD@` part (if any) written as `***`, for error
+/// messages and logs: `redis://:***@host:6379`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user_end = rest[..at].find(':').map_or(at, |c| c + 1);
+    format!(
+        "{}{}***{}",
+        &url[..scheme_end + 3],
+        &rest[..user_end],
+        &rest[at..]
+    )
+}
+
 pub fn parse_config(text: &str, format: Format) -> Result<Config, ConfigError> {
     let syntax = |path: String, reason: String| ConfigError::Syntax {
         path: if path.is_empty() || path == "." {

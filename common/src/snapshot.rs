@@ -91,7 +91,10 @@ pub struct RedisAddr {
 impl RedisAddr {
     /// Parses a `redis://` URL.
     pub fn parse(url: &str) -> Result<RedisAddr, String> {
-        let bad = || format!("{url:?} is not redis://[:PASSWORD@]HOST:PORT[/DB]");
+        let bad = || {
+            let shown = crate::redact_url(url);
+            format!("{shown:?} is not redis://[:PASSWORD@]HOST:PORT[/DB]")
+        };
         let rest = url.strip_prefix("redis://").ok_or_else(bad)?;
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (Some(a), r),

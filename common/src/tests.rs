@@ -518,3 +518,22 @@ fn cluster_scoped_rate_limits_need_redis() {
         assert_eq!(err(&text).path(), path, "{text}");
     }
 }
+
+#[test]
+fn urls_are_shown_without_their_passwords() {
+    assert_eq!(
+        crate::redact_url("redis://:hunter2@10.0.0.1:6379/2"),
+        "redis://:***@10.0.0.1:6379/2"
+    );
+    assert_eq!(
+        crate::redact_url("etcd://gw:p@ss@h:1/g"),
+        "etcd://gw:***@h:1/g"
+    );
+    assert_eq!(
+        crate::redact_url("redis://10.0.0.1:6379"),
+        "redis://10.0.0.1:6379"
+    );
+    assert_eq!(crate::redact_url("etcd://h:1/a@b"), "etcd://h:1/a@b");
+    let e = crate::snapshot::RedisAddr::parse("redis://:hunter2@127.0.0.1:99999").unwrap_err();
+    assert!(!e.contains("hunter2"), "{e}");
+}

@@ -63,9 +63,11 @@ pub struct StoreUrl {
 
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<StoreUrl, String> {
+        // Messages show the URL without its password.
+        let shown = common::redact_url(url);
         let usage = || {
             format!(
-                "--store {url:?}: expected etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX \
+                "--store {shown:?}: expected etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT]/PREFIX \
                  or etcds://...?ca=FILE[&cert=FILE&key=FILE]"
             )
         };
@@ -82,22 +84,22 @@ impl StoreUrl {
         if let Some(q) = query {
             let files = tls
                 .as_mut()
-                .ok_or_else(|| format!("--store {url:?}: ?ca, ?cert and ?key need etcds://"))?;
+                .ok_or_else(|| format!("--store {shown:?}: ?ca, ?cert and ?key need etcds://"))?;
             for pair in q.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 let slot = match k {
                     "ca" => &mut files.ca,
                     "cert" => &mut files.cert,
                     "key" => &mut files.key,
-                    _ => return Err(format!("--store {url:?}: unknown option {k:?}")),
+                    _ => return Err(format!("--store {shown:?}: unknown option {k:?}")),
                 };
                 if v.is_empty() {
-                    return Err(format!("--store {url:?}: {k} needs a file"));
+                    return Err(format!("--store {shown:?}: {k} needs a file"));
                 }
                 *slot = Some(PathBuf::from(v));
             }
             if files.cert.is_some() != files.key.is_some() {
-                return Err(format!("--store {url:?}: cert and key go together"));
+                return Err(format!("--store {shown:?}: cert and key go together"));
             }
         }
         let (authority, prefix) = match rest.split_once('/') {
@@ -106,9 +108,9 @@ impl StoreUrl {
         };
         let (user, hosts) = match authority.rsplit_once('@') {
             Some((creds, hosts)) => {
-                let (u, p) = creds
-                    .split_once(':')
-                    .ok_or_else(|| format!("--store {url:?}: credentials must be USER:PASSWORD"))?;
+                let (u, p) = creds.split_once(':').ok_or_else(|| {
+                    format!("--store {shown:?}: credentials must be USER:PASSWORD")
+                })?;
                 (Some((u.to_owned(), p.to_owned())), hosts)
             }
             None => (None, authority),
@@ -119,17 +121,21 @@ impl StoreUrl {
             .map(str::to_owned)
             .collect();
         if endpoints.is_empty() {
-            return Err(format!("--store {url:?}: no endpoint"));
+            return Err(format!("--store {shown:?}: no endpoint"));
         }
         for e in &endpoints {
             match e.rsplit_once(':') {
                 Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
-                _ => return Err(format!("--store {url:?}: endpoint {e:?} is not HOST:PORT")),
+                _ => {
+                    return Err(format!(
+                        "--store {shown:?}: endpoint {e:?} is not HOST:PORT"
+                    ))
+                }
             }
         }
         if prefix.is_empty() || prefix.split('/').any(str::is_empty) {
             return Err(format!(
-                "--store {url:?}: give a key prefix such as /gateway (without empty segments)"
+                "--store {shown:?}: give a key prefix such as /gateway (without empty segments)"
             ));
         }
         Ok(StoreUrl {
@@ -762,6 +768,12 @@ mod tests {
         ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
         }
+        // A refused URL is shown without its password.
+        let e = StoreUrl::parse("etcd://gw:etcdpass@h/g").unwrap_err();
+        assert!(
+            e.contains("etcd://gw:***@h/g") && !e.contains("etcdpass"),
+            "{e}"
+        );
     }
 
     #[test]
