@@ -82,30 +82,38 @@ impl Resolver {
         })
     }
 
-    /// The A and AAAA addresses of `host` and the smallest TTL of their records. Either
-    /// family may be missing; both missing is [`DnsError::Empty`].
-    pub async fn lookup_ip(&self, host: &str) -> Result<(Vec<IpAddr>, u32), DnsError> {
+    /// The A and AAAA addresses of `host`, the smallest TTL of their records, and which
+    /// family's query failed (`Some(true)`: A, `Some(false)`: AAAA) while the other answered:
+    /// the caller keeps that family's last addresses rather than take its absence for an
+    /// answer. Either family may be missing; both missing is [`DnsError::Empty`].
+    pub async fn lookup_ip(
+        &self,
+        host: &str,
+    ) -> Result<(Vec<IpAddr>, u32, Option<bool>), DnsError> {
         if self.hosts_file {
             // A small local file, read on the manager thread.
             let text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
             let ips = hosts_file_lookup(&text, host);
             if !ips.is_empty() {
-                return Ok((ips, HOSTS_FILE_TTL));
+                return Ok((ips, HOSTS_FILE_TTL, None));
             }
         }
         let (a, aaaa) = tokio::join!(self.query(host, TYPE::A), self.query(host, TYPE::AAAA));
         let mut ips = Vec::new();
         let mut ttl = u32::MAX;
         let mut first_err = None;
-        for r in [a, aaaa] {
+        let mut failed = None;
+        for (v4, r) in [(true, a), (false, aaaa)] {
             match r {
                 Ok(ans) if !ans.ips.is_empty() => {
                     ttl = ttl.min(ans.ttl);
                     ips.extend(ans.ips);
                 }
-                Ok(_) => {}
+                // No such name, or no records of the type: an answer.
+                Ok(_) | Err(DnsError::NxDomain) => {}
                 Err(e) => {
                     first_err.get_or_insert(e);
+                    failed = Some(v4);
                 }
             }
         }
@@ -114,7 +122,7 @@ impl Resolver {
         }
         ips.sort();
         ips.dedup();
-        Ok((ips, ttl))
+        Ok((ips, ttl, failed))
     }
 
     /// The SRV records of `name` (all priorities), the addresses the server added for their

@@ -123,7 +123,9 @@ impl Drop for Check {
 
 /// What a first lookup found.
 enum Found {
-    Ips(Vec<IpAddr>, u32),
+    /// Addresses and TTL; `Some(true)` / `Some(false)`: the A / AAAA query failed (see
+    /// [`Resolver::lookup_ip`]).
+    Ips(Vec<IpAddr>, u32, Option<bool>),
     Srv(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32),
     Failed(String),
 }
@@ -342,13 +344,34 @@ impl Upstreams {
                 );
                 return Some(min);
             }
-            Found::Ips(ips, ttl) => {
+            Found::Ips(mut ips, ttl, failed) => {
                 let Name::Host(h) = name else { return None };
                 let host = st.hosts.get_mut(h)?;
-                host.stats.ok.fetch_add(1, Relaxed);
+                let next = match failed {
+                    None => {
+                        host.stats.ok.fetch_add(1, Relaxed);
+                        clamp(ttl, min, max)
+                    }
+                    // One family's query failed: its last addresses stay (a lost packet must
+                    // not take half of a dual-stack target's addresses away), and it is asked
+                    // again soon.
+                    Some(v4) => {
+                        host.stats.failed.fetch_add(1, Relaxed);
+                        let family = if v4 { "A" } else { "AAAA" };
+                        log::warn!(
+                            "resolver: {name}: the {family} query failed; keeping its last \
+                             addresses, retrying in {} ms",
+                            min.as_millis()
+                        );
+                        ips.extend(host.addrs.iter().filter(|a| a.is_ipv4() == v4));
+                        ips.sort();
+                        ips.dedup();
+                        min
+                    }
+                };
                 let changed = host.addrs != ips;
                 host.addrs = ips;
-                (changed, clamp(ttl, min, max))
+                (changed, next)
             }
             Found::Srv(records, extra, ttl) => {
                 let Name::Srv(srv) = name else { return None };
@@ -368,7 +391,7 @@ impl Upstreams {
                         continue;
                     }
                     let found = match by_host.remove(r.target.as_str()) {
-                        Some((ips, ttl)) => Found::Ips(ips, ttl),
+                        Some((ips, ttl)) => Found::Ips(ips, ttl, None),
                         None => Found::Failed(format!("no address for this target of {name}")),
                     };
                     self.record_first(st, Name::Host(r.target.as_str().into()), found);
@@ -652,7 +675,9 @@ async fn resolve_srv(
     missing.dedup();
     for host in missing {
         match resolver.lookup_ip(host).await {
-            Ok((ips, ttl)) => extra.extend(ips.into_iter().map(|ip| (host.to_owned(), ip, ttl))),
+            Ok((ips, ttl, _)) => {
+                extra.extend(ips.into_iter().map(|ip| (host.to_owned(), ip, ttl)));
+            }
             Err(e) => log::warn!("resolver: {host} (a target of SRV {name}): {e}"),
         }
     }
@@ -707,7 +732,7 @@ async fn lookup(resolver: &Resolver, name: &Name, known: &HashSet<Box<str>>) -> 
         Name::Host(h) => resolver
             .lookup_ip(h)
             .await
-            .map(|(ips, ttl)| Found::Ips(ips, ttl)),
+            .map(|(ips, ttl, failed)| Found::Ips(ips, ttl, failed)),
         Name::Srv(s) => resolve_srv(resolver, s, |h| known.contains(h))
             .await
             .map(|(records, extra, ttl)| Found::Srv(records, extra, ttl)),

@@ -9,7 +9,10 @@ ZONE_JSON, so a test changes answers by rewriting it:
     {"ttl": 2,
      "a":    {"svc.test": ["127.0.0.1"]},
      "aaaa": {"svc.test": ["::1"]},
-     "srv":  {"_http._tcp.svc.test": [[priority, weight, port, "a.svc.test"], ...]}}
+     "srv":  {"_http._tcp.svc.test": [[priority, weight, port, "a.svc.test"], ...]},
+     "servfail": {"svc.test": ["A"]}}
+
+("servfail": the query types of a name answered with SERVFAIL.)
 
 Each query is appended to QUERY_LOG as "<monotonic seconds> <name> <type>". Names not in the
 zone get NXDOMAIN; a known name without records of the asked type gets an empty answer. The
@@ -34,6 +37,9 @@ def answer(zone, request):
     qname = str(request.q.qname).rstrip(".").lower()
     qtype = QTYPE[request.q.qtype]
     ttl = int(zone.get("ttl", 60))
+    if qtype in zone.get("servfail", {}).get(qname, []):
+        reply.header.rcode = RCODE.SERVFAIL
+        return reply
     known = any(qname in zone.get(k, {}) for k in ("a", "aaaa", "srv"))
     if not known:
         reply.header.rcode = RCODE.NXDOMAIN

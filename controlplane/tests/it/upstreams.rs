@@ -613,6 +613,61 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
 }
 
 #[test]
+fn a_failed_query_for_one_address_family_keeps_that_familys_addresses() {
+    // A dual-stack name: when its A (then AAAA) query fails while the other answers, the
+    // target keeps both addresses (it used to lose the failed family's on one lost query).
+    let b = Backend::start("b", Mode::Answer);
+    let port = b.addr.port();
+    let zone = |servfail: &[&str]| {
+        serde_json::json!({"ttl": 0, "a": {"dual.test": ["127.0.0.1"]},
+            "aaaa": {"dual.test": ["::1"]}, "servfail": {"dual.test": servfail}})
+    };
+    let dns = Dns::start(&zone(&[]));
+    let extra = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 200\n",
+        dns.port
+    );
+    let gw = Gateway::start(
+        &config(
+            1,
+            &[format!("{{ address = \"dual.test:{port}\" }}")],
+            "",
+            &extra,
+        ),
+        Driver::IoUring,
+    );
+    let addresses = || -> Vec<String> {
+        let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+        let mut a: Vec<String> = health["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["address"].as_str().unwrap().to_owned())
+            .collect();
+        a.sort();
+        a
+    };
+    let both = vec![format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while addresses() != both {
+        assert!(Instant::now() < deadline, "{:?}", addresses());
+        thread::sleep(Duration::from_millis(20));
+    }
+    for failing in ["A", "AAAA"] {
+        dns.set_zone(&zone(&[failing]));
+        let asked = dns.queries("dual.test", failing).len();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Two lookups after the change have failed for that family.
+        while dns.queries("dual.test", failing).len() < asked + 2 {
+            assert!(Instant::now() < deadline, "no new {failing} queries");
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(addresses(), both, "{failing} failing");
+        dns.set_zone(&zone(&[]));
+    }
+}
+
+#[test]
 fn retries_stay_within_the_budget_when_every_target_fails() {
     let a = Backend::start("a", Mode::Status(503));
     let b = Backend::start("b", Mode::Status(503));
