@@ -113,13 +113,18 @@ impl LocalStore {
             }
         }
         let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let mut current: Current = serde_json::from_str(&text).map_err(|e| invalid(&path, e))?;
-        if dir.join("revisions").is_dir() && !dir.join(JOURNAL).exists() {
-            convert_history(dir, &current)?;
+        let checkpoint: Option<Current> = match &text {
+            Some(t) => Some(serde_json::from_str(t).map_err(|e| invalid(&path, e))?),
+            None => None,
+        };
+        if let Some(c) = &checkpoint {
+            if dir.join("revisions").is_dir() && !dir.join(JOURNAL).exists() {
+                convert_history(dir, c)?;
+            }
         }
         let journal_path = dir.join(JOURNAL);
         let mut bytes = Vec::new();
@@ -130,6 +135,25 @@ impl LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        let mut current = match checkpoint {
+            Some(c) => c,
+            None => {
+                // No checkpoint, but a journal: it was lost, or a crash came before it was
+                // written. The journal's records hold whole configs: it is the state.
+                let first = bytes
+                    .split(|&b| b == b'\n')
+                    .next()
+                    .and_then(|l| serde_json::from_slice::<Record>(l).ok());
+                let Some(first) = first else {
+                    return Ok(None);
+                };
+                Current {
+                    revision: first.revision.saturating_sub(1),
+                    item_revisions: BTreeMap::new(),
+                    config: Config::default(),
+                }
+            }
+        };
         let mut index = Vec::new();
         let mut valid_len = 0usize;
         let mut last: Option<u64> = None;
@@ -178,6 +202,11 @@ impl LocalStore {
             // A torn tail from a crash: never acknowledged, so drop it before appending.
             journal.set_len(valid_len as u64)?;
             journal.sync_all()?;
+        }
+        if current.revision == 0 {
+            // A first start that wrote its empty checkpoint and crashed before revision 1:
+            // no state yet (it would otherwise be a config without listeners, forever).
+            return Ok(None);
         }
         let mut store = LocalStore {
             dir: dir.to_owned(),
@@ -515,6 +544,43 @@ mod tests {
             upstream: Some(upstream.into()),
             ..RouteConfig::default()
         }
+    }
+
+    #[test]
+    fn a_lost_checkpoint_or_a_first_start_cut_short_is_no_dead_end() {
+        let d = dir();
+        let mut config = Config::default();
+        config.upstreams.push(UpstreamConfig {
+            id: "u".into(),
+            targets: vec![TargetConfig {
+                address: "127.0.0.1:1".into(),
+                ..TargetConfig::default()
+            }],
+            ..UpstreamConfig::default()
+        });
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
+        store.commit(config.clone(), "test").unwrap();
+        drop(store);
+        // The checkpoint lost: the journal is the state, history and all.
+        fs::remove_file(d.join(CHECKPOINT)).unwrap();
+        let store = LocalStore::open(&d).unwrap().unwrap();
+        assert_eq!(store.revision(), 2);
+        assert_eq!(store.config(), &config);
+        assert_eq!(store.revisions().len(), 2);
+        drop(store);
+        // A first start cut short: the empty checkpoint, nothing in the journal.
+        let e = dir().with_extension("first");
+        let _ = fs::remove_dir_all(&e);
+        private_dir(&e).unwrap();
+        let empty = Current {
+            revision: 0,
+            item_revisions: BTreeMap::new(),
+            config: Config::default(),
+        };
+        write_file(&e, CHECKPOINT, &serde_json::to_vec(&empty).unwrap()).unwrap();
+        File::create(e.join(JOURNAL)).unwrap();
+        assert!(LocalStore::open(&e).unwrap().is_none());
+        let _ = fs::remove_dir_all(&e);
     }
 
     #[test]
