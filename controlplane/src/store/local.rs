@@ -349,16 +349,15 @@ impl LocalStore {
         let mut f = File::open(self.dir.join(JOURNAL))?;
         f.seek(SeekFrom::Start(first.offset))?;
         f.read_exact(&mut tail)?;
-        write_file(&self.dir, JOURNAL, &tail)?;
+        // The new journal's own handle, kept from before its rename: reopening it after
+        // could fail (out of descriptors) and leave commits going to the unlinked old file.
+        self.journal = write_file_open(&self.dir, JOURNAL, &tail)?;
         let base = first.offset;
         self.index.drain(..keep_from);
         for r in &mut self.index {
             r.offset -= base;
         }
         self.journal_len = tail.len() as u64;
-        self.journal = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(JOURNAL))?;
         Ok(())
     }
 
@@ -505,21 +504,25 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_file_open(dir, name, bytes).map(|_| ())
+}
+
+/// Replaces `dir/name` with `bytes` atomically (a temporary file, synced, renamed); the new
+/// file, open for appending.
+fn write_file_open(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<File> {
     let tmp = dir.join(format!(".{name}.tmp"));
     // A leftover would keep its own mode.
     let _ = fs::remove_file(&tmp);
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
     fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    Ok(f)
 }
 
 #[cfg(test)]

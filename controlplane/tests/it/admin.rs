@@ -376,6 +376,14 @@ fn every_endpoint_but_health_needs_the_token() {
         }
     }
     assert_eq!(revision(&gw), rev);
+    // The scheme's name in any case (RFC 9110 11.1).
+    let r = gw.admin_with(
+        "GET",
+        "/v1/routes",
+        None,
+        &[("Authorization", &format!("bEARer {ADMIN_TOKEN}"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
 }
 
 #[test]
