@@ -549,9 +549,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lost_checkpoint_or_a_first_start_cut_short_is_no_dead_end() {
-        let d = dir();
+    /// A config with one upstream `u`.
+    fn with_upstream() -> Config {
         let mut config = Config::default();
         config.upstreams.push(UpstreamConfig {
             id: "u".into(),
@@ -561,6 +560,13 @@ mod tests {
             }],
             ..UpstreamConfig::default()
         });
+        config
+    }
+
+    #[test]
+    fn a_lost_checkpoint_or_a_first_start_cut_short_is_no_dead_end() {
+        let d = dir();
+        let config = with_upstream();
         let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
         store.commit(config.clone(), "test").unwrap();
         drop(store);
@@ -610,15 +616,7 @@ mod tests {
     #[test]
     fn commits_survive_reopen_and_track_item_revisions() {
         let d = dir();
-        let mut config = Config::default();
-        config.upstreams.push(UpstreamConfig {
-            id: "u".into(),
-            targets: vec![TargetConfig {
-                address: "127.0.0.1:1".into(),
-                ..TargetConfig::default()
-            }],
-            ..UpstreamConfig::default()
-        });
+        let mut config = with_upstream();
         config.routes.push(route("a", "u"));
         let mut store = LocalStore::create(&d, config.clone(), "test").unwrap();
         assert_eq!(store.revision(), 1);
