@@ -877,6 +877,17 @@ impl Admin {
             );
             return;
         }
+        // Revisions made through the API since the file was last applied: the file replaces
+        // them, which must not go unsaid.
+        let by_api: Vec<u64> = lock(&self.store)
+            .revisions()
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .take_while(|r| r.source != "file reload" && !r.source.starts_with("file "))
+            .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
+            .map(|r| r.revision)
+            .collect();
         let result = self.apply(false, "file reload", |_| {
             common::load_config(path).map_err(invalid)
         });
@@ -888,7 +899,16 @@ impl Admin {
                     a.revision
                 )
             }
-            Ok(a) => log::info!("reloaded {} (revision {})", path.display(), a.revision),
+            Ok(a) => match (by_api.first(), by_api.last()) {
+                (Some(&last), Some(&first)) => log::warn!(
+                    "reloaded {} (revision {}): it replaced the changes made through the admin \
+                     API since it was last applied (revisions {first} to {last}); \
+                     POST /v1/revisions/{last}:rollback brings them back",
+                    path.display(),
+                    a.revision
+                ),
+                _ => log::info!("reloaded {} (revision {})", path.display(), a.revision),
+            },
             Err(p) => log::warn!(
                 "reload of {} refused, still on revision {}: {}",
                 path.display(),

@@ -785,7 +785,7 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
         base.replace("\"one\"", "\"two\""),
         origin.addr
     );
-    std::fs::write(&gw.config_path, next).unwrap();
+    std::fs::write(&gw.config_path, &next).unwrap();
     gw.signal(libc::SIGHUP);
     gw.wait_log("(revision 2)", Duration::from_secs(5));
     assert_eq!(
@@ -806,6 +806,23 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
         c.roundtrip("GET /version HTTP/1.1\r\nHost: a\r\n\r\n")
             .body_str(),
         "two"
+    );
+    // A change through the API (revision 3), then the file again: the reload replaces it,
+    // and says so.
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/extra",
+        Some(r#"{"path":"/extra","respond":{"body":"api"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    std::fs::write(&gw.config_path, next.replace("\"two\"", "\"three\"")).unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.wait_log("(revision 4)", Duration::from_secs(5));
+    assert!(
+        line.contains("replaced the changes made through the admin API")
+            && line.contains("revisions 3 to 3")
+            && line.contains("/v1/revisions/3:rollback"),
+        "{line}"
     );
 }
 
