@@ -684,6 +684,35 @@ async fn resolve_srv(
     Ok((records, extra, ttl))
 }
 
+/// Target weights from SRV weights (0 to 65535; 0 counts as 1): divided by their common
+/// divisor, then scaled down so the largest is at most 100 only when it is larger. Small
+/// weights keep a hash ring's points per target fixed, so a target leaving moves only its
+/// own keys (scaled to 1,000 each, as before, every ring was rescaled: removing one of four
+/// targets moved keys between the other three).
+fn srv_weights(weights: impl Iterator<Item = u16>) -> Vec<u32> {
+    let w: Vec<u32> = weights.map(|w| u32::from(w.max(1))).collect();
+    let gcd = w.iter().fold(0, |a, &b| gcd(a, b)).max(1);
+    let max = w.iter().max().copied().unwrap_or(1) / gcd;
+    w.iter()
+        .map(|&x| {
+            let x = x / gcd;
+            if max > 100 {
+                (x * 100 / max).max(1)
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// A per-target metric's value.
 type TargetValue = dyn Fn(&LiveTarget) -> u64;
 
@@ -779,16 +808,8 @@ fn rebuild(st: &mut State, id: &str) {
         }
     }
     if let Some(srv) = e.srv.as_ref().and_then(|s| st.srvs.get(s)) {
-        // SRV weights (0 to 65535) scaled so the largest is 1000; 0 counts as 1.
-        let max = srv
-            .records
-            .iter()
-            .map(|r| r.weight)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        for r in &srv.records {
-            let w = (u32::from(r.weight) * 1000 / u32::from(max)).max(1);
+        let weights = srv_weights(srv.records.iter().map(|r| r.weight));
+        for (r, &w) in srv.records.iter().zip(&weights) {
             let name: Arc<str> = Arc::from(r.target.as_str());
             for ip in st
                 .hosts
@@ -984,6 +1005,16 @@ fn rfc3339(t: SystemTime) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn srv_weights_are_kept_small() {
+        let w = |ws: &[u16]| super::srv_weights(ws.iter().copied());
+        assert_eq!(w(&[30, 10]), [3, 1]);
+        assert_eq!(w(&[0, 5]), [1, 5]);
+        assert_eq!(w(&[10, 10, 10]), [1, 1, 1]);
+        assert_eq!(w(&[65535, 1]), [100, 1]);
+        assert_eq!(w(&[1000, 7]), [100, 1]);
+    }
+
     use super::*;
 
     #[test]
