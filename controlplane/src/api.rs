@@ -391,6 +391,13 @@ impl Kind {
                 if c.global_policies.iter().any(|p| p == id) {
                     out.push("global_policies".to_owned());
                 }
+                out.extend(
+                    c.listeners
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.policies.iter().any(|p| p == id))
+                        .map(|(i, _)| format!("listeners[{i}]")),
+                );
                 out
             }
         }

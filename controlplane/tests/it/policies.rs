@@ -978,4 +978,8 @@ fn listener_and_global_host_policies_run_without_a_route() {
     let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
     assert_eq!(r.status, 422, "{}", r.body_str());
     assert_eq!(r.json()["pointer"], "/listeners/0/policies/0");
+    // A policy a listener uses is referenced like one a route uses: deleting it is 409.
+    let r = gw.admin("DELETE", "/v1/policies/hosts", None);
+    assert_eq!(r.status, 409, "{}", r.body_str());
+    assert!(r.body_str().contains("listeners[0]"), "{}", r.body_str());
 }
