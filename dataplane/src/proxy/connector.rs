@@ -194,6 +194,8 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     /// A clock reading from the start of the request, used once for the first pooled take
     /// (the pool's idle check does not need a fresher one).
     now: Cell<Option<Instant>>,
+    /// The round-robin turn of this request's last pick: a retry walks on from it.
+    rr: Cell<Option<u32>>,
 }
 
 /// Decrements a circuit counter when dropped.
@@ -256,6 +258,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             key,
             retry,
             now: Cell::new(None),
+            rr: Cell::new(None),
         }
     }
 
@@ -275,12 +278,18 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
         let u = self.up.upstream;
         let counter = match u.balance {
-            // A retry's pick leaves the rotation to first tries: taking the next turn, with
-            // two targets, would start every request on the same (failing) one.
-            common::config::Balance::RoundRobin if avoid.is_some() => self.source.random() as u32,
             common::config::Balance::RoundRobin => {
-                self.source
-                    .next_rr(self.up.revision, self.up.count, self.up.index)
+                let turn = match self.rr.get() {
+                    // A retry walks on from the request's own turn, to the next targets of
+                    // the schedule, and takes no turn from the rotation: taking one, with
+                    // two targets, started every request on the same (failing) target.
+                    Some(last) if avoid.is_some() => last.wrapping_add(1),
+                    _ => self
+                        .source
+                        .next_rr(self.up.revision, self.up.count, self.up.index),
+                };
+                self.rr.set(Some(turn));
+                turn
             }
             _ => 0,
         };
