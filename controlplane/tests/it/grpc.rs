@@ -862,21 +862,14 @@ fn protoc(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// curl with a JSON body (or none); returns the status, the content type and the body.
 fn curl_json(args: &[&str]) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "-w",
-            "\n%{http_code} %{content_type}",
-        ])
-        .args(args)
-        .output()
-        .expect("curl is needed for the transcoding test");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, last) = text.rsplit_once('\n').unwrap();
-    let (code, ct) = last.split_once(' ').unwrap_or((last, ""));
-    (code.parse().unwrap(), ct.to_owned(), body.to_owned())
+    let o = curl_run(
+        20,
+        "%{http_code} %{content_type}",
+        args,
+        "the transcoding test",
+    );
+    let (code, ct) = o.last.split_once(' ').unwrap_or((&o.last, ""));
+    (code.parse().unwrap(), ct.to_owned(), o.body)
 }
 
 fn json(text: &str) -> serde_json::Value {

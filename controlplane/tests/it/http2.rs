@@ -364,21 +364,8 @@ fn tls_end(addr: SocketAddr, ca: &str, path: &str) -> (String, u16, usize) {
 /// curl's exit status, the answer's body and the last line of `-w` (version and status),
 /// and what it printed on stderr.
 fn curl_status(args: &[&str]) -> (Option<i32>, String, String, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "-w",
-            "\n%{http_version} %{http_code}",
-        ])
-        .args(args)
-        .output()
-        .expect("curl is needed for the HTTP/2 tests");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, last) = text.rsplit_once('\n').unwrap_or(("", ""));
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code(), body.to_owned(), last.to_owned(), err)
+    let o = curl_run(20, "%{http_version} %{http_code}", args, "the HTTP/2 tests");
+    (o.code, o.body, o.last, o.stderr)
 }
 
 #[test]

@@ -700,3 +700,31 @@ impl Response {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
+
+/// What one curl run gave: its exit status, the body, the last line (what `-w` wrote) and
+/// stderr.
+pub struct CurlOut {
+    pub code: Option<i32>,
+    pub body: String,
+    pub last: String,
+    pub stderr: String,
+}
+
+/// Runs `curl -sS --max-time MAX_S -w "\nWRITE_OUT" ARGS...`; `for_what` names the tests
+/// that need curl, for the message if it is missing.
+pub fn curl_run(max_s: u32, write_out: &str, args: &[&str], for_what: &str) -> CurlOut {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", &max_s.to_string(), "-w"])
+        .arg(format!("\n{write_out}"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("curl is needed for {for_what}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap_or(("", ""));
+    CurlOut {
+        code: out.status.code(),
+        body: body.to_owned(),
+        last: last.to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -81,22 +81,13 @@ pub fn curl_tls(
     ca: &Path,
     extra: &[&str],
 ) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
-        .arg("--cacert")
-        .arg(ca)
-        .args(["--resolve", &format!("{name}:{}:127.0.0.1", addr.port())])
-        .args(extra)
-        .arg(format!("https://{name}:{}{path}", addr.port()))
-        .output()
-        .expect("curl is needed for the TLS tests");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.trim().parse().unwrap_or(0),
-        body.to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let resolve = format!("{name}:{}:127.0.0.1", addr.port());
+    let url = format!("https://{name}:{}{path}", addr.port());
+    let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let o = curl_run(10, "%{http_code}", &args, "the TLS tests");
+    (o.last.trim().parse().unwrap_or(0), o.body, o.stderr)
 }
 
 /// Sends `request` over TLS (SNI `name`, trusting `ca`) and reads until the connection ends,
