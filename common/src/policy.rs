@@ -54,6 +54,9 @@ pub struct Policies {
     pub global_unrouted: Box<[u16]>,
     /// Per listener (by index), its `ip_filter` and `domain` policies, in stage order.
     pub listeners: Vec<Box<[u16]>>,
+    /// The query parameters `api_key` policies read a key from: the access log leaves them
+    /// out whether or not a policy ran.
+    pub query_keys: Box<[Box<[u8]>]>,
 }
 
 /// Stored API keys: SHA-256 digests, bucketed by their first 8 bytes. A lookup hashes the
@@ -501,7 +504,17 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         .iter()
         .map(|(&id, &i)| (Box::from(id), i))
         .collect();
+    // In the policies' order, each name once.
+    let mut query_keys: Vec<Box<[u8]>> = Vec::new();
+    for p in &list {
+        if let PolicyKind::ApiKey(k) = &p.kind {
+            if let Some(q) = k.query.as_ref().filter(|q| !query_keys.contains(q)) {
+                query_keys.push(q.clone());
+            }
+        }
+    }
     Ok(Policies {
+        query_keys: query_keys.into(),
         list,
         consumers,
         api_keys,

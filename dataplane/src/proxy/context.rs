@@ -200,14 +200,10 @@ impl RequestCtx {
         // key one would have read is never logged.
         let secret = self.policy.secret_query.or_else(|| {
             let snap = worker.snapshot();
-            snap.policies.list.iter().find_map(|p| match &p.kind {
-                common::policy::PolicyKind::ApiKey(k) => k
-                    .query
-                    .as_deref()
-                    .and_then(|q| crate::policy::query_param(buf, head, q))
-                    .map(|(_, span)| span),
-                _ => None,
-            })
+            snap.policies
+                .query_keys
+                .iter()
+                .find_map(|q| crate::policy::query_param(buf, head, q).map(|(_, span)| span))
         });
         let target_cut = secret.and_then(|q| {
             let start = q.start.checked_sub(head.target.start)?;
