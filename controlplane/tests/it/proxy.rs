@@ -995,10 +995,12 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
         );
         thread::sleep(Duration::from_millis(200));
     });
-    let gw = Gateway::start(
-        &framing_config(origin, "[limits]\nmax_body_bytes = 100000000\n"),
-        driver,
+    // One failure ejects the target: the answer must not count as one.
+    let config = framing_config(origin, "[limits]\nmax_body_bytes = 100000000\n").replace(
+        "targets = [",
+        "passive = { consecutive_failures = 1, max_ejected_percent = 100 }\ntargets = [",
     );
+    let gw = Gateway::start(&config, driver);
     let mut c = gw.connect();
     let sender = start_upload(&mut c);
     let r = c.read_response();
@@ -1015,6 +1017,16 @@ fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
         other => panic!("expected end of stream after the answer, got {other:?}"),
     }
     sender.join().unwrap();
+    let health = gw.admin("GET", "/v1/upstreams/origin/health", None).json();
+    let target = &health["targets"][0];
+    assert_eq!(
+        (
+            target["state"].as_str(),
+            target["consecutive_failures"].as_u64()
+        ),
+        (Some("healthy"), Some(0)),
+        "{health}"
+    );
 }
 
 fn early_answer_from_an_upstream_that_stops_reading_comes_at_once(driver: Driver) {

@@ -247,7 +247,7 @@ async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<
 
 /// Whether the upstream's socket holds the start of a final answer: what is there past
 /// any whole interim (1xx) heads, and not what may still become one.
-fn final_answer_waiting(fd: RawFd) -> bool {
+pub(crate) fn final_answer_waiting(fd: RawFd) -> bool {
     let mut buf = [0u8; 2048];
     let (Peeked::Data, n) = peek_into(fd, &mut buf) else {
         return false;

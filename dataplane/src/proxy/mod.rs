@@ -35,6 +35,7 @@ mod stream;
 mod transcode;
 mod tunnel;
 
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -44,8 +45,8 @@ use monoio::net::TcpStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::RequestHead;
 use crate::codec::response::ResponseHead;
-use crate::codec::BodyKind;
-use crate::error::{ErrorKind, Side};
+use crate::codec::{BodyKind, FieldPlan};
+use crate::error::{ErrorKind, ProxyError, Side};
 use crate::forward::{self, request_pieces};
 use crate::peer::Peer;
 use crate::policy::{self, Clock, Verdict};
@@ -446,7 +447,10 @@ async fn proxy<S: ClientStream>(
         .started_at(req.started);
     // Set by an attempt whose request write failed: the upstream may have answered early.
     let mut write_failed = false;
+    // Set by an attempt whose answer came before the whole request was sent.
+    let mut early = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
+        let reused = session.reused;
         let conn = &mut session.conn;
         // The exchange's reads wait on the client connection's timer, which keeps expiring
         // later with each request instead of re-entering the timer wheel (see `ReadTimer`);
@@ -463,8 +467,12 @@ async fn proxy<S: ClientStream>(
             pieces,
         )
         .await;
-        write_failed = sent.is_err();
-        sent?;
+        if let Err(e) = sent {
+            write_failed = true;
+            let answer = answered_early(conn, e, reused, is_head, &mut down.resp_plan).await;
+            early = answer.is_ok();
+            return answer;
+        }
         down.pos = body_end;
         if body_left > 0 {
             if head.expect_continue && down.send_continue(req).await.is_err() {
@@ -484,7 +492,10 @@ async fn proxy<S: ClientStream>(
                     // The rest of the request body may still be on its way from the client.
                     down.linger = body_left > 0;
                     write_failed = true;
-                    return Err(e);
+                    let answer =
+                        answered_early(conn, e, reused, is_head, &mut down.resp_plan).await;
+                    early = answer.is_ok();
+                    return answer;
                 }
             }
         }
@@ -570,8 +581,11 @@ async fn proxy<S: ClientStream>(
     if !carried::<S>(&resp) {
         return down.fail(req, ErrorKind::UpstreamMalformed).await;
     }
-    let close_client = !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
-    let reusable = resp.reusable && !head.http10;
+    // An answer before the whole request: the rest of the request is not read, so neither
+    // connection goes on.
+    let close_client =
+        early || !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
+    let reusable = resp.reusable && !head.http10 && !early;
     let relayed = match shape {
         Some(shape) => {
             let metrics = &ctx.metrics;
@@ -640,8 +654,51 @@ async fn early_answer<S: ClientStream>(
     is_head: bool,
     kind: ErrorKind,
 ) -> Next {
-    // Whatever the upstream sent is already in the socket's receive queue, readable even
-    // after a reset or a timeout; the bound only matters for a socket that is still open.
+    match early_head(conn, is_head, &mut down.resp_plan).await {
+        Some(resp) if !carried::<S>(&resp) => down.fail(req, ErrorKind::UpstreamMalformed).await,
+        Some(resp) => {
+            match relay::relay_response(down, req, conn, &resp, head.http10, true).await {
+                Ok(_) => Next::Close,
+                Err(e) => {
+                    req.fail(e.kind);
+                    Next::Cut
+                }
+            }
+        }
+        None => down.fail(req, kind).await,
+    }
+}
+
+/// A try whose request write failed (`err`) ends with the answer the upstream sent before it
+/// stopped taking the request (an upload's 413 or 401) when one waits in its socket: the
+/// target answered, so it is not charged a failure (passive health) and the answer's status,
+/// not the write, decides a retry. Not on a pooled connection whose failure the connector
+/// retries on a fresh one: what waits there may predate the request (an idle close's 408).
+async fn answered_early(
+    conn: &mut UpstreamConn,
+    err: ProxyError,
+    reused: bool,
+    is_head: bool,
+    plan: &mut FieldPlan,
+) -> Result<ResponseHead, ProxyError> {
+    if err.kind.side() == Side::Client
+        || (reused && err.retryable)
+        || !exchange::final_answer_waiting(conn.stream.as_raw_fd())
+    {
+        return Err(err);
+    }
+    early_head(conn, is_head, plan).await.ok_or(err)
+}
+
+/// The final answer head an upstream sent before taking the whole request (interim heads
+/// skipped; not a 101), if it comes within [`EARLY_ANSWER_WAIT`]: whatever the upstream sent
+/// is already in the socket's receive queue, readable even after a reset or a timeout, so the
+/// bound only matters for a socket that is still open.
+async fn early_head(
+    conn: &mut UpstreamConn,
+    is_head: bool,
+    plan: &mut FieldPlan,
+) -> Option<ResponseHead> {
     let deadline = Instant::now() + EARLY_ANSWER_WAIT;
     conn.buf.clear();
     let mut first_byte = None;
@@ -650,7 +707,7 @@ async fn early_answer<S: ClientStream>(
             conn,
             is_head,
             deadline,
-            &mut down.resp_plan,
+            plan,
             &mut first_byte,
             false,
             usize::MAX,
@@ -660,21 +717,8 @@ async fn early_answer<S: ClientStream>(
             Ok(HeadRead::Interim(interim)) => {
                 conn.buf.drain(..interim.head_end);
             }
-            Ok(HeadRead::Final(resp)) if !carried::<S>(&resp) => {
-                return down.fail(req, ErrorKind::UpstreamMalformed).await;
-            }
-            Ok(HeadRead::Final(resp)) if resp.status != 101 => {
-                let relayed =
-                    relay::relay_response(down, req, conn, &resp, head.http10, true).await;
-                return match relayed {
-                    Ok(_) => Next::Close,
-                    Err(e) => {
-                        req.fail(e.kind);
-                        Next::Cut
-                    }
-                };
-            }
-            _ => return down.fail(req, kind).await,
+            Ok(HeadRead::Final(resp)) if resp.status != 101 => return Some(resp),
+            _ => return None,
         }
     }
 }
