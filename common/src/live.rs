@@ -74,6 +74,9 @@ pub struct CheckState {
     pub last: Option<LastCheck>,
     pub passes: u32,
     pub fails: u32,
+    /// The checker whose results count (0: none). A stopped checker's task may still be
+    /// finishing a check on another thread; it leaves the state alone once this changed.
+    pub owner: u64,
 }
 
 /// One active check's result.

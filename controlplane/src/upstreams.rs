@@ -87,6 +87,9 @@ struct LookupStats {
     failed: AtomicU64,
 }
 
+/// Tells the checkers apart (see `CheckState::owner`); 0 is none.
+static NEXT_CHECKER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 #[derive(Debug)]
 struct Check {
     config: HealthCheck,
@@ -116,8 +119,11 @@ impl Drop for Check {
     /// unhealthy by checks that no longer run.
     fn drop(&mut self) {
         self.task.abort();
+        // Under the lock its task takes to record a result: a check that completes as this
+        // runs (on the upstreams thread) cannot mark the target unhealthy afterwards.
+        let mut c = self.state.check.lock().unwrap_or_else(|p| p.into_inner());
+        *c = Default::default();
         self.state.set_unhealthy(false);
-        *self.state.check.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
     }
 }
 
@@ -495,10 +501,12 @@ impl Upstreams {
             if st.checks.contains_key(&key) {
                 continue;
             }
+            let owner = NEXT_CHECKER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.check.lock().unwrap_or_else(|p| p.into_inner()).owner = owner;
             let task = self
                 .inner
                 .rt
-                .spawn(health_checks(key.1, hc.clone(), host, state.clone()))
+                .spawn(health_checks(key.1, hc.clone(), host, state.clone(), owner))
                 .abort_handle();
             st.checks.insert(
                 key,
@@ -843,8 +851,14 @@ fn rebuild(st: &mut State, id: &str) {
 
 /// Checks one target every `interval` (with up to 10% jitter, the first at a random point
 /// of the first interval) and sets its state after `unhealthy_after` / `healthy_after`
-/// results in a row.
-async fn health_checks(addr: SocketAddr, hc: HealthCheck, host: String, state: Arc<TargetState>) {
+/// results in a row, while it is the target's checker (`owner`).
+async fn health_checks(
+    addr: SocketAddr,
+    hc: HealthCheck,
+    host: String,
+    state: Arc<TargetState>,
+    owner: u64,
+) {
     let interval = hc.interval.as_millis() as u64;
     tokio::time::sleep(Duration::from_millis(jitter(interval))).await;
     loop {
@@ -852,6 +866,10 @@ async fn health_checks(addr: SocketAddr, hc: HealthCheck, host: String, state: A
         let ok = status.is_some_and(|s| hc.expect_status.contains(&s));
         {
             let mut c = state.check.lock().unwrap_or_else(|p| p.into_inner());
+            if c.owner != owner {
+                // Stopped (`Check`'s drop) while this check ran.
+                return;
+            }
             c.last = Some(LastCheck {
                 at: SystemTime::now(),
                 ok,
@@ -1031,5 +1049,42 @@ mod tests {
         };
         let got = lowest_priority(vec![srv(20, "c"), srv(10, "b"), srv(10, "a")]);
         assert_eq!(got, vec![srv(10, "a"), srv(10, "b")]);
+    }
+
+    #[test]
+    fn a_stopped_checker_leaves_the_target_alone() {
+        // A check of a closed port fails at once; one failure makes a target unhealthy. The
+        // checker that owns the target marks it; one that was stopped (another owner now,
+        // as after `Check`'s drop) records nothing, even if its check was under way.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let hc = HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(500),
+            healthy_after: 1,
+            unhealthy_after: 1,
+            expect_status: [200].into(),
+            protocol: common::config::UpstreamProtocol::Http1,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (owner, checker, unhealthy) in [(7, 7, true), (8, 7, false)] {
+            let state = TargetState::new();
+            state.check.lock().unwrap().owner = owner;
+            let run = health_checks(addr, hc.clone(), addr.to_string(), state.clone(), checker);
+            // Two intervals: the owner's first check has long come back by then.
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_millis(300), run).await });
+            let c = state.check.lock().unwrap().clone();
+            assert_eq!(
+                (state.is_unhealthy(), c.last.is_some()),
+                (unhealthy, unhealthy),
+                "owner {owner}, checker {checker}"
+            );
+        }
     }
 }
