@@ -94,9 +94,15 @@ pub fn request_extras(
     if head.body == BodyKind::Chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
-    if let Some(u) = head.upgrade {
+    if head.upgrade.is_some() {
         out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
-        out.extend_from_slice(u.of(buf));
+        let fields = &buf[head.fields_start..head.fields_end];
+        for (i, protocol) in crate::codec::offered_upgrades(fields).enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(protocol);
+        }
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(added);

@@ -23,14 +23,16 @@ pub enum Status {
 }
 
 macro_rules! canned {
-    ($code:literal $reason:literal, $len:literal, $body:literal) => {
+    ($code:literal $reason:literal, $len:literal, $body:literal $(, $field:literal)?) => {
         (
             concat!(
                 "HTTP/1.1 ",
                 $code,
                 " ",
                 $reason,
-                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ",
+                "\r\nContent-Type: text/plain; charset=utf-8\r\n",
+                $($field, "\r\n",)?
+                "Content-Length: ",
                 $len,
                 "\r\n\r\n",
                 $body
@@ -41,7 +43,9 @@ macro_rules! canned {
                 $code,
                 " ",
                 $reason,
-                "\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ",
+                "\r\nContent-Type: text/plain; charset=utf-8\r\n",
+                $($field, "\r\n",)?
+                "Content-Length: ",
                 $len,
                 "\r\nConnection: close\r\n\r\n",
                 $body
@@ -97,9 +101,13 @@ impl Status {
             Status::NotFound => {
                 canned!("404" "Not Found", "35", "404 no route matches this request.\n")
             }
-            Status::MethodNotAllowed => {
-                canned!("405" "Method Not Allowed", "31", "405 method not supported here.\n")
-            }
+            // Only CONNECT: every other method is proxied (RFC 9110 15.5.6: a 405 says which).
+            Status::MethodNotAllowed => canned!(
+                "405" "Method Not Allowed",
+                "31",
+                "405 method not supported here.\n",
+                "Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"
+            ),
             Status::RequestTimeout => {
                 canned!("408" "Request Timeout", "34", "408 request not received in time.\n")
             }
@@ -176,6 +184,10 @@ mod tests {
                     format!("HTTP/1.1 {} {}", s.code(), common::reason::phrase(s.code()))
                 );
                 assert!(body.starts_with(&s.code().to_string()));
+                assert_eq!(
+                    head.contains("\r\nAllow: GET, HEAD, POST"),
+                    s == Status::MethodNotAllowed
+                );
             }
         }
     }

@@ -232,6 +232,7 @@ async fn worker_main(spec: WorkerSpec) {
         rr: RefCell::new(RoundRobin::default()),
         sets: RefCell::new(Default::default()),
         draining: Cell::new(false),
+        cut_off: Cell::new(false),
         handover_until: Cell::new(None),
         accepting: Cell::new(0),
         idle: RefCell::new(IdleSet::default()),
@@ -399,7 +400,7 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
     // Idle keep-alive connections close at once, or in a binary upgrade once their grace is
     // over (any request they took meanwhile was answered with `Connection: close`).
     let mut idle_closed = false;
-    let deadline = Instant::now() + ctx.config.load().drain_timeout;
+    let mut deadline = Instant::now() + ctx.config.load().drain_timeout;
     loop {
         if !idle_closed && (!handover || Instant::now() >= idle_grace) {
             for fd in ctx.idle.borrow().fds() {
@@ -412,6 +413,12 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
             idle_closed = true;
         }
         let accepting = handover && ctx.accepting.get() > 0;
+        if Instant::now() >= deadline && !ctx.cut_off.get() && ctx.active.get() > 0 {
+            // Open tunnels end (their watchdogs look every `TUNNEL_TICK`) and log their
+            // requests; anything else still running is cut off by the exit.
+            ctx.cut_off.set(true);
+            deadline = Instant::now() + crate::proxy::TUNNEL_TICK * 2;
+        }
         if (ctx.active.get() == 0 && !accepting) || Instant::now() >= deadline {
             if accepting {
                 log::warn!(

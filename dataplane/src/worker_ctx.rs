@@ -33,6 +33,9 @@ pub(crate) struct WorkerCtx {
     pub sets: RefCell<SetCache>,
     /// Set once shutdown begins: finish the current request, then close.
     pub draining: Cell<bool>,
+    /// Set when the drain's time is up: tunnels still open end now, so that their requests
+    /// are logged before the access log closes.
+    pub cut_off: Cell<bool>,
     /// In the drain of a binary upgrade: until when a keep-alive connection waiting for its
     /// next request still takes one (answered with `Connection: close`), since its client may
     /// already be sending it; the successor serves whatever comes next.

@@ -30,6 +30,8 @@ both_drivers!(
     weighted_round_robin,
     hop_by_hop_fields_removed_from_response,
     websocket_echo_through_upgrade,
+    upgrade_offers_are_passed_on_and_switches_checked,
+    a_tunnel_holds_its_target_and_is_logged_when_it_ends,
     malformed_request_is_400_and_closes,
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
@@ -750,6 +752,142 @@ fn websocket_echo_through_upgrade(driver: Driver) {
         c.stream.read_exact(&mut got).unwrap();
         assert_eq!(got[0], 0x81);
         assert_eq!(&got[2..], msg.as_bytes());
+    }
+}
+
+fn upgrade_offers_are_passed_on_and_switches_checked(driver: Driver) {
+    // An `h2c` upgrade would make the connection HTTP/2 straight to the upstream, past
+    // routing and policies: it is never passed on (nor `HTTP2-Settings`). Every `Upgrade`
+    // line's offers are; a 101 must name a protocol that was offered (RFC 9110 7.8).
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let _ = match req.target() {
+            "/plain" => s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"),
+            "/ws" => s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: upgrade\r\n\r\n"),
+            "/foo2" => s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo/2\r\nConnection: upgrade\r\n\r\n"),
+            "/h2c" => s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"),
+            _ => s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n"),
+        };
+        Keep::Close
+    }));
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    let ask = |target: &str, upgrade: &str| {
+        let mut c = gw.connect();
+        let r = c.roundtrip(&format!(
+            "GET {target} HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n{upgrade}\r\n"
+        ));
+        let seen = origin.wait_requests(origin.requests().len());
+        let last = seen.last().unwrap();
+        assert_eq!(last.target(), target);
+        (
+            r.status,
+            last.header("upgrade").map(str::to_owned),
+            last.head.clone(),
+        )
+    };
+    let settings = "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    let (status, upgrade, head) = ask("/plain", &format!("Upgrade: h2c\r\n{settings}"));
+    assert_eq!((status, upgrade), (200, None));
+    assert!(
+        !head.to_ascii_lowercase().contains("http2-settings") && !head.contains("pgrade"),
+        "{head}"
+    );
+    // An offer of h2c and websocket goes on as websocket.
+    let (status, upgrade, _) = ask("/ws", "Upgrade: h2c, websocket\r\n");
+    assert_eq!((status, upgrade.as_deref()), (101, Some("websocket")));
+    // Two lines make one list.
+    let (status, upgrade, _) = ask("/foo2", "Upgrade: websocket\r\nUpgrade: foo/2\r\n");
+    assert_eq!(
+        (status, upgrade.as_deref()),
+        (101, Some("websocket, foo/2"))
+    );
+    // A name offered without a version takes any version of it.
+    assert_eq!(ask("/foo2", "Upgrade: foo\r\n").0, 101);
+    // A switch to what was not offered, or to nothing named: 502.
+    assert_eq!(ask("/foo2", "Upgrade: foo/1\r\n").0, 502);
+    assert_eq!(ask("/h2c", "Upgrade: websocket\r\n").0, 502);
+    assert_eq!(ask("/unnamed", "Upgrade: websocket\r\n").0, 502);
+}
+
+fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
+    // Echoes what comes after the 101 until the client's end, then ends too.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        );
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        Keep::Close
+    }));
+    let dir = temp_dir("tunnel-log");
+    let log = dir.join("access.log");
+    let config = proxy_config(
+        origin.addr,
+        &format!(
+            "[access_log]\npath = \"{}\"\n[shutdown]\ndrain_timeout_ms = 1000\n",
+            log.display()
+        ),
+    );
+    let mut gw = Gateway::start(&config, driver);
+    let outstanding = |gw: &Gateway| {
+        let h = gw.admin("GET", "/v1/upstreams/origin/health", None).json();
+        h["targets"][0]["outstanding"].as_i64()
+    };
+    let head = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    let open = |first: &[u8]| {
+        let mut c = gw.connect();
+        // The first bytes of the new protocol come with the request.
+        c.send(&[head.as_bytes(), first].concat());
+        assert_eq!(c.read_response().status, 101);
+        // Read with the head, or after it.
+        let mut echo = std::mem::take(&mut c.buf);
+        let mut byte = [0u8; 1];
+        while echo.len() < first.len() {
+            c.stream.read_exact(&mut byte).unwrap();
+            echo.push(byte[0]);
+        }
+        assert_eq!(echo, first);
+        c
+    };
+    let mut c = open(b"hello!");
+    // The tunnel is the target's request while it is open (least_request, circuit limits).
+    assert_eq!(outstanding(&gw), Some(1));
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    let line = wait_log_lines(&log, 1).remove(0);
+    assert_eq!(line["status"], 101, "{line}");
+    // The pipelined bytes count, and the entry does not wait for the watchdog's tick.
+    assert_eq!(line["bytes_in"], head.len() + 6, "{line}");
+    assert!(line["duration_ms"].as_f64().unwrap() < 400.0, "{line}");
+    assert_eq!(outstanding(&gw), Some(0));
+    // A tunnel still open when the drain's time is up is ended and logged before the exit.
+    let c = open(b"bye");
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    let line = wait_log_lines(&log, 2).remove(1);
+    assert_eq!(
+        (line["status"].as_u64(), line["path"].as_str()),
+        (Some(101), Some("/ws"))
+    );
+    drop(c);
+}
+
+/// The access log's lines once there are at least `n`.
+fn wait_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n && text.ends_with('\n') {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

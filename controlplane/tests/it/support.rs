@@ -298,7 +298,8 @@ impl Drop for Gateway {
 /// A raw HTTP/1.1 client connection with a read buffer.
 pub struct Client {
     pub stream: TcpStream,
-    buf: Vec<u8>,
+    /// Read and not yet taken as part of a response.
+    pub buf: Vec<u8>,
 }
 
 /// A parsed response.

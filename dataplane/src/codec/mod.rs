@@ -245,6 +245,54 @@ pub(crate) fn list_elements(v: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|e| !e.is_empty())
 }
 
+/// The values of the field lines named `name` in `fields` (a head's field lines, each
+/// ending in CRLF), in order. For the rare fields read again after parsing (an upgrade's).
+pub(crate) fn field_values<'a>(
+    fields: &'a [u8],
+    name: &'a [u8],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields.split(|&b| b == b'\n').filter_map(move |line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(name)
+            .then(|| trim_ows(&line[colon + 1..]))
+    })
+}
+
+/// Whether an upgrade to `protocol` is passed on: any but `h2c`, whose upgrade would turn the
+/// connection into HTTP/2 straight to the upstream, past routing, policies and the access
+/// log (RFC 9113 3.1 deprecates it; the gateway takes HTTP/2 by prior knowledge or ALPN).
+pub(crate) fn upgrade_passed(protocol: &[u8]) -> bool {
+    !protocol.eq_ignore_ascii_case(b"h2c")
+}
+
+/// The protocols a request's `Upgrade` lines (all of them, RFC 9110 5.3) offer that go to
+/// the upstream.
+pub(crate) fn offered_upgrades(fields: &[u8]) -> impl Iterator<Item = &[u8]> {
+    field_values(fields, b"upgrade")
+        .flat_map(list_elements)
+        .filter(|p| upgrade_passed(p))
+}
+
+/// Whether a `101` (its field lines `resp_fields`) switched to protocols the request
+/// (`req_fields`) offered: its `Upgrade` must name them (RFC 9110 7.8), and a server must not
+/// switch to one the client did not ask for. A name offered without a version takes any.
+pub(crate) fn switched_as_offered(resp_fields: &[u8], req_fields: &[u8]) -> bool {
+    let mut named = false;
+    for p in field_values(resp_fields, b"upgrade").flat_map(list_elements) {
+        named = true;
+        let name = p.split(|&b| b == b'/').next().unwrap_or(p);
+        let offered = offered_upgrades(req_fields).any(|o| {
+            o.eq_ignore_ascii_case(p) || (!o.contains(&b'/') && o.eq_ignore_ascii_case(name))
+        });
+        if !offered {
+            return false;
+        }
+    }
+    named
+}
+
 /// Result of folding Transfer-Encoding lines.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct TransferCodings {

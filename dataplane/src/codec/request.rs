@@ -240,9 +240,15 @@ pub fn parse_request_into(
                 drop = true;
             }
             7 if name.eq_ignore_ascii_case(b"upgrade") => {
-                upgrade_value = Some(span_of(buf, value));
+                // The first line that offers a protocol passed on (the forwarded head lists
+                // those of every line).
+                if super::list_elements(value).any(super::upgrade_passed) {
+                    upgrade_value.get_or_insert(span_of(buf, value));
+                }
                 drop = true;
             }
+            // Connection-specific: goes with an h2c upgrade, which is never passed on.
+            14 if name.eq_ignore_ascii_case(b"http2-settings") => drop = true,
             6 if name.eq_ignore_ascii_case(b"expect") => {
                 if value.eq_ignore_ascii_case(b"100-continue") {
                     expect_continue = true;

@@ -221,6 +221,26 @@ fn hold(counter: &std::sync::atomic::AtomicU32, max: u32) -> Option<Held<'_>> {
     try_count(counter, max).then_some(Held(counter))
 }
 
+/// What a connector's request held, kept by the tunnel it became: it counts as outstanding
+/// on its target (least_request, `/health`) and in flight for `circuit.max_requests` until
+/// the tunnel ends, as the request did until the `101`.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    target: Option<(Arc<common::live::TargetState>, usize)>,
+    circuit: Option<Arc<common::live::UpstreamLive>>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some((state, stripe)) = &self.target {
+            state.end(*stripe);
+        }
+        if let Some(live) = &self.circuit {
+            live.circuit.requests.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
 impl<P: SessionSource> Drop for Connector<'_, P> {
     fn drop(&mut self) {
         self.close_target();
@@ -259,6 +279,21 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             retry,
             now: Cell::new(None),
             rr: Cell::new(None),
+        }
+    }
+
+    /// Hands what the request holds on its target and upstream over to the tunnel it
+    /// becomes (see [`Hold`]); the connector's drop then releases nothing.
+    pub fn hold(&self) -> Hold {
+        Hold {
+            target: self
+                .open
+                .take()
+                .map(|i| (self.set.targets[i].state.clone(), self.source.stripe())),
+            circuit: self
+                .in_flight
+                .replace(false)
+                .then(|| self.up.upstream.live.clone()),
         }
     }
 

@@ -75,7 +75,7 @@ pub(crate) enum Next {
     Cut,
     /// The upstream switched protocols: tunnel bytes both ways from now on, over this
     /// upstream connection, after relaying its 101 head.
-    Upgrade(Box<(UpstreamConn, ResponseHead)>),
+    Upgrade(Box<(UpstreamConn, ResponseHead, super::connector::Hold)>),
 }
 
 /// A client connection.

@@ -61,6 +61,9 @@ use stream::ClientStream;
 
 pub(crate) use http2::PollIo;
 
+/// How often an open tunnel's watchdog looks whether it went quiet or the drain is over.
+pub(crate) const TUNNEL_TICK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long a failed write to an upstream waits for an answer it may have sent early.
 const EARLY_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -230,8 +233,9 @@ async fn serve_stream<S: ClientStream>(
                 return None;
             }
             Next::Upgrade(upgrade) => {
-                let (conn, resp) = *upgrade;
-                tunnel::tunnel(down, &mut req, conn, resp).await;
+                let (conn, resp, hold) = *upgrade;
+                tunnel::tunnel(&ctx, down, &mut req, conn, resp).await;
+                drop(hold);
                 req.finish(&ctx, &snap);
                 return None;
             }
@@ -572,11 +576,16 @@ async fn proxy<S: ClientStream>(
     let mut session = Session::answered(&mut slot);
 
     if resp.status == 101 {
-        if head.upgrade.is_none() {
+        let switched = head.upgrade.is_some()
+            && crate::codec::switched_as_offered(
+                &session.conn.buf[resp.fields_start..resp.fields_end],
+                &down.buf[head.fields_start..head.fields_end],
+            );
+        if !switched {
             return down.fail(req, ErrorKind::UpstreamMalformed).await;
         }
         req.status = 101;
-        return Next::Upgrade(Box::new((*session.conn, resp)));
+        return Next::Upgrade(Box::new((*session.conn, resp, connector.hold())));
     }
     if !carried::<S>(&resp) {
         return down.fail(req, ErrorKind::UpstreamMalformed).await;

@@ -3,8 +3,10 @@
 //! for `upstream_body_ms`.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
@@ -18,9 +20,11 @@ use crate::forward::response_pieces;
 use crate::gather::write_gathered;
 use crate::io::write_range;
 use crate::upstream::UpstreamConn;
+use crate::worker_ctx::WorkerCtx;
 
 /// Relays the 101 head, then tunnels until both directions are closed.
 pub(crate) async fn tunnel<S: ClientStream>(
+    ctx: &WorkerCtx,
     mut down: Downstream<S>,
     req: &mut RequestCtx,
     mut conn: UpstreamConn,
@@ -29,12 +33,14 @@ pub(crate) async fn tunnel<S: ClientStream>(
     // Bytes the client sent after the upgrade request belong to the new protocol.
     if down.pos < down.buf.len() {
         let range = down.pos..down.buf.len();
+        let n = range.len() as u64;
         if write_range(&mut conn.stream, &mut down.buf, range)
             .await
             .is_err()
         {
             return;
         }
+        req.bytes_in += n;
         down.pos = down.buf.len();
     }
     down.scratch.clear();
@@ -67,12 +73,15 @@ pub(crate) async fn tunnel<S: ClientStream>(
     }
 
     let idle = down.timeouts.upstream_body;
+    let cut_off = &ctx.cut_off;
     let client_fd = down.stream.as_raw_fd();
     let upstream_fd = conn.stream.as_raw_fd();
     let (cr, cw) = down.stream.into_halves();
     let (ur, uw) = conn.stream.into_split();
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);
+    // The watchdog's, woken when the last direction ends.
+    let ended = Cell::new(None::<Waker>);
     // Ends both directions at once, without the clean half-close an end gets: for a read or
     // write that fails (a reset, a bad TLS record; a TLS client must not get close_notify
     // for it), and for a tunnel gone quiet (both pending reads wake with EOF; no read is
@@ -86,23 +95,31 @@ pub(crate) async fn tunnel<S: ClientStream>(
             libc::shutdown(upstream_fd, libc::SHUT_RDWR);
         }
     };
-    let up = copy_half(cr, uw, down.buf, &activity, &open, &abort);
-    let down_half = copy_half(ur, cw, conn.buf, &activity, &open, &abort);
+    let up = copy_half(cr, uw, down.buf, &activity, &open, &ended, &abort);
+    let down_half = copy_half(ur, cw, conn.buf, &activity, &open, &ended, &abort);
     let watchdog = async {
         loop {
             if open.get() == 0 {
                 return;
             }
             let quiet_until = activity.get() + idle;
-            if Instant::now() >= quiet_until {
+            if Instant::now() >= quiet_until || cut_off.get() {
                 abort();
                 return;
             }
-            monoio::time::sleep_until(
-                quiet_until
-                    .min(Instant::now() + Duration::from_millis(500))
-                    .into(),
-            )
+            let tick = monoio::time::sleep_until(
+                quiet_until.min(Instant::now() + super::TUNNEL_TICK).into(),
+            );
+            let mut tick = std::pin::pin!(tick);
+            // Until the tick, or at once when both directions are done: the request's end
+            // (its log entry, `duration_ms`, what it holds on the upstream) does not wait.
+            std::future::poll_fn(|cx| {
+                if open.get() == 0 {
+                    return Poll::Ready(());
+                }
+                ended.set(Some(cx.waker().clone()));
+                tick.as_mut().poll(cx)
+            })
             .await;
         }
     };
@@ -119,6 +136,7 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
     mut buf: Vec<u8>,
     activity: &Cell<Instant>,
     open: &Cell<u8>,
+    watchdog: &Cell<Option<Waker>>,
     abort: &impl Fn(),
 ) -> u64 {
     if buf.capacity() < 16 * 1024 {
@@ -147,5 +165,10 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
         abort();
     }
     open.set(open.get() - 1);
+    if open.get() == 0 {
+        if let Some(w) = watchdog.take() {
+            w.wake();
+        }
+    }
     copied
 }
