@@ -875,22 +875,6 @@ fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
     drop(c);
 }
 
-/// The access log's lines once there are at least `n`.
-fn wait_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= n && text.ends_with('\n') {
-            return text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn malformed_request_is_400_and_closes(driver: Driver) {
     let origin = Origin::echo();
     let gw = Gateway::start(&framing_config(origin.addr, ""), driver);

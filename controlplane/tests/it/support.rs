@@ -729,3 +729,19 @@ pub fn curl_run(max_s: u32, write_out: &str, args: &[&str], for_what: &str) -> C
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// The access log's lines once there are at least `n`.
+pub fn wait_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n && text.ends_with('\n') {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -254,7 +254,13 @@ fn sni_chooses_the_certificate_and_host_must_match(driver: Driver) {
     let dir = temp_dir("tls-sni");
     let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
     let origin = Origin::echo();
-    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), driver);
+    let log = dir.join("access.log");
+    let config = format!(
+        "{}\n[access_log]\npath = \"{}\"\n",
+        tls_config(origin.addr, &a, &b),
+        log.display()
+    );
+    let gw = Gateway::start(&config, driver);
     let tls = gw.listeners[0];
 
     // Each name gets its own certificate: curl verifies it against that one only.
@@ -277,6 +283,17 @@ fn sni_chooses_the_certificate_and_host_must_match(driver: Driver) {
     let (code, body, _) = curl_tls(tls, "a.test", "/", &a.cert, &["-H", "Host: b.test"]);
     assert_eq!(code, 421, "{body}");
     assert_eq!(origin.requests().len(), seen);
+    // Logged whole, with the request's own fields (the first two lines are the 200s).
+    let line = wait_log_lines(&log, 3).remove(2);
+    assert_eq!(
+        (
+            line["status"].as_u64(),
+            line["method"].as_str(),
+            line["host"].as_str()
+        ),
+        (Some(421), Some("GET"), Some("b.test")),
+        "{line}"
+    );
     // The same name with a port and in another case is the same host.
     let (code, _, _) = curl_tls(tls, "a.test", "/", &a.cert, &["-H", "Host: A.Test:443"]);
     assert_eq!(code, 200);

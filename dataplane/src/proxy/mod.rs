@@ -269,6 +269,10 @@ async fn handle<S: ClientStream>(
     if let (Some(sni), Some(host)) = (down.stream.sni(), host) {
         if !same_host(host, sni) {
             req.fail(ErrorKind::Misdirected);
+            if req.logging() {
+                req.client_ip = policy::client_ip(&snap.policies, &down.buf, head, peer.ip);
+            }
+            req.capture_head(ctx, &down.buf, head);
             let reply = Reply::Canned(Status::MisdirectedRequest);
             return down.respond(ctx, req, head, reply).await;
         }
