@@ -1,6 +1,7 @@
 //! Binary upgrades (SIGUSR2): the running gateway hands its sockets to the binary at its path
-//! and drains. Under load from wrk (keep-alive) and from a client opening a new connection per
-//! request, three upgrades in a row fail no request and no connection; an upgrade whose new
+//! and drains. Under load from wrk (keep-alive), from a client opening a new connection per
+//! request and from keep-alive clients whose connections park between requests, three
+//! upgrades in a row fail no request and no connection; an upgrade whose new
 //! binary does not start leaves the old process serving (and taking admin writes); the admin
 //! API and the data directory move over with the sockets.
 
@@ -110,6 +111,74 @@ fn one_shot(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// A keep-alive client that pauses 25 to 150 ms between requests, so its connection often
+/// waits past `client_park_ms` (20 ms by default) and parks, until `running` ends (or 30 s);
+/// before each request it looks whether the gateway closed the connection (an idle close:
+/// it opens a new one). Counts answers, and records requests sent and not answered.
+fn paced_client(
+    addr: SocketAddr,
+    seed: u64,
+    running: &AtomicBool,
+    ok: &AtomicU64,
+    failures: &std::sync::Mutex<Vec<String>>,
+) {
+    let start = Instant::now();
+    let mut rng = seed;
+    let mut conn: Option<TcpStream> = None;
+    while running.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+        if let Some(s) = &conn {
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            let closed =
+                !matches!(s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            s.set_nonblocking(false).unwrap();
+            if closed {
+                conn = None;
+            }
+        }
+        let s = match conn.as_mut() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                conn.insert(s)
+            }
+        };
+        let mut got = Vec::new();
+        let answer = s
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .and_then(|()| {
+                let mut buf = [0u8; 1024];
+                while !got.ends_with(b"\r\n\r\nhello") {
+                    match s.read(&mut buf)? {
+                        0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                Ok(())
+            });
+        match answer {
+            Ok(()) => {
+                ok.fetch_add(1, Ordering::Relaxed);
+                if String::from_utf8_lossy(&got).contains("Connection: close") {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                failures.lock().unwrap().push(format!(
+                    "keep-alive request: {e} (at {:?})",
+                    start.elapsed()
+                ));
+                conn = None;
+            }
+        }
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(25 + (rng >> 33) % 126));
+    }
+}
+
 both_drivers!(three_upgrades_under_load_fail_nothing);
 
 fn three_upgrades_under_load_fail_nothing(driver: Driver) {
@@ -120,6 +189,7 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
     let running = AtomicBool::new(true);
     let start = Instant::now();
     let fresh_ok = AtomicU64::new(0);
+    let paced_ok = AtomicU64::new(0);
     let failures = std::sync::Mutex::new(Vec::new());
     let (wrk_out, pids) = std::thread::scope(|s| {
         let wrk = s.spawn(|| {
@@ -143,6 +213,12 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
                 }
             }
         });
+        // Keep-alive connections that park between requests: a request that comes while
+        // the drain of an upgrade begins is answered (with `Connection: close`), not lost.
+        for seed in 0..16 {
+            let (running, paced_ok, failures) = (&running, &paced_ok, &failures);
+            s.spawn(move || paced_client(addr, seed, running, paced_ok, failures));
+        }
         let mut pids = vec![first];
         for _ in 0..3 {
             std::thread::sleep(Duration::from_millis(1500));
@@ -160,8 +236,9 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
     let wrk_text = String::from_utf8_lossy(&wrk_out.stdout).into_owned();
     println!("{wrk_text}");
     println!(
-        "new-connection client: {} requests, {} failures",
+        "new-connection client: {} requests, paced keep-alive clients: {}, {} failures",
         fresh_ok.load(Ordering::Relaxed),
+        paced_ok.load(Ordering::Relaxed),
         failures.lock().unwrap().len()
     );
     assert!(wrk_out.status.success(), "{wrk_text}");
@@ -174,6 +251,7 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
     assert!(!wrk_text.contains("Socket errors"), "{wrk_text}");
     assert!(!wrk_text.contains("Non-2xx"), "{wrk_text}");
     assert!(fresh_ok.load(Ordering::Relaxed) > 100);
+    assert!(paced_ok.load(Ordering::Relaxed) > 100);
     assert_eq!(
         *failures.lock().unwrap(),
         Vec::<String>::new(),

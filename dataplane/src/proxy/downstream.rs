@@ -227,6 +227,10 @@ impl<S: ClientStream> Downstream<S> {
                 ctx.idle.borrow_mut().remove(slot);
             }
             match res {
+                // A drain that began while the connection waited: nothing resumes parked
+                // connections any more, so it waits on here (a binary upgrade's grace takes
+                // one more request) or ends, as any idle connection does now.
+                Ok(None) if ctx.draining.get() => continue,
                 Ok(None) => return Ok(Head::Park),
                 // The drain shuts an idle socket's reading down (`worker::supervise`): an end
                 // of the gateway's making, closed in order.
