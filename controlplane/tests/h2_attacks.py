@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Negative HTTP/2 tests against the gateway's h2c listener (loopback only).
 
-Usage: h2_attacks.py HOST:PORT [SLOW_PATH]
+Usage: h2_attacks.py HOST:PORT [SLOW_PATH [SLOWER_PATH]]
        h2_attacks.py --drain HOST:PORT SLOW_PATH
 
 SLOW_PATH: a path the gateway answers only after a while (a slow origin); streams reset while
-it is being answered count toward the connection's reset limit. --drain: sends one request
+it is being answered count toward the connection's reset limit. SLOWER_PATH (answered after
+ten seconds or more): streams reset while waiting for it must count at once, not when the
+answers come back (the exchanges are given up, so a client cannot keep them running). --drain: sends one request
 to SLOW_PATH, prints READY, and expects a GOAWAY (NO_ERROR) and then the complete answer
 (the caller sends the gateway SIGTERM after READY).
 
@@ -40,6 +42,7 @@ DRAIN = "--drain" in sys.argv
 HOST, PORT = ARGS[0].rsplit(":", 1)
 PORT = int(PORT)
 SLOW = ARGS[1] if len(ARGS) > 1 else None
+SLOWER = ARGS[2] if len(ARGS) > 2 else None
 assert HOST.startswith("127.") or HOST == "::1", "loopback targets only"
 failures = []
 
@@ -369,23 +372,29 @@ def stream_limit():
     r.close()
 
 
-def slow_reset():
+def slow_reset(path=None, within=20):
     # Streams accepted and being answered (a slow origin), then cancelled by the client: each
     # costs the gateway work, so past http2.max_pending_resets (100) the connection ends.
+    # With `within` shorter than the origin's delay, the resets must count as they come.
     r = Raw()
+    started = time.time()
     for i in range(150):
         sid = 1 + 2 * i
-        r.send(r.headers(sid, SLOW))
-        time.sleep(0.005)
         try:
+            r.send(r.headers(sid, path or SLOW))
+            time.sleep(0.005)
             r.send(RstStreamFrame(sid, error_code=8))
         except OSError:
-            break
-    g = r.frames(is_goaway, timeout=20)
-    check("reset while answering: GOAWAY ENHANCE_YOUR_CALM",
+            break  # the gateway has had enough: its GOAWAY is in
+    g = r.frames(is_goaway, timeout=within)
+    check(f"reset while answering{' (slower origin)' if path else ''}: GOAWAY ENHANCE_YOUR_CALM",
           is_goaway(g) and g.error_code == ENHANCE_YOUR_CALM,
-          f"got {getattr(g, 'error_code', g)}")
+          f"got {getattr(g, 'error_code', g)} after {time.time() - started:.1f} s")
     r.close()
+
+
+def slower_reset():
+    slow_reset(SLOWER, within=5)
 
 
 def mostly_answered_resets():
@@ -451,6 +460,8 @@ if DRAIN:
 attack("rapid reset", rapid_reset)
 if SLOW:
     attack("reset while answering", slow_reset)
+if SLOWER:
+    attack("reset while waiting for a slower origin", slower_reset)
     attack("resets among answered streams", mostly_answered_resets)
 attack("CONTINUATION flood", continuation_flood)
 attack("oversized header list", oversized_headers)

@@ -24,7 +24,7 @@ fn big_body() -> Vec<u8> {
 }
 
 /// An origin that echoes what it got (method, target, body length and framing), sends 1 MiB
-/// for `/big`, and answers `/slow` after a second.
+/// for `/big`, and answers `/slow` after a second, `/slower` after ten.
 fn origin() -> Origin {
     Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let line = req.request_line().to_owned();
@@ -56,6 +56,9 @@ fn origin() -> Origin {
         }
         if target == "/slow" {
             std::thread::sleep(Duration::from_secs(1));
+        }
+        if target == "/slower" {
+            std::thread::sleep(Duration::from_secs(10));
         }
         let (body, framing) = match decode_chunked(&req.raw_body) {
             Some((data, _)) if req.header("transfer-encoding").is_some() => (data, "chunked"),
@@ -504,6 +507,7 @@ fn attacks_get_the_right_goaway_or_reset_and_others_are_served() {
         .arg(&script)
         .arg(s.gw.listeners[1].to_string())
         .arg("/slow")
+        .arg("/slower")
         .output()
         .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);

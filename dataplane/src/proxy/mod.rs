@@ -523,8 +523,12 @@ async fn proxy<S: ClientStream>(
                 &mut first_byte,
                 replayable,
                 head_read,
-            )
-            .await;
+            );
+            let read = if S::WHOLE_CONNECTION {
+                read.await
+            } else {
+                unless_reset(&mut down.stream, read).await?
+            };
             match read {
                 Ok(HeadRead::Interim(interim)) => {
                     if !head.http10 {
@@ -652,6 +656,27 @@ async fn proxy<S: ClientStream>(
     } else {
         Next::KeepAlive
     }
+}
+
+/// `wait`, unless the client resets its HTTP/2 stream first: the exchange is then given up
+/// at once (its upstream connection closes), rather than held open until the upstream
+/// answers. A client that opens and resets streams by the hundred (rapid reset) would
+/// otherwise keep as many upstream requests running, and its resets would count against
+/// it only as those answers came back.
+async fn unless_reset<S: ClientStream, F: std::future::Future>(
+    stream: &mut S,
+    wait: F,
+) -> Result<F::Output, ProxyError> {
+    let mut wait = std::pin::pin!(wait);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = wait.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Ok(out));
+        }
+        stream
+            .poll_reset(cx)
+            .map(|()| Err(ErrorKind::ClientClosed.into()))
+    })
+    .await
 }
 
 /// After a failed write of the request to the upstream: an upstream that answered before
