@@ -3,6 +3,11 @@
 
 Usage: h2_attacks.py HOST:PORT [SLOW_PATH [SLOWER_PATH]]
        h2_attacks.py --drain HOST:PORT SLOW_PATH
+       h2_attacks.py --held HOST:PORT BIG_PATH
+
+--held (against a gateway with short client_send_ms and client_idle_ms, about a second):
+a client that keeps its stream window shut after asking for BIG_PATH gets RST_STREAM, and an
+idle connection whose client never answers the GOAWAY's PING is closed, each within seconds.
 
 SLOW_PATH: a path the gateway answers only after a while (a slow origin); streams reset while
 it is being answered count toward the connection's reset limit. SLOWER_PATH (answered after
@@ -37,8 +42,9 @@ except ImportError:
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 NO_ERROR, PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 6, 9, 11
 
-ARGS = [a for a in sys.argv[1:] if a != "--drain"]
+ARGS = [a for a in sys.argv[1:] if a not in ("--drain", "--held")]
 DRAIN = "--drain" in sys.argv
+HELD = "--held" in sys.argv
 HOST, PORT = ARGS[0].rsplit(":", 1)
 PORT = int(PORT)
 SLOW = ARGS[1] if len(ARGS) > 1 else None
@@ -451,6 +457,33 @@ def drain():
           not isinstance(done, str) and done is not None)
     r.close()
 
+
+def held():
+    # Asks for a large answer with its stream window at 0, and never opens it.
+    r = Raw()
+    shut = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})
+    r.send(shut, r.headers(1, SLOW))
+    started = time.time()
+    f = r.frames(lambda f: isinstance(f, (RstStreamFrame, GoAwayFrame)), timeout=10)
+    check("a shut window: RST_STREAM", isinstance(f, RstStreamFrame) and f.stream_id == 1,
+          f"got {f if isinstance(f, str) or f is None else type(f).__name__} "
+          f"after {time.time() - started:.1f} s")
+    r.close()
+    # Idle, and never answers a PING (Raw only acknowledges SETTINGS).
+    r = Raw()
+    started = time.time()
+    g = r.frames(is_goaway, timeout=10)
+    check("idle: GOAWAY", is_goaway(g), f"got {g}")
+    end = r.frames(lambda f: False, timeout=10)
+    check("idle, the PING unanswered: closed", end is None,
+          f"got {end} after {time.time() - started:.1f} s")
+    r.close()
+
+
+if HELD:
+    held()
+    print(f"{len(failures)} failed")
+    sys.exit(1 if failures else 0)
 
 if DRAIN:
     drain()

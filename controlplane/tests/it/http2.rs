@@ -521,6 +521,37 @@ fn attacks_get_the_right_goaway_or_reset_and_others_are_served() {
 }
 
 #[test]
+fn a_shut_window_or_an_unanswered_ping_does_not_hold_a_connection() {
+    // A client that keeps its stream window shut stops reading: after `client_send_ms` its
+    // stream is reset (and the upstream exchange ends). An idle connection whose client never
+    // answers the GOAWAY's PING is closed all the same.
+    let dir = temp_dir("h2-held");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = origin();
+    let config = format!(
+        "{}\n[timeouts]\nclient_send_ms = 1000\nclient_idle_ms = 1000\n",
+        config(origin.addr, &a, &b, &dir.join("access.log"))
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h2_attacks.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("--held")
+        .arg(gw.listeners[1].to_string())
+        .arg("/big")
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("PASS")).count(),
+        3,
+        "{text}"
+    );
+}
+
+#[test]
 fn drain_sends_goaway_and_finishes_open_streams() {
     let mut s = setup("h2-drain");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h2_attacks.py");

@@ -466,7 +466,8 @@ async fn pump(
     replay: &RefCell<Replay>,
 ) {
     replay.borrow_mut().keep(&first);
-    let _ = send_flow(&mut to, first, false).await;
+    // Unbounded here: the request's own deadlines end the pump (it is aborted with it).
+    let _ = send_flow(&mut to, first, false, None).await;
     // Once the upstream stream has failed, the body is still read (into `replay`): a
     // retry on another target may need it.
     let mut sending = true;
@@ -476,7 +477,7 @@ async fn pump(
                 let n = data.len();
                 replay.borrow_mut().keep(&data);
                 if sending {
-                    sending = send_flow(&mut to, data, false).await.is_ok();
+                    sending = send_flow(&mut to, data, false, None).await.is_ok();
                 }
                 let _ = from.flow_control().release_capacity(n);
             }

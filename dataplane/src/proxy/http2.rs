@@ -78,6 +78,7 @@ pub(crate) async fn serve<S: ClientStream>(
         resets: Cell::new(0),
         streams: Cell::new(0),
         max_resets: h.max_pending_resets,
+        client_send: snap.timeouts.client_send,
         waker: RefCell::new(None),
         scratch: RefCell::new(BytesMut::new()),
     });
@@ -102,7 +103,7 @@ pub(crate) async fn serve<S: ClientStream>(
             _ => return,
         };
     let mut tick = Box::pin(monoio::time::sleep(TICK));
-    let mut goaway = false;
+    let mut goaway_at: Option<Instant> = None;
     let mut calmed = false;
     loop {
         let event = poll_fn(|cx| {
@@ -156,10 +157,22 @@ pub(crate) async fn serve<S: ClientStream>(
                 tick = Box::pin(monoio::time::sleep(TICK));
                 let idle =
                     conn_info.open.get() == 0 && conn_info.last_end.get().elapsed() >= idle_timeout;
-                if !goaway && (ctx.draining.get() || idle) {
-                    // GOAWAY with the last stream id: streams already open finish.
-                    conn.graceful_shutdown();
-                    goaway = true;
+                match goaway_at {
+                    None if ctx.draining.get() || idle => {
+                        // GOAWAY with the last stream id: streams already open finish.
+                        conn.graceful_shutdown();
+                        goaway_at = Some(Instant::now());
+                    }
+                    // The graceful GOAWAY's last one goes out when the client answers its
+                    // PING: one that never does, with no stream open (or only a header
+                    // block never finished), is closed anyway.
+                    Some(at)
+                        if !calmed && conn_info.open.get() == 0 && at.elapsed() >= 2 * TICK =>
+                    {
+                        conn.abrupt_shutdown(Reason::NO_ERROR);
+                        calmed = true;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -184,6 +197,9 @@ struct ConnInfo {
     /// More than this many resets, when they are also more than half of the streams,
     /// closes the connection with ENHANCE_YOUR_CALM.
     max_resets: u32,
+    /// How long an answer waits for the client to open its flow-control window
+    /// (`client_send_ms`): a client that keeps it shut has stopped reading.
+    client_send: Duration,
     /// Wakes the connection task (to act on `resets`).
     waker: RefCell<Option<Waker>>,
     /// Where answer bytes are copied to become the `Bytes` h2 sends: one allocation reused
@@ -594,7 +610,7 @@ impl H2Stream {
             .send
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        send_flow(send, data, end).await
+        send_flow(send, data, end, Some(self.info.client_send)).await
     }
 }
 
@@ -604,6 +620,7 @@ pub(crate) async fn send_flow(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     end: bool,
+    stall: Option<Duration>,
 ) -> io::Result<()> {
     if data.is_empty() {
         if end {
@@ -619,7 +636,15 @@ pub(crate) async fn send_flow(
             if c > 0 {
                 break c;
             }
-            match poll_fn(|cx| send.poll_capacity(cx)).await {
+            let opened = poll_fn(|cx| send.poll_capacity(cx));
+            let opened = match stall {
+                // Bounded only while waiting: a window that opens in time costs no timer.
+                Some(d) => monoio::time::timeout(d, opened)
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?,
+                None => opened.await,
+            };
+            match opened {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(io::Error::other(e)),
                 None => return Err(io::ErrorKind::BrokenPipe.into()),
@@ -679,7 +704,8 @@ impl H2Answer {
             .send
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        send_flow(send, data, false).await
+        // Bounded by the caller (`client_send_ms` around each piece).
+        send_flow(send, data, false, None).await
     }
 
     /// Ends the answer, with trailers if there are some.
@@ -1860,6 +1886,7 @@ mod tests {
                         resets: Cell::new(0),
                         streams: Cell::new(1),
                         max_resets: 100,
+                        client_send: Duration::from_secs(60),
                         waker: RefCell::new(None),
                         scratch: RefCell::new(BytesMut::new()),
                     }),
