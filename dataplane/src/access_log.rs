@@ -17,7 +17,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -185,26 +185,53 @@ impl AccessLogWriter {
     }
 }
 
+/// Lines lost because the log could not be opened or written (a full disk, a removed
+/// directory): `gateway_access_log_lost_total`. One writer per process.
+pub static LOST_LINES: AtomicU64 = AtomicU64::new(0);
+
 /// An open sink.
 struct Open {
     sink: LogSink,
     out: Box<dyn Write>,
+    /// The file itself, to cut a failed write back.
+    file: Option<std::fs::File>,
+}
+
+impl Open {
+    /// Writes a batch of whole lines, or none of it: a file is cut back to its length before
+    /// a write that failed part-way (a full disk), so no torn line is left for the next batch
+    /// to continue.
+    fn write_batch(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        let before = match &self.file {
+            Some(f) => Some(f.metadata()?.len()),
+            None => None,
+        };
+        let written = self.out.write_all(batch).and_then(|()| self.out.flush());
+        if written.is_err() {
+            if let (Some(f), Some(len)) = (&self.file, before) {
+                let _ = f.set_len(len);
+            }
+        }
+        written
+    }
 }
 
 fn open(sink: &LogSink) -> std::io::Result<Open> {
-    let out: Box<dyn Write> = match sink {
-        LogSink::Stdout => Box::new(std::io::stdout()),
-        LogSink::File(path) => Box::new(
-            OpenOptions::new()
+    let (out, file): (Box<dyn Write>, _) = match sink {
+        LogSink::Stdout => (Box::new(std::io::stdout()), None),
+        LogSink::File(path) => {
+            let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o640)
-                .open(path)?,
-        ),
+                .open(path)?;
+            (Box::new(f.try_clone()?), Some(f))
+        }
     };
     Ok(Open {
         sink: sink.clone(),
         out,
+        file,
     })
 }
 
@@ -215,6 +242,8 @@ fn write_loop(
     reopen: Arc<AtomicBool>,
 ) {
     let mut current: Option<Open> = None;
+    // Set by a failed open or write, cleared by the next write that works: the error is
+    // logged once per outage, not once per batch.
     let mut failing = false;
     loop {
         let batch = batches.recv_timeout(Duration::from_millis(200));
@@ -229,10 +258,7 @@ fn write_loop(
         if current.is_none() {
             if let Some(sink) = wanted {
                 match open(sink) {
-                    Ok(o) => {
-                        current = Some(o);
-                        failing = false;
-                    }
+                    Ok(o) => current = Some(o),
                     Err(e) if !failing => {
                         failing = true;
                         log::error!(
@@ -245,14 +271,26 @@ fn write_loop(
         }
         match batch {
             Ok((worker, mut buf)) => {
-                if let Some(o) = current.as_mut() {
-                    if let Err(e) = o.out.write_all(&buf).and_then(|()| o.out.flush()) {
+                let written = match current.as_mut().map(|o| o.write_batch(&buf)) {
+                    Some(Ok(())) => {
+                        failing = false;
+                        true
+                    }
+                    Some(Err(e)) => {
                         if !failing {
-                            log::error!("access log: write failed: {e}");
+                            log::error!(
+                                "access log: write failed: {e}; lines are lost until it works"
+                            );
                         }
                         failing = true;
                         current = None;
+                        false
                     }
+                    None => false,
+                };
+                if !written && wanted.is_some() {
+                    let lines = buf.iter().filter(|&&b| b == b'\n').count();
+                    LOST_LINES.fetch_add(lines as u64, Ordering::Relaxed);
                 }
                 buf.clear();
                 let _ = returns[worker].try_send(buf);
@@ -781,6 +819,35 @@ pub fn write_head_fields(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_that_fails_part_way_is_cut_back() {
+        // Takes 10 bytes, then the disk is full.
+        struct FillsUp(std::fs::File, usize);
+        impl Write for FillsUp {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let room = 10usize.saturating_sub(self.1);
+                if room == 0 {
+                    return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+                let n = self.0.write(&buf[..room.min(buf.len())])?;
+                self.1 += n;
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let path = std::env::temp_dir().join(format!("gw-cut-back-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut o = open(&LogSink::File(path.clone())).unwrap();
+        o.write_batch(b"{\"a\":1}\n").unwrap();
+        let file = o.file.as_ref().unwrap().try_clone().unwrap();
+        o.out = Box::new(FillsUp(file, 0));
+        assert!(o.write_batch(b"{\"b\":2}\n{\"c\":3}\n").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_milliseconds() {

@@ -314,6 +314,13 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
         "gateway_access_log_dropped_total {}",
         sum(&|w: &WorkerMetrics| &w.access_log_dropped)
     );
+    out.push_str("# HELP gateway_access_log_lost_total Access log lines lost because the log could not be opened or written.\n");
+    out.push_str("# TYPE gateway_access_log_lost_total counter\n");
+    let _ = writeln!(
+        out,
+        "gateway_access_log_lost_total {}",
+        crate::access_log::LOST_LINES.load(Ordering::Relaxed)
+    );
     out.push_str("# HELP gateway_spliced_bytes_total Response bytes sent to clients through a pipe (splice), the body never copied through the gateway's memory.\n");
     out.push_str("# TYPE gateway_spliced_bytes_total counter\n");
     let _ = writeln!(

@@ -662,6 +662,45 @@ fn invalid_access_log_settings_are_refused() {
 }
 
 #[test]
+fn lines_that_cannot_be_written_are_counted_and_the_error_logged_once() {
+    let origin = Origin::echo();
+    let gw = Gateway::start(
+        &proxy_config(origin.addr, "[access_log]\npath = \"/dev/full\"\n"),
+        Driver::IoUring,
+    );
+    let lost = || {
+        let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gateway_access_log_lost_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .expect("gateway_access_log_lost_total")
+    };
+    let mut c = gw.connect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Requests in a few batches, until all 20 are counted.
+    for i in 0..20 {
+        assert_eq!(
+            c.roundtrip("GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            200
+        );
+        if i % 5 == 4 {
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+    while lost() < 20 {
+        assert!(Instant::now() < deadline, "lost lines: {}", lost());
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lost(), 20);
+    let errors = gw
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("access log: write failed"))
+        .count();
+    assert_eq!(errors, 1, "{:#?}", gw.log_lines());
+}
+
+#[test]
 fn client_ip_is_the_one_the_policies_use_behind_trusted_proxies() {
     let origin = Origin::echo();
     let slow = slow_origin(Duration::from_millis(0));
