@@ -54,6 +54,22 @@ pub struct Admin {
     upstreams: crate::upstreams::Upstreams,
     /// Set when a binary upgrade handed over to a successor (its pid): writes are refused.
     retired: std::sync::atomic::AtomicU32,
+    /// Set while a binary upgrade starts its successor: writes are refused (and reads go on;
+    /// holding the store's lock instead stalled the whole admin API for as long).
+    frozen: std::sync::atomic::AtomicBool,
+}
+
+/// A binary upgrade under way: writes are refused until it is dropped (the upgrade failed)
+/// or passed to [`Admin::retire`].
+#[derive(Debug)]
+pub struct Frozen<'a>(&'a Admin);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0
+            .frozen
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// An error answer: `application/problem+json`.
@@ -648,6 +664,7 @@ impl Admin {
             runtime: Mutex::new(None),
             upstreams,
             retired: std::sync::atomic::AtomicU32::new(0),
+            frozen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -666,6 +683,14 @@ impl Admin {
         mut build: impl FnMut(&Store) -> Result<Config, Problem>,
     ) -> Result<Applied, Problem> {
         let mut store = lock(&self.store);
+        if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Upgrading",
+                "a binary upgrade is starting this process's successor; changes wait until it \
+                 serves (then they go to it) or the upgrade fails; retry",
+            ));
+        }
         let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
         if successor != 0 {
             return Err(Problem::new(
@@ -826,14 +851,18 @@ impl Admin {
         }
     }
 
-    /// Holds the config store for a binary upgrade: no write lands while the successor opens
-    /// it.
-    pub fn freeze(&self) -> MutexGuard<'_, Store> {
-        lock(&self.store)
+    /// Stops changes for a binary upgrade: no write lands while the successor opens the
+    /// store (they are refused with 503, not held).
+    pub fn freeze(&self) -> Frozen<'_> {
+        // Under the store's lock: a change under way ends first, and none starts after.
+        let _store = lock(&self.store);
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Release);
+        Frozen(self)
     }
 
     /// The successor `pid` serves: from now on writes here are refused.
-    pub fn retire(&self, frozen: MutexGuard<'_, Store>, pid: u32) {
+    pub fn retire(&self, frozen: Frozen<'_>, pid: u32) {
         self.retired
             .store(pid, std::sync::atomic::Ordering::Release);
         drop(frozen);

@@ -487,7 +487,7 @@ struct Handover {
 }
 
 /// SIGUSR2: starts the successor on this process's sockets and waits until it serves; its
-/// pid. Admin writes wait meanwhile, and are refused by this process afterwards.
+/// pid. Admin writes are refused meanwhile (503, Upgrading), and by this process afterwards.
 fn hand_over(admin: &Admin, plane: &DataPlane, h: &Handover) -> Result<u32, String> {
     let origin = h
         .origin
@@ -500,9 +500,22 @@ fn hand_over(admin: &Admin, plane: &DataPlane, h: &Handover) -> Result<u32, Stri
     );
     let successor = upgrade::spawn(origin, &plane.listener_fds, h.admin_fd)
         .map_err(|e| format!("cannot start {}: {e}", origin.exe.display()))?;
-    let pid = successor.wait_ready(upgrade::READY_TIMEOUT)?;
+    // A SIGTERM or SIGINT (left pending for `wait_for_signals`) ends the upgrade at once.
+    let pid = successor.wait_ready(upgrade::READY_TIMEOUT, shutdown_pending)?;
     admin.retire(frozen, pid);
     Ok(pid)
+}
+
+/// Whether a SIGTERM or SIGINT waits to be taken (the signals are blocked and taken by
+/// `wait_for_signals`).
+fn shutdown_pending() -> bool {
+    // SAFETY: sigpending fills the set it is given; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut set) == 0
+            && (libc::sigismember(&set, libc::SIGTERM) == 1
+                || libc::sigismember(&set, libc::SIGINT) == 1)
+    }
 }
 
 /// The admin listener, until `stop`: then it takes no more connections (those waiting in the

@@ -216,7 +216,7 @@ pub fn spawn(
 impl Successor {
     /// Waits until the successor says it is ready (its pid), exits, or `timeout` passes; in
     /// the last two cases it is stopped and the reason returned.
-    pub fn wait_ready(mut self, timeout: Duration) -> Result<u32, String> {
+    pub fn wait_ready(mut self, timeout: Duration, stop: impl Fn() -> bool) -> Result<u32, String> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         loop {
@@ -249,6 +249,11 @@ impl Successor {
                     "the new process was not ready within {} s; stopped it",
                     timeout.as_secs()
                 ));
+            }
+            if stop() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err("a shutdown signal came first; stopped the new process".into());
             }
         }
     }

@@ -349,3 +349,46 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     wait_exited(first, Duration::from_secs(15));
     stop(second);
 }
+
+#[test]
+fn a_successor_that_hangs_neither_stalls_the_admin_api_nor_holds_off_sigterm() {
+    let dir = temp_dir("upgrade-hang");
+    let bin = dir.join("gateway");
+    install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    let mut gw = Gateway::start_binary(&bin, CONFIG, &[]);
+    let pid = serving_pid(&gw);
+    // A "new binary" that starts and never gets ready (the wait for it is 60 s).
+    let hangs = dir.join("hangs.sh");
+    std::fs::write(&hangs, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&hangs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&hangs, &bin);
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
+    gw.wait_log("to take over the sockets", Duration::from_secs(10));
+    // Reads are answered at once; changes are refused, not held.
+    let asked = Instant::now();
+    assert_eq!(serving_pid(&gw), pid);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/later",
+        Some(r#"{"path":"/later","respond":{"body":"later"}}"#),
+    );
+    assert_eq!(r.status, 503, "{}", r.body_str());
+    assert!(r.body_str().contains("Upgrading"), "{}", r.body_str());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(one_shot(gw.addr), Ok(()));
+    // SIGTERM ends the upgrade (and its would-be successor) and the process.
+    let signalled = Instant::now();
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        signalled.elapsed()
+    );
+    gw.wait_log("a shutdown signal came first", Duration::from_secs(1));
+}
