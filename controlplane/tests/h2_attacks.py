@@ -280,6 +280,31 @@ def missing_path():
     r.close()
 
 
+def padded_value():
+    # A field value with leading or trailing whitespace is malformed (RFC 9113 8.2.1):
+    # RST_STREAM PROTOCOL_ERROR, not forwarded; the connection goes on.
+    r = Raw()
+    sid = 1
+    for value in (" v", "v ", "\tv"):
+        r.send(r.headers(sid, "/ok", extra=[("x-padded", value)]))
+
+        def answered(frame, sid=sid):
+            return (isinstance(frame, (HeadersFrame, RstStreamFrame))
+                    and frame.stream_id == sid) or is_goaway(frame)
+        got = r.frames(answered)
+        check(f"value {value!r}: RST_STREAM PROTOCOL_ERROR", isinstance(got, RstStreamFrame)
+              and got.error_code == PROTOCOL_ERROR,
+              f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+        sid += 2
+    r.send(r.headers(sid, "/ok", extra=[("x-inner", "a  b")]))
+    got = r.frames(lambda frame: isinstance(frame, (HeadersFrame, RstStreamFrame))
+                   and frame.stream_id == sid)
+    status = dict(hpack.Decoder().decode(got.data)).get(":status") \
+        if isinstance(got, HeadersFrame) else None
+    check("inner whitespace is fine: answered", status == "200", f"status={status}")
+    r.close()
+
+
 def raw_frame(ftype, flags, sid, payload):
     """Frame bytes by hand, for frames hyperframe refuses to build."""
     return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
@@ -501,6 +526,7 @@ attack("oversized header list", oversized_headers)
 attack("HPACK bomb", hpack_bomb)
 attack("invalid frames", invalid_frames)
 attack("missing :path", missing_path)
+attack("padded field value", padded_value)
 attack("PING/SETTINGS flood", ping_and_settings_flood)
 attack("concurrent stream limit", stream_limit)
 print(f"{len(failures)} failed")

@@ -246,8 +246,9 @@ async fn serve_request(
     peer: Peer,
 ) {
     let (parts, body) = req.into_parts();
-    if !has_path(&parts) {
-        // Malformed (RFC 9113 §8.3.1): not served as `/`.
+    // Malformed (RFC 9113 8.3.1 and 8.2.1): a request without a path is not served as `/`,
+    // and a value with whitespace at either end is not forwarded.
+    if !has_path(&parts) || parts.headers.values().any(|v| padded(v.as_bytes())) {
         let mut respond = respond;
         respond.send_reset(Reason::PROTOCOL_ERROR);
         return;
@@ -266,6 +267,12 @@ async fn serve_request(
         head_request: parts.method == http::Method::HEAD,
     };
     super::serve_h2_stream(ctx, stream, peer).await;
+}
+
+/// Whether a field value starts or ends with whitespace (SP or HTAB).
+fn padded(v: &[u8]) -> bool {
+    let ws = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    ws(v.first()) || ws(v.last())
 }
 
 /// Whether a request that needs a `:path` (all but CONNECT) came with one. h2 refuses an
