@@ -394,8 +394,36 @@ fn unparsable_requests_and_sampling() {
     let l = &read_log(&log2, 1)[0];
     assert_eq!(l["status"], 400);
     assert_eq!(l["error"], "bad_request");
-    assert_eq!(l["method"], "");
+    // The request line was read: it is logged (its query never: nothing screened it).
+    assert_eq!(
+        (l["method"].as_str(), l["path"].as_str()),
+        (Some("GET"), Some("/"))
+    );
     assert_eq!(l["request_id"], r.header("x-request-id").unwrap());
+    let mut c = gw.connect();
+    c.send(b"POST /up?api_key=s3cret HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n");
+    assert_eq!(c.read_response().status, 413);
+    let mut c = gw.connect();
+    c.send(b"\x16\x03\x01 not a request\r\n\r\n");
+    assert_eq!(c.read_response().status, 400);
+    let lines = read_log(&log2, 3);
+    assert_eq!(
+        (
+            lines[1]["status"].as_u64(),
+            lines[1]["method"].as_str(),
+            lines[1]["path"].as_str()
+        ),
+        (Some(413), Some("POST"), Some("/up")),
+        "{}",
+        lines[1]
+    );
+    // No request line: nothing to log of one.
+    assert_eq!(
+        (lines[2]["method"].as_str(), lines[2]["path"].as_str()),
+        (Some(""), Some("")),
+        "{}",
+        lines[2]
+    );
     // A stop drains and writes the last lines, and does not wait on the log.
     let mut gw = gw;
     assert_eq!(
@@ -406,7 +434,7 @@ fn unparsable_requests_and_sampling() {
     );
     gw.signal(libc::SIGTERM);
     assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
-    let lines = read_log(&log2, 2);
+    let lines = read_log(&log2, 4);
     assert_eq!(lines.last().unwrap()["path"], "/api/last");
 }
 

@@ -135,6 +135,10 @@ pub fn parse_request_into(
     out: &mut RequestHead,
 ) -> Result<bool, ParseError> {
     plan.clear();
+    // Set as soon as the request line is read: a head refused after that (413, 417, 501,
+    // a bad field) is logged with its method and path.
+    out.method = Span::default();
+    out.target = Span::default();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADER_COUNT];
     let mut req = httparse::Request::new(&mut []);
     let slots = &mut slots[..limits.max_header_count.min(MAX_HEADER_COUNT)];
@@ -166,6 +170,7 @@ pub fn parse_request_into(
     };
     let method_span = span_of(buf, method.as_bytes());
     let target_span = span_of(buf, target.as_bytes());
+    (out.method, out.target) = (method_span, target_span);
     let start = method_span.start;
     let headers = &*req.headers;
     let fields_start = headers

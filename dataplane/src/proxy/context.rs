@@ -162,21 +162,33 @@ impl RequestCtx {
 
     /// Starts a request whose head could not be parsed (it is answered with a 4xx and
     /// logged without request fields).
-    pub fn begin_unparsed(&mut self, worker: &WorkerCtx, snap: &Snapshot, peer: IpAddr) {
+    /// `line`: the method and target when the request line was read before the head was
+    /// refused (the target is logged without its query, which nothing screened for secrets).
+    pub fn begin_unparsed(
+        &mut self,
+        worker: &WorkerCtx,
+        snap: &Snapshot,
+        peer: IpAddr,
+        line: Option<(&[u8], &[u8])>,
+    ) {
         self.reset(snap, peer);
         if snap.tracing.request_id {
             self.request_id.set(None, &mut worker.rng.borrow_mut());
         }
         if self.logging {
+            let (method, target) = line.unwrap_or_default();
             let f = HeadFields {
                 started: worker.wall_time(self.started),
                 request_id: self.request_id.as_bytes(),
                 request_id_plain: self.request_id.is_plain(),
                 client_ip: peer,
-                method: b"",
+                method,
                 host: None,
-                target: b"",
-                target_cut: None,
+                target,
+                target_cut: target
+                    .iter()
+                    .position(|&b| b == b'?')
+                    .map(|q| (q, target.len())),
                 user_agent: None,
                 trace_id: None,
             };

@@ -163,6 +163,8 @@ impl<S: ClientStream> Downstream<S> {
             self.pos = 0;
         }
         let mut header_deadline = None;
+        // No request line read yet (an error before one was is logged without one).
+        head.method = Span::default();
         loop {
             if !self.buf.is_empty()
                 && parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head)?

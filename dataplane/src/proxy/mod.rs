@@ -174,7 +174,10 @@ async fn serve_stream<S: ClientStream>(
             }
             Err(kind) => {
                 let snap = ctx.snapshot();
-                req.begin_unparsed(&ctx, &snap, peer.ip);
+                // The request line, if the head got that far (see `parse_request_into`).
+                let line = (head.method.end > head.method.start)
+                    .then(|| (head.method.of(&down.buf), head.target.of(&down.buf)));
+                req.begin_unparsed(&ctx, &snap, peer.ip, line);
                 let next = down.fail(&mut req, kind).await;
                 req.bytes_in = down.buf.len() as u64;
                 req.finish(&ctx, &snap);
