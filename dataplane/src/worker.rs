@@ -427,6 +427,15 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
                     ctx.accepting.get()
                 );
             }
+            if ctx.active.get() > 0 {
+                // Their requests end with the process: no access log line, no metric.
+                log::warn!(
+                    "worker {}: {} connection(s) still busy at the end of the drain are cut \
+                     off; their requests are not logged",
+                    ctx.index,
+                    ctx.active.get()
+                );
+            }
             break;
         }
         monoio::time::sleep(Duration::from_millis(20)).await;

@@ -35,6 +35,7 @@ both_drivers!(
     malformed_request_is_400_and_closes,
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
+    a_request_cut_off_by_the_drain_deadline_is_reported,
     parked_connections_resume_and_expire,
     client_that_stops_reading_is_dropped,
     upstream_that_stops_reading_the_body_is_504,
@@ -967,6 +968,26 @@ fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
     assert_eq!((r.status, r.body_str()), (200, "done"));
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+fn a_request_cut_off_by_the_drain_deadline_is_reported(driver: Driver) {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        thread::sleep(Duration::from_secs(5));
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate");
+        Keep::Close
+    }));
+    let mut gw = Gateway::start(
+        &framing_config(origin.addr, "[shutdown]\ndrain_timeout_ms = 500\n"),
+        driver,
+    );
+    let mut busy = gw.connect();
+    busy.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n");
+    origin.wait_requests(1);
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+    // Its request is not in the access log: the operator is told so.
+    gw.wait_log("1 connection(s) still busy", Duration::from_secs(1));
+    assert!(busy.is_closed_within(Duration::from_secs(1)));
 }
 
 fn parked_connections_resume_and_expire(driver: Driver) {
