@@ -296,6 +296,19 @@ def padded_value():
               and got.error_code == PROTOCOL_ERROR,
               f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
         sid += 2
+    # userinfo in :authority is malformed too (RFC 9113 8.3.1).
+    block = r.enc.encode([(":method", "GET"), (":scheme", "http"),
+                          (":authority", "user:pw@localhost"), (":path", "/ok")])
+    f = HeadersFrame(sid, block)
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    r.send(f)
+    got = r.frames(lambda frame: (isinstance(frame, (HeadersFrame, RstStreamFrame))
+                                  and frame.stream_id == sid) or is_goaway(frame))
+    check(":authority with userinfo: RST_STREAM PROTOCOL_ERROR",
+          isinstance(got, RstStreamFrame) and got.error_code == PROTOCOL_ERROR,
+          f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+    sid += 2
     r.send(r.headers(sid, "/ok", extra=[("x-inner", "a  b")]))
     got = r.frames(lambda frame: isinstance(frame, (HeadersFrame, RstStreamFrame))
                    and frame.stream_id == sid)

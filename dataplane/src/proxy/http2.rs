@@ -246,9 +246,13 @@ async fn serve_request(
     peer: Peer,
 ) {
     let (parts, body) = req.into_parts();
-    // Malformed (RFC 9113 8.3.1 and 8.2.1): a request without a path is not served as `/`,
-    // and a value with whitespace at either end is not forwarded.
-    if !has_path(&parts) || parts.headers.values().any(|v| padded(v.as_bytes())) {
+    // Malformed (RFC 9113 8.3.1 and 8.2.1): a request without a path is not served as `/`;
+    // an `:authority` with userinfo, or a value with whitespace at either end, not forwarded.
+    let userinfo = parts
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'));
+    if !has_path(&parts) || userinfo || parts.headers.values().any(|v| padded(v.as_bytes())) {
         let mut respond = respond;
         respond.send_reset(Reason::PROTOCOL_ERROR);
         return;
