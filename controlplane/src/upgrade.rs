@@ -220,6 +220,12 @@ impl Successor {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         loop {
+            // Before the ready check: a shutdown signal that came in the same moment wins.
+            if stop() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err("a shutdown signal came first; stopped the new process".into());
+            }
             let mut pfd = libc::pollfd {
                 fd: self.ready.as_raw_fd(),
                 events: libc::POLLIN,
@@ -249,11 +255,6 @@ impl Successor {
                     "the new process was not ready within {} s; stopped it",
                     timeout.as_secs()
                 ));
-            }
-            if stop() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return Err("a shutdown signal came first; stopped the new process".into());
             }
         }
     }

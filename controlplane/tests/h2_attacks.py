@@ -33,8 +33,8 @@ try:
     import h2.events
     import hpack
     from hyperframe.frame import (
-        ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame,
-        SettingsFrame,
+        ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame,
+        RstStreamFrame, SettingsFrame, WindowUpdateFrame,
     )
 except ImportError:
     sys.exit("h2_attacks.py needs the PyPI package h2 (pip install h2)")
@@ -67,8 +67,13 @@ def request_headers(path="/", extra=()):
 class Raw:
     """A connection that speaks frames by hand."""
 
-    def __init__(self):
-        self.sock = socket.create_connection((HOST, PORT), timeout=5)
+    def __init__(self, rcvbuf=None):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in HOST else socket.AF_INET)
+        if rcvbuf:
+            # Before connecting: the window the kernel offers is set then.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect((HOST, PORT))
         self.enc = hpack.Encoder()
         self.buf = b""
         self.sock.sendall(PREFACE + SettingsFrame(0).serialize())
@@ -484,15 +489,41 @@ def mostly_answered_resets():
 
 
 def drain():
-    r = Raw()
-    r.send(r.headers(1, SLOW))
+    # Streams open as the drain begins: a slow answer, and large ones (more than the
+    # gateway's socket takes at once) that this client reads slowly, through a small socket
+    # buffer and with its HTTP/2 windows wide open, so they wait in the gateway's socket and
+    # behind its GOAWAY. It answers the GOAWAY's PING, as clients do. All must arrive whole.
+    r = Raw(rcvbuf=65536)
+    big = 2**31 - 1
+    r.send(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: big}),
+           WindowUpdateFrame(0, window_increment=big - 65535))
+    streams = [1] + [3 + 2 * i for i in range(6)]
+    r.send(r.headers(1, SLOW), *[r.headers(sid, "/big") for sid in streams[1:]])
     print("READY", flush=True)
-    g = r.frames(is_goaway, timeout=20)
-    check("drain: GOAWAY NO_ERROR", is_goaway(g) and g.error_code == NO_ERROR,
-          f"got {getattr(g, 'error_code', g)}")
-    done = r.frames(lambda f: f.stream_id == 1 and "END_STREAM" in f.flags, timeout=20)
-    check("drain: the open stream is answered to the end",
-          not isinstance(done, str) and done is not None)
+    goaway, ended, large = None, set(), 0
+    deadline = time.time() + 20
+    while len(ended) < len(streams) and time.time() < deadline:
+        f = r.frames(lambda f: True, timeout=deadline - time.time())
+        if f is None or isinstance(f, str):
+            break
+        if is_goaway(f) and goaway is None:
+            goaway = f
+        if isinstance(f, PingFrame) and "ACK" not in f.flags:
+            pong = PingFrame(0, opaque_data=f.opaque_data)
+            pong.flags.add("ACK")
+            r.send(pong)
+        if isinstance(f, DataFrame) and f.stream_id > 1:
+            large += len(f.data)
+            time.sleep(len(f.data) / 2_000_000)  # about 2 MB/s
+        if isinstance(f, RstStreamFrame):
+            break
+        if f.stream_id in streams and "END_STREAM" in f.flags:
+            ended.add(f.stream_id)
+    check("drain: GOAWAY NO_ERROR", is_goaway(goaway) and goaway.error_code == NO_ERROR,
+          f"got {getattr(goaway, 'error_code', goaway)}")
+    check("drain: the open stream is answered to the end", 1 in ended, f"ended {ended}")
+    check("drain: large answers read slowly arrive whole", len(ended) == len(streams),
+          f"ended {sorted(ended)}, {large} bytes of them")
     r.close()
 
 

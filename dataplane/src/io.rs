@@ -233,6 +233,15 @@ pub(crate) fn bytes_acked(fd: std::os::fd::RawFd) -> Option<u64> {
     (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
 }
 
+/// Bytes a TCP socket holds that the peer has not acknowledged yet (sent or not), or `None`
+/// if the kernel does not say.
+pub(crate) fn send_queued(fd: std::os::fd::RawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int; the caller's socket is open for the call.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then(|| usize::try_from(n).unwrap_or(0))
+}
+
 /// Runs `fut` to completion on a new runtime of the gateway's io_uring driver (`uring`) or
 /// of its epoll fallback, for tests that must hold under both.
 #[cfg(test)]

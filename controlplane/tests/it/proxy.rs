@@ -792,6 +792,9 @@ fn upgrade_offers_are_passed_on_and_switches_checked(driver: Driver) {
         !head.to_ascii_lowercase().contains("http2-settings") && !head.contains("pgrade"),
         "{head}"
     );
+    // h2c in any version is not passed on either.
+    let (status, upgrade, _) = ask("/plain", "Upgrade: h2c/1\r\n");
+    assert_eq!((status, upgrade), (200, None));
     // An offer of h2c and websocket goes on as websocket.
     let (status, upgrade, _) = ask("/ws", "Upgrade: h2c, websocket\r\n");
     assert_eq!((status, upgrade.as_deref()), (101, Some("websocket")));

@@ -264,7 +264,8 @@ pub(crate) fn field_values<'a>(
 /// connection into HTTP/2 straight to the upstream, past routing, policies and the access
 /// log (RFC 9113 3.1 deprecates it; the gateway takes HTTP/2 by prior knowledge or ALPN).
 pub(crate) fn upgrade_passed(protocol: &[u8]) -> bool {
-    !protocol.eq_ignore_ascii_case(b"h2c")
+    let name = protocol.split(|&b| b == b'/').next().unwrap_or(protocol);
+    !name.eq_ignore_ascii_case(b"h2c")
 }
 
 /// The protocols a request's `Upgrade` lines (all of them, RFC 9110 5.3) offer that go to

@@ -164,10 +164,17 @@ pub(crate) async fn serve<S: ClientStream>(
                         goaway_at = Some(Instant::now());
                     }
                     // The graceful GOAWAY's last one goes out when the client answers its
-                    // PING: one that never does, with no stream open (or only a header
-                    // block never finished), is closed anyway.
+                    // PING: one that never does, with no stream left (none being served,
+                    // none with answer bytes still queued in h2; or only a header block
+                    // never finished) and nothing of ours left unread, is closed anyway.
+                    // Not while it still reads an answer: closing with its acknowledgements
+                    // unread would reset the connection and lose what it has not read.
                     Some(at)
-                        if !calmed && conn_info.open.get() == 0 && at.elapsed() >= 2 * TICK =>
+                        if !calmed
+                            && conn_info.open.get() == 0
+                            && !conn.has_streams()
+                            && at.elapsed() >= 2 * TICK
+                            && crate::io::send_queued(conn_info.fd) == Some(0) =>
                     {
                         conn.abrupt_shutdown(Reason::NO_ERROR);
                         calmed = true;

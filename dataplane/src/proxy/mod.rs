@@ -461,6 +461,8 @@ async fn proxy<S: ClientStream>(
     // Set by an attempt whose answer came before the whole request was sent.
     let mut early = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
+        // Each try's own: an earlier one's failed write or early answer says nothing of it.
+        (write_failed, early) = (false, false);
         let reused = session.reused;
         let conn = &mut session.conn;
         // The exchange's reads wait on the client connection's timer, which keeps expiring
