@@ -9,6 +9,9 @@
   grpc_peer.py call TARGET [--tls CA NAME] CHECK...
                                      runs each CHECK through TARGET (the gateway) and prints one
                                      JSON line per check
+  grpc_peer.py stall TARGET N SIZE   over one h2c connection to TARGET, N Unary calls of SIZE
+                                     bytes whose answers it never reads (PyPI h2); prints
+                                     "stalled" once they are sent, holds until stdin closes
 
 Service `test.Echo`, messages are raw bytes (no protobuf code generation needed):
   Unary(m)            -> b"echo:" + m; metadata "x-echo-meta" comes back as trailing metadata
@@ -332,6 +335,48 @@ def call(argv):
             print(json.dumps({"check": name, **check(ch, name)}), flush=True)
 
 
+def stall(argv):
+    # A client that stops reading: its calls' answers fill the gateway's windows.
+    import socket
+    import h2.config
+    import h2.connection
+    host, port = argv[0].rsplit(":", 1)
+    assert host.startswith("127."), "loopback only"
+    n, size = int(argv[1]), int(argv[2])
+    s = socket.create_connection((host, int(port)))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    bodies = {}
+    for i in range(n):
+        sid = 1 + 2 * i
+        c.send_headers(sid, [(":method", "POST"), (":path", "/test.Echo/Unary"),
+                             (":scheme", "http"), (":authority", "x"),
+                             ("content-type", "application/grpc"), ("te", "trailers")])
+        bodies[sid] = b"\x00" + size.to_bytes(4, "big") + b"z" * size
+    s.sendall(c.data_to_send())
+    s.settimeout(10)
+    while bodies:
+        sent = False
+        for sid in list(bodies):
+            w = min(c.local_flow_control_window(sid), c.max_outbound_frame_size)
+            if w > 0:
+                body = bodies[sid]
+                k = min(w, len(body))
+                c.send_data(sid, body[:k], end_stream=k == len(body))
+                if k == len(body):
+                    del bodies[sid]
+                else:
+                    bodies[sid] = body[k:]
+                sent = True
+        if not sent:
+            # Only window updates are taken in; nothing read is acted on.
+            c.receive_data(s.recv(65536))
+        s.sendall(c.data_to_send())
+    print("stalled", flush=True)
+    sys.stdin.read()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2] if len(sys.argv) > 2 else "")
@@ -339,5 +384,7 @@ if __name__ == "__main__":
         serve_shop(sys.argv[2])
     elif sys.argv[1] == "call":
         call(sys.argv[2:])
+    elif sys.argv[1] == "stall":
+        stall(sys.argv[2:])
     else:
         sys.exit("usage: grpc_peer.py serve | call TARGET [--tls CA NAME] CHECK...")

@@ -22,8 +22,13 @@ use monoio::net::TcpStream;
 
 use crate::upstream::Counted;
 
-/// The flow-control window the gateway opens per stream and per connection to an upstream.
-const STREAM_WINDOW: u32 = 1 << 20;
+/// The flow-control window the gateway opens per stream to an upstream. The connection's is
+/// that times the streams it may carry: a client that stops reading holds back its own
+/// stream, never the connection's other streams (RFC 9113 5.2; with a smaller connection
+/// window, a few stalled streams left every other call on it without DATA). What the
+/// gateway may have to hold is bounded by the streams' windows either way.
+const STREAM_WINDOW: u32 = 256 << 10;
+/// The least connection window, for connections of few streams.
 const CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// One HTTP/2 connection to a target.
@@ -93,8 +98,11 @@ pub(crate) async fn handshake(
     let (r, w) = monoio::io::Splitable::into_split(stream);
     let io = crate::proxy::PollIo::new(r, w, &[]);
     let mut b = h2::client::Builder::new();
+    // At most 2^31 - 1, the largest window HTTP/2 has (RFC 9113 6.9.1): fits in a u32.
+    let connection_window = (u64::from(max_streams) * u64::from(STREAM_WINDOW))
+        .clamp(u64::from(CONNECTION_WINDOW), (1 << 31) - 1) as u32;
     b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window)
         .max_header_list_size(max_header_list)
         .max_concurrent_reset_streams(1024)
         .enable_push(false);

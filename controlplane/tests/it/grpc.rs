@@ -140,6 +140,48 @@ upstream = "grpc"
 
 both_drivers!(grpc_calls_of_every_kind_pass_through_over_h2c_and_tls);
 
+#[test]
+fn clients_that_stop_reading_do_not_hold_up_other_calls_on_the_upstream_connection() {
+    // Twelve 1.5 MB echo calls whose client never reads the answers pin what the upstream
+    // connection lets each stream hold; another client's call on the same connection must
+    // still get its answer, not wait for window (RFC 9113 5.2).
+    let svc = GrpcService::start("");
+    let dir = temp_dir("grpc-stall");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    );
+    let extra = "[timeouts]\nupstream_response_head_ms = 3000\n";
+    let gw = Gateway::start(&config(&upstream, &cert, extra), Driver::IoUring);
+    let h2c = gw.listeners[0];
+    // The upstream connection exists before the stalled calls take their share of it.
+    assert_eq!(calls(h2c, None, &["unary"])[0]["reply"], "echo:hello");
+    let mut staller = Command::new("python3")
+        .arg(PEER)
+        .args(["stall", &h2c.to_string(), "12", "1500000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(staller.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "stalled");
+    // The echoes have had time to fill every window they can.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let a = calls(h2c, None, &["unary"]);
+    let took = started.elapsed();
+    drop(staller.stdin.take());
+    let _ = staller.wait();
+    assert_eq!(a[0]["reply"], "echo:hello", "{}", a[0]);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
 fn grpc_calls_of_every_kind_pass_through_over_h2c_and_tls(driver: Driver) {
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc");
