@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
 bytes of a message come before the reset; with `silent`, nothing is ever answered; with
 `goaway`, the connection ends with GOAWAY CODE whose last stream id is below the request's
 (it was not acted on) and a close; with `no-content`, the answer is a 204 that carries
-`content-length: 0` (which RFC 9110 8.6 forbids). Runs until killed. Loopback only.
+`content-length: 0` (which RFC 9110 8.6 forbids); with `html`, a 200 `text/html` page (not
+gRPC); with `no-status`, a gRPC answer of one message that ends without trailers (no
+`grpc-status`). Each request's line also gives its content type. Runs until killed.
+Loopback only.
 """
 import socket
 import sys
@@ -26,6 +29,8 @@ PARTIAL = sys.argv[2:] == ["partial"]
 SILENT = sys.argv[2:] == ["silent"]
 GOAWAY = sys.argv[2:] == ["goaway"]
 NO_CONTENT = sys.argv[2:] == ["no-content"]
+HTML = sys.argv[2:] == ["html"]
+NO_STATUS = sys.argv[2:] == ["no-status"]
 lock = threading.Lock()
 
 
@@ -39,10 +44,19 @@ def serve(sock):
             return
         for event in conn.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
-                path = dict(event.headers).get(b":path", b"").decode()
+                fields = dict(event.headers)
+                path = fields.get(b":path", b"").decode()
+                ctype = fields.get(b"content-type", b"-").decode()
                 with lock:
-                    print(f"request {path}", flush=True)
+                    print(f"request {path} {ctype}", flush=True)
                 if SILENT:
+                    continue
+                if HTML or NO_STATUS:
+                    ctype = "text/html" if HTML else "application/grpc"
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", ctype)])
+                    body = b"<html>hi</html>" if HTML else b"\x00\x00\x00\x00\x02hi"
+                    conn.send_data(event.stream_id, body, end_stream=True)
                     continue
                 if NO_CONTENT:
                     conn.send_headers(event.stream_id, [(":status", "204"),

@@ -524,6 +524,72 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
 }
 
 #[test]
+fn grpc_web_answers_always_carry_a_status_and_keep_their_message_format() {
+    // A gRPC-Web client reads a trailer frame without `grpc-status` as a success: an
+    // upstream answer that is not gRPC, or ends without a status, gets UNKNOWN from the
+    // gateway. And `application/grpc-web+json` goes upstream as `application/grpc+json`.
+    for (mode, message) in [
+        ("html", "the upstream's answer is not gRPC"),
+        ("no-status", "the upstream's answer has no grpc-status"),
+    ] {
+        let mut peer = ResetPeer::start_with(&["0", mode]);
+        let config = format!(
+            "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+             [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+             targets = [{{ address = \"{}\" }}]\n\n\
+             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n",
+            peer.addr
+        );
+        let gw = Gateway::start(&config, Driver::IoUring);
+        let format = if mode == "html" { "+json" } else { "" };
+        let mut c = gw.connect();
+        let call = frame(b"{}");
+        c.send(
+            format!(
+                "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web{format}\r\n\
+                 Content-Length: {}\r\n\r\n",
+                call.len()
+            )
+            .as_bytes(),
+        );
+        c.send(&call);
+        let r = c.read_response();
+        assert_eq!(r.status, 200, "{mode}: {}", r.head);
+        let got = frames(&r.body);
+        let trailer = got
+            .iter()
+            .find(|(flag, _)| *flag == 0x80)
+            .expect("a trailer frame");
+        let text = String::from_utf8_lossy(&trailer.1).to_string();
+        assert!(text.contains("grpc-status:2\r\n"), "{mode}: {text}");
+        assert!(
+            text.contains(&message.replace(' ', "%20")) || text.contains(message),
+            "{mode}: {text}"
+        );
+        if mode == "html" {
+            // Nothing of the page reaches the client as a message.
+            assert_eq!(got.len(), 1, "{got:?}");
+        } else {
+            assert_eq!(got[0], (0, b"hi".to_vec()));
+        }
+        drop(gw);
+        let _ = peer.child.kill();
+        let _ = peer.child.wait();
+        let mut out = String::new();
+        let _ = peer.out.read_to_string(&mut out);
+        let expected = if mode == "html" {
+            "application/grpc+json"
+        } else {
+            "application/grpc"
+        };
+        assert!(
+            out.lines().any(|l| l.ends_with(&format!(" {expected}"))),
+            "{mode}: {out}"
+        );
+    }
+}
+
+#[test]
 fn a_204_from_an_http2_upstream_goes_out_without_content_length() {
     // The upstream's 204 carries `content-length: 0`, which RFC 9110 8.6 forbids: the
     // gateway's answer, over HTTP/1.1 and HTTP/2, has none.

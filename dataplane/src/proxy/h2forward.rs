@@ -109,6 +109,29 @@ enum Encoding {
     },
 }
 
+/// The message format a gRPC-Web content type names (`json` in `application/grpc-web+json`),
+/// if any.
+fn web_format(content_type: &[u8]) -> Option<&[u8]> {
+    let essence = content_type.split(|&b| b == b';').next()?.trim_ascii();
+    let plus = essence.iter().position(|&b| b == b'+')?;
+    Some(&essence[plus + 1..]).filter(|f| !f.is_empty())
+}
+
+/// Whether an answer's `Content-Type` is gRPC's (`application/grpc`, `+format` or not).
+fn grpc_content(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let essence = v
+            .as_bytes()
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        essence.len() >= 16
+            && essence[..16].eq_ignore_ascii_case(b"application/grpc")
+            && (essence.len() == 16 || essence[16] == b'+')
+    })
+}
+
 /// The call kind of a `Content-Type`; gRPC-Web is translated only for a gRPC upstream.
 fn classify(content_type: &[u8], grpc_upstream: bool) -> Call {
     let essence = content_type
@@ -261,6 +284,9 @@ fn outgoing(
         .build()
         .map_err(|_| ErrorKind::BadRequest)?;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 2);
+    // A gRPC-Web call's message format (`+json` in `application/grpc-web+json`) stays the
+    // upstream call's.
+    let mut format: Option<&[u8]> = None;
     for f in parsed.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| ErrorKind::BadRequest)?;
         if hop_by_hop(name.as_str()) {
@@ -274,6 +300,9 @@ fn outgoing(
         }
         if call.whole_body() {
             // The body changes form; the type becomes plain gRPC.
+            if name == CONTENT_TYPE && matches!(call, Call::Web { .. }) {
+                format = web_format(f.value);
+            }
             if name == CONTENT_LENGTH || name == CONTENT_TYPE {
                 continue;
             }
@@ -287,7 +316,12 @@ fn outgoing(
         headers.append(name, value);
     }
     if call.whole_body() {
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        let grpc = match format {
+            Some(f) => HeaderValue::from_bytes(&[&b"application/grpc+"[..], f].concat())
+                .map_err(|_| ErrorKind::BadRequest)?,
+            None => HeaderValue::from_static("application/grpc"),
+        };
+        headers.insert(CONTENT_TYPE, grpc);
     }
     if call.is_grpc() {
         // gRPC servers require it (it tells them trailers will get through).
@@ -716,6 +750,10 @@ struct WebSink<K> {
     content_type: HeaderValue,
     /// Bytes not yet encoded (fewer than 3), for `-text`.
     carry: Vec<u8>,
+    /// The upstream answered 200 with something other than gRPC: no message of it goes
+    /// out, and the trailer frame says UNKNOWN (a gRPC-Web client would read an answer
+    /// without `grpc-status` as a success).
+    foreign: bool,
 }
 
 impl<K: Sink> WebSink<K> {
@@ -725,7 +763,30 @@ impl<K: Sink> WebSink<K> {
             text,
             content_type,
             carry: Vec::new(),
+            foreign: false,
         }
+    }
+
+    /// The trailer frame for `trailers`, which always carry a `grpc-status`: UNKNOWN when
+    /// the upstream's answer was not gRPC or ended without one.
+    fn trailer_frame(&self, trailers: Option<HeaderMap>) -> Vec<u8> {
+        let trailers = match trailers {
+            _ if self.foreign => Some(status_only(2, "the upstream's answer is not gRPC")),
+            Some(t) if t.contains_key("grpc-status") => Some(t),
+            _ => Some(status_only(2, "the upstream's answer has no grpc-status")),
+        };
+        let mut block = Vec::new();
+        for (name, value) in trailers.iter().flatten() {
+            block.extend_from_slice(name.as_str().as_bytes());
+            block.push(b':');
+            block.extend_from_slice(value.as_bytes());
+            block.extend_from_slice(b"\r\n");
+        }
+        let mut frame = Vec::with_capacity(5 + block.len());
+        frame.push(0x80);
+        frame.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&block);
+        frame
     }
 
     /// `data` as it goes to the client: base64 for `-text`, keeping a remainder of less
@@ -749,12 +810,27 @@ impl<K: Sink> WebSink<K> {
 
 impl<K: Sink> Sink for WebSink<K> {
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
+        // Another status is the client's to map (gRPC-Web clients read a non-200 as an
+        // error); a 200 must be gRPC, or a trailer frame says it was not.
+        self.foreign =
+            status == 200 && !grpc_content(&headers) && !headers.contains_key("grpc-status");
         headers.remove(CONTENT_LENGTH);
+        if self.foreign {
+            headers.remove(http::header::CONTENT_ENCODING);
+        }
         headers.insert(CONTENT_TYPE, self.content_type.clone());
+        if end && self.foreign {
+            // Nothing follows the head, but the trailer frame must.
+            self.inner.head(status, headers, false).await?;
+            return self.finish(None).await;
+        }
         self.inner.head(status, headers, end).await
     }
 
     async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        if self.foreign {
+            return Ok(());
+        }
         let piece = self.encode(&data, false);
         if piece.is_empty() {
             return Ok(());
@@ -763,17 +839,7 @@ impl<K: Sink> Sink for WebSink<K> {
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
-        let mut block = Vec::new();
-        for (name, value) in trailers.iter().flatten() {
-            block.extend_from_slice(name.as_str().as_bytes());
-            block.push(b':');
-            block.extend_from_slice(value.as_bytes());
-            block.extend_from_slice(b"\r\n");
-        }
-        let mut frame = Vec::with_capacity(5 + block.len());
-        frame.push(0x80);
-        frame.extend_from_slice(&(block.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&block);
+        let frame = self.trailer_frame(trailers);
         let piece = self.encode(&frame, true);
         self.inner.data(piece).await?;
         self.inner.finish(None).await
@@ -794,6 +860,13 @@ impl<K: Sink> Sink for WebSink<K> {
     fn sent(&self) -> u64 {
         self.inner.sent()
     }
+}
+
+/// `grpc-status` and `grpc-message` alone (trailers).
+fn status_only(code: u8, message: &str) -> HeaderMap {
+    let mut h = grpc_status_fields(code, message);
+    h.remove(CONTENT_TYPE);
+    h
 }
 
 /// A trailers-only gRPC answer's fields: `grpc-status` and a percent-encoded `grpc-message`.
