@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status|two|torn]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -10,7 +10,9 @@ bytes of a message come before the reset; with `silent`, nothing is ever answere
 (it was not acted on) and a close; with `no-content`, the answer is a 204 that carries
 `content-length: 0` (which RFC 9110 8.6 forbids); with `html`, a 200 `text/html` page (not
 gRPC); with `no-status`, a gRPC answer of one message that ends without trailers (no
-`grpc-status`). Each request's line also gives its content type. Runs until killed.
+`grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`;
+with `torn`, one message and the start of another, then `grpc-status: 0`. Each request's
+line also gives its content type. Runs until killed.
 Loopback only.
 """
 import socket
@@ -31,6 +33,8 @@ GOAWAY = sys.argv[2:] == ["goaway"]
 NO_CONTENT = sys.argv[2:] == ["no-content"]
 HTML = sys.argv[2:] == ["html"]
 NO_STATUS = sys.argv[2:] == ["no-status"]
+TWO = sys.argv[2:] == ["two"]
+TORN = sys.argv[2:] == ["torn"]
 lock = threading.Lock()
 
 
@@ -50,6 +54,13 @@ def serve(sock):
                 with lock:
                     print(f"request {path} {ctype}", flush=True)
                 if SILENT:
+                    continue
+                if TWO or TORN:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    second = b"\x00\x00\x00\x00\x00" if TWO else b"\x00\x00\x00\x00\x09ab"
+                    conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00" + second)
+                    conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
                     continue
                 if HTML or NO_STATUS:
                     ctype = "text/html" if HTML else "application/grpc"

@@ -991,6 +991,9 @@ fn json_calls_are_transcoded_to_grpc_and_back() {
     let mut svc = GrpcService::start_with(&["serve-shop", dir.to_str().unwrap()]);
     // Answers with the start of a message, then resets.
     let cut = ResetPeer::start_with(&["2", "partial"]);
+    // Answer a unary call with two messages, or with one and the start of another.
+    let two = ResetPeer::start_with(&["0", "two"]);
+    let torn = ResetPeer::start_with(&["0", "torn"]);
     let config = format!(
         r#"workers = 1
 
@@ -1007,6 +1010,30 @@ targets = [{{ address = "{}" }}]
 id = "orders-cut"
 protocol = "grpc"
 targets = [{{ address = "{}" }}]
+
+[[upstreams]]
+id = "orders-two"
+protocol = "grpc"
+targets = [{{ address = "{}" }}]
+
+[[upstreams]]
+id = "orders-torn"
+protocol = "grpc"
+targets = [{{ address = "{}" }}]
+
+[[routes]]
+id = "orders-two"
+hosts = ["two.test"]
+path_prefix = "/v1/"
+upstream = "orders-two"
+transcoder = "orders"
+
+[[routes]]
+id = "orders-torn"
+hosts = ["torn.test"]
+path_prefix = "/v1/"
+upstream = "orders-torn"
+transcoder = "orders"
 
 [[transcoders]]
 id = "orders"
@@ -1056,6 +1083,8 @@ transcoder = "orders"
 "#,
         svc.addr,
         cut.addr,
+        two.addr,
+        torn.addr,
         set.display()
     );
     let gw = Gateway::start(&config, Driver::IoUring);
@@ -1067,6 +1096,13 @@ transcoder = "orders"
     let (code, ct, body) = curl_json(&["-H", "Host: cut.test", &url("/v1/orders/o-1")]);
     assert_eq!((code, ct.as_str()), (503, "application/json"), "{body}");
     assert_eq!(json(&body)["code"], 14, "{body}");
+    // A unary answer of two messages, or of one and a torn second, is malformed: 502, not
+    // one of the messages passed off as the answer.
+    for host in ["Host: two.test", "Host: torn.test"] {
+        let (code, _, body) = curl_json(&["-H", host, &url("/v1/orders/o-1")]);
+        assert_eq!(code, 502, "{host}: {body}");
+        assert_eq!(json(&body)["code"], 13, "{host}: {body}");
+    }
 
     // An API key in the query is the gateway's, not a message field: taken out first.
     let (code, _, body) = curl_json(&[

@@ -330,6 +330,12 @@ impl<K: Sink> JsonSink<K> {
                 break;
             }
             if !self.binding().server_streaming {
+                if self.unary.is_some() {
+                    // A unary call has one answer message (gRPC clients take more as
+                    // INTERNAL): not the last one passed off as the answer.
+                    self.broken = Some("the upstream sent more than one message".into());
+                    break;
+                }
                 self.unary = Some(json);
                 continue;
             }
@@ -392,6 +398,11 @@ impl<K: Sink> Sink for JsonSink<K> {
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        // A success that ends inside a message is malformed (a failure's status stands).
+        let ok = trailers.as_ref().is_some_and(|t| grpc_status(t).0 == 0);
+        if self.broken.is_none() && !self.frame.is_empty() && ok {
+            self.broken = Some("the upstream's answer ends inside a message".into());
+        }
         if let Some(why) = self.broken.take() {
             if why.is_empty() {
                 // Already answered (a non-gRPC answer).
