@@ -794,6 +794,12 @@ pub struct CertificateConfig {
     /// Read-only, set by the gateway: when the certificate expires (RFC 3339, UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<String>,
+    /// Read-only, set by the gateway: SHA-256 of the chain (its DER certificates in order),
+    /// 64 lower-case hex digits. A `cert_file` whose chain changed (an intermediate added, a
+    /// certificate reissued with the same key and expiry) changes it, so the next publish
+    /// (SIGHUP, a PUT) serves the new chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_sha256: Option<String>,
     /// The key found under `key_sha256` in the data directory, filled in by the control
     /// plane before compiling; never serialised.
     #[serde(skip)]

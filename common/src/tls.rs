@@ -132,6 +132,15 @@ pub fn compile_certificate(
         }
     }
 
+    // What `cert_pem` holds is stored and shown as it came: a private key in it would be
+    // too (a bundled PEM file is read by `cert_file`, whose text is not kept).
+    if c.cert_pem.is_some() && cert_text.contains("PRIVATE KEY-----") {
+        return Err(ConfigError::field(
+            field("cert_pem"),
+            "holds a private key: give the key in `key_pem` (stored apart, never shown) and \
+             only the certificates in `cert_pem`",
+        ));
+    }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_text.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| {
@@ -161,6 +170,14 @@ pub fn compile_certificate(
         .key_provider
         .load_private_key(key)
         .map_err(|e| ConfigError::field(field(key_at), format!("unusable private key: {e}")))?;
+    let chain_digest = {
+        let mut der = Vec::new();
+        for cert in &chain {
+            der.extend_from_slice(&(cert.len() as u32).to_be_bytes());
+            der.extend_from_slice(cert);
+        }
+        sha256_hex(&der)
+    };
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(|_| {
         ConfigError::field(
@@ -172,6 +189,7 @@ pub fn compile_certificate(
     c.key_sha256 = Some(digest);
     c.names = parsed.names.clone();
     c.not_after = Some(rfc3339(parsed.not_after));
+    c.chain_sha256 = Some(chain_digest);
     Ok(Certificate {
         id: c.id.clone(),
         names: parsed.names,

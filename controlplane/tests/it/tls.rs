@@ -503,11 +503,46 @@ fn certificates_are_managed_through_the_admin_api() {
     assert_eq!(r.status, 200, "{}", r.body_str());
     assert_eq!(etag(&gw), before);
 
+    // A chain read from `cert_file` that changed on disk (an intermediate added) is served
+    // after the next publish, here a PUT of GET's output, though nothing else changed.
+    let served_chain = || {
+        let out = Command::new("openssl")
+            .args(["s_client", "-showcerts", "-connect", &tls.to_string()])
+            .args(["-servername", "a.test"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        String::from_utf8_lossy(&out.stdout)
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    };
+    assert_eq!(served_chain(), 1);
+    let file_item = gw.admin("GET", "/v1/certificates/a", None).json();
+    let leaf = a.cert_pem();
+    std::fs::write(&a.cert, format!("{leaf}{}", b.cert_pem())).unwrap();
+    let r = gw.admin("PUT", "/v1/certificates/a", Some(&file_item.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_ne!(etag(&gw), before, "the new chain is a change");
+    assert_ne!(
+        gw.admin("GET", "/v1/certificates/a", None).json()["chain_sha256"],
+        file_item["chain_sha256"]
+    );
+    assert_eq!(served_chain(), 2);
+    std::fs::write(&a.cert, leaf).unwrap();
+
     // Refusals name the field.
     let cases = [
         (
             serde_json::json!({"cert_pem": a.cert_pem(), "key_pem": b.key_pem()}),
             "\"pointer\":\"/key_pem\"",
+        ),
+        // A key bundled with the certificates would be stored and shown with them.
+        (
+            serde_json::json!({
+                "cert_pem": format!("{}{}", a2.cert_pem(), a2.key_pem()),
+                "key_pem": a2.key_pem()
+            }),
+            "\"pointer\":\"/cert_pem\"",
         ),
         (
             serde_json::json!({"cert_pem": "not a certificate", "key_pem": a.key_pem()}),
@@ -926,6 +961,48 @@ fn tls_connections_end_with_close_notify_unless_an_answer_was_cut() {
 
     // The drain (SIGTERM) closes an idle keep-alive connection in order too.
     let mut gw = Gateway::start(&ending_config(origin.addr, &a, &b, 60_000), Driver::IoUring);
+
+    // A client that ends with its close_notify, after an answer or in the middle of a head,
+    // gets the gateway's in reply (RFC 8446 6.1), well before the idle timeout.
+    const CLOSES_FIRST: &str = r#"
+import socket, ssl, sys
+port, ca, first = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode().decode("unicode_escape")
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                    server_hostname="a.test", suppress_ragged_eofs=False)
+s.sendall(first.encode())
+if first.endswith("\r\n\r\n"):
+    got = b""
+    while not got.endswith(b"ok\n"):
+        got += s.recv(65536)
+try:
+    s.unwrap()
+    print("close_notify")
+except (ssl.SSLError, OSError) as e:
+    print("no close_notify", e)
+"#;
+    for first in [
+        r"GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        r"GET /a HTTP/1.1\r\nHost: a.",
+    ] {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                CLOSES_FIRST,
+                &gw.listeners[0].port().to_string(),
+                ca,
+                first,
+            ])
+            .output()
+            .expect("python3 is needed for the TLS tests");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.trim(),
+            "close_notify",
+            "{first}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let mut reader = TlsReader::spawn(
         gw.listeners[0],
         ca,

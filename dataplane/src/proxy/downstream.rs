@@ -234,11 +234,11 @@ impl<S: ClientStream> Downstream<S> {
                 // one more request) or ends, as any idle connection does now.
                 Ok(None) if ctx.draining.get() => continue,
                 Ok(None) => return Ok(Head::Park),
-                // The drain shuts an idle socket's reading down (`worker::supervise`): an end
-                // of the gateway's making, closed in order.
-                Ok(Some(0)) if waiting_idle && ctx.draining.get() => return Ok(Head::Done),
-                // Closed before or in the middle of a head: nobody to answer.
-                Ok(Some(0)) => return Ok(Head::Closed),
+                // The client ended its side in order (over TLS, its close_notify), before or
+                // in the middle of a head: nobody to answer, and the gateway ends its side in
+                // order too (RFC 8446 6.1: close_notify in reply). Or the drain shut an idle
+                // socket's reading down (`worker::supervise`): an end of the gateway's making.
+                Ok(Some(0)) => return Ok(Head::Done),
                 Ok(Some(_)) => {}
                 Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Done),
                 Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
