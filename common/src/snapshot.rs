@@ -692,7 +692,8 @@ fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
                     };
                     mine.push(c.clone());
                 }
-                Some(crate::tls::compile_listener(t, mine, &format!("{at}.tls"))?)
+                let at = format!("{at}.tls");
+                Some(crate::tls::compile_listener(t, mine, &at, &l.address)?)
             }
         };
         if l.h2c && tls.is_some() {

@@ -237,10 +237,44 @@ pub fn expired(certs: &[Arc<Certificate>], now: SystemTime) -> Vec<(String, Stri
 }
 
 /// Builds a listener's rustls config; `certs` are its certificates in its order.
+/// Sessions one listener (its address) can resume: kept across configs, so a change to the
+/// config (a route added) does not make every client's next connection a full handshake
+/// (nginx keeps its session cache and ticket keys across reloads too).
+struct Sessions {
+    /// TLS 1.2 session ids.
+    cache: Arc<rustls::server::ServerSessionMemoryCache>,
+    /// Stateless tickets (TLS 1.3, and TLS 1.2 clients that ask for them), keys rotated by
+    /// rustls; `None` if the system's random source failed when it was made.
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+}
+
+/// Session ids kept per listener (about 64 MiB at most in all with a few listeners;
+/// tickets take no memory).
+const SESSION_IDS: usize = 20_000;
+
+/// The session state of the listener on `address`, made on first use.
+fn sessions(address: &str) -> Arc<Sessions> {
+    static ALL: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Sessions>>>> =
+        OnceLock::new();
+    let mut all = ALL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    all.entry(address.to_owned())
+        .or_insert_with(|| {
+            Arc::new(Sessions {
+                cache: rustls::server::ServerSessionMemoryCache::new(SESSION_IDS),
+                ticketer: rustls::crypto::ring::Ticketer::new().ok(),
+            })
+        })
+        .clone()
+}
+
 pub fn compile_listener(
     tls: &ListenerTlsConfig,
     certs: Vec<Arc<Certificate>>,
     at: &str,
+    address: &str,
 ) -> Result<ListenerTls, ConfigError> {
     let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version.as_str() {
         "1.2" => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -274,6 +308,11 @@ pub fn compile_listener(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certs }));
     config.alpn_protocols = alpn;
+    let sessions = sessions(address);
+    config.session_storage = sessions.cache.clone();
+    if let Some(t) = &sessions.ticketer {
+        config.ticketer = t.clone();
+    }
     Ok(ListenerTls {
         h2: tls.alpn.iter().any(|p| p == "h2"),
         config: Arc::new(config),

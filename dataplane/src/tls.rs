@@ -720,7 +720,7 @@ mod tests {
             min_version: "1.2".into(),
             alpn: vec!["http/1.1".into()],
         };
-        common::tls::compile_listener(&tls, vec![Arc::new(cert)], "l")
+        common::tls::compile_listener(&tls, vec![Arc::new(cert)], "l", "127.0.0.1:0")
             .unwrap()
             .config
     }

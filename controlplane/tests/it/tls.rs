@@ -449,11 +449,45 @@ fn sessions_resume_over_tls_1_2_and_1_3() {
     let origin = lines_origin();
     let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
     let tls = gw.listeners[0];
+    let mut changes = 0;
     for (version, name) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
         let sess = dir.join(format!("session{version}.pem"));
         let first = s_client_request(tls, version, ("-sess_out", &sess));
         assert!(first.contains("origin saw /resume"), "{first}");
         assert!(first.contains(&format!("New, {name}")), "{first}");
+        // Sessions outlive a config change (a route added) and, for TLS 1.3 (tickets), 150
+        // other clients' sessions (the first build kept 128 clients' tickets at most).
+        changes += 1;
+        let r = gw.admin(
+            "PUT",
+            &format!("/v1/routes/r{changes}"),
+            Some(&format!(
+                r#"{{"path":"/r{changes}","respond":{{"body":"r"}}}}"#
+            )),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+        let others = Command::new("python3")
+            .args([
+                "-c",
+                "import socket, ssl, sys\n\
+                 ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+                 for _ in range(int(sys.argv[3])):\n    \
+                 s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1]))), \
+                 server_hostname='a.test')\n    \
+                 s.sendall(b'GET /x HTTP/1.1\\r\\nHost: a.test\\r\\nConnection: close\\r\\n\\r\\n')\n    \
+                 while s.recv(65536): pass\n    \
+                 s.close()\n",
+                &tls.port().to_string(),
+                a.cert.to_str().unwrap(),
+                if version == "-tls1_3" { "150" } else { "0" },
+            ])
+            .output()
+            .expect("python3");
+        assert!(
+            others.status.success(),
+            "{}",
+            String::from_utf8_lossy(&others.stderr)
+        );
         let again = s_client_request(tls, version, ("-sess_in", &sess));
         assert!(again.contains("origin saw /resume"), "{again}");
         assert!(
