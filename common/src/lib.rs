@@ -90,7 +90,16 @@ pub fn redact_url(url: &str) -> String {
     };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    let query = rest.find('?').unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@').or_else(|| {
+        // A password with a `/` not written `%2F` (refused, but never shown): an `@` past
+        // the first `/` that a HOST:PORT follows. An `@` in a path (`/a@b`) is left.
+        let at = rest[..query].rfind('@')?;
+        let after = &rest[at + 1..query];
+        let host_end = after.find('/').unwrap_or(after.len());
+        after[..host_end].contains(':').then_some(at)
+    });
+    let Some(at) = at else {
         return url.to_owned();
     };
     let user_end = rest[..at].find(':').map_or(at, |c| c + 1);

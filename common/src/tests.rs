@@ -530,6 +530,10 @@ fn urls_are_shown_without_their_passwords() {
         "etcd://gw:***@h:1/g"
     );
     assert_eq!(
+        crate::redact_url("etcd://gw:pa/ss@h:1/g"),
+        "etcd://gw:***@h:1/g"
+    );
+    assert_eq!(
         crate::redact_url("redis://10.0.0.1:6379"),
         "redis://10.0.0.1:6379"
     );

@@ -50,7 +50,11 @@ OPTIONS
         the next revision (without it the start is refused, exit 2).
     --store URL
         Share the config with other nodes through etcd (the v3 JSON gateway);
-        etcds:// for TLS, with ?ca=FILE[&cert=FILE&key=FILE].
+        etcds:// for TLS, with ?ca=FILE[&cert=FILE&key=FILE]. Escape '/', '@',
+        ':' and '%' in the user or password as %2F, %40, %3A and %25.
+    --store-file FILE
+        --store with the URL read from FILE (keeps a password off the command
+        line, which other local users can read).
     --seed-from DIR
         With --store: copy the config of the data directory DIR into an empty
         store once (exit 2 if it already holds one).
@@ -148,6 +152,14 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--data-dir" => run.data_dir = Some(PathBuf::from(value("--data-dir")?)),
             "--replace-state" => run.replace_state = true,
             "--store" => run.store = Some(value("--store")?),
+            // The URL (and the password in it) out of the command line, which any local
+            // user can read in /proc.
+            "--store-file" => {
+                let path = value("--store-file")?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("--store-file {path:?}: {e}"))?;
+                run.store = Some(text.trim().to_owned());
+            }
             "--seed-from" => run.seed_from = Some(PathBuf::from(value("--seed-from")?)),
             "-w" | "--workers" => {
                 let v = value("--workers")?;
@@ -231,6 +243,25 @@ mod tests {
             }))
         );
         assert!(p(&["--store", "etcd://127.0.0.1:2379/gw"]).is_err());
+        // The URL from a file, its line end dropped.
+        let file = std::env::temp_dir().join(format!("gw-store-url-{}", std::process::id()));
+        std::fs::write(&file, "etcd://gw:pw@127.0.0.1:2379/gw\n").unwrap();
+        assert_eq!(
+            p(&["--store-file", file.to_str().unwrap(), "--config", "n.toml"]),
+            Ok(Command::Run(RunArgs {
+                config: Some("n.toml".into()),
+                store: Some("etcd://gw:pw@127.0.0.1:2379/gw".into()),
+                ..RunArgs::default()
+            }))
+        );
+        let _ = std::fs::remove_file(&file);
+        assert!(p(&[
+            "--store-file",
+            "/nonexistent/store-url",
+            "--config",
+            "n.toml"
+        ])
+        .is_err());
         assert!(p(&["--seed-from", "data"]).is_err());
         assert!(p(&["--store=etcd://h:1/g", "-c", "n", "--replace-state"]).is_err());
     }

@@ -102,6 +102,14 @@ impl StoreUrl {
                 return Err(format!("--store {shown:?}: cert and key go together"));
             }
         }
+        if let (Some(slash), Some(at)) = (rest.find('/'), rest.rfind('@')) {
+            if at > slash {
+                return Err(format!(
+                    "--store {shown:?}: write a '/', '@', ':' or '%' in the user or password \
+                     as %2F, %40, %3A or %25"
+                ));
+            }
+        }
         let (authority, prefix) = match rest.split_once('/') {
             Some((a, p)) => (a, p.trim_end_matches('/')),
             None => (rest, ""),
@@ -111,7 +119,12 @@ impl StoreUrl {
                 let (u, p) = creds.split_once(':').ok_or_else(|| {
                     format!("--store {shown:?}: credentials must be USER:PASSWORD")
                 })?;
-                (Some((u.to_owned(), p.to_owned())), hosts)
+                let decoded = |s: &str| {
+                    percent_decoded(s).ok_or_else(|| {
+                        format!("--store {shown:?}: a '%' in the credentials starts %XX")
+                    })
+                };
+                (Some((decoded(u)?, decoded(p)?)), hosts)
             }
             None => (None, authority),
         };
@@ -731,6 +744,25 @@ impl Chunked {
     }
 }
 
+/// `s` with its `%XX` escapes decoded (RFC 3986 2.1); `None` for a bad escape or a result
+/// that is not UTF-8.
+fn percent_decoded(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -774,6 +806,15 @@ mod tests {
             e.contains("etcd://gw:***@h/g") && !e.contains("etcdpass"),
             "{e}"
         );
+        // Escapes in the credentials are decoded; a raw '/' in them is refused, unshown.
+        let u = StoreUrl::parse("etcd://g%40w:pa%2Fss%25@h:1/g").unwrap();
+        assert_eq!(u.user, Some(("g@w".into(), "pa/ss%".into())));
+        let e = StoreUrl::parse("etcd://gw:pa/ss@h:1/g").unwrap_err();
+        assert!(
+            e.contains("%2F") && !e.contains("pa/ss") && !e.contains("\"pa"),
+            "{e}"
+        );
+        assert!(StoreUrl::parse("etcd://gw:p%zz@h:1/g").is_err());
     }
 
     #[test]
