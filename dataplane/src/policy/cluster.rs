@@ -326,17 +326,35 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
             started.duration_since(l).max(cluster.sync)
         });
         last_start = Some(started);
+        // Why the round failed, for the log: a refused password or a script error must
+        // not read as a network outage.
+        let mut why = String::new();
         if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
-            conn = Redis::connect(&addr).ok().map(|r| (addr.clone(), r));
+            conn = match Redis::connect(&addr) {
+                Ok(r) => Some((addr.clone(), r)),
+                Err(e) => {
+                    why = format!("cannot connect: {e}");
+                    None
+                }
+            };
         }
         let ok = match conn.as_mut() {
             Some((_, redis)) => {
                 let node = &cluster.node_id;
                 // A bug hit here must not end reconciliation for good: the round fails.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     round(redis, node, interval)
-                }))
-                .is_ok_and(|r| r.is_ok())
+                })) {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        why = e.to_string();
+                        false
+                    }
+                    Err(_) => {
+                        why = "a round panicked (message above)".to_owned();
+                        false
+                    }
+                }
             }
             None => false,
         };
@@ -348,7 +366,7 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
             conn = None;
             if before != DOWN {
                 log::warn!(
-                    "cluster rate limits: Redis at {} is unreachable; on_store_error applies",
+                    "cluster rate limits: Redis at {} failed ({why}); on_store_error applies",
                     addr.address
                 );
             }
