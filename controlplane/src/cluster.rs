@@ -11,7 +11,8 @@
 //! Either one failing marks the store unreachable (for `/v1/status`); the node keeps serving
 //! its last config and retries with a bounded backoff.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::Admin;
@@ -22,23 +23,37 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often the heartbeat looks for a newly applied revision between beats.
 const APPLIED_POLL: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often the heartbeat compares the store's config revision with the watch's.
+const WATCH_CHECK: Duration = Duration::from_secs(2);
+
+/// What the heartbeat knows of the watch, to tell a watch that has stopped delivering (its
+/// etcd member hung, or cut off from the others) from one with nothing to deliver.
+#[derive(Debug, Default)]
+struct WatchState {
+    /// The etcd revision of the last config record the watch delivered (or read to catch up).
+    seen: AtomicI64,
+    /// The open watch's socket, under the lock its owner closes it with.
+    fd: Mutex<Option<std::os::fd::RawFd>>,
+}
 
 /// Starts the watch and heartbeat threads.
 pub fn spawn(admin: Arc<Admin>, client: Client, health: Arc<Health>) -> std::io::Result<()> {
     let (a, c, h) = (admin.clone(), client.clone(), health.clone());
+    let state = Arc::new(WatchState::default());
+    let s = state.clone();
     std::thread::Builder::new()
         .name("gw-etcd-watch".into())
-        .spawn(move || watch_forever(&a, c, &h))?;
+        .spawn(move || watch_forever(&a, c, &h, &s))?;
     std::thread::Builder::new()
         .name("gw-etcd-node".into())
-        .spawn(move || heartbeat_forever(&admin, client, &health))?;
+        .spawn(move || heartbeat_forever(&admin, client, &health, &state))?;
     Ok(())
 }
 
-fn watch_forever(admin: &Admin, mut client: Client, health: &Health) {
+fn watch_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match watch_once(admin, &mut client, health) {
+        match watch_once(admin, &mut client, health, state) {
             Ok(why) => {
                 log::info!("config store: {why}; reading the config again");
                 backoff = Duration::from_millis(50);
@@ -53,31 +68,80 @@ fn watch_forever(admin: &Admin, mut client: Client, health: &Health) {
 }
 
 /// Catches up, then follows the watch until it ends (`Ok` with the reason) or fails.
-fn watch_once(admin: &Admin, client: &mut Client, health: &Health) -> Result<String, EtcdError> {
+fn watch_once(
+    admin: &Admin,
+    client: &mut Client,
+    health: &Health,
+    state: &WatchState,
+) -> Result<String, EtcdError> {
     let (kvs, revision) = client.range("config", false)?;
     health.ok();
     if let Some(kv) = kvs.first() {
         admin.observe(&kv.value, kv.mod_revision);
+        state.seen.store(kv.mod_revision, Ordering::Relaxed);
     }
     let mut watch = client.watch("config", false, revision + 1)?;
-    loop {
-        match watch.next_event()? {
-            WatchEvent::Changes(kvs, _) => {
+    *state.fd.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch.fd());
+    let ended = loop {
+        match watch.next_event() {
+            Ok(WatchEvent::Changes(kvs, _)) => {
                 health.ok();
                 for kv in kvs.iter().filter(|kv| !kv.value.is_empty()) {
                     admin.observe(&kv.value, kv.mod_revision);
+                    state.seen.store(kv.mod_revision, Ordering::Relaxed);
                 }
             }
-            WatchEvent::Progress => health.ok(),
-            WatchEvent::Ended(why) => return Ok(why),
+            Ok(WatchEvent::Progress) => health.ok(),
+            Ok(WatchEvent::Ended(why)) => break Ok(why),
+            Err(e) => break Err(e),
         }
-    }
+    };
+    // The socket closes with `watch`, after the heartbeat can no longer shut it down.
+    *state.fd.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    drop(watch);
+    ended
 }
 
-fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health) {
+/// Whether the watch has fallen behind the store: the config changed at a revision the
+/// watch has not delivered, at two checks in a row (a change made just before the first
+/// had [`WATCH_CHECK`] to arrive). It is then shut down, and opened again by its thread,
+/// on an endpoint that answers.
+fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Option<String> {
+    let latest = client.mod_revision("config").ok()?;
+    let seen = state.seen.load(Ordering::Relaxed);
+    if latest <= seen {
+        *behind = 0;
+        return None;
+    }
+    *behind += 1;
+    if *behind < 2 {
+        return None;
+    }
+    *behind = 0;
+    if let Some(fd) = *state.fd.lock().unwrap_or_else(|p| p.into_inner()) {
+        // SAFETY: the watch thread clears the fd under this lock before its socket closes,
+        // so the fd is the open watch's. shutdown() only makes its blocked read fail.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    Some(format!(
+        "the config watch has not delivered etcd revision {latest} (it is at {seen}); \
+         watching again"
+    ))
+}
+
+fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
     let mut lease = 0i64;
     let mut published = u64::MAX;
+    let mut next_check = Instant::now() + WATCH_CHECK;
+    let mut behind = 0;
     loop {
+        if Instant::now() >= next_check {
+            next_check = Instant::now() + WATCH_CHECK;
+            if let Some(why) = check_watch(&mut client, state, &mut behind) {
+                log::warn!("config store: {why}");
+                health.fail(&EtcdError::Unavailable(why));
+            }
+        }
         let beat = (|| -> Result<(), EtcdError> {
             if lease == 0 || !client.keep_alive(lease)? {
                 lease = client.grant(NODE_TTL_S)?;

@@ -223,6 +223,16 @@ enum Conn {
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
+impl Conn {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Conn::Plain(s) => s.as_raw_fd(),
+            Conn::Tls(s) => s.sock.as_raw_fd(),
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -478,6 +488,14 @@ impl Client {
         Ok((kvs(&answer), num(&answer["header"]["revision"])))
     }
 
+    /// The revision at which the key `name` last changed (0 if it does not exist), without
+    /// its value: a linearizable read, which a member cut off from the others cannot answer.
+    pub fn mod_revision(&mut self, name: &str) -> Result<i64, EtcdError> {
+        let req = json!({"key": b64(self.key(name).as_bytes()), "keys_only": true});
+        let answer = self.call("/v3/kv/range", &req)?;
+        Ok(kvs(&answer).first().map_or(0, |kv| kv.mod_revision))
+    }
+
     /// Puts one key, bound to `lease` when not zero.
     pub fn put(&mut self, name: &str, value: &[u8], lease: i64) -> Result<(), EtcdError> {
         let mut req = json!({"key": b64(self.key(name).as_bytes()), "value": b64(value)});
@@ -520,8 +538,10 @@ impl Client {
             &json!({"create_request": create}),
             Duration::from_secs(15 * 60),
         )?;
+        let fd = answer.reader.get_ref().fd();
         Ok(Watch {
             body: Chunked::new(answer.reader),
+            fd,
         })
     }
 }
@@ -530,6 +550,8 @@ impl Client {
 #[derive(Debug)]
 pub struct Watch {
     body: Chunked,
+    /// Its socket, for [`Watch::fd`].
+    fd: std::os::fd::RawFd,
 }
 
 /// One watch message.
@@ -544,6 +566,12 @@ pub enum WatchEvent {
 }
 
 impl Watch {
+    /// The watch's socket: shut down from another thread, it makes a blocked
+    /// [`Watch::next_event`] fail at once (the caller must know the watch is still open).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+
     pub fn next_event(&mut self) -> Result<WatchEvent, EtcdError> {
         let line = self
             .body

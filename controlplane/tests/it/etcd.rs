@@ -4,7 +4,8 @@
 //! writes without If-Match are retried on the newer revision, a DELETE of what another node's
 //! listeners use is refused, node settings stay in the node files, private keys are sealed in
 //! etcd, a node killed while the config changes catches up when it starts, and while etcd is
-//! away the nodes keep serving, writes get 503 and afterwards everything converges.
+//! away the nodes keep serving, writes get 503 and afterwards everything converges; a watch
+//! whose etcd member hangs is opened again on one that answers.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -760,4 +761,64 @@ fn tls_and_credentials_to_etcd() {
         assert_eq!(out.status.code(), Some(1), "{url}: {err}");
         assert!(err.contains(expect), "{url}: {err}");
     }
+}
+
+/// A TCP relay to `to` that can freeze: while frozen it passes nothing on, either way,
+/// on the connections it has and on new ones (which it still accepts), as a hung etcd
+/// member's sockets do.
+fn freezing_relay(to: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = std::sync::Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        while f.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        if into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (port, frozen)
+}
+
+#[test]
+fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
+    // Node a watches through a relay (its first endpoint) that then hangs, as an etcd
+    // member can (a frozen VM, a stuck disk) while the others go on: a reads the store's
+    // revision every few seconds, sees its watch behind, and watches again on the endpoint
+    // that answers. Before: a served the old config for as long as the watch's 15 minutes.
+    let etcd = Etcd::start();
+    let (relay, frozen) = freezing_relay(etcd.port);
+    let url = format!("etcd://127.0.0.1:{relay},127.0.0.1:{}/t5", etcd.port);
+    let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
+    let b = node(&etcd, "t5", &node_file("b", "", ""));
+    let r = b.admin("PUT", "/v1/routes/v", Some(&respond_route("/v", "1")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    wait_serves(&a, "/v", "1", Duration::from_secs(5));
+    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = b.admin("PUT", "/v1/routes/v", Some(&respond_route("/v", "2")));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let took = wait_serves(&a, "/v", "2", Duration::from_secs(30));
+    println!("a served the change {took:?} after it was made, its watch's member hung");
+    a.wait_log("the config watch has not delivered", Duration::from_secs(1));
 }
