@@ -179,12 +179,26 @@ pub fn compile_certificate(
         sha256_hex(&der)
     };
     let certified = CertifiedKey::new(chain, signer);
-    certified.keys_match().map_err(|_| {
-        ConfigError::field(
-            field(key_at),
-            "the private key does not belong to the certificate",
-        )
-    })?;
+    if certified.keys_match().is_err() {
+        // The key of one of the chain's later certificates: the chain is out of order (the
+        // leaf goes first), which is the chain's fault, not the key's.
+        let later = certified.cert.iter().skip(1).any(|c| {
+            CertifiedKey::new(vec![c.clone()], certified.key.clone())
+                .keys_match()
+                .is_ok()
+        });
+        return Err(if later {
+            ConfigError::field(
+                field(cert_at),
+                "the certificate of this key is not the first: the chain goes leaf first",
+            )
+        } else {
+            ConfigError::field(
+                field(key_at),
+                "the private key does not belong to the certificate",
+            )
+        });
+    }
     c.key_pem = None;
     c.key_sha256 = Some(digest);
     c.names = parsed.names.clone();

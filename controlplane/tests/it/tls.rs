@@ -570,6 +570,14 @@ fn certificates_are_managed_through_the_admin_api() {
             serde_json::json!({"cert_pem": a.cert_pem(), "key_pem": b.key_pem()}),
             "\"pointer\":\"/key_pem\"",
         ),
+        // The key's certificate second in the chain: the chain's order is at fault.
+        (
+            serde_json::json!({
+                "cert_pem": format!("{}{}", b.cert_pem(), a2.cert_pem()),
+                "key_pem": a2.key_pem()
+            }),
+            "the chain goes leaf first",
+        ),
         // A key bundled with the certificates would be stored and shown with them.
         (
             serde_json::json!({
