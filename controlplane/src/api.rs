@@ -1165,6 +1165,24 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
 }
 
 /// The admin API router, built from [`ENDPOINTS`].
+/// Runs a request's handler on a blocking thread: handlers call the store synchronously
+/// (its lock; etcd's blocking client, 3 s per endpoint), and one that waits there must not
+/// hold up the runtime's thread, which serves every other admin request. The runtime's
+/// thread keeps driving the I/O the handler's future uses.
+async fn off_runtime(req: axum::extract::Request, next: middleware::Next) -> Response {
+    let handle = tokio::runtime::Handle::current();
+    let run = tokio::task::spawn_blocking(move || handle.block_on(next.run(req)));
+    match run.await {
+        Ok(response) => response,
+        Err(e) => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Error",
+            format!("the request's handler failed: {e}"),
+        )
+        .into_response(),
+    }
+}
+
 pub fn app(admin: Arc<Admin>) -> Router {
     let mut protected: Router<Arc<Admin>> = Router::new();
     let mut registered: Vec<(&str, String)> = Vec::new();
@@ -1175,8 +1193,9 @@ pub fn app(admin: Arc<Admin>) -> Router {
             registered.push((method, t));
         }
     }
-    let protected =
-        protected.route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    let protected = protected
+        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token))
+        .route_layer(middleware::from_fn(off_runtime));
     Router::new()
         .route(
             "/v1/health",

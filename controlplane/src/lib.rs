@@ -563,20 +563,28 @@ fn spawn_admin(
     listener: std::net::TcpListener,
     stop: Arc<tokio::sync::Notify>,
 ) -> Result<(), Fail> {
+    // The admin threads share CPUs with the workers; a lower priority keeps their bursts
+    // (validation, fsync wake-ups) from preempting request handling.
+    let lower_priority = || {
+        // SAFETY: setpriority on this thread's own id; no memory is involved.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        }
+    };
+    // Every request is handled on a blocking thread of its own (`api::app`'s
+    // `off_runtime`): one that waits on the store (a hung etcd, a long fsync) holds that
+    // thread, never the runtime's (`/v1/health` stays answered).
     let rt = tokio::runtime::Builder::new_current_thread()
+        .thread_name("gw-admin")
+        .on_thread_start(lower_priority)
         .enable_all()
         .build()
         .map_err(|e| (EXIT_FAILURE, format!("cannot start the admin runtime: {e}")))?;
     std::thread::Builder::new()
         .name("gw-admin".into())
         .spawn(move || {
-            // The admin thread shares CPUs with the workers; a lower priority keeps its bursts
-            // (validation, fsync wake-ups) from preempting request handling.
-            // SAFETY: setpriority on this thread's own id; no memory is involved.
-            unsafe {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-            }
+            lower_priority();
             rt.block_on(async move {
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,

@@ -822,3 +822,39 @@ fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
     println!("a served the change {took:?} after it was made, its watch's member hung");
     a.wait_log("the config watch has not delivered", Duration::from_secs(1));
 }
+
+#[test]
+fn a_hung_etcd_holds_up_only_the_writes_that_wait_for_it() {
+    // The node's only endpoint hangs: writes wait for etcd (3 s each, then 503; one after
+    // another, as every change goes through the store's lock), each on a thread of its own,
+    // so `/v1/health` answers meanwhile (against ed1794b: after 8.9 s).
+    let etcd = Etcd::start();
+    let (relay, frozen) = freezing_relay(etcd.port);
+    let url = format!("etcd://127.0.0.1:{relay}/t6");
+    let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
+    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    std::thread::scope(|s| {
+        let writes: Vec<_> = (0..3)
+            .map(|i| {
+                let a = &a;
+                s.spawn(move || {
+                    let route = respond_route(&format!("/w{i}"), "w");
+                    a.admin("PUT", &format!("/v1/routes/w{i}"), Some(&route))
+                        .status
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let asked = Instant::now();
+        let r = a.admin("GET", "/v1/health", None);
+        assert_eq!(r.status, 200, "{}", r.body_str());
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        for w in writes {
+            assert_eq!(w.join().unwrap(), 503);
+        }
+    });
+}
