@@ -687,8 +687,8 @@ impl Admin {
             return Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Upgrading",
-                "a binary upgrade is starting this process's successor; changes wait until it \
-                 serves (then they go to it) or the upgrade fails; retry",
+                "a binary upgrade is starting this process's successor; retry: once it serves, \
+                 changes go to it, and if the upgrade fails, to this process again",
             ));
         }
         let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
@@ -1164,7 +1164,6 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
     }
 }
 
-/// The admin API router, built from [`ENDPOINTS`].
 /// Runs a request's handler on a blocking thread: handlers call the store synchronously
 /// (its lock; etcd's blocking client, 3 s per endpoint), and one that waits there must not
 /// hold up the runtime's thread, which serves every other admin request. The runtime's
@@ -1183,6 +1182,7 @@ async fn off_runtime(req: axum::extract::Request, next: middleware::Next) -> Res
     }
 }
 
+/// The admin API router, built from [`ENDPOINTS`].
 pub fn app(admin: Arc<Admin>) -> Router {
     let mut protected: Router<Arc<Admin>> = Router::new();
     let mut registered: Vec<(&str, String)> = Vec::new();
