@@ -385,11 +385,22 @@ impl ResetPeer {
 
     /// Stops the peer; how many requests it was sent.
     fn requests(mut self) -> usize {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let mut text = String::new();
         let _ = self.out.read_to_string(&mut text);
         text.lines().filter(|l| l.starts_with("request ")).count()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// It runs until killed: a test that fails, or keeps it to the end, must not leave it behind.
+impl Drop for ResetPeer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -573,8 +584,7 @@ fn grpc_web_answers_always_carry_a_status_and_keep_their_message_format() {
             assert_eq!(got[0], (0, b"hi".to_vec()));
         }
         drop(gw);
-        let _ = peer.child.kill();
-        let _ = peer.child.wait();
+        peer.stop();
         let mut out = String::new();
         let _ = peer.out.read_to_string(&mut out);
         let expected = if mode == "html" {
