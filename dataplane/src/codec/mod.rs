@@ -251,13 +251,9 @@ pub(crate) fn field_values<'a>(
     fields: &'a [u8],
     name: &'a [u8],
 ) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields.split(|&b| b == b'\n').filter_map(move |line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let colon = line.iter().position(|&b| b == b':')?;
-        line[..colon]
-            .eq_ignore_ascii_case(name)
-            .then(|| trim_ows(&line[colon + 1..]))
-    })
+    crate::policy::each_field(fields, 0, fields.len())
+        .filter(move |(_, n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, _, value)| value)
 }
 
 /// Whether an upgrade to `protocol` is passed on: any but `h2c`, whose upgrade would turn the

@@ -119,17 +119,9 @@ fn web_format(content_type: &[u8]) -> Option<&[u8]> {
 
 /// Whether an answer's `Content-Type` is gRPC's (`application/grpc`, `+format` or not).
 fn grpc_content(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|v| {
-        let essence = v
-            .as_bytes()
-            .split(|&b| b == b';')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        essence.len() >= 16
-            && essence[..16].eq_ignore_ascii_case(b"application/grpc")
-            && (essence.len() == 16 || essence[16] == b'+')
-    })
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| classify(v.as_bytes(), true) == Call::Grpc)
 }
 
 /// The call kind of a `Content-Type`; gRPC-Web is translated only for a gRPC upstream.
