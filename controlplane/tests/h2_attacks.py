@@ -244,43 +244,53 @@ def oversized_headers():
         if i == len(chunks) - 1:
             f.flags.add("END_HEADERS")
         r.send(f)
-
-    def answered(f):
-        return (isinstance(f, HeadersFrame) and f.stream_id == 1) or \
-            (isinstance(f, RstStreamFrame) and f.stream_id == 1) or is_goaway(f)
-    f = r.frames(answered)
-    ok = isinstance(f, (RstStreamFrame, GoAwayFrame))
-    if isinstance(f, HeadersFrame):
-        status = dict(hpack.Decoder().decode(f.data)).get(":status")
-        ok = status == "431"
-        detail = f"status {status}"
-    else:
-        detail = f"{type(f).__name__} {getattr(f, 'error_code', '')}"
+    ok, detail = refused_as_too_large(r.frames(answer_to(1)))
     check("oversized header list: refused (431, RST_STREAM or GOAWAY)", ok, detail)
     r.close()
+
+
+def answer_to(sid):
+    """A `frames` condition: stream `sid`'s answer (HEADERS or RST_STREAM), or a GOAWAY."""
+    return lambda f: (isinstance(f, (HeadersFrame, RstStreamFrame)) and f.stream_id == sid) \
+        or is_goaway(f)
+
+
+def ended_request(r, sid, fields):
+    """A whole request of these header fields (pseudo-headers included), as one frame."""
+    f = HeadersFrame(sid, r.enc.encode(fields))
+    f.flags.add("END_HEADERS")
+    f.flags.add("END_STREAM")
+    return f
+
+
+def check_malformed(name, got):
+    check(f"{name}: RST_STREAM PROTOCOL_ERROR",
+          isinstance(got, RstStreamFrame) and got.error_code == PROTOCOL_ERROR,
+          f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+
+
+def status_of(got):
+    return dict(hpack.Decoder().decode(got.data)).get(":status") \
+        if isinstance(got, HeadersFrame) else None
+
+
+def refused_as_too_large(got):
+    """Whether `got` refuses a header list too large (431, RST_STREAM or GOAWAY), and what
+    it was."""
+    if isinstance(got, HeadersFrame):
+        return status_of(got) == "431", f"status {status_of(got)}"
+    return isinstance(got, (RstStreamFrame, GoAwayFrame)), \
+        f"{type(got).__name__} {getattr(got, 'error_code', '')}"
 
 
 def missing_path():
     # A GET with neither :path nor :authority (a host field instead): malformed (RFC 9113
     # 8.3.1), so RST_STREAM PROTOCOL_ERROR, not an answer for "/"; the connection goes on.
     r = Raw()
-    block = r.enc.encode([(":method", "GET"), (":scheme", "http"), ("host", "localhost")])
-    f = HeadersFrame(1, block)
-    f.flags.add("END_HEADERS")
-    f.flags.add("END_STREAM")
-    r.send(f)
-
-    def answered(frame, sid):
-        return (isinstance(frame, (HeadersFrame, RstStreamFrame)) and frame.stream_id == sid) \
-            or is_goaway(frame)
-    got = r.frames(lambda frame: answered(frame, 1))
-    check("missing :path: RST_STREAM PROTOCOL_ERROR", isinstance(got, RstStreamFrame)
-          and got.error_code == PROTOCOL_ERROR,
-          f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+    r.send(ended_request(r, 1, [(":method", "GET"), (":scheme", "http"), ("host", "localhost")]))
+    check_malformed("missing :path", r.frames(answer_to(1)))
     r.send(r.headers(3, "/ok"))
-    got = r.frames(lambda frame: answered(frame, 3))
-    status = dict(hpack.Decoder().decode(got.data)).get(":status") \
-        if isinstance(got, HeadersFrame) else None
+    status = status_of(r.frames(answer_to(3)))
     check("missing :path: the next stream is answered", status == "200", f"status={status}")
     r.close()
 
@@ -292,33 +302,15 @@ def padded_value():
     sid = 1
     for value in (" v", "v ", "\tv"):
         r.send(r.headers(sid, "/ok", extra=[("x-padded", value)]))
-
-        def answered(frame, sid=sid):
-            return (isinstance(frame, (HeadersFrame, RstStreamFrame))
-                    and frame.stream_id == sid) or is_goaway(frame)
-        got = r.frames(answered)
-        check(f"value {value!r}: RST_STREAM PROTOCOL_ERROR", isinstance(got, RstStreamFrame)
-              and got.error_code == PROTOCOL_ERROR,
-              f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+        check_malformed(f"value {value!r}", r.frames(answer_to(sid)))
         sid += 2
     # userinfo in :authority is malformed too (RFC 9113 8.3.1).
-    block = r.enc.encode([(":method", "GET"), (":scheme", "http"),
-                          (":authority", "user:pw@localhost"), (":path", "/ok")])
-    f = HeadersFrame(sid, block)
-    f.flags.add("END_HEADERS")
-    f.flags.add("END_STREAM")
-    r.send(f)
-    got = r.frames(lambda frame: (isinstance(frame, (HeadersFrame, RstStreamFrame))
-                                  and frame.stream_id == sid) or is_goaway(frame))
-    check(":authority with userinfo: RST_STREAM PROTOCOL_ERROR",
-          isinstance(got, RstStreamFrame) and got.error_code == PROTOCOL_ERROR,
-          f"got {type(got).__name__} {getattr(got, 'error_code', '')}")
+    r.send(ended_request(r, sid, [(":method", "GET"), (":scheme", "http"),
+                                  (":authority", "user:pw@localhost"), (":path", "/ok")]))
+    check_malformed(":authority with userinfo", r.frames(answer_to(sid)))
     sid += 2
     r.send(r.headers(sid, "/ok", extra=[("x-inner", "a  b")]))
-    got = r.frames(lambda frame: isinstance(frame, (HeadersFrame, RstStreamFrame))
-                   and frame.stream_id == sid)
-    status = dict(hpack.Decoder().decode(got.data)).get(":status") \
-        if isinstance(got, HeadersFrame) else None
+    status = status_of(r.frames(answer_to(sid)))
     check("inner whitespace is fine: answered", status == "200", f"status={status}")
     r.close()
 
@@ -338,17 +330,7 @@ def hpack_bomb():
     f.flags.add("END_HEADERS")
     f.flags.add("END_STREAM")
     r.send(f)
-
-    def answered(f):
-        return (isinstance(f, HeadersFrame) and f.stream_id == 1) or \
-            (isinstance(f, RstStreamFrame) and f.stream_id == 1) or is_goaway(f)
-    got = r.frames(answered)
-    ok = isinstance(got, (RstStreamFrame, GoAwayFrame))
-    detail = f"{type(got).__name__} {getattr(got, 'error_code', '')}"
-    if isinstance(got, HeadersFrame):
-        status = dict(hpack.Decoder().decode(got.data)).get(":status")
-        ok = status == "431"
-        detail = f"status {status}"
+    ok, detail = refused_as_too_large(r.frames(answer_to(1)))
     check(f"HPACK bomb ({len(block)} bytes encoded): refused", ok, detail)
     r.close()
 

@@ -36,34 +36,16 @@ const FIELDS: [&str; 20] = [
     "retries",
 ];
 
-/// Reads the log's lines once there are at least `n`, each parsed (a torn line fails here).
+/// Reads the log's lines once there are at least `n`, each parsed (a torn line fails here)
+/// and with every field.
 fn read_log(path: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let complete = text.ends_with('\n') || text.is_empty();
-        let lines: Vec<&str> = text.lines().collect();
-        if lines.len() >= n && complete {
-            return lines
-                .iter()
-                .map(|l| {
-                    let v: Value = serde_json::from_str(l)
-                        .unwrap_or_else(|e| panic!("torn or invalid line {l:?}: {e}"));
-                    for f in FIELDS {
-                        assert!(v.get(f).is_some(), "line without {f}: {l}");
-                    }
-                    v
-                })
-                .collect();
+    let lines = wait_log_lines(path, n);
+    for v in &lines {
+        for f in FIELDS {
+            assert!(v.get(f).is_some(), "line without {f}: {v}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} lines in {}:\n{text}",
-            lines.len(),
-            path.display()
-        );
-        thread::sleep(Duration::from_millis(20));
     }
+    lines
 }
 
 /// An origin that waits `delay` before answering 200, and echoes the request's

@@ -730,18 +730,27 @@ pub fn curl_run(max_s: u32, write_out: &str, args: &[&str], for_what: &str) -> C
     }
 }
 
-/// The access log's lines once there are at least `n`.
+/// The access log's lines once there are at least `n` (whole: the file ends with a line
+/// end), each parsed: a torn line fails here.
 pub fn wait_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= n && text.ends_with('\n') {
+        let count = text.lines().count();
+        if count >= n && text.ends_with('\n') {
             return text
                 .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
+                .map(|l| {
+                    serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("torn or invalid line {l:?}: {e}"))
+                })
                 .collect();
         }
-        assert!(std::time::Instant::now() < deadline, "{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} of {n} lines in {}:\n{text}",
+            path.display()
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
