@@ -104,13 +104,15 @@ pub(crate) async fn serve<S: ClientStream>(
         };
     let mut tick = Box::pin(monoio::time::sleep(TICK));
     let mut goaway_at: Option<Instant> = None;
-    let mut calmed = false;
+    // Set once `abrupt_shutdown` has been asked for (rapid reset, or an idle client that never
+    // answers the GOAWAY's PING): it is asked for once.
+    let mut aborted = false;
     loop {
         let event = poll_fn(|cx| {
-            if !calmed && conn_info.too_many_resets() {
+            if !aborted && conn_info.too_many_resets() {
                 // Too many streams cancelled while being answered: rapid reset.
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                calmed = true;
+                aborted = true;
             }
             {
                 let mut w = conn_info.waker.borrow_mut();
@@ -170,14 +172,14 @@ pub(crate) async fn serve<S: ClientStream>(
                     // Not while it still reads an answer: closing with its acknowledgements
                     // unread would reset the connection and lose what it has not read.
                     Some(at)
-                        if !calmed
+                        if !aborted
                             && conn_info.open.get() == 0
                             && !conn.has_streams()
                             && at.elapsed() >= 2 * TICK
                             && crate::io::send_queued(conn_info.fd) == Some(0) =>
                     {
                         conn.abrupt_shutdown(Reason::NO_ERROR);
-                        calmed = true;
+                        aborted = true;
                     }
                     _ => {}
                 }
