@@ -25,6 +25,48 @@ pub(crate) enum ReadError {
     /// The peer left bytes the gateway sent unacknowledged past its send timeout
     /// (`ETIMEDOUT` from TCP_USER_TIMEOUT); the connection is gone.
     Stalled,
+    /// The client the read was for left while it waited (see [`ClientWatch`]).
+    ClientLeft,
+}
+
+/// How often a read for a client (an upstream's answer) that is still waiting looks whether
+/// that client is still there.
+pub(crate) const CLIENT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A client connection that an upstream read is for: while the read waits, the client is
+/// looked at every [`CLIENT_CHECK`], and one that closed or reset its connection ends the
+/// wait (logged as 499; the upstream connection closes), as nginx does by default
+/// (`proxy_ignore_client_abort off`). Without it a client that gave up on a slow answer
+/// (a long poll, a slow report) would keep its upstream request, connection and
+/// `circuit.max_requests` slot until the upstream answered or timed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientWatch {
+    pub fd: std::os::fd::RawFd,
+    /// Whether the client's bytes are TLS records: whatever waits unread may be its
+    /// close_notify, so the TCP state tells (the client's FIN received) rather than a peek.
+    pub tls: bool,
+}
+
+impl ClientWatch {
+    /// Whether the client has closed its end or reset the connection. A plain connection
+    /// with bytes waiting (a pipelined request) before its FIN is still there: its FIN may
+    /// be a half-close after sending everything.
+    pub fn gone(self) -> bool {
+        if self.tls {
+            peer_closed(self.fd)
+        } else {
+            peek(self.fd) == Peeked::Closed
+        }
+    }
+}
+
+/// Whether the peer of TCP socket `fd` has closed its end (its FIN is in: `CLOSE_WAIT`) or
+/// reset the connection (`CLOSE`), whatever bytes still wait unread.
+pub(crate) fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    // Linux's TCP states (include/net/tcp_states.h), which the libc crate does not name.
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    tcp_info(fd).is_some_and(|(info, _)| matches!(info.tcpi_state, TCP_CLOSE | TCP_CLOSE_WAIT))
 }
 
 /// A connection side's read deadline: one timer for all its reads, made at the first.
@@ -100,10 +142,13 @@ pub(crate) async fn read_more<R: AsyncReadRent>(
     deadline: Instant,
     timer: &mut ReadTimer,
 ) -> Result<usize, ReadError> {
-    read_at_most(stream, buf, pos, max, usize::MAX, deadline, timer).await
+    read_at_most(stream, buf, pos, max, usize::MAX, deadline, timer, None).await
 }
 
-/// Like [`read_more`], reading at most `most` bytes.
+/// Like [`read_more`], reading at most `most` bytes. With a `watch` (a client and when to
+/// look at it next), failing with [`ReadError::ClientLeft`] once that client is gone; the
+/// next look is moved on as it is taken.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_at_most<R: AsyncReadRent>(
     stream: &mut R,
     buf: &mut Vec<u8>,
@@ -112,6 +157,7 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     most: usize,
     deadline: Instant,
     timer: &mut ReadTimer,
+    mut watch: Option<(ClientWatch, &mut Instant)>,
 ) -> Result<usize, ReadError> {
     if *pos == buf.len() {
         buf.clear();
@@ -132,13 +178,28 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     let end = buf.capacity().min(len.saturating_add(most));
     let owned = std::mem::take(buf);
     let mut read = std::pin::pin!(stream.read(owned.slice_mut(len..end)));
-    timer.arm(deadline);
+    // With a client to watch the timer wakes the task at its next look, then every
+    // CLIENT_CHECK, until `deadline`. A look already due fires at once; the next is then set
+    // from the clock read for it, so no read pays for a clock reading of its own, and the
+    // timer keeps moving forward (see `ReadTimer`).
+    timer.arm(match &watch {
+        Some((_, next)) => deadline.min(**next),
+        None => deadline,
+    });
     let done = std::future::poll_fn(|cx| {
         if let Poll::Ready(done) = read.as_mut().poll(cx) {
             return Poll::Ready(Ok(done));
         }
-        if timer.poll_expired(cx) {
-            return Poll::Ready(Err(()));
+        while timer.poll_expired(cx) {
+            let now = Instant::now();
+            let Some((client, next)) = watch.as_mut().filter(|_| now < deadline) else {
+                return Poll::Ready(Err(ReadError::Timeout));
+            };
+            if client.gone() {
+                return Poll::Ready(Err(ReadError::ClientLeft));
+            }
+            **next = now + CLIENT_CHECK;
+            timer.arm(deadline.min(**next));
         }
         Poll::Pending
     })
@@ -155,7 +216,7 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
             })
         }
         // The buffer went with the cancelled read; the caller closes this connection.
-        Err(_) => Err(ReadError::Timeout),
+        Err(e) => Err(e),
     }
 }
 
@@ -214,6 +275,15 @@ pub(crate) fn peek_into(fd: std::os::fd::RawFd, buf: &mut [u8]) -> (Peeked, usiz
 /// The bytes of `fd`'s TCP connection its peer has acknowledged (`TCP_INFO`); `None` if
 /// the kernel does not say.
 pub(crate) fn bytes_acked(fd: std::os::fd::RawFd) -> Option<u64> {
+    // A kernel too old to fill the field gives a shorter struct.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    tcp_info(fd)
+        .filter(|(_, len)| *len >= needed)
+        .map(|(info, _)| info.tcpi_bytes_acked)
+}
+
+/// `fd`'s `TCP_INFO` and how many bytes of it the kernel filled; `None` if it failed.
+fn tcp_info(fd: std::os::fd::RawFd) -> Option<(libc::tcp_info, usize)> {
     // SAFETY: an all-zero `tcp_info` is valid (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -228,9 +298,7 @@ pub(crate) fn bytes_acked(fd: std::os::fd::RawFd) -> Option<u64> {
             &mut len,
         )
     };
-    // A kernel too old to fill the field gives a shorter struct.
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+    (rc == 0).then_some((info, len as usize))
 }
 
 /// Bytes a TCP socket holds that the peer has not acknowledged yet (sent or not), or `None`

@@ -39,6 +39,10 @@ pub struct UpstreamConn {
     pub large_answers: bool,
     /// The deadline of its reads.
     timer: crate::io::ReadTimer,
+    /// The client connection its current exchange is for, if that client is to be watched
+    /// while reads wait (a whole HTTP/1.1 connection), and when to look at it next; cleared
+    /// when the connection goes back to a pool.
+    watch: Option<(crate::io::ClientWatch, Instant)>,
 }
 
 /// One open connection in an upstream's circuit counters; dropped with the connection.
@@ -84,6 +88,12 @@ impl UpstreamConn {
         std::mem::swap(&mut self.timer, timer);
     }
 
+    /// Watches `client` while this connection's reads wait, from `since` (the request's
+    /// start) on: the first look is [`crate::io::CLIENT_CHECK`] after it.
+    pub(crate) fn watch(&mut self, client: Option<crate::io::ClientWatch>, since: Instant) {
+        self.watch = client.map(|c| (c, since + crate::io::CLIENT_CHECK));
+    }
+
     /// Reads more of the upstream's answer into `buf` (appending), failing at `deadline`.
     /// `Ok(0)`: the upstream closed.
     pub(crate) async fn read_more(
@@ -108,6 +118,7 @@ impl UpstreamConn {
             most,
             deadline,
             &mut self.timer,
+            self.watch.as_mut().map(|(client, next)| (*client, next)),
         )
         .await
     }
@@ -120,6 +131,7 @@ impl UpstreamConn {
             counted: None,
             large_answers: false,
             timer: crate::io::ReadTimer::default(),
+            watch: None,
         }
     }
 }
@@ -214,6 +226,7 @@ impl Pool {
             return;
         }
         conn.idle_since = now;
+        conn.watch = None;
         let list = self.idle.entry(addr).or_default();
         if list.len() < self.max_idle {
             list.push(conn);

@@ -334,6 +334,72 @@ fn a_client_that_leaves_before_the_answer_is_logged_as_499() {
     assert_eq!(l["route"], "slow");
 }
 
+/// An origin that never answers `/hold`: it reports on `ended` how long after the request
+/// came in the gateway closed the connection (`None`: not within 12 s). `/late` is
+/// answered after 2.5 s.
+pub(crate) fn holding_origin(ended: std::sync::mpsc::Sender<Option<Duration>>) -> Origin {
+    let ended = std::sync::Mutex::new(ended);
+    Origin::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
+        if req.target() == "/late" {
+            thread::sleep(Duration::from_millis(2500));
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate");
+            return Keep::Open;
+        }
+        let start = Instant::now();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(12)));
+        let closed = matches!(std::io::Read::read(s, &mut [0u8; 64]), Ok(0) | Err(_))
+            && start.elapsed() < Duration::from_secs(12);
+        let _ = ended.lock().unwrap().send(closed.then(|| start.elapsed()));
+        Keep::Close
+    }))
+}
+
+#[test]
+fn a_client_that_leaves_a_slow_answer_ends_its_upstream_request() {
+    // Waiting for an answer, the gateway looks every second whether the client is still
+    // there: one that left ends the exchange (499), as nginx does by default, instead of
+    // holding the upstream request until the answer or the response timeout (10 s here).
+    let origin = Origin::echo();
+    let (tx, ended) = std::sync::mpsc::channel();
+    let hold = holding_origin(tx);
+    let dir = temp_dir("access-log-left");
+    let log = dir.join("access.log");
+    let config = log_config(&origin, &hold, &log, "").replace(
+        "upstream_response_head_ms = 400",
+        "upstream_response_head_ms = 10000",
+    );
+    let config = config.replace("path = \"/slow\"", "path_prefix = \"/\"");
+    let gw = Gateway::start(&config, Driver::IoUring);
+
+    // A client that is still there is answered, however many checks its wait spans.
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /late HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.body_str()), (200, "late"));
+    assert_eq!(read_log(&log, 1)[0]["status"], 200);
+
+    // One that closes its connection while the upstream works on its request.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /hold HTTP/1.1\r\nHost: a\r\nX-Request-Id: left\r\n\r\n")
+        .unwrap();
+    hold.wait_requests(2);
+    drop(s);
+    let after = ended.recv_timeout(Duration::from_secs(15)).unwrap();
+    assert!(
+        after.is_some_and(|d| d < Duration::from_secs(5)),
+        "upstream connection closed after {after:?} (the response timeout is 10 s)"
+    );
+    let l = &read_log(&log, 2)[1];
+    assert_eq!(l["request_id"], "left");
+    assert_eq!(l["status"], 499, "{l}");
+    assert_eq!(l["error"], "client_closed", "{l}");
+    // Not the target's failure.
+    let health = gw.admin("GET", "/v1/upstreams/slow/health", None).json();
+    let t = &health["targets"][0];
+    assert_eq!(t["state"], "healthy", "{t}");
+    assert_eq!(t["outstanding"], 0, "{t}");
+    assert_eq!(t["consecutive_failures"], 0, "{t}");
+}
+
 #[test]
 fn unparsable_requests_and_sampling() {
     let origin = Origin::echo();

@@ -1061,6 +1061,57 @@ except (ssl.SSLError, OSError) as e:
 }
 
 #[test]
+fn a_tls_client_that_leaves_a_slow_answer_ends_its_upstream_request() {
+    // Its close_notify waits unread in the socket before its FIN: the gateway tells it left
+    // by the connection's TCP state, not by a peek.
+    let dir = temp_dir("tls-left");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let (tx, ended) = std::sync::mpsc::channel();
+    let hold = crate::access_log::holding_origin(tx);
+    let config = format!(
+        "{}\n[timeouts]\nupstream_response_head_ms = 10000\n",
+        tls_config(hold.addr, &a, &b)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    const LEAVES: &str = r#"
+import socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                    server_hostname="a.test")
+s.sendall(b"GET /hold HTTP/1.1\r\nHost: a.test\r\n\r\n")
+sys.stdin.readline()
+s.settimeout(0.2)
+try:
+    s.unwrap()  # sends close_notify; the reply it waits for does not come
+except (ssl.SSLError, OSError):
+    pass
+s.close()
+print("left")
+"#;
+    let mut client = Command::new("python3")
+        .args([
+            "-c",
+            LEAVES,
+            &gw.listeners[0].port().to_string(),
+            a.cert.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for the TLS tests");
+    hold.wait_requests(1);
+    client.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "left");
+    let after = ended.recv_timeout(Duration::from_secs(15)).unwrap();
+    assert!(
+        after.is_some_and(|d| d < Duration::from_secs(5)),
+        "upstream connection closed after {after:?} (the response timeout is 10 s)"
+    );
+}
+
+#[test]
 fn a_record_that_fails_to_decrypt_gets_its_alert() {
     let dir = temp_dir("tls-alert");
     let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));

@@ -242,7 +242,9 @@ impl<S: ClientStream> Downstream<S> {
                 Ok(Some(_)) => {}
                 Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Done),
                 Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
-                Err(ReadError::Io | ReadError::Stalled) => return Ok(Head::Closed),
+                Err(ReadError::Io | ReadError::Stalled | ReadError::ClientLeft) => {
+                    return Ok(Head::Closed)
+                }
             }
         }
     }
@@ -509,7 +511,9 @@ impl<S: ClientStream> Downstream<S> {
         )
         .await
         {
-            Ok(0) | Err(ReadError::Io | ReadError::Stalled) => Err(ErrorKind::ClientClosed),
+            Ok(0) | Err(ReadError::Io | ReadError::Stalled | ReadError::ClientLeft) => {
+                Err(ErrorKind::ClientClosed)
+            }
             Err(ReadError::Timeout) => Err(ErrorKind::ClientTimeout),
             Ok(_) => Ok(()),
         }

@@ -95,6 +95,7 @@ pub(crate) async fn read_head(
             }
             Err(ReadError::Timeout) => return Err(ErrorKind::ResponseTimeout.into()),
             Err(ReadError::Stalled) => return Err(ErrorKind::SendTimeout.into()),
+            Err(ReadError::ClientLeft) => return Err(ErrorKind::ClientClosed.into()),
             Ok(_) => {
                 first_byte.get_or_insert_with(Instant::now);
             }

@@ -1212,8 +1212,8 @@ impl ClientStream for H2Stream {
         self.info.sni.as_deref()
     }
 
-    fn client_gone(&self) -> bool {
-        false
+    fn watch(&self) -> Option<crate::io::ClientWatch> {
+        None
     }
 
     fn take_h2_body(&mut self) -> Option<RecvStream> {

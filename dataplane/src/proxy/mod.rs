@@ -471,6 +471,8 @@ async fn proxy<S: ClientStream>(
         if S::WHOLE_CONNECTION {
             conn.lend_timer(&mut down.upstream_timer);
         }
+        // A client that leaves while the answer is awaited ends the exchange.
+        conn.watch(down.stream.watch(), req.started);
         let pieces = request_pieces(head, &down.req_plan, line, tail, body_end);
         let sent = send_head(
             conn,

@@ -139,6 +139,7 @@ impl BodyReader {
                 return Err(ErrorKind::UpstreamClosed.into())
             }
             Err(ReadError::Timeout) => return Err(ErrorKind::ResponseTimeout.into()),
+            Err(ReadError::ClientLeft) => return Err(ErrorKind::ClientClosed.into()),
             Ok(n) => n,
         };
         let take = match (self.kind, self.decoder.as_mut()) {
@@ -420,6 +421,7 @@ pub(crate) async fn relay_response<S: ClientStream>(
                     break;
                 }
                 Err(ReadError::Timeout) => return Err(ErrorKind::ResponseTimeout.into()),
+                Err(ReadError::ClientLeft) => return Err(ErrorKind::ClientClosed.into()),
                 Ok(_) => body = BodyReader::start(resp, &conn.buf, idle)?,
             }
         }

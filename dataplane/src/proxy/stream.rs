@@ -78,10 +78,20 @@ pub(crate) trait ClientStream:
         None
     }
 
+    /// The client connection to watch while the gateway waits for an upstream on its
+    /// behalf; `None` for a stream of a multiplexed connection (HTTP/2 ends a stream with
+    /// RST_STREAM, see [`Self::poll_reset`]).
+    fn watch(&self) -> Option<crate::io::ClientWatch> {
+        Some(crate::io::ClientWatch {
+            fd: self.as_raw_fd(),
+            tls: false,
+        })
+    }
+
     /// Whether the client has gone (closed or reset) while the gateway was busy: one
-    /// non-blocking peek at the socket.
+    /// non-blocking look at the socket.
     fn client_gone(&self) -> bool {
-        crate::io::peek(self.as_raw_fd()) == crate::io::Peeked::Closed
+        self.watch().is_some_and(crate::io::ClientWatch::gone)
     }
 
     /// Writes `buf[range]` when the caller needs none of `buf`'s bytes afterwards: a stream
@@ -176,6 +186,13 @@ impl ClientStream for TlsStream {
 
     fn sni(&self) -> Option<&str> {
         TlsStream::sni(self)
+    }
+
+    fn watch(&self) -> Option<crate::io::ClientWatch> {
+        Some(crate::io::ClientWatch {
+            fd: self.as_raw_fd(),
+            tls: true,
+        })
     }
 
     async fn close_whole(&mut self) {
