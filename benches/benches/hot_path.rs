@@ -63,7 +63,7 @@ fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usiz
         PEER,
         b"http",
         b"",
-        None,
+        &[],
         &mut s.extra,
     );
     let pieces = request_pieces(head, &s.plan, line, tail, head.head_end);

@@ -25,7 +25,7 @@ pub fn request_extras(
     peer: IpAddr,
     scheme: &[u8],
     added: &[u8],
-    query_drop: Option<Span>,
+    query_drops: &[Span],
     out: &mut Vec<u8>,
 ) -> (Option<Span>, Span) {
     out.clear();
@@ -35,7 +35,7 @@ pub fn request_extras(
         Some(_) => head.path_len,
         None => strip_prefix_len.min(head.path_len),
     };
-    let line = if head.absolute || strip > 0 || query_drop.is_some() || rewrite.is_some() {
+    let line = if head.absolute || strip > 0 || !query_drops.is_empty() || rewrite.is_some() {
         let origin = head.origin_target.start;
         target = &target[strip..];
         out.extend_from_slice(head.method.of(buf));
@@ -45,16 +45,11 @@ pub fn request_extras(
         } else if target.first() != Some(&b'/') {
             out.push(b'/');
         }
-        match query_drop {
-            // A span of the target (after the stripped prefix) to leave out.
-            Some(q) if q.start >= origin + strip && q.end <= origin + head.origin_target.len() => {
-                let (a, b) = (q.start - origin - strip, q.end - origin - strip);
-                for piece in cut_out(target, a, b) {
-                    out.extend_from_slice(piece);
-                }
-            }
-            _ => out.extend_from_slice(target),
-        }
+        // Pairs of the query to leave out, by their start in the buffer.
+        let base = origin + strip;
+        push_target_without(out, target, |at, _| {
+            query_drops.iter().any(|d| d.start == base + at)
+        });
         out.extend_from_slice(if head.http10 {
             b" HTTP/1.0\r\n"
         } else {
@@ -116,14 +111,30 @@ pub fn request_extras(
     )
 }
 
-/// `target` without its bytes `a..b` (a query parameter), as the two pieces around them;
-/// `/p?k=v` without its only parameter loses the `?` too. `a <= b <= target.len()`.
-pub fn cut_out(target: &[u8], a: usize, b: usize) -> [&[u8]; 2] {
-    let (left, right) = (&target[..a], &target[b..]);
-    if right.is_empty() {
-        [left.strip_suffix(b"?").unwrap_or(left), right]
-    } else {
-        [left, right]
+/// Appends `target` without the pairs of its query that `dropped` (given each pair's offset
+/// in `target` and its raw name) says to leave out; the `?` goes when no pair is left.
+pub fn push_target_without(
+    out: &mut Vec<u8>,
+    target: &[u8],
+    mut dropped: impl FnMut(usize, &[u8]) -> bool,
+) {
+    let Some(q) = target.iter().position(|&b| b == b'?') else {
+        out.extend_from_slice(target);
+        return;
+    };
+    out.extend_from_slice(&target[..q]);
+    let mut separator = b'?';
+    let mut at = q + 1;
+    for pair in target[q + 1..].split(|&b| b == b'&') {
+        let start = at;
+        at += pair.len() + 1;
+        let name = pair.split(|&b| b == b'=').next().unwrap_or(pair);
+        if dropped(start, name) {
+            continue;
+        }
+        out.push(separator);
+        separator = b'&';
+        out.extend_from_slice(pair);
     }
 }
 
@@ -308,9 +319,9 @@ mod tests {
         strip: usize,
         scheme: &[u8],
         added: &[u8],
-        query_drop: Option<(usize, usize)>,
+        query_drops: &[(usize, usize)],
     ) -> String {
-        forwarded_to(request, strip, None, scheme, added, query_drop)
+        forwarded_to(request, strip, None, scheme, added, query_drops)
     }
 
     fn forwarded_to(
@@ -319,12 +330,15 @@ mod tests {
         rewrite: Option<&[u8]>,
         scheme: &[u8],
         added: &[u8],
-        query_drop: Option<(usize, usize)>,
+        query_drops: &[(usize, usize)],
     ) -> String {
         let mut plan = FieldPlan::default();
         let head = parse_request(request, &LIMITS, &mut plan).unwrap().unwrap();
         let mut out = Vec::new();
-        let query_drop = query_drop.map(|(start, end)| Span { start, end });
+        let query_drops: Vec<Span> = query_drops
+            .iter()
+            .map(|&(start, end)| Span { start, end })
+            .collect();
         let (line, tail) = request_extras(
             request,
             &head,
@@ -334,7 +348,7 @@ mod tests {
             "192.0.2.7".parse().unwrap(),
             scheme,
             added,
-            query_drop,
+            &query_drops,
             &mut out,
         );
         let pieces = request_pieces(&head, &plan, line, tail, request.len());
@@ -359,7 +373,7 @@ mod tests {
             0,
             b"https",
             b"X-Consumer-Id: app\r\n",
-            None,
+            &[],
         );
         assert_eq!(
             got,
@@ -374,18 +388,26 @@ mod tests {
             4,
             b"http",
             b"",
-            None,
+            &[],
         );
         assert!(
             got.starts_with("GET /v1/x?k=1 HTTP/1.1\r\nHost: a\r\n"),
             "{got}"
         );
         let got = forwarded(
+            b"GET /api/v1/x?k=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            4,
+            b"http",
+            b"",
+            &[(14, 17)],
+        );
+        assert!(got.starts_with("GET /v1/x HTTP/1.1\r\n"), "{got}");
+        let got = forwarded(
             b"GET http://b.test/p HTTP/1.1\r\nHost: ignored\r\n\r\n",
             0,
             b"http",
             b"",
-            None,
+            &[],
         );
         assert!(got.starts_with("GET /p HTTP/1.1\r\n"), "{got}");
         assert!(
@@ -394,26 +416,30 @@ mod tests {
         );
         // `?api_key=s` is the only parameter: the `?` goes too.
         let req = b"GET /p?api_key=s HTTP/1.1\r\nHost: a\r\n\r\n";
-        let got = forwarded(req, 0, b"http", b"", Some((6, 16)));
+        let got = forwarded(req, 0, b"http", b"", &[(7, 16)]);
         assert!(got.starts_with("GET /p HTTP/1.1\r\n"), "{got}");
+        // Every pair given goes, wherever it is; empty pairs stay as they came.
+        let req = b"GET /p?k=1&a=2&&k=3&b&k=4 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let got = forwarded(req, 0, b"http", b"", &[(7, 10), (16, 19), (22, 25)]);
+        assert!(got.starts_with("GET /p?a=2&&b HTTP/1.1\r\n"), "{got}");
     }
 
     #[test]
     fn a_rewrite_replaces_the_path_and_keeps_the_query() {
         let req = b"GET /products/7?lang=en&key=s3cret HTTP/1.1\r\nHost: h\r\n\r\n";
-        let got = forwarded_to(req, 0, Some(b"/items/7"), b"http", b"", None);
+        let got = forwarded_to(req, 0, Some(b"/items/7"), b"http", b"", &[]);
         assert!(
             got.starts_with("GET /items/7?lang=en&key=s3cret HTTP/1.1\r\n"),
             "{got}"
         );
         // The API key parameter (`&key=s3cret`, bytes 23..34) is still cut out.
-        let got = forwarded_to(req, 0, Some(b"/items/7"), b"http", b"", Some((23, 34)));
+        let got = forwarded_to(req, 0, Some(b"/items/7"), b"http", b"", &[(24, 34)]);
         assert!(
             got.starts_with("GET /items/7?lang=en HTTP/1.1\r\n"),
             "{got}"
         );
         let bare = b"GET /products/7 HTTP/1.1\r\nHost: h\r\n\r\n";
-        let got = forwarded_to(bare, 0, Some(b"/items/7"), b"http", b"", None);
+        let got = forwarded_to(bare, 0, Some(b"/items/7"), b"http", b"", &[]);
         assert!(got.starts_with("GET /items/7 HTTP/1.1\r\n"), "{got}");
     }
 }

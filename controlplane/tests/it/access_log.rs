@@ -180,6 +180,9 @@ fn every_outcome_is_logged_field_by_field() {
     assert_eq!(r.header("x-request-id"), Some("req-401"));
     let r = c.roundtrip("GET /private?api_key=s3cr3t-key-1 HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-consumer\r\n\r\n");
     assert_eq!(r.status, 200);
+    // The key twice (refused: which one?) and once more with its name percent-encoded.
+    let r = c.roundtrip("GET /private?api_key=s3cr3t-key-1&x=1&api_key=s3cr3t-key-2&api%5Fkey=s3cr3t-key-3 HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-twice\r\n\r\n");
+    assert_eq!(r.status, 401);
     let r = gw
         .connect()
         .roundtrip("GET /dead HTTP/1.1\r\nHost: shop.test\r\nX-Request-Id: req-502\r\n\r\n");
@@ -190,8 +193,8 @@ fn every_outcome_is_logged_field_by_field() {
     let r = gw.connect().roundtrip(slow_post);
     assert_eq!(r.status, 504);
 
-    let lines = read_log(&log, 6);
-    assert_eq!(lines.len(), 6, "{lines:?}");
+    let lines = read_log(&log, 7);
+    assert_eq!(lines.len(), 7, "{lines:?}");
     let by_id = |id: &str| {
         lines
             .iter()
@@ -238,6 +241,7 @@ fn every_outcome_is_logged_field_by_field() {
     assert_eq!(l["route"], "private");
     // The key the api_key policy reads from the query never reaches the log.
     assert_eq!(l["path"], "/private?x=1");
+    assert_eq!(by_id("req-twice")["path"], "/private?x=1");
     assert_eq!(l["target"], Value::Null);
     assert_eq!(l["error"], "policy_denied");
 

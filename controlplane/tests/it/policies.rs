@@ -609,13 +609,18 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
     let r = get(
         &gw,
         "/either/x",
-        &format!("X-Api-Key: s3cr3t-key-1\r\nAuthorization: Bearer {forged}\r\n"),
+        &format!(
+            "X-Api-Key: s3cr3t-key-1\r\nAuthorization: Bearer {forged}\r\n\
+             X_Api_Key: unchecked\r\n"
+        ),
     );
     assert_eq!(r.status, 200, "{}", r.body_str());
     let seen = &origin.wait_requests(1)[0];
     assert_eq!(seen.header("x-consumer-id"), Some("mobile-app"));
     assert_eq!(seen.header("authorization"), None);
     assert_eq!(seen.header("x-api-key"), None);
+    // A CGI-style upstream reads `X_Api_Key` as the same variable: not forwarded either.
+    assert!(!seen.head.contains("unchecked"), "{}", seen.head);
     let token = hs256(
         r#"{"alg":"HS256"}"#,
         &claims("partner", ""),
@@ -630,6 +635,16 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
     let seen = &origin.wait_requests(2)[1];
     assert_eq!(seen.header("x-consumer-id"), Some("partner"));
     assert_eq!(seen.target(), "/token-first/y?keep=1");
+    // Repeated, and with its name percent-encoded (an upstream that decodes names reads
+    // `api%6Bey` as `apikey`): every one goes.
+    let r = get(
+        &gw,
+        "/token-first/z?apikey=one&keep=1&api%6Bey=two&apikey=three&&last",
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = &origin.wait_requests(3)[2];
+    assert_eq!(seen.target(), "/token-first/z?keep=1&&last");
 }
 
 #[test]

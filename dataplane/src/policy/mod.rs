@@ -19,7 +19,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
-use common::policy::{Cors, Policies, PolicyKind, RateKey, RateLimit, Stage};
+use common::policy::{ApiKey, Cors, Policies, PolicyKind, RateKey, RateLimit, Stage};
 use common::router::{normalize_host, MAX_HOST_LEN};
 use common::{Route, Snapshot};
 
@@ -37,11 +37,8 @@ pub struct PolicyState {
     pub extra: Vec<u8>,
     /// Field lines of the request not to forward, in buffer order.
     pub drops: Vec<Span>,
-    /// Bytes of the request target to leave out (an API key query parameter).
-    pub query_drop: Option<Span>,
-    /// An API key query parameter that was read, kept or not, valid or not: the access log
-    /// never writes it.
-    pub secret_query: Option<Span>,
+    /// Query parameters not to forward (API keys), their pairs' spans in buffer order.
+    pub query_drops: Vec<Span>,
     /// Field lines to add to the response (CORS), each with its CRLF.
     pub response_extra: Vec<u8>,
     /// The consumer an authentication policy identified (index into the snapshot's
@@ -67,8 +64,7 @@ impl PolicyState {
         self.out_head_len = 0;
         self.extra.clear();
         self.drops.clear();
-        self.query_drop = None;
-        self.secret_query = None;
+        self.query_drops.clear();
         self.response_extra.clear();
         self.consumer = None;
     }
@@ -649,7 +645,7 @@ fn authenticate(
         let policy = &p.list[idx as usize];
         match &policy.kind {
             PolicyKind::ApiKey(k) => {
-                let mut presented: Option<(&[u8], Option<Span>, Option<Span>)> = None;
+                let mut presented: Option<&[u8]> = None;
                 if let Some(h) = &k.header {
                     match one_field(buf, head, h) {
                         Err(()) => {
@@ -661,23 +657,18 @@ fn authenticate(
                                 "more than one API key field",
                             ))
                         }
-                        Ok(Some(f)) => presented = Some((f.value, Some(f.line), None)),
+                        Ok(Some(f)) => presented = Some(f.value),
                         Ok(None) => {}
                     }
                 }
                 if presented.is_none() {
                     if let Some(q) = &k.query {
-                        if let Some((value, span)) = query_param(buf, head, q) {
-                            presented = Some((value, None, Some(span)));
-                        }
+                        presented = query_param(buf, head, q);
                     }
                 }
-                let Some((key, line, query)) = presented else {
+                let Some(key) = presented else {
                     continue;
                 };
-                if query.is_some() {
-                    st.secret_query = query;
-                }
                 let digest = common::policy::api_key_digest(key);
                 // Only digests are compared, in constant time; a key itself never is.
                 let Some(consumer) = p.api_keys.find(&digest) else {
@@ -690,10 +681,10 @@ fn authenticate(
                     ));
                 };
                 if k.strip_credential {
-                    if let Some(l) = line {
-                        add_drop(&mut st.drops, l);
-                    }
-                    st.query_drop = query;
+                    // The key read, and every other place this policy could read one from
+                    // (its field spelled with `_`, its query parameter next to a field's key):
+                    // none that was not checked reaches the upstream.
+                    strip_api_keys(k, buf, head, st);
                 }
                 strip_unchecked(p, group, idx, buf, head, st);
                 consumer_field(st, &k.consumer_header, &p.consumers[consumer as usize].id);
@@ -761,16 +752,7 @@ fn strip_unchecked(
 ) {
     for &idx in group.iter().filter(|&&i| i != decided) {
         match &p.list[idx as usize].kind {
-            PolicyKind::ApiKey(k) if k.strip_credential => {
-                if let Some(h) = &k.header {
-                    for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(h)) {
-                        add_drop(&mut st.drops, f.line);
-                    }
-                }
-                if let (Some(q), None) = (&k.query, st.query_drop) {
-                    st.query_drop = query_param(buf, head, q).map(|(_, span)| span);
-                }
-            }
+            PolicyKind::ApiKey(k) if k.strip_credential => strip_api_keys(k, buf, head, st),
             PolicyKind::Jwt(j) if j.strip_credential => {
                 for f in fields(buf, head).filter(|f| f.name.eq_ignore_ascii_case(b"authorization"))
                 {
@@ -778,6 +760,21 @@ fn strip_unchecked(
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// Leaves out of the forwarded request every key `k` could read: its fields (however the
+/// name is spelled, see [`same_field_name`]) and its query parameters.
+fn strip_api_keys(k: &ApiKey, buf: &[u8], head: &RequestHead, st: &mut PolicyState) {
+    if let Some(h) = &k.header {
+        for f in fields(buf, head).filter(|f| same_field_name(f.name, h)) {
+            add_drop(&mut st.drops, f.line);
+        }
+    }
+    if let Some(q) = &k.query {
+        for (_, span) in query_pairs(buf, head, q) {
+            add_drop(&mut st.query_drops, span);
         }
     }
 }
@@ -801,47 +798,49 @@ fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
     st.extra.extend_from_slice(b"\r\n");
 }
 
-/// The value of query parameter `name` and the span to remove with it (the pair and one
-/// adjacent `&`). The value is used as sent (API keys are visible ASCII and need no
-/// decoding).
-pub(crate) fn query_param<'a>(
+/// The value of query parameter `name`, if it is there once
+/// (however its name is spelled, see [`query_pairs`]); `None` if it is missing or repeated.
+/// The value is used as sent (API keys are visible ASCII and need no decoding).
+pub(crate) fn query_param<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<&'a [u8]> {
+    let mut pairs = query_pairs(buf, head, name);
+    let (value, _) = pairs.next()?;
+    pairs.next().is_none().then_some(value)
+}
+
+/// Every pair of the request's query whose name is `name`, as sent or percent-encoded
+/// (`api%6Bey` is `apikey` to an upstream that decodes names): its value and the pair's span
+/// in `buf` (`name=value`, without a separator).
+pub(crate) fn query_pairs<'a, 'n>(
     buf: &'a [u8],
     head: &RequestHead,
-    name: &[u8],
-) -> Option<(&'a [u8], Span)> {
+    name: &'n [u8],
+) -> impl Iterator<Item = (&'a [u8], Span)> + use<'a, 'n> {
     let target = head.origin_target;
     let t = target.of(buf);
-    let q = t.iter().position(|&b| b == b'?')?;
-    let mut at = q + 1;
-    let mut found = None;
-    for pair in t[q + 1..].split(|&b| b == b'&') {
-        let start = at;
+    let q = t.iter().position(|&b| b == b'?').map_or(t.len(), |q| q + 1);
+    let mut at = q;
+    t[q..].split(|&b| b == b'&').filter_map(move |pair| {
+        let start = target.start + at;
         at += pair.len() + 1;
         let (k, v) = match pair.iter().position(|&b| b == b'=') {
             Some(e) => (&pair[..e], &pair[e + 1..]),
             None => (pair, &pair[pair.len()..]),
         };
-        if k == name {
-            if found.is_some() {
-                return None;
-            }
-            // Remove "name=value&", or "&name=value" when it is the last pair.
-            let end = start + pair.len();
-            let span = if end < t.len() {
-                Span {
-                    start: start + target.start,
-                    end: end + 1 + target.start,
-                }
-            } else {
-                Span {
-                    start: start - 1 + target.start,
-                    end: end + target.start,
-                }
-            };
-            found = Some((v, span));
-        }
-    }
-    found
+        query_name_is(k, name).then_some((
+            v,
+            Span {
+                start,
+                end: start + pair.len(),
+            },
+        ))
+    })
+}
+
+/// Whether the raw query parameter name `raw` is `name`, as sent or percent-decoded.
+pub(crate) fn query_name_is(raw: &[u8], name: &[u8]) -> bool {
+    raw == name
+        || (raw.contains(&b'%')
+            && crate::shape::pct_decode(raw).is_some_and(|decoded| *decoded == *name))
 }
 
 /// Adds `s` to `drops`, keeping it sorted, merged and free of overlaps.

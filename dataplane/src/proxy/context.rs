@@ -62,6 +62,8 @@ pub(crate) struct RequestCtx {
     /// The head's fields of the access log line, written before the buffer they come from
     /// is reused for the body.
     log_head: Vec<u8>,
+    /// The target as logged, when parts of its query are left out (API keys).
+    log_target: Vec<u8>,
     /// Whether this request is to be logged (the snapshot has an access log).
     logging: bool,
 }
@@ -102,6 +104,7 @@ impl RequestCtx {
             response_fields: Vec::new(),
             rewritten: Vec::new(),
             log_head: Vec::new(),
+            log_target: Vec::new(),
             logging: false,
         }
     }
@@ -185,10 +188,7 @@ impl RequestCtx {
                 method,
                 host: None,
                 target,
-                target_cut: target
-                    .iter()
-                    .position(|&b| b == b'?')
-                    .map(|q| (q, target.len())),
+                query_cut: true,
                 user_agent: None,
                 trace_id: None,
             };
@@ -207,21 +207,19 @@ impl RequestCtx {
         if !self.logging {
             return;
         }
-        let target = head.target.of(buf);
-        // Also where no api_key policy read the query (a refusal before one ran, a 404): a
-        // key one would have read is never logged.
-        let secret = self.policy.secret_query.or_else(|| {
-            let snap = worker.snapshot();
-            snap.policies
-                .query_keys
-                .iter()
-                .find_map(|q| crate::policy::query_param(buf, head, q).map(|(_, span)| span))
-        });
-        let target_cut = secret.and_then(|q| {
-            let start = q.start.checked_sub(head.target.start)?;
-            let end = q.end.checked_sub(head.target.start)?;
-            (end <= target.len()).then_some((start, end))
-        });
+        let mut target = head.target.of(buf);
+        // A key an api_key policy could read is never logged, however its name is spelled
+        // and however often it comes; also where no policy read it (a refusal before one ran,
+        // a 404).
+        let snap = worker.snapshot();
+        let keys = &snap.policies.query_keys;
+        if !keys.is_empty() && target.contains(&b'?') {
+            self.log_target.clear();
+            crate::forward::push_target_without(&mut self.log_target, target, |_, name| {
+                keys.iter().any(|k| crate::policy::query_name_is(name, k))
+            });
+            target = &self.log_target;
+        }
         let f = HeadFields {
             started: worker.wall_time(self.started),
             request_id: self.request_id.as_bytes(),
@@ -230,7 +228,7 @@ impl RequestCtx {
             method: head.method.of(buf),
             host: head.host.map(|h| h.of(buf)),
             target,
-            target_cut,
+            query_cut: false,
             user_agent: head.user_agent.map(|u| u.of(buf)),
             trace_id: self.trace.trace_id(),
         };

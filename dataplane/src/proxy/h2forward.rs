@@ -937,15 +937,15 @@ pub(super) async fn forward<S: ClientStream>(
         let method = String::from_utf8_lossy(head.method.of(&down.buf)).into_owned();
         // Without an API key the policies took from the query: it is no message field, and
         // must not reach the upstream.
-        let t = head.origin_target;
-        let target = match req.policy.query_drop {
-            Some(q) if t.start <= q.start && q.end <= t.end => {
-                let [a, b] =
-                    crate::forward::cut_out(t.of(&down.buf), q.start - t.start, q.end - t.start);
-                [a, b].concat()
-            }
-            _ => t.of(&down.buf).to_vec(),
-        };
+        let origin = head.origin_target.start;
+        let t = head.origin_target.of(&down.buf);
+        let mut target = Vec::with_capacity(t.len());
+        crate::forward::push_target_without(&mut target, t, |at, _| {
+            req.policy
+                .query_drops
+                .iter()
+                .any(|d| d.start == origin + at)
+        });
         let target = String::from_utf8_lossy(&target).into_owned();
         (method, target, accept)
     });

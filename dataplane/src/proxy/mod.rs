@@ -798,7 +798,7 @@ fn forwarded_head<S: ClientStream>(
         peer,
         down.stream.scheme().as_bytes(),
         &req.policy.extra,
-        req.policy.query_drop,
+        &req.policy.query_drops,
         &mut down.scratch,
     )
 }
