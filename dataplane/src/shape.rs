@@ -282,12 +282,15 @@ pub trait Values {
 }
 
 /// Fills `t` into `out`. Values from the client are percent-decoded, then every value is
-/// percent-encoded as one segment or query value. `Err`: the placeholder (as written) whose
-/// value is missing, malformed or not a scalar.
+/// percent-encoded as one segment or query value. `Err`: what is wrong with a placeholder's
+/// value (missing, malformed or not a scalar; in the path, empty or a dot segment), naming
+/// the placeholder as written.
 pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(), String> {
+    let mut in_query = false;
     for part in t.parts.iter() {
         let value: Option<Cow<'_, [u8]>> = match part {
             Part::Literal(l) => {
+                in_query |= l.contains('?');
                 out.extend_from_slice(l.as_bytes());
                 continue;
             }
@@ -299,11 +302,27 @@ pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(),
             Part::Step { step, path } => values.step_field(*step, path),
         };
         match value {
+            Some(v) if !in_query && !one_segment(&v) => {
+                return Err(format!(
+                    "{} is empty or a dot segment, which the path cannot take",
+                    placeholder_name(part)
+                ))
+            }
             Some(v) => pct_encode(&v, out),
-            None => return Err(placeholder_name(part)),
+            None => return Err(format!("{} has no scalar value", placeholder_name(part))),
         }
     }
     Ok(())
+}
+
+/// Whether `v` can stand as one path segment of a member's request: not empty (`/a//b` is
+/// another path), and neither `.` nor `..`, not even between the `/` or `\` it holds (sent
+/// as `%2F` and `%5C`, but decoded by some servers before they resolve dot segments: a value
+/// `..` would climb out of the path the step names).
+fn one_segment(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.split(|&b| b == b'/' || b == b'\\')
+            .all(|piece| piece != b"." && piece != b"..")
 }
 
 fn placeholder_name(part: &Part) -> String {
@@ -449,6 +468,34 @@ mod tests {
             has_query: false,
         };
         assert!(fill(&bad, &V(Value::Null), &mut out).is_err());
+        // In the path, a value that is empty or a dot segment (also between the slashes it
+        // holds) is refused; in the query it is a value like any other.
+        for sku in ["", ".", "..", "a/../b", "..\\x", "./"] {
+            out.clear();
+            let err = fill(&t, &V(json!({"p": {"sku": sku}})), &mut out).unwrap_err();
+            assert!(err.contains("dot segment"), "{sku:?}: {err}");
+        }
+        for sku in ["...", ".a", "a..b", "a.b/c"] {
+            out.clear();
+            assert!(
+                fill(&t, &V(json!({"p": {"sku": sku}})), &mut out).is_ok(),
+                "{sku:?}"
+            );
+        }
+        let in_query = Template {
+            parts: vec![
+                Part::Literal("/p?x=".into()),
+                Part::Step {
+                    step: 0,
+                    path: vec!["v".into()].into_boxed_slice(),
+                },
+            ]
+            .into_boxed_slice(),
+            has_query: true,
+        };
+        out.clear();
+        fill(&in_query, &V(json!({"v": ".."})), &mut out).unwrap();
+        assert_eq!(out, b"/p?x=..");
     }
 
     #[test]

@@ -241,6 +241,51 @@ fn step(id: &str, upstream: usize, extra: &str) -> String {
 }
 
 #[test]
+fn placeholder_values_never_climb_out_of_the_step_path() {
+    // A value of the client's query or of an earlier answer that is empty or a dot segment
+    // would take the step elsewhere on a server that resolves dot segments (nginx: `..`,
+    // `%2e%2e`, even `a%2F..%2Fb`): the step fails instead of being sent.
+    let o = service(|target, _| match target {
+        "/first" => json_ok(json!({"sku": ".."})),
+        t => json_ok(json!({"at": t})),
+    });
+    let steps = "\n[[aggregates.steps]]\nid = \"orders\"\nupstream = \"u0\"\n\
+                 path = \"/users/{query.user}/orders?tag={query.tag}\"\n\
+                 [[aggregates.steps]]\nid = \"first\"\nupstream = \"u0\"\npath = \"/first\"\n\
+                 group = \"first\"\n\
+                 [[aggregates.steps]]\nid = \"stock\"\nupstream = \"u0\"\n\
+                 path = \"/stock/{first.sku}\"\nafter = [\"first\"]\nrequired = false\n\
+                 group = \"stock\"\n";
+    let (gw, _log) = one_aggregate(&[&o], "on_conflict = \"first\"", steps);
+    let mut c = gw.connect();
+    let r = get(&mut c, "/agg?user=7&tag=..", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    // A dot segment in the query is a value like any other.
+    assert_eq!(r.json()["at"], "/users/7/orders?tag=..");
+    // The earlier answer's `..` fails the optional step; nothing goes out for it.
+    assert_eq!(r.header("X-Gateway-Completed"), Some("false"));
+    assert_eq!(
+        r.json()["_errors"],
+        json!([{"error": "missing_field", "status": 502, "step": "stock"}])
+    );
+    for user in ["..", "%2e%2e", ".", "", "a%2F..%2F..%2Fadmin", "x%5C.."] {
+        let r = get(&mut c, &format!("/agg?user={user}&tag=t"), "");
+        assert_eq!(r.status, 502, "{user}: {}", r.body_str());
+        assert!(
+            r.body_str().contains("dot segment"),
+            "{user}: {}",
+            r.body_str()
+        );
+    }
+    let seen: Vec<String> = o.requests().iter().map(|r| r.target().to_owned()).collect();
+    assert!(
+        seen.iter()
+            .all(|t| t == "/first" || t == "/users/7/orders?tag=.."),
+        "{seen:?}"
+    );
+}
+
+#[test]
 fn pass_headers_never_carry_fields_the_client_made_hop_by_hop() {
     // `X-Foo` is named by the client's Connection: hop-by-hop (RFC 9110 7.6.1), so it
     // reaches no step even where `pass_headers` asks for it; Authorization does.

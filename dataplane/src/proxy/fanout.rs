@@ -384,11 +384,8 @@ async fn run_steps(
                     steps: &earlier,
                 };
                 path.clear();
-                if let Err(missing) = shape::fill(&step.path, &values, &mut path) {
-                    let f = Failure::new(
-                        StepError::MissingField,
-                        format!("{missing} has no scalar value for the step's path"),
-                    );
+                if let Err(why) = shape::fill(&step.path, &values, &mut path) {
+                    let f = Failure::new(StepError::MissingField, format!("{why} (step path)"));
                     results[j] = Some((Duration::ZERO, Err(f)));
                     continue;
                 }
