@@ -173,13 +173,22 @@ impl<'a> Node<'a> {
         })
     }
 
-    /// The member at `path`, taken out of this value.
-    fn take(&mut self, path: &[Box<str>]) -> Option<Node<'a>> {
-        let (first, rest) = path.split_first()?;
-        let m = self.members()?;
-        let i = m.iter().position(|(k, _)| k == &**first)?;
+    /// The member at `path`, taken out of this value; `Ok(None)` where there is none (a
+    /// value on the way that is no object, or has no such member). `Err` for an object on
+    /// the way that cannot be opened: whether it holds the member is unknown.
+    fn take(&mut self, path: &[Box<str>]) -> Result<Option<Node<'a>>, ShapeError> {
+        let Some((first, rest)) = path.split_first() else {
+            return Ok(None);
+        };
+        if !self.is_object() {
+            return Ok(None);
+        }
+        let m = self.members().ok_or(ShapeError::Unreadable)?;
+        let Some(i) = m.iter().position(|(k, _)| k == &**first) else {
+            return Ok(None);
+        };
         if rest.is_empty() {
-            Some(m.remove(i).1)
+            Ok(Some(m.remove(i).1))
         } else {
             m[i].1.take(rest)
         }
@@ -284,23 +293,27 @@ pub fn scalar_text(node: &Node<'_>) -> Option<Cow<'static, [u8]>> {
 pub enum ShapeError {
     /// `target` names a member the value does not have.
     TargetMissing,
-    /// An array to filter nests deeper than 128 levels.
-    TooDeep,
+    /// A value the shape has to open cannot be read as a tree (see [`UNREADABLE`]).
+    Unreadable,
 }
+
+/// What JSON text [`check`] lets through that a shape or a merge cannot open.
+pub const UNREADABLE: &str = "JSON the gateway cannot open to shape or merge: nested deeper \
+     than 128 levels, a number beyond a double's range, or a key with a lone surrogate";
 
 /// Why two answers could not be merged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MergeError {
     /// `on_conflict = "error"` and two values met at this path (outermost key first).
     Conflict(Vec<String>),
-    /// Values to `append` nest deeper than 128 levels.
-    TooDeep,
+    /// Two values that meet cannot be opened (see [`UNREADABLE`]).
+    Unreadable,
 }
 
 /// The first part of a shape: the member `target` names (the value itself without one).
 pub fn apply_target<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeError> {
     match &shape.target {
-        Some(t) => v.take(t).ok_or(ShapeError::TargetMissing),
+        Some(t) => v.take(t)?.ok_or(ShapeError::TargetMissing),
         None => Ok(v),
     }
 }
@@ -311,7 +324,7 @@ pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeE
     if filters {
         if first_byte(&v) == b'[' {
             // Element by element: as a tree.
-            let mut value = v.into_value().map_err(|_| ShapeError::TooDeep)?;
+            let mut value = v.into_value().map_err(|_| ShapeError::Unreadable)?;
             let only_filters = Shape {
                 group: None,
                 target: None,
@@ -320,7 +333,7 @@ pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeE
             value = crate::shape::apply_rest(&only_filters, value);
             v = Node::Value(value);
         } else if v.is_object() {
-            filter(&mut v, &shape.allow, &shape.deny);
+            filter(&mut v, &shape.allow, &shape.deny)?;
             if let Some(m) = v.members() {
                 for (from, to) in shape.rename.iter() {
                     if let Some(i) = m.iter().position(|(k, _)| k == &**from) {
@@ -338,19 +351,20 @@ pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeE
     Ok(v)
 }
 
-fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) {
+fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) -> Result<(), ShapeError> {
     if !allow.is_empty() {
         let mut kept = Vec::with_capacity(allow.len());
         for path in allow {
-            if let Some(x) = v.take(path) {
+            if let Some(x) = v.take(path)? {
                 put(&mut kept, path, x);
             }
         }
         *v = Node::Object(kept);
     }
     for path in deny {
-        v.take(path);
+        v.take(path)?;
     }
+    Ok(())
 }
 
 /// Applies `shape` in its order: `target`, `allow` / `deny`, `rename`, `group`.
@@ -374,7 +388,7 @@ pub fn merge<'a>(
         let existing = &mut dst[i].1;
         if existing.is_object() && v.is_object() {
             let (Some(a), Some(b)) = (existing.members(), v.members()) else {
-                continue;
+                return Err(MergeError::Unreadable);
             };
             match merge(a, std::mem::take(b), policy) {
                 Err(MergeError::Conflict(mut path)) => {
@@ -393,7 +407,7 @@ pub fn merge<'a>(
             OnConflict::Append => {
                 let old = std::mem::replace(existing, Node::Value(Value::Null));
                 let (Ok(old), Ok(new)) = (old.into_value(), v.into_value()) else {
-                    return Err(MergeError::TooDeep);
+                    return Err(MergeError::Unreadable);
                 };
                 *existing = Node::Value(match (old, new) {
                     (Value::Array(mut a), Value::Array(b)) => {
@@ -570,6 +584,40 @@ mod tests {
         // Nesting past MAX_DEPTH is refused when the text is checked.
         let deep = format!("[{}1{}]", "[".repeat(200), "]".repeat(200));
         assert!(parse(deep.as_bytes()).is_err());
+        // Valid JSON a filter cannot open is an error, never left as it came: a key with a
+        // lone surrogate, a number beyond a double.
+        let secret = Shape {
+            deny: paths(&["user.password", "cost"]),
+            ..Shape::default()
+        };
+        let unreadable = [
+            r#"{"user": {"\udc00": 1, "password": "hunter2"}}"#,
+            r#"[{"cost": 1, "n": 1e400}]"#,
+        ];
+        for body in unreadable {
+            let n = parse(body.as_bytes()).expect("checked as valid");
+            assert_eq!(
+                apply(&secret, n).map(|_| ()),
+                Err(ShapeError::Unreadable),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn objects_that_cannot_be_opened_are_not_merged_silently() {
+        let a = br#"{"user": {"name": "a"}}"#;
+        let b = br#"{"user": {"\udc00": 1, "email": "b@x"}}"#;
+        let mut dst = Vec::new();
+        for (i, body) in [&a[..], &b[..]].into_iter().enumerate() {
+            let mut n = parse(body).unwrap();
+            let merged = merge(
+                &mut dst,
+                std::mem::take(n.members().unwrap()),
+                OnConflict::Last,
+            );
+            assert_eq!(merged.is_err(), i == 1, "{merged:?}");
+        }
     }
 
     #[test]

@@ -683,9 +683,9 @@ fn answer(
             continue;
         };
         let shaped = json::apply(&step.shape, answer).map_err(|e| match e {
-            json::ShapeError::TooDeep => Failure::new(
+            json::ShapeError::Unreadable => Failure::new(
                 StepError::InvalidJson,
-                "an array its shape filters nests deeper than 128 levels",
+                format!("its answer is {}", json::UNREADABLE),
             ),
             json::ShapeError::TargetMissing => Failure::new(
                 StepError::TargetMissing,
@@ -718,13 +718,19 @@ fn answer(
         let path = match json::merge(&mut merged, std::mem::take(members), agg.on_conflict) {
             Ok(()) => continue,
             Err(json::MergeError::Conflict(path)) => path,
-            Err(json::MergeError::TooDeep) => {
+            Err(json::MergeError::Unreadable) => {
+                // A failed step (named in `_errors`); members it had merged before the two
+                // values that cannot be opened stay in the answer.
                 let f = Failure::new(
                     StepError::InvalidJson,
-                    "values to append nest deeper than 128 levels",
+                    format!("its answer meets another's in {}", json::UNREADABLE),
                 );
                 req.failed_steps.push(j as u16);
-                return step_failed(agg, j, f, req);
+                if step.required {
+                    return step_failed(agg, j, f, req);
+                }
+                errors.push(error_member(&step.id, &f));
+                continue;
             }
         };
         {

@@ -485,8 +485,14 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     } else {
         None
     };
+    // A shape that filters (allow, deny) is never bypassed by a JSON answer: one it cannot
+    // read is a 502, not relayed with every member it should have removed.
+    let filters = !shape.allow.is_empty() || !shape.deny.is_empty();
     if let Some(reason) = skip {
         metrics.transform_skipped(reason);
+        if filters && matches!(reason, SkipReason::Compressed | SkipReason::TooLarge) {
+            return Err(ErrorKind::UpstreamMalformed.into());
+        }
         return relay_response(down, req, conn, resp, http10, close_client).await;
     }
     if client_left(down, req) {
@@ -529,7 +535,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
                     Ok(out)
                 }
                 Err(json::ShapeError::TargetMissing) => Err(SkipReason::TargetMissing),
-                Err(json::ShapeError::TooDeep) => Err(SkipReason::InvalidJson),
+                Err(json::ShapeError::Unreadable) => Err(SkipReason::InvalidJson),
             },
         }
     };
@@ -538,6 +544,10 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         Ok(body) => body,
         Err(reason) => {
             metrics.transform_skipped(reason);
+            if filters {
+                conn.buf = Vec::with_capacity(UPSTREAM_READ);
+                return Err(ErrorKind::UpstreamMalformed.into());
+            }
             // A reader started on `wire` sees a clean end; what followed the body in the
             // last read (if anything) is what the first reader saw.
             let finished_clean = over || clean;
