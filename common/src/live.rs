@@ -322,8 +322,17 @@ pub struct Pick {
     pub random: u64,
     /// The hashed key (hash balancing).
     pub key: u64,
-    /// A target tried already (a retry goes elsewhere when it can).
-    pub avoid: Option<SocketAddr>,
+    /// The targets this request tried already, by index (bit `i % 64`): a retry goes to
+    /// one it has not tried while there is one.
+    pub tried: u64,
+}
+
+/// Which targets (index and target) a fallback of [`TargetSet::pick`] takes.
+type Tier<'a> = dyn Fn(usize, &LiveTarget) -> bool + 'a;
+
+/// The bit of target `i` in [`Pick::tried`].
+pub fn tried_bit(i: usize) -> u64 {
+    1 << (i % 64)
 }
 
 /// An upstream's addresses right now, with what balancing needs precomputed.
@@ -353,46 +362,67 @@ impl TargetSet {
     }
 
     /// Chooses a target for a request: by `p.balance` among usable targets (not draining,
-    /// healthy, not ejected, and not `p.avoid` when another will do). When no target is
-    /// usable, panic mode: any target that is not draining, then any at all. `None` only for
-    /// an empty set.
+    /// healthy, not ejected, and not tried already by this request when another will do).
+    /// When no target is usable, panic mode: any target that is not draining, then any at
+    /// all. `None` only for an empty set.
     #[inline]
     pub fn pick(&self, p: &Pick) -> Option<usize> {
         let n = self.targets.len();
         if n == 0 {
             return None;
         }
+        let fresh = |i: usize| p.tried & tried_bit(i) == 0;
         let first = match p.balance {
             Balance::RoundRobin => {
                 usize::from(self.schedule[p.counter as usize % self.schedule.len()])
             }
             Balance::LeastRequest => self.two_choices(p.random),
-            Balance::Hash => self.ring_walk(p.key, p.avoid).unwrap_or(0),
+            Balance::Hash => self.ring_walk(p.key, p.tried).unwrap_or(0),
         };
-        let t = &self.targets[first];
-        if t.usable() && Some(t.addr) != p.avoid {
+        if self.targets[first].usable() && fresh(first) {
             return Some(first);
         }
-        // Fallbacks, from the best kind of target to any: scan from a point that moves with
-        // the schedule so the load of a target that is down spreads over the others.
-        let start = match p.balance {
-            Balance::Hash => first,
-            Balance::LeastRequest => (p.random >> 16) as usize,
-            Balance::RoundRobin => p.counter as usize,
+        // Fallbacks, from the best kind of target to any, each drawn by weight: the share
+        // of a target that is down spreads over the others as their weights say (not all to
+        // its neighbour). The draw follows the key for hashing, so a key keeps its target.
+        let draw = match p.balance {
+            Balance::Hash => p.key,
+            Balance::LeastRequest => p.random,
+            Balance::RoundRobin => mix(u64::from(p.counter)),
         };
-        let tiers: [&dyn Fn(&LiveTarget) -> bool; 4] = [
-            &|t| t.usable() && Some(t.addr) != p.avoid,
-            &|t| t.usable(),
-            &|t| !t.draining,
-            &|_| true,
+        let tiers: [&Tier; 5] = [
+            &|i, t| t.usable() && fresh(i),
+            &|_, t| t.usable(),
+            &|i, t| !t.draining && fresh(i),
+            &|_, t| !t.draining,
+            &|_, _| true,
         ];
-        for ok in tiers {
-            if let Some(i) = (0..n)
-                .map(|k| (start + k) % n)
-                .find(|&i| ok(&self.targets[i]))
-            {
+        tiers
+            .iter()
+            .find_map(|ok| match ok(first, &self.targets[first]) {
+                // The balancer's own choice while it will do (panic mode keeps its rotation).
+                true => Some(first),
+                false => self.draw_by_weight(draw, |i, t| ok(i, t)),
+            })
+    }
+
+    /// One of the targets `ok` takes, drawn with `draw` in proportion to their weights (a
+    /// weight of 0 counts as 1); `None` if `ok` takes none.
+    fn draw_by_weight(&self, draw: u64, ok: impl Fn(usize, &LiveTarget) -> bool) -> Option<usize> {
+        let weight = |t: &LiveTarget| u64::from(t.weight.max(1));
+        let total: u64 = (self.targets.iter().enumerate())
+            .filter(|&(i, t)| ok(i, t))
+            .map(|(_, t)| weight(t))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut x = draw % total;
+        for (i, t) in self.targets.iter().enumerate().filter(|&(i, t)| ok(i, t)) {
+            if x < weight(t) {
                 return Some(i);
             }
+            x -= weight(t);
         }
         None
     }
@@ -423,17 +453,15 @@ impl TargetSet {
         }
     }
 
-    /// The first usable target (not `avoid`) at or after `key` on the ring.
-    fn ring_walk(&self, key: u64, avoid: Option<SocketAddr>) -> Option<usize> {
+    /// The first usable target not `tried` at or after `key` on the ring (the first
+    /// target there when there is none).
+    fn ring_walk(&self, key: u64, tried: u64) -> Option<usize> {
         let start = self.ring.partition_point(|&(point, _)| point < key);
         let len = self.ring.len();
         let first = usize::from(self.ring[start % len].1);
         (0..len)
             .map(|k| usize::from(self.ring[(start + k) % len].1))
-            .find(|&i| {
-                let t = &self.targets[i];
-                t.usable() && Some(t.addr) != avoid
-            })
+            .find(|&i| self.targets[i].usable() && tried & tried_bit(i) == 0)
             .or(Some(first))
     }
 
@@ -648,7 +676,7 @@ mod tests {
             counter,
             random: u64::from(counter).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             key,
-            avoid: None,
+            tried: 0,
         })
         .unwrap()
     }
@@ -672,20 +700,68 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_avoids_the_target_it_came_from_when_another_is_usable() {
-        let s = set(2);
-        let p = |avoid| {
-            s.pick(&Pick {
-                balance: Balance::RoundRobin,
-                counter: 0,
-                random: 0,
-                key: 0,
-                avoid,
-            })
-            .unwrap()
-        };
-        let first = p(None);
-        assert_ne!(p(Some(s.targets[first].addr)), first);
+    fn a_retry_goes_to_a_target_it_has_not_tried_while_there_is_one() {
+        let s = set(3);
+        for balance in [Balance::RoundRobin, Balance::LeastRequest, Balance::Hash] {
+            for start in 0..50u32 {
+                let mut tried = 0;
+                let mut seen = std::collections::HashSet::new();
+                for _ in 0..3 {
+                    let i = s
+                        .pick(&Pick {
+                            balance,
+                            counter: start,
+                            random: mix(u64::from(start)),
+                            key: u64::from(start) * 7919,
+                            tried,
+                        })
+                        .unwrap();
+                    tried |= tried_bit(i);
+                    seen.insert(i);
+                }
+                assert_eq!(seen.len(), 3, "{balance:?} from {start}");
+            }
+        }
+        // Every target down (panic mode), still each tried once before any again.
+        for t in &s.targets {
+            t.state.set_unhealthy(true);
+        }
+        let mut tried = 0;
+        for _ in 0..3 {
+            let i = pick_tried(&s, Balance::Hash, 5, tried);
+            assert_eq!(tried & tried_bit(i), 0);
+            tried |= tried_bit(i);
+        }
+    }
+
+    fn pick_tried(s: &TargetSet, balance: Balance, key: u64, tried: u64) -> usize {
+        s.pick(&Pick {
+            balance,
+            counter: 0,
+            random: 0,
+            key,
+            tried,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_share_of_a_target_that_is_down_spreads_over_the_others_by_weight() {
+        let mut s = set(4);
+        s.targets[3].weight = 2;
+        let s = TargetSet::new(s.targets);
+        s.targets[0].state.set_unhealthy(true);
+        // Weights 1, 1, 1, 2: the down target's turns go 1:1:2 to the others.
+        let mut share = [0usize; 4];
+        for c in 0..50_000u32 {
+            share[pick(&s, Balance::RoundRobin, c, 0)] += 1;
+        }
+        assert_eq!(share[0], 0);
+        // Of 50,000 turns, 10,000 were the down target's: 2,500 + 2,500 + 5,000 of them.
+        let expect = [0, 12_500, 12_500, 25_000];
+        for i in 1..4 {
+            assert!(share[i].abs_diff(expect[i]) < 800, "{share:?}");
+        }
     }
 
     #[test]

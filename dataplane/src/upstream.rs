@@ -37,6 +37,10 @@ pub struct UpstreamConn {
     /// that takes a splice, the next answer's head is read with at most
     /// [`crate::splice::HEAD_READ`] bytes, so a large body stays in the socket.
     pub large_answers: bool,
+    /// Its last answer was one a misbehaving upstream might follow with bytes of its own
+    /// (a body to a HEAD, a 204 or a 304): checked before its next use whatever its idle
+    /// time.
+    pub(crate) check_next: bool,
     /// The deadline of its reads.
     timer: crate::io::ReadTimer,
     /// The client connection its current exchange is for, if that client is to be watched
@@ -50,11 +54,16 @@ pub struct UpstreamConn {
 pub struct Counted(std::sync::Arc<common::live::UpstreamLive>);
 
 impl Counted {
-    pub fn new(live: &std::sync::Arc<common::live::UpstreamLive>) -> Counted {
-        live.circuit
-            .connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Counted(live.clone())
+    /// Counts one more connection, unless `max` are open or being opened already: taken
+    /// before the connect starts, so concurrent connects cannot all pass the check.
+    pub fn within(live: &std::sync::Arc<common::live::UpstreamLive>, max: u32) -> Option<Counted> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let open = &live.circuit.connections;
+        if open.fetch_add(1, Relaxed) >= max {
+            open.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Counted(live.clone()))
     }
 }
 
@@ -131,6 +140,7 @@ impl UpstreamConn {
             counted: None,
             large_answers: false,
             timer: crate::io::ReadTimer::default(),
+            check_next: false,
             watch: None,
         }
     }
@@ -177,8 +187,10 @@ pub fn is_send_timeout(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ETIMEDOUT)
 }
 
-/// Idle time after which a pooled connection is checked before reuse.
-pub const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// Idle time after which a pooled connection is checked before reuse. Checking every reuse
+/// (one `recv` with `MSG_PEEK`) cost 4% of the requests per CPU-second of small answers
+/// (`docs/perf/pool-peek-ab-2cpu.csv`); busy connections come back well within this.
+pub const CHECK_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Whether an idle connection is still open and has no unexpected bytes waiting.
 fn still_open(stream: &TcpStream) -> bool {
@@ -205,15 +217,24 @@ impl Pool {
         }
     }
 
-    /// The most recently returned live connection to `addr`, if any. A connection idle for
-    /// more than [`CHECK_AFTER_IDLE`] is first checked with a non-blocking peek, so one the
-    /// upstream closed while it sat in the pool (its keep-alive timeout) is not used; under
-    /// load connections come back sooner and cost no extra syscall.
-    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
+    /// The most recently returned live connection to `addr`, if any. A connection is first
+    /// checked with a non-blocking peek, so that one the upstream closed while it sat in the
+    /// pool (its keep-alive timeout), or sent unasked bytes on, is not used, when it was
+    /// idle for more than [`CHECK_AFTER_IDLE`], when its last answer asks for it
+    /// ([`UpstreamConn::check_next`]), or `always` (for a request that could not be sent
+    /// again on a fresh connection if this one turned out closed); otherwise, under load,
+    /// connections come back sooner and cost no extra syscall.
+    pub fn take(
+        &mut self,
+        addr: SocketAddr,
+        now: Instant,
+        always: bool,
+    ) -> Option<Box<UpstreamConn>> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
-            if idle < self.idle_timeout && (idle < CHECK_AFTER_IDLE || still_open(&conn.stream)) {
+            let unchecked = idle < CHECK_AFTER_IDLE && !conn.check_next && !always;
+            if idle < self.idle_timeout && (unchecked || still_open(&conn.stream)) {
                 return Some(conn);
             }
         }

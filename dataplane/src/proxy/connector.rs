@@ -86,7 +86,9 @@ pub(crate) enum Outcome {
 /// Where sessions come from, and the worker's balancing state.
 pub(crate) trait SessionSource {
     /// An idle connection to `target`, if one is pooled.
-    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>>;
+    /// An idle connection to `target`, checked first when `check` (see [`crate::upstream::Pool::take`]).
+    fn take_idle(&self, target: SocketAddr, now: Instant, check: bool)
+        -> Option<Box<UpstreamConn>>;
     /// Keeps a connection for reuse.
     fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant);
     /// Opens a new connection.
@@ -109,8 +111,13 @@ pub(crate) trait SessionSource {
 }
 
 impl SessionSource for WorkerCtx {
-    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
-        self.pool.borrow_mut().take(target, now)
+    fn take_idle(
+        &self,
+        target: SocketAddr,
+        now: Instant,
+        check: bool,
+    ) -> Option<Box<UpstreamConn>> {
+        self.pool.borrow_mut().take(target, now, check)
     }
 
     fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant) {
@@ -191,6 +198,10 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     /// The retry policy, when the request may be sent again at all (its whole body is in
     /// hand and its method is one the policy retries).
     retry: Option<&'a RetryPolicy>,
+    /// Whether the request can be sent again on a fresh connection (its whole body in hand,
+    /// an idempotent method): then a pooled connection that turns out closed costs a resend,
+    /// and it is not checked before use unless it sat idle a while.
+    replayable: bool,
     /// A clock reading from the start of the request, used once for the first pooled take
     /// (the pool's idle check does not need a fresher one).
     now: Cell<Option<Instant>>,
@@ -277,6 +288,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             send_timeout: timeouts.upstream_send,
             key,
             retry,
+            replayable: replayable && idempotent,
             now: Cell::new(None),
             rr: Cell::new(None),
         }
@@ -304,7 +316,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         self
     }
 
-    fn pick(&self, set: &TargetSet, avoid: Option<SocketAddr>) -> Option<usize> {
+    fn pick(&self, set: &TargetSet, tried: u64) -> Option<usize> {
         // One target: `TargetSet::pick` picks it whatever the balance and its state (its last
         // fallback takes any target), so the common case skips the round-robin counter and
         // the random draw.
@@ -318,7 +330,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     // A retry walks on from the request's own turn, to the next targets of
                     // the schedule, and takes no turn from the rotation: taking one, with
                     // two targets, started every request on the same (failing) target.
-                    Some(last) if avoid.is_some() => last.wrapping_add(1),
+                    Some(last) if tried != 0 => last.wrapping_add(1),
                     _ => self
                         .source
                         .next_rr(self.up.revision, self.up.count, self.up.index),
@@ -337,7 +349,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             counter,
             random,
             key: self.key,
-            avoid,
+            tried,
         })
     }
 
@@ -353,7 +365,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         rec.connect = None;
         // The first try reuses the request's clock reading; a retry reads it again.
         let now = self.now.take().unwrap_or_else(Instant::now);
-        let conn = self.source.take_idle(target.addr, now)?;
+        let conn = self.source.take_idle(target.addr, now, !self.replayable)?;
         Some(Session {
             conn,
             target: target.addr,
@@ -375,9 +387,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         rec.target = Some(addr);
         rec.connect = None;
         let live = &self.up.upstream.live;
-        let mut pending = None;
+        let (mut pending, mut counted) = (None, None);
         if let Some(c) = &self.up.upstream.circuit {
-            if live.circuit.connections.load(Relaxed) >= c.max_connections {
+            // Released if the connect fails.
+            counted = Counted::within(live, c.max_connections);
+            if counted.is_none() {
                 live.circuit.rejected[0].fetch_add(1, Relaxed);
                 return Err(ErrorKind::CircuitMaxConnections.into());
             }
@@ -403,9 +417,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 ConnectError::Io(_) => ProxyError::new(ErrorKind::ConnectFailed),
             })?;
         drop(pending);
-        if self.up.upstream.circuit.is_some() {
-            conn.counted = Some(Counted::new(live));
-        }
+        conn.counted = counted;
         rec.connect = Some(started.elapsed());
         Ok(Session {
             conn,
@@ -529,10 +541,10 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         let set: &TargetSet = &self.set;
         let stripe = self.source.stripe();
         let mut tries = 0u32;
-        let mut avoid = None;
+        let mut tried = 0u64;
         loop {
             tries += 1;
-            let Some(i) = self.pick(set, avoid) else {
+            let Some(i) = self.pick(set, tried) else {
                 return Err(ErrorKind::NoTargets.into());
             };
             let target = &set.targets[i];
@@ -584,7 +596,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // An answer not relayed is dropped here: its connection or stream closes.
             drop(result);
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
-            avoid = Some(target.addr);
+            tried |= common::live::tried_bit(i);
         }
     }
 
@@ -653,7 +665,12 @@ mod tests {
     }
 
     impl SessionSource for FakePool {
-        fn take_idle(&self, _target: SocketAddr, _now: Instant) -> Option<Box<UpstreamConn>> {
+        fn take_idle(
+            &self,
+            _target: SocketAddr,
+            _now: Instant,
+            _check: bool,
+        ) -> Option<Box<UpstreamConn>> {
             self.idle.borrow_mut().pop()
         }
 
