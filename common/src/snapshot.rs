@@ -1198,13 +1198,30 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
             "must be a non-empty visible ASCII field value",
         ));
     }
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-        d.status,
-        crate::reason::phrase(d.status),
-        d.content_type,
-        d.body.len()
-    );
+    // No content (RFC 9110 15.3.5, 15.4.5): no body, and no fields that would frame one (a
+    // client reading a 204 with a Content-Length would take the bytes after it for the
+    // next answer).
+    let bodiless = matches!(d.status, 204 | 304);
+    if bodiless && !d.body.is_empty() {
+        return Err(ConfigError::field(
+            format!("{at}.body"),
+            format!("must be empty: a {} answer has no body", d.status),
+        ));
+    }
+    let head = match bodiless {
+        true => format!(
+            "HTTP/1.1 {} {}\r\n",
+            d.status,
+            crate::reason::phrase(d.status)
+        ),
+        false => format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+            d.status,
+            crate::reason::phrase(d.status),
+            d.content_type,
+            d.body.len()
+        ),
+    };
     let mut bytes = head.into_bytes();
     let head_len = bytes.len();
     bytes.extend_from_slice(d.body.as_bytes());
