@@ -737,6 +737,19 @@ impl Admin {
                 )
                 .at("/listeners"));
             }
+            if next.workers != current.workers {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid Config",
+                    "workers cannot change while the gateway runs; restart it with the new config",
+                )
+                .at("/workers"));
+            }
+            if let Err((at, why)) = crate::store::local::refuse_paths_in(store.dir(), &next) {
+                return Err(
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid Config", why).at(at),
+                );
+            }
             if next.admin != current.admin {
                 return Err(Problem::new(
                     StatusCode::UNPROCESSABLE_ENTITY,

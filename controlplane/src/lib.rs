@@ -146,6 +146,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 ));
             }
             let mut config = read_config(&source).map_err(describe)?;
+            refuse_paths(dir, &config, &source)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             // Stored as compiled: API keys only as their hashes, private keys in keys/.
@@ -166,6 +167,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
         }
         None => {
             let mut config = read_config(&source).map_err(describe)?;
+            refuse_paths(dir, &config, &source)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             let config = compile_new(config, 1).map_err(describe)?.config;
@@ -186,6 +188,18 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             })
         }
     }
+}
+
+/// Refuses a config file whose access log would write into the data directory `dir`,
+/// before anything is stored.
+fn refuse_paths(dir: &Path, config: &common::Config, source: &ConfigSource) -> Result<(), Fail> {
+    store::local::refuse_paths_in(dir, config).map_err(|(at, why)| {
+        let what = match source {
+            ConfigSource::File(p) => p.display().to_string(),
+            ConfigSource::Embedded => "embedded config".to_owned(),
+        };
+        (EXIT_INVALID, format!("{what}: invalid config: {at}: {why}"))
+    })
 }
 
 /// Connects to the etcd store `url` as the node described by `--config`, seeding an empty
@@ -350,6 +364,12 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
     }
     keys::load(&data_dir, &mut stored);
+    store::local::refuse_paths_in(&data_dir, &stored).map_err(|(at, why)| {
+        (
+            EXIT_INVALID,
+            format!("config revision {}: {at}: {why}", store.revision()),
+        )
+    })?;
     let mut snapshot = Snapshot::compile(stored, store.revision()).map_err(|e| {
         (
             EXIT_INVALID,

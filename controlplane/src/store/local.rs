@@ -12,7 +12,8 @@
 //! Opening reads the checkpoint and replays the journal's lines after it. A line is valid
 //! only if it is complete (ends in a newline), parses, and continues the revision sequence;
 //! replay stops at the first invalid one (a write torn by a crash, never acknowledged) and
-//! the journal is cut there before anything new is appended. Every [`COMPACT_AT`] records the
+//! the journal is cut there before anything new is appended, unless valid records follow
+//! it: then something else wrote to the file, and opening fails rather than drop them. Every [`COMPACT_AT`] records the
 //! journal is rewritten (temp file, fsync, rename, directory fsync) to the last [`KEEP`],
 //! after a new checkpoint: a crash between the two leaves the old journal, still whole.
 //!
@@ -157,16 +158,26 @@ impl LocalStore {
         let mut index = Vec::new();
         let mut valid_len = 0usize;
         let mut last: Option<u64> = None;
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
-            if line.last() != Some(&b'\n') {
-                break;
-            }
-            let Ok(record) = serde_json::from_slice::<Record>(line) else {
+        let mut lines = bytes.split_inclusive(|&b| b == b'\n');
+        while let Some(line) = lines.next() {
+            let record = serde_json::from_slice::<Record>(line).ok().filter(|r| {
+                line.last() == Some(&b'\n') && last.is_none_or(|l| r.revision == l + 1)
+            });
+            let Some(record) = record else {
+                // What a crash leaves is a torn last record: cut off below. Records after a
+                // line that is not one were written by something else too (a log pointed at
+                // this file): they are not cut off with it.
+                if lines.any(|l| serde_json::from_slice::<Record>(l).is_ok()) {
+                    return Err(invalid(
+                        &journal_path,
+                        format!(
+                            "byte {valid_len} starts a line that is not the record after revision                              {}, and records follow it; something else wrote to this file. Move                              the stray lines out to resume",
+                            last.map_or_else(|| "none".to_owned(), |l| l.to_string())
+                        ),
+                    ));
+                }
                 break;
             };
-            if last.is_some_and(|l| record.revision != l + 1) {
-                break;
-            }
             last = Some(record.revision);
             index.push(Indexed {
                 revision: record.revision,
@@ -490,9 +501,44 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
-/// Writes `name` in `dir` through a temp file and a rename, durably: the file and then the
-/// directory are fsynced, so `name` holds either its old content or `bytes`, whole, and the
-/// new content survives a crash once this returns.
+/// Why `config` cannot run with its state in `dir`: an access log that would write into
+/// the store's own files (its journal or checkpoint, or anything else there). `Err` names
+/// the field and says why.
+pub fn refuse_paths_in(dir: &Path, config: &Config) -> Result<(), (&'static str, String)> {
+    let Some(log) = &config.access_log else {
+        return Ok(());
+    };
+    if log.path == "stdout" || !inside(dir, Path::new(&log.path)) {
+        return Ok(());
+    }
+    Err((
+        "/access_log/path",
+        format!(
+            "{} is inside the data directory {}, where the log would write into the config \
+             store's files; choose a path outside it",
+            log.path,
+            dir.display()
+        ),
+    ))
+}
+
+/// Whether `path` is `dir` or inside it, after following symbolic links (as far as they
+/// exist: a file not created yet is placed by its directory).
+fn inside(dir: &Path, path: &Path) -> bool {
+    let resolve = |p: &Path| {
+        fs::canonicalize(p).unwrap_or_else(|_| {
+            match (
+                p.parent().and_then(|d| fs::canonicalize(d).ok()),
+                p.file_name(),
+            ) {
+                (Some(d), Some(name)) => d.join(name),
+                _ => std::path::absolute(p).unwrap_or_else(|_| p.to_owned()),
+            }
+        })
+    };
+    resolve(path).starts_with(resolve(dir))
+}
+
 /// Makes `dir` (and its parents) if needed, and leaves it to the gateway's user alone: the
 /// state in it holds the config's secrets (the admin token, JWT secrets, store passwords).
 pub fn private_dir(dir: &Path) -> io::Result<()> {
@@ -503,6 +549,9 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
+/// Writes `name` in `dir` through a temp file and a rename, durably: the file and then the
+/// directory are fsynced, so `name` holds either its old content or `bytes`, whole, and the
+/// new content survives a crash once this returns.
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     write_file_open(dir, name, bytes).map(|_| ())
 }
@@ -704,6 +753,40 @@ mod tests {
         let store = LocalStore::open(&d).unwrap().unwrap();
         assert_eq!(store.revision(), 3);
         assert_eq!(store.revisions().len(), 3);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn records_after_a_stray_line_are_never_cut_off() {
+        let d = dir();
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
+        // Something else appends to the journal (an access log pointed at it), then
+        // revisions 2 and 3 are committed after its line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.join(JOURNAL))
+            .unwrap();
+        f.write_all(b"{\"ts\":\"2026-12-05T10:00:00Z\",\"status\":200}\n")
+            .unwrap();
+        drop(f);
+        for workers in [2, 3] {
+            let next = Config {
+                workers: Some(workers),
+                ..Config::default()
+            };
+            store.commit(next, "test").unwrap();
+        }
+        drop(store);
+        let len = fs::metadata(d.join(JOURNAL)).unwrap().len();
+        let Err(err) = LocalStore::open(&d) else {
+            panic!("opened past a stray line");
+        };
+        assert!(err.to_string().contains("records follow it"), "{err}");
+        assert_eq!(
+            fs::metadata(d.join(JOURNAL)).unwrap().len(),
+            len,
+            "nothing cut"
+        );
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -322,6 +322,21 @@ fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         );
         assert_eq!(p["pointer"], json!("/respond/body"), "{p}");
     }
+    // Settings the running gateway cannot take: refused, naming them.
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["workers"] = json!(7);
+    let p = problem(
+        &gw.admin("PUT", "/v1/config", Some(&config.to_string())),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/workers"), "{p}");
+    config["workers"] = json!(1);
+    config["access_log"] = json!({"path": gw.data_dir.join("journal.log")});
+    let p = problem(
+        &gw.admin("PUT", "/v1/config", Some(&config.to_string())),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/access_log/path"), "{p}");
     let big = format!(
         r#"{{"path":"/r","respond":{{"body":"{}"}}}}"#,
         "x".repeat(1_100_000)

@@ -65,6 +65,44 @@ fn check_and_run_refuse_an_invalid_file_naming_the_field() {
 }
 
 #[test]
+fn an_access_log_inside_the_data_directory_is_refused_before_anything_is_stored() {
+    // Its lines would go into the config store's journal or checkpoint.
+    let data = temp_dir("cli-log-in-data");
+    for name in ["journal.log", "current.json", "sub/access.log"] {
+        let f = write(
+            "log-in-data.toml",
+            &format!(
+                "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\n\
+                 respond = {{}}\n[access_log]\npath = \"{}/{name}\"\n",
+                data.display()
+            ),
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--config", &f, "--data-dir", data.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{name}: the gateway started with its log in the data directory");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(
+            err.contains("/access_log/path") && err.contains("inside the data directory"),
+            "{name}: {err}"
+        );
+        assert!(!data.join("journal.log").exists(), "{name}: nothing stored");
+    }
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let (code, _, err) = gateway(&["--frobnicate"]);
     assert_eq!(code, Some(2));
