@@ -680,8 +680,22 @@ impl Admin {
         &self,
         dry_run: bool,
         source: &str,
-        mut build: impl FnMut(&Store) -> Result<Config, Problem>,
+        build: impl FnMut(&Store) -> Result<Config, Problem>,
     ) -> Result<Applied, Problem> {
+        self.apply_then(dry_run, source, build, |_| ())
+            .map(|(applied, ())| applied)
+    }
+
+    /// [`Admin::apply`], then `read` of the store as this write left it, under the same
+    /// lock: another write cannot come between (an answer showing what it wrote, with its
+    /// ETag, would invite an `If-Match` that overwrites that other write unseen).
+    pub fn apply_then<R>(
+        &self,
+        dry_run: bool,
+        source: &str,
+        mut build: impl FnMut(&Store) -> Result<Config, Problem>,
+        read: impl FnOnce(&Store) -> R,
+    ) -> Result<(Applied, R), Problem> {
         let mut store = lock(&self.store);
         if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Problem::new(
@@ -764,11 +778,12 @@ impl Admin {
                 check_cluster_write(e, &next, &new_keys, if dry_run { &[] } else { &removed })?;
             }
             if dry_run || changes.is_empty() {
-                return Ok(Applied {
+                let applied = Applied {
                     revision: store.revision(),
                     changes,
                     dry_run,
-                });
+                };
+                return Ok((applied, read(&store)));
             }
             match store.commit(next, source, &new_keys) {
                 Ok(committed) => {
@@ -782,11 +797,12 @@ impl Admin {
                         e.applied = revision;
                         e.rejected = None;
                     }
-                    return Ok(Applied {
+                    let applied = Applied {
                         revision,
                         changes,
                         dry_run: false,
-                    });
+                    };
+                    return Ok((applied, read(&store)));
                 }
                 Err(StoreError::Conflict) => {
                     if let Store::Etcd(e) = &mut *store {
@@ -1495,8 +1511,8 @@ async fn write_item(
     let patch = method == Method::PATCH;
     let input = json_body(headers, body, patch).await?;
     let mut created = false;
-    let applied = admin
-        .apply(
+    let (applied, (etag, value)) = admin
+        .apply_then(
             dry_run,
             &format!("api: {method} /v1/{}/{id}", kind.name()),
             |store| {
@@ -1548,14 +1564,15 @@ async fn write_item(
                 })?;
                 Ok(next)
             },
+            |store| {
+                let etag = current_item_etag(store, kind, id);
+                (etag, kind.get(store.config(), id).unwrap_or(Value::Null))
+            },
         )
         .map_err(|p| item_pointer(p, kind, id, admin))?;
     if applied.dry_run {
         return Ok(dry_run_response(&applied));
     }
-    let store = lock(&admin.store);
-    let etag = current_item_etag(&store, kind, id);
-    let value = kind.get(store.config(), id).unwrap_or(Value::Null);
     let status = if created {
         StatusCode::CREATED
     } else {

@@ -435,6 +435,53 @@ fn every_endpoint_but_health_needs_the_token() {
 }
 
 #[test]
+fn a_write_answers_with_what_it_wrote_whatever_writes_beside_it() {
+    // Three clients writing one route at once: each answer shows that client's own value
+    // and the ETag of that revision, never another's written in between.
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    std::thread::scope(|scope| {
+        for t in 0..3 {
+            let gw = &gw;
+            scope.spawn(move || {
+                for n in 0..25 {
+                    let mine = format!("t{t}-{n}");
+                    let r = gw.admin(
+                        "PUT",
+                        "/v1/routes/race",
+                        Some(&format!(
+                            r#"{{"path":"/race","respond":{{"body":"{mine}"}}}}"#
+                        )),
+                    );
+                    assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
+                    assert_eq!(r.json()["respond"]["body"], json!(mine));
+                    // The ETag names the revision that holds this value.
+                    let etag = r.header("etag").unwrap().to_owned();
+                    let rev: u64 = etag
+                        .trim_matches('"')
+                        .rsplit("-r")
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let old = gw
+                        .admin("GET", &format!("/v1/revisions/{rev}"), None)
+                        .json();
+                    let route = old["config"]["routes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|r| r["id"] == "race")
+                        .cloned()
+                        .unwrap();
+                    assert_eq!(route["respond"]["body"], json!(mine), "{etag}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn revisions_rollback_and_batches() {
     let origin = Origin::echo();
     let gw = start(&origin);
