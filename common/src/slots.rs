@@ -46,6 +46,15 @@ pub fn route_slot(id: &str) -> u32 {
     next
 }
 
+/// The slot route `id` has, without assigning one: validating a config (a dry run, a write
+/// that is refused) must not use up slots, which are never given back. A route that has
+/// none yet counts in the overflow slot until [`route_slot`] assigns it one as its config is
+/// published ([`crate::Snapshot::claim_metric_slots`]).
+pub fn known_route_slot(id: &str) -> u32 {
+    let r = registry().lock().unwrap_or_else(|p| p.into_inner());
+    r.by_id.get(id).copied().unwrap_or(OVERFLOW_SLOT)
+}
+
 /// The label of every assigned slot, by slot number (for scraping).
 pub fn route_slot_names() -> Vec<String> {
     let r = registry().lock().unwrap_or_else(|p| p.into_inner());
@@ -69,5 +78,9 @@ mod tests {
         assert_ne!(a, NO_ROUTE_SLOT);
         assert_eq!(route_slot("slot-test-a"), a);
         assert_eq!(route_slot_names()[a as usize], "slot-test-a");
+        // Looking a slot up assigns none.
+        assert_eq!(known_route_slot("slot-test-never-published"), OVERFLOW_SLOT);
+        assert!(!route_slot_names().contains(&"slot-test-never-published".to_owned()));
+        assert_eq!(known_route_slot("slot-test-a"), a);
     }
 }

@@ -382,6 +382,14 @@ pub struct Limits {
 }
 
 impl Snapshot {
+    /// Gives every route its metrics slot, for good: call as the snapshot is published
+    /// (compiling only looks the slots up, see [`crate::slots::known_route_slot`]).
+    pub fn claim_metric_slots(&mut self) {
+        for r in &mut self.routes {
+            r.metrics_slot = crate::slots::route_slot(&r.id);
+        }
+    }
+
     /// Refuses this snapshot's certificates that have expired and that `current` (the
     /// snapshot running now, if any) does not already serve: publishing one is an error, one
     /// that expires while in use is not ([`crate::tls::refuse_newly_expired`]).
@@ -920,7 +928,7 @@ fn compile_route(
         methods,
         strip_prefix_len,
         action,
-        metrics_slot: crate::slots::route_slot(&r.id),
+        metrics_slot: crate::slots::known_route_slot(&r.id),
         policies: Box::new([]),
         has_cors: false,
         pattern,

@@ -789,6 +789,7 @@ impl Admin {
                 Ok(committed) => {
                     debug_assert_eq!(committed, revision);
                     self.upstreams.adopt(&mut snapshot);
+                    snapshot.claim_metric_slots();
                     self.shared.store(Arc::new(snapshot));
                     // Again once the snapshot is out: the workers' next sweep prunes pooled
                     // connections to the targets of upstreams this change removed.
@@ -855,6 +856,7 @@ impl Admin {
         match result {
             Ok(mut snapshot) => {
                 self.upstreams.adopt(&mut snapshot);
+                snapshot.claim_metric_slots();
                 self.shared.store(Arc::new(snapshot));
                 common::live::bump_generation();
                 log::info!("config store: revision {revision} published");

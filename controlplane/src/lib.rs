@@ -430,6 +430,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         )
     })?;
     upstreams.adopt(&mut snapshot);
+    snapshot.claim_metric_slots();
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let plane = dataplane::start(
         shared.clone(),

@@ -482,6 +482,43 @@ fn a_write_answers_with_what_it_wrote_whatever_writes_beside_it() {
 }
 
 #[test]
+fn dry_runs_and_refused_writes_use_up_no_metric_slots() {
+    // Route ids get per-route metric slots (4096, never given back) when their config is
+    // published, not each time one is validated.
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    let routes = config["routes"].as_array_mut().unwrap();
+    for i in 0..4100 {
+        routes.push(json!({"id": format!("dry-{i}"), "path": format!("/dry/{i}"), "respond": {}}));
+    }
+    let r = gw.admin("PUT", "/v1/config?dry_run=true", Some(&config.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/real",
+        Some(r#"{"path":"/real","respond":{"body":"real"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let mut c = gw.connect();
+    for _ in 0..3 {
+        assert_eq!(
+            c.roundtrip("GET /real HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            200
+        );
+    }
+    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        m.contains("gateway_requests_total{route=\"real\",class=\"2xx\"} 3"),
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("gateway_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
 fn revisions_rollback_and_batches() {
     let origin = Origin::echo();
     let gw = start(&origin);
