@@ -255,6 +255,45 @@ fn domain_allowlist_answers_421() {
 }
 
 #[test]
+fn a_preflight_reaches_the_route_of_the_method_it_asks_about() {
+    // One path, a route per method, each with its own CORS policy: the preflight (an
+    // OPTIONS) is answered by the policy of the route the real request will take.
+    let origin = Origin::echo();
+    let extra = "[[policies]]\nid = \"cors-get\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\n\
+                 methods = [\"GET\"]\n\
+                 [[policies]]\nid = \"cors-put\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\n\
+                 methods = [\"PUT\"]\nheaders = [\"Content-Type\"]\n\
+                 [[routes]]\nid = \"m-get\"\npath = \"/m\"\nmethods = [\"GET\"]\nupstream = \"origin\"\n\
+                 policies = [\"cors-get\"]\n\
+                 [[routes]]\nid = \"m-put\"\npath = \"/m\"\nmethods = [\"PUT\"]\nupstream = \"origin\"\n\
+                 policies = [\"cors-put\"]\n";
+    let gw = Gateway::start(&proxy_config(origin.addr, extra), Driver::IoUring);
+    let mut c = gw.connect();
+    let ask = |c: &mut Client, method: &str| {
+        c.roundtrip(&format!(
+            "OPTIONS /m HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\
+             Access-Control-Request-Method: {method}\r\n\
+             Access-Control-Request-Headers: content-type\r\n\r\n"
+        ))
+    };
+    let pre = ask(&mut c, "PUT");
+    assert_eq!(pre.status, 204, "{}", pre.head);
+    assert_eq!(pre.header("access-control-allow-methods"), Some("PUT"));
+    let pre = c.roundtrip(
+        "OPTIONS /m HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\
+         Access-Control-Request-Method: GET\r\n\r\n",
+    );
+    assert_eq!(pre.status, 204, "{}", pre.head);
+    assert_eq!(pre.header("access-control-allow-methods"), Some("GET"));
+    // A method no route takes: refused by the path's first CORS policy, as before.
+    assert_problem(&ask(&mut c, "DELETE"), 403);
+    assert!(
+        origin.requests().is_empty(),
+        "preflights never reach the origin"
+    );
+}
+
+#[test]
 fn cors_preflight_and_origin_checks() {
     let origin = Origin::echo();
     let extra = "[[policies]]\nid = \"web\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\nmethods = [\"GET\", \"POST\"]\nheaders = [\"X-Api-Key\", \"Content-Type\"]\nexpose_headers = [\"X-Request-Id\"]\nmax_age_s = 300\n";

@@ -141,17 +141,19 @@ fn fields<'a>(buf: &'a [u8], head: &RequestHead) -> impl Iterator<Item = Field<'
     lines(buf, head.fields_start, head.fields_end)
 }
 
-/// Whether an `OPTIONS` request is a CORS preflight (it has `Origin` and
-/// `Access-Control-Request-Method`).
-pub fn is_preflight(buf: &[u8], head: &RequestHead) -> bool {
-    let (mut origin, mut method) = (false, false);
+/// The method a CORS preflight asks about (its `Access-Control-Request-Method`), if the
+/// request is one (it has an `Origin` too).
+pub fn preflight_method<'a>(buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8]> {
+    let (mut origin, mut method) = (false, None);
     for f in fields(buf, head) {
         origin |= f.name.eq_ignore_ascii_case(b"origin");
-        method |= f
-            .name
-            .eq_ignore_ascii_case(b"access-control-request-method");
+        if f.name
+            .eq_ignore_ascii_case(b"access-control-request-method")
+        {
+            method = Some(f.value);
+        }
     }
-    origin && method
+    method.filter(|_| origin)
 }
 
 /// Removes from a relayed response every `Access-Control-*` field line, which the gateway's

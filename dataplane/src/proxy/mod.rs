@@ -280,10 +280,25 @@ async fn handle<S: ClientStream>(
             return down.respond(ctx, req, head, reply).await;
         }
     }
-    let preflight = method == b"OPTIONS" && policy::is_preflight(&down.buf, head);
-    let found = snap.router.find(host, head.path(&down.buf), |id| {
-        let r = &snap.routes[id as usize];
-        r.accepts(method) || (preflight && r.has_cors)
+    let preflight = match method == b"OPTIONS" {
+        true => policy::preflight_method(&down.buf, head),
+        false => None,
+    };
+    let path = head.path(&down.buf);
+    // A preflight goes to the route the request it asks about would take, when that route
+    // has CORS (its policy answers); otherwise to the first route that takes OPTIONS or has
+    // CORS (whose policy refuses the method).
+    let real = preflight
+        .and_then(|m| {
+            snap.router
+                .find(host, path, |id| snap.routes[id as usize].accepts(m))
+        })
+        .filter(|&id| snap.routes[id as usize].has_cors);
+    let found = real.or_else(|| {
+        snap.router.find(host, path, |id| {
+            let r = &snap.routes[id as usize];
+            r.accepts(method) || (preflight.is_some() && r.has_cors)
+        })
     });
     let route = found.map(|id| &snap.routes[id as usize]);
     if let (Some(id), Some(route)) = (found, route) {
