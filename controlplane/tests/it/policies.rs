@@ -3,7 +3,10 @@
 //! their failure modes, ACLs, rate limiting (accuracy under wrk, headers, state kept across
 //! config changes), and the admin API's resources and validation for all of it.
 
+use std::io::Write;
+use std::net::TcpStream;
 use std::process::Command;
+use std::sync::Arc;
 
 use crate::support::*;
 use common::keys::encode_b64url;
@@ -294,6 +297,45 @@ fn a_preflight_reaches_the_route_of_the_method_it_asks_about() {
 }
 
 #[test]
+fn an_upstreams_own_cors_fields_never_pass_a_cors_policy() {
+    // The upstream allows any origin with credentials; the route's policy allows any origin
+    // without them. Whether or not the request has an Origin, the answer carries the
+    // policy's fields only.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nAccess-Control-Allow-Origin: *\r\n\
+              Access-Control-Allow-Credentials: true\r\nContent-Length: 2\r\n\r\nok",
+        );
+        Keep::Open
+    }));
+    let extra = "[[policies]]\nid = \"anyweb\"\nkind = \"cors\"\norigins = [\"*\"]\n";
+    let config = proxy_config(origin.addr, extra).replace(
+        "upstream = \"origin\"\n\n",
+        "upstream = \"origin\"\npolicies = [\"anyweb\"]\n\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for with in ["", "Origin: https://page.example\r\n"] {
+        let r = get(&gw, "/x", with);
+        assert_eq!(r.status, 200, "{with:?}");
+        assert_eq!(
+            r.header("access-control-allow-credentials"),
+            None,
+            "{with:?}: {}",
+            r.head
+        );
+        let acao: Vec<&str> = r
+            .head
+            .lines()
+            .filter(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("access-control-allow-origin:")
+            })
+            .collect();
+        assert!(acao.len() <= 1, "{with:?}: {}", r.head);
+    }
+}
+
+#[test]
 fn cors_preflight_and_origin_checks() {
     let origin = Origin::echo();
     let extra = "[[policies]]\nid = \"web\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\nmethods = [\"GET\", \"POST\"]\nheaders = [\"X-Api-Key\", \"Content-Type\"]\nexpose_headers = [\"X-Request-Id\"]\nmax_age_s = 300\n";
@@ -372,6 +414,11 @@ fn cors_preflight_and_origin_checks() {
     assert_eq!(plain.status, 200);
     assert_eq!(plain.header("vary"), Some("Origin"));
     assert_eq!(plain.header("access-control-allow-origin"), None);
+    // A Referer with no origin in it (no browser sends one) is no page's: as without one.
+    for referer in ["/relative/page", "nonsense", ""] {
+        let r = get(&gw, "/x", &format!("Referer: {referer}\r\n"));
+        assert_eq!(r.status, 200, "{referer:?}: {}", r.head);
+    }
     // The gateway's own answers carry the fields too, once: a respond route's, a 502.
     for (path, status) in [("/said", 200), ("/down", 502)] {
         let r = get(&gw, path, "Origin: https://app.example.com\r\n");

@@ -27,6 +27,8 @@ pub enum JwtError {
     UnknownKey,
     BadSignature,
     Expired,
+    /// No `exp` claim, which the policy requires.
+    NoExpiry,
     NotYetValid,
     Issuer,
     Audience,
@@ -44,6 +46,7 @@ impl JwtError {
             JwtError::UnknownKey => "the token names an unknown key",
             JwtError::BadSignature => "the token's signature is invalid",
             JwtError::Expired => "the token has expired",
+            JwtError::NoExpiry => "the token has no exp claim, which is required",
             JwtError::NotYetValid => "the token is not valid yet",
             JwtError::Issuer => "the token's issuer is not accepted",
             JwtError::Audience => "the token's audience is not accepted",
@@ -124,7 +127,7 @@ pub fn verify(
     let leeway = policy.leeway_s as f64;
     match time("exp")? {
         Some(exp) if now >= exp + leeway => return Err(JwtError::Expired),
-        None if policy.require_exp => return Err(JwtError::Expired),
+        None if policy.require_exp => return Err(JwtError::NoExpiry),
         _ => {}
     }
     if let Some(nbf) = time("nbf")? {
@@ -250,7 +253,7 @@ mod tests {
                     r#"{"sub":"a","iss":"https://issuer.example","aud":"orders"}"#,
                     SECRET,
                 ),
-                JwtError::Expired,
+                JwtError::NoExpiry,
             ),
             (
                 hs256(h, &claims(&format!(r#","nbf":{}"#, NOW + 31)), SECRET),

@@ -41,6 +41,9 @@ pub struct PolicyState {
     pub query_drops: Vec<Span>,
     /// Field lines to add to the response (CORS), each with its CRLF.
     pub response_extra: Vec<u8>,
+    /// A cors policy ran for the request: the upstream's own `Access-Control-*` fields are
+    /// dropped from the answer (the gateway's, if any, replace them).
+    pub cors_ran: bool,
     /// The consumer an authentication policy identified (index into the snapshot's
     /// consumers).
     pub consumer: Option<u32>,
@@ -66,6 +69,7 @@ impl PolicyState {
         self.drops.clear();
         self.query_drops.clear();
         self.response_extra.clear();
+        self.cors_ran = false;
         self.consumer = None;
     }
 }
@@ -515,6 +519,7 @@ fn cors(
     head: &RequestHead,
     st: &mut PolicyState,
 ) -> Option<Verdict> {
+    st.cors_ran = true;
     let Ok(origin) = one_field(buf, head, b"origin") else {
         return Some(refuse(st, 403, id, "more than one Origin field", &[]));
     };
@@ -524,18 +529,20 @@ fn cors(
             // upstream's own Access-Control-* fields are dropped, as with one).
             st.response_extra.extend_from_slice(b"Vary: Origin\r\n");
         }
-        let referer = fields(buf, head).find(|f| f.name.eq_ignore_ascii_case(b"referer"));
+        // A Referer with no origin to read (a relative or malformed one, which no browser
+        // sends) counts as none.
+        let referer = fields(buf, head)
+            .find(|f| f.name.eq_ignore_ascii_case(b"referer"))
+            .and_then(|r| referer_origin(r.value));
         return match referer {
-            Some(r) => match referer_origin(r.value) {
-                Some(o) if c.allows(o) => None,
-                _ => Some(refuse(
-                    st,
-                    403,
-                    id,
-                    "the referring page's origin is not allowed",
-                    &[],
-                )),
-            },
+            Some(o) if c.allows(o) => None,
+            Some(_) => Some(refuse(
+                st,
+                403,
+                id,
+                "the referring page's origin is not allowed",
+                &[],
+            )),
             None if c.require_origin => Some(refuse(st, 403, id, "the request has no Origin", &[])),
             None => None,
         };

@@ -1325,7 +1325,7 @@ pub(super) async fn forward<S: ClientStream>(
 /// `upstream` (which is empty for the gateway's own answers).
 fn answer_fields(req: &RequestCtx, upstream: &mut HeaderMap) -> Vec<u8> {
     let mut extra = Vec::with_capacity(128);
-    if !req.policy.response_extra.is_empty() {
+    if req.policy.cors_ran {
         extra.extend_from_slice(&req.policy.response_extra);
         let cors: Vec<HeaderName> = upstream
             .keys()

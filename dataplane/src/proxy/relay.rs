@@ -229,7 +229,7 @@ fn response_tail<S>(
     content_length: Option<usize>,
 ) -> Span {
     down.scratch.clear();
-    if !req.policy.response_extra.is_empty() {
+    if req.policy.cors_ran {
         down.scratch.extend_from_slice(&req.policy.response_extra);
         policy::drop_cors_fields(
             buf,
