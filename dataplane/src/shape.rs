@@ -172,7 +172,6 @@ pub struct AnswerFields<'a> {
     pub content_type: Option<&'a [u8]>,
     /// A `Content-Encoding` other than `identity`.
     pub encoded: bool,
-    pub www_authenticate: Option<&'a [u8]>,
 }
 
 impl<'a> AnswerFields<'a> {
@@ -185,8 +184,6 @@ impl<'a> AnswerFields<'a> {
                 &mut f.content_type
             } else if name.eq_ignore_ascii_case(b"content-encoding") {
                 &mut encoding
-            } else if name.eq_ignore_ascii_case(b"www-authenticate") {
-                &mut f.www_authenticate
             } else {
                 continue;
             };

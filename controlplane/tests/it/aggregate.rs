@@ -945,13 +945,24 @@ fn request_bodies_auth_challenges_and_shaped_heads() {
     let echo = service(|_, req| {
         let body = String::from_utf8_lossy(&req.raw_body).into_owned();
         let ct = req.header("Content-Type").unwrap_or("").to_owned();
-        json_ok(json!({"got": body, "type": ct, "len": req.header("Content-Length")}))
+        let coding = req.header("Content-Encoding").map(str::to_owned);
+        json_ok(
+            json!({"got": body, "type": ct, "len": req.header("Content-Length"), "coding": coding}),
+        )
     });
-    let denied = Origin::start(Arc::new(|_: &Received, s: &mut TcpStream| {
-        let body = r#"{"type":"about:blank","title":"Unauthorized","status":401}"#;
+    let denied = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let (status, extra) = match req.target() {
+            "/limited" => ("429 Too Many Requests", "Retry-After: 30\r\n"),
+            "/method" => ("405 Method Not Allowed", "Allow: POST\r\n"),
+            _ => (
+                "401 Unauthorized",
+                "WWW-Authenticate: Bearer realm=\"orders\"\r\nWWW-Authenticate: Basic realm=\"b\"\r\n",
+            ),
+        };
+        let body = r#"{"type":"about:blank","title":"Refused"}"#;
         let _ = write!(
             s,
-            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/problem+json\r\nWWW-Authenticate: Bearer realm=\"orders\"\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: application/problem+json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         Keep::Open
@@ -976,6 +987,15 @@ fn request_bodies_auth_challenges_and_shaped_heads() {
     // The same connection goes on: the body was read to its end.
     let r = c.roundtrip("POST /agg HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok");
     assert_eq!(r.json()["got"], "ok");
+    assert_eq!(r.json()["coding"], Value::Null);
+    // A coded body goes on with its coding (the bytes as they came).
+    let r = c.roundtrip(
+        "POST /agg HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Encoding: x-test\r\nContent-Length: 2\r\n\r\nzz",
+    );
+    assert_eq!(
+        (&r.json()["got"], &r.json()["coding"]),
+        (&json!("zz"), &json!("x-test"))
+    );
     // Chunk extensions cannot make the gateway hold much more than max_body_bytes.
     let mut c2 = gw.connect();
     c2.send(b"POST /agg HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
@@ -994,17 +1014,31 @@ fn request_bodies_auth_challenges_and_shaped_heads() {
     assert_eq!(r.status, 413);
     drop(gw);
 
-    // A required 401 passes its body, type and challenge on.
+    // A required 401 passes its body, type and every challenge on.
     let steps = [step("auth", 1, "")].concat();
     let (gw, _) = one_aggregate(&[&echo, &denied], "", &steps);
     let r = get(&mut gw.connect(), "/agg", "");
     assert_eq!(r.status, 401);
-    assert_eq!(
-        r.header("WWW-Authenticate"),
-        Some("Bearer realm=\"orders\"")
-    );
+    let challenges: Vec<&str> = r
+        .head
+        .lines()
+        .filter_map(|l| l.strip_prefix("WWW-Authenticate: "))
+        .collect();
+    assert_eq!(challenges, ["Bearer realm=\"orders\"", "Basic realm=\"b\""]);
     assert_eq!(r.header("Content-Type"), Some("application/problem+json"));
-    assert_eq!(r.json()["title"], "Unauthorized");
+    assert_eq!(r.json()["title"], "Refused");
+    drop(gw);
+    // A 429 keeps its Retry-After; a 405 is about the step's own request: the gateway's
+    // failure (502), with no Allow that would not be about the client's method.
+    let steps = [step("limited", 1, "")].concat();
+    let (gw, _) = one_aggregate(&[&echo, &denied], "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!((r.status, r.header("Retry-After")), (429, Some("30")));
+    drop(gw);
+    let steps = [step("method", 1, "")].concat();
+    let (gw, _) = one_aggregate(&[&echo, &denied], "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!((r.status, r.header("Allow")), (502, None), "{}", r.head);
 }
 
 #[test]

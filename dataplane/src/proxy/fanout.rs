@@ -47,8 +47,10 @@ struct Failure {
     upstream_status: Option<u16>,
     /// A 4xx answer's JSON body and its `Content-Type`, relayed when the step is required.
     body: Option<(Vec<u8>, Vec<u8>)>,
-    /// A 4xx answer's `WWW-Authenticate` (a 401 must carry one), relayed with it.
-    authenticate: Option<Vec<u8>>,
+    /// A 4xx answer's fields that go with its status, relayed with it: every
+    /// `WWW-Authenticate` (a 401 must carry one; several are several challenges) and
+    /// `Retry-After` (a 429's), as field lines.
+    relayed: Vec<u8>,
     detail: String,
 }
 
@@ -63,7 +65,7 @@ impl Failure {
             status,
             upstream_status: None,
             body: None,
-            authenticate: None,
+            relayed: Vec::new(),
             detail: detail.into(),
         }
     }
@@ -89,8 +91,10 @@ struct Input {
     fields: Vec<u8>,
     /// Per step: the client field lines `pass_headers` names.
     pass: Vec<Vec<u8>>,
-    /// The client's `Content-Type`, for the step that takes the body.
-    content_type: Option<Vec<u8>>,
+    /// The client's fields that describe its body (`Content-Type`, `Content-Encoding`,
+    /// `Content-Language`), as field lines, for the step that takes the body: a gzip body
+    /// sent on without its coding would be taken for plain bytes.
+    body_fields: Vec<u8>,
     /// Per step: the balancing key, for a step whose upstream hashes.
     keys: Vec<u64>,
     keep_alive: bool,
@@ -178,13 +182,50 @@ impl Input {
             query: query_of(buf, head).map(<[u8]>::to_vec),
             fields,
             pass,
-            content_type: field_value(buf, head.fields_start, head.fields_end, b"content-type")
-                .map(<[u8]>::to_vec),
+            body_fields: body_fields(buf, head),
             keep_alive: head.keep_alive,
             http10: head.http10,
             is_head: head.is_head(buf),
         }
     }
+}
+
+/// The field lines of a step's 4xx answer that go with its status (see
+/// [`Failure::relayed`]), each with its CRLF.
+fn relayed_fields(buf: &[u8], start: usize, end: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (_, name, value) in each_field(buf, start, end) {
+        let name: &[u8] = if name.eq_ignore_ascii_case(b"www-authenticate") {
+            b"WWW-Authenticate"
+        } else if name.eq_ignore_ascii_case(b"retry-after") {
+            b"Retry-After"
+        } else {
+            continue;
+        };
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// The request's field lines that describe its body, each with its CRLF.
+fn body_fields(buf: &[u8], head: &RequestHead) -> Vec<u8> {
+    let mut out = Vec::new();
+    for name in [
+        &b"Content-Type"[..],
+        b"Content-Encoding",
+        b"Content-Language",
+    ] {
+        if let Some(v) = field_value(buf, head.fields_start, head.fields_end, name) {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
 }
 
 /// Answers the request with the aggregate `snap.aggregates[index]`.
@@ -482,11 +523,7 @@ fn step_request(
     let bodiless = matches!(&*step.method, "GET" | "HEAD" | "DELETE" | "OPTIONS");
     if step.body || !bodiless {
         if step.body {
-            if let Some(ct) = &input.content_type {
-                r.extend_from_slice(b"Content-Type: ");
-                r.extend_from_slice(ct);
-                r.extend_from_slice(b"\r\n");
-            }
+            r.extend_from_slice(&input.body_fields);
         }
         r.extend_from_slice(b"Content-Length: ");
         crate::access_log::push_u64(&mut r, body.len() as u64);
@@ -531,12 +568,13 @@ async fn call(
         .await?;
         let fields = AnswerFields::of(&conn.buf, resp.fields_start, resp.fields_end);
         let (json, encoded) = (fields.is_plain_json(), fields.encoded);
-        let (ctype, authenticate) = (fields.content_type, fields.www_authenticate);
         // What a required 4xx passes on to the client.
-        let (ctype, authenticate) = if (400..500).contains(&resp.status) {
-            (ctype.map(<[u8]>::to_vec), authenticate.map(<[u8]>::to_vec))
-        } else {
-            (None, None)
+        let (ctype, relayed) = match (400..500).contains(&resp.status) {
+            true => (
+                fields.content_type.map(<[u8]>::to_vec),
+                relayed_fields(&conn.buf, resp.fields_start, resp.fields_end),
+            ),
+            false => (None, Vec::new()),
         };
         let mut raw = match resp.body {
             BodyKind::Length(n) => Vec::with_capacity(usize::try_from(n).unwrap_or(max).min(max)),
@@ -552,11 +590,11 @@ async fn call(
             raw,
             clean,
             ctype,
-            authenticate,
+            relayed,
         ))
     };
     let mut slot = None;
-    let (status, json, encoded, within, raw, clean, ctype, authenticate) = match connector
+    let (status, json, encoded, within, raw, clean, ctype, relayed) = match connector
         .run(&mut attempts, &mut slot, attempt, |a| a.0)
         .await
     {
@@ -583,9 +621,11 @@ async fn call(
     if !(200..300).contains(&status) {
         let mut f = Failure::new(StepError::Status, format!("answered {status}"));
         f.upstream_status = Some(status);
-        if (400..500).contains(&status) {
+        // 405 and 411 are about the request the gateway made for the step (its method, its
+        // framing), not the client's: the gateway's failure, a 502.
+        if (400..500).contains(&status) && !matches!(status, 405 | 411) {
             f.status = status;
-            f.authenticate = authenticate;
+            f.relayed = relayed;
             if let Some(ct) = ctype.filter(|_| json && !encoded && within) {
                 if json::parse(&raw).is_ok() {
                     f.body = Some((raw, ct));
@@ -806,20 +846,14 @@ fn step_failed(
 ) -> (u16, Vec<u8>, Vec<u8>) {
     req.fail(ErrorKind::StepFailed);
     let step = &agg.steps[j];
-    let auth = f.authenticate.take();
-    let authenticate = |head: &mut Vec<u8>| {
-        if let Some(a) = &auth {
-            head.extend_from_slice(b"WWW-Authenticate: ");
-            head.extend_from_slice(a);
-            head.extend_from_slice(b"\r\n");
-        }
-    };
+    let relayed = std::mem::take(&mut f.relayed);
+    let relay = |head: &mut Vec<u8>| head.extend_from_slice(&relayed);
     if let Some((body, ctype)) = f.body.take() {
         let mut head = Vec::with_capacity(128);
         head.extend_from_slice(b"Content-Type: ");
         head.extend_from_slice(&ctype);
         head.extend_from_slice(b"\r\nX-Gateway-Completed: false\r\n");
-        authenticate(&mut head);
+        relay(&mut head);
         return (f.status, head, body);
     }
     let body = json!({
@@ -831,7 +865,7 @@ fn step_failed(
         "error": f.error.label(),
     });
     let (status, mut head, out) = problem(f.status, &body);
-    authenticate(&mut head);
+    relay(&mut head);
     (status, head, out)
 }
 
