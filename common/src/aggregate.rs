@@ -251,6 +251,9 @@ fn shape(
     })
 }
 
+/// The member of an aggregate's answer that lists its failed steps.
+pub const ERRORS_MEMBER: &str = "_errors";
+
 /// Compiles a route's or variant's `response`.
 pub fn compile_shape(c: &ShapeConfig, at: &str) -> Result<Shape, ConfigError> {
     shape(
@@ -496,6 +499,20 @@ fn compile_step(
         None,
         at,
     )?;
+    // `_errors` is the gateway's member, listing the failed steps: a step's data put there
+    // would be replaced whenever one fails.
+    if shape.group.as_deref() == Some(ERRORS_MEMBER) {
+        return Err(ConfigError::field(
+            format!("{at}.group"),
+            format!("{ERRORS_MEMBER:?} is the gateway's, for the steps that failed"),
+        ));
+    }
+    if let Some((from, _)) = shape.rename.iter().find(|(_, to)| &**to == ERRORS_MEMBER) {
+        return Err(ConfigError::field(
+            format!("{at}.rename.{from}"),
+            format!("{ERRORS_MEMBER:?} is the gateway's, for the steps that failed"),
+        ));
+    }
     Ok(Step {
         id: s.id.as_str().into(),
         upstream,
@@ -510,8 +527,9 @@ fn compile_step(
     })
 }
 
-/// Fields a step's request gets from the gateway, never copied from the client.
-const HOP_OR_GATEWAY_FIELDS: [&str; 19] = [
+/// Fields a step's request gets from the gateway, or that say where the request came from
+/// (which only the gateway may tell), never copied from the client.
+const HOP_OR_GATEWAY_FIELDS: [&str; 24] = [
     "host",
     "content-length",
     "content-type",
@@ -531,6 +549,11 @@ const HOP_OR_GATEWAY_FIELDS: [&str; 19] = [
     "x-forwarded-host",
     "x-request-id",
     "traceparent",
+    "content-language",
+    "forwarded",
+    "x-real-ip",
+    "http2-settings",
+    "via",
 ];
 
 fn check_cycles(steps: &[Step], at: &str) -> Result<(), ConfigError> {
@@ -632,6 +655,15 @@ pub fn compile_profile(
             return Err(ConfigError::field(
                 format!("{at}.{kind}.values"),
                 "at least one value is required",
+            ));
+        }
+        // A field's value is compared without the whitespace around it, which it never has.
+        if let Some(i) = (nv.values.iter())
+            .position(|v| kind == "header" && v.trim_matches([' ', '\t']).len() != v.len())
+        {
+            return Err(ConfigError::field(
+                format!("{at}.{kind}.values[{i}]"),
+                "a field value never starts or ends with whitespace, so this one would never match",
             ));
         }
         Ok((

@@ -1056,10 +1056,16 @@ fn route_action(
             )
         })?;
     for s in known.aggregates[index].steps.iter() {
-        crate::aggregate::check_params(
-            &s.path,
-            params,
-            &format!("{at}.aggregate ({a:?}, step {:?})", s.id),
+        // The field is the route's `aggregate` (a path the API turns into a JSON pointer);
+        // which step of it, the reason says.
+        crate::aggregate::check_params(&s.path, params, &format!("{at}.aggregate")).map_err(
+            |e| match e {
+                ConfigError::Invalid { path, reason } => ConfigError::Invalid {
+                    path,
+                    reason: format!("aggregate {a:?}, step {:?}, {reason}", s.id),
+                },
+                other => other,
+            },
         )?;
     }
     Ok(RouteAction::Aggregate { aggregate: index })

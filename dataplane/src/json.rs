@@ -180,6 +180,24 @@ impl<'a> Node<'a> {
         let Some((first, rest)) = path.split_first() else {
             return Ok(None);
         };
+        if let (b'[', Ok(index)) = (first_byte(self), first.parse::<usize>()) {
+            // An array's element by its index, as placeholders read them (`items.0`).
+            let node = std::mem::replace(self, Node::Value(Value::Null));
+            let mut value = node.into_value().map_err(|_| ShapeError::Unreadable)?;
+            let element = match &mut value {
+                Value::Array(items) if index < items.len() => Some(items.remove(index)),
+                _ => None,
+            };
+            *self = Node::Value(value);
+            let Some(element) = element else {
+                return Ok(None);
+            };
+            let mut element = Node::Value(element);
+            return match rest.is_empty() {
+                true => Ok(Some(element)),
+                false => element.take(rest),
+            };
+        }
         if !self.is_object() {
             return Ok(None);
         }
@@ -192,6 +210,34 @@ impl<'a> Node<'a> {
         } else {
             m[i].1.take(rest)
         }
+    }
+
+    /// Removes the member at `path` wherever it is, arrays on the way gone through (see
+    /// [`crate::shape::remove_all`]). `Err` for a value on the way that cannot be opened.
+    fn remove_all(&mut self, path: &[Box<str>]) -> Result<(), ShapeError> {
+        let Some((first, rest)) = path.split_first() else {
+            return Ok(());
+        };
+        match first_byte(self) {
+            b'[' => {
+                let node = std::mem::replace(self, Node::Value(Value::Null));
+                let mut value = node.into_value().map_err(|_| ShapeError::Unreadable)?;
+                crate::shape::remove_all(&mut value, path);
+                *self = Node::Value(value);
+            }
+            b'{' => {
+                let m = self.members().ok_or(ShapeError::Unreadable)?;
+                if let Some(i) = m.iter().position(|(k, _)| k == &**first) {
+                    if rest.is_empty() {
+                        m.remove(i);
+                    } else {
+                        m[i].1.remove_all(rest)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Writes the value as JSON text.
@@ -335,12 +381,16 @@ pub fn apply_rest<'a>(shape: &Shape, mut v: Node<'a>) -> Result<Node<'a>, ShapeE
         } else if v.is_object() {
             filter(&mut v, &shape.allow, &shape.deny)?;
             if let Some(m) = v.members() {
+                // All at once: `{a = "b", b = "a"}` swaps the two.
+                let mut moved = Vec::with_capacity(shape.rename.len());
                 for (from, to) in shape.rename.iter() {
                     if let Some(i) = m.iter().position(|(k, _)| k == &**from) {
-                        let (_, x) = m.remove(i);
-                        m.retain(|(k, _)| k != &**to);
-                        m.push((Cow::Owned(to.to_string()), x));
+                        moved.push((to, m.remove(i).1));
                     }
+                }
+                for (to, x) in moved {
+                    m.retain(|(k, _)| k != &**to);
+                    m.push((Cow::Owned(to.to_string()), x));
                 }
             }
         }
@@ -362,7 +412,7 @@ fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) -> Result<(
         *v = Node::Object(kept);
     }
     for path in deny {
-        v.take(path)?;
+        v.remove_all(path)?;
     }
     Ok(())
 }
@@ -563,6 +613,24 @@ mod tests {
         );
         let missing = apply(&shape, parse(br#"{"nodata": 1}"#).unwrap());
         assert_eq!(missing.unwrap_err(), ShapeError::TargetMissing);
+        // A target reaches into arrays by index, as placeholders do.
+        let indexed = Shape {
+            target: Some(vec!["items".into(), "1".into(), "sku".into()].into_boxed_slice()),
+            ..Shape::default()
+        };
+        let listed = br#"{"items": [{"sku": "a"}, {"sku": "b"}]}"#;
+        assert_eq!(
+            text(&apply(&indexed, parse(listed).unwrap()).unwrap()),
+            json!("b")
+        );
+        let past = Shape {
+            target: Some(vec!["items".into(), "2".into()].into_boxed_slice()),
+            ..Shape::default()
+        };
+        assert_eq!(
+            apply(&past, parse(listed).unwrap()).map(|_| ()),
+            Err(ShapeError::TargetMissing)
+        );
         // Untouched members are written back as they came, spacing and all.
         let deny = Shape {
             deny: paths(&["data.cost"]),
@@ -581,6 +649,24 @@ mod tests {
         };
         let n = apply(&arr, parse(br#"[{"cost": 1, "x": 2}, {"y": 3}]"#).unwrap()).unwrap();
         assert_eq!(text(&n), json!([{"x": 2}, {"y": 3}]));
+        // A denied path goes through the arrays on its way, at any depth.
+        let nested = Shape {
+            deny: paths(&["items.cost", "items.parts.secret"]),
+            ..Shape::default()
+        };
+        let body = br#"{"items": [{"sku": "a", "cost": 1, "parts": [{"secret": 1, "n": 2}]},
+                                  {"sku": "b", "cost": 2}, 7], "cost": 9}"#;
+        let n = apply(&nested, parse(body).unwrap()).unwrap();
+        assert_eq!(
+            text(&n),
+            json!({"items": [{"sku": "a", "parts": [{"n": 2}]}, {"sku": "b"}, 7], "cost": 9})
+        );
+        let in_array = [b"[", &body[..], b"]"].concat();
+        let n = apply(&nested, parse(&in_array).unwrap()).unwrap();
+        assert_eq!(
+            text(&n)[0]["items"][0],
+            json!({"sku": "a", "parts": [{"n": 2}]})
+        );
         // Nesting past MAX_DEPTH is refused when the text is checked.
         let deep = format!("[{}1{}]", "[".repeat(200), "]".repeat(200));
         assert!(parse(deep.as_bytes()).is_err());
@@ -618,6 +704,19 @@ mod tests {
             );
             assert_eq!(merged.is_err(), i == 1, "{merged:?}");
         }
+    }
+
+    #[test]
+    fn renames_apply_at_once() {
+        let swap = Shape {
+            rename: vec![("a".into(), "b".into()), ("b".into(), "a".into())].into_boxed_slice(),
+            ..Shape::default()
+        };
+        let n = apply(&swap, parse(br#"{"a": 1, "b": 2, "c": 3}"#).unwrap()).unwrap();
+        assert_eq!(text(&n), json!({"a": 2, "b": 1, "c": 3}));
+        // The same on an array's elements (the tree path).
+        let n = apply(&swap, parse(br#"[{"a": 1, "b": 2}]"#).unwrap()).unwrap();
+        assert_eq!(text(&n), json!([{"a": 2, "b": 1}]));
     }
 
     #[test]

@@ -30,18 +30,45 @@ pub fn lookup<'a>(mut v: &'a Value, path: &[Box<str>]) -> Option<&'a Value> {
     Some(v)
 }
 
+/// The member at `path`, taken out of `v`; arrays on the way are indexed (`items.0`).
 fn take(v: &mut Value, path: &[Box<str>]) -> Option<Value> {
     let (last, parents) = path.split_last()?;
     let mut at = v;
     for key in parents {
         at = match at {
             Value::Object(m) => m.get_mut(&**key)?,
+            Value::Array(a) => a.get_mut(key.parse::<usize>().ok()?)?,
             _ => return None,
         };
     }
     match at {
         Value::Object(m) => m.remove(&**last),
+        Value::Array(a) => {
+            let i = last.parse::<usize>().ok().filter(|&i| i < a.len())?;
+            Some(a.remove(i))
+        }
         _ => None,
+    }
+}
+
+/// Removes the member at `path` wherever it is: an array on the way is gone through, the
+/// rest of the path removed from each of its elements (`deny = ["items.cost"]` removes every
+/// item's cost).
+pub fn remove_all(v: &mut Value, path: &[Box<str>]) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(|i| remove_all(i, path)),
+        Value::Object(m) if rest.is_empty() => {
+            m.remove(&**first);
+        }
+        Value::Object(m) => {
+            if let Some(inner) = m.get_mut(&**first) {
+                remove_all(inner, rest);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -80,13 +107,15 @@ fn filter(v: &mut Value, shape: &Shape) {
                 *v = Value::Object(kept);
             }
             for path in shape.deny.iter() {
-                take(v, path);
+                remove_all(v, path);
             }
             if let Value::Object(m) = v {
-                for (from, to) in shape.rename.iter() {
-                    if let Some(x) = m.remove(&**from) {
-                        m.insert(to.to_string(), x);
-                    }
+                // All at once: `{a = "b", b = "a"}` swaps the two.
+                let moved: Vec<_> = (shape.rename.iter())
+                    .filter_map(|(from, to)| Some((to, m.remove(&**from)?)))
+                    .collect();
+                for (to, x) in moved {
+                    m.insert(to.to_string(), x);
                 }
             }
         }

@@ -286,6 +286,30 @@ fn placeholder_values_never_climb_out_of_the_step_path() {
 }
 
 #[test]
+fn failures_found_while_merging_are_counted_like_the_others() {
+    // An answer that is valid JSON but no object, with no group to put it under: the step
+    // fails as the answers are merged, and the metrics count it as any failed step.
+    let o = service(|target, _| match target {
+        "/list" => json_ok(json!([1, 2])),
+        _ => json_ok(json!({"ok": true})),
+    });
+    let steps = [step("fine", 0, ""), step("list", 0, "required = false")].concat();
+    let (gw, log) = one_aggregate(&[&o], "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["_errors"][0]["error"], "not_an_object");
+    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        m.contains(
+            "gateway_aggregate_step_failures_total{aggregate=\"agg\",step=\"list\",kind=\"not_an_object\"} 1"
+        ),
+        "{m}"
+    );
+    let line = log_line(&log, "\"failed_steps\":[\"list\"]");
+    assert!(line.contains("\"status\":200"), "{line}");
+}
+
+#[test]
 fn pass_headers_never_carry_fields_the_client_made_hop_by_hop() {
     // `X-Foo` is named by the client's Connection: hop-by-hop (RFC 9110 7.6.1), so it
     // reaches no step even where `pass_headers` asks for it; Authorization does.
@@ -1069,4 +1093,27 @@ fn validation_refuses_what_cannot_work() {
     assert!(e.contains("authentication policy"), "{e}");
     let e = check("[[routes]]\nid = \"r\"\npath = \"/a/{x}/{x}\"\nrespond = { body = \"x\" }\n");
     assert!(e.contains("appears twice"), "{e}");
+    // Fields that say where the request came from are the gateway's to set.
+    for field in ["Forwarded", "X-Real-IP", "Via", "HTTP2-Settings"] {
+        let e = check(&format!("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\npass_headers = [\"{field}\"]\n"));
+        assert!(e.contains("pass_headers[0]"), "{field}: {e}");
+    }
+    // `_errors` is the gateway's member.
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\ngroup = \"_errors\"\n");
+    assert!(e.contains("steps[0].group"), "{e}");
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\nrename = { e = \"_errors\" }\n");
+    assert!(e.contains("steps[0].rename.e"), "{e}");
+    // A header value that would never match.
+    let e = check(
+        "[[client_profiles]]\nid = \"p\"\nheader = { name = \"X-Client\", values = [\" ios\"] }\n",
+    );
+    assert!(e.contains("header.values[0]"), "{e}");
+    // A step parameter the route lacks: the field is the route's aggregate.
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x/{id}\"\n[[routes]]\nid = \"r\"\npath = \"/r\"\naggregate = \"a\"\n");
+    assert!(
+        e.contains(
+            "routes[0].aggregate: aggregate \"a\", step \"s\", uses the route parameter {id}"
+        ),
+        "{e}"
+    );
 }

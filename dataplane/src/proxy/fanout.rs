@@ -254,14 +254,17 @@ pub(super) async fn aggregate<S: ClientStream>(
     let started = Instant::now();
     let deadline = started + agg.deadline;
     let results = run_steps(ctx, snap, agg, &input, &body, deadline).await;
-    record(ctx, req, agg, &results);
+    let done = outcomes(req, &results);
     if client_left(down, req) {
         // Gone while the steps ran (nginx's 499): nothing to send, nothing to log as sent.
+        record(ctx, agg, done, &[]);
         req.fail(ErrorKind::ClientClosed);
         req.status = ErrorKind::ClientClosed.status();
         return Next::Cut;
     }
-    let (status, head_fields, mut out) = answer(agg, results, req);
+    let mut late = Vec::new();
+    let (status, head_fields, mut out) = answer(agg, results, req, &mut late);
+    record(ctx, agg, done, &late);
     let mut resp = Vec::with_capacity(160 + head_fields.len());
     resp.extend_from_slice(b"HTTP/1.1 ");
     crate::access_log::push_u64(&mut resp, u64::from(status));
@@ -668,31 +671,76 @@ async fn call(
 }
 
 /// Per-step metrics and the failed steps for the access log.
-fn record(
-    ctx: &WorkerCtx,
+/// Each step that ran: its index, how long it took (µs) and how it failed, if it did; the
+/// failed ones go into the access log's failed steps.
+fn outcomes(
     req: &mut RequestCtx,
-    agg: &Aggregate,
     results: &[Option<(Duration, StepOutcome)>],
-) {
-    let done = results.iter().enumerate().filter_map(|(j, r)| {
-        let (took, out) = r.as_ref()?;
-        let failed = out.as_ref().err().map(|f| f.error);
-        Some((j, took.as_micros() as u64, failed))
-    });
-    for (j, _, failed) in done.clone() {
+) -> Vec<(usize, u64, Option<StepError>)> {
+    let done: Vec<_> = (results.iter().enumerate())
+        .filter_map(|(j, r)| {
+            let (took, out) = r.as_ref()?;
+            Some((
+                j,
+                took.as_micros() as u64,
+                out.as_ref().err().map(|f| f.error),
+            ))
+        })
+        .collect();
+    for &(j, _, failed) in &done {
         if failed.is_some() {
             req.failed_steps.push(j as u16);
         }
     }
-    let steps = done.map(|(j, us, failed)| (&*agg.steps[j].id, us, failed));
+    done
+}
+
+/// Records each step's duration and failure in the metrics; `late`: steps that failed as
+/// their answers were shaped or merged.
+fn record(
+    ctx: &WorkerCtx,
+    agg: &Aggregate,
+    mut done: Vec<(usize, u64, Option<StepError>)>,
+    late: &[(usize, StepError)],
+) {
+    for &(j, e) in late {
+        if let Some(d) = done.iter_mut().find(|d| d.0 == j) {
+            d.2 = Some(e);
+        }
+    }
+    let steps = done
+        .iter()
+        .map(|&(j, us, failed)| (&*agg.steps[j].id, us, failed));
     ctx.metrics.steps(&agg.id, steps);
 }
 
-/// The status, the head fields (before Content-Length) and the body of the answer.
+/// A step that answered but failed as its answer was shaped or merged: recorded in `late`
+/// (for the metrics) and the access log's failed steps; the aggregate's answer if the step
+/// was required, else it goes into `_errors` (`None`).
+fn fail_late(
+    agg: &Aggregate,
+    j: usize,
+    f: Failure,
+    req: &mut RequestCtx,
+    errors: &mut Vec<Value>,
+    late: &mut Vec<(usize, StepError)>,
+) -> Option<(u16, Vec<u8>, Vec<u8>)> {
+    req.failed_steps.push(j as u16);
+    late.push((j, f.error));
+    if agg.steps[j].required {
+        return Some(step_failed(agg, j, f, req));
+    }
+    errors.push(error_member(&agg.steps[j].id, &f));
+    None
+}
+
+/// The status, the head fields (before Content-Length) and the body of the answer; steps
+/// that answered but failed as they were shaped or merged are added to `late`.
 fn answer(
     agg: &Aggregate,
     mut results: Vec<Option<(Duration, StepOutcome)>>,
     req: &mut RequestCtx,
+    late: &mut Vec<(usize, StepError)>,
 ) -> (u16, Vec<u8>, Vec<u8>) {
     let n = agg.steps.len();
     // A required step that failed: the first in step order decides.
@@ -734,26 +782,20 @@ fn answer(
         });
         let mut node = match shaped {
             Ok(node) => node,
-            Err(f) => {
-                req.failed_steps.push(j as u16);
-                if step.required {
-                    return step_failed(agg, j, f, req);
-                }
-                errors.push(error_member(&step.id, &f));
-                continue;
-            }
+            Err(f) => match fail_late(agg, j, f, req, &mut errors, late) {
+                Some(refused) => return refused,
+                None => continue,
+            },
         };
         let Some(members) = node.members() else {
             let f = Failure::new(
                 StepError::NotAnObject,
                 "its result is not a JSON object; give the step a `group`",
             );
-            req.failed_steps.push(j as u16);
-            if step.required {
-                return step_failed(agg, j, f, req);
+            match fail_late(agg, j, f, req, &mut errors, late) {
+                Some(refused) => return refused,
+                None => continue,
             }
-            errors.push(error_member(&step.id, &f));
-            continue;
         };
         let path = match json::merge(&mut merged, std::mem::take(members), agg.on_conflict) {
             Ok(()) => continue,
@@ -765,12 +807,10 @@ fn answer(
                     StepError::InvalidJson,
                     format!("its answer meets another's in {}", json::UNREADABLE),
                 );
-                req.failed_steps.push(j as u16);
-                if step.required {
-                    return step_failed(agg, j, f, req);
+                match fail_late(agg, j, f, req, &mut errors, late) {
+                    Some(refused) => return refused,
+                    None => continue,
                 }
-                errors.push(error_member(&step.id, &f));
-                continue;
             }
         };
         {
@@ -796,8 +836,10 @@ fn answer(
     }
     let complete = errors.is_empty();
     if !complete {
-        merged.retain(|(k, _)| k != "_errors");
-        merged.push(("_errors".into(), Node::Value(Value::Array(errors))));
+        // The gateway's member: one an answer had (no step can put one there) is replaced.
+        let name = common::aggregate::ERRORS_MEMBER;
+        merged.retain(|(k, _)| k != name);
+        merged.push((name.into(), Node::Value(Value::Array(errors))));
     }
     let mut head = Vec::with_capacity(96);
     head.extend_from_slice(b"Content-Type: application/json\r\nX-Gateway-Completed: ");
