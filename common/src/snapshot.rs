@@ -2,6 +2,7 @@
 //! validating function that builds it from a [`Config`]. A config file and (later) an admin API
 //! change both go through it, so an invalid config cannot be represented in a snapshot.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -426,10 +427,13 @@ impl Snapshot {
                     format!("{:?} is not an IP:PORT socket address", l.address),
                 )
             })?;
-            if listeners.contains(&addr) && addr.port() != 0 {
+            if let Some(other) = listeners.iter().find(|&&o| same_socket(o, addr)) {
                 return Err(ConfigError::field(
                     format!("listeners[{i}].address"),
-                    format!("{addr} is listed twice"),
+                    match *other == addr {
+                        true => format!("{addr} is listed twice"),
+                        false => format!("{addr} and {other} cannot both be bound"),
+                    },
                 ));
             }
             listeners.push(addr);
@@ -516,6 +520,8 @@ impl Snapshot {
             profiles: &profiles,
             transcoders: &transcoders,
         };
+        // Earlier routes by path (see `path_key`): a route is checked against those only.
+        let mut by_path: HashMap<(bool, Vec<u8>), Vec<usize>> = HashMap::new();
         for (i, r) in config.routes.iter().enumerate() {
             let mut route = compile_route(r, i, &config, &known)?;
             route.policies = crate::policy::route_policies(
@@ -530,7 +536,9 @@ impl Snapshot {
                     crate::policy::PolicyKind::Cors(_)
                 )
             });
-            add_to_router(&mut router, r, i, &config.routes)?;
+            let same_path = by_path.entry(path_key(r)).or_default();
+            add_to_router(&mut router, r, i, &config.routes, same_path)?;
+            same_path.push(i);
             routes.push(route);
         }
         router
@@ -600,10 +608,13 @@ impl Snapshot {
                 format!("{:?} is not an IP:PORT socket address", config.admin.listen),
             )
         })?;
-        if listeners.contains(&admin_listen) && admin_listen.port() != 0 {
+        if let Some(l) = listeners.iter().find(|&&l| same_socket(l, admin_listen)) {
             return Err(ConfigError::field(
                 "admin.listen",
-                format!("{admin_listen} is also a data-plane listener"),
+                match *l == admin_listen {
+                    true => format!("{admin_listen} is also a data-plane listener"),
+                    false => format!("{admin_listen} overlaps the data-plane listener {l}"),
+                },
             ));
         }
         if let Some(token) = &config.admin.token {
@@ -1028,6 +1039,16 @@ fn check_shaped(
 }
 
 /// A route's or variant's `upstream` / `aggregate` (exactly one is set).
+/// Whether sockets bound to `a` and `b` would clash: one port (not 0, which picks a free
+/// one), one address family (listeners are IPv6-only), and the same address or a wildcard
+/// (`0.0.0.0`, `[::]`) on either side.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn route_action(
     upstream: Option<&str>,
     aggregate: Option<&str>,
@@ -1246,11 +1267,31 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     })
 }
 
+/// What makes two routes' paths the same: exact or prefix, and the path with every
+/// parameter segment written `{}` (`/a/{id}` and `/a/{sku}` match the same requests).
+fn path_key(r: &RouteConfig) -> (bool, Vec<u8>) {
+    match (&r.path, &r.path_prefix) {
+        (Some(p), _) => {
+            let segs: Vec<&[u8]> = (p.as_bytes().split(|&c| c == b'/'))
+                .map(|s| match s.first() {
+                    Some(b'{') => &b"{}"[..],
+                    _ => s,
+                })
+                .collect();
+            (true, segs.join(&b'/'))
+        }
+        (_, Some(p)) => (false, p.as_bytes().to_vec()),
+        _ => (false, Vec::new()),
+    }
+}
+
+/// Adds route `i` to the router; `same_path`: the earlier routes with its [`path_key`].
 fn add_to_router(
     router: &mut Router,
     r: &RouteConfig,
     i: usize,
     all: &[RouteConfig],
+    same_path: &[usize],
 ) -> Result<(), ConfigError> {
     let at = format!("routes[{i}]");
     let (path, exact) = match (&r.path, &r.path_prefix) {
@@ -1260,12 +1301,8 @@ fn add_to_router(
     };
     // Two routes with the same host key and path, whose method sets overlap, would make the
     // second one unreachable: refuse instead of silently shadowing it.
-    for (j, o) in all[..i].iter().enumerate() {
-        let same_path = match (&o.path, &o.path_prefix) {
-            (Some(p), _) => exact && same_pattern(p.as_bytes(), path),
-            (_, Some(p)) => !exact && p.as_bytes() == path,
-            _ => false,
-        };
+    for &j in same_path {
+        let o = &all[j];
         let hosts_overlap = (o.hosts.is_empty() && r.hosts.is_empty())
             || o.hosts
                 .iter()
@@ -1273,7 +1310,7 @@ fn add_to_router(
         let methods_overlap = o.methods.is_empty()
             || r.methods.is_empty()
             || o.methods.iter().any(|m| r.methods.contains(m));
-        if same_path && hosts_overlap && methods_overlap {
+        if hosts_overlap && methods_overlap {
             return Err(ConfigError::field(
                 at,
                 format!(
@@ -1324,21 +1361,6 @@ fn add_to_router(
 }
 
 /// Whether two `path`s match the same requests (parameter names aside).
-fn same_pattern(a: &[u8], b: &[u8]) -> bool {
-    let segs = |p: &[u8]| -> Vec<Vec<u8>> {
-        p.split(|&c| c == b'/')
-            .map(|s| {
-                if s.first() == Some(&b'{') {
-                    b"{}".to_vec()
-                } else {
-                    s.to_vec()
-                }
-            })
-            .collect()
-    };
-    segs(a) == segs(b)
-}
-
 fn insert(table: &mut PathTable, path: &[u8], exact: bool, id: u32) {
     if exact && path.contains(&b'{') {
         table.insert_param(path, id);

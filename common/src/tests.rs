@@ -199,6 +199,19 @@ fn errors_name_the_field() {
         "{base}[[routes]]\nid = \"a\"\npath = \"/x\"\nhosts = [\"bad host\"]\nrespond = {{}}\n"
     ));
     assert_eq!(e.path(), "routes[0].hosts[0]");
+    let e = err(&format!(
+        "{base}[[routes]]\nid = \"a\"\npath = \"/x\"\nhosts = [\"[not an ipv6\\r\\n]\"]\nrespond = {{}}\n"
+    ));
+    assert_eq!(e.path(), "routes[0].hosts[0]");
+
+    // Sockets that cannot both be bound: a wildcard takes its port for every address of
+    // its family (listeners are IPv6-only, so IPv4 and IPv6 do not meet).
+    let e = err("[[listeners]]\naddress = \"0.0.0.0:23085\"\n[[listeners]]\naddress = \"127.0.0.1:23085\"\n");
+    assert_eq!(e.path(), "listeners[1].address");
+    let e =
+        err("[[listeners]]\naddress = \"0.0.0.0:23085\"\n[admin]\nlisten = \"127.0.0.1:23085\"\n");
+    assert_eq!(e.path(), "admin.listen");
+    assert!(compile("[[listeners]]\naddress = \"0.0.0.0:23085\"\n[[listeners]]\naddress = \"[::]:23085\"\n[[listeners]]\naddress = \"127.0.0.1:23086\"\n").is_ok());
 }
 
 #[test]

@@ -33,7 +33,10 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
-        || (name.starts_with('[') && name.ends_with(']'))
+        || name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 /// RFC 9110 `tchar`.
@@ -61,4 +64,27 @@ pub(crate) fn hex32(s: &str) -> Option<[u8; 32]> {
 /// Lower-case hex of `b`.
 pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_are_names_or_ipv6_literals() {
+        for ok in ["api.example.com", "a_b-c", "[::1]", "[2001:db8::7]"] {
+            assert!(valid_host_pattern(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a..b",
+            "a b",
+            "[not an ipv6\r\n]",
+            "[]",
+            "[1.2.3.4]",
+            "[::1",
+        ] {
+            assert!(!valid_host_pattern(bad), "{bad:?}");
+        }
+    }
 }

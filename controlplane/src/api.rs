@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::extract::{FromRequestParts, RawQuery, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -80,6 +81,9 @@ pub struct Problem {
     pub detail: String,
     /// JSON pointer (RFC 6901) of the offending field in the request body, if any.
     pub pointer: Option<String>,
+    /// A PATCH refused for its media type: the answer names the ones taken (`Accept-Patch`,
+    /// RFC 5789 2.2).
+    accept_patch: bool,
 }
 
 impl Problem {
@@ -89,6 +93,7 @@ impl Problem {
             title,
             detail: detail.into(),
             pointer: None,
+            accept_patch: false,
         }
     }
 
@@ -99,6 +104,25 @@ impl Problem {
 
     pub(crate) fn not_found(what: String) -> Self {
         Problem::new(StatusCode::NOT_FOUND, "Not Found", what)
+    }
+}
+
+/// axum's path extractor, refusing (an id that is not UTF-8) with problem+json like every
+/// other error of the API, not plain text.
+struct Path<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(t)) => Ok(Path(t)),
+            Err(e) => Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "Bad Path",
+                e.body_text(),
+            )),
+        }
     }
 }
 
@@ -118,6 +142,12 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if self.accept_patch {
+            resp.headers_mut().insert(
+                HeaderName::from_static("accept-patch"),
+                HeaderValue::from_static("application/merge-patch+json, application/json"),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -549,10 +579,15 @@ fn entity_tags(value: &str) -> Vec<String> {
 
 impl Preconditions {
     fn from(headers: &HeaderMap) -> Preconditions {
+        // Every line of the field: several lines are one comma-separated list (RFC 9110 5.3).
         let parse = |name: header::HeaderName| {
-            headers
-                .get(&name)
-                .map(|v| entity_tags(&String::from_utf8_lossy(v.as_bytes())))
+            let mut lines = headers.get_all(&name).iter().peekable();
+            lines.peek()?;
+            Some(
+                lines
+                    .flat_map(|v| entity_tags(&String::from_utf8_lossy(v.as_bytes())))
+                    .collect(),
+            )
         };
         Preconditions {
             if_match: parse(header::IF_MATCH),
@@ -560,8 +595,9 @@ impl Preconditions {
         }
     }
 
-    /// Checks against the current ETag of the target (`None`: it does not exist). Weak
-    /// comparison never matches here: writes need strong validators.
+    /// Checks against the current ETag of the target (`None`: it does not exist): `If-Match`
+    /// by strong comparison (a weak tag never matches: writes need strong validators),
+    /// `If-None-Match` by weak comparison (RFC 9110 13.1.2: `W/"x"` matches `"x"`).
     fn check(&self, current: Option<&str>) -> Result<(), Problem> {
         let failed = |detail: String| {
             Err(Problem::new(
@@ -584,7 +620,9 @@ impl Preconditions {
             }
         }
         if let Some(tags) = &self.if_none_match {
-            if matches(tags) {
+            let weak = |t: &String| t.strip_prefix("W/").unwrap_or(t).to_owned();
+            let weakened: Vec<String> = tags.iter().map(weak).collect();
+            if matches(&weakened) {
                 return failed(format!(
                     "If-None-Match {} matches the current ETag {}",
                     tags.join(", "),
@@ -1295,7 +1333,7 @@ async fn json_body(headers: &HeaderMap, body: Body, patch: bool) -> Result<Value
         .to_ascii_lowercase();
     let ok = mime == "application/json" || (patch && mime == "application/merge-patch+json");
     if !ok {
-        return Err(Problem::new(
+        let mut p = Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Unsupported Media Type",
             format!(
@@ -1306,7 +1344,9 @@ async fn json_body(headers: &HeaderMap, body: Body, patch: bool) -> Result<Value
                     ""
                 }
             ),
-        ));
+        );
+        p.accept_patch = patch;
+        return Err(p);
     }
     let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         Problem::new(

@@ -189,6 +189,38 @@ fn conditional_writes() {
     };
     assert_eq!(create_only("x").status, 201);
     problem(&create_only("x"), 412);
+    // Every line of a precondition counts (one list), and If-None-Match compares weakly.
+    let current = gw
+        .admin("GET", "/v1/routes/x", None)
+        .header("etag")
+        .unwrap()
+        .to_owned();
+    let weak = format!("W/{current}");
+    for headers in [
+        vec![("If-None-Match", "\"other\""), ("If-None-Match", "*")],
+        vec![("If-None-Match", weak.as_str())],
+    ] {
+        let mut all = vec![("Authorization", auth.as_str())];
+        all.extend(headers.iter().copied());
+        let r = gw.admin_with(
+            "PUT",
+            "/v1/routes/x",
+            Some(r#"{"path":"/y","respond":{}}"#),
+            &all,
+        );
+        problem(&r, 412);
+    }
+    let r = gw.admin_with(
+        "PUT",
+        "/v1/routes/x",
+        Some(r#"{"path":"/y","respond":{}}"#),
+        &[
+            ("Authorization", &auth),
+            ("If-Match", "\"other\""),
+            ("If-Match", &current),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
     // The whole config has an ETag too.
     let cfg = gw.admin("GET", "/v1/config", None);
     let cfg_etag = cfg.header("etag").unwrap().to_owned();
@@ -349,6 +381,22 @@ fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         &[("Authorization", &auth), ("Content-Type", "text/plain")],
     );
     problem(&r, 415);
+    // A PATCH refused for its media type names the ones taken (RFC 5789 2.2).
+    let r = gw.admin_with(
+        "PATCH",
+        "/v1/routes/health",
+        Some(r#"{"respond":{}}"#),
+        &[("Authorization", &auth), ("Content-Type", "text/plain")],
+    );
+    problem(&r, 415);
+    assert_eq!(
+        r.header("accept-patch"),
+        Some("application/merge-patch+json, application/json")
+    );
+    // A path the API cannot read is refused like any other bad input: problem+json.
+    for path in ["/v1/routes/%FF", "/v1/revisions/%FF"] {
+        problem(&gw.admin("GET", path, None), 400);
+    }
     let p = problem(
         &gw.admin(
             "PUT",
