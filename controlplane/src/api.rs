@@ -32,6 +32,9 @@ use common::policy::constant_time_eq;
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// The largest body of a write of the whole config (`PUT /v1/config`, a batch), and the
+/// largest a config may grow to: what `GET /v1/config` returns can always be PUT back.
+pub const MAX_CONFIG_BODY: usize = 32 * 1024 * 1024;
 
 /// What the data plane runs on, for `/v1/status`.
 #[derive(Debug, Clone)]
@@ -810,6 +813,17 @@ impl Admin {
                 )
                 .at("/admin"));
             }
+            let size = serde_json::to_vec(&next).map_or(0, |v| v.len());
+            if size > MAX_CONFIG_BODY {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid Config",
+                    format!(
+                        "the config would be {size} bytes, over {MAX_CONFIG_BODY}: what GET \
+                         /v1/config returns could no longer be PUT back"
+                    ),
+                ));
+            }
             let changes = diff(current, &next);
             let removed = removed_items(current, &next);
             if let Store::Etcd(e) = &mut *store {
@@ -1320,7 +1334,12 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
 }
 
 /// Reads a JSON body: right content type (415), at most 1 MiB (413), well-formed (400).
-async fn json_body(headers: &HeaderMap, body: Body, patch: bool) -> Result<Value, Problem> {
+async fn json_body(
+    headers: &HeaderMap,
+    body: Body,
+    patch: bool,
+    limit: usize,
+) -> Result<Value, Problem> {
     let ctype = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1348,11 +1367,11 @@ async fn json_body(headers: &HeaderMap, body: Body, patch: bool) -> Result<Value
         p.accept_patch = patch;
         return Err(p);
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "Content Too Large",
-            format!("the body exceeds {MAX_BODY} bytes"),
+            format!("the body exceeds {limit} bytes"),
         )
     })?;
     serde_json::from_slice(&bytes)
@@ -1485,7 +1504,7 @@ async fn put_config(
 ) -> Result<Response, Problem> {
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
-    let value = json_body(&headers, body, false).await?;
+    let value = json_body(&headers, body, false, MAX_CONFIG_BODY).await?;
     let config: Config = typed(value)?;
     let applied = admin.apply(dry_run, "api: PUT /v1/config", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
@@ -1551,7 +1570,7 @@ async fn write_item(
     let dry_run = q.dry_run()?;
     let pre = Preconditions::from(headers);
     let patch = method == Method::PATCH;
-    let input = json_body(headers, body, patch).await?;
+    let input = json_body(headers, body, patch, MAX_BODY).await?;
     let mut created = false;
     let (applied, (etag, value)) = admin
         .apply_then(
@@ -1736,7 +1755,7 @@ async fn batch(
 ) -> Result<Response, Problem> {
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
-    let batch: Batch = typed(json_body(&headers, body, false).await?)?;
+    let batch: Batch = typed(json_body(&headers, body, false, MAX_CONFIG_BODY).await?)?;
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
         let mut next = store.config().clone();

@@ -567,6 +567,29 @@ fn dry_runs_and_refused_writes_use_up_no_metric_slots() {
 }
 
 #[test]
+fn a_config_over_a_mebibyte_can_still_be_put_back() {
+    // Items are at most 1 MiB each, the whole config (PUT /v1/config, a batch) up to
+    // 32 MiB: what GET returns can always be PUT back.
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let body = "x".repeat(60_000);
+    for i in 0..20 {
+        let r = gw.admin(
+            "PUT",
+            &format!("/v1/routes/big-{i}"),
+            Some(&format!(
+                r#"{{"path":"/big/{i}","respond":{{"body":"{body}"}}}}"#
+            )),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    let config = gw.admin("GET", "/v1/config", None);
+    assert!(config.body.len() > 1024 * 1024, "{}", config.body.len());
+    let r = gw.admin("PUT", "/v1/config", Some(config.body_str()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+}
+
+#[test]
 fn revisions_rollback_and_batches() {
     let origin = Origin::echo();
     let gw = start(&origin);
