@@ -314,7 +314,7 @@ impl Kind {
                 upsert(&mut c.credentials, item, |u| u.id == id)
             }
             Kind::Policies => {
-                let item: PolicyConfig = typed(value)?;
+                let item = typed_policy(value)?;
                 upsert(&mut c.policies, item, |u| u.id() == id)
             }
             Kind::Aggregates => {
@@ -474,6 +474,54 @@ fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Problem> {
             "Invalid Value"
         };
         Problem::new(status, title, detail).at(pointer)
+    })
+}
+
+/// A policy from its JSON. serde reads a `kind`-tagged enum through a buffer that forgets
+/// where in it an error was, so an error is found again by reading the body as the kind's
+/// own type, which keeps the path (`/allow`, not the whole policy).
+fn typed_policy(value: Value) -> Result<PolicyConfig, Problem> {
+    let copy = value.clone();
+    typed::<PolicyConfig>(value).map_err(|p| policy_problem(&copy).unwrap_or(p))
+}
+
+/// The error in policy `value` with its path, read as the type its `kind` names; `None` if
+/// that finds none (an unknown kind, or no error at all).
+fn policy_problem(value: &Value) -> Option<Problem> {
+    let mut v = value.clone();
+    let kind = v.as_object_mut()?.remove("kind")?;
+    use common::config::{
+        AclConfig, ApiKeyConfig, CorsConfig, DomainConfig, IpFilterConfig, JwtConfig,
+        RateLimitConfig,
+    };
+    match kind.as_str()? {
+        "ip_filter" => typed::<IpFilterConfig>(v).err(),
+        "domain" => typed::<DomainConfig>(v).err(),
+        "cors" => typed::<CorsConfig>(v).err(),
+        "api_key" => typed::<ApiKeyConfig>(v).err(),
+        "jwt" => typed::<JwtConfig>(v).err(),
+        "acl" => typed::<AclConfig>(v).err(),
+        "rate_limit" => typed::<RateLimitConfig>(v).err(),
+        _ => None,
+    }
+}
+
+/// A whole config from its JSON, an error in one of its policies found as [`typed_policy`]
+/// finds it.
+fn typed_config(value: Value) -> Result<Config, Problem> {
+    let copy = value.clone();
+    typed::<Config>(value).map_err(|p| {
+        let index = (p.pointer.as_deref())
+            .and_then(|ptr| ptr.strip_prefix("/policies/"))
+            .and_then(|i| i.parse::<usize>().ok());
+        let inner = index.and_then(|i| policy_problem(copy.get("policies")?.get(i)?));
+        match (index, inner) {
+            (Some(i), Some(mut inner)) => {
+                let rest = inner.pointer.take().unwrap_or_default();
+                inner.at(format!("/policies/{i}{rest}"))
+            }
+            _ => p,
+        }
     })
 }
 
@@ -1505,7 +1553,7 @@ async fn put_config(
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
     let value = json_body(&headers, body, false, MAX_CONFIG_BODY).await?;
-    let config: Config = typed(value)?;
+    let config = typed_config(value)?;
     let applied = admin.apply(dry_run, "api: PUT /v1/config", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
         Ok(config.clone())

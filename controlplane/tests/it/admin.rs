@@ -305,6 +305,32 @@ fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         422,
     );
     assert_eq!(p["pointer"], json!("/targets/0/weight"), "{p}");
+    // Inside a policy (a `kind`-tagged type) too, the pointer names the field.
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/policies/p1",
+            Some(r#"{"kind":"ip_filter","allow":"x"}"#),
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/allow"), "{p}");
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/policies/p1",
+            Some(r#"{"kind":"ip_filter","alow":["10.0.0.0/8"]}"#),
+        ),
+        400,
+    );
+    assert_eq!(p["pointer"], json!("/alow"), "{p}");
+    let mut whole = gw.admin("GET", "/v1/config", None).json();
+    whole["policies"] = json!([{"id": "p1", "kind": "ip_filter", "allow": "x"}]);
+    let p = problem(
+        &gw.admin("PUT", "/v1/config", Some(&whole.to_string())),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/policies/0/allow"), "{p}");
     let p = problem(
         &gw.admin(
             "PUT",
