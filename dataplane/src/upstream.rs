@@ -37,10 +37,6 @@ pub struct UpstreamConn {
     /// that takes a splice, the next answer's head is read with at most
     /// [`crate::splice::HEAD_READ`] bytes, so a large body stays in the socket.
     pub large_answers: bool,
-    /// Its last answer was one a misbehaving upstream might follow with bytes of its own
-    /// (a body to a HEAD, a 204 or a 304): checked before its next use whatever its idle
-    /// time.
-    pub(crate) check_next: bool,
     /// The deadline of its reads.
     timer: crate::io::ReadTimer,
     /// The client connection its current exchange is for, if that client is to be watched
@@ -140,7 +136,6 @@ impl UpstreamConn {
             counted: None,
             large_answers: false,
             timer: crate::io::ReadTimer::default(),
-            check_next: false,
             watch: None,
         }
     }
@@ -187,11 +182,6 @@ pub fn is_send_timeout(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ETIMEDOUT)
 }
 
-/// Idle time after which a pooled connection is checked before reuse. Checking every reuse
-/// (one `recv` with `MSG_PEEK`) cost 4% of the requests per CPU-second of small answers
-/// (`docs/perf/pool-peek-ab-2cpu.csv`); busy connections come back well within this.
-pub const CHECK_AFTER_IDLE: Duration = Duration::from_millis(100);
-
 /// Whether an idle connection is still open and has no unexpected bytes waiting.
 fn still_open(stream: &TcpStream) -> bool {
     crate::io::peek(stream.as_raw_fd()) == crate::io::Peeked::Nothing
@@ -217,24 +207,19 @@ impl Pool {
         }
     }
 
-    /// The most recently returned live connection to `addr`, if any. A connection is first
-    /// checked with a non-blocking peek, so that one the upstream closed while it sat in the
-    /// pool (its keep-alive timeout), or sent unasked bytes on, is not used, when it was
-    /// idle for more than [`CHECK_AFTER_IDLE`], when its last answer asks for it
-    /// ([`UpstreamConn::check_next`]), or `always` (for a request that could not be sent
-    /// again on a fresh connection if this one turned out closed); otherwise, under load,
-    /// connections come back sooner and cost no extra syscall.
-    pub fn take(
-        &mut self,
-        addr: SocketAddr,
-        now: Instant,
-        always: bool,
-    ) -> Option<Box<UpstreamConn>> {
+    /// The most recently returned live connection to `addr`, if any, checked first with a
+    /// non-blocking peek: one the upstream closed while it sat in the pool (its keep-alive
+    /// timeout) is not used, nor one it sent bytes on that nobody asked for (a second answer,
+    /// a body after a HEAD answer): read as the next request's answer, they would give one
+    /// client another's response, and every later client on the connection the one before
+    /// theirs. nginx and HAProxy watch idle connections for the same reason. The peek is a
+    /// system call per reuse: 4% of the requests per CPU-second at small answers
+    /// (`docs/perf/pool-peek-ab-2cpu.csv`), the price of never mixing answers up.
+    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
-            let unchecked = idle < CHECK_AFTER_IDLE && !conn.check_next && !always;
-            if idle < self.idle_timeout && (unchecked || still_open(&conn.stream)) {
+            if idle < self.idle_timeout && still_open(&conn.stream) {
                 return Some(conn);
             }
         }

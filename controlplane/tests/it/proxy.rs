@@ -621,15 +621,15 @@ fn dead_pooled_connection_is_retried_for_idempotent_requests(driver: Driver) {
         c.roundtrip("GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").status,
         200
     );
-    // Idle for less than the pool's check time: the GET goes out on the dead connection,
-    // and is sent again on a fresh one, the client never notices.
+    // The pooled connection is looked at before use, found closed, and not used: the
+    // request goes on a fresh one (a connection closing just as it is used has the
+    // request sent again, when idempotent), the client never notices, and neither does a
+    // POST, which could not be sent again.
     thread::sleep(Duration::from_millis(60));
     assert_eq!(
         c.roundtrip("GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").status,
         200
     );
-    // Not idempotent, so it could not be sent again: its pooled connection is looked at
-    // first, found closed, and not used.
     thread::sleep(Duration::from_millis(60));
     let r = c.roundtrip("POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
     assert_eq!(r.status, 200);

@@ -921,19 +921,32 @@ fn max_connections_holds_for_connections_being_opened() {
 
 /// An origin that misbehaves after some answers: `/close` answers and closes 20 ms later
 /// without saying so (no `Connection: close`); a HEAD gets its head, then 20 ms later the
-/// body it should not have (a buggy framework). Everything else is answered `ok`.
+/// body it should not have (a buggy framework); `/twice` is answered, then 20 ms later
+/// answered again. Everything else is answered `ok`, or its target when it is `/echo...`.
 fn sloppy_origin() -> Origin {
     Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let head = req.request_line().starts_with("HEAD ");
+        if req.target().starts_with("/echo") {
+            let t = req.target();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{t}",
+                t.len()
+            );
+            return Keep::Open;
+        }
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
         if !head {
             let _ = s.write_all(b"ok");
         }
-        if head || req.target() == "/close" {
+        if head || req.target() == "/close" || req.target() == "/twice" {
             thread::sleep(Duration::from_millis(20));
         }
         if head {
             let _ = s.write_all(b"ok");
+        }
+        if req.target() == "/twice" {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale");
         }
         match req.target() == "/close" {
             true => Keep::Close,
@@ -959,8 +972,20 @@ fn a_pooled_connection_that_went_bad_is_not_used() {
     let r = c.roundtrip("HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(r.status, 200);
     thread::sleep(Duration::from_millis(50));
-    let r = c.roundtrip("GET /next HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = c.roundtrip("GET /echo-after-head HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!((r.status, r.body_str()), (200, "/echo-after-head"));
+    // Nor a second answer to one request: each client gets the answer to its own, never
+    // the one before (which would then shift every later answer on the connection).
+    let r = c.roundtrip("GET /twice HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!((r.status, r.body_str()), (200, "ok"));
+    thread::sleep(Duration::from_millis(50));
+    for n in 0..3 {
+        let target = format!("/echo-{n}");
+        let r = gw
+            .connect()
+            .roundtrip(&format!("GET {target} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!((r.status, r.body_str()), (200, target.as_str()));
+    }
 }
 
 #[test]

@@ -86,9 +86,7 @@ pub(crate) enum Outcome {
 /// Where sessions come from, and the worker's balancing state.
 pub(crate) trait SessionSource {
     /// An idle connection to `target`, if one is pooled.
-    /// An idle connection to `target`, checked first when `check` (see [`crate::upstream::Pool::take`]).
-    fn take_idle(&self, target: SocketAddr, now: Instant, check: bool)
-        -> Option<Box<UpstreamConn>>;
+    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>>;
     /// Keeps a connection for reuse.
     fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant);
     /// Opens a new connection.
@@ -111,13 +109,8 @@ pub(crate) trait SessionSource {
 }
 
 impl SessionSource for WorkerCtx {
-    fn take_idle(
-        &self,
-        target: SocketAddr,
-        now: Instant,
-        check: bool,
-    ) -> Option<Box<UpstreamConn>> {
-        self.pool.borrow_mut().take(target, now, check)
+    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
+        self.pool.borrow_mut().take(target, now)
     }
 
     fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant) {
@@ -198,10 +191,6 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     /// The retry policy, when the request may be sent again at all (its whole body is in
     /// hand and its method is one the policy retries).
     retry: Option<&'a RetryPolicy>,
-    /// Whether the request can be sent again on a fresh connection (its whole body in hand,
-    /// an idempotent method): then a pooled connection that turns out closed costs a resend,
-    /// and it is not checked before use unless it sat idle a while.
-    replayable: bool,
     /// A clock reading from the start of the request, used once for the first pooled take
     /// (the pool's idle check does not need a fresher one).
     now: Cell<Option<Instant>>,
@@ -288,7 +277,6 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             send_timeout: timeouts.upstream_send,
             key,
             retry,
-            replayable: replayable && idempotent,
             now: Cell::new(None),
             rr: Cell::new(None),
         }
@@ -365,7 +353,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         rec.connect = None;
         // The first try reuses the request's clock reading; a retry reads it again.
         let now = self.now.take().unwrap_or_else(Instant::now);
-        let conn = self.source.take_idle(target.addr, now, !self.replayable)?;
+        let conn = self.source.take_idle(target.addr, now)?;
         Some(Session {
             conn,
             target: target.addr,
@@ -665,12 +653,7 @@ mod tests {
     }
 
     impl SessionSource for FakePool {
-        fn take_idle(
-            &self,
-            _target: SocketAddr,
-            _now: Instant,
-            _check: bool,
-        ) -> Option<Box<UpstreamConn>> {
+        fn take_idle(&self, _target: SocketAddr, _now: Instant) -> Option<Box<UpstreamConn>> {
             self.idle.borrow_mut().pop()
         }
 

@@ -81,11 +81,7 @@ pub(crate) async fn read_head(
                 Ok(Some(resp)) if (100..200).contains(&resp.status) && resp.status != 101 => {
                     return Ok(HeadRead::Interim(resp));
                 }
-                Ok(Some(resp)) => {
-                    // An answer with no body, which a misbehaving upstream might still send.
-                    conn.check_next = is_head || matches!(resp.status, 204 | 304);
-                    return Ok(HeadRead::Final(resp));
-                }
+                Ok(Some(resp)) => return Ok(HeadRead::Final(resp)),
                 Ok(None) => {}
                 Err(_) => return Err(ErrorKind::UpstreamMalformed.into()),
             }
