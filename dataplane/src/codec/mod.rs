@@ -90,6 +90,16 @@ pub enum BodyKind {
     UntilClose,
 }
 
+/// Field names equal ignoring case and taking `_` for `-`, as CGI-style servers do
+/// (`X_Forwarded_For` is their `HTTP_X_FORWARDED_FOR`, as `X-Forwarded-For` is).
+pub(crate) fn same_field_name(a: &[u8], b: &[u8]) -> bool {
+    let norm = |c: u8| match c {
+        b'_' => b'-',
+        c => c.to_ascii_lowercase(),
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| norm(x) == norm(y))
+}
+
 /// Per-connection scratch that a parse fills: field lines to leave out when forwarding, and the
 /// client's `X-Forwarded-For` values. Reused from request to request, so it does not allocate
 /// once warm.

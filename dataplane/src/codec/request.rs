@@ -262,12 +262,18 @@ pub fn parse_request_into(
                 }
                 drop = true;
             }
-            15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
-                if !value.is_empty() {
+            // The forwarding fields, also spelled with `_` (which CGI-style upstreams read as
+            // the same variable): only the gateway's reach the upstream. Of a client's
+            // `X-Forwarded-For` the values stay, the client's address appended.
+            15 if super::same_field_name(name, b"x-forwarded-for") => {
+                if !value.is_empty() && name.eq_ignore_ascii_case(b"x-forwarded-for") {
                     plan.xff.push(span_of(buf, value));
                 }
                 drop = true;
             }
+            // RFC 7239's: the gateway says who the client is in X-Forwarded-For; a client's own
+            // would tell an upstream that reads it whatever the client likes.
+            9 if name.eq_ignore_ascii_case(b"forwarded") => drop = true,
             12 if name.eq_ignore_ascii_case(b"x-request-id") => {
                 FieldRef::note(&mut request_id, buf, headers, i, fields_end);
             }
@@ -281,8 +287,8 @@ pub fn parse_request_into(
             10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
             16 if name.eq_ignore_ascii_case(b"proxy-connection") => drop = true,
             19 if name.eq_ignore_ascii_case(b"proxy-authorization") => drop = true,
-            17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => drop = true,
-            16 if name.eq_ignore_ascii_case(b"x-forwarded-host") => drop = true,
+            17 if super::same_field_name(name, b"x-forwarded-proto") => drop = true,
+            16 if super::same_field_name(name, b"x-forwarded-host") => drop = true,
             _ => {}
         }
         if drop {

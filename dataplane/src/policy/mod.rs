@@ -24,7 +24,7 @@ use common::router::{normalize_host, MAX_HOST_LEN};
 use common::{Route, Snapshot};
 
 use crate::codec::request::RequestHead;
-use crate::codec::Span;
+use crate::codec::{same_field_name, Span};
 use ratelimit::{key_of, Limiter, Registry};
 
 /// Per-connection scratch the policies write into; reused from request to request.
@@ -786,18 +786,6 @@ fn strip_api_keys(k: &ApiKey, buf: &[u8], head: &RequestHead, st: &mut PolicySta
             add_drop(&mut st.query_drops, span);
         }
     }
-}
-
-/// Field names equal ignoring case and taking `_` for `-`.
-fn same_field_name(a: &[u8], b: &[u8]) -> bool {
-    let norm = |c: u8| {
-        if c == b'_' {
-            b'-'
-        } else {
-            c.to_ascii_lowercase()
-        }
-    };
-    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| norm(x) == norm(y))
 }
 
 fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
