@@ -44,6 +44,7 @@ both_drivers!(
     an_upstream_that_answers_early_but_reads_on_gets_the_whole_body,
     a_refused_upload_gets_its_answer_through_a_lingering_close,
     http10_expectations_are_ignored,
+    http10_clients_get_chunked_answers_without_the_chunks,
     body_shorter_than_the_method_after_the_head,
 );
 
@@ -1344,6 +1345,39 @@ fn http10_expectations_are_ignored(driver: Driver) {
     let r = c.read_response();
     assert_eq!(r.status, 200, "{}", r.body_str());
     assert_eq!(origin.wait_requests(1)[0].raw_body, b"hello");
+}
+
+fn http10_clients_get_chunked_answers_without_the_chunks(driver: Driver) {
+    // An HTTP/1.0 client has no chunked coding (RFC 9112 6.1): it gets the data alone, the
+    // end of the body told by the close, whatever keep-alive it asked for.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n",
+        );
+        thread::sleep(Duration::from_millis(30));
+        let _ = s.write_all(b"6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n");
+        Keep::Open
+    }));
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"GET /ten HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = c.stream.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{text}"
+    );
+    assert!(head.contains("Connection: close"), "{text}");
+    assert_eq!(body, "hello world");
+    // An HTTP/1.1 client still gets the chunks as they came.
+    let r = gw
+        .connect()
+        .roundtrip("GET /eleven HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.body_str()), (200, "hello world"));
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
 }
 
 /// A body that arrives after the head, shorter than the method name: the client buffer then

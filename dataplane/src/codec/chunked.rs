@@ -122,10 +122,21 @@ impl ChunkedDecoder {
     /// Walks `input`; returns how many bytes belong to this message (all of `input` unless the
     /// message ends inside it).
     pub fn advance(&mut self, input: &[u8]) -> Result<usize, ChunkError> {
+        self.walk(input, |_| {})
+    }
+
+    /// Like [`ChunkedDecoder::advance`], appending the chunk data met to `data` (the body
+    /// without its framing, for a recipient that does not take the chunked coding).
+    pub fn advance_into(&mut self, input: &[u8], data: &mut Vec<u8>) -> Result<usize, ChunkError> {
+        self.walk(input, |d| data.extend_from_slice(d))
+    }
+
+    fn walk(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < input.len() {
             if self.state == State::Data {
                 let take = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                data(&input[i..i + take]);
                 i += take;
                 self.size -= take as u64;
                 self.data_len += take as u64;

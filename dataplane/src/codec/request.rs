@@ -309,7 +309,11 @@ pub fn parse_request_into(
     let t = target.as_bytes();
     let mut absolute = false;
     let mut origin_target = target_span;
-    if t.first() == Some(&b'/') {
+    if method == "CONNECT" {
+        // A tunnel, whatever the target's form: a 2xx would tell the client the connection
+        // is now raw bytes both ways (RFC 9110 9.3.6), which the gateway does not do.
+        return Err(ParseError::MethodNotAllowed);
+    } else if t.first() == Some(&b'/') {
     } else if let Some(rest) = strip_scheme(t) {
         absolute = true;
         let auth_len = rest
@@ -336,8 +340,6 @@ pub fn parse_request_into(
         }
         host = Some(auth_span);
     } else if t == b"*" && method == "OPTIONS" {
-    } else if method == "CONNECT" {
-        return Err(ParseError::MethodNotAllowed);
     } else {
         return Err(ParseError::Malformed);
     }

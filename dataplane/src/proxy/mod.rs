@@ -622,8 +622,13 @@ async fn proxy<S: ClientStream>(
     }
     // An answer before the whole request: the rest of the request is not read, so neither
     // connection goes on.
-    let close_client =
-        early || !head.keep_alive || resp.body == BodyKind::UntilClose || ctx.draining.get();
+    // An HTTP/1.0 client gets a chunked answer without its chunks, delimited by the close.
+    let dechunked = head.http10 && resp.body == BodyKind::Chunked;
+    let close_client = early
+        || !head.keep_alive
+        || resp.body == BodyKind::UntilClose
+        || dechunked
+        || ctx.draining.get();
     let reusable = resp.reusable && !head.http10 && !early;
     let relayed = match shape {
         Some(shape) => {

@@ -404,6 +404,9 @@ pub(crate) async fn relay_response<S: ClientStream>(
         req.fail(ErrorKind::ClientClosed);
         return Err(ErrorKind::ClientClosed.into());
     }
+    if http10 && resp.body == BodyKind::Chunked {
+        return relay_dechunked(down, req, conn, resp).await;
+    }
     let tail = response_tail(down, req, &conn.buf, resp, http10, close_client, None);
     let mut body = BodyReader::start(resp, &conn.buf, idle)?;
     let mut cut = None;
@@ -444,6 +447,47 @@ pub(crate) async fn relay_response<S: ClientStream>(
         // body is whole (END_STREAM on HTTP/2, close_notify over TLS, FIN). Cut short, the
         // stream is reset instead, and a TLS connection closes without close_notify.
         let _ = down.stream.shutdown().await;
+    }
+    Ok(body.clean())
+}
+
+/// An answer in chunks to an HTTP/1.0 client, which has no transfer codings (RFC 9112 6.1:
+/// a server must not send one to it): its data goes on without the chunk framing (and
+/// without trailers), delimited by the close of the connection. The caller closes it.
+async fn relay_dechunked<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    conn: &mut UpstreamConn,
+    resp: &ResponseHead,
+) -> Result<bool, ProxyError> {
+    let (fs, fe) = (resp.fields_start, resp.fields_end);
+    policy::drop_named(
+        &conn.buf,
+        fs,
+        fe,
+        b"transfer-encoding",
+        &mut down.resp_plan.drop,
+    );
+    let tail = response_tail(down, req, &conn.buf, resp, true, true, None);
+    let mut body = BodyReader::start(resp, &conn.buf, down.timeouts.upstream_body)?;
+    // The reader frames and checks the body; this decoder takes the data out of it.
+    let mut data = ChunkedDecoder::new(usize::MAX);
+    let mut out = Vec::new();
+    let first = resp.head_end..resp.head_end + body.first();
+    data.advance_into(&conn.buf[first], &mut out)
+        .map_err(|_| ProxyError::new(ErrorKind::UpstreamMalformed))?;
+    send_head(down, req, conn, resp, tail, 0).await?;
+    loop {
+        let len = out.len();
+        if len > 0 && down.send(req, &mut out, 0..len).await.is_err() {
+            return Err(ErrorKind::ClientClosed.into());
+        }
+        out.clear();
+        let Some(n) = body.next(conn).await? else {
+            break;
+        };
+        data.advance_into(&conn.buf[..n], &mut out)
+            .map_err(|_| ProxyError::new(ErrorKind::UpstreamMalformed))?;
     }
     Ok(body.clean())
 }

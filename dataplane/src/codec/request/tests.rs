@@ -110,6 +110,9 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", ParseError::VersionNotSupported),
         (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::MethodNotAllowed),
+        // In every target form: a CONNECT is a tunnel, whatever its target looks like.
+        (b"CONNECT /p HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::MethodNotAllowed),
+        (b"CONNECT http://a/p HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::MethodNotAllowed),
         (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: telepathy\r\n\r\n", ParseError::ExpectationFailed),
         (b"GET / HTTP/1.1\r\nHost: a\r\n: empty\r\n\r\n", ParseError::Malformed),
     ];
