@@ -1350,7 +1350,11 @@ fn http10_expectations_are_ignored(driver: Driver) {
 fn http10_clients_get_chunked_answers_without_the_chunks(driver: Driver) {
     // An HTTP/1.0 client has no chunked coding (RFC 9112 6.1): it gets the data alone, the
     // end of the body told by the close, whatever keep-alive it asked for.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        if req.target() == "/old" {
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            return Keep::Close;
+        }
         let _ = s.write_all(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n",
         );
@@ -1378,6 +1382,16 @@ fn http10_clients_get_chunked_answers_without_the_chunks(driver: Driver) {
         .roundtrip("GET /eleven HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!((r.status, r.body_str()), (200, "hello world"));
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    // An HTTP/1.0 upstream's answer goes out with the gateway's version (RFC 9110 6.2), on a
+    // connection that stays open.
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /old HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(r.head.starts_with("HTTP/1.1 200 OK"), "{}", r.head);
+    assert_eq!(
+        c.roundtrip("GET /eleven HTTP/1.1\r\nHost: a\r\n\r\n")
+            .body_str(),
+        "hello world"
+    );
 }
 
 /// A body that arrives after the head, shorter than the method name: the client buffer then

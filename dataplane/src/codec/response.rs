@@ -136,8 +136,12 @@ pub fn parse_response(
                         close = true;
                     } else if !opt.eq_ignore_ascii_case(b"keep-alive")
                         && !opt.eq_ignore_ascii_case(b"upgrade")
-                        && n_options < options.len()
                     {
+                        // More than can be remembered: the ones past would be passed on,
+                        // though the upstream said they are hop-by-hop.
+                        if n_options == options.len() {
+                            return Err(ResponseError::Malformed);
+                        }
                         options[n_options] = Span {
                             start: offset_in(buf, opt),
                             end: offset_in(buf, opt) + opt.len(),
@@ -328,6 +332,16 @@ mod tests {
     fn hop_by_hop_fields_are_dropped() {
         let input = b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nTrailer: X-T\r\nContent-Length: 2\r\n\r\nok";
         assert_eq!(forwarded(input), "Trailer: X-T\r\nContent-Length: 2\r\n");
+        // More named than the parser keeps: refused, rather than pass the last ones on.
+        let many: Vec<String> = (0..17).map(|i| format!("X-O{i}")).collect();
+        let input = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\nX-O16: leak\r\nContent-Length: 2\r\n\r\nok",
+            many.join(", ")
+        );
+        assert_eq!(
+            parse(input.as_bytes(), false),
+            Err(ResponseError::Malformed)
+        );
     }
 
     #[test]

@@ -604,6 +604,11 @@ async fn proxy<S: ClientStream>(
         }
     };
     let mut session = Session::answered(&mut slot);
+    // The status line carries the gateway's own version (RFC 9110 6.2), not an HTTP/1.0
+    // upstream's: an HTTP/1.1 client would take `HTTP/1.0` for a connection that closes.
+    if session.conn.buf.starts_with(b"HTTP/1.0 ") {
+        session.conn.buf[5..8].copy_from_slice(b"1.1");
+    }
 
     if resp.status == 101 {
         let switched = head.upgrade.is_some()
