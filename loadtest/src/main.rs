@@ -44,6 +44,8 @@ usage: loadtest compare [options]
 
 options (defaults in brackets):
   --reps N              repetitions, interleaved [3]
+  --seed N              seeds the order of the rows in each repetition (shuffled; the
+                        seed is printed, to run again in the same order) [the clock]
   --duration S          seconds per wrk run [5]
   --warmup S            seconds of warm-up per proxy and body [2]
   --connections N       wrk connections [50]
@@ -108,6 +110,28 @@ struct Options {
     worker_counts: Vec<usize>,
     /// `tls`: the rows to run (empty: all).
     rows: Vec<String>,
+    /// Seeds the order the rows run in each repetition (see [`run_order`]).
+    seed: u64,
+}
+
+/// The order `n` rows run in repetition `rep`: a shuffle drawn from `seed` and `rep`, so
+/// that no row always runs right after another (a rotation kept every row's neighbours),
+/// and a run can be repeated in the same order with `--seed`.
+pub(crate) fn run_order(n: usize, rep: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed ^ (rep as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    order
 }
 
 fn workspace_root() -> PathBuf {
@@ -144,6 +168,9 @@ fn parse_options(args: &[String]) -> Result<Options> {
         baseline: None,
         worker_counts: vec![1, 2, 4, 8],
         rows: Vec::new(),
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -154,6 +181,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         };
         match a.as_str() {
             "--reps" => o.reps = val()?.parse()?,
+            "--seed" => o.seed = val()?.parse()?,
             "--duration" => o.duration = val()?.parse()?,
             "--warmup" => o.warmup = val()?.parse()?,
             "--connections" => o.connections = val()?.parse()?,
@@ -362,14 +390,19 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     }
 
     let mut samples = Vec::new();
+    println!(
+        "order seed: {} (--seed to run again in this order)",
+        opts.seed
+    );
     for rep in 0..opts.reps {
         for (name, _) in &opts.bodies {
-            // Rotate the order each repetition so no proxy always runs right after another.
-            let mut order: Vec<Option<usize>> = std::iter::once(None)
+            // None: the origin directly; Some(i): proxy i.
+            let rows: Vec<Option<usize>> = std::iter::once(None)
                 .chain((0..proxies.len()).map(Some))
                 .collect();
-            let shift = rep % order.len();
-            order.rotate_left(shift);
+            let order = run_order(rows.len(), rep, opts.seed)
+                .into_iter()
+                .map(|i| rows[i]);
             for which in order {
                 let (label, addr, pid) = match which {
                     None => (Kind::Direct.name().to_owned(), origin.addr, None),
@@ -820,6 +853,30 @@ mod tests {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn rows_run_in_a_shuffled_order_that_a_seed_repeats() {
+        let n = 4;
+        let orders: Vec<Vec<usize>> = (0..24).map(|rep| run_order(n, rep, 7)).collect();
+        for o in &orders {
+            let mut sorted = o.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2, 3]);
+        }
+        assert_eq!(orders[5], run_order(n, 5, 7), "the seed repeats it");
+        // Unlike a rotation, each row gets other neighbours: row 1 does not always follow
+        // row 0, nor does any row always come first.
+        let follows = |a: usize, b: usize| {
+            orders
+                .iter()
+                .filter(|o| o.windows(2).any(|w| w == [a, b]))
+                .count()
+        };
+        assert!(follows(0, 1) < orders.len() / 2, "{orders:?}");
+        let firsts: std::collections::HashSet<usize> = orders.iter().map(|o| o[0]).collect();
+        assert_eq!(firsts.len(), n, "{orders:?}");
+        assert_eq!(parse_options(&args("--seed 42")).unwrap().seed, 42);
     }
 
     #[test]

@@ -169,6 +169,49 @@ pub fn start_json_origins(
     Ok((p, addrs))
 }
 
+/// The CPUs of a `taskset` list (`0,2-4`), in order.
+pub fn cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .flat_map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b) = (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0));
+            a..=b.max(a)
+        })
+        .collect()
+}
+
+/// nginx's `worker_cpu_affinity` pinning each of `workers` workers to one CPU of `cpus`, as
+/// the gateway pins its workers (none for one worker: `taskset` pins it already).
+fn nginx_affinity(workers: usize, cpus: &str) -> String {
+    let list = cpu_list(cpus);
+    if workers < 2 || list.is_empty() {
+        return String::new();
+    }
+    let top = list.iter().max().copied().unwrap_or(0);
+    let masks: Vec<String> = (0..workers)
+        .map(|w| {
+            let cpu = list[w % list.len()];
+            (0..=top)
+                .rev()
+                .map(|c| if c == cpu { '1' } else { '0' })
+                .collect()
+        })
+        .collect();
+    format!("worker_cpu_affinity {};\n", masks.join(" "))
+}
+
+/// HAProxy's `cpu-map` pinning each of `workers` threads to one CPU of `cpus` (none for
+/// one thread).
+fn haproxy_cpu_map(workers: usize, cpus: &str) -> String {
+    let list = cpu_list(cpus);
+    if workers < 2 || list.is_empty() {
+        return String::new();
+    }
+    (0..workers)
+        .map(|t| format!("  cpu-map 1/{} {}\n", t + 1, list[t % list.len()]))
+        .collect()
+}
+
 pub fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str) -> Result<Proc> {
     std::fs::create_dir_all(dir.file("tmp"))?;
     let path = dir.file(&format!("{name}.nginx.conf"));
@@ -598,7 +641,7 @@ pub fn start_proxy(
                 ("nginx-proxy", "")
             };
             let conf = format!(
-                "worker_processes {workers};\ndaemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
+                "worker_processes {workers};\n{affinity}daemon off;\nmaster_process on;\nworker_rlimit_nofile 65536;\n\
                  error_log {err} warn;\npid {pid};\nevents {{ worker_connections 30000; }}\n\
                  http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 120s;\n\
                    client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
@@ -608,6 +651,7 @@ pub fn start_proxy(
                 err = dir.file(&format!("{name}.err")).display(),
                 pid = dir.file(&format!("{name}.pid")).display(),
                 tmp = dir.file("tmp").display(),
+                affinity = nginx_affinity(workers, cpus),
             );
             start_nginx(dir, name, &conf, port, cpus)
         }
@@ -628,8 +672,9 @@ pub fn start_proxy(
                 ),
                 _ => ("haproxy", "", "mode http\n  http-reuse always"),
             };
+            let cpu_map = haproxy_cpu_map(workers, cpus);
             let conf = format!(
-                "global\n  nbthread {workers}\n  maxconn 9000\n{tune}\ndefaults\n  {mode}\n  timeout connect 5s\n\
+                "global\n  nbthread {workers}\n{cpu_map}  maxconn 9000\n{tune}\ndefaults\n  {mode}\n  timeout connect 5s\n\
                  timeout client 120s\n  timeout server 120s\n\n\
                  frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\n\
                  backend be\n  server origin {origin}\n"
@@ -733,4 +778,24 @@ pub fn raise_nofile() -> u64 {
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_pin_one_worker_per_cpu_like_the_gateway() {
+        assert_eq!(cpu_list("1,3-5"), [1, 3, 4, 5]);
+        assert_eq!(nginx_affinity(1, "1-4"), "");
+        assert_eq!(
+            nginx_affinity(3, "1-3"),
+            "worker_cpu_affinity 0010 0100 1000;\n"
+        );
+        assert_eq!(haproxy_cpu_map(1, "1"), "");
+        assert_eq!(
+            haproxy_cpu_map(2, "4,6"),
+            "  cpu-map 1/1 4\n  cpu-map 1/2 6\n"
+        );
+    }
 }

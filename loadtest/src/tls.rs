@@ -224,12 +224,14 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
         }
     }
     let mut samples = Vec::new();
+    println!(
+        "order seed: {} (--seed to run again in this order)",
+        opts.seed
+    );
     for rep in 0..opts.reps {
         for case in &cases {
-            let mut order = proxies.to_vec();
-            let n = order.len();
-            order.rotate_left(rep % n);
-            for (name, p) in order {
+            let order = crate::run_order(proxies.len(), rep, opts.seed).into_iter();
+            for (name, p) in order.map(|i| proxies[i]) {
                 let before = procs::cpu_seconds(p.pid());
                 let origin_before = procs::cpu_seconds(origin.pid());
                 let w = drive(case, p, opts.duration)?;
