@@ -580,7 +580,7 @@ pub fn json_time(out: &mut Vec<u8>, t: SystemTime) {
 
 /// Year, month, day of the proleptic Gregorian calendar for days since 1970-01-01
 /// (H. Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

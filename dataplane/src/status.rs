@@ -192,3 +192,86 @@ mod tests {
         }
     }
 }
+
+/// Appends `Date: <IMF-fixdate>\r\n` for now, as an answer of the gateway's own must carry
+/// (RFC 9110 6.6.1: an origin with a clock sends one); made once a second per thread.
+pub fn push_date(out: &mut Vec<u8>) {
+    use std::cell::Cell;
+    const LEN: usize = 37;
+    thread_local! {
+        static LAST: Cell<(u64, [u8; LEN])> = const { Cell::new((u64::MAX, [0; LEN])) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (at, mut line) = LAST.with(Cell::get);
+    if at != now {
+        line = date_line(now);
+        LAST.with(|c| c.set((now, line)));
+    }
+    out.extend_from_slice(&line);
+}
+
+/// `Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n` for `secs` since 1970 (RFC 9110 5.6.7).
+fn date_line(secs: u64) -> [u8; 37] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = (secs / 86_400) as i64;
+    let (y, m, d) = crate::access_log::civil_from_days(days);
+    let s = secs % 86_400;
+    let mut out = [0u8; 37];
+    let mut w = 0;
+    let mut put = |b: &[u8]| {
+        out[w..w + b.len()].copy_from_slice(b);
+        w += b.len();
+    };
+    let two = |n: u64| [b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8];
+    put(b"Date: ");
+    put(DAYS[(days % 7) as usize]);
+    put(b", ");
+    put(&two(u64::from(d)));
+    put(b" ");
+    put(MONTHS[(m - 1) as usize]);
+    put(b" ");
+    let y = y.clamp(0, 9999) as u64;
+    put(&[
+        b'0' + (y / 1000) as u8,
+        b'0' + (y / 100 % 10) as u8,
+        b'0' + (y / 10 % 10) as u8,
+        b'0' + (y % 10) as u8,
+    ]);
+    put(b" ");
+    put(&two(s / 3600));
+    put(b":");
+    put(&two(s / 60 % 60));
+    put(b":");
+    put(&two(s % 60));
+    put(b" GMT\r\n");
+    out
+}
+
+#[cfg(test)]
+mod date_tests {
+    #[test]
+    fn dates_are_imf_fixdate() {
+        assert_eq!(
+            &super::date_line(784_111_777),
+            b"Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+        );
+        assert_eq!(
+            &super::date_line(0),
+            b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
+        );
+        assert_eq!(
+            &super::date_line(1_796_469_924),
+            b"Date: Sat, 05 Dec 2026 11:25:24 GMT\r\n"
+        );
+        assert_eq!(
+            &super::date_line(951_782_400),
+            b"Date: Tue, 29 Feb 2000 00:00:00 GMT\r\n"
+        );
+    }
+}

@@ -111,10 +111,13 @@ respond = { status = 201, body = "direct", content_type = "text/x-test" }
     );
     let mut c = gw.connect();
     let r = c.roundtrip("GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    // The gateway's own answer, with the Date an origin with a clock sends (RFC 9110 6.6.1).
+    let (head, date) = r.head.split_once("\r\nDate: ").unwrap();
     assert_eq!(
-        r.head,
+        head,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5"
     );
+    assert!(date.ends_with(" GMT") && date.len() == 29, "{date}");
     assert_eq!(r.body_str(), "fine\n");
     let r = c.roundtrip("GET /anything HTTP/1.1\r\nHost: Direct.Test:80\r\n\r\n");
     assert_eq!((r.status, r.body_str()), (201, "direct"));

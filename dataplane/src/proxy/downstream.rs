@@ -356,6 +356,7 @@ impl<S: ClientStream> Downstream<S> {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         out.extend_from_slice(head);
+        crate::status::push_date(&mut out);
         push_request_id(&mut out, req);
         out.extend_from_slice(&req.response_fields);
         if close {
@@ -416,6 +417,7 @@ impl<S: ClientStream> Downstream<S> {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         out.extend_from_slice(head);
+        crate::status::push_date(&mut out);
         push_request_id(&mut out, req);
         out.extend_from_slice(&req.response_fields);
         // A cors policy's fields: a page may read the gateway's own answers too.
