@@ -180,9 +180,9 @@ fn measured_lenient(
     path: &str,
 ) -> Result<(WrkResult, f64)> {
     let url = format!("http://{}{path}", gw.addr);
-    let cpu0 = procs::cpu_seconds(gw.pid());
+    let cpu0 = gw.cpu_seconds();
     let r = wrk::run_script(&o.wrk_cpus, connections, o.duration, script, &url)?;
-    let cpu = procs::cpu_seconds(gw.pid()) - cpu0;
+    let cpu = gw.cpu_seconds() - cpu0;
     Ok((r, cpu))
 }
 

@@ -404,15 +404,15 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                 .into_iter()
                 .map(|i| rows[i]);
             for which in order {
-                let (label, addr, pid) = match which {
+                let (label, addr, proc) = match which {
                     None => (Kind::Direct.name().to_owned(), origin.addr, None),
                     Some(i) => (
                         proxies[i].0.name().to_owned(),
                         proxies[i].1.addr,
-                        Some(proxies[i].1.pid()),
+                        Some(&proxies[i].1),
                     ),
                 };
-                let before = pid.map(procs::cpu_seconds).unwrap_or(0.0);
+                let before = proc.map_or(0.0, Proc::cpu_seconds);
                 let origin_before = procs::cpu_seconds(origin.pid());
                 let w = wrk::run(
                     &opts.wrk_cpus,
@@ -421,7 +421,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                     opts.duration,
                     &format!("http://{addr}/{name}"),
                 )?;
-                let cpu_s = pid.map(procs::cpu_seconds).unwrap_or(0.0) - before;
+                let cpu_s = proc.map_or(0.0, Proc::cpu_seconds) - before;
                 let origin_cpu_s = procs::cpu_seconds(origin.pid()) - origin_before;
                 println!(
                     "rep {rep} {name:>4} {label:<16} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",

@@ -44,6 +44,12 @@ impl Proc {
         self.child.id() as i32
     }
 
+    /// CPU seconds used so far by the process, its descendants and its sidecars (a row's
+    /// Redis or etcd does work for it, on the same CPUs).
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid()) + self.sidecars.iter().map(Proc::cpu_seconds).sum::<f64>()
+    }
+
     /// Sends a signal to the process.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child.

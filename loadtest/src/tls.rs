@@ -232,10 +232,10 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
         for case in &cases {
             let order = crate::run_order(proxies.len(), rep, opts.seed).into_iter();
             for (name, p) in order.map(|i| proxies[i]) {
-                let before = procs::cpu_seconds(p.pid());
+                let before = p.cpu_seconds();
                 let origin_before = procs::cpu_seconds(origin.pid());
                 let w = drive(case, p, opts.duration)?;
-                let cpu_s = procs::cpu_seconds(p.pid()) - before;
+                let cpu_s = p.cpu_seconds() - before;
                 let origin_cpu_s = procs::cpu_seconds(origin.pid()) - origin_before;
                 println!(
                     "rep {rep} {:>9} {name:<8} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} errors {}",
