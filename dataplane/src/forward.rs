@@ -79,6 +79,32 @@ pub fn request_extras(
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(scheme);
     out.extend_from_slice(b"\r\n");
+    if !plan.forwarded.is_empty() {
+        // A client's (or a proxy's before it) Forwarded goes on with the gateway's element
+        // for the client it saw appended, so an upstream reading the last element is told
+        // the truth (only the elements before it are the client's word).
+        out.extend_from_slice(b"Forwarded: ");
+        for v in &plan.forwarded {
+            out.extend_from_slice(v.of(buf));
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(b"for=");
+        let shown = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+            v4 => v4,
+        };
+        match shown {
+            IpAddr::V4(_) => write_ip(out, peer),
+            IpAddr::V6(_) => {
+                out.extend_from_slice(b"\"[");
+                write_ip(out, peer);
+                out.extend_from_slice(b"]\"");
+            }
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(scheme);
+        out.extend_from_slice(b"\r\n");
+    }
     if let Some(h) = head.host {
         if !h.is_empty() {
             out.extend_from_slice(b"X-Forwarded-Host: ");

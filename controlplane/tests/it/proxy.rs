@@ -70,9 +70,9 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     );
     // The second request went over the pooled upstream connection.
     assert_eq!(seen[0].conn, seen[1].conn);
-    // Forwarding fields a client made up, also spelled with `_` (a CGI-style upstream reads
-    // X_Forwarded_Host as X-Forwarded-Host), and its RFC 7239 Forwarded: only the gateway's
-    // go on.
+    // Forwarding fields a client made up, spelled with `_` (a CGI-style upstream reads
+    // X_Forwarded_Host as X-Forwarded-Host): only the gateway's go on. An RFC 7239
+    // Forwarded goes on as a chain, as X-Forwarded-For does, the client the gateway saw last.
     let r = c.roundtrip(
         "GET /third HTTP/1.1\r\nHost: api.test\r\nX_Forwarded_Host: evil.example\r\n\
          X_Forwarded_Proto: https\r\nx_forwarded_for: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\r\n",
@@ -80,7 +80,7 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     assert_eq!(r.body_str(), "origin saw /third");
     assert_eq!(
         origin.wait_requests(3)[2].head,
-        "GET /third HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
+        "GET /third HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nForwarded: for=6.6.6.6, for=127.0.0.1;proto=http\r\nX-Forwarded-Host: api.test"
     );
 }
 

@@ -109,12 +109,15 @@ pub struct FieldPlan {
     pub drop: Vec<Span>,
     /// Values of the client's `X-Forwarded-For` lines, in order.
     pub xff: Vec<Span>,
+    /// Values of the client's `Forwarded` lines (RFC 7239), in order.
+    pub forwarded: Vec<Span>,
 }
 
 impl FieldPlan {
     pub fn clear(&mut self) {
         self.drop.clear();
         self.xff.clear();
+        self.forwarded.clear();
     }
 }
 

@@ -271,9 +271,14 @@ pub fn parse_request_into(
                 }
                 drop = true;
             }
-            // RFC 7239's: the gateway says who the client is in X-Forwarded-For; a client's own
-            // would tell an upstream that reads it whatever the client likes.
-            9 if name.eq_ignore_ascii_case(b"forwarded") => drop = true,
+            // RFC 7239's: kept as a chain, as X-Forwarded-For is, with the gateway's own
+            // element for the client appended (`forward::request_extras`).
+            9 if name.eq_ignore_ascii_case(b"forwarded") => {
+                if !value.is_empty() {
+                    plan.forwarded.push(span_of(buf, value));
+                }
+                drop = true;
+            }
             12 if name.eq_ignore_ascii_case(b"x-request-id") => {
                 FieldRef::note(&mut request_id, buf, headers, i, fields_end);
             }
