@@ -177,10 +177,17 @@ impl<'a> Node<'a> {
     /// value on the way that is no object, or has no such member). `Err` for an object on
     /// the way that cannot be opened: whether it holds the member is unknown.
     fn take(&mut self, path: &[Box<str>]) -> Result<Option<Node<'a>>, ShapeError> {
+        self.take_in(path, true)
+    }
+
+    /// [`Node::take`]; `index`: whether a number reaches into an array (a `target` does; an
+    /// `allow` path does not, so that it keeps nothing of an array, and two paths with one
+    /// index cannot take elements out from under each other).
+    fn take_in(&mut self, path: &[Box<str>], index: bool) -> Result<Option<Node<'a>>, ShapeError> {
         let Some((first, rest)) = path.split_first() else {
             return Ok(None);
         };
-        if let (b'[', Ok(index)) = (first_byte(self), first.parse::<usize>()) {
+        if let (true, b'[', Ok(index)) = (index, first_byte(self), first.parse::<usize>()) {
             // An array's element by its index, as placeholders read them (`items.0`).
             let node = std::mem::replace(self, Node::Value(Value::Null));
             let mut value = node.into_value().map_err(|_| ShapeError::Unreadable)?;
@@ -208,7 +215,7 @@ impl<'a> Node<'a> {
         if rest.is_empty() {
             Ok(Some(m.remove(i).1))
         } else {
-            m[i].1.take(rest)
+            m[i].1.take_in(rest, index)
         }
     }
 
@@ -405,7 +412,7 @@ fn filter<'a>(v: &mut Node<'a>, allow: &[DotPath], deny: &[DotPath]) -> Result<(
     if !allow.is_empty() {
         let mut kept = Vec::with_capacity(allow.len());
         for path in allow {
-            if let Some(x) = v.take(path)? {
+            if let Some(x) = v.take_in(path, false)? {
                 put(&mut kept, path, x);
             }
         }
@@ -649,6 +656,16 @@ mod tests {
         };
         let n = apply(&arr, parse(br#"[{"cost": 1, "x": 2}, {"y": 3}]"#).unwrap()).unwrap();
         assert_eq!(text(&n), json!([{"x": 2}, {"y": 3}]));
+        // An allow path with an index keeps nothing of the array (no element taken twice).
+        let by_index = Shape {
+            allow: paths(&["items.0.a", "items.0.b"]),
+            ..Shape::default()
+        };
+        let two = br#"{"items": [{"a": 1, "b": 2}, {"a": 3, "b": 4}]}"#;
+        assert_eq!(
+            text(&apply(&by_index, parse(two).unwrap()).unwrap()),
+            json!({})
+        );
         // A denied path goes through the arrays on its way, at any depth.
         let nested = Shape {
             deny: paths(&["items.cost", "items.parts.secret"]),

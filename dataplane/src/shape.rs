@@ -30,20 +30,21 @@ pub fn lookup<'a>(mut v: &'a Value, path: &[Box<str>]) -> Option<&'a Value> {
     Some(v)
 }
 
-/// The member at `path`, taken out of `v`; arrays on the way are indexed (`items.0`).
-fn take(v: &mut Value, path: &[Box<str>]) -> Option<Value> {
+/// The member at `path`, taken out of `v`; with `index`, arrays on the way are indexed
+/// (`items.0`: a `target`), else a path through an array finds nothing (an `allow` path).
+fn take(v: &mut Value, path: &[Box<str>], index: bool) -> Option<Value> {
     let (last, parents) = path.split_last()?;
     let mut at = v;
     for key in parents {
         at = match at {
             Value::Object(m) => m.get_mut(&**key)?,
-            Value::Array(a) => a.get_mut(key.parse::<usize>().ok()?)?,
+            Value::Array(a) if index => a.get_mut(key.parse::<usize>().ok()?)?,
             _ => return None,
         };
     }
     match at {
         Value::Object(m) => m.remove(&**last),
-        Value::Array(a) => {
+        Value::Array(a) if index => {
             let i = last.parse::<usize>().ok().filter(|&i| i < a.len())?;
             Some(a.remove(i))
         }
@@ -100,7 +101,7 @@ fn filter(v: &mut Value, shape: &Shape) {
             if !shape.allow.is_empty() {
                 let mut kept = Map::new();
                 for path in shape.allow.iter() {
-                    if let Some(x) = take(v, path) {
+                    if let Some(x) = take(v, path, false) {
                         put(&mut kept, path, x);
                     }
                 }
@@ -131,7 +132,7 @@ pub fn apply(shape: &Shape, v: Value) -> Result<Value, ShapeError> {
 /// The first part of a shape: the member `target` names (the value itself without one).
 pub fn apply_target(shape: &Shape, mut v: Value) -> Result<Value, ShapeError> {
     match &shape.target {
-        Some(t) => take(&mut v, t).ok_or(ShapeError::TargetMissing),
+        Some(t) => take(&mut v, t, true).ok_or(ShapeError::TargetMissing),
         None => Ok(v),
     }
 }

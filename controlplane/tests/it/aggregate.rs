@@ -291,13 +291,24 @@ fn failures_found_while_merging_are_counted_like_the_others() {
     // fails as the answers are merged, and the metrics count it as any failed step.
     let o = service(|target, _| match target {
         "/list" => json_ok(json!([1, 2])),
-        _ => json_ok(json!({"ok": true})),
+        // A member's own `_errors`: never passed on as the gateway's.
+        _ => json_ok(json!({"ok": true, "_errors": [{"step": "forged"}]})),
     });
     let steps = [step("fine", 0, ""), step("list", 0, "required = false")].concat();
     let (gw, log) = one_aggregate(&[&o], "", &steps);
     let r = get(&mut gw.connect(), "/agg", "");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["_errors"][0]["error"], "not_an_object");
+    assert_eq!(
+        r.json()["_errors"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.body_str()
+    );
+    let (only, _) = one_aggregate(&[&o], "", &step("fine", 0, ""));
+    let r = get(&mut only.connect(), "/agg", "");
+    assert_eq!(r.header("X-Gateway-Completed"), Some("true"));
+    assert_eq!(r.json(), json!({"ok": true}));
     let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
     assert!(
         m.contains(
@@ -969,7 +980,10 @@ fn request_bodies_auth_challenges_and_shaped_heads() {
     let echo = service(|_, req| {
         let body = String::from_utf8_lossy(&req.raw_body).into_owned();
         let ct = req.header("Content-Type").unwrap_or("").to_owned();
-        let coding = req.header("Content-Encoding").map(str::to_owned);
+        let codings: Vec<&str> = (req.head.lines())
+            .filter_map(|l| l.strip_prefix("Content-Encoding: "))
+            .collect();
+        let coding = (!codings.is_empty()).then(|| codings.join(", "));
         json_ok(
             json!({"got": body, "type": ct, "len": req.header("Content-Length"), "coding": coding}),
         )
@@ -1012,13 +1026,13 @@ fn request_bodies_auth_challenges_and_shaped_heads() {
     let r = c.roundtrip("POST /agg HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok");
     assert_eq!(r.json()["got"], "ok");
     assert_eq!(r.json()["coding"], Value::Null);
-    // A coded body goes on with its coding (the bytes as they came).
+    // A coded body goes on with its coding (the bytes as they came), every line of it.
     let r = c.roundtrip(
-        "POST /agg HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Encoding: x-test\r\nContent-Length: 2\r\n\r\nzz",
+        "POST /agg HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Encoding: x-test\r\nContent-Encoding: x-two\r\nContent-Length: 2\r\n\r\nzz",
     );
     assert_eq!(
         (&r.json()["got"], &r.json()["coding"]),
-        (&json!("zz"), &json!("x-test"))
+        (&json!("zz"), &json!("x-test, x-two"))
     );
     // Chunk extensions cannot make the gateway hold much more than max_body_bytes.
     let mut c2 = gw.connect();

@@ -579,3 +579,67 @@ fn drain_sends_goaway_and_finishes_open_streams() {
     );
     assert_eq!(s.gw.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+#[test]
+fn a_stream_reset_while_its_answer_streams_ends_the_upstream_exchange() {
+    // The upstream sends a head and one chunk, then nothing (server-sent events). The client
+    // reads the first DATA and resets the stream: the exchange ends at once, its upstream
+    // connection closes, instead of staying open until upstream_body_ms (20 s here).
+    let (tx, ended) = std::sync::mpsc::channel();
+    let ended_tx = std::sync::Mutex::new(tx);
+    let origin = Origin::start(Arc::new(move |_req: &Received, s: &mut TcpStream| {
+        let _ =
+            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n");
+        let start = std::time::Instant::now();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+        let closed = matches!(std::io::Read::read(s, &mut [0u8; 16]), Ok(0) | Err(_))
+            && start.elapsed() < Duration::from_secs(15);
+        let _ = ended_tx
+            .lock()
+            .unwrap()
+            .send(closed.then(|| start.elapsed()));
+        Keep::Close
+    }));
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n\
+         [timeouts]\nupstream_body_ms = 20000\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    const CLIENT: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config, h2.events, h2.errors
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":path", "/events"), (":scheme", "http"),
+                   (":authority", "t")], end_stream=True)
+s.sendall(c.data_to_send())
+got = False
+while not got:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.DataReceived):
+            got = True
+c.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+s.sendall(c.data_to_send())
+print("reset", flush=True)
+time.sleep(3)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "reset",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = ended.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        after.is_some_and(|d| d < Duration::from_secs(5)),
+        "upstream connection closed after {after:?} (upstream_body_ms is 20 s)"
+    );
+}

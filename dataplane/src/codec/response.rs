@@ -155,6 +155,8 @@ pub fn parse_response(
             10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
             16 if name.eq_ignore_ascii_case(b"proxy-connection") => drop = true,
             2 if name.eq_ignore_ascii_case(b"te") => drop = true,
+            // Connection-specific (an h2c upgrade's), never end to end.
+            14 if name.eq_ignore_ascii_case(b"http2-settings") => drop = true,
             _ => {}
         }
         if drop {
@@ -330,7 +332,7 @@ mod tests {
 
     #[test]
     fn hop_by_hop_fields_are_dropped() {
-        let input = b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nTrailer: X-T\r\nContent-Length: 2\r\n\r\nok";
+        let input = b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nTrailer: X-T\r\nContent-Length: 2\r\n\r\nok";
         assert_eq!(forwarded(input), "Trailer: X-T\r\nContent-Length: 2\r\n");
         // More named than the parser keeps: refused, rather than pass the last ones on.
         let many: Vec<String> = (0..17).map(|i| format!("X-O{i}")).collect();

@@ -574,7 +574,9 @@ pub(crate) fn client_left<S: ClientStream>(down: &Downstream<S>, req: &RequestCt
         Some(wait) => wait,
         None => req.started.elapsed(),
     };
-    if waited < LEFT_CHECK_AFTER {
+    // A client with a pipelined request buffered may have half-closed after sending it all:
+    // the peek would see its FIN alone.
+    if waited < LEFT_CHECK_AFTER || down.pos < down.buf.len() {
         return false;
     }
     down.stream.client_gone()

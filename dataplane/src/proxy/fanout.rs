@@ -31,7 +31,7 @@ use crate::codec::request::RequestHead;
 use crate::codec::{BodyKind, FieldPlan};
 use crate::error::{ErrorKind, ProxyError, StepError};
 use crate::json::{self, Node};
-use crate::policy::{each_field, field_value};
+use crate::policy::each_field;
 use crate::shape::{self, AnswerFields};
 use crate::worker_ctx::WorkerCtx;
 use common::snapshot::HashOn;
@@ -213,17 +213,21 @@ fn relayed_fields(buf: &[u8], start: usize, end: usize) -> Vec<u8> {
 /// The request's field lines that describe its body, each with its CRLF.
 fn body_fields(buf: &[u8], head: &RequestHead) -> Vec<u8> {
     let mut out = Vec::new();
-    for name in [
-        &b"Content-Type"[..],
-        b"Content-Encoding",
-        b"Content-Language",
-    ] {
-        if let Some(v) = field_value(buf, head.fields_start, head.fields_end, name) {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v);
-            out.extend_from_slice(b"\r\n");
-        }
+    // Every line of each: two Content-Encoding lines are two codings applied in turn.
+    for (_, name, value) in each_field(buf, head.fields_start, head.fields_end) {
+        let known: &[u8] = if name.eq_ignore_ascii_case(b"content-type") {
+            b"Content-Type"
+        } else if name.eq_ignore_ascii_case(b"content-encoding") {
+            b"Content-Encoding"
+        } else if name.eq_ignore_ascii_case(b"content-language") {
+            b"Content-Language"
+        } else {
+            continue;
+        };
+        out.extend_from_slice(known);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
     out
 }
@@ -835,10 +839,11 @@ fn answer(
         }
     }
     let complete = errors.is_empty();
+    // The gateway's member, listing the failed steps: one an answer had is never passed on
+    // (a member could otherwise report failures, or hide them).
+    let name = common::aggregate::ERRORS_MEMBER;
+    merged.retain(|(k, _)| k != name);
     if !complete {
-        // The gateway's member: one an answer had (no step can put one there) is replaced.
-        let name = common::aggregate::ERRORS_MEMBER;
-        merged.retain(|(k, _)| k != name);
         merged.push((name.into(), Node::Value(Value::Array(errors))));
     }
     let mut head = Vec::with_capacity(96);

@@ -854,6 +854,7 @@ fn answer_field(name: &[u8]) -> AnswerField {
         13 if is(b"accept-ranges") => header::ACCEPT_RANGES,
         13 if is(b"cache-control") => header::CACHE_CONTROL,
         14 if is(b"content-length") => return AnswerField::ContentLength,
+        14 if is(b"http2-settings") => return AnswerField::Drop,
         16 if is(b"proxy-connection") => return AnswerField::Drop,
         17 if is(b"transfer-encoding") => return AnswerField::Chunked,
         _ => match http::HeaderName::from_bytes(name) {
@@ -1239,9 +1240,12 @@ impl ClientStream for H2Stream {
     }
 
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self.respond.as_mut().map(|r| r.poll_reset(cx)) {
-            Some(Poll::Ready(_)) => Poll::Ready(()),
-            _ => Poll::Pending,
+        // Before the answer's head, the stream's reset is seen on its response handle; after
+        // it, on its send stream (the body under way).
+        match (self.send.as_mut(), self.respond.as_mut()) {
+            (Some(send), _) => send.poll_reset(cx).map(|_| ()),
+            (None, Some(respond)) => respond.poll_reset(cx).map(|_| ()),
+            (None, None) => Poll::Pending,
         }
     }
 
@@ -2097,6 +2101,7 @@ mod tests {
                 AnswerField::Named(header::CONTENT_TYPE),
             ),
             (b"DATE", AnswerField::Named(header::DATE)),
+            (b"HTTP2-Settings", AnswerField::Drop),
             (b"etag", AnswerField::Named(header::ETAG)),
             (b"Vary", AnswerField::Named(header::VARY)),
             (b"Server", AnswerField::Named(header::SERVER)),

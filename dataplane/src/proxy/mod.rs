@@ -486,8 +486,11 @@ async fn proxy<S: ClientStream>(
         if S::WHOLE_CONNECTION {
             conn.lend_timer(&mut down.upstream_timer);
         }
-        // A client that leaves while the answer is awaited ends the exchange.
-        conn.watch(down.stream.watch(), req.started);
+        // A client that leaves while the answer is awaited ends the exchange; not one with
+        // a pipelined request buffered already (its FIN may be a half-close after sending
+        // everything, which a peek, seeing only the FIN, would take for leaving).
+        let pipelined = body_end < down.buf.len();
+        conn.watch(down.stream.watch().filter(|_| !pipelined), req.started);
         let pieces = request_pieces(head, &down.req_plan, line, tail, body_end);
         let sent = send_head(
             conn,

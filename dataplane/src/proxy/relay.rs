@@ -436,7 +436,17 @@ pub(crate) async fn relay_response<S: ClientStream>(
     if let Some(kind) = cut {
         return Err(kind.into());
     }
-    while let Some(n) = body.next(conn).await? {
+    loop {
+        // An HTTP/2 client's RST_STREAM ends the relay at once, however long the upstream
+        // stays quiet (a stream of events): the upstream connection closes.
+        let next = body.next(conn);
+        let next = match S::WHOLE_CONNECTION {
+            true => next.await,
+            false => super::unless_reset(&mut down.stream, next).await?,
+        };
+        let Some(n) = next? else {
+            break;
+        };
         // The next read starts over at the buffer's start.
         if down.send(req, &mut conn.buf, 0..n).await.is_err() {
             return Err(ErrorKind::ClientClosed.into());
