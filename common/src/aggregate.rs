@@ -483,10 +483,15 @@ fn compile_step(
         }
         let lower = h.to_ascii_lowercase();
         if HOP_OR_GATEWAY_FIELDS.contains(&lower.as_str()) {
-            return Err(ConfigError::field(
+            let (field, why) = (
                 format!("{at}.pass_headers[{k}]"),
                 format!("{h:?} is set by the gateway itself"),
-            ));
+            );
+            // A stored config's entry is left out, not copied.
+            if crate::validate::tolerated(&field, &why) {
+                continue;
+            }
+            return Err(ConfigError::field(field, why));
         }
         pass.push(lower.into_boxed_str());
     }
@@ -501,17 +506,16 @@ fn compile_step(
     )?;
     // `_errors` is the gateway's member, listing the failed steps: a step's data put there
     // would be replaced whenever one fails.
-    if shape.group.as_deref() == Some(ERRORS_MEMBER) {
-        return Err(ConfigError::field(
-            format!("{at}.group"),
-            format!("{ERRORS_MEMBER:?} is the gateway's, for the steps that failed"),
-        ));
+    let why = format!("{ERRORS_MEMBER:?} is the gateway's, for the steps that failed");
+    if shape.group.as_deref() == Some(ERRORS_MEMBER)
+        && !crate::validate::tolerated(&format!("{at}.group"), &why)
+    {
+        return Err(ConfigError::field(format!("{at}.group"), why));
     }
-    if let Some((from, _)) = shape.rename.iter().find(|(_, to)| &**to == ERRORS_MEMBER) {
-        return Err(ConfigError::field(
-            format!("{at}.rename.{from}"),
-            format!("{ERRORS_MEMBER:?} is the gateway's, for the steps that failed"),
-        ));
+    if let Some((from, _)) = shape.rename.iter().find(|(from, to)| {
+        &**to == ERRORS_MEMBER && !crate::validate::tolerated(&format!("{at}.rename.{from}"), &why)
+    }) {
+        return Err(ConfigError::field(format!("{at}.rename.{from}"), why));
     }
     Ok(Step {
         id: s.id.as_str().into(),
@@ -658,9 +662,11 @@ pub fn compile_profile(
             ));
         }
         // A field's value is compared without the whitespace around it, which it never has.
-        if let Some(i) = (nv.values.iter())
-            .position(|v| kind == "header" && v.trim_matches([' ', '\t']).len() != v.len())
-        {
+        if let Some(i) = (nv.values.iter()).position(|v| {
+            kind == "header"
+                && v.trim_matches([' ', '\t']).len() != v.len()
+                && !crate::validate::tolerated(&format!("{at}.{kind}.values"), "never matches")
+        }) {
             return Err(ConfigError::field(
                 format!("{at}.{kind}.values[{i}]"),
                 "a field value never starts or ends with whitespace, so this one would never match",

@@ -11,7 +11,7 @@ use crate::aggregate::{Aggregate, Profile, ProfileMatch, Shape, Template};
 use crate::config::{Balance, Config, DirectResponseConfig, RouteConfig};
 use crate::live::{Passive, UpstreamLive};
 use crate::router::{PathTable, Router, Seg};
-use crate::validate::{check_id, valid_host_pattern};
+use crate::validate::{check_id, tolerated, valid_host_pattern};
 use crate::ConfigError;
 
 pub use crate::validate::is_tchar;
@@ -383,6 +383,19 @@ pub struct Limits {
 }
 
 impl Snapshot {
+    /// [`Snapshot::compile`] for a config stored by an earlier build (the data directory's,
+    /// the etcd store's): rules added since give way instead of keeping the gateway from
+    /// starting on its own state. Returns, beside the snapshot, what they let through (to
+    /// log); a write through the API is held to them.
+    pub fn compile_stored(
+        config: Config,
+        revision: u64,
+    ) -> Result<(Snapshot, Vec<String>), ConfigError> {
+        let (compiled, notes) =
+            crate::validate::compiling_stored(|| Snapshot::compile(config, revision));
+        compiled.map(|s| (s, notes))
+    }
+
     /// Gives every route its metrics slot, for good: call as the snapshot is published
     /// (compiling only looks the slots up, see [`crate::slots::known_route_slot`]).
     pub fn claim_metric_slots(&mut self) {
@@ -427,7 +440,13 @@ impl Snapshot {
                     format!("{:?} is not an IP:PORT socket address", l.address),
                 )
             })?;
-            if let Some(other) = listeners.iter().find(|&&o| same_socket(o, addr)) {
+            let clash = listeners
+                .iter()
+                .find(|&&o| same_socket(o, addr))
+                .filter(|&&o| {
+                    o == addr || !tolerated(&format!("listeners[{i}].address"), "overlaps another")
+                });
+            if let Some(other) = clash {
                 return Err(ConfigError::field(
                     format!("listeners[{i}].address"),
                     match *other == addr {
@@ -608,7 +627,13 @@ impl Snapshot {
                 format!("{:?} is not an IP:PORT socket address", config.admin.listen),
             )
         })?;
-        if let Some(l) = listeners.iter().find(|&&l| same_socket(l, admin_listen)) {
+        let clash = listeners
+            .iter()
+            .find(|&&l| same_socket(l, admin_listen))
+            .filter(|&&l| {
+                l == admin_listen || !tolerated("admin.listen", "overlaps a data-plane listener")
+            });
+        if let Some(l) = clash {
             return Err(ConfigError::field(
                 "admin.listen",
                 match *l == admin_listen {
@@ -1237,11 +1262,9 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     // client reading a 204 with a Content-Length would take the bytes after it for the
     // next answer).
     let bodiless = matches!(d.status, 204 | 304);
-    if bodiless && !d.body.is_empty() {
-        return Err(ConfigError::field(
-            format!("{at}.body"),
-            format!("must be empty: a {} answer has no body", d.status),
-        ));
+    let why = format!("must be empty: a {} answer has no body", d.status);
+    if bodiless && !d.body.is_empty() && !tolerated(&format!("{at}.body"), &why) {
+        return Err(ConfigError::field(format!("{at}.body"), why));
     }
     let head = match bodiless {
         true => format!(
@@ -1259,7 +1282,10 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     };
     let mut bytes = head.into_bytes();
     let head_len = bytes.len();
-    bytes.extend_from_slice(d.body.as_bytes());
+    // (A stored config's body on a 204 or 304 is left out.)
+    if !bodiless {
+        bytes.extend_from_slice(d.body.as_bytes());
+    }
     Ok(RouteAction::Respond {
         status: d.status,
         bytes: bytes.into_boxed_slice(),

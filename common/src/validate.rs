@@ -21,6 +21,34 @@ pub(crate) fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
     }
 }
 
+std::thread_local! {
+    /// Set while a config stored by an earlier build is compiled (see [`tolerated`]).
+    static STORED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What such a compile let through, for the caller to log.
+    static NOTES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `compile` on a config stored by an earlier build, where a rule added since must not
+/// keep the gateway from starting on its own state: such a rule gives way (see
+/// [`tolerated`]). Returns what it let through.
+pub(crate) fn compiling_stored<T>(compile: impl FnOnce() -> T) -> (T, Vec<String>) {
+    STORED.with(|s| s.set(true));
+    let out = compile();
+    STORED.with(|s| s.set(false));
+    (out, NOTES.with(|n| std::mem::take(&mut *n.borrow_mut())))
+}
+
+/// Whether a rule added in a later build gives way for the config being compiled (one stored
+/// before it, see [`compiling_stored`]), noting `at` and `why`; `false` for a new config,
+/// which the rule refuses.
+pub(crate) fn tolerated(at: &str, why: &str) -> bool {
+    if !STORED.with(std::cell::Cell::get) {
+        return false;
+    }
+    NOTES.with(|n| n.borrow_mut().push(format!("{at}: {why}")));
+    true
+}
+
 /// A host name in a route or domain policy: dot-separated labels of letters, digits, `-` and
 /// `_` (a `*.` wildcard is checked by the caller), or a bracketed IPv6 literal.
 pub(crate) fn valid_host_pattern(name: &str) -> bool {
@@ -36,7 +64,10 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
         || name
             .strip_prefix('[')
             .and_then(|n| n.strip_suffix(']'))
-            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+            .is_some_and(|ip| {
+                ip.parse::<std::net::Ipv6Addr>().is_ok()
+                    || tolerated(name, "not an IPv6 address: never matches")
+            })
 }
 
 /// RFC 9110 `tchar`.

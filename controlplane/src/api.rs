@@ -951,7 +951,12 @@ impl Admin {
         let mut next = e.config().clone();
         let result = e.fetch_keys(&next).and_then(|()| {
             crate::keys::load(e.dir(), &mut next);
-            Snapshot::compile(next, revision).map_err(|err| err.to_string())
+            let (snapshot, notes) =
+                Snapshot::compile_stored(next, revision).map_err(|err| err.to_string())?;
+            for note in notes {
+                log::warn!("etcd revision {revision}: {note} (allowed by the node that wrote it)");
+            }
+            Ok(snapshot)
         });
         match result {
             Ok(mut snapshot) => {

@@ -364,21 +364,32 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
     }
     keys::load(&data_dir, &mut stored);
-    store::local::refuse_paths_in(&data_dir, &stored).map_err(|(at, why)| {
-        (
-            EXIT_INVALID,
-            format!("config revision {}: {at}: {why}", store.revision()),
-        )
-    })?;
-    let mut snapshot = Snapshot::compile(stored, store.revision()).map_err(|e| {
-        (
-            EXIT_INVALID,
-            format!(
-                "stored config revision {} is invalid: {e}",
-                store.revision()
-            ),
-        )
-    })?;
+    if let Err((at, why)) = store::local::refuse_paths_in(&data_dir, &stored) {
+        // Stored by a build that allowed it: the gateway starts without the log rather than
+        // write into its own state, and a write through the API must fix it.
+        log::error!(
+            "config revision {}: {at}: {why}; the access log is off until the config changes",
+            store.revision()
+        );
+        stored.access_log = None;
+    }
+    let (mut snapshot, notes) =
+        Snapshot::compile_stored(stored, store.revision()).map_err(|e| {
+            (
+                EXIT_INVALID,
+                format!(
+                    "stored config revision {} is invalid: {e}",
+                    store.revision()
+                ),
+            )
+        })?;
+    for note in notes {
+        log::warn!(
+            "config revision {}: {note} (allowed by the build that stored it; a write \
+             through the API must fix it)",
+            store.revision()
+        );
+    }
     // Stored certificates were checked when they were published; one that has expired since
     // is still served (as nginx does), and said so.
     for (id, at) in common::tls::expired(&snapshot.certificates, std::time::SystemTime::now()) {

@@ -213,3 +213,38 @@ fn the_systemd_unit_verifies() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("notifyy"));
 }
+
+#[test]
+fn state_stored_before_a_stricter_rule_still_starts() {
+    // A data directory written by a build whose rules were looser (a 204 with a body, a
+    // pass_headers entry now refused): the gateway starts on it, leaves out what the new
+    // rules refuse, and says so; only a write through the API must fix it.
+    let dir = temp_dir("cli-stored-looser");
+    let data = dir.join("data");
+    let config = common::parse_config(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+             [[routes]]\nid = \"nc\"\npath = \"/nc\"\nrespond = {{ status = 204, body = \"x\" }}\n\
+             [[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"127.0.0.1:1\" }}]\n\
+             [[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"u\"\n\
+             path = \"/x\"\npass_headers = [\"Forwarded\"]\n{ADMIN_SECTION}"
+        ),
+        common::Format::Toml,
+    )
+    .unwrap();
+    assert!(
+        common::Snapshot::compile(config.clone(), 1).is_err(),
+        "strict today"
+    );
+    controlplane::store::LocalStore::create(&data, config, "an earlier build").unwrap();
+    let gw = Gateway::resume(&data, Driver::IoUring);
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /nc HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.body.len()), (204, 0), "{}", r.head);
+    let warned = gw.wait_log("respond.body", Duration::from_secs(5));
+    assert!(
+        warned.contains("a write through the API must fix it"),
+        "{warned}"
+    );
+    gw.wait_log("pass_headers[0]", Duration::from_secs(5));
+}
