@@ -193,35 +193,22 @@ impl Input {
 /// The field lines of a step's 4xx answer that go with its status (see
 /// [`Failure::relayed`]), each with its CRLF.
 fn relayed_fields(buf: &[u8], start: usize, end: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (_, name, value) in each_field(buf, start, end) {
-        let name: &[u8] = if name.eq_ignore_ascii_case(b"www-authenticate") {
-            b"WWW-Authenticate"
-        } else if name.eq_ignore_ascii_case(b"retry-after") {
-            b"Retry-After"
-        } else {
-            continue;
-        };
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    copy_fields(buf, start, end, &[b"WWW-Authenticate", b"Retry-After"])
 }
 
 /// The request's field lines that describe its body, each with its CRLF.
 fn body_fields(buf: &[u8], head: &RequestHead) -> Vec<u8> {
+    let names: [&[u8]; 3] = [b"Content-Type", b"Content-Encoding", b"Content-Language"];
+    copy_fields(buf, head.fields_start, head.fields_end, &names)
+}
+
+/// Every line of the fields `names` between `start` and `end` of `buf` (two lines of one
+/// field are two values: two challenges, two codings applied in turn), each written with
+/// its name as `names` spells it and its CRLF.
+fn copy_fields(buf: &[u8], start: usize, end: usize, names: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
-    // Every line of each: two Content-Encoding lines are two codings applied in turn.
-    for (_, name, value) in each_field(buf, head.fields_start, head.fields_end) {
-        let known: &[u8] = if name.eq_ignore_ascii_case(b"content-type") {
-            b"Content-Type"
-        } else if name.eq_ignore_ascii_case(b"content-encoding") {
-            b"Content-Encoding"
-        } else if name.eq_ignore_ascii_case(b"content-language") {
-            b"Content-Language"
-        } else {
+    for (_, name, value) in each_field(buf, start, end) {
+        let Some(known) = names.iter().find(|n| n.eq_ignore_ascii_case(name)) else {
             continue;
         };
         out.extend_from_slice(known);
