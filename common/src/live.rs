@@ -322,17 +322,33 @@ pub struct Pick {
     pub random: u64,
     /// The hashed key (hash balancing).
     pub key: u64,
-    /// The targets this request tried already, by index (bit `i % 64`): a retry goes to
-    /// one it has not tried while there is one.
-    pub tried: u64,
+    /// The targets this request tried already: a retry goes to one it has not tried while
+    /// there is one.
+    pub tried: Tried,
 }
 
 /// Which targets (index and target) a fallback of [`TargetSet::pick`] takes.
 type Tier<'a> = dyn Fn(usize, &LiveTarget) -> bool + 'a;
 
-/// The bit of target `i` in [`Pick::tried`].
-pub fn tried_bit(i: usize) -> u64 {
-    1 << (i % 64)
+/// A set of target indices, one bit each for the [`crate::snapshot::MAX_TARGETS`] a set
+/// may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tried([u64; crate::snapshot::MAX_TARGETS / 64]);
+
+impl Tried {
+    pub fn add(&mut self, i: usize) {
+        if let Some(word) = self.0.get_mut(i / 64) {
+            *word |= 1 << (i % 64);
+        }
+    }
+
+    pub fn has(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
 }
 
 /// An upstream's addresses right now, with what balancing needs precomputed.
@@ -371,7 +387,7 @@ impl TargetSet {
         if n == 0 {
             return None;
         }
-        let fresh = |i: usize| p.tried & tried_bit(i) == 0;
+        let fresh = |i: usize| !p.tried.has(i);
         let first = match p.balance {
             Balance::RoundRobin => {
                 usize::from(self.schedule[p.counter as usize % self.schedule.len()])
@@ -455,13 +471,13 @@ impl TargetSet {
 
     /// The first usable target not `tried` at or after `key` on the ring (the first
     /// target there when there is none).
-    fn ring_walk(&self, key: u64, tried: u64) -> Option<usize> {
+    fn ring_walk(&self, key: u64, tried: Tried) -> Option<usize> {
         let start = self.ring.partition_point(|&(point, _)| point < key);
         let len = self.ring.len();
         let first = usize::from(self.ring[start % len].1);
         (0..len)
             .map(|k| usize::from(self.ring[(start + k) % len].1))
-            .find(|&i| self.targets[i].usable() && tried & tried_bit(i) == 0)
+            .find(|&i| self.targets[i].usable() && !tried.has(i))
             .or(Some(first))
     }
 
@@ -676,7 +692,7 @@ mod tests {
             counter,
             random: u64::from(counter).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             key,
-            tried: 0,
+            tried: Tried::default(),
         })
         .unwrap()
     }
@@ -704,7 +720,7 @@ mod tests {
         let s = set(3);
         for balance in [Balance::RoundRobin, Balance::LeastRequest, Balance::Hash] {
             for start in 0..50u32 {
-                let mut tried = 0;
+                let mut tried = Tried::default();
                 let mut seen = std::collections::HashSet::new();
                 for _ in 0..3 {
                     let i = s
@@ -716,7 +732,7 @@ mod tests {
                             tried,
                         })
                         .unwrap();
-                    tried |= tried_bit(i);
+                    tried.add(i);
                     seen.insert(i);
                 }
                 assert_eq!(seen.len(), 3, "{balance:?} from {start}");
@@ -726,15 +742,19 @@ mod tests {
         for t in &s.targets {
             t.state.set_unhealthy(true);
         }
-        let mut tried = 0;
+        let mut tried = Tried::default();
         for _ in 0..3 {
             let i = pick_tried(&s, Balance::Hash, 5, tried);
-            assert_eq!(tried & tried_bit(i), 0);
-            tried |= tried_bit(i);
+            assert!(!tried.has(i));
+            tried.add(i);
         }
+        // Beyond 64 targets too: target 64 is not target 0.
+        let mut far = Tried::default();
+        far.add(64);
+        assert!(far.has(64) && !far.has(0) && !far.is_empty());
     }
 
-    fn pick_tried(s: &TargetSet, balance: Balance, key: u64, tried: u64) -> usize {
+    fn pick_tried(s: &TargetSet, balance: Balance, key: u64, tried: Tried) -> usize {
         s.pick(&Pick {
             balance,
             counter: 0,

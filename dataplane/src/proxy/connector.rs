@@ -304,7 +304,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         self
     }
 
-    fn pick(&self, set: &TargetSet, tried: u64) -> Option<usize> {
+    fn pick(&self, set: &TargetSet, tried: common::live::Tried) -> Option<usize> {
         // One target: `TargetSet::pick` picks it whatever the balance and its state (its last
         // fallback takes any target), so the common case skips the round-robin counter and
         // the random draw.
@@ -318,7 +318,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     // A retry walks on from the request's own turn, to the next targets of
                     // the schedule, and takes no turn from the rotation: taking one, with
                     // two targets, started every request on the same (failing) target.
-                    Some(last) if tried != 0 => last.wrapping_add(1),
+                    Some(last) if !tried.is_empty() => last.wrapping_add(1),
                     _ => self
                         .source
                         .next_rr(self.up.revision, self.up.count, self.up.index),
@@ -529,7 +529,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         let set: &TargetSet = &self.set;
         let stripe = self.source.stripe();
         let mut tries = 0u32;
-        let mut tried = 0u64;
+        let mut tried = common::live::Tried::default();
         loop {
             tries += 1;
             let Some(i) = self.pick(set, tried) else {
@@ -584,7 +584,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // An answer not relayed is dropped here: its connection or stream closes.
             drop(result);
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
-            tried |= common::live::tried_bit(i);
+            tried.add(i);
         }
     }
 
