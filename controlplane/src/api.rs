@@ -832,21 +832,22 @@ impl Admin {
             // that is what is stored, diffed and served.
             let next = snapshot.config.clone();
             let current = store.config();
-            if snapshot.listeners != self.shared.load().listeners {
-                return Err(Problem::new(
+            // Settings the running gateway cannot take: a restart applies them.
+            let restart_only = |what: &str, at: &str| {
+                Problem::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "Invalid Config",
-                    "listeners cannot change while the gateway runs; restart it with the new config",
+                    format!(
+                        "{what} cannot change while the gateway runs; restart it with the new config"
+                    ),
                 )
-                .at("/listeners"));
+                .at(at)
+            };
+            if snapshot.listeners != self.shared.load().listeners {
+                return Err(restart_only("listeners", "/listeners"));
             }
             if next.workers != current.workers {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid Config",
-                    "workers cannot change while the gateway runs; restart it with the new config",
-                )
-                .at("/workers"));
+                return Err(restart_only("workers", "/workers"));
             }
             if let Err((at, why)) = crate::store::local::refuse_paths_in(store.dir(), &next) {
                 return Err(
@@ -854,12 +855,7 @@ impl Admin {
                 );
             }
             if next.admin != current.admin {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid Config",
-                    "admin settings cannot change while the gateway runs; restart it with the new config",
-                )
-                .at("/admin"));
+                return Err(restart_only("admin settings", "/admin"));
             }
             let size = serde_json::to_vec(&next).map_or(0, |v| v.len());
             if size > MAX_CONFIG_BODY {

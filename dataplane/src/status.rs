@@ -212,8 +212,10 @@ pub fn push_date(out: &mut Vec<u8>) {
     out.extend_from_slice(&line);
 }
 
-/// `Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n` for `secs` since 1970 (RFC 9110 5.6.7).
+/// `Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n` for `secs` since 1970 (RFC 9110 5.6.7): the
+/// fields written into a template in place, as the access log writes its times.
 fn date_line(secs: u64) -> [u8; 37] {
+    use crate::access_log::fill_padded;
     const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
     const MONTHS: [&[u8; 3]; 12] = [
         b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
@@ -222,34 +224,14 @@ fn date_line(secs: u64) -> [u8; 37] {
     let days = (secs / 86_400) as i64;
     let (y, m, d) = crate::access_log::civil_from_days(days);
     let s = secs % 86_400;
-    let mut out = [0u8; 37];
-    let mut w = 0;
-    let mut put = |b: &[u8]| {
-        out[w..w + b.len()].copy_from_slice(b);
-        w += b.len();
-    };
-    let two = |n: u64| [b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8];
-    put(b"Date: ");
-    put(DAYS[(days % 7) as usize]);
-    put(b", ");
-    put(&two(u64::from(d)));
-    put(b" ");
-    put(MONTHS[(m - 1) as usize]);
-    put(b" ");
-    let y = y.clamp(0, 9999) as u64;
-    put(&[
-        b'0' + (y / 1000) as u8,
-        b'0' + (y / 100 % 10) as u8,
-        b'0' + (y / 10 % 10) as u8,
-        b'0' + (y % 10) as u8,
-    ]);
-    put(b" ");
-    put(&two(s / 3600));
-    put(b":");
-    put(&two(s / 60 % 60));
-    put(b":");
-    put(&two(s % 60));
-    put(b" GMT\r\n");
+    let mut out = *b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n";
+    out[6..9].copy_from_slice(DAYS[(days % 7) as usize]);
+    fill_padded(&mut out[11..13], u64::from(d));
+    out[14..17].copy_from_slice(MONTHS[(m - 1) as usize]);
+    fill_padded(&mut out[18..22], y.clamp(0, 9999) as u64);
+    fill_padded(&mut out[23..25], s / 3600);
+    fill_padded(&mut out[26..28], s / 60 % 60);
+    fill_padded(&mut out[29..31], s % 60);
     out
 }
 
