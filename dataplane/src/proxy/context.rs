@@ -211,14 +211,18 @@ impl RequestCtx {
         // A key an api_key policy could read is never logged, however its name is spelled
         // and however often it comes; also where no policy read it (a refusal before one ran,
         // a 404).
-        let snap = worker.snapshot();
-        let keys = &snap.policies.query_keys;
-        if !keys.is_empty() && target.contains(&b'?') {
-            self.log_target.clear();
-            crate::forward::push_target_without(&mut self.log_target, target, |_, name| {
-                keys.iter().any(|k| crate::policy::query_name_is(name, k))
-            });
-            target = &self.log_target;
+        // Only a target with a query has anything to leave out: the others never look the
+        // snapshot up.
+        if target.contains(&b'?') {
+            let snap = worker.snapshot();
+            let keys = &snap.policies.query_keys;
+            if !keys.is_empty() {
+                self.log_target.clear();
+                crate::forward::push_target_without(&mut self.log_target, target, |_, name| {
+                    keys.iter().any(|k| crate::policy::query_name_is(name, k))
+                });
+                target = &self.log_target;
+            }
         }
         let f = HeadFields {
             started: worker.wall_time(self.started),
