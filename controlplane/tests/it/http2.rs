@@ -643,3 +643,33 @@ time.sleep(3)
         "upstream connection closed after {after:?} (upstream_body_ms is 20 s)"
     );
 }
+
+#[test]
+fn an_h2c_preface_that_arrives_in_pieces_is_still_http2() {
+    // Split inside `PRI * HTTP/2.0\r\n\r\n`, the preface's part an HTTP/1.1 parser would read
+    // as a request line with version 2.0 (a 505 before), and at its end.
+    let config = "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+                  [[routes]]\nid = \"r\"\npath = \"/\"\nrespond = { status = 200 }\n";
+    let gw = Gateway::start(config, Driver::IoUring);
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let empty_settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    for split in [1, 4, 15, 16, 17, 18, 23] {
+        let mut s = TcpStream::connect(gw.listeners[0]).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&preface[..split]).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        s.write_all(&preface[split..]).unwrap();
+        s.write_all(&empty_settings).unwrap();
+        // The server's preface: a SETTINGS frame (type 4) on stream 0.
+        let mut frame = [0u8; 9];
+        std::io::Read::read_exact(&mut s, &mut frame)
+            .unwrap_or_else(|e| panic!("split at {split}: no frame header: {e}"));
+        assert_eq!(
+            (frame[3], &frame[5..9]),
+            (4, &[0u8, 0, 0, 0][..]),
+            "split at {split}: {:?}",
+            String::from_utf8_lossy(&frame)
+        );
+    }
+}

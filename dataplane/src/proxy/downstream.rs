@@ -167,6 +167,7 @@ impl<S: ClientStream> Downstream<S> {
         head.method = Span::default();
         loop {
             if !self.buf.is_empty()
+                && !self.preface_so_far()
                 && parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head)?
             {
                 return Ok(Head::Request);
@@ -247,6 +248,17 @@ impl<S: ClientStream> Downstream<S> {
                 }
             }
         }
+    }
+
+    /// Whether the connection's first bytes could still become the HTTP/2 preface's head,
+    /// which `serve_stream` hands to HTTP/2 on an `h2c` listener. Parsed as a request line, a
+    /// preface that arrived in pieces would be a 505.
+    fn preface_so_far(&self) -> bool {
+        let head = super::http2::PREFACE_HEAD;
+        S::PRIOR_KNOWLEDGE
+            && self.served == 0
+            && self.buf.len() < head.len()
+            && head.starts_with(&self.buf)
     }
 
     /// Waits until `until` (the park grace) for the next request's first bytes. `Ok(None)`:

@@ -49,6 +49,9 @@ use crate::worker_ctx::WorkerCtx;
 
 /// The client connection preface of RFC 9113 3.4.
 pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The preface's first part, `PRI * HTTP/2.0` and an empty line: what an HTTP/1.1 parser
+/// reads as a (refused) request head, and what tells an `h2c` listener a client speaks HTTP/2.
+pub(crate) const PREFACE_HEAD: &[u8] = PREFACE.split_at(18).0;
 
 /// Bytes of frames queued before a write waits for the socket.
 const WRITE_BUF: usize = 64 * 1024;

@@ -163,7 +163,7 @@ async fn serve_stream<S: ClientStream>(
             Err(_)
                 if S::PRIOR_KNOWLEDGE
                     && down.served == 0
-                    && down.buf.starts_with(&http2::PREFACE[..18])
+                    && down.buf.starts_with(http2::PREFACE_HEAD)
                     && ctx
                         .snapshot()
                         .listener_protocols
