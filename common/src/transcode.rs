@@ -465,8 +465,18 @@ impl Transcoder {
     pub fn allowed(&self, path: &str) -> String {
         let mut allow: Vec<&str> = Vec::new();
         for b in &self.bindings {
-            if !allow.contains(&&*b.verb) && b.template.matches(path).is_some() {
-                allow.push(&b.verb);
+            if b.template.matches(path).is_none() {
+                continue;
+            }
+            let verbs: &[&str] = if &*b.verb == "GET" {
+                &["GET", "HEAD"]
+            } else {
+                &[&b.verb]
+            };
+            for v in verbs {
+                if !allow.contains(v) {
+                    allow.push(v);
+                }
             }
         }
         allow.join(", ")
@@ -479,15 +489,20 @@ impl Transcoder {
         path: &'p str,
     ) -> Result<(usize, Vec<&'p str>), bool> {
         let mut path_known = false;
+        // HEAD is GET without the body (RFC 9110 9.3.2), unless a binding takes HEAD itself.
+        let mut as_get = None;
         for (i, b) in self.bindings.iter().enumerate() {
             if let Some(vars) = b.template.matches(path) {
                 if *b.verb == *method {
                     return Ok((i, vars));
                 }
+                if method == "HEAD" && &*b.verb == "GET" && as_get.is_none() {
+                    as_get = Some((i, vars));
+                }
                 path_known = true;
             }
         }
-        Err(path_known)
+        as_get.ok_or(path_known)
     }
 }
 
@@ -817,7 +832,14 @@ mod tests {
         assert!(t.find("GET", "/v1/orders").is_ok());
         // A known path with another method: 405; an unknown path: 404.
         assert_eq!(t.find("DELETE", "/v1/orders").err(), Some(true));
-        assert_eq!(t.allowed("/v1/orders"), "GET, POST");
+        assert_eq!(t.allowed("/v1/orders"), "GET, HEAD, POST");
+        // HEAD is GET's, without the body.
+        let (b, vars) = t.find("HEAD", "/v1/orders/7").unwrap();
+        assert_eq!(
+            (&*b.grpc_path, vars),
+            ("/shop.v1.Orders/GetOrder", vec!["7"])
+        );
+        assert_eq!(t.find("HEAD", "/shop.v1.Orders/Echo").err(), Some(true));
         assert_eq!(t.allowed("/v2/orders"), "");
         assert_eq!(t.find("GET", "/v2/orders").err(), Some(false));
         assert_eq!(t.find("GET", "/v1/orders/7/items/9").err(), Some(false));

@@ -1208,6 +1208,22 @@ transcoder = "orders"
     ]);
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body), json(order));
+    // A native gRPC call on a transcoding route goes through as it is (before: read as JSON,
+    // 400): the length-prefixed message `Order { id: "e" }` comes back the same.
+    let framed = dir.join("echo.grpc");
+    std::fs::write(&framed, b"\0\0\0\0\x03\x0a\x01e").unwrap();
+    let (code, ct, body) = curl_json(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        &format!("@{}", framed.display()),
+        &url("/shop.v1.Orders/Echo"),
+    ]);
+    assert_eq!((code, ct.as_str()), (200, "application/grpc"), "{body:?}");
+    assert_eq!(body.as_bytes(), b"\0\0\0\0\x03\x0a\x01e");
 
     // Server streaming: a JSON array, or newline-delimited JSON when asked for.
     let (code, _, body) = curl_json(&[&url("/v1/customers/ann/events?count=3")]);
@@ -1276,14 +1292,23 @@ transcoder = "orders"
     // No mapping for the method or the path.
     let (code, _, _) = curl_json(&["-X", "DELETE", &url("/v1/orders")]);
     assert_eq!(code, 405);
-    // A refused HEAD gets its head only, with the length a GET would get: the connection
-    // stays in step for the next request.
+    // HEAD is answered as GET (before: 405), and a refused HEAD too, each with its head only
+    // and the length a GET would get: the connection stays in step for the next request.
+    let (_, _, got) = curl_json(&[&url("/v1/orders/o-1")]);
     let mut c = Client::connect(gw.addr);
-    c.send(b"HEAD /v1/orders HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nothing/here HTTP/1.1\r\nHost: x\r\n\r\n");
+    c.send(
+        b"HEAD /v1/orders/o-1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          HEAD /shop.v1.Orders/Echo HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /v1/nothing/here HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let head = c.read_response_to("HEAD");
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), Some(&*got.len().to_string()));
     let head = c.read_response_to("HEAD");
     assert_eq!(head.status, 405);
     // RFC 9110 15.5.6: the methods the path takes.
-    assert_eq!(head.header("allow"), Some("GET, POST"));
+    assert_eq!(head.header("allow"), Some("POST"));
     assert!(head.body.is_empty());
     let length: usize = head.header("content-length").unwrap().parse().unwrap();
     assert!(length > 0);

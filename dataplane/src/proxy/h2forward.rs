@@ -914,14 +914,17 @@ pub(super) async fn forward<S: ClientStream>(
         b"content-type",
     )
     .unwrap_or_default();
+    // On a transcoding route, gRPC and gRPC-Web calls still go through as they are (as with
+    // Envoy's transcoder): only the rest is JSON to translate.
     let transcoder = route
         .transcoder
         .and_then(|i| snap.transcoders.get(i))
         .cloned();
-    let call = match transcoder {
-        Some(_) => Call::Json,
-        None => classify(content_type, grpc_upstream),
+    let call = match classify(content_type, grpc_upstream) {
+        Call::Plain if transcoder.is_some() => Call::Json,
+        call => call,
     };
+    let transcoder = transcoder.filter(|_| call == Call::Json);
     let mut encoding = match call {
         Call::Web { text } => HeaderValue::from_bytes(content_type)
             .map(|content_type| Encoding::Web { content_type, text })
