@@ -1090,6 +1090,9 @@ id = "orders-echo"
 path = "/shop.v1.Orders/Echo"
 upstream = "orders-grpc"
 transcoder = "orders"
+
+[timeouts]
+client_body_ms = 1000
 "#,
         svc.addr,
         cut.addr,
@@ -1224,6 +1227,50 @@ transcoder = "orders"
     ]);
     assert_eq!((code, ct.as_str()), (200, "application/grpc"), "{body:?}");
     assert_eq!(body.as_bytes(), b"\0\0\0\0\x03\x0a\x01e");
+    // A JSON body over HTTP/2 that comes in pieces 0.4 s apart, 1.6 s in all: client_body_ms
+    // (1 s here) bounds the silence between pieces, not the whole body (before: 408).
+    const SLOW: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/v1/orders?requestId=slow"),
+                   (":scheme", "http"), (":authority", "t"),
+                   ("content-type", "application/json")])
+s.sendall(c.data_to_send())
+for piece in [b'{"customer":', b'"bob",', b'"items":[]', b'}']:
+    time.sleep(0.4)
+    c.send_data(1, piece, end_stream=piece == b'}')
+    s.sendall(c.data_to_send())
+status, body, done = None, b"", False
+while not done:
+    data = s.recv(65536)
+    if not data:
+        break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        elif isinstance(e, h2.events.DataReceived):
+            body += e.data
+        elif isinstance(e, h2.events.StreamEnded):
+            done = True
+    s.sendall(c.data_to_send())
+print(status, body.decode())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SLOW, &gw.addr.port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, body) = text.trim().split_once(' ').unwrap_or_default();
+    assert_eq!(
+        status,
+        "200",
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(body)["id"], "new-slow", "{body}");
 
     // Server streaming: a JSON array, or newline-delimited JSON when asked for.
     let (code, _, body) = curl_json(&[&url("/v1/customers/ann/events?count=3")]);

@@ -376,8 +376,7 @@ async fn h2_request_body(
     let body = if ended {
         Body::Whole(ready.freeze())
     } else if call.whole_body() {
-        let deadline = Instant::now() + timeouts.client_body;
-        let more = read_h2_body(&mut rest, max - ready.len() as u64, deadline).await?;
+        let more = read_h2_body(&mut rest, max - ready.len() as u64, timeouts.client_body).await?;
         ready.extend_from_slice(&more);
         Body::Whole(ready.freeze())
     } else {
@@ -395,15 +394,16 @@ async fn h2_request_body(
     Ok(body)
 }
 
-/// Reads an HTTP/2 client's whole body (a gRPC-Web call's), up to `max` bytes.
+/// Reads an HTTP/2 client's whole body (a gRPC-Web or JSON call's), up to `max` bytes, with
+/// at most `silence` between two pieces of it (`client_body_ms`, as on HTTP/1.1).
 async fn read_h2_body(
     rest: &mut RecvStream,
     max: u64,
-    deadline: Instant,
+    silence: Duration,
 ) -> Result<Vec<u8>, ErrorKind> {
     let mut out = Vec::new();
     loop {
-        let next = monoio::time::timeout_at(deadline.into(), poll_fn(|cx| rest.poll_data(cx)))
+        let next = monoio::time::timeout(silence, poll_fn(|cx| rest.poll_data(cx)))
             .await
             .map_err(|_| ErrorKind::ClientTimeout)?;
         match next {
