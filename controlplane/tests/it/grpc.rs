@@ -1093,6 +1093,7 @@ transcoder = "orders"
 
 [timeouts]
 client_body_ms = 1000
+client_send_ms = 1000
 "#,
         svc.addr,
         cut.addr,
@@ -1271,6 +1272,45 @@ print(status, body.decode())
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(json(body)["id"], "new-slow", "{body}");
+    // A client that keeps its window shut is given up after client_send_ms (1 s here), also
+    // when the answer is a unary JSON one, written whole at the call's end (before: held).
+    const SHUT: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config, h2.events, h2.settings
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+c.send_headers(1, [(":method", "GET"), (":path", "/v1/orders/o-1"), (":scheme", "http"),
+                   (":authority", "t")], end_stream=True)
+s.sendall(c.data_to_send())
+start, seen = time.time(), None
+while seen is None and time.time() - start < 8:
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        continue
+    if not data:
+        break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.StreamReset):
+            seen = time.time() - start
+    s.sendall(c.data_to_send())
+print("reset" if seen is not None else "held", seen)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SHUT, &gw.addr.port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (what, after) = text.trim().split_once(' ').unwrap_or_default();
+    assert_eq!(
+        what,
+        "reset",
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(after.parse::<f64>().unwrap() < 5.0, "{text}");
 
     // Server streaming: a JSON array, or newline-delimited JSON when asked for.
     let (code, _, body) = curl_json(&[&url("/v1/customers/ann/events?count=3")]);

@@ -1468,10 +1468,16 @@ impl Relay {
             Ok(Ok(t)) => t,
             Ok(Err(_)) => return Err(self.cut(sink, status, &cursor).await),
         };
-        if sink.finish(trailers).await.is_err() {
-            return Err((status, ErrorKind::ClientClosed));
+        // A translated answer is written here (a unary JSON one whole, gRPC-Web's trailers),
+        // bounded as each piece above is.
+        match monoio::time::timeout(self.send, sink.finish(trailers)).await {
+            Ok(Ok(())) => Ok(status),
+            Ok(Err(())) => Err((status, ErrorKind::ClientClosed)),
+            Err(_) => {
+                sink.abort();
+                Err((status, ErrorKind::ClientTimeout))
+            }
         }
-        Ok(status)
     }
 
     /// Waits for `fut` until the body's idle limit or the call's deadline; `Err(Some(true))`:
