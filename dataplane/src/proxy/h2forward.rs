@@ -362,13 +362,14 @@ fn take_ready(rest: &mut RecvStream, out: &mut BytesMut) -> Result<bool, ErrorKi
 /// An HTTP/2 client's request body: whole when it has already ended (or must be read whole:
 /// a gRPC-Web call's), else the stream to relay as it comes. Counts the bytes taken.
 async fn h2_request_body(
+    early: Bytes,
     mut rest: RecvStream,
     call: Call,
     max: u64,
     timeouts: &common::Timeouts,
     req: &mut RequestCtx,
 ) -> Result<Body, ErrorKind> {
-    let mut ready = BytesMut::new();
+    let mut ready = BytesMut::from(early);
     let ended = take_ready(&mut rest, &mut ready)?;
     if ready.len() as u64 > max {
         return Err(ErrorKind::BodyTooLarge);
@@ -995,7 +996,7 @@ pub(super) async fn forward<S: ClientStream>(
     // The request body. An HTTP/2 client that asked for `100 Continue` gets it (as
     // informational HEADERS) before its body is read; the HTTP/1.1 path sends its own.
     let body = match down.stream.take_h2_body() {
-        Some(rest) => {
+        Some((early, rest)) => {
             if head.expect_continue && down.send_continue(req).await.is_err() {
                 return fail(
                     down,
@@ -1008,7 +1009,15 @@ pub(super) async fn forward<S: ClientStream>(
                 )
                 .await;
             }
-            h2_request_body(rest, call, down.limits.max_body_bytes, &timeouts, req).await
+            h2_request_body(
+                early,
+                rest,
+                call,
+                down.limits.max_body_bytes,
+                &timeouts,
+                req,
+            )
+            .await
         }
         None => super::fanout::read_body(down, req, head)
             .await

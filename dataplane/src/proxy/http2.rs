@@ -277,6 +277,8 @@ async fn serve_request(
         body: Some(body),
         chunked,
         pending: Bytes::new(),
+        early: BytesMut::new(),
+        early_end: false,
         respond: Some(respond),
         send: None,
         answer: Answer::Head(Vec::new()),
@@ -391,6 +393,10 @@ pub(crate) struct H2Stream {
     chunked: bool,
     /// Body bytes (with chunk framing when chunked) not yet read.
     pending: Bytes,
+    /// Body bytes taken from the stream as the head was read, to see whether the whole body
+    /// came with it; not yet framed or read. `early_end`: the stream's end came after them.
+    early: BytesMut,
+    early_end: bool,
     respond: Option<SendResponse<Bytes>>,
     send: Option<SendStream<Bytes>>,
     answer: Answer,
@@ -408,38 +414,78 @@ impl std::fmt::Debug for H2Stream {
 impl H2Stream {
     /// Waits until request bytes are ready to copy (or the request has ended).
     async fn next_bytes(&mut self) -> io::Result<()> {
-        while self.head_pos == self.head.len() && self.pending.is_empty() {
-            let Some(body) = self.body.as_mut() else {
-                return Ok(());
-            };
-            match poll_fn(|cx| body.poll_data(cx)).await {
-                Some(Ok(data)) => {
-                    // The window reopens as the request path takes the bytes.
-                    let _ = body.flow_control().release_capacity(data.len());
-                    if data.is_empty() {
-                        continue;
-                    }
-                    self.pending = if self.chunked {
-                        let mut framed = Vec::with_capacity(data.len() + 20);
-                        push_hex(&mut framed, data.len());
-                        framed.extend_from_slice(b"\r\n");
-                        framed.extend_from_slice(&data);
-                        framed.extend_from_slice(b"\r\n");
-                        Bytes::from(framed)
-                    } else {
-                        data
-                    };
+        while self.head_pos == self.head.len() && self.pending.is_empty() && self.body.is_some() {
+            let polled = poll_fn(|cx| self.poll_body(cx)).await;
+            self.take_polled(polled)?;
+        }
+        Ok(())
+    }
+
+    /// The request body's next piece: what `early` holds, then the stream's.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ::h2::Error>>> {
+        if !self.early.is_empty() {
+            return Poll::Ready(Some(Ok(self.early.split().freeze())));
+        }
+        let Some(body) = self.body.as_mut().filter(|_| !self.early_end) else {
+            return Poll::Ready(None);
+        };
+        let polled = ready!(body.poll_data(cx));
+        if let Some(Ok(data)) = &polled {
+            // The window reopens as the request path takes the bytes.
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        Poll::Ready(polled)
+    }
+
+    /// Takes a piece of the request body into `pending`, chunk-framed when the synthesised
+    /// head says chunked (the last chunk at the end).
+    fn take_polled(&mut self, polled: Option<Result<Bytes, ::h2::Error>>) -> io::Result<()> {
+        match polled {
+            Some(Ok(data)) if data.is_empty() => {}
+            Some(Ok(data)) => {
+                self.pending = if self.chunked {
+                    let mut framed = Vec::with_capacity(data.len() + 20);
+                    push_hex(&mut framed, data.len());
+                    framed.extend_from_slice(b"\r\n");
+                    framed.extend_from_slice(&data);
+                    framed.extend_from_slice(b"\r\n");
+                    Bytes::from(framed)
+                } else {
+                    data
                 }
-                Some(Err(e)) => return Err(io::Error::other(e)),
-                None => {
-                    self.body = None;
-                    if self.chunked {
-                        self.pending = Bytes::from_static(b"0\r\n\r\n");
-                    }
+            }
+            Some(Err(e)) => return Err(io::Error::other(e)),
+            None => {
+                self.body = None;
+                self.early_end = false;
+                if self.chunked {
+                    self.pending = Bytes::from_static(b"0\r\n\r\n");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Takes the request body's bytes already here into `early`, without waiting: whether
+    /// that is all of it, and fits in `room` with its framing.
+    fn whole_body_here(&mut self, room: usize) -> bool {
+        let Some(body) = self.body.as_mut() else {
+            return false;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        while !self.early_end && self.early.len() < room {
+            match body.poll_data(&mut cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    self.early.extend_from_slice(&data);
+                }
+                Poll::Ready(None) => self.early_end = true,
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
+            }
+        }
+        // One chunk's size line and CRLFs, and the last chunk.
+        const FRAMING: usize = 32;
+        self.early_end && self.early.len() + FRAMING <= room
     }
 
     /// Copies ready request bytes into `dst`; 0 once the request has ended.
@@ -463,7 +509,27 @@ impl H2Stream {
         let room = buf.bytes_total();
         // SAFETY: `write_ptr` points at `bytes_total` writable bytes owned by `buf`.
         let dst = unsafe { std::slice::from_raw_parts_mut(buf.write_ptr(), room) };
-        let n = self.copy_out(dst);
+        let head_read = self.head_pos < self.head.len();
+        let mut n = self.copy_out(dst);
+        // A body that came whole with its head follows it in the same read: it is then in
+        // the request path's buffer, as on HTTP/1.1, and the request can be sent again (a
+        // retry). A body still coming stays the stream's, to relay as it comes.
+        if head_read && self.head_pos == self.head.len() && self.whole_body_here(room - n) {
+            while n < room {
+                if self.pending.is_empty() && self.body.is_some() {
+                    let mut cx = Context::from_waker(Waker::noop());
+                    // Never pending: the body's end is in `early`.
+                    if let Poll::Ready(polled) = self.poll_body(&mut cx) {
+                        let _ = self.take_polled(polled);
+                    }
+                }
+                let more = self.copy_out(&mut dst[n..]);
+                if more == 0 {
+                    break;
+                }
+                n += more;
+            }
+        }
         // SAFETY: `n` bytes were written at the start.
         unsafe { buf.set_init(n) };
         (Ok(n), buf)
@@ -1220,12 +1286,13 @@ impl ClientStream for H2Stream {
         None
     }
 
-    fn take_h2_body(&mut self) -> Option<RecvStream> {
+    fn take_h2_body(&mut self) -> Option<(Bytes, RecvStream)> {
         // Only before any of the body was read as HTTP/1.1 bytes.
         if self.head_pos < self.head.len() || !self.pending.is_empty() {
             return None;
         }
-        self.body.take()
+        let body = self.body.take()?;
+        Some((self.early.split().freeze(), body))
     }
 
     fn take_h2_respond(&mut self) -> Option<H2Answer> {
@@ -1922,6 +1989,8 @@ mod tests {
                     body: None,
                     chunked: false,
                     pending: Bytes::new(),
+                    early: BytesMut::new(),
+                    early_end: false,
                     respond: Some(respond),
                     send: None,
                     answer: Answer::Head(Vec::new()),

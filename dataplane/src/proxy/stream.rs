@@ -117,8 +117,9 @@ pub(crate) trait ClientStream:
     async fn close_whole(&mut self) {}
 
     /// An HTTP/2 stream's request body as HTTP/2 frames (for an HTTP/2 upstream), if the
-    /// client stream is one and nothing of the body was read through it yet.
-    fn take_h2_body(&mut self) -> Option<h2::RecvStream> {
+    /// client stream is one and nothing of the body was read through it yet: the bytes
+    /// already taken from the stream, then the stream.
+    fn take_h2_body(&mut self) -> Option<(bytes::Bytes, h2::RecvStream)> {
         None
     }
 
