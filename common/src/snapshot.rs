@@ -213,11 +213,12 @@ pub struct Variant {
 
 impl Route {
     /// Whether this route takes `method`. A route that takes GET also takes HEAD, as every
-    /// GET resource must (RFC 9110 §9.3.2).
+    /// GET resource must (RFC 9110 §9.3.2). TRACE only where `methods` names it: it echoes
+    /// the request, credentials included, back to whoever can make a client send it.
     #[inline]
     pub fn accepts(&self, method: &[u8]) -> bool {
         match &self.methods {
-            None => true,
+            None => method != b"TRACE",
             Some(list) => list
                 .iter()
                 .any(|m| &m[..] == method || (method == b"HEAD" && &m[..] == b"GET")),

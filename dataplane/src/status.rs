@@ -101,12 +101,13 @@ impl Status {
             Status::NotFound => {
                 canned!("404" "Not Found", "35", "404 no route matches this request.\n")
             }
-            // Only CONNECT: every other method is proxied (RFC 9110 15.5.6: a 405 says which).
+            // CONNECT, and TRACE where no route names it (RFC 9110 15.5.6: a 405 says what
+            // is allowed).
             Status::MethodNotAllowed => canned!(
                 "405" "Method Not Allowed",
                 "31",
                 "405 method not supported here.\n",
-                "Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"
+                "Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
             ),
             Status::RequestTimeout => {
                 canned!("408" "Request Timeout", "34", "408 request not received in time.\n")

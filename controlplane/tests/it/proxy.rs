@@ -1418,3 +1418,66 @@ fn body_shorter_than_the_method_after_the_head(driver: Driver) {
         .roundtrip("GET /fresh HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.body_str(), "origin saw /fresh");
 }
+
+#[test]
+fn trace_is_refused_unless_named_and_max_forwards_is_counted_down() {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        Keep::Open
+    }));
+    let extra = "[[routes]]\nid = \"traced\"\npath = \"/t\"\nupstream = \"origin\"\n\
+                 methods = [\"TRACE\", \"OPTIONS\", \"GET\"]\n";
+    let gw = Gateway::start(&framing_config(origin.addr, extra), Driver::IoUring);
+    let mut c = gw.connect();
+    // A route without `methods` does not take TRACE: 405, as nginx answers.
+    let r = c.roundtrip("TRACE /x HTTP/1.1\r\nHost: a\r\nCookie: s=1\r\n\r\n");
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.header("allow"),
+        Some("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
+    );
+    // Max-Forwards 0 (RFC 9110 7.6.2): the gateway answers as the final recipient. TRACE
+    // echoes the request without its cookies and credentials.
+    let r = c.roundtrip(
+        "TRACE /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nCookie: s=1\r\n\
+         Authorization: Basic eDp5\r\nX-Seen: yes\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("message/http"));
+    assert_eq!(
+        r.body_str(),
+        "TRACE /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nX-Seen: yes\r\n\r\n"
+    );
+    let r = c.roundtrip("OPTIONS /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("allow"), Some("TRACE, OPTIONS, GET, HEAD"));
+    assert_eq!(r.header("content-length"), Some("0"));
+    // Above 0 the request goes on with one less; without it, or on other methods, as it is.
+    for req in [
+        "OPTIONS /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\n\r\n",
+        "TRACE /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 1\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n",
+        "OPTIONS /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        assert_eq!(c.roundtrip(req).status, 200, "{req}");
+    }
+    let seen: Vec<String> = origin
+        .wait_requests(4)
+        .iter()
+        .map(|r| {
+            r.head.replace(
+                "\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http",
+                "",
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "OPTIONS /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: a\r\nMax-Forwards: 2",
+            "TRACE /t HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: a\r\nMax-Forwards: 0",
+            "GET /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nX-Forwarded-Host: a",
+            "OPTIONS /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: a",
+        ]
+    );
+}

@@ -160,6 +160,69 @@ pub fn preflight_method<'a>(buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8
     method.filter(|_| origin)
 }
 
+/// RFC 9110 7.6.2: an OPTIONS or TRACE request with `Max-Forwards: 0` is answered by the
+/// gateway as its final recipient: `true`, with that answer (the head without its blank
+/// line, then the body) in `state.out`. OPTIONS gets `allow`; TRACE the request as received
+/// (`message/http`, RFC 9110 9.3.8) less what may be secret: cookies, credentials and the
+/// fields the policies leave out (API keys). With a larger value the request goes on with
+/// one less; without one, or with one that is not a number, as it is.
+pub fn max_forwards(buf: &[u8], head: &RequestHead, allow: &[u8], state: &mut PolicyState) -> bool {
+    let Some(value) = fields(buf, head)
+        .find(|f| f.name.eq_ignore_ascii_case(b"max-forwards"))
+        .map(|f| f.value)
+        .filter(|v| !v.is_empty() && v.iter().all(u8::is_ascii_digit))
+    else {
+        return false;
+    };
+    let hops = std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    if hops > 0 {
+        drop_named(
+            buf,
+            head.fields_start,
+            head.fields_end,
+            b"max-forwards",
+            &mut state.drops,
+        );
+        state
+            .extra
+            .extend_from_slice(format!("Max-Forwards: {}\r\n", hops - 1).as_bytes());
+        return false;
+    }
+    let out = &mut state.out;
+    out.clear();
+    if head.method.of(buf) == b"TRACE" {
+        let mut echo = buf[..head.fields_start].to_vec();
+        for f in fields(buf, head) {
+            let secret = [&b"cookie"[..], b"authorization", b"proxy-authorization"]
+                .iter()
+                .any(|n| f.name.eq_ignore_ascii_case(n))
+                || state.drops.iter().any(|d| d.start == f.line.start);
+            if !secret {
+                echo.extend_from_slice(f.line.of(buf));
+            }
+        }
+        echo.extend_from_slice(b"\r\n");
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: {}\r\n",
+                echo.len()
+            )
+            .as_bytes(),
+        );
+        state.out_head_len = out.len();
+        out.extend_from_slice(&echo);
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\nAllow: ");
+        out.extend_from_slice(allow);
+        out.extend_from_slice(b"\r\nContent-Length: 0\r\n");
+        state.out_head_len = out.len();
+    }
+    true
+}
+
 /// Removes from a relayed response every `Access-Control-*` field line, which the gateway's
 /// own CORS fields replace. (`Vary` stays: the gateway adds `Vary: Origin` beside it.)
 pub fn drop_cors_fields(buf: &[u8], start: usize, end: usize, drops: &mut Vec<Span>) {

@@ -349,9 +349,13 @@ async fn handle<S: ClientStream>(
         return next;
     }
     let Some(route) = route else {
-        req.fail(ErrorKind::NoRoute);
-        let reply = Reply::Canned(Status::NotFound);
-        return down.respond(ctx, req, head, reply).await;
+        // TRACE is refused where no route names it, as nginx does.
+        let (kind, status) = match head.method.of(&down.buf) == b"TRACE" {
+            true => (ErrorKind::MethodNotAllowed, Status::MethodNotAllowed),
+            false => (ErrorKind::NoRoute, Status::NotFound),
+        };
+        req.fail(kind);
+        return down.respond(ctx, req, head, Reply::Canned(status)).await;
     };
     let choice = if route.variants.is_empty() {
         select::Choice {
@@ -402,6 +406,21 @@ async fn handle<S: ClientStream>(
                     .extra
                     .extend_from_slice(b"Accept-Encoding: identity\r\n");
             }
+            let method = head.method.of(&down.buf);
+            if (method == b"OPTIONS" || method == b"TRACE")
+                && policy::max_forwards(&down.buf, head, &allowed(route), &mut req.policy)
+            {
+                // `Max-Forwards: 0`: the gateway is the final recipient.
+                let out = std::mem::take(&mut req.policy.out);
+                let reply = Reply::Direct {
+                    status: 200,
+                    bytes: &out,
+                    head_len: req.policy.out_head_len,
+                };
+                let next = down.respond(ctx, req, head, reply).await;
+                req.policy.out = out;
+                return next;
+            }
             let up = connector::UpstreamRef::of(snap, *upstream);
             if up.upstream.hash_on == common::snapshot::HashOn::ClientIp {
                 req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
@@ -418,6 +437,28 @@ async fn handle<S: ClientStream>(
             fanout::aggregate(ctx, snap, down, req, head, route, *aggregate, peer.ip).await
         }
     }
+}
+
+/// The methods `route` takes, for an `Allow` field: its `methods` (with HEAD beside GET), or
+/// every method the gateway forwards anywhere.
+fn allowed(route: &Route) -> Vec<u8> {
+    let Some(list) = &route.methods else {
+        return b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH".to_vec();
+    };
+    let mut out = Vec::new();
+    let mut push = |m: &[u8]| {
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(m);
+    };
+    for m in list.iter() {
+        push(m);
+        if &m[..] == b"GET" && !list.iter().any(|o| &o[..] == b"HEAD") {
+            push(b"HEAD");
+        }
+    }
+    out
 }
 
 /// Forwards the request to a target of `up` and relays the response (reshaped by `shape`, if
