@@ -250,10 +250,12 @@ pub fn expired(certs: &[Arc<Certificate>], now: SystemTime) -> Vec<(String, Stri
         .collect()
 }
 
-/// Builds a listener's rustls config; `certs` are its certificates in its order.
-/// Sessions one listener (its address) can resume: kept across configs, so a change to the
-/// config (a route added) does not make every client's next connection a full handshake
-/// (nginx keeps its session cache and ticket keys across reloads too).
+/// Sessions one listener (its address) can resume, with one set of certificates: kept
+/// across configs, so a change to the config (a route added) does not make every client's
+/// next connection a full handshake (nginx keeps its session cache and ticket keys across
+/// reloads too). A change to the listener's certificates (a key rotated, a name removed)
+/// starts new ones: a session resumes the identity it was made with, which must not outlive
+/// the certificate (nginx ties its sessions to the certificates the same way).
 struct Sessions {
     /// TLS 1.2 session ids.
     cache: Arc<rustls::server::ServerSessionMemoryCache>,
@@ -266,24 +268,43 @@ struct Sessions {
 /// tickets take no memory).
 const SESSION_IDS: usize = 20_000;
 
-/// The session state of the listener on `address`, made on first use.
-fn sessions(address: &str) -> Arc<Sessions> {
-    static ALL: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Sessions>>>> =
+/// Session states kept per listener address, the most recently used: the live config's, and
+/// a dry run's or a refused change's beside it.
+const SESSION_SETS: usize = 3;
+
+/// The session state of the listener on `address` with `certs`, made on first use.
+fn sessions(address: &str, certs: &[Arc<Certificate>]) -> Arc<Sessions> {
+    type Kept = Vec<(u64, Arc<Sessions>)>;
+    static ALL: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Kept>>> =
         OnceLock::new();
+    let mut print = std::hash::DefaultHasher::new();
+    for c in certs {
+        std::hash::Hash::hash(&c.key.cert, &mut print);
+    }
+    let print = std::hash::Hasher::finish(&print);
     let mut all = ALL
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    all.entry(address.to_owned())
-        .or_insert_with(|| {
+    let kept = all.entry(address.to_owned()).or_default();
+    let entry = match kept.iter().position(|(p, _)| *p == print) {
+        Some(i) => kept.remove(i),
+        None => (
+            print,
             Arc::new(Sessions {
                 cache: rustls::server::ServerSessionMemoryCache::new(SESSION_IDS),
                 ticketer: rustls::crypto::ring::Ticketer::new().ok(),
-            })
-        })
-        .clone()
+            }),
+        ),
+    };
+    if kept.len() == SESSION_SETS {
+        kept.remove(0);
+    }
+    kept.push(entry.clone());
+    entry.1
 }
 
+/// Builds a listener's rustls config; `certs` are its certificates in its order.
 pub fn compile_listener(
     tls: &ListenerTlsConfig,
     certs: Vec<Arc<Certificate>>,
@@ -320,9 +341,11 @@ pub fn compile_listener(
         .with_protocol_versions(versions)
         .map_err(|e| ConfigError::field(format!("{at}.min_version"), e.to_string()))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { certs }));
+        .with_cert_resolver(Arc::new(SniResolver {
+            certs: certs.clone(),
+        }));
     config.alpn_protocols = alpn;
-    let sessions = sessions(address);
+    let sessions = sessions(address, &certs);
     config.session_storage = sessions.cache.clone();
     if let Some(t) = &sessions.ticketer {
         config.ticketer = t.clone();

@@ -169,18 +169,10 @@ pub(crate) async fn accept(
     }));
     let shake = async {
         loop {
-            {
-                // TLS 1.3: once the client's Finished is in, all that is left to send are
-                // session tickets. They go out in the same write as the first answer rather
-                // than in a write of their own, which a request would wait behind (the client
-                // does not wait for them; TLS 1.2's last flight is flushed below as before).
-                let s = session.borrow();
-                if !s.conn.is_handshaking()
-                    && s.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
-                {
-                    return Ok(());
-                }
-            }
+            // Also what is left once the client's Finished is in: TLS 1.3's session tickets.
+            // Held back for the first answer's write, they left the client's first request
+            // waiting behind its unacknowledged Finished (Nagle, then a 40 ms delayed ACK),
+            // and a client that asks nothing got none.
             flush_records(&mut tcp, &session)
                 .await
                 .map_err(|_| HandshakeFailure::Closed)?;
