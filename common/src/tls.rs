@@ -158,18 +158,17 @@ pub fn compile_certificate(
             "the first certificate is not a valid X.509 certificate",
         )
     })?;
-    if parsed.names.is_empty() {
-        return Err(ConfigError::field(
-            field(cert_at),
-            "the certificate names no DNS name (subjectAltName or common name)",
-        ));
-    }
     let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
         .map_err(|e| ConfigError::field(field(key_at), format!("not a PEM private key: {e}")))?;
-    let signer = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| ConfigError::field(field(key_at), format!("unusable private key: {e}")))?;
+    let signer = provider().key_provider.load_private_key(key).map_err(|e| {
+        ConfigError::field(
+            field(key_at),
+            format!(
+                "unusable private key ({e}): the gateway takes RSA keys of 2048 to 8192 bits, \
+                 ECDSA keys on P-256 or P-384, and Ed25519 keys"
+            ),
+        )
+    })?;
     let chain_digest = {
         let mut der = Vec::new();
         for cert in &chain {
@@ -198,6 +197,13 @@ pub fn compile_certificate(
                 "the private key does not belong to the certificate",
             )
         });
+    }
+    // After the order check: a chain that starts with its intermediate names no host.
+    if parsed.names.is_empty() {
+        return Err(ConfigError::field(
+            field(cert_at),
+            "the certificate names no DNS name (subjectAltName or common name)",
+        ));
     }
     c.key_pem = None;
     c.key_sha256 = Some(digest);

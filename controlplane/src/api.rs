@@ -557,6 +557,24 @@ fn invalid(e: ConfigError) -> Problem {
     Problem::new(status, title, e.to_string()).at(path_to_pointer(e.path()))
 }
 
+/// RFC 7396 JSON Merge Patch of a `kind` item. A certificate patched with a new key
+/// (`key_pem` or `key_file`) and no `key_sha256` of its own loses the stored key's digest,
+/// which would otherwise stand against the new key (the digest is the gateway's output,
+/// refreshed from the key).
+fn patch_item(kind: Kind, item: &mut Value, patch: &Value) {
+    merge_patch(item, patch);
+    let new_key = |p: &Value| {
+        ["key_pem", "key_file"]
+            .iter()
+            .any(|k| p.get(k).is_some_and(|v| !v.is_null()))
+    };
+    if kind == Kind::Certificates && new_key(patch) && patch.get("key_sha256").is_none() {
+        if let Value::Object(item) = item {
+            item.remove("key_sha256");
+        }
+    }
+}
+
 /// RFC 7396 JSON Merge Patch.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
     match patch {
@@ -1658,7 +1676,7 @@ async fn write_item(
                             }
                         }
                     }
-                    merge_patch(&mut current, &input);
+                    patch_item(kind, &mut current, &input);
                     current
                 } else {
                     input.clone()
@@ -1851,7 +1869,7 @@ async fn batch(
                             format!("no {} item {:?} to patch", kind.name(), op.id),
                         )));
                     };
-                    merge_patch(&mut current, &patch);
+                    patch_item(kind, &mut current, &patch);
                     kind.put(&mut next, &op.id, current).map_err(at)?;
                 }
                 "delete" => {

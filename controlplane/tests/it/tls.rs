@@ -581,6 +581,28 @@ fn certificates_are_managed_through_the_admin_api() {
     let r = gw.admin("PUT", "/v1/certificates/c", Some(&item.to_string()));
     assert_eq!(r.status, 200, "{}", r.body_str());
     assert_eq!(etag(&gw), before);
+    // A PATCH with a new certificate and key replaces both: the stored key's digest goes
+    // (before: 422, the old digest standing against the new key).
+    let third = dir.join("third");
+    std::fs::create_dir_all(&third).unwrap();
+    let a3 = Cert::new(&third, "a.test");
+    let patch = serde_json::json!({"cert_pem": a3.cert_pem(), "key_pem": a3.key_pem()});
+    let token = format!("Bearer {ADMIN_TOKEN}");
+    let r = gw.admin_with(
+        "PATCH",
+        "/v1/certificates/c",
+        Some(&patch.to_string()),
+        &[
+            ("Authorization", &token),
+            ("Content-Type", "application/merge-patch+json"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let patched = gw.admin("GET", "/v1/certificates/c", None).json();
+    assert_ne!(patched["key_sha256"], item["key_sha256"], "{patched}");
+    let r = gw.admin("PUT", "/v1/certificates/c", Some(&item.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let before = etag(&gw);
 
     // A chain read from `cert_file` that changed on disk (an intermediate added) is served
     // after the next publish, here a PUT of GET's output, though nothing else changed.
@@ -610,6 +632,31 @@ fn certificates_are_managed_through_the_admin_api() {
     std::fs::write(&a.cert, leaf).unwrap();
 
     // Refusals name the field.
+    let unnamed = dir.join("unnamed.pem");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/O=Intermediate",
+            "-keyout",
+        ])
+        .arg(dir.join("unnamed.key"))
+        .arg("-out")
+        .arg(&unnamed)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    let unnamed = std::fs::read_to_string(&unnamed).unwrap();
     let cases = [
         (
             serde_json::json!({"cert_pem": a.cert_pem(), "key_pem": b.key_pem()}),
@@ -619,6 +666,15 @@ fn certificates_are_managed_through_the_admin_api() {
         (
             serde_json::json!({
                 "cert_pem": format!("{}{}", b.cert_pem(), a2.cert_pem()),
+                "key_pem": a2.key_pem()
+            }),
+            "the chain goes leaf first",
+        ),
+        // The same with a first certificate that names no host, as an intermediate's does
+        // (before: "names no DNS name").
+        (
+            serde_json::json!({
+                "cert_pem": format!("{unnamed}{}", a2.cert_pem()),
                 "key_pem": a2.key_pem()
             }),
             "the chain goes leaf first",
