@@ -38,6 +38,10 @@ pub struct Snapshot {
     pub listener_protocols: Vec<ListenerProtocols>,
     /// Every certificate, in config order (for their expiry in the metrics).
     pub certificates: Vec<std::sync::Arc<crate::tls::Certificate>>,
+    /// Ids of the certificates served as their `cert_file` reads now but never published so
+    /// (the file changed while the gateway was down): the next change publishes them, and
+    /// refuses one that has expired ([`Snapshot::refuse_newly_expired`]).
+    pub unpublished_certificates: Vec<String>,
     /// HTTP/2 limits and windows.
     pub http2: crate::config::Http2Config,
     pub router: Router,
@@ -406,17 +410,24 @@ impl Snapshot {
     }
 
     /// Refuses this snapshot's certificates that have expired and that `current` (the
-    /// snapshot running now, if any) does not already serve: publishing one is an error, one
-    /// that expires while in use is not ([`crate::tls::refuse_newly_expired`]).
+    /// snapshot running now, if any) does not already serve as published: publishing one is
+    /// an error, one that expires while in use is not ([`crate::tls::refuse_newly_expired`]).
     pub fn refuse_newly_expired(
         &self,
         current: Option<&Snapshot>,
         now: std::time::SystemTime,
     ) -> Result<(), ConfigError> {
+        let published: Vec<_> = current.map_or_else(Vec::new, |c| {
+            c.certificates
+                .iter()
+                .filter(|cert| !c.unpublished_certificates.contains(&cert.id))
+                .cloned()
+                .collect()
+        });
         crate::tls::refuse_newly_expired(
             &self.config.certificates,
             &self.certificates,
-            current.map_or(&[][..], |c| &c.certificates[..]),
+            &published,
             now,
         )
     }
@@ -669,6 +680,7 @@ impl Snapshot {
             listeners,
             listener_protocols,
             certificates,
+            unpublished_certificates: Vec::new(),
             http2: config.http2.clone(),
             router,
             routes,

@@ -391,7 +391,27 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         );
     }
     // Stored certificates were checked when they were published; one that has expired since
-    // is still served (as nginx does), and said so.
+    // is still served (as nginx does), and said so. A `cert_file` whose chain changed while
+    // the gateway was down is served as it reads now, but counts as unpublished: the next
+    // change publishes it (and refuses it if it has expired), as if it had changed while the
+    // gateway ran.
+    let published = &store.config().certificates;
+    for (i, entry) in snapshot.config.certificates.iter().enumerate() {
+        let changed = entry.cert_file.is_some()
+            && published
+                .get(i)
+                .is_some_and(|p| p.id == entry.id && p.chain_sha256 != entry.chain_sha256);
+        if changed {
+            log::warn!(
+                "certificate {:?}: its cert_file changed since config revision {} was \
+                 published; served as it reads now, published by the next change (the admin \
+                 API shows the published names and expiry until then)",
+                entry.id,
+                store.revision()
+            );
+            snapshot.unpublished_certificates.push(entry.id.clone());
+        }
+    }
     for (id, at) in common::tls::expired(&snapshot.certificates, std::time::SystemTime::now()) {
         log::warn!("certificate {id:?} expired at {at}; still served until it is replaced");
     }

@@ -799,8 +799,9 @@ fn a_certificate_that_expires_in_use_is_still_served_and_only_new_ones_are_refus
     let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
     let data_dir = gw.data_dir.clone();
     drop(gw);
-    // `a` (a `cert_file`) expires while the gateway is down: the stored config still starts,
-    // and the certificate is served as it is (a client that checks dates refuses it).
+    // `a` (a `cert_file`) is replaced by an expired certificate while the gateway is down:
+    // the stored config still starts, and the certificate is served as it is (a client that
+    // checks dates refuses it).
     expire(&dir, &a, "a.test");
     let gw = Gateway::resume(&data_dir, Driver::IoUring);
     let tls = gw.listeners[0];
@@ -810,7 +811,28 @@ fn a_certificate_that_expires_in_use_is_still_served_and_only_new_ones_are_refus
     let (code, body, err) = curl_tls(tls, "a.test", "/expired", &a.cert, &["-k"]);
     assert_eq!(code, 200, "{err}");
     assert!(body.contains("origin saw /expired"), "{body}");
-    // A change elsewhere in the config is published; the expired certificate stays.
+    // The next change publishes the file's certificate, never published before: refused as
+    // expired, naming the field, as when the file changes while the gateway runs (before:
+    // 201, the expired certificate stored as published).
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/other",
+        Some(r#"{"path_prefix":"/other","upstream":"origin"}"#),
+    );
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(
+        r.body_str()
+            .contains("\"pointer\":\"/certificates/0/cert_file\""),
+        "{}",
+        r.body_str()
+    );
+    // A valid certificate in the file: the change goes through.
+    let (expired_pem, key_pem) = (a.cert_pem(), a.key_pem());
+    let fresh_dir = dir.join("fresh");
+    std::fs::create_dir_all(&fresh_dir).unwrap();
+    let fresh = Cert::new(&fresh_dir, "a.test");
+    std::fs::write(&a.cert, fresh.cert_pem()).unwrap();
+    std::fs::write(&a.key, fresh.key_pem()).unwrap();
     let r = gw.admin(
         "PUT",
         "/v1/routes/other",
@@ -818,8 +840,7 @@ fn a_certificate_that_expires_in_use_is_still_served_and_only_new_ones_are_refus
     );
     assert_eq!(r.status, 201, "{}", r.body_str());
     // A new certificate that has already expired is refused, naming its field.
-    let body = serde_json::json!({"cert_pem": std::fs::read_to_string(&a.cert).unwrap(),
-                                  "key_pem": a.key_pem()});
+    let body = serde_json::json!({"cert_pem": expired_pem, "key_pem": key_pem});
     let r = gw.admin("PUT", "/v1/certificates/late", Some(&body.to_string()));
     assert_eq!(r.status, 422, "{}", r.body_str());
     assert!(
@@ -833,6 +854,8 @@ fn a_certificate_that_expires_in_use_is_still_served_and_only_new_ones_are_refus
         r.body_str()
     );
     // And so is the file given to a gateway that starts from it.
+    std::fs::write(&a.cert, &expired_pem).unwrap();
+    std::fs::write(&a.key, &key_pem).unwrap();
     let config = dir.join("expired.toml");
     std::fs::write(&config, tls_config(origin.addr, &a, &b)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
