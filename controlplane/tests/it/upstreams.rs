@@ -1144,8 +1144,9 @@ fn when_every_target_fails_its_checks_requests_still_go_to_them() {
 
 #[test]
 fn an_http2_request_with_a_body_is_retried_like_an_http11_one() {
-    // A PUT over h2c whose small body came with its head is whole in hand, so a 503 from the
-    // first target is retried on the other, as for HTTP/1.1 (before: never, over HTTP/2).
+    // A PUT over h2c whose small body came with its head (one write: HEADERS, then DATA
+    // with END_STREAM) is whole in hand, so a 503 from the first target is retried on the
+    // other, as for HTTP/1.1 (before: never, over HTTP/2).
     let backends = [
         Backend::start("down", Mode::Status(503)),
         Backend::start("up", Mode::Answer),
@@ -1158,13 +1159,46 @@ fn an_http2_request_with_a_body_is_retried_like_an_http11_one() {
         1,
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    for method in ["PUT", "PUT", "DELETE", "DELETE"] {
-        let url = format!("http://{}/x", gw.addr);
-        let args = ["--http2-prior-knowledge", "-X", method, "-d", "v=1", &url];
-        let out = curl_run(10, "%{http_version} %{http_code}", &args, "the retry test");
-        assert_eq!(out.last, "2 200", "{method}: {} {}", out.body, out.stderr);
-        assert_eq!(out.body, "up");
-    }
+    const CLIENT: &str = r#"
+import socket, sys
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+for i, method in enumerate(["PUT", "PUT", "DELETE", "DELETE"]):
+    sid = 1 + 2 * i
+    c.send_headers(sid, [(":method", method), (":path", "/x"), (":scheme", "http"),
+                         (":authority", "t"), ("content-length", "3")])
+    c.send_data(sid, b"v=1", end_stream=True)
+    s.sendall(c.data_to_send())
+    status, body, done = None, b"", False
+    while not done:
+        data = s.recv(65536)
+        if not data:
+            break
+        for e in c.receive_data(data):
+            if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid:
+                status = dict(e.headers)[b":status"].decode()
+            elif isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                body += e.data
+                c.acknowledge_received_data(len(e.data), sid)
+            elif isinstance(e, h2.events.StreamEnded) and e.stream_id == sid:
+                done = True
+        s.sendall(c.data_to_send())
+    print(method, status, body.decode())
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", CLIENT, &gw.addr.port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["PUT 200 up", "PUT 200 up", "DELETE 200 up", "DELETE 200 up"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         backends[0].hits.load(SeqCst),
         2,
