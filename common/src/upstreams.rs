@@ -290,7 +290,7 @@ enum RetryOn {
 }
 
 /// gRPC status 14.
-const GRPC_UNAVAILABLE: u8 = 14;
+pub const GRPC_UNAVAILABLE: u8 = 14;
 
 /// The gRPC status codes by name (their index is the code).
 pub const GRPC_CODES: [&str; 17] = [

@@ -347,7 +347,8 @@ fn grpc_unavailable_answers_and_refused_connects_are_retried_on_another_target()
     let upstream = format!(
         "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
          targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
-         retry = {{ attempts = 3, budget_percent = 100, budget_min_per_s = 1000 }}\n",
+         retry = {{ attempts = 3, budget_percent = 100, budget_min_per_s = 1000 }}\n\
+         passive = {{ consecutive_failures = 2, ejection_ms = 60000, max_ejected_percent = 100 }}\n",
         good.addr,
         bad.addr,
         closed_port()
@@ -366,6 +367,19 @@ fn grpc_unavailable_answers_and_refused_connects_are_retried_on_another_target()
             .any(|l| l.starts_with("gateway_target_retries_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // UNAVAILABLE answers are failures for passive health too (before: only HTTP 5xx, which
+    // a gRPC server never answers): the failing target is ejected, the good one is not.
+    let health = gw.admin("GET", "/v1/upstreams/grpc/health", None).json();
+    let state = |addr: SocketAddr| {
+        health["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["address"] == addr.to_string())
+            .map(|t| t["state"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(state(bad.addr).as_deref(), Some("ejected"), "{health}");
+    assert_eq!(state(good.addr).as_deref(), Some("healthy"), "{health}");
 }
 
 /// A running `h2_reset_peer.py CODE`: an h2c upstream that resets every stream with CODE.

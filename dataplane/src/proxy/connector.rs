@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::live::{now_ms, LiveTarget, Pick, TargetSet, STATUS_5XX};
 use common::snapshot::{RetryPolicy, Upstream};
+use common::upstreams::GRPC_UNAVAILABLE;
 
 use crate::error::{ErrorKind, ProxyError};
 use crate::upstream::{connect, ConnectError, Counted, UpstreamConn};
@@ -549,6 +550,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     let (status, grpc) = answer_of(v);
                     if status >= 500 {
                         state.count_error(stripe, STATUS_5XX);
+                        state.failed(u.passive.as_ref(), set, now_ms());
+                    } else if grpc == Some(GRPC_UNAVAILABLE) {
+                        // A gRPC server's way of saying 503: its answers are all HTTP 200.
                         state.failed(u.passive.as_ref(), set, now_ms());
                     } else {
                         state.succeeded();
