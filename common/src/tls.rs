@@ -32,6 +32,8 @@ pub struct Certificate {
     pub names: Vec<String>,
     /// Expiry, seconds since the Unix epoch.
     pub not_after: i64,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before: i64,
     pub key: Arc<CertifiedKey>,
 }
 
@@ -42,6 +44,16 @@ impl Certificate {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         self.not_after <= now_s
+    }
+
+    /// Whether the certificate is not valid yet at `now`, beyond a few minutes of clock
+    /// difference between the gateway and its CA.
+    pub fn early_at(&self, now: SystemTime) -> bool {
+        const SKEW_S: i64 = 300;
+        let now_s = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.not_before > now_s + SKEW_S
     }
 }
 
@@ -214,13 +226,14 @@ pub fn compile_certificate(
         id: c.id.clone(),
         names: parsed.names,
         not_after: parsed.not_after,
+        not_before: parsed.not_before,
         key: Arc::new(certified),
     })
 }
 
-/// Refuses a certificate that has expired at `now` and is being published: one of `certs`
-/// (compiled from `entries`, in their order) that `current` does not already hold with the
-/// same id and chain. A certificate that expires while in use stays (and is still served,
+/// Refuses a certificate that has expired at `now`, or is not valid yet, and is being
+/// published: one of `certs` (compiled from `entries`, in their order) that `current` does
+/// not already hold with the same id and chain. A certificate that expires while in use stays (and is still served,
 /// as nginx does): a restart, or a change elsewhere in the config, does not depend on it.
 pub fn refuse_newly_expired(
     entries: &[CertificateConfig],
@@ -232,7 +245,17 @@ pub fn refuse_newly_expired(
         let kept = current
             .iter()
             .any(|c| c.id == cert.id && c.key.cert == cert.key.cert);
-        if cert.expired_at(now) && !kept {
+        let why = if cert.expired_at(now) {
+            format!("the certificate expired at {}", rfc3339(cert.not_after))
+        } else if cert.early_at(now) {
+            format!(
+                "the certificate is not valid before {}",
+                rfc3339(cert.not_before)
+            )
+        } else {
+            continue;
+        };
+        if !kept {
             let field = if entry.cert_file.is_some() {
                 "cert_file"
             } else {
@@ -240,7 +263,7 @@ pub fn refuse_newly_expired(
             };
             return Err(ConfigError::field(
                 format!("certificates[{i}].{field}"),
-                format!("the certificate expired at {}", rfc3339(cert.not_after)),
+                why,
             ));
         }
     }
@@ -453,6 +476,7 @@ pub fn is_sha256_hex(s: &str) -> bool {
 #[derive(Debug, PartialEq)]
 pub struct Leaf {
     pub names: Vec<String>,
+    pub not_before: i64,
     pub not_after: i64,
 }
 
@@ -469,7 +493,8 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
     rest = Der::read(rest, 0x30)?.1; // signature
     rest = Der::read(rest, 0x30)?.1; // issuer
     let (validity, after) = Der::read(rest, 0x30)?;
-    let (_, v) = Der::any(validity)?; // notBefore
+    let ((tag, body), v) = Der::any(validity)?;
+    let not_before = parse_time(tag, body)?;
     let ((tag, body), _) = Der::any(v)?;
     let not_after = parse_time(tag, body)?;
     let (subject, after) = Der::read(after, 0x30)?;
@@ -522,7 +547,11 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
             }
         }
     }
-    Some(Leaf { names, not_after })
+    Some(Leaf {
+        names,
+        not_before,
+        not_after,
+    })
 }
 
 /// DER tag-length-value reading.
@@ -718,6 +747,25 @@ mod tests {
         assert_eq!(gone.len(), 2);
         assert_eq!(gone[0].0, "c");
         assert!(gone[0].1.starts_with("2126-"), "{gone:?}");
+        // Not valid yet (its notBefore more than the allowed clock difference away): refused
+        // the same way, saying from when.
+        let before = UNIX_EPOCH + std::time::Duration::from_secs(certs[0].not_before as u64);
+        let e = refuse_newly_expired(
+            &entries,
+            &certs,
+            &[],
+            before - std::time::Duration::from_secs(600),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not valid before"), "{e}");
+        assert_eq!(field_of(e), "certificates[0].cert_pem");
+        refuse_newly_expired(
+            &entries,
+            &certs,
+            &[],
+            before - std::time::Duration::from_secs(60),
+        )
+        .unwrap();
     }
 
     #[test]
