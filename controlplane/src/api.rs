@@ -830,6 +830,7 @@ impl Admin {
                 Err(err) if !dry_run => return Err(store_problem(err)),
                 Err(_) => {}
             }
+            e.check_readable().map_err(store_problem)?;
         }
         let started = std::time::Instant::now();
         let mut attempts = 0;
@@ -838,7 +839,7 @@ impl Admin {
         {
             attempts += 1;
             let mut next = build(&store)?;
-            let revision = store.revision() + 1;
+            let revision = store.next_revision();
             let new_keys = crate::keys::take_new(&next);
             crate::keys::load(store.dir(), &mut next);
             let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
@@ -954,12 +955,42 @@ impl Admin {
         }
     }
 
+    /// Reads the config whole with `read` (etcd's `P/config` and its header revision) and
+    /// takes what it holds now, even if older than the record held (the store was restored
+    /// from a backup), publishing it. The read is made without the store's lock (etcd may
+    /// hang); if the record held changed meanwhile (this node committed), the read may be
+    /// older than it without the store going back, and only a newer record is taken. The
+    /// record's etcd `mod_revision`, and the header revision.
+    pub fn observe_read(
+        &self,
+        read: impl FnOnce() -> Result<(Vec<crate::etcd::Kv>, i64), crate::etcd::EtcdError>,
+    ) -> Result<(Option<i64>, i64), crate::etcd::EtcdError> {
+        let held = match &*lock(&self.store) {
+            Store::Etcd(e) => e.mod_revision(),
+            Store::Local(_) => 0,
+        };
+        let (kvs, revision) = read()?;
+        let kv = kvs.first();
+        let mut store = lock(&self.store);
+        if let (Store::Etcd(e), Some(kv)) = (&mut *store, kv) {
+            if e.mod_revision() == held {
+                e.adopt_current(&kv.value, kv.mod_revision);
+            } else {
+                e.adopt(&kv.value, kv.mod_revision);
+            }
+            self.publish_pending(e);
+        }
+        Ok((kv.map(|kv| kv.mod_revision), revision))
+    }
+
     /// Publishes the etcd store's newest revision if the workers do not run it yet. One this
     /// node cannot compile (say, it removes a policy this node's listeners use) is not
     /// published: the node keeps serving the last one and `/v1/status` names it.
     fn publish_pending(&self, e: &mut EtcdStore) {
         let revision = e.revision();
-        if revision <= e.applied || e.rejected.as_ref().is_some_and(|r| r.0 == revision) {
+        if (revision <= e.applied && !e.went_back)
+            || e.rejected.as_ref().is_some_and(|r| r.0 == revision)
+        {
             return;
         }
         let mut next = e.config().clone();
@@ -981,6 +1012,7 @@ impl Admin {
                 log::info!("config store: revision {revision} published");
                 e.applied = revision;
                 e.rejected = None;
+                e.went_back = false;
             }
             Err(why) => {
                 log::error!(
@@ -1148,6 +1180,11 @@ fn store_problem(e: StoreError) -> Problem {
             StatusCode::CONFLICT,
             "Concurrent Changes",
             "another revision was committed first; try again",
+        ),
+        StoreError::Unreadable(m) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Store Unreadable",
+            format!("{m}; this node keeps serving its last config, and takes no changes"),
         ),
     }
 }

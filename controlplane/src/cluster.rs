@@ -74,11 +74,10 @@ fn watch_once(
     health: &Health,
     state: &WatchState,
 ) -> Result<String, EtcdError> {
-    let (kvs, revision) = client.range("config", false)?;
+    let (seen, revision) = admin.observe_read(|| client.range("config", false))?;
     health.ok();
-    if let Some(kv) = kvs.first() {
-        admin.observe(&kv.value, kv.mod_revision);
-        state.seen.store(kv.mod_revision, Ordering::Relaxed);
+    if let Some(seen) = seen {
+        state.seen.store(seen, Ordering::Relaxed);
     }
     let mut watch = client.watch("config", false, revision + 1)?;
     *state.fd.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch.fd());
@@ -104,17 +103,22 @@ fn watch_once(
 
 /// Whether the watch has fallen behind the store: the config changed at a revision the
 /// watch has not delivered, at two checks in a row (a change made just before the first
-/// had [`WATCH_CHECK`] to arrive). It is then shut down, and opened again by its thread,
-/// on an endpoint that answers.
+/// had [`WATCH_CHECK`] to arrive); or the store went back (restored from a backup: the
+/// config's revision in etcd is below the one delivered, and the watch waits for a revision
+/// etcd has not reached). It is then shut down, and opened again by its thread, on an
+/// endpoint that answers, after reading the config whole.
 fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Option<String> {
-    let latest = client.mod_revision("config").ok()?;
+    // What the watch delivered before the store is read: a change it delivers meanwhile
+    // must not look like the store going back.
     let seen = state.seen.load(Ordering::Relaxed);
-    if latest <= seen {
+    let latest = client.mod_revision("config").ok()?;
+    let went_back = latest > 0 && latest < seen;
+    if latest <= seen && !went_back {
         *behind = 0;
         return None;
     }
     *behind += 1;
-    if *behind < 2 {
+    if *behind < 2 && !went_back {
         return None;
     }
     *behind = 0;
@@ -123,10 +127,16 @@ fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Opt
         // so the fd is the open watch's. shutdown() only makes its blocked read fail.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
-    Some(format!(
-        "the config watch has not delivered etcd revision {latest} (it is at {seen}); \
-         watching again"
-    ))
+    Some(match went_back {
+        true => format!(
+            "the config in etcd went back to etcd revision {latest} from {seen} (restored from \
+             a backup?); reading it again"
+        ),
+        false => format!(
+            "the config watch has not delivered etcd revision {latest} (it is at {seen}); \
+             watching again"
+        ),
+    })
 }
 
 fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {

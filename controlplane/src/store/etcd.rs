@@ -167,6 +167,14 @@ pub struct EtcdStore {
     config: Config,
     /// etcd's `mod_revision` of `P/config` holding that record (0: none yet).
     mod_revision: i64,
+    /// The highest config revision seen: a store restored from a backup goes back to a
+    /// lower one, and the next commit goes on from here so no number names two configs.
+    highest: u64,
+    /// The store went back to an older record (restored from a backup): it is published
+    /// even though the workers run a higher revision number.
+    pub went_back: bool,
+    /// etcd's `mod_revision` of a record this build cannot read, once reported.
+    unreadable: Option<(i64, String)>,
     /// The revision published to this node's workers.
     pub applied: u64,
     /// A newer revision this node could not serve, and why.
@@ -287,6 +295,9 @@ impl EtcdStore {
             item_revisions: BTreeMap::new(),
             config: Config::default(),
             mod_revision: 0,
+            highest: 0,
+            went_back: false,
+            unreadable: None,
             applied: 0,
             rejected: None,
             health: Arc::new(Health::default()),
@@ -295,6 +306,9 @@ impl EtcdStore {
         let found = store
             .refresh()
             .map_err(|e| OpenError::Failed(format!("cannot read the config from {url}: {e}")))?;
+        if let (true, Some((_, why))) = (found, &store.unreadable) {
+            return Err(OpenError::Failed(format!("{url}: {why}")));
+        }
         if found {
             if let SeedOrigin::Explicit = origin {
                 return Err(OpenError::Invalid(format!(
@@ -347,6 +361,18 @@ impl EtcdStore {
         self.revision
     }
 
+    /// etcd's `mod_revision` of the record held (0: none yet).
+    pub fn mod_revision(&self) -> i64 {
+        self.mod_revision
+    }
+
+    /// The revision the next commit makes: past every one seen, so after the store went
+    /// back (restored from a backup) a number already used names no other config (an old
+    /// ETag matching again).
+    pub fn next_revision(&self) -> u64 {
+        self.revision.max(self.highest) + 1
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -381,27 +407,71 @@ impl EtcdStore {
         let record: Record = match serde_json::from_slice(value) {
             Ok(r) => r,
             Err(e) => {
-                log::error!("config store: unreadable record at etcd revision {mod_revision}: {e}");
-                self.rejected = Some((self.revision + 1, format!("unreadable record: {e}")));
+                // Logged once per record, however often it is read.
+                if self.unreadable.as_ref().map(|u| u.0) != Some(mod_revision) {
+                    log::error!(
+                        "config store: unreadable record at etcd revision {mod_revision}: {e}"
+                    );
+                }
+                let why = format!(
+                    "the store holds a config (etcd revision {mod_revision}) this build cannot \
+                     read, written by a newer one? ({e}): upgrade this node"
+                );
+                self.rejected = Some((self.revision + 1, why.clone()));
+                self.unreadable = Some((mod_revision, why));
                 return false;
             }
         };
+        self.unreadable = None;
         self.mod_revision = mod_revision;
         self.revision = record.revision;
+        self.highest = self.highest.max(record.revision);
         self.item_revisions = record.item_revisions;
         self.config = merge(&self.node, &record.config);
         true
     }
 
-    /// Reads `P/config` and adopts it if newer; whether etcd holds a config at all.
+    /// Takes what etcd holds now (a whole read of `P/config`), even if older than the record
+    /// held: etcd's `mod_revision` of a key never goes back, unless the store was restored
+    /// from a backup or rebuilt, and then its record is the config (said loudly, and
+    /// published though its revision number is lower). Whether it was taken.
+    pub fn adopt_current(&mut self, value: &[u8], mod_revision: i64) -> bool {
+        if mod_revision < self.mod_revision {
+            log::error!(
+                "config store: etcd went back from etcd revision {} (config revision {}) to \
+                 {mod_revision}: restored from a backup, or rebuilt? Taking the config it holds",
+                self.mod_revision,
+                self.revision
+            );
+            let (mod_before, revision_before) = (self.mod_revision, self.revision);
+            self.mod_revision = 0;
+            if self.adopt(value, mod_revision) {
+                self.went_back = true;
+                return true;
+            }
+            (self.mod_revision, self.revision) = (mod_before, revision_before);
+            return false;
+        }
+        self.adopt(value, mod_revision)
+    }
+
+    /// Reads `P/config` and adopts what it holds; whether etcd holds a config at all.
     pub fn refresh(&mut self) -> Result<bool, StoreError> {
         let kvs = self.read("config", false).map_err(unavailable)?;
         match kvs.first() {
             Some(kv) => {
-                self.adopt(&kv.value, kv.mod_revision);
+                self.adopt_current(&kv.value, kv.mod_revision);
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// Refuses a write while the store holds a record this build cannot read.
+    pub fn check_readable(&self) -> Result<(), StoreError> {
+        match &self.unreadable {
+            Some((_, why)) => Err(StoreError::Unreadable(why.clone())),
+            None => Ok(()),
         }
     }
 
@@ -414,7 +484,7 @@ impl EtcdStore {
         source: &str,
         new_keys: &[NewKey],
     ) -> Result<u64, StoreError> {
-        let revision = self.revision + 1;
+        let revision = self.next_revision();
         let shared = shared_settings(&config);
         let record = Record {
             revision,
@@ -472,14 +542,17 @@ impl EtcdStore {
         if answer["succeeded"].as_bool() == Some(true) {
             self.mod_revision = num(&answer["header"]["revision"]);
             self.revision = revision;
+            self.highest = revision;
             self.item_revisions = record.item_revisions;
             self.config = merge(&self.node, &record.config);
             return Ok(revision);
         }
-        let newer = crate::etcd::kvs(&answer["responses"][0]["response_range"]);
-        match newer.first() {
+        // What the config key holds now: newer, or older if the store went back.
+        let now = crate::etcd::kvs(&answer["responses"][0]["response_range"]);
+        match now.first() {
             Some(kv) => {
-                self.adopt(&kv.value, kv.mod_revision);
+                self.adopt_current(&kv.value, kv.mod_revision);
+                self.check_readable()?;
             }
             None => {
                 // The config key was deleted behind our back: start the sequence again.

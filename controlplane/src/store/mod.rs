@@ -28,6 +28,9 @@ pub enum StoreError {
     /// The write was refused or could not be made durable.
     #[error("{0}")]
     Failed(String),
+    /// The store holds a config this build cannot read (a newer build wrote it).
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The config store of this node.
@@ -44,6 +47,14 @@ impl Store {
         match self {
             Store::Local(s) => s.revision(),
             Store::Etcd(s) => s.revision(),
+        }
+    }
+
+    /// The revision the next commit makes.
+    pub fn next_revision(&self) -> u64 {
+        match self {
+            Store::Local(s) => s.revision() + 1,
+            Store::Etcd(s) => s.next_revision(),
         }
     }
 
