@@ -89,6 +89,8 @@ pub struct Cluster {
 pub struct RedisAddr {
     /// `HOST:PORT` (the host resolved when connecting).
     pub address: Box<str>,
+    /// A Redis 6 ACL user, if the URL names one (`redis://USER:PASSWORD@...`).
+    pub user: Option<Box<str>>,
     pub password: Option<Box<str>>,
     pub db: u32,
 }
@@ -105,8 +107,15 @@ impl RedisAddr {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
         };
-        // `:PASSWORD` or `USER:PASSWORD` (kept as written after the leading colon).
-        let password = auth.map(|a| a.strip_prefix(':').unwrap_or(a).into());
+        // `:PASSWORD`, `USER:PASSWORD` (the password may hold more colons) or `PASSWORD`,
+        // each percent-decoded.
+        let decoded = |s: &str| percent_decoded(s).ok_or_else(bad);
+        let (user, password) = match auth.map(|a| a.split_once(':')) {
+            None => (None, None),
+            Some(None) => (None, auth.map(decoded).transpose()?),
+            Some(Some(("", p))) => (None, Some(decoded(p)?)),
+            Some(Some((u, p))) => (Some(decoded(u)?), Some(decoded(p)?)),
+        };
         let (address, db) = match rest.split_once('/') {
             Some((a, "")) => (a, 0),
             Some((a, d)) => (a, d.parse().map_err(|_| bad())?),
@@ -118,10 +127,29 @@ impl RedisAddr {
         }
         Ok(RedisAddr {
             address: address.into(),
-            password,
+            user: user.map(Into::into),
+            password: password.map(Into::into),
             db,
         })
     }
+}
+
+/// `s` with its `%XX` escapes decoded; `None` if one is malformed or the result is not UTF-8.
+fn percent_decoded(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The compiled access log settings.

@@ -496,6 +496,23 @@ fn cluster_scoped_rate_limits_need_redis() {
         (&*r.address, r.password.as_deref(), r.db),
         ("127.0.0.1:6390", Some("secret"), 2)
     );
+    // A password with colons stays whole after the leading colon (before: read as a user
+    // and a password); `USER:PASSWORD` splits at the first; escapes are decoded.
+    for (url, user, password) in [
+        ("redis://:pa:ss@h:1", None, Some("pa:ss")),
+        ("redis://app:pa:ss@h:1", Some("app"), Some("pa:ss")),
+        ("redis://app:p%40ss%3A@h:1", Some("app"), Some("p@ss:")),
+        ("redis://secret@h:1", None, Some("secret")),
+        ("redis://h:1", None, None),
+    ] {
+        let r = crate::snapshot::RedisAddr::parse(url).unwrap();
+        assert_eq!(
+            (r.user.as_deref(), r.password.as_deref()),
+            (user, password),
+            "{url}"
+        );
+    }
+    assert!(crate::snapshot::RedisAddr::parse("redis://:bad%zz@h:1").is_err());
     let policy::PolicyKind::RateLimit(rl) = &s.policies.list[0].kind else {
         panic!("a rate limit")
     };

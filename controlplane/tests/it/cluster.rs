@@ -14,16 +14,27 @@ use crate::support::*;
 struct Redis {
     child: Option<Child>,
     port: u16,
+    /// More `redis-server` arguments.
+    extra: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut r = Redis { child: None, port };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut r = Redis {
+            child: None,
+            port,
+            extra,
+        };
         r.run();
         r
     }
@@ -32,6 +43,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -304,4 +316,28 @@ fn cluster_error_by_sync_interval() {
         "| sync_ms | load | admitted | expected | error |\n| --- | --- | ---: | ---: | ---: |"
     );
     println!("{}", report.join("\n"));
+}
+
+#[test]
+fn a_redis_password_with_colons_is_one_password() {
+    // `redis://:PASSWORD@...` with colons in the password: before, sent as a user and a
+    // password (`AUTH pa ss`), which Redis refused, so the cluster limit never had its store.
+    let redis = Redis::start_with(&["--requirepass", "pa:ss"]);
+    let gw = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[cluster]\nnode_id = \"p\"\n\
+             redis = \"redis://:pa:ss@127.0.0.1:{}\"\n",
+            redis.port
+        ),
+        Driver::IoUring,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = gw.admin("GET", "/v1/status", None).json();
+        if status["cluster"]["redis"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

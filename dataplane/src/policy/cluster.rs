@@ -541,15 +541,12 @@ impl Redis {
             writer: stream,
         };
         if let Some(p) = &addr.password {
-            // `user:password` (Redis 6 ACL users) or a password alone.
+            // A Redis 6 ACL user and its password, or a password alone.
             let mut auth = vec![b"AUTH".to_vec()];
-            match p.split_once(':') {
-                Some((user, pass)) => {
-                    auth.push(user.as_bytes().to_vec());
-                    auth.push(pass.as_bytes().to_vec());
-                }
-                None => auth.push(p.as_bytes().to_vec()),
+            if let Some(user) = &addr.user {
+                auth.push(user.as_bytes().to_vec());
             }
+            auth.push(p.as_bytes().to_vec());
             r.command(&auth)?;
         }
         if addr.db != 0 {
