@@ -317,6 +317,7 @@ impl EtcdStore {
                     store.revision
                 )));
             }
+            store.refuse_twin()?;
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
                     "{url} holds config revision {}: the shared resources in the node file \
@@ -638,14 +639,46 @@ impl EtcdStore {
             .collect())
     }
 
-    /// This node's record, as the heartbeat publishes it.
+    /// This node's record, as the heartbeat publishes it. `host` and `data_dir` tell a
+    /// second node started with the same id from this one's next run.
     pub fn node_record(&self) -> Value {
         json!({
             "id": self.node_id,
             "applied_revision": self.applied,
             "last_seen": now_ms(),
             "uses": uses(&self.node),
+            "host": host_name(),
+            "data_dir": self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone()),
         })
+    }
+
+    /// Refuses to start while another live node holds this node's id: the two would
+    /// overwrite each other's record (one of them missing from `/v1/nodes` and from the
+    /// check that nothing a node uses is removed) and share one share of the cluster limits.
+    /// A record of this node's own last run (same host and data directory) is no other node;
+    /// nor is one without them (written by an older build).
+    fn refuse_twin(&mut self) -> Result<(), OpenError> {
+        let url = self.client.url().redacted();
+        let kvs = self
+            .read(&format!("nodes/{}", self.node_id), false)
+            .map_err(|e| OpenError::Failed(format!("cannot read the nodes from {url}: {e}")))?;
+        let Some(held) = kvs
+            .first()
+            .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+        else {
+            return Ok(());
+        };
+        let mine = self.node_record();
+        let (host, dir) = (&held["host"], &held["data_dir"]);
+        if host.is_null() || (*host == mine["host"] && *dir == mine["data_dir"]) {
+            return Ok(());
+        }
+        Err(OpenError::Invalid(format!(
+            "node_id {:?} is in use by a live node (host {host}, data directory {dir}): give \
+             each node its own [cluster] node_id (a node that stopped frees its id within \
+             {NODE_TTL_S} s)",
+            self.node_id
+        )))
     }
 
     /// Other nodes that use one of `removed` (`kind/id`): "`kind/id` (node N)" each.
@@ -687,6 +720,13 @@ impl EtcdStore {
             None
         }
     }
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`), empty if unreadable.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -328,6 +328,24 @@ fn wait_serves(gw: &Gateway, path: &str, body: &str, timeout: Duration) -> Durat
     }
 }
 
+/// Runs a gateway that must exit by itself (within 15 s; one that does not is killed, and
+/// its output shows how far it got): its status and stderr.
+fn exit_of(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn respond_route(path: &str, body: &str) -> String {
     format!(r#"{{"path":"{path}","respond":{{"status":200,"body":"{body}"}}}}"#)
 }
@@ -964,18 +982,62 @@ fn a_record_this_build_cannot_read_is_said_at_once() {
     // A node that starts on it says why, and exits 1 (a store problem, not a config one).
     b.signal(libc::SIGKILL);
     b.wait_exit_status(Duration::from_secs(5)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(&b.config_path)
-        .arg("--data-dir")
-        .arg(&b.data_dir)
-        .args(["--store", &etcd.url("t10")])
-        .output()
-        .unwrap();
+    let out = exit_of(
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&b.config_path)
+            .arg("--data-dir")
+            .arg(&b.data_dir)
+            .args(["--store", &etcd.url("t10")]),
+    );
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
         text.contains("cannot read") && text.contains("future_option"),
         "{text}"
+    );
+}
+
+#[test]
+fn a_second_node_with_a_live_nodes_id_is_refused() {
+    // Before: it started, and the two overwrote each other's record, so one was missing from
+    // /v1/nodes and from the check that nothing a node uses is removed.
+    let etcd = Etcd::start();
+    let a = node(&etcd, "t11", &node_file("a", "", ""));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a
+        .admin("GET", "/v1/nodes", None)
+        .body_str()
+        .contains("\"a\"")
+    {
+        assert!(Instant::now() < deadline, "node a never listed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = temp_dir("twin");
+    let file = dir.join("node.toml");
+    std::fs::write(&file, node_file("a", "", "")).unwrap();
+    let out = exit_of(
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--store", &etcd.url("t11")]),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("node_id \"a\" is in use by a live node"),
+        "{text}"
+    );
+    // The node itself, restarted at once on its data directory, is no twin.
+    let (config, data) = (a.config_path.clone(), a.data_dir.clone());
+    let mut a = a;
+    a.signal(libc::SIGKILL);
+    a.wait_exit_status(Duration::from_secs(5)).unwrap();
+    let again = Gateway::start_with_data(&config, &data, &["--store", &etcd.url("t11")]);
+    assert_eq!(
+        again.admin("GET", "/v1/status", None).json()["cluster"]["node_id"],
+        "a"
     );
 }
