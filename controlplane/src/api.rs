@@ -1181,6 +1181,11 @@ fn store_problem(e: StoreError) -> Problem {
             "Concurrent Changes",
             "another revision was committed first; try again",
         ),
+        StoreError::TooLarge(m) => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Config Too Large",
+            format!("{m}; nothing changed"),
+        ),
         StoreError::Unreadable(m) => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "Store Unreadable",

@@ -539,6 +539,19 @@ impl EtcdStore {
             "failure": [{"request_range": {"key": config_key}}],
         });
         let r = self.client.call("/v3/kv/txn", &txn);
+        if let Err(EtcdError::Refused(m) | EtcdError::Unavailable(m)) = &r {
+            // etcd's --max-request-bytes (1.5 MiB by default), or its gRPC gateway's bound:
+            // etcd answered, and is as reachable as before.
+            if m.contains("request is too large") || m.contains("larger than max") {
+                self.health.ok();
+                return Err(StoreError::TooLarge(format!(
+                    "etcd refused the write of {} bytes (the config, written twice: as the \
+                     current one and in the history) for its size ({m}): raise etcd's \
+                     --max-request-bytes, or make the config smaller",
+                    2 * bytes.len()
+                )));
+            }
+        }
         let answer = self.track(r).map_err(unavailable)?;
         if answer["succeeded"].as_bool() == Some(true) {
             self.mod_revision = num(&answer["header"]["revision"]);
@@ -565,17 +578,21 @@ impl EtcdStore {
 
     /// Stored revisions, oldest first (without their configs).
     pub fn revisions(&mut self) -> Result<Vec<StoredRevision>, StoreError> {
-        let kvs = self.read("revisions/", true).map_err(unavailable)?;
-        let mut list: Vec<StoredRevision> = kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<Record>(&kv.value).ok())
-            .map(|r| StoredRevision {
-                revision: r.revision,
-                created_ms: r.created_ms,
-                source: r.source,
-                config: Config::default(),
-            })
-            .collect();
+        // A few records a call: each holds a whole config, and a hundred large ones in one
+        // answer passed the client's bound on an answer.
+        const PAGE: usize = 4;
+        let mut list = Vec::new();
+        let r = self.client.range_pages("revisions/", PAGE, |kv| {
+            if let Ok(r) = serde_json::from_slice::<Record>(&kv.value) {
+                list.push(StoredRevision {
+                    revision: r.revision,
+                    created_ms: r.created_ms,
+                    source: r.source,
+                    config: Config::default(),
+                });
+            }
+        });
+        self.track(r).map_err(unavailable)?;
         list.sort_by_key(|r| r.revision);
         let from = list.len().saturating_sub(KEEP);
         Ok(list.split_off(from))

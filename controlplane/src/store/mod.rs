@@ -31,6 +31,9 @@ pub enum StoreError {
     /// The store holds a config this build cannot read (a newer build wrote it).
     #[error("{0}")]
     Unreadable(String),
+    /// The store refused the write for its size.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// The config store of this node.
