@@ -51,6 +51,9 @@ pub struct RuntimeInfo {
 #[derive(Debug)]
 pub struct Admin {
     store: Mutex<Store>,
+    /// The store as its lock was last let go: what reads of the config and status answer
+    /// from, so they never wait behind a write that waits for etcd.
+    view: ArcSwap<View>,
     shared: Arc<ArcSwap<Snapshot>>,
     token: String,
     started: Instant,
@@ -61,6 +64,92 @@ pub struct Admin {
     /// Set while a binary upgrade starts its successor: writes are refused (and reads go on;
     /// holding the store's lock instead stalled the whole admin API for as long).
     frozen: std::sync::atomic::AtomicBool,
+}
+
+/// The store's current config as readers see it (see [`Admin::view`]).
+#[derive(Debug)]
+struct View {
+    revision: u64,
+    config: Config,
+    item_revisions: std::collections::BTreeMap<String, u64>,
+    /// The store's part of `/v1/status`, less what its health says at the time asked.
+    status: Value,
+    health: Option<Arc<crate::store::etcd::Health>>,
+}
+
+impl View {
+    fn of(store: &Store) -> View {
+        View {
+            revision: store.revision(),
+            config: store.config().clone(),
+            item_revisions: store.item_revisions().clone(),
+            status: View::status_of(store),
+            health: match store {
+                Store::Etcd(e) => Some(e.health.clone()),
+                Store::Local(_) => None,
+            },
+        }
+    }
+
+    fn status_of(store: &Store) -> Value {
+        match store {
+            Store::Local(s) => json!({"kind": "local", "dir": s.dir().display().to_string()}),
+            Store::Etcd(e) => json!({
+                "kind": "etcd",
+                "url": e.url().redacted(),
+                "node_id": e.node_id(),
+                "revision": e.revision(),
+                "applied_revision": e.applied,
+                "rejected": e.rejected.as_ref().map(|(r, why)| json!({"revision": r, "error": why})),
+            }),
+        }
+    }
+
+    /// Whether `store` still reads as this view.
+    fn shows(&self, store: &Store) -> bool {
+        self.revision == store.revision()
+            && self.item_revisions == *store.item_revisions()
+            && self.status == View::status_of(store)
+            && self.config == *store.config()
+    }
+
+    /// Revision at which the item `kind/id` last changed.
+    fn item_revision(&self, kind: Kind, id: &str) -> u64 {
+        let key = format!("{}/{id}", kind.name());
+        self.item_revisions
+            .get(&key)
+            .copied()
+            .unwrap_or(self.revision)
+    }
+}
+
+/// The store under its lock; letting it go shows what changed to readers.
+struct Held<'a> {
+    store: MutexGuard<'a, Store>,
+    view: &'a ArcSwap<View>,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Still under the lock (the guard is dropped after this), so views are stored in
+        // the order the store changed.
+        if !self.view.load().shows(&self.store) {
+            self.view.store(Arc::new(View::of(&self.store)));
+        }
+    }
 }
 
 /// A binary upgrade under way: writes are refused until it is dropped (the upgrade failed)
@@ -764,6 +853,7 @@ impl Admin {
         upstreams: crate::upstreams::Upstreams,
     ) -> Admin {
         Admin {
+            view: ArcSwap::from_pointee(View::of(&store)),
             store: Mutex::new(store),
             shared,
             token,
@@ -803,7 +893,7 @@ impl Admin {
         mut build: impl FnMut(&Store) -> Result<Config, Problem>,
         read: impl FnOnce(&Store) -> R,
     ) -> Result<(Applied, R), Problem> {
-        let mut store = lock(&self.store);
+        let mut store = self.held();
         if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -948,7 +1038,7 @@ impl Admin {
     /// An etcd record seen by the watch: adopted, and published when it is newer than what
     /// the workers run.
     pub fn observe(&self, value: &[u8], mod_revision: i64) {
-        let mut store = lock(&self.store);
+        let mut store = self.held();
         if let Store::Etcd(e) = &mut *store {
             e.adopt(value, mod_revision);
             self.publish_pending(e);
@@ -965,13 +1055,13 @@ impl Admin {
         &self,
         read: impl FnOnce() -> Result<(Vec<crate::etcd::Kv>, i64), crate::etcd::EtcdError>,
     ) -> Result<(Option<i64>, i64), crate::etcd::EtcdError> {
-        let held = match &*lock(&self.store) {
+        let held = match &*self.held() {
             Store::Etcd(e) => e.mod_revision(),
             Store::Local(_) => 0,
         };
         let (kvs, revision) = read()?;
         let kv = kvs.first();
-        let mut store = lock(&self.store);
+        let mut store = self.held();
         if let (Store::Etcd(e), Some(kv)) = (&mut *store, kv) {
             if e.mod_revision() == held {
                 e.adopt_current(&kv.value, kv.mod_revision);
@@ -1027,7 +1117,7 @@ impl Admin {
 
     /// This node's id and record, for the etcd heartbeat.
     pub fn node_record(&self) -> (String, Value) {
-        match &*lock(&self.store) {
+        match &*self.held() {
             Store::Etcd(e) => (e.node_id().to_owned(), e.node_record()),
             Store::Local(_) => (String::new(), Value::Null),
         }
@@ -1037,7 +1127,7 @@ impl Admin {
     /// store (they are refused with 503, not held).
     pub fn freeze(&self) -> Frozen<'_> {
         // Under the store's lock: a change under way ends first, and none starts after.
-        let _store = lock(&self.store);
+        let _store = self.held();
         self.frozen
             .store(true, std::sync::atomic::Ordering::Release);
         Frozen(self)
@@ -1070,24 +1160,23 @@ impl Admin {
 
     /// The store's state for `/v1/status`.
     fn store_status(&self) -> Value {
-        match &*lock(&self.store) {
-            Store::Local(s) => json!({"kind": "local", "dir": s.dir().display().to_string()}),
-            Store::Etcd(e) => json!({
-                "kind": "etcd",
-                "url": e.url().redacted(),
-                "node_id": e.node_id(),
-                "reachable": e.health.reachable(),
-                "last_error": e.health.last_error().map(|(at, m)| json!({"at_ms": at, "error": m})),
-                "revision": e.revision(),
-                "applied_revision": e.applied,
-                "rejected": e.rejected.as_ref().map(|(r, why)| json!({"revision": r, "error": why})),
-            }),
+        let view = self.view();
+        let mut status = view.status.clone();
+        if let (Some(health), Some(fields)) = (&view.health, status.as_object_mut()) {
+            fields.insert("reachable".into(), health.reachable().into());
+            fields.insert(
+                "last_error".into(),
+                json!(health
+                    .last_error()
+                    .map(|(at, m)| json!({"at_ms": at, "error": m}))),
+            );
         }
+        status
     }
 
     /// SIGHUP: the config file again, through the same path.
     pub fn reload_file(&self, path: &std::path::Path) {
-        if let Store::Etcd(_) = &*lock(&self.store) {
+        if let Store::Etcd(_) = &*self.held() {
             log::info!(
                 "SIGHUP ignored: with an etcd store the node file {} is read at start only, \
                  and shared resources change through the admin API",
@@ -1097,7 +1186,8 @@ impl Admin {
         }
         // Revisions made through the API since the file was last applied: the file replaces
         // them, which must not go unsaid.
-        let by_api: Vec<u64> = lock(&self.store)
+        let by_api: Vec<u64> = self
+            .held()
             .revisions()
             .unwrap_or_default()
             .iter()
@@ -1130,14 +1220,23 @@ impl Admin {
             Err(p) => log::warn!(
                 "reload of {} refused, still on revision {}: {}",
                 path.display(),
-                lock(&self.store).revision(),
+                self.view().revision,
                 p.detail
             ),
         }
     }
 
-    fn revision(&self) -> u64 {
-        lock(&self.store).revision()
+    /// The store under its lock (which a write holds for as long as etcd takes).
+    fn held(&self) -> Held<'_> {
+        Held {
+            store: lock(&self.store),
+            view: &self.view,
+        }
+    }
+
+    /// The store's current config, revision and status as of the end of the last change.
+    fn view(&self) -> Arc<View> {
+        self.view.load_full()
     }
 }
 
@@ -1520,7 +1619,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let info = lock(&admin.runtime).clone();
     let snap = admin.shared.load();
     let body = json!({
-        "revision": admin.revision(),
+        "revision": admin.view().revision,
         "published_revision": snap.revision,
         "uptime_seconds": admin.started.elapsed().as_secs(),
         "pid": std::process::id(),
@@ -1597,11 +1696,11 @@ async fn upstream_health(
 }
 
 async fn get_config(State(admin): State<Arc<Admin>>) -> Response {
-    let store = lock(&admin.store);
+    let view = admin.view();
     json_response(
         StatusCode::OK,
-        Some(config_etag(store.revision())),
-        to_value(store.config()),
+        Some(config_etag(view.revision)),
+        to_value(&view.config),
     )
 }
 
@@ -1627,12 +1726,12 @@ async fn list_items(
     Path(kind): Path<String>,
 ) -> Result<Response, Problem> {
     let kind = Kind::parse(&kind)?;
-    let store = lock(&admin.store);
-    let items = kind.list(store.config());
+    let view = admin.view();
+    let items = kind.list(&view.config);
     Ok(json_response(
         StatusCode::OK,
-        Some(config_etag(store.revision())),
-        json!({"revision": store.revision(), "items": items}),
+        Some(config_etag(view.revision)),
+        json!({"revision": view.revision, "items": items}),
     ))
 }
 
@@ -1649,16 +1748,14 @@ async fn get_item(
     Path((kind, id)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
     let kind = Kind::parse(&kind)?;
-    let store = lock(&admin.store);
-    let Some(value) = kind.get(store.config(), &id) else {
+    let view = admin.view();
+    let Some(value) = kind.get(&view.config, &id) else {
         return Err(Problem::not_found(format!(
             "no {} item {id:?}",
             kind.name()
         )));
     };
-    let rev = store
-        .item_revision(kind.name(), &id)
-        .unwrap_or(store.revision());
+    let rev = view.item_revision(kind, &id);
     let mut resp = json_response(StatusCode::OK, Some(item_etag(kind, &id, rev)), value);
     if let Ok(v) = HeaderValue::from_str(&rev.to_string()) {
         resp.headers_mut().insert("revision", v);
@@ -1760,8 +1857,8 @@ async fn write_item(
 /// A validation error about the written item itself is reported relative to its body.
 fn item_pointer(mut p: Problem, kind: Kind, id: &str, admin: &Admin) -> Problem {
     if let Some(ptr) = &p.pointer {
-        let store = lock(&admin.store);
-        let mut candidate_ids = kind.ids(store.config());
+        let view = admin.view();
+        let mut candidate_ids = kind.ids(&view.config);
         if !candidate_ids.iter().any(|x| x == id) {
             candidate_ids.push(id.to_owned());
         }
@@ -1938,7 +2035,7 @@ async fn batch(
 }
 
 async fn list_revisions(State(admin): State<Arc<Admin>>) -> Result<Response, Problem> {
-    let mut store = lock(&admin.store);
+    let mut store = admin.held();
     let list: Vec<Value> = store
         .revisions()
         .map_err(store_problem)?
@@ -1955,7 +2052,7 @@ async fn list_revisions(State(admin): State<Arc<Admin>>) -> Result<Response, Pro
 /// `GET /v1/nodes`: the gateway nodes sharing this config and the revision each serves. A
 /// node on a local data directory is alone.
 async fn nodes(State(admin): State<Arc<Admin>>) -> Result<Response, Problem> {
-    let mut store = lock(&admin.store);
+    let mut store = admin.held();
     let mut list = match &mut *store {
         Store::Local(_) => {
             let snap = admin.shared.load();
@@ -1982,7 +2079,7 @@ async fn get_revision(
     Path(rev): Path<String>,
 ) -> Result<Response, Problem> {
     let n = parse_revision(&rev)?;
-    let mut store = lock(&admin.store);
+    let mut store = admin.held();
     match store.load_revision(n).map_err(store_problem)? {
         Some(r) => Ok(json_response(
             StatusCode::OK,
@@ -2007,7 +2104,8 @@ async fn rollback(
     };
     let n = parse_revision(n)?;
     let dry_run = WriteQuery { raw }.dry_run()?;
-    let old = lock(&admin.store)
+    let old = admin
+        .held()
         .load_revision(n)
         .map_err(store_problem)?
         .ok_or_else(|| Problem::not_found(format!("revision {n} is not kept")))?;

@@ -382,6 +382,11 @@ impl EtcdStore {
         &self.dir
     }
 
+    /// Revision at which each item (`kind/id`) last changed.
+    pub fn item_revisions(&self) -> &BTreeMap<String, u64> {
+        &self.item_revisions
+    }
+
     pub fn item_revision(&self, kind: &str, id: &str) -> Option<u64> {
         self.item_revisions.get(&format!("{kind}/{id}")).copied()
     }

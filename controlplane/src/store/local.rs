@@ -282,6 +282,11 @@ impl LocalStore {
         &self.dir
     }
 
+    /// Revision at which each item (`kind/id`) last changed.
+    pub fn item_revisions(&self) -> &BTreeMap<String, u64> {
+        &self.current.item_revisions
+    }
+
     /// Revision at which the item `kind/id` last changed.
     pub fn item_revision(&self, kind: &str, id: &str) -> Option<u64> {
         self.current

@@ -86,6 +86,14 @@ impl Store {
         }
     }
 
+    /// Revision at which each item (`kind/id`) last changed.
+    pub fn item_revisions(&self) -> &std::collections::BTreeMap<String, u64> {
+        match self {
+            Store::Local(s) => s.item_revisions(),
+            Store::Etcd(s) => s.item_revisions(),
+        }
+    }
+
     /// Makes `config` the next revision, durably, with the private keys it introduces
     /// stored first. Returns its number.
     pub fn commit(

@@ -854,11 +854,15 @@ fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
 fn a_hung_etcd_holds_up_only_the_writes_that_wait_for_it() {
     // The node's only endpoint hangs: writes wait for etcd (3 s each, then 503; one after
     // another, as every change goes through the store's lock), each on a thread of its own,
-    // so `/v1/health` answers meanwhile (against ed1794b: after 8.9 s).
+    // so `/v1/health` answers meanwhile (against ed1794b: after 8.9 s), and so do the reads
+    // of the config and status, from what the last change left (against cb9a8e1: after 3 s).
     let etcd = Etcd::start();
     let (relay, frozen) = freezing_relay(etcd.port);
     let url = format!("etcd://127.0.0.1:{relay}/t6");
     let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
+    let r = a.admin("PUT", "/v1/routes/kept", Some(&respond_route("/kept", "k")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let revision = a.admin("GET", "/v1/status", None).json()["revision"].clone();
     frozen.store(true, std::sync::atomic::Ordering::Relaxed);
     std::thread::scope(|s| {
         let writes: Vec<_> = (0..3)
@@ -872,14 +876,28 @@ fn a_hung_etcd_holds_up_only_the_writes_that_wait_for_it() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300));
-        let asked = Instant::now();
-        let r = a.admin("GET", "/v1/health", None);
-        assert_eq!(r.status, 200, "{}", r.body_str());
-        assert!(
-            asked.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            asked.elapsed()
-        );
+        for path in [
+            "/v1/health",
+            "/v1/config",
+            "/v1/routes",
+            "/v1/routes/kept",
+            "/v1/status",
+        ] {
+            let asked = Instant::now();
+            let r = a.admin("GET", path, None);
+            assert_eq!(r.status, 200, "{path}: {}", r.body_str());
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "{path}: {:?}",
+                asked.elapsed()
+            );
+            match path {
+                "/v1/routes" => assert_eq!(r.json()["items"][0]["id"], "kept", "{}", r.body_str()),
+                "/v1/routes/kept" => assert_eq!(r.json()["path"], "/kept", "{}", r.body_str()),
+                "/v1/status" => assert_eq!(r.json()["store"]["revision"], revision),
+                _ => {}
+            }
+        }
         for w in writes {
             assert_eq!(w.join().unwrap(), 503);
         }
