@@ -833,6 +833,8 @@ impl WriteQuery {
 #[derive(Debug)]
 pub struct Applied {
     pub revision: u64,
+    /// The revision the change makes (or, in a dry run, would make).
+    pub next: u64,
     pub changes: Vec<Value>,
     pub dry_run: bool,
 }
@@ -985,6 +987,7 @@ impl Admin {
             if dry_run || changes.is_empty() {
                 let applied = Applied {
                     revision: store.revision(),
+                    next: revision,
                     changes,
                     dry_run,
                 };
@@ -1005,6 +1008,7 @@ impl Admin {
                     }
                     let applied = Applied {
                         revision,
+                        next: revision,
                         changes,
                         dry_run: false,
                     };
@@ -1611,7 +1615,7 @@ fn dry_run_response(a: &Applied) -> Response {
     json_response(
         StatusCode::OK,
         None,
-        json!({"dry_run": true, "revision": a.revision, "would_be_revision": a.revision + 1, "changes": a.changes}),
+        json!({"dry_run": true, "revision": a.revision, "would_be_revision": a.next, "changes": a.changes}),
     )
 }
 

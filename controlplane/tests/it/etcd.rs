@@ -959,7 +959,15 @@ fn a_store_restored_from_a_backup_is_what_every_node_serves() {
         assert_eq!(get(gw, "/hello"), (200, "h".to_owned()));
         gw.wait_log("etcd went back", Duration::from_secs(1));
     }
-    // Writes work at once, with revision numbers past every one used before.
+    // Writes work at once, with revision numbers past every one used before, which a dry
+    // run names first (against 2013a24: the restored revision + 1, a number used before).
+    let r = b.admin(
+        "PUT",
+        "/v1/routes/after?dry_run=true",
+        Some(&respond_route("/after", "a")),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let would_be = r.json()["would_be_revision"].as_u64().unwrap();
     let r = b.admin(
         "PUT",
         "/v1/routes/after",
@@ -974,6 +982,7 @@ fn a_store_restored_from_a_backup_is_what_every_node_serves() {
         after > before,
         "revision {after} after the restore, {before} before"
     );
+    assert_eq!(would_be, after);
 }
 
 #[test]
