@@ -228,6 +228,16 @@ impl TargetState {
         if n < p.consecutive_failures {
             return false;
         }
+        // Counting the ejected targets and ejecting this one are one step per set: two
+        // workers whose targets fail at once must not both see room for one more. Only a
+        // streak's last failure gets here, so the lock is off the request path.
+        let _one_at_a_time = set
+            .ejecting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.is_ejected() {
+            return false; // another worker ejected it meanwhile
+        }
         let total = set.targets.len();
         let allowed = match p.max_ejected_percent {
             0 => 0,
@@ -359,6 +369,8 @@ pub struct TargetSet {
     pub schedule: Box<[u16]>,
     /// Consistent-hash ring: (point, target index), sorted by point.
     ring: Box<[(u64, u16)]>,
+    /// Held while a passive health check decides an ejection (see [`TargetState::failed`]).
+    ejecting: Mutex<()>,
 }
 
 /// Ring points per unit of weight.
@@ -374,6 +386,7 @@ impl TargetSet {
             targets,
             schedule,
             ring,
+            ejecting: Mutex::new(()),
         }
     }
 
@@ -909,6 +922,45 @@ mod tests {
         // A success ends a streak of failures.
         t1.succeeded();
         assert_eq!(t1.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn workers_failing_different_targets_at_once_never_eject_past_the_cap() {
+        // Each thread is a worker whose target fails at the same moment as the others'. The
+        // count of ejected targets and the ejection were two steps: two workers could both
+        // see room for one more and both eject.
+        let s = set(4);
+        let p = Passive {
+            consecutive_failures: 1,
+            ejection_ms: 1000,
+            max_ejected_percent: 25,
+        };
+        let start = std::sync::Barrier::new(4);
+        let mut most = 0;
+        for round in 0..500u64 {
+            let now = round * 10_000;
+            let ejected: usize = std::thread::scope(|sc| {
+                let threads: Vec<_> = (0..4)
+                    .map(|i| {
+                        let (s, p, start) = (&s, &p, &start);
+                        sc.spawn(move || {
+                            start.wait();
+                            usize::from(s.targets[i].state.failed(Some(p), s, now))
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).sum()
+            });
+            most = most.max(ejected);
+            assert!(
+                ejected <= 1,
+                "round {round}: {ejected} of 4 ejected, the cap is 1"
+            );
+            for t in &s.targets {
+                t.state.expire(now + 5_000);
+            }
+        }
+        assert_eq!(most, 1, "every round ejects one target");
     }
 
     #[test]
