@@ -1294,6 +1294,10 @@ pub struct LimitsConfig {
     pub max_uri_bytes: usize,
     /// Largest request body, in bytes; larger: 413. Default 10,485,760 (10 MiB).
     pub max_body_bytes: u64,
+    /// Most client connections one worker holds open (busy, idle and parked ones); at that
+    /// many it stops accepting until one closes, and new connections wait in the listen
+    /// backlog. 1 to 1,000,000. Default 65,536.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -1303,6 +1307,7 @@ impl Default for LimitsConfig {
             max_header_count: 100,
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
+            max_connections: 65_536,
         }
     }
 }

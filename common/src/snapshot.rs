@@ -413,6 +413,8 @@ pub struct Limits {
     pub max_header_count: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: u64,
+    /// Client connections per worker (see [`crate::config::LimitsConfig::max_connections`]).
+    pub max_connections: usize,
 }
 
 impl Snapshot {
@@ -649,11 +651,18 @@ impl Snapshot {
                 "must be between 16 and limits.max_header_bytes",
             ));
         }
+        if !(1..=1_000_000).contains(&l.max_connections) {
+            return Err(ConfigError::field(
+                "limits.max_connections",
+                "must be between 1 and 1000000",
+            ));
+        }
         let limits = Limits {
             max_header_bytes: l.max_header_bytes,
             max_header_count: l.max_header_count,
             max_uri_bytes: l.max_uri_bytes,
             max_body_bytes: l.max_body_bytes,
+            max_connections: l.max_connections,
         };
         if config.upstream_pool.max_idle_per_target > 10_000 {
             return Err(ConfigError::field(

@@ -180,6 +180,9 @@ fn errors_name_the_field() {
     let e = err(&format!("{base}[limits]\nmax_header_count = 1000\n"));
     assert_eq!(e.path(), "limits.max_header_count");
 
+    let e = err(&format!("{base}[limits]\nmax_connections = 0\n"));
+    assert_eq!(e.path(), "limits.max_connections");
+
     let e = err(&format!("{base}[timeouts]\nclient_header_ms = 0\n"));
     assert_eq!(e.path(), "timeouts.client_header_ms");
 

@@ -337,6 +337,7 @@ mod tests {
         max_header_count: 64,
         max_uri_bytes: 4096,
         max_body_bytes: 1 << 20,
+        max_connections: 1,
     };
 
     /// The head the upstream gets for `request` (its body bytes included).

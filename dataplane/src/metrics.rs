@@ -144,6 +144,8 @@ pub struct WorkerMetrics {
     pub upstream_latency: Histogram,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     open_connections: AtomicU64,
+    /// Times an accept loop stopped at `[limits] max_connections`.
+    accept_paused: AtomicU64,
     /// Completed TLS handshakes.
     tls_handshakes: AtomicU64,
     /// Failed TLS handshakes, by reason.
@@ -184,6 +186,7 @@ impl Default for WorkerMetrics {
             transform_skipped: std::array::from_fn(|_| AtomicU64::new(0)),
             steps: Default::default(),
             open_connections: AtomicU64::new(0),
+            accept_paused: AtomicU64::new(0),
             tls_handshakes: AtomicU64::new(0),
             tls_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             access_log_dropped: AtomicU64::new(0),
@@ -269,6 +272,11 @@ impl WorkerMetrics {
 
     pub fn set_open_connections(&self, n: usize) {
         self.open_connections.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// An accept loop stopped taking connections at `[limits] max_connections`.
+    pub fn accept_paused(&self) {
+        bump(&self.accept_paused, 1);
     }
 }
 
@@ -376,6 +384,16 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
         out,
         "gateway_open_connections {}",
         sum(&|w: &WorkerMetrics| &w.open_connections)
+    );
+    out.push_str(
+        "# HELP gateway_accept_paused_total Times a worker stopped accepting connections at \
+         [limits] max_connections.\n",
+    );
+    out.push_str("# TYPE gateway_accept_paused_total counter\n");
+    let _ = writeln!(
+        out,
+        "gateway_accept_paused_total {}",
+        sum(&|w: &WorkerMetrics| &w.accept_paused)
     );
     out.push_str("# HELP gateway_config_revision The config revision the workers serve.\n");
     out.push_str("# TYPE gateway_config_revision gauge\n");

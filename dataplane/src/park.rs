@@ -51,6 +51,11 @@ impl ParkLot {
         })
     }
 
+    /// How many connections are parked.
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
     /// The epoll fd, readable when a parked connection has something to say.
     pub fn epoll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()

@@ -243,6 +243,7 @@ async fn worker_main(spec: WorkerSpec) {
         rng: RefCell::new(Rng::from_entropy()),
         wall: Cell::new((Instant::now(), std::time::SystemTime::now())),
         active: Cell::new(0),
+        full_logged: Cell::new(None),
         index: spec.index,
     });
     monoio::spawn(unpark_loop(ctx.clone(), spec.driver));
@@ -285,6 +286,9 @@ async fn accept_until_drained(
     cancel: monoio::io::CancelHandle,
 ) {
     loop {
+        if !room_for_one_more(ctx).await {
+            break;
+        }
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {
                 let peer = Peer {
@@ -307,6 +311,46 @@ async fn accept_until_drained(
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// How often a worker at `[limits] max_connections` looks whether a connection closed.
+const FULL_RECHECK: Duration = Duration::from_millis(10);
+
+/// Waits while the worker holds `[limits] max_connections` client connections (busy, idle and
+/// parked): it takes no new one, which waits in the listen backlog, until one closes. Returns
+/// false when the drain began meanwhile.
+async fn room_for_one_more(ctx: &WorkerCtx) -> bool {
+    let mut paused = false;
+    loop {
+        let most = ctx.config.load().limits.max_connections;
+        let parked = ctx.park.borrow().as_ref().map_or(0, ParkLot::len);
+        let open = ctx.active.get() + parked;
+        if open < most {
+            return true;
+        }
+        if ctx.draining.get() {
+            return false;
+        }
+        if !paused {
+            paused = true;
+            ctx.metrics.accept_paused();
+            let now = Instant::now();
+            if ctx
+                .full_logged
+                .get()
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+            {
+                ctx.full_logged.set(Some(now));
+                log::warn!(
+                    "worker {}: {open} client connections open, [limits] max_connections is \
+                     {most}: new ones wait in the listen backlog until one closes (said at most \
+                     once a minute; gateway_accept_paused_total counts each pause)",
+                    ctx.index
+                );
+            }
+        }
+        monoio::time::sleep(FULL_RECHECK).await;
     }
 }
 

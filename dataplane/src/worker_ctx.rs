@@ -58,6 +58,8 @@ pub(crate) struct WorkerCtx {
     /// housekeeping tick: access log timestamps come from it without a clock call per request.
     pub wall: Cell<(Instant, SystemTime)>,
     pub active: Cell<usize>,
+    /// When this worker last logged that it holds `[limits] max_connections` connections.
+    pub full_logged: Cell<Option<Instant>>,
     pub index: usize,
 }
 

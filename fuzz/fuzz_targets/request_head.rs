@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         max_header_count: 100,
         max_uri_bytes: 2048,
         max_body_bytes: 1 << 20,
+        max_connections: 65_536,
     };
     let mut plan = FieldPlan::default();
     let whole = parse_request(data, &limits, &mut plan);

@@ -1,7 +1,7 @@
 //! End-to-end tests of the data plane through the real `gateway` binary, each run under
 //! io_uring and under the forced epoll fallback.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,7 @@ both_drivers!(
     interim_answers_lose_hop_by_hop_and_framing_fields,
     limits_answer_431_414_413,
     client_header_timeout_is_408,
+    at_max_connections_new_ones_wait_until_one_closes,
     upstream_failures_are_502_and_504,
     dead_pooled_connection_is_retried_for_idempotent_requests,
     stale_idle_connection_is_not_used,
@@ -515,6 +516,60 @@ fn limits_answer_431_414_413(driver: Driver) {
     }
     assert_eq!(c.read_response().status, 413);
     assert_eq!(origin.requests().len(), 0);
+}
+
+fn at_max_connections_new_ones_wait_until_one_closes(driver: Driver) {
+    // With `[limits] max_connections = 2` and two clients connected (parked by then, which
+    // count too), a third's connection waits in the listen backlog, its request unanswered,
+    // until one of the two leaves. Before, nothing bounded a worker's connections.
+    let origin = Origin::echo();
+    let gw = Gateway::start(
+        &framing_config(
+            origin.addr,
+            "[limits]\nmax_connections = 2\n\n[timeouts]\nclient_park_ms = 30\n",
+        ),
+        driver,
+    );
+    let mut a = gw.connect();
+    assert_eq!(
+        a.roundtrip("GET /a HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    let mut b = gw.connect();
+    assert_eq!(
+        b.roundtrip("GET /b HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    thread::sleep(Duration::from_millis(200));
+    let mut c = gw.connect();
+    c.send(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n");
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match c.stream.read(&mut byte) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the third connection was served at the limit: {other:?}"),
+    }
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    drop(a);
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (200, "origin saw /c"));
+    assert_eq!(
+        b.roundtrip("GET /b2 HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    let metrics = gw.admin("GET", "/metrics", None);
+    let paused: u64 = metrics
+        .body_str()
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_accept_paused_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{}", metrics.body_str()));
+    assert!(paused >= 1, "{paused}");
+    gw.wait_log("max_connections is 2", Duration::from_secs(1));
 }
 
 fn client_header_timeout_is_408(driver: Driver) {

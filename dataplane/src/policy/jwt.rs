@@ -130,9 +130,12 @@ pub fn verify(
         None if policy.require_exp => return Err(JwtError::NoExpiry),
         _ => {}
     }
-    if let Some(nbf) = time("nbf")? {
-        if now + leeway < nbf {
-            return Err(JwtError::NotYetValid);
+    // A token issued in the future (`iat`) is no more valid yet than one whose `nbf` is.
+    for name in ["nbf", "iat"] {
+        if let Some(t) = time(name)? {
+            if now + leeway < t {
+                return Err(JwtError::NotYetValid);
+            }
         }
     }
     if let Some(iss) = &policy.issuer {
@@ -258,6 +261,14 @@ mod tests {
             (
                 hs256(h, &claims(&format!(r#","nbf":{}"#, NOW + 31)), SECRET),
                 JwtError::NotYetValid,
+            ),
+            (
+                hs256(h, &claims(&format!(r#","iat":{}"#, NOW + 31)), SECRET),
+                JwtError::NotYetValid,
+            ),
+            (
+                hs256(h, &claims(r#","iat":"yesterday""#), SECRET),
+                JwtError::Malformed,
             ),
             (
                 hs256(

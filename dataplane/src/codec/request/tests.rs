@@ -8,6 +8,7 @@ fn limits() -> Limits {
         max_header_count: 32,
         max_uri_bytes: 1024,
         max_body_bytes: 1 << 20,
+        max_connections: 1,
     }
 }
 
