@@ -1296,8 +1296,14 @@ pub struct LimitsConfig {
     pub max_body_bytes: u64,
     /// Most client connections one worker holds open (busy, idle and parked ones); at that
     /// many it stops accepting until one closes, and new connections wait in the listen
-    /// backlog. 1 to 1,000,000. Default 65,536.
+    /// backlog. 1 to 1,000,000. Default 65,536. Left out when it is the default, so stores
+    /// written by this build stay readable by the builds before it (a rolling upgrade).
+    #[serde(skip_serializing_if = "is_default_max_connections")]
     pub max_connections: usize,
+}
+
+fn is_default_max_connections(v: &usize) -> bool {
+    *v == LimitsConfig::default().max_connections
 }
 
 impl Default for LimitsConfig {

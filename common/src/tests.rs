@@ -569,3 +569,21 @@ fn urls_are_shown_without_their_passwords() {
     let e = crate::snapshot::RedisAddr::parse("redis://:hunter2@127.0.0.1:99999").unwrap_err();
     assert!(!e.contains("hunter2"), "{e}");
 }
+
+#[test]
+fn a_default_max_connections_is_left_out_of_what_older_builds_read() {
+    // Builds before `[limits] max_connections` refuse unknown fields: a store written by this
+    // build (an etcd record during a rolling upgrade) stays readable by them while it is
+    // left at its default.
+    let written = serde_json::to_value(Config::default()).unwrap();
+    assert!(
+        written["limits"].get("max_connections").is_none(),
+        "{written}"
+    );
+    let mut config = Config::default();
+    config.limits.max_connections = 10;
+    let written = serde_json::to_value(&config).unwrap();
+    assert_eq!(written["limits"]["max_connections"], 10);
+    let back: Config = serde_json::from_value(written).unwrap();
+    assert_eq!(back.limits.max_connections, 10);
+}
