@@ -229,12 +229,14 @@ impl TargetState {
             return false;
         }
         // Counting the ejected targets and ejecting this one are one step per set: two
-        // workers whose targets fail at once must not both see room for one more. Only a
-        // streak's last failure gets here, so the lock is off the request path.
-        let _one_at_a_time = set
-            .ejecting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // workers whose targets fail at once must not both see room for one more. Never
+        // waited for (failures go on arriving on every worker in an outage): while another
+        // worker decides, this failure only adds to the streak, and the next one decides.
+        let _one_at_a_time = match set.ejecting.try_lock() {
+            Ok(held) => held,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
         if self.is_ejected() {
             return false; // another worker ejected it meanwhile
         }
