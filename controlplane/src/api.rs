@@ -1003,8 +1003,7 @@ impl Admin {
                     // connections to the targets of upstreams this change removed.
                     common::live::bump_generation();
                     if let Store::Etcd(e) = &mut *store {
-                        e.applied = revision;
-                        e.rejected = None;
+                        e.mark_published();
                     }
                     let applied = Applied {
                         revision,
@@ -1077,16 +1076,15 @@ impl Admin {
         Ok((kv.map(|kv| kv.mod_revision), revision))
     }
 
-    /// Publishes the etcd store's newest revision if the workers do not run it yet. One this
+    /// Publishes the etcd store's record if the workers do not run it yet: a newer one, or
+    /// after a restore from a backup an older one, whatever its revision number. One this
     /// node cannot compile (say, it removes a policy this node's listeners use) is not
     /// published: the node keeps serving the last one and `/v1/status` names it.
     fn publish_pending(&self, e: &mut EtcdStore) {
-        let revision = e.revision();
-        if (revision <= e.applied && !e.went_back)
-            || e.rejected.as_ref().is_some_and(|r| r.0 == revision)
-        {
+        if e.published_or_rejected() {
             return;
         }
+        let revision = e.revision();
         let mut next = e.config().clone();
         let result = e.fetch_keys(&next).and_then(|()| {
             crate::keys::load(e.dir(), &mut next);
@@ -1104,9 +1102,7 @@ impl Admin {
                 self.shared.store(Arc::new(snapshot));
                 common::live::bump_generation();
                 log::info!("config store: revision {revision} published");
-                e.applied = revision;
-                e.rejected = None;
-                e.went_back = false;
+                e.mark_published();
             }
             Err(why) => {
                 log::error!(
@@ -1114,7 +1110,7 @@ impl Admin {
                      serving revision {}",
                     e.applied
                 );
-                e.rejected = Some((revision, why));
+                e.mark_rejected(why);
             }
         }
     }
@@ -1162,9 +1158,8 @@ impl Admin {
         self.shared.load().revision
     }
 
-    /// The store's state for `/v1/status`.
-    fn store_status(&self) -> Value {
-        let view = self.view();
+    /// The store's state for `/v1/status`, from `view`.
+    fn store_status(view: &View) -> Value {
         let mut status = view.status.clone();
         if let (Some(health), Some(fields)) = (&view.health, status.as_object_mut()) {
             fields.insert("reachable".into(), health.reachable().into());
@@ -1284,8 +1279,9 @@ fn store_problem(e: StoreError) -> Problem {
             "Concurrent Changes",
             "another revision was committed first; try again",
         ),
+        // Not 413: the request may be a few bytes; the store cannot hold what it makes.
         StoreError::TooLarge(m) => Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::INSUFFICIENT_STORAGE,
             "Config Too Large",
             format!("{m}; nothing changed"),
         ),
@@ -1621,9 +1617,12 @@ fn dry_run_response(a: &Applied) -> Response {
 
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let info = lock(&admin.runtime).clone();
+    // The view first: a change publishes its snapshot before its view, so the revision read
+    // here is never behind the one published.
+    let view = admin.view();
     let snap = admin.shared.load();
     let body = json!({
-        "revision": admin.view().revision,
+        "revision": view.revision,
         "published_revision": snap.revision,
         "uptime_seconds": admin.started.elapsed().as_secs(),
         "pid": std::process::id(),
@@ -1634,7 +1633,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Response {
         "admin": info.as_ref().map(|i| i.admin.to_string()),
         "routes": snap.routes.len(),
         "upstreams": snap.upstreams.len(),
-        "store": admin.store_status(),
+        "store": Admin::store_status(&view),
         "cluster": snap.cluster.as_ref().map(|c| {
             let (redis, live) = dataplane::policy::cluster::store_state();
             json!({

@@ -477,7 +477,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
     let etcd = match &mut store {
         Store::Etcd(e) => {
-            e.applied = e.revision();
+            e.mark_published();
             Some((e.client(), e.health.clone()))
         }
         Store::Local(_) => None,

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::Config;
 use ring::aead;
@@ -37,6 +38,9 @@ use crate::keys::NewKey;
 
 /// Seconds a node's record outlives its last heartbeat.
 pub const NODE_TTL_S: i64 = 10;
+/// How long a starting node waits between two reads of a record that holds its id: longer
+/// than a live node's heartbeat, so a live node's `last_seen` has moved.
+const TWIN_RECHECK: Duration = Duration::from_millis(1500);
 
 /// This node's own settings, taken from its node file: `workers`, `listeners`, `admin`,
 /// `access_log`, `resolver` and `cluster` (the fields [`merge`] takes from the node);
@@ -167,18 +171,22 @@ pub struct EtcdStore {
     config: Config,
     /// etcd's `mod_revision` of `P/config` holding that record (0: none yet).
     mod_revision: i64,
-    /// The highest config revision seen: a store restored from a backup goes back to a
-    /// lower one, and the next commit goes on from here so no number names two configs.
+    /// The highest config revision seen (here, or by a live node when this one started): a
+    /// store restored from a backup goes back to a lower one, and the next commit goes on
+    /// from here so no number names two configs.
     highest: u64,
-    /// The store went back to an older record (restored from a backup): it is published
-    /// even though the workers run a higher revision number.
-    pub went_back: bool,
     /// etcd's `mod_revision` of a record this build cannot read, once reported.
     unreadable: Option<(i64, String)>,
     /// The revision published to this node's workers.
     pub applied: u64,
+    /// etcd's `mod_revision` of the record published: what tells whether the record held is
+    /// published, since after a restore a lower or an already used revision number can name
+    /// a different config.
+    applied_mod: i64,
     /// A newer revision this node could not serve, and why.
     pub rejected: Option<(u64, String)>,
+    /// etcd's `mod_revision` of the record of [`EtcdStore::rejected`].
+    rejected_mod: i64,
     pub health: Arc<Health>,
 }
 
@@ -296,10 +304,11 @@ impl EtcdStore {
             config: Config::default(),
             mod_revision: 0,
             highest: 0,
-            went_back: false,
             unreadable: None,
             applied: 0,
+            applied_mod: 0,
             rejected: None,
+            rejected_mod: 0,
             health: Arc::new(Health::default()),
         };
         let url = store.client.url().redacted();
@@ -318,6 +327,7 @@ impl EtcdStore {
                 )));
             }
             store.refuse_twin()?;
+            store.learn_highest();
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
                     "{url} holds config revision {}: the shared resources in the node file \
@@ -365,6 +375,25 @@ impl EtcdStore {
     /// etcd's `mod_revision` of the record held (0: none yet).
     pub fn mod_revision(&self) -> i64 {
         self.mod_revision
+    }
+
+    /// Whether the record held is the one this node's workers run, or one it could not serve.
+    pub fn published_or_rejected(&self) -> bool {
+        self.mod_revision == self.applied_mod
+            || (self.rejected.is_some() && self.mod_revision == self.rejected_mod)
+    }
+
+    /// The record held is what this node's workers run now.
+    pub fn mark_published(&mut self) {
+        self.applied = self.revision;
+        self.applied_mod = self.mod_revision;
+        self.rejected = None;
+    }
+
+    /// The record held cannot be served here, for `why`.
+    pub fn mark_rejected(&mut self, why: String) {
+        self.rejected = Some((self.revision, why));
+        self.rejected_mod = self.mod_revision;
     }
 
     /// The revision the next commit makes: past every one seen, so after the store went
@@ -452,7 +481,6 @@ impl EtcdStore {
             let (mod_before, revision_before) = (self.mod_revision, self.revision);
             self.mod_revision = 0;
             if self.adopt(value, mod_revision) {
-                self.went_back = true;
                 return true;
             }
             (self.mod_revision, self.revision) = (mod_before, revision_before);
@@ -670,7 +698,12 @@ impl EtcdStore {
             "last_seen": now_ms(),
             "uses": uses(&self.node),
             "host": host_name(),
-            "data_dir": self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone()),
+            "highest_revision": self.highest,
+            "data_dir": self
+                .dir
+                .canonicalize()
+                .unwrap_or_else(|_| self.dir.clone())
+                .to_string_lossy(),
         })
     }
 
@@ -679,28 +712,59 @@ impl EtcdStore {
     /// check that nothing a node uses is removed) and share one share of the cluster limits.
     /// A record of this node's own last run (same host and data directory) is no other node;
     /// nor is one without them (written by an older build).
+    ///
+    /// A record another node left when it stopped (its lease not yet expired: a container
+    /// replaced under a new host name) is waited out: the node starts once it expires, within
+    /// [`NODE_TTL_S`]. One whose `last_seen` moves meanwhile is a live node's.
     fn refuse_twin(&mut self) -> Result<(), OpenError> {
         let url = self.client.url().redacted();
-        let kvs = self
-            .read(&format!("nodes/{}", self.node_id), false)
-            .map_err(|e| OpenError::Failed(format!("cannot read the nodes from {url}: {e}")))?;
-        let Some(held) = kvs
-            .first()
-            .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
-        else {
-            return Ok(());
-        };
         let mine = self.node_record();
-        let (host, dir) = (&held["host"], &held["data_dir"]);
-        if host.is_null() || (*host == mine["host"] && *dir == mine["data_dir"]) {
-            return Ok(());
+        let deadline = Instant::now() + Duration::from_secs(NODE_TTL_S as u64 + 2);
+        let mut first_seen: Option<Value> = None;
+        loop {
+            let kvs = self
+                .read(&format!("nodes/{}", self.node_id), false)
+                .map_err(|e| OpenError::Failed(format!("cannot read the nodes from {url}: {e}")))?;
+            let Some(held) = kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
+            else {
+                return Ok(());
+            };
+            let (host, dir) = (&held["host"], &held["data_dir"]);
+            if host.is_null() || (*host == mine["host"] && *dir == mine["data_dir"]) {
+                return Ok(());
+            }
+            let live = first_seen
+                .as_ref()
+                .is_some_and(|first| first["last_seen"] != held["last_seen"]);
+            if live || Instant::now() >= deadline {
+                return Err(OpenError::Invalid(format!(
+                    "node_id {:?} is in use by a live node (host {host}, data directory {dir}): \
+                     give each node its own [cluster] node_id",
+                    self.node_id
+                )));
+            }
+            if first_seen.is_none() {
+                log::warn!(
+                    "node_id {:?}: etcd holds the record of a node on host {host} (data \
+                     directory {dir}); waiting up to {NODE_TTL_S} s for it to expire, as a \
+                     stopped node's does",
+                    self.node_id
+                );
+                first_seen = Some(held);
+            }
+            std::thread::sleep(TWIN_RECHECK);
         }
-        Err(OpenError::Invalid(format!(
-            "node_id {:?} is in use by a live node (host {host}, data directory {dir}): give \
-             each node its own [cluster] node_id (a node that stopped frees its id within \
-             {NODE_TTL_S} s)",
-            self.node_id
-        )))
+    }
+
+    /// Takes the highest config revision the live nodes have seen (their records say it):
+    /// after a restore from a backup, a node started since goes on past it too.
+    fn learn_highest(&mut self) {
+        if let Ok(nodes) = self.nodes() {
+            let seen = nodes.iter().filter_map(|n| n["highest_revision"].as_u64());
+            self.highest = seen.fold(self.highest, u64::max);
+        }
     }
 
     /// Other nodes that use one of `removed` (`kind/id`): "`kind/id` (node N)" each.
