@@ -471,6 +471,56 @@ fn sessions_resume_over_tls_1_2_and_1_3() {
         "{}",
         String::from_utf8_lossy(&tickets.stderr)
     );
+    // A client whose first request comes in the same write as its Finished gets tickets and
+    // its answer, and resumes with one of the tickets.
+    let coalesced = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, ssl, sys\n\
+             ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+             ctx.minimum_version = ssl.TLSVersion.TLSv1_3\n\
+             def run(session):\n\
+             \x20   sock = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5)\n\
+             \x20   inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()\n\
+             \x20   tls = ctx.wrap_bio(inc, out, server_hostname='a.test', session=session)\n\
+             \x20   while True:\n\
+             \x20       try:\n\
+             \x20           tls.do_handshake()\n\
+             \x20           break\n\
+             \x20       except ssl.SSLWantReadError:\n\
+             \x20           sock.sendall(out.read())\n\
+             \x20           inc.write(sock.recv(65536))\n\
+             \x20   tls.write(b'GET /resume HTTP/1.1\\r\\nHost: a.test\\r\\nConnection: close\\r\\n\\r\\n')\n\
+             \x20   sock.sendall(out.read())\n\
+             \x20   body = b''\n\
+             \x20   while True:\n\
+             \x20       try:\n\
+             \x20           chunk = tls.read(65536)\n\
+             \x20           if not chunk:\n\
+             \x20               break\n\
+             \x20           body += chunk\n\
+             \x20       except ssl.SSLWantReadError:\n\
+             \x20           data = sock.recv(65536)\n\
+             \x20           if not data:\n\
+             \x20               break\n\
+             \x20           inc.write(data)\n\
+             \x20       except (ssl.SSLZeroReturnError, ssl.SSLEOFError):\n\
+             \x20           break\n\
+             \x20   return tls, b'origin saw /resume' in body\n\
+             first, answered = run(None)\n\
+             again, answered_again = run(first.session)\n\
+             print(answered, first.session.has_ticket, answered_again, again.session_reused)\n",
+            &tls.port().to_string(),
+            a.cert.to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&coalesced.stdout).trim(),
+        "True True True True",
+        "{}",
+        String::from_utf8_lossy(&coalesced.stderr)
+    );
     let mut changes = 0;
     for (version, name) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
         let sess = dir.join(format!("session{version}.pem"));
