@@ -134,8 +134,10 @@ impl RedisAddr {
     }
 }
 
-/// `s` with its `%XX` escapes decoded; `None` if one is malformed or the result is not UTF-8.
-fn percent_decoded(s: &str) -> Option<String> {
+/// `s` with its `%XX` escapes decoded (RFC 3986 2.1); `None` for a bad escape or a result
+/// that is not UTF-8. For the user information of store URLs (Redis here, etcd in the
+/// control plane).
+pub fn percent_decoded(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

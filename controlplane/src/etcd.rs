@@ -120,7 +120,7 @@ impl StoreUrl {
                     format!("--store {shown:?}: credentials must be USER:PASSWORD")
                 })?;
                 let decoded = |s: &str| {
-                    percent_decoded(s).ok_or_else(|| {
+                    common::snapshot::percent_decoded(s).ok_or_else(|| {
                         format!("--store {shown:?}: a '%' in the credentials starts %XX")
                     })
                 };
@@ -800,25 +800,6 @@ impl Chunked {
             }
         }
     }
-}
-
-/// `s` with its `%XX` escapes decoded (RFC 3986 2.1); `None` for a bad escape or a result
-/// that is not UTF-8.
-fn percent_decoded(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
