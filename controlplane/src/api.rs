@@ -1617,8 +1617,9 @@ fn dry_run_response(a: &Applied) -> Response {
 
 async fn status(State(admin): State<Arc<Admin>>) -> Response {
     let info = lock(&admin.runtime).clone();
-    // The view first: a change publishes its snapshot before its view, so the revision read
-    // here is never behind the one published.
+    // Neither read waits for the store's lock (a write may hold it while etcd hangs): while a
+    // change is being published, `published_revision` may already be its revision and
+    // `revision` not yet, for that moment.
     let view = admin.view();
     let snap = admin.shared.load();
     let body = json!({
