@@ -70,6 +70,8 @@ pub struct Admin {
 #[derive(Debug)]
 struct View {
     revision: u64,
+    /// etcd's `mod_revision` of the record the config comes from (0 on a data directory).
+    mod_revision: i64,
     config: Config,
     item_revisions: std::collections::BTreeMap<String, u64>,
     /// The store's part of `/v1/status`, less what its health says at the time asked.
@@ -81,6 +83,7 @@ impl View {
     fn of(store: &Store) -> View {
         View {
             revision: store.revision(),
+            mod_revision: View::mod_revision_of(store),
             config: store.config().clone(),
             item_revisions: store.item_revisions().clone(),
             status: View::status_of(store),
@@ -105,12 +108,21 @@ impl View {
         }
     }
 
-    /// Whether `store` still reads as this view.
+    fn mod_revision_of(store: &Store) -> i64 {
+        match store {
+            Store::Etcd(e) => e.mod_revision(),
+            Store::Local(_) => 0,
+        }
+    }
+
+    /// Whether `store` still reads as this view. The config and item revisions change only
+    /// with the record they come from: a commit (a new revision on a data directory, a new
+    /// `mod_revision` in etcd) or a record taken from etcd (a new `mod_revision`), so those
+    /// two numbers stand for them, and no lock release compares whole configs.
     fn shows(&self, store: &Store) -> bool {
         self.revision == store.revision()
-            && self.item_revisions == *store.item_revisions()
+            && self.mod_revision == View::mod_revision_of(store)
             && self.status == View::status_of(store)
-            && self.config == *store.config()
     }
 
     /// Revision at which the item `kind/id` last changed.
