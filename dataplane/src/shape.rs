@@ -195,6 +195,22 @@ pub fn is_json_type(value: &[u8]) -> bool {
             && essence.contains(&b'/'))
 }
 
+/// Whether a `Content-Type` value names an event stream (`text/event-stream`): an answer
+/// relayed as its events come, never held to look at its body.
+pub fn is_event_stream(value: &[u8]) -> bool {
+    let essence = value.split(|&b| b == b';').next().unwrap_or(&[]);
+    crate::codec::trim_ows(essence).eq_ignore_ascii_case(b"text/event-stream")
+}
+
+/// Whether a body that begins with `data` opens a JSON object or array (its first byte other
+/// than JSON whitespace, RFC 8259 2, is `{` or `[`); `None` while `data` is whitespace only.
+/// What a filtering shape takes for JSON whatever the answer's type says.
+pub fn opens_json(data: &[u8]) -> Option<bool> {
+    data.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .map(|&b| matches!(b, b'{' | b'['))
+}
+
 /// What the gateway needs to know of an upstream answer's head before it reads the body as
 /// JSON (a step's answer, a shaped route's), from one pass over its fields: the first of each.
 #[derive(Debug, Default, Clone, Copy)]
@@ -365,6 +381,28 @@ fn placeholder_name(part: &Part) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_body_opening_an_object_or_array_is_told_by_its_first_byte() {
+        for (data, want) in [
+            (&b""[..], None),
+            (b" \r\n\t", None),
+            (b"{\"a\":1}", Some(true)),
+            (b"\n  [1]", Some(true)),
+            (b"hello {", Some(false)),
+            (b"\"a string\"", Some(false)),
+            (b"\x0c{", Some(false)),
+        ] {
+            assert_eq!(
+                opens_json(data),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        assert!(is_event_stream(b"Text/Event-Stream; charset=utf-8"));
+        assert!(!is_event_stream(b"text/plain"));
+    }
 
     fn paths(p: &[&str]) -> Box<[common::aggregate::DotPath]> {
         p.iter()

@@ -798,9 +798,11 @@ response = {{ allow = ["target"], max_bytes = 1024 }}
     let mut c = gw.connect();
     let r = get(&mut c, "/users/17/orders/9", "");
     assert_eq!(r.json()["target"], "/orders/9");
-    // Not JSON, not 2xx: relayed unchanged and counted.
+    // JSON under another type still goes through the filter (its type is kept).
     let r = get(&mut c, "/text", "");
-    assert_eq!(r.body_str(), "{\"cost\":1}");
+    assert_eq!((r.status, r.body_str()), (200, "{}"));
+    assert_eq!(r.header("Content-Type"), Some("text/plain"));
+    // Not 2xx: relayed unchanged and counted.
     let r = get(&mut c, "/missing", "");
     assert_eq!((r.status, r.body_str()), (404, "{\"cost\":1}"));
     // A JSON answer the shape's filter cannot go through (too large, nested too deep for
@@ -811,12 +813,100 @@ response = {{ allow = ["target"], max_bytes = 1024 }}
         assert!(!r.body_str().contains("secret"), "{path}: {}", r.body_str());
     }
     let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
-    for (reason, n) in [
-        ("not_json", 1),
-        ("too_large", 1),
-        ("status", 1),
-        ("invalid_json", 2),
+    assert!(!m.contains("reason=\"not_json\"} 1"), "{m}");
+    for (reason, n) in [("too_large", 1), ("status", 1), ("invalid_json", 2)] {
+        assert!(
+            m.contains(&format!(
+                "gateway_transform_skipped_total{{reason=\"{reason}\"}} {n}"
+            )),
+            "{reason}: {m}"
+        );
+    }
+}
+
+#[test]
+fn a_filter_is_not_bypassed_by_json_under_another_type() {
+    // Answers by path: (Content-Type field, body pieces, each written after a pause, chunked
+    // when there are several).
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let text = "Content-Type: text/plain\r\n";
+        let (ctype, pieces): (&str, Vec<String>) = match req.target() {
+            "/untyped" => (
+                "",
+                vec!["  \r\n".into(), r#"{"cost": 1, "name": "a"}"#.into()],
+            ),
+            "/text" => (text, vec![r#"hello {"cost": 1}"#.into()]),
+            "/events" => (
+                "Content-Type: text/event-stream\r\n",
+                vec![r#"{"cost": 1}"#.into()],
+            ),
+            "/empty" => (text, vec![String::new()]),
+            "/broken" => (text, vec![r#"{"cost": 1"#.into()]),
+            _ => (
+                text,
+                vec![format!(r#"[{{"cost": 1}}, {}1]"#, "1,".repeat(2000))],
+            ),
+        };
+        if pieces.len() == 1 {
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\n{ctype}Content-Length: {}\r\n\r\n{}",
+                pieces[0].len(),
+                pieces[0]
+            );
+            return Keep::Open;
+        }
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\n{ctype}Transfer-Encoding: chunked\r\n\r\n"
+        );
+        for p in pieces {
+            let _ = s.flush();
+            thread::sleep(Duration::from_millis(30));
+            let _ = write!(s, "{:x}\r\n{p}\r\n", p.len());
+        }
+        let _ = write!(s, "0\r\n\r\n");
+        Keep::Open
+    }));
+    let config = format!(
+        r#"{}
+[[upstreams]]
+id = "svc"
+targets = [{{ address = "{}" }}]
+
+[[routes]]
+id = "filtered"
+path_prefix = "/"
+upstream = "svc"
+response = {{ deny = ["cost"], max_bytes = 1024 }}
+"#,
+        listener(),
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    // No type, whitespace first, the object in a later chunk: filtered.
+    let r = get(&mut c, "/untyped", "");
+    assert_eq!((r.status, r.json()), (200, json!({"name": "a"})));
+    // Bodies that do not open an object or an array, event streams and empty bodies pass
+    // unchanged, on the same connection.
+    for (path, body) in [
+        ("/text", "hello {\"cost\": 1}"),
+        ("/events", "{\"cost\": 1}"),
+        ("/empty", ""),
     ] {
+        let r = get(&mut c, path, "");
+        assert_eq!((r.status, r.body_str()), (200, body), "{path}");
+    }
+    // Taken for JSON, but too large or not valid: 502, never relayed with what the filter
+    // removes.
+    for path in ["/big", "/broken"] {
+        let r = get(&mut gw.connect(), path, "");
+        assert_eq!(r.status, 502, "{path}: {}", r.body_str());
+        assert!(!r.body_str().contains("cost"), "{path}: {}", r.body_str());
+    }
+    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    for (reason, n) in [("not_json", 3), ("too_large", 1), ("invalid_json", 1)] {
         assert!(
             m.contains(&format!(
                 "gateway_transform_skipped_total{{reason=\"{reason}\"}} {n}"

@@ -23,7 +23,7 @@ use crate::io::ReadError;
 use crate::json;
 use crate::metrics::WorkerMetrics;
 use crate::policy;
-use crate::shape::{is_json_type, AnswerFields};
+use crate::shape::{is_event_stream, is_json_type, opens_json, AnswerFields};
 use crate::splice::SpliceError;
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF, UPSTREAM_READ};
 use common::aggregate::Shape;
@@ -79,6 +79,11 @@ impl BodyReader {
     /// Body bytes that came in the same read as the head (right after it).
     pub fn first(&self) -> usize {
         self.first
+    }
+
+    /// Whether the whole body has been read.
+    pub fn done(&self) -> bool {
+        self.left == 0
     }
 
     /// Whether the body ended exactly where its framing said, leaving the connection clean for
@@ -502,10 +507,50 @@ async fn relay_dechunked<S: ClientStream>(
     Ok(body.clean())
 }
 
+/// Reads the body of `resp` into `wire` (which holds its head and the body bytes read so
+/// far) until its first byte other than whitespace: whether it opens a JSON object or array
+/// ([`crate::shape::opens_json`]). A body that ends first is not JSON; one still undecided
+/// past `max` bytes is taken for JSON (and so is too large: a 502 with a filter, fail-closed).
+async fn opens_json_body(
+    reader: &mut BodyReader,
+    conn: &mut UpstreamConn,
+    wire: &mut Vec<u8>,
+    resp: &ResponseHead,
+    max: usize,
+) -> Result<bool, ProxyError> {
+    // The reader has checked the framing; this decoder only takes the data out of it.
+    let mut chunks = (resp.body == BodyKind::Chunked).then(|| ChunkedDecoder::new(usize::MAX));
+    let mut data = Vec::new();
+    let mut from = resp.head_end;
+    loop {
+        let opens = match chunks.as_mut() {
+            Some(d) => {
+                data.clear();
+                d.advance_into(&wire[from..], &mut data)
+                    .map_err(|_| ProxyError::new(ErrorKind::UpstreamMalformed))?;
+                opens_json(&data)
+            }
+            None => opens_json(&wire[from..]),
+        };
+        if let Some(opens) = opens {
+            return Ok(opens);
+        }
+        if wire.len() - resp.head_end > max {
+            return Ok(true);
+        }
+        from = wire.len();
+        match reader.next(conn).await? {
+            Some(n) => wire.extend_from_slice(&conn.buf[..n]),
+            None => return Ok(false),
+        }
+    }
+}
+
 /// Like [`relay_response`], for a route with a `response` shape: a 2xx identity-encoded JSON
 /// answer within `max_bytes` is read whole, reshaped and sent with its new length (its
 /// `ETag` dropped, since the body changed); any other answer is relayed unchanged and counted
-/// in `gateway_transform_skipped_total`. The answer to a HEAD (`is_head`) is relayed without
+/// in `gateway_transform_skipped_total`. With a filter (allow, deny), a 2xx answer of another
+/// type whose body opens a JSON object or array is taken as JSON too. The answer to a HEAD (`is_head`) is relayed without
 /// the unshaped body's length and tag, which would not be the GET answer's.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn relay_shaped<S: ClientStream>(
@@ -527,21 +572,29 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         return relay_response(down, req, conn, resp, http10, close_client).await;
     }
     let fields = AnswerFields::of(&conn.buf, fs, fe);
+    // A shape that filters (allow, deny) is never bypassed by a JSON answer: one it cannot
+    // read is a 502, not relayed with every member it should have removed. Nor by JSON under
+    // another type (an upstream that labels its JSON text/plain, or not at all): an answer
+    // not declared JSON is told by its body's first byte, unless it is compressed (asked
+    // for identity, the upstream sent it anyway) or an event stream (relayed as it comes).
+    let filters = !shape.allow.is_empty() || !shape.deny.is_empty();
+    let declared = fields.content_type.is_some_and(is_json_type);
+    let sniff = filters
+        && !declared
+        && !fields.encoded
+        && !fields.content_type.is_some_and(is_event_stream);
     // 206 carries a range of the body, 204 none: only whole 2xx bodies are reshaped.
     let skip = if !(200..300).contains(&resp.status) || matches!(resp.status, 204 | 206) {
         Some(SkipReason::Status)
-    } else if fields.content_type.is_none_or(|t| !is_json_type(t)) {
+    } else if !declared && !sniff {
         Some(SkipReason::NotJson)
     } else if fields.encoded {
         Some(SkipReason::Compressed)
-    } else if matches!(resp.body, BodyKind::Length(n) if n > shape.max_bytes as u64) {
+    } else if declared && matches!(resp.body, BodyKind::Length(n) if n > shape.max_bytes as u64) {
         Some(SkipReason::TooLarge)
     } else {
         None
     };
-    // A shape that filters (allow, deny) is never bypassed by a JSON answer: one it cannot
-    // read is a 502, not relayed with every member it should have removed.
-    let filters = !shape.allow.is_empty() || !shape.deny.is_empty();
     if let Some(reason) = skip {
         metrics.transform_skipped(reason);
         if filters && matches!(reason, SkipReason::Compressed | SkipReason::TooLarge) {
@@ -559,6 +612,16 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     let head_end = resp.head_end;
     let mut reader = BodyReader::start(resp, &conn.buf, down.timeouts.upstream_body)?;
     let mut wire = conn.buf[..head_end + reader.first()].to_vec();
+    if sniff && !opens_json_body(&mut reader, conn, &mut wire, resp, shape.max_bytes).await? {
+        // Not JSON whatever its type: nothing in it for the filter. Relayed from what was
+        // read, as below.
+        metrics.transform_skipped(SkipReason::NotJson);
+        let finished_clean = !reader.done() || reader.clean();
+        conn.buf = wire;
+        let relayed = relay_response(down, req, conn, resp, http10, close_client).await;
+        conn.buf = Vec::with_capacity(UPSTREAM_READ);
+        return relayed.map(|c| c && finished_clean);
+    }
     let mut over = wire.len() - head_end > shape.max_bytes;
     while !over {
         match reader.next(conn).await? {
