@@ -90,10 +90,14 @@ pub enum ErrorKind {
     CircuitMaxPending,
     /// `circuit.max_requests` requests to the upstream are already in flight (503).
     CircuitMaxRequests,
+    /// The drain after SIGTERM (`shutdown.drain_timeout_ms`) ended before the answer was
+    /// complete: the request was given up and its connection closed (stream reset) without
+    /// a canned answer, whatever had been sent (logged as 503 when nothing had).
+    DrainTimeout,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 26] = [
+    pub const ALL: [ErrorKind; 27] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -120,6 +124,7 @@ impl ErrorKind {
         ErrorKind::CircuitMaxConnections,
         ErrorKind::CircuitMaxPending,
         ErrorKind::CircuitMaxRequests,
+        ErrorKind::DrainTimeout,
     ];
 
     /// The name used in the access log and as the metric label.
@@ -151,6 +156,7 @@ impl ErrorKind {
             ErrorKind::CircuitMaxConnections => "circuit_max_connections",
             ErrorKind::CircuitMaxPending => "circuit_max_pending",
             ErrorKind::CircuitMaxRequests => "circuit_max_requests",
+            ErrorKind::DrainTimeout => "drain_timeout",
         }
     }
 
@@ -198,7 +204,8 @@ impl ErrorKind {
             | ErrorKind::NoTargets
             | ErrorKind::CircuitMaxConnections
             | ErrorKind::CircuitMaxPending
-            | ErrorKind::CircuitMaxRequests => Side::Gateway,
+            | ErrorKind::CircuitMaxRequests
+            | ErrorKind::DrainTimeout => Side::Gateway,
             ErrorKind::ConnectFailed
             | ErrorKind::ConnectTimeout
             | ErrorKind::SendTimeout
@@ -238,16 +245,20 @@ impl ErrorKind {
             | ErrorKind::CircuitMaxConnections
             | ErrorKind::CircuitMaxPending
             | ErrorKind::CircuitMaxRequests => Status::ServiceUnavailable,
-            ErrorKind::ClientClosed | ErrorKind::PolicyDenied => return None,
+            ErrorKind::ClientClosed | ErrorKind::PolicyDenied | ErrorKind::DrainTimeout => {
+                return None
+            }
         })
     }
 
     /// The status recorded for a request that ended with this error before any answer was
-    /// sent: the canned answer's, or 499 for a client that left.
+    /// sent: the canned answer's, 499 for a client that left, 503 for one the drain's end
+    /// gave up.
     pub fn status(self) -> u16 {
         match self.response() {
             Some(s) => s.code(),
             None if self == ErrorKind::PolicyDenied => 403,
+            None if self == ErrorKind::DrainTimeout => 503,
             None => 499,
         }
     }
@@ -438,12 +449,16 @@ mod tests {
                     "{kind:?}"
                 ),
                 Side::Upstream => assert!(status == 502 || status == 504, "{kind:?}"),
+                // The drain's end sends nothing: its 503 is only what is logged.
                 Side::Gateway => assert!(
-                    (400..500).contains(&status) || (status == 503 && kind.reason().is_some()),
+                    (400..500).contains(&status)
+                        || (status == 503 && kind.reason().is_some())
+                        || (status == 503 && kind.response().is_none()),
                     "{kind:?}"
                 ),
             }
         }
+        assert_eq!(ErrorKind::DrainTimeout.response(), None);
         assert_eq!(ErrorKind::ClientClosed.status(), 499);
         assert_eq!(ErrorKind::NoRoute.status(), 404);
         assert_eq!(ErrorKind::SendTimeout.status(), 504);

@@ -233,6 +233,7 @@ async fn worker_main(spec: WorkerSpec) {
         sets: RefCell::new(Default::default()),
         draining: Cell::new(false),
         cut_off: Cell::new(false),
+        cut: RefCell::default(),
         handover_until: Cell::new(None),
         accepting: Cell::new(0),
         idle: RefCell::new(IdleSet::default()),
@@ -458,9 +459,10 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
         }
         let accepting = handover && ctx.accepting.get() > 0;
         if Instant::now() >= deadline && !ctx.cut_off.get() && ctx.active.get() > 0 {
-            // Open tunnels end (their watchdogs look every `TUNNEL_TICK`) and log their
-            // requests; anything else still running is cut off by the exit.
+            // Requests still being answered are given up and logged at once; open tunnels end
+            // (their watchdogs look every `TUNNEL_TICK`) and log theirs.
             ctx.cut_off.set(true);
+            ctx.cut.borrow_mut().wake_all();
             deadline = Instant::now() + crate::proxy::TUNNEL_TICK * 2;
         }
         if (ctx.active.get() == 0 && !accepting) || Instant::now() >= deadline {
@@ -472,10 +474,10 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
                 );
             }
             if ctx.active.get() > 0 {
-                // Their requests end with the process: no access log line, no metric.
+                // Connections whose requests were given up (and logged), or still reading a
+                // request's head: they close with the process.
                 log::warn!(
-                    "worker {}: {} connection(s) still busy at the end of the drain are cut \
-                     off; their requests are not logged",
+                    "worker {}: {} connection(s) still open at the end of the drain are closed",
                     ctx.index,
                     ctx.active.get()
                 );

@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -33,9 +34,12 @@ pub(crate) struct WorkerCtx {
     pub sets: RefCell<SetCache>,
     /// Set once shutdown begins: finish the current request, then close.
     pub draining: Cell<bool>,
-    /// Set when the drain's time is up: tunnels still open end now, so that their requests
-    /// are logged before the access log closes.
+    /// Set when the drain's time is up: requests still being answered are given up and
+    /// tunnels still open end now, so that their requests are logged before the access log
+    /// closes.
     pub cut_off: Cell<bool>,
+    /// The tasks of the requests being answered, woken when `cut_off` is set.
+    pub cut: RefCell<CutList>,
     /// In the drain of a binary upgrade: until when a keep-alive connection waiting for its
     /// next request still takes one (answered with `Connection: close`), since its client may
     /// already be sending it; the successor serves whatever comes next.
@@ -183,5 +187,47 @@ impl IdleSet {
 
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.slots.iter().copied().filter(|&fd| fd >= 0)
+    }
+}
+
+/// The wakers of the tasks answering requests, one slot per connection (per stream on
+/// HTTP/2), so that the drain's end reaches requests waiting on anything (an upstream, a
+/// client's window): see [`crate::proxy::serve`]. Slots are reused: nothing allocates once
+/// warm.
+#[derive(Debug, Default)]
+pub(crate) struct CutList {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl CutList {
+    pub fn insert(&mut self) -> usize {
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Keeps `waker` for `slot` (a clone only when it is another task's).
+    pub fn set(&mut self, slot: usize, waker: &Waker) {
+        let kept = &mut self.slots[slot];
+        if !kept.as_ref().is_some_and(|k| k.will_wake(waker)) {
+            *kept = Some(waker.clone());
+        }
+    }
+
+    pub fn remove(&mut self, slot: usize) {
+        self.slots[slot] = None;
+        self.free.push(slot);
+    }
+
+    /// Wakes every task in the list.
+    pub fn wake_all(&mut self) {
+        for waker in self.slots.iter_mut().filter_map(Option::take) {
+            waker.wake();
+        }
     }
 }

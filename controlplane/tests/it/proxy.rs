@@ -36,7 +36,7 @@ both_drivers!(
     malformed_request_is_400_and_closes,
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
-    a_request_cut_off_by_the_drain_deadline_is_reported,
+    a_request_cut_off_by_the_drain_deadline_is_logged,
     parked_connections_resume_and_expire,
     client_that_stops_reading_is_dropped,
     upstream_that_stops_reading_the_body_is_504,
@@ -1049,24 +1049,61 @@ fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
-fn a_request_cut_off_by_the_drain_deadline_is_reported(driver: Driver) {
+fn a_request_cut_off_by_the_drain_deadline_is_logged(driver: Driver) {
     let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
         thread::sleep(Duration::from_secs(5));
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate");
         Keep::Close
     }));
-    let mut gw = Gateway::start(
-        &framing_config(origin.addr, "[shutdown]\ndrain_timeout_ms = 500\n"),
-        driver,
+    let dir = temp_dir("drain-cut");
+    let log = dir.join("access.log");
+    let extra = format!(
+        "[access_log]\npath = \"{}\"\n[shutdown]\ndrain_timeout_ms = 500\n",
+        log.display()
     );
+    let config = framing_config(origin.addr, &extra).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nh2c = true\n",
+        1,
+    );
+    let mut gw = Gateway::start(&config, driver);
     let mut busy = gw.connect();
     busy.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n");
-    origin.wait_requests(1);
+    // The same over HTTP/2: one stream of a connection.
+    let h2 = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("http://{}/hang-h2", gw.addr))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl (Debian package curl) runs");
+    origin.wait_requests(2);
     gw.signal(libc::SIGTERM);
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
-    // Its request is not in the access log: the operator is told so.
-    gw.wait_log("1 connection(s) still busy", Duration::from_secs(1));
+    // Given up when the drain's time was up, and logged: nothing was answered.
+    let lines = wait_log_lines(&log, 2);
+    for path in ["/hang", "/hang-h2"] {
+        let line = lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"));
+        assert_eq!(
+            (line["status"].as_u64(), line["error"].as_str()),
+            (Some(503), Some("drain_timeout")),
+            "{line}"
+        );
+        assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
+    }
     assert!(busy.is_closed_within(Duration::from_secs(1)));
+    let out = h2.wait_with_output().unwrap();
+    assert!(!out.status.success(), "curl: {out:?}");
 }
 
 fn parked_connections_resume_and_expire(driver: Driver) {

@@ -142,6 +142,7 @@ async fn serve_stream<S: ClientStream>(
     drop(snap);
     let mut req = RequestCtx::new(peer.ip);
     let mut head = RequestHead::default();
+    let cut = CutSlot::new(&ctx);
     loop {
         // The last request's end is the clock reading the idle wait starts from.
         match down.read_head(&ctx, req.ended, &mut head).await {
@@ -209,7 +210,14 @@ async fn serve_stream<S: ClientStream>(
                 BodyKind::Chunked => true,
             };
         req.begin(&ctx, &snap, &down.buf, &head, peer.ip);
-        let next = handle(&ctx, &snap, &mut down, &mut req, peer, &head).await;
+        let answer = handle(&ctx, &snap, &mut down, &mut req, peer, &head);
+        let Some(next) = cut.unless_cut(answer).await else {
+            // The drain's time is up: the answer is given up (the connection closes, an
+            // HTTP/2 stream is reset), and logged.
+            req.error = Some(ErrorKind::DrainTimeout);
+            req.finish(&ctx, &snap);
+            return None;
+        };
         match next {
             // A keep-alive answer written as a binary upgrade's drain began: its client may
             // send the next request at once, which the handover grace still answers.
@@ -243,6 +251,62 @@ async fn serve_stream<S: ClientStream>(
                 return None;
             }
         }
+    }
+}
+
+/// A connection's (an HTTP/2 stream's) slot in the worker's [`crate::worker_ctx::CutList`],
+/// for as long as it serves requests.
+struct CutSlot<'a> {
+    ctx: &'a WorkerCtx,
+    slot: usize,
+}
+
+impl<'a> CutSlot<'a> {
+    fn new(ctx: &'a WorkerCtx) -> Self {
+        let slot = ctx.cut.borrow_mut().insert();
+        CutSlot { ctx, slot }
+    }
+
+    /// `answer`, unless the drain's time is up first ([`WorkerCtx::cut_off`]): then `None`,
+    /// and `answer` is dropped wherever it waits.
+    fn unless_cut<F: std::future::Future>(&self, answer: F) -> UnlessCut<'_, F> {
+        UnlessCut { cut: self, answer }
+    }
+}
+
+impl Drop for CutSlot<'_> {
+    fn drop(&mut self) {
+        self.ctx.cut.borrow_mut().remove(self.slot);
+    }
+}
+
+/// See [`CutSlot::unless_cut`]. A plain future, not an `async fn`: the request path's large
+/// future is polled in place rather than moved into another one.
+struct UnlessCut<'a, F> {
+    cut: &'a CutSlot<'a>,
+    answer: F,
+}
+
+impl<F: std::future::Future> std::future::Future for UnlessCut<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let (ctx, slot) = (self.cut.ctx, self.cut.slot);
+        // SAFETY: structural pinning: `answer` is never moved out of `self`.
+        let answer = unsafe { self.map_unchecked_mut(|u| &mut u.answer) };
+        // Polled first, even once the time is up: by its first wait the request's head has
+        // been taken for its log line.
+        if let std::task::Poll::Ready(next) = answer.poll(cx) {
+            return std::task::Poll::Ready(Some(next));
+        }
+        if ctx.cut_off.get() {
+            return std::task::Poll::Ready(None);
+        }
+        ctx.cut.borrow_mut().set(slot, cx.waker());
+        std::task::Poll::Pending
     }
 }
 
