@@ -701,6 +701,55 @@ fn unb64(text: &[u8]) -> Vec<u8> {
 }
 
 #[test]
+fn an_http1_client_that_leaves_has_its_upstream_call_cancelled() {
+    let svc = GrpcService::start("");
+    let dir = temp_dir("grpc-leave");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    );
+    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    // A gRPC-Web call over HTTP/1.1 that the upstream answers after 5 s; its client leaves.
+    let body = frame(b"5000");
+    let mut req = format!(
+        "POST /test.Echo/Sleep HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web+proto\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let mut c = gw.connect();
+    c.send(&req);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    // The gateway looks at the client every second: the upstream's call is cancelled then,
+    // not left to run its 5 s.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let ran = loop {
+        let a = calls(gw.listeners[0], None, &["last_cancel"]);
+        let ran = a[0]["reply"].as_i64().unwrap();
+        if ran >= 0 {
+            break ran;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream's call was never cancelled"
+        );
+    };
+    assert!(
+        (300..2500).contains(&ran),
+        "the upstream saw the cancel after {ran} ms"
+    );
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    let closed = metrics
+        .lines()
+        .find(|l| l.contains("kind=\"client_closed\""))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(closed.ends_with(" 1"), "{closed}");
+}
+
+#[test]
 fn grpc_web_binary_and_text_over_http1_and_http2_with_cors() {
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc-web");

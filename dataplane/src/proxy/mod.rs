@@ -490,10 +490,13 @@ async fn handle<S: ClientStream>(
                 req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
             }
             if up.upstream.protocol.is_h2() {
+                let watch = down.stream.watch();
                 // Boxed: its state is larger than the HTTP/1.1 path's, and would otherwise
                 // make every connection's task that large.
                 let forward = h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip);
-                return Box::pin(forward).await;
+                return unless_client_left(watch, Box::pin(forward))
+                    .await
+                    .unwrap_or_else(|| client_left_meanwhile(req));
             }
             proxy(ctx, down, req, head, route, up, peer.ip, choice.shape).await
         }
@@ -501,6 +504,43 @@ async fn handle<S: ClientStream>(
             fanout::aggregate(ctx, snap, down, req, head, route, *aggregate, peer.ip).await
         }
     }
+}
+
+/// `work` (an exchange with an HTTP/2 upstream, whose waits read no HTTP/1.1 connection that
+/// could watch the client), unless the client of a whole connection
+/// leaves first, looked at every [`crate::io::CLIENT_CHECK`] as an upstream read's wait looks
+/// ([`crate::io::ClientWatch`]). `None` then: `work` is dropped wherever it waits, which
+/// resets its upstream streams and lets go of what it held (circuit counts, connections).
+async fn unless_client_left<F: std::future::Future>(
+    watch: Option<crate::io::ClientWatch>,
+    work: F,
+) -> Option<F::Output> {
+    let Some(watch) = watch else {
+        return Some(work.await);
+    };
+    let mut work = std::pin::pin!(work);
+    let mut look = std::pin::pin!(monoio::time::sleep(crate::io::CLIENT_CHECK));
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        while std::future::Future::poll(look.as_mut(), cx).is_ready() {
+            if watch.gone() {
+                return std::task::Poll::Ready(None);
+            }
+            look.as_mut()
+                .reset((Instant::now() + crate::io::CLIENT_CHECK).into());
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// The end of a request whose client left while [`unless_client_left`] waited: logged as
+/// 499 unless an answer had begun (then with its status), and the connection dropped.
+fn client_left_meanwhile(req: &mut RequestCtx) -> Next {
+    req.fail(ErrorKind::ClientClosed);
+    Next::Cut
 }
 
 /// The methods `route` takes, for an `Allow` field: its `methods` (with HEAD beside GET), or
