@@ -1572,4 +1572,23 @@ fn trace_is_refused_unless_named_and_max_forwards_is_counted_down() {
             "OPTIONS /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: a",
         ]
     );
+    // `OPTIONS *` asks about the server itself (RFC 9110 9.3.7): the gateway answers, with or
+    // without Max-Forwards, and nothing goes upstream.
+    for req in [
+        "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\n\r\n",
+    ] {
+        let r = c.roundtrip(req);
+        assert_eq!(r.status, 200, "{req}");
+        assert_eq!(
+            r.header("allow"),
+            Some("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
+        );
+        assert_eq!((r.header("content-length"), r.body_str()), (Some("0"), ""));
+    }
+    assert_eq!(
+        c.roundtrip("GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    assert_eq!(origin.requests().len(), 5);
 }

@@ -413,6 +413,22 @@ async fn handle<S: ClientStream>(
         return next;
     }
     let Some(route) = route else {
+        if head.target.of(&down.buf) == b"*" {
+            // `OPTIONS *` (the only method with this target) asks about the server as a
+            // whole (RFC 9110 9.3.7): the gateway is the one to answer, with what it forwards.
+            let answer = [
+                &b"HTTP/1.1 200 OK\r\nAllow: "[..],
+                ALL_METHODS,
+                b"\r\nContent-Length: 0\r\n",
+            ]
+            .concat();
+            let reply = Reply::Direct {
+                status: 200,
+                bytes: &answer,
+                head_len: answer.len(),
+            };
+            return down.respond(ctx, req, head, reply).await;
+        }
         // TRACE is refused where no route names it, as nginx does.
         let (kind, status) = match head.method.of(&down.buf) == b"TRACE" {
             true => (ErrorKind::MethodNotAllowed, Status::MethodNotAllowed),
@@ -543,11 +559,14 @@ fn client_left_meanwhile(req: &mut RequestCtx) -> Next {
     Next::Cut
 }
 
+/// Every method the gateway forwards (CONNECT is refused; TRACE only where a route names it).
+const ALL_METHODS: &[u8] = b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
+
 /// The methods `route` takes, for an `Allow` field: its `methods` (with HEAD beside GET), or
 /// every method the gateway forwards anywhere.
 fn allowed(route: &Route) -> Vec<u8> {
     let Some(list) = &route.methods else {
-        return b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH".to_vec();
+        return ALL_METHODS.to_vec();
     };
     let mut out = Vec::new();
     let mut push = |m: &[u8]| {
