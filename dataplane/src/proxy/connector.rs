@@ -625,11 +625,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable && session.reused && !fresh => {
                     // A pooled connection the upstream had closed: nothing of the request
-                    // was acted on, so it goes again on a new connection, once.
+                    // was acted on, so it goes again on a new connection, once. A retry
+                    // sent to the target like the policy's (its metric counts both).
                     fresh = true;
                     *slot = None;
                     let rec = req.as_mut();
                     rec.retries = rec.retries.saturating_add(1);
+                    target.state.count_retry(self.source.stripe());
                 }
                 Err(e) => return Err(e),
             }
@@ -799,6 +801,12 @@ mod tests {
             assert!(!session.reused);
             assert_eq!(pool.connects.get(), 1);
             assert_eq!(req.attempts.retries, 1);
+            let state = &snap.upstreams[0].live.set.load().targets[0].state;
+            assert_eq!(
+                state.retries(),
+                1,
+                "counted in gateway_target_retries_total"
+            );
             assert_eq!(req.attempts.target, Some(target));
             assert!(
                 req.attempts.connect.is_some(),
