@@ -108,6 +108,14 @@ fn calls(
     answers
 }
 
+/// The upstream `grpc` (protocol `grpc`), with `svc` as its one target.
+fn grpc_upstream(svc: &GrpcService) -> String {
+    format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    )
+}
+
 fn config(upstream: &str, cert: &Cert, extra: &str) -> String {
     format!(
         r#"workers = 1
@@ -148,10 +156,7 @@ fn clients_that_stop_reading_do_not_hold_up_other_calls_on_the_upstream_connecti
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc-stall");
     let cert = Cert::new(&dir, "grpc.test");
-    let upstream = format!(
-        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
-        svc.addr
-    );
+    let upstream = grpc_upstream(&svc);
     let extra = "[timeouts]\nupstream_response_head_ms = 3000\n";
     let gw = Gateway::start(&config(&upstream, &cert, extra), Driver::IoUring);
     let h2c = gw.listeners[0];
@@ -705,10 +710,7 @@ fn an_http1_client_that_leaves_has_its_upstream_call_cancelled() {
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc-leave");
     let cert = Cert::new(&dir, "grpc.test");
-    let upstream = format!(
-        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
-        svc.addr
-    );
+    let upstream = grpc_upstream(&svc);
     let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
     // A gRPC-Web call over HTTP/1.1 that the upstream answers after 5 s; its client leaves.
     let body = frame(b"5000");
@@ -754,10 +756,7 @@ fn grpc_web_binary_and_text_over_http1_and_http2_with_cors() {
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc-web");
     let cert = Cert::new(&dir, "grpc.test");
-    let upstream = format!(
-        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
-        svc.addr
-    );
+    let upstream = grpc_upstream(&svc);
     let extra = r#"policies = ["web"]
 
 [[policies]]
@@ -988,10 +987,7 @@ fn h2load_against_a_grpc_unary_method_has_no_errors() {
     let svc = GrpcService::start("");
     let dir = temp_dir("grpc-h2load");
     let cert = Cert::new(&dir, "grpc.test");
-    let upstream = format!(
-        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
-        svc.addr
-    );
+    let upstream = grpc_upstream(&svc);
     let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
     let msg = dir.join("msg.bin");
     std::fs::write(&msg, frame(b"load")).unwrap();
