@@ -61,6 +61,11 @@ impl Certificate {
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
     pub config: Arc<ServerConfig>,
+    /// `config` with one TLS 1.3 session ticket instead of two, for a client that offers one
+    /// to resume: it used one and gets one back, as OpenSSL (nginx) does after a resumption.
+    /// rustls sends its `send_tls13_tickets` after every handshake, and each ticket costs
+    /// about 3% of a resumption.
+    pub resume_config: Arc<ServerConfig>,
     /// Whether ALPN offers `h2`.
     pub h2: bool,
 }
@@ -379,9 +384,12 @@ pub fn compile_listener(
     if let Some(t) = &sessions.ticketer {
         config.ticketer = t.clone();
     }
+    let mut resume_config = config.clone();
+    resume_config.send_tls13_tickets = 1;
     Ok(ListenerTls {
         h2: tls.alpn.iter().any(|p| p == "h2"),
         config: Arc::new(config),
+        resume_config: Arc::new(resume_config),
     })
 }
 

@@ -20,9 +20,9 @@ use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
+use common::tls::ListenerTls;
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent,
@@ -31,7 +31,6 @@ use monoio::io::{
 use monoio::net::TcpStream;
 use monoio::BufResult;
 use rustls::server::ServerConnection;
-use rustls::ServerConfig;
 
 /// Ciphertext read per TCP read: one full TLS record and its overhead.
 const RECORD_BUF: usize = 16 * 1024 + 512;
@@ -140,14 +139,26 @@ impl std::fmt::Debug for TlsStream {
 }
 
 /// Runs the server side of a handshake on `tcp` until it completes, fails or `deadline`
-/// passes. Bytes the client sent after its last handshake message stay buffered. A failure
-/// hands the connection back still open, so the caller can count it before the client sees
-/// the close.
+/// passes, with `tls.config`, or `tls.resume_config` when the client's first read holds a
+/// ClientHello that offers a session to resume. Bytes the client sent after its last
+/// handshake message stay buffered. A failure hands the connection back still open, so the
+/// caller can count it before the client sees the close.
 pub(crate) async fn accept(
     mut tcp: TcpStream,
-    config: Arc<ServerConfig>,
+    tls: &ListenerTls,
     deadline: Instant,
 ) -> Result<TlsStream, (HandshakeFailure, TcpStream)> {
+    let first =
+        monoio::time::timeout_at(deadline.into(), tcp.read(Vec::with_capacity(RECORD_BUF))).await;
+    let rx = match first {
+        Ok((Ok(n), rx)) if n > 0 => rx,
+        Ok(_) => return Err((HandshakeFailure::Closed, tcp)),
+        Err(_) => return Err((HandshakeFailure::Timeout, tcp)),
+    };
+    let config = match offers_resumption(&rx) {
+        true => tls.resume_config.clone(),
+        false => tls.config.clone(),
+    };
     let mut conn = match ServerConnection::new(config) {
         Ok(conn) => conn,
         Err(_) => return Err((HandshakeFailure::Other, tcp)),
@@ -157,7 +168,7 @@ pub(crate) async fn accept(
     conn.set_buffer_limit(None);
     let session = Rc::new(RefCell::new(Session {
         conn,
-        rx: Vec::with_capacity(RECORD_BUF),
+        rx,
         rpos: 0,
         tx: Vec::new(),
         eof: false,
@@ -208,6 +219,58 @@ pub(crate) async fn accept(
         sni,
         h2,
     })
+}
+
+/// Whether `data`, the first bytes a client sent, hold a whole TLS 1.3 ClientHello that
+/// offers a session to resume (its last extension, `pre_shared_key`, RFC 8446 4.2.11). Anything
+/// else (a ClientHello cut across reads or records, not one at all) says no: rustls then
+/// judges the bytes, and only the number of tickets sent afterwards depends on this.
+fn offers_resumption(data: &[u8]) -> bool {
+    const HANDSHAKE: u8 = 22;
+    const CLIENT_HELLO: u8 = 1;
+    const PRE_SHARED_KEY: u16 = 41;
+    let be16 = |b: &[u8], at: usize| {
+        b.get(at..at + 2)
+            .map(|v| usize::from(v[0]) << 8 | usize::from(v[1]))
+    };
+    // One record: type, version, length; then the handshake message's type and length.
+    if data.first() != Some(&HANDSHAKE) || data.get(5) != Some(&CLIENT_HELLO) {
+        return false;
+    }
+    let Some(record) = be16(data, 3).and_then(|len| data.get(5..5 + len)) else {
+        return false;
+    };
+    let len = record
+        .get(1..4)
+        .map(|l| usize::from(l[0]) << 16 | usize::from(l[1]) << 8 | usize::from(l[2]));
+    let Some(hello) = len.and_then(|len| record.get(4..4 + len)) else {
+        return false;
+    };
+    // Version and random, then the session id, cipher suites and compression methods.
+    let mut at = 2 + 32;
+    let Some(id) = hello.get(at) else {
+        return false;
+    };
+    at += 1 + usize::from(*id);
+    let Some(suites) = be16(hello, at) else {
+        return false;
+    };
+    at += 2 + suites;
+    let Some(methods) = hello.get(at) else {
+        return false;
+    };
+    at += 1 + usize::from(*methods);
+    let Some(exts) = be16(hello, at).and_then(|len| hello.get(at + 2..at + 2 + len)) else {
+        return false;
+    };
+    let mut at = 0;
+    while let (Some(kind), Some(len)) = (be16(exts, at), be16(exts, at + 2)) {
+        if kind == usize::from(PRE_SHARED_KEY) {
+            return true;
+        }
+        at += 4 + len;
+    }
+    false
 }
 
 /// Why [`fill`] stopped.
@@ -688,6 +751,7 @@ mod tests {
     use common::config::{CertificateConfig, ListenerTlsConfig};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
+    use std::sync::Arc;
     use std::time::Duration;
 
     const PEM: &str = include_str!("../../common/testdata/api.pem");
@@ -699,7 +763,7 @@ mod tests {
         (i % 251) as u8
     }
 
-    fn server_config() -> Arc<ServerConfig> {
+    fn server_tls() -> ListenerTls {
         let mut entry = CertificateConfig {
             id: "c".into(),
             cert_pem: Some(PEM.into()),
@@ -712,9 +776,7 @@ mod tests {
             min_version: "1.2".into(),
             alpn: vec!["http/1.1".into()],
         };
-        common::tls::compile_listener(&tls, vec![Arc::new(cert)], "l", "127.0.0.1:0")
-            .unwrap()
-            .config
+        common::tls::compile_listener(&tls, vec![Arc::new(cert)], "l", "127.0.0.1:0").unwrap()
     }
 
     /// The client's check of the server: its certificate is the test one (a self-signed CA
@@ -766,6 +828,71 @@ mod tests {
         common::tls::provider().signature_verification_algorithms
     }
 
+    fn client_config() -> Arc<rustls::ClientConfig> {
+        let config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(TrustTheTestCertificate))
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    /// Passes each side's records to the other until neither has more to send.
+    fn converse(client: &mut rustls::ClientConnection, server: &mut ServerConnection) {
+        let mut wire = Vec::new();
+        loop {
+            wire.clear();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            let from_client = !wire.is_empty();
+            if from_client {
+                server.read_tls(&mut &wire[..]).unwrap();
+                server.process_new_packets().unwrap();
+            }
+            wire.clear();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            if wire.is_empty() && !from_client {
+                return;
+            }
+            client.read_tls(&mut &wire[..]).unwrap();
+            client.process_new_packets().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_client_hello_that_offers_a_session_to_resume_is_told_apart() {
+        let server = server_tls();
+        let config = client_config();
+        let name = || "api.example".try_into().unwrap();
+        let hello = |client: &mut rustls::ClientConnection| {
+            let mut out = Vec::new();
+            client.write_tls(&mut out).unwrap();
+            out
+        };
+        // The first connection has nothing to resume; its full handshake leaves tickets.
+        let mut client = rustls::ClientConnection::new(config.clone(), name()).unwrap();
+        let first = hello(&mut client);
+        assert!(!offers_resumption(&first));
+        let mut conn = ServerConnection::new(server.config.clone()).unwrap();
+        conn.read_tls(&mut &first[..]).unwrap();
+        conn.process_new_packets().unwrap();
+        converse(&mut client, &mut conn);
+        assert!(!client.is_handshaking());
+        // The next offers one of them.
+        let mut client = rustls::ClientConnection::new(config, name()).unwrap();
+        let second = hello(&mut client);
+        assert!(offers_resumption(&second));
+        // Cut short, or not a ClientHello: no.
+        assert!(!offers_resumption(&second[..second.len() - 1]));
+        assert!(!offers_resumption(&second[..40]));
+        assert!(!offers_resumption(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(!offers_resumption(&[]));
+    }
+
     /// A client with an 8 KiB receive buffer that waits before reading, then reads the body
     /// (`None`: it ended first) and the end of the stream.
     fn slow_client(
@@ -778,14 +905,8 @@ mod tests {
             socket.connect(&addr.into()).unwrap();
             let rcvbuf = socket.recv_buffer_size().unwrap();
             let tcp: std::net::TcpStream = socket.into();
-            let config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(TrustTheTestCertificate))
-                .with_no_client_auth();
             let conn =
-                rustls::ClientConnection::new(Arc::new(config), "api.example".try_into().unwrap())
+                rustls::ClientConnection::new(client_config(), "api.example".try_into().unwrap())
                     .unwrap();
             let mut tls = rustls::StreamOwned::new(conn, tcp);
             // The handshake, then a pause: the server's writes fill both buffers meanwhile.
@@ -816,7 +937,7 @@ mod tests {
                 let sndbuf = sock.send_buffer_size().unwrap();
                 let tcp = TcpStream::from_std(std_tcp).unwrap();
                 let deadline = Instant::now() + Duration::from_secs(10);
-                let Ok(mut tls) = accept(tcp, server_config(), deadline).await else {
+                let Ok(mut tls) = accept(tcp, &server_tls(), deadline).await else {
                     panic!("handshake failed");
                 };
                 let (res, _) = tls.read(vec![0u8; 16]).await;

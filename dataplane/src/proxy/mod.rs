@@ -82,13 +82,13 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, ser
             .get(usize::from(peer.listener))
             .and_then(|l| l.tls.as_ref());
         if let Some(tls) = tls {
-            let config = tls.config.clone();
+            let tls = tls.clone();
             let deadline = Instant::now() + snap.timeouts.tls_handshake;
             drop(snap);
             // Boxed, like prior-knowledge HTTP/2 below: the handshake's and HTTP/2's states
             // would otherwise make every cleartext connection's task as large as theirs (one
             // allocation per such connection instead).
-            Box::pin(serve_tls(ctx, stream, config, deadline, peer)).await;
+            Box::pin(serve_tls(ctx, stream, tls, deadline, peer)).await;
             return;
         }
     }
@@ -101,11 +101,11 @@ pub(crate) async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: Peer, ser
 async fn serve_tls(
     ctx: Rc<WorkerCtx>,
     stream: TcpStream,
-    config: std::sync::Arc<rustls::ServerConfig>,
+    tls: common::tls::ListenerTls,
     deadline: Instant,
     peer: Peer,
 ) {
-    match crate::tls::accept(stream, config, deadline).await {
+    match crate::tls::accept(stream, &tls, deadline).await {
         Ok(tls) => {
             ctx.metrics.tls_handshake(None);
             if tls.is_h2() {
