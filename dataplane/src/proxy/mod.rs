@@ -517,8 +517,10 @@ async fn handle<S: ClientStream>(
                 let watch = down.stream.watch();
                 // Boxed: its state is larger than the HTTP/1.1 path's, and would otherwise
                 // make every connection's task that large.
-                let forward = h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip);
-                return unless_client_left(watch, Box::pin(forward))
+                let forward = boxed_in_place(|| {
+                    h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip)
+                });
+                return unless_client_left(watch, forward)
                     .await
                     .unwrap_or_else(|| client_left_meanwhile(req));
             }
