@@ -533,8 +533,8 @@ async fn handle<S: ClientStream>(
 }
 
 /// `work` (an exchange with an HTTP/2 upstream, whose waits read no HTTP/1.1 connection that
-/// could watch the client), unless the client of a whole connection
-/// leaves first, looked at every [`crate::io::CLIENT_CHECK`] as an upstream read's wait looks
+/// could watch the client), unless the client of a whole connection leaves first, looked at
+/// every [`crate::io::CLIENT_CHECK`] as an upstream read's wait looks
 /// ([`crate::io::ClientWatch`]). `None` then: `work` is dropped wherever it waits, which
 /// resets its upstream streams and lets go of what it held (circuit counts, connections).
 async fn unless_client_left<F: std::future::Future>(
