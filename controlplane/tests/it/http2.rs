@@ -673,3 +673,58 @@ fn an_h2c_preface_that_arrives_in_pieces_is_still_http2() {
         );
     }
 }
+
+#[test]
+fn request_trailers_go_on_to_an_http1_upstream_in_the_last_chunk() {
+    let origin = Origin::echo();
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // A body without a length, then trailers, one a framing field an HTTP/1.1 recipient must
+    // not take from a trailer.
+    const CLIENT: &str = r#"
+import socket, sys
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
+                   (":authority", "t")])
+c.send_data(1, b"hello")
+c.send_headers(1, [("x-checksum", "abc"), ("host", "elsewhere")], end_stream=True)
+s.sendall(c.data_to_send())
+status, done = None, False
+while not done:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.StreamEnded):
+            done = True
+    s.sendall(c.data_to_send())
+print(status, flush=True)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = origin.wait_requests(1).remove(0);
+    assert!(
+        seen.head.contains("Transfer-Encoding: chunked"),
+        "{}",
+        seen.head
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&seen.raw_body),
+        "5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"
+    );
+}

@@ -247,25 +247,27 @@ impl ChunkedDecoder {
         self.name_len += 1;
     }
 
-    /// Fields that must never appear in a trailer because they control framing, routing or
-    /// the connection (RFC 9110 §6.5.1).
+    /// See [`is_framing_field`].
     fn is_framing_name(&self) -> bool {
-        if self.name_len > self.name.len() {
-            return false;
-        }
-        matches!(
-            &self.name[..self.name_len],
-            b"content-length"
-                | b"transfer-encoding"
-                | b"host"
-                | b"connection"
-                | b"keep-alive"
-                | b"te"
-                | b"trailer"
-                | b"upgrade"
-                | b"proxy-connection"
-        )
+        self.name_len <= self.name.len() && is_framing_field(&self.name[..self.name_len])
     }
+}
+
+/// Whether a trailer field named `lower` (lower-case) is one that must never appear in a
+/// trailer because it controls framing, routing or the connection (RFC 9110 §6.5.1).
+pub fn is_framing_field(lower: &[u8]) -> bool {
+    matches!(
+        lower,
+        b"content-length"
+            | b"transfer-encoding"
+            | b"host"
+            | b"connection"
+            | b"keep-alive"
+            | b"te"
+            | b"trailer"
+            | b"upgrade"
+            | b"proxy-connection"
+    )
 }
 
 #[cfg(test)]

@@ -456,10 +456,24 @@ impl H2Stream {
             }
             Some(Err(e)) => return Err(io::Error::other(e)),
             None => {
+                // Trailers came with the stream's end, so they are here now; they go on in
+                // the last chunk (a body with a length has nowhere to carry them).
+                let trailers = match (self.chunked, self.body.as_mut()) {
+                    (true, Some(body)) => {
+                        match body.poll_trailers(&mut Context::from_waker(Waker::noop())) {
+                            Poll::Ready(Ok(Some(t))) => Some(t),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
                 self.body = None;
                 self.early_end = false;
                 if self.chunked {
-                    self.pending = Bytes::from_static(b"0\r\n\r\n");
+                    self.pending = match trailers {
+                        Some(t) => last_chunk(&t),
+                        None => Bytes::from_static(b"0\r\n\r\n"),
+                    };
                 }
             }
         }
@@ -867,6 +881,24 @@ impl Drop for H2Stream {
 }
 
 /// Appends `n` in lower-case hex (a chunk size), without formatting machinery.
+/// The last chunk of a request body, with `trailers` in its trailer section but for the
+/// fields that control framing, routing or the connection, which an HTTP/1.1 recipient must
+/// not take from a trailer (and the gateway's own chunked reader refuses).
+fn last_chunk(trailers: &http::HeaderMap) -> Bytes {
+    let mut out = b"0\r\n".to_vec();
+    for (name, value) in trailers {
+        if crate::codec::chunked::is_framing_field(name.as_str().as_bytes()) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
 pub(super) fn push_hex(out: &mut Vec<u8>, n: usize) {
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {
