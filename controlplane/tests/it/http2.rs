@@ -728,3 +728,53 @@ print(status, flush=True)
         "5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"
     );
 }
+
+#[test]
+fn an_http1_upstreams_answer_trailers_go_on_as_http2_trailers() {
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+              5\r\nhello\r\n0\r\nX-Checksum: abc\r\nServer-Timing: db;dur=5\r\n\r\n",
+        );
+        Keep::Open
+    }));
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n",
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    const CLIENT: &str = r#"
+import socket, sys
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":path", "/t"), (":scheme", "http"),
+                   (":authority", "t")], end_stream=True)
+s.sendall(c.data_to_send())
+body, trailers, done = b"", None, False
+while not done:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.DataReceived):
+            body += e.data
+            c.acknowledge_received_data(len(e.data), 1)
+        if isinstance(e, h2.events.TrailersReceived):
+            trailers = sorted((k.decode(), v.decode()) for k, v in e.headers)
+        if isinstance(e, h2.events.StreamEnded):
+            done = True
+    s.sendall(c.data_to_send())
+print(body.decode(), trailers, flush=True)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello [('server-timing', 'db;dur=5'), ('x-checksum', 'abc')]",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -596,6 +596,21 @@ impl H2Stream {
                     let mut out = Vec::with_capacity(data.len());
                     let last = d.feed(&data, &mut out);
                     data.clear();
+                    let trailers = match last {
+                        true => trailer_fields(&d.trailers),
+                        false => http::HeaderMap::new(),
+                    };
+                    if !trailers.is_empty() {
+                        // The data, then the trailers in HEADERS that end the stream.
+                        self.answer = Answer::Done;
+                        self.send_data(Bytes::from(out), false).await?;
+                        let send = self
+                            .send
+                            .as_mut()
+                            .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
+                        send.send_trailers(trailers).map_err(io::Error::other)?;
+                        return Ok(());
+                    }
                     (Bytes::from(out), last)
                 }
                 Answer::Body(Framing::Close) => (std::mem::take(&mut data), false),
@@ -966,6 +981,30 @@ fn answer_field(name: &[u8]) -> AnswerField {
     AnswerField::Named(known)
 }
 
+/// The fields of an HTTP/1.1 answer's trailer section (`raw`: its lines with their CRLFs) to
+/// send as HTTP/2 trailers: not connection-specific ones (RFC 9113 8.2.2), nor those that
+/// control framing or routing (RFC 9110 6.5.1), nor any HTTP/2 cannot carry.
+fn trailer_fields(raw: &[u8]) -> http::HeaderMap {
+    let mut out = http::HeaderMap::new();
+    for line in raw.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], crate::codec::trim_ows(&line[colon + 1..]));
+        let AnswerField::Named(name) = answer_field(name) else {
+            continue;
+        };
+        if crate::codec::chunked::is_framing_field(name.as_str().as_bytes()) {
+            continue;
+        }
+        if let Ok(value) = http::HeaderValue::from_bytes(value) {
+            out.append(name, value);
+        }
+    }
+    out
+}
+
 /// Whether a line from [`AnswerLines::take_line`] ended in a bare LF.
 fn bare_lf(line: &[u8]) -> bool {
     line.last() == Some(&b'\n')
@@ -1075,6 +1114,9 @@ impl<'a> AnswerLines<'a> {
 struct Dechunk {
     state: DState,
     remaining: u64,
+    /// The trailer section's bytes (its lines, with their CRLFs), bounded upstream side by
+    /// `max_header_bytes`.
+    trailers: Vec<u8>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -1143,6 +1185,7 @@ impl Dechunk {
                 }
                 DState::Trailer(line_start) => {
                     i += 1;
+                    self.trailers.push(b);
                     if b == b'\n' {
                         if line_start {
                             self.state = DState::Done;
@@ -2194,6 +2237,26 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
         }
+    }
+
+    #[test]
+    fn answer_trailers_keep_only_what_http2_may_carry() {
+        let raw = b"X-Checksum: abc\r\nContent-Length: 5\r\nConnection: close\r\nHost: h\r\n\
+                    Bad Name: x\r\nno colon\r\nServer-Timing:  db;dur=5 \r\nx-checksum: def\r\n\r\n";
+        let t = trailer_fields(raw);
+        let got: Vec<(&str, &str)> = t
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x-checksum", "abc"),
+                ("x-checksum", "def"),
+                ("server-timing", "db;dur=5")
+            ]
+        );
+        assert!(trailer_fields(b"\r\n").is_empty());
     }
 
     #[test]
