@@ -600,20 +600,9 @@ fn a_stream_reset_while_its_answer_streams_ends_the_upstream_exchange() {
             .send(closed.then(|| start.elapsed()));
         Keep::Close
     }));
-    let config = format!(
-        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
-         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n\
-         [timeouts]\nupstream_body_ms = 20000\n",
-        origin.addr
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    let gw = h2c_proxy(&origin, "[timeouts]\nupstream_body_ms = 20000\n");
     const CLIENT: &str = r#"
-import socket, sys, time
-import h2.connection, h2.config, h2.events, h2.errors
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
+import time
 c.send_headers(1, [(":method", "GET"), (":path", "/events"), (":scheme", "http"),
                    (":authority", "t")], end_stream=True)
 s.sendall(c.data_to_send())
@@ -627,10 +616,7 @@ s.sendall(c.data_to_send())
 print("reset", flush=True)
 time.sleep(3)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
-        .output()
-        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests");
+    let out = h2_client(&gw, CLIENT);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "reset",
@@ -677,21 +663,10 @@ fn an_h2c_preface_that_arrives_in_pieces_is_still_http2() {
 #[test]
 fn request_trailers_go_on_to_an_http1_upstream_in_the_last_chunk() {
     let origin = Origin::echo();
-    let config = format!(
-        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
-         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n",
-        origin.addr
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    let gw = h2c_proxy(&origin, "");
     // A body without a length, then trailers, one a framing field an HTTP/1.1 recipient must
     // not take from a trailer.
     const CLIENT: &str = r#"
-import socket, sys
-import h2.connection, h2.config, h2.events
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
 c.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
                    (":authority", "t")])
 c.send_data(1, b"hello")
@@ -707,10 +682,7 @@ while not done:
     s.sendall(c.data_to_send())
 print(status, flush=True)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
-        .output()
-        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests");
+    let out = h2_client(&gw, CLIENT);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "200",
@@ -738,19 +710,8 @@ fn an_http1_upstreams_answer_trailers_go_on_as_http2_trailers() {
         );
         Keep::Open
     }));
-    let config = format!(
-        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
-         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n",
-        origin.addr
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    let gw = h2c_proxy(&origin, "");
     const CLIENT: &str = r#"
-import socket, sys
-import h2.connection, h2.config, h2.events
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
 c.send_headers(1, [(":method", "GET"), (":path", "/t"), (":scheme", "http"),
                    (":authority", "t")], end_stream=True)
 s.sendall(c.data_to_send())
@@ -767,14 +728,37 @@ while not done:
     s.sendall(c.data_to_send())
 print(body.decode(), trailers, flush=True)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
-        .output()
-        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests");
+    let out = h2_client(&gw, CLIENT);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "hello [('server-timing', 'db;dur=5'), ('x-checksum', 'abc')]",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A gateway with an `h2c` listener whose one route proxies everything to `origin`.
+fn h2c_proxy(origin: &Origin, extra: &str) -> Gateway {
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n{extra}",
+        origin.addr
+    );
+    Gateway::start(&config, Driver::IoUring)
+}
+
+/// Runs `script` (Python, the PyPI package h2) with `s` a socket to the gateway's first
+/// listener and `c` an HTTP/2 client connection on it, preface sent.
+fn h2_client(gw: &Gateway, script: &str) -> std::process::Output {
+    const PREAMBLE: &str = "import socket, sys\n\
+        import h2.connection, h2.config, h2.events, h2.errors\n\
+        s = socket.create_connection((\"127.0.0.1\", int(sys.argv[1])), timeout=10)\n\
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))\n\
+        c.initiate_connection()\n";
+    Command::new("python3")
+        .args(["-c", &format!("{PREAMBLE}{script}")])
+        .arg(gw.listeners[0].port().to_string())
+        .output()
+        .expect("python3 with the PyPI package h2 is needed for the HTTP/2 tests")
 }
