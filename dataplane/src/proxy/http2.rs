@@ -2241,8 +2241,9 @@ mod tests {
 
     #[test]
     fn answer_trailers_keep_only_what_http2_may_carry() {
-        let raw = b"X-Checksum: abc\r\nContent-Length: 5\r\nConnection: close\r\nHost: h\r\n\
-                    Bad Name: x\r\nno colon\r\nServer-Timing:  db;dur=5 \r\nx-checksum: def\r\n\r\n";
+        let raw = b"X-Checksum: abc\r\nContent-Length: 5\r\nConnection: close\r\n\
+                    Host: h\r\nBad Name: x\r\nno colon\r\nServer-Timing:  db;dur=5 \r\n\
+                    x-checksum: def\r\n\r\n";
         let t = trailer_fields(raw);
         let got: Vec<(&str, &str)> = t
             .iter()
