@@ -895,7 +895,6 @@ impl Drop for H2Stream {
     }
 }
 
-/// Appends `n` in lower-case hex (a chunk size), without formatting machinery.
 /// The last chunk of a request body, with `trailers` in its trailer section but for the
 /// fields that control framing, routing or the connection, which an HTTP/1.1 recipient must
 /// not take from a trailer (and the gateway's own chunked reader refuses).
@@ -914,6 +913,7 @@ fn last_chunk(trailers: &http::HeaderMap) -> Bytes {
     Bytes::from(out)
 }
 
+/// Appends `n` in lower-case hex (a chunk size), without formatting machinery.
 pub(super) fn push_hex(out: &mut Vec<u8>, n: usize) {
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {
@@ -1114,8 +1114,8 @@ impl<'a> AnswerLines<'a> {
 struct Dechunk {
     state: DState,
     remaining: u64,
-    /// The trailer section's bytes (its lines, with their CRLFs), bounded upstream side by
-    /// `max_header_bytes`.
+    /// The trailer section's bytes (its lines, with their CRLFs), bounded by the upstream
+    /// side's reader (`UPSTREAM_BUF` of trailers at most).
     trailers: Vec<u8>,
 }
 
