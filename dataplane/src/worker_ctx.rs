@@ -159,69 +159,56 @@ impl RoundRobin {
     }
 }
 
-/// Raw fds of idle connections, in reusable slots.
+/// Values in numbered slots that are reused: a freed slot is taken again before the list
+/// grows, so nothing allocates once warm. A free slot holds `T::default()`.
 #[derive(Debug, Default)]
-pub(crate) struct IdleSet {
-    slots: Vec<RawFd>,
+pub(crate) struct Slots<T> {
+    slots: Vec<T>,
     free: Vec<usize>,
 }
 
-impl IdleSet {
-    pub fn insert(&mut self, fd: RawFd) -> usize {
+impl<T: Default> Slots<T> {
+    /// Puts `value` in a free slot and returns its number.
+    pub fn insert(&mut self, value: T) -> usize {
         match self.free.pop() {
             Some(i) => {
-                self.slots[i] = fd;
+                self.slots[i] = value;
                 i
             }
             None => {
-                self.slots.push(fd);
+                self.slots.push(value);
                 self.slots.len() - 1
             }
         }
     }
 
     pub fn remove(&mut self, slot: usize) {
-        self.slots[slot] = -1;
+        self.slots[slot] = T::default();
         self.free.push(slot);
     }
+}
 
+/// Raw fds of idle connections.
+pub(crate) type IdleSet = Slots<Option<RawFd>>;
+
+impl IdleSet {
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
-        self.slots.iter().copied().filter(|&fd| fd >= 0)
+        self.slots.iter().filter_map(|&fd| fd)
     }
 }
 
 /// The wakers of the tasks answering requests, one slot per connection (per stream on
 /// HTTP/2), so that the drain's end reaches requests waiting on anything (an upstream, a
-/// client's window): see [`crate::proxy::serve`]. Slots are reused: nothing allocates once
-/// warm.
-#[derive(Debug, Default)]
-pub(crate) struct CutList {
-    slots: Vec<Option<Waker>>,
-    free: Vec<usize>,
-}
+/// client's window): see [`crate::proxy::serve`]. A slot is taken with no waker yet.
+pub(crate) type CutList = Slots<Option<Waker>>;
 
 impl CutList {
-    pub fn insert(&mut self) -> usize {
-        match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        }
-    }
-
     /// Keeps `waker` for `slot` (a clone only when it is another task's).
     pub fn set(&mut self, slot: usize, waker: &Waker) {
         let kept = &mut self.slots[slot];
         if !kept.as_ref().is_some_and(|k| k.will_wake(waker)) {
             *kept = Some(waker.clone());
         }
-    }
-
-    pub fn remove(&mut self, slot: usize) {
-        self.slots[slot] = None;
-        self.free.push(slot);
     }
 
     /// Wakes every task in the list.

@@ -198,7 +198,7 @@ impl<S: ClientStream> Downstream<S> {
                 }
             }
             let slot = (waiting_idle && S::WHOLE_CONNECTION)
-                .then(|| ctx.idle.borrow_mut().insert(self.stream.as_raw_fd()));
+                .then(|| ctx.idle.borrow_mut().insert(Some(self.stream.as_raw_fd())));
             let park_after = self.timeouts.client_park.filter(|_| {
                 // Not while draining: nothing resumes parked connections any more.
                 S::PARKABLE

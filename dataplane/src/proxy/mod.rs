@@ -271,7 +271,7 @@ struct CutSlot<'a> {
 
 impl<'a> CutSlot<'a> {
     fn new(ctx: &'a WorkerCtx) -> Self {
-        let slot = ctx.cut.borrow_mut().insert();
+        let slot = ctx.cut.borrow_mut().insert(None);
         CutSlot { ctx, slot }
     }
 
