@@ -185,10 +185,16 @@ pub fn merge(
     Ok(())
 }
 
+/// The media type of a `Content-Type` value: what comes before its parameters, without the
+/// whitespace around it (RFC 9110 8.3.1).
+pub fn media_type(value: &[u8]) -> &[u8] {
+    let essence = value.split(|&b| b == b';').next().unwrap_or(&[]);
+    crate::codec::trim_ows(essence)
+}
+
 /// Whether a `Content-Type` value names JSON (`application/json`, `*/*+json`).
 pub fn is_json_type(value: &[u8]) -> bool {
-    let essence = value.split(|&b| b == b';').next().unwrap_or(&[]);
-    let essence = crate::codec::trim_ows(essence);
+    let essence = media_type(value);
     essence.eq_ignore_ascii_case(b"application/json")
         || (essence.len() > 5
             && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
@@ -198,8 +204,7 @@ pub fn is_json_type(value: &[u8]) -> bool {
 /// Whether a `Content-Type` value names an event stream (`text/event-stream`): an answer
 /// relayed as its events come, never held to look at its body.
 pub fn is_event_stream(value: &[u8]) -> bool {
-    let essence = value.split(|&b| b == b';').next().unwrap_or(&[]);
-    crate::codec::trim_ows(essence).eq_ignore_ascii_case(b"text/event-stream")
+    media_type(value).eq_ignore_ascii_case(b"text/event-stream")
 }
 
 /// Whether a body that begins with `data` opens a JSON object or array (its first byte other

@@ -112,7 +112,7 @@ enum Encoding {
 /// The message format a gRPC-Web content type names (`json` in `application/grpc-web+json`),
 /// if any.
 fn web_format(content_type: &[u8]) -> Option<&[u8]> {
-    let essence = content_type.split(|&b| b == b';').next()?.trim_ascii();
+    let essence = crate::shape::media_type(content_type);
     let plus = essence.iter().position(|&b| b == b'+')?;
     Some(&essence[plus + 1..]).filter(|f| !f.is_empty())
 }
@@ -126,11 +126,7 @@ fn grpc_content(headers: &HeaderMap) -> bool {
 
 /// The call kind of a `Content-Type`; gRPC-Web is translated only for a gRPC upstream.
 fn classify(content_type: &[u8], grpc_upstream: bool) -> Call {
-    let essence = content_type
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
+    let essence = crate::shape::media_type(content_type);
     let Some(sub) = essence
         .get(..12)
         .filter(|p| p.eq_ignore_ascii_case(b"application/"))
