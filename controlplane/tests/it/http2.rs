@@ -737,6 +737,22 @@ print(body.decode(), trailers, flush=True)
     );
 }
 
+#[test]
+fn an_http2_path_is_checked_and_decoded_as_an_http1_one() {
+    let origin = Origin::echo();
+    let gw = h2c_proxy(&origin, "");
+    let url = |path: &str| format!("http://{}{path}", gw.listeners[0]);
+    let (_, last) = curl(&["--http2-prior-knowledge", &url("/%6Fk/%7E%2F?q=%6F")]);
+    assert_eq!(last, "2 200");
+    for path in ["/%zz", "/a%00"] {
+        let (_, last) = curl(&["--http2-prior-knowledge", "-o", "/dev/null", &url(path)]);
+        assert_eq!(last, "2 400", "{path}");
+    }
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].request_line(), "GET /ok/~%2F?q=%6F HTTP/1.1");
+}
+
 /// A gateway with an `h2c` listener whose one route proxies everything to `origin`.
 fn h2c_proxy(origin: &Origin, extra: &str) -> Gateway {
     let config = format!(

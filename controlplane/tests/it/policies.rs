@@ -1048,6 +1048,43 @@ fn dot_segments_cannot_route_around_a_policy() {
 }
 
 #[test]
+fn escaped_letters_cannot_route_around_a_policy() {
+    let origin = Origin::echo();
+    // `/orders` needs a key; everything else is open.
+    let config = format!(
+        "{}[[routes]]\nid = \"open\"\npath_prefix = \"/\"\nupstream = \"orders\"\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // Every upstream reads `/%6Frders/1` as `/orders/1`: so does the router, and the policy
+    // on `/orders` asks for the key.
+    for path in ["/%6Frders/1", "/%6f%72%64%65%72%73/1", "/o%72ders"] {
+        assert_problem(&get(&gw, path, ""), 401);
+    }
+    assert!(origin.requests().is_empty());
+    let key = "X-Api-Key: s3cr3t-key-1\r\n";
+    assert_eq!(get(&gw, "/%6Frders/%31", key).status, 200);
+    // Escapes of other characters, and the whole query, go on as sent.
+    assert_eq!(get(&gw, "/p/%7Eme%2Fa%20b?q=%zz&r=%6F", "").status, 200);
+    // A malformed escape, or a NUL, is no path any two servers read alike.
+    for path in ["/p/%zz", "/p/a%2", "/p/a%00.txt", "/%6Frders%"] {
+        assert_eq!(get(&gw, path, key).status, 400, "{path}");
+    }
+    let lines: Vec<String> = origin
+        .requests()
+        .iter()
+        .map(|r| r.request_line().to_owned())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "GET /orders/1 HTTP/1.1",
+            "GET /p/~me%2Fa%20b?q=%zz&r=%6F HTTP/1.1"
+        ]
+    );
+}
+
+#[test]
 fn listener_and_global_host_policies_run_without_a_route() {
     let origin = Origin::echo();
     let config = format!(

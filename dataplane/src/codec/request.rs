@@ -29,7 +29,8 @@ pub struct RequestHead {
     /// End of the head (after the final empty line).
     pub head_end: usize,
     pub method: Span,
-    /// The request target as received.
+    /// The request target as received (after [`decode_unreserved`], with its path's escaped
+    /// unreserved characters decoded).
     pub target: Span,
     /// The part of the target to forward and route on: the whole target in origin form, the
     /// path and query in absolute form (may be empty: forward `/`).
@@ -54,6 +55,12 @@ pub struct RequestHead {
     pub traceparent: Option<FieldRef>,
     /// The `User-Agent` value, if any (the access log).
     pub user_agent: Option<Span>,
+    /// The path escapes unreserved characters (`%61` for `a`): [`decode_unreserved`] decodes
+    /// them before the request is routed.
+    pub escaped: bool,
+    /// Bytes [`decode_unreserved`] took out of the request line (the head's received length
+    /// is `head_end - start + decoded`).
+    pub decoded: usize,
 }
 
 /// Methods that are safe to send twice (RFC 9110 §9.2.2).
@@ -359,12 +366,17 @@ pub fn parse_request_into(
     // Routes (and the policies on them) match the path as sent. A `..` segment would let
     // `/public/../admin` match `/public` here and reach `/admin` at an upstream that
     // resolves it: refuse dot segments, encoded ones too (RFC 3986 §6.2.2.3).
-    if has_dot_segment(&origin_target.of(buf)[..path_len]) || origin_target.of(buf).contains(&b'#')
-    {
+    let path = &origin_target.of(buf)[..path_len];
+    if has_dot_segment(path) || origin_target.of(buf).contains(&b'#') {
         // A fragment is never part of a request target (RFC 9112 §3.2); forwarded, it
         // would hide the rest of the path from this check.
         return Err(ParseError::Malformed);
     }
+    let escaped = match escapes(path) {
+        Escapes::None => false,
+        Escapes::Unreserved => true,
+        Escapes::Bad => return Err(ParseError::Malformed),
+    };
 
     let body = if codings.present {
         if http10 || content_length.is_some() || codings.malformed {
@@ -420,12 +432,110 @@ pub fn parse_request_into(
         request_id,
         traceparent,
         user_agent,
+        escaped,
+        decoded: 0,
     };
     Ok(true)
 }
 
-/// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
-/// alone is too long, 431 otherwise.
+/// What the percent-escapes of a path are.
+#[derive(Debug, PartialEq, Eq)]
+enum Escapes {
+    /// None that encodes an unreserved character, and none malformed.
+    None,
+    /// Some encode unreserved characters (and none is malformed).
+    Unreserved,
+    /// A `%` without two hex digits after it (RFC 3986 §2.1), or `%00`: no server reads the
+    /// path the same as another then (nginx refuses both with 400).
+    Bad,
+}
+
+fn escapes(path: &[u8]) -> Escapes {
+    let mut found = Escapes::None;
+    let mut rest = path;
+    while let Some(i) = rest.iter().position(|&b| b == b'%') {
+        let Some(c) = rest
+            .get(i + 1..i + 3)
+            .and_then(|hex| unescape(hex[0], hex[1]))
+        else {
+            return Escapes::Bad;
+        };
+        if c == 0 {
+            return Escapes::Bad;
+        }
+        if is_unreserved(c) {
+            found = Escapes::Unreserved;
+        }
+        rest = &rest[i + 3..];
+    }
+    found
+}
+
+/// The byte two hex digits spell.
+fn unescape(hi: u8, lo: u8) -> Option<u8> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    Some((digit(hi)? * 16 + digit(lo)?) as u8)
+}
+
+/// RFC 3986 §2.3: letters, digits, `-`, `.`, `_` and `~`.
+fn is_unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Decodes, in place, the escaped unreserved characters of a path [`parse_request`] marked
+/// `escaped` (RFC 3986 §6.2.2.2: `/%6Frders` and `/orders` are the same resource). Routes and
+/// their policies then match the path every upstream resolves, not a spelling that walks
+/// around them, and the upstream receives it decoded (as Envoy's `normalize_path` and Kong
+/// forward it). Escapes of other characters (`%2F`, `%20`) stay as they are. The request line
+/// before the path moves right by the bytes saved, so it stays one run ending where it did:
+/// the fields after it, and every span into them, are untouched.
+pub fn decode_unreserved(buf: &mut [u8], head: &mut RequestHead) {
+    if !head.escaped {
+        return;
+    }
+    let from = head.origin_target.start;
+    let end = from + head.path_len;
+    let mut w = from;
+    let mut r = from;
+    while r < end {
+        // `parse_request` checked that every `%` of the path has two hex digits after it.
+        let c = match buf[r] {
+            b'%' => unescape(buf[r + 1], buf[r + 2]).filter(|&c| is_unreserved(c)),
+            _ => None,
+        };
+        match c {
+            Some(c) => {
+                buf[w] = c;
+                r += 3;
+            }
+            None => {
+                buf[w] = buf[r];
+                r += 1;
+            }
+        }
+        w += 1;
+    }
+    let saved = end - w;
+    buf.copy_within(head.start..w, head.start + saved);
+    let moved = |s: &mut Span| {
+        if s.start < from {
+            s.start += saved;
+            s.end += saved;
+        }
+    };
+    moved(&mut head.method);
+    // An absolute-form target's authority moves; a Host field does not.
+    if let Some(host) = head.host.as_mut() {
+        moved(host);
+    }
+    head.start += saved;
+    head.target.start += saved;
+    head.origin_target.start += saved;
+    head.path_len -= saved;
+    head.decoded += saved;
+    head.escaped = false;
+}
+
 /// Whether `path` has a `.` or `..` segment, counting `%2e` as a dot, `%2f`, `%5c` and
 /// `\\` as separators, and ignoring `;` parameters (`..;x` is `..` to servlet containers):
 /// upstreams differ on which of those they decode.
@@ -471,6 +581,8 @@ pub fn has_dot_segment(path: &[u8]) -> bool {
     }
 }
 
+/// The status for a head that does not fit in `max_header_bytes`: 414 when the request line
+/// alone is too long, 431 otherwise.
 pub fn head_too_large(buf: &[u8], limits: &Limits) -> ParseError {
     let skip = buf
         .iter()

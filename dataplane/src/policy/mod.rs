@@ -194,7 +194,7 @@ pub fn max_forwards(buf: &[u8], head: &RequestHead, allow: &[u8], state: &mut Po
     let out = &mut state.out;
     out.clear();
     if head.method.of(buf) == b"TRACE" {
-        let mut echo = buf[..head.fields_start].to_vec();
+        let mut echo = buf[head.start..head.fields_start].to_vec();
         for f in fields(buf, head) {
             let secret = [&b"cookie"[..], b"authorization", b"proxy-authorization"]
                 .iter()

@@ -160,7 +160,7 @@ impl RequestCtx {
                     .set(single(head.traceparent), tracing.sampled, &mut rng);
             }
         }
-        self.bytes_in = (head.head_end - head.start) as u64;
+        self.bytes_in = (head.head_end - head.start + head.decoded) as u64;
     }
 
     /// Starts a request whose head could not be parsed (it is answered with a 4xx and

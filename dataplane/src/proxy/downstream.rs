@@ -15,7 +15,7 @@ use monoio::net::TcpStream;
 use super::context::RequestCtx;
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
-use crate::codec::request::{parse_request_into, RequestHead};
+use crate::codec::request::{decode_unreserved, parse_request_into, RequestHead};
 use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
@@ -170,6 +170,7 @@ impl<S: ClientStream> Downstream<S> {
                 && !self.preface_so_far()
                 && parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head)?
             {
+                decode_unreserved(&mut self.buf, head);
                 return Ok(Head::Request);
             }
             let waiting_idle = self.buf.is_empty();

@@ -238,3 +238,59 @@ fn dot_segments_are_found_in_every_spelling() {
         assert!(!has_dot_segment(good), "{}", String::from_utf8_lossy(good));
     }
 }
+
+#[test]
+fn malformed_escapes_and_nul_in_the_path_are_refused() {
+    for target in ["/%zz", "/a%2", "/a%", "/%g0/x", "/a%00b", "/%2%61", "/x%C"] {
+        let input = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(
+            parse(input.as_bytes()).unwrap_err(),
+            ParseError::Malformed,
+            "{target}"
+        );
+    }
+    // The query is not the path: upstreams read it their own way, and clients send `100%`.
+    for target in ["/a?q=%zz", "/a?x=%", "/%2F%20%e2%82%ac", "/%c3%a9"] {
+        let input = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let head = parse(input.as_bytes()).unwrap();
+        assert!(!head.escaped, "{target}");
+    }
+}
+
+/// Parses `input` and decodes its path; returns the head and the buffer.
+fn decoded(input: &str) -> (RequestHead, Vec<u8>) {
+    let mut buf = input.as_bytes().to_vec();
+    let mut head = parse(&buf).unwrap();
+    assert!(head.escaped, "{input}");
+    decode_unreserved(&mut buf, &mut head);
+    (head, buf)
+}
+
+#[test]
+fn escaped_unreserved_characters_are_decoded_in_place() {
+    let input = "\r\nGET /%6Frders/%7euser%2Fx%20%2D%5f%2e%41%39?q=%6F HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (head, buf) = decoded(input);
+    let line = "GET /orders/~user%2Fx%20-_.A9?q=%6F HTTP/1.1\r\n";
+    assert_eq!(&buf[head.start..head.fields_start], line.as_bytes());
+    assert_eq!(head.method.of(&buf), b"GET");
+    assert_eq!(head.target.of(&buf), b"/orders/~user%2Fx%20-_.A9?q=%6F");
+    assert_eq!(head.path(&buf), b"/orders/~user%2Fx%20-_.A9");
+    assert_eq!(head.decoded, 2 * 7);
+    assert_eq!(head.head_end - head.start + head.decoded, input.len() - 2);
+    assert_eq!(head.host.unwrap().of(&buf), b"a");
+    assert_eq!(kept_fields(&buf[head.start..]), "Host: a\r\n");
+    // Decoded once: a second call changes nothing.
+    let (mut again, mut twice) = (head, buf.clone());
+    decode_unreserved(&mut twice, &mut again);
+    assert_eq!(twice, buf);
+
+    // Absolute form: the authority inside the target moves with it.
+    let (head, buf) = decoded("GET http://h.example/%61b/c HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(head.host.unwrap().of(&buf), b"h.example");
+    assert_eq!(head.path(&buf), b"/ab/c");
+    assert_eq!(head.origin_target.of(&buf), b"/ab/c");
+    assert_eq!(
+        &buf[head.start..head.fields_start],
+        b"GET http://h.example/ab/c HTTP/1.1\r\n"
+    );
+}
