@@ -74,9 +74,11 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     // Forwarding fields a client made up, spelled with `_` (a CGI-style upstream reads
     // X_Forwarded_Host as X-Forwarded-Host): only the gateway's go on. An RFC 7239
     // Forwarded goes on as a chain, as X-Forwarded-For does, the client the gateway saw last.
+    // Path overrides an IIS or Symfony upstream would serve instead of `/third` are dropped.
     let r = c.roundtrip(
         "GET /third HTTP/1.1\r\nHost: api.test\r\nX_Forwarded_Host: evil.example\r\n\
-         X_Forwarded_Proto: https\r\nx_forwarded_for: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\r\n",
+         X_Forwarded_Proto: https\r\nx_forwarded_for: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
+         X-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n\r\n",
     );
     assert_eq!(r.body_str(), "origin saw /third");
     assert_eq!(

@@ -301,6 +301,10 @@ pub fn parse_request_into(
             19 if name.eq_ignore_ascii_case(b"proxy-authorization") => drop = true,
             17 if super::same_field_name(name, b"x-forwarded-proto") => drop = true,
             16 if super::same_field_name(name, b"x-forwarded-host") => drop = true,
+            // Path overrides that IIS and Symfony-style frameworks take from a proxy: sent by
+            // a client, they would reach a path other than the one routed and screened here.
+            14 if super::same_field_name(name, b"x-original-url") => drop = true,
+            13 if super::same_field_name(name, b"x-rewrite-url") => drop = true,
             _ => {}
         }
         if drop {
