@@ -753,6 +753,51 @@ fn an_http2_path_is_checked_and_decoded_as_an_http1_one() {
     assert_eq!(seen[0].request_line(), "GET /ok/~%2F?q=%6F HTTP/1.1");
 }
 
+#[test]
+fn an_empty_host_or_a_padded_trailer_value_resets_the_stream() {
+    let origin = Origin::echo();
+    let gw = h2c_proxy(&origin, "");
+    // Each request on its own stream of one connection; the client's own checks are off so
+    // it sends what it is told. Prints each stream's end: its reset code or its status.
+    const CLIENT: &str = r#"
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+    validate_outbound_headers=False, normalize_outbound_headers=False))
+c.initiate_connection()
+def head(path, extra=()):
+    return [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", path)] \
+        + list(extra)
+c.send_headers(1, head("/empty-host", [("host", "")]), end_stream=True)
+c.send_headers(3, head("/padded"))
+c.send_data(3, b"abc")
+c.send_headers(5, head("/fine"))
+c.send_data(5, b"abc")
+c.send_headers(3, [("x-sum", " 1 ")], end_stream=True)
+c.send_headers(5, [("x-sum", "1")], end_stream=True)
+s.sendall(c.data_to_send())
+ends = {}
+while len(ends) < 3:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.ResponseReceived):
+            ends[e.stream_id] = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.StreamReset):
+            ends[e.stream_id] = "reset %d" % e.error_code
+    s.sendall(c.data_to_send())
+print(sorted(ends.items()), flush=True)
+"#;
+    let out = h2_client(&gw, CLIENT);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[(1, 'reset 1'), (3, 'reset 1'), (5, '200')]",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Only the well-formed request reached the origin whole, its trailer in the last chunk.
+    let seen = origin.wait_requests(1);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].request_line(), "POST /fine HTTP/1.1");
+    assert_eq!(seen[0].raw_body, b"3\r\nabc\r\n0\r\nx-sum: 1\r\n\r\n");
+}
+
 /// A gateway with an `h2c` listener whose one route proxies everything to `origin`.
 fn h2c_proxy(origin: &Origin, extra: &str) -> Gateway {
     let config = format!(

@@ -259,12 +259,22 @@ async fn serve_request(
 ) {
     let (parts, body) = req.into_parts();
     // Malformed (RFC 9113 8.3.1 and 8.2.1): a request without a path is not served as `/`;
-    // an `:authority` with userinfo, or a value with whitespace at either end, not forwarded.
+    // an `:authority` with userinfo, an empty `host` (h2 refuses an empty `:authority`), or
+    // a value with whitespace at either end, not forwarded.
     let userinfo = parts
         .uri
         .authority()
         .is_some_and(|a| a.as_str().contains('@'));
-    if !has_path(&parts) || userinfo || parts.headers.values().any(|v| padded(v.as_bytes())) {
+    let empty_host = parts
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .any(|v| v.is_empty());
+    if !has_path(&parts)
+        || userinfo
+        || empty_host
+        || parts.headers.values().any(|v| padded(v.as_bytes()))
+    {
         let mut respond = respond;
         respond.send_reset(Reason::PROTOCOL_ERROR);
         return;
@@ -458,17 +468,28 @@ impl H2Stream {
             None => {
                 // Trailers came with the stream's end, so they are here now; they go on in
                 // the last chunk (a body with a length has nowhere to carry them).
-                let trailers = match (self.chunked, self.body.as_mut()) {
-                    (true, Some(body)) => {
-                        match body.poll_trailers(&mut Context::from_waker(Waker::noop())) {
-                            Poll::Ready(Ok(Some(t))) => Some(t),
-                            _ => None,
-                        }
+                let trailers = self.body.as_mut().and_then(|body| {
+                    match body.poll_trailers(&mut Context::from_waker(Waker::noop())) {
+                        Poll::Ready(Ok(t)) => t,
+                        _ => None,
                     }
-                    _ => None,
-                };
+                });
                 self.body = None;
                 self.early_end = false;
+                if trailers
+                    .as_ref()
+                    .is_some_and(|t| t.values().any(|v| padded(v.as_bytes())))
+                {
+                    // Malformed, as such a field in the head is (RFC 9113 8.2.1): the stream
+                    // is reset and the request ends unfinished, never with the last chunk.
+                    if let Some(respond) = self.respond.as_mut() {
+                        respond.send_reset(Reason::PROTOCOL_ERROR);
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a trailer field value with whitespace at either end",
+                    ));
+                }
                 if self.chunked {
                     self.pending = match trailers {
                         Some(t) => last_chunk(&t),
