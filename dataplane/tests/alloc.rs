@@ -78,11 +78,13 @@ fn origin() -> SocketAddr {
 }
 
 /// Sends `n` keep-alive requests one after another, reading each full response: the
-/// origin's, with the gateway's `X-Request-Id` (32 hex digits) added to the head.
+/// origin's, with the gateway's `X-Request-Id` (32 hex digits) and, since the origin sent
+/// none, a `Date` added to the head.
 fn drive(client: &mut TcpStream, n: usize) {
     const ID_LINE: usize = "X-Request-Id: ".len() + 32 + 2;
+    const DATE_LINE: usize = "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n".len();
     let head_end = RESPONSE.len() - "\r\nHello, world!".len();
-    let want = RESPONSE.len() + ID_LINE;
+    let want = RESPONSE.len() + ID_LINE + DATE_LINE;
     let mut buf = [0u8; 256];
     for _ in 0..n {
         client.write_all(REQUEST).unwrap();
@@ -99,7 +101,11 @@ fn drive(client: &mut TcpStream, n: usize) {
         assert_eq!(got, want);
         assert_eq!(&buf[..head_end], &RESPONSE[..head_end]);
         assert!(buf[head_end..].starts_with(b"X-Request-Id: "));
-        assert_eq!(&buf[head_end + ID_LINE..got], &RESPONSE[head_end..]);
+        assert!(buf[head_end + ID_LINE..].starts_with(b"Date: "));
+        assert_eq!(
+            &buf[head_end + ID_LINE + DATE_LINE..got],
+            &RESPONSE[head_end..]
+        );
     }
 }
 

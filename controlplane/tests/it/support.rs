@@ -626,6 +626,22 @@ fn serve_origin(mut s: TcpStream, conn: usize, handler: &Handler, rec: &Mutex<Ve
     }
 }
 
+/// `head` without its one `Date` line, which must be an IMF-fixdate within a minute of now:
+/// the gateway adds one to an answer whose upstream sent none (RFC 9110 6.6.1).
+pub fn undated(head: &str) -> String {
+    let dates: Vec<&str> = head.lines().filter(|l| l.starts_with("Date: ")).collect();
+    assert_eq!(dates.len(), 1, "{head}");
+    let when = httpdate::parse_http_date(&dates[0]["Date: ".len()..]).expect("an IMF-fixdate");
+    let skew = when
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(skew < Duration::from_secs(60), "{head}");
+    head.lines()
+        .filter(|l| !l.starts_with("Date: "))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
 /// A loopback port with nothing listening on it (bound, then closed).
 pub fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

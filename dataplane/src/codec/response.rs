@@ -31,6 +31,11 @@ pub struct ResponseHead {
     /// taken apart): an HTTP/1.1 client gets it as it is, with its `Transfer-Encoding`; an
     /// HTTP/2 client cannot (HTTP/2 has no transfer codings, RFC 9113 §8.2.2).
     pub transfer_coded: bool,
+    /// The head has a `Transfer-Encoding` field that goes on (not a 1xx's or a 204's), which
+    /// an HTTP/1.0 client must not get (RFC 9112 §6.1).
+    pub transfer_encoding: bool,
+    /// The head has a `Date` field (the gateway adds one where it has none, RFC 9110 §6.6.1).
+    pub dated: bool,
 }
 
 /// Why a response head is unusable.
@@ -99,6 +104,7 @@ pub fn parse_response(
     let mut dropped = DroppedFields::default();
     let mut cl_lines = DroppedFields::default();
     let mut request_id: Option<FieldRef> = None;
+    let mut dated = false;
     // RFC 9110 8.6, RFC 9112 6.1: a 1xx or 204 carries neither Content-Length nor
     // Transfer-Encoding; an upstream's goes no further (nginx drops them too).
     let unframed = status < 200 || status == 204;
@@ -114,6 +120,7 @@ pub fn parse_response(
             12 if name.eq_ignore_ascii_case(b"x-request-id") => {
                 FieldRef::note(&mut request_id, buf, headers, i, fields_end);
             }
+            4 if name.eq_ignore_ascii_case(b"date") => dated = true,
             // Dropped unread where no length may be (a bad one cannot hurt).
             14 if unframed && name.eq_ignore_ascii_case(b"content-length") => drop = true,
             14 if name.eq_ignore_ascii_case(b"content-length") => {
@@ -170,19 +177,25 @@ pub fn parse_response(
         &[b"content-length", b"transfer-encoding"],
     );
 
+    if codings.present && version == 0 {
+        // An HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112 §6.1):
+        // HTTP/1.0 has no transfer codings, so whether the body is chunked is anyone's guess.
+        return Err(ResponseError::Malformed);
+    }
     let no_body = head_request || (100..200).contains(&status) || status == 204 || status == 304;
     let mut reusable = !close;
+    if codings.present && content_length.is_some() {
+        // Transfer-Encoding overrides Content-Length, which must not reach the client, also
+        // on an answer without a body (a HEAD's, a 304); the upstream connection is not
+        // trusted again (RFC 9112 §6.3 (3)).
+        for i in (0..headers.len()).filter(|&i| cl_lines.is_marked(i)) {
+            dropped.mark(i);
+        }
+        reusable = false;
+    }
     let body = if no_body {
         BodyKind::None
     } else if codings.present {
-        if content_length.is_some() {
-            // Transfer-Encoding overrides Content-Length, which must not reach the client; the
-            // upstream connection is not trusted again (RFC 9112 §6.3 (3)).
-            for i in (0..headers.len()).filter(|&i| cl_lines.is_marked(i)) {
-                dropped.mark(i);
-            }
-            reusable = false;
-        }
         if codings.chunked_last && !codings.malformed {
             BodyKind::Chunked
         } else {
@@ -214,6 +227,8 @@ pub fn parse_response(
         reusable,
         request_id,
         transfer_coded: !no_body && codings.present && (codings.other || codings.malformed),
+        transfer_encoding: codings.present && !unframed,
+        dated,
     }))
 }
 
@@ -285,6 +300,39 @@ mod tests {
         let r = parse(input, false).unwrap().unwrap();
         assert_eq!((r.body, r.reusable), (BodyKind::Chunked, false));
         assert_eq!(forwarded(input), "Transfer-Encoding: chunked\r\n");
+        // Also where no body follows: a HEAD's answer, a 304.
+        let mut plan = FieldPlan::default();
+        for (input, head) in [
+            (&input[..], true),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+        ] {
+            let r = parse_response(input, head, 16384, &mut plan).unwrap().unwrap();
+            assert_eq!((r.body, r.reusable, r.transfer_encoding), (BodyKind::None, false, true));
+            let kept = crate::codec::kept_fields(input, r.fields_start, r.fields_end, &plan);
+            assert_eq!(kept, "Transfer-Encoding: chunked\r\n");
+        }
+    }
+
+    #[test]
+    fn an_http10_answer_with_transfer_encoding_is_refused() {
+        for te in ["chunked", "gzip"] {
+            let input = format!("HTTP/1.0 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n");
+            assert_eq!(
+                parse(input.as_bytes(), false),
+                Err(ResponseError::Malformed)
+            );
+        }
+    }
+
+    #[test]
+    fn a_date_is_noted() {
+        let dated = |input: &[u8]| parse(input, false).unwrap().unwrap().dated;
+        assert!(dated(
+            b"HTTP/1.1 200 OK\r\nDATE: x\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!dated(
+            b"HTTP/1.1 200 OK\r\nDates: x\r\nContent-Length: 0\r\n\r\n"
+        ));
     }
 
     #[test]

@@ -77,7 +77,16 @@ pub(crate) async fn read_head(
 ) -> Result<HeadRead, ProxyError> {
     loop {
         if !conn.buf.is_empty() {
-            match parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan) {
+            let parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
+            if let Ok(Some(_)) = parsed {
+                // The status line carries the gateway's own version (RFC 9110 6.2), not an
+                // HTTP/1.0 upstream's: an HTTP/1.1 client would take `HTTP/1.0` for a
+                // connection that closes. Interim and early answers too.
+                if conn.buf.starts_with(b"HTTP/1.0 ") {
+                    conn.buf[5..8].copy_from_slice(b"1.1");
+                }
+            }
+            match parsed {
                 Ok(Some(resp)) if (100..200).contains(&resp.status) && resp.status != 101 => {
                     return Ok(HeadRead::Interim(resp));
                 }

@@ -781,11 +781,6 @@ async fn proxy<S: ClientStream>(
         }
     };
     let mut session = Session::answered(&mut slot);
-    // The status line carries the gateway's own version (RFC 9110 6.2), not an HTTP/1.0
-    // upstream's: an HTTP/1.1 client would take `HTTP/1.0` for a connection that closes.
-    if session.conn.buf.starts_with(b"HTTP/1.0 ") {
-        session.conn.buf[5..8].copy_from_slice(b"1.1");
-    }
 
     if resp.status == 101 {
         let switched = head.upgrade.is_some()
@@ -799,7 +794,7 @@ async fn proxy<S: ClientStream>(
         req.status = 101;
         return Next::Upgrade(Box::new((*session.conn, resp, connector.hold())));
     }
-    if !carried::<S>(&resp) {
+    if !carried::<S>(&resp, head.http10) {
         return down.fail(req, ErrorKind::UpstreamMalformed).await;
     }
     // An answer before the whole request: the rest of the request is not read, so neither
@@ -902,7 +897,9 @@ async fn early_answer<S: ClientStream>(
     kind: ErrorKind,
 ) -> Next {
     match early_head(conn, is_head, &mut down.resp_plan).await {
-        Some(resp) if !carried::<S>(&resp) => down.fail(req, ErrorKind::UpstreamMalformed).await,
+        Some(resp) if !carried::<S>(&resp, head.http10) => {
+            down.fail(req, ErrorKind::UpstreamMalformed).await
+        }
         Some(resp) => {
             match relay::relay_response(down, req, conn, &resp, head.http10, true).await {
                 Ok(_) => Next::Close,
@@ -970,11 +967,12 @@ async fn early_head(
     }
 }
 
-/// Whether the client's protocol can carry `resp`'s body as the upstream coded it: not an
-/// HTTP/2 client's for `Transfer-Encoding: gzip` and the like, which it could only take for
-/// the content itself (nginx answers such an upstream with 502 too).
-fn carried<S: ClientStream>(resp: &ResponseHead) -> bool {
-    S::TRANSFER_CODINGS || !resp.transfer_coded
+/// Whether the client's protocol can carry `resp`'s body as the upstream coded it: neither
+/// HTTP/2 nor HTTP/1.0 has transfer codings (RFC 9113 8.2.2, RFC 9112 6.1), so their
+/// clients could only take `Transfer-Encoding: gzip` and the like for the content itself
+/// (nginx answers such an upstream with 502 too).
+fn carried<S: ClientStream>(resp: &ResponseHead, http10: bool) -> bool {
+    (S::TRANSFER_CODINGS && !http10) || !resp.transfer_coded
 }
 
 /// The forwarded head's changes, in `down.scratch`: the request line (when the path changes)

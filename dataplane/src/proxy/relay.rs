@@ -223,7 +223,8 @@ pub(crate) fn replace_request_id(
 /// Writes into `down.scratch` the fields the gateway adds to a relayed response, ending with
 /// the blank line: connection management towards this client only, the request id, the
 /// route's own fields (`Vary`), the CORS fields of a cors policy (which replace any the
-/// upstream sent), and `Content-Length` for a body the gateway rewrote.
+/// upstream sent), `Content-Length` for a body the gateway rewrote, and `Date` where the
+/// upstream sent none (RFC 9110 6.6.1). An HTTP/1.0 client gets no `Transfer-Encoding`.
 fn response_tail<S>(
     down: &mut Downstream<S>,
     req: &RequestCtx,
@@ -244,6 +245,14 @@ fn response_tail<S>(
         );
     }
     replace_request_id(&mut down.scratch, &mut down.resp_plan.drop, buf, resp, req);
+    if http10 && resp.transfer_encoding {
+        // A chunked body goes on without its chunks; a HEAD's or a 304's has none.
+        let (fs, fe) = (resp.fields_start, resp.fields_end);
+        policy::drop_named(buf, fs, fe, b"transfer-encoding", &mut down.resp_plan.drop);
+    }
+    if !resp.dated {
+        crate::status::push_date(&mut down.scratch);
+    }
     down.scratch.extend_from_slice(&req.response_fields);
     if let Some(n) = content_length {
         down.scratch.extend_from_slice(b"Content-Length: ");
@@ -475,14 +484,7 @@ async fn relay_dechunked<S: ClientStream>(
     conn: &mut UpstreamConn,
     resp: &ResponseHead,
 ) -> Result<bool, ProxyError> {
-    let (fs, fe) = (resp.fields_start, resp.fields_end);
-    policy::drop_named(
-        &conn.buf,
-        fs,
-        fe,
-        b"transfer-encoding",
-        &mut down.resp_plan.drop,
-    );
+    // Its `Transfer-Encoding` goes, as for any answer to an HTTP/1.0 client.
     let tail = response_tail(down, req, &conn.buf, resp, true, true, None);
     let mut body = BodyReader::start(resp, &conn.buf, down.timeouts.upstream_body)?;
     // The reader frames and checks the body; this decoder takes the data out of it.
