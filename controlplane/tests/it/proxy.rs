@@ -41,6 +41,7 @@ both_drivers!(
     client_that_stops_reading_is_dropped,
     upstream_that_stops_reading_the_body_is_504,
     early_upstream_answer_to_an_unread_body_is_relayed,
+    an_early_answer_reaches_a_client_that_pauses_mid_body,
     early_answer_from_an_upstream_that_stops_reading_comes_at_once,
     an_upstream_that_answers_early_but_reads_on_gets_the_whole_body,
     a_refused_upload_gets_its_answer_through_a_lingering_close,
@@ -520,6 +521,21 @@ fn limits_answer_431_414_413(driver: Driver) {
         c.send(format!("190\r\n{}\r\n", "z".repeat(400)).as_bytes());
     }
     assert_eq!(c.read_response().status, 413);
+    // A chunk whose size alone passes the limit is refused at its size line, before its data
+    // (or a request hidden in it, for an upstream that reads the size in 32 bits) goes on.
+    let mut c = gw.connect();
+    c.send(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+          100000005\r\nhello\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    assert_eq!(c.read_response().status, 413);
+    // So is a size padded past 16 digits, which a reader of fewer would take for another.
+    let mut c = gw.connect();
+    c.send(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+          00000000000000005\r\nhello\r\n0\r\n\r\n",
+    );
+    assert_eq!(c.read_response().status, 400);
     assert_eq!(origin.requests().len(), 0);
 }
 
@@ -771,7 +787,9 @@ fn hop_by_hop_fields_removed_from_response(driver: Driver) {
     }));
     let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
-    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Drop, TE\r\nX-Drop: 1\r\nTE: trailers\r\nKeep-Alive: 1\r\nProxy-Authorization: secret\r\n\r\n");
+    // Framing fields spelled with `_` go too: an upstream that reads them as the real ones
+    // would frame the request another way.
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Drop, TE\r\nX-Drop: 1\r\nTE: trailers\r\nKeep-Alive: 1\r\nProxy-Authorization: secret\r\nTransfer_Encoding: chunked\r\ncontent_length: 5\r\n\r\n");
     assert_eq!(
         undated(&r.head),
         "HTTP/1.1 200 OK\r\nX-Kept: 1\r\nContent-Length: 2"
@@ -1210,6 +1228,25 @@ fn head_only_origin(then: fn(&mut TcpStream)) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+fn an_early_answer_reaches_a_client_that_pauses_mid_body(driver: Driver) {
+    // The upstream refuses after the head and closes while the client, five bytes into its
+    // body, waits: the answer goes out then, not after `client_body_ms` (30 s) as a 408.
+    let origin = head_only_origin(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+        );
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        thread::sleep(Duration::from_millis(200));
+    });
+    let gw = Gateway::start(&framing_config(origin, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nhello");
+    // `read_response` waits 10 s at most.
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (413, "too big!"));
+    assert_eq!(r.header("connection"), Some("close"));
 }
 
 /// Starts a `STALL_BYTES` upload on `c`: the head now, the body from a thread that stops at

@@ -12,6 +12,10 @@ use common::snapshot::is_tchar;
 /// Longest chunk-size line (size, extensions, CRLF) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// Most hex digits a chunk size may have, leading zeros included: a `u64`'s. The line goes on
+/// as it came, and a recipient that reads fewer digits would take a padded size for another.
+const MAX_SIZE_DIGITS: u8 = 16;
+
 /// Why a chunked body is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
@@ -87,8 +91,12 @@ pub struct ChunkedDecoder {
     line_len: usize,
     trailer_len: usize,
     max_trailer: usize,
+    /// Hex digits of the size being read.
+    digits: u8,
     /// Bytes of chunk data seen so far.
     data_len: u64,
+    /// Bytes of chunk data the size lines seen so far declare.
+    declared: u64,
     /// First bytes of the current trailer field name, lower-cased, to spot framing fields.
     name: [u8; 20],
     name_len: usize,
@@ -103,7 +111,9 @@ impl ChunkedDecoder {
             line_len: 0,
             trailer_len: 0,
             max_trailer,
+            digits: 0,
             data_len: 0,
+            declared: 0,
             name: [0; 20],
             name_len: 0,
         }
@@ -117,6 +127,13 @@ impl ChunkedDecoder {
     /// Total chunk-data bytes seen so far.
     pub fn data_len(&self) -> u64 {
         self.data_len
+    }
+
+    /// Total chunk-data bytes the size lines seen so far declare, the current chunk's whole
+    /// size included: a body limit is checked against it before the chunk's data comes (and
+    /// before its size line goes on to an upstream that might read it otherwise).
+    pub fn declared_len(&self) -> u64 {
+        self.declared
     }
 
     /// Walks `input`; returns how many bytes belong to this message (all of `input` unless the
@@ -184,6 +201,13 @@ impl ChunkedDecoder {
                     .checked_mul(16)
                     .and_then(|s| s.checked_add(d))
                     .ok_or(ChunkError::Overflow)?;
+                if self.state == SizeStart {
+                    self.digits = 0;
+                }
+                self.digits += 1;
+                if self.digits > MAX_SIZE_DIGITS {
+                    return Err(ChunkError::Malformed);
+                }
                 Size
             }
             (Size, b' ' | b'\t') => AfterSize { saw_ws: true },
@@ -205,6 +229,7 @@ impl ChunkedDecoder {
             }
             (SizeLf, b'\n') => {
                 self.line_len = 0;
+                self.declared = self.declared.saturating_add(self.size);
                 if self.size == 0 {
                     TrailerStart
                 } else {
@@ -322,6 +347,7 @@ mod tests {
             b"5 ; a=\"q \\\" x\"; b\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nY: z\r\n\r\n",
             b"000005\r\nhello\r\n0000\r\n\r\n",
+            b"0000000000000005\r\nhello\r\n0\r\n\r\n",
         ];
         for input in ok {
             assert_eq!(feed_all_splits(input), Ok((input.len(), true)));
@@ -347,6 +373,10 @@ mod tests {
             (b"5;a\x00b\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"0x5\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"\r\n", ChunkError::Malformed),
+            (
+                b"00000000000000005\r\nhello\r\n0\r\n\r\n",
+                ChunkError::Malformed,
+            ),
             (
                 b"10000000000000005\r\nhello\r\n0\r\n\r\n",
                 ChunkError::Overflow,
@@ -379,7 +409,10 @@ mod tests {
     fn counts_data() {
         let mut d = ChunkedDecoder::new(64);
         d.advance(b"5\r\nhello\r\n3\r\nabc\r\n").unwrap();
-        assert_eq!(d.data_len(), 8);
+        assert_eq!((d.data_len(), d.declared_len()), (8, 8));
         assert!(!d.is_done());
+        // A size counts whole as soon as its line ends, before its data comes.
+        d.advance(b"100000005\r\nab").unwrap();
+        assert_eq!((d.data_len(), d.declared_len()), (10, 0x1_0000_0005 + 8));
     }
 }

@@ -233,6 +233,10 @@ pub fn parse_request_into(
                 codings.add_line(value);
                 drop = true;
             }
+            // The framing fields spelled with `_`: an upstream that reads them as the real
+            // ones would frame the body another way than the gateway did.
+            14 if super::same_field_name(name, b"content-length") => drop = true,
+            17 if super::same_field_name(name, b"transfer-encoding") => drop = true,
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 for opt in super::list_elements(value) {
                     if opt.eq_ignore_ascii_case(b"close") {

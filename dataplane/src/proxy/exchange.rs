@@ -158,7 +158,8 @@ pub(crate) async fn exchange(
 /// Streams the rest of the request body from the client to the upstream, through the
 /// client's read buffer (`left`: bytes still to come, or 1 while a chunked body is not done).
 /// A client-side error means the client's body failed (answer with its status, if any); an
-/// upstream-side one that writing to the upstream failed.
+/// upstream-side one that writing to the upstream failed, or that the upstream closed while
+/// the client paused (the caller relays an answer it finds).
 pub(crate) async fn relay_request_body<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
@@ -176,7 +177,17 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
             }
         }
         if down.pos == down.buf.len() {
-            down.read_body_bytes().await?;
+            let upstream = conn.stream.as_raw_fd();
+            match unless_upstream_done(down.read_body_bytes(), upstream).await {
+                Some(read) => read?,
+                None => {
+                    // The read is abandoned with the buffer it held: the client connection
+                    // closes after the answer.
+                    down.buf = Vec::with_capacity(BODY_BUF);
+                    down.pos = 0;
+                    return Err(ProxyError::new(ErrorKind::UpstreamClosed));
+                }
+            }
         }
         let avail = &down.buf[down.pos..];
         let take = match (kind, decoder.as_deref_mut()) {
@@ -184,7 +195,7 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
                 let k = d
                     .advance(avail)
                     .map_err(|_| ProxyError::new(ErrorKind::BadRequest))?;
-                if d.data_len() > down.limits.max_body_bytes {
+                if d.declared_len() > down.limits.max_body_bytes {
                     return Err(ErrorKind::BodyTooLarge.into());
                 }
                 if d.is_done() {
@@ -251,6 +262,21 @@ async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<
                     _ => still = Some((acked, now)),
                 }
             }
+        }
+    }
+}
+
+/// Runs `read` (of the client's next body bytes) unless, while the client pauses, the upstream
+/// closes its end: `None` then, looked at every [`EARLY_CHECK`]. An upload's early 413 or 401
+/// reaches the client at once, without waiting for bytes it may never send; an upstream that
+/// answered and keeps its end open may still read the rest (a duplex exchange), so it waits.
+async fn unless_upstream_done<F: std::future::Future>(read: F, fd: RawFd) -> Option<F::Output> {
+    let mut read = std::pin::pin!(read);
+    loop {
+        match monoio::time::timeout(EARLY_CHECK, read.as_mut()).await {
+            Ok(out) => return Some(out),
+            Err(_) if crate::io::peer_closed(fd) => return None,
+            Err(_) => {}
         }
     }
 }

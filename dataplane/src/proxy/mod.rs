@@ -622,7 +622,7 @@ async fn proxy<S: ClientStream>(
                 Ok(k) => k,
                 Err(_) => return down.fail(req, ErrorKind::BadRequest).await,
             };
-            if d.data_len() > down.limits.max_body_bytes {
+            if d.declared_len() > down.limits.max_body_bytes {
                 return down.fail(req, ErrorKind::BodyTooLarge).await;
             }
             let left = u64::from(!d.is_done());
