@@ -798,6 +798,48 @@ print(sorted(ends.items()), flush=True)
     assert_eq!(seen[0].raw_body, b"3\r\nabc\r\n0\r\nx-sum: 1\r\n\r\n");
 }
 
+#[test]
+fn an_early_answer_reaches_an_http2_client_that_pauses_mid_body() {
+    let origin = crate::proxy::head_only_origin(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+        );
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{origin}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n"
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // Five bytes of a hundred, then a pause (the socket's timeout ends a wait for nothing).
+    const CLIENT: &str = r#"
+c.send_headers(1, [(":method", "POST"), (":path", "/upload"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "100")])
+c.send_data(1, b"hello")
+s.sendall(c.data_to_send())
+status, body, done = None, b"", False
+while not done:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.DataReceived):
+            body += e.data
+        if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+            done = True
+    s.sendall(c.data_to_send())
+print(status, body.decode(), flush=True)
+"#;
+    let out = h2_client(&gw, CLIENT);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "413 too big!",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A gateway with an `h2c` listener whose one route proxies everything to `origin`.
 fn h2c_proxy(origin: &Origin, extra: &str) -> Gateway {
     let config = format!(

@@ -48,6 +48,7 @@ both_drivers!(
     http10_expectations_are_ignored,
     http10_clients_get_chunked_answers_without_the_chunks,
     transfer_codings_reach_only_http11_clients,
+    a_status_line_without_a_reason_gets_its_space,
     body_shorter_than_the_method_after_the_head,
 );
 
@@ -1214,7 +1215,7 @@ fn client_that_stops_reading_is_dropped(driver: Driver) {
 
 /// An origin for one connection that reads the request head only, then hands the socket to
 /// `then` (which must return within a bounded time).
-fn head_only_origin(then: fn(&mut TcpStream)) -> std::net::SocketAddr {
+pub(crate) fn head_only_origin(then: fn(&mut TcpStream)) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
@@ -1581,6 +1582,24 @@ fn transfer_codings_reach_only_http11_clients(driver: Driver) {
     let r = once("GET /old-interim HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{r}");
     assert!(r.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"), "{r}");
+}
+
+fn a_status_line_without_a_reason_gets_its_space(driver: Driver) {
+    // RFC 9112 4: `status-line = HTTP-version SP status-code SP [ reason-phrase ]`.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(b"HTTP/1.1 200\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok");
+        Keep::Open
+    }));
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    for _ in 0..2 {
+        let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(
+            undated(&r.head),
+            "HTTP/1.1 200 \r\nContent-Length: 2\r\nX-A: 1"
+        );
+        assert_eq!(r.body_str(), "ok");
+    }
 }
 
 /// A body that arrives after the head, shorter than the method name: the client buffer then

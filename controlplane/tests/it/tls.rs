@@ -1292,6 +1292,63 @@ print("left")
 }
 
 #[test]
+fn an_early_answer_reaches_a_tls_client_that_pauses_mid_body() {
+    // The upstream refuses the upload after its head and closes while the client, five bytes
+    // into its body, pauses; then the client sends the rest. The answer goes out during the
+    // pause, through the TLS read given up for it, and the connection ends with close_notify.
+    // (Whether the lingering close then reads what follows, as it should, this cannot tell:
+    // on loopback the answer is in before any reset, and Linux keeps it readable.)
+    let dir = temp_dir("tls-early");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = crate::proxy::head_only_origin(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+        );
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let gw = Gateway::start(&tls_config(origin, &a, &b), Driver::IoUring);
+    const PAUSES: &str = r#"
+import socket, ssl, sys, time
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                    server_hostname="a.test", suppress_ragged_eofs=False)
+s.sendall(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\nhello")
+time.sleep(1)
+try:
+    s.sendall(b"x" * 95)
+except OSError:
+    pass
+data, end = b"", "close_notify"
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+except (ssl.SSLEOFError, ConnectionResetError):
+    end = "no close_notify"
+print(end, data.decode().split("\r\n")[0], data.endswith(b"too big!"))
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            PAUSES,
+            &gw.listeners[0].port().to_string(),
+            a.cert.to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3 is needed for the TLS tests");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "close_notify HTTP/1.1 413 Payload Too Large True",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_record_that_fails_to_decrypt_gets_its_alert() {
     let dir = temp_dir("tls-alert");
     let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));

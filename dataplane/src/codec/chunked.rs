@@ -130,8 +130,8 @@ impl ChunkedDecoder {
     }
 
     /// Total chunk-data bytes the size lines seen so far declare, the current chunk's whole
-    /// size included: a body limit is checked against it before the chunk's data comes (and
-    /// before its size line goes on to an upstream that might read it otherwise).
+    /// size included: a body limit is checked against it before the chunk's data comes (only
+    /// the start of a size line split across reads may have gone on by then, never data).
     pub fn declared_len(&self) -> u64 {
         self.declared
     }

@@ -534,6 +534,65 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
+    /// [`Downstream::read_body_bytes`] into an emptied buffer, asking `stop` every `every`
+    /// while the client sends nothing: once it says so the read is cancelled and waited for
+    /// (bytes that came meanwhile are kept; a TLS session's state stays whole; an HTTP/2
+    /// stream's read is dropped, which loses nothing), and
+    /// `Ok(false)` tells the caller to read no more. The checks ride on the connection's own
+    /// read timer: no timer of their own per read.
+    pub async fn read_body_bytes_unless(
+        &mut self,
+        every: Duration,
+        stop: impl Fn() -> bool,
+    ) -> Result<bool, ErrorKind> {
+        let deadline = Instant::now() + self.timeouts.client_body;
+        self.buf.clear();
+        self.pos = 0;
+        if self.buf.capacity() < BODY_BUF {
+            self.buf.reserve(BODY_BUF);
+        }
+        let owned = std::mem::take(&mut self.buf);
+        let read = self.stream.cancelable_read(owned, self.canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let timer = &mut self.timer;
+        timer.arm(deadline.min(Instant::now() + every));
+        // Why the read was given up, if it was.
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(done) = read.as_mut().poll(cx) {
+                return Poll::Ready(Ok(done));
+            }
+            while timer.poll_expired(cx) {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Poll::Ready(Err(ErrorKind::ClientTimeout));
+                }
+                if stop() {
+                    return Poll::Ready(Err(ErrorKind::UpstreamClosed));
+                }
+                timer.arm(deadline.min(now + every));
+            }
+            Poll::Pending
+        })
+        .await;
+        let (given_up, (res, buf)) = match first {
+            Ok(done) => (None, done),
+            Err(why) if S::WHOLE_CONNECTION => {
+                self.canceller = std::mem::take(&mut self.canceller).cancel();
+                (Some(why), read.await)
+            }
+            // An HTTP/2 stream's read takes no cancel, and loses nothing when dropped.
+            Err(why) => (Some(why), (Ok(0), Vec::with_capacity(BODY_BUF))),
+        };
+        self.buf = buf;
+        match (res, given_up) {
+            // Bytes that came before the cancel are read first.
+            (Ok(n), _) if n > 0 => Ok(true),
+            (_, Some(ErrorKind::ClientTimeout)) => Err(ErrorKind::ClientTimeout),
+            (_, Some(_)) => Ok(false),
+            (Ok(_), None) | (Err(_), None) => Err(ErrorKind::ClientClosed),
+        }
+    }
+
     /// Sends `100 Continue` to a client waiting for it before sending its body.
     pub async fn send_continue(&mut self, req: &mut RequestCtx) -> std::io::Result<()> {
         let (res, _) = self.stream.write_all(crate::status::CONTINUE).await;

@@ -77,13 +77,20 @@ pub(crate) async fn read_head(
 ) -> Result<HeadRead, ProxyError> {
     loop {
         if !conn.buf.is_empty() {
-            let parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
+            let mut parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
             if let Ok(Some(_)) = parsed {
                 // The status line carries the gateway's own version (RFC 9110 6.2), not an
                 // HTTP/1.0 upstream's: an HTTP/1.1 client would take `HTTP/1.0` for a
                 // connection that closes. Interim and early answers too.
                 if conn.buf.starts_with(b"HTTP/1.0 ") {
                     conn.buf[5..8].copy_from_slice(b"1.1");
+                }
+                // `HTTP/1.1 200` without the space before an absent reason phrase, which the
+                // status line must have (RFC 9112 4): rare, so the byte is inserted and the
+                // head parsed again, its offsets moved by it.
+                if conn.buf.get(12) == Some(&b'\r') {
+                    conn.buf.insert(12, b' ');
+                    parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
                 }
             }
             match parsed {
@@ -177,16 +184,14 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
             }
         }
         if down.pos == down.buf.len() {
+            // While the client pauses, the upstream is looked at: one that closed its end
+            // (an upload's early 413 or 401) has its answer relayed at once, not after bytes
+            // the client may never send. One that answered and keeps its end open may still
+            // read the rest (a duplex exchange), so the wait goes on.
             let upstream = conn.stream.as_raw_fd();
-            match unless_upstream_done(down.read_body_bytes(), upstream).await {
-                Some(read) => read?,
-                None => {
-                    // The read is abandoned with the buffer it held: the client connection
-                    // closes after the answer.
-                    down.buf = Vec::with_capacity(BODY_BUF);
-                    down.pos = 0;
-                    return Err(ProxyError::new(ErrorKind::UpstreamClosed));
-                }
+            let closed = || crate::io::peer_closed(upstream);
+            if !down.read_body_bytes_unless(EARLY_CHECK, closed).await? {
+                return Err(ProxyError::new(ErrorKind::UpstreamClosed));
             }
         }
         let avail = &down.buf[down.pos..];
@@ -262,21 +267,6 @@ async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<
                     _ => still = Some((acked, now)),
                 }
             }
-        }
-    }
-}
-
-/// Runs `read` (of the client's next body bytes) unless, while the client pauses, the upstream
-/// closes its end: `None` then, looked at every [`EARLY_CHECK`]. An upload's early 413 or 401
-/// reaches the client at once, without waiting for bytes it may never send; an upstream that
-/// answered and keeps its end open may still read the rest (a duplex exchange), so it waits.
-async fn unless_upstream_done<F: std::future::Future>(read: F, fd: RawFd) -> Option<F::Output> {
-    let mut read = std::pin::pin!(read);
-    loop {
-        match monoio::time::timeout(EARLY_CHECK, read.as_mut()).await {
-            Ok(out) => return Some(out),
-            Err(_) if crate::io::peer_closed(fd) => return None,
-            Err(_) => {}
         }
     }
 }

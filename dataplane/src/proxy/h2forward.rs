@@ -1292,7 +1292,11 @@ pub(super) async fn forward<S: ClientStream>(
     };
     req.first_byte = Some(sent_at.get().elapsed());
     let mut opened = opened;
-    let extra = answer_fields(req, &mut opened.parts.headers);
+    let mut extra = answer_fields(req, &mut opened.parts.headers);
+    if !opened.parts.headers.contains_key(http::header::DATE) {
+        // RFC 9110 6.6.1, as for an HTTP/1.1 upstream's answer.
+        crate::status::push_date(&mut extra);
+    }
     let relay = Relay {
         idle: timeouts.upstream_body,
         deadline: call_deadline,
