@@ -35,33 +35,36 @@ pub fn request_extras(
         Some(_) => head.path_len,
         None => strip_prefix_len.min(head.path_len),
     };
-    let line = if head.absolute || strip > 0 || !query_drops.is_empty() || rewrite.is_some() {
-        let origin = head.origin_target.start;
-        target = &target[strip..];
-        out.extend_from_slice(head.method.of(buf));
-        out.push(b' ');
-        if let Some(path) = rewrite {
-            out.extend_from_slice(path);
-        } else if target.first() != Some(&b'/') {
-            out.push(b'/');
-        }
-        // Pairs of the query to leave out, by their start in the buffer.
-        let base = origin + strip;
-        push_target_without(out, target, |at, _| {
-            query_drops.iter().any(|d| d.start == base + at)
-        });
-        out.extend_from_slice(if head.http10 {
-            b" HTTP/1.0\r\n"
+    // An HTTP/1.0 request line is rewritten to the gateway's version.
+    let version = head.http10 && !head.forwards_http10();
+    let line =
+        if head.absolute || strip > 0 || !query_drops.is_empty() || rewrite.is_some() || version {
+            let origin = head.origin_target.start;
+            target = &target[strip..];
+            out.extend_from_slice(head.method.of(buf));
+            out.push(b' ');
+            if let Some(path) = rewrite {
+                out.extend_from_slice(path);
+            } else if target.first() != Some(&b'/') {
+                out.push(b'/');
+            }
+            // Pairs of the query to leave out, by their start in the buffer.
+            let base = origin + strip;
+            push_target_without(out, target, |at, _| {
+                query_drops.iter().any(|d| d.start == base + at)
+            });
+            out.extend_from_slice(if head.forwards_http10() {
+                b" HTTP/1.0\r\n"
+            } else {
+                b" HTTP/1.1\r\n"
+            });
+            Some(Span {
+                start: 0,
+                end: out.len(),
+            })
         } else {
-            b" HTTP/1.1\r\n"
-        });
-        Some(Span {
-            start: 0,
-            end: out.len(),
-        })
-    } else {
-        None
-    };
+            None
+        };
     let tail_start = out.len();
     if head.absolute {
         if let Some(h) = head.host {
@@ -405,6 +408,18 @@ mod tests {
         assert_eq!(
             got,
             "POST /p HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: api.test\r\nX-Consumer-Id: app\r\n\r\nhi"
+        );
+    }
+
+    #[test]
+    fn an_http10_request_goes_on_as_http11_when_it_names_its_host() {
+        let got = forwarded(b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n", 0, b"http", b"", &[]);
+        assert!(got.starts_with("GET /x HTTP/1.1\r\nHost: a\r\n"), "{got}");
+        // Without one, HTTP/1.1 would need a Host it cannot make up.
+        let got = forwarded(b"GET /x HTTP/1.0\r\n\r\n", 0, b"http", b"", &[]);
+        assert!(
+            got.starts_with("GET /x HTTP/1.0\r\nX-Forwarded-For: "),
+            "{got}"
         );
     }
 

@@ -49,6 +49,7 @@ both_drivers!(
     http10_clients_get_chunked_answers_without_the_chunks,
     transfer_codings_reach_only_http11_clients,
     a_status_line_without_a_reason_gets_its_space,
+    http10_requests_go_on_as_http11_over_pooled_connections,
     body_shorter_than_the_method_after_the_head,
 );
 
@@ -1582,6 +1583,29 @@ fn transfer_codings_reach_only_http11_clients(driver: Driver) {
     let r = once("GET /old-interim HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{r}");
     assert!(r.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"), "{r}");
+}
+
+fn http10_requests_go_on_as_http11_over_pooled_connections(driver: Driver) {
+    // RFC 9110 6.2: an intermediary sends its own version. One without a Host stays
+    // HTTP/1.0, as HTTP/1.1 would need one.
+    let origin = Origin::echo();
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    for request in [
+        "GET /a HTTP/1.0\r\nHost: a\r\n\r\n",
+        "GET /b HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+        "GET /c HTTP/1.0\r\n\r\n",
+    ] {
+        let r = gw.connect().roundtrip(request);
+        assert_eq!(r.status, 200, "{request}");
+    }
+    let seen = origin.wait_requests(3);
+    let lines: Vec<&str> = seen.iter().map(Received::request_line).collect();
+    assert_eq!(
+        lines,
+        ["GET /a HTTP/1.1", "GET /b HTTP/1.1", "GET /c HTTP/1.0"]
+    );
+    // The first two went over one upstream connection, pooled in between.
+    assert_eq!(seen[0].conn, seen[1].conn);
 }
 
 fn a_status_line_without_a_reason_gets_its_space(driver: Driver) {

@@ -90,6 +90,13 @@ impl RequestHead {
     pub fn is_head(&self, buf: &[u8]) -> bool {
         self.method.of(buf) == b"HEAD"
     }
+
+    /// Whether the request goes upstream as HTTP/1.0: an HTTP/1.0 request without a host,
+    /// which HTTP/1.1 would need. Any other goes with the gateway's own version (RFC 9110
+    /// 6.2), and its upstream connection can be reused.
+    pub fn forwards_http10(&self) -> bool {
+        self.http10 && self.host.is_none()
+    }
 }
 
 /// Why a request head cannot be served. Each maps to one [`crate::error::ErrorKind`], which

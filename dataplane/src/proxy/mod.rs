@@ -806,7 +806,7 @@ async fn proxy<S: ClientStream>(
         || resp.body == BodyKind::UntilClose
         || dechunked
         || ctx.draining.get();
-    let reusable = resp.reusable && !head.http10 && !early;
+    let reusable = resp.reusable && !head.forwards_http10() && !early;
     let relayed = match shape {
         Some(shape) => {
             let metrics = &ctx.metrics;
