@@ -800,13 +800,7 @@ print(sorted(ends.items()), flush=True)
 
 #[test]
 fn an_early_answer_reaches_an_http2_client_that_pauses_mid_body() {
-    let origin = crate::proxy::head_only_origin(|s| {
-        let _ = s.write_all(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-        );
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        std::thread::sleep(Duration::from_millis(200));
-    });
+    let origin = crate::proxy::head_only_origin(crate::proxy::refuse_and_close);
     let config = format!(
         "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
          [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{origin}\" }}]\n\

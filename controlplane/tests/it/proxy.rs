@@ -364,7 +364,10 @@ fn relays_large_response_bodies(driver: Driver) {
 
 fn relays_chunked_responses_with_trailers(driver: Driver) {
     let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n5\r\nhello\r\n");
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\
+              Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n5\r\nhello\r\n",
+        );
         thread::sleep(Duration::from_millis(20));
         let _ = s.write_all(b"6;e=v\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n");
         Keep::Open
@@ -374,7 +377,9 @@ fn relays_chunked_responses_with_trailers(driver: Driver) {
     c.send(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n");
     let mut got = Vec::new();
     // The upstream's own Date goes on as it is.
-    let want: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n5\r\nhello\r\n6;e=v\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n";
+    let want: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\
+        Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n\
+        5\r\nhello\r\n6;e=v\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n";
     while got.len() < want.len() {
         let mut b = [0u8; 4096];
         let n = c.stream.read(&mut b).unwrap();
@@ -630,7 +635,8 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
             }
             "/truncated" => {
                 let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\nonly-some",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\
+                      Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\nonly-some",
                 );
                 Keep::Close
             }
@@ -691,7 +697,8 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     let text = String::from_utf8_lossy(&got);
     assert_eq!(
         text,
-        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\nonly-some"
+        "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\
+         Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\nonly-some"
     );
 }
 
@@ -791,7 +798,11 @@ fn hop_by_hop_fields_removed_from_response(driver: Driver) {
     let mut c = gw.connect();
     // Framing fields spelled with `_` go too: an upstream that reads them as the real ones
     // would frame the request another way.
-    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Drop, TE\r\nX-Drop: 1\r\nTE: trailers\r\nKeep-Alive: 1\r\nProxy-Authorization: secret\r\nTransfer_Encoding: chunked\r\ncontent_length: 5\r\n\r\n");
+    let r = c.roundtrip(
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: X-Drop, TE\r\nX-Drop: 1\r\nTE: trailers\r\n\
+         Keep-Alive: 1\r\nProxy-Authorization: secret\r\n\
+         Transfer_Encoding: chunked\r\ncontent_length: 5\r\n\r\n",
+    );
     assert_eq!(
         undated(&r.head),
         "HTTP/1.1 200 OK\r\nX-Kept: 1\r\nContent-Length: 2"
@@ -1232,16 +1243,21 @@ pub(crate) fn head_only_origin(then: fn(&mut TcpStream)) -> std::net::SocketAddr
     addr
 }
 
+/// For [`head_only_origin`]: refuses the upload with a 413 and closes its end, its body
+/// unread.
+pub(crate) fn refuse_and_close(s: &mut TcpStream) {
+    let _ = s.write_all(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\
+          Connection: close\r\n\r\ntoo big!",
+    );
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    thread::sleep(Duration::from_millis(200));
+}
+
 fn an_early_answer_reaches_a_client_that_pauses_mid_body(driver: Driver) {
     // The upstream refuses after the head and closes while the client, five bytes into its
     // body, waits: the answer goes out then, not after `client_body_ms` (30 s) as a 408.
-    let origin = head_only_origin(|s| {
-        let _ = s.write_all(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-        );
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        thread::sleep(Duration::from_millis(200));
-    });
+    let origin = head_only_origin(refuse_and_close);
     let gw = Gateway::start(&framing_config(origin, ""), driver);
     let mut c = gw.connect();
     c.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nhello");
@@ -1546,7 +1562,10 @@ fn transfer_codings_reach_only_http11_clients(driver: Driver) {
             "/old-chunked" => {
                 b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
             }
-            "/old-interim" => b"HTTP/1.0 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            "/old-interim" => {
+                b"HTTP/1.0 103 Early Hints\r\nLink: </a>\r\n\r\n\
+                  HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            }
             _ => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
         };
         let _ = s.write_all(answer);

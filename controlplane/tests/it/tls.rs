@@ -1300,13 +1300,7 @@ fn an_early_answer_reaches_a_tls_client_that_pauses_mid_body() {
     // on loopback the answer is in before any reset, and Linux keeps it readable.)
     let dir = temp_dir("tls-early");
     let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
-    let origin = crate::proxy::head_only_origin(|s| {
-        let _ = s.write_all(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-        );
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        std::thread::sleep(Duration::from_millis(200));
-    });
+    let origin = crate::proxy::head_only_origin(crate::proxy::refuse_and_close);
     let gw = Gateway::start(&tls_config(origin, &a, &b), Driver::IoUring);
     const PAUSES: &str = r#"
 import socket, ssl, sys, time

@@ -304,10 +304,19 @@ mod tests {
         let mut plan = FieldPlan::default();
         for (input, head) in [
             (&input[..], true),
-            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 40\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n",
+                false,
+            ),
         ] {
-            let r = parse_response(input, head, 16384, &mut plan).unwrap().unwrap();
-            assert_eq!((r.body, r.reusable, r.transfer_encoding), (BodyKind::None, false, true));
+            let r = parse_response(input, head, 16384, &mut plan)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (r.body, r.reusable, r.transfer_encoding),
+                (BodyKind::None, false, true)
+            );
             let kept = crate::codec::kept_fields(input, r.fields_start, r.fields_end, &plan);
             assert_eq!(kept, "Transfer-Encoding: chunked\r\n");
         }

@@ -129,7 +129,9 @@ fn smuggling_vectors_are_rejected() {
 
 #[test]
 fn hop_by_hop_and_forwarding_fields_are_dropped() {
-    let input = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Drop-Me, Host\r\nX-Drop-Me: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: x\r\nProxy-Authorization: y\r\nUpgrade: z\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nX-Original-URL: /admin\r\nx_rewrite_url: /admin\r\nContent_Length: 5\r\nTransfer_encoding: chunked\r\nX-Keep: yes\r\n\r\n";
+    let input = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Drop-Me, Host\r\nX-Drop-Me: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: x\r\nProxy-Authorization: y\r\nUpgrade: z\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n\
+        X-Original-URL: /admin\r\nx_rewrite_url: /admin\r\n\
+        Content_Length: 5\r\nTransfer_encoding: chunked\r\nX-Keep: yes\r\n\r\n";
     assert_eq!(kept_fields(input), "Host: a\r\nX-Keep: yes\r\n");
     let mut plan = FieldPlan::default();
     parse_request(input, &limits(), &mut plan).unwrap();
