@@ -1024,15 +1024,20 @@ fn rate_limit_is_exact_for_the_node_under_wrk() {
     assert_eq!(field("errors"), 0);
 }
 
-#[test]
-fn dot_segments_cannot_route_around_a_policy() {
+/// The example config, where `/orders` needs a key, with an open route for everything else.
+fn orders_behind_an_open_catch_all() -> (Origin, Gateway) {
     let origin = Origin::echo();
-    // `/orders` needs a key; everything else is open.
     let config = format!(
         "{}[[routes]]\nid = \"open\"\npath_prefix = \"/\"\nupstream = \"orders\"\n",
         example_config(origin.addr)
     );
     let gw = Gateway::start(&config, Driver::IoUring);
+    (origin, gw)
+}
+
+#[test]
+fn dot_segments_cannot_route_around_a_policy() {
+    let (origin, gw) = orders_behind_an_open_catch_all();
     assert_eq!(get(&gw, "/public/x", "").status, 200);
     for path in [
         "/public/../orders/1",
@@ -1049,13 +1054,7 @@ fn dot_segments_cannot_route_around_a_policy() {
 
 #[test]
 fn escaped_letters_cannot_route_around_a_policy() {
-    let origin = Origin::echo();
-    // `/orders` needs a key; everything else is open.
-    let config = format!(
-        "{}[[routes]]\nid = \"open\"\npath_prefix = \"/\"\nupstream = \"orders\"\n",
-        example_config(origin.addr)
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    let (origin, gw) = orders_behind_an_open_catch_all();
     // Every upstream reads `/%6Frders/1` as `/orders/1`: so does the router, and the policy
     // on `/orders` asks for the key.
     for path in ["/%6Frders/1", "/%6f%72%64%65%72%73/1", "/o%72ders"] {
