@@ -27,6 +27,9 @@ pub const MAX_POLICIES: usize = 4096;
 pub enum Stage {
     IpFilter,
     Domain,
+    /// After the domain allowlist: a preflight for a host the gateway does not serve is
+    /// refused as any request for it is, whichever of the two is listed first.
+    Cors,
     Authentication,
     Authorization,
     RateLimit,
@@ -645,7 +648,7 @@ fn compile_policy(
                 }),
             )
         }
-        PolicyConfig::Cors(c) => (Stage::Domain, PolicyKind::Cors(compile_cors(c, at)?)),
+        PolicyConfig::Cors(c) => (Stage::Cors, PolicyKind::Cors(compile_cors(c, at)?)),
         PolicyConfig::ApiKey(k) => (
             Stage::Authentication,
             PolicyKind::ApiKey(compile_api_key(k, at)?),

@@ -1036,6 +1036,41 @@ fn orders_behind_an_open_catch_all() -> (Origin, Gateway) {
 }
 
 #[test]
+fn the_domain_allowlist_runs_before_cors_whichever_is_listed_first() {
+    let origin = Origin::echo();
+    // CORS global, the host list on the route: listed so, cors came first and answered a
+    // preflight for a host the gateway says it does not serve.
+    let policies =
+        "[[policies]]\nid = \"hosts\"\nkind = \"domain\"\nhosts = [\"api.example.com\"]\n\
+        [[policies]]\nid = \"web\"\nkind = \"cors\"\norigins = [\"https://app.example.com\"]\n";
+    let config = format!(
+        "global_policies = [\"web\"]\n{}",
+        proxy_config(origin.addr, policies)
+    )
+    .replace(
+        "upstream = \"origin\"\n\n",
+        "upstream = \"origin\"\npolicies = [\"hosts\"]\n\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let preflight = |host: &str, from: &str| {
+        gw.connect().roundtrip(&format!(
+            "OPTIONS /x HTTP/1.1\r\nHost: {host}\r\nOrigin: {from}\r\n\
+             Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
+        ))
+    };
+    for from in ["https://app.example.com", "https://evil.example"] {
+        let r = preflight("evil.example", from);
+        assert_problem(&r, 421);
+        assert_eq!(r.header("access-control-allow-origin"), None);
+    }
+    assert_eq!(
+        preflight("api.example.com", "https://app.example.com").status,
+        204
+    );
+    assert!(origin.requests().is_empty());
+}
+
+#[test]
 fn dot_segments_cannot_route_around_a_policy() {
     let (origin, gw) = orders_behind_an_open_catch_all();
     assert_eq!(get(&gw, "/public/x", "").status, 200);
