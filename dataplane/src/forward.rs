@@ -152,17 +152,18 @@ pub fn push_target_without(
         return;
     };
     out.extend_from_slice(&target[..q]);
-    let mut separator = b'?';
+    // A kept pair goes out after the separator it came after (`?` for the first kept).
+    let mut first = true;
     let mut at = q + 1;
-    for pair in target[q + 1..].split(|&b| b == b'&') {
+    for pair in target[q + 1..].split(|&b| crate::policy::is_query_separator(b)) {
         let start = at;
         at += pair.len() + 1;
         let name = pair.split(|&b| b == b'=').next().unwrap_or(pair);
         if dropped(start, name) {
             continue;
         }
-        out.push(separator);
-        separator = b'&';
+        out.push(if first { b'?' } else { target[start - 1] });
+        first = false;
         out.extend_from_slice(pair);
     }
 }

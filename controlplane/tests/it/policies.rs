@@ -731,6 +731,23 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
     assert_eq!(r.status, 200, "{}", r.body_str());
     let seen = &origin.wait_requests(3)[2];
     assert_eq!(seen.target(), "/token-first/z?keep=1&&last");
+    // After a `;` (Rack 2, old Go and Python split on it) or in another case (ASP.NET's
+    // names are case-insensitive): an upstream would read each as `apikey`, so each goes.
+    let r = get(
+        &gw,
+        "/token-first/s?x=1;apikey=forged&APIKEY=forged;keep=2",
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = &origin.wait_requests(4)[3];
+    assert_eq!(seen.target(), "/token-first/s?x=1;keep=2");
+    // And the gateway reads them so too: two spellings of one key are two keys.
+    assert_eq!(
+        get(&gw, "/token-first/q?x=1;apikey=s3cr3t-key-1", "").status,
+        200
+    );
+    let r = get(&gw, "/token-first/q?apikey=s3cr3t-key-1;APIKEY=forged", "");
+    assert_problem(&r, 401);
 }
 
 #[test]

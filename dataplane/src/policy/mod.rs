@@ -867,9 +867,11 @@ pub(crate) fn query_param<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) ->
     pairs.next().is_none().then_some(value)
 }
 
-/// Every pair of the request's query whose name is `name`, as sent or percent-encoded
-/// (`api%6Bey` is `apikey` to an upstream that decodes names): its value and the pair's span
-/// in `buf` (`name=value`, without a separator).
+/// Every pair of the request's query whose name is `name`, as any upstream may read it:
+/// percent-encoded (`api%6Bey` is `apikey` to one that decodes names), in another case
+/// (ASP.NET's names are case-insensitive), after a `;` (Rack 2, Go before 1.17 and Python
+/// before 3.9.2 split on it too): its value and the pair's span in `buf` (`name=value`,
+/// without a separator).
 pub(crate) fn query_pairs<'a, 'n>(
     buf: &'a [u8],
     head: &RequestHead,
@@ -879,28 +881,37 @@ pub(crate) fn query_pairs<'a, 'n>(
     let t = target.of(buf);
     let q = t.iter().position(|&b| b == b'?').map_or(t.len(), |q| q + 1);
     let mut at = q;
-    t[q..].split(|&b| b == b'&').filter_map(move |pair| {
-        let start = target.start + at;
-        at += pair.len() + 1;
-        let (k, v) = match pair.iter().position(|&b| b == b'=') {
-            Some(e) => (&pair[..e], &pair[e + 1..]),
-            None => (pair, &pair[pair.len()..]),
-        };
-        query_name_is(k, name).then_some((
-            v,
-            Span {
-                start,
-                end: start + pair.len(),
-            },
-        ))
-    })
+    t[q..]
+        .split(|&b| is_query_separator(b))
+        .filter_map(move |pair| {
+            let start = target.start + at;
+            at += pair.len() + 1;
+            let (k, v) = match pair.iter().position(|&b| b == b'=') {
+                Some(e) => (&pair[..e], &pair[e + 1..]),
+                None => (pair, &pair[pair.len()..]),
+            };
+            query_name_is(k, name).then_some((
+                v,
+                Span {
+                    start,
+                    end: start + pair.len(),
+                },
+            ))
+        })
 }
 
-/// Whether the raw query parameter name `raw` is `name`, as sent or percent-decoded.
+/// Whether `b` ends a query pair for some upstream: `&`, or `;`.
+pub(crate) fn is_query_separator(b: u8) -> bool {
+    b == b'&' || b == b';'
+}
+
+/// Whether the raw query parameter name `raw` is `name`, as sent or percent-decoded, in any
+/// case.
 pub(crate) fn query_name_is(raw: &[u8], name: &[u8]) -> bool {
-    raw == name
+    raw.eq_ignore_ascii_case(name)
         || (raw.contains(&b'%')
-            && crate::shape::pct_decode(raw).is_some_and(|decoded| *decoded == *name))
+            && crate::shape::pct_decode(raw)
+                .is_some_and(|decoded| decoded.eq_ignore_ascii_case(name)))
 }
 
 /// Adds `s` to `drops`, keeping it sorted, merged and free of overlaps.
