@@ -257,7 +257,10 @@ fn pem_body(pem: &str) -> Option<(&str, &str)> {
     Some((label, &body[..end]))
 }
 
-/// Reads a JWK set: every key must suit `algorithm` (`kty` `oct`, `RSA` or `EC` P-256).
+/// Reads a JWK set: every key must suit `algorithm` (`kty` `oct`, `RSA` or `EC` P-256), be
+/// meant for signatures (RFC 7517 4.2, 4.3: `use` `sig`, `key_ops` with `verify`, when they
+/// are there), have a string `kid` if any, and hold no private part (`d` and the other RSA
+/// and EC private members): a verification key set is public, and is shown as stored.
 pub fn from_jwks(jwks: &serde_json::Value, algorithm: JwtAlgorithm) -> Result<Vec<JwtKey>, String> {
     let keys = jwks
         .get("keys")
@@ -278,14 +281,44 @@ pub fn from_jwks(jwks: &serde_json::Value, algorithm: JwtAlgorithm) -> Result<Ve
                 .ok_or_else(|| format!("keys[{i}].{name} is not base64url"))?;
             Ok(v)
         };
-        if let Some(alg) = k.get("alg").and_then(|v| v.as_str()) {
+        let text = |name: &str| -> Result<Option<&str>, String> {
+            match k.get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_str()
+                    .map(Some)
+                    .ok_or_else(|| format!("keys[{i}].{name} must be a string")),
+            }
+        };
+        if text("use")?.is_some_and(|u| u != "sig") {
+            return Err(format!("keys[{i}].use is not \"sig\": not a signature key"));
+        }
+        if let Some(ops) = k.get("key_ops") {
+            let verify = ops
+                .as_array()
+                .is_some_and(|ops| ops.iter().any(|op| op.as_str() == Some("verify")));
+            if !verify {
+                return Err(format!("keys[{i}].key_ops does not list \"verify\""));
+            }
+        }
+        let kty = k.get("kty").and_then(|v| v.as_str()).unwrap_or("");
+        if kty != "oct" {
+            if let Some(private) = ["d", "p", "q", "dp", "dq", "qi", "oth"]
+                .into_iter()
+                .find(|m| k.get(*m).is_some())
+            {
+                return Err(format!(
+                    "keys[{i}].{private}: a private key part; the set takes public keys only"
+                ));
+            }
+        }
+        if let Some(alg) = text("alg")? {
             if alg != format!("{algorithm:?}") {
                 return Err(format!(
                     "keys[{i}] is for {alg}, the policy verifies {algorithm:?}"
                 ));
             }
         }
-        let kty = k.get("kty").and_then(|v| v.as_str()).unwrap_or("");
         let material = match (algorithm, kty) {
             (JwtAlgorithm::HS256, "oct") => {
                 let secret = field("k")?;
@@ -314,7 +347,7 @@ pub fn from_jwks(jwks: &serde_json::Value, algorithm: JwtAlgorithm) -> Result<Ve
                 ))
             }
         };
-        let kid = k.get("kid").and_then(|v| v.as_str()).map(Into::into);
+        let kid = text("kid")?.map(Into::into);
         out.push(JwtKey { kid, material });
     }
     Ok(out)
@@ -398,5 +431,31 @@ yKFmjJ0jhJ1rLnSYNC1PdaadfahDLMTrgJgFh10PQ9TDKDLHmT58wITqMQ==
         let short = serde_json::json!({"keys": [{"kty": "oct", "k": "AAAA"}]});
         assert!(from_jwks(&short, JwtAlgorithm::HS256).is_err());
         assert!(from_jwks(&serde_json::json!({"keys": []}), JwtAlgorithm::HS256).is_err());
+    }
+
+    #[test]
+    fn jwks_keys_must_be_public_signature_keys() {
+        let secret = encode_b64url(&[7u8; 32]);
+        let refused = |extra: serde_json::Value| {
+            let mut key = serde_json::json!({"kty": "oct", "k": secret});
+            key.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            from_jwks(&serde_json::json!({ "keys": [key] }), JwtAlgorithm::HS256).unwrap_err()
+        };
+        assert!(refused(serde_json::json!({"kid": 5})).contains("kid must be a string"));
+        assert!(refused(serde_json::json!({"use": "enc"})).contains("not a signature key"));
+        let ops = serde_json::json!({"key_ops": ["encrypt"]});
+        assert!(refused(ops).contains("verify"));
+        // Listed for signatures, they pass.
+        let ok = serde_json::json!({"keys": [
+            {"kty": "oct", "k": secret, "use": "sig", "key_ops": ["sign", "verify"]}
+        ]});
+        assert!(from_jwks(&ok, JwtAlgorithm::HS256).is_ok());
+        let private = serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "d": "AA"}
+        ]});
+        let e = from_jwks(&private, JwtAlgorithm::ES256).unwrap_err();
+        assert!(e.contains("keys[0].d: a private key part"), "{e}");
     }
 }

@@ -808,7 +808,7 @@ fn policy_resources_are_validated_like_the_rest() {
     let gw = Gateway::start(&example_config(origin.addr), Driver::IoUring);
     let rev = || gw.admin("GET", "/v1/status", None).json()["revision"].clone();
     let before = rev();
-    let cases: [(&str, &str, &str, &str); 8] = [
+    let cases: [(&str, &str, &str, &str); 9] = [
         (
             "PUT",
             "/v1/policies/bad",
@@ -850,6 +850,17 @@ fn policy_resources_are_validated_like_the_rest() {
             "/v1/policies/bad",
             r#"{"kind":"jwt","algorithm":"RS256","secret":"0123456789abcdef0123456789abcdef"}"#,
             "/secret",
+        ),
+        // A private key in a verification key set would be stored and shown as it came (the
+        // key pair of RFC 7515 A.3).
+        (
+            "PUT",
+            "/v1/policies/bad",
+            r#"{"kind":"jwt","algorithm":"ES256","jwks":{"keys":[{"kty":"EC","crv":"P-256",
+                "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+                "d":"jpsQnnGQmL-YBIffH1136cLSG2VtOXBz1NfCbITnVV8"}]}}"#,
+            "/jwks",
         ),
         (
             "PATCH",
