@@ -1729,10 +1729,12 @@ fn trace_is_refused_unless_named_and_max_forwards_is_counted_down() {
         ]
     );
     // `OPTIONS *` asks about the server itself (RFC 9110 9.3.7): the gateway answers, with or
-    // without Max-Forwards, and nothing goes upstream.
+    // without Max-Forwards, and nothing goes upstream. So does its absolute form with an
+    // empty path, which the last proxy would send on as `*` (RFC 9112 3.2.4).
     for req in [
         "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
         "OPTIONS * HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\n\r\n",
+        "OPTIONS http://a HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         let r = c.roundtrip(req);
         assert_eq!(r.status, 200, "{req}");

@@ -366,12 +366,20 @@ async fn handle<S: ClientStream>(
                 .find(host, path, |id| snap.routes[id as usize].accepts(m))
         })
         .filter(|&id| snap.routes[id as usize].has_cors);
-    let found = real.or_else(|| {
-        snap.router.find(host, path, |id| {
-            let r = &snap.routes[id as usize];
-            r.accepts(method) || (preflight.is_some() && r.has_cors)
-        })
-    });
+    // `OPTIONS *`, or its absolute form with an empty path (`OPTIONS http://h`, which
+    // RFC 9112 3.2.4 has the last proxy send on as `*`), asks about the server as a whole:
+    // no route takes it.
+    let whole_server = method == b"OPTIONS"
+        && (head.target.of(&down.buf) == b"*" || (head.absolute && head.origin_target.is_empty()));
+    let found = match whole_server {
+        true => None,
+        false => real.or_else(|| {
+            snap.router.find(host, path, |id| {
+                let r = &snap.routes[id as usize];
+                r.accepts(method) || (preflight.is_some() && r.has_cors)
+            })
+        }),
+    };
     let route = found.map(|id| &snap.routes[id as usize]);
     if let (Some(id), Some(route)) = (found, route) {
         req.route = Some(id);
@@ -421,7 +429,7 @@ async fn handle<S: ClientStream>(
         return next;
     }
     let Some(route) = route else {
-        if head.target.of(&down.buf) == b"*" {
+        if whole_server {
             // `OPTIONS *` (the only method with this target) asks about the server as a
             // whole (RFC 9110 9.3.7): the gateway is the one to answer, with what it forwards.
             let answer = [
