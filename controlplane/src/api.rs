@@ -1554,6 +1554,9 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
 }
 
 /// Reads a JSON body: right content type (415), at most 1 MiB (413), well-formed (400).
+/// How long a request body may take to arrive whole.
+const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn json_body(
     headers: &HeaderMap,
     body: Body,
@@ -1587,13 +1590,34 @@ async fn json_body(
         p.accept_patch = patch;
         return Err(p);
     }
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "Content Too Large",
             format!("the body exceeds {limit} bytes"),
         )
-    })?;
+    };
+    // A declared length past the limit is refused before any of the body is read (and
+    // before a `100 Continue` invites it).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    // The whole body within a bound: a client that trickles it would hold a handler thread.
+    let read = tokio::time::timeout(BODY_TIME, axum::body::to_bytes(body, limit));
+    let bytes: Bytes = match read.await {
+        Ok(read) => read.map_err(|_| too_large())?,
+        Err(_) => {
+            return Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "Request Timeout",
+                format!("the body did not arrive within {} s", BODY_TIME.as_secs()),
+            ))
+        }
+    };
     serde_json::from_slice(&bytes)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Malformed JSON", e.to_string()))
 }

@@ -578,10 +578,78 @@ struct AdminListener {
     inner: tokio::net::TcpListener,
     stop: Arc<tokio::sync::Notify>,
     stopped: bool,
+    /// One permit per open connection ([`ADMIN_MAX_CONNECTIONS`]).
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most admin API connections open at once: past it, new ones wait in the listen backlog.
+/// Without a bound, clients that never finish a request (the API is reachable before its
+/// token is checked) could take every file descriptor of the process, the data plane's too.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// How long an admin API connection may send nothing while a request is awaited or read
+/// (an idle keep-alive connection too) before it is closed.
+const ADMIN_IDLE: Duration = Duration::from_secs(60);
+
+/// An admin API connection: its slot, and a read that fails after [`ADMIN_IDLE`] of silence.
+struct AdminConn {
+    inner: tokio::net::TcpStream,
+    silent_since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for AdminConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => {
+                let idle = this
+                    .silent_since
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(ADMIN_IDLE)));
+                match std::future::Future::poll(idle.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            done => {
+                this.silent_since = None;
+                done
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for AdminConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl axum::serve::Listener for AdminListener {
-    type Io = tokio::net::TcpStream;
+    type Io = AdminConn;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -592,8 +660,11 @@ impl axum::serve::Listener for AdminListener {
             tokio::select! {
                 biased;
                 () = self.stop.notified() => self.stopped = true,
-                accepted = self.inner.accept() => match accepted {
-                    Ok(conn) => return conn,
+                accepted = accept_in_a_slot(&self.inner, &self.slots) => match accepted {
+                    Ok((inner, addr, slot)) => {
+                        let conn = AdminConn { inner, silent_since: None, _slot: slot };
+                        return (conn, addr);
+                    }
                     Err(e) => {
                         log::warn!("admin API: accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -606,6 +677,24 @@ impl axum::serve::Listener for AdminListener {
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.inner.local_addr()
     }
+}
+
+/// Waits for a free connection slot, then accepts a connection into it.
+async fn accept_in_a_slot(
+    listener: &tokio::net::TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(std::io::Error::other)?;
+    let (stream, addr) = listener.accept().await?;
+    Ok((stream, addr, slot))
 }
 
 /// Runs the admin API on its own thread with a current-thread tokio runtime; after `stop` it
@@ -649,6 +738,7 @@ fn spawn_admin(
                     inner: listener,
                     stop,
                     stopped: false,
+                    slots: Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS)),
                 };
                 if let Err(e) = axum::serve(listener, api::app(admin)).await {
                     log::error!("admin API stopped: {e}");

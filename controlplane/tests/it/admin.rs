@@ -1013,3 +1013,65 @@ fn kill_9_during_a_burst_of_changes_keeps_every_acknowledged_one() {
         "stored {stored} was never sent after {last_acked}"
     );
 }
+
+#[test]
+fn clients_that_never_finish_a_request_cannot_take_every_descriptor() {
+    // The admin port is reachable before the token is checked: 300 connections that each
+    // send half a request line and then nothing. The API takes at most 256 of them (the rest
+    // wait in the listen backlog) and the data plane keeps its descriptors.
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(gw.admin).unwrap();
+        std::io::Write::write_all(&mut s, b"GET /v1/health HTTP/1.1\r\n").unwrap();
+        held.push(s);
+    }
+    // Until the count has not moved for half a second: the accepts are asynchronous.
+    let (mut last, mut still) = (0, 0);
+    for _ in 0..200 {
+        thread::sleep(Duration::from_millis(50));
+        let now = fds();
+        (last, still) = (now, if now == last { still + 1 } else { 0 });
+        if still == 10 {
+            break;
+        }
+    }
+    let taken = last - before;
+    assert!(
+        (200..=260).contains(&taken),
+        "{taken} descriptors for 300 connections"
+    );
+    let r = gw
+        .connect()
+        .roundtrip("GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 200);
+    // Once they leave, the API answers again.
+    drop(held);
+    assert_eq!(gw.admin("GET", "/v1/status", None).status, 200);
+}
+
+#[test]
+fn a_body_declared_too_large_is_refused_before_it_is_sent() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let mut s = std::net::TcpStream::connect(gw.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "PUT /v1/routes/r HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 99999999999\r\n\
+         Expect: 100-continue\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+    // 413 at once: no `100 Continue` first, and no wait for the body.
+    let mut got = [0u8; 64];
+    let n = std::io::Read::read(&mut s, &mut got).unwrap();
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+}
