@@ -255,7 +255,7 @@ impl<'a> AnswerFields<'a> {
 pub fn pct_encode(bytes: &[u8], out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if crate::codec::is_unreserved(b) {
             out.push(b);
         } else {
             out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
@@ -268,14 +268,11 @@ pub fn pct_decode(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
     if !raw.contains(&b'%') {
         return Some(Cow::Borrowed(raw));
     }
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
         if raw[i] == b'%' {
-            let hi = hex(*raw.get(i + 1)?)?;
-            let lo = hex(*raw.get(i + 2)?)?;
-            out.push(hi << 4 | lo);
+            out.push(crate::codec::unescape(*raw.get(i + 1)?, *raw.get(i + 2)?)?);
             i += 3;
         } else {
             out.push(raw[i]);

@@ -90,6 +90,18 @@ pub enum BodyKind {
     UntilClose,
 }
 
+/// The byte two hex digits spell (a `%XX` escape's, RFC 3986 §2.1).
+pub(crate) fn unescape(hi: u8, lo: u8) -> Option<u8> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    Some((digit(hi)? * 16 + digit(lo)?) as u8)
+}
+
+/// RFC 3986 §2.3: letters, digits, `-`, `.`, `_` and `~`, the characters a URI never needs
+/// to escape.
+pub(crate) fn is_unreserved(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
+}
+
 /// Field names equal ignoring case and taking `_` for `-`, as CGI-style servers do
 /// (`X_Forwarded_For` is their `HTTP_X_FORWARDED_FOR`, as `X-Forwarded-For` is).
 pub(crate) fn same_field_name(a: &[u8], b: &[u8]) -> bool {

@@ -12,8 +12,8 @@ use common::snapshot::MAX_HEADER_COUNT;
 use common::Limits;
 
 use super::{
-    crlf_before, line_end, offset_in, parse_content_length, trim_ows, valid_host, BodyKind,
-    DroppedFields, FieldPlan, FieldRef, Span, TransferCodings,
+    crlf_before, is_unreserved, line_end, offset_in, parse_content_length, trim_ows, unescape,
+    valid_host, BodyKind, DroppedFields, FieldPlan, FieldRef, Span, TransferCodings,
 };
 
 /// A parsed request head; every span points into the buffer given to [`parse_request`]
@@ -484,17 +484,6 @@ fn escapes(path: &[u8]) -> Escapes {
         rest = &rest[i + 3..];
     }
     found
-}
-
-/// The byte two hex digits spell.
-fn unescape(hi: u8, lo: u8) -> Option<u8> {
-    let digit = |b: u8| (b as char).to_digit(16);
-    Some((digit(hi)? * 16 + digit(lo)?) as u8)
-}
-
-/// RFC 3986 §2.3: letters, digits, `-`, `.`, `_` and `~`.
-fn is_unreserved(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~')
 }
 
 /// Decodes, in place, the escaped unreserved characters of a path [`parse_request`] marked
