@@ -266,33 +266,9 @@ impl<S: ClientStream> Downstream<S> {
     /// nothing came and the read was cancelled without consuming anything, so the connection
     /// can park.
     async fn read_or_park(&mut self, until: Instant) -> Result<Option<usize>, ReadError> {
-        self.buf.clear();
-        self.pos = 0;
-        let owned = std::mem::take(&mut self.buf);
-        let read = self.stream.cancelable_read(owned, self.canceller.handle());
-        let mut read = std::pin::pin!(read);
-        let timer = &mut self.timer;
-        timer.arm(until);
-        let first = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = read.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            if timer.poll_expired(cx) {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        let (res, buf) = match first {
-            Some(done) => done,
-            None => {
-                // Cancel, then wait for the read to finish either way: bytes that arrived in
-                // the meantime are returned with the buffer, never lost.
-                self.canceller = std::mem::take(&mut self.canceller).cancel();
-                read.await
-            }
-        };
-        self.buf = buf;
+        // Given up at `until`: cancelled, then waited for either way, so bytes that arrived
+        // in the meantime are returned with the buffer, never lost.
+        let (res, _) = self.read_unless(0, until, |_| Err(())).await;
         match res {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => Ok(None),
@@ -535,57 +511,26 @@ impl<S: ClientStream> Downstream<S> {
     }
 
     /// [`Downstream::read_body_bytes`] into an emptied buffer, asking `stop` every `every`
-    /// while the client sends nothing: once it says so the read is cancelled and waited for
-    /// (bytes that came meanwhile are kept; a TLS session's state stays whole; an HTTP/2
-    /// stream's read is dropped, which loses nothing), and
-    /// `Ok(false)` tells the caller to read no more. The checks ride on the connection's own
-    /// read timer: no timer of their own per read.
+    /// while the client sends nothing: once it says so the read is given up (see
+    /// [`Downstream::read_unless`]) and `Ok(false)` tells the caller to read no more.
     pub async fn read_body_bytes_unless(
         &mut self,
         every: Duration,
         stop: impl Fn() -> bool,
     ) -> Result<bool, ErrorKind> {
         let deadline = Instant::now() + self.timeouts.client_body;
-        self.buf.clear();
-        self.pos = 0;
-        if self.buf.capacity() < BODY_BUF {
-            self.buf.reserve(BODY_BUF);
-        }
-        let owned = std::mem::take(&mut self.buf);
-        let read = self.stream.cancelable_read(owned, self.canceller.handle());
-        let mut read = std::pin::pin!(read);
-        let timer = &mut self.timer;
-        timer.arm(deadline.min(Instant::now() + every));
-        // Why the read was given up, if it was.
-        let first = std::future::poll_fn(|cx| {
-            if let Poll::Ready(done) = read.as_mut().poll(cx) {
-                return Poll::Ready(Ok(done));
+        let first = deadline.min(Instant::now() + every);
+        let looks = |now| {
+            if now >= deadline {
+                Err(ErrorKind::ClientTimeout)
+            } else if stop() {
+                Err(ErrorKind::UpstreamClosed)
+            } else {
+                Ok(deadline.min(now + every))
             }
-            while timer.poll_expired(cx) {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Poll::Ready(Err(ErrorKind::ClientTimeout));
-                }
-                if stop() {
-                    return Poll::Ready(Err(ErrorKind::UpstreamClosed));
-                }
-                timer.arm(deadline.min(now + every));
-            }
-            Poll::Pending
-        })
-        .await;
-        let (given_up, (res, buf)) = match first {
-            Ok(done) => (None, done),
-            Err(why) if S::WHOLE_CONNECTION => {
-                self.canceller = std::mem::take(&mut self.canceller).cancel();
-                (Some(why), read.await)
-            }
-            // An HTTP/2 stream's read takes no cancel, and loses nothing when dropped.
-            Err(why) => (Some(why), (Ok(0), Vec::with_capacity(BODY_BUF))),
         };
-        self.buf = buf;
-        match (res, given_up) {
-            // Bytes that came before the cancel are read first.
+        match self.read_unless(BODY_BUF, first, looks).await {
+            // Bytes that came before the read was given up are read first.
             (Ok(n), _) if n > 0 => Ok(true),
             (_, Some(ErrorKind::ClientTimeout)) => Err(ErrorKind::ClientTimeout),
             (_, Some(_)) => Ok(false),
@@ -593,6 +538,53 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
+    /// Reads into the buffer, emptied first (with room for `room` bytes at least), while
+    /// `looks`, asked at `first` and then whenever the time it gave comes, says when to look
+    /// next; once it gives up (`Err`), the read is cancelled and waited for, so bytes that
+    /// came meanwhile are kept with the buffer and a TLS session's state stays whole (an
+    /// HTTP/2 stream's read, which takes no cancel, is dropped: that loses nothing). The
+    /// checks ride on the connection's read timer, not a timer of their own per read.
+    /// Returns the read's outcome and why it was given up, if it was.
+    async fn read_unless<W>(
+        &mut self,
+        room: usize,
+        first: Instant,
+        mut looks: impl FnMut(Instant) -> Result<Instant, W>,
+    ) -> (std::io::Result<usize>, Option<W>) {
+        self.buf.clear();
+        self.pos = 0;
+        if self.buf.capacity() < room {
+            self.buf.reserve(room);
+        }
+        let owned = std::mem::take(&mut self.buf);
+        let read = self.stream.cancelable_read(owned, self.canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let timer = &mut self.timer;
+        timer.arm(first);
+        let done = std::future::poll_fn(|cx| {
+            if let Poll::Ready(done) = read.as_mut().poll(cx) {
+                return Poll::Ready(Ok(done));
+            }
+            while timer.poll_expired(cx) {
+                match looks(Instant::now()) {
+                    Ok(next) => timer.arm(next),
+                    Err(why) => return Poll::Ready(Err(why)),
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let (given_up, (res, buf)) = match done {
+            Ok(done) => (None, done),
+            Err(why) if S::WHOLE_CONNECTION => {
+                self.canceller = std::mem::take(&mut self.canceller).cancel();
+                (Some(why), read.await)
+            }
+            Err(why) => (Some(why), (Ok(0), Vec::with_capacity(room))),
+        };
+        self.buf = buf;
+        (res, given_up)
+    }
     /// Sends `100 Continue` to a client waiting for it before sending its body.
     pub async fn send_continue(&mut self, req: &mut RequestCtx) -> std::io::Result<()> {
         let (res, _) = self.stream.write_all(crate::status::CONTINUE).await;

@@ -177,14 +177,7 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
 ) -> Result<(), ProxyError> {
     while *left > 0 {
         if down.pos == down.buf.len() {
-            down.buf.clear();
-            down.pos = 0;
-            if down.buf.capacity() < BODY_BUF {
-                down.buf.reserve(BODY_BUF);
-            }
-        }
-        if down.pos == down.buf.len() {
-            // While the client pauses, the upstream is looked at: one that closed its end
+            // The next bytes go into the emptied buffer. While the client pauses, the upstream is looked at: one that closed its end
             // (an upload's early 413 or 401) has its answer relayed at once, not after bytes
             // the client may never send. One that answered and keeps its end open may still
             // read the rest (a duplex exchange), so the wait goes on.
