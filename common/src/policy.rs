@@ -472,7 +472,18 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
                         "an API key must be 8 to 256 visible ASCII characters",
                     ));
                 }
-                api_key_digest(key.as_bytes())
+                let digest = api_key_digest(key.as_bytes());
+                // Both given: they must agree, or which key the credential holds is a guess.
+                if c.key_sha256
+                    .as_ref()
+                    .is_some_and(|hex| *hex != to_hex(&digest))
+                {
+                    return Err(ConfigError::field(
+                        format!("{at}.key_sha256"),
+                        "is not the SHA-256 of `key`: give one or the other",
+                    ));
+                }
+                digest
             }
             (None, Some(hex)) => hex32(hex).ok_or_else(|| {
                 ConfigError::field(

@@ -515,7 +515,13 @@ fn cluster_scoped_rate_limits_need_redis() {
             "{url}"
         );
     }
-    assert!(crate::snapshot::RedisAddr::parse("redis://:bad%zz@h:1").is_err());
+    for bad in [
+        "redis://:bad%zz@h:1",
+        "redis://:bad%+1@h:1",
+        "redis://:bad%4@h:1",
+    ] {
+        assert!(crate::snapshot::RedisAddr::parse(bad).is_err(), "{bad}");
+    }
     let policy::PolicyKind::RateLimit(rl) = &s.policies.list[0].kind else {
         panic!("a rate limit")
     };

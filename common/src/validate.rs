@@ -4,21 +4,28 @@
 
 use crate::ConfigError;
 
-/// An id: 1 to 64 letters, digits, `-`, `_` or `.`; `at` names the field.
+/// An id: 1 to 64 letters, digits, `-`, `_` or `.`, and not `.` or `..`, which a client
+/// removes from `/v1/routes/..` as a dot segment (RFC 3986 5.2.4) before sending it, so the
+/// API could not name the item; `at` names the field.
 pub(crate) fn check_id(id: &str, at: &str) -> Result<(), ConfigError> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::field(
+    if !ok {
+        return Err(ConfigError::field(
             at,
             format!("{id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
-        ))
+        ));
     }
+    if matches!(id, "." | "..") && !tolerated(at, "an id the API cannot name") {
+        return Err(ConfigError::field(
+            at,
+            format!("{id:?} cannot be an id: it is a dot segment of a URL path"),
+        ));
+    }
+    Ok(())
 }
 
 std::thread_local! {

@@ -185,9 +185,10 @@ pub struct Problem {
     pub detail: String,
     /// JSON pointer (RFC 6901) of the offending field in the request body, if any.
     pub pointer: Option<String>,
-    /// A PATCH refused for its media type: the answer names the ones taken (`Accept-Patch`,
-    /// RFC 5789 2.2).
-    accept_patch: bool,
+    /// A field the answer carries beside the problem: for a body refused for its media type,
+    /// the ones taken (`Accept-Patch`, RFC 5789 2.2) or the content codings taken
+    /// (`Accept-Encoding`, RFC 9110 15.5.16).
+    field: Option<(&'static str, &'static str)>,
 }
 
 impl Problem {
@@ -197,7 +198,7 @@ impl Problem {
             title,
             detail: detail.into(),
             pointer: None,
-            accept_patch: false,
+            field: None,
         }
     }
 
@@ -246,10 +247,10 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if self.accept_patch {
+        if let Some((name, value)) = self.field {
             resp.headers_mut().insert(
-                HeaderName::from_static("accept-patch"),
-                HeaderValue::from_static("application/merge-patch+json, application/json"),
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
             );
         }
         if self.status == StatusCode::UNAUTHORIZED {
@@ -658,18 +659,56 @@ fn invalid(e: ConfigError) -> Problem {
     Problem::new(status, title, e.to_string()).at(path_to_pointer(e.path()))
 }
 
+/// Item `id` of `config`, `current`, with `patch` applied ([`patch_item`]). A null for a
+/// member the item does not have removes nothing, but it must still name a field of the
+/// item's type (the schema has no other fields): 422 if not.
+fn patched(
+    kind: Kind,
+    config: &Config,
+    id: &str,
+    mut current: Value,
+    patch: &Value,
+) -> Result<Value, Problem> {
+    if let (Value::Object(patch_map), Value::Object(cur)) = (patch, &current) {
+        let mut probe = cur.clone();
+        let mut any = false;
+        for (k, v) in patch_map {
+            if v.is_null() && !cur.contains_key(k) {
+                probe.insert(k.clone(), Value::Null);
+                any = true;
+            }
+        }
+        if any {
+            if let Err(mut p) = kind.put(&mut config.clone(), id, Value::Object(probe)) {
+                if p.status == StatusCode::BAD_REQUEST {
+                    p.status = StatusCode::UNPROCESSABLE_ENTITY;
+                    p.title = "Invalid Value";
+                    return Err(p);
+                }
+            }
+        }
+    }
+    patch_item(kind, &mut current, patch);
+    Ok(current)
+}
+
 /// RFC 7396 JSON Merge Patch of a `kind` item. A certificate patched with a new key
-/// (`key_pem` or `key_file`) and no `key_sha256` of its own loses the stored key's digest,
-/// which would otherwise stand against the new key (the digest is the gateway's output,
-/// refreshed from the key).
+/// (`key_pem` or `key_file`), or a credential with a new `key`, and no `key_sha256` of its
+/// own loses the stored key's digest, which would otherwise stand against the new key (the
+/// digest is the gateway's output, refreshed from the key).
 fn patch_item(kind: Kind, item: &mut Value, patch: &Value) {
     merge_patch(item, patch);
+    let key_fields: &[&str] = match kind {
+        Kind::Certificates => &["key_pem", "key_file"],
+        Kind::Credentials => &["key"],
+        _ => &[],
+    };
     let new_key = |p: &Value| {
-        ["key_pem", "key_file"]
+        key_fields
             .iter()
             .any(|k| p.get(k).is_some_and(|v| !v.is_null()))
     };
-    if kind == Kind::Certificates && new_key(patch) && patch.get("key_sha256").is_none() {
+    if new_key(patch) && patch.get("key_sha256").is_none() {
         if let Value::Object(item) = item {
             item.remove("key_sha256");
         }
@@ -769,39 +808,66 @@ impl Preconditions {
     /// by strong comparison (a weak tag never matches: writes need strong validators),
     /// `If-None-Match` by weak comparison (RFC 9110 13.1.2: `W/"x"` matches `"x"`).
     fn check(&self, current: Option<&str>) -> Result<(), Problem> {
-        let failed = |detail: String| {
-            Err(Problem::new(
-                StatusCode::PRECONDITION_FAILED,
-                "Precondition Failed",
-                detail,
-            ))
-        };
-        let matches = |tags: &[String]| match current {
-            None => false,
-            Some(etag) => tags.iter().any(|t| t == "*" || t == etag),
-        };
-        if let Some(tags) = &self.if_match {
-            if !matches(tags) {
-                return failed(format!(
-                    "If-Match {} does not match the current ETag {}",
-                    tags.join(", "),
-                    current.unwrap_or("(none: it does not exist)")
-                ));
-            }
-        }
-        if let Some(tags) = &self.if_none_match {
-            let weak = |t: &String| t.strip_prefix("W/").unwrap_or(t).to_owned();
-            let weakened: Vec<String> = tags.iter().map(weak).collect();
-            if matches(&weakened) {
-                return failed(format!(
-                    "If-None-Match {} matches the current ETag {}",
-                    tags.join(", "),
-                    current.unwrap_or("")
-                ));
-            }
+        self.check_if_match(current)?;
+        if self.none_match_matches(current) {
+            let tags = self.if_none_match.as_deref().unwrap_or_default();
+            return Err(precondition_failed(format!(
+                "If-None-Match {} matches the current ETag {}",
+                tags.join(", "),
+                current.unwrap_or("")
+            )));
         }
         Ok(())
     }
+
+    /// `If-Match`, compared strongly: 412 when it names none of the current ETag and `*`.
+    fn check_if_match(&self, current: Option<&str>) -> Result<(), Problem> {
+        let Some(tags) = &self.if_match else {
+            return Ok(());
+        };
+        let matches = current.is_some_and(|etag| tags.iter().any(|t| t == "*" || t == etag));
+        if matches {
+            return Ok(());
+        }
+        Err(precondition_failed(format!(
+            "If-Match {} does not match the current ETag {}",
+            tags.join(", "),
+            current.unwrap_or("(none: it does not exist)")
+        )))
+    }
+
+    /// Whether `If-None-Match` names the current ETag (or `*` and the target exists).
+    fn none_match_matches(&self, current: Option<&str>) -> bool {
+        let (Some(tags), Some(etag)) = (&self.if_none_match, current) else {
+            return false;
+        };
+        let weak = |t: &str| t.strip_prefix("W/").unwrap_or(t).to_owned();
+        tags.iter().any(|t| t == "*" || weak(t) == weak(etag))
+    }
+
+    /// A read's answer (RFC 9110 13.2.2): 412 when `If-Match` fails, `304 Not Modified` with
+    /// the ETag when `If-None-Match` names it, else `answer`.
+    fn answer_read(&self, etag: &str, answer: impl FnOnce() -> Response) -> Response {
+        if let Err(p) = self.check_if_match(Some(etag)) {
+            return p.into_response();
+        }
+        if !self.none_match_matches(Some(etag)) {
+            return answer();
+        }
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(v) = HeaderValue::from_str(etag) {
+            resp.headers_mut().insert(header::ETAG, v);
+        }
+        resp
+    }
+}
+
+fn precondition_failed(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::PRECONDITION_FAILED,
+        "Precondition Failed",
+        detail,
+    )
 }
 
 #[derive(Debug, Default)]
@@ -809,13 +875,18 @@ struct WriteQuery {
     raw: Option<String>,
 }
 
-/// The value of the one query parameter an endpoint takes, `name` (`None` when absent); any
-/// other parameter, or `name` twice, is a 400.
-pub(crate) fn only_param<'a>(raw: Option<&'a str>, name: &str) -> Result<Option<&'a str>, Problem> {
+/// The value of the one query parameter an endpoint takes, `name` (`None` when absent), its
+/// `%XX` escapes decoded as in the name; any other parameter, `name` twice, or a malformed
+/// escape is a 400.
+pub(crate) fn only_param(raw: Option<&str>, name: &str) -> Result<Option<String>, Problem> {
     let bad = |detail: String| Err(Problem::new(StatusCode::BAD_REQUEST, "Bad Query", detail));
     let mut value = None;
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = |s: &str| common::snapshot::percent_decoded(s);
+        let (Some(k), Some(v)) = (decoded(k), decoded(v)) else {
+            return bad(format!("{pair:?}: a malformed %XX escape"));
+        };
         if k != name {
             return bad(format!("unknown query parameter {k:?}"));
         }
@@ -830,7 +901,7 @@ impl WriteQuery {
     fn dry_run(&self) -> Result<bool, Problem> {
         let bad = |detail: String| Err(Problem::new(StatusCode::BAD_REQUEST, "Bad Query", detail));
         let value = only_param(self.raw.as_deref(), "dry_run")?;
-        match value.map(str::to_ascii_lowercase).as_deref() {
+        match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
             Some(_) => bad(format!(
@@ -997,9 +1068,15 @@ impl Admin {
                 check_cluster_write(e, &next, &new_keys, if dry_run { &[] } else { &removed })?;
             }
             if dry_run || changes.is_empty() {
+                // A change that changes nothing makes no revision, dry run or not.
+                let next = if changes.is_empty() {
+                    store.revision()
+                } else {
+                    revision
+                };
                 let applied = Applied {
                     revision: store.revision(),
-                    next: revision,
+                    next,
                     changes,
                     dry_run,
                 };
@@ -1587,7 +1664,31 @@ async fn json_body(
                 }
             ),
         );
-        p.accept_patch = patch;
+        if patch {
+            p.field = Some((
+                "accept-patch",
+                "application/merge-patch+json, application/json",
+            ));
+        }
+        return Err(p);
+    }
+    // A compressed body would be read as JSON text and fail with a misleading message; the
+    // API takes none (RFC 9110 15.5.16: 415, naming what it takes).
+    let codings = headers.get_all(header::CONTENT_ENCODING).iter();
+    let coded = codings
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    if let Some(coding) = coded {
+        let mut p = Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Content Coding",
+            format!(
+                "Content-Encoding {:?}: the API takes bodies without a content coding",
+                String::from_utf8_lossy(coding)
+            ),
+        );
+        p.field = Some(("accept-encoding", "identity"));
         return Err(p);
     }
     let too_large = || {
@@ -1609,7 +1710,17 @@ async fn json_body(
     // The whole body within a bound: a client that trickles it would hold a handler thread.
     let read = tokio::time::timeout(BODY_TIME, axum::body::to_bytes(body, limit));
     let bytes: Bytes = match read.await {
-        Ok(read) => read.map_err(|_| too_large())?,
+        Ok(Ok(bytes)) => bytes,
+        // Past the limit (a chunked body, or one whose length was not declared)...
+        Ok(Err(e)) if over_limit(&e) => return Err(too_large()),
+        // ... or not a body at all: bad chunked framing, or a client gone mid-body.
+        Ok(Err(e)) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "Malformed Body",
+                format!("the body could not be read: {e}"),
+            ))
+        }
         Err(_) => {
             return Err(Problem::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -1618,8 +1729,25 @@ async fn json_body(
             ))
         }
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Malformed JSON", e.to_string()))
+    crate::json::parse(&bytes).map_err(|e| {
+        let p = Problem::new(StatusCode::BAD_REQUEST, "Malformed JSON", e.to_string());
+        match e {
+            crate::json::JsonError::Duplicate { pointer } => p.at(pointer),
+            crate::json::JsonError::Syntax(_) => p,
+        }
+    })
+}
+
+/// Whether reading a body failed for its size (`to_bytes`'s limit), not its framing.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 pub(crate) fn json_response(status: StatusCode, etag: Option<String>, body: Value) -> Response {
@@ -1735,13 +1863,12 @@ async fn upstream_health(
     }
 }
 
-async fn get_config(State(admin): State<Arc<Admin>>) -> Response {
+async fn get_config(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
     let view = admin.view();
-    json_response(
-        StatusCode::OK,
-        Some(config_etag(view.revision)),
-        to_value(&view.config),
-    )
+    let etag = config_etag(view.revision);
+    Preconditions::from(&headers).answer_read(&etag.clone(), || {
+        json_response(StatusCode::OK, Some(etag), to_value(&view.config))
+    })
 }
 
 async fn put_config(
@@ -1764,15 +1891,21 @@ async fn put_config(
 async fn list_items(
     State(admin): State<Arc<Admin>>,
     Path(kind): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let kind = Kind::parse(&kind)?;
     let view = admin.view();
-    let items = kind.list(&view.config);
-    Ok(json_response(
-        StatusCode::OK,
-        Some(config_etag(view.revision)),
-        json!({"revision": view.revision, "items": items}),
-    ))
+    let etag = config_etag(view.revision);
+    Ok(
+        Preconditions::from(&headers).answer_read(&etag.clone(), || {
+            let items = kind.list(&view.config);
+            json_response(
+                StatusCode::OK,
+                Some(etag),
+                json!({"revision": view.revision, "items": items}),
+            )
+        }),
+    )
 }
 
 fn current_item_etag(store: &Store, kind: Kind, id: &str) -> Option<String> {
@@ -1786,21 +1919,28 @@ fn current_item_etag(store: &Store, kind: Kind, id: &str) -> Option<String> {
 async fn get_item(
     State(admin): State<Arc<Admin>>,
     Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let kind = Kind::parse(&kind)?;
     let view = admin.view();
+    let pre = Preconditions::from(&headers);
     let Some(value) = kind.get(&view.config, &id) else {
+        // `If-Match` on a missing item fails before the 404 (RFC 9110 13.2.2 step 1).
+        pre.check_if_match(None)?;
         return Err(Problem::not_found(format!(
             "no {} item {id:?}",
             kind.name()
         )));
     };
     let rev = view.item_revision(kind, &id);
-    let mut resp = json_response(StatusCode::OK, Some(item_etag(kind, &id, rev)), value);
-    if let Ok(v) = HeaderValue::from_str(&rev.to_string()) {
-        resp.headers_mut().insert("revision", v);
-    }
-    Ok(resp)
+    let etag = item_etag(kind, &id, rev);
+    Ok(pre.answer_read(&etag.clone(), || {
+        let mut resp = json_response(StatusCode::OK, Some(etag), value);
+        if let Ok(v) = HeaderValue::from_str(&rev.to_string()) {
+            resp.headers_mut().insert("revision", v);
+        }
+        resp
+    }))
 }
 
 /// Shared by PUT and PATCH of one item.
@@ -1826,37 +1966,13 @@ async fn write_item(
                 pre.check(current_item_etag(store, kind, id).as_deref())?;
                 let mut next = store.config().clone();
                 let value = if patch {
-                    let Some(mut current) = kind.get(&next, id) else {
+                    let Some(current) = kind.get(&next, id) else {
                         return Err(Problem::not_found(format!(
                             "no {} item {id:?} to patch",
                             kind.name()
                         )));
                     };
-                    // A null for a member the item does not have removes nothing, but it must
-                    // still name a field of the item's type (the schema has no other fields).
-                    if let (Value::Object(patch_map), Value::Object(cur)) = (&input, &current) {
-                        let mut probe = cur.clone();
-                        let mut any = false;
-                        for (k, v) in patch_map {
-                            if v.is_null() && !cur.contains_key(k) {
-                                probe.insert(k.clone(), Value::Null);
-                                any = true;
-                            }
-                        }
-                        if any {
-                            if let Err(mut p) =
-                                kind.put(&mut next.clone(), id, Value::Object(probe))
-                            {
-                                if p.status == StatusCode::BAD_REQUEST {
-                                    p.status = StatusCode::UNPROCESSABLE_ENTITY;
-                                    p.title = "Invalid Value";
-                                    return Err(p);
-                                }
-                            }
-                        }
-                    }
-                    patch_item(kind, &mut current, &input);
-                    current
+                    patched(kind, &next, id, current, &input)?
                 } else {
                     input.clone()
                 };
@@ -2002,6 +2118,7 @@ async fn batch(
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
     let batch: Batch = typed(json_body(&headers, body, false, MAX_CONFIG_BODY).await?)?;
+    let mut candidate = None;
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
         let mut next = store.config().clone();
@@ -2013,7 +2130,10 @@ async fn batch(
                     p.status = StatusCode::UNPROCESSABLE_ENTITY;
                     p.title = "Invalid Value";
                 }
-                let ptr = format!("/operations/{i}{}", p.pointer.clone().unwrap_or_default());
+                let ptr = match &p.pointer {
+                    Some(inner) => format!("/operations/{i}/value{inner}"),
+                    None => format!("/operations/{i}"),
+                };
                 p.at(ptr)
             };
             let kind = Kind::parse(&op.kind).map_err(|p| {
@@ -2041,15 +2161,15 @@ async fn batch(
                             "patch needs a value",
                         ))
                     })?;
-                    let Some(mut current) = kind.get(&next, &op.id) else {
+                    let Some(current) = kind.get(&next, &op.id) else {
                         return Err(at(Problem::new(
                             StatusCode::UNPROCESSABLE_ENTITY,
                             "Invalid Value",
                             format!("no {} item {:?} to patch", kind.name(), op.id),
                         )));
                     };
-                    patch_item(kind, &mut current, &patch);
-                    kind.put(&mut next, &op.id, current).map_err(at)?;
+                    let value = patched(kind, &next, &op.id, current, &patch).map_err(at)?;
+                    kind.put(&mut next, &op.id, value).map_err(at)?;
                 }
                 "delete" => {
                     if !kind.remove(&mut next, &op.id) {
@@ -2069,9 +2189,36 @@ async fn batch(
                 }
             }
         }
+        candidate = Some(next.clone());
         Ok(next)
-    })?;
+    });
+    let applied = applied.map_err(|p| batch_pointer(p, &batch.operations, candidate.as_ref()))?;
     Ok(config_change_response(&applied, None))
+}
+
+/// A validation error about an item a batch wrote, pointed at that operation's value (as a
+/// single write's error is pointed at its body), not at the config the batch made.
+fn batch_pointer(mut p: Problem, ops: &[Operation], candidate: Option<&Config>) -> Problem {
+    let (Some(ptr), Some(config)) = (p.pointer.as_deref(), candidate) else {
+        return p;
+    };
+    // `/routes/17/upstream`: the kind, the item's index in the candidate, the rest.
+    let mut parts = ptr.splitn(4, '/').skip(1);
+    let (Some(kind), Some(index)) = (parts.next(), parts.next()) else {
+        return p;
+    };
+    let (Ok(kind), Ok(index)) = (Kind::parse(kind), index.parse::<usize>()) else {
+        return p;
+    };
+    let rest = parts.next().map(|r| format!("/{r}")).unwrap_or_default();
+    let Some(id) = kind.ids(config).into_iter().nth(index) else {
+        return p;
+    };
+    let wrote = |o: &Operation| o.kind == kind.name() && o.id == id && o.op != "delete";
+    if let Some(i) = ops.iter().rposition(wrote) {
+        p.pointer = Some(format!("/operations/{i}/value{rest}"));
+    }
+    p
 }
 
 async fn list_revisions(State(admin): State<Arc<Admin>>) -> Result<Response, Problem> {

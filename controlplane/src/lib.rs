@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cluster;
 pub mod dns;
 pub mod etcd;
+pub mod json;
 pub mod keys;
 pub mod live;
 pub mod logger;

@@ -238,6 +238,62 @@ fn conditional_writes() {
 }
 
 #[test]
+fn conditional_reads() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let get = |path: &str, field: &str, value: &str| {
+        gw.admin_with(
+            "GET",
+            path,
+            None,
+            &[("Authorization", &auth), (field, value)],
+        )
+    };
+    for path in ["/v1/config", "/v1/routes", "/v1/routes/health"] {
+        let etag = gw
+            .admin("GET", path, None)
+            .header("etag")
+            .unwrap()
+            .to_owned();
+        // A cache that holds the current answer gets 304, the ETag and no body (RFC 9110
+        // 13.1.2, 15.4.5); a weak copy of the tag and a list naming it match too.
+        let weak = format!("W/{etag}");
+        let listed = format!("\"old\", {etag}");
+        for tag in [etag.as_str(), &weak, &listed, "*"] {
+            let r = get(path, "If-None-Match", tag);
+            assert_eq!(r.status, 304, "{path} {tag}: {}", r.head);
+            assert_eq!(r.header("etag"), Some(etag.as_str()), "{path}");
+            assert!(r.body.is_empty(), "{path}: {}", r.body_str());
+        }
+        let r = get(path, "If-None-Match", "\"old\"");
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+        // If-Match on a read: 412 unless it names the current one.
+        problem(&get(path, "If-Match", "\"old\""), 412);
+        assert_eq!(get(path, "If-Match", &etag).status, 200, "{path}");
+    }
+    // A change gives a new ETag, so the old one no longer gets 304.
+    let old = gw
+        .admin("GET", "/v1/routes/health", None)
+        .header("etag")
+        .unwrap()
+        .to_owned();
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/health",
+        Some(r#"{"path":"/health","respond":{"body":"new"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let r = get("/v1/routes/health", "If-None-Match", &old);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["respond"]["body"], json!("new"));
+    // A missing item: If-Match fails first, If-None-Match: * leaves the 404.
+    problem(&get("/v1/routes/none", "If-Match", "*"), 412);
+    problem(&get("/v1/routes/none", "If-None-Match", "*"), 404);
+}
+
+#[test]
 fn dry_run_changes_nothing_and_reports_the_diff() {
     let origin = Origin::echo();
     let gw = start(&origin);
@@ -264,6 +320,42 @@ fn dry_run_changes_nothing_and_reports_the_diff() {
         (after.body_str(), after.header("etag")),
         (before.body_str(), before.header("etag"))
     );
+    problem(&gw.admin("GET", "/v1/routes/new", None), 404);
+    // A write that changes nothing makes no revision, so its dry run names none to come.
+    let rev = revision(&gw);
+    let same = gw.admin("GET", "/v1/routes/health", None);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/health?dry_run=true",
+        Some(same.body_str()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        (
+            r.json()["would_be_revision"].clone(),
+            r.json()["changes"].clone()
+        ),
+        (json!(rev), json!([]))
+    );
+    // The query is read with its escapes decoded, in the name as in the value.
+    for query in ["dry_run=%74rue", "dry%5Frun=1"] {
+        let r = gw.admin(
+            "PUT",
+            &format!("/v1/routes/new?{query}"),
+            Some(r#"{"path":"/new","upstream":"origin"}"#),
+        );
+        assert_eq!(
+            r.json()["dry_run"],
+            json!(true),
+            "{query}: {}",
+            r.body_str()
+        );
+    }
+    problem(
+        &gw.admin("PUT", "/v1/routes/new?dry_run=%zz", Some("{}")),
+        400,
+    );
+    assert_eq!(revision(&gw), rev);
     problem(&gw.admin("GET", "/v1/routes/new", None), 404);
     // Validation still runs in a dry run.
     problem(
@@ -432,8 +524,100 @@ fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         422,
     );
     assert_eq!(p["pointer"], json!("/listeners"));
+    // A member named twice: which one counts would be a guess.
+    let p = problem(
+        &gw.admin(
+            "PUT",
+            "/v1/routes/r",
+            Some(r#"{"path":"/r","respond":{"status":200,"status":500}}"#),
+        ),
+        400,
+    );
+    assert_eq!(
+        (p["title"].clone(), p["pointer"].clone()),
+        (json!("Malformed JSON"), json!("/respond/status")),
+        "{p}"
+    );
+    // A compressed body is refused for its coding, naming the one taken.
+    let coded = |coding: &str| {
+        gw.admin_with(
+            "PUT",
+            "/v1/routes/r?dry_run=true",
+            Some(r#"{"path":"/r","respond":{}}"#),
+            &[("Authorization", &auth), ("Content-Encoding", coding)],
+        )
+    };
+    let r = coded("gzip");
+    let p = problem(&r, 415);
+    assert!(p["detail"].as_str().unwrap().contains("gzip"), "{p}");
+    assert_eq!(r.header("accept-encoding"), Some("identity"));
+    assert_eq!(coded("identity").status, 200);
+    // `.` and `..` are dot segments: a client removes them from the URL, so no item may
+    // have them as its id.
+    for id in ["%2E", "%2e%2E"] {
+        let p = problem(
+            &gw.admin(
+                "PUT",
+                &format!("/v1/routes/{id}"),
+                Some(r#"{"path":"/r","respond":{}}"#),
+            ),
+            422,
+        );
+        assert_eq!(p["pointer"], json!("/id"), "{p}");
+    }
+    // In a batch, an error in what an operation wrote points into that operation.
+    let batch = |ops: &str| {
+        gw.admin(
+            "POST",
+            "/v1/config:batch",
+            Some(&format!(r#"{{"operations":[{ops}]}}"#)),
+        )
+    };
+    let p = problem(
+        &batch(
+            r#"{"op":"put","kind":"routes","id":"r","value":{"path":"/r","respond":{}}},
+               {"op":"put","kind":"routes","id":"s","value":{"path":"/s","upstream":"gone"}}"#,
+        ),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/operations/1/value/upstream"), "{p}");
+    let p = problem(
+        &batch(r#"{"op":"put","kind":"routes","id":"r","value":{"path":"/r","colour":1}}"#),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/operations/0/value/colour"), "{p}");
+    // A patch that nulls a field the kind does not have: 422 in a batch as alone.
+    let patch = r#"{"op":"patch","kind":"routes","id":"health","value":{"colour":null}}"#;
+    let p = problem(&batch(patch), 422);
+    assert_eq!(p["pointer"], json!("/operations/0/value/colour"), "{p}");
+    let p = problem(
+        &gw.admin("PATCH", "/v1/routes/health", Some(r#"{"colour":null}"#)),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/colour"), "{p}");
     assert_eq!(revision(&gw), rev);
     problem(&gw.admin("GET", "/v1/routes/r", None), 404);
+}
+
+#[test]
+fn a_malformed_chunked_body_is_a_bad_request() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let rev = revision(&gw);
+    let mut s = std::net::TcpStream::connect(gw.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!(
+        "PUT /v1/routes/r HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         zz\r\n{{}}\r\n0\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut s, request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("Malformed Body"), "{text}");
+    assert_eq!(revision(&gw), rev);
 }
 
 #[test]

@@ -122,7 +122,20 @@ fn example_config_works_unchanged(driver: Driver) {
             entry.display()
         );
     }
-    // And the key still works after a restart from the stored state.
+    // A new key patched in replaces the stored digest (GET's `key_sha256` does not stand
+    // against it): the old key stops working, the new one works.
+    let r = gw.admin(
+        "PATCH",
+        "/v1/credentials/mobile-app-key",
+        Some(r#"{"key":"r0tated-key-1"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_ne!(r.json()["key_sha256"], creds["key_sha256"]);
+    assert_problem(&get(&gw, "/orders/1", "X-Api-Key: s3cr3t-key-1\r\n"), 401);
+    assert_eq!(
+        get(&gw, "/orders/1", "X-Api-Key: r0tated-key-1\r\n").status,
+        200
+    );
     drop(gw);
 }
 
@@ -808,7 +821,7 @@ fn policy_resources_are_validated_like_the_rest() {
     let gw = Gateway::start(&example_config(origin.addr), Driver::IoUring);
     let rev = || gw.admin("GET", "/v1/status", None).json()["revision"].clone();
     let before = rev();
-    let cases: [(&str, &str, &str, &str); 9] = [
+    let cases: [(&str, &str, &str, &str); 10] = [
         (
             "PUT",
             "/v1/policies/bad",
@@ -832,6 +845,14 @@ fn policy_resources_are_validated_like_the_rest() {
             "/v1/credentials/c",
             r#"{"consumer":"mobile-app","kind":"api_key"}"#,
             "/key",
+        ),
+        // A key and the digest of another: which key it holds would be a guess.
+        (
+            "PUT",
+            "/v1/credentials/c",
+            r#"{"consumer":"mobile-app","kind":"api_key","key":"0123456789abcdef",
+                "key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
+            "/key_sha256",
         ),
         (
             "PUT",
