@@ -334,17 +334,17 @@ pub struct Step {
     pub shape: Shape,
 }
 
-/// Compiles the aggregate at `aggregates[i]`; `upstream_ids` are the snapshot's upstreams in
-/// order.
+/// Compiles the aggregate at `aggregates[i]` (`repeated`: an earlier one has its id);
+/// `upstream_ids` are the snapshot's upstreams in order.
 pub fn compile_aggregate(
     a: &AggregateConfig,
     i: usize,
-    all: &[AggregateConfig],
+    repeated: bool,
     upstream_ids: &[&str],
 ) -> Result<Aggregate, ConfigError> {
     let at = format!("aggregates[{i}]");
     check_id(&a.id, &format!("{at}.id"))?;
-    if all[..i].iter().any(|o| o.id == a.id) {
+    if repeated {
         return Err(ConfigError::field(
             format!("{at}.id"),
             format!("duplicate aggregate id {:?}", a.id),
@@ -616,15 +616,15 @@ pub struct Profile {
     pub matcher: ProfileMatch,
 }
 
-/// Compiles `client_profiles[i]`.
+/// Compiles `client_profiles[i]` (`repeated`: an earlier one has its id).
 pub fn compile_profile(
     p: &ClientProfileConfig,
     i: usize,
-    all: &[ClientProfileConfig],
+    repeated: bool,
 ) -> Result<Profile, ConfigError> {
     let at = format!("client_profiles[{i}]");
     check_id(&p.id, &format!("{at}.id"))?;
-    if all[..i].iter().any(|o| o.id == p.id) {
+    if repeated {
         return Err(ConfigError::field(
             format!("{at}.id"),
             format!("duplicate client profile id {:?}", p.id),

@@ -11,7 +11,7 @@ use crate::aggregate::{Aggregate, Profile, ProfileMatch, Shape, Template};
 use crate::config::{Balance, Config, DirectResponseConfig, RouteConfig};
 use crate::live::{Passive, UpstreamLive};
 use crate::router::{PathTable, Router, Seg};
-use crate::validate::{check_id, tolerated, valid_host_pattern};
+use crate::validate::{check_id, first_repeat, tolerated, valid_host_pattern};
 use crate::ConfigError;
 
 pub use crate::validate::is_tchar;
@@ -511,8 +511,9 @@ impl Snapshot {
 
         crate::upstreams::check_resolver(&config.resolver)?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        let repeat = first_repeat(config.upstreams.iter().map(|u| u.id.as_str()));
         for (i, u) in config.upstreams.iter().enumerate() {
-            if config.upstreams[..i].iter().any(|o| o.id == u.id) {
+            if repeat == Some(i) {
                 return Err(ConfigError::field(
                     format!("upstreams[{i}].id"),
                     format!("duplicate upstream id {:?}", u.id),
@@ -521,12 +522,13 @@ impl Snapshot {
             upstreams.push(crate::upstreams::compile_upstream(u, i)?);
         }
         let upstream_ids: Vec<&str> = upstreams.iter().map(|u| &*u.id).collect();
+        let repeat = first_repeat(config.aggregates.iter().map(|a| a.id.as_str()));
         let aggregates = config
             .aggregates
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                crate::aggregate::compile_aggregate(a, i, &config.aggregates, &upstream_ids)
+                crate::aggregate::compile_aggregate(a, i, repeat == Some(i), &upstream_ids)
             })
             .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in aggregates.iter().enumerate() {
@@ -543,15 +545,17 @@ impl Snapshot {
                 }
             }
         }
+        let repeat = first_repeat(config.client_profiles.iter().map(|p| p.id.as_str()));
         let profiles = config
             .client_profiles
             .iter()
             .enumerate()
-            .map(|(i, p)| crate::aggregate::compile_profile(p, i, &config.client_profiles))
+            .map(|(i, p)| crate::aggregate::compile_profile(p, i, repeat == Some(i)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut transcoders = Vec::with_capacity(config.transcoders.len());
+        let repeat = first_repeat(config.transcoders.iter().map(|t| t.id.as_str()));
         for (i, t) in config.transcoders.iter().enumerate() {
-            if config.transcoders[..i].iter().any(|o| o.id == t.id) {
+            if repeat == Some(i) {
                 return Err(ConfigError::field(
                     format!("transcoders[{i}].id"),
                     format!("duplicate transcoder id {:?}", t.id),
@@ -583,14 +587,20 @@ impl Snapshot {
         let mut router = Router::default();
         let known = Known {
             upstreams: &upstreams,
+            upstream_index: upstreams
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (&*u.id, i))
+                .collect(),
             aggregates: &aggregates,
             profiles: &profiles,
             transcoders: &transcoders,
+            route_repeat: first_repeat(config.routes.iter().map(|r| r.id.as_str())),
         };
         // Earlier routes by path (see `path_key`): a route is checked against those only.
         let mut by_path: HashMap<(bool, Vec<u8>), Vec<usize>> = HashMap::new();
         for (i, r) in config.routes.iter().enumerate() {
-            let mut route = compile_route(r, i, &config, &known)?;
+            let mut route = compile_route(r, i, &known)?;
             route.policies = crate::policy::route_policies(
                 &policies,
                 &r.policies,
@@ -755,11 +765,12 @@ type CompiledTls = (
 
 fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
     let mut certs = Vec::with_capacity(config.certificates.len());
+    let repeat = first_repeat(config.certificates.iter().map(|c| c.id.as_str()));
     for i in 0..config.certificates.len() {
         let at = format!("certificates[{i}]");
         let id = config.certificates[i].id.clone();
         crate::validate::check_id(&id, &format!("{at}.id"))?;
-        if config.certificates[..i].iter().any(|c| c.id == id) {
+        if repeat == Some(i) {
             return Err(ConfigError::field(
                 format!("{at}.id"),
                 format!("duplicate certificate id {id:?}"),
@@ -845,20 +856,19 @@ fn check_http2(h: &crate::config::Http2Config) -> Result<(), ConfigError> {
 /// What routes can refer to.
 struct Known<'a> {
     upstreams: &'a [Upstream],
+    /// Each upstream's index by its id.
+    upstream_index: HashMap<&'a str, usize>,
     aggregates: &'a [Aggregate],
     profiles: &'a [Profile],
     transcoders: &'a [std::sync::Arc<crate::transcode::Transcoder>],
+    /// The first route whose id an earlier route has.
+    route_repeat: Option<usize>,
 }
 
-fn compile_route(
-    r: &RouteConfig,
-    i: usize,
-    config: &Config,
-    known: &Known<'_>,
-) -> Result<Route, ConfigError> {
+fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, ConfigError> {
     let at = format!("routes[{i}]");
     check_id(&r.id, &format!("{at}.id"))?;
-    if config.routes[..i].iter().any(|o| o.id == r.id) {
+    if known.route_repeat == Some(i) {
         return Err(ConfigError::field(
             format!("{at}.id"),
             format!("duplicate route id {:?}", r.id),
@@ -1138,8 +1148,8 @@ fn route_action(
     at: &str,
 ) -> Result<RouteAction, ConfigError> {
     if let Some(u) = upstream {
-        return match known.upstreams.iter().position(|x| &*x.id == u) {
-            Some(upstream) => Ok(RouteAction::Proxy { upstream }),
+        return match known.upstream_index.get(u) {
+            Some(&upstream) => Ok(RouteAction::Proxy { upstream }),
             None => Err(ConfigError::field(
                 format!("{at}.upstream"),
                 format!("unknown upstream {u:?}"),

@@ -593,3 +593,60 @@ fn a_default_max_connections_is_left_out_of_what_older_builds_read() {
     let back: Config = serde_json::from_value(written).unwrap();
     assert_eq!(back.limits.max_connections, 10);
 }
+
+#[test]
+fn a_repeated_id_is_refused_at_its_second_use_and_dot_ids_at_any() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    let upstream = |id: &str| {
+        format!("[[upstreams]]\nid = \"{id}\"\ntargets = [{{ address = \"127.0.0.1:1\" }}]\n")
+    };
+    let route = |id: &str| format!("[[routes]]\nid = \"{id}\"\npath = \"/{id}\"\nrespond = {{}}\n");
+    let aggregate = |id: &str| {
+        format!(
+            "[[aggregates]]\nid = \"{id}\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"u\"\n\
+             path = \"/x\"\n"
+        )
+    };
+    let profile = |id: &str| format!("[[client_profiles]]\nid = \"{id}\"\nuser_agent = [\"x\"]\n");
+    let cases = [
+        (
+            format!("{base}{}{}{}", route("a"), route("b"), route("a")),
+            "routes[2].id",
+        ),
+        (
+            format!("{base}{}{}", upstream("u"), upstream("u")),
+            "upstreams[1].id",
+        ),
+        (
+            format!(
+                "{base}{}{}{}",
+                upstream("u"),
+                aggregate("g"),
+                aggregate("g")
+            ),
+            "aggregates[1].id",
+        ),
+        (
+            format!("{base}{}{}", profile("p"), profile("p")),
+            "client_profiles[1].id",
+        ),
+    ];
+    for (text, path) in cases {
+        let e = err(&text);
+        assert_eq!(e.path(), path, "{text}");
+        assert!(e.to_string().contains("duplicate"), "{e}");
+    }
+    // Each id once, however many: fine.
+    let many: String = (0..300).map(|i| route(&format!("r{i}"))).collect();
+    assert_eq!(compile(&format!("{base}{many}")).unwrap().routes.len(), 300);
+    // `.` and `..` are dot segments, which clients remove from `/v1/routes/..`.
+    for id in [".", ".."] {
+        let text = format!("{base}{}", route(id));
+        assert_eq!(err(&text).path(), "routes[0].id", "{id}");
+        // A config stored by an earlier build that took them still starts, noting it.
+        let config = parse_config(&text, Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(config, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
+    assert!(compile(&format!("{base}{}", route("..."))).is_ok());
+}
