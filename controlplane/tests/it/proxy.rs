@@ -90,6 +90,21 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
         origin.wait_requests(3)[2].head,
         "GET /third HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nForwarded: for=6.6.6.6, for=127.0.0.1;proto=http\r\nX-Forwarded-Host: api.test"
     );
+    // The absolute form goes on in origin form, its authority as Host; an empty path is `/`
+    // (RFC 9112 3.2.1, 3.2.2), also before a query.
+    for (target, line) in [
+        ("http://api.test/p?q=1", "GET /p?q=1 HTTP/1.1"),
+        ("http://api.test", "GET / HTTP/1.1"),
+        ("http://api.test?q=1", "GET /?q=1 HTTP/1.1"),
+    ] {
+        let r = c.roundtrip(&format!(
+            "GET {target} HTTP/1.1\r\nHost: other.test\r\n\r\n"
+        ));
+        assert_eq!(r.status, 200, "{target}: {}", r.head);
+        let seen = origin.requests().pop().unwrap();
+        assert_eq!(seen.request_line(), line);
+        assert_eq!(seen.header("host"), Some("api.test"), "{target}");
+    }
 }
 
 fn routes_by_host_path_and_method(driver: Driver) {
@@ -1562,6 +1577,10 @@ fn transfer_codings_reach_only_http11_clients(driver: Driver) {
             "/old-chunked" => {
                 b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
             }
+            "/chunked-twice" => {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n\
+                  7\r\n2\r\nok\r\n\r\n5\r\n0\r\n\r\n\r\n0\r\n\r\n"
+            }
             "/old-interim" => {
                 b"HTTP/1.0 103 Early Hints\r\nLink: </a>\r\n\r\n\
                   HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -1588,6 +1607,13 @@ fn transfer_codings_reach_only_http11_clients(driver: Driver) {
     );
     let r = once("GET /gzip-chunked HTTP/1.0\r\nHost: a\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 502 "), "{r}");
+    // Chunked twice is not a coding anyone may send (RFC 9112 6.1): where it ends is a guess.
+    for version in ["1.1", "1.0"] {
+        let request =
+            format!("GET /chunked-twice HTTP/{version}\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let r = once(&request);
+        assert!(r.starts_with("HTTP/1.1 502 "), "{version}: {r}");
+    }
     // A HEAD's answer: neither the field to an HTTP/1.0 client, nor Content-Length beside it.
     let r = once("HEAD /head HTTP/1.0\r\nHost: a\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 200 "), "{r}");

@@ -321,10 +321,15 @@ pub(crate) struct TransferCodings {
     pub present: bool,
     /// `chunked` is the last coding.
     pub chunked_last: bool,
+    /// `chunked` appears.
+    chunked: bool,
     /// A coding other than `chunked` appears.
     pub other: bool,
     /// Something is malformed (not a token, `chunked` twice or not last).
     pub malformed: bool,
+    /// No framing can be read from them: a coding that is not a token, or `chunked` twice
+    /// (RFC 9112 6.1: a sender must not apply it more than once).
+    pub unframeable: bool,
 }
 
 impl TransferCodings {
@@ -335,6 +340,7 @@ impl TransferCodings {
             // rejects them, as well as quoted or otherwise odd names.
             if !coding.iter().all(|&b| common::snapshot::is_tchar(b)) {
                 self.malformed = true;
+                self.unframeable = true;
                 continue;
             }
             if self.chunked_last {
@@ -342,6 +348,8 @@ impl TransferCodings {
                 self.malformed = true;
             }
             if coding.eq_ignore_ascii_case(b"chunked") {
+                self.unframeable |= self.chunked;
+                self.chunked = true;
                 self.chunked_last = true;
             } else {
                 self.other = true;
@@ -432,6 +440,18 @@ mod tests {
             }
             (t.chunked_last, t.other, t.malformed)
         };
+        let unframeable = |lines: &[&[u8]]| {
+            let mut t = TransferCodings::default();
+            for l in lines {
+                t.add_line(l);
+            }
+            t.unframeable
+        };
+        assert!(unframeable(&[b"chunked, chunked"]));
+        assert!(unframeable(&[b"chunked", b"gzip, Chunked"]));
+        assert!(unframeable(&[b"\"chunked\""]));
+        assert!(!unframeable(&[b"gzip, chunked"]));
+        assert!(!unframeable(&[b"chunked, gzip"]));
         assert_eq!(fold(&[b"chunked"]), (true, false, false));
         assert_eq!(fold(&[b"CHUNKED"]), (true, false, false));
         assert_eq!(fold(&[b"chunked,"]), (true, false, false));

@@ -72,13 +72,12 @@ pub fn is_idempotent_method(method: &[u8]) -> bool {
 }
 
 impl RequestHead {
-    /// The path the router matches.
+    /// The path the router matches: `/` for the empty path of an absolute-form target.
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        let t = self.origin_target.of(buf);
-        if t.is_empty() {
+        if self.path_len == 0 {
             b"/"
         } else {
-            &t[..self.path_len]
+            &self.origin_target.of(buf)[..self.path_len]
         }
     }
 
@@ -356,11 +355,8 @@ pub fn parse_request_into(
             start: auth_span.end,
             end: target_span.end,
         };
-        if origin_target.of(buf).first() == Some(&b'?') {
-            // `http://h?q` has an empty path: it must be forwarded as `/?q`, which needs a
-            // rewrite this gateway does not do; such targets are rare enough to refuse.
-            return Err(ParseError::Malformed);
-        }
+        // An empty path (`http://h`, `http://h?q`) is `/` (RFC 9112 3.2.1): routed as `/`,
+        // and the rewritten request line gets the `/` (see `forward::request_extras`).
         if let Some(i) = host_index {
             // The authority wins over Host (RFC 9112 §3.2.2); the Host line is rewritten.
             dropped.mark(i);

@@ -939,7 +939,11 @@ pub(super) async fn forward<S: ClientStream>(
         // must not reach the upstream.
         let origin = head.origin_target.start;
         let t = head.origin_target.of(&down.buf);
-        let mut target = Vec::with_capacity(t.len());
+        let mut target = Vec::with_capacity(t.len() + 1);
+        if t.first() != Some(&b'/') {
+            // The empty path of an absolute-form target (`http://h?q`).
+            target.push(b'/');
+        }
         crate::forward::push_target_without(&mut target, t, |at, _| {
             req.policy
                 .query_drops

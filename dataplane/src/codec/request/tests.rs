@@ -150,6 +150,13 @@ fn absolute_form_replaces_host() {
     assert_eq!(kept_fields(input), "X: 1\r\n");
     let h = parse(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
     assert_eq!(h.path(b"GET http://a HTTP/1.1\r\nHost: a\r\n\r\n"), b"/");
+    // An empty path with a query is `/` too (RFC 9112 3.2.1).
+    let input = b"GET http://a?x=1 HTTP/1.1\r\nHost: a\r\n\r\n";
+    let h = parse(input).unwrap();
+    assert_eq!(
+        (h.path(input), h.origin_target.of(input)),
+        (&b"/"[..], &b"?x=1"[..])
+    );
     assert_eq!(
         parse(b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(),
         ParseError::Malformed
