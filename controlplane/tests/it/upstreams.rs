@@ -1054,6 +1054,37 @@ fn a_draining_target_finishes_in_flight_requests_and_gets_no_new_ones() {
 }
 
 #[test]
+fn a_config_change_keeps_the_upstream_connections_of_requests_in_flight() {
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(300)));
+    let gw = Gateway::start(&config(1, &[target(slow.addr)], "", ""), Driver::IoUring);
+    let addr = gw.addr;
+    let in_flight = thread::spawn(move || {
+        Client::connect(addr)
+            .roundtrip("GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .status
+    });
+    while slow.hits.load(SeqCst) < 1 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    // A change that leaves the target be, while its connection carries a request.
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/other",
+        Some(r#"{"path":"/other","respond":{}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    assert_eq!(in_flight.join().unwrap(), 200);
+    // The next request goes over that connection: it was pooled, not closed.
+    assert_eq!(get(&gw, "/again").status, 200);
+    assert_eq!(slow.hits.load(SeqCst), 2);
+    assert_eq!(
+        slow.conns.lock().unwrap().len(),
+        1,
+        "the connection in use at the change was closed and another opened"
+    );
+}
+
+#[test]
 fn failing_targets_are_ejected_for_a_growing_time_and_come_back() {
     let good = Backend::start("good", Mode::Answer);
     let bad = Backend::start("bad", Mode::Status(500));

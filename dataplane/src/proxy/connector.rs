@@ -107,6 +107,9 @@ pub(crate) trait SessionSource {
     /// The upstream's current target set.
     #[allow(clippy::redundant_allocation)]
     fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>>;
+    /// Whether the current config sends requests to `target`: a target, not draining, of
+    /// one of its upstreams' current sets (what the worker's sweep keeps pooled).
+    fn serves(&self, target: SocketAddr) -> bool;
 }
 
 impl SessionSource for WorkerCtx {
@@ -144,6 +147,14 @@ impl SessionSource for WorkerCtx {
     #[allow(clippy::redundant_allocation)]
     fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>> {
         WorkerCtx::target_set(self, up.revision, up.count, up.index, &up.upstream.live)
+    }
+
+    fn serves(&self, target: SocketAddr) -> bool {
+        let snap = self.config.load();
+        snap.upstreams.iter().any(|u| {
+            let set = u.live.set.load();
+            set.targets.iter().any(|t| t.addr == target && !t.draining)
+        })
     }
 }
 
@@ -417,10 +428,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         })
     }
 
-    /// Returns a session after its exchange; a reusable one goes back to the pool, unless
-    /// target sets or the config changed during the exchange: its target may be draining or
-    /// gone, and the worker's sweep, which closes pooled connections to such targets, may
-    /// already have run (a rare extra connect instead of a connection left open).
+    /// Returns a session after its exchange; a reusable one goes back to the pool. If target
+    /// sets or the config changed during the exchange, only if the current config still
+    /// sends requests to its target: the worker's sweep, which closes pooled connections to
+    /// targets that left or drain, may already have run. Before, every connection in use
+    /// at a change was closed after its exchange, and as many new ones opened.
     pub fn checkin(&self, session: Session, outcome: Outcome) {
         self.checkin_at(session, outcome, Instant::now());
     }
@@ -428,9 +440,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// [`Connector::checkin`] with the time the exchange ended, when the caller has read the
     /// clock already.
     pub fn checkin_at(&self, session: Session, outcome: Outcome, now: Instant) {
-        let unchanged =
-            common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation;
-        if outcome == Outcome::Reusable && session.poolable && unchanged {
+        let wanted = || {
+            common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation
+                || self.source.serves(session.target)
+        };
+        if outcome == Outcome::Reusable && session.poolable && wanted() {
             let mut conn = session.conn;
             conn.buf.clear();
             self.source.put_idle(session.target, conn, now);
@@ -656,6 +670,8 @@ mod tests {
         idle: RefCell<Vec<Box<UpstreamConn>>>,
         connects: Cell<u32>,
         put_back: Cell<u32>,
+        /// What `serves` answers.
+        serving: Cell<bool>,
     }
 
     impl SessionSource for FakePool {
@@ -693,6 +709,10 @@ mod tests {
         fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>> {
             Rc::new(up.upstream.live.set.load_full())
         }
+
+        fn serves(&self, _target: SocketAddr) -> bool {
+            self.serving.get()
+        }
     }
 
     /// A snapshot with one upstream of `targets` (and `extra` upstream settings in TOML).
@@ -716,6 +736,7 @@ mod tests {
             idle: RefCell::new(idle),
             connects: Cell::new(0),
             put_back: Cell::new(0),
+            serving: Cell::new(true),
         }
     }
 
@@ -814,6 +835,34 @@ mod tests {
             );
             connector.checkin(session, Outcome::Reusable);
             assert_eq!(pool.put_back.get(), 1);
+        });
+    }
+
+    #[test]
+    fn a_connection_in_use_at_a_change_is_pooled_only_while_its_target_is_served() {
+        let target = origin(2);
+        runtime().block_on(async move {
+            for serving in [true, false] {
+                let pool = fake_pool(Vec::new());
+                pool.serving.set(serving);
+                let snap = upstream(&[target], "");
+                let connector = connector(&pool, &snap);
+                let mut req = RequestCtx::new([127, 0, 0, 1].into());
+                let mut slot = None;
+                connector
+                    .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
+                    .await
+                    .expect("an answer");
+                // Target sets were published while the exchange ran. (Every other test's
+                // pool serves its targets, so this bump changes none of their outcomes.)
+                common::live::bump_generation();
+                connector.checkin(Session::answered(&mut slot), Outcome::Reusable);
+                assert_eq!(
+                    pool.put_back.get(),
+                    u32::from(serving),
+                    "serving: {serving}"
+                );
+            }
         });
     }
 
