@@ -157,7 +157,7 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     most: usize,
     deadline: Instant,
     timer: &mut ReadTimer,
-    mut watch: Option<(ClientWatch, &mut Instant)>,
+    watch: Option<(ClientWatch, &mut Instant)>,
 ) -> Result<usize, ReadError> {
     if *pos == buf.len() {
         buf.clear();
@@ -177,7 +177,22 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     let len = buf.len();
     let end = buf.capacity().min(len.saturating_add(most));
     let owned = std::mem::take(buf);
-    let mut read = std::pin::pin!(stream.read(owned.slice_mut(len..end)));
+    let read = std::pin::pin!(stream.read(owned.slice_mut(len..end)));
+    finish_read(read, buf, deadline, timer, watch).await
+}
+
+/// What a read submitted for a buffer's spare room gives back.
+pub(crate) type ReadOutcome = monoio::BufResult<usize, monoio::buf::SliceMut<Vec<u8>>>;
+
+/// Waits for `read` (of a buffer taken from `buf`, which it puts back) until `deadline`,
+/// watching a client as [`read_at_most`] says.
+pub(crate) async fn finish_read<F: Future<Output = ReadOutcome> + ?Sized>(
+    mut read: Pin<&mut F>,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    timer: &mut ReadTimer,
+    mut watch: Option<(ClientWatch, &mut Instant)>,
+) -> Result<usize, ReadError> {
     // With a client to watch the timer wakes the task at its next look, then every
     // CLIENT_CHECK, until `deadline`. A look already due fires at once; the next is then set
     // from the clock read for it, so no read pays for a clock reading of its own, and the

@@ -13,6 +13,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use common::router::Fnv;
+use monoio::buf::IoBufMut;
+use monoio::io::AsyncReadRent;
 use monoio::net::TcpStream;
 
 /// Largest response head an upstream may send, and the read buffer's size before its
@@ -26,8 +28,11 @@ pub const HEAD_ROOM: usize = 4 * 1024;
 pub const UPSTREAM_READ: usize = UPSTREAM_BUF + HEAD_ROOM;
 
 /// An open connection to a target with its read buffer.
-#[derive(Debug)]
 pub struct UpstreamConn {
+    /// The read of the next answer submitted while the connection waits in the pool (see
+    /// [`UpstreamConn::arm`]), holding the read buffer. Declared first, so dropped before
+    /// `stream`: dropping it cancels the read.
+    armed: ReadSlot,
     pub stream: TcpStream,
     pub buf: Vec<u8>,
     pub idle_since: Instant,
@@ -43,6 +48,19 @@ pub struct UpstreamConn {
     /// while reads wait (a whole HTTP/1.1 connection), and when to look at it next; cleared
     /// when the connection goes back to a pool.
     watch: Option<(crate::io::ClientWatch, Instant)>,
+}
+
+impl std::fmt::Debug for UpstreamConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConn")
+            .field("armed", &self.armed.is_armed())
+            .field("stream", &self.stream)
+            .field("buf", &self.buf.len())
+            .field("idle_since", &self.idle_since)
+            .field("counted", &self.counted)
+            .field("large_answers", &self.large_answers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One open connection in an upstream's circuit counters; dropped with the connection.
@@ -108,12 +126,27 @@ impl UpstreamConn {
         self.read_at_most(usize::MAX, deadline).await
     }
 
-    /// Like [`UpstreamConn::read_more`], reading at most `most` bytes.
+    /// Like [`UpstreamConn::read_more`], reading at most `most` bytes (the first read after
+    /// the pool takes whatever its armed read got, up to the buffer's size).
     pub(crate) async fn read_at_most(
         &mut self,
         most: usize,
         deadline: Instant,
     ) -> Result<usize, crate::io::ReadError> {
+        if self.armed.is_armed() {
+            let read = crate::io::finish_read(
+                std::pin::Pin::new(&mut self.armed),
+                &mut self.buf,
+                deadline,
+                &mut self.timer,
+                self.watch.as_mut().map(|(client, next)| (*client, next)),
+            )
+            .await;
+            // A read that did not end (a timeout, a client that left) is cancelled; the
+            // caller closes the connection.
+            self.armed.clear();
+            return read;
+        }
         let mut pos = 0;
         crate::io::read_at_most(
             &mut self.stream,
@@ -128,8 +161,67 @@ impl UpstreamConn {
         .await
     }
 
+    /// Submits the read of the next answer into the (empty) buffer, as the connection goes
+    /// into the pool: the pool then sees an upstream that closes the idle connection or
+    /// sends bytes nobody asked for by that read ending, without a system call of its own
+    /// (nginx keeps a read handler on its idle connections for the same reason), and the
+    /// next exchange's first read is already waiting.
+    fn arm(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let end = buf.capacity();
+        let read = self.stream.read(buf.slice_mut(0..end));
+        // SAFETY: monoio's `TcpStream::read` submits the receive when called, with its own
+        // handle of the socket (`SharedFd`), and returns a future that owns that operation
+        // and the buffer and never touches the stream again (monoio 0.2.4,
+        // `net/tcp/stream.rs` and `driver/op/recv.rs`): its type borrows the stream only
+        // because an `impl Future` of a trait method captures every lifetime in scope. So it
+        // may outlive that borrow. Dropped, it cancels the receive; the socket stays open
+        // until the receive has ended.
+        unsafe { self.armed.put(read) };
+    }
+
+    /// Whether an idle connection is still open and has sent nothing unasked: its armed
+    /// read is still waiting (the end of one is seen once the worker's event loop has
+    /// reaped it), or, unarmed, a non-blocking peek finds nothing.
+    fn idle_and_open(&mut self) -> bool {
+        if !self.armed.is_armed() {
+            return still_open(&self.stream);
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.armed.poll_read(&mut cx).is_pending()
+    }
+
+    /// Cancels the armed read, for an exchange that looks at the socket itself before it
+    /// reads the answer (an upload watched for an early answer): the read would take what
+    /// those looks are for. Anything it had read was sent before the request, so unasked.
+    /// The buffer goes with it; the connection gets a new one.
+    pub(crate) fn disarm(&mut self) {
+        if self.armed.is_armed() {
+            self.armed.clear();
+            self.buf = Vec::with_capacity(UPSTREAM_READ);
+        }
+    }
+
+    /// Ends the armed read after the request was (partly) sent, keeping what it read in
+    /// `buf`: the start of an answer the upstream sent before taking the whole request.
+    pub(crate) fn settle(&mut self) {
+        if !self.armed.is_armed() {
+            return;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match self.armed.poll_read(&mut cx) {
+            std::task::Poll::Ready((_, slice)) => self.buf = slice.into_inner(),
+            std::task::Poll::Pending => {
+                self.armed.clear();
+                self.buf = Vec::with_capacity(UPSTREAM_READ);
+            }
+        }
+    }
+
     fn new(stream: TcpStream) -> Self {
         UpstreamConn {
+            armed: ReadSlot::default(),
             stream,
             buf: Vec::with_capacity(UPSTREAM_READ),
             idle_since: Instant::now(),
@@ -207,34 +299,37 @@ impl Pool {
         }
     }
 
-    /// The most recently returned live connection to `addr`, if any, checked first with a
-    /// non-blocking peek: one the upstream closed while it sat in the pool (its keep-alive
-    /// timeout) is not used, nor one it sent bytes on that nobody asked for (a second answer,
-    /// a body after a HEAD answer): read as the next request's answer, they would give one
-    /// client another's response, and every later client on the connection the one before
-    /// theirs. nginx and HAProxy watch idle connections for the same reason. The peek is a
-    /// system call per reuse: 4% of the requests per CPU-second at small answers
-    /// (`docs/perf/pool-peek-ab-2cpu.csv`), the price of never mixing answers up.
+    /// The most recently returned live connection to `addr`, if any, checked first by its
+    /// armed read ([`UpstreamConn::arm`]): one the upstream closed while it sat in the pool
+    /// (its keep-alive timeout) is not used, nor one it sent bytes on that nobody asked for
+    /// (a second answer, a body after a HEAD answer): read as the next request's answer,
+    /// they would give one client another's response, and every later client on the
+    /// connection the one before theirs. nginx and HAProxy watch idle connections for the
+    /// same reason. The non-blocking peek that checked them before cost a system call per
+    /// reuse, 3 to 4% of the requests per CPU-second at small answers
+    /// (`docs/perf/pool-peek-ab-2cpu.csv`, `docs/perf/armed-read-ab-2cpu-20261206.md`).
     pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
         let list = self.idle.get_mut(&addr)?;
-        while let Some(conn) = list.pop() {
+        while let Some(mut conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
-            if idle < self.idle_timeout && still_open(&conn.stream) {
+            if idle < self.idle_timeout && conn.idle_and_open() {
                 return Some(conn);
             }
         }
         None
     }
 
-    /// Returns a connection whose last response was fully read; dropped when the pool is full.
+    /// Returns a connection whose last response was fully read, its next read armed
+    /// ([`UpstreamConn::arm`]); dropped when the pool is full.
     pub fn put(&mut self, addr: SocketAddr, mut conn: Box<UpstreamConn>, now: Instant) {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
-        conn.idle_since = now;
-        conn.watch = None;
         let list = self.idle.entry(addr).or_default();
         if list.len() < self.max_idle {
+            conn.idle_since = now;
+            conn.watch = None;
+            conn.arm();
             list.push(conn);
         }
     }
@@ -261,4 +356,106 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.idle.values().map(Vec::len).sum()
     }
+}
+
+/// Room for one armed read ([`UpstreamConn::arm`]): the future monoio's read returns, of a
+/// type that cannot be named, kept without a heap allocation per read (the request path
+/// allocates nothing). The room is allocated once, with the connection.
+struct ReadSlot {
+    room: Box<std::mem::MaybeUninit<[u64; SLOT_WORDS]>>,
+    /// How to poll and drop the future in `room`, while one is there.
+    live: Option<(PollRead, DropRead)>,
+}
+
+/// Words of room in a [`ReadSlot`]; a future that does not fit fails to compile.
+const SLOT_WORDS: usize = 32;
+
+type PollRead = unsafe fn(*mut u8, &mut std::task::Context<'_>) -> Poll<crate::io::ReadOutcome>;
+type DropRead = unsafe fn(*mut u8);
+
+use std::task::Poll;
+
+impl Default for ReadSlot {
+    fn default() -> Self {
+        ReadSlot {
+            room: Box::new(std::mem::MaybeUninit::uninit()),
+            live: None,
+        }
+    }
+}
+
+impl ReadSlot {
+    fn is_armed(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Keeps `read` (dropping one kept before).
+    ///
+    /// # Safety
+    /// `read` may borrow nothing that can go away before it is polled to its end or dropped.
+    unsafe fn put<F: std::future::Future<Output = crate::io::ReadOutcome>>(&mut self, read: F) {
+        const {
+            assert!(std::mem::size_of::<F>() <= SLOT_WORDS * 8);
+            assert!(std::mem::align_of::<F>() <= 8);
+        }
+        self.clear();
+        // SAFETY: the room is large and aligned enough for `F` (checked above) and holds no
+        // live value (cleared); it is in its own allocation, so `F` does not move until it is
+        // dropped in place (pinned).
+        unsafe { self.room.as_mut_ptr().cast::<F>().write(read) };
+        self.live = Some((poll_in_place::<F>, drop_in_place::<F>));
+    }
+
+    /// Polls the kept read; once it has ended, the room is empty again.
+    fn poll_read(&mut self, cx: &mut std::task::Context<'_>) -> Poll<crate::io::ReadOutcome> {
+        let Some((poll, _)) = self.live else {
+            return Poll::Pending;
+        };
+        // SAFETY: `live` says the room holds the future `poll` was made for.
+        let out = unsafe { poll(self.room.as_mut_ptr().cast(), cx) };
+        if out.is_ready() {
+            self.clear();
+        }
+        out
+    }
+
+    /// Drops the kept read, if any (cancelling it if it has not ended).
+    fn clear(&mut self) {
+        if let Some((_, drop)) = self.live.take() {
+            // SAFETY: the room holds the future `drop` was made for, dropped once (`live`
+            // is taken).
+            unsafe { drop(self.room.as_mut_ptr().cast()) };
+        }
+    }
+}
+
+impl std::future::Future for ReadSlot {
+    type Output = crate::io::ReadOutcome;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().poll_read(cx)
+    }
+}
+
+impl Drop for ReadSlot {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// # Safety
+/// `at` points at a live `F` that never moves.
+unsafe fn poll_in_place<F: std::future::Future>(
+    at: *mut u8,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<F::Output> {
+    // SAFETY: the caller's contract.
+    unsafe { std::pin::Pin::new_unchecked(&mut *at.cast::<F>()) }.poll(cx)
+}
+
+/// # Safety
+/// `at` points at a live `F`, not used again.
+unsafe fn drop_in_place<F>(at: *mut u8) {
+    // SAFETY: the caller's contract.
+    unsafe { at.cast::<F>().drop_in_place() }
 }

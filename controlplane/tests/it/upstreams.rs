@@ -957,8 +957,16 @@ fn sloppy_origin() -> Origin {
 
 #[test]
 fn a_pooled_connection_that_went_bad_is_not_used() {
+    // Both drivers: a pooled connection's armed read is an io_uring receive on one, a
+    // readiness wait on the other.
+    for driver in [Driver::IoUring, Driver::Epoll] {
+        pooled_connections_that_went_bad_are_not_used(driver);
+    }
+}
+
+fn pooled_connections_that_went_bad_are_not_used(driver: Driver) {
     let origin = sloppy_origin();
-    let gw = Gateway::start(&config(1, &[target(origin.addr)], "", ""), Driver::IoUring);
+    let gw = Gateway::start(&config(1, &[target(origin.addr)], "", ""), driver);
     let mut c = gw.connect();
     // A POST cannot be sent again on a fresh connection, so its pooled one is looked at
     // before use, however short its idle time: this one was closed by the upstream.

@@ -253,7 +253,7 @@ async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<
                 let now = Instant::now();
                 match still {
                     Some((before, since)) if before == acked => {
-                        if now - since >= EARLY_STALL && final_answer_waiting(fd) {
+                        if now - since >= EARLY_STALL && final_answer_waiting(&[], fd) {
                             return None;
                         }
                     }
@@ -264,13 +264,18 @@ async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<
     }
 }
 
-/// Whether the upstream's socket holds the start of a final answer: what is there past
-/// any whole interim (1xx) heads, and not what may still become one.
-pub(crate) fn final_answer_waiting(fd: RawFd) -> bool {
+/// Whether the start of a final answer waits: `read` (bytes of it read already), then
+/// what the upstream's socket holds; what is there past any whole interim (1xx) heads, and
+/// not what may still become one.
+pub(crate) fn final_answer_waiting(read: &[u8], fd: RawFd) -> bool {
     let mut buf = [0u8; 2048];
-    let (Peeked::Data, n) = peek_into(fd, &mut buf) else {
+    let have = read.len().min(buf.len());
+    buf[..have].copy_from_slice(&read[..have]);
+    let (peeked, n) = peek_into(fd, &mut buf[have..]);
+    let n = have + if peeked == Peeked::Data { n } else { 0 };
+    if n == 0 {
         return false;
-    };
+    }
     let interim = |r: &[u8]| r.len() >= 10 && r.starts_with(b"HTTP/1.") && &r[8..10] == b" 1";
     let mut rest = &buf[..n];
     while interim(rest) {

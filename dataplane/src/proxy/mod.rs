@@ -662,6 +662,10 @@ async fn proxy<S: ClientStream>(
         (write_failed, early) = (false, false);
         let reused = session.reused;
         let conn = &mut session.conn;
+        if body_left > 0 {
+            // The upload looks at the socket for an early answer itself.
+            conn.disarm();
+        }
         // The exchange's reads wait on the client connection's timer, which keeps expiring
         // later with each request instead of re-entering the timer wheel (see `ReadTimer`);
         // given back at check-in. Not an HTTP/2 stream's: it would be made for one request.
@@ -933,10 +937,12 @@ async fn answered_early(
     is_head: bool,
     plan: &mut FieldPlan,
 ) -> Result<ResponseHead, ProxyError> {
-    if err.kind.side() == Side::Client
-        || (reused && err.retryable)
-        || !exchange::final_answer_waiting(conn.stream.as_raw_fd())
-    {
+    if err.kind.side() == Side::Client || (reused && err.retryable) {
+        return Err(err);
+    }
+    // What a pooled connection's armed read took is the start of what waits.
+    conn.settle();
+    if !exchange::final_answer_waiting(&conn.buf, conn.stream.as_raw_fd()) {
         return Err(err);
     }
     early_head(conn, is_head, plan).await.ok_or(err)
@@ -952,7 +958,7 @@ async fn early_head(
     plan: &mut FieldPlan,
 ) -> Option<ResponseHead> {
     let deadline = Instant::now() + EARLY_ANSWER_WAIT;
-    conn.buf.clear();
+    // `conn.buf` holds what was read of it already, if anything (see `answered_early`).
     let mut first_byte = None;
     loop {
         match read_head(
