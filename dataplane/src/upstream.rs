@@ -167,6 +167,10 @@ impl UpstreamConn {
     /// (nginx keeps a read handler on its idle connections for the same reason), and the
     /// next exchange's first read is already waiting.
     fn arm(&mut self) {
+        debug_assert!(
+            !self.armed.is_armed(),
+            "armed twice: the buffer is with the first read"
+        );
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let end = buf.capacity();
@@ -192,31 +196,21 @@ impl UpstreamConn {
         self.armed.poll_read(&mut cx).is_pending()
     }
 
-    /// Cancels the armed read, for an exchange that looks at the socket itself before it
-    /// reads the answer (an upload watched for an early answer): the read would take what
-    /// those looks are for. Anything it had read was sent before the request, so unasked.
-    /// The buffer goes with it; the connection gets a new one.
-    pub(crate) fn disarm(&mut self) {
-        if self.armed.is_armed() {
-            self.armed.clear();
-            self.buf = Vec::with_capacity(UPSTREAM_READ);
-        }
+    /// Ends the armed read if it has read something (the start of an answer the upstream
+    /// sent before taking the whole request), keeping that in `buf`; one still waiting stays
+    /// armed, and the socket holds whatever has not reached it yet.
+    pub(crate) fn settle(&mut self) {
+        settle_into(&mut self.armed, &mut self.buf);
     }
 
-    /// Ends the armed read after the request was (partly) sent, keeping what it read in
-    /// `buf`: the start of an answer the upstream sent before taking the whole request.
-    pub(crate) fn settle(&mut self) {
-        if !self.armed.is_armed() {
-            return;
-        }
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match self.armed.poll_read(&mut cx) {
-            std::task::Poll::Ready((_, slice)) => self.buf = slice.into_inner(),
-            std::task::Poll::Pending => {
-                self.armed.clear();
-                self.buf = Vec::with_capacity(UPSTREAM_READ);
-            }
-        }
+    /// The stream to write an upload to, and the look for an early answer meanwhile (the
+    /// armed read stays in place: it may take that answer, in order, before any peek).
+    pub(crate) fn upload(&mut self) -> (&mut TcpStream, AnswerLook<'_>) {
+        let look = AnswerLook {
+            armed: &mut self.armed,
+            buf: &mut self.buf,
+        };
+        (&mut self.stream, look)
     }
 
     fn new(stream: TcpStream) -> Self {
@@ -358,6 +352,34 @@ impl Pool {
     }
 }
 
+/// What an upload's look for an early answer reads first, on a connection whose armed
+/// read may hold the start of it.
+pub(crate) struct AnswerLook<'a> {
+    armed: &'a mut ReadSlot,
+    buf: &'a mut Vec<u8>,
+}
+
+impl AnswerLook<'_> {
+    /// What the upstream sent that was read already: the armed read's bytes once it has
+    /// ended (kept in the connection's buffer, for the answer's read), else nothing.
+    pub(crate) fn read_so_far(&mut self) -> &[u8] {
+        settle_into(self.armed, self.buf);
+        self.buf
+    }
+}
+
+/// Moves what an ended armed read took into `buf` (appended to nothing: the read had the
+/// buffer); a read still waiting stays armed.
+fn settle_into(armed: &mut ReadSlot, buf: &mut Vec<u8>) {
+    if !armed.is_armed() {
+        return;
+    }
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if let Poll::Ready((_, slice)) = armed.poll_read(&mut cx) {
+        *buf = slice.into_inner();
+    }
+}
+
 /// Room for one armed read ([`UpstreamConn::arm`]): the future monoio's read returns, of a
 /// type that cannot be named, kept without a heap allocation per read (the request path
 /// allocates nothing). The room is allocated once, with the connection.
@@ -365,6 +387,8 @@ struct ReadSlot {
     room: Box<std::mem::MaybeUninit<[u64; SLOT_WORDS]>>,
     /// How to poll and drop the future in `room`, while one is there.
     live: Option<(PollRead, DropRead)>,
+    /// Neither Send nor Sync, as the futures it keeps (monoio's are bound to the thread).
+    _local: std::marker::PhantomData<*mut ()>,
 }
 
 /// Words of room in a [`ReadSlot`]; a future that does not fit fails to compile.
@@ -380,6 +404,7 @@ impl Default for ReadSlot {
         ReadSlot {
             room: Box::new(std::mem::MaybeUninit::uninit()),
             live: None,
+            _local: std::marker::PhantomData,
         }
     }
 }
@@ -406,10 +431,11 @@ impl ReadSlot {
         self.live = Some((poll_in_place::<F>, drop_in_place::<F>));
     }
 
-    /// Polls the kept read; once it has ended, the room is empty again.
+    /// Polls the kept read; once it has ended, the room is empty again. Only while one is
+    /// kept ([`ReadSlot::is_armed`]).
     fn poll_read(&mut self, cx: &mut std::task::Context<'_>) -> Poll<crate::io::ReadOutcome> {
         let Some((poll, _)) = self.live else {
-            return Poll::Pending;
+            unreachable!("a read slot polled with no read in it");
         };
         // SAFETY: `live` says the room holds the future `poll` was made for.
         let out = unsafe { poll(self.room.as_mut_ptr().cast(), cx) };

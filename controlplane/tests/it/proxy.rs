@@ -43,6 +43,7 @@ both_drivers!(
     early_upstream_answer_to_an_unread_body_is_relayed,
     an_early_answer_reaches_a_client_that_pauses_mid_body,
     early_answer_from_an_upstream_that_stops_reading_comes_at_once,
+    an_early_answer_on_a_pooled_connection_comes_at_once,
     an_upstream_that_answers_early_but_reads_on_gets_the_whole_body,
     a_refused_upload_gets_its_answer_through_a_lingering_close,
     http10_expectations_are_ignored,
@@ -1400,6 +1401,75 @@ fn early_answer_from_an_upstream_that_stops_reading_comes_at_once(driver: Driver
         );
         assert!(c.is_closed_within(Duration::from_secs(5)));
         sender.join().unwrap();
+    }
+}
+
+/// An origin for one keep-alive connection: answers its first request (`GET /warm`) with 200,
+/// reads the next request's head only, then hands the socket to `then`.
+fn warm_then(then: fn(&mut TcpStream)) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            for n in 0..2 {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                if n == 0 {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            }
+            then(&mut s);
+        }
+    });
+    addr
+}
+
+fn an_early_answer_on_a_pooled_connection_comes_at_once(driver: Driver) {
+    // The upload goes over the connection a GET left in the pool, whose next read is armed
+    // there: the early answer is found in that read, whether the upstream stops reading
+    // (the gateway's write stalls) or closes while the client pauses mid-body.
+    fn refuse(s: &mut TcpStream) {
+        let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
+        thread::sleep(Duration::from_secs(15));
+    }
+    for pause in [false, true] {
+        let origin = warm_then(if pause { refuse_and_close } else { refuse });
+        let gw = Gateway::start(
+            &framing_config(
+                origin,
+                "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
+            ),
+            driver,
+        );
+        let mut c = gw.connect();
+        let r = c.roundtrip("GET /warm HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!((r.status, r.body_str()), (200, "ok"));
+        thread::sleep(Duration::from_millis(20));
+        let started = std::time::Instant::now();
+        let sender = if pause {
+            c.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nhello");
+            None
+        } else {
+            Some(start_upload(&mut c))
+        };
+        let r = c.read_response();
+        assert_eq!(
+            (r.status, r.body_str()),
+            (413, "too big!"),
+            "pause: {pause}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(c.is_closed_within(Duration::from_secs(5)));
+        if let Some(sender) = sender {
+            sender.join().unwrap();
+        }
     }
 }
 

@@ -209,9 +209,12 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
         };
         let start = down.pos;
         let buf = std::mem::take(&mut down.buf);
-        let fd = conn.stream.as_raw_fd();
-        let write = conn.stream.write_all(buf.slice(start..start + take));
-        let Some((res, slice)) = unless_answered(write, fd).await else {
+        let (stream, mut look) = conn.upload();
+        let fd = stream.as_raw_fd();
+        let write = stream.write_all(buf.slice(start..start + take));
+        let Some((res, slice)) =
+            unless_answered(write, fd, || final_answer_waiting(look.read_so_far(), fd)).await
+        else {
             // The write is abandoned with the buffer it held: the client connection closes
             // after the answer, so nothing in it is needed.
             down.buf = Vec::with_capacity(BODY_BUF);
@@ -239,7 +242,14 @@ const EARLY_STALL: Duration = Duration::from_secs(1);
 /// [`EARLY_STALL`] (not at the send timeout, `upstream_send_ms`); the caller relays the
 /// answer (`early_answer`). An upstream that answered and still reads, however slowly, gets
 /// the whole body (RFC 9112 9.3 leaves that to the client).
-async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<F::Output> {
+///
+/// `answered` looks for the answer: what a pooled connection's armed read took, then the
+/// socket ([`crate::upstream::AnswerLook`]).
+async fn unless_answered<F: std::future::Future>(
+    write: F,
+    fd: RawFd,
+    mut answered: impl FnMut() -> bool,
+) -> Option<F::Output> {
     let mut write = std::pin::pin!(write);
     // The acknowledged count, and since when it has not moved.
     let mut still: Option<(u64, Instant)> = None;
@@ -253,7 +263,7 @@ async fn unless_answered<F: std::future::Future>(write: F, fd: RawFd) -> Option<
                 let now = Instant::now();
                 match still {
                     Some((before, since)) if before == acked => {
-                        if now - since >= EARLY_STALL && final_answer_waiting(&[], fd) {
+                        if now - since >= EARLY_STALL && answered() {
                             return None;
                         }
                     }

@@ -662,10 +662,6 @@ async fn proxy<S: ClientStream>(
         (write_failed, early) = (false, false);
         let reused = session.reused;
         let conn = &mut session.conn;
-        if body_left > 0 {
-            // The upload looks at the socket for an early answer itself.
-            conn.disarm();
-        }
         // The exchange's reads wait on the client connection's timer, which keeps expiring
         // later with each request instead of re-entering the timer wheel (see `ReadTimer`);
         // given back at check-in. Not an HTTP/2 stream's: it would be made for one request.
@@ -724,7 +720,8 @@ async fn proxy<S: ClientStream>(
         let head_read = session.conn.head_read(down.splice_socket().is_some());
         let conn = &mut session.conn;
         let mut first_byte = None;
-        conn.buf.clear();
+        // `conn.buf` is empty, or holds the start of the answer that an upload's look for
+        // an early answer took from the armed read (see `AnswerLook`).
         loop {
             let read = read_head(
                 conn,
@@ -940,7 +937,8 @@ async fn answered_early(
     if err.kind.side() == Side::Client || (reused && err.retryable) {
         return Err(err);
     }
-    // What a pooled connection's armed read took is the start of what waits.
+    // What a pooled connection's armed read took, if it has ended, is the start of what
+    // waits; one still waiting stays armed, to read the rest in order.
     conn.settle();
     if !exchange::final_answer_waiting(&conn.buf, conn.stream.as_raw_fd()) {
         return Err(err);
