@@ -10,6 +10,7 @@ use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use common::router::Fnv;
@@ -396,8 +397,6 @@ const SLOT_WORDS: usize = 32;
 
 type PollRead = unsafe fn(*mut u8, &mut std::task::Context<'_>) -> Poll<crate::io::ReadOutcome>;
 type DropRead = unsafe fn(*mut u8);
-
-use std::task::Poll;
 
 impl Default for ReadSlot {
     fn default() -> Self {
