@@ -1248,15 +1248,35 @@ pub(crate) fn head_only_origin(then: fn(&mut TcpStream)) -> std::net::SocketAddr
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         if let Ok((mut s, _)) = listener.accept() {
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
-                head.push(byte[0]);
-            }
+            read_request_head(&mut s);
             then(&mut s);
         }
     });
     addr
+}
+
+/// Reads a request head byte by byte, leaving whatever follows it in the socket.
+fn read_request_head(s: &mut TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+}
+
+/// For [`head_only_origin`]: refuses the upload with a 413, then neither reads its body nor
+/// closes, for longer than a test waits.
+fn refuse_and_stay(s: &mut TcpStream) {
+    let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
+    thread::sleep(Duration::from_secs(15));
+}
+
+/// A config for uploads to `origin` that a refusal, not a send timeout, must end.
+fn upload_config(origin: std::net::SocketAddr) -> String {
+    framing_config(
+        origin,
+        "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
+    )
 }
 
 /// For [`head_only_origin`]: refuses the upload with a 413 and closes its end, its body
@@ -1369,23 +1389,13 @@ fn early_answer_from_an_upstream_that_stops_reading_comes_at_once(driver: Driver
     // Refuses the upload after its head (after a `100 Continue`, for the second), then
     // neither reads nor closes: the answer reaches the client within a couple of seconds,
     // not after `upstream_send_ms` (30 s here; the client waits 10).
-    fn refuse(s: &mut TcpStream) {
-        let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
-        thread::sleep(Duration::from_secs(15));
-    }
     fn go_on_then_refuse(s: &mut TcpStream) {
         let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-        refuse(s);
+        refuse_and_stay(s);
     }
-    for then in [refuse as fn(&mut TcpStream), go_on_then_refuse] {
+    for then in [refuse_and_stay as fn(&mut TcpStream), go_on_then_refuse] {
         let origin = head_only_origin(then);
-        let gw = Gateway::start(
-            &framing_config(
-                origin,
-                "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
-            ),
-            driver,
-        );
+        let gw = Gateway::start(&upload_config(origin), driver);
         let mut c = gw.connect();
         let started = std::time::Instant::now();
         let sender = start_upload(&mut c);
@@ -1411,16 +1421,9 @@ fn warm_then(then: fn(&mut TcpStream)) -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         if let Ok((mut s, _)) = listener.accept() {
-            for n in 0..2 {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
-                    head.push(byte[0]);
-                }
-                if n == 0 {
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-                }
-            }
+            read_request_head(&mut s);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            read_request_head(&mut s);
             then(&mut s);
         }
     });
@@ -1431,19 +1434,13 @@ fn an_early_answer_on_a_pooled_connection_comes_at_once(driver: Driver) {
     // The upload goes over the connection a GET left in the pool, whose next read is armed
     // there: the early answer is found in that read, whether the upstream stops reading
     // (the gateway's write stalls) or closes while the client pauses mid-body.
-    fn refuse(s: &mut TcpStream) {
-        let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!");
-        thread::sleep(Duration::from_secs(15));
-    }
     for pause in [false, true] {
-        let origin = warm_then(if pause { refuse_and_close } else { refuse });
-        let gw = Gateway::start(
-            &framing_config(
-                origin,
-                "[timeouts]\nupstream_send_ms = 30000\n[limits]\nmax_body_bytes = 100000000\n",
-            ),
-            driver,
-        );
+        let origin = warm_then(if pause {
+            refuse_and_close
+        } else {
+            refuse_and_stay
+        });
+        let gw = Gateway::start(&upload_config(origin), driver);
         let mut c = gw.connect();
         let r = c.roundtrip("GET /warm HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!((r.status, r.body_str()), (200, "ok"));
