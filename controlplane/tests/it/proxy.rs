@@ -106,6 +106,12 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
         assert_eq!(seen.request_line(), line);
         assert_eq!(seen.header("host"), Some("api.test"), "{target}");
     }
+    // A later minor version of HTTP/1 is read as HTTP/1.1 (RFC 9112 2.3), and goes on as
+    // the gateway's own version.
+    let r = c.roundtrip("GET /later HTTP/1.2\r\nHost: api.test\r\n\r\n");
+    assert!(r.head.starts_with("HTTP/1.1 200 "), "{}", r.head);
+    let seen = origin.requests().pop().unwrap();
+    assert_eq!(seen.request_line(), "GET /later HTTP/1.1");
 }
 
 fn routes_by_host_path_and_method(driver: Driver) {

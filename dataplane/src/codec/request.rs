@@ -138,6 +138,23 @@ pub fn parse_request(
     Ok(parse_request_into(buf, limits, plan, &mut head)?.then_some(head))
 }
 
+/// Rewrites the request line's version in place from `HTTP/1.2` ... `HTTP/1.9` to `HTTP/1.1`,
+/// and says whether it did: a recipient processes a later minor version of a major version
+/// it implements as the highest minor version it implements (RFC 9112 2.3, RFC 9110 2.5),
+/// and an intermediary sends its own version on. httparse refuses any but 1.0 and 1.1.
+pub fn as_http11(buf: &mut [u8]) -> bool {
+    let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n');
+    let line = &buf[..line_end.unwrap_or(buf.len())];
+    let Some(at) = line.len().checked_sub(9) else {
+        return false;
+    };
+    let later = line[at..].starts_with(b" HTTP/1.") && (b'2'..=b'9').contains(&line[at + 8]);
+    if later {
+        buf[at + 8] = b'1';
+    }
+    later
+}
+
 /// [`parse_request`] writing the head into `out` (`Ok(true)`: complete), for the hot path:
 /// the head is written once, where the connection keeps it, instead of being returned and
 /// copied there.

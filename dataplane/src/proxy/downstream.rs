@@ -15,7 +15,9 @@ use monoio::net::TcpStream;
 use super::context::RequestCtx;
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
-use crate::codec::request::{decode_unreserved, parse_request_into, RequestHead};
+use crate::codec::request::{
+    as_http11, decode_unreserved, parse_request_into, ParseError, RequestHead,
+};
 use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
@@ -166,10 +168,7 @@ impl<S: ClientStream> Downstream<S> {
         // No request line read yet (an error before one was is logged without one).
         head.method = Span::default();
         loop {
-            if !self.buf.is_empty()
-                && !self.preface_so_far()
-                && parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head)?
-            {
+            if !self.buf.is_empty() && !self.preface_so_far() && self.parse_head(head)? {
                 decode_unreserved(&mut self.buf, head);
                 return Ok(Head::Request);
             }
@@ -248,6 +247,17 @@ impl<S: ClientStream> Downstream<S> {
                     return Ok(Head::Closed)
                 }
             }
+        }
+    }
+
+    /// Parses the buffered request head into `head` (`Ok(true)`: complete), an `HTTP/1.2` to
+    /// `HTTP/1.9` request line read as `HTTP/1.1` ([`as_http11`]).
+    fn parse_head(&mut self, head: &mut RequestHead) -> Result<bool, ParseError> {
+        match parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head) {
+            Err(ParseError::VersionNotSupported) if as_http11(&mut self.buf) => {
+                parse_request_into(&self.buf, &self.limits, &mut self.req_plan, head)
+            }
+            parsed => parsed,
         }
     }
 

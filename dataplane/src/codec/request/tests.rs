@@ -305,3 +305,36 @@ fn escaped_unreserved_characters_are_decoded_in_place() {
         b"GET http://h.example/ab/c HTTP/1.1\r\n"
     );
 }
+
+#[test]
+fn a_later_minor_version_is_read_as_http11() {
+    for (line, want) in [
+        (
+            &b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"[..],
+            Some(&b"GET / HTTP/1.1\r\n"[..]),
+        ),
+        (b"GET /x HTTP/1.9", Some(b"GET /x HTTP/1.1")),
+        (b"GET / HTTP/1.1\r\n", None),
+        (b"GET / HTTP/1.0\r\n", None),
+        (b"GET / HTTP/2.0\r\n", None),
+        (b"GET / HTTP/1.10\r\n", None),
+        (b"GET / HTTP/1.", None),
+        (b"HTTP/1.2", None),
+    ] {
+        let mut buf = line.to_vec();
+        assert_eq!(
+            as_http11(&mut buf),
+            want.is_some(),
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+        if let Some(want) = want {
+            assert!(buf.starts_with(want), "{}", String::from_utf8_lossy(&buf));
+        } else {
+            assert_eq!(buf, line);
+        }
+    }
+    let mut buf = b"GET / HTTP/1.2\r\nHost: a\r\n\r\n".to_vec();
+    assert!(as_http11(&mut buf));
+    assert!(parse(&buf).is_ok());
+}
