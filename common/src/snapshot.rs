@@ -136,26 +136,34 @@ impl RedisAddr {
 
 /// `s` with its `%XX` escapes decoded (RFC 3986 2.1); `None` for a bad escape or a result
 /// that is not UTF-8. For the user information of store URLs (Redis here, etcd in the
-/// control plane).
+/// control plane) and the admin API's query.
 pub fn percent_decoded(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
+    String::from_utf8(pct_decode(s.as_bytes())?.into_owned()).ok()
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed one (`%` without two hex digits after it).
+pub fn pct_decode(raw: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    if !raw.contains(&b'%') {
+        return Some(std::borrow::Cow::Borrowed(raw));
+    }
+    let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            // Two hex digits: `from_str_radix` alone would also take `+1`.
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            out.push(unescape(*raw.get(i + 1)?, *raw.get(i + 2)?)?);
             i += 3;
         } else {
-            out.push(b[i]);
+            out.push(raw[i]);
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    Some(std::borrow::Cow::Owned(out))
+}
+
+/// The byte two hex digits spell (a `%XX` escape's, RFC 3986 §2.1).
+pub fn unescape(hi: u8, lo: u8) -> Option<u8> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    Some((digit(hi)? * 16 + digit(lo)?) as u8)
 }
 
 /// The compiled access log settings.

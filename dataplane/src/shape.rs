@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use common::aggregate::{Part, Shape, Template};
 use common::config::OnConflict;
+pub use common::snapshot::pct_decode;
 use serde_json::{Map, Value};
 
 /// Why a shape could not be applied.
@@ -261,25 +262,6 @@ pub fn pct_encode(bytes: &[u8], out: &mut Vec<u8>) {
             out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
         }
     }
-}
-
-/// Decodes `%XX` escapes; `None` for a malformed one.
-pub fn pct_decode(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
-    if !raw.contains(&b'%') {
-        return Some(Cow::Borrowed(raw));
-    }
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'%' {
-            out.push(crate::codec::unescape(*raw.get(i + 1)?, *raw.get(i + 2)?)?);
-            i += 3;
-        } else {
-            out.push(raw[i]);
-            i += 1;
-        }
-    }
-    Some(Cow::Owned(out))
 }
 
 /// Decodes a query value as browsers and forms encode it (`application/x-www-form-urlencoded`):

@@ -10,6 +10,9 @@ pub mod chunked;
 pub mod request;
 pub mod response;
 
+/// `%XX` decoding, shared with the control plane's.
+pub(crate) use common::snapshot::unescape;
+
 /// A byte range in a connection's read buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Span {
@@ -88,12 +91,6 @@ pub enum BodyKind {
     Chunked,
     /// Until the connection closes (responses only).
     UntilClose,
-}
-
-/// The byte two hex digits spell (a `%XX` escape's, RFC 3986 §2.1).
-pub(crate) fn unescape(hi: u8, lo: u8) -> Option<u8> {
-    let digit = |b: u8| (b as char).to_digit(16);
-    Some((digit(hi)? * 16 + digit(lo)?) as u8)
 }
 
 /// RFC 3986 §2.3: letters, digits, `-`, `.`, `_` and `~`, the characters a URI never needs
