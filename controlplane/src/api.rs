@@ -637,8 +637,7 @@ pub fn path_to_pointer(path: &str) -> String {
         let mut rest = part;
         let name_end = rest.find('[').unwrap_or(rest.len());
         if name_end > 0 {
-            out.push('/');
-            out.push_str(&rest[..name_end].replace('~', "~0").replace('/', "~1"));
+            crate::json::push_pointer_step(&mut out, &rest[..name_end]);
         }
         rest = &rest[name_end..];
         while let Some(close) = rest.find(']') {
@@ -846,16 +845,16 @@ impl Preconditions {
     }
 
     /// A read's answer (RFC 9110 13.2.2): 412 when `If-Match` fails, `304 Not Modified` with
-    /// the ETag when `If-None-Match` names it, else `answer`.
-    fn answer_read(&self, etag: &str, answer: impl FnOnce() -> Response) -> Response {
-        if let Err(p) = self.check_if_match(Some(etag)) {
+    /// the ETag when `If-None-Match` names it, else `answer` with the ETag.
+    fn answer_read(&self, etag: String, answer: impl FnOnce(String) -> Response) -> Response {
+        if let Err(p) = self.check_if_match(Some(&etag)) {
             return p.into_response();
         }
-        if !self.none_match_matches(Some(etag)) {
-            return answer();
+        if !self.none_match_matches(Some(&etag)) {
+            return answer(etag);
         }
         let mut resp = StatusCode::NOT_MODIFIED.into_response();
-        if let Ok(v) = HeaderValue::from_str(etag) {
+        if let Ok(v) = HeaderValue::from_str(&etag) {
             resp.headers_mut().insert(header::ETAG, v);
         }
         resp
@@ -1866,7 +1865,7 @@ async fn upstream_health(
 async fn get_config(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Response {
     let view = admin.view();
     let etag = config_etag(view.revision);
-    Preconditions::from(&headers).answer_read(&etag.clone(), || {
+    Preconditions::from(&headers).answer_read(etag, |etag| {
         json_response(StatusCode::OK, Some(etag), to_value(&view.config))
     })
 }
@@ -1896,16 +1895,14 @@ async fn list_items(
     let kind = Kind::parse(&kind)?;
     let view = admin.view();
     let etag = config_etag(view.revision);
-    Ok(
-        Preconditions::from(&headers).answer_read(&etag.clone(), || {
-            let items = kind.list(&view.config);
-            json_response(
-                StatusCode::OK,
-                Some(etag),
-                json!({"revision": view.revision, "items": items}),
-            )
-        }),
-    )
+    Ok(Preconditions::from(&headers).answer_read(etag, |etag| {
+        let items = kind.list(&view.config);
+        json_response(
+            StatusCode::OK,
+            Some(etag),
+            json!({"revision": view.revision, "items": items}),
+        )
+    }))
 }
 
 fn current_item_etag(store: &Store, kind: Kind, id: &str) -> Option<String> {
@@ -1934,7 +1931,7 @@ async fn get_item(
     };
     let rev = view.item_revision(kind, &id);
     let etag = item_etag(kind, &id, rev);
-    Ok(pre.answer_read(&etag.clone(), || {
+    Ok(pre.answer_read(etag, |etag| {
         let mut resp = json_response(StatusCode::OK, Some(etag), value);
         if let Ok(v) = HeaderValue::from_str(&rev.to_string()) {
             resp.headers_mut().insert("revision", v);

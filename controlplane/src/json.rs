@@ -43,14 +43,20 @@ pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
         if *duplicate.borrow() {
             let mut pointer = String::new();
             for part in path.borrow().iter() {
-                pointer.push('/');
-                pointer.push_str(&part.replace('~', "~0").replace('/', "~1"));
+                push_pointer_step(&mut pointer, part);
             }
             JsonError::Duplicate { pointer }
         } else {
             JsonError::Syntax(e.to_string())
         }
     })
+}
+
+/// Appends `/` and `step` (a member name or an index) to a JSON pointer, `~` and `/` escaped
+/// (RFC 6901 3).
+pub fn push_pointer_step(pointer: &mut String, step: &str) {
+    pointer.push('/');
+    pointer.push_str(&step.replace('~', "~0").replace('/', "~1"));
 }
 
 /// Reads one value. `path` holds the members and indices down to the value being read;

@@ -595,6 +595,7 @@ impl<S: ClientStream> Downstream<S> {
         self.buf = buf;
         (res, given_up)
     }
+
     /// Sends `100 Continue` to a client waiting for it before sending its body.
     pub async fn send_continue(&mut self, req: &mut RequestCtx) -> std::io::Result<()> {
         let (res, _) = self.stream.write_all(crate::status::CONTINUE).await;
