@@ -60,7 +60,26 @@ pub struct Policies {
     /// The query parameters `api_key` policies read a key from: the access log leaves them
     /// out whether or not a policy ran.
     pub query_keys: Box<[Box<[u8]>]>,
+    /// Lower-case names of the request fields a trailer section must not carry (beyond the
+    /// framing ones): those the gateway sets or reads for forwarding and authentication, and
+    /// every policy's key and consumer header. The head's copies are checked or replaced; a
+    /// trailer's would reach the upstream unchecked, and one that merges trailers into the
+    /// header section (RFC 9110 6.5.1 forbids it, some do it) would take a forged one.
+    pub trailer_refused: std::sync::Arc<[Box<[u8]>]>,
 }
+
+/// The request fields [`Policies::trailer_refused`] always holds: credentials, and those the
+/// gateway writes for forwarding and tracing.
+const TRAILER_REFUSED: &[&[u8]] = &[
+    b"authorization",
+    b"proxy-authorization",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+    b"traceparent",
+];
 
 /// Stored API keys: SHA-256 digests, bucketed by their first 8 bytes. A lookup hashes the
 /// presented key, finds the bucket, and compares the full digests in constant time, so
@@ -527,8 +546,24 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
             }
         }
     }
+    let mut trailer_refused: Vec<Box<[u8]>> =
+        TRAILER_REFUSED.iter().map(|&n| Box::from(n)).collect();
+    for p in &list {
+        let names = match &p.kind {
+            PolicyKind::ApiKey(k) => [k.header.as_deref(), Some(&*k.consumer_header)],
+            PolicyKind::Jwt(j) => [None, Some(&*j.consumer_header)],
+            _ => continue,
+        };
+        for name in names.into_iter().flatten() {
+            let lower: Box<[u8]> = name.to_ascii_lowercase().into();
+            if !trailer_refused.contains(&lower) {
+                trailer_refused.push(lower);
+            }
+        }
+    }
     Ok(Policies {
         query_keys: query_keys.into(),
+        trailer_refused: trailer_refused.into(),
         list,
         consumers,
         api_keys,

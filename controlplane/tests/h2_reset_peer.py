@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status|two|torn]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status|two|torn|trailers]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -11,8 +11,9 @@ bytes of a message come before the reset; with `silent`, nothing is ever answere
 `content-length: 0` (which RFC 9110 8.6 forbids); with `html`, a 200 `text/html` page (not
 gRPC); with `no-status`, a gRPC answer of one message that ends without trailers (no
 `grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`;
-with `torn`, one message and the start of another, then `grpc-status: 0`. Each request's
-line also gives its content type. Runs until killed.
+with `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`,
+once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without
+any) and a 204. Each request's line also gives its content type. Runs until killed.
 Loopback only.
 """
 import socket
@@ -35,6 +36,7 @@ HTML = sys.argv[2:] == ["html"]
 NO_STATUS = sys.argv[2:] == ["no-status"]
 TWO = sys.argv[2:] == ["two"]
 TORN = sys.argv[2:] == ["torn"]
+TRAILERS = sys.argv[2:] == ["trailers"]
 lock = threading.Lock()
 
 
@@ -42,18 +44,35 @@ def serve(sock):
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
+    got_trailers = set()
     while True:
         data = sock.recv(65536)
         if not data:
             return
         for event in conn.receive_data(data):
+            if TRAILERS and isinstance(event, (h2.events.TrailersReceived,
+                                               h2.events.StreamEnded)):
+                if isinstance(event, h2.events.TrailersReceived):
+                    fields = sorted(f"{k.decode()}={v.decode()}" for k, v in event.headers)
+                    with lock:
+                        print("trailers " + " ".join(fields), flush=True)
+                elif event.stream_id not in got_trailers:
+                    with lock:
+                        print("trailers -", flush=True)
+                if isinstance(event, h2.events.TrailersReceived):
+                    got_trailers.add(event.stream_id)
+                else:
+                    conn.send_headers(event.stream_id, [(":status", "204")], end_stream=True)
+                continue
+            if TRAILERS and isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if isinstance(event, h2.events.RequestReceived):
                 fields = dict(event.headers)
                 path = fields.get(b":path", b"").decode()
                 ctype = fields.get(b"content-type", b"-").decode()
                 with lock:
                     print(f"request {path} {ctype}", flush=True)
-                if SILENT:
+                if SILENT or TRAILERS:
                     continue
                 if TWO or TORN:
                     conn.send_headers(event.stream_id, [(":status", "200"),

@@ -403,11 +403,17 @@ impl ResetPeer {
     }
 
     /// Stops the peer; how many requests it was sent.
-    fn requests(mut self) -> usize {
+    fn requests(self) -> usize {
+        let text = self.output();
+        text.lines().filter(|l| l.starts_with("request ")).count()
+    }
+
+    /// Stops the peer; what it printed after its port.
+    fn output(mut self) -> String {
         self.stop();
         let mut text = String::new();
         let _ = self.out.read_to_string(&mut text);
-        text.lines().filter(|l| l.starts_with("request ")).count()
+        text
     }
 
     fn stop(&mut self) {
@@ -421,6 +427,63 @@ impl Drop for ResetPeer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+#[test]
+fn request_trailers_to_an_http2_upstream_lose_the_fields_the_gateway_sets_or_checks() {
+    // An HTTP/2 client's body relayed to an h2c upstream as it comes, its trailers after a
+    // pause: they go on as HTTP/2 trailers but for a client address and a policy's consumer
+    // header (in either spelling), which an upstream merging trailers into the head would
+    // take for the gateway's.
+    let peer = ResetPeer::start_with(&["0", "trailers"]);
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n\
+         [[policies]]\nid = \"who\"\nkind = \"api_key\"\nconsumer_header = \"X-Who\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    const CLIENT: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
+                   (":authority", "t")])
+c.send_data(1, b"abc")
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(1, [("x-sum", "1"), ("x-forwarded-for", "10.1.1.1"), ("x-who", "forged"),
+                   ("x_who", "forged")], end_stream=True)
+s.sendall(c.data_to_send())
+status, done = None, False
+while not done:
+    data = s.recv(65536)
+    if not data:
+        break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+            done = True
+    s.sendall(c.data_to_send())
+print(status, flush=True)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", CLIENT, &gw.addr.port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "204",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = peer.output();
+    let trailers: Vec<&str> = seen.lines().filter(|l| l.starts_with("trailers")).collect();
+    assert_eq!(trailers, ["trailers x-sum=1"], "{seen}");
 }
 
 #[test]

@@ -699,6 +699,20 @@ print(status, flush=True)
         String::from_utf8_lossy(&seen.raw_body),
         "5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"
     );
+    // A field the gateway sets (a client address) in the trailers: a bad request, as over
+    // HTTP/1.1, and the upstream never gets the request whole.
+    let forged = CLIENT.replace(
+        "(\"host\", \"elsewhere\")",
+        "(\"x-forwarded-for\", \"10.1.1.1\")",
+    );
+    let out = h2_client(&gw, &forged);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "400",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(origin.requests().len(), 1);
 }
 
 #[test]

@@ -764,6 +764,89 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
 }
 
 #[test]
+fn a_request_trailer_cannot_carry_what_the_gateway_sets_or_checks() {
+    // The head's copies of these are checked, dropped or replaced; a trailer's would reach
+    // the upstream unseen, and an upstream that merges trailers into the head would take a
+    // forged consumer id or client address. `X-Who` is the consumer header of a policy no
+    // route lists: a name a policy sets is refused wherever it is configured.
+    let origin = Origin::echo();
+    let config = format!(
+        "{}\n[[policies]]\nid = \"who\"\nkind = \"api_key\"\nconsumer_header = \"X-Who\"\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let post = |trailer: &str| {
+        let mut c = gw.connect();
+        c.roundtrip(&format!(
+            "POST /orders/1 HTTP/1.1\r\nHost: t\r\nX-Api-Key: s3cr3t-key-1\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+             3\r\nabc\r\n0\r\n{trailer}\r\n\r\n"
+        ))
+    };
+    // Any other trailer field goes on as it came.
+    let r = post("X-Sum: 1");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = origin.wait_requests(1);
+    assert_eq!(seen[0].raw_body, b"3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n");
+    for trailer in [
+        "X-Consumer-Id: forged",
+        "x-consumer_id: forged",
+        "X-Who: forged",
+        "X-Api-Key: s3cr3t-key-1",
+        "Authorization: Bearer forged",
+        "X-Forwarded-For: 10.1.1.1",
+        "Forwarded: for=10.1.1.1",
+        "X-Request-Id: forged",
+    ] {
+        let r = post(trailer);
+        assert_eq!(r.status, 400, "{trailer}: {}", r.body_str());
+    }
+    let r = post("X-Sum: 2");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let seen = origin.wait_requests(2);
+    assert_eq!(seen.len(), 2, "only the two allowed requests arrived whole");
+    assert!(seen[1].raw_body.ends_with(b"X-Sum: 2\r\n\r\n"));
+
+    // The same when the trailer comes after the head and the first chunk have gone on (to
+    // an origin that says when it has them): the connection to it is closed with the
+    // request unfinished, the forged field never sent.
+    let raw = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    let (got_chunk, chunk_seen) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = raw.accept().unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut all = Vec::new();
+        let mut piece = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut s, &mut piece) {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&all).into_owned(),
+                Ok(n) => all.extend_from_slice(&piece[..n]),
+            }
+            if all.ends_with(b"3\r\nabc\r\n") {
+                let _ = got_chunk.send(());
+            }
+        }
+    });
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"raw\"\n\
+         targets = [{{ address = \"{raw_addr}\" }}]\n[[routes]]\nid = \"raw\"\n\
+         path_prefix = \"/\"\nupstream = \"raw\"\n"
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
+    chunk_seen
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the head and the first chunk reach the upstream");
+    c.send(b"0\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n");
+    assert_eq!(c.read_response().status, 400);
+    let upstream_saw = reader.join().unwrap();
+    assert!(upstream_saw.ends_with("3\r\nabc\r\n"), "{upstream_saw}");
+}
+
+#[test]
 fn acl_by_consumer_and_group() {
     let origin = Origin::echo();
     let extra = r#"

@@ -5,7 +5,10 @@
 //! one step over chunk data, and says how many of them belong to the message and when the
 //! message ends. It is strict where leniency has enabled request smuggling: hex sizes that would
 //! overflow, bare LF or CR, bytes between the size and CRLF other than a well-formed extension,
-//! missing CRLF after data, and framing fields in the trailer section are all errors.
+//! missing CRLF after data, and framing fields in the trailer section are all errors (in a
+//! request's, also the fields the gateway sets or checks, see [`ChunkedDecoder::request`]).
+
+use std::sync::Arc;
 
 use common::snapshot::is_tchar;
 
@@ -25,6 +28,8 @@ pub enum ChunkError {
     Overflow,
     #[error("trailer section too large")]
     TrailerTooLarge,
+    #[error("a request trailer field the gateway sets or checks")]
+    RefusedTrailer,
 }
 
 /// Appends the chunk data of a complete chunked body that [`ChunkedDecoder`] has already
@@ -97,9 +102,12 @@ pub struct ChunkedDecoder {
     data_len: u64,
     /// Bytes of chunk data the size lines seen so far declare.
     declared: u64,
-    /// First bytes of the current trailer field name, lower-cased, to spot framing fields.
-    name: [u8; 20],
+    /// First bytes of the current trailer field name, lower-cased, to spot framing fields
+    /// and refused ones (policy header names are at most 64 bytes).
+    name: [u8; 64],
     name_len: usize,
+    /// A request's: more names its trailer section must not carry.
+    refused: Option<Arc<[Box<[u8]>]>>,
 }
 
 impl ChunkedDecoder {
@@ -114,8 +122,19 @@ impl ChunkedDecoder {
             digits: 0,
             data_len: 0,
             declared: 0,
-            name: [0; 20],
+            name: [0; 64],
             name_len: 0,
+            refused: None,
+        }
+    }
+
+    /// A decoder for a request body relayed as it came, whose trailer section must not carry
+    /// the fields named in `refused` (lower-case; `_` is taken for `-`, as the head's copies
+    /// are): the head's are checked, dropped or replaced, a trailer's would go on unseen.
+    pub fn request(max_trailer: usize, refused: Arc<[Box<[u8]>]>) -> Self {
+        Self {
+            refused: Some(refused),
+            ..Self::new(max_trailer)
         }
     }
 
@@ -248,6 +267,9 @@ impl ChunkedDecoder {
                 if self.is_framing_name() {
                     return Err(ChunkError::Malformed);
                 }
+                if self.is_refused_name() {
+                    return Err(ChunkError::RefusedTrailer);
+                }
                 TrailerValue
             }
             (TrailerName, _) if is_tchar(b) => {
@@ -276,6 +298,24 @@ impl ChunkedDecoder {
     fn is_framing_name(&self) -> bool {
         self.name_len <= self.name.len() && is_framing_field(&self.name[..self.name_len])
     }
+
+    /// Whether the current trailer field is one of `refused`'s.
+    fn is_refused_name(&self) -> bool {
+        let Some(refused) = &self.refused else {
+            return false;
+        };
+        self.name
+            .get(..self.name_len)
+            .is_some_and(|name| names_one_of(name, refused))
+    }
+}
+
+/// Whether the field `name` is one of `refused` (lower-case names; `_` is taken for `-`, as
+/// CGI-style servers do).
+pub fn names_one_of(name: &[u8], refused: &[Box<[u8]>]) -> bool {
+    refused
+        .iter()
+        .any(|r| crate::codec::same_field_name(name, r))
 }
 
 /// Whether a trailer field named `lower` (lower-case) is one that must never appear in a
@@ -403,6 +443,36 @@ mod tests {
         let mut d = ChunkedDecoder::new(16);
         let r = d.advance(b"0\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n");
         assert_eq!(r, Err(ChunkError::TrailerTooLarge));
+    }
+
+    #[test]
+    fn a_request_trailer_may_not_carry_a_refused_field() {
+        let refused: Arc<[Box<[u8]>]> = Arc::from([Box::from(&b"x-consumer-id"[..])]);
+        for trailer in ["X-Consumer-Id: forged", "x-consumer_ID: forged"] {
+            let input = format!("3\r\nabc\r\n0\r\nX-Sum: 1\r\n{trailer}\r\n\r\n");
+            // Split anywhere, the field is still seen.
+            for at in 0..input.len() {
+                let mut d = ChunkedDecoder::request(1024, refused.clone());
+                let r = d
+                    .advance(&input.as_bytes()[..at])
+                    .and_then(|_| d.advance(&input.as_bytes()[at..]));
+                assert_eq!(
+                    r,
+                    Err(ChunkError::RefusedTrailer),
+                    "{trailer} split at {at}"
+                );
+            }
+            // Without the list (an answer's), it goes on.
+            let mut d = ChunkedDecoder::new(1024);
+            assert_eq!(d.advance(input.as_bytes()), Ok(input.len()));
+            assert!(d.is_done());
+        }
+        // Other fields, a name the refused one starts with, and a longer one, go on.
+        let long = "X".repeat(100);
+        let input = format!("0\r\nX-Consumer-Ids: 1\r\nX-Sum: 2\r\n{long}: 3\r\n\r\n");
+        let mut d = ChunkedDecoder::request(1024, refused);
+        assert_eq!(d.advance(input.as_bytes()), Ok(input.len()));
+        assert!(d.is_done());
     }
 
     #[test]

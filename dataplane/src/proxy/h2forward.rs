@@ -480,13 +480,14 @@ impl Replay {
 }
 
 /// Relays an HTTP/2 client's request body to the upstream stream as it arrives, trailers
-/// included, keeping a copy in `replay`; a client that resets its stream resets the
-/// upstream's.
+/// included but for the fields named in `refused` ([`common::policy::Policies::trailer_refused`]),
+/// keeping a copy in `replay`; a client that resets its stream resets the upstream's.
 async fn pump(
     first: Bytes,
     mut from: RecvStream,
     mut to: SendStream<Bytes>,
     replay: &RefCell<Replay>,
+    refused: Arc<[Box<[u8]>]>,
 ) {
     replay.borrow_mut().keep(&first);
     // Unbounded here: the request's own deadlines end the pump (it is aborted with it).
@@ -513,8 +514,16 @@ async fn pump(
         }
     }
     match poll_fn(|cx| from.poll_trailers(cx)).await {
-        Ok(Some(trailers)) => {
+        Ok(Some(mut trailers)) => {
             replay.borrow_mut().lost = true;
+            let forged: Vec<HeaderName> = trailers
+                .keys()
+                .filter(|n| crate::codec::chunked::names_one_of(n.as_str().as_bytes(), &refused))
+                .cloned()
+                .collect();
+            for name in forged {
+                trailers.remove(name);
+            }
             let _ = to.send_trailers(trailers);
         }
         Ok(None) => {
@@ -1183,8 +1192,10 @@ pub(super) async fn forward<S: ClientStream>(
                     pump_guard = Some(AbortOnDrop(abort.clone()));
                     if let Some(to) = up_send.take() {
                         let replay = replay.clone();
+                        let refused = snap.policies.trailer_refused.clone();
                         monoio::spawn(async move {
-                            until_aborted(&abort, pump(first, rest, to, &replay)).await;
+                            let pump = pump(first, rest, to, &replay, refused);
+                            until_aborted(&abort, pump).await;
                         });
                     }
                 }

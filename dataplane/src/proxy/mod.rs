@@ -532,7 +532,19 @@ async fn handle<S: ClientStream>(
                     .await
                     .unwrap_or_else(|| client_left_meanwhile(req));
             }
-            proxy(ctx, down, req, head, route, up, peer.ip, choice.shape).await
+            let refused = &snap.policies.trailer_refused;
+            proxy(
+                ctx,
+                down,
+                req,
+                head,
+                route,
+                up,
+                peer.ip,
+                choice.shape,
+                refused,
+            )
+            .await
         }
         RouteAction::Aggregate { aggregate } => {
             fanout::aggregate(ctx, snap, down, req, head, route, *aggregate, peer.ip).await
@@ -603,7 +615,9 @@ fn allowed(route: &Route) -> Vec<u8> {
 }
 
 /// Forwards the request to a target of `up` and relays the response (reshaped by `shape`, if
-/// any); `peer` is the address the connection came from (appended to `X-Forwarded-For`).
+/// any); `peer` is the address the connection came from (appended to `X-Forwarded-For`);
+/// `refused`: the fields a chunked body's trailer section must not carry
+/// ([`common::policy::Policies::trailer_refused`]).
 #[allow(clippy::too_many_arguments)]
 async fn proxy<S: ClientStream>(
     ctx: &WorkerCtx,
@@ -614,6 +628,7 @@ async fn proxy<S: ClientStream>(
     up: connector::UpstreamRef<'_>,
     peer: std::net::IpAddr,
     shape: Option<&common::aggregate::Shape>,
+    refused: &std::sync::Arc<[Box<[u8]>]>,
 ) -> Next {
     // Body bytes that arrived with the head go out in the same write.
     let buffered = &down.buf[head.head_end..];
@@ -625,7 +640,7 @@ async fn proxy<S: ClientStream>(
             (k, n - k as u64)
         }
         BodyKind::Chunked => {
-            let mut d = ChunkedDecoder::new(down.limits.max_header_bytes);
+            let mut d = ChunkedDecoder::request(down.limits.max_header_bytes, refused.clone());
             let k = match d.advance(buffered) {
                 Ok(k) => k,
                 Err(_) => return down.fail(req, ErrorKind::BadRequest).await,
