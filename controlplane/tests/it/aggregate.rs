@@ -385,6 +385,73 @@ fn a_client_gone_while_the_steps_ran_is_logged_499() {
     // One still there gets its answer.
     let r = get(&mut gw.connect(), "/agg", "");
     assert_eq!(r.status, 200, "{}", r.body_str());
+
+    // A step whose upstream has not answered when the client leaves is stopped then (the
+    // client is looked at every second), its upstream connection closed: not held for
+    // nobody until the step's 30-second timeout.
+    let (gw, log, closed) = a_silent_step("");
+    let mut c = gw.connect();
+    c.send(b"GET /agg?gone=2 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    drop(c);
+    closed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the step's upstream connection is closed once the client has gone");
+    let line = log_line(&log, "gone=2");
+    assert!(line.contains("\"status\":499"), "{line}");
+    // The same for an HTTP/2 client that resets its stream (the connection stays open).
+    let (gw, log, closed) = a_silent_step("h2c = true\n");
+    const RESET: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":path", "/agg?gone=3"), (":scheme", "http"),
+                   (":authority", "shop.test")], end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.reset_stream(1)
+s.sendall(c.data_to_send())
+sys.stdin.read()
+"#;
+    let mut client = std::process::Command::new("python3")
+        .args(["-c", RESET, &gw.addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with the PyPI package h2");
+    let stopped = closed.recv_timeout(Duration::from_secs(10));
+    drop(client.stdin.take());
+    let _ = client.wait();
+    stopped.expect("the step's upstream connection is closed once the stream is reset");
+    let line = log_line(&log, "gone=3");
+    assert!(line.contains("\"status\":499"), "{line}");
+}
+
+/// A gateway (its listener with `listener_extra`) whose aggregate `/agg` has one step, with
+/// 30 s to answer, on an upstream that never answers; its access log, and what says when the
+/// step's upstream connection has closed.
+fn a_silent_step(
+    listener_extra: &str,
+) -> (Gateway, std::path::PathBuf, std::sync::mpsc::Receiver<()>) {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (closed, closed_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (mut s, _) = silent.accept().unwrap();
+        let mut sink = [0u8; 4096];
+        while std::io::Read::read(&mut s, &mut sink).is_ok_and(|n| n > 0) {}
+        let _ = closed.send(());
+    });
+    let (log, section) = access_log("aggregate-silent");
+    let config = format!(
+        "{}{listener_extra}\n[[upstreams]]\nid = \"u0\"\n\
+         targets = [{{ address = \"{silent_addr}\" }}]\n\n[[aggregates]]\nid = \"agg\"\n\
+         deadline_ms = 30000\n{}\n[[routes]]\nid = \"agg\"\npath = \"/agg\"\n\
+         aggregate = \"agg\"\n{section}",
+        listener(),
+        step("s", 0, "timeout_ms = 30000"),
+    );
+    (Gateway::start(&config, Driver::IoUring), log, closed_rx)
 }
 
 #[test]

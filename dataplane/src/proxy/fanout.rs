@@ -244,9 +244,10 @@ pub(super) async fn aggregate<S: ClientStream>(
     };
     let started = Instant::now();
     let deadline = started + agg.deadline;
-    let results = run_steps(ctx, snap, agg, &input, &body, deadline).await;
+    let (results, gone) =
+        run_steps(ctx, snap, agg, &input, &body, deadline, &mut down.stream).await;
     let done = outcomes(req, &results);
-    if client_left(down, req) {
+    if gone || client_left(down, req) {
         // Gone while the steps ran (nginx's 499): nothing to send, nothing to log as sent.
         record(ctx, agg, done, &[]);
         req.fail(ErrorKind::ClientClosed);
@@ -354,16 +355,23 @@ pub(super) async fn read_body<S: ClientStream>(
 type StepFuture<'a> = Pin<Box<dyn Future<Output = StepOutcome> + 'a>>;
 
 /// Runs the steps, each when the steps it waits for have answered; stops at the first
-/// failed required step. A step never started has no result.
+/// failed required step. A step never started (or not finished) has no result. While steps
+/// run, the client is watched: a whole connection looked at every
+/// [`crate::io::CLIENT_CHECK`], an HTTP/2 stream's RST_STREAM as it comes. A client that has
+/// left stops them all (true beside the results), their upstream requests dropped as an
+/// exchange's are, not left to run to their timeouts for nobody.
 #[allow(clippy::too_many_arguments)]
-async fn run_steps(
+async fn run_steps<S: ClientStream>(
     ctx: &WorkerCtx,
     snap: &Snapshot,
     agg: &Aggregate,
     input: &Input,
     body: &[u8],
     deadline: Instant,
-) -> Vec<Option<(Duration, StepOutcome)>> {
+    client: &mut S,
+) -> (Vec<Option<(Duration, StepOutcome)>>, bool) {
+    let watch = client.watch();
+    let mut look = std::pin::pin!(monoio::time::sleep(crate::io::CLIENT_CHECK));
     let n = agg.steps.len();
     let mut results: Vec<Option<(Duration, StepOutcome)>> = (0..n).map(|_| None).collect();
     let mut started = vec![false; n];
@@ -443,18 +451,31 @@ async fn run_steps(
             (0..n).any(|j| agg.steps[j].required && matches!(results[j], Some((_, Err(_)))));
         if required_failed || running.is_empty() {
             // Dropping the futures still running cancels their I/O.
-            return results;
+            return (results, false);
         }
-        let (j, at, out) = std::future::poll_fn(|cx| {
+        let next = std::future::poll_fn(|cx| {
             for i in 0..running.len() {
                 if let Poll::Ready(out) = running[i].2.as_mut().poll(cx) {
                     let (j, at, _) = running.swap_remove(i);
-                    return Poll::Ready((j, at, out));
+                    return Poll::Ready(Some((j, at, out)));
                 }
+            }
+            if client.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            while look.as_mut().poll(cx).is_ready() {
+                if watch.is_some_and(crate::io::ClientWatch::gone) {
+                    return Poll::Ready(None);
+                }
+                look.as_mut()
+                    .reset((Instant::now() + crate::io::CLIENT_CHECK).into());
             }
             Poll::Pending
         })
         .await;
+        let Some((j, at, out)) = next else {
+            return (results, true);
+        };
         results[j] = Some((at.elapsed(), out));
     }
 }
