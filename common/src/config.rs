@@ -66,6 +66,12 @@ pub struct Config {
     /// slip an address past a proxy that only appends to the other one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip_header: Option<ClientIpHeader>,
+    /// Whether each run of `/` in a request's path is merged into one before the request is
+    /// routed and forwarded, so that `//admin` meets the `/admin` route's policies (nginx
+    /// and Tomcat read it as `/admin`). Default true; false keeps such paths as sent (a path
+    /// that carries a URL, `/fetch/https://...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_slashes: Option<bool>,
     /// The access log: one JSON line per request. Absent: no access log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogConfig>,

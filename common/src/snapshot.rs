@@ -429,6 +429,9 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Client connections per worker (see [`crate::config::LimitsConfig::max_connections`]).
     pub max_connections: usize,
+    /// Whether runs of `/` in a request's path are merged before it is routed and forwarded
+    /// ([`crate::config::Config::merge_slashes`]): read with the head, as the limits are.
+    pub merge_slashes: bool,
 }
 
 impl Snapshot {
@@ -687,6 +690,7 @@ impl Snapshot {
             max_uri_bytes: l.max_uri_bytes,
             max_body_bytes: l.max_body_bytes,
             max_connections: l.max_connections,
+            merge_slashes: config.merge_slashes.unwrap_or(true),
         };
         if config.upstream_pool.max_idle_per_target > 10_000 {
             return Err(ConfigError::field(

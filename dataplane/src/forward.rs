@@ -342,6 +342,7 @@ mod tests {
         max_uri_bytes: 4096,
         max_body_bytes: 1 << 20,
         max_connections: 1,
+        merge_slashes: true,
     };
 
     /// The head the upstream gets for `request` (its body bytes included).

@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
         max_uri_bytes: 2048,
         max_body_bytes: 1 << 20,
         max_connections: 65_536,
+        merge_slashes: true,
     };
     let mut plan = FieldPlan::default();
     let whole = parse_request(data, &limits, &mut plan);

@@ -1251,6 +1251,36 @@ fn escaped_letters_cannot_route_around_a_policy() {
 }
 
 #[test]
+fn doubled_slashes_cannot_route_around_a_policy() {
+    let (origin, gw) = orders_behind_an_open_catch_all();
+    // nginx and Tomcat read `//orders/1` as `/orders/1`: so does the router, and the policy
+    // on `/orders` asks for the key.
+    for path in ["//orders/1", "///orders//1", "/orders//1"] {
+        assert_problem(&get(&gw, path, ""), 401);
+    }
+    assert!(origin.requests().is_empty());
+    let key = "X-Api-Key: s3cr3t-key-1\r\n";
+    assert_eq!(get(&gw, "//orders//1/?q=//x", key).status, 200);
+    let seen = origin.wait_requests(1);
+    // Forwarded merged; the query as sent.
+    assert_eq!(seen[0].request_line(), "GET /orders/1/?q=//x HTTP/1.1");
+    drop(gw);
+    // `merge_slashes = false`: as sent, so the open route takes it.
+    let origin = Origin::echo();
+    let config = format!(
+        "merge_slashes = false\n{}[[routes]]\nid = \"open\"\npath_prefix = \"/\"\n\
+         upstream = \"orders\"\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    assert_eq!(get(&gw, "//orders/1", "").status, 200);
+    assert_eq!(
+        origin.wait_requests(1)[0].request_line(),
+        "GET //orders/1 HTTP/1.1"
+    );
+}
+
+#[test]
 fn listener_and_global_host_policies_run_without_a_route() {
     let origin = Origin::echo();
     let config = format!(

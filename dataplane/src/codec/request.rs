@@ -29,8 +29,8 @@ pub struct RequestHead {
     /// End of the head (after the final empty line).
     pub head_end: usize,
     pub method: Span,
-    /// The request target as received (after [`decode_unreserved`], with its path's escaped
-    /// unreserved characters decoded).
+    /// The request target as received (after [`normalize_path`]: its path's escaped
+    /// unreserved characters decoded and, with `merge_slashes`, its runs of `/` merged).
     pub target: Span,
     /// The part of the target to forward and route on: the whole target in origin form, the
     /// path and query in absolute form (may be empty: forward `/`).
@@ -55,10 +55,10 @@ pub struct RequestHead {
     pub traceparent: Option<FieldRef>,
     /// The `User-Agent` value, if any (the access log).
     pub user_agent: Option<Span>,
-    /// The path escapes unreserved characters (`%61` for `a`): [`decode_unreserved`] decodes
-    /// them before the request is routed.
-    pub escaped: bool,
-    /// Bytes [`decode_unreserved`] took out of the request line (the head's received length
+    /// The path escapes unreserved characters (`%61` for `a`) or, with `merge_slashes`, has
+    /// a run of `/`: [`normalize_path`] rewrites it before the request is routed.
+    pub unnormalized: bool,
+    /// Bytes [`normalize_path`] took out of the request line (the head's received length
     /// is `head_end - start + decoded`).
     pub decoded: usize,
 }
@@ -405,6 +405,7 @@ pub fn parse_request_into(
         Escapes::Unreserved => true,
         Escapes::Bad => return Err(ParseError::Malformed),
     };
+    let unnormalized = escaped || (limits.merge_slashes && has_slash_run(path));
 
     let body = if codings.present {
         if http10 || content_length.is_some() || codings.malformed {
@@ -460,7 +461,7 @@ pub fn parse_request_into(
         request_id,
         traceparent,
         user_agent,
-        escaped,
+        unnormalized,
         decoded: 0,
     };
     Ok(true)
@@ -499,15 +500,22 @@ fn escapes(path: &[u8]) -> Escapes {
     found
 }
 
-/// Decodes, in place, the escaped unreserved characters of a path [`parse_request`] marked
-/// `escaped` (RFC 3986 §6.2.2.2: `/%6Frders` and `/orders` are the same resource). Routes and
-/// their policies then match the path every upstream resolves, not a spelling that walks
-/// around them, and the upstream receives it decoded (as Envoy's `normalize_path` and Kong
-/// forward it). Escapes of other characters (`%2F`, `%20`) stay as they are. The request line
-/// before the path moves right by the bytes saved, so it stays one run ending where it did:
-/// the fields after it, and every span into them, are untouched.
-pub fn decode_unreserved(buf: &mut [u8], head: &mut RequestHead) {
-    if !head.escaped {
+/// Whether `path` has two `/` in a row.
+fn has_slash_run(path: &[u8]) -> bool {
+    path.windows(2).any(|w| w == b"//")
+}
+
+/// Normalizes, in place, the path of a head [`parse_request`] marked `unnormalized`: decodes
+/// its escaped unreserved characters (RFC 3986 §6.2.2.2: `/%6Frders` and `/orders` are the
+/// same resource) and, with `merge_slashes`, merges each run of `/` into one (`//orders` is
+/// `/orders` to nginx, Tomcat and the servers behind them). Routes and their policies then
+/// match the path every upstream resolves, not a spelling that walks around them, and the
+/// upstream receives it so (as Envoy's `normalize_path` and `merge_slashes` forward it).
+/// Escapes of other characters (`%2F`, `%20`) stay as they are. The request line before the
+/// path moves right by the bytes saved, so it stays one run ending where it did: the fields
+/// after it, and every span into them, are untouched.
+pub fn normalize_path(buf: &mut [u8], head: &mut RequestHead, merge_slashes: bool) {
+    if !head.unnormalized {
         return;
     }
     let from = head.origin_target.start;
@@ -524,6 +532,10 @@ pub fn decode_unreserved(buf: &mut [u8], head: &mut RequestHead) {
             Some(c) => {
                 buf[w] = c;
                 r += 3;
+            }
+            None if merge_slashes && buf[r] == b'/' && w > from && buf[w - 1] == b'/' => {
+                r += 1;
+                continue;
             }
             None => {
                 buf[w] = buf[r];
@@ -550,7 +562,7 @@ pub fn decode_unreserved(buf: &mut [u8], head: &mut RequestHead) {
     head.origin_target.start += saved;
     head.path_len -= saved;
     head.decoded += saved;
-    head.escaped = false;
+    head.unnormalized = false;
 }
 
 /// Whether `path` has a `.` or `..` segment, counting `%2e` as a dot, `%2f`, `%5c` and

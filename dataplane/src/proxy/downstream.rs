@@ -16,7 +16,7 @@ use super::context::RequestCtx;
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::request::{
-    as_http11, decode_unreserved, parse_request_into, ParseError, RequestHead,
+    as_http11, normalize_path, parse_request_into, ParseError, RequestHead,
 };
 use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
@@ -169,7 +169,7 @@ impl<S: ClientStream> Downstream<S> {
         head.method = Span::default();
         loop {
             if !self.buf.is_empty() && !self.preface_so_far() && self.parse_head(head)? {
-                decode_unreserved(&mut self.buf, head);
+                normalize_path(&mut self.buf, head, self.limits.merge_slashes);
                 return Ok(Head::Request);
             }
             let waiting_idle = self.buf.is_empty();

@@ -9,6 +9,7 @@ fn limits() -> Limits {
         max_uri_bytes: 1024,
         max_body_bytes: 1 << 20,
         max_connections: 1,
+        merge_slashes: true,
     }
 }
 
@@ -262,7 +263,7 @@ fn malformed_escapes_and_nul_in_the_path_are_refused() {
     for target in ["/a?q=%zz", "/a?x=%", "/%2F%20%e2%82%ac", "/%c3%a9"] {
         let input = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
         let head = parse(input.as_bytes()).unwrap();
-        assert!(!head.escaped, "{target}");
+        assert!(!head.unnormalized, "{target}");
     }
 }
 
@@ -270,8 +271,8 @@ fn malformed_escapes_and_nul_in_the_path_are_refused() {
 fn decoded(input: &str) -> (RequestHead, Vec<u8>) {
     let mut buf = input.as_bytes().to_vec();
     let mut head = parse(&buf).unwrap();
-    assert!(head.escaped, "{input}");
-    decode_unreserved(&mut buf, &mut head);
+    assert!(head.unnormalized, "{input}");
+    normalize_path(&mut buf, &mut head, true);
     (head, buf)
 }
 
@@ -290,8 +291,8 @@ fn escaped_unreserved_characters_are_decoded_in_place() {
     assert_eq!(kept_fields(&buf[head.start..]), "Host: a\r\n");
     // Decoded once: a second pass finds nothing left to decode.
     let (mut again, mut twice) = (head, buf.clone());
-    again.escaped = true;
-    decode_unreserved(&mut twice, &mut again);
+    again.unnormalized = true;
+    normalize_path(&mut twice, &mut again, true);
     assert_eq!(again.decoded, head.decoded);
     assert_eq!(twice, buf);
 
@@ -303,6 +304,37 @@ fn escaped_unreserved_characters_are_decoded_in_place() {
     assert_eq!(
         &buf[head.start..head.fields_start],
         b"GET http://h.example/ab/c HTTP/1.1\r\n"
+    );
+}
+
+#[test]
+fn runs_of_slashes_are_merged_unless_turned_off() {
+    let input = "GET //orders///1//?q=//x HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (head, buf) = decoded(input);
+    assert_eq!(head.target.of(&buf), b"/orders/1/?q=//x");
+    assert_eq!(head.path(&buf), b"/orders/1/");
+    assert_eq!(head.decoded, 4);
+    assert_eq!(head.head_end - head.start + head.decoded, input.len());
+    // With escapes, in one pass; an escaped slash is not a slash (nginx keeps `%2F` too).
+    let (head, buf) = decoded("GET http://h/%6F//%2F/x HTTP/1.1\r\nHost: y\r\n\r\n");
+    assert_eq!(head.origin_target.of(&buf), b"/o/%2F/x");
+    assert_eq!(head.host.unwrap().of(&buf), b"h");
+    // `merge_slashes = false`: as sent.
+    let mut plan = FieldPlan::default();
+    let limits = Limits {
+        merge_slashes: false,
+        ..limits()
+    };
+    let head = parse_request(input.as_bytes(), &limits, &mut plan)
+        .unwrap()
+        .unwrap();
+    assert!(!head.unnormalized);
+    assert_eq!(head.path(input.as_bytes()), b"//orders///1//");
+    // A single slash anywhere: nothing to do.
+    assert!(
+        !parse(b"GET /a/b/?x=// HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .unnormalized
     );
 }
 
