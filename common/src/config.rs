@@ -69,7 +69,8 @@ pub struct Config {
     /// Whether each run of `/` in a request's path is merged into one before the request is
     /// routed and forwarded, so that `//admin` meets the `/admin` route's policies (nginx
     /// and Tomcat read it as `/admin`). Default true; false keeps such paths as sent (a path
-    /// that carries a URL, `/fetch/https://...`).
+    /// that carries a URL, `/fetch/https://...`). While it is on, a route path with a run of
+    /// `/` is refused: it would never match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge_slashes: Option<bool>,
     /// The access log: one JSON line per request. Absent: no access log.

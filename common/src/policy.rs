@@ -68,8 +68,9 @@ pub struct Policies {
     pub trailer_refused: std::sync::Arc<[Box<[u8]>]>,
 }
 
-/// The request fields [`Policies::trailer_refused`] always holds: credentials, and those the
-/// gateway writes for forwarding and tracing.
+/// The request fields [`Policies::trailer_refused`] always holds: credentials, those the
+/// gateway writes for forwarding and tracing, and the path overrides it drops from the head
+/// (IIS and Symfony-style frameworks take the path from them).
 const TRAILER_REFUSED: &[&[u8]] = &[
     b"authorization",
     b"proxy-authorization",
@@ -79,6 +80,8 @@ const TRAILER_REFUSED: &[&[u8]] = &[
     b"x-forwarded-host",
     b"x-request-id",
     b"traceparent",
+    b"x-original-url",
+    b"x-rewrite-url",
 ];
 
 /// Stored API keys: SHA-256 digests, bucketed by their first 8 bytes. A lookup hashes the

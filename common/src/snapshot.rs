@@ -607,6 +607,7 @@ impl Snapshot {
             profiles: &profiles,
             transcoders: &transcoders,
             route_repeat: first_repeat(config.routes.iter().map(|r| r.id.as_str())),
+            merge_slashes: config.merge_slashes.unwrap_or(true),
         };
         // Earlier routes by path (see `path_key`): a route is checked against those only.
         let mut by_path: HashMap<(bool, Vec<u8>), Vec<usize>> = HashMap::new();
@@ -875,6 +876,8 @@ struct Known<'a> {
     transcoders: &'a [std::sync::Arc<crate::transcode::Transcoder>],
     /// The first route whose id an earlier route has.
     route_repeat: Option<usize>,
+    /// Request paths have their runs of `/` merged (`merge_slashes`).
+    merge_slashes: bool,
 }
 
 fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, ConfigError> {
@@ -915,6 +918,18 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
         return Err(ConfigError::field(
             format!("{at}.{field}"),
             format!("{path:?} must not contain '#'"),
+        ));
+    }
+    if known.merge_slashes
+        && path.contains("//")
+        && !crate::validate::tolerated(&format!("{at}.{field}"), "a run of '/': never matches")
+    {
+        return Err(ConfigError::field(
+            format!("{at}.{field}"),
+            format!(
+                "{path:?} has a run of '/', which no request path has once merged: write one \
+                 '/', or set merge_slashes = false"
+            ),
         ));
     }
     let (pattern, params) = if r.path.is_some() && path.contains(['{', '}']) {

@@ -650,3 +650,35 @@ fn a_repeated_id_is_refused_at_its_second_use_and_dot_ids_at_any() {
     }
     assert!(compile(&format!("{base}{}", route("..."))).is_ok());
 }
+
+#[test]
+fn a_route_path_with_a_run_of_slashes_needs_merge_slashes_off() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    let route = |field: &str, path: &str| {
+        format!("[[routes]]\nid = \"r\"\n{field} = \"{path}\"\nrespond = {{}}\n")
+    };
+    // Requests' paths are merged before routing: such a route would never match.
+    for (field, path) in [
+        ("path", "//a"),
+        ("path_prefix", "/a//"),
+        ("path", "/a//{id}"),
+    ] {
+        let text = format!("{base}{}", route(field, path));
+        let e = err(&text);
+        assert_eq!(e.path(), format!("routes[0].{field}"), "{path}");
+        assert!(e.to_string().contains("merge_slashes"), "{e}");
+        // A config stored by an earlier build that took it still starts, noting it.
+        let config = parse_config(&text, Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(config, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        // With merging off, requests keep their runs, and the route can match.
+        let s = compile(&format!("merge_slashes = false\n{text}")).unwrap();
+        assert!(!s.limits.merge_slashes);
+    }
+    assert!(
+        compile(&format!("{base}{}", route("path", "/a/b/")))
+            .unwrap()
+            .limits
+            .merge_slashes
+    );
+}

@@ -386,22 +386,47 @@ fn a_client_gone_while_the_steps_ran_is_logged_499() {
     let r = get(&mut gw.connect(), "/agg", "");
     assert_eq!(r.status, 200, "{}", r.body_str());
 
+    // A client that pipelined a second request and half-closed after sending both is not
+    // taken for gone while the first one's steps run (a look at its socket would see only
+    // the FIN): the first gets its answer. The last one, with nothing buffered behind it, is
+    // watched as any is, and its FIN counts as leaving (499), as for a proxied request.
+    let slow = service(|_, _| json_ok(json!({"a": 1})).with_delay(1500));
+    let (gw, log) = one_aggregate(
+        &[&slow],
+        "deadline_ms = 5000",
+        &step("s", 0, "timeout_ms = 4000"),
+    );
+    let mut c = gw.connect();
+    c.send(
+        b"GET /agg?p=1 HTTP/1.1\r\nHost: shop.test\r\n\r\n\
+          GET /agg?p=2 HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+    );
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(log_line(&log, "p=1").contains("\"status\":200"));
+    assert!(log_line(&log, "p=2").contains("\"status\":499"));
+
     // A step whose upstream has not answered when the client leaves is stopped then (the
     // client is looked at every second), its upstream connection closed: not held for
     // nobody until the step's 30-second timeout.
-    let (gw, log, closed) = a_silent_step("");
+    let (gw, log, events) = a_silent_step("");
     let mut c = gw.connect();
     c.send(b"GET /agg?gone=2 HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    assert_eq!(events.recv_timeout(Duration::from_secs(10)), Ok("accepted"));
     drop(c);
-    closed
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the step's upstream connection is closed once the client has gone");
+    assert_eq!(
+        events.recv_timeout(Duration::from_secs(10)),
+        Ok("closed"),
+        "the step's upstream connection is closed once the client has gone"
+    );
     let line = log_line(&log, "gone=2");
     assert!(line.contains("\"status\":499"), "{line}");
-    // The same for an HTTP/2 client that resets its stream (the connection stays open).
-    let (gw, log, closed) = a_silent_step("h2c = true\n");
+    // The same for an HTTP/2 client that resets its stream (the connection stays open): the
+    // client resets it once told the step is under way.
+    let (gw, log, events) = a_silent_step("h2c = true\n");
     const RESET: &str = r#"
-import socket, sys, time
+import socket, sys
 import h2.connection, h2.config
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -409,7 +434,7 @@ c.initiate_connection()
 c.send_headers(1, [(":method", "GET"), (":path", "/agg?gone=3"), (":scheme", "http"),
                    (":authority", "shop.test")], end_stream=True)
 s.sendall(c.data_to_send())
-time.sleep(0.3)
+sys.stdin.readline()
 c.reset_stream(1)
 s.sendall(c.data_to_send())
 sys.stdin.read()
@@ -419,28 +444,41 @@ sys.stdin.read()
         .stdin(std::process::Stdio::piped())
         .spawn()
         .expect("python3 with the PyPI package h2");
-    let stopped = closed.recv_timeout(Duration::from_secs(10));
-    drop(client.stdin.take());
+    let mut stdin = client.stdin.take().unwrap();
+    let accepted = events.recv_timeout(Duration::from_secs(10));
+    let _ = stdin.write_all(b"reset\n");
+    let closed = events.recv_timeout(Duration::from_secs(10));
+    drop(stdin);
     let _ = client.wait();
-    stopped.expect("the step's upstream connection is closed once the stream is reset");
+    assert_eq!(accepted, Ok("accepted"));
+    assert_eq!(
+        closed,
+        Ok("closed"),
+        "the step's upstream connection is closed once the stream is reset"
+    );
     let line = log_line(&log, "gone=3");
     assert!(line.contains("\"status\":499"), "{line}");
 }
 
 /// A gateway (its listener with `listener_extra`) whose aggregate `/agg` has one step, with
 /// 30 s to answer, on an upstream that never answers; its access log, and what says when the
-/// step's upstream connection has closed.
+/// step's upstream connection was accepted, then when it closed.
 fn a_silent_step(
     listener_extra: &str,
-) -> (Gateway, std::path::PathBuf, std::sync::mpsc::Receiver<()>) {
+) -> (
+    Gateway,
+    std::path::PathBuf,
+    std::sync::mpsc::Receiver<&'static str>,
+) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
-    let (closed, closed_rx) = std::sync::mpsc::channel();
+    let (events, events_rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
         let (mut s, _) = silent.accept().unwrap();
+        let _ = events.send("accepted");
         let mut sink = [0u8; 4096];
         while std::io::Read::read(&mut s, &mut sink).is_ok_and(|n| n > 0) {}
-        let _ = closed.send(());
+        let _ = events.send("closed");
     });
     let (log, section) = access_log("aggregate-silent");
     let config = format!(
@@ -451,7 +489,7 @@ fn a_silent_step(
         listener(),
         step("s", 0, "timeout_ms = 30000"),
     );
-    (Gateway::start(&config, Driver::IoUring), log, closed_rx)
+    (Gateway::start(&config, Driver::IoUring), log, events_rx)
 }
 
 #[test]

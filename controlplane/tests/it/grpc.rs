@@ -387,6 +387,26 @@ fn grpc_unavailable_answers_and_refused_connects_are_retried_on_another_target()
     assert_eq!(state(good.addr).as_deref(), Some("healthy"), "{health}");
 }
 
+/// The next line a peer prints, if it comes within `wait`.
+fn line_within(out: &mut BufReader<std::process::ChildStdout>, wait: Duration) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    if out.buffer().is_empty() {
+        let mut ready = libc::pollfd {
+            fd: out.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, for the duration of the call.
+        if unsafe { libc::poll(&mut ready, 1, ms) } <= 0 {
+            return None;
+        }
+    }
+    let mut line = String::new();
+    out.read_line(&mut line).ok()?;
+    Some(line)
+}
+
 /// A running `h2_reset_peer.py CODE`: an h2c upstream that resets every stream with CODE.
 struct ResetPeer {
     child: Child,
@@ -431,11 +451,11 @@ impl Drop for ResetPeer {
 
 #[test]
 fn request_trailers_to_an_http2_upstream_lose_the_fields_the_gateway_sets_or_checks() {
-    // An HTTP/2 client's body relayed to an h2c upstream as it comes, its trailers after a
-    // pause: they go on as HTTP/2 trailers but for a client address and a policy's consumer
-    // header (in either spelling), which an upstream merging trailers into the head would
-    // take for the gateway's.
-    let peer = ResetPeer::start_with(&["0", "trailers"]);
+    // An HTTP/2 client's body relayed to an h2c upstream as it comes, its trailers once the
+    // upstream has the request: they go on as HTTP/2 trailers but for a client address and a
+    // policy's consumer header (in either spelling), which an upstream merging trailers into
+    // the head would take for the gateway's.
+    let mut peer = ResetPeer::start_with(&["0", "trailers"]);
     let config = format!(
         "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
          [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
@@ -445,7 +465,7 @@ fn request_trailers_to_an_http2_upstream_lose_the_fields_the_gateway_sets_or_che
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     const CLIENT: &str = r#"
-import socket, sys, time
+import socket, sys
 import h2.connection, h2.config, h2.events
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -454,7 +474,7 @@ c.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
                    (":authority", "t")])
 c.send_data(1, b"abc")
 s.sendall(c.data_to_send())
-time.sleep(0.3)
+sys.stdin.readline()
 c.send_headers(1, [("x-sum", "1"), ("x-forwarded-for", "10.1.1.1"), ("x-who", "forged"),
                    ("x_who", "forged")], end_stream=True)
 s.sendall(c.data_to_send())
@@ -471,10 +491,22 @@ while not done:
     s.sendall(c.data_to_send())
 print(status, flush=True)
 "#;
-    let out = Command::new("python3")
+    let mut client = Command::new("python3")
         .args(["-c", CLIENT, &gw.addr.port().to_string()])
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("python3 with the PyPI package h2");
+    // The head has reached the upstream (its line): the body is being relayed as it comes.
+    let line = line_within(&mut peer.out, Duration::from_secs(10));
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.starts_with("request /up")),
+        "{line:?}"
+    );
+    let _ = client.stdin.take().unwrap().write_all(b"go\n");
+    let out = client.wait_with_output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "204",

@@ -809,41 +809,44 @@ fn a_request_trailer_cannot_carry_what_the_gateway_sets_or_checks() {
 
     // The same when the trailer comes after the head and the first chunk have gone on (to
     // an origin that says when it has them): the connection to it is closed with the
-    // request unfinished, the forged field never sent.
-    let raw = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let raw_addr = raw.local_addr().unwrap();
-    let (got_chunk, chunk_seen) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let (mut s, _) = raw.accept().unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
-        let mut all = Vec::new();
-        let mut piece = [0u8; 4096];
-        loop {
-            match std::io::Read::read(&mut s, &mut piece) {
-                Ok(0) | Err(_) => return String::from_utf8_lossy(&all).into_owned(),
-                Ok(n) => all.extend_from_slice(&piece[..n]),
+    // request unfinished, the forged field never sent. On both drivers, whose reads the
+    // relay waits on.
+    for driver in [Driver::IoUring, Driver::Epoll] {
+        let raw = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw_addr = raw.local_addr().unwrap();
+        let (got_chunk, chunk_seen) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = raw.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut all = Vec::new();
+            let mut piece = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut s, &mut piece) {
+                    Ok(0) | Err(_) => return String::from_utf8_lossy(&all).into_owned(),
+                    Ok(n) => all.extend_from_slice(&piece[..n]),
+                }
+                if all.ends_with(b"3\r\nabc\r\n") {
+                    let _ = got_chunk.send(());
+                }
             }
-            if all.ends_with(b"3\r\nabc\r\n") {
-                let _ = got_chunk.send(());
-            }
-        }
-    });
-    let config = format!(
-        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"raw\"\n\
-         targets = [{{ address = \"{raw_addr}\" }}]\n[[routes]]\nid = \"raw\"\n\
-         path_prefix = \"/\"\nupstream = \"raw\"\n"
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
-    let mut c = gw.connect();
-    c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
-    chunk_seen
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("the head and the first chunk reach the upstream");
-    c.send(b"0\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n");
-    assert_eq!(c.read_response().status, 400);
-    let upstream_saw = reader.join().unwrap();
-    assert!(upstream_saw.ends_with("3\r\nabc\r\n"), "{upstream_saw}");
+        });
+        let config = format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"raw\"\n\
+             targets = [{{ address = \"{raw_addr}\" }}]\n[[routes]]\nid = \"raw\"\n\
+             path_prefix = \"/\"\nupstream = \"raw\"\n"
+        );
+        let gw = Gateway::start(&config, driver);
+        let mut c = gw.connect();
+        c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
+        chunk_seen
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the head and the first chunk reach the upstream");
+        c.send(b"0\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n");
+        assert_eq!(c.read_response().status, 400);
+        let upstream_saw = reader.join().unwrap();
+        assert!(upstream_saw.ends_with("3\r\nabc\r\n"), "{upstream_saw}");
+    }
 }
 
 #[test]
@@ -1255,7 +1258,7 @@ fn doubled_slashes_cannot_route_around_a_policy() {
     let (origin, gw) = orders_behind_an_open_catch_all();
     // nginx and Tomcat read `//orders/1` as `/orders/1`: so does the router, and the policy
     // on `/orders` asks for the key.
-    for path in ["//orders/1", "///orders//1", "/orders//1"] {
+    for path in ["//orders/1", "///orders//1", "//orders"] {
         assert_problem(&get(&gw, path, ""), 401);
     }
     assert!(origin.requests().is_empty());

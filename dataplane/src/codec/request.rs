@@ -55,9 +55,11 @@ pub struct RequestHead {
     pub traceparent: Option<FieldRef>,
     /// The `User-Agent` value, if any (the access log).
     pub user_agent: Option<Span>,
-    /// The path escapes unreserved characters (`%61` for `a`) or, with `merge_slashes`, has
-    /// a run of `/`: [`normalize_path`] rewrites it before the request is routed.
-    pub unnormalized: bool,
+    /// The path escapes unreserved characters (`%61` for `a`): [`normalize_path`] decodes
+    /// them before the request is routed.
+    pub escaped: bool,
+    /// The path has a run of `/` and `merge_slashes` is on: [`normalize_path`] merges it.
+    pub slash_runs: bool,
     /// Bytes [`normalize_path`] took out of the request line (the head's received length
     /// is `head_end - start + decoded`).
     pub decoded: usize,
@@ -405,7 +407,7 @@ pub fn parse_request_into(
         Escapes::Unreserved => true,
         Escapes::Bad => return Err(ParseError::Malformed),
     };
-    let unnormalized = escaped || (limits.merge_slashes && has_slash_run(path));
+    let slash_runs = limits.merge_slashes && has_slash_run(path);
 
     let body = if codings.present {
         if http10 || content_length.is_some() || codings.malformed {
@@ -461,7 +463,8 @@ pub fn parse_request_into(
         request_id,
         traceparent,
         user_agent,
-        unnormalized,
+        escaped,
+        slash_runs,
         decoded: 0,
     };
     Ok(true)
@@ -505,19 +508,20 @@ fn has_slash_run(path: &[u8]) -> bool {
     path.windows(2).any(|w| w == b"//")
 }
 
-/// Normalizes, in place, the path of a head [`parse_request`] marked `unnormalized`: decodes
-/// its escaped unreserved characters (RFC 3986 §6.2.2.2: `/%6Frders` and `/orders` are the
-/// same resource) and, with `merge_slashes`, merges each run of `/` into one (`//orders` is
+/// Normalizes, in place, the path of a head [`parse_request`] marked `escaped` or
+/// `slash_runs`: decodes its escaped unreserved characters (RFC 3986 §6.2.2.2: `/%6Frders` and
+/// `/orders` are the same resource) and merges each run of `/` into one (`//orders` is
 /// `/orders` to nginx, Tomcat and the servers behind them). Routes and their policies then
 /// match the path every upstream resolves, not a spelling that walks around them, and the
 /// upstream receives it so (as Envoy's `normalize_path` and `merge_slashes` forward it).
 /// Escapes of other characters (`%2F`, `%20`) stay as they are. The request line before the
 /// path moves right by the bytes saved, so it stays one run ending where it did: the fields
 /// after it, and every span into them, are untouched.
-pub fn normalize_path(buf: &mut [u8], head: &mut RequestHead, merge_slashes: bool) {
-    if !head.unnormalized {
+pub fn normalize_path(buf: &mut [u8], head: &mut RequestHead) {
+    if !head.escaped && !head.slash_runs {
         return;
     }
+    let merge_slashes = head.slash_runs;
     let from = head.origin_target.start;
     let end = from + head.path_len;
     let mut w = from;
@@ -562,7 +566,8 @@ pub fn normalize_path(buf: &mut [u8], head: &mut RequestHead, merge_slashes: boo
     head.origin_target.start += saved;
     head.path_len -= saved;
     head.decoded += saved;
-    head.unnormalized = false;
+    head.escaped = false;
+    head.slash_runs = false;
 }
 
 /// Whether `path` has a `.` or `..` segment, counting `%2e` as a dot, `%2f`, `%5c` and

@@ -169,7 +169,7 @@ impl<S: ClientStream> Downstream<S> {
         head.method = Span::default();
         loop {
             if !self.buf.is_empty() && !self.preface_so_far() && self.parse_head(head)? {
-                normalize_path(&mut self.buf, head, self.limits.merge_slashes);
+                normalize_path(&mut self.buf, head);
                 return Ok(Head::Request);
             }
             let waiting_idle = self.buf.is_empty();

@@ -244,8 +244,11 @@ pub(super) async fn aggregate<S: ClientStream>(
     };
     let started = Instant::now();
     let deadline = started + agg.deadline;
-    let (results, gone) =
-        run_steps(ctx, snap, agg, &input, &body, deadline, &mut down.stream).await;
+    // Not a client with a pipelined request buffered already: its FIN may be a half-close
+    // after sending everything, which a peek, seeing only the FIN, would take for leaving.
+    let watch = down.stream.watch().filter(|_| down.pos == down.buf.len());
+    let client = &mut down.stream;
+    let (results, gone) = run_steps(ctx, snap, agg, &input, &body, deadline, client, watch).await;
     let done = outcomes(req, &results);
     if gone || client_left(down, req) {
         // Gone while the steps ran (nginx's 499): nothing to send, nothing to log as sent.
@@ -356,7 +359,7 @@ type StepFuture<'a> = Pin<Box<dyn Future<Output = StepOutcome> + 'a>>;
 
 /// Runs the steps, each when the steps it waits for have answered; stops at the first
 /// failed required step. A step never started (or not finished) has no result. While steps
-/// run, the client is watched: a whole connection looked at every
+/// run, the client is watched: its whole connection (`watch`) looked at every
 /// [`crate::io::CLIENT_CHECK`], an HTTP/2 stream's RST_STREAM as it comes. A client that has
 /// left stops them all (true beside the results), their upstream requests dropped as an
 /// exchange's are, not left to run to their timeouts for nobody.
@@ -369,9 +372,10 @@ async fn run_steps<S: ClientStream>(
     body: &[u8],
     deadline: Instant,
     client: &mut S,
+    watch: Option<crate::io::ClientWatch>,
 ) -> (Vec<Option<(Duration, StepOutcome)>>, bool) {
-    let watch = client.watch();
-    let mut look = std::pin::pin!(monoio::time::sleep(crate::io::CLIENT_CHECK));
+    // Armed only with a connection to look at.
+    let mut look = std::pin::pin!(watch.map(|_| monoio::time::sleep(crate::io::CLIENT_CHECK)));
     let n = agg.steps.len();
     let mut results: Vec<Option<(Duration, StepOutcome)>> = (0..n).map(|_| None).collect();
     let mut started = vec![false; n];
@@ -463,12 +467,15 @@ async fn run_steps<S: ClientStream>(
             if client.poll_reset(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            while look.as_mut().poll(cx).is_ready() {
-                if watch.is_some_and(crate::io::ClientWatch::gone) {
-                    return Poll::Ready(None);
+            if let (Some(watch), Some(mut sleep)) = (watch, look.as_mut().as_pin_mut()) {
+                while sleep.as_mut().poll(cx).is_ready() {
+                    if watch.gone() {
+                        return Poll::Ready(None);
+                    }
+                    sleep
+                        .as_mut()
+                        .reset((Instant::now() + crate::io::CLIENT_CHECK).into());
                 }
-                look.as_mut()
-                    .reset((Instant::now() + crate::io::CLIENT_CHECK).into());
             }
             Poll::Pending
         })
