@@ -673,7 +673,8 @@ pub enum StoreErrorMode {
 pub struct ClusterConfig {
     /// This node's id, unique in the cluster (same alphabet as other ids).
     pub node_id: String,
-    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`: where cluster-scoped rate limits are counted.
+    /// `redis://[[USER]:PASSWORD@]HOST:PORT[/DB]`: where cluster-scoped rate limits are
+    /// counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
     /// How often a node reconciles its rate-limit counts with Redis, in milliseconds. 1 to
@@ -1120,7 +1121,8 @@ pub struct CircuitConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ResolverConfig {
     /// `IP:PORT` (or `IP`, port 53) of the name servers, tried in order. Default: the
-    /// `nameserver` lines of `/etc/resolv.conf`.
+    /// system's resolution, `/etc/hosts` first, then the `nameserver` lines of
+    /// `/etc/resolv.conf`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<String>,
     /// Shortest time an answer is kept, whatever its TTL says. Default 1,000.
@@ -1164,7 +1166,7 @@ pub struct RouteConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
     /// Methods this route answers (case-sensitive tokens such as `GET`; `GET` implies `HEAD`).
-    /// Default: any method.
+    /// Default: any method but `TRACE`, which only a route that names it takes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     /// Remove the matched `path_prefix` before forwarding (`/api/x` → `/x`). Default false.
@@ -1292,8 +1294,8 @@ impl Default for TimeoutsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest request head (request line and fields), in bytes; larger: 431. 1,024 to
-    /// 1,048,576. Default 16,384. Also bounds a response head from an upstream (larger: 502) and
-    /// a chunked trailer section.
+    /// 1,048,576. Default 16,384. Also bounds a chunked request's trailer section (an
+    /// upstream's answer head may be up to 64 KiB, whatever this says).
     pub max_header_bytes: usize,
     /// Most header fields in a request; more: 431. 1 to 256. Default 100.
     pub max_header_count: usize,

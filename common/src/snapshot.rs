@@ -100,7 +100,7 @@ impl RedisAddr {
     pub fn parse(url: &str) -> Result<RedisAddr, String> {
         let bad = || {
             let shown = crate::redact_url(url);
-            format!("{shown:?} is not redis://[:PASSWORD@]HOST:PORT[/DB]")
+            format!("{shown:?} is not redis://[[USER]:PASSWORD@]HOST:PORT[/DB]")
         };
         let rest = url.strip_prefix("redis://").ok_or_else(bad)?;
         let (auth, rest) = match rest.rsplit_once('@') {

@@ -595,7 +595,10 @@ const ADMIN_IDLE: Duration = Duration::from_secs(60);
 /// An admin API connection: its slot, and a read that fails after [`ADMIN_IDLE`] of silence.
 struct AdminConn {
     inner: tokio::net::TcpStream,
-    silent_since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The silence's deadline, made once per connection and moved on as each wait starts.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// A read is waiting (`idle` is set for it).
+    waiting: bool,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -609,16 +612,18 @@ impl tokio::io::AsyncRead for AdminConn {
         let this = &mut *self;
         match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending => {
-                let idle = this
-                    .silent_since
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(ADMIN_IDLE)));
-                match std::future::Future::poll(idle.as_mut(), cx) {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + ADMIN_IDLE;
+                    this.idle.as_mut().reset(deadline);
+                }
+                match std::future::Future::poll(this.idle.as_mut(), cx) {
                     Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
                     Poll::Pending => Poll::Pending,
                 }
             }
             done => {
-                this.silent_since = None;
+                this.waiting = false;
                 done
             }
         }
@@ -663,7 +668,12 @@ impl axum::serve::Listener for AdminListener {
                 () = self.stop.notified() => self.stopped = true,
                 accepted = accept_in_a_slot(&self.inner, &self.slots) => match accepted {
                     Ok((inner, addr, slot)) => {
-                        let conn = AdminConn { inner, silent_since: None, _slot: slot };
+                        let conn = AdminConn {
+                            inner,
+                            idle: Box::pin(tokio::time::sleep(ADMIN_IDLE)),
+                            waiting: false,
+                            _slot: slot,
+                        };
                         return (conn, addr);
                     }
                     Err(e) => {
