@@ -1085,6 +1085,15 @@ pub struct RetryConfig {
     /// Bounds each try (connect, send, response head). Absent: only the `[timeouts]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_try_timeout_ms: Option<u64>,
+    /// A wait before each retry, in milliseconds, growing with each: retry `n` waits a random
+    /// time between half of and all of `backoff_ms` times `2^n - 1` (Envoy's growth, with
+    /// half of it kept), at most `max_backoff_ms`. 1 to 10,000. Absent: a retry goes at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
+    /// The longest backoff. `backoff_ms` to 10,000; default 10 times `backoff_ms` (at most
+    /// 10,000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_backoff_ms: Option<u64>,
 }
 
 impl Default for RetryConfig {
@@ -1096,6 +1105,8 @@ impl Default for RetryConfig {
             budget_percent: 20,
             budget_min_per_s: 3,
             per_try_timeout_ms: None,
+            backoff_ms: None,
+            max_backoff_ms: None,
         }
     }
 }

@@ -367,9 +367,25 @@ pub struct RetryPolicy {
     pub budget_percent: u32,
     pub budget_min_per_s: u32,
     pub per_try: Option<Duration>,
+    /// `backoff_ms` and `max_backoff_ms`: see [`RetryPolicy::backoff`].
+    pub backoff: Option<(Duration, Duration)>,
 }
 
 impl RetryPolicy {
+    /// How long to wait before retry `n` (1 for the first), given `random` bits: between half
+    /// of and all of `backoff_ms` times `2^n - 1`, capped at `max_backoff_ms`; zero without a
+    /// backoff.
+    pub fn backoff(&self, n: u32, random: u64) -> Duration {
+        let Some((base, max)) = self.backoff else {
+            return Duration::ZERO;
+        };
+        let growth = (1u32 << n.clamp(1, 16)) - 1;
+        let ceiling = base.saturating_mul(growth).min(max);
+        let half = ceiling / 2;
+        let spread = u64::try_from((ceiling - half).as_micros()).unwrap_or(u64::MAX);
+        half + Duration::from_micros(random % spread.saturating_add(1))
+    }
+
     /// Whether a failure of kind index `kind` is retried.
     pub fn on_kind(&self, kind: usize) -> bool {
         self.on_kinds & (1 << kind) != 0

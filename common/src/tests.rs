@@ -414,6 +414,68 @@ fn api_keys_are_found_by_digest_only() {
 }
 
 #[test]
+fn retry_backoff_grows_and_is_bounded() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\n";
+    let up = |retry: &str| {
+        format!(
+            "{base}[[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n\
+             retry = {{ {retry} }}\n"
+        )
+    };
+    let policy = |retry: &str| {
+        let s = compile(&up(retry)).unwrap();
+        s.upstreams[0].retry.clone().unwrap()
+    };
+    // None set: a retry goes at once.
+    let r = policy("attempts = 3");
+    assert_eq!(r.backoff(1, 12345), std::time::Duration::ZERO);
+    // 100 ms: retry n waits between half of and all of 100 ms x (2^n - 1), at most 1 s.
+    let r = policy("attempts = 5, backoff_ms = 100");
+    let ms = |d: std::time::Duration| d.as_micros() as f64 / 1000.0;
+    for (n, lo, hi) in [
+        (1, 50.0, 100.0),
+        (2, 150.0, 300.0),
+        (3, 350.0, 700.0),
+        (4, 500.0, 1000.0),
+    ] {
+        for random in [0, 1, 99_999, u64::MAX / 3, u64::MAX] {
+            let got = ms(r.backoff(n, random));
+            assert!(
+                lo <= got && got <= hi,
+                "retry {n}, random {random}: {got} ms"
+            );
+        }
+        assert_eq!(ms(r.backoff(n, 0)), lo);
+    }
+    // Spread over the range, not stuck at one end.
+    let waits: std::collections::HashSet<u128> = (0..64u64)
+        .map(|i| {
+            r.backoff(1, i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                .as_micros()
+        })
+        .collect();
+    assert!(waits.len() > 32, "{waits:?}");
+    let r = policy("backoff_ms = 100, max_backoff_ms = 150");
+    assert!(ms(r.backoff(9, u64::MAX)) <= 150.0);
+    for (retry, path) in [
+        ("backoff_ms = 0", "upstreams[0].retry.backoff_ms"),
+        ("backoff_ms = 10001", "upstreams[0].retry.backoff_ms"),
+        (
+            "backoff_ms = 100, max_backoff_ms = 99",
+            "upstreams[0].retry.max_backoff_ms",
+        ),
+        (
+            "backoff_ms = 100, max_backoff_ms = 10001",
+            "upstreams[0].retry.max_backoff_ms",
+        ),
+        ("max_backoff_ms = 100", "upstreams[0].retry.max_backoff_ms"),
+    ] {
+        assert_eq!(err(&up(retry)).path(), path, "{retry}");
+    }
+}
+
+#[test]
 fn upstream_protocols_and_what_they_allow() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
                 [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\n";

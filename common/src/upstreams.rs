@@ -168,6 +168,21 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
             if let Some(t) = r.per_try_timeout_ms {
                 within("retry.per_try_timeout_ms", t, 1, 86_400_000)?;
             }
+            let backoff = match (r.backoff_ms, r.max_backoff_ms) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(field(
+                        "retry.max_backoff_ms",
+                        "bounds `backoff_ms`, which is not set".into(),
+                    ))
+                }
+                (Some(base), max) => {
+                    within("retry.backoff_ms", base, 1, 10_000)?;
+                    let max = max.unwrap_or((base * 10).min(10_000));
+                    within("retry.max_backoff_ms", max, base, 10_000)?;
+                    Some((Duration::from_millis(base), Duration::from_millis(max)))
+                }
+            };
             let (mut on_kinds, mut on_status, mut on_grpc) = (0u8, 0u128, 0u32);
             // gRPC upstreams retry what gRPC clients retry: UNAVAILABLE, unless told otherwise.
             let grpc_default = ["grpc:UNAVAILABLE".to_owned()];
@@ -212,6 +227,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                 budget_percent: r.budget_percent,
                 budget_min_per_s: r.budget_min_per_s,
                 per_try: r.per_try_timeout_ms.map(Duration::from_millis),
+                backoff,
             })
         }
     };

@@ -1182,6 +1182,37 @@ fn when_every_target_fails_its_checks_requests_still_go_to_them() {
 }
 
 #[test]
+fn a_retry_waits_its_backoff() {
+    // Two targets that answer 503 and note when; one retry, with a 600 ms backoff: the
+    // second try comes 300 to 600 ms after the first (plus the time a try takes), not at
+    // once. The request's answer is the last try's.
+    let seen: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let busy = || {
+        let seen = seen.clone();
+        Origin::start(Arc::new(move |_req: &Received, s: &mut TcpStream| {
+            seen.lock().unwrap().push(Instant::now());
+            let _ = s.write_all(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy");
+            Keep::Open
+        }))
+    };
+    let (a, b) = (busy(), busy());
+    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
+                    backoff_ms = 600 }";
+    let targets = [target(a.addr), target(b.addr)];
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let r = get(&gw, "/x");
+    assert_eq!(r.status, 503, "{}", r.body_str());
+    let times = seen.lock().unwrap().clone();
+    assert_eq!(times.len(), 2, "one try on each target");
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(300),
+        "the retry came after {gap:?}"
+    );
+    assert!(gap < Duration::from_secs(5), "the retry came after {gap:?}");
+}
+
+#[test]
 fn an_http2_request_with_a_body_is_retried_like_an_http11_one() {
     // A PUT over h2c whose small body came with its head (one write: HEADERS, then DATA
     // with END_STREAM) is whole in hand, so a 503 from the first target is retried on the

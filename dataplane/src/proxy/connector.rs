@@ -603,6 +603,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             drop(result);
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             tried.add(i);
+            // The target's request has ended: it does not count as outstanding meanwhile.
+            self.close_target();
+            if let Some(r) = self.retry.filter(|r| r.backoff.is_some()) {
+                monoio::time::sleep(r.backoff(tries, self.source.random())).await;
+            }
         }
     }
 
