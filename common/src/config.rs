@@ -1086,8 +1086,8 @@ pub struct RetryConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_try_timeout_ms: Option<u64>,
     /// A wait before each retry, in milliseconds, growing with each: retry `n` waits a random
-    /// time between half of and all of `backoff_ms` times `2^n - 1` (Envoy's growth, with
-    /// half of it kept), at most `max_backoff_ms`. 1 to 10,000. Absent: a retry goes at once.
+    /// time between half of and all of the lesser of `backoff_ms` times `2^n - 1` (Envoy's
+    /// growth) and `max_backoff_ms`. 1 to 10,000. Absent: a retry goes at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_ms: Option<u64>,
     /// The longest backoff. `backoff_ms` to 10,000; default 10 times `backoff_ms` (at most

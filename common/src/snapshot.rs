@@ -373,8 +373,8 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// How long to wait before retry `n` (1 for the first), given `random` bits: between half
-    /// of and all of `backoff_ms` times `2^n - 1`, capped at `max_backoff_ms`; zero without a
-    /// backoff.
+    /// of and all of the lesser of `backoff_ms` times `2^n - 1` and `max_backoff_ms`; zero
+    /// without a backoff.
     pub fn backoff(&self, n: u32, random: u64) -> Duration {
         let Some((base, max)) = self.backoff else {
             return Duration::ZERO;

@@ -1185,14 +1185,19 @@ fn when_every_target_fails_its_checks_requests_still_go_to_them() {
 fn a_retry_waits_its_backoff() {
     // Two targets that answer 503 and note when; one retry, with a 600 ms backoff: the
     // second try comes 300 to 600 ms after the first (plus the time a try takes), not at
-    // once. The request's answer is the last try's.
+    // once, and the first try's connection is closed before the wait, not held through it.
+    // The request's answer is the last try's.
     let seen: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let closed: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let busy = || {
-        let seen = seen.clone();
+        let (seen, closed) = (seen.clone(), closed.clone());
         Origin::start(Arc::new(move |_req: &Received, s: &mut TcpStream| {
             seen.lock().unwrap().push(Instant::now());
             let _ = s.write_all(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy");
-            Keep::Open
+            // Until the gateway closes the connection (or sends another request).
+            let _ = s.read(&mut [0u8; 1]);
+            closed.lock().unwrap().push(Instant::now());
+            Keep::Close
         }))
     };
     let (a, b) = (busy(), busy());
@@ -1210,6 +1215,13 @@ fn a_retry_waits_its_backoff() {
         "the retry came after {gap:?}"
     );
     assert!(gap < Duration::from_secs(5), "the retry came after {gap:?}");
+    let first_closed = closed.lock().unwrap().first().copied();
+    let first_closed = first_closed.expect("the first try's connection closed by the retry");
+    assert!(
+        times[1] - first_closed >= Duration::from_millis(250),
+        "the first try's connection closed {:?} before the retry",
+        times[1] - first_closed
+    );
 }
 
 #[test]

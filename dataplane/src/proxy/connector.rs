@@ -468,7 +468,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     ) -> Result<T, ProxyError> {
         self.run_tries(
             req,
-            async |target, req| self.on_target(req, target, slot, &mut attempt).await,
+            None,
+            async |target, req, wait| self.on_target(req, target, slot, &mut attempt, wait).await,
             |v| (status_of(v), None),
         )
         .await
@@ -477,16 +478,23 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// [`Connector::run`] for an upstream that speaks HTTP/2: `attempt` gets the target and
     /// this try's deadline and opens its own stream (on a connection from the worker's
     /// HTTP/2 pool, or a new one from [`Connector::connect_stream`]). `answer_of` gives an
-    /// answer's status and, for a gRPC answer without messages, its `grpc-status`.
+    /// answer's status and, for a gRPC answer without messages, its `grpc-status`. No retry
+    /// waits its backoff past `deadline` (a gRPC call's): the last answer stands instead.
     pub async fn run_h2<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
+        deadline: Option<Instant>,
         mut attempt: impl AsyncFnMut(&LiveTarget, Option<Instant>, &mut C) -> Result<T, ProxyError>,
         answer_of: impl Fn(&T) -> (u16, Option<u8>),
     ) -> Result<T, ProxyError> {
         self.run_tries(
             req,
-            async |target, req| {
+            deadline,
+            async |target, req, wait| {
+                // The last try's stream closed with its answer, dropped before this.
+                if !wait.is_zero() {
+                    monoio::time::sleep(wait).await;
+                }
                 let try_deadline = self.try_deadline();
                 attempt(target, try_deadline, req).await
             },
@@ -518,13 +526,16 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             .map(|t| Instant::now() + t)
     }
 
-    /// The retry loop: `one` tries a target; an answer (its status and gRPC status from
-    /// `answer_of`) or a failure is retried on another target while the policy allows (an
-    /// answer not taken is dropped: its connection or stream closes).
+    /// The retry loop: `one` tries a target, after waiting the retry's backoff (it is given
+    /// the wait, zero for the first try, to let go of the last try's connection first); an
+    /// answer (its status and gRPC status from `answer_of`) or a failure is retried on
+    /// another target while the policy allows, and while the backoff would not pass
+    /// `deadline` (an answer not taken is dropped: its connection or stream closes).
     async fn run_tries<C: AsMut<Attempts>, R>(
         &self,
         req: &mut C,
-        mut one: impl AsyncFnMut(&LiveTarget, &mut C) -> Result<R, ProxyError>,
+        deadline: Option<Instant>,
+        mut one: impl AsyncFnMut(&LiveTarget, &mut C, Duration) -> Result<R, ProxyError>,
         answer_of: impl Fn(&R) -> (u16, Option<u8>),
     ) -> Result<R, ProxyError> {
         let u = self.up.upstream;
@@ -545,6 +556,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         let stripe = self.source.stripe();
         let mut tries = 0u32;
         let mut tried = common::live::Tried::default();
+        let mut wait = Duration::ZERO;
         loop {
             tries += 1;
             let Some(i) = self.pick(set, tried) else {
@@ -558,7 +570,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             self.close_target();
             state.begin(stripe);
             self.open.set(Some(i));
-            let result = one(target, req).await;
+            let result = one(target, req, wait).await;
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);
@@ -599,15 +611,18 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if !again {
                 return result;
             }
+            wait = self
+                .retry
+                .filter(|r| r.backoff.is_some())
+                .map_or(Duration::ZERO, |r| r.backoff(tries, self.source.random()));
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                // The wait would outlast the request: the last answer stands.
+                return result;
+            }
             // An answer not relayed is dropped here: its connection or stream closes.
             drop(result);
             req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             tried.add(i);
-            // The target's request has ended: it does not count as outstanding meanwhile.
-            self.close_target();
-            if let Some(r) = self.retry.filter(|r| r.backoff.is_some()) {
-                monoio::time::sleep(r.backoff(tries, self.source.random())).await;
-            }
         }
     }
 
@@ -618,17 +633,23 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
-    /// One try on `target`: a pooled session, and once more on a fresh connection when the
-    /// pooled one turns out to have been closed by the upstream. The session is left in
-    /// `slot` (see [`Connector::run`]); an earlier try's, whose answer was not taken, closes.
+    /// One try on `target`, after `wait` (a retry's backoff): a pooled session, and once more
+    /// on a fresh connection when the pooled one turns out to have been closed by the
+    /// upstream. The session is left in `slot` (see [`Connector::run`]); an earlier try's,
+    /// whose answer was not taken, closes first.
     async fn on_target<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
         target: &LiveTarget,
         slot: &mut Option<Session>,
         attempt: &mut impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
+        wait: Duration,
     ) -> Result<T, ProxyError> {
+        // The last try's connection closes before the retry's backoff, not after it.
         *slot = None;
+        if !wait.is_zero() {
+            monoio::time::sleep(wait).await;
+        }
         let try_deadline = self.try_deadline();
         let mut fresh = false;
         loop {

@@ -1274,7 +1274,7 @@ pub(super) async fn forward<S: ClientStream>(
     let opened = {
         // A client that cancels (resets its stream) while the upstream works on the call
         // ends it there too: dropping the upstream stream resets it.
-        let run = pin!(connector.run_h2(req, attempt, answer_of));
+        let run = pin!(connector.run_h2(req, call_deadline, attempt, answer_of));
         let mut run = run;
         let stream = &mut down.stream;
         poll_fn(|cx| {
