@@ -105,6 +105,13 @@ pub struct Config {
     pub resolver: ResolverConfig,
 }
 
+impl Config {
+    /// Whether request paths have their runs of `/` merged (`merge_slashes`, default true).
+    pub fn merges_slashes(&self) -> bool {
+        self.merge_slashes.unwrap_or(true)
+    }
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }

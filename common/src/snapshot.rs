@@ -623,7 +623,7 @@ impl Snapshot {
             profiles: &profiles,
             transcoders: &transcoders,
             route_repeat: first_repeat(config.routes.iter().map(|r| r.id.as_str())),
-            merge_slashes: config.merge_slashes.unwrap_or(true),
+            merge_slashes: config.merges_slashes(),
         };
         // Earlier routes by path (see `path_key`): a route is checked against those only.
         let mut by_path: HashMap<(bool, Vec<u8>), Vec<usize>> = HashMap::new();
@@ -707,7 +707,7 @@ impl Snapshot {
             max_uri_bytes: l.max_uri_bytes,
             max_body_bytes: l.max_body_bytes,
             max_connections: l.max_connections,
-            merge_slashes: config.merge_slashes.unwrap_or(true),
+            merge_slashes: config.merges_slashes(),
         };
         if config.upstream_pool.max_idle_per_target > 10_000 {
             return Err(ConfigError::field(
