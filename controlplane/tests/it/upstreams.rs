@@ -862,6 +862,17 @@ fn circuit_limits_answer_503_with_the_reason() {
     drop(fillers);
 }
 
+/// A GET of `path` on its own connection, from a thread, once `backend` (which has answered
+/// nothing yet) holds it: the thread gives the status.
+fn in_flight_at(gw: &Gateway, backend: &Backend, path: &str) -> thread::JoinHandle<u16> {
+    let (addr, request) = (gw.addr, format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+    let answer = thread::spawn(move || Client::connect(addr).roundtrip(&request).status);
+    while backend.hits.load(SeqCst) < 1 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    answer
+}
+
 #[test]
 fn max_connections_counts_pooled_connections() {
     let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(400)));
@@ -870,15 +881,7 @@ fn max_connections_counts_pooled_connections() {
         &config(1, &[target(slow.addr)], settings, ""),
         Driver::IoUring,
     );
-    let addr = gw.addr;
-    let first = thread::spawn(move || {
-        Client::connect(addr)
-            .roundtrip("GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
-            .status
-    });
-    while slow.hits.load(SeqCst) < 1 {
-        thread::sleep(Duration::from_millis(5));
-    }
+    let first = in_flight_at(&gw, &slow, "/a");
     // The one connection is busy: a second request would need a new one.
     let r = gw.connect().roundtrip("GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(
@@ -1065,15 +1068,7 @@ fn a_draining_target_finishes_in_flight_requests_and_gets_no_new_ones() {
 fn a_config_change_keeps_the_upstream_connections_of_requests_in_flight() {
     let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(300)));
     let gw = Gateway::start(&config(1, &[target(slow.addr)], "", ""), Driver::IoUring);
-    let addr = gw.addr;
-    let in_flight = thread::spawn(move || {
-        Client::connect(addr)
-            .roundtrip("GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-            .status
-    });
-    while slow.hits.load(SeqCst) < 1 {
-        thread::sleep(Duration::from_millis(5));
-    }
+    let in_flight = in_flight_at(&gw, &slow, "/slow");
     // A change that leaves the target be, while its connection carries a request.
     let r = gw.admin(
         "PUT",

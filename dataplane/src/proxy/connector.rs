@@ -812,6 +812,19 @@ mod tests {
         }
     }
 
+    /// A new request's GET through `connector`: its result, the request's record, and the
+    /// session left in the slot.
+    async fn one_get(
+        connector: &Connector<'_, FakePool>,
+    ) -> (Result<Vec<u8>, ProxyError>, RequestCtx, Option<Session>) {
+        let mut req = RequestCtx::new([127, 0, 0, 1].into());
+        let mut slot = None;
+        let got = connector
+            .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
+            .await;
+        (got, req, slot)
+    }
+
     fn connector<'a>(pool: &'a FakePool, snap: &'a common::Snapshot) -> Connector<'a, FakePool> {
         Connector::new(
             pool,
@@ -837,12 +850,8 @@ mod tests {
             let pool = fake_pool(vec![dead_conn().await]);
             let snap = upstream(&[target], "");
             let connector = connector(&pool, &snap);
-            let mut req = RequestCtx::new([127, 0, 0, 1].into());
-            let mut slot = None;
-            let answer = connector
-                .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
-                .await
-                .expect("the retry on a fresh connection succeeds");
+            let (answer, req, slot) = one_get(&connector).await;
+            let answer = answer.expect("the retry on a fresh connection succeeds");
             assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
             let session = slot.expect("the session that answered");
             assert!(!session.reused);
@@ -873,12 +882,8 @@ mod tests {
                 pool.serving.set(serving);
                 let snap = upstream(&[target], "");
                 let connector = connector(&pool, &snap);
-                let mut req = RequestCtx::new([127, 0, 0, 1].into());
-                let mut slot = None;
-                connector
-                    .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
-                    .await
-                    .expect("an answer");
+                let (answer, _, mut slot) = one_get(&connector).await;
+                answer.expect("an answer");
                 // Target sets were published while the exchange ran. (Every other test's
                 // pool serves its targets, so this bump changes none of their outcomes.)
                 common::live::bump_generation();
@@ -907,12 +912,8 @@ mod tests {
             let pool = fake_pool(Vec::new());
             let snap = upstream(&[target], "");
             let connector = connector(&pool, &snap);
-            let mut req = RequestCtx::new([127, 0, 0, 1].into());
-            let mut slot = None;
-            let err = connector
-                .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
-                .await
-                .expect_err("a fresh connection's failure is final");
+            let (err, req, slot) = one_get(&connector).await;
+            let err = err.expect_err("a fresh connection's failure is final");
             assert_eq!(err.kind, ErrorKind::UpstreamClosed);
             assert!(slot.is_some(), "the session stays for an early answer");
             assert_eq!((pool.connects.get(), req.attempts.retries), (1, 0));
@@ -974,12 +975,8 @@ mod tests {
             let live = &snap.upstreams[0].live;
             let state = live.set.load().targets[0].state.clone();
             let connector = connector(&pool, &snap);
-            let mut req = RequestCtx::new([127, 0, 0, 1].into());
-            let mut slot = None;
-            connector
-                .run(&mut req, &mut slot, async |s, _req| get(s).await, |_| 200)
-                .await
-                .expect("the origin answers");
+            let (answer, _, slot) = one_get(&connector).await;
+            answer.expect("the origin answers");
             let session = slot.expect("the session that answered");
             // The answer's body would be relayed now: still outstanding.
             assert_eq!(state.outstanding(), 1);
