@@ -1092,6 +1092,12 @@ pub struct RetryConfig {
     /// Bounds each try (connect, send, response head). Absent: only the `[timeouts]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_try_timeout_ms: Option<u64>,
+    /// Bounds the tries together, from the first one's start: no try waits for a connection
+    /// or a response head past it, and no retry starts (nor waits its backoff) past it; a
+    /// try it cuts short fails as a timeout and is not retried. Absent: nothing bounds the
+    /// tries together but `attempts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overall_timeout_ms: Option<u64>,
     /// A wait before each retry, in milliseconds, growing with each: retry `n` waits a random
     /// time between half of and all of the lesser of `backoff_ms` times `2^n - 1` (Envoy's
     /// growth) and `max_backoff_ms`. 1 to 10,000. Absent: a retry goes at once.
@@ -1112,6 +1118,7 @@ impl Default for RetryConfig {
             budget_percent: 20,
             budget_min_per_s: 3,
             per_try_timeout_ms: None,
+            overall_timeout_ms: None,
             backoff_ms: None,
             max_backoff_ms: None,
         }

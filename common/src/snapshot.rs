@@ -367,6 +367,8 @@ pub struct RetryPolicy {
     pub budget_percent: u32,
     pub budget_min_per_s: u32,
     pub per_try: Option<Duration>,
+    /// `overall_timeout_ms`: the tries together, from the first one's start.
+    pub overall: Option<Duration>,
     /// `backoff_ms` and `max_backoff_ms`: see [`RetryPolicy::backoff`].
     pub backoff: Option<(Duration, Duration)>,
 }

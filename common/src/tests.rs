@@ -458,6 +458,9 @@ fn retry_backoff_grows_and_is_bounded() {
     assert!(waits.len() > 32, "{waits:?}");
     let r = policy("backoff_ms = 100, max_backoff_ms = 150");
     assert!(ms(r.backoff(9, u64::MAX)) <= 150.0);
+    assert_eq!(r.overall, None);
+    let r = policy("overall_timeout_ms = 2500");
+    assert_eq!(r.overall, Some(std::time::Duration::from_millis(2500)));
     for (retry, path) in [
         ("backoff_ms = 0", "upstreams[0].retry.backoff_ms"),
         ("backoff_ms = 10001", "upstreams[0].retry.backoff_ms"),
@@ -470,6 +473,14 @@ fn retry_backoff_grows_and_is_bounded() {
             "upstreams[0].retry.max_backoff_ms",
         ),
         ("max_backoff_ms = 100", "upstreams[0].retry.max_backoff_ms"),
+        (
+            "overall_timeout_ms = 0",
+            "upstreams[0].retry.overall_timeout_ms",
+        ),
+        (
+            "overall_timeout_ms = 86400001",
+            "upstreams[0].retry.overall_timeout_ms",
+        ),
     ] {
         assert_eq!(err(&up(retry)).path(), path, "{retry}");
     }

@@ -168,6 +168,9 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
             if let Some(t) = r.per_try_timeout_ms {
                 within("retry.per_try_timeout_ms", t, 1, 86_400_000)?;
             }
+            if let Some(t) = r.overall_timeout_ms {
+                within("retry.overall_timeout_ms", t, 1, 86_400_000)?;
+            }
             let backoff = match (r.backoff_ms, r.max_backoff_ms) {
                 (None, None) => None,
                 (None, Some(_)) => {
@@ -227,6 +230,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                 budget_percent: r.budget_percent,
                 budget_min_per_s: r.budget_min_per_s,
                 per_try: r.per_try_timeout_ms.map(Duration::from_millis),
+                overall: r.overall_timeout_ms.map(Duration::from_millis),
                 backoff,
             })
         }

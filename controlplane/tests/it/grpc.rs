@@ -649,6 +649,38 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
 }
 
 #[test]
+fn overall_timeout_ms_bounds_the_tries_to_an_http2_upstream() {
+    // Three silent h2c targets, five tries of 400 ms each (the response head timeout): cut
+    // at 1 s by `overall_timeout_ms`, after three tries (at 0, 400 and 800 ms), with 504.
+    let silent: Vec<ResetPeer> = (0..3)
+        .map(|_| ResetPeer::start_with(&["0", "silent"]))
+        .collect();
+    let targets: Vec<String> = silent
+        .iter()
+        .map(|p| format!("{{ address = \"{}\" }}", p.addr))
+        .collect();
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [timeouts]\nupstream_response_head_ms = 400\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{}]\n\
+         retry = {{ attempts = 5, on = [\"timeout\"], budget_percent = 100, \
+         budget_min_per_s = 1000, overall_timeout_ms = 1000 }}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        targets.join(", ")
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let started = Instant::now();
+    let r = gw
+        .connect()
+        .roundtrip("GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.head);
+    drop(gw);
+    let tries: usize = silent.into_iter().map(ResetPeer::requests).sum();
+    assert_eq!(tries, 3, "tries within 1 s (took {took:?})");
+}
+
+#[test]
 fn grpc_web_answers_always_carry_a_status_and_keep_their_message_format() {
     // A gRPC-Web client reads a trailer frame without `grpc-status` as a success: an
     // upstream answer that is not gRPC, or ends without a status, gets UNKNOWN from the

@@ -1220,6 +1220,98 @@ fn a_retry_waits_its_backoff() {
 }
 
 #[test]
+fn overall_timeout_ms_bounds_the_tries_together() {
+    // Three silent targets, five tries of 400 ms each: 2 s of tries, cut at 1 s by
+    // `overall_timeout_ms`. Tries start at 0, 400 and 800 ms; the third is cut at 1,000 ms
+    // (its own bound would be 1,200) and no fourth starts: 504 after three tries.
+    let silent: Vec<Backend> = (0..3)
+        .map(|n| Backend::start(&format!("s{n}"), Mode::Silent))
+        .collect();
+    let targets: Vec<String> = silent.iter().map(|b| target(b.addr)).collect();
+    let settings = "retry = { attempts = 5, on = [\"timeout\"], budget_min_per_s = 1000, \
+                    per_try_timeout_ms = 400, overall_timeout_ms = 1000 }";
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let started = Instant::now();
+    let r = get(&gw, "/x");
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body_str());
+    let tries: usize = silent.iter().map(|b| b.hits.load(SeqCst)).sum();
+    assert_eq!(tries, 3, "tries within 1 s (took {took:?})");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1900),
+        "answered after {took:?}"
+    );
+
+    // A backoff that would end past the bound is not waited: the first try's 503 stands.
+    let busy = [
+        Backend::start("b1", Mode::Status(503)),
+        Backend::start("b2", Mode::Status(503)),
+    ];
+    let targets: Vec<String> = busy.iter().map(|b| target(b.addr)).collect();
+    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
+                    backoff_ms = 2000, overall_timeout_ms = 800 }";
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let started = Instant::now();
+    assert_eq!(get(&gw, "/x").status, 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    let tries: usize = busy.iter().map(|b| b.hits.load(SeqCst)).sum();
+    assert_eq!(tries, 1, "the retry would have waited 1 to 2 s");
+}
+
+#[test]
+fn a_retry_backoff_counts_on_no_target_and_ends_when_the_client_leaves() {
+    // Two targets answering 503, one retry after a 2 to 4 s backoff. During the wait the
+    // request is outstanding nowhere (the failed try ended, the next has not begun), and a
+    // client that leaves ends it: logged 499, and the retry is never sent.
+    let busy = [
+        Backend::start("b1", Mode::Status(503)),
+        Backend::start("b2", Mode::Status(503)),
+    ];
+    let targets: Vec<String> = busy.iter().map(|b| target(b.addr)).collect();
+    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
+                    backoff_ms = 4000 }";
+    let dir = temp_dir("backoff-left");
+    let log = dir.join("access.log");
+    let extra = format!("\n[access_log]\npath = \"{}\"\n", log.display());
+    let gw = Gateway::start(&config(1, &targets, settings, &extra), Driver::IoUring);
+    let hits = || busy.iter().map(|b| b.hits.load(SeqCst)).sum::<usize>();
+    let outstanding = || {
+        let h = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+        let list = h["targets"].as_array().unwrap().clone();
+        list.iter()
+            .map(|t| t["outstanding"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let mut client = TcpStream::connect(gw.addr).unwrap();
+    client
+        .write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Request-Id: left\r\n\r\n")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hits() < 1 {
+        assert!(Instant::now() < deadline, "the first try never came");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // The first try's 503 comes at once; the wait then lasts 2 s at least.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while outstanding() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request counted as outstanding during the backoff"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(client);
+    let lines = wait_log_lines(&log, 1);
+    assert_eq!(lines[0]["request_id"], "left");
+    assert_eq!(lines[0]["status"], 499, "{}", lines[0]);
+    assert_eq!(hits(), 1, "the retry went out after the client left");
+}
+
+#[test]
 fn an_http2_request_with_a_body_is_retried_like_an_http11_one() {
     // A PUT over h2c whose small body came with its head (one write: HEADERS, then DATA
     // with END_STREAM) is whole in hand, so a 503 from the first target is retried on the

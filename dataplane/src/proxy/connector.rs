@@ -208,6 +208,10 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     now: Cell<Option<Instant>>,
     /// The round-robin turn of this request's last pick: a retry walks on from it.
     rr: Cell<Option<u32>>,
+    /// When the tries must be over (`retry.overall_timeout_ms`, from the first one's start).
+    tries_end: Cell<Option<Instant>>,
+    /// The client, looked at while a retry's backoff waits (see [`Connector::watching`]).
+    watch: Option<crate::io::ClientWatch>,
 }
 
 /// Decrements a circuit counter when dropped.
@@ -226,6 +230,14 @@ fn try_count(counter: &std::sync::atomic::AtomicU32, max: u32) -> bool {
         return false;
     }
     true
+}
+
+/// The sooner of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// [`try_count`], released when the guard is dropped.
@@ -291,6 +303,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             retry,
             now: Cell::new(None),
             rr: Cell::new(None),
+            tries_end: Cell::new(None),
+            watch: None,
         }
     }
 
@@ -313,6 +327,15 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// the clock again.
     pub fn started_at(self, now: Instant) -> Self {
         self.now.set(Some(now));
+        self
+    }
+
+    /// A retry's backoff ends early, with `ClientClosed`, when this client leaves (looked at
+    /// every [`crate::io::CLIENT_CHECK`]). For an exchange whose waits nothing else watches
+    /// the client through: an upstream read watches it itself, and an HTTP/2 stream or an
+    /// aggregate step is dropped when its client goes.
+    pub fn watching(mut self, watch: Option<crate::io::ClientWatch>) -> Self {
+        self.watch = watch;
         self
     }
 
@@ -469,7 +492,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         self.run_tries(
             req,
             None,
-            async |target, req, wait| self.on_target(req, target, slot, &mut attempt, wait).await,
+            async |i, req, wait| self.on_target(req, i, slot, &mut attempt, wait).await,
             |v| (status_of(v), None),
         )
         .await
@@ -490,11 +513,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         self.run_tries(
             req,
             deadline,
-            async |target, req, wait| {
+            async |i, req, wait| {
                 // The last try's stream closed with its answer, dropped before this.
-                if !wait.is_zero() {
-                    monoio::time::sleep(wait).await;
-                }
+                let target = self.start(i, wait).await?;
                 let try_deadline = self.try_deadline();
                 attempt(target, try_deadline, req).await
             },
@@ -516,26 +537,43 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         Ok((session.conn.stream, session.conn.counted))
     }
 
-    /// When a try must have its response head (`retry.per_try_timeout_ms`), if bounded.
+    /// When a try must have its response head (`retry.per_try_timeout_ms` from now, and
+    /// `retry.overall_timeout_ms` from the first try's start), if bounded.
     fn try_deadline(&self) -> Option<Instant> {
-        self.up
-            .upstream
-            .retry
-            .as_ref()
-            .and_then(|r| r.per_try)
-            .map(|t| Instant::now() + t)
+        let per_try = self.up.upstream.retry.as_ref().and_then(|r| r.per_try);
+        let this = per_try.map(|t| Instant::now() + t);
+        earliest(this, self.tries_end.get())
     }
 
-    /// The retry loop: `one` tries a target, after waiting the retry's backoff (it is given
-    /// the wait, zero for the first try, to let go of the last try's connection first); an
-    /// answer (its status and gRPC status from `answer_of`) or a failure is retried on
-    /// another target while the policy allows, and while the backoff would not pass
-    /// `deadline` (an answer not taken is dropped: its connection or stream closes).
+    /// Starts a try on target `i` of the set: waits `wait` first (a retry's backoff, ended
+    /// early with `ClientClosed` when the watched client leaves), then counts the request as
+    /// outstanding there (not during the wait: `least_request` would see a request that has
+    /// not gone anywhere yet).
+    async fn start(&self, i: usize, wait: Duration) -> Result<&LiveTarget, ProxyError> {
+        if !wait.is_zero() {
+            let slept = super::unless_client_left(self.watch, monoio::time::sleep(wait)).await;
+            if slept.is_none() {
+                return Err(ErrorKind::ClientClosed.into());
+            }
+        }
+        let target = &self.set.targets[i];
+        target.state.begin(self.source.stripe());
+        self.open.set(Some(i));
+        Ok(target)
+    }
+
+    /// The retry loop: `one` tries the target of the set's index it is given, after waiting
+    /// the retry's backoff ([`Connector::start`]; it is given the wait, zero for the first
+    /// try, to let go of the last try's connection first); an answer (its status and gRPC
+    /// status from `answer_of`) or a failure is retried on another target while the policy
+    /// allows, and while the backoff would not pass `deadline` (a gRPC call's) or
+    /// `retry.overall_timeout_ms` (an answer not taken is dropped: its connection or stream
+    /// closes).
     async fn run_tries<C: AsMut<Attempts>, R>(
         &self,
         req: &mut C,
         deadline: Option<Instant>,
-        mut one: impl AsyncFnMut(&LiveTarget, &mut C, Duration) -> Result<R, ProxyError>,
+        mut one: impl AsyncFnMut(usize, &mut C, Duration) -> Result<R, ProxyError>,
         answer_of: impl Fn(&R) -> (u16, Option<u8>),
     ) -> Result<R, ProxyError> {
         let u = self.up.upstream;
@@ -548,10 +586,12 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // Released when the connector is dropped (the answer relayed).
             self.in_flight.set(true);
         }
-        if u.retry.is_some() {
+        if let Some(r) = &u.retry {
             // Every request of the upstream counts towards the budget, retryable or not.
             live.budget.note_request(now_ms());
+            self.tries_end.set(r.overall.map(|t| Instant::now() + t));
         }
+        let deadline = earliest(deadline, self.tries_end.get());
         let set: &TargetSet = &self.set;
         let stripe = self.source.stripe();
         let mut tries = 0u32;
@@ -567,10 +607,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if tries > 1 {
                 state.count_retry(stripe);
             }
+            // The last try's target: the request is no longer outstanding there.
             self.close_target();
-            state.begin(stripe);
-            self.open.set(Some(i));
-            let result = one(target, req, wait).await;
+            let result = one(i, req, wait).await;
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);
@@ -616,7 +655,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 .filter(|r| r.backoff.is_some())
                 .map_or(Duration::ZERO, |r| r.backoff(tries, self.source.random()));
             if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-                // The wait would outlast the request: the last answer stands.
+                // The wait would outlast the request or its tries: the last answer stands.
                 return result;
             }
             // An answer not relayed is dropped here: its connection or stream closes.
@@ -633,23 +672,21 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
-    /// One try on `target`, after `wait` (a retry's backoff): a pooled session, and once more
-    /// on a fresh connection when the pooled one turns out to have been closed by the
-    /// upstream. The session is left in `slot` (see [`Connector::run`]); an earlier try's,
-    /// whose answer was not taken, closes first.
+    /// One try on target `i` of the set, after `wait` (a retry's backoff): a pooled session,
+    /// and once more on a fresh connection when the pooled one turns out to have been closed
+    /// by the upstream. The session is left in `slot` (see [`Connector::run`]); an earlier
+    /// try's, whose answer was not taken, closes first.
     async fn on_target<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
-        target: &LiveTarget,
+        i: usize,
         slot: &mut Option<Session>,
         attempt: &mut impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
         wait: Duration,
     ) -> Result<T, ProxyError> {
         // The last try's connection closes before the retry's backoff, not after it.
         *slot = None;
-        if !wait.is_zero() {
-            monoio::time::sleep(wait).await;
-        }
+        let target = self.start(i, wait).await?;
         let try_deadline = self.try_deadline();
         let mut fresh = false;
         loop {

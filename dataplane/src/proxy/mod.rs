@@ -666,8 +666,13 @@ async fn proxy<S: ClientStream>(
 
     req.bytes_in += first_body as u64;
     let head_timeout = down.timeouts.upstream_response_head;
+    // A client that leaves while the answer is awaited ends the exchange; not one with a
+    // pipelined request buffered already (its FIN may be a half-close after sending
+    // everything, which a peek, seeing only the FIN, would take for leaving).
+    let watch = down.stream.watch().filter(|_| body_end == down.buf.len());
     let connector = Connector::new(ctx, up, &down.timeouts, key, body_left == 0, idempotent)
-        .started_at(req.started);
+        .started_at(req.started)
+        .watching(watch);
     // Set by an attempt whose request write failed: the upstream may have answered early.
     let mut write_failed = false;
     // Set by an attempt whose answer came before the whole request was sent.
@@ -683,11 +688,7 @@ async fn proxy<S: ClientStream>(
         if S::WHOLE_CONNECTION {
             conn.lend_timer(&mut down.upstream_timer);
         }
-        // A client that leaves while the answer is awaited ends the exchange; not one with
-        // a pipelined request buffered already (its FIN may be a half-close after sending
-        // everything, which a peek, seeing only the FIN, would take for leaving).
-        let pipelined = body_end < down.buf.len();
-        conn.watch(down.stream.watch().filter(|_| !pipelined), req.started);
+        conn.watch(watch, req.started);
         let pieces = request_pieces(head, &down.req_plan, line, tail, body_end);
         let sent = send_head(
             conn,
