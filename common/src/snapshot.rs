@@ -388,6 +388,12 @@ impl RetryPolicy {
         half + Duration::from_micros(random % spread.saturating_add(1))
     }
 
+    /// Whether a request can be retried at all: more than one try, and its method is one
+    /// the policy retries (`idempotent`, or `methods = "all"`).
+    pub fn may_retry(&self, idempotent: bool) -> bool {
+        self.attempts > 1 && (idempotent || self.all_methods)
+    }
+
     /// Whether a failure of kind index `kind` is retried.
     pub fn on_kind(&self, kind: usize) -> bool {
         self.on_kinds & (1 << kind) != 0

@@ -1312,10 +1312,59 @@ fn a_retry_backoff_counts_on_no_target_and_ends_when_the_client_leaves() {
 }
 
 #[test]
+fn a_body_that_comes_after_its_head_is_held_for_a_retry() {
+    // A PUT whose body comes 300 ms after its head, to a target answering 503 and one
+    // answering 200: the body is read whole before the first try (it has a length, at most
+    // 64 KiB), so the 503 is retried on the other target with the whole body. Before, such a
+    // body was streamed and the request not retried. Round robin: the first tries alternate.
+    let backends = [
+        Backend::start("down", Mode::Status(503)),
+        Backend::start("up", Mode::Answer),
+    ];
+    let targets: Vec<String> = backends.iter().map(|b| target(b.addr)).collect();
+    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000 }";
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let body = "x".repeat(20_000);
+    for _ in 0..2 {
+        let mut c = gw.connect();
+        c.send(
+            format!(
+                "PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        thread::sleep(Duration::from_millis(300));
+        c.send(body.as_bytes());
+        let r = c.read_response();
+        assert_eq!((r.status, r.body_str()), (200, "up"));
+    }
+    assert_eq!(backends[0].hits.load(SeqCst), 1, "one first try there");
+    assert_eq!(backends[1].hits.load(SeqCst), 2);
+    // Not one whose client waits for `100 Continue` before sending it: streamed, as before.
+    let mut c = gw.connect();
+    c.send(b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
+    thread::sleep(Duration::from_millis(100));
+    c.send(b"v=1");
+    let mut r = c.read_response();
+    if r.status == 100 {
+        r = c.read_response();
+    }
+    let down = backends[0].hits.load(SeqCst);
+    match r.status {
+        503 => assert_eq!(down, 2, "its one try went to the 503 target"),
+        200 => assert_eq!(down, 1, "its one try went to the other"),
+        other => panic!("answered {other}"),
+    }
+}
+
+#[test]
 fn an_http2_request_with_a_body_is_retried_like_an_http11_one() {
     // A PUT over h2c whose small body came with its head (one write: HEADERS, then DATA
     // with END_STREAM) is whole in hand, so a 503 from the first target is retried on the
-    // other, as for HTTP/1.1 (before: never, over HTTP/2).
+    // other, as for HTTP/1.1 (before: never, over HTTP/2). So is one whose DATA comes 300 ms
+    // after its HEADERS: a body with a length, up to 64 KiB, is read whole before the first
+    // try of a request that may be retried.
     let backends = [
         Backend::start("down", Mode::Status(503)),
         Backend::start("up", Mode::Answer),
@@ -1329,16 +1378,20 @@ fn an_http2_request_with_a_body_is_retried_like_an_http11_one() {
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     const CLIENT: &str = r#"
-import socket, sys
+import socket, sys, time
 import h2.connection, h2.config, h2.events
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
 s.sendall(c.data_to_send())
-for i, method in enumerate(["PUT", "PUT", "DELETE", "DELETE"]):
+tries = [("PUT", 0), ("PUT", 0), ("DELETE", 0), ("DELETE", 0), ("PUT", 0.3), ("PUT", 0.3)]
+for i, (method, delay) in enumerate(tries):
     sid = 1 + 2 * i
     c.send_headers(sid, [(":method", method), (":path", "/x"), (":scheme", "http"),
                          (":authority", "t"), ("content-length", "3")])
+    if delay:
+        s.sendall(c.data_to_send())
+        time.sleep(delay)
     c.send_data(sid, b"v=1", end_stream=True)
     s.sendall(c.data_to_send())
     status, body, done = None, b"", False
@@ -1364,13 +1417,20 @@ for i, method in enumerate(["PUT", "PUT", "DELETE", "DELETE"]):
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         text.lines().collect::<Vec<_>>(),
-        ["PUT 200 up", "PUT 200 up", "DELETE 200 up", "DELETE 200 up"],
+        [
+            "PUT 200 up",
+            "PUT 200 up",
+            "DELETE 200 up",
+            "DELETE 200 up",
+            "PUT 200 up",
+            "PUT 200 up"
+        ],
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
         backends[0].hits.load(SeqCst),
-        2,
+        3,
         "round robin: every other try"
     );
 }

@@ -289,7 +289,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             .upstream
             .retry
             .as_ref()
-            .filter(|r| r.attempts > 1 && replayable && (idempotent || r.all_methods));
+            .filter(|r| replayable && r.may_retry(idempotent));
         Connector {
             generation: common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire),
             set: source.target_set(&up),

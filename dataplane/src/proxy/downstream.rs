@@ -520,6 +520,35 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
+    /// Reads until the buffer holds its first `end` bytes (a request's whole body after its
+    /// head), each read waiting at most `client_body_ms`; the bytes already in the buffer stay
+    /// where they are (spans into the head stay valid), and it grows as far as `end`.
+    pub async fn read_body_whole(&mut self, end: usize) -> Result<(), ErrorKind> {
+        while self.buf.len() < end {
+            let deadline = Instant::now() + self.timeouts.client_body;
+            // Nothing before `keep` is consumed: no read compacts the buffer.
+            let mut keep = 0;
+            let read = crate::io::read_at_most(
+                &mut self.stream,
+                &mut self.buf,
+                &mut keep,
+                end,
+                usize::MAX,
+                deadline,
+                &mut self.timer,
+                None,
+            );
+            match read.await {
+                Ok(0) | Err(ReadError::Io | ReadError::Stalled | ReadError::ClientLeft) => {
+                    return Err(ErrorKind::ClientClosed)
+                }
+                Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// [`Downstream::read_body_bytes`] into an emptied buffer, asking `stop` every `every`
     /// while the client sends nothing: once it says so the read is given up (see
     /// [`Downstream::read_unless`]) and `Ok(false)` tells the caller to read no more.

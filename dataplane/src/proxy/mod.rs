@@ -633,7 +633,7 @@ async fn proxy<S: ClientStream>(
     // Body bytes that arrived with the head go out in the same write.
     let buffered = &down.buf[head.head_end..];
     let mut decoder = None;
-    let (first_body, mut body_left) = match head.body {
+    let (mut first_body, mut body_left) = match head.body {
         BodyKind::None | BodyKind::UntilClose => (0, 0u64),
         BodyKind::Length(n) => {
             let k = usize::try_from(n).map_or(buffered.len(), |n| n.min(buffered.len()));
@@ -653,11 +653,31 @@ async fn proxy<S: ClientStream>(
             (k, left)
         }
     };
+    let idempotent = head.is_idempotent(&down.buf);
+    // A body the request may be retried with is read whole first (up to `BODY_BUF`, and not
+    // one whose client waits for `100 Continue`), so that whether it is retried does not
+    // depend on how the client's packets fell; nginx reads every body first, Envoy holds one
+    // for retries up to a limit.
+    if let BodyKind::Length(n) = head.body {
+        let hold = body_left > 0
+            && n <= downstream::BODY_BUF as u64
+            && !head.expect_continue
+            && up
+                .upstream
+                .retry
+                .as_ref()
+                .is_some_and(|r| r.may_retry(idempotent));
+        if hold {
+            if let Err(kind) = down.read_body_whole(head.head_end + n as usize).await {
+                return down.fail(req, kind).await;
+            }
+            (first_body, body_left) = (n as usize, 0);
+        }
+    }
     // All of it in the buffer already: nothing of it is left to linger for.
     down.linger &= body_left > 0;
     let body_end = head.head_end + first_body;
     // The whole request is in the buffer: it can be sent again on a fresh connection.
-    let idempotent = head.is_idempotent(&down.buf);
     let replayable = body_left == 0 && idempotent;
     let key = select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
     // Read while the head's spans still point at it: relaying a body reuses the buffer.
