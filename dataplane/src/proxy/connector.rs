@@ -545,16 +545,25 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         earliest(this, self.tries_end.get())
     }
 
-    /// Starts a try on target `i` of the set: waits `wait` first (a retry's backoff, ended
-    /// early with `ClientClosed` when the watched client leaves), then counts the request as
-    /// outstanding there (not during the wait: `least_request` would see a request that has
-    /// not gone anywhere yet).
+    /// Waits a retry's backoff, ended early with `ClientClosed` when the watched client
+    /// leaves. Boxed: the wait's timer and watch stay out of every request's future.
+    async fn back_off(&self, wait: Duration) -> Result<(), ProxyError> {
+        let slept = Box::pin(super::unless_client_left(
+            self.watch,
+            monoio::time::sleep(wait),
+        ));
+        match slept.await {
+            Some(()) => Ok(()),
+            None => Err(ErrorKind::ClientClosed.into()),
+        }
+    }
+
+    /// Starts a try on target `i` of the set, after `wait` (a retry's backoff, see
+    /// [`Connector::back_off`]): the request counts as outstanding there from now on (not
+    /// during the wait: `least_request` would see a request that has not gone anywhere).
     async fn start(&self, i: usize, wait: Duration) -> Result<&LiveTarget, ProxyError> {
         if !wait.is_zero() {
-            let slept = super::unless_client_left(self.watch, monoio::time::sleep(wait)).await;
-            if slept.is_none() {
-                return Err(ErrorKind::ClientClosed.into());
-            }
+            self.back_off(wait).await?;
         }
         let target = &self.set.targets[i];
         target.state.begin(self.source.stripe());
