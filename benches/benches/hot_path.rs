@@ -63,6 +63,7 @@ fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usiz
         PEER,
         b"http",
         b"",
+        false,
         &[],
         &mut s.extra,
     );

@@ -1225,6 +1225,26 @@ pub struct RouteConfig {
     /// ACL, rate limit. Default none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// Fields set on, or removed from, every request the route forwards (to its upstream,
+    /// its variants' and its aggregate steps').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderEdits>,
+    /// Fields set on, or removed from, every answer the route gives (relayed, made by the
+    /// gateway, refused by a policy), but a `101`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderEdits>,
+}
+
+/// Header fields a route sets or removes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdits {
+    /// Field name to value: each replaces every copy of its name, or is added.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Field names removed (case-insensitive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {

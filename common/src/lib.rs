@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod cidr;
 pub mod config;
+pub mod headers;
 pub mod keys;
 pub mod live;
 pub mod policy;

@@ -244,6 +244,8 @@ pub struct Route {
     pub vary: Box<[u8]>,
     /// Index into `Snapshot::transcoders`: JSON requests become gRPC calls.
     pub transcoder: Option<usize>,
+    /// Fields set on, or removed from, what the route forwards and answers.
+    pub headers: Option<Arc<crate::headers::RouteHeaders>>,
 }
 
 /// A route's answer for one client profile.
@@ -649,6 +651,29 @@ impl Snapshot {
                     crate::policy::PolicyKind::Cors(_)
                 )
             });
+            let consumer_headers: Vec<(&[u8], &str)> = route
+                .policies
+                .iter()
+                .filter_map(|&p| {
+                    let policy = &policies.list[p as usize];
+                    match &policy.kind {
+                        crate::policy::PolicyKind::ApiKey(k) => {
+                            Some((&*k.consumer_header, &*policy.id))
+                        }
+                        crate::policy::PolicyKind::Jwt(j) => {
+                            Some((&*j.consumer_header, &*policy.id))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            route.headers = crate::headers::compile(
+                r.request_headers.as_ref(),
+                r.response_headers.as_ref(),
+                &route,
+                &consumer_headers,
+                &format!("routes[{i}]"),
+            )?;
             let same_path = by_path.entry(path_key(r)).or_default();
             add_to_router(&mut router, r, i, &config.routes, same_path)?;
             same_path.push(i);
@@ -1091,6 +1116,7 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
         variants: variants.into_boxed_slice(),
         vary: Box::default(),
         transcoder,
+        headers: None,
     })
 }
 

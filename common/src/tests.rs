@@ -755,3 +755,145 @@ fn a_route_path_with_a_run_of_slashes_needs_merge_slashes_off() {
             .merge_slashes
     );
 }
+
+#[test]
+fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                [[upstreams]]\nid = \"u\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n\
+                [[aggregates]]\nid = \"agg\"\nsteps = [{ id = \"a\", upstream = \"u\", \
+                path = \"/a\" }]\n\
+                [[client_profiles]]\nid = \"m\"\n\
+                header = { name = \"X-Client\", values = [\"m\"] }\n\
+                [[consumers]]\nid = \"c\"\n\
+                [[policies]]\nid = \"key\"\nkind = \"api_key\"\n\
+                [[policies]]\nid = \"cors\"\nkind = \"cors\"\norigins = [\"https://a.test\"]\n";
+    let route = |action: &str, extra: &str| {
+        format!("{base}[[routes]]\nid = \"r\"\npath_prefix = \"/\"\n{action}\n{extra}\n")
+    };
+    let up = |extra: &str| route("upstream = \"u\"", extra);
+    let s = compile(&up(
+        "request_headers = { set = { Host = \"in.svc\", \"X-Env\" = \"prod\" }, \
+         remove = [\"Cookie\"] }\n\
+         response_headers = { set = { \"Cache-Control\" = \"no-store\" }, remove = [\"Server\"] }",
+    ))
+    .unwrap();
+    let h = s.routes[0].headers.as_deref().unwrap();
+    let names = |list: &[Box<[u8]>]| -> Vec<String> {
+        list.iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    };
+    assert_eq!(names(&h.request_drop), ["host", "x-env", "cookie"]);
+    assert_eq!(&*h.request_lines, b"Host: in.svc\r\nX-Env: prod\r\n");
+    assert!(h.sets_host);
+    assert_eq!(names(&h.response_drop), ["cache-control", "server"]);
+    assert_eq!(&*h.response_lines, b"Cache-Control: no-store\r\n");
+    assert!(compile(&up("")).unwrap().routes[0].headers.is_none());
+    let at = "routes[0]";
+    for (action, extra, path) in [
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { Connection = \"x\" } }",
+            format!("{at}.request_headers.set.Connection"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X-Forwarded-For\" = \"1.2.3.4\" } }",
+            format!("{at}.request_headers.set.X-Forwarded-For"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { remove = [\"Host\"] }",
+            format!("{at}.request_headers.remove[0]"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X A\" = \"1\" } }",
+            format!("{at}.request_headers.set.X A"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X-A\" = \" padded\" } }",
+            format!("{at}.request_headers.set.X-A"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X-A\" = \"a\\r\\nX-B: b\" } }",
+            format!("{at}.request_headers.set.X-A"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X-A\" = \"1\" }, remove = [\"x-a\"] }",
+            format!("{at}.request_headers.remove[0]"),
+        ),
+        (
+            "upstream = \"u\"\npolicies = [\"key\"]",
+            "request_headers = { set = { \"x-consumer-id\" = \"forged\" } }",
+            format!("{at}.request_headers.set.x-consumer-id"),
+        ),
+        (
+            "upstream = \"u\"\nresponse = { deny = [\"cost\"] }",
+            "request_headers = { set = { \"Accept-Encoding\" = \"gzip\" } }",
+            format!("{at}.request_headers.set.Accept-Encoding"),
+        ),
+        (
+            "aggregate = \"agg\"",
+            "request_headers = { set = { Host = \"in.svc\" } }",
+            format!("{at}.request_headers.set.Host"),
+        ),
+        (
+            "respond = { body = \"hi\" }",
+            "request_headers = { set = { \"X-A\" = \"1\" } }",
+            format!("{at}.request_headers"),
+        ),
+        (
+            "respond = { body = \"hi\" }",
+            "response_headers = { set = { \"Content-Type\" = \"text/html\" } }",
+            format!("{at}.response_headers.set.Content-Type"),
+        ),
+        (
+            "upstream = \"u\"",
+            "response_headers = { remove = [\"Content-Length\"] }",
+            format!("{at}.response_headers.remove[0]"),
+        ),
+        (
+            "upstream = \"u\"",
+            "response_headers = { set = { Date = \"x\" } }",
+            format!("{at}.response_headers.set.Date"),
+        ),
+        (
+            "upstream = \"u\"\nvariants = [{ profile = \"m\", upstream = \"u\" }]",
+            "response_headers = { set = { Vary = \"Accept\" } }",
+            format!("{at}.response_headers.set.Vary"),
+        ),
+        (
+            "upstream = \"u\"\npolicies = [\"cors\"]",
+            "response_headers = { remove = [\"Access-Control-Allow-Origin\"] }",
+            format!("{at}.response_headers.remove[0]"),
+        ),
+    ] {
+        let e = err(&route(action, extra));
+        assert_eq!(e.path(), path, "{action} {extra}: {e}");
+    }
+    // What is refused in one place is fine where nothing else writes it.
+    for (action, extra) in [
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { Authorization = \"Basic eA==\" } }",
+        ),
+        (
+            "upstream = \"u\"",
+            "response_headers = { set = { Vary = \"Accept\" } }",
+        ),
+        (
+            "respond = { body = \"hi\" }",
+            "response_headers = { set = { \"X-Frame-Options\" = \"DENY\" } }",
+        ),
+        (
+            "aggregate = \"agg\"",
+            "request_headers = { set = { \"X-Env\" = \"prod\" } }",
+        ),
+    ] {
+        compile(&route(action, extra)).unwrap_or_else(|e| panic!("{action} {extra}: {e}"));
+    }
+}

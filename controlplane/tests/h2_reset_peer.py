@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status|two|torn|trailers]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status|two|torn|trailers|
+                              headers]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -13,7 +14,10 @@ gRPC); with `no-status`, a gRPC answer of one message that ends without trailers
 `grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`;
 with `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`,
 once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without
-any) and a 204. Each request's line also gives its content type. Runs until killed.
+any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields
+(sorted, pseudo-fields included), and a 200 `text/plain` answer "ok" that carries
+`cache-control: private` and `server: peer`. Each request's line also gives its content
+type. Runs until killed.
 Loopback only.
 """
 import socket
@@ -37,6 +41,7 @@ NO_STATUS = sys.argv[2:] == ["no-status"]
 TWO = sys.argv[2:] == ["two"]
 TORN = sys.argv[2:] == ["torn"]
 TRAILERS = sys.argv[2:] == ["trailers"]
+HEADERS = sys.argv[2:] == ["headers"]
 lock = threading.Lock()
 
 
@@ -73,6 +78,16 @@ def serve(sock):
                 with lock:
                     print(f"request {path} {ctype}", flush=True)
                 if SILENT or TRAILERS:
+                    continue
+                if HEADERS:
+                    pairs = sorted(f"{k.decode()}={v.decode()}" for k, v in event.headers)
+                    with lock:
+                        print("headers " + " ".join(pairs), flush=True)
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "text/plain"),
+                                                        ("cache-control", "private"),
+                                                        ("server", "peer")])
+                    conn.send_data(event.stream_id, b"ok", end_stream=True)
                     continue
                 if TWO or TORN:
                     conn.send_headers(event.stream_id, [(":status", "200"),

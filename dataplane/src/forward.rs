@@ -14,7 +14,9 @@ use crate::gather::Piece;
 /// Writes into `out` (cleared first) the rewritten request line, if the target changes
 /// (absolute form, `strip_prefix_len` bytes of prefix to remove, or a `rewrite` path that
 /// replaces the path and keeps the query), and the fields the gateway adds, ending with the
-/// blank line. Returns their spans in `out`. `scheme` is the listener's (`X-Forwarded-Proto`).
+/// blank line. Returns their spans in `out`. `scheme` is the listener's (`X-Forwarded-Proto`);
+/// `added`, lines the policies and the route add; `sets_host`: one of them is the `Host`, so
+/// an absolute-form target's authority does not become one.
 #[allow(clippy::too_many_arguments)]
 pub fn request_extras(
     buf: &[u8],
@@ -25,6 +27,7 @@ pub fn request_extras(
     peer: IpAddr,
     scheme: &[u8],
     added: &[u8],
+    sets_host: bool,
     query_drops: &[Span],
     out: &mut Vec<u8>,
 ) -> (Option<Span>, Span) {
@@ -66,7 +69,7 @@ pub fn request_extras(
             None
         };
     let tail_start = out.len();
-    if head.absolute {
+    if head.absolute && !sets_host {
         if let Some(h) = head.host {
             out.extend_from_slice(b"Host: ");
             out.extend_from_slice(h.of(buf));
@@ -380,6 +383,7 @@ mod tests {
             "192.0.2.7".parse().unwrap(),
             scheme,
             added,
+            false,
             &query_drops,
             &mut out,
         );

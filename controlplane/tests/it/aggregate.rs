@@ -348,6 +348,39 @@ fn pass_headers_never_carry_fields_the_client_made_hop_by_hop() {
 }
 
 #[test]
+fn a_routes_header_edits_reach_every_step_and_its_answer() {
+    // `request_headers` go to every step: a set field is added, a removed one goes even
+    // where `pass_headers` asks for it; `response_headers` hold for the aggregate's answer.
+    // Set through the admin API, as a PATCH of the route.
+    let o = service(|_, _| json_ok(json!({"a": 1})));
+    let steps = step("s", 0, "pass_headers = [\"X-Env\", \"Authorization\"]");
+    let (gw, _) = one_aggregate(&[&o], "", &steps);
+    let edits = r#"{"request_headers": {"set": {"X-Env": "prod"}, "remove": ["authorization"]},
+                    "response_headers": {"set": {"X-Frame-Options": "DENY"}}}"#;
+    let r = gw.admin("PATCH", "/v1/routes/agg", Some(edits));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let got = gw.admin("GET", "/v1/routes/agg", None).json();
+    assert_eq!(got["request_headers"]["set"]["X-Env"], "prod", "{got}");
+    let mut c = gw.connect();
+    let r = get(&mut c, "/agg", "X-Env: dev\r\nAuthorization: Bearer t\r\n");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.header("x-frame-options"), Some("DENY"), "{}", r.head);
+    let seen = &o.wait_requests(1)[0];
+    assert_eq!(seen.header("X-Env"), Some("prod"), "{}", seen.head);
+    assert_eq!(seen.head.matches("X-Env").count(), 1, "{}", seen.head);
+    assert_eq!(seen.header("Authorization"), None, "{}", seen.head);
+    // Host is each step's to send.
+    let bad = r#"{"request_headers": {"set": {"Host": "x.test"}}}"#;
+    let e = gw.admin("PATCH", "/v1/routes/agg", Some(bad));
+    assert_eq!(e.status, 422, "{}", e.body_str());
+    assert!(
+        e.body_str().contains("request_headers.set.Host"),
+        "{}",
+        e.body_str()
+    );
+}
+
+#[test]
 fn max_step_bytes_bounds_a_chunked_answer_by_its_content() {
     // 900 bytes of JSON in 9-byte chunks: about 1,400 on the wire, under the 1,000-byte
     // bound by content, as the bound is documented.

@@ -649,6 +649,48 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
 }
 
 #[test]
+fn a_route_edits_the_fields_of_an_http2_upstreams_requests_and_answers() {
+    // `request_headers` and `response_headers` towards an h2c upstream: the forwarded
+    // request's fields (its `:authority` from the set Host) and the answer's, as for an
+    // HTTP/1.1 upstream.
+    let peer = ResetPeer::start_with(&["0", "headers"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n\
+         request_headers = {{ set = {{ Host = \"internal.svc\", X-Env = \"prod\" }}, \
+         remove = [\"cookie\"] }}\n\
+         response_headers = {{ set = {{ Cache-Control = \"no-store\" }}, \
+         remove = [\"Server\"] }}\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = gw.connect().roundtrip(
+        "GET /x HTTP/1.1\r\nHost: a.test\r\nX-Env: dev\r\nCookie: s=1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((r.status, r.body_str()), (200, "ok"), "{}", r.head);
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.head);
+    assert!(
+        !r.head.to_ascii_lowercase().contains("private"),
+        "{}",
+        r.head
+    );
+    assert_eq!(r.header("server"), None, "{}", r.head);
+    drop(gw);
+    let text = peer.output();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("headers "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let fields: Vec<&str> = line.split(' ').skip(1).collect();
+    assert!(fields.contains(&":authority=internal.svc"), "{line}");
+    assert!(fields.contains(&"x-env=prod"), "{line}");
+    assert!(!fields.iter().any(|f| f.starts_with("x-env=dev")), "{line}");
+    assert!(!fields.iter().any(|f| f.starts_with("cookie=")), "{line}");
+    assert!(fields.contains(&"x-forwarded-host=a.test"), "{line}");
+}
+
+#[test]
 fn overall_timeout_ms_bounds_the_tries_to_an_http2_upstream() {
     // Three silent h2c targets, five tries of 400 ms each (the response head timeout): cut
     // at 1 s by `overall_timeout_ms`, after three tries (at 0, 400 and 800 ms), with 504.

@@ -1849,3 +1849,137 @@ fn trace_is_refused_unless_named_and_max_forwards_is_counted_down() {
     );
     assert_eq!(origin.requests().len(), 5);
 }
+
+#[test]
+fn a_route_sets_and_removes_fields_of_what_it_forwards_and_answers() {
+    // `request_headers` and `response_headers`: set fields replace every copy of their name
+    // (or are added), removed ones go; the forwarded Host can be set (absolute form too),
+    // X-Forwarded-Host still names the client's. The answer's edits hold for relayed
+    // answers, over HTTP/1.1 and HTTP/2, and for the gateway's own (a policy's 401).
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nCache-Control: private\r\nServer: origin/1\r\nX-Keep: 1\r\n\
+              Content-Length: 2\r\n\r\nok",
+        );
+        Keep::Open
+    }));
+    let config = format!(
+        r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+h2c = true
+
+[[upstreams]]
+id = "u"
+targets = [{{ address = "{}" }}]
+
+[[routes]]
+id = "edited"
+path_prefix = "/"
+upstream = "u"
+policies = ["key"]
+
+[routes.request_headers]
+set = {{ Host = "internal.svc", X-Env = "prod" }}
+remove = ["Cookie"]
+
+[routes.response_headers]
+set = {{ Cache-Control = "no-store", Strict-Transport-Security = "max-age=63072000" }}
+remove = ["server"]
+
+[[consumers]]
+id = "app"
+
+[[credentials]]
+id = "app-key"
+consumer = "app"
+kind = "api_key"
+key = "key-0001"
+
+[[policies]]
+id = "key"
+kind = "api_key"
+header = "X-Api-Key"
+"#,
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let count = |head: &str, name: &str| {
+        head.lines()
+            .skip(1)
+            .filter(|l| {
+                l.split_once(':')
+                    .is_some_and(|(n, _)| n.eq_ignore_ascii_case(name))
+            })
+            .count()
+    };
+    let answered = |r: &Response| {
+        assert_eq!((r.status, r.body_str()), (200, "ok"), "{}", r.head);
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.head);
+        assert_eq!(count(&r.head, "cache-control"), 1, "{}", r.head);
+        assert_eq!(
+            r.header("strict-transport-security"),
+            Some("max-age=63072000")
+        );
+        assert_eq!(r.header("server"), None, "{}", r.head);
+        assert_eq!(r.header("x-keep"), Some("1"), "the others kept");
+    };
+    let r = gw.connect().roundtrip(
+        "GET /a HTTP/1.1\r\nHost: a.test\r\nX-Api-Key: key-0001\r\nX-Env: dev\r\nCookie: s=1\r\n\
+         X-Env: test\r\nConnection: close\r\n\r\n",
+    );
+    answered(&r);
+    let r = gw.connect().roundtrip(
+        "GET http://b.test/b HTTP/1.1\r\nHost: b.test\r\nX-Api-Key: key-0001\r\n\
+         Connection: close\r\n\r\n",
+    );
+    answered(&r);
+    {
+        let seen = origin.received.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        for (req, client_host) in seen.iter().zip(["a.test", "b.test"]) {
+            assert_eq!(req.header("host"), Some("internal.svc"), "{}", req.head);
+            assert_eq!(count(&req.head, "host"), 1, "{}", req.head);
+            assert_eq!(req.header("x-forwarded-host"), Some(client_host));
+            assert_eq!(req.header("x-consumer-id"), Some("app"), "{}", req.head);
+        }
+        assert_eq!(seen[0].header("x-env"), Some("prod"));
+        assert_eq!(count(&seen[0].head, "x-env"), 1, "{}", seen[0].head);
+        assert_eq!(seen[0].header("cookie"), None, "{}", seen[0].head);
+    }
+    // The policy's refusal carries the answer's fields too.
+    let r = gw
+        .connect()
+        .roundtrip("GET /a HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.head);
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
+    // An HTTP/2 client's answer.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "-H",
+            "X-Api-Key: key-0001",
+        ])
+        .arg(format!("http://{}/h2", gw.addr))
+        .output()
+        .expect("curl (Debian package curl) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    assert_eq!(text.matches("cache-control: no-store").count(), 1, "{text}");
+    assert!(!text.contains("private"), "{text}");
+    assert!(!text.contains("server:"), "{text}");
+    assert!(
+        text.contains("strict-transport-security: max-age=63072000"),
+        "{text}"
+    );
+    let seen = origin.received.lock().unwrap();
+    assert_eq!(seen.last().unwrap().header("host"), Some("internal.svc"));
+}

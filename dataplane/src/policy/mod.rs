@@ -47,6 +47,8 @@ pub struct PolicyState {
     /// The consumer an authentication policy identified (index into the snapshot's
     /// consumers).
     pub consumer: Option<u32>,
+    /// `extra` holds the forwarded `Host` (a route's `request_headers` sets it).
+    pub sets_host: bool,
     decode: Vec<u8>,
 }
 
@@ -70,6 +72,7 @@ impl PolicyState {
         self.query_drops.clear();
         self.response_extra.clear();
         self.cors_ran = false;
+        self.sets_host = false;
         self.consumer = None;
     }
 }

@@ -55,8 +55,12 @@ pub(crate) struct RequestCtx {
     pub aggregate: Option<u32>,
     /// Its steps that failed (indices), for the access log.
     pub failed_steps: Vec<u16>,
-    /// Field lines the route adds to its answer (`Vary` for variants), each with its CRLF.
+    /// Field lines the route adds to its answer (`Vary` for variants, its
+    /// `response_headers`), each with its CRLF.
     pub response_fields: Vec<u8>,
+    /// Lower-case names of the fields a relayed answer loses (the route's
+    /// `response_headers`: set or removed).
+    pub response_drop: Option<std::sync::Arc<[Box<[u8]>]>>,
     /// The forwarded path of a rewritten route.
     pub rewritten: Vec<u8>,
     /// The head's fields of the access log line, written before the buffer they come from
@@ -102,6 +106,7 @@ impl RequestCtx {
             aggregate: None,
             failed_steps: Vec::new(),
             response_fields: Vec::new(),
+            response_drop: None,
             rewritten: Vec::new(),
             log_head: Vec::new(),
             log_target: Vec::new(),
@@ -129,6 +134,7 @@ impl RequestCtx {
         self.aggregate = None;
         self.failed_steps.clear();
         self.response_fields.clear();
+        self.response_drop = None;
         self.rewritten.clear();
         self.log_head.clear();
         self.logging = snap.access_log.is_some();

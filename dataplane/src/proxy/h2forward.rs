@@ -1367,6 +1367,12 @@ fn answer_fields(req: &RequestCtx, upstream: &mut HeaderMap) -> Vec<u8> {
         upstream.remove("x-request-id");
         push_request_id(&mut extra, req);
     }
+    // The route's `response_headers`: its values replace the upstream's.
+    for name in req.response_drop.iter().flat_map(|n| n.iter()) {
+        if let Ok(name) = HeaderName::from_bytes(name) {
+            upstream.remove(name);
+        }
+    }
     extra.extend_from_slice(&req.response_fields);
     extra
 }

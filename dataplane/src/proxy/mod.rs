@@ -384,6 +384,13 @@ async fn handle<S: ClientStream>(
     if let (Some(id), Some(route)) = (found, route) {
         req.route = Some(id);
         req.slot = route.metrics_slot;
+        if let Some(h) = &route.headers {
+            // On every answer the route gives, a policy's refusal included.
+            req.response_fields.extend_from_slice(&h.response_lines);
+            if !h.response_drop.is_empty() {
+                req.response_drop = Some(h.response_drop.clone());
+            }
+        }
     }
     let p = &snap.policies;
     let screened = match route {
@@ -453,6 +460,15 @@ async fn handle<S: ClientStream>(
         req.fail(kind);
         return down.respond(ctx, req, head, Reply::Canned(status)).await;
     };
+    if let Some(h) = &route.headers {
+        // After the policies, whose check starts the request's edits afresh.
+        let fields = (head.fields_start, head.fields_end);
+        for name in h.request_drop.iter() {
+            policy::drop_named(&down.buf, fields.0, fields.1, name, &mut req.policy.drops);
+        }
+        req.policy.extra.extend_from_slice(&h.request_lines);
+        req.policy.sets_host = h.sets_host;
+    }
     let choice = if route.variants.is_empty() {
         select::Choice {
             action: &route.action,
@@ -1046,6 +1062,7 @@ fn forwarded_head<S: ClientStream>(
         peer,
         down.stream.scheme().as_bytes(),
         &req.policy.extra,
+        req.policy.sets_host,
         &req.policy.query_drops,
         &mut down.scratch,
     )

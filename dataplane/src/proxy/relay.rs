@@ -245,6 +245,13 @@ fn response_tail<S>(
         );
     }
     replace_request_id(&mut down.scratch, &mut down.resp_plan.drop, buf, resp, req);
+    if let Some(names) = &req.response_drop {
+        // The route's `response_headers`: its values replace the upstream's.
+        for name in names.iter() {
+            let (fs, fe) = (resp.fields_start, resp.fields_end);
+            policy::drop_named(buf, fs, fe, name, &mut down.resp_plan.drop);
+        }
+    }
     if http10 && resp.transfer_encoding {
         // A chunked body goes on without its chunks; a HEAD's or a 304's has none.
         let (fs, fe) = (resp.fields_start, resp.fields_end);

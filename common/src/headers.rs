@@ -1,0 +1,222 @@
+//! A route's `request_headers` and `response_headers`: fields it sets on, or removes from,
+//! the requests it forwards and the answers it gives (nginx's `proxy_set_header` and
+//! `add_header ... always`, Envoy's `request_headers_to_add` / `response_headers_to_remove`,
+//! Kong's request and response transformers).
+
+use std::sync::Arc;
+
+use crate::config::HeaderEdits;
+use crate::snapshot::{Route, RouteAction};
+use crate::validate::is_tchar;
+use crate::ConfigError;
+
+/// Most fields one `set` or `remove` may name.
+const MAX_EDITS: usize = 32;
+/// Longest value a `set` may give.
+const MAX_VALUE: usize = 4096;
+
+/// A route's header edits, compiled.
+#[derive(Debug, Default)]
+pub struct RouteHeaders {
+    /// Lower-case names whose copies the forwarded request loses: every `set` and `remove`
+    /// name of `request_headers`.
+    pub request_drop: Box<[Box<[u8]>]>,
+    /// `Name: value\r\n` lines added to every forwarded request.
+    pub request_lines: Box<[u8]>,
+    /// `request_headers` sets `Host`: an absolute-form target's authority does not become
+    /// the forwarded `Host` then.
+    pub sets_host: bool,
+    /// Lower-case names whose copies leave a relayed answer: every `set` and `remove` name
+    /// of `response_headers`.
+    pub response_drop: Arc<[Box<[u8]>]>,
+    /// `Name: value\r\n` lines added to every answer.
+    pub response_lines: Box<[u8]>,
+}
+
+/// Fields no route may set or remove, on either side: they frame the message or manage its
+/// connection, hop by hop (RFC 9110 7.6.1), and the gateway writes them itself.
+const FRAMING: &[&str] = &[
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Request fields the gateway sets on every forwarded request.
+const GATEWAY_REQUEST: &[&str] = &[
+    "forwarded",
+    "traceparent",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// Answer fields the gateway sets on every answer.
+const GATEWAY_RESPONSE: &[&str] = &["date", "x-request-id"];
+
+/// Compiles a route's edits, once its policies are known: `consumer_headers` are the
+/// `consumer_header`s of its authentication policies, with the policies' ids (the policy
+/// sets that field: the route may not). `None` when the route edits nothing.
+pub fn compile(
+    request: Option<&HeaderEdits>,
+    response: Option<&HeaderEdits>,
+    route: &Route,
+    consumer_headers: &[(&[u8], &str)],
+    at: &str,
+) -> Result<Option<Arc<RouteHeaders>>, ConfigError> {
+    if request.is_none() && response.is_none() {
+        return Ok(None);
+    }
+    let mut out = RouteHeaders::default();
+    if let Some(edits) = request {
+        let at = format!("{at}.request_headers");
+        let actions =
+            std::iter::once(&route.action).chain(route.variants.iter().map(|v| &v.action));
+        let (mut forwards, mut aggregates) = (false, false);
+        for a in actions {
+            forwards |= !matches!(a, RouteAction::Respond { .. });
+            aggregates |= matches!(a, RouteAction::Aggregate { .. });
+        }
+        if !forwards {
+            return Err(ConfigError::field(
+                at,
+                "the route forwards no request (it answers with `respond`)",
+            ));
+        }
+        let shaped = route.shape.is_some() || route.variants.iter().any(|v| v.shape.is_some());
+        let refused = |name: &str, removing: bool| -> Option<String> {
+            if let Some(why) = reserved(name, GATEWAY_REQUEST, "forwarded request") {
+                return Some(why);
+            }
+            if name == "host" && removing {
+                return Some("every HTTP/1.1 request carries a Host: set it instead".into());
+            }
+            if name == "host" && aggregates {
+                return Some("an aggregate's steps each send their upstream's Host".into());
+            }
+            if (shaped || aggregates) && matches!(name, "accept-encoding" | "range" | "if-range") {
+                return Some(
+                    "the route reshapes or aggregates answers, which takes them whole and \
+                     uncompressed: the gateway sets this field"
+                        .into(),
+                );
+            }
+            consumer_headers
+                .iter()
+                .find(|(h, _)| h.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, p)| format!("policy {p:?} sets it (its consumer_header)"))
+        };
+        let (drop, lines) = edits_of(edits, &at, refused)?;
+        out.sets_host = edits.set.keys().any(|k| k.eq_ignore_ascii_case("host"));
+        out.request_drop = drop.into();
+        out.request_lines = lines.into();
+    }
+    if let Some(edits) = response {
+        let at = format!("{at}.response_headers");
+        let respond = matches!(route.action, RouteAction::Respond { .. });
+        let refused = |name: &str, _removing: bool| -> Option<String> {
+            if let Some(why) = reserved(name, GATEWAY_RESPONSE, "answer") {
+                return Some(why);
+            }
+            if name == "vary" && !route.variants.is_empty() {
+                return Some("the route's variants set it".into());
+            }
+            if name.starts_with("access-control-") && route.has_cors {
+                return Some("the route's cors policy sets these fields".into());
+            }
+            if name == "content-type" && respond {
+                return Some("`respond` has its own `content_type`".into());
+            }
+            None
+        };
+        let (drop, lines) = edits_of(edits, &at, refused)?;
+        out.response_drop = drop.into();
+        out.response_lines = lines.into();
+    }
+    Ok(Some(Arc::new(out)))
+}
+
+/// Why `name` is the gateway's to write, if it is: a framing or hop-by-hop field, or one of
+/// `gateway`'s, which it sets on every `what`.
+fn reserved(name: &str, gateway: &[&str], what: &str) -> Option<String> {
+    if FRAMING.contains(&name) {
+        return Some(
+            "it frames the message or manages the connection, hop by hop: the gateway \
+             writes it"
+                .into(),
+        );
+    }
+    gateway
+        .contains(&name)
+        .then(|| format!("the gateway sets it on every {what}"))
+}
+
+/// One side's edits: the lower-case names to drop (set and removed ones), and the lines to
+/// add.
+type Edits = (Vec<Box<[u8]>>, Vec<u8>);
+
+/// One side's [`Edits`], each name checked: a token, not twice, not one `refused` (given the
+/// lower-case name and whether it is removed) names a reason for.
+fn edits_of(
+    edits: &HeaderEdits,
+    at: &str,
+    refused: impl Fn(&str, bool) -> Option<String>,
+) -> Result<Edits, ConfigError> {
+    if edits.set.len() > MAX_EDITS || edits.remove.len() > MAX_EDITS {
+        return Err(ConfigError::field(
+            at,
+            format!("at most {MAX_EDITS} fields in `set` and {MAX_EDITS} in `remove`"),
+        ));
+    }
+    let mut drop: Vec<Box<[u8]>> = Vec::new();
+    let mut lines = Vec::new();
+    let named = |name: &str, path: String, removing: bool, drop: &[Box<[u8]>]| {
+        if name.is_empty() || !name.bytes().all(is_tchar) {
+            return Err(ConfigError::field(
+                path,
+                format!("{name:?} is not a field name (RFC 9110 5.1: a token)"),
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if drop.iter().any(|d| **d == *lower.as_bytes()) {
+            return Err(ConfigError::field(
+                path,
+                format!("{name:?} is named twice (names are case-insensitive)"),
+            ));
+        }
+        if let Some(why) = refused(&lower, removing) {
+            return Err(ConfigError::field(path, format!("{name:?}: {why}")));
+        }
+        Ok(lower.into_bytes().into_boxed_slice())
+    };
+    for (name, value) in &edits.set {
+        let path = format!("{at}.set.{name}");
+        let lower = named(name, path.clone(), false, &drop)?;
+        let visible = |b: u8| b == b'\t' || (0x20..0x7f).contains(&b);
+        let trimmed = value.trim_matches([' ', '\t']);
+        if value.len() > MAX_VALUE || !value.bytes().all(visible) || trimmed.len() != value.len() {
+            return Err(ConfigError::field(
+                path,
+                format!(
+                    "the value must be visible ASCII, spaces and tabs inside only, at most \
+                     {MAX_VALUE} bytes"
+                ),
+            ));
+        }
+        drop.push(lower);
+        lines.extend_from_slice(name.as_bytes());
+        lines.extend_from_slice(b": ");
+        lines.extend_from_slice(value.as_bytes());
+        lines.extend_from_slice(b"\r\n");
+    }
+    for (j, name) in edits.remove.iter().enumerate() {
+        let lower = named(name, format!("{at}.remove[{j}]"), true, &drop)?;
+        drop.push(lower);
+    }
+    Ok((drop, lines))
+}
