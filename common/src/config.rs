@@ -921,6 +921,29 @@ pub struct UpstreamConfig {
     /// another to the same target. 1 to 1000; default 100 (or less, if the target says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_streams: Option<u32>,
+    /// This upstream's own `[timeouts]` towards its targets; each one absent takes the
+    /// global value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<UpstreamTimeoutsConfig>,
+}
+
+/// An upstream's own timeouts, in milliseconds (1 to 86,400,000): each replaces the
+/// `[timeouts]` field of the same name with `upstream_` before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTimeoutsConfig {
+    /// `upstream_connect_ms`: opening a connection to a target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<u64>,
+    /// `upstream_response_head_ms`: from the request sent to the answer's head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_head_ms: Option<u64>,
+    /// `upstream_body_ms`: the longest silence within the answer's body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_ms: Option<u64>,
+    /// `upstream_send_ms`: the longest a write to the target may wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_ms: Option<u64>,
 }
 
 /// A JSON/REST to gRPC transcoder: the services of a protobuf descriptor set, each method

@@ -309,6 +309,8 @@ pub struct Upstream {
     pub protocol: crate::config::UpstreamProtocol,
     /// `h2c` / `grpc`: streams at once on one connection.
     pub max_streams: u32,
+    /// Its own timeouts, which replace the global ones towards its targets.
+    pub timeouts: UpstreamTimeouts,
     /// The target set and counters requests use.
     pub live: Arc<UpstreamLive>,
 }
@@ -418,6 +420,35 @@ pub struct Circuit {
     pub max_connections: u32,
     pub max_pending: u32,
     pub max_requests: u32,
+}
+
+/// An upstream's own timeouts (`None`: the global one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    pub connect: Option<Duration>,
+    pub response_head: Option<Duration>,
+    pub body: Option<Duration>,
+    pub send: Option<Duration>,
+}
+
+impl UpstreamTimeouts {
+    /// `global` with this upstream's own timeouts in place of its `upstream_*` ones.
+    pub fn apply(&self, global: &mut Timeouts) {
+        if *self == UpstreamTimeouts::default() {
+            return;
+        }
+        let pairs = [
+            (self.connect, &mut global.upstream_connect),
+            (self.response_head, &mut global.upstream_response_head),
+            (self.body, &mut global.upstream_body),
+            (self.send, &mut global.upstream_send),
+        ];
+        for (own, t) in pairs {
+            if let Some(own) = own {
+                *t = own;
+            }
+        }
+    }
 }
 
 /// Timeouts as durations.

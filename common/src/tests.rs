@@ -897,3 +897,48 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
         compile(&route(action, extra)).unwrap_or_else(|e| panic!("{action} {extra}: {e}"));
     }
 }
+
+#[test]
+fn an_upstreams_own_timeouts_replace_the_global_ones() {
+    let text = |own: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+             [timeouts]\nupstream_connect_ms = 100\nupstream_response_head_ms = 200\n\
+             upstream_body_ms = 300\nupstream_send_ms = 400\n\
+             [[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"127.0.0.1:9\" }}]\n{own}\n"
+        )
+    };
+    let ms = std::time::Duration::from_millis;
+    let s = compile(&text("timeouts = { response_head_ms = 5000, send_ms = 7 }")).unwrap();
+    let mut t = s.timeouts;
+    s.upstreams[0].timeouts.apply(&mut t);
+    assert_eq!(
+        (
+            t.upstream_connect,
+            t.upstream_response_head,
+            t.upstream_body,
+            t.upstream_send
+        ),
+        (ms(100), ms(5000), ms(300), ms(7))
+    );
+    // The others untouched, and nothing without any.
+    assert_eq!(t.client_header, s.timeouts.client_header);
+    let s = compile(&text("")).unwrap();
+    let mut t = s.timeouts;
+    s.upstreams[0].timeouts.apply(&mut t);
+    assert_eq!(t.upstream_response_head, ms(200));
+    for (own, path) in [
+        (
+            "timeouts = { connect_ms = 0 }",
+            "upstreams[0].timeouts.connect_ms",
+        ),
+        (
+            "timeouts = { body_ms = 86400001 }",
+            "upstreams[0].timeouts.body_ms",
+        ),
+        ("timeouts = { idle_ms = 5 }", "upstreams[0].timeouts"),
+    ] {
+        let e = err(&text(own));
+        assert!(e.path().starts_with(path), "{own}: {e}");
+    }
+}

@@ -267,6 +267,22 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
         }
         (_, None) => 100,
     };
+    let mut timeouts = crate::snapshot::UpstreamTimeouts::default();
+    if let Some(t) = &u.timeouts {
+        let own = |name: &str, v: Option<u64>| -> Result<Option<Duration>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(ms) => {
+                    within(&format!("timeouts.{name}"), ms, 1, 86_400_000)?;
+                    Ok(Some(Duration::from_millis(ms)))
+                }
+            }
+        };
+        timeouts.connect = own("connect_ms", t.connect_ms)?;
+        timeouts.response_head = own("response_head_ms", t.response_head_ms)?;
+        timeouts.body = own("body_ms", t.body_ms)?;
+        timeouts.send = own("send_ms", t.send_ms)?;
+    }
     let live = UpstreamLive::new(literal_set(&targets));
     Ok(Upstream {
         id: u.id.as_str().into(),
@@ -280,6 +296,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
         circuit,
         protocol: u.protocol,
         max_streams,
+        timeouts,
         live,
     })
 }

@@ -176,8 +176,13 @@ fn serve(
             Mode::SickCheck if health => (500, name.to_owned()),
             _ => (200, name.to_owned()),
         };
+        // A backend named as a JSON object answers as JSON (an aggregate's step takes it).
+        let ctype = match body.starts_with('{') {
+            true => "Content-Type: application/json\r\n",
+            false => "",
+        };
         let reply = format!(
-            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status} X\r\n{ctype}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         if s.write_all(reply.as_bytes()).is_err() {
@@ -1174,6 +1179,46 @@ fn when_every_target_fails_its_checks_requests_still_go_to_them() {
         assert_eq!(t["state"], "healthy", "{t}");
         assert_eq!(t["last_check"], serde_json::Value::Null, "{t}");
     }
+}
+
+#[test]
+fn an_upstream_has_timeouts_of_its_own() {
+    // One target answering after 600 ms, behind two upstreams: `quick` keeps the global
+    // `upstream_response_head_ms` (300: 504), `patient` has its own (3,000: answered), for a
+    // proxied request and an aggregate's step alike.
+    let slow = Backend::start("{\"slow\":1}", Mode::Slow(Duration::from_millis(600)));
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [timeouts]\nupstream_response_head_ms = 300\n\
+         [[upstreams]]\nid = \"quick\"\ntargets = [{t}]\n\
+         [[upstreams]]\nid = \"patient\"\ntargets = [{t}]\n\
+         timeouts = {{ response_head_ms = 3000 }}\n\
+         [[aggregates]]\nid = \"agg\"\n\
+         steps = [{{ id = \"s\", upstream = \"patient\", path = \"/s\" }}]\n\
+         [[routes]]\nid = \"quick\"\npath = \"/quick\"\nupstream = \"quick\"\n\
+         [[routes]]\nid = \"patient\"\npath = \"/patient\"\nupstream = \"patient\"\n\
+         [[routes]]\nid = \"agg\"\npath = \"/agg\"\naggregate = \"agg\"\n",
+        t = target(slow.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    assert_eq!(get(&gw, "/quick").status, 504);
+    let r = get(&gw, "/patient");
+    assert_eq!((r.status, r.body_str()), (200, "{\"slow\":1}"));
+    let r = get(&gw, "/agg");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert!(r.body_str().contains("\"slow\":1"), "{}", r.body_str());
+    // Out of range: refused, naming the field.
+    let e = gw.admin(
+        "PATCH",
+        "/v1/upstreams/patient",
+        Some(r#"{"timeouts": {"body_ms": 0}}"#),
+    );
+    assert_eq!(e.status, 422, "{}", e.body_str());
+    assert!(
+        e.body_str().contains("timeouts.body_ms"),
+        "{}",
+        e.body_str()
+    );
 }
 
 #[test]

@@ -567,9 +567,10 @@ async fn call(
     mut request: Vec<u8>,
 ) -> StepOutcome {
     let step = &agg.steps[j];
-    let t = snap.timeouts;
     let idempotent = crate::codec::request::is_idempotent_method(step.method.as_bytes());
     let up = UpstreamRef::of(snap, step.upstream);
+    let mut t = snap.timeouts;
+    up.upstream.timeouts.apply(&mut t);
     let connector = Connector::new(ctx, up, &t, key, true, idempotent);
     let is_head = &*step.method == "HEAD";
     let max = agg.max_step_bytes;

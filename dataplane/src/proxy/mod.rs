@@ -534,6 +534,8 @@ async fn handle<S: ClientStream>(
                 return next;
             }
             let up = connector::UpstreamRef::of(snap, *upstream);
+            // The upstream's own timeouts, for this request (the next starts afresh).
+            up.upstream.timeouts.apply(&mut down.timeouts);
             if up.upstream.hash_on == common::snapshot::HashOn::ClientIp {
                 req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
             }
