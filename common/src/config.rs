@@ -1226,6 +1226,10 @@ pub struct RouteConfig {
     /// A fixed response the gateway sends itself, without any upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub respond: Option<DirectResponseConfig>,
+    /// A redirect the gateway answers with: the request's URL with the parts given here
+    /// replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectConfig>,
     /// Id of the aggregate (fan-out) that answers this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<String>,
@@ -1272,6 +1276,32 @@ pub struct HeaderEdits {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// A redirect: the request's URL (its scheme, host, port, path and query) with the parts
+/// set here replaced, in `Location`. At least one part is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// 301, 302, 303, 307 or 308. Default 301.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `http` or `https`. Default: the listener's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// Host name or IP literal. Default: the request's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Port. Default: the request's, unless `scheme` or `host` is set (then the scheme's
+    /// default port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Path. Default: the request's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Leave the request's query out. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub strip_query: bool,
 }
 
 /// A response the gateway answers with itself.

@@ -61,12 +61,14 @@ const GATEWAY_RESPONSE: &[&str] = &["date", "x-request-id"];
 
 /// Compiles a route's edits, once its policies are known: `consumer_headers` are the
 /// `consumer_header`s of its authentication policies, with the policies' ids (the policy
-/// sets that field: the route may not). `None` when the route edits nothing.
+/// sets that field: the route may not); `grpc`: the route (or a variant) proxies to a gRPC
+/// upstream. `None` when the route edits nothing.
 pub fn compile(
     request: Option<&HeaderEdits>,
     response: Option<&HeaderEdits>,
     route: &Route,
     consumer_headers: &[(&[u8], &str)],
+    grpc: bool,
     at: &str,
 ) -> Result<Option<Arc<RouteHeaders>>, ConfigError> {
     if request.is_none() && response.is_none() {
@@ -79,18 +81,24 @@ pub fn compile(
             std::iter::once(&route.action).chain(route.variants.iter().map(|v| &v.action));
         let (mut forwards, mut aggregates) = (false, false);
         for a in actions {
-            forwards |= !matches!(a, RouteAction::Respond { .. });
+            forwards |= matches!(a, RouteAction::Proxy { .. } | RouteAction::Aggregate { .. });
             aggregates |= matches!(a, RouteAction::Aggregate { .. });
         }
         if !forwards {
             return Err(ConfigError::field(
                 at,
-                "the route forwards no request (it answers with `respond`)",
+                "the route forwards no request (it answers with `respond` or `redirect`)",
             ));
         }
         let shaped = route.shape.is_some() || route.variants.iter().any(|v| v.shape.is_some());
         let refused = |name: &str, removing: bool| -> Option<String> {
             if let Some(why) = reserved(name, GATEWAY_REQUEST, "forwarded request") {
+                return Some(why);
+            }
+            if name == "max-forwards" {
+                return Some("the gateway counts it down (RFC 9110 7.6.2)".into());
+            }
+            if let Some(why) = grpc_field(name, grpc) {
                 return Some(why);
             }
             if name == "host" && removing {
@@ -112,15 +120,34 @@ pub fn compile(
                 .map(|(_, p)| format!("policy {p:?} sets it (its consumer_header)"))
         };
         let (drop, lines) = edits_of(edits, &at, refused)?;
-        out.sets_host = edits.set.keys().any(|k| k.eq_ignore_ascii_case("host"));
+        let host = edits
+            .set
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("host"));
+        if let Some((name, value)) = host {
+            if !valid_host_value(value) {
+                return Err(ConfigError::field(
+                    format!("{at}.set.{name}"),
+                    format!(
+                        "{value:?} is not a host name or IP address (IPv6 in brackets) with \
+                         an optional port"
+                    ),
+                ));
+            }
+        }
+        out.sets_host = host.is_some();
         out.request_drop = drop.into();
         out.request_lines = lines.into();
     }
     if let Some(edits) = response {
         let at = format!("{at}.response_headers");
         let respond = matches!(route.action, RouteAction::Respond { .. });
+        let redirect = matches!(route.action, RouteAction::Redirect(_));
         let refused = |name: &str, _removing: bool| -> Option<String> {
             if let Some(why) = reserved(name, GATEWAY_RESPONSE, "answer") {
+                return Some(why);
+            }
+            if let Some(why) = grpc_field(name, grpc) {
                 return Some(why);
             }
             if name == "vary" && !route.variants.is_empty() {
@@ -132,6 +159,9 @@ pub fn compile(
             if name == "content-type" && respond {
                 return Some("`respond` has its own `content_type`".into());
             }
+            if name == "location" && redirect {
+                return Some("the route's `redirect` sets it".into());
+            }
             None
         };
         let (drop, lines) = edits_of(edits, &at, refused)?;
@@ -139,6 +169,34 @@ pub fn compile(
         out.response_lines = lines.into();
     }
     Ok(Some(Arc::new(out)))
+}
+
+/// Why `name` is gRPC's, if it is: a `grpc-` field (a call's deadline, status, message and
+/// codings), or the content type on a route to a gRPC upstream (gRPC's framing says it).
+fn grpc_field(name: &str, grpc: bool) -> Option<String> {
+    if name.starts_with("grpc-") {
+        return Some("gRPC's own field: the client and the service set it".into());
+    }
+    (grpc && name == "content-type")
+        .then(|| "the route calls a gRPC upstream, whose messages set it".into())
+}
+
+/// Whether `value` can be a request's `Host`: a host name or IP address (IPv6 in brackets),
+/// and an optional port.
+fn valid_host_value(value: &str) -> bool {
+    let (host, port) = match value.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    });
+    let host_ok = host.parse::<std::net::Ipv4Addr>().is_ok()
+        || (!host.starts_with("*.") && crate::validate::valid_host_pattern(host));
+    port_ok && host_ok
 }
 
 /// Why `name` is the gateway's to write, if it is: a framing or hop-by-hop field, or one of

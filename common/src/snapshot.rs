@@ -288,6 +288,23 @@ pub enum RouteAction {
         bytes: Box<[u8]>,
         head_len: usize,
     },
+    /// Answer with a redirect to the request's URL, parts of it replaced.
+    Redirect(Box<Redirect>),
+}
+
+/// A route's `redirect` (see [`crate::config::RedirectConfig`]): each part set replaces the
+/// request's.
+#[derive(Debug)]
+pub struct Redirect {
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+    /// `http` or `https`.
+    pub scheme: Option<Box<str>>,
+    /// Lower-case.
+    pub host: Option<Box<str>>,
+    pub port: Option<u16>,
+    pub path: Option<Box<str>>,
+    pub strip_query: bool,
 }
 
 /// A compiled upstream: what the operator configured. Its addresses right now are in
@@ -698,11 +715,18 @@ impl Snapshot {
                     }
                 })
                 .collect();
+            let grpc = std::iter::once(&route.action)
+                .chain(route.variants.iter().map(|v| &v.action))
+                .any(|a| {
+                    matches!(a, RouteAction::Proxy { upstream }
+                        if upstreams[*upstream].protocol == crate::config::UpstreamProtocol::Grpc)
+                });
             route.headers = crate::headers::compile(
                 r.request_headers.as_ref(),
                 r.response_headers.as_ref(),
                 &route,
                 &consumer_headers,
+                grpc,
                 &format!("routes[{i}]"),
             )?;
             let same_path = by_path.entry(path_key(r)).or_default();
@@ -1028,6 +1052,12 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
             "only applies to a `path_prefix` route",
         ));
     }
+    if r.strip_prefix && r.redirect.is_some() {
+        return Err(ConfigError::field(
+            format!("{at}.strip_prefix"),
+            "a redirect keeps the path, or replaces it with its `path`",
+        ));
+    }
     let methods = if r.methods.is_empty() {
         None
     } else {
@@ -1047,17 +1077,28 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                 .into_boxed_slice(),
         )
     };
-    let action = match (&r.upstream, &r.respond, &r.aggregate) {
-        (None, Some(d), None) => direct_response(d, &format!("{at}.respond"))?,
-        (u, None, a) if u.is_some() != a.is_some() => {
-            route_action(u.as_deref(), a.as_deref(), known, &params, &at)?
-        }
-        _ => {
-            return Err(ConfigError::field(
-                at,
-                "exactly one of `upstream`, `respond` and `aggregate` is required",
-            ))
-        }
+    let actions = [
+        r.upstream.is_some(),
+        r.respond.is_some(),
+        r.aggregate.is_some(),
+        r.redirect.is_some(),
+    ];
+    if actions.iter().filter(|&&set| set).count() != 1 {
+        return Err(ConfigError::field(
+            at,
+            "exactly one of `upstream`, `respond`, `aggregate` and `redirect` is required",
+        ));
+    }
+    let action = match (&r.respond, &r.redirect) {
+        (Some(d), _) => direct_response(d, &format!("{at}.respond"))?,
+        (_, Some(d)) => redirect(d, &format!("{at}.redirect"))?,
+        _ => route_action(
+            r.upstream.as_deref(),
+            r.aggregate.as_deref(),
+            known,
+            &params,
+            &at,
+        )?,
     };
     let (rewrite, shape) = proxy_options(
         r.upstream.is_some(),
@@ -1465,6 +1506,65 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
         bytes: bytes.into_boxed_slice(),
         head_len,
     })
+}
+
+/// A route's `redirect`, checked.
+fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<RouteAction, ConfigError> {
+    let status = d.status.unwrap_or(301);
+    if ![301, 302, 303, 307, 308].contains(&status) {
+        return Err(ConfigError::field(
+            format!("{at}.status"),
+            format!("{status} is not a redirect status: 301, 302, 303, 307 or 308"),
+        ));
+    }
+    if let Some(s) = d
+        .scheme
+        .as_deref()
+        .filter(|s| !matches!(*s, "http" | "https"))
+    {
+        return Err(ConfigError::field(
+            format!("{at}.scheme"),
+            format!("{s:?}: `http` or `https`"),
+        ));
+    }
+    if let Some(h) = &d.host {
+        let ip = h.parse::<std::net::Ipv4Addr>().is_ok();
+        if !(ip || valid_host_pattern(h)) || h.starts_with("*.") {
+            return Err(ConfigError::field(
+                format!("{at}.host"),
+                format!("{h:?} is not a host name or IP address (an IPv6 one in brackets)"),
+            ));
+        }
+    }
+    if d.port == Some(0) {
+        return Err(ConfigError::field(format!("{at}.port"), "1 to 65535"));
+    }
+    if let Some(p) = &d.path {
+        if !p.starts_with('/')
+            || p.bytes()
+                .any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#')
+        {
+            return Err(ConfigError::field(
+                format!("{at}.path"),
+                format!("{p:?} must start with '/' and hold visible ASCII without '?' or '#'"),
+            ));
+        }
+    }
+    if d.scheme.is_none() && d.host.is_none() && d.port.is_none() && d.path.is_none() {
+        return Err(ConfigError::field(
+            at,
+            "set at least one of `scheme`, `host`, `port` and `path`: otherwise the client is \
+             sent where it is",
+        ));
+    }
+    Ok(RouteAction::Redirect(Box::new(Redirect {
+        status,
+        scheme: d.scheme.as_deref().map(Into::into),
+        host: d.host.as_deref().map(|h| h.to_ascii_lowercase().into()),
+        port: d.port,
+        path: d.path.as_deref().map(Into::into),
+        strip_query: d.strip_query,
+    })))
 }
 
 /// What makes two routes' paths the same: exact or prefix, and the path with every

@@ -875,6 +875,36 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
         let e = err(&route(action, extra));
         assert_eq!(e.path(), path, "{action} {extra}: {e}");
     }
+    for (value, ok) in [
+        ("in.svc", true),
+        ("in.svc:8080", true),
+        ("10.0.0.1:80", true),
+        ("[::1]:80", true),
+        ("", false),
+        ("a b", false),
+        ("in.svc:0", false),
+        ("in.svc:99999", false),
+        ("*.svc", false),
+    ] {
+        let text = up(&format!(
+            "request_headers = {{ set = {{ Host = \"{value}\" }} }}"
+        ));
+        match ok {
+            true => drop(compile(&text).unwrap_or_else(|e| panic!("{value:?}: {e}"))),
+            false => assert_eq!(
+                err(&text).path(),
+                format!("{at}.request_headers.set.Host"),
+                "{value:?}"
+            ),
+        }
+    }
+    for extra in [
+        "request_headers = { set = { \"Max-Forwards\" = \"3\" } }",
+        "request_headers = { set = { \"grpc-timeout\" = \"1S\" } }",
+        "response_headers = { remove = [\"grpc-status\"] }",
+    ] {
+        assert!(err(&up(extra)).path().starts_with(at), "{extra}");
+    }
     // What is refused in one place is fine where nothing else writes it.
     for (action, extra) in [
         (
@@ -940,5 +970,71 @@ fn an_upstreams_own_timeouts_replace_the_global_ones() {
     ] {
         let e = err(&text(own));
         assert!(e.path().starts_with(path), "{own}: {e}");
+    }
+}
+
+#[test]
+fn redirects_are_checked() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                [[upstreams]]\nid = \"u\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n\
+                [[routes]]\nid = \"r\"\npath_prefix = \"/\"\n";
+    let s = compile(&format!(
+        "{base}redirect = {{ scheme = \"https\", host = \"API.test\", port = 8443, \
+         path = \"/x\", strip_query = true }}\n"
+    ))
+    .unwrap();
+    let snapshot::RouteAction::Redirect(r) = &s.routes[0].action else {
+        panic!("{:?}", s.routes[0].action);
+    };
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        (
+            r.scheme.as_deref(),
+            r.host.as_deref(),
+            r.port,
+            r.path.as_deref()
+        ),
+        (Some("https"), Some("api.test"), Some(8443), Some("/x"))
+    );
+    assert!(r.strip_query);
+    for (extra, path) in [
+        (
+            "redirect = { status = 300, scheme = \"https\" }",
+            "routes[0].redirect.status",
+        ),
+        (
+            "redirect = { scheme = \"ftp\" }",
+            "routes[0].redirect.scheme",
+        ),
+        (
+            "redirect = { host = \"*.test\" }",
+            "routes[0].redirect.host",
+        ),
+        ("redirect = { host = \"a b\" }", "routes[0].redirect.host"),
+        ("redirect = { port = 0 }", "routes[0].redirect.port"),
+        ("redirect = { path = \"x\" }", "routes[0].redirect.path"),
+        ("redirect = { path = \"/a?b\" }", "routes[0].redirect.path"),
+        ("redirect = { strip_query = true }", "routes[0].redirect"),
+        (
+            "redirect = { scheme = \"https\" }\nupstream = \"u\"",
+            "routes[0]",
+        ),
+        (
+            "redirect = { scheme = \"https\" }\nstrip_prefix = true",
+            "routes[0].strip_prefix",
+        ),
+        (
+            "redirect = { scheme = \"https\" }\n\
+             request_headers = { set = { \"X-A\" = \"1\" } }",
+            "routes[0].request_headers",
+        ),
+        (
+            "redirect = { scheme = \"https\" }\n\
+             response_headers = { set = { Location = \"/\" } }",
+            "routes[0].response_headers.set.Location",
+        ),
+    ] {
+        let e = err(&format!("{base}{extra}\n"));
+        assert_eq!(e.path(), path, "{extra}: {e}");
     }
 }

@@ -369,6 +369,19 @@ fn a_routes_header_edits_reach_every_step_and_its_answer() {
     assert_eq!(seen.header("X-Env"), Some("prod"), "{}", seen.head);
     assert_eq!(seen.head.matches("X-Env").count(), 1, "{}", seen.head);
     assert_eq!(seen.header("Authorization"), None, "{}", seen.head);
+    // A merge patch drops one entry.
+    let r = gw.admin(
+        "PATCH",
+        "/v1/routes/agg",
+        Some(r#"{"request_headers": {"set": {"X-Env": null}}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let got = gw.admin("GET", "/v1/routes/agg", None).json();
+    assert_eq!(got["request_headers"]["set"].get("X-Env"), None, "{got}");
+    assert_eq!(
+        got["request_headers"]["remove"][0], "authorization",
+        "{got}"
+    );
     // Host is each step's to send.
     let bad = r#"{"request_headers": {"set": {"Host": "x.test"}}}"#;
     let e = gw.admin("PATCH", "/v1/routes/agg", Some(bad));

@@ -1888,6 +1888,11 @@ remove = ["Cookie"]
 set = {{ Cache-Control = "no-store", Strict-Transport-Security = "max-age=63072000" }}
 remove = ["server"]
 
+[[routes]]
+id = "plain"
+path = "/plain"
+upstream = "u"
+
 [[consumers]]
 id = "app"
 
@@ -1954,6 +1959,8 @@ header = "X-Api-Key"
         .roundtrip("GET /a HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
     assert_eq!(r.status, 401, "{}", r.head);
     assert_eq!(r.header("cache-control"), Some("no-store"), "{}", r.head);
+    // The route's field replaces the refusal's own (a 401 says `no-store` itself).
+    assert_eq!(count(&r.head, "cache-control"), 1, "{}", r.head);
     assert_eq!(
         r.header("strict-transport-security"),
         Some("max-age=63072000")
@@ -1980,6 +1987,126 @@ header = "X-Api-Key"
         text.contains("strict-transport-security: max-age=63072000"),
         "{text}"
     );
+    assert_eq!(
+        origin
+            .received
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .header("host"),
+        Some("internal.svc")
+    );
+    // On one connection, the next request to a route without edits gets none of them.
+    let mut c = gw.connect();
+    answered(&c.roundtrip(
+        "GET /a HTTP/1.1\r\nHost: a.test\r\nX-Api-Key: key-0001\r\nCookie: s=1\r\n\r\n",
+    ));
+    let r = c.roundtrip("GET /plain HTTP/1.1\r\nHost: a.test\r\nCookie: s=2\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.header("cache-control"), Some("private"), "{}", r.head);
+    assert_eq!(r.header("server"), Some("origin/1"), "{}", r.head);
+    assert_eq!(r.header("strict-transport-security"), None, "{}", r.head);
     let seen = origin.received.lock().unwrap();
-    assert_eq!(seen.last().unwrap().header("host"), Some("internal.svc"));
+    let last = seen.last().unwrap();
+    assert_eq!(last.header("host"), Some("a.test"), "{}", last.head);
+    assert_eq!(last.header("cookie"), Some("s=2"), "{}", last.head);
+}
+
+#[test]
+fn a_redirect_route_sends_the_client_to_the_url_with_its_parts_replaced() {
+    // The request's scheme, host, port, path and query, with what the route sets replaced;
+    // a new scheme or host drops the request's port; default ports are left out.
+    let config = r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[[routes]]
+id = "to-https"
+path_prefix = "/"
+redirect = { scheme = "https" }
+policies = ["inside"]
+response_headers = { set = { Strict-Transport-Security = "max-age=63072000" } }
+
+[[routes]]
+id = "moved"
+path_prefix = "/old"
+redirect = { path = "/new", status = 308 }
+
+[[routes]]
+id = "docs"
+path = "/docs"
+redirect = { host = "docs.test", strip_query = true, status = 302 }
+
+[[routes]]
+id = "port"
+path = "/port"
+redirect = { port = 8443 }
+
+[[policies]]
+id = "inside"
+kind = "ip_filter"
+deny = ["10.0.0.0/8"]
+"#;
+    let gw = Gateway::start(config, Driver::IoUring);
+    let location = |request: &str| {
+        let r = gw.connect().roundtrip(request);
+        (
+            r.status,
+            r.header("location").map(str::to_owned),
+            r.header("content-length").map(str::to_owned),
+        )
+    };
+    let cases = [
+        (
+            "GET /a//b?x=1 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n",
+            301,
+            "https://api.test/a/b?x=1",
+        ),
+        (
+            "HEAD /old/thing?y=2 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n",
+            308,
+            "http://api.test:8080/new?y=2",
+        ),
+        (
+            "GET /docs?q=1 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n",
+            302,
+            "http://docs.test/docs",
+        ),
+        (
+            "GET /port HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            301,
+            "http://[::1]:8443/port",
+        ),
+        (
+            "GET /port HTTP/1.1\r\nHost: api.test:80\r\n\r\n",
+            301,
+            "http://api.test:8443/port",
+        ),
+        (
+            "GET http://abs.test:8080/old HTTP/1.1\r\nHost: abs.test:8080\r\n\r\n",
+            308,
+            "http://abs.test:8080/new",
+        ),
+    ];
+    for (request, status, want) in cases {
+        assert_eq!(
+            location(request),
+            (status, Some(want.to_owned()), Some("0".to_owned())),
+            "{request}"
+        );
+    }
+    // The route's fields are on its answer; the port of a Host on the default port is not.
+    let r = gw
+        .connect()
+        .roundtrip("GET /p HTTP/1.1\r\nHost: api.test:443\r\n\r\n");
+    assert_eq!(r.header("location"), Some("https://api.test/p"));
+    assert_eq!(
+        r.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
+    // No host to send the client to: 400.
+    let r = gw.connect().roundtrip("GET /a HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 400, "{}", r.head);
 }

@@ -1305,6 +1305,21 @@ fn overall_timeout_ms_bounds_the_tries_together() {
     );
     let tries: usize = busy.iter().map(|b| b.hits.load(SeqCst)).sum();
     assert_eq!(tries, 1, "the retry would have waited 1 to 2 s");
+
+    // Only a request that may be retried: a POST, sent once, has its `[timeouts]` only, and
+    // an answer after 800 ms comes through a 500 ms bound that cuts a GET.
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(800)));
+    let settings = "retry = { attempts = 3, on = [\"timeout\"], budget_min_per_s = 1000, \
+                    overall_timeout_ms = 500 }";
+    let gw = Gateway::start(
+        &config(1, &[target(slow.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    assert_eq!(get(&gw, "/x").status, 504);
+    let r = gw.connect().roundtrip(
+        "POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    );
+    assert_eq!((r.status, r.body_str()), (200, "slow"));
 }
 
 #[test]
@@ -1368,7 +1383,8 @@ fn a_body_that_comes_after_its_head_is_held_for_a_retry() {
     ];
     let targets: Vec<String> = backends.iter().map(|b| target(b.addr)).collect();
     let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000 }";
-    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let slow_body = "\n[timeouts]\nclient_body_ms = 1000\n";
+    let gw = Gateway::start(&config(1, &targets, settings, slow_body), Driver::IoUring);
     let body = "x".repeat(20_000);
     for _ in 0..2 {
         let mut c = gw.connect();
@@ -1386,6 +1402,14 @@ fn a_body_that_comes_after_its_head_is_held_for_a_retry() {
     }
     assert_eq!(backends[0].hits.load(SeqCst), 1, "one first try there");
     assert_eq!(backends[1].hits.load(SeqCst), 2);
+    // A client that stops sending its body gets 408 once `client_body_ms` is up, and the
+    // request goes nowhere.
+    let mut c = Client::connect(gw.addr);
+    c.send(b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n01234");
+    let r = c.read_response();
+    assert_eq!(r.status, 408, "{}", r.head);
+    let hits: usize = backends.iter().map(|b| b.hits.load(SeqCst)).sum();
+    assert_eq!(hits, 3, "the stalled request reached a target");
     // Not one whose client waits for `100 Continue` before sending it: streamed, as before.
     let mut c = gw.connect();
     c.send(b"PUT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");

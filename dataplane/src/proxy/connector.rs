@@ -491,8 +491,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     ) -> Result<T, ProxyError> {
         self.run_tries(
             req,
+            slot,
             None,
-            async |i, req, wait| self.on_target(req, i, slot, &mut attempt, wait).await,
+            async |target, slot, req| self.on_target(req, target, slot, &mut attempt).await,
+            // The last try's connection closes before the retry's backoff, not after it.
+            |slot| *slot = None,
             |v| (status_of(v), None),
         )
         .await
@@ -512,13 +515,14 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     ) -> Result<T, ProxyError> {
         self.run_tries(
             req,
+            &mut (),
             deadline,
-            async |i, req, wait| {
-                // The last try's stream closed with its answer, dropped before this.
-                let target = self.start(i, wait).await?;
+            async |target, _, req| {
                 let try_deadline = self.try_deadline();
                 attempt(target, try_deadline, req).await
             },
+            // The last try's stream closed with its answer, dropped before the backoff.
+            |_| {},
             answer_of,
         )
         .await
@@ -558,31 +562,30 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
-    /// Starts a try on target `i` of the set, after `wait` (a retry's backoff, see
-    /// [`Connector::back_off`]): the request counts as outstanding there from now on (not
-    /// during the wait: `least_request` would see a request that has not gone anywhere).
-    async fn start(&self, i: usize, wait: Duration) -> Result<&LiveTarget, ProxyError> {
-        if !wait.is_zero() {
-            self.back_off(wait).await?;
-        }
+    /// Starts a try on target `i` of the set: the request counts as outstanding there from
+    /// now on.
+    fn begin(&self, i: usize) -> &LiveTarget {
         let target = &self.set.targets[i];
         target.state.begin(self.source.stripe());
         self.open.set(Some(i));
-        Ok(target)
+        target
     }
 
-    /// The retry loop: `one` tries the target of the set's index it is given, after waiting
-    /// the retry's backoff ([`Connector::start`]; it is given the wait, zero for the first
-    /// try, to let go of the last try's connection first); an answer (its status and gRPC
-    /// status from `answer_of`) or a failure is retried on another target while the policy
-    /// allows, and while the backoff would not pass `deadline` (a gRPC call's) or
-    /// `retry.overall_timeout_ms` (an answer not taken is dropped: its connection or stream
-    /// closes).
-    async fn run_tries<C: AsMut<Attempts>, R>(
+    /// The retry loop: `one` tries a target (with `slot`, where it leaves its session); an
+    /// answer (its status and gRPC status from `answer_of`) or a failure is retried on
+    /// another target while the policy allows, and while the backoff would not pass
+    /// `deadline` (a gRPC call's) or `retry.overall_timeout_ms`. Before a retry's backoff
+    /// the last try lets go of what it held: its answer, if not taken, is dropped (its
+    /// connection or stream closes), `release` empties the slot, and its target no longer
+    /// counts the request as outstanding; the next target is picked once the wait is over
+    /// (see [`Connector::back_off`]), on the targets' state then.
+    async fn run_tries<C: AsMut<Attempts>, S, R>(
         &self,
         req: &mut C,
+        slot: &mut S,
         deadline: Option<Instant>,
-        mut one: impl AsyncFnMut(usize, &mut C, Duration) -> Result<R, ProxyError>,
+        mut one: impl AsyncFnMut(&LiveTarget, &mut S, &mut C) -> Result<R, ProxyError>,
+        release: impl Fn(&mut S),
         answer_of: impl Fn(&R) -> (u16, Option<u8>),
     ) -> Result<R, ProxyError> {
         let u = self.up.upstream;
@@ -595,9 +598,12 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // Released when the connector is dropped (the answer relayed).
             self.in_flight.set(true);
         }
-        if let Some(r) = &u.retry {
+        if u.retry.is_some() {
             // Every request of the upstream counts towards the budget, retryable or not.
             live.budget.note_request(now_ms());
+        }
+        if let Some(r) = self.retry {
+            // A request that may be retried has its whole body in hand: the tries start now.
             self.tries_end.set(r.overall.map(|t| Instant::now() + t));
         }
         let deadline = earliest(deadline, self.tries_end.get());
@@ -608,17 +614,21 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         let mut wait = Duration::ZERO;
         loop {
             tries += 1;
+            if tries > 1 {
+                release(slot);
+                if !wait.is_zero() {
+                    self.back_off(wait).await?;
+                }
+            }
             let Some(i) = self.pick(set, tried) else {
                 return Err(ErrorKind::NoTargets.into());
             };
-            let target = &set.targets[i];
-            let state = &target.state;
+            let state = &set.targets[i].state;
             if tries > 1 {
                 state.count_retry(stripe);
+                req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             }
-            // The last try's target: the request is no longer outstanding there.
-            self.close_target();
-            let result = one(i, req, wait).await;
+            let result = one(self.begin(i), slot, req).await;
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);
@@ -669,7 +679,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             }
             // An answer not relayed is dropped here: its connection or stream closes.
             drop(result);
-            req.as_mut().retries = req.as_mut().retries.saturating_add(1);
+            // The request is no longer outstanding at this target.
+            self.close_target();
             tried.add(i);
         }
     }
@@ -681,21 +692,16 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
-    /// One try on target `i` of the set, after `wait` (a retry's backoff): a pooled session,
-    /// and once more on a fresh connection when the pooled one turns out to have been closed
-    /// by the upstream. The session is left in `slot` (see [`Connector::run`]); an earlier
-    /// try's, whose answer was not taken, closes first.
+    /// One try on `target`: a pooled session, and once more on a fresh connection when the
+    /// pooled one turns out to have been closed by the upstream. The session is left in
+    /// `slot` (see [`Connector::run`]).
     async fn on_target<C: AsMut<Attempts>, T>(
         &self,
         req: &mut C,
-        i: usize,
+        target: &LiveTarget,
         slot: &mut Option<Session>,
         attempt: &mut impl AsyncFnMut(&mut Session, &mut C) -> Result<T, ProxyError>,
-        wait: Duration,
     ) -> Result<T, ProxyError> {
-        // The last try's connection closes before the retry's backoff, not after it.
-        *slot = None;
-        let target = self.start(i, wait).await?;
         let try_deadline = self.try_deadline();
         let mut fresh = false;
         loop {

@@ -27,6 +27,23 @@ use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
 
+/// Appends `head` (a status line and field lines, each ending in CRLF) to `out`, without the
+/// fields named in `drop` (lower-case): a route's `response_headers` replace the gateway's
+/// own fields of those names too.
+fn push_head_without(out: &mut Vec<u8>, head: &[u8], drop: Option<&[Box<[u8]>]>) {
+    let Some(drop) = drop else {
+        out.extend_from_slice(head);
+        return;
+    };
+    for (k, line) in head.split_inclusive(|&b| b == b'\n').enumerate() {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        if k > 0 && drop.iter().any(|d| d.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        out.extend_from_slice(line);
+    }
+}
+
 /// A client connection's read buffer starts at its stream's `READ_BUF`; it grows up to
 /// `max_header_bytes` for a large head and to [`BODY_BUF`] to relay a large request body.
 pub(crate) const BODY_BUF: usize = 64 * 1024;
@@ -354,7 +371,7 @@ impl<S: ClientStream> Downstream<S> {
         let close = !keep_alive || ctx.draining.get();
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        out.extend_from_slice(head);
+        push_head_without(&mut out, head, req.response_drop.as_deref());
         crate::status::push_date(&mut out);
         push_request_id(&mut out, req);
         out.extend_from_slice(&req.response_fields);
@@ -415,7 +432,7 @@ impl<S: ClientStream> Downstream<S> {
     ) -> bool {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        out.extend_from_slice(head);
+        push_head_without(&mut out, head, req.response_drop.as_deref());
         crate::status::push_date(&mut out);
         push_request_id(&mut out, req);
         out.extend_from_slice(&req.response_fields);

@@ -182,7 +182,7 @@ impl Input {
             query: query_of(buf, head).map(<[u8]>::to_vec),
             fields,
             pass,
-            body_fields: body_fields(buf, head),
+            body_fields: body_fields(buf, head, dropped),
             keep_alive: head.keep_alive,
             http10: head.http10,
             is_head: head.is_head(buf),
@@ -196,10 +196,21 @@ fn relayed_fields(buf: &[u8], start: usize, end: usize) -> Vec<u8> {
     copy_fields(buf, start, end, &[b"WWW-Authenticate", b"Retry-After"])
 }
 
-/// The request's field lines that describe its body, each with its CRLF.
-fn body_fields(buf: &[u8], head: &RequestHead) -> Vec<u8> {
+/// The request's field lines that describe its body, each with its CRLF; not those
+/// `dropped` (a route's `request_headers` set or remove them).
+fn body_fields(
+    buf: &[u8],
+    head: &RequestHead,
+    dropped: impl Fn(crate::codec::Span) -> bool,
+) -> Vec<u8> {
     let names: [&[u8]; 3] = [b"Content-Type", b"Content-Encoding", b"Content-Language"];
-    copy_fields(buf, head.fields_start, head.fields_end, &names)
+    let mut out = Vec::new();
+    for (line, name, _) in each_field(buf, head.fields_start, head.fields_end) {
+        if names.iter().any(|n| n.eq_ignore_ascii_case(name)) && !dropped(line) {
+            out.extend_from_slice(line.of(buf));
+        }
+    }
+    out
 }
 
 /// Every line of the fields `names` between `start` and `end` of `buf` (two lines of one

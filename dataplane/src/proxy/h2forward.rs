@@ -1124,7 +1124,10 @@ pub(super) async fn forward<S: ClientStream>(
                         .await?;
                     let shake =
                         h2pool::handshake(tcp, up.upstream.max_streams, max_header_list, counted);
-                    let handshake = monoio::time::timeout(timeouts.upstream_connect, shake);
+                    // Within the connect timeout, and the try's own bound.
+                    let by = Instant::now() + timeouts.upstream_connect;
+                    let by = try_deadline.map_or(by, |t| t.min(by));
+                    let handshake = monoio::time::timeout_at(by.into(), shake);
                     let c = match handshake.await {
                         Ok(Ok(c)) => c,
                         Ok(Err(_)) => return Err(ProxyError::new(ErrorKind::ConnectFailed)),
@@ -1665,8 +1668,8 @@ async fn fail<S: ClientStream>(
         return down.fail(req, kind).await;
     }
     req.fail(kind);
-    let fields = grpc_status_fields(code, grpc_message(kind));
-    let extra = answer_fields(req, &mut HeaderMap::new());
+    let mut fields = grpc_status_fields(code, grpc_message(kind));
+    let extra = answer_fields(req, &mut fields);
     let sink = client_sink(down, &extra, false, false, true);
     let sent = match encoding {
         Encoding::Web { content_type, text } => {
@@ -1697,12 +1700,13 @@ async fn answer_json<S: ClientStream>(
     close: bool,
     asked: Asked,
 ) -> Next {
-    let extra = answer_fields(req, &mut HeaderMap::new());
-    let mut sink = client_sink(down, &extra, asked.http10, asked.head, close);
-    let keep = matches!(sink, ClientSink::H1(_)) && !close;
     let mut fields = HeaderMap::new();
     fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // The route's fields replace the gateway's own of the same names.
+    let extra = answer_fields(req, &mut fields);
+    let mut sink = client_sink(down, &extra, asked.http10, asked.head, close);
+    let keep = matches!(sink, ClientSink::H1(_)) && !close;
     let sent = async {
         // The answer to a HEAD ends with its head (with the length a GET would get): body
         // bytes after it would be read as the next answer on a kept connection.

@@ -494,6 +494,24 @@ async fn handle<S: ClientStream>(
             };
             down.respond(ctx, req, head, reply).await
         }
+        RouteAction::Redirect(r) => {
+            let mut out = std::mem::take(&mut req.policy.out);
+            let scheme = down.stream.scheme().as_bytes();
+            let next = match redirect_answer(r, &down.buf, head, scheme, &mut out) {
+                Some(head_len) => {
+                    let reply = Reply::Direct {
+                        status: r.status,
+                        bytes: &out,
+                        head_len,
+                    };
+                    down.respond(ctx, req, head, reply).await
+                }
+                // No host to send the client to (an HTTP/1.0 request without one).
+                None => down.fail(req, ErrorKind::BadRequest).await,
+            };
+            req.policy.out = out;
+            next
+        }
         RouteAction::Proxy { upstream } => {
             req.upstream = Some(*upstream as u32);
             if let Some(t) = choice.rewrite {
@@ -605,6 +623,76 @@ async fn unless_client_left<F: std::future::Future>(
 fn client_left_meanwhile(req: &mut RequestCtx) -> Next {
     req.fail(ErrorKind::ClientClosed);
     Next::Cut
+}
+
+/// Writes into `out` (cleared first) the answer to a request `head` for redirect `r`: its
+/// status line, `Location` (the request's URL, with the parts `r` sets replaced) and an empty
+/// body; returns the head's length. `scheme` is the listener's. `None` when the request
+/// names no host and `r` sets none.
+fn redirect_answer(
+    r: &common::snapshot::Redirect,
+    buf: &[u8],
+    head: &RequestHead,
+    scheme: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<usize> {
+    // The request's host and port: `name`, `name:port`, `[v6]`, `[v6]:port`.
+    let authority = head.host.map_or(&b""[..], |h| h.of(buf));
+    let split = match authority.iter().rposition(|&b| b == b':') {
+        Some(i) if !authority[i..].contains(&b']') => i,
+        _ => authority.len(),
+    };
+    let (host, port) = (&authority[..split], authority.get(split + 1..));
+    let host = match &r.host {
+        Some(h) => h.as_bytes(),
+        None if host.is_empty() => return None,
+        None => host,
+    };
+    let scheme = r.scheme.as_deref().map_or(scheme, str::as_bytes);
+    // A new scheme or host has its own port: the default one unless `port` says.
+    let kept = (r.scheme.is_none() && r.host.is_none())
+        .then_some(port)
+        .flatten();
+    let mut port_text = [0u8; 5];
+    let port: Option<&[u8]> = match r.port {
+        Some(p) => {
+            let text = p.to_string();
+            let n = text.len();
+            port_text[..n].copy_from_slice(text.as_bytes());
+            Some(&port_text[..n])
+        }
+        None => kept.filter(|p| !p.is_empty()),
+    };
+    let default = match scheme {
+        b"https" => &b"443"[..],
+        _ => b"80",
+    };
+    let path = match &r.path {
+        Some(p) => p.as_bytes(),
+        None => head.path(buf),
+    };
+    let target = head.origin_target.of(buf);
+    let query = match r.strip_query {
+        true => &[][..],
+        false => target.get(head.path_len..).unwrap_or_default(),
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    crate::access_log::push_u64(out, r.status.into());
+    out.push(b' ');
+    out.extend_from_slice(common::reason::phrase(r.status).as_bytes());
+    out.extend_from_slice(b"\r\nLocation: ");
+    for part in [scheme, b"://", host] {
+        out.extend_from_slice(part);
+    }
+    if let Some(p) = port.filter(|&p| p != default) {
+        out.push(b':');
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(path);
+    out.extend_from_slice(query);
+    out.extend_from_slice(b"\r\nContent-Length: 0\r\n");
+    Some(out.len())
 }
 
 /// Every method the gateway forwards (CONNECT is refused; TRACE only where a route names it).
