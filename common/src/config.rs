@@ -748,6 +748,11 @@ pub struct ListenerConfig {
     /// Default false.
     #[serde(default, skip_serializing_if = "is_false")]
     pub h2c: bool,
+    /// Answer every request on this listener with a redirect, before any route or policy:
+    /// a plain-HTTP listener's `{ scheme = "https" }` sends each request to the same URL over
+    /// HTTPS. Absent: requests are routed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectConfig>,
 }
 
 /// TLS settings of one listener.
@@ -1193,7 +1198,7 @@ impl Default for ResolverConfig {
 }
 
 /// A routing rule. Exactly one of `path` / `path_prefix`, and exactly one of `upstream` /
-/// `respond` / `aggregate`.
+/// `respond` / `aggregate` / `redirect`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -1286,14 +1291,15 @@ pub struct RedirectConfig {
     /// 301, 302, 303, 307 or 308. Default 301.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    /// `http` or `https`. Default: the listener's.
+    /// `http` or `https`. Default: the listener's. A route's redirect that sets it also sets
+    /// `host` (a route matches on every listener, the new scheme's too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
-    /// Host name or IP literal. Default: the request's host.
+    /// Host name or IP address (IPv6 in brackets). Default: the request's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
-    /// Port. Default: the request's, unless `scheme` or `host` is set (then the scheme's
-    /// default port).
+    /// Port. Default: the request's, unless `host` or another scheme than the listener's is
+    /// set (then the scheme's default port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     /// Path. Default: the request's.

@@ -194,8 +194,10 @@ fn valid_host_value(value: &str) -> bool {
             && p.bytes().all(|b| b.is_ascii_digit())
             && p.parse::<u16>().is_ok_and(|n| n > 0)
     });
-    let host_ok = host.parse::<std::net::Ipv4Addr>().is_ok()
-        || (!host.starts_with("*.") && crate::validate::valid_host_pattern(host));
+    // A fully qualified name may end in a dot.
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let host_ok =
+        host.parse::<std::net::Ipv4Addr>().is_ok() || crate::validate::valid_host_pattern(host);
     port_ok && host_ok
 }
 

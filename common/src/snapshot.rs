@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub listeners: Vec<SocketAddr>,
     /// Per listener, in the order of `listeners`: TLS and HTTP/2 (these change at runtime).
     pub listener_protocols: Vec<ListenerProtocols>,
+    /// Each listener's redirect, which answers every request on it (index as `listeners`).
+    pub listener_redirects: Vec<Option<Box<Redirect>>>,
     /// Every certificate, in config order (for their expiry in the metrics).
     pub certificates: Vec<std::sync::Arc<crate::tls::Certificate>>,
     /// Ids of the certificates served as their `cert_file` reads now but never published so
@@ -593,6 +595,29 @@ impl Snapshot {
 
         let (listener_protocols, certificates) = compile_tls(&mut config)?;
         check_http2(&config.http2)?;
+        let mut listener_redirects = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let Some(d) = &l.redirect else {
+                listener_redirects.push(None);
+                continue;
+            };
+            let at = format!("listeners[{i}].redirect");
+            let RouteAction::Redirect(r) = redirect(d, &at)? else {
+                unreachable!("`redirect` makes a redirect");
+            };
+            let own = if l.tls.is_some() { "https" } else { "http" };
+            if r.host.is_none()
+                && r.port.is_none()
+                && r.path.is_none()
+                && r.scheme.as_deref().is_none_or(|s| s == own)
+            {
+                return Err(ConfigError::field(
+                    at,
+                    format!("the listener speaks {own}: the client would be sent where it is"),
+                ));
+            }
+            listener_redirects.push(Some(r));
+        }
 
         crate::upstreams::check_resolver(&config.resolver)?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
@@ -849,6 +874,7 @@ impl Snapshot {
             workers: config.workers,
             listeners,
             listener_protocols,
+            listener_redirects,
             certificates,
             unpublished_certificates: Vec::new(),
             http2: config.http2.clone(),
@@ -1091,7 +1117,17 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
     }
     let action = match (&r.respond, &r.redirect) {
         (Some(d), _) => direct_response(d, &format!("{at}.respond"))?,
-        (_, Some(d)) => redirect(d, &format!("{at}.redirect"))?,
+        (_, Some(d)) => {
+            if d.scheme.is_some() && d.host.is_none() {
+                return Err(ConfigError::field(
+                    format!("{at}.redirect.scheme"),
+                    "a route matches on every listener, this scheme's too, where the \
+                     redirect would send the client where it is: set `host` as well, or put \
+                     the redirect on the listener (`[[listeners]] redirect`)",
+                ));
+            }
+            redirect(d, &format!("{at}.redirect"))?
+        }
         _ => route_action(
             r.upstream.as_deref(),
             r.aggregate.as_deref(),
@@ -1528,8 +1564,9 @@ fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<RouteAction, 
         ));
     }
     if let Some(h) = &d.host {
+        let h = h.strip_suffix('.').unwrap_or(h);
         let ip = h.parse::<std::net::Ipv4Addr>().is_ok();
-        if !(ip || valid_host_pattern(h)) || h.starts_with("*.") {
+        if !(ip || valid_host_pattern(h)) {
             return Err(ConfigError::field(
                 format!("{at}.host"),
                 format!("{h:?} is not a host name or IP address (an IPv6 one in brackets)"),

@@ -999,7 +999,7 @@ fn redirects_are_checked() {
     assert!(r.strip_query);
     for (extra, path) in [
         (
-            "redirect = { status = 300, scheme = \"https\" }",
+            "redirect = { status = 300, path = \"/x\" }",
             "routes[0].redirect.status",
         ),
         (
@@ -1024,17 +1024,49 @@ fn redirects_are_checked() {
             "routes[0].strip_prefix",
         ),
         (
-            "redirect = { scheme = \"https\" }\n\
+            "redirect = { path = \"/x\" }\n\
              request_headers = { set = { \"X-A\" = \"1\" } }",
             "routes[0].request_headers",
         ),
         (
-            "redirect = { scheme = \"https\" }\n\
+            "redirect = { path = \"/x\" }\n\
              response_headers = { set = { Location = \"/\" } }",
             "routes[0].response_headers.set.Location",
+        ),
+        // A route matches on the new scheme's listeners too: it would send the client to
+        // where it is.
+        (
+            "redirect = { scheme = \"https\" }",
+            "routes[0].redirect.scheme",
         ),
     ] {
         let e = err(&format!("{base}{extra}\n"));
         assert_eq!(e.path(), path, "{extra}: {e}");
     }
+    // A listener's redirect answers every request on it; one to its own scheme and nothing
+    // else would loop.
+    let listener = |redirect: &str, tls: bool| {
+        let tls = match tls {
+            true => "tls = { certificates = [\"c\"] }\n",
+            false => "",
+        };
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n{tls}redirect = {redirect}\n\
+             [[listeners]]\naddress = \"127.0.0.1:0\"\n"
+        )
+    };
+    let s = compile(&listener("{ scheme = \"https\", port = 8443 }", false)).unwrap();
+    let r = s.listener_redirects[0].as_deref().unwrap();
+    assert_eq!((r.scheme.as_deref(), r.port), (Some("https"), Some(8443)));
+    assert!(s.listener_redirects[1].is_none());
+    assert_eq!(
+        err(&listener("{ scheme = \"http\" }", false)).path(),
+        "listeners[0].redirect"
+    );
+    assert_eq!(
+        err(&listener("{ status = 399, scheme = \"https\" }", false)).path(),
+        "listeners[0].redirect.status"
+    );
+    // A trailing dot ends a fully qualified name.
+    compile(&format!("{base}redirect = {{ host = \"docs.test.\" }}\n")).unwrap();
 }

@@ -2014,18 +2014,23 @@ header = "X-Api-Key"
 }
 
 #[test]
-fn a_redirect_route_sends_the_client_to_the_url_with_its_parts_replaced() {
-    // The request's scheme, host, port, path and query, with what the route sets replaced;
-    // a new scheme or host drops the request's port; default ports are left out.
+fn a_redirect_sends_the_client_to_the_url_with_its_parts_replaced() {
+    // The request's scheme, host, port, path and query, with what the route or listener
+    // sets replaced; another scheme or a host drops the request's port; default ports are
+    // left out. The second listener redirects every request to HTTPS.
     let config = r#"workers = 1
 
 [[listeners]]
 address = "127.0.0.1:0"
 
-[[routes]]
-id = "to-https"
-path_prefix = "/"
+[[listeners]]
+address = "127.0.0.1:0"
 redirect = { scheme = "https" }
+
+[[routes]]
+id = "home"
+path_prefix = "/"
+redirect = { path = "/home" }
 policies = ["inside"]
 response_headers = { set = { Strict-Transport-Security = "max-age=63072000" } }
 
@@ -2050,8 +2055,8 @@ kind = "ip_filter"
 deny = ["10.0.0.0/8"]
 "#;
     let gw = Gateway::start(config, Driver::IoUring);
-    let location = |request: &str| {
-        let r = gw.connect().roundtrip(request);
+    let on = |listener: usize, request: &str| {
+        let r = Client::connect(gw.listeners[listener]).roundtrip(request);
         (
             r.status,
             r.header("location").map(str::to_owned),
@@ -2062,7 +2067,7 @@ deny = ["10.0.0.0/8"]
         (
             "GET /a//b?x=1 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n",
             301,
-            "https://api.test/a/b?x=1",
+            "http://api.test:8080/home?x=1",
         ),
         (
             "HEAD /old/thing?y=2 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n",
@@ -2090,21 +2095,47 @@ deny = ["10.0.0.0/8"]
             "http://abs.test:8080/new",
         ),
     ];
-    for (request, status, want) in cases {
+    let https = [
+        (
+            "GET /a//b?x=1 HTTP/1.1\r\nHost: api.test:8080\r\n\r\n",
+            301,
+            "https://api.test/a/b?x=1",
+        ),
+        (
+            "GET /docs?q=%C3%A9 HTTP/1.1\r\nHost: api.test\r\n\r\n",
+            301,
+            "https://api.test/docs?q=%C3%A9",
+        ),
+    ];
+    let all = cases
+        .iter()
+        .map(|c| (0, c))
+        .chain(https.iter().map(|c| (1, c)));
+    for (listener, &(request, status, want)) in all {
         assert_eq!(
-            location(request),
+            on(listener, request),
             (status, Some(want.to_owned()), Some("0".to_owned())),
             "{request}"
         );
     }
-    // The route's fields are on its answer; the port of a Host on the default port is not.
+    // The route's fields are on its answer; a default port is left out.
     let r = gw
         .connect()
-        .roundtrip("GET /p HTTP/1.1\r\nHost: api.test:443\r\n\r\n");
-    assert_eq!(r.header("location"), Some("https://api.test/p"));
+        .roundtrip("GET /p HTTP/1.1\r\nHost: api.test:80\r\n\r\n");
+    assert_eq!(r.header("location"), Some("http://api.test/home"));
     assert_eq!(
         r.header("strict-transport-security"),
         Some("max-age=63072000")
+    );
+    // A byte a URI may not hold as it is, escaped.
+    let mut c = Client::connect(gw.listeners[1]);
+    c.send(b"GET /x\xc3\xa9 HTTP/1.1\r\nHost: api.test\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(
+        r.header("location"),
+        Some("https://api.test/x%C3%A9"),
+        "{}",
+        r.head
     );
     // No host to send the client to: 400.
     let r = gw.connect().roundtrip("GET /a HTTP/1.0\r\n\r\n");

@@ -352,6 +352,15 @@ async fn handle<S: ClientStream>(
             return down.respond(ctx, req, head, reply).await;
         }
     }
+    let own = snap.listener_redirects.get(usize::from(peer.listener));
+    if let Some(r) = own.and_then(Option::as_deref) {
+        // The listener answers every request with its redirect, before any route or policy.
+        if req.logging() {
+            req.client_ip = policy::client_ip(&snap.policies, &down.buf, head, peer.ip);
+        }
+        req.capture_head(ctx, &down.buf, head);
+        return redirect(ctx, down, req, head, r).await;
+    }
     let preflight = match method == b"OPTIONS" {
         true => policy::preflight_method(&down.buf, head),
         false => None,
@@ -494,24 +503,7 @@ async fn handle<S: ClientStream>(
             };
             down.respond(ctx, req, head, reply).await
         }
-        RouteAction::Redirect(r) => {
-            let mut out = std::mem::take(&mut req.policy.out);
-            let scheme = down.stream.scheme().as_bytes();
-            let next = match redirect_answer(r, &down.buf, head, scheme, &mut out) {
-                Some(head_len) => {
-                    let reply = Reply::Direct {
-                        status: r.status,
-                        bytes: &out,
-                        head_len,
-                    };
-                    down.respond(ctx, req, head, reply).await
-                }
-                // No host to send the client to (an HTTP/1.0 request without one).
-                None => down.fail(req, ErrorKind::BadRequest).await,
-            };
-            req.policy.out = out;
-            next
-        }
+        RouteAction::Redirect(r) => redirect(ctx, down, req, head, r).await,
         RouteAction::Proxy { upstream } => {
             req.upstream = Some(*upstream as u32);
             if let Some(t) = choice.rewrite {
@@ -625,6 +617,32 @@ fn client_left_meanwhile(req: &mut RequestCtx) -> Next {
     Next::Cut
 }
 
+/// Answers the request with redirect `r` (a route's or its listener's).
+async fn redirect<S: ClientStream>(
+    ctx: &WorkerCtx,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    r: &common::snapshot::Redirect,
+) -> Next {
+    let mut out = std::mem::take(&mut req.policy.out);
+    let scheme = down.stream.scheme().as_bytes();
+    let next = match redirect_answer(r, &down.buf, head, scheme, &mut out) {
+        Some(head_len) => {
+            let reply = Reply::Direct {
+                status: r.status,
+                bytes: &out,
+                head_len,
+            };
+            down.respond(ctx, req, head, reply).await
+        }
+        // No host to send the client to (an HTTP/1.0 request without one).
+        None => down.fail(req, ErrorKind::BadRequest).await,
+    };
+    req.policy.out = out;
+    next
+}
+
 /// Writes into `out` (cleared first) the answer to a request `head` for redirect `r`: its
 /// status line, `Location` (the request's URL, with the parts `r` sets replaced) and an empty
 /// body; returns the head's length. `scheme` is the listener's. `None` when the request
@@ -648,18 +666,25 @@ fn redirect_answer(
         None if host.is_empty() => return None,
         None => host,
     };
+    let listener = scheme;
     let scheme = r.scheme.as_deref().map_or(scheme, str::as_bytes);
-    // A new scheme or host has its own port: the default one unless `port` says.
-    let kept = (r.scheme.is_none() && r.host.is_none())
+    // Another scheme or a host has its own port: the default one unless `port` says.
+    let kept = (scheme == listener && r.host.is_none())
         .then_some(port)
         .flatten();
-    let mut port_text = [0u8; 5];
+    let mut digits = [0u8; 5];
     let port: Option<&[u8]> = match r.port {
         Some(p) => {
-            let text = p.to_string();
-            let n = text.len();
-            port_text[..n].copy_from_slice(text.as_bytes());
-            Some(&port_text[..n])
+            let (mut n, mut at) = (p, digits.len());
+            loop {
+                at -= 1;
+                digits[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            Some(&digits[at..])
         }
         None => kept.filter(|p| !p.is_empty()),
     };
@@ -689,8 +714,16 @@ fn redirect_answer(
         out.push(b':');
         out.extend_from_slice(p);
     }
-    out.extend_from_slice(path);
-    out.extend_from_slice(query);
+    // Bytes a URI may not hold as they are (non-ASCII ones, which a request line is let
+    // carry), escaped.
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in path.iter().chain(query) {
+        if b >= 0x80 || b"\"<>\\^`{|}".contains(&b) {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        } else {
+            out.push(b);
+        }
+    }
     out.extend_from_slice(b"\r\nContent-Length: 0\r\n");
     Some(out.len())
 }
