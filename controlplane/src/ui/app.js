@@ -166,6 +166,12 @@ function actionText(r) {
   if (r.upstream) return "→ " + r.upstream + (r.rewrite ? " as " + r.rewrite : "");
   if (r.aggregate) return "aggregate " + r.aggregate;
   if (r.respond) return "respond " + (r.respond.status || 200);
+  if (r.redirect) {
+    const d = r.redirect;
+    const to = [d.scheme && d.scheme + "://", d.host, d.port && ":" + d.port, d.path]
+      .filter(Boolean).join("");
+    return "redirect " + (d.status || 301) + " " + to;
+  }
   return "";
 }
 

@@ -52,9 +52,13 @@ try {
   if (kept !== token) await fail("the token is not kept in the session");
 
   step = "a route added through the API appears";
-  const put = await adminApi("PUT", "/v1/routes/added-by-test", { path: "/added", respond: { body: "added" } });
+  const put = await adminApi("PUT", "/v1/routes/added-by-test", { path: "/added", redirect: { path: "/new", status: 308 } });
   if (put.status !== 201) await fail("PUT answered " + put.status);
   await page.waitForSelector('#routes tr[data-route="added-by-test"]', { timeout: 15000 });
+  const action = await page.textContent('#routes tr[data-route="added-by-test"] td:nth-child(3)');
+  if (action !== "redirect 308 /new") await fail("the added route's action reads " + JSON.stringify(action));
+  const moved = await fetch(data + "/added", { redirect: "manual" });
+  if (moved.status !== 308) await fail("/added answered " + moved.status + ", not its redirect");
   await page.screenshot({ path: shots + "/02-route-added.png", fullPage: true });
 
   step = "req/s moves under load";
