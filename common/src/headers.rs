@@ -98,6 +98,9 @@ pub fn compile(
             if name == "max-forwards" {
                 return Some("the gateway counts it down (RFC 9110 7.6.2)".into());
             }
+            if name == "expect" {
+                return Some("the gateway answers a client's `100-continue` itself".into());
+            }
             if let Some(why) = grpc_field(name, grpc) {
                 return Some(why);
             }

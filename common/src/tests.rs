@@ -900,6 +900,7 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
     }
     for extra in [
         "request_headers = { set = { \"Max-Forwards\" = \"3\" } }",
+        "request_headers = { remove = [\"Expect\"] }",
         "request_headers = { set = { \"grpc-timeout\" = \"1S\" } }",
         "response_headers = { remove = [\"grpc-status\"] }",
     ] {
