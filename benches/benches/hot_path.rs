@@ -62,6 +62,7 @@ fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usiz
         None,
         PEER,
         b"http",
+        b"http",
         b"",
         false,
         &[],

@@ -14,9 +14,11 @@ use crate::gather::Piece;
 /// Writes into `out` (cleared first) the rewritten request line, if the target changes
 /// (absolute form, `strip_prefix_len` bytes of prefix to remove, or a `rewrite` path that
 /// replaces the path and keeps the query), and the fields the gateway adds, ending with the
-/// blank line. Returns their spans in `out`. `scheme` is the listener's (`X-Forwarded-Proto`);
-/// `added`, lines the policies and the route add; `sets_host`: one of them is the `Host`, so
-/// an absolute-form target's authority does not become one.
+/// blank line. Returns their spans in `out`. `scheme` is the listener's (the `proto=` of the
+/// gateway's `Forwarded` element), `proto` the client's (`X-Forwarded-Proto`: a trusted
+/// proxy's word for it, or the listener's); `added`, lines the policies and the route add;
+/// `sets_host`: one of them is the `Host`, so an absolute-form target's authority does not
+/// become one.
 #[allow(clippy::too_many_arguments)]
 pub fn request_extras(
     buf: &[u8],
@@ -26,6 +28,7 @@ pub fn request_extras(
     rewrite: Option<&[u8]>,
     peer: IpAddr,
     scheme: &[u8],
+    proto: &[u8],
     added: &[u8],
     sets_host: bool,
     query_drops: &[Span],
@@ -83,7 +86,7 @@ pub fn request_extras(
     }
     write_ip(out, peer);
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
-    out.extend_from_slice(scheme);
+    out.extend_from_slice(proto);
     out.extend_from_slice(b"\r\n");
     if !plan.forwarded.is_empty() {
         // A client's (or a proxy's before it) Forwarded goes on with the gateway's element
@@ -381,6 +384,7 @@ mod tests {
             strip,
             rewrite,
             "192.0.2.7".parse().unwrap(),
+            scheme,
             scheme,
             added,
             false,

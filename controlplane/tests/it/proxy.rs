@@ -2141,3 +2141,66 @@ deny = ["10.0.0.0/8"]
     let r = gw.connect().roundtrip("GET /a HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 400, "{}", r.head);
 }
+
+#[test]
+fn a_trusted_proxys_scheme_is_the_clients() {
+    // Behind a proxy in `trusted_proxies` that terminates TLS, the client's scheme is the one
+    // the proxy's field says (`X-Forwarded-Proto`, or `Forwarded: proto=` when that is the
+    // field it writes, its last value either way): it goes on upstream, and a listener's
+    // redirect to HTTPS leaves the requests that came over HTTPS alone. From any other peer
+    // the field is the client's own and is replaced, as before.
+    let origin = Origin::echo();
+    let config = |trusted: &str, header: &str| {
+        format!(
+            "workers = 1\ntrusted_proxies = [\"{trusted}\"]\nclient_ip_header = \"{header}\"\n\
+             [[listeners]]\naddress = \"127.0.0.1:0\"\n\
+             [[listeners]]\naddress = \"127.0.0.1:0\"\nredirect = {{ scheme = \"https\" }}\n\
+             [[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"{}\" }}]\n\
+             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"u\"\n",
+            origin.addr
+        )
+    };
+    let seen_proto = |gw: &Gateway, listener: usize, fields: &str| {
+        let before = origin.received.lock().unwrap().len();
+        let r = Client::connect(gw.listeners[listener]).roundtrip(&format!(
+            "GET /x HTTP/1.1\r\nHost: api.test\r\n{fields}Connection: close\r\n\r\n"
+        ));
+        let seen = origin.received.lock().unwrap();
+        let proto = match seen.len() > before {
+            true => seen
+                .last()
+                .unwrap()
+                .header("x-forwarded-proto")
+                .map(str::to_owned),
+            false => None,
+        };
+        (r.status, r.header("location").map(str::to_owned), proto)
+    };
+    let https = Some("https".to_owned());
+    let http = Some("http".to_owned());
+    let to_https = Some("https://api.test/x".to_owned());
+    let gw = Gateway::start(&config("127.0.0.1/32", "x-forwarded-for"), Driver::IoUring);
+    let xfp = "X-Forwarded-Proto: https\r\n";
+    assert_eq!(seen_proto(&gw, 0, xfp), (200, None, https.clone()));
+    // The last value: a client cannot prepend one.
+    let two = "X-Forwarded-Proto: https\r\nX-Forwarded-Proto: http\r\n";
+    assert_eq!(seen_proto(&gw, 0, two), (200, None, http.clone()));
+    assert_eq!(seen_proto(&gw, 0, ""), (200, None, http.clone()));
+    // The redirecting listener: HTTPS already, routed; plain, redirected.
+    assert_eq!(seen_proto(&gw, 1, xfp), (200, None, https.clone()));
+    let plain = "X-Forwarded-Proto: http\r\n";
+    assert_eq!(seen_proto(&gw, 1, plain), (301, to_https.clone(), None));
+    assert_eq!(seen_proto(&gw, 1, ""), (301, to_https.clone(), None));
+    drop(gw);
+    // Proxies that write `Forwarded`: its `proto=`, and X-Forwarded-Proto is not theirs.
+    let gw = Gateway::start(&config("127.0.0.1/32", "forwarded"), Driver::IoUring);
+    let fwd = "Forwarded: for=192.0.2.1;proto=http, for=192.0.2.7;proto=https\r\n";
+    assert_eq!(seen_proto(&gw, 0, fwd), (200, None, https.clone()));
+    assert_eq!(seen_proto(&gw, 0, xfp), (200, None, http.clone()));
+    assert_eq!(seen_proto(&gw, 1, xfp), (301, to_https.clone(), None));
+    drop(gw);
+    // An untrusted peer's field is its own.
+    let gw = Gateway::start(&config("10.0.0.0/8", "x-forwarded-for"), Driver::IoUring);
+    assert_eq!(seen_proto(&gw, 0, xfp), (200, None, http));
+    assert_eq!(seen_proto(&gw, 1, xfp), (301, to_https, None));
+}

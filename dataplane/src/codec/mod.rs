@@ -120,6 +120,8 @@ pub struct FieldPlan {
     pub xff: Vec<Span>,
     /// Values of the client's `Forwarded` lines (RFC 7239), in order.
     pub forwarded: Vec<Span>,
+    /// The value of the last `X-Forwarded-Proto` line (read only from a trusted proxy).
+    pub xfp: Option<Span>,
 }
 
 impl FieldPlan {
@@ -127,6 +129,7 @@ impl FieldPlan {
         self.drop.clear();
         self.xff.clear();
         self.forwarded.clear();
+        self.xfp = None;
     }
 }
 

@@ -328,7 +328,12 @@ pub fn parse_request_into(
             10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
             16 if name.eq_ignore_ascii_case(b"proxy-connection") => drop = true,
             19 if name.eq_ignore_ascii_case(b"proxy-authorization") => drop = true,
-            17 if super::same_field_name(name, b"x-forwarded-proto") => drop = true,
+            17 if super::same_field_name(name, b"x-forwarded-proto") => {
+                if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+                    plan.xfp = Some(span_of(buf, value));
+                }
+                drop = true;
+            }
             16 if super::same_field_name(name, b"x-forwarded-host") => drop = true,
             // Path overrides that IIS and Symfony-style frameworks take from a proxy: sent by
             // a client, they would reach a path other than the one routed and screened here.

@@ -383,6 +383,49 @@ pub fn client_ip(p: &Policies, buf: &[u8], head: &RequestHead, peer: IpAddr) -> 
     client
 }
 
+/// The scheme the client used, as the trusted proxy in front of the gateway says (`true`:
+/// `https`): the last value of the one field the proxies write, `X-Forwarded-Proto` or
+/// (with `client_ip_header = "forwarded"`) the last `Forwarded` element's `proto=`. `None`
+/// when the peer is not in `trusted_proxies` or the value is neither `http` nor `https`.
+pub fn forwarded_https(
+    p: &Policies,
+    buf: &[u8],
+    plan: &crate::codec::FieldPlan,
+    peer: IpAddr,
+) -> Option<bool> {
+    if p.trusted_proxies.is_empty() || !p.trusted_proxies.contains(canonical(peer)) {
+        return None;
+    }
+    let proto = match p.client_ip_from_forwarded {
+        false => plan.xfp?.of(buf).rsplit(|&b| b == b',').next()?,
+        true => {
+            let last = plan
+                .forwarded
+                .last()?
+                .of(buf)
+                .rsplit(|&b| b == b',')
+                .next()?;
+            let pair = last
+                .split(|&b| b == b';')
+                .map(trim)
+                .find(|pair| pair.len() > 6 && pair[..6].eq_ignore_ascii_case(b"proto="))?;
+            &pair[6..]
+        }
+    };
+    let proto = trim(proto);
+    let proto = proto
+        .strip_prefix(b"\"")
+        .and_then(|p| p.strip_suffix(b"\""))
+        .unwrap_or(proto);
+    if proto.eq_ignore_ascii_case(b"https") {
+        Some(true)
+    } else if proto.eq_ignore_ascii_case(b"http") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),

@@ -63,6 +63,9 @@ pub(crate) struct RequestCtx {
     pub response_drop: Option<std::sync::Arc<[Box<[u8]>]>>,
     /// The forwarded path of a rewritten route.
     pub rewritten: Vec<u8>,
+    /// Whether the client used HTTPS, as a trusted proxy in front says
+    /// ([`crate::policy::forwarded_https`]); `None`: the listener's scheme is the client's.
+    pub forwarded_https: Option<bool>,
     /// The head's fields of the access log line, written before the buffer they come from
     /// is reused for the body.
     log_head: Vec<u8>,
@@ -108,6 +111,7 @@ impl RequestCtx {
             response_fields: Vec::new(),
             response_drop: None,
             rewritten: Vec::new(),
+            forwarded_https: None,
             log_head: Vec::new(),
             log_target: Vec::new(),
             logging: false,
@@ -136,6 +140,7 @@ impl RequestCtx {
         self.response_fields.clear();
         self.response_drop = None;
         self.rewritten.clear();
+        self.forwarded_https = None;
         self.log_head.clear();
         self.logging = snap.access_log.is_some();
     }

@@ -121,7 +121,7 @@ impl Input {
         }
         crate::forward::write_ip(&mut fields, peer);
         fields.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
-        fields.extend_from_slice(down.stream.scheme().as_bytes());
+        fields.extend_from_slice(super::client_scheme(down, req));
         fields.extend_from_slice(b"\r\n");
         if let Some(h) = head.host.filter(|h| !h.is_empty()) {
             fields.extend_from_slice(b"X-Forwarded-Host: ");

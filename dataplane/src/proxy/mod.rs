@@ -352,9 +352,17 @@ async fn handle<S: ClientStream>(
             return down.respond(ctx, req, head, reply).await;
         }
     }
+    // Behind a trusted proxy that terminates TLS, the client's scheme is the proxy's word.
+    req.forwarded_https =
+        policy::forwarded_https(&snap.policies, &down.buf, &down.req_plan, peer.ip);
     let own = snap.listener_redirects.get(usize::from(peer.listener));
-    if let Some(r) = own.and_then(Option::as_deref) {
-        // The listener answers every request with its redirect, before any route or policy.
+    // The listener answers every request with its redirect, before any route or policy;
+    // not one a trusted proxy says came in on the scheme the redirect is for already.
+    let own = own.and_then(Option::as_deref).filter(|r| {
+        let only_scheme = r.host.is_none() && r.port.is_none() && r.path.is_none();
+        !(only_scheme && r.scheme.as_deref().map(str::as_bytes) == Some(client_scheme(down, req)))
+    });
+    if let Some(r) = own {
         if req.logging() {
             req.client_ip = policy::client_ip(&snap.policies, &down.buf, head, peer.ip);
         }
@@ -626,7 +634,7 @@ async fn redirect<S: ClientStream>(
     r: &common::snapshot::Redirect,
 ) -> Next {
     let mut out = std::mem::take(&mut req.policy.out);
-    let scheme = down.stream.scheme().as_bytes();
+    let scheme = client_scheme(down, req);
     let next = match redirect_answer(r, &down.buf, head, scheme, &mut out) {
         Some(head_len) => {
             let reply = Reply::Direct {
@@ -643,9 +651,18 @@ async fn redirect<S: ClientStream>(
     next
 }
 
+/// The scheme the client used: a trusted proxy's word for it, or the listener's.
+fn client_scheme<S: ClientStream>(down: &Downstream<S>, req: &RequestCtx) -> &'static [u8] {
+    match req.forwarded_https {
+        Some(true) => b"https",
+        Some(false) => b"http",
+        None => down.stream.scheme().as_bytes(),
+    }
+}
+
 /// Writes into `out` (cleared first) the answer to a request `head` for redirect `r`: its
 /// status line, `Location` (the request's URL, with the parts `r` sets replaced) and an empty
-/// body; returns the head's length. `scheme` is the listener's. `None` when the request
+/// body; returns the head's length. `scheme` is the client's. `None` when the request
 /// names no host and `r` sets none.
 fn redirect_answer(
     r: &common::snapshot::Redirect,
@@ -1184,6 +1201,7 @@ fn forwarded_head<S: ClientStream>(
         (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
         peer,
         down.stream.scheme().as_bytes(),
+        client_scheme(down, req),
         &req.policy.extra,
         req.policy.sets_host,
         &req.policy.query_drops,
