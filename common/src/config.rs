@@ -66,6 +66,12 @@ pub struct Config {
     /// slip an address past a proxy that only appends to the other one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip_header: Option<ClientIpHeader>,
+    /// Whether the trusted proxies' word for the client's scheme is believed too: the last
+    /// value of `X-Forwarded-Proto` (or `Forwarded`'s `proto=` with `client_ip_header =
+    /// "forwarded"`). Only for proxies that write that field themselves: one that passes a
+    /// client's through would let it claim HTTPS. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub trust_forwarded_proto: bool,
     /// Whether each run of `/` in a request's path is merged into one before the request is
     /// routed and forwarded, so that `//admin` meets the `/admin` route's policies (nginx
     /// and Tomcat read it as `/admin`). Default true; false keeps such paths as sent (a path

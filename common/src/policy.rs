@@ -50,6 +50,8 @@ pub struct Policies {
     pub trusted_proxies: IpSet,
     /// Which field they write: `Forwarded` (true) or `X-Forwarded-For`.
     pub client_ip_from_forwarded: bool,
+    /// Their word for the client's scheme is believed (`trust_forwarded_proto`).
+    pub trust_forwarded_proto: bool,
     /// Indices into `list` that apply to every route (in stage order).
     pub global: Box<[u16]>,
     /// The global `ip_filter` and `domain` policies: what a request that matches no route
@@ -574,6 +576,7 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         by_id,
         trusted_proxies,
         client_ip_from_forwarded,
+        trust_forwarded_proto: config.trust_forwarded_proto,
         global: global.into(),
         global_unrouted: global_unrouted.into(),
         listeners,

@@ -2153,10 +2153,12 @@ fn a_trusted_proxys_scheme_is_the_clients() {
     let config = |trusted: &str, header: &str| {
         format!(
             "workers = 1\ntrusted_proxies = [\"{trusted}\"]\nclient_ip_header = \"{header}\"\n\
+             trust_forwarded_proto = true\n\
              [[listeners]]\naddress = \"127.0.0.1:0\"\n\
              [[listeners]]\naddress = \"127.0.0.1:0\"\nredirect = {{ scheme = \"https\" }}\n\
              [[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"{}\" }}]\n\
-             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"u\"\n",
+             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"u\"\n\
+             [[routes]]\nid = \"moved\"\npath = \"/moved\"\nredirect = {{ path = \"/new\" }}\n",
             origin.addr
         )
     };
@@ -2191,6 +2193,29 @@ fn a_trusted_proxys_scheme_is_the_clients() {
     let plain = "X-Forwarded-Proto: http\r\n";
     assert_eq!(seen_proto(&gw, 1, plain), (301, to_https.clone(), None));
     assert_eq!(seen_proto(&gw, 1, ""), (301, to_https.clone(), None));
+    // A comma list's last value; the `_` spelling is never read.
+    let list = "X-Forwarded-Proto: http, https\r\n";
+    assert_eq!(seen_proto(&gw, 0, list), (200, None, https.clone()));
+    let underscore = "X_Forwarded_Proto: https\r\n";
+    assert_eq!(seen_proto(&gw, 0, underscore), (200, None, http.clone()));
+    // A route's redirect keeps the client's scheme.
+    let r = Client::connect(gw.listeners[0])
+        .roundtrip("GET /moved HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-Proto: https\r\n\r\n");
+    assert_eq!(r.header("location"), Some("https://api.test/new"));
+    // On one connection, a request that says nothing after one that said HTTPS is plain.
+    let mut c = Client::connect(gw.listeners[0]);
+    let fields = ["X-Forwarded-Proto: https\r\n", ""];
+    for (k, f) in fields.iter().enumerate() {
+        let r = c.roundtrip(&format!("GET /k HTTP/1.1\r\nHost: api.test\r\n{f}\r\n"));
+        assert_eq!(r.status, 200);
+        let seen = origin.received.lock().unwrap();
+        let got = seen
+            .last()
+            .unwrap()
+            .header("x-forwarded-proto")
+            .map(str::to_owned);
+        assert_eq!(got, [https.clone(), http.clone()][k]);
+    }
     drop(gw);
     // Proxies that write `Forwarded`: its `proto=`, and X-Forwarded-Proto is not theirs.
     let gw = Gateway::start(&config("127.0.0.1/32", "forwarded"), Driver::IoUring);
@@ -2199,8 +2224,15 @@ fn a_trusted_proxys_scheme_is_the_clients() {
     assert_eq!(seen_proto(&gw, 0, xfp), (200, None, http.clone()));
     assert_eq!(seen_proto(&gw, 1, xfp), (301, to_https.clone(), None));
     drop(gw);
-    // An untrusted peer's field is its own.
+    // An untrusted peer's field is its own; so is a trusted one's without
+    // `trust_forwarded_proto`.
     let gw = Gateway::start(&config("10.0.0.0/8", "x-forwarded-for"), Driver::IoUring);
+    assert_eq!(seen_proto(&gw, 0, xfp), (200, None, http.clone()));
+    assert_eq!(seen_proto(&gw, 1, xfp), (301, to_https.clone(), None));
+    drop(gw);
+    let untrusting =
+        config("127.0.0.1/32", "x-forwarded-for").replace("trust_forwarded_proto = true\n", "");
+    let gw = Gateway::start(&untrusting, Driver::IoUring);
     assert_eq!(seen_proto(&gw, 0, xfp), (200, None, http));
     assert_eq!(seen_proto(&gw, 1, xfp), (301, to_https, None));
 }

@@ -384,16 +384,17 @@ pub fn client_ip(p: &Policies, buf: &[u8], head: &RequestHead, peer: IpAddr) -> 
 }
 
 /// The scheme the client used, as the trusted proxy in front of the gateway says (`true`:
-/// `https`): the last value of the one field the proxies write, `X-Forwarded-Proto` or
-/// (with `client_ip_header = "forwarded"`) the last `Forwarded` element's `proto=`. `None`
-/// when the peer is not in `trusted_proxies` or the value is neither `http` nor `https`.
+/// `https`), with `trust_forwarded_proto`: the last value of the one field the proxies
+/// write, `X-Forwarded-Proto` or (with `client_ip_header = "forwarded"`) the last
+/// `Forwarded` element's `proto=`. `None` without it, when the peer is not in
+/// `trusted_proxies`, or when the value is neither `http` nor `https`.
 pub fn forwarded_https(
     p: &Policies,
     buf: &[u8],
     plan: &crate::codec::FieldPlan,
     peer: IpAddr,
 ) -> Option<bool> {
-    if p.trusted_proxies.is_empty() || !p.trusted_proxies.contains(canonical(peer)) {
+    if !p.trust_forwarded_proto || !p.trusted_proxies.contains(canonical(peer)) {
         return None;
     }
     let proto = match p.client_ip_from_forwarded {

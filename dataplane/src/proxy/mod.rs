@@ -359,7 +359,12 @@ async fn handle<S: ClientStream>(
     // The listener answers every request with its redirect, before any route or policy;
     // not one a trusted proxy says came in on the scheme the redirect is for already.
     let own = own.and_then(Option::as_deref).filter(|r| {
-        let only_scheme = r.host.is_none() && r.port.is_none() && r.path.is_none();
+        let default_port = match r.scheme.as_deref() {
+            Some("https") => 443,
+            _ => 80,
+        };
+        let port = r.port.is_none_or(|p| p == default_port);
+        let only_scheme = r.host.is_none() && port && r.path.is_none();
         !(only_scheme && r.scheme.as_deref().map(str::as_bytes) == Some(client_scheme(down, req)))
     });
     if let Some(r) = own {
