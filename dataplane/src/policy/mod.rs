@@ -1419,4 +1419,67 @@ policies = ["unit-rate-limit"]
         assert_eq!(go("192.0.2.1", 1).0, Verdict::Pass);
         assert_eq!(go("192.0.2.1", 1).0, Verdict::Answer(429));
     }
+
+    #[test]
+    fn a_trusted_proxys_word_for_the_scheme() {
+        let snap = |top: &str| {
+            let text = format!("trusted_proxies = [\"10.0.0.0/8\"]\n{top}{BASE}");
+            Snapshot::compile(parse_config(&text, Format::Toml).unwrap(), 1).unwrap()
+        };
+        let said = |snap: &Snapshot, fields: &str, peer: &str| {
+            let request = format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            let mut plan = FieldPlan::default();
+            let limits = snap.limits;
+            parse_request(request.as_bytes(), &limits, &mut plan)
+                .unwrap()
+                .unwrap();
+            let peer = peer.parse().unwrap();
+            forwarded_https(&snap.policies, request.as_bytes(), &plan, peer)
+        };
+        let xfp = snap("trust_forwarded_proto = true\n");
+        for (fields, peer, want) in [
+            ("X-Forwarded-Proto: https\r\n", "10.0.0.1", Some(true)),
+            ("X-Forwarded-Proto: HTTP\r\n", "10.0.0.1", Some(false)),
+            // An IPv4 peer on a dual-stack socket.
+            (
+                "X-Forwarded-Proto: https\r\n",
+                "::ffff:10.0.0.1",
+                Some(true),
+            ),
+            ("X-Forwarded-Proto: https\r\n", "192.0.2.1", None),
+            (
+                "X-Forwarded-Proto: http , https\r\n",
+                "10.0.0.1",
+                Some(true),
+            ),
+            (
+                "X-Forwarded-Proto: https\r\nX-Forwarded-Proto: ftp\r\n",
+                "10.0.0.1",
+                None,
+            ),
+            ("X_Forwarded_Proto: https\r\n", "10.0.0.1", None),
+            ("", "10.0.0.1", None),
+            // Not the field these proxies write.
+            ("Forwarded: proto=https\r\n", "10.0.0.1", None),
+        ] {
+            assert_eq!(said(&xfp, fields, peer), want, "{fields:?} from {peer}");
+        }
+        let fwd = snap("trust_forwarded_proto = true\nclient_ip_header = \"forwarded\"\n");
+        for (fields, want) in [
+            (
+                "Forwarded: for=192.0.2.1;proto=http, for=10.0.0.2;Proto=\"https\"\r\n",
+                Some(true),
+            ),
+            // The last element says nothing of the scheme: no earlier one's word is taken.
+            (
+                "Forwarded: for=192.0.2.1;proto=https, for=10.0.0.2\r\n",
+                None,
+            ),
+            ("X-Forwarded-Proto: https\r\n", None),
+        ] {
+            assert_eq!(said(&fwd, fields, "10.0.0.1"), want, "{fields:?}");
+        }
+        let off = snap("");
+        assert_eq!(said(&off, "X-Forwarded-Proto: https\r\n", "10.0.0.1"), None);
+    }
 }
