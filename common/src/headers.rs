@@ -197,11 +197,7 @@ fn valid_host_value(value: &str) -> bool {
             && p.bytes().all(|b| b.is_ascii_digit())
             && p.parse::<u16>().is_ok_and(|n| n > 0)
     });
-    // A fully qualified name may end in a dot.
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let host_ok =
-        host.parse::<std::net::Ipv4Addr>().is_ok() || crate::validate::valid_host_pattern(host);
-    port_ok && host_ok
+    port_ok && crate::validate::valid_host_name(host)
 }
 
 /// Why `name` is the gateway's to write, if it is: a framing or hop-by-hop field, or one of

@@ -180,6 +180,17 @@ pub enum PolicyKind {
     RateLimit(RateLimit),
 }
 
+impl PolicyKind {
+    /// The field an authentication policy sets to the consumer it identified.
+    pub fn consumer_header(&self) -> Option<&[u8]> {
+        match self {
+            PolicyKind::ApiKey(k) => Some(&k.consumer_header),
+            PolicyKind::Jwt(j) => Some(&j.consumer_header),
+            _ => None,
+        }
+    }
+}
+
 /// Allowed `Host` values, lower-case without port.
 #[derive(Debug)]
 pub struct Domain {
@@ -554,11 +565,11 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
     let mut trailer_refused: Vec<Box<[u8]>> =
         TRAILER_REFUSED.iter().map(|&n| Box::from(n)).collect();
     for p in &list {
-        let names = match &p.kind {
-            PolicyKind::ApiKey(k) => [k.header.as_deref(), Some(&*k.consumer_header)],
-            PolicyKind::Jwt(j) => [None, Some(&*j.consumer_header)],
-            _ => continue,
+        let key = match &p.kind {
+            PolicyKind::ApiKey(k) => k.header.as_deref(),
+            _ => None,
         };
+        let names = [key, p.kind.consumer_header()];
         for name in names.into_iter().flatten() {
             let lower: Box<[u8]> = name.to_ascii_lowercase().into();
             if !trailer_refused.contains(&lower) {

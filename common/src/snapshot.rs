@@ -309,6 +309,17 @@ pub struct Redirect {
     pub strip_query: bool,
 }
 
+impl Redirect {
+    /// The scheme it sends the client to, when that is all it changes (a `port` that is
+    /// that scheme's default changes nothing).
+    pub fn scheme_only(&self) -> Option<&str> {
+        let scheme = self.scheme.as_deref()?;
+        let default = if scheme == "https" { 443 } else { 80 };
+        let port = self.port.is_none_or(|p| p == default);
+        (self.host.is_none() && self.path.is_none() && port).then_some(scheme)
+    }
+}
+
 /// A compiled upstream: what the operator configured. Its addresses right now are in
 /// `live`, which the control plane keeps across revisions and updates as DNS answers change.
 #[derive(Debug)]
@@ -602,9 +613,7 @@ impl Snapshot {
                 continue;
             };
             let at = format!("listeners[{i}].redirect");
-            let RouteAction::Redirect(r) = redirect(d, &at)? else {
-                unreachable!("`redirect` makes a redirect");
-            };
+            let r = redirect(d, &at)?;
             let own = if l.tls.is_some() { "https" } else { "http" };
             if r.host.is_none()
                 && r.port.is_none()
@@ -727,18 +736,8 @@ impl Snapshot {
             let consumer_headers: Vec<(&[u8], &str)> = route
                 .policies
                 .iter()
-                .filter_map(|&p| {
-                    let policy = &policies.list[p as usize];
-                    match &policy.kind {
-                        crate::policy::PolicyKind::ApiKey(k) => {
-                            Some((&*k.consumer_header, &*policy.id))
-                        }
-                        crate::policy::PolicyKind::Jwt(j) => {
-                            Some((&*j.consumer_header, &*policy.id))
-                        }
-                        _ => None,
-                    }
-                })
+                .map(|&p| &policies.list[p as usize])
+                .filter_map(|p| Some((p.kind.consumer_header()?, &*p.id)))
                 .collect();
             let grpc = std::iter::once(&route.action)
                 .chain(route.variants.iter().map(|v| &v.action))
@@ -1126,7 +1125,7 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                      the redirect on the listener (`[[listeners]] redirect`)",
                 ));
             }
-            redirect(d, &format!("{at}.redirect"))?
+            RouteAction::Redirect(redirect(d, &format!("{at}.redirect"))?)
         }
         _ => route_action(
             r.upstream.as_deref(),
@@ -1544,8 +1543,8 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     })
 }
 
-/// A route's `redirect`, checked.
-fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<RouteAction, ConfigError> {
+/// A route's or listener's `redirect`, checked.
+fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<Box<Redirect>, ConfigError> {
     let status = d.status.unwrap_or(301);
     if ![301, 302, 303, 307, 308].contains(&status) {
         return Err(ConfigError::field(
@@ -1564,9 +1563,7 @@ fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<RouteAction, 
         ));
     }
     if let Some(h) = &d.host {
-        let h = h.strip_suffix('.').unwrap_or(h);
-        let ip = h.parse::<std::net::Ipv4Addr>().is_ok();
-        if !(ip || valid_host_pattern(h)) {
+        if !crate::validate::valid_host_name(h) {
             return Err(ConfigError::field(
                 format!("{at}.host"),
                 format!("{h:?} is not a host name or IP address (an IPv6 one in brackets)"),
@@ -1594,14 +1591,14 @@ fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<RouteAction, 
              sent where it is",
         ));
     }
-    Ok(RouteAction::Redirect(Box::new(Redirect {
+    Ok(Box::new(Redirect {
         status,
         scheme: d.scheme.as_deref().map(Into::into),
         host: d.host.as_deref().map(|h| h.to_ascii_lowercase().into()),
         port: d.port,
         path: d.path.as_deref().map(Into::into),
         strip_query: d.strip_query,
-    })))
+    }))
 }
 
 /// What makes two routes' paths the same: exact or prefix, and the path with every

@@ -84,6 +84,13 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
             })
 }
 
+/// A host a gateway-written field may name (a redirect's, a route's `Host`): a host name
+/// (a fully qualified one may end in a dot), an IPv4 address, or an IPv6 one in brackets.
+pub(crate) fn valid_host_name(h: &str) -> bool {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    h.parse::<std::net::Ipv4Addr>().is_ok() || valid_host_pattern(h)
+}
+
 /// RFC 9110 `tchar`.
 pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)

@@ -60,6 +60,23 @@ impl ClientWatch {
     }
 }
 
+/// Whether `watch`'s client has gone, looked at each time `look` comes round (a timer set
+/// [`CLIENT_CHECK`] ahead, moved on at each look): for a wait that no read of that client's
+/// does itself (an upstream read watches through [`read_at_most`]).
+pub(crate) fn poll_gone(
+    watch: ClientWatch,
+    mut look: Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+) -> bool {
+    while look.as_mut().poll(cx).is_ready() {
+        if watch.gone() {
+            return true;
+        }
+        look.as_mut().reset((Instant::now() + CLIENT_CHECK).into());
+    }
+    false
+}
+
 /// Whether the peer of TCP socket `fd` has closed its end (its FIN is in: `CLOSE_WAIT`) or
 /// reset the connection (`CLOSE`), whatever bytes still wait unread.
 pub(crate) fn peer_closed(fd: std::os::fd::RawFd) -> bool {

@@ -750,10 +750,8 @@ fn authenticate(
 ) -> Result<u32, Verdict> {
     // Client-sent copies of any consumer header are never forwarded.
     for &idx in group {
-        let name: &[u8] = match &p.list[idx as usize].kind {
-            PolicyKind::ApiKey(k) => &k.consumer_header,
-            PolicyKind::Jwt(j) => &j.consumer_header,
-            _ => continue,
+        let Some(name) = p.list[idx as usize].kind.consumer_header() else {
+            continue;
         };
         // `X-Consumer_Id` too: CGI-style upstreams read both spellings as one variable.
         for f in fields(buf, head).filter(|f| same_field_name(f.name, name)) {

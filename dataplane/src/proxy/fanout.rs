@@ -478,14 +478,9 @@ async fn run_steps<S: ClientStream>(
             if client.poll_reset(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            if let (Some(watch), Some(mut sleep)) = (watch, look.as_mut().as_pin_mut()) {
-                while sleep.as_mut().poll(cx).is_ready() {
-                    if watch.gone() {
-                        return Poll::Ready(None);
-                    }
-                    sleep
-                        .as_mut()
-                        .reset((Instant::now() + crate::io::CLIENT_CHECK).into());
+            if let (Some(watch), Some(sleep)) = (watch, look.as_mut().as_pin_mut()) {
+                if crate::io::poll_gone(watch, sleep, cx) {
+                    return Poll::Ready(None);
                 }
             }
             Poll::Pending

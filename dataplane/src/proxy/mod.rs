@@ -358,15 +358,9 @@ async fn handle<S: ClientStream>(
     let own = snap.listener_redirects.get(usize::from(peer.listener));
     // The listener answers every request with its redirect, before any route or policy;
     // not one a trusted proxy says came in on the scheme the redirect is for already.
-    let own = own.and_then(Option::as_deref).filter(|r| {
-        let default_port = match r.scheme.as_deref() {
-            Some("https") => 443,
-            _ => 80,
-        };
-        let port = r.port.is_none_or(|p| p == default_port);
-        let only_scheme = r.host.is_none() && port && r.path.is_none();
-        !(only_scheme && r.scheme.as_deref().map(str::as_bytes) == Some(client_scheme(down, req)))
-    });
+    let own = own
+        .and_then(Option::as_deref)
+        .filter(|r| r.scheme_only().map(str::as_bytes) != Some(client_scheme(down, req)));
     if let Some(r) = own {
         if req.logging() {
             req.client_ip = policy::client_ip(&snap.policies, &down.buf, head, peer.ip);
@@ -611,12 +605,8 @@ async fn unless_client_left<F: std::future::Future>(
         if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
             return std::task::Poll::Ready(Some(out));
         }
-        while std::future::Future::poll(look.as_mut(), cx).is_ready() {
-            if watch.gone() {
-                return std::task::Poll::Ready(None);
-            }
-            look.as_mut()
-                .reset((Instant::now() + crate::io::CLIENT_CHECK).into());
+        if crate::io::poll_gone(watch, look.as_mut(), cx) {
+            return std::task::Poll::Ready(None);
         }
         std::task::Poll::Pending
     })
