@@ -17,7 +17,7 @@ once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers 
 any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields
 (sorted, pseudo-fields included), and a 200 `text/plain` answer "ok" that carries
 `cache-control: private` and `server: peer`. Each request's line also gives its content
-type. Runs until killed.
+type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
 """
 import socket
@@ -129,4 +129,6 @@ listener.listen(16)
 print(f"port {listener.getsockname()[1]}", flush=True)
 while True:
     client, _ = listener.accept()
+    with lock:
+        print("connection", flush=True)
     threading.Thread(target=serve, args=(client,), daemon=True).start()

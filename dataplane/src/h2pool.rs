@@ -1,8 +1,9 @@
-//! HTTP/2 connections to upstreams that speak it (`protocol = "h2c"` or `"grpc"`): per worker
-//! and target, a few multiplexed connections, each carrying up to `max_streams` requests at
-//! once (fewer if the target's SETTINGS say so); a request that finds them all full opens
-//! another. A connection the target closes or sends GOAWAY on is marked closed by its driver
-//! task and leaves the pool at the next look; streams already open on it finish.
+//! HTTP/2 connections to upstreams that speak it (`protocol = "h2c"` or `"grpc"`): per worker,
+//! target and upstream (as [`crate::upstream::Pool`] keeps them), a few multiplexed
+//! connections, each carrying up to `max_streams` requests at once (fewer if the target's
+//! SETTINGS say so); a request that finds them all full opens another. A connection the
+//! target closes or sends GOAWAY on is marked closed by its driver task and leaves the pool
+//! at the next look; streams already open on it finish.
 //!
 //! The h2 crate runs the protocol over the same monoio adapter the client side uses
 //! ([`crate::proxy::PollIo`]). Not the hot path of plain HTTP/1.1 proxying; per request it
@@ -13,14 +14,16 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::live::UpstreamLive;
 use common::router::Fnv;
 use h2::client::SendRequest;
 use monoio::net::TcpStream;
 
-use crate::upstream::Counted;
+use crate::upstream::{Counted, PoolKey};
 
 /// The flow-control window the gateway opens per stream to an upstream. The connection's is
 /// that times the streams it may carry: a client that stops reading holds back its own
@@ -125,30 +128,46 @@ pub(crate) async fn handshake(
     }))
 }
 
-/// A worker's HTTP/2 upstream connections, per target.
+/// A worker's HTTP/2 upstream connections, per target and upstream.
 #[derive(Debug, Default)]
 pub(crate) struct H2Pool {
-    conns: HashMap<SocketAddr, Vec<Rc<H2Conn>>, BuildHasherDefault<Fnv>>,
+    conns: HashMap<PoolKey, Conns, BuildHasherDefault<Fnv>>,
+}
+
+/// The connections of one [`PoolKey`].
+#[derive(Debug)]
+struct Conns {
+    /// Keeps the key's upstream address from being reused by another upstream's state.
+    _owner: Arc<UpstreamLive>,
+    list: Vec<Rc<H2Conn>>,
 }
 
 impl H2Pool {
-    /// A connection to `target` with room for one more stream, if there is one.
-    pub fn take(&mut self, target: SocketAddr) -> Option<Rc<H2Conn>> {
-        let list = self.conns.get_mut(&target)?;
+    /// A connection to `target` opened for `upstream` with room for one more stream, if
+    /// there is one.
+    pub fn take(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> Option<Rc<H2Conn>> {
+        let list = &mut self.conns.get_mut(&PoolKey::new(target, upstream))?.list;
         list.retain(|c| !c.closed.get());
         list.iter().find(|c| c.has_room()).cloned()
     }
 
-    /// Adds a new connection to `target`.
-    pub fn add(&mut self, target: SocketAddr, conn: Rc<H2Conn>) {
-        self.conns.entry(target).or_default().push(conn);
+    /// Adds a new connection to `target` opened for `upstream`.
+    pub fn add(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>, conn: Rc<H2Conn>) {
+        let conns = self
+            .conns
+            .entry(PoolKey::new(target, upstream))
+            .or_insert_with(|| Conns {
+                _owner: upstream.clone(),
+                list: Vec::new(),
+            });
+        conns.list.push(conn);
     }
 
     /// Drops connections that ended, and those without streams idle for `timeout` (dropping
     /// the last handle makes the driver send GOAWAY and close). More than one idle
-    /// connection to a target is not kept.
+    /// connection to a target of an upstream is not kept.
     pub fn sweep(&mut self, now: Instant, timeout: Duration) {
-        for list in self.conns.values_mut() {
+        for Conns { list, .. } in self.conns.values_mut() {
             list.retain(|c| !c.closed.get());
             let mut idle_kept = 0;
             list.retain(|c| {
@@ -159,13 +178,13 @@ impl H2Pool {
                 idle_kept == 1 && now.duration_since(c.idle_since.get()) < timeout
             });
         }
-        self.conns.retain(|_, list| !list.is_empty());
+        self.conns.retain(|_, conns| !conns.list.is_empty());
     }
 
-    /// Drops the connections to targets `keep` says no to (removed or draining); streams
-    /// open on them finish.
-    pub fn retain(&mut self, mut keep: impl FnMut(&SocketAddr) -> bool) {
-        self.conns.retain(|addr, _| keep(addr));
+    /// Drops the connections `keep` says no to (as [`crate::upstream::Pool::retain`]);
+    /// streams open on them finish.
+    pub fn retain(&mut self, keep: impl Fn(&PoolKey) -> bool) {
+        self.conns.retain(|key, _| keep(key));
     }
 
     /// Drops every connection (shutdown).

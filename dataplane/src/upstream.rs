@@ -1,18 +1,24 @@
 //! Upstream connections: connect with a deadline, and a per-worker keep-alive pool.
 //!
-//! Hot path for `take` / `put`. The pool is keyed by target address, not by upstream or
-//! snapshot, so a config change keeps the connections of targets that still exist. Each target
-//! keeps at most `max_idle` idle connections (most recently used first out); idle ones older
-//! than the idle timeout are closed on the next `take` and by the worker's periodic sweep.
+//! Hot path for `take` / `put`. The pool is keyed by target address and upstream (its live
+//! state, which the control plane keeps from one revision to the next), not by snapshot, so a
+//! config change keeps the connections of targets that still exist. Upstreams that share a
+//! target keep their connections apart, as nginx's `keepalive` per `upstream` block and
+//! Envoy's pools per cluster do: each counts its own in its circuit's `max_connections`. Each
+//! target of an upstream keeps at most `max_idle` idle connections (most recently used first
+//! out); idle ones older than the idle timeout are closed on the next `take` and by the
+//! worker's periodic sweep.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use common::live::UpstreamLive;
 use common::router::Fnv;
 use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
@@ -45,6 +51,8 @@ pub struct UpstreamConn {
     pub large_answers: bool,
     /// The deadline of its reads.
     timer: crate::io::ReadTimer,
+    /// Its TCP_USER_TIMEOUT ([`set_send_timeout`]), kept to see when a reuse needs another.
+    send_timeout: Duration,
     /// The client connection its current exchange is for, if that client is to be watched
     /// while reads wait (a whole HTTP/1.1 connection), and when to look at it next; cleared
     /// when the connection goes back to a pool.
@@ -60,6 +68,7 @@ impl std::fmt::Debug for UpstreamConn {
             .field("idle_since", &self.idle_since)
             .field("counted", &self.counted)
             .field("large_answers", &self.large_answers)
+            .field("send_timeout", &self.send_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +109,15 @@ impl UpstreamConn {
             crate::splice::HEAD_READ
         } else {
             usize::MAX
+        }
+    }
+
+    /// Gives the connection `limit` as its send timeout ([`set_send_timeout`]) if it has
+    /// another: the upstream's `send_ms` may have changed since it was opened. One system
+    /// call where it differs, none otherwise.
+    pub(crate) fn keep_send_timeout(&mut self, limit: Duration) {
+        if self.send_timeout != limit && set_send_timeout(self.stream.as_raw_fd(), limit).is_ok() {
+            self.send_timeout = limit;
         }
     }
 
@@ -214,8 +232,9 @@ impl UpstreamConn {
         (&mut self.stream, look)
     }
 
-    fn new(stream: TcpStream) -> Self {
+    fn new(stream: TcpStream, send_timeout: Duration) -> Self {
         UpstreamConn {
+            send_timeout,
             armed: ReadSlot::default(),
             stream,
             buf: Vec::with_capacity(UPSTREAM_READ),
@@ -251,7 +270,7 @@ pub async fn connect(
     stream.set_nodelay(true)?;
     // Where the option is unsupported the connection still works, just without the bound.
     let _ = set_send_timeout(stream.as_raw_fd(), send_timeout);
-    Ok(Box::new(UpstreamConn::new(stream)))
+    Ok(Box::new(UpstreamConn::new(stream, send_timeout)))
 }
 
 /// Sets TCP_USER_TIMEOUT: once sent bytes stay unacknowledged, or the peer's receive window
@@ -274,15 +293,41 @@ fn still_open(stream: &TcpStream) -> bool {
     crate::io::peek(stream.as_raw_fd()) == crate::io::Peeked::Nothing
 }
 
-/// Idle connections of one worker, per target.
+/// Idle connections of one worker, per target and upstream.
 #[derive(Debug)]
 pub struct Pool {
+    idle: HashMap<PoolKey, Idle, BuildHasherDefault<Fnv>>,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Which idle connections a request may take: those to its target opened for its upstream.
+/// The upstream is its live state's address, which cannot be another upstream's while the
+/// pool's entry holds that state (as [`Idle`] and the HTTP/2 pool's entries do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub target: SocketAddr,
+    upstream: usize,
+}
+
+impl PoolKey {
+    pub fn new(target: SocketAddr, upstream: &Arc<UpstreamLive>) -> PoolKey {
+        PoolKey {
+            target,
+            upstream: Arc::as_ptr(upstream) as usize,
+        }
+    }
+}
+
+/// The idle connections of one [`PoolKey`].
+#[derive(Debug)]
+struct Idle {
+    /// Keeps the key's upstream address from being reused by another upstream's state.
+    _owner: Arc<UpstreamLive>,
     /// Boxed: a connection then moves between the pool and a request as one pointer, not
     /// as its whole state at each of the hand-overs of a request.
     #[allow(clippy::vec_box)]
-    idle: HashMap<SocketAddr, Vec<Box<UpstreamConn>>, BuildHasherDefault<Fnv>>,
-    pub max_idle: usize,
-    pub idle_timeout: Duration,
+    conns: Vec<Box<UpstreamConn>>,
 }
 
 impl Pool {
@@ -294,17 +339,22 @@ impl Pool {
         }
     }
 
-    /// The most recently returned live connection to `addr`, if any, checked first by its
-    /// armed read ([`UpstreamConn::arm`]): one the upstream closed while it sat in the pool
-    /// (its keep-alive timeout) is not used, nor one it sent bytes on that nobody asked for
-    /// (a second answer, a body after a HEAD answer): read as the next request's answer,
-    /// they would give one client another's response, and every later client on the
-    /// connection the one before theirs. nginx and HAProxy watch idle connections for the
-    /// same reason. The non-blocking peek that checked them before cost a system call per
-    /// reuse, 3 to 4% of the requests per CPU-second at small answers
+    /// The most recently returned live connection to `addr` opened for `upstream`, if any,
+    /// checked first by its armed read ([`UpstreamConn::arm`]): one the upstream closed
+    /// while it sat in the pool (its keep-alive timeout) is not used, nor one it sent bytes
+    /// on that nobody asked for (a second answer, a body after a HEAD answer): read as the
+    /// next request's answer, they would give one client another's response, and every
+    /// later client on the connection the one before theirs. nginx and HAProxy watch idle
+    /// connections for the same reason. The non-blocking peek that checked them before cost
+    /// a system call per reuse, 3 to 4% of the requests per CPU-second at small answers
     /// (`docs/perf/pool-peek-ab-2cpu.csv`, `docs/perf/armed-read-ab-2cpu-20261206.md`).
-    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
-        let list = self.idle.get_mut(&addr)?;
+    pub fn take(
+        &mut self,
+        addr: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        now: Instant,
+    ) -> Option<Box<UpstreamConn>> {
+        let list = &mut self.idle.get_mut(&PoolKey::new(addr, upstream))?.conns;
         while let Some(mut conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
             if idle < self.idle_timeout && conn.idle_and_open() {
@@ -314,32 +364,46 @@ impl Pool {
         None
     }
 
-    /// Returns a connection whose last response was fully read, its next read armed
-    /// ([`UpstreamConn::arm`]); dropped when the pool is full.
-    pub fn put(&mut self, addr: SocketAddr, mut conn: Box<UpstreamConn>, now: Instant) {
+    /// Returns a connection to `addr` opened for `upstream` whose last response was fully
+    /// read, its next read armed ([`UpstreamConn::arm`]); dropped when the pool is full.
+    pub fn put(
+        &mut self,
+        addr: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        mut conn: Box<UpstreamConn>,
+        now: Instant,
+    ) {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
-        let list = self.idle.entry(addr).or_default();
-        if list.len() < self.max_idle {
+        let idle = self
+            .idle
+            .entry(PoolKey::new(addr, upstream))
+            .or_insert_with(|| Idle {
+                _owner: upstream.clone(),
+                conns: Vec::new(),
+            });
+        if idle.conns.len() < self.max_idle {
             conn.idle_since = now;
             conn.watch = None;
             conn.arm();
-            list.push(conn);
+            idle.conns.push(conn);
         }
     }
 
     /// Closes connections idle for longer than the idle timeout.
     pub fn sweep(&mut self, now: Instant) {
         let timeout = self.idle_timeout;
-        for list in self.idle.values_mut() {
-            list.retain(|c| now.duration_since(c.idle_since) < timeout);
+        for idle in self.idle.values_mut() {
+            idle.conns
+                .retain(|c| now.duration_since(c.idle_since) < timeout);
         }
     }
 
-    /// Closes the idle connections to targets `keep` says no to (removed or draining).
-    pub fn retain(&mut self, mut keep: impl FnMut(&SocketAddr) -> bool) {
-        self.idle.retain(|addr, _| keep(addr));
+    /// Closes the idle connections `keep` says no to: to targets an upstream no longer has
+    /// or drains, and those of upstreams that were removed (their state is let go).
+    pub(crate) fn retain(&mut self, keep: impl Fn(&PoolKey) -> bool) {
+        self.idle.retain(|key, _| keep(key));
     }
 
     /// Closes every idle connection (shutdown).
@@ -349,7 +413,7 @@ impl Pool {
 
     /// Idle connections held, over all targets.
     pub fn idle_count(&self) -> usize {
-        self.idle.values().map(Vec::len).sum()
+        self.idle.values().map(|idle| idle.conns.len()).sum()
     }
 }
 
@@ -483,4 +547,42 @@ unsafe fn poll_in_place<F: std::future::Future>(
 unsafe fn drop_in_place<F>(at: *mut u8) {
     // SAFETY: the caller's contract.
     unsafe { at.cast::<F>().drop_in_place() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::live::TargetSet;
+
+    #[test]
+    fn upstreams_with_one_target_keep_their_idle_connections_apart() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (a, b) = (
+                UpstreamLive::new(TargetSet::new(Vec::new())),
+                UpstreamLive::new(TargetSet::new(Vec::new())),
+            );
+            let second = Duration::from_secs(1);
+            let mut pool = Pool::new(4, Duration::from_secs(60));
+            let now = Instant::now();
+            let mut accepted = Vec::new();
+            for _ in 0..2 {
+                let conn = connect(addr, second, second).await.unwrap();
+                accepted.push(listener.accept().unwrap());
+                pool.put(addr, &a, conn, now);
+            }
+            assert!(pool.take(addr, &b, now).is_none(), "b took a's connection");
+            assert!(pool.take(addr, &a, now).is_some(), "a's connection, to a");
+            assert_eq!(pool.idle_count(), 1);
+            // A change that keeps the target in `b` only closes `a`'s connection to it.
+            let kept = PoolKey::new(addr, &b);
+            pool.retain(|key| *key == kept);
+            assert_eq!(pool.idle_count(), 0);
+        });
+    }
 }

@@ -26,7 +26,7 @@ use crate::metrics::WorkerMetrics;
 use crate::park::ParkLot;
 use crate::peer::Peer;
 use crate::trace::Rng;
-use crate::upstream::Pool;
+use crate::upstream::{Pool, PoolKey};
 use crate::worker_ctx::{IdleSet, RoundRobin, WorkerCtx};
 use crate::{DriverKind, StartError};
 
@@ -392,16 +392,18 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
             h2pool.sweep(now, snap.timeouts.upstream_idle);
             let generation = common::live::GENERATION.load(Ordering::Relaxed);
             if generation != seen_generation {
-                // Target sets changed: pooled connections to addresses that left, or that
-                // drain, close; those to addresses that remain stay.
+                // Target sets or upstreams changed: pooled connections to addresses that left
+                // their upstream, or drain in it, close, as do those of upstreams removed;
+                // those to addresses that remain stay.
                 seen_generation = generation;
                 let mut keep = std::collections::HashSet::new();
                 for u in &snap.upstreams {
                     let set = u.live.set.load();
-                    keep.extend(set.targets.iter().filter(|t| !t.draining).map(|t| t.addr));
+                    let serving = set.targets.iter().filter(|t| !t.draining);
+                    keep.extend(serving.map(|t| PoolKey::new(t.addr, &u.live)));
                 }
-                pool.retain(|addr| keep.contains(addr));
-                h2pool.retain(|addr| keep.contains(addr));
+                pool.retain(|key| keep.contains(key));
+                h2pool.retain(|key| keep.contains(key));
             }
             if let Some(park) = ctx.park.borrow_mut().as_mut() {
                 park.expire(now, snap.timeouts.client_idle);

@@ -498,8 +498,10 @@ print(status, flush=True)
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 with the PyPI package h2");
-    // The head has reached the upstream (its line): the body is being relayed as it comes.
-    let line = line_within(&mut peer.out, Duration::from_secs(10));
+    // The head has reached the upstream (its line, after the connection's): the body is
+    // being relayed as it comes.
+    let line = std::iter::from_fn(|| line_within(&mut peer.out, Duration::from_secs(10)))
+        .find(|l| l != "connection\n");
     assert!(
         line.as_deref()
             .is_some_and(|l| l.starts_with("request /up")),
@@ -615,6 +617,33 @@ fn a_grpc_content_type_does_not_make_a_post_to_an_h2c_upstream_idempotent() {
     assert!(head.contains("grpc-status: 14"), "{head}");
     drop(gw);
     assert_eq!(a.requests() + b.requests(), 1);
+}
+
+#[test]
+fn http2_upstreams_sharing_a_target_keep_their_connections_apart() {
+    // Two h2c upstreams with one target: each opens its own connection (its own
+    // `max_streams` and circuit count), as two HTTP/1.1 upstreams keep their pools apart.
+    let peer = ResetPeer::start_with(&["0", "no-content"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"a\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{t}\" }}]\n\
+         circuit = {{ max_connections = 1 }}\n\
+         [[upstreams]]\nid = \"b\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{t}\" }}]\n\n\
+         [[routes]]\nid = \"a\"\npath_prefix = \"/a/\"\nupstream = \"a\"\n\
+         [[routes]]\nid = \"b\"\npath_prefix = \"/b/\"\nupstream = \"b\"\n",
+        t = peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for path in ["/a/1", "/b/1", "/a/2", "/b/2"] {
+        let r = gw.connect().roundtrip(&format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(r.status, 204, "{path}: {}", r.head);
+    }
+    drop(gw);
+    let text = peer.output();
+    let lines = |start: &str| text.lines().filter(|l| l.starts_with(start)).count();
+    assert_eq!((lines("request "), lines("connection")), (4, 2), "{text}");
 }
 
 #[test]

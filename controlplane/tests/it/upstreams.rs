@@ -905,6 +905,66 @@ fn max_connections_counts_pooled_connections() {
 }
 
 #[test]
+fn upstreams_sharing_a_target_keep_their_connections_apart() {
+    // `a` allows one connection, `b` (the same target) any number. A request to `b` used to
+    // take `a`'s pooled connection, still counted in `a`'s limit, so a request to `a` meanwhile
+    // found its one connection busy: 503 with nothing in flight for `a`.
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(300)));
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [[upstreams]]\nid = \"a\"\ntargets = [{t}]\ncircuit = {{ max_connections = 1 }}\n\
+         [[upstreams]]\nid = \"b\"\ntargets = [{t}]\n\
+         [[routes]]\nid = \"a\"\npath_prefix = \"/a/\"\nupstream = \"a\"\n\
+         [[routes]]\nid = \"b\"\npath_prefix = \"/b/\"\nupstream = \"b\"\n",
+        t = target(slow.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    assert_eq!(get(&gw, "/a/1").status, 200);
+    let busy = {
+        let addr = gw.addr;
+        thread::spawn(move || {
+            Client::connect(addr)
+                .roundtrip("GET /b/1 HTTP/1.1\r\nHost: t\r\n\r\n")
+                .status
+        })
+    };
+    while slow.hits.load(SeqCst) < 2 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let r = get(&gw, "/a/2");
+    assert_eq!(
+        (r.status, r.header("x-gateway-reason")),
+        (200, None),
+        "{}",
+        r.body_str()
+    );
+    assert_eq!(busy.join().unwrap(), 200);
+    // One connection each.
+    assert_eq!(slow.conns.lock().unwrap().len(), 2);
+    // The target drains in `a` only: `a`'s pooled connection closes at the worker's next
+    // sweep (it would hold a place in `a`'s limit, and nothing else may take it), `b`'s stays.
+    let body = serde_json::json!({"id": "a", "targets": [
+        {"address": slow.addr.to_string(), "draining": true},
+    ]});
+    let r = gw.admin("PUT", "/v1/upstreams/a", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while slow.closed.load(SeqCst) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "a's pooled connection stayed open"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(&gw, "/b/2").status, 200);
+    assert_eq!(
+        (slow.conns.lock().unwrap().len(), slow.closed.load(SeqCst)),
+        (2, 1),
+        "b's pooled connection was closed"
+    );
+}
+
+#[test]
 fn max_connections_holds_for_connections_being_opened() {
     // Eight requests at once and none open yet: each checked the count before any connect
     // had finished, and all went ahead. Connections being opened now count.

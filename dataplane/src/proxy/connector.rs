@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::live::{now_ms, LiveTarget, Pick, TargetSet, STATUS_5XX};
+use common::live::{now_ms, LiveTarget, Pick, TargetSet, UpstreamLive, STATUS_5XX};
 use common::snapshot::{RetryPolicy, Upstream};
 use common::upstreams::GRPC_UNAVAILABLE;
 
@@ -86,10 +86,21 @@ pub(crate) enum Outcome {
 
 /// Where sessions come from, and the worker's balancing state.
 pub(crate) trait SessionSource {
-    /// An idle connection to `target`, if one is pooled.
-    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>>;
-    /// Keeps a connection for reuse.
-    fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant);
+    /// An idle connection to `target` opened for `upstream`, if one is pooled.
+    fn take_idle(
+        &self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        now: Instant,
+    ) -> Option<Box<UpstreamConn>>;
+    /// Keeps a connection to `target` opened for `upstream` for reuse.
+    fn put_idle(
+        &self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        conn: Box<UpstreamConn>,
+        now: Instant,
+    );
     /// Opens a new connection.
     async fn connect(
         &self,
@@ -107,18 +118,29 @@ pub(crate) trait SessionSource {
     /// The upstream's current target set.
     #[allow(clippy::redundant_allocation)]
     fn target_set(&self, up: &UpstreamRef<'_>) -> Rc<Arc<TargetSet>>;
-    /// Whether the current config sends requests to `target`: a target, not draining, of
-    /// one of its upstreams' current sets (what the worker's sweep keeps pooled).
-    fn serves(&self, target: SocketAddr) -> bool;
+    /// Whether the current config sends requests of `upstream` to `target`: a target, not
+    /// draining, of that upstream's current set (what the worker's sweep keeps pooled).
+    fn serves(&self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> bool;
 }
 
 impl SessionSource for WorkerCtx {
-    fn take_idle(&self, target: SocketAddr, now: Instant) -> Option<Box<UpstreamConn>> {
-        self.pool.borrow_mut().take(target, now)
+    fn take_idle(
+        &self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        now: Instant,
+    ) -> Option<Box<UpstreamConn>> {
+        self.pool.borrow_mut().take(target, upstream, now)
     }
 
-    fn put_idle(&self, target: SocketAddr, conn: Box<UpstreamConn>, now: Instant) {
-        self.pool.borrow_mut().put(target, conn, now);
+    fn put_idle(
+        &self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        conn: Box<UpstreamConn>,
+        now: Instant,
+    ) {
+        self.pool.borrow_mut().put(target, upstream, conn, now);
     }
 
     async fn connect(
@@ -149,12 +171,18 @@ impl SessionSource for WorkerCtx {
         WorkerCtx::target_set(self, up.revision, up.count, up.index, &up.upstream.live)
     }
 
-    fn serves(&self, target: SocketAddr) -> bool {
+    fn serves(&self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> bool {
         let snap = self.config.load();
-        snap.upstreams.iter().any(|u| {
-            let set = u.live.set.load();
-            set.targets.iter().any(|t| t.addr == target && !t.draining)
-        })
+        // Still an upstream of the config (kept, not removed), and its target.
+        snap.upstreams
+            .iter()
+            .any(|u| Arc::ptr_eq(&u.live, upstream))
+            && upstream
+                .set
+                .load()
+                .targets
+                .iter()
+                .any(|t| t.addr == target && !t.draining)
     }
 }
 
@@ -388,7 +416,10 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         rec.connect = None;
         // The first try reuses the request's clock reading; a retry reads it again.
         let now = self.now.take().unwrap_or_else(Instant::now);
-        let conn = self.source.take_idle(target.addr, now)?;
+        let mut conn = self
+            .source
+            .take_idle(target.addr, &self.up.upstream.live, now)?;
+        conn.keep_send_timeout(self.send_timeout);
         Some(Session {
             conn,
             target: target.addr,
@@ -465,12 +496,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     pub fn checkin_at(&self, session: Session, outcome: Outcome, now: Instant) {
         let wanted = || {
             common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation
-                || self.source.serves(session.target)
+                || self.source.serves(session.target, &self.up.upstream.live)
         };
         if outcome == Outcome::Reusable && session.poolable && wanted() {
             let mut conn = session.conn;
             conn.buf.clear();
-            self.source.put_idle(session.target, conn, now);
+            let upstream = &self.up.upstream.live;
+            self.source.put_idle(session.target, upstream, conn, now);
         }
     }
 
@@ -753,11 +785,22 @@ mod tests {
     }
 
     impl SessionSource for FakePool {
-        fn take_idle(&self, _target: SocketAddr, _now: Instant) -> Option<Box<UpstreamConn>> {
+        fn take_idle(
+            &self,
+            _target: SocketAddr,
+            _upstream: &Arc<UpstreamLive>,
+            _now: Instant,
+        ) -> Option<Box<UpstreamConn>> {
             self.idle.borrow_mut().pop()
         }
 
-        fn put_idle(&self, _target: SocketAddr, conn: Box<UpstreamConn>, _now: Instant) {
+        fn put_idle(
+            &self,
+            _target: SocketAddr,
+            _upstream: &Arc<UpstreamLive>,
+            conn: Box<UpstreamConn>,
+            _now: Instant,
+        ) {
             self.put_back.set(self.put_back.get() + 1);
             self.idle.borrow_mut().push(conn);
         }
@@ -788,7 +831,7 @@ mod tests {
             Rc::new(up.upstream.live.set.load_full())
         }
 
-        fn serves(&self, _target: SocketAddr) -> bool {
+        fn serves(&self, _target: SocketAddr, _upstream: &Arc<UpstreamLive>) -> bool {
             self.serving.get()
         }
     }
@@ -922,6 +965,41 @@ mod tests {
             );
             connector.checkin(session, Outcome::Reusable);
             assert_eq!(pool.put_back.get(), 1);
+        });
+    }
+
+    /// The connection's TCP_USER_TIMEOUT.
+    fn send_timeout_of(conn: &UpstreamConn) -> Option<Duration> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the connection's socket is open while `conn` is borrowed.
+        let fd = unsafe { BorrowedFd::borrow_raw(conn.stream.as_raw_fd()) };
+        socket2::SockRef::from(&fd).tcp_user_timeout().unwrap()
+    }
+
+    #[test]
+    fn a_pooled_connection_takes_the_send_timeout_of_the_request_that_reuses_it() {
+        // Opened with a 1 s send timeout; the upstream's `send_ms` is 2.5 s by the time it
+        // is reused (changed at runtime): the reuse sets it.
+        let target = origin(1);
+        runtime().block_on(async move {
+            let conn = connect(target, Duration::from_secs(1), Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(send_timeout_of(&conn), Some(Duration::from_secs(1)));
+            let pool = fake_pool(vec![conn]);
+            let snap = upstream(&[target], "");
+            let mut timeouts = snap.timeouts;
+            timeouts.upstream_send = Duration::from_millis(2500);
+            let connector =
+                Connector::new(&pool, UpstreamRef::of(&snap, 0), &timeouts, 0, true, true);
+            let (answer, _, slot) = one_get(&connector).await;
+            answer.expect("an answer on the pooled connection");
+            let session = slot.expect("the session that answered");
+            assert!(session.reused);
+            assert_eq!(
+                send_timeout_of(&session.conn),
+                Some(Duration::from_millis(2500))
+            );
         });
     }
 

@@ -1110,7 +1110,7 @@ pub(super) async fn forward<S: ClientStream>(
             let pooled = if fresh {
                 None
             } else {
-                ctx.h2pool.borrow_mut().take(target.addr)
+                ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
             };
             req.attempts.target = Some(target.addr);
             req.attempts.connect = None;
@@ -1135,7 +1135,8 @@ pub(super) async fn forward<S: ClientStream>(
                     };
                     req.attempts.connect = Some(started.elapsed());
                     if !target.draining {
-                        ctx.h2pool.borrow_mut().add(target.addr, c.clone());
+                        let owner = &up.upstream.live;
+                        ctx.h2pool.borrow_mut().add(target.addr, owner, c.clone());
                     }
                     c
                 }
