@@ -357,6 +357,10 @@ fn simple_unit(p: &str) -> Option<Unit> {
     }
 }
 
+/// The most fields a query parameter's or template variable's name may go through (`a.b.c`
+/// is 3). A JSON body's nesting is bounded by serde_json's own limit (128).
+pub const MAX_FIELD_PATH: usize = 32;
+
 /// The fields along `a.b.c` in `msg`: messages on the way, a scalar, enum or
 /// well-known-type message at the end. A template variable (`query` false) names fields by
 /// their proto names and ends on a singular field; a query parameter (`query` true) may use
@@ -369,6 +373,12 @@ fn field_path(
     let mut out = Vec::new();
     let mut cur = msg.clone();
     let names: Vec<&str> = path.split('.').collect();
+    // A message that holds itself makes any depth valid: one query parameter a few
+    // thousand fields deep would then recurse that deep (building, reading and dropping the
+    // message) and overflow a worker's stack, which no request may do.
+    if names.len() > MAX_FIELD_PATH {
+        return Err(format!("{path:?}: more than {MAX_FIELD_PATH} fields deep"));
+    }
     for (k, name) in names.iter().enumerate() {
         let f = cur
             .get_field_by_name(name)
@@ -894,6 +904,85 @@ mod tests {
             request_json(b, &m),
             serde_json::json!({"id": "e", "discount": 0.5})
         );
+    }
+
+    /// A transcoder of `message deep.F { F not = 1; string v = 2; }` (a message that holds
+    /// itself) and `service deep.S { rpc M(F) returns (F); }`.
+    fn deep() -> Transcoder {
+        use prost::Message as _;
+        use prost_reflect::prost_types::field_descriptor_proto::{Label, Type};
+        use prost_reflect::prost_types::{
+            DescriptorProto, FieldDescriptorProto, FileDescriptorProto, FileDescriptorSet,
+            MethodDescriptorProto, ServiceDescriptorProto,
+        };
+        let field = |name: &str, number, ty: Type, type_name: Option<&str>| FieldDescriptorProto {
+            name: Some(name.into()),
+            json_name: Some(name.into()),
+            number: Some(number),
+            label: Some(Label::Optional as i32),
+            r#type: Some(ty as i32),
+            type_name: type_name.map(Into::into),
+            ..Default::default()
+        };
+        let f = DescriptorProto {
+            name: Some("F".into()),
+            field: vec![
+                field("not", 1, Type::Message, Some(".deep.F")),
+                field("v", 2, Type::String, None),
+            ],
+            ..Default::default()
+        };
+        let m = MethodDescriptorProto {
+            name: Some("M".into()),
+            input_type: Some(".deep.F".into()),
+            output_type: Some(".deep.F".into()),
+            ..Default::default()
+        };
+        let file = FileDescriptorProto {
+            name: Some("deep.proto".into()),
+            package: Some("deep".into()),
+            syntax: Some("proto3".into()),
+            message_type: vec![f],
+            service: vec![ServiceDescriptorProto {
+                name: Some("S".into()),
+                method: vec![m],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let set = FileDescriptorSet { file: vec![file] }.encode_to_vec();
+        let mut b64 = Vec::new();
+        crate::keys::encode_b64_into(&set, &mut b64);
+        let cfg = TranscoderConfig {
+            id: "deep".into(),
+            descriptor_set_base64: Some(String::from_utf8(b64).unwrap()),
+            services: vec!["deep.S".into()],
+            ..TranscoderConfig::default()
+        };
+        compile_transcoder(&cfg, 0).unwrap()
+    }
+
+    #[test]
+    fn a_query_parameter_goes_at_most_max_field_path_fields_deep() {
+        let t = deep();
+        let max = t.max_message_bytes;
+        let (b, vars) = t.find("POST", "/deep.S/M").unwrap();
+        let name = |depth: usize| format!("{}v=1", "not.".repeat(depth - 1));
+        let m = b
+            .request_message(&vars, Some(&name(MAX_FIELD_PATH)), b"", max)
+            .unwrap();
+        let mut want = serde_json::json!({"v": "1"});
+        for _ in 1..MAX_FIELD_PATH {
+            want = serde_json::json!({ "not": want });
+        }
+        assert_eq!(request_json(b, &m), want);
+        // 2,000 deep (8 KiB of query): refused, where it used to overflow the stack.
+        for depth in [MAX_FIELD_PATH + 1, 2000] {
+            let q = name(depth);
+            let r = b.request_message(&vars, Some(&q), b"", max).unwrap_err();
+            assert_eq!(r.field, q[..q.len() - 2], "{r:?}");
+            assert!(r.message.ends_with("more than 32 fields deep"), "{r:?}");
+        }
     }
 
     #[test]

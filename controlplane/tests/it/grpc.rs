@@ -1235,6 +1235,61 @@ fn protoc(dir: &std::path::Path) -> std::path::PathBuf {
     set
 }
 
+#[test]
+fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
+    // A message that holds itself makes `not.not.not...` a valid name at any depth: 1,600
+    // levels (under the default 8 KiB URI) overflowed a worker's stack, which aborts the
+    // whole process. Now refused past 32 fields; the gateway serves on.
+    let dir = temp_dir("deep-proto");
+    std::fs::write(
+        dir.join("deep.proto"),
+        "syntax = \"proto3\";\npackage deep;\n\
+         message F { F not = 1; string v = 2; }\n\
+         service S { rpc M(F) returns (F); }\n",
+    )
+    .unwrap();
+    let set = dir.join("deep.pb");
+    let out = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&dir)
+        .arg(format!("--descriptor_set_out={}", set.display()))
+        .arg(dir.join("deep.proto"))
+        .output()
+        .expect("python3 runs protoc");
+    assert!(
+        out.status.success(),
+        "protoc failed (it needs the PyPI package grpcio-tools): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"127.0.0.1:9\" }}]\n\n\
+         [[transcoders]]\nid = \"deep\"\ndescriptor_set = \"{}\"\nservices = [\"deep.S\"]\n\n\
+         [[routes]]\nid = \"deep\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"deep\"\n",
+        set.display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let post = |query: &str| {
+        gw.connect().roundtrip(&format!(
+            "POST /deep.S/M?{query} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        ))
+    };
+    let deep = format!("{}v=1", "not.".repeat(1600));
+    let r = post(&deep);
+    assert_eq!(r.status, 400, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("more than 32 fields deep"),
+        "{}",
+        r.body_str()
+    );
+    // Still serving: an unknown field is refused as before.
+    let r = post("nope=1");
+    assert_eq!(r.status, 400, "{}", r.body_str());
+    assert!(r.body_str().contains("no field"), "{}", r.body_str());
+}
+
 /// curl with a JSON body (or none); returns the status, the content type and the body.
 fn curl_json(args: &[&str]) -> (u16, String, String) {
     let o = curl_run(
