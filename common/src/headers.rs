@@ -11,7 +11,7 @@ use crate::validate::is_tchar;
 use crate::ConfigError;
 
 /// Most fields one `set` or `remove` may name.
-const MAX_EDITS: usize = 32;
+pub const MAX_EDITS: usize = 32;
 /// Longest value a `set` may give.
 const MAX_VALUE: usize = 4096;
 

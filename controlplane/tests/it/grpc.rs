@@ -678,6 +678,36 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
 }
 
 #[test]
+fn a_request_of_max_header_count_fields_goes_to_an_http2_upstream() {
+    // 256 fields, the most `max_header_count` allows, plus the gateway's own: the forwarded
+    // head was parsed into room for 256 and refused with 400.
+    let peer = ResetPeer::start_with(&["0", "headers"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [limits]\nmax_header_count = 256\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let fields: String = (0..254).map(|i| format!("X-F-{i}: {i}\r\n")).collect();
+    let r = gw.connect().roundtrip(&format!(
+        "GET /x HTTP/1.1\r\nHost: a.test\r\n{fields}Connection: close\r\n\r\n"
+    ));
+    assert_eq!((r.status, r.body_str()), (200, "ok"), "{}", r.head);
+    drop(gw);
+    let text = peer.output();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("headers "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(" x-f-0=0 ") && line.contains(" x-f-253=253"),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_route_edits_the_fields_of_an_http2_upstreams_requests_and_answers() {
     // `request_headers` and `response_headers` towards an h2c upstream: the forwarded
     // request's fields (its `:authority` from the set Host) and the answer's, as for an

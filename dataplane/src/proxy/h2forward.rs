@@ -247,9 +247,10 @@ fn outgoing(
     cap: Duration,
     grpc_timeout: &mut Option<Duration>,
 ) -> Result<Outgoing, ErrorKind> {
-    // The HTTP/1.1 path allows up to `[limits] max_header_count` (100 by default) fields, and
-    // the gateway adds a few.
-    let mut fields = [httparse::EMPTY_HEADER; 256];
+    // The client's fields (up to `[limits] max_header_count`), the route's `set` ones and
+    // the few the gateway adds (forwarding, request id, trace, consumer, framing).
+    const MOST: usize = common::snapshot::MAX_HEADER_COUNT + common::headers::MAX_EDITS + 16;
+    let mut fields = [httparse::EMPTY_HEADER; MOST];
     let mut parsed = httparse::Request::new(&mut fields);
     match parsed.parse(h1) {
         Ok(httparse::Status::Complete(_)) => {}
