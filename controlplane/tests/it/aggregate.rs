@@ -1223,6 +1223,30 @@ fn everything_changes_at_runtime_through_the_admin_api() {
 }
 
 #[test]
+fn the_largest_max_body_bytes_takes_a_chunked_body() {
+    // 2^63 - 1, TOML's largest integer (a natural "no limit"): the bound on a chunked body's
+    // framing (twice the limit, plus 64 KiB) overflowed, a panic in a debug build and a bound
+    // of about 64 KiB in a release one.
+    let echo = service(|_, req| json_ok(json!({ "len": req.raw_body.len() })));
+    let steps = step("echo", 0, "method = \"POST\"\nbody = true")
+        + "\n[limits]\nmax_body_bytes = 9223372036854775807\n";
+    let (gw, _) = one_aggregate(&[&echo], "", &steps);
+    let chunk = "x".repeat(100_000);
+    let mut c = gw.connect();
+    c.send(
+        format!(
+            "POST /agg HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len()
+        )
+        .as_bytes(),
+    );
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.json()["len"], 100_000);
+}
+
+#[test]
 fn request_bodies_auth_challenges_and_shaped_heads() {
     // A step that takes the client's body echoes it back as JSON; a 401 step with a challenge.
     let echo = service(|_, req| {

@@ -329,8 +329,8 @@ pub(super) async fn read_body<S: ClientStream>(
                 let k = d.advance(avail).map_err(|_| ErrorKind::BadRequest)?;
                 // The framing is kept until the end: bound it too (chunk extensions can make
                 // it far larger than the data): at most the body limit again, plus 64 KiB.
-                if d.data_len() > limit || (raw.len() + k) as u64 > limit.saturating_mul(2) + 65536
-                {
+                let framed = limit.saturating_mul(2).saturating_add(65536);
+                if d.data_len() > limit || (raw.len() + k) as u64 > framed {
                     return Err(ErrorKind::BodyTooLarge);
                 }
                 raw.extend_from_slice(&avail[..k]);
