@@ -35,6 +35,9 @@ pub const BUFFERS_PER_WORKER: usize = 4;
 /// (and end in `...`), so that a line always fits in a buffer.
 pub const MAX_LOGGED_PATH: usize = 8 * 1024;
 pub const MAX_LOGGED_USER_AGENT: usize = 1024;
+/// Longest `method` written (a token of any length the head limit allows; methods in use
+/// are a few letters).
+pub const MAX_LOGGED_METHOD: usize = 64;
 /// Room the end of a line can need (the fields known when the request ends: numbers, ids,
 /// an address, an aggregate's failed steps), on top of the head's part, which is formatted
 /// before the line is reserved and so has a known length.
@@ -795,7 +798,10 @@ pub fn write_head_fields(
     client_ips.write(out, f.client_ip, json_ip);
     out.extend_from_slice(b",\"method\":");
     // A token (the parser checked it), or empty for a head that did not parse.
-    json_plain(out, f.method);
+    match f.method.len() <= MAX_LOGGED_METHOD {
+        true => json_plain(out, f.method),
+        false => json_str(out, f.method, MAX_LOGGED_METHOD),
+    }
     out.extend_from_slice(b",\"host\":");
     json_opt_str(out, f.host, 1024);
     out.extend_from_slice(b",\"path\":");
@@ -1027,6 +1033,37 @@ mod tests {
             ..f
         };
         assert_eq!(path(&f, &mut out), "/p?api_key=s3cret&a=1");
+    }
+
+    #[test]
+    fn head_fields_are_cut_to_their_limits() {
+        // A method, path and user agent of 200 KiB each (possible with a large
+        // `max_header_bytes`): the head's part of the line stays well within half a buffer.
+        let long = vec![b'A'; 200 * 1024];
+        let f = HeadFields {
+            started: SystemTime::UNIX_EPOCH,
+            request_id: b"r",
+            request_id_plain: true,
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            method: &long,
+            host: Some(&long),
+            target: &long,
+            query_cut: false,
+            user_agent: Some(&long),
+            trace_id: None,
+        };
+        let mut out = Vec::new();
+        write_head_fields(&mut out, &f, &mut AddrTexts::default());
+        assert!(out.len() + MAX_TAIL <= BUFFER_BYTES / 2, "{}", out.len());
+        out.pop();
+        out.extend_from_slice(b"}");
+        let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let method = line["method"].as_str().unwrap();
+        assert!(
+            method.starts_with("AAAA") && method.ends_with("..."),
+            "{method}"
+        );
+        assert!(method.len() <= MAX_LOGGED_METHOD + 3, "{}", method.len());
     }
 
     #[test]
