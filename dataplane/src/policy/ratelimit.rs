@@ -236,28 +236,41 @@ impl Limiter {
         bucket.check(&self.limit, now_ns)
     }
 
-    /// Drops the buckets that are full again, at most once per emission interval times the
-    /// burst (so a flood of new keys does not turn every request into a full scan).
+    /// Drops the buckets that are full again, one worker at a time, spaced by
+    /// [`sweep_gap`] (so a flood of new keys does not turn every request into a full scan).
     fn sweep(&self, now_ns: u64) {
         let due = self.next_sweep_ns.load(Ordering::Relaxed);
         if now_ns < due {
             return;
         }
-        let next = now_ns.saturating_add(self.limit.tolerance_ns.max(1_000_000));
+        // Held off for everyone else until this one has ended and set the next.
         if self
             .next_sweep_ns
-            .compare_exchange(due, next, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
             return;
         }
+        let started = Instant::now();
         self.keyed.retain(|_, b| b.arrival_ns() > now_ns);
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let next = now_ns.saturating_add(sweep_gap(self.limit.tolerance_ns, took));
+        self.next_sweep_ns.store(next, Ordering::Release);
     }
 
     /// Number of keyed buckets held.
     pub fn keys(&self) -> usize {
         self.keyed.len()
     }
+}
+
+/// How long after a sweep's start the next may start: the emission interval of the burst
+/// (at least 1 ms), and at least ten times what the sweep took. A map of millions of keys
+/// that a flood keeps full takes a worker tens of milliseconds to sweep; spaced by the
+/// interval alone, sweeps would take all of the workers' time and hold the map's shards
+/// from every other request meanwhile. At ten times, they take at most a tenth of it.
+fn sweep_gap(tolerance_ns: u64, took_ns: u64) -> u64 {
+    tolerance_ns.max(1_000_000).max(took_ns.saturating_mul(10))
 }
 
 /// Limiters by policy id, so that a config change that leaves a rate-limit policy's id and
@@ -440,6 +453,36 @@ mod tests {
         // Sweeps keep room: only new keys arriving while the map is full of live buckets
         // share the overflow bucket, and that bucket refuses once its burst is used.
         assert!(refused < 1_000_000 / 2, "refused {refused}");
+    }
+
+    #[test]
+    fn sweeps_are_spaced_by_ten_times_what_one_takes() {
+        // A quick sweep: the burst's emission interval (or 1 ms).
+        assert_eq!(sweep_gap(10_000_000, 50_000), 10_000_000);
+        assert_eq!(sweep_gap(0, 50_000), 1_000_000);
+        // A slow one (a huge map): ten times its time.
+        assert_eq!(sweep_gap(10_000_000, 80_000_000), 800_000_000);
+        assert_eq!(sweep_gap(1, u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn a_sweep_holds_off_the_next_until_its_gap_has_passed() {
+        // 1000/s, burst 10: a map full of buckets that have refilled is swept by the next
+        // new key.
+        let limit = Limit::new(1000, SECOND, 10).unwrap();
+        let l = Limiter::new(limit, 100);
+        let now = SECOND;
+        for i in 0..100u32 {
+            l.check(Some(&key_of(&i.to_be_bytes())), now);
+        }
+        assert_eq!(l.keys(), 100);
+        // All full again 10 ms later: the next new key sweeps them out.
+        let later = now + 20_000_000;
+        l.check(Some(&key_of(b"new")), later);
+        assert_eq!(l.keys(), 1);
+        // The next is set once the sweep has ended (not left held off for good).
+        let next = l.next_sweep_ns.load(Ordering::Relaxed);
+        assert!(next >= later + 1_000_000 && next < u64::MAX, "{next}");
     }
 
     #[test]
