@@ -564,7 +564,7 @@ impl Redis {
             out.extend_from_slice(b"\r\n");
         }
         self.writer.write_all(&out)?;
-        read_reply(&mut self.reader)
+        read_reply(&mut self.reader, 0, Instant::now() + REPLY_WITHIN)
     }
 
     /// Runs the script; its answer as an array.
@@ -576,10 +576,25 @@ impl Redis {
     }
 }
 
-/// Reads one RESP2 reply.
-fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
+/// Longest line of a reply (a status, an error, a length) taken from Redis.
+const MAX_REPLY_LINE: u64 = 64 * 1024;
+/// Largest bulk string taken (the scripts answer with numbers; a script's SHA is 40 bytes).
+const MAX_BULK: i64 = 1 << 20;
+/// Deepest nesting of arrays taken (the scripts' answers are arrays of numbers).
+const MAX_REPLY_DEPTH: usize = 8;
+/// Longest a whole reply may take to come in: each read has its own 500 ms, and a server
+/// that sent a little at a time could otherwise hold the reconciling thread for good.
+const REPLY_WITHIN: Duration = Duration::from_secs(2);
+
+/// Reads one RESP2 reply, `depth` arrays deep, whole by `deadline`. A server that sends
+/// more than the limits above, nests deeper or takes longer is an error (its connection is
+/// dropped), not memory, stack or time without bound.
+fn read_reply(r: &mut impl BufRead, depth: usize, deadline: Instant) -> std::io::Result<Reply> {
+    if Instant::now() > deadline {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
     let mut line = Vec::with_capacity(32);
-    r.read_until(b'\n', &mut line)?;
+    std::io::Read::take(&mut *r, MAX_REPLY_LINE).read_until(b'\n', &mut line)?;
     if line.len() < 3 || !line.ends_with(b"\r\n") {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
@@ -598,7 +613,7 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
             if n < 0 {
                 return Ok(Reply::Bulk(None));
             }
-            if n > 512 * 1024 * 1024 {
+            if n > MAX_BULK {
                 return Err(std::io::Error::other("bulk reply too large"));
             }
             let mut data = vec![0u8; n as usize + 2];
@@ -608,9 +623,12 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<Reply> {
         }
         b'*' => {
             let n = int()?;
+            if depth == MAX_REPLY_DEPTH {
+                return Err(std::io::Error::other("reply nested too deep"));
+            }
             let mut items = Vec::with_capacity(n.clamp(0, 1024) as usize);
             for _ in 0..n.max(0) {
-                items.push(read_reply(r)?);
+                items.push(read_reply(r, depth + 1, deadline)?);
             }
             Ok(Reply::Array(items))
         }
@@ -629,7 +647,7 @@ mod tests {
     fn replies_are_read() {
         let mut input: &[u8] = b"*3\r\n:3\r\n$5\r\nhello\r\n*2\r\n+OK\r\n$-1\r\n";
         assert_eq!(
-            read_reply(&mut input).unwrap(),
+            read(&mut input).unwrap(),
             Reply::Array(vec![
                 Reply::Int(3),
                 Reply::Bulk(Some(b"hello".to_vec())),
@@ -637,9 +655,34 @@ mod tests {
             ])
         );
         let mut err: &[u8] = b"-NOSCRIPT no\r\n";
-        assert!(read_reply(&mut err).is_err());
+        assert!(read(&mut err).is_err());
         let mut short: &[u8] = b"$5\r\nhel";
-        assert!(read_reply(&mut short).is_err());
+        assert!(read(&mut short).is_err());
+    }
+
+    fn read(input: &mut &[u8]) -> std::io::Result<Reply> {
+        read_reply(input, 0, Instant::now() + REPLY_WITHIN)
+    }
+
+    #[test]
+    fn replies_past_the_limits_are_errors() {
+        // Nested as deep as allowed, and one deeper (a reply nested thousands deep used to
+        // recurse that deep).
+        let nested = |depth: usize| [&b"*1\r\n".repeat(depth)[..], b":1\r\n"].concat();
+        assert!(read(&mut &nested(MAX_REPLY_DEPTH)[..]).is_ok());
+        let e = read(&mut &nested(MAX_REPLY_DEPTH + 1)[..]).unwrap_err();
+        assert!(e.to_string().contains("nested too deep"), "{e}");
+        assert!(read(&mut &nested(100_000)[..]).is_err());
+        // A line without end is read no further than its limit.
+        let endless = vec![b'+'; 1 << 20];
+        let mut input = &endless[..];
+        assert!(read(&mut input).is_err());
+        assert_eq!(input.len(), endless.len() - MAX_REPLY_LINE as usize);
+        // A bulk string over its limit, and a reply past its deadline.
+        let big = format!("${}\r\n", MAX_BULK + 1);
+        assert!(read(&mut big.as_bytes()).is_err());
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(read_reply(&mut &b":1\r\n"[..], 0, past).is_err());
     }
 
     /// Held by the tests that set [`LIVE_NODES`] (a process-wide count).
