@@ -304,10 +304,32 @@ pub struct Pool {
 /// Which idle connections a request may take: those to its target opened for its upstream.
 /// The upstream is its live state's address, which cannot be another upstream's while the
 /// pool's entry holds that state (as [`Idle`] and the HTTP/2 pool's entries do).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PoolKey {
     pub target: SocketAddr,
     upstream: usize,
+}
+
+/// Hashed per request (a take and a put): an IPv4 target and its upstream as one word, fewer
+/// bytes for the byte-wise FNV than a derived hash of the address alone (its variant, the
+/// address's length and bytes, the port). Equal keys hash equally; the map tells keys apart
+/// by `Eq`.
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // The upstream's heap address (its low 4 bits zero) rotated, so that the bits in
+        // which two upstreams differ mix with the target's.
+        let upstream = (self.upstream as u64 >> 4).rotate_left(48);
+        match self.target {
+            SocketAddr::V4(a) => {
+                let addr = u64::from(a.ip().to_bits()) << 16 | u64::from(a.port());
+                h.write_u64(addr ^ upstream);
+            }
+            SocketAddr::V6(a) => {
+                h.write_u128(a.ip().to_bits());
+                h.write_u64(u64::from(a.port()) ^ upstream);
+            }
+        }
+    }
 }
 
 impl PoolKey {
