@@ -17,11 +17,12 @@ def serve(c):
         if not d: return
         buf += d
     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"); c.close()
+s.settimeout(600)  # gone by itself if the script is not there to stop it
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 PY
 origin=$!
-while [ ! -s "$dir/port" ]; do sleep 0.05; done
+for i in $(seq 100); do [ -s "$dir/port" ] && break; sleep 0.05; done
 port=$(cat "$dir/port")
 cat > "$dir/gw.toml" <<TOML
 workers = 1
