@@ -788,12 +788,17 @@ mod tests {
     const SHOP: &[u8] = include_bytes!("../testdata/shop.pb");
 
     fn shop() -> Transcoder {
+        transcoder(SHOP, "shop.v1.Orders")
+    }
+
+    /// A transcoder of `service` in the descriptor set `set`.
+    fn transcoder(set: &[u8], service: &str) -> Transcoder {
         let mut b64 = Vec::new();
-        crate::keys::encode_b64_into(SHOP, &mut b64);
+        crate::keys::encode_b64_into(set, &mut b64);
         let cfg = TranscoderConfig {
-            id: "shop".into(),
+            id: "t".into(),
             descriptor_set_base64: Some(String::from_utf8(b64).unwrap()),
-            services: vec!["shop.v1.Orders".into()],
+            services: vec![service.into()],
             ..TranscoderConfig::default()
         };
         compile_transcoder(&cfg, 0).unwrap()
@@ -951,15 +956,7 @@ mod tests {
             ..Default::default()
         };
         let set = FileDescriptorSet { file: vec![file] }.encode_to_vec();
-        let mut b64 = Vec::new();
-        crate::keys::encode_b64_into(&set, &mut b64);
-        let cfg = TranscoderConfig {
-            id: "deep".into(),
-            descriptor_set_base64: Some(String::from_utf8(b64).unwrap()),
-            services: vec!["deep.S".into()],
-            ..TranscoderConfig::default()
-        };
-        compile_transcoder(&cfg, 0).unwrap()
+        transcoder(&set, "deep.S")
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -428,6 +429,13 @@ impl ResetPeer {
         text.lines().filter(|l| l.starts_with("request ")).count()
     }
 
+    /// Stops the peer (in `headers` mode); its first "headers ..." line.
+    fn headers_line(self) -> String {
+        let text = self.output();
+        let line = text.lines().find(|l| l.starts_with("headers "));
+        line.unwrap_or_else(|| panic!("{text}")).to_owned()
+    }
+
     /// Stops the peer; what it printed after its port.
     fn output(mut self) -> String {
         self.stop();
@@ -696,11 +704,7 @@ fn a_request_of_max_header_count_fields_goes_to_an_http2_upstream() {
     ));
     assert_eq!((r.status, r.body_str()), (200, "ok"), "{}", r.head);
     drop(gw);
-    let text = peer.output();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("headers "))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = peer.headers_line();
     assert!(
         line.contains(" x-f-0=0 ") && line.contains(" x-f-253=253"),
         "{line}"
@@ -736,11 +740,7 @@ fn a_route_edits_the_fields_of_an_http2_upstreams_requests_and_answers() {
     );
     assert_eq!(r.header("server"), None, "{}", r.head);
     drop(gw);
-    let text = peer.output();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("headers "))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = peer.headers_line();
     let fields: Vec<&str> = line.split(' ').skip(1).collect();
     assert!(fields.contains(&":authority=internal.svc"), "{line}");
     assert!(fields.contains(&"x-env=prod"), "{line}");
@@ -1248,21 +1248,33 @@ const PROTOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proto"
 /// imports) and its Python modules, in `dir`.
 fn protoc(dir: &std::path::Path) -> std::path::PathBuf {
     let set = dir.join("shop.pb");
-    let out = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I", PROTOS, "--include_imports"])
-        .arg(format!("--descriptor_set_out={}", set.display()))
-        .arg(format!("--python_out={}", dir.display()))
-        .arg(format!("{PROTOS}/shop/v1/shop.proto"))
-        .arg(format!("{PROTOS}/google/api/annotations.proto"))
-        .arg(format!("{PROTOS}/google/api/http.proto"))
-        .output()
-        .expect("python3 runs protoc");
+    let protos = [
+        "shop/v1/shop.proto",
+        "google/api/annotations.proto",
+        "google/api/http.proto",
+    ]
+    .map(|p| Path::new(PROTOS).join(p));
+    let files: Vec<&Path> = protos.iter().map(|p| p.as_path()).collect();
+    run_protoc(Path::new(PROTOS), &set, &files, Some(dir));
+    set
+}
+
+/// protoc (PyPI grpcio-tools) on `files` under `include`: their descriptor set (imports
+/// included) into `set`, and Python modules into `python_out` if given.
+fn run_protoc(include: &Path, set: &Path, files: &[&Path], python_out: Option<&Path>) {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "grpc_tools.protoc", "--include_imports", "-I"])
+        .arg(include)
+        .arg(format!("--descriptor_set_out={}", set.display()));
+    if let Some(dir) = python_out {
+        cmd.arg(format!("--python_out={}", dir.display()));
+    }
+    let out = cmd.args(files).output().expect("python3 runs protoc");
     assert!(
         out.status.success(),
         "protoc failed (it needs the PyPI package grpcio-tools): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    set
 }
 
 #[test]
@@ -1279,18 +1291,7 @@ fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     )
     .unwrap();
     let set = dir.join("deep.pb");
-    let out = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(&dir)
-        .arg(format!("--descriptor_set_out={}", set.display()))
-        .arg(dir.join("deep.proto"))
-        .output()
-        .expect("python3 runs protoc");
-    assert!(
-        out.status.success(),
-        "protoc failed (it needs the PyPI package grpcio-tools): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_protoc(&dir, &set, &[&dir.join("deep.proto")], None);
     let config = format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
          [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
