@@ -54,13 +54,10 @@ pub fn request_extras(
             } else if target.first() != Some(&b'/') {
                 out.push(b'/');
             }
-            // Pairs of the query to leave out, by their start in the buffer (sorted: a
-            // binary search, not a walk of them all per pair).
+            // Pairs of the query to leave out, by their start in the buffer.
             let base = origin + strip;
             push_target_without(out, target, |at, _| {
-                query_drops
-                    .binary_search_by_key(&(base + at), |d| d.start)
-                    .is_ok()
+                crate::policy::span_starts_at(query_drops, base + at)
             });
             out.extend_from_slice(if head.forwards_http10() {
                 b" HTTP/1.0\r\n"

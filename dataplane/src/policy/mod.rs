@@ -37,7 +37,8 @@ pub struct PolicyState {
     pub extra: Vec<u8>,
     /// Field lines of the request not to forward, in buffer order.
     pub drops: Vec<Span>,
-    /// Query parameters not to forward (API keys), their pairs' spans in buffer order.
+    /// Query parameters not to forward (API keys), their pairs' spans in buffer order (once
+    /// the authentication group has decided).
     pub query_drops: Vec<Span>,
     /// Field lines to add to the response (CORS), each with its CRLF.
     pub response_extra: Vec<u8>,
@@ -75,6 +76,17 @@ impl PolicyState {
         self.sets_host = false;
         self.consumer = None;
     }
+
+    /// Whether the query pair starting at `at` in the buffer is one not to forward.
+    pub fn query_dropped(&self, at: usize) -> bool {
+        span_starts_at(&self.query_drops, at)
+    }
+}
+
+/// Whether one of `spans` (sorted by start, as [`add_drop`] and [`sort_and_merge`] keep them)
+/// starts at `at`: a binary search, not a walk of them all.
+pub fn span_starts_at(spans: &[Span], at: usize) -> bool {
+    spans.binary_search_by_key(&at, |d| d.start).is_ok()
 }
 
 /// What the policies decided.
@@ -519,6 +531,7 @@ pub fn check(
                     Ok(c) => {
                         consumer = Some(c);
                         st.consumer = consumer;
+                        sort_and_merge(&mut st.query_drops);
                     }
                     Err(v) => return v,
                 }
@@ -890,9 +903,10 @@ fn strip_api_keys(k: &ApiKey, buf: &[u8], head: &RequestHead, st: &mut PolicySta
         }
     }
     if let Some(q) = &k.query {
-        for (_, span) in query_pairs(buf, head, q) {
-            add_drop(&mut st.query_drops, span);
-        }
+        // Sorted and merged once the group has decided ([`sort_and_merge`]): two policies'
+        // pairs interleave, and inserting each in place would cost their number squared.
+        st.query_drops
+            .extend(query_pairs(buf, head, q).map(|(_, span)| span));
     }
 }
 
@@ -965,11 +979,16 @@ pub(crate) fn query_name_is(raw: &[u8], name: &[u8]) -> bool {
 /// dropped fields or pairs costs time in proportion to them, not to their square.
 pub fn add_drop(drops: &mut Vec<Span>, s: Span) {
     let pos = drops.partition_point(|d| d.start < s.start);
-    // Into the span before it, if they touch; else a span of its own.
+    // Into the span before it if they touch, or the one that starts where it does; else a
+    // span of its own.
     let at = match pos.checked_sub(1) {
         Some(before) if drops[before].end >= s.start => {
             drops[before].end = drops[before].end.max(s.end);
             before
+        }
+        _ if drops.get(pos).is_some_and(|d| d.start == s.start) => {
+            drops[pos].end = drops[pos].end.max(s.end);
+            pos
         }
         _ => {
             drops.insert(pos, s);
@@ -983,6 +1002,22 @@ pub fn add_drop(drops: &mut Vec<Span>, s: Span) {
         drops[at].end = end.max(drops[at + reached].end);
         drops.drain(at + 1..at + 1 + reached);
     }
+}
+
+/// Sorts `drops` by start and merges the spans that touch or overlap: what [`add_drop`]
+/// keeps, for spans added in any order (in time proportional to n log n).
+pub fn sort_and_merge(drops: &mut Vec<Span>) {
+    drops.sort_unstable_by_key(|d| d.start);
+    let mut kept = 0;
+    for r in 1..drops.len() {
+        if drops[r].start <= drops[kept].end {
+            drops[kept].end = drops[kept].end.max(drops[r].end);
+        } else {
+            kept += 1;
+            drops[kept] = drops[r];
+        }
+    }
+    drops.truncate(kept + 1);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1155,13 +1190,14 @@ mod tests {
         // Spans of a small range in a scrambled order, against the plain answer.
         let mut x: u32 = 7;
         for _ in 0..200 {
-            let mut d = Vec::new();
+            let (mut d, mut pushed) = (Vec::new(), Vec::new());
             let mut covered = [false; 64];
             for _ in 0..12 {
                 x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                 let start = (x >> 8) as usize % 60;
                 let end = start + 1 + (x >> 20) as usize % 4;
                 add_drop(&mut d, Span { start, end });
+                pushed.push(Span { start, end });
                 covered[start..end].iter_mut().for_each(|c| *c = true);
             }
             // The plain answer: maximal runs of covered bytes (touching spans join).
@@ -1179,6 +1215,8 @@ mod tests {
                 }
             }
             assert_eq!(d, want);
+            sort_and_merge(&mut pushed);
+            assert_eq!(pushed, want);
         }
     }
 

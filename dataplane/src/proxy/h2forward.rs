@@ -955,10 +955,7 @@ pub(super) async fn forward<S: ClientStream>(
             target.push(b'/');
         }
         crate::forward::push_target_without(&mut target, t, |at, _| {
-            req.policy
-                .query_drops
-                .iter()
-                .any(|d| d.start == origin + at)
+            req.policy.query_dropped(origin + at)
         });
         let target = String::from_utf8_lossy(&target).into_owned();
         (method, target, accept)
