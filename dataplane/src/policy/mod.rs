@@ -214,7 +214,10 @@ pub fn max_forwards(buf: &[u8], head: &RequestHead, allow: &[u8], state: &mut Po
             let secret = [&b"cookie"[..], b"authorization", b"proxy-authorization"]
                 .iter()
                 .any(|n| f.name.eq_ignore_ascii_case(n))
-                || state.drops.iter().any(|d| d.start == f.line.start);
+                || state
+                    .drops
+                    .iter()
+                    .any(|d| d.start <= f.line.start && f.line.end <= d.end);
             if !secret {
                 echo.extend_from_slice(f.line.of(buf));
             }
@@ -1319,6 +1322,41 @@ key = "ops-secret-1"
 
     fn answer(st: &PolicyState) -> String {
         String::from_utf8_lossy(&st.out).into_owned()
+    }
+
+    #[test]
+    fn a_trace_echo_leaves_out_every_dropped_line_next_to_another() {
+        // The key line and a forged consumer line side by side: their drops merge into one
+        // span, and the echo left out only the line where it starts.
+        let snap = snapshot(
+            r#"
+[[policies]]
+id = "unit-key"
+kind = "api_key"
+header = "X-Api-Key"
+[[routes]]
+id = "r"
+path_prefix = "/"
+upstream = "o"
+policies = ["unit-key"]
+"#,
+        );
+        let req = b"TRACE /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\
+                    X-Api-Key: app-secret-1\r\nX-Consumer-Id: forged\r\nX-Seen: yes\r\n\r\n";
+        let (v, mut st) = run(&snap, "r", req, "127.0.0.1", 0);
+        assert_eq!(v, Verdict::Pass);
+        let mut plan = FieldPlan::default();
+        let head = parse_request(req, &snap.limits, &mut plan)
+            .unwrap()
+            .unwrap();
+        assert!(max_forwards(req, &head, b"GET", &mut st));
+        let echo = answer(&st);
+        assert!(
+            echo.ends_with(
+                "TRACE /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nX-Seen: yes\r\n\r\n"
+            ),
+            "{echo}"
+        );
     }
 
     #[test]
