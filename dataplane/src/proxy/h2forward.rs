@@ -248,8 +248,11 @@ fn outgoing(
     grpc_timeout: &mut Option<Duration>,
 ) -> Result<Outgoing, ErrorKind> {
     // The client's fields (up to `[limits] max_header_count`), the route's `set` ones and
-    // the few the gateway adds (forwarding, request id, trace, consumer, framing).
-    const MOST: usize = common::snapshot::MAX_HEADER_COUNT + common::headers::MAX_EDITS + 16;
+    // the gateway's own.
+    // The gateway's own, 13 at most today: Host, X-Forwarded-For, -Proto and -Host,
+    // Forwarded, framing (Transfer-Encoding), Connection and Upgrade, a consumer field,
+    // Accept-Encoding, Max-Forwards, X-Request-Id and traceparent; room for more.
+    const MOST: usize = common::snapshot::MAX_HEADER_COUNT + common::headers::MAX_EDITS + 32;
     let mut fields = [httparse::EMPTY_HEADER; MOST];
     let mut parsed = httparse::Request::new(&mut fields);
     match parsed.parse(h1) {
