@@ -158,22 +158,12 @@ impl ClusterShares {
         allowed
     }
 
-    /// Drops the idle keys of a full map, at most once per 100 ms; whether there is room now.
+    /// Drops the idle keys of a full map, at most once per 100 ms (and as
+    /// [`super::ratelimit::spaced_sweep`] spaces them); whether there is room now.
     fn sweep(&self, now_ns: u64) -> bool {
-        let due = self.next_sweep_ns.load(Ordering::Relaxed);
-        if now_ns >= due
-            && self
-                .next_sweep_ns
-                .compare_exchange(
-                    due,
-                    now_ns + 100_000_000,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
+        super::ratelimit::spaced_sweep(&self.next_sweep_ns, now_ns, 100_000_000, || {
             self.shares.retain(|_, s| fresh(s, now_ns));
-        }
+        });
         self.shares.len() < self.max_keys
     }
 }
@@ -523,7 +513,7 @@ enum Reply {
 
 /// A blocking Redis connection (RESP2), for the reconciling thread only.
 struct Redis {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Bounded<TcpStream>>,
     writer: TcpStream,
 }
 
@@ -537,7 +527,7 @@ impl Redis {
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;
         stream.set_write_timeout(Some(Duration::from_millis(500)))?;
         let mut r = Redis {
-            reader: BufReader::new(stream.try_clone()?),
+            reader: BufReader::new(Bounded::new(stream.try_clone()?)),
             writer: stream,
         };
         if let Some(p) = &addr.password {
@@ -564,7 +554,8 @@ impl Redis {
             out.extend_from_slice(b"\r\n");
         }
         self.writer.write_all(&out)?;
-        read_reply(&mut self.reader, 0, Instant::now() + REPLY_WITHIN)
+        self.reader.get_mut().renew();
+        read_reply(&mut self.reader, 0)
     }
 
     /// Runs the script; its answer as an array.
@@ -578,21 +569,68 @@ impl Redis {
 
 /// Longest line of a reply (a status, an error, a length) taken from Redis.
 const MAX_REPLY_LINE: u64 = 64 * 1024;
-/// Largest bulk string taken (the scripts answer with numbers; a script's SHA is 40 bytes).
+/// Largest bulk string taken (the replies the gateway asks for hold numbers and statuses).
 const MAX_BULK: i64 = 1 << 20;
-/// Deepest nesting of arrays taken (the scripts' answers are arrays of numbers).
+/// Longest array taken (a round's answer holds 1 + 3 × [`BATCH`] numbers).
+const MAX_ARRAY: i64 = 64 * 1024;
+/// Deepest nesting of arrays taken (a round's answer is one array of numbers).
 const MAX_REPLY_DEPTH: usize = 8;
+/// Most bytes one reply may take.
+const MAX_REPLY_BYTES: u64 = 4 << 20;
 /// Longest a whole reply may take to come in: each read has its own 500 ms, and a server
 /// that sent a little at a time could otherwise hold the reconciling thread for good.
 const REPLY_WITHIN: Duration = Duration::from_secs(2);
 
-/// Reads one RESP2 reply, `depth` arrays deep, whole by `deadline`. A server that sends
-/// more than the limits above, nests deeper or takes longer is an error (its connection is
-/// dropped), not memory, stack or time without bound.
-fn read_reply(r: &mut impl BufRead, depth: usize, deadline: Instant) -> std::io::Result<Reply> {
-    if Instant::now() > deadline {
-        return Err(std::io::ErrorKind::TimedOut.into());
+/// A reader that fails once a reply has taken [`MAX_REPLY_BYTES`] or its time
+/// ([`REPLY_WITHIN`], give or take one read's timeout), counted from [`Bounded::renew`].
+struct Bounded<R> {
+    inner: R,
+    deadline: Instant,
+    left: u64,
+}
+
+impl<R> Bounded<R> {
+    fn new(inner: R) -> Bounded<R> {
+        let mut b = Bounded {
+            inner,
+            deadline: Instant::now(),
+            left: 0,
+        };
+        b.renew();
+        b
     }
+
+    /// A new reply's allowance.
+    fn renew(&mut self) {
+        self.deadline = Instant::now() + REPLY_WITHIN;
+        self.left = MAX_REPLY_BYTES;
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if Instant::now() >= self.deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "reply not whole in time",
+            ));
+        }
+        if self.left == 0 {
+            return Err(std::io::Error::other("reply too large"));
+        }
+        let most = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..most])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads one RESP2 reply, `depth` arrays deep. A server that sends more than the limits
+/// above or nests deeper is an error (its connection is dropped), not memory or stack
+/// without bound; the connection's reader ([`Bounded`]) bounds the bytes and the time.
+fn read_reply(r: &mut impl BufRead, depth: usize) -> std::io::Result<Reply> {
     let mut line = Vec::with_capacity(32);
     std::io::Read::take(&mut *r, MAX_REPLY_LINE).read_until(b'\n', &mut line)?;
     if line.len() < 3 || !line.ends_with(b"\r\n") {
@@ -626,9 +664,12 @@ fn read_reply(r: &mut impl BufRead, depth: usize, deadline: Instant) -> std::io:
             if depth == MAX_REPLY_DEPTH {
                 return Err(std::io::Error::other("reply nested too deep"));
             }
+            if n > MAX_ARRAY {
+                return Err(std::io::Error::other("array reply too long"));
+            }
             let mut items = Vec::with_capacity(n.clamp(0, 1024) as usize);
             for _ in 0..n.max(0) {
-                items.push(read_reply(r, depth + 1, deadline)?);
+                items.push(read_reply(r, depth + 1)?);
             }
             Ok(Reply::Array(items))
         }
@@ -661,7 +702,7 @@ mod tests {
     }
 
     fn read(input: &mut &[u8]) -> std::io::Result<Reply> {
-        read_reply(input, 0, Instant::now() + REPLY_WITHIN)
+        read_reply(input, 0)
     }
 
     #[test]
@@ -678,11 +719,40 @@ mod tests {
         let mut input = &endless[..];
         assert!(read(&mut input).is_err());
         assert_eq!(input.len(), endless.len() - MAX_REPLY_LINE as usize);
-        // A bulk string over its limit, and a reply past its deadline.
+        // A bulk string or an array over its limit.
         let big = format!("${}\r\n", MAX_BULK + 1);
         assert!(read(&mut big.as_bytes()).is_err());
-        let past = Instant::now() - Duration::from_millis(1);
-        assert!(read_reply(&mut &b":1\r\n"[..], 0, past).is_err());
+        let long = format!("*{}\r\n", MAX_ARRAY + 1);
+        assert!(read(&mut long.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_reply_is_bounded_in_bytes_and_time() {
+        use std::io::Read;
+        // A round's largest answer (1 + 3 × BATCH numbers) comes through.
+        let round = 1 + 3 * BATCH;
+        let mut text = format!("*{round}\r\n").into_bytes();
+        for _ in 0..round {
+            text.extend_from_slice(b":1234567890123\r\n");
+        }
+        let mut r = BufReader::new(Bounded::new(&text[..]));
+        assert!(matches!(read_reply(&mut r, 0), Ok(Reply::Array(a)) if a.len() == round));
+        // Past MAX_REPLY_BYTES: an error, whatever the reply is.
+        let endless = std::io::repeat(b'1');
+        let mut r = BufReader::new(Bounded::new(endless));
+        let mut sink = Vec::new();
+        let e = r.read_to_end(&mut sink).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        assert_eq!(sink.len() as u64, MAX_REPLY_BYTES);
+        // Past its time: an error at the next read, until renewed.
+        let mut b = Bounded::new(&b":1\r\n"[..]);
+        b.deadline = Instant::now() - Duration::from_millis(1);
+        assert_eq!(
+            b.read(&mut [0u8; 8]).unwrap_err().kind(),
+            std::io::ErrorKind::TimedOut
+        );
+        b.renew();
+        assert_eq!(b.read(&mut [0u8; 8]).unwrap(), 4);
     }
 
     /// Held by the tests that set [`LIVE_NODES`] (a process-wide count).

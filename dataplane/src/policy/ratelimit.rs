@@ -236,26 +236,14 @@ impl Limiter {
         bucket.check(&self.limit, now_ns)
     }
 
-    /// Drops the buckets that are full again, one worker at a time, spaced by
-    /// [`sweep_gap`] (so a flood of new keys does not turn every request into a full scan).
+    /// Drops the buckets that are full again, at most once per emission interval of the
+    /// burst ([`spaced_sweep`]: so a flood of new keys does not turn every request into a
+    /// full scan).
     fn sweep(&self, now_ns: u64) {
-        let due = self.next_sweep_ns.load(Ordering::Relaxed);
-        if now_ns < due {
-            return;
-        }
-        // Held off for everyone else until this one has ended and set the next.
-        if self
-            .next_sweep_ns
-            .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        let started = Instant::now();
-        self.keyed.retain(|_, b| b.arrival_ns() > now_ns);
-        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let next = now_ns.saturating_add(sweep_gap(self.limit.tolerance_ns, took));
-        self.next_sweep_ns.store(next, Ordering::Release);
+        let every = self.limit.tolerance_ns.max(1_000_000);
+        spaced_sweep(&self.next_sweep_ns, now_ns, every, || {
+            self.keyed.retain(|_, b| b.arrival_ns() > now_ns);
+        });
     }
 
     /// Number of keyed buckets held.
@@ -264,13 +252,34 @@ impl Limiter {
     }
 }
 
-/// How long after a sweep's start the next may start: the emission interval of the burst
-/// (at least 1 ms), and at least ten times what the sweep took. A map of millions of keys
-/// that a flood keeps full takes a worker tens of milliseconds to sweep; spaced by the
-/// interval alone, sweeps would take all of the workers' time and hold the map's shards
-/// from every other request meanwhile. At ten times, they take at most a tenth of it.
-fn sweep_gap(tolerance_ns: u64, took_ns: u64) -> u64 {
-    tolerance_ns.max(1_000_000).max(took_ns.saturating_mul(10))
+/// Runs `sweep` (of a full map of keys) once `next` (a time in ns) has come, in one worker
+/// at a time: the others skip it until it has ended and set the next, [`sweep_gap`] after
+/// this one's start.
+pub(super) fn spaced_sweep(next: &AtomicU64, now_ns: u64, every_ns: u64, sweep: impl FnOnce()) {
+    let due = next.load(Ordering::Relaxed);
+    if now_ns < due
+        || next
+            .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    let started = Instant::now();
+    sweep();
+    let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    next.store(
+        now_ns.saturating_add(sweep_gap(every_ns, took)),
+        Ordering::Release,
+    );
+}
+
+/// How long after a sweep's start the next may start: `every_ns`, and at least ten times
+/// what the sweep took. A map of millions of keys that a flood keeps full takes a worker
+/// tens of milliseconds to sweep; spaced by a fixed interval alone, sweeps would take all of
+/// the workers' time and hold the map's shards from every other request meanwhile. At ten
+/// times, they take at most a tenth of it.
+fn sweep_gap(every_ns: u64, took_ns: u64) -> u64 {
+    every_ns.max(took_ns.saturating_mul(10))
 }
 
 /// Limiters by policy id, so that a config change that leaves a rate-limit policy's id and
@@ -457,9 +466,9 @@ mod tests {
 
     #[test]
     fn sweeps_are_spaced_by_ten_times_what_one_takes() {
-        // A quick sweep: the burst's emission interval (or 1 ms).
+        // A quick sweep: its interval.
         assert_eq!(sweep_gap(10_000_000, 50_000), 10_000_000);
-        assert_eq!(sweep_gap(0, 50_000), 1_000_000);
+        assert_eq!(sweep_gap(1_000_000, 50_000), 1_000_000);
         // A slow one (a huge map): ten times its time.
         assert_eq!(sweep_gap(10_000_000, 80_000_000), 800_000_000);
         assert_eq!(sweep_gap(1, u64::MAX), u64::MAX);
