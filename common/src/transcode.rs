@@ -357,8 +357,8 @@ fn simple_unit(p: &str) -> Option<Unit> {
     }
 }
 
-/// The most fields a query parameter's or template variable's name may go through (`a.b.c`
-/// is 3). A JSON body's nesting is bounded by serde_json's own limit (128).
+/// The most fields a query parameter's name may go through (`a.b.c` is 3). A JSON body's
+/// nesting is bounded by serde_json's own limit (128); template variables are the config's.
 pub const MAX_FIELD_PATH: usize = 32;
 
 /// The fields along `a.b.c` in `msg`: messages on the way, a scalar, enum or
@@ -376,7 +376,7 @@ fn field_path(
     // A message that holds itself makes any depth valid: one query parameter a few
     // thousand fields deep would then recurse that deep (building, reading and dropping the
     // message) and overflow a worker's stack, which no request may do.
-    if names.len() > MAX_FIELD_PATH {
+    if query && names.len() > MAX_FIELD_PATH {
         return Err(format!("{path:?}: more than {MAX_FIELD_PATH} fields deep"));
     }
     for (k, name) in names.iter().enumerate() {
