@@ -6,8 +6,9 @@ Usage: h2_attacks.py HOST:PORT [SLOW_PATH [SLOWER_PATH]]
        h2_attacks.py --held HOST:PORT BIG_PATH
 
 --held (against a gateway with short client_send_ms and client_idle_ms, about a second):
-a client that keeps its stream window shut after asking for BIG_PATH gets RST_STREAM, and an
-idle connection whose client never answers the GOAWAY's PING is closed, each within seconds.
+a client that keeps its stream window shut after asking for BIG_PATH gets RST_STREAM, as does
+one that opens it a byte at a time, and an idle connection whose client never answers the
+GOAWAY's PING is closed, each within seconds.
 
 SLOW_PATH: a path the gateway answers only after a while (a slow origin); streams reset while
 it is being answered count toward the connection's reset limit. SLOWER_PATH (answered after
@@ -518,6 +519,20 @@ def held():
     f = r.frames(lambda f: isinstance(f, (RstStreamFrame, GoAwayFrame)), timeout=10)
     check("a shut window: RST_STREAM", isinstance(f, RstStreamFrame) and f.stream_id == 1,
           f"got {f if isinstance(f, str) or f is None else type(f).__name__} "
+          f"after {time.time() - started:.1f} s")
+    r.close()
+    # The window opened a byte at a time, each opening well within client_send_ms: the stream
+    # is still reset (the bound counts from the stall, until 16 KiB have gone out).
+    r = Raw()
+    r.send(shut, r.headers(1, SLOW))
+    started = time.time()
+    got = "timeout"
+    while time.time() - started < 8 and got == "timeout":
+        r.send(WindowUpdateFrame(1, window_increment=1))
+        got = r.frames(lambda f: isinstance(f, (RstStreamFrame, GoAwayFrame)), timeout=0.3)
+    check("a window opened a byte at a time: RST_STREAM",
+          isinstance(got, RstStreamFrame) and got.stream_id == 1,
+          f"got {got if isinstance(got, str) or got is None else type(got).__name__} "
           f"after {time.time() - started:.1f} s")
     r.close()
     # Idle, and never answers a PING (Raw only acknowledges SETTINGS).

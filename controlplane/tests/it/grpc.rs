@@ -1277,11 +1277,10 @@ fn run_protoc(include: &Path, set: &Path, files: &[&Path], python_out: Option<&P
     );
 }
 
-#[test]
-fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
-    // A message that holds itself makes `not.not.not...` a valid name at any depth: 1,600
-    // levels (under the default 8 KiB URI) overflowed a worker's stack, which aborts the
-    // whole process. Now refused past 32 fields; the gateway serves on.
+/// A gateway with a transcoding route (h2c too, `client_send_ms` 1 s) to `deep.S/M`, whose
+/// message holds itself (`message F { F not = 1; string v = 2; }`); its upstream is never
+/// reached by the tests that use it.
+fn deep_transcoder() -> Gateway {
     let dir = temp_dir("deep-proto");
     std::fs::write(
         dir.join("deep.proto"),
@@ -1293,14 +1292,23 @@ fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     let set = dir.join("deep.pb");
     run_protoc(&dir, &set, &[&dir.join("deep.proto")], None);
     let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [timeouts]\nclient_send_ms = 1000\n\n\
          [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
          targets = [{{ address = \"127.0.0.1:9\" }}]\n\n\
          [[transcoders]]\nid = \"deep\"\ndescriptor_set = \"{}\"\nservices = [\"deep.S\"]\n\n\
          [[routes]]\nid = \"deep\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"deep\"\n",
         set.display()
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    Gateway::start(&config, Driver::IoUring)
+}
+
+#[test]
+fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
+    // A message that holds itself makes `not.not.not...` a valid name at any depth: 1,600
+    // levels (under the default 8 KiB URI) overflowed a worker's stack, which aborts the
+    // whole process. Now refused past 32 fields; the gateway serves on.
+    let gw = deep_transcoder();
     let post = |query: &str| {
         gw.connect().roundtrip(&format!(
             "POST /deep.S/M?{query} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
@@ -1319,6 +1327,58 @@ fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     let r = post("nope=1");
     assert_eq!(r.status, 400, "{}", r.body_str());
     assert!(r.body_str().contains("no field"), "{}", r.body_str());
+}
+
+#[test]
+fn a_refusal_to_an_http2_client_with_a_shut_window_ends_after_client_send_ms() {
+    // A transcoding route's refusal (a JSON problem) to an HTTP/2 client that keeps its
+    // stream window at 0: its body waited for the window with no bound, holding the stream
+    // (and, for upstream answers sent the same way, the upstream call and its circuit slot).
+    const CLIENT: &str = r#"
+import socket, sys, time
+import h2.config, h2.connection, h2.events, h2.settings
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(0.2)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "t"),
+                   (":path", "/deep.S/M?nope=1"), ("content-type", "application/json")])
+c.send_data(1, b"{}", end_stream=True)
+s.sendall(c.data_to_send())
+started, status, end = time.time(), None, "none"
+while time.time() - started < 8 and end == "none":
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        continue
+    if not data:
+        end = "closed"
+        break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        elif isinstance(e, h2.events.StreamReset):
+            end = "reset"
+        elif isinstance(e, h2.events.ConnectionTerminated):
+            end = "goaway"
+    s.sendall(c.data_to_send())
+print(status, end, round(time.time() - started, 1))
+"#;
+    let gw = deep_transcoder();
+    let out = Command::new("python3")
+        .args(["-c", CLIENT, &gw.listeners[0].port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    assert!(
+        matches!(parts[..], ["400", "reset", _]),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: f64 = parts[2].parse().unwrap();
+    assert!((0.5..5.0).contains(&after), "reset after {after} s");
 }
 
 /// curl with a JSON body (or none); returns the status, the content type and the body.

@@ -753,8 +753,18 @@ impl H2Stream {
     }
 }
 
+/// What a stalled stream must get out for its stall bound to start again (see
+/// [`send_flow`]).
+const STALL_PROGRESS: usize = 16 * 1024;
+
 /// Sends `data` on an HTTP/2 stream as the peer's flow-control window allows (waiting for it
 /// to open: back-pressure), ending the stream after it when `end`.
+///
+/// With `stall`, a wait for the window fails once the stream has been waiting that long
+/// without getting [`STALL_PROGRESS`] bytes out: a bound per opening of the window would let
+/// a client that opens it a byte at a time, just in time, hold the stream (and the upstream
+/// connection behind it) for good. HTTP/2 has no guard against such small openings, as TCP's
+/// against silly windows. A window that opens in time costs no timer.
 pub(crate) async fn send_flow(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
@@ -768,6 +778,8 @@ pub(crate) async fn send_flow(
         }
         return Ok(());
     }
+    // Since the first wait without enough sent: when it fails, and what went out since.
+    let mut bound: Option<(Instant, usize)> = None;
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let cap = loop {
@@ -777,10 +789,12 @@ pub(crate) async fn send_flow(
             }
             let opened = poll_fn(|cx| send.poll_capacity(cx));
             let opened = match stall {
-                // Bounded only while waiting: a window that opens in time costs no timer.
-                Some(d) => monoio::time::timeout(d, opened)
-                    .await
-                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?,
+                Some(d) => {
+                    let (by, _) = *bound.get_or_insert_with(|| (Instant::now() + d, 0));
+                    monoio::time::timeout_at(by.into(), opened)
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+                }
                 None => opened.await,
             };
             match opened {
@@ -790,8 +804,15 @@ pub(crate) async fn send_flow(
             }
         };
         let piece = data.split_to(cap.min(data.len()));
+        let n = piece.len();
         send.send_data(piece, end && data.is_empty())
             .map_err(io::Error::other)?;
+        if let Some((_, sent)) = &mut bound {
+            *sent += n;
+            if *sent >= STALL_PROGRESS {
+                bound = None;
+            }
+        }
     }
     Ok(())
 }
@@ -843,8 +864,10 @@ impl H2Answer {
             .send
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        // Bounded by the caller (`client_send_ms` around each piece).
-        send_flow(send, data, false, None).await
+        // Bounded here too, whatever the caller bounds: a JSON or gRPC-Web answer's body, or
+        // an error's, is sent from places that put no timer around it, and a client that
+        // keeps its window shut would hold the stream, its upstream call and circuit slot.
+        send_flow(send, data, false, Some(self.info.client_send)).await
     }
 
     /// Ends the answer, with trailers if there are some.
