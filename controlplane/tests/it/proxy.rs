@@ -506,6 +506,29 @@ fn interim_answers_lose_hop_by_hop_and_framing_fields(driver: Driver) {
     assert_eq!((r.status, r.body_str()), (200, "ok"));
 }
 
+#[test]
+fn an_upstream_that_sends_interim_answers_without_end_gets_502() {
+    // Interim answers are passed on as they come (to an HTTP/2 client, queued in h2 without
+    // a bound); 16 before the final answer go through, a 17th makes the upstream faulty.
+    let origin = Origin::start(std::sync::Arc::new(|req: &Received, s: &mut TcpStream| {
+        let n: usize = req.target().trim_start_matches("/hints/").parse().unwrap();
+        let hints = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n".repeat(n);
+        let answer = format!("{hints}HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        let _ = s.write_all(answer.as_bytes());
+        Keep::Open
+    }));
+    let gw = Gateway::start(&framing_config(origin.addr, ""), Driver::IoUring);
+    for (n, last) in [(16, 200), (17, 502)] {
+        let mut c = gw.connect();
+        c.send(format!("GET /hints/{n} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+        for _ in 0..16 {
+            assert_eq!(c.read_response().status, 103);
+        }
+        let r = c.read_response();
+        assert_eq!(r.status, last, "{n}: {}", r.head);
+    }
+}
+
 fn limits_answer_431_414_413(driver: Driver) {
     let origin = Origin::echo();
     let config = framing_config(

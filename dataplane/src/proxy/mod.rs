@@ -61,6 +61,11 @@ use stream::ClientStream;
 
 pub(crate) use http2::PollIo;
 
+/// Interim (1xx) answers passed on before a final one; an upstream that sends more is
+/// faulty (`502`). To an HTTP/2 client each goes out as informational HEADERS, which h2
+/// queues without a bound (they are not flow-controlled).
+const MAX_INTERIM: u32 = 16;
+
 /// How often an open tunnel's watchdog looks whether it went quiet or the drain is over.
 pub(crate) const TUNNEL_TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -907,6 +912,7 @@ async fn proxy<S: ClientStream>(
         let head_read = session.conn.head_read(down.splice_socket().is_some());
         let conn = &mut session.conn;
         let mut first_byte = None;
+        let mut interims = 0;
         // `conn.buf` is empty, or holds the start of the answer that an upload's look for
         // an early answer took from the armed read (see `AnswerLook`).
         loop {
@@ -926,6 +932,10 @@ async fn proxy<S: ClientStream>(
             };
             match read {
                 Ok(HeadRead::Interim(interim)) => {
+                    interims += 1;
+                    if interims > MAX_INTERIM {
+                        return Err(ErrorKind::UpstreamMalformed.into());
+                    }
                     if !head.http10 {
                         // Passed on: the request cannot be retried from here on.
                         req.attempts.committed = true;
