@@ -321,7 +321,7 @@ impl std::hash::Hash for PoolKey {
         let upstream = (self.upstream as u64 >> 4).rotate_left(48);
         match self.target {
             SocketAddr::V4(a) => {
-                let addr = u64::from(a.ip().to_bits()) << 16 | u64::from(a.port());
+                let addr = (u64::from(a.ip().to_bits()) << 16) | u64::from(a.port());
                 h.write_u64(addr ^ upstream);
             }
             SocketAddr::V6(a) => {
