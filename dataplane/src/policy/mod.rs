@@ -1324,12 +1324,8 @@ key = "ops-secret-1"
         String::from_utf8_lossy(&st.out).into_owned()
     }
 
-    #[test]
-    fn a_trace_echo_leaves_out_every_dropped_line_next_to_another() {
-        // The key line and a forged consumer line side by side: their drops merge into one
-        // span, and the echo left out only the line where it starts.
-        let snap = snapshot(
-            r#"
+    /// Route `r` behind an API key read from `X-Api-Key`.
+    const KEY_ROUTE: &str = r#"
 [[policies]]
 id = "unit-key"
 kind = "api_key"
@@ -1339,8 +1335,13 @@ id = "r"
 path_prefix = "/"
 upstream = "o"
 policies = ["unit-key"]
-"#,
-        );
+"#;
+
+    #[test]
+    fn a_trace_echo_leaves_out_every_dropped_line_next_to_another() {
+        // The key line and a forged consumer line side by side: their drops merge into one
+        // span, and the echo left out only the line where it starts.
+        let snap = snapshot(KEY_ROUTE);
         let req = b"TRACE /x HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\
                     X-Api-Key: app-secret-1\r\nX-Consumer-Id: forged\r\nX-Seen: yes\r\n\r\n";
         let (v, mut st) = run(&snap, "r", req, "127.0.0.1", 0);
@@ -1361,19 +1362,7 @@ policies = ["unit-key"]
 
     #[test]
     fn an_api_key_identifies_the_consumer_and_is_not_forwarded() {
-        let snap = snapshot(
-            r#"
-[[policies]]
-id = "unit-key"
-kind = "api_key"
-header = "X-Api-Key"
-[[routes]]
-id = "r"
-path_prefix = "/"
-upstream = "o"
-policies = ["unit-key"]
-"#,
-        );
+        let snap = snapshot(KEY_ROUTE);
         let req = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Api-Key: app-secret-1\r\nX-Consumer-Id: forged\r\n\r\n";
         let (v, st) = run(&snap, "r", req, "127.0.0.1", 0);
         assert_eq!(v, Verdict::Pass);
