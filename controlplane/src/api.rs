@@ -627,23 +627,27 @@ fn typed_config(value: Value) -> Result<Config, Problem> {
     })
 }
 
-/// `routes[2].targets[0].weight` → `/routes/2/targets/0/weight`.
+/// `routes[2].targets[0].weight` → `/routes/2/targets/0/weight`. A path holds the keys of
+/// maps as written (a header name, a rename), so any text: what does not read as
+/// `name[index]...` is a step of its own, never a panic (an error's pointer is made while a
+/// file reload runs on the main thread).
 pub fn path_to_pointer(path: &str) -> String {
     if path == "." || path.is_empty() {
         return String::new();
     }
     let mut out = String::new();
     for part in path.split('.') {
-        let mut rest = part;
-        let name_end = rest.find('[').unwrap_or(rest.len());
+        let name_end = part.find('[').unwrap_or(part.len());
         if name_end > 0 {
-            crate::json::push_pointer_step(&mut out, &rest[..name_end]);
+            crate::json::push_pointer_step(&mut out, &part[..name_end]);
         }
-        rest = &rest[name_end..];
-        while let Some(close) = rest.find(']') {
-            out.push('/');
-            out.push_str(&rest[1..close]);
-            rest = &rest[close + 1..];
+        let mut rest = &part[name_end..];
+        while let Some((index, after)) = rest.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            crate::json::push_pointer_step(&mut out, index);
+            rest = after;
+        }
+        if !rest.is_empty() {
+            crate::json::push_pointer_step(&mut out, rest);
         }
     }
     out
@@ -2344,6 +2348,19 @@ mod tests {
             "/routes/2/targets/0/weight"
         );
         assert_eq!(path_to_pointer("."), "");
+        // Map keys as written: whatever does not read as an index is a step, no panic.
+        for (path, pointer) in [
+            (
+                "routes[0].request_headers.set.a[0]]",
+                "/routes/0/request_headers/set/a/0/]",
+            ),
+            ("set.a[0]é]", "/set/a/0/é]"),
+            ("set.a[", "/set/a/["),
+            ("set.]x[", "/set/]x/["),
+            ("set.[1]", "/set/1"),
+        ] {
+            assert_eq!(path_to_pointer(path), pointer, "{path}");
+        }
         assert_eq!(
             path_to_pointer("limits.max_uri_bytes"),
             "/limits/max_uri_bytes"
