@@ -357,9 +357,14 @@ fn simple_unit(p: &str) -> Option<Unit> {
     }
 }
 
-/// The most fields a query parameter's name may go through (`a.b.c` is 3). A JSON body's
-/// nesting is bounded by serde_json's own limit (128); template variables are the config's.
+/// The most fields a query parameter's or template variable's name may go through (`a.b.c`
+/// is 3): a template variable thousands deep (a descriptor's `google.api.http` path) over a
+/// message that holds itself overflowed a worker's stack at the first request it matched.
+/// A JSON body's nesting is bounded by serde_json's own limit (128).
 pub const MAX_FIELD_PATH: usize = 32;
+
+/// Largest `descriptor_set` file read (all of googleapis with its imports is a few MiB).
+const MAX_DESCRIPTOR_FILE: u64 = 64 << 20;
 
 /// The fields along `a.b.c` in `msg`: messages on the way, a scalar, enum or
 /// well-known-type message at the end. A template variable (`query` false) names fields by
@@ -373,10 +378,10 @@ fn field_path(
     let mut out = Vec::new();
     let mut cur = msg.clone();
     let names: Vec<&str> = path.split('.').collect();
-    // A message that holds itself makes any depth valid: one query parameter a few
-    // thousand fields deep would then recurse that deep (building, reading and dropping the
-    // message) and overflow a worker's stack, which no request may do.
-    if query && names.len() > MAX_FIELD_PATH {
+    // A message that holds itself makes any depth valid: one query parameter (or template
+    // variable) a few thousand fields deep would then recurse that deep (building, reading
+    // and dropping the message) and overflow a worker's stack, which no request may do.
+    if names.len() > MAX_FIELD_PATH {
         return Err(format!("{path:?}: more than {MAX_FIELD_PATH} fields deep"));
     }
     for (k, name) in names.iter().enumerate() {

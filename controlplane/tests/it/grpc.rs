@@ -1255,17 +1255,19 @@ fn protoc(dir: &std::path::Path) -> std::path::PathBuf {
     ]
     .map(|p| Path::new(PROTOS).join(p));
     let files: Vec<&Path> = protos.iter().map(|p| p.as_path()).collect();
-    run_protoc(Path::new(PROTOS), &set, &files, Some(dir));
+    run_protoc(&[Path::new(PROTOS)], &set, &files, Some(dir));
     set
 }
 
-/// protoc (PyPI grpcio-tools) on `files` under `include`: their descriptor set (imports
+/// protoc (PyPI grpcio-tools) on `files` under `includes`: their descriptor set (imports
 /// included) into `set`, and Python modules into `python_out` if given.
-fn run_protoc(include: &Path, set: &Path, files: &[&Path], python_out: Option<&Path>) {
+fn run_protoc(includes: &[&Path], set: &Path, files: &[&Path], python_out: Option<&Path>) {
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "grpc_tools.protoc", "--include_imports", "-I"])
-        .arg(include)
+    cmd.args(["-m", "grpc_tools.protoc", "--include_imports"])
         .arg(format!("--descriptor_set_out={}", set.display()));
+    for include in includes {
+        cmd.arg("-I").arg(include);
+    }
     if let Some(dir) = python_out {
         cmd.arg(format!("--python_out={}", dir.display()));
     }
@@ -1290,7 +1292,7 @@ fn deep_transcoder() -> Gateway {
     )
     .unwrap();
     let set = dir.join("deep.pb");
-    run_protoc(&dir, &set, &[&dir.join("deep.proto")], None);
+    run_protoc(&[&dir], &set, &[&dir.join("deep.proto")], None);
     let config = format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
          [timeouts]\nclient_send_ms = 1000\n\n\
@@ -1327,6 +1329,40 @@ fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     let r = post("nope=1");
     assert_eq!(r.status, 400, "{}", r.body_str());
     assert!(r.body_str().contains("no field"), "{}", r.body_str());
+}
+
+#[test]
+fn a_template_variable_over_32_fields_deep_is_refused() {
+    // A descriptor whose `google.api.http` path has a variable thousands of fields deep over
+    // a message that holds itself overflowed a worker's stack at the first request it
+    // matched. Past 32 fields it is refused with the transcoder.
+    let gw = deep_transcoder();
+    let dir = temp_dir("deep-template");
+    let variable = format!("{}v", "not.".repeat(32));
+    std::fs::write(
+        dir.join("deeper.proto"),
+        format!(
+            "syntax = \"proto3\";\npackage deeper;\nimport \"google/api/annotations.proto\";\n\
+             message F {{ F not = 1; string v = 2; }}\n\
+             service S {{ rpc M(F) returns (F) {{ \
+             option (google.api.http) = {{ get: \"/v1/{{{variable}}}\" }}; }} }}\n"
+        ),
+    )
+    .unwrap();
+    let set = dir.join("deeper.pb");
+    let includes = [dir.as_path(), Path::new(PROTOS)];
+    run_protoc(&includes, &set, &[&dir.join("deeper.proto")], None);
+    let body = serde_json::json!({
+        "descriptor_set_base64": b64(&std::fs::read(&set).unwrap()),
+        "services": ["deeper.S"],
+    });
+    let r = gw.admin("PUT", "/v1/transcoders/deeper", Some(&body.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("more than 32 fields deep"),
+        "{}",
+        r.body_str()
+    );
 }
 
 #[test]
