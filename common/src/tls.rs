@@ -15,7 +15,11 @@ use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 
 use crate::config::{CertificateConfig, ListenerTlsConfig};
+use crate::validate::read_named_text;
 use crate::ConfigError;
+
+/// Largest `cert_file` or `key_file` read (a chain of a few certificates is a few KiB).
+const MAX_PEM_FILE: u64 = 1 << 20;
 
 /// The `ring` crypto provider every TLS config uses (no cmake, no C toolchain).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -87,7 +91,7 @@ pub fn compile_certificate(
             ))
         }
         (Some(pem), None) => pem.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+        (None, Some(path)) => read_named_text(path, MAX_PEM_FILE).map_err(|e| {
             ConfigError::field(field("cert_file"), format!("cannot read {path:?}: {e}"))
         })?,
         (None, None) => {
@@ -112,7 +116,7 @@ pub fn compile_certificate(
             }
             (Some(pem), None) => (pem.clone(), "key_pem"),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
+                let text = read_named_text(path, MAX_PEM_FILE).map_err(|e| {
                     ConfigError::field(field("key_file"), format!("cannot read {path:?}: {e}"))
                 })?;
                 (text, "key_file")

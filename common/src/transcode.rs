@@ -107,9 +107,11 @@ pub fn compile_transcoder(t: &TranscoderConfig, i: usize) -> Result<Transcoder, 
     let at = format!("transcoders[{i}]");
     check_id(&t.id, &format!("{at}.id"))?;
     let bytes = match (&t.descriptor_set, &t.descriptor_set_base64) {
-        (Some(path), None) => std::fs::read(path).map_err(|e| {
-            ConfigError::field(format!("{at}.descriptor_set"), format!("{path}: {e}"))
-        })?,
+        (Some(path), None) => {
+            crate::validate::read_named_file(path, MAX_DESCRIPTOR_FILE).map_err(|e| {
+                ConfigError::field(format!("{at}.descriptor_set"), format!("{path}: {e}"))
+            })?
+        }
         (None, Some(b64)) => {
             let mut out = Vec::new();
             crate::keys::decode_b64(b64.as_bytes(), &mut out).ok_or_else(|| {

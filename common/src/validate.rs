@@ -118,9 +118,54 @@ pub fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The contents of a file a config names (a certificate, a key, a descriptor set), at most
+/// `limit` bytes. Only a regular file: the path may come through the admin API, and a
+/// device (`/dev/zero`) would be read until memory ran out, a FIFO block the config's
+/// writer (and every write after it) for good.
+pub(crate) fn read_named_file(path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+/// [`read_named_file`] as UTF-8 text.
+pub(crate) fn read_named_text(path: &str, limit: u64) -> std::io::Result<String> {
+    String::from_utf8(read_named_file(path, limit)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_within_their_limit_are_read() {
+        let dir = std::env::temp_dir().join(format!("gw-named-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.pem");
+        std::fs::write(&file, b"0123456789").unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(read_named_file(path, 10).unwrap(), b"0123456789");
+        let e = read_named_file(path, 9).unwrap_err();
+        assert!(e.to_string().contains("larger than 9 bytes"), "{e}");
+        // A device is refused before anything is read; so is a directory.
+        let e = read_named_file("/dev/zero", 10).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(read_named_file(dir.to_str().unwrap(), 10).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn host_patterns_are_names_or_ipv6_literals() {

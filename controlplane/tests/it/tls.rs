@@ -609,6 +609,17 @@ fn certificates_are_managed_through_the_admin_api() {
     let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
     let tls = gw.listeners[0];
 
+    // A file that is not a regular one (read until memory ran out, or a FIFO blocking every
+    // write after it): refused before anything is read, naming the field.
+    let body = serde_json::json!({"cert_file": "/dev/zero", "key_pem": a2.key_pem()});
+    let r = gw.admin("PUT", "/v1/certificates/z", Some(&body.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("not a regular file")
+            && r.body_str().contains("\"pointer\":\"/cert_file\""),
+        "{}",
+        r.body_str()
+    );
     // A new certificate with its key: created; the key is stored 0600 and never shown.
     let body = serde_json::json!({"cert_pem": a2.cert_pem(), "key_pem": a2.key_pem()});
     let r = gw.admin("PUT", "/v1/certificates/c", Some(&body.to_string()));
