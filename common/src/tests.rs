@@ -189,6 +189,11 @@ fn errors_name_the_field() {
     let e = err(&format!("workers = \"two\"\n{base}"));
     assert_eq!(e.path(), "workers");
 
+    let servers = ["\"127.0.0.1\""; 9].join(", ");
+    let e = err(&format!("{base}[resolver]\nnameservers = [{servers}]\n"));
+    assert_eq!(e.path(), "resolver.nameservers");
+    assert!(e.to_string().contains("at most 8"), "{e}");
+
     let e = err("listeners = []\n");
     assert_eq!(e.path(), "listeners");
 

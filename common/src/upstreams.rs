@@ -424,8 +424,18 @@ pub fn parse_nameserver(s: &str) -> Option<SocketAddr> {
     })
 }
 
+/// Most `[resolver] nameservers`: a lookup tries each in turn, each for up to `timeout_ms`,
+/// and a config write waits for its new names' first lookups (glibc uses at most 3).
+pub const MAX_NAMESERVERS: usize = 8;
+
 /// Checks `[resolver]`.
 pub(crate) fn check_resolver(r: &crate::config::ResolverConfig) -> Result<(), ConfigError> {
+    if r.nameservers.len() > MAX_NAMESERVERS {
+        return Err(ConfigError::field(
+            "resolver.nameservers",
+            format!("at most {MAX_NAMESERVERS} name servers"),
+        ));
+    }
     for (i, s) in r.nameservers.iter().enumerate() {
         if parse_nameserver(s).is_none_or(|a| a.port() == 0) {
             return Err(ConfigError::field(
