@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """A gRPC service and client (PyPI grpcio) for the gateway's gRPC tests, on loopback only.
 
-  grpc_peer.py serve [unavailable]   starts the service on 127.0.0.1:0, prints "port N", runs
+  grpc_peer.py serve [unavailable|bulky-health]
+                                     starts the service on 127.0.0.1:0, prints "port N", runs
                                      until stdin closes (the test holds it open); with
-                                     `unavailable` every call fails with UNAVAILABLE
+                                     `unavailable` every call fails with UNAVAILABLE; with
+                                     `bulky-health` the health check answers SERVING with
+                                     128 MiB more in an unknown field
   grpc_peer.py serve-shop GENDIR     the same for the transcoding tests' `shop.v1.Orders`
                                      (GENDIR: protoc's --python_out for shop.proto)
   grpc_peer.py call TARGET [--tls CA NAME] CHECK...
@@ -99,6 +102,18 @@ def health(request, context):
     return b"\x08\x01"
 
 
+def bulky_health(request, context):
+    # SERVING, then field 15 (bytes, wire type 2: tag 0x7a) of 128 MiB.
+    size = 128 << 20
+    length = bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        length.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    return b"\x08\x01\x7a" + bytes(length) + bytes(128 << 20)
+
+
 def serve(mode):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     handlers = {
@@ -118,7 +133,11 @@ def serve(mode):
             grpc.method_handlers_generic_handler("test.Echo", handlers),
             grpc.method_handlers_generic_handler(
                 "grpc.health.v1.Health",
-                {"Check": grpc.unary_unary_rpc_method_handler(health, **IDENT)},
+                {
+                    "Check": grpc.unary_unary_rpc_method_handler(
+                        bulky_health if mode == "bulky-health" else health, **IDENT
+                    )
+                },
             ),
         )
     )

@@ -17,6 +17,46 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 use crate::tls::Cert;
 
+#[test]
+fn a_grpc_health_check_keeps_no_more_of_the_answer_than_it_reads() {
+    // A target whose health answer is SERVING and 128 MiB more: the check kept the whole
+    // body (a target streaming for the check's timeout grew the buffer without a bound).
+    // Now it keeps 8 bytes, and an answer that long is not SERVING.
+    let svc = GrpcService::start("bulky-health");
+    let dir = temp_dir("grpc-bulky");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\
+         health_check = {{ path = \"/grpc.health.v1.Health/Check\", interval_ms = 10000, \
+         timeout_ms = 10000 }}\n",
+        svc.addr
+    );
+    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = gw.admin("GET", "/v1/upstreams/grpc/health", None).json();
+        let check = &h["targets"][0]["last_check"];
+        if check["ok"] == false {
+            assert_eq!(check["status"], 503, "{h}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished gRPC health check: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The process's peak memory stayed far below the answer's size.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 96 * 1024, "peak resident memory {peak_kib} KiB");
+}
+
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_peer.py");
 
 /// A running `grpc_peer.py serve`, stopped when dropped (or by [`GrpcService::kill`]).
