@@ -13,7 +13,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -26,6 +26,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest answer accepted (a config with its history is far smaller).
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
+/// Longest a call's answer may take to come in whole (each read has `REQUEST_TIMEOUT`).
+const CALL_WITHIN: Duration = Duration::from_secs(30);
+/// Largest response head, and longest chunk-size line.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_CHUNK_LINE: u64 = 1024;
 
 /// What went wrong talking to etcd.
 #[derive(Debug, thiserror::Error)]
@@ -216,9 +221,18 @@ impl StoreUrl {
     }
 }
 
-/// A connection to one endpoint, plain or TLS.
+/// A connection to one endpoint, plain or TLS, and when reading from it must stop.
 #[derive(Debug)]
-enum Conn {
+struct Conn {
+    io: ConnIo,
+    /// A call's answer must be read whole by then: each read has its own timeout, and an
+    /// endpoint that sent a little at a time would otherwise hold the call (and the store's
+    /// lock around it) for good. `None` for a watch, which streams for as long as it runs.
+    deadline: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum ConnIo {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
@@ -226,34 +240,40 @@ enum Conn {
 impl Conn {
     fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        match self {
-            Conn::Plain(s) => s.as_raw_fd(),
-            Conn::Tls(s) => s.sock.as_raw_fd(),
+        match &self.io {
+            ConnIo::Plain(s) => s.as_raw_fd(),
+            ConnIo::Tls(s) => s.sock.as_raw_fd(),
         }
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.read(buf),
-            Conn::Tls(s) => s.read(buf),
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "answer not whole in time",
+            ));
+        }
+        match &mut self.io {
+            ConnIo::Plain(s) => s.read(buf),
+            ConnIo::Tls(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.write(buf),
-            Conn::Tls(s) => s.write(buf),
+        match &mut self.io {
+            ConnIo::Plain(s) => s.write(buf),
+            ConnIo::Tls(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.flush(),
-            Conn::Tls(s) => s.flush(),
+        match &mut self.io {
+            ConnIo::Plain(s) => s.flush(),
+            ConnIo::Tls(s) => s.flush(),
         }
     }
 }
@@ -382,7 +402,8 @@ impl Client {
     }
 
     fn call_once(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        let answer = self.send(path, body, REQUEST_TIMEOUT)?;
+        let within = Instant::now() + CALL_WITHIN;
+        let answer = self.send(path, body, REQUEST_TIMEOUT, Some(within))?;
         let text =
             read_answer(answer).map_err(|e| EtcdError::Unavailable(format!("{path}: {e}")))?;
         let value: Value = serde_json::from_slice(&text)
@@ -404,14 +425,20 @@ impl Client {
     }
 
     /// Connects to the first endpoint that takes the connection and sends the request.
-    fn send(&mut self, path: &str, body: &Value, timeout: Duration) -> Result<Answer, EtcdError> {
+    fn send(
+        &mut self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, EtcdError> {
         let body = serde_json::to_vec(body).map_err(|e| EtcdError::Refused(e.to_string()))?;
         let n = self.url.endpoints.len();
         let mut last = String::new();
         for i in 0..n {
             let at = (self.preferred + i) % n;
             let endpoint = &self.url.endpoints[at];
-            match self.send_to(endpoint, path, &body, timeout) {
+            match self.send_to(endpoint, path, &body, timeout, deadline) {
                 Ok(s) => {
                     self.preferred = at;
                     return Ok(s);
@@ -428,6 +455,7 @@ impl Client {
         path: &str,
         body: &[u8],
         timeout: Duration,
+        deadline: Option<Instant>,
     ) -> io::Result<Answer> {
         let mut last = io::Error::other("no address");
         for addr in endpoint.to_socket_addrs()? {
@@ -445,7 +473,7 @@ impl Client {
                          application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
                         body.len()
                     );
-                    let mut conn = match &self.tls {
+                    let io = match &self.tls {
                         Some(config) => {
                             let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
                             let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -453,10 +481,11 @@ impl Client {
                                 .map_err(|e| io::Error::other(format!("{host}: {e}")))?;
                             let tls = rustls::ClientConnection::new(config.clone(), name)
                                 .map_err(io::Error::other)?;
-                            Conn::Tls(Box::new(rustls::StreamOwned::new(tls, stream)))
+                            ConnIo::Tls(Box::new(rustls::StreamOwned::new(tls, stream)))
                         }
-                        None => Conn::Plain(stream),
+                        None => ConnIo::Plain(stream),
                     };
+                    let mut conn = Conn { io, deadline };
                     conn.write_all(head.as_bytes())?;
                     conn.write_all(body)?;
                     conn.flush()?;
@@ -567,6 +596,7 @@ impl Client {
             "/v3/watch",
             &json!({"create_request": create}),
             Duration::from_secs(15 * 60),
+            None,
         )?;
         let fd = answer.reader.get_ref().fd();
         Ok(Watch {
@@ -652,18 +682,20 @@ struct Answer {
 }
 
 /// Reads a response head: its status code, whether the body is chunked, its length.
-fn read_head(r: &mut BufReader<Conn>) -> io::Result<(u16, bool, Option<usize>)> {
+fn read_head(r: &mut impl BufRead) -> io::Result<(u16, bool, Option<usize>)> {
     let mut head = Vec::new();
     loop {
-        let n = r.read_until(b'\n', &mut head)?;
+        // No line read further than the head's limit, however long it runs.
+        let room = (MAX_HEAD + 1).saturating_sub(head.len()) as u64;
+        let n = Read::take(&mut *r, room).read_until(b'\n', &mut head)?;
+        if head.len() > MAX_HEAD {
+            return Err(io::Error::other("response head too long"));
+        }
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         if head.ends_with(b"\r\n\r\n") {
             break;
-        }
-        if head.len() > 64 * 1024 {
-            return Err(io::Error::other("response head too long"));
         }
     }
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -694,16 +726,19 @@ fn read_head(r: &mut BufReader<Conn>) -> io::Result<(u16, bool, Option<usize>)> 
 
 /// Reads a whole response body.
 fn read_answer(answer: Answer) -> io::Result<Vec<u8>> {
-    let Answer {
-        reader: mut r,
-        chunked,
-        length,
-    } = answer;
+    read_body(answer.reader, answer.chunked, answer.length)
+}
+
+/// [`read_answer`] on any reader.
+fn read_body<R: BufRead>(mut r: R, chunked: bool, length: Option<usize>) -> io::Result<Vec<u8>> {
     if chunked {
         let mut body = Chunked::new(r);
         let mut all = Vec::new();
+        let mut end = JsonEnd::default();
         // A streaming endpoint answering one request sends one message and ends; read up to
-        // the end or the first complete message, whichever comes first.
+        // the end or the first complete message, whichever comes first. Whether the message
+        // is complete is followed as the chunks come (parsing all of it again at each one
+        // cost the square of its length in chunks).
         loop {
             match body.chunk()? {
                 Some(c) => {
@@ -711,7 +746,10 @@ fn read_answer(answer: Answer) -> io::Result<Vec<u8>> {
                     if all.len() > MAX_ANSWER {
                         return Err(io::Error::other("answer too large"));
                     }
-                    if all.ends_with(b"\n") && serde_json::from_slice::<Value>(&all).is_ok() {
+                    if end.feed(&c)
+                        && all.ends_with(b"\n")
+                        && serde_json::from_slice::<Value>(&all).is_ok()
+                    {
                         return Ok(all);
                     }
                 }
@@ -734,19 +772,60 @@ fn read_answer(answer: Answer) -> io::Result<Vec<u8>> {
     }
 }
 
+/// Where a JSON text stands, fed a piece at a time: whether the bytes so far end a
+/// complete top-level object or array (strings and their escapes followed across pieces).
+#[derive(Debug, Default)]
+struct JsonEnd {
+    depth: usize,
+    started: bool,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonEnd {
+    /// Takes `piece`; whether a top-level value has been closed and nothing but white
+    /// space follows it.
+    fn feed(&mut self, piece: &[u8]) -> bool {
+        for &b in piece {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    self.started = true;
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        self.started && self.depth == 0 && !self.in_string
+    }
+}
+
 /// A chunked body read as newline-separated messages.
 #[derive(Debug)]
-struct Chunked {
-    reader: BufReader<Conn>,
+struct Chunked<R = BufReader<Conn>> {
+    reader: R,
     pending: Vec<u8>,
+    /// How much of `pending` holds no newline (looked at already).
+    scanned: usize,
     done: bool,
 }
 
-impl Chunked {
-    fn new(reader: BufReader<Conn>) -> Chunked {
+impl<R: BufRead> Chunked<R> {
+    fn new(reader: R) -> Chunked<R> {
         Chunked {
             reader,
             pending: Vec::new(),
+            scanned: 0,
             done: false,
         }
     }
@@ -758,8 +837,11 @@ impl Chunked {
         }
         let r = &mut self.reader;
         let mut size_line = Vec::new();
-        if r.read_until(b'\n', &mut size_line)? == 0 {
+        if Read::take(&mut *r, MAX_CHUNK_LINE).read_until(b'\n', &mut size_line)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if !size_line.ends_with(b"\n") {
+            return Err(io::Error::other("chunk size line too long"));
         }
         let text = String::from_utf8_lossy(&size_line);
         let hex = text.trim().split(';').next().unwrap_or("");
@@ -781,14 +863,21 @@ impl Chunked {
     /// The next complete line (a message), without its newline.
     fn line(&mut self) -> io::Result<Vec<u8>> {
         loop {
-            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+            let newline = self.pending[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n');
+            if let Some(i) = newline.map(|k| self.scanned + k) {
                 let mut line: Vec<u8> = self.pending.drain(..=i).collect();
+                self.scanned = 0;
                 line.pop();
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 return Ok(line);
             }
+            // Only what comes next is looked at for a newline (rescanning all of it at each
+            // chunk cost the square of a long message's length in chunks).
+            self.scanned = self.pending.len();
             match self.chunk()? {
                 Some(c) => {
                     self.pending.extend_from_slice(&c);
@@ -805,6 +894,60 @@ impl Chunked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_end_is_seen_only_once_the_value_closes() {
+        let text = br#"{"a":"}{\"x]","b":[1,{"c":2}]}"#;
+        // Fed a byte at a time: complete at the last byte only, whatever the strings hold.
+        let mut end = JsonEnd::default();
+        let seen: Vec<bool> = text.iter().map(|b| end.feed(&[*b])).collect();
+        assert_eq!(seen.iter().position(|&d| d), Some(text.len() - 1));
+        // Split anywhere in two pieces: the same.
+        for k in 0..text.len() {
+            let mut end = JsonEnd::default();
+            assert!(!end.feed(&text[..k]), "{k}");
+            assert!(end.feed(&text[k..]), "{k}");
+        }
+    }
+
+    #[test]
+    fn heads_chunk_lines_and_messages_are_read_within_bounds() {
+        // A head line without end: an error after MAX_HEAD bytes, not a buffer without bound.
+        let mut endless = BufReader::new(io::repeat(b'a'));
+        let e = read_head(&mut endless).unwrap_err();
+        assert!(e.to_string().contains("too long"), "{e}");
+        // A chunk-size line without end, the same.
+        let mut body = Chunked::new(BufReader::new(io::repeat(b'f')));
+        let e = body.chunk().unwrap_err();
+        assert!(e.to_string().contains("chunk size line too long"), "{e}");
+        // Messages split into one-byte chunks come out whole, and a body of one message
+        // ends as soon as it is complete.
+        let text = "{\"x\":1}\n\n{\"y\":\"a\\nb\"}\n";
+        let chunked: String = text.chars().map(|c| format!("1\r\n{c}\r\n")).collect();
+        let mut body = Chunked::new(chunked.as_bytes());
+        assert_eq!(body.line().unwrap(), br#"{"x":1}"#);
+        assert_eq!(body.line().unwrap(), br#"{"y":"a\nb"}"#);
+        let one = read_body(chunked.as_bytes(), true, None).unwrap();
+        assert_eq!(one, b"{\"x\":1}\n");
+    }
+
+    #[test]
+    fn a_call_stops_reading_at_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut far, _) = listener.accept().unwrap();
+        far.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
+        let past = Instant::now() - Duration::from_millis(1);
+        let mut conn = Conn {
+            io: ConnIo::Plain(stream),
+            deadline: Some(past),
+        };
+        let e = conn.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Without one (a watch), the bytes are read.
+        conn.deadline = None;
+        assert!(conn.read(&mut [0u8; 16]).unwrap() > 0);
+    }
 
     #[test]
     fn store_urls_parse() {
