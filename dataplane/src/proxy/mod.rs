@@ -689,22 +689,6 @@ fn redirect_answer(
     let kept = (scheme == listener && r.host.is_none())
         .then_some(port)
         .flatten();
-    let mut digits = [0u8; 5];
-    let port: Option<&[u8]> = match r.port {
-        Some(p) => {
-            let (mut n, mut at) = (p, digits.len());
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            Some(&digits[at..])
-        }
-        None => kept.filter(|p| !p.is_empty()),
-    };
     let default = match scheme {
         b"https" => &b"443"[..],
         _ => b"80",
@@ -727,9 +711,17 @@ fn redirect_answer(
     for part in [scheme, b"://", host] {
         out.extend_from_slice(part);
     }
-    if let Some(p) = port.filter(|&p| p != default) {
-        out.push(b':');
-        out.extend_from_slice(p);
+    // The port `r` sets, or the request's where kept; written, then taken back when it is
+    // none or the scheme's default.
+    let mark = out.len();
+    out.push(b':');
+    match (r.port, kept) {
+        (Some(p), _) => crate::access_log::push_u64(out, p.into()),
+        (None, Some(p)) => out.extend_from_slice(p),
+        (None, None) => {}
+    }
+    if out.len() == mark + 1 || out[mark + 1..] == *default {
+        out.truncate(mark);
     }
     // Bytes a URI may not hold as they are (non-ASCII ones, which a request line is let
     // carry), escaped.
