@@ -374,12 +374,7 @@ pub fn client_ip(p: &Policies, buf: &[u8], head: &RequestHead, peer: IpAddr) -> 
             }
         } else if !xff && f.name.eq_ignore_ascii_case(b"forwarded") {
             for element in f.value.split(|&b| b == b',') {
-                let ip = element.split(|&b| b == b';').find_map(|pair| {
-                    let pair = trim(pair);
-                    (pair.len() > 4 && pair[..4].eq_ignore_ascii_case(b"for="))
-                        .then(|| forwarded_for(&pair[4..]))
-                });
-                push(ip.flatten());
+                push(forwarded_param(element, b"for=").and_then(forwarded_for));
             }
         }
     }
@@ -421,18 +416,10 @@ pub fn forwarded_https(
                 .of(buf)
                 .rsplit(|&b| b == b',')
                 .next()?;
-            let pair = last
-                .split(|&b| b == b';')
-                .map(trim)
-                .find(|pair| pair.len() > 6 && pair[..6].eq_ignore_ascii_case(b"proto="))?;
-            &pair[6..]
+            forwarded_param(last, b"proto=")?
         }
     };
-    let proto = trim(proto);
-    let proto = proto
-        .strip_prefix(b"\"")
-        .and_then(|p| p.strip_suffix(b"\""))
-        .unwrap_or(proto);
+    let proto = unquote(trim(proto));
     if proto.eq_ignore_ascii_case(b"https") {
         Some(true)
     } else if proto.eq_ignore_ascii_case(b"http") {
@@ -453,12 +440,26 @@ fn parse_ip(s: &[u8]) -> Option<IpAddr> {
     std::str::from_utf8(s).ok()?.parse().ok().map(canonical)
 }
 
+/// The value of the first `name` parameter (`name` with its `=`, e.g. `b"for="`, in any
+/// case) of one `Forwarded` element (`for=192.0.2.1;proto=https`), as written.
+fn forwarded_param<'a>(element: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    element
+        .split(|&b| b == b';')
+        .map(trim)
+        .find(|pair| pair.len() > name.len() && pair[..name.len()].eq_ignore_ascii_case(name))
+        .map(|pair| &pair[name.len()..])
+}
+
+/// `v` without the double quotes around it, if it has them.
+fn unquote(v: &[u8]) -> &[u8] {
+    v.strip_prefix(b"\"")
+        .and_then(|x| x.strip_suffix(b"\""))
+        .unwrap_or(v)
+}
+
 /// A `Forwarded` `for=` value: `192.0.2.1`, `"192.0.2.1:80"`, `"[2001:db8::1]:443"`.
 fn forwarded_for(v: &[u8]) -> Option<IpAddr> {
-    let v = v
-        .strip_prefix(b"\"")
-        .and_then(|x| x.strip_suffix(b"\""))
-        .unwrap_or(v);
+    let v = unquote(v);
     if let Some(rest) = v.strip_prefix(b"[") {
         let end = rest.iter().position(|&b| b == b']')?;
         let ip: Ipv6Addr = std::str::from_utf8(&rest[..end]).ok()?.parse().ok()?;
