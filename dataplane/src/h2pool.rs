@@ -10,8 +10,6 @@
 //! costs a pool lookup and h2's own stream bookkeeping.
 
 use std::cell::Cell;
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::live::UpstreamLive;
-use common::router::Fnv;
 use h2::client::SendRequest;
 use monoio::net::TcpStream;
 
-use crate::upstream::{Counted, PoolKey};
+use crate::upstream::{ByKey, Counted, PoolKey};
 
 /// The flow-control window the gateway opens per stream to an upstream. The connection's is
 /// that times the streams it may carry: a client that stops reading holds back its own
@@ -131,43 +128,28 @@ pub(crate) async fn handshake(
 /// A worker's HTTP/2 upstream connections, per target and upstream.
 #[derive(Debug, Default)]
 pub(crate) struct H2Pool {
-    conns: HashMap<PoolKey, Conns, BuildHasherDefault<Fnv>>,
-}
-
-/// The connections of one [`PoolKey`].
-#[derive(Debug)]
-struct Conns {
-    /// Keeps the key's upstream address from being reused by another upstream's state.
-    _owner: Arc<UpstreamLive>,
-    list: Vec<Rc<H2Conn>>,
+    conns: ByKey<Rc<H2Conn>>,
 }
 
 impl H2Pool {
     /// A connection to `target` opened for `upstream` with room for one more stream, if
     /// there is one.
     pub fn take(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> Option<Rc<H2Conn>> {
-        let list = &mut self.conns.get_mut(&PoolKey::new(target, upstream))?.list;
+        let list = self.conns.get_mut(target, upstream)?;
         list.retain(|c| !c.closed.get());
         list.iter().find(|c| c.has_room()).cloned()
     }
 
     /// Adds a new connection to `target` opened for `upstream`.
     pub fn add(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>, conn: Rc<H2Conn>) {
-        let conns = self
-            .conns
-            .entry(PoolKey::new(target, upstream))
-            .or_insert_with(|| Conns {
-                _owner: upstream.clone(),
-                list: Vec::new(),
-            });
-        conns.list.push(conn);
+        self.conns.entry(target, upstream).push(conn);
     }
 
     /// Drops connections that ended, and those without streams idle for `timeout` (dropping
     /// the last handle makes the driver send GOAWAY and close). More than one idle
     /// connection to a target of an upstream is not kept.
     pub fn sweep(&mut self, now: Instant, timeout: Duration) {
-        for Conns { list, .. } in self.conns.values_mut() {
+        for list in self.conns.lists_mut() {
             list.retain(|c| !c.closed.get());
             let mut idle_kept = 0;
             list.retain(|c| {
@@ -178,7 +160,7 @@ impl H2Pool {
                 idle_kept == 1 && now.duration_since(c.idle_since.get()) < timeout
             });
         }
-        self.conns.retain(|_, conns| !conns.list.is_empty());
+        self.conns.retain(|_, list| !list.is_empty());
     }
 
     /// Drops the connections `keep` says no to (as [`crate::upstream::Pool::retain`]);

@@ -296,14 +296,16 @@ fn still_open(stream: &TcpStream) -> bool {
 /// Idle connections of one worker, per target and upstream.
 #[derive(Debug)]
 pub struct Pool {
-    idle: HashMap<PoolKey, Idle, BuildHasherDefault<Fnv>>,
+    /// Boxed: a connection then moves between the pool and a request as one pointer, not
+    /// as its whole state at each of the hand-overs of a request.
+    idle: ByKey<Box<UpstreamConn>>,
     pub max_idle: usize,
     pub idle_timeout: Duration,
 }
 
 /// Which idle connections a request may take: those to its target opened for its upstream.
 /// The upstream is its live state's address, which cannot be another upstream's while the
-/// pool's entry holds that state (as [`Idle`] and the HTTP/2 pool's entries do).
+/// pool's entry holds that state ([`ByKey`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PoolKey {
     pub target: SocketAddr,
@@ -341,21 +343,63 @@ impl PoolKey {
     }
 }
 
-/// The idle connections of one [`PoolKey`].
+/// Pooled connections per [`PoolKey`], for this pool and the HTTP/2 one. Each entry holds
+/// its upstream's state, which keeps the key's upstream address from being reused by
+/// another upstream's while the entry is there.
 #[derive(Debug)]
-struct Idle {
-    /// Keeps the key's upstream address from being reused by another upstream's state.
-    _owner: Arc<UpstreamLive>,
-    /// Boxed: a connection then moves between the pool and a request as one pointer, not
-    /// as its whole state at each of the hand-overs of a request.
-    #[allow(clippy::vec_box)]
-    conns: Vec<Box<UpstreamConn>>,
+pub(crate) struct ByKey<T>(HashMap<PoolKey, (Arc<UpstreamLive>, Vec<T>), BuildHasherDefault<Fnv>>);
+
+impl<T> Default for ByKey<T> {
+    fn default() -> Self {
+        ByKey(HashMap::default())
+    }
+}
+
+impl<T> ByKey<T> {
+    /// The connections to `target` opened for `upstream`, if any were kept.
+    pub fn get_mut(
+        &mut self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+    ) -> Option<&mut Vec<T>> {
+        let (_, list) = self.0.get_mut(&PoolKey::new(target, upstream))?;
+        Some(list)
+    }
+
+    /// The connections to `target` opened for `upstream`, a new entry if need be.
+    pub fn entry(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> &mut Vec<T> {
+        let key = PoolKey::new(target, upstream);
+        &mut self
+            .0
+            .entry(key)
+            .or_insert_with(|| (upstream.clone(), Vec::new()))
+            .1
+    }
+
+    /// Every entry's connections.
+    pub fn lists_mut(&mut self) -> impl Iterator<Item = &mut Vec<T>> {
+        self.0.values_mut().map(|(_, list)| list)
+    }
+
+    /// Keeps the entries `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&PoolKey, &Vec<T>) -> bool) {
+        self.0.retain(|key, (_, list)| keep(key, list));
+    }
+
+    /// Connections kept, over all entries.
+    pub fn count(&self) -> usize {
+        self.0.values().map(|(_, list)| list.len()).sum()
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 impl Pool {
     pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
         Pool {
-            idle: HashMap::default(),
+            idle: ByKey::default(),
             max_idle,
             idle_timeout,
         }
@@ -376,7 +420,7 @@ impl Pool {
         upstream: &Arc<UpstreamLive>,
         now: Instant,
     ) -> Option<Box<UpstreamConn>> {
-        let list = &mut self.idle.get_mut(&PoolKey::new(addr, upstream))?.conns;
+        let list = self.idle.get_mut(addr, upstream)?;
         while let Some(mut conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
             if idle < self.idle_timeout && conn.idle_and_open() {
@@ -398,27 +442,20 @@ impl Pool {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
         }
-        let idle = self
-            .idle
-            .entry(PoolKey::new(addr, upstream))
-            .or_insert_with(|| Idle {
-                _owner: upstream.clone(),
-                conns: Vec::new(),
-            });
-        if idle.conns.len() < self.max_idle {
+        let list = self.idle.entry(addr, upstream);
+        if list.len() < self.max_idle {
             conn.idle_since = now;
             conn.watch = None;
             conn.arm();
-            idle.conns.push(conn);
+            list.push(conn);
         }
     }
 
     /// Closes connections idle for longer than the idle timeout.
     pub fn sweep(&mut self, now: Instant) {
         let timeout = self.idle_timeout;
-        for idle in self.idle.values_mut() {
-            idle.conns
-                .retain(|c| now.duration_since(c.idle_since) < timeout);
+        for list in self.idle.lists_mut() {
+            list.retain(|c| now.duration_since(c.idle_since) < timeout);
         }
     }
 
@@ -435,7 +472,7 @@ impl Pool {
 
     /// Idle connections held, over all targets.
     pub fn idle_count(&self) -> usize {
-        self.idle.values().map(|idle| idle.conns.len()).sum()
+        self.idle.count()
     }
 }
 
