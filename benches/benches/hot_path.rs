@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use benches::{snapshot_with_routes, BROWSER_GET, MINIMAL_GET};
-use common::{Limits, RouteAction, Snapshot};
+use benches::{api_routes_config, routes_config, snapshot_with_routes, BROWSER_GET, MINIMAL_GET};
+use common::{parse_config, Format, Limits, RouteAction, Snapshot};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use dataplane::codec::chunked::ChunkedDecoder;
 use dataplane::codec::request::{parse_request, RequestHead};
@@ -116,6 +116,60 @@ fn benches(c: &mut Criterion) {
                     |id| snap.routes[id as usize].accepts(b"GET"),
                 )
             })
+        });
+    }
+    // A large API's table: the last parametrised route, and a host no table has (every
+    // wildcard host and parametrised path is passed over for the catch-all).
+    for n in [1000, 10_000] {
+        let config = parse_config(&api_routes_config(n), Format::Toml).expect("parses");
+        let snap = Snapshot::compile(config, 1).expect("compiles");
+        let last = format!("/svc{}/items/42", (n - 2) / 2 * 2);
+        let want = snap
+            .routes
+            .iter()
+            .position(|r| *r.id == *format!("r{}", (n - 2) / 2 * 2));
+        let accepts = |id: u32| snap.routes[id as usize].accepts(b"GET");
+        let found = snap
+            .router
+            .find(Some(b"api.example.com"), last.as_bytes(), accepts);
+        assert_eq!(found.map(|id| id as usize), want, "{last}");
+        g.bench_function(format!("{n}_api_routes_last_param"), |b| {
+            b.iter(|| {
+                snap.router.find(
+                    Some(black_box(&b"api.example.com"[..])),
+                    black_box(last.as_bytes()),
+                    |id| snap.routes[id as usize].accepts(b"GET"),
+                )
+            })
+        });
+        g.bench_function(format!("{n}_api_routes_no_host_or_path"), |b| {
+            b.iter(|| {
+                snap.router.find(
+                    Some(black_box(&b"x.nowhere.example.com"[..])),
+                    black_box(b"/api/v1/orders/12345"),
+                    |id| snap.routes[id as usize].accepts(b"GET"),
+                )
+            })
+        });
+    }
+    g.finish();
+
+    // Compiling a config (what a PUT or a reload costs the control plane), parsing aside.
+    let mut g = c.benchmark_group("compile");
+    g.sample_size(10);
+    for (name, text) in [
+        ("1000_routes", routes_config(1000)),
+        ("10000_routes", routes_config(10_000)),
+        ("1000_api_routes", api_routes_config(1000)),
+        ("10000_api_routes", api_routes_config(10_000)),
+    ] {
+        let config = parse_config(&text, Format::Toml).expect("parses");
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || config.clone(),
+                |c| Snapshot::compile(c, 1).expect("compiles"),
+                BatchSize::LargeInput,
+            )
         });
     }
     g.finish();

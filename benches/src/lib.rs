@@ -56,6 +56,12 @@ X-Request-Id: 7f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b\r\n\r\n";
 /// method lists, ending with a catch-all. The browser request matches a prefix route near the
 /// middle of the table.
 pub fn snapshot_with_routes(n: usize) -> Snapshot {
+    let config = parse_config(&routes_config(n), Format::Toml).expect("bench config parses");
+    Snapshot::compile(config, 1).expect("bench config compiles")
+}
+
+/// The TOML of [`snapshot_with_routes`].
+pub fn routes_config(n: usize) -> String {
     let mut text = String::from(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n",
     );
@@ -72,6 +78,27 @@ pub fn snapshot_with_routes(n: usize) -> Snapshot {
     }
     text.push_str("[[routes]]\nid = \"orders\"\npath_prefix = \"/api/v1/orders\"\nhosts = [\"api.example.com\"]\nupstream = \"u\"\n");
     text.push_str("[[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"u\"\n");
-    let config = parse_config(&text, Format::Toml).expect("bench config parses");
-    Snapshot::compile(config, 1).expect("bench config compiles")
+    text
+}
+
+/// A config of `n` routes as a large API's: half parametrised paths
+/// (`/svc{i}/items/{id}`, `GET`), half tenants' wildcard hosts (`*.t{i}.example.com`, every
+/// path), then a catch-all. [`snapshot_with_routes`]'s mix has neither many parameters nor a
+/// host that misses every table.
+pub fn api_routes_config(n: usize) -> String {
+    let mut text = String::from(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n",
+    );
+    for i in 0..n.saturating_sub(1) {
+        let route = if i % 2 == 0 {
+            format!("path = \"/svc{i}/items/{{id}}\"\nmethods = [\"GET\"]")
+        } else {
+            format!("path_prefix = \"/\"\nhosts = [\"*.t{i}.example.com\"]")
+        };
+        text.push_str(&format!(
+            "[[routes]]\nid = \"r{i}\"\n{route}\nupstream = \"u\"\n"
+        ));
+    }
+    text.push_str("[[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"u\"\n");
+    text
 }
