@@ -3,6 +3,7 @@
 //!
 //! Nothing here runs per request; the data plane reads these structures.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::config::{
@@ -335,12 +336,12 @@ pub struct Step {
 }
 
 /// Compiles the aggregate at `aggregates[i]` (`repeated`: an earlier one has its id);
-/// `upstream_ids` are the snapshot's upstreams in order.
+/// `upstream_ids` are the snapshot's upstreams' indexes by id.
 pub fn compile_aggregate(
     a: &AggregateConfig,
     i: usize,
     repeated: bool,
-    upstream_ids: &[&str],
+    upstream_ids: &HashMap<&str, usize>,
 ) -> Result<Aggregate, ConfigError> {
     let at = format!("aggregates[{i}]");
     check_id(&a.id, &format!("{at}.id"))?;
@@ -403,7 +404,7 @@ fn compile_step(
     j: usize,
     ids: &[&str],
     a: &AggregateConfig,
-    upstream_ids: &[&str],
+    upstream_ids: &HashMap<&str, usize>,
 ) -> Result<Step, ConfigError> {
     check_id(&s.id, &format!("{at}.id"))?;
     if s.id == "query" {
@@ -419,8 +420,8 @@ fn compile_step(
         ));
     }
     let upstream = upstream_ids
-        .iter()
-        .position(|u| *u == s.upstream)
+        .get(s.upstream.as_str())
+        .copied()
         .ok_or_else(|| {
             ConfigError::field(
                 format!("{at}.upstream"),

@@ -640,14 +640,14 @@ impl Snapshot {
             }
             upstreams.push(crate::upstreams::compile_upstream(u, i)?);
         }
-        let upstream_ids: Vec<&str> = upstreams.iter().map(|u| &*u.id).collect();
+        let upstream_index = index_by_id(upstreams.iter().map(|u| &*u.id));
         let repeat = first_repeat(config.aggregates.iter().map(|a| a.id.as_str()));
         let aggregates = config
             .aggregates
             .iter()
             .enumerate()
             .map(|(i, a)| {
-                crate::aggregate::compile_aggregate(a, i, repeat == Some(i), &upstream_ids)
+                crate::aggregate::compile_aggregate(a, i, repeat == Some(i), &upstream_index)
             })
             .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in aggregates.iter().enumerate() {
@@ -706,19 +706,17 @@ impl Snapshot {
         let mut router = Router::default();
         let known = Known {
             upstreams: &upstreams,
-            upstream_index: upstreams
-                .iter()
-                .enumerate()
-                .map(|(i, u)| (&*u.id, i))
-                .collect(),
+            upstream_index,
+            aggregate_index: index_by_id(aggregates.iter().map(|a| &*a.id)),
+            profile_index: index_by_id(profiles.iter().map(|p| &*p.id)),
+            transcoder_index: index_by_id(transcoders.iter().map(|t| &*t.id)),
             aggregates: &aggregates,
-            profiles: &profiles,
-            transcoders: &transcoders,
             route_repeat: first_repeat(config.routes.iter().map(|r| r.id.as_str())),
             merge_slashes: config.merges_slashes(),
         };
-        // Earlier routes by path (see `path_key`): a route is checked against those only.
-        let mut by_path: HashMap<(bool, Vec<u8>), Vec<usize>> = HashMap::new();
+        // Earlier routes by path (see `path_key`) and host: a route is checked against those
+        // only.
+        let mut by_path: HashMap<(bool, Vec<u8>), SamePath> = HashMap::new();
         for (i, r) in config.routes.iter().enumerate() {
             let mut route = compile_route(r, i, &known)?;
             route.policies = crate::policy::route_policies(
@@ -755,12 +753,8 @@ impl Snapshot {
             )?;
             let same_path = by_path.entry(path_key(r)).or_default();
             add_to_router(&mut router, r, i, &config.routes, same_path)?;
-            same_path.push(i);
             routes.push(route);
         }
-        router
-            .wildcard_hosts
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
 
         let t = &config.timeouts;
         let ms = |name: &str, v: u64| -> Result<Duration, ConfigError> {
@@ -1000,9 +994,11 @@ struct Known<'a> {
     upstreams: &'a [Upstream],
     /// Each upstream's index by its id.
     upstream_index: HashMap<&'a str, usize>,
+    /// Each aggregate's, client profile's and transcoder's index by its id.
+    aggregate_index: HashMap<&'a str, usize>,
+    profile_index: HashMap<&'a str, usize>,
+    transcoder_index: HashMap<&'a str, usize>,
     aggregates: &'a [Aggregate],
-    profiles: &'a [Profile],
-    transcoders: &'a [std::sync::Arc<crate::transcode::Transcoder>],
     /// The first route whose id an earlier route has.
     route_repeat: Option<usize>,
     /// Request paths have their runs of `/` merged (`merge_slashes`).
@@ -1156,11 +1152,7 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
     let mut variants = Vec::with_capacity(r.variants.len());
     for (k, v) in r.variants.iter().enumerate() {
         let vat = format!("{at}.variants[{k}]");
-        let profile = known
-            .profiles
-            .iter()
-            .position(|p| *p.id == *v.profile)
-            .ok_or_else(|| {
+        let profile = (known.profile_index.get(v.profile.as_str()).copied()).ok_or_else(|| {
                 ConfigError::field(
                     format!("{vat}.profile"),
                     format!("unknown client profile {:?}", v.profile),
@@ -1237,10 +1229,7 @@ fn route_transcoder(
     at: &str,
 ) -> Result<usize, ConfigError> {
     let field = |why: &str| ConfigError::field(format!("{at}.transcoder"), why.to_owned());
-    let index = known
-        .transcoders
-        .iter()
-        .position(|t| &*t.id == id)
+    let index = (known.transcoder_index.get(id).copied())
         .ok_or_else(|| field(&format!("unknown transcoder {id:?}")))?;
     match action {
         RouteAction::Proxy { upstream }
@@ -1341,11 +1330,7 @@ fn route_action(
         };
     }
     let a = aggregate.unwrap_or_default();
-    let index = known
-        .aggregates
-        .iter()
-        .position(|x| &*x.id == a)
-        .ok_or_else(|| {
+    let index = (known.aggregate_index.get(a).copied()).ok_or_else(|| {
             ConfigError::field(
                 format!("{at}.aggregate"),
                 format!("unknown aggregate {a:?}"),
@@ -1405,6 +1390,15 @@ fn parse_pattern(
 ) -> Result<(Box<[Seg]>, crate::aggregate::Names), ConfigError> {
     let mut segs = Vec::new();
     let mut names: Vec<Box<str>> = Vec::new();
+    if path[1..].split('/').count() > crate::router::MAX_PARAM_SEGMENTS {
+        return Err(ConfigError::field(
+            at,
+            format!(
+                "{path:?}: a path with parameters has at most {} segments",
+                crate::router::MAX_PARAM_SEGMENTS
+            ),
+        ));
+    }
     for seg in path[1..].split('/') {
         if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
             if !crate::aggregate::valid_param_name(name) {
@@ -1601,6 +1595,15 @@ fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<Box<Redirect>
     }))
 }
 
+/// Indexes by id, the first of each id (a repeated one is refused on its own).
+fn index_by_id<'a>(ids: impl Iterator<Item = &'a str>) -> HashMap<&'a str, usize> {
+    let mut index = HashMap::new();
+    for (i, id) in ids.enumerate() {
+        index.entry(id).or_insert(i);
+    }
+    index
+}
+
 /// What makes two routes' paths the same: exact or prefix, and the path with every
 /// parameter segment written `{}` (`/a/{id}` and `/a/{sku}` match the same requests).
 fn path_key(r: &RouteConfig) -> (bool, Vec<u8>) {
@@ -1619,13 +1622,25 @@ fn path_key(r: &RouteConfig) -> (bool, Vec<u8>) {
     }
 }
 
-/// Adds route `i` to the router; `same_path`: the earlier routes with its [`path_key`].
+/// Earlier routes with one [`path_key`], by host as written in lower case (`None`: routes
+/// without `hosts`): the only routes that can shadow a route or be shadowed by it.
+type SamePath = HashMap<Option<String>, Vec<usize>>;
+
+/// The keys of [`SamePath`] that route `r` is filed under.
+fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
+    let none = r.hosts.is_empty().then_some(None);
+    none.into_iter()
+        .chain(r.hosts.iter().map(|h| Some(h.to_ascii_lowercase())))
+}
+
+/// Adds route `i` to the router, then files it in `same_path` (the earlier routes with its
+/// [`path_key`]).
 fn add_to_router(
     router: &mut Router,
     r: &RouteConfig,
     i: usize,
     all: &[RouteConfig],
-    same_path: &[usize],
+    same_path: &mut SamePath,
 ) -> Result<(), ConfigError> {
     let at = format!("routes[{i}]");
     let (path, exact) = match (&r.path, &r.path_prefix) {
@@ -1634,25 +1649,29 @@ fn add_to_router(
         _ => unreachable!("compile_route checked that one of path / path_prefix is set"),
     };
     // Two routes with the same host key and path, whose method sets overlap, would make the
-    // second one unreachable: refuse instead of silently shadowing it.
-    for &j in same_path {
-        let o = &all[j];
-        let hosts_overlap = (o.hosts.is_empty() && r.hosts.is_empty())
-            || o.hosts
-                .iter()
-                .any(|h| r.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)));
-        let methods_overlap = o.methods.is_empty()
+    // second one unreachable: refuse instead of silently shadowing it (naming the first).
+    let methods_overlap = |o: &RouteConfig| {
+        o.methods.is_empty()
             || r.methods.is_empty()
-            || o.methods.iter().any(|m| r.methods.contains(m));
-        if hosts_overlap && methods_overlap {
-            return Err(ConfigError::field(
-                at,
-                format!(
-                    "matches the same host, path and methods as routes[{j}] ({:?}), so one of them could never be chosen",
-                    o.id
-                ),
-            ));
-        }
+            || o.methods.iter().any(|m| r.methods.contains(m))
+    };
+    let clash = host_keys(r)
+        .filter_map(|h| {
+            let earlier = same_path.get(&h)?;
+            earlier.iter().copied().find(|&j| methods_overlap(&all[j]))
+        })
+        .min();
+    if let Some(j) = clash {
+        return Err(ConfigError::field(
+            at,
+            format!(
+                "matches the same host, path and methods as routes[{j}] ({:?}), so one of them could never be chosen",
+                all[j].id
+            ),
+        ));
+    }
+    for h in host_keys(r) {
+        same_path.entry(h).or_default().push(i);
     }
     let id = u32::try_from(i).map_err(|_| ConfigError::field("routes", "too many routes"))?;
     if r.hosts.is_empty() {
@@ -1673,15 +1692,12 @@ fn add_to_router(
             }
             if wild {
                 let suffix = format!(".{name}").into_bytes().into_boxed_slice();
-                let pos = router
-                    .wildcard_hosts
-                    .iter()
-                    .position(|(s, _)| *s == suffix)
-                    .unwrap_or_else(|| {
-                        router.wildcard_hosts.push((suffix, PathTable::default()));
-                        router.wildcard_hosts.len() - 1
-                    });
-                insert(&mut router.wildcard_hosts[pos].1, path, exact, id);
+                insert(
+                    router.wildcard_hosts.entry(suffix).or_default(),
+                    path,
+                    exact,
+                    id,
+                );
             } else {
                 let table = router
                     .exact_hosts

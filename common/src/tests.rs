@@ -203,6 +203,51 @@ fn errors_name_the_field() {
     assert_eq!(e.path(), "routes[1]");
     assert!(e.to_string().contains("routes[0]"), "{e}");
 
+    // Shadowing is by path, host (any case) and method; the first route shadowed is named.
+    let route = |id: &str, path: &str, hosts: &str, methods: &str| {
+        format!(
+            "[[routes]]\nid = \"{id}\"\npath = \"{path}\"\nhosts = [{hosts}]\n\
+             methods = [{methods}]\nrespond = {{}}\n"
+        )
+    };
+    let table = [
+        route("a", "/x/{id}", "\"a.com\"", "\"GET\""),
+        route("b", "/x/{id}", "\"b.com\"", ""),
+        route("c", "/x/{id}", "\"c.com\"", "\"POST\""),
+        // Another host, another method, a path that differs: no clash.
+        route("d", "/x/{id}", "\"d.com\"", ""),
+        route("e", "/x/{id}", "\"a.com\"", "\"PUT\""),
+        route("f", "/x/{id}/y", "\"a.com\"", "\"GET\""),
+    ]
+    .concat();
+    assert!(compile(&format!("{base}{table}")).is_ok());
+    let late = route("g", "/x/{sku}", "\"C.COM\", \"B.com\"", "\"POST\"");
+    let e = err(&format!("{base}{table}{late}"));
+    assert_eq!(e.path(), "routes[6]");
+    assert!(e.to_string().contains("routes[1] (\"b\")"), "{e}");
+    let late = route("g", "/x/{sku}", "\"c.com\", \"a.com\"", "\"POST\", \"GET\"");
+    assert!(err(&format!("{base}{table}{late}"))
+        .to_string()
+        .contains("routes[0] (\"a\")"));
+    // Without hosts, only routes without hosts are in the way.
+    let bare = "[[routes]]\nid = \"h\"\npath = \"/x/{n}\"\nrespond = {}\n";
+    assert!(compile(&format!("{base}{table}{bare}")).is_ok());
+    let e = err(&format!(
+        "{base}{table}{bare}{}",
+        bare.replace("\"h\"", "\"i\"")
+    ));
+    assert!(e.to_string().contains("routes[6] (\"h\")"), "{e}");
+
+    // A parametrised path's segments are bounded (the lookup walks them recursively).
+    let deep = format!("/{{id}}{}", "/a".repeat(63));
+    assert!(compile(&format!("{base}{}", route("r", &deep, "", ""))).is_ok());
+    let e = err(&format!(
+        "{base}{}",
+        route("r", &format!("{deep}/a"), "", "")
+    ));
+    assert_eq!(e.path(), "routes[0].path");
+    assert!(e.to_string().contains("at most 64 segments"), "{e}");
+
     let e = err(&format!(
         "{base}[[routes]]\nid = \"a\"\npath = \"/x\"\nhosts = [\"bad host\"]\nrespond = {{}}\n"
     ));
