@@ -1153,11 +1153,11 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
     for (k, v) in r.variants.iter().enumerate() {
         let vat = format!("{at}.variants[{k}]");
         let profile = (known.profile_index.get(v.profile.as_str()).copied()).ok_or_else(|| {
-                ConfigError::field(
-                    format!("{vat}.profile"),
-                    format!("unknown client profile {:?}", v.profile),
-                )
-            })?;
+            ConfigError::field(
+                format!("{vat}.profile"),
+                format!("unknown client profile {:?}", v.profile),
+            )
+        })?;
         if r.variants[..k].iter().any(|o| o.profile == v.profile) {
             return Err(ConfigError::field(
                 format!("{vat}.profile"),
@@ -1331,11 +1331,11 @@ fn route_action(
     }
     let a = aggregate.unwrap_or_default();
     let index = (known.aggregate_index.get(a).copied()).ok_or_else(|| {
-            ConfigError::field(
-                format!("{at}.aggregate"),
-                format!("unknown aggregate {a:?}"),
-            )
-        })?;
+        ConfigError::field(
+            format!("{at}.aggregate"),
+            format!("unknown aggregate {a:?}"),
+        )
+    })?;
     for s in known.aggregates[index].steps.iter() {
         // The field is the route's `aggregate` (a path the API turns into a JSON pointer);
         // which step of it, the reason says.

@@ -33,13 +33,36 @@ macro_rules! both_drivers {
 
 static UNIQUE: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh directory under the system temp dir.
+/// A fresh directory under the system temp dir, `gw-test-PID-TAG-N`. A run's directories stay
+/// for a look after a failure until the next run starts, which removes them.
 pub fn temp_dir(tag: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(remove_earlier_runs_dirs);
     let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("gw-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes the `gw-test-PID-*` directories of test runs that have ended (their PID runs no
+/// more): each run leaves hundreds of megabytes (gateway binaries copied for the upgrade
+/// tests, load tests' access logs), which would fill the temp dir run after run.
+fn remove_earlier_runs_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| {
+            let rest = n.strip_prefix("gw-test-")?;
+            rest[..rest.find('-')?].parse::<u32>().ok()
+        });
+        let Some(pid) = pid else { continue };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The admin section every test config gets unless it has its own: a free port and a known
