@@ -242,7 +242,7 @@ fn shape(
         target: target
             .map(|t| dot_path(t, &format!("{at}.target")))
             .transpose()?,
-        allow: list(allow, "allow")?,
+        allow: outermost(&list(allow, "allow")?),
         deny: list(deny, "deny")?,
         rename: renamed.into_boxed_slice(),
         group: group
@@ -250,6 +250,18 @@ fn shape(
             .transpose()?,
         max_bytes,
     })
+}
+
+/// `paths` without those another one holds (`a.b` when `a` is there too) or repeats: the
+/// member an outer path keeps is kept whole, in any order.
+fn outermost(paths: &[DotPath]) -> Box<[DotPath]> {
+    let all: std::collections::HashSet<&[Box<str>]> = paths.iter().map(|p| &p[..]).collect();
+    let mut seen = std::collections::HashSet::with_capacity(paths.len());
+    let kept: Vec<DotPath> = (paths.iter())
+        .filter(|p| !(1..p.len()).any(|k| all.contains(&p[..k])) && seen.insert(&p[..]))
+        .cloned()
+        .collect();
+    kept.into_boxed_slice()
 }
 
 /// The member of an aggregate's answer that lists its failed steps.
@@ -483,11 +495,18 @@ fn compile_step(
             ));
         }
         let lower = h.to_ascii_lowercase();
-        if HOP_OR_GATEWAY_FIELDS.contains(&lower.as_str()) {
-            let (field, why) = (
-                format!("{at}.pass_headers[{k}]"),
-                format!("{h:?} is set by the gateway itself"),
-            );
+        let refused = if HOP_OR_GATEWAY_FIELDS.contains(&lower.as_str()) {
+            Some(format!("{h:?} is set by the gateway itself"))
+        } else if PART_OR_CONDITION_FIELDS.contains(&lower.as_str()) {
+            Some(format!(
+                "{h:?} asks for part of an answer or for none (206, 304, 412), but a step's \
+                 answer is merged whole"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            let field = format!("{at}.pass_headers[{k}]");
             // A stored config's entry is left out, not copied.
             if crate::validate::tolerated(&field, &why) {
                 continue;
@@ -531,6 +550,17 @@ fn compile_step(
         shape,
     })
 }
+
+/// Fields that ask for a range of an answer or make it conditional: a step's answer would
+/// then be partial (`206`) or none at all (`304`, `412`).
+const PART_OR_CONDITION_FIELDS: [&str; 6] = [
+    "range",
+    "if-range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+];
 
 /// Fields a step's request gets from the gateway, or that say where the request came from
 /// (which only the gateway may tell), never copied from the client.

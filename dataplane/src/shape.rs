@@ -308,11 +308,19 @@ pub trait Values {
     fn step_field(&self, step: usize, path: &[Box<str>]) -> Option<Cow<'_, [u8]>>;
 }
 
+/// What is wrong with a placeholder's value (missing, malformed or not a scalar; in the path,
+/// empty or a dot segment), naming the placeholder as written.
+#[derive(Debug)]
+pub struct Unfilled {
+    pub why: String,
+    /// The value was the client's to give (a route parameter or a query value), not an
+    /// earlier step's.
+    pub by_client: bool,
+}
+
 /// Fills `t` into `out`. Values from the client are percent-decoded, then every value is
-/// percent-encoded as one segment or query value. `Err`: what is wrong with a placeholder's
-/// value (missing, malformed or not a scalar; in the path, empty or a dot segment), naming
-/// the placeholder as written.
-pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(), String> {
+/// percent-encoded as one segment or query value.
+pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(), Unfilled> {
     let mut in_query = false;
     for part in t.parts.iter() {
         let value: Option<Cow<'_, [u8]>> = match part {
@@ -328,16 +336,20 @@ pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(),
                 .and_then(form_decode),
             Part::Step { step, path } => values.step_field(*step, path),
         };
-        match value {
+        let why = match value {
             Some(v) if !in_query && !one_segment(&v) => {
-                return Err(format!(
-                    "{} is empty or a dot segment, which the path cannot take",
-                    placeholder_name(part)
-                ))
+                "is empty or a dot segment, which the path cannot take"
             }
-            Some(v) => pct_encode(&v, out),
-            None => return Err(format!("{} has no scalar value", placeholder_name(part))),
-        }
+            Some(v) => {
+                pct_encode(&v, out);
+                continue;
+            }
+            None => "has no scalar value",
+        };
+        return Err(Unfilled {
+            why: format!("{} {why}", placeholder_name(part)),
+            by_client: matches!(part, Part::Param(_) | Part::Query(_)),
+        });
     }
     Ok(())
 }
@@ -511,18 +523,19 @@ mod tests {
         assert_eq!(out, b"/i/a%2Fb%20c/x%2Fy%26z?l=en");
         out.clear();
         let err = fill(&t, &V(json!({"p": {"sku": {"nested": 1}}})), &mut out).unwrap_err();
-        assert!(err.contains("sku"), "{err}");
+        assert!(err.why.contains("sku") && !err.by_client, "{err:?}");
         let bad = Template {
             parts: vec![Part::Query("x".into())].into_boxed_slice(),
             has_query: false,
         };
-        assert!(fill(&bad, &V(Value::Null), &mut out).is_err());
+        let err = fill(&bad, &V(Value::Null), &mut out).unwrap_err();
+        assert!(err.why.contains("{query.x}") && err.by_client, "{err:?}");
         // In the path, a value that is empty or a dot segment (also between the slashes it
         // holds) is refused; in the query it is a value like any other.
         for sku in ["", ".", "..", "a/../b", "..\\x", "./"] {
             out.clear();
             let err = fill(&t, &V(json!({"p": {"sku": sku}})), &mut out).unwrap_err();
-            assert!(err.contains("dot segment"), "{sku:?}: {err}");
+            assert!(err.why.contains("dot segment"), "{sku:?}: {err:?}");
         }
         for sku in ["...", ".a", "a..b", "a.b/c"] {
             out.clear();

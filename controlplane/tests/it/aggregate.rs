@@ -268,9 +268,10 @@ fn placeholder_values_never_climb_out_of_the_step_path() {
         r.json()["_errors"],
         json!([{"error": "missing_field", "status": 502, "step": "stock"}])
     );
+    // The client's `..`: its request is refused (400), nothing goes out for it.
     for user in ["..", "%2e%2e", ".", "", "a%2F..%2F..%2Fadmin", "x%5C.."] {
         let r = get(&mut c, &format!("/agg?user={user}&tag=t"), "");
-        assert_eq!(r.status, 502, "{user}: {}", r.body_str());
+        assert_eq!(r.status, 400, "{user}: {}", r.body_str());
         assert!(
             r.body_str().contains("dot segment"),
             "{user}: {}",
@@ -668,6 +669,119 @@ fn failing_steps_follow_the_status_rules() {
     );
 }
 
+#[test]
+fn step_answers_about_the_gateways_request_or_not_whole_are_502() {
+    // A required step's 4xx about the request the gateway made (its framing, size, protocol,
+    // a proxy's credentials) is the gateway's failure, not the client's; a 206 is a part of
+    // an answer, never merged as if whole.
+    let svc = service(|target, _| {
+        let path = target.split('?').next().unwrap();
+        match path.trim_start_matches('/').parse::<u16>() {
+            Ok(206) => (206, "application/json", "{\"a\":".into(), 0),
+            Ok(code) => (code, "application/json", "{\"why\":\"x\"}".into(), 0),
+            Err(_) => json_ok(json!({"a": 1})),
+        }
+    });
+    let text = service(|_, _| (200, "text/plain", "{}".into(), 0));
+    for code in [
+        206, 407, 408, 411, 413, 414, 417, 421, 426, 431, 400, 403, 409,
+    ] {
+        let steps = [step("ok", 0, ""), step(&code.to_string(), 0, "")].concat();
+        let (gw, _) = one_aggregate(&[&svc], "", &steps);
+        let r = get(&mut gw.connect(), "/agg", "");
+        let want = if matches!(code, 400 | 403 | 409) {
+            code
+        } else {
+            502
+        };
+        assert_eq!(r.status, want, "{code}: {}", r.body_str());
+        if want == 502 {
+            let p = r.json();
+            assert_eq!(
+                (&p["error"], &p["status"]),
+                (&json!("status"), &json!(502)),
+                "{p}"
+            );
+            assert!(p["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("answered {code}")));
+        } else {
+            assert_eq!(r.json(), json!({"why": "x"}));
+        }
+    }
+    // A step carrying the client's body: its 413 is about that body, the client's.
+    let steps = [
+        step("ok", 0, ""),
+        step("413", 0, "method = \"POST\"\nbody = true"),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&[&svc], "", &steps);
+    let r = gw
+        .connect()
+        .roundtrip("POST /agg HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+    assert_eq!(r.status, 413, "{}", r.body_str());
+
+    // Optional steps that answered but could not be used name what they answered.
+    let steps = [
+        step("ok", 0, ""),
+        step("206", 0, "required = false"),
+        step("text", 1, "required = false"),
+        step("target", 0, "required = false\ntarget = \"nope\""),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&[&svc, &text], "", &steps);
+    let body = get(&mut gw.connect(), "/agg", "").json();
+    let errors = body["_errors"].as_array().unwrap();
+    let seen: Vec<(&str, &str, u64, u64)> = (errors.iter())
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap(),
+                e["error"].as_str().unwrap(),
+                e["status"].as_u64().unwrap(),
+                e["upstream_status"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("206", "status", 502, 206),
+            ("text", "not_json", 502, 200),
+            ("target", "target_missing", 502, 200)
+        ],
+        "{body}"
+    );
+
+    // A value the client was to give and did not is the client's error (400), an earlier
+    // step's is the gateway's (502).
+    let steps = [
+        step("ok", 0, ""),
+        "\n[[aggregates.steps]]\nid = \"q\"\nupstream = \"u0\"\npath = \"/x/{query.user}\"\ngroup = \"q\"\n"
+            .to_owned(),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&[&svc], "", &steps);
+    let mut c = gw.connect();
+    for path in ["/agg", "/agg?user=..", "/agg?user=%zz"] {
+        let r = get(&mut c, path, "");
+        assert_eq!(r.status, 400, "{path}: {}", r.body_str());
+        assert_eq!(r.json()["error"], "missing_field", "{path}");
+    }
+    assert_eq!(get(&mut c, "/agg?user=7", "").status, 200);
+    let steps = [
+        step("ok", 0, ""),
+        "\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"u0\"\npath = \"/x/{ok.nope}\"\nafter = [\"ok\"]\n".to_owned(),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&[&svc], "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(
+        (r.status, &r.json()["error"]),
+        (502, &json!("missing_field"))
+    );
+}
+
 trait WithDelay {
     fn with_delay(self, ms: u64) -> Answer;
 }
@@ -972,6 +1086,64 @@ response = {{ allow = ["target"], max_bytes = 1024 }}
             ("invalid_json", 2),
         ],
     );
+}
+
+#[test]
+fn a_reshaped_answer_loses_the_fields_about_the_upstreams_bytes() {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let body = r#"{"a":{"b":1,"c":2},"d":3}"#;
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             ETag: \"v1\"\r\nContent-MD5: eA==\r\nContent-Digest: sha-256=:eA==:\r\n\
+             Repr-Digest: sha-256=:eA==:\r\nDigest: SHA-256=eA==\r\nTrailer: X-Sum\r\n\
+             Accept-Ranges: bytes\r\nLast-Modified: Sun, 06 Dec 2026 00:00:00 GMT\r\n\
+             X-Kept: 1\r\n\r\n{}",
+            body.len(),
+            if req.request_line().starts_with("HEAD ") {
+                ""
+            } else {
+                body
+            }
+        );
+        Keep::Open
+    }));
+    let config = format!(
+        "{}\n[[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"shaped\"\npath = \"/shaped\"\nupstream = \"u\"\n\
+         response = {{ allow = [\"a.b\", \"a\"] }}\n\
+         [[routes]]\nid = \"plain\"\npath = \"/plain\"\nupstream = \"u\"\n",
+        listener(),
+        origin.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let gone = [
+        "ETag",
+        "Content-MD5",
+        "Content-Digest",
+        "Repr-Digest",
+        "Digest",
+        "Trailer",
+        "Accept-Ranges",
+    ];
+    let r = get(&mut c, "/shaped", "");
+    // `a.b` beside `a` keeps `a` whole, whichever comes first.
+    assert_eq!(r.json(), json!({"a": {"b": 1, "c": 2}}));
+    for name in gone {
+        assert_eq!(r.header(name), None, "{name}: {}", r.head);
+    }
+    assert_eq!(r.header("X-Kept"), Some("1"));
+    assert!(r.header("Last-Modified").is_some(), "{}", r.head);
+    let r = c.roundtrip("HEAD /shaped HTTP/1.1\r\nHost: a\r\n\r\n");
+    for name in gone.iter().chain(&["Content-Length"]) {
+        assert_eq!(r.header(name), None, "HEAD {name}: {}", r.head);
+    }
+    // Not reshaped: relayed as the upstream made it.
+    let r = get(&mut c, "/plain", "");
+    for name in gone {
+        assert!(r.header(name).is_some(), "{name}: {}", r.head);
+    }
 }
 
 /// Asserts the counts of `gateway_transform_skipped_total` by reason.
@@ -1383,6 +1555,14 @@ fn validation_refuses_what_cannot_work() {
     for field in ["Forwarded", "X-Real-IP", "Via", "HTTP2-Settings"] {
         let e = check(&format!("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\npass_headers = [\"{field}\"]\n"));
         assert!(e.contains("pass_headers[0]"), "{field}: {e}");
+    }
+    // Nor a range or a condition: a step's answer is merged whole.
+    for field in ["Range", "If-Range", "If-None-Match", "If-Modified-Since"] {
+        let e = check(&format!("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\npass_headers = [\"{field}\"]\n"));
+        assert!(
+            e.contains("pass_headers[0]") && e.contains("merged whole"),
+            "{field}: {e}"
+        );
     }
     // `_errors` is the gateway's member.
     let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\ngroup = \"_errors\"\n");

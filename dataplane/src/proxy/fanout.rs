@@ -77,6 +77,8 @@ impl Failure {
 struct Answer {
     raw: Vec<u8>,
     checked: json::Checked,
+    /// The upstream's status (2xx).
+    status: u16,
 }
 
 type StepOutcome = Result<Answer, Failure>;
@@ -442,8 +444,13 @@ async fn run_steps<S: ClientStream>(
                     steps: &earlier,
                 };
                 path.clear();
-                if let Err(why) = shape::fill(&step.path, &values, &mut path) {
-                    let f = Failure::new(StepError::MissingField, format!("{why} (step path)"));
+                if let Err(e) = shape::fill(&step.path, &values, &mut path) {
+                    let mut f =
+                        Failure::new(StepError::MissingField, format!("{} (step path)", e.why));
+                    // The client's request lacks what the step needs: the client's error.
+                    if e.by_client {
+                        f.status = 400;
+                    }
                     results[j] = Some((Duration::ZERO, Err(f)));
                     continue;
                 }
@@ -647,12 +654,11 @@ async fn call(
             Outcome::Done
         },
     );
-    if !(200..300).contains(&status) {
+    // A 206 is part of a representation, never one to merge as if whole.
+    if !(200..300).contains(&status) || status == 206 {
         let mut f = Failure::new(StepError::Status, format!("answered {status}"));
         f.upstream_status = Some(status);
-        // 405 and 411 are about the request the gateway made for the step (its method, its
-        // framing), not the client's: the gateway's failure, a 502.
-        if (400..500).contains(&status) && !matches!(status, 405 | 411) {
+        if (400..500).contains(&status) && !about_the_steps_request(status, step.body) {
             f.status = status;
             f.relayed = relayed;
             if let Some(ct) = ctype.filter(|_| json && !encoded && within) {
@@ -663,37 +669,54 @@ async fn call(
         }
         return Err(f);
     }
+    // A 2xx the step cannot use: a failure that names what the upstream answered.
+    let failed = |error, detail: &str| {
+        let mut f = Failure::new(error, detail);
+        f.upstream_status = Some(status);
+        Err(f)
+    };
     if !within {
-        return Err(Failure::new(
-            StepError::TooLarge,
-            format!("its answer is larger than max_step_bytes ({max})"),
-        ));
+        let detail = format!("its answer is larger than max_step_bytes ({max})");
+        return failed(StepError::TooLarge, &detail);
     }
     let raw = if raw.is_empty() && (status == 204 || is_head) {
         b"{}".to_vec()
     } else if encoded || !json {
-        return Err(Failure::new(
-            StepError::NotJson,
-            "its answer is not identity-encoded application/json",
-        ));
+        let detail = "its answer is not identity-encoded application/json";
+        return failed(StepError::NotJson, detail);
     } else {
         raw
     };
     let checked = match json::check(&raw) {
         Ok(c) => c,
-        Err(e) => return Err(Failure::new(StepError::InvalidJson, e.to_string())),
+        Err(e) => return failed(StepError::InvalidJson, &e.to_string()),
     };
     if step.shape.target.is_some() {
         let has_target = json::restore(&raw, &checked)
             .is_some_and(|a| json::apply_target(&step.shape, a).is_ok());
         if !has_target {
-            return Err(Failure::new(
-                StepError::TargetMissing,
-                "its answer has no member at `target`",
-            ));
+            let detail = "its answer has no member at `target`";
+            return failed(StepError::TargetMissing, detail);
         }
     }
-    Ok(Answer { raw, checked })
+    Ok(Answer {
+        raw,
+        checked,
+        status,
+    })
+}
+
+/// Whether a step's 4xx is about the request the gateway made for it, not the client's: the
+/// gateway's failure, a `502`. Its method (`405`), framing (`411`), size (`413`, unless the
+/// step carries the client's body; `414` and `431`: the target and fields the gateway
+/// built), `Expect` (`417`), connection or protocol (`408`, `421`, `426`), or a proxy's
+/// credentials the gateway does not have (`407`, whose challenge is for the gateway).
+fn about_the_steps_request(status: u16, carries_client_body: bool) -> bool {
+    match status {
+        405 | 407 | 408 | 411 | 414 | 417 | 421 | 426 | 431 => true,
+        413 => !carries_client_body,
+        _ => false,
+    }
 }
 
 /// Per-step metrics and the failed steps for the access log.
@@ -746,11 +769,13 @@ fn record(
 fn fail_late(
     agg: &Aggregate,
     j: usize,
-    f: Failure,
+    mut f: Failure,
+    upstream_status: u16,
     req: &mut RequestCtx,
     errors: &mut Vec<Value>,
     late: &mut Vec<(usize, StepError)>,
 ) -> Option<(u16, Vec<u8>, Vec<u8>)> {
+    f.upstream_status = Some(upstream_status);
     req.failed_steps.push(j as u16);
     late.push((j, f.error));
     if agg.steps[j].required {
@@ -808,7 +833,7 @@ fn answer(
         });
         let mut node = match shaped {
             Ok(node) => node,
-            Err(f) => match fail_late(agg, j, f, req, &mut errors, late) {
+            Err(f) => match fail_late(agg, j, f, a.status, req, &mut errors, late) {
                 Some(refused) => return refused,
                 None => continue,
             },
@@ -818,7 +843,7 @@ fn answer(
                 StepError::NotAnObject,
                 "its result is not a JSON object; give the step a `group`",
             );
-            match fail_late(agg, j, f, req, &mut errors, late) {
+            match fail_late(agg, j, f, a.status, req, &mut errors, late) {
                 Some(refused) => return refused,
                 None => continue,
             }
@@ -833,7 +858,7 @@ fn answer(
                     StepError::InvalidJson,
                     format!("its answer meets another's in {}", json::UNREADABLE),
                 );
-                match fail_late(agg, j, f, req, &mut errors, late) {
+                match fail_late(agg, j, f, a.status, req, &mut errors, late) {
                     Some(refused) => return refused,
                     None => continue,
                 }

@@ -555,6 +555,21 @@ async fn opens_json_body(
     }
 }
 
+/// Fields about the upstream's bytes, which a reshaped body no longer is: its framing,
+/// validator and digests, the trailers it announced (the answer goes out whole, without
+/// them), and its byte ranges (nginx clears `Accept-Ranges` when it rewrites a body).
+const ABOUT_THE_UPSTREAMS_BYTES: [&[u8]; 9] = [
+    b"content-length",
+    b"transfer-encoding",
+    b"etag",
+    b"content-md5",
+    b"content-digest",
+    b"repr-digest",
+    b"digest",
+    b"trailer",
+    b"accept-ranges",
+];
+
 /// Like [`relay_response`], for a route with a `response` shape: a 2xx identity-encoded JSON
 /// answer within `max_bytes` is read whole, reshaped and sent with its new length (its
 /// `ETag` dropped, since the body changed); any other answer is relayed unchanged and counted
@@ -576,7 +591,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
 ) -> Result<bool, ProxyError> {
     let (fs, fe) = (resp.fields_start, resp.fields_end);
     if is_head {
-        for name in [&b"content-length"[..], b"etag"] {
+        for name in ABOUT_THE_UPSTREAMS_BYTES {
             policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
         }
         return relay_response(down, req, conn, resp, http10, close_client).await;
@@ -683,7 +698,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
             return relayed.map(|c| c && finished_clean);
         }
     };
-    for name in [&b"content-length"[..], b"transfer-encoding", b"etag"] {
+    for name in ABOUT_THE_UPSTREAMS_BYTES {
         policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
     }
     let tail = response_tail(
