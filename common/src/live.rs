@@ -459,23 +459,32 @@ impl TargetSet {
     }
 
     /// Power of two choices: of two random targets, the one with fewer outstanding requests
-    /// per unit of weight (a usable one before one that is not).
+    /// per unit of weight (a usable one before one that is not). With equal weights the two
+    /// are distinct and drawn alike; otherwise each is drawn in proportion to its weight (the
+    /// round-robin cycle holds each target weight times), and a tie goes to the first: while
+    /// nothing is outstanding (requests one at a time) the targets share by weight, instead
+    /// of the heaviest taking every request.
     fn two_choices(&self, random: u64) -> usize {
         let n = self.targets.len();
         if n == 1 {
             return 0;
         }
-        let i = (random as u32 as usize) % n;
-        let j = (i + 1 + ((random >> 32) as usize) % (n - 1)) % n;
+        let (i, j) = if self.schedule.len() == n {
+            let i = (random as u32 as usize) % n;
+            (i, (i + 1 + ((random >> 32) as usize) % (n - 1)) % n)
+        } else {
+            let draw = |bits: u64| usize::from(self.schedule[bits as usize % self.schedule.len()]);
+            (draw(random as u32 as u64), draw(random >> 32))
+        };
         let (a, b) = (&self.targets[i], &self.targets[j]);
         match (a.usable(), b.usable()) {
             (true, false) => return i,
             (false, true) => return j,
             _ => {}
         }
-        // (oa + 1) / wa <= (ob + 1) / wb, without division.
+        // oa / wa <= ob / wb, without division (a weight of 0 counts as 1).
         let load = |t: &LiveTarget, other: &LiveTarget| {
-            (t.state.outstanding() + 1) * u64::from(other.weight)
+            t.state.outstanding() * u64::from(other.weight.max(1))
         };
         if load(a, b) <= load(b, a) {
             i
@@ -647,13 +656,15 @@ impl RetryBudget {
         let requests = window(&self.requests, &self.prev_requests);
         let allowed = (requests * u64::from(percent) / 100).max(u64::from(min_per_s));
         let used = self.prev_retries.load(Relaxed) * left / 1000;
-        if used + self.retries.fetch_add(1, Relaxed) < allowed {
-            true
-        } else {
-            self.retries.fetch_sub(1, Relaxed);
+        // Checked, then taken, in one step: an increment taken back after the check could
+        // meet another worker's roll in between and wrap the count below zero.
+        let taken = self.retries.fetch_update(Relaxed, Relaxed, |now| {
+            (used.saturating_add(now) < allowed).then_some(now + 1)
+        });
+        if taken.is_err() {
             self.denied.fetch_add(1, Relaxed);
-            false
         }
+        taken.is_ok()
     }
 }
 
@@ -823,6 +834,47 @@ mod tests {
     }
 
     #[test]
+    fn least_request_shares_by_weight_when_nothing_is_outstanding() {
+        // Requests one at a time: nothing is ever outstanding, and the heavier target took
+        // every request.
+        let mut s = set(3);
+        s.targets[1].weight = 2;
+        s.targets[2].weight = 3;
+        let s = TargetSet::new(s.targets);
+        let mut share = [0usize; 3];
+        for c in 0..60_000u32 {
+            share[s
+                .pick(&Pick {
+                    balance: Balance::LeastRequest,
+                    counter: c,
+                    random: mix(u64::from(c)),
+                    key: 0,
+                    tried: Tried::default(),
+                })
+                .unwrap()] += 1;
+        }
+        for (got, want) in share.iter().zip([10_000, 20_000, 30_000]) {
+            assert!(got.abs_diff(want) < 1_000, "{share:?}");
+        }
+        // Under load, the fewer outstanding per unit of weight still wins.
+        for _ in 0..9 {
+            s.targets[2].state.begin(2);
+        }
+        for _ in 0..2 {
+            s.targets[1].state.begin(1);
+        }
+        let mut share = [0usize; 3];
+        for c in 0..30_000u32 {
+            share[pick(&s, Balance::LeastRequest, c, 0)] += 1;
+        }
+        // Per unit of weight, target 0 (0 outstanding of weight 1) gets the most, then 1 (2
+        // of 2), then 2 (9 of 3), which loses every comparison.
+        assert!(share[0] > share[1] / 2 && share[1] / 2 > share[2] / 3, "{share:?}");
+        // It gets only the draws of it twice: (3/6)^2 of them.
+        assert!(share[2].abs_diff(30_000 / 4) < 500, "{share:?}");
+    }
+
+    #[test]
     fn hashing_is_stable_and_removing_one_of_ten_moves_about_a_tenth() {
         let ten = set(10);
         let keys: Vec<u64> = (0..10_000u32)
@@ -984,5 +1036,30 @@ mod tests {
         // A stale reading does not reset a newer second.
         b.note_request(7_000);
         assert_eq!(b.second.load(Relaxed), 8);
+    }
+
+    #[test]
+    fn retries_refused_while_other_workers_roll_the_second_never_wrap_the_count() {
+        // Workers refused a retry while others move the budget to a new second: the count
+        // of this second's retries must stay a count (it wrapped below zero when a refusal's
+        // increment was taken back after a roll had reset it, and the next look overflowed).
+        let b = Arc::new(RetryBudget::default());
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200_000u64 {
+                        // Now and then a worker is a second ahead of the others.
+                        let now = 1_000 * (i / 500) + if i % 7 == w { 1_000 } else { 0 };
+                        assert!(!b.try_retry(now, 0, 0));
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("no worker panicked");
+        }
+        assert!(b.retries.load(Relaxed) < 1_000_000, "{b:?}");
+        assert_eq!(b.denied.load(Relaxed), 800_000);
     }
 }
