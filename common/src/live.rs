@@ -337,6 +337,9 @@ pub struct Pick {
     /// The targets this request tried already: a retry goes to one it has not tried while
     /// there is one.
     pub tried: Tried,
+    /// Targets of the set that were drained or removed since the request took it: like
+    /// draining ones, the last resort.
+    pub withdrawn: Tried,
 }
 
 /// Which targets (index and target) a fallback of [`TargetSet::pick`] takes.
@@ -403,6 +406,8 @@ impl TargetSet {
             return None;
         }
         let fresh = |i: usize| !p.tried.has(i);
+        let usable = |i: usize, t: &LiveTarget| t.usable() && !p.withdrawn.has(i);
+        let offered = |i: usize, t: &LiveTarget| !t.draining && !p.withdrawn.has(i);
         let first = match p.balance {
             Balance::RoundRobin => {
                 usize::from(self.schedule[p.counter as usize % self.schedule.len()])
@@ -410,7 +415,7 @@ impl TargetSet {
             Balance::LeastRequest => self.two_choices(p.random),
             Balance::Hash => self.ring_walk(p.key, p.tried).unwrap_or(0),
         };
-        if self.targets[first].usable() && fresh(first) {
+        if usable(first, &self.targets[first]) && fresh(first) {
             return Some(first);
         }
         // Fallbacks, from the best kind of target to any, each drawn by weight: the share
@@ -422,10 +427,10 @@ impl TargetSet {
             Balance::RoundRobin => mix(u64::from(p.counter)),
         };
         let tiers: [&Tier; 5] = [
-            &|i, t| t.usable() && fresh(i),
-            &|_, t| t.usable(),
-            &|i, t| !t.draining && fresh(i),
-            &|_, t| !t.draining,
+            &|i, t| usable(i, t) && fresh(i),
+            &|i, t| usable(i, t),
+            &|i, t| offered(i, t) && fresh(i),
+            &|i, t| offered(i, t),
             &|_, _| true,
         ];
         tiers
@@ -719,6 +724,7 @@ mod tests {
             random: u64::from(counter).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             key,
             tried: Tried::default(),
+            withdrawn: Tried::default(),
         })
         .unwrap()
     }
@@ -756,6 +762,7 @@ mod tests {
                             random: mix(u64::from(start)),
                             key: u64::from(start) * 7919,
                             tried,
+                            withdrawn: Tried::default(),
                         })
                         .unwrap();
                     tried.add(i);
@@ -787,6 +794,7 @@ mod tests {
             random: 0,
             key,
             tried,
+            withdrawn: Tried::default(),
         })
         .unwrap()
     }
@@ -850,6 +858,7 @@ mod tests {
                     random: mix(u64::from(c)),
                     key: 0,
                     tried: Tried::default(),
+                    withdrawn: Tried::default(),
                 })
                 .unwrap()] += 1;
         }
@@ -869,7 +878,10 @@ mod tests {
         }
         // Per unit of weight, target 0 (0 outstanding of weight 1) gets the most, then 1 (2
         // of 2), then 2 (9 of 3), which loses every comparison.
-        assert!(share[0] > share[1] / 2 && share[1] / 2 > share[2] / 3, "{share:?}");
+        assert!(
+            share[0] > share[1] / 2 && share[1] / 2 > share[2] / 3,
+            "{share:?}"
+        );
         // It gets only the draws of it twice: (3/6)^2 of them.
         assert!(share[2].abs_diff(30_000 / 4) < 500, "{share:?}");
     }

@@ -1432,6 +1432,50 @@ fn a_retry_backoff_counts_on_no_target_and_ends_when_the_client_leaves() {
 }
 
 #[test]
+fn a_retry_after_its_backoff_goes_to_no_target_drained_meanwhile() {
+    // Two targets answering 503, one retry after a 0.6 to 1.2 s backoff. During the wait
+    // the target not tried yet is drained: the retry goes to the first one again (a
+    // draining target is the last resort). It went to the drained one, picked from the
+    // targets as they were when the request began.
+    let busy = [
+        Backend::start("b1", Mode::Status(503)),
+        Backend::start("b2", Mode::Status(503)),
+    ];
+    let targets: Vec<String> = busy.iter().map(|b| target(b.addr)).collect();
+    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
+                    backoff_ms = 1200 }";
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let hits = |i: usize| busy[i].hits.load(SeqCst);
+    thread::scope(|s| {
+        let answer = s.spawn(|| get(&gw, "/x"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hits(0) + hits(1) == 0 {
+            assert!(Instant::now() < deadline, "the first try never came");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let (first, other) = if hits(0) == 1 { (0, 1) } else { (1, 0) };
+        let body = serde_json::json!({"id": "u", "targets": [
+            {"address": busy[first].addr.to_string()},
+            {"address": busy[other].addr.to_string(), "draining": true},
+        ], "retry": {"attempts": 2, "on": ["503"], "budget_min_per_s": 1000, "backoff_ms": 1200}});
+        let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
+        assert_eq!(r.status, 200, "{}", r.body_str());
+        assert_eq!(
+            hits(first) + hits(other),
+            1,
+            "the retry did not wait for the drain"
+        );
+        let r = answer.join().unwrap();
+        assert_eq!(r.status, 503, "{}", r.body_str());
+        assert_eq!(
+            (hits(first), hits(other)),
+            (2, 0),
+            "the retry went to the drained target"
+        );
+    });
+}
+
+#[test]
 fn a_body_that_comes_after_its_head_is_held_for_a_retry() {
     // A PUT whose body comes 300 ms after its head, to a target answering 503 and one
     // answering 200: the body is read whole before the first try (it has a length, at most

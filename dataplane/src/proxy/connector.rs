@@ -367,7 +367,12 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         self
     }
 
-    fn pick(&self, set: &TargetSet, tried: common::live::Tried) -> Option<usize> {
+    fn pick(
+        &self,
+        set: &TargetSet,
+        tried: common::live::Tried,
+        withdrawn: common::live::Tried,
+    ) -> Option<usize> {
         // One target: `TargetSet::pick` picks it whatever the balance and its state (its last
         // fallback takes any target), so the common case skips the round-robin counter and
         // the random draw.
@@ -401,7 +406,27 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             random,
             key: self.key,
             tried,
+            withdrawn,
         })
+    }
+
+    /// The targets of `set` that the upstream's current set no longer offers (drained or
+    /// removed since the request took `set`): nothing when no set was published since.
+    fn withdrawn(&self, set: &TargetSet) -> common::live::Tried {
+        let mut gone = common::live::Tried::default();
+        if common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation {
+            return gone;
+        }
+        let now = self.up.upstream.live.set.load();
+        if std::ptr::eq(&**now, set) {
+            return gone;
+        }
+        for (i, t) in set.targets.iter().enumerate() {
+            if !now.targets.iter().any(|n| n.addr == t.addr && !n.draining) {
+                gone.add(i);
+            }
+        }
+        gone
     }
 
     /// A pooled session to `target`, if one is idle. Records the target. Not async: the
@@ -643,6 +668,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         let stripe = self.source.stripe();
         let mut tries = 0u32;
         let mut tried = common::live::Tried::default();
+        let mut withdrawn = common::live::Tried::default();
         let mut wait = Duration::ZERO;
         loop {
             tries += 1;
@@ -650,9 +676,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 release(slot);
                 if !wait.is_zero() {
                     self.back_off(wait).await?;
+                    // A revision during the wait may have drained or removed targets.
+                    withdrawn = self.withdrawn(set);
                 }
             }
-            let Some(i) = self.pick(set, tried) else {
+            let Some(i) = self.pick(set, tried, withdrawn) else {
                 return Err(ErrorKind::NoTargets.into());
             };
             let state = &set.targets[i].state;
