@@ -862,6 +862,11 @@ async fn health_checks(
     let interval = hc.interval.as_millis() as u64;
     tokio::time::sleep(Duration::from_millis(jitter(interval))).await;
     loop {
+        // The next check starts an interval after this one started, whatever this one
+        // takes (up to `timeout_ms`, at most the interval): a target that stops answering
+        // is noticed within `unhealthy_after` intervals and one timeout.
+        let next = tokio::time::Instant::now()
+            + Duration::from_millis(interval - interval / 10 + jitter(interval / 5));
         let status = check_once(addr, &hc, &host).await;
         let ok = status.is_some_and(|s| hc.expect_status.contains(&s));
         {
@@ -891,10 +896,7 @@ async fn health_checks(
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(
-            interval - interval / 10 + jitter(interval / 5),
-        ))
-        .await;
+        tokio::time::sleep_until(next).await;
     }
 }
 

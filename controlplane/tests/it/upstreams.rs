@@ -299,6 +299,33 @@ impl Load {
 }
 
 #[test]
+fn active_checks_start_an_interval_apart_whatever_they_take() {
+    // A target whose check never answers: each check takes its whole timeout (200 ms), and
+    // the next one still starts an interval (200 ms, 10% jitter) after it started. They
+    // came an interval after the last one ended, half as often, so a hanging target was
+    // noticed a timeout per check later than the README said.
+    let silent = Backend::start("silent", Mode::Silent);
+    // (A silent backend answers `/healthz`, not other paths.)
+    let settings = "health_check = { path = \"/hang\", interval_ms = 200, timeout_ms = 200, \
+                    unhealthy_after = 100 }";
+    let _gw = Gateway::start(
+        &config(1, &[target(silent.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    let checks = || silent.conns.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while checks() == 0 {
+        assert!(Instant::now() < deadline, "no check came");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let first = checks();
+    thread::sleep(Duration::from_secs(2));
+    let n = checks() - first;
+    // About 10 (5 when each waited for the last to time out).
+    assert!((7..=12).contains(&n), "{n} checks in 2 s, 200 ms apart");
+}
+
+#[test]
 fn a_killed_target_is_covered_by_retries_marked_unhealthy_and_comes_back() {
     let mut backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
@@ -317,9 +344,9 @@ fn a_killed_target_is_covered_by_retries_marked_unhealthy_and_comes_back() {
 
     backends[1].kill();
     let took = wait_state(&gw, b, "unhealthy", Duration::from_secs(5));
-    // interval_ms * unhealthy_after plus one interval.
+    // unhealthy_after intervals (each up to 10% longer) plus a timeout, and a poll.
     assert!(
-        took <= Duration::from_millis(300 * 2 + 300),
+        took <= Duration::from_millis(330 * 2 + 200 + 40),
         "marked unhealthy after {took:?}"
     );
     let series = format!("gateway_target_requests_total{{upstream=\"u\",target=\"{b}\"}}");
