@@ -154,6 +154,45 @@ fn benches(c: &mut Criterion) {
     }
     g.finish();
 
+    // Hash balancing over 256 targets of weight 10 (256,000 ring points, cut to 65,536),
+    // healthy, and every one unhealthy (an outage: panic mode).
+    let mut g = c.benchmark_group("pick");
+    let targets = (0..256u32)
+        .map(|i| common::live::LiveTarget {
+            addr: std::net::SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 80)),
+            weight: 10,
+            host: None,
+            draining: false,
+            state: common::live::TargetState::new(),
+        })
+        .collect();
+    let set = common::live::TargetSet::new(targets);
+    let pick = |key: u64| common::live::Pick {
+        balance: common::config::Balance::Hash,
+        counter: 0,
+        random: 0,
+        key,
+        tried: Default::default(),
+        withdrawn: Default::default(),
+    };
+    let mut key = 0u64;
+    g.bench_function("hash_256_targets", |b| {
+        b.iter(|| {
+            key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            set.pick(&pick(key))
+        })
+    });
+    for t in &set.targets {
+        t.state.set_unhealthy(true);
+    }
+    g.bench_function("hash_256_targets_all_down", |b| {
+        b.iter(|| {
+            key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            set.pick(&pick(key))
+        })
+    });
+    g.finish();
+
     // Compiling a config (what a PUT or a reload costs the control plane), parsing aside.
     let mut g = c.benchmark_group("compile");
     g.sample_size(10);

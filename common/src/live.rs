@@ -504,10 +504,24 @@ impl TargetSet {
         let start = self.ring.partition_point(|&(point, _)| point < key);
         let len = self.ring.len();
         let first = usize::from(self.ring[start % len].1);
-        (0..len)
-            .map(|k| usize::from(self.ring[(start + k) % len].1))
-            .find(|&i| self.targets[i].usable() && !tried.has(i))
-            .or(Some(first))
+        // The walk ends once it has met every target: with none usable (an outage) it would
+        // otherwise go round the whole ring (100 points per unit of weight, up to 65,536),
+        // for each request.
+        let (mut met, mut distinct) = (Tried::default(), 0);
+        for k in 0..len {
+            let i = usize::from(self.ring[(start + k) % len].1);
+            if self.targets[i].usable() && !tried.has(i) {
+                return Some(i);
+            }
+            if !met.has(i) {
+                met.add(i);
+                distinct += 1;
+                if distinct == self.targets.len() {
+                    break;
+                }
+            }
+        }
+        Some(first)
     }
 
     /// How many targets are ejected now.
