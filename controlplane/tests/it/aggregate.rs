@@ -1089,6 +1089,29 @@ response = {{ allow = ["target"], max_bytes = 1024 }}
 }
 
 #[test]
+fn a_step_upstream_that_sends_interim_answers_without_end_fails_the_step() {
+    // 16 interim answers before the final one are skipped; a 17th makes the upstream
+    // faulty, as when relaying (it could otherwise send them until the head deadline).
+    let interims = |n: usize| {
+        Origin::start(Arc::new(move |_req: &Received, s: &mut TcpStream| {
+            let _ = s.write_all("HTTP/1.1 102 Processing\r\n\r\n".repeat(n).as_bytes());
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+            );
+            Keep::Open
+        }))
+    };
+    let (sixteen, seventeen) = (interims(16), interims(17));
+    let (gw, _) = one_aggregate(&[&sixteen], "", &step("s", 0, ""));
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!((r.status, r.json()), (200, json!({"a": 1})));
+    let (gw, _) = one_aggregate(&[&seventeen], "", &step("s", 0, ""));
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 502, "{}", r.body_str());
+    assert_eq!(r.json()["error"], "upstream");
+}
+
+#[test]
 fn a_reshaped_answer_loses_the_fields_about_the_upstreams_bytes() {
     let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
         let body = r#"{"a":{"b":1,"c":2},"d":3}"#;

@@ -140,6 +140,7 @@ pub(crate) async fn exchange(
     }
     conn.buf.clear();
     let mut first_byte = None;
+    let mut interims = 0;
     loop {
         let read = read_head(
             conn,
@@ -152,6 +153,12 @@ pub(crate) async fn exchange(
         );
         match read.await? {
             HeadRead::Interim(resp) => {
+                // As when relaying (`MAX_INTERIM`): more is a faulty upstream, and a buffer
+                // packed with small interim heads would be moved once per head.
+                interims += 1;
+                if interims > super::MAX_INTERIM {
+                    return Err(ErrorKind::UpstreamMalformed.into());
+                }
                 conn.buf.drain(..resp.head_end);
             }
             HeadRead::Final(resp) => {
