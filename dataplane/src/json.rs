@@ -55,41 +55,34 @@ pub fn parse(text: &[u8]) -> Result<Node<'_>, Invalid> {
 /// lie in the text.
 #[derive(Debug, Clone, Default)]
 pub struct Checked {
-    members: Option<Vec<(KeySpan, std::ops::Range<usize>)>>,
-}
-
-/// A member's key: a span of the text, or the unescaped key when it had escapes.
-#[derive(Debug, Clone)]
-enum KeySpan {
-    At(std::ops::Range<usize>),
-    Owned(Box<str>),
+    members: Option<Vec<validate::MemberSpan>>,
+    /// The keys with escapes, unescaped, in the members' order (rare: names are plain in
+    /// practice).
+    unescaped: Vec<Box<str>>,
 }
 
 /// Checks `text` like [`parse`], keeping the result as offsets (the text can then move, to
 /// be borrowed again by [`restore`]). One pass of [`validate`]'s checker, not serde_json's.
 pub fn check(text: &[u8]) -> Result<Checked, Invalid> {
-    let Some(spans) = validate::check(text)? else {
-        return Ok(Checked { members: None });
+    let Some(mut members) = validate::check(text)? else {
+        return Ok(Checked::default());
     };
-    let members = spans
-        .into_iter()
-        .map(|(key, escaped, value)| {
-            let key = if escaped {
-                // The quoted key, unescaped (rare: names are plain in practice).
-                let quoted = &text[key.start - 1..key.end + 1];
-                let name: String = serde_json::from_slice(quoted).map_err(|_| Invalid {
-                    at: key.start,
-                    what: "a member name that cannot be decoded (a lone surrogate)",
-                })?;
-                KeySpan::Owned(name.into())
-            } else {
-                KeySpan::At(key)
-            };
-            Ok((key, value))
-        })
-        .collect::<Result<_, Invalid>>()?;
+    let mut unescaped = Vec::new();
+    for m in members.iter().filter(|m| m.escaped) {
+        // The quoted key, unescaped.
+        let key = m.key();
+        let quoted = &text[key.start - 1..key.end + 1];
+        let name: String = serde_json::from_slice(quoted).map_err(|_| Invalid {
+            at: key.start,
+            what: "a member name that cannot be decoded (a lone surrogate)",
+        })?;
+        unescaped.push(name.into_boxed_str());
+    }
+    // Kept until the merge: without the growth's spare room.
+    members.shrink_to_fit();
     Ok(Checked {
         members: Some(members),
+        unescaped,
     })
 }
 
@@ -102,17 +95,22 @@ pub fn restore<'a>(text: &'a [u8], checked: &Checked) -> Option<Node<'a>> {
     };
     let mut out = Vec::with_capacity(members.len());
     let mut index = KeyIndex::default();
-    for (k, v) in members {
-        let key = match k {
-            KeySpan::At(r) => Cow::Borrowed(text.get(r.clone())?),
-            KeySpan::Owned(o) => Cow::Owned(o.to_string()),
+    let mut unescaped = checked.unescaped.iter();
+    for m in members {
+        let key = match m.escaped {
+            false => Cow::Borrowed(text.get(m.key())?),
+            true => Cow::Owned(unescaped.next()?.to_string()),
         };
-        let value = Node::Raw(text.get(v.clone())?);
+        let value = Node::Raw(text.get(m.value())?);
         // Of repeated keys the last is kept, as serde_json does.
         match index.find(&out, &key) {
             Some(i) => out[i].1 = value,
             None => index.push(&mut out, key, value),
         }
+    }
+    // Repeated keys leave room unused, which a group's value keeps until the merge is sent.
+    if out.len() < out.capacity() / 2 {
+        out.shrink_to_fit();
     }
     Some(Node::Object(out))
 }

@@ -29,13 +29,36 @@ impl fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
-/// A top-level member: the key's span (the string's content, without its quotes), whether
-/// the key has escapes, and the value's span.
-pub type MemberSpan = (Range<usize>, bool, Range<usize>);
+/// A top-level member: where its key (the string's content, without its quotes) and its
+/// value lie, as 32-bit offsets (a text of at most [`MAX_TEXT`] bytes), and whether the key
+/// has escapes. 20 bytes: an answer is kept with its members' spans until it is merged, and
+/// a member can be as short as `"a":0,`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberSpan {
+    key: [u32; 2],
+    value: [u32; 2],
+    pub escaped: bool,
+}
+
+impl MemberSpan {
+    pub fn key(&self) -> Range<usize> {
+        self.key[0] as usize..self.key[1] as usize
+    }
+
+    pub fn value(&self) -> Range<usize> {
+        self.value[0] as usize..self.value[1] as usize
+    }
+}
+
+/// Longest text checked (`max_step_bytes` and `response.max_bytes` are at most 64 MiB).
+pub const MAX_TEXT: usize = u32::MAX as usize;
 
 /// Checks that `text` is one JSON value with only whitespace around it. For an object,
 /// returns its members' spans in order (repeated keys included).
 pub fn check(text: &[u8]) -> Result<Option<Vec<MemberSpan>>, Invalid> {
+    if text.len() > MAX_TEXT {
+        return Err(invalid(MAX_TEXT, "a text longer than 4 GiB"));
+    }
     if let Err(e) = std::str::from_utf8(text) {
         // Outside strings JSON is ASCII, so this is the strings' UTF-8.
         return Err(invalid(e.valid_up_to(), "invalid UTF-8"));
@@ -115,7 +138,12 @@ fn top_object(b: &[u8], mut i: usize) -> Result<(Vec<MemberSpan>, usize), Invali
         i = colon(b, end)?;
         let vstart = i;
         i = value_end(b, i, 1)?;
-        out.push((key, escaped, vstart..i));
+        // Offsets fit: the text is at most MAX_TEXT bytes.
+        out.push(MemberSpan {
+            key: [key.start as u32, key.end as u32],
+            value: [vstart as u32, i as u32],
+            escaped,
+        });
         i = skip_ws(b, i);
         match b.get(i) {
             Some(b',') => i = skip_ws(b, i + 1),
@@ -461,7 +489,7 @@ mod tests {
         let m = check(text).unwrap().unwrap();
         let spans: Vec<(&[u8], bool, &[u8])> = m
             .iter()
-            .map(|(k, e, v)| (&text[k.clone()], *e, &text[v.clone()]))
+            .map(|m| (&text[m.key()], m.escaped, &text[m.value()]))
             .collect();
         assert_eq!(
             spans,
