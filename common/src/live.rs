@@ -364,6 +364,14 @@ impl Tried {
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|&w| w == 0)
     }
+
+    /// These and `other`'s.
+    pub fn with(mut self, other: Tried) -> Tried {
+        for (w, o) in self.0.iter_mut().zip(other.0) {
+            *w |= o;
+        }
+        self
+    }
 }
 
 /// An upstream's addresses right now, with what balancing needs precomputed.
@@ -413,7 +421,9 @@ impl TargetSet {
                 usize::from(self.schedule[p.counter as usize % self.schedule.len()])
             }
             Balance::LeastRequest => self.two_choices(p.random),
-            Balance::Hash => self.ring_walk(p.key, p.tried).unwrap_or(0),
+            Balance::Hash => self
+                .ring_walk(p.key, p.tried.with(p.withdrawn))
+                .unwrap_or(0),
         };
         if usable(first, &self.targets[first]) && fresh(first) {
             return Some(first);
@@ -1087,5 +1097,19 @@ mod tests {
         }
         assert!(b.retries.load(Relaxed) < 1_000_000, "{b:?}");
         assert_eq!(b.denied.load(Relaxed), 800_000);
+        // And within one second, four workers' 1,000 tries each get exactly the allowance
+        // (the floor, 1,000): a refusal's count never stands in another's way.
+        let b = Arc::new(RetryBudget::default());
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    (0..1_000).filter(|_| b.try_retry(5_000, 0, 1_000)).count()
+                })
+            })
+            .collect();
+        let granted: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert_eq!(granted, 1_000);
+        assert_eq!(b.denied.load(Relaxed), 3_000);
     }
 }

@@ -678,13 +678,14 @@ fn step_answers_about_the_gateways_request_or_not_whole_are_502() {
         let path = target.split('?').next().unwrap();
         match path.trim_start_matches('/').parse::<u16>() {
             Ok(206) => (206, "application/json", "{\"a\":".into(), 0),
+            Ok(304) => (304, "application/json", String::new(), 0),
             Ok(code) => (code, "application/json", "{\"why\":\"x\"}".into(), 0),
             Err(_) => json_ok(json!({"a": 1})),
         }
     });
     let text = service(|_, _| (200, "text/plain", "{}".into(), 0));
     for code in [
-        206, 407, 408, 411, 413, 414, 417, 421, 426, 431, 400, 403, 409,
+        206, 304, 407, 408, 411, 412, 413, 414, 416, 417, 421, 426, 431, 400, 403, 409,
     ] {
         let steps = [step("ok", 0, ""), step(&code.to_string(), 0, "")].concat();
         let (gw, _) = one_aggregate(&[&svc], "", &steps);
@@ -710,6 +711,16 @@ fn step_answers_about_the_gateways_request_or_not_whole_are_502() {
             assert_eq!(r.json(), json!({"why": "x"}));
         }
     }
+    // A step that failed only because the step it waits for did is not the cause: that
+    // step's 404 decides, though the waiting step comes first.
+    let steps = [
+        step("b", 0, "after = [\"404\"]\ngroup = \"b\""),
+        step("404", 0, ""),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&[&svc], "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!((r.status, r.json()), (404, json!({"why": "x"})));
     // A step carrying the client's body: its 413 is about that body, the client's.
     let steps = [
         step("ok", 0, ""),

@@ -45,22 +45,56 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Removes the `gw-test-PID-*` directories of test runs that have ended (their PID runs no
-/// more): each run leaves hundreds of megabytes (gateway binaries copied for the upgrade
-/// tests, load tests' access logs), which would fill the temp dir run after run.
+/// Removes the `gw-test-PID-*` directories of test runs that have ended: each run leaves
+/// hundreds of megabytes (gateway binaries copied for the upgrade tests, load tests' access
+/// logs), which would fill the temp dir run after run. A run holds a lock on
+/// `gw-test-PID.lock` while it lives, so one whose lock can be taken has ended, whatever PID
+/// namespace it ran in (a run from before the locks: its PID runs no more). Only the user's
+/// own directories are looked at.
 fn remove_earlier_runs_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let tmp = std::env::temp_dir();
+    let lock = |pid: &str| tmp.join(format!("gw-test-{pid}.lock"));
+    // Whether the lock file can be locked now (held by nobody), with it, or `None` without it.
+    let take = |path: &std::path::Path| {
+        let f = std::fs::File::options().write(true).open(path).ok()?;
+        // SAFETY: flock on a descriptor `f` owns for the call.
+        let taken = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        Some((taken, f))
+    };
+    let own = lock(&std::process::id().to_string());
+    if std::fs::File::create(&own).is_ok() {
+        if let Some((_, f)) = take(&own) {
+            // Held until the process ends.
+            std::mem::forget(f);
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
         return;
     };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let pid = name.to_str().and_then(|n| {
-            let rest = n.strip_prefix("gw-test-")?;
-            rest[..rest.find('-')?].parse::<u32>().ok()
-        });
-        let Some(pid) = pid else { continue };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("gw-test-")) else {
+            continue;
+        };
+        let pid = rest.split(['-', '.']).next().unwrap_or("");
+        let mine = entry.metadata().is_ok_and(|m| m.uid() == uid);
+        if pid.parse::<u32>().is_err() || pid == std::process::id().to_string() || !mine {
+            continue;
+        }
+        let ended = match take(&lock(pid)) {
+            Some((taken, _)) => taken,
+            None => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        };
+        if ended {
+            let path = entry.path();
+            let _ = match path.is_dir() {
+                true => std::fs::remove_dir_all(path),
+                false => std::fs::remove_file(path),
+            };
         }
     }
 }

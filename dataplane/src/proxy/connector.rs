@@ -410,19 +410,17 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         })
     }
 
-    /// The targets of `set` that the upstream's current set no longer offers (drained or
-    /// removed since the request took `set`): nothing when no set was published since.
+    /// The targets of `set` that the current config no longer sends the upstream's requests
+    /// to (drained or removed since the request took `set`, or the upstream removed):
+    /// nothing when no set was published since.
     fn withdrawn(&self, set: &TargetSet) -> common::live::Tried {
         let mut gone = common::live::Tried::default();
         if common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire) == self.generation {
             return gone;
         }
-        let now = self.up.upstream.live.set.load();
-        if std::ptr::eq(&**now, set) {
-            return gone;
-        }
+        let live = &self.up.upstream.live;
         for (i, t) in set.targets.iter().enumerate() {
-            if !now.targets.iter().any(|n| n.addr == t.addr && !n.draining) {
+            if !self.source.serves(t.addr, live) {
                 gone.add(i);
             }
         }

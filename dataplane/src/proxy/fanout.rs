@@ -709,11 +709,12 @@ async fn call(
 /// Whether a step's 4xx is about the request the gateway made for it, not the client's: the
 /// gateway's failure, a `502`. Its method (`405`), framing (`411`), size (`413`, unless the
 /// step carries the client's body; `414` and `431`: the target and fields the gateway
-/// built), `Expect` (`417`), connection or protocol (`408`, `421`, `426`), or a proxy's
-/// credentials the gateway does not have (`407`, whose challenge is for the gateway).
+/// built), `Expect` (`417`), connection or protocol (`408`, `421`, `426`), a proxy's
+/// credentials the gateway does not have (`407`, whose challenge is for the gateway), or a
+/// condition or range (`412`, `416`), which a step's request never carries.
 fn about_the_steps_request(status: u16, carries_client_body: bool) -> bool {
     match status {
-        405 | 407 | 408 | 411 | 414 | 417 | 421 | 426 | 431 => true,
+        405 | 407 | 408 | 411 | 412 | 414 | 416 | 417 | 421 | 426 | 431 => true,
         413 => !carries_client_body,
         _ => false,
     }
@@ -794,10 +795,12 @@ fn answer(
     late: &mut Vec<(usize, StepError)>,
 ) -> (u16, Vec<u8>, Vec<u8>) {
     let n = agg.steps.len();
-    // A required step that failed: the first in step order decides.
-    if let Some(j) =
-        (0..n).find(|&j| agg.steps[j].required && matches!(results[j], Some((_, Err(_)))))
-    {
+    // A required step that failed: the first in step order decides, unless it failed only
+    // because a step it waits for did (that step is the cause).
+    let failed = |j: usize| agg.steps[j].required && matches!(results[j], Some((_, Err(_))));
+    let waited =
+        |j: usize| matches!(&results[j], Some((_, Err(f))) if f.error == StepError::Dependency);
+    if let Some(j) = (0..n).filter(|&j| failed(j)).min_by_key(|&j| waited(j)) {
         let Some((_, Err(f))) = results[j].take() else {
             unreachable!("checked above")
         };

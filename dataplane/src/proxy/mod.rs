@@ -62,8 +62,8 @@ use stream::ClientStream;
 pub(crate) use http2::PollIo;
 
 /// Interim (1xx) answers passed on (or, for an aggregate's step, skipped) before a final
-/// one; an upstream that sends more is faulty (`502`). To an HTTP/2 client each goes out as informational HEADERS, which h2
-/// queues without a bound (they are not flow-controlled).
+/// one; an upstream that sends more is faulty (`502`). To an HTTP/2 client each goes out as
+/// informational HEADERS, which h2 queues without a bound (they are not flow-controlled).
 const MAX_INTERIM: u32 = 16;
 
 /// How often an open tunnel's watchdog looks whether it went quiet or the drain is over.

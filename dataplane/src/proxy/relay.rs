@@ -590,12 +590,6 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     metrics: &WorkerMetrics,
 ) -> Result<bool, ProxyError> {
     let (fs, fe) = (resp.fields_start, resp.fields_end);
-    if is_head {
-        for name in ABOUT_THE_UPSTREAMS_BYTES {
-            policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
-        }
-        return relay_response(down, req, conn, resp, http10, close_client).await;
-    }
     let fields = AnswerFields::of(&conn.buf, fs, fe);
     // A shape that filters (allow, deny) is never bypassed by a JSON answer: one it cannot
     // read is a 502, not relayed with every member it should have removed. Nor by JSON under
@@ -609,7 +603,18 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         && !fields.encoded
         && !fields.content_type.is_some_and(is_event_stream);
     // 206 carries a range of the body, 204 none: only whole 2xx bodies are reshaped.
-    let skip = if !(200..300).contains(&resp.status) || matches!(resp.status, 204 | 206) {
+    let whole = (200..300).contains(&resp.status) && !matches!(resp.status, 204 | 206);
+    if is_head {
+        // As far as a head tells, the GET's answer would be reshaped: the fields about the
+        // upstream's bytes would not be about its body.
+        if whole && (declared || sniff) && !fields.encoded {
+            for name in ABOUT_THE_UPSTREAMS_BYTES {
+                policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
+            }
+        }
+        return relay_response(down, req, conn, resp, http10, close_client).await;
+    }
+    let skip = if !whole {
         Some(SkipReason::Status)
     } else if !declared && !sniff {
         Some(SkipReason::NotJson)
