@@ -163,6 +163,7 @@ fn benches(c: &mut Criterion) {
             weight: 10,
             host: None,
             draining: false,
+            backup: false,
             state: common::live::TargetState::new(),
         })
         .collect();

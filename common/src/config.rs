@@ -1012,6 +1012,10 @@ pub struct TargetConfig {
     /// No new requests; in-flight ones finish, pooled connections to it close. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Requests only while no other target (one that is not a backup) can take them, as
+    /// nginx's `backup`. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backup: bool,
 }
 
 /// Where an upstream's targets come from when they are not listed.

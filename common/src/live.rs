@@ -313,6 +313,9 @@ pub struct LiveTarget {
     /// The host name it was resolved from; `None` for a literal address.
     pub host: Option<Arc<str>>,
     pub draining: bool,
+    /// Gets requests only while no other target is usable (nginx's `backup`; an SRV
+    /// record of a priority after the lowest).
+    pub backup: bool,
     pub state: Arc<TargetState>,
 }
 
@@ -382,6 +385,9 @@ pub struct TargetSet {
     pub schedule: Box<[u16]>,
     /// Consistent-hash ring: (point, target index), sorted by point.
     ring: Box<[(u64, u16)]>,
+    /// How many targets the schedule and the ring hold: those that are not backups (all of
+    /// them when every one is).
+    balanced: usize,
     /// Held while a passive health check decides an ejection (see [`TargetState::failed`]).
     ejecting: Mutex<()>,
 }
@@ -396,6 +402,7 @@ impl TargetSet {
         let schedule = smooth_wrr(&targets);
         let ring = ring(&targets);
         TargetSet {
+            balanced: balanced(&targets).count(),
             targets,
             schedule,
             ring,
@@ -436,20 +443,26 @@ impl TargetSet {
             Balance::LeastRequest => p.random,
             Balance::RoundRobin => mix(u64::from(p.counter)),
         };
-        let tiers: [&Tier; 5] = [
-            &|i, t| usable(i, t) && fresh(i),
-            &|i, t| usable(i, t),
-            &|i, t| offered(i, t) && fresh(i),
-            &|i, t| offered(i, t),
-            &|_, _| true,
+        // Backups come after the others, as in nginx: while one of those is usable, and for
+        // a retry once every one of those was tried.
+        let backups = self.balanced < n;
+        let primary = |t: &LiveTarget| !t.backup;
+        let tiers: [(bool, &Tier); 7] = [
+            (backups, &|i, t| primary(t) && usable(i, t) && fresh(i)),
+            (true, &|i, t| usable(i, t) && fresh(i)),
+            (backups, &|i, t| primary(t) && usable(i, t)),
+            (true, &|i, t| usable(i, t)),
+            (true, &|i, t| offered(i, t) && fresh(i)),
+            (true, &|i, t| offered(i, t)),
+            (true, &|_, _| true),
         ];
-        tiers
-            .iter()
-            .find_map(|ok| match ok(first, &self.targets[first]) {
+        (tiers.iter().filter(|(wanted, _)| *wanted)).find_map(|(_, ok)| {
+            match ok(first, &self.targets[first]) {
                 // The balancer's own choice while it will do (panic mode keeps its rotation).
                 true => Some(first),
                 false => self.draw_by_weight(draw, |i, t| ok(i, t)),
-            })
+            }
+        })
     }
 
     /// One of the targets `ok` takes, drawn with `draw` in proportion to their weights (a
@@ -526,7 +539,7 @@ impl TargetSet {
             if !met.has(i) {
                 met.add(i);
                 distinct += 1;
-                if distinct == self.targets.len() {
+                if distinct == self.balanced {
                     break;
                 }
             }
@@ -543,30 +556,41 @@ impl TargetSet {
 /// Smooth weighted round robin (as nginx does it), unrolled into one cycle so workers only
 /// keep a counter: weights 5,1,1 give a a b a c a a.
 pub fn smooth_wrr(targets: &[LiveTarget]) -> Box<[u16]> {
-    if targets.is_empty() {
+    let members: Vec<(usize, &LiveTarget)> = balanced(targets).collect();
+    if members.is_empty() {
         return Box::new([0]);
     }
-    let g = targets.iter().fold(0, |g, t| gcd(g, t.weight.max(1)));
-    let weights: Vec<i64> = targets
+    let g = members.iter().fold(0, |g, (_, t)| gcd(g, t.weight.max(1)));
+    let weights: Vec<i64> = members
         .iter()
-        .map(|t| i64::from(t.weight.max(1) / g))
+        .map(|(_, t)| i64::from(t.weight.max(1) / g))
         .collect();
     let total: i64 = weights.iter().sum();
-    let mut current = vec![0i64; targets.len()];
+    let mut current = vec![0i64; members.len()];
     let mut out = Vec::with_capacity(total as usize);
     for _ in 0..total {
         let mut best = 0;
-        for i in 0..targets.len() {
-            current[i] += weights[i];
-            if current[i] > current[best] {
-                best = i;
+        for k in 0..members.len() {
+            current[k] += weights[k];
+            if current[k] > current[best] {
+                best = k;
             }
         }
         current[best] -= total;
         // Targets are capped at MAX_TARGETS (256), so the index fits.
-        out.push(best as u16);
+        out.push(members[best].0 as u16);
     }
     out.into_boxed_slice()
+}
+
+/// The targets the balancer chooses among first, with their indices: those that are not
+/// backups, or every target when all are.
+fn balanced(targets: &[LiveTarget]) -> impl Iterator<Item = (usize, &LiveTarget)> {
+    let all = targets.iter().all(|t| t.backup);
+    targets
+        .iter()
+        .enumerate()
+        .filter(move |(_, t)| all || !t.backup)
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -585,10 +609,12 @@ fn ring(targets: &[LiveTarget]) -> Box<[(u64, u16)]> {
     }
     // Not reduced by the weights' common divisor: a target's points then depend only on its
     // own address and weight while the weights add up to at most MAX_POINTS / 100.
-    let units: usize = targets.iter().map(|t| t.weight.max(1) as usize).sum();
+    let units: usize = balanced(targets)
+        .map(|(_, t)| t.weight.max(1) as usize)
+        .sum();
     let per_unit = (MAX_POINTS / units).clamp(1, POINTS_PER_WEIGHT);
     let mut ring = Vec::with_capacity(units * per_unit);
-    for (i, t) in targets.iter().enumerate() {
+    for (i, t) in balanced(targets) {
         let name = t.addr.to_string();
         for k in 0..t.weight.max(1) as usize * per_unit {
             let mut h = hash_bytes(name.as_bytes());
@@ -735,6 +761,7 @@ mod tests {
                     weight: 1,
                     host: None,
                     draining: false,
+                    backup: false,
                     state: TargetState::new(),
                 })
                 .collect(),
@@ -866,6 +893,68 @@ mod tests {
     }
 
     #[test]
+    fn backups_get_requests_only_when_the_others_cannot_take_them() {
+        // Targets 0 and 1, and 2 a backup (weight 5: weights do not make it a first choice).
+        let mut s = set(3);
+        s.targets[2].backup = true;
+        s.targets[2].weight = 5;
+        let s = TargetSet::new(s.targets);
+        let picks = |s: &TargetSet, balance, tried: Tried| -> std::collections::HashSet<usize> {
+            (0..300u32)
+                .map(|c| {
+                    s.pick(&Pick {
+                        balance,
+                        counter: c,
+                        random: mix(u64::from(c)),
+                        key: mix(u64::from(c) + 7),
+                        tried,
+                        withdrawn: Tried::default(),
+                    })
+                    .unwrap()
+                })
+                .collect()
+        };
+        let all = [Balance::RoundRobin, Balance::LeastRequest, Balance::Hash];
+        for balance in all {
+            assert_eq!(
+                picks(&s, balance, Tried::default()),
+                [0, 1].into(),
+                "{balance:?}"
+            );
+        }
+        // A retry once both were tried: the backup, before either of them again (nginx).
+        let mut both = Tried::default();
+        both.add(0);
+        both.add(1);
+        for balance in all {
+            assert_eq!(picks(&s, balance, both), [2].into(), "{balance:?}");
+        }
+        // One of them down: the other; both down: the backup.
+        s.targets[0].state.set_unhealthy(true);
+        for balance in all {
+            assert_eq!(
+                picks(&s, balance, Tried::default()),
+                [1].into(),
+                "{balance:?}"
+            );
+        }
+        s.targets[1].state.set_unhealthy(true);
+        for balance in all {
+            assert_eq!(
+                picks(&s, balance, Tried::default()),
+                [2].into(),
+                "{balance:?}"
+            );
+        }
+        // Every one down (panic mode): the others first.
+        s.targets[2].state.set_unhealthy(true);
+        for balance in all {
+            let got = picks(&s, balance, Tried::default());
+            assert!(!got.contains(&2), "{balance:?}: {got:?}");
+        }
+    }
+
+    #[test]
     fn least_request_shares_by_weight_when_nothing_is_outstanding() {
         // Requests one at a time: nothing is ever outstanding, and the heavier target took
         // every request.
@@ -949,6 +1038,7 @@ mod tests {
                         weight,
                         host: None,
                         draining: false,
+                        backup: false,
                         state: TargetState::new(),
                     })
                     .collect(),

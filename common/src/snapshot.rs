@@ -356,6 +356,7 @@ pub struct Target {
     pub host: Option<(Box<str>, u16)>,
     pub weight: u32,
     pub draining: bool,
+    pub backup: bool,
 }
 
 /// What `hash` balancing hashes.

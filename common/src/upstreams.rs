@@ -71,7 +71,14 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
             host,
             weight,
             draining: t.draining,
+            backup: t.backup,
         });
+    }
+    if u.discovery.is_none() && !targets.is_empty() && targets.iter().all(|t| t.backup) {
+        return Err(field(
+            "targets",
+            "every target is a `backup`: at least one must not be (or set `discovery`)".into(),
+        ));
     }
     let balance = u.balance.unwrap_or(Balance::RoundRobin);
     let hash_on = match (balance, &u.hash_on) {
@@ -313,6 +320,7 @@ fn literal_set(targets: &[Target]) -> TargetSet {
                     weight: t.weight,
                     host: None,
                     draining: t.draining,
+                    backup: t.backup,
                     state: TargetState::new(),
                 })
             })

@@ -390,7 +390,7 @@ impl Upstreams {
                     e.0.push(*ip);
                     e.1 = e.1.min(*ttl);
                 }
-                let records = lowest_priority(records);
+                let records = by_priority(records);
                 let mut seeded = false;
                 for r in &records {
                     if st.hosts.contains_key(r.target.as_str()) {
@@ -541,6 +541,7 @@ impl Upstreams {
                     "address": t.addr.to_string(),
                     "host": t.host.as_deref(),
                     "state": t.state.state_label(t.draining),
+                    "backup": t.backup,
                     "last_check": check.map(|c: LastCheck| serde_json::json!({
                         "at": rfc3339(c.at),
                         "ok": c.ok,
@@ -777,14 +778,10 @@ async fn lookup(resolver: &Resolver, name: &Name, known: &HashSet<Box<str>>) -> 
     result.unwrap_or_else(|e| Found::Failed(e.to_string()))
 }
 
-/// The records of the lowest priority (RFC 2782: higher ones are only for when those fail,
-/// which health checks and ejection handle here).
-fn lowest_priority(mut records: Vec<Srv>) -> Vec<Srv> {
-    let Some(p) = records.iter().map(|r| r.priority).min() else {
-        return records;
-    };
-    records.retain(|r| r.priority == p);
-    records.sort_by(|a, b| (&a.target, a.port).cmp(&(&b.target, b.port)));
+/// The records in a stable order, the lowest priority first (RFC 2782: the others are for
+/// when those fail; they become backup targets).
+fn by_priority(mut records: Vec<Srv>) -> Vec<Srv> {
+    records.sort_by(|a, b| (a.priority, &a.target, a.port).cmp(&(b.priority, &b.target, b.port)));
     records
 }
 
@@ -792,15 +789,18 @@ fn clamp(ttl_s: u32, min: Duration, max: Duration) -> Duration {
     Duration::from_secs(u64::from(ttl_s)).clamp(min, max.max(min))
 }
 
+/// A target about to be published: address, weight, host name, draining, backup.
+type Listed = (SocketAddr, u32, Option<Arc<str>>, bool, bool);
+
 /// Publishes upstream `id`'s target set from its config and the names' current answers.
 fn rebuild(st: &mut State, id: &str) {
     let Some(e) = st.upstreams.get(id) else {
         return;
     };
-    let mut list: Vec<(SocketAddr, u32, Option<Arc<str>>, bool)> = Vec::new();
+    let mut list: Vec<Listed> = Vec::new();
     for t in &e.targets {
         match (&t.addr, &t.host) {
-            (Some(a), _) => list.push((*a, t.weight, None, t.draining)),
+            (Some(a), _) => list.push((*a, t.weight, None, t.draining, t.backup)),
             (None, Some((h, port))) => {
                 let name: Arc<str> = Arc::from(&**h);
                 for ip in st.hosts.get(h).map(|x| &x.addrs[..]).unwrap_or_default() {
@@ -809,6 +809,7 @@ fn rebuild(st: &mut State, id: &str) {
                         t.weight,
                         Some(name.clone()),
                         t.draining,
+                        t.backup,
                     ));
                 }
             }
@@ -816,16 +817,35 @@ fn rebuild(st: &mut State, id: &str) {
         }
     }
     if let Some(srv) = e.srv.as_ref().and_then(|s| st.srvs.get(s)) {
-        let weights = srv_weights(srv.records.iter().map(|r| r.weight));
-        for (r, &w) in srv.records.iter().zip(&weights) {
-            let name: Arc<str> = Arc::from(r.target.as_str());
-            for ip in st
-                .hosts
-                .get(r.target.as_str())
-                .map(|x| &x.addrs[..])
-                .unwrap_or_default()
-            {
-                list.push((SocketAddr::new(*ip, r.port), w, Some(name.clone()), false));
+        // RFC 2782: the lowest priority first; the others are backups. Weights are shares
+        // within a priority.
+        let lowest = srv.records.iter().map(|r| r.priority).min();
+        let mut weights = vec![0; srv.records.len()];
+        for p in srv.records.iter().map(|r| r.priority) {
+            let at: Vec<usize> = (0..srv.records.len())
+                .filter(|&k| srv.records[k].priority == p)
+                .collect();
+            let shares = srv_weights(at.iter().map(|&k| srv.records[k].weight));
+            for (&k, w) in at.iter().zip(shares) {
+                weights[k] = w;
+            }
+        }
+        // Backups after the others, so a cap on the targets keeps the lowest priority.
+        for backup in [false, true] {
+            for (r, &w) in srv.records.iter().zip(&weights) {
+                if (Some(r.priority) != lowest) != backup {
+                    continue;
+                }
+                let name: Arc<str> = Arc::from(r.target.as_str());
+                for ip in st
+                    .hosts
+                    .get(r.target.as_str())
+                    .map(|x| &x.addrs[..])
+                    .unwrap_or_default()
+                {
+                    let addr = SocketAddr::new(*ip, r.port);
+                    list.push((addr, w, Some(name.clone()), false, backup));
+                }
             }
         }
     }
@@ -835,13 +855,14 @@ fn rebuild(st: &mut State, id: &str) {
     let live = e.live.clone();
     let targets = list
         .into_iter()
-        .map(|(addr, weight, host, draining)| {
+        .map(|(addr, weight, host, draining, backup)| {
             let state = st.states.entry((Box::from(id), addr)).or_default().clone();
             LiveTarget {
                 addr,
                 weight,
                 host,
                 draining,
+                backup,
                 state,
             }
         })
@@ -1042,7 +1063,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ttls_are_clamped_and_only_the_lowest_srv_priority_is_used() {
+    fn ttls_are_clamped_and_srv_records_ordered_by_priority() {
         let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
         assert_eq!(clamp(0, min, max), min);
         assert_eq!(clamp(30, min, max), Duration::from_secs(30));
@@ -1053,8 +1074,8 @@ mod tests {
             port: 80,
             target: target.into(),
         };
-        let got = lowest_priority(vec![srv(20, "c"), srv(10, "b"), srv(10, "a")]);
-        assert_eq!(got, vec![srv(10, "a"), srv(10, "b")]);
+        let got = by_priority(vec![srv(20, "c"), srv(10, "b"), srv(10, "a")]);
+        assert_eq!(got, vec![srv(10, "a"), srv(10, "b"), srv(20, "c")]);
     }
 
     #[test]

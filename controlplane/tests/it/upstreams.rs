@@ -299,6 +299,54 @@ impl Load {
 }
 
 #[test]
+fn a_backup_target_serves_only_while_the_others_cannot() {
+    // nginx's `backup`: no requests while a target that is not a backup is usable, every
+    // request once none is (here: unhealthy by its checks), none again once one is back.
+    let mut main = Backend::start("main", Mode::Answer);
+    let spare = Backend::start("spare", Mode::Answer);
+    let targets = [
+        target(main.addr),
+        format!(
+            "{{ address = \"{}\", backup = true, weight = 10 }}",
+            spare.addr
+        ),
+    ];
+    let settings = "health_check = { path = \"/healthz\", interval_ms = 200, timeout_ms = 200, \
+                    healthy_after = 1, unhealthy_after = 1 }";
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let bodies = |n: usize| -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            *seen
+                .entry(get(&gw, "/x").body_str().to_owned())
+                .or_default() += 1;
+        }
+        seen
+    };
+    assert_eq!(bodies(20), HashMap::from([("main".to_owned(), 20)]));
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    let backup: Vec<bool> = (health["targets"].as_array().unwrap().iter())
+        .map(|t| t["backup"].as_bool().unwrap())
+        .collect();
+    assert_eq!(backup, [false, true], "{health}");
+
+    main.kill();
+    wait_state(&gw, main.addr, "unhealthy", Duration::from_secs(5));
+    assert_eq!(bodies(20), HashMap::from([("spare".to_owned(), 20)]));
+    main.revive();
+    wait_state(&gw, main.addr, "healthy", Duration::from_secs(5));
+    assert_eq!(bodies(20), HashMap::from([("main".to_owned(), 20)]));
+
+    // An upstream whose every target is a backup has no first choice: refused.
+    let all = format!("{{ address = \"{}\", backup = true }}", spare.addr);
+    let body = serde_json::json!({"id": "u", "targets": [
+        {"address": spare.addr.to_string(), "backup": true}]});
+    let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
+    assert_eq!(r.status, 422, "{all}: {}", r.body_str());
+    assert!(r.body_str().contains("backup"), "{}", r.body_str());
+}
+
+#[test]
 fn active_checks_start_an_interval_apart_whatever_they_take() {
     // A target whose check never answers: each check takes its whole timeout (200 ms), and
     // the next one still starts an interval (200 ms, 10% jitter) after it started. They
@@ -541,6 +589,7 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
     );
     let heavy = Backend::start("heavy", Mode::Answer);
     let light = Backend::start("light", Mode::Answer);
+    let spare = Backend::start("spare", Mode::Answer);
     let zone = |ip: &str| {
         serde_json::json!({
             "ttl": 0,
@@ -553,6 +602,7 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
                 [10, 30, heavy.addr.port(), "heavy.test"],
                 [10, 10, light.addr.port(), "light.test"],
                 [20, 50, light.addr.port(), "light.test"],
+                [30, 50, spare.addr.port(), "light.test"],
             ]},
         })
     };
@@ -614,7 +664,20 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
     assert_eq!(get(&gw, "/x").body_str(), "second");
     dns.set_zone(&zone("127.0.0.2"));
 
-    // SRV: the lowest priority's records, in proportion to their weights (3:1).
+    // SRV: the lowest priority's records, in proportion to their weights (3:1); a record of
+    // a later priority is a backup target (no requests while those are usable).
+    let health = gw.admin("GET", "/v1/upstreams/pool/health", None).json();
+    let spare_at = format!("127.0.0.1:{}", spare.addr.port());
+    let listed: Vec<(&str, bool)> = (health["targets"].as_array().unwrap().iter())
+        .map(|t| {
+            (
+                t["address"].as_str().unwrap(),
+                t["backup"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert!(listed.contains(&(&spare_at, true)), "{health}");
+    assert_eq!(listed.iter().filter(|(_, b)| !b).count(), 2, "{health}");
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..200 {
         *seen
