@@ -727,6 +727,28 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
     expect("/dead", 502);
     expect("/closes-without-answer", 502);
     expect("/head-over-limit", 502);
+    // The gateway's own answers to a HEAD carry the length of their body, not the body
+    // (RFC 9110 9.3.2), refused heads (two Host lines) too.
+    for (request, status) in [
+        ("HEAD /dead HTTP/1.1\r\nHost: a\r\n\r\n", "502"),
+        ("HEAD /slow HTTP/1.1\r\nHost: a\r\n\r\n", "504"),
+        ("HEAD /dead HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+    ] {
+        let mut c = gw.connect();
+        c.send(request.as_bytes());
+        let mut got = Vec::new();
+        let _ = c.stream.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("content-length: "),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "a body after the head: {text:?}"
+        );
+    }
     let r = gw
         .connect()
         .roundtrip("GET /head-under-limit HTTP/1.1\r\nHost: a\r\n\r\n");

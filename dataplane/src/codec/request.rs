@@ -393,6 +393,11 @@ pub fn parse_request_into(
     if !http10 && host_index.is_none() {
         return Err(ParseError::Malformed);
     }
+    // An http URI has a host (RFC 9110 4.2.1: one with an empty host is invalid, to be
+    // refused); nginx answers 400 too.
+    if host.is_some_and(|h| h.is_empty()) {
+        return Err(ParseError::Malformed);
+    }
     let path_len = origin_target
         .of(buf)
         .iter()

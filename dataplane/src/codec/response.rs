@@ -170,11 +170,13 @@ pub fn parse_response(
             dropped.mark(i);
         }
     }
+    // Date stays whatever Connection says: the gateway adds one only to an answer without
+    // it, and a forwarded answer must have one (RFC 9110 6.6.1).
     dropped.mark_nominated(
         buf,
         headers,
         &options[..n_options],
-        &[b"content-length", b"transfer-encoding"],
+        &[b"content-length", b"transfer-encoding", b"date"],
     );
 
     if codings.present && version == 0 {
@@ -402,6 +404,13 @@ mod tests {
     fn hop_by_hop_fields_are_dropped() {
         let input = b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nUpgrade: foo\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nTrailer: X-T\r\nContent-Length: 2\r\n\r\nok";
         assert_eq!(forwarded(input), "Trailer: X-T\r\nContent-Length: 2\r\n");
+        // Date stays, named or not: it must be there, and the gateway adds one only where
+        // none came.
+        let input = b"HTTP/1.1 200 OK\r\nConnection: Date\r\nDate: Sun, 06 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(
+            forwarded(input),
+            "Date: Sun, 06 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\n"
+        );
         // More named than the parser keeps: refused, rather than pass the last ones on.
         let many: Vec<String> = (0..17).map(|i| format!("X-O{i}")).collect();
         let input = format!(

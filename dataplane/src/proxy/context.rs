@@ -43,6 +43,9 @@ pub(crate) struct RequestCtx {
     pub ended: Option<Instant>,
     /// Status sent to the client (0: none yet).
     pub status: u16,
+    /// The request is a HEAD: the gateway's own answers to it carry no body (RFC 9110
+    /// 9.3.2).
+    pub head_only: bool,
     /// Bytes on the wire from and to the client, heads included.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -98,6 +101,7 @@ impl RequestCtx {
             upstream: None,
             attempts: Attempts::default(),
             first_byte: None,
+            head_only: false,
             ended: None,
             status: 0,
             bytes_in: 0,
@@ -129,6 +133,7 @@ impl RequestCtx {
         self.first_byte = None;
         self.ended = None;
         self.status = 0;
+        self.head_only = false;
         self.bytes_in = 0;
         self.bytes_out = 0;
         self.spliced = 0;
@@ -156,6 +161,7 @@ impl RequestCtx {
         peer: IpAddr,
     ) {
         self.reset(snap, peer);
+        self.head_only = head.is_head(buf);
         let tracing = &snap.tracing;
         if tracing.request_id || tracing.traceparent {
             let mut rng = worker.rng.borrow_mut();
@@ -186,6 +192,7 @@ impl RequestCtx {
         line: Option<(&[u8], &[u8])>,
     ) {
         self.reset(snap, peer);
+        self.head_only = line.is_some_and(|(method, _)| method == b"HEAD");
         if snap.tracing.request_id {
             self.request_id.set(None, &mut worker.rng.borrow_mut());
         }

@@ -489,6 +489,8 @@ impl<S: ClientStream> Downstream<S> {
         match kind.response() {
             Some(status) => {
                 let (head, body) = split_canned(status.response(true));
+                // A HEAD's answer has the body's length and no body.
+                let body = if req.head_only { &[][..] } else { body };
                 if self.write_answer(req, status.code(), head, b"", body).await {
                     Next::Close
                 } else {

@@ -162,6 +162,22 @@ fn absolute_form_replaces_host() {
         parse(b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_err(),
         ParseError::Malformed
     );
+    // An empty Host names no host (RFC 9110 4.2.1): refused, unless an absolute-form
+    // target gives one.
+    for input in [
+        &b"GET / HTTP/1.1\r\nHost: \r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: \r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: \r\n\r\n",
+    ] {
+        assert_eq!(
+            parse(input).unwrap_err(),
+            ParseError::Malformed,
+            "{input:?}"
+        );
+    }
+    let input = b"GET http://a/p HTTP/1.1\r\nHost: \r\n\r\n";
+    assert_eq!(parse(input).unwrap().host.unwrap().of(input), b"a");
 }
 
 #[test]
