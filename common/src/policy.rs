@@ -216,6 +216,11 @@ impl Domain {
 #[derive(Debug)]
 pub struct Cors {
     pub any_origin: bool,
+    /// `methods` holds `*`: a preflight may ask for any method.
+    pub any_method: bool,
+    /// `headers` holds `*`: a preflight may ask for any header (its list is then echoed,
+    /// since browsers never take `*` for `Authorization`).
+    pub any_header: bool,
     /// Allowed origins, lower-case.
     pub origins: Box<[Box<[u8]>]>,
     /// Methods a preflight may ask for.
@@ -810,17 +815,38 @@ fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {
             "must be at most 86400",
         ));
     }
-    let default_methods = ["GET".to_owned(), "HEAD".to_owned(), "POST".to_owned()];
-    let methods_src: &[String] = if c.methods.is_empty() {
-        &default_methods
+    // Methods as browsers send them: fetch() upper-cases these six whatever the page wrote
+    // (and no other: `patch` goes out as `patch`).
+    let methods_src: Vec<String> = if c.methods.is_empty() {
+        vec!["GET".to_owned(), "HEAD".to_owned(), "POST".to_owned()]
     } else {
-        &c.methods
+        (c.methods.iter())
+            .map(|m| match m.to_ascii_uppercase().as_str() {
+                u @ ("DELETE" | "GET" | "HEAD" | "OPTIONS" | "POST" | "PUT") => u.to_owned(),
+                _ => m.clone(),
+            })
+            .collect()
     };
-    let methods = token_list(methods_src, &format!("{at}.methods"), false)?;
+    let methods = token_list(&methods_src, &format!("{at}.methods"), false)?;
     let headers = token_list(&c.headers, &format!("{at}.headers"), true)?;
     token_list(&c.expose_headers, &format!("{at}.expose_headers"), false)?;
+    // `*`: any method or any header, which browsers read so only for requests without
+    // credentials (with them it is a name like any other).
+    let any_method = c.methods.iter().any(|m| m == "*");
+    let any_header = c.headers.iter().any(|h| h == "*");
+    for (name, any) in [("methods", any_method), ("headers", any_header)] {
+        if any && c.allow_credentials {
+            return Err(ConfigError::field(
+                format!("{at}.{name}"),
+                "\"*\" cannot be used with allow_credentials = true (browsers then read it as a \
+                 name, not as any): list them",
+            ));
+        }
+    }
     Ok(Cors {
         any_origin,
+        any_method,
+        any_header,
         origins: origins.into(),
         allow_methods: methods_src.join(", ").into_bytes().into(),
         allow_headers: c.headers.join(", ").into_bytes().into(),

@@ -397,6 +397,50 @@ fn cors_preflight_and_origin_checks() {
     assert_problem(&pre3, 403);
     let pre4 = c.roundtrip("OPTIONS /x HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: x-secret\r\n\r\n");
     assert_problem(&pre4, 403);
+    // GET, HEAD and POST are CORS-safelisted: a preflight for their headers passes even
+    // where `methods` does not list them (the policy `put` lists PUT only; "put" is how
+    // fetch() sends it anyway). `*` takes any method and any header (echoed, since
+    // browsers never read `*` as Authorization).
+    for (id, methods, headers) in [
+        ("put", r#"["put"]"#, r#"["X-Api-Key"]"#),
+        ("any", r#"["*"]"#, r#"["*"]"#),
+    ] {
+        let body = format!(
+            r#"{{"kind":"cors","origins":["https://app.example.com"],"methods":{methods},"headers":{headers}}}"#
+        );
+        let r = gw.admin("PUT", &format!("/v1/policies/{id}"), Some(&body));
+        assert_eq!(r.status, 201, "{}", r.body_str());
+        let route = format!(r#"{{"path":"/{id}","respond":{{"body":"x"}},"policies":["{id}"]}}"#);
+        let r = gw.admin("PUT", &format!("/v1/routes/cors-{id}"), Some(&route));
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    let preflight = |path: &str, method: &str, headers: &str| {
+        gw.connect().roundtrip(&format!(
+            "OPTIONS {path} HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example.com\r\n\
+             Access-Control-Request-Method: {method}\r\n\
+             Access-Control-Request-Headers: {headers}\r\n\r\n"
+        ))
+    };
+    for method in ["GET", "HEAD", "POST", "PUT"] {
+        let r = preflight("/put", method, "x-api-key");
+        assert_eq!(r.status, 204, "{method}: {}", r.head);
+    }
+    assert_problem(&preflight("/put", "DELETE", "x-api-key"), 403);
+    let r = preflight("/any", "PATCH", "authorization, x-anything");
+    assert_eq!(r.status, 204, "{}", r.head);
+    assert_eq!(r.header("access-control-allow-methods"), Some("*"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("authorization, x-anything")
+    );
+    // With credentials, browsers read `*` as a name: refused.
+    let r = gw.admin(
+        "PUT",
+        "/v1/policies/creds",
+        Some(r#"{"kind":"cors","origins":["https://a.example"],"headers":["*"],"allow_credentials":true}"#),
+    );
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(r.body_str().contains("/headers"), "{}", r.body_str());
     assert!(
         origin.requests().is_empty(),
         "preflights never reach the origin"

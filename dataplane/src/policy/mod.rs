@@ -684,8 +684,14 @@ fn cors(
     });
     if method == b"OPTIONS" {
         if let Some(requested) = requested {
-            // A preflight: answered here, never forwarded.
-            if !c.methods.iter().any(|m| &m[..] == requested.value) {
+            // A preflight: answered here, never forwarded. GET, HEAD and POST are
+            // CORS-safelisted: a browser never needs them listed (it asks for a preflight
+            // for their headers).
+            let asked_for = requested.value;
+            if !c.any_method
+                && !matches!(asked_for, b"GET" | b"HEAD" | b"POST")
+                && !c.methods.iter().any(|m| &m[..] == asked_for)
+            {
                 return Some(refuse(
                     st,
                     403,
@@ -705,7 +711,7 @@ fn cors(
                     .map(trim)
                     .filter(|n| !n.is_empty())
                 {
-                    if !c.headers.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+                    if !c.any_header && !c.headers.iter().any(|h| h.eq_ignore_ascii_case(name)) {
                         return Some(refuse(
                             st,
                             403,
@@ -723,7 +729,27 @@ fn cors(
             out.extend_from_slice(b"Access-Control-Allow-Methods: ");
             out.extend_from_slice(&c.allow_methods);
             out.extend_from_slice(b"\r\n");
-            if !c.allow_headers.is_empty() {
+            if c.any_header {
+                // The names asked for, as asked (a field value: no CR or LF in it).
+                let mut first = true;
+                for f in fields(buf, head).filter(|f| {
+                    f.name
+                        .eq_ignore_ascii_case(b"access-control-request-headers")
+                }) {
+                    let names = f.value.split(|&b| b == b',').map(trim);
+                    for name in names.filter(|n| !n.is_empty()) {
+                        out.extend_from_slice(match first {
+                            true => b"Access-Control-Allow-Headers: ",
+                            false => b", ",
+                        });
+                        out.extend_from_slice(name);
+                        first = false;
+                    }
+                }
+                if !first {
+                    out.extend_from_slice(b"\r\n");
+                }
+            } else if !c.allow_headers.is_empty() {
                 out.extend_from_slice(b"Access-Control-Allow-Headers: ");
                 out.extend_from_slice(&c.allow_headers);
                 out.extend_from_slice(b"\r\n");
