@@ -2,7 +2,9 @@
 //!
 //! Hot path (lookup). Both families live in one space: an IPv4 address is looked up as its
 //! IPv4-mapped IPv6 form (`::ffff:a.b.c.d`), so `10.0.0.0/8` and a client that reaches a dual
-//! stack listener as `::ffff:10.1.2.3` match alike. The set is a sorted list of disjoint,
+//! stack listener as `::ffff:10.1.2.3` match alike. An IPv6 CIDR covers no IPv4 address
+//! (`::/0` is every IPv6 address, as nginx and Envoy read it), unless it lies in
+//! `::ffff:0:0/96` itself. The set is a sorted list of disjoint,
 //! non-adjacent ranges, searched by binary search: about 14 comparisons among 10,000 CIDRs,
 //! no allocation.
 
@@ -24,7 +26,20 @@ impl IpSet {
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<IpSet, (usize, CidrError)> {
         let mut ranges = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
-            ranges.push(parse_cidr(e.as_ref()).map_err(|err| (i, err))?);
+            let (first, last) = parse_cidr(e.as_ref()).map_err(|err| (i, err))?;
+            // An IPv6 CIDR reaching into the IPv4-mapped block from outside leaves it out.
+            let overlaps = first <= MAPPED.1 && last >= MAPPED.0;
+            let inside = first >= MAPPED.0 && last <= MAPPED.1;
+            if overlaps && !inside {
+                if first < MAPPED.0 {
+                    ranges.push((first, MAPPED.0 - 1));
+                }
+                if last > MAPPED.1 {
+                    ranges.push((MAPPED.1 + 1, last));
+                }
+            } else {
+                ranges.push((first, last));
+            }
         }
         ranges.sort_unstable();
         let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
@@ -53,6 +68,9 @@ impl IpSet {
         i > 0 && x <= self.ranges[i - 1].1
     }
 }
+
+/// `::ffff:0:0/96`, where IPv4 addresses live: `(first, last)`.
+const MAPPED: (u128, u128) = (0xffff << 32, (0xffff << 32) | 0xffff_ffff);
 
 fn to_u128(ip: IpAddr) -> u128 {
     match ip {
@@ -131,10 +149,23 @@ mod tests {
     fn merges_overlaps_and_whole_space() {
         let set = IpSet::parse(&["10.0.0.0/8", "10.1.0.0/16", "11.0.0.0/8"]).unwrap();
         assert_eq!(set.ranges.len(), 1);
-        let all = IpSet::parse(&["::/0"]).unwrap();
-        assert!(all.contains(ip("1.2.3.4")) && all.contains(ip("ffff::1")));
+        // `::/0` is every IPv6 address and no IPv4 one (nginx's and Envoy's reading: a deny
+        // of `::/0` is "no IPv6 clients"); with `0.0.0.0/0`, every address.
+        let v6all = IpSet::parse(&["::/0"]).unwrap();
+        assert!(v6all.contains(ip("ffff::1")) && v6all.contains(ip("::1")));
+        assert!(v6all.contains(ip("::fffe:ffff:ffff")) && v6all.contains(ip("::1:0:0:0")));
+        assert!(!v6all.contains(ip("1.2.3.4")) && !v6all.contains(ip("::ffff:1.2.3.4")));
         let v4all = IpSet::parse(&["0.0.0.0/0"]).unwrap();
         assert!(v4all.contains(ip("255.255.255.255")) && !v4all.contains(ip("2001:db8::1")));
+        let all = IpSet::parse(&["::/0", "0.0.0.0/0"]).unwrap();
+        assert_eq!(all.ranges.len(), 1);
+        assert!(all.contains(ip("1.2.3.4")) && all.contains(ip("ffff::1")));
+        // Short IPv6 prefixes around the block leave it out too; the block itself, written
+        // as IPv6, is IPv4.
+        assert!(!IpSet::parse(&["::/64"]).unwrap().contains(ip("10.0.0.1")));
+        assert!(IpSet::parse(&["::/64"]).unwrap().contains(ip("::2")));
+        let mapped = IpSet::parse(&["::ffff:0:0/96", "::ffff:10.0.0.0/104"]).unwrap();
+        assert!(mapped.contains(ip("1.2.3.4")) && !mapped.contains(ip("::1")));
     }
 
     #[test]
