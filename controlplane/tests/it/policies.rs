@@ -709,15 +709,25 @@ fn jwt_policies_through_the_admin_api() {
     for (what, path, token) in &bad {
         let r = get(&gw, path, &bearer(token));
         assert_problem(&r, 401);
-        assert!(
-            r.header("www-authenticate")
-                .is_some_and(|v| v.starts_with("Bearer")),
+        // A token presented and refused: RFC 6750's invalid_token, with why.
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        let detail = r.json()["detail"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(
+            challenge,
+            format!(
+                "Bearer realm=\"gateway\", error=\"invalid_token\", error_description=\"{detail}\""
+            ),
             "{what}: {}",
             r.head
         );
     }
-    // No token at all; and a different scheme is not a bearer token.
-    assert_problem(&get(&gw, "/hs", ""), 401);
+    // No token at all; and a different scheme is not a bearer token: no error attribute.
+    let r = get(&gw, "/hs", "");
+    assert_problem(&r, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"gateway\"")
+    );
     assert_problem(
         &get(&gw, "/hs", "Authorization: Basic dXNlcjpwYXNz\r\n"),
         401,

@@ -873,16 +873,11 @@ fn authenticate(
                     Ok(id) => match p.consumer_ids.get(id.as_str()) {
                         Some(&c) => c,
                         None => {
-                            return Err(unauthorized(
-                                st,
-                                p,
-                                group,
-                                &policy.id,
-                                "the token's consumer is unknown",
-                            ))
+                            let why = "the token's consumer is unknown";
+                            return Err(invalid_token(st, p, group, &policy.id, why));
                         }
                     },
-                    Err(e) => return Err(unauthorized(st, p, group, &policy.id, e.reason())),
+                    Err(e) => return Err(invalid_token(st, p, group, &policy.id, e.reason())),
                 };
                 if j.strip_credential {
                     add_drop(&mut st.drops, auth.line);
@@ -1144,23 +1139,50 @@ fn unauthorized(
     id: &str,
     detail: &str,
 ) -> Verdict {
+    challenge(st, p, group, id, detail, false)
+}
+
+/// [`unauthorized`] for a bearer token that was presented and refused: its challenge says
+/// so (RFC 6750 3.1, `error="invalid_token"` and why), which a client reads to get a new
+/// token rather than ask the user again.
+fn invalid_token(
+    st: &mut PolicyState,
+    p: &Policies,
+    group: &[u16],
+    id: &str,
+    detail: &str,
+) -> Verdict {
+    challenge(st, p, group, id, detail, true)
+}
+
+fn challenge(
+    st: &mut PolicyState,
+    p: &Policies,
+    group: &[u16],
+    id: &str,
+    detail: &str,
+    invalid_token: bool,
+) -> Verdict {
     // One challenge per scheme, however many policies of each kind the route has.
     let kinds = |f: fn(&PolicyKind) -> bool| group.iter().any(|&i| f(&p.list[i as usize].kind));
-    let bearer: &[u8] = if kinds(|k| matches!(k, PolicyKind::Jwt(_))) {
-        b"WWW-Authenticate: Bearer realm=\"gateway\"\r\n"
-    } else {
-        b""
-    };
-    let api_key: &[u8] = if kinds(|k| matches!(k, PolicyKind::ApiKey(_))) {
-        b"WWW-Authenticate: ApiKey realm=\"gateway\"\r\n"
-    } else {
-        b""
-    };
-    let mut challenge = [0u8; 96];
-    challenge[..bearer.len()].copy_from_slice(bearer);
-    challenge[bearer.len()..bearer.len() + api_key.len()].copy_from_slice(api_key);
-    let used = bearer.len() + api_key.len();
-    refuse(st, 401, id, detail, &challenge[..used])
+    let mut fields = [0u8; 256];
+    let mut w = &mut fields[..];
+    if kinds(|k| matches!(k, PolicyKind::Jwt(_))) {
+        let _ = w.write_all(b"WWW-Authenticate: Bearer realm=\"gateway\"");
+        if invalid_token {
+            // `detail` is one of the gateway's own short texts: no quote or backslash.
+            let _ = write!(
+                w,
+                ", error=\"invalid_token\", error_description=\"{detail}\""
+            );
+        }
+        let _ = w.write_all(b"\r\n");
+    }
+    if kinds(|k| matches!(k, PolicyKind::ApiKey(_))) {
+        let _ = w.write_all(b"WWW-Authenticate: ApiKey realm=\"gateway\"\r\n");
+    }
+    let used = 256 - w.len();
+    refuse(st, 401, id, detail, &fields[..used])
 }
 
 /// Writes a problem+json refusal (RFC 9457) into `st.out`.
