@@ -815,6 +815,14 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
     );
     let r = get(&gw, "/token-first/q?apikey=s3cr3t-key-1;APIKEY=forged", "");
     assert_problem(&r, 401);
+    // A key as form encoders send it: its escapes are decoded (`%2D` is `-`); a `%` that
+    // starts no escape is a `%`.
+    let r = get(&gw, "/token-first/q?apikey=s3cr3t%2Dkey%2D1", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_problem(
+        &get(&gw, "/token-first/q?apikey=s3cr3t%2Dkey%2D1%", ""),
+        401,
+    );
 }
 
 #[test]

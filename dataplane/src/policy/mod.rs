@@ -782,6 +782,28 @@ fn allow_origin_fields(c: &Cors, origin: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Appends `v` to `out` with each `%XX` escape decoded; a `%` that starts none is kept.
+#[inline(never)]
+fn pct_decode_into(v: &[u8], out: &mut Vec<u8>) {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut i = 0;
+    while i < v.len() {
+        let escaped = (v[i] == b'%')
+            .then(|| Some(hex(*v.get(i + 1)?)? << 4 | hex(*v.get(i + 2)?)?))
+            .flatten();
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(v[i]);
+                i += 1;
+            }
+        }
+    }
+}
+
 /// Tries the authentication policies `group` in order; returns the consumer.
 fn authenticate(
     p: &Policies,
@@ -821,13 +843,27 @@ fn authenticate(
                         Ok(None) => {}
                     }
                 }
+                let mut from_query = false;
                 if presented.is_none() {
                     if let Some(q) = &k.query {
                         presented = query_param(buf, head, q);
+                        from_query = true;
                     }
                 }
                 let Some(key) = presented else {
                     continue;
+                };
+                // A query value as clients send it: `%XX` escapes decoded (a base64 key's `/`,
+                // `+` and `=` come as `%2F`, `%2B` and `%3D` from every form encoder). `+`
+                // stays `+` (raw keys with one keep working), and so does a `%` that starts
+                // no escape.
+                let key = match from_query && key.contains(&b'%') {
+                    true => {
+                        st.decode.clear();
+                        pct_decode_into(key, &mut st.decode);
+                        &st.decode[..]
+                    }
+                    false => key,
                 };
                 let digest = common::policy::api_key_digest(key);
                 // Only digests are compared, in constant time; a key itself never is.
@@ -1216,6 +1252,20 @@ fn refuse(st: &mut PolicyState, status: u16, policy: &str, detail: &str, extra: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_keys_have_their_escapes_decoded_and_nothing_else() {
+        let decoded = |v: &[u8]| {
+            let mut out = Vec::new();
+            pct_decode_into(v, &mut out);
+            out
+        };
+        assert_eq!(decoded(b"Zm9v%2FYmFy%2BcXV4%3D%3D"), b"Zm9v/YmFy+cXV4==");
+        assert_eq!(decoded(b"Zm9v/YmFy+cXV4=="), b"Zm9v/YmFy+cXV4==");
+        assert_eq!(decoded(b"100%"), b"100%");
+        assert_eq!(decoded(b"a%zzb%4"), b"a%zzb%4");
+        assert_eq!(decoded(b"%25%41"), b"%A");
+    }
 
     #[test]
     fn drops_stay_sorted_and_merged() {
