@@ -1093,6 +1093,31 @@ fn policy_resources_are_validated_like_the_rest() {
 }
 
 #[test]
+fn a_header_keyed_rate_limit_counts_requests_without_the_header_per_client() {
+    // One request a minute per X-Tenant; requests without it count per client address
+    // (here from X-Forwarded-For, the peer being a trusted proxy): one client leaving it
+    // out no longer uses up the bucket of every other that does.
+    let origin = Origin::echo();
+    let extra =
+        "[[policies]]\nid = \"tenant\"\nkind = \"rate_limit\"\nrate = 1\nper = \"minute\"\n\
+                 burst = 1\nkey = \"header:X-Tenant\"\n";
+    let gw = Gateway::start(
+        &format!(
+            "global_policies = [\"tenant\"]\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
+            proxy_config(origin.addr, extra)
+        ),
+        Driver::IoUring,
+    );
+    let status = |headers: &str| get(&gw, "/", headers).status;
+    assert_eq!(status("X-Tenant: a\r\n"), 200);
+    assert_eq!(status("X-Tenant: a\r\n"), 429);
+    assert_eq!(status("X-Tenant: b\r\n"), 200);
+    assert_eq!(status("X-Forwarded-For: 10.0.0.1\r\n"), 200);
+    assert_eq!(status("X-Forwarded-For: 10.0.0.1\r\nX-Tenant: \r\n"), 429);
+    assert_eq!(status("X-Forwarded-For: 10.0.0.2\r\n"), 200);
+}
+
+#[test]
 fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
     let origin = Origin::echo();
     let extra = "[[policies]]\nid = \"five\"\nkind = \"rate_limit\"\nrate = 5\nper = \"minute\"\nburst = 5\nx_ratelimit_headers = true\n";

@@ -1125,11 +1125,15 @@ fn rate_limit(
             }
             None => ip_key(client),
         }),
-        RateKey::Header(name) => Some(key_of(
-            fields(buf, head)
-                .find(|f| f.name.eq_ignore_ascii_case(name))
-                .map_or(&b""[..], |f| f.value),
-        )),
+        // Without the field (or with it empty), the client's address: one client that
+        // leaves it out does not use up everyone else's bucket (as Kong falls back). No
+        // field value can be an address key: those hold NUL bytes.
+        RateKey::Header(name) => Some(
+            match fields(buf, head).find(|f| f.name.eq_ignore_ascii_case(name)) {
+                Some(f) if !f.value.is_empty() => key_of(f.value),
+                _ => ip_key(client),
+            },
+        ),
     };
     let d = limiter.check(key.as_ref(), clock.mono_ns);
     if d.allowed {
