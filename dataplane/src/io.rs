@@ -333,6 +333,26 @@ fn tcp_info(fd: std::os::fd::RawFd) -> Option<(libc::tcp_info, usize)> {
     (rc == 0).then_some((info, len as usize))
 }
 
+/// Makes closing `fd` reset the connection (SO_LINGER on, 0 s) instead of ending it with a
+/// FIN; what it still queues to send is dropped.
+pub(crate) fn reset_when_closed(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger`, which is that large, for the call; the caller's
+    // socket is open.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Bytes a TCP socket holds that the peer has not acknowledged yet (sent or not), or `None`
 /// if the kernel does not say.
 pub(crate) fn send_queued(fd: std::os::fd::RawFd) -> Option<usize> {

@@ -678,6 +678,12 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
                 );
                 Keep::Close
             }
+            "/cut-chunked" => {
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                );
+                Keep::Close
+            }
             "/truncated" => {
                 let _ = s.write_all(
                     b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\
@@ -766,6 +772,19 @@ fn upstream_failures_are_502_and_504(driver: Driver) {
         text,
         "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\
          Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\nonly-some"
+    );
+    // To an HTTP/1.0 client the body is delimited by the close: cut short, the connection
+    // is reset, not closed, or the client would take the part for the whole (RFC 9112 8).
+    let mut c = gw.connect();
+    c.send(b"GET /cut-chunked HTTP/1.0\r\nHost: a\r\n\r\n");
+    let mut got = Vec::new();
+    let end = c.stream.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.ends_with("\r\n\r\nhello"), "{text:?}");
+    assert_eq!(
+        end.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "{text:?}"
     );
 }
 

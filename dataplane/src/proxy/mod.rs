@@ -254,6 +254,12 @@ async fn serve_stream<S: ClientStream>(
             }
             Next::Cut => {
                 req.finish(&ctx, &snap);
+                if S::WHOLE_CONNECTION {
+                    // Closed with a reset, not a FIN: a FIN would end a body delimited by
+                    // the close as if it were whole (RFC 9112 8: a cut message must be
+                    // told apart).
+                    crate::io::reset_when_closed(down.stream.as_raw_fd());
+                }
                 return None;
             }
             Next::Upgrade(upgrade) => {
