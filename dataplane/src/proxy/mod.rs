@@ -981,7 +981,7 @@ async fn proxy<S: ClientStream>(
                 down.linger |= body_left > 0;
                 return early_answer(down, req, &mut session.conn, head, is_head, err.kind).await;
             }
-            return down.fail(req, err.kind).await;
+            return upstream_failed(ctx, down, req, head, err.kind).await;
         }
     };
     let mut session = Session::answered(&mut slot);
@@ -993,13 +993,13 @@ async fn proxy<S: ClientStream>(
                 &down.buf[head.fields_start..head.fields_end],
             );
         if !switched {
-            return down.fail(req, ErrorKind::UpstreamMalformed).await;
+            return upstream_failed(ctx, down, req, head, ErrorKind::UpstreamMalformed).await;
         }
         req.status = 101;
         return Next::Upgrade(Box::new((*session.conn, resp, connector.hold())));
     }
     if !carried::<S>(&resp, head.http10) {
-        return down.fail(req, ErrorKind::UpstreamMalformed).await;
+        return upstream_failed(ctx, down, req, head, ErrorKind::UpstreamMalformed).await;
     }
     // An answer before the whole request: the rest of the request is not read, so neither
     // connection goes on.
@@ -1053,7 +1053,7 @@ async fn proxy<S: ClientStream>(
             }
             connector.checkin_at(session, outcome, req.end_now());
         }
-        Err(e) if req.status == 0 => return down.fail(req, e.kind).await,
+        Err(e) if req.status == 0 => return upstream_failed(ctx, down, req, head, e.kind).await,
         Err(e) => {
             req.fail(e.kind);
             return Next::Cut;
@@ -1092,6 +1092,25 @@ async fn unless_reset<S: ClientStream, F: std::future::Future>(
 /// that answer relayed, and the client connection closes since the rest of its body was not
 /// read. Otherwise the client gets the write failure's status (504 when the upstream left the
 /// request unacknowledged past `upstream_send_ms`, 502 otherwise).
+/// Answers a request whose upstream exchange failed before anything of an answer went out:
+/// a request without a body has nothing left to read, so its connection goes on (as nginx's
+/// after its 502 or 504); with a body, whose bytes may have gone upstream in part, it closes.
+async fn upstream_failed<S: ClientStream>(
+    ctx: &WorkerCtx,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    kind: ErrorKind,
+) -> Next {
+    match kind.response() {
+        Some(status) if head.body == BodyKind::None && kind.side() != Side::Client => {
+            req.fail(kind);
+            down.respond(ctx, req, head, Reply::Canned(status)).await
+        }
+        _ => down.fail(req, kind).await,
+    }
+}
+
 async fn early_answer<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
