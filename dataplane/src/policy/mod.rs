@@ -910,10 +910,10 @@ fn authenticate(
                         Some(&c) => c,
                         None => {
                             let why = "the token's consumer is unknown";
-                            return Err(invalid_token(st, p, group, &policy.id, why));
+                            return Err(challenge(st, p, group, &policy.id, why, true));
                         }
                     },
-                    Err(e) => return Err(invalid_token(st, p, group, &policy.id, e.reason())),
+                    Err(e) => return Err(challenge(st, p, group, &policy.id, e.reason(), true)),
                 };
                 if j.strip_credential {
                     add_drop(&mut st.drops, auth.line);
@@ -1182,19 +1182,10 @@ fn unauthorized(
     challenge(st, p, group, id, detail, false)
 }
 
-/// [`unauthorized`] for a bearer token that was presented and refused: its challenge says
-/// so (RFC 6750 3.1, `error="invalid_token"` and why), which a client reads to get a new
-/// token rather than ask the user again.
-fn invalid_token(
-    st: &mut PolicyState,
-    p: &Policies,
-    group: &[u16],
-    id: &str,
-    detail: &str,
-) -> Verdict {
-    challenge(st, p, group, id, detail, true)
-}
-
+/// The 401 with one challenge per scheme the route's policies take. `invalid_token`: a
+/// bearer token was presented and refused, which the challenge says (RFC 6750 3.1,
+/// `error="invalid_token"` and why): a client reads it to get a new token rather than ask
+/// the user again.
 fn challenge(
     st: &mut PolicyState,
     p: &Policies,
