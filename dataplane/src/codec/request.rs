@@ -191,7 +191,12 @@ pub fn parse_request_into(
             return Ok(false);
         }
         Err(httparse::Error::TooManyHeaders) => return Err(ParseError::HeadTooLarge),
-        Err(httparse::Error::Version) => return Err(ParseError::VersionNotSupported),
+        // 505 for a version the gateway does not speak (`HTTP/2.0`); one that is no version
+        // at all (`http/1.1`: the name is case-sensitive, RFC 9112 2.3) is malformed.
+        Err(httparse::Error::Version) if versionlike(buf) => {
+            return Err(ParseError::VersionNotSupported)
+        }
+        Err(httparse::Error::Version) => return Err(ParseError::Malformed),
         Err(_) => return Err(ParseError::Malformed),
     };
     if head_end > limits.max_header_bytes {
@@ -637,6 +642,24 @@ pub fn head_too_large(buf: &[u8], limits: &Limits) -> ParseError {
         Some(eol) if eol > limits.max_uri_bytes => ParseError::UriTooLong,
         Some(_) => ParseError::HeadTooLarge,
     }
+}
+
+/// Whether the request line in `buf` ends with `HTTP/x.y` (digits), a version's syntax, or,
+/// while the line is not complete, with a start of one.
+fn versionlike(buf: &[u8]) -> bool {
+    let (line, complete) = match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => (&buf[..i], true),
+        None => (buf, false),
+    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
+    let fits = |k: usize, b: u8| match k {
+        0..=4 => b == b"HTTP/"[k],
+        5 | 7 => b.is_ascii_digit(),
+        6 => b == b'.',
+        _ => false,
+    };
+    version.iter().enumerate().all(|(k, &b)| fits(k, b)) && (!complete || version.len() == 8)
 }
 
 fn strip_scheme(t: &[u8]) -> Option<&[u8]> {

@@ -253,9 +253,12 @@ fn response_tail<S>(
         }
     }
     if http10 && resp.transfer_encoding {
-        // A chunked body goes on without its chunks; a HEAD's or a 304's has none.
+        // A chunked body goes on without its chunks (and without the trailers `Trailer`
+        // announces); a HEAD's or a 304's has none.
         let (fs, fe) = (resp.fields_start, resp.fields_end);
-        policy::drop_named(buf, fs, fe, b"transfer-encoding", &mut down.resp_plan.drop);
+        for name in [&b"transfer-encoding"[..], b"trailer"] {
+            policy::drop_named(buf, fs, fe, name, &mut down.resp_plan.drop);
+        }
     }
     if !resp.dated {
         crate::status::push_date(&mut down.scratch);
