@@ -210,6 +210,7 @@ async function loadUpstreams() {
     for (const t of shown) {
       const line = el("div");
       line.append(el("span", t.address + " "), el("span", t.state, "health-" + t.state));
+      if (t.backup) line.append(el("span", " backup", "backup"));
       targets.append(line);
     }
     tr.append(el("td", u.id), el("td", u.protocol || "http1"), el("td", u.balance || "round_robin"), targets);

@@ -1,6 +1,7 @@
 //! The admin dashboard in a real browser: headless Chromium (Debian `chromium`) driven by
 //! `tests/ui/dashboard.mjs` through playwright-core (npm; `scripts/test` installs both). It
-//! signs in (a wrong token gets 401 first), sees a route added through the API appear, watches
+//! signs in (a wrong token gets 401 first), sees an upstream's backup target marked and a
+//! route added through the API appear, watches
 //! req/s move under load, rolls back a revision with its confirmation, shows a diff and the
 //! access log. Screenshots are kept in `target/tmp/dashboard/` as test artifacts.
 
@@ -30,6 +31,8 @@ fn the_dashboard_works_in_chromium() {
         &format!(
             "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
              [[routes]]\nid = \"hello\"\npath = \"/\"\nrespond = {{ body = \"hello\" }}\n\n\
+             [[upstreams]]\nid = \"spare\"\ntargets = [{{ address = \"127.0.0.1:9\" }}, \
+             {{ address = \"127.0.0.1:10\", backup = true }}]\n\n\
              [access_log]\npath = \"{}\"\n",
             log.display()
         ),

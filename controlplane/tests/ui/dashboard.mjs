@@ -51,6 +51,13 @@ try {
   const kept = await page.evaluate(() => sessionStorage.getItem("gw-token"));
   if (kept !== token) await fail("the token is not kept in the session");
 
+  step = "an upstream's backup target is marked";
+  await page.waitForFunction(() => {
+    const lines = [...document.querySelectorAll("#upstreams td div")].map((d) => d.textContent);
+    return lines.some((l) => l.startsWith("127.0.0.1:9 ") && !l.includes("backup"))
+      && lines.some((l) => l.startsWith("127.0.0.1:10 ") && l.endsWith(" backup"));
+  }, null, { timeout: 10000 });
+
   step = "a route added through the API appears";
   const put = await adminApi("PUT", "/v1/routes/added-by-test", { path: "/added", redirect: { path: "/new", status: 308 } });
   if (put.status !== 201) await fail("PUT answered " + put.status);
