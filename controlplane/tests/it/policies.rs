@@ -433,6 +433,16 @@ fn cors_preflight_and_origin_checks() {
         r.header("access-control-allow-headers"),
         Some("authorization, x-anything")
     );
+    // A method the policy allows but no route at the path takes: refused (the real request
+    // would be a 404 without CORS fields).
+    let route =
+        r#"{"path":"/only-get","methods":["GET"],"respond":{"body":"x"},"policies":["any"]}"#;
+    let r = gw.admin("PUT", "/v1/routes/only-get", Some(route));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    assert_eq!(preflight("/only-get", "GET", "x-a").status, 204);
+    let r = preflight("/only-get", "PATCH", "x-a");
+    assert_problem(&r, 403);
+    assert!(r.body_str().contains("no route"), "{}", r.body_str());
     // With credentials, browsers read `*` as a name: refused.
     let r = gw.admin(
         "PUT",

@@ -50,6 +50,10 @@ pub struct PolicyState {
     pub consumer: Option<u32>,
     /// `extra` holds the forwarded `Host` (a route's `request_headers` sets it).
     pub sets_host: bool,
+    /// A preflight asks about a method no route at its path takes: its cors policy refuses
+    /// it whatever `methods` says (the real request would be a 404 without CORS fields).
+    /// Set by the route lookup, before the policies run; `reset` leaves it.
+    pub preflight_unrouted: bool,
     decode: Vec<u8>,
 }
 
@@ -688,6 +692,15 @@ fn cors(
             // CORS-safelisted: a browser never needs them listed (it asks for a preflight
             // for their headers).
             let asked_for = requested.value;
+            if st.preflight_unrouted {
+                return Some(refuse(
+                    st,
+                    403,
+                    id,
+                    "no route with CORS at this path takes the method",
+                    &[],
+                ));
+            }
             if !c.any_method
                 && !matches!(asked_for, b"GET" | b"HEAD" | b"POST")
                 && !c.methods.iter().any(|m| &m[..] == asked_for)

@@ -128,6 +128,7 @@ impl RequestCtx {
         self.slot = NO_ROUTE_SLOT;
         self.client_ip = peer;
         self.policy.reset();
+        self.policy.preflight_unrouted = false;
         self.upstream = None;
         self.attempts = Attempts::default();
         self.first_byte = None;

@@ -407,6 +407,9 @@ async fn handle<S: ClientStream>(
             })
         }),
     };
+    // No route with CORS takes the method asked about: a cors policy the preflight reaches
+    // refuses it (the real request would get no CORS fields).
+    req.policy.preflight_unrouted = preflight.is_some() && real.is_none();
     let route = found.map(|id| &snap.routes[id as usize]);
     if let (Some(id), Some(route)) = (found, route) {
         req.route = Some(id);
