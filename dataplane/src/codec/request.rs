@@ -651,7 +651,11 @@ fn versionlike(buf: &[u8]) -> bool {
         Some(i) => (&buf[..i], true),
         None => (buf, false),
     };
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // A CR ends the line as a LF does (what follows it cannot be part of the version).
+    let (line, complete) = match line.strip_suffix(b"\r") {
+        Some(line) => (line, true),
+        None => (line, complete),
+    };
     let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
     let fits = |k: usize, b: u8| match k {
         0..=4 => b == b"HTTP/"[k],

@@ -112,7 +112,7 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", ParseError::VersionNotSupported),
         // No version at all (the name is case-sensitive): malformed, not unsupported.
         (b"GET / http/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
-        (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::MethodNotAllowed),
         // In every target form: a CONNECT is a tunnel, whatever its target looks like.
