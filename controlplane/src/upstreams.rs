@@ -71,6 +71,8 @@ struct Host {
     addrs: Vec<IpAddr>,
     task: Option<AbortHandle>,
     stats: Arc<LookupStats>,
+    /// Lookups in a row where one address family's query failed (the other answered).
+    family_failures: u32,
 }
 
 /// An SRV name's records (the lowest priority's).
@@ -314,6 +316,7 @@ impl Upstreams {
             Name::Host(h) => {
                 st.hosts.entry(h.clone()).or_insert_with(|| Host {
                     addrs: Vec::new(),
+                    family_failures: 0,
                     task: None,
                     stats: stats.clone(),
                 });
@@ -356,23 +359,35 @@ impl Upstreams {
                 let next = match failed {
                     None => {
                         host.stats.ok.fetch_add(1, Relaxed);
+                        if host.family_failures > 0 {
+                            log::info!("resolver: {name}: both address families answer again");
+                        }
+                        host.family_failures = 0;
                         clamp(ttl, min, max)
                     }
                     // One family's query failed: its last addresses stay (a lost packet must
                     // not take half of a dual-stack target's addresses away), and it is asked
-                    // again soon.
+                    // again soon, then less and less often up to the answer's TTL: a name
+                    // server that always fails one family (SERVFAIL for AAAA is common) is
+                    // not asked every `min_ttl_ms`, nor the log told each time.
                     Some(v4) => {
                         host.stats.failed.fetch_add(1, Relaxed);
-                        let family = if v4 { "A" } else { "AAAA" };
-                        log::warn!(
-                            "resolver: {name}: the {family} query failed; keeping its last \
-                             addresses, retrying in {} ms",
-                            min.as_millis()
-                        );
+                        host.family_failures = host.family_failures.saturating_add(1);
+                        let wait = min.saturating_mul(1 << (host.family_failures - 1).min(16));
+                        let wait = wait.min(clamp(ttl, min, max));
+                        if host.family_failures.is_power_of_two() {
+                            let family = if v4 { "A" } else { "AAAA" };
+                            log::warn!(
+                                "resolver: {name}: the {family} query failed ({} times in a \
+                                 row); keeping its last addresses, retrying in {} ms",
+                                host.family_failures,
+                                wait.as_millis()
+                            );
+                        }
                         ips.extend(host.addrs.iter().filter(|a| a.is_ipv4() == v4));
                         ips.sort();
                         ips.dedup();
-                        min
+                        wait
                     }
                 };
                 let changed = host.addrs != ips;

@@ -763,6 +763,30 @@ fn a_failed_query_for_one_address_family_keeps_that_familys_addresses() {
 }
 
 #[test]
+fn a_family_that_always_fails_is_asked_less_and_less_often() {
+    // A answers with a TTL of 60 s, AAAA always SERVFAIL (common): the AAAA query is retried
+    // at min_ttl_ms (200 ms), then 400, 800, 1,600 ms... up to the answer's TTL. It was
+    // asked every 200 ms for as long as the name was used, with a warning each time.
+    let b = Backend::start("b", Mode::Answer);
+    let zone = serde_json::json!({"ttl": 60, "a": {"v4.test": ["127.0.0.1"]},
+        "servfail": {"v4.test": ["AAAA"]}});
+    let dns = Dns::start(&zone);
+    let extra = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 200\n",
+        dns.port
+    );
+    let target = format!("{{ address = \"v4.test:{}\" }}", b.addr.port());
+    let gw = Gateway::start(&config(1, &[target], "", &extra), Driver::IoUring);
+    assert_eq!(get(&gw, "/x").body_str(), "b");
+    thread::sleep(Duration::from_millis(3000));
+    // Within 3 s: the first lookup's, then 0.2, 0.6, 1.4 and 3.0 s after it (15 at a
+    // fixed 200 ms).
+    let asked = dns.queries("v4.test", "AAAA").len();
+    assert!((3..=6).contains(&asked), "{asked} AAAA queries in 3 s");
+    assert_eq!(get(&gw, "/x").body_str(), "b");
+}
+
+#[test]
 fn retries_stay_within_the_budget_when_every_target_fails() {
     let a = Backend::start("a", Mode::Status(503));
     let b = Backend::start("b", Mode::Status(503));
