@@ -1656,9 +1656,10 @@ fn add_to_router(
             || r.methods.is_empty()
             || o.methods.iter().any(|m| r.methods.contains(m))
     };
-    let clash = host_keys(r)
+    let keys: Vec<Option<String>> = host_keys(r).collect();
+    let clash = (keys.iter())
         .filter_map(|h| {
-            let earlier = same_path.get(&h)?;
+            let earlier = same_path.get(h)?;
             earlier.iter().copied().find(|&j| methods_overlap(&all[j]))
         })
         .min();
@@ -1671,7 +1672,7 @@ fn add_to_router(
             ),
         ));
     }
-    for h in host_keys(r) {
+    for h in keys {
         same_path.entry(h).or_default().push(i);
     }
     let id = u32::try_from(i).map_err(|_| ConfigError::field("routes", "too many routes"))?;

@@ -832,25 +832,14 @@ fn rebuild(st: &mut State, id: &str) {
         }
     }
     if let Some(srv) = e.srv.as_ref().and_then(|s| st.srvs.get(s)) {
-        // RFC 2782: the lowest priority first; the others are backups. Weights are shares
-        // within a priority.
-        let lowest = srv.records.iter().map(|r| r.priority).min();
-        let mut weights = vec![0; srv.records.len()];
-        for p in srv.records.iter().map(|r| r.priority) {
-            let at: Vec<usize> = (0..srv.records.len())
-                .filter(|&k| srv.records[k].priority == p)
-                .collect();
-            let shares = srv_weights(at.iter().map(|&k| srv.records[k].weight));
-            for (&k, w) in at.iter().zip(shares) {
-                weights[k] = w;
-            }
-        }
-        // Backups after the others, so a cap on the targets keeps the lowest priority.
-        for backup in [false, true] {
-            for (r, &w) in srv.records.iter().zip(&weights) {
-                if (Some(r.priority) != lowest) != backup {
-                    continue;
-                }
+        // RFC 2782: the lowest priority first; the others are backups. The records are in
+        // priority order (`by_priority`), so backups come after the others (a cap on the
+        // targets keeps the lowest priority). Weights are shares within a priority.
+        let lowest = srv.records.first().map(|r| r.priority);
+        for group in srv.records.chunk_by(|a, b| a.priority == b.priority) {
+            let weights = srv_weights(group.iter().map(|r| r.weight));
+            for (r, w) in group.iter().zip(weights) {
+                let backup = Some(r.priority) != lowest;
                 let name: Arc<str> = Arc::from(r.target.as_str());
                 for ip in st
                     .hosts

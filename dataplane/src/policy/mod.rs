@@ -798,11 +798,10 @@ fn allow_origin_fields(c: &Cors, origin: &[u8], out: &mut Vec<u8>) {
 /// Appends `v` to `out` with each `%XX` escape decoded; a `%` that starts none is kept.
 #[inline(never)]
 fn pct_decode_into(v: &[u8], out: &mut Vec<u8>) {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut i = 0;
     while i < v.len() {
         let escaped = (v[i] == b'%')
-            .then(|| Some(hex(*v.get(i + 1)?)? << 4 | hex(*v.get(i + 2)?)?))
+            .then(|| common::snapshot::unescape(*v.get(i + 1)?, *v.get(i + 2)?))
             .flatten();
         match escaped {
             Some(b) => {
