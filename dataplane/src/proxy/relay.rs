@@ -574,12 +574,12 @@ const ABOUT_THE_UPSTREAMS_BYTES: [&[u8]; 9] = [
 ];
 
 /// Like [`relay_response`], for a route with a `response` shape: a 2xx identity-encoded JSON
-/// answer within `max_bytes` is read whole, reshaped and sent with its new length (its
-/// `ETag` dropped, since the body changed); any other answer is relayed unchanged and counted
-/// in `gateway_transform_skipped_total`. With a filter (allow, deny), a 2xx answer of another
-/// type whose body opens a JSON object or array is taken as JSON too. The answer to a HEAD
-/// (`is_head`) is relayed without the unshaped body's length and tag, which would not be the
-/// GET answer's.
+/// answer within `max_bytes` is read whole, reshaped and sent with its new length (without
+/// [`ABOUT_THE_UPSTREAMS_BYTES`], since the body changed); any other answer is relayed
+/// unchanged and counted in `gateway_transform_skipped_total`. With a filter (allow, deny), a
+/// 2xx answer of another type whose body opens a JSON object or array is taken as JSON too.
+/// The answer to a HEAD (`is_head`) whose GET would be reshaped is relayed without those
+/// fields, which would not be the GET answer's.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn relay_shaped<S: ClientStream>(
     down: &mut Downstream<S>,
