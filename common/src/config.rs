@@ -924,10 +924,14 @@ pub struct UpstreamConfig {
     /// Limits per upstream and gateway node; above one, requests are answered 503 at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit: Option<CircuitConfig>,
-    /// What the targets speak: `http1` (the default), `h2c` (HTTP/2 with prior knowledge)
-    /// or `grpc` (gRPC over h2c: errors become gRPC statuses, `grpc-timeout` is honoured).
+    /// What the targets speak: `http1` (the default), `h2c` (HTTP/2 with prior knowledge),
+    /// `h2` (HTTP/2 over TLS: needs `tls`) or `grpc` (gRPC over HTTP/2, over TLS with `tls`:
+    /// errors become gRPC statuses, `grpc-timeout` is honoured).
     #[serde(default, skip_serializing_if = "UpstreamProtocol::is_http1")]
     pub protocol: UpstreamProtocol,
+    /// TLS towards the targets (HTTPS upstreams). Absent: cleartext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsConfig>,
     /// `h2c` and `grpc`: streams open at once on one connection before the worker opens
     /// another to the same target. 1 to 1000; default 100 (or less, if the target says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -936,6 +940,42 @@ pub struct UpstreamConfig {
     /// global value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<UpstreamTimeoutsConfig>,
+}
+
+/// TLS towards an upstream's targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// The name sent in SNI and checked against the target's certificate. Default: the
+    /// target's host name (a `HOST:PORT` target, an SRV record's target); for a target
+    /// given as `IP:PORT`, no SNI and the certificate must name that IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// The authorities (PEM certificates) trusted to sign the targets' certificates, inline
+    /// or in a file. Default: the system's (`/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Whether the target's certificate is checked (chain, name, validity). Default true;
+    /// `false` accepts any certificate, so anyone on the path can read and change the
+    /// traffic: for tests only.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub verify: bool,
+    /// The id of a `certificates` entry presented to targets that ask for a client
+    /// certificate (mutual TLS). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Lowest TLS version used: `"1.2"` (the default) or `"1.3"`.
+    #[serde(
+        default = "default_min_tls",
+        skip_serializing_if = "is_default_min_tls"
+    )]
+    pub min_version: String,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// An upstream's own timeouts, in milliseconds (1 to 86,400,000): each replaces the
@@ -985,6 +1025,8 @@ pub enum UpstreamProtocol {
     #[default]
     Http1,
     H2c,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
     Grpc,
 }
 

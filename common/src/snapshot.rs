@@ -337,7 +337,9 @@ pub struct Upstream {
     pub retry: Option<RetryPolicy>,
     pub circuit: Option<Circuit>,
     pub protocol: crate::config::UpstreamProtocol,
-    /// `h2c` / `grpc`: streams at once on one connection.
+    /// TLS towards the targets.
+    pub tls: Option<crate::tls::UpstreamTls>,
+    /// `h2c`, `h2` / `grpc`: streams at once on one connection.
     pub max_streams: u32,
     /// Its own timeouts, which replace the global ones towards its targets.
     pub timeouts: UpstreamTimeouts,
@@ -380,8 +382,11 @@ pub struct HealthCheck {
     pub healthy_after: u32,
     pub unhealthy_after: u32,
     pub expect_status: Box<[u16]>,
-    /// How targets are checked: HTTP/1.1 `GET`, HTTP/2 `GET` (h2c), or a gRPC call (grpc).
+    /// How targets are checked: HTTP/1.1 `GET`, HTTP/2 `GET` (h2c, h2), or a gRPC call
+    /// (grpc).
     pub protocol: crate::config::UpstreamProtocol,
+    /// Over TLS, as requests go (the upstream's `tls`).
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 /// Retries, compiled.
@@ -639,7 +644,7 @@ impl Snapshot {
                     format!("duplicate upstream id {:?}", u.id),
                 ));
             }
-            upstreams.push(crate::upstreams::compile_upstream(u, i)?);
+            upstreams.push(crate::upstreams::compile_upstream(u, i, &certificates)?);
         }
         let upstream_index = index_by_id(upstreams.iter().map(|u| &*u.id));
         let repeat = first_repeat(config.aggregates.iter().map(|a| a.id.as_str()));
@@ -1276,6 +1281,7 @@ fn protocol_name(p: crate::config::UpstreamProtocol) -> &'static str {
     match p {
         crate::config::UpstreamProtocol::Http1 => "http1",
         crate::config::UpstreamProtocol::H2c => "h2c",
+        crate::config::UpstreamProtocol::H2 => "h2",
         crate::config::UpstreamProtocol::Grpc => "grpc",
     }
 }

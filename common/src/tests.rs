@@ -1121,3 +1121,119 @@ fn redirects_are_checked() {
     // A trailing dot ends a fully qualified name.
     compile(&format!("{base}redirect = {{ host = \"docs.test.\" }}\n")).unwrap();
 }
+
+#[test]
+fn upstream_tls_is_checked_and_compiled() {
+    const PEM: &str = include_str!("../testdata/api.pem");
+    const KEY: &str = include_str!("../testdata/api.key");
+    let up = |protocol: &str, tls: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+             targets = [{{ address = \"127.0.0.1:1\" }}]\n{protocol}{tls}\n\
+             [[certificates]]\nid = \"client\"\ncert_pem = \"\"\"{PEM}\"\"\"\nkey_pem = \"\"\"{KEY}\"\"\"\n"
+        )
+    };
+    let ca = format!("ca_pem = \"\"\"{PEM}\"\"\"");
+    let ok = compile(&up(
+        "",
+        &format!("tls = {{ server_name = \"api.example\", {ca} }}"),
+    ))
+    .unwrap();
+    let tls = ok.upstreams[0].tls.as_ref().unwrap();
+    assert_eq!(tls.config.alpn_protocols, [b"http/1.1".to_vec()]);
+    let name = tls.name_for(Some("other.example"), [127, 0, 0, 1].into());
+    assert_eq!(name.to_str(), "api.example");
+    // Health checks go over the same TLS.
+    let hc = "health_check = { path = \"/h\" }\n";
+    let s = compile(&up(hc, &format!("tls = {{ {ca} }}"))).unwrap();
+    assert_eq!(
+        s.upstreams[0].health_check.as_ref().unwrap().tls.as_ref(),
+        s.upstreams[0].tls.as_ref()
+    );
+    // Without `server_name`: the target's host name, else its address.
+    let tls = s.upstreams[0].tls.as_ref().unwrap();
+    assert_eq!(
+        tls.name_for(Some("svc.internal"), [10, 0, 0, 1].into())
+            .to_str(),
+        "svc.internal"
+    );
+    assert_eq!(
+        tls.name_for(None, [10, 0, 0, 1].into()).to_str(),
+        "10.0.0.1"
+    );
+    // HTTP/2 over TLS offers h2; so does gRPC over TLS; a client certificate by id.
+    let s = compile(&up(
+        "protocol = \"h2\"\n",
+        &format!("tls = {{ {ca}, certificate = \"client\" }}"),
+    ))
+    .unwrap();
+    let tls = s.upstreams[0].tls.as_ref().unwrap();
+    assert_eq!(tls.config.alpn_protocols, [b"h2".to_vec()]);
+    assert!(tls.config.client_auth_cert_resolver.has_certs());
+    let s = compile(&up("protocol = \"grpc\"\n", "tls = { verify = false }")).unwrap();
+    assert_eq!(
+        s.upstreams[0].tls.as_ref().unwrap().config.alpn_protocols,
+        [b"h2".to_vec()]
+    );
+
+    for (protocol, tls, path, says) in [
+        (
+            "protocol = \"h2\"\n",
+            "",
+            "upstreams[0].protocol",
+            "needs `tls`",
+        ),
+        (
+            "protocol = \"h2c\"\n",
+            "tls = { verify = false }",
+            "upstreams[0].protocol",
+            "cleartext",
+        ),
+        (
+            "",
+            "tls = { ca_pem = \"junk\" }",
+            "upstreams[0].tls.ca_pem",
+            "no PEM certificate",
+        ),
+        (
+            "",
+            "tls = { ca_file = \"/nonexistent/ca.pem\" }",
+            "upstreams[0].tls.ca_file",
+            "cannot read",
+        ),
+        (
+            "",
+            "tls = { server_name = \"a b\" }",
+            "upstreams[0].tls.server_name",
+            "neither",
+        ),
+        (
+            "",
+            "tls = { min_version = \"1.1\" }",
+            "upstreams[0].tls.min_version",
+            "\"1.2\"",
+        ),
+        (
+            "",
+            "tls = { certificate = \"nope\" }",
+            "upstreams[0].tls.certificate",
+            "\"nope\"",
+        ),
+        (
+            "",
+            "tls = { verify = false, ca_pem = \"x\" }",
+            "upstreams[0].tls.verify",
+            "would not be used",
+        ),
+        (
+            "",
+            "tls = { verfy = false }",
+            "upstreams[0].tls.verfy",
+            "unknown field",
+        ),
+    ] {
+        let e = err(&up(protocol, tls));
+        assert_eq!(e.path(), path, "{tls}: {e}");
+        assert!(e.to_string().contains(says), "{tls}: {e}");
+    }
+}

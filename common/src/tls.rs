@@ -1,6 +1,7 @@
-//! Certificates and TLS listener settings, compiled: each certificate's chain and key are
-//! parsed and checked against each other (and the clock), and each TLS listener gets one
-//! rustls `ServerConfig` whose resolver picks a certificate by the client's SNI name.
+//! Certificates and TLS settings, compiled: each certificate's chain and key are parsed and
+//! checked against each other (and the clock), each TLS listener gets one rustls
+//! `ServerConfig` whose resolver picks a certificate by the client's SNI name, and each TLS
+//! upstream one `ClientConfig` (trusted authorities, ALPN, client certificate).
 //!
 //! A new snapshot brings new `ServerConfig`s: the next handshake uses them, a connection
 //! already established keeps the session it has.
@@ -10,11 +11,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::{CertificateConfig, ListenerTlsConfig};
+use crate::config::{CertificateConfig, ListenerTlsConfig, UpstreamTlsConfig};
 use crate::validate::read_named_text;
 use crate::ConfigError;
 
@@ -395,6 +397,314 @@ pub fn compile_listener(
         config: Arc::new(config),
         resume_config: Arc::new(resume_config),
     })
+}
+
+/// The compiled TLS side of one upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<ClientConfig>,
+    /// `server_name`; `None`: each target's host name, else its address.
+    pub server_name: Option<ServerName<'static>>,
+    /// What it was compiled from, and the client certificate's leaf: equal ones make the
+    /// same connections (each compile makes a new `ClientConfig`, so that cannot tell).
+    source: UpstreamTlsConfig,
+    client_leaf: Option<CertificateDer<'static>>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.client_leaf == other.client_leaf
+    }
+}
+
+impl Eq for UpstreamTls {}
+
+impl UpstreamTls {
+    /// The name a connection to a target resolved from `host` (`None`: a literal address)
+    /// at `addr` sends and checks.
+    pub fn name_for(&self, host: Option<&str>, addr: std::net::IpAddr) -> ServerName<'static> {
+        if let Some(n) = &self.server_name {
+            return n.clone();
+        }
+        host.and_then(|h| ServerName::try_from(h.to_owned()).ok())
+            .unwrap_or(ServerName::IpAddress(addr.into()))
+    }
+}
+
+/// Where the system's trusted authorities are (Debian's `ca-certificates`).
+pub const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Largest CA bundle read (the system's is about 220 KiB).
+const MAX_CA_FILE: u64 = 4 << 20;
+
+/// Builds an upstream's rustls client config. `h2`: ALPN offers `h2` (else `http/1.1`);
+/// `certs` are the compiled `certificates`, for a client certificate.
+pub fn compile_upstream_tls(
+    tls: &UpstreamTlsConfig,
+    h2: bool,
+    certs: &[Arc<Certificate>],
+    at: &str,
+) -> Result<UpstreamTls, ConfigError> {
+    let field = |f: &str| format!("{at}.{f}");
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version.as_str() {
+        "1.2" => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        "1.3" => &[&rustls::version::TLS13],
+        other => {
+            return Err(ConfigError::field(
+                field("min_version"),
+                format!("{other:?} is not a TLS version this gateway speaks: \"1.2\" or \"1.3\""),
+            ))
+        }
+    };
+    let server_name = match &tls.server_name {
+        None => None,
+        Some(n) => match ServerName::try_from(n.clone()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                return Err(ConfigError::field(
+                    field("server_name"),
+                    format!("{n:?} is neither a DNS name nor an IP address"),
+                ))
+            }
+        },
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| ConfigError::field(field("min_version"), e.to_string()))?;
+    let builder = if tls.verify {
+        let (roots, pinned) = upstream_roots(tls, at)?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| ConfigError::field(field("ca_pem"), e.to_string()))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinning { webpki, pinned }))
+    } else {
+        if tls.ca_pem.is_some() || tls.ca_file.is_some() {
+            return Err(ConfigError::field(
+                field("verify"),
+                "is false, so `ca_pem` / `ca_file` would not be used: remove one or the other",
+            ));
+        }
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+    };
+    let mut client_leaf = None;
+    let mut config = match &tls.certificate {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let Some(c) = certs.iter().find(|c| c.id == *id) else {
+                return Err(ConfigError::field(
+                    field("certificate"),
+                    format!("no certificate has id {id:?}"),
+                ));
+            };
+            client_leaf = c.key.cert.first().cloned();
+            builder.with_client_cert_resolver(Arc::new(ClientCertificate(c.key.clone())))
+        }
+    };
+    config.alpn_protocols = vec![match h2 {
+        true => b"h2".to_vec(),
+        false => b"http/1.1".to_vec(),
+    }];
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        server_name,
+        source: tls.clone(),
+        client_leaf,
+    })
+}
+
+/// The authorities an upstream's certificates are checked against, and those given in
+/// `ca_pem` / `ca_file` (empty for the system's), which a target may also present as its own
+/// certificate.
+type Roots = (RootCertStore, Vec<CertificateDer<'static>>);
+
+fn upstream_roots(tls: &UpstreamTlsConfig, at: &str) -> Result<Roots, ConfigError> {
+    let (text, name) = match (&tls.ca_pem, &tls.ca_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::field(
+                format!("{at}.ca_file"),
+                "give `ca_pem` or `ca_file`, not both",
+            ))
+        }
+        (Some(pem), None) => (pem.clone(), "ca_pem"),
+        (None, file) => {
+            let path = file.as_deref().unwrap_or(SYSTEM_CAS);
+            let text = read_named_text(path, MAX_CA_FILE).map_err(|e| {
+                let hint = match file {
+                    Some(_) => String::new(),
+                    None => {
+                        " (the system's trusted authorities; give `ca_pem` or `ca_file`)".to_owned()
+                    }
+                };
+                ConfigError::field(
+                    format!("{at}.ca_file"),
+                    format!("cannot read {path:?}{hint}: {e}"),
+                )
+            })?;
+            (text, "ca_file")
+        }
+    };
+    let mut roots = RootCertStore::empty();
+    let mut pinned = Vec::new();
+    let mut bad = 0usize;
+    for cert in CertificateDer::pem_slice_iter(text.as_bytes()) {
+        let cert = cert.map_err(|e| {
+            ConfigError::field(format!("{at}.{name}"), format!("not PEM certificates: {e}"))
+        })?;
+        if tls.ca_pem.is_some() || tls.ca_file.is_some() {
+            pinned.push(cert.clone());
+        }
+        // A system bundle may hold a certificate webpki cannot use; one that holds nothing
+        // usable is refused below.
+        if roots.add(cert).is_err() {
+            bad += 1;
+        }
+    }
+    if roots.is_empty() {
+        return Err(ConfigError::field(
+            format!("{at}.{name}"),
+            match bad {
+                0 => "holds no PEM certificate".to_owned(),
+                n => format!("holds no usable certificate ({n} refused)"),
+            },
+        ));
+    }
+    Ok((roots, pinned))
+}
+
+/// Checks a target's certificate as webpki does (a chain to a trusted authority, the name,
+/// validity), and also takes one that is itself among the authorities given: a self-signed
+/// certificate given as its own authority, which webpki refuses as a CA used as an end
+/// entity while OpenSSL (and so nginx's `proxy_ssl_trusted_certificate`) takes it. Its name
+/// and validity are still checked.
+#[derive(Debug)]
+struct Pinning {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinning {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let checked = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if checked.is_ok() || !self.pinned.iter().any(|p| p[..] == end_entity[..]) {
+            return checked;
+        }
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&parsed, server_name)?;
+        let leaf = parse_leaf(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        let now = now.as_secs() as i64;
+        if now >= leaf.not_after {
+            return Err(rustls::CertificateError::Expired.into());
+        }
+        if now < leaf.not_before {
+            return Err(rustls::CertificateError::NotValidYet.into());
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Presents one certificate to every target that asks for one.
+#[derive(Debug)]
+struct ClientCertificate(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.key.choose_scheme(schemes).map(|_| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `verify = false`: any certificate is accepted; the handshake's signatures are still
+/// checked, so the session is encrypted (to whoever holds the key), just not authenticated.
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = &provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = &provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Picks a listener's certificate by SNI: an exact name, then a wildcard (`*.example.com`

@@ -14,7 +14,11 @@ use crate::ConfigError;
 
 /// Validates and compiles `upstreams[i]`. Its live set holds the literal addresses only; the
 /// control plane adds the resolved ones.
-pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream, ConfigError> {
+pub(crate) fn compile_upstream(
+    u: &UpstreamConfig,
+    i: usize,
+    certs: &[std::sync::Arc<crate::tls::Certificate>],
+) -> Result<Upstream, ConfigError> {
     let at = format!("upstreams[{i}]");
     let field = |name: &str, reason: String| ConfigError::field(format!("{at}.{name}"), reason);
     let within = |name: &str, v: u64, lo: u64, hi: u64| within(format!("{at}.{name}"), v, lo, hi);
@@ -97,6 +101,27 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
         }
         (_, None) => HashOn::None,
     };
+    let tls = match (&u.tls, u.protocol) {
+        (None, UpstreamProtocol::H2) => {
+            return Err(field(
+                "protocol",
+                "\"h2\" is HTTP/2 over TLS and needs `tls` (cleartext HTTP/2 is \"h2c\")".into(),
+            ))
+        }
+        (Some(_), UpstreamProtocol::H2c) => {
+            return Err(field(
+                "protocol",
+                "\"h2c\" is cleartext HTTP/2; over `tls` it is \"h2\"".into(),
+            ))
+        }
+        (None, _) => None,
+        (Some(t), p) => Some(crate::tls::compile_upstream_tls(
+            t,
+            p.is_h2(),
+            certs,
+            &format!("{at}.tls"),
+        )?),
+    };
     let health_check = match &u.health_check {
         None => None,
         Some(h) => {
@@ -135,6 +160,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
                 unhealthy_after: h.unhealthy_after,
                 expect_status: h.expect_status.clone().into(),
                 protocol: u.protocol,
+                tls: tls.clone(),
             })
         }
     };
@@ -265,7 +291,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
         (UpstreamProtocol::Http1, Some(_)) => {
             return Err(field(
                 "max_streams",
-                "applies to `protocol = \"h2c\"` or `\"grpc\"` only".into(),
+                "applies to `protocol = \"h2c\"`, `\"h2\"` or `\"grpc\"` only".into(),
             ))
         }
         (_, Some(n)) => {
@@ -302,6 +328,7 @@ pub(crate) fn compile_upstream(u: &UpstreamConfig, i: usize) -> Result<Upstream,
         retry,
         circuit,
         protocol: u.protocol,
+        tls,
         max_streams,
         timeouts,
         live,

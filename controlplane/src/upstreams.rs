@@ -63,6 +63,8 @@ struct Entry {
     targets: Vec<Target>,
     srv: Option<Box<str>>,
     health_check: Option<HealthCheck>,
+    /// The TLS its connections were opened with.
+    tls: Option<common::tls::UpstreamTls>,
 }
 
 /// A host name's addresses.
@@ -252,7 +254,16 @@ impl Upstreams {
                 targets: Vec::new(),
                 srv: None,
                 health_check: None,
+                tls: u.tls.clone(),
             });
+            if entry.tls != u.tls {
+                // Other TLS settings (cleartext to TLS, another authority or client
+                // certificate): its connections are pooled under its live state, so a new
+                // one leaves those behind, and the workers close them (the published
+                // snapshot bumps the generation). Target health is kept (by address).
+                entry.live = u.live.clone();
+                entry.tls = u.tls.clone();
+            }
             entry.targets = u.targets.clone();
             entry.srv = u.srv.clone();
             entry.health_check = u.health_check.clone();
@@ -936,54 +947,80 @@ fn jitter(max: u64) -> u64 {
     u64::from_ne_bytes(b) % max
 }
 
-/// One check on a new connection: `GET path` over HTTP/1.1 or HTTP/2 (h2c), or for a gRPC
-/// upstream the unary call `path` with an empty message. The status answered (a gRPC call
-/// counts as 200 only when its `grpc-status` is 0 and, for the standard health service,
-/// the answer says SERVING), or `None` when the target did not answer within the timeout.
+/// One check on a new connection: `GET path` over HTTP/1.1 or HTTP/2 (over TLS with the
+/// upstream's `tls`), or for a gRPC upstream the unary call `path` with an empty message.
+/// The status answered (a gRPC call counts as 200 only when its `grpc-status` is 0 and, for
+/// the standard health service, the answer says SERVING), or `None` when the target did not
+/// answer within the timeout (a failed TLS handshake included).
 async fn check_once(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16> {
-    match hc.protocol {
-        UpstreamProtocol::Http1 => {}
-        _ => {
-            return tokio::time::timeout(hc.timeout, check_h2(addr, hc, host))
-                .await
-                .ok()
-                .flatten()
-        }
-    }
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gateway-health-check\r\nConnection: close\r\n\r\n",
-            hc.path
-        );
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
-            let n = s.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                break;
+    let check = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let Some(tls) = &hc.tls else {
+            return check_on(tcp, hc, host, "http").await;
+        };
+        // `host` is `NAME:PORT`, or the target's address when it has no name.
+        let name = match host.parse::<SocketAddr>() {
+            Ok(_) => None,
+            Err(_) => host.rsplit_once(':').map(|(name, _)| name),
+        };
+        let name = tls.name_for(name, addr.ip());
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        match connector.connect(name, tcp).await {
+            Ok(s) => check_on(s, hc, host, "https").await,
+            Err(e) => {
+                log::debug!("health: TLS with {addr} failed: {e}");
+                None
             }
-            buf.extend_from_slice(&chunk[..n]);
         }
-        let line = buf.split(|&b| b == b'\r').next()?;
-        let line = std::str::from_utf8(line).ok()?;
-        let mut parts = line.splitn(3, ' ');
-        if !parts.next()?.starts_with("HTTP/1.") {
-            return None;
-        }
-        parts.next()?.parse::<u16>().ok()
     };
-    tokio::time::timeout(hc.timeout, exchange)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(hc.timeout, check).await.ok().flatten()
 }
 
-/// [`check_once`] over HTTP/2 with prior knowledge.
-async fn check_h2(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let (send, conn) = h2::client::handshake(tcp).await.ok()?;
+/// [`check_once`] on an open connection.
+async fn check_on<S>(s: S, hc: &HealthCheck, host: &str, scheme: &str) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match hc.protocol {
+        UpstreamProtocol::Http1 => check_h1(s, hc, host).await,
+        _ => check_h2(s, hc, host, scheme).await,
+    }
+}
+
+/// [`check_once`] over HTTP/1.1.
+async fn check_h1<S>(mut s: S, hc: &HealthCheck, host: &str) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: gateway-health-check\r\nConnection: close\r\n\r\n",
+        hc.path
+    );
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.splitn(3, ' ');
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    parts.next()?.parse::<u16>().ok()
+}
+
+/// [`check_once`] over HTTP/2.
+async fn check_h2<S>(io: S, hc: &HealthCheck, host: &str, scheme: &str) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::handshake(io).await.ok()?;
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -991,7 +1028,7 @@ async fn check_h2(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16>
     let result = async {
         let mut send = send.ready().await.ok()?;
         let mut req = http::Request::builder()
-            .uri(format!("http://{host}{}", hc.path))
+            .uri(format!("{scheme}://{host}{}", hc.path))
             .header("user-agent", "gateway-health-check");
         if grpc {
             req = req
@@ -1098,6 +1135,7 @@ mod tests {
             unhealthy_after: 1,
             expect_status: [200].into(),
             protocol: common::config::UpstreamProtocol::Http1,
+            tls: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -7,11 +7,12 @@
                                      `unavailable` every call fails with UNAVAILABLE; with
                                      `bulky-health` the health check answers SERVING with
                                      128 MiB more in an unknown field
+  grpc_peer.py serve-tls CERT KEY    the same over TLS with CERT and KEY
   grpc_peer.py serve-shop GENDIR     the same for the transcoding tests' `shop.v1.Orders`
                                      (GENDIR: protoc's --python_out for shop.proto)
-  grpc_peer.py call TARGET [--tls CA NAME] CHECK...
+  grpc_peer.py call TARGET [--tls CA NAME] [--authority NAME] CHECK...
                                      runs each CHECK through TARGET (the gateway) and prints one
-                                     JSON line per check
+                                     JSON line per check (cleartext calls with :authority NAME)
   grpc_peer.py stall TARGET N SIZE   over one h2c connection to TARGET, N Unary calls of SIZE
                                      bytes whose answers it never reads (PyPI h2); prints
                                      "stalled" once they are sent, holds until stdin closes
@@ -114,7 +115,7 @@ def bulky_health(request, context):
     return b"\x08\x01\x7a" + bytes(length) + bytes(128 << 20)
 
 
-def serve(mode):
+def serve(mode, tls=None):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(
@@ -141,7 +142,12 @@ def serve(mode):
             ),
         )
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls:
+        with open(tls[0], "rb") as c, open(tls[1], "rb") as k:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print("port %d" % port, flush=True)
     # Ends when the test closes stdin (or exits).
@@ -244,9 +250,10 @@ def _ld(field, data):
     return bytes([field << 3 | 2, len(data)]) + data
 
 
-def channel(target, tls):
+def channel(target, tls, authority=None):
     if tls is None:
-        return grpc.insecure_channel(target)
+        options = (("grpc.default_authority", authority),) if authority else ()
+        return grpc.insecure_channel(target, options=options)
     ca, name = tls
     with open(ca, "rb") as f:
         creds = grpc.ssl_channel_credentials(root_certificates=f.read())
@@ -346,10 +353,14 @@ def call(argv):
     target = argv[0]
     rest = argv[1:]
     tls = None
+    authority = None
     if rest and rest[0] == "--tls":
         tls = (rest[1], rest[2])
         rest = rest[3:]
-    with channel(target, tls) as ch:
+    if rest and rest[0] == "--authority":
+        authority = rest[1]
+        rest = rest[2:]
+    with channel(target, tls, authority) as ch:
         for name in rest:
             print(json.dumps({"check": name, **check(ch, name)}), flush=True)
 
@@ -399,6 +410,8 @@ def stall(argv):
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2] if len(sys.argv) > 2 else "")
+    elif sys.argv[1] == "serve-tls":
+        serve("", (sys.argv[2], sys.argv[3]))
     elif sys.argv[1] == "serve-shop":
         serve_shop(sys.argv[2])
     elif sys.argv[1] == "call":

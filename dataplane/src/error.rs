@@ -63,6 +63,10 @@ pub enum ErrorKind {
     ConnectFailed,
     /// The connection attempt took longer than `upstream_connect_ms` (504).
     ConnectTimeout,
+    /// The TLS handshake with the target failed: its certificate is not trusted or does not
+    /// name it, or they have no TLS version, cipher or protocol in common (502). Counted as
+    /// `connect_failed` for passive health and `retry.on`.
+    UpstreamTls,
     /// The upstream left request bytes unacknowledged past `upstream_send_ms` (504).
     SendTimeout,
     /// No response head within `upstream_response_head_ms`, or a body stalled past
@@ -97,7 +101,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 27] = [
+    pub const ALL: [ErrorKind; 28] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -113,6 +117,7 @@ impl ErrorKind {
         ErrorKind::PolicyDenied,
         ErrorKind::ConnectFailed,
         ErrorKind::ConnectTimeout,
+        ErrorKind::UpstreamTls,
         ErrorKind::SendTimeout,
         ErrorKind::ResponseTimeout,
         ErrorKind::UpstreamClosed,
@@ -145,6 +150,7 @@ impl ErrorKind {
             ErrorKind::PolicyDenied => "policy_denied",
             ErrorKind::ConnectFailed => "connect_failed",
             ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::UpstreamTls => "upstream_tls",
             ErrorKind::SendTimeout => "send_timeout",
             ErrorKind::ResponseTimeout => "response_timeout",
             ErrorKind::UpstreamClosed => "upstream_closed",
@@ -175,7 +181,7 @@ impl ErrorKind {
     /// per target, for passive health, and what `retry.on` names).
     pub fn target_failure(self) -> Option<usize> {
         Some(match self {
-            ErrorKind::ConnectFailed => 0,
+            ErrorKind::ConnectFailed | ErrorKind::UpstreamTls => 0,
             ErrorKind::ConnectTimeout => 1,
             ErrorKind::SendTimeout => 2,
             ErrorKind::ResponseTimeout => 3,
@@ -208,6 +214,7 @@ impl ErrorKind {
             | ErrorKind::DrainTimeout => Side::Gateway,
             ErrorKind::ConnectFailed
             | ErrorKind::ConnectTimeout
+            | ErrorKind::UpstreamTls
             | ErrorKind::SendTimeout
             | ErrorKind::ResponseTimeout
             | ErrorKind::UpstreamClosed
@@ -233,6 +240,7 @@ impl ErrorKind {
             ErrorKind::NoRoute => Status::NotFound,
             ErrorKind::Misdirected => Status::MisdirectedRequest,
             ErrorKind::ConnectFailed
+            | ErrorKind::UpstreamTls
             | ErrorKind::UpstreamClosed
             | ErrorKind::UpstreamMalformed
             | ErrorKind::StepFailed

@@ -1,4 +1,5 @@
-//! HTTP/2 connections to upstreams that speak it (`protocol = "h2c"` or `"grpc"`): per worker,
+//! HTTP/2 connections to upstreams that speak it (`protocol = "h2c"`, `"h2"` or `"grpc"`,
+//! over TLS with the upstream's `tls`): per worker,
 //! target and upstream (as [`crate::upstream::Pool`] keeps them), a few multiplexed
 //! connections, each carrying up to `max_streams` requests at once (fewer if the target's
 //! SETTINGS say so); a request that finds them all full opens another. A connection the
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::live::UpstreamLive;
 use h2::client::SendRequest;
-use monoio::net::TcpStream;
 
 use crate::upstream::{ByKey, Counted, PoolKey};
 
@@ -90,12 +90,12 @@ impl Drop for StreamSlot {
 /// Starts HTTP/2 with prior knowledge on a connected socket and spawns the task that drives
 /// the connection. `Err`: the handshake failed (the peer closed, or wrote garbage).
 pub(crate) async fn handshake(
-    stream: TcpStream,
+    stream: crate::upstream::UpstreamIo,
     max_streams: u32,
     max_header_list: u32,
     counted: Option<Counted>,
 ) -> Result<Rc<H2Conn>, h2::Error> {
-    let (r, w) = monoio::io::Splitable::into_split(stream);
+    let (r, w) = stream.into_halves();
     let io = crate::proxy::PollIo::new(r, w, &[]);
     let mut b = h2::client::Builder::new();
     // At most 2^31 - 1, the largest window HTTP/2 has (RFC 9113 6.9.1): fits in a u32.

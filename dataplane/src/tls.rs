@@ -1,5 +1,5 @@
-//! TLS on client connections: the handshake, and [`TlsStream`], a client stream that
-//! decrypts and encrypts with rustls on top of monoio's owned-buffer TCP I/O.
+//! TLS on client connections and towards upstreams: the handshakes, and [`TlsStream`], a
+//! stream that decrypts and encrypts with rustls on top of monoio's owned-buffer TCP I/O.
 //!
 //! Hot path for HTTPS. Ciphertext is read into one reused buffer per connection, fed to
 //! rustls, and the plaintext is copied once into the caller's buffer; plaintext to send is
@@ -30,7 +30,10 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 use monoio::BufResult;
+use rustls::client::ClientConnection;
+use rustls::pki_types::ServerName;
 use rustls::server::ServerConnection;
+use rustls::Connection;
 
 /// Ciphertext read per TCP read: one full TLS record and its overhead.
 const RECORD_BUF: usize = 16 * 1024 + 512;
@@ -96,7 +99,7 @@ impl HandshakeFailure {
 
 /// The session and its buffers, shared by the two halves of a split stream.
 struct Session {
-    conn: ServerConnection,
+    conn: Connection,
     /// Ciphertext read from TCP and not yet given to rustls: `rx[rpos..]`.
     rx: Vec<u8>,
     rpos: usize,
@@ -159,59 +162,24 @@ pub(crate) async fn accept(
         true => tls.resume_config.clone(),
         false => tls.config.clone(),
     };
-    let mut conn = match ServerConnection::new(config) {
-        Ok(conn) => conn,
+    let conn = match ServerConnection::new(config) {
+        Ok(conn) => Connection::Server(conn),
         Err(_) => return Err((HandshakeFailure::Other, tcp)),
     };
-    // Every write is flushed at once, so the outgoing records never pile up; without a
-    // limit a large write is encrypted whole instead of failing part way.
-    conn.set_buffer_limit(None);
-    let session = Rc::new(RefCell::new(Session {
-        conn,
-        rx,
-        rpos: 0,
-        tx: Vec::new(),
-        eof: false,
-        fd: tcp.as_raw_fd(),
-        queued: 0,
-        always_direct: false,
-        shut: false,
-        split: false,
-    }));
-    let shake = async {
-        loop {
-            // Also what is left once the client's Finished is in: TLS 1.3's session tickets.
-            // Held back for the first answer's write, they left the client's first request
-            // waiting behind its unacknowledged Finished (Nagle, then a 40 ms delayed ACK),
-            // and a client that asks nothing got none.
-            flush_records(&mut tcp, &session)
-                .await
-                .map_err(|_| HandshakeFailure::Closed)?;
-            if !session.borrow().conn.is_handshaking() {
-                return Ok(());
-            }
-            match fill(&mut tcp, &session, None).await {
-                Ok(true) => {}
-                Ok(false) | Err(Fill::Io) => return Err(HandshakeFailure::Closed),
-                Err(Fill::Tls(e)) => {
-                    // Tell the client why (the alert rustls queued), best effort.
-                    let _ = flush_records(&mut tcp, &session).await;
-                    return Err(HandshakeFailure::of(&e));
-                }
-            }
-        }
-    };
-    match monoio::time::timeout_at(deadline.into(), shake).await {
+    let session = Session::start(conn, rx, tcp.as_raw_fd());
+    match monoio::time::timeout_at(deadline.into(), handshake(&mut tcp, &session)).await {
         Ok(Ok(())) => {}
-        Ok(Err(why)) => return Err((why, tcp)),
+        Ok(Err(Shake::Closed)) => return Err((HandshakeFailure::Closed, tcp)),
+        Ok(Err(Shake::Tls(e))) => return Err((HandshakeFailure::of(&e), tcp)),
         Err(_) => return Err((HandshakeFailure::Timeout, tcp)),
     }
     let (sni, h2) = {
         let s = session.borrow();
-        (
-            s.conn.server_name().map(Into::into),
-            s.conn.alpn_protocol() == Some(b"h2"),
-        )
+        let sni = match &s.conn {
+            Connection::Server(c) => c.server_name().map(Into::into),
+            Connection::Client(_) => None,
+        };
+        (sni, s.conn.alpn_protocol() == Some(b"h2"))
     };
     Ok(TlsStream {
         tcp,
@@ -219,6 +187,87 @@ pub(crate) async fn accept(
         sni,
         h2,
     })
+}
+
+/// Runs the client side of a handshake with an upstream on `tcp`, sending and checking
+/// `name`, until it completes, fails or `deadline` passes. The error says why: `TimedOut`,
+/// `ConnectionReset` (the upstream closed), or `InvalidData` with rustls's reason (an
+/// untrusted certificate, a name it does not hold, no protocol in common).
+pub(crate) async fn connect(
+    mut tcp: TcpStream,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    deadline: Instant,
+) -> io::Result<TlsStream> {
+    let conn = ClientConnection::new(config, name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let rx = Vec::with_capacity(RECORD_BUF);
+    let session = Session::start(Connection::Client(conn), rx, tcp.as_raw_fd());
+    match monoio::time::timeout_at(deadline.into(), handshake(&mut tcp, &session)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(Shake::Closed)) => return Err(io::ErrorKind::ConnectionReset.into()),
+        Ok(Err(Shake::Tls(e))) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+    }
+    let h2 = session.borrow().conn.alpn_protocol() == Some(b"h2");
+    Ok(TlsStream {
+        tcp,
+        session,
+        sni: None,
+        h2,
+    })
+}
+
+/// Why a handshake failed.
+enum Shake {
+    Closed,
+    Tls(rustls::Error),
+}
+
+/// Exchanges handshake messages until the session's handshake is done.
+async fn handshake(tcp: &mut TcpStream, session: &RefCell<Session>) -> Result<(), Shake> {
+    loop {
+        // Also what is left once the peer's Finished is in: TLS 1.3's session tickets, on
+        // the server's side. Held back for the first answer's write, they left the client's
+        // first request waiting behind its unacknowledged Finished (Nagle, then a 40 ms
+        // delayed ACK), and a client that asks nothing got none.
+        flush_records(tcp, session)
+            .await
+            .map_err(|_| Shake::Closed)?;
+        if !session.borrow().conn.is_handshaking() {
+            return Ok(());
+        }
+        match fill(tcp, session, None).await {
+            Ok(true) => {}
+            Ok(false) | Err(Fill::Io) => return Err(Shake::Closed),
+            Err(Fill::Tls(e)) => {
+                // Tell the peer why (the alert rustls queued), best effort.
+                let _ = flush_records(tcp, session).await;
+                return Err(Shake::Tls(e));
+            }
+        }
+    }
+}
+
+impl Session {
+    /// A session whose first ciphertext (possibly none yet) is `rx`.
+    fn start(mut conn: Connection, rx: Vec<u8>, fd: RawFd) -> Shared {
+        // Every write is flushed at once, so the outgoing records never pile up; without a
+        // limit a large write is encrypted whole instead of failing part way.
+        conn.set_buffer_limit(None);
+        Rc::new(RefCell::new(Session {
+            conn,
+            rx,
+            rpos: 0,
+            tx: Vec::new(),
+            eof: false,
+            fd,
+            queued: 0,
+            always_direct: false,
+            shut: false,
+            split: false,
+        }))
+    }
 }
 
 /// Whether `data`, the first bytes a client sent, hold a whole TLS 1.3 ClientHello that

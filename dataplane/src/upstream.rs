@@ -40,7 +40,7 @@ pub struct UpstreamConn {
     /// [`UpstreamConn::arm`]), holding the read buffer. Declared first, so dropped before
     /// `stream`: dropping it cancels the read.
     armed: ReadSlot,
-    pub stream: TcpStream,
+    pub stream: UpstreamIo,
     pub buf: Vec<u8>,
     pub idle_since: Instant,
     /// Counted in its upstream's open connections (`circuit.max_connections`) while it lives.
@@ -70,6 +70,155 @@ impl std::fmt::Debug for UpstreamConn {
             .field("large_answers", &self.large_answers)
             .field("send_timeout", &self.send_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+/// An upstream connection's byte stream: TCP, or TLS over it (an upstream with `tls`).
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tls(crate::tls::TlsStream),
+}
+
+impl UpstreamIo {
+    /// The TCP stream, when the bytes go over it as they are (what splicing and peeking at
+    /// the socket need: through TLS, the socket holds records, not the answer's bytes).
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            UpstreamIo::Tcp(s) => Some(s),
+            UpstreamIo::Tls(_) => None,
+        }
+    }
+}
+
+impl UpstreamIo {
+    /// A read half and a write half that may run at once (a tunnel, an HTTP/2 connection).
+    pub fn into_halves(self) -> (UpstreamRead, UpstreamWrite) {
+        match self {
+            UpstreamIo::Tcp(s) => {
+                let (r, w) = monoio::io::Splitable::into_split(s);
+                (UpstreamRead::Tcp(r), UpstreamWrite::Tcp(w))
+            }
+            UpstreamIo::Tls(s) => {
+                let (r, w) = s.split();
+                (UpstreamRead::Tls(r), UpstreamWrite::Tls(w))
+            }
+        }
+    }
+}
+
+/// The read half of an [`UpstreamIo`].
+#[derive(Debug)]
+pub enum UpstreamRead {
+    Tcp(monoio::io::OwnedReadHalf<TcpStream>),
+    Tls(crate::tls::TlsReadHalf),
+}
+
+/// The write half of an [`UpstreamIo`].
+#[derive(Debug)]
+pub enum UpstreamWrite {
+    Tcp(monoio::io::OwnedWriteHalf<TcpStream>),
+    Tls(crate::tls::TlsWriteHalf),
+}
+
+impl AsyncReadRent for UpstreamRead {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamRead::Tcp(s) => s.read(buf).await,
+            UpstreamRead::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: monoio::buf::IoVecBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamRead::Tcp(s) => s.readv(buf).await,
+            UpstreamRead::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl monoio::io::AsyncWriteRent for UpstreamWrite {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamWrite::Tcp(s) => s.write(buf).await,
+            UpstreamWrite::Tls(s) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamWrite::Tcp(s) => s.writev(buf).await,
+            UpstreamWrite::Tls(s) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            UpstreamWrite::Tcp(s) => s.flush().await,
+            UpstreamWrite::Tls(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            UpstreamWrite::Tcp(s) => s.shutdown().await,
+            UpstreamWrite::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+impl AsRawFd for UpstreamIo {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            UpstreamIo::Tcp(s) => s.as_raw_fd(),
+            UpstreamIo::Tls(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl AsyncReadRent for UpstreamIo {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamIo::Tcp(s) => s.read(buf).await,
+            UpstreamIo::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: monoio::buf::IoVecBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamIo::Tcp(s) => s.readv(buf).await,
+            UpstreamIo::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl monoio::io::AsyncWriteRent for UpstreamIo {
+    async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamIo::Tcp(s) => s.write(buf).await,
+            UpstreamIo::Tls(s) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        match self {
+            UpstreamIo::Tcp(s) => s.writev(buf).await,
+            UpstreamIo::Tls(s) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            UpstreamIo::Tcp(s) => s.flush().await,
+            UpstreamIo::Tls(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            UpstreamIo::Tcp(s) => s.shutdown().await,
+            UpstreamIo::Tls(s) => s.shutdown().await,
+        }
     }
 }
 
@@ -105,7 +254,7 @@ impl UpstreamConn {
     /// [`crate::splice::HEAD_READ`] when the client takes a splice and the last answer here
     /// was large (so that most of a large body stays in the socket to splice), else no bound.
     pub(crate) fn head_read(&self, client_splices: bool) -> usize {
-        if client_splices && self.large_answers {
+        if client_splices && self.large_answers && self.stream.tcp().is_some() {
             crate::splice::HEAD_READ
         } else {
             usize::MAX
@@ -190,10 +339,15 @@ impl UpstreamConn {
             !self.armed.is_armed(),
             "armed twice: the buffer is with the first read"
         );
+        // Through TLS a read is several steps on the session, not one submitted receive:
+        // such a connection waits unarmed, looked at with a peek when taken.
+        let UpstreamIo::Tcp(stream) = &mut self.stream else {
+            return;
+        };
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let end = buf.capacity();
-        let read = self.stream.read(buf.slice_mut(0..end));
+        let read = stream.read(buf.slice_mut(0..end));
         // SAFETY: monoio's `TcpStream::read` submits the receive when called, with its own
         // handle of the socket (`SharedFd`), and returns a future that owns that operation
         // and the buffer and never touches the stream again (monoio 0.2.4,
@@ -224,7 +378,7 @@ impl UpstreamConn {
 
     /// The stream to write an upload to, and the look for an early answer meanwhile (the
     /// armed read stays in place: it may take that answer, in order, before any peek).
-    pub(crate) fn upload(&mut self) -> (&mut TcpStream, AnswerLook<'_>) {
+    pub(crate) fn upload(&mut self) -> (&mut UpstreamIo, AnswerLook<'_>) {
         let look = AnswerLook {
             armed: &mut self.armed,
             buf: &mut self.buf,
@@ -232,7 +386,7 @@ impl UpstreamConn {
         (&mut self.stream, look)
     }
 
-    fn new(stream: TcpStream, send_timeout: Duration) -> Self {
+    pub(crate) fn new(stream: UpstreamIo, send_timeout: Duration) -> Self {
         UpstreamConn {
             send_timeout,
             armed: ReadSlot::default(),
@@ -254,6 +408,9 @@ pub enum ConnectError {
     Timeout,
     #[error("connect failed: {0}")]
     Io(#[from] io::Error),
+    /// The TLS handshake failed (`TimedOut`: it did not end in time).
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 /// Opens a connection with TCP_NODELAY, failing after `timeout`; bytes it sends that the
@@ -270,7 +427,35 @@ pub async fn connect(
     stream.set_nodelay(true)?;
     // Where the option is unsupported the connection still works, just without the bound.
     let _ = set_send_timeout(stream.as_raw_fd(), send_timeout);
-    Ok(Box::new(UpstreamConn::new(stream, send_timeout)))
+    Ok(Box::new(UpstreamConn::new(
+        UpstreamIo::Tcp(stream),
+        send_timeout,
+    )))
+}
+
+/// Runs the TLS handshake on a new connection (`conn`, its TCP stream as `connect` opened
+/// it) by `deadline`, sending and checking `name`.
+pub async fn start_tls(
+    conn: Box<UpstreamConn>,
+    tls: &common::tls::UpstreamTls,
+    name: rustls::pki_types::ServerName<'static>,
+    deadline: Instant,
+) -> Result<Box<UpstreamConn>, ConnectError> {
+    let UpstreamConn {
+        stream,
+        send_timeout,
+        counted,
+        ..
+    } = *conn;
+    let UpstreamIo::Tcp(tcp) = stream else {
+        return Err(ConnectError::Tls(io::ErrorKind::InvalidInput.into()));
+    };
+    let tls = crate::tls::connect(tcp, tls.config.clone(), name, deadline)
+        .await
+        .map_err(ConnectError::Tls)?;
+    let mut conn = Box::new(UpstreamConn::new(UpstreamIo::Tls(tls), send_timeout));
+    conn.counted = counted;
+    Ok(conn)
 }
 
 /// Sets TCP_USER_TIMEOUT: once sent bytes stay unacknowledged, or the peer's receive window
@@ -289,7 +474,9 @@ pub fn is_send_timeout(e: &io::Error) -> bool {
 }
 
 /// Whether an idle connection is still open and has no unexpected bytes waiting.
-fn still_open(stream: &TcpStream) -> bool {
+/// Through TLS, records the session has not read yet (a session ticket) count as bytes
+/// waiting: such a connection is closed rather than reused.
+fn still_open(stream: &UpstreamIo) -> bool {
     crate::io::peek(stream.as_raw_fd()) == crate::io::Peeked::Nothing
 }
 

@@ -91,7 +91,7 @@ impl Drop for GrpcService {
 /// Starts a Python peer (`script` with `args`) that prints `port N` when it listens on
 /// 127.0.0.1:N; its stdout after that line is returned for reading. `needs`: the PyPI package
 /// named when it does not start.
-fn start_peer(
+pub(crate) fn start_peer(
     script: &str,
     args: &[&str],
     what: &str,
@@ -149,6 +149,34 @@ fn calls(
     answers
 }
 
+/// [`calls`] over h2c with `:authority` set to `authority`.
+fn calls_with_authority(
+    target: SocketAddr,
+    authority: &str,
+    checks: &[&str],
+) -> Vec<serde_json::Value> {
+    let out = Command::new("python3")
+        .arg(PEER)
+        .arg("call")
+        .arg(target.to_string())
+        .args(["--authority", authority])
+        .args(checks)
+        .output()
+        .expect("python3 runs the test gRPC client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        answers.len(),
+        checks.len(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answers
+}
+
 /// The upstream `grpc` (protocol `grpc`), with `svc` as its one target.
 fn grpc_upstream(svc: &GrpcService) -> String {
     format!(
@@ -185,6 +213,67 @@ upstream = "grpc"
         cert.cert.display(),
         cert.key.display(),
     )
+}
+
+#[test]
+fn grpc_calls_go_to_a_tls_upstream_verified_and_health_checked_over_tls() {
+    let dir = temp_dir("grpc-tls-upstream");
+    let (cert, other) = (Cert::new(&dir, "grpc.test"), Cert::new(&dir, "other.test"));
+    let svc = GrpcService::start_with(&[
+        "serve-tls",
+        cert.cert.to_str().unwrap(),
+        cert.key.to_str().unwrap(),
+    ]);
+    let check = "health_check = { path = \"/grpc.health.v1.Health/Check\", interval_ms = 200, \
+                 timeout_ms = 150 }";
+    let upstreams = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{a}\" }}]\n\
+         tls = {{ server_name = \"api.grpc.test\", ca_file = \"{ca}\" }}\n{check}\n\n\
+         [[upstreams]]\nid = \"untrusted\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{a}\" }}]\n\
+         tls = {{ server_name = \"api.grpc.test\", ca_file = \"{other}\" }}\n{check}\n",
+        a = svc.addr,
+        ca = cert.cert.display(),
+        other = other.cert.display(),
+    );
+    let route = "[[routes]]\nid = \"untrusted\"\npath_prefix = \"/test.Echo/\"\n\
+                 hosts = [\"untrusted\"]\nupstream = \"untrusted\"\n";
+    let gw = Gateway::start(&config(&upstreams, &cert, route), Driver::IoUring);
+    let a = calls(
+        gw.listeners[0],
+        None,
+        &["unary", "server_stream", "bidi", "big", "fail:5", "many"],
+    );
+    assert_eq!(a[0]["reply"], "echo:hello", "{}", a[0]);
+    assert_eq!(a[0]["trailer"], "m1");
+    assert_eq!(a[1]["reply"][4], "item-4", "{}", a[1]);
+    assert_eq!(
+        a[2]["reply"],
+        serde_json::json!(["bidi:one", "bidi:two", "bidi:three"])
+    );
+    assert_eq!(a[3]["reply_len"], 3 * 1024 * 1024 + 5);
+    assert_eq!(a[4]["code"], "NOT_FOUND", "{}", a[4]);
+    assert_eq!(a[5]["ok"], 200, "{}", a[5]);
+    // The health check speaks gRPC over TLS too: the trusted upstream's target passes, the
+    // other's fails (its certificate is not signed by `other`).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let good = gw.admin("GET", "/v1/upstreams/grpc/health", None).json();
+        let bad = gw
+            .admin("GET", "/v1/upstreams/untrusted/health", None)
+            .json();
+        let (g, b) = (&good["targets"][0], &bad["targets"][0]);
+        if g["last_check"]["ok"] == true && b["state"] == "unhealthy" {
+            assert_eq!(g["state"], "healthy", "{good}");
+            assert_eq!(b["last_check"]["ok"], false, "{bad}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{good}\n{bad}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A call to the upstream whose certificate is not trusted: UNAVAILABLE, saying why.
+    let a = calls_with_authority(gw.listeners[0], "untrusted", &["unary"]);
+    assert_eq!(a[0]["code"], "UNAVAILABLE", "{}", a[0]);
+    assert_eq!(a[0]["details"], "upstream TLS handshake failed", "{}", a[0]);
 }
 
 both_drivers!(grpc_calls_of_every_kind_pass_through_over_h2c_and_tls);

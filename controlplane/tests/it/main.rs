@@ -20,4 +20,5 @@ mod proxy;
 mod schemathesis;
 mod tls;
 mod upgrade;
+mod upstream_tls;
 mod upstreams;

@@ -252,6 +252,40 @@ impl Drop for Held<'_> {
 }
 
 /// Counts one more in `counter` unless that passes `max`.
+/// The error kind of a failed connect (its TLS handshake included).
+fn connect_error(e: &ConnectError) -> ProxyError {
+    ProxyError::new(match e {
+        ConnectError::Timeout => ErrorKind::ConnectTimeout,
+        ConnectError::Io(_) => ErrorKind::ConnectFailed,
+        ConnectError::Tls(e) => match e.kind() {
+            std::io::ErrorKind::TimedOut => ErrorKind::ConnectTimeout,
+            std::io::ErrorKind::InvalidData => ErrorKind::UpstreamTls,
+            _ => ErrorKind::ConnectFailed,
+        },
+    })
+}
+
+/// Logs why a TLS handshake with a target failed (an untrusted certificate, a name it does
+/// not hold): the access log says `upstream_tls`, this says why. At most one line every 10 s
+/// per worker, so a misconfigured upstream under load does not flood the log.
+fn tls_failure(upstream: &str, addr: SocketAddr, e: &ConnectError) {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let ConnectError::Tls(e) = e else { return };
+    if e.kind() != std::io::ErrorKind::InvalidData {
+        return;
+    }
+    let now = Instant::now();
+    let due = LAST
+        .get()
+        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10));
+    if due {
+        LAST.set(Some(now));
+        log::warn!("upstream {upstream:?}: TLS with {addr} failed: {e}");
+    }
+}
+
 fn try_count(counter: &std::sync::atomic::AtomicU32, max: u32) -> bool {
     if counter.fetch_add(1, Relaxed) >= max {
         counter.fetch_sub(1, Relaxed);
@@ -489,10 +523,17 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             .source
             .connect(addr, timeout, self.send_timeout)
             .await
-            .map_err(|e| match e {
-                ConnectError::Timeout => ProxyError::new(ErrorKind::ConnectTimeout),
-                ConnectError::Io(_) => ProxyError::new(ErrorKind::ConnectFailed),
-            })?;
+            .map_err(|e| connect_error(&e))?;
+        if let Some(tls) = &self.up.upstream.tls {
+            // Within the same connect timeout as the TCP connect.
+            let name = tls.name_for(target.host.as_deref(), addr.ip());
+            conn = crate::upstream::start_tls(conn, tls, name, started + timeout)
+                .await
+                .map_err(|e| {
+                    tls_failure(&self.up.upstream.id, addr, &e);
+                    connect_error(&e)
+                })?;
+        }
         drop(pending);
         conn.counted = counted;
         rec.connect = Some(started.elapsed());
@@ -591,7 +632,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         rec: &mut Attempts,
         target: &LiveTarget,
         try_deadline: Option<Instant>,
-    ) -> Result<(monoio::net::TcpStream, Option<Counted>), ProxyError> {
+    ) -> Result<(crate::upstream::UpstreamIo, Option<Counted>), ProxyError> {
         let session = self.connect_new(rec, target, try_deadline).await?;
         Ok((session.conn.stream, session.conn.counted))
     }

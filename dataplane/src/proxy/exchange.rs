@@ -218,10 +218,12 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
         let buf = std::mem::take(&mut down.buf);
         let (stream, mut look) = conn.upload();
         let fd = stream.as_raw_fd();
+        // Through TLS the socket's bytes cannot be told from a session ticket without the
+        // session: an early answer is found once the write fails (`send_ms`).
+        let plain = stream.tcp().is_some();
         let write = stream.write_all(buf.slice(start..start + take));
-        let Some((res, slice)) =
-            unless_answered(write, fd, || final_answer_waiting(look.read_so_far(), fd)).await
-        else {
+        let answered = || plain && final_answer_waiting(look.read_so_far(), fd);
+        let Some((res, slice)) = unless_answered(write, fd, answered).await else {
             // The write is abandoned with the buffer it held: the client connection closes
             // after the answer, so nothing in it is needed.
             down.buf = Vec::with_capacity(BODY_BUF);

@@ -897,6 +897,7 @@ fn grpc_message(kind: ErrorKind) -> &'static str {
         ErrorKind::ResponseTimeout => "upstream timed out",
         ErrorKind::DeadlineExceeded => "deadline exceeded",
         ErrorKind::ConnectFailed | ErrorKind::ConnectTimeout => "upstream connect failed",
+        ErrorKind::UpstreamTls => "upstream TLS handshake failed",
         ErrorKind::UpstreamClosed => "upstream closed the stream",
         ErrorKind::NoTargets => "upstream has no targets",
         ErrorKind::BodyTooLarge => "request too large",

@@ -374,6 +374,8 @@ async fn splice_rest<S: ClientStream>(
     if !down.splice {
         return None;
     }
+    // Through TLS the upstream's socket holds records, which are decrypted, not spliced.
+    let upstream = conn.stream.tcp()?;
     let (client, len) = (down.stream.splice_socket()?, body.spliceable()?);
     let pieces = response_pieces(resp, &down.resp_plan, tail, body.first());
     let mut head = Gather::new(
@@ -383,7 +385,7 @@ async fn splice_rest<S: ClientStream>(
         pieces,
     );
     let idle = down.timeouts.upstream_body;
-    let spliced = crate::splice::relay(&conn.stream, client, &mut head, len, idle).await;
+    let spliced = crate::splice::relay(upstream, client, &mut head, len, idle).await;
     (conn.buf, down.scratch, down.iov) = head.into_parts();
     let (n, failed) = match spliced {
         Ok(None) => return None,

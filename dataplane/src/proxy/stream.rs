@@ -38,6 +38,15 @@ pub(crate) trait WriteHalf: AsyncWriteRent + Unpin + 'static {
 
 impl WriteHalf for OwnedWriteHalf<TcpStream> {}
 
+impl WriteHalf for crate::upstream::UpstreamWrite {
+    fn plain_queue(&self) -> Option<PlainQueue> {
+        match self {
+            crate::upstream::UpstreamWrite::Tcp(_) => None,
+            crate::upstream::UpstreamWrite::Tls(w) => Some(w.plain_queue()),
+        }
+    }
+}
+
 impl WriteHalf for TlsWriteHalf {
     fn plain_queue(&self) -> Option<PlainQueue> {
         Some(TlsWriteHalf::plain_queue(self))

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 use super::context::RequestCtx;
 use super::downstream::Downstream;
@@ -77,7 +77,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let client_fd = down.stream.as_raw_fd();
     let upstream_fd = conn.stream.as_raw_fd();
     let (cr, cw) = down.stream.into_halves();
-    let (ur, uw) = conn.stream.into_split();
+    let (ur, uw) = conn.stream.into_halves();
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);
     // The watchdog's, woken when the last direction ends.

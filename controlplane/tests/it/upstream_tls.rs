@@ -1,0 +1,409 @@
+//! TLS towards upstreams (`tls` on an upstream) through the real binary, with a Python HTTPS
+//! origin (`tests/https_peer.py`) and the gateway's own TLS listener as an HTTP/2 one: the
+//! target's certificate checked against the given authorities and name (SNI sent), refused
+//! with 502 `upstream_tls` when it does not hold, a client certificate for mutual TLS, pooled
+//! TLS connections reused, uploads, large answers and WebSocket tunnels through TLS, health
+//! checks over TLS, and ALPN choosing HTTP/2. The gRPC case is in `grpc.rs`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+use crate::tls::Cert;
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/https_peer.py");
+
+/// A running `https_peer.py`, stopped when dropped.
+struct HttpsPeer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl HttpsPeer {
+    fn start(cert: &Cert, client_ca: Option<&Cert>) -> HttpsPeer {
+        let mut args = vec![
+            cert.cert.to_str().unwrap().to_owned(),
+            cert.key.to_str().unwrap().to_owned(),
+        ];
+        if let Some(ca) = client_ca {
+            args.push("--client-ca".into());
+            args.push(ca.cert.to_str().unwrap().to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, _, addr) = crate::grpc::start_peer(
+            PEER,
+            &args,
+            "the test HTTPS origin",
+            "(none: python3's ssl module)",
+        );
+        HttpsPeer { child, addr }
+    }
+}
+
+impl Drop for HttpsPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A certificate authority and a P-256 certificate for `name` and `*.name` it signed, made
+/// by the openssl CLI: `ca.cert` is the authority's, `leaf` the target's.
+fn ca_and_leaf(dir: &std::path::Path, name: &str) -> (Cert, Cert) {
+    let ca = Cert {
+        cert: dir.join("ca.pem"),
+        key: dir.join("ca.key"),
+    };
+    let leaf = Cert {
+        cert: dir.join(format!("{name}-leaf.pem")),
+        key: dir.join(format!("{name}-leaf.key")),
+    };
+    let ext = dir.join("leaf.ext");
+    std::fs::write(&ext, format!("subjectAltName=DNS:{name},DNS:*.{name}\n")).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("the openssl CLI is needed for the TLS tests (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let csr = p(&dir.join("leaf.csr"));
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "30",
+        "-keyout",
+        &p(&ca.key),
+        "-out",
+        &p(&ca.cert),
+        "-subj",
+        "/CN=Test CA",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &p(&leaf.key),
+        "-out",
+        &csr,
+        "-subj",
+        &format!("/CN={name}"),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &p(&ca.cert),
+        "-CAkey",
+        &p(&ca.key),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&leaf.cert),
+    ]);
+    (ca, leaf)
+}
+
+/// One request through the gateway's plain listener; the status and body.
+fn request(gw: &Gateway, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    request_to(gw, "t", method, path, body)
+}
+
+/// [`request`] with `Host: host`.
+fn request_to(gw: &Gateway, host: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let mut c = gw.connect();
+    c.send(&req);
+    let r = c.read_response_to(method);
+    (r.status, r.body)
+}
+
+/// The origin's JSON answer to a GET of `path`, which must be a 200.
+fn answer(gw: &Gateway, path: &str) -> Value {
+    let (status, body) = request(gw, "GET", path, b"");
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[test]
+fn https_upstreams_are_verified_pooled_and_health_checked() {
+    let dir = temp_dir("upstream-tls");
+    // `open` presents a certificate its authority signed; the others a self-signed one,
+    // trusted as its own authority.
+    let (authority, leaf) = ca_and_leaf(&dir, "up.test");
+    let srv = Cert::new(&dir, "up.test");
+    let other = Cert::new(&dir, "other.test");
+    let client = Cert::new(&dir, "client.test");
+    let open = HttpsPeer::start(&leaf, None);
+    let mutual = HttpsPeer::start(&srv, Some(&client));
+    let log = dir.join("access.log");
+
+    // The gateway's TLS listener offering only h2, as an HTTP/2 upstream.
+    let origin = Origin::echo();
+    let h2_config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         tls = {{ certificates = [\"srv\"], alpn = [\"h2\"] }}\n\
+         [[upstreams]]\nid = \"origin\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"origin\"\n\
+         [[certificates]]\nid = \"srv\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        origin.addr,
+        srv.cert.display(),
+        srv.key.display()
+    );
+    let h2_gw = Gateway::start(&h2_config, Driver::IoUring);
+    let h2_addr = h2_gw.listeners[0];
+
+    let ca = authority.cert.display();
+    let own = srv.cert.display();
+    let check = "health_check = { path = \"/health\", interval_ms = 200, timeout_ms = 150 }";
+    let upstreams = [
+        (
+            "verified",
+            open.addr,
+            format!("tls = {{ server_name = \"api.up.test\", ca_file = \"{ca}\" }}\n{check}"),
+        ),
+        // No name: the certificate must name 127.0.0.1, which it does not.
+        (
+            "by-ip",
+            open.addr,
+            format!("tls = {{ ca_file = \"{ca}\" }}"),
+        ),
+        (
+            "wrong-ca",
+            open.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}\n{check}",
+                other.cert.display()
+            ),
+        ),
+        ("unverified", open.addr, "tls = { verify = false }".into()),
+        (
+            "mutual",
+            mutual.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{own}\", \
+                 certificate = \"client\" }}"
+            ),
+        ),
+        (
+            "no-client-cert",
+            mutual.addr,
+            format!("tls = {{ server_name = \"up.test\", ca_file = \"{own}\" }}"),
+        ),
+        (
+            "h2",
+            h2_addr,
+            format!(
+                "protocol = \"h2\"\n\
+                 tls = {{ server_name = \"b.up.test\", ca_pem = \"\"\"{}\"\"\" }}",
+                srv.cert_pem()
+            ),
+        ),
+        // HTTP/1.1 offered to a listener that speaks only h2: no protocol in common.
+        (
+            "h2-only",
+            h2_addr,
+            format!("tls = {{ server_name = \"up.test\", ca_file = \"{own}\" }}"),
+        ),
+        // The self-signed certificate trusted as its own authority still needs the name.
+        (
+            "own-wrong-name",
+            mutual.addr,
+            format!(
+                "tls = {{ server_name = \"other.test\", ca_file = \"{own}\", \
+                 certificate = \"client\" }}"
+            ),
+        ),
+    ];
+    let mut config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[certificates]]\nid = \"client\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
+         [access_log]\npath = \"{}\"\n\n",
+        client.cert.display(),
+        client.key.display(),
+        log.display()
+    );
+    for (id, addr, extra) in &upstreams {
+        config += &format!(
+            "[[upstreams]]\nid = \"{id}\"\ntargets = [{{ address = \"{addr}\" }}]\n{extra}\n\n\
+             [[routes]]\nid = \"{id}\"\npath_prefix = \"/{id}/\"\nupstream = \"{id}\"\n\n"
+        );
+    }
+    let gw = Gateway::start(&config, Driver::IoUring);
+
+    // SNI carries the configured name; a second request reuses the pooled TLS connection.
+    let first = answer(&gw, "/verified/a");
+    assert_eq!(first["sni"], "api.up.test", "{first}");
+    assert_eq!(first["client"], Value::Null);
+    let second = answer(&gw, "/verified/b");
+    assert_eq!(
+        (&second["conn"], &second["req"], &second["path"]),
+        (&first["conn"], &Value::from(2), &Value::from("/verified/b")),
+        "{second}"
+    );
+    // An upload and a large answer through TLS.
+    let (status, body) = request(&gw, "POST", "/verified/up", &vec![b'u'; 300_000]);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status, &v["len"], &v["method"]),
+        (200, &Value::from(300_000), &Value::from("POST"))
+    );
+    let (status, body) = request(&gw, "GET", "/verified/big", b"");
+    assert_eq!((status, body.len()), (200, 1 << 20));
+    assert!(body.iter().all(|&b| b == b'x'));
+
+    // Certificates that do not hold: 502, logged as `upstream_tls`.
+    let refused = [
+        "/by-ip/",
+        "/wrong-ca/",
+        "/no-client-cert/",
+        "/h2-only/",
+        "/own-wrong-name/",
+    ];
+    for path in refused {
+        let (status, body) = request(&gw, "GET", path, b"");
+        assert_eq!(status, 502, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    // Without verification any certificate is taken; an IP target sends no SNI.
+    let v = answer(&gw, "/unverified/");
+    assert_eq!(v["sni"], Value::Null, "{v}");
+    // Mutual TLS: the client certificate is presented.
+    let v = answer(&gw, "/mutual/");
+    assert_eq!(
+        (&v["client"], &v["sni"]),
+        (&Value::from("client.test"), &Value::from("up.test")),
+        "{v}"
+    );
+    // HTTP/2 over TLS (ALPN h2) to the other gateway, which relays to the echo origin.
+    // (The other gateway answers 421 to a Host that is not the SNI name, as HTTP/2 lets a
+    // server do: the client's Host is forwarded, so here it is that name.)
+    let (status, body) = request_to(&gw, "b.up.test", "GET", "/h2/x", b"");
+    assert_eq!((status, body.as_slice()), (200, &b"origin saw /h2/x"[..]));
+    let seen = origin.requests().pop().unwrap();
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+
+    let lines = wait_log_lines(&log, 12);
+    let kind = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .map(|l| l["error"].clone())
+            .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
+    };
+    for path in ["/by-ip/", "/wrong-ca/", "/h2-only/", "/own-wrong-name/"] {
+        assert_eq!(kind(path), "upstream_tls", "{path}");
+    }
+    // TLS 1.3: the server refuses the missing certificate after the client's handshake is
+    // done, so the refusal arrives as the answer's first read.
+    assert_ne!(kind("/no-client-cert/"), Value::Null);
+
+    // A WebSocket tunnel through TLS: bytes both ways after the 101.
+    let mut s = TcpStream::connect(gw.listeners[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET /verified/ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while find(&got, b"\r\n\r\n").is_none() {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed before the 101: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(b"ping through tls").unwrap();
+    let mut echoed = vec![0u8; 16];
+    s.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping through tls");
+    drop(s);
+
+    // Health checks over TLS: the verified upstream's target passes, the one checked against
+    // the wrong authority fails.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let good = gw
+            .admin("GET", "/v1/upstreams/verified/health", None)
+            .json();
+        let bad = gw
+            .admin("GET", "/v1/upstreams/wrong-ca/health", None)
+            .json();
+        let (g, b) = (&good["targets"][0], &bad["targets"][0]);
+        if g["last_check"]["ok"] == true && b["state"] == "unhealthy" {
+            assert_eq!(g["state"], "healthy", "{good}");
+            assert_eq!(g["last_check"]["status"], 200, "{good}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{good}\n{bad}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Other TLS settings for an upstream: its pooled connections are left, not reused with
+    // the old ones (here the SNI name).
+    let before = answer(&gw, "/verified/c");
+    let put = |tls: Value| {
+        let body = serde_json::json!({"id": "verified", "tls": tls,
+            "targets": [{"address": open.addr.to_string()}]});
+        gw.admin("PUT", "/v1/upstreams/verified", Some(&body.to_string()))
+    };
+    let ca_path = authority.cert.to_str().unwrap();
+    let r = put(serde_json::json!({"server_name": "b.up.test", "ca_file": ca_path}));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let after = answer(&gw, "/verified/d");
+    assert_eq!(after["sni"], "b.up.test", "{after}");
+    assert_ne!(after["conn"], before["conn"], "{before} {after}");
+    // Settings that cannot work are refused, naming the field.
+    let r = put(serde_json::json!({"ca_pem": "junk"}));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(r.body_str().contains("/tls/ca_pem"), "{}", r.body_str());
+    let r = put(serde_json::json!({"verify": false, "ca_file": ca_path}));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    let count = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("gateway_errors_total{side=\"upstream\",kind=\"upstream_tls\"} ")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(count.parse::<u64>().unwrap() >= 3, "{count}");
+}
