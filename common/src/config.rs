@@ -972,6 +972,12 @@ pub struct UpstreamTlsConfig {
         skip_serializing_if = "is_default_min_tls"
     )]
     pub min_version: String,
+    /// Read-only, set by the gateway (what it is given is replaced): SHA-256 of the
+    /// authorities' PEM text in use (`ca_pem`, `ca_file` or the system's), 64 lower-case
+    /// hex digits. A `ca_file` whose content changed changes it, so the next publish
+    /// (SIGHUP, a PUT) trusts the new authorities. Absent with `verify = false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_sha256: Option<String>,
 }
 
 fn is_true(b: &bool) -> bool {

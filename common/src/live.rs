@@ -730,6 +730,9 @@ pub struct UpstreamLive {
     pub set: ArcSwap<TargetSet>,
     pub circuit: CircuitCounters,
     pub budget: RetryBudget,
+    /// When ([`now_ms`] + 1; 0: never) a failed TLS handshake with one of its targets was
+    /// last logged: at most one line every few seconds per upstream, across workers.
+    pub tls_logged_ms: AtomicU64,
 }
 
 impl UpstreamLive {
@@ -738,7 +741,21 @@ impl UpstreamLive {
             set: ArcSwap::from_pointee(set),
             circuit: CircuitCounters::default(),
             budget: RetryBudget::default(),
+            tls_logged_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Whether a TLS failure may be logged now: the first, and then one every `every_ms`
+    /// (one caller wins a race).
+    pub fn tls_log_due(&self, every_ms: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_ms() + 1;
+        let last = self.tls_logged_ms.load(Relaxed);
+        (last == 0 || now >= last + every_ms)
+            && self
+                .tls_logged_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
     }
 
     /// Replaces the target set (in-flight requests keep the one they picked from).

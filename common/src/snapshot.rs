@@ -637,7 +637,7 @@ impl Snapshot {
         crate::upstreams::check_resolver(&config.resolver)?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let repeat = first_repeat(config.upstreams.iter().map(|u| u.id.as_str()));
-        for (i, u) in config.upstreams.iter().enumerate() {
+        for (i, u) in config.upstreams.iter_mut().enumerate() {
             if repeat == Some(i) {
                 return Err(ConfigError::field(
                     format!("upstreams[{i}].id"),

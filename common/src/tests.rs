@@ -1141,6 +1141,10 @@ fn upstream_tls_is_checked_and_compiled() {
     .unwrap();
     let tls = ok.upstreams[0].tls.as_ref().unwrap();
     assert_eq!(tls.config.alpn_protocols, [b"http/1.1".to_vec()]);
+    // What the authorities' text was, in the stored config: a changed file shows.
+    let stored = ok.config.upstreams[0].tls.as_ref().unwrap();
+    let digest = crate::tls::sha256_hex(PEM.as_bytes());
+    assert_eq!(stored.ca_sha256.as_deref(), Some(digest.as_str()));
     let name = tls.name_for(Some("other.example"), [127, 0, 0, 1].into());
     assert_eq!(name.to_str(), "api.example");
     // Health checks go over the same TLS.
@@ -1175,6 +1179,10 @@ fn upstream_tls_is_checked_and_compiled() {
         s.upstreams[0].tls.as_ref().unwrap().config.alpn_protocols,
         [b"h2".to_vec()]
     );
+    // Nothing trusted, nothing to digest; one given is replaced.
+    let given = "tls = { verify = false, ca_sha256 = \"00\" }";
+    let s = compile(&up("", given)).unwrap();
+    assert_eq!(s.config.upstreams[0].tls.as_ref().unwrap().ca_sha256, None);
 
     for (protocol, tls, path, says) in [
         (

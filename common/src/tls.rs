@@ -439,7 +439,7 @@ const MAX_CA_FILE: u64 = 4 << 20;
 /// Builds an upstream's rustls client config. `h2`: ALPN offers `h2` (else `http/1.1`);
 /// `certs` are the compiled `certificates`, for a client certificate.
 pub fn compile_upstream_tls(
-    tls: &UpstreamTlsConfig,
+    tls: &mut UpstreamTlsConfig,
     h2: bool,
     certs: &[Arc<Certificate>],
     at: &str,
@@ -470,8 +470,10 @@ pub fn compile_upstream_tls(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| ConfigError::field(field("min_version"), e.to_string()))?;
+    tls.ca_sha256 = None;
     let builder = if tls.verify {
-        let (roots, pinned) = upstream_roots(tls, at)?;
+        let (roots, pinned, digest) = upstream_roots(tls, at)?;
+        tls.ca_sha256 = Some(digest);
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             provider(),
@@ -518,10 +520,10 @@ pub fn compile_upstream_tls(
     })
 }
 
-/// The authorities an upstream's certificates are checked against, and those given in
+/// The authorities an upstream's certificates are checked against, those given in
 /// `ca_pem` / `ca_file` (empty for the system's), which a target may also present as its own
-/// certificate.
-type Roots = (RootCertStore, Vec<CertificateDer<'static>>);
+/// certificate, and the SHA-256 (hex) of their PEM text.
+type Roots = (RootCertStore, Vec<CertificateDer<'static>>, String);
 
 fn upstream_roots(tls: &UpstreamTlsConfig, at: &str) -> Result<Roots, ConfigError> {
     let (text, name) = match (&tls.ca_pem, &tls.ca_file) {
@@ -574,7 +576,7 @@ fn upstream_roots(tls: &UpstreamTlsConfig, at: &str) -> Result<Roots, ConfigErro
             },
         ));
     }
-    Ok((roots, pinned))
+    Ok((roots, pinned, sha256_hex(text.as_bytes())))
 }
 
 /// Checks a target's certificate as webpki does (a chain to a trusted authority, the name,

@@ -12,10 +12,10 @@ use crate::snapshot::{
 use crate::validate::check_id;
 use crate::ConfigError;
 
-/// Validates and compiles `upstreams[i]`. Its live set holds the literal addresses only; the
-/// control plane adds the resolved ones.
+/// Validates and compiles `upstreams[i]`, filling in what the gateway sets (`tls.ca_sha256`).
+/// Its live set holds the literal addresses only; the control plane adds the resolved ones.
 pub(crate) fn compile_upstream(
-    u: &UpstreamConfig,
+    u: &mut UpstreamConfig,
     i: usize,
     certs: &[std::sync::Arc<crate::tls::Certificate>],
 ) -> Result<Upstream, ConfigError> {
@@ -101,7 +101,7 @@ pub(crate) fn compile_upstream(
         }
         (_, None) => HashOn::None,
     };
-    let tls = match (&u.tls, u.protocol) {
+    let tls = match (&mut u.tls, u.protocol) {
         (None, UpstreamProtocol::H2) => {
             return Err(field(
                 "protocol",

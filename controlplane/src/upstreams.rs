@@ -864,8 +864,32 @@ fn rebuild(st: &mut State, id: &str) {
             }
         }
     }
-    let mut seen = HashSet::new();
-    list.retain(|(a, ..)| seen.insert(*a));
+    let mut seen = HashMap::new();
+    let mut merged: Option<(SocketAddr, Arc<str>, Arc<str>)> = None;
+    list.retain(|(a, _, host, ..)| match seen.entry(*a) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(host.clone());
+            true
+        }
+        std::collections::hash_map::Entry::Occupied(o) => {
+            if let (Some(kept), Some(other)) = (o.get(), host) {
+                if kept != other && merged.is_none() {
+                    merged = Some((*a, kept.clone(), other.clone()));
+                }
+            }
+            false
+        }
+    });
+    // Targets are told apart by address. Over TLS without `server_name` the name is the
+    // SNI, so two names at one address (a shared ingress) get the first one's: said once
+    // per change of the set.
+    if let (Some((addr, kept, other)), Some(tls)) = (merged, &e.tls) {
+        if tls.server_name.is_none() {
+            log::warn!(
+                "upstream {id:?}: {kept} and {other} both resolve to {addr}, which is one                  target, reached with SNI {kept}; give the upstream a `tls.server_name`, or                  the names upstreams of their own"
+            );
+        }
+    }
     list.truncate(common::snapshot::MAX_TARGETS);
     let live = e.live.clone();
     let targets = list

@@ -10,7 +10,8 @@ Each request is answered 200 with a JSON object: the SNI name the connection sen
 null without one), the common name of the client's certificate ("client", null without
 one), the connection's number ("conn", from 1) and the request's number on it ("req"), the
 method, path and the length of the request body ("len"). A path ending in `/big` is answered
-with 1 MiB of "x" instead. A request with `Upgrade: websocket` is answered 101, and every
+with 1 MiB of "x" instead; one ending in `/extra` with `{}`, then at once (in the same TCP
+segment) with a second answer nobody asked for. A request with `Upgrade: websocket` is answered 101, and every
 byte the client sends after it is sent back until it closes.
 """
 
@@ -87,6 +88,16 @@ def serve(ctx, raw, conn_no):
                         break
                     s.sendall(data)
                 break
+            if path.endswith("/extra"):
+                # The answer, then another nobody asked for, in records of their own but
+                # one TCP segment: a client must not take the second for its next answer.
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                stale = b"x" * 12000
+                s.sendall(b"HTTP/1.1 200 OK\r\nX-Stale: yes\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(stale), stale))
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                continue
             if path.endswith("/big"):
                 out, kind = b"x" * (1 << 20), b"text/plain"
             else:

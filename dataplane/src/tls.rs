@@ -119,6 +119,46 @@ struct Session {
     /// The stream is split into halves, whose writes may be in flight while the read half
     /// reads: reading then leaves its output to the write half (see the module's doc).
     split: bool,
+    /// Where the ciphertext given to rustls stands in its records, so that a connection
+    /// going back to a pool can be told to hold no part of a record (rustls does not say).
+    records: Records,
+}
+
+/// Follows TLS record boundaries (RFC 8446 5.1: a 5-byte header whose last two bytes are
+/// the length) through the ciphertext as it is given to rustls.
+#[derive(Debug, Default, Clone, Copy)]
+struct Records {
+    /// Header bytes seen of the next record (0 to 4).
+    header: usize,
+    /// The length's first byte, once seen.
+    len_hi: u8,
+    /// Bytes of the current record's body still to come.
+    body_left: usize,
+}
+
+impl Records {
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            match self.header {
+                3 => self.len_hi = data[0],
+                4 => self.body_left = usize::from(self.len_hi) << 8 | usize::from(data[0]),
+                _ => {}
+            }
+            self.header = (self.header + 1) % 5;
+            data = &data[1..];
+        }
+    }
+
+    /// Between two records.
+    fn at_boundary(&self) -> bool {
+        self.header == 0 && self.body_left == 0
+    }
 }
 
 type Shared = Rc<RefCell<Session>>;
@@ -266,6 +306,7 @@ impl Session {
             always_direct: false,
             shut: false,
             split: false,
+            records: Records::default(),
         }))
     }
 }
@@ -374,7 +415,10 @@ async fn fill<R: CancelableAsyncReadRent>(
             "record buffer full".into(),
         )));
     }
-    s.rpos += before - pending.len();
+    let taken = before - pending.len();
+    let given = s.rpos..s.rpos + taken;
+    s.records.advance(&s.rx[given]);
+    s.rpos += taken;
     s.conn.process_new_packets().map_err(Fill::Tls)?;
     Ok(true)
 }
@@ -601,6 +645,21 @@ impl TlsStream {
         }
     }
 
+    /// Whether nothing the peer sent waits inside the session: no ciphertext read and not
+    /// yet decrypted, no part of a record, no plaintext not yet read, no close_notify. A
+    /// connection going back to a pool must be so (what its socket holds, a peek sees):
+    /// bytes past the end of an answer would be read as the next request's.
+    pub fn drained(&self) -> bool {
+        let mut s = self.session.borrow_mut();
+        let s = &mut *s;
+        s.rpos == s.rx.len()
+            && !s.eof
+            && s.records.at_boundary()
+            && s.conn
+                .process_new_packets()
+                .is_ok_and(|io| io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed())
+    }
+
     /// The SNI name the client sent, lower-case.
     pub fn sni(&self) -> Option<&str> {
         self.sni.as_deref()
@@ -807,6 +866,28 @@ mod tests {
     const KEY: &str = include_str!("../../common/testdata/api.key");
     /// Far more than the two small socket buffers below can hold.
     const BODY: usize = 4 * 1024 * 1024;
+
+    #[test]
+    fn records_are_followed_across_any_split() {
+        // Two records (bodies of 3 and 300 bytes) and the header of a third.
+        let mut data = vec![23, 3, 3, 0, 3, 1, 2, 3, 23, 3, 3, 1, 44];
+        data.extend(std::iter::repeat_n(7u8, 300));
+        let whole = data.len();
+        data.extend([23, 3, 3, 0]);
+        for cut in 0..=data.len() {
+            let mut r = Records::default();
+            r.advance(&data[..cut]);
+            let mut end = r;
+            end.advance(&data[cut..]);
+            assert!(!end.at_boundary(), "cut {cut}: inside the third header");
+            let mut upto = Records::default();
+            upto.advance(&data[..cut.min(whole)]);
+            upto.advance(&data[cut.min(whole)..whole]);
+            assert!(upto.at_boundary(), "cut {cut}");
+            let boundary = [0, 8, whole].contains(&cut);
+            assert_eq!(r.at_boundary(), boundary, "cut {cut}");
+        }
+    }
 
     fn byte(i: usize) -> u8 {
         (i % 251) as u8

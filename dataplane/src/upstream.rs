@@ -450,9 +450,19 @@ pub async fn start_tls(
     let UpstreamIo::Tcp(tcp) = stream else {
         return Err(ConnectError::Tls(io::ErrorKind::InvalidInput.into()));
     };
+    let offered_h2 = tls.config.alpn_protocols.iter().any(|p| p == b"h2");
     let tls = crate::tls::connect(tcp, tls.config.clone(), name, deadline)
         .await
         .map_err(ConnectError::Tls)?;
+    if offered_h2 && !tls.is_h2() {
+        // A target that chose no protocol (no ALPN) may speak anything: HTTP/2 is only
+        // spoken where it said so.
+        let why = "the target did not choose h2 by ALPN";
+        return Err(ConnectError::Tls(io::Error::new(
+            io::ErrorKind::InvalidData,
+            why,
+        )));
+    }
     let mut conn = Box::new(UpstreamConn::new(UpstreamIo::Tls(tls), send_timeout));
     conn.counted = counted;
     Ok(conn)
@@ -628,6 +638,11 @@ impl Pool {
     ) {
         if self.max_idle == 0 || !conn.buf.is_empty() {
             return;
+        }
+        if let UpstreamIo::Tls(s) = &conn.stream {
+            if !s.drained() {
+                return;
+            }
         }
         let list = self.idle.entry(addr, upstream);
         if list.len() < self.max_idle {

@@ -131,22 +131,7 @@ fn calls(
     if let Some((cert, name)) = tls {
         cmd.arg("--tls").arg(&cert.cert).arg(name);
     }
-    let out = cmd
-        .args(checks)
-        .output()
-        .expect("python3 runs the test gRPC client");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let answers: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(
-        answers.len(),
-        checks.len(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    answers
+    answers(cmd, checks)
 }
 
 /// [`calls`] over h2c with `:authority` set to `authority`.
@@ -155,11 +140,15 @@ fn calls_with_authority(
     authority: &str,
     checks: &[&str],
 ) -> Vec<serde_json::Value> {
-    let out = Command::new("python3")
-        .arg(PEER)
-        .arg("call")
-        .arg(target.to_string())
-        .args(["--authority", authority])
+    let mut cmd = Command::new("python3");
+    cmd.arg(PEER).arg("call").arg(target.to_string());
+    cmd.args(["--authority", authority]);
+    answers(cmd, checks)
+}
+
+/// Runs `cmd` (a `grpc_peer.py call` without its checks) with `checks`; each one's answer.
+fn answers(mut cmd: Command, checks: &[&str]) -> Vec<serde_json::Value> {
+    let out = cmd
         .args(checks)
         .output()
         .expect("python3 runs the test gRPC client");

@@ -236,6 +236,12 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
             h2_addr,
             format!("tls = {{ server_name = \"up.test\", ca_file = \"{own}\" }}"),
         ),
+        // HTTP/2 to a target that chooses no protocol by ALPN (it speaks HTTP/1.1 only).
+        (
+            "h2-no-alpn",
+            open.addr,
+            format!("protocol = \"h2\"\ntls = {{ server_name = \"up.test\", ca_file = \"{ca}\" }}"),
+        ),
         // The self-signed certificate trusted as its own authority still needs the name.
         (
             "own-wrong-name",
@@ -272,6 +278,14 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         (&first["conn"], &Value::from(2), &Value::from("/verified/b")),
         "{second}"
     );
+    // An upstream that sends more than the answer (here a whole second answer, in TLS
+    // records of its own that came in the same read): the connection is not reused, and
+    // the next request gets its own answer.
+    let (status, body) = request(&gw, "GET", "/verified/extra", b"");
+    assert_eq!((status, body.as_slice()), (200, &b"{}"[..]));
+    let next = answer(&gw, "/verified/next");
+    assert_eq!(next["path"], "/verified/next", "{next}");
+    assert_ne!(next["conn"], first["conn"], "{next}");
     // An upload and a large answer through TLS.
     let (status, body) = request(&gw, "POST", "/verified/up", &vec![b'u'; 300_000]);
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -289,6 +303,7 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/wrong-ca/",
         "/no-client-cert/",
         "/h2-only/",
+        "/h2-no-alpn/",
         "/own-wrong-name/",
     ];
     for path in refused {
@@ -313,7 +328,7 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     let seen = origin.requests().pop().unwrap();
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
 
-    let lines = wait_log_lines(&log, 12);
+    let lines = wait_log_lines(&log, 15);
     let kind = |path: &str| {
         lines
             .iter()
@@ -321,7 +336,14 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
             .map(|l| l["error"].clone())
             .unwrap_or_else(|| panic!("no line for {path}: {lines:?}"))
     };
-    for path in ["/by-ip/", "/wrong-ca/", "/h2-only/", "/own-wrong-name/"] {
+    let tls_failures = [
+        "/by-ip/",
+        "/wrong-ca/",
+        "/h2-only/",
+        "/h2-no-alpn/",
+        "/own-wrong-name/",
+    ];
+    for path in tls_failures {
         assert_eq!(kind(path), "upstream_tls", "{path}");
     }
     // TLS 1.3: the server refuses the missing certificate after the client's handshake is
@@ -406,4 +428,21 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         })
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(count.parse::<u64>().unwrap() >= 3, "{count}");
+
+    // A `ca_file` whose content changed (the authority rotated): the next publish (here
+    // SIGHUP, the config file itself unchanged) trusts the new authorities. First the file
+    // is applied again (it replaces the changes made through the API above).
+    gw.signal(libc::SIGHUP);
+    gw.wait_log("it replaced the changes", Duration::from_secs(5));
+    let revision = |gw: &Gateway| gw.admin("GET", "/v1/status", None).json()["revision"].clone();
+    let before = revision(&gw);
+    std::fs::copy(&authority.cert, &other.cert).unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.wait_log(
+        &format!("(revision {})", before.as_u64().unwrap() + 1),
+        Duration::from_secs(5),
+    );
+    assert!(!line.contains("no change"), "{line}");
+    let v = answer(&gw, "/wrong-ca/");
+    assert_eq!(v["sni"], "up.test", "{v}");
 }

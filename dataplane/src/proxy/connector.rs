@@ -267,22 +267,11 @@ fn connect_error(e: &ConnectError) -> ProxyError {
 
 /// Logs why a TLS handshake with a target failed (an untrusted certificate, a name it does
 /// not hold): the access log says `upstream_tls`, this says why. At most one line every 10 s
-/// per worker, so a misconfigured upstream under load does not flood the log.
-fn tls_failure(upstream: &str, addr: SocketAddr, e: &ConnectError) {
-    thread_local! {
-        static LAST: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
-    }
+/// per upstream, so one under load does not flood the log nor hide another's reason.
+fn tls_failure(upstream: &Upstream, addr: SocketAddr, e: &ConnectError) {
     let ConnectError::Tls(e) = e else { return };
-    if e.kind() != std::io::ErrorKind::InvalidData {
-        return;
-    }
-    let now = Instant::now();
-    let due = LAST
-        .get()
-        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10));
-    if due {
-        LAST.set(Some(now));
-        log::warn!("upstream {upstream:?}: TLS with {addr} failed: {e}");
+    if e.kind() == std::io::ErrorKind::InvalidData && upstream.live.tls_log_due(10_000) {
+        log::warn!("upstream {:?}: TLS with {addr} failed: {e}", upstream.id);
     }
 }
 
@@ -530,7 +519,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             conn = crate::upstream::start_tls(conn, tls, name, started + timeout)
                 .await
                 .map_err(|e| {
-                    tls_failure(&self.up.upstream.id, addr, &e);
+                    tls_failure(self.up.upstream, addr, &e);
                     connect_error(&e)
                 })?;
         }

@@ -1126,8 +1126,9 @@ pub(super) async fn forward<S: ClientStream>(
                         .await?;
                     let shake =
                         h2pool::handshake(tcp, up.upstream.max_streams, max_header_list, counted);
-                    // Within the connect timeout, and the try's own bound.
-                    let by = Instant::now() + timeouts.upstream_connect;
+                    // Within the connect timeout (from the connect's start: a TLS
+                    // handshake took part of it already), and the try's own bound.
+                    let by = started + timeouts.upstream_connect;
                     let by = try_deadline.map_or(by, |t| t.min(by));
                     let handshake = monoio::time::timeout_at(by.into(), shake);
                     let c = match handshake.await {
