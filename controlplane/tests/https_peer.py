@@ -11,7 +11,8 @@ null without one), the common name of the client's certificate ("client", null w
 one), the connection's number ("conn", from 1) and the request's number on it ("req"), the
 method, path and the length of the request body ("len"). A path ending in `/big` is answered
 with 1 MiB of "x" instead; one ending in `/extra` with `{}`, then at once (in the same TCP
-segment) with a second answer nobody asked for. A request with `Upgrade: websocket` is answered 101, and every
+segment) with a second answer nobody asked for; one ending in `/early` with a 413 at once,
+its body left unread, the connection held open. A request with `Upgrade: websocket` is answered 101, and every
 byte the client sends after it is sent back until it closes.
 """
 
@@ -75,6 +76,13 @@ def serve(ctx, raw, conn_no):
             if head is None:
                 break
             method, path, fields = head
+            if path.endswith("/early"):
+                # Refuses the upload after its head, reads none of its body, and keeps the
+                # connection open for longer than a test waits.
+                s.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n"
+                          b"Connection: close\r\n\r\ntoo big!")
+                threading.Event().wait(15)
+                break
             body = read_body(f, fields)
             req += 1
             if fields.get("upgrade", "").lower() == "websocket":

@@ -400,8 +400,12 @@ async fn fill<R: CancelableAsyncReadRent>(
             Err(_) => return Err(Fill::Io),
         }
     }
-    let mut s = session.borrow_mut();
-    let s = &mut *s;
+    feed(&mut session.borrow_mut())
+}
+
+/// Gives rustls what is buffered of the ciphertext (as much as it takes), or tells it the
+/// stream ended. `Ok(false)`: it ended.
+fn feed(s: &mut Session) -> Result<bool, Fill> {
     if s.eof && s.rpos == s.rx.len() {
         // Tell rustls the stream ended, so a missing close_notify is noticed.
         let _ = s.conn.read_tls(&mut io::empty());
@@ -421,6 +425,69 @@ async fn fill<R: CancelableAsyncReadRent>(
     s.rpos += taken;
     s.conn.process_new_packets().map_err(Fill::Tls)?;
     Ok(true)
+}
+
+/// A handle on a TLS stream's session for reading ahead without waiting while a write is
+/// in flight ([`TlsStream::read_ahead`]): an upstream that answered an upload early (a 413)
+/// and stopped reading is seen, as a cleartext one is by a peek.
+pub struct ReadAhead(Shared);
+
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadAhead")
+    }
+}
+
+impl ReadAhead {
+    /// Decrypts what the peer has sent so far, with non-blocking receives, appending the
+    /// plaintext to `out` up to its capacity (it stays in the session past that). Nothing
+    /// is lost: what is read here is what the next read of the stream would have returned.
+    /// No read may be in flight on the stream (the write side may be).
+    pub fn pull(&self, out: &mut Vec<u8>) {
+        let mut s = self.0.borrow_mut();
+        let s = &mut *s;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let room = out.capacity() - out.len();
+            if room == 0 {
+                return;
+            }
+            match s.conn.reader().read(&mut chunk[..room.min(4096)]) {
+                Ok(0) => return,
+                Ok(n) => {
+                    out.extend_from_slice(&chunk[..n]);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+            if s.rpos == s.rx.len() {
+                if s.eof {
+                    return;
+                }
+                s.rx.clear();
+                s.rpos = 0;
+                if s.rx.capacity() == 0 {
+                    s.rx.reserve(RECORD_BUF);
+                }
+                let cap = s.rx.capacity();
+                // SAFETY: `recv` writes at most `cap` bytes into `rx`'s spare room, and
+                // `set_len` covers only what it wrote; the fd is the session's socket, open
+                // while the session is.
+                unsafe {
+                    match libc::recv(s.fd, s.rx.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT) {
+                        0 => s.eof = true,
+                        n if n > 0 => s.rx.set_len(n as usize),
+                        _ => return,
+                    }
+                }
+            }
+            // A failure is the stream's next read's to report.
+            if !matches!(feed(s), Ok(true)) {
+                return;
+            }
+        }
+    }
 }
 
 /// Writes every record rustls has queued: straight from rustls's buffers to the socket while
@@ -643,6 +710,11 @@ impl TlsStream {
             Ok(res) => res,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
         }
+    }
+
+    /// A handle for reading ahead while a write is in flight ([`ReadAhead`]).
+    pub fn read_ahead(&self) -> ReadAhead {
+        ReadAhead(self.session.clone())
     }
 
     /// Whether nothing the peer sent waits inside the session: no ciphertext read and not

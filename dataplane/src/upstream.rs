@@ -374,14 +374,23 @@ impl UpstreamConn {
     /// armed, and the socket holds whatever has not reached it yet.
     pub(crate) fn settle(&mut self) {
         settle_into(&mut self.armed, &mut self.buf);
+        if let UpstreamIo::Tls(s) = &self.stream {
+            // Through TLS: what the target has sent so far, decrypted without waiting.
+            s.read_ahead().pull(&mut self.buf);
+        }
     }
 
     /// The stream to write an upload to, and the look for an early answer meanwhile (the
     /// armed read stays in place: it may take that answer, in order, before any peek).
     pub(crate) fn upload(&mut self) -> (&mut UpstreamIo, AnswerLook<'_>) {
+        let ahead = match &self.stream {
+            UpstreamIo::Tls(s) => Some(s.read_ahead()),
+            UpstreamIo::Tcp(_) => None,
+        };
         let look = AnswerLook {
             armed: &mut self.armed,
             buf: &mut self.buf,
+            ahead,
         };
         (&mut self.stream, look)
     }
@@ -683,14 +692,26 @@ impl Pool {
 pub(crate) struct AnswerLook<'a> {
     armed: &'a mut ReadSlot,
     buf: &'a mut Vec<u8>,
+    /// Through TLS, the session to decrypt ahead from.
+    ahead: Option<crate::tls::ReadAhead>,
 }
 
 impl AnswerLook<'_> {
-    /// What the upstream sent that was read already: the armed read's bytes once it has
-    /// ended (kept in the connection's buffer, for the answer's read), else nothing.
+    /// What the upstream sent that was read already (kept in the connection's buffer, for
+    /// the answer's read): the armed read's bytes once it has ended, or through TLS what
+    /// it has sent so far, decrypted without waiting.
     pub(crate) fn read_so_far(&mut self) -> &[u8] {
         settle_into(self.armed, self.buf);
+        if let Some(ahead) = &self.ahead {
+            ahead.pull(self.buf);
+        }
         self.buf
+    }
+
+    /// Whether the socket's bytes are the answer's own (not TLS records): a peek at them
+    /// means something.
+    pub(crate) fn plain(&self) -> bool {
+        self.ahead.is_none()
     }
 }
 

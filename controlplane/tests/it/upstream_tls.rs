@@ -255,7 +255,8 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     let mut config = format!(
         "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
          [[certificates]]\nid = \"client\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
-         [access_log]\npath = \"{}\"\n\n",
+         [access_log]\npath = \"{}\"\n\n[limits]\nmax_body_bytes = 100000000\n\n\
+         [timeouts]\nupstream_send_ms = 30000\n\n",
         client.cert.display(),
         client.key.display(),
         log.display()
@@ -297,6 +298,34 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     assert_eq!((status, body.len()), (200, 1 << 20));
     assert!(body.iter().all(|&b| b == b'x'));
 
+    // An upload the target refuses at once and stops reading (its socket's bytes are TLS
+    // records): its 413 reaches the client once the upload stalls, not after `send_ms`.
+    let mut c = gw.connect();
+    let size = 48 << 20;
+    c.send(
+        format!("POST /verified/early HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n")
+            .as_bytes(),
+    );
+    let mut writer = c.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..size >> 20 {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let r = c.read_response_to("POST");
+    assert_eq!((r.status, r.body_str()), (413, "too big!"));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(c);
+    sender.join().unwrap();
+
     // Certificates that do not hold: 502, logged as `upstream_tls`.
     let refused = [
         "/by-ip/",
@@ -328,7 +357,7 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     let seen = origin.requests().pop().unwrap();
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
 
-    let lines = wait_log_lines(&log, 15);
+    let lines = wait_log_lines(&log, 16);
     let kind = |path: &str| {
         lines
             .iter()

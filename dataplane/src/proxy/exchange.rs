@@ -218,11 +218,10 @@ pub(crate) async fn relay_request_body<S: ClientStream>(
         let buf = std::mem::take(&mut down.buf);
         let (stream, mut look) = conn.upload();
         let fd = stream.as_raw_fd();
-        // Through TLS the socket's bytes cannot be told from a session ticket without the
-        // session: an early answer is found once the write fails (`send_ms`).
-        let plain = stream.tcp().is_some();
+        // Through TLS the socket holds records: what they hold is decrypted ahead instead.
+        let peek = look.plain().then_some(fd);
         let write = stream.write_all(buf.slice(start..start + take));
-        let answered = || plain && final_answer_waiting(look.read_so_far(), fd);
+        let answered = || final_answer_waiting(look.read_so_far(), peek);
         let Some((res, slice)) = unless_answered(write, fd, answered).await else {
             // The write is abandoned with the buffer it held: the client connection closes
             // after the answer, so nothing in it is needed.
@@ -284,14 +283,20 @@ async fn unless_answered<F: std::future::Future>(
 }
 
 /// Whether the start of a final answer waits: `read` (bytes of it read already), then
-/// what the upstream's socket holds; what is there past any whole interim (1xx) heads, and
-/// not what may still become one.
-pub(crate) fn final_answer_waiting(read: &[u8], fd: RawFd) -> bool {
+/// what the upstream's socket `fd` holds (none through TLS, whose socket holds records);
+/// what is there past any whole interim (1xx) heads, and not what may still become one.
+pub(crate) fn final_answer_waiting(read: &[u8], fd: Option<RawFd>) -> bool {
     let mut buf = [0u8; 2048];
     let have = read.len().min(buf.len());
     buf[..have].copy_from_slice(&read[..have]);
-    let (peeked, n) = peek_into(fd, &mut buf[have..]);
-    let n = have + if peeked == Peeked::Data { n } else { 0 };
+    let peeked = match fd {
+        Some(fd) => match peek_into(fd, &mut buf[have..]) {
+            (Peeked::Data, n) => n,
+            _ => 0,
+        },
+        None => 0,
+    };
+    let n = have + peeked;
     if n == 0 {
         return false;
     }

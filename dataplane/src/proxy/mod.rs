@@ -1157,7 +1157,9 @@ async fn answered_early(
     // What a pooled connection's armed read took, if it has ended, is the start of what
     // waits; one still waiting stays armed, to read the rest in order.
     conn.settle();
-    if !exchange::final_answer_waiting(&conn.buf, conn.stream.as_raw_fd()) {
+    // (Through TLS, `settle` decrypted what the target sent so far into the buffer.)
+    let peek = conn.stream.tcp().map(|s| s.as_raw_fd());
+    if !exchange::final_answer_waiting(&conn.buf, peek) {
         return Err(err);
     }
     early_head(conn, is_head, plan).await.ok_or(err)
