@@ -6,6 +6,7 @@
 //! it with the same code the config file goes through, persist it, then publish the snapshot
 //! with one `ArcSwap::store` before answering. A refused change changes nothing.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -335,16 +336,44 @@ impl Kind {
     }
 
     fn get(self, c: &Config, id: &str) -> Option<Value> {
+        self.position(c, id).map(|i| self.get_at(c, i))
+    }
+
+    /// The item at `i` of this kind's list.
+    fn get_at(self, c: &Config, i: usize) -> Value {
         match self {
-            Kind::Routes => c.routes.iter().find(|r| r.id == id).map(to_value),
-            Kind::Upstreams => c.upstreams.iter().find(|u| u.id == id).map(to_value),
-            Kind::Consumers => c.consumers.iter().find(|u| u.id == id).map(to_value),
-            Kind::Credentials => c.credentials.iter().find(|u| u.id == id).map(to_value),
-            Kind::Policies => c.policies.iter().find(|u| u.id() == id).map(to_value),
-            Kind::Aggregates => c.aggregates.iter().find(|u| u.id == id).map(to_value),
-            Kind::ClientProfiles => c.client_profiles.iter().find(|u| u.id == id).map(to_value),
-            Kind::Certificates => c.certificates.iter().find(|u| u.id == id).map(to_value),
-            Kind::Transcoders => c.transcoders.iter().find(|u| u.id == id).map(to_value),
+            Kind::Routes => to_value(&c.routes[i]),
+            Kind::Upstreams => to_value(&c.upstreams[i]),
+            Kind::Consumers => to_value(&c.consumers[i]),
+            Kind::Credentials => to_value(&c.credentials[i]),
+            Kind::Policies => to_value(&c.policies[i]),
+            Kind::Aggregates => to_value(&c.aggregates[i]),
+            Kind::ClientProfiles => to_value(&c.client_profiles[i]),
+            Kind::Certificates => to_value(&c.certificates[i]),
+            Kind::Transcoders => to_value(&c.transcoders[i]),
+        }
+    }
+
+    /// Removes the items at the positions `dead` of this kind's list, keeping the others'
+    /// order.
+    fn remove_at(self, c: &mut Config, dead: &HashSet<usize>) {
+        fn keep<T>(list: &mut Vec<T>, dead: &HashSet<usize>) {
+            let mut i = 0;
+            list.retain(|_| {
+                i += 1;
+                !dead.contains(&(i - 1))
+            });
+        }
+        match self {
+            Kind::Routes => keep(&mut c.routes, dead),
+            Kind::Upstreams => keep(&mut c.upstreams, dead),
+            Kind::Consumers => keep(&mut c.consumers, dead),
+            Kind::Credentials => keep(&mut c.credentials, dead),
+            Kind::Policies => keep(&mut c.policies, dead),
+            Kind::Aggregates => keep(&mut c.aggregates, dead),
+            Kind::ClientProfiles => keep(&mut c.client_profiles, dead),
+            Kind::Certificates => keep(&mut c.certificates, dead),
+            Kind::Transcoders => keep(&mut c.transcoders, dead),
         }
     }
 
@@ -363,7 +392,34 @@ impl Kind {
     }
 
     /// Inserts or replaces the item; returns whether it was created.
-    fn put(self, c: &mut Config, id: &str, mut value: Value) -> Result<bool, Problem> {
+    fn put(self, c: &mut Config, id: &str, value: Value) -> Result<bool, Problem> {
+        let at = self.position(c, id);
+        self.put_at(c, at, id, value)
+    }
+
+    /// Where the item `id` is in this kind's list.
+    fn position(self, c: &Config, id: &str) -> Option<usize> {
+        match self {
+            Kind::Routes => c.routes.iter().position(|r| r.id == id),
+            Kind::Upstreams => c.upstreams.iter().position(|u| u.id == id),
+            Kind::Consumers => c.consumers.iter().position(|u| u.id == id),
+            Kind::Credentials => c.credentials.iter().position(|u| u.id == id),
+            Kind::Policies => c.policies.iter().position(|u| u.id() == id),
+            Kind::Aggregates => c.aggregates.iter().position(|u| u.id == id),
+            Kind::ClientProfiles => c.client_profiles.iter().position(|u| u.id == id),
+            Kind::Certificates => c.certificates.iter().position(|u| u.id == id),
+            Kind::Transcoders => c.transcoders.iter().position(|u| u.id == id),
+        }
+    }
+
+    /// [`Kind::put`] where the item `id` is known to be at `at` (`None`: not there).
+    fn put_at(
+        self,
+        c: &mut Config,
+        at: Option<usize>,
+        id: &str,
+        mut value: Value,
+    ) -> Result<bool, Problem> {
         let Value::Object(map) = &mut value else {
             return Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -386,10 +442,10 @@ impl Kind {
                 .at("/id"))
             }
         }
-        fn upsert<T: Clone>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) -> bool {
-            match list.iter_mut().find(|x| same(x)) {
-                Some(slot) => {
-                    *slot = item;
+        fn upsert<T>(list: &mut Vec<T>, at: Option<usize>, item: T) -> bool {
+            match at {
+                Some(i) => {
+                    list[i] = item;
                     false
                 }
                 None => {
@@ -401,39 +457,39 @@ impl Kind {
         Ok(match self {
             Kind::Routes => {
                 let item: RouteConfig = typed(value)?;
-                upsert(&mut c.routes, item, |r| r.id == id)
+                upsert(&mut c.routes, at, item)
             }
             Kind::Upstreams => {
                 let item: UpstreamConfig = typed(value)?;
-                upsert(&mut c.upstreams, item, |u| u.id == id)
+                upsert(&mut c.upstreams, at, item)
             }
             Kind::Consumers => {
                 let item: ConsumerConfig = typed(value)?;
-                upsert(&mut c.consumers, item, |u| u.id == id)
+                upsert(&mut c.consumers, at, item)
             }
             Kind::Credentials => {
                 let item: CredentialConfig = typed(value)?;
-                upsert(&mut c.credentials, item, |u| u.id == id)
+                upsert(&mut c.credentials, at, item)
             }
             Kind::Policies => {
                 let item = typed_policy(value)?;
-                upsert(&mut c.policies, item, |u| u.id() == id)
+                upsert(&mut c.policies, at, item)
             }
             Kind::Aggregates => {
                 let item: AggregateConfig = typed(value)?;
-                upsert(&mut c.aggregates, item, |u| u.id == id)
+                upsert(&mut c.aggregates, at, item)
             }
             Kind::ClientProfiles => {
                 let item: ClientProfileConfig = typed(value)?;
-                upsert(&mut c.client_profiles, item, |u| u.id == id)
+                upsert(&mut c.client_profiles, at, item)
             }
             Kind::Certificates => {
                 let item: CertificateConfig = typed(value)?;
-                upsert(&mut c.certificates, item, |u| u.id == id)
+                upsert(&mut c.certificates, at, item)
             }
             Kind::Transcoders => {
                 let item: TranscoderConfig = typed(value)?;
-                upsert(&mut c.transcoders, item, |u| u.id == id)
+                upsert(&mut c.transcoders, at, item)
             }
         })
     }
@@ -500,17 +556,29 @@ impl Kind {
                 .filter(|r| r.transcoder.as_deref() == Some(id))
                 .map(|r| format!("routes/{}", r.id))
                 .collect(),
-            Kind::Certificates => c
-                .listeners
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| {
-                    l.tls
-                        .as_ref()
-                        .is_some_and(|t| t.certificates.iter().any(|x| x == id))
-                })
-                .map(|(i, _)| format!("listeners/{i}"))
-                .collect(),
+            Kind::Certificates => {
+                let listeners = c
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| {
+                        l.tls
+                            .as_ref()
+                            .is_some_and(|t| t.certificates.iter().any(|x| x == id))
+                    })
+                    .map(|(i, _)| format!("listeners/{i}"));
+                // A client certificate for mutual TLS towards an upstream's targets.
+                let upstreams = c
+                    .upstreams
+                    .iter()
+                    .filter(|u| {
+                        u.tls
+                            .as_ref()
+                            .is_some_and(|t| t.certificate.as_deref() == Some(id))
+                    })
+                    .map(|u| format!("upstreams/{}", u.id));
+                listeners.chain(upstreams).collect()
+            }
             Kind::Consumers => {
                 let credentials = c
                     .credentials
@@ -547,7 +615,7 @@ impl Kind {
                         .iter()
                         .enumerate()
                         .filter(|(_, l)| l.policies.iter().any(|p| p == id))
-                        .map(|(i, _)| format!("listeners[{i}]")),
+                        .map(|(i, _)| format!("listeners/{i}")),
                 );
                 out
             }
@@ -734,12 +802,13 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// What a change does, item by item.
+/// What a change does, item by item; and per kind, whether the items kept changed order
+/// (routes are tried in config order within a path, so an order is part of the config).
 fn diff(old: &Config, new: &Config) -> Vec<Value> {
-    let old_items: std::collections::BTreeMap<String, Value> =
-        crate::store::item_values(old).into_iter().collect();
-    let new_items: std::collections::BTreeMap<String, Value> =
-        crate::store::item_values(new).into_iter().collect();
+    let old_list = crate::store::item_values(old);
+    let new_list = crate::store::item_values(new);
+    let old_items: std::collections::BTreeMap<String, Value> = old_list.iter().cloned().collect();
+    let new_items: std::collections::BTreeMap<String, Value> = new_list.iter().cloned().collect();
     let entry = |op: &str, key: &str| {
         let (kind, id) = key.split_once('/').unwrap_or((key, ""));
         json!({"op": op, "kind": kind, "id": id})
@@ -754,6 +823,24 @@ fn diff(old: &Config, new: &Config) -> Vec<Value> {
     }
     for key in new_items.keys().filter(|k| !old_items.contains_key(*k)) {
         out.push(entry("add", key));
+    }
+    // The items in both, in each config's order: a kind whose sequences differ was reordered.
+    let kept = |list: &[(String, Value)], other: &std::collections::BTreeMap<String, Value>| {
+        list.iter()
+            .filter(|(k, _)| other.contains_key(k))
+            .map(|(k, _)| k.clone())
+            .collect::<Vec<_>>()
+    };
+    let (was, now) = (kept(&old_list, &new_items), kept(&new_list, &old_items));
+    let mut reordered: Vec<&str> = was
+        .iter()
+        .zip(&now)
+        .filter(|(a, b)| a != b)
+        .filter_map(|(a, _)| a.split_once('/').map(|(kind, _)| kind))
+        .collect();
+    reordered.dedup();
+    for kind in reordered {
+        out.push(json!({"op": "reorder", "kind": kind}));
     }
     let settings = |c: &Config| {
         let mut v = to_value(c);
@@ -1921,8 +2008,8 @@ async fn get_item(
     let view = admin.view();
     let pre = Preconditions::from(&headers);
     let Some(value) = kind.get(&view.config, &id) else {
-        // `If-Match` on a missing item fails before the 404 (RFC 9110 13.2.2 step 1).
-        pre.check_if_match(None)?;
+        // Without its preconditions the answer is a 404, so they are ignored (RFC 9110
+        // 13.2.1).
         return Err(Problem::not_found(format!(
             "no {} item {id:?}",
             kind.name()
@@ -1959,7 +2046,13 @@ async fn write_item(
             dry_run,
             &format!("api: {method} /v1/{}/{id}", kind.name()),
             |store| {
-                pre.check(current_item_etag(store, kind, id).as_deref())?;
+                let etag = current_item_etag(store, kind, id);
+                // A patch of a missing item is a 404 whatever its preconditions (RFC 9110
+                // 13.2.1: they are ignored where the answer without them is not a 2xx); a
+                // PUT would create it, so they decide (`If-Match` on nothing fails).
+                if !(patch && etag.is_none()) {
+                    pre.check(etag.as_deref())?;
+                }
                 let mut next = store.config().clone();
                 let value = if patch {
                     let Some(current) = kind.get(&next, id) else {
@@ -2088,6 +2181,39 @@ async fn delete_item(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Where a batch's items are, per kind: found once per kind and kept up to date as the
+/// operations apply, so a batch of n operations takes time in n, not n² (each operation
+/// searching its kind's list). A deleted item stays in place, marked, until [`finish`]
+/// removes the marked ones (a put of its id after the delete adds a new one at the end, as
+/// a delete and then a put one after the other do).
+///
+/// [`finish`]: BatchIndex::finish
+#[derive(Default)]
+struct BatchIndex {
+    /// Per kind: each live item's position, and the list's length (marked items included).
+    at: HashMap<&'static str, (HashMap<String, usize>, usize)>,
+    dead: HashMap<&'static str, (Kind, HashSet<usize>)>,
+}
+
+impl BatchIndex {
+    fn of(&mut self, kind: Kind, c: &Config) -> &mut (HashMap<String, usize>, usize) {
+        self.at.entry(kind.name()).or_insert_with(|| {
+            let ids = kind.ids(c);
+            let len = ids.len();
+            (
+                ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect(),
+                len,
+            )
+        })
+    }
+
+    fn finish(self, c: &mut Config) {
+        for (kind, dead) in self.dead.into_values() {
+            kind.remove_at(c, &dead);
+        }
+    }
+}
+
 /// One operation of a batch.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -2118,6 +2244,7 @@ async fn batch(
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
         let mut next = store.config().clone();
+        let mut index = BatchIndex::default();
         for (i, op) in batch.operations.iter().cloned().enumerate() {
             // The batch itself is well-formed; a value that does not fit its kind (an unknown
             // field, a wrong type) is an operation that cannot be applied: 422.
@@ -2147,7 +2274,13 @@ async fn batch(
                             "put needs a value",
                         ))
                     })?;
-                    kind.put(&mut next, &op.id, value).map_err(at)?;
+                    let (positions, len) = index.of(kind, &next);
+                    let found = positions.get(&op.id).copied();
+                    kind.put_at(&mut next, found, &op.id, value).map_err(at)?;
+                    if found.is_none() {
+                        positions.insert(op.id.clone(), *len);
+                        *len += 1;
+                    }
                 }
                 "patch" => {
                     let patch = op.value.ok_or_else(|| {
@@ -2157,24 +2290,31 @@ async fn batch(
                             "patch needs a value",
                         ))
                     })?;
-                    let Some(current) = kind.get(&next, &op.id) else {
+                    let Some(&found) = index.of(kind, &next).0.get(&op.id) else {
                         return Err(at(Problem::new(
                             StatusCode::UNPROCESSABLE_ENTITY,
                             "Invalid Value",
                             format!("no {} item {:?} to patch", kind.name(), op.id),
                         )));
                     };
+                    let current = kind.get_at(&next, found);
                     let value = patched(kind, &op.id, current, &patch).map_err(at)?;
-                    kind.put(&mut next, &op.id, value).map_err(at)?;
+                    kind.put_at(&mut next, Some(found), &op.id, value)
+                        .map_err(at)?;
                 }
                 "delete" => {
-                    if !kind.remove(&mut next, &op.id) {
+                    let Some(found) = index.of(kind, &next).0.remove(&op.id) else {
                         return Err(at(Problem::new(
                             StatusCode::UNPROCESSABLE_ENTITY,
                             "Invalid Value",
                             format!("no {} item {:?} to delete", kind.name(), op.id),
                         )));
-                    }
+                    };
+                    let dead = index
+                        .dead
+                        .entry(kind.name())
+                        .or_insert_with(|| (kind, HashSet::new()));
+                    dead.1.insert(found);
                 }
                 other => {
                     return Err(at(Problem::new(
@@ -2185,6 +2325,7 @@ async fn batch(
                 }
             }
         }
+        index.finish(&mut next);
         candidate = Some(next.clone());
         Ok(next)
     });

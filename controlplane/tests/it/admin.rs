@@ -288,9 +288,25 @@ fn conditional_reads() {
     let r = get("/v1/routes/health", "If-None-Match", &old);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["respond"]["body"], json!("new"));
-    // A missing item: If-Match fails first, If-None-Match: * leaves the 404.
-    problem(&get("/v1/routes/none", "If-Match", "*"), 412);
+    // A missing item: 404 whatever the preconditions, which are ignored where the answer
+    // without them is not a 2xx (RFC 9110 13.2.1); so for a PATCH. A PUT would create it, so
+    // there `If-Match` decides: it names nothing that exists.
+    problem(&get("/v1/routes/none", "If-Match", "*"), 404);
     problem(&get("/v1/routes/none", "If-None-Match", "*"), 404);
+    let write = |method: &str, kind: &str| {
+        gw.admin_with(
+            method,
+            "/v1/routes/none",
+            Some(r#"{"path":"/none","respond":{}}"#),
+            &[
+                ("Authorization", &auth),
+                ("If-Match", "*"),
+                ("Content-Type", kind),
+            ],
+        )
+    };
+    problem(&write("PATCH", "application/merge-patch+json"), 404);
+    problem(&write("PUT", "application/json"), 412);
 }
 
 #[test]
@@ -855,6 +871,105 @@ fn revisions_rollback_and_batches() {
     assert_eq!(status["io_driver"], json!("io_uring"));
     assert_eq!(status["workers"], json!(1));
     assert_eq!(status["listeners"], json!([gw.addr.to_string()]));
+}
+
+#[test]
+fn route_order_is_part_of_the_config_and_batches_keep_it() {
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    // Two routes of one path: within a path the first in config order that admits the
+    // method is chosen, so their order decides where a HEAD goes.
+    for (id, body) in [
+        (
+            "sa",
+            r#"{"path":"/same","methods":["GET"],"respond":{"body":"A"}}"#,
+        ),
+        (
+            "sb",
+            r#"{"path":"/same","methods":["HEAD"],"respond":{"status":204}}"#,
+        ),
+    ] {
+        let r = gw.admin("PUT", &format!("/v1/routes/{id}"), Some(body));
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    let head = || {
+        gw.connect()
+            .roundtrip("HEAD /same HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .status
+    };
+    assert_eq!(head(), 200);
+    let before = revision(&gw);
+    // The same routes in the other order: a change (a revision), not "no change".
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    let routes = config["routes"].as_array_mut().unwrap();
+    let (a, b) = (
+        routes.iter().position(|r| r["id"] == "sa").unwrap(),
+        routes.iter().position(|r| r["id"] == "sb").unwrap(),
+    );
+    routes.swap(a, b);
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        r.json()["changes"],
+        json!([{"op": "reorder", "kind": "routes"}]),
+        "{}",
+        r.body_str()
+    );
+    assert_eq!(revision(&gw), before + 1);
+    assert_eq!(head(), 204);
+    // A rollback restores the order too.
+    let r = gw.admin("POST", &format!("/v1/revisions/{before}:rollback"), None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(
+        r.json()["changes"],
+        json!([{"op": "reorder", "kind": "routes"}])
+    );
+    assert_eq!(head(), 200);
+
+    // A batch: puts, a patch of an item put earlier in it, a delete and a put again of the
+    // same id (which comes back at the end, as two separate writes would leave it), and a
+    // put that replaces an item in place.
+    let ops = json!({"operations": [
+        {"op": "put", "kind": "consumers", "id": "c1", "value": {}},
+        {"op": "put", "kind": "consumers", "id": "c2", "value": {}},
+        {"op": "put", "kind": "consumers", "id": "c3", "value": {}},
+        {"op": "patch", "kind": "consumers", "id": "c1", "value": {"policies": []}},
+        {"op": "delete", "kind": "consumers", "id": "c1"},
+        {"op": "put", "kind": "consumers", "id": "c1", "value": {}},
+        {"op": "put", "kind": "routes", "id": "sa",
+         "value": {"path": "/same", "methods": ["GET"], "respond": {"body": "A2"}}},
+        {"op": "delete", "kind": "consumers", "id": "c2"},
+    ]});
+    let r = gw.admin("POST", "/v1/config:batch", Some(&ops.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let ids = |kind: &str| -> Vec<String> {
+        gw.admin("GET", &format!("/v1/{kind}"), None).json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids("consumers"), ["c3", "c1"]);
+    let routes = ids("routes");
+    let (sa, sb) = (
+        routes.iter().position(|x| x == "sa").unwrap(),
+        routes.iter().position(|x| x == "sb").unwrap(),
+    );
+    assert!(sa < sb, "replaced in place: {routes:?}");
+    let mut c = gw.connect();
+    let r = c.roundtrip("GET /same HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.body_str(), "A2");
+    // A patch or delete of an id the batch deleted fails, pointed at that operation.
+    let ops = json!({"operations": [
+        {"op": "delete", "kind": "consumers", "id": "c3"},
+        {"op": "patch", "kind": "consumers", "id": "c3", "value": {}},
+    ]});
+    let p = problem(
+        &gw.admin("POST", "/v1/config:batch", Some(&ops.to_string())),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/operations/1"), "{p}");
 }
 
 /// Kills the gateway with SIGKILL and starts it again on its data directory alone.

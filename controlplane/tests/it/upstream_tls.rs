@@ -428,6 +428,15 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         assert!(Instant::now() < deadline, "{good}\n{bad}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The client certificate is in use: deleting it is refused, naming the upstream.
+    let r = gw.admin("DELETE", "/v1/certificates/client", None);
+    assert_eq!(r.status, 409, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("upstreams/mutual"),
+        "{}",
+        r.body_str()
+    );
+
     // Other TLS settings for an upstream: its pooled connections are left, not reused with
     // the old ones (here the SNI name).
     let before = answer(&gw, "/verified/c");
