@@ -717,6 +717,66 @@ print(status, flush=True)
 }
 
 #[test]
+fn a_body_here_whole_goes_with_its_length_and_a_host_that_is_not_the_authority_is_refused() {
+    let origin = Origin::echo();
+    let gw = h2c_proxy(&origin, "");
+    // Stream 1: a GET whose END_STREAM comes on an empty DATA frame; stream 3: a POST whose
+    // body comes whole in the same write as its head, without a length; stream 5: a `host`
+    // that names another authority than `:authority` (RFC 9113 8.3.1).
+    const CLIENT: &str = r#"
+c.config.validate_outbound_headers = False
+head = lambda m, p: [(":method", m), (":path", p), (":scheme", "http"), (":authority", "t")]
+c.send_headers(1, head("GET", "/empty"))
+c.send_data(1, b"", end_stream=True)
+c.send_headers(3, head("POST", "/whole"))
+c.send_data(3, b"hello", end_stream=True)
+c.send_headers(5, head("GET", "/other") + [("host", "elsewhere")], end_stream=True)
+s.sendall(c.data_to_send())
+out, done = {}, set()
+while len(done) < 3:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.ResponseReceived):
+            out[e.stream_id] = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.StreamEnded):
+            done.add(e.stream_id)
+        if isinstance(e, h2.events.StreamReset):
+            out[e.stream_id] = "reset %d" % e.error_code
+            done.add(e.stream_id)
+    s.sendall(c.data_to_send())
+print(out[1], out[3], out[5], flush=True)
+"#;
+    let out = h2_client(&gw, CLIENT);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200 200 reset 1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = origin.wait_requests(2);
+    seen.sort_by_key(|r| r.head.contains("/whole"));
+    let (get, post) = (&seen[0], &seen[1]);
+    assert!(get.head.starts_with("GET /empty "), "{}", get.head);
+    assert!(
+        !get.head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{}",
+        get.head
+    );
+    assert!(get.raw_body.is_empty(), "{:?}", get.raw_body);
+    assert!(post.head.contains("content-length: 5"), "{}", post.head);
+    assert!(
+        !post.head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{}",
+        post.head
+    );
+    assert_eq!(post.raw_body, b"hello");
+    assert_eq!(
+        origin.requests().len(),
+        2,
+        "the request with another host never went on"
+    );
+}
+
+#[test]
 fn an_http1_upstreams_answer_trailers_go_on_as_http2_trailers() {
     let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
         let _ = s.write_all(

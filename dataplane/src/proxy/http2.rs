@@ -259,8 +259,9 @@ async fn serve_request(
 ) {
     let (parts, body) = req.into_parts();
     // Malformed (RFC 9113 8.3.1 and 8.2.1): a request without a path is not served as `/`;
-    // an `:authority` with userinfo, an empty `host` (h2 refuses an empty `:authority`), or
-    // a value with whitespace at either end, not forwarded.
+    // an `:authority` with userinfo, an empty `host` (h2 refuses an empty `:authority`), a
+    // `host` that is not the `:authority`, or a value with whitespace at either end, not
+    // forwarded.
     let userinfo = parts
         .uri
         .authority()
@@ -270,16 +271,39 @@ async fn serve_request(
         .get_all(http::header::HOST)
         .iter()
         .any(|v| v.is_empty());
+    // A `host` naming another authority than `:authority` (RFC 9113 8.3.1: a server
+    // SHOULD treat it as malformed): which one the client meant is a guess.
+    let other_host = parts.uri.authority().is_some_and(|a| {
+        let a = a.as_str().as_bytes();
+        parts
+            .headers
+            .get_all(http::header::HOST)
+            .iter()
+            .any(|h| !h.as_bytes().eq_ignore_ascii_case(a))
+    });
     if !has_path(&parts)
         || userinfo
         || empty_host
+        || other_host
         || parts.headers.values().any(|v| padded(v.as_bytes()))
     {
         let mut respond = respond;
         respond.send_reset(Reason::PROTOCOL_ERROR);
         return;
     }
-    let (head, chunked) = request_head(&parts, body.is_end_stream());
+    // A body that came whole with its head (and without trailers) goes on with its length,
+    // as nginx sends a buffered one, rather than chunked: some origins refuse a chunked GET
+    // (an empty DATA frame with END_STREAM after the HEADERS), and a length is cheaper.
+    let mut body = body;
+    let mut early = BytesMut::new();
+    let whole = if body.is_end_stream() {
+        Some(0)
+    } else if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        None
+    } else {
+        ready_whole(&mut body, &mut early).then_some(early.len())
+    };
+    let (head, chunked) = request_head(&parts, whole);
     let stream = H2Stream {
         info: info.clone(),
         head,
@@ -287,8 +311,8 @@ async fn serve_request(
         body: Some(body),
         chunked,
         pending: Bytes::new(),
-        early: BytesMut::new(),
-        early_end: false,
+        early_end: whole.is_some() && !early.is_empty(),
+        early,
         respond: Some(respond),
         send: None,
         answer: Answer::Head(Vec::new()),
@@ -314,7 +338,30 @@ fn has_path(parts: &http::request::Parts) -> bool {
 /// the pseudo-headers, `Host` from `:authority`, cookies joined into one field, and
 /// `Transfer-Encoding: chunked` when a body follows without a length. Returns the head and
 /// whether the body is to be chunked.
-fn request_head(parts: &http::request::Parts, ended: bool) -> (Vec<u8>, bool) {
+/// The most of a request body taken with its head to send it with its length.
+const WHOLE_BODY: usize = 64 * 1024;
+
+/// Takes the request body's bytes already here into `early`, without waiting: whether that
+/// is all of it (at most [`WHOLE_BODY`]), with no trailers after it (`is_end_stream` is
+/// false while trailers wait).
+fn ready_whole(body: &mut RecvStream, early: &mut BytesMut) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    while early.len() <= WHOLE_BODY {
+        match body.poll_data(&mut cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = body.flow_control().release_capacity(data.len());
+                early.extend_from_slice(&data);
+            }
+            Poll::Ready(None) => return body.is_end_stream() && early.len() <= WHOLE_BODY,
+            Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
+        }
+    }
+    false
+}
+
+/// The HTTP/1.1 head of an HTTP/2 request, and whether its body goes chunked. `whole`: the
+/// length of a body all here already (0: none), `None` for one still coming.
+fn request_head(parts: &http::request::Parts, whole: Option<usize>) -> (Vec<u8>, bool) {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -354,9 +401,14 @@ fn request_head(parts: &http::request::Parts, ended: bool) -> (Vec<u8>, bool) {
     if let Some(c) = cookie {
         super::push_field(&mut out, b"cookie", &c);
     }
-    let chunked = !ended && !has_length;
+    let chunked = whole.is_none() && !has_length;
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if let (Some(len @ 1..), false) = (whole, has_length) {
+        out.extend_from_slice(b"content-length: ");
+        crate::access_log::push_u64(&mut out, len as u64);
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     (out, chunked)
@@ -2395,7 +2447,7 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let (head, chunked) = request_head(&parts, false);
+        let (head, chunked) = request_head(&parts, None);
         assert!(chunked);
         assert_eq!(
             String::from_utf8(head).unwrap(),
@@ -2410,7 +2462,7 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let (head, chunked) = request_head(&parts, false);
+        let (head, chunked) = request_head(&parts, None);
         assert!(!chunked);
         assert!(String::from_utf8(head)
             .unwrap()
@@ -2420,8 +2472,16 @@ mod tests {
             .unwrap()
             .into_parts();
         assert_eq!(
-            request_head(&parts, true),
+            request_head(&parts, Some(0)),
             (b"GET / HTTP/1.1\r\nhost: h\r\n\r\n".to_vec(), false)
+        );
+        // A body all here already goes with its length.
+        assert_eq!(
+            request_head(&parts, Some(12)),
+            (
+                b"GET / HTTP/1.1\r\nhost: h\r\ncontent-length: 12\r\n\r\n".to_vec(),
+                false
+            )
         );
     }
 }
