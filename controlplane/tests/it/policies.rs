@@ -1415,5 +1415,5 @@ fn listener_and_global_host_policies_run_without_a_route() {
     // A policy a listener uses is referenced like one a route uses: deleting it is 409.
     let r = gw.admin("DELETE", "/v1/policies/hosts", None);
     assert_eq!(r.status, 409, "{}", r.body_str());
-    assert!(r.body_str().contains("listeners[0]"), "{}", r.body_str());
+    assert!(r.body_str().contains("listeners/0"), "{}", r.body_str());
 }
