@@ -411,6 +411,46 @@ fn field_path(
 impl Template {
     /// Matches a request path (before `?`); the variables' raw values (still
     /// percent-encoded) as spans of `path`.
+    /// Whether this template is the more specific of two that match one path: at the first
+    /// segment where they differ a literal beats `*`, which beats `**`; equal segments, one
+    /// with a custom verb beats one without.
+    fn more_specific_than(&self, other: &Template) -> bool {
+        fn ranks(t: &Template) -> impl Iterator<Item = u8> + '_ {
+            t.units.iter().filter_map(|u| match u {
+                Unit::Literal(_) => Some(2u8),
+                Unit::One => Some(1),
+                Unit::Rest => Some(0),
+                Unit::VarStart(_) | Unit::VarEnd(_) => None,
+            })
+        }
+        match ranks(self).cmp(ranks(other)) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => self.verb.is_some() && other.verb.is_none(),
+        }
+    }
+
+    /// Whether variable `k` may span several segments (`{name=shelves/*}`, `**`): its value
+    /// keeps `%2F` escaped, as google.api.http says, so a `/` in one segment cannot pass for
+    /// a separator.
+    fn multi_segment(&self, k: usize) -> bool {
+        let Some(start) = self.units.iter().position(|u| *u == Unit::VarStart(k)) else {
+            return false;
+        };
+        let inside = self.units[start + 1..]
+            .iter()
+            .take_while(|u| **u != Unit::VarEnd(k));
+        let mut segments = 0;
+        for u in inside {
+            match u {
+                Unit::Rest => return true,
+                Unit::Literal(_) | Unit::One => segments += 1,
+                _ => {}
+            }
+        }
+        segments > 1
+    }
+
     pub fn matches<'p>(&self, path: &'p str) -> Option<Vec<&'p str>> {
         let path = path.strip_prefix('/')?;
         let path = match &self.verb {
@@ -506,25 +546,43 @@ impl Transcoder {
         path: &'p str,
     ) -> Result<(usize, Vec<&'p str>), bool> {
         let mut path_known = false;
-        // HEAD is GET without the body (RFC 9110 9.3.2), unless a binding takes HEAD itself.
-        let mut as_get = None;
+        // The most specific binding whose template matches (a literal segment before `*`,
+        // `*` before `**`, then one with a custom verb), as Envoy's path matcher chooses:
+        // `/v1/users/me` is not `/v1/users/{id}` with id "me", whichever is declared first;
+        // among equals the first declared. HEAD is GET without the body (RFC 9110 9.3.2),
+        // unless a binding takes HEAD itself.
+        let mut best: Option<(usize, Vec<&'p str>)> = None;
+        let mut as_get: Option<(usize, Vec<&'p str>)> = None;
         for (i, b) in self.bindings.iter().enumerate() {
-            if let Some(vars) = b.template.matches(path) {
-                if *b.verb == *method {
-                    return Ok((i, vars));
-                }
-                if method == "HEAD" && &*b.verb == "GET" && as_get.is_none() {
-                    as_get = Some((i, vars));
-                }
-                path_known = true;
+            let Some(vars) = b.template.matches(path) else {
+                continue;
+            };
+            path_known = true;
+            let slot = if *b.verb == *method {
+                &mut best
+            } else if method == "HEAD" && &*b.verb == "GET" {
+                &mut as_get
+            } else {
+                continue;
+            };
+            let better = slot
+                .as_ref()
+                .is_none_or(|(j, _)| b.template.more_specific_than(&self.bindings[*j].template));
+            if better {
+                *slot = Some((i, vars));
             }
         }
-        as_get.ok_or(path_known)
+        best.or(as_get).ok_or(path_known)
     }
 }
 
 /// Percent-decodes `s` (and `+` as a space in a query string).
 fn decode(s: &str, plus_space: bool) -> Result<String, ()> {
+    decode_keeping(s, plus_space, false)
+}
+
+/// [`decode`], leaving `%2F` (either case) as it is when `keep_slash`.
+fn decode_keeping(s: &str, plus_space: bool, keep_slash: bool) -> Result<String, ()> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -536,7 +594,11 @@ fn decode(s: &str, plus_space: bool) -> Result<String, ()> {
                     .ok()
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or(())?;
-                out.push(v);
+                if keep_slash && v == b'/' {
+                    out.extend_from_slice(&b[i..i + 3]);
+                } else {
+                    out.push(v);
+                }
                 i += 3;
             }
             b'+' if plus_space => {
@@ -552,13 +614,23 @@ fn decode(s: &str, plus_space: bool) -> Result<String, ()> {
     String::from_utf8(out).map_err(|_| ())
 }
 
-/// The JSON form of a path or query value for the field `f`: booleans become JSON
-/// booleans; everything else stays a string, which the canonical mapping accepts for
-/// numbers, enums, bytes and the well-known types.
+/// The JSON form of a path or query value for the field `f`: booleans (and `BoolValue`s)
+/// become JSON booleans, an enum's number a JSON number; everything else stays a string,
+/// which the canonical mapping accepts for numbers, enum names, bytes and the well-known
+/// types.
 fn typed(f: &FieldDescriptor, v: String) -> Value {
-    match (f.kind(), v.as_str()) {
-        (Kind::Bool, "true") => Value::Bool(true),
-        (Kind::Bool, "false") => Value::Bool(false),
+    let boolean = match f.kind() {
+        Kind::Bool => true,
+        Kind::Message(m) => m.full_name() == "google.protobuf.BoolValue",
+        _ => false,
+    };
+    match (boolean, v.as_str()) {
+        (true, "true") => Value::Bool(true),
+        (true, "false") => Value::Bool(false),
+        // An enum by number (as grpc-gateway takes it); by name it stays a string.
+        (_, n) if matches!(f.kind(), Kind::Enum(_)) && n.parse::<i32>().is_ok() => {
+            Value::from(n.parse::<i32>().unwrap_or_default())
+        }
         _ => Value::String(v),
     }
 }
@@ -665,10 +737,11 @@ impl Binding {
                 set_path(&mut obj, &path, value).map_err(|e| Refusal::new(&k, e))?;
             }
             // The path's variables win over the body and the query.
-            for (raw, fields) in vars.iter().zip(&self.template.vars) {
+            for (k, (raw, fields)) in vars.iter().zip(&self.template.vars).enumerate() {
                 let name = json_path(fields);
-                let v =
-                    decode(raw, false).map_err(|()| Refusal::new(&name, "bad percent-encoding"))?;
+                let keep_slash = self.template.multi_segment(k);
+                let v = decode_keeping(raw, false, keep_slash)
+                    .map_err(|()| Refusal::new(&name, "bad percent-encoding"))?;
                 let leaf = &fields[fields.len() - 1];
                 set_path(&mut obj, fields, typed(leaf, v)).map_err(|e| Refusal::new(&name, e))?;
             }
@@ -865,6 +938,51 @@ mod tests {
         assert_eq!(t.allowed("/v2/orders"), "");
         assert_eq!(t.find("GET", "/v2/orders").err(), Some(false));
         assert_eq!(t.find("GET", "/v1/orders/7/items/9").err(), Some(false));
+    }
+
+    #[test]
+    fn the_most_specific_template_wins_and_multi_segment_values_keep_escaped_slashes() {
+        let t = shop();
+        let id_input = t
+            .bindings
+            .iter()
+            .find(|b| b.input.get_field_by_name("id").is_some())
+            .unwrap()
+            .input
+            .clone();
+        let tpl = |s: &str| parse_template(s, &id_input).unwrap();
+        let (param, literal) = (tpl("/v1/orders/{id}"), tpl("/v1/orders/me"));
+        assert!(literal.more_specific_than(&param));
+        assert!(!param.more_specific_than(&literal));
+        let (rest, deep) = (tpl("/v1/{id=**}"), tpl("/v1/special/x"));
+        assert!(deep.more_specific_than(&rest) && !rest.more_specific_than(&deep));
+        assert!(param.more_specific_than(&rest));
+        let verb = tpl("/v1/orders/{id}:run");
+        assert!(verb.more_specific_than(&param) && !param.more_specific_than(&verb));
+        // Both match a path with the verb; the one with it is chosen over `{id}` = "7:run".
+        assert!(param.matches("/v1/orders/7:run").is_some());
+        assert!(
+            !param.more_specific_than(&param),
+            "equals: the first declared stays"
+        );
+        // Multi-segment variables keep `%2F` as it is; one-segment ones decode it.
+        assert!(!param.multi_segment(0));
+        assert!(rest.multi_segment(0));
+        assert!(tpl("/v1/{id=orders/*}").multi_segment(0));
+        assert_eq!(
+            decode_keeping("a%2Fb%2fc%20d", false, true).unwrap(),
+            "a%2Fb%2fc d"
+        );
+        assert_eq!(decode_keeping("a%2Fb", false, false).unwrap(), "a/b");
+        // A query value for an enum, by number as by name.
+        let (b, vars) = t.find("GET", "/v1/orders").unwrap();
+        let m = b
+            .request_message(&vars, Some("status=2"), b"", t.max_message_bytes)
+            .unwrap();
+        let by_name = b
+            .request_message(&vars, Some("status=SHIPPED"), b"", t.max_message_bytes)
+            .unwrap();
+        assert_eq!(request_json(b, &m), request_json(b, &by_name));
     }
 
     #[test]

@@ -900,6 +900,43 @@ fn overall_timeout_ms_bounds_the_tries_to_an_http2_upstream() {
 }
 
 #[test]
+fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() {
+    // One message, then the first bytes of another, then `grpc-status: 0`: a trailer frame
+    // after them would be read as the rest of that message, and its status never seen.
+    let mut peer = ResetPeer::start_with(&["0", "torn"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let call = frame(b"hi");
+    c.send(
+        format!(
+            "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web+proto\r\n\
+             Content-Length: {}\r\n\r\n",
+            call.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&call);
+    let mut got = Vec::new();
+    let _ = c.stream.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.contains("grpc-status:0"),
+        "no trailer frame: {text:?}"
+    );
+    assert!(!text.ends_with("0\r\n\r\n"), "cut, not ended: {text:?}");
+    drop(gw);
+    peer.stop();
+}
+
+#[test]
 fn grpc_web_answers_always_carry_a_status_and_keep_their_message_format() {
     // A gRPC-Web client reads a trailer frame without `grpc-status` as a success: an
     // upstream answer that is not gRPC, or ends without a status, gets UNKNOWN from the

@@ -580,6 +580,11 @@ pub(super) trait Sink {
     }
     /// Bytes written to the client.
     fn sent(&self) -> u64;
+    /// Whether trailers may only follow a whole message: gRPC-Web carries them in a frame
+    /// of the body, which a client would read as the rest of a partial message.
+    fn whole_messages_only(&self) -> bool {
+        false
+    }
 }
 
 /// An answer on an HTTP/2 client stream.
@@ -811,6 +816,11 @@ impl<K: Sink> WebSink<K> {
 }
 
 impl<K: Sink> Sink for WebSink<K> {
+    fn whole_messages_only(&self) -> bool {
+        // An answer that is not gRPC passes on none of its body, only a status.
+        !self.foreign
+    }
+
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
         // Another status is the client's to map (gRPC-Web clients read a non-200 as an
         // error); a 200 must be gRPC, or a trailer frame says it was not.
@@ -1505,6 +1515,12 @@ impl Relay {
             Ok(Ok(t)) => t,
             Ok(Err(_)) => return Err(self.cut(sink, status, &cursor).await),
         };
+        if sink.whole_messages_only() && !cursor.at_boundary() {
+            // The upstream ended inside a message (or declared more than it sent): its
+            // trailers cannot follow, so the answer is cut, as one whose stream failed.
+            sink.abort();
+            return Err((status, ErrorKind::UpstreamMalformed));
+        }
         // A translated answer is written here (a unary JSON one whole, gRPC-Web's trailers),
         // bounded as each piece above is.
         match monoio::time::timeout(self.send, sink.finish(trailers)).await {
