@@ -886,7 +886,9 @@ fn rebuild(st: &mut State, id: &str) {
     if let (Some((addr, kept, other)), Some(tls)) = (merged, &e.tls) {
         if tls.server_name.is_none() {
             log::warn!(
-                "upstream {id:?}: {kept} and {other} both resolve to {addr}, which is one                  target, reached with SNI {kept}; give the upstream a `tls.server_name`, or                  the names upstreams of their own"
+                "upstream {id:?}: {kept} and {other} both resolve to {addr}, which is one \
+                 target, reached with SNI {kept}; give the upstream a `tls.server_name`, or \
+                 the names upstreams of their own"
             );
         }
     }

@@ -89,9 +89,7 @@ impl UpstreamIo {
             UpstreamIo::Tls(_) => None,
         }
     }
-}
 
-impl UpstreamIo {
     /// A read half and a write half that may run at once (a tunnel, an HTTP/2 connection).
     pub fn into_halves(self) -> (UpstreamRead, UpstreamWrite) {
         match self {

@@ -251,7 +251,6 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Counts one more in `counter` unless that passes `max`.
 /// The error kind of a failed connect (its TLS handshake included).
 fn connect_error(e: &ConnectError) -> ProxyError {
     ProxyError::new(match e {
@@ -275,6 +274,7 @@ fn tls_failure(upstream: &Upstream, addr: SocketAddr, e: &ConnectError) {
     }
 }
 
+/// Counts one more in `counter` unless that passes `max`.
 fn try_count(counter: &std::sync::atomic::AtomicU32, max: u32) -> bool {
     if counter.fetch_add(1, Relaxed) >= max {
         counter.fetch_sub(1, Relaxed);
