@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|no-status|two|torn|trailers|
-                              headers]
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|torn|
+                              trailers|headers]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -10,7 +10,7 @@ bytes of a message come before the reset; with `silent`, nothing is ever answere
 `goaway`, the connection ends with GOAWAY CODE whose last stream id is below the request's
 (it was not acted on) and a close; with `no-content`, the answer is a 204 that carries
 `content-length: 0` (which RFC 9110 8.6 forbids); with `html`, a 200 `text/html` page (not
-gRPC); with `no-status`, a gRPC answer of one message that ends without trailers (no
+gRPC), with `html-503` the same page as a 503; with `no-status`, a gRPC answer of one message that ends without trailers (no
 `grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`;
 with `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`,
 once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without
@@ -37,6 +37,7 @@ SILENT = sys.argv[2:] == ["silent"]
 GOAWAY = sys.argv[2:] == ["goaway"]
 NO_CONTENT = sys.argv[2:] == ["no-content"]
 HTML = sys.argv[2:] == ["html"]
+HTML_503 = sys.argv[2:] == ["html-503"]
 NO_STATUS = sys.argv[2:] == ["no-status"]
 TWO = sys.argv[2:] == ["two"]
 TORN = sys.argv[2:] == ["torn"]
@@ -96,11 +97,12 @@ def serve(sock):
                     conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00" + second)
                     conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
                     continue
-                if HTML or NO_STATUS:
-                    ctype = "text/html" if HTML else "application/grpc"
-                    conn.send_headers(event.stream_id, [(":status", "200"),
+                if HTML or HTML_503 or NO_STATUS:
+                    ctype = "application/grpc" if NO_STATUS else "text/html"
+                    status = "503" if HTML_503 else "200"
+                    conn.send_headers(event.stream_id, [(":status", status),
                                                         ("content-type", ctype)])
-                    body = b"<html>hi</html>" if HTML else b"\x00\x00\x00\x00\x02hi"
+                    body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
                     continue
                 if NO_CONTENT:

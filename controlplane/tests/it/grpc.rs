@@ -904,6 +904,7 @@ fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() 
     // One message, then the first bytes of another, then `grpc-status: 0`: a trailer frame
     // after them would be read as the rest of that message, and its status never seen.
     let mut peer = ResetPeer::start_with(&["0", "torn"]);
+    let other = peer.addr.to_string();
     let config = format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
          [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
@@ -932,6 +933,33 @@ fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() 
         "no trailer frame: {text:?}"
     );
     assert!(!text.ends_with("0\r\n\r\n"), "cut, not ended: {text:?}");
+    drop(gw);
+    peer.stop();
+
+    // Another status with a page that is not gRPC: its body is no messages, so nothing is
+    // cut; the answer ends with its trailer frame.
+    let mut peer = ResetPeer::start_with(&["0", "html-503"]);
+    let gw = Gateway::start(
+        &config.replace(&other, &peer.addr.to_string()),
+        Driver::IoUring,
+    );
+    let mut c = gw.connect();
+    c.send(
+        format!(
+            "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web+proto\r\n\
+             Content-Length: {}\r\n\r\n",
+            call.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&call);
+    let r = c.read_response();
+    assert_eq!(r.status, 503, "{}", r.head);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        body.contains("grpc-status:"),
+        "ends with its trailer frame: {body:?}"
+    );
     drop(gw);
     peer.stop();
 }

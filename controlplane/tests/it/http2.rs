@@ -722,7 +722,8 @@ fn a_body_here_whole_goes_with_its_length_and_a_host_that_is_not_the_authority_i
     let gw = h2c_proxy(&origin, "");
     // Stream 1: a GET whose END_STREAM comes on an empty DATA frame; stream 3: a POST whose
     // body comes whole in the same write as its head, without a length; stream 5: a `host`
-    // that names another authority than `:authority` (RFC 9113 8.3.1).
+    // that names another authority than `:authority` (RFC 9113 8.3.1); stream 7: the same
+    // host written with the scheme's default port and a trailing dot.
     const CLIENT: &str = r#"
 c.config.validate_outbound_headers = False
 head = lambda m, p: [(":method", m), (":path", p), (":scheme", "http"), (":authority", "t")]
@@ -731,9 +732,11 @@ c.send_data(1, b"", end_stream=True)
 c.send_headers(3, head("POST", "/whole"))
 c.send_data(3, b"hello", end_stream=True)
 c.send_headers(5, head("GET", "/other") + [("host", "elsewhere")], end_stream=True)
+c.send_headers(7, head("GET", "/same")[:3] + [(":authority", "t:80"), ("host", "t.")],
+               end_stream=True)
 s.sendall(c.data_to_send())
 out, done = {}, set()
-while len(done) < 3:
+while len(done) < 4:
     for e in c.receive_data(s.recv(65536)):
         if isinstance(e, h2.events.ResponseReceived):
             out[e.stream_id] = dict(e.headers)[b":status"].decode()
@@ -743,16 +746,17 @@ while len(done) < 3:
             out[e.stream_id] = "reset %d" % e.error_code
             done.add(e.stream_id)
     s.sendall(c.data_to_send())
-print(out[1], out[3], out[5], flush=True)
+print(out[1], out[3], out[5], out[7], flush=True)
 "#;
     let out = h2_client(&gw, CLIENT);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "200 200 reset 1",
+        "200 200 reset 1 200",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut seen = origin.wait_requests(2);
+    let mut seen = origin.wait_requests(3);
+    seen.retain(|r| !r.head.contains("/same"));
     seen.sort_by_key(|r| r.head.contains("/whole"));
     let (get, post) = (&seen[0], &seen[1]);
     assert!(get.head.starts_with("GET /empty "), "{}", get.head);
@@ -769,9 +773,10 @@ print(out[1], out[3], out[5], flush=True)
         post.head
     );
     assert_eq!(post.raw_body, b"hello");
+    // The same host written with the scheme's port and a trailing dot went on.
     assert_eq!(
         origin.requests().len(),
-        2,
+        3,
         "the request with another host never went on"
     );
 }

@@ -352,7 +352,9 @@ fn take_ready(rest: &mut RecvStream, out: &mut BytesMut) -> Result<bool, ErrorKi
                 out.extend_from_slice(&data);
             }
             Poll::Ready(Some(Err(_))) => return Err(ErrorKind::ClientClosed),
-            Poll::Ready(None) => return Ok(true),
+            // The data ended; trailers may still wait (`is_end_stream` says no): then the
+            // body is relayed as it comes, trailers and all.
+            Poll::Ready(None) => return Ok(rest.is_end_stream()),
             Poll::Pending => return Ok(false),
         }
     }
@@ -761,6 +763,9 @@ struct WebSink<K> {
     /// out, and the trailer frame says UNKNOWN (a gRPC-Web client would read an answer
     /// without `grpc-status` as a success).
     foreign: bool,
+    /// The upstream answered 200 with gRPC: its body is messages, and trailers may only
+    /// follow a whole one (another answer's body is passed on as it is, and mapped).
+    messages: bool,
 }
 
 impl<K: Sink> WebSink<K> {
@@ -771,6 +776,7 @@ impl<K: Sink> WebSink<K> {
             content_type,
             carry: Vec::new(),
             foreign: false,
+            messages: false,
         }
     }
 
@@ -817,8 +823,7 @@ impl<K: Sink> WebSink<K> {
 
 impl<K: Sink> Sink for WebSink<K> {
     fn whole_messages_only(&self) -> bool {
-        // An answer that is not gRPC passes on none of its body, only a status.
-        !self.foreign
+        self.messages
     }
 
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
@@ -826,6 +831,7 @@ impl<K: Sink> Sink for WebSink<K> {
         // error); a 200 must be gRPC, or a trailer frame says it was not.
         self.foreign =
             status == 200 && !grpc_content(&headers) && !headers.contains_key("grpc-status");
+        self.messages = status == 200 && grpc_content(&headers);
         headers.remove(CONTENT_LENGTH);
         if self.foreign {
             headers.remove(http::header::CONTENT_ENCODING);

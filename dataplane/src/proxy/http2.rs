@@ -274,12 +274,16 @@ async fn serve_request(
     // A `host` naming another authority than `:authority` (RFC 9113 8.3.1: a server
     // SHOULD treat it as malformed): which one the client meant is a guess.
     let other_host = parts.uri.authority().is_some_and(|a| {
-        let a = a.as_str().as_bytes();
+        let default_port = match parts.uri.scheme_str() {
+            Some("https") => ":443",
+            _ => ":80",
+        };
+        let a = canonical_host(a.as_str().as_bytes(), default_port);
         parts
             .headers
             .get_all(http::header::HOST)
             .iter()
-            .any(|h| !h.as_bytes().eq_ignore_ascii_case(a))
+            .any(|h| !canonical_host(h.as_bytes(), default_port).eq_ignore_ascii_case(a))
     });
     if !has_path(&parts)
         || userinfo
@@ -321,6 +325,13 @@ async fn serve_request(
     super::serve_h2_stream(ctx, stream, peer).await;
 }
 
+/// A host as it is compared with another: without the scheme's default port and without
+/// a trailing dot (`example.com.:80` is `example.com`).
+fn canonical_host<'a>(host: &'a [u8], default_port: &str) -> &'a [u8] {
+    let host = host.strip_suffix(default_port.as_bytes()).unwrap_or(host);
+    host.strip_suffix(b".").unwrap_or(host)
+}
+
 /// Whether a field value starts or ends with whitespace (SP or HTAB).
 fn padded(v: &[u8]) -> bool {
     let ws = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
@@ -334,10 +345,6 @@ fn has_path(parts: &http::request::Parts) -> bool {
     parts.method == http::Method::CONNECT || !parts.uri.path().is_empty()
 }
 
-/// The HTTP/1.1 head of an HTTP/2 request (RFC 9113 8.3.1 and 8.2.3): the request line from
-/// the pseudo-headers, `Host` from `:authority`, cookies joined into one field, and
-/// `Transfer-Encoding: chunked` when a body follows without a length. Returns the head and
-/// whether the body is to be chunked.
 /// The most of a request body taken with its head to send it with its length.
 const WHOLE_BODY: usize = 64 * 1024;
 
@@ -359,8 +366,11 @@ fn ready_whole(body: &mut RecvStream, early: &mut BytesMut) -> bool {
     false
 }
 
-/// The HTTP/1.1 head of an HTTP/2 request, and whether its body goes chunked. `whole`: the
-/// length of a body all here already (0: none), `None` for one still coming.
+/// The HTTP/1.1 head of an HTTP/2 request (RFC 9113 8.3.1 and 8.2.3): the request line from
+/// the pseudo-headers, `Host` from `:authority`, cookies joined into one field, and
+/// `Transfer-Encoding: chunked` when a body follows without a length (`Content-Length` when
+/// `whole` gives the length of a body all here already; 0: none, `None`: one still coming).
+/// Returns the head and whether the body is to be chunked.
 fn request_head(parts: &http::request::Parts, whole: Option<usize>) -> (Vec<u8>, bool) {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(parts.method.as_str().as_bytes());
