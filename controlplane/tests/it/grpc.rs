@@ -582,6 +582,7 @@ fn request_trailers_to_an_http2_upstream_lose_the_fields_the_gateway_sets_or_che
     // policy's consumer header (in either spelling), which an upstream merging trailers into
     // the head would take for the gateway's.
     let mut peer = ResetPeer::start_with(&["0", "trailers"]);
+    let old_addr = peer.addr.to_string();
     let config = format!(
         "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
          [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
@@ -635,6 +636,30 @@ print(status, flush=True)
     );
     let _ = client.stdin.take().unwrap().write_all(b"go\n");
     let out = client.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "204",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = peer.output();
+    let trailers: Vec<&str> = seen.lines().filter(|l| l.starts_with("trailers")).collect();
+    assert_eq!(trailers, ["trailers x-sum=1"], "{seen}");
+    drop(gw);
+
+    // The body and its trailers in one write with the head: all here when the request is
+    // taken, the trailers still go on (not a whole body without them).
+    let peer = ResetPeer::start_with(&["0", "trailers"]);
+    let gw = Gateway::start(
+        &config.replace(&old_addr, &peer.addr.to_string()),
+        Driver::IoUring,
+    );
+    let at_once = CLIENT.replace("s.sendall(c.data_to_send())\nsys.stdin.readline()\n", "");
+    assert_ne!(at_once, CLIENT);
+    let out = Command::new("python3")
+        .args(["-c", &at_once, &gw.addr.port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "204",

@@ -576,6 +576,9 @@ impl H2Stream {
                     let _ = body.flow_control().release_capacity(data.len());
                     self.early.extend_from_slice(&data);
                 }
+                // The data ended, and trailers wait (`is_end_stream` says no): not a whole
+                // body, which would go on without them; it is relayed as it comes.
+                Poll::Ready(None) if !body.is_end_stream() => return false,
                 Poll::Ready(None) => self.early_end = true,
                 Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
             }
