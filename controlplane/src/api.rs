@@ -2393,9 +2393,14 @@ async fn nodes(State(admin): State<Arc<Admin>>) -> Result<Response, Problem> {
     Ok(json_response(StatusCode::OK, None, json!({"nodes": list})))
 }
 
+/// A revision number as the API writes them: digits only (`u64`'s parser also takes a
+/// leading `+`, which would make `/v1/revisions/+1` another name of revision 1).
 fn parse_revision(s: &str) -> Result<u64, Problem> {
-    s.parse()
-        .map_err(|_| Problem::not_found(format!("{s:?} is not a revision number")))
+    s.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| s.parse().ok())
+        .flatten()
+        .ok_or_else(|| Problem::not_found(format!("{s:?} is not a revision number")))
 }
 
 async fn get_revision(

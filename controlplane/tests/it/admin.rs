@@ -865,6 +865,8 @@ fn revisions_rollback_and_batches() {
         404
     );
     problem(&gw.admin("POST", "/v1/revisions/999:rollback", None), 404);
+    // Digits only: `+1` is not another name of revision 1.
+    problem(&gw.admin("GET", &format!("/v1/revisions/+{r1}"), None), 404);
     let status = gw.admin("GET", "/v1/status", None).json();
     assert_eq!(status["revision"], json!(rev + 1));
     assert_eq!(status["published_revision"], json!(rev + 1));

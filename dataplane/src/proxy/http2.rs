@@ -395,11 +395,14 @@ fn request_head(parts: &http::request::Parts, whole: Option<usize>) -> (Vec<u8>,
         match n {
             "host" if authority.is_some() => continue,
             "cookie" => {
+                // Crumbs joined with "; " (RFC 9113 8.2.3); an empty one adds nothing.
                 let c = cookie.get_or_insert_with(Vec::new);
-                if !c.is_empty() {
-                    c.extend_from_slice(b"; ");
+                if !value.is_empty() {
+                    if !c.is_empty() {
+                        c.extend_from_slice(b"; ");
+                    }
+                    c.extend_from_slice(value.as_bytes());
                 }
-                c.extend_from_slice(value.as_bytes());
                 continue;
             }
             n if connection_specific(n) => continue,
@@ -2454,6 +2457,7 @@ mod tests {
             .uri("https://api.example:8443/items?x=1")
             .header("host", "ignored.example")
             .header("cookie", "a=1")
+            .header("cookie", "")
             .header("cookie", "b=2")
             .header("te", "trailers")
             .header("x-custom", "v")
