@@ -34,44 +34,6 @@ struct Etcd {
     extra: Vec<String>,
 }
 
-/// Runs openssl with `args` in `dir`, which must succeed.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the openssl CLI (Debian openssl) is needed: scripts/test installs it");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A self-signed P-256 CA in `dir` (`ca.pem`, `ca.key`).
-fn make_ca(dir: &std::path::Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-}
-
 impl Etcd {
     fn start() -> Etcd {
         Self::start_with(&[])
@@ -95,44 +57,7 @@ impl Etcd {
     fn start_tls() -> Etcd {
         let dir = temp_dir("etcd-tls");
         make_ca(&dir, "test etcd CA");
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "30",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "server.pem",
-            ],
-        );
+        signed_leaf(&dir, "server", "127.0.0.1", "IP:127.0.0.1");
         let mut e = Etcd {
             child: None,
             port: free_port(),

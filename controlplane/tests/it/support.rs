@@ -827,3 +827,91 @@ pub fn wait_log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs openssl with `args` in `dir`, which must succeed.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the openssl CLI (Debian openssl) is needed: scripts/test installs it");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed P-256 CA in `dir` (`ca.pem`, `ca.key`).
+pub fn make_ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// `NAME.key` and `NAME.pem` in `dir`: a P-256 certificate for the subject `/CN=cn` with the
+/// subjectAltName `san` (`IP:127.0.0.1`, `DNS:a,DNS:b`), signed by the CA [`make_ca`] made
+/// there.
+pub fn signed_leaf(dir: &std::path::Path, name: &str, cn: &str, san: &str) {
+    let (key, csr, pem, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    std::fs::write(dir.join(&ext), format!("subjectAltName={san}\n")).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+    );
+}

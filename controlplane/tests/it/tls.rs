@@ -820,18 +820,7 @@ fn expire(dir: &Path, cert: &Cert, name: &str) {
          [p]\ncommonName = supplied\n",
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(&ca)
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(&ca, args);
     let key = cert.key.to_str().unwrap();
     let subject = format!("/CN={name}");
     let san = format!("subjectAltName=DNS:{name}");

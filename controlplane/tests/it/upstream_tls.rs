@@ -51,81 +51,20 @@ impl Drop for HttpsPeer {
     }
 }
 
-/// A certificate authority and a P-256 certificate for `name` and `*.name` it signed, made
-/// by the openssl CLI: `ca.cert` is the authority's, `leaf` the target's.
+/// A certificate authority and a P-256 certificate for `name` and `*.name` it signed (the
+/// support's openssl helpers): `ca.cert` is the authority's, `leaf` the target's.
 fn ca_and_leaf(dir: &std::path::Path, name: &str) -> (Cert, Cert) {
+    make_ca(dir, "Test CA");
+    let leaf_name = format!("{name}-leaf");
+    signed_leaf(dir, &leaf_name, name, &format!("DNS:{name},DNS:*.{name}"));
     let ca = Cert {
         cert: dir.join("ca.pem"),
         key: dir.join("ca.key"),
     };
     let leaf = Cert {
-        cert: dir.join(format!("{name}-leaf.pem")),
-        key: dir.join(format!("{name}-leaf.key")),
+        cert: dir.join(format!("{leaf_name}.pem")),
+        key: dir.join(format!("{leaf_name}.key")),
     };
-    let ext = dir.join("leaf.ext");
-    std::fs::write(&ext, format!("subjectAltName=DNS:{name},DNS:*.{name}\n")).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("the openssl CLI is needed for the TLS tests (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let csr = p(&dir.join("leaf.csr"));
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "30",
-        "-keyout",
-        &p(&ca.key),
-        "-out",
-        &p(&ca.cert),
-        "-subj",
-        "/CN=Test CA",
-    ]);
-    run(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &p(&leaf.key),
-        "-out",
-        &csr,
-        "-subj",
-        &format!("/CN={name}"),
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &p(&ca.cert),
-        "-CAkey",
-        &p(&ca.key),
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-extfile",
-        &p(&ext),
-        "-out",
-        &p(&leaf.cert),
-    ]);
     (ca, leaf)
 }
 
