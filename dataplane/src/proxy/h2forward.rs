@@ -338,29 +338,6 @@ enum Body {
     Stream { first: Bytes, rest: RecvStream },
 }
 
-/// What an HTTP/2 client's body stream has ready right now, without waiting: the bytes (up
-/// to [`READY_BODY`]) and whether the body has ended.
-fn take_ready(rest: &mut RecvStream, out: &mut BytesMut) -> Result<bool, ErrorKind> {
-    let mut cx = Context::from_waker(Waker::noop());
-    while out.len() < READY_BODY {
-        if rest.is_end_stream() {
-            return Ok(true);
-        }
-        match rest.poll_data(&mut cx) {
-            Poll::Ready(Some(Ok(data))) => {
-                let _ = rest.flow_control().release_capacity(data.len());
-                out.extend_from_slice(&data);
-            }
-            Poll::Ready(Some(Err(_))) => return Err(ErrorKind::ClientClosed),
-            // The data ended; trailers may still wait (`is_end_stream` says no): then the
-            // body is relayed as it comes, trailers and all.
-            Poll::Ready(None) => return Ok(rest.is_end_stream()),
-            Poll::Pending => return Ok(false),
-        }
-    }
-    Ok(rest.is_end_stream())
-}
-
 /// An HTTP/2 client's request body: whole when it has already ended (or must be read whole:
 /// a gRPC-Web call's), else the stream to relay as it comes. Counts the bytes taken.
 async fn h2_request_body(
@@ -372,7 +349,7 @@ async fn h2_request_body(
     req: &mut RequestCtx,
 ) -> Result<Body, ErrorKind> {
     let mut ready = BytesMut::from(early);
-    let ended = take_ready(&mut rest, &mut ready)?;
+    let ended = super::http2::take_ready(&mut rest, &mut ready, READY_BODY)?;
     if ready.len() as u64 > max {
         return Err(ErrorKind::BodyTooLarge);
     }

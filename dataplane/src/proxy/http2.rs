@@ -348,22 +348,38 @@ fn has_path(parts: &http::request::Parts) -> bool {
 /// The most of a request body taken with its head to send it with its length.
 const WHOLE_BODY: usize = 64 * 1024;
 
-/// Takes the request body's bytes already here into `early`, without waiting: whether that
-/// is all of it (at most [`WHOLE_BODY`]), with no trailers after it (`is_end_stream` is
-/// false while trailers wait).
-fn ready_whole(body: &mut RecvStream, early: &mut BytesMut) -> bool {
+/// What an HTTP/2 client's body stream has ready right now, without waiting, appended to
+/// `out` (up to `limit` bytes, and the rest of the DATA frame that reaches it): whether the
+/// body has ended. The end of the data is not the end while trailers wait (`is_end_stream`
+/// says no): such a body is relayed as it comes, trailers and all.
+pub(super) fn take_ready(
+    body: &mut RecvStream,
+    out: &mut BytesMut,
+    limit: usize,
+) -> Result<bool, crate::error::ErrorKind> {
     let mut cx = Context::from_waker(Waker::noop());
-    while early.len() <= WHOLE_BODY {
+    while out.len() < limit {
+        if body.is_end_stream() {
+            return Ok(true);
+        }
         match body.poll_data(&mut cx) {
             Poll::Ready(Some(Ok(data))) => {
                 let _ = body.flow_control().release_capacity(data.len());
-                early.extend_from_slice(&data);
+                out.extend_from_slice(&data);
             }
-            Poll::Ready(None) => return body.is_end_stream() && early.len() <= WHOLE_BODY,
-            Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
+            Poll::Ready(Some(Err(_))) => return Err(crate::error::ErrorKind::ClientClosed),
+            Poll::Ready(None) => return Ok(body.is_end_stream()),
+            Poll::Pending => return Ok(false),
         }
     }
-    false
+    Ok(body.is_end_stream())
+}
+
+/// Takes the request body's bytes already here into `early`: whether that is all of it (at
+/// most [`WHOLE_BODY`]), with no trailers after it. A failed stream is not whole; its
+/// failure comes with its next read.
+fn ready_whole(body: &mut RecvStream, early: &mut BytesMut) -> bool {
+    take_ready(body, early, WHOLE_BODY).unwrap_or(false) && early.len() <= WHOLE_BODY
 }
 
 /// The HTTP/1.1 head of an HTTP/2 request (RFC 9113 8.3.1 and 8.2.3): the request line from
@@ -572,18 +588,11 @@ impl H2Stream {
         let Some(body) = self.body.as_mut() else {
             return false;
         };
-        let mut cx = Context::from_waker(Waker::noop());
-        while !self.early_end && self.early.len() < room {
-            match body.poll_data(&mut cx) {
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = body.flow_control().release_capacity(data.len());
-                    self.early.extend_from_slice(&data);
-                }
-                // The data ended, and trailers wait (`is_end_stream` says no): not a whole
-                // body, which would go on without them; it is relayed as it comes.
-                Poll::Ready(None) if !body.is_end_stream() => return false,
-                Poll::Ready(None) => self.early_end = true,
-                Poll::Ready(Some(Err(_))) | Poll::Pending => return false,
+        // A body whose trailers wait is not whole: it would go on without them.
+        if !self.early_end {
+            match take_ready(body, &mut self.early, room) {
+                Ok(true) => self.early_end = true,
+                Ok(false) | Err(_) => return false,
             }
         }
         // One chunk's size line and CRLFs, and the last chunk.
