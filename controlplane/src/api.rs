@@ -807,8 +807,11 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 fn diff(old: &Config, new: &Config) -> Vec<Value> {
     let old_list = crate::store::item_values(old);
     let new_list = crate::store::item_values(new);
-    let old_items: std::collections::BTreeMap<String, Value> = old_list.iter().cloned().collect();
-    let new_items: std::collections::BTreeMap<String, Value> = new_list.iter().cloned().collect();
+    type Items<'a> = std::collections::BTreeMap<&'a str, &'a Value>;
+    fn by_key(list: &[(String, Value)]) -> Items<'_> {
+        list.iter().map(|(k, v)| (k.as_str(), v)).collect()
+    }
+    let (old_items, new_items) = (by_key(&old_list), by_key(&new_list));
     let entry = |op: &str, key: &str| {
         let (kind, id) = key.split_once('/').unwrap_or((key, ""));
         json!({"op": op, "kind": kind, "id": id})
@@ -825,12 +828,12 @@ fn diff(old: &Config, new: &Config) -> Vec<Value> {
         out.push(entry("add", key));
     }
     // The items in both, in each config's order: a kind whose sequences differ was reordered.
-    let kept = |list: &[(String, Value)], other: &std::collections::BTreeMap<String, Value>| {
+    fn kept<'a>(list: &'a [(String, Value)], other: &Items<'_>) -> Vec<&'a str> {
         list.iter()
-            .filter(|(k, _)| other.contains_key(k))
-            .map(|(k, _)| k.clone())
-            .collect::<Vec<_>>()
-    };
+            .map(|(k, _)| k.as_str())
+            .filter(|k| other.contains_key(k))
+            .collect()
+    }
     let (was, now) = (kept(&old_list, &new_items), kept(&new_list, &old_items));
     let mut reordered: Vec<&str> = was
         .iter()
