@@ -922,6 +922,23 @@ fn overall_timeout_ms_bounds_the_tries_to_an_http2_upstream() {
     assert_eq!(tries, 3, "tries within 1 s (took {took:?})");
 }
 
+/// A gRPC-Web call (binary, one message "hi") to `gw` over HTTP/1.1; the client, to read
+/// the answer.
+fn web_call(gw: &Gateway) -> Client {
+    let call = frame(b"hi");
+    let mut c = gw.connect();
+    c.send(
+        format!(
+            "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web+proto\r\n\
+             Content-Length: {}\r\n\r\n",
+            call.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&call);
+    c
+}
+
 #[test]
 fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() {
     // One message, then the first bytes of another, then `grpc-status: 0`: a trailer frame
@@ -936,17 +953,7 @@ fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() 
         peer.addr
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    let mut c = gw.connect();
-    let call = frame(b"hi");
-    c.send(
-        format!(
-            "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web+proto\r\n\
-             Content-Length: {}\r\n\r\n",
-            call.len()
-        )
-        .as_bytes(),
-    );
-    c.send(&call);
+    let mut c = web_call(&gw);
     let mut got = Vec::new();
     let _ = c.stream.read_to_end(&mut got);
     let text = String::from_utf8_lossy(&got);
@@ -966,16 +973,7 @@ fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() 
         &config.replace(&other, &peer.addr.to_string()),
         Driver::IoUring,
     );
-    let mut c = gw.connect();
-    c.send(
-        format!(
-            "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web+proto\r\n\
-             Content-Length: {}\r\n\r\n",
-            call.len()
-        )
-        .as_bytes(),
-    );
-    c.send(&call);
+    let mut c = web_call(&gw);
     let r = c.read_response();
     assert_eq!(r.status, 503, "{}", r.head);
     let body = String::from_utf8_lossy(&r.body);
