@@ -2410,6 +2410,11 @@ async fn get_revision(
     State(admin): State<Arc<Admin>>,
     Path(rev): Path<String>,
 ) -> Result<Response, Problem> {
+    if let Some(n) = rev.strip_suffix(":rollback") {
+        // The rollback action exists for a kept revision; it is POSTed, not read.
+        parse_revision(n)?;
+        return Err(wrong_method("POST"));
+    }
     let n = parse_revision(&rev)?;
     let mut store = admin.held();
     match store.load_revision(n).map_err(store_problem)? {
@@ -2422,6 +2427,18 @@ async fn get_revision(
     }
 }
 
+/// 405 for a revision or its rollback asked with the other's method, `Allow` naming the
+/// methods it takes (axum's own answer lists both, as they share one path template).
+fn wrong_method(allow: &'static str) -> Problem {
+    let mut p = Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method Not Allowed",
+        format!("this endpoint takes {allow}; a rollback is POST /v1/revisions/{{n}}:rollback"),
+    );
+    p.field = Some(("allow", allow));
+    p
+}
+
 /// `POST /v1/revisions/{n}:rollback`: makes revision n's config the next revision.
 async fn rollback(
     State(admin): State<Arc<Admin>>,
@@ -2430,9 +2447,9 @@ async fn rollback(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let Some(n) = rev.strip_suffix(":rollback") else {
-        return Err(Problem::not_found(
-            "no such endpoint: POST goes to /v1/revisions/{n}:rollback".into(),
-        ));
+        // A revision is read, not POSTed to: its rollback is `{n}:rollback`.
+        parse_revision(&rev)?;
+        return Err(wrong_method("GET, HEAD"));
     };
     let n = parse_revision(n)?;
     let dry_run = WriteQuery { raw }.dry_run()?;

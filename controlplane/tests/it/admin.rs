@@ -867,6 +867,14 @@ fn revisions_rollback_and_batches() {
     problem(&gw.admin("POST", "/v1/revisions/999:rollback", None), 404);
     // Digits only: `+1` is not another name of revision 1.
     problem(&gw.admin("GET", &format!("/v1/revisions/+{r1}"), None), 404);
+    // A revision is read and its rollback POSTed: the other method is a 405 naming the
+    // right one (not a 404, nor an `Allow` that lists the method just refused).
+    let r = gw.admin("POST", &format!("/v1/revisions/{r1}"), None);
+    problem(&r, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    let r = gw.admin("GET", &format!("/v1/revisions/{r1}:rollback"), None);
+    problem(&r, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
     let status = gw.admin("GET", "/v1/status", None).json();
     assert_eq!(status["revision"], json!(rev + 1));
     assert_eq!(status["published_revision"], json!(rev + 1));
