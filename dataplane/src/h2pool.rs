@@ -12,6 +12,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,10 @@ pub(crate) struct H2Conn {
     idle_since: Cell<Instant>,
     /// Counted in the upstream's open connections (`circuit.max_connections`).
     _counted: Option<Counted>,
+    /// The socket, open while the driver task holds the connection (until `closed`).
+    fd: RawFd,
+    /// Its TCP_USER_TIMEOUT (the upstream's `send_ms` when last set).
+    send_timeout: Cell<Duration>,
 }
 
 impl std::fmt::Debug for H2Conn {
@@ -62,7 +67,20 @@ impl H2Conn {
     }
 
     /// A handle that opens streams on the connection, and the slot the stream holds.
-    pub fn open_stream(self: &Rc<Self>) -> (SendRequest<Bytes>, StreamSlot) {
+    /// `send_timeout` is the upstream's `send_ms` now: a connection opened before it changed
+    /// takes it (one system call then), as a reused HTTP/1.1 connection does.
+    pub fn open_stream(
+        self: &Rc<Self>,
+        send_timeout: Duration,
+    ) -> (SendRequest<Bytes>, StreamSlot) {
+        // Not once closed: the driver task has dropped the socket, and the number may
+        // name another one since.
+        if !self.closed.get()
+            && self.send_timeout.get() != send_timeout
+            && crate::upstream::set_send_timeout(self.fd, send_timeout).is_ok()
+        {
+            self.send_timeout.set(send_timeout);
+        }
         self.open.set(self.open.get() + 1);
         (self.send.clone(), StreamSlot(self.clone()))
     }
@@ -87,14 +105,17 @@ impl Drop for StreamSlot {
     }
 }
 
-/// Starts HTTP/2 with prior knowledge on a connected socket and spawns the task that drives
-/// the connection. `Err`: the handshake failed (the peer closed, or wrote garbage).
+/// Starts HTTP/2 with prior knowledge on a connected socket (opened with `send_timeout` as
+/// its TCP_USER_TIMEOUT) and spawns the task that drives the connection. `Err`: the
+/// handshake failed (the peer closed, or wrote garbage).
 pub(crate) async fn handshake(
     stream: crate::upstream::UpstreamIo,
     max_streams: u32,
     max_header_list: u32,
     counted: Option<Counted>,
+    send_timeout: Duration,
 ) -> Result<Rc<H2Conn>, h2::Error> {
+    let fd = stream.as_raw_fd();
     let (r, w) = stream.into_halves();
     let io = crate::proxy::PollIo::new(r, w, &[]);
     let mut b = h2::client::Builder::new();
@@ -122,6 +143,8 @@ pub(crate) async fn handshake(
         max_streams,
         idle_since: Cell::new(Instant::now()),
         _counted: counted,
+        fd,
+        send_timeout: Cell::new(send_timeout),
     }))
 }
 
@@ -172,5 +195,50 @@ impl H2Pool {
     /// Drops every connection (shutdown).
     pub fn clear(&mut self) {
         self.conns.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection's TCP_USER_TIMEOUT.
+    fn send_timeout_of(conn: &H2Conn) -> Option<Duration> {
+        // SAFETY: the connection's socket is open while its driver task holds it, which
+        // it does until the test's runtime ends.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(conn.fd) };
+        socket2::SockRef::from(&fd).tcp_user_timeout().unwrap()
+    }
+
+    #[test]
+    fn a_stream_opened_after_send_ms_changed_gives_the_connection_the_new_one() {
+        // A target that takes the connection and reads nothing: the client's side of the
+        // handshake (preface and SETTINGS) is written without waiting for the server's.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let (one, later) = (Duration::from_secs(1), Duration::from_millis(2500));
+                let conn = crate::upstream::connect(target, Duration::from_secs(5), one)
+                    .await
+                    .unwrap();
+                let conn = Rc::new(
+                    handshake(conn.stream, 10, 16 << 10, None, one)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(send_timeout_of(&conn), Some(one));
+                // The upstream's `send_ms` is 2.5 s by the next stream (changed at runtime).
+                let (_send, slot) = conn.open_stream(later);
+                assert_eq!(send_timeout_of(&conn), Some(later));
+                drop(slot);
+                let (_send, _slot) = conn.open_stream(later);
+                assert_eq!(send_timeout_of(&conn), Some(later));
+            });
+        drop(held.join().unwrap());
     }
 }

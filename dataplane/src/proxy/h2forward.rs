@@ -1097,170 +1097,174 @@ pub(super) async fn forward<S: ClientStream>(
     // When the last try went out: each try has its own `upstream_response_head_ms`, as on
     // HTTP/1.1 (one shared deadline left a retry none, and blamed its target for it).
     let sent_at = std::cell::Cell::new(Instant::now());
-    let attempt = async |target: &LiveTarget,
-                         try_deadline: Option<Instant>,
-                         req: &mut RequestCtx| {
-        let mut fresh = false;
-        loop {
-            let pooled = if fresh {
-                None
-            } else {
-                ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
-            };
-            req.attempts.target = Some(target.addr);
-            req.attempts.connect = None;
-            let reused = pooled.is_some();
-            let conn = match pooled {
-                Some(c) => c,
-                None => {
-                    let started = Instant::now();
-                    let (tcp, counted) = connector
-                        .connect_stream(&mut req.attempts, target, try_deadline)
-                        .await?;
-                    let shake =
-                        h2pool::handshake(tcp, up.upstream.max_streams, max_header_list, counted);
-                    // Within the connect timeout (from the connect's start: a TLS
-                    // handshake took part of it already), and the try's own bound.
-                    let by = started + timeouts.upstream_connect;
-                    let by = try_deadline.map_or(by, |t| t.min(by));
-                    let handshake = monoio::time::timeout_at(by.into(), shake);
-                    let c = match handshake.await {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(_)) => return Err(ProxyError::new(ErrorKind::ConnectFailed)),
-                        Err(_) => return Err(ProxyError::new(ErrorKind::ConnectTimeout)),
-                    };
-                    req.attempts.connect = Some(started.elapsed());
-                    if !target.draining {
-                        let owner = &up.upstream.live;
-                        ctx.h2pool.borrow_mut().add(target.addr, owner, c.clone());
+    let attempt =
+        async |target: &LiveTarget, try_deadline: Option<Instant>, req: &mut RequestCtx| {
+            let mut fresh = false;
+            loop {
+                let pooled = if fresh {
+                    None
+                } else {
+                    ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
+                };
+                req.attempts.target = Some(target.addr);
+                req.attempts.connect = None;
+                let reused = pooled.is_some();
+                let conn = match pooled {
+                    Some(c) => c,
+                    None => {
+                        let started = Instant::now();
+                        let (tcp, counted) = connector
+                            .connect_stream(&mut req.attempts, target, try_deadline)
+                            .await?;
+                        let shake = h2pool::handshake(
+                            tcp,
+                            up.upstream.max_streams,
+                            max_header_list,
+                            counted,
+                            timeouts.upstream_send,
+                        );
+                        // Within the connect timeout (from the connect's start: a TLS
+                        // handshake took part of it already), and the try's own bound.
+                        let by = started + timeouts.upstream_connect;
+                        let by = try_deadline.map_or(by, |t| t.min(by));
+                        let handshake = monoio::time::timeout_at(by.into(), shake);
+                        let c = match handshake.await {
+                            Ok(Ok(c)) => c,
+                            Ok(Err(_)) => return Err(ProxyError::new(ErrorKind::ConnectFailed)),
+                            Err(_) => return Err(ProxyError::new(ErrorKind::ConnectTimeout)),
+                        };
+                        req.attempts.connect = Some(started.elapsed());
+                        if !target.draining {
+                            let owner = &up.upstream.live;
+                            ctx.h2pool.borrow_mut().add(target.addr, owner, c.clone());
+                        }
+                        c
                     }
-                    c
-                }
-            };
-            let (mut send, slot) = conn.open_stream();
-            let body_now = whole.clone().or_else(|| replay.borrow().complete());
-            let end = body_now.as_ref().is_some_and(Bytes::is_empty);
-            let opened = match poll_fn(|cx| send.poll_ready(cx)).await {
-                Ok(()) => {
-                    let length = body_now
-                        .as_ref()
-                        .filter(|_| !call.is_grpc())
-                        .map(Bytes::len);
-                    let mut request = out.request(length);
-                    if let Some(d) = call_deadline {
-                        // What is left of the call's time, after the body, connects and
-                        // earlier tries.
-                        let left = d.saturating_duration_since(Instant::now());
-                        request
-                            .headers_mut()
-                            .insert("grpc-timeout", grpc_timeout_value(left));
+                };
+                let (mut send, slot) = conn.open_stream(timeouts.upstream_send);
+                let body_now = whole.clone().or_else(|| replay.borrow().complete());
+                let end = body_now.as_ref().is_some_and(Bytes::is_empty);
+                let opened = match poll_fn(|cx| send.poll_ready(cx)).await {
+                    Ok(()) => {
+                        let length = body_now
+                            .as_ref()
+                            .filter(|_| !call.is_grpc())
+                            .map(Bytes::len);
+                        let mut request = out.request(length);
+                        if let Some(d) = call_deadline {
+                            // What is left of the call's time, after the body, connects and
+                            // earlier tries.
+                            let left = d.saturating_duration_since(Instant::now());
+                            request
+                                .headers_mut()
+                                .insert("grpc-timeout", grpc_timeout_value(left));
+                        }
+                        send.send_request(request, end)
                     }
-                    send.send_request(request, end)
-                }
-                Err(e) => Err(e),
-            };
-            let (response, up_send) = match opened {
-                Ok(v) => v,
-                Err(e) => {
-                    // A connection that ended (GOAWAY, closed) while pooled.
-                    log::debug!("upstream HTTP/2 stream not opened: {e}");
-                    conn.mark_closed();
-                    if reused && !fresh {
-                        fresh = true;
-                        req.attempts.retries = req.attempts.retries.saturating_add(1);
-                        continue;
-                    }
-                    return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
-                }
-            };
-            let mut pump_guard = None;
-            let mut up_send = Some(up_send);
-            let pumped = body_now.is_none();
-            match (&body_now, stream_body.take()) {
-                (Some(b), _) if !b.is_empty() => {
-                    // Within the stream's window it goes at once; beyond it, h2 holds the
-                    // rest until the window opens (the body is in memory already).
-                    let sending = up_send.as_mut().map(|u| u.send_data(b.clone(), true));
-                    if !matches!(sending, Some(Ok(()))) {
+                    Err(e) => Err(e),
+                };
+                let (response, up_send) = match opened {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // A connection that ended (GOAWAY, closed) while pooled.
+                        log::debug!("upstream HTTP/2 stream not opened: {e}");
                         conn.mark_closed();
+                        if reused && !fresh {
+                            fresh = true;
+                            req.attempts.retries = req.attempts.retries.saturating_add(1);
+                            continue;
+                        }
                         return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
                     }
-                }
-                (Some(_), _) => {}
-                (None, Some((first, rest))) => {
-                    let abort = Rc::new(Abort::default());
-                    pump_guard = Some(AbortOnDrop(abort.clone()));
-                    if let Some(to) = up_send.take() {
-                        let replay = replay.clone();
-                        let refused = snap.policies.trailer_refused.clone();
-                        monoio::spawn(async move {
-                            let pump = pump(first, rest, to, &replay, refused);
-                            until_aborted(&abort, pump).await;
-                        });
+                };
+                let mut pump_guard = None;
+                let mut up_send = Some(up_send);
+                let pumped = body_now.is_none();
+                match (&body_now, stream_body.take()) {
+                    (Some(b), _) if !b.is_empty() => {
+                        // Within the stream's window it goes at once; beyond it, h2 holds the
+                        // rest until the window opens (the body is in memory already).
+                        let sending = up_send.as_mut().map(|u| u.send_data(b.clone(), true));
+                        if !matches!(sending, Some(Ok(()))) {
+                            conn.mark_closed();
+                            return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
+                        }
                     }
+                    (Some(_), _) => {}
+                    (None, Some((first, rest))) => {
+                        let abort = Rc::new(Abort::default());
+                        pump_guard = Some(AbortOnDrop(abort.clone()));
+                        if let Some(to) = up_send.take() {
+                            let replay = replay.clone();
+                            let refused = snap.policies.trailer_refused.clone();
+                            monoio::spawn(async move {
+                                let pump = pump(first, rest, to, &replay, refused);
+                                until_aborted(&abort, pump).await;
+                            });
+                        }
+                    }
+                    (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
                 }
-                (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
-            }
-            sent_at.set(Instant::now());
-            let head_deadline = sent_at.get() + timeouts.upstream_response_head;
-            let mut deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
-            if let Some(d) = call_deadline {
-                deadline = deadline.min(d);
-            }
-            let response = monoio::time::timeout_at(deadline.into(), response).await;
-            if pumped && replay.borrow().complete().is_none() {
-                // The body is still arriving (or too big to keep): no other target can get it.
-                req.attempts.committed = true;
-            }
-            return match response {
-                // The call's own deadline: the client's choice, not the target's failure.
-                Err(_) if call_deadline.is_some_and(|d| d <= deadline) => {
-                    Err(ProxyError::new(ErrorKind::DeadlineExceeded))
+                sent_at.set(Instant::now());
+                let head_deadline = sent_at.get() + timeouts.upstream_response_head;
+                let mut deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+                if let Some(d) = call_deadline {
+                    deadline = deadline.min(d);
                 }
-                Err(_) => {
-                    // A connection that answers nothing may be dead (a host gone silently):
-                    // new streams go to a new one.
-                    conn.mark_closed();
-                    Err(ProxyError::new(ErrorKind::ResponseTimeout))
+                let response = monoio::time::timeout_at(deadline.into(), response).await;
+                if pumped && replay.borrow().complete().is_none() {
+                    // The body is still arriving (or too big to keep): no other target can get it.
+                    req.attempts.committed = true;
                 }
-                Ok(Err(e)) => {
-                    // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
-                    // So may a stream above the last id of the upstream's GOAWAY, whatever
-                    // its error code (6.8); h2 reports only those with the GOAWAY's error
-                    // (the streams at or below it that the close cuts end with an I/O one).
-                    let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
-                        || (e.is_go_away()
-                            && (e.is_remote() || e.reason() == Some(Reason::NO_ERROR)));
-                    if e.is_go_away() || e.is_io() {
+                return match response {
+                    // The call's own deadline: the client's choice, not the target's failure.
+                    Err(_) if call_deadline.is_some_and(|d| d <= deadline) => {
+                        Err(ProxyError::new(ErrorKind::DeadlineExceeded))
+                    }
+                    Err(_) => {
+                        // A connection that answers nothing may be dead (a host gone silently):
+                        // new streams go to a new one.
                         conn.mark_closed();
+                        Err(ProxyError::new(ErrorKind::ResponseTimeout))
                     }
-                    if unprocessed && !fresh && !pumped {
-                        // Once more on a new connection, whatever the retry policy.
-                        fresh = true;
-                        req.attempts.retries = req.attempts.retries.saturating_add(1);
-                        continue;
+                    Ok(Err(e)) => {
+                        // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
+                        // So may a stream above the last id of the upstream's GOAWAY, whatever
+                        // its error code (6.8); h2 reports only those with the GOAWAY's error
+                        // (the streams at or below it that the close cuts end with an I/O one).
+                        let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
+                            || (e.is_go_away()
+                                && (e.is_remote() || e.reason() == Some(Reason::NO_ERROR)));
+                        if e.is_go_away() || e.is_io() {
+                            conn.mark_closed();
+                        }
+                        if unprocessed && !fresh && !pumped {
+                            // Once more on a new connection, whatever the retry policy.
+                            fresh = true;
+                            req.attempts.retries = req.attempts.retries.saturating_add(1);
+                            continue;
+                        }
+                        if !unprocessed && call.is_grpc() {
+                            // Reset by the upstream after it had the call (a code other than
+                            // REFUSED_STREAM): it may have acted on it, and a gRPC method is not
+                            // known to be idempotent, so no other target gets it.
+                            req.attempts.committed = true;
+                        }
+                        Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
                     }
-                    if !unprocessed && call.is_grpc() {
-                        // Reset by the upstream after it had the call (a code other than
-                        // REFUSED_STREAM): it may have acted on it, and a gRPC method is not
-                        // known to be idempotent, so no other target gets it.
-                        req.attempts.committed = true;
+                    Ok(Ok(resp)) => {
+                        let (parts, body) = resp.into_parts();
+                        Ok(Opened {
+                            parts,
+                            body,
+                            _slot: slot,
+                            _send: up_send,
+                            _pump: pump_guard,
+                        })
                     }
-                    Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
-                }
-                Ok(Ok(resp)) => {
-                    let (parts, body) = resp.into_parts();
-                    Ok(Opened {
-                        parts,
-                        body,
-                        _slot: slot,
-                        _send: up_send,
-                        _pump: pump_guard,
-                    })
-                }
-            };
-        }
-    };
+                };
+            }
+        };
     let answer_of = |o: &Opened| {
         let grpc = o
             .parts
