@@ -644,6 +644,11 @@ pub struct RateLimitConfig {
     /// Also send `X-RateLimit-Limit`, `-Remaining` and `-Reset` on 429. Default false.
     #[serde(default)]
     pub x_ratelimit_headers: bool,
+    /// Also send `RateLimit-Policy` and `RateLimit` (and the `X-RateLimit-*` fields with
+    /// `x_ratelimit_headers`) on the answers of the requests it admits, so clients can pace
+    /// themselves before a 429. Default false: only refusals carry them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub headers_on_success: bool,
     /// `node` (each node counts alone; the default) or `cluster` (the nodes sharing
     /// `[cluster] redis` count together).
     #[serde(default, skip_serializing_if = "RateScope::is_node")]

@@ -290,6 +290,8 @@ pub struct RateLimit {
     pub key: RateKey,
     pub max_keys: usize,
     pub x_ratelimit_headers: bool,
+    /// The fields go on admitted requests' answers too.
+    pub headers_on_success: bool,
     /// `RateLimit-Policy` field value: `"id";q=RATE;w=PERIOD`.
     pub policy_field: Box<[u8]>,
     pub scope: crate::config::RateScope,
@@ -1031,6 +1033,7 @@ fn compile_rate_limit(r: &RateLimitConfig, at: &str) -> Result<RateLimit, Config
         key,
         max_keys: r.max_keys,
         x_ratelimit_headers: r.x_ratelimit_headers,
+        headers_on_success: r.headers_on_success,
         policy_field: format!("\"{}\";q={};w={}", r.id, r.rate, period_s)
             .into_bytes()
             .into(),

@@ -1165,7 +1165,53 @@ fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
     // Changing the policy itself starts a fresh bucket.
     let r = gw.admin("PATCH", "/v1/policies/five", Some(r#"{"burst":6}"#));
     assert_eq!(r.status, 200, "{}", r.body_str());
-    assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n").status, 200);
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 200);
+    // Admitted requests' answers carry no fields by default ...
+    assert_eq!(r.header("ratelimit"), None);
+    assert_eq!(r.header("x-ratelimit-remaining"), None);
+    // ... and with `headers_on_success` they say what is left (a change that keeps the
+    // bucket: 5 of 6 left, one slot every 12 s). Proxied answers and the gateway's own.
+    let r = gw.admin(
+        "PATCH",
+        "/v1/policies/five",
+        Some(r#"{"headers_on_success":true}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let r = gw.admin(
+        "PATCH",
+        "/v1/routes/other",
+        Some(r#"{"policies":["five"]}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    for (path, left) in [("/", 4), ("/other", 3), ("/", 2)] {
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("ratelimit-policy"), Some("\"five\";q=5;w=60"));
+        let field = r.header("ratelimit").unwrap();
+        let (r_part, t) = field.rsplit_once(";t=").unwrap();
+        assert_eq!(r_part, format!("\"five\";r={left}"), "{field}");
+        // Until the bucket is full again: the slots used, 12 s each (less what passed).
+        let t: u64 = t.parse().unwrap();
+        let used = 6 - left;
+        assert!(((used - 1) * 12 + 1..=used * 12).contains(&t), "{field}");
+        assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            Some(left.to_string().as_str())
+        );
+        assert_eq!(r.header("x-ratelimit-reset"), Some(t.to_string().as_str()));
+    }
+    // The refusal is as before.
+    for _ in 0..2 {
+        assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n").status, 200);
+    }
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_problem(&r, 429);
+    assert!(r
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"five\";r=0;t="));
 }
 
 /// wrk's Lua hooks count statuses and check every 429's headers; `done` prints the totals.

@@ -123,7 +123,7 @@ impl ClusterShares {
     /// Checks one request against this node's share of the key's cluster bucket.
     pub fn check(&self, limit: &Limit, key: Option<&Key>, now_ns: u64) -> Decision {
         let key = key.unwrap_or(&ROUTE_KEY);
-        let allowed = match self.shares.get(key) {
+        let left = match self.shares.get(key) {
             Some(share) => self.take_and_queue(&share, key, limit, now_ns),
             None => {
                 let key = if self.shares.len() >= self.max_keys && !self.sweep(now_ns) {
@@ -136,8 +136,18 @@ impl ClusterShares {
                 self.take_and_queue(&share, key, limit, now_ns)
             }
         };
-        if allowed {
-            return Decision::admitted();
+        if let Some(left) = left {
+            // What this node may still admit before its next round (its part of the
+            // cluster's headroom: at most what the cluster has), and the time the bucket
+            // takes to refill the rest.
+            return Decision {
+                remaining: Some(left),
+                reset_ns: limit
+                    .burst
+                    .saturating_sub(left)
+                    .saturating_mul(limit.emission_ns()),
+                ..Decision::admitted()
+            };
         }
         // The next round may bring more: a client is told to come back after one emission
         // interval (Retry-After rounds it up to whole seconds).
@@ -147,7 +157,7 @@ impl ClusterShares {
 
 impl ClusterShares {
     /// [`take`], and the key into the next round's list if it is not there yet.
-    fn take_and_queue(&self, share: &Share, key: &Key, limit: &Limit, now_ns: u64) -> bool {
+    fn take_and_queue(&self, share: &Share, key: &Key, limit: &Limit, now_ns: u64) -> Option<u64> {
         let allowed = take(share, limit, now_ns);
         if !share.queued.swap(true, Ordering::AcqRel) {
             self.dirty
@@ -176,8 +186,9 @@ fn fresh(s: &Share, now_ns: u64) -> bool {
 
 /// Takes one request from `share`. A share idle for [`IDLE_NS`] (no longer reconciled) first
 /// gets its allowance back: `burst / live nodes` after its bucket's fill time (or at its first
-/// use), else what it had plus its part of the refill since.
-fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
+/// use), else what it had plus its part of the refill since. `Some`: admitted, with what is
+/// left of the allowance; `None`: refused.
+fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
     let last = share.active_ns.swap(now_ns, Ordering::Relaxed);
     let idle = now_ns.saturating_sub(last);
     if idle >= IDLE_NS {
@@ -203,7 +214,7 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
     loop {
         if left < 1 {
             share.refused.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return None;
         }
         match share.allowance.compare_exchange_weak(
             left,
@@ -213,7 +224,7 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> bool {
         ) {
             Ok(_) => {
                 share.spent.fetch_add(1, Ordering::Relaxed);
-                return true;
+                return Some(u64::try_from(left - 1).unwrap_or(0));
             }
             Err(now) => left = now,
         }
@@ -776,8 +787,14 @@ mod tests {
         assert_eq!(admitted(later), 0);
         // 12 s after that: one emission's refill.
         assert_eq!(admitted(later + 12 * second), 1);
-        // A minute unused: full again.
-        assert_eq!(admitted(later + 80 * second), 5);
+        // A minute unused: full again; an admitted request says what is left of the share
+        // and how long the bucket takes to fill the rest (12 s a request).
+        let again = later + 200 * second;
+        let left: Vec<_> = (0..6).map(|_| c.check(&limit, None, again)).collect();
+        let remaining: Vec<_> = left.iter().map(|d| d.remaining).collect();
+        assert_eq!(remaining, [4, 3, 2, 1, 0, 0].map(Some));
+        assert_eq!(left[1].reset_ns, 2 * 12 * second);
+        assert!(!left[5].allowed);
         // A fast limit's share still goes after a second unused.
         let fast = Limit::new(1000, second, 100).unwrap();
         let d = ClusterShares::new(StoreErrorMode::Allow, 10);

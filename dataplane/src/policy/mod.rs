@@ -40,7 +40,8 @@ pub struct PolicyState {
     /// Query parameters not to forward (API keys), their pairs' spans in buffer order (once
     /// the authentication group has decided).
     pub query_drops: Vec<Span>,
-    /// Field lines to add to the response (CORS), each with its CRLF.
+    /// Field lines to add to the response (CORS, a rate limit's `headers_on_success`), each
+    /// with its CRLF.
     pub response_extra: Vec<u8>,
     /// A cors policy ran for the request: the upstream's own `Access-Control-*` fields are
     /// dropped from the answer (the gateway's, if any, replace them).
@@ -1149,6 +1150,9 @@ fn rate_limit(
     };
     let d = limiter.check(key.as_ref(), clock.mono_ns);
     if d.allowed {
+        if let Some(remaining) = d.remaining.filter(|_| rl.headers_on_success) {
+            admitted_fields(rl, id, remaining, d.reset_ns, &mut st.response_extra);
+        }
         return None;
     }
     if d.unavailable {
@@ -1226,6 +1230,23 @@ fn challenge(
     }
     let used = 256 - w.len();
     refuse(st, 401, id, detail, &fields[..used])
+}
+
+/// The fields an admitted request's answer carries (`headers_on_success`): the policy, what
+/// is left of it and the whole seconds until the bucket is full again (`t=0`: it is full).
+fn admitted_fields(rl: &RateLimit, id: &str, remaining: u64, reset_ns: u64, out: &mut Vec<u8>) {
+    let reset_s = reset_ns.div_ceil(1_000_000_000);
+    out.extend_from_slice(b"RateLimit-Policy: ");
+    out.extend_from_slice(&rl.policy_field);
+    let _ = write!(out, "\r\nRateLimit: \"{id}\";r={remaining};t={reset_s}\r\n");
+    if rl.x_ratelimit_headers {
+        let _ = write!(
+            out,
+            "X-RateLimit-Limit: {}\r\nX-RateLimit-Remaining: {remaining}\r\n\
+             X-RateLimit-Reset: {reset_s}\r\n",
+            rl.rate
+        );
+    }
 }
 
 /// Writes a problem+json refusal (RFC 9457) into `st.out`.

@@ -59,8 +59,9 @@ impl Limit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
-    /// Requests that could still be admitted right now.
-    pub remaining: u64,
+    /// Requests that could still be admitted right now; `None`: not known (a cluster limit
+    /// admitting while its store is down).
+    pub remaining: Option<u64>,
     /// Nanoseconds until the bucket is full again.
     pub reset_ns: u64,
     /// When refused: nanoseconds until a request would be admitted.
@@ -74,7 +75,7 @@ impl Decision {
     pub fn admitted() -> Decision {
         Decision {
             allowed: true,
-            remaining: 0,
+            remaining: None,
             reset_ns: 0,
             retry_after_ns: 0,
             unavailable: false,
@@ -85,7 +86,7 @@ impl Decision {
     pub fn refused(wait_ns: u64) -> Decision {
         Decision {
             allowed: false,
-            remaining: 0,
+            remaining: Some(0),
             reset_ns: wait_ns,
             retry_after_ns: wait_ns,
             unavailable: false,
@@ -111,7 +112,7 @@ impl Bucket {
                 let retry_after_ns = next - now_ns - limit.tolerance_ns;
                 return Decision {
                     allowed: false,
-                    remaining: 0,
+                    remaining: Some(0),
                     reset_ns: base - now_ns,
                     retry_after_ns,
                     unavailable: false,
@@ -125,7 +126,7 @@ impl Bucket {
                     let used = next - now_ns;
                     return Decision {
                         allowed: true,
-                        remaining: (limit.tolerance_ns - used) / limit.emission_ns,
+                        remaining: Some((limit.tolerance_ns - used) / limit.emission_ns),
                         reset_ns: used,
                         retry_after_ns: 0,
                         unavailable: false,
@@ -406,8 +407,8 @@ mod tests {
         let limit = Limit::new(10, SECOND, 3).unwrap();
         let bucket = Bucket::default();
         let t = SECOND;
-        let rem: Vec<u64> = (0..3).map(|_| bucket.check(&limit, t).remaining).collect();
-        assert_eq!(rem, [2, 1, 0]);
+        let rem: Vec<_> = (0..3).map(|_| bucket.check(&limit, t).remaining).collect();
+        assert_eq!(rem, [Some(2), Some(1), Some(0)]);
     }
 
     #[test]
@@ -505,6 +506,7 @@ mod tests {
             key: RateKey::Route,
             max_keys: 10,
             x_ratelimit_headers: false,
+            headers_on_success: false,
             scope: RateScope::Node,
             on_store_error: StoreErrorMode::Allow,
             policy_field: Box::new([]),

@@ -1356,8 +1356,9 @@ pub(super) async fn forward<S: ClientStream>(
 /// `upstream` (which is empty for the gateway's own answers).
 fn answer_fields(req: &RequestCtx, upstream: &mut HeaderMap) -> Vec<u8> {
     let mut extra = Vec::with_capacity(128);
+    // The policies' fields (CORS, a rate limit's `headers_on_success`).
+    extra.extend_from_slice(&req.policy.response_extra);
     if req.policy.cors_ran {
-        extra.extend_from_slice(&req.policy.response_extra);
         let cors: Vec<HeaderName> = upstream
             .keys()
             .filter(|n| n.as_str().starts_with("access-control-"))
@@ -1833,6 +1834,28 @@ impl<S: ClientStream> Sink for ClientSink<'_, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_carry_the_policies_fields_and_only_cors_drops_the_upstreams_own() {
+        let mut req = RequestCtx::new(std::net::Ipv4Addr::LOCALHOST.into());
+        // A rate limit's `headers_on_success`, no cors policy.
+        let fields = b"RateLimit-Policy: \"five\";q=5;w=60\r\nRateLimit: \"five\";r=4;t=24\r\n";
+        req.policy.response_extra.extend_from_slice(fields);
+        let mut upstream = HeaderMap::new();
+        upstream.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+        let extra = answer_fields(&req, &mut upstream);
+        assert!(
+            extra.starts_with(fields),
+            "{:?}",
+            String::from_utf8_lossy(&extra)
+        );
+        assert!(upstream.contains_key("access-control-allow-origin"));
+        // With one, the upstream's CORS fields give way to the policy's.
+        req.policy.cors_ran = true;
+        let extra = answer_fields(&req, &mut upstream);
+        assert!(extra.starts_with(fields));
+        assert!(upstream.is_empty());
+    }
 
     #[test]
     fn content_types_classify_calls() {

@@ -235,8 +235,9 @@ fn response_tail<S>(
     content_length: Option<usize>,
 ) -> Span {
     down.scratch.clear();
+    // The policies' fields (CORS, a rate limit's `headers_on_success`).
+    down.scratch.extend_from_slice(&req.policy.response_extra);
     if req.policy.cors_ran {
-        down.scratch.extend_from_slice(&req.policy.response_extra);
         policy::drop_cors_fields(
             buf,
             resp.fields_start,
