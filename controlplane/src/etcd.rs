@@ -41,6 +41,11 @@ pub enum EtcdError {
     /// etcd answered with an error (bad credentials, permission, bad request).
     #[error("etcd refused: {0}")]
     Refused(String),
+    /// A write reached an endpoint, and its answer did not come back (or said the request
+    /// timed out): whether it took effect is not known. Only [`Client::txn`] says so; it
+    /// does not send the write again to another endpoint.
+    #[error("etcd took the request, and its answer was lost: {0}")]
+    Unknown(String),
 }
 
 /// TLS to the endpoints (`etcds://`).
@@ -346,6 +351,13 @@ pub fn kvs(answer: &Value) -> Vec<Kv> {
         .unwrap_or_default()
 }
 
+/// Whether a request that an endpoint took whole, without answering, goes to the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    Yes,
+    No,
+}
+
 impl Client {
     /// A client for `url`; fails only on unreadable TLS files.
     pub fn new(url: StoreUrl) -> Result<Client, String> {
@@ -366,16 +378,30 @@ impl Client {
         format!("{}/{name}", self.url.prefix)
     }
 
-    /// One unary call; the answer's JSON.
+    /// One unary call; the answer's JSON. A read, or a write that may be made twice (a put
+    /// of the same value, a lease): an endpoint that took it and did not answer is followed
+    /// by the next one.
     pub fn call(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        self.call_as(path, body, Resend::Yes)
+    }
+
+    /// A transaction, sent to one endpoint only once it has taken it: the first may have
+    /// applied it, and a copy sent to the next would then fail its compare, as if another
+    /// write had come first. [`EtcdError::Unknown`] when its outcome is not known.
+    pub fn txn(&mut self, body: &Value) -> Result<Value, EtcdError> {
+        self.call_as("/v3/kv/txn", body, Resend::No)
+    }
+
+    fn call_as(&mut self, path: &str, body: &Value, resend: Resend) -> Result<Value, EtcdError> {
         if self.url.user.is_some() && self.token.is_none() {
             self.authenticate()?;
         }
-        match self.call_once(path, body) {
+        match self.call_once(path, body, resend) {
             Err(EtcdError::Refused(m)) if self.url.user.is_some() && m.contains("token") => {
-                // The token expired (etcd's simple tokens last 5 minutes by default).
+                // The token expired (etcd's simple tokens last 5 minutes by default); a
+                // refused request was not applied.
                 self.authenticate()?;
-                self.call_once(path, body)
+                self.call_once(path, body, resend)
             }
             other => other,
         }
@@ -389,6 +415,7 @@ impl Client {
         let answer = self.call_once(
             "/v3/auth/authenticate",
             &json!({"name": user, "password": password}),
+            Resend::Yes,
         )?;
         match answer["token"].as_str() {
             Some(t) => {
@@ -401,11 +428,14 @@ impl Client {
         }
     }
 
-    fn call_once(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+    fn call_once(&mut self, path: &str, body: &Value, resend: Resend) -> Result<Value, EtcdError> {
         let within = Instant::now() + CALL_WITHIN;
-        let answer = self.send(path, body, REQUEST_TIMEOUT, Some(within))?;
-        let text =
-            read_answer(answer).map_err(|e| EtcdError::Unavailable(format!("{path}: {e}")))?;
+        let answer = self.send(path, body, REQUEST_TIMEOUT, Some(within), resend)?;
+        let lost = |m: String| match resend {
+            Resend::Yes => EtcdError::Unavailable(m),
+            Resend::No => EtcdError::Unknown(m),
+        };
+        let text = read_answer(answer).map_err(|e| lost(format!("{path}: {e}")))?;
         let value: Value = serde_json::from_slice(&text)
             .map_err(|e| EtcdError::Unavailable(format!("{path}: answer is not JSON: {e}")))?;
         // Streaming endpoints answered in one message wrap it in "result".
@@ -415,22 +445,25 @@ impl Client {
         };
         if let Some(err) = value.get("error").or_else(|| value.get("message")) {
             let msg = err.as_str().unwrap_or("error").to_owned();
-            // gRPC code 14 UNAVAILABLE (no leader, shutting down) is the store being away.
+            // gRPC code 14 UNAVAILABLE (no leader, shutting down) is the store being away; it
+            // and 4 DEADLINE_EXCEEDED ("request timed out") leave a write's outcome unknown.
             return Err(match num(&value["code"]) {
-                14 | 4 => EtcdError::Unavailable(msg),
+                14 | 4 => lost(msg),
                 _ => EtcdError::Refused(msg),
             });
         }
         Ok(value)
     }
 
-    /// Connects to the first endpoint that takes the connection and sends the request.
+    /// Connects to the first endpoint that takes the connection and sends the request; with
+    /// [`Resend::No`], not to the next one once an endpoint has taken the request whole.
     fn send(
         &mut self,
         path: &str,
         body: &Value,
         timeout: Duration,
         deadline: Option<Instant>,
+        resend: Resend,
     ) -> Result<Answer, EtcdError> {
         let body = serde_json::to_vec(body).map_err(|e| EtcdError::Refused(e.to_string()))?;
         let n = self.url.endpoints.len();
@@ -438,10 +471,17 @@ impl Client {
         for i in 0..n {
             let at = (self.preferred + i) % n;
             let endpoint = &self.url.endpoints[at];
-            match self.send_to(endpoint, path, &body, timeout, deadline) {
+            let mut sent = false;
+            match self.send_to(endpoint, path, &body, timeout, deadline, &mut sent) {
                 Ok(s) => {
                     self.preferred = at;
                     return Ok(s);
+                }
+                Err(e) if sent && resend == Resend::No => {
+                    // The next time starts with the next endpoint: this one took the
+                    // request and did not answer.
+                    self.preferred = (at + 1) % n;
+                    return Err(EtcdError::Unknown(format!("{endpoint}: {e}")));
                 }
                 Err(e) => last = format!("{endpoint}: {e}"),
             }
@@ -456,6 +496,7 @@ impl Client {
         body: &[u8],
         timeout: Duration,
         deadline: Option<Instant>,
+        sent: &mut bool,
     ) -> io::Result<Answer> {
         let mut last = io::Error::other("no address");
         for addr in endpoint.to_socket_addrs()? {
@@ -489,6 +530,7 @@ impl Client {
                     conn.write_all(head.as_bytes())?;
                     conn.write_all(body)?;
                     conn.flush()?;
+                    *sent = true;
                     let mut reader = BufReader::new(conn);
                     let (status, chunked, length) = read_head(&mut reader)?;
                     if status >= 500 {
@@ -597,6 +639,7 @@ impl Client {
             &json!({"create_request": create}),
             Duration::from_secs(15 * 60),
             None,
+            Resend::Yes,
         )?;
         let fd = answer.reader.get_ref().fd();
         Ok(Watch {

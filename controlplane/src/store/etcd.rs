@@ -104,7 +104,7 @@ impl Health {
     }
 
     pub fn fail(&self, e: &EtcdError) {
-        if let EtcdError::Unavailable(_) = e {
+        if let EtcdError::Unavailable(_) | EtcdError::Unknown(_) = e {
             if !self.unreachable.swap(true, Ordering::Relaxed)
                 && self.serving.load(Ordering::Relaxed)
             {
@@ -265,9 +265,17 @@ fn revision_key(n: u64) -> String {
     format!("revisions/{n:020}")
 }
 
+/// What a commit's transaction did.
+enum Committed {
+    /// Made, at this etcd revision.
+    Made(i64),
+    /// Not made: the config key holds this (or nothing) instead.
+    Not(Option<crate::etcd::Kv>),
+}
+
 fn unavailable(e: EtcdError) -> StoreError {
     match e {
-        EtcdError::Unavailable(m) => StoreError::Unavailable(m),
+        EtcdError::Unavailable(m) | EtcdError::Unknown(m) => StoreError::Unavailable(m),
         EtcdError::Refused(m) => StoreError::Failed(m),
     }
 }
@@ -571,7 +579,7 @@ impl EtcdStore {
             "success": success,
             "failure": [{"request_range": {"key": config_key}}],
         });
-        let r = self.client.call("/v3/kv/txn", &txn);
+        let r = self.client.txn(&txn);
         if let Err(EtcdError::Refused(m) | EtcdError::Unavailable(m)) = &r {
             // etcd's --max-request-bytes (1.5 MiB by default), or its gRPC gateway's bound:
             // etcd answered, and is as reachable as before.
@@ -585,28 +593,63 @@ impl EtcdStore {
                 )));
             }
         }
-        let answer = self.track(r).map_err(unavailable)?;
-        if answer["succeeded"].as_bool() == Some(true) {
-            self.mod_revision = num(&answer["header"]["revision"]);
-            self.revision = revision;
-            self.highest = revision;
-            self.item_revisions = record.item_revisions;
-            self.config = merge(&self.node, &record.config);
-            return Ok(revision);
-        }
-        // What the config key holds now: newer, or older if the store went back.
-        let now = crate::etcd::kvs(&answer["responses"][0]["response_range"]);
-        match now.first() {
-            Some(kv) => {
+        let outcome = match r {
+            Err(EtcdError::Unknown(lost)) => self.outcome_of(&bytes, &lost),
+            r => self.track(r).map(|answer| {
+                if answer["succeeded"].as_bool() == Some(true) {
+                    Committed::Made(num(&answer["header"]["revision"]))
+                } else {
+                    let now = crate::etcd::kvs(&answer["responses"][0]["response_range"]);
+                    Committed::Not(now.into_iter().next())
+                }
+            }),
+        };
+        match outcome.map_err(unavailable)? {
+            Committed::Made(mod_revision) => {
+                self.mod_revision = mod_revision;
+                self.revision = revision;
+                self.highest = revision;
+                self.item_revisions = record.item_revisions;
+                self.config = merge(&self.node, &record.config);
+                Ok(revision)
+            }
+            // What the config key holds now: newer, or older if the store went back.
+            Committed::Not(Some(kv)) => {
                 self.adopt_current(&kv.value, kv.mod_revision);
                 self.check_readable()?;
+                Err(StoreError::Conflict)
             }
-            None => {
+            Committed::Not(None) => {
                 // The config key was deleted behind our back: start the sequence again.
                 self.mod_revision = 0;
+                Err(StoreError::Conflict)
             }
         }
-        Err(StoreError::Conflict)
+    }
+
+    /// What became of a commit whose answer was lost (`bytes`, the record it wrote), read
+    /// back from the config key. Still unknown when the read fails too, or finds the key
+    /// unchanged. The record holds the revision, the time and the source: another write
+    /// does not leave the same bytes.
+    fn outcome_of(&mut self, bytes: &[u8], lost: &str) -> Result<Committed, EtcdError> {
+        let read = self.client.range("config", false).map(|(kvs, _)| kvs);
+        let kv = self
+            .track(read)
+            .map_err(|e| EtcdError::Unknown(format!("{lost}; and reading it back failed: {e}")))?
+            .into_iter()
+            .next();
+        if let Some(kv) = kv.as_ref().filter(|kv| kv.value == bytes) {
+            log::warn!("config store: a write's answer was lost ({lost}); read back, it was made");
+            return Ok(Committed::Made(kv.mod_revision));
+        }
+        if kv.as_ref().map_or(0, |kv| kv.mod_revision) == self.mod_revision {
+            // Not made, as far as etcd shows now.
+            return Err(EtcdError::Unknown(format!(
+                "{lost}; read back, the config is unchanged"
+            )));
+        }
+        // Another write came first: ours can no longer be applied (its compare fails).
+        Ok(Committed::Not(kv))
     }
 
     /// Stored revisions, oldest first (without their configs).

@@ -717,8 +717,13 @@ fn tls_and_credentials_to_etcd() {
 
 /// A TCP relay to `to` that can freeze: while frozen it passes nothing on, either way,
 /// on the connections it has and on new ones (which it still accepts), as a hung etcd
-/// member's sockets do.
-fn freezing_relay(to: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// member's sockets do; with `txn_answers_only`, it passes everything on but the answers
+/// to transactions (a member that applies writes and whose answers are lost). Each call
+/// of the node's etcd client has a connection of its own.
+fn freezing_relay(
+    to: u16,
+    txn_answers_only: bool,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -730,15 +735,24 @@ fn freezing_relay(to: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool
             let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
                 continue;
             };
-            for (mut from, mut into) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
+            // Whether this connection's answer is held: the request line says.
+            let mut first = [0u8; 16];
+            let txn = client
+                .peek(&mut first)
+                .is_ok_and(|n| first[..n].starts_with(b"POST /v3/kv/txn"));
+            for (mut from, mut into, freezes) in [
+                (
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    !txn_answers_only,
+                ),
+                (server, client, !txn_answers_only || txn),
             ] {
                 let f = f.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 16384];
                     while let Ok(n @ 1..) = from.read(&mut buf) {
-                        while f.load(Ordering::Relaxed) {
+                        while freezes && f.load(Ordering::Relaxed) {
                             std::thread::sleep(Duration::from_millis(20));
                         }
                         if into.write_all(&buf[..n]).is_err() {
@@ -760,7 +774,7 @@ fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
     // revision every few seconds, sees its watch behind, and watches again on the endpoint
     // that answers. Before: a served the old config for as long as the watch's 15 minutes.
     let etcd = Etcd::start();
-    let (relay, frozen) = freezing_relay(etcd.port);
+    let (relay, frozen) = freezing_relay(etcd.port, false);
     let url = format!("etcd://127.0.0.1:{relay},127.0.0.1:{}/t5", etcd.port);
     let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
     let b = node(&etcd, "t5", &node_file("b", "", ""));
@@ -776,13 +790,56 @@ fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
 }
 
 #[test]
+fn a_write_whose_answer_is_lost_is_read_back_not_sent_to_another_endpoint() {
+    // Node a's first endpoint takes its requests and holds back the answers: etcd applied
+    // the write, and its answer was lost. The write is not sent again to the second
+    // endpoint (where its compare would fail as if another write had come first): the node
+    // reads the config back and finds it made. Before: a PUT with If-Match that was made
+    // answered 412, and a DELETE that was made 404.
+    let etcd = Etcd::start();
+    let (relay, frozen) = freezing_relay(etcd.port, true);
+    let url = format!("etcd://127.0.0.1:{relay},127.0.0.1:{}/t9", etcd.port);
+    let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
+    let r = a.admin("PUT", "/v1/routes/d", Some(&respond_route("/d", "1")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let etag = r.header("etag").unwrap().to_owned();
+    let before = a.admin("GET", "/v1/revisions", None).json()["revisions"]
+        .as_array()
+        .unwrap()
+        .len();
+    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = a.admin_with(
+        "PUT",
+        "/v1/routes/d",
+        Some(&respond_route("/d", "2")),
+        &[
+            ("Authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("If-Match", &etag),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    a.wait_log("read back, it was made", Duration::from_secs(1));
+    frozen.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(get(&a, "/d"), (200, "2".to_owned()));
+    // One revision for the write, read back from etcd itself.
+    let revisions = a.admin("GET", "/v1/revisions", None).json()["revisions"].clone();
+    assert_eq!(
+        revisions.as_array().unwrap().len(),
+        before + 1,
+        "{revisions}"
+    );
+    let stored = etcd.values_under("/t9/config");
+    assert!(stored[0].contains(r#""body":"2""#), "{stored:?}");
+}
+
+#[test]
 fn a_hung_etcd_holds_up_only_the_writes_that_wait_for_it() {
     // The node's only endpoint hangs: writes wait for etcd (3 s each, then 503; one after
     // another, as every change goes through the store's lock), each on a thread of its own,
     // so `/v1/health` answers meanwhile (against ed1794b: after 8.9 s), and so do the reads
     // of the config and status, from what the last change left (against cb9a8e1: after 3 s).
     let etcd = Etcd::start();
-    let (relay, frozen) = freezing_relay(etcd.port);
+    let (relay, frozen) = freezing_relay(etcd.port, false);
     let url = format!("etcd://127.0.0.1:{relay}/t6");
     let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
     let r = a.admin("PUT", "/v1/routes/kept", Some(&respond_route("/kept", "k")));
