@@ -16,8 +16,9 @@
 //! fill (`burst` emissions, at least a second) starts with an allowance of `burst / live
 //! nodes` before its first round there (more than the cluster had if other nodes emptied the
 //! bucket meanwhile); one used within that time starts from what its last round left plus
-//! its part of the refill since; when the load moves to another node, the old one still
-//! counts as wanting the key for four rounds. Measured by the three-node tests (README).
+//! its part of the refill since, and at most `burst / live nodes` once it has been unused
+//! for four rounds (Redis has stopped counting the node as wanting it); when the load moves
+//! to another node, the old one still counts as wanting the key for four rounds. Measured by the three-node tests (README).
 //!
 //! While Redis cannot be reached (a round failed), `on_store_error` decides: `allow` admits,
 //! `deny` refuses with 503, `local` applies the limit on this node alone (the node-scoped
@@ -184,6 +185,18 @@ fn fresh(s: &Share, now_ns: u64) -> bool {
     now_ns.saturating_sub(s.active_ns.load(Ordering::Relaxed)) < horizon
 }
 
+/// How long after its last demand for a key Redis counts a node as wanting it: four rounds,
+/// at least 20 ms.
+fn wanting_window(sync: Duration) -> Duration {
+    (sync * 4).max(Duration::from_millis(20))
+}
+
+/// [`wanting_window`] at the current interval, in the limiters' clock.
+fn wanting_window_ns() -> u64 {
+    let sync = Duration::from_nanos(SYNC_NS.load(Ordering::Relaxed));
+    u64::try_from(wanting_window(sync).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Takes one request from `share`. A share idle for [`IDLE_NS`] (no longer reconciled) first
 /// gets its allowance back: `burst / live nodes` after its bucket's fill time (or at its first
 /// use), else what it had plus its part of the refill since. `Some`: admitted, with what is
@@ -207,6 +220,19 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
             .allowance
             .store(i64::try_from(start).unwrap_or(i64::MAX), Ordering::Relaxed);
         share.spent.store(0, Ordering::Relaxed);
+    } else if last != 0 && idle >= wanting_window_ns() {
+        // Redis no longer counts this node as wanting the key (it sent no demand for it in
+        // the last four rounds), so the other nodes have been given the bucket's headroom
+        // meanwhile: what this node's last round left it is capped as a fresh start is (at
+        // its share of a full bucket) until its next round says what is left. Before, a
+        // node that got the whole headroom while alone spent it again on its return.
+        let live = u64::from(LIVE_NODES.load(Ordering::Relaxed).max(1));
+        let cap = i64::try_from((limit.burst / live).max(1)).unwrap_or(i64::MAX);
+        let _ = share
+            .allowance
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a > cap).then_some(cap)
+            });
     }
     // Taken only while at least one is left (a refusal leaves the allowance alone, so a
     // round setting it meanwhile is not undone).
@@ -504,7 +530,7 @@ fn script_args(
     args.push(format!("{emission_us:.6}").into_bytes());
     args.push(format!("{tolerance_us:.6}").into_bytes());
     // A node stops counting as wanting a key four rounds (at least 20 ms) after it last did.
-    let window_us = (sync.as_micros() * 4).max(20_000);
+    let window_us = wanting_window(sync).as_micros();
     args.push(window_us.to_string().into_bytes());
     for (_, spent, demand) in chunk {
         args.push(spent.to_string().into_bytes());
@@ -801,6 +827,42 @@ mod tests {
         assert!(d.check(&fast, None, t).allowed);
         d.shares.retain(|_, s| fresh(s, t + 1_100_000_000));
         assert!(d.shares.is_empty());
+    }
+
+    #[test]
+    fn a_share_back_after_leaving_the_wanting_window_is_capped_until_its_next_round() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        LIVE_NODES.store(3, Ordering::Relaxed);
+        // 1 a second, burst 30; three live nodes.
+        let limit = Limit::new(1, 1_000_000_000, 30).unwrap();
+        let c = ClusterShares::new(StoreErrorMode::Allow, 10);
+        let ms = 1_000_000;
+        let t = 100_000 * ms;
+        assert!(c.check(&limit, None, t).allowed);
+        // A round: this node alone wants the key, and gets the bucket's whole headroom.
+        c.shares
+            .get(&ROUTE_KEY)
+            .unwrap()
+            .spent
+            .store(0, Ordering::Relaxed);
+        let answer = [Reply::Int(3), Reply::Int(29), Reply::Int(1), Reply::Int(0)];
+        apply(
+            &c,
+            &limit,
+            Duration::from_millis(5),
+            &[(ROUTE_KEY, 1, 1)],
+            &answer,
+        )
+        .unwrap();
+        // Used again within four rounds: Redis still counts it, its share stands.
+        assert_eq!(c.check(&limit, None, t + 10 * ms).remaining, Some(28));
+        // 200 ms unused: Redis gave the headroom to the nodes that wanted the key meanwhile,
+        // so this one starts from its share of a full bucket (10), not the 28 it held.
+        let back = t + 210 * ms;
+        let admitted = (0..40)
+            .filter(|_| c.check(&limit, None, back).allowed)
+            .count();
+        assert_eq!(admitted, 10);
     }
 
     #[test]
