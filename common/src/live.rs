@@ -138,20 +138,22 @@ impl TargetState {
         }
     }
 
-    /// A request to this target starts (worker `stripe`).
+    /// A request to this target starts (worker `stripe`): outstanding from now on.
     #[inline]
     pub fn begin(&self, stripe: usize) {
-        let s = &self.stripes[stripe % STRIPES];
-        s.requests.fetch_add(1, Relaxed);
-        s.outstanding.fetch_add(1, Relaxed);
+        self.stripes[stripe % STRIPES]
+            .outstanding
+            .fetch_add(1, Relaxed);
     }
 
-    /// A request that [`TargetState::begin`] counted never reached the target (a circuit
-    /// limit refused the connection it needed): it is not counted as one.
-    pub fn refused(&self, stripe: usize) {
+    /// A request was sent to this target: counted once it is known to have reached it (not
+    /// refused by a circuit limit before), so the count only ever grows, as a Prometheus
+    /// counter must (taking back one counted at the start made scrapes see it go down).
+    #[inline]
+    pub fn count_request(&self, stripe: usize) {
         self.stripes[stripe % STRIPES]
             .requests
-            .fetch_sub(1, Relaxed);
+            .fetch_add(1, Relaxed);
     }
 
     /// A request to this target ended.

@@ -717,6 +717,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             }
             let result = one(self.begin(i), slot, req).await;
+            if !matches!(&result, Err(e) if e.kind.reason().is_some()) {
+                state.count_request(stripe);
+            }
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);
@@ -732,11 +735,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     self.retry
                         .is_some_and(|r| r.on_status(status) || grpc.is_some_and(|c| r.on_grpc(c)))
                 }
-                Err(e) if e.kind.reason().is_some() => {
-                    // Refused before reaching the target (max_connections, max_pending).
-                    state.refused(stripe);
-                    false
-                }
+                // Refused before reaching the target (max_connections, max_pending): not
+                // counted as one of its requests.
+                Err(e) if e.kind.reason().is_some() => false,
                 Err(e) => match e.kind.target_failure() {
                     Some(k) => {
                         state.count_error(stripe, k);
@@ -812,6 +813,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     let rec = req.as_mut();
                     rec.retries = rec.retries.saturating_add(1);
                     target.state.count_retry(self.source.stripe());
+                    target.state.count_request(self.source.stripe());
                 }
                 Err(e) => return Err(e),
             }
@@ -1014,6 +1016,11 @@ mod tests {
                 1,
                 "counted in gateway_target_retries_total"
             );
+            assert_eq!(
+                state.requests(),
+                2,
+                "both sends counted in gateway_target_requests_total"
+            );
             assert_eq!(req.attempts.target, Some(target));
             assert!(
                 req.attempts.connect.is_some(),
@@ -1149,6 +1156,29 @@ mod tests {
             assert!(slot.is_none(), "no session was opened");
             assert_eq!(err.kind, ErrorKind::ConnectFailed);
             assert_eq!(req.attempts.connect, None);
+        });
+    }
+
+    #[test]
+    fn a_try_refused_by_a_circuit_limit_is_not_counted_as_the_targets_request() {
+        let target = origin(0);
+        runtime().block_on(async move {
+            let pool = fake_pool(Vec::new());
+            let snap = upstream(&[target], "circuit = { max_connections = 1 }");
+            let live = &snap.upstreams[0].live;
+            let state = live.set.load().targets[0].state.clone();
+            let _open = Counted::within(live, 1).expect("the one connection");
+            let connector = connector(&pool, &snap);
+            let (answer, _, slot) = one_get(&connector).await;
+            assert_eq!(
+                answer.expect_err("refused").kind,
+                ErrorKind::CircuitMaxConnections
+            );
+            assert!(slot.is_none());
+            drop(connector);
+            // Never counted (before: counted at the start, then taken back, which a scrape
+            // in between saw as the counter going down).
+            assert_eq!((state.requests(), state.outstanding()), (0, 0));
         });
     }
 
