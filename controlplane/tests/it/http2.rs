@@ -914,6 +914,56 @@ print(status, body.decode(), flush=True)
     );
 }
 
+#[test]
+fn a_stream_reset_after_its_head_went_out_is_logged_with_the_status_sent() {
+    // The client takes the head and its first window of a 1 MiB body, then resets the
+    // stream: the answer's status reached it, so the log keeps it (as over HTTP/1.1), with
+    // the head's bytes, and says the client left. Before: 499 and 0 bytes, when the first
+    // piece of the body went apart from the head.
+    // Head and body in one write: the gateway's first read holds a large piece of the body.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+        answer.extend(big_body());
+        let _ = s.write_all(&answer);
+        Keep::Close
+    }));
+    let dir = temp_dir("h2-reset-log");
+    let log = dir.join("access.log");
+    let gw = h2c_proxy(
+        &origin,
+        &format!("[access_log]\npath = \"{}\"\n", log.display()),
+    );
+    const CLIENT: &str = r#"
+c.send_headers(1, [(":method", "GET"), (":path", "/big"), (":scheme", "http"),
+                   (":authority", "t")], end_stream=True)
+s.sendall(c.data_to_send())
+status, got = None, 0
+while got < 65535:
+    for e in c.receive_data(s.recv(65536)):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.DataReceived):
+            got += len(e.data)
+c.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+s.sendall(c.data_to_send())
+print(status, got, flush=True)
+"#;
+    let out = h2_client(&gw, CLIENT);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200 65535",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = &wait_log_lines(&log, 1)[0];
+    assert_eq!(
+        (&line["status"], &line["error"]),
+        (&serde_json::json!(200), &serde_json::json!("client_closed")),
+        "{line}"
+    );
+    assert!(line["bytes_out"].as_u64().unwrap() > 0, "{line}");
+}
+
 /// A gateway with an `h2c` listener whose one route proxies everything to `origin`.
 fn h2c_proxy(origin: &Origin, extra: &str) -> Gateway {
     let config = format!(

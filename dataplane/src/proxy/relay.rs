@@ -307,27 +307,23 @@ async fn send_head<S: ClientStream>(
         pieces,
         S::COALESCE,
     )
-    .await;
-    if let (true, Ok(n)) = (apart, &sent) {
+    .await
+    .map(|n| {
+        // The head went out: the client has its status, whatever becomes of the body.
+        req.status = resp.status;
+        req.bytes_out += n as u64;
+    });
+    if apart && sent.is_ok() {
         let body = resp.head_end..resp.head_end + first_body;
-        let n = *n;
-        sent = down
-            .stream
-            .write_spent(&mut conn.buf, body)
-            .await
-            .map(|()| n + first_body);
-    }
-    match sent {
-        Ok(n) => {
-            req.status = resp.status;
-            req.bytes_out += n as u64;
-            Ok(())
-        }
-        Err(_) => {
-            req.fail(ErrorKind::ClientClosed);
-            Err(ErrorKind::ClientClosed.into())
+        sent = down.stream.write_spent(&mut conn.buf, body).await;
+        if sent.is_ok() {
+            req.bytes_out += first_body as u64;
         }
     }
+    sent.map_err(|_| {
+        req.fail(ErrorKind::ClientClosed);
+        ErrorKind::ClientClosed.into()
+    })
 }
 
 /// Passes an interim (1xx) answer at the start of `buf` on to the client, its fields as the
