@@ -68,20 +68,28 @@ fn tick(admin: &Admin, prev: Option<&Sample>) -> (Value, Sample) {
         .enumerate()
         .map(|(i, c)| (c.route.as_str(), i))
         .collect();
-    let mut total = Delta::default();
-    let mut routes = Vec::new();
-    for route in &snap.routes {
-        let Some(&slot) = slots.get(&*route.id) else {
-            continue;
-        };
+    let delta_of = |slot: usize| {
         let cur = &now.routes[slot];
         // The first line has nothing to compare with: no requests, no percentiles yet.
         let before = match prev {
             Some(p) => p.routes.get(slot),
             None => Some(cur),
         };
-        let delta = Delta::between(cur, before);
-        total.add(&delta);
+        Delta::between(cur, before)
+    };
+    // The total counts every slot: requests no route matched (404s, refused heads), the
+    // routes past the label cap and removed routes too, not only the routes listed.
+    let mut total = Delta::default();
+    for slot in 0..now.routes.len() {
+        total.add(&delta_of(slot));
+    }
+    let mut routes = Vec::new();
+    for route in &snap.routes {
+        let Some(&slot) = slots.get(&*route.id) else {
+            continue;
+        };
+        let cur = &now.routes[slot];
+        let delta = delta_of(slot);
         let mut line = delta.summary(seconds);
         line.insert("route".into(), json!(&*route.id));
         line.insert(

@@ -1384,3 +1384,37 @@ fn a_body_declared_too_large_is_refused_before_it_is_sent() {
     let text = String::from_utf8_lossy(&got[..n]);
     assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
 }
+
+#[test]
+fn the_live_streams_total_counts_requests_no_route_matched() {
+    // 20 requests for a path no route has (404) and 5 for /health while a 2-second stream
+    // runs: the stream's total counts all 25, its route line the 5. Before, the total was
+    // the sum of the listed routes only (5).
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let lines = thread::scope(|s| {
+        let stream = s.spawn(|| gw.admin("GET", "/v1/stream?seconds=2", None));
+        // The first line comes at once; what follows counts from it.
+        thread::sleep(Duration::from_millis(300));
+        let mut c = gw.connect();
+        for i in 0..25 {
+            let path = if i < 20 { "/nowhere" } else { "/health" };
+            let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
+            assert_eq!(r.status, if i < 20 { 404 } else { 200 });
+        }
+        stream.join().unwrap()
+    });
+    assert_eq!(lines.status, 200);
+    let lines: Vec<Value> = lines
+        .body_str()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    // Each later line covers about a second: its rate is about its count.
+    let sum = |f: &dyn Fn(&Value) -> f64| lines[1..].iter().map(f).sum::<f64>();
+    let total = sum(&|l| l["total"]["rps"].as_f64().unwrap());
+    let health = sum(&|l| l["routes"][0]["rps"].as_f64().unwrap());
+    assert!((23.5..=25.5).contains(&total), "{total}: {lines:?}");
+    assert!((4.5..=5.5).contains(&health), "{health}: {lines:?}");
+}
