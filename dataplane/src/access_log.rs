@@ -790,9 +790,11 @@ pub fn write_head_fields(
     out.extend_from_slice(b"{\"ts\":");
     json_time(out, f.started);
     out.extend_from_slice(b",\"request_id\":");
-    match f.request_id_plain {
-        true => json_plain(out, f.request_id),
-        false => json_str(out, f.request_id, 256),
+    match (f.request_id.is_empty(), f.request_id_plain) {
+        // `[tracing] request_id = false`: the gateway has none.
+        (true, _) => out.extend_from_slice(b"null"),
+        (false, true) => json_plain(out, f.request_id),
+        (false, false) => json_str(out, f.request_id, 256),
     }
     out.extend_from_slice(b",\"client_ip\":");
     client_ips.write(out, f.client_ip, json_ip);

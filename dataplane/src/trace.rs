@@ -206,6 +206,9 @@ const TP_LEN: usize = 55;
 pub struct TraceParent {
     line: [u8; TP + TP_LEN + 2],
     set: bool,
+    /// The client's trace goes on (else the gateway started one, and the client's
+    /// `tracestate`, which belongs to the trace it replaced, is not forwarded).
+    continued: bool,
 }
 
 impl Default for TraceParent {
@@ -216,7 +219,11 @@ impl Default for TraceParent {
         line[TP + 35] = b'-';
         line[TP + 52] = b'-';
         line[TP + TP_LEN..].copy_from_slice(b"\r\n");
-        TraceParent { line, set: false }
+        TraceParent {
+            line,
+            set: false,
+            continued: false,
+        }
     }
 }
 
@@ -236,6 +243,11 @@ impl TraceParent {
         self.set.then_some(&self.line[..])
     }
 
+    /// Whether the client's trace goes on (it sent one valid `traceparent`).
+    pub fn continued(&self) -> bool {
+        self.set && self.continued
+    }
+
     /// The 32 hex digits of the trace id, if any.
     pub fn trace_id(&self) -> Option<&[u8]> {
         self.set.then_some(&self.line[TP + 3..TP + 35])
@@ -249,12 +261,19 @@ impl TraceParent {
         match client.and_then(parse_traceparent) {
             Some((trace_id, flags)) => {
                 h[3..35].copy_from_slice(trace_id);
-                h[53..55].copy_from_slice(flags);
+                // The flags this version defines, sampled (01) and random trace id (02,
+                // Level 2), go on; the others are zeroed, as a version-00 sender must (a
+                // later version's flags are not ours to pass on).
+                let low = char::from(flags[1]).to_digit(16).unwrap_or(0) & 0b11;
+                h[53] = b'0';
+                h[54] = b'0' + low as u8;
+                self.continued = true;
             }
             None => {
                 hex_into(&mut h[3..19], rng.nonzero());
                 hex_into(&mut h[19..35], rng.next_u64());
                 h[53..55].copy_from_slice(if sampled { b"01" } else { b"00" });
+                self.continued = false;
             }
         }
         hex_into(&mut h[36..52], rng.nonzero());
@@ -322,6 +341,18 @@ mod tests {
             b"00",
             "the caller's flags are kept"
         );
+        assert!(tp.continued());
+        // Sampled and random trace id (Level 2) go on; flags no version defines are zeroed,
+        // a later version's included (its extra fields are not passed on either).
+        for (flags, out) in [("03", "03"), ("ff", "03"), ("09", "01"), ("f6", "02")] {
+            let v = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+            tp.set(Some(v.as_bytes()), true, &mut rng);
+            assert_eq!(&tp.value().unwrap()[53..], out.as_bytes(), "{flags}");
+        }
+        let later = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-extra";
+        tp.set(Some(later), true, &mut rng);
+        let v = tp.value().unwrap();
+        assert_eq!((&v[..3], &v[53..]), (&b"00-"[..], &b"01"[..]));
     }
 
     #[test]
@@ -351,6 +382,7 @@ mod tests {
             assert_eq!(&v[53..], if i % 2 == 0 { b"01" } else { b"00" });
             let line = tp.field_line().unwrap();
             assert!(line.starts_with(b"traceparent: 00-") && line.ends_with(b"\r\n"));
+            assert!(!tp.continued());
         }
         let mut tp = TraceParent::default();
         tp.set(None, true, &mut rng);

@@ -649,10 +649,52 @@ fn request_ids_are_kept_made_and_replaced() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-request-id"), Some("mine"));
     assert!(!r.head.contains("from-upstream"), "{}", r.head);
+    // A head refused once its request line was read gets the client's id back too, and
+    // its log line has it and the trace. Before: a new id on the answer and in the log.
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for (i, (request, status)) in [
+        ("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n", 405),
+        (
+            "POST /api/t HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999\r\n",
+            413,
+        ),
+        (
+            "POST /api/t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n",
+            501,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = gw.connect().roundtrip(&format!(
+            "{request}X-Request-Id: refused-{i}\r\ntraceparent: {trace}\r\n\r\n"
+        ));
+        assert_eq!(r.status, status, "{request}");
+        assert_eq!(
+            r.header("x-request-id"),
+            Some(format!("refused-{i}").as_str())
+        );
+    }
+    // Sent twice, it is not the client's to keep.
+    let r = gw.connect().roundtrip(
+        "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nX-Request-Id: a\r\nX-Request-Id: b\r\n\r\n",
+    );
+    assert_eq!(r.status, 405);
+    assert!(is_hex(r.header("x-request-id").unwrap(), 32), "{}", r.head);
     // The log has the same ids.
-    let lines = read_log(&log, 6);
+    let lines = read_log(&log, 10);
     assert!(lines.iter().any(|l| l["request_id"] == "abc-123_XYZ"));
     assert!(lines.iter().any(|l| l["request_id"] == id.as_str()));
+    for i in 0..3 {
+        let line = lines
+            .iter()
+            .find(|l| l["request_id"] == format!("refused-{i}").as_str())
+            .unwrap_or_else(|| panic!("refused-{i}: {lines:?}"));
+        assert_eq!(
+            line["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+            "{line}"
+        );
+    }
 }
 
 #[test]
@@ -686,6 +728,26 @@ fn traceparent_is_continued_created_and_replaced() {
     assert_eq!(flags, "00");
     assert_eq!(seen.header("tracestate"), Some("congo=t61rcWkgMzE"));
     assert_eq!(seen.head.matches("traceparent").count(), 1, "{}", seen.head);
+    // Flags no version defines are zeroed; sampled and random trace id (Level 2) go on.
+    let flagged = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff";
+    let (seen, _) = through(&gw, &origin, &format!("traceparent: {flagged}\r\n"));
+    assert_eq!(parse(seen.header("traceparent").unwrap()).2, "03");
+
+    // A tracestate belongs to the trace it came with: a new trace goes without it, whether
+    // none came or one that is replaced. Before: passed on with the new, unrelated trace.
+    for parent in ["", "traceparent: garbage\r\n"] {
+        let (seen, _) = through(
+            &gw,
+            &origin,
+            &format!("{parent}tracestate: vendor=secret\r\nTraceState: rojo=1\r\n"),
+        );
+        assert!(seen.header("traceparent").is_some());
+        assert!(
+            !seen.head.to_ascii_lowercase().contains("tracestate"),
+            "{}",
+            seen.head
+        );
+    }
 
     // Created: none sent (sampled by default).
     let (seen, _) = through(&gw, &origin, "");
@@ -703,7 +765,7 @@ fn traceparent_is_continued_created_and_replaced() {
         assert_ne!(t.to_uppercase(), "0AF7651916CD43DD8448EB211C80319C");
         assert_ne!(t, "00000000000000000000000000000000");
     }
-    let lines = read_log(&log, 5);
+    let lines = read_log(&log, 8);
     assert!(lines
         .iter()
         .any(|l| l["trace_id"] == "0af7651916cd43dd8448eb211c80319c"));
@@ -713,9 +775,14 @@ fn traceparent_is_continued_created_and_replaced() {
 #[test]
 fn tracing_can_be_turned_off() {
     let origin = Origin::echo();
+    let dir = temp_dir("tracing-off");
+    let log = dir.join("access.log");
     let config = proxy_config(
         origin.addr,
-        "[tracing]\nrequest_id = false\ntraceparent = false\n",
+        &format!(
+            "[tracing]\nrequest_id = false\ntraceparent = false\n[access_log]\npath = \"{}\"\n",
+            log.display()
+        ),
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let (seen, r) = through(
@@ -726,6 +793,13 @@ fn tracing_can_be_turned_off() {
     assert_eq!(seen.header("x-request-id"), Some("has space"));
     assert_eq!(seen.header("traceparent"), Some("garbage"));
     assert_eq!(r.header("x-request-id"), None);
+    // With the switch off, tracestate goes on as the client sent it.
+    let (seen, _) = through(&gw, &origin, "tracestate: vendor=kept\r\n");
+    assert_eq!(seen.header("tracestate"), Some("vendor=kept"));
+    // The gateway has no request id then: the log says null (before: "").
+    for line in read_log(&log, 2) {
+        assert_eq!(line["request_id"], Value::Null, "{line}");
+    }
 }
 
 #[test]

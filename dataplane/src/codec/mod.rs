@@ -234,6 +234,31 @@ pub(crate) fn offset_in(buf: &[u8], part: &[u8]) -> usize {
 
 /// Trims optional whitespace (SP / HTAB) at both ends.
 #[inline]
+/// The value of the one field line named `name` (case-insensitively) among the whole lines
+/// after the request line at the start of `buf`, a head that was refused before it parsed:
+/// `None` without one, or with two. Not the hot path: a refused head only.
+pub(crate) fn raw_single_field<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    // The head's lines, up to the empty line that ends it or else the last whole line.
+    let end = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(p) => p + 2,
+        None => buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1),
+    };
+    let mut found = None;
+    for line in buf[..end].split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if line[..colon].eq_ignore_ascii_case(name) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(trim_ows(&line[colon + 1..]));
+        }
+    }
+    found
+}
+
 pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
     let start = v
         .iter()

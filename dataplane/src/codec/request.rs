@@ -53,6 +53,8 @@ pub struct RequestHead {
     pub request_id: Option<FieldRef>,
     /// The `traceparent` field, if any (W3C trace context).
     pub traceparent: Option<FieldRef>,
+    /// The `tracestate` field, if any: dropped when the gateway starts a new trace.
+    pub tracestate: Option<FieldRef>,
     /// The `User-Agent` value, if any (the access log).
     pub user_agent: Option<Span>,
     /// The path escapes unreserved characters (`%61` for `a`): [`normalize_path`] decodes
@@ -236,6 +238,7 @@ pub fn parse_request_into(
     let mut dropped = DroppedFields::default();
     let mut request_id: Option<FieldRef> = None;
     let mut traceparent: Option<FieldRef> = None;
+    let mut tracestate: Option<FieldRef> = None;
     let mut user_agent: Option<Span> = None;
 
     for (i, h) in headers.iter().enumerate() {
@@ -328,6 +331,9 @@ pub fn parse_request_into(
             }
             10 if name.eq_ignore_ascii_case(b"user-agent") => {
                 user_agent.get_or_insert(span_of(buf, value));
+            }
+            10 if name.eq_ignore_ascii_case(b"tracestate") => {
+                FieldRef::note(&mut tracestate, buf, headers, i, fields_end);
             }
             2 if name.eq_ignore_ascii_case(b"te") => drop = true,
             10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,
@@ -477,6 +483,7 @@ pub fn parse_request_into(
         expect_continue: expect_continue && body != BodyKind::None && !http10,
         request_id,
         traceparent,
+        tracestate,
         user_agent,
         escaped,
         slash_runs,

@@ -184,18 +184,29 @@ impl RequestCtx {
     /// Starts a request whose head could not be parsed (it is answered with a 4xx and
     /// logged without request fields).
     /// `line`: the method and target when the request line was read before the head was
-    /// refused (the target is logged without its query, which nothing screened for secrets).
+    /// refused (the target is logged without its query, which nothing screened for secrets);
+    /// then the client's `X-Request-Id` and `traceparent` are read from the raw head in
+    /// `buf`, so its answer and log line carry them as a parsed request's do.
     pub fn begin_unparsed(
         &mut self,
         worker: &WorkerCtx,
         snap: &Snapshot,
         peer: IpAddr,
         line: Option<(&[u8], &[u8])>,
+        buf: &[u8],
     ) {
         self.reset(snap, peer);
         self.head_only = line.is_some_and(|(method, _)| method == b"HEAD");
-        if snap.tracing.request_id {
-            self.request_id.set(None, &mut worker.rng.borrow_mut());
+        let field = |name: &[u8]| line.and_then(|_| crate::codec::raw_single_field(buf, name));
+        let tracing = &snap.tracing;
+        if tracing.request_id {
+            let id = field(b"x-request-id");
+            self.request_id.set(id, &mut worker.rng.borrow_mut());
+        }
+        if tracing.traceparent {
+            let tp = field(b"traceparent");
+            self.trace
+                .set(tp, tracing.sampled, &mut worker.rng.borrow_mut());
         }
         if self.logging {
             let (method, target) = line.unwrap_or_default();
@@ -209,7 +220,7 @@ impl RequestCtx {
                 target,
                 query_cut: true,
                 user_agent: None,
-                trace_id: None,
+                trace_id: self.trace.trace_id(),
             };
             access_log::write_head_fields(
                 &mut self.log_head,

@@ -191,7 +191,7 @@ async fn serve_stream<S: ClientStream>(
                 // The request line, if the head got that far (see `parse_request_into`).
                 let line = (head.method.end > head.method.start)
                     .then(|| (head.method.of(&down.buf), head.target.of(&down.buf)));
-                req.begin_unparsed(&ctx, &snap, peer.ip, line);
+                req.begin_unparsed(&ctx, &snap, peer.ip, line, &down.buf);
                 let next = down.fail(&mut req, kind).await;
                 req.bytes_in = down.buf.len() as u64;
                 req.finish(&ctx, &snap);
@@ -1250,6 +1250,11 @@ fn add_trace_fields<S>(down: &mut Downstream<S>, req: &mut RequestCtx, head: &Re
     if let Some(line) = req.trace.field_line() {
         policy::drop_field(&down.buf, head.traceparent, fields, b"traceparent", drops);
         req.policy.extra.extend_from_slice(line);
+        if !req.trace.continued() {
+            // A `tracestate` belongs to the trace it came with, which this one replaces
+            // (W3C Trace Context: a new trace deletes it).
+            policy::drop_field(&down.buf, head.tracestate, fields, b"tracestate", drops);
+        }
     }
 }
 
