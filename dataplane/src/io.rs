@@ -12,7 +12,7 @@ use std::task::{Context, Poll, RawWakerVTable};
 use std::time::Instant;
 
 use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::AsyncReadRent;
+use monoio::io::{AsyncReadRent, CancelableAsyncReadRent, Canceller};
 use monoio::time::Sleep;
 
 use crate::upstream::is_send_timeout;
@@ -176,6 +176,47 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
     timer: &mut ReadTimer,
     watch: Option<(ClientWatch, &mut Instant)>,
 ) -> Result<usize, ReadError> {
+    let (len, end) = make_room(buf, pos, max, most)?;
+    let owned = std::mem::take(buf);
+    let read = std::pin::pin!(stream.read(owned.slice_mut(len..end)));
+    finish_read(read, buf, deadline, timer, watch).await
+}
+
+/// Like [`read_more`], for a reader whose reads can be cancelled: at the deadline the read
+/// is cancelled and `buf` taken back with what it held (a head that timed out is still
+/// logged with its bytes and request line). Only for a stream that is the whole connection.
+pub(crate) async fn read_more_keeping<R: CancelableAsyncReadRent>(
+    stream: &mut R,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    max: usize,
+    deadline: Instant,
+    timer: &mut ReadTimer,
+    canceller: &mut Canceller,
+) -> Result<usize, ReadError> {
+    let (len, end) = make_room(buf, pos, max, usize::MAX)?;
+    let owned = std::mem::take(buf);
+    let read = stream.cancelable_read(owned.slice_mut(len..end), canceller.handle());
+    let mut read = std::pin::pin!(read);
+    match finish_read(read.as_mut(), buf, deadline, timer, None).await {
+        Err(ReadError::Timeout) => {
+            *canceller = std::mem::take(canceller).cancel();
+            let (_, slice) = read.await;
+            *buf = slice.into_inner();
+            Err(ReadError::Timeout)
+        }
+        done => done,
+    }
+}
+
+/// Makes room in `buf` for a read of at most `most` bytes (compacting consumed ones, then
+/// growing by doubling up to `max` buffered): where the read goes, `len..end`.
+fn make_room(
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+    max: usize,
+    most: usize,
+) -> Result<(usize, usize), ReadError> {
     if *pos == buf.len() {
         buf.clear();
         *pos = 0;
@@ -192,10 +233,7 @@ pub(crate) async fn read_at_most<R: AsyncReadRent>(
         buf.reserve_exact(buf.capacity().max(1024).min(max - buf.len()));
     }
     let len = buf.len();
-    let end = buf.capacity().min(len.saturating_add(most));
-    let owned = std::mem::take(buf);
-    let read = std::pin::pin!(stream.read(owned.slice_mut(len..end)));
-    finish_read(read, buf, deadline, timer, watch).await
+    Ok((len, buf.capacity().min(len.saturating_add(most))))
 }
 
 /// What a read submitted for a buffer's spare room gives back.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::*;
 
@@ -605,6 +605,42 @@ fn through(gw: &Gateway, origin: &Origin, extra_fields: &str) -> (Received, Resp
     assert_eq!(r.status, 200);
     let seen = origin.wait_requests(before + 1).pop().unwrap();
     (seen, r)
+}
+
+#[test]
+fn a_head_that_times_out_is_logged_with_its_bytes_and_request_line() {
+    // Half a head, then nothing: a 408 after client_header_ms, logged with the bytes that
+    // came, the request line (its query left out) and the client's request id. Before:
+    // bytes_in 0, no method or path, and a new id (the read that timed out took the
+    // buffer with it).
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(0));
+    let dir = temp_dir("access-log-408");
+    let log = dir.join("access.log");
+    let config = log_config(&origin, &slow, &log, "").replace(
+        "upstream_response_head_ms = 400\n",
+        "upstream_response_head_ms = 400\nclient_header_ms = 300\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let half = b"GET /api/x?k=v HTTP/1.1\r\nHost: a\r\nX-Request-Id: slow-1\r\nX-Req";
+    let mut c = gw.connect();
+    c.send(half);
+    let r = c.read_response();
+    assert_eq!(r.status, 408);
+    assert_eq!(r.header("x-request-id"), Some("slow-1"));
+    let l = &read_log(&log, 1)[0];
+    assert_eq!(
+        (&l["status"], &l["error"], &l["method"], &l["path"]),
+        (
+            &json!(408),
+            &json!("client_timeout"),
+            &json!("GET"),
+            &json!("/api/x")
+        ),
+        "{l}"
+    );
+    assert_eq!(l["bytes_in"], json!(half.len()), "{l}");
+    assert_eq!(l["request_id"], "slow-1", "{l}");
 }
 
 #[test]

@@ -234,6 +234,22 @@ pub(crate) fn offset_in(buf: &[u8], part: &[u8]) -> usize {
 
 /// Trims optional whitespace (SP / HTAB) at both ends.
 #[inline]
+/// The method and target of the whole request line at the start of `buf` (`METHOD SP
+/// TARGET SP HTTP/x.y CRLF`, the method a token), for a head that timed out before its end.
+pub(crate) fn request_line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let mut parts = buf[..end].split(|&b| b == b' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let ok = parts.next().is_none()
+        && !method.is_empty()
+        && method.iter().all(token)
+        && !target.is_empty()
+        && target.iter().all(|&b| b.is_ascii_graphic())
+        && version.starts_with(b"HTTP/");
+    ok.then_some((method, target))
+}
+
 /// The value of the one field line named `name` (case-insensitively) among the whole lines
 /// after the request line at the start of `buf`, a head that was refused before it parsed:
 /// `None` without one, or with two. Not the hot path: a refused head only.

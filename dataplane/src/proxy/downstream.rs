@@ -22,7 +22,7 @@ use crate::codec::response::ResponseHead;
 use crate::codec::{BodyKind, FieldPlan, Span};
 use crate::error::ErrorKind;
 use crate::gather::{write_gathered, Piece};
-use crate::io::{read_more, write_range, ReadError, ReadTimer};
+use crate::io::{read_more, read_more_keeping, write_range, ReadError, ReadTimer};
 use crate::status::Status;
 use crate::upstream::UpstreamConn;
 use crate::worker_ctx::WorkerCtx;
@@ -229,6 +229,19 @@ impl<S: ClientStream> Downstream<S> {
                     let until = idle_from.unwrap_or_else(Instant::now) + grace;
                     self.read_or_park(until).await
                 }
+                // The rest of a head that began: at its timeout the bytes that came are
+                // kept, for the 408's log line.
+                None if !waiting_idle && S::WHOLE_CONNECTION => read_more_keeping(
+                    &mut self.stream,
+                    &mut self.buf,
+                    &mut self.pos,
+                    self.limits.max_header_bytes,
+                    deadline,
+                    &mut self.timer,
+                    &mut self.canceller,
+                )
+                .await
+                .map(Some),
                 None => {
                     let want = self.limits.max_header_bytes;
                     read_more(

@@ -188,9 +188,15 @@ async fn serve_stream<S: ClientStream>(
             }
             Err(kind) => {
                 let snap = ctx.snapshot();
-                // The request line, if the head got that far (see `parse_request_into`).
+                // The request line, if the head got that far (see `parse_request_into`), or
+                // the whole first line of a head that timed out before its end.
                 let line = (head.method.end > head.method.start)
-                    .then(|| (head.method.of(&down.buf), head.target.of(&down.buf)));
+                    .then(|| (head.method.of(&down.buf), head.target.of(&down.buf)))
+                    .or_else(|| {
+                        (kind == ErrorKind::ClientTimeout)
+                            .then(|| crate::codec::request_line(&down.buf))
+                            .flatten()
+                    });
                 req.begin_unparsed(&ctx, &snap, peer.ip, line, &down.buf);
                 let next = down.fail(&mut req, kind).await;
                 req.bytes_in = down.buf.len() as u64;
