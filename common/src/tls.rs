@@ -181,6 +181,28 @@ pub fn compile_certificate(
             "the first certificate is not a valid X.509 certificate",
         )
     })?;
+    // The rest of the chain goes to every client as it is: one that does not parse would
+    // fail every handshake under these names (a line lost in a copy and paste).
+    if let Some(n) = chain.iter().position(|c| !is_certificate(c)) {
+        return Err(ConfigError::field(
+            field(cert_at),
+            format!(
+                "certificate {} of the chain ({} in all) is not a valid X.509 certificate",
+                n + 1,
+                chain.len()
+            ),
+        ));
+    }
+    if key_text.contains("ENCRYPTED PRIVATE KEY-----")
+        || key_text.contains("Proc-Type: 4,ENCRYPTED")
+    {
+        return Err(ConfigError::field(
+            field(key_at),
+            "an encrypted private key: the gateway takes keys without a passphrase (decrypt \
+             it with `openssl pkey -in KEY -out KEY.dec`, and keep that file readable by the \
+             gateway only)",
+        ));
+    }
     let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
         .map_err(|e| ConfigError::field(field(key_at), format!("not a PEM private key: {e}")))?;
     let signer = provider().key_provider.load_private_key(key).map_err(|e| {
@@ -309,7 +331,7 @@ struct Sessions {
 const SESSION_IDS: usize = 20_000;
 
 /// Session states kept per listener address, the most recently used: the live config's, and
-/// a dry run's or a refused change's beside it.
+/// a dry run's or a refused change's beside it (more while more are in use).
 const SESSION_SETS: usize = 3;
 
 /// The session state of the listener on `address` with `certs`, made on first use.
@@ -337,8 +359,17 @@ fn sessions(address: &str, certs: &[Arc<Certificate>]) -> Arc<Sessions> {
             }),
         ),
     };
-    if kept.len() == SESSION_SETS {
-        kept.remove(0);
+    // Room for it: the least recently used sets that no compiled config holds any more. The
+    // live config's is never pushed out (by dry runs or refused changes with other lists,
+    // which would have made every client's next handshake a full one).
+    while kept.len() >= SESSION_SETS {
+        match kept
+            .iter()
+            .position(|(_, s)| Arc::strong_count(&s.cache) == 1)
+        {
+            Some(i) => drop(kept.remove(i)),
+            None => break,
+        }
     }
     kept.push(entry.clone());
     entry.1
@@ -806,6 +837,12 @@ pub struct Leaf {
 
 /// Reads the names and expiry from a DER certificate: a DER walk over the fields it needs
 /// (RFC 5280 4.1), nothing more. `None` if the structure is not a certificate.
+/// Whether `der` is one whole X.509 certificate, as far as [`parse_leaf`] reads one (its
+/// outer sequence spans exactly the bytes given).
+fn is_certificate(der: &[u8]) -> bool {
+    Der::read(der, 0x30).is_some_and(|(_, rest)| rest.is_empty()) && parse_leaf(der).is_some()
+}
+
 pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
     let (cert, _) = Der::read(der, 0x30)?;
     let (tbs, _) = Der::read(cert, 0x30)?;

@@ -527,6 +527,16 @@ fn sessions_resume_over_tls_1_2_and_1_3() {
         let first = s_client_request(tls, version, ("-sess_out", &sess));
         assert!(first.contains("origin saw /resume"), "{first}");
         assert!(first.contains(&format!("New, {name}")), "{first}");
+        // Dry runs with other certificate lists for the listener (each compiles session
+        // state of its own) do not push out the live config's: before, three of them made
+        // the next change start every client over with a full handshake.
+        let config = gw.admin("GET", "/v1/config", None).json();
+        for list in [["b", "a"].as_slice(), &["a"], &["b"]] {
+            let mut other = config.clone();
+            other["listeners"][0]["tls"]["certificates"] = serde_json::json!(list);
+            let r = gw.admin("PUT", "/v1/config?dry_run=true", Some(&other.to_string()));
+            assert_eq!(r.status, 200, "{}", r.body_str());
+        }
         // Sessions outlive a config change (a route added) and, for TLS 1.3 (tickets), 150
         // other clients' sessions (the first build kept 128 clients' tickets at most).
         changes += 1;
@@ -757,6 +767,27 @@ fn certificates_are_managed_through_the_admin_api() {
         (
             serde_json::json!({"cert_pem": "not a certificate", "key_pem": a.key_pem()}),
             "\"pointer\":\"/cert_pem\"",
+        ),
+        // A later certificate that does not parse would fail every client's handshake
+        // (before: taken).
+        (
+            serde_json::json!({
+                "cert_pem": format!(
+                    "{}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                    a2.cert_pem()
+                ),
+                "key_pem": a2.key_pem()
+            }),
+            "certificate 2 of the chain (2 in all) is not a valid X.509 certificate",
+        ),
+        // An encrypted key says so (before: "no items found").
+        (
+            serde_json::json!({
+                "cert_pem": a2.cert_pem(),
+                "key_pem": "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n\
+                            -----END ENCRYPTED PRIVATE KEY-----\n"
+            }),
+            "an encrypted private key",
         ),
         (
             serde_json::json!({"cert_pem": a.cert_pem(), "key_sha256": "00".repeat(32)}),
