@@ -53,7 +53,15 @@ pub fn spawn(admin: Arc<Admin>, client: Client, health: Arc<Health>) -> std::io:
 fn watch_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
     let mut backoff = Duration::from_millis(50);
     loop {
+        let opened = std::time::Instant::now();
         match watch_once(admin, &mut client, health, state) {
+            // A watch that etcd ends as soon as it is opened, again and again, is opened
+            // again after a growing pause, not in a loop that floods etcd and the log.
+            Ok(why) if opened.elapsed() < Duration::from_secs(1) => {
+                log::info!("config store: {why}; reading the config again in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
             Ok(why) => {
                 log::info!("config store: {why}; reading the config again");
                 backoff = Duration::from_millis(50);
