@@ -719,11 +719,29 @@ fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
         let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
         let out = call(&gw);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+        // The targets' metrics count every send, the resend on a fresh connection after a
+        // refused stream included (before: neither counted it).
+        let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+        let sum = |family: &str| -> usize {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(&format!("{family}{{upstream=\"grpc\"")))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<usize>().ok())
+                .sum()
+        };
         drop(gw);
         let sent = a.requests() + b.requests();
         assert!(
             (least..=most).contains(&sent),
             "{mode} {code}: the call reached the upstream {sent} times"
+        );
+        assert_eq!(
+            (
+                sum("gateway_target_requests_total"),
+                sum("gateway_target_retries_total")
+            ),
+            (sent, sent - 1),
+            "{mode} {code}"
         );
     }
 }

@@ -647,6 +647,15 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
+    /// A request sent again to `target` within its try, on a fresh connection (the pooled
+    /// one had been closed, or the upstream refused the stream unprocessed): a retry and a
+    /// request of the target's (its metrics count both, as for the policy's retries).
+    pub fn count_resend(&self, target: &LiveTarget, rec: &mut Attempts) {
+        rec.retries = rec.retries.saturating_add(1);
+        target.state.count_retry(self.source.stripe());
+        target.state.count_request(self.source.stripe());
+    }
+
     /// Starts a try on target `i` of the set: the request counts as outstanding there from
     /// now on.
     fn begin(&self, i: usize) -> &LiveTarget {
@@ -810,10 +819,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     // sent to the target like the policy's (its metric counts both).
                     fresh = true;
                     *slot = None;
-                    let rec = req.as_mut();
-                    rec.retries = rec.retries.saturating_add(1);
-                    target.state.count_retry(self.source.stripe());
-                    target.state.count_request(self.source.stripe());
+                    self.count_resend(target, req.as_mut());
                 }
                 Err(e) => return Err(e),
             }

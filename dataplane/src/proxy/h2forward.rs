@@ -1171,7 +1171,7 @@ pub(super) async fn forward<S: ClientStream>(
                         conn.mark_closed();
                         if reused && !fresh {
                             fresh = true;
-                            req.attempts.retries = req.attempts.retries.saturating_add(1);
+                            connector.count_resend(target, &mut req.attempts);
                             continue;
                         }
                         return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
@@ -1241,7 +1241,7 @@ pub(super) async fn forward<S: ClientStream>(
                         if unprocessed && !fresh && !pumped {
                             // Once more on a new connection, whatever the retry policy.
                             fresh = true;
-                            req.attempts.retries = req.attempts.retries.saturating_add(1);
+                            connector.count_resend(target, &mut req.attempts);
                             continue;
                         }
                         if !unprocessed && call.is_grpc() {
