@@ -594,7 +594,7 @@ impl EtcdStore {
             }
         }
         let outcome = match r {
-            Err(EtcdError::Unknown(lost)) => self.outcome_of(&bytes, &lost),
+            Err(EtcdError::Unknown(lost)) => self.outcome_of(&bytes, revision, &lost),
             r => self.track(r).map(|answer| {
                 if answer["succeeded"].as_bool() == Some(true) {
                     Committed::Made(num(&answer["header"]["revision"]))
@@ -627,29 +627,38 @@ impl EtcdStore {
         }
     }
 
-    /// What became of a commit whose answer was lost (`bytes`, the record it wrote), read
-    /// back from the config key. Still unknown when the read fails too, or finds the key
-    /// unchanged. The record holds the revision, the time and the source: another write
-    /// does not leave the same bytes.
-    fn outcome_of(&mut self, bytes: &[u8], lost: &str) -> Result<Committed, EtcdError> {
-        let read = self.client.range("config", false).map(|(kvs, _)| kvs);
-        let kv = self
-            .track(read)
-            .map_err(|e| EtcdError::Unknown(format!("{lost}; and reading it back failed: {e}")))?
-            .into_iter()
-            .next();
-        if let Some(kv) = kv.as_ref().filter(|kv| kv.value == bytes) {
+    /// What became of a commit whose answer was lost (`bytes`, the record it wrote as the
+    /// config and as revision `revision`), read back: made if the revision's key holds this
+    /// record (another node's writes may have followed it, so the config key alone cannot
+    /// say); not made if it holds another's, or if it is absent and the config key moved on;
+    /// still unknown when the config is unchanged or a read fails.
+    fn outcome_of(
+        &mut self,
+        bytes: &[u8],
+        revision: u64,
+        lost: &str,
+    ) -> Result<Committed, EtcdError> {
+        let failed =
+            |e: EtcdError| EtcdError::Unknown(format!("{lost}; and reading it back failed: {e}"));
+        let read = self
+            .client
+            .range(&revision_key(revision), false)
+            .map(|(kvs, _)| kvs);
+        let made = self.track(read).map_err(failed)?.into_iter().next();
+        if let Some(kv) = made.as_ref().filter(|kv| kv.value == bytes) {
             log::warn!("config store: a write's answer was lost ({lost}); read back, it was made");
             return Ok(Committed::Made(kv.mod_revision));
         }
-        if kv.as_ref().map_or(0, |kv| kv.mod_revision) == self.mod_revision {
+        let read = self.client.range("config", false).map(|(kvs, _)| kvs);
+        let config = self.track(read).map_err(failed)?.into_iter().next();
+        if made.is_none() && config.as_ref().map_or(0, |kv| kv.mod_revision) == self.mod_revision {
             // Not made, as far as etcd shows now.
             return Err(EtcdError::Unknown(format!(
                 "{lost}; read back, the config is unchanged"
             )));
         }
         // Another write came first: ours can no longer be applied (its compare fails).
-        Ok(Committed::Not(kv))
+        Ok(Committed::Not(config))
     }
 
     /// Stored revisions, oldest first (without their configs).

@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -830,6 +831,39 @@ fn a_write_whose_answer_is_lost_is_read_back_not_sent_to_another_endpoint() {
     );
     let stored = etcd.values_under("/t9/config");
     assert!(stored[0].contains(r#""body":"2""#), "{stored:?}");
+
+    // The same while another node writes after the lost answer and before the read-back:
+    // the config then holds the other node's record, and the write is still known made
+    // (its revision's record is this node's). Before that was read: 404 for the DELETE.
+    let c = Gateway::start_with(&node_file("c", "", ""), Driver::IoUring, &["--store", &url]);
+    let b = node(&etcd, "t9", &node_file("b", "", ""));
+    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    thread::scope(|s| {
+        let delete = s.spawn(|| c.admin("DELETE", "/v1/routes/d", None));
+        // Once etcd has the delete (its answer held back), b writes.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while etcd.values_under("/t9/config")[0].contains(r#""path":"/d""#) {
+            assert!(Instant::now() < deadline, "the delete never reached etcd");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let r = b.admin("PUT", "/v1/routes/e", Some(&respond_route("/e", "e")));
+        assert_eq!(r.status, 201, "{}", r.body_str());
+        let r = delete.join().unwrap();
+        assert_eq!(r.status, 204, "{}", r.body_str());
+    });
+    frozen.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sources: Vec<String> = b.admin("GET", "/v1/revisions", None).json()["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["source"].as_str().unwrap().to_owned())
+        .collect();
+    let tail = &sources[sources.len() - 2..];
+    assert_eq!(
+        tail,
+        ["api: DELETE /v1/routes/d", "api: PUT /v1/routes/e"],
+        "{sources:?}"
+    );
 }
 
 #[test]
