@@ -835,14 +835,14 @@ pub struct Leaf {
     pub not_after: i64,
 }
 
-/// Reads the names and expiry from a DER certificate: a DER walk over the fields it needs
-/// (RFC 5280 4.1), nothing more. `None` if the structure is not a certificate.
 /// Whether `der` is one whole X.509 certificate, as far as [`parse_leaf`] reads one (its
 /// outer sequence spans exactly the bytes given).
 fn is_certificate(der: &[u8]) -> bool {
     Der::read(der, 0x30).is_some_and(|(_, rest)| rest.is_empty()) && parse_leaf(der).is_some()
 }
 
+/// Reads the names and expiry from a DER certificate: a DER walk over the fields it needs
+/// (RFC 5280 4.1), nothing more. `None` if the structure is not a certificate.
 pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
     let (cert, _) = Der::read(der, 0x30)?;
     let (tbs, _) = Der::read(cert, 0x30)?;

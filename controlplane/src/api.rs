@@ -1548,7 +1548,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("GET", "/v1/stream"),
     ("GET", "/v1/access_log"),
     ("GET", "/v1/revisions/{revision}"),
-    ("POST", "/v1/revisions/{revision}"),
+    ("POST", "/v1/revisions/{revision}:rollback"),
     ("GET", "/v1/routes"),
     ("GET", "/v1/routes/{id}"),
     ("PUT", "/v1/routes/{id}"),
@@ -1599,6 +1599,11 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
 
 /// The router path serving a documented path: one template serves every resource kind.
 fn template(path: &str) -> String {
+    // The router cannot match a suffix after a parameter: a revision and its rollback are
+    // one route (`rollback` and `revision_other_method` tell them apart).
+    if let Some(revision) = path.strip_suffix(":rollback") {
+        return revision.to_owned();
+    }
     for kind in KIND_PATHS {
         if let Some(rest) = path.strip_prefix(kind) {
             return format!("/v1/{{kind}}{rest}");
@@ -1621,7 +1626,9 @@ fn handler(method: &str, path: &str) -> axum::routing::MethodRouter<Arc<Admin>> 
         ("GET", "/v1/stream") => get(crate::live::stream),
         ("GET", "/v1/access_log") => get(crate::live::access_log_tail),
         ("GET", "/v1/revisions/{revision}") => get(get_revision),
-        ("POST", "/v1/revisions/{revision}") => post(rollback),
+        // Another method on a revision or its rollback: a 405 naming what each takes (the
+        // router's own would list GET, HEAD and POST for both).
+        ("POST", "/v1/revisions/{revision}") => post(rollback).fallback(revision_other_method),
         ("GET", "/v1/{kind}") => get(list_items),
         ("GET", "/v1/{kind}/{id}") => get(get_item),
         ("PUT", "/v1/{kind}/{id}") => put(put_or_patch_item),
@@ -2424,6 +2431,14 @@ async fn get_revision(
             json!({"revision": r.revision, "created_ms": r.created_ms, "source": r.source, "config": r.config}),
         )),
         None => Err(Problem::not_found(format!("revision {n} is not kept"))),
+    }
+}
+
+/// Any other method on `/v1/revisions/{n}` or `{n}:rollback`.
+async fn revision_other_method(Path(rev): Path<String>) -> Problem {
+    match rev.strip_suffix(":rollback") {
+        Some(_) => wrong_method("POST"),
+        None => wrong_method("GET, HEAD"),
     }
 }
 

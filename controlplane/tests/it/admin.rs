@@ -654,10 +654,7 @@ fn every_endpoint_but_health_needs_the_token() {
             let path = path
                 .replace("{kind}", "routes")
                 .replace("{id}", "health")
-                .replace(
-                    "{revision}",
-                    if method == "POST" { "1:rollback" } else { "1" },
-                );
+                .replace("{revision}", "1");
             let body = matches!(method, "PUT" | "PATCH" | "POST").then_some("{}");
             (method, path, body)
         })
@@ -875,6 +872,14 @@ fn revisions_rollback_and_batches() {
     let r = gw.admin("GET", &format!("/v1/revisions/{r1}:rollback"), None);
     problem(&r, 405);
     assert_eq!(r.header("allow"), Some("POST"));
+    for (method, path, allow) in [
+        ("PUT", format!("/v1/revisions/{r1}"), "GET, HEAD"),
+        ("DELETE", format!("/v1/revisions/{r1}:rollback"), "POST"),
+    ] {
+        let r = gw.admin(method, &path, None);
+        problem(&r, 405);
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+    }
     let status = gw.admin("GET", "/v1/status", None).json();
     assert_eq!(status["revision"], json!(rev + 1));
     assert_eq!(status["published_revision"], json!(rev + 1));

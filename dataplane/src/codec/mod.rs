@@ -232,8 +232,6 @@ pub(crate) fn offset_in(buf: &[u8], part: &[u8]) -> usize {
     part.as_ptr() as usize - buf.as_ptr() as usize
 }
 
-/// Trims optional whitespace (SP / HTAB) at both ends.
-#[inline]
 /// The method and target of the whole request line at the start of `buf` (`METHOD SP
 /// TARGET SP HTTP/x.y CRLF`, the method a token), for a head that timed out before its end.
 pub(crate) fn request_line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -254,14 +252,15 @@ pub(crate) fn request_line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
 /// after the request line at the start of `buf`, a head that was refused before it parsed:
 /// `None` without one, or with two. Not the hot path: a refused head only.
 pub(crate) fn raw_single_field<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    // The head's lines, up to the empty line that ends it or else the last whole line.
-    let end = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(p) => p + 2,
-        None => buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1),
-    };
+    // The head's whole lines, up to the empty line that ends it (CRLF or a bare LF, which
+    // the parser refused): nothing of a body or of the next request behind it.
+    let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
     let mut found = None;
-    for line in buf[..end].split(|&b| b == b'\n').skip(1) {
+    for line in buf[..whole].split(|&b| b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
@@ -275,6 +274,8 @@ pub(crate) fn raw_single_field<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8
     found
 }
 
+/// Trims optional whitespace (SP / HTAB) at both ends.
+#[inline]
 pub(crate) fn trim_ows(v: &[u8]) -> &[u8] {
     let start = v
         .iter()
@@ -455,6 +456,45 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_heads_fields_are_read_up_to_its_end_only() {
+        fn id(buf: &[u8]) -> Option<&[u8]> {
+            raw_single_field(buf, b"x-request-id")
+        }
+        assert_eq!(
+            id(b"GET / HTTP/1.1\r\nX-Request-Id:  a1 \r\n\r\n"),
+            Some(&b"a1"[..])
+        );
+        assert_eq!(
+            id(b"GET / HTTP/1.1\r\nx-request-id: a\r\nX-REQUEST-ID: b\r\n\r\n"),
+            None
+        );
+        // Not past the empty line, with CRLF or bare LF: a body or the next request.
+        assert_eq!(
+            id(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nX-Request-Id: next\r\n"),
+            None
+        );
+        assert_eq!(id(b"GET / HTTP/1.1\nHost: a\n\nX-Request-Id: next\n"), None);
+        // A head cut short: its whole lines only.
+        assert_eq!(
+            id(b"GET / HTTP/1.1\r\nX-Request-Id: w\r\nX-Req"),
+            Some(&b"w"[..])
+        );
+        assert_eq!(id(b"GET / HTTP/1.1\r\nX-Request-Id: cut"), None);
+        assert_eq!(
+            request_line(b"GET /a?b HTTP/1.1\r\nHo"),
+            Some((&b"GET"[..], &b"/a?b"[..]))
+        );
+        for bad in [
+            &b"GET /a HTTP/1.1"[..],
+            b"GET /a\r\n",
+            b"G(T /a HTTP/1.1\r\n",
+            b"\x16\x03 x\r\n",
+        ] {
+            assert_eq!(request_line(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn content_length() {
