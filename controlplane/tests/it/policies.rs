@@ -1214,6 +1214,53 @@ fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
         .starts_with("\"five\";r=0;t="));
 }
 
+#[test]
+fn a_refusal_carries_only_the_refusing_limits_fields() {
+    // Two limits with headers_on_success; the second refuses the third request. Its 429
+    // names that limit only: before, the first limit's admitted fields stood beside it, and
+    // X-RateLimit-Remaining said 7 on a refusal.
+    let origin = Origin::echo();
+    let limit = |id: &str, rate: u32| {
+        format!(
+            "[[policies]]\nid = \"{id}\"\nkind = \"rate_limit\"\nrate = {rate}\nper = \"minute\"\n\
+             headers_on_success = true\nx_ratelimit_headers = true\n"
+        )
+    };
+    let limits = limit("wide", 10) + &limit("narrow", 2);
+    let config = proxy_config(origin.addr, &limits).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\npolicies = [\"wide\", \"narrow\"]\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    for left in [1, 0] {
+        let r = c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(r.status, 200);
+        // Both limits' pairs: one list of policies.
+        let ratelimit: Vec<&str> = r
+            .head
+            .lines()
+            .filter(|l| l.starts_with("RateLimit:"))
+            .collect();
+        assert_eq!(ratelimit.len(), 2, "{}", r.head);
+        assert!(
+            r.head.contains(&format!("RateLimit: \"narrow\";r={left};")),
+            "{}",
+            r.head
+        );
+    }
+    let r = c.roundtrip("GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_problem(&r, 429);
+    assert!(!r.head.contains("wide"), "{}", r.head);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{}", r.head);
+    assert_eq!(
+        r.head.matches("X-RateLimit-Remaining").count(),
+        1,
+        "{}",
+        r.head
+    );
+}
+
 /// wrk's Lua hooks count statuses and check every 429's headers; `done` prints the totals.
 const WRK_SCRIPT: &str = r#"
 local threads = {}

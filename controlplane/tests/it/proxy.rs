@@ -947,12 +947,25 @@ fn websocket_echo_through_upgrade(driver: Driver) {
         }
         Keep::Close
     }));
-    // Request ids on (the default): the 101 carries the id the upstream got, too.
-    let gw = Gateway::start(&proxy_config(origin.addr, ""), driver);
+    // Request ids on (the default): the 101 carries the id the upstream got, too; and the
+    // fields of a rate limit with `headers_on_success`, as any admitted request's answer.
+    let limit = "[[policies]]\nid = \"rl\"\nkind = \"rate_limit\"\nrate = 100\nper = \"minute\"\n\
+                 headers_on_success = true\n";
+    let config = proxy_config(origin.addr, limit).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\npolicies = [\"rl\"]\n",
+    );
+    let gw = Gateway::start(&config, driver);
     let mut c = gw.connect();
     let r = c.roundtrip(&format!("GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\nX-Request-Id: ws-1\r\n\r\n"));
     assert_eq!(r.status, 101);
     assert_eq!(r.header("x-request-id"), Some("ws-1"));
+    assert!(
+        r.header("ratelimit")
+            .is_some_and(|v| v.starts_with("\"rl\";r=99;t=")),
+        "{}",
+        r.head
+    );
     assert_eq!(
         origin.wait_requests(1)[0].header("x-request-id"),
         Some("ws-1")

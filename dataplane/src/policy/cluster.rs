@@ -140,12 +140,14 @@ impl ClusterShares {
         if let Some(left) = left {
             // What this node may still admit before its next round (its part of the
             // cluster's headroom: at most what the cluster has), and the time the bucket
-            // takes to refill the rest.
+            // takes to refill what this node's part is short of its part of a full bucket
+            // (0 when it holds that: with several nodes, never the whole burst).
+            let live = u64::from(LIVE_NODES.load(Ordering::Relaxed).max(1));
             return Decision {
                 remaining: Some(left),
                 reset_ns: limit
                     .burst
-                    .saturating_sub(left)
+                    .saturating_sub(left.saturating_mul(live))
                     .saturating_mul(limit.emission_ns()),
                 ..Decision::admitted()
             };
@@ -859,10 +861,13 @@ mod tests {
         // 200 ms unused: Redis gave the headroom to the nodes that wanted the key meanwhile,
         // so this one starts from its share of a full bucket (10), not the 28 it held.
         let back = t + 210 * ms;
+        let first = c.check(&limit, None, back);
+        // Its part of a full bucket less one: 3 emissions (1 s each) short of it.
+        assert_eq!((first.remaining, first.reset_ns), (Some(9), 3_000 * ms));
         let admitted = (0..40)
             .filter(|_| c.check(&limit, None, back).allowed)
             .count();
-        assert_eq!(admitted, 10);
+        assert_eq!(admitted + 1, 10);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct PolicyState {
     /// Field lines to add to the response (CORS, a rate limit's `headers_on_success`), each
     /// with its CRLF.
     pub response_extra: Vec<u8>,
+    /// Where in `response_extra` the admitted rate limits' fields start, if one wrote them:
+    /// a later limit's refusal leaves them out (its `X-RateLimit-*` would otherwise stand
+    /// beside another limit's remaining count).
+    pub rate_fields_at: Option<usize>,
     /// A cors policy ran for the request: the upstream's own `Access-Control-*` fields are
     /// dropped from the answer (the gateway's, if any, replace them).
     pub cors_ran: bool,
@@ -77,6 +81,7 @@ impl PolicyState {
         self.drops.clear();
         self.query_drops.clear();
         self.response_extra.clear();
+        self.rate_fields_at = None;
         self.cors_ran = false;
         self.sets_host = false;
         self.consumer = None;
@@ -1151,9 +1156,14 @@ fn rate_limit(
     let d = limiter.check(key.as_ref(), clock.mono_ns);
     if d.allowed {
         if let Some(remaining) = d.remaining.filter(|_| rl.headers_on_success) {
+            st.rate_fields_at.get_or_insert(st.response_extra.len());
             admitted_fields(rl, id, remaining, d.reset_ns, &mut st.response_extra);
         }
         return None;
+    }
+    // The refusal carries this limit's fields only.
+    if let Some(at) = st.rate_fields_at.take() {
+        st.response_extra.truncate(at);
     }
     if d.unavailable {
         return Some(refuse(

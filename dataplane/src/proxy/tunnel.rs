@@ -44,6 +44,16 @@ pub(crate) async fn tunnel<S: ClientStream>(
         down.pos = down.buf.len();
     }
     down.scratch.clear();
+    // The policies' fields (a rate limit's `headers_on_success`, CORS), as on any answer.
+    down.scratch.extend_from_slice(&req.policy.response_extra);
+    if req.policy.cors_ran {
+        crate::policy::drop_cors_fields(
+            &conn.buf,
+            resp.fields_start,
+            resp.fields_end,
+            &mut down.resp_plan.drop,
+        );
+    }
     replace_request_id(
         &mut down.scratch,
         &mut down.resp_plan.drop,
