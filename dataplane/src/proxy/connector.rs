@@ -648,12 +648,33 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     }
 
     /// A request sent again to `target` within its try, on a fresh connection (the pooled
-    /// one had been closed, or the upstream refused the stream unprocessed): a retry and a
-    /// request of the target's (its metrics count both, as for the policy's retries).
+    /// one had been closed, or the upstream refused the stream unprocessed): a retry of the
+    /// target's, as the policy's retries are (and a request once it has its connection).
     pub fn count_resend(&self, target: &LiveTarget, rec: &mut Attempts) {
         rec.retries = rec.retries.saturating_add(1);
         target.state.count_retry(self.source.stripe());
+    }
+
+    /// A request goes to `target` on the connection (or stream) it got: counted in the
+    /// target's requests then, as it is sent (only ever up: a Prometheus counter).
+    pub fn count_request(&self, target: &LiveTarget) {
         target.state.count_request(self.source.stripe());
+    }
+
+    /// `connected` as the try takes it: a failure that reached the target (a refused or
+    /// timed-out connect, a failed handshake) counts as one of its requests, a circuit
+    /// limit's refusal before any connect does not.
+    pub fn reached<S>(
+        &self,
+        target: &LiveTarget,
+        connected: Result<S, ProxyError>,
+    ) -> Result<S, ProxyError> {
+        if let Err(e) = &connected {
+            if e.kind.reason().is_none() {
+                self.count_request(target);
+            }
+        }
+        connected
     }
 
     /// Starts a try on target `i` of the set: the request counts as outstanding there from
@@ -726,9 +747,6 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             }
             let result = one(self.begin(i), slot, req).await;
-            if !matches!(&result, Err(e) if e.kind.reason().is_some()) {
-                state.count_request(stripe);
-            }
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);
@@ -809,8 +827,12 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             };
             let session = match pooled {
                 Some(s) => slot.insert(s),
-                None => slot.insert(self.connect_new(req.as_mut(), target, try_deadline).await?),
+                None => {
+                    let connected = self.connect_new(req.as_mut(), target, try_deadline).await;
+                    slot.insert(self.reached(target, connected)?)
+                }
             };
+            self.count_request(target);
             match attempt(session, req).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable && session.reused && !fresh => {
@@ -1162,6 +1184,31 @@ mod tests {
             assert!(slot.is_none(), "no session was opened");
             assert_eq!(err.kind, ErrorKind::ConnectFailed);
             assert_eq!(req.attempts.connect, None);
+        });
+    }
+
+    #[test]
+    fn a_request_is_counted_as_it_goes_out_not_when_its_answer_comes() {
+        let target = origin(1);
+        runtime().block_on(async move {
+            let pool = fake_pool(Vec::new());
+            let snap = upstream(&[target], "");
+            let state = snap.upstreams[0].live.set.load().targets[0].state.clone();
+            let connector = connector(&pool, &snap);
+            let mut req = RequestCtx::new([127, 0, 0, 1].into());
+            let mut slot = None;
+            // What the count is while the try has its connection, before any answer (a
+            // long poll's would otherwise show only once it ends).
+            let during = connector
+                .run(
+                    &mut req,
+                    &mut slot,
+                    async |_s, _req| -> Result<u64, ProxyError> { Ok(state.requests()) },
+                    |_| 200,
+                )
+                .await
+                .expect("connected");
+            assert_eq!(during, 1);
         });
     }
 

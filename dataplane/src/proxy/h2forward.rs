@@ -1113,26 +1113,28 @@ pub(super) async fn forward<S: ClientStream>(
                     Some(c) => c,
                     None => {
                         let started = Instant::now();
-                        let (tcp, counted) = connector
-                            .connect_stream(&mut req.attempts, target, try_deadline)
-                            .await?;
-                        let shake = h2pool::handshake(
-                            tcp,
-                            up.upstream.max_streams,
-                            max_header_list,
-                            counted,
-                            timeouts.upstream_send,
-                        );
-                        // Within the connect timeout (from the connect's start: a TLS
-                        // handshake took part of it already), and the try's own bound.
-                        let by = started + timeouts.upstream_connect;
-                        let by = try_deadline.map_or(by, |t| t.min(by));
-                        let handshake = monoio::time::timeout_at(by.into(), shake);
-                        let c = match handshake.await {
-                            Ok(Ok(c)) => c,
-                            Ok(Err(_)) => return Err(ProxyError::new(ErrorKind::ConnectFailed)),
-                            Err(_) => return Err(ProxyError::new(ErrorKind::ConnectTimeout)),
+                        let connected = async {
+                            let (tcp, counted) = connector
+                                .connect_stream(&mut req.attempts, target, try_deadline)
+                                .await?;
+                            let shake = h2pool::handshake(
+                                tcp,
+                                up.upstream.max_streams,
+                                max_header_list,
+                                counted,
+                                timeouts.upstream_send,
+                            );
+                            // Within the connect timeout (from the connect's start: a TLS
+                            // handshake took part of it already), and the try's own bound.
+                            let by = started + timeouts.upstream_connect;
+                            let by = try_deadline.map_or(by, |t| t.min(by));
+                            match monoio::time::timeout_at(by.into(), shake).await {
+                                Ok(Ok(c)) => Ok(c),
+                                Ok(Err(_)) => Err(ProxyError::new(ErrorKind::ConnectFailed)),
+                                Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout)),
+                            }
                         };
+                        let c = connector.reached(target, connected.await)?;
                         req.attempts.connect = Some(started.elapsed());
                         if !target.draining {
                             let owner = &up.upstream.live;
@@ -1141,6 +1143,7 @@ pub(super) async fn forward<S: ClientStream>(
                         c
                     }
                 };
+                connector.count_request(target);
                 let (mut send, slot) = conn.open_stream(timeouts.upstream_send);
                 let body_now = whole.clone().or_else(|| replay.borrow().complete());
                 let end = body_now.as_ref().is_some_and(Bytes::is_empty);
