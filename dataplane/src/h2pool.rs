@@ -10,17 +10,20 @@
 //! ([`crate::proxy::PollIo`]). Not the hot path of plain HTTP/1.1 proxying; per request it
 //! costs a pool lookup and h2's own stream bookkeeping.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::live::UpstreamLive;
 use h2::client::SendRequest;
 
+use crate::error::ErrorKind;
 use crate::upstream::{ByKey, Counted, PoolKey};
 
 /// The flow-control window the gateway opens per stream to an upstream. The connection's is
@@ -61,7 +64,7 @@ impl std::fmt::Debug for H2Conn {
 
 impl H2Conn {
     /// Whether it can take one more stream now.
-    fn has_room(&self) -> bool {
+    pub fn has_room(&self) -> bool {
         let peer = u32::try_from(self.send.current_max_send_streams()).unwrap_or(u32::MAX);
         !self.closed.get() && self.open.get() < self.max_streams.min(peer.max(1))
     }
@@ -148,10 +151,73 @@ pub(crate) async fn handshake(
     }))
 }
 
-/// A worker's HTTP/2 upstream connections, per target and upstream.
+/// A connection being opened to a target for an upstream. Requests that find no room in
+/// the pool meanwhile wait for it, up to its `max_streams`, instead of each opening one of
+/// their own (a burst at start, after an idle time or after a GOAWAY opened as many
+/// connections as requests, and a `circuit.max_connections` refused the rest).
+#[derive(Debug)]
+pub(crate) struct Connecting {
+    /// Streams promised on it: its opener's and its waiters'.
+    reserved: Cell<u32>,
+    max_streams: u32,
+    /// Once it is known: the connection, or why it could not be opened (`None`: its opener
+    /// went away first, and each waiter opens its own).
+    outcome: RefCell<Option<Result<Rc<H2Conn>, Option<ErrorKind>>>>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Connecting {
+    /// Waits for the outcome.
+    pub async fn wait(&self) -> Result<Rc<H2Conn>, Option<ErrorKind>> {
+        poll_fn(|cx| match &*self.outcome.borrow() {
+            Some(outcome) => Poll::Ready(outcome.clone()),
+            None => {
+                let mut waiters = self.waiters.borrow_mut();
+                if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn finish(&self, outcome: Result<Rc<H2Conn>, Option<ErrorKind>>) {
+        *self.outcome.borrow_mut() = Some(outcome);
+        for w in self.waiters.take() {
+            w.wake();
+        }
+    }
+
+    fn open_to_waiters(&self) -> bool {
+        self.outcome.borrow().is_none() && self.reserved.get() < self.max_streams
+    }
+}
+
+/// Held by the request opening a connection: says how it went to the requests waiting for
+/// it, and that its opener went away if dropped before.
+#[derive(Debug)]
+pub(crate) struct Opening(Rc<Connecting>);
+
+impl Opening {
+    pub fn finish(self, outcome: Result<Rc<H2Conn>, ErrorKind>) {
+        self.0.finish(outcome.map_err(Some));
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if self.0.outcome.borrow().is_none() {
+            self.0.finish(Err(None));
+        }
+    }
+}
+
+/// A worker's HTTP/2 upstream connections, per target and upstream, and those being opened.
 #[derive(Debug, Default)]
 pub(crate) struct H2Pool {
     conns: ByKey<Rc<H2Conn>>,
+    opening: ByKey<Rc<Connecting>>,
 }
 
 impl H2Pool {
@@ -163,6 +229,40 @@ impl H2Pool {
         list.iter().find(|c| c.has_room()).cloned()
     }
 
+    /// A connection being opened to `target` for `upstream` that can take one more stream,
+    /// that stream promised on it.
+    pub fn join(
+        &mut self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+    ) -> Option<Rc<Connecting>> {
+        let list = self.opening.get_mut(target, upstream)?;
+        list.retain(|c| c.outcome.borrow().is_none());
+        let c = list.iter().find(|c| c.open_to_waiters())?.clone();
+        c.reserved.set(c.reserved.get() + 1);
+        Some(c)
+    }
+
+    /// Notes that this request opens a connection to `target` for `upstream` (carrying up to
+    /// `max_streams`), for others to [`H2Pool::join`].
+    pub fn open(
+        &mut self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        max_streams: u32,
+    ) -> Opening {
+        let c = Rc::new(Connecting {
+            reserved: Cell::new(1),
+            max_streams,
+            outcome: RefCell::new(None),
+            waiters: RefCell::new(Vec::new()),
+        });
+        let list = self.opening.entry(target, upstream);
+        list.retain(|c| c.outcome.borrow().is_none());
+        list.push(c.clone());
+        Opening(c)
+    }
+
     /// Adds a new connection to `target` opened for `upstream`.
     pub fn add(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>, conn: Rc<H2Conn>) {
         self.conns.entry(target, upstream).push(conn);
@@ -172,6 +272,10 @@ impl H2Pool {
     /// the last handle makes the driver send GOAWAY and close). More than one idle
     /// connection to a target of an upstream is not kept.
     pub fn sweep(&mut self, now: Instant, timeout: Duration) {
+        for list in self.opening.lists_mut() {
+            list.retain(|c| c.outcome.borrow().is_none());
+        }
+        self.opening.retain(|_, list| !list.is_empty());
         for list in self.conns.lists_mut() {
             list.retain(|c| !c.closed.get());
             let mut idle_kept = 0;
@@ -190,11 +294,13 @@ impl H2Pool {
     /// streams open on them finish.
     pub fn retain(&mut self, keep: impl Fn(&PoolKey) -> bool) {
         self.conns.retain(|key, _| keep(key));
+        self.opening.retain(|key, _| keep(key));
     }
 
     /// Drops every connection (shutdown).
     pub fn clear(&mut self) {
         self.conns.clear();
+        self.opening.clear();
     }
 }
 

@@ -814,6 +814,37 @@ fn http2_upstreams_sharing_a_target_keep_their_connections_apart() {
 }
 
 #[test]
+fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
+    // 50 streams at once from one client, and no connection to the upstream yet: the first
+    // request opens one and the others wait for it (up to max_streams) instead of opening
+    // one each. Before: 50 connections, or with max_connections = 2, 48 answers of 503.
+    let peer = ResetPeer::start_with(&["0", "no-content"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
+         circuit = {{ max_connections = 2 }}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let out = Command::new("h2load")
+        .args(["-n", "50", "-c", "1", "-m", "50"])
+        .arg(format!("http://{}/x", gw.listeners[0]))
+        .output()
+        .expect("h2load is needed (scripts/test installs Debian's nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("status codes: 50 2xx"), "{text}");
+    drop(gw);
+    let peer_text = peer.output();
+    let lines = |start: &str| peer_text.lines().filter(|l| l.starts_with(start)).count();
+    assert_eq!(
+        (lines("request "), lines("connection")),
+        (50, 1),
+        "{peer_text}"
+    );
+}
+
+#[test]
 fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
     // A silent target and one that answers (204): a request whose first try times out goes
     // to the other with a full `upstream_response_head_ms` of its own (it had none left, and

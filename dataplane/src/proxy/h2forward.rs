@@ -1108,11 +1108,42 @@ pub(super) async fn forward<S: ClientStream>(
                 };
                 req.attempts.target = Some(target.addr);
                 req.attempts.connect = None;
-                let reused = pooled.is_some();
-                let conn = match pooled {
-                    Some(c) => c,
-                    None => {
-                        let started = Instant::now();
+                let mut reused = pooled.is_some();
+                let started = Instant::now();
+                // Within the connect timeout (from the connect's start: a TLS handshake
+                // takes part of it), and the try's own bound.
+                let by = started + timeouts.upstream_connect;
+                let by = try_deadline.map_or(by, |t| t.min(by));
+                // Without room in the pool, a connection another request is opening to the
+                // target, if it has room: this one waits for it rather than open its own.
+                let joined = match (&pooled, fresh) {
+                    (None, false) => ctx.h2pool.borrow_mut().join(target.addr, &up.upstream.live),
+                    _ => None,
+                };
+                let shared = match joined {
+                    Some(c) => match monoio::time::timeout_at(by.into(), c.wait()).await {
+                        Ok(Ok(conn)) if conn.has_room() => Some(Ok(conn)),
+                        Ok(Err(Some(kind))) => Some(Err(ProxyError::new(kind))),
+                        // Its opener went away, or it has no room for this stream after all
+                        // (the target's SETTINGS): one of its own.
+                        Ok(Ok(_) | Err(None)) => None,
+                        Err(_) => Some(Err(ProxyError::new(ErrorKind::ConnectTimeout))),
+                    },
+                    None => None,
+                };
+                let conn = match (pooled, shared) {
+                    (Some(c), _) => c,
+                    (None, Some(shared)) => {
+                        // As a pooled one: a stream it cannot open goes once to a fresh one.
+                        reused = true;
+                        connector.reached(target, shared)?
+                    }
+                    (None, None) => {
+                        let opening = ctx.h2pool.borrow_mut().open(
+                            target.addr,
+                            &up.upstream.live,
+                            up.upstream.max_streams,
+                        );
                         let connected = async {
                             let (tcp, counted) = connector
                                 .connect_stream(&mut req.attempts, target, try_deadline)
@@ -1124,17 +1155,15 @@ pub(super) async fn forward<S: ClientStream>(
                                 counted,
                                 timeouts.upstream_send,
                             );
-                            // Within the connect timeout (from the connect's start: a TLS
-                            // handshake took part of it already), and the try's own bound.
-                            let by = started + timeouts.upstream_connect;
-                            let by = try_deadline.map_or(by, |t| t.min(by));
                             match monoio::time::timeout_at(by.into(), shake).await {
                                 Ok(Ok(c)) => Ok(c),
                                 Ok(Err(_)) => Err(ProxyError::new(ErrorKind::ConnectFailed)),
                                 Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout)),
                             }
-                        };
-                        let c = connector.reached(target, connected.await)?;
+                        }
+                        .await;
+                        opening.finish(connected.as_ref().map(Rc::clone).map_err(|e| e.kind));
+                        let c = connector.reached(target, connected)?;
                         req.attempts.connect = Some(started.elapsed());
                         if !target.draining {
                             let owner = &up.upstream.live;
