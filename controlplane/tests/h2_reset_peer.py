@@ -2,7 +2,7 @@
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|torn|
-                              trailers|headers]
+                              trailers|headers|zero]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -16,7 +16,8 @@ with `torn`, one message and the start of another, then `grpc-status: 0`; with `
 once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without
 any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields
 (sorted, pseudo-fields included), and a 200 `text/plain` answer "ok" that carries
-`cache-control: private` and `server: peer`. Each request's line also gives its content
+`cache-control: private` and `server: peer`; with `zero`, SETTINGS that allow no stream
+(MAX_CONCURRENT_STREAMS 0), and a 204 to a stream that comes anyway. Each request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
 """
@@ -28,6 +29,7 @@ try:
     import h2.config
     import h2.connection
     import h2.events
+    import h2.settings
 except ImportError:
     sys.exit("h2_reset_peer.py needs the PyPI package h2 (pip install h2)")
 
@@ -43,12 +45,15 @@ TWO = sys.argv[2:] == ["two"]
 TORN = sys.argv[2:] == ["torn"]
 TRAILERS = sys.argv[2:] == ["trailers"]
 HEADERS = sys.argv[2:] == ["headers"]
+ZERO = sys.argv[2:] == ["zero"]
 lock = threading.Lock()
 
 
 def serve(sock):
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     conn.initiate_connection()
+    if ZERO:
+        conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
     sock.sendall(conn.data_to_send())
     got_trailers = set()
     while True:
@@ -105,7 +110,7 @@ def serve(sock):
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
                     continue
-                if NO_CONTENT:
+                if NO_CONTENT or ZERO:
                     conn.send_headers(event.stream_id, [(":status", "204"),
                                                         ("content-length", "0")],
                                       end_stream=True)

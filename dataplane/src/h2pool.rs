@@ -63,10 +63,10 @@ impl std::fmt::Debug for H2Conn {
 }
 
 impl H2Conn {
-    /// Whether it can take one more stream now.
+    /// Whether it can take one more stream now (the target's SETTINGS may allow none).
     pub fn has_room(&self) -> bool {
         let peer = u32::try_from(self.send.current_max_send_streams()).unwrap_or(u32::MAX);
-        !self.closed.get() && self.open.get() < self.max_streams.min(peer.max(1))
+        !self.closed.get() && self.open.get() < self.max_streams.min(peer)
     }
 
     /// A handle that opens streams on the connection, and the slot the stream holds.

@@ -845,6 +845,38 @@ fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
 }
 
 #[test]
+fn an_http2_upstream_connection_that_allows_no_stream_takes_none() {
+    // SETTINGS with MAX_CONCURRENT_STREAMS 0: that connection is not given streams (each
+    // request goes on a new one, whose first stream the peer answers before its SETTINGS
+    // apply). Before: it counted as room for one, the stream waited there for the head
+    // timeout (5 s here) and the target was blamed for a request it never had. A stream
+    // that cannot open is given up after upstream_connect_ms.
+    let peer = ResetPeer::start_with(&["0", "zero"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [timeouts]\nupstream_connect_ms = 300\nupstream_response_head_ms = 5000\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let asked = std::time::Instant::now();
+        let r = gw
+            .connect()
+            .roundtrip("GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            asked.elapsed()
+        );
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [204, 204, 204]);
+}
+
+#[test]
 fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
     // A silent target and one that answers (204): a request whose first try times out goes
     // to the other with a full `upstream_response_head_ms` of its own (it had none left, and

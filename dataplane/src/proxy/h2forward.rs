@@ -1176,7 +1176,14 @@ pub(super) async fn forward<S: ClientStream>(
                 let (mut send, slot) = conn.open_stream(timeouts.upstream_send);
                 let body_now = whole.clone().or_else(|| replay.borrow().complete());
                 let end = body_now.as_ref().is_some_and(Bytes::is_empty);
-                let opened = match poll_fn(|cx| send.poll_ready(cx)).await {
+                // A stream the target takes within the connect time: one whose SETTINGS allow
+                // none (or no more than are open) would otherwise hold it until the head
+                // timeout, and be blamed for not answering a request it never had.
+                let ready = poll_fn(|cx| send.poll_ready(cx));
+                let Ok(ready) = monoio::time::timeout_at(by.into(), ready).await else {
+                    return Err(ProxyError::new(ErrorKind::ConnectTimeout).retryable(true));
+                };
+                let opened = match ready {
                     Ok(()) => {
                         let length = body_now
                             .as_ref()
