@@ -45,6 +45,8 @@ struct Answer {
     /// Addresses of SRV targets the server added (additional section), with their TTL.
     extra: Vec<(String, IpAddr, u32)>,
     ttl: u32,
+    /// An SRV record with target `.`: the service is decidedly not available (RFC 2782).
+    unavailable: bool,
 }
 
 /// Name servers and the per-server timeout.
@@ -132,7 +134,8 @@ impl Resolver {
         name: &str,
     ) -> Result<(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32), DnsError> {
         let ans = self.query(name, TYPE::SRV).await?;
-        if ans.srv.is_empty() {
+        // "Not available here" is an answer: no targets (its TTL says when to ask again).
+        if ans.srv.is_empty() && !ans.unavailable {
             return Err(DnsError::Empty);
         }
         Ok((ans.srv, ans.extra, ans.ttl))
@@ -154,7 +157,7 @@ impl Resolver {
             .map_err(|e| DnsError::Malformed(e.to_string()))?;
         let mut last = DnsError::Timeout(self.timeout.as_millis());
         for &server in &self.servers {
-            match self.ask(server, &bytes, id, qtype).await {
+            match self.ask(server, &bytes, id, name, qtype).await {
                 Ok(a) => return Ok(a),
                 // "No such name" is an answer; other refusals (SERVFAIL, REFUSED) try the
                 // next server.
@@ -170,6 +173,7 @@ impl Resolver {
         server: SocketAddr,
         query: &[u8],
         id: u16,
+        name: &str,
         qtype: TYPE,
     ) -> Result<Answer, DnsError> {
         let bind: SocketAddr = if server.is_ipv4() {
@@ -194,11 +198,12 @@ impl Resolver {
                 continue;
             }
             if packet.has_flags(PacketFlag::TRUNCATION) {
-                return tokio::time::timeout_at(deadline, self.ask_tcp(server, query, id, qtype))
+                let tcp = self.ask_tcp(server, query, id, name, qtype);
+                return tokio::time::timeout_at(deadline, tcp)
                     .await
                     .map_err(|_| timeout)?;
             }
-            return read_answer(&packet, qtype);
+            return read_answer(&packet, name, qtype);
         }
     }
 
@@ -207,6 +212,7 @@ impl Resolver {
         server: SocketAddr,
         query: &[u8],
         id: u16,
+        name: &str,
         qtype: TYPE,
     ) -> Result<Answer, DnsError> {
         let mut s = tokio::net::TcpStream::connect(server).await?;
@@ -221,11 +227,18 @@ impl Resolver {
         if packet.id() != id {
             return Err(DnsError::Malformed("answer to another query".into()));
         }
-        read_answer(&packet, qtype)
+        read_answer(&packet, name, qtype)
     }
 }
 
-fn read_answer(packet: &Packet<'_>, qtype: TYPE) -> Result<Answer, DnsError> {
+/// A name as compared: lower case, without the root's trailing dot.
+fn plain_name(name: &impl ToString) -> String {
+    name.to_string().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The records of `packet` that answer `name` (`qtype`): those owned by the name or by the
+/// end of the CNAME chain it starts, not others a server put beside them.
+fn read_answer(packet: &Packet<'_>, name: &str, qtype: TYPE) -> Result<Answer, DnsError> {
     match packet.rcode() {
         RCODE::NoError => {}
         RCODE::NameError => return Err(DnsError::NxDomain),
@@ -236,26 +249,57 @@ fn read_answer(packet: &Packet<'_>, qtype: TYPE) -> Result<Answer, DnsError> {
         srv: Vec::new(),
         extra: Vec::new(),
         ttl: u32::MAX,
+        unavailable: false,
     };
+    // The name and its aliases, following CNAMEs in whatever order they come (a loop, or a
+    // chain longer than the answer, ends when nothing new is added).
+    let mut owners = vec![plain_name(&name)];
+    for _ in 0..packet.answers.len() {
+        let before = owners.len();
+        for rr in &packet.answers {
+            if let RData::CNAME(c) = &rr.rdata {
+                let (from, to) = (plain_name(&rr.name), plain_name(&c.0));
+                if owners.contains(&from) && !owners.contains(&to) {
+                    owners.push(to);
+                }
+            }
+        }
+        if owners.len() == before {
+            break;
+        }
+    }
     for rr in &packet.answers {
+        if !owners.contains(&plain_name(&rr.name)) {
+            continue;
+        }
         match (&rr.rdata, qtype) {
             (RData::A(a), TYPE::A) => ans.ips.push(IpAddr::from(Ipv4Addr::from(a.address))),
             (RData::AAAA(a), TYPE::AAAA) => ans
                 .ips
                 .push(IpAddr::from(std::net::Ipv6Addr::from(a.address))),
-            (RData::SRV(s), TYPE::SRV) => ans.srv.push(Srv {
-                priority: s.priority,
-                weight: s.weight,
-                port: s.port,
-                target: s
-                    .target
-                    .to_string()
-                    .trim_end_matches('.')
-                    .to_ascii_lowercase(),
-            }),
+            (RData::SRV(s), TYPE::SRV) => {
+                let target = plain_name(&s.target);
+                if target.is_empty() {
+                    ans.unavailable = true;
+                } else if s.port == 0 {
+                    log::warn!("resolver: SRV {name}: {target} with port 0 left out");
+                    continue;
+                } else {
+                    ans.srv.push(Srv {
+                        priority: s.priority,
+                        weight: s.weight,
+                        port: s.port,
+                        target,
+                    });
+                }
+            }
             _ => continue, // CNAMEs on the way
         }
         ans.ttl = ans.ttl.min(rr.ttl);
+    }
+    if !ans.srv.is_empty() {
+        // With other targets beside it, `.` means nothing.
+        ans.unavailable = false;
     }
     for rr in &packet.additional_records {
         let ip = match &rr.rdata {
@@ -263,12 +307,7 @@ fn read_answer(packet: &Packet<'_>, qtype: TYPE) -> Result<Answer, DnsError> {
             RData::AAAA(a) => IpAddr::from(std::net::Ipv6Addr::from(a.address)),
             _ => continue,
         };
-        let name = rr
-            .name
-            .to_string()
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        ans.extra.push((name, ip, rr.ttl));
+        ans.extra.push((plain_name(&rr.name), ip, rr.ttl));
     }
     Ok(ans)
 }

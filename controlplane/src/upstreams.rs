@@ -692,30 +692,39 @@ impl Upstreams {
 }
 
 /// An SRV name's records and addresses for their targets: those the answer carried, and
-/// those looked up for targets it did not (unless `known` already has them).
+/// those looked up for targets it did not (unless `known` already has them), backups
+/// included. The lookups run at once, for one resolver timeout: a target host that does
+/// not answer by then is left to its own retries, and the answer stands with the others
+/// (one after another, a few silent hosts made the first lookup miss its bound and drop
+/// a good answer).
 async fn resolve_srv(
     resolver: &Resolver,
     name: &str,
     known: impl Fn(&str) -> bool,
 ) -> Result<(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32), crate::dns::DnsError> {
+    use futures_util::StreamExt;
     let (records, mut extra, ttl) = resolver.lookup_srv(name).await?;
-    let lowest = records.iter().map(|r| r.priority).min();
     let mut missing: Vec<&str> = records
         .iter()
-        .filter(|r| Some(r.priority) == lowest)
         .map(|r| r.target.as_str())
         .filter(|t| !known(t) && !extra.iter().any(|(n, _, _)| n == t))
         .collect();
     missing.sort_unstable();
     missing.dedup();
-    for host in missing {
-        match resolver.lookup_ip(host).await {
+    let mut lookups: futures_util::stream::FuturesUnordered<_> = missing
+        .into_iter()
+        .map(|host| async move { (host, resolver.lookup_ip(host).await) })
+        .collect();
+    let deadline = tokio::time::Instant::now() + resolver.timeout;
+    while let Ok(Some((host, found))) = tokio::time::timeout_at(deadline, lookups.next()).await {
+        match found {
             Ok((ips, ttl, _)) => {
                 extra.extend(ips.into_iter().map(|ip| (host.to_owned(), ip, ttl)));
             }
             Err(e) => log::warn!("resolver: {host} (a target of SRV {name}): {e}"),
         }
     }
+    drop(lookups);
     Ok((records, extra, ttl))
 }
 
@@ -892,7 +901,15 @@ fn rebuild(st: &mut State, id: &str) {
             );
         }
     }
-    list.truncate(common::snapshot::MAX_TARGETS);
+    if list.len() > common::snapshot::MAX_TARGETS {
+        log::warn!(
+            "upstream {id:?}: {} addresses, of which the first {} (by priority, then address) \
+             are its targets",
+            list.len(),
+            common::snapshot::MAX_TARGETS
+        );
+        list.truncate(common::snapshot::MAX_TARGETS);
+    }
     let live = e.live.clone();
     let targets = list
         .into_iter()

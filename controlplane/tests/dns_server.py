@@ -10,9 +10,14 @@ ZONE_JSON, so a test changes answers by rewriting it:
      "a":    {"svc.test": ["127.0.0.1"]},
      "aaaa": {"svc.test": ["::1"]},
      "srv":  {"_http._tcp.svc.test": [[priority, weight, port, "a.svc.test"], ...]},
-     "servfail": {"svc.test": ["A"]}}
+     "servfail": {"svc.test": ["A"]},
+     "foreign": {"svc.test": [["other.test", "127.0.0.9"]]},
+     "drop": ["slow.test"]}
 
-("servfail": the query types of a name answered with SERVFAIL.)
+("servfail": the query types of a name answered with SERVFAIL; "foreign": A records of
+other names put in the answer to a name's A query, as a broken or hostile server might;
+"drop": names whose queries get no answer at all. An SRV target "." is RFC 2782's "not
+available here".)
 
 Each query is appended to QUERY_LOG as "<monotonic seconds> <name> <type>". Names not in the
 zone get NXDOMAIN; a known name without records of the asked type gets an empty answer. The
@@ -47,6 +52,8 @@ def answer(zone, request):
     if qtype == "A":
         for ip in zone.get("a", {}).get(qname, []):
             reply.add_answer(RR(qname, QTYPE.A, rdata=A(ip), ttl=ttl))
+        for owner, ip in zone.get("foreign", {}).get(qname, []):
+            reply.add_answer(RR(owner, QTYPE.A, rdata=A(ip), ttl=ttl))
     elif qtype == "AAAA":
         for ip in zone.get("aaaa", {}).get(qname, []):
             reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(ip), ttl=ttl))
@@ -87,6 +94,8 @@ def main():
         name = str(request.q.qname).rstrip(".").lower()
         with open(log_path, "a") as log:
             log.write(f"{time.monotonic():.3f} {name} {QTYPE[request.q.qtype]}\n")
+        if name in zone.get("drop", []):
+            continue
         sock.sendto(answer(zone, request).pack(), peer)
 
 

@@ -708,6 +708,80 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
 }
 
 #[test]
+fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
+    // One SRV name with a port-0 record, three target hosts that never answer, a backup;
+    // another whose only record is ".", the service not available there; and a host whose
+    // A answer carries a record of another name. Before: a target IP:0 answering 502, the
+    // silent hosts looked up one after another until the first lookup's bound dropped the
+    // whole answer (503 at start), the backup counted as a failed lookup before it was ever
+    // asked, the empty name "" asked every min_ttl_ms, and 127.0.0.9 made a target.
+    let b = Backend::start("b", Mode::Answer);
+    let port = b.addr.port();
+    let dns = Dns::start(&serde_json::json!({
+        "ttl": 60,
+        "a": {"ok.test": ["127.0.0.1"], "zero.test": ["127.0.0.1"],
+              "backup.test": ["127.0.0.3"], "svc.test": ["127.0.0.1"]},
+        "srv": {
+            "_h._tcp.main.test": [
+                [10, 1, 0, "zero.test"], [10, 1, port, "ok.test"], [10, 1, port, "d1.test"],
+                [10, 1, port, "d2.test"], [10, 1, port, "d3.test"], [20, 1, port, "backup.test"],
+            ],
+            "_h._tcp.none.test": [[0, 0, 0, "."]],
+        },
+        "foreign": {"svc.test": [["other.test", "127.0.0.9"]]},
+        "drop": ["d1.test", "d2.test", "d3.test"],
+    }));
+    let extra = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\ntimeout_ms = 300\nmin_ttl_ms = 500\n\n\
+         [[upstreams]]\nid = \"main\"\ndiscovery = {{ dns_srv = \"_h._tcp.main.test\" }}\n\n\
+         [[upstreams]]\nid = \"none\"\ndiscovery = {{ dns_srv = \"_h._tcp.none.test\" }}\n\n\
+         [[routes]]\nid = \"main\"\npath_prefix = \"/main\"\nupstream = \"main\"\n\
+         [[routes]]\nid = \"none\"\npath_prefix = \"/none\"\nupstream = \"none\"\n",
+        dns.port
+    );
+    let gw = Gateway::start(
+        &config(
+            1,
+            &[format!("{{ address = \"svc.test:{port}\" }}")],
+            "",
+            &extra,
+        ),
+        Driver::IoUring,
+    );
+    let targets = |upstream: &str| -> Vec<(String, bool)> {
+        let health = gw.admin("GET", &format!("/v1/upstreams/{upstream}/health"), None);
+        (health.json()["targets"].as_array().unwrap().iter())
+            .map(|t| {
+                let address = t["address"].as_str().unwrap().to_owned();
+                (address, t["backup"].as_bool().unwrap())
+            })
+            .collect()
+    };
+    let at = |ip: &str| format!("{ip}:{port}");
+    assert_eq!(
+        targets("main"),
+        [(at("127.0.0.1"), false), (at("127.0.0.3"), true)]
+    );
+    for _ in 0..4 {
+        assert_eq!(get(&gw, "/main").body_str(), "b");
+    }
+    let failed = |name: &str| {
+        metric(
+            &gw,
+            &format!("gateway_dns_lookups_total{{name=\"{name}\",result=\"failed\"}}"),
+        )
+    };
+    assert_eq!(failed("backup.test"), 0);
+    assert!(targets("none").is_empty());
+    assert_eq!(get(&gw, "/none").status, 503);
+    assert_eq!(targets("u"), [(at("127.0.0.1"), false)]);
+    // Past a few min_ttl_ms: the "." target was never asked for as a host.
+    thread::sleep(Duration::from_millis(1200));
+    assert!(dns.queries("", "A").is_empty());
+    drop(b);
+}
+
+#[test]
 fn a_failed_query_for_one_address_family_keeps_that_familys_addresses() {
     // A dual-stack name: when its A (then AAAA) query fails while the other answers, the
     // target keeps both addresses (it used to lose the failed family's on one lost query).
