@@ -2,7 +2,7 @@
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|torn|
-                              trailers|headers|zero]
+                              trailers|headers|zero|goaway-once]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -17,7 +17,9 @@ once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers 
 any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields
 (sorted, pseudo-fields included), and a 200 `text/plain` answer "ok" that carries
 `cache-control: private` and `server: peer`; with `zero`, SETTINGS that allow no stream
-(MAX_CONCURRENT_STREAMS 0), and a 204 to a stream that comes anyway. Each request's line also gives its content
+(MAX_CONCURRENT_STREAMS 0), and a 204 to a stream that comes anyway; with `goaway-once`, the
+first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
+ones answer 204. Each request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
 """
@@ -46,6 +48,8 @@ TORN = sys.argv[2:] == ["torn"]
 TRAILERS = sys.argv[2:] == ["trailers"]
 HEADERS = sys.argv[2:] == ["headers"]
 ZERO = sys.argv[2:] == ["zero"]
+GOAWAY_ONCE = sys.argv[2:] == ["goaway-once"]
+connections = [0]
 lock = threading.Lock()
 
 
@@ -54,6 +58,9 @@ def serve(sock):
     conn.initiate_connection()
     if ZERO:
         conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+    with lock:
+        connections[0] += 1
+        first = connections[0] == 1
     sock.sendall(conn.data_to_send())
     got_trailers = set()
     while True:
@@ -85,6 +92,12 @@ def serve(sock):
                     print(f"request {path} {ctype}", flush=True)
                 if SILENT or TRAILERS:
                     continue
+                if GOAWAY_ONCE and first:
+                    # None of this connection's streams was acted on.
+                    conn.close_connection(error_code=0, last_stream_id=0)
+                    sock.sendall(conn.data_to_send())
+                    sock.close()
+                    return
                 if HEADERS:
                     pairs = sorted(f"{k.decode()}={v.decode()}" for k, v in event.headers)
                     with lock:
@@ -110,7 +123,7 @@ def serve(sock):
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
                     continue
-                if NO_CONTENT or ZERO:
+                if NO_CONTENT or ZERO or GOAWAY_ONCE:
                     conn.send_headers(event.stream_id, [(":status", "204"),
                                                         ("content-length", "0")],
                                       end_stream=True)

@@ -229,6 +229,14 @@ impl H2Pool {
         list.iter().find(|c| c.has_room()).cloned()
     }
 
+    /// Drops the connections to `target` for `upstream` that have ended (they hold a place in
+    /// `circuit.max_connections` until then).
+    pub fn prune(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>) {
+        if let Some(list) = self.conns.get_mut(target, upstream) {
+            list.retain(|c| !c.closed.get());
+        }
+    }
+
     /// A connection being opened to `target` for `upstream` that can take one more stream,
     /// that stream promised on it.
     pub fn join(

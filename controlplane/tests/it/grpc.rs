@@ -844,6 +844,42 @@ fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
     );
 }
 
+/// `h2load -n N -c 1 -m N` on `url`: its "status codes" line.
+fn h2load_burst(n: usize, url: &str) -> String {
+    let out = Command::new("h2load")
+        .args(["-n", &n.to_string(), "-c", "1", "-m", &n.to_string(), url])
+        .output()
+        .expect("h2load is needed (scripts/test installs Debian's nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("status codes:"));
+    line.unwrap_or_else(|| panic!("{text}")).to_owned()
+}
+
+#[test]
+fn streams_a_goaway_left_unprocessed_go_again_on_one_new_connection() {
+    // The first connection's GOAWAY (last stream 0) leaves 20 streams unprocessed: each goes
+    // again on a fresh connection, and they share the one being opened. Before: 20 more
+    // connections (with max_connections, 503s).
+    let peer = ResetPeer::start_with(&["0", "goaway-once"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
+         circuit = {{ max_connections = 2 }}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let codes = h2load_burst(20, &format!("http://{}/x", gw.listeners[0]));
+    assert!(codes.starts_with("status codes: 20 2xx"), "{codes}");
+    drop(gw);
+    let text = peer.output();
+    assert_eq!(
+        text.lines().filter(|l| *l == "connection").count(),
+        2,
+        "{text}"
+    );
+}
+
 #[test]
 fn an_http2_upstream_connection_that_allows_no_stream_takes_none() {
     // SETTINGS with MAX_CONCURRENT_STREAMS 0: that connection is not given streams (each

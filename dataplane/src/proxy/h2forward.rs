@@ -1097,213 +1097,228 @@ pub(super) async fn forward<S: ClientStream>(
     // When the last try went out: each try has its own `upstream_response_head_ms`, as on
     // HTTP/1.1 (one shared deadline left a retry none, and blamed its target for it).
     let sent_at = std::cell::Cell::new(Instant::now());
-    let attempt =
-        async |target: &LiveTarget, try_deadline: Option<Instant>, req: &mut RequestCtx| {
-            let mut fresh = false;
-            loop {
-                let pooled = if fresh {
-                    None
-                } else {
-                    ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
-                };
-                req.attempts.target = Some(target.addr);
-                req.attempts.connect = None;
-                let mut reused = pooled.is_some();
-                let started = Instant::now();
-                // Within the connect timeout (from the connect's start: a TLS handshake
-                // takes part of it), and the try's own bound.
-                let by = started + timeouts.upstream_connect;
-                let by = try_deadline.map_or(by, |t| t.min(by));
-                // Without room in the pool, a connection another request is opening to the
-                // target, if it has room: this one waits for it rather than open its own.
-                let joined = match (&pooled, fresh) {
-                    (None, false) => ctx.h2pool.borrow_mut().join(target.addr, &up.upstream.live),
-                    _ => None,
-                };
-                let shared = match joined {
-                    Some(c) => match monoio::time::timeout_at(by.into(), c.wait()).await {
-                        Ok(Ok(conn)) if conn.has_room() => Some(Ok(conn)),
-                        Ok(Err(Some(kind))) => Some(Err(ProxyError::new(kind))),
-                        // Its opener went away, or it has no room for this stream after all
-                        // (the target's SETTINGS): one of its own.
-                        Ok(Ok(_) | Err(None)) => None,
-                        Err(_) => Some(Err(ProxyError::new(ErrorKind::ConnectTimeout))),
-                    },
-                    None => None,
-                };
-                let conn = match (pooled, shared) {
-                    (Some(c), _) => c,
-                    (None, Some(shared)) => {
-                        // As a pooled one: a stream it cannot open goes once to a fresh one.
-                        reused = true;
-                        connector.reached(target, shared)?
+    let attempt = async |target: &LiveTarget,
+                         try_deadline: Option<Instant>,
+                         req: &mut RequestCtx| {
+        let mut fresh = false;
+        // Connections others were opening that came to nothing for this request (their
+        // opener went away, or no room after all): after a few, it opens its own.
+        let mut rejoins = 0u8;
+        loop {
+            let pooled = if fresh {
+                // Not a pooled one (the stale one may be among them); those closed go, so
+                // they no longer count against `circuit.max_connections`.
+                ctx.h2pool
+                    .borrow_mut()
+                    .prune(target.addr, &up.upstream.live);
+                None
+            } else {
+                ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
+            };
+            req.attempts.target = Some(target.addr);
+            req.attempts.connect = None;
+            let mut reused = pooled.is_some();
+            let started = Instant::now();
+            // Within the connect timeout (from the connect's start: a TLS handshake
+            // takes part of it), and the try's own bound.
+            let by = started + timeouts.upstream_connect;
+            let by = try_deadline.map_or(by, |t| t.min(by));
+            // Without room in the pool, a connection another request is opening to the
+            // target, if it has room: this one waits for it rather than open its own
+            // (also for a resend after a GOAWAY: one being opened is a new one).
+            let joined = match pooled {
+                None if rejoins < 3 => ctx.h2pool.borrow_mut().join(target.addr, &up.upstream.live),
+                _ => None,
+            };
+            let shared = match joined {
+                Some(c) => match monoio::time::timeout_at(by.into(), c.wait()).await {
+                    Ok(Ok(conn)) if conn.has_room() => Some(Ok(conn)),
+                    Ok(Err(Some(kind))) => Some(Err(ProxyError::new(kind))),
+                    // Its opener went away, or it has no room for this stream after all
+                    // (the target's SETTINGS, or new requests took it): the pool again,
+                    // where another may be opening one by now, then one of its own.
+                    Ok(Ok(_) | Err(None)) => {
+                        rejoins += 1;
+                        continue;
                     }
-                    (None, None) => {
-                        let opening = ctx.h2pool.borrow_mut().open(
-                            target.addr,
-                            &up.upstream.live,
+                    Err(_) => Some(Err(ProxyError::new(ErrorKind::ConnectTimeout))),
+                },
+                None => None,
+            };
+            let conn = match (pooled, shared) {
+                (Some(c), _) => c,
+                (None, Some(shared)) => {
+                    // As a pooled one: a stream it cannot open goes once to a fresh one.
+                    reused = true;
+                    connector.reached(target, shared)?
+                }
+                (None, None) => {
+                    let opening = ctx.h2pool.borrow_mut().open(
+                        target.addr,
+                        &up.upstream.live,
+                        up.upstream.max_streams,
+                    );
+                    let connected = async {
+                        let (tcp, counted) = connector
+                            .connect_stream(&mut req.attempts, target, try_deadline)
+                            .await?;
+                        let shake = h2pool::handshake(
+                            tcp,
                             up.upstream.max_streams,
+                            max_header_list,
+                            counted,
+                            timeouts.upstream_send,
                         );
-                        let connected = async {
-                            let (tcp, counted) = connector
-                                .connect_stream(&mut req.attempts, target, try_deadline)
-                                .await?;
-                            let shake = h2pool::handshake(
-                                tcp,
-                                up.upstream.max_streams,
-                                max_header_list,
-                                counted,
-                                timeouts.upstream_send,
-                            );
-                            match monoio::time::timeout_at(by.into(), shake).await {
-                                Ok(Ok(c)) => Ok(c),
-                                Ok(Err(_)) => Err(ProxyError::new(ErrorKind::ConnectFailed)),
-                                Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout)),
-                            }
+                        match monoio::time::timeout_at(by.into(), shake).await {
+                            Ok(Ok(c)) => Ok(c),
+                            Ok(Err(_)) => Err(ProxyError::new(ErrorKind::ConnectFailed)),
+                            Err(_) => Err(ProxyError::new(ErrorKind::ConnectTimeout)),
                         }
-                        .await;
-                        opening.finish(connected.as_ref().map(Rc::clone).map_err(|e| e.kind));
-                        let c = connector.reached(target, connected)?;
-                        req.attempts.connect = Some(started.elapsed());
-                        if !target.draining {
-                            let owner = &up.upstream.live;
-                            ctx.h2pool.borrow_mut().add(target.addr, owner, c.clone());
-                        }
-                        c
                     }
-                };
-                connector.count_request(target);
-                let (mut send, slot) = conn.open_stream(timeouts.upstream_send);
-                let body_now = whole.clone().or_else(|| replay.borrow().complete());
-                let end = body_now.as_ref().is_some_and(Bytes::is_empty);
-                // A stream the target takes within the connect time: one whose SETTINGS allow
-                // none (or no more than are open) would otherwise hold it until the head
-                // timeout, and be blamed for not answering a request it never had.
-                let ready = poll_fn(|cx| send.poll_ready(cx));
-                let Ok(ready) = monoio::time::timeout_at(by.into(), ready).await else {
-                    return Err(ProxyError::new(ErrorKind::ConnectTimeout).retryable(true));
-                };
-                let opened = match ready {
-                    Ok(()) => {
-                        let length = body_now
-                            .as_ref()
-                            .filter(|_| !call.is_grpc())
-                            .map(Bytes::len);
-                        let mut request = out.request(length);
-                        if let Some(d) = call_deadline {
-                            // What is left of the call's time, after the body, connects and
-                            // earlier tries.
-                            let left = d.saturating_duration_since(Instant::now());
-                            request
-                                .headers_mut()
-                                .insert("grpc-timeout", grpc_timeout_value(left));
-                        }
-                        send.send_request(request, end)
+                    .await;
+                    opening.finish(connected.as_ref().map(Rc::clone).map_err(|e| e.kind));
+                    let c = connector.reached(target, connected)?;
+                    req.attempts.connect = Some(started.elapsed());
+                    if !target.draining {
+                        let owner = &up.upstream.live;
+                        ctx.h2pool.borrow_mut().add(target.addr, owner, c.clone());
                     }
-                    Err(e) => Err(e),
-                };
-                let (response, up_send) = match opened {
-                    Ok(v) => v,
-                    Err(e) => {
-                        // A connection that ended (GOAWAY, closed) while pooled.
-                        log::debug!("upstream HTTP/2 stream not opened: {e}");
+                    c
+                }
+            };
+            connector.count_request(target);
+            let (mut send, slot) = conn.open_stream(timeouts.upstream_send);
+            let body_now = whole.clone().or_else(|| replay.borrow().complete());
+            let end = body_now.as_ref().is_some_and(Bytes::is_empty);
+            let opened = match poll_fn(|cx| send.poll_ready(cx)).await {
+                Ok(()) => {
+                    let length = body_now
+                        .as_ref()
+                        .filter(|_| !call.is_grpc())
+                        .map(Bytes::len);
+                    let mut request = out.request(length);
+                    if let Some(d) = call_deadline {
+                        // What is left of the call's time, after the body, connects and
+                        // earlier tries.
+                        let left = d.saturating_duration_since(Instant::now());
+                        request
+                            .headers_mut()
+                            .insert("grpc-timeout", grpc_timeout_value(left));
+                    }
+                    send.send_request(request, end)
+                }
+                Err(e) => Err(e),
+            };
+            let (response, up_send) = match opened {
+                Ok(v) => v,
+                Err(e) => {
+                    // A connection that ended (GOAWAY, closed) while pooled.
+                    log::debug!("upstream HTTP/2 stream not opened: {e}");
+                    conn.mark_closed();
+                    if reused && !fresh {
+                        fresh = true;
+                        connector.count_resend(target, &mut req.attempts);
+                        continue;
+                    }
+                    return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
+                }
+            };
+            // The stream opens once the target's SETTINGS leave room; until then h2 holds
+            // it queued (this handle is ready again once it has opened). Within the
+            // connect time: a target that takes no stream would otherwise hold it to the
+            // head timeout, blamed for not answering a request it never had.
+            let queued = poll_fn(|cx| send.poll_ready(cx));
+            if monoio::time::timeout_at(by.into(), queued).await.is_err() {
+                return Err(ProxyError::new(ErrorKind::ConnectTimeout).retryable(true));
+            }
+            let mut pump_guard = None;
+            let mut up_send = Some(up_send);
+            let pumped = body_now.is_none();
+            match (&body_now, stream_body.take()) {
+                (Some(b), _) if !b.is_empty() => {
+                    // Within the stream's window it goes at once; beyond it, h2 holds the
+                    // rest until the window opens (the body is in memory already).
+                    let sending = up_send.as_mut().map(|u| u.send_data(b.clone(), true));
+                    if !matches!(sending, Some(Ok(()))) {
                         conn.mark_closed();
-                        if reused && !fresh {
-                            fresh = true;
-                            connector.count_resend(target, &mut req.attempts);
-                            continue;
-                        }
                         return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
                     }
-                };
-                let mut pump_guard = None;
-                let mut up_send = Some(up_send);
-                let pumped = body_now.is_none();
-                match (&body_now, stream_body.take()) {
-                    (Some(b), _) if !b.is_empty() => {
-                        // Within the stream's window it goes at once; beyond it, h2 holds the
-                        // rest until the window opens (the body is in memory already).
-                        let sending = up_send.as_mut().map(|u| u.send_data(b.clone(), true));
-                        if !matches!(sending, Some(Ok(()))) {
-                            conn.mark_closed();
-                            return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
-                        }
-                    }
-                    (Some(_), _) => {}
-                    (None, Some((first, rest))) => {
-                        let abort = Rc::new(Abort::default());
-                        pump_guard = Some(AbortOnDrop(abort.clone()));
-                        if let Some(to) = up_send.take() {
-                            let replay = replay.clone();
-                            let refused = snap.policies.trailer_refused.clone();
-                            monoio::spawn(async move {
-                                let pump = pump(first, rest, to, &replay, refused);
-                                until_aborted(&abort, pump).await;
-                            });
-                        }
-                    }
-                    (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
                 }
-                sent_at.set(Instant::now());
-                let head_deadline = sent_at.get() + timeouts.upstream_response_head;
-                let mut deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
-                if let Some(d) = call_deadline {
-                    deadline = deadline.min(d);
+                (Some(_), _) => {}
+                (None, Some((first, rest))) => {
+                    let abort = Rc::new(Abort::default());
+                    pump_guard = Some(AbortOnDrop(abort.clone()));
+                    if let Some(to) = up_send.take() {
+                        let replay = replay.clone();
+                        let refused = snap.policies.trailer_refused.clone();
+                        monoio::spawn(async move {
+                            let pump = pump(first, rest, to, &replay, refused);
+                            until_aborted(&abort, pump).await;
+                        });
+                    }
                 }
-                let response = monoio::time::timeout_at(deadline.into(), response).await;
-                if pumped && replay.borrow().complete().is_none() {
-                    // The body is still arriving (or too big to keep): no other target can get it.
-                    req.attempts.committed = true;
-                }
-                return match response {
-                    // The call's own deadline: the client's choice, not the target's failure.
-                    Err(_) if call_deadline.is_some_and(|d| d <= deadline) => {
-                        Err(ProxyError::new(ErrorKind::DeadlineExceeded))
-                    }
-                    Err(_) => {
-                        // A connection that answers nothing may be dead (a host gone silently):
-                        // new streams go to a new one.
-                        conn.mark_closed();
-                        Err(ProxyError::new(ErrorKind::ResponseTimeout))
-                    }
-                    Ok(Err(e)) => {
-                        // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
-                        // So may a stream above the last id of the upstream's GOAWAY, whatever
-                        // its error code (6.8); h2 reports only those with the GOAWAY's error
-                        // (the streams at or below it that the close cuts end with an I/O one).
-                        let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
-                            || (e.is_go_away()
-                                && (e.is_remote() || e.reason() == Some(Reason::NO_ERROR)));
-                        if e.is_go_away() || e.is_io() {
-                            conn.mark_closed();
-                        }
-                        if unprocessed && !fresh && !pumped {
-                            // Once more on a new connection, whatever the retry policy.
-                            fresh = true;
-                            connector.count_resend(target, &mut req.attempts);
-                            continue;
-                        }
-                        if !unprocessed && call.is_grpc() {
-                            // Reset by the upstream after it had the call (a code other than
-                            // REFUSED_STREAM): it may have acted on it, and a gRPC method is not
-                            // known to be idempotent, so no other target gets it.
-                            req.attempts.committed = true;
-                        }
-                        Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
-                    }
-                    Ok(Ok(resp)) => {
-                        let (parts, body) = resp.into_parts();
-                        Ok(Opened {
-                            parts,
-                            body,
-                            _slot: slot,
-                            _send: up_send,
-                            _pump: pump_guard,
-                        })
-                    }
-                };
+                (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
             }
-        };
+            sent_at.set(Instant::now());
+            let head_deadline = sent_at.get() + timeouts.upstream_response_head;
+            let mut deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+            if let Some(d) = call_deadline {
+                deadline = deadline.min(d);
+            }
+            let response = monoio::time::timeout_at(deadline.into(), response).await;
+            if pumped && replay.borrow().complete().is_none() {
+                // The body is still arriving (or too big to keep): no other target can get it.
+                req.attempts.committed = true;
+            }
+            return match response {
+                // The call's own deadline: the client's choice, not the target's failure.
+                Err(_) if call_deadline.is_some_and(|d| d <= deadline) => {
+                    Err(ProxyError::new(ErrorKind::DeadlineExceeded))
+                }
+                Err(_) => {
+                    // A connection that answers nothing may be dead (a host gone silently):
+                    // new streams go to a new one.
+                    conn.mark_closed();
+                    Err(ProxyError::new(ErrorKind::ResponseTimeout))
+                }
+                Ok(Err(e)) => {
+                    // Refused before the upstream acted on it (RFC 9113 8.7): may go again.
+                    // So may a stream above the last id of the upstream's GOAWAY, whatever
+                    // its error code (6.8); h2 reports only those with the GOAWAY's error
+                    // (the streams at or below it that the close cuts end with an I/O one).
+                    let unprocessed = e.reason() == Some(Reason::REFUSED_STREAM)
+                        || (e.is_go_away()
+                            && (e.is_remote() || e.reason() == Some(Reason::NO_ERROR)));
+                    if e.is_go_away() || e.is_io() {
+                        conn.mark_closed();
+                    }
+                    if unprocessed && !fresh && !pumped {
+                        // Once more on a new connection, whatever the retry policy.
+                        fresh = true;
+                        connector.count_resend(target, &mut req.attempts);
+                        continue;
+                    }
+                    if !unprocessed && call.is_grpc() {
+                        // Reset by the upstream after it had the call (a code other than
+                        // REFUSED_STREAM): it may have acted on it, and a gRPC method is not
+                        // known to be idempotent, so no other target gets it.
+                        req.attempts.committed = true;
+                    }
+                    Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
+                }
+                Ok(Ok(resp)) => {
+                    let (parts, body) = resp.into_parts();
+                    Ok(Opened {
+                        parts,
+                        body,
+                        _slot: slot,
+                        _send: up_send,
+                        _pump: pump_guard,
+                    })
+                }
+            };
+        }
+    };
     let answer_of = |o: &Opened| {
         let grpc = o
             .parts
