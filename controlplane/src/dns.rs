@@ -4,6 +4,7 @@
 //! TTL (clamped by `[resolver]`) runs out. Runs on the control plane's upstream thread, never
 //! on a worker.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -231,6 +232,9 @@ impl Resolver {
     }
 }
 
+/// The longest CNAME chain followed in an answer.
+const MAX_CNAMES: usize = 16;
+
 /// A name as compared: lower case, without the root's trailing dot.
 fn plain_name(name: &impl ToString) -> String {
     name.to_string().trim_end_matches('.').to_ascii_lowercase()
@@ -251,21 +255,20 @@ fn read_answer(packet: &Packet<'_>, name: &str, qtype: TYPE) -> Result<Answer, D
         ttl: u32::MAX,
         unavailable: false,
     };
-    // The name and its aliases, following CNAMEs in whatever order they come (a loop, or a
-    // chain longer than the answer, ends when nothing new is added).
-    let mut owners = vec![plain_name(&name)];
-    for _ in 0..packet.answers.len() {
-        let before = owners.len();
-        for rr in &packet.answers {
-            if let RData::CNAME(c) = &rr.rdata {
-                let (from, to) = (plain_name(&rr.name), plain_name(&c.0));
-                if owners.contains(&from) && !owners.contains(&to) {
-                    owners.push(to);
-                }
-            }
-        }
-        if owners.len() == before {
-            break;
+    // The name and its aliases, following CNAMEs in whatever order they come, for at most
+    // MAX_CNAMES links (as resolvers bound a chain; a loop ends where it comes back).
+    let cnames: HashMap<String, String> = (packet.answers.iter())
+        .filter_map(|rr| match &rr.rdata {
+            RData::CNAME(c) => Some((plain_name(&rr.name), plain_name(&c.0))),
+            _ => None,
+        })
+        .collect();
+    let mut owners = HashSet::from([plain_name(&name)]);
+    let mut at = plain_name(&name);
+    for _ in 0..MAX_CNAMES {
+        match cnames.get(&at) {
+            Some(next) if owners.insert(next.clone()) => at = next.clone(),
+            _ => break,
         }
     }
     for rr in &packet.answers {
@@ -362,6 +365,61 @@ fn rand_id() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_names_records_and_its_aliases_are_its_answer() {
+        use simple_dns::rdata::{A, CNAME};
+        use simple_dns::ResourceRecord;
+        fn rr(name: &str, rdata: RData<'static>) -> ResourceRecord<'static> {
+            let name = Name::new_unchecked(name).into_owned();
+            ResourceRecord::new(name, CLASS::IN, 60, rdata)
+        }
+        fn a(ip: [u8; 4]) -> RData<'static> {
+            RData::A(A {
+                address: u32::from(Ipv4Addr::from(ip)),
+            })
+        }
+        fn cname(to: &str) -> RData<'static> {
+            RData::CNAME(CNAME(Name::new_unchecked(to).into_owned()))
+        }
+        let ips = |records: Vec<ResourceRecord<'static>>| {
+            let mut p = Packet::new_reply(1);
+            p.answers = records;
+            read_answer(&p, "svc.test", TYPE::A).unwrap().ips
+        };
+        // A chain listed end first (svc -> b -> c), another name's address beside it, a loop
+        // elsewhere: c's address only.
+        let got = ips(vec![
+            rr("c.test", a([127, 0, 0, 3])),
+            rr("b.test", cname("c.test")),
+            rr("Svc.Test.", cname("b.test")),
+            rr("other.test", a([127, 0, 0, 9])),
+            rr("x.test", cname("y.test")),
+            rr("y.test", cname("x.test")),
+        ]);
+        assert_eq!(got, [IpAddr::from([127, 0, 0, 3])]);
+        // A loop from the name itself ends, with nothing.
+        let got = ips(vec![
+            rr("svc.test", cname("b.test")),
+            rr("b.test", cname("svc.test")),
+        ]);
+        assert!(got.is_empty());
+        // A chain is followed for 16 links at most (listed end first: each pass of the old
+        // walk added one name, cubic in the chain's length).
+        let chain = |links: usize| {
+            let mut records = vec![rr(&format!("n{links}.test"), a([127, 0, 0, 4]))];
+            for i in (1..=links).rev() {
+                records.push(rr(
+                    &format!("n{}.test", i - 1),
+                    cname(&format!("n{i}.test")),
+                ));
+            }
+            records.push(rr("svc.test", cname("n0.test")));
+            ips(records)
+        };
+        assert_eq!(chain(15), [IpAddr::from([127, 0, 0, 4])]);
+        assert!(chain(3000).is_empty());
+    }
 
     #[test]
     fn hosts_file_names_match_any_alias_case_insensitively() {

@@ -693,8 +693,8 @@ impl Upstreams {
 
 /// An SRV name's records and addresses for their targets: those the answer carried, and
 /// those looked up for targets it did not (unless `known` already has them), backups
-/// included. The lookups run at once, for one resolver timeout: a target host that does
-/// not answer by then is left to its own retries, and the answer stands with the others
+/// included. The lookups run at once, for the time one lookup may take: a target host that
+/// does not answer by then is left to its own retries, and the answer stands with the others
 /// (one after another, a few silent hosts made the first lookup miss its bound and drop
 /// a good answer).
 async fn resolve_srv(
@@ -715,7 +715,9 @@ async fn resolve_srv(
         .into_iter()
         .map(|host| async move { (host, resolver.lookup_ip(host).await) })
         .collect();
-    let deadline = tokio::time::Instant::now() + resolver.timeout;
+    // One lookup's time: its name servers asked one after another, each for `timeout_ms`.
+    let one_lookup = resolver.timeout * resolver.servers.len().max(1) as u32;
+    let deadline = tokio::time::Instant::now() + one_lookup;
     while let Ok(Some((host, found))) = tokio::time::timeout_at(deadline, lookups.next()).await {
         match found {
             Ok((ips, ttl, _)) => {

@@ -782,6 +782,29 @@ fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
 }
 
 #[test]
+fn srv_target_hosts_are_looked_up_through_every_name_server() {
+    // The first name server never answers: each lookup takes its timeout there, then the
+    // second's answer. The target hosts' lookups are given that long too (before: one
+    // timeout, which left the SRV answer without addresses: no targets at start).
+    let b = Backend::start("b", Mode::Answer);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = Dns::start(&serde_json::json!({
+        "ttl": 60,
+        "a": {"ok.test": ["127.0.0.1"]},
+        "srv": {"_h._tcp.main.test": [[10, 1, b.addr.port(), "ok.test"]]},
+    }));
+    let extra = format!(
+        "[resolver]\nnameservers = [\"{}\", \"127.0.0.1:{}\"]\ntimeout_ms = 300\n\n\
+         [[upstreams]]\nid = \"main\"\ndiscovery = {{ dns_srv = \"_h._tcp.main.test\" }}\n\n\
+         [[routes]]\nid = \"main\"\npath_prefix = \"/main\"\nupstream = \"main\"\n",
+        silent.local_addr().unwrap(),
+        dns.port
+    );
+    let gw = Gateway::start(&config(1, &[target(b.addr)], "", &extra), Driver::IoUring);
+    assert_eq!(get(&gw, "/main").body_str(), "b");
+}
+
+#[test]
 fn a_failed_query_for_one_address_family_keeps_that_familys_addresses() {
     // A dual-stack name: when its A (then AAAA) query fails while the other answers, the
     // target keeps both addresses (it used to lose the failed family's on one lost query).
