@@ -1105,6 +1105,10 @@ fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
         (line["status"].as_u64(), line["path"].as_str()),
         (Some(101), Some("/ws"))
     );
+    // Said to have been cut by the drain (before: no error, as a tunnel that ended well).
+    assert_eq!(line["error"], "drain_timeout", "{line}");
+    // The first tunnel, ended by its client, has none.
+    assert_eq!(wait_log_lines(&log, 2)[0]["error"], serde_json::Value::Null);
     drop(c);
 }
 

@@ -90,6 +90,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let (ur, uw) = conn.stream.into_halves();
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);
+    let cut_by_drain = Cell::new(false);
     // The watchdog's, woken when the last direction ends.
     let ended = Cell::new(None::<Waker>);
     // Ends both directions at once, without the clean half-close an end gets: for a read or
@@ -114,6 +115,8 @@ pub(crate) async fn tunnel<S: ClientStream>(
             }
             let quiet_until = activity.get() + idle;
             if Instant::now() >= quiet_until || cut_off.get() {
+                // The drain's end cut it (logged as such), or it went quiet.
+                cut_by_drain.set(cut_off.get());
                 abort();
                 return;
             }
@@ -136,6 +139,9 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let (sent_up, sent_down, ()) = monoio::join!(up, down_half, watchdog);
     req.bytes_in += sent_up;
     req.bytes_out += sent_down;
+    if cut_by_drain.get() {
+        req.fail(crate::error::ErrorKind::DrainTimeout);
+    }
 }
 
 /// Copies one direction of a tunnel until EOF, then half-closes the other side; on an error
