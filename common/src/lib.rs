@@ -47,7 +47,7 @@ impl ConfigError {
     pub fn field(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
             path: path.into(),
-            reason: reason.into(),
+            reason: without_private_keys(reason.into()),
         }
     }
 
@@ -112,6 +112,29 @@ pub fn redact_url(url: &str) -> String {
     )
 }
 
+/// `text` with each PEM private key in it replaced by `<private key>`. An error message that
+/// quotes a value (a key sent in the wrong field, or as a file name) is answered and logged:
+/// it must not carry the key. A key without its end marker is cut to the end of the text.
+pub fn without_private_keys(text: String) -> String {
+    const LABEL: &str = "PRIVATE KEY-----";
+    let mut out = text;
+    while let Some(label) = out.find(LABEL) {
+        let start = out[..label].rfind("-----BEGIN").unwrap_or(label);
+        let after = label + LABEL.len();
+        let end = match out[after..].find("-----END") {
+            Some(e) => {
+                let marker = after + e;
+                out[marker..]
+                    .find(LABEL)
+                    .map_or(out.len(), |l| marker + l + LABEL.len())
+            }
+            None => out.len(),
+        };
+        out.replace_range(start..end, "<private key>");
+    }
+    out
+}
+
 pub fn parse_config(text: &str, format: Format) -> Result<Config, ConfigError> {
     let syntax = |path: String, reason: String| ConfigError::Syntax {
         path: if path.is_empty() || path == "." {
@@ -119,7 +142,7 @@ pub fn parse_config(text: &str, format: Format) -> Result<Config, ConfigError> {
         } else {
             path
         },
-        reason,
+        reason: without_private_keys(reason),
     };
     match format {
         Format::Json => {

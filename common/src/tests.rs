@@ -1245,3 +1245,29 @@ fn upstream_tls_is_checked_and_compiled() {
         assert!(e.to_string().contains(says), "{tls}: {e}");
     }
 }
+
+#[test]
+fn error_messages_never_quote_a_private_key() {
+    let key = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0B\n-----END PRIVATE KEY-----\n";
+    // Given where a list of names belongs: the parser quotes the string it got.
+    let text = format!(
+        "[[certificates]]\nid = \"c\"\nnames = {:?}\ncert_pem = \"x\"\nkey_pem = \"y\"\n",
+        key
+    );
+    let e = parse_config(&text, Format::Toml).unwrap_err().to_string();
+    assert!(!e.contains("MIIE"), "{e}");
+    assert!(e.contains("<private key>"), "{e}");
+    // Escaped, two of them, one without its end, an EC key's label.
+    for (given, want) in [
+        (format!("a {key:?} b"), "a \"<private key>\\n\" b"),
+        (
+            "x -----BEGIN EC PRIVATE KEY-----\\nAAA\\n-----END EC PRIVATE KEY----- y \
+             -----BEGIN PRIVATE KEY-----\\nBBB"
+                .to_owned(),
+            "x <private key> y <private key>",
+        ),
+        ("no key here".to_owned(), "no key here"),
+    ] {
+        assert_eq!(without_private_keys(given), want);
+    }
+}

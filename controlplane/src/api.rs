@@ -197,7 +197,8 @@ impl Problem {
         Problem {
             status,
             title,
-            detail: detail.into(),
+            // A detail quoting a value (a key sent in the wrong field) never carries a key.
+            detail: common::without_private_keys(detail.into()),
             pointer: None,
             field: None,
         }

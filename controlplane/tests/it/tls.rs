@@ -803,6 +803,22 @@ fn certificates_are_managed_through_the_admin_api() {
             r.body_str()
         );
     }
+    // A key sent where another value belongs is not quoted back (nor logged): the parser's
+    // message would have carried it whole.
+    for body in [
+        serde_json::json!({
+            "cert_pem": a2.cert_pem(),
+            "key_pem": a2.key_pem(),
+            "names": a2.key_pem()
+        }),
+        serde_json::json!({"cert_pem": a2.cert_pem(), "key_file": a2.key_pem()}),
+    ] {
+        let r = gw.admin("PUT", "/v1/certificates/c", Some(&body.to_string()));
+        assert!(matches!(r.status, 400 | 422), "{}", r.body_str());
+        let key_body = a2.key_pem().lines().nth(1).unwrap().to_owned();
+        assert!(!r.body_str().contains(&key_body), "{}", r.body_str());
+        assert!(r.body_str().contains("<private key>"), "{}", r.body_str());
+    }
     // A certificate a listener uses cannot go.
     let r = gw.admin("DELETE", "/v1/certificates/a", None);
     assert_eq!(r.status, 409, "{}", r.body_str());
