@@ -286,16 +286,21 @@ impl Upstreams {
         let (tx, rx) = std::sync::mpsc::channel();
         let n = names.len();
         let asked = names.clone();
+        let limit = resolver.timeout * (resolver.servers.len().max(1) as u32 + 1);
+        let deadline = std::time::Instant::now() + limit;
+        // An SRV name's target hosts are cut a little before, so that its answer is in.
+        let hosts_by = tokio::time::Instant::from_std(deadline);
+        let hosts_by = hosts_by
+            .checked_sub(Duration::from_millis(50))
+            .unwrap_or(hosts_by);
         for name in names {
             let (tx, resolver) = (tx.clone(), resolver.clone());
             self.inner.rt.spawn(async move {
-                let found = lookup(&resolver, &name, &HashSet::new()).await;
+                let found = lookup(&resolver, &name, &HashSet::new(), Some(hosts_by)).await;
                 let _ = tx.send((name, found));
             });
         }
         drop(tx);
-        let limit = resolver.timeout * (resolver.servers.len().max(1) as u32 + 1);
-        let deadline = std::time::Instant::now() + limit;
         let mut out: Vec<(Name, Found)> = Vec::with_capacity(n);
         while out.len() < n {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -473,7 +478,7 @@ impl Upstreams {
                         let st = lock(&inner.state);
                         (st.resolver.clone(), st.hosts.keys().cloned().collect())
                     };
-                    let found = lookup(&resolver, &name, &known).await;
+                    let found = lookup(&resolver, &name, &known, None).await;
                     let me = Upstreams {
                         inner: inner.clone(),
                     };
@@ -701,6 +706,7 @@ async fn resolve_srv(
     resolver: &Resolver,
     name: &str,
     known: impl Fn(&str) -> bool,
+    hosts_by: Option<tokio::time::Instant>,
 ) -> Result<(Vec<Srv>, Vec<(String, IpAddr, u32)>, u32), crate::dns::DnsError> {
     use futures_util::StreamExt;
     let (records, mut extra, ttl) = resolver.lookup_srv(name).await?;
@@ -718,6 +724,7 @@ async fn resolve_srv(
     // One lookup's time: its name servers asked one after another, each for `timeout_ms`.
     let one_lookup = resolver.timeout * resolver.servers.len().max(1) as u32;
     let deadline = tokio::time::Instant::now() + one_lookup;
+    let deadline = hosts_by.map_or(deadline, |by| deadline.min(by));
     while let Ok(Some((host, found))) = tokio::time::timeout_at(deadline, lookups.next()).await {
         match found {
             Ok((ips, ttl, _)) => {
@@ -802,13 +809,20 @@ impl Entry {
 }
 
 /// One lookup of `name`; an SRV name's targets are looked up too unless `known` has them.
-async fn lookup(resolver: &Resolver, name: &Name, known: &HashSet<Box<str>>) -> Found {
+/// `hosts_by`: when an SRV name's target-host lookups are cut at the latest (a first
+/// lookup's bound), beside their own.
+async fn lookup(
+    resolver: &Resolver,
+    name: &Name,
+    known: &HashSet<Box<str>>,
+    hosts_by: Option<tokio::time::Instant>,
+) -> Found {
     let result = match name {
         Name::Host(h) => resolver
             .lookup_ip(h)
             .await
             .map(|(ips, ttl, failed)| Found::Ips(ips, ttl, failed)),
-        Name::Srv(s) => resolve_srv(resolver, s, |h| known.contains(h))
+        Name::Srv(s) => resolve_srv(resolver, s, |h| known.contains(h), hosts_by)
             .await
             .map(|(records, extra, ttl)| Found::Srv(records, extra, ttl)),
     };

@@ -784,14 +784,18 @@ fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
 #[test]
 fn srv_target_hosts_are_looked_up_through_every_name_server() {
     // The first name server never answers: each lookup takes its timeout there, then the
-    // second's answer. The target hosts' lookups are given that long too (before: one
-    // timeout, which left the SRV answer without addresses: no targets at start).
+    // second's answer. The target hosts' lookups are given that long too, and one that never
+    // answers is cut before the first lookup's bound, so the SRV answer stands with the
+    // others (before: one timeout, which left it without addresses; then, given a lookup's
+    // time, the silent host took the whole answer past the bound: no targets at start).
     let b = Backend::start("b", Mode::Answer);
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = b.addr.port();
     let dns = Dns::start(&serde_json::json!({
         "ttl": 60,
         "a": {"ok.test": ["127.0.0.1"]},
-        "srv": {"_h._tcp.main.test": [[10, 1, b.addr.port(), "ok.test"]]},
+        "srv": {"_h._tcp.main.test": [[10, 1, port, "ok.test"], [10, 1, port, "slow.test"]]},
+        "drop": ["slow.test"],
     }));
     let extra = format!(
         "[resolver]\nnameservers = [\"{}\", \"127.0.0.1:{}\"]\ntimeout_ms = 300\n\n\

@@ -1104,6 +1104,8 @@ pub(super) async fn forward<S: ClientStream>(
         // Connections others were opening that came to nothing for this request (their
         // opener went away, or no room after all): after a few, it opens its own.
         let mut rejoins = 0u8;
+        // Waits for others' connections end by the first one's bound, however many.
+        let mut joins_by = None;
         loop {
             let pooled = if fresh {
                 // Not a pooled one (the stale one may be among them); those closed go, so
@@ -1131,18 +1133,22 @@ pub(super) async fn forward<S: ClientStream>(
                 _ => None,
             };
             let shared = match joined {
-                Some(c) => match monoio::time::timeout_at(by.into(), c.wait()).await {
-                    Ok(Ok(conn)) if conn.has_room() => Some(Ok(conn)),
-                    Ok(Err(Some(kind))) => Some(Err(ProxyError::new(kind))),
-                    // Its opener went away, or it has no room for this stream after all
-                    // (the target's SETTINGS, or new requests took it): the pool again,
-                    // where another may be opening one by now, then one of its own.
-                    Ok(Ok(_) | Err(None)) => {
-                        rejoins += 1;
-                        continue;
+                Some(c) => {
+                    match monoio::time::timeout_at((*joins_by.get_or_insert(by)).into(), c.wait())
+                        .await
+                    {
+                        Ok(Ok(conn)) if conn.has_room() => Some(Ok(conn)),
+                        Ok(Err(Some(kind))) => Some(Err(ProxyError::new(kind))),
+                        // Its opener went away, or it has no room for this stream after all
+                        // (the target's SETTINGS, or new requests took it): the pool again,
+                        // where another may be opening one by now, then one of its own.
+                        Ok(Ok(_) | Err(None)) => {
+                            rejoins += 1;
+                            continue;
+                        }
+                        Err(_) => Some(Err(ProxyError::new(ErrorKind::ConnectTimeout))),
                     }
-                    Err(_) => Some(Err(ProxyError::new(ErrorKind::ConnectTimeout))),
-                },
+                }
                 None => None,
             };
             let conn = match (pooled, shared) {
@@ -1223,14 +1229,6 @@ pub(super) async fn forward<S: ClientStream>(
                     return Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(true));
                 }
             };
-            // The stream opens once the target's SETTINGS leave room; until then h2 holds
-            // it queued (this handle is ready again once it has opened). Within the
-            // connect time: a target that takes no stream would otherwise hold it to the
-            // head timeout, blamed for not answering a request it never had.
-            let queued = poll_fn(|cx| send.poll_ready(cx));
-            if monoio::time::timeout_at(by.into(), queued).await.is_err() {
-                return Err(ProxyError::new(ErrorKind::ConnectTimeout).retryable(true));
-            }
             let mut pump_guard = None;
             let mut up_send = Some(up_send);
             let pumped = body_now.is_none();
