@@ -319,20 +319,25 @@ pub fn names_one_of(name: &[u8], refused: &[Box<[u8]>]) -> bool {
 }
 
 /// Whether a trailer field named `lower` (lower-case) is one that must never appear in a
-/// trailer because it controls framing, routing or the connection (RFC 9110 §6.5.1).
+/// trailer because it controls framing, routing or the connection (RFC 9110 §6.5.1). `_` is
+/// taken for `-`, as the head's parser drops those spellings: an upstream that merges
+/// trailers into the head and reads them as CGI-style servers do would see a framing field
+/// the head could not carry.
 pub fn is_framing_field(lower: &[u8]) -> bool {
-    matches!(
-        lower,
-        b"content-length"
-            | b"transfer-encoding"
-            | b"host"
-            | b"connection"
-            | b"keep-alive"
-            | b"te"
-            | b"trailer"
-            | b"upgrade"
-            | b"proxy-connection"
-    )
+    const FRAMING: [&[u8]; 9] = [
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+    ];
+    FRAMING
+        .iter()
+        .any(|f| crate::codec::same_field_name(lower, f))
 }
 
 #[cfg(test)]
@@ -423,6 +428,14 @@ mod tests {
             ),
             (
                 b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n",
+                ChunkError::Malformed,
+            ),
+            (
+                b"5\r\nhello\r\n0\r\nX-T: 1\r\nTransfer_Encoding: chunked\r\n\r\n",
+                ChunkError::Malformed,
+            ),
+            (
+                b"5\r\nhello\r\n0\r\ncontent_length: 5\r\n\r\n",
                 ChunkError::Malformed,
             ),
             (b"5\r\nhello\r\n0\r\nX: a\rb\r\n\r\n", ChunkError::Malformed),
