@@ -46,7 +46,7 @@ impl ConfigError {
     /// An invalid field, named by its path (`routes[2].upstream`).
     pub fn field(path: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
-            path: path.into(),
+            path: without_private_keys(path.into()),
             reason: without_private_keys(reason.into()),
         }
     }
@@ -117,30 +117,38 @@ pub fn redact_url(url: &str) -> String {
 /// it must not carry the key. A key without its end marker is cut to the end of the text.
 pub fn without_private_keys(text: String) -> String {
     const LABEL: &str = "PRIVATE KEY-----";
-    let mut out = text;
-    while let Some(label) = out.find(LABEL) {
-        let start = out[..label].rfind("-----BEGIN").unwrap_or(label);
+    if !text.contains(LABEL) {
+        return text;
+    }
+    // One pass: each search starts where the last cut ended.
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(label) = rest.find(LABEL) {
+        let start = rest[..label].rfind("-----BEGIN").unwrap_or(label);
+        out.push_str(&rest[..start]);
+        out.push_str("<private key>");
         let after = label + LABEL.len();
-        let end = match out[after..].find("-----END") {
+        rest = match rest[after..].find("-----END") {
             Some(e) => {
                 let marker = after + e;
-                out[marker..]
+                rest[marker..]
                     .find(LABEL)
-                    .map_or(out.len(), |l| marker + l + LABEL.len())
+                    .map_or("", |l| &rest[marker + l + LABEL.len()..])
             }
-            None => out.len(),
+            None => "",
         };
-        out.replace_range(start..end, "<private key>");
     }
+    out.push_str(rest);
     out
 }
 
 pub fn parse_config(text: &str, format: Format) -> Result<Config, ConfigError> {
+    // A map key is part of the path: a key sent as one is not quoted either.
     let syntax = |path: String, reason: String| ConfigError::Syntax {
         path: if path.is_empty() || path == "." {
             ".".to_owned()
         } else {
-            path
+            without_private_keys(path)
         },
         reason: without_private_keys(reason),
     };

@@ -242,7 +242,8 @@ impl IntoResponse for Problem {
             "detail": self.detail,
         });
         if let Some(p) = self.pointer {
-            body["pointer"] = Value::String(p);
+            // A map key in it may be anything a client sent, a key included.
+            body["pointer"] = Value::String(common::without_private_keys(p));
         }
         let mut resp = (self.status, body.to_string()).into_response();
         resp.headers_mut().insert(
