@@ -819,21 +819,9 @@ fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
     // request opens one and the others wait for it (up to max_streams) instead of opening
     // one each. Before: 50 connections, or with max_connections = 2, 48 answers of 503.
     let peer = ResetPeer::start_with(&["0", "no-content"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
-         circuit = {{ max_connections = 2 }}\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        peer.addr
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
-    let out = Command::new("h2load")
-        .args(["-n", "50", "-c", "1", "-m", "50"])
-        .arg(format!("http://{}/x", gw.listeners[0]))
-        .output()
-        .expect("h2load is needed (scripts/test installs Debian's nghttp2-client)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("status codes: 50 2xx"), "{text}");
+    let gw = two_connections_to(&peer);
+    let codes = h2load_burst(50, &format!("http://{}/x", gw.listeners[0]));
+    assert!(codes.starts_with("status codes: 50 2xx"), "{codes}");
     drop(gw);
     let peer_text = peer.output();
     let lines = |start: &str| peer_text.lines().filter(|l| l.starts_with(start)).count();
@@ -842,6 +830,19 @@ fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
         (50, 1),
         "{peer_text}"
     );
+}
+
+/// A gateway with an h2c listener whose one route goes to `peer` as an h2c upstream of at
+/// most two connections (`circuit.max_connections`).
+fn two_connections_to(peer: &ResetPeer) -> Gateway {
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
+         circuit = {{ max_connections = 2 }}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
+        peer.addr
+    );
+    Gateway::start(&config, Driver::IoUring)
 }
 
 /// `h2load -n N -c 1 -m N` on `url`: its "status codes" line.
@@ -861,14 +862,7 @@ fn streams_a_goaway_left_unprocessed_go_again_on_one_new_connection() {
     // again on a fresh connection, and they share the one being opened. Before: 20 more
     // connections (with max_connections, 503s).
     let peer = ResetPeer::start_with(&["0", "goaway-once"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
-         circuit = {{ max_connections = 2 }}\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        peer.addr
-    );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    let gw = two_connections_to(&peer);
     let codes = h2load_burst(20, &format!("http://{}/x", gw.listeners[0]));
     assert!(codes.starts_with("status codes: 20 2xx"), "{codes}");
     drop(gw);

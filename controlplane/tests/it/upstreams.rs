@@ -511,6 +511,21 @@ fn a_silent_target_times_out_per_try_and_a_post_is_not_retried() {
     );
 }
 
+/// A gateway whose upstream `u` has the one target `svc.test:PORT` (a name the test's DNS
+/// server gives), and `extra` config.
+fn with_svc_target(port: u16, extra: &str) -> Gateway {
+    let target = format!("{{ address = \"svc.test:{port}\" }}");
+    Gateway::start(&config(1, &[target], "", extra), Driver::IoUring)
+}
+
+/// An upstream `id` whose targets an SRV name gives, and its route `/id`.
+fn srv_upstream(id: &str, srv: &str) -> String {
+    format!(
+        "[[upstreams]]\nid = \"{id}\"\ndiscovery = {{ dns_srv = \"{srv}\" }}\n\n\
+         [[routes]]\nid = \"{id}\"\npath_prefix = \"/{id}\"\nupstream = \"{id}\"\n\n"
+    )
+}
+
 /// The DNS server of `tests/dns_server.py` with its zone and query log.
 struct Dns {
     child: Child,
@@ -608,20 +623,11 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
     };
     let dns = Dns::start(&zone("127.0.0.1"));
     let extra = format!(
-        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 1500\n\n\
-         [[upstreams]]\nid = \"pool\"\ndiscovery = {{ dns_srv = \"_http._tcp.pool.test\" }}\n\n\
-         [[routes]]\nid = \"pool\"\npath_prefix = \"/pool\"\nupstream = \"pool\"\n",
-        dns.port
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 1500\n\n{}",
+        dns.port,
+        srv_upstream("pool", "_http._tcp.pool.test")
     );
-    let gw = Gateway::start(
-        &config(
-            1,
-            &[format!("{{ address = \"svc.test:{port}\" }}")],
-            "",
-            &extra,
-        ),
-        Driver::IoUring,
-    );
+    let gw = with_svc_target(port, &extra);
     assert_eq!(get(&gw, "/x").body_str(), "first");
     let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
     assert_eq!(health["targets"][0]["host"], "svc.test");
@@ -732,22 +738,12 @@ fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
         "drop": ["d1.test", "d2.test", "d3.test"],
     }));
     let extra = format!(
-        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\ntimeout_ms = 300\nmin_ttl_ms = 500\n\n\
-         [[upstreams]]\nid = \"main\"\ndiscovery = {{ dns_srv = \"_h._tcp.main.test\" }}\n\n\
-         [[upstreams]]\nid = \"none\"\ndiscovery = {{ dns_srv = \"_h._tcp.none.test\" }}\n\n\
-         [[routes]]\nid = \"main\"\npath_prefix = \"/main\"\nupstream = \"main\"\n\
-         [[routes]]\nid = \"none\"\npath_prefix = \"/none\"\nupstream = \"none\"\n",
-        dns.port
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\ntimeout_ms = 300\nmin_ttl_ms = 500\n\n{}{}",
+        dns.port,
+        srv_upstream("main", "_h._tcp.main.test"),
+        srv_upstream("none", "_h._tcp.none.test")
     );
-    let gw = Gateway::start(
-        &config(
-            1,
-            &[format!("{{ address = \"svc.test:{port}\" }}")],
-            "",
-            &extra,
-        ),
-        Driver::IoUring,
-    );
+    let gw = with_svc_target(port, &extra);
     let targets = |upstream: &str| -> Vec<(String, bool)> {
         let health = gw.admin("GET", &format!("/v1/upstreams/{upstream}/health"), None);
         (health.json()["targets"].as_array().unwrap().iter())
@@ -798,11 +794,10 @@ fn srv_target_hosts_are_looked_up_through_every_name_server() {
         "drop": ["slow.test"],
     }));
     let extra = format!(
-        "[resolver]\nnameservers = [\"{}\", \"127.0.0.1:{}\"]\ntimeout_ms = 300\n\n\
-         [[upstreams]]\nid = \"main\"\ndiscovery = {{ dns_srv = \"_h._tcp.main.test\" }}\n\n\
-         [[routes]]\nid = \"main\"\npath_prefix = \"/main\"\nupstream = \"main\"\n",
+        "[resolver]\nnameservers = [\"{}\", \"127.0.0.1:{}\"]\ntimeout_ms = 300\n\n{}",
         silent.local_addr().unwrap(),
-        dns.port
+        dns.port,
+        srv_upstream("main", "_h._tcp.main.test")
     );
     let gw = Gateway::start(&config(1, &[target(b.addr)], "", &extra), Driver::IoUring);
     assert_eq!(get(&gw, "/main").body_str(), "b");
