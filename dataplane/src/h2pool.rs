@@ -161,7 +161,7 @@ pub(crate) struct Connecting {
     reserved: Cell<u32>,
     max_streams: u32,
     /// Once it is known: the connection, or why it could not be opened (`None`: its opener
-    /// went away first, and each waiter opens its own).
+    /// went away first, and each waiter looks at the pool again).
     outcome: RefCell<Option<Result<Rc<H2Conn>, Option<ErrorKind>>>>,
     waiters: RefCell<Vec<Waker>>,
 }
