@@ -89,6 +89,19 @@ struct SrvName {
 struct LookupStats {
     ok: AtomicU64,
     failed: AtomicU64,
+    /// Failed lookups since the last answer (the log says the 1st, 2nd, 4th, 8th...).
+    in_a_row: AtomicU64,
+}
+
+impl LookupStats {
+    /// An answer: counted, and said in the log if lookups had been failing.
+    fn answered(&self, name: &Name) {
+        self.ok.fetch_add(1, Relaxed);
+        let failed = self.in_a_row.swap(0, Relaxed);
+        if failed > 0 {
+            log::info!("resolver: {name} answers again, after {failed} failed lookups");
+        }
+    }
 }
 
 /// Tells the checkers apart (see `CheckState::owner`); 0 is none.
@@ -362,11 +375,18 @@ impl Upstreams {
         let (min, max) = (st.min_ttl, st.max_ttl);
         let (changed, next) = match found {
             Found::Failed(e) => {
-                self.stats(st, name)?.failed.fetch_add(1, Relaxed);
-                log::warn!(
-                    "resolver: {name}: {e}; keeping its last answer, retrying in {} ms",
-                    min.as_millis()
-                );
+                let stats = self.stats(st, name)?;
+                stats.failed.fetch_add(1, Relaxed);
+                // Said at the 1st, 2nd, 4th, 8th... in a row: a name that stays away is not
+                // logged every `min_ttl_ms`.
+                let in_a_row = stats.in_a_row.fetch_add(1, Relaxed) + 1;
+                if in_a_row.is_power_of_two() {
+                    log::warn!(
+                        "resolver: {name}: {e}; keeping its last answer, retrying in {} ms \
+                         ({in_a_row} failed in a row)",
+                        min.as_millis()
+                    );
+                }
                 return Some(min);
             }
             Found::Ips(mut ips, ttl, failed) => {
@@ -374,7 +394,7 @@ impl Upstreams {
                 let host = st.hosts.get_mut(h)?;
                 let next = match failed {
                     None => {
-                        host.stats.ok.fetch_add(1, Relaxed);
+                        host.stats.answered(name);
                         if host.family_failures > 0 {
                             log::info!("resolver: {name}: both address families answer again");
                         }
@@ -388,6 +408,8 @@ impl Upstreams {
                     // not asked every `min_ttl_ms`, nor the log told each time.
                     Some(v4) => {
                         host.stats.failed.fetch_add(1, Relaxed);
+                        // The name answers (in the other family).
+                        host.stats.in_a_row.store(0, Relaxed);
                         host.family_failures = host.family_failures.saturating_add(1);
                         let wait = min.saturating_mul(1 << (host.family_failures - 1).min(16));
                         let wait = wait.min(clamp(ttl, min, max));
@@ -412,7 +434,7 @@ impl Upstreams {
             }
             Found::Srv(records, extra, ttl) => {
                 let Name::Srv(srv) = name else { return None };
-                st.srvs.get(srv)?.stats.ok.fetch_add(1, Relaxed);
+                st.srvs.get(srv)?.stats.answered(name);
                 // Addresses the answer carried (or that were looked up) for targets not
                 // known yet: those hosts start with them.
                 let mut by_host: HashMap<&str, (Vec<IpAddr>, u32)> = HashMap::new();

@@ -804,6 +804,36 @@ fn srv_target_hosts_are_looked_up_through_every_name_server() {
 }
 
 #[test]
+fn a_name_that_keeps_failing_is_logged_less_and_less_often() {
+    // NXDOMAIN every 50 ms for a second: counted each time, logged at the 1st, 2nd, 4th,
+    // 8th... failure in a row (before: a warning each time).
+    let b = Backend::start("b", Mode::Answer);
+    let dns = Dns::start(&serde_json::json!({"ttl": 60, "a": {"svc.test": ["127.0.0.1"]}}));
+    let extra = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 50\n\n",
+        dns.port
+    );
+    let target = format!("{{ address = \"gone.test:{}\" }}", b.addr.port());
+    let gw = Gateway::start(&config(1, &[target], "", &extra), Driver::IoUring);
+    thread::sleep(Duration::from_millis(1000));
+    // The log first: every failure it shows is counted by then.
+    let logged = (gw.log_lines().iter())
+        .filter(|l| l.contains("resolver: gone.test:"))
+        .count() as u32;
+    let failed = metric(
+        &gw,
+        "gateway_dns_lookups_total{name=\"gone.test\",result=\"failed\"}",
+    );
+    assert!(failed >= 10, "{failed}");
+    // One line per power of two: 1, 2, 4, 8, ...
+    let most = failed.ilog2() + 1;
+    assert!(
+        (4..=most).contains(&logged),
+        "{logged} lines, {failed} failures"
+    );
+}
+
+#[test]
 fn a_failed_query_for_one_address_family_keeps_that_familys_addresses() {
     // A dual-stack name: when its A (then AAAA) query fails while the other answers, the
     // target keeps both addresses (it used to lose the failed family's on one lost query).
