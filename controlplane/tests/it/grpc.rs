@@ -583,12 +583,12 @@ fn request_trailers_to_an_http2_upstream_lose_the_fields_the_gateway_sets_or_che
     // the head would take for the gateway's.
     let mut peer = ResetPeer::start_with(&["0", "trailers"]);
     let old_addr = peer.addr.to_string();
-    let config = format!(
-        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n\
-         [[policies]]\nid = \"who\"\nkind = \"api_key\"\nconsumer_header = \"X-Who\"\n",
-        peer.addr
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "h2c = true",
+        "",
+        "",
+        "[[policies]]\nid = \"who\"\nkind = \"api_key\"\nconsumer_header = \"X-Who\"\n",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     const CLIENT: &str = r#"
@@ -755,15 +755,13 @@ fn a_grpc_content_type_does_not_make_a_post_to_an_h2c_upstream_idempotent() {
         ResetPeer::start_with(&["0", "silent"]),
         ResetPeer::start_with(&["0", "silent"]),
     );
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
-         [timeouts]\nupstream_response_head_ms = 300\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\n\
-         targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
-         retry = {{ attempts = 3, on = [\"timeout\"], methods = \"idempotent\", \
-         budget_percent = 100, budget_min_per_s = 1000 }}\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        a.addr, b.addr
+    let config = h2c_upstream_config(
+        &[a.addr, b.addr],
+        "h2c = true",
+        "[timeouts]\nupstream_response_head_ms = 300",
+        "retry = { attempts = 3, on = [\"timeout\"], methods = \"idempotent\", \
+         budget_percent = 100, budget_min_per_s = 1000 }",
+        "",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let out = Command::new("curl")
@@ -832,15 +830,36 @@ fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
     );
 }
 
+/// A config whose one route `all` sends everything to the h2c upstream `h2` of `targets`;
+/// the other arguments are lines for the listener (`h2c = true`), tables before the upstream
+/// (`[timeouts]`), lines for the upstream, and lines after the route (its own, or tables).
+fn h2c_upstream_config(
+    targets: &[SocketAddr],
+    listener: &str,
+    top: &str,
+    upstream: &str,
+    rest: &str,
+) -> String {
+    let targets: Vec<String> = (targets.iter())
+        .map(|t| format!("{{ address = \"{t}\" }}"))
+        .collect();
+    format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n{listener}\n\n{top}\n\n\
+         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{}]\n{upstream}\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n{rest}",
+        targets.join(", ")
+    )
+}
+
 /// A gateway with an h2c listener whose one route goes to `peer` as an h2c upstream of at
 /// most two connections (`circuit.max_connections`).
 fn two_connections_to(peer: &ResetPeer) -> Gateway {
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\
-         circuit = {{ max_connections = 2 }}\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        peer.addr
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "h2c = true",
+        "",
+        "circuit = { max_connections = 2 }",
+        "",
     );
     Gateway::start(&config, Driver::IoUring)
 }
@@ -882,12 +901,12 @@ fn an_http2_upstream_connection_that_allows_no_stream_takes_none() {
     // timeout (5 s here) and the target was blamed for a request it never had. A stream
     // that cannot open is given up after upstream_connect_ms.
     let peer = ResetPeer::start_with(&["0", "zero"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [timeouts]\nupstream_connect_ms = 300\nupstream_response_head_ms = 5000\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        peer.addr
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "",
+        "[timeouts]\nupstream_connect_ms = 300\nupstream_response_head_ms = 5000",
+        "",
+        "",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let mut statuses = Vec::new();
@@ -915,15 +934,13 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
         ResetPeer::start_with(&["0", "silent"]),
         ResetPeer::start_with(&["0", "no-content"]),
     );
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [timeouts]\nupstream_response_head_ms = 400\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\n\
-         targets = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
-         retry = {{ attempts = 2, on = [\"timeout\"], budget_percent = 100, \
-         budget_min_per_s = 1000 }}\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        silent.addr, answers.addr
+    let config = h2c_upstream_config(
+        &[silent.addr, answers.addr],
+        "",
+        "[timeouts]\nupstream_response_head_ms = 400",
+        "retry = { attempts = 2, on = [\"timeout\"], budget_percent = 100, \
+         budget_min_per_s = 1000 }",
+        "",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     for _ in 0..2 {
@@ -942,13 +959,7 @@ fn a_request_of_max_header_count_fields_goes_to_an_http2_upstream() {
     // 256 fields, the most `max_header_count` allows, plus the gateway's own: the forwarded
     // head was parsed into room for 256 and refused with 400.
     let peer = ResetPeer::start_with(&["0", "headers"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [limits]\nmax_header_count = 256\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        peer.addr
-    );
+    let config = h2c_upstream_config(&[peer.addr], "", "[limits]\nmax_header_count = 256", "", "");
     let gw = Gateway::start(&config, Driver::IoUring);
     let fields: String = (0..254).map(|i| format!("X-F-{i}: {i}\r\n")).collect();
     let r = gw.connect().roundtrip(&format!(
@@ -969,15 +980,15 @@ fn a_route_edits_the_fields_of_an_http2_upstreams_requests_and_answers() {
     // request's fields (its `:authority` from the set Host) and the answer's, as for an
     // HTTP/1.1 upstream.
     let peer = ResetPeer::start_with(&["0", "headers"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\ntargets = [{{ address = \"{}\" }}]\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n\
-         request_headers = {{ set = {{ Host = \"internal.svc\", X-Env = \"prod\" }}, \
-         remove = [\"cookie\"] }}\n\
-         response_headers = {{ set = {{ Cache-Control = \"no-store\" }}, \
-         remove = [\"Server\"] }}\n",
-        peer.addr
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "",
+        "",
+        "",
+        "request_headers = { set = { Host = \"internal.svc\", X-Env = \"prod\" }, \
+         remove = [\"cookie\"] }\n\
+         response_headers = { set = { Cache-Control = \"no-store\" }, \
+         remove = [\"Server\"] }\n",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let r = gw.connect().roundtrip(
@@ -1166,13 +1177,7 @@ fn a_204_from_an_http2_upstream_goes_out_without_content_length() {
     // The upstream's 204 carries `content-length: 0`, which RFC 9110 8.6 forbids: the
     // gateway's answer, over HTTP/1.1 and HTTP/2, has none.
     let peer = ResetPeer::start_with(&["0", "no-content"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
-         [[upstreams]]\nid = \"h2\"\nprotocol = \"h2c\"\n\
-         targets = [{{ address = \"{}\" }}]\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"h2\"\n",
-        peer.addr
-    );
+    let config = h2c_upstream_config(&[peer.addr], "h2c = true", "", "", "");
     let gw = Gateway::start(&config, Driver::IoUring);
     for (version, status) in [
         ("--http1.1", "HTTP/1.1 204"),
