@@ -49,6 +49,11 @@ pub struct UpstreamConn {
     /// that takes a splice, the next answer's head is read with at most
     /// [`crate::splice::HEAD_READ`] bytes, so a large body stays in the socket.
     pub large_answers: bool,
+    /// The last answer had no body because of what it answered (a HEAD, a 204, a 304):
+    /// the answers where an upstream that sends a body anyway is a known bug. When such a
+    /// connection is taken from the pool, a peek looks for bytes too, as the armed read may
+    /// not have been submitted yet (see [`UpstreamConn::idle_and_open`]).
+    pub peek_when_taken: bool,
     /// The deadline of its reads.
     timer: crate::io::ReadTimer,
     /// Its TCP_USER_TIMEOUT ([`set_send_timeout`]), kept to see when a reuse needs another.
@@ -359,12 +364,19 @@ impl UpstreamConn {
     /// Whether an idle connection is still open and has sent nothing unasked: its armed
     /// read is still waiting (the end of one is seen once the worker's event loop has
     /// reaped it), or, unarmed, a non-blocking peek finds nothing.
+    ///
+    /// The armed read sees bytes only once the event loop has submitted it and reaped its
+    /// end: a connection put back and taken again within one turn of the loop (a burst of
+    /// requests) is looked at by nothing else. After an answer that had no body because of
+    /// what it answered, a peek also looks, so that a body sent anyway, already here, is
+    /// not read as the next request's answer. One system call on those reuses only.
     fn idle_and_open(&mut self) -> bool {
         if !self.armed.is_armed() {
             return still_open(&self.stream);
         }
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         self.armed.poll_read(&mut cx).is_pending()
+            && (!self.peek_when_taken || still_open(&self.stream))
     }
 
     /// Ends the armed read if it has read something (the start of an answer the upstream
@@ -402,6 +414,7 @@ impl UpstreamConn {
             idle_since: Instant::now(),
             counted: None,
             large_answers: false,
+            peek_when_taken: false,
             timer: crate::io::ReadTimer::default(),
             watch: None,
         }
@@ -864,5 +877,51 @@ mod tests {
             pool.retain(|key| *key == kept);
             assert_eq!(pool.idle_count(), 0);
         });
+    }
+
+    /// A body an upstream sent after a HEAD's answer, already in the socket when the
+    /// connection is taken again in the same turn of the event loop (its armed read not
+    /// submitted yet), keeps the connection from being reused; after other answers, and with
+    /// nothing in the socket, the pool gives the connection back without a peek's cost.
+    #[test]
+    fn bytes_after_a_bodiless_answer_are_seen_when_the_connection_is_taken_at_once() {
+        use std::io::Write;
+        for uring in [true, false] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            crate::io::block_on_driver(uring, async {
+                let live = UpstreamLive::new(TargetSet::new(Vec::new()));
+                let second = Duration::from_secs(1);
+                let mut pool = Pool::new(4, Duration::from_secs(60));
+                let now = Instant::now();
+                for (after_head, late) in [(true, true), (true, false), (false, false)] {
+                    let mut conn = connect(addr, second, second).await.unwrap();
+                    let (mut peer, _) = listener.accept().unwrap();
+                    conn.peek_when_taken = after_head;
+                    pool.put(addr, &live, conn, now);
+                    if late {
+                        peer.write_all(b"<html>a body sent anyway").unwrap();
+                        // Loopback: the bytes are in the gateway's socket once the write
+                        // returns; wait only until they show, with no await in between.
+                        let fd = pool.idle.get_mut(addr, &live).unwrap()[0]
+                            .stream
+                            .as_raw_fd();
+                        let until = std::time::Instant::now() + second;
+                        while crate::io::peek(fd) == crate::io::Peeked::Nothing {
+                            assert!(std::time::Instant::now() < until, "the bytes never came");
+                            std::hint::spin_loop();
+                        }
+                    }
+                    let taken = pool.take(addr, &live, now);
+                    assert_eq!(
+                        taken.is_some(),
+                        !late,
+                        "uring {uring}, after a HEAD {after_head}, bytes waiting {late}"
+                    );
+                    drop(taken);
+                    assert_eq!(pool.idle_count(), 0);
+                }
+            });
+        }
     }
 }

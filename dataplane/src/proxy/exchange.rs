@@ -97,7 +97,10 @@ pub(crate) async fn read_head(
                 Ok(Some(resp)) if (100..200).contains(&resp.status) && resp.status != 101 => {
                     return Ok(HeadRead::Interim(resp));
                 }
-                Ok(Some(resp)) => return Ok(HeadRead::Final(resp)),
+                Ok(Some(resp)) => {
+                    conn.peek_when_taken = is_head || matches!(resp.status, 204 | 304);
+                    return Ok(HeadRead::Final(resp));
+                }
                 Ok(None) => {}
                 Err(_) => return Err(ErrorKind::UpstreamMalformed.into()),
             }
@@ -417,5 +420,53 @@ mod tests {
         });
         assert_eq!(ra.unwrap(), (200, b"{\"product\":1}".to_vec(), true));
         assert_eq!(rb.unwrap(), (200, b"{\"reviews\":[]}".to_vec(), true));
+    }
+
+    /// The answers after which the pool peeks at a connection it hands out again: those
+    /// without a body because of what they answer (where a body sent anyway is a known
+    /// upstream bug), not those that say their body is empty.
+    #[test]
+    fn answers_without_a_body_by_their_kind_mark_the_connection_for_a_peek() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let second = Duration::from_secs(1);
+            let mut conn = connect(addr, second, second).await.unwrap();
+            let _peer = l.accept().unwrap();
+            for (head, is_head, peek) in [
+                ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true, true),
+                ("HTTP/1.1 204 No Content\r\n\r\n", false, true),
+                (
+                    "HTTP/1.1 304 Not Modified\r\nETag: \"a\"\r\n\r\n",
+                    false,
+                    true,
+                ),
+                ("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false, false),
+                (
+                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    false,
+                    false,
+                ),
+            ] {
+                conn.buf.clear();
+                conn.buf.extend_from_slice(head.as_bytes());
+                let read = read_head(
+                    &mut conn,
+                    is_head,
+                    Instant::now() + second,
+                    &mut FieldPlan::default(),
+                    &mut None,
+                    false,
+                    1024,
+                )
+                .await;
+                assert!(matches!(read, Ok(HeadRead::Final(_))), "{head}");
+                assert_eq!(conn.peek_when_taken, peek, "{head}");
+            }
+        });
     }
 }
