@@ -296,9 +296,11 @@ fn read_answer(packet: &Packet<'_>, name: &str, qtype: TYPE) -> Result<Answer, D
                     });
                 }
             }
-            _ => continue, // CNAMEs on the way
+            // The aliases on the way: the answer lasts no longer than the shortest link.
+            (RData::CNAME(_), _) => {}
+            _ => continue,
         }
-        ans.ttl = ans.ttl.min(rr.ttl);
+        ans.ttl = ans.ttl.min(ttl_of(rr.ttl));
     }
     if !ans.srv.is_empty() {
         // With other targets beside it, `.` means nothing.
@@ -310,9 +312,18 @@ fn read_answer(packet: &Packet<'_>, name: &str, qtype: TYPE) -> Result<Answer, D
             RData::AAAA(a) => IpAddr::from(std::net::Ipv6Addr::from(a.address)),
             _ => continue,
         };
-        ans.extra.push((plain_name(&rr.name), ip, rr.ttl));
+        ans.extra.push((plain_name(&rr.name), ip, ttl_of(rr.ttl)));
     }
     Ok(ans)
+}
+
+/// A record's TTL as RFC 2181 (8) says to read it: one with the top bit set is 0.
+fn ttl_of(ttl: u32) -> u32 {
+    if ttl & 0x8000_0000 != 0 {
+        0
+    } else {
+        ttl
+    }
 }
 
 /// The addresses a hosts file gives `host` (case-insensitively, any of a line's names).
@@ -419,6 +430,43 @@ mod tests {
         };
         assert_eq!(chain(15), [IpAddr::from([127, 0, 0, 4])]);
         assert!(chain(3000).is_empty());
+    }
+
+    #[test]
+    fn an_answer_lasts_as_long_as_its_shortest_record_and_a_top_bit_ttl_is_zero() {
+        use simple_dns::rdata::{A, CNAME};
+        use simple_dns::ResourceRecord;
+        fn rr(name: &str, ttl: u32, rdata: RData<'static>) -> ResourceRecord<'static> {
+            let name = Name::new_unchecked(name).into_owned();
+            ResourceRecord::new(name, CLASS::IN, ttl, rdata)
+        }
+        let a = || {
+            RData::A(A {
+                address: u32::from(Ipv4Addr::new(127, 0, 0, 3)),
+            })
+        };
+        let cname = || RData::CNAME(CNAME(Name::new_unchecked("b.test").into_owned()));
+        let ttl = |records: Vec<ResourceRecord<'static>>| {
+            let mut p = Packet::new_reply(1);
+            p.answers = records;
+            read_answer(&p, "svc.test", TYPE::A).unwrap().ttl
+        };
+        // The alias's 5 s, not the address's 600 s.
+        assert_eq!(
+            ttl(vec![rr("svc.test", 5, cname()), rr("b.test", 600, a())]),
+            5
+        );
+        assert_eq!(
+            ttl(vec![rr("svc.test", 600, cname()), rr("b.test", 60, a())]),
+            60
+        );
+        // RFC 2181 (8): a TTL with the most significant bit set reads as 0, not 68 years.
+        assert_eq!(ttl(vec![rr("svc.test", 0x8000_0005, a())]), 0);
+        // Another name's short TTL does not count.
+        assert_eq!(
+            ttl(vec![rr("svc.test", 60, a()), rr("x.test", 1, cname())]),
+            60
+        );
     }
 
     #[test]
