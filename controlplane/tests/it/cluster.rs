@@ -341,3 +341,44 @@ fn a_redis_password_with_colons_is_one_password() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_redis_outage_is_logged_again_when_its_reason_changes() {
+    // Nothing listens at first (cannot connect); then a Redis that refuses the password.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[cluster]\nnode_id = \"r\"\n\
+             redis = \"redis://:right@127.0.0.1:{port}\"\n"
+        ),
+        Driver::IoUring,
+    );
+    let failures = || -> Vec<String> {
+        (gw.log_lines().into_iter())
+            .filter(|l| l.contains("cluster rate limits: Redis at") && l.contains("failed"))
+            .collect()
+    };
+    gw.wait_log("failed (cannot connect", Duration::from_secs(10));
+    let mut redis = Redis {
+        child: None,
+        port,
+        extra: vec!["--requirepass".into(), "other".into()],
+    };
+    redis.run();
+    // Rounds fail every 100 ms or so: a new reason is logged (once, 2 s after the first
+    // line at most), the same one is not logged again each round.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures().len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", gw.log_lines());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let lines = failures();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines[0].contains("Connection refused"), "{lines:#?}");
+    assert!(lines[1].contains("WRONGPASS"), "{lines:#?}");
+}

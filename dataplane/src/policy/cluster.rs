@@ -333,9 +333,16 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>) {
     }
 }
 
+/// The least time between two log lines of one Redis outage whose reason changed.
+const REASON_RELOG: Duration = Duration::from_secs(2);
+
 fn reconcile_forever(config: &ArcSwap<Snapshot>) {
     let mut conn: Option<(RedisAddr, Redis)> = None;
     let mut last_start: Option<Instant> = None;
+    // The failure last logged, and when: an outage is logged when it starts and again when
+    // its reason changes (a password refused once the network is back), at most every
+    // REASON_RELOG, as a reason that quotes changing details must not log every round.
+    let mut logged: Option<(String, Instant)> = None;
     loop {
         let snap = config.load_full();
         let Some((cluster, addr)) = snap
@@ -393,11 +400,15 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
         let before = STORE.swap(if ok { UP } else { DOWN }, Ordering::Relaxed);
         if !ok {
             conn = None;
-            if before != DOWN {
+            let changed = logged
+                .as_ref()
+                .is_some_and(|(last, at)| *last != why && at.elapsed() >= REASON_RELOG);
+            if before != DOWN || changed {
                 log::warn!(
                     "cluster rate limits: Redis at {} failed ({why}); on_store_error applies",
                     addr.address
                 );
+                logged = Some((why, Instant::now()));
             }
             for (_, l) in Registry::global().cluster_limiters() {
                 if let Some(c) = &l.cluster {
@@ -406,6 +417,7 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
             }
         } else if before == DOWN {
             log::info!("cluster rate limits: Redis at {} is back", addr.address);
+            logged = None;
         }
         let pause = if ok {
             cluster.sync
