@@ -564,7 +564,7 @@ const PART_OR_CONDITION_FIELDS: [&str; 6] = [
 
 /// Fields a step's request gets from the gateway, or that say where the request came from
 /// (which only the gateway may tell), never copied from the client.
-const HOP_OR_GATEWAY_FIELDS: [&str; 24] = [
+const HOP_OR_GATEWAY_FIELDS: [&str; 25] = [
     "host",
     "content-length",
     "content-type",
@@ -584,6 +584,7 @@ const HOP_OR_GATEWAY_FIELDS: [&str; 24] = [
     "x-forwarded-host",
     "x-request-id",
     "traceparent",
+    "tracestate",
     "content-language",
     "forwarded",
     "x-real-ip",

@@ -213,6 +213,37 @@ fn the_example_merges_three_services_with_a_sequential_step() {
     );
     let line = log_line(&log, "\"aggregate\":\"product-page\"");
     assert!(line.contains("\"failed_steps\":[]"), "{line}");
+    // A continued trace reaches the steps with its tracestate (both lines); a replaced one
+    // (an invalid traceparent) without.
+    let state = "tracestate: congo=t61rcWkgMzE\r\ntracestate: rojo=00f067aa0ba902b7\r\n";
+    let trace = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+    assert_eq!(
+        get(&mut c, "/products/5", &format!("{trace}{state}")).status,
+        200
+    );
+    assert_eq!(
+        get(&mut c, "/products/6", &format!("traceparent: x\r\n{state}")).status,
+        200
+    );
+    let seen = s.catalog.wait_requests(5);
+    let states = |r: &Received| {
+        r.head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("tracestate:"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        states(&seen[3]),
+        [
+            "tracestate: congo=t61rcWkgMzE",
+            "tracestate: rojo=00f067aa0ba902b7"
+        ],
+        "{}",
+        seen[3].head
+    );
+    assert!(seen[3].head.contains("-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert_eq!(states(&seen[4]), Vec::<String>::new(), "{}", seen[4].head);
 }
 
 /// A gateway with one aggregate over `steps` (TOML of `[[aggregates.steps]]`), each step on

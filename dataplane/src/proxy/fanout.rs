@@ -132,6 +132,15 @@ impl Input {
         }
         // The consumer header, X-Request-Id and traceparent.
         fields.extend_from_slice(&req.policy.extra);
+        // A trace the gateway continues goes on with its `tracestate` (every line of it);
+        // one it replaced does not (W3C Trace Context 3.3).
+        if req.trace.continued() && head.tracestate.is_some() {
+            for (line, name, _) in each_field(buf, head.fields_start, head.fields_end) {
+                if name.eq_ignore_ascii_case(b"tracestate") {
+                    fields.extend_from_slice(line.of(buf));
+                }
+            }
+        }
         fields.extend_from_slice(b"Accept-Encoding: identity\r\n");
         // The policies' drops, and the fields the client made hop-by-hop (named in its
         // `Connection`, RFC 9110 7.6.1), which the request's plan drops.
