@@ -2,7 +2,7 @@
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|torn|
-                              trailers|headers|zero|goaway-once]
+                              trailers|headers|zero|goaway-once|malformed]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
 "request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
 7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -19,7 +19,8 @@ any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's
 `cache-control: private` and `server: peer`; with `zero`, SETTINGS that allow no stream
 (MAX_CONCURRENT_STREAMS 0), and a 204 to a stream that comes anyway; with `goaway-once`, the
 first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
-ones answer 204. Each request's line also gives its content
+ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
+HTTP/2 forbids, RFC 9113 8.2.2). Each request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
 """
@@ -49,12 +50,15 @@ TRAILERS = sys.argv[2:] == ["trailers"]
 HEADERS = sys.argv[2:] == ["headers"]
 ZERO = sys.argv[2:] == ["zero"]
 GOAWAY_ONCE = sys.argv[2:] == ["goaway-once"]
+MALFORMED = sys.argv[2:] == ["malformed"]
 connections = [0]
 lock = threading.Lock()
 
 
 def serve(sock):
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, validate_outbound_headers=not MALFORMED,
+        normalize_outbound_headers=not MALFORMED))
     conn.initiate_connection()
     if ZERO:
         conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
@@ -122,6 +126,11 @@ def serve(sock):
                                                         ("content-type", ctype)])
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
+                    continue
+                if MALFORMED:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("connection", "close")],
+                                      end_stream=True)
                     continue
                 if NO_CONTENT or ZERO or GOAWAY_ONCE:
                     conn.send_headers(event.stream_id, [(":status", "204"),

@@ -2222,3 +2222,21 @@ print("reset" if seen is not None else "held", seen)
     assert_eq!(code, 503, "{answer}");
     assert_eq!(json(&answer)["code"], 14);
 }
+
+#[test]
+fn an_http2_answer_h2_refuses_as_malformed_is_logged_as_the_upstreams_malformed_answer() {
+    // A head with `connection: close`, which HTTP/2 forbids: h2 resets the stream itself.
+    // Before, logged `upstream_closed`, as if the upstream had reset it.
+    let peer = ResetPeer::start_with(&["0", "malformed"]);
+    let log = temp_dir("h2-malformed").join("access.log");
+    let section = format!("[access_log]\npath = \"{}\"\n", log.display());
+    let config = h2c_upstream_config(&[peer.addr], "", "", "", &section);
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = gw
+        .connect()
+        .roundtrip("GET /m HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 502, "{}", r.head);
+    let lines = wait_log_lines(&log, 1);
+    assert_eq!(lines[0]["status"], 502, "{}", lines[0]);
+    assert_eq!(lines[0]["error"], "upstream_malformed", "{}", lines[0]);
+}

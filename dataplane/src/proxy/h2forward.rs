@@ -196,6 +196,18 @@ pub(super) fn grpc_code_for_http(status: u16) -> u8 {
     }
 }
 
+/// What an upstream stream's failure was: one h2 itself ended (the upstream's frames broke
+/// the protocol: a malformed field, a flow-control violation) is the upstream's malformed
+/// answer, as a malformed HTTP/1.1 head is; a reset, a GOAWAY or a lost connection is its
+/// closing.
+fn stream_failure(e: &::h2::Error) -> ErrorKind {
+    if e.is_library() {
+        ErrorKind::UpstreamMalformed
+    } else {
+        ErrorKind::UpstreamClosed
+    }
+}
+
 /// The gRPC status a gateway failure of `kind` gives (`deadline`: the call's `grpc-timeout`
 /// ran out).
 fn grpc_code_for(kind: ErrorKind, deadline: bool) -> u8 {
@@ -1302,7 +1314,7 @@ pub(super) async fn forward<S: ClientStream>(
                         // known to be idempotent, so no other target gets it.
                         req.attempts.committed = true;
                     }
-                    Err(ProxyError::new(ErrorKind::UpstreamClosed).retryable(unprocessed))
+                    Err(ProxyError::new(stream_failure(&e)).retryable(unprocessed))
                 }
                 Ok(Ok(resp)) => {
                     let (parts, body) = resp.into_parts();
@@ -1530,7 +1542,7 @@ impl Relay {
                     return Err(self.expire(sink, status, deadline, &cursor).await)
                 }
                 Ok(None) => break,
-                Ok(Some(Err(_))) => return Err(self.cut(sink, status, &cursor).await),
+                Ok(Some(Err(e))) => return Err(self.cut(sink, status, &e, &cursor).await),
                 Ok(Some(Ok(data))) => {
                     let n = data.len();
                     if self.grpc {
@@ -1553,7 +1565,7 @@ impl Relay {
             Err(None) => return Err((status, ErrorKind::ClientClosed)),
             Err(Some(deadline)) => return Err(self.expire(sink, status, deadline, &cursor).await),
             Ok(Ok(t)) => t,
-            Ok(Err(_)) => return Err(self.cut(sink, status, &cursor).await),
+            Ok(Err(e)) => return Err(self.cut(sink, status, &e, &cursor).await),
         };
         if sink.whole_messages_only() && !cursor.at_boundary() {
             // The upstream ended inside a message (or declared more than it sent): its
@@ -1615,17 +1627,18 @@ impl Relay {
         (status, kind)
     }
 
-    /// Ends an answer whose upstream stream failed midway (reset, connection lost): a gRPC
-    /// call gets UNAVAILABLE in its trailers, anything else is cut short.
+    /// Ends an answer whose upstream stream failed midway (reset, connection lost, frames
+    /// h2 refused): a gRPC call gets UNAVAILABLE in its trailers, anything else is cut short.
     async fn cut<K: Sink>(
         &self,
         sink: &mut K,
         status: u16,
+        e: &::h2::Error,
         cursor: &MessageCursor,
     ) -> (u16, ErrorKind) {
-        self.end_early(sink, 14, ErrorKind::UpstreamClosed, cursor)
-            .await;
-        (status, ErrorKind::UpstreamClosed)
+        let kind = stream_failure(e);
+        self.end_early(sink, 14, kind, cursor).await;
+        (status, kind)
     }
 
     /// Ends an answer early: a gRPC one with the status in its trailers when its last message
