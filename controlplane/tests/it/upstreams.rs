@@ -1104,6 +1104,11 @@ fn circuit_limits_answer_503_with_the_reason() {
         504,
         "the pending one times out connecting"
     );
+    // The refusal left the count as it was: with nothing pending, the next request may wait
+    // for its connect again. (Before, the refusal took one off the count, which went below
+    // zero when the pending one ended: every later connect was a 503 max_pending.)
+    let r = gw.connect().roundtrip("GET /c HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!((r.status, r.header("x-gateway-reason")), (504, None));
     drop(fillers);
 }
 
@@ -1122,8 +1127,10 @@ fn in_flight_at(gw: &Gateway, backend: &Backend, path: &str) -> thread::JoinHand
 fn max_connections_counts_pooled_connections() {
     let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(400)));
     let settings = "circuit = { max_connections = 1 }";
+    let log = temp_dir("max-connections").join("access.log");
+    let top = format!("[access_log]\npath = \"{}\"\n", log.display());
     let gw = Gateway::start(
-        &config(1, &[target(slow.addr)], settings, ""),
+        &config(1, &[target(slow.addr)], settings, &top),
         Driver::IoUring,
     );
     let first = in_flight_at(&gw, &slow, "/a");
@@ -1136,12 +1143,21 @@ fn max_connections_counts_pooled_connections() {
     assert_eq!(first.join().unwrap(), 200);
     // Pooled again, it serves the next request.
     assert_eq!(get(&gw, "/c").status, 200);
-    // The refused request never reached the target: two requests, not three.
+    // The refused request never reached the target: two requests, not three, and no
+    // target in its log line.
     let series = format!(
         "gateway_target_requests_total{{upstream=\"u\",target=\"{}\"}}",
         slow.addr
     );
     assert_eq!(metric(&gw, &series), 2);
+    let lines = wait_log_lines(&log, 3);
+    let refused = (lines.iter())
+        .find(|l| l["path"] == "/b")
+        .expect("the refused request's line");
+    assert_eq!(refused["error"], "circuit_max_connections", "{refused}");
+    assert_eq!(refused["target"], serde_json::Value::Null, "{refused}");
+    let served = lines.iter().find(|l| l["path"] == "/c").unwrap();
+    assert_eq!(served["target"], slow.addr.to_string(), "{served}");
 }
 
 #[test]

@@ -293,7 +293,9 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 /// [`try_count`], released when the guard is dropped.
 fn hold(counter: &std::sync::atomic::AtomicU32, max: u32) -> Option<Held<'_>> {
-    try_count(counter, max).then_some(Held(counter))
+    // Built only on success: a guard dropped after a refusal would take back a count the
+    // refusal never kept (`then_some` builds its argument either way).
+    try_count(counter, max).then(|| Held(counter))
 }
 
 /// What a connector's request held, kept by the tunnel it became: it counts as outstanding
@@ -458,13 +460,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         target: &LiveTarget,
         try_deadline: Option<Instant>,
     ) -> Option<Session> {
-        rec.target = Some(target.addr);
         rec.connect = None;
         // The first try reuses the request's clock reading; a retry reads it again.
         let now = self.now.take().unwrap_or_else(Instant::now);
         let mut conn = self
             .source
             .take_idle(target.addr, &self.up.upstream.live, now)?;
+        rec.target = Some(target.addr);
         conn.keep_send_timeout(self.send_timeout);
         Some(Session {
             conn,
@@ -484,7 +486,6 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         try_deadline: Option<Instant>,
     ) -> Result<Session, ProxyError> {
         let addr = target.addr;
-        rec.target = Some(addr);
         rec.connect = None;
         let live = &self.up.upstream.live;
         let (mut pending, mut counted) = (None, None);
@@ -501,6 +502,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 return Err(ErrorKind::CircuitMaxPending.into());
             }
         }
+        // Only a try the circuit let through reaches the target (the log's `target` stays
+        // the last try's that did, or null).
+        rec.target = Some(addr);
         let started = Instant::now();
         let timeout = match try_deadline {
             Some(t) => self
@@ -859,6 +863,23 @@ mod tests {
 
     use super::*;
     use crate::proxy::context::RequestCtx;
+
+    #[test]
+    fn a_refused_hold_leaves_the_count_as_it_was() {
+        // Before, the guard built for a refusal was dropped and took back a count the
+        // refusal never kept: after one refusal and the holder's end the count wrapped
+        // below zero, and every later `max_pending` check failed for good.
+        let pending = std::sync::atomic::AtomicU32::new(0);
+        let first = hold(&pending, 1).expect("room for one");
+        assert!(
+            hold(&pending, 1).is_none(),
+            "a second one waits past max_pending = 1"
+        );
+        assert_eq!(pending.load(Relaxed), 1);
+        drop(first);
+        assert_eq!(pending.load(Relaxed), 0);
+        assert!(hold(&pending, 1).is_some(), "room again");
+    }
 
     /// A pool that hands out the connections it was given, and counts connects.
     struct FakePool {

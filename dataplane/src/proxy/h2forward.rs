@@ -1129,7 +1129,10 @@ pub(super) async fn forward<S: ClientStream>(
             } else {
                 ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
             };
-            req.attempts.target = Some(target.addr);
+            // A new connection records its target once the circuit lets it be opened.
+            if pooled.is_some() {
+                req.attempts.target = Some(target.addr);
+            }
             req.attempts.connect = None;
             let mut reused = pooled.is_some();
             let started = Instant::now();
@@ -1146,6 +1149,7 @@ pub(super) async fn forward<S: ClientStream>(
             };
             let shared = match joined {
                 Some(c) => {
+                    req.attempts.target = Some(target.addr);
                     match monoio::time::timeout_at((*joins_by.get_or_insert(by)).into(), c.wait())
                         .await
                     {
