@@ -1285,3 +1285,31 @@ fn error_messages_never_quote_a_private_key() {
         assert_eq!(without_private_keys(given), want);
     }
 }
+
+#[test]
+fn a_health_check_expects_final_statuses_only() {
+    let text = |statuses: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+             targets = [{{ address = \"127.0.0.1:1\" }}]\n\
+             health_check = {{ path = \"/h\", expect_status = [{statuses}] }}\n"
+        )
+    };
+    // A check skips interim answers: a 1xx listed could never pass.
+    let e = err(&text("200, 103"));
+    assert_eq!(e.path(), "upstreams[0].health_check.expect_status");
+    assert!(e.to_string().contains("interim"), "{e}");
+    let s = compile(&text("204, 599")).unwrap();
+    assert_eq!(
+        *s.upstreams[0].health_check.as_ref().unwrap().expect_status,
+        [204, 599]
+    );
+    // A config stored by an earlier build that took one still starts without it.
+    for (statuses, kept) in [("200, 103", [200]), ("101", [200])] {
+        let config = parse_config(&text(statuses), Format::Toml).unwrap();
+        let (s, notes) = Snapshot::compile_stored(config, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        let hc = s.upstreams[0].health_check.as_ref().unwrap();
+        assert_eq!(*hc.expect_status, kept, "{statuses}");
+    }
+}

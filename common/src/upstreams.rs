@@ -149,8 +149,22 @@ pub(crate) fn compile_upstream(
             {
                 return Err(field(
                     "health_check.expect_status",
-                    "must list 1 or more statuses from 100 to 599".into(),
+                    "must list 1 or more statuses from 200 to 599".into(),
                 ));
+            }
+            // A check's status is its final answer's: interim ones are skipped, so a 1xx
+            // listed could never pass (accepted before; a stored config's is left out).
+            let mut expect = h.expect_status.clone();
+            if expect.iter().any(|s| *s < 200) {
+                let why = "a 1xx is an interim answer, which a check skips: must list \
+                           statuses from 200 to 599";
+                if !crate::validate::tolerated("health_check.expect_status", why) {
+                    return Err(field("health_check.expect_status", why.into()));
+                }
+                expect.retain(|s| *s >= 200);
+                if expect.is_empty() {
+                    expect.push(200);
+                }
             }
             Some(HealthCheck {
                 path: h.path.as_str().into(),
@@ -158,7 +172,7 @@ pub(crate) fn compile_upstream(
                 timeout: Duration::from_millis(h.timeout_ms),
                 healthy_after: h.healthy_after,
                 unhealthy_after: h.unhealthy_after,
-                expect_status: h.expect_status.clone().into(),
+                expect_status: expect.into(),
                 protocol: u.protocol,
                 tls: tls.clone(),
             })

@@ -1080,20 +1080,66 @@ where
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];
-    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
+    let mut interims = 0;
+    loop {
+        // The final answer's status: interim answers (1xx but 101: 103 Early Hints, a 100)
+        // come before it and are skipped whole, as a client must (RFC 9110 15.2).
+        if let Some(eol) = buf.iter().position(|&b| b == b'\n') {
+            let status = status_of(&buf[..eol])?;
+            if !(100..200).contains(&status) || status == 101 {
+                return Some(status);
+            }
+            if let Some(end) = head_end(&buf) {
+                interims += 1;
+                if interims > MAX_INTERIMS {
+                    return None;
+                }
+                buf.drain(..end);
+                continue;
+            }
+        }
+        if buf.len() >= CHECK_HEAD_MAX {
+            return None;
+        }
         let n = s.read(&mut chunk).await.ok()?;
         if n == 0 {
-            break;
+            // A status line the target closed after, without its CRLF.
+            return status_of(&buf).filter(|s| !(100..200).contains(s) || *s == 101);
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let line = buf.split(|&b| b == b'\r').next()?;
-    let line = std::str::from_utf8(line).ok()?;
+}
+
+/// Interim answers a health check skips before it gives up on a target's final one.
+const MAX_INTERIMS: usize = 8;
+/// The most of an HTTP/1.1 check's answer read while looking for its final status line.
+const CHECK_HEAD_MAX: usize = 16 * 1024;
+
+/// The status of an HTTP/1.x status line (its CR and LF, if any, trimmed).
+fn status_of(line: &[u8]) -> Option<u16> {
+    let line = std::str::from_utf8(line)
+        .ok()?
+        .trim_end_matches(['\r', '\n']);
     let mut parts = line.splitn(3, ' ');
     if !parts.next()?.starts_with("HTTP/1.") {
         return None;
     }
-    parts.next()?.parse::<u16>().ok()
+    let status = parts.next()?;
+    (status.len() == 3).then(|| status.parse::<u16>().ok())?
+}
+
+/// Where the head at the start of `buf` ends (after its empty line, CRLF or bare LF).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+        let line_end = at + i + 1;
+        let line = &buf[at..line_end];
+        if at > 0 && (line == b"\r\n" || line == b"\n") {
+            return Some(line_end);
+        }
+        at = line_end;
+    }
+    None
 }
 
 /// [`check_once`] over HTTP/2.
@@ -1198,6 +1244,66 @@ mod tests {
         };
         let got = by_priority(vec![srv(20, "c"), srv(10, "b"), srv(10, "a")]);
         assert_eq!(got, vec![srv(10, "a"), srv(10, "b"), srv(20, "c")]);
+    }
+
+    #[test]
+    fn an_http1_check_reads_the_final_status_past_interim_answers() {
+        let hc = HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(500),
+            healthy_after: 1,
+            unhealthy_after: 1,
+            expect_status: [200].into(),
+            protocol: common::config::UpstreamProtocol::Http1,
+            tls: None,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let check = |answer: &'static [u8], pieces: usize| {
+            rt.block_on(async {
+                let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+                let target = tokio::spawn(async move {
+                    let mut request = [0u8; 512];
+                    let _ = theirs.read(&mut request).await;
+                    // In `pieces` writes, so heads arrive cut anywhere.
+                    for part in answer.chunks(answer.len().div_ceil(pieces).max(1)) {
+                        theirs.write_all(part).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                });
+                let status = check_h1(ours, &hc, "t").await;
+                target.abort();
+                status
+            })
+        };
+        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
+        for pieces in [1, 3, 50] {
+            let two = [
+                &hints[..],
+                hints,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            ]
+            .concat()
+            .leak();
+            // Before, the 103 was taken as the check's status: the target went unhealthy.
+            assert_eq!(check(two, pieces), Some(200), "{pieces} pieces");
+            let bare = b"HTTP/1.1 100 Continue\n\nHTTP/1.1 503 Busy\n\n";
+            assert_eq!(check(bare, pieces), Some(503), "{pieces} pieces");
+        }
+        assert_eq!(check(b"HTTP/1.1 204 No Content\r\n\r\n", 1), Some(204));
+        assert_eq!(
+            check(b"HTTP/1.1 200 OK", 1),
+            Some(200),
+            "closed after the line"
+        );
+        // Only interim answers, or endless ones, or none at all: no status.
+        assert_eq!(check(hints, 1), None);
+        assert_eq!(check(hints.repeat(20).leak(), 1), None);
+        assert_eq!(check(b"SSH-2.0-OpenSSH\r\n", 1), None);
+        assert_eq!(check(b"HTTP/1.1 2000 OK\r\n\r\n", 1), None);
     }
 
     #[test]
