@@ -1313,3 +1313,35 @@ fn a_health_check_expects_final_statuses_only() {
         assert_eq!(*hc.expect_status, kept, "{statuses}");
     }
 }
+
+#[test]
+fn one_target_spelled_two_ways_is_refused() {
+    let text = |a: &str, b: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+             targets = [{{ address = \"{a}\" }}, {{ address = \"{b}\", weight = 3 }}]\n"
+        )
+    };
+    for (a, b) in [
+        ("127.0.0.1:80", "127.0.0.1:80"),
+        ("127.0.0.1:80", "127.0.0.1:080"),
+        ("[::1]:80", "[0::1]:80"),
+        ("api.test:80", "API.test.:80"),
+    ] {
+        // Before, the second was merged into the first at run time, its weight dropped.
+        let e = err(&text(a, b));
+        assert_eq!(e.path(), "upstreams[0].targets[1].address", "{a} {b}");
+        // A config stored by an earlier build that took it still starts, with the first.
+        let config = parse_config(&text(a, b), Format::Toml).unwrap();
+        if a == b {
+            assert!(Snapshot::compile_stored(config, 1).is_err(), "never taken");
+            continue;
+        }
+        let (s, notes) = Snapshot::compile_stored(config, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{a} {b}: {notes:?}");
+        assert_eq!(s.upstreams[0].targets.len(), 1);
+        assert_eq!(s.upstreams[0].targets[0].weight, 1);
+    }
+    assert!(compile(&text("127.0.0.1:80", "127.0.0.2:80")).is_ok());
+    assert!(compile(&text("api.test:80", "api.test:81")).is_ok());
+}

@@ -60,14 +60,20 @@ pub(crate) fn compile_upstream(
         )?;
         let (addr, host) =
             parse_address(&t.address).map_err(|e| field(&format!("targets[{j}].address"), e))?;
-        if targets
-            .iter()
-            .any(|o: &Target| o.address == t.address.as_str().into())
-        {
-            return Err(field(
-                &format!("targets[{j}].address"),
-                format!("{:?} is listed twice", t.address),
-            ));
+        // The same target however it is spelled (`127.0.0.1:080`, `[0::1]:80`, a name's
+        // case or final dot): a second entry would be merged into the first, its weight and
+        // flags dropped without a word.
+        if let Some(o) = (targets.iter()).find(|o: &&Target| (o.addr, &o.host) == (addr, &host)) {
+            let at = format!("targets[{j}].address");
+            if *o.address == *t.address {
+                return Err(field(&at, format!("{:?} is listed twice", t.address)));
+            }
+            // Accepted before: a stored config keeps the first.
+            let why = format!("{:?} is the target {:?} again", t.address, o.address);
+            if crate::validate::tolerated(&at, &why) {
+                continue;
+            }
+            return Err(field(&at, why));
         }
         targets.push(Target {
             address: t.address.as_str().into(),
