@@ -806,7 +806,7 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// What a change does, item by item; and per kind, whether the items kept changed order
 /// (routes are tried in config order within a path, so an order is part of the config).
-fn diff(old: &Config, new: &Config) -> Vec<Value> {
+pub(crate) fn diff(old: &Config, new: &Config) -> Vec<Value> {
     let old_list = crate::store::item_values(old);
     let new_list = crate::store::item_values(new);
     type Items<'a> = std::collections::BTreeMap<&'a str, &'a Value>;

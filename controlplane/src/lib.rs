@@ -4,7 +4,9 @@
 //! (signals, graceful shutdown). The `gateway` binary is a thin `main` over [`run`].
 //!
 //! Start-up: a data directory that holds a config is resumed; an empty one is seeded from
-//! `--config` (or the embedded default). `--config` over a non-empty data directory is refused
+//! `--config` (or the embedded default). `--config` over a non-empty data directory resumes
+//! it when the file is unchanged since it was last applied, makes a changed file the next
+//! revision when nothing was changed through the API since, and is refused when both changed,
 //! unless `--replace-state` makes the file the next revision. SIGHUP re-reads `--config`
 //! through the same validate-persist-publish path as the admin API.
 
@@ -133,19 +135,6 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 );
                 return Ok(store);
             };
-            if !args.replace_state {
-                return Err((
-                    EXIT_INVALID,
-                    format!(
-                        "{} already holds config revision {}; refusing to replace it with {}: \
-                         drop --config to resume it, or add --replace-state to make the file \
-                         the next revision",
-                        dir.display(),
-                        store.revision(),
-                        path.display()
-                    ),
-                ));
-            }
             let mut config = read_config(&source).map_err(describe)?;
             refuse_paths(dir, &config, &source)?;
             let new_keys = keys::take_new(&config);
@@ -154,16 +143,33 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             let config = compile_new(config, store.revision() + 1)
                 .map_err(describe)?
                 .config;
+            let source = if args.replace_state {
+                "file (--replace-state)".to_owned()
+            } else {
+                match file_over_state(&store, &config, path)? {
+                    Some(source) => source,
+                    None => return Ok(store),
+                }
+            };
             keys::save(dir, &new_keys)
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
             store
-                .commit(config, "file (--replace-state)")
+                .commit(config, &source)
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
-            log::info!(
-                "{} replaced the stored config as revision {}",
-                path.display(),
-                store.revision()
-            );
+            if args.replace_state {
+                log::info!(
+                    "{} replaced the stored config as revision {}",
+                    path.display(),
+                    store.revision()
+                );
+            } else {
+                log::info!(
+                    "{} changed since it was last applied, and nothing was changed through the \
+                     admin API since: it is revision {}",
+                    path.display(),
+                    store.revision()
+                );
+            }
             Ok(store)
         }
         None => {
@@ -189,6 +195,72 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             })
         }
     }
+}
+
+/// What a start with `--config FILE` (`config`, compiled) over a data directory that holds a
+/// config does without `--replace-state`, as a service manager restarts the gateway with the
+/// same command line every time: the file unchanged since it was last applied resumes the
+/// stored config (`None`), changes made through the admin API since included; a file changed
+/// over a config no API write changed since becomes the next revision (`Some` of its source),
+/// as SIGHUP would make it; a file changed while the API changed the config too is refused
+/// (exit 2), rather than either side's changes silently dropped.
+fn file_over_state(
+    store: &LocalStore,
+    config: &common::Config,
+    path: &Path,
+) -> Result<Option<String>, Fail> {
+    let resuming = |why: String| {
+        log::info!(
+            "resuming config revision {} from {} ({why})",
+            store.revision(),
+            store.dir().display()
+        );
+        Ok(None)
+    };
+    if api::diff(store.config(), config).is_empty() {
+        return resuming(format!("{} holds the same config", path.display()));
+    }
+    let revisions = store.revisions();
+    let from_file = |source: &str| source == "file reload" || source.starts_with("file ");
+    // Revisions made through the API (or its rollbacks) since the file was last applied.
+    let by_api: Vec<u64> = (revisions.iter().rev())
+        .take_while(|r| !from_file(&r.source))
+        .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
+        .map(|r| r.revision)
+        .collect();
+    let (Some(&last), Some(&first)) = (by_api.first(), by_api.last()) else {
+        return Ok(Some(format!("file {}", path.display())));
+    };
+    let applied = (revisions.iter().rev())
+        .find(|r| from_file(&r.source))
+        .and_then(|r| store.load_revision(r.revision).ok().flatten());
+    if let Some(applied) = &applied {
+        if api::diff(&applied.config, config).is_empty() {
+            return resuming(format!(
+                "{} is unchanged since it became revision {}; revisions {first} to {last} \
+                 were made through the admin API since",
+                path.display(),
+                applied.revision
+            ));
+        }
+    }
+    let since = match &applied {
+        Some(a) => format!("since it became revision {}", a.revision),
+        None => "from every stored revision".to_owned(),
+    };
+    Err((
+        EXIT_INVALID,
+        format!(
+            "{} differs {since}, and revisions {first} to {last} of {} were made through the \
+             admin API since: refusing to choose between them. Drop --config to resume \
+             revision {} (then apply the file with SIGHUP, which replaces those changes and \
+             names the rollback that brings them back), or add --replace-state to make the file \
+             the next revision now",
+            path.display(),
+            store.dir().display(),
+            store.revision()
+        ),
+    ))
 }
 
 /// Refuses a config file whose access log would write into the data directory `dir`,

@@ -1024,9 +1024,11 @@ fn acknowledged_changes_survive_kill_9() {
 }
 
 #[test]
-fn config_file_over_stored_state_needs_replace_state() {
+fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
+    // As a service manager starts it: the same `--config` every time.
     let origin = Origin::echo();
     let gw = start(&origin);
+    let (data, config) = (gw.data_dir.clone(), gw.config_path.clone());
     assert_eq!(
         gw.admin(
             "PUT",
@@ -1036,9 +1038,24 @@ fn config_file_over_stored_state_needs_replace_state() {
         .status,
         201
     );
-    let data = gw.data_dir.clone();
-    let config = gw.config_path.clone();
     drop(gw);
+    // The file unchanged since it was applied: the stored config is resumed, with the
+    // change made through the API. (Before, every start with --config over a data
+    // directory was refused, exit 2: a systemd restart of deploy/gateway.service failed.)
+    let gw = Gateway::start_with_data(&config, &data, &[]);
+    gw.wait_log(
+        "is unchanged since it became revision 1",
+        Duration::from_secs(5),
+    );
+    assert_eq!(revision(&gw), 2);
+    assert_eq!(gw.admin("GET", "/v1/routes/kept", None).status, 200);
+    drop(gw);
+    // The file changed too: neither side wins silently.
+    let edited = |extra: &str| {
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}{extra}")).unwrap();
+    };
+    edited("\n[[routes]]\nid = \"filed\"\npath = \"/filed\"\nrespond = {}\n");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .arg("--config")
         .arg(&config)
@@ -1047,13 +1064,29 @@ fn config_file_over_stored_state_needs_replace_state() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--replace-state"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("revisions 2 to 2"), "{stderr}");
+    assert!(stderr.contains("--replace-state"), "{stderr}");
     let gw = Gateway::start_with_data(&config, &data, &["--replace-state"]);
     gw.wait_log(
         "replaced the stored config as revision 3",
         Duration::from_secs(5),
     );
     problem(&gw.admin("GET", "/v1/routes/kept", None), 404);
+    drop(gw);
+    // Changed again with nothing changed through the API since: the file is applied.
+    edited("\n[[routes]]\nid = \"filed-2\"\npath = \"/filed-2\"\nrespond = {}\n");
+    let gw = Gateway::start_with_data(&config, &data, &[]);
+    gw.wait_log(
+        "nothing was changed through the admin API since: it is revision 4",
+        Duration::from_secs(5),
+    );
+    assert_eq!(gw.admin("GET", "/v1/routes/filed-2", None).status, 200);
+    drop(gw);
+    // And the same again: resumed, no new revision.
+    let gw = Gateway::start_with_data(&config, &data, &[]);
+    gw.wait_log("holds the same config", Duration::from_secs(5));
+    assert_eq!(revision(&gw), 4);
 }
 
 #[test]
