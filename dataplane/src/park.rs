@@ -147,8 +147,17 @@ impl ParkLot {
         }
     }
 
-    /// Closes every parked connection (shutdown).
+    /// Closes every parked connection (shutdown). Each is shut down first: under io_uring a
+    /// dropped socket's close is an operation the event loop submits on its next turn, and
+    /// a worker with nothing else to drain may not take another; the client sees its
+    /// connection end now either way.
     pub fn clear(&mut self) {
+        for slot in &self.slots {
+            if let Some(parked) = &slot.conn {
+                // SAFETY: the parked socket is open (its stream is held in the slot).
+                unsafe { libc::shutdown(parked.stream.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
         self.expire(Instant::now(), Duration::ZERO);
     }
 

@@ -492,6 +492,13 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
     ctx.h2pool.borrow_mut().clear();
     // Not left to the context's drop: monoio does not drop the tasks still holding it.
     ctx.log.borrow_mut().close();
+    // The closes (and the cancels of pooled connections' armed reads) those drops queued
+    // are submitted by the event loop's next turns, not when this task returns: a few turns
+    // so that they reach the kernel now, not at the process's exit, which another worker's
+    // drain may hold back.
+    for _ in 0..3 {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Binds `count` SO_REUSEPORT listening sockets on `addr` (port 0 resolved by the first).

@@ -37,6 +37,7 @@ both_drivers!(
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
     a_request_cut_off_by_the_drain_deadline_is_logged,
+    idle_connections_close_at_shutdown_while_another_worker_drains,
     parked_connections_resume_and_expire,
     client_that_stops_reading_is_dropped,
     upstream_that_stops_reading_the_body_is_504,
@@ -1203,6 +1204,49 @@ fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
     let r = busy.read_response();
     assert_eq!((r.status, r.body_str()), (200, "done"));
     assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+fn idle_connections_close_at_shutdown_while_another_worker_drains(driver: Driver) {
+    // Idle keep-alive connections (parked after 10 ms) spread over two workers, and a slow
+    // request that keeps one worker draining: every idle connection is closed at the
+    // SIGTERM. Before, under io_uring, those of a worker with nothing else to drain stayed
+    // open until the process exited (their closes queued, never submitted): a request sent
+    // on one meanwhile got no answer, then a reset.
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        if req.request_line().starts_with("GET /slow") {
+            thread::sleep(Duration::from_secs(3));
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        Keep::Open
+    }));
+    let extra = "[timeouts]\nclient_park_ms = 10\n[shutdown]\ndrain_timeout_ms = 5000\n";
+    let config = framing_config(origin.addr, extra).replacen("workers = 1", "workers = 2", 1);
+    let mut gw = Gateway::start(&config, driver);
+    let mut idle: Vec<Client> = (0..16)
+        .map(|_| {
+            let mut c = gw.connect();
+            assert_eq!(
+                c.roundtrip("GET /a HTTP/1.1\r\nHost: a\r\n\r\n").status,
+                200
+            );
+            c
+        })
+        .collect();
+    let mut busy = gw.connect();
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n");
+    origin.wait_requests(17);
+    // Parked by now (16 connections over two workers: some on the one that is not busy).
+    thread::sleep(Duration::from_millis(100));
+    gw.signal(libc::SIGTERM);
+    for (i, c) in idle.iter_mut().enumerate() {
+        assert!(
+            c.is_closed_within(Duration::from_secs(1)),
+            "idle connection {i} still open"
+        );
+    }
+    // The slow request is still answered, then the gateway exits.
+    assert_eq!(busy.read_response().status, 200);
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
