@@ -159,6 +159,19 @@ impl<'a> Node<'a> {
 
     /// The value as a `serde_json::Value` (parsed if still text). Fails for text nested
     /// deeper than serde_json's 128 levels, which [`check`] lets through.
+    /// [`Node::into_value`] of a copy: this node stays as it is, also when it cannot be read.
+    fn to_value(&self) -> Result<Value, Error> {
+        Ok(match self {
+            Node::Raw(r) => serde_json::from_str(r)?,
+            Node::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| Ok((k.to_string(), v.to_value()?)))
+                    .collect::<Result<_, Error>>()?,
+            ),
+            Node::Value(v) => v.clone(),
+        })
+    }
+
     pub fn into_value(self) -> Result<Value, Error> {
         Ok(match self {
             Node::Raw(r) => serde_json::from_str(r)?,
@@ -428,8 +441,64 @@ pub fn apply<'a>(shape: &Shape, v: Node<'a>) -> Result<Node<'a>, ShapeError> {
 }
 
 /// Merges the members `src` into `dst`: objects recursively, other values that meet by
-/// `policy`.
+/// `policy`. All or nothing: when `src` cannot be merged (a conflict under
+/// [`OnConflict::Error`], values that meet but cannot be opened), `dst` holds what it held
+/// (opened or read into trees in places, the same values).
 pub fn merge<'a>(
+    dst: &mut Members<'a>,
+    mut src: Members<'a>,
+    policy: OnConflict,
+) -> Result<(), MergeError> {
+    prepare(dst, &mut src, policy)?;
+    merge_prepared(dst, src, policy)
+}
+
+/// Checks that `src` merges into `dst` before either changes: opens the objects that meet,
+/// and for [`OnConflict::Append`] reads the other values that meet into trees, in place (the
+/// same values), so that merging them cannot fail half-way.
+fn prepare<'a>(
+    dst: &mut Members<'a>,
+    src: &mut Members<'a>,
+    policy: OnConflict,
+) -> Result<(), MergeError> {
+    let index = KeyIndex::of(dst);
+    for (k, v) in src.iter_mut() {
+        let Some(i) = index.find(dst, k) else {
+            continue;
+        };
+        let existing = &mut dst[i].1;
+        if existing.is_object() && v.is_object() {
+            let (Some(a), Some(b)) = (existing.members(), v.members()) else {
+                return Err(MergeError::Unreadable);
+            };
+            match prepare(a, b, policy) {
+                Err(MergeError::Conflict(mut path)) => {
+                    path.insert(0, k.to_string());
+                    return Err(MergeError::Conflict(path));
+                }
+                other => other?,
+            }
+            continue;
+        }
+        match policy {
+            OnConflict::Error => return Err(MergeError::Conflict(vec![k.to_string()])),
+            OnConflict::First | OnConflict::Last => {}
+            OnConflict::Append => {
+                for node in [existing, v] {
+                    if !matches!(node, Node::Value(_)) {
+                        // Read beside the node: one that cannot be read stays as it was.
+                        let tree = node.to_value().map_err(|_| MergeError::Unreadable)?;
+                        *node = Node::Value(tree);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`merge`] once [`prepare`] has passed.
+fn merge_prepared<'a>(
     dst: &mut Members<'a>,
     src: Members<'a>,
     policy: OnConflict,
@@ -445,7 +514,7 @@ pub fn merge<'a>(
             let (Some(a), Some(b)) = (existing.members(), v.members()) else {
                 return Err(MergeError::Unreadable);
             };
-            match merge(a, std::mem::take(b), policy) {
+            match merge_prepared(a, std::mem::take(b), policy) {
                 Err(MergeError::Conflict(mut path)) => {
                     path.insert(0, k.into_owned());
                     return Err(MergeError::Conflict(path));
@@ -718,6 +787,39 @@ mod tests {
                 OnConflict::Last,
             );
             assert_eq!(merged.is_err(), i == 1, "{merged:?}");
+        }
+    }
+
+    #[test]
+    fn a_merge_that_fails_leaves_what_was_merged_before_as_it_was() {
+        // The audit's cases: the second answer meets the first in a value it cannot open
+        // (a number out of range under `append`, a lone surrogate in an object). Before, the
+        // first's `n` became null, and the failed answer's `a` stayed in the document.
+        let first = br#"{"o": {"x": 1}, "n": 1}"#;
+        for (second, policy) in [
+            (&br#"{"a": 5, "n": 1e400, "z": 9}"#[..], OnConflict::Append),
+            (
+                br#"{"a": 5, "o": {"\udc00": 1, "y": 2}, "z": 9}"#,
+                OnConflict::Append,
+            ),
+            (
+                br#"{"a": 5, "o": {"\udc00": 1, "y": 2}, "z": 9}"#,
+                OnConflict::Last,
+            ),
+            (br#"{"a": 5, "o": {"y": 2}, "n": 2}"#, OnConflict::Error),
+        ] {
+            let mut dst = Vec::new();
+            let mut n = parse(first).unwrap();
+            merge(&mut dst, std::mem::take(n.members().unwrap()), policy).unwrap();
+            let mut n = parse(second).unwrap();
+            let merged = merge(&mut dst, std::mem::take(n.members().unwrap()), policy);
+            assert!(merged.is_err(), "{}", String::from_utf8_lossy(second));
+            assert_eq!(
+                text(&Node::Object(dst)),
+                json!({"o": {"x": 1}, "n": 1}),
+                "{}",
+                String::from_utf8_lossy(second)
+            );
         }
     }
 

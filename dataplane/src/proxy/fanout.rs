@@ -864,8 +864,8 @@ fn answer(
             Ok(()) => continue,
             Err(json::MergeError::Conflict(path)) => path,
             Err(json::MergeError::Unreadable) => {
-                // A failed step (named in `_errors`); members it had merged before the two
-                // values that cannot be opened stay in the answer.
+                // A failed step (named in `_errors`); none of its members is merged, and
+                // the earlier steps' values are as they were (the merge is all or nothing).
                 let f = Failure::new(
                     StepError::InvalidJson,
                     format!("its answer meets another's in {}", json::UNREADABLE),
