@@ -731,7 +731,25 @@ impl Binding {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 let k = decode(k, true).map_err(|()| Refusal::new(k, "bad percent-encoding"))?;
                 let v = decode(v, true).map_err(|()| Refusal::new(&k, "bad percent-encoding"))?;
+                // A field the body binds comes from the body only (google.api.http: with
+                // `body: "*"` there are no query parameters): a parameter must not replace
+                // what the body said, which something that checked the body may rely on.
+                if let BodyRule::Whole = &self.body {
+                    return Err(Refusal::new(
+                        &k,
+                        "no query parameters: the body (`body: \"*\"`) gives every field not \
+                         in the path",
+                    ));
+                }
                 let path = field_path(&self.input, &k, true).map_err(|e| Refusal::new(&k, e))?;
+                if let BodyRule::Field(f) = &self.body {
+                    if path[0] == *f {
+                        return Err(Refusal::new(
+                            &k,
+                            format!("the body gives `{}`, not the query", f.json_name()),
+                        ));
+                    }
+                }
                 let leaf = &path[path.len() - 1];
                 let value = typed(leaf, v);
                 set_path(&mut obj, &path, value).map_err(|e| Refusal::new(&k, e))?;
@@ -1036,6 +1054,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_query_never_replaces_what_the_body_binds() {
+        // Before, `?reason=x` replaced the body's `reason` under `body: "*"`, and
+        // `?order.customer=q` the body's `customer` under `body: "order"`.
+        let t = shop();
+        let max = t.max_message_bytes;
+        let (b, vars) = t.find("PATCH", "/v1/orders/o1").unwrap();
+        for q in ["order.customer=q", "order.gift=true"] {
+            let e = b
+                .request_message(&vars, Some(q), br#"{"customer":"b"}"#, max)
+                .unwrap_err();
+            assert!(e.message.contains("the body gives `order`"), "{q}: {e:?}");
+        }
+        let (b, vars) = t.find("POST", "/shop.v1.Orders/Echo").unwrap();
+        let e = b
+            .request_message(&vars, Some("id=q"), br#"{"id":"e"}"#, max)
+            .unwrap_err();
+        assert_eq!(e.field, "id");
+        assert!(e.message.contains("no query parameters"), "{e:?}");
+        // Fields the body does not bind still come from the query (`requestId` above).
+    }
+
     /// A transcoder of `message deep.F { F not = 1; string v = 2; }` (a message that holds
     /// itself) and `service deep.S { rpc M(F) returns (F); }`.
     fn deep() -> Transcoder {
@@ -1086,24 +1126,18 @@ mod tests {
 
     #[test]
     fn a_query_parameter_goes_at_most_max_field_path_fields_deep() {
+        // `deep.S/M` has only its default binding, `body: "*"`, which takes no query
+        // parameters: the names are resolved as a binding that takes them resolves them.
         let t = deep();
-        let max = t.max_message_bytes;
-        let (b, vars) = t.find("POST", "/deep.S/M").unwrap();
-        let name = |depth: usize| format!("{}v=1", "not.".repeat(depth - 1));
-        let m = b
-            .request_message(&vars, Some(&name(MAX_FIELD_PATH)), b"", max)
-            .unwrap();
-        let mut want = serde_json::json!({"v": "1"});
-        for _ in 1..MAX_FIELD_PATH {
-            want = serde_json::json!({ "not": want });
-        }
-        assert_eq!(request_json(b, &m), want);
+        let (b, _) = t.find("POST", "/deep.S/M").unwrap();
+        let name = |depth: usize| format!("{}v", "not.".repeat(depth - 1));
+        let path = field_path(&b.input, &name(MAX_FIELD_PATH), true).unwrap();
+        assert_eq!(path.len(), MAX_FIELD_PATH);
+        assert_eq!(path[MAX_FIELD_PATH - 1].name(), "v");
         // 2,000 deep (8 KiB of query): refused, where it used to overflow the stack.
         for depth in [MAX_FIELD_PATH + 1, 2000] {
-            let q = name(depth);
-            let r = b.request_message(&vars, Some(&q), b"", max).unwrap_err();
-            assert_eq!(r.field, q[..q.len() - 2], "{r:?}");
-            assert!(r.message.ends_with("more than 32 fields deep"), "{r:?}");
+            let e = field_path(&b.input, &name(depth), true).unwrap_err();
+            assert!(e.ends_with("more than 32 fields deep"), "{e}");
         }
     }
 

@@ -1600,19 +1600,22 @@ fn run_protoc(includes: &[&Path], set: &Path, files: &[&Path], python_out: Optio
 }
 
 /// A gateway with a transcoding route (h2c too, `client_send_ms` 1 s) to `deep.S/M`, whose
-/// message holds itself (`message F { F not = 1; string v = 2; }`); its upstream is never
-/// reached by the tests that use it.
+/// message holds itself (`message F { F not = 1; string v = 2; }`), as `GET /deep` (fields
+/// from the query) and `POST /deep.S/M` (the body); its upstream is never reached by the
+/// tests that use it.
 fn deep_transcoder() -> Gateway {
     let dir = temp_dir("deep-proto");
     std::fs::write(
         dir.join("deep.proto"),
-        "syntax = \"proto3\";\npackage deep;\n\
+        "syntax = \"proto3\";\npackage deep;\nimport \"google/api/annotations.proto\";\n\
          message F { F not = 1; string v = 2; }\n\
-         service S { rpc M(F) returns (F); }\n",
+         service S { rpc M(F) returns (F) { option (google.api.http) = { get: \"/deep\" \
+         additional_bindings { post: \"/deep.S/M\" body: \"*\" } }; } }\n",
     )
     .unwrap();
     let set = dir.join("deep.pb");
-    run_protoc(&[&dir], &set, &[&dir.join("deep.proto")], None);
+    let includes = [dir.as_path(), Path::new(PROTOS)];
+    run_protoc(&includes, &set, &[&dir.join("deep.proto")], None);
     let config = format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
          [timeouts]\nclient_send_ms = 1000\n\n\
@@ -1633,8 +1636,7 @@ fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     let gw = deep_transcoder();
     let post = |query: &str| {
         gw.connect().roundtrip(&format!(
-            "POST /deep.S/M?{query} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
-             Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+            "GET /deep?{query} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         ))
     };
     let deep = format!("{}v=1", "not.".repeat(1600));
@@ -1649,6 +1651,18 @@ fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     let r = post("nope=1");
     assert_eq!(r.status, 400, "{}", r.body_str());
     assert!(r.body_str().contains("no field"), "{}", r.body_str());
+    // The binding whose body is the message takes no query parameter: one would replace
+    // what the body says (before, `?v=q` replaced the body's `v`).
+    let r = gw.connect().roundtrip(
+        "POST /deep.S/M?v=q HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: 9\r\nConnection: close\r\n\r\n{\"v\":\"b\"}",
+    );
+    assert_eq!(r.status, 400, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("no query parameters"),
+        "{}",
+        r.body_str()
+    );
 }
 
 #[test]
