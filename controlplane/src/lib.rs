@@ -660,18 +660,49 @@ struct AdminListener {
 /// token is checked) could take every file descriptor of the process, the data plane's too.
 const ADMIN_MAX_CONNECTIONS: usize = 256;
 
-/// How long an admin API connection may send nothing while a request is awaited or read
-/// (an idle keep-alive connection too) before it is closed.
+/// How long an admin API connection may be silent both ways (nothing read, nothing written)
+/// while a request is awaited or read (an idle keep-alive connection too) before it is
+/// closed. A response being written (the live stream's ticks) keeps it open.
 const ADMIN_IDLE: Duration = Duration::from_secs(60);
+/// How long a request may take from its first byte to the first byte of its response,
+/// however its bytes trickle in: a client sending one byte a minute would otherwise hold a
+/// connection slot (of [`ADMIN_MAX_CONNECTIONS`]) for ever.
+const ADMIN_REQUEST: Duration = Duration::from_secs(60);
 
-/// An admin API connection: its slot, and a read that fails after [`ADMIN_IDLE`] of silence.
+/// An admin API connection: its slot, and a read that fails after [`ADMIN_IDLE`] of silence
+/// or [`ADMIN_REQUEST`] into a request not answered yet.
 struct AdminConn {
     inner: tokio::net::TcpStream,
     /// The silence's deadline, made once per connection and moved on as each wait starts.
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// A read is waiting (`idle` is set for it).
     waiting: bool,
+    /// When the first byte read since the last write came: a request not answered yet.
+    started: Option<tokio::time::Instant>,
+    /// [`ADMIN_IDLE`] and [`ADMIN_REQUEST`] (shorter in tests).
+    limits: (Duration, Duration),
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AdminConn {
+    fn new(inner: tokio::net::TcpStream, slot: tokio::sync::OwnedSemaphorePermit) -> AdminConn {
+        AdminConn::with_limits(inner, slot, (ADMIN_IDLE, ADMIN_REQUEST))
+    }
+
+    fn with_limits(
+        inner: tokio::net::TcpStream,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        limits: (Duration, Duration),
+    ) -> AdminConn {
+        AdminConn {
+            inner,
+            idle: Box::pin(tokio::time::sleep(limits.0)),
+            waiting: false,
+            started: None,
+            limits,
+            _slot: slot,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for AdminConn {
@@ -682,11 +713,16 @@ impl tokio::io::AsyncRead for AdminConn {
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
         let this = &mut *self;
+        let before = buf.filled().len();
         match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending => {
                 if !this.waiting {
                     this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + ADMIN_IDLE;
+                    let (idle, request) = this.limits;
+                    let mut deadline = tokio::time::Instant::now() + idle;
+                    if let Some(started) = this.started {
+                        deadline = deadline.min(started + request);
+                    }
                     this.idle.as_mut().reset(deadline);
                 }
                 match std::future::Future::poll(this.idle.as_mut(), cx) {
@@ -696,6 +732,9 @@ impl tokio::io::AsyncRead for AdminConn {
             }
             done => {
                 this.waiting = false;
+                if buf.filled().len() > before && this.started.is_none() {
+                    this.started = Some(tokio::time::Instant::now());
+                }
                 done
             }
         }
@@ -708,7 +747,18 @@ impl tokio::io::AsyncWrite for AdminConn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            if n > 0 {
+                // An answer is going out: the request is answered, and the connection is not
+                // silent (hyper keeps a read waiting while it writes a response, a stream's
+                // for an hour): the waiting read's deadline starts again.
+                this.started = None;
+                this.waiting = false;
+            }
+        }
+        written
     }
 
     fn poll_flush(
@@ -739,15 +789,7 @@ impl axum::serve::Listener for AdminListener {
                 biased;
                 () = self.stop.notified() => self.stopped = true,
                 accepted = accept_in_a_slot(&self.inner, &self.slots) => match accepted {
-                    Ok((inner, addr, slot)) => {
-                        let conn = AdminConn {
-                            inner,
-                            idle: Box::pin(tokio::time::sleep(ADMIN_IDLE)),
-                            waiting: false,
-                            _slot: slot,
-                        };
-                        return (conn, addr);
-                    }
+                    Ok((inner, addr, slot)) => return (AdminConn::new(inner, slot), addr),
                     Err(e) => {
                         log::warn!("admin API: accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -922,5 +964,89 @@ fn wait_for_signals(
                 return 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::AdminConn;
+
+    /// An admin connection with `limits` (silence, request) and the client's end of it.
+    async fn pair(limits: (Duration, Duration)) -> (AdminConn, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (inner, _) = listener.accept().await.unwrap();
+        let slot = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        (AdminConn::with_limits(inner, slot, limits), client)
+    }
+
+    #[test]
+    fn an_admin_connection_closes_on_silence_or_a_request_that_trickles_not_while_answering() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let limits = (Duration::from_millis(300), Duration::from_millis(600));
+            let timed_out = |r: &std::io::Result<usize>| {
+                matches!(r, Err(e) if e.kind() == std::io::ErrorKind::TimedOut)
+            };
+            // A response written for longer than the silence limit while a read waits (as
+            // hyper keeps one waiting under a stream): open all along. Before, the read
+            // failed at the silence limit (the dashboard's live stream, every 60 s).
+            let (conn, mut client) = pair(limits).await;
+            let (mut r, mut w) = tokio::io::split(conn);
+            let mut byte = [0u8; 1];
+            let (read, ()) = tokio::join!(r.read(&mut byte), async {
+                for _ in 0..12 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    w.write_all(b"tick\n").await.unwrap();
+                }
+                client.write_all(b"G").await.unwrap();
+            });
+            assert_eq!(read.unwrap(), 1, "read the client's byte after 1.2 s of answer");
+            // Then silence both ways: closed after the limit.
+            let started = Instant::now();
+            let read = r.read(&mut byte).await;
+            assert!(timed_out(&read), "{read:?}");
+            assert!(started.elapsed() >= Duration::from_millis(250));
+            // A request whose bytes come 150 ms apart (each within the silence limit) and is
+            // never answered: closed 600 ms after its first byte. Before, never.
+            let (mut conn, mut client) = pair(limits).await;
+            let trickle = async {
+                for _ in 0..8 {
+                    if client.write_all(b"G").await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+            };
+            let reads = async {
+                let mut first = None;
+                loop {
+                    let read = conn.read(&mut byte).await;
+                    first.get_or_insert_with(Instant::now);
+                    if read.as_ref().is_ok_and(|&n| n > 0) {
+                        continue;
+                    }
+                    return (read, first.unwrap().elapsed());
+                }
+            };
+            let ((read, after), ()) = tokio::join!(reads, trickle);
+            assert!(timed_out(&read), "{read:?}");
+            assert!(
+                after >= Duration::from_millis(500) && after < Duration::from_millis(1500),
+                "{after:?}"
+            );
+        });
     }
 }
