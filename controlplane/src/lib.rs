@@ -97,6 +97,72 @@ pub fn check(path: &Path) -> i32 {
 /// A start-up failure: the exit code and what to tell the operator.
 type Fail = (i32, String);
 
+/// The name of the data directory's lock file, which holds its owner's pid.
+const LOCK_FILE: &str = "lock";
+
+/// Takes the data directory for this process alone (`flock` on its lock file, which then
+/// holds this pid): two gateways on one directory would write into one journal, each from
+/// its own idea of where it ends, and an acknowledged write could be lost. A binary
+/// upgrade's successor goes on with its predecessor's lock (`inherited`); any other process
+/// is refused (exit 1) while the holder lives.
+fn lock_data_dir(dir: &Path, inherited: Option<std::fs::File>) -> Result<std::fs::File, Fail> {
+    use std::io::{Read as _, Seek as _};
+    use std::os::fd::AsRawFd as _;
+    let failed = |e: std::io::Error| {
+        (
+            EXIT_FAILURE,
+            format!("cannot lock {}: {e}", dir.join(LOCK_FILE).display()),
+        )
+    };
+    let mut file = match inherited {
+        Some(f) => f,
+        None => {
+            store::local::private_dir(dir).map_err(|e| {
+                (
+                    EXIT_FAILURE,
+                    format!("cannot make the data directory {}: {e}", dir.display()),
+                )
+            })?;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(dir.join(LOCK_FILE))
+                .map_err(failed)?
+        }
+    };
+    // SAFETY: flock on an open descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(failed(e));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "another process".to_owned(),
+            pid => format!("the gateway with pid {pid}"),
+        };
+        return Err((
+            EXIT_FAILURE,
+            format!(
+                "{} is in use by {holder}: one gateway per data directory (a binary upgrade, \
+                 SIGUSR2 to the running one, hands it over)",
+                dir.display()
+            ),
+        ));
+    }
+    let pid = format!("{}\n", std::process::id());
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(pid.as_bytes()));
+    written.map_err(failed)?;
+    Ok(file)
+}
+
 /// Opens or seeds the data directory. A successor of a binary upgrade (`resume`) resumes the
 /// stored config whatever `--config` says.
 fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fail> {
@@ -428,6 +494,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
+    let lock = lock_data_dir(&data_dir, inherited.as_mut().and_then(|i| i.lock.take()))?;
     let mut store = match &args.store {
         Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir)?),
         None => Store::Local(open_state(&args, &data_dir, inherited.is_some())?),
@@ -591,6 +658,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let handover = Handover {
         origin,
         admin_fd,
+        lock,
         stop_admin,
     };
     Ok(wait_for_signals(
@@ -608,6 +676,8 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
 struct Handover {
     origin: Option<upgrade::Origin>,
     admin_fd: std::os::fd::RawFd,
+    /// The data directory's lock, held while the process lives.
+    lock: std::fs::File,
     stop_admin: Arc<tokio::sync::Notify>,
 }
 
@@ -623,7 +693,8 @@ fn hand_over(admin: &Admin, plane: &DataPlane, h: &Handover) -> Result<u32, Stri
         "SIGUSR2: starting {} to take over the sockets",
         origin.exe.display()
     );
-    let successor = upgrade::spawn(origin, &plane.listener_fds, h.admin_fd)
+    use std::os::fd::AsRawFd as _;
+    let successor = upgrade::spawn(origin, &plane.listener_fds, h.admin_fd, h.lock.as_raw_fd())
         .map_err(|e| format!("cannot start {}: {e}", origin.exe.display()))?;
     // A SIGTERM or SIGINT (left pending for `wait_for_signals`) ends the upgrade at once.
     let pid = successor.wait_ready(upgrade::READY_TIMEOUT, shutdown_pending)?;

@@ -33,6 +33,11 @@ pub const LISTENERS_ENV: &str = "GATEWAY_UPGRADE_LISTENERS";
 pub const ADMIN_ENV: &str = "GATEWAY_UPGRADE_ADMIN";
 /// The pipe to write `ready` to once serving.
 pub const READY_ENV: &str = "GATEWAY_UPGRADE_READY";
+/// The descriptor of the data directory's lock file (see `lock_data_dir` in the crate's
+/// root), which the successor holds on: a `flock` belongs to the open file, shared by the
+/// descriptor handed over, where a new open of the file would be refused while this process
+/// drains.
+pub const LOCK_ENV: &str = "GATEWAY_UPGRADE_LOCK";
 
 /// How long a successor may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -60,6 +65,8 @@ impl Origin {
 pub struct Inherited {
     pub listeners: Vec<Vec<TcpListener>>,
     pub admin: Option<TcpListener>,
+    /// The data directory's lock, held by the predecessor (none from a build without one).
+    pub lock: Option<File>,
     ready: Option<File>,
 }
 
@@ -118,12 +125,18 @@ pub fn take() -> Result<Option<Inherited>, String> {
         Ok(fd) => Some(listener(parse_fd(&fd)?)?),
         Err(_) => None,
     };
-    for var in [READY_ENV, LISTENERS_ENV, ADMIN_ENV] {
+    let lock = match std::env::var(LOCK_ENV) {
+        // SAFETY: an open descriptor (checked) handed to this process to own.
+        Ok(fd) => Some(unsafe { File::from(OwnedFd::from_raw_fd(parse_fd(&fd)?)) }),
+        Err(_) => None,
+    };
+    for var in [READY_ENV, LISTENERS_ENV, ADMIN_ENV, LOCK_ENV] {
         std::env::remove_var(var);
     }
     Ok(Some(Inherited {
         listeners,
         admin,
+        lock,
         ready: Some(ready),
     }))
 }
@@ -146,12 +159,13 @@ pub struct Successor {
     ready: File,
 }
 
-/// Starts the successor with the listening sockets (`listeners`, by listener index) and the
-/// admin socket.
+/// Starts the successor with the listening sockets (`listeners`, by listener index), the
+/// admin socket and the data directory's lock.
 pub fn spawn(
     origin: &Origin,
     listeners: &[Vec<RawFd>],
     admin: RawFd,
+    lock: RawFd,
 ) -> std::io::Result<Successor> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
@@ -171,11 +185,13 @@ pub fn spawn(
         .collect();
     let mut passed: Vec<RawFd> = listeners.iter().flatten().copied().collect();
     passed.push(admin);
+    passed.push(lock);
     passed.push(write.as_raw_fd());
     let mut cmd = Command::new(&origin.exe);
     cmd.args(&origin.args)
         .env(LISTENERS_ENV, groups.join(" "))
         .env(ADMIN_ENV, admin.to_string())
+        .env(LOCK_ENV, lock.to_string())
         .env(READY_ENV, write.as_raw_fd().to_string());
     passed.sort_unstable();
     // SAFETY: runs in the child between fork and exec and only makes system calls (close_range,

@@ -1090,6 +1090,42 @@ fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
 }
 
 #[test]
+fn a_second_gateway_on_one_data_directory_is_refused() {
+    // Before, it started (with --replace-state it even committed a revision into the
+    // running one's journal) and failed only at its listeners: the running one's next
+    // acknowledged write was lost at its restart.
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    for extra in [&[][..], &["--replace-state"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&gw.config_path)
+            .arg("--data-dir")
+            .arg(&gw.data_dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let holder = format!("in use by the gateway with pid {}", gw.pid());
+        assert!(stderr.contains(&holder), "{stderr}");
+    }
+    // The running one goes on, its journal its own.
+    assert_eq!(revision(&gw), 1);
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/r2",
+            Some(r#"{"path":"/r2","respond":{}}"#)
+        )
+        .status,
+        201
+    );
+    assert_eq!(revision(&gw), 2);
+    assert_eq!(gw.admin("GET", "/v1/revisions/2", None).status, 200);
+}
+
+#[test]
 fn generated_token_is_private_and_public_admin_needs_a_configured_token() {
     use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("token");

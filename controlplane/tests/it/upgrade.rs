@@ -270,6 +270,17 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
         &format!("process {} serves now", pids[3]),
         Duration::from_secs(1),
     );
+    // The data directory went along with the sockets: the last successor holds it, and
+    // another gateway started on it is refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--data-dir")
+        .arg(&gw.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let holder = format!("in use by the gateway with pid {}", pids[3]);
+    assert!(stderr.contains(&holder), "{stderr}");
     stop(pids[3]);
 }
 
