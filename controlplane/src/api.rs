@@ -190,6 +190,10 @@ pub struct Problem {
     /// the ones taken (`Accept-Patch`, RFC 5789 2.2) or the content codings taken
     /// (`Accept-Encoding`, RFC 9110 15.5.16).
     field: Option<(&'static str, &'static str)>,
+    /// The connection closes after this answer, which says when to retry: the process
+    /// answering is going (a binary upgrade), and a client retrying on the same keep-alive
+    /// connection would keep reaching it.
+    go_elsewhere: bool,
 }
 
 impl Problem {
@@ -201,7 +205,14 @@ impl Problem {
             detail: common::without_private_keys(detail.into()),
             pointer: None,
             field: None,
+            go_elsewhere: false,
         }
+    }
+
+    /// [`Problem::go_elsewhere`]: `Retry-After: 1` and `Connection: close`.
+    fn retry_on_a_new_connection(mut self) -> Self {
+        self.go_elsewhere = true;
+        self
     }
 
     fn at(mut self, pointer: impl Into<String>) -> Self {
@@ -261,6 +272,11 @@ impl IntoResponse for Problem {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"gateway-admin\""),
             );
+        }
+        if self.go_elsewhere {
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -1075,7 +1091,8 @@ impl Admin {
                 "Upgrading",
                 "a binary upgrade is starting this process's successor; retry: once it serves, \
                  changes go to it, and if the upgrade fails, to this process again",
-            ));
+            )
+            .retry_on_a_new_connection());
         }
         let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
         if successor != 0 {
@@ -1086,7 +1103,8 @@ impl Admin {
                     "this process has handed over to its upgrade (pid {successor}) and takes \
                      no more changes; retry"
                 ),
-            ));
+            )
+            .retry_on_a_new_connection());
         }
         if let Store::Etcd(e) = &mut *store {
             // Validate against the newest shared config, not the one last seen.

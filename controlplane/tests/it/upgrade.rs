@@ -386,6 +386,14 @@ fn a_successor_that_hangs_neither_stalls_the_admin_api_nor_holds_off_sigterm() {
     );
     assert_eq!(r.status, 503, "{}", r.body_str());
     assert!(r.body_str().contains("Upgrading"), "{}", r.body_str());
+    // A retry goes on a new connection: to the successor once it serves. (Before, the
+    // keep-alive connection stayed with this process, for the whole of a drain after.)
+    assert_eq!(
+        (r.header("retry-after"), r.header("connection")),
+        (Some("1"), Some("close")),
+        "{}",
+        r.head
+    );
     assert!(
         asked.elapsed() < Duration::from_secs(5),
         "{:?}",
