@@ -159,18 +159,23 @@ pub fn parse_config(text: &str, format: Format) -> Result<Config, ConfigError> {
                 .map_err(|e| syntax(e.path().to_string(), e.inner().to_string()))
         }
         Format::Toml => {
+            // The line a TOML error is at, counted from 1.
+            let at_line = |message: &str, span: Option<std::ops::Range<usize>>| match span {
+                Some(span) => {
+                    let line = text.as_bytes()[..span.start.min(text.len())]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        + 1;
+                    format!("{message} (line {line})")
+                }
+                None => message.to_owned(),
+            };
             let de = toml::Deserializer::parse(text)
-                .map_err(|e| syntax(".".into(), e.message().to_owned()))?;
+                .map_err(|e| syntax(".".into(), at_line(e.message(), e.span())))?;
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let inner = e.inner();
-                let reason = match inner.span() {
-                    Some(span) => {
-                        let line = text[..span.start.min(text.len())].lines().count().max(1);
-                        format!("{} (line {line})", inner.message())
-                    }
-                    None => inner.message().to_owned(),
-                };
-                syntax(e.path().to_string(), reason)
+                syntax(e.path().to_string(), at_line(inner.message(), inner.span()))
             })
         }
     }

@@ -1345,3 +1345,13 @@ fn one_target_spelled_two_ways_is_refused() {
     assert!(compile(&text("127.0.0.1:80", "127.0.0.2:80")).is_ok());
     assert!(compile(&text("api.test:80", "api.test:81")).is_ok());
 }
+
+#[test]
+fn a_toml_syntax_error_names_its_line() {
+    // Before, a syntax error (as a SIGHUP of a file cut short logs it) said no line.
+    let e = err("[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes\n");
+    assert!(e.to_string().ends_with("(line 3)"), "{e}");
+    // An error in a value: its own line, also when it starts the line.
+    let e = err("[[listeners]]\naddress = \"127.0.0.1:0\"\n[limits]\nmax_connections = \"x\"\n");
+    assert!(e.to_string().ends_with("(line 4)"), "{e}");
+}

@@ -147,6 +147,15 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 .or_else(|| args.next())
                 .ok_or_else(|| format!("{name} needs a value"))
         };
+        // A flag that takes no value with one (`--replace-state=false`) must not pass for
+        // the bare flag: that one would replace the stored config.
+        let bare = matches!(
+            flag.as_str(),
+            "-h" | "--help" | "-V" | "--version" | "--replace-state"
+        );
+        if bare && inline.is_some() {
+            return Err(format!("{flag} takes no value (got {arg:?})"));
+        }
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
@@ -268,5 +277,17 @@ mod tests {
         .is_err());
         assert!(p(&["--seed-from", "data"]).is_err());
         assert!(p(&["--store=etcd://h:1/g", "-c", "n", "--replace-state"]).is_err());
+    }
+
+    #[test]
+    fn a_flag_that_takes_no_value_refuses_one() {
+        let p = |a: &[&str]| parse(a.iter().map(|s| s.to_string()));
+        // Before, `--replace-state=false` replaced the stored config as the bare flag does.
+        for flag in ["--replace-state=false", "--help=x", "--version=1"] {
+            let e = p(&["-c", "g.toml", flag]).unwrap_err();
+            assert!(e.contains("takes no value"), "{flag}: {e}");
+        }
+        assert!(p(&["-c", "g.toml", "--replace-state"]).is_ok());
+        assert!(p(&["--config=g.toml", "--data-dir=d"]).is_ok());
     }
 }

@@ -77,6 +77,21 @@ fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
 /// `gateway --check FILE`: validates and reports; returns the exit code.
 pub fn check(path: &Path) -> i32 {
     match load(&ConfigSource::File(path.to_owned()), 1) {
+        // What the start refuses too: an exposed admin API on a generated token.
+        Ok(s)
+            if !s.admin_listen.ip().is_loopback()
+                && s.config.admin.token.is_none()
+                && std::env::var_os("GATEWAY_ADMIN_TOKEN").is_none() =>
+        {
+            eprintln!(
+                "{}: invalid config: admin.listen {} is not a loopback address: set [admin] \
+                 token (or GATEWAY_ADMIN_TOKEN where the gateway runs) before exposing the \
+                 admin API",
+                path.display(),
+                s.admin_listen
+            );
+            EXIT_INVALID
+        }
         Ok(s) => {
             println!(
                 "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
@@ -951,12 +966,20 @@ fn log_started(plane: &DataPlane, snap: &Snapshot) {
         .iter()
         .map(|c| c.map_or_else(|| "-".to_owned(), |c| c.to_string()))
         .collect();
-    log::info!(
-        "driver {}, {} worker(s) pinned to CPUs [{}]",
-        plane.driver,
-        plane.workers,
-        cpus.join(", ")
-    );
+    if plane.cpus.iter().all(Option::is_none) {
+        log::info!(
+            "driver {}, {} worker(s), not pinned to CPUs",
+            plane.driver,
+            plane.workers
+        );
+    } else {
+        log::info!(
+            "driver {}, {} worker(s) pinned to CPUs [{}]",
+            plane.driver,
+            plane.workers,
+            cpus.join(", ")
+        );
+    }
     for (i, addr) in plane.addresses.iter().enumerate() {
         match snap.listener_protocols.get(i) {
             Some(p) if p.tls.is_some() => log::info!("listening on https://{addr}"),

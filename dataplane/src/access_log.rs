@@ -264,8 +264,12 @@ fn write_loop(
                     Ok(o) => current = Some(o),
                     Err(e) if !failing => {
                         failing = true;
+                        let what = match sink {
+                            LogSink::Stdout => "stdout".to_owned(),
+                            LogSink::File(p) => p.display().to_string(),
+                        };
                         log::error!(
-                            "access log: cannot open {sink:?}: {e}; lines are lost until it can"
+                            "access log: cannot open {what}: {e}; lines are lost until it can"
                         );
                     }
                     Err(_) => {}

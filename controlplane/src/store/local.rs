@@ -171,7 +171,10 @@ impl LocalStore {
                     return Err(invalid(
                         &journal_path,
                         format!(
-                            "byte {valid_len} starts a line that is not the record after revision                              {}, and records follow it; something else wrote to this file. Move                              the stray lines out to resume",
+                            "byte {valid_len} starts a line that is not the record after \
+                             revision {}, and records follow it (a record damaged in place, or \
+                             lines written by something else). Move the stray lines out to \
+                             resume",
                             last.map_or_else(|| "none".to_owned(), |l| l.to_string())
                         ),
                     ));

@@ -65,6 +65,26 @@ fn check_and_run_refuse_an_invalid_file_naming_the_field() {
 }
 
 #[test]
+fn check_refuses_an_exposed_admin_api_without_a_token_as_the_start_does() {
+    // Before, `--check` said OK and the start then refused it (exit 2).
+    let f = write(
+        "open-admin.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"0.0.0.0:0\"\n",
+    );
+    for args in [vec!["--check", &f], vec!["--config", &f]] {
+        let (code, _, err) = gateway(&args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(err.contains("is not a loopback address"), "{err}");
+    }
+    let with_token = write(
+        "token-admin.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"0.0.0.0:0\"\n\
+         token = \"0123456789abcdef0123\"\n",
+    );
+    assert_eq!(gateway(&["--check", &with_token]).0, Some(0));
+}
+
+#[test]
 fn an_access_log_inside_the_data_directory_is_refused_before_anything_is_stored() {
     // Its lines would go into the config store's journal or checkpoint.
     let data = temp_dir("cli-log-in-data");
