@@ -54,10 +54,31 @@ impl Origin {
     /// started from, which a package upgrade replaces).
     pub fn current() -> Option<Origin> {
         Some(Origin {
-            exe: std::env::current_exe().ok()?,
+            exe: invoked_path().or_else(|| std::env::current_exe().ok())?,
             args: std::env::args_os().skip(1).collect(),
         })
     }
+}
+
+/// The path this process was started by (`argv[0]`, made absolute against the directory it
+/// started in, or found in `PATH` as a shell finds a bare name), its links not followed: a
+/// deployment that switches a link to the new version (`/usr/local/bin/gateway ->
+/// /opt/gateway/2.1/gateway`, alternatives) upgrades to what the link names then, as nginx
+/// does. `/proc/self/exe` would name the old version's file, links resolved.
+fn invoked_path() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let arg0 = PathBuf::from(std::env::args_os().next()?);
+    if arg0.as_os_str().as_bytes().contains(&b'/') {
+        return Some(std::env::current_dir().ok()?.join(arg0));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(&arg0))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .filter(|p| p.is_absolute())
 }
 
 /// What a predecessor handed over to this process.

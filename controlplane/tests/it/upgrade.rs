@@ -362,6 +362,39 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
 }
 
 #[test]
+fn an_upgrade_starts_what_the_path_it_was_started_by_names_now() {
+    // Started through a link, as a deployment that switches a link to each version: the
+    // upgrade runs what the link names when it happens. Before, the old version's file
+    // (/proc/self/exe, links resolved) was started again.
+    let dir = temp_dir("upgrade-link");
+    let v1 = dir.join("v1-gateway");
+    install(env!("CARGO_BIN_EXE_gateway").as_ref(), &v1);
+    let link = dir.join("gateway");
+    std::os::unix::fs::symlink(&v1, &link).unwrap();
+    let chain = Chain::new();
+    let gw = Gateway::start_binary(&link, CONFIG, &[]);
+    let first = serving_pid(&gw);
+    let v2 = dir.join("v2-gateway.sh");
+    std::fs::write(
+        &v2,
+        format!(
+            "#!/bin/sh\necho 'gateway: v2 starting' >&2\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_gateway")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&v2, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let next = dir.join("gateway.next");
+    std::os::unix::fs::symlink(&v2, &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    let second = chain.push(upgrade(&gw));
+    assert_ne!(second, first);
+    gw.wait_log("v2 starting", Duration::from_secs(1));
+    wait_exited(first, Duration::from_secs(15));
+    stop(second);
+}
+
+#[test]
 fn a_successor_that_hangs_neither_stalls_the_admin_api_nor_holds_off_sigterm() {
     let dir = temp_dir("upgrade-hang");
     let bin = dir.join("gateway");
