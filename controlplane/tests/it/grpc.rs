@@ -2175,6 +2175,23 @@ print("reset" if seen is not None else "held", seen)
     let next = c.read_response();
     assert_eq!(next.status, 404, "{}", next.body_str());
     assert_eq!(json(next.body_str())["code"], 5);
+    // The same over HTTP/2, a unary and a server-streaming method: the head only, the
+    // stream ended with it. (Before, DATA followed the HEAD's answer: clients failed the
+    // stream with PROTOCOL_ERROR.)
+    for path in ["/v1/orders/o-1", "/v1/customers/ann/events"] {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--http2-prior-knowledge", "-I", "--max-time", "10"])
+            .arg(url(path))
+            .output()
+            .expect("curl (Debian package curl) runs");
+        let head = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{path}: {head}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(head.starts_with("HTTP/2 200"), "{path}: {head}");
+    }
     let (code, _, answer) = curl_json(&[&url("/v1/nothing/here")]);
     assert_eq!(code, 404);
     assert_eq!(json(&answer)["code"], 5);
@@ -2253,4 +2270,41 @@ fn an_http2_answer_h2_refuses_as_malformed_is_logged_as_the_upstreams_malformed_
     let lines = wait_log_lines(&log, 1);
     assert_eq!(lines[0]["status"], 502, "{}", lines[0]);
     assert_eq!(lines[0]["error"], "upstream_malformed", "{}", lines[0]);
+}
+
+#[test]
+fn a_transcoded_call_answered_without_grpc_is_a_502_unless_the_status_is_an_error() {
+    // Before, a 204 went to the client as a 204 with a JSON error body (and, over HTTP/2, a
+    // DATA frame after it), a 200-class or 3xx status as a success carrying an error.
+    let dir = temp_dir("transcode-not-grpc");
+    let set = protoc(&dir);
+    let no_content = ResetPeer::start_with(&["0", "no-content"]);
+    let busy = ResetPeer::start_with(&["0", "html-503"]);
+    let mut config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n\
+         [[transcoders]]\nid = \"orders\"\ndescriptor_set = \"{}\"\n\
+         services = [\"shop.v1.Orders\"]\n",
+        set.display()
+    );
+    for (id, peer) in [("a", &no_content), ("b", &busy)] {
+        config.push_str(&format!(
+            "\n[[upstreams]]\nid = \"{id}\"\nprotocol = \"grpc\"\n\
+             targets = [{{ address = \"{}\" }}]\n\n\
+             [[routes]]\nid = \"{id}\"\nhosts = [\"{id}.test\"]\npath_prefix = \"/v1/\"\n\
+             upstream = \"{id}\"\ntranscoder = \"orders\"\n",
+            peer.addr
+        ));
+    }
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for (host, status) in [("a.test", 502), ("b.test", 503)] {
+        let r = gw.connect().roundtrip(&format!(
+            "GET /v1/orders/o-1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(r.status, status, "{host}: {}", r.head);
+        let body: serde_json::Value = serde_json::from_str(r.body_str()).unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains("not gRPC"),
+            "{body}"
+        );
+    }
 }

@@ -584,10 +584,25 @@ struct H2Sink {
     sent: u64,
     /// Fields the gateway adds (request id, a route's `Vary`).
     extra: HeaderMap,
+    /// The request was a HEAD: the answer is its head only, whatever comes after it (a
+    /// transcoded answer's JSON).
+    head_request: bool,
+    /// The stream ended with the head (a HEAD's answer, a 204, a 304): body bytes and
+    /// trailers that come after are dropped (DATA after it breaks the stream for the client).
+    ended: bool,
 }
 
 impl Sink for H2Sink {
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
+        let bodiless = matches!(status, 204 | 304) || (100..200).contains(&status);
+        if bodiless {
+            // RFC 9110 8.6: no Content-Length on a 204 (nor a body on either).
+            if status == 204 {
+                headers.remove(CONTENT_LENGTH);
+            }
+        }
+        let end = end || bodiless || self.head_request;
+        self.ended = end;
         // `drain` names a field once, then gives its further values without the name.
         let mut last: Option<HeaderName> = None;
         for (name, value) in self.extra.drain() {
@@ -605,11 +620,17 @@ impl Sink for H2Sink {
     }
 
     async fn data(&mut self, data: Bytes) -> Result<(), ()> {
+        if self.ended {
+            return Ok(());
+        }
         self.sent += data.len() as u64;
         self.answer.send_data(data).await.map_err(|_| ())
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
+        if self.ended {
+            return Ok(());
+        }
         self.answer.finish(trailers).map_err(|_| ())
     }
 
@@ -1834,6 +1855,8 @@ fn client_sink<'a, S: ClientStream>(
             answer,
             sent: 0,
             extra: field_map(extra),
+            head_request,
+            ended: false,
         });
     }
     ClientSink::H1(H1Sink {

@@ -376,9 +376,15 @@ impl<K: Sink> Sink for JsonSink<K> {
             let message = format!("the upstream answered HTTP {status}, not gRPC");
             let body = error_body(code.into(), &message, None, &[]);
             self.broken = Some(String::new());
-            return self
-                .answer(if status == 200 { 502 } else { status }, body)
-                .await;
+            // An error status stays (a proxy's 503, a 404); any other, a success or a
+            // redirect carrying an error body, or a 204 that could carry none, is the
+            // gateway's 502: gRPC takes every status but 200 as a failure.
+            let shown = if (400..600).contains(&status) {
+                status
+            } else {
+                502
+            };
+            return self.answer(shown, body).await;
         }
         self.head = Some(headers);
         if end {
