@@ -232,10 +232,18 @@ fn shape(
             .map(|(i, p)| dot_path(p, &format!("{at}.{name}[{i}]")))
             .collect()
     };
-    let mut renamed = Vec::with_capacity(rename.len());
+    let mut renamed: Vec<(Box<str>, Box<str>)> = Vec::with_capacity(rename.len());
     for (from, to) in rename {
         let f = member_name(from, &format!("{at}.rename"))?;
         let t = member_name(to, &format!("{at}.rename.{from}"))?;
+        // Two members made one: the answer would keep one of them only, silently.
+        if let Some((other, _)) = renamed.iter().find(|(_, o)| *o == t) {
+            let field = format!("{at}.rename.{from}");
+            let why = format!("{other:?} is renamed to {to:?} too: one of the two would be lost");
+            if !crate::validate::tolerated(&field, &why) {
+                return Err(ConfigError::field(field, why));
+            }
+        }
         renamed.push((f, t));
     }
     Ok(Shape {
@@ -495,7 +503,11 @@ fn compile_step(
             ));
         }
         let lower = h.to_ascii_lowercase();
-        let refused = if HOP_OR_GATEWAY_FIELDS.contains(&lower.as_str()) {
+        // Every `X-Forwarded-*` field says where the request came from, which only the
+        // gateway may tell (`-Port`, `-Prefix`, `-Server` as much as `-For`).
+        let refused = if HOP_OR_GATEWAY_FIELDS.contains(&lower.as_str())
+            || lower.starts_with("x-forwarded-")
+        {
             Some(format!("{h:?} is set by the gateway itself"))
         } else if PART_OR_CONDITION_FIELDS.contains(&lower.as_str()) {
             Some(format!(

@@ -1617,7 +1617,12 @@ fn validation_refuses_what_cannot_work() {
     let e = check("[[routes]]\nid = \"r\"\npath = \"/a/{x}/{x}\"\nrespond = { body = \"x\" }\n");
     assert!(e.contains("appears twice"), "{e}");
     // Fields that say where the request came from are the gateway's to set.
-    for field in ["Forwarded", "X-Real-IP", "Via", "HTTP2-Settings"] {
+    // Every X-Forwarded-* field (before, -Port and -Prefix were copied from the client).
+    let forwarding = ["Forwarded", "X-Real-IP", "Via", "HTTP2-Settings"];
+    for field in forwarding
+        .iter()
+        .chain(&["X-Forwarded-Port", "x-forwarded-prefix"])
+    {
         let e = check(&format!("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\npass_headers = [\"{field}\"]\n"));
         assert!(e.contains("pass_headers[0]"), "{field}: {e}");
     }
@@ -1634,6 +1639,11 @@ fn validation_refuses_what_cannot_work() {
     assert!(e.contains("steps[0].group"), "{e}");
     let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\nrename = { e = \"_errors\" }\n");
     assert!(e.contains("steps[0].rename.e"), "{e}");
+    // Two members renamed to one name (before, one was dropped from every answer).
+    let e = check("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\nrename = { a = \"c\", b = \"c\" }\n");
+    assert!(e.contains("steps[0].rename.b") && e.contains("lost"), "{e}");
+    let e = check("[[routes]]\nid = \"r\"\npath = \"/r\"\nupstream = \"catalog\"\nresponse = { rename = { a = \"c\", b = \"c\" } }\n");
+    assert!(e.contains("rename.b"), "{e}");
     // A header value that would never match.
     let e = check(
         "[[client_profiles]]\nid = \"p\"\nheader = { name = \"X-Client\", values = [\" ios\"] }\n",
