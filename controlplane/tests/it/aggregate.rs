@@ -452,6 +452,31 @@ fn max_step_bytes_bounds_a_chunked_answer_by_its_content() {
 }
 
 #[test]
+fn a_chunked_answer_cut_for_its_framing_says_so() {
+    // 18,000 bytes of content (under the 20,000 bound) in 1-byte chunks: 108 KB on the
+    // wire, over twice the bound and 64 KiB. Before, the detail said the answer was larger
+    // than max_step_bytes, which it was not.
+    let body = format!("{{\"a\":\"{}\"}}", "v".repeat(17_992));
+    let chunked: String = body
+        .bytes()
+        .map(|b| format!("1\r\n{}\r\n", b as char))
+        .collect();
+    let o = Origin::start(Arc::new(move |_: &Received, s: &mut TcpStream| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{chunked}0\r\n\r\n"
+        );
+        Keep::Open
+    }));
+    let (gw, _) = one_aggregate(&[&o], "max_step_bytes = 20000", &step("s", 0, ""));
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 502, "{}", r.body_str());
+    let detail = r.json()["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(detail.contains("framing"), "{}", r.body_str());
+}
+
+#[test]
 fn a_client_gone_while_the_steps_ran_is_logged_499() {
     let slow = service(|_, _| json_ok(json!({"a": 1})).with_delay(400));
     let (gw, log) = one_aggregate(&[&slow], "", &step("s", 0, ""));

@@ -627,11 +627,12 @@ async fn call(
         };
         let within = reader.collect(conn, resp.head_end, &mut raw, max).await?;
         let clean = within && reader.clean() && resp.reusable;
+        let framing = !within && reader.framing_over(max);
         Ok::<_, ProxyError>((
             resp.status,
             json,
             encoded,
-            within,
+            (within, framing),
             raw,
             clean,
             ctype,
@@ -639,7 +640,7 @@ async fn call(
         ))
     };
     let mut slot = None;
-    let (status, json, encoded, within, raw, clean, ctype, relayed) = match connector
+    let (status, json, encoded, (within, framing), raw, clean, ctype, relayed) = match connector
         .run(&mut attempts, &mut slot, attempt, |a| a.0)
         .await
     {
@@ -685,7 +686,15 @@ async fn call(
         Err(f)
     };
     if !within {
-        let detail = format!("its answer is larger than max_step_bytes ({max})");
+        // A chunked answer's framing is bounded too (chunks of a few bytes, long extensions).
+        let detail = if framing {
+            format!(
+                "its chunked answer's framing is larger than twice max_step_bytes ({max}) and \
+                 64 KiB"
+            )
+        } else {
+            format!("its answer is larger than max_step_bytes ({max})")
+        };
         return failed(StepError::TooLarge, &detail);
     }
     let raw = if raw.is_empty() && (status == 204 || is_head) {

@@ -76,6 +76,14 @@ impl BodyReader {
         })
     }
 
+    /// After [`BodyReader::collect`] stopped: whether it stopped for a chunked body's framing
+    /// (its content was within `max`).
+    pub fn framing_over(&self, max: usize) -> bool {
+        self.decoder
+            .as_ref()
+            .is_some_and(|d| d.data_len() <= max as u64)
+    }
+
     /// Body bytes that came in the same read as the head (right after it).
     pub fn first(&self) -> usize {
         self.first
