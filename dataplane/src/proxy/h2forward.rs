@@ -988,7 +988,15 @@ pub(super) async fn forward<S: ClientStream>(
             req.policy.query_dropped(origin + at)
         });
         let target = String::from_utf8_lossy(&target).into_owned();
-        (method, target, accept)
+        // A coded body (gzip) is not read as JSON: refused, as the admin API refuses one.
+        let coded = crate::policy::field_value(
+            &down.buf,
+            head.fields_start,
+            head.fields_end,
+            b"content-encoding",
+        )
+        .is_some_and(|v| !v.trim_ascii().eq_ignore_ascii_case(b"identity"));
+        (method, target, accept, coded)
     });
     let is_head = head.is_head(&down.buf);
     let asked = Asked {
@@ -1084,10 +1092,27 @@ pub(super) async fn forward<S: ClientStream>(
         }
         body = Body::Whole(decoded.into());
     }
-    if let (Some(t), Some((method, target, accept)), Body::Whole(b)) =
+    if let (Some(t), Some((method, target, accept, coded)), Body::Whole(b)) =
         (&transcoder, &json_call, &body)
     {
-        match super::transcode::prepare(t, method, target, b, accept) {
+        let prepared = if *coded {
+            // RFC 9110 15.5.16: 415, naming the coding taken.
+            super::push_field(&mut req.response_fields, b"Accept-Encoding", b"identity");
+            Err(super::transcode::Refused {
+                status: 415,
+                body: super::transcode::error_body(
+                    3,
+                    "the body has a Content-Encoding: a JSON call's body is read as it is \
+                     (identity) only",
+                    None,
+                    &[],
+                ),
+                allow: None,
+            })
+        } else {
+            super::transcode::prepare(t, method, target, b, accept)
+        };
+        match prepared {
             Ok(p) => {
                 let grpc_path = &*t.bindings[p.binding].grpc_path;
                 out.method = http::Method::POST;
