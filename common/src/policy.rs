@@ -355,6 +355,18 @@ const RESERVED_FIELDS: &[&str] = &[
     "forwarded",
 ];
 
+/// Fields the gateway writes into every forwarded request (its request id and trace, the
+/// hop count): a key read from one would go on, and be logged as the request id; a consumer
+/// id written into one would sit beside the gateway's own.
+const GATEWAY_FIELDS: &[&str] = &[
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "max-forwards",
+    "via",
+    "x-real-ip",
+];
+
 /// A header name a policy may strip or set (for `consumer_header`, `Authorization` too is
 /// refused, so that a consumer id never replaces a credential).
 fn check_policy_header(name: &str, at: &str, consumer: bool) -> Result<Box<[u8]>, ConfigError> {
@@ -366,6 +378,13 @@ fn check_policy_header(name: &str, at: &str, consumer: bool) -> Result<Box<[u8]>
             at,
             format!("{name:?} frames or routes the request and cannot be used here"),
         ));
+    }
+    if GATEWAY_FIELDS.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        let why = format!("{name:?} is written by the gateway itself and cannot be used here");
+        // Accepted before: a stored config's policy keeps it.
+        if !crate::validate::tolerated(at, &why) {
+            return Err(ConfigError::field(at, why));
+        }
     }
     Ok(v)
 }
@@ -836,13 +855,21 @@ fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {
     // credentials (with them it is a name like any other).
     let any_method = c.methods.iter().any(|m| m == "*");
     let any_header = c.headers.iter().any(|h| h == "*");
-    for (name, any) in [("methods", any_method), ("headers", any_header)] {
-        if any && c.allow_credentials {
-            return Err(ConfigError::field(
-                format!("{at}.{name}"),
-                "\"*\" cannot be used with allow_credentials = true (browsers then read it as a \
-                 name, not as any): list them",
-            ));
+    let any_exposed = c.expose_headers.iter().any(|h| h == "*");
+    for (name, any) in [
+        ("methods", any_method),
+        ("headers", any_header),
+        ("expose_headers", any_exposed),
+    ] {
+        let field = format!("{at}.{name}");
+        let why = "\"*\" cannot be used with allow_credentials = true (browsers then read it as \
+                   a name, not as any): list them";
+        // `expose_headers` was taken before: a stored config keeps it (exposing nothing).
+        if any
+            && c.allow_credentials
+            && (name != "expose_headers" || !crate::validate::tolerated(&field, why))
+        {
+            return Err(ConfigError::field(field, why));
         }
     }
     Ok(Cors {

@@ -440,6 +440,27 @@ fn invalid_policies_name_the_field() {
         ),
         "policies[0].consumer_header"
     );
+    // Fields the gateway writes itself (before, a key read from X-Request-Id went on to the
+    // upstream, back to the client and into the log as the request id).
+    for (field, name) in [
+        ("header", "X-Request-Id"),
+        ("header", "traceparent"),
+        ("consumer_header", "X-Request-Id"),
+        ("consumer_header", "Max-Forwards"),
+        ("consumer_header", "Via"),
+    ] {
+        let text = format!("[[policies]]\nid = \"p\"\nkind = \"api_key\"\n{field} = \"{name}\"\n");
+        assert_eq!(invalid_at(&text), format!("policies[0].{field}"), "{name}");
+        // A config stored by an earlier build that took it still starts, noting it.
+        let stored = parse_config(&format!("{POLICY_BASE}{text}"), Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
+    // `*` is a name like any other with credentials: it would expose nothing.
+    assert_eq!(
+        invalid_at("[[policies]]\nid = \"p\"\nkind = \"cors\"\norigins = [\"https://a.example\"]\nallow_credentials = true\nexpose_headers = [\"*\"]\n"),
+        "policies[0].expose_headers"
+    );
     let err = compile(&format!("client_ip_header = \"x-real-ip\"\n{POLICY_BASE}")).unwrap_err();
     assert_eq!(err.path(), "client_ip_header");
     let err = compile(&format!("trusted_proxies = [\"nope\"]\n{POLICY_BASE}")).unwrap_err();

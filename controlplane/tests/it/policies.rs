@@ -742,6 +742,15 @@ fn jwt_policies_through_the_admin_api() {
         &get(&gw, "/hs", "Authorization: Basic dXNlcjpwYXNz\r\n"),
         401,
     );
+    // Two Authorization fields: a malformed request, RFC 6750's invalid_request (before, a
+    // 401 with a bare challenge, as if no credential had come).
+    let two = format!("{}Authorization: Basic dXNlcjpwYXNz\r\n", bearer(&good_hs));
+    let r = get(&gw, "/hs", &two);
+    assert_problem(&r, 400);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"gateway\", error=\"invalid_request\"")
+    );
     // Still serving after all of that.
     assert_eq!(get(&gw, "/hs", &bearer(&good_hs)).status, 200);
     assert_eq!(origin.requests().len(), 4);

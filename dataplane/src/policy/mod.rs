@@ -906,14 +906,12 @@ fn authenticate(
             }
             PolicyKind::Jwt(j) => {
                 let auth = match one_field(buf, head, b"authorization") {
+                    // A malformed request, not a missing credential (RFC 6750 3.1).
                     Err(()) => {
-                        return Err(unauthorized(
-                            st,
-                            p,
-                            group,
-                            &policy.id,
-                            "more than one Authorization field",
-                        ))
+                        let challenge = b"WWW-Authenticate: Bearer realm=\"gateway\", \
+                                          error=\"invalid_request\"\r\n";
+                        let detail = "more than one Authorization field";
+                        return Err(refuse(st, 400, &policy.id, detail, challenge));
                     }
                     Ok(a) => a,
                 };
