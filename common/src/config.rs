@@ -508,8 +508,8 @@ pub struct ApiKeyConfig {
     /// removed. Default `X-Consumer-Id`.
     #[serde(default = "default_consumer_header")]
     pub consumer_header: String,
-    /// Whether the key is kept out of the forwarded request (header removed; a query key is
-    /// left in place, see the README). Default true.
+    /// Whether the key is kept out of the forwarded request (its header lines and its query
+    /// parameters removed, see the README). Default true.
     #[serde(default = "default_true")]
     pub strip_credential: bool,
 }

@@ -996,7 +996,7 @@ fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
 
 /// The value of query parameter `name`, if it is there once
 /// (however its name is spelled, see [`query_pairs`]); `None` if it is missing or repeated.
-/// The value is used as sent (API keys are visible ASCII and need no decoding).
+/// The value is as sent; the caller decodes its `%XX` escapes.
 pub(crate) fn query_param<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<&'a [u8]> {
     let mut pairs = query_pairs(buf, head, name);
     let (value, _) = pairs.next()?;
