@@ -798,6 +798,66 @@ fn token_list(items: &[String], at: &str, lower: bool) -> Result<Vec<Box<[u8]>>,
         .collect()
 }
 
+/// Why an `origins` entry is not one a browser sends.
+struct NotAnOrigin {
+    text: String,
+    /// The old, looser check took it.
+    accepted_before: bool,
+}
+
+/// `o` as a browser serialises an origin (RFC 6454 6.2: `scheme://host[:port]`, lower case,
+/// no default port), which is what `Origin` carries and what is compared with it.
+fn browser_origin(o: &str) -> Result<String, NotAnOrigin> {
+    let loose = (o.starts_with("http://") || o.starts_with("https://"))
+        && !o.ends_with('/')
+        && o.split_once("://").is_some_and(|(_, h)| {
+            !h.is_empty() && !h.contains('/') && h.bytes().all(|b| (0x21..0x7f).contains(&b))
+        });
+    let refuse = |why: &str| NotAnOrigin {
+        text: format!("{o:?} is not an origin a browser sends ({why})"),
+        accepted_before: loose,
+    };
+    let lower = o.to_ascii_lowercase();
+    let Some((scheme, rest)) = lower.split_once("://") else {
+        return Err(refuse("scheme://host[:port], or \"*\""));
+    };
+    let default_port: u16 = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(refuse("the scheme is http or https")),
+    };
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(refuse("no path, query, fragment or user"));
+    }
+    if rest.contains('*') {
+        return Err(refuse(
+            "no wildcard: browsers send one exact origin, so list each one, or use \"*\"",
+        ));
+    }
+    // The port is what follows the last `:` outside an IPv6 literal's brackets.
+    let (host, port) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if !crate::validate::valid_host_name(host) || host.ends_with('.') {
+        return Err(refuse("the host is a name or an IP address"));
+    }
+    let Some(port) = port else {
+        return Ok(lower);
+    };
+    match port.parse::<u16>() {
+        Ok(n) if n > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {
+            // Browsers leave the scheme's default port out, and write a port as a number.
+            if n == default_port {
+                Ok(format!("{scheme}://{host}"))
+            } else {
+                Ok(format!("{scheme}://{host}:{n}"))
+            }
+        }
+        _ => Err(refuse("the port is a number from 1 to 65535")),
+    }
+}
+
 fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {
     if c.origins.is_empty() {
         return Err(ConfigError::field(
@@ -811,18 +871,16 @@ fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {
         if o == "*" {
             continue;
         }
-        let ok = (o.starts_with("http://") || o.starts_with("https://"))
-            && !o.ends_with('/')
-            && o.split_once("://").is_some_and(|(_, h)| {
-                !h.is_empty() && !h.contains('/') && h.bytes().all(|b| (0x21..0x7f).contains(&b))
-            });
-        if !ok {
-            return Err(ConfigError::field(
-                format!("{at}.origins[{j}]"),
-                format!("{o:?} is not an origin (scheme://host[:port], no path) or \"*\""),
-            ));
-        }
-        origins.push(o.to_ascii_lowercase().into_bytes().into_boxed_slice());
+        let field = format!("{at}.origins[{j}]");
+        let origin = match browser_origin(o) {
+            Ok(origin) => origin,
+            // Accepted before (it never matched): a stored config keeps it as it was.
+            Err(why) if why.accepted_before && crate::validate::tolerated(&field, &why.text) => {
+                o.to_ascii_lowercase()
+            }
+            Err(why) => return Err(ConfigError::field(field, why.text)),
+        };
+        origins.push(origin.into_bytes().into_boxed_slice());
     }
     if any_origin && c.allow_credentials {
         return Err(ConfigError::field(

@@ -1376,3 +1376,51 @@ fn a_toml_syntax_error_names_its_line() {
     let e = err("[[listeners]]\naddress = \"127.0.0.1:0\"\n[limits]\nmax_connections = \"x\"\n");
     assert!(e.to_string().ends_with("(line 4)"), "{e}");
 }
+
+#[test]
+fn cors_origins_are_the_ones_browsers_send() {
+    let cors = |origin: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[policies]]\nid = \"c\"\nkind = \"cors\"\n\
+             origins = [\"{origin}\"]\n"
+        )
+    };
+    // Before, each was accepted and never matched a request's Origin.
+    for bad in [
+        "https://*.example.com",
+        "https://user@a.example.com",
+        "https://a.example.com#x",
+        "https://a.example.com?x",
+        "http://a.example.com:abc",
+        "http://a.example.com:0",
+        "http://a.example.com:70000",
+        "https://[::1",
+        "https://a..example.com",
+        "ftp://a.example.com",
+    ] {
+        let e = err(&cors(bad));
+        assert_eq!(e.path(), "policies[0].origins[0]", "{bad}");
+        assert!(
+            e.to_string().contains("not an origin a browser sends"),
+            "{bad}: {e}"
+        );
+    }
+    // A default port is left out and a port written as a number, as browsers write them.
+    for (written, compiled) in [
+        ("https://A.example.com:443", "https://a.example.com"),
+        ("http://a.example.com:080", "http://a.example.com"),
+        ("https://a.example.com:08443", "https://a.example.com:8443"),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+        ("http://127.0.0.1", "http://127.0.0.1"),
+    ] {
+        let s = compile(&cors(written)).unwrap();
+        let crate::policy::PolicyKind::Cors(c) = &s.policies.list[0].kind else {
+            panic!("a cors policy")
+        };
+        assert_eq!(&*c.origins[0], compiled.as_bytes(), "{written}");
+    }
+    // A stored config that took a wildcard (never matching) still starts, noting it.
+    let stored = parse_config(&cors("https://*.example.com"), Format::Toml).unwrap();
+    let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+}
