@@ -186,8 +186,10 @@ fn rsa_key(n: &[u8], e: &[u8]) -> Result<KeyMaterial, String> {
             n.len() * 8
         ));
     }
-    if e.is_empty() || e.len() > 4 || e[e.len() - 1] & 1 == 0 {
-        return Err("the RSA exponent must be odd and at most 32 bits".into());
+    // At least 3 as the verifier takes it (e = 1 would make every signature check fail).
+    let value = e.iter().fold(0u64, |v, &b| v << 8 | u64::from(b));
+    if e.is_empty() || e.len() > 4 || value & 1 == 0 || value < 3 {
+        return Err("the RSA exponent must be odd, at least 3 and at most 32 bits".into());
     }
     Ok(KeyMaterial::Rsa {
         n: n.into(),
@@ -418,6 +420,21 @@ yKFmjJ0jhJ1rLnSYNC1PdaadfahDLMTrgJgFh10PQ9TDKDLHmT58wITqMQ==
             JwtAlgorithm::RS256
         )
         .is_err());
+    }
+
+    #[test]
+    fn an_rsa_exponent_below_3_is_refused() {
+        // e = 1 made a key every signature check failed with (the verifier needs e >= 3):
+        // "the token's signature is invalid" on every token, not a 422 at the write.
+        let n = [0xc5u8; 256];
+        for (e, ok) in [
+            (&[1u8][..], false),
+            (&[3], true),
+            (&[1, 0, 1], true),
+            (&[2], false),
+        ] {
+            assert_eq!(rsa_key(&n, e).is_ok(), ok, "{e:?}");
+        }
     }
 
     #[test]
