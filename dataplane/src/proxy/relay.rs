@@ -637,7 +637,10 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     };
     if let Some(reason) = skip {
         metrics.transform_skipped(reason);
-        if filters && matches!(reason, SkipReason::Compressed | SkipReason::TooLarge) {
+        // A 206 to a request sent without `Range` breaks the protocol, and a part of a body
+        // cannot be filtered: not relayed with what the filter is there to remove.
+        let partial = resp.status == 206;
+        if filters && (partial || matches!(reason, SkipReason::Compressed | SkipReason::TooLarge)) {
             return Err(ErrorKind::UpstreamMalformed.into());
         }
         return relay_response(down, req, conn, resp, http10, close_client).await;
