@@ -498,6 +498,12 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 fn start(args: RunArgs) -> Result<i32, Fail> {
+    // Signals are taken synchronously by this thread: block them first, before any other
+    // thread exists (so every thread inherits the mask) and before the start's slow parts
+    // (the store, etcd, binding): a SIGHUP or SIGUSR1 that came meanwhile (a `systemctl
+    // reload` right after the start) took its default action and killed the process. One
+    // that comes now waits, and is taken once the gateway serves.
+    let signals = block_signals();
     let origin = upgrade::Origin::current();
     let mut inherited = upgrade::take().map_err(|e| {
         (
@@ -606,9 +612,6 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .local_addr()
         .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
 
-    // Signals are taken synchronously by this thread: block them before any other thread
-    // exists so every thread inherits the mask.
-    let signals = block_signals();
     let upstreams = upstreams::Upstreams::start().map_err(|e| {
         (
             EXIT_FAILURE,

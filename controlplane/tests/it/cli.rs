@@ -268,3 +268,41 @@ fn state_stored_before_a_stricter_rule_still_starts() {
     );
     gw.wait_log("pass_headers[0]", Duration::from_secs(5));
 }
+
+#[test]
+fn a_signal_during_a_slow_start_does_not_kill_the_process() {
+    // An etcd store that accepts and never answers keeps the start waiting (3 s); a SIGHUP
+    // meanwhile (a reload right after the start) took its default action and killed the
+    // process. Now it waits, and the start ends as it would have: exit 1, saying why.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = write(
+        "node.toml",
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\n\
+         listen = \"127.0.0.1:0\"\n[cluster]\nnode_id = \"n1\"\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--store")
+        .arg(format!("etcd://{}/gw", silent.local_addr().unwrap()))
+        .arg("--config")
+        .arg(&node)
+        .arg("--data-dir")
+        .arg(temp_dir("cli-signal-data"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still starting");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    assert!(err.contains("cannot read the config from etcd"), "{err}");
+}
