@@ -1042,12 +1042,35 @@ pub(crate) fn is_query_separator(b: u8) -> bool {
 }
 
 /// Whether the raw query parameter name `raw` is `name`, as sent or percent-decoded, in any
-/// case.
+/// case, or as PHP reads it ([`php_name`]).
 pub(crate) fn query_name_is(raw: &[u8], name: &[u8]) -> bool {
-    raw.eq_ignore_ascii_case(name)
-        || (raw.contains(&b'%')
-            && crate::shape::pct_decode(raw)
-                .is_some_and(|decoded| decoded.eq_ignore_ascii_case(name)))
+    let is = |n: &[u8]| {
+        n.eq_ignore_ascii_case(name) || php_name(n).is_some_and(|p| p.eq_ignore_ascii_case(name))
+    };
+    is(raw) || (raw.contains(&b'%') && crate::shape::pct_decode(raw).is_some_and(|d| is(&d)))
+}
+
+/// The name PHP gives a query parameter named `n` (`$_GET`'s key), where it is not `n`
+/// itself: `+` read as a space (PHP decodes names as form fields), leading spaces dropped,
+/// `.` and ` ` made `_`, and `[` too unless a `]` follows it, which makes the parameter an
+/// array under the name before it (`api_key[]`). `None` for a name PHP leaves as it is (the
+/// common case: no allocation).
+fn php_name(n: &[u8]) -> Option<Vec<u8>> {
+    if !n.iter().any(|b| matches!(b, b' ' | b'+' | b'.' | b'[')) {
+        return None;
+    }
+    let n = &n[n.iter().position(|&b| b != b' ' && b != b'+')?..];
+    let base = match n.iter().position(|&b| b == b'[') {
+        Some(i) if n[i + 1..].contains(&b']') => &n[..i],
+        _ => n,
+    };
+    let renamed: Vec<u8> = (base.iter())
+        .map(|&b| match b {
+            b' ' | b'+' | b'.' | b'[' => b'_',
+            b => b,
+        })
+        .collect();
+    (!renamed.is_empty()).then_some(renamed)
 }
 
 /// Adds `s` to `drops`, keeping it sorted, merged (spans that touch or overlap become one)
@@ -1301,6 +1324,43 @@ mod tests {
         assert_eq!(decoded(b"100%"), b"100%");
         assert_eq!(decoded(b"a%zzb%4"), b"a%zzb%4");
         assert_eq!(decoded(b"%25%41"), b"%A");
+    }
+
+    #[test]
+    fn a_query_key_name_is_matched_as_php_reads_it_too() {
+        // PHP's $_GET['api_key'] is any of these; before, they passed unchecked (and
+        // unstripped) beside the key the gateway checked.
+        for raw in [
+            &b"api_key"[..],
+            b"API_KEY",
+            b"api.key",
+            b"api+key" as &[u8],
+            b"api%20key",
+            b"api%2Ekey",
+            b"api[key",
+            b"api_key[]",
+            b"api_key[0]",
+            b" api.key",
+        ] {
+            assert!(
+                query_name_is(raw, b"api_key"),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        for raw in [
+            &b"apikey"[..],
+            b"api_key2",
+            b"xapi_key",
+            b"[api_key]",
+            b"api",
+        ] {
+            assert!(
+                !query_name_is(raw, b"api_key"),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     #[test]
