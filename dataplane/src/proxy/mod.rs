@@ -959,7 +959,13 @@ async fn proxy<S: ClientStream>(
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
                     return Ok(resp);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Bytes came before the failure (an interim answer, part of a head).
+                    if first_byte.is_some() {
+                        req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
+                    }
+                    return Err(e);
+                }
             }
         }
     };
