@@ -230,18 +230,18 @@ impl<'a> AnswerFields<'a> {
     /// Reads the field lines between `start` and `end` of `buf`.
     pub fn of(buf: &'a [u8], start: usize, end: usize) -> AnswerFields<'a> {
         let mut f = AnswerFields::default();
-        let mut encoding = None;
         for (_, name, value) in crate::policy::each_field(buf, start, end) {
-            let slot = if name.eq_ignore_ascii_case(b"content-type") {
-                &mut f.content_type
+            if name.eq_ignore_ascii_case(b"content-type") {
+                f.content_type.get_or_insert(value);
             } else if name.eq_ignore_ascii_case(b"content-encoding") {
-                &mut encoding
-            } else {
-                continue;
-            };
-            slot.get_or_insert(value);
+                // Every line and every coding in it counts (`identity`, then `gzip` on a
+                // line of its own, is a gzipped body).
+                f.encoded |= value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+            }
         }
-        f.encoded = encoding.is_some_and(|v| !v.eq_ignore_ascii_case(b"identity"));
         f
     }
 
@@ -376,6 +376,23 @@ fn placeholder_name(part: &Part) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_content_encoding_line_other_than_identity_makes_an_answer_encoded() {
+        let encoded = |fields: &str| {
+            let head = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
+            AnswerFields::of(head.as_bytes(), 17, head.len()).encoded
+        };
+        // Before, only the first line was read: the gzip line went on over a reshaped body.
+        assert!(encoded(
+            "Content-Encoding: identity\r\nContent-Encoding: gzip\r\n"
+        ));
+        assert!(encoded("Content-Encoding: identity, br\r\n"));
+        assert!(encoded("content-encoding: GZIP\r\n"));
+        assert!(!encoded("Content-Encoding: identity\r\n"));
+        assert!(!encoded("Content-Encoding: \r\n"));
+        assert!(!encoded("Content-Type: application/json\r\n"));
+    }
     use serde_json::json;
 
     #[test]
