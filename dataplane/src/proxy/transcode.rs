@@ -87,14 +87,26 @@ pub(super) fn prepare(
     framed.push(0);
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
-    let ndjson = accept
-        .split(|&b| b == b',')
-        .any(|m| m.trim_ascii().starts_with(b"application/x-ndjson"));
+    let ndjson = accept.split(|&b| b == b',').any(asks_for_ndjson);
     Ok(Prepared {
         binding: index,
         framed: framed.into(),
         ndjson,
     })
+}
+
+/// Whether one element of `Accept` takes NDJSON: its media type (in any case, RFC 9110
+/// 8.3.1) with a weight other than 0 (`q=0` says "not this one", 12.4.2).
+fn asks_for_ndjson(range: &[u8]) -> bool {
+    let mut parts = range.split(|&b| b == b';');
+    let media = parts.next().unwrap_or_default().trim_ascii();
+    media.eq_ignore_ascii_case(b"application/x-ndjson")
+        && !parts.any(|p| {
+            let p = p.trim_ascii();
+            p.len() >= 2
+                && p[..2].eq_ignore_ascii_case(b"q=")
+                && p[2..].iter().all(|&b| b == b'0' || b == b'.')
+        })
 }
 
 /// `{"code": N, "message": "...", "field": "...", "details": [...]}`.
@@ -497,6 +509,27 @@ impl<K: Sink> Sink for JsonSink<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ndjson_is_asked_for_by_its_type_in_any_case_with_a_weight() {
+        for (accept, yes) in [
+            (&b"application/x-ndjson"[..], true),
+            (b" Application/X-NDJSON ; q=0.5", true),
+            (b"application/x-ndjson;q=1", true),
+            // Before, taken as a request for NDJSON.
+            (b"application/x-ndjson;q=0", false),
+            (b"application/x-ndjson; Q=0.000", false),
+            (b"application/x-ndjsonx", false),
+            (b"application/json", false),
+        ] {
+            assert_eq!(
+                asks_for_ndjson(accept),
+                yes,
+                "{}",
+                String::from_utf8_lossy(accept)
+            );
+        }
+    }
 
     #[test]
     fn status_details_are_read_from_google_rpc_status() {
