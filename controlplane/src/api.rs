@@ -1392,9 +1392,24 @@ impl Admin {
             .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
             .map(|r| r.revision)
             .collect();
-        let result = self.apply(false, "file reload", |_| {
-            common::load_config(path).map_err(invalid)
+        // Read once: what is applied is what the data directory then remembers as taken
+        // (see `crate::applied`), so that a restart with the same file resumes.
+        let text = std::fs::read(path);
+        let result = self.apply(false, "file reload", |_| match &text {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(bytes);
+                let format = common::Format::detect(Some(path), &text);
+                common::parse_config(&text, format).map_err(invalid)
+            }
+            Err(e) => Err(invalid(common::ConfigError::Io {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })),
         });
+        if let (Ok(a), Ok(bytes), Store::Local(local)) = (&result, &text, &*self.held()) {
+            let digest = common::tls::sha256_hex(bytes);
+            crate::applied::record(local.dir(), &digest, a.revision);
+        }
         match result {
             Ok(a) if a.changes.is_empty() => {
                 log::info!(

@@ -47,11 +47,11 @@ OPTIONS
         kept (default ./data). A stored config is resumed at start.
     --replace-state
         With --config over a data directory that holds a config: make the file
-        the next revision. Without it, a file unchanged since it was last
-        applied resumes the stored config (with the changes made through the
-        admin API since), a changed one becomes the next revision when the API
-        changed nothing since, and one changed while the API changed the config
-        too is refused (exit 2).
+        the next revision. Without it, a file unchanged since the gateway last
+        took it resumes the stored config (with the changes made through the
+        admin API since), a changed one becomes the next revision when nothing
+        changed the config since, and one changed while the config changed too
+        is refused (exit 2).
     --store URL
         Share the config with other nodes through etcd (the v3 JSON gateway);
         etcds:// for TLS, with ?ca=FILE[&cert=FILE&key=FILE]. Escape '/', '@',

@@ -216,6 +216,30 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 );
                 return Ok(store);
             };
+            // A file unchanged since the gateway last took it (its bytes): the stored config
+            // is resumed as it is, with the changes made through the API since, and the file
+            // is not even compiled (a certificate it names may have been renewed, or expired:
+            // the stored config is what runs, as without --config).
+            let digest = applied::digest_of(path).map_err(|e| {
+                (
+                    EXIT_INVALID,
+                    format!("{}: cannot read it: {e}", path.display()),
+                )
+            })?;
+            let known = applied::read(dir);
+            if let Some(taken) = known
+                .as_ref()
+                .filter(|k| k.digest == digest && !args.replace_state)
+            {
+                log::info!(
+                    "resuming config revision {} from {} ({} is unchanged since revision {})",
+                    store.revision(),
+                    dir.display(),
+                    path.display(),
+                    taken.revision
+                );
+                return Ok(store);
+            }
             let mut config = read_config(&source).map_err(describe)?;
             refuse_paths(dir, &config, &source)?;
             let new_keys = keys::take_new(&config);
@@ -227,9 +251,12 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             let source = if args.replace_state {
                 "file (--replace-state)".to_owned()
             } else {
-                match file_over_state(&store, &config, path)? {
+                match file_over_state(&store, &config, path, known)? {
                     Some(source) => source,
-                    None => return Ok(store),
+                    None => {
+                        applied::record(dir, &digest, store.revision());
+                        return Ok(store);
+                    }
                 }
             };
             keys::save(dir, &new_keys)
@@ -237,6 +264,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             store
                 .commit(config, &source)
                 .map_err(|e| (EXIT_FAILURE, format!("cannot write {}: {e}", dir.display())))?;
+            applied::record(dir, &digest, store.revision());
             if args.replace_state {
                 log::info!(
                     "{} replaced the stored config as revision {}",
@@ -268,80 +296,130 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                     "embedded default".to_owned()
                 }
             };
-            LocalStore::create(dir, config, &what).map_err(|e| {
+            let store = LocalStore::create(dir, config, &what).map_err(|e| {
                 (
                     EXIT_FAILURE,
                     format!("cannot create the state in {}: {e}", dir.display()),
                 )
-            })
+            })?;
+            if let ConfigSource::File(p) = &source {
+                if let Ok(digest) = applied::digest_of(p) {
+                    applied::record(dir, &digest, store.revision());
+                }
+            }
+            Ok(store)
         }
     }
 }
 
 /// What a start with `--config FILE` (`config`, compiled) over a data directory that holds a
-/// config does without `--replace-state`, as a service manager restarts the gateway with the
-/// same command line every time: the file unchanged since it was last applied resumes the
-/// stored config (`None`), changes made through the admin API since included; a file changed
-/// over a config no API write changed since becomes the next revision (`Some` of its source),
-/// as SIGHUP would make it; a file changed while the API changed the config too is refused
-/// (exit 2), rather than either side's changes silently dropped.
+/// config does without `--replace-state`, when the file is not the one last taken (`known`:
+/// what the directory remembers of that one): one that compiles to the stored config resumes
+/// it (`None`); a changed one over a config nothing changed since the file was last taken
+/// becomes the next revision (`Some` of its source), as SIGHUP would make it; one changed
+/// while the config changed too (through the admin API, a rollback) is refused (exit 2),
+/// rather than either side's changes silently dropped.
 fn file_over_state(
     store: &LocalStore,
     config: &common::Config,
     path: &Path,
+    known: Option<applied::Taken>,
 ) -> Result<Option<String>, Fail> {
-    let resuming = |why: String| {
-        log::info!(
-            "resuming config revision {} from {} ({why})",
-            store.revision(),
-            store.dir().display()
-        );
-        Ok(None)
-    };
     if api::diff(store.config(), config).is_empty() {
-        return resuming(format!("{} holds the same config", path.display()));
+        log::info!(
+            "resuming config revision {} from {} ({} holds the same config)",
+            store.revision(),
+            store.dir().display(),
+            path.display()
+        );
+        return Ok(None);
     }
-    let revisions = store.revisions();
-    let from_file = |source: &str| source == "file reload" || source.starts_with("file ");
-    // Revisions made through the API (or its rollbacks) since the file was last applied.
-    let by_api: Vec<u64> = (revisions.iter().rev())
-        .take_while(|r| !from_file(&r.source))
-        .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
-        .map(|r| r.revision)
-        .collect();
-    let (Some(&last), Some(&first)) = (by_api.first(), by_api.last()) else {
-        return Ok(Some(format!("file {}", path.display())));
-    };
-    let applied = (revisions.iter().rev())
-        .find(|r| from_file(&r.source))
-        .and_then(|r| store.load_revision(r.revision).ok().flatten());
-    if let Some(applied) = &applied {
-        if api::diff(&applied.config, config).is_empty() {
-            return resuming(format!(
-                "{} is unchanged since it became revision {}; revisions {first} to {last} \
-                 were made through the admin API since",
-                path.display(),
-                applied.revision
-            ));
+    let source = format!("file {}", path.display());
+    // Since the file was last taken: the revisions made otherwise.
+    let (since, first) = match known {
+        Some(k) if k.revision >= store.revision() => return Ok(Some(source)),
+        Some(k) => (
+            format!("since it became revision {}", k.revision),
+            k.revision + 1,
+        ),
+        // A directory an earlier build kept, or one seeded without a file: its history says.
+        None => {
+            let revisions = store.revisions();
+            let from_file = |s: &str| s == "file reload" || s.starts_with("file ");
+            let made = (revisions.iter().rev())
+                .take_while(|r| !from_file(&r.source))
+                .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
+                .map(|r| r.revision)
+                .min();
+            let Some(first) = made else {
+                return Ok(Some(source));
+            };
+            ("since it was last applied".to_owned(), first)
         }
-    }
-    let since = match &applied {
-        Some(a) => format!("since it became revision {}", a.revision),
-        None => "from every stored revision".to_owned(),
     };
     Err((
         EXIT_INVALID,
         format!(
-            "{} differs {since}, and revisions {first} to {last} of {} were made through the \
-             admin API since: refusing to choose between them. Drop --config to resume \
-             revision {} (then apply the file with SIGHUP, which replaces those changes and \
-             names the rollback that brings them back), or add --replace-state to make the file \
-             the next revision now",
+            "{} changed {since}, and revisions {first} to {} of {} were made through the admin \
+             API since: refusing to choose between them. Add --replace-state to make the file \
+             the next revision (those revisions stay in the history: POST \
+             /v1/revisions/{}:rollback brings them back), or restore the file as it was to \
+             resume revision {}",
             path.display(),
+            store.revision(),
             store.dir().display(),
+            store.revision(),
             store.revision()
         ),
     ))
+}
+
+/// What the data directory remembers of the config file it last took (`DIR/applied-file`):
+/// the SHA-256 of its bytes and the revision it became, or was found to hold. Written when a
+/// file seeds the directory, replaces its config at a start, or is reloaded (SIGHUP).
+pub(crate) mod applied {
+    use std::path::Path;
+
+    const FILE: &str = "applied-file";
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) struct Taken {
+        pub digest: String,
+        pub revision: u64,
+    }
+
+    /// The SHA-256 of `path`'s bytes, in hex.
+    pub(crate) fn digest_of(path: &Path) -> std::io::Result<String> {
+        Ok(common::tls::sha256_hex(&std::fs::read(path)?))
+    }
+
+    pub(crate) fn read(dir: &Path) -> Option<Taken> {
+        let text = std::fs::read_to_string(dir.join(FILE)).ok()?;
+        let (digest, revision) = text.trim().split_once(' ')?;
+        Some(Taken {
+            digest: digest.to_owned(),
+            revision: revision.parse().ok()?,
+        })
+    }
+
+    /// Remembers `digest` as the file taken at `revision` (a failure only costs the next
+    /// start a compile of the file: logged, not fatal).
+    pub(crate) fn record(dir: &Path, digest: &str, revision: u64) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = dir.join(format!(".{FILE}.tmp"));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| writeln!(f, "{digest} {revision}"))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(FILE)));
+        if let Err(e) = written {
+            log::warn!("cannot write {}: {e}", dir.join(FILE).display());
+        }
+    }
 }
 
 /// Refuses a config file whose access log would write into the data directory `dir`,

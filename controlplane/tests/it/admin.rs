@@ -1043,12 +1043,18 @@ fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
     // change made through the API. (Before, every start with --config over a data
     // directory was refused, exit 2: a systemd restart of deploy/gateway.service failed.)
     let gw = Gateway::start_with_data(&config, &data, &[]);
-    gw.wait_log(
-        "is unchanged since it became revision 1",
-        Duration::from_secs(5),
-    );
+    gw.wait_log("is unchanged since revision 1", Duration::from_secs(5));
     assert_eq!(revision(&gw), 2);
     assert_eq!(gw.admin("GET", "/v1/routes/kept", None).status, 200);
+    // Past the 100 revisions the history keeps (the review found a start refused then).
+    for i in 0..101 {
+        let body = format!(r#"{{"path":"/kept","respond":{{"body":"{i}"}}}}"#);
+        assert_eq!(gw.admin("PUT", "/v1/routes/kept", Some(&body)).status, 200);
+    }
+    drop(gw);
+    let gw = Gateway::start_with_data(&config, &data, &[]);
+    gw.wait_log("is unchanged since revision 1", Duration::from_secs(5));
+    assert_eq!(revision(&gw), 103);
     drop(gw);
     // The file changed too: neither side wins silently.
     let edited = |extra: &str| {
@@ -1065,11 +1071,11 @@ fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("revisions 2 to 2"), "{stderr}");
+    assert!(stderr.contains("revisions 2 to 103"), "{stderr}");
     assert!(stderr.contains("--replace-state"), "{stderr}");
     let gw = Gateway::start_with_data(&config, &data, &["--replace-state"]);
     gw.wait_log(
-        "replaced the stored config as revision 3",
+        "replaced the stored config as revision 104",
         Duration::from_secs(5),
     );
     problem(&gw.admin("GET", "/v1/routes/kept", None), 404);
@@ -1078,15 +1084,18 @@ fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
     edited("\n[[routes]]\nid = \"filed-2\"\npath = \"/filed-2\"\nrespond = {}\n");
     let gw = Gateway::start_with_data(&config, &data, &[]);
     gw.wait_log(
-        "nothing was changed through the admin API since: it is revision 4",
+        "nothing was changed through the admin API since: it is revision 105",
         Duration::from_secs(5),
     );
     assert_eq!(gw.admin("GET", "/v1/routes/filed-2", None).status, 200);
+    // Changed again and applied with SIGHUP: a restart with it resumes.
+    edited("\n[[routes]]\nid = \"filed-3\"\npath = \"/filed-3\"\nrespond = {}\n");
+    gw.signal(libc::SIGHUP);
+    gw.wait_log("(revision 106)", Duration::from_secs(5));
     drop(gw);
-    // And the same again: resumed, no new revision.
     let gw = Gateway::start_with_data(&config, &data, &[]);
-    gw.wait_log("holds the same config", Duration::from_secs(5));
-    assert_eq!(revision(&gw), 4);
+    gw.wait_log("is unchanged since revision 106", Duration::from_secs(5));
+    assert_eq!(revision(&gw), 106);
 }
 
 #[test]
