@@ -920,9 +920,13 @@ impl tokio::io::AsyncWrite for AdminConn {
             if n > 0 {
                 // An answer is going out: the request is answered, and the connection is not
                 // silent (hyper keeps a read waiting while it writes a response, a stream's
-                // for an hour): the waiting read's deadline starts again.
+                // for an hour): the waiting read's deadline starts again from now (not when
+                // the old one fires: an idle connection would then get twice the time).
                 this.started = None;
-                this.waiting = false;
+                if this.waiting {
+                    let deadline = tokio::time::Instant::now() + this.limits.0;
+                    this.idle.as_mut().reset(deadline);
+                }
             }
         }
         written
@@ -1194,6 +1198,24 @@ mod tests {
             let read = r.read(&mut byte).await;
             assert!(timed_out(&read), "{read:?}");
             assert!(started.elapsed() >= Duration::from_millis(250));
+            // A read waiting across an answer's writes, then silence: closed one limit after
+            // the last write (the review found twice the limit: the deadline was moved on
+            // only when the old one fired).
+            let (conn, _client) = pair(limits).await;
+            let (mut r, mut w) = tokio::io::split(conn);
+            let started = Instant::now();
+            let (read, ()) = tokio::join!(r.read(&mut byte), async {
+                for _ in 0..4 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    w.write_all(b"tick\n").await.unwrap();
+                }
+            });
+            let after = started.elapsed();
+            assert!(timed_out(&read), "{read:?}");
+            assert!(
+                after >= Duration::from_millis(650) && after < Duration::from_millis(850),
+                "closed {after:?} after the read began (last write at 400 ms)"
+            );
             // A request whose bytes come 150 ms apart (each within the silence limit) and is
             // never answered: closed 600 ms after its first byte. Before, never.
             let (mut conn, mut client) = pair(limits).await;
