@@ -443,7 +443,7 @@ pub fn apply<'a>(shape: &Shape, v: Node<'a>) -> Result<Node<'a>, ShapeError> {
 /// Merges the members `src` into `dst`: objects recursively, other values that meet by
 /// `policy`. All or nothing: when `src` cannot be merged (a conflict under
 /// [`OnConflict::Error`], values that meet but cannot be opened), `dst` holds what it held
-/// (opened or read into trees in places, the same values).
+/// (objects opened in places, the same text).
 pub fn merge<'a>(
     dst: &mut Members<'a>,
     mut src: Members<'a>,
@@ -453,9 +453,9 @@ pub fn merge<'a>(
     merge_prepared(dst, src, policy)
 }
 
-/// Checks that `src` merges into `dst` before either changes: opens the objects that meet,
-/// and for [`OnConflict::Append`] reads the other values that meet into trees, in place (the
-/// same values), so that merging them cannot fail half-way.
+/// Checks that `src` merges into `dst` before either changes: opens the objects that meet
+/// (in place: the same members, as text), and for [`OnConflict::Append`] checks that the
+/// other values that meet can be read into trees, so that merging them cannot fail half-way.
 fn prepare<'a>(
     dst: &mut Members<'a>,
     src: &mut Members<'a>,
@@ -484,11 +484,12 @@ fn prepare<'a>(
             OnConflict::Error => return Err(MergeError::Conflict(vec![k.to_string()])),
             OnConflict::First | OnConflict::Last => {}
             OnConflict::Append => {
-                for node in [existing, v] {
-                    if !matches!(node, Node::Value(_)) {
-                        // Read beside the node: one that cannot be read stays as it was.
-                        let tree = node.to_value().map_err(|_| MergeError::Unreadable)?;
-                        *node = Node::Value(tree);
+                // Read beside the nodes, which stay as they are: the merge reads them again
+                // (a number read into a tree loses digits, so an earlier step's value read
+                // here and then left by a failure later on would not be what it gave).
+                for node in [&*existing, &*v] {
+                    if !matches!(node, Node::Value(_)) && node.to_value().is_err() {
+                        return Err(MergeError::Unreadable);
                     }
                 }
             }
@@ -795,7 +796,8 @@ mod tests {
         // The audit's cases: the second answer meets the first in a value it cannot open
         // (a number out of range under `append`, a lone surrogate in an object). Before, the
         // first's `n` became null, and the failed answer's `a` stayed in the document.
-        let first = br#"{"o": {"x": 1}, "n": 1}"#;
+        // `n` has more digits than a double keeps: it must come back as it was written.
+        let first = br#"{"o": {"x": 1}, "n": 123456789012345678901234567890, "z": 1}"#;
         for (second, policy) in [
             (&br#"{"a": 5, "n": 1e400, "z": 9}"#[..], OnConflict::Append),
             (
@@ -807,6 +809,7 @@ mod tests {
                 OnConflict::Last,
             ),
             (br#"{"a": 5, "o": {"y": 2}, "n": 2}"#, OnConflict::Error),
+            (br#"{"n": 5, "z": 1e400}"#, OnConflict::Append),
         ] {
             let mut dst = Vec::new();
             let mut n = parse(first).unwrap();
@@ -814,12 +817,18 @@ mod tests {
             let mut n = parse(second).unwrap();
             let merged = merge(&mut dst, std::mem::take(n.members().unwrap()), policy);
             assert!(merged.is_err(), "{}", String::from_utf8_lossy(second));
-            assert_eq!(
-                text(&Node::Object(dst)),
-                json!({"o": {"x": 1}, "n": 1}),
-                "{}",
+            let mut out = Vec::new();
+            Node::Object(dst).write(&mut out);
+            let out = String::from_utf8(out).unwrap();
+            assert!(
+                out.contains("123456789012345678901234567890"),
+                "{}: {out}",
                 String::from_utf8_lossy(second)
             );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["o"], json!({"x": 1}), "{out}");
+            assert_eq!(v["z"], json!(1), "{out}");
+            assert_eq!(v.as_object().unwrap().len(), 3, "{out}");
         }
     }
 
