@@ -186,10 +186,14 @@ fn rsa_key(n: &[u8], e: &[u8]) -> Result<KeyMaterial, String> {
             n.len() * 8
         ));
     }
-    // At least 3 as the verifier takes it (e = 1 would make every signature check fail).
-    let value = e.iter().fold(0u64, |v, &b| v << 8 | u64::from(b));
-    if e.is_empty() || e.len() > 4 || value & 1 == 0 || value < 3 {
-        return Err("the RSA exponent must be odd, at least 3 and at most 32 bits".into());
+    if e.is_empty() || e.len() > 4 || e[e.len() - 1] & 1 == 0 {
+        return Err("the RSA exponent must be odd and at most 32 bits".into());
+    }
+    // At least 3, as the verifier takes it (e = 1 would make every signature check fail).
+    // Accepted before: a stored config keeps its key (which verifies nothing).
+    let why = "the RSA exponent must be at least 3 (with 1, no signature verifies)";
+    if e == [1] && !crate::validate::tolerated("a JWT policy's RSA key", why) {
+        return Err(why.into());
     }
     Ok(KeyMaterial::Rsa {
         n: n.into(),
