@@ -439,6 +439,10 @@ yKFmjJ0jhJ1rLnSYNC1PdaadfahDLMTrgJgFh10PQ9TDKDLHmT58wITqMQ==
         ] {
             assert_eq!(rsa_key(&n, e).is_ok(), ok, "{e:?}");
         }
+        // A config stored by an earlier build that took such a key still starts, noting it.
+        let (stored, notes) = crate::validate::compiling_stored(|| rsa_key(&n, &[1]));
+        assert!(stored.is_ok());
+        assert_eq!(notes.len(), 1, "{notes:?}");
     }
 
     #[test]
