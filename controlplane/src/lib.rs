@@ -121,7 +121,7 @@ const LOCK_FILE: &str = "lock";
 /// upgrade's successor goes on with its predecessor's lock (`inherited`); any other process
 /// is refused (exit 1) while the holder lives.
 fn lock_data_dir(dir: &Path, inherited: Option<std::fs::File>) -> Result<std::fs::File, Fail> {
-    use std::io::{Read as _, Seek as _};
+    use std::io::Read as _;
     use std::os::fd::AsRawFd as _;
     let failed = |e: std::io::Error| {
         (
@@ -129,6 +129,21 @@ fn lock_data_dir(dir: &Path, inherited: Option<std::fs::File>) -> Result<std::fs
             format!("cannot lock {}: {e}", dir.join(LOCK_FILE).display()),
         )
     };
+    // The descriptor a predecessor named is this directory's lock file only if it is that
+    // file: an older build in between (a downgrade, then an upgrade) passes the variable on
+    // without the descriptor, whose number may then be another file's. Not ours: left open.
+    let inherited = inherited.and_then(|f| {
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = f.metadata().ok();
+        let lock = std::fs::metadata(dir.join(LOCK_FILE)).ok();
+        match (ours, lock) {
+            (Some(a), Some(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()) => Some(f),
+            _ => {
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(f);
+                None
+            }
+        }
+    });
     let mut file = match inherited {
         Some(f) => f,
         None => {
@@ -169,13 +184,16 @@ fn lock_data_dir(dir: &Path, inherited: Option<std::fs::File>) -> Result<std::fs
             ),
         ));
     }
-    let pid = format!("{}\n", std::process::id());
-    let written = file
-        .set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| file.write_all(pid.as_bytes()));
-    written.map_err(failed)?;
+    write_lock_pid(&file).map_err(failed)?;
     Ok(file)
+}
+
+/// Writes this process's pid into the data directory's lock file (`lock`, held by it).
+fn write_lock_pid(lock: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let pid = format!("{}\n", std::process::id());
+    lock.set_len(0)?;
+    lock.write_all_at(pid.as_bytes(), 0)
 }
 
 /// Opens or seeds the data directory. A successor of a binary upgrade (`resume`) resumes the
@@ -793,7 +811,15 @@ fn hand_over(admin: &Admin, plane: &DataPlane, h: &Handover) -> Result<u32, Stri
     let successor = upgrade::spawn(origin, &plane.listener_fds, h.admin_fd, h.lock.as_raw_fd())
         .map_err(|e| format!("cannot start {}: {e}", origin.exe.display()))?;
     // A SIGTERM or SIGINT (left pending for `wait_for_signals`) ends the upgrade at once.
-    let pid = successor.wait_ready(upgrade::READY_TIMEOUT, shutdown_pending)?;
+    let pid = successor
+        .wait_ready(upgrade::READY_TIMEOUT, shutdown_pending)
+        .inspect_err(|_| {
+            // The successor may have written its pid into the lock file before it failed:
+            // the file names the process that holds the directory, this one.
+            if let Err(e) = write_lock_pid(&h.lock) {
+                log::warn!("cannot write this process's pid into the data directory's lock: {e}");
+            }
+        })?;
     admin.retire(frozen, pid);
     Ok(pid)
 }
@@ -1166,6 +1192,32 @@ mod tests {
             .await
             .unwrap();
         (AdminConn::with_limits(inner, slot, limits), client)
+    }
+
+    #[test]
+    fn an_inherited_descriptor_that_is_not_the_lock_file_is_left_alone() {
+        // An older build between two upgrades passes GATEWAY_UPGRADE_LOCK on without its
+        // descriptor, whose number may then be another open file's: that one is neither
+        // used as the lock (truncated, its pid written in) nor closed.
+        let dir = std::env::temp_dir().join(format!("gw-lock-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let other_path = dir.join("other");
+        std::fs::write(&other_path, "keep me").unwrap();
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&other_path)
+            .unwrap();
+        let data = dir.join("data");
+        let lock = super::lock_data_dir(&data, Some(other)).unwrap();
+        assert_eq!(std::fs::read_to_string(&other_path).unwrap(), "keep me");
+        assert_eq!(
+            std::fs::read_to_string(data.join(super::LOCK_FILE)).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        drop(lock);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -316,11 +316,16 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     let first = serving_pid(&gw);
     assert_eq!(next_notice(), "READY=1");
 
-    // A "new binary" that cannot start (as one refusing the config would): exit 2.
+    // A "new binary" that cannot start (as one refusing the config would): exit 2, after
+    // taking the data directory's lock over (writing its pid) as a successor does first.
     let broken = dir.join("broken.sh");
+    let lock = gw.data_dir.join("lock");
     std::fs::write(
         &broken,
-        "#!/bin/sh\necho 'gateway: invalid config: simulated' >&2\nexit 2\n",
+        format!(
+            "#!/bin/sh\necho $$ > {}\necho 'gateway: invalid config: simulated' >&2\nexit 2\n",
+            lock.display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -329,6 +334,12 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     unsafe { libc::kill(first as i32, libc::SIGUSR2) };
     gw.wait_log("upgrade failed", Duration::from_secs(30));
     assert_eq!(serving_pid(&gw), first);
+    // The lock names the process that holds the directory, not the one that failed (before,
+    // another gateway was refused naming the dead one).
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap().trim(),
+        first.to_string()
+    );
     assert_eq!(one_shot(gw.addr), Ok(()));
     // Still the one taking admin writes.
     let r = gw.admin(
