@@ -594,12 +594,13 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 fn start(args: RunArgs) -> Result<i32, Fail> {
-    // Signals are taken synchronously by this thread: block them first, before any other
-    // thread exists (so every thread inherits the mask) and before the start's slow parts
-    // (the store, etcd, binding): a SIGHUP or SIGUSR1 that came meanwhile (a `systemctl
-    // reload` right after the start) took its default action and killed the process. One
-    // that comes now waits, and is taken once the gateway serves.
-    let signals = block_signals();
+    // The signals that ask for something of a running gateway are blocked first, before
+    // the start's slow parts (the store, etcd, binding): a SIGHUP or SIGUSR1 that came
+    // meanwhile (a `systemctl reload` right after the start) took its default action and
+    // killed the process. One that comes now waits, and is taken once the gateway serves.
+    // SIGTERM and SIGINT still stop a start at once (blocked below, before any other thread
+    // exists, so every thread inherits the mask).
+    block_signals(&[libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]);
     let origin = upgrade::Origin::current();
     let mut inherited = upgrade::take().map_err(|e| {
         (
@@ -708,6 +709,15 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .local_addr()
         .map_err(|e| (EXIT_FAILURE, e.to_string()))?;
 
+    // Signals are taken synchronously by this thread: all of them blocked before any other
+    // thread exists, so every thread inherits the mask.
+    let signals = block_signals(&[
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ]);
     let upstreams = upstreams::Upstreams::start().map_err(|e| {
         (
             EXIT_FAILURE,
@@ -1100,16 +1110,15 @@ fn log_started(plane: &DataPlane, snap: &Snapshot) {
     }
 }
 
-fn block_signals() -> libc::sigset_t {
+/// Blocks `signals` in this thread (added to those blocked already); their set.
+fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask only reads it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::sigaddset(&mut set, libc::SIGUSR2);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

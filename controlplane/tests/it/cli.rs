@@ -305,4 +305,27 @@ fn a_signal_during_a_slow_start_does_not_kill_the_process() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{status:?}: {err}");
     assert!(err.contains("cannot read the config from etcd"), "{err}");
+    // SIGTERM still stops a start at once (Ctrl-C, `systemctl stop`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--store")
+        .arg(format!("etcd://{}/gw", silent.local_addr().unwrap()))
+        .arg("--config")
+        .arg(&node)
+        .arg("--data-dir")
+        .arg(temp_dir("cli-signal-data"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = std::time::Instant::now();
+    // SAFETY: kill(2) on the process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        signalled.elapsed()
+    );
 }
