@@ -839,7 +839,9 @@ fn browser_origin(o: &str) -> Result<String, NotAnOrigin> {
         Some(i) if !rest[i..].contains(']') => (&rest[..i], Some(&rest[i + 1..])),
         _ => (rest, None),
     };
-    if !crate::validate::valid_host_name(host) || host.ends_with('.') {
+    // A fully qualified name's final dot is kept: a page at `https://example.com./` sends
+    // that origin.
+    if !crate::validate::valid_host_name(host) {
         return Err(refuse("the host is a name or an IP address"));
     }
     let Some(port) = port else {

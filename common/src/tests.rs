@@ -1412,6 +1412,8 @@ fn cors_origins_are_the_ones_browsers_send() {
         ("https://a.example.com:08443", "https://a.example.com:8443"),
         ("http://[::1]:8080", "http://[::1]:8080"),
         ("http://127.0.0.1", "http://127.0.0.1"),
+        // A fully qualified name, as a page at it sends it.
+        ("https://example.com.", "https://example.com."),
     ] {
         let s = compile(&cors(written)).unwrap();
         let crate::policy::PolicyKind::Cors(c) = &s.policies.list[0].kind else {

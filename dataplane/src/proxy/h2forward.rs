@@ -201,7 +201,19 @@ pub(super) fn grpc_code_for_http(status: u16) -> u8 {
 /// answer, as a malformed HTTP/1.1 head is; a reset, a GOAWAY or a lost connection is its
 /// closing.
 fn stream_failure(e: &::h2::Error) -> ErrorKind {
-    if e.is_library() {
+    // Only the codes h2 ends a stream or connection with for the peer's protocol errors: a
+    // GOAWAY of its own with NO_ERROR (a connection closing) is no malformed answer.
+    let protocol = matches!(
+        e.reason(),
+        Some(
+            Reason::PROTOCOL_ERROR
+                | Reason::FLOW_CONTROL_ERROR
+                | Reason::FRAME_SIZE_ERROR
+                | Reason::COMPRESSION_ERROR
+                | Reason::STREAM_CLOSED
+        )
+    );
+    if e.is_library() && protocol {
         ErrorKind::UpstreamMalformed
     } else {
         ErrorKind::UpstreamClosed
@@ -1195,12 +1207,21 @@ pub(super) async fn forward<S: ClientStream>(
             };
             let shared = match joined {
                 Some(c) => {
-                    req.attempts.target = Some(target.addr);
                     match monoio::time::timeout_at((*joins_by.get_or_insert(by)).into(), c.wait())
                         .await
                     {
-                        Ok(Ok(conn)) if conn.has_room() => Some(Ok(conn)),
-                        Ok(Err(Some(kind))) => Some(Err(ProxyError::new(kind))),
+                        Ok(Ok(conn)) if conn.has_room() => {
+                            req.attempts.target = Some(target.addr);
+                            Some(Ok(conn))
+                        }
+                        // The opener's failure: its connect reached the target unless the
+                        // circuit refused it first.
+                        Ok(Err(Some(kind))) => {
+                            if kind.reason().is_none() {
+                                req.attempts.target = Some(target.addr);
+                            }
+                            Some(Err(ProxyError::new(kind)))
+                        }
                         // Its opener went away, or it has no room for this stream after all
                         // (the target's SETTINGS, or new requests took it): the pool again,
                         // where another may be opening one by now, then one of its own.
