@@ -1396,11 +1396,7 @@ impl Admin {
         // (see `crate::applied`), so that a restart with the same file resumes.
         let text = std::fs::read(path);
         let result = self.apply(false, "file reload", |_| match &text {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(bytes);
-                let format = common::Format::detect(Some(path), &text);
-                common::parse_config(&text, format).map_err(invalid)
-            }
+            Ok(bytes) => crate::applied::parse(path, bytes.clone()).map_err(invalid),
             Err(e) => Err(invalid(common::ConfigError::Io {
                 path: path.display().to_string(),
                 reason: e.to_string(),

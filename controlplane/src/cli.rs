@@ -95,6 +95,8 @@ ENVIRONMENT
 FILES
     DATA_DIR/journal.log, DATA_DIR/current.json   config revisions
     DATA_DIR/admin-token                          generated admin token (0600)
+    DATA_DIR/applied-file                         the --config file last taken (SHA-256)
+    DATA_DIR/lock                                 held by the running gateway (its pid)
     DATA_DIR/keys/                                certificates' private keys
     deploy/gateway.service                        systemd unit
 

@@ -238,12 +238,14 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             // is resumed as it is, with the changes made through the API since, and the file
             // is not even compiled (a certificate it names may have been renewed, or expired:
             // the stored config is what runs, as without --config).
-            let digest = applied::digest_of(path).map_err(|e| {
+            // Read once: what is compiled is what the record names.
+            let bytes = std::fs::read(path).map_err(|e| {
                 (
                     EXIT_INVALID,
                     format!("{}: cannot read it: {e}", path.display()),
                 )
             })?;
+            let digest = common::tls::sha256_hex(&bytes);
             let known = applied::read(dir);
             if let Some(taken) = known
                 .as_ref()
@@ -258,7 +260,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 );
                 return Ok(store);
             }
-            let mut config = read_config(&source).map_err(describe)?;
+            let mut config = applied::parse(path, bytes).map_err(describe)?;
             refuse_paths(dir, &config, &source)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
@@ -270,9 +272,9 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 "file (--replace-state)".to_owned()
             } else {
                 match file_over_state(&store, &config, path, known)? {
-                    Some(source) => source,
-                    None => {
-                        applied::record(dir, &digest, store.revision());
+                    Over::Apply(source) => source,
+                    Over::Resume { file_made } => {
+                        applied::record(dir, &digest, file_made);
                         return Ok(store);
                     }
                 }
@@ -300,7 +302,20 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             Ok(store)
         }
         None => {
-            let mut config = read_config(&source).map_err(describe)?;
+            // A file read once: its bytes are what is stored and what the record names.
+            let (mut config, digest) = match &source {
+                ConfigSource::File(p) => {
+                    let bytes = std::fs::read(p).map_err(|e| {
+                        (
+                            EXIT_INVALID,
+                            format!("{}: cannot read it: {e}", p.display()),
+                        )
+                    })?;
+                    let digest = common::tls::sha256_hex(&bytes);
+                    (applied::parse(p, bytes).map_err(describe)?, Some(digest))
+                }
+                ConfigSource::Embedded => (read_config(&source).map_err(describe)?, None),
+            };
             refuse_paths(dir, &config, &source)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
@@ -320,29 +335,36 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                     format!("cannot create the state in {}: {e}", dir.display()),
                 )
             })?;
-            if let ConfigSource::File(p) = &source {
-                if let Ok(digest) = applied::digest_of(p) {
-                    applied::record(dir, &digest, store.revision());
-                }
+            if let Some(digest) = digest {
+                applied::record(dir, &digest, store.revision());
             }
             Ok(store)
         }
     }
 }
 
+/// What [`file_over_state`] decided.
+enum Over {
+    /// The stored config resumes; the file is what made revision `file_made` (or holds).
+    Resume { file_made: u64 },
+    /// The file becomes the next revision, with this source.
+    Apply(String),
+}
+
 /// What a start with `--config FILE` (`config`, compiled) over a data directory that holds a
 /// config does without `--replace-state`, when the file is not the one last taken (`known`:
-/// what the directory remembers of that one): one that compiles to the stored config resumes
-/// it (`None`); a changed one over a config nothing changed since the file was last taken
-/// becomes the next revision (`Some` of its source), as SIGHUP would make it; one changed
-/// while the config changed too (through the admin API, a rollback) is refused (exit 2),
-/// rather than either side's changes silently dropped.
+/// what the directory remembers of that one): one that compiles to the stored config, or to
+/// the revision it made last (a directory an earlier build kept, without a record), resumes
+/// it; a changed one over a config nothing changed since the file was last taken becomes
+/// the next revision, as SIGHUP would make it; one changed while the config changed too
+/// (through the admin API, a rollback) is refused (exit 2), rather than either side's changes
+/// silently dropped.
 fn file_over_state(
     store: &LocalStore,
     config: &common::Config,
     path: &Path,
     known: Option<applied::Taken>,
-) -> Result<Option<String>, Fail> {
+) -> Result<Over, Fail> {
     if api::diff(store.config(), config).is_empty() {
         log::info!(
             "resuming config revision {} from {} ({} holds the same config)",
@@ -350,17 +372,20 @@ fn file_over_state(
             store.dir().display(),
             path.display()
         );
-        return Ok(None);
+        return Ok(Over::Resume {
+            file_made: store.revision(),
+        });
     }
     let source = format!("file {}", path.display());
     // Since the file was last taken: the revisions made otherwise.
     let (since, first) = match known {
-        Some(k) if k.revision >= store.revision() => return Ok(Some(source)),
+        Some(k) if k.revision >= store.revision() => return Ok(Over::Apply(source)),
         Some(k) => (
             format!("since it became revision {}", k.revision),
             k.revision + 1,
         ),
-        // A directory an earlier build kept, or one seeded without a file: its history says.
+        // A directory an earlier build kept (or one seeded without a file): its history says
+        // what the file made last, and what was made since.
         None => {
             let revisions = store.revisions();
             let from_file = |s: &str| s == "file reload" || s.starts_with("file ");
@@ -370,9 +395,28 @@ fn file_over_state(
                 .map(|r| r.revision)
                 .min();
             let Some(first) = made else {
-                return Ok(Some(source));
+                return Ok(Over::Apply(source));
             };
-            ("since it was last applied".to_owned(), first)
+            let last_file = (revisions.iter().rev())
+                .find(|r| from_file(&r.source))
+                .and_then(|r| store.load_revision(r.revision).ok().flatten());
+            match last_file {
+                // The file as it made that revision: unchanged, the stored config resumes.
+                Some(r) if api::diff(&r.config, config).is_empty() => {
+                    log::info!(
+                        "resuming config revision {} from {} ({} is unchanged since revision {})",
+                        store.revision(),
+                        store.dir().display(),
+                        path.display(),
+                        r.revision
+                    );
+                    return Ok(Over::Resume {
+                        file_made: r.revision,
+                    });
+                }
+                Some(r) => (format!("since it made revision {}", r.revision), first),
+                None => ("from what any kept revision holds".to_owned(), first),
+            }
         }
     };
     Err((
@@ -406,9 +450,17 @@ pub(crate) mod applied {
         pub revision: u64,
     }
 
-    /// The SHA-256 of `path`'s bytes, in hex.
-    pub(crate) fn digest_of(path: &Path) -> std::io::Result<String> {
-        Ok(common::tls::sha256_hex(&std::fs::read(path)?))
+    /// The config in `bytes`, read from `path` (whose name says JSON or TOML), which must be
+    /// UTF-8 (as a file read for a start must be).
+    pub(crate) fn parse(
+        path: &Path,
+        bytes: Vec<u8>,
+    ) -> Result<common::Config, common::ConfigError> {
+        let text = String::from_utf8(bytes).map_err(|e| common::ConfigError::Io {
+            path: path.display().to_string(),
+            reason: format!("not UTF-8: {e}"),
+        })?;
+        common::parse_config(&text, common::Format::detect(Some(path), &text))
     }
 
     pub(crate) fn read(dir: &Path) -> Option<Taken> {
@@ -426,14 +478,20 @@ pub(crate) mod applied {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let tmp = dir.join(format!(".{FILE}.tmp"));
+        // Durable as the journal is: a record older than the revisions would refuse a
+        // restart with the file it names.
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .and_then(|mut f| writeln!(f, "{digest} {revision}"))
-            .and_then(|()| std::fs::rename(&tmp, dir.join(FILE)));
+            .and_then(|mut f| {
+                writeln!(f, "{digest} {revision}")?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, dir.join(FILE)))
+            .and_then(|()| std::fs::File::open(dir)?.sync_all());
         if let Err(e) = written {
             log::warn!("cannot write {}: {e}", dir.join(FILE).display());
         }

@@ -146,9 +146,15 @@ pub fn take() -> Result<Option<Inherited>, String> {
         Ok(fd) => Some(listener(parse_fd(&fd)?)?),
         Err(_) => None,
     };
-    let lock = match std::env::var(LOCK_ENV) {
+    // Not fatal when it is not open: an older build between two upgrades passes the variable
+    // on and closes the descriptor at its exec (the lock is then taken afresh).
+    let lock = match std::env::var(LOCK_ENV).map(|fd| parse_fd(&fd)) {
         // SAFETY: an open descriptor (checked) handed to this process to own.
-        Ok(fd) => Some(unsafe { File::from(OwnedFd::from_raw_fd(parse_fd(&fd)?)) }),
+        Ok(Ok(fd)) => Some(unsafe { File::from(OwnedFd::from_raw_fd(fd)) }),
+        Ok(Err(e)) => {
+            log::warn!("upgrade: the data directory's lock was not handed over ({e})");
+            None
+        }
         Err(_) => None,
     };
     for var in [READY_ENV, LISTENERS_ENV, ADMIN_ENV, LOCK_ENV] {

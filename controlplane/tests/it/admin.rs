@@ -1096,6 +1096,34 @@ fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
     let gw = Gateway::start_with_data(&config, &data, &[]);
     gw.wait_log("is unchanged since revision 106", Duration::from_secs(5));
     assert_eq!(revision(&gw), 106);
+    // A change through the API, then a restart on a directory without the record (as one an
+    // earlier build kept): the file is compared with the revision it made last, and resumes.
+    // (The second review found such a restart refused.)
+    assert_eq!(
+        gw.admin(
+            "PUT",
+            "/v1/routes/api",
+            Some(r#"{"path":"/api","respond":{}}"#)
+        )
+        .status,
+        201
+    );
+    drop(gw);
+    std::fs::remove_file(data.join("applied-file")).unwrap();
+    let gw = Gateway::start_with_data(&config, &data, &[]);
+    gw.wait_log("is unchanged since revision 106", Duration::from_secs(5));
+    assert_eq!(revision(&gw), 107);
+    assert_eq!(gw.admin("GET", "/v1/routes/api", None).status, 200);
+    // A file that is not UTF-8 is refused by SIGHUP as by a start (before, read with its
+    // bytes replaced, and recorded as taken).
+    let mut bytes = std::fs::read(&config).unwrap();
+    bytes.extend_from_slice(
+        b"\n[[routes]]\nid = \"latin\"\npath = \"/l\"\nrespond = { body = \"caf\xe9\" }\n",
+    );
+    std::fs::write(&config, bytes).unwrap();
+    gw.signal(libc::SIGHUP);
+    gw.wait_log("not UTF-8", Duration::from_secs(5));
+    assert_eq!(revision(&gw), 107);
 }
 
 #[test]
