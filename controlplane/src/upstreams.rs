@@ -1246,9 +1246,9 @@ mod tests {
         assert_eq!(got, vec![srv(10, "a"), srv(10, "b"), srv(20, "c")]);
     }
 
-    #[test]
-    fn an_http1_check_reads_the_final_status_past_interim_answers() {
-        let hc = HealthCheck {
+    /// An HTTP/1.1 check of `/health` that one result decides.
+    fn http1_check() -> HealthCheck {
+        HealthCheck {
             path: "/health".into(),
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(500),
@@ -1257,11 +1257,19 @@ mod tests {
             expect_status: [200].into(),
             protocol: common::config::UpstreamProtocol::Http1,
             tls: None,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
+        }
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn an_http1_check_reads_the_final_status_past_interim_answers() {
+        let (hc, rt) = (http1_check(), current_thread());
         let check = |answer: &'static [u8], pieces: usize| {
             rt.block_on(async {
                 let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
@@ -1314,20 +1322,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = closed.local_addr().unwrap();
         drop(closed);
-        let hc = HealthCheck {
-            path: "/health".into(),
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(500),
-            healthy_after: 1,
-            unhealthy_after: 1,
-            expect_status: [200].into(),
-            protocol: common::config::UpstreamProtocol::Http1,
-            tls: None,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (hc, rt) = (http1_check(), current_thread());
         for (owner, checker, unhealthy) in [(7, 7, true), (8, 7, false)] {
             let state = TargetState::new();
             state.check.lock().unwrap().owner = owner;

@@ -425,6 +425,21 @@ fn a_routes_header_edits_reach_every_step_and_its_answer() {
     );
 }
 
+/// An origin that answers `body` as JSON in chunks of `size` bytes.
+fn chunked_json_origin(body: &str, size: usize) -> Origin {
+    let chunked: String = (body.as_bytes().chunks(size))
+        .map(|c| format!("{:x}\r\n{}\r\n", c.len(), String::from_utf8_lossy(c)))
+        .collect();
+    Origin::start(Arc::new(move |_: &Received, s: &mut TcpStream| {
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{chunked}0\r\n\r\n"
+        );
+        Keep::Open
+    }))
+}
+
 #[test]
 fn max_step_bytes_bounds_a_chunked_answer_by_its_content() {
     // 900 bytes of JSON in 9-byte chunks: about 1,400 on the wire, under the 1,000-byte
@@ -432,19 +447,7 @@ fn max_step_bytes_bounds_a_chunked_answer_by_its_content() {
     let value = "v".repeat(890);
     let body = format!("{{\"a\":\"{value}\"}}");
     assert_eq!(body.len(), 898);
-    let chunked: String = body
-        .as_bytes()
-        .chunks(9)
-        .map(|c| format!("{:x}\r\n{}\r\n", c.len(), String::from_utf8_lossy(c)))
-        .collect();
-    let o = Origin::start(Arc::new(move |_: &Received, s: &mut TcpStream| {
-        let _ = write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-             Transfer-Encoding: chunked\r\n\r\n{chunked}0\r\n\r\n"
-        );
-        Keep::Open
-    }));
+    let o = chunked_json_origin(&body, 9);
     let (gw, _) = one_aggregate(&[&o], "max_step_bytes = 1000", &step("s", 0, ""));
     let r = get(&mut gw.connect(), "/agg", "");
     assert_eq!(r.status, 200, "{}", r.body_str());
@@ -457,18 +460,7 @@ fn a_chunked_answer_cut_for_its_framing_says_so() {
     // wire, over twice the bound and 64 KiB. Before, the detail said the answer was larger
     // than max_step_bytes, which it was not.
     let body = format!("{{\"a\":\"{}\"}}", "v".repeat(17_992));
-    let chunked: String = body
-        .bytes()
-        .map(|b| format!("1\r\n{}\r\n", b as char))
-        .collect();
-    let o = Origin::start(Arc::new(move |_: &Received, s: &mut TcpStream| {
-        let _ = write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
-             Transfer-Encoding: chunked\r\n\r\n{chunked}0\r\n\r\n"
-        );
-        Keep::Open
-    }));
+    let o = chunked_json_origin(&body, 1);
     let (gw, _) = one_aggregate(&[&o], "max_step_bytes = 20000", &step("s", 0, ""));
     let r = get(&mut gw.connect(), "/agg", "");
     assert_eq!(r.status, 502, "{}", r.body_str());

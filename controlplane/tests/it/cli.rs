@@ -280,16 +280,19 @@ fn a_signal_during_a_slow_start_does_not_kill_the_process() {
         "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\n\
          listen = \"127.0.0.1:0\"\n[cluster]\nnode_id = \"n1\"\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--store")
-        .arg(format!("etcd://{}/gw", silent.local_addr().unwrap()))
-        .arg("--config")
-        .arg(&node)
-        .arg("--data-dir")
-        .arg(temp_dir("cli-signal-data"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let start = |stderr: std::process::Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--store")
+            .arg(format!("etcd://{}/gw", silent.local_addr().unwrap()))
+            .arg("--config")
+            .arg(&node)
+            .arg("--data-dir")
+            .arg(temp_dir("cli-signal-data"))
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start(std::process::Stdio::piped());
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill(2) on the process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
@@ -306,16 +309,7 @@ fn a_signal_during_a_slow_start_does_not_kill_the_process() {
     assert_eq!(status.code(), Some(1), "{status:?}: {err}");
     assert!(err.contains("cannot read the config from etcd"), "{err}");
     // SIGTERM still stops a start at once (Ctrl-C, `systemctl stop`).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--store")
-        .arg(format!("etcd://{}/gw", silent.local_addr().unwrap()))
-        .arg("--config")
-        .arg(&node)
-        .arg("--data-dir")
-        .arg(temp_dir("cli-signal-data"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = start(std::process::Stdio::null());
     std::thread::sleep(Duration::from_millis(300));
     let signalled = std::time::Instant::now();
     // SAFETY: kill(2) on the process this test started.
