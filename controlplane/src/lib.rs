@@ -293,8 +293,8 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 );
             } else {
                 log::info!(
-                    "{} changed since it was last applied, and nothing was changed through the \
-                     admin API since: it is revision {}",
+                    "{} is new to this data directory or changed since it was taken, and nothing \
+                     was changed through the admin API since: it is revision {}",
                     path.display(),
                     store.revision()
                 );
