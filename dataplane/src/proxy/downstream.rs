@@ -581,6 +581,31 @@ impl<S: ClientStream> Downstream<S> {
         Ok(())
     }
 
+    /// Reads what the client has sent of its body after what the buffer holds, up to `cap`
+    /// bytes of buffer in all (at least one byte, within `client_body_ms`).
+    pub async fn read_body_some(&mut self, cap: usize) -> Result<(), ErrorKind> {
+        let deadline = Instant::now() + self.timeouts.client_body;
+        // Nothing before `keep` is consumed: no read compacts the buffer.
+        let mut keep = 0;
+        let read = crate::io::read_at_most(
+            &mut self.stream,
+            &mut self.buf,
+            &mut keep,
+            cap,
+            usize::MAX,
+            deadline,
+            &mut self.timer,
+            None,
+        );
+        match read.await {
+            Ok(0) | Err(ReadError::Io | ReadError::Stalled | ReadError::ClientLeft) => {
+                Err(ErrorKind::ClientClosed)
+            }
+            Err(ReadError::Timeout) => Err(ErrorKind::ClientTimeout),
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// [`Downstream::read_body_bytes`] into an emptied buffer, asking `stop` every `every`
     /// while the client sends nothing: once it says so the read is given up (see
     /// [`Downstream::read_unless`]) and `Ok(false)` tells the caller to read no more.

@@ -820,22 +820,40 @@ async fn proxy<S: ClientStream>(
     // A body the request may be retried with is read whole first (up to `BODY_BUF`, and not
     // one whose client waits for `100 Continue`), so that whether it is retried does not
     // depend on how the client's packets fell; nginx reads every body first, Envoy holds one
-    // for retries up to a limit.
-    if let BodyKind::Length(n) = head.body {
-        let hold = body_left > 0
-            && n <= downstream::BODY_BUF as u64
-            && !head.expect_continue
-            && up
-                .upstream
-                .retry
-                .as_ref()
-                .is_some_and(|r| r.may_retry(idempotent));
-        if hold {
+    // for retries up to a limit. A chunked one is read until it ends or fills `BODY_BUF`
+    // (then it is streamed, as a longer one with a length).
+    let hold = body_left > 0
+        && !head.expect_continue
+        && up
+            .upstream
+            .retry
+            .as_ref()
+            .is_some_and(|r| r.may_retry(idempotent));
+    match (head.body, decoder.as_mut()) {
+        (BodyKind::Length(n), _) if hold && n <= downstream::BODY_BUF as u64 => {
             if let Err(kind) = down.read_body_whole(head.head_end + n as usize).await {
                 return down.fail(req, kind).await;
             }
             (first_body, body_left) = (n as usize, 0);
         }
+        (BodyKind::Chunked, Some(d)) if hold => {
+            let cap = head.head_end + downstream::BODY_BUF;
+            while !d.is_done() && down.buf.len() < cap {
+                if let Err(kind) = down.read_body_some(cap).await {
+                    return down.fail(req, kind).await;
+                }
+                let k = match d.advance(&down.buf[head.head_end + first_body..]) {
+                    Ok(k) => k,
+                    Err(_) => return down.fail(req, ErrorKind::BadRequest).await,
+                };
+                if d.declared_len() > down.limits.max_body_bytes {
+                    return down.fail(req, ErrorKind::BodyTooLarge).await;
+                }
+                first_body += k;
+            }
+            body_left = u64::from(!d.is_done());
+        }
+        _ => {}
     }
     // All of it in the buffer already: nothing of it is left to linger for.
     down.linger &= body_left > 0;
