@@ -205,9 +205,139 @@ fn p256_key(point: &[u8]) -> Result<KeyMaterial, String> {
     if point.len() != 65 || point[0] != 4 {
         return Err("the P-256 key must be an uncompressed point (65 bytes)".into());
     }
+    // A point off the curve verifies no signature: refused at the write rather than every
+    // token failing as "signature invalid". Accepted before: a stored config keeps it.
+    let why = "the P-256 key is not a point on the curve (no signature verifies with it)";
+    if !p256::on_curve(&point[1..33], &point[33..])
+        && !crate::validate::tolerated("a JWT policy's EC key", why)
+    {
+        return Err(why.into());
+    }
     Ok(KeyMaterial::P256 {
         point: point.into(),
     })
+}
+
+/// Whether a point is on NIST P-256 (`y^2 = x^3 - 3x + b` modulo its prime), with both
+/// coordinates below the prime: the check a verifier makes of a public key before it uses
+/// it, done here once, when a key is written. Plain arithmetic on 256-bit numbers held as
+/// four 64-bit limbs, least significant first; a key is checked once, so the reduction is
+/// bit by bit rather than fast.
+mod p256 {
+    type U256 = [u64; 4];
+
+    const P: U256 = [
+        0xffff_ffff_ffff_ffff,
+        0x0000_0000_ffff_ffff,
+        0x0000_0000_0000_0000,
+        0xffff_ffff_0000_0001,
+    ];
+    const B: U256 = [
+        0x3bce_3c3e_27d2_604b,
+        0x651d_06b0_cc53_b0f6,
+        0xb3eb_bd55_7698_86bc,
+        0x5ac6_35d8_aa3a_93e7,
+    ];
+
+    /// A big-endian 32-byte number.
+    fn from_be(b: &[u8]) -> U256 {
+        let mut out = [0u64; 4];
+        for (i, limb) in out.iter_mut().enumerate() {
+            let at = 32 - 8 * (i + 1);
+            *limb = u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default());
+        }
+        out
+    }
+
+    fn less(a: &U256, b: &U256) -> bool {
+        for i in (0..4).rev() {
+            if a[i] != b[i] {
+                return a[i] < b[i];
+            }
+        }
+        false
+    }
+
+    /// `a - b`, for `a >= b`.
+    fn sub(a: &U256, b: &U256) -> U256 {
+        let mut out = [0u64; 4];
+        let mut borrow = false;
+        for i in 0..4 {
+            let (d, o1) = a[i].overflowing_sub(b[i]);
+            let (d, o2) = d.overflowing_sub(u64::from(borrow));
+            out[i] = d;
+            borrow = o1 || o2;
+        }
+        out
+    }
+
+    /// `a + b mod P`, for `a, b < P`.
+    fn add_mod(a: &U256, b: &U256) -> U256 {
+        let mut out = [0u64; 4];
+        let mut carry = false;
+        for i in 0..4 {
+            let (d, o1) = a[i].overflowing_add(b[i]);
+            let (d, o2) = d.overflowing_add(u64::from(carry));
+            out[i] = d;
+            carry = o1 || o2;
+        }
+        if carry || !less(&out, &P) {
+            // The sum wrapped past 2^256 (then it is 2^256 + out, and out - P wraps back)
+            // or is at least P: one subtraction of P brings it below P.
+            out = sub(&out, &P);
+        }
+        out
+    }
+
+    /// `a - b mod P`, for `a, b < P`.
+    fn sub_mod(a: &U256, b: &U256) -> U256 {
+        if less(a, b) {
+            add_mod(&sub(&P, b), a)
+        } else {
+            sub(a, b)
+        }
+    }
+
+    /// `a * b mod P`, for `a, b < P`: the 512-bit product, reduced bit by bit.
+    fn mul_mod(a: &U256, b: &U256) -> U256 {
+        let mut wide = [0u64; 8];
+        for i in 0..4 {
+            let mut carry = 0u128;
+            for j in 0..4 {
+                let t = u128::from(a[i]) * u128::from(b[j]) + u128::from(wide[i + j]) + carry;
+                wide[i + j] = t as u64;
+                carry = t >> 64;
+            }
+            wide[i + 4] = carry as u64;
+        }
+        let mut r = [0u64; 4];
+        for bit in (0..512).rev() {
+            // r = 2r + bit, kept below P (2r < 2P, so one subtraction is enough).
+            let top = r[3] >> 63;
+            for i in (1..4).rev() {
+                r[i] = (r[i] << 1) | (r[i - 1] >> 63);
+            }
+            r[0] = (r[0] << 1) | ((wide[bit / 64] >> (bit % 64)) & 1);
+            if top == 1 || !less(&r, &P) {
+                r = sub(&r, &P);
+            }
+        }
+        r
+    }
+
+    /// Whether the point with big-endian coordinates `x` and `y` (32 bytes each) is on the
+    /// curve.
+    pub(super) fn on_curve(x: &[u8], y: &[u8]) -> bool {
+        let (x, y) = (from_be(x), from_be(y));
+        if !less(&x, &P) || !less(&y, &P) {
+            return false;
+        }
+        let lhs = mul_mod(&y, &y);
+        let x3 = mul_mod(&mul_mod(&x, &x), &x);
+        let three_x = add_mod(&add_mod(&x, &x), &x);
+        let rhs = add_mod(&sub_mod(&x3, &three_x), &B);
+        lhs == rhs
+    }
 }
 
 /// RSAPublicKey (PKCS #1): SEQUENCE { n INTEGER, e INTEGER }.
@@ -441,6 +571,37 @@ yKFmjJ0jhJ1rLnSYNC1PdaadfahDLMTrgJgFh10PQ9TDKDLHmT58wITqMQ==
         }
         // A config stored by an earlier build that took such a key still starts, noting it.
         let (stored, notes) = crate::validate::compiling_stored(|| rsa_key(&n, &[1]));
+        assert!(stored.is_ok());
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
+
+    #[test]
+    fn p256_points_are_checked_on_the_curve() {
+        let hex = |h: &str| -> Vec<u8> {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        // The curve's generator, and the test key's point.
+        let gx = hex("6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296");
+        let gy = hex("4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5");
+        assert!(p256::on_curve(&gx, &gy));
+        let KeyMaterial::P256 { point } = from_pem(EC_PEM, JwtAlgorithm::ES256).unwrap() else {
+            panic!("an EC key")
+        };
+        assert!(p256::on_curve(&point[1..33], &point[33..]));
+        // Off the curve: y + 1, the audit's point of 0x01 bytes, a coordinate of p itself.
+        let mut off = gy.clone();
+        off[31] ^= 1;
+        assert!(!p256::on_curve(&gx, &off));
+        assert!(!p256::on_curve(&[1; 32], &[1; 32]));
+        let p = hex("ffffffff00000001000000000000000000000000ffffffffffffffffffffffff");
+        assert!(!p256::on_curve(&p, &gy));
+        // Refused when written; a config stored by an earlier build keeps it, noted.
+        let bad = [&[4u8][..], &[1; 64]].concat();
+        assert!(p256_key(&bad).is_err());
+        let (stored, notes) = crate::validate::compiling_stored(|| p256_key(&bad));
         assert!(stored.is_ok());
         assert_eq!(notes.len(), 1, "{notes:?}");
     }
