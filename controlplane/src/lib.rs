@@ -84,11 +84,9 @@ pub fn check(path: &Path) -> i32 {
                 && std::env::var_os("GATEWAY_ADMIN_TOKEN").is_none() =>
         {
             eprintln!(
-                "{}: invalid config: admin.listen {} is not a loopback address: set [admin] \
-                 token (or GATEWAY_ADMIN_TOKEN where the gateway runs) before exposing the \
-                 admin API",
+                "{}: invalid config: {}",
                 path.display(),
-                s.admin_listen
+                exposed_admin(s.admin_listen)
             );
             EXIT_INVALID
         }
@@ -107,6 +105,15 @@ pub fn check(path: &Path) -> i32 {
             EXIT_INVALID
         }
     }
+}
+
+/// Why an admin API listening on `addr`, off loopback, with a generated token is refused
+/// (by the start, and by `--check` where the file sets no token).
+fn exposed_admin(addr: std::net::SocketAddr) -> String {
+    format!(
+        "admin.listen {addr} is not a loopback address: set [admin] token or \
+         GATEWAY_ADMIN_TOKEN explicitly before exposing the admin API"
+    )
 }
 
 /// A start-up failure: the exit code and what to tell the operator.
@@ -239,25 +246,14 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             // is not even compiled (a certificate it names may have been renewed, or expired:
             // the stored config is what runs, as without --config).
             // Read once: what is compiled is what the record names.
-            let bytes = std::fs::read(path).map_err(|e| {
-                (
-                    EXIT_INVALID,
-                    format!("{}: cannot read it: {e}", path.display()),
-                )
-            })?;
-            let digest = common::tls::sha256_hex(&bytes);
+            let (bytes, digest) = applied::read_file(path)?;
             let known = applied::read(dir);
             if let Some(taken) = known
                 .as_ref()
                 .filter(|k| k.digest == digest && !args.replace_state)
             {
-                log::info!(
-                    "resuming config revision {} from {} ({} is unchanged since revision {})",
-                    store.revision(),
-                    dir.display(),
-                    path.display(),
-                    taken.revision
-                );
+                let why = format!("is unchanged since revision {}", taken.revision);
+                applied::log_resuming(&store, path, &why);
                 return Ok(store);
             }
             let mut config = applied::parse(path, bytes).map_err(describe)?;
@@ -305,13 +301,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
             // A file read once: its bytes are what is stored and what the record names.
             let (mut config, digest) = match &source {
                 ConfigSource::File(p) => {
-                    let bytes = std::fs::read(p).map_err(|e| {
-                        (
-                            EXIT_INVALID,
-                            format!("{}: cannot read it: {e}", p.display()),
-                        )
-                    })?;
-                    let digest = common::tls::sha256_hex(&bytes);
+                    let (bytes, digest) = applied::read_file(p)?;
                     (applied::parse(p, bytes).map_err(describe)?, Some(digest))
                 }
                 ConfigSource::Embedded => (read_config(&source).map_err(describe)?, None),
@@ -366,12 +356,7 @@ fn file_over_state(
     known: Option<applied::Taken>,
 ) -> Result<Over, Fail> {
     if api::diff(store.config(), config).is_empty() {
-        log::info!(
-            "resuming config revision {} from {} ({} holds the same config)",
-            store.revision(),
-            store.dir().display(),
-            path.display()
-        );
+        applied::log_resuming(store, path, "holds the same config");
         return Ok(Over::Resume {
             file_made: store.revision(),
         });
@@ -403,13 +388,8 @@ fn file_over_state(
             match last_file {
                 // The file as it made that revision: unchanged, the stored config resumes.
                 Some(r) if api::diff(&r.config, config).is_empty() => {
-                    log::info!(
-                        "resuming config revision {} from {} ({} is unchanged since revision {})",
-                        store.revision(),
-                        store.dir().display(),
-                        path.display(),
-                        r.revision
-                    );
+                    let why = format!("is unchanged since revision {}", r.revision);
+                    applied::log_resuming(store, path, &why);
                     return Ok(Over::Resume {
                         file_made: r.revision,
                     });
@@ -448,6 +428,29 @@ pub(crate) mod applied {
     pub(crate) struct Taken {
         pub digest: String,
         pub revision: u64,
+    }
+
+    /// The bytes of the config file `path` and their SHA-256 (hex): read once, so that what
+    /// is compiled is what the record names.
+    pub(crate) fn read_file(path: &Path) -> Result<(Vec<u8>, String), super::Fail> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            (
+                super::EXIT_INVALID,
+                format!("{}: cannot read it: {e}", path.display()),
+            )
+        })?;
+        let digest = common::tls::sha256_hex(&bytes);
+        Ok((bytes, digest))
+    }
+
+    /// Logs that the stored config is resumed over the file `path`, and `why`.
+    pub(crate) fn log_resuming(store: &crate::store::local::LocalStore, path: &Path, why: &str) {
+        log::info!(
+            "resuming config revision {} from {} ({} {why})",
+            store.revision(),
+            store.dir().display(),
+            path.display()
+        );
     }
 
     /// The config in `bytes`, read from `path` (whose name says JSON or TOML), which must be
@@ -743,13 +746,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let (token, token_source) = admin_token(&admin_config, &data_dir)?;
     let admin_addr = snapshot.admin_listen;
     if !admin_addr.ip().is_loopback() && token_source.ends_with("admin-token") {
-        return Err((
-            EXIT_INVALID,
-            format!(
-                "admin.listen {admin_addr} is not a loopback address: set [admin] token or \
-                 GATEWAY_ADMIN_TOKEN explicitly before exposing the admin API"
-            ),
-        ));
+        return Err((EXIT_INVALID, exposed_admin(admin_addr)));
     }
     let handed_admin = inherited.as_mut().and_then(|i| i.admin.take());
     let admin_listener = match handed_admin {

@@ -557,26 +557,7 @@ impl<S: ClientStream> Downstream<S> {
     /// where they are (spans into the head stay valid), and it grows as far as `end`.
     pub async fn read_body_whole(&mut self, end: usize) -> Result<(), ErrorKind> {
         while self.buf.len() < end {
-            let deadline = Instant::now() + self.timeouts.client_body;
-            // Nothing before `keep` is consumed: no read compacts the buffer.
-            let mut keep = 0;
-            let read = crate::io::read_at_most(
-                &mut self.stream,
-                &mut self.buf,
-                &mut keep,
-                end,
-                usize::MAX,
-                deadline,
-                &mut self.timer,
-                None,
-            );
-            match read.await {
-                Ok(0) | Err(ReadError::Io | ReadError::Stalled | ReadError::ClientLeft) => {
-                    return Err(ErrorKind::ClientClosed)
-                }
-                Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
-                Ok(_) => {}
-            }
+            self.read_body_some(end).await?;
         }
         Ok(())
     }
