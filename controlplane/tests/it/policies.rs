@@ -770,7 +770,9 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
          [[routes]]\nid = \"either\"\npath_prefix = \"/either\"\nupstream = \"orders\"\n\
          policies = [\"key-auth\", \"hs\"]\n\n\
          [[routes]]\nid = \"token-first\"\npath_prefix = \"/token-first\"\n\
-         upstream = \"orders\"\npolicies = [\"hs\", \"qkey\"]\n",
+         upstream = \"orders\"\npolicies = [\"hs\", \"qkey\"]\n\n\
+         [[routes]]\nid = \"key-first\"\npath_prefix = \"/key-first\"\n\
+         upstream = \"orders\"\npolicies = [\"qkey\", \"hs\"]\n",
         example_config(origin.addr)
     );
     let gw = Gateway::start(&config, Driver::IoUring);
@@ -842,6 +844,40 @@ fn an_unchecked_credential_beside_the_one_that_authenticated_is_not_forwarded() 
         &get(&gw, "/token-first/q?apikey=s3cr3t%2Dkey%2D1%", ""),
         401,
     );
+    // An empty key is no key (an SDK's unset variable, as in Kong): the route's token
+    // decides, after an empty field or an empty query value alike.
+    let with_token = format!("Authorization: Bearer {token}\r\n");
+    let r = get(&gw, "/either/e", &format!("X-Api-Key:\r\n{with_token}"));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    for query in ["apikey=", "apikey"] {
+        let r = get(&gw, &format!("/key-first/e?{query}&keep=1"), &with_token);
+        assert_eq!(r.status, 200, "{query}: {}", r.body_str());
+    }
+    let seen = origin.wait_requests(9);
+    assert_eq!(seen[7].target(), "/key-first/e?keep=1");
+    assert_eq!(seen[8].target(), "/key-first/e?keep=1");
+    // Without a token: a missing key, not a wrong one.
+    let r = get(&gw, "/key-first/e?apikey=", "");
+    assert_problem(&r, 401);
+    assert!(
+        r.body_str().contains("credentials are required"),
+        "{}",
+        r.body_str()
+    );
+    // The key's parameter twice, in any spelling, is refused before the token is looked at
+    // (as the key field twice is), not taken for a missing key.
+    for query in [
+        "apikey=a&APIKEY=b",
+        "apikey=s3cr3t-key-1&api%6Bey=s3cr3t-key-1",
+    ] {
+        let r = get(&gw, &format!("/key-first/d?{query}"), &with_token);
+        assert_problem(&r, 401);
+        assert!(
+            r.body_str().contains("more than one"),
+            "{query}: {}",
+            r.body_str()
+        );
+    }
 }
 
 #[test]

@@ -857,14 +857,22 @@ fn authenticate(
                                 "more than one API key field",
                             ))
                         }
-                        Ok(Some(f)) => presented = Some(f.value),
-                        Ok(None) => {}
+                        // An empty value is no key (an SDK's unset variable), as in Kong:
+                        // the query, or the route's other policies, may still have one.
+                        Ok(Some(f)) if !f.value.is_empty() => presented = Some(f.value),
+                        Ok(_) => {}
                     }
                 }
                 let mut from_query = false;
                 if presented.is_none() {
                     if let Some(q) = &k.query {
-                        presented = query_param(buf, head, q);
+                        let mut pairs = query_pairs(buf, head, q);
+                        presented = pairs.next().map(|(v, _)| v);
+                        if presented.is_some() && pairs.next().is_some() {
+                            let why = "more than one API key query parameter";
+                            return Err(unauthorized(st, p, group, &policy.id, why));
+                        }
+                        presented = presented.filter(|v| !v.is_empty());
                         from_query = true;
                     }
                 }
@@ -992,15 +1000,6 @@ fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
     st.extra.extend_from_slice(b": ");
     st.extra.extend_from_slice(id.as_bytes());
     st.extra.extend_from_slice(b"\r\n");
-}
-
-/// The value of query parameter `name`, if it is there once
-/// (however its name is spelled, see [`query_pairs`]); `None` if it is missing or repeated.
-/// The value is as sent; the caller decodes its `%XX` escapes.
-pub(crate) fn query_param<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<&'a [u8]> {
-    let mut pairs = query_pairs(buf, head, name);
-    let (value, _) = pairs.next()?;
-    pairs.next().is_none().then_some(value)
 }
 
 /// Every pair of the request's query whose name is `name`, as any upstream may read it:
