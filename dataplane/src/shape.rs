@@ -277,14 +277,18 @@ pub fn form_decode(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
     Some(Cow::Owned(pct_decode(&spaced)?.into_owned()))
 }
 
-/// The raw value of query parameter `name` in `query` (the part after `?`).
+/// The raw value of the first query parameter `name` in `query` (the part after `?`), its
+/// name read as a form's is (`vi%65w` and `vi+ew` are `view` and `vi ew`).
 pub fn query_param<'a>(query: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     query.split(|&b| b == b'&').find_map(|pair| {
         let (k, v) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &[][..]),
         };
-        (k == name).then_some(v)
+        let named = k == name
+            || (k.iter().any(|&b| b == b'%' || b == b'+')
+                && form_decode(k).is_some_and(|k| *k == *name));
+        named.then_some(v)
     })
 }
 

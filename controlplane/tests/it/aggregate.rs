@@ -318,6 +318,52 @@ fn placeholder_values_never_climb_out_of_the_step_path() {
 }
 
 #[test]
+fn a_key_the_policy_strips_never_fills_a_step_placeholder() {
+    // `{query.apikey}` in a step's path would send the key the route's policy strips from
+    // the request to the step's upstream, or, with the key in its field, an unchecked one
+    // from the query: the stripped pairs are missing to placeholders too.
+    let o = service(|target, _| json_ok(json!({"at": target})));
+    let config = format!(
+        "{}\n[[upstreams]]\nid = \"u0\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[consumers]]\nid = \"alice\"\n[[credentials]]\nid = \"alice-key\"\n\
+         consumer = \"alice\"\nkind = \"api_key\"\nkey = \"alice-secret-key-1\"\n\
+         [[policies]]\nid = \"key\"\nkind = \"api_key\"\nquery = \"apikey\"\n\
+         header = \"X-Api-Key\"\n[[aggregates]]\nid = \"agg\"\n\
+         [[aggregates.steps]]\nid = \"u\"\nupstream = \"u0\"\npath = \"/user/{{query.user}}\"\n\
+         group = \"u\"\n\
+         [[aggregates.steps]]\nid = \"k\"\nupstream = \"u0\"\n\
+         path = \"/user/{{query.user}}?k={{query.apikey}}\"\ngroup = \"k\"\nrequired = false\n\
+         [[routes]]\nid = \"agg\"\npath = \"/agg\"\naggregate = \"agg\"\npolicies = [\"key\"]\n",
+        listener(),
+        o.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    for (path, extra) in [
+        ("/agg?apikey=alice-secret-key-1&user=bob", ""),
+        (
+            "/agg?user=bob&apikey=FORGED",
+            "X-Api-Key: alice-secret-key-1\r\n",
+        ),
+        (
+            "/agg?user=bob&api%6Bey=FORGED",
+            "X-Api-Key: alice-secret-key-1\r\n",
+        ),
+    ] {
+        let r = get(&mut c, path, extra);
+        assert_eq!(r.status, 200, "{path}: {}", r.body_str());
+        assert_eq!(r.json()["u"]["at"], "/user/bob", "{path}");
+        assert_eq!(
+            r.json()["_errors"],
+            json!([{"error": "missing_field", "status": 400, "step": "k"}]),
+            "{path}"
+        );
+    }
+    let seen: Vec<String> = o.requests().iter().map(|r| r.target().to_owned()).collect();
+    assert_eq!(seen, ["/user/bob"; 3], "{seen:?}");
+}
+
+#[test]
 fn failures_found_while_merging_are_counted_like_the_others() {
     // An answer that is valid JSON but no object, with no group to put it under: the step
     // fails as the answers are merged, and the metrics count it as any failed step.
@@ -1020,8 +1066,10 @@ fn each_profile_kind_selects_its_variant() {
     // A query profile.
     let r = get(&mut c, "/products/6?view=compact", key);
     assert_eq!(r.json(), json!({"item": {"id": "6"}}));
-    // Query values decode as forms send them: `+` is a space.
+    // Query values decode as forms send them: `+` is a space; so do names.
     let r = get(&mut c, "/products/6?view=very+compact", key);
+    assert_eq!(r.json(), json!({"item": {"id": "6"}}));
+    let r = get(&mut c, "/products/6?vi%65w=compact", key);
     assert_eq!(r.json(), json!({"item": {"id": "6"}}));
     // None: the route's own aggregate.
     let r = get(&mut c, "/products/6", key);
@@ -1040,7 +1088,7 @@ fn path_parameters_rewrites_and_response_shapes() {
             0,
         ),
         t if t.starts_with("/missing") => (404, "application/json", "{\"cost\":1}".into(), 0),
-        // Valid JSON, but with a key serde_json cannot hold, or nested past 128 levels.
+        // Valid JSON, but with a key serde_json cannot hold, or nested past 127 levels.
         t if t.ends_with("/odd") => (
             200,
             "application/json",

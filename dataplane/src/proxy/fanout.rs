@@ -88,6 +88,8 @@ type StepOutcome = Result<Answer, Failure>;
 #[derive(Debug)]
 struct Input {
     params: Vec<(Box<str>, Vec<u8>)>,
+    /// The client's query without the pairs the policies strip (an API key stripped from
+    /// the request is not sent to a step through `{query.NAME}` either).
     query: Option<Vec<u8>>,
     /// Forwarding and policy fields, each line with its CRLF.
     fields: Vec<u8>,
@@ -190,7 +192,7 @@ impl Input {
         Input {
             keys,
             params: params(route, head.path(buf)),
-            query: query_of(buf, head).map(<[u8]>::to_vec),
+            query: kept_query(buf, head, &req.policy.query_drops),
             fields,
             pass,
             body_fields: body_fields(buf, head, dropped),
@@ -199,6 +201,23 @@ impl Input {
             is_head: head.is_head(buf),
         }
     }
+}
+
+/// The request's query (after `?`) without the pairs in `drops` (spans in `buf`, sorted).
+fn kept_query(buf: &[u8], head: &RequestHead, drops: &[crate::codec::Span]) -> Option<Vec<u8>> {
+    let query = query_of(buf, head)?;
+    if drops.is_empty() {
+        return Some(query.to_vec());
+    }
+    // The target from its `?`, whose pairs start `base` bytes into the buffer.
+    let base = head.origin_target.start + head.path_len;
+    let mut out = Vec::with_capacity(query.len() + 1);
+    crate::forward::push_target_without(&mut out, &buf[base..base + query.len() + 1], |at, _| {
+        crate::policy::span_starts_at(drops, base + at)
+    });
+    // `?` before the first kept pair; none kept: an empty query.
+    out.drain(..out.len().min(1));
+    Some(out)
 }
 
 /// The field lines of a step's 4xx answer that go with its status (see
