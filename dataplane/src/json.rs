@@ -158,7 +158,7 @@ impl<'a> Node<'a> {
     }
 
     /// The value as a `serde_json::Value` (parsed if still text). Fails for text nested
-    /// deeper than serde_json's 128 levels, which [`check`] lets through.
+    /// deeper than serde_json's 127 levels, which [`check`] refuses too.
     /// [`Node::into_value`] of a copy: this node stays as it is, also when it cannot be read.
     fn to_value(&self) -> Result<Value, Error> {
         Ok(match self {
@@ -362,8 +362,8 @@ pub enum ShapeError {
 }
 
 /// What JSON text [`check`] lets through that a shape or a merge cannot open.
-pub const UNREADABLE: &str = "JSON the gateway cannot open to shape or merge: nested deeper \
-     than 128 levels, a number beyond a double's range, or a key with a lone surrogate";
+pub const UNREADABLE: &str = "JSON the gateway cannot open to shape or merge: a number beyond \
+     a double's range, or a key with a lone surrogate";
 
 /// Why two answers could not be merged.
 #[derive(Debug, Clone, PartialEq, Eq)]

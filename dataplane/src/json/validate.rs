@@ -11,8 +11,9 @@
 use std::fmt;
 use std::ops::Range;
 
-/// Deepest nesting of arrays and objects accepted (serde_json's limit for its trees).
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted: serde_json's limit for its trees (its
+/// recursion limit of 128 counts down before it tests, so 127 levels parse and 128 do not).
+pub const MAX_DEPTH: usize = 127;
 
 /// Why a text is not JSON, and where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +157,7 @@ fn top_object(b: &[u8], mut i: usize) -> Result<(Vec<MemberSpan>, usize), Invali
 /// One value at `i` (after whitespace), nested in `depth` containers: the index after it.
 /// Containers are walked in one loop rather than by recursion: the open ones are a bit
 /// stack (1: an object), so a member or an element costs a few branches, not a call per
-/// token. `MAX_DEPTH` is 128, so the stack fits a `u128`.
+/// token. `MAX_DEPTH` is 127, so the stack fits a `u128`.
 fn value_end(b: &[u8], mut i: usize, depth: usize) -> Result<usize, Invalid> {
     let mut open: u128 = 0;
     let mut here = 0usize;
@@ -164,7 +165,7 @@ fn value_end(b: &[u8], mut i: usize, depth: usize) -> Result<usize, Invalid> {
         match b.get(i) {
             Some(&c @ (b'{' | b'[')) => {
                 if depth + here >= MAX_DEPTH {
-                    return Err(invalid(i, "nested deeper than 128 levels"));
+                    return Err(invalid(i, "nested deeper than 127 levels"));
                 }
                 let object = c == b'{';
                 i = skip_ws(b, i + 1);
@@ -503,6 +504,10 @@ mod tests {
         let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
         assert!(check(deep(MAX_DEPTH).as_bytes()).is_ok());
         assert!(check(deep(MAX_DEPTH + 1).as_bytes()).is_err());
+        // The limit is serde_json's, which shapes and merges open the text with.
+        let serde_reads = |t: &str| serde_json::from_str::<serde_json::Value>(t).is_ok();
+        assert!(serde_reads(&deep(MAX_DEPTH)));
+        assert!(!serde_reads(&deep(MAX_DEPTH + 1)));
         let deep_obj = format!(
             "{}1{}",
             "{\"a\":".repeat(MAX_DEPTH + 1),
