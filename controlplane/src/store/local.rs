@@ -647,6 +647,7 @@ mod tests {
         File::create(e.join(JOURNAL)).unwrap();
         assert!(LocalStore::open(&e).unwrap().is_none());
         let _ = fs::remove_dir_all(&e);
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -668,6 +669,7 @@ mod tests {
         assert_eq!(mode(&d), 0o700);
         assert_eq!(mode(&d.join(JOURNAL)), 0o600);
         assert_eq!(mode(&d.join(CHECKPOINT)), 0o600);
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
