@@ -243,13 +243,9 @@ pub fn compile_certificate(
             )
         });
     }
-    // After the order check: a chain that starts with its intermediate names no host.
-    if parsed.names.is_empty() {
-        return Err(ConfigError::field(
-            field(cert_at),
-            "the certificate names no DNS name (subjectAltName or common name)",
-        ));
-    }
+    // A certificate without a DNS name is taken: a client certificate for an upstream's
+    // mutual TLS (a SPIFFE URI, an e-mail address, a common name with spaces), or one that
+    // clients reach by address; SNI only never picks it by name.
     c.key_pem = None;
     c.key_sha256 = Some(digest);
     c.names = parsed.names.clone();

@@ -37,16 +37,33 @@ impl Cert {
         Self::made(dir, name, "-rsa", &["-newkey", "rsa:2048"])
     }
 
+    /// A self-signed P-256 certificate in `FILE.pem` with `subject` (`/CN=...`) and the
+    /// subjectAltName `names` (`URI:spiffe://...`), as client certificates have them.
+    pub fn with_names(dir: &Path, file: &str, subject: &str, names: &str) -> Cert {
+        let key_args = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+        Self::make(
+            dir,
+            file,
+            subject,
+            &format!("subjectAltName={names}"),
+            &key_args,
+        )
+    }
+
     fn made(dir: &Path, name: &str, suffix: &str, key_args: &[&str]) -> Cert {
-        let cert = dir.join(format!("{name}{suffix}.pem"));
-        let key = dir.join(format!("{name}{suffix}.key"));
         let subject = format!("/CN={name}");
         let names = format!("subjectAltName=DNS:{name},DNS:*.{name}");
+        Self::make(dir, &format!("{name}{suffix}"), &subject, &names, key_args)
+    }
+
+    fn make(dir: &Path, file: &str, subject: &str, names: &str, key_args: &[&str]) -> Cert {
+        let cert = dir.join(format!("{file}.pem"));
+        let key = dir.join(format!("{file}.key"));
         let mut args = vec!["req", "-x509"];
         args.extend_from_slice(key_args);
         args.extend_from_slice(&["-nodes", "-days", "30", "-keyout"]);
         args.extend_from_slice(&[key.to_str().unwrap(), "-out", cert.to_str().unwrap()]);
-        args.extend_from_slice(&["-subj", &subject, "-addext", &names]);
+        args.extend_from_slice(&["-subj", subject, "-addext", names]);
         openssl(dir, &args);
         Cert { cert, key }
     }
@@ -735,8 +752,7 @@ fn certificates_are_managed_through_the_admin_api() {
             }),
             "the chain goes leaf first",
         ),
-        // The same with a first certificate that names no host, as an intermediate's does
-        // (before: "names no DNS name").
+        // The same with a first certificate that names no host, as an intermediate's does.
         (
             serde_json::json!({
                 "cert_pem": format!("{unnamed}{}", a2.cert_pem()),
@@ -791,6 +807,19 @@ fn certificates_are_managed_through_the_admin_api() {
             r.body_str()
         );
     }
+    // A certificate that names no DNS name, with its own key, is taken (a client certificate
+    // for an upstream's mutual TLS often has none) (before: 422 "names no DNS name").
+    let body = serde_json::json!({
+        "cert_pem": unnamed,
+        "key_pem": std::fs::read_to_string(dir.join("unnamed.key")).unwrap()
+    });
+    let r = gw.admin("PUT", "/v1/certificates/unnamed", Some(&body.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let item = gw.admin("GET", "/v1/certificates/unnamed", None).json();
+    assert!(item.get("names").is_none(), "no names shown: {item}");
+    assert!(item["not_after"].is_string(), "{item}");
+    let r = gw.admin("DELETE", "/v1/certificates/unnamed", None);
+    assert_eq!(r.status, 204, "{}", r.body_str());
     // A key sent where another value belongs is not quoted back (nor logged): the parser's
     // message would have carried it whole.
     let key_line = a2.key_pem().lines().nth(1).unwrap().to_owned();

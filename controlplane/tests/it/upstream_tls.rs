@@ -103,7 +103,14 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     let (authority, leaf) = ca_and_leaf(&dir, "up.test");
     let srv = Cert::new(&dir, "up.test");
     let other = Cert::new(&dir, "other.test");
-    let client = Cert::new(&dir, "client.test");
+    // A client certificate as meshes issue them: a SPIFFE URI and a common name with a
+    // space, no DNS name (before: refused, "names no DNS name").
+    let client = Cert::with_names(
+        &dir,
+        "client",
+        "/CN=Gateway Client",
+        "URI:spiffe://example.test/gateway",
+    );
     let open = HttpsPeer::start(&leaf, None);
     let mutual = HttpsPeer::start(&srv, Some(&client));
     let log = dir.join("access.log");
@@ -285,7 +292,7 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     let v = answer(&gw, "/mutual/");
     assert_eq!(
         (&v["client"], &v["sni"]),
-        (&Value::from("client.test"), &Value::from("up.test")),
+        (&Value::from("Gateway Client"), &Value::from("up.test")),
         "{v}"
     );
     // HTTP/2 over TLS (ALPN h2) to the other gateway, which relays to the echo origin.
