@@ -1173,7 +1173,7 @@ impl Admin {
             let changes = diff(current, &next);
             let removed = removed_items(current, &next);
             if let Store::Etcd(e) = &mut *store {
-                check_cluster_write(e, &next, &new_keys, if dry_run { &[] } else { &removed })?;
+                check_cluster_write(e, &next, &new_keys, &removed)?;
             }
             if dry_run || changes.is_empty() {
                 // A change that changes nothing makes no revision, dry run or not.
@@ -1262,11 +1262,17 @@ impl Admin {
         let (kvs, revision) = read()?;
         let kv = kvs.first();
         let mut store = self.held();
-        if let (Store::Etcd(e), Some(kv)) = (&mut *store, kv) {
-            if e.mod_revision() == held {
-                e.adopt_current(&kv.value, kv.mod_revision);
-            } else {
-                e.adopt(&kv.value, kv.mod_revision);
+        if let Store::Etcd(e) = &mut *store {
+            match kv {
+                Some(kv) if e.mod_revision() == held => {
+                    e.adopt_current(&kv.value, kv.mod_revision);
+                }
+                Some(kv) => {
+                    e.adopt(&kv.value, kv.mod_revision);
+                }
+                // Nothing there, and nothing committed here since the read.
+                None if e.mod_revision() == held => e.forget_record(),
+                None => {}
             }
             self.publish_pending(e);
         }

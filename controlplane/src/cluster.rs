@@ -11,7 +11,7 @@
 //! Either one failing marks the store unreachable (for `/v1/status`); the node keeps serving
 //! its last config and retries with a bounded backoff.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,20 +34,58 @@ struct WatchState {
     seen: AtomicI64,
     /// The open watch's socket, under the lock its owner closes it with.
     fd: Mutex<Option<std::os::fd::RawFd>>,
+    /// The lease this node's record is bound to (0: none yet), under the lock the
+    /// heartbeat holds while it writes the record, so a node that leaves revokes the lease
+    /// the record is under.
+    lease: Mutex<i64>,
+    /// The node is stopping: the heartbeat writes no more records.
+    leaving: AtomicBool,
+}
+
+/// This node's membership in the store's list of live nodes.
+#[derive(Debug)]
+pub struct Membership {
+    client: Mutex<Client>,
+    state: Arc<WatchState>,
+}
+
+impl Membership {
+    /// Takes this node's record out of the store at once (a clean stop), rather than after
+    /// its lease runs out: a shared resource only its listeners used can then be deleted
+    /// without waiting. Not for a binary upgrade, whose successor is the same node.
+    pub fn leave(&self) {
+        self.state.leaving.store(true, Ordering::Relaxed);
+        let mut lease = self.state.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if *lease != 0 {
+            let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = client.revoke(*lease) {
+                log::warn!("config store: this node's record stays until its lease ends: {e}");
+            }
+            *lease = 0;
+        }
+    }
 }
 
 /// Starts the watch and heartbeat threads.
-pub fn spawn(admin: Arc<Admin>, client: Client, health: Arc<Health>) -> std::io::Result<()> {
+pub fn spawn(
+    admin: Arc<Admin>,
+    client: Client,
+    health: Arc<Health>,
+) -> std::io::Result<Membership> {
     let (a, c, h) = (admin.clone(), client.clone(), health.clone());
     let state = Arc::new(WatchState::default());
     let s = state.clone();
     std::thread::Builder::new()
         .name("gw-etcd-watch".into())
         .spawn(move || watch_forever(&a, c, &h, &s))?;
+    let (c, s) = (client.clone(), state.clone());
     std::thread::Builder::new()
         .name("gw-etcd-node".into())
-        .spawn(move || heartbeat_forever(&admin, client, &health, &state))?;
-    Ok(())
+        .spawn(move || heartbeat_forever(&admin, c, &health, &s))?;
+    Ok(Membership {
+        client: Mutex::new(client),
+        state,
+    })
 }
 
 fn watch_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
@@ -84,9 +122,8 @@ fn watch_once(
 ) -> Result<String, EtcdError> {
     let (seen, revision) = admin.observe_read(|| client.range("config", false))?;
     health.ok();
-    if let Some(seen) = seen {
-        state.seen.store(seen, Ordering::Relaxed);
-    }
+    // No config (etcd rebuilt empty): the next one written is new whatever its revision.
+    state.seen.store(seen.unwrap_or(0), Ordering::Relaxed);
     let mut watch = client.watch("config", false, revision + 1)?;
     *state.fd.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch.fd());
     let ended = loop {
@@ -148,11 +185,13 @@ fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Opt
 }
 
 fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
-    let mut lease = 0i64;
     let mut published = u64::MAX;
     let mut next_check = Instant::now() + WATCH_CHECK;
     let mut behind = 0;
     loop {
+        if state.leaving.load(Ordering::Relaxed) {
+            return;
+        }
         if Instant::now() >= next_check {
             next_check = Instant::now() + WATCH_CHECK;
             if let Some(why) = check_watch(&mut client, state, &mut behind) {
@@ -161,12 +200,18 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
             }
         }
         let beat = (|| -> Result<(), EtcdError> {
-            if lease == 0 || !client.keep_alive(lease)? {
-                lease = client.grant(NODE_TTL_S)?;
+            // Held until the record is written: a node leaving meanwhile then revokes the
+            // lease it was written under.
+            let mut held = state.lease.lock().unwrap_or_else(|p| p.into_inner());
+            if state.leaving.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if *held == 0 || !client.keep_alive(*held)? {
+                *held = client.grant(NODE_TTL_S)?;
             }
             let (id, record) = admin.node_record();
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            client.put(&format!("nodes/{id}"), &bytes, lease)?;
+            client.put(&format!("nodes/{id}"), &bytes, *held)?;
             published = record["applied_revision"].as_u64().unwrap_or(0);
             Ok(())
         })();

@@ -615,6 +615,12 @@ impl Client {
         }
     }
 
+    /// Revokes a lease: the keys bound to it go at once.
+    pub fn revoke(&mut self, lease: i64) -> Result<(), EtcdError> {
+        self.call("/v3/lease/revoke", &json!({"ID": lease.to_string()}))
+            .map(drop)
+    }
+
     /// Refreshes a lease; false when it has expired.
     pub fn keep_alive(&mut self, lease: i64) -> Result<bool, EtcdError> {
         let answer = self.call("/v3/lease/keepalive", &json!({"ID": lease.to_string()}))?;

@@ -802,14 +802,16 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         Store::Local(_) => None,
     };
     let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams));
+    let mut membership = None;
     if let Some((client, health)) = etcd {
         health.serving();
-        cluster::spawn(admin.clone(), client, health).map_err(|e| {
+        let m = cluster::spawn(admin.clone(), client, health).map_err(|e| {
             (
                 EXIT_FAILURE,
                 format!("cannot start the config store threads: {e}"),
             )
         })?;
+        membership = Some(m);
     }
     admin.set_runtime(RuntimeInfo {
         workers: plane.workers,
@@ -839,6 +841,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         admin_fd,
         lock,
         stop_admin,
+        membership,
     };
     Ok(wait_for_signals(
         &signals,
@@ -851,13 +854,15 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
 }
 
 /// What a binary upgrade needs: how to start the successor, the admin socket to hand it, and
-/// how to stop this process's admin server afterwards.
+/// how to stop this process's admin server afterwards; and what a stop leaves.
 struct Handover {
     origin: Option<upgrade::Origin>,
     admin_fd: std::os::fd::RawFd,
     /// The data directory's lock, held while the process lives.
     lock: std::fs::File,
     stop_admin: Arc<tokio::sync::Notify>,
+    /// With an etcd store: this node's record there, taken out at a clean stop.
+    membership: Option<cluster::Membership>,
 }
 
 /// SIGUSR2: starts the successor on this process's sockets and waits until it serves; its
@@ -1229,6 +1234,9 @@ fn wait_for_signals(
                 // The workers stop by themselves at the drain deadline; the margin covers
                 // their last timer tick.
                 let all = plane.join(Instant::now() + drain + Duration::from_secs(2));
+                if let Some(m) = &handover.membership {
+                    m.leave();
+                }
                 log::info!("stopped{}", if all { "" } else { " (workers still busy)" });
                 return 0;
             }

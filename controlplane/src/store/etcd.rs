@@ -346,6 +346,9 @@ impl EtcdStore {
             return Ok(store);
         }
         let seed = seed()?;
+        // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
+        // no number (no ETag) names two configs.
+        store.learn_highest();
         let merged = merge(&store.node, &seed.config);
         match store.commit(merged, &seed.what, &seed.keys) {
             Ok(rev) => log::info!("seeded {url} with {} as revision {rev}", seed.what),
@@ -497,6 +500,30 @@ impl EtcdStore {
         self.adopt(value, mod_revision)
     }
 
+    /// etcd holds no config any more (rebuilt empty, or the key deleted by hand): the next
+    /// record written there is taken whatever its etcd revision, which starts again low.
+    /// Meanwhile the config held goes on being served, and numbers go on past it.
+    pub fn forget_record(&mut self) {
+        if self.mod_revision == 0 {
+            return;
+        }
+        log::error!(
+            "config store: etcd holds no config any more (it held config revision {} at etcd \
+             revision {}): rebuilt empty? Serving that config until one is written",
+            self.revision,
+            self.mod_revision
+        );
+        // What was decided about the record held (published, or refused) stays decided.
+        if self.applied_mod == self.mod_revision {
+            self.applied_mod = 0;
+        }
+        if self.rejected_mod == self.mod_revision {
+            self.rejected_mod = 0;
+        }
+        self.mod_revision = 0;
+        self.unreadable = None;
+    }
+
     /// Reads `P/config` and adopts what it holds; whether etcd holds a config at all.
     pub fn refresh(&mut self) -> Result<bool, StoreError> {
         let kvs = self.read("config", false).map_err(unavailable)?;
@@ -547,8 +574,14 @@ impl EtcdStore {
             put(self.client.key(&revision_key(revision)), &bytes),
         ];
         if revision > KEEP as u64 {
-            let old = self.client.key(&revision_key(revision - KEEP as u64));
-            success.push(json!({"request_delete_range": {"key": b64(old.as_bytes())}}));
+            // Every older one, not only the one that falls out now: after the numbers jumped
+            // (a store rebuilt while nodes ran) the ones before the jump would stay.
+            let from = self.client.key(&revision_key(0));
+            let to = self.client.key(&revision_key(revision - KEEP as u64 + 1));
+            success.push(json!({"request_delete_range": {
+                "key": b64(from.as_bytes()),
+                "range_end": b64(to.as_bytes()),
+            }}));
         }
         if !new_keys.is_empty() {
             let secret = self.secret.as_ref().ok_or_else(|| {

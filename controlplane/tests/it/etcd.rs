@@ -434,10 +434,13 @@ fn three_nodes_share_one_config() {
     }
     let current = current + 1;
 
-    // What another node's listeners use cannot be deleted; what is unused can.
-    let r = a.admin("DELETE", "/v1/policies/lan", None);
-    assert_eq!(r.status, 409, "{}", r.body_str());
-    assert!(r.body_str().contains("node b"), "{}", r.body_str());
+    // What another node's listeners use cannot be deleted; what is unused can. A dry run
+    // says so too (before: 200 with the revision it would make).
+    for query in ["?dry_run=true", ""] {
+        let r = a.admin("DELETE", &format!("/v1/policies/lan{query}"), None);
+        assert_eq!(r.status, 409, "{query}: {}", r.body_str());
+        assert!(r.body_str().contains("node b"), "{}", r.body_str());
+    }
 
     // Node settings stay in the node files: the config read back is accepted unchanged,
     // a change to a node setting is refused with a pointer.
@@ -495,6 +498,25 @@ fn three_nodes_share_one_config() {
     for v in etcd.values_under("/t1/") {
         assert!(!v.contains("PRIVATE KEY"));
     }
+
+    // A node that stops cleanly takes its record out as it exits: what only its listeners
+    // used can go at once (before: 409 until its lease ran out, 10 s later).
+    let mut b = b;
+    b.signal(libc::SIGTERM);
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), Some(0));
+    let ids = |gw: &Gateway| {
+        let nodes = gw.admin("GET", "/v1/nodes", None).json();
+        let ids: Vec<String> = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids
+    };
+    assert_eq!(ids(&a), ["a", "c"]);
+    let r = a.admin("DELETE", "/v1/policies/lan", None);
+    assert_eq!(r.status, 204, "{}", r.body_str());
 }
 
 #[test]
@@ -1002,6 +1024,76 @@ fn a_store_restored_from_a_backup_is_what_every_node_serves() {
         "revision {after} after the restore, {before} before"
     );
     assert_eq!(would_be, after);
+}
+
+#[test]
+fn a_store_rebuilt_empty_is_followed_and_numbered_on() {
+    // etcd rebuilt empty under running nodes. Before: the watch found no config, the nodes
+    // kept their old etcd revision, and every record written since (at lower etcd revisions)
+    // was dropped as older: node b never served another change, and said nothing; a node
+    // seeding the empty store numbered from 1, a number (an ETag) naming another config.
+    let mut etcd = Etcd::start();
+    let a = node(&etcd, "t14", &node_file("a", "", ""));
+    let b = node(&etcd, "t14", &node_file("b", "", ""));
+    for i in 0..3 {
+        let path = format!("/r{i}");
+        let r = a.admin(
+            "PUT",
+            &format!("/v1/routes/r{i}"),
+            Some(&respond_route(&path, "r")),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    wait_serves(&b, "/r2", "r", Duration::from_secs(5));
+    let revision = |gw: &Gateway| {
+        gw.admin("GET", "/v1/status", None).json()["store"]["applied_revision"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = revision(&a);
+    etcd.stop();
+    std::fs::remove_dir_all(etcd.dir.join("data")).unwrap();
+    etcd.run();
+    for gw in [&a, &b] {
+        gw.wait_log("etcd holds no config any more", Duration::from_secs(20));
+        // The config held is still served.
+        assert_eq!(get(gw, "/r0"), (200, "r".to_owned()));
+    }
+    let r = a.admin("PUT", "/v1/routes/new", Some(&respond_route("/new", "n")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    wait_serves(&b, "/new", "n", Duration::from_secs(5));
+    assert_eq!(revision(&b), before + 1);
+
+    // Rebuilt empty again, and seeded by a node that starts meanwhile: its number goes on
+    // past the live nodes' (their records come back with their next beat).
+    etcd.stop();
+    std::fs::remove_dir_all(etcd.dir.join("data")).unwrap();
+    etcd.run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while etcd.values_under("/t14/nodes/").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes' records did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = node(
+        &etcd,
+        "t14",
+        &format!(
+            "{}\n{}",
+            node_file("c", "", ""),
+            "[[routes]]\nid = \"seeded\"\npath = \"/seeded\"\nrespond = { body = \"s\" }\n"
+        ),
+    );
+    c.wait_log(
+        &format!("as revision {}", before + 2),
+        Duration::from_secs(1),
+    );
+    for gw in [&a, &b, &c] {
+        wait_serves(gw, "/seeded", "s", Duration::from_secs(5));
+        assert_eq!(revision(gw), before + 2);
+    }
 }
 
 #[test]
