@@ -863,6 +863,12 @@ async fn proxy<S: ClientStream>(
     let key = select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
     // Read while the head's spans still point at it: relaying a body reuses the buffer.
     let is_head = head.is_head(&down.buf);
+    // So is an upgrade offer that a body follows (a 101 is checked against it after the
+    // body went up); upgrades are rare, and only theirs are copied.
+    let offer = match (head.upgrade, body_left > 0) {
+        (Some(_), true) => Some(down.buf[head.fields_start..head.fields_end].to_vec()),
+        _ => None,
+    };
     let (line, tail) = forwarded_head(down, req, head, route, peer);
 
     req.bytes_in += first_body as u64;
@@ -1020,10 +1026,14 @@ async fn proxy<S: ClientStream>(
     let mut session = Session::answered(&mut slot);
 
     if resp.status == 101 {
+        let offered = match &offer {
+            Some(fields) => fields,
+            None => &down.buf[head.fields_start..head.fields_end],
+        };
         let switched = head.upgrade.is_some()
             && crate::codec::switched_as_offered(
                 &session.conn.buf[resp.fields_start..resp.fields_end],
-                &down.buf[head.fields_start..head.fields_end],
+                offered,
             );
         if !switched {
             return upstream_failed(ctx, down, req, head, ErrorKind::UpstreamMalformed).await;
