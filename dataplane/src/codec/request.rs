@@ -651,9 +651,17 @@ pub fn head_too_large(buf: &[u8], limits: &Limits) -> ParseError {
     }
 }
 
-/// Whether the request line in `buf` ends with `HTTP/x.y` (digits), a version's syntax, or,
-/// while the line is not complete, with a start of one.
+/// Whether the request line in `buf` is a method, a target and `HTTP/x.y` (digits), a
+/// version's syntax, or, while the line is not complete, a start of one: the line of a
+/// version the gateway does not speak. A target with a space in it, or two spaces between
+/// parts, make more than three parts: a malformed line (RFC 9112 3), whatever ends it.
 fn versionlike(buf: &[u8]) -> bool {
+    // Empty lines before the request line are skipped (RFC 9112 2.2), as the parser does.
+    let skip = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    let buf = &buf[skip..];
     let (line, complete) = match buf.iter().position(|&b| b == b'\n') {
         Some(i) => (&buf[..i], true),
         None => (buf, false),
@@ -663,6 +671,9 @@ fn versionlike(buf: &[u8]) -> bool {
         Some(line) => (line, true),
         None => (line, complete),
     };
+    if line.split(|&b| b == b' ').count() != 3 {
+        return false;
+    }
     let version = line.rsplit(|&b| b == b' ').next().unwrap_or_default();
     let fits = |k: usize, b: u8| match k {
         0..=4 => b == b"HTTP/"[k],

@@ -110,6 +110,13 @@ fn smuggling_vectors_are_rejected() {
         (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", ParseError::VersionNotSupported),
+        (b"\r\nGET / HTTP/3.0\r\nHost: a\r\n\r\n", ParseError::VersionNotSupported),
+        // A space in the target, or two between parts: a malformed line, not a version the
+        // gateway does not speak, though it ends with one (before: 505).
+        (b"GET /search?q=a b HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET /a  HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET /a b c HTTP/1.0\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET /a b HTTP/1.1", ParseError::Malformed),
         // No version at all (the name is case-sensitive): malformed, not unsupported.
         (b"GET / http/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1\r\nHost: a\r\n\r\n", ParseError::Malformed),
