@@ -68,12 +68,24 @@ enum State {
     AfterSize {
         saw_ws: bool,
     },
-    /// Inside chunk extensions (tokens, `=`, `;`, whitespace).
-    Ext,
+    /// After an extension's `;`: BWS, then its name (RFC 9112 7.1.1).
+    ExtPreName,
+    /// In an extension's name (a token).
+    ExtName,
+    /// BWS after a name: `=` or `;` must follow.
+    ExtPostName,
+    /// After `=`: BWS, then a token or a quoted string.
+    ExtPreValue,
+    /// In a token value.
+    ExtValue,
     /// Inside a quoted-string extension value.
     ExtQuoted,
     /// After a backslash in a quoted string.
     ExtQuotedEscape,
+    /// After a value: `;`, or CR right after it, or BWS before a `;`.
+    ExtPostValue {
+        saw_ws: bool,
+    },
     /// Saw CR of the size line; expecting LF.
     SizeLf,
     Data,
@@ -195,7 +207,18 @@ impl ChunkedDecoder {
         use State::*;
         let in_size_line = matches!(
             self.state,
-            SizeStart | Size | AfterSize { .. } | Ext | ExtQuoted | ExtQuotedEscape | SizeLf
+            SizeStart
+                | Size
+                | AfterSize { .. }
+                | ExtPreName
+                | ExtName
+                | ExtPostName
+                | ExtPreValue
+                | ExtValue
+                | ExtQuoted
+                | ExtQuotedEscape
+                | ExtPostValue { .. }
+                | SizeLf
         );
         if in_size_line {
             self.line_len += 1;
@@ -230,13 +253,24 @@ impl ChunkedDecoder {
                 Size
             }
             (Size, b' ' | b'\t') => AfterSize { saw_ws: true },
-            (Size | AfterSize { .. }, b';') => Ext,
+            (Size | AfterSize { .. }, b';') => ExtPreName,
             (Size, b'\r') | (AfterSize { saw_ws: false }, b'\r') => SizeLf,
             (AfterSize { .. }, b' ' | b'\t') => AfterSize { saw_ws: true },
-            (Ext, b'"') => ExtQuoted,
-            (Ext, b'\r') => SizeLf,
-            (Ext, _) if is_tchar(b) || matches!(b, b'=' | b';' | b' ' | b'\t') => Ext,
-            (ExtQuoted, b'"') => Ext,
+            // chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ):
+            // an empty name or value, a stray `=` or whitespace inside one is malformed.
+            (ExtPreName, b' ' | b'\t') => ExtPreName,
+            (ExtPreName | ExtName, _) if is_tchar(b) => ExtName,
+            (ExtName, b'\r') => SizeLf,
+            (ExtName | ExtPostName, b';') => ExtPreName,
+            (ExtName | ExtPostName, b'=') => ExtPreValue,
+            (ExtName | ExtPostName, b' ' | b'\t') => ExtPostName,
+            (ExtPreValue, b' ' | b'\t') => ExtPreValue,
+            (ExtPreValue, b'"') => ExtQuoted,
+            (ExtPreValue | ExtValue, _) if is_tchar(b) => ExtValue,
+            (ExtValue, b'\r') | (ExtPostValue { saw_ws: false }, b'\r') => SizeLf,
+            (ExtValue | ExtPostValue { .. }, b';') => ExtPreName,
+            (ExtValue | ExtPostValue { .. }, b' ' | b'\t') => ExtPostValue { saw_ws: true },
+            (ExtQuoted, b'"') => ExtPostValue { saw_ws: false },
             (ExtQuoted, b'\\') => ExtQuotedEscape,
             (ExtQuoted, _)
                 if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 =>
@@ -390,6 +424,8 @@ mod tests {
             b"a\r\n0123456789\r\n0\r\n\r\n",
             b"5;name=value\r\nhello\r\n0\r\n\r\n",
             b"5 ; a=\"q \\\" x\"; b\r\nhello\r\n0\r\n\r\n",
+            b"5;a;b=c ;d = \"e\"\t; f\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"\"\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\nY: z\r\n\r\n",
             b"000005\r\nhello\r\n0000\r\n\r\n",
             b"0000000000000005\r\nhello\r\n0\r\n\r\n",
@@ -416,6 +452,17 @@ mod tests {
             (b"5\r\nhello\n0\r\n\r\n", ChunkError::Malformed),
             (b"5;a\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"5;a\x00b\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            // Extensions out of their grammar (before: relayed as they came).
+            (b"5;=b\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a=\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;;\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a b\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a=b=c\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a=b c\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a=\"b\"c\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a \r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
+            (b"5;a=b \r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"0x5\r\nhello\r\n0\r\n\r\n", ChunkError::Malformed),
             (b"\r\n", ChunkError::Malformed),
             (
