@@ -580,7 +580,8 @@ fn request_trailers_to_an_http2_upstream_lose_the_fields_the_gateway_sets_or_che
     // An HTTP/2 client's body relayed to an h2c upstream as it comes, its trailers once the
     // upstream has the request: they go on as HTTP/2 trailers but for a client address and a
     // policy's consumer header (in either spelling), which an upstream merging trailers into
-    // the head would take for the gateway's.
+    // the head would take for the gateway's, and fields that frame or route a message
+    // (RFC 9110 6.5.1; before: `content-length`, `host` and `trailer` went on).
     let mut peer = ResetPeer::start_with(&["0", "trailers"]);
     let old_addr = peer.addr.to_string();
     let config = h2c_upstream_config(
@@ -603,7 +604,8 @@ c.send_data(1, b"abc")
 s.sendall(c.data_to_send())
 sys.stdin.readline()
 c.send_headers(1, [("x-sum", "1"), ("x-forwarded-for", "10.1.1.1"), ("x-who", "forged"),
-                   ("x_who", "forged")], end_stream=True)
+                   ("x_who", "forged"), ("content-length", "99"), ("host", "evil.example"),
+                   ("trailer", "x")], end_stream=True)
 s.sendall(c.data_to_send())
 status, done = None, False
 while not done:

@@ -238,6 +238,14 @@ fn hop_by_hop(name: &str) -> bool {
     connection_specific(name) || matches!(name, "host" | "expect")
 }
 
+/// What [`outgoing`] needs of the upstream: the authority for a request without `Host`,
+/// and whether it is reached over TLS.
+#[derive(Debug, Clone, Copy)]
+struct Upstream<'a> {
+    authority: &'a str,
+    tls: bool,
+}
+
 /// The request to send upstream, built once and copied for each try.
 struct Outgoing {
     method: http::Method,
@@ -253,7 +261,11 @@ impl Outgoing {
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.headers_mut() = self.headers.clone();
-        if let Some(n) = length.filter(|&n| n > 0 || self.method == http::Method::POST) {
+        let content = matches!(
+            self.method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        );
+        if let Some(n) = length.filter(|&n| n > 0 || content) {
             if !self.headers.contains_key(CONTENT_LENGTH) {
                 r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(n));
             }
@@ -267,7 +279,7 @@ impl Outgoing {
 fn outgoing(
     h1: &[u8],
     call: Call,
-    fallback_authority: &str,
+    up: Upstream<'_>,
     cap: Duration,
     grpc_timeout: &mut Option<Duration>,
 ) -> Result<Outgoing, ErrorKind> {
@@ -292,9 +304,10 @@ fn outgoing(
         .find(|f| f.name.eq_ignore_ascii_case("host"))
         .and_then(|f| std::str::from_utf8(f.value).ok())
         .filter(|h| !h.is_empty())
-        .unwrap_or(fallback_authority);
+        .unwrap_or(up.authority);
+    // The target URI's scheme: `https` for a request that goes over TLS (RFC 9113 8.3.1).
     let uri = http::Uri::builder()
-        .scheme("http")
+        .scheme(if up.tls { "https" } else { "http" })
         .authority(host)
         .path_and_query(path)
         .build()
@@ -523,9 +536,15 @@ async fn pump(
     match poll_fn(|cx| from.poll_trailers(cx)).await {
         Ok(Some(mut trailers)) => {
             replay.borrow_mut().lost = true;
+            // Fields that frame or route a message have no place in trailers (RFC 9110
+            // 6.5.1), as the HTTP/1.1 path's last chunk has it; nor do the gateway's own.
             let forged: Vec<HeaderName> = trailers
                 .keys()
-                .filter(|n| crate::codec::chunked::names_one_of(n.as_str().as_bytes(), &refused))
+                .filter(|n| {
+                    let n = n.as_str().as_bytes();
+                    crate::codec::chunked::is_framing_field(n)
+                        || crate::codec::chunked::names_one_of(n, &refused)
+                })
                 .cloned()
                 .collect();
             for name in forged {
@@ -1032,15 +1051,18 @@ pub(super) async fn forward<S: ClientStream>(
     }
     let timeouts = down.timeouts;
     let mut grpc_timeout = None;
-    let fallback = up
-        .upstream
-        .targets
-        .first()
-        .map_or("upstream", |t| &*t.address);
+    let target = Upstream {
+        authority: up
+            .upstream
+            .targets
+            .first()
+            .map_or("upstream", |t| &*t.address),
+        tls: up.upstream.tls.is_some(),
+    };
     let mut out = match outgoing(
         &h1,
         call,
-        fallback,
+        target,
         timeouts.upstream_response_head,
         &mut grpc_timeout,
     ) {
@@ -2079,10 +2101,14 @@ mod tests {
                    Content-Type: application/grpc-web-text\r\nContent-Length: 12\r\n\
                    grpc-timeout: 90S\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
         let mut t = None;
+        let up = Upstream {
+            authority: "u",
+            tls: false,
+        };
         let out = outgoing(
             h1,
             Call::Web { text: true },
-            "u",
+            up,
             Duration::from_secs(60),
             &mut t,
         )
@@ -2097,5 +2123,12 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert!(h.get("connection").is_none() && h.get("host").is_none());
         assert!(h.get("content-length").is_none());
+        // Over TLS the target URI's scheme is `https` (before: always `http`).
+        let h1 = b"GET /x HTTP/1.1\r\nHost: api.example\r\n\r\n";
+        let tls = Upstream { tls: true, ..up };
+        let out = outgoing(h1, Call::Plain, tls, Duration::from_secs(60), &mut t).unwrap();
+        assert_eq!(out.uri, "https://api.example/x");
+        let out = outgoing(h1, Call::Plain, up, Duration::from_secs(60), &mut t).unwrap();
+        assert_eq!(out.uri, "http://api.example/x");
     }
 }

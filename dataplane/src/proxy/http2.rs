@@ -434,7 +434,13 @@ fn request_head(parts: &http::request::Parts, whole: Option<usize>) -> (Vec<u8>,
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if let (Some(len @ 1..), false) = (whole, has_length) {
+    // No body: no length either, but for a method whose requests carry content (RFC 9110
+    // 8.6: a POST's `Content-Length: 0`, which some servers require, 411 otherwise).
+    let content = matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    );
+    if let (Some(len), false) = (whole.filter(|&n| n > 0 || content), has_length) {
         out.extend_from_slice(b"content-length: ");
         crate::access_log::push_u64(&mut out, len as u64);
         out.extend_from_slice(b"\r\n");
@@ -2506,6 +2512,18 @@ mod tests {
             request_head(&parts, Some(12)),
             (
                 b"GET / HTTP/1.1\r\nhost: h\r\ncontent-length: 12\r\n\r\n".to_vec(),
+                false
+            )
+        );
+        // A POST without a body says its length is 0 (before: no length at all).
+        let (parts, ()) = http::Request::post("http://h/")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(
+            request_head(&parts, Some(0)),
+            (
+                b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n".to_vec(),
                 false
             )
         );
