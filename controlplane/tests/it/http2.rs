@@ -836,7 +836,11 @@ fn an_http2_path_is_checked_and_decoded_as_an_http1_one() {
 #[test]
 fn an_empty_host_or_a_padded_trailer_value_resets_the_stream() {
     let origin = Origin::echo();
-    let gw = h2c_proxy(&origin, "");
+    let log = temp_dir("h2-malformed-log").join("access.log");
+    let gw = h2c_proxy(
+        &origin,
+        &format!("[access_log]\npath = \"{}\"\n", log.display()),
+    );
     // Each request on its own stream of one connection; the client's own checks are off so
     // it sends what it is told. Prints each stream's end: its reset code or its status.
     const CLIENT: &str = r#"
@@ -876,6 +880,22 @@ print(sorted(ends.items()), flush=True)
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].request_line(), "POST /fine HTTP/1.1");
     assert_eq!(seen[0].raw_body, b"3\r\nabc\r\n0\r\nx-sum: 1\r\n\r\n");
+    // The malformed request is logged as a malformed HTTP/1.1 one is, though its answer is
+    // the reset (before: no line at all).
+    let lines = wait_log_lines(&log, 3);
+    let refused = lines
+        .iter()
+        .find(|l| l["path"] == "/empty-host")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(
+        (&refused["status"], &refused["error"], &refused["method"]),
+        (
+            &serde_json::json!(400),
+            &serde_json::json!("bad_request"),
+            &serde_json::json!("POST")
+        ),
+        "{refused}"
+    );
 }
 
 #[test]

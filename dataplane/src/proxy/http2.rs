@@ -293,6 +293,15 @@ async fn serve_request(
     {
         let mut respond = respond;
         respond.send_reset(Reason::PROTOCOL_ERROR);
+        // Logged as a malformed HTTP/1.1 request is (`400`, `bad_request`), though its
+        // answer is the reset: an attack of such requests shows in the access log.
+        let snap = ctx.snapshot();
+        let mut req = super::context::RequestCtx::new(peer.ip);
+        let target = parts.uri.path_and_query().map_or("", |pq| pq.as_str());
+        let line = (parts.method.as_str().as_bytes(), target.as_bytes());
+        req.begin_unparsed(&ctx, &snap, peer.ip, Some(line), &[]);
+        req.error = Some(crate::error::ErrorKind::BadRequest);
+        req.finish(&ctx, &snap);
         return;
     }
     // A body that came whole with its head (and without trailers) goes on with its length,
