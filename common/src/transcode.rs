@@ -362,7 +362,7 @@ fn simple_unit(p: &str) -> Option<Unit> {
 /// The most fields a query parameter's or template variable's name may go through (`a.b.c`
 /// is 3): a template variable thousands deep (a descriptor's `google.api.http` path) over a
 /// message that holds itself overflowed a worker's stack at the first request it matched.
-/// A JSON body's nesting is bounded by serde_json's own limit (128).
+/// A JSON body's nesting is bounded by serde_json's own limit (127 levels).
 pub const MAX_FIELD_PATH: usize = 32;
 
 /// Largest `descriptor_set` file read (all of googleapis with its imports is a few MiB).

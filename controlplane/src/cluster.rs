@@ -42,26 +42,45 @@ struct WatchState {
     leaving: AtomicBool,
 }
 
+/// How long a stopping node waits for etcd to take its record out.
+const LEAVE_WAIT: Duration = Duration::from_millis(500);
+
 /// This node's membership in the store's list of live nodes.
 #[derive(Debug)]
 pub struct Membership {
-    client: Mutex<Client>,
+    client: Client,
     state: Arc<WatchState>,
 }
 
 impl Membership {
-    /// Takes this node's record out of the store at once (a clean stop), rather than after
-    /// its lease runs out: a shared resource only its listeners used can then be deleted
-    /// without waiting. Not for a binary upgrade, whose successor is the same node.
+    /// Takes this node's record out of the store (a clean stop), rather than leaving it
+    /// until its lease runs out: a shared resource only its listeners used can then be
+    /// deleted at once. Waits [`LEAVE_WAIT`] at most (etcd may hang; the lease ends the
+    /// record then). Not for a binary upgrade, whose successor is the same node.
     pub fn leave(&self) {
         self.state.leaving.store(true, Ordering::Relaxed);
-        let mut lease = self.state.lease.lock().unwrap_or_else(|p| p.into_inner());
-        if *lease != 0 {
-            let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = client.revoke(*lease) {
-                log::warn!("config store: this node's record stays until its lease ends: {e}");
-            }
+        let (state, mut client) = (self.state.clone(), self.client.clone());
+        let (done, wait) = std::sync::mpsc::channel();
+        let revoke = move || {
+            let mut lease = state.lease.lock().unwrap_or_else(|p| p.into_inner());
+            let result = match *lease {
+                0 => Ok(()),
+                id => client.revoke(id),
+            };
             *lease = 0;
+            let _ = done.send(result);
+        };
+        let outcome = match std::thread::Builder::new()
+            .name("gw-etcd-leave".into())
+            .spawn(revoke)
+        {
+            Ok(_) => wait
+                .recv_timeout(LEAVE_WAIT)
+                .map_err(|_| "etcd did not answer in time".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = outcome.and_then(|r| r.map_err(|e| e.to_string())) {
+            log::warn!("config store: this node's record stays until its lease ends: {e}");
         }
     }
 }
@@ -82,10 +101,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("gw-etcd-node".into())
         .spawn(move || heartbeat_forever(&admin, c, &health, &s))?;
-    Ok(Membership {
-        client: Mutex::new(client),
-        state,
-    })
+    Ok(Membership { client, state })
 }
 
 fn watch_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {

@@ -940,6 +940,21 @@ fn a_hung_etcd_holds_up_only_the_writes_that_wait_for_it() {
             assert_eq!(w.join().unwrap(), 503);
         }
     });
+    // A dry run that removes nothing another node's listeners could use (a route) does not
+    // ask etcd which nodes use it (with a first version: 503 after 6 s).
+    let r = a.admin("DELETE", "/v1/routes/kept?dry_run=true", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    // A stop while etcd hangs: the node waits a moment to take its record out, not etcd's
+    // timeouts (with a first version of that: 3 s per endpoint, and the heartbeat's).
+    let mut a = a;
+    let asked = Instant::now();
+    a.signal(libc::SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
 }
 
 #[test]
