@@ -662,6 +662,10 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     // SIGTERM and SIGINT still stop a start at once (blocked below, before any other thread
     // exists, so every thread inherits the mask).
     block_signals(&[libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]);
+    // A write past the file size limit (systemd's LimitFSIZE=, `ulimit -f`) fails with
+    // EFBIG instead of ending the process: the access log counts the line lost.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let origin = upgrade::Origin::current();
     let mut inherited = upgrade::take().map_err(|e| {
         (

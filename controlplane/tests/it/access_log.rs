@@ -488,6 +488,19 @@ fn unparsable_requests_and_sampling() {
         "{}",
         lines[2]
     );
+    // A chunked body too large by its first size: the body bytes read count too, as the
+    // body of one too large by its length does (before: the head's alone).
+    let mut c = gw.connect();
+    let chunked =
+        b"POST /api/up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFF\r\nabc";
+    c.send(chunked);
+    assert_eq!(c.read_response().status, 413);
+    let l = &read_log(&log2, 4)[3];
+    assert_eq!(
+        (l["status"].as_u64(), l["bytes_in"].as_u64()),
+        (Some(413), Some(chunked.len() as u64)),
+        "{l}"
+    );
     // A stop drains and writes the last lines, and does not wait on the log.
     let mut gw = gw;
     assert_eq!(
@@ -900,6 +913,60 @@ fn lines_that_cannot_be_written_are_counted_and_the_error_logged_once() {
         .filter(|l| l.contains("access log: write failed"))
         .count();
     assert_eq!(errors, 1, "{:#?}", gw.log_lines());
+}
+
+#[test]
+fn a_file_size_limit_loses_lines_not_the_process() {
+    // A write past RLIMIT_FSIZE (systemd's LimitFSIZE=, `ulimit -f`) raises SIGXFSZ, whose
+    // default action ends the process: before, the gateway died there, a torn line at the
+    // end of its log. Ignored, the write fails (EFBIG), the line is counted lost and the
+    // file cut back to its last whole line.
+    let origin = Origin::echo();
+    let dir = temp_dir("access-log-fsize");
+    let log = dir.join("access.log");
+    std::fs::write(&log, format!("{}\n", "x".repeat(9999))).unwrap();
+    let gw = Gateway::start(
+        &proxy_config(
+            origin.addr,
+            &format!("[access_log]\npath = \"{}\"\n", log.display()),
+        ),
+        Driver::IoUring,
+    );
+    let limit = libc::rlimit {
+        rlim_cur: 10_100,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit on our own child, with a valid rlimit and no old-limit pointer.
+    let rc = unsafe { libc::prlimit(gw.pid(), libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let mut c = gw.connect();
+    for _ in 0..3 {
+        assert_eq!(
+            c.roundtrip("GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+            200
+        );
+    }
+    let lost = || {
+        let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gateway_access_log_lost_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .expect("gateway_access_log_lost_total")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lost() < 3 {
+        assert!(Instant::now() < deadline, "lost lines: {}", lost());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.ends_with('\n'), "a torn line: {:?}", &text[9_990..]);
+    // Still serving.
+    assert_eq!(
+        gw.connect()
+            .roundtrip("GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status,
+        200
+    );
 }
 
 #[test]

@@ -777,6 +777,18 @@ fn allowed(route: &Route) -> Vec<u8> {
     out
 }
 
+/// Refuses a request for its body (malformed, too large, cut off or too slow), counting
+/// the body bytes read for it (the access log's `bytes_in` is what came on the wire).
+async fn refuse_body<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    kind: ErrorKind,
+) -> Next {
+    req.bytes_in += down.buf.len().saturating_sub(head.head_end) as u64;
+    down.fail(req, kind).await
+}
+
 /// Forwards the request to a target of `up` and relays the response (reshaped by `shape`, if
 /// any); `peer` is the address the connection came from (appended to `X-Forwarded-For`);
 /// `refused`: the fields a chunked body's trailer section must not carry
@@ -806,10 +818,10 @@ async fn proxy<S: ClientStream>(
             let mut d = ChunkedDecoder::request(down.limits.max_header_bytes, refused.clone());
             let k = match d.advance(buffered) {
                 Ok(k) => k,
-                Err(_) => return down.fail(req, ErrorKind::BadRequest).await,
+                Err(_) => return refuse_body(down, req, head, ErrorKind::BadRequest).await,
             };
             if d.declared_len() > down.limits.max_body_bytes {
-                return down.fail(req, ErrorKind::BodyTooLarge).await;
+                return refuse_body(down, req, head, ErrorKind::BodyTooLarge).await;
             }
             let left = u64::from(!d.is_done());
             decoder = Some(d);
@@ -832,7 +844,7 @@ async fn proxy<S: ClientStream>(
     match (head.body, decoder.as_mut()) {
         (BodyKind::Length(n), _) if hold && n <= downstream::BODY_BUF as u64 => {
             if let Err(kind) = down.read_body_whole(head.head_end + n as usize).await {
-                return down.fail(req, kind).await;
+                return refuse_body(down, req, head, kind).await;
             }
             (first_body, body_left) = (n as usize, 0);
         }
@@ -840,14 +852,14 @@ async fn proxy<S: ClientStream>(
             let cap = head.head_end + downstream::BODY_BUF;
             while !d.is_done() && down.buf.len() < cap {
                 if let Err(kind) = down.read_body_some(cap).await {
-                    return down.fail(req, kind).await;
+                    return refuse_body(down, req, head, kind).await;
                 }
                 let k = match d.advance(&down.buf[head.head_end + first_body..]) {
                     Ok(k) => k,
-                    Err(_) => return down.fail(req, ErrorKind::BadRequest).await,
+                    Err(_) => return refuse_body(down, req, head, ErrorKind::BadRequest).await,
                 };
                 if d.declared_len() > down.limits.max_body_bytes {
-                    return down.fail(req, ErrorKind::BodyTooLarge).await;
+                    return refuse_body(down, req, head, ErrorKind::BodyTooLarge).await;
                 }
                 first_body += k;
             }
