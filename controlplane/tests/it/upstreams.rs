@@ -27,6 +27,8 @@ enum Mode {
     Slow(Duration),
     /// Answers requests, fails its health check (500).
     SickCheck,
+    /// Sends a head and part of the body it announces, then closes.
+    CutBody,
 }
 
 /// A backend that can be killed (listener and every connection closed) and brought back on
@@ -172,6 +174,12 @@ fn serve(
             Mode::Slow(d) if !health => {
                 thread::sleep(d);
                 (200, name.to_owned())
+            }
+            Mode::CutBody if !health => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+                // Closed though `conns` holds a clone of it.
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return;
             }
             Mode::SickCheck if health => (500, name.to_owned()),
             _ => (200, name.to_owned()),
@@ -1465,6 +1473,43 @@ fn failing_targets_are_ejected_for_a_growing_time_and_come_back() {
             )
         ),
         6
+    );
+}
+
+#[test]
+fn a_target_that_cuts_its_answers_short_is_counted_and_ejected() {
+    // The head is fine, the body ends early: the client's answer is cut, and the target
+    // failed it as much as one that closes before answering (before: counted a success,
+    // never ejected, no target error).
+    let good = Backend::start("good", Mode::Answer);
+    let cut = Backend::start("cut", Mode::CutBody);
+    let settings =
+        "passive = { consecutive_failures = 2, ejection_ms = 60000, max_ejected_percent = 50 }";
+    let gw = Gateway::start(
+        &config(1, &[target(good.addr), target(cut.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    for _ in 0..6 {
+        let mut c = gw.connect();
+        c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        // Whole or cut, the answer ends with the connection.
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = c.stream.read_to_end(&mut Vec::new());
+    }
+    assert_eq!(states(&gw)[&cut.addr.to_string()], "ejected");
+    assert_eq!(cut.hits.load(SeqCst), 2);
+    assert_eq!(
+        metric(
+            &gw,
+            &format!(
+                "gateway_target_errors_total{{upstream=\"u\",target=\"{}\",\
+                 kind=\"upstream_closed\"}}",
+                cut.addr
+            )
+        ),
+        2
     );
 }
 

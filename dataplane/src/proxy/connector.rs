@@ -219,6 +219,10 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     set: Rc<Arc<TargetSet>>,
     /// The target whose request is open (begun and not yet ended).
     open: Cell<Option<usize>>,
+    /// The open target answered with a head that counts as a success for passive health;
+    /// it is recorded when the exchange ends, unless the answer's body fails first
+    /// ([`Connector::answer_failed`]): a target that cuts every body short is not healthy.
+    answered: Cell<bool>,
     /// Counted in the upstream's in-flight requests.
     in_flight: Cell<bool>,
     /// [`common::live::GENERATION`] when the exchange began: if target sets were published
@@ -347,6 +351,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             generation: common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire),
             set: source.target_set(&up),
             open: Cell::new(None),
+            answered: Cell::new(false),
             in_flight: Cell::new(false),
             source,
             up,
@@ -365,10 +370,13 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// becomes (see [`Hold`]); the connector's drop then releases nothing.
     pub fn hold(&self) -> Hold {
         Hold {
-            target: self
-                .open
-                .take()
-                .map(|i| (self.set.targets[i].state.clone(), self.source.stripe())),
+            target: self.open.take().map(|i| {
+                let state = &self.set.targets[i].state;
+                if self.answered.replace(false) {
+                    state.succeeded();
+                }
+                (state.clone(), self.source.stripe())
+            }),
             circuit: self
                 .in_flight
                 .replace(false)
@@ -761,7 +769,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                         // A gRPC server's way of saying 503: its answers are all HTTP 200.
                         state.failed(u.passive.as_ref(), set, now_ms());
                     } else {
-                        state.succeeded();
+                        // Recorded when the exchange ends (see `answered`).
+                        self.answered.set(true);
                     }
                     self.retry
                         .is_some_and(|r| r.on_status(status) || grpc.is_some_and(|c| r.on_grpc(c)))
@@ -805,11 +814,30 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
-    /// Ends the open target's request (it stops counting as outstanding there).
+    /// Ends the open target's request (it stops counting as outstanding there), recording
+    /// its success if it answered well and nothing failed since.
     fn close_target(&self) {
         if let Some(i) = self.open.take() {
-            self.set.targets[i].state.end(self.source.stripe());
+            let state = &self.set.targets[i].state;
+            if self.answered.replace(false) {
+                state.succeeded();
+            }
+            state.end(self.source.stripe());
         }
+    }
+
+    /// The answer's body failed after its head, for `kind`: an upstream failure (closed or
+    /// reset while answering, malformed framing, silent past `upstream_body_ms`) counts
+    /// against the target in its error counts and passive health, as one before the head
+    /// does. A client-side failure does not.
+    pub fn answer_failed(&self, kind: ErrorKind) {
+        let (Some(k), Some(i)) = (kind.target_failure(), self.open.get()) else {
+            return;
+        };
+        self.answered.set(false);
+        let state = &self.set.targets[i].state;
+        state.count_error(self.source.stripe(), k);
+        state.failed(self.up.upstream.passive.as_ref(), &self.set, now_ms());
     }
 
     /// One try on `target`: a pooled session, and once more on a fresh connection when the

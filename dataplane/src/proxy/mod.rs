@@ -1108,8 +1108,15 @@ async fn proxy<S: ClientStream>(
             }
             connector.checkin_at(session, outcome, req.end_now());
         }
-        Err(e) if req.status == 0 => return upstream_failed(ctx, down, req, head, e.kind).await,
         Err(e) => {
+            // A shaped route's `upstream_malformed` may be its filter refusing an answer
+            // (compressed, too large, not JSON): that is not the target's health.
+            if shape.is_none() || e.kind != ErrorKind::UpstreamMalformed {
+                connector.answer_failed(e.kind);
+            }
+            if req.status == 0 {
+                return upstream_failed(ctx, down, req, head, e.kind).await;
+            }
             req.fail(e.kind);
             return Next::Cut;
         }
