@@ -263,6 +263,11 @@ pub(crate) async fn finish_read<F: Future<Output = ReadOutcome> + ?Sized>(
         while timer.poll_expired(cx) {
             let now = Instant::now();
             let Some((client, next)) = watch.as_mut().filter(|_| now < deadline) else {
+                // A client that left since its last look (up to CLIENT_CHECK ago) is what
+                // ended the wait for it: its 499, not a timeout charged to the upstream.
+                if watch.as_ref().is_some_and(|(client, _)| client.gone()) {
+                    return Poll::Ready(Err(ReadError::ClientLeft));
+                }
                 return Poll::Ready(Err(ReadError::Timeout));
             };
             if client.gone() {

@@ -417,6 +417,33 @@ fn a_client_that_leaves_a_slow_answer_ends_its_upstream_request() {
 }
 
 #[test]
+fn a_client_that_leaves_before_the_response_timeout_is_499_not_the_upstreams_504() {
+    // The response timeout (400 ms) comes before the first look at the client (after 1 s):
+    // the client that left at 100 ms is looked at then. Before: 504 response_timeout,
+    // counted against the target (its errors, passive health, `retry.on`).
+    let origin = Origin::echo();
+    let (tx, _ended) = std::sync::mpsc::channel();
+    let hold = holding_origin(tx);
+    let log = temp_dir("access-log-left-early").join("access.log");
+    let config = log_config(&origin, &hold, &log, "");
+    assert!(config.contains("upstream_response_head_ms = 400"));
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Request-Id: early\r\n\r\n")
+        .unwrap();
+    hold.wait_requests(1);
+    drop(s);
+    let l = &read_log(&log, 1)[0];
+    assert_eq!(
+        (&l["request_id"], &l["status"], &l["error"]),
+        (&json!("early"), &json!(499), &json!("client_closed")),
+        "{l}"
+    );
+    let health = gw.admin("GET", "/v1/upstreams/slow/health", None).json();
+    assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
+}
+
+#[test]
 fn unparsable_requests_and_sampling() {
     let origin = Origin::echo();
     let slow = slow_origin(Duration::from_millis(0));
