@@ -516,7 +516,17 @@ pub fn refuse_paths_in(dir: &Path, config: &Config) -> Result<(), (&'static str,
     let Some(log) = &config.access_log else {
         return Ok(());
     };
-    if log.path == "stdout" || !inside(dir, Path::new(&log.path)) {
+    if log.path == "stdout" {
+        return Ok(());
+    }
+    if Path::new(&log.path).is_dir() {
+        // Every line would be lost (a directory cannot be opened to append to).
+        return Err((
+            "/access_log/path",
+            format!("{} is a directory: name a file (in it)", log.path),
+        ));
+    }
+    if !inside(dir, Path::new(&log.path)) {
         return Ok(());
     }
     Err((

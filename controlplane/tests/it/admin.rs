@@ -503,6 +503,18 @@ fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         422,
     );
     assert_eq!(p["pointer"], json!("/access_log/path"), "{p}");
+    // A directory: every line would be lost (before: taken).
+    let elsewhere = temp_dir("admin-log-dir");
+    config["access_log"] = json!({ "path": elsewhere });
+    let p = problem(
+        &gw.admin("PUT", "/v1/config", Some(&config.to_string())),
+        422,
+    );
+    assert_eq!(p["pointer"], json!("/access_log/path"), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("is a directory"),
+        "{p}"
+    );
     let big = format!(
         r#"{{"path":"/r","respond":{{"body":"{}"}}}}"#,
         "x".repeat(1_100_000)
