@@ -208,12 +208,31 @@ impl TargetState {
         self.ejections.load(Relaxed)
     }
 
-    /// A request succeeded here (passive health): the failure streak ends.
+    /// A request succeeded here (passive health): the failure streak ends. The streak it
+    /// ended, for [`TargetState::failed_after_all`].
     #[inline]
-    pub fn succeeded(&self) {
-        if self.consecutive_failures.load(Relaxed) != 0 {
+    pub fn succeeded(&self) -> u32 {
+        let streak = self.consecutive_failures.load(Relaxed);
+        if streak != 0 {
             self.consecutive_failures.store(0, Relaxed);
         }
+        streak
+    }
+
+    /// A request whose answer's head counted as a success (ending a `streak` of failures)
+    /// failed after all, in its body: the streak goes on from where the head ended it, this
+    /// failure added, as [`TargetState::failed`] says. (An answer's success is taken when its
+    /// head comes, as Envoy takes it, so that a long body does not hold back the failures
+    /// of the requests after it.)
+    pub fn failed_after_all(
+        &self,
+        streak: u32,
+        passive: Option<&Passive>,
+        set: &TargetSet,
+        now: u64,
+    ) -> bool {
+        self.consecutive_failures.fetch_add(streak, Relaxed);
+        self.failed(passive, set, now)
     }
 
     /// A request failed here. With passive health, the `consecutive_failures`-th failure in

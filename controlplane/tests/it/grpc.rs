@@ -853,6 +853,31 @@ fn h2c_upstream_config(
     )
 }
 
+#[test]
+fn an_http2_answer_cut_after_its_head_counts_against_its_target() {
+    // The head (200) and the start of a body, then RST_STREAM: a failure of the target, as
+    // over HTTP/1.1 (before: counted a success, never ejected).
+    let peer = ResetPeer::start_with(&["2", "partial"]);
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "",
+        "",
+        "passive = { consecutive_failures = 2, ejection_ms = 60000, max_ejected_percent = 100 }",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for _ in 0..2 {
+        let mut c = gw.connect();
+        c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = c.stream.read_to_end(&mut Vec::new());
+    }
+    let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
+    assert_eq!(health["targets"][0]["state"], "ejected", "{health}");
+}
+
 /// A gateway with an h2c listener whose one route goes to `peer` as an h2c upstream of at
 /// most two connections (`circuit.max_connections`).
 fn two_connections_to(peer: &ResetPeer) -> Gateway {

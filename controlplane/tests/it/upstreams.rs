@@ -27,8 +27,8 @@ enum Mode {
     Slow(Duration),
     /// Answers requests, fails its health check (500).
     SickCheck,
-    /// Sends a head and part of the body it announces, then closes.
-    CutBody,
+    /// Sends a head with this status and part of the body it announces, then closes.
+    CutBody(u16),
 }
 
 /// A backend that can be killed (listener and every connection closed) and brought back on
@@ -175,8 +175,9 @@ fn serve(
                 thread::sleep(d);
                 (200, name.to_owned())
             }
-            Mode::CutBody if !health => {
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+            Mode::CutBody(status) if !health => {
+                let head = format!("HTTP/1.1 {status} X\r\nContent-Length: 100\r\n\r\n");
+                let _ = s.write_all(format!("{head}0123456789").as_bytes());
                 // Closed though `conns` holds a clone of it.
                 let _ = s.shutdown(std::net::Shutdown::Both);
                 return;
@@ -1482,35 +1483,48 @@ fn a_target_that_cuts_its_answers_short_is_counted_and_ejected() {
     // failed it as much as one that closes before answering (before: counted a success,
     // never ejected, no target error).
     let good = Backend::start("good", Mode::Answer);
-    let cut = Backend::start("cut", Mode::CutBody);
+    let cut = Backend::start("cut", Mode::CutBody(200));
+    let cut_5xx = Backend::start("cut-5xx", Mode::CutBody(503));
     let settings =
         "passive = { consecutive_failures = 2, ejection_ms = 60000, max_ejected_percent = 50 }";
-    let gw = Gateway::start(
-        &config(1, &[target(good.addr), target(cut.addr)], settings, ""),
-        Driver::IoUring,
-    );
-    for _ in 0..6 {
-        let mut c = gw.connect();
-        c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-        // Whole or cut, the answer ends with the connection.
-        c.stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let _ = c.stream.read_to_end(&mut Vec::new());
-    }
-    assert_eq!(states(&gw)[&cut.addr.to_string()], "ejected");
-    assert_eq!(cut.hits.load(SeqCst), 2);
-    assert_eq!(
+    let targets = [target(good.addr), target(cut.addr), target(cut_5xx.addr)];
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let send = |n: usize| {
+        for _ in 0..n {
+            let mut c = gw.connect();
+            c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+            // Whole or cut, the answer ends with the connection.
+            c.stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = c.stream.read_to_end(&mut Vec::new());
+        }
+    };
+    let errors = |t: &Backend, kind: &str| {
         metric(
             &gw,
             &format!(
-                "gateway_target_errors_total{{upstream=\"u\",target=\"{}\",\
-                 kind=\"upstream_closed\"}}",
-                cut.addr
-            )
-        ),
-        2
-    );
+                "gateway_target_errors_total{{upstream=\"u\",target=\"{}\",kind=\"{kind}\"}}",
+                t.addr
+            ),
+        )
+    };
+    // Round robin: each target once. A 503 cut short is one failure (its status), not two.
+    send(3);
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    let streaks: Vec<&serde_json::Value> = (0..3)
+        .map(|i| &health["targets"][i]["consecutive_failures"])
+        .collect();
+    assert_eq!(streaks, [0, 1, 1], "{health}");
+    assert_eq!(errors(&cut_5xx, "status_5xx"), 1);
+    // The second failure in a row ejects each: a cut body counts as a failure after all,
+    // though its head's success ended the streak first.
+    send(3);
+    assert_eq!(states(&gw)[&cut.addr.to_string()], "ejected");
+    assert_eq!(cut.hits.load(SeqCst), 2);
+    assert_eq!(errors(&cut, "upstream_closed"), 2);
+    assert_eq!(errors(&cut_5xx, "status_5xx"), 2);
+    assert_eq!(errors(&cut_5xx, "upstream_closed"), 0);
 }
 
 #[test]

@@ -219,10 +219,10 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     set: Rc<Arc<TargetSet>>,
     /// The target whose request is open (begun and not yet ended).
     open: Cell<Option<usize>>,
-    /// The open target answered with a head that counts as a success for passive health;
-    /// it is recorded when the exchange ends, unless the answer's body fails first
-    /// ([`Connector::answer_failed`]): a target that cuts every body short is not healthy.
-    answered: Cell<bool>,
+    /// The open target answered with a head that counted as a success for passive health:
+    /// the failure streak that success ended, should the answer fail after all
+    /// ([`Connector::answer_failed`]).
+    answered: Cell<Option<u32>>,
     /// Counted in the upstream's in-flight requests.
     in_flight: Cell<bool>,
     /// [`common::live::GENERATION`] when the exchange began: if target sets were published
@@ -351,7 +351,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             generation: common::live::GENERATION.load(std::sync::atomic::Ordering::Acquire),
             set: source.target_set(&up),
             open: Cell::new(None),
-            answered: Cell::new(false),
+            answered: Cell::new(None),
             in_flight: Cell::new(false),
             source,
             up,
@@ -370,13 +370,10 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// becomes (see [`Hold`]); the connector's drop then releases nothing.
     pub fn hold(&self) -> Hold {
         Hold {
-            target: self.open.take().map(|i| {
-                let state = &self.set.targets[i].state;
-                if self.answered.replace(false) {
-                    state.succeeded();
-                }
-                (state.clone(), self.source.stripe())
-            }),
+            target: self
+                .open
+                .take()
+                .map(|i| (self.set.targets[i].state.clone(), self.source.stripe())),
             circuit: self
                 .in_flight
                 .replace(false)
@@ -769,8 +766,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                         // A gRPC server's way of saying 503: its answers are all HTTP 200.
                         state.failed(u.passive.as_ref(), set, now_ms());
                     } else {
-                        // Recorded when the exchange ends (see `answered`).
-                        self.answered.set(true);
+                        self.answered.set(Some(state.succeeded()));
                     }
                     self.retry
                         .is_some_and(|r| r.on_status(status) || grpc.is_some_and(|c| r.on_grpc(c)))
@@ -814,30 +810,35 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
     }
 
-    /// Ends the open target's request (it stops counting as outstanding there), recording
-    /// its success if it answered well and nothing failed since.
+    /// Ends the open target's request (it stops counting as outstanding there).
     fn close_target(&self) {
+        self.answered.set(None);
         if let Some(i) = self.open.take() {
-            let state = &self.set.targets[i].state;
-            if self.answered.replace(false) {
-                state.succeeded();
-            }
-            state.end(self.source.stripe());
+            self.set.targets[i].state.end(self.source.stripe());
         }
     }
 
-    /// The answer's body failed after its head, for `kind`: an upstream failure (closed or
-    /// reset while answering, malformed framing, silent past `upstream_body_ms`) counts
-    /// against the target in its error counts and passive health, as one before the head
-    /// does. A client-side failure does not.
+    /// The answer whose head counted as a success failed after all, for `kind`: an upstream
+    /// failure (closed or reset while answering, malformed framing or a `101` nobody asked
+    /// for, silent past `upstream_body_ms`) counts against the target in its error counts
+    /// and passive health, as one before the head does; once per answer, and not for an
+    /// answer its status already counted as a failure (a 5xx). A client-side failure does
+    /// not count.
     pub fn answer_failed(&self, kind: ErrorKind) {
-        let (Some(k), Some(i)) = (kind.target_failure(), self.open.get()) else {
+        let Some(k) = kind.target_failure() else {
             return;
         };
-        self.answered.set(false);
+        let (Some(i), Some(streak)) = (self.open.get(), self.answered.take()) else {
+            return;
+        };
         let state = &self.set.targets[i].state;
         state.count_error(self.source.stripe(), k);
-        state.failed(self.up.upstream.passive.as_ref(), &self.set, now_ms());
+        state.failed_after_all(
+            streak,
+            self.up.upstream.passive.as_ref(),
+            &self.set,
+            now_ms(),
+        );
     }
 
     /// One try on `target`: a pooled session, and once more on a fresh connection when the

@@ -52,6 +52,9 @@ pub(crate) struct RequestCtx {
     /// Of `bytes_out`, those passed on through a pipe ([`crate::splice`]).
     pub spliced: u64,
     pub error: Option<ErrorKind>,
+    /// The route's response filter refused the upstream's answer (its `upstream_malformed`
+    /// is the route's rule, not the target's failure).
+    pub filter_refused: bool,
     pub request_id: RequestId,
     pub trace: TraceParent,
     /// Index of the aggregate that answered, if one did.
@@ -108,6 +111,7 @@ impl RequestCtx {
             bytes_out: 0,
             spliced: 0,
             error: None,
+            filter_refused: false,
             request_id: RequestId::default(),
             trace: TraceParent::default(),
             aggregate: None,
@@ -139,6 +143,7 @@ impl RequestCtx {
         self.bytes_out = 0;
         self.spliced = 0;
         self.error = None;
+        self.filter_refused = false;
         self.request_id.clear();
         self.trace.clear();
         self.aggregate = None;

@@ -1501,6 +1501,7 @@ pub(super) async fn forward<S: ClientStream>(
             }
         }
         Err((status, kind)) => {
+            connector.answer_failed(kind);
             req.status = status;
             req.fail(kind);
             Next::Cut

@@ -1048,12 +1048,14 @@ async fn proxy<S: ClientStream>(
                 offered,
             );
         if !switched {
+            connector.answer_failed(ErrorKind::UpstreamMalformed);
             return upstream_failed(ctx, down, req, head, ErrorKind::UpstreamMalformed).await;
         }
         req.status = 101;
         return Next::Upgrade(Box::new((*session.conn, resp, connector.hold())));
     }
     if !carried::<S>(&resp, head.http10) {
+        connector.answer_failed(ErrorKind::UpstreamMalformed);
         return upstream_failed(ctx, down, req, head, ErrorKind::UpstreamMalformed).await;
     }
     // An answer before the whole request: the rest of the request is not read, so neither
@@ -1109,9 +1111,9 @@ async fn proxy<S: ClientStream>(
             connector.checkin_at(session, outcome, req.end_now());
         }
         Err(e) => {
-            // A shaped route's `upstream_malformed` may be its filter refusing an answer
-            // (compressed, too large, not JSON): that is not the target's health.
-            if shape.is_none() || e.kind != ErrorKind::UpstreamMalformed {
+            // Not a filter refusing an answer (compressed, too large, not JSON): that is the
+            // route's rule, not the target's health.
+            if !req.filter_refused {
                 connector.answer_failed(e.kind);
             }
             if req.status == 0 {

@@ -641,6 +641,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         // cannot be filtered: not relayed with what the filter is there to remove.
         let partial = resp.status == 206;
         if filters && (partial || matches!(reason, SkipReason::Compressed | SkipReason::TooLarge)) {
+            req.filter_refused = true;
             return Err(ErrorKind::UpstreamMalformed.into());
         }
         return relay_response(down, req, conn, resp, http10, close_client).await;
@@ -706,6 +707,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
             metrics.transform_skipped(reason);
             if filters {
                 conn.buf = Vec::with_capacity(UPSTREAM_READ);
+                req.filter_refused = true;
                 return Err(ErrorKind::UpstreamMalformed.into());
             }
             // A reader started on `wire` sees a clean end; what followed the body in the
