@@ -90,6 +90,13 @@ pub fn check(path: &Path) -> i32 {
             );
             EXIT_INVALID
         }
+        // As the start refuses it too (which also refuses one inside the data directory:
+        // that needs the directory, which a check has not).
+        Ok(s) if store::local::refuse_log_directory(&s.config).is_err() => {
+            let (at, why) = store::local::refuse_log_directory(&s.config).unwrap_err();
+            eprintln!("{}: invalid config: {at}: {why}", path.display());
+            EXIT_INVALID
+        }
         Ok(s) => {
             println!(
                 "{}: OK ({} listener(s), {} upstream(s), {} route(s))",

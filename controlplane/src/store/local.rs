@@ -516,17 +516,8 @@ pub fn refuse_paths_in(dir: &Path, config: &Config) -> Result<(), (&'static str,
     let Some(log) = &config.access_log else {
         return Ok(());
     };
-    if log.path == "stdout" {
-        return Ok(());
-    }
-    if Path::new(&log.path).is_dir() {
-        // Every line would be lost (a directory cannot be opened to append to).
-        return Err((
-            "/access_log/path",
-            format!("{} is a directory: name a file (in it)", log.path),
-        ));
-    }
-    if !inside(dir, Path::new(&log.path)) {
+    refuse_log_directory(config)?;
+    if log.path == "stdout" || !inside(dir, Path::new(&log.path)) {
         return Ok(());
     }
     Err((
@@ -538,6 +529,21 @@ pub fn refuse_paths_in(dir: &Path, config: &Config) -> Result<(), (&'static str,
             dir.display()
         ),
     ))
+}
+
+/// Refuses an access log path that names a directory, or ends with `/` as one does: every
+/// line would be lost (a directory cannot be opened to append to).
+pub fn refuse_log_directory(config: &Config) -> Result<(), (&'static str, String)> {
+    let Some(log) = &config.access_log else {
+        return Ok(());
+    };
+    if log.path != "stdout" && (log.path.ends_with('/') || Path::new(&log.path).is_dir()) {
+        return Err((
+            "/access_log/path",
+            format!("{} is a directory: name a file (in it)", log.path),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `path` is `dir` or inside it, after following symbolic links (as far as they

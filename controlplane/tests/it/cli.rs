@@ -85,6 +85,26 @@ fn check_refuses_an_exposed_admin_api_without_a_token_as_the_start_does() {
 }
 
 #[test]
+fn check_refuses_an_access_log_that_names_a_directory_as_the_start_does() {
+    // Every line would be lost; before, `--check` said OK and the start then refused it.
+    let dir = temp_dir("cli-log-dir");
+    for path in [
+        dir.display().to_string(),
+        format!("{}/not-yet/", dir.display()),
+    ] {
+        let f = write(
+            "log-dir.toml",
+            &format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[access_log]\npath = \"{path}\"\n"),
+        );
+        for args in [vec!["--check", &f], vec!["--config", &f]] {
+            let (code, _, err) = gateway(&args);
+            assert_eq!(code, Some(2), "{args:?}: {err}");
+            assert!(err.contains("is a directory"), "{args:?}: {err}");
+        }
+    }
+}
+
+#[test]
 fn an_access_log_inside_the_data_directory_is_refused_before_anything_is_stored() {
     // Its lines would go into the config store's journal or checkpoint.
     let data = temp_dir("cli-log-in-data");

@@ -239,7 +239,7 @@ impl ConnInfo {
         resets > self.max_resets && u64::from(resets) * 2 > u64::from(self.streams.get())
     }
 
-    /// Counts a stream the client reset mid-answer.
+    /// Counts a stream the client reset mid-answer, or one the gateway reset as malformed.
     fn reset_by_client(&self) {
         self.resets.set(self.resets.get() + 1);
         if self.too_many_resets() {
@@ -293,6 +293,10 @@ async fn serve_request(
     {
         let mut respond = respond;
         respond.send_reset(Reason::PROTOCOL_ERROR);
+        // Counted as a client's reset is: a connection that sends little else is ended
+        // (GOAWAY ENHANCE_YOUR_CALM), as one resetting its streams is (h2 counts only the
+        // resets it makes itself).
+        info.reset_by_client();
         // Logged as a malformed HTTP/1.1 request is (`400`, `bad_request`), though its
         // answer is the reset: an attack of such requests shows in the access log.
         let snap = ctx.snapshot();
