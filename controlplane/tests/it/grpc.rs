@@ -854,6 +854,38 @@ fn h2c_upstream_config(
 }
 
 #[test]
+fn a_silent_grpc_upstream_past_the_cap_is_the_targets_timeout() {
+    // Calls with a 10 s deadline, capped at 500 ms, to an upstream that never answers (a
+    // connection gone silent): each ends DEADLINE_EXCEEDED for the client, but the silence
+    // is the target's response timeout (its connection not used again, counted in its
+    // health). Before: taken for the client's deadline, the dead connection was used for
+    // every later call and the target never ejected.
+    let mut peer = ResetPeer::start_with(&["0", "silent"]);
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "h2c = true",
+        "[timeouts]\nupstream_response_head_ms = 500\n",
+        "protocol = \"grpc\"\n\
+         passive = { consecutive_failures = 2, ejection_ms = 60000, max_ejected_percent = 100 }",
+        "",
+    )
+    .replace("protocol = \"h2c\"\n", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let a = calls(gw.listeners[0], None, &["unary", "unary"]);
+    for answer in &a {
+        assert_eq!(answer["code"], "DEADLINE_EXCEEDED", "{answer}");
+    }
+    let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
+    assert_eq!(health["targets"][0]["state"], "ejected", "{health}");
+    // Each call on a connection of its own.
+    let connections = std::iter::from_fn(|| line_within(&mut peer.out, Duration::from_secs(5)))
+        .filter(|l| l == "connection\n")
+        .take(2)
+        .count();
+    assert_eq!(connections, 2);
+}
+
+#[test]
 fn an_http2_answer_cut_after_its_head_counts_against_its_target() {
     // The head (200) and the start of a body, then RST_STREAM: a failure of the target, as
     // over HTTP/1.1 (before: counted a success, never ejected).

@@ -274,8 +274,12 @@ impl Outgoing {
     }
 }
 
+/// How long past a gRPC call's deadline its upstream may take to answer DEADLINE_EXCEEDED
+/// itself (it was told the deadline) before the gateway gives up on it.
+const GRPC_GRACE: Duration = Duration::from_millis(200);
+
 /// Turns the forwarded HTTP/1.1 head into an HTTP/2 request. Sets `grpc_timeout` to the
-/// call's timeout (capped by `cap`) when it has one.
+/// call's timeout, as the client asked, when it has one (it goes upstream capped by `cap`).
 fn outgoing(
     h1: &[u8],
     call: Call,
@@ -323,7 +327,7 @@ fn outgoing(
         }
         if name == "grpc-timeout" {
             if call.is_grpc() {
-                *grpc_timeout = parse_grpc_timeout(f.value).map(|t| t.min(cap));
+                *grpc_timeout = parse_grpc_timeout(f.value);
             }
             continue;
         }
@@ -356,7 +360,7 @@ fn outgoing(
         // gRPC servers require it (it tells them trailers will get through).
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
         if let Some(t) = *grpc_timeout {
-            headers.insert("grpc-timeout", grpc_timeout_value(t));
+            headers.insert("grpc-timeout", grpc_timeout_value(t.min(cap)));
         }
     }
     Ok(Outgoing {
@@ -1070,7 +1074,12 @@ pub(super) async fn forward<S: ClientStream>(
         Err(kind) => return fail(down, req, call, &encoding, kind, false, asked).await,
     };
     drop(h1);
-    let call_deadline = grpc_timeout.map(|t| req.started + t);
+    // The call's time, capped by `upstream_response_head_ms`; and the client's own
+    // deadline, which alone makes an expiry the client's (DEADLINE_EXCEEDED, not the
+    // target's failure): one the cap ends is a response timeout like any other.
+    let cap = timeouts.upstream_response_head;
+    let call_deadline = grpc_timeout.map(|t| req.started + t.min(cap));
+    let client_deadline = grpc_timeout.map(|t| req.started + t);
 
     // The request body. An HTTP/2 client that asked for `100 Continue` gets it (as
     // informational HEADERS) before its body is read; the HTTP/1.1 path sends its own.
@@ -1364,18 +1373,25 @@ pub(super) async fn forward<S: ClientStream>(
             }
             sent_at.set(Instant::now());
             let head_deadline = sent_at.get() + timeouts.upstream_response_head;
-            let mut deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
-            if let Some(d) = call_deadline {
-                deadline = deadline.min(d);
-            }
+            // A gRPC call's upstream was told its deadline (the client's, or the cap), and
+            // one that is there answers DEADLINE_EXCEEDED itself when it passes: it has
+            // GRPC_GRACE more to do so before its silence is its failure.
+            let head_deadline = match call_deadline {
+                Some(d) => d + GRPC_GRACE,
+                None => head_deadline,
+            };
+            let deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let response = monoio::time::timeout_at(deadline.into(), response).await;
             if pumped && replay.borrow().complete().is_none() {
                 // The body is still arriving (or too big to keep): no other target can get it.
                 req.attempts.committed = true;
             }
             return match response {
-                // The call's own deadline: the client's choice, not the target's failure.
-                Err(_) if call_deadline.is_some_and(|d| d <= deadline) => {
+                // The client's own deadline, told the upstream: the client's choice, not
+                // the target's failure. Past the cap instead (the client gave the call more
+                // time), a silent upstream is a response timeout as any other: its
+                // connection is not used again, and it counts against the target.
+                Err(_) if client_deadline.is_some_and(|d| d + GRPC_GRACE <= deadline) => {
                     Err(ProxyError::new(ErrorKind::DeadlineExceeded))
                 }
                 Err(_) => {
@@ -2114,7 +2130,11 @@ mod tests {
             &mut t,
         )
         .unwrap();
-        assert_eq!(t, Some(Duration::from_secs(60)), "capped");
+        assert_eq!(
+            t,
+            Some(Duration::from_secs(90)),
+            "the client's, to tell its expiry"
+        );
         assert_eq!(out.method, http::Method::POST);
         assert_eq!(out.uri, "http://api.example/pkg.Svc/Call");
         let h = &out.headers;
