@@ -910,13 +910,7 @@ fn lines_that_cannot_be_written_are_counted_and_the_error_logged_once() {
         &proxy_config(origin.addr, "[access_log]\npath = \"/dev/full\"\n"),
         Driver::IoUring,
     );
-    let lost = || {
-        let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix("gateway_access_log_lost_total "))
-            .map(|v| v.parse::<u64>().unwrap())
-            .expect("gateway_access_log_lost_total")
-    };
+    let lost = || lost_lines(&gw);
     let mut c = gw.connect();
     let deadline = Instant::now() + Duration::from_secs(10);
     // Requests in a few batches, until all 20 are counted.
@@ -940,6 +934,15 @@ fn lines_that_cannot_be_written_are_counted_and_the_error_logged_once() {
         .filter(|l| l.contains("access log: write failed"))
         .count();
     assert_eq!(errors, 1, "{:#?}", gw.log_lines());
+}
+
+/// `gateway_access_log_lost_total` now.
+fn lost_lines(gw: &Gateway) -> u64 {
+    let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("gateway_access_log_lost_total "))
+        .map(|v| v.parse::<u64>().unwrap())
+        .expect("gateway_access_log_lost_total")
 }
 
 #[test]
@@ -973,13 +976,7 @@ fn a_file_size_limit_loses_lines_not_the_process() {
             200
         );
     }
-    let lost = || {
-        let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix("gateway_access_log_lost_total "))
-            .map(|v| v.parse::<u64>().unwrap())
-            .expect("gateway_access_log_lost_total")
-    };
+    let lost = || lost_lines(&gw);
     let deadline = Instant::now() + Duration::from_secs(10);
     while lost() < 3 {
         assert!(Instant::now() < deadline, "lost lines: {}", lost());

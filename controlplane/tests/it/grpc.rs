@@ -899,12 +899,7 @@ fn an_http2_answer_cut_after_its_head_counts_against_its_target() {
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     for _ in 0..2 {
-        let mut c = gw.connect();
-        c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-        c.stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let _ = c.stream.read_to_end(&mut Vec::new());
+        gw.connect().get_to_close("/x");
     }
     let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
     assert_eq!(health["targets"][0]["state"], "ejected", "{health}");

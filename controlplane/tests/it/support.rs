@@ -397,6 +397,15 @@ impl Client {
         self.stream.write_all(bytes).unwrap();
     }
 
+    /// Sends `GET path` with `Connection: close` and reads until the connection ends (the
+    /// read timeout's 10 s at most), whether its answer came whole or was cut short.
+    pub fn get_to_close(&mut self, path: &str) {
+        self.send(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        let _ = self.stream.read_to_end(&mut self.buf);
+    }
+
     fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 65536];
         match self.stream.read(&mut chunk) {

@@ -1491,13 +1491,7 @@ fn a_target_that_cuts_its_answers_short_is_counted_and_ejected() {
     let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
     let send = |n: usize| {
         for _ in 0..n {
-            let mut c = gw.connect();
-            c.send(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
-            // Whole or cut, the answer ends with the connection.
-            c.stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let _ = c.stream.read_to_end(&mut Vec::new());
+            gw.connect().get_to_close("/x");
         }
     };
     let errors = |t: &Backend, kind: &str| {
