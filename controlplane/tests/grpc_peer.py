@@ -116,7 +116,10 @@ def bulky_health(request, context):
 
 
 def serve(mode, tls=None):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    # `one-stream`: SETTINGS_MAX_CONCURRENT_STREAMS 1 (grpc-core resets the streams a
+    # client opens past it).
+    options = (("grpc.max_concurrent_streams", 1),) if mode == "one-stream" else ()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(
             unavailable if mode == "unavailable" else unary, **IDENT
@@ -318,6 +321,17 @@ def check(ch, name):
             return {"reply": int(method(ch, "LastCancel", "uu")(b"", timeout=10))}
         if name == "remaining":
             return {"reply": method(ch, "Remaining", "uu")(b"", timeout=30).decode()}
+        if name == "burst":
+            # Four calls at once, each 200 ms long: their codes.
+            pending = [method(ch, "Sleep", "uu").future(b"200", timeout=10) for _ in range(4)]
+            codes = []
+            for f in pending:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+            return {"codes": codes}
         if name == "sleep_long":
             start = time.monotonic()
             try:

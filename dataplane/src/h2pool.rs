@@ -125,7 +125,12 @@ pub(crate) async fn handshake(
     // At most 2^31 - 1, the largest window HTTP/2 has (RFC 9113 6.9.1): fits in a u32.
     let connection_window = (u64::from(max_streams) * u64::from(STREAM_WINDOW))
         .clamp(u64::from(CONNECTION_WINDOW), (1 << 31) - 1) as u32;
-    b.initial_window_size(STREAM_WINDOW)
+    // Until the target's SETTINGS come, h2 would let any number of streams go out (the
+    // peer's limit is unknown), and a burst past the target's SETTINGS_MAX_CONCURRENT_STREAMS
+    // would be reset (grpc-core: ENHANCE_YOUR_CALM, not retried): at most `max_streams`,
+    // which the caller lowers to what the target said on its other connections.
+    b.initial_max_send_streams(max_streams as usize)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(connection_window)
         .max_header_list_size(max_header_list)
         .max_concurrent_reset_streams(1024)
@@ -227,6 +232,25 @@ impl H2Pool {
         let list = self.conns.get_mut(target, upstream)?;
         list.retain(|c| !c.closed.get());
         list.iter().find(|c| c.has_room()).cloned()
+    }
+
+    /// The most streams a new connection to `target` for `upstream` should carry: the
+    /// fewest its open connections allow (what the target's SETTINGS said on them), at most
+    /// `max_streams`.
+    pub fn stream_limit(
+        &self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        max_streams: u32,
+    ) -> u32 {
+        let Some(list) = self.conns.get(target, upstream) else {
+            return max_streams;
+        };
+        list.iter()
+            .filter(|c| !c.closed.get())
+            .map(|c| u32::try_from(c.send.current_max_send_streams()).unwrap_or(u32::MAX))
+            .fold(max_streams, u32::min)
+            .max(1)
     }
 
     /// Drops the connections to `target` for `upstream` that have ended (they hold a place in

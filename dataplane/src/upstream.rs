@@ -574,6 +574,12 @@ impl<T> Default for ByKey<T> {
 
 impl<T> ByKey<T> {
     /// The connections to `target` opened for `upstream`, if any were kept.
+    pub fn get(&self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> Option<&Vec<T>> {
+        let (_, list) = self.0.get(&PoolKey::new(target, upstream))?;
+        Some(list)
+    }
+
+    /// The connections to `target` opened for `upstream`, if any were kept.
     pub fn get_mut(
         &mut self,
         target: SocketAddr,

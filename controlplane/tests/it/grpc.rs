@@ -854,6 +854,30 @@ fn h2c_upstream_config(
 }
 
 #[test]
+fn a_burst_takes_no_more_streams_than_the_target_allows() {
+    // The target allows one stream per connection (SETTINGS_MAX_CONCURRENT_STREAMS 1). A
+    // new connection's streams go out before its SETTINGS come: once the target has said
+    // its limit on a connection, new ones take no more than that (before: the burst's
+    // second connection took three, and grpc-core reset two, UNAVAILABLE).
+    let svc = GrpcService::start("one-stream");
+    let dir = temp_dir("grpc-one-stream");
+    let cert = Cert::new(&dir, "grpc.test");
+    let upstream = format!(
+        "[[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\ntargets = [{{ address = \"{}\" }}]\n",
+        svc.addr
+    );
+    let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
+    let a = calls(gw.listeners[0], None, &["unary", "burst"]);
+    assert_eq!(a[0]["reply"], "echo:hello", "{}", a[0]);
+    assert_eq!(
+        a[1]["codes"],
+        serde_json::json!(["OK", "OK", "OK", "OK"]),
+        "{}",
+        a[1]
+    );
+}
+
+#[test]
 fn a_silent_grpc_upstream_past_the_cap_is_the_targets_timeout() {
     // Calls with a 10 s deadline, capped at 500 ms, to an upstream that never answers (a
     // connection gone silent): each ends DEADLINE_EXCEEDED for the client, but the silence

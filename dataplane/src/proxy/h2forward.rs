@@ -1273,18 +1273,24 @@ pub(super) async fn forward<S: ClientStream>(
                     connector.reached(target, shared)?
                 }
                 (None, None) => {
-                    let opening = ctx.h2pool.borrow_mut().open(
+                    // No more streams than the target allowed on its other connections:
+                    // its SETTINGS come only after the first streams may have gone out.
+                    let max_streams = ctx.h2pool.borrow().stream_limit(
                         target.addr,
                         &up.upstream.live,
                         up.upstream.max_streams,
                     );
+                    let opening =
+                        ctx.h2pool
+                            .borrow_mut()
+                            .open(target.addr, &up.upstream.live, max_streams);
                     let connected = async {
                         let (tcp, counted) = connector
                             .connect_stream(&mut req.attempts, target, try_deadline)
                             .await?;
                         let shake = h2pool::handshake(
                             tcp,
-                            up.upstream.max_streams,
+                            max_streams,
                             max_header_list,
                             counted,
                             timeouts.upstream_send,
