@@ -88,7 +88,8 @@ impl Resolver {
     /// The A and AAAA addresses of `host`, the smallest TTL of their records, and which
     /// family's query failed (`Some(true)`: A, `Some(false)`: AAAA) while the other answered:
     /// the caller keeps that family's last addresses rather than take its absence for an
-    /// answer. Either family may be missing; both missing is [`DnsError::Empty`].
+    /// answer (the list may then be empty: the other family has none). Either family may be
+    /// missing; both missing is [`DnsError::Empty`].
     pub async fn lookup_ip(
         &self,
         host: &str,
@@ -106,6 +107,7 @@ impl Resolver {
         let mut ttl = u32::MAX;
         let mut first_err = None;
         let mut failed = None;
+        let mut failures = 0;
         for (v4, r) in [(true, a), (false, aaaa)] {
             match r {
                 Ok(ans) if !ans.ips.is_empty() => {
@@ -117,10 +119,18 @@ impl Resolver {
                 Err(e) => {
                     first_err.get_or_insert(e);
                     failed = Some(v4);
+                    failures += 1;
                 }
             }
         }
         if ips.is_empty() {
+            // One family failed, the other answered that it has no addresses (NODATA or
+            // NXDOMAIN, RFC 2308): that is an answer, and only the failed family's last
+            // addresses stay (before, the failure stood for both families, and the other's
+            // removed addresses stayed too).
+            if let (Some(v4), 1) = (failed, failures) {
+                return Ok((Vec::new(), ttl, Some(v4)));
+            }
             return Err(first_err.unwrap_or(DnsError::Empty));
         }
         ips.sort();

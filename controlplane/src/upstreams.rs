@@ -941,8 +941,8 @@ fn rebuild(st: &mut State, id: &str) {
     }
     if list.len() > common::snapshot::MAX_TARGETS {
         log::warn!(
-            "upstream {id:?}: {} addresses, of which the first {} (by priority, then address) \
-             are its targets",
+            "upstream {id:?}: {} addresses, of which the first {} (by SRV priority, target \
+             name and port, then address) are its targets",
             list.len(),
             common::snapshot::MAX_TARGETS
         );

@@ -895,6 +895,19 @@ fn a_failed_query_for_one_address_family_keeps_that_familys_addresses() {
         assert_eq!(addresses(), both, "{failing} failing");
         dns.set_zone(&zone(&[]));
     }
+    // The A query fails while the AAAA one answers that there are none (NODATA): the IPv6
+    // address goes, the IPv4 one stays (before: the failure stood for both families, and
+    // the removed address kept its traffic).
+    dns.set_zone(
+        &serde_json::json!({"ttl": 0, "a": {"dual.test": ["127.0.0.1"]},
+        "servfail": {"dual.test": ["A"]}}),
+    );
+    let v4 = vec![format!("127.0.0.1:{port}")];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while addresses() != v4 {
+        assert!(Instant::now() < deadline, "{:?}", addresses());
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
