@@ -151,7 +151,8 @@ fn parse_summary(text: &str) -> Option<WrkResult> {
         let i = words.iter().position(|w| *w == name)?;
         words.get(i + 1).copied()
     };
-    let requests: u64 = field("handshakes")?.parse().ok()?;
+    // A run with no handshake done has no figures (not zeros in its medians).
+    let requests: u64 = field("handshakes")?.parse().ok().filter(|&n| n > 0)?;
     let seconds: f64 = field("seconds")?.parse().ok()?;
     Some(WrkResult {
         requests,
@@ -311,6 +312,12 @@ mod tests {
         let r = t.result(2.0);
         assert_eq!((r.requests, r.rps), (1000, 500.0));
         assert_eq!((r.p50_us, r.p99_us), (501.0, 991.0));
+        // A run with no handshake done gives no figures.
+        let zero = summary_line(&WrkResult {
+            requests: 0,
+            ..r.clone()
+        });
+        assert!(parse_summary(&zero).is_none(), "{zero}");
         let back = parse_summary(&format!("noise\n{}\n", summary_line(&r))).unwrap();
         assert_eq!(
             (back.requests, back.non_2xx, back.socket_errors),

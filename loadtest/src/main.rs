@@ -455,6 +455,11 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     );
     report::write_svg(&svg, &summaries, &title)?;
     let mut md = format!("machine: {}\n\n{table}", machine());
+    let warnings = report::error_warnings(&samples);
+    if !warnings.is_empty() {
+        println!("{warnings}");
+        md.push_str(&format!("\n{warnings}"));
+    }
     let pairs = report::paired_lines(&samples);
     if !pairs.is_empty() {
         println!("{pairs}");

@@ -133,6 +133,33 @@ pub fn paired(samples: &[Sample], body: &str, row: &str, against: &str) -> Optio
     })
 }
 
+/// A warning per row (body size and proxy) whose runs had non-2xx answers or socket errors:
+/// their requests per second and per CPU-second count failed answers (a cheap 502 or 401 is
+/// counted as served), so neither they nor the ratios against them compare with clean rows.
+pub fn error_warnings(samples: &[Sample]) -> String {
+    let mut out = String::new();
+    let bodies = dedup(samples.iter().map(|s| s.body.clone()));
+    let proxies = dedup(samples.iter().map(|s| s.proxy.clone()));
+    for body in &bodies {
+        for proxy in &proxies {
+            let row = samples
+                .iter()
+                .filter(|s| &s.body == body && &s.proxy == proxy);
+            let (non_2xx, errors) = row.fold((0u64, 0u64), |(n, e), s| {
+                (n + s.wrk.non_2xx, e + s.wrk.socket_errors)
+            });
+            if non_2xx + errors > 0 {
+                out.push_str(&format!(
+                    "WARNING {body} {proxy}: {non_2xx} non-2xx answers and {errors} socket \
+                     errors over its runs: its figures count failed answers as served, and \
+                     do not compare with the other rows'\n"
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// A line per [`PAIRS`] entry and body size that the samples have both rows of, e.g.
 /// `13b: gateway+log vs gateway, paired by repetition: median -0.8% (-4.3% to +3.9%), ahead
 /// in 2 of 7`.
@@ -555,6 +582,21 @@ mod tests {
             "13b: gateway+log vs gateway, paired by repetition: median -5.0% (-10.0% to -5.0%), \
              ahead in 0 of 3\n"
         );
+    }
+
+    #[test]
+    fn rows_with_failed_answers_are_named() {
+        let mut failing = sample("nginx", "4k", 1, 1000, 1.0);
+        failing.wrk.non_2xx = 7;
+        let mut reset = sample("nginx", "4k", 2, 1000, 1.0);
+        reset.wrk.socket_errors = 2;
+        let s = vec![sample("gateway", "4k", 1, 1000, 1.0), failing, reset];
+        assert_eq!(
+            error_warnings(&s),
+            "WARNING 4k nginx: 7 non-2xx answers and 2 socket errors over its runs: its \
+             figures count failed answers as served, and do not compare with the other rows'\n"
+        );
+        assert_eq!(error_warnings(&s[..1]), "");
     }
 
     #[test]

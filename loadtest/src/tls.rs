@@ -400,6 +400,10 @@ fn h2load(
     }
     let mut r =
         parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))?;
+    if r.requests == 0 {
+        // As for wrk: a row with nothing served has no figures (not zeros in its medians).
+        bail!("h2load: no requests succeeded:\n{text}");
+    }
     // Each line: start time (µs since the epoch), status, time to the whole answer (µs).
     let mut lat: Vec<f64> = std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -437,7 +441,10 @@ fn parse_h2load(text: &str) -> Option<WrkResult> {
                     .ok()
             };
             r.requests = field("succeeded")?;
-            r.socket_errors = field("failed")? + field("errored")? + field("timeout")?;
+            // h2load's `failed` includes the non-2xx answers (counted below from the status
+            // codes) and `errored`, which includes `timeout`: the requests that got no answer
+            // are `errored` alone.
+            r.socket_errors = field("errored")?;
         }
         if let Some(rest) = line.strip_prefix("status codes: ") {
             // "status codes: 200 2xx, 0 3xx, 0 4xx, 0 5xx"
@@ -476,7 +483,15 @@ mod tests {
         assert_eq!(r.seconds, 5.0);
         assert_eq!(r.rps, 41234.5);
         assert_eq!(r.requests, 206_170);
-        assert_eq!(r.socket_errors, 2);
+        // The two failed are the non-2xx answers, not socket errors (before: counted as
+        // both).
+        assert_eq!(r.socket_errors, 0);
         assert_eq!(r.non_2xx, 2);
+        // `errored` includes `timeout`; `failed` includes both: three requests unanswered.
+        let text = text.replace(
+            "2 failed, 0 errored, 0 timeout",
+            "5 failed, 3 errored, 1 timeout",
+        );
+        assert_eq!(parse_h2load(&text).unwrap().socket_errors, 3);
     }
 }

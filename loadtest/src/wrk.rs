@@ -70,9 +70,9 @@ fn parse(text: &str) -> Result<WrkResult> {
         match words.as_slice() {
             ["50%", v] => r.p50_us = micros(v)?,
             ["99%", v] => r.p99_us = micros(v)?,
-            [n, "requests", "in", secs, ..] => {
+            [n, "requests", "in", took, ..] => {
                 r.requests = n.parse()?;
-                r.seconds = secs.trim_end_matches(',').trim_end_matches('s').parse()?;
+                r.seconds = seconds(took.trim_end_matches(','))?;
             }
             ["Requests/sec:", v] => r.rps = v.parse()?,
             ["Non-2xx", "or", "3xx", "responses:", n] => r.non_2xx = n.parse()?,
@@ -89,6 +89,19 @@ fn parse(text: &str) -> Result<WrkResult> {
         bail!("no requests completed");
     }
     Ok(r)
+}
+
+/// A run's length as wrk prints it (`5.00s`, `1.00m` from a minute on, `1.00h`), in
+/// seconds.
+fn seconds(v: &str) -> Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = v.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (v.strip_suffix('s').unwrap_or(v), 1.0)
+    };
+    Ok(num.parse::<f64>()? * scale)
 }
 
 /// `831.00us`, `1.36ms`, `2.00s` in microseconds.
@@ -116,5 +129,8 @@ mod tests {
         assert_eq!((r.requests, r.non_2xx, r.socket_errors), (268000, 5, 3));
         assert_eq!((r.p50_us, r.p99_us, r.seconds), (831.0, 1360.0, 5.0));
         assert!((r.rps - 53550.29).abs() < 1e-6);
+        // From a minute on wrk gives the run's length in minutes (before: refused).
+        let long = text.replace("in 5.00s,", "in 1.50m,");
+        assert_eq!(parse(&long).unwrap().seconds, 90.0);
     }
 }
