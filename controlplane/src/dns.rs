@@ -129,7 +129,10 @@ impl Resolver {
             // addresses stay (before, the failure stood for both families, and the other's
             // removed addresses stayed too).
             if let (Some(v4), 1) = (failed, failures) {
-                return Ok((Vec::new(), ttl, Some(v4)));
+                // No record gave a TTL: asked again after `min_ttl_ms`, as after a failed
+                // lookup (not the failing family's growing pause, meant for a name that still
+                // has the other family's addresses).
+                return Ok((Vec::new(), 0, Some(v4)));
             }
             return Err(first_err.unwrap_or(DnsError::Empty));
         }

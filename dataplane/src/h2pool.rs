@@ -114,6 +114,7 @@ impl Drop for StreamSlot {
 pub(crate) async fn handshake(
     stream: crate::upstream::UpstreamIo,
     max_streams: u32,
+    first_streams: u32,
     max_header_list: u32,
     counted: Option<Counted>,
     send_timeout: Duration,
@@ -127,9 +128,9 @@ pub(crate) async fn handshake(
         .clamp(u64::from(CONNECTION_WINDOW), (1 << 31) - 1) as u32;
     // Until the target's SETTINGS come, h2 would let any number of streams go out (the
     // peer's limit is unknown), and a burst past the target's SETTINGS_MAX_CONCURRENT_STREAMS
-    // would be reset (grpc-core: ENHANCE_YOUR_CALM, not retried): at most `max_streams`,
-    // which the caller lowers to what the target said on its other connections.
-    b.initial_max_send_streams(max_streams as usize)
+    // would be reset (grpc-core: ENHANCE_YOUR_CALM, not retried): at most `first_streams`
+    // (what the target said last, see [`H2Pool::stream_limit`]); its SETTINGS then say.
+    b.initial_max_send_streams(first_streams.min(max_streams) as usize)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(connection_window)
         .max_header_list_size(max_header_list)
@@ -223,6 +224,9 @@ impl Drop for Opening {
 pub(crate) struct H2Pool {
     conns: ByKey<Rc<H2Conn>>,
     opening: ByKey<Rc<Connecting>>,
+    /// Per target and upstream, the fewest streams its connections allowed when last
+    /// looked at: what a new connection starts with once none is open any more.
+    limits: ByKey<u32>,
 }
 
 impl H2Pool {
@@ -234,23 +238,31 @@ impl H2Pool {
         list.iter().find(|c| c.has_room()).cloned()
     }
 
-    /// The most streams a new connection to `target` for `upstream` should carry: the
-    /// fewest its open connections allow (what the target's SETTINGS said on them), at most
-    /// `max_streams`.
+    /// The most streams a new connection to `target` for `upstream` should send before its
+    /// SETTINGS come: the fewest its open connections allow now (what the target's SETTINGS
+    /// said on them), else what they allowed when last looked at, at most `max_streams`.
     pub fn stream_limit(
-        &self,
+        &mut self,
         target: SocketAddr,
         upstream: &Arc<UpstreamLive>,
         max_streams: u32,
     ) -> u32 {
-        let Some(list) = self.conns.get(target, upstream) else {
-            return max_streams;
+        let open = self.conns.get(target, upstream).and_then(|list| {
+            list.iter()
+                .filter(|c| !c.closed.get())
+                .map(|c| u32::try_from(c.send.current_max_send_streams()).unwrap_or(u32::MAX))
+                .min()
+        });
+        let remembered = self.limits.entry(target, upstream);
+        let limit = match open {
+            Some(n) => {
+                remembered.clear();
+                remembered.push(n);
+                n
+            }
+            None => remembered.first().copied().unwrap_or(max_streams),
         };
-        list.iter()
-            .filter(|c| !c.closed.get())
-            .map(|c| u32::try_from(c.send.current_max_send_streams()).unwrap_or(u32::MAX))
-            .fold(max_streams, u32::min)
-            .max(1)
+        limit.clamp(1, max_streams.max(1))
     }
 
     /// Drops the connections to `target` for `upstream` that have ended (they hold a place in
@@ -327,12 +339,14 @@ impl H2Pool {
     pub fn retain(&mut self, keep: impl Fn(&PoolKey) -> bool) {
         self.conns.retain(|key, _| keep(key));
         self.opening.retain(|key, _| keep(key));
+        self.limits.retain(|key, _| keep(key));
     }
 
     /// Drops every connection (shutdown).
     pub fn clear(&mut self) {
         self.conns.clear();
         self.opening.clear();
+        self.limits.clear();
     }
 }
 
@@ -365,7 +379,7 @@ mod tests {
                     .await
                     .unwrap();
                 let conn = Rc::new(
-                    handshake(conn.stream, 10, 16 << 10, None, one)
+                    handshake(conn.stream, 10, 10, 16 << 10, None, one)
                         .await
                         .unwrap(),
                 );

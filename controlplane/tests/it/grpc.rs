@@ -869,12 +869,8 @@ fn a_burst_takes_no_more_streams_than_the_target_allows() {
     let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
     let a = calls(gw.listeners[0], None, &["unary", "burst"]);
     assert_eq!(a[0]["reply"], "echo:hello", "{}", a[0]);
-    assert_eq!(
-        a[1]["codes"],
-        serde_json::json!(["OK", "OK", "OK", "OK"]),
-        "{}",
-        a[1]
-    );
+    let all_ok = serde_json::json!(["OK", "OK", "OK", "OK"]);
+    assert_eq!(a[1]["codes"], all_ok, "{}", a[1]);
 }
 
 #[test]
@@ -907,6 +903,49 @@ fn a_silent_grpc_upstream_past_the_cap_is_the_targets_timeout() {
         .take(2)
         .count();
     assert_eq!(connections, 2);
+    drop(gw);
+
+    // A per-try bound as long as the client's own deadline (a client that does not cancel
+    // at its deadline): once that deadline has passed, whichever timer ends the wait, it is
+    // the call's, not the target's (a first version counted it: ejected after two calls).
+    let config = config
+        .replace(
+            "upstream_response_head_ms = 500",
+            "upstream_response_head_ms = 60000",
+        )
+        .replace(
+            "passive = {",
+            "retry = { attempts = 2, on = [\"timeout\"], per_try_timeout_ms = 500 }\npassive = {",
+        );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for _ in 0..2 {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "--http2-prior-knowledge",
+                "-X",
+                "POST",
+            ])
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .args(["-H", "grpc-timeout: 500m", "--data-binary", ""])
+            .arg(format!("http://{}/silent.S/M", gw.listeners[0]))
+            .output()
+            .expect("curl");
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(head.contains("grpc-status: 4"), "{head}");
+    }
+    let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
+    let t = &health["targets"][0];
+    let healthy = (serde_json::json!("healthy"), serde_json::json!(0));
+    assert_eq!(
+        (&t["state"], &t["consecutive_failures"]),
+        (&healthy.0, &healthy.1),
+        "{t}"
+    );
 }
 
 #[test]

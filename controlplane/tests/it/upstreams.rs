@@ -935,6 +935,41 @@ fn a_family_that_always_fails_is_asked_less_and_less_often() {
 }
 
 #[test]
+fn a_name_whose_only_family_fails_is_asked_again_at_min_ttl() {
+    // An IPv4-only name whose A query fails while AAAA answers "none" (NODATA): no address
+    // yet, and it is asked again every min_ttl_ms as a failed lookup is (a first version of
+    // the NODATA fix gave it the failing family's growing pause: 0.2, 0.4, 0.8, 1.6 s...,
+    // up to max_ttl_ms, 503 meanwhile).
+    let b = Backend::start("b", Mode::Answer);
+    let zone = serde_json::json!({"ttl": 60, "a": {"v4.test": ["127.0.0.1"]},
+        "servfail": {"v4.test": ["A"]}});
+    let dns = Dns::start(&zone);
+    let extra = format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:{}\"]\nmin_ttl_ms = 200\n",
+        dns.port
+    );
+    let target = format!("{{ address = \"v4.test:{}\" }}", b.addr.port());
+    let gw = Gateway::start(&config(1, &[target], "", &extra), Driver::IoUring);
+    // Eight A queries within 5 s (at a doubling pause: 51 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dns.queries("v4.test", "A").len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "{} A queries",
+            dns.queries("v4.test", "A").len()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(&gw, "/x").status, 503);
+    dns.set_zone(&serde_json::json!({"ttl": 60, "a": {"v4.test": ["127.0.0.1"]}}));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&gw, "/x").status != 200 {
+        assert!(Instant::now() < deadline, "still no address");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn retries_stay_within_the_budget_when_every_target_fails() {
     let a = Backend::start("a", Mode::Status(503));
     let b = Backend::start("b", Mode::Status(503));

@@ -1275,7 +1275,7 @@ pub(super) async fn forward<S: ClientStream>(
                 (None, None) => {
                     // No more streams than the target allowed on its other connections:
                     // its SETTINGS come only after the first streams may have gone out.
-                    let max_streams = ctx.h2pool.borrow().stream_limit(
+                    let first_streams = ctx.h2pool.borrow_mut().stream_limit(
                         target.addr,
                         &up.upstream.live,
                         up.upstream.max_streams,
@@ -1283,14 +1283,15 @@ pub(super) async fn forward<S: ClientStream>(
                     let opening =
                         ctx.h2pool
                             .borrow_mut()
-                            .open(target.addr, &up.upstream.live, max_streams);
+                            .open(target.addr, &up.upstream.live, first_streams);
                     let connected = async {
                         let (tcp, counted) = connector
                             .connect_stream(&mut req.attempts, target, try_deadline)
                             .await?;
                         let shake = h2pool::handshake(
                             tcp,
-                            max_streams,
+                            up.upstream.max_streams,
+                            first_streams,
                             max_header_list,
                             counted,
                             timeouts.upstream_send,
@@ -1393,11 +1394,12 @@ pub(super) async fn forward<S: ClientStream>(
                 req.attempts.committed = true;
             }
             return match response {
-                // The client's own deadline, told the upstream: the client's choice, not
-                // the target's failure. Past the cap instead (the client gave the call more
-                // time), a silent upstream is a response timeout as any other: its
-                // connection is not used again, and it counts against the target.
-                Err(_) if client_deadline.is_some_and(|d| d + GRPC_GRACE <= deadline) => {
+                // Whatever timer ended the wait (the deadline's grace, a per-try bound),
+                // once the client's own deadline has passed it is the call's: the client's
+                // choice, not the target's failure. Before it (the cap, a per-try bound), a
+                // silent upstream is a response timeout as any other: its connection is not
+                // used again, and it counts against the target.
+                Err(_) if client_deadline.is_some_and(|d| d <= Instant::now()) => {
                     Err(ProxyError::new(ErrorKind::DeadlineExceeded))
                 }
                 Err(_) => {
