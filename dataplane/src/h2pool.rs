@@ -129,7 +129,8 @@ pub(crate) async fn handshake(
     // Until the target's SETTINGS come, h2 would let any number of streams go out (the
     // peer's limit is unknown), and a burst past the target's SETTINGS_MAX_CONCURRENT_STREAMS
     // would be reset (grpc-core: ENHANCE_YOUR_CALM, not retried): at most `first_streams`
-    // (what the target said last, see [`H2Pool::stream_limit`]); its SETTINGS then say.
+    // (what the target says on its other connections, see [`H2Pool::stream_limit`]); its
+    // SETTINGS then say.
     b.initial_max_send_streams(first_streams.min(max_streams) as usize)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(connection_window)
@@ -224,9 +225,6 @@ impl Drop for Opening {
 pub(crate) struct H2Pool {
     conns: ByKey<Rc<H2Conn>>,
     opening: ByKey<Rc<Connecting>>,
-    /// Per target and upstream, the fewest streams its connections allowed when last
-    /// looked at: what a new connection starts with once none is open any more.
-    limits: ByKey<u32>,
 }
 
 impl H2Pool {
@@ -239,10 +237,12 @@ impl H2Pool {
     }
 
     /// The most streams a new connection to `target` for `upstream` should send before its
-    /// SETTINGS come: the fewest its open connections allow now (what the target's SETTINGS
-    /// said on them), else what they allowed when last looked at, at most `max_streams`.
+    /// SETTINGS come: the fewest its open connections allow (what the target's SETTINGS said
+    /// on them), at most `max_streams`. Not remembered once they have all closed: a
+    /// connection whose target's SETTINGS name no limit keeps the one it started with (h2
+    /// keeps its initial value), so a remembered low limit could never be raised again.
     pub fn stream_limit(
-        &mut self,
+        &self,
         target: SocketAddr,
         upstream: &Arc<UpstreamLive>,
         max_streams: u32,
@@ -253,16 +253,7 @@ impl H2Pool {
                 .map(|c| u32::try_from(c.send.current_max_send_streams()).unwrap_or(u32::MAX))
                 .min()
         });
-        let remembered = self.limits.entry(target, upstream);
-        let limit = match open {
-            Some(n) => {
-                remembered.clear();
-                remembered.push(n);
-                n
-            }
-            None => remembered.first().copied().unwrap_or(max_streams),
-        };
-        limit.clamp(1, max_streams.max(1))
+        open.unwrap_or(max_streams).clamp(1, max_streams.max(1))
     }
 
     /// Drops the connections to `target` for `upstream` that have ended (they hold a place in
@@ -339,14 +330,12 @@ impl H2Pool {
     pub fn retain(&mut self, keep: impl Fn(&PoolKey) -> bool) {
         self.conns.retain(|key, _| keep(key));
         self.opening.retain(|key, _| keep(key));
-        self.limits.retain(|key, _| keep(key));
     }
 
     /// Drops every connection (shutdown).
     pub fn clear(&mut self) {
         self.conns.clear();
         self.opening.clear();
-        self.limits.clear();
     }
 }
 

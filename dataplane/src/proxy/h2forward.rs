@@ -1275,7 +1275,7 @@ pub(super) async fn forward<S: ClientStream>(
                 (None, None) => {
                     // No more streams than the target allowed on its other connections:
                     // its SETTINGS come only after the first streams may have gone out.
-                    let first_streams = ctx.h2pool.borrow_mut().stream_limit(
+                    let first_streams = ctx.h2pool.borrow().stream_limit(
                         target.addr,
                         &up.upstream.live,
                         up.upstream.max_streams,
