@@ -90,23 +90,25 @@ pub fn check(path: &Path) -> i32 {
             );
             EXIT_INVALID
         }
-        // As the start refuses it too (which also refuses one inside the data directory:
-        // that needs the directory, which a check has not).
-        Ok(s) if store::local::refuse_log_directory(&s.config).is_err() => {
-            let (at, why) = store::local::refuse_log_directory(&s.config).unwrap_err();
-            eprintln!("{}: invalid config: {at}: {why}", path.display());
-            EXIT_INVALID
-        }
-        Ok(s) => {
-            println!(
-                "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
-                path.display(),
-                s.listeners.len(),
-                s.upstreams.len(),
-                s.routes.len()
-            );
-            0
-        }
+        // An access log that names a directory, as the start refuses it too (which also
+        // refuses one inside the data directory: that needs the directory, which a check
+        // has not).
+        Ok(s) => match store::local::refuse_log_directory(&s.config) {
+            Err((at, why)) => {
+                eprintln!("{}: invalid config: {at}: {why}", path.display());
+                EXIT_INVALID
+            }
+            Ok(()) => {
+                println!(
+                    "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
+                    path.display(),
+                    s.listeners.len(),
+                    s.upstreams.len(),
+                    s.routes.len()
+                );
+                0
+            }
+        },
         Err(e) => {
             eprintln!("{}: invalid config: {e}", path.display());
             EXIT_INVALID

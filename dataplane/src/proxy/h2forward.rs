@@ -1379,13 +1379,12 @@ pub(super) async fn forward<S: ClientStream>(
                 (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
             }
             sent_at.set(Instant::now());
-            let head_deadline = sent_at.get() + timeouts.upstream_response_head;
             // A gRPC call's upstream was told its deadline (the client's, or the cap), and
             // one that is there answers DEADLINE_EXCEEDED itself when it passes: it has
             // GRPC_GRACE more to do so before its silence is its failure.
             let head_deadline = match call_deadline {
                 Some(d) => d + GRPC_GRACE,
-                None => head_deadline,
+                None => sent_at.get() + timeouts.upstream_response_head,
             };
             let deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let response = monoio::time::timeout_at(deadline.into(), response).await;
