@@ -937,9 +937,22 @@ fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
                 }
                 let mut mine = Vec::with_capacity(t.certificates.len());
                 for (j, id) in t.certificates.iter().enumerate() {
+                    let field = format!("{at}.tls.certificates[{j}]");
+                    if mine
+                        .iter()
+                        .any(|c: &std::sync::Arc<crate::tls::Certificate>| c.id == *id)
+                    {
+                        if tolerated(&field, "listed twice") {
+                            continue;
+                        }
+                        return Err(ConfigError::field(
+                            field,
+                            format!("certificate {id:?} is listed twice"),
+                        ));
+                    }
                     let Some(c) = certs.iter().find(|c| c.id == *id) else {
                         return Err(ConfigError::field(
-                            format!("{at}.tls.certificates[{j}]"),
+                            field,
                             format!("no certificate has id {id:?}"),
                         ));
                     };

@@ -1426,3 +1426,23 @@ fn cors_origins_are_the_ones_browsers_send() {
     let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
     assert_eq!(notes.len(), 1, "{notes:?}");
 }
+
+#[test]
+fn a_listener_naming_one_certificate_twice_is_refused() {
+    const PEM: &str = include_str!("../testdata/api.pem");
+    const KEY: &str = include_str!("../testdata/api.key");
+    let text = |ids: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = {ids} }}\n\
+             [[certificates]]\nid = \"c\"\ncert_pem = \"\"\"{PEM}\"\"\"\nkey_pem = \"\"\"{KEY}\"\"\"\n"
+        )
+    };
+    compile(&text("[\"c\"]")).unwrap();
+    let e = compile(&text("[\"c\", \"c\"]")).unwrap_err();
+    assert_eq!(e.path(), "listeners[0].tls.certificates[1]");
+    assert!(e.to_string().contains("listed twice"), "{e}");
+    // A config stored by an earlier build that took it still starts, noting it.
+    let config = parse_config(&text("[\"c\", \"c\"]"), Format::Toml).unwrap();
+    let (_, notes) = Snapshot::compile_stored(config, 1).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+}

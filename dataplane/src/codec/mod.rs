@@ -449,7 +449,13 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
                     | b'%'
             )
     });
-    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    // RFC 3986's port is any run of digits, but one past 65535 names no TCP port: a Host
+    // naming one is refused (400) rather than routed as if it named a real one.
+    let port_ok = port.is_none_or(|p| {
+        p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65535
+    });
     host_ok && port_ok
 }
 
@@ -549,6 +555,8 @@ mod tests {
         for ok in [
             &b"localhost"[..],
             b"a.b:8080",
+            b"a.b:65535",
+            b"a.b:",
             b"[::1]:80",
             b"[::1]",
             b"",
@@ -564,6 +572,8 @@ mod tests {
             b"[::1",
             b"[zz]",
             b"a:123456",
+            b"a:65536",
+            b"[::1]:99999",
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }
