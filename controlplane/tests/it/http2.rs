@@ -847,19 +847,22 @@ fn an_empty_host_or_a_padded_trailer_value_resets_the_stream() {
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
     validate_outbound_headers=False, normalize_outbound_headers=False))
 c.initiate_connection()
-def head(path, extra=()):
-    return [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", path)] \
-        + list(extra)
+def head(path, extra=(), authority="t"):
+    return [(":method", "POST"), (":scheme", "http"), (":authority", authority),
+            (":path", path)] + list(extra)
 c.send_headers(1, head("/empty-host", [("host", "")]), end_stream=True)
 c.send_headers(3, head("/padded"))
 c.send_data(3, b"abc")
 c.send_headers(5, head("/fine"))
 c.send_data(5, b"abc")
+c.send_headers(7, head("/no-port", authority="t:99999"), end_stream=True)
+c.send_headers(9, [(":method", "GET"), (":scheme", "http"), (":path", "/bad-host"),
+                   ("host", "t u")], end_stream=True)
 c.send_headers(3, [("x-sum", " 1 ")], end_stream=True)
 c.send_headers(5, [("x-sum", "1")], end_stream=True)
 s.sendall(c.data_to_send())
 ends = {}
-while len(ends) < 3:
+while len(ends) < 5:
     for e in c.receive_data(s.recv(65536)):
         if isinstance(e, h2.events.ResponseReceived):
             ends[e.stream_id] = dict(e.headers)[b":status"].decode()
@@ -871,7 +874,7 @@ print(sorted(ends.items()), flush=True)
     let out = h2_client(&gw, CLIENT);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "[(1, 'reset 1'), (3, 'reset 1'), (5, '200')]",
+        "[(1, 'reset 1'), (3, 'reset 1'), (5, '200'), (7, '400'), (9, '400')]",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -882,7 +885,7 @@ print(sorted(ends.items()), flush=True)
     assert_eq!(seen[0].raw_body, b"3\r\nabc\r\n0\r\nx-sum: 1\r\n\r\n");
     // The malformed request is logged as a malformed HTTP/1.1 one is, though its answer is
     // the reset (before: no line at all).
-    let lines = wait_log_lines(&log, 3);
+    let lines = wait_log_lines(&log, 5);
     let refused = lines
         .iter()
         .find(|l| l["path"] == "/empty-host")
