@@ -1085,27 +1085,7 @@ impl Admin {
         read: impl FnOnce(&Store) -> R,
     ) -> Result<(Applied, R), Problem> {
         let mut store = self.held();
-        if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Upgrading",
-                "a binary upgrade is starting this process's successor; retry: once it serves, \
-                 changes go to it, and if the upgrade fails, to this process again",
-            )
-            .retry_on_a_new_connection());
-        }
-        let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
-        if successor != 0 {
-            return Err(Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Handed Over",
-                format!(
-                    "this process has handed over to its upgrade (pid {successor}) and takes \
-                     no more changes; retry"
-                ),
-            )
-            .retry_on_a_new_connection());
-        }
+        self.taking_writes()?;
         if let Store::Etcd(e) = &mut *store {
             // Validate against the newest shared config, not the one last seen.
             match e.refresh() {
@@ -1117,6 +1097,7 @@ impl Admin {
         }
         let started = std::time::Instant::now();
         let mut attempts = 0;
+        let mut prefetched = false;
         while attempts < MIN_COMMIT_ATTEMPTS
             || (attempts < MAX_COMMIT_ATTEMPTS && started.elapsed() < COMMIT_RETRY_FOR)
         {
@@ -1190,6 +1171,18 @@ impl Admin {
                 };
                 return Ok((applied, read(&store)));
             }
+            if !prefetched && self.upstreams.has_new_names(&snapshot) {
+                // Names never looked up: their first lookups (up to the resolver's timeouts
+                // when their servers are silent) run without the store's lock, which every
+                // other admin call needs, and the change is built again on whatever the
+                // store holds then.
+                prefetched = true;
+                drop(store);
+                self.upstreams.prefetch(&snapshot);
+                store = self.held();
+                self.taking_writes()?;
+                continue;
+            }
             match store.commit(next, source, &new_keys) {
                 Ok(committed) => {
                     debug_assert_eq!(committed, revision);
@@ -1233,6 +1226,33 @@ impl Admin {
                 started.elapsed().as_millis()
             ),
         ))
+    }
+
+    /// Refuses a write while a binary upgrade starts this process's successor, and after
+    /// the successor took over.
+    fn taking_writes(&self) -> Result<(), Problem> {
+        if self.frozen.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Upgrading",
+                "a binary upgrade is starting this process's successor; retry: once it serves, \
+                 changes go to it, and if the upgrade fails, to this process again",
+            )
+            .retry_on_a_new_connection());
+        }
+        let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
+        if successor != 0 {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Handed Over",
+                format!(
+                    "this process has handed over to its upgrade (pid {successor}) and takes \
+                     no more changes; retry"
+                ),
+            )
+            .retry_on_a_new_connection());
+        }
+        Ok(())
     }
 
     /// An etcd record seen by the watch: adopted, and published when it is newer than what

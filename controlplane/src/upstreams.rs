@@ -42,7 +42,23 @@ pub struct Upstreams {
 struct Inner {
     rt: tokio::runtime::Handle,
     state: Mutex<State>,
+    /// First answers looked up ahead of a write ([`Upstreams::prefetch`]), for its
+    /// [`Upstreams::adopt`] to take: a name's first lookup then holds up no admin call.
+    prefetched: Mutex<Vec<Prefetched>>,
 }
+
+/// A first answer looked up before the snapshot naming it was committed.
+#[derive(Debug)]
+struct Prefetched {
+    name: Name,
+    /// The resolver asked (a write changing `[resolver]` meanwhile asks again).
+    resolver: Resolver,
+    at: std::time::Instant,
+    found: Found,
+}
+
+/// How long a prefetched answer may wait for its write: longer, and it is asked again.
+const PREFETCH_FOR: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct State {
@@ -145,6 +161,7 @@ impl Drop for Check {
 }
 
 /// What a first lookup found.
+#[derive(Debug)]
 enum Found {
     /// Addresses and TTL; `Some(true)` / `Some(false)`: the A / AAAA query failed (see
     /// [`Resolver::lookup_ip`]).
@@ -154,6 +171,10 @@ enum Found {
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_prefetched(m: &Mutex<Vec<Prefetched>>) -> MutexGuard<'_, Vec<Prefetched>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -182,6 +203,7 @@ impl Upstreams {
             .map_err(|_| std::io::Error::other("the upstream thread did not start"))??;
         let inner = Arc::new(Inner {
             rt,
+            prefetched: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 resolver: Resolver {
                     servers: Vec::new(),
@@ -212,45 +234,106 @@ impl Upstreams {
         Ok(Upstreams { inner })
     }
 
+    /// The resolver `snap` configures.
+    fn resolver_of(snap: &Snapshot) -> Resolver {
+        let r = &snap.config.resolver;
+        Resolver::new(&r.nameservers, Duration::from_millis(r.timeout_ms)).unwrap_or_else(|e| {
+            log::warn!("resolver: {e}; using the system's name servers");
+            Resolver::new(&[], Duration::from_millis(r.timeout_ms)).unwrap_or(Resolver {
+                servers: Vec::new(),
+                timeout: Duration::from_secs(2),
+                hosts_file: true,
+            })
+        })
+    }
+
+    /// The names `snap` uses that the manager has not looked up yet.
+    fn new_names(&self, snap: &Snapshot) -> Vec<Name> {
+        let st = lock(&self.inner.state);
+        let mut names = Vec::new();
+        for u in &snap.upstreams {
+            for t in &u.targets {
+                if let Some((h, _)) = &t.host {
+                    names.push(Name::Host(h.clone()));
+                }
+            }
+            names.extend(u.srv.clone().map(Name::Srv));
+        }
+        names.retain(|n| match n {
+            Name::Host(h) => !st.hosts.contains_key(h),
+            Name::Srv(s) => !st.srvs.contains_key(s),
+        });
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Whether `snap` names a host or SRV name not looked up yet (see [`Upstreams::prefetch`]).
+    pub fn has_new_names(&self, snap: &Snapshot) -> bool {
+        !self.new_names(snap).is_empty()
+    }
+
+    /// Looks up the names `snap` would use for the first time, for [`Upstreams::adopt`] to
+    /// take when `snap` (or one built the same way again) is published within a few seconds.
+    /// A writer calls this without the admin store's lock, so that a name whose servers do
+    /// not answer holds up no other admin call.
+    pub fn prefetch(&self, snap: &Snapshot) {
+        let resolver = Self::resolver_of(snap);
+        let names: Vec<Name> = {
+            let held = lock_prefetched(&self.inner.prefetched);
+            self.new_names(snap)
+                .into_iter()
+                .filter(|n| !held.iter().any(|p| p.name == *n && p.resolver == resolver))
+                .collect()
+        };
+        if names.is_empty() {
+            return;
+        }
+        let found = self.first_lookups(&resolver, names);
+        let at = std::time::Instant::now();
+        let mut held = lock_prefetched(&self.inner.prefetched);
+        held.retain(|p| p.at.elapsed() < PREFETCH_FOR);
+        for (name, found) in found {
+            held.retain(|p| p.name != name);
+            let resolver = resolver.clone();
+            held.push(Prefetched {
+                name,
+                resolver,
+                at,
+                found,
+            });
+        }
+    }
+
     /// Links `snap`'s upstreams to their live state, resolving names not seen before, and
     /// publishes their target sets. Call it with every snapshot before publishing it.
     pub fn adopt(&self, snap: &mut Snapshot) {
+        let resolver = Self::resolver_of(snap);
         let r = &snap.config.resolver;
-        let resolver = Resolver::new(&r.nameservers, Duration::from_millis(r.timeout_ms))
-            .unwrap_or_else(|e| {
-                log::warn!("resolver: {e}; using the system's name servers");
-                Resolver::new(&[], Duration::from_millis(r.timeout_ms)).unwrap_or(Resolver {
-                    servers: Vec::new(),
-                    timeout: Duration::from_secs(2),
-                    hosts_file: true,
-                })
-            });
         let (min_ttl, max_ttl) = (
             Duration::from_millis(r.min_ttl_ms),
             Duration::from_millis(r.max_ttl_ms),
         );
-        // Names new to the manager get a first answer before the snapshot goes live; the
-        // lock is not held meanwhile (the lookups run on the manager's thread).
-        let new_names = {
-            let st = lock(&self.inner.state);
-            let mut names = Vec::new();
-            for u in &snap.upstreams {
-                for t in &u.targets {
-                    if let Some((h, _)) = &t.host {
-                        names.push(Name::Host(h.clone()));
-                    }
-                }
-                names.extend(u.srv.clone().map(Name::Srv));
-            }
-            names.retain(|n| match n {
-                Name::Host(h) => !st.hosts.contains_key(h),
-                Name::Srv(s) => !st.srvs.contains_key(s),
+        // Names new to the manager get a first answer before the snapshot goes live (one
+        // looked up ahead by `prefetch`, or now); the lock is not held meanwhile (the
+        // lookups run on the manager's thread).
+        let mut new_names = self.new_names(snap);
+        let mut found = Vec::new();
+        {
+            let mut held = lock_prefetched(&self.inner.prefetched);
+            held.retain(|p| p.at.elapsed() < PREFETCH_FOR);
+            new_names.retain(|n| {
+                let Some(i) = held
+                    .iter()
+                    .position(|p| p.name == *n && p.resolver == resolver)
+                else {
+                    return true;
+                };
+                found.push((n.clone(), held.swap_remove(i).found));
+                false
             });
-            names.sort();
-            names.dedup();
-            names
-        };
-        let found = self.first_lookups(&resolver, new_names);
+        }
+        found.extend(self.first_lookups(&resolver, new_names));
 
         let mut st = lock(&self.inner.state);
         st.resolver = resolver;

@@ -969,6 +969,71 @@ fn a_name_whose_only_family_fails_is_asked_again_at_min_ttl() {
 }
 
 #[test]
+fn a_first_lookup_that_waits_for_a_silent_name_server_holds_up_no_other_admin_call() {
+    // A name server that takes queries and never answers: a write naming a new host waits
+    // out the resolver's timeouts for its first lookup (before: under the admin store's
+    // lock, so every other admin call, reads included, waited with it).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let extra = format!(
+        "[resolver]\nnameservers = [\"{}\"]\ntimeout_ms = 1500\n",
+        silent.local_addr().unwrap()
+    );
+    let gw = Gateway::start(
+        &config(1, &["{ address = \"127.0.0.1:1\" }".into()], "", &extra),
+        Driver::IoUring,
+    );
+    thread::scope(|s| {
+        let slow = s.spawn(|| {
+            gw.admin(
+                "PUT",
+                "/v1/upstreams/slow",
+                Some(r#"{"targets":[{"address":"slow.test:80"}]}"#),
+            )
+        });
+        // The write's lookup has begun once the name server has its query.
+        silent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut query = [0u8; 512];
+        silent
+            .recv(&mut query)
+            .expect("the write's lookup reaches the name server");
+        let read = gw.admin("GET", "/v1/upstreams", None);
+        assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+        let other = gw.admin(
+            "PUT",
+            "/v1/routes/other",
+            Some(r#"{"path":"/other","respond":{"body":"o"}}"#),
+        );
+        assert_eq!(
+            other.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&other.body)
+        );
+        assert!(
+            !slow.is_finished(),
+            "the read and the other write waited for the lookup"
+        );
+        let slow = slow.join().unwrap();
+        assert_eq!(slow.status, 201, "{}", String::from_utf8_lossy(&slow.body));
+    });
+    // Both writes landed, the slow one after the other.
+    let config = gw.admin("GET", "/v1/config", None).json();
+    let ids = |kind: &str| -> Vec<String> {
+        config[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(ids("upstreams").contains(&"slow".to_owned()), "{config}");
+    assert!(ids("routes").contains(&"other".to_owned()), "{config}");
+    assert_eq!(get(&gw, "/other").status, 200);
+}
+
+#[test]
 fn retries_stay_within_the_budget_when_every_target_fails() {
     let a = Backend::start("a", Mode::Status(503));
     let b = Backend::start("b", Mode::Status(503));
