@@ -44,8 +44,9 @@ usage: loadtest compare [options]
 
 options (defaults in brackets):
   --reps N              repetitions, interleaved [3]
-  --seed N              seeds the order of the rows in each repetition (shuffled; the
-                        seed is printed, to run again in the same order) [the clock]
+  --seed N              seeds the order of the rows in each repetition (shuffled, every
+                        second repetition running the one before backwards; the seed is
+                        printed, to run again in the same order) [the clock]
   --duration S          seconds per wrk run [5]
   --warmup S            seconds of warm-up per proxy and body [2]
   --connections N       wrk connections [50]
@@ -116,9 +117,17 @@ struct Options {
 
 /// The order `n` rows run in repetition `rep`: a shuffle drawn from `seed` and `rep`, so
 /// that no row always runs right after another (a rotation kept every row's neighbours),
-/// and a run can be repeated in the same order with `--seed`.
+/// and a run can be repeated in the same order with `--seed`. Repetitions come in pairs,
+/// the second running the first's order backwards (A B C, then C B A): over a pair every
+/// row has the same mean position, so a drift during the run (a machine warming, another
+/// tenant) weighs on no row more than another, and of two rows each runs first once.
 pub(crate) fn run_order(n: usize, rep: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed ^ (rep as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    if rep % 2 == 1 {
+        let mut order = run_order(n, rep - 1, seed);
+        order.reverse();
+        return order;
+    }
+    let mut state = seed ^ ((rep / 2) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut next = || {
         // splitmix64
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -331,6 +340,19 @@ fn build_gateway() -> Result<PathBuf> {
     Ok(target.join("release/gateway"))
 }
 
+/// Where the processes' CPU time is read: one clock for all, or each process's.
+pub(crate) fn cpu_clocks<'a>(origin: &'a Proc, proxies: impl Iterator<Item = &'a Proc>) -> String {
+    let all: Vec<(&str, &str)> = std::iter::once(origin)
+        .chain(proxies)
+        .map(|p| (p.name.as_str(), p.cpu_clock()))
+        .collect();
+    if all.iter().all(|(_, c)| *c == all[0].1) {
+        return all[0].1.to_owned();
+    }
+    let each: Vec<String> = all.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+    each.join("; ")
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -394,6 +416,8 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
         "order seed: {} (--seed to run again in this order)",
         opts.seed
     );
+    let clock = cpu_clocks(&origin, proxies.iter().map(|(_, p)| p));
+    println!("CPU time read from: {clock}");
     for rep in 0..opts.reps {
         for (name, _) in &opts.bodies {
             // None: the origin directly; Some(i): proxy i.
@@ -413,7 +437,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                     ),
                 };
                 let before = proc.map_or(0.0, Proc::cpu_seconds);
-                let origin_before = procs::cpu_seconds(origin.pid());
+                let origin_before = origin.cpu_seconds();
                 let w = wrk::run(
                     &opts.wrk_cpus,
                     wrk_threads,
@@ -422,7 +446,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
                     &format!("http://{addr}/{name}"),
                 )?;
                 let cpu_s = proc.map_or(0.0, Proc::cpu_seconds) - before;
-                let origin_cpu_s = procs::cpu_seconds(origin.pid()) - origin_before;
+                let origin_cpu_s = origin.cpu_seconds() - origin_before;
                 println!(
                     "rep {rep} {name:>4} {label:<16} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} socket errors {}",
                     w.rps,
@@ -454,7 +478,10 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
         opts.workers
     );
     report::write_svg(&svg, &summaries, &title)?;
-    let mut md = format!("machine: {}\n\n{table}", machine());
+    let mut md = format!(
+        "machine: {}\n\nCPU time read from: {clock}\n\n{table}",
+        machine()
+    );
     let warnings = report::error_warnings(&samples);
     if !warnings.is_empty() {
         println!("{warnings}");
@@ -870,6 +897,13 @@ mod tests {
             assert_eq!(sorted, [0, 1, 2, 3]);
         }
         assert_eq!(orders[5], run_order(n, 5, 7), "the seed repeats it");
+        // Balanced in pairs: each row's positions over a pair add up to n - 1.
+        for pair in orders.chunks(2) {
+            for row in 0..n {
+                let at = |o: &Vec<usize>| o.iter().position(|&r| r == row).unwrap();
+                assert_eq!(at(&pair[0]) + at(&pair[1]), n - 1, "{pair:?}");
+            }
+        }
         // Unlike a rotation, each row gets other neighbours: row 1 does not always follow
         // row 0, nor does any row always come first.
         let follows = |a: usize, b: usize| {

@@ -34,6 +34,8 @@ pub struct Proc {
     /// The gateway's admin API.
     pub admin: Option<SocketAddr>,
     child: Child,
+    /// The cgroup the process runs in, where the harness could make one.
+    cgroup: Option<Cgroup>,
     /// Processes this one needs (the Redis of `gateway+cluster`, the etcd of
     /// `gateway+etcd`), stopped after it.
     sidecars: Vec<Proc>,
@@ -45,9 +47,22 @@ impl Proc {
     }
 
     /// CPU seconds used so far by the process, its descendants and its sidecars (a row's
-    /// Redis or etcd does work for it, on the same CPUs).
+    /// Redis or etcd does work for it, on the same CPUs): its cgroup's, in nanoseconds, where
+    /// it has one, else from `/proc` in clock ticks.
     pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.pid()) + self.sidecars.iter().map(Proc::cpu_seconds).sum::<f64>()
+        let own = match self.cgroup.as_ref().and_then(Cgroup::cpu_ns) {
+            Some(ns) => ns as f64 / 1e9,
+            None => cpu_seconds(self.pid()),
+        };
+        own + self.sidecars.iter().map(Proc::cpu_seconds).sum::<f64>()
+    }
+
+    /// Where [`Proc::cpu_seconds`] reads the time, for the report.
+    pub fn cpu_clock(&self) -> &'static str {
+        match &self.cgroup {
+            Some(c) => c.kind.describe(),
+            None => "/proc/PID/stat, clock ticks",
+        }
     }
 
     /// Sends a signal to the process.
@@ -74,6 +89,107 @@ impl Drop for Proc {
     }
 }
 
+/// Which cgroup interface a [`Cgroup`] is read through.
+#[derive(Debug, Clone, Copy)]
+enum CgroupKind {
+    /// v1 `cpuacct`: `cpuacct.usage`, nanoseconds.
+    V1,
+    /// v2: `cpu.stat`'s `usage_usec` (there whether or not the cpu controller is on).
+    V2,
+}
+
+impl CgroupKind {
+    fn describe(self) -> &'static str {
+        match self {
+            CgroupKind::V1 => "cgroup v1 cpuacct.usage, ns",
+            CgroupKind::V2 => "cgroup v2 cpu.stat usage_usec",
+        }
+    }
+}
+
+/// A cgroup of one process tree's own, read for its CPU time: the scheduler's count, exact
+/// to the nanosecond and including threads that have exited (io_uring's workers among
+/// them), where `/proc` gives clock ticks of 10 ms. Made beside the harness's own cgroup
+/// where it may (root, a writable hierarchy); removed when dropped.
+#[derive(Debug)]
+pub struct Cgroup {
+    dir: PathBuf,
+    kind: CgroupKind,
+}
+
+impl Cgroup {
+    /// A new cgroup for `name`, or `None` where none can be made (the caller then reads
+    /// `/proc`).
+    fn create(name: &str) -> Option<Cgroup> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let leaf = format!("loadtest-{}-{n}-{name}", std::process::id());
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        // "ID:CONTROLLERS:PATH" lines: v1's cpuacct line, then v2's "0::" line.
+        let path_of = |want: &dyn Fn(&str) -> bool| {
+            own.lines().find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+                want(controllers).then(|| path.trim_start_matches('/').to_owned())
+            })
+        };
+        let mut places = Vec::new();
+        if let Some(p) = path_of(&|c| c.split(',').any(|c| c == "cpuacct")) {
+            for mount in ["/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/cpu,cpuacct"] {
+                places.push((Path::new(mount).join(&p), CgroupKind::V1));
+            }
+        }
+        if let Some(p) = path_of(&|c| c.is_empty()) {
+            for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                if Path::new(mount).join("cgroup.procs").exists() {
+                    places.push((Path::new(mount).join(&p), CgroupKind::V2));
+                }
+            }
+        }
+        places.into_iter().find_map(|(parent, kind)| {
+            let dir = parent.join(&leaf);
+            std::fs::create_dir(&dir).ok()?;
+            let c = Cgroup { dir, kind };
+            // Dropped (removed) if it cannot be read.
+            c.cpu_ns().map(|_| c)
+        })
+    }
+
+    /// CPU time of every task that ran in the cgroup, in nanoseconds.
+    fn cpu_ns(&self) -> Option<u64> {
+        match self.kind {
+            CgroupKind::V1 => std::fs::read_to_string(self.dir.join("cpuacct.usage"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok(),
+            CgroupKind::V2 => std::fs::read_to_string(self.dir.join("cpu.stat"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .map(|us| us * 1000),
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Removable once its last task has gone, which may take a moment after the process
+        // it was made for has been reaped (nginx's workers exit after their master is told).
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts `program` on `cpus`, in a cgroup of its own where one can be made (it joins it
+/// before it runs, so every thread and child it makes is counted).
 fn spawn_pinned(
     name: &str,
     cpus: &str,
@@ -81,9 +197,20 @@ fn spawn_pinned(
     args: &[&str],
     log: &Path,
     env: &[(&str, &str)],
-) -> Result<Child> {
+) -> Result<(Child, Option<Cgroup>)> {
     let log_file = std::fs::File::create(log)?;
-    let mut cmd = Command::new("taskset");
+    let cgroup = Cgroup::create(name);
+    let mut cmd = match &cgroup {
+        Some(c) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg("echo $$ > \"$0\" && exec \"$@\"")
+                .arg(c.dir.join("cgroup.procs"))
+                .arg("taskset");
+            cmd
+        }
+        None => Command::new("taskset"),
+    };
     cmd.arg("-c").arg(cpus).arg(program).args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -91,8 +218,10 @@ fn spawn_pinned(
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    cmd.spawn()
-        .with_context(|| format!("starting {name} ({program}); is it installed?"))
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({program}); is it installed?"))?;
+    Ok((child, cgroup))
 }
 
 /// Waits until `addr` accepts connections.
@@ -223,7 +352,7 @@ pub fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str)
     let path = dir.file(&format!("{name}.nginx.conf"));
     std::fs::write(&path, conf)?;
     let log = dir.file(&format!("{name}.log"));
-    let child = spawn_pinned(
+    let (child, cgroup) = spawn_pinned(
         name,
         cpus,
         "nginx",
@@ -242,6 +371,7 @@ pub fn start_nginx(dir: &Workdir, name: &str, conf: &str, port: u16, cpus: &str)
         addr,
         admin: None,
         child,
+        cgroup,
         sidecars: Vec::new(),
     };
     wait_listening(name, addr, &log)?;
@@ -437,7 +567,7 @@ fn start_redis(dir: &Workdir, cpus: &str) -> Result<Proc> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let log = dir.file("redis.log");
-    let child = spawn_pinned(
+    let (child, cgroup) = spawn_pinned(
         "redis-server",
         cpus,
         "redis-server",
@@ -459,6 +589,7 @@ fn start_redis(dir: &Workdir, cpus: &str) -> Result<Proc> {
         addr,
         admin: None,
         child,
+        cgroup,
         sidecars: Vec::new(),
     };
     wait_listening("redis", addr, &log)?;
@@ -475,7 +606,7 @@ fn start_etcd(dir: &Workdir, cpus: &str, name: &str) -> Result<Proc> {
     let log = dir.file(&format!("{name}.log"));
     let data = dir.file(&format!("{name}-data"));
     let _ = std::fs::remove_dir_all(&data);
-    let child = spawn_pinned(
+    let (child, cgroup) = spawn_pinned(
         "etcd",
         cpus,
         "etcd",
@@ -501,6 +632,7 @@ fn start_etcd(dir: &Workdir, cpus: &str, name: &str) -> Result<Proc> {
         addr,
         admin: None,
         child,
+        cgroup,
         sidecars: Vec::new(),
     };
     wait_listening("etcd", addr, &log)?;
@@ -528,7 +660,7 @@ pub fn start_gateway(
     if let Some(url) = store {
         args.extend(["--store", url]);
     }
-    let child = spawn_pinned(
+    let (child, cgroup) = spawn_pinned(
         "gateway",
         cpus,
         &bin.display().to_string(),
@@ -541,6 +673,7 @@ pub fn start_gateway(
         addr,
         admin: Some(format!("127.0.0.1:{admin_port}").parse()?),
         child,
+        cgroup,
         sidecars: Vec::new(),
     };
     wait_listening(name, addr, &log)?;
@@ -688,7 +821,7 @@ pub fn start_proxy(
             let path = dir.file(&format!("{name}.cfg"));
             std::fs::write(&path, conf)?;
             let log = dir.file(&format!("{name}.log"));
-            let child = spawn_pinned(
+            let (child, cgroup) = spawn_pinned(
                 name,
                 cpus,
                 "haproxy",
@@ -701,6 +834,7 @@ pub fn start_proxy(
                 addr,
                 admin: None,
                 child,
+                cgroup,
                 sidecars: Vec::new(),
             };
             wait_listening(name, addr, &log)?;
@@ -789,6 +923,60 @@ pub fn raise_nofile() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_tree_is_timed_in_its_own_cgroup_exited_children_included() {
+        let dir = std::env::temp_dir().join(format!("loadtest-cg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("spin.log");
+        // A child that burns CPU in a subshell that exits before the check.
+        let script = "( i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done ); exec sleep 30";
+        let (child, cgroup) = spawn_pinned("spin", "0", "sh", &["-c", script], &log, &[]).unwrap();
+        let p = Proc {
+            name: "spin".into(),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            admin: None,
+            child,
+            cgroup,
+            sidecars: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The loop's subshell has exited once `sleep` runs.
+        let sleeping = || {
+            tree(p.pid()).into_iter().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+        };
+        while !sleeping() {
+            assert!(Instant::now() < deadline, "the loop did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let from_proc = cpu_seconds(p.pid());
+        let cpu = p.cpu_seconds();
+        match &p.cgroup {
+            Some(c) => {
+                assert!(c.dir.join("cgroup.procs").exists());
+                assert_eq!(p.cpu_clock(), c.kind.describe());
+                // The exited subshell's time is counted (`/proc` has it as the shell's
+                // cutime once reaped: the same time, in ticks).
+                assert!(cpu > 0.05, "{cpu} s");
+                assert!(
+                    (cpu - from_proc).abs() < 0.05 + cpu * 0.1,
+                    "{cpu} against {from_proc}"
+                );
+                let made = c.dir.clone();
+                drop(p);
+                assert!(!made.exists(), "the cgroup is removed with its process");
+            }
+            // Where no cgroup can be made (not root, no writable hierarchy): /proc's ticks.
+            None => {
+                assert_eq!(p.cpu_clock(), "/proc/PID/stat, clock ticks");
+                assert_eq!(cpu, from_proc);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn peers_pin_one_worker_per_cpu_like_the_gateway() {

@@ -228,15 +228,17 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
         "order seed: {} (--seed to run again in this order)",
         opts.seed
     );
+    let clock = crate::cpu_clocks(&origin, proxies.iter().map(|(_, p)| *p));
+    println!("CPU time read from: {clock}");
     for rep in 0..opts.reps {
         for case in &cases {
             let order = crate::run_order(proxies.len(), rep, opts.seed).into_iter();
             for (name, p) in order.map(|i| proxies[i]) {
                 let before = p.cpu_seconds();
-                let origin_before = procs::cpu_seconds(origin.pid());
+                let origin_before = origin.cpu_seconds();
                 let w = drive(case, p, opts.duration)?;
                 let cpu_s = p.cpu_seconds() - before;
-                let origin_cpu_s = procs::cpu_seconds(origin.pid()) - origin_before;
+                let origin_cpu_s = origin.cpu_seconds() - origin_before;
                 println!(
                     "rep {rep} {:>9} {name:<8} {:>9.0} req/s  p99 {:>8.0} µs  cpu {:.2} s  {:>7.0} req/cpu-s  non-2xx {} errors {}",
                     case.0,
@@ -272,7 +274,7 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     let csv = opts.out.join("tls.csv");
     report::write_csv(&csv, &samples)?;
     let md = format!(
-        "machine: {}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (the harness's rustls client, 4 at a time, no resumption; latency from connect to the answer's last byte); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close; `-4c`: 4 connections, the client below saturation).\n\n{table}\n{lines}",
+        "machine: {}\n\nCPU time read from: {clock}\n\nTLS: same ECDSA P-256 certificate, TLS 1.2 and 1.3, client-chosen suites. `handshake-full`: one full handshake per request (the harness's rustls client, 4 at a time, no resumption; latency from connect to the answer's last byte); `handshake-resumed`: one resumed handshake per request (wrk, Connection: close; `-4c`: 4 connections, the client below saturation).\n\n{table}\n{lines}",
         crate::machine()
     );
     std::fs::write(opts.out.join("tls.md"), md)?;
