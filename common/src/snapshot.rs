@@ -621,14 +621,25 @@ impl Snapshot {
             let at = format!("listeners[{i}].redirect");
             let r = redirect(d, &at)?;
             let own = if l.tls.is_some() { "https" } else { "http" };
+            // Every request to the listener is redirected: one that leaves the scheme, the
+            // host and the port as they are (a `path` alone, or the listener's own port)
+            // sends the client back to it, round and round.
+            let own_port = l
+                .address
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.port());
             if r.host.is_none()
-                && r.port.is_none()
-                && r.path.is_none()
+                && r.port.is_none_or(|p| Some(p) == own_port)
                 && r.scheme.as_deref().is_none_or(|s| s == own)
+                && !tolerated(&at, "sends the client back to its listener")
             {
                 return Err(ConfigError::field(
                     at,
-                    format!("the listener speaks {own}: the client would be sent where it is"),
+                    format!(
+                        "the listener speaks {own} and this redirect keeps the host and the \
+                         port: the client would be sent back to it, again and again"
+                    ),
                 ));
             }
             listener_redirects.push(Some(r));

@@ -1139,6 +1139,28 @@ fn redirects_are_checked() {
         err(&listener("{ status = 399, scheme = \"https\" }", false)).path(),
         "listeners[0].redirect.status"
     );
+    // Nor may one keep scheme, host and port: a path alone, or the listener's own port.
+    let on = |address: &str, redirect: &str| {
+        format!("[[listeners]]\naddress = \"{address}\"\nredirect = {redirect}\n")
+    };
+    for (address, redirect) in [
+        ("127.0.0.1:0", "{ path = \"/\" }"),
+        ("127.0.0.1:8080", "{ port = 8080 }"),
+        (
+            "127.0.0.1:8080",
+            "{ scheme = \"http\", port = 8080, path = \"/x\" }",
+        ),
+    ] {
+        let e = err(&on(address, redirect));
+        assert_eq!(e.path(), "listeners[0].redirect", "{redirect}");
+        assert!(e.to_string().contains("again and again"), "{e}");
+        // A config stored by an earlier build that took it still starts, noting it.
+        let stored = parse_config(&on(address, redirect), Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
+    compile(&on("127.0.0.1:8080", "{ port = 8081 }")).unwrap();
+    compile(&on("127.0.0.1:8080", "{ host = \"www.test\" }")).unwrap();
     // A trailing dot ends a fully qualified name.
     compile(&format!("{base}redirect = {{ host = \"docs.test.\" }}\n")).unwrap();
 }

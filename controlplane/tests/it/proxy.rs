@@ -2221,10 +2221,30 @@ id = "port"
 path = "/port"
 redirect = { port = 8443 }
 
+[[routes]]
+id = "keyed"
+path = "/keyed"
+redirect = { host = "other.test", status = 302 }
+policies = ["query-key"]
+
 [[policies]]
 id = "inside"
 kind = "ip_filter"
 deny = ["10.0.0.0/8"]
+
+[[policies]]
+id = "query-key"
+kind = "api_key"
+query = "apikey"
+
+[[consumers]]
+id = "c"
+
+[[credentials]]
+id = "c"
+consumer = "c"
+kind = "api_key"
+key = "s3cr3t-key-1"
 "#;
     let gw = Gateway::start(config, Driver::IoUring);
     let on = |listener: usize, request: &str| {
@@ -2266,6 +2286,18 @@ deny = ["10.0.0.0/8"]
             308,
             "http://abs.test:8080/new",
         ),
+        // The API key the route's policy checked (and strips from what it forwards) is not
+        // sent on to the other host (before: `?x=1&apikey=s3cr3t-key-1&y=2`).
+        (
+            "GET /keyed?x=1&apikey=s3cr3t-key-1&y=2 HTTP/1.1\r\nHost: api.test\r\n\r\n",
+            302,
+            "http://other.test/keyed?x=1&y=2",
+        ),
+        (
+            "GET /keyed?apikey=s3cr3t-key-1 HTTP/1.1\r\nHost: api.test\r\n\r\n",
+            302,
+            "http://other.test/keyed",
+        ),
     ];
     let https = [
         (
@@ -2290,6 +2322,10 @@ deny = ["10.0.0.0/8"]
             "{request}"
         );
     }
+    // `OPTIONS *` names no resource to send the client to: the gateway answers it on the
+    // redirecting listener too (before: `Location: https://h.test*`).
+    let (status, location, _) = on(1, "OPTIONS * HTTP/1.1\r\nHost: h.test\r\n\r\n");
+    assert_eq!((status, location), (200, None));
     // The route's fields are on its answer; a default port is left out.
     let r = gw
         .connect()

@@ -424,6 +424,9 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
         }
     } else {
         match v.iter().position(|&b| b == b':') {
+            // An empty host before a port (`:80`) is an http URI without a host all the
+            // same (RFC 9110 4.2.1); only the whole value may be empty here (see above).
+            Some(0) => return false,
             Some(c) => (&v[..c], Some(&v[c + 1..])),
             None => (v, None),
         }
@@ -574,6 +577,8 @@ mod tests {
             b"a:123456",
             b"a:65536",
             b"[::1]:99999",
+            b":80",
+            b":",
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }

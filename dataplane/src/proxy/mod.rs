@@ -372,11 +372,17 @@ async fn handle<S: ClientStream>(
     // Behind a trusted proxy that terminates TLS, the client's scheme is the proxy's word.
     req.forwarded_https =
         policy::forwarded_https(&snap.policies, &down.buf, &down.req_plan, peer.ip);
+    // `OPTIONS *`, or its absolute form with an empty path (`OPTIONS http://h`, which
+    // RFC 9112 3.2.4 has the last proxy send on as `*`), asks about the server as a whole:
+    // no route takes it, and no redirect (it names no resource to send the client to).
+    let whole_server = method == b"OPTIONS"
+        && (head.target.of(&down.buf) == b"*" || (head.absolute && head.origin_target.is_empty()));
     let own = snap.listener_redirects.get(usize::from(peer.listener));
     // The listener answers every request with its redirect, before any route or policy;
     // not one a trusted proxy says came in on the scheme the redirect is for already.
     let own = own
         .and_then(Option::as_deref)
+        .filter(|_| !whole_server)
         .filter(|r| r.scheme_only().map(str::as_bytes) != Some(client_scheme(down, req)));
     if let Some(r) = own {
         if req.logging() {
@@ -399,11 +405,6 @@ async fn handle<S: ClientStream>(
                 .find(host, path, |id| snap.routes[id as usize].accepts(m))
         })
         .filter(|&id| snap.routes[id as usize].has_cors);
-    // `OPTIONS *`, or its absolute form with an empty path (`OPTIONS http://h`, which
-    // RFC 9112 3.2.4 has the last proxy send on as `*`), asks about the server as a whole:
-    // no route takes it.
-    let whole_server = method == b"OPTIONS"
-        && (head.target.of(&down.buf) == b"*" || (head.absolute && head.origin_target.is_empty()));
     let found = match whole_server {
         true => None,
         false => real.or_else(|| {
@@ -650,7 +651,8 @@ async fn redirect<S: ClientStream>(
 ) -> Next {
     let mut out = std::mem::take(&mut req.policy.out);
     let scheme = client_scheme(down, req);
-    let next = match redirect_answer(r, &down.buf, head, scheme, &mut out) {
+    let drops = &req.policy.query_drops;
+    let next = match redirect_answer(r, &down.buf, head, scheme, drops, &mut out) {
         Some(head_len) => {
             let reply = Reply::Direct {
                 status: r.status,
@@ -677,13 +679,15 @@ fn client_scheme<S: ClientStream>(down: &Downstream<S>, req: &RequestCtx) -> &'s
 
 /// Writes into `out` (cleared first) the answer to a request `head` for redirect `r`: its
 /// status line, `Location` (the request's URL, with the parts `r` sets replaced) and an empty
-/// body; returns the head's length. `scheme` is the client's. `None` when the request
-/// names no host and `r` sets none.
+/// body; returns the head's length. `scheme` is the client's; `drops` are the query pairs
+/// the route's policies strip (an API key), which the `Location` does not carry to wherever
+/// it points either. `None` when the request names no host and `r` sets none.
 fn redirect_answer(
     r: &common::snapshot::Redirect,
     buf: &[u8],
     head: &RequestHead,
     scheme: &[u8],
+    drops: &[crate::codec::Span],
     out: &mut Vec<u8>,
 ) -> Option<usize> {
     // The request's host and port: `name`, `name:port`, `[v6]`, `[v6]:port`.
@@ -713,9 +717,23 @@ fn redirect_answer(
         None => head.path(buf),
     };
     let target = head.origin_target.of(buf);
+    let without_drops;
     let query = match r.strip_query {
         true => &[][..],
-        false => target.get(head.path_len..).unwrap_or_default(),
+        false => {
+            let query = target.get(head.path_len..).unwrap_or_default();
+            if drops.is_empty() {
+                query
+            } else {
+                let base = head.origin_target.start + head.path_len;
+                let mut without = Vec::with_capacity(query.len());
+                crate::forward::push_target_without(&mut without, query, |at, _| {
+                    crate::policy::span_starts_at(drops, base + at)
+                });
+                without_drops = without;
+                &without_drops
+            }
+        }
     };
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");

@@ -105,6 +105,10 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", ParseError::Malformed),
+        // An empty host before a port, a port past 65535 (before: served).
+        (b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", ParseError::Malformed),
+        (b"GET http://:80/x HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
+        (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1.1\r\n\r\n", ParseError::Malformed),
         (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
