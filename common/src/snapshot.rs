@@ -1660,8 +1660,20 @@ type SamePath = HashMap<Option<String>, Vec<usize>>;
 /// The keys of [`SamePath`] that route `r` is filed under.
 fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
     let none = r.hosts.is_empty().then_some(None);
-    none.into_iter()
-        .chain(r.hosts.iter().map(|h| Some(h.to_ascii_lowercase())))
+    none.into_iter().chain(r.hosts.iter().map(|h| {
+        // As the router files it: `a.com.` is `a.com`.
+        let h = h.to_ascii_lowercase();
+        Some(h.strip_suffix('.').map_or(h.clone(), str::to_owned))
+    }))
+}
+
+/// Whether route `r` takes `method`, by its config as [`Route::accepts`] does compiled: no
+/// `methods` admits every method but `TRACE`, and `GET` admits `HEAD`.
+fn admits(r: &RouteConfig, method: &str) -> bool {
+    match r.methods.is_empty() {
+        true => method != "TRACE",
+        false => (r.methods.iter()).any(|m| m == method || (method == "HEAD" && m == "GET")),
+    }
 }
 
 /// Adds route `i` to the router, then files it in `same_path` (the earlier routes with its
@@ -1682,9 +1694,10 @@ fn add_to_router(
     // Two routes with the same host key and path, whose method sets overlap, would make the
     // second one unreachable: refuse instead of silently shadowing it (naming the first).
     let methods_overlap = |o: &RouteConfig| {
-        o.methods.is_empty()
-            || r.methods.is_empty()
-            || o.methods.iter().any(|m| r.methods.contains(m))
+        // Some method both take: one that either names, or HEAD (which GET brings).
+        let named = (o.methods.iter().chain(&r.methods)).map(String::as_str);
+        (o.methods.is_empty() && r.methods.is_empty())
+            || named.chain(["HEAD"]).any(|m| admits(o, m) && admits(r, m))
     };
     let keys: Vec<Option<String>> = host_keys(r).collect();
     let clash = (keys.iter())
@@ -1693,7 +1706,8 @@ fn add_to_router(
             earlier.iter().copied().find(|&j| methods_overlap(&all[j]))
         })
         .min();
-    if let Some(j) = clash {
+    let why = "shadowed by an earlier route";
+    if let Some(j) = clash.filter(|_| !tolerated(&at, why)) {
         return Err(ConfigError::field(
             at,
             format!(

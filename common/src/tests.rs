@@ -237,6 +237,36 @@ fn errors_name_the_field() {
         bare.replace("\"h\"", "\"i\"")
     ));
     assert!(e.to_string().contains("routes[6] (\"h\")"), "{e}");
+    // What a route takes, not what it names: no `methods` takes all but TRACE, so a TRACE
+    // route beside it is reachable; GET takes HEAD, so a HEAD route beside it is not;
+    // `a.com.` is `a.com` (before: the first refused, the others taken).
+    let two = |a: String, b: String| format!("{base}{a}{b}");
+    assert!(compile(&two(
+        route("p", "/t", "", ""),
+        route("q", "/t", "", "\"TRACE\"")
+    ))
+    .is_ok());
+    for (a, b) in [
+        (
+            route("p", "/t", "", "\"GET\""),
+            route("q", "/t", "", "\"HEAD\""),
+        ),
+        (
+            route("p", "/t", "", "\"HEAD\""),
+            route("q", "/t", "", "\"GET\""),
+        ),
+        (
+            route("p", "/t", "\"a.com\"", ""),
+            route("q", "/t", "\"A.com.\"", ""),
+        ),
+    ] {
+        let text = two(a, b);
+        assert_eq!(err(&text).path(), "routes[1]", "{text}");
+        // A config stored by an earlier build that took it still starts, noting it.
+        let stored = parse_config(&text, Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
 
     // A parametrised path's segments are bounded (the lookup walks them recursively).
     let deep = format!("/{{id}}{}", "/a".repeat(63));
