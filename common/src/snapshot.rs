@@ -1536,16 +1536,23 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     // No content (RFC 9110 15.3.5, 15.4.5): no body, and no fields that would frame one (a
     // client reading a 204 with a Content-Length would take the bytes after it for the
     // next answer).
-    let bodiless = matches!(d.status, 204 | 304);
+    // A 205 has no content either (RFC 9110 15.3.6), but HTTP/1.1 framing does not know
+    // that (RFC 9112 6.3): it says so with `Content-Length: 0`.
+    let bodiless = matches!(d.status, 204 | 205 | 304);
     let why = format!("must be empty: a {} answer has no body", d.status);
     if bodiless && !d.body.is_empty() && !tolerated(&format!("{at}.body"), &why) {
         return Err(ConfigError::field(format!("{at}.body"), why));
     }
     let head = match bodiless {
         true => format!(
-            "HTTP/1.1 {} {}\r\n",
+            "HTTP/1.1 {} {}\r\n{}",
             d.status,
-            crate::reason::phrase(d.status)
+            crate::reason::phrase(d.status),
+            if d.status == 205 {
+                "Content-Length: 0\r\n"
+            } else {
+                ""
+            }
         ),
         false => format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
@@ -1557,7 +1564,7 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     };
     let mut bytes = head.into_bytes();
     let head_len = bytes.len();
-    // (A stored config's body on a 204 or 304 is left out.)
+    // (A stored config's body on a 204, 205 or 304 is left out.)
     if !bodiless {
         bytes.extend_from_slice(d.body.as_bytes());
     }
@@ -1693,17 +1700,35 @@ fn add_to_router(
     };
     // Two routes with the same host key and path, whose method sets overlap, would make the
     // second one unreachable: refuse instead of silently shadowing it (naming the first).
+    // Methods both name (no `methods` names every one but TRACE); the HEAD that GET brings
+    // is not counted, so that a HEAD route may come before a GET one and answer HEAD.
+    let names_some = |x: &RouteConfig| x.methods.iter().any(|m| m != "TRACE");
     let methods_overlap = |o: &RouteConfig| {
-        // Some method both take: one that either names, or HEAD (which GET brings).
-        let named = (o.methods.iter().chain(&r.methods)).map(String::as_str);
         (o.methods.is_empty() && r.methods.is_empty())
-            || named.chain(["HEAD"]).any(|m| admits(o, m) && admits(r, m))
+            || (o.methods.is_empty() && names_some(r))
+            || (r.methods.is_empty() && names_some(o))
+            || o.methods.iter().any(|m| r.methods.contains(m))
+    };
+    // Nor may every method the route takes be taken by earlier ones (a HEAD route after a
+    // GET one): the earliest of those, if so.
+    let shadowed = |earlier: &[usize]| -> Option<usize> {
+        if r.methods.is_empty() {
+            return earlier.iter().copied().find(|&j| all[j].methods.is_empty());
+        }
+        let head = r.methods.iter().any(|m| m == "GET").then_some("HEAD");
+        let mut first: Option<usize> = None;
+        for m in r.methods.iter().map(String::as_str).chain(head) {
+            let j = earlier.iter().copied().find(|&j| admits(&all[j], m))?;
+            first = Some(first.map_or(j, |f| f.min(j)));
+        }
+        first
     };
     let keys: Vec<Option<String>> = host_keys(r).collect();
     let clash = (keys.iter())
         .filter_map(|h| {
             let earlier = same_path.get(h)?;
-            earlier.iter().copied().find(|&j| methods_overlap(&all[j]))
+            (earlier.iter().copied().find(|&j| methods_overlap(&all[j])))
+                .or_else(|| shadowed(earlier))
         })
         .min();
     let why = "shadowed by an earlier route";

@@ -237,23 +237,30 @@ fn errors_name_the_field() {
         bare.replace("\"h\"", "\"i\"")
     ));
     assert!(e.to_string().contains("routes[6] (\"h\")"), "{e}");
-    // What a route takes, not what it names: no `methods` takes all but TRACE, so a TRACE
-    // route beside it is reachable; GET takes HEAD, so a HEAD route beside it is not;
-    // `a.com.` is `a.com` (before: the first refused, the others taken).
+    // What a route takes, not only what it names: no `methods` takes all but TRACE, so a
+    // TRACE route beside it is reachable; GET takes HEAD, so a HEAD route after a GET one is
+    // never chosen (before it, it answers HEAD); `a.com.` is `a.com` (before: the first
+    // refused, the others taken).
     let two = |a: String, b: String| format!("{base}{a}{b}");
-    assert!(compile(&two(
-        route("p", "/t", "", ""),
-        route("q", "/t", "", "\"TRACE\"")
-    ))
-    .is_ok());
+    for (a, b) in [
+        (route("p", "/t", "", ""), route("q", "/t", "", "\"TRACE\"")),
+        (route("p", "/t", "", "\"TRACE\""), route("q", "/t", "", "")),
+        (
+            route("p", "/t", "", "\"HEAD\""),
+            route("q", "/t", "", "\"GET\""),
+        ),
+    ] {
+        let text = two(a, b);
+        assert!(compile(&text).is_ok(), "{text}");
+    }
     for (a, b) in [
         (
             route("p", "/t", "", "\"GET\""),
             route("q", "/t", "", "\"HEAD\""),
         ),
         (
-            route("p", "/t", "", "\"HEAD\""),
-            route("q", "/t", "", "\"GET\""),
+            route("p", "/t", "", "\"GET\", \"POST\""),
+            route("q", "/t", "", "\"HEAD\""),
         ),
         (
             route("p", "/t", "\"a.com\"", ""),
