@@ -304,6 +304,16 @@ pub fn compile_rewrite(text: &str, params: &[Box<str>], at: &str) -> Result<Temp
         ));
     }
     check_params(&t, params, at)?;
+    // Its parameters are filled in escaped, and may not be dot segments (the request's
+    // were checked): the text around them decides.
+    if let Some(why) = crate::validate::path_flaw(text) {
+        if !crate::validate::tolerated(at, why) {
+            return Err(ConfigError::field(
+                at,
+                format!("{text:?} {why}: the upstream would be sent a path the gateway refuses"),
+            ));
+        }
+    }
     Ok(t)
 }
 

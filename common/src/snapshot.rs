@@ -1075,6 +1075,21 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
             format!("{path:?} must not contain '#'"),
         ));
     }
+    let flaw = crate::validate::path_flaw(path).or_else(|| {
+        crate::validate::escapes_unreserved(path).then_some(
+            "escapes a letter, digit, '-', '.', '_' or '~', which requests have decoded \
+             before they are routed: write it as it is",
+        )
+    });
+    if let Some(why) = flaw {
+        let at = format!("{at}.{field}");
+        if !tolerated(&at, &format!("{why}: never matches")) {
+            return Err(ConfigError::field(
+                at,
+                format!("{path:?} {why}, so no request could match it"),
+            ));
+        }
+    }
     if known.merge_slashes
         && path.contains("//")
         && !crate::validate::tolerated(&format!("{at}.{field}"), "a run of '/': never matches")
@@ -1117,6 +1132,13 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                 return Err(ConfigError::field(
                     format!("{at}.methods[{j}]"),
                     format!("{m:?} is not a method token"),
+                ));
+            }
+            let field = format!("{at}.methods[{j}]");
+            if m == "CONNECT" && !tolerated(&field, "CONNECT never reaches a route") {
+                return Err(ConfigError::field(
+                    field,
+                    "the gateway opens no tunnels: a CONNECT is refused (405) before routing",
                 ));
             }
         }
@@ -1614,6 +1636,15 @@ fn redirect(d: &crate::config::RedirectConfig, at: &str) -> Result<Box<Redirect>
                 format!("{at}.path"),
                 format!("{p:?} must start with '/' and hold visible ASCII without '?' or '#'"),
             ));
+        }
+        if let Some(why) = crate::validate::path_flaw(p) {
+            let at = format!("{at}.path");
+            if !tolerated(&at, why) {
+                return Err(ConfigError::field(
+                    at,
+                    format!("{p:?} {why}: the client's request to it would be refused"),
+                ));
+            }
         }
     }
     if d.scheme.is_none() && d.host.is_none() && d.port.is_none() && d.path.is_none() {

@@ -781,7 +781,8 @@ fn a_repeated_id_is_refused_at_its_second_use_and_dot_ids_at_any() {
     let upstream = |id: &str| {
         format!("[[upstreams]]\nid = \"{id}\"\ntargets = [{{ address = \"127.0.0.1:1\" }}]\n")
     };
-    let route = |id: &str| format!("[[routes]]\nid = \"{id}\"\npath = \"/{id}\"\nrespond = {{}}\n");
+    let route =
+        |id: &str| format!("[[routes]]\nid = \"{id}\"\npath = \"/r-{id}\"\nrespond = {{}}\n");
     let aggregate = |id: &str| {
         format!(
             "[[aggregates]]\nid = \"{id}\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"u\"\n\
@@ -830,6 +831,66 @@ fn a_repeated_id_is_refused_at_its_second_use_and_dot_ids_at_any() {
         assert_eq!(notes.len(), 1, "{notes:?}");
     }
     assert!(compile(&format!("{base}{}", route("..."))).is_ok());
+}
+
+#[test]
+fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_name_them() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+                targets = [{ address = \"127.0.0.1:1\" }]\n";
+    let route = |extra: &str| format!("{base}[[routes]]\nid = \"r\"\n{extra}\n");
+    // Requests are decoded (unreserved escapes), refused with a malformed escape, %00 or a
+    // dot segment, and CONNECT never reaches a route: such a route could never match, and
+    // such a rewrite or redirect sends what the gateway itself refuses (before: taken).
+    for (extra, field) in [
+        ("path = \"/%6Frders\"\nrespond = {}", "routes[0].path"),
+        (
+            "path_prefix = \"/a%7e\"\nrespond = {}",
+            "routes[0].path_prefix",
+        ),
+        ("path = \"/n%\"\nrespond = {}", "routes[0].path"),
+        ("path = \"/q%00\"\nrespond = {}", "routes[0].path"),
+        (
+            "path_prefix = \"/x/../y\"\nrespond = {}",
+            "routes[0].path_prefix",
+        ),
+        ("path = \"/x/%2E;p/y\"\nrespond = {}", "routes[0].path"),
+        (
+            "path = \"/c\"\nmethods = [\"CONNECT\"]\nrespond = {}",
+            "routes[0].methods[0]",
+        ),
+        (
+            "path = \"/i/{id}\"\nupstream = \"u\"\nrewrite = \"/x/%zz/{id}\"",
+            "routes[0].rewrite",
+        ),
+        (
+            "path = \"/i/{id}\"\nupstream = \"u\"\nrewrite = \"/../{id}\"",
+            "routes[0].rewrite",
+        ),
+        (
+            "path = \"/d\"\nredirect = { path = \"/a%zz\" }",
+            "routes[0].redirect.path",
+        ),
+        (
+            "path = \"/d\"\nredirect = { path = \"/a/./b\" }",
+            "routes[0].redirect.path",
+        ),
+    ] {
+        let text = route(extra);
+        assert_eq!(err(&text).path(), field, "{extra}");
+        // A config stored by an earlier build that took it still starts, noting it.
+        let stored = parse_config(&text, Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
+    }
+    // Other escapes, dots within names, and parameters stay.
+    for extra in [
+        "path = \"/p%2Fq/a.b/..c\"\nrespond = {}",
+        "path_prefix = \"/%20x/\"\nrespond = {}",
+        "path = \"/i/{id}\"\nupstream = \"u\"\nrewrite = \"/v1.2/%2F/{id}\"",
+        "path = \"/d\"\nredirect = { path = \"/%C3%A9\" }",
+    ] {
+        compile(&route(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
 }
 
 #[test]

@@ -84,6 +84,44 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
             })
 }
 
+/// What keeps requests from ever having `path` (a route's), or makes the gateway refuse a
+/// path it would write itself (a rewrite's, a redirect's): a `%` without two hex digits
+/// after it or `%00`, or a `.` or `..` segment (also spelled `%2e`, or with `;` parameters):
+/// a request with one is refused (`400`).
+pub(crate) fn path_flaw(path: &str) -> Option<&'static str> {
+    let b = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        match b.get(i + 1..i + 3) {
+            Some([h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                if *h == b'0' && *l == b'0' {
+                    return Some("has %00, which a request path may not have");
+                }
+            }
+            _ => return Some("has a '%' without two hex digits after it (RFC 3986 2.1)"),
+        }
+    }
+    let flawed = path.split('/').any(|seg| {
+        let name = seg.split(';').next().unwrap_or(seg);
+        let name = name.to_ascii_lowercase().replace("%2e", ".");
+        name == "." || name == ".."
+    });
+    flawed.then_some("has a '.' or '..' segment, which requests may not have")
+}
+
+/// Whether `path` escapes an unreserved character (`%6F` for `o`), which requests have
+/// decoded before they are routed (RFC 3986 6.2.2.2): a route's path spelled so never
+/// matches.
+pub(crate) fn escapes_unreserved(path: &str) -> bool {
+    let b = path.as_bytes();
+    path.match_indices('%').any(|(i, _)| {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        hex.and_then(|h| u8::from_str_radix(h, 16).ok())
+            .is_some_and(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c))
+    })
+}
+
 /// A host a gateway-written field may name (a redirect's, a route's `Host`): a host name
 /// (a fully qualified one may end in a dot), an IPv4 address, or an IPv6 one in brackets.
 pub(crate) fn valid_host_name(h: &str) -> bool {
