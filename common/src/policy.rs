@@ -459,6 +459,23 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
                     "a consumer can only have rate_limit policies (the others run before the consumer is known)",
                 ));
             }
+            // One bucket for the policy, wherever it runs: every consumer listing it would
+            // spend one shared quota, where a limit on a consumer reads as its own (Kong
+            // counts a consumer's limit per consumer).
+            let field = format!("{at}[{j}]");
+            let shared = matches!(&list[p as usize].kind,
+                PolicyKind::RateLimit(r) if r.key == RateKey::Route);
+            if shared && !crate::validate::tolerated(&field, "one bucket for every consumer") {
+                return Err(ConfigError::field(
+                    field,
+                    format!(
+                        "policy {:?} has key = \"route\" (the default): one bucket that every \
+                         consumer listing it would share; give it key = \"consumer\" to count \
+                         each consumer's requests apart",
+                        list[p as usize].id
+                    ),
+                ));
+            }
         }
         consumers.push(Consumer {
             id: c.id.as_str().into(),

@@ -453,6 +453,26 @@ fn invalid_policies_name_the_field() {
         invalid_at(&format!("[[consumers]]\nid = \"a\"\n[[policies]]\nid = \"p\"\nkind = \"acl\"\nconsumers = [\"a\"]\n{route}policies = [\"p\"]\n")),
         "routes[0].policies"
     );
+    // A consumer's rate limit with one bucket for the policy: every consumer listing it
+    // would share one quota (before: taken; one consumer's requests refused another's).
+    let limited = |key: &str| {
+        format!(
+            "{POLICY_BASE}[[policies]]\nid = \"p\"\nkind = \"rate_limit\"\nrate = 2\n{key}\
+             [[consumers]]\nid = \"a\"\npolicies = [\"p\"]\n"
+        )
+    };
+    for key in ["", "key = \"route\"\n"] {
+        let e = compile(&limited(key)).unwrap_err();
+        assert_eq!(e.path(), "consumers[0].policies[0]", "{e}");
+        assert!(e.to_string().contains("key = \"consumer\""), "{e}");
+        // A config stored by an earlier build that took it still starts, noting it.
+        let stored = parse_config(&limited(key), Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
+    for key in ["consumer", "client_ip", "header:x-tier"] {
+        compile(&limited(&format!("key = \"{key}\"\n"))).unwrap();
+    }
     // burst * (1 hour / 1) overflows the bucket's nanosecond counter.
     assert_eq!(
         invalid_at("[[policies]]\nid = \"p\"\nkind = \"rate_limit\"\nrate = 1\nper = \"hour\"\nburst = 10000000\n"),

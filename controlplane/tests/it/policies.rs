@@ -1019,6 +1019,63 @@ consumers = ["ops"]
 }
 
 #[test]
+fn a_consumers_rate_limit_counts_that_consumer_alone() {
+    let origin = Origin::echo();
+    let extra = r#"
+[[consumers]]
+id = "a"
+policies = ["two-a-minute"]
+[[consumers]]
+id = "b"
+policies = ["two-a-minute"]
+[[credentials]]
+id = "a"
+consumer = "a"
+kind = "api_key"
+key = "a-key-00000000001"
+[[credentials]]
+id = "b"
+consumer = "b"
+kind = "api_key"
+key = "b-key-00000000001"
+[[policies]]
+id = "keys"
+kind = "api_key"
+[[policies]]
+id = "two-a-minute"
+kind = "rate_limit"
+rate = 2
+per = "minute"
+key = "consumer"
+"#;
+    let config = proxy_config(origin.addr, extra).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\npolicies = [\"keys\"]\n",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let status = |key: &str| get(&gw, "/a", &format!("X-Api-Key: {key}\r\n")).status;
+    let a: Vec<u16> = (0..3).map(|_| status("a-key-00000000001")).collect();
+    assert_eq!(a, [200, 200, 429]);
+    // b's quota is its own.
+    let b: Vec<u16> = (0..3).map(|_| status("b-key-00000000001")).collect();
+    assert_eq!(b, [200, 200, 429]);
+    // One bucket for the policy (its key `route`, the default) would be one quota for both:
+    // refused, naming the consumer's entry (before: taken, and b got 429 after a's two).
+    let p = gw.admin(
+        "PUT",
+        "/v1/policies/two-a-minute",
+        Some(r#"{"kind":"rate_limit","rate":2,"per":"minute"}"#),
+    );
+    assert_eq!(p.status, 422, "{}", p.body_str());
+    let p = p.json();
+    assert_eq!(p["pointer"], "/consumers/0/policies/0", "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("key = \"consumer\""),
+        "{p}"
+    );
+}
+
+#[test]
 fn policy_resources_are_validated_like_the_rest() {
     let origin = Origin::echo();
     let gw = Gateway::start(&example_config(origin.addr), Driver::IoUring);
