@@ -207,6 +207,10 @@ fn ip_filter_ignores_forged_forwarding_fields_from_untrusted_peers() {
         ),
         // Garbage stops the walk: the last address walked (a trusted proxy) is the client.
         ("X-Forwarded-For: 10.1.1.1, garbage, 192.0.2.7\r\n", 403),
+        // Empty list elements are ignored (RFC 9110 5.6.1; before: the walk stopped at the
+        // trailing one, and the trusted proxy itself was taken for the client).
+        ("X-Forwarded-For: 10.1.1.1,\r\n", 200),
+        ("X-Forwarded-For: 10.1.1.1, , 192.0.2.7\r\n", 200),
         // A port after the address is understood.
         ("X-Forwarded-For: 10.1.1.1:4711\r\n", 200),
         ("X-Forwarded-For: 203.0.113.9, [2001:db8::1]:443\r\n", 403),
@@ -228,6 +232,7 @@ fn ip_filter_ignores_forged_forwarding_fields_from_untrusted_peers() {
     for (headers, want) in [
         ("Forwarded: for=\"10.1.1.1:1234\";proto=http\r\n", 200),
         ("Forwarded: for=203.0.113.9, for=10.1.1.1\r\n", 200),
+        ("Forwarded: for=10.1.1.1, \r\n", 200),
         ("Forwarded: for=10.1.1.1, for=203.0.113.9\r\n", 403),
         ("Forwarded: for=\"[2001:db8::1]\"\r\n", 403),
         // The client's own X-Forwarded-For is not read when the proxies write Forwarded.

@@ -377,13 +377,22 @@ pub fn client_ip(p: &Policies, buf: &[u8], head: &RequestHead, peer: IpAddr) -> 
     let xff = !p.client_ip_from_forwarded;
     for f in fields(buf, head) {
         if xff && f.name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            for item in f.value.split(|&b| b == b',') {
-                let item = trim(item);
+            // Empty list elements are ignored (RFC 9110 5.6.1): `10.1.1.1,` names one hop.
+            for item in f
+                .value
+                .split(|&b| b == b',')
+                .map(trim)
+                .filter(|i| !i.is_empty())
+            {
                 // Some proxies add the port: `192.0.2.1:4711`, `[2001:db8::1]:443`.
                 push(parse_ip(item).or_else(|| forwarded_for(item)));
             }
         } else if !xff && f.name.eq_ignore_ascii_case(b"forwarded") {
-            for element in f.value.split(|&b| b == b',') {
+            for element in f
+                .value
+                .split(|&b| b == b',')
+                .filter(|e| !trim(e).is_empty())
+            {
                 push(forwarded_param(element, b"for=").and_then(forwarded_for));
             }
         }
