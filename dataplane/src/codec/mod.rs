@@ -454,12 +454,19 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
     });
     // RFC 3986's port is any run of digits, but one past 65535 names no TCP port: a Host
     // naming one is refused (400) rather than routed as if it named a real one.
+    // No empty label (`.a`, `a..b`): nginx refuses them too, and a wildcard route would
+    // otherwise take `x..a.test` for one of its names. One trailing dot ends a fully
+    // qualified name.
+    let labels_ok = host.is_empty() || {
+        let name = host.strip_suffix(b".").unwrap_or(host);
+        !name.is_empty() && name.split(|&b| b == b'.').all(|l| !l.is_empty())
+    };
     let port_ok = port.is_none_or(|p| {
         p.len() <= 5
             && p.iter().all(u8::is_ascii_digit)
             && p.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65535
     });
-    host_ok && port_ok
+    host_ok && labels_ok && port_ok
 }
 
 #[cfg(test)]
@@ -560,6 +567,8 @@ mod tests {
             b"a.b:8080",
             b"a.b:65535",
             b"a.b:",
+            b"a.b.",
+            b"a.b.:80",
             b"[::1]:80",
             b"[::1]",
             b"",
@@ -579,6 +588,10 @@ mod tests {
             b"[::1]:99999",
             b":80",
             b":",
+            b".a.test",
+            b"x..a.test",
+            b"a.test..",
+            b".",
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }

@@ -109,6 +109,8 @@ fn smuggling_vectors_are_rejected() {
         (b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", ParseError::Malformed),
         (b"GET http://:80/x HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", ParseError::Malformed),
+        // An empty label (before: served, `x..a.test` by a `*.a.test` route).
+        (b"GET / HTTP/1.1\r\nHost: x..a.test\r\n\r\n", ParseError::Malformed),
         (b"GET / HTTP/1.1\r\n\r\n", ParseError::Malformed),
         (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
         (b"GET /\x00 HTTP/1.1\r\nHost: a\r\n\r\n", ParseError::Malformed),
