@@ -1124,6 +1124,14 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
             "a redirect keeps the path, or replaces it with its `path`",
         ));
     }
+    let forwards = r.upstream.is_some() || r.variants.iter().any(|v| v.upstream.is_some());
+    let field = format!("{at}.strip_prefix");
+    if r.strip_prefix && !forwards && !tolerated(&field, "forwards nothing: no effect") {
+        return Err(ConfigError::field(
+            field,
+            "strips the path a route forwards to an `upstream`; this one forwards none",
+        ));
+    }
     let methods = if r.methods.is_empty() {
         None
     } else {
@@ -1135,6 +1143,19 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                 ));
             }
             let field = format!("{at}.methods[{j}]");
+            const STANDARD: [&str; 9] = [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+            ];
+            let upper = m.to_ascii_uppercase();
+            if *m != upper
+                && STANDARD.contains(&upper.as_str())
+                && !tolerated(&field, "another case than the method's: never matches")
+            {
+                return Err(ConfigError::field(
+                    field,
+                    format!("methods are case-sensitive (RFC 9110 9.1): {m:?} is not {upper}"),
+                ));
+            }
             if m == "CONNECT" && !tolerated(&field, "CONNECT never reaches a route") {
                 return Err(ConfigError::field(
                     field,
@@ -1173,7 +1194,20 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                      the redirect on the listener (`[[listeners]] redirect`)",
                 ));
             }
-            RouteAction::Redirect(redirect(d, &format!("{at}.redirect"))?)
+            let checked = redirect(d, &format!("{at}.redirect"))?;
+            let to_itself = d.host.is_none()
+                && d.scheme.is_none()
+                && d.port.is_none()
+                && d.path.as_deref().is_some_and(|p| matches_own_path(r, p));
+            let field = format!("{at}.redirect.path");
+            if to_itself && !tolerated(&field, "sends the client back to its route") {
+                return Err(ConfigError::field(
+                    field,
+                    "is a path this route matches itself: the client would be sent back to \
+                     it, again and again",
+                ));
+            }
+            RouteAction::Redirect(checked)
         }
         _ => route_action(
             r.upstream.as_deref(),
@@ -1703,6 +1737,25 @@ fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
         let h = h.to_ascii_lowercase();
         Some(h.strip_suffix('.').map_or(h.clone(), str::to_owned))
     }))
+}
+
+/// Whether request path `p` would reach route `r` by its path (its `path`, whose `{name}`
+/// segments match any non-empty segment, or its `path_prefix` at a segment boundary).
+fn matches_own_path(r: &RouteConfig, p: &str) -> bool {
+    match (&r.path, &r.path_prefix) {
+        (Some(path), _) => {
+            let (mine, theirs): (Vec<&str>, Vec<&str>) =
+                (path.split('/').collect(), p.split('/').collect());
+            mine.len() == theirs.len()
+                && mine.iter().zip(&theirs).all(|(m, t)| {
+                    m == t || (m.starts_with('{') && m.ends_with('}') && !t.is_empty())
+                })
+        }
+        (_, Some(prefix)) => p
+            .strip_prefix(prefix.as_str())
+            .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')),
+        _ => false,
+    }
 }
 
 /// Whether route `r` takes `method`, by its config as [`Route::accepts`] does compiled: no

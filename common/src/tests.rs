@@ -321,7 +321,9 @@ fn smooth_weighted_round_robin_interleaves() {
 #[test]
 fn strip_prefix_length_ignores_trailing_slash() {
     let s = compile(
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath_prefix = \"/api/\"\nstrip_prefix = true\nrespond = {}\n",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+         targets = [{ address = \"127.0.0.1:1\" }]\n[[routes]]\nid = \"r\"\n\
+         path_prefix = \"/api/\"\nstrip_prefix = true\nupstream = \"u\"\n",
     )
     .unwrap();
     assert_eq!(s.routes[0].strip_prefix_len, 4);
@@ -902,6 +904,50 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
         let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
         assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
     }
+    // Fields that would be silently without effect, and a route's redirect back to itself
+    // (before: taken; the redirect answered with its own URL, round and round).
+    for (extra, field) in [
+        (
+            "path = \"/m\"\nmethods = [\"get\"]\nrespond = {}",
+            "routes[0].methods[0]",
+        ),
+        (
+            "path_prefix = \"/s\"\nstrip_prefix = true\nrespond = {}",
+            "routes[0].strip_prefix",
+        ),
+        (
+            "path = \"/a\"\nredirect = { path = \"/a\" }",
+            "routes[0].redirect.path",
+        ),
+        (
+            "path_prefix = \"/rd\"\nredirect = { path = \"/rd/x\" }",
+            "routes[0].redirect.path",
+        ),
+        (
+            "path_prefix = \"/rd/\"\nredirect = { path = \"/rd/\" }",
+            "routes[0].redirect.path",
+        ),
+        (
+            "path = \"/i/{id}\"\nredirect = { path = \"/i/7\" }",
+            "routes[0].redirect.path",
+        ),
+    ] {
+        let text = route(extra);
+        assert_eq!(err(&text).path(), field, "{extra}");
+        let stored = parse_config(&text, Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
+    }
+    for extra in [
+        "path = \"/m\"\nmethods = [\"PURGE\", \"purge\"]\nrespond = {}",
+        "path_prefix = \"/rd\"\nredirect = { path = \"/rdx\" }",
+        "path = \"/i/{id}\"\nredirect = { path = \"/i/7/8\" }",
+        "path = \"/a\"\nredirect = { path = \"/a\", host = \"b.test\" }",
+        "path = \"/a\"\nredirect = { path = \"/a\", port = 8443 }",
+        "path_prefix = \"/s\"\nstrip_prefix = true\nupstream = \"u\"",
+    ] {
+        compile(&route(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
     // Other escapes, dots within names, and parameters stay.
     for extra in [
         "path = \"/p%2Fq/a.b/..c\"\nrespond = {}",
@@ -1167,7 +1213,7 @@ fn an_upstreams_own_timeouts_replace_the_global_ones() {
 fn redirects_are_checked() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
                 [[upstreams]]\nid = \"u\"\ntargets = [{ address = \"127.0.0.1:9\" }]\n\
-                [[routes]]\nid = \"r\"\npath_prefix = \"/\"\n";
+                [[routes]]\nid = \"r\"\npath_prefix = \"/old\"\n";
     let s = compile(&format!(
         "{base}redirect = {{ scheme = \"https\", host = \"API.test\", port = 8443, \
          path = \"/x\", strip_query = true }}\n"

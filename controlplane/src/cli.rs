@@ -66,8 +66,8 @@ OPTIONS
         Worker threads, 1 to 1024 (default: workers in the config, else one
         per CPU in the affinity mask).
     --io-driver auto|epoll
-        auto uses io_uring where the kernel allows it, else epoll; epoll
-        forces the fallback. Also GATEWAY_IO_DRIVER.
+        auto (or io_uring, the same) uses io_uring where the kernel allows
+        it, else epoll; epoll forces the fallback. Also GATEWAY_IO_DRIVER.
     validate FILE, --check FILE
         Validate FILE as the gateway would at start and exit: 0 valid, 2
         invalid with the offending field named.
@@ -187,7 +187,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 run.driver = Some(match value("--io-driver")?.as_str() {
                     "auto" | "io_uring" => DriverChoice::Auto,
                     "epoll" => DriverChoice::Epoll,
-                    other => return Err(format!("--io-driver {other:?}: expected auto or epoll")),
+                    other => {
+                        return Err(format!(
+                            "--io-driver {other:?}: expected auto (or io_uring) or epoll"
+                        ))
+                    }
                 })
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -201,6 +205,11 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "--replace-state is for a data directory; with --store, change the shared \
                     config through the admin API"
                 .to_owned(),
+        );
+    }
+    if run.replace_state && run.config.is_none() {
+        return Err(
+            "--replace-state needs --config FILE: it makes that file the next revision".to_owned(),
         );
     }
     if run.store.is_some() && run.config.is_none() {
@@ -279,6 +288,11 @@ mod tests {
         .is_err());
         assert!(p(&["--seed-from", "data"]).is_err());
         assert!(p(&["--store=etcd://h:1/g", "-c", "n", "--replace-state"]).is_err());
+        // Without a file it would replace the state with nothing it could name (before:
+        // ignored, and the embedded default started).
+        let e = p(&["--replace-state", "--data-dir", "d"]).unwrap_err();
+        assert!(e.contains("needs --config"), "{e}");
+        assert!(p(&["--replace-state", "-c", "f"]).is_ok());
     }
 
     #[test]

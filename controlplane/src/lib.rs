@@ -77,7 +77,14 @@ fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
 /// `gateway --check FILE`: validates and reports; returns the exit code.
 pub fn check(path: &Path) -> i32 {
     match load(&ConfigSource::File(path.to_owned()), 1) {
-        // What the start refuses too: an exposed admin API on a generated token.
+        // What the start refuses too: a malformed token in the environment (the config's
+        // own comes first)...
+        Ok(s) if s.config.admin.token.is_none() && env_admin_token().is_err() => {
+            let why = env_admin_token().err().unwrap_or_default();
+            eprintln!("{}: invalid setup: {why}", path.display());
+            EXIT_INVALID
+        }
+        // ...and an exposed admin API on a generated token.
         Ok(s)
             if !s.admin_listen.ip().is_loopback()
                 && s.config.admin.token.is_none()
@@ -604,20 +611,24 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
     Ok(store)
 }
 
+/// `GATEWAY_ADMIN_TOKEN`, when set: refused unless it is at least 16 visible ASCII
+/// characters.
+fn env_admin_token() -> Result<Option<String>, String> {
+    match std::env::var("GATEWAY_ADMIN_TOKEN") {
+        Ok(t) if t.len() >= 16 && t.bytes().all(|b| (0x21..0x7f).contains(&b)) => Ok(Some(t)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        _ => Err("GATEWAY_ADMIN_TOKEN must be at least 16 visible ASCII characters".to_owned()),
+    }
+}
+
 /// The admin token: from the config, from `GATEWAY_ADMIN_TOKEN`, or generated once and kept
 /// in the data directory (mode 0600). Returns it and where it came from.
 fn admin_token(admin: &AdminConfig, dir: &Path) -> Result<(String, String), Fail> {
     if let Some(t) = &admin.token {
         return Ok((t.clone(), "[admin] token".to_owned()));
     }
-    if let Ok(t) = std::env::var("GATEWAY_ADMIN_TOKEN") {
-        if t.len() >= 16 && t.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-            return Ok((t, "GATEWAY_ADMIN_TOKEN".to_owned()));
-        }
-        return Err((
-            EXIT_INVALID,
-            "GATEWAY_ADMIN_TOKEN must be at least 16 visible ASCII characters".to_owned(),
-        ));
+    if let Some(t) = env_admin_token().map_err(|why| (EXIT_INVALID, why))? {
+        return Ok((t, "GATEWAY_ADMIN_TOKEN".to_owned()));
     }
     let path = dir.join("admin-token");
     if let Ok(t) = std::fs::read_to_string(&path) {

@@ -6,8 +6,13 @@ use std::time::Duration;
 use crate::support::*;
 
 fn gateway(args: &[&str]) -> (Option<i32>, String, String) {
+    gateway_env(args, &[])
+}
+
+/// [`gateway`] with more environment variables.
+fn gateway_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
-    cmd.args(args);
+    cmd.args(args).envs(env.iter().copied());
     if args.contains(&"--config") {
         cmd.arg("--data-dir").arg(temp_dir("cli-data"));
     }
@@ -102,6 +107,28 @@ fn check_refuses_an_access_log_that_names_a_directory_as_the_start_does() {
             assert!(err.contains("is a directory"), "{args:?}: {err}");
         }
     }
+}
+
+#[test]
+fn check_refuses_a_malformed_admin_token_in_the_environment_as_the_start_does() {
+    // Before, `--check` said OK and the start then refused it.
+    let f = write(
+        "env-token.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    for args in [vec!["--check", &f], vec!["--config", &f]] {
+        let (code, _, err) = gateway_env(&args, &[("GATEWAY_ADMIN_TOKEN", "short")]);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("GATEWAY_ADMIN_TOKEN must be"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, _, err) = gateway_env(
+        &["--check", &f],
+        &[("GATEWAY_ADMIN_TOKEN", "a-long-enough-token-1")],
+    );
+    assert_eq!(code, Some(0), "{err}");
 }
 
 #[test]

@@ -2201,7 +2201,7 @@ redirect = { scheme = "https" }
 
 [[routes]]
 id = "home"
-path_prefix = "/"
+path_prefix = "/a"
 redirect = { path = "/home" }
 policies = ["inside"]
 response_headers = { set = { Strict-Transport-Security = "max-age=63072000" } }
@@ -2329,7 +2329,7 @@ key = "s3cr3t-key-1"
     // The route's fields are on its answer; a default port is left out.
     let r = gw
         .connect()
-        .roundtrip("GET /p HTTP/1.1\r\nHost: api.test:80\r\n\r\n");
+        .roundtrip("GET /a/p HTTP/1.1\r\nHost: api.test:80\r\n\r\n");
     assert_eq!(r.header("location"), Some("http://api.test/home"));
     assert_eq!(
         r.header("strict-transport-security"),
