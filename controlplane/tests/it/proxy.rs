@@ -1955,6 +1955,24 @@ fn trace_is_refused_unless_named_and_max_forwards_is_counted_down() {
         r.header("allow"),
         Some("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")
     );
+    // Where the path's routes all name their methods, those (before: the list above).
+    let named = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"o\"\n\
+             targets = [{{ address = \"{}\" }}]\n[[routes]]\nid = \"m\"\npath = \"/m\"\n\
+             upstream = \"o\"\nmethods = [\"POST\", \"GET\"]\n",
+            origin.addr
+        ),
+        Driver::IoUring,
+    );
+    let r = named
+        .connect()
+        .roundtrip("TRACE /m HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("allow")),
+        (405, Some("POST, GET, HEAD"))
+    );
+    assert_eq!(r.body_str(), "405 method not supported here.\n");
     // Max-Forwards 0 (RFC 9110 7.6.2): the gateway answers as the final recipient. TRACE
     // echoes the request without its cookies and credentials.
     let r = c.roundtrip(

@@ -489,13 +489,30 @@ async fn handle<S: ClientStream>(
             };
             return down.respond(ctx, req, head, reply).await;
         }
-        // TRACE is refused where no route names it, as nginx does.
-        let (kind, status) = match head.method.of(&down.buf) == b"TRACE" {
-            true => (ErrorKind::MethodNotAllowed, Status::MethodNotAllowed),
-            false => (ErrorKind::NoRoute, Status::NotFound),
-        };
-        req.fail(kind);
-        return down.respond(ctx, req, head, Reply::Canned(status)).await;
+        // TRACE is refused where no route names it, as nginx does, with what the routes of
+        // its path take (RFC 9110 15.5.6).
+        if head.method.of(&down.buf) == b"TRACE" {
+            req.fail(ErrorKind::MethodNotAllowed);
+            const BODY: &[u8] = b"405 method not supported here.\n";
+            let answer = [
+                &b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                   Allow: "[..],
+                &allowed_at(&snap, host, path),
+                b"\r\nContent-Length: 31\r\n",
+                BODY,
+            ]
+            .concat();
+            let reply = Reply::Direct {
+                status: 405,
+                bytes: &answer,
+                head_len: answer.len() - BODY.len(),
+            };
+            return down.respond(ctx, req, head, reply).await;
+        }
+        req.fail(ErrorKind::NoRoute);
+        return down
+            .respond(ctx, req, head, Reply::Canned(Status::NotFound))
+            .await;
     };
     if let Some(h) = &route.headers {
         // After the policies, whose check starts the request's edits afresh.
@@ -793,6 +810,39 @@ fn allowed(route: &Route) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The methods the routes of `host` and `path` take together, for an `Allow` field; every
+/// method the gateway forwards where no route has the path, or one takes any method.
+fn allowed_at(snap: &common::Snapshot, host: Option<&[u8]>, path: &[u8]) -> Vec<u8> {
+    let (mut any, mut all) = (false, false);
+    let mut methods: Vec<&[u8]> = Vec::new();
+    snap.router.find(host, path, |id| {
+        any = true;
+        match &snap.routes[id as usize].methods {
+            None => all = true,
+            Some(list) => {
+                for m in list.iter() {
+                    let with_head = [&m[..], b"HEAD"];
+                    let take = if &m[..] == b"GET" {
+                        &with_head[..]
+                    } else {
+                        &with_head[..1]
+                    };
+                    for &t in take {
+                        if !methods.contains(&t) {
+                            methods.push(t);
+                        }
+                    }
+                }
+            }
+        }
+        false
+    });
+    if all || !any {
+        return ALL_METHODS.to_vec();
+    }
+    methods.join(&b", "[..])
 }
 
 /// Refuses a request for its body (malformed, too large, cut off or too slow), counting
