@@ -1240,14 +1240,22 @@ impl Admin {
             )
             .retry_on_a_new_connection());
         }
+        self.serving()
+    }
+
+    /// Refuses every admin call once a binary upgrade's successor serves: what this process
+    /// would show (its config, revision, pid) is no longer what is served, and a change here
+    /// would be lost. A connection this process still holds is told so and closed, so that
+    /// the client's retry reaches the successor.
+    fn serving(&self) -> Result<(), Problem> {
         let successor = self.retired.load(std::sync::atomic::Ordering::Acquire);
         if successor != 0 {
             return Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Handed Over",
                 format!(
-                    "this process has handed over to its upgrade (pid {successor}) and takes \
-                     no more changes; retry"
+                    "this process has handed over to its upgrade (pid {successor}), which \
+                     answers the admin API now; retry"
                 ),
             )
             .retry_on_a_new_connection());
@@ -1771,7 +1779,10 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
         })
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
-        next.run(req).await
+        match admin.serving() {
+            Ok(()) => next.run(req).await,
+            Err(p) => p.into_response(),
+        }
     } else {
         Problem::new(
             StatusCode::UNAUTHORIZED,

@@ -1208,6 +1208,50 @@ fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
+/// After a handover to `successor`: the signals that came while it started (this thread
+/// was waiting for it), which nothing here will read any more. A SIGHUP goes on to the
+/// successor, which serves the `--config` file's config from now on (before, the reload was
+/// lost without a word); a SIGUSR1 reopens this process's access log and goes on too (a
+/// rotation may have come before or after the successor opened its own); a second SIGUSR2
+/// is said and dropped (the upgrade it asked for has happened).
+fn pass_on_pending(successor: u32, plane: &DataPlane) {
+    // SAFETY: sigemptyset / sigaddset fill a zeroed set; sigtimedwait with a zero timeout
+    // takes one pending signal of the set, if any, without waiting; kill(2) signals the
+    // process this one just started.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let sig = libc::sigtimedwait(&set, std::ptr::null_mut(), &now);
+            match sig {
+                libc::SIGHUP | libc::SIGUSR1 => {
+                    if sig == libc::SIGUSR1 {
+                        plane.reopen_access_log();
+                    }
+                    let name = if sig == libc::SIGHUP {
+                        "SIGHUP"
+                    } else {
+                        "SIGUSR1"
+                    };
+                    log::info!("{name} came during the upgrade: passed on to process {successor}");
+                    libc::kill(successor as libc::pid_t, sig);
+                }
+                libc::SIGUSR2 => {
+                    log::info!("SIGUSR2 came during the upgrade: process {successor} serves now");
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
 fn wait_for_signals(
     set: &libc::sigset_t,
     config_file: Option<&Path>,
@@ -1234,6 +1278,7 @@ fn wait_for_signals(
             }
             libc::SIGUSR2 => match hand_over(admin, &plane, handover) {
                 Ok(pid) => {
+                    pass_on_pending(pid, &plane);
                     let drain = shared.load().drain_timeout;
                     log::info!(
                         "SIGUSR2: process {pid} serves now; this one stops accepting and drains \

@@ -243,11 +243,17 @@ pub fn spawn(
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // This process blocks the signals it waits for; the successor starts with none
-            // blocked, as a fresh process would.
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            // This process blocks the signals it waits for; the successor starts with only
+            // those that ask a running gateway for something blocked (its start blocks them
+            // too): one sent to it before its start has set its mask (a `systemctl reload`
+            // or logrotate's SIGUSR1 at that moment) waits for it, instead of taking its
+            // default action and killing it. SIGTERM and SIGINT still stop it at once.
+            let mut asks: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut asks);
+            for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+                libc::sigaddset(&mut asks, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_SETMASK, &asks, std::ptr::null_mut());
             Ok(())
         });
     }

@@ -18,11 +18,23 @@ use crate::support::*;
 const CONFIG: &str = "workers = 2\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
                       [[routes]]\nid = \"hello\"\npath = \"/\"\nrespond = { body = \"hello\" }\n";
 
-/// The pid serving the admin API (the one that took over last).
+/// The pid serving the admin API (the one that took over last). A process that has just
+/// handed over answers a connection it still took `503` (`Handed Over`): asked again.
 fn serving_pid(gw: &Gateway) -> u32 {
-    gw.admin("GET", "/v1/status", None).json()["pid"]
-        .as_u64()
-        .unwrap() as u32
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = gw.admin("GET", "/v1/status", None);
+        if r.status == 200 {
+            return r.json()["pid"].as_u64().unwrap() as u32;
+        }
+        assert!(
+            r.status == 503 && Instant::now() < deadline,
+            "{} {}",
+            r.status,
+            r.body_str()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
@@ -352,7 +364,21 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     // The real binary back in place: the upgrade goes through, with the config and the admin
     // API moving over.
     install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    let status = format!(
+        "GET /v1/status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+    );
+    let mut held = Client::connect(gw.admin);
+    assert_eq!(held.roundtrip(&status).status, 200);
     let second = chain.push(upgrade(&gw));
+    // A connection the old process still holds is not answered from its stale state (before:
+    // its old revision and pid), but told to go to the successor.
+    let r = held.roundtrip(&status);
+    assert_eq!(r.status, 503, "{}", r.body_str());
+    assert!(r.body_str().contains("Handed Over"), "{}", r.body_str());
+    assert_eq!(
+        (r.header("retry-after"), r.header("connection")),
+        (Some("1"), Some("close"))
+    );
     assert_ne!(second, first);
     // The successor tells systemd it is the service's main process now.
     assert_eq!(next_notice(), format!("MAINPID={second}\nREADY=1"));
@@ -368,6 +394,66 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
         Some(r#"{"path":"/after","respond":{"body":"after"}}"#),
     );
     assert_eq!(r.status, 201, "{}", r.body_str());
+    wait_exited(first, Duration::from_secs(15));
+    stop(second);
+}
+
+#[test]
+fn signals_during_an_upgrade_are_neither_fatal_nor_lost() {
+    let dir = temp_dir("upgrade-signals");
+    let bin = dir.join("gateway");
+    install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    let chain = Chain::new();
+    let gw = Gateway::start_binary(&bin, CONFIG, &[]);
+    let first = serving_pid(&gw);
+    // A "new binary" sent a SIGUSR1 (logrotate's, say) before it can have set its own mask,
+    // which then takes a second to start the gateway. Before, the SIGUSR1 killed it: the
+    // successor started with no signal blocked. (Python, not sh: dash clears the mask.)
+    let slow = dir.join("slow.py");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/usr/bin/env python3\nimport os, signal, sys, time\n\
+             os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(1)\n\
+             os.execv({:?}, sys.argv)\n",
+            env!("CARGO_BIN_EXE_gateway")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&slow, &bin);
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(first as i32, libc::SIGUSR2) };
+    gw.wait_log("to take over the sockets", Duration::from_secs(10));
+    // Meanwhile the file gains a route and the old process a SIGHUP (`systemctl reload`):
+    // before, it was never read, and the reload lost without a word.
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let route = "\n[[routes]]\nid = \"hup\"\npath = \"/hup\"\nrespond = { body = \"hup\" }\n";
+    std::fs::write(&gw.config_path, format!("{text}{route}")).unwrap();
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(first as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serving_pid(&gw) == first {
+        assert!(
+            Instant::now() < deadline,
+            "no successor took over; log: {:?}",
+            gw.log_lines()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = chain.push(serving_pid(&gw));
+    gw.wait_log("SIGHUP came during the upgrade", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = gw
+            .connect()
+            .roundtrip("GET /hup HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if (r.status, r.body_str()) == (200, "hup") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.body_str());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     wait_exited(first, Duration::from_secs(15));
     stop(second);
 }
