@@ -497,7 +497,7 @@ async fn handle<S: ClientStream>(
             let answer = [
                 &b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n\
                    Allow: "[..],
-                &allowed_at(&snap, host, path),
+                &allowed_at(snap, host, path),
                 b"\r\nContent-Length: 31\r\n",
                 BODY,
             ]
