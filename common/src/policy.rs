@@ -459,20 +459,24 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
                     "a consumer can only have rate_limit policies (the others run before the consumer is known)",
                 ));
             }
-            // One bucket for the policy, wherever it runs: every consumer listing it would
-            // spend one shared quota, where a limit on a consumer reads as its own (Kong
-            // counts a consumer's limit per consumer).
+            // One bucket for the policy, wherever it runs: consumers listing it would spend
+            // one shared quota, where a limit on a consumer reads as its own (Kong counts a
+            // consumer's limit per consumer). One consumer alone may have it so.
             let field = format!("{at}[{j}]");
-            let shared = matches!(&list[p as usize].kind,
+            let one_bucket = matches!(&list[p as usize].kind,
                 PolicyKind::RateLimit(r) if r.key == RateKey::Route);
+            let id = &*list[p as usize].id;
+            let listing = (config.consumers.iter())
+                .filter(|o| o.policies.iter().any(|q| q == id))
+                .count();
+            let shared = one_bucket && listing > 1;
             if shared && !crate::validate::tolerated(&field, "one bucket for every consumer") {
                 return Err(ConfigError::field(
                     field,
                     format!(
-                        "policy {:?} has key = \"route\" (the default): one bucket that every \
-                         consumer listing it would share; give it key = \"consumer\" to count \
-                         each consumer's requests apart",
-                        list[p as usize].id
+                        "policy {id:?} has key = \"route\" (the default): one bucket that the \
+                         {listing} consumers listing it would share; give it key = \"consumer\" \
+                         to count each consumer's requests apart"
                     ),
                 ));
             }

@@ -772,6 +772,7 @@ impl Snapshot {
             add_to_router(&mut router, r, i, &config.routes, same_path)?;
             routes.push(route);
         }
+        refuse_redirects_to_themselves(&router, &routes, &config.routes)?;
 
         let t = &config.timeouts;
         let ms = |name: &str, v: u64| -> Result<Duration, ConfigError> {
@@ -1195,18 +1196,6 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                 ));
             }
             let checked = redirect(d, &format!("{at}.redirect"))?;
-            let to_itself = d.host.is_none()
-                && d.scheme.is_none()
-                && d.port.is_none()
-                && d.path.as_deref().is_some_and(|p| matches_own_path(r, p));
-            let field = format!("{at}.redirect.path");
-            if to_itself && !tolerated(&field, "sends the client back to its route") {
-                return Err(ConfigError::field(
-                    field,
-                    "is a path this route matches itself: the client would be sent back to \
-                     it, again and again",
-                ));
-            }
             RouteAction::Redirect(checked)
         }
         _ => route_action(
@@ -1739,23 +1728,52 @@ fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
     }))
 }
 
-/// Whether request path `p` would reach route `r` by its path (its `path`, whose `{name}`
-/// segments match any non-empty segment, or its `path_prefix` at a segment boundary).
-fn matches_own_path(r: &RouteConfig, p: &str) -> bool {
-    match (&r.path, &r.path_prefix) {
-        (Some(path), _) => {
-            let (mine, theirs): (Vec<&str>, Vec<&str>) =
-                (path.split('/').collect(), p.split('/').collect());
-            mine.len() == theirs.len()
-                && mine.iter().zip(&theirs).all(|(m, t)| {
-                    m == t || (m.starts_with('{') && m.ends_with('}') && !t.is_empty())
-                })
+/// Refuses a route whose redirect keeps the scheme, host and port and names a path that a
+/// GET the route takes would be routed back to it by (another route taking the path, a
+/// more specific one, or the methods a redirect's GET leads to, leave it alone).
+fn refuse_redirects_to_themselves(
+    router: &crate::router::Router,
+    routes: &[Route],
+    configs: &[RouteConfig],
+) -> Result<(), ConfigError> {
+    for (i, (route, r)) in routes.iter().zip(configs).enumerate() {
+        let RouteAction::Redirect(d) = &route.action else {
+            continue;
+        };
+        let Some(path) = d.path.as_deref() else {
+            continue;
+        };
+        if d.host.is_some() || d.scheme.is_some() || d.port.is_some() || !route.accepts(b"GET") {
+            continue;
         }
-        (_, Some(prefix)) => p
-            .strip_prefix(prefix.as_str())
-            .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')),
-        _ => false,
+        // The hosts it answers for: each exact one, a name under each wildcard, or any.
+        let hosts: Vec<Option<String>> = match r.hosts.is_empty() {
+            true => vec![None],
+            false => (r.hosts.iter())
+                .map(|h| {
+                    let h = h.replacen("*.", "x.", 1).to_ascii_lowercase();
+                    Some(h.trim_end_matches('.').to_owned())
+                })
+                .collect(),
+        };
+        let back = hosts.iter().any(|h| {
+            let found = router.find(h.as_deref().map(str::as_bytes), path.as_bytes(), |id| {
+                routes[id as usize].accepts(b"GET")
+            });
+            found == Some(i as u32)
+        });
+        let at = format!("routes[{i}].redirect.path");
+        if back && !tolerated(&at, "sends the client back to its route") {
+            return Err(ConfigError::field(
+                at,
+                format!(
+                    "{path:?} is routed back to this route: the client would be sent to it \
+                     again and again"
+                ),
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Whether route `r` takes `method`, by its config as [`Route::accepts`] does compiled: no

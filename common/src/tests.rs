@@ -460,9 +460,16 @@ fn invalid_policies_name_the_field() {
     let limited = |key: &str| {
         format!(
             "{POLICY_BASE}[[policies]]\nid = \"p\"\nkind = \"rate_limit\"\nrate = 2\n{key}\
-             [[consumers]]\nid = \"a\"\npolicies = [\"p\"]\n"
+             [[consumers]]\nid = \"a\"\npolicies = [\"p\"]\n\
+             [[consumers]]\nid = \"b\"\npolicies = [\"p\"]\n"
         )
     };
+    // One consumer alone may have its own quota so.
+    compile(&format!(
+        "{POLICY_BASE}[[policies]]\nid = \"p\"\nkind = \"rate_limit\"\nrate = 2\n\
+         [[consumers]]\nid = \"a\"\npolicies = [\"p\"]\n"
+    ))
+    .unwrap();
     for key in ["", "key = \"route\"\n"] {
         let e = compile(&limited(key)).unwrap_err();
         assert_eq!(e.path(), "consumers[0].policies[0]", "{e}");
@@ -470,7 +477,7 @@ fn invalid_policies_name_the_field() {
         // A config stored by an earlier build that took it still starts, noting it.
         let stored = parse_config(&limited(key), Format::Toml).unwrap();
         let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
-        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes.len(), 2, "one for each consumer: {notes:?}");
     }
     for key in ["consumer", "client_ip", "header:x-tier"] {
         compile(&limited(&format!("key = \"{key}\"\n"))).unwrap();
@@ -876,6 +883,8 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "routes[0].path_prefix",
         ),
         ("path = \"/x/%2E;p/y\"\nrespond = {}", "routes[0].path"),
+        ("path = \"/a/%2F..%2Fb\"\nrespond = {}", "routes[0].path"),
+        ("path = \"/a\\\\..\\\\b\"\nrespond = {}", "routes[0].path"),
         (
             "path = \"/c\"\nmethods = [\"CONNECT\"]\nrespond = {}",
             "routes[0].methods[0]",
@@ -938,6 +947,38 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
         let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
         assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
     }
+    // A redirect another route answers is no loop: a catch-all to a more specific route, a
+    // POST-only route's 303 to the GET route of its path, a prefix to its more specific
+    // prefix (before the first version of the check refused them all).
+    let two = |a: &str, b: &str| {
+        format!("{base}[[routes]]\nid = \"a\"\n{a}\n[[routes]]\nid = \"b\"\n{b}\n")
+    };
+    for (a, b) in [
+        (
+            "path_prefix = \"/app/\"\nupstream = \"u\"",
+            "path_prefix = \"/\"\nredirect = { path = \"/app/\" }",
+        ),
+        (
+            "path = \"/form\"\nmethods = [\"GET\"]\nupstream = \"u\"",
+            "path = \"/form\"\nmethods = [\"POST\"]\nredirect = { path = \"/form\", status = 303 }",
+        ),
+        (
+            "path_prefix = \"/docs/v2\"\nupstream = \"u\"",
+            "path_prefix = \"/docs\"\nredirect = { path = \"/docs/v2\" }",
+        ),
+        (
+            "path = \"/h\"\nhosts = [\"b.test\"]\nupstream = \"u\"",
+            "path = \"/h\"\nhosts = [\"*.test\"]\nredirect = { path = \"/h\", host = \"b.test\" }",
+        ),
+    ] {
+        compile(&two(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
+    }
+    // Routed back to itself for some host it answers: a loop.
+    let e = err(&two(
+        "path = \"/h\"\nhosts = [\"b.test\"]\nupstream = \"u\"",
+        "path = \"/h\"\nhosts = [\"*.test\"]\nredirect = { path = \"/h\" }",
+    ));
+    assert_eq!(e.path(), "routes[1].redirect.path", "{e}");
     for extra in [
         "path = \"/m\"\nmethods = [\"PURGE\", \"purge\"]\nrespond = {}",
         "path_prefix = \"/rd\"\nredirect = { path = \"/rdx\" }",

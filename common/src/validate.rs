@@ -100,9 +100,15 @@ pub(crate) fn path_flaw(path: &str) -> Option<&'static str> {
             _ => return Some("has a '%' without two hex digits after it (RFC 3986 2.1)"),
         }
     }
-    let flawed = path.split('/').any(|seg| {
+    // Separators as requests are read (`%2F`, `%5C` and a backslash too: upstreams differ).
+    let lower = path.to_ascii_lowercase();
+    let split = lower
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    let flawed = split.split('/').any(|seg| {
         let name = seg.split(';').next().unwrap_or(seg);
-        let name = name.to_ascii_lowercase().replace("%2e", ".");
+        let name = name.replace("%2e", ".");
         name == "." || name == ".."
     });
     flawed.then_some("has a '.' or '..' segment, which requests may not have")

@@ -84,6 +84,13 @@ pub fn check(path: &Path) -> i32 {
             eprintln!("{}: invalid setup: {why}", path.display());
             EXIT_INVALID
         }
+        Ok(_) if dataplane::DriverChoice::from_env().is_err() => {
+            let why = dataplane::DriverChoice::from_env()
+                .err()
+                .unwrap_or_default();
+            eprintln!("{}: invalid setup: {why}", path.display());
+            EXIT_INVALID
+        }
         // ...and an exposed admin API on a generated token.
         Ok(s)
             if !s.admin_listen.ip().is_loopback()

@@ -143,6 +143,16 @@ pub(crate) fn run_order(n: usize, rep: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+/// A note when the last repetition has no mirrored partner (see [`run_order`]).
+pub(crate) fn unmirrored(reps: usize) -> Option<String> {
+    (reps % 2 == 1).then(|| {
+        format!(
+            "note: --reps {reps} is odd: the last repetition runs without its mirror, so its \
+             order weighs on the medians; an even count balances every row's position"
+        )
+    })
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -418,6 +428,9 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
     );
     let clock = cpu_clocks(&origin, proxies.iter().map(|(_, p)| p));
     println!("CPU time read from: {clock}");
+    if let Some(note) = unmirrored(opts.reps) {
+        println!("{note}");
+    }
     for rep in 0..opts.reps {
         for (name, _) in &opts.bodies {
             // None: the origin directly; Some(i): proxy i.

@@ -50,7 +50,7 @@ impl Proc {
     /// Redis or etcd does work for it, on the same CPUs): its cgroup's, in nanoseconds, where
     /// it has one, else from `/proc` in clock ticks.
     pub fn cpu_seconds(&self) -> f64 {
-        let own = match self.cgroup.as_ref().and_then(Cgroup::cpu_ns) {
+        let own = match self.cgroup().and_then(Cgroup::cpu_ns) {
             Some(ns) => ns as f64 / 1e9,
             None => cpu_seconds(self.pid()),
         };
@@ -59,10 +59,15 @@ impl Proc {
 
     /// Where [`Proc::cpu_seconds`] reads the time, for the report.
     pub fn cpu_clock(&self) -> &'static str {
-        match &self.cgroup {
+        match self.cgroup() {
             Some(c) => c.kind.describe(),
             None => "/proc/PID/stat, clock ticks",
         }
+    }
+
+    /// The process's cgroup, if it joined it (the wrapper starts it anyway when it cannot).
+    fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref().filter(|c| c.holds(self.pid()))
     }
 
     /// Sends a signal to the process.
@@ -107,10 +112,10 @@ impl CgroupKind {
     }
 }
 
-/// A cgroup of one process tree's own, read for its CPU time: the scheduler's count, exact
-/// to the nanosecond and including threads that have exited (io_uring's workers among
-/// them), where `/proc` gives clock ticks of 10 ms. Made beside the harness's own cgroup
-/// where it may (root, a writable hierarchy); removed when dropped.
+/// A cgroup of one process tree's own, read for its CPU time: the scheduler's count (in
+/// nanoseconds, v2 in microseconds), including threads that have exited (io_uring's
+/// workers among them), where `/proc` gives clock ticks of 10 ms. Made beside the harness's
+/// own cgroup where it may (root, or a delegated hierarchy); removed when dropped.
 #[derive(Debug)]
 pub struct Cgroup {
     dir: PathBuf,
@@ -153,6 +158,12 @@ impl Cgroup {
             // Dropped (removed) if it cannot be read.
             c.cpu_ns().map(|_| c)
         })
+    }
+
+    /// Whether process `pid` is in the cgroup.
+    fn holds(&self, pid: i32) -> bool {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == pid.to_string()))
     }
 
     /// CPU time of every task that ran in the cgroup, in nanoseconds.
@@ -203,8 +214,10 @@ fn spawn_pinned(
     let mut cmd = match &cgroup {
         Some(c) => {
             let mut cmd = Command::new("sh");
+            // Joined where it may be (a security module or a delegation may refuse it: the
+            // process then runs outside, and is timed from `/proc`).
             cmd.arg("-c")
-                .arg("echo $$ > \"$0\" && exec \"$@\"")
+                .arg("echo $$ 2>/dev/null > \"$0\"; exec \"$@\"")
                 .arg(c.dir.join("cgroup.procs"))
                 .arg("taskset");
             cmd

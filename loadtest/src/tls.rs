@@ -230,6 +230,9 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     );
     let clock = crate::cpu_clocks(&origin, proxies.iter().map(|(_, p)| *p));
     println!("CPU time read from: {clock}");
+    if let Some(note) = crate::unmirrored(opts.reps) {
+        println!("{note}");
+    }
     for rep in 0..opts.reps {
         for case in &cases {
             let order = crate::run_order(proxies.len(), rep, opts.seed).into_iter();

@@ -12,11 +12,11 @@ fn gateway(args: &[&str]) -> (Option<i32>, String, String) {
 /// [`gateway`] with more environment variables.
 fn gateway_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gateway"));
-    cmd.args(args).envs(env.iter().copied());
+    cmd.args(args).env("GATEWAY_IO_DRIVER", "auto");
     if args.contains(&"--config") {
         cmd.arg("--data-dir").arg(temp_dir("cli-data"));
     }
-    let out = cmd.env("GATEWAY_IO_DRIVER", "auto").output().unwrap();
+    let out = cmd.envs(env.iter().copied()).output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -129,6 +129,10 @@ fn check_refuses_a_malformed_admin_token_in_the_environment_as_the_start_does() 
         &[("GATEWAY_ADMIN_TOKEN", "a-long-enough-token-1")],
     );
     assert_eq!(code, Some(0), "{err}");
+    // So is an I/O driver the start would refuse.
+    let (code, _, err) = gateway_env(&["--check", &f], &[("GATEWAY_IO_DRIVER", "bogus")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("GATEWAY_IO_DRIVER"), "{err}");
 }
 
 #[test]

@@ -2422,6 +2422,9 @@ fn a_trusted_proxys_scheme_is_the_clients() {
     // A comma list's last value; the `_` spelling is never read.
     let list = "X-Forwarded-Proto: http, https\r\n";
     assert_eq!(seen_proto(&gw, 0, list), (200, None, https.clone()));
+    // Empty elements are ignored (before: `https,` read as no scheme, and redirected).
+    let trailing = "X-Forwarded-Proto: https, \r\n";
+    assert_eq!(seen_proto(&gw, 1, trailing), (200, None, https.clone()));
     let underscore = "X_Forwarded_Proto: https\r\n";
     assert_eq!(seen_proto(&gw, 0, underscore), (200, None, http.clone()));
     // A route's redirect keeps the client's scheme.

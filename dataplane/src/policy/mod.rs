@@ -427,16 +427,8 @@ pub fn forwarded_https(
         return None;
     }
     let proto = match p.client_ip_from_forwarded {
-        false => plan.xfp?.of(buf).rsplit(|&b| b == b',').next()?,
-        true => {
-            let last = plan
-                .forwarded
-                .last()?
-                .of(buf)
-                .rsplit(|&b| b == b',')
-                .next()?;
-            forwarded_param(last, b"proto=")?
-        }
+        false => last_element(plan.xfp?.of(buf))?,
+        true => forwarded_param(last_element(plan.forwarded.last()?.of(buf))?, b"proto=")?,
     };
     let proto = unquote(trim(proto));
     if proto.eq_ignore_ascii_case(b"https") {
@@ -446,6 +438,11 @@ pub fn forwarded_https(
     } else {
         None
     }
+}
+
+/// A field's last list element that is not empty (RFC 9110 5.6.1: `https,` says https).
+fn last_element(v: &[u8]) -> Option<&[u8]> {
+    v.rsplit(|&b| b == b',').find(|e| !trim(e).is_empty())
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
