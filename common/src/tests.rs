@@ -1661,7 +1661,8 @@ fn a_listener_naming_one_certificate_twice_is_refused() {
     let text = |ids: &str| {
         format!(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = {ids} }}\n\
-             [[certificates]]\nid = \"c\"\ncert_pem = \"\"\"{PEM}\"\"\"\nkey_pem = \"\"\"{KEY}\"\"\"\n"
+             [[certificates]]\nid = \"c\"\ncert_pem = \"\"\"{PEM}\"\"\"\n\
+             key_pem = \"\"\"{KEY}\"\"\"\n"
         )
     };
     compile(&text("[\"c\"]")).unwrap();

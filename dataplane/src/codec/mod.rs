@@ -452,15 +452,15 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
                     | b'%'
             )
     });
-    // RFC 3986's port is any run of digits, but one past 65535 names no TCP port: a Host
-    // naming one is refused (400) rather than routed as if it named a real one.
     // No empty label (`.a`, `a..b`; nginx refuses the second), which no DNS name has: a
-    // wildcard route would otherwise take `x..a.test` for one of its names. One trailing dot ends a fully
-    // qualified name.
+    // wildcard route would otherwise take `x..a.test` for one of its names. One trailing
+    // dot ends a fully qualified name.
     let labels_ok = host.is_empty() || {
         let name = host.strip_suffix(b".").unwrap_or(host);
         !name.is_empty() && name.split(|&b| b == b'.').all(|l| !l.is_empty())
     };
+    // RFC 3986's port is any run of digits, but one past 65535 names no TCP port: a Host
+    // naming one is refused (400) rather than routed as if it named a real one.
     let port_ok = port.is_none_or(|p| {
         p.len() <= 5
             && p.iter().all(u8::is_ascii_digit)
