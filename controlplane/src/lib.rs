@@ -201,9 +201,20 @@ fn lock_data_dir(dir: &Path, inherited: Option<std::fs::File>) -> Result<std::fs
         }
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
-        let holder = match holder.trim() {
-            "" => "another process".to_owned(),
-            pid => format!("the gateway with pid {pid}"),
+        let alive = |pid: libc::pid_t| {
+            // SAFETY: kill(2) with signal 0 only checks that the process exists.
+            let rc = unsafe { libc::kill(pid, 0) };
+            rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        };
+        let holder = match holder.trim().parse::<libc::pid_t>() {
+            Ok(pid) if pid > 0 && alive(pid) => format!("the gateway with pid {pid}"),
+            // The pid written last is gone while the lock is held: a binary upgrade's
+            // successor died while its predecessor, which holds the lock too, drains.
+            Ok(pid) if pid > 0 => format!(
+                "another process (pid {pid}, which took it last, has exited: the process it \
+                 took over from may still be draining)"
+            ),
+            _ => "another process".to_owned(),
         };
         return Err((
             EXIT_FAILURE,
@@ -682,6 +693,20 @@ pub fn run(args: RunArgs) -> i32 {
 }
 
 fn start(args: RunArgs) -> Result<i32, Fail> {
+    // What needs nothing on disk is checked before anything is written there: the driver
+    // the environment asks for, and the config file's being there.
+    let driver = match args.driver {
+        Some(d) => d,
+        None => dataplane::DriverChoice::from_env().map_err(|e| (EXIT_INVALID, e))?,
+    };
+    if let Some(path) = &args.config {
+        std::fs::metadata(path).map_err(|e| {
+            (
+                EXIT_INVALID,
+                format!("{}: cannot read: {e}", path.display()),
+            )
+        })?;
+    }
     // The signals that ask for something of a running gateway are blocked first, before
     // the start's slow parts (the store, etcd, binding): a SIGHUP or SIGUSR1 that came
     // meanwhile (a `systemctl reload` right after the start) took its default action and
@@ -769,10 +794,6 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .workers
         .or(snapshot.workers)
         .unwrap_or_else(|| dataplane::allowed_cpus().len().max(1));
-    let driver = match args.driver {
-        Some(d) => d,
-        None => dataplane::DriverChoice::from_env().map_err(|e| (EXIT_INVALID, e))?,
-    };
     let admin_config = store.config().admin.clone();
     let (token, token_source) = admin_token(&admin_config, &data_dir)?;
     let admin_addr = snapshot.admin_listen;

@@ -1194,6 +1194,26 @@ fn a_second_gateway_on_one_data_directory_is_refused() {
         let holder = format!("in use by the gateway with pid {}", gw.pid());
         assert!(stderr.contains(&holder), "{stderr}");
     }
+    // A pid in the lock that has exited (a binary upgrade's successor that died while the
+    // process it took over from drains, holding the lock) is not named as the holder.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(gw.data_dir.join("lock"), format!("{dead}\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&gw.config_path)
+        .arg("--data-dir")
+        .arg(&gw.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("pid {dead}, which took it last, has exited")),
+        "{stderr}"
+    );
+    std::fs::write(gw.data_dir.join("lock"), format!("{}\n", gw.pid())).unwrap();
     // The running one goes on, its journal its own.
     assert_eq!(revision(&gw), 1);
     assert_eq!(

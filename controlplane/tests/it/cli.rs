@@ -136,6 +136,40 @@ fn check_refuses_a_malformed_admin_token_in_the_environment_as_the_start_does() 
 }
 
 #[test]
+fn a_start_refused_for_its_environment_or_a_missing_file_writes_nothing() {
+    // Before, the data directory was created and seeded, then the start refused.
+    let f = write(
+        "env-driver.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let missing = temp_dir("cli-missing").join("nothing.toml");
+    let cases = [
+        (
+            f.as_str(),
+            ("GATEWAY_IO_DRIVER", "bogus"),
+            "GATEWAY_IO_DRIVER",
+        ),
+        (
+            missing.to_str().unwrap(),
+            ("GATEWAY_IO_DRIVER", "auto"),
+            "cannot read",
+        ),
+    ];
+    for (config, env, says) in cases {
+        let data = temp_dir("cli-untouched").join("data");
+        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--config", config, "--data-dir", data.to_str().unwrap()])
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!data.exists(), "{config}: the data directory was made");
+    }
+}
+
+#[test]
 fn an_access_log_inside_the_data_directory_is_refused_before_anything_is_stored() {
     // Its lines would go into the config store's journal or checkpoint.
     let data = temp_dir("cli-log-in-data");
