@@ -1236,6 +1236,37 @@ fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
+/// For a drain: whether SIGTERM or SIGINT has now come twice, counting `already` that
+/// started it (0 for a handover's drain, which a first one leaves going). Said in the log.
+fn stop_asked_twice(already: u32) -> impl FnMut() -> bool {
+    let mut seen = already;
+    move || {
+        // SAFETY: sigemptyset / sigaddset fill a zeroed set; sigtimedwait with a zero
+        // timeout takes one pending signal of the set, if any, without waiting.
+        let sig = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            let now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            libc::sigtimedwait(&set, std::ptr::null_mut(), &now)
+        };
+        if sig <= 0 {
+            return false;
+        }
+        seen += 1;
+        if seen < 2 {
+            log::info!("signal {sig}: draining already; another stops at once");
+            return false;
+        }
+        log::info!("signal {sig} again: stopping without waiting for the drain");
+        true
+    }
+}
+
 /// After a handover to `successor`: the signals that came while it started (this thread
 /// was waiting for it), which nothing here will read any more. A SIGHUP goes on to the
 /// successor, which serves the `--config` file's config from now on (before, the reload was
@@ -1315,7 +1346,8 @@ fn wait_for_signals(
                     );
                     handover.stop_admin.notify_one();
                     plane.begin_handover();
-                    let all = plane.join(Instant::now() + drain + Duration::from_secs(2));
+                    let deadline = Instant::now() + drain + Duration::from_secs(2);
+                    let all = plane.join_unless(deadline, stop_asked_twice(0));
                     log::info!("stopped{}", if all { "" } else { " (workers still busy)" });
                     return 0;
                 }
@@ -1329,8 +1361,10 @@ fn wait_for_signals(
                 );
                 plane.begin_shutdown();
                 // The workers stop by themselves at the drain deadline; the margin covers
-                // their last timer tick.
-                let all = plane.join(Instant::now() + drain + Duration::from_secs(2));
+                // their last timer tick. Another SIGTERM or SIGINT meanwhile (a second
+                // Ctrl-C) stops at once.
+                let deadline = Instant::now() + drain + Duration::from_secs(2);
+                let all = plane.join_unless(deadline, stop_asked_twice(1));
                 if let Some(m) = &handover.membership {
                     m.leave();
                 }

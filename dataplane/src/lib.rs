@@ -262,9 +262,15 @@ impl DataPlane {
     /// Waits for the workers to finish, at most until `deadline`, then for the access log to
     /// write their last lines. Returns whether all workers finished.
     pub fn join(self, deadline: Instant) -> bool {
+        self.join_unless(deadline, || false)
+    }
+
+    /// [`DataPlane::join`], giving up early (false) once `give_up` says so (asked every
+    /// 10 ms while workers are still busy).
+    pub fn join_unless(self, deadline: Instant, mut give_up: impl FnMut() -> bool) -> bool {
         for t in self.threads {
             while !t.is_finished() {
-                if Instant::now() >= deadline {
+                if Instant::now() >= deadline || give_up() {
                     return false;
                 }
                 std::thread::sleep(Duration::from_millis(10));

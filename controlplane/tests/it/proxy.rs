@@ -1277,6 +1277,29 @@ fn idle_connections_close_at_shutdown_while_another_worker_drains(driver: Driver
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+#[test]
+fn a_second_stop_signal_ends_a_drain_at_once() {
+    // A drain waits up to `drain_timeout_ms` for requests in flight; a second SIGTERM or
+    // SIGINT (Ctrl-C again) stops at once. Before, nothing read signals during a drain.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        thread::sleep(Duration::from_secs(10));
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate");
+        Keep::Close
+    }));
+    let extra = "[shutdown]\ndrain_timeout_ms = 60000\n";
+    let mut gw = Gateway::start(&framing_config(origin.addr, extra), Driver::IoUring);
+    let mut busy = gw.connect();
+    busy.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n");
+    origin.wait_requests(1);
+    gw.signal(libc::SIGTERM);
+    gw.wait_log("draining (up to 60000 ms)", Duration::from_secs(5));
+    let second = std::time::Instant::now();
+    gw.signal(libc::SIGINT);
+    assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(second.elapsed() < Duration::from_secs(5));
+    gw.wait_log("again: stopping without waiting", Duration::from_secs(1));
+}
+
 fn a_request_cut_off_by_the_drain_deadline_is_logged(driver: Driver) {
     let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
         thread::sleep(Duration::from_secs(5));
