@@ -772,7 +772,7 @@ impl Snapshot {
             add_to_router(&mut router, r, i, &config.routes, same_path)?;
             routes.push(route);
         }
-        refuse_redirects_to_themselves(&router, &routes, &config.routes)?;
+        refuse_redirects_to_themselves(&router, &routes, &config.routes, config.merges_slashes())?;
 
         let t = &config.timeouts;
         let ms = |name: &str, v: u64| -> Result<Duration, ConfigError> {
@@ -1728,13 +1728,17 @@ fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
     }))
 }
 
-/// Refuses a route whose redirect keeps the scheme, host and port and names a path that a
-/// GET the route takes would be routed back to it by (another route taking the path, a
-/// more specific one, or the methods a redirect's GET leads to, leave it alone).
+/// Refuses a route whose redirect keeps the scheme, host and port and names a path that the
+/// redirected request would be routed back to it by: for each method the route takes, the
+/// one the client then sends (GET after a 303, and after a 301 or 302 for a POST; the same
+/// one otherwise), on the path as requests are routed (unreserved escapes decoded, runs of
+/// `/` merged with `merge_slashes`). Another route taking it (a more specific one, or the
+/// GET route of a POST route's path) leaves it alone.
 fn refuse_redirects_to_themselves(
     router: &crate::router::Router,
     routes: &[Route],
     configs: &[RouteConfig],
+    merge_slashes: bool,
 ) -> Result<(), ConfigError> {
     for (i, (route, r)) in routes.iter().zip(configs).enumerate() {
         let RouteAction::Redirect(d) = &route.action else {
@@ -1743,37 +1747,80 @@ fn refuse_redirects_to_themselves(
         let Some(path) = d.path.as_deref() else {
             continue;
         };
-        if d.host.is_some() || d.scheme.is_some() || d.port.is_some() || !route.accepts(b"GET") {
+        if d.host.is_some() || d.scheme.is_some() || d.port.is_some() {
             continue;
         }
-        // The hosts it answers for: each exact one, a name under each wildcard, or any.
+        let path = as_routed(path, merge_slashes);
+        // The hosts it answers for: each exact one, a name under each wildcard (one that no
+        // configured name can be, so that no exact route stands in front of it), or any.
         let hosts: Vec<Option<String>> = match r.hosts.is_empty() {
             true => vec![None],
             false => (r.hosts.iter())
                 .map(|h| {
-                    let h = h.replacen("*.", "x.", 1).to_ascii_lowercase();
+                    let h = h.replacen("*.", "~.", 1).to_ascii_lowercase();
                     Some(h.trim_end_matches('.').to_owned())
                 })
                 .collect(),
         };
-        let back = hosts.iter().any(|h| {
-            let found = router.find(h.as_deref().map(str::as_bytes), path.as_bytes(), |id| {
-                routes[id as usize].accepts(b"GET")
-            });
-            found == Some(i as u32)
+        let asked: Vec<&[u8]> = match &route.methods {
+            None => vec![b"GET"],
+            Some(list) => list.iter().map(|m| &m[..]).collect(),
+        };
+        let back = asked.iter().any(|&m| {
+            let next: &[u8] = match (d.status, m) {
+                (303, _) | (301 | 302, b"POST") => b"GET",
+                _ => m,
+            };
+            hosts.iter().any(|h| {
+                let host = h.as_deref().map(str::as_bytes);
+                let found = router.find(host, path.as_bytes(), |id| {
+                    routes[id as usize].accepts(next)
+                });
+                found == Some(i as u32)
+            })
         });
         let at = format!("routes[{i}].redirect.path");
         if back && !tolerated(&at, "sends the client back to its route") {
             return Err(ConfigError::field(
                 at,
                 format!(
-                    "{path:?} is routed back to this route: the client would be sent to it \
-                     again and again"
+                    "{:?} is routed back to this route: the client would be sent to it \
+                     again and again",
+                    d.path.as_deref().unwrap_or_default()
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// `path` as a request for it is routed: unreserved characters' escapes decoded, and runs
+/// of `/` merged when `merge`.
+fn as_routed(path: &str, merge: bool) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        let decoded = (b[i] == b'%')
+            .then(|| b.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
+            .filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c));
+        let c = match decoded {
+            Some(c) => {
+                i += 3;
+                char::from(c)
+            }
+            None => {
+                i += 1;
+                char::from(b[i - 1])
+            }
+        };
+        if !(merge && c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether route `r` takes `method`, by its config as [`Route::accepts`] does compiled: no

@@ -973,12 +973,37 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
     ] {
         compile(&two(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
     }
-    // Routed back to itself for some host it answers: a loop.
-    let e = err(&two(
-        "path = \"/h\"\nhosts = [\"b.test\"]\nupstream = \"u\"",
-        "path = \"/h\"\nhosts = [\"*.test\"]\nredirect = { path = \"/h\" }",
-    ));
-    assert_eq!(e.path(), "routes[1].redirect.path", "{e}");
+    // Routed back to itself for some host it answers, for the method the client sends
+    // next (307 and 308 keep it), or once the path is routed as a request's is: a loop.
+    for (a, b) in [
+        (
+            "path = \"/h\"\nhosts = [\"b.test\"]\nupstream = \"u\"",
+            "path = \"/h\"\nhosts = [\"*.test\"]\nredirect = { path = \"/h\" }",
+        ),
+        (
+            "path = \"/a\"\nhosts = [\"x.a.test\"]\nupstream = \"u\"",
+            "path_prefix = \"/\"\nhosts = [\"*.a.test\"]\nredirect = { path = \"/a\" }",
+        ),
+        (
+            "path = \"/p\"\nmethods = [\"GET\"]\nupstream = \"u\"",
+            "path = \"/p\"\nmethods = [\"POST\"]\nredirect = { path = \"/p\", status = 307 }",
+        ),
+        (
+            "path = \"/q\"\nmethods = [\"POST\"]\nupstream = \"u\"",
+            "path = \"/q\"\nmethods = [\"HEAD\"]\nredirect = { path = \"/q\", status = 308 }",
+        ),
+        (
+            "path = \"/t\"\nupstream = \"u\"",
+            "path = \"/s\"\nredirect = { path = \"//s\" }",
+        ),
+        (
+            "path = \"/t\"\nupstream = \"u\"",
+            "path = \"/e\"\nredirect = { path = \"/%65\" }",
+        ),
+    ] {
+        let e = err(&two(a, b));
+        assert_eq!(e.path(), "routes[1].redirect.path", "{b}: {e}");
+    }
     for extra in [
         "path = \"/m\"\nmethods = [\"PURGE\", \"purge\"]\nrespond = {}",
         "path_prefix = \"/rd\"\nredirect = { path = \"/rdx\" }",

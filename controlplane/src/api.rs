@@ -1781,6 +1781,15 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
     if constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
         match admin.serving() {
             Ok(()) => next.run(req).await,
+            // A scrape of this process's own counters is answered (a 503 would be a failed
+            // scrape, `up` 0, at every upgrade), and its connection closed, so that the next
+            // one reaches the successor.
+            Err(_) if req.method() == axum::http::Method::GET && req.uri().path() == "/metrics" => {
+                let mut resp = next.run(req).await;
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp
+            }
             Err(p) => p.into_response(),
         }
     } else {

@@ -699,7 +699,10 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         Some(d) => d,
         None => dataplane::DriverChoice::from_env().map_err(|e| (EXIT_INVALID, e))?,
     };
-    if let Some(path) = &args.config {
+    // (Not for an upgrade's successor, which resumes the stored config whatever the file
+    // says, and may find it moved since.)
+    let successor = std::env::var_os(upgrade::READY_ENV).is_some();
+    if let Some(path) = args.config.as_ref().filter(|_| !successor) {
         std::fs::metadata(path).map_err(|e| {
             (
                 EXIT_INVALID,
@@ -1237,7 +1240,8 @@ fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
 }
 
 /// For a drain: whether SIGTERM or SIGINT has now come twice, counting `already` that
-/// started it (0 for a handover's drain, which a first one leaves going). Said in the log.
+/// started it (0 for a handover's drain, which a first one leaves going), which ends the
+/// drain now. Said in the log.
 fn stop_asked_twice(already: u32) -> impl FnMut() -> bool {
     let mut seen = already;
     move || {
@@ -1262,18 +1266,18 @@ fn stop_asked_twice(already: u32) -> impl FnMut() -> bool {
             log::info!("signal {sig}: draining already; another stops at once");
             return false;
         }
-        log::info!("signal {sig} again: stopping without waiting for the drain");
+        log::info!("signal {sig} again: requests still in flight are given up now");
         true
     }
 }
 
 /// After a handover to `successor`: the signals that came while it started (this thread
-/// was waiting for it), which nothing here will read any more. A SIGHUP goes on to the
+/// was waiting for it) or that come while this process drains. A SIGHUP goes on to the
 /// successor, which serves the `--config` file's config from now on (before, the reload was
 /// lost without a word); a SIGUSR1 reopens this process's access log and goes on too (a
-/// rotation may have come before or after the successor opened its own); a second SIGUSR2
-/// is said and dropped (the upgrade it asked for has happened).
-fn pass_on_pending(successor: u32, plane: &DataPlane) {
+/// rotation may have come before or after the successor opened its own); a SIGUSR2 is said
+/// and dropped (the upgrade it asked for has happened).
+fn pass_on_pending(successor: u32, reopen_log: &dyn Fn()) {
     // SAFETY: sigemptyset / sigaddset fill a zeroed set; sigtimedwait with a zero timeout
     // takes one pending signal of the set, if any, without waiting; kill(2) signals the
     // process this one just started.
@@ -1292,18 +1296,18 @@ fn pass_on_pending(successor: u32, plane: &DataPlane) {
             match sig {
                 libc::SIGHUP | libc::SIGUSR1 => {
                     if sig == libc::SIGUSR1 {
-                        plane.reopen_access_log();
+                        reopen_log();
                     }
                     let name = if sig == libc::SIGHUP {
                         "SIGHUP"
                     } else {
                         "SIGUSR1"
                     };
-                    log::info!("{name} came during the upgrade: passed on to process {successor}");
+                    log::info!("{name}: passed on to process {successor}, which serves now");
                     libc::kill(successor as libc::pid_t, sig);
                 }
                 libc::SIGUSR2 => {
-                    log::info!("SIGUSR2 came during the upgrade: process {successor} serves now");
+                    log::info!("SIGUSR2: process {successor} serves now; this one drains");
                 }
                 _ => return,
             }
@@ -1337,7 +1341,8 @@ fn wait_for_signals(
             }
             libc::SIGUSR2 => match hand_over(admin, &plane, handover) {
                 Ok(pid) => {
-                    pass_on_pending(pid, &plane);
+                    let reopen_log = plane.access_log_reopener();
+                    pass_on_pending(pid, &reopen_log);
                     let drain = shared.load().drain_timeout;
                     log::info!(
                         "SIGUSR2: process {pid} serves now; this one stops accepting and drains \
@@ -1347,7 +1352,14 @@ fn wait_for_signals(
                     handover.stop_admin.notify_one();
                     plane.begin_handover();
                     let deadline = Instant::now() + drain + Duration::from_secs(2);
-                    let all = plane.join_unless(deadline, stop_asked_twice(0));
+                    // While this one drains, what asks the serving process for something
+                    // goes on to it (a reload or a reopen sent to this pid by a script
+                    // that read it before the successor said it serves).
+                    let mut twice = stop_asked_twice(0);
+                    let all = plane.join_hurrying(deadline, || {
+                        pass_on_pending(pid, &reopen_log);
+                        twice()
+                    });
                     log::info!("stopped{}", if all { "" } else { " (workers still busy)" });
                     return 0;
                 }
@@ -1364,7 +1376,7 @@ fn wait_for_signals(
                 // their last timer tick. Another SIGTERM or SIGINT meanwhile (a second
                 // Ctrl-C) stops at once.
                 let deadline = Instant::now() + drain + Duration::from_secs(2);
-                let all = plane.join_unless(deadline, stop_asked_twice(1));
+                let all = plane.join_hurrying(deadline, stop_asked_twice(1));
                 if let Some(m) = &handover.membership {
                     m.leave();
                 }

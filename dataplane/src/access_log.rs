@@ -179,6 +179,12 @@ impl AccessLogWriter {
         self.reopen.store(true, Ordering::Release);
     }
 
+    /// [`AccessLogWriter::reopen`] as a handle that outlives a borrow of the writer.
+    pub fn reopener(&self) -> impl Fn() + Send + 'static {
+        let flag = self.reopen.clone();
+        move || flag.store(true, Ordering::Release)
+    }
+
     /// Waits for the writer to write what the workers handed it; it ends once every worker
     /// has dropped its [`WorkerLog`].
     pub fn join(mut self) {

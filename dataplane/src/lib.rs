@@ -140,6 +140,7 @@ pub struct DataPlane {
     pub listener_fds: Vec<Vec<std::os::fd::RawFd>>,
     shutdown: Arc<AtomicBool>,
     handover: Arc<AtomicBool>,
+    hurry: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     access_log: access_log::AccessLogWriter,
 }
@@ -185,6 +186,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
     let cpus_allowed = allowed_cpus();
     let shutdown = Arc::new(AtomicBool::new(false));
     let handover = Arc::new(AtomicBool::new(false));
+    let hurry = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(workers);
     let mut cpus = Vec::with_capacity(workers);
@@ -203,6 +205,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
             listeners,
             shutdown: shutdown.clone(),
             handover: handover.clone(),
+            hurry: hurry.clone(),
             metrics: all_metrics[index].clone(),
             log,
             ready: ready_tx.clone(),
@@ -223,6 +226,7 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>, opts: StartOptions) -> Result<DataP
         listener_fds,
         shutdown,
         handover,
+        hurry,
         threads,
         access_log: log_writer,
     };
@@ -259,22 +263,35 @@ impl DataPlane {
         self.access_log.reopen();
     }
 
+    /// [`DataPlane::reopen_access_log`] as a handle, for use while the plane is joined.
+    pub fn access_log_reopener(&self) -> impl Fn() + Send + 'static {
+        self.access_log.reopener()
+    }
+
     /// Waits for the workers to finish, at most until `deadline`, then for the access log to
     /// write their last lines. Returns whether all workers finished.
     pub fn join(self, deadline: Instant) -> bool {
-        self.join_unless(deadline, || false)
+        self.join_hurrying(deadline, || false)
     }
 
-    /// [`DataPlane::join`], giving up early (false) once `give_up` says so (asked every
-    /// 10 ms while workers are still busy).
-    pub fn join_unless(self, deadline: Instant, mut give_up: impl FnMut() -> bool) -> bool {
-        for t in self.threads {
+    /// [`DataPlane::join`], asking `hurry` every 10 ms while workers are busy: once it says
+    /// so, the drain ends now, as at its deadline (requests still being answered are given
+    /// up and logged, the access log written out).
+    pub fn join_hurrying(self, mut deadline: Instant, mut hurry: impl FnMut() -> bool) -> bool {
+        for t in &self.threads {
             while !t.is_finished() {
-                if Instant::now() >= deadline || give_up() {
+                if Instant::now() >= deadline {
                     return false;
+                }
+                if !self.hurry.load(Ordering::Acquire) && hurry() {
+                    self.hurry.store(true, Ordering::Release);
+                    // The workers' cut-off and their tunnels' watchdogs, and a margin.
+                    deadline = deadline.min(Instant::now() + Duration::from_secs(2));
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+        for t in self.threads {
             let _ = t.join();
         }
         self.access_log.join();

@@ -145,6 +145,9 @@ pub(crate) struct WorkerSpec {
     /// Set with `shutdown` when the listening sockets go on serving in another process: the
     /// drain then cancels this worker's accepts instead of shutting the sockets down.
     pub handover: Arc<AtomicBool>,
+    /// Set during a drain when it is to end now (a second stop signal): requests still being
+    /// answered are given up and logged as at the drain's deadline.
+    pub hurry: Arc<AtomicBool>,
     pub metrics: Arc<WorkerMetrics>,
     /// This worker's end of the access log.
     pub log: WorkerLog,
@@ -263,6 +266,7 @@ async fn worker_main(spec: WorkerSpec) {
     let stop = Stop {
         shutdown: &spec.shutdown,
         handover: &spec.handover,
+        hurry: &spec.hurry,
         listener_fds: &listener_fds,
         accepts,
     };
@@ -363,6 +367,7 @@ const HANDOVER_IDLE_GRACE: Duration = Duration::from_secs(1);
 struct Stop<'a> {
     shutdown: &'a AtomicBool,
     handover: &'a AtomicBool,
+    hurry: &'a AtomicBool,
     listener_fds: &'a [RawFd],
     /// Cancels the pending accepts.
     accepts: monoio::io::Canceller,
@@ -460,6 +465,11 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
             idle_closed = true;
         }
         let accepting = handover && ctx.accepting.get() > 0;
+        // Lines of the requests answered meanwhile reach the log as they would before.
+        ctx.log.borrow_mut().flush();
+        if stop.hurry.load(Ordering::Acquire) && !ctx.cut_off.get() {
+            deadline = deadline.min(Instant::now());
+        }
         if Instant::now() >= deadline && !ctx.cut_off.get() && ctx.active.get() > 0 {
             // Requests still being answered are given up and logged at once; open tunnels end
             // (their watchdogs look every `TUNNEL_TICK`) and log theirs.

@@ -1280,24 +1280,55 @@ fn idle_connections_close_at_shutdown_while_another_worker_drains(driver: Driver
 #[test]
 fn a_second_stop_signal_ends_a_drain_at_once() {
     // A drain waits up to `drain_timeout_ms` for requests in flight; a second SIGTERM or
-    // SIGINT (Ctrl-C again) stops at once. Before, nothing read signals during a drain.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
-        thread::sleep(Duration::from_secs(10));
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate");
+    // SIGINT (Ctrl-C again) ends it now, as its deadline would: what is still in flight is
+    // given up and logged, and what was answered meanwhile is logged too. Before, nothing
+    // read signals during a drain (and the review of the first version found it exited
+    // with the access log's last lines unwritten).
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let wait = match req.request_line().starts_with("GET /quick") {
+            true => 1,
+            false => 10,
+        };
+        thread::sleep(Duration::from_secs(wait));
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
         Keep::Close
     }));
-    let extra = "[shutdown]\ndrain_timeout_ms = 60000\n";
-    let mut gw = Gateway::start(&framing_config(origin.addr, extra), Driver::IoUring);
-    let mut busy = gw.connect();
-    busy.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n");
-    origin.wait_requests(1);
+    let log = temp_dir("drain-twice").join("access.log");
+    let extra = format!(
+        "[access_log]\npath = \"{}\"\n[shutdown]\ndrain_timeout_ms = 60000\n",
+        log.display()
+    );
+    let mut gw = Gateway::start(&framing_config(origin.addr, &extra), Driver::IoUring);
+    let mut hang = gw.connect();
+    hang.send(b"GET /hang HTTP/1.1\r\nHost: a\r\n\r\n");
+    let mut quick = gw.connect();
+    quick.send(b"GET /quick HTTP/1.1\r\nHost: a\r\n\r\n");
+    origin.wait_requests(2);
     gw.signal(libc::SIGTERM);
     gw.wait_log("draining (up to 60000 ms)", Duration::from_secs(5));
+    assert_eq!(quick.read_response().status, 200);
     let second = std::time::Instant::now();
     gw.signal(libc::SIGINT);
     assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(second.elapsed() < Duration::from_secs(5));
-    gw.wait_log("again: stopping without waiting", Duration::from_secs(1));
+    gw.wait_log(
+        "again: requests still in flight are given up now",
+        Duration::from_secs(1),
+    );
+    let lines = wait_log_lines(&log, 2);
+    let status = |path: &str| {
+        let line = lines.iter().find(|l| l["path"] == path);
+        let line = line.unwrap_or_else(|| panic!("no line for {path}: {lines:?}"));
+        (
+            line["status"].as_u64(),
+            line["error"].as_str().map(str::to_owned),
+        )
+    };
+    assert_eq!(status("/quick"), (Some(200), None));
+    assert_eq!(
+        status("/hang"),
+        (Some(503), Some("drain_timeout".to_owned()))
+    );
 }
 
 fn a_request_cut_off_by_the_drain_deadline_is_logged(driver: Driver) {

@@ -369,6 +369,13 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     );
     let mut held = Client::connect(gw.admin);
     assert_eq!(held.roundtrip(&status).status, 200);
+    let metrics = status.replace("/v1/status", "/metrics");
+    let mut scraper = Client::connect(gw.admin);
+    assert_eq!(scraper.roundtrip(&metrics).status, 200);
+    // A request head not finished keeps the old process draining, so that it is still there
+    // to answer on the held connection.
+    let mut partial = TcpStream::connect(gw.addr).unwrap();
+    partial.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
     let second = chain.push(upgrade(&gw));
     // A connection the old process still holds is not answered from its stale state (before:
     // its old revision and pid), but told to go to the successor.
@@ -379,6 +386,11 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
         (r.header("retry-after"), r.header("connection")),
         (Some("1"), Some("close"))
     );
+    // A scrape there is answered with the old process's own counters (a 503 would be a
+    // failed scrape at every upgrade), and its connection closed.
+    let r = scraper.roundtrip(&metrics);
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    drop(partial);
     assert_ne!(second, first);
     // The successor tells systemd it is the service's main process now.
     assert_eq!(next_notice(), format!("MAINPID={second}\nREADY=1"));
@@ -422,6 +434,9 @@ fn signals_during_an_upgrade_are_neither_fatal_nor_lost() {
     .unwrap();
     std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
     install(&slow, &bin);
+    // A request head not finished keeps the old process draining after the handover.
+    let mut partial = TcpStream::connect(gw.addr).unwrap();
+    partial.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
     // SAFETY: kill(2) on the gateway this test started.
     unsafe { libc::kill(first as i32, libc::SIGUSR2) };
     gw.wait_log("to take over the sockets", Duration::from_secs(10));
@@ -442,18 +457,37 @@ fn signals_during_an_upgrade_are_neither_fatal_nor_lost() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let second = chain.push(serving_pid(&gw));
-    gw.wait_log("SIGHUP came during the upgrade", Duration::from_secs(5));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let r = gw
-            .connect()
-            .roundtrip("GET /hup HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        if (r.status, r.body_str()) == (200, "hup") {
-            break;
+    gw.wait_log("SIGHUP: passed on to process", Duration::from_secs(5));
+    let served = |path: &str, body: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = gw.connect().roundtrip(&format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            ));
+            if (r.status, r.body_str()) == (200, body) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} {}", r.status, r.body_str());
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "{} {}", r.status, r.body_str());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    served("/hup", "hup");
+    // One sent to the old pid while it drains (a script that read the pid before the
+    // successor said it serves) goes on too (before: dropped).
+    assert!(!exited(first), "the old process still drains");
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let route = "\n[[routes]]\nid = \"hup2\"\npath = \"/hup2\"\nrespond = { body = \"hup2\" }\n";
+    std::fs::write(&gw.config_path, format!("{text}{route}")).unwrap();
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(first as i32, libc::SIGHUP) };
+    served("/hup2", "hup2");
+    let passed = gw
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("SIGHUP: passed on to process"))
+        .count();
+    assert_eq!(passed, 2, "{:?}", gw.log_lines());
+    drop(partial);
     wait_exited(first, Duration::from_secs(15));
     stop(second);
 }
@@ -484,6 +518,9 @@ fn an_upgrade_starts_what_the_path_it_was_started_by_names_now() {
     let next = dir.join("gateway.next");
     std::os::unix::fs::symlink(&v2, &next).unwrap();
     std::fs::rename(&next, &link).unwrap();
+    // The successor resumes the stored config: the --config file moved away meanwhile stops
+    // nothing (the first version of the start's early check refused it).
+    std::fs::rename(&gw.config_path, gw.config_path.with_extension("moved")).unwrap();
     let second = chain.push(upgrade(&gw));
     assert_ne!(second, first);
     gw.wait_log("v2 starting", Duration::from_secs(1));
