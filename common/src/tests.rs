@@ -867,6 +867,15 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
                 targets = [{ address = \"127.0.0.1:1\" }]\n";
     let route = |extra: &str| format!("{base}[[routes]]\nid = \"r\"\n{extra}\n");
+    // Refused naming `field`; a config stored by an earlier build that took it still starts,
+    // noting it.
+    let refused = |extra: &str, field: &str| {
+        let text = route(extra);
+        assert_eq!(err(&text).path(), field, "{extra}");
+        let stored = parse_config(&text, Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
+    };
     // Requests are decoded (unreserved escapes), refused with a malformed escape, %00 or a
     // dot segment, and CONNECT never reaches a route: such a route could never match, and
     // such a rewrite or redirect sends what the gateway itself refuses (before: taken).
@@ -906,12 +915,7 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "routes[0].redirect.path",
         ),
     ] {
-        let text = route(extra);
-        assert_eq!(err(&text).path(), field, "{extra}");
-        // A config stored by an earlier build that took it still starts, noting it.
-        let stored = parse_config(&text, Format::Toml).unwrap();
-        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
-        assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
+        refused(extra, field);
     }
     // Fields that would be silently without effect, and a route's redirect back to itself
     // (before: taken; the redirect answered with its own URL, round and round).
@@ -941,11 +945,7 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "routes[0].redirect.path",
         ),
     ] {
-        let text = route(extra);
-        assert_eq!(err(&text).path(), field, "{extra}");
-        let stored = parse_config(&text, Format::Toml).unwrap();
-        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
-        assert_eq!(notes.len(), 1, "{extra}: {notes:?}");
+        refused(extra, field);
     }
     // A redirect another route answers is no loop: a catch-all to a more specific route, a
     // POST-only route's 303 to the GET route of its path, a prefix to its more specific
