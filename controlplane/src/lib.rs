@@ -1307,7 +1307,10 @@ fn pass_on_pending(successor: u32, reopen_log: &dyn Fn()) {
                     libc::kill(successor as libc::pid_t, sig);
                 }
                 libc::SIGUSR2 => {
-                    log::info!("SIGUSR2: process {successor} serves now; this one drains");
+                    log::info!(
+                        "another SIGUSR2: process {successor} serves now (send it there to \
+                         upgrade again)"
+                    );
                 }
                 _ => return,
             }
