@@ -1762,12 +1762,16 @@ fn refuse_redirects_to_themselves(
                 })
                 .collect(),
         };
+        // A route without `methods` takes them all: GET, and a POST and a PUT stand for
+        // the rest (what each becomes differs by status).
         let asked: Vec<&[u8]> = match &route.methods {
-            None => vec![b"GET"],
+            None => vec![b"GET", b"POST", b"PUT"],
             Some(list) => list.iter().map(|m| &m[..]).collect(),
         };
         let back = asked.iter().any(|&m| {
+            // A HEAD stays a HEAD (Fetch, curl); after a 303 anything else is a GET.
             let next: &[u8] = match (d.status, m) {
+                (_, b"HEAD") => m,
                 (303, _) | (301 | 302, b"POST") => b"GET",
                 _ => m,
             };

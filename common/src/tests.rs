@@ -1000,6 +1000,16 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "path = \"/t\"\nupstream = \"u\"",
             "path = \"/e\"\nredirect = { path = \"/%65\" }",
         ),
+        // A route without `methods` takes POST too: a 307 keeps it, past a GET-only route.
+        (
+            "path = \"/login\"\nmethods = [\"GET\"]\nupstream = \"u\"",
+            "path_prefix = \"/\"\nredirect = { path = \"/login\", status = 307 }",
+        ),
+        // A HEAD stays a HEAD after a 303.
+        (
+            "path = \"/g\"\nmethods = [\"GET\"]\nupstream = \"u\"",
+            "path = \"/h\"\nmethods = [\"HEAD\"]\nredirect = { path = \"/h\", status = 303 }",
+        ),
     ] {
         let e = err(&two(a, b));
         assert_eq!(e.path(), "routes[1].redirect.path", "{b}: {e}");

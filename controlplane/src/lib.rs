@@ -1303,8 +1303,15 @@ fn pass_on_pending(successor: u32, reopen_log: &dyn Fn()) {
                     } else {
                         "SIGUSR1"
                     };
-                    log::info!("{name}: passed on to process {successor}, which serves now");
-                    libc::kill(successor as libc::pid_t, sig);
+                    if running(successor) {
+                        log::info!("{name}: passed on to process {successor}, which serves now");
+                        libc::kill(successor as libc::pid_t, sig);
+                    } else {
+                        log::warn!(
+                            "{name}: process {successor}, which took over from this one, has \
+                             exited since; not passed on (send it to the process serving now)"
+                        );
+                    }
                 }
                 libc::SIGUSR2 => {
                     log::info!(
@@ -1316,6 +1323,15 @@ fn pass_on_pending(successor: u32, reopen_log: &dyn Fn()) {
             }
         }
     }
+}
+
+/// Whether process `pid` runs: there, and not a zombie (a successor that exited is one
+/// until this process, its parent, exits: kill(2) would take a signal for it and drop it).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+    })
 }
 
 fn wait_for_signals(

@@ -294,7 +294,7 @@ impl DataPlane {
         for t in self.threads {
             let _ = t.join();
         }
-        self.access_log.join();
-        true
+        // The workers' last lines, written out within the same deadline.
+        self.access_log.join_until(Some(deadline))
     }
 }

@@ -1331,6 +1331,66 @@ fn a_second_stop_signal_ends_a_drain_at_once() {
     );
 }
 
+#[test]
+fn a_drain_ends_though_the_access_log_cannot_be_written() {
+    // The access log on a pipe nobody reads: its writer blocks once the pipe is full. The
+    // process still exits at its drain's deadline (before, it waited for the writer without
+    // end, signals or not).
+    let dir = temp_dir("drain-stuck-log");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         token = \"a-long-enough-test-token\"\n[access_log]\npath = \"stdout\"\n\
+         [shutdown]\ndrain_timeout_ms = 1000\n\
+         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nrespond = { body = \"ok\" }\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+            "no address"
+        );
+        if let Some(a) = line.trim().strip_prefix("gateway: listening on http://") {
+            break a.parse::<std::net::SocketAddr>().unwrap();
+        }
+    };
+    // Far more than a pipe's 64 KiB of lines, on one connection.
+    let mut c = Client::connect(addr);
+    let long = "x".repeat(400);
+    for i in 0..400 {
+        let r = c.roundtrip(&format!("GET /{long}/{i} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(r.status, 200);
+    }
+    drop(c);
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let signalled = std::time::Instant::now();
+    let deadline = signalled + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running {:?} after SIGTERM", signalled.elapsed());
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
 fn a_request_cut_off_by_the_drain_deadline_is_logged(driver: Driver) {
     let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
         thread::sleep(Duration::from_secs(5));

@@ -416,7 +416,12 @@ fn signals_during_an_upgrade_are_neither_fatal_nor_lost() {
     let bin = dir.join("gateway");
     install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
     let chain = Chain::new();
-    let gw = Gateway::start_binary(&bin, CONFIG, &[]);
+    // Long enough a drain (and head timeout) that the old process is surely still there
+    // when the test signals it after the handover, however loaded the machine.
+    let config = format!(
+        "{CONFIG}[shutdown]\ndrain_timeout_ms = 60000\n[timeouts]\nclient_header_ms = 60000\n"
+    );
+    let gw = Gateway::start_binary(&bin, &config, &[]);
     let first = serving_pid(&gw);
     // A "new binary" sent a SIGUSR1 (logrotate's, say) before it can have set its own mask,
     // which then takes a second to start the gateway. Before, the SIGUSR1 killed it: the
