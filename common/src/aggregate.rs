@@ -465,6 +465,31 @@ fn compile_step(
             format!("{method:?} is not a method token the gateway sends"),
         ));
     }
+    if let Some(upper) = crate::validate::standard_method_miscased(method) {
+        let field = format!("{at}.method");
+        if !crate::validate::tolerated(&field, "another case than the method's") {
+            return Err(ConfigError::field(
+                field,
+                format!("methods are case-sensitive (RFC 9110 9.1): {method:?} is not {upper}"),
+            ));
+        }
+    }
+    // What the gateway would refuse from a client, it does not send (the path up to its
+    // query; escapes checked in the query too).
+    let flaw = crate::validate::path_flaw(s.path.split('?').next().unwrap_or_default())
+        .or_else(|| crate::validate::escape_flaw(&s.path));
+    if let Some(why) = flaw {
+        let field = format!("{at}.path");
+        if !crate::validate::tolerated(&field, why) {
+            return Err(ConfigError::field(
+                field,
+                format!(
+                    "{:?} {why}: the upstream would be sent what the gateway refuses",
+                    s.path
+                ),
+            ));
+        }
+    }
     let mut after = Vec::with_capacity(s.after.len());
     for (k, name) in s.after.iter().enumerate() {
         let idx = ids.iter().position(|x| x == name).ok_or_else(|| {

@@ -1144,18 +1144,13 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                 ));
             }
             let field = format!("{at}.methods[{j}]");
-            const STANDARD: [&str; 9] = [
-                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-            ];
-            let upper = m.to_ascii_uppercase();
-            if *m != upper
-                && STANDARD.contains(&upper.as_str())
-                && !tolerated(&field, "another case than the method's: never matches")
-            {
-                return Err(ConfigError::field(
-                    field,
-                    format!("methods are case-sensitive (RFC 9110 9.1): {m:?} is not {upper}"),
-                ));
+            if let Some(upper) = crate::validate::standard_method_miscased(m) {
+                if !tolerated(&field, "another case than the method's: never matches") {
+                    return Err(ConfigError::field(
+                        field,
+                        format!("methods are case-sensitive (RFC 9110 9.1): {m:?} is not {upper}"),
+                    ));
+                }
             }
             if m == "CONNECT" && !tolerated(&field, "CONNECT never reaches a route") {
                 return Err(ConfigError::field(

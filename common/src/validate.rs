@@ -89,16 +89,8 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
 /// after it or `%00`, or a `.` or `..` segment (also spelled `%2e`, or with `;` parameters):
 /// a request with one is refused (`400`).
 pub(crate) fn path_flaw(path: &str) -> Option<&'static str> {
-    let b = path.as_bytes();
-    for (i, _) in path.match_indices('%') {
-        match b.get(i + 1..i + 3) {
-            Some([h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
-                if *h == b'0' && *l == b'0' {
-                    return Some("has %00, which a request path may not have");
-                }
-            }
-            _ => return Some("has a '%' without two hex digits after it (RFC 3986 2.1)"),
-        }
+    if let Some(why) = escape_flaw(path) {
+        return Some(why);
     }
     // Separators as requests are read (`%2F`, `%5C` and a backslash too: upstreams differ).
     let lower = path.to_ascii_lowercase();
@@ -112,6 +104,32 @@ pub(crate) fn path_flaw(path: &str) -> Option<&'static str> {
         name == "." || name == ".."
     });
     flawed.then_some("has a '.' or '..' segment, which requests may not have")
+}
+
+/// A `%` without two hex digits after it, or `%00`, in `text` (a path or a query).
+pub(crate) fn escape_flaw(text: &str) -> Option<&'static str> {
+    let b = text.as_bytes();
+    for (i, _) in text.match_indices('%') {
+        match b.get(i + 1..i + 3) {
+            Some([h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                if *h == b'0' && *l == b'0' {
+                    return Some("has %00, which a request target may not have");
+                }
+            }
+            _ => return Some("has a '%' without two hex digits after it (RFC 3986 2.1)"),
+        }
+    }
+    None
+}
+
+/// A standard method (RFC 9110 9.3) spelled in another case (`get`): methods are
+/// case-sensitive, so it names another method, one no client sends. Its proper spelling.
+pub(crate) fn standard_method_miscased(m: &str) -> Option<String> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let upper = m.to_ascii_uppercase();
+    (m != upper && STANDARD.contains(&upper.as_str())).then_some(upper)
 }
 
 /// Whether `path` escapes an unreserved character (`%6F` for `o`), which requests have

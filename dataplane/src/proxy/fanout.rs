@@ -494,7 +494,10 @@ async fn run_steps<S: ClientStream>(
                 };
                 // One move into its box: the step's future is large and a move copies it whole.
                 let task = timed_call(ctx, snap, agg, j, input.keys[j], request, budget, own);
-                running.push((j, now, Box::pin(task)));
+                // Kept in step order, which the polls below keep: of steps that end at once
+                // (a deadline), the first in step order is taken first, and decides.
+                let at = running.partition_point(|(k, ..)| *k < j);
+                running.insert(at, (j, now, Box::pin(task)));
             }
         }
         let required_failed =
@@ -506,7 +509,7 @@ async fn run_steps<S: ClientStream>(
         let next = std::future::poll_fn(|cx| {
             for i in 0..running.len() {
                 if let Poll::Ready(out) = running[i].2.as_mut().poll(cx) {
-                    let (j, at, _) = running.swap_remove(i);
+                    let (j, at, _) = running.remove(i);
                     return Poll::Ready(Some((j, at, out)));
                 }
             }
