@@ -1757,13 +1757,16 @@ fn refuse_redirects_to_themselves(
                 })
                 .collect(),
         };
-        // A route without `methods` takes them all: GET, and a POST and a PUT stand for
-        // the rest (what each becomes differs by status).
-        let asked: Vec<&[u8]> = match &route.methods {
-            None => vec![b"GET", b"POST", b"PUT"],
-            Some(list) => list.iter().map(|m| &m[..]).collect(),
+        // The methods asked: those the route names; for one that names none, what clients
+        // follow such a redirect with: GET after a 301, 302 or 303 (browsers, and API
+        // clients that follow those), and after a 307 or 308, which keep the method, the
+        // methods of APIs too.
+        let asked: Vec<&[u8]> = match (&route.methods, d.status) {
+            (Some(list), _) => list.iter().map(|m| &m[..]).collect(),
+            (None, 307 | 308) => vec![b"GET", b"POST", b"PUT", b"PATCH", b"DELETE"],
+            (None, _) => vec![b"GET"],
         };
-        let back = asked.iter().any(|&m| {
+        let back = asked.iter().copied().find(|&m| {
             // A HEAD stays a HEAD (Fetch, curl); after a 303 anything else is a GET.
             let next: &[u8] = match (d.status, m) {
                 (_, b"HEAD") => m,
@@ -1779,13 +1782,14 @@ fn refuse_redirects_to_themselves(
             })
         });
         let at = format!("routes[{i}].redirect.path");
-        if back && !tolerated(&at, "sends the client back to its route") {
+        if let Some(m) = back.filter(|_| !tolerated(&at, "sends the client back to its route")) {
             return Err(ConfigError::field(
                 at,
                 format!(
-                    "{:?} is routed back to this route: the client would be sent to it \
-                     again and again",
-                    d.path.as_deref().unwrap_or_default()
+                    "{:?} is routed back to this route for a {}: the client would be sent to \
+                     it again and again",
+                    d.path.as_deref().unwrap_or_default(),
+                    String::from_utf8_lossy(m)
                 ),
             ));
         }

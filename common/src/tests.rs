@@ -973,6 +973,15 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
     ] {
         compile(&two(a, b)).unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
     }
+    // A catch-all's 301 or 302 to a route that takes only GET: what clients follow it with
+    // (GET) reaches that route.
+    for status in [301, 302] {
+        let text = two(
+            "path = \"/\"\nmethods = [\"GET\"]\nupstream = \"u\"",
+            &format!("path_prefix = \"/\"\nredirect = {{ path = \"/\", status = {status} }}"),
+        );
+        compile(&text).unwrap_or_else(|e| panic!("{status}: {e}"));
+    }
     // Routed back to itself for some host it answers, for the method the client sends
     // next (307 and 308 keep it), or once the path is routed as a request's is: a loop.
     for (a, b) in [
@@ -1000,10 +1009,15 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "path = \"/t\"\nupstream = \"u\"",
             "path = \"/e\"\nredirect = { path = \"/%65\" }",
         ),
-        // A route without `methods` takes POST too: a 307 keeps it, past a GET-only route.
+        // A route without `methods` takes POST too: a 307 keeps it, past a GET-only route;
+        // and DELETE, past a route of GET, POST and PUT.
         (
             "path = \"/login\"\nmethods = [\"GET\"]\nupstream = \"u\"",
             "path_prefix = \"/\"\nredirect = { path = \"/login\", status = 307 }",
+        ),
+        (
+            "path = \"/x\"\nmethods = [\"GET\", \"POST\", \"PUT\"]\nupstream = \"u\"",
+            "path_prefix = \"/\"\nredirect = { path = \"/x\", status = 308 }",
         ),
         // A HEAD stays a HEAD after a 303.
         (

@@ -677,7 +677,7 @@ fn typed_policy(value: Value) -> Result<PolicyConfig, Problem> {
 /// that finds none (an unknown kind, or no error at all).
 fn policy_problem(value: &Value) -> Option<Problem> {
     let mut v = value.clone();
-    let kind = v.as_object_mut()?.remove("kind")?;
+    let kind = v.as_object_mut()?.shift_remove("kind")?;
     use common::config::{
         AclConfig, ApiKeyConfig, CorsConfig, DomainConfig, IpFilterConfig, JwtConfig,
         RateLimitConfig,
@@ -794,7 +794,7 @@ fn patch_item(kind: Kind, item: &mut Value, patch: &Value) {
     };
     if new_key(patch) && patch.get("key_sha256").is_none() {
         if let Value::Object(item) = item {
-            item.remove("key_sha256");
+            item.shift_remove("key_sha256");
         }
     }
 }

@@ -1313,10 +1313,16 @@ fn pass_on_pending(successor: u32, reopen_log: &dyn Fn()) {
                         );
                     }
                 }
-                libc::SIGUSR2 => {
+                libc::SIGUSR2 if running(successor) => {
                     log::info!(
                         "another SIGUSR2: process {successor} serves now (send it there to \
                          upgrade again)"
+                    );
+                }
+                libc::SIGUSR2 => {
+                    log::warn!(
+                        "another SIGUSR2: process {successor}, which took over from this one, \
+                         has exited since; this one drains (start a gateway anew)"
                     );
                 }
                 _ => return,

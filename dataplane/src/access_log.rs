@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use common::snapshot::LogSink;
@@ -187,24 +187,15 @@ impl AccessLogWriter {
 
     /// Waits for the writer to write what the workers handed it; it ends once every worker
     /// has dropped its [`WorkerLog`].
-    pub fn join(self) {
-        self.join_until(None);
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
-    /// [`AccessLogWriter::join`], giving up at `deadline` (a writer stuck on a file or pipe
-    /// nobody drains must not hold the process's exit past it); whether it finished.
-    pub fn join_until(mut self, deadline: Option<Instant>) -> bool {
-        let Some(t) = self.thread.take() else {
-            return true;
-        };
-        while !t.is_finished() {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = t.join();
-        true
+    /// Whether the writer has written everything and ended (see [`AccessLogWriter::join`]).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 }
 

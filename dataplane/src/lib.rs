@@ -278,23 +278,40 @@ impl DataPlane {
     /// so, the drain ends now, as at its deadline (requests still being answered are given
     /// up and logged, the access log written out).
     pub fn join_hurrying(self, mut deadline: Instant, mut hurry: impl FnMut() -> bool) -> bool {
+        // Asks `hurry` (until it has said so) and says whether the deadline has passed.
+        let mut past = |deadline: &mut Instant, margin: Duration| {
+            if !self.hurry.load(Ordering::Acquire) && hurry() {
+                self.hurry.store(true, Ordering::Release);
+                *deadline = (*deadline).min(Instant::now() + margin);
+            }
+            Instant::now() >= *deadline
+        };
         for t in &self.threads {
             while !t.is_finished() {
-                if Instant::now() >= deadline {
+                // The workers' cut-off and their tunnels' watchdogs, and a margin.
+                if past(&mut deadline, Duration::from_secs(2)) {
                     return false;
-                }
-                if !self.hurry.load(Ordering::Acquire) && hurry() {
-                    self.hurry.store(true, Ordering::Release);
-                    // The workers' cut-off and their tunnels' watchdogs, and a margin.
-                    deadline = deadline.min(Instant::now() + Duration::from_secs(2));
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        // The workers' last lines, written out within the same deadline (a writer stuck on
+        // a file or pipe that takes nothing must not hold the exit past it, nor past a
+        // second when hurried).
+        while !self.access_log.is_finished() {
+            if past(&mut deadline, Duration::from_secs(1)) {
+                log::warn!(
+                    "access log: still being written at the end of the drain; its last lines \
+                     are lost"
+                );
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for t in self.threads {
             let _ = t.join();
         }
-        // The workers' last lines, written out within the same deadline.
-        self.access_log.join_until(Some(deadline))
+        self.access_log.join();
+        true
     }
 }

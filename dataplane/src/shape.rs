@@ -44,7 +44,9 @@ fn take(v: &mut Value, path: &[Box<str>], index: bool) -> Option<Value> {
         };
     }
     match at {
-        Value::Object(m) => m.remove(&**last),
+        // Shifting the members after it, not swapping the last into its place: the rest
+        // keep their order.
+        Value::Object(m) => m.shift_remove(&**last),
         Value::Array(a) if index => {
             let i = last.parse::<usize>().ok().filter(|&i| i < a.len())?;
             Some(a.remove(i))
@@ -63,7 +65,7 @@ pub fn remove_all(v: &mut Value, path: &[Box<str>]) {
     match v {
         Value::Array(items) => items.iter_mut().for_each(|i| remove_all(i, path)),
         Value::Object(m) if rest.is_empty() => {
-            m.remove(&**first);
+            m.shift_remove(&**first);
         }
         Value::Object(m) => {
             if let Some(inner) = m.get_mut(&**first) {
@@ -114,7 +116,7 @@ fn filter(v: &mut Value, shape: &Shape) {
             if let Value::Object(m) = v {
                 // All at once: `{a = "b", b = "a"}` swaps the two.
                 let moved: Vec<_> = (shape.rename.iter())
-                    .filter_map(|(from, to)| Some((to, m.remove(&**from)?)))
+                    .filter_map(|(from, to)| Some((to, m.shift_remove(&**from)?)))
                     .collect();
                 for (to, x) in moved {
                     m.insert(to.to_string(), x);

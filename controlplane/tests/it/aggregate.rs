@@ -790,7 +790,9 @@ fn shaped_answers_keep_their_numbers_and_member_order() {
          [[routes]]\nid = \"denied\"\npath = \"/denied\"\nupstream = \"svc\"\n\
          response = {{ deny = [\"items.c\"] }}\n\
          [[routes]]\nid = \"first\"\npath = \"/first\"\nupstream = \"svc\"\n\
-         response = {{ target = \"items.0\" }}\n",
+         response = {{ target = \"items.0\" }}\n\
+         [[routes]]\nid = \"renamed\"\npath = \"/renamed\"\nupstream = \"svc\"\n\
+         response = {{ deny = [\"items.price\"], rename = {{ total = \"sum\" }} }}\n",
         listener(),
         svc.addr
     );
@@ -800,6 +802,22 @@ fn shaped_answers_keep_their_numbers_and_member_order() {
     assert_eq!(
         get(&mut c, "/first", "").body_str(),
         r#"{"z":1,"price":90134244281.12405,"cost":1}"#
+    );
+    // A member denied from an array's elements leaves the others in their order (the
+    // review found the last moved into its place); a renamed one goes last.
+    assert_eq!(
+        get(&mut c, "/renamed", "").body_str(),
+        r#"{"items":[{"z":1,"cost":1}],"sum":8.695410723138328e-18}"#
+    );
+    // The same through an aggregate step, whose answer is taken apart whole: a member denied
+    // from an array's elements leaves the rest in their order (the review found the last
+    // one moved into its place).
+    let items = service(|_, _| json_ok(json!({"items": [{"z": 1, "y": 2, "x": 3, "w": 4}]})));
+    let steps = step("s", 0, "deny = [\"items.y\"]");
+    let (gw, _) = one_aggregate(&[&items], "", &steps);
+    assert_eq!(
+        get(&mut gw.connect(), "/agg", "").body_str(),
+        r#"{"items":[{"z":1,"x":3,"w":4}]}"#
     );
 }
 
