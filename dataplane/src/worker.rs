@@ -452,6 +452,7 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
     // Idle keep-alive connections close at once, or in a binary upgrade once their grace is
     // over (any request they took meanwhile was answered with `Connection: close`).
     let mut idle_closed = false;
+    let mut last_flush = Instant::now();
     let mut deadline = Instant::now() + ctx.config.load().drain_timeout;
     loop {
         if !idle_closed && (!handover || Instant::now() >= idle_grace) {
@@ -465,8 +466,13 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
             idle_closed = true;
         }
         let accepting = handover && ctx.accepting.get() > 0;
-        // Lines of the requests answered meanwhile reach the log as they would before.
-        ctx.log.borrow_mut().flush();
+        // Lines of the requests answered meanwhile reach the log as they would before the
+        // drain: within a tick (100 ms, so that a slow writer has as many ticks to take a
+        // worker's few buffers as it has while serving).
+        if last_flush.elapsed() >= Duration::from_millis(100) {
+            ctx.log.borrow_mut().flush();
+            last_flush = Instant::now();
+        }
         if stop.hurry.load(Ordering::Acquire) && !ctx.cut_off.get() {
             deadline = deadline.min(Instant::now());
         }
