@@ -769,7 +769,7 @@ impl Snapshot {
                 &format!("routes[{i}]"),
             )?;
             let same_path = by_path.entry(path_key(r)).or_default();
-            add_to_router(&mut router, r, i, &config.routes, same_path)?;
+            add_to_router(&mut router, r, i, &config.routes, &routes, same_path)?;
             routes.push(route);
         }
         refuse_redirects_to_themselves(&router, &routes, &config.routes, config.merges_slashes())?;
@@ -1190,8 +1190,7 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
                      the redirect on the listener (`[[listeners]] redirect`)",
                 ));
             }
-            let checked = redirect(d, &format!("{at}.redirect"))?;
-            RouteAction::Redirect(checked)
+            RouteAction::Redirect(redirect(d, &format!("{at}.redirect"))?)
         }
         _ => route_action(
             r.upstream.as_deref(),
@@ -1719,7 +1718,7 @@ fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
     none.into_iter().chain(r.hosts.iter().map(|h| {
         // As the router files it: `a.com.` is `a.com`.
         let h = h.to_ascii_lowercase();
-        Some(h.strip_suffix('.').map_or(h.clone(), str::to_owned))
+        Some(h.strip_suffix('.').unwrap_or(&h).to_owned())
     }))
 }
 
@@ -1804,12 +1803,7 @@ fn as_routed(path: &str, merge: bool) -> String {
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
-        let decoded = (b[i] == b'%')
-            .then(|| b.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())
-            .filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c));
-        let c = match decoded {
+        let c = match crate::validate::unreserved_escape(b, i) {
             Some(c) => {
                 i += 3;
                 char::from(c)
@@ -1826,22 +1820,14 @@ fn as_routed(path: &str, merge: bool) -> String {
     out
 }
 
-/// Whether route `r` takes `method`, by its config as [`Route::accepts`] does compiled: no
-/// `methods` admits every method but `TRACE`, and `GET` admits `HEAD`.
-fn admits(r: &RouteConfig, method: &str) -> bool {
-    match r.methods.is_empty() {
-        true => method != "TRACE",
-        false => (r.methods.iter()).any(|m| m == method || (method == "HEAD" && m == "GET")),
-    }
-}
-
 /// Adds route `i` to the router, then files it in `same_path` (the earlier routes with its
-/// [`path_key`]).
+/// [`path_key`]); `earlier` are the routes before it, compiled.
 fn add_to_router(
     router: &mut Router,
     r: &RouteConfig,
     i: usize,
     all: &[RouteConfig],
+    earlier: &[Route],
     same_path: &mut SamePath,
 ) -> Result<(), ConfigError> {
     let at = format!("routes[{i}]");
@@ -1863,14 +1849,14 @@ fn add_to_router(
     };
     // Nor may every method the route takes be taken by earlier ones (a HEAD route after a
     // GET one): the earliest of those, if so.
-    let shadowed = |earlier: &[usize]| -> Option<usize> {
+    let shadowed = |same: &[usize]| -> Option<usize> {
         if r.methods.is_empty() {
-            return earlier.iter().copied().find(|&j| all[j].methods.is_empty());
+            return same.iter().copied().find(|&j| all[j].methods.is_empty());
         }
         let head = r.methods.iter().any(|m| m == "GET").then_some("HEAD");
         let mut first: Option<usize> = None;
         for m in r.methods.iter().map(String::as_str).chain(head) {
-            let j = earlier.iter().copied().find(|&j| admits(&all[j], m))?;
+            let j = (same.iter().copied()).find(|&j| earlier[j].accepts(m.as_bytes()))?;
             first = Some(first.map_or(j, |f| f.min(j)));
         }
         first
@@ -1878,9 +1864,8 @@ fn add_to_router(
     let keys: Vec<Option<String>> = host_keys(r).collect();
     let clash = (keys.iter())
         .filter_map(|h| {
-            let earlier = same_path.get(h)?;
-            (earlier.iter().copied().find(|&j| methods_overlap(&all[j])))
-                .or_else(|| shadowed(earlier))
+            let same = same_path.get(h)?;
+            (same.iter().copied().find(|&j| methods_overlap(&all[j]))).or_else(|| shadowed(same))
         })
         .min();
     let why = "shadowed by an earlier route";

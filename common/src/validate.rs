@@ -136,14 +136,18 @@ pub(crate) fn standard_method_miscased(m: &str) -> Option<String> {
 /// decoded before they are routed (RFC 3986 6.2.2.2): a route's path spelled so never
 /// matches.
 pub(crate) fn escapes_unreserved(path: &str) -> bool {
-    let b = path.as_bytes();
-    path.match_indices('%').any(|(i, _)| {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        hex.and_then(|h| u8::from_str_radix(h, 16).ok())
-            .is_some_and(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c))
-    })
+    (0..path.len()).any(|i| unreserved_escape(path.as_bytes(), i).is_some())
+}
+
+/// The unreserved character (a letter, a digit, `-`, `.`, `_`, `~`) that `b[i..]` escapes
+/// (`%6F`), which requests have decoded before they are routed; `None` for anything else.
+pub(crate) fn unreserved_escape(b: &[u8], i: usize) -> Option<u8> {
+    let [b'%', h, l] = *b.get(i..i + 3)? else {
+        return None;
+    };
+    let hex = |d: u8| char::from(d).to_digit(16);
+    let c = u8::try_from(hex(h)? * 16 + hex(l)?).ok()?;
+    (c.is_ascii_alphanumeric() || b"-._~".contains(&c)).then_some(c)
 }
 
 /// A host a gateway-written field may name (a redirect's, a route's `Host`): a host name
