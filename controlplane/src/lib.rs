@@ -76,18 +76,16 @@ fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
 
 /// `gateway --check FILE`: validates and reports; returns the exit code.
 pub fn check(path: &Path) -> i32 {
-    match load(&ConfigSource::File(path.to_owned()), 1) {
-        // What the start refuses too: a malformed token in the environment (the config's
-        // own comes first)...
-        Ok(s) if s.config.admin.token.is_none() && env_admin_token().is_err() => {
-            let why = env_admin_token().err().unwrap_or_default();
-            eprintln!("{}: invalid setup: {why}", path.display());
-            EXIT_INVALID
-        }
-        Ok(_) if dataplane::DriverChoice::from_env().is_err() => {
-            let why = dataplane::DriverChoice::from_env()
-                .err()
-                .unwrap_or_default();
+    let loaded = load(&ConfigSource::File(path.to_owned()), 1);
+    // What the start refuses too: a malformed token in the environment (the config's own
+    // comes first), a driver it does not know...
+    let setup = loaded.as_ref().ok().and_then(|s| {
+        let token = s.config.admin.token.is_none().then(env_admin_token);
+        (token.and_then(Result::err)).or_else(|| dataplane::DriverChoice::from_env().err())
+    });
+    match loaded {
+        Ok(_) if setup.is_some() => {
+            let why = setup.unwrap_or_default();
             eprintln!("{}: invalid setup: {why}", path.display());
             EXIT_INVALID
         }
@@ -1225,18 +1223,38 @@ fn log_started(plane: &DataPlane, snap: &Snapshot) {
     }
 }
 
-/// Blocks `signals` in this thread (added to those blocked already); their set.
-fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask only reads it.
+/// The set of `signals`. Only sigemptyset and sigaddset: safe after a fork, before exec.
+pub(crate) fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before sigaddset writes it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for &sig in signals {
             libc::sigaddset(&mut set, sig);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
+}
+
+/// Blocks `signals` in this thread (added to those blocked already); their set.
+fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
+    let set = signal_set(signals);
+    // SAFETY: pthread_sigmask only reads the set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    set
+}
+
+/// One of `signals` that is pending (blocked and sent), taken; `None` at once when none is.
+fn take_pending(signals: &[libc::c_int]) -> Option<libc::c_int> {
+    let set = signal_set(signals);
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: sigtimedwait reads the set and the timeout; with a zero timeout it takes one
+    // pending signal of the set, if any, without waiting.
+    let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &now) };
+    (sig > 0).then_some(sig)
 }
 
 /// For a drain: whether SIGTERM or SIGINT has now come twice, counting `already` that
@@ -1245,22 +1263,9 @@ fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
 fn stop_asked_twice(already: u32) -> impl FnMut() -> bool {
     let mut seen = already;
     move || {
-        // SAFETY: sigemptyset / sigaddset fill a zeroed set; sigtimedwait with a zero
-        // timeout takes one pending signal of the set, if any, without waiting.
-        let sig = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            let now = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            libc::sigtimedwait(&set, std::ptr::null_mut(), &now)
-        };
-        if sig <= 0 {
+        let Some(sig) = take_pending(&[libc::SIGTERM, libc::SIGINT]) else {
             return false;
-        }
+        };
         seen += 1;
         if seen < 2 {
             log::info!("signal {sig}: draining already; another stops at once");
@@ -1278,55 +1283,32 @@ fn stop_asked_twice(already: u32) -> impl FnMut() -> bool {
 /// rotation may have come before or after the successor opened its own); a SIGUSR2 is said
 /// and dropped (the upgrade it asked for has happened).
 fn pass_on_pending(successor: u32, reopen_log: &dyn Fn()) {
-    // SAFETY: sigemptyset / sigaddset fill a zeroed set; sigtimedwait with a zero timeout
-    // takes one pending signal of the set, if any, without waiting; kill(2) signals the
-    // process this one just started.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
-            libc::sigaddset(&mut set, sig);
-        }
-        let now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
+    while let Some(sig) = take_pending(&[libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]) {
+        let name = match sig {
+            libc::SIGHUP => "SIGHUP",
+            libc::SIGUSR1 => "SIGUSR1",
+            _ => "another SIGUSR2",
         };
-        loop {
-            let sig = libc::sigtimedwait(&set, std::ptr::null_mut(), &now);
-            match sig {
-                libc::SIGHUP | libc::SIGUSR1 => {
-                    if sig == libc::SIGUSR1 {
-                        reopen_log();
-                    }
-                    let name = if sig == libc::SIGHUP {
-                        "SIGHUP"
-                    } else {
-                        "SIGUSR1"
-                    };
-                    if running(successor) {
-                        log::info!("{name}: passed on to process {successor}, which serves now");
-                        libc::kill(successor as libc::pid_t, sig);
-                    } else {
-                        log::warn!(
-                            "{name}: process {successor}, which took over from this one, has \
-                             exited since; not passed on (send it to the process serving now)"
-                        );
-                    }
-                }
-                libc::SIGUSR2 if running(successor) => {
-                    log::info!(
-                        "another SIGUSR2: process {successor} serves now (send it there to \
-                         upgrade again)"
-                    );
-                }
-                libc::SIGUSR2 => {
-                    log::warn!(
-                        "another SIGUSR2: process {successor}, which took over from this one, \
-                         has exited since; this one drains (start a gateway anew)"
-                    );
-                }
-                _ => return,
+        if sig == libc::SIGUSR1 {
+            reopen_log();
+        }
+        match (sig, running(successor)) {
+            (libc::SIGUSR2, true) => log::info!(
+                "{name}: process {successor} serves now (send it there to upgrade again)"
+            ),
+            (libc::SIGUSR2, false) => log::warn!(
+                "{name}: process {successor}, which took over from this one, has exited \
+                 since; this one drains (start a gateway anew)"
+            ),
+            (_, true) => {
+                log::info!("{name}: passed on to process {successor}, which serves now");
+                // SAFETY: kill(2) signals the process this one started, which still runs.
+                unsafe { libc::kill(successor as libc::pid_t, sig) };
             }
+            (_, false) => log::warn!(
+                "{name}: process {successor}, which took over from this one, has exited \
+                 since; not passed on (send it to the process serving now)"
+            ),
         }
     }
 }

@@ -248,11 +248,7 @@ pub fn spawn(
             // too): one sent to it before its start has set its mask (a `systemctl reload`
             // or logrotate's SIGUSR1 at that moment) waits for it, instead of taking its
             // default action and killing it. SIGTERM and SIGINT still stop it at once.
-            let mut asks: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut asks);
-            for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
-                libc::sigaddset(&mut asks, sig);
-            }
+            let asks = crate::signal_set(&[libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2]);
             libc::pthread_sigmask(libc::SIG_SETMASK, &asks, std::ptr::null_mut());
             Ok(())
         });

@@ -170,11 +170,7 @@ enum Found {
     Failed(String),
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock_prefetched(m: &Mutex<Vec<Prefetched>>) -> MutexGuard<'_, Vec<Prefetched>> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -280,7 +276,7 @@ impl Upstreams {
     pub fn prefetch(&self, snap: &Snapshot) {
         let resolver = Self::resolver_of(snap);
         let names: Vec<Name> = {
-            let held = lock_prefetched(&self.inner.prefetched);
+            let held = lock(&self.inner.prefetched);
             self.new_names(snap)
                 .into_iter()
                 .filter(|n| !held.iter().any(|p| p.name == *n && p.resolver == resolver))
@@ -291,7 +287,7 @@ impl Upstreams {
         }
         let found = self.first_lookups(&resolver, names);
         let at = std::time::Instant::now();
-        let mut held = lock_prefetched(&self.inner.prefetched);
+        let mut held = lock(&self.inner.prefetched);
         held.retain(|p| p.at.elapsed() < PREFETCH_FOR);
         for (name, found) in found {
             held.retain(|p| p.name != name);
@@ -320,7 +316,7 @@ impl Upstreams {
         let mut new_names = self.new_names(snap);
         let mut found = Vec::new();
         {
-            let mut held = lock_prefetched(&self.inner.prefetched);
+            let mut held = lock(&self.inner.prefetched);
             held.retain(|p| p.at.elapsed() < PREFETCH_FOR);
             new_names.retain(|n| {
                 let Some(i) = held
