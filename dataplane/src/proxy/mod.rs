@@ -793,23 +793,20 @@ const ALL_METHODS: &[u8] = b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 /// The methods `route` takes, for an `Allow` field: its `methods` (with HEAD beside GET), or
 /// every method the gateway forwards anywhere.
 fn allowed(route: &Route) -> Vec<u8> {
-    let Some(list) = &route.methods else {
-        return ALL_METHODS.to_vec();
-    };
-    let mut out = Vec::new();
-    let mut push = |m: &[u8]| {
-        if !out.is_empty() {
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(m);
-    };
-    for m in list.iter() {
-        push(m);
-        if &m[..] == b"GET" && !list.iter().any(|o| &o[..] == b"HEAD") {
-            push(b"HEAD");
-        }
+    match &route.methods {
+        Some(list) => taken(list).collect::<Vec<_>>().join(&b", "[..]),
+        None => ALL_METHODS.to_vec(),
     }
-    out
+}
+
+/// The methods a route's `methods` list takes, in its order: each, with HEAD after GET
+/// where the list does not name HEAD itself.
+fn taken(list: &[Box<[u8]>]) -> impl Iterator<Item = &[u8]> {
+    let head = !list.iter().any(|m| &m[..] == b"HEAD");
+    list.iter().flat_map(move |m| {
+        let m = &m[..];
+        std::iter::once(m).chain((head && m == b"GET").then_some(&b"HEAD"[..]))
+    })
 }
 
 /// The methods the routes of `host` and `path` take together, for an `Allow` field; every
@@ -822,17 +819,9 @@ fn allowed_at(snap: &common::Snapshot, host: Option<&[u8]>, path: &[u8]) -> Vec<
         match &snap.routes[id as usize].methods {
             None => all = true,
             Some(list) => {
-                for m in list.iter() {
-                    let with_head = [&m[..], b"HEAD"];
-                    let take = if &m[..] == b"GET" {
-                        &with_head[..]
-                    } else {
-                        &with_head[..1]
-                    };
-                    for &t in take {
-                        if !methods.contains(&t) {
-                            methods.push(t);
-                        }
+                for m in taken(list) {
+                    if !methods.contains(&m) {
+                        methods.push(m);
                     }
                 }
             }
