@@ -1180,7 +1180,8 @@ fn a_second_gateway_on_one_data_directory_is_refused() {
     // acknowledged write was lost at its restart.
     let origin = Origin::echo();
     let gw = start(&origin);
-    for extra in [&[][..], &["--replace-state"][..]] {
+    // Another gateway started on the running one's files: refused (exit 1); what it said.
+    let refused = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
             .arg("--config")
             .arg(&gw.config_path)
@@ -1190,7 +1191,10 @@ fn a_second_gateway_on_one_data_directory_is_refused() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{extra:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for extra in [&[][..], &["--replace-state"][..]] {
+        let stderr = refused(extra);
         let holder = format!("in use by the gateway with pid {}", gw.pid());
         assert!(stderr.contains(&holder), "{stderr}");
     }
@@ -1200,15 +1204,7 @@ fn a_second_gateway_on_one_data_directory_is_refused() {
     let dead = gone.id();
     gone.wait().unwrap();
     std::fs::write(gw.data_dir.join("lock"), format!("{dead}\n")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(&gw.config_path)
-        .arg("--data-dir")
-        .arg(&gw.data_dir)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&[]);
     assert!(
         stderr.contains(&format!("pid {dead}, which took it last, has exited")),
         "{stderr}"
