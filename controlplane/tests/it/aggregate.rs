@@ -741,7 +741,30 @@ fn failing_steps_follow_the_status_rules() {
         assert_eq!(p["error"], error);
         assert_eq!(p["status"], status);
         assert!(p["detail"].as_str().unwrap().contains(id));
+        if id == "e500" {
+            assert_eq!(p["upstream_status"], 500);
+        }
     }
+    // A required step that waits for an optional one that failed: the cause, with the
+    // status its upstream answered, is in the problem's `_errors` (it was dropped).
+    let steps = [
+        step("e500", 2, "required = false"),
+        step("dep", 0, "after = [\"e500\"]"),
+    ]
+    .concat();
+    let (gw, _) = one_aggregate(&origins, "", &steps);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 502, "{}", r.body_str());
+    let p = r.json();
+    assert_eq!(
+        (&p["step"], &p["error"]),
+        (&json!("dep"), &json!("dependency"))
+    );
+    assert_eq!(
+        p["_errors"],
+        json!([{"step": "e500", "status": 502, "error": "status", "upstream_status": 500}]),
+        "{p}"
+    );
     // A required 404 with a JSON body: that status and that body.
     let steps = [step("ok", 0, ""), step("e404", 3, "")].concat();
     let (gw, _) = one_aggregate(&origins, "", &steps);
@@ -775,6 +798,40 @@ fn failing_steps_follow_the_status_rules() {
         let r = get(&mut gw.connect(), "/agg", "");
         assert_eq!((r.status, r.json()["step"].clone()), (504, json!("h1")));
     }
+}
+
+/// The access log's `retries` of an aggregate counts its steps' retries (it said 0).
+#[test]
+fn an_aggregates_logged_retries_are_its_steps() {
+    let ok = service(|_, _| json_ok(json!({"a": 1})));
+    let dead = closed_port();
+    let (log, section) = access_log("aggregate-retries");
+    let steps: String = (0..3)
+        .map(|i| {
+            format!("\n[[aggregates.steps]]\nid = \"s{i}\"\nupstream = \"two\"\npath = \"/s\"\n")
+        })
+        .collect();
+    let config = format!(
+        "{}\n[[upstreams]]\nid = \"two\"\ntargets = [{{ address = \"{dead}\" }}, \
+         {{ address = \"{}\" }}]\nretry = {{ attempts = 2 }}\n\n[[aggregates]]\nid = \"agg\"\n\
+         on_conflict = \"last\"\n{steps}\n[[routes]]\nid = \"agg\"\npath = \"/agg\"\n\
+         aggregate = \"agg\"\n{section}",
+        listener(),
+        ok.addr,
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = get(&mut gw.connect(), "/agg", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let line = log_line(&log, "\"aggregate\":\"agg\"");
+    let retries: u64 = line
+        .split("\"retries\":")
+        .nth(1)
+        .and_then(|t| t.split([',', '}']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no retries in {line}"));
+    // Round robin sends one or two of the three steps to the dead target first; each of
+    // those is retried once on the other.
+    assert!((1..=2).contains(&retries), "{line}");
 }
 
 #[test]

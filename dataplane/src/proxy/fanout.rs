@@ -10,6 +10,7 @@
 //!
 //! Not the plain proxy path: an aggregate parses and writes JSON and allocates per request.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -289,7 +290,13 @@ pub(super) async fn aggregate<S: ClientStream>(
     // after sending everything, which a peek, seeing only the FIN, would take for leaving.
     let watch = down.stream.watch().filter(|_| down.pos == down.buf.len());
     let client = &mut down.stream;
-    let (results, gone) = run_steps(ctx, snap, agg, &input, &body, deadline, client, watch).await;
+    let retries = Cell::new(0);
+    let (results, gone) = run_steps(
+        ctx, snap, agg, &input, &body, deadline, client, watch, &retries,
+    )
+    .await;
+    // The steps' retries together (each step's exchange counts its own): the access log's.
+    req.attempts.retries = retries.get();
     let done = outcomes(req, &results);
     if gone || client_left(down, req) {
         // Gone while the steps ran (nginx's 499): nothing to send, nothing to log as sent.
@@ -403,7 +410,8 @@ type StepFuture<'a> = Pin<Box<dyn Future<Output = StepOutcome> + 'a>>;
 /// run, the client is watched: its whole connection (`watch`) looked at every
 /// [`crate::io::CLIENT_CHECK`], an HTTP/2 stream's RST_STREAM as it comes. A client that has
 /// left stops them all (true beside the results), their upstream requests dropped as an
-/// exchange's are, not left to run to their timeouts for nobody.
+/// exchange's are, not left to run to their timeouts for nobody. Every step's retries are
+/// added to `retries`, a cancelled step's too.
 #[allow(clippy::too_many_arguments)]
 async fn run_steps<S: ClientStream>(
     ctx: &WorkerCtx,
@@ -414,6 +422,7 @@ async fn run_steps<S: ClientStream>(
     deadline: Instant,
     client: &mut S,
     watch: Option<crate::io::ClientWatch>,
+    retries: &Cell<u8>,
 ) -> (Vec<Option<(Duration, StepOutcome)>>, bool) {
     // Armed only with a connection to look at.
     let mut look = std::pin::pin!(watch.map(|_| monoio::time::sleep(crate::io::CLIENT_CHECK)));
@@ -493,7 +502,8 @@ async fn run_steps<S: ClientStream>(
                     }
                 };
                 // One move into its box: the step's future is large and a move copies it whole.
-                let task = timed_call(ctx, snap, agg, j, input.keys[j], request, budget, own);
+                let key = input.keys[j];
+                let task = timed_call(ctx, snap, agg, j, key, request, budget, own, retries);
                 // Kept in step order, which the polls below keep: of steps that end at once
                 // (a deadline), the first in step order is taken first, and decides.
                 let at = running.partition_point(|(k, ..)| *k < j);
@@ -543,8 +553,10 @@ async fn timed_call(
     request: Vec<u8>,
     budget: Duration,
     own: bool,
+    retries: &Cell<u8>,
 ) -> StepOutcome {
-    match monoio::time::timeout(budget, call(ctx, snap, agg, j, key, request)).await {
+    let call = call(ctx, snap, agg, j, key, request, retries);
+    match monoio::time::timeout(budget, call).await {
         Ok(r) => r,
         Err(_) if own => Err(Failure::new(
             StepError::Timeout,
@@ -609,6 +621,7 @@ async fn call(
     j: usize,
     key: u64,
     mut request: Vec<u8>,
+    retries: &Cell<u8>,
 ) -> StepOutcome {
     let step = &agg.steps[j];
     let idempotent = crate::codec::request::is_idempotent_method(step.method.as_bytes());
@@ -618,9 +631,12 @@ async fn call(
     let connector = Connector::new(ctx, up, &t, key, true, idempotent);
     let is_head = &*step.method == "HEAD";
     let max = agg.max_step_bytes;
-    let mut attempts = Attempts::default();
+    let mut attempts = Tally {
+        attempts: Attempts::default(),
+        total: retries,
+    };
     let mut plan = FieldPlan::default();
-    let attempt = async |session: &mut super::connector::Session, _: &mut Attempts| {
+    let attempt = async |session: &mut super::connector::Session, _: &mut Tally<'_>| {
         let head_deadline = session.head_deadline(Instant::now() + t.upstream_response_head);
         let conn = &mut session.conn;
         let (resp, mut reader) = exchange(
@@ -746,6 +762,26 @@ async fn call(
     })
 }
 
+/// A step's attempts; its retries are added to the aggregate's when it ends, or is
+/// cancelled (a timeout, the deadline, a required step failing, the client leaving).
+struct Tally<'a> {
+    attempts: Attempts,
+    total: &'a Cell<u8>,
+}
+
+impl AsMut<Attempts> for Tally<'_> {
+    fn as_mut(&mut self) -> &mut Attempts {
+        &mut self.attempts
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        let sum = self.total.get().saturating_add(self.attempts.retries);
+        self.total.set(sum);
+    }
+}
+
 /// Whether a step's 4xx is about the request the gateway made for it, not the client's: the
 /// gateway's failure, a `502`. Its method (`405`), framing (`411`), size (`413`, unless the
 /// step carries the client's body; `414` and `431`: the target and fields the gateway
@@ -806,7 +842,9 @@ fn record(
 
 /// A step that answered but failed as its answer was shaped or merged: recorded in `late`
 /// (for the metrics) and the access log's failed steps; the aggregate's answer if the step
-/// was required, else it goes into `_errors` (`None`).
+/// was required (with the other failed steps: `errors`, the earlier ones, and those after
+/// it in `results`), else it goes into `_errors` (`None`).
+#[allow(clippy::too_many_arguments)]
 fn fail_late(
     agg: &Aggregate,
     j: usize,
@@ -815,12 +853,15 @@ fn fail_late(
     req: &mut RequestCtx,
     errors: &mut Vec<Value>,
     late: &mut Vec<(usize, StepError)>,
+    results: &[Option<(Duration, StepOutcome)>],
 ) -> Option<(u16, Vec<u8>, Vec<u8>)> {
     f.upstream_status = Some(upstream_status);
     req.failed_steps.push(j as u16);
     late.push((j, f.error));
     if agg.steps[j].required {
-        return Some(step_failed(agg, j, f, req));
+        let mut others = std::mem::take(errors);
+        others.extend(failed_after(agg, results, j + 1));
+        return Some(step_failed(agg, j, f, req, others));
     }
     errors.push(error_member(&agg.steps[j].id, &f));
     None
@@ -844,7 +885,8 @@ fn answer(
         let Some((_, Err(f))) = results[j].take() else {
             unreachable!("checked above")
         };
-        return step_failed(agg, j, f, req);
+        let others = failed_after(agg, &results, 0).collect();
+        return step_failed(agg, j, f, req, others);
     }
     let mut merged: json::Members<'_> = Vec::new();
     let mut errors = Vec::new();
@@ -876,7 +918,7 @@ fn answer(
         });
         let mut node = match shaped {
             Ok(node) => node,
-            Err(f) => match fail_late(agg, j, f, a.status, req, &mut errors, late) {
+            Err(f) => match fail_late(agg, j, f, a.status, req, &mut errors, late, &results) {
                 Some(refused) => return refused,
                 None => continue,
             },
@@ -886,7 +928,7 @@ fn answer(
                 StepError::NotAnObject,
                 "its result is not a JSON object; give the step a `group`",
             );
-            match fail_late(agg, j, f, a.status, req, &mut errors, late) {
+            match fail_late(agg, j, f, a.status, req, &mut errors, late, &results) {
                 Some(refused) => return refused,
                 None => continue,
             }
@@ -901,7 +943,7 @@ fn answer(
                     StepError::InvalidJson,
                     format!("its answer meets another's in {}", json::UNREADABLE),
                 );
-                match fail_late(agg, j, f, a.status, req, &mut errors, late) {
+                match fail_late(agg, j, f, a.status, req, &mut errors, late, &results) {
                     Some(refused) => return refused,
                     None => continue,
                 }
@@ -965,6 +1007,18 @@ fn earlier_sets(
     json::lookup(&shaped, &path).is_some()
 }
 
+/// The `_errors` members of the steps from `from` on that failed.
+fn failed_after<'a>(
+    agg: &'a Aggregate,
+    results: &'a [Option<(Duration, StepOutcome)>],
+    from: usize,
+) -> impl Iterator<Item = Value> + 'a {
+    (from..results.len()).filter_map(move |k| match &results[k] {
+        Some((_, Err(f))) => Some(error_member(&agg.steps[k].id, f)),
+        _ => None,
+    })
+}
+
 fn error_member(step: &str, f: &Failure) -> Value {
     let mut m = json!({"step": step, "status": f.status, "error": f.error.label()});
     if let Some(s) = f.upstream_status {
@@ -974,12 +1028,14 @@ fn error_member(step: &str, f: &Failure) -> Value {
 }
 
 /// The answer when required step `j` failed: its own 4xx (its JSON body, or problem+json),
-/// else 502 / 504 with problem+json naming the step.
+/// else 502 / 504 with problem+json naming the step; a problem lists `others`, the other
+/// steps that failed, in `_errors` (a step this one waited for among them: the cause).
 fn step_failed(
     agg: &Aggregate,
     j: usize,
     mut f: Failure,
     req: &mut RequestCtx,
+    others: Vec<Value>,
 ) -> (u16, Vec<u8>, Vec<u8>) {
     req.fail(ErrorKind::StepFailed);
     let step = &agg.steps[j];
@@ -993,7 +1049,7 @@ fn step_failed(
         relay(&mut head);
         return (f.status, head, body);
     }
-    let body = json!({
+    let mut body = json!({
         "type": "about:blank",
         "title": common::reason::phrase(f.status),
         "status": f.status,
@@ -1001,6 +1057,12 @@ fn step_failed(
         "step": &*step.id,
         "error": f.error.label(),
     });
+    if let Some(s) = f.upstream_status {
+        body["upstream_status"] = json!(s);
+    }
+    if !others.is_empty() {
+        body[common::aggregate::ERRORS_MEMBER] = Value::Array(others);
+    }
     let (status, mut head, out) = problem(f.status, &body);
     relay(&mut head);
     (status, head, out)
