@@ -1076,12 +1076,19 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
             format!("{path:?} must not contain '#'"),
         ));
     }
-    let flaw = crate::validate::path_flaw(path).or_else(|| {
-        crate::validate::escapes_unreserved(path).then_some(
-            "escapes a letter, digit, '-', '.', '_' or '~', which requests have decoded \
-             before they are routed: write it as it is",
-        )
-    });
+    let flaw = crate::validate::path_flaw(path)
+        .or_else(|| {
+            crate::validate::escapes_unreserved(path).then_some(
+                "escapes a letter, digit, '-', '.', '_' or '~', which requests have decoded \
+                 before they are routed: write it as it is",
+            )
+        })
+        .or_else(|| {
+            crate::validate::lower_case_escape(path).then_some(
+                "has an escape with a lower-case hex digit, which requests have upper-cased \
+                 before they are routed (RFC 3986 6.2.2.1): write %2F, not %2f",
+            )
+        });
     if let Some(why) = flaw {
         let at = format!("{at}.{field}");
         if !tolerated(&at, &format!("{why}: never matches")) {
@@ -1796,13 +1803,20 @@ fn refuse_redirects_to_themselves(
     Ok(())
 }
 
-/// `path` as a request for it is routed: unreserved characters' escapes decoded, and runs
-/// of `/` merged when `merge`.
+/// `path` as a request for it is routed: unreserved characters' escapes decoded, the others'
+/// hex digits upper-cased, and runs of `/` merged when `merge`.
 fn as_routed(path: &str, merge: bool) -> String {
     let b = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
+        let hex = |d: &u8| d.is_ascii_hexdigit();
+        let escape = b[i] == b'%' && b.get(i + 1..i + 3).is_some_and(|h| h.iter().all(hex));
+        if escape && crate::validate::unreserved_escape(b, i).is_none() {
+            out.push_str(&path[i..i + 3].to_ascii_uppercase());
+            i += 3;
+            continue;
+        }
         let c = match crate::validate::unreserved_escape(b, i) {
             Some(c) => {
                 i += 3;

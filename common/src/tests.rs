@@ -887,6 +887,11 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
         ),
         ("path = \"/n%\"\nrespond = {}", "routes[0].path"),
         ("path = \"/q%00\"\nrespond = {}", "routes[0].path"),
+        ("path = \"/p%2fq\"\nrespond = {}", "routes[0].path"),
+        (
+            "path_prefix = \"/%e2%82%ac\"\nrespond = {}",
+            "routes[0].path_prefix",
+        ),
         (
             "path_prefix = \"/x/../y\"\nrespond = {}",
             "routes[0].path_prefix",
@@ -1008,6 +1013,10 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
         (
             "path = \"/t\"\nupstream = \"u\"",
             "path = \"/e\"\nredirect = { path = \"/%65\" }",
+        ),
+        (
+            "path = \"/t\"\nupstream = \"u\"",
+            "path = \"/%2F\"\nredirect = { path = \"/%2f\" }",
         ),
         // A route without `methods` takes POST too: a 307 keeps it, past a GET-only route;
         // and DELETE, past a route of GET, POST and PUT.

@@ -139,6 +139,18 @@ pub(crate) fn escapes_unreserved(path: &str) -> bool {
     (0..path.len()).any(|i| unreserved_escape(path.as_bytes(), i).is_some())
 }
 
+/// Whether an escape in `path` spells a hex digit in lower case (`%2f`), which requests have
+/// upper-cased before they are routed (RFC 3986 6.2.2.1): a route's path spelled so never
+/// matches.
+pub(crate) fn lower_case_escape(path: &str) -> bool {
+    let b = path.as_bytes();
+    path.match_indices('%').any(|(i, _)| {
+        b.get(i + 1..i + 3).is_some_and(|hex| {
+            hex.iter().all(u8::is_ascii_hexdigit) && hex.iter().any(u8::is_ascii_lowercase)
+        })
+    })
+}
+
 /// The unreserved character (a letter, a digit, `-`, `.`, `_`, `~`) that `b[i..]` escapes
 /// (`%6F`), which requests have decoded before they are routed; `None` for anything else.
 pub(crate) fn unreserved_escape(b: &[u8], i: usize) -> Option<u8> {

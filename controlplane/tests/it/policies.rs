@@ -1551,6 +1551,32 @@ fn escaped_letters_cannot_route_around_a_policy() {
 }
 
 #[test]
+fn a_lower_case_escape_cannot_route_around_a_route() {
+    // `%2f` is `%2F` (RFC 3986 6.2.2.1): the request is routed, and forwarded, upper-cased
+    // (before: `/vault%2fkeys` missed the route and reached the catch-all's upstream).
+    let origin = Origin::echo();
+    let config = format!(
+        "{}[[routes]]\nid = \"open\"\npath_prefix = \"/\"\nupstream = \"orders\"\n\
+         [[routes]]\nid = \"vault\"\npath_prefix = \"/vault%2Fkeys\"\n\
+         respond = {{ status = 403, body = \"no\" }}\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for path in [
+        "/vault%2Fkeys",
+        "/vault%2fkeys",
+        "/vault%2fkeys/x%2f%e2%82%ac",
+    ] {
+        assert_eq!(get(&gw, path, "").status, 403, "{path}");
+    }
+    assert_eq!(get(&gw, "/p/%7eme%2fa%c3%a9?q=%2f", "").status, 200);
+    let lines: Vec<String> = (origin.requests().iter())
+        .map(|r| r.request_line().to_owned())
+        .collect();
+    assert_eq!(lines, ["GET /p/~me%2Fa%C3%A9?q=%2f HTTP/1.1"]);
+}
+
+#[test]
 fn doubled_slashes_cannot_route_around_a_policy() {
     let (origin, gw) = orders_behind_an_open_catch_all();
     // nginx and Tomcat read `//orders/1` as `/orders/1`: so does the router, and the policy

@@ -57,8 +57,9 @@ pub struct RequestHead {
     pub tracestate: Option<FieldRef>,
     /// The `User-Agent` value, if any (the access log).
     pub user_agent: Option<Span>,
-    /// The path escapes unreserved characters (`%61` for `a`): [`normalize_path`] decodes
-    /// them before the request is routed.
+    /// The path escapes unreserved characters (`%61` for `a`), or has an escape in lower case
+    /// (`%2f`): [`normalize_path`] decodes the first, upper-cases the second, before the
+    /// request is routed.
     pub escaped: bool,
     /// The path has a run of `/` and `merge_slashes` is on: [`normalize_path`] merges it.
     pub slash_runs: bool,
@@ -425,7 +426,7 @@ pub fn parse_request_into(
     }
     let escaped = match escapes(path) {
         Escapes::None => false,
-        Escapes::Unreserved => true,
+        Escapes::Normalize => true,
         Escapes::Bad => return Err(ParseError::Malformed),
     };
     let slash_runs = limits.merge_slashes && has_slash_run(path);
@@ -497,8 +498,9 @@ pub fn parse_request_into(
 enum Escapes {
     /// None that encodes an unreserved character, and none malformed.
     None,
-    /// Some encode unreserved characters (and none is malformed).
-    Unreserved,
+    /// Some encode unreserved characters, or spell a hex digit in lower case (and none is
+    /// malformed): [`normalize_path`] decodes the first and upper-cases the second.
+    Normalize,
     /// A `%` without two hex digits after it (RFC 3986 §2.1), or `%00`: no server reads the
     /// path the same as another then (nginx refuses both with 400).
     Bad,
@@ -517,8 +519,8 @@ fn escapes(path: &[u8]) -> Escapes {
         if c == 0 {
             return Escapes::Bad;
         }
-        if is_unreserved(c) {
-            found = Escapes::Unreserved;
+        if is_unreserved(c) || rest[i + 1..i + 3].iter().any(u8::is_ascii_lowercase) {
+            found = Escapes::Normalize;
         }
         rest = &rest[i + 3..];
     }
@@ -536,7 +538,8 @@ fn has_slash_run(path: &[u8]) -> bool {
 /// `/orders` to nginx, Tomcat and the servers behind them). Routes and their policies then
 /// match the path every upstream resolves, not a spelling that walks around them, and the
 /// upstream receives it so (as Envoy's `normalize_path` and `merge_slashes` forward it).
-/// Escapes of other characters (`%2F`, `%20`) stay as they are. The request line before the
+/// Escapes of other characters (`%2F`, `%20`) stay, their hex digits upper-cased (§6.2.2.1:
+/// `%2f` and `%2F` are one character, and route paths are written so). The request line before the
 /// path moves right by the bytes saved, so it stays one run ending where it did: the fields
 /// after it, and every span into them, are untouched.
 pub fn normalize_path(buf: &mut [u8], head: &mut RequestHead) {
@@ -551,13 +554,21 @@ pub fn normalize_path(buf: &mut [u8], head: &mut RequestHead) {
     while r < end {
         // `parse_request` checked that every `%` of the path has two hex digits after it.
         let c = match buf[r] {
-            b'%' => unescape(buf[r + 1], buf[r + 2]).filter(|&c| is_unreserved(c)),
+            b'%' => unescape(buf[r + 1], buf[r + 2]),
             _ => None,
         };
         match c {
-            Some(c) => {
+            Some(c) if is_unreserved(c) => {
                 buf[w] = c;
                 r += 3;
+            }
+            Some(_) => {
+                buf[w] = b'%';
+                buf[w + 1] = buf[r + 1].to_ascii_uppercase();
+                buf[w + 2] = buf[r + 2].to_ascii_uppercase();
+                r += 3;
+                w += 3;
+                continue;
             }
             None if merge_slashes && buf[r] == b'/' && w > from && buf[w - 1] == b'/' => {
                 r += 1;

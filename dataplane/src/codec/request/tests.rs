@@ -292,11 +292,21 @@ fn malformed_escapes_and_nul_in_the_path_are_refused() {
         );
     }
     // The query is not the path: upstreams read it their own way, and clients send `100%`.
-    for target in ["/a?q=%zz", "/a?x=%", "/%2F%20%e2%82%ac", "/%c3%a9"] {
+    for target in ["/a?q=%zz", "/a?x=%", "/%2F%20%E2%82%AC", "/%C3%A9?q=%c3"] {
         let input = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
         let head = parse(input.as_bytes()).unwrap();
         assert!(!head.escaped && !head.slash_runs, "{target}");
     }
+}
+
+#[test]
+fn escapes_are_upper_cased_in_place() {
+    // RFC 3986 6.2.2.1: `%2f` and `%2F` are one character; routes are written upper-cased.
+    let input = "GET /p%2fq/%e2%82%ACx%2E?q=%2f HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (head, buf) = decoded(input);
+    assert_eq!(head.target.of(&buf), b"/p%2Fq/%E2%82%ACx.?q=%2f");
+    assert_eq!(head.decoded, 2);
+    assert_eq!(kept_fields(&buf[head.start..]), "Host: a\r\n");
 }
 
 /// Parses `input` and decodes its path; returns the head and the buffer.
@@ -380,7 +390,7 @@ fn runs_of_slashes_are_merged_unless_turned_off() {
 }
 
 /// What [`normalize_path`] should make of `path` (a valid one): escaped unreserved characters
-/// decoded, then, with `merge`, each run of `/` one.
+/// decoded, the others upper-cased, then, with `merge`, each run of `/` one.
 fn normalized_by_hand(path: &[u8], merge: bool) -> Vec<u8> {
     let mut out: Vec<u8> = Vec::new();
     let mut i = 0;
@@ -389,6 +399,11 @@ fn normalized_by_hand(path: &[u8], merge: bool) -> Vec<u8> {
             b'%' => unescape(path[i + 1], path[i + 2]).filter(|&c| is_unreserved(c)),
             _ => None,
         };
+        if path[i] == b'%' && c.is_none() {
+            out.extend(path[i..i + 3].to_ascii_uppercase());
+            i += 3;
+            continue;
+        }
         let (b, step) = c.map_or((path[i], 1), |c| (c, 3));
         if !(merge && b == b'/' && step == 1 && out.last() == Some(&b'/')) {
             out.push(b);
