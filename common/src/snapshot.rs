@@ -1187,7 +1187,10 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
         ));
     }
     let action = match (&r.respond, &r.redirect) {
-        (Some(d), _) => direct_response(d, &format!("{at}.respond"))?,
+        (Some(d), _) => {
+            required_answer_field(d.status, r.response_headers.as_ref(), &at)?;
+            direct_response(d, &format!("{at}.respond"))?
+        }
         (_, Some(d)) => {
             if d.scheme.is_some() && d.host.is_none() {
                 return Err(ConfigError::field(
@@ -1554,6 +1557,33 @@ fn variants_vary(
         }
     }
     Ok(names.join(", ").into_bytes().into_boxed_slice())
+}
+
+/// A `respond` route's status that needs a field (RFC 9110): a 401 `WWW-Authenticate`
+/// (15.5.2), a 405 `Allow` (15.5.6), a 407 `Proxy-Authenticate` (15.5.8), which only the
+/// route's `response_headers` can give it; a 426 `Upgrade` (15.5.22), which none can.
+fn required_answer_field(
+    status: u16,
+    edits: Option<&crate::config::HeaderEdits>,
+    at: &str,
+) -> Result<(), ConfigError> {
+    let name = match status {
+        401 => "WWW-Authenticate",
+        405 => "Allow",
+        407 => "Proxy-Authenticate",
+        426 => "Upgrade",
+        _ => return Ok(()),
+    };
+    let set = edits.is_some_and(|e| e.set.keys().any(|k| k.eq_ignore_ascii_case(name)));
+    let why = match status {
+        426 => "a 426 must carry Upgrade (RFC 9110 15.5.22), which a route cannot set".to_owned(),
+        _ => format!("a {status} must carry {name} (RFC 9110): set it in `response_headers`"),
+    };
+    let field = format!("{at}.respond.status");
+    if set || tolerated(&field, &why) {
+        return Ok(());
+    }
+    Err(ConfigError::field(field, why))
 }
 
 fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, ConfigError> {

@@ -863,6 +863,26 @@ fn a_repeated_id_is_refused_at_its_second_use_and_dot_ids_at_any() {
 }
 
 #[test]
+fn a_respond_route_gives_the_fields_its_status_needs() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/l\"\n";
+    for (status, edits) in [
+        (
+            401,
+            "response_headers = { set = { \"www-authenticate\" = \"Basic realm=\\\"x\\\"\" } }",
+        ),
+        (405, "response_headers = { set = { Allow = \"GET\" } }"),
+        (
+            407,
+            "response_headers = { set = { \"Proxy-Authenticate\" = \"Basic\" } }",
+        ),
+        (403, ""),
+    ] {
+        let text = format!("{base}respond = {{ status = {status} }}\n{edits}\n");
+        compile(&text).unwrap_or_else(|e| panic!("{status}: {e}"));
+    }
+}
+
+#[test]
 fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_name_them() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
                 targets = [{ address = \"127.0.0.1:1\" }]\n";
@@ -886,6 +906,19 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "routes[0].path_prefix",
         ),
         ("path = \"/n%\"\nrespond = {}", "routes[0].path"),
+        (
+            "path = \"/l\"\nrespond = { status = 401 }",
+            "routes[0].respond.status",
+        ),
+        (
+            "path = \"/l\"\nrespond = { status = 405 }\n\
+             response_headers = { set = { \"WWW-Authenticate\" = \"Basic\" } }",
+            "routes[0].respond.status",
+        ),
+        (
+            "path = \"/l\"\nrespond = { status = 426 }",
+            "routes[0].respond.status",
+        ),
         ("path = \"/q%00\"\nrespond = {}", "routes[0].path"),
         ("path = \"/p%2fq\"\nrespond = {}", "routes[0].path"),
         (
