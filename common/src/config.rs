@@ -1391,7 +1391,7 @@ pub struct DirectResponseConfig {
 fn default_status() -> u16 {
     200
 }
-fn default_content_type() -> String {
+pub(crate) fn default_content_type() -> String {
     "text/plain; charset=utf-8".to_owned()
 }
 

@@ -1619,6 +1619,16 @@ fn direct_response(d: &DirectResponseConfig, at: &str) -> Result<RouteAction, Co
     if bodiless && !d.body.is_empty() && !tolerated(&format!("{at}.body"), &why) {
         return Err(ConfigError::field(format!("{at}.body"), why));
     }
+    // The default type cannot be told from one written out (a GET shows it): another is
+    // one the answer would never carry.
+    let why = format!(
+        "is not sent: a {} answer has no body, so no Content-Type; leave it out",
+        d.status
+    );
+    let typed = d.content_type != crate::config::default_content_type();
+    if bodiless && typed && !tolerated(&format!("{at}.content_type"), &why) {
+        return Err(ConfigError::field(format!("{at}.content_type"), why));
+    }
     let head = match bodiless {
         true => format!(
             "HTTP/1.1 {} {}\r\n{}",

@@ -876,6 +876,7 @@ fn a_respond_route_gives_the_fields_its_status_needs() {
             "response_headers = { set = { \"Proxy-Authenticate\" = \"Basic\" } }",
         ),
         (403, ""),
+        (204, ""),
     ] {
         let text = format!("{base}respond = {{ status = {status} }}\n{edits}\n");
         compile(&text).unwrap_or_else(|e| panic!("{status}: {e}"));
@@ -918,6 +919,10 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
         (
             "path = \"/l\"\nrespond = { status = 426 }",
             "routes[0].respond.status",
+        ),
+        (
+            "path = \"/l\"\nrespond = { status = 204, content_type = \"application/json\" }",
+            "routes[0].respond.content_type",
         ),
         ("path = \"/q%00\"\nrespond = {}", "routes[0].path"),
         ("path = \"/p%2fq\"\nrespond = {}", "routes[0].path"),
