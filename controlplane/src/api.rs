@@ -1089,10 +1089,15 @@ impl Admin {
         if let Store::Etcd(e) = &mut *store {
             // Validate against the newest shared config, not the one last seen.
             match e.refresh() {
-                Ok(_) => self.publish_pending(e),
+                Ok(_) => {
+                    store = self.publish_pending_unlocked(store);
+                    self.taking_writes()?;
+                }
                 Err(err) if !dry_run => return Err(store_problem(err)),
                 Err(_) => {}
             }
+        }
+        if let Store::Etcd(e) = &mut *store {
             e.check_readable().map_err(store_problem)?;
         }
         let started = std::time::Instant::now();
@@ -1204,9 +1209,8 @@ impl Admin {
                     return Ok((applied, read(&store)));
                 }
                 Err(StoreError::Conflict) => {
-                    if let Store::Etcd(e) = &mut *store {
-                        self.publish_pending(e);
-                    }
+                    store = self.publish_pending_unlocked(store);
+                    self.taking_writes()?;
                     // A few milliseconds, at random: two nodes that keep meeting each other's
                     // commits fall out of step.
                     std::thread::sleep(commit_backoff());
@@ -1269,8 +1273,8 @@ impl Admin {
         let mut store = self.held();
         if let Store::Etcd(e) = &mut *store {
             e.adopt(value, mod_revision);
-            self.publish_pending(e);
         }
+        drop(self.publish_pending_unlocked(store));
     }
 
     /// Reads the config whole with `read` (etcd's `P/config` and its header revision) and
@@ -1302,8 +1306,8 @@ impl Admin {
                 None if e.mod_revision() == held => e.forget_record(),
                 None => {}
             }
-            self.publish_pending(e);
         }
+        drop(self.publish_pending_unlocked(store));
         Ok((kv.map(|kv| kv.mod_revision), revision))
     }
 
@@ -1312,8 +1316,45 @@ impl Admin {
     /// node cannot compile (say, it removes a policy this node's listeners use) is not
     /// published: the node keeps serving the last one and `/v1/status` names it.
     fn publish_pending(&self, e: &mut EtcdStore) {
+        if let Some(compiled) = Self::compile_pending(e) {
+            self.publish(e, compiled);
+        }
+    }
+
+    /// [`Admin::publish_pending`], with the first DNS lookups of the names the record brings
+    /// made without the store's lock, which every admin call needs (a lookup may wait out a
+    /// silent name server's timeouts): compiled, its new names looked up unlocked, then
+    /// published if the store still holds that record (compiled again if not).
+    fn publish_pending_unlocked<'a>(&'a self, mut store: Held<'a>) -> Held<'a> {
+        let Store::Etcd(e) = &mut *store else {
+            return store;
+        };
+        let Some(compiled) = Self::compile_pending(e) else {
+            return store;
+        };
+        let record = e.mod_revision();
+        if let Ok(snapshot) = &compiled.1 {
+            if self.upstreams.has_new_names(snapshot) {
+                drop(store);
+                self.upstreams.prefetch(snapshot);
+                store = self.held();
+            }
+        }
+        if let Store::Etcd(e) = &mut *store {
+            if e.mod_revision() == record && !e.published_or_rejected() {
+                self.publish(e, compiled);
+            } else {
+                self.publish_pending(e);
+            }
+        }
+        store
+    }
+
+    /// The etcd store's record compiled, with its revision, unless the workers run it
+    /// already (or it was found not to compile).
+    fn compile_pending(e: &mut EtcdStore) -> Option<(u64, Result<Snapshot, String>)> {
         if e.published_or_rejected() {
-            return;
+            return None;
         }
         let revision = e.revision();
         let mut next = e.config().clone();
@@ -1326,6 +1367,12 @@ impl Admin {
             }
             Ok(snapshot)
         });
+        Some((revision, result))
+    }
+
+    /// Publishes the etcd store's record as [`Admin::compile_pending`] compiled it, or
+    /// marks it rejected.
+    fn publish(&self, e: &mut EtcdStore, (revision, result): (u64, Result<Snapshot, String>)) {
         match result {
             Ok(mut snapshot) => {
                 self.upstreams.adopt(&mut snapshot);

@@ -1262,3 +1262,59 @@ fn a_config_too_large_for_etcd_is_507_and_a_long_history_still_lists() {
         .collect();
     assert_eq!(numbers, (1..=7).collect::<Vec<u64>>(), "{list}");
 }
+
+#[test]
+fn another_nodes_change_naming_a_new_host_holds_up_no_admin_call_here() {
+    // Node b's name server takes queries and never answers: a change written through node a
+    // that names a new host is looked up on b before b serves it (up to the resolver's
+    // timeouts). Before, b did so holding its store's lock, so the calls that take it (the
+    // nodes and revisions, the heartbeat) waited for the lookup. (A write on b waits still:
+    // it is built on a's change, which b serves only once looked up.)
+    let etcd = Etcd::start();
+    let resolver = |s: &std::net::UdpSocket, ms: u32| {
+        let at = s.local_addr().unwrap();
+        format!("\n[resolver]\nnameservers = [\"{at}\"]\ntimeout_ms = {ms}\n")
+    };
+    let (silent_a, silent_b) = (
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+    );
+    let a = node(&etcd, "t15", &node_file("a", "", &resolver(&silent_a, 200)));
+    let b = node(
+        &etcd,
+        "t15",
+        &node_file("b", "", &resolver(&silent_b, 3000)),
+    );
+    let r = a.admin(
+        "PUT",
+        "/v1/upstreams/slow",
+        Some(r#"{"targets":[{"address":"slow.test:80"}]}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let written = a.admin("GET", "/v1/status", None).json()["store"]["revision"].clone();
+    // b's lookup has begun once its name server has the query.
+    silent_b
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut query = [0u8; 512];
+    silent_b.recv(&mut query).expect("b looks the new host up");
+    let asked = Instant::now();
+    for path in ["/v1/nodes", "/v1/revisions"] {
+        let r = b.admin("GET", path, None);
+        assert_eq!(r.status, 200, "{path}: {}", r.body_str());
+    }
+    assert!(
+        asked.elapsed() < Duration::from_millis(1500),
+        "b's admin calls waited for its lookup: {:?}",
+        asked.elapsed()
+    );
+    let route = respond_route("/other", "o");
+    let other = b.admin("PUT", "/v1/routes/other", Some(&route));
+    assert_eq!(other.status, 201, "{}", other.body_str());
+    wait_serves(&b, "/other", "o", Duration::from_secs(15));
+    let status = b.admin("GET", "/v1/status", None).json();
+    assert!(
+        status["store"]["applied_revision"].as_u64() > written.as_u64(),
+        "{status}"
+    );
+}
