@@ -9,13 +9,17 @@
 //! - `current.json`: a checkpoint of one revision, replaced atomically (temp file, fsync,
 //!   rename, directory fsync) when the journal is compacted.
 //!
-//! Opening reads the checkpoint and replays the journal's lines after it. A line is valid
-//! only if it is complete (ends in a newline), parses, and continues the revision sequence;
-//! replay stops at the first invalid one (a write torn by a crash, never acknowledged) and
-//! the journal is cut there before anything new is appended, unless valid records follow
-//! it: then something else wrote to the file, and opening fails rather than drop them. Every [`COMPACT_AT`] records the
-//! journal is rewritten (temp file, fsync, rename, directory fsync) to the last [`KEEP`],
-//! after a new checkpoint: a crash between the two leaves the old journal, still whole.
+//! Opening reads the checkpoint and replays the journal's lines after it, one line at a time
+//! (only the last record's config is read whole). A last line without its newline is a write
+//! torn by a crash, never acknowledged: it is cut off before anything new is appended. A
+//! whole line that does not parse or does not continue the revision sequence is damage (or
+//! another writer): opening fails, naming its byte, and so does a journal missing or empty
+//! beside the checkpoint (the first record is made durable before the first checkpoint, and
+//! compaction keeps records). Taking either for a shorter journal would resume an older
+//! revision and give the next writes the lost ones' numbers and ETags. Every
+//! [`COMPACT_AT`] records the journal is rewritten (temp file, fsync, rename, directory
+//! fsync) to the last [`KEEP`], copied through a small buffer, after a new checkpoint: a
+//! crash between the two leaves the old journal, still whole.
 //!
 //! A data directory from before the journal (`current.json` and `revisions/*.json`) is
 //! converted on open.
@@ -122,84 +126,64 @@ impl LocalStore {
             Some(t) => Some(serde_json::from_str(t).map_err(|e| invalid(&path, e))?),
             None => None,
         };
+        // The layout before the journal: a checkpoint and a file per revision.
+        let old_layout = dir.join("revisions").is_dir() && !dir.join(JOURNAL).exists();
         if let Some(c) = &checkpoint {
-            if dir.join("revisions").is_dir() && !dir.join(JOURNAL).exists() {
+            if old_layout {
                 convert_history(dir, c)?;
             }
         }
         let journal_path = dir.join(JOURNAL);
-        let mut bytes = Vec::new();
-        match File::open(&journal_path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        let replay = replay(&journal_path)?;
         let mut current = match checkpoint {
             Some(c) => c,
-            None => {
-                // No checkpoint, but a journal: it was lost, or a crash came before it was
-                // written. The journal's records hold whole configs: it is the state.
-                let first = bytes
-                    .split(|&b| b == b'\n')
-                    .next()
-                    .and_then(|l| serde_json::from_slice::<Record>(l).ok());
-                let Some(first) = first else {
-                    return Ok(None);
-                };
-                Current {
-                    revision: first.revision.saturating_sub(1),
-                    item_revisions: BTreeMap::new(),
-                    config: Config::default(),
-                }
-            }
+            // No checkpoint and no whole record: a first start cut short (the journal's
+            // first record is made durable before the checkpoint), nothing acknowledged.
+            None if replay.index.is_empty() => return Ok(None),
+            // No checkpoint, but a journal: it was lost, or a crash came before it was
+            // written. The journal's records hold whole configs: it is the state.
+            None => Current {
+                revision: replay.index[0].revision.saturating_sub(1),
+                item_revisions: BTreeMap::new(),
+                config: Config::default(),
+            },
         };
-        let mut index = Vec::new();
-        let mut valid_len = 0usize;
-        let mut last: Option<u64> = None;
-        let mut lines = bytes.split_inclusive(|&b| b == b'\n');
-        while let Some(line) = lines.next() {
-            let record = serde_json::from_slice::<Record>(line).ok().filter(|r| {
-                line.last() == Some(&b'\n') && last.is_none_or(|l| r.revision == l + 1)
-            });
-            let Some(record) = record else {
-                // What a crash leaves is a torn last record: cut off below. Records after a
-                // line that is not one were written by something else too (a log pointed at
-                // this file): they are not cut off with it.
-                if lines.any(|l| serde_json::from_slice::<Record>(l).is_ok()) {
-                    return Err(invalid(
-                        &journal_path,
-                        format!(
-                            "byte {valid_len} starts a line that is not the record after \
-                             revision {}, and records follow it (a record damaged in place, or \
-                             lines written by something else). Move the stray lines out to \
-                             resume",
-                            last.map_or_else(|| "none".to_owned(), |l| l.to_string())
-                        ),
-                    ));
-                }
-                break;
-            };
-            last = Some(record.revision);
-            index.push(Indexed {
-                revision: record.revision,
-                created_ms: record.created_ms,
-                source: record.source.clone(),
-                offset: valid_len as u64,
-                len: line.len(),
-            });
-            valid_len += line.len();
-            if record.revision > current.revision {
-                if record.revision != current.revision + 1 {
+        if replay.index.is_empty() && !old_layout {
+            // Every state since the journal came has its first record beside the
+            // checkpoint, and compaction keeps the last ones: this one was deleted or
+            // emptied, and with it any revision after the checkpoint's.
+            return Err(invalid(
+                &journal_path,
+                format!(
+                    "{} beside {CHECKPOINT} (revision {}), so the revisions after that one, if \
+                     any, cannot be known. Restore the data directory from a backup; or move it \
+                     away and start again (the `config` member of {CHECKPOINT} is revision {}'s \
+                     config, to give as --config)",
+                    if replay.existed {
+                        "holds no whole record"
+                    } else {
+                        "is missing"
+                    },
+                    current.revision,
+                    current.revision
+                ),
+            ));
+        }
+        // The records run on without a gap (`replay` checked): the last one is the state
+        // when it is newer than the checkpoint, and the first newer one must follow it.
+        if let (Some(first), Some(last)) = (replay.index.first(), replay.index.last()) {
+            if last.revision > current.revision {
+                if first.revision > current.revision + 1 {
                     return Err(invalid(
                         &journal_path,
                         format!(
                             "revision {} follows checkpoint revision {}",
-                            record.revision, current.revision
+                            first.revision, current.revision
                         ),
                     ));
                 }
+                let record: Record = serde_json::from_slice(&replay.last_line)
+                    .map_err(|e| invalid(&journal_path, e))?;
                 current = Current {
                     revision: record.revision,
                     item_revisions: record.item_revisions,
@@ -212,25 +196,20 @@ impl LocalStore {
             .append(true)
             .mode(0o600)
             .open(&journal_path)?;
-        if valid_len < bytes.len() {
+        if replay.torn {
             // A torn tail from a crash: never acknowledged, so drop it before appending.
-            journal.set_len(valid_len as u64)?;
+            journal.set_len(replay.valid_len)?;
             journal.sync_all()?;
-        }
-        if current.revision == 0 {
-            // A first start that wrote its empty checkpoint and crashed before revision 1:
-            // no state yet (it would otherwise be a config without listeners, forever).
-            return Ok(None);
         }
         let mut store = LocalStore {
             dir: dir.to_owned(),
             current,
             journal,
-            journal_len: valid_len as u64,
-            index,
+            journal_len: replay.valid_len,
+            index: replay.index,
         };
         if store.index.is_empty() {
-            // A checkpoint without a journal: start the journal with it.
+            // A checkpoint of the older layout without its history: start the journal with it.
             store.append(&Record {
                 revision: store.current.revision,
                 created_ms: 0,
@@ -251,11 +230,7 @@ impl LocalStore {
             item_revisions: BTreeMap::new(),
             config: Config::default(),
         };
-        write_file(
-            dir,
-            CHECKPOINT,
-            &serde_json::to_vec(&current).map_err(io::Error::other)?,
-        )?;
+        let checkpoint = serde_json::to_vec(&current).map_err(io::Error::other)?;
         let journal = OpenOptions::new()
             .create(true)
             .append(true)
@@ -270,6 +245,9 @@ impl LocalStore {
             index: Vec::new(),
         };
         store.commit(config, source)?;
+        // The checkpoint only once the first record is durable: a checkpoint beside a
+        // journal without a record is then always damage, never a first start cut short.
+        write_file(dir, CHECKPOINT, &checkpoint)?;
         Ok(store)
     }
 
@@ -363,20 +341,27 @@ impl LocalStore {
             &serde_json::to_vec(&self.current).map_err(io::Error::other)?,
         )?;
         let keep_from = self.index.len().saturating_sub(KEEP);
-        let first = &self.index[keep_from];
-        let mut tail = vec![0u8; (self.journal_len - first.offset) as usize];
-        let mut f = File::open(self.dir.join(JOURNAL))?;
-        f.seek(SeekFrom::Start(first.offset))?;
-        f.read_exact(&mut tail)?;
-        // The new journal's own handle, kept from before its rename: reopening it after
-        // could fail (out of descriptors) and leave commits going to the unlinked old file.
-        self.journal = write_file_open(&self.dir, JOURNAL, &tail)?;
-        let base = first.offset;
+        let base = self.index[keep_from].offset;
+        let kept = self.journal_len - base;
+        let mut old = File::open(self.dir.join(JOURNAL))?;
+        old.seek(SeekFrom::Start(base))?;
+        // Copied through a small buffer (the records kept may be large configs), and the
+        // new journal's own handle kept from before its rename: reopening it after could
+        // fail (out of descriptors) and leave commits going to the unlinked old file.
+        self.journal = write_file_with(&self.dir, JOURNAL, |f| {
+            if io::copy(&mut old.take(kept), f)? != kept {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the journal is shorter than the records it held",
+                ));
+            }
+            Ok(())
+        })?;
         self.index.drain(..keep_from);
         for r in &mut self.index {
             r.offset -= base;
         }
-        self.journal_len = tail.len() as u64;
+        self.journal_len = kept;
         Ok(())
     }
 
@@ -412,6 +397,94 @@ impl LocalStore {
             source: record.source,
             config: record.config,
         }))
+    }
+}
+
+/// What the journal holds, read line by line (a line at a time in memory, whatever its
+/// length).
+struct Replay {
+    /// The file was there.
+    existed: bool,
+    /// Its records, in order, each the one after the one before.
+    index: Vec<Indexed>,
+    /// The last record's line, to be read whole.
+    last_line: Vec<u8>,
+    /// Bytes of whole records.
+    valid_len: u64,
+    /// A last line without its newline follows them: an append a crash cut short, never
+    /// acknowledged (each is flushed whole before its answer), to be cut off.
+    torn: bool,
+}
+
+/// Only what the index needs of a record: its config is checked to be JSON, not read.
+#[derive(Deserialize)]
+struct RecordHead {
+    revision: u64,
+    created_ms: u64,
+    source: String,
+    #[allow(dead_code)]
+    item_revisions: serde::de::IgnoredAny,
+    #[allow(dead_code)]
+    config: serde::de::IgnoredAny,
+}
+
+/// Reads the journal at `path`. A whole line (one that ends in a newline) that is not the
+/// record after the one before is damage in place, or something else writing to the file:
+/// opening fails, naming its byte, rather than take the journal as ending there and drop
+/// every revision after it (the next write would then reuse their numbers, and their ETags,
+/// for other configs).
+fn replay(path: &Path) -> io::Result<Replay> {
+    let mut out = Replay {
+        existed: false,
+        index: Vec::new(),
+        last_line: Vec::new(),
+        valid_len: 0,
+        torn: false,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    out.existed = true;
+    let mut reader = io::BufReader::with_capacity(1 << 16, file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = io::BufRead::read_until(&mut reader, b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        if line.last() != Some(&b'\n') {
+            out.torn = true;
+            return Ok(out);
+        }
+        let prev = out.index.last().map(|r| r.revision);
+        let head = serde_json::from_slice::<RecordHead>(&line)
+            .ok()
+            .filter(|h| prev.is_none_or(|p| h.revision == p + 1));
+        let Some(head) = head else {
+            return Err(invalid(
+                path,
+                format!(
+                    "byte {} starts a whole line that is not the record after revision {} (a \
+                     record damaged in place, or a line written by something else); nothing \
+                     was changed. Restore the data directory from a backup, or move the line \
+                     out if the records after it follow on, to resume",
+                    out.valid_len,
+                    prev.map_or_else(|| "none".to_owned(), |p| p.to_string())
+                ),
+            ));
+        };
+        out.index.push(Indexed {
+            revision: head.revision,
+            created_ms: head.created_ms,
+            source: head.source,
+            offset: out.valid_len,
+            len: n,
+        });
+        out.valid_len += n as u64;
+        std::mem::swap(&mut out.last_line, &mut line);
     }
 }
 
@@ -577,12 +650,16 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 /// directory are fsynced, so `name` holds either its old content or `bytes`, whole, and the
 /// new content survives a crash once this returns.
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    write_file_open(dir, name, bytes).map(|_| ())
+    write_file_with(dir, name, |f| f.write_all(bytes)).map(|_| ())
 }
 
-/// Replaces `dir/name` with `bytes` atomically (a temporary file, synced, renamed); the new
-/// file, open for appending.
-fn write_file_open(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<File> {
+/// Replaces `dir/name` with what `fill` writes atomically (a temporary file, synced,
+/// renamed); the new file, open for appending.
+fn write_file_with(
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<File> {
     let tmp = dir.join(format!(".{name}.tmp"));
     // A leftover would keep its own mode.
     let _ = fs::remove_file(&tmp);
@@ -591,7 +668,7 @@ fn write_file_open(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<File> {
         .create(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(bytes)?;
+    fill(&mut f)?;
     f.sync_all()?;
     fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()?;
@@ -650,19 +727,93 @@ mod tests {
         assert_eq!(store.config(), &config);
         assert_eq!(store.revisions().len(), 2);
         drop(store);
-        // A first start cut short: the empty checkpoint, nothing in the journal.
+        // A first start cut short: no checkpoint yet (it comes after the first record), the
+        // first record torn.
         let e = dir().with_extension("first");
         let _ = fs::remove_dir_all(&e);
         private_dir(&e).unwrap();
-        let empty = Current {
-            revision: 0,
-            item_revisions: BTreeMap::new(),
-            config: Config::default(),
-        };
-        write_file(&e, CHECKPOINT, &serde_json::to_vec(&empty).unwrap()).unwrap();
-        File::create(e.join(JOURNAL)).unwrap();
+        fs::write(e.join(JOURNAL), br#"{"revision":1,"created_ms":1,"sou"#).unwrap();
         assert!(LocalStore::open(&e).unwrap().is_none());
+        LocalStore::create(&e, config.clone(), "test").unwrap();
+        let store = LocalStore::open(&e).unwrap().unwrap();
+        assert_eq!((store.revision(), store.config()), (1, &config));
         let _ = fs::remove_dir_all(&e);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// What `open` says of the data directory in `d` (it must refuse), and the journal's
+    /// length before and after.
+    fn refused(d: &Path) -> (String, Option<u64>, Option<u64>) {
+        let len = || fs::metadata(d.join(JOURNAL)).ok().map(|m| m.len());
+        let before = len();
+        let Err(err) = LocalStore::open(d) else {
+            panic!("{} opened", d.display());
+        };
+        (err.to_string(), before, len())
+    }
+
+    #[test]
+    fn a_damaged_or_lost_journal_is_refused_not_taken_for_a_shorter_one() {
+        let d = dir();
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
+        for workers in [2, 3, 4] {
+            let next = Config {
+                workers: Some(workers),
+                ..Config::default()
+            };
+            store.commit(next, "test").unwrap();
+        }
+        drop(store);
+        let journal = fs::read(d.join(JOURNAL)).unwrap();
+        // The last record damaged in place (a whole line): before, revision 4 was dropped,
+        // the line cut off, and the next write numbered 4 again.
+        let mut damaged = journal.clone();
+        let at = damaged.len() - 10;
+        damaged[at] = b'#';
+        fs::write(d.join(JOURNAL), &damaged).unwrap();
+        let (err, before, after) = refused(&d);
+        assert!(
+            err.contains("whole line that is not the record after revision 3"),
+            "{err}"
+        );
+        assert_eq!(before, after, "nothing cut");
+        // A record out of sequence at the end (revision 3 again): the same.
+        let lines: Vec<&[u8]> = journal.split_inclusive(|&b| b == b'\n').collect();
+        fs::write(
+            d.join(JOURNAL),
+            [lines.concat(), lines[2].to_vec()].concat(),
+        )
+        .unwrap();
+        assert!(refused(&d).0.contains("not the record after revision 4"));
+        // Emptied, or deleted, beside the checkpoint (before: the directory was taken for
+        // a new one, seeded again from the config file).
+        fs::write(d.join(JOURNAL), b"").unwrap();
+        let (err, ..) = refused(&d);
+        assert!(
+            err.contains("holds no whole record beside current.json"),
+            "{err}"
+        );
+        fs::remove_file(d.join(JOURNAL)).unwrap();
+        let (err, ..) = refused(&d);
+        assert!(
+            err.contains("is missing beside current.json (revision 0)"),
+            "{err}"
+        );
+        // The checkpoint lost and the first record damaged: before, the journal was taken
+        // for a first start's and deleted, with the records after it.
+        fs::remove_file(d.join(CHECKPOINT)).unwrap();
+        let mut damaged = journal.clone();
+        damaged[3] = b'#';
+        fs::write(d.join(JOURNAL), &damaged).unwrap();
+        let (err, before, after) = refused(&d);
+        assert!(err.contains("byte 0"), "{err}");
+        assert_eq!(
+            (before, after),
+            (Some(journal.len() as u64), Some(journal.len() as u64))
+        );
+        // Put back whole, it opens at revision 4.
+        fs::write(d.join(JOURNAL), &journal).unwrap();
+        assert_eq!(LocalStore::open(&d).unwrap().unwrap().revision(), 4);
         let _ = fs::remove_dir_all(&d);
     }
 
@@ -807,7 +958,11 @@ mod tests {
         let Err(err) = LocalStore::open(&d) else {
             panic!("opened past a stray line");
         };
-        assert!(err.to_string().contains("records follow it"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("whole line that is not the record"),
+            "{err}"
+        );
         assert_eq!(
             fs::metadata(d.join(JOURNAL)).unwrap().len(),
             len,
