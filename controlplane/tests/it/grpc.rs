@@ -854,6 +854,85 @@ fn h2c_upstream_config(
 }
 
 #[test]
+fn a_streamed_body_is_the_clients_time_not_the_upstreams_silence() {
+    // A body streamed to an h2c upstream that answers once it has it all (a client-streaming
+    // call, a slow upload): `upstream_response_head_ms` counts from when the body last moved
+    // on. Before: from the head sent, so the upload was cut at 400 ms with a 504 and the
+    // healthy target charged a response timeout. A body that stalls still ends.
+    let peer = ResetPeer::start_with(&["0", "trailers"]);
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "h2c = true",
+        "[timeouts]\nupstream_response_head_ms = 400\n",
+        "",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    const CLIENT: &str = r#"
+import socket, sys, time
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
+                   (":authority", "t")])
+s.sendall(c.data_to_send())
+start = time.monotonic()
+for i in range(int(sys.argv[2])):
+    time.sleep(0.15)
+    c.send_data(1, b"piece")
+    s.sendall(c.data_to_send())
+pause = float(sys.argv[3])
+ended = pause == 0
+if ended:
+    c.end_stream(1)
+    s.sendall(c.data_to_send())
+s.settimeout(pause or 10)
+status, done = None, False
+while not done:
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        # The pause is over with no answer: the body ends now.
+        c.end_stream(1)
+        s.sendall(c.data_to_send())
+        s.settimeout(10)
+        continue
+    if not data:
+        break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+            took = time.monotonic() - start
+        if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+            done = True
+    s.sendall(c.data_to_send())
+print(status, round(took, 1), flush=True)
+"#;
+    let run = |pieces: &str, pause: &str| {
+        let out = Command::new("python3")
+            .args(["-c", CLIENT, &gw.addr.port().to_string(), pieces, pause])
+            .output()
+            .expect("python3 with the PyPI package h2");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (status, took) = text.split_once(' ').unwrap_or_else(|| {
+            panic!("{text}: {}", String::from_utf8_lossy(&out.stderr));
+        });
+        (status.to_owned(), took.parse::<f64>().unwrap())
+    };
+    // 8 pieces 150 ms apart: 1.2 s of body, every gap within the timeout.
+    let (status, took) = run("8", "0");
+    assert_eq!(status, "204", "after {took} s");
+    let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
+    assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
+    // A body that stops for longer than the timeout: 504 then, 400 ms after its last
+    // piece, before the client would have ended it.
+    let (status, took) = run("1", "3");
+    assert_eq!(status, "504", "after {took} s");
+    assert!(took < 2.0, "{took}");
+}
+
+#[test]
 fn a_burst_takes_no_more_streams_than_the_target_allows() {
     // The target allows one stream per connection (SETTINGS_MAX_CONCURRENT_STREAMS 1). A
     // new connection's streams go out before its SETTINGS come: once the target has said

@@ -512,20 +512,24 @@ async fn pump(
     mut to: SendStream<Bytes>,
     replay: &RefCell<Replay>,
     refused: Arc<[Box<[u8]>]>,
+    moved: &Cell<Instant>,
 ) {
     replay.borrow_mut().keep(&first);
     // Unbounded here: the request's own deadlines end the pump (it is aborted with it).
     let _ = send_flow(&mut to, first, false, None).await;
+    moved.set(Instant::now());
     // Once the upstream stream has failed, the body is still read (into `replay`): a
     // retry on another target may need it.
     let mut sending = true;
     loop {
         match poll_fn(|cx| from.poll_data(cx)).await {
             Some(Ok(data)) => {
+                moved.set(Instant::now());
                 let n = data.len();
                 replay.borrow_mut().keep(&data);
                 if sending {
                     sending = send_flow(&mut to, data, false, None).await.is_ok();
+                    moved.set(Instant::now());
                 }
                 let _ = from.flow_control().release_capacity(n);
             }
@@ -537,7 +541,10 @@ async fn pump(
             None => break,
         }
     }
-    match poll_fn(|cx| from.poll_trailers(cx)).await {
+    let trailers = poll_fn(|cx| from.poll_trailers(cx)).await;
+    // The body's end: the wait for the response head counts from here.
+    moved.set(Instant::now());
+    match trailers {
         Ok(Some(mut trailers)) => {
             replay.borrow_mut().lost = true;
             // Fields that frame or route a message have no place in trailers (RFC 9110
@@ -1353,6 +1360,8 @@ pub(super) async fn forward<S: ClientStream>(
             let mut pump_guard = None;
             let mut up_send = Some(up_send);
             let pumped = body_now.is_none();
+            // When a streamed body last moved on (a piece in, a piece out, its end).
+            let body_moved = Rc::new(Cell::new(Instant::now()));
             match (&body_now, stream_body.take()) {
                 (Some(b), _) if !b.is_empty() => {
                     // Within the stream's window it goes at once; beyond it, h2 holds the
@@ -1370,8 +1379,9 @@ pub(super) async fn forward<S: ClientStream>(
                     if let Some(to) = up_send.take() {
                         let replay = replay.clone();
                         let refused = snap.policies.trailer_refused.clone();
+                        let moved = body_moved.clone();
                         monoio::spawn(async move {
-                            let pump = pump(first, rest, to, &replay, refused);
+                            let pump = pump(first, rest, to, &replay, refused, &moved);
                             until_aborted(&abort, pump).await;
                         });
                     }
@@ -1381,13 +1391,29 @@ pub(super) async fn forward<S: ClientStream>(
             sent_at.set(Instant::now());
             // A gRPC call's upstream was told its deadline (the client's, or the cap), and
             // one that is there answers DEADLINE_EXCEEDED itself when it passes: it has
-            // GRPC_GRACE more to do so before its silence is its failure.
-            let head_deadline = match call_deadline {
+            // GRPC_GRACE more to do so before its silence is its failure. Otherwise the
+            // response head has `upstream_response_head` from the request sent, or, for a
+            // streamed body, from when the body last moved on: a client-streaming call or a
+            // slow upload is the client's time, not the upstream's silence (HTTP/1.1 starts
+            // the timer once the body has gone), while a stream stalled both ways still ends.
+            let head_deadline = || match call_deadline {
                 Some(d) => d + GRPC_GRACE,
+                None if pumped => body_moved.get() + timeouts.upstream_response_head,
                 None => sent_at.get() + timeouts.upstream_response_head,
             };
-            let deadline = try_deadline.map_or(head_deadline, |t| t.min(head_deadline));
-            let response = monoio::time::timeout_at(deadline.into(), response).await;
+            let mut response = pin!(response);
+            let response = loop {
+                let head_by = head_deadline();
+                let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
+                match monoio::time::timeout_at(deadline.into(), response.as_mut()).await {
+                    Ok(r) => break Ok(r),
+                    // The body moved on meanwhile: the wait goes on from there.
+                    Err(_)
+                        if head_deadline() > Instant::now()
+                            && try_deadline.is_none_or(|t| t > Instant::now()) => {}
+                    Err(_) => break Err(()),
+                }
+            };
             if pumped && replay.borrow().complete().is_none() {
                 // The body is still arriving (or too big to keep): no other target can get it.
                 req.attempts.committed = true;
