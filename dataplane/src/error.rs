@@ -392,6 +392,9 @@ pub struct ProxyError {
     /// Nothing of the request reached the upstream in a way it could have acted on, so the
     /// connector may send it again on a fresh connection.
     pub retryable: bool,
+    /// The gRPC status a gRPC client is given for it, where the kind alone does not say
+    /// (an HTTP/2 upstream's RST_STREAM code: CANCEL is CANCELLED, INTERNAL_ERROR INTERNAL).
+    pub grpc_status: Option<u8>,
 }
 
 impl ProxyError {
@@ -399,6 +402,7 @@ impl ProxyError {
         ProxyError {
             kind,
             retryable: false,
+            grpc_status: None,
         }
     }
 

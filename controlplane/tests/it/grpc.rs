@@ -687,6 +687,8 @@ fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
                 "--http2-prior-knowledge",
                 "-o",
                 "/dev/null",
+                "-D",
+                "-",
             ])
             .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
             .args(["-w", "%{http_code}", "--data-binary"])
@@ -699,11 +701,17 @@ fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
     // `retry` on (UNAVAILABLE, the gRPC default) it still goes to no other target.
     // RST_STREAM REFUSED_STREAM: it did not; another target may get it. So may a call above
     // the last stream id of a GOAWAY, whatever its code (RFC 9113 6.8; 11: ENHANCE_YOUR_CALM).
-    for (code, mode, most, least) in [
-        (2, "reset", 1, 1),
-        (7, "reset", usize::MAX, 2),
-        (11, "goaway", usize::MAX, 2),
-        (0, "goaway", usize::MAX, 2),
+    // The client's status is the reset code's (gRPC's PROTOCOL-HTTP2.md): INTERNAL for
+    // INTERNAL_ERROR, CANCELLED for CANCEL, RESOURCE_EXHAUSTED for ENHANCE_YOUR_CALM;
+    // UNAVAILABLE only for what was not processed (before: UNAVAILABLE for every reset,
+    // which a client's retry policy takes for safe to send again).
+    for (code, mode, most, least, status) in [
+        (2, "reset", 1, 1, "13"),
+        (8, "reset", 1, 1, "1"),
+        (11, "reset", 1, 1, "8"),
+        (7, "reset", usize::MAX, 2, "14"),
+        (11, "goaway", usize::MAX, 2, "14"),
+        (0, "goaway", usize::MAX, 2, "14"),
     ] {
         let args = [code.to_string(), mode.to_owned()];
         let args: Vec<&str> = args
@@ -720,7 +728,13 @@ fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
         );
         let gw = Gateway::start(&config(&upstream, &cert, ""), Driver::IoUring);
         let out = call(&gw);
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.ends_with("200"), "{text}");
+        let grpc_status = text
+            .lines()
+            .find_map(|l| l.strip_prefix("grpc-status: "))
+            .map(str::trim);
+        assert_eq!(grpc_status, Some(status), "{mode} {code}: {text}");
         // The targets' metrics count every send, the resend on a fresh connection after a
         // refused stream included (before: neither counted it).
         let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
@@ -2074,11 +2088,12 @@ client_send_ms = 1000
     let base = format!("http://{}", gw.addr);
     let url = |p: &str| format!("{base}{p}");
 
-    // An upstream that fails in the middle of its answer's only message: nothing of it went
-    // out, so the JSON client gets the error (UNAVAILABLE), not an empty reply.
+    // An upstream that fails in the middle of its answer's only message (RST_STREAM
+    // INTERNAL_ERROR): nothing of it went out, so the JSON client gets the error (INTERNAL,
+    // the reset code's), not an empty reply.
     let (code, ct, body) = curl_json(&["-H", "Host: cut.test", &url("/v1/orders/o-1")]);
-    assert_eq!((code, ct.as_str()), (503, "application/json"), "{body}");
-    assert_eq!(json(&body)["code"], 14, "{body}");
+    assert_eq!((code, ct.as_str()), (500, "application/json"), "{body}");
+    assert_eq!(json(&body)["code"], 13, "{body}");
     // A unary answer of two messages, or of one and a torn second, is malformed: 502, not
     // one of the messages passed off as the answer.
     for host in ["Host: two.test", "Host: torn.test"] {

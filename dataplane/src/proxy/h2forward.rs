@@ -220,6 +220,26 @@ fn stream_failure(e: &::h2::Error) -> ErrorKind {
     }
 }
 
+/// The gRPC status for an upstream stream that ended with `e`, where it is not the
+/// connection's end (UNAVAILABLE: the transport went away, as a client sees it): the
+/// upstream reset the stream, or sent frames h2 refused. gRPC's PROTOCOL-HTTP2.md maps the
+/// reset codes: REFUSED_STREAM is UNAVAILABLE (nothing was processed: may be retried),
+/// CANCEL CANCELLED, ENHANCE_YOUR_CALM RESOURCE_EXHAUSTED, INADEQUATE_SECURITY
+/// PERMISSION_DENIED, and the others INTERNAL: the call may have run, and UNAVAILABLE would
+/// invite a client's retry policy to run it again.
+fn grpc_status_for_reset(e: &::h2::Error) -> Option<u8> {
+    if e.is_go_away() || e.is_io() || !(e.is_reset() || e.is_library()) {
+        return None;
+    }
+    Some(match e.reason()? {
+        Reason::REFUSED_STREAM => 14,
+        Reason::CANCEL => 1,
+        Reason::ENHANCE_YOUR_CALM => 8,
+        Reason::INADEQUATE_SECURITY => 7,
+        _ => 13,
+    })
+}
+
 /// The gRPC status a gateway failure of `kind` gives (`deadline`: the call's `grpc-timeout`
 /// ran out).
 fn grpc_code_for(kind: ErrorKind, deadline: bool) -> u8 {
@@ -1456,7 +1476,9 @@ pub(super) async fn forward<S: ClientStream>(
                         // known to be idempotent, so no other target gets it.
                         req.attempts.committed = true;
                     }
-                    Err(ProxyError::new(stream_failure(&e)).retryable(unprocessed))
+                    let mut err = ProxyError::new(stream_failure(&e)).retryable(unprocessed);
+                    err.grpc_status = grpc_status_for_reset(&e);
+                    Err(err)
                 }
                 Ok(Ok(resp)) => {
                     let (parts, body) = resp.into_parts();
@@ -1512,7 +1534,8 @@ pub(super) async fn forward<S: ClientStream>(
                     err.kind.reason().unwrap_or_default(),
                 );
             }
-            return fail(down, req, call, &encoding, err.kind, deadline_hit, asked).await;
+            let (kind, reset) = (err.kind, err.grpc_status);
+            return fail_as(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
         }
     };
     req.first_byte = Some(sent_at.get().elapsed());
@@ -1771,7 +1794,8 @@ impl Relay {
     }
 
     /// Ends an answer whose upstream stream failed midway (reset, connection lost, frames
-    /// h2 refused): a gRPC call gets UNAVAILABLE in its trailers, anything else is cut short.
+    /// h2 refused): a gRPC call gets the status in its trailers (UNAVAILABLE for a lost
+    /// connection, the reset code's otherwise), anything else is cut short.
     async fn cut<K: Sink>(
         &self,
         sink: &mut K,
@@ -1780,7 +1804,8 @@ impl Relay {
         cursor: &MessageCursor,
     ) -> (u16, ErrorKind) {
         let kind = stream_failure(e);
-        self.end_early(sink, 14, kind, cursor).await;
+        let code = grpc_status_for_reset(e).unwrap_or(14);
+        self.end_early(sink, code, kind, cursor).await;
         (status, kind)
     }
 
@@ -1869,7 +1894,22 @@ async fn fail<S: ClientStream>(
     deadline: bool,
     asked: Asked,
 ) -> Next {
-    let code = grpc_code_for(kind, deadline);
+    fail_as(down, req, call, encoding, kind, deadline, asked, None).await
+}
+
+/// [`fail`], a gRPC call given `status` where one is known (an upstream's reset).
+#[allow(clippy::too_many_arguments)]
+async fn fail_as<S: ClientStream>(
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    call: Call,
+    encoding: &Encoding,
+    kind: ErrorKind,
+    deadline: bool,
+    asked: Asked,
+    status: Option<u8>,
+) -> Next {
+    let code = status.unwrap_or_else(|| grpc_code_for(kind, deadline));
     if call == Call::Json {
         req.fail(kind);
         // The client's own faults keep their status; the rest is the gRPC code's.
