@@ -1027,6 +1027,11 @@ pub struct TranscoderConfig {
     /// Largest protobuf message either way, in bytes. 1 to 67,108,864; default 4,194,304.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<u64>,
+    /// Read-only, set by the gateway: SHA-256 of the `descriptor_set` file as last read (64
+    /// lower-case hex digits). A file that changed changes it, so the next publish (SIGHUP,
+    /// a PUT of the transcoder as it is) serves the new descriptors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor_sha256: Option<String>,
 }
 
 /// The protocol an upstream's targets speak.

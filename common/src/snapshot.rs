@@ -690,16 +690,16 @@ impl Snapshot {
             .collect::<Result<Vec<_>, _>>()?;
         let mut transcoders = Vec::with_capacity(config.transcoders.len());
         let repeat = first_repeat(config.transcoders.iter().map(|t| t.id.as_str()));
-        for (i, t) in config.transcoders.iter().enumerate() {
+        for (i, t) in config.transcoders.iter_mut().enumerate() {
             if repeat == Some(i) {
                 return Err(ConfigError::field(
                     format!("transcoders[{i}].id"),
                     format!("duplicate transcoder id {:?}", t.id),
                 ));
             }
-            transcoders.push(std::sync::Arc::new(crate::transcode::compile_transcoder(
-                t, i,
-            )?));
+            let compiled = crate::transcode::compile_transcoder(t, i)?;
+            t.descriptor_sha256.clone_from(&compiled.file_sha256);
+            transcoders.push(std::sync::Arc::new(compiled));
         }
         let policies = crate::policy::compile(&mut config)?;
         let cluster = compile_cluster(&config)?;

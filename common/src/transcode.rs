@@ -37,6 +37,9 @@ pub struct Transcoder {
     /// The HTTP bindings of the services' methods, in the order they are tried.
     pub bindings: Vec<Binding>,
     pub max_message_bytes: usize,
+    /// SHA-256 of the `descriptor_set` file as read (lower-case hex); `None` for
+    /// `descriptor_set_base64`, which the config holds itself.
+    pub file_sha256: Option<String>,
 }
 
 /// One HTTP binding of a method.
@@ -208,6 +211,10 @@ pub fn compile_transcoder(t: &TranscoderConfig, i: usize) -> Result<Transcoder, 
         id: t.id.as_str().into(),
         bindings,
         max_message_bytes: max as usize,
+        file_sha256: t
+            .descriptor_set
+            .is_some()
+            .then(|| crate::tls::sha256_hex(&bytes)),
     })
 }
 

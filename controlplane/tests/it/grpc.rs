@@ -1839,6 +1839,69 @@ fn deep_transcoder() -> Gateway {
 }
 
 #[test]
+fn a_changed_descriptor_file_is_served_after_a_put_or_a_sighup() {
+    // The descriptor file is rewritten with another binding. Before, a PUT of the
+    // transcoder as it was, or SIGHUP, found "no change" (the config names only the path)
+    // and kept the old bindings, until an unrelated change loaded the file. Now its SHA-256
+    // is part of the config: a changed file is a change.
+    let dir = temp_dir("reload-proto");
+    let set = dir.join("r.pb");
+    let write = |path: &str| {
+        std::fs::write(
+            dir.join("r.proto"),
+            format!(
+                "syntax = \"proto3\";\npackage r;\nimport \"google/api/annotations.proto\";\n\
+                 message F {{ string v = 1; }}\n\
+                 service S {{ rpc M(F) returns (F) {{ \
+                 option (google.api.http) = {{ get: \"{path}\" }}; }} }}\n"
+            ),
+        )
+        .unwrap();
+        let includes = [dir.as_path(), Path::new(PROTOS)];
+        run_protoc(&includes, &set, &[&dir.join("r.proto")], None);
+    };
+    write("/one");
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\n\
+         [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
+         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
+        closed_port(),
+        set.display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    // A bound path goes to the (closed) upstream: 503; an unbound one is not found.
+    let status = |path: &str| {
+        (gw.connect())
+            .roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"))
+            .status
+    };
+    assert_eq!((status("/one"), status("/two")), (503, 404));
+    let stored = gw.admin("GET", "/v1/transcoders/r", None).json();
+    let first = stored["descriptor_sha256"].clone();
+    assert_eq!(first.as_str().map(str::len), Some(64), "{stored}");
+    write("/two");
+    let put = gw.admin("PUT", "/v1/transcoders/r", Some(&stored.to_string()));
+    assert_eq!(put.status, 200, "{}", put.body_str());
+    assert_eq!((status("/one"), status("/two")), (404, 503));
+    let now = gw.admin("GET", "/v1/transcoders/r", None).json();
+    assert_ne!(now["descriptor_sha256"], first);
+    // And through SIGHUP, the config file unchanged.
+    write("/three");
+    gw.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status("/three") != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not load the new descriptors"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status("/two"), 404);
+}
+
+#[test]
 fn a_query_parameter_thousands_of_fields_deep_is_refused_not_a_crash() {
     // A message that holds itself makes `not.not.not...` a valid name at any depth: 1,600
     // levels (under the default 8 KiB URI) overflowed a worker's stack, which aborts the
