@@ -2601,7 +2601,14 @@ async fn rollback(
     let pre = Preconditions::from(&headers);
     let applied = admin.apply(dry_run, &format!("rollback to {n}"), |store| {
         pre.check(Some(&config_etag(store.revision())))?;
-        Ok(old.config.clone())
+        // What only a restart changes stays as the running gateway has it: a revision from
+        // before a restart that changed them can still be rolled back to.
+        let now = store.config();
+        let mut config = old.config.clone();
+        config.workers = now.workers;
+        config.listeners.clone_from(&now.listeners);
+        config.admin.clone_from(&now.admin);
+        Ok(config)
     })?;
     Ok(config_change_response(&applied, Some(n)))
 }

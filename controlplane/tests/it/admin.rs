@@ -1071,6 +1071,34 @@ fn acknowledged_changes_survive_kill_9() {
 }
 
 #[test]
+fn a_rollback_keeps_the_settings_that_need_a_restart() {
+    // Revision 2 through the API; then a restart with a file that changes `workers` (a
+    // setting the running gateway cannot take) replaces it. Rolling back to revision 2
+    // brings its routes back with today's workers (before: 422 "workers cannot change", so
+    // no revision before such a restart could ever be rolled back to).
+    let origin = Origin::echo();
+    let gw = start(&origin);
+    let (data, config) = (gw.data_dir.clone(), gw.config_path.clone());
+    let route = r#"{"path":"/kept","respond":{"body":"kept"}}"#;
+    assert_eq!(gw.admin("PUT", "/v1/routes/kept", Some(route)).status, 201);
+    assert_eq!(revision(&gw), 2);
+    drop(gw);
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("workers = 1"), "{text}");
+    std::fs::write(&config, text.replace("workers = 1", "workers = 2")).unwrap();
+    let gw = Gateway::start_with_data(&config, &data, &["--replace-state"]);
+    assert_eq!(revision(&gw), 3);
+    problem(&gw.admin("GET", "/v1/routes/kept", None), 404);
+    let r = gw.admin("POST", "/v1/revisions/2:rollback", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let now = gw.admin("GET", "/v1/config", None).json();
+    assert_eq!(now["workers"], 2, "{now}");
+    let mut c = gw.connect();
+    let answer = c.roundtrip("GET /kept HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(answer.body_str(), "kept");
+}
+
+#[test]
 fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
     // As a service manager starts it: the same `--config` every time.
     let origin = Origin::echo();
