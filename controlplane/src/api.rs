@@ -1813,17 +1813,24 @@ async fn openapi() -> Response {
     resp
 }
 
+/// The token of an `Authorization: Bearer TOKEN` value: the scheme's name in any case (RFC
+/// 9110 11.1), then one or more spaces (RFC 9110 11.4, RFC 6750 2.1), trailing whitespace
+/// being no part of a field value.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' ').trim_end_matches([' ', '\t']))
+}
+
 async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
+    // One field only: of two, which one counts would be a guess (the data plane's `jwt`
+    // policy refuses two as well), so two are no token.
+    let mut fields = req.headers().get_all(header::AUTHORIZATION).iter();
+    let field = fields.next().filter(|_| fields.next().is_none());
+    let given = field
         .and_then(|v| v.to_str().ok())
-        // The scheme's name is case-insensitive (RFC 9110 11.1).
-        .and_then(|v| {
-            v.get(..7)
-                .filter(|s| s.eq_ignore_ascii_case("bearer "))
-                .map(|_| &v[7..])
-        })
+        .and_then(bearer_token)
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
         match admin.serving() {
@@ -2616,6 +2623,16 @@ async fn rollback(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bearer_token_is_read_as_rfc_9110_writes_it() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
 
     #[test]
     fn openapi_document_lists_exactly_the_endpoints() {

@@ -689,6 +689,19 @@ fn every_endpoint_but_health_needs_the_token() {
         }
     }
     assert_eq!(revision(&gw), rev);
+    // The right token, read as RFC 9110 writes it (before: two spaces were a 401), and two
+    // fields, right then wrong, are no token (before: the first counted, the other order
+    // was a 401).
+    let spaced = format!("bearer  {ADMIN_TOKEN}");
+    let right = format!("Bearer {ADMIN_TOKEN}");
+    let r = gw.admin_with("GET", "/v1/config", None, &[("Authorization", &spaced)]);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let two = [
+        ("Authorization", right.as_str()),
+        ("Authorization", "Bearer wrong"),
+    ];
+    let r = gw.admin_with("GET", "/v1/config", None, &two);
+    problem(&r, 401);
     // Without one it is served bare.
     let r = gw.admin(
         "PUT",
