@@ -557,9 +557,12 @@ impl Transcoder {
         // `*` before `**`, then one with a custom verb), as Envoy's path matcher chooses:
         // `/v1/users/me` is not `/v1/users/{id}` with id "me", whichever is declared first;
         // among equals the first declared. HEAD is GET without the body (RFC 9110 9.3.2),
-        // unless a binding takes HEAD itself.
+        // unless a binding takes HEAD itself. A `custom` binding of kind `*` takes any method
+        // (google/api/http.proto: "leave the HTTP method unspecified"), after those that
+        // name it.
         let mut best: Option<(usize, Vec<&'p str>)> = None;
         let mut as_get: Option<(usize, Vec<&'p str>)> = None;
+        let mut any: Option<(usize, Vec<&'p str>)> = None;
         for (i, b) in self.bindings.iter().enumerate() {
             let Some(vars) = b.template.matches(path) else {
                 continue;
@@ -569,6 +572,8 @@ impl Transcoder {
                 &mut best
             } else if method == "HEAD" && &*b.verb == "GET" {
                 &mut as_get
+            } else if &*b.verb == "*" {
+                &mut any
             } else {
                 continue;
             };
@@ -579,7 +584,7 @@ impl Transcoder {
                 *slot = Some((i, vars));
             }
         }
-        best.or(as_get).ok_or(path_known)
+        best.or(as_get).or(any).ok_or(path_known)
     }
 }
 

@@ -141,7 +141,11 @@ pub(crate) fn compile_upstream(
             if !(1..=h.interval_ms).contains(&h.timeout_ms) {
                 return Err(field(
                     "health_check.timeout_ms",
-                    "must be between 1 and interval_ms".into(),
+                    format!(
+                        "must be between 1 and interval_ms ({}): a check ends before the next \
+                         (the default, 1000, is too long for a shorter interval: set it too)",
+                        h.interval_ms
+                    ),
                 ));
             }
             for (name, v) in [

@@ -1838,29 +1838,25 @@ fn deep_transcoder() -> Gateway {
     Gateway::start(&config, Driver::IoUring)
 }
 
-#[test]
-fn a_changed_descriptor_file_is_served_after_a_put_or_a_sighup() {
-    // The descriptor file is rewritten with another binding. Before, a PUT of the
-    // transcoder as it was, or SIGHUP, found "no change" (the config names only the path)
-    // and kept the old bindings, until an unrelated change loaded the file. Now its SHA-256
-    // is part of the config: a changed file is a change.
-    let dir = temp_dir("reload-proto");
-    let set = dir.join("r.pb");
-    let write = |path: &str| {
-        std::fs::write(
-            dir.join("r.proto"),
-            format!(
-                "syntax = \"proto3\";\npackage r;\nimport \"google/api/annotations.proto\";\n\
-                 message F {{ string v = 1; }}\n\
-                 service S {{ rpc M(F) returns (F) {{ \
-                 option (google.api.http) = {{ get: \"{path}\" }}; }} }}\n"
-            ),
-        )
-        .unwrap();
-        let includes = [dir.as_path(), Path::new(PROTOS)];
-        run_protoc(&includes, &set, &[&dir.join("r.proto")], None);
-    };
-    write("/one");
+/// Writes `dir/r.proto`, whose service `r.S` has one method `M` with the HTTP rule `rule`
+/// (`get: "/x"`), and compiles it into `dir/r.pb`.
+fn one_method_descriptor(dir: &Path, rule: &str) {
+    std::fs::write(
+        dir.join("r.proto"),
+        format!(
+            "syntax = \"proto3\";\npackage r;\nimport \"google/api/annotations.proto\";\n\
+             message F {{ string v = 1; }}\n\
+             service S {{ rpc M(F) returns (F) {{ option (google.api.http) = {{ {rule} }}; }} }}\n"
+        ),
+    )
+    .unwrap();
+    let includes = [dir, Path::new(PROTOS)];
+    run_protoc(&includes, &dir.join("r.pb"), &[&dir.join("r.proto")], None);
+}
+
+/// A gateway transcoding every request with the descriptor set `set` (service `r.S`) to a
+/// gRPC upstream on a closed port: a request a binding takes is a 503.
+fn transcoding_to_a_closed_port(set: &Path) -> Gateway {
     let config = format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
          [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
@@ -1870,13 +1866,50 @@ fn a_changed_descriptor_file_is_served_after_a_put_or_a_sighup() {
         closed_port(),
         set.display()
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
-    // A bound path goes to the (closed) upstream: 503; an unbound one is not found.
-    let status = |path: &str| {
-        (gw.connect())
-            .roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"))
-            .status
+    Gateway::start(&config, Driver::IoUring)
+}
+
+fn request_status(gw: &Gateway, method: &str, path: &str) -> u16 {
+    let body = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 2\r\n\r\n{}"
     };
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{body}");
+    let request = if body.is_empty() {
+        format!("{request}\r\n")
+    } else {
+        request
+    };
+    gw.connect().roundtrip(&request).status
+}
+
+#[test]
+fn a_custom_binding_of_kind_star_takes_any_method() {
+    // google/api/http.proto: `*` leaves the method unspecified (before: only a request whose
+    // method was `*` matched, every other one was a 405 with `Allow: *`).
+    let dir = temp_dir("star-proto");
+    one_method_descriptor(&dir, "custom: { kind: \"*\" path: \"/any/{v}\" }");
+    let gw = transcoding_to_a_closed_port(&dir.join("r.pb"));
+    for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+        assert_eq!(request_status(&gw, method, "/any/a"), 503, "{method}");
+    }
+    assert_eq!(request_status(&gw, "GET", "/other"), 404);
+}
+
+#[test]
+fn a_changed_descriptor_file_is_served_after_a_put_or_a_sighup() {
+    // The descriptor file is rewritten with another binding. Before, a PUT of the
+    // transcoder as it was, or SIGHUP, found "no change" (the config names only the path)
+    // and kept the old bindings, until an unrelated change loaded the file. Now its SHA-256
+    // is part of the config: a changed file is a change.
+    let dir = temp_dir("reload-proto");
+    let set = dir.join("r.pb");
+    let write = |path: &str| one_method_descriptor(&dir, &format!("get: \"{path}\""));
+    write("/one");
+    let gw = transcoding_to_a_closed_port(&set);
+    // A bound path goes to the (closed) upstream: 503; an unbound one is not found.
+    let status = |path: &str| request_status(&gw, "GET", path);
     assert_eq!((status("/one"), status("/two")), (503, 404));
     let stored = gw.admin("GET", "/v1/transcoders/r", None).json();
     let first = stored["descriptor_sha256"].clone();
