@@ -858,7 +858,12 @@ where
     DynamicMessage::deserialize_with_options(desc.clone(), tracked, &options).map_err(|e| {
         let message = e.to_string();
         let path = track.path().to_string();
-        let mut field = if path == "." { String::new() } else { path };
+        // `.`: the message itself; `?`: nowhere known (the JSON ended early).
+        let mut field = if path == "." || path == "?" {
+            String::new()
+        } else {
+            path
+        };
         // An unknown field fails in its parent object: name the field itself.
         if let Some(name) = message
             .strip_prefix("unrecognized field name '")
@@ -1176,6 +1181,9 @@ mod tests {
         assert_eq!(r.field, "createdAt", "{r:?}");
         let r = refuse(b"{\"id\":");
         assert!(!r.message.is_empty());
+        // JSON that ends early is no field's fault (before: the field `?`).
+        let r = refuse(b"{\"id\":\"a\"");
+        assert_eq!(r.field, "", "{r:?}");
         // Unknown query parameters and a body over max_message_bytes.
         let (list, vars) = t.find("GET", "/v1/orders").unwrap();
         let r = list

@@ -160,7 +160,7 @@ def serve(mode, tls=None):
 
 def serve_shop(gendir):
     """shop.v1.Orders (controlplane/tests/fixtures/proto/shop/v1/shop.proto):
-    GetOrder: id "missing" -> NOT_FOUND; "locked" -> FAILED_PRECONDITION with a
+    GetOrder: id "missing" -> NOT_FOUND (trailers-only, with x-order-note); "locked" -> FAILED_PRECONDITION with a
         google.rpc.Status in grpc-status-details-bin; otherwise an order with that id
     ListOrders: one order per tag, echoing customer, status and page_size (as the token)
     CreateOrder: the order with id "new-" + request_id
@@ -183,6 +183,7 @@ def serve_shop(gendir):
 
     def get_order(req, ctx):
         if req.id == "missing":
+            ctx.set_trailing_metadata((("x-order-note", "not-here"),))
             ctx.abort(grpc.StatusCode.NOT_FOUND, "no order " + req.id)
         if req.id == "locked":
             # google.rpc.Status{code 9, message, details [Any{type_url, value}]}, by hand.

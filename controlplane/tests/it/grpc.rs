@@ -2414,9 +2414,17 @@ print("reset" if seen is not None else "held", seen)
     assert_eq!(lines[2]["error"]["code"], 14, "{body}");
     assert_eq!(lines[2]["error"]["message"], "stream broke");
 
-    // gRPC errors become HTTP statuses with a JSON body (and the status details).
+    // gRPC errors become HTTP statuses with a JSON body (and the status details), with the
+    // custom metadata of a trailers-only answer (before: dropped).
     let (code, _, body) = curl_json(&[&url("/v1/orders/missing")]);
     assert_eq!(code, 404);
+    let note = curl_run(
+        20,
+        "%header{x-order-note}",
+        &[&url("/v1/orders/missing")],
+        "curl",
+    );
+    assert_eq!(note.last, "not-here");
     assert_eq!(
         json(&body),
         serde_json::json!({"code": 5, "message": "no order missing", "details": []})

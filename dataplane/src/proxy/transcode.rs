@@ -400,8 +400,9 @@ impl<K: Sink> Sink for JsonSink<K> {
         }
         self.head = Some(headers);
         if end {
-            // Trailers-only: the status is in the head.
-            let fields = self.head.take().unwrap_or_default();
+            // Trailers-only: the status is in the head, which also holds the custom metadata
+            // that goes on with the error (kept for `client_fields`).
+            let fields = self.head.clone().unwrap_or_default();
             return self.finish(Some(fields)).await;
         }
         Ok(())
