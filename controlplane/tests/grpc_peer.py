@@ -160,8 +160,9 @@ def serve(mode, tls=None):
 
 def serve_shop(gendir):
     """shop.v1.Orders (controlplane/tests/fixtures/proto/shop/v1/shop.proto):
-    GetOrder: id "missing" -> NOT_FOUND (trailers-only, with x-order-note); "locked" -> FAILED_PRECONDITION with a
-        google.rpc.Status in grpc-status-details-bin; otherwise an order with that id
+    GetOrder: id "missing" -> NOT_FOUND (trailers-only, with x-order-note); "locked" ->
+        FAILED_PRECONDITION with a google.rpc.Status in grpc-status-details-bin; otherwise an
+        order with that id
     ListOrders: one order per tag, echoing customer, status and page_size (as the token)
     CreateOrder: the order with id "new-" + request_id
     UpdateOrder / Echo: the order as received
