@@ -1857,13 +1857,19 @@ fn one_method_descriptor(dir: &Path, rule: &str) {
 /// A gateway transcoding every request with the descriptor set `set` (service `r.S`) to a
 /// gRPC upstream on a closed port: a request a binding takes is a 503.
 fn transcoding_to_a_closed_port(set: &Path) -> Gateway {
+    transcoding_to(set, closed_port())
+}
+
+/// A gateway transcoding every request with the descriptor set `set` (service `r.S`) to the
+/// gRPC upstream `target`.
+fn transcoding_to(set: &Path, target: SocketAddr) -> Gateway {
     let config = format!(
         "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
          [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
          targets = [{{ address = \"{}\" }}]\n\n\
          [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
          [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
-        closed_port(),
+        target,
         set.display()
     );
     Gateway::start(&config, Driver::IoUring)
@@ -1882,6 +1888,27 @@ fn request_status(gw: &Gateway, method: &str, path: &str) -> u16 {
         request
     };
     gw.connect().roundtrip(&request).status
+}
+
+#[test]
+fn a_json_clients_grpc_compression_fields_do_not_reach_the_call() {
+    // The gateway makes the gRPC messages of a JSON call and reads its answer only
+    // uncompressed: the client's `grpc-encoding` / `grpc-accept-encoding` are not the
+    // call's (before: passed on, inviting a compressed answer the client then got a 502
+    // for), and the call says `grpc-accept-encoding: identity`.
+    let dir = temp_dir("json-encoding");
+    one_method_descriptor(&dir, "post: \"/m\" body: \"*\"");
+    let peer = ResetPeer::start_with(&["0", "headers"]);
+    let gw = transcoding_to(&dir.join("r.pb"), peer.addr);
+    let r = gw.connect().roundtrip(
+        "POST /m HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         grpc-encoding: gzip\r\ngrpc-accept-encoding: gzip\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    // The peer answers text, no gRPC: the JSON client's 502.
+    assert_eq!(r.status, 502, "{}", r.body_str());
+    let line = peer.headers_line();
+    assert!(line.contains("grpc-accept-encoding=identity"), "{line}");
+    assert!(!line.contains("gzip"), "{line}");
 }
 
 #[test]

@@ -359,14 +359,22 @@ fn outgoing(
             if name == CONTENT_LENGTH || name == CONTENT_TYPE {
                 continue;
             }
+            // The JSON client's, not the gRPC call's: the gateway frames the messages, and
+            // reads the answer's only uncompressed.
             if call == Call::Json
-                && (name == http::header::ACCEPT || name == http::header::ACCEPT_ENCODING)
+                && (name == http::header::ACCEPT
+                    || name == http::header::ACCEPT_ENCODING
+                    || name == "grpc-encoding"
+                    || name == "grpc-accept-encoding")
             {
                 continue;
             }
         }
         let value = HeaderValue::from_bytes(f.value).map_err(|_| ErrorKind::BadRequest)?;
         headers.append(name, value);
+    }
+    if call == Call::Json {
+        headers.insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
     }
     if call.whole_body() {
         let grpc = match format {
