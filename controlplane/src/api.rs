@@ -1526,6 +1526,18 @@ impl Admin {
     fn view(&self) -> Arc<View> {
         self.view.load_full()
     }
+
+    /// A write's preconditions, checked by `check` against the last change's view before
+    /// its body is read (RFC 9110 13.2.1: a stale `If-Match` is a `412` whatever the body
+    /// holds); the write checks them again under the store's lock. Not on etcd, where the
+    /// view may not have another node's change yet (the write reads it first).
+    fn precheck(&self, check: impl FnOnce(&View) -> Result<(), Problem>) -> Result<(), Problem> {
+        let view = self.view();
+        match view.health {
+            None => check(&view),
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 /// Tries of a write that keeps meeting newer revisions from other nodes: at least
@@ -2105,6 +2117,7 @@ async fn put_config(
 ) -> Result<Response, Problem> {
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
+    admin.precheck(|view| pre.check(Some(&config_etag(view.revision))))?;
     let value = json_body(&headers, body, false, MAX_CONFIG_BODY).await?;
     let config = typed_config(value)?;
     let applied = admin.apply(dry_run, "api: PUT /v1/config", |store| {
@@ -2180,6 +2193,15 @@ async fn write_item(
     let dry_run = q.dry_run()?;
     let pre = Preconditions::from(headers);
     let patch = method == Method::PATCH;
+    admin.precheck(|view| {
+        let etag =
+            (kind.get(&view.config, id)).map(|_| item_etag(kind, id, view.item_revision(kind, id)));
+        // As below: a patch of a missing item is a 404 whatever its preconditions.
+        match patch && etag.is_none() {
+            true => Ok(()),
+            false => pre.check(etag.as_deref()),
+        }
+    })?;
     let input = json_body(headers, body, patch, MAX_BODY).await?;
     let mut created = false;
     let (applied, (etag, value)) = admin
@@ -2380,6 +2402,7 @@ async fn batch(
 ) -> Result<Response, Problem> {
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
+    admin.precheck(|view| pre.check(Some(&config_etag(view.revision))))?;
     let batch: Batch = typed(json_body(&headers, body, false, MAX_CONFIG_BODY).await?)?;
     let mut candidate = None;
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {

@@ -178,6 +178,25 @@ fn conditional_writes() {
         gw.admin("GET", "/v1/routes/health", None).json()["respond"]["body"],
         json!("one")
     );
+    // A stale ETag is a 412 whatever the body holds: preconditions come before the content
+    // (RFC 9110 13.2.1; before: 400 for a body that was not JSON, 415 for another type).
+    problem(&write("{not json"), 412);
+    let typed = |path: &str, body: &str| {
+        let method = if path.ends_with(":batch") { "POST" } else { "PUT" };
+        gw.admin_with(
+            method,
+            path,
+            Some(body),
+            &[
+                ("Authorization", &auth),
+                ("If-Match", "\"stale\""),
+                ("Content-Type", "text/plain"),
+            ],
+        )
+    };
+    problem(&typed("/v1/routes/health", "x"), 412);
+    problem(&typed("/v1/config", "x"), 412);
+    problem(&typed("/v1/config:batch", "x"), 412);
     // If-None-Match: * creates only.
     let create_only = |id: &str| {
         gw.admin_with(
