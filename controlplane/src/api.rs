@@ -1878,8 +1878,11 @@ async fn json_body(
     patch: bool,
     limit: usize,
 ) -> Result<Value, Problem> {
-    let ctype = headers
-        .get(header::CONTENT_TYPE)
+    // One type: of two, which the body is would be a guess (none is taken).
+    let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+    let ctype = types
+        .next()
+        .filter(|_| types.next().is_none())
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mime = ctype

@@ -546,6 +546,18 @@ fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         &[("Authorization", &auth), ("Content-Type", "text/plain")],
     );
     problem(&r, 415);
+    // Two types, JSON first, are no type (before: the first was taken).
+    let r = gw.admin_with(
+        "PUT",
+        "/v1/routes/r",
+        Some(r#"{"path":"/r","respond":{}}"#),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+            ("Content-Type", "text/plain"),
+        ],
+    );
+    problem(&r, 415);
     // A PATCH refused for its media type names the ones taken (RFC 5789 2.2).
     let r = gw.admin_with(
         "PATCH",
