@@ -1574,7 +1574,10 @@ fn required_answer_field(
         426 => "Upgrade",
         _ => return Ok(()),
     };
-    let set = edits.is_some_and(|e| e.set.keys().any(|k| k.eq_ignore_ascii_case(name)));
+    // With a value: a challenge (or a method) at least.
+    let set = edits.is_some_and(|e| {
+        (e.set.iter()).any(|(k, v)| k.eq_ignore_ascii_case(name) && !v.trim().is_empty())
+    });
     let why = match status {
         426 => "a 426 must carry Upgrade (RFC 9110 15.5.22), which a route cannot set".to_owned(),
         _ => format!("a {status} must carry {name} (RFC 9110): set it in `response_headers`"),

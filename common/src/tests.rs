@@ -921,6 +921,11 @@ fn paths_no_request_can_have_are_refused_where_routes_redirects_and_rewrites_nam
             "routes[0].respond.status",
         ),
         (
+            "path = \"/l\"\nrespond = { status = 401 }\n\
+             response_headers = { set = { \"WWW-Authenticate\" = \"\" } }",
+            "routes[0].respond.status",
+        ),
+        (
             "path = \"/l\"\nrespond = { status = 204, content_type = \"application/json\" }",
             "routes[0].respond.content_type",
         ),

@@ -2635,12 +2635,22 @@ async fn rollback(
     let applied = admin.apply(dry_run, &format!("rollback to {n}"), |store| {
         pre.check(Some(&config_etag(store.revision())))?;
         // What only a restart changes stays as the running gateway has it: a revision from
-        // before a restart that changed them can still be rolled back to.
+        // before a restart that changed them can still be rolled back to. Of the listeners
+        // that is their addresses: with the same ones, the revision's listeners come back
+        // whole (their policies, TLS, redirects change at runtime); with others, today's stay.
         let now = store.config();
         let mut config = old.config.clone();
         config.workers = now.workers;
-        config.listeners.clone_from(&now.listeners);
         config.admin.clone_from(&now.admin);
+        let addresses = |c: &Config| {
+            c.listeners
+                .iter()
+                .map(|l| l.address.clone())
+                .collect::<Vec<_>>()
+        };
+        if addresses(&config) != addresses(now) {
+            config.listeners.clone_from(&now.listeners);
+        }
         Ok(config)
     })?;
     Ok(config_change_response(&applied, Some(n)))

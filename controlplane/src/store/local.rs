@@ -48,6 +48,12 @@ struct Current {
     /// `kind/id` → revision at which that item last changed.
     item_revisions: BTreeMap<String, u64>,
     config: Config,
+    /// Written after the journal's first record was made durable (every checkpoint of this
+    /// build): a checkpoint without it, of revision 0 and with no record beside it, is an
+    /// older build's first start cut short (it wrote the checkpoint first), not a journal
+    /// lost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    after_first_record: bool,
 }
 
 /// One journal line: a committed revision (also the value of the etcd store's keys).
@@ -146,26 +152,56 @@ impl LocalStore {
                 revision: replay.index[0].revision.saturating_sub(1),
                 item_revisions: BTreeMap::new(),
                 config: Config::default(),
+                after_first_record: true,
             },
         };
+        if replay.index.is_empty() && current.revision == 0 && !current.after_first_record {
+            // An older build's first start cut short: nothing was acknowledged.
+            return Ok(None);
+        }
         if replay.index.is_empty() && !old_layout {
             // Every state since the journal came has its first record beside the
             // checkpoint, and compaction keeps the last ones: this one was deleted or
             // emptied, and with it any revision after the checkpoint's.
+            let what = if replay.existed {
+                "holds no whole record"
+            } else {
+                "is missing"
+            };
+            let recover = match current.revision {
+                // A first start's checkpoint: it holds no config of its own.
+                0 => "nothing can be recovered from it (a first start's checkpoint, before any \
+                      config). Restore the data directory from a backup, or move it away and \
+                      start again from --config"
+                    .to_owned(),
+                n => format!(
+                    "the revisions after {n}, if any, cannot be known. Restore the data \
+                     directory from a backup, or move it away and start again (the `config` \
+                     member of {CHECKPOINT} is revision {n}'s config, to give as --config)"
+                ),
+            };
             return Err(invalid(
                 &journal_path,
                 format!(
-                    "{} beside {CHECKPOINT} (revision {}), so the revisions after that one, if \
-                     any, cannot be known. Restore the data directory from a backup; or move it \
-                     away and start again (the `config` member of {CHECKPOINT} is revision {}'s \
-                     config, to give as --config)",
-                    if replay.existed {
-                        "holds no whole record"
-                    } else {
-                        "is missing"
-                    },
-                    current.revision,
+                    "{what} beside {CHECKPOINT} (revision {}): {recover}",
                     current.revision
+                ),
+            ));
+        }
+        // The checkpoint is of the last revision when it is written, and the journal kept
+        // then holds it: a journal that ends before it lost records (an older copy of it).
+        if let Some(last) = replay
+            .index
+            .last()
+            .filter(|l| l.revision < current.revision)
+        {
+            return Err(invalid(
+                &journal_path,
+                format!(
+                    "its last record is revision {} but {CHECKPOINT} is revision {}: the \
+                     journal is older than the checkpoint (restored from another time?), and \
+                     what came after it cannot be known. Restore both files from one backup",
+                    last.revision, current.revision
                 ),
             ));
         }
@@ -182,12 +218,18 @@ impl LocalStore {
                         ),
                     ));
                 }
-                let record: Record = serde_json::from_slice(&replay.last_line)
-                    .map_err(|e| invalid(&journal_path, e))?;
+                let record: Record = serde_json::from_slice(&replay.last_line).map_err(|e| {
+                    let at = last.offset;
+                    invalid(
+                        &journal_path,
+                        format!("the record at byte {at} does not read: {e}"),
+                    )
+                })?;
                 current = Current {
                     revision: record.revision,
                     item_revisions: record.item_revisions,
                     config: record.config,
+                    after_first_record: true,
                 };
             }
         }
@@ -229,6 +271,7 @@ impl LocalStore {
             revision: 0,
             item_revisions: BTreeMap::new(),
             config: Config::default(),
+            after_first_record: true,
         };
         let checkpoint = serde_json::to_vec(&current).map_err(io::Error::other)?;
         let journal = OpenOptions::new()
@@ -297,6 +340,7 @@ impl LocalStore {
             revision,
             item_revisions: record.item_revisions,
             config: record.config,
+            after_first_record: true,
         };
         if self.index.len() >= COMPACT_AT {
             // The change is already durable; a failed compaction only leaves a longer journal.
@@ -737,6 +781,16 @@ mod tests {
         LocalStore::create(&e, config.clone(), "test").unwrap();
         let store = LocalStore::open(&e).unwrap().unwrap();
         assert_eq!((store.revision(), store.config()), (1, &config));
+        drop(store);
+        // An older build's first start cut short: it wrote its empty checkpoint first (no
+        // `after_first_record`), and nothing beside it. Nothing was acknowledged: no state.
+        let _ = fs::remove_dir_all(&e);
+        private_dir(&e).unwrap();
+        let empty = br#"{"revision":0,"item_revisions":{},"config":{}}"#;
+        write_file(&e, CHECKPOINT, empty).unwrap();
+        assert!(LocalStore::open(&e).unwrap().is_none());
+        File::create(e.join(JOURNAL)).unwrap();
+        assert!(LocalStore::open(&e).unwrap().is_none());
         let _ = fs::remove_dir_all(&e);
         let _ = fs::remove_dir_all(&d);
     }
@@ -795,6 +849,7 @@ mod tests {
         );
         fs::remove_file(d.join(JOURNAL)).unwrap();
         let (err, ..) = refused(&d);
+        assert!(err.contains("nothing can be recovered from it"), "{err}");
         assert!(
             err.contains("is missing beside current.json (revision 0)"),
             "{err}"
@@ -814,6 +869,33 @@ mod tests {
         // Put back whole, it opens at revision 4.
         fs::write(d.join(JOURNAL), &journal).unwrap();
         assert_eq!(LocalStore::open(&d).unwrap().unwrap().revision(), 4);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_journal_older_than_the_checkpoint_is_refused() {
+        // Past a compaction (the checkpoint is revision 201), the journal put back as an
+        // older copy ending before it: before, the checkpoint was served, the records after
+        // it lost without a word, and the next write left a gap that refused the next start.
+        let d = dir();
+        let mut store = LocalStore::create(&d, Config::default(), "test").unwrap();
+        let mut copy = Vec::new();
+        for i in 0..COMPACT_AT + 5 {
+            if i == 50 {
+                copy = fs::read(d.join(JOURNAL)).unwrap();
+            }
+            let c = Config {
+                workers: Some(i % 5 + 1),
+                ..Config::default()
+            };
+            store.commit(c, "test").unwrap();
+        }
+        drop(store);
+        fs::write(d.join(JOURNAL), &copy).unwrap();
+        let (err, before, after) = refused(&d);
+        let want = "its last record is revision 51 but current.json is revision 200";
+        assert!(err.contains(want), "{err}");
+        assert_eq!(before, after);
         let _ = fs::remove_dir_all(&d);
     }
 
@@ -996,6 +1078,7 @@ mod tests {
             revision: 2,
             item_revisions: BTreeMap::new(),
             config: config.clone(),
+            after_first_record: false,
         };
         fs::write(d.join(CHECKPOINT), serde_json::to_vec(&current).unwrap()).unwrap();
         let store = LocalStore::open(&d).unwrap().unwrap();
