@@ -701,6 +701,24 @@ impl Snapshot {
             t.descriptor_sha256.clone_from(&compiled.file_sha256);
             transcoders.push(std::sync::Arc::new(compiled));
         }
+        // A stored route path with a lower-case escape (taken by an earlier build, when
+        // requests kept theirs as sent): spelled as requests are routed now, so that it
+        // keeps matching what it matched (a new config is refused below instead).
+        for (i, r) in config.routes.iter_mut().enumerate() {
+            for (field, path) in [("path", &mut r.path), ("path_prefix", &mut r.path_prefix)] {
+                let upper = |p: &&mut String| {
+                    crate::validate::lower_case_escape(p) && !crate::validate::escapes_unreserved(p)
+                };
+                let Some(p) = path.as_mut().filter(upper) else {
+                    continue;
+                };
+                let why = "has an escape with a lower-case hex digit: upper-cased, as requests \
+                           are before routing";
+                if tolerated(&format!("routes[{i}].{field}"), why) {
+                    *p = crate::validate::upper_case_escapes(p);
+                }
+            }
+        }
         let policies = crate::policy::compile(&mut config)?;
         let cluster = compile_cluster(&config)?;
         for (i, p) in policies.list.iter().enumerate() {

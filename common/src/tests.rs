@@ -863,6 +863,21 @@ fn a_repeated_id_is_refused_at_its_second_use_and_dot_ids_at_any() {
 }
 
 #[test]
+fn a_stored_route_path_with_a_lower_case_escape_is_routed_upper_cased() {
+    // Requests have their escapes upper-cased before routing: a route an earlier build
+    // stored as `/vault%2fkeys` keeps matching what it matched (before, the review found
+    // it tolerated as written, matching nothing: its traffic fell to the catch-all).
+    let text = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"v\"\n\
+                path_prefix = \"/vault%2fkeys/%e2%82%ac\"\nrespond = {}\n";
+    assert_eq!(err(text).path(), "routes[0].path_prefix");
+    let stored = parse_config(text, Format::Toml).unwrap();
+    let (snap, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    let path = snap.config.routes[0].path_prefix.as_deref();
+    assert_eq!(path, Some("/vault%2Fkeys/%E2%82%AC"));
+}
+
+#[test]
 fn a_respond_route_gives_the_fields_its_status_needs() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/l\"\n";
     for (status, edits) in [

@@ -151,6 +151,20 @@ pub(crate) fn lower_case_escape(path: &str) -> bool {
     })
 }
 
+/// `path` with the hex digits of its escapes upper-cased (`%2f` is `%2F`), as requests' paths
+/// are before routing.
+pub(crate) fn upper_case_escapes(path: &str) -> String {
+    let mut out = path.as_bytes().to_vec();
+    for (i, _) in path.match_indices('%') {
+        if let Some(hex) = out.get_mut(i + 1..i + 3) {
+            if hex.iter().all(u8::is_ascii_hexdigit) {
+                hex.make_ascii_uppercase();
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| path.to_owned())
+}
+
 /// The unreserved character (a letter, a digit, `-`, `.`, `_`, `~`) that `b[i..]` escapes
 /// (`%6F`), which requests have decoded before they are routed; `None` for anything else.
 pub(crate) fn unreserved_escape(b: &[u8], i: usize) -> Option<u8> {

@@ -765,6 +765,16 @@ fn failing_steps_follow_the_status_rules() {
         json!([{"step": "e500", "status": 502, "error": "status", "upstream_status": 500}]),
         "{p}"
     );
+    // A step that never ran because the failed required one is in its `after` is no failure
+    // of its own to list (the review found it listed as a `dependency`).
+    let steps = [step("e500", 2, ""), step("dep", 0, "after = [\"e500\"]")].concat();
+    let (gw, _) = one_aggregate(&origins, "", &steps);
+    let p = get(&mut gw.connect(), "/agg", "").json();
+    assert_eq!(
+        (&p["step"], &p["_errors"]),
+        (&json!("e500"), &Value::Null),
+        "{p}"
+    );
     // A required 404 with a JSON body: that status and that body.
     let steps = [step("ok", 0, ""), step("e404", 3, "")].concat();
     let (gw, _) = one_aggregate(&origins, "", &steps);

@@ -872,12 +872,14 @@ fn a_streamed_body_is_the_clients_time_not_the_upstreams_silence() {
     // A body streamed to an h2c upstream that answers once it has it all (a client-streaming
     // call, a slow upload): `upstream_response_head_ms` counts from when the body last moved
     // on. Before: from the head sent, so the upload was cut at 400 ms with a 504 and the
-    // healthy target charged a response timeout. A body that stalls still ends.
+    // healthy target charged a response timeout. A client that pauses is the client's
+    // silence, bounded by `client_body_ms` (the review found a first version charging the
+    // target for it): a 408, the target not charged.
     let peer = ResetPeer::start_with(&["0", "trailers"]);
     let config = h2c_upstream_config(
         &[peer.addr],
         "h2c = true",
-        "[timeouts]\nupstream_response_head_ms = 400\n",
+        "[timeouts]\nupstream_response_head_ms = 400\nclient_body_ms = 1200\n",
         "",
         "",
     );
@@ -939,11 +941,16 @@ print(status, round(took, 1), flush=True)
     assert_eq!(status, "204", "after {took} s");
     let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
     assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
-    // A body that stops for longer than the timeout: 504 then, 400 ms after its last
-    // piece, before the client would have ended it.
+    // A pause longer than the head timeout, shorter than the body's: waited out.
+    let (status, took) = run("1", "0.8");
+    assert_eq!(status, "204", "after {took} s");
+    // A pause longer than client_body_ms: 408, 1.2 s after the last piece, before the
+    // client would have ended the body; the target is not charged.
     let (status, took) = run("1", "3");
-    assert_eq!(status, "504", "after {took} s");
-    assert!(took < 2.0, "{took}");
+    assert_eq!(status, "408", "after {took} s");
+    assert!(took < 2.5, "{took}");
+    let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
+    assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
 }
 
 #[test]

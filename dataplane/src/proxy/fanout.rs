@@ -860,6 +860,7 @@ fn fail_late(
     late.push((j, f.error));
     if agg.steps[j].required {
         let mut others = std::mem::take(errors);
+        others.retain(|e| e["error"] != StepError::Dependency.label());
         others.extend(failed_after(agg, results, j + 1));
         return Some(step_failed(agg, j, f, req, others));
     }
@@ -1007,14 +1008,18 @@ fn earlier_sets(
     json::lookup(&shaped, &path).is_some()
 }
 
-/// The `_errors` members of the steps from `from` on that failed.
+/// The `_errors` members of the steps from `from` on that failed, but for those that
+/// failed only because a step they wait for did (they never ran; that step is listed, or is
+/// the answer's).
 fn failed_after<'a>(
     agg: &'a Aggregate,
     results: &'a [Option<(Duration, StepOutcome)>],
     from: usize,
 ) -> impl Iterator<Item = Value> + 'a {
     (from..results.len()).filter_map(move |k| match &results[k] {
-        Some((_, Err(f))) => Some(error_member(&agg.steps[k].id, f)),
+        Some((_, Err(f))) if f.error != StepError::Dependency => {
+            Some(error_member(&agg.steps[k].id, f))
+        }
         _ => None,
     })
 }

@@ -505,6 +505,29 @@ async fn until_aborted(abort: &Abort, work: impl Future<Output = ()>) {
     .await;
 }
 
+/// How far a streamed request body's relay is: when it last moved on (a piece in, a piece
+/// out, its end), and whether the client's next piece is what it waits for (then a silence
+/// is the client's, bounded by `client_body_ms`; else the upstream's, sending or answering).
+struct Progress {
+    at: Cell<Instant>,
+    awaiting_client: Cell<bool>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            at: Cell::new(Instant::now()),
+            awaiting_client: Cell::new(false),
+        }
+    }
+
+    /// It moved on now; `awaiting_client`: the client's next piece is awaited.
+    fn moved(&self, awaiting_client: bool) {
+        self.at.set(Instant::now());
+        self.awaiting_client.set(awaiting_client);
+    }
+}
+
 /// A streamed request body as it was relayed, for sending it again on a retry.
 #[derive(Debug, Default)]
 struct Replay {
@@ -534,30 +557,32 @@ impl Replay {
 /// Relays an HTTP/2 client's request body to the upstream stream as it arrives, trailers
 /// included but for the fields named in `refused` ([`common::policy::Policies::trailer_refused`]),
 /// keeping a copy in `replay`; a client that resets its stream resets the upstream's.
+/// `progress` says when the body last moved on, and whether the client's next piece is
+/// awaited.
 async fn pump(
     first: Bytes,
     mut from: RecvStream,
     mut to: SendStream<Bytes>,
     replay: &RefCell<Replay>,
     refused: Arc<[Box<[u8]>]>,
-    moved: &Cell<Instant>,
+    progress: &Progress,
 ) {
     replay.borrow_mut().keep(&first);
     // Unbounded here: the request's own deadlines end the pump (it is aborted with it).
     let _ = send_flow(&mut to, first, false, None).await;
-    moved.set(Instant::now());
+    progress.moved(true);
     // Once the upstream stream has failed, the body is still read (into `replay`): a
     // retry on another target may need it.
     let mut sending = true;
     loop {
         match poll_fn(|cx| from.poll_data(cx)).await {
             Some(Ok(data)) => {
-                moved.set(Instant::now());
+                progress.moved(false);
                 let n = data.len();
                 replay.borrow_mut().keep(&data);
                 if sending {
                     sending = send_flow(&mut to, data, false, None).await.is_ok();
-                    moved.set(Instant::now());
+                    progress.moved(true);
                 }
                 let _ = from.flow_control().release_capacity(n);
             }
@@ -571,7 +596,7 @@ async fn pump(
     }
     let trailers = poll_fn(|cx| from.poll_trailers(cx)).await;
     // The body's end: the wait for the response head counts from here.
-    moved.set(Instant::now());
+    progress.moved(false);
     match trailers {
         Ok(Some(mut trailers)) => {
             replay.borrow_mut().lost = true;
@@ -1388,8 +1413,7 @@ pub(super) async fn forward<S: ClientStream>(
             let mut pump_guard = None;
             let mut up_send = Some(up_send);
             let pumped = body_now.is_none();
-            // When a streamed body last moved on (a piece in, a piece out, its end).
-            let body_moved = Rc::new(Cell::new(Instant::now()));
+            let progress = Rc::new(Progress::new());
             match (&body_now, stream_body.take()) {
                 (Some(b), _) if !b.is_empty() => {
                     // Within the stream's window it goes at once; beyond it, h2 holds the
@@ -1407,7 +1431,7 @@ pub(super) async fn forward<S: ClientStream>(
                     if let Some(to) = up_send.take() {
                         let replay = replay.clone();
                         let refused = snap.policies.trailer_refused.clone();
-                        let moved = body_moved.clone();
+                        let moved = progress.clone();
                         monoio::spawn(async move {
                             let pump = pump(first, rest, to, &replay, refused, &moved);
                             until_aborted(&abort, pump).await;
@@ -1424,9 +1448,13 @@ pub(super) async fn forward<S: ClientStream>(
             // streamed body, from when the body last moved on: a client-streaming call or a
             // slow upload is the client's time, not the upstream's silence (HTTP/1.1 starts
             // the timer once the body has gone), while a stream stalled both ways still ends.
+            // A silence while the client's next piece is awaited is the client's: bounded by
+            // `client_body` (HTTP/1.1's too), its end the client's timeout, not the target's.
+            let client_silent = || pumped && progress.awaiting_client.get();
             let head_deadline = || match call_deadline {
                 Some(d) => d + GRPC_GRACE,
-                None if pumped => body_moved.get() + timeouts.upstream_response_head,
+                None if client_silent() => progress.at.get() + timeouts.client_body,
+                None if pumped => progress.at.get() + timeouts.upstream_response_head,
                 None => sent_at.get() + timeouts.upstream_response_head,
             };
             let mut response = pin!(response);
@@ -1454,6 +1482,9 @@ pub(super) async fn forward<S: ClientStream>(
                 // used again, and it counts against the target.
                 Err(_) if client_deadline.is_some_and(|d| d <= Instant::now()) => {
                     Err(ProxyError::new(ErrorKind::DeadlineExceeded))
+                }
+                Err(_) if call_deadline.is_none() && client_silent() => {
+                    Err(ProxyError::new(ErrorKind::ClientTimeout))
                 }
                 Err(_) => {
                     // A connection that answers nothing may be dead (a host gone silently):
