@@ -1277,6 +1277,14 @@ impl Admin {
         drop(self.publish_pending_unlocked(store));
     }
 
+    /// The etcd config key deleted, as the watch saw it: the record held is forgotten (said
+    /// in the log), as when a read finds none; the workers serve on what they run.
+    pub fn observe_deleted(&self) {
+        if let Store::Etcd(e) = &mut *self.held() {
+            e.forget_record();
+        }
+    }
+
     /// Reads the config whole with `read` (etcd's `P/config` and its header revision) and
     /// takes what it holds now, even if older than the record held (the store was restored
     /// from a backup), publishing it. The read is made without the store's lock (etcd may

@@ -146,8 +146,13 @@ fn watch_once(
         match watch.next_event() {
             Ok(WatchEvent::Changes(kvs, _)) => {
                 health.ok();
-                for kv in kvs.iter().filter(|kv| !kv.value.is_empty()) {
-                    admin.observe(&kv.value, kv.mod_revision);
+                for kv in &kvs {
+                    if kv.value.is_empty() {
+                        // The key deleted (by hand): no config any more, said once.
+                        admin.observe_deleted();
+                    } else {
+                        admin.observe(&kv.value, kv.mod_revision);
+                    }
                     state.seen.store(kv.mod_revision, Ordering::Relaxed);
                 }
             }

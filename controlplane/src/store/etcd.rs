@@ -261,6 +261,10 @@ fn open_sealed(secret: &[u8; 32], sha256: &str, stored: &[u8]) -> Result<String,
     Ok(pem)
 }
 
+/// The largest config revision a record may have: 2^53, which a JSON number holds exactly
+/// and which a gateway making a million changes a second reaches in 285 years.
+const MAX_REVISION: u64 = 1 << 53;
+
 fn revision_key(n: u64) -> String {
     format!("revisions/{n:020}")
 }
@@ -345,10 +349,29 @@ impl EtcdStore {
             }
             return Ok(store);
         }
-        let seed = seed()?;
         // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
         // no number (no ETag) names two configs.
         store.learn_highest();
+        // No config, but the history is there (the config key deleted by hand): no empty
+        // store, and this node's file would replace what every node serves. The newest
+        // revision kept is written again, numbered on.
+        if let Some(restored) = store
+            .newest_kept()
+            .map_err(|e| OpenError::Failed(format!("cannot read the history in {url}: {e}")))?
+        {
+            let what = format!(
+                "revision {} again ({url} held no config, but its history)",
+                restored.revision
+            );
+            store.highest = store.highest.max(restored.revision);
+            match store.commit(restored.config, &what, &[]) {
+                Ok(rev) => log::warn!("config store: wrote {what} as revision {rev}"),
+                Err(StoreError::Conflict) => {}
+                Err(e) => return Err(OpenError::Failed(format!("cannot restore {url}: {e}"))),
+            }
+            return Ok(store);
+        }
+        let seed = seed()?;
         let merged = merge(&store.node, &seed.config);
         match store.commit(merged, &seed.what, &seed.keys) {
             Ok(rev) => log::info!("seeded {url} with {} as revision {rev}", seed.what),
@@ -450,7 +473,15 @@ impl EtcdStore {
         if mod_revision <= self.mod_revision {
             return false;
         }
-        let record: Record = match serde_json::from_slice(value) {
+        // A revision number no gateway counts up to (written by hand): the next one would
+        // wrap round to numbers, and ETags, that name other configs.
+        let parsed = serde_json::from_slice::<Record>(value).and_then(|r| match r.revision {
+            n if n > MAX_REVISION => Err(serde::de::Error::custom(format!(
+                "revision {n} is past the largest a gateway counts to ({MAX_REVISION})"
+            ))),
+            _ => Ok(r),
+        });
+        let record: Record = match parsed {
             Ok(r) => r,
             Err(e) => {
                 // Logged once per record, however often it is read.
@@ -711,6 +742,14 @@ impl EtcdStore {
     }
 
     /// One stored revision (its shared config merged with this node's settings).
+    /// The newest revision the history keeps, whole (this node's settings merged in).
+    fn newest_kept(&mut self) -> Result<Option<StoredRevision>, StoreError> {
+        match self.revisions()?.last() {
+            Some(r) => self.load_revision(r.revision),
+            None => Ok(None),
+        }
+    }
+
     pub fn load_revision(&mut self, n: u64) -> Result<Option<StoredRevision>, StoreError> {
         let kvs = self.read(&revision_key(n), false).map_err(unavailable)?;
         let Some(kv) = kvs.first() else {

@@ -1318,3 +1318,72 @@ fn another_nodes_change_naming_a_new_host_holds_up_no_admin_call_here() {
         "{status}"
     );
 }
+
+#[test]
+fn a_config_key_deleted_by_hand_is_said_and_a_starting_node_restores_the_newest_revision() {
+    // `etcdctl del PREFIX/config`, its history left. Before: the running nodes said
+    // nothing (the watch dropped the delete), and the next node to start took the prefix
+    // for empty and seeded it with its node file: every node then served no routes.
+    let etcd = Etcd::start();
+    let a = node(&etcd, "t16", &node_file("a", "", ""));
+    for i in 0..2 {
+        let path = format!("/r{i}");
+        let r = a.admin(
+            "PUT",
+            &format!("/v1/routes/r{i}"),
+            Some(&respond_route(&path, "r")),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    let before = a.admin("GET", "/v1/status", None).json()["store"]["revision"]
+        .as_u64()
+        .unwrap();
+    let del = serde_json::json!({"key": b64(b"/t16/config")});
+    assert!(etcd
+        .http("POST", "/v3/kv/deleterange", &del.to_string())
+        .is_some());
+    a.wait_log("etcd holds no config any more", Duration::from_secs(10));
+    assert_eq!(get(&a, "/r1"), (200, "r".to_owned()));
+    // A node that starts now (its file names a route of its own, which seeds an empty
+    // store only) restores the newest revision, numbered on.
+    let b = node(
+        &etcd,
+        "t16",
+        &format!(
+            "{}\n[[routes]]\nid = \"mine\"\npath = \"/mine\"\nrespond = {{ body = \"m\" }}\n",
+            node_file("b", "", "")
+        ),
+    );
+    b.wait_log(
+        &format!("wrote revision {before} again"),
+        Duration::from_secs(5),
+    );
+    for gw in [&a, &b] {
+        wait_serves(gw, "/r1", "r", Duration::from_secs(5));
+        assert_eq!(get(gw, "/mine").0, 404);
+        let status = gw.admin("GET", "/v1/status", None).json();
+        assert_eq!(status["store"]["revision"], before + 1, "{status}");
+    }
+}
+
+#[test]
+fn a_record_numbered_past_what_a_gateway_counts_to_is_unreadable() {
+    // Written by hand with the largest u64: before, the next write wrapped round to
+    // revision 0 (an ETag `config-r0` again) and overwrote revision 1 in the history.
+    let etcd = Etcd::start();
+    let a = node(&etcd, "t17", &node_file("a", "", ""));
+    let record = serde_json::json!({
+        "revision": u64::MAX, "created_ms": 0, "source": "by hand", "item_revisions": {},
+        "config": {}
+    });
+    let put = serde_json::json!({"key": b64(b"/t17/config"),
+                                 "value": b64(record.to_string().as_bytes())});
+    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    let r = a.admin("PUT", "/v1/routes/w", Some(&respond_route("/w", "2")));
+    assert_eq!(r.status, 503, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("past the largest"),
+        "{}",
+        r.body_str()
+    );
+}
