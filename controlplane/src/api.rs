@@ -1574,8 +1574,7 @@ fn store_problem(e: StoreError) -> Problem {
             "Store Unavailable",
             format!(
                 "the config store cannot be reached ({m}); this node keeps serving its last \
-                 config. A write cut off mid-way may still have been committed: read it back \
-                 before retrying"
+                 config"
             ),
         ),
         StoreError::Failed(m) => Problem::new(

@@ -279,7 +279,12 @@ enum Committed {
 
 fn unavailable(e: EtcdError) -> StoreError {
     match e {
-        EtcdError::Unavailable(m) | EtcdError::Unknown(m) => StoreError::Unavailable(m),
+        // Not taken: nothing changed.
+        EtcdError::Unavailable(m) => StoreError::Unavailable(format!("{m}; nothing changed")),
+        // Taken, its answer lost: its outcome is not known.
+        EtcdError::Unknown(m) => StoreError::Unavailable(format!(
+            "{m}; the write may still have been made: read the config back before retrying"
+        )),
         EtcdError::Refused(m) => StoreError::Failed(m),
     }
 }
@@ -939,6 +944,16 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_failure_says_whether_the_write_may_have_been_made() {
+        // Before, every 503 said a write may have been made, a read's and a refused
+        // connection's too.
+        let not_sent = unavailable(EtcdError::Unavailable("connection refused".into()));
+        assert!(not_sent.to_string().ends_with("nothing changed"), "{not_sent}");
+        let lost = unavailable(EtcdError::Unknown("timed out".into()));
+        assert!(lost.to_string().contains("may still have been made"), "{lost}");
+    }
 
     #[test]
     fn keys_are_sealed_and_opened_only_with_the_same_secret() {

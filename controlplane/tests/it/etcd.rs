@@ -553,6 +553,9 @@ fn nodes_catch_up_and_outlive_an_etcd_outage() {
         );
         assert_eq!(r.status, 503, "{}", r.body_str());
         assert_eq!(r.json()["title"], "Store Unavailable");
+        // Nothing reached etcd: the answer says nothing changed (before, it said a write
+        // may have been made whatever the failure).
+        assert!(r.body_str().contains("nothing changed"), "{}", r.body_str());
     }
     for gw in [&a, &b, &c] {
         assert_eq!(get(gw, "/two"), (200, "2".to_owned()));
