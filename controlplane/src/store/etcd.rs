@@ -950,9 +950,15 @@ mod tests {
         // Before, every 503 said a write may have been made, a read's and a refused
         // connection's too.
         let not_sent = unavailable(EtcdError::Unavailable("connection refused".into()));
-        assert!(not_sent.to_string().ends_with("nothing changed"), "{not_sent}");
+        assert!(
+            not_sent.to_string().ends_with("nothing changed"),
+            "{not_sent}"
+        );
         let lost = unavailable(EtcdError::Unknown("timed out".into()));
-        assert!(lost.to_string().contains("may still have been made"), "{lost}");
+        assert!(
+            lost.to_string().contains("may still have been made"),
+            "{lost}"
+        );
     }
 
     #[test]

@@ -1577,6 +1577,30 @@ fn a_lower_case_escape_cannot_route_around_a_route() {
 }
 
 #[test]
+fn a_host_no_dns_name_has_is_refused_not_routed_by_a_wildcard() {
+    // `evil.com,api.a.test` ends in `.a.test`: before, a `*.a.test` route took it, and its
+    // upstream got `X-Forwarded-Host: evil.com,api.a.test`, a list whose first element
+    // frameworks take for the host (a poisoned reset link).
+    let origin = Origin::echo();
+    let config = format!(
+        "{}[[routes]]\nid = \"w\"\npath_prefix = \"/\"\nhosts = [\"*.a.test\"]\n\
+         upstream = \"orders\"\n",
+        example_config(origin.addr)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let status = |host: &str| {
+        gw.connect()
+            .roundtrip(&format!("GET /w HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+            .status
+    };
+    assert_eq!(status("api.a.test"), 200);
+    for host in ["evil.com,api.a.test", "evil.com;api.a.test", "x%2e.a.test"] {
+        assert_eq!(status(host), 400, "{host}");
+    }
+    assert_eq!(origin.requests().len(), 1);
+}
+
+#[test]
 fn doubled_slashes_cannot_route_around_a_policy() {
     let (origin, gw) = orders_behind_an_open_catch_all();
     // nginx and Tomcat read `//orders/1` as `/orders/1`: so does the router, and the policy

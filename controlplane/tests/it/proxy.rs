@@ -543,6 +543,9 @@ fn limits_answer_431_414_413(driver: Driver) {
             414,
         ),
         (format!("GET /{}", "u".repeat(5000)), 414),
+        // Empty lines that fill the head before a short request line: malformed, not a
+        // long target (before: 414).
+        (format!("{}GET / HTTP/1.1\r\n", "\r\n".repeat(3000)), 400),
         (
             format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(20)),
             431,

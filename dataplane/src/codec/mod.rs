@@ -431,27 +431,13 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
             None => (v, None),
         }
     };
-    let host_ok = host.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b'%'
-            )
-    });
+    // RFC 3986's reg-name also takes sub-delims and escapes, which no DNS name has: a
+    // wildcard route would take `evil.com,api.a.test` for one of its names, and upstreams
+    // read `X-Forwarded-Host: evil.com,api.a.test` as a list whose first element is the
+    // client's. Unreserved characters only (as the empty labels below).
+    let host_ok = host
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
     // No empty label (`.a`, `a..b`; nginx refuses the second), which no DNS name has: a
     // wildcard route would otherwise take `x..a.test` for one of its names. One trailing
     // dot ends a fully qualified name.
@@ -591,6 +577,10 @@ mod tests {
             b".a.test",
             b"x..a.test",
             b"a.test..",
+            b"evil.com,api.a.test",
+            b"a;b.test",
+            b"a%2e.test",
+            b"a=b",
             b".",
         ] {
             assert!(!valid_host(bad), "{bad:?}");

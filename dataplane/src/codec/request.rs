@@ -300,10 +300,13 @@ pub fn parse_request_into(
             // Connection-specific: goes with an h2c upgrade, which is never passed on.
             14 if name.eq_ignore_ascii_case(b"http2-settings") => drop = true,
             6 if name.eq_ignore_ascii_case(b"expect") => {
-                if value.eq_ignore_ascii_case(b"100-continue") {
+                // A list (RFC 9110 10.1.1: `#expectation`), whose empty elements do not count
+                // (5.6.1): `100-continue,` and an empty value are no other expectation.
+                for e in super::list_elements(value) {
+                    if !e.eq_ignore_ascii_case(b"100-continue") {
+                        return Err(ParseError::ExpectationFailed);
+                    }
                     expect_continue = true;
-                } else {
-                    return Err(ParseError::ExpectationFailed);
                 }
                 drop = true;
             }
@@ -655,6 +658,11 @@ pub fn head_too_large(buf: &[u8], limits: &Limits) -> ParseError {
         .iter()
         .take_while(|&&b| b == b'\r' || b == b'\n')
         .count();
+    // More empty lines than a request line may be long: a malformed request, not a long
+    // target or head (RFC 9112 2.2 asks to skip some, not a head's worth).
+    if skip > limits.max_uri_bytes {
+        return ParseError::Malformed;
+    }
     match buf[skip..].iter().position(|&b| b == b'\n') {
         None => ParseError::UriTooLong,
         Some(eol) if eol > limits.max_uri_bytes => ParseError::UriTooLong,

@@ -209,6 +209,20 @@ fn upgrade_and_expect() {
     assert!(h.expect_continue);
     let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n").unwrap();
     assert!(!h.expect_continue);
+    // A list whose empty elements do not count (RFC 9110 5.6.1; before: 417 for each).
+    for expect in [
+        "100-continue,",
+        "100-continue, 100-continue",
+        " , 100-continue",
+    ] {
+        let input =
+            format!("POST / HTTP/1.1\r\nHost: a\r\nExpect: {expect}\r\nContent-Length: 1\r\n\r\n");
+        assert!(parse(input.as_bytes()).unwrap().expect_continue, "{expect}");
+    }
+    let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nExpect:\r\n\r\n").unwrap();
+    assert!(!h.expect_continue);
+    let other = b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue, x\r\n\r\n";
+    assert_eq!(parse(other).unwrap_err(), ParseError::ExpectationFailed);
 }
 
 #[test]
