@@ -1592,9 +1592,11 @@ fn required_answer_field(
         426 => "Upgrade",
         _ => return Ok(()),
     };
-    // With a value: a challenge (or a method) at least.
+    // A challenge at least; an empty `Allow` is one (RFC 9110 10.2.1: no method allowed,
+    // "if the resource has been temporarily disabled by configuration").
     let set = edits.is_some_and(|e| {
-        (e.set.iter()).any(|(k, v)| k.eq_ignore_ascii_case(name) && !v.trim().is_empty())
+        (e.set.iter())
+            .any(|(k, v)| k.eq_ignore_ascii_case(name) && (status == 405 || !v.trim().is_empty()))
     });
     let why = match status {
         426 => "a 426 must carry Upgrade (RFC 9110 15.5.22), which a route cannot set".to_owned(),

@@ -886,6 +886,7 @@ fn a_respond_route_gives_the_fields_its_status_needs() {
             "response_headers = { set = { \"www-authenticate\" = \"Basic realm=\\\"x\\\"\" } }",
         ),
         (405, "response_headers = { set = { Allow = \"GET\" } }"),
+        (405, "response_headers = { set = { Allow = \"\" } }"),
         (
             407,
             "response_headers = { set = { \"Proxy-Authenticate\" = \"Basic\" } }",

@@ -1886,12 +1886,15 @@ async fn json_body(
     limit: usize,
 ) -> Result<Value, Problem> {
     // One type: of two, which the body is would be a guess (none is taken).
-    let mut types = headers.get_all(header::CONTENT_TYPE).iter();
-    let ctype = types
-        .next()
-        .filter(|_| types.next().is_none())
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let types = headers.get_all(header::CONTENT_TYPE).iter().count();
+    let ctype = match types {
+        1 => headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        0 => "",
+        _ => "several Content-Type fields",
+    };
     let mime = ctype
         .split(';')
         .next()
@@ -2643,21 +2646,21 @@ async fn rollback(
         pre.check(Some(&config_etag(store.revision())))?;
         // What only a restart changes stays as the running gateway has it: a revision from
         // before a restart that changed them can still be rolled back to. Of the listeners
-        // that is their addresses: with the same ones, the revision's listeners come back
-        // whole (their policies, TLS, redirects change at runtime); with others, today's stay.
+        // that is their addresses: each listener running now comes back as the revision had
+        // it at its address (its policies, TLS, redirect change at runtime), or stays as it
+        // is where the revision had none there.
         let now = store.config();
         let mut config = old.config.clone();
         config.workers = now.workers;
         config.admin.clone_from(&now.admin);
-        let addresses = |c: &Config| {
-            c.listeners
-                .iter()
-                .map(|l| l.address.clone())
-                .collect::<Vec<_>>()
-        };
-        if addresses(&config) != addresses(now) {
-            config.listeners.clone_from(&now.listeners);
-        }
+        let at = |a: &str| a.parse::<std::net::SocketAddr>().ok();
+        config.listeners = (now.listeners.iter())
+            .map(|running| {
+                let then = (old.config.listeners.iter())
+                    .find(|l| at(&l.address).is_some() && at(&l.address) == at(&running.address));
+                then.unwrap_or(running).clone()
+            })
+            .collect();
         Ok(config)
     })?;
     Ok(config_change_response(&applied, Some(n)))

@@ -261,8 +261,9 @@ fn open_sealed(secret: &[u8; 32], sha256: &str, stored: &[u8]) -> Result<String,
     Ok(pem)
 }
 
-/// The largest config revision a record may have: 2^53, which a JSON number holds exactly
-/// and which a gateway making a million changes a second reaches in 285 years.
+/// Config revisions stay below 2^53, which a JSON number holds exactly and which a gateway
+/// making a million changes a second reaches in 285 years: a larger one (written by hand,
+/// in a record or a node's `highest_revision`) would let the numbers wrap round.
 const MAX_REVISION: u64 = 1 << 53;
 
 fn revision_key(n: u64) -> String {
@@ -481,7 +482,7 @@ impl EtcdStore {
         // A revision number no gateway counts up to (written by hand): the next one would
         // wrap round to numbers, and ETags, that name other configs.
         let parsed = serde_json::from_slice::<Record>(value).and_then(|r| match r.revision {
-            n if n > MAX_REVISION => Err(serde::de::Error::custom(format!(
+            n if n >= MAX_REVISION => Err(serde::de::Error::custom(format!(
                 "revision {n} is past the largest a gateway counts to ({MAX_REVISION})"
             ))),
             _ => Ok(r),
@@ -590,6 +591,12 @@ impl EtcdStore {
         new_keys: &[NewKey],
     ) -> Result<u64, StoreError> {
         let revision = self.next_revision();
+        if revision >= MAX_REVISION {
+            return Err(StoreError::Failed(format!(
+                "the next config revision would be {revision}, past the largest a gateway \
+                 counts to ({MAX_REVISION}): a number written by hand?"
+            )));
+        }
         let shared = shared_settings(&config);
         let record = Record {
             revision,
@@ -885,7 +892,9 @@ impl EtcdStore {
     /// after a restore from a backup, a node started since goes on past it too.
     fn learn_highest(&mut self) {
         if let Ok(nodes) = self.nodes() {
-            let seen = nodes.iter().filter_map(|n| n["highest_revision"].as_u64());
+            let seen = (nodes.iter())
+                .filter_map(|n| n["highest_revision"].as_u64())
+                .filter(|&h| h < MAX_REVISION);
             self.highest = seen.fold(self.highest, u64::max);
         }
     }

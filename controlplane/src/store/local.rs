@@ -155,10 +155,6 @@ impl LocalStore {
                 after_first_record: true,
             },
         };
-        if replay.index.is_empty() && current.revision == 0 && !current.after_first_record {
-            // An older build's first start cut short: nothing was acknowledged.
-            return Ok(None);
-        }
         if replay.index.is_empty() && !old_layout {
             // Every state since the journal came has its first record beside the
             // checkpoint, and compaction keeps the last ones: this one was deleted or
@@ -169,6 +165,15 @@ impl LocalStore {
                 "is missing"
             };
             let recover = match current.revision {
+                // An older build's first checkpoint, written before the first record: a first
+                // start cut short looks the same as a journal lost since, and only the one who
+                // ran it can tell them apart (a guess would wipe the other's revisions).
+                0 if !current.after_first_record => "an older build wrote this checkpoint \
+                      before its first record: if its first start on this directory was cut \
+                      short (nothing was ever changed), remove the directory to start afresh; \
+                      else its revisions were in the journal: restore the directory from a \
+                      backup"
+                    .to_owned(),
                 // A first start's checkpoint: it holds no config of its own.
                 0 => "nothing can be recovered from it (a first start's checkpoint, before any \
                       config). Restore the data directory from a backup, or move it away and \
@@ -782,15 +787,24 @@ mod tests {
         let store = LocalStore::open(&e).unwrap().unwrap();
         assert_eq!((store.revision(), store.config()), (1, &config));
         drop(store);
-        // An older build's first start cut short: it wrote its empty checkpoint first (no
-        // `after_first_record`), and nothing beside it. Nothing was acknowledged: no state.
+        // An older build's first checkpoint (no `after_first_record`: written before the
+        // first record) with no record beside it: a first start cut short, or a journal lost
+        // since, which the directory cannot tell apart. Refused, saying both (the second
+        // review found a version taking it for no state: a lost journal's revisions gone
+        // without a word).
         let _ = fs::remove_dir_all(&e);
         private_dir(&e).unwrap();
         let empty = br#"{"revision":0,"item_revisions":{},"config":{}}"#;
         write_file(&e, CHECKPOINT, empty).unwrap();
-        assert!(LocalStore::open(&e).unwrap().is_none());
+        let (err, ..) = refused(&e);
+        assert!(
+            err.contains("if its first start on this directory was cut short"),
+            "{err}"
+        );
         File::create(e.join(JOURNAL)).unwrap();
-        assert!(LocalStore::open(&e).unwrap().is_none());
+        assert!(refused(&e)
+            .0
+            .contains("an older build wrote this checkpoint"));
         let _ = fs::remove_dir_all(&e);
         let _ = fs::remove_dir_all(&d);
     }

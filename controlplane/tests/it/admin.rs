@@ -1164,6 +1164,31 @@ fn a_rollback_keeps_the_settings_that_need_a_restart() {
         .connect()
         .roundtrip("GET /kept HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!((answer.status, answer.body_str()), (200, "kept"));
+    // The same address spelled otherwise (a leading zero in the port) is the same listener:
+    // its redirect comes back (the second review found the addresses compared as text).
+    let kept = |gw: &Gateway| {
+        (gw.connect())
+            .roundtrip("GET /kept HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status
+    };
+    let mut respelled = now.clone();
+    let address = now["listeners"][0]["address"].as_str().unwrap().to_owned();
+    let (host, port) = address.rsplit_once(':').unwrap();
+    respelled["listeners"][0]["address"] = json!(format!("{host}:0{port}"));
+    respelled["listeners"][0]["redirect"] = json!({"scheme": "https"});
+    let r = gw.admin("PUT", "/v1/config", Some(&respelled.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let redirected = revision(&gw);
+    let r = gw.admin("PUT", "/v1/config", Some(&now.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(kept(&gw), 200);
+    let r = gw.admin(
+        "POST",
+        &format!("/v1/revisions/{redirected}:rollback"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(kept(&gw), 301);
 }
 
 #[test]

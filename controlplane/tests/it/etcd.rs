@@ -1374,7 +1374,18 @@ fn a_record_numbered_past_what_a_gateway_counts_to_is_unreadable() {
     // Written by hand with the largest u64: before, the next write wrapped round to
     // revision 0 (an ETag `config-r0` again) and overwrote revision 1 in the history.
     let etcd = Etcd::start();
+    // A node record saying it saw the largest u64 (by hand): not taken for the highest
+    // revision seen (the second review found the next write wrapping round to 0 so).
+    let beat = serde_json::json!({"id": "zz", "applied_revision": 1, "last_seen": 0,
+                                  "highest_revision": u64::MAX, "uses": []});
+    let put = serde_json::json!({"key": b64(b"/t17/nodes/zz"),
+                                 "value": b64(beat.to_string().as_bytes())});
+    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
     let a = node(&etcd, "t17", &node_file("a", "", ""));
+    let r = a.admin("PUT", "/v1/routes/v", Some(&respond_route("/v", "1")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let status = a.admin("GET", "/v1/status", None).json();
+    assert_eq!(status["store"]["revision"], 2, "{status}");
     let record = serde_json::json!({
         "revision": u64::MAX, "created_ms": 0, "source": "by hand", "item_revisions": {},
         "config": {}

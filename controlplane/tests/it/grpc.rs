@@ -951,6 +951,32 @@ print(status, round(took, 1), flush=True)
     assert!(took < 2.5, "{took}");
     let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
     assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
+    drop(gw);
+    // client_body_ms shorter than the head timeout: a pause is cut at it, not at the head
+    // timeout (the second review found the first wait armed before the pump said it awaited
+    // the client, so a 3 s pause ran to the 5 s head timeout).
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "h2c = true",
+        "[timeouts]\nupstream_response_head_ms = 5000\nclient_body_ms = 1000\n",
+        "",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let run = |pieces: &str, pause: &str| {
+        let out = Command::new("python3")
+            .args(["-c", CLIENT, &gw.addr.port().to_string(), pieces, pause])
+            .output()
+            .expect("python3 with the PyPI package h2");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (status, took) = text.split_once(' ').unwrap_or_else(|| {
+            panic!("{text}: {}", String::from_utf8_lossy(&out.stderr));
+        });
+        (status.to_owned(), took.parse::<f64>().unwrap())
+    };
+    let (status, took) = run("1", "3");
+    assert_eq!(status, "408", "after {took} s");
+    assert!(took < 2.0, "{took}");
 }
 
 #[test]

@@ -1457,9 +1457,24 @@ pub(super) async fn forward<S: ClientStream>(
                 None if pumped => progress.at.get() + timeouts.upstream_response_head,
                 None => sent_at.get() + timeouts.upstream_response_head,
             };
+            // The pump says what it awaits without waking this wait: with a streamed body it
+            // wakes by the nearer of the two bounds still ahead, and looks again.
+            let wake_by = || match call_deadline {
+                None if pumped => {
+                    let now = Instant::now();
+                    let at = progress.at.get();
+                    [timeouts.client_body, timeouts.upstream_response_head]
+                        .into_iter()
+                        .map(|bound| at + bound)
+                        .filter(|&t| t > now)
+                        .min()
+                        .unwrap_or_else(head_deadline)
+                }
+                _ => head_deadline(),
+            };
             let mut response = pin!(response);
             let response = loop {
-                let head_by = head_deadline();
+                let head_by = wake_by();
                 let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
                 match monoio::time::timeout_at(deadline.into(), response.as_mut()).await {
                     Ok(r) => break Ok(r),
