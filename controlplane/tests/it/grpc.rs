@@ -925,7 +925,7 @@ while not done:
     s.sendall(c.data_to_send())
 print(status, round(took, 1), flush=True)
 "#;
-    let run = |pieces: &str, pause: &str| {
+    let run = |gw: &Gateway, pieces: &str, pause: &str| {
         let out = Command::new("python3")
             .args(["-c", CLIENT, &gw.addr.port().to_string(), pieces, pause])
             .output()
@@ -937,16 +937,16 @@ print(status, round(took, 1), flush=True)
         (status.to_owned(), took.parse::<f64>().unwrap())
     };
     // 8 pieces 150 ms apart: 1.2 s of body, every gap within the timeout.
-    let (status, took) = run("8", "0");
+    let (status, took) = run(&gw, "8", "0");
     assert_eq!(status, "204", "after {took} s");
     let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
     assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
     // A pause longer than the head timeout, shorter than the body's: waited out.
-    let (status, took) = run("1", "0.8");
+    let (status, took) = run(&gw, "1", "0.8");
     assert_eq!(status, "204", "after {took} s");
     // A pause longer than client_body_ms: 408, 1.2 s after the last piece, before the
     // client would have ended the body; the target is not charged.
-    let (status, took) = run("1", "3");
+    let (status, took) = run(&gw, "1", "3");
     assert_eq!(status, "408", "after {took} s");
     assert!(took < 2.5, "{took}");
     let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
@@ -963,18 +963,7 @@ print(status, round(took, 1), flush=True)
         "",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    let run = |pieces: &str, pause: &str| {
-        let out = Command::new("python3")
-            .args(["-c", CLIENT, &gw.addr.port().to_string(), pieces, pause])
-            .output()
-            .expect("python3 with the PyPI package h2");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let (status, took) = text.split_once(' ').unwrap_or_else(|| {
-            panic!("{text}: {}", String::from_utf8_lossy(&out.stderr));
-        });
-        (status.to_owned(), took.parse::<f64>().unwrap())
-    };
-    let (status, took) = run("1", "3");
+    let (status, took) = run(&gw, "1", "3");
     assert_eq!(status, "408", "after {took} s");
     assert!(took < 2.0, "{took}");
 }
