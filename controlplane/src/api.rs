@@ -2653,12 +2653,21 @@ async fn rollback(
         let mut config = old.config.clone();
         config.workers = now.workers;
         config.admin.clone_from(&now.admin);
+        // The n-th listener at an address is the revision's n-th there (several may share
+        // port 0, each a free port of its own).
         let at = |a: &str| a.parse::<std::net::SocketAddr>().ok();
-        config.listeners = (now.listeners.iter())
-            .map(|running| {
+        let running = &now.listeners;
+        config.listeners = (running.iter().enumerate())
+            .map(|(i, l)| {
+                let here = at(&l.address);
+                let nth = running[..i]
+                    .iter()
+                    .filter(|e| at(&e.address) == here)
+                    .count();
                 let then = (old.config.listeners.iter())
-                    .find(|l| at(&l.address).is_some() && at(&l.address) == at(&running.address));
-                then.unwrap_or(running).clone()
+                    .filter(|o| here.is_some() && at(&o.address) == here)
+                    .nth(nth);
+                then.unwrap_or(l).clone()
             })
             .collect();
         Ok(config)

@@ -481,12 +481,15 @@ impl EtcdStore {
         }
         // A revision number no gateway counts up to (written by hand): the next one would
         // wrap round to numbers, and ETags, that name other configs.
-        let parsed = serde_json::from_slice::<Record>(value).and_then(|r| match r.revision {
-            n if n >= MAX_REVISION => Err(serde::de::Error::custom(format!(
-                "revision {n} is past the largest a gateway counts to ({MAX_REVISION})"
-            ))),
-            _ => Ok(r),
-        });
+        let parsed = serde_json::from_slice::<Record>(value)
+            .map_err(|e| format!("written by a newer one? ({e}): upgrade this node"))
+            .and_then(|r| match r.revision {
+                n if n >= MAX_REVISION => Err(format!(
+                    "its revision {n} is past the largest a gateway counts to \
+                     ({MAX_REVISION}): written by hand? write a record with a smaller one"
+                )),
+                _ => Ok(r),
+            });
         let record: Record = match parsed {
             Ok(r) => r,
             Err(e) => {
@@ -498,7 +501,7 @@ impl EtcdStore {
                 }
                 let why = format!(
                     "the store holds a config (etcd revision {mod_revision}) this build cannot \
-                     read, written by a newer one? ({e}): upgrade this node"
+                     read, {e}"
                 );
                 self.rejected = Some((self.revision + 1, why.clone()));
                 self.unreadable = Some((mod_revision, why));

@@ -1192,6 +1192,26 @@ fn a_rollback_keeps_the_settings_that_need_a_restart() {
 }
 
 #[test]
+fn a_rollback_gives_each_listener_at_an_address_its_own_settings_back() {
+    // Two listeners on port 0 (a free port each), the first redirecting: rolled back, each
+    // gets its own settings (the third review found the first one's copied onto both).
+    let config = "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                  redirect = { scheme = \"https\" }\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+                  [[routes]]\nid = \"h\"\npath = \"/h\"\nrespond = { body = \"ok\" }\n";
+    let gw = Gateway::start(config, Driver::IoUring);
+    let r = gw.admin("PUT", "/v1/routes/x", Some(r#"{"path":"/x","respond":{}}"#));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let r = gw.admin("POST", "/v1/revisions/1:rollback", None);
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let status = |i: usize| {
+        Client::connect(gw.listeners[i])
+            .roundtrip("GET /h HTTP/1.1\r\nHost: a\r\n\r\n")
+            .status
+    };
+    assert_eq!((status(0), status(1)), (301, 200));
+}
+
+#[test]
 fn config_file_over_stored_state_resumes_applies_or_needs_replace_state() {
     // As a service manager starts it: the same `--config` every time.
     let origin = Origin::echo();

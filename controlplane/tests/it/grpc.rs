@@ -966,6 +966,32 @@ print(status, round(took, 1), flush=True)
     let (status, took) = run(&gw, "1", "3");
     assert_eq!(status, "408", "after {took} s");
     assert!(took < 2.0, "{took}");
+    // A body that ends while the client's longer bound is armed: the upstream's silence
+    // counts from its end, 500 ms (the third review found the wait sleeping on to the
+    // client's 3 s bound, and a per-try bound taken for the client's timeout).
+    let silent = ResetPeer::start_with(&["0", "silent"]);
+    let config = h2c_upstream_config(
+        &[silent.addr],
+        "h2c = true",
+        "[timeouts]\nupstream_response_head_ms = 500\nclient_body_ms = 3000\n",
+        "",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let (status, took) = run(&gw, "1", "1");
+    assert_eq!(status, "504", "after {took} s");
+    assert!(took < 2.3, "{took}");
+    drop(gw);
+    let config = h2c_upstream_config(
+        &[silent.addr],
+        "h2c = true",
+        "[timeouts]\nclient_body_ms = 5000\n",
+        "retry = { attempts = 2, per_try_timeout_ms = 500 }",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let (status, took) = run(&gw, "1", "3");
+    assert_eq!(status, "504", "after {took} s");
 }
 
 #[test]

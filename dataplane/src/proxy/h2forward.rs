@@ -507,24 +507,50 @@ async fn until_aborted(abort: &Abort, work: impl Future<Output = ()>) {
 
 /// How far a streamed request body's relay is: when it last moved on (a piece in, a piece
 /// out, its end), and whether the client's next piece is what it waits for (then a silence
-/// is the client's, bounded by `client_body_ms`; else the upstream's, sending or answering).
+/// is the client's, bounded by `client_body`; else the upstream's, sending or answering,
+/// bounded by `upstream`). The wait for the response head sleeps until `armed`; a move that
+/// makes its bound come sooner (the body ending while the client's longer bound was armed)
+/// wakes it.
 struct Progress {
     at: Cell<Instant>,
     awaiting_client: Cell<bool>,
+    client_body: Duration,
+    upstream: Duration,
+    armed: Cell<Option<Instant>>,
+    waiting: RefCell<Option<Waker>>,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    fn new(client_body: Duration, upstream: Duration) -> Progress {
         Progress {
             at: Cell::new(Instant::now()),
             awaiting_client: Cell::new(false),
+            client_body,
+            upstream,
+            armed: Cell::new(None),
+            waiting: RefCell::new(None),
         }
+    }
+
+    /// When the silence since the last move ends.
+    fn deadline(&self) -> Instant {
+        let bound = match self.awaiting_client.get() {
+            true => self.client_body,
+            false => self.upstream,
+        };
+        self.at.get() + bound
     }
 
     /// It moved on now; `awaiting_client`: the client's next piece is awaited.
     fn moved(&self, awaiting_client: bool) {
         self.at.set(Instant::now());
         self.awaiting_client.set(awaiting_client);
+        if self.armed.get().is_some_and(|a| self.deadline() < a) {
+            self.armed.set(None);
+            if let Some(w) = self.waiting.borrow_mut().take() {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -1413,7 +1439,10 @@ pub(super) async fn forward<S: ClientStream>(
             let mut pump_guard = None;
             let mut up_send = Some(up_send);
             let pumped = body_now.is_none();
-            let progress = Rc::new(Progress::new());
+            let progress = Rc::new(Progress::new(
+                timeouts.client_body,
+                timeouts.upstream_response_head,
+            ));
             match (&body_now, stream_body.take()) {
                 (Some(b), _) if !b.is_empty() => {
                     // Within the stream's window it goes at once; beyond it, h2 holds the
@@ -1451,40 +1480,48 @@ pub(super) async fn forward<S: ClientStream>(
             // A silence while the client's next piece is awaited is the client's: bounded by
             // `client_body` (HTTP/1.1's too), its end the client's timeout, not the target's.
             let client_silent = || pumped && progress.awaiting_client.get();
+            let streamed = pumped && call_deadline.is_none();
             let head_deadline = || match call_deadline {
                 Some(d) => d + GRPC_GRACE,
-                None if client_silent() => progress.at.get() + timeouts.client_body,
-                None if pumped => progress.at.get() + timeouts.upstream_response_head,
+                None if pumped => progress.deadline(),
                 None => sent_at.get() + timeouts.upstream_response_head,
-            };
-            // The pump says what it awaits without waking this wait: with a streamed body it
-            // wakes by the nearer of the two bounds still ahead, and looks again.
-            let wake_by = || match call_deadline {
-                None if pumped => {
-                    let now = Instant::now();
-                    let at = progress.at.get();
-                    [timeouts.client_body, timeouts.upstream_response_head]
-                        .into_iter()
-                        .map(|bound| at + bound)
-                        .filter(|&t| t > now)
-                        .min()
-                        .unwrap_or_else(head_deadline)
-                }
-                _ => head_deadline(),
             };
             let mut response = pin!(response);
             let response = loop {
-                let head_by = wake_by();
+                let head_by = head_deadline();
                 let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
-                match monoio::time::timeout_at(deadline.into(), response.as_mut()).await {
-                    Ok(r) => break Ok(r),
+                if streamed {
+                    progress.armed.set(Some(head_by));
+                }
+                let mut sleep = pin!(monoio::time::sleep_until(deadline.into()));
+                let woke = poll_fn(|cx| {
+                    if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                        return Poll::Ready(Some(Ok(r)));
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(())));
+                    }
+                    if streamed {
+                        // A move made the deadline sooner: look again.
+                        if progress.armed.get().is_none() {
+                            return Poll::Ready(None);
+                        }
+                        *progress.waiting.borrow_mut() = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match woke {
+                    Some(Ok(r)) => break Ok(r),
+                    None => {}
                     // The body moved on meanwhile: the wait goes on from there.
-                    Err(_)
+                    Some(Err(()))
                         if head_deadline() > Instant::now()
                             && try_deadline.is_none_or(|t| t > Instant::now()) => {}
-                    Err(_) => break Err(()),
+                    Some(Err(())) => break Err(()),
                 }
             };
+            progress.armed.set(None);
             if pumped && replay.borrow().complete().is_none() {
                 // The body is still arriving (or too big to keep): no other target can get it.
                 req.attempts.committed = true;
@@ -1498,7 +1535,8 @@ pub(super) async fn forward<S: ClientStream>(
                 Err(_) if client_deadline.is_some_and(|d| d <= Instant::now()) => {
                     Err(ProxyError::new(ErrorKind::DeadlineExceeded))
                 }
-                Err(_) if call_deadline.is_none() && client_silent() => {
+                // The client's bound passed (not a per-try one): its silence.
+                Err(_) if streamed && client_silent() && head_deadline() <= Instant::now() => {
                     Err(ProxyError::new(ErrorKind::ClientTimeout))
                 }
                 Err(_) => {
