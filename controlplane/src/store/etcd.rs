@@ -481,13 +481,24 @@ impl EtcdStore {
         }
         // A revision number no gateway counts up to (written by hand): the next one would
         // wrap round to numbers, and ETags, that name other configs.
+        let by_hand = |n: &dyn std::fmt::Display| {
+            format!(
+                "its revision {n} is beyond the largest a gateway counts to ({}): written by \
+                 hand? write a record with a smaller one",
+                MAX_REVISION - 1
+            )
+        };
         let parsed = serde_json::from_slice::<Record>(value)
-            .map_err(|e| format!("written by a newer one? ({e}): upgrade this node"))
+            .map_err(|e| {
+                // A number that fits no revision (negative, fractional, past u64) is a hand's.
+                let v = serde_json::from_slice::<serde_json::Value>(value).ok();
+                match v.as_ref().map(|v| &v["revision"]) {
+                    Some(n) if n.is_number() && !n.is_u64() => by_hand(n),
+                    _ => format!("written by a newer one? ({e}): upgrade this node"),
+                }
+            })
             .and_then(|r| match r.revision {
-                n if n >= MAX_REVISION => Err(format!(
-                    "its revision {n} is past the largest a gateway counts to \
-                     ({MAX_REVISION}): written by hand? write a record with a smaller one"
-                )),
+                n if n >= MAX_REVISION => Err(by_hand(&n)),
                 _ => Ok(r),
             });
         let record: Record = match parsed {
@@ -596,8 +607,9 @@ impl EtcdStore {
         let revision = self.next_revision();
         if revision >= MAX_REVISION {
             return Err(StoreError::Failed(format!(
-                "the next config revision would be {revision}, past the largest a gateway \
-                 counts to ({MAX_REVISION}): a number written by hand?"
+                "the next config revision would be {revision}, beyond the largest a gateway \
+                 counts to ({}): a number written by hand?",
+                MAX_REVISION - 1
             )));
         }
         let shared = shared_settings(&config);
