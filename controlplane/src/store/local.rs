@@ -49,9 +49,9 @@ struct Current {
     item_revisions: BTreeMap<String, u64>,
     config: Config,
     /// Written after the journal's first record was made durable (every checkpoint of this
-    /// build): a checkpoint without it, of revision 0 and with no record beside it, is an
-    /// older build's first start cut short (it wrote the checkpoint first), not a journal
-    /// lost.
+    /// build): a checkpoint without it, of revision 0 and with no record beside it, may be an
+    /// older build's first start cut short (it wrote the checkpoint first) as well as a
+    /// journal lost since, and the refusal to open it says both.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     after_first_record: bool,
 }
