@@ -876,14 +876,18 @@ fn a_streamed_body_is_the_clients_time_not_the_upstreams_silence() {
     // silence, bounded by `client_body_ms` (the review found a first version charging the
     // target for it): a 408, the target not charged.
     let peer = ResetPeer::start_with(&["0", "trailers"]);
-    let config = h2c_upstream_config(
-        &[peer.addr],
-        "h2c = true",
-        "[timeouts]\nupstream_response_head_ms = 400\nclient_body_ms = 1200\n",
-        "",
+    // A gateway with an h2c listener proxying to `target`, with these `[timeouts]` lines
+    // and upstream lines.
+    let start = |target: SocketAddr, timeouts: &str, upstream: &str| {
+        let top = format!("[timeouts]\n{timeouts}");
+        let config = h2c_upstream_config(&[target], "h2c = true", &top, upstream, "");
+        Gateway::start(&config, Driver::IoUring)
+    };
+    let gw = start(
+        peer.addr,
+        "upstream_response_head_ms = 400\nclient_body_ms = 1200\n",
         "",
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
     const CLIENT: &str = r#"
 import socket, sys, time
 import h2.connection, h2.config, h2.events
@@ -955,14 +959,11 @@ print(status, round(took, 1), flush=True)
     // client_body_ms shorter than the head timeout: a pause is cut at it, not at the head
     // timeout (the second review found the first wait armed before the pump said it awaited
     // the client, so a 3 s pause ran to the 5 s head timeout).
-    let config = h2c_upstream_config(
-        &[peer.addr],
-        "h2c = true",
-        "[timeouts]\nupstream_response_head_ms = 5000\nclient_body_ms = 1000\n",
-        "",
+    let gw = start(
+        peer.addr,
+        "upstream_response_head_ms = 5000\nclient_body_ms = 1000\n",
         "",
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
     let (status, took) = run(&gw, "1", "3");
     assert_eq!(status, "408", "after {took} s");
     assert!(took < 2.0, "{took}");
@@ -970,26 +971,20 @@ print(status, round(took, 1), flush=True)
     // counts from its end, 500 ms (the third review found the wait sleeping on to the
     // client's 3 s bound, and a per-try bound taken for the client's timeout).
     let silent = ResetPeer::start_with(&["0", "silent"]);
-    let config = h2c_upstream_config(
-        &[silent.addr],
-        "h2c = true",
-        "[timeouts]\nupstream_response_head_ms = 500\nclient_body_ms = 3000\n",
-        "",
+    let gw = start(
+        silent.addr,
+        "upstream_response_head_ms = 500\nclient_body_ms = 3000\n",
         "",
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
     let (status, took) = run(&gw, "1", "1");
     assert_eq!(status, "504", "after {took} s");
     assert!(took < 2.3, "{took}");
     drop(gw);
-    let config = h2c_upstream_config(
-        &[silent.addr],
-        "h2c = true",
-        "[timeouts]\nclient_body_ms = 5000\n",
+    let gw = start(
+        silent.addr,
+        "client_body_ms = 5000\n",
         "retry = { attempts = 2, per_try_timeout_ms = 500 }",
-        "",
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
     let (status, took) = run(&gw, "1", "3");
     assert_eq!(status, "504", "after {took} s");
 }
