@@ -1869,17 +1869,11 @@ fn refuse_redirects_to_themselves(
 /// `path` as a request for it is routed: unreserved characters' escapes decoded, the others'
 /// hex digits upper-cased, and runs of `/` merged when `merge`.
 fn as_routed(path: &str, merge: bool) -> String {
+    let path = crate::validate::upper_case_escapes(path);
     let b = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
-        let hex = |d: &u8| d.is_ascii_hexdigit();
-        let escape = b[i] == b'%' && b.get(i + 1..i + 3).is_some_and(|h| h.iter().all(hex));
-        if escape && crate::validate::unreserved_escape(b, i).is_none() {
-            out.push_str(&path[i..i + 3].to_ascii_uppercase());
-            i += 3;
-            continue;
-        }
         let c = match crate::validate::unreserved_escape(b, i) {
             Some(c) => {
                 i += 3;
