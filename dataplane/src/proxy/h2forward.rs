@@ -1157,7 +1157,7 @@ pub(super) async fn forward<S: ClientStream>(
         &mut grpc_timeout,
     ) {
         Ok(o) => o,
-        Err(kind) => return fail(down, req, call, &encoding, kind, false, asked).await,
+        Err(kind) => return fail(down, req, call, &encoding, kind, false, asked, None).await,
     };
     drop(h1);
     // The call's time, capped by `upstream_response_head_ms`; and the client's own
@@ -1180,6 +1180,7 @@ pub(super) async fn forward<S: ClientStream>(
                     ErrorKind::ClientClosed,
                     false,
                     asked,
+                    None,
                 )
                 .await;
             }
@@ -1202,7 +1203,7 @@ pub(super) async fn forward<S: ClientStream>(
         Err(kind) => {
             // A stalled client gets no lingering close (as on the other paths).
             down.linger &= kind != ErrorKind::ClientTimeout;
-            return fail(down, req, call, &encoding, kind, false, asked).await;
+            return fail(down, req, call, &encoding, kind, false, asked, None).await;
         }
     };
     if let (Call::Web { text: true }, Body::Whole(b)) = (call, &body) {
@@ -1216,6 +1217,7 @@ pub(super) async fn forward<S: ClientStream>(
                 ErrorKind::BadRequest,
                 false,
                 asked,
+                None,
             )
             .await;
         }
@@ -1627,7 +1629,7 @@ pub(super) async fn forward<S: ClientStream>(
                 );
             }
             let (kind, reset) = (err.kind, err.grpc_status);
-            return fail_as(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
+            return fail(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
         }
     };
     req.first_byte = Some(sent_at.get().elapsed());
@@ -1974,24 +1976,10 @@ struct Asked {
 }
 
 /// Answers a request that failed before its answer began: a gRPC call gets a trailers-only
-/// gRPC answer (`deadline`: its `grpc-timeout` ran out), a JSON call a JSON error, anything
-/// else the error's status.
+/// gRPC answer (`deadline`: its `grpc-timeout` ran out; `status`: the one an upstream's
+/// reset gives, where known), a JSON call a JSON error, anything else the error's status.
 #[allow(clippy::too_many_arguments)]
 async fn fail<S: ClientStream>(
-    down: &mut Downstream<S>,
-    req: &mut RequestCtx,
-    call: Call,
-    encoding: &Encoding,
-    kind: ErrorKind,
-    deadline: bool,
-    asked: Asked,
-) -> Next {
-    fail_as(down, req, call, encoding, kind, deadline, asked, None).await
-}
-
-/// [`fail`], a gRPC call given `status` where one is known (an upstream's reset).
-#[allow(clippy::too_many_arguments)]
-async fn fail_as<S: ClientStream>(
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     call: Call,
