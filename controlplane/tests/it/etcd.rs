@@ -285,6 +285,19 @@ fn respond_route(path: &str, body: &str) -> String {
     format!(r#"{{"path":"{path}","respond":{{"status":200,"body":"{body}"}}}}"#)
 }
 
+/// Puts routes `/r0` .. `/r{n-1}` answering `r` through `gw`, each a new one (201).
+fn put_routes(gw: &Gateway, n: usize) {
+    for i in 0..n {
+        let path = format!("/r{i}");
+        let r = gw.admin(
+            "PUT",
+            &format!("/v1/routes/r{i}"),
+            Some(&respond_route(&path, "r")),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -1053,15 +1066,7 @@ fn a_store_rebuilt_empty_is_followed_and_numbered_on() {
     let mut etcd = Etcd::start();
     let a = node(&etcd, "t14", &node_file("a", "", ""));
     let b = node(&etcd, "t14", &node_file("b", "", ""));
-    for i in 0..3 {
-        let path = format!("/r{i}");
-        let r = a.admin(
-            "PUT",
-            &format!("/v1/routes/r{i}"),
-            Some(&respond_route(&path, "r")),
-        );
-        assert_eq!(r.status, 201, "{}", r.body_str());
-    }
+    put_routes(&a, 3);
     wait_serves(&b, "/r2", "r", Duration::from_secs(5));
     let revision = |gw: &Gateway| {
         gw.admin("GET", "/v1/status", None).json()["store"]["applied_revision"]
@@ -1329,15 +1334,7 @@ fn a_config_key_deleted_by_hand_is_said_and_a_starting_node_restores_the_newest_
     // for empty and seeded it with its node file: every node then served no routes.
     let etcd = Etcd::start();
     let a = node(&etcd, "t16", &node_file("a", "", ""));
-    for i in 0..2 {
-        let path = format!("/r{i}");
-        let r = a.admin(
-            "PUT",
-            &format!("/v1/routes/r{i}"),
-            Some(&respond_route(&path, "r")),
-        );
-        assert_eq!(r.status, 201, "{}", r.body_str());
-    }
+    put_routes(&a, 2);
     let before = a.admin("GET", "/v1/status", None).json()["store"]["revision"]
         .as_u64()
         .unwrap();
