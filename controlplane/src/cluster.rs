@@ -6,7 +6,10 @@
 //! - the heartbeat: every second (and as soon as the node applies a revision), refreshes
 //!   this node's lease and writes its record
 //!   (`P/nodes/ID`: applied revision, last seen, the shared ids its node file uses), which
-//!   disappears [`NODE_TTL_S`] seconds after the node does.
+//!   disappears [`NODE_TTL_S`] seconds after the node does. The record is written only while
+//!   it is under this node's lease (or absent: its lease ran out while etcd was away), never
+//!   over another node's: one started with this id while this node's record had expired, or
+//!   this node's successor after a binary upgrade.
 //!
 //! Either one failing marks the store unreachable (for `/v1/status`); the node keeps serving
 //! its last config and retries with a bounded backoff.
@@ -14,6 +17,8 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use crate::api::Admin;
 use crate::etcd::{Client, EtcdError, WatchEvent};
@@ -85,14 +90,19 @@ impl Membership {
     }
 }
 
-/// Starts the watch and heartbeat threads.
+/// Starts the watch and heartbeat threads; `lease` is the one this node's record was
+/// claimed under.
 pub fn spawn(
     admin: Arc<Admin>,
     client: Client,
     health: Arc<Health>,
+    lease: i64,
 ) -> std::io::Result<Membership> {
     let (a, c, h) = (admin.clone(), client.clone(), health.clone());
-    let state = Arc::new(WatchState::default());
+    let state = Arc::new(WatchState {
+        lease: Mutex::new(lease),
+        ..WatchState::default()
+    });
     let s = state.clone();
     std::thread::Builder::new()
         .name("gw-etcd-watch".into())
@@ -209,6 +219,8 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
     let mut published = u64::MAX;
     let mut next_check = Instant::now() + WATCH_CHECK;
     let mut behind = 0;
+    // Who holds this node's record instead of it, once said.
+    let mut held_by: Option<String> = None;
     loop {
         if state.leaving.load(Ordering::Relaxed) {
             return;
@@ -232,9 +244,53 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
             }
             let (id, record) = admin.node_record();
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            client.put(&format!("nodes/{id}"), &bytes, *held)?;
+            let key = format!("nodes/{id}");
+            let lease = *held;
+            let mine = json!({"target": "LEASE", "lease": lease.to_string()});
+            let absent = json!({"target": "CREATE", "create_revision": "0"});
+            let written = match client.put_if(&key, &bytes, lease, mine)? {
+                Err(None) => client.put_if(&key, &bytes, lease, absent)?,
+                other => other,
+            };
             published = record["applied_revision"].as_u64().unwrap_or(0);
-            Ok(())
+            match written {
+                Ok(()) => {
+                    if held_by.take().is_some() {
+                        log::warn!("config store: this node's record is its own again");
+                    }
+                    Ok(())
+                }
+                // Absent again, or moved to another lease, since it was read: the next beat.
+                Err(None) => Ok(()),
+                Err(Some(kv)) => {
+                    let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
+                    let (host, dir) = (&other["host"], &other["data_dir"]);
+                    let successor = *host == record["host"] && *dir == record["data_dir"];
+                    let why = match successor {
+                        true => format!(
+                            "this node's record (node_id {id:?}) is held by its successor (a \
+                             binary upgrade): this process writes it no more"
+                        ),
+                        false => format!(
+                            "node_id {id:?} is held by another node (host {host}, data \
+                             directory {dir}), started while this node's record had expired: \
+                             this node writes no record while it runs, and is missing from \
+                             /v1/nodes; give each node its own [cluster] node_id"
+                        ),
+                    };
+                    if held_by.as_deref() != Some(&why) {
+                        match successor {
+                            true => log::info!("config store: {why}"),
+                            false => log::error!("config store: {why}"),
+                        }
+                        held_by = Some(why.clone());
+                    }
+                    match successor {
+                        true => Ok(()),
+                        false => Err(EtcdError::Refused(why)),
+                    }
+                }
+            }
         })();
         match beat {
             Ok(()) => health.ok(),

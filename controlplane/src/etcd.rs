@@ -289,6 +289,8 @@ pub struct Kv {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: i64,
+    /// The lease the key is bound to (0: none).
+    pub lease: i64,
 }
 
 /// A connection-less client: each call opens its own connection.
@@ -345,6 +347,7 @@ pub fn kvs(answer: &Value) -> Vec<Kv> {
                     key: String::from_utf8_lossy(&unb64(&kv["key"])).into_owned(),
                     value: unb64(&kv["value"]),
                     mod_revision: num(&kv["mod_revision"]),
+                    lease: num(&kv["lease"]),
                 })
                 .collect()
         })
@@ -606,6 +609,37 @@ impl Client {
         self.call("/v3/kv/put", &req).map(drop)
     }
 
+    /// Puts `name`, bound to `lease` when not zero, if the key passes `compare` (an etcd
+    /// `Compare` on it without its key, such as `{"target": "CREATE", "create_revision":
+    /// "0"}`: the key does not exist): `Ok(Ok(()))` when put, else `Ok(Err(..))` with what the
+    /// key holds now (`None`: nothing). One transaction, not sent again to another endpoint
+    /// once one took it (its answer lost: [`EtcdError::Unknown`]).
+    pub fn put_if(
+        &mut self,
+        name: &str,
+        value: &[u8],
+        lease: i64,
+        mut compare: Value,
+    ) -> Result<Result<(), Option<Kv>>, EtcdError> {
+        let key = b64(self.key(name).as_bytes());
+        compare["key"] = json!(key);
+        compare["result"] = json!("EQUAL");
+        let mut put = json!({"key": key, "value": b64(value)});
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let answer = self.txn(&json!({
+            "compare": [compare],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": key}}],
+        }))?;
+        if answer["succeeded"].as_bool() == Some(true) {
+            return Ok(Ok(()));
+        }
+        let now = kvs(&answer["responses"][0]["response_range"]);
+        Ok(Err(now.into_iter().next()))
+    }
+
     /// A lease of `ttl` seconds; its id.
     pub fn grant(&mut self, ttl: i64) -> Result<i64, EtcdError> {
         let answer = self.call("/v3/lease/grant", &json!({"TTL": ttl.to_string()}))?;
@@ -716,6 +750,7 @@ impl Watch {
                         unb64(&kv["value"])
                     },
                     mod_revision: num(&kv["mod_revision"]),
+                    lease: num(&kv["lease"]),
                 }
             })
             .collect();

@@ -850,15 +850,15 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let etcd = match &mut store {
         Store::Etcd(e) => {
             e.mark_published();
-            Some((e.client(), e.health.clone()))
+            Some((e.client(), e.health.clone(), e.lease()))
         }
         Store::Local(_) => None,
     };
     let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams));
     let mut membership = None;
-    if let Some((client, health)) = etcd {
+    if let Some((client, health, lease)) = etcd {
         health.serving();
-        let m = cluster::spawn(admin.clone(), client, health).map_err(|e| {
+        let m = cluster::spawn(admin.clone(), client, health, lease).map_err(|e| {
             (
                 EXIT_FAILURE,
                 format!("cannot start the config store threads: {e}"),

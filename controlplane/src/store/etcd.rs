@@ -188,6 +188,9 @@ pub struct EtcdStore {
     /// etcd's `mod_revision` of the record of [`EtcdStore::rejected`].
     rejected_mod: i64,
     pub health: Arc<Health>,
+    /// The lease this node's record (`P/nodes/ID`) was claimed under, for the heartbeat to
+    /// keep.
+    lease: i64,
 }
 
 /// Reads `[cluster] secret_file`: 64 hex digits.
@@ -328,6 +331,7 @@ impl EtcdStore {
             rejected: None,
             rejected_mod: 0,
             health: Arc::new(Health::default()),
+            lease: 0,
         };
         let url = store.client.url().redacted();
         let found = store
@@ -344,7 +348,7 @@ impl EtcdStore {
                     store.revision
                 )));
             }
-            store.refuse_twin()?;
+            store.claim_node_id()?;
             store.learn_highest();
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
@@ -355,6 +359,10 @@ impl EtcdStore {
             }
             return Ok(store);
         }
+        // A store without a config may still hold live nodes' records (its config key
+        // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
+        // first all the same.
+        store.claim_node_id()?;
         // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
         // no number (no ETag) names two configs.
         store.learn_highest();
@@ -852,55 +860,104 @@ impl EtcdStore {
         })
     }
 
-    /// Refuses to start while another live node holds this node's id: the two would
-    /// overwrite each other's record (one of them missing from `/v1/nodes` and from the
-    /// check that nothing a node uses is removed) and share one share of the cluster limits.
-    /// A record of this node's own last run (same host and data directory) is no other node;
-    /// nor is one without them (written by an older build).
+    /// Claims this node's id: writes its record under a lease of its own, in a transaction
+    /// that holds only if no other node's record is there, so of two nodes started at the
+    /// same moment with one id one runs and the other is refused. While another live node
+    /// holds the id the node does not start: the two would overwrite each other's record
+    /// (one of them missing from `/v1/nodes` and from the check that nothing a node uses is
+    /// removed) and share one share of the cluster limits. A record of this node's own last
+    /// run (same host and data directory: a restart, or the process a binary upgrade
+    /// replaces) is taken over; so is one without them (written by an older build).
     ///
     /// A record another node left when it stopped (its lease not yet expired: a container
     /// replaced under a new host name) is waited out: the node starts once it expires, within
-    /// [`NODE_TTL_S`]. One whose `last_seen` moves meanwhile is a live node's.
-    fn refuse_twin(&mut self) -> Result<(), OpenError> {
+    /// [`NODE_TTL_S`]. One whose `last_seen` moves meanwhile is a live node's. The heartbeat
+    /// keeps the lease ([`EtcdStore::lease`]) and writes the record only while it holds it.
+    fn claim_node_id(&mut self) -> Result<(), OpenError> {
         let url = self.client.url().redacted();
+        let key = format!("nodes/{}", self.node_id);
+        let failed = |e: EtcdError| {
+            OpenError::Failed(format!("cannot claim this node's record in {url}: {e}"))
+        };
+        // Granted before each attempt, not once: a wait for a stopped node's record to
+        // expire would outlast it.
+        let mut lease = 0;
         let mine = self.node_record();
+        let record = serde_json::to_vec(&mine).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(NODE_TTL_S as u64 + 2);
         let mut first_seen: Option<Value> = None;
-        loop {
-            let kvs = self
-                .read(&format!("nodes/{}", self.node_id), false)
-                .map_err(|e| OpenError::Failed(format!("cannot read the nodes from {url}: {e}")))?;
-            let Some(held) = kvs
-                .first()
-                .and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
-            else {
-                return Ok(());
+        let refused = loop {
+            let held = self.read(&key, false).map_err(failed)?.into_iter().next();
+            let compare = match &held {
+                None => json!({"target": "CREATE", "create_revision": "0"}),
+                // This claim, whose answer was lost.
+                Some(kv) if lease != 0 && kv.lease == lease => break None,
+                Some(kv) => {
+                    let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
+                    let (host, dir) = (&other["host"], &other["data_dir"]);
+                    if host.is_null() || (*host == mine["host"] && *dir == mine["data_dir"]) {
+                        json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()})
+                    } else {
+                        let live = first_seen
+                            .as_ref()
+                            .is_some_and(|first| first["last_seen"] != other["last_seen"]);
+                        if live || Instant::now() >= deadline {
+                            break Some(format!(
+                                "node_id {:?} is in use by a live node (host {host}, data \
+                                 directory {dir}): give each node its own [cluster] node_id",
+                                self.node_id
+                            ));
+                        }
+                        if first_seen.is_none() {
+                            log::warn!(
+                                "node_id {:?}: etcd holds the record of a node on host {host} \
+                                 (data directory {dir}); waiting up to {NODE_TTL_S} s for it \
+                                 to expire, as a stopped node's does",
+                                self.node_id
+                            );
+                            first_seen = Some(other);
+                        }
+                        std::thread::sleep(TWIN_RECHECK);
+                        continue;
+                    }
+                }
             };
-            let (host, dir) = (&held["host"], &held["data_dir"]);
-            if host.is_null() || (*host == mine["host"] && *dir == mine["data_dir"]) {
-                return Ok(());
+            if lease != 0 {
+                let _ = self.client.revoke(lease);
             }
-            let live = first_seen
-                .as_ref()
-                .is_some_and(|first| first["last_seen"] != held["last_seen"]);
-            if live || Instant::now() >= deadline {
-                return Err(OpenError::Invalid(format!(
-                    "node_id {:?} is in use by a live node (host {host}, data directory {dir}): \
-                     give each node its own [cluster] node_id",
-                    self.node_id
-                )));
+            lease = self.client.grant(NODE_TTL_S).map_err(failed)?;
+            match self.client.put_if(&key, &record, lease, compare) {
+                Ok(Ok(())) => break None,
+                // Another node wrote it meanwhile, or the answer was lost: read it again.
+                Ok(Err(_)) | Err(EtcdError::Unknown(_)) if Instant::now() < deadline => {}
+                Ok(Err(_)) | Err(EtcdError::Unknown(_)) => {
+                    break Some(format!(
+                        "node_id {:?}: its record in {url} kept changing for {} s; is another \
+                         node starting with it?",
+                        self.node_id,
+                        NODE_TTL_S + 2
+                    ))
+                }
+                Err(e) => return Err(failed(e)),
             }
-            if first_seen.is_none() {
-                log::warn!(
-                    "node_id {:?}: etcd holds the record of a node on host {host} (data \
-                     directory {dir}); waiting up to {NODE_TTL_S} s for it to expire, as a \
-                     stopped node's does",
-                    self.node_id
-                );
-                first_seen = Some(held);
+        };
+        match refused {
+            None => {
+                self.lease = lease;
+                Ok(())
             }
-            std::thread::sleep(TWIN_RECHECK);
+            Some(why) => {
+                if lease != 0 {
+                    let _ = self.client.revoke(lease);
+                }
+                Err(OpenError::Invalid(why))
+            }
         }
+    }
+
+    /// The lease this node's record was claimed under.
+    pub fn lease(&self) -> i64 {
+        self.lease
     }
 
     /// Takes the highest config revision the live nodes have seen (their records say it):

@@ -1225,6 +1225,96 @@ fn a_second_node_with_a_live_nodes_id_is_refused() {
 }
 
 #[test]
+fn of_nodes_started_at_one_moment_with_one_id_one_runs() {
+    // Before: each read the id free before any of them had written its record, and all ran,
+    // overwriting each other's record.
+    let etcd = Etcd::start();
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        let dir = temp_dir("same-moment");
+        let file = dir.join("node.toml");
+        std::fs::write(&file, format!("{}{ADMIN_SECTION}", node_file("a", "", ""))).unwrap();
+        let log = std::fs::File::create(dir.join("stderr")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--store", &etcd.url("t18")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        children.push((child, dir));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let running = |children: &mut Vec<(Child, PathBuf)>| {
+        (children.iter_mut())
+            .filter_map(|(c, _)| c.try_wait().unwrap().is_none().then_some(()))
+            .count()
+    };
+    while running(&mut children) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut outcomes = Vec::new();
+    for (child, dir) in &mut children {
+        let status = child.try_wait().unwrap();
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let text = std::fs::read_to_string(dir.join("stderr")).unwrap();
+        outcomes.push((status.map(|s| s.code()), text));
+    }
+    let ran: Vec<_> = outcomes.iter().filter(|(s, _)| s.is_none()).collect();
+    assert_eq!(ran.len(), 1, "{outcomes:#?}");
+    assert!(ran[0].1.contains("admin API listening"), "{}", ran[0].1);
+    for (status, text) in outcomes.iter().filter(|(s, _)| s.is_some()) {
+        assert_eq!(*status, Some(Some(2)), "{text}");
+        assert!(
+            text.contains("node_id \"a\" is in use by a live node"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_nodes_record_another_node_holds_is_not_written_over() {
+    // A node cut off from etcd for longer than its lease, meanwhile replaced by one started
+    // elsewhere with its id: before, its next heartbeat wrote over the other's record.
+    let etcd = Etcd::start();
+    let a = node(&etcd, "t19", &node_file("a", "", ""));
+    a.wait_log("admin API listening", Duration::from_secs(5));
+    let other = serde_json::json!({"id": "a", "host": "elsewhere", "data_dir": "/srv/gw",
+                                   "applied_revision": 1, "last_seen": 1, "uses": []});
+    let put = serde_json::json!({"key": b64(b"/t19/nodes/a"),
+                                 "value": b64(other.to_string().as_bytes())});
+    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    a.wait_log(
+        "node_id \"a\" is held by another node (host \"elsewhere\"",
+        Duration::from_secs(5),
+    );
+    let status = a.admin("GET", "/v1/status", None).json();
+    let error = status["store"]["last_error"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("is held by another node"), "{status}");
+    assert_eq!(etcd.values_under("/t19/nodes/"), [other.to_string()]);
+    // The other node gone, its record with it: this node's is written again.
+    let del = serde_json::json!({"key": b64(b"/t19/nodes/a")});
+    assert!(etcd
+        .http("POST", "/v3/kv/deleterange", &del.to_string())
+        .is_some());
+    a.wait_log(
+        "this node's record is its own again",
+        Duration::from_secs(5),
+    );
+    let nodes = a.admin("GET", "/v1/nodes", None).json();
+    assert_eq!(nodes["nodes"][0]["id"], "a", "{nodes}");
+    assert_ne!(nodes["nodes"][0]["host"], "elsewhere", "{nodes}");
+}
+
+#[test]
 fn a_config_too_large_for_etcd_is_507_and_a_long_history_still_lists() {
     // etcd takes at most --max-request-bytes a write, and a config is written twice (the
     // current one and its history entry). Before: 500 Not Persisted with etcd's own message.
