@@ -2,6 +2,7 @@
 //! port): a cluster-scoped rate limit admits one limit across three nodes, whichever of them
 //! the load reaches, and `on_store_error` decides what happens while Redis is away.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -278,6 +279,74 @@ fn on_store_error_decides_while_redis_is_away() {
     assert_eq!(
         c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status,
         200
+    );
+}
+
+#[test]
+fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
+    // Before: a failed round cleared every share, and the first round after it started each
+    // key from a fresh share: `burst / live nodes` more admitted, even for an exhausted key.
+    let redis = Redis::start();
+    let gw = Gateway::start(
+        &format!(
+            r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[cluster]
+node_id = "o"
+redis = "redis://127.0.0.1:{}"
+
+[[policies]]
+id = "slow"
+kind = "rate_limit"
+scope = "cluster"
+rate = 1
+per = "second"
+burst = 20
+on_store_error = "deny"
+
+[[routes]]
+id = "api"
+path_prefix = "/"
+respond = {{ body = "ok" }}
+policies = ["slow"]
+"#,
+            redis.port
+        ),
+        Driver::IoUring,
+    );
+    let statuses = |n: usize| {
+        let mut c = gw.connect();
+        (0..n)
+            .map(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status)
+            .collect::<Vec<u16>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"] != "up" {
+        assert!(Instant::now() < deadline, "Redis never up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first = statuses(40);
+    let admitted = first.iter().filter(|&&s| s == 200).count();
+    assert!((20..=22).contains(&admitted), "{first:?}");
+    // Redis drops the node's connection: its round fails, the next one (100 ms on)
+    // reconnects. Redis keeps the key's bucket throughout.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\nnormal\r\n")
+        .unwrap();
+    let mut reply = [0u8; 16];
+    let n = conn.read(&mut reply).unwrap();
+    assert!(reply[..n].starts_with(b":"), "{:?}", &reply[..n]);
+    gw.wait_log("failed (", Duration::from_secs(5));
+    gw.wait_log("is back", Duration::from_secs(5));
+    let after = statuses(20);
+    let admitted = after.iter().filter(|&&s| s == 200).count();
+    assert!(
+        admitted <= 3,
+        "{admitted} of 20 admitted after the outage: {after:?}"
     );
 }
 

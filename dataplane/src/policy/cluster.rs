@@ -22,7 +22,8 @@
 //!
 //! While Redis cannot be reached (a round failed), `on_store_error` decides: `allow` admits,
 //! `deny` refuses with 503, `local` applies the limit on this node alone (the node-scoped
-//! buckets). Counts made while Redis was away are dropped, not charged when it returns.
+//! buckets). Counts made while Redis was away are dropped, not charged when it returns; the
+//! shares are kept, so a key resumes from what it had left (and its refill since).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -410,11 +411,11 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
                 );
                 logged = Some((why, Instant::now()));
             }
-            for (_, l) in Registry::global().cluster_limiters() {
-                if let Some(c) = &l.cluster {
-                    c.shares.clear();
-                }
-            }
+            // The shares stay as the last round left them: when Redis is back, a key
+            // exhausted before the outage starts from what it had (plus its part of the
+            // refill since, as a key idle that long does), not from a fresh share of the
+            // whole burst. Clearing them admitted `burst / live nodes` more per key after
+            // every failed round, even for a key over its limit.
         } else if before == DOWN {
             log::info!("cluster rate limits: Redis at {} is back", addr.address);
             logged = None;
