@@ -65,6 +65,8 @@ pub struct Admin {
     /// Set while a binary upgrade starts its successor: writes are refused (and reads go on;
     /// holding the store's lock instead stalled the whole admin API for as long).
     frozen: std::sync::atomic::AtomicBool,
+    /// The `--config` file, which an access log must not write into.
+    config_file: Option<std::path::PathBuf>,
 }
 
 /// The store's current config as readers see it (see [`Admin::view`]).
@@ -1042,6 +1044,7 @@ impl Admin {
         shared: Arc<ArcSwap<Snapshot>>,
         token: String,
         upstreams: crate::upstreams::Upstreams,
+        config_file: Option<std::path::PathBuf>,
     ) -> Admin {
         Admin {
             view: ArcSwap::from_pointee(View::of(&store)),
@@ -1053,6 +1056,7 @@ impl Admin {
             upstreams,
             retired: std::sync::atomic::AtomicU32::new(0),
             frozen: std::sync::atomic::AtomicBool::new(false),
+            config_file,
         }
     }
 
@@ -1137,7 +1141,8 @@ impl Admin {
             if next.workers != current.workers {
                 return Err(restart_only("workers", "/workers"));
             }
-            if let Err((at, why)) = crate::store::local::refuse_paths_in(store.dir(), &next) {
+            let file = self.config_file.as_deref();
+            if let Err((at, why)) = crate::store::local::refuse_paths_in(store.dir(), &next, file) {
                 return Err(
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid Config", why).at(at),
                 );

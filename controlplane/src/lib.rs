@@ -105,7 +105,7 @@ pub fn check(path: &Path) -> i32 {
         // An access log that names a directory, as the start refuses it too (which also
         // refuses one inside the data directory: that needs the directory, which a check
         // has not).
-        Ok(s) => match store::local::refuse_log_directory(&s.config) {
+        Ok(s) => match store::local::refuse_log_path(&s.config, Some(path)) {
             Err((at, why)) => {
                 eprintln!("{}: invalid config: {at}: {why}", path.display());
                 EXIT_INVALID
@@ -536,7 +536,11 @@ pub(crate) mod applied {
 /// Refuses a config file whose access log would write into the data directory `dir`,
 /// before anything is stored.
 fn refuse_paths(dir: &Path, config: &common::Config, source: &ConfigSource) -> Result<(), Fail> {
-    store::local::refuse_paths_in(dir, config).map_err(|(at, why)| {
+    let file = match source {
+        ConfigSource::File(p) => Some(p.as_path()),
+        ConfigSource::Embedded => None,
+    };
+    store::local::refuse_paths_in(dir, config, file).map_err(|(at, why)| {
         let what = match source {
             ConfigSource::File(p) => p.display().to_string(),
             ConfigSource::Embedded => "embedded config".to_owned(),
@@ -740,7 +744,9 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
     }
     keys::load(&data_dir, &mut stored);
-    if let Err((at, why)) = store::local::refuse_paths_in(&data_dir, &stored) {
+    if let Err((at, why)) =
+        store::local::refuse_paths_in(&data_dir, &stored, args.config.as_deref())
+    {
         // Stored by a build that allowed it: the gateway starts without the log rather than
         // write into its own state, and a write through the API must fix it.
         log::error!(
@@ -854,7 +860,13 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         }
         Store::Local(_) => None,
     };
-    let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams));
+    let admin = Arc::new(Admin::new(
+        store,
+        shared.clone(),
+        token,
+        upstreams,
+        args.config.clone(),
+    ));
     let mut membership = None;
     if let Some((client, health, lease)) = etcd {
         health.serving();

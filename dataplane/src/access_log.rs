@@ -234,11 +234,17 @@ fn open(sink: &LogSink) -> std::io::Result<Open> {
     let (out, file): (Box<dyn Write>, _) = match sink {
         LogSink::Stdout => (Box::new(std::io::stdout()), None),
         LogSink::File(path) => {
+            // Opened without blocking: a FIFO no one reads (a log shipper not started yet,
+            // or gone) held this thread in open() until one came, and with it every change
+            // of the log's path and every SIGUSR1 reopen, while the lines were lost without
+            // a word. Now the open fails (ENXIO), is said and counted, and is tried again.
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(0o640)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(path)?;
+            blocking(&f)?;
             (Box::new(f.try_clone()?), Some(f))
         }
     };
@@ -247,6 +253,21 @@ fn open(sink: &LogSink) -> std::io::Result<Open> {
         out,
         file,
     })
+}
+
+/// Clears `O_NONBLOCK` on an open file: its writes wait as a file's do (a FIFO's too, for
+/// its reader), rather than fail part-way.
+fn blocking(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: `fd` is the open file `f` owns, alive for both calls; F_GETFL and F_SETFL
+    // read and set its status flags only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn write_loop(

@@ -632,13 +632,17 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
 }
 
 /// Why `config` cannot run with its state in `dir`: an access log that would write into
-/// the store's own files (its journal or checkpoint, or anything else there). `Err` names
-/// the field and says why.
-pub fn refuse_paths_in(dir: &Path, config: &Config) -> Result<(), (&'static str, String)> {
+/// the store's own files (its journal or checkpoint, or anything else there), or another
+/// path [`refuse_log_path`] refuses. `Err` names the field and says why.
+pub fn refuse_paths_in(
+    dir: &Path,
+    config: &Config,
+    config_file: Option<&Path>,
+) -> Result<(), (&'static str, String)> {
     let Some(log) = &config.access_log else {
         return Ok(());
     };
-    refuse_log_directory(config)?;
+    refuse_log_path(config, config_file)?;
     if log.path == "stdout" || !inside(dir, Path::new(&log.path)) {
         return Ok(());
     }
@@ -653,36 +657,101 @@ pub fn refuse_paths_in(dir: &Path, config: &Config) -> Result<(), (&'static str,
     ))
 }
 
-/// Refuses an access log path that names a directory, or ends with `/` as one does: every
-/// line would be lost (a directory cannot be opened to append to).
-pub fn refuse_log_directory(config: &Config) -> Result<(), (&'static str, String)> {
-    let Some(log) = &config.access_log else {
+/// Refuses an access log path that names a directory, or ends with `/` as one does (every
+/// line would be lost: a directory cannot be opened to append to), or a file the gateway
+/// reads: its config file `config_file` (`--config`), or one `config` names (a certificate,
+/// a key, an authority, a descriptor set, the cluster's secret). Lines appended to one of
+/// those make it unreadable: a config file the next start refuses (exit 2, again at every
+/// restart), a certificate the next publish refuses.
+pub fn refuse_log_path(
+    config: &Config,
+    config_file: Option<&Path>,
+) -> Result<(), (&'static str, String)> {
+    let Some(log) = config.access_log.as_ref().filter(|l| l.path != "stdout") else {
         return Ok(());
     };
-    if log.path != "stdout" && (log.path.ends_with('/') || Path::new(&log.path).is_dir()) {
+    let path = Path::new(&log.path);
+    if log.path.ends_with('/') || path.is_dir() {
         return Err((
             "/access_log/path",
             format!("{} is a directory: name a file (in it)", log.path),
         ));
     }
+    let read = (config_file.into_iter())
+        .map(|f| (f.to_owned(), "the config file (--config)".to_owned()))
+        .chain(files_read(config));
+    for (file, what) in read {
+        if same_file(path, &file) {
+            return Err((
+                "/access_log/path",
+                format!(
+                    "{} is {what}, which the log's lines would make unreadable; choose another \
+                     path",
+                    log.path
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The files `config` names for the gateway to read, each with what it is.
+fn files_read(config: &Config) -> Vec<(std::path::PathBuf, String)> {
+    let mut files = Vec::new();
+    let mut add = |file: &Option<String>, what: String| {
+        if let Some(f) = file {
+            files.push((f.into(), what));
+        }
+    };
+    for c in &config.certificates {
+        add(&c.cert_file, format!("certificate {:?}'s cert_file", c.id));
+        add(&c.key_file, format!("certificate {:?}'s key_file", c.id));
+    }
+    for u in &config.upstreams {
+        if let Some(tls) = &u.tls {
+            add(&tls.ca_file, format!("upstream {:?}'s tls.ca_file", u.id));
+        }
+    }
+    for t in &config.transcoders {
+        add(
+            &t.descriptor_set,
+            format!("transcoder {:?}'s descriptor_set", t.id),
+        );
+    }
+    if let Some(c) = &config.cluster {
+        add(&c.secret_file, "[cluster] secret_file".to_owned());
+    }
+    files
+}
+
+/// Whether `a` and `b` name one file: the same inode where both exist (through links of
+/// either kind), else the same path once resolved as [`inside`] resolves it.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => resolve(a) == resolve(b),
+    }
 }
 
 /// Whether `path` is `dir` or inside it, after following symbolic links (as far as they
 /// exist: a file not created yet is placed by its directory).
 fn inside(dir: &Path, path: &Path) -> bool {
-    let resolve = |p: &Path| {
-        fs::canonicalize(p).unwrap_or_else(|_| {
-            match (
-                p.parent().and_then(|d| fs::canonicalize(d).ok()),
-                p.file_name(),
-            ) {
-                (Some(d), Some(name)) => d.join(name),
-                _ => std::path::absolute(p).unwrap_or_else(|_| p.to_owned()),
-            }
-        })
-    };
     resolve(path).starts_with(resolve(dir))
+}
+
+/// `p` with its symbolic links followed, as far as they exist: a file not created yet is
+/// placed by its directory.
+fn resolve(p: &Path) -> std::path::PathBuf {
+    fs::canonicalize(p).unwrap_or_else(|_| {
+        match (
+            p.parent().and_then(|d| fs::canonicalize(d).ok()),
+            p.file_name(),
+        ) {
+            (Some(d), Some(name)) => d.join(name),
+            _ => std::path::absolute(p).unwrap_or_else(|_| p.to_owned()),
+        }
+    })
 }
 
 /// Makes `dir` (and its parents) if needed, and leaves it to the gateway's user alone: the
@@ -811,6 +880,39 @@ mod tests {
 
     /// What `open` says of the data directory in `d` (it must refuse), and the journal's
     /// length before and after.
+    #[test]
+    fn an_access_log_over_a_file_the_config_reads_is_refused() {
+        let d = dir();
+        fs::create_dir_all(&d).unwrap();
+        let pem = d.join("a.pem");
+        fs::write(&pem, "x").unwrap();
+        let mut c = Config {
+            access_log: Some(common::config::AccessLogConfig {
+                path: d.join("./a.pem").to_string_lossy().into_owned(),
+                sample: 1.0,
+            }),
+            ..Config::default()
+        };
+        c.certificates.push(common::config::CertificateConfig {
+            id: "api".into(),
+            cert_file: Some(pem.to_string_lossy().into_owned()),
+            ..Default::default()
+        });
+        let (at, why) = refuse_log_path(&c, None).unwrap_err();
+        assert_eq!(at, "/access_log/path");
+        assert!(why.contains("certificate \"api\"'s cert_file"), "{why}");
+        // Through a hard link too; a file not created yet by its path.
+        fs::hard_link(&pem, d.join("link.log")).unwrap();
+        c.access_log.as_mut().unwrap().path = d.join("link.log").to_string_lossy().into();
+        assert!(refuse_log_path(&c, None).is_err());
+        let file = d.join("gw.toml");
+        c.access_log.as_mut().unwrap().path = file.to_string_lossy().into();
+        assert!(refuse_log_path(&c, None).is_ok());
+        let (_, why) = refuse_log_path(&c, Some(&file)).unwrap_err();
+        assert!(why.contains("the config file (--config)"), "{why}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
     fn refused(d: &Path) -> (String, Option<u64>, Option<u64>) {
         let len = || fs::metadata(d.join(JOURNAL)).ok().map(|m| m.len());
         let before = len();

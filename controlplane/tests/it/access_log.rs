@@ -936,6 +936,75 @@ fn lines_that_cannot_be_written_are_counted_and_the_error_logged_once() {
     assert_eq!(errors, 1, "{:#?}", gw.log_lines());
 }
 
+#[test]
+fn a_fifo_no_one_reads_loses_lines_and_holds_up_no_change_of_path() {
+    // Before: the writer thread blocked in open() until a reader came: nothing said, nothing
+    // counted, and a later change of path (or SIGUSR1) never taken.
+    let origin = Origin::echo();
+    let dir = temp_dir("access-log-fifo");
+    let fifo = dir.join("fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), Driver::IoUring);
+    let log_to = |path: &Path| {
+        let mut config = gw.admin("GET", "/v1/config", None).json();
+        config["access_log"] = serde_json::json!({"path": path});
+        let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+        assert_eq!(r.status, 200, "{}", r.body_str());
+    };
+    let request = || {
+        let r = gw.connect().roundtrip("GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200);
+    };
+    log_to(&fifo);
+    request();
+    gw.wait_log("access log: cannot open", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lost_lines(&gw) < 1 {
+        assert!(Instant::now() < deadline, "no line counted lost");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let file = dir.join("after.log");
+    log_to(&file);
+    request();
+    assert_eq!(read_log(&file, 1)[0]["path"], "/x");
+}
+
+#[test]
+fn an_access_log_over_a_file_the_gateway_reads_is_refused() {
+    // Before: `200`, and the next request's line in the config file made every later start
+    // exit 2 ("invalid config").
+    let origin = Origin::echo();
+    let gw = Gateway::start(&proxy_config(origin.addr, ""), Driver::IoUring);
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["access_log"] = serde_json::json!({"path": gw.config_path});
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    let problem = r.json();
+    assert_eq!(problem["pointer"], "/access_log/path", "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the config file (--config)"),
+        "{problem}"
+    );
+    // And at start (`--check` too), a config whose log is the config itself.
+    let dir = temp_dir("access-log-itself");
+    let path = dir.join("gw.toml");
+    let extra = format!("[access_log]\npath = \"{}\"\n", path.display());
+    std::fs::write(&path, proxy_config(origin.addr, &extra)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is the config file (--config)"), "{err}");
+}
+
 /// `gateway_access_log_lost_total` now.
 fn lost_lines(gw: &Gateway) -> u64 {
     let text = gw.admin("GET", "/metrics", None).body_str().to_owned();
