@@ -526,6 +526,23 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
 
     let trusted_proxies = IpSet::parse(&config.trusted_proxies)
         .map_err(|(j, e)| ConfigError::field(format!("trusted_proxies[{j}]"), e.0))?;
+    // Both read only what a trusted proxy wrote: without one they would do nothing, which a
+    // config that sets them does not mean.
+    if config.trusted_proxies.is_empty() {
+        let idle = [
+            (config.client_ip_header.is_some(), "client_ip_header"),
+            (config.trust_forwarded_proto, "trust_forwarded_proto"),
+        ];
+        for (_, field) in idle.iter().filter(|(set, _)| *set) {
+            let why = format!(
+                "`{field}` reads what a trusted proxy writes, and `trusted_proxies` names none: \
+                 it would have no effect (list the proxies in front of the gateway)"
+            );
+            if !crate::validate::tolerated(field, &why) {
+                return Err(ConfigError::field(*field, why));
+            }
+        }
+    }
 
     let mut api_keys = ApiKeys::default();
     let mut credential_ids: HashMap<&str, ()> = HashMap::new();

@@ -898,6 +898,13 @@ impl Snapshot {
             .as_ref()
             .map(AccessLog::compile)
             .transpose()?;
+        if !config.tracing.sampled && !config.tracing.traceparent {
+            let why = "`sampled` is the flag of the traceparent the gateway creates, and \
+                       `traceparent = false` creates none: it would have no effect";
+            if !crate::validate::tolerated("tracing.sampled", why) {
+                return Err(ConfigError::field("tracing.sampled", why));
+            }
+        }
         Ok(Snapshot {
             revision,
             workers: config.workers,

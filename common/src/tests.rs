@@ -531,6 +531,32 @@ fn invalid_policies_name_the_field() {
     assert_eq!(err.path(), "client_ip_header");
     let err = compile(&format!("trusted_proxies = [\"nope\"]\n{POLICY_BASE}")).unwrap_err();
     assert_eq!(err.path(), "trusted_proxies[0]");
+    // Without trusted proxies, the fields that read what they write would do nothing; nor
+    // does the sampled flag of a traceparent never made.
+    for (field, fix) in [
+        (
+            "client_ip_header = \"forwarded\"",
+            "trusted_proxies = [\"10.0.0.0/8\"]",
+        ),
+        (
+            "trust_forwarded_proto = true",
+            "trusted_proxies = [\"10.0.0.0/8\"]",
+        ),
+        ("tracing = { sampled = false, traceparent = false }", ""),
+    ] {
+        let err = compile(&format!("{field}\n{POLICY_BASE}")).unwrap_err();
+        let at = err.path().to_owned();
+        assert!(
+            field.starts_with(&at) || at == "tracing.sampled",
+            "{field}: {err}"
+        );
+        assert!(err.to_string().contains("would have no effect"), "{err}");
+        let fixed = format!("{field}\n{fix}\n{POLICY_BASE}").replace(", traceparent = false", "");
+        compile(&fixed).unwrap();
+        let stored = parse_config(&format!("{field}\n{POLICY_BASE}"), Format::Toml).unwrap();
+        let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
 }
 
 #[test]
