@@ -61,6 +61,7 @@ fn rewrite(s: &mut Scratch, head: &RequestHead, strip_prefix_len: usize) -> usiz
         strip_prefix_len,
         None,
         PEER,
+        PEER,
         b"http",
         b"http",
         b"",

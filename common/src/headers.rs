@@ -95,6 +95,14 @@ pub fn compile(
             if let Some(why) = reserved(name, GATEWAY_REQUEST, "forwarded request") {
                 return Some(why);
             }
+            // Set by the gateway since 2026-12-07: a route that edited it before keeps its
+            // edit (noted), which then comes after the gateway's.
+            if name == "x-real-ip" {
+                let why = "the gateway sets it on every forwarded request (the client address)";
+                if !crate::validate::tolerated(&at, why) {
+                    return Some(why.into());
+                }
+            }
             if name == "max-forwards" {
                 return Some("the gateway counts it down (RFC 9110 7.6.2)".into());
             }

@@ -80,6 +80,7 @@ const TRAILER_REFUSED: &[&[u8]] = &[
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-real-ip",
     b"x-request-id",
     b"traceparent",
     b"x-original-url",

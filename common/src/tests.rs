@@ -1222,6 +1222,11 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
         ),
         (
             "upstream = \"u\"",
+            "request_headers = { set = { \"X-Real-IP\" = \"1.2.3.4\" } }",
+            format!("{at}.request_headers.set.X-Real-IP"),
+        ),
+        (
+            "upstream = \"u\"",
             "request_headers = { remove = [\"Host\"] }",
             format!("{at}.request_headers.remove[0]"),
         ),

@@ -14,8 +14,11 @@ use crate::gather::Piece;
 /// Writes into `out` (cleared first) the rewritten request line, if the target changes
 /// (absolute form, `strip_prefix_len` bytes of prefix to remove, or a `rewrite` path that
 /// replaces the path and keeps the query), and the fields the gateway adds, ending with the
-/// blank line. Returns their spans in `out`. `scheme` is the listener's (the `proto=` of the
-/// gateway's `Forwarded` element), `proto` the client's (`X-Forwarded-Proto`: a trusted
+/// blank line. Returns their spans in `out`. `peer` is the socket's (appended to
+/// `X-Forwarded-For`), `client` the client's address as the policies take it (`X-Real-IP`:
+/// the peer, or behind trusted proxies the address they name). `scheme` is the listener's
+/// (the `proto=` of the gateway's `Forwarded` element), `proto` the client's
+/// (`X-Forwarded-Proto`: a trusted
 /// proxy's word for it, or the listener's); `added`, lines the policies and the route add;
 /// `sets_host`: one of them is the `Host`, so an absolute-form target's authority does not
 /// become one.
@@ -27,6 +30,7 @@ pub fn request_extras(
     strip_prefix_len: usize,
     rewrite: Option<&[u8]>,
     peer: IpAddr,
+    client: IpAddr,
     scheme: &[u8],
     proto: &[u8],
     added: &[u8],
@@ -85,6 +89,8 @@ pub fn request_extras(
         out.extend_from_slice(b", ");
     }
     write_ip(out, peer);
+    out.extend_from_slice(b"\r\nX-Real-IP: ");
+    write_ip(out, client);
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(proto);
     out.extend_from_slice(b"\r\n");
@@ -384,6 +390,7 @@ mod tests {
             strip,
             rewrite,
             "192.0.2.7".parse().unwrap(),
+            "198.51.100.9".parse().unwrap(),
             scheme,
             scheme,
             added,
@@ -409,7 +416,7 @@ mod tests {
     #[test]
     fn forwarding_fields_are_appended_and_hop_by_hop_ones_left_out() {
         let got = forwarded(
-            b"POST /p HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: gopher\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2\r\n\r\nhi",
+            b"POST /p HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: gopher\r\nX-Real-IP: 6.6.6.6\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nx_real_ip: 7.7.7.7\r\nContent-Length: 2\r\n\r\nhi",
             0,
             b"https",
             b"X-Consumer-Id: app\r\n",
@@ -417,7 +424,7 @@ mod tests {
         );
         assert_eq!(
             got,
-            "POST /p HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: api.test\r\nX-Consumer-Id: app\r\n\r\nhi"
+            "POST /p HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Real-IP: 198.51.100.9\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: api.test\r\nX-Consumer-Id: app\r\n\r\nhi"
         );
     }
 

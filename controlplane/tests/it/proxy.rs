@@ -70,11 +70,11 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     let seen = origin.wait_requests(2);
     assert_eq!(
         seen[0].head,
-        "GET /a?b=1 HTTP/1.1\r\nHost: api.test\r\nUser-Agent: t/1\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
+        "GET /a?b=1 HTTP/1.1\r\nHost: api.test\r\nUser-Agent: t/1\r\nX-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
     );
     assert_eq!(
         seen[1].head,
-        "GET /second HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.1.1.1, 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
+        "GET /second HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 10.1.1.1, 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: api.test"
     );
     // The second request went over the pooled upstream connection.
     assert_eq!(seen[0].conn, seen[1].conn);
@@ -90,7 +90,7 @@ fn forwards_head_exactly_and_reuses_connections(driver: Driver) {
     assert_eq!(r.body_str(), "origin saw /third");
     assert_eq!(
         origin.wait_requests(3)[2].head,
-        "GET /third HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nForwarded: for=6.6.6.6, for=127.0.0.1;proto=http\r\nX-Forwarded-Host: api.test"
+        "GET /third HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nForwarded: for=6.6.6.6, for=127.0.0.1;proto=http\r\nX-Forwarded-Host: api.test"
     );
     // The absolute form goes on in origin form, its authority as Host; an empty path is `/`
     // (RFC 9112 3.2.1, 3.2.2), also before a query.
@@ -915,7 +915,7 @@ fn hop_by_hop_fields_removed_from_response(driver: Driver) {
         "HTTP/1.1 200 OK\r\nX-Kept: 1\r\nContent-Length: 2"
     );
     let seen = origin.wait_requests(1);
-    assert_eq!(seen[0].head, "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a");
+    assert_eq!(seen[0].head, "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a");
 }
 
 /// RFC 6455 §1.3 example key and accept value.
@@ -2129,7 +2129,7 @@ fn trace_is_refused_unless_named_and_max_forwards_is_counted_down() {
         .iter()
         .map(|r| {
             r.head.replace(
-                "\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http",
+                "\r\nX-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http",
                 "",
             )
         })
@@ -2492,6 +2492,70 @@ key = "s3cr3t-key-1"
     // No host to send the client to: 400.
     let r = gw.connect().roundtrip("GET /a HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 400, "{}", r.head);
+}
+
+#[test]
+fn x_real_ip_is_the_client_address_the_policies_take() {
+    // Before: a client's X-Real-IP went on as sent, and an upstream that reads it (Go's chi
+    // and many frameworks do, before X-Forwarded-For) took the address it claimed.
+    let origin = Origin::echo();
+    let config = |top: &str| {
+        format!(
+            "workers = 1\n{top}[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+             [[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+             [[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"{}\" }}]\n\
+             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"u\"\n",
+            origin.addr
+        )
+    };
+    let seen = |fields: &str| {
+        let seen = origin.received.lock().unwrap();
+        let head = &seen.last().unwrap().head;
+        let lines: Vec<String> = (head.lines())
+            .filter(|l| {
+                l.to_ascii_lowercase()
+                    .replace('_', "-")
+                    .starts_with("x-real-ip:")
+            })
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), 1, "{fields}: {head}");
+        lines[0].clone()
+    };
+    let spoof = "X-Real-IP: 6.6.6.6\r\nX_Real_IP: 7.7.7.7\r\nx-real-ip: 8.8.8.8\r\n";
+    let gw = Gateway::start(&config(""), Driver::IoUring);
+    let r = gw.connect().roundtrip(&format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\n{spoof}X-Forwarded-For: 203.0.113.5\r\n\r\n"
+    ));
+    assert_eq!(r.status, 200);
+    assert_eq!(seen(spoof), "X-Real-IP: 127.0.0.1");
+    // Over HTTP/2 too.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--http2-prior-knowledge",
+        ])
+        .args(["-H", "X-Real-IP: 6.6.6.6"])
+        .arg(format!("http://{}/h2", gw.listeners[1]))
+        .output()
+        .expect("curl (Debian curl) is needed: scripts/test installs it");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(seen("h2"), "X-Real-IP: 127.0.0.1");
+    drop(gw);
+    // Behind a trusted proxy: the address it names, as the policies take it.
+    let gw = Gateway::start(
+        &config("trusted_proxies = [\"127.0.0.1/32\"]\n"),
+        Driver::IoUring,
+    );
+    let r = gw.connect().roundtrip(&format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\n{spoof}X-Forwarded-For: 203.0.113.5\r\n\r\n"
+    ));
+    assert_eq!(r.status, 200);
+    assert_eq!(seen("trusted"), "X-Real-IP: 203.0.113.5");
 }
 
 #[test]

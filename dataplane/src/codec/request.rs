@@ -319,6 +319,10 @@ pub fn parse_request_into(
                 }
                 drop = true;
             }
+            // The gateway's own (`forward::request_extras`), as Kong's: a client's would
+            // reach an upstream that believes it (Go's chi and many frameworks read it
+            // before X-Forwarded-For).
+            9 if super::same_field_name(name, b"x-real-ip") => drop = true,
             // RFC 7239's: kept as a chain, as X-Forwarded-For is, with the gateway's own
             // element for the client appended (`forward::request_extras`).
             9 if name.eq_ignore_ascii_case(b"forwarded") => {

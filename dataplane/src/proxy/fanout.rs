@@ -35,7 +35,6 @@ use crate::json::{self, Node};
 use crate::policy::each_field;
 use crate::shape::{self, AnswerFields};
 use crate::worker_ctx::WorkerCtx;
-use common::snapshot::HashOn;
 
 /// A failed step.
 #[derive(Debug)]
@@ -118,6 +117,8 @@ impl Input {
         peer: IpAddr,
     ) -> Input {
         let buf = &down.buf[..];
+        // Behind trusted proxies: the address they name, as for a proxied route.
+        let client_ip = crate::policy::client_ip(&snap.policies, buf, head, peer);
         let mut fields = Vec::with_capacity(256);
         fields.extend_from_slice(b"X-Forwarded-For: ");
         for v in &down.req_plan.xff {
@@ -125,6 +126,8 @@ impl Input {
             fields.extend_from_slice(b", ");
         }
         crate::forward::write_ip(&mut fields, peer);
+        fields.extend_from_slice(b"\r\nX-Real-IP: ");
+        crate::forward::write_ip(&mut fields, client_ip);
         fields.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
         fields.extend_from_slice(super::client_scheme(down, req));
         fields.extend_from_slice(b"\r\n");
@@ -174,15 +177,6 @@ impl Input {
                 out
             })
             .collect();
-        let by_client_ip = agg
-            .steps
-            .iter()
-            .any(|s| snap.upstreams[s.upstream].hash_on == HashOn::ClientIp);
-        let client_ip = match by_client_ip {
-            // Behind trusted proxies: the address they name, as for a proxied route.
-            true => crate::policy::client_ip(&snap.policies, buf, head, peer),
-            false => req.client_ip,
-        };
         let keys = agg
             .steps
             .iter()

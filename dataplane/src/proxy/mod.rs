@@ -591,9 +591,9 @@ async fn handle<S: ClientStream>(
             let up = connector::UpstreamRef::of(snap, *upstream);
             // The upstream's own timeouts, for this request (the next starts afresh).
             up.upstream.timeouts.apply(&mut down.timeouts);
-            if up.upstream.hash_on == common::snapshot::HashOn::ClientIp {
-                req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
-            }
+            // For `X-Real-IP` (and a balancer hashing it): the peer at once, unless it is a
+            // trusted proxy.
+            req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
             if up.upstream.protocol.is_h2() {
                 let watch = down.stream.watch();
                 // Boxed: its state is larger than the HTTP/1.1 path's, and would otherwise
@@ -1345,6 +1345,7 @@ fn forwarded_head<S: ClientStream>(
         route.strip_prefix_len,
         (!req.rewritten.is_empty()).then_some(&req.rewritten[..]),
         peer,
+        req.client_ip,
         down.stream.scheme().as_bytes(),
         client_scheme(down, req),
         &req.policy.extra,
