@@ -65,8 +65,9 @@ pub struct Admin {
     /// Set while a binary upgrade starts its successor: writes are refused (and reads go on;
     /// holding the store's lock instead stalled the whole admin API for as long).
     frozen: std::sync::atomic::AtomicBool,
-    /// The `--config` file, which an access log must not write into.
-    config_file: Option<std::path::PathBuf>,
+    /// The files this process reads whatever its config (its `--config` file...), which an
+    /// access log must not write into.
+    process_files: Vec<(std::path::PathBuf, String)>,
 }
 
 /// The store's current config as readers see it (see [`Admin::view`]).
@@ -1044,7 +1045,7 @@ impl Admin {
         shared: Arc<ArcSwap<Snapshot>>,
         token: String,
         upstreams: crate::upstreams::Upstreams,
-        config_file: Option<std::path::PathBuf>,
+        process_files: Vec<(std::path::PathBuf, String)>,
     ) -> Admin {
         Admin {
             view: ArcSwap::from_pointee(View::of(&store)),
@@ -1056,7 +1057,7 @@ impl Admin {
             upstreams,
             retired: std::sync::atomic::AtomicU32::new(0),
             frozen: std::sync::atomic::AtomicBool::new(false),
-            config_file,
+            process_files,
         }
     }
 
@@ -1141,8 +1142,9 @@ impl Admin {
             if next.workers != current.workers {
                 return Err(restart_only("workers", "/workers"));
             }
-            let file = self.config_file.as_deref();
-            if let Err((at, why)) = crate::store::local::refuse_paths_in(store.dir(), &next, file) {
+            let files = &self.process_files;
+            if let Err((at, why)) = crate::store::local::refuse_paths_in(store.dir(), &next, files)
+            {
                 return Err(
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid Config", why).at(at),
                 );
@@ -1329,7 +1331,7 @@ impl Admin {
     /// node cannot compile (say, it removes a policy this node's listeners use) is not
     /// published: the node keeps serving the last one and `/v1/status` names it.
     fn publish_pending(&self, e: &mut EtcdStore) {
-        if let Some(compiled) = Self::compile_pending(e) {
+        if let Some(compiled) = Self::compile_pending(e, &self.process_files) {
             self.publish(e, compiled);
         }
     }
@@ -1342,7 +1344,7 @@ impl Admin {
         let Store::Etcd(e) = &mut *store else {
             return store;
         };
-        let Some(compiled) = Self::compile_pending(e) else {
+        let Some(compiled) = Self::compile_pending(e, &self.process_files) else {
             return store;
         };
         let record = e.mod_revision();
@@ -1365,7 +1367,10 @@ impl Admin {
 
     /// The etcd store's record compiled, with its revision, unless the workers run it
     /// already (or it was found not to compile).
-    fn compile_pending(e: &mut EtcdStore) -> Option<(u64, Result<Snapshot, String>)> {
+    fn compile_pending(
+        e: &mut EtcdStore,
+        process_files: &[(std::path::PathBuf, String)],
+    ) -> Option<(u64, Result<Snapshot, String>)> {
         if e.published_or_rejected() {
             return None;
         }
@@ -1373,6 +1378,17 @@ impl Admin {
         let mut next = e.config().clone();
         let result = e.fetch_keys(&next).and_then(|()| {
             crate::keys::load(e.dir(), &mut next);
+            // Another node's change cannot see this node's access log: one that names the
+            // file it writes (a CA file, a certificate) is served here without the log, as
+            // a start does, rather than have the log's lines make that file unreadable.
+            let files = process_files;
+            if let Err((at, why)) = crate::store::local::refuse_paths_in(e.dir(), &next, files) {
+                log::error!(
+                    "etcd revision {revision}: {at}: {why}; the access log is off until the \
+                     config changes"
+                );
+                next.access_log = None;
+            }
             let (snapshot, notes) =
                 Snapshot::compile_stored(next, revision).map_err(|err| err.to_string())?;
             for note in notes {
@@ -1422,6 +1438,13 @@ impl Admin {
         self.frozen
             .store(true, std::sync::atomic::Ordering::Release);
         Frozen(self)
+    }
+
+    /// Whether a binary upgrade is starting this process's successor or has handed over to
+    /// it: the node's record in etcd is then the successor's to write.
+    pub fn upgrading(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::Acquire)
+            || self.retired.load(std::sync::atomic::Ordering::Acquire) != 0
     }
 
     /// The successor `pid` serves: from now on writes here are refused.

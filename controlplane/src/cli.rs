@@ -131,6 +131,8 @@ pub struct RunArgs {
     pub store: Option<String>,
     /// `--seed-from DIR`: a data directory to copy into an empty etcd store.
     pub seed_from: Option<PathBuf>,
+    /// `--store-file FILE`: where `store` was read from.
+    pub store_file: Option<PathBuf>,
 }
 
 /// Parses the arguments after the program name.
@@ -174,6 +176,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| format!("--store-file {path:?}: {e}"))?;
                 run.store = Some(text.trim().to_owned());
+                run.store_file = Some(PathBuf::from(path));
             }
             "--seed-from" => run.seed_from = Some(PathBuf::from(value("--seed-from")?)),
             "-w" | "--workers" => {
@@ -275,6 +278,7 @@ mod tests {
             Ok(Command::Run(RunArgs {
                 config: Some("n.toml".into()),
                 store: Some("etcd://gw:pw@127.0.0.1:2379/gw".into()),
+                store_file: Some(file.clone()),
                 ..RunArgs::default()
             }))
         );

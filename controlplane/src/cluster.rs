@@ -8,8 +8,10 @@
 //!   (`P/nodes/ID`: applied revision, last seen, the shared ids its node file uses), which
 //!   disappears [`NODE_TTL_S`] seconds after the node does. The record is written only while
 //!   it is under this node's lease (or absent: its lease ran out while etcd was away), never
-//!   over another node's: one started with this id while this node's record had expired, or
-//!   this node's successor after a binary upgrade.
+//!   over another node's (one started with this id while this node's record had expired) nor
+//!   over this node's successor's during a binary upgrade; an earlier process's of this node
+//!   (an upgrade that failed after its successor claimed the record, or an older build
+//!   replaced) is taken back.
 //!
 //! Either one failing marks the store unreachable (for `/v1/status`); the node keeps serving
 //! its last config and retries with a bounded backoff.
@@ -22,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::api::Admin;
 use crate::etcd::{Client, EtcdError, WatchEvent};
-use crate::store::etcd::{Health, NODE_TTL_S};
+use crate::store::etcd::{same_node, Health, NODE_TTL_S};
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often the heartbeat looks for a newly applied revision between beats.
@@ -219,8 +221,10 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
     let mut published = u64::MAX;
     let mut next_check = Instant::now() + WATCH_CHECK;
     let mut behind = 0;
-    // Who holds this node's record instead of it, once said.
+    // Who holds this node's record instead of it, once said; whether an earlier process's
+    // record was taken over (said once).
     let mut held_by: Option<String> = None;
+    let mut took_over = false;
     loop {
         if state.leaving.load(Ordering::Relaxed) {
             return;
@@ -265,11 +269,28 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
                 Err(Some(kv)) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    let successor = *host == record["host"] && *dir == record["data_dir"];
-                    let why = match successor {
+                    let same = same_node(&other, &record);
+                    if same && !admin.upgrading() {
+                        // An earlier process of this node: the one a binary upgrade replaced
+                        // (an older build writes without looking), or a successor that
+                        // claimed the record and then failed to start. This one is the node.
+                        let again =
+                            json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()});
+                        let taken = client.put_if(&key, &bytes, lease, again)?.is_ok();
+                        if taken && !std::mem::replace(&mut took_over, true) {
+                            log::info!(
+                                "config store: this node's record was an earlier process's \
+                                 (the one a binary upgrade replaced, or a successor that did \
+                                 not start): this process writes it"
+                            );
+                        }
+                        held_by = None;
+                        return Ok(());
+                    }
+                    let why = match same {
                         true => format!(
-                            "this node's record (node_id {id:?}) is held by its successor (a \
-                             binary upgrade): this process writes it no more"
+                            "this node's record (node_id {id:?}) is its successor's (a binary \
+                             upgrade): this process writes it no more"
                         ),
                         false => format!(
                             "node_id {id:?} is held by another node (host {host}, data \
@@ -279,13 +300,13 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
                         ),
                     };
                     if held_by.as_deref() != Some(&why) {
-                        match successor {
+                        match same {
                             true => log::info!("config store: {why}"),
                             false => log::error!("config store: {why}"),
                         }
                         held_by = Some(why.clone());
                     }
-                    match successor {
+                    match same {
                         true => Ok(()),
                         false => Err(EtcdError::Refused(why)),
                     }

@@ -105,7 +105,10 @@ pub fn check(path: &Path) -> i32 {
         // An access log that names a directory, as the start refuses it too (which also
         // refuses one inside the data directory: that needs the directory, which a check
         // has not).
-        Ok(s) => match store::local::refuse_log_path(&s.config, Some(path)) {
+        Ok(s) => match store::local::refuse_log_path(
+            &s.config,
+            &store::local::process_files(Some(path), None, None),
+        ) {
             Err((at, why)) => {
                 eprintln!("{}: invalid config: {at}: {why}", path.display());
                 EXIT_INVALID
@@ -289,7 +292,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 return Ok(store);
             }
             let mut config = applied::parse(path, bytes).map_err(describe)?;
-            refuse_paths(dir, &config, &source)?;
+            refuse_paths(dir, &config, &source, args)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             // Stored as compiled: API keys only as their hashes, private keys in keys/.
@@ -338,7 +341,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 }
                 ConfigSource::Embedded => (read_config(&source).map_err(describe)?, None),
             };
-            refuse_paths(dir, &config, &source)?;
+            refuse_paths(dir, &config, &source, args)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             let config = compile_new(config, 1).map_err(describe)?.config;
@@ -533,14 +536,25 @@ pub(crate) mod applied {
     }
 }
 
-/// Refuses a config file whose access log would write into the data directory `dir`,
-/// before anything is stored.
-fn refuse_paths(dir: &Path, config: &common::Config, source: &ConfigSource) -> Result<(), Fail> {
-    let file = match source {
-        ConfigSource::File(p) => Some(p.as_path()),
-        ConfigSource::Embedded => None,
-    };
-    store::local::refuse_paths_in(dir, config, file).map_err(|(at, why)| {
+/// The files this process reads whatever its config (see [`store::local::process_files`]).
+fn process_files(args: &RunArgs) -> Vec<(PathBuf, String)> {
+    let etcd = (args.store.as_deref()).and_then(|u| crate::etcd::StoreUrl::parse(u).ok());
+    store::local::process_files(
+        args.config.as_deref(),
+        args.store_file.as_deref(),
+        etcd.as_ref(),
+    )
+}
+
+/// Refuses a config file whose access log would write into the data directory `dir` or a
+/// file the gateway reads, before anything is stored.
+fn refuse_paths(
+    dir: &Path,
+    config: &common::Config,
+    source: &ConfigSource,
+    args: &RunArgs,
+) -> Result<(), Fail> {
+    store::local::refuse_paths_in(dir, config, &process_files(args)).map_err(|(at, why)| {
         let what = match source {
             ConfigSource::File(p) => p.display().to_string(),
             ConfigSource::Embedded => "embedded config".to_owned(),
@@ -567,6 +581,9 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
     };
     // EtcdStore::open refuses a node file without [cluster] node_id.
     let file = read_config(&ConfigSource::File(path.clone())).map_err(|e| bad(e.to_string()))?;
+    // The node's access log, before etcd is touched (the shared config's files are checked
+    // once it is read).
+    refuse_paths(dir, &file, &ConfigSource::File(path.clone()), args)?;
     store::local::private_dir(dir).map_err(|e| {
         (
             EXIT_FAILURE,
@@ -744,8 +761,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
     }
     keys::load(&data_dir, &mut stored);
-    if let Err((at, why)) =
-        store::local::refuse_paths_in(&data_dir, &stored, args.config.as_deref())
+    if let Err((at, why)) = store::local::refuse_paths_in(&data_dir, &stored, &process_files(&args))
     {
         // Stored by a build that allowed it: the gateway starts without the log rather than
         // write into its own state, and a write through the API must fix it.
@@ -865,7 +881,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         shared.clone(),
         token,
         upstreams,
-        args.config.clone(),
+        process_files(&args),
     ));
     let mut membership = None;
     if let Some((client, health, lease)) = etcd {

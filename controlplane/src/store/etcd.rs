@@ -851,6 +851,7 @@ impl EtcdStore {
             "last_seen": now_ms(),
             "uses": uses(&self.node),
             "host": host_name(),
+            "boot_id": boot_id(),
             "highest_revision": self.highest,
             "data_dir": self
                 .dir
@@ -895,7 +896,7 @@ impl EtcdStore {
                 Some(kv) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    if host.is_null() || (*host == mine["host"] && *dir == mine["data_dir"]) {
+                    if host.is_null() || same_node(&other, &mine) {
                         json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()})
                     } else {
                         let live = first_seen
@@ -1013,6 +1014,27 @@ impl EtcdStore {
             None
         }
     }
+}
+
+/// Whether two node records are of one node: the same host name, data directory and boot
+/// (a machine's `boot_id`: two machines given one host name and one data directory path
+/// are two nodes). A record without a `boot_id` (an older build's) is judged without it.
+pub fn same_node(a: &Value, b: &Value) -> bool {
+    let boot = |r: &Value| {
+        r["boot_id"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+    };
+    let boots_differ = matches!((boot(a), boot(b)), (Some(x), Some(y)) if x != y);
+    a["host"] == b["host"] && a["data_dir"] == b["data_dir"] && !boots_differ
+}
+
+/// This boot of this machine (`/proc/sys/kernel/random/boot_id`), empty if unreadable.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// This machine's host name (`/proc/sys/kernel/hostname`), empty if unreadable.

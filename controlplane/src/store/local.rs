@@ -637,12 +637,12 @@ pub fn item_values(config: &Config) -> Vec<(String, serde_json::Value)> {
 pub fn refuse_paths_in(
     dir: &Path,
     config: &Config,
-    config_file: Option<&Path>,
+    process_files: &[(PathBuf, String)],
 ) -> Result<(), (&'static str, String)> {
     let Some(log) = &config.access_log else {
         return Ok(());
     };
-    refuse_log_path(config, config_file)?;
+    refuse_log_path(config, process_files)?;
     if log.path == "stdout" || !inside(dir, Path::new(&log.path)) {
         return Ok(());
     }
@@ -659,13 +659,13 @@ pub fn refuse_paths_in(
 
 /// Refuses an access log path that names a directory, or ends with `/` as one does (every
 /// line would be lost: a directory cannot be opened to append to), or a file the gateway
-/// reads: its config file `config_file` (`--config`), or one `config` names (a certificate,
-/// a key, an authority, a descriptor set, the cluster's secret). Lines appended to one of
-/// those make it unreadable: a config file the next start refuses (exit 2, again at every
-/// restart), a certificate the next publish refuses.
+/// reads: one of `process_files` (see [`process_files`]), or one `config` names (a
+/// certificate, a key, an authority, a descriptor set, the cluster's secret). Lines appended
+/// to one of those make it unreadable: a config file the next start refuses (exit 2, again
+/// at every restart), a certificate the next publish refuses.
 pub fn refuse_log_path(
     config: &Config,
-    config_file: Option<&Path>,
+    process_files: &[(PathBuf, String)],
 ) -> Result<(), (&'static str, String)> {
     let Some(log) = config.access_log.as_ref().filter(|l| l.path != "stdout") else {
         return Ok(());
@@ -677,9 +677,7 @@ pub fn refuse_log_path(
             format!("{} is a directory: name a file (in it)", log.path),
         ));
     }
-    let read = (config_file.into_iter())
-        .map(|f| (f.to_owned(), "the config file (--config)".to_owned()))
-        .chain(files_read(config));
+    let read = process_files.iter().cloned().chain(files_read(config));
     for (file, what) in read {
         if same_file(path, &file) {
             return Err((
@@ -693,6 +691,38 @@ pub fn refuse_log_path(
         }
     }
     Ok(())
+}
+
+/// The files this process reads whatever its config, each with what it is: its `--config`
+/// file, its `--store-file`, the TLS files of its etcd URL, and the system's CA bundle
+/// (upstreams' and etcd's default authorities).
+pub fn process_files(
+    config_file: Option<&Path>,
+    store_file: Option<&Path>,
+    etcd: Option<&crate::etcd::StoreUrl>,
+) -> Vec<(PathBuf, String)> {
+    let mut files = vec![(
+        PathBuf::from(common::tls::SYSTEM_CAS),
+        "the system's CA bundle".to_owned(),
+    )];
+    if let Some(f) = config_file {
+        files.push((f.to_owned(), "the config file (--config)".to_owned()));
+    }
+    if let Some(f) = store_file {
+        files.push((
+            f.to_owned(),
+            "the store URL's file (--store-file)".to_owned(),
+        ));
+    }
+    if let Some(tls) = etcd.and_then(|u| u.tls.as_ref()) {
+        let named = [(&tls.ca, "ca"), (&tls.cert, "cert"), (&tls.key, "key")];
+        for (file, what) in named {
+            if let Some(f) = file {
+                files.push((f.clone(), format!("the etcd URL's {what} file (--store)")));
+            }
+        }
+    }
+    files
 }
 
 /// The files `config` names for the gateway to read, each with what it is.
@@ -898,18 +928,34 @@ mod tests {
             cert_file: Some(pem.to_string_lossy().into_owned()),
             ..Default::default()
         });
-        let (at, why) = refuse_log_path(&c, None).unwrap_err();
+        let (at, why) = refuse_log_path(&c, &[]).unwrap_err();
         assert_eq!(at, "/access_log/path");
         assert!(why.contains("certificate \"api\"'s cert_file"), "{why}");
         // Through a hard link too; a file not created yet by its path.
         fs::hard_link(&pem, d.join("link.log")).unwrap();
         c.access_log.as_mut().unwrap().path = d.join("link.log").to_string_lossy().into();
-        assert!(refuse_log_path(&c, None).is_err());
+        assert!(refuse_log_path(&c, &[]).is_err());
         let file = d.join("gw.toml");
         c.access_log.as_mut().unwrap().path = file.to_string_lossy().into();
-        assert!(refuse_log_path(&c, None).is_ok());
-        let (_, why) = refuse_log_path(&c, Some(&file)).unwrap_err();
+        assert!(refuse_log_path(&c, &[]).is_ok());
+        let url = crate::etcd::StoreUrl::parse(&format!(
+            "etcds://127.0.0.1:2379/p?ca={}",
+            d.join("ca.pem").display()
+        ))
+        .unwrap();
+        let files = process_files(Some(&file), Some(&d.join("url")), Some(&url));
+        let (_, why) = refuse_log_path(&c, &files).unwrap_err();
         assert!(why.contains("the config file (--config)"), "{why}");
+        for (path, what) in [
+            ("url", "--store-file"),
+            ("ca.pem", "the etcd URL's ca file"),
+        ] {
+            c.access_log.as_mut().unwrap().path = d.join(path).to_string_lossy().into();
+            let (_, why) = refuse_log_path(&c, &files).unwrap_err();
+            assert!(why.contains(what), "{why}");
+        }
+        c.access_log.as_mut().unwrap().path = common::tls::SYSTEM_CAS.into();
+        assert!(refuse_log_path(&c, &files).is_err());
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -208,6 +208,41 @@ fn an_access_log_inside_the_data_directory_is_refused_before_anything_is_stored(
 }
 
 #[test]
+fn an_access_log_over_the_store_url_file_is_refused_before_etcd_is_read() {
+    // Before: taken, and the log's lines in the --store-file made the next start fail to
+    // read the store (`permission denied`: the password line was no longer the URL).
+    let dir = temp_dir("cli-store-file");
+    let url = dir.join("store-url");
+    // No etcd listens there: the refusal comes before any call.
+    std::fs::write(&url, "etcd://gw:pw@127.0.0.1:1/gw\n").unwrap();
+    let node = dir.join("node.toml");
+    std::fs::write(
+        &node,
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[cluster]\nnode_id = \"a\"\n\
+             [access_log]\npath = \"{}\"\n",
+            url.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = gateway(&[
+        "--store-file",
+        url.to_str().unwrap(),
+        "--config",
+        node.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("/access_log/path") && err.contains("--store-file"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&url).unwrap(),
+        "etcd://gw:pw@127.0.0.1:1/gw\n"
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let (code, _, err) = gateway(&["--frobnicate"]);
     assert_eq!(code, Some(2));

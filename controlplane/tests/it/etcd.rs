@@ -1312,6 +1312,66 @@ fn a_nodes_record_another_node_holds_is_not_written_over() {
     let nodes = a.admin("GET", "/v1/nodes", None).json();
     assert_eq!(nodes["nodes"][0]["id"], "a", "{nodes}");
     assert_ne!(nodes["nodes"][0]["host"], "elsewhere", "{nodes}");
+    let put_record = |record: &serde_json::Value| {
+        let put = serde_json::json!({"key": b64(b"/t19/nodes/a"),
+                                     "value": b64(record.to_string().as_bytes())});
+        assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    };
+    // Same host and data directory, another boot: another machine, another node.
+    let mut twin = nodes["nodes"][0].clone();
+    twin["boot_id"] = "00000000-0000-0000-0000-000000000000".into();
+    twin["last_seen"] = 2.into();
+    put_record(&twin);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let said = |a: &Gateway| {
+        (a.log_lines().iter())
+            .filter(|l| l.contains("is held by another node"))
+            .count()
+    };
+    while said(&a) < 2 {
+        assert!(Instant::now() < deadline, "{:?}", a.log_lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(etcd.values_under("/t19/nodes/"), [twin.to_string()]);
+    // This very boot's: an earlier process of this node (one a binary upgrade replaced, or a
+    // successor that claimed the record and then failed to start). Before: taken for a
+    // successor, and the live process wrote no record until that one's lease ran out.
+    let mut earlier = nodes["nodes"][0].clone();
+    earlier["last_seen"] = 3.into();
+    put_record(&earlier);
+    a.wait_log("was an earlier process's", Duration::from_secs(5));
+    let nodes = a.admin("GET", "/v1/nodes", None).json();
+    assert!(
+        nodes["nodes"][0]["last_seen"].as_u64().unwrap() > 3,
+        "{nodes}"
+    );
+}
+
+#[test]
+fn another_nodes_change_naming_this_nodes_log_file_turns_the_log_off_here() {
+    // Node b cannot see node a's access log. Before: a served b's change and went on
+    // appending its log lines to the CA file its upstream now trusts.
+    let etcd = Etcd::start();
+    let dir = temp_dir("log-over-ca");
+    make_ca(&dir, "log test CA");
+    let ca = dir.join("ca.pem");
+    let pem = std::fs::read_to_string(&ca).unwrap();
+    let log = format!("\n[access_log]\npath = \"{}\"\n", ca.display());
+    let a = node(&etcd, "t20", &node_file("a", "", &log));
+    let b = node(&etcd, "t20", &node_file("b", "", ""));
+    let up = serde_json::json!({"targets": [{"address": "127.0.0.1:1"}],
+                                "tls": {"ca_file": ca}});
+    let r = b.admin("PUT", "/v1/upstreams/u1", Some(&up.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    a.wait_log(
+        "the access log is off until the config changes",
+        Duration::from_secs(10),
+    );
+    let r = a.connect().roundtrip("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 404);
+    // A line would have been written within 200 ms.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(std::fs::read_to_string(&ca).unwrap(), pem);
 }
 
 #[test]
