@@ -211,9 +211,17 @@ pub fn is_event_stream(value: &[u8]) -> bool {
 }
 
 /// Whether a body that begins with `data` opens a JSON object or array (its first byte other
-/// than JSON whitespace, RFC 8259 2, is `{` or `[`); `None` while `data` is whitespace only.
-/// What a filtering shape takes for JSON whatever the answer's type says.
+/// than JSON whitespace, RFC 8259 2, is `{` or `[`, after a UTF-8 byte order mark if it has
+/// one); `None` while `data` is whitespace only, or a mark cut short. What a filtering shape
+/// takes for JSON whatever the answer's type says: parsers may ignore a mark (RFC 8259 8.1;
+/// `fetch().json()` and Python's `json.loads` do), so a body behind one is JSON to clients.
 pub fn opens_json(data: &[u8]) -> Option<bool> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    let data = match data.strip_prefix(BOM) {
+        Some(rest) => rest,
+        None if !data.is_empty() && BOM.starts_with(data) => return None,
+        None => data,
+    };
     data.iter()
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
         .map(|&b| matches!(b, b'{' | b'['))
@@ -411,6 +419,11 @@ mod tests {
             (b"hello {", Some(false)),
             (b"\"a string\"", Some(false)),
             (b"\x0c{", Some(false)),
+            // A byte order mark, whole or cut short.
+            (b"\xEF\xBB\xBF {\"a\":1}", Some(true)),
+            (b"\xEF\xBB", None),
+            (b"\xEF\xBB\xBFhello", Some(false)),
+            (b"\xEFx", Some(false)),
         ] {
             assert_eq!(
                 opens_json(data),

@@ -1428,6 +1428,9 @@ fn a_filter_is_not_bypassed_by_json_under_another_type() {
                 vec!["  \r\n".into(), r#"{"cost": 1, "name": "a"}"#.into()],
             ),
             "/text" => (text, vec![r#"hello {"cost": 1}"#.into()]),
+            // A byte order mark first: clients' parsers skip it (before: relayed as not
+            // JSON, with the member the filter removes).
+            "/bom" => (text, vec!["\u{feff}{\"cost\": 1, \"name\": \"a\"}".into()]),
             "/events" => (
                 "Content-Type: text/event-stream\r\n",
                 vec![r#"{"cost": 1}"#.into()],
@@ -1505,14 +1508,14 @@ response = {{ deny = ["cost"], max_bytes = 1024 }}
     // Taken for JSON, but too large or not valid: 502, never relayed with what the filter
     // removes.
     // A 206 too (before, relayed with the member the filter removes).
-    for path in ["/big", "/broken", "/partial"] {
+    for path in ["/big", "/broken", "/partial", "/bom"] {
         let r = get(&mut gw.connect(), path, "");
         assert_eq!(r.status, 502, "{path}: {}", r.body_str());
         assert!(!r.body_str().contains("cost"), "{path}: {}", r.body_str());
     }
     skipped_are(
         &gw,
-        &[("not_json", 3), ("too_large", 1), ("invalid_json", 1)],
+        &[("not_json", 3), ("too_large", 1), ("invalid_json", 2)],
     );
 }
 
