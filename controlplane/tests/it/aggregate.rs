@@ -409,12 +409,23 @@ fn pass_headers_never_carry_fields_the_client_made_hop_by_hop() {
     let r = get(
         &mut c,
         "/agg",
-        "Connection: X-Foo\r\nX-Foo: secret\r\nAuthorization: Bearer t\r\nX-Real-IP: 6.6.6.6\r\n",
+        "Connection: X-Foo, tracestate\r\nX-Foo: secret\r\nAuthorization: Bearer t\r\n\
+         X-Real-IP: 6.6.6.6\r\n\
+         traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+         tracestate: a=b\r\n",
     );
     assert_eq!(r.status, 200, "{}", r.body_str());
     let seen = &o.wait_requests(1)[0];
     assert_eq!(seen.header("Authorization"), Some("Bearer t"));
     assert_eq!(seen.header("X-Foo"), None);
+    // Nor the trace's `tracestate` the client's Connection names (before: copied whatever
+    // dropped it, as a route's `request_headers` removing it).
+    assert!(
+        (seen.header("traceparent").unwrap()).starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "{}",
+        seen.head
+    );
+    assert_eq!(seen.header("tracestate"), None, "{}", seen.head);
     // The gateway's own X-Real-IP, as on a proxied request.
     assert_eq!(seen.header("X-Real-IP"), Some("127.0.0.1"));
     // Proxy-Authorization is the gateway's to drop, like the other hop-by-hop fields.

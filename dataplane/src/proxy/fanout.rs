@@ -136,20 +136,8 @@ impl Input {
             fields.extend_from_slice(h.of(buf));
             fields.extend_from_slice(b"\r\n");
         }
-        // The consumer header, X-Request-Id and traceparent.
-        fields.extend_from_slice(&req.policy.extra);
-        // A trace the gateway continues goes on with its `tracestate` (every line of it);
-        // one it replaced does not (W3C Trace Context 3.3).
-        if req.trace.continued() && head.tracestate.is_some() {
-            for (line, name, _) in each_field(buf, head.fields_start, head.fields_end) {
-                if name.eq_ignore_ascii_case(b"tracestate") {
-                    fields.extend_from_slice(line.of(buf));
-                }
-            }
-        }
-        fields.extend_from_slice(b"Accept-Encoding: identity\r\n");
-        // The policies' drops, and the fields the client made hop-by-hop (named in its
-        // `Connection`, RFC 9110 7.6.1), which the request's plan drops.
+        // The policies' and the route's drops, and the fields the client made hop-by-hop
+        // (named in its `Connection`, RFC 9110 7.6.1), which the request's plan drops.
         let dropped = |line: crate::codec::Span| {
             req.policy
                 .drops
@@ -157,6 +145,19 @@ impl Input {
                 .chain(&down.req_plan.drop)
                 .any(|d| d.start <= line.start && line.end <= d.end)
         };
+        // The consumer header, X-Request-Id and traceparent.
+        fields.extend_from_slice(&req.policy.extra);
+        // A trace the gateway continues goes on with its `tracestate` (every line of it not
+        // dropped, as on a proxied request); one it replaced does not (W3C Trace Context
+        // 3.3).
+        if req.trace.continued() && head.tracestate.is_some() {
+            for (line, name, _) in each_field(buf, head.fields_start, head.fields_end) {
+                if name.eq_ignore_ascii_case(b"tracestate") && !dropped(line) {
+                    fields.extend_from_slice(line.of(buf));
+                }
+            }
+        }
+        fields.extend_from_slice(b"Accept-Encoding: identity\r\n");
         let pass = agg
             .steps
             .iter()
