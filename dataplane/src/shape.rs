@@ -354,6 +354,11 @@ pub fn fill(t: &Template, values: &impl Values, out: &mut Vec<u8>) -> Result<(),
             Some(v) if !in_query && !one_segment(&v) => {
                 "is empty or a dot segment, which the path cannot take"
             }
+            // `%00` in a path: servers disagree on what it names (one stops at it, another
+            // keeps the rest), which is why the gateway refuses it from clients.
+            Some(v) if !in_query && v.contains(&0) => {
+                "holds a NUL byte, which the path cannot take"
+            }
             Some(v) => {
                 pct_encode(&v, out);
                 continue;
@@ -580,6 +585,10 @@ mod tests {
                 "{sku:?}"
             );
         }
+        // Nor a NUL byte, which would go out as `%00` (before: sent).
+        out.clear();
+        let err = fill(&t, &V(json!({"p": {"sku": "a\0.txt"}})), &mut out).unwrap_err();
+        assert!(err.why.contains("NUL"), "{err:?}");
         let in_query = Template {
             parts: vec![
                 Part::Literal("/p?x=".into()),
@@ -594,6 +603,10 @@ mod tests {
         out.clear();
         fill(&in_query, &V(json!({"v": ".."})), &mut out).unwrap();
         assert_eq!(out, b"/p?x=..");
+        // In the query, a NUL is a value like any other, encoded.
+        out.clear();
+        fill(&in_query, &V(json!({"v": "a\0"})), &mut out).unwrap();
+        assert_eq!(out, b"/p?x=a%00");
     }
 
     #[test]

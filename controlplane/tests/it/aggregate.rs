@@ -309,6 +309,10 @@ fn placeholder_values_never_climb_out_of_the_step_path() {
             r.body_str()
         );
     }
+    // Nor a NUL byte, which a client cannot send in a path either (before: sent as `%00`).
+    let r = get(&mut c, "/agg?user=secret%00.txt&tag=t", "");
+    assert_eq!(r.status, 400, "{}", r.body_str());
+    assert!(r.body_str().contains("NUL"), "{}", r.body_str());
     let seen: Vec<String> = o.requests().iter().map(|r| r.target().to_owned()).collect();
     assert!(
         seen.iter()
