@@ -443,6 +443,14 @@ fn compile_step(
             "\"query\" is reserved for {query.NAME} placeholders",
         ));
     }
+    // `{a.b.sku}` names step `a`'s field `b.sku`: a step `a.b` could never be named, and
+    // beside a step `a` its placeholders would be taken for `a`'s.
+    if s.id.contains('.') {
+        let why = "a step id has no '.': `{step.field}` placeholders split at the first one";
+        if !crate::validate::tolerated(&format!("{at}.id"), why) {
+            return Err(ConfigError::field(format!("{at}.id"), why));
+        }
+    }
     if ids[..j].contains(&s.id.as_str()) {
         return Err(ConfigError::field(
             format!("{at}.id"),
