@@ -88,9 +88,15 @@ pub fn request_extras(
         out.extend_from_slice(v.of(buf));
         out.extend_from_slice(b", ");
     }
+    let peer_text = out.len();
     write_ip(out, peer);
+    let peer_text = peer_text..out.len();
     out.extend_from_slice(b"\r\nX-Real-IP: ");
-    write_ip(out, client);
+    match client == peer {
+        // The usual case (no trusted proxies): the text just written, not formatted again.
+        true => out.extend_from_within(peer_text),
+        false => write_ip(out, client),
+    }
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(proto);
     out.extend_from_slice(b"\r\n");

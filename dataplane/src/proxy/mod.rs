@@ -591,9 +591,13 @@ async fn handle<S: ClientStream>(
             let up = connector::UpstreamRef::of(snap, *upstream);
             // The upstream's own timeouts, for this request (the next starts afresh).
             up.upstream.timeouts.apply(&mut down.timeouts);
-            // For `X-Real-IP` (and a balancer hashing it): the peer at once, unless it is a
-            // trusted proxy.
-            req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
+            // For a balancer hashing it, and `X-Real-IP` behind trusted proxies (without
+            // them it is the peer, which `req.client_ip` starts as).
+            if up.upstream.hash_on == common::snapshot::HashOn::ClientIp
+                || !p.trusted_proxies.is_empty()
+            {
+                req.client_ip = policy::client_ip(p, &down.buf, head, peer.ip);
+            }
             if up.upstream.protocol.is_h2() {
                 let watch = down.stream.watch();
                 // Boxed: its state is larger than the HTTP/1.1 path's, and would otherwise
