@@ -170,8 +170,8 @@ fn fields<'a>(buf: &'a [u8], head: &RequestHead) -> impl Iterator<Item = Field<'
     lines(buf, head.fields_start, head.fields_end)
 }
 
-/// The method a CORS preflight asks about (its `Access-Control-Request-Method`), if the
-/// request is one (it has an `Origin` too).
+/// The method a CORS preflight asks about (its first `Access-Control-Request-Method`, the
+/// one the `cors` policy checks), if the request is one (it has an `Origin` too).
 pub fn preflight_method<'a>(buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8]> {
     let (mut origin, mut method) = (false, None);
     for f in fields(buf, head) {
@@ -179,7 +179,7 @@ pub fn preflight_method<'a>(buf: &'a [u8], head: &RequestHead) -> Option<&'a [u8
         if f.name
             .eq_ignore_ascii_case(b"access-control-request-method")
         {
-            method = Some(f.value);
+            method.get_or_insert(f.value);
         }
     }
     method.filter(|_| origin)
@@ -1731,6 +1731,23 @@ policies = ["unit-rate-limit"]
         assert_eq!(go("192.0.2.2", 0).0, Verdict::Pass);
         assert_eq!(go("192.0.2.1", 1).0, Verdict::Pass);
         assert_eq!(go("192.0.2.1", 1).0, Verdict::Answer(429));
+    }
+
+    #[test]
+    fn a_preflight_asks_about_its_first_request_method() {
+        // The one the cors policy checks (before: routed by the last, checked by the first).
+        let snap = snapshot("");
+        let limits = snap.limits;
+        let head_of = |req: &'static [u8]| {
+            let mut plan = FieldPlan::default();
+            parse_request(req, &limits, &mut plan).unwrap().unwrap()
+        };
+        let two: &[u8] = b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nOrigin: https://a.test\r\n\
+            Access-Control-Request-Method: GET\r\nAccess-Control-Request-Method: DELETE\r\n\r\n";
+        assert_eq!(preflight_method(two, &head_of(two)), Some(&b"GET"[..]));
+        let no_origin: &[u8] =
+            b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nAccess-Control-Request-Method: GET\r\n\r\n";
+        assert_eq!(preflight_method(no_origin, &head_of(no_origin)), None);
     }
 
     #[test]
