@@ -216,15 +216,33 @@ pub fn is_event_stream(value: &[u8]) -> bool {
 /// takes for JSON whatever the answer's type says: parsers may ignore a mark (RFC 8259 8.1;
 /// `fetch().json()` and Python's `json.loads` do), so a body behind one is JSON to clients.
 pub fn opens_json(data: &[u8]) -> Option<bool> {
+    opens_json_so_far(data, &mut 0)
+}
+
+/// [`opens_json`] over a body read piece by piece: `body` is all of it so far (a mark may
+/// be cut across two reads), `skipped` how much of it earlier calls found to be the mark or
+/// whitespace, kept between calls so that no byte is looked at twice.
+pub fn opens_json_so_far(body: &[u8], skipped: &mut usize) -> Option<bool> {
     const BOM: &[u8] = b"\xEF\xBB\xBF";
-    let data = match data.strip_prefix(BOM) {
-        Some(rest) => rest,
-        None if !data.is_empty() && BOM.starts_with(data) => return None,
-        None => data,
-    };
-    data.iter()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .map(|&b| matches!(b, b'{' | b'['))
+    if *skipped == 0 {
+        if body.starts_with(BOM) {
+            *skipped = BOM.len();
+        } else if BOM.starts_with(body) {
+            // Empty, or a mark cut short: more bytes decide.
+            return None;
+        }
+    }
+    let rest = &body[*skipped..];
+    match rest
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        Some(i) => Some(matches!(rest[i], b'{' | b'[')),
+        None => {
+            *skipped = body.len();
+            None
+        }
+    }
 }
 
 /// What the gateway needs to know of an upstream answer's head before it reads the body as
@@ -424,7 +442,7 @@ mod tests {
             (b"hello {", Some(false)),
             (b"\"a string\"", Some(false)),
             (b"\x0c{", Some(false)),
-            // A byte order mark, whole or cut short.
+            // A byte order mark, whole or cut short (then read on by `opens_json_so_far`).
             (b"\xEF\xBB\xBF {\"a\":1}", Some(true)),
             (b"\xEF\xBB", None),
             (b"\xEF\xBB\xBFhello", Some(false)),
@@ -437,6 +455,18 @@ mod tests {
                 String::from_utf8_lossy(data)
             );
         }
+        // Read by read: a mark cut across reads, whitespace not looked at twice.
+        let body = b"\xEF\xBB\xBF \n [1]";
+        let mut skipped = 0;
+        assert_eq!(opens_json_so_far(&body[..1], &mut skipped), None);
+        assert_eq!(opens_json_so_far(&body[..2], &mut skipped), None);
+        assert_eq!(opens_json_so_far(&body[..5], &mut skipped), None);
+        assert_eq!(skipped, 5);
+        assert_eq!(opens_json_so_far(body, &mut skipped), Some(true));
+        let text = b"\xEF{ x";
+        let mut skipped = 0;
+        assert_eq!(opens_json_so_far(&text[..1], &mut skipped), None);
+        assert_eq!(opens_json_so_far(text, &mut skipped), Some(false));
         assert!(is_event_stream(b"Text/Event-Stream; charset=utf-8"));
         assert!(!is_event_stream(b"text/plain"));
     }

@@ -350,6 +350,73 @@ policies = ["slow"]
     );
 }
 
+#[test]
+fn requests_admitted_before_a_failed_round_are_charged_when_redis_is_back() {
+    // Rounds every second: ten requests admitted, then the round that would have charged
+    // them fails. Before, their counts went with it, and the bucket in Redis never knew.
+    let redis = Redis::start();
+    let gw = Gateway::start(
+        &format!(
+            r#"workers = 1
+
+[[listeners]]
+address = "127.0.0.1:0"
+
+[cluster]
+node_id = "c"
+redis = "redis://127.0.0.1:{}"
+sync_ms = 1000
+
+[[policies]]
+id = "slow"
+kind = "rate_limit"
+scope = "cluster"
+rate = 1
+per = "second"
+burst = 20
+on_store_error = "deny"
+
+[[routes]]
+id = "api"
+path_prefix = "/"
+respond = {{ body = "ok" }}
+policies = ["slow"]
+"#,
+            redis.port
+        ),
+        Driver::IoUring,
+    );
+    let admitted = |n: usize| {
+        let mut c = gw.connect();
+        (0..n)
+            .filter(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status == 200)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"] != "up" {
+        assert!(Instant::now() < deadline, "Redis never up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(admitted(10), 10);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\nnormal\r\n")
+        .unwrap();
+    let mut reply = [0u8; 16];
+    let n = conn.read(&mut reply).unwrap();
+    assert!(reply[..n].starts_with(b":"), "{:?}", &reply[..n]);
+    gw.wait_log("failed (", Duration::from_secs(5));
+    gw.wait_log("is back", Duration::from_secs(5));
+    // What is left of the burst of 20, over two rounds (and about 3 s of refill at 1/s).
+    let mut after = admitted(30);
+    std::thread::sleep(Duration::from_millis(1200));
+    after += admitted(30);
+    assert!(
+        after <= 15,
+        "{after} admitted after the outage, 10 of 20 spent before it"
+    );
+}
+
 /// A measurement more than a check (`cargo test -p controlplane --test it cluster_error_by
 /// -- --ignored --nocapture`): the spread and the moving load of the three-node test, 10 s
 /// each per reconciliation interval, printing the error of each (and checking the 2% up to

@@ -460,8 +460,18 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
             c.next_sweep_ns.store(now + IDLE_NS, Ordering::Relaxed);
             c.shares.retain(|_, s| fresh(s, now));
         }
-        for chunk in batch.chunks(BATCH) {
-            let answer = redis.eval(&script_args(id, &limiter.limit, node, interval, chunk))?;
+        for (n, chunk) in batch.chunks(BATCH).enumerate() {
+            let args = script_args(id, &limiter.limit, node, interval, chunk);
+            let answer = match redis.eval(&args) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    // Admitted here, not yet charged in Redis: back into their shares for
+                    // the next round that reaches it (before, lost: those requests were
+                    // admitted on top of the limit).
+                    restore(c, &batch[n * BATCH..]);
+                    return Err(e);
+                }
+            };
             sent_any = true;
             apply(c, &limiter.limit, interval, chunk, &answer)?;
         }
@@ -475,6 +485,22 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
         }
     }
     Ok(())
+}
+
+/// Puts the counts of a round's keys that did not reach Redis back into their shares, and
+/// the keys back into the next round's list. (Should Redis have run the script and only its
+/// answer been lost, they are charged twice: the limit errs low, never high.)
+fn restore(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
+    for &(key, spent, demand) in unsent {
+        let Some(s) = c.shares.get(&key) else {
+            continue;
+        };
+        s.spent.fetch_add(spent, Ordering::AcqRel);
+        s.refused.fetch_add(demand - spent, Ordering::AcqRel);
+        if !s.queued.swap(true, Ordering::AcqRel) {
+            c.dirty.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+        }
+    }
 }
 
 /// Sets the allowances of `chunk`'s keys from a script answer: the headroom, plus what the

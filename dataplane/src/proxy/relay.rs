@@ -23,7 +23,7 @@ use crate::io::ReadError;
 use crate::json;
 use crate::metrics::WorkerMetrics;
 use crate::policy;
-use crate::shape::{is_event_stream, is_json_type, opens_json, AnswerFields};
+use crate::shape::{is_event_stream, is_json_type, opens_json_so_far, AnswerFields};
 use crate::splice::SpliceError;
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF, UPSTREAM_READ};
 use common::aggregate::Shape;
@@ -539,17 +539,19 @@ async fn opens_json_body(
 ) -> Result<bool, ProxyError> {
     // The reader has checked the framing; this decoder only takes the data out of it.
     let mut chunks = (resp.body == BodyKind::Chunked).then(|| ChunkedDecoder::new(usize::MAX));
+    // The body's data so far (a byte order mark may be cut across two reads), and how much
+    // of it was a mark or whitespace (not looked at again).
     let mut data = Vec::new();
+    let mut skipped = 0;
     let mut from = resp.head_end;
     loop {
         let opens = match chunks.as_mut() {
             Some(d) => {
-                data.clear();
                 d.advance_into(&wire[from..], &mut data)
                     .map_err(|_| ProxyError::new(ErrorKind::UpstreamMalformed))?;
-                opens_json(&data)
+                opens_json_so_far(&data, &mut skipped)
             }
-            None => opens_json(&wire[from..]),
+            None => opens_json_so_far(&wire[resp.head_end..], &mut skipped),
         };
         if let Some(opens) = opens {
             return Ok(opens);
