@@ -95,11 +95,12 @@ pub fn compile(
             if let Some(why) = reserved(name, GATEWAY_REQUEST, "forwarded request") {
                 return Some(why);
             }
-            // Set by the gateway since 2026-12-07: a route that edited it before keeps its
-            // edit (noted), which then comes after the gateway's.
+            // Set by the gateway since 2026-12-07: a stored route's edit of it is noted and
+            // dropped below, so the gateway's goes out alone.
             if name == "x-real-ip" {
                 let why = "the gateway sets it on every forwarded request (the client address)";
-                if !crate::validate::tolerated(&at, why) {
+                let field = format!("{at}.{}.X-Real-IP", if removing { "remove" } else { "set" });
+                if !crate::validate::tolerated(&field, &format!("{why}; the edit is ignored")) {
                     return Some(why.into());
                 }
             }
@@ -130,7 +131,15 @@ pub fn compile(
                 .find(|(h, _)| h.eq_ignore_ascii_case(name.as_bytes()))
                 .map(|(_, p)| format!("policy {p:?} sets it (its consumer_header)"))
         };
-        let (drop, lines) = edits_of(edits, &at, refused)?;
+        let (drop, mut lines) = edits_of(edits, &at, refused)?;
+        // A stored route's X-Real-IP line (tolerated above): never beside the gateway's.
+        let mut kept = Vec::with_capacity(lines.len());
+        for line in lines.split_inclusive(|&b| b == b'\n') {
+            if !line.to_ascii_lowercase().starts_with(b"x-real-ip:") {
+                kept.extend_from_slice(line);
+            }
+        }
+        lines = kept;
         let host = edits
             .set
             .iter()

@@ -1310,6 +1310,18 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
         let e = err(&route(action, extra));
         assert_eq!(e.path(), path, "{action} {extra}: {e}");
     }
+    // A route an earlier build stored with an X-Real-IP edit starts, noted; the edit is
+    // dropped, so the gateway's own goes out alone (before: two X-Real-IP lines).
+    let stored = parse_config(
+        &up("request_headers = { set = { \"X-Real-IP\" = \"1.2.3.4\", \"X-Env\" = \"p\" } }"),
+        Format::Toml,
+    )
+    .unwrap();
+    let (s, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("set.X-Real-IP"), "{notes:?}");
+    let h = s.routes[0].headers.as_ref().unwrap();
+    assert_eq!(&*h.request_lines, b"X-Env: p\r\n");
     for (value, ok) in [
         ("in.svc", true),
         ("in.svc:8080", true),

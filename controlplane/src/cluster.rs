@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 
 use crate::api::Admin;
 use crate::etcd::{Client, EtcdError, WatchEvent};
-use crate::store::etcd::{same_node, Health, NODE_TTL_S};
+use crate::store::etcd::{same_node, Health, NODE_TTL_S, TWIN_RECHECK};
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often the heartbeat looks for a newly applied revision between beats.
@@ -93,12 +93,13 @@ impl Membership {
 }
 
 /// Starts the watch and heartbeat threads; `lease` is the one this node's record was
-/// claimed under.
+/// claimed under; `successor`: this process is a binary upgrade's.
 pub fn spawn(
     admin: Arc<Admin>,
     client: Client,
     health: Arc<Health>,
     lease: i64,
+    successor: bool,
 ) -> std::io::Result<Membership> {
     let (a, c, h) = (admin.clone(), client.clone(), health.clone());
     let state = Arc::new(WatchState {
@@ -112,7 +113,7 @@ pub fn spawn(
     let (c, s) = (client.clone(), state.clone());
     std::thread::Builder::new()
         .name("gw-etcd-node".into())
-        .spawn(move || heartbeat_forever(&admin, c, &health, &s))?;
+        .spawn(move || heartbeat_forever(&admin, c, &health, &s, successor))?;
     Ok(Membership { client, state })
 }
 
@@ -217,7 +218,13 @@ fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Opt
     })
 }
 
-fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
+fn heartbeat_forever(
+    admin: &Admin,
+    mut client: Client,
+    health: &Health,
+    state: &WatchState,
+    successor: bool,
+) {
     let mut published = u64::MAX;
     let mut next_check = Instant::now() + WATCH_CHECK;
     let mut behind = 0;
@@ -225,6 +232,9 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
     // record was taken over (said once).
     let mut held_by: Option<String> = None;
     let mut took_over = false;
+    // A record of this node under another lease, as last read: its etcd revision and since
+    // when it has not changed.
+    let mut foreign: Option<(i64, Instant)> = None;
     loop {
         if state.leaving.load(Ordering::Relaxed) {
             return;
@@ -259,6 +269,7 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
             published = record["applied_revision"].as_u64().unwrap_or(0);
             match written {
                 Ok(()) => {
+                    foreign = None;
                     if held_by.take().is_some() {
                         log::warn!("config store: this node's record is its own again");
                     }
@@ -269,47 +280,77 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
                 Err(Some(kv)) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    let same = same_node(&other, &record);
-                    if same && !admin.upgrading() {
-                        // An earlier process of this node: the one a binary upgrade replaced
-                        // (an older build writes without looking), or a successor that
-                        // claimed the record and then failed to start. This one is the node.
-                        let again =
-                            json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()});
-                        let taken = client.put_if(&key, &bytes, lease, again)?.is_ok();
-                        if taken && !std::mem::replace(&mut took_over, true) {
-                            log::info!(
-                                "config store: this node's record was an earlier process's \
-                                 (the one a binary upgrade replaced, or a successor that did \
-                                 not start): this process writes it"
-                            );
-                        }
-                        held_by = None;
-                        return Ok(());
-                    }
-                    let why = match same {
-                        true => format!(
-                            "this node's record (node_id {id:?}) is its successor's (a binary \
-                             upgrade): this process writes it no more"
-                        ),
-                        false => format!(
+                    let why = if !same_node(&other, &record) {
+                        format!(
                             "node_id {id:?} is held by another node (host {host}, data \
                              directory {dir}), started while this node's record had expired: \
                              this node writes no record while it runs, and is missing from \
                              /v1/nodes; give each node its own [cluster] node_id"
-                        ),
+                        )
+                    } else if admin.upgrading() {
+                        let why = format!(
+                            "this node's record (node_id {id:?}) is its successor's (a binary \
+                             upgrade): this process writes it no more"
+                        );
+                        if held_by.as_deref() != Some(&why) {
+                            log::info!("config store: {why}");
+                            held_by = Some(why);
+                        }
+                        return Ok(());
+                    } else {
+                        // Another process of this host name, boot and data directory path.
+                        // Left alone for TWIN_RECHECK, it is a dead one's (a successor that
+                        // claimed the record and then failed to start): this one is the node.
+                        // Written meanwhile, it lives: the process a binary upgrade replaced,
+                        // still running an older build (which writes without looking), or a
+                        // twin (two containers sharing the host's name).
+                        let moved = foreign.is_some_and(|(m, _)| m != kv.mod_revision);
+                        let since = match foreign {
+                            Some((m, since)) if m == kv.mod_revision => since,
+                            _ => foreign.insert((kv.mod_revision, Instant::now())).1,
+                        };
+                        if since.elapsed() >= TWIN_RECHECK {
+                            let again = json!({"target": "MOD",
+                                               "mod_revision": kv.mod_revision.to_string()});
+                            let taken = client.put_if(&key, &bytes, lease, again)?.is_ok();
+                            if taken && !std::mem::replace(&mut took_over, true) {
+                                log::info!(
+                                    "config store: this node's record was left by a process \
+                                     that stopped (a successor that did not start?): this \
+                                     process writes it"
+                                );
+                            }
+                            foreign = None;
+                            held_by = None;
+                            return Ok(());
+                        }
+                        if !moved {
+                            return Ok(());
+                        }
+                        if successor {
+                            let why = format!(
+                                "the process this one replaced (an older build) still writes \
+                                 this node's record (node_id {id:?}): this one writes it once \
+                                 that process stops"
+                            );
+                            if held_by.as_deref() != Some(&why) {
+                                log::info!("config store: {why}");
+                                held_by = Some(why);
+                            }
+                            return Ok(());
+                        }
+                        format!(
+                            "node_id {id:?}: another live process with this host name, boot \
+                             and data directory path ({dir}) writes this node's record (two \
+                             containers sharing the host's name?): this one writes none while \
+                             it does; give each its own [cluster] node_id"
+                        )
                     };
                     if held_by.as_deref() != Some(&why) {
-                        match same {
-                            true => log::info!("config store: {why}"),
-                            false => log::error!("config store: {why}"),
-                        }
+                        log::error!("config store: {why}");
                         held_by = Some(why.clone());
                     }
-                    match same {
-                        true => Ok(()),
-                        false => Err(EtcdError::Refused(why)),
-                    }
+                    Err(EtcdError::Refused(why))
                 }
             }
         })();

@@ -40,7 +40,7 @@ use crate::keys::NewKey;
 pub const NODE_TTL_S: i64 = 10;
 /// How long a starting node waits between two reads of a record that holds its id: longer
 /// than a live node's heartbeat, so a live node's `last_seen` has moved.
-const TWIN_RECHECK: Duration = Duration::from_millis(1500);
+pub const TWIN_RECHECK: Duration = Duration::from_millis(1500);
 
 /// This node's own settings, taken from its node file: `workers`, `listeners`, `admin`,
 /// `access_log`, `resolver` and `cluster` (the fields [`merge`] takes from the node);
@@ -303,6 +303,7 @@ impl EtcdStore {
         node_file: &Config,
         seed: impl FnOnce() -> Result<Seed, OpenError>,
         origin: SeedOrigin,
+        successor: bool,
     ) -> Result<EtcdStore, OpenError> {
         let cluster = node_file.cluster.as_ref().ok_or_else(|| {
             OpenError::Invalid(
@@ -348,7 +349,7 @@ impl EtcdStore {
                     store.revision
                 )));
             }
-            store.claim_node_id()?;
+            store.claim_node_id(successor)?;
             store.learn_highest();
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
@@ -362,7 +363,7 @@ impl EtcdStore {
         // A store without a config may still hold live nodes' records (its config key
         // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
         // first all the same.
-        store.claim_node_id()?;
+        store.claim_node_id(successor)?;
         // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
         // no number (no ETag) names two configs.
         store.learn_highest();
@@ -874,7 +875,7 @@ impl EtcdStore {
     /// replaced under a new host name) is waited out: the node starts once it expires, within
     /// [`NODE_TTL_S`]. One whose `last_seen` moves meanwhile is a live node's. The heartbeat
     /// keeps the lease ([`EtcdStore::lease`]) and writes the record only while it holds it.
-    fn claim_node_id(&mut self) -> Result<(), OpenError> {
+    fn claim_node_id(&mut self, successor: bool) -> Result<(), OpenError> {
         let url = self.client.url().redacted();
         let key = format!("nodes/{}", self.node_id);
         let failed = |e: EtcdError| {
@@ -896,28 +897,42 @@ impl EtcdStore {
                 Some(kv) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    if host.is_null() || same_node(&other, &mine) {
+                    let own = host.is_null() || same_node(&other, &mine);
+                    let live = first_seen
+                        .as_ref()
+                        .is_some_and(|first| first["last_seen"] != other["last_seen"]);
+                    // This node's own last run: the process this successor replaces, an older
+                    // build's record, or one whose `last_seen` stood still while looked at (a
+                    // process killed). One that moves is a live process given this host name,
+                    // boot and data directory path (two containers sharing the host's name).
+                    if own && (successor || host.is_null() || (first_seen.is_some() && !live)) {
                         json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()})
                     } else {
-                        let live = first_seen
-                            .as_ref()
-                            .is_some_and(|first| first["last_seen"] != other["last_seen"]);
                         if live || Instant::now() >= deadline {
-                            break Some(format!(
-                                "node_id {:?} is in use by a live node (host {host}, data \
-                                 directory {dir}): give each node its own [cluster] node_id",
-                                self.node_id
-                            ));
+                            break Some(match own {
+                                true => format!(
+                                    "node_id {:?} is in use by a live process with this host \
+                                     name, boot and data directory path ({dir}): two \
+                                     containers sharing the host's name? Give each its own \
+                                     [cluster] node_id",
+                                    self.node_id
+                                ),
+                                false => format!(
+                                    "node_id {:?} is in use by a live node (host {host}, data \
+                                     directory {dir}): give each node its own [cluster] node_id",
+                                    self.node_id
+                                ),
+                            });
                         }
-                        if first_seen.is_none() {
+                        if first_seen.is_none() && !own {
                             log::warn!(
                                 "node_id {:?}: etcd holds the record of a node on host {host} \
                                  (data directory {dir}); waiting up to {NODE_TTL_S} s for it \
                                  to expire, as a stopped node's does",
                                 self.node_id
                             );
-                            first_seen = Some(other);
                         }
+                        first_seen.get_or_insert(other);
                         std::thread::sleep(TWIN_RECHECK);
                         continue;
                     }
