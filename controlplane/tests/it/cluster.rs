@@ -282,11 +282,9 @@ fn on_store_error_decides_while_redis_is_away() {
     );
 }
 
-#[test]
-fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
-    // Before: a failed round cleared every share, and the first round after it started each
-    // key from a fresh share: `burst / live nodes` more admitted, even for an exhausted key.
-    let redis = Redis::start();
+/// A node with a 1/s, burst-20 cluster limit on every request (`on_store_error = "deny"`),
+/// reconciling every `sync_ms`, once its first round has reached Redis.
+fn slow_limit_node(id: &str, redis: u16, sync_ms: u64) -> Gateway {
     let gw = Gateway::start(
         &format!(
             r#"workers = 1
@@ -295,8 +293,9 @@ fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
 address = "127.0.0.1:0"
 
 [cluster]
-node_id = "o"
-redis = "redis://127.0.0.1:{}"
+node_id = "{id}"
+redis = "redis://127.0.0.1:{redis}"
+sync_ms = {sync_ms}
 
 [[policies]]
 id = "slow"
@@ -312,34 +311,48 @@ id = "api"
 path_prefix = "/"
 respond = {{ body = "ok" }}
 policies = ["slow"]
-"#,
-            redis.port
+"#
         ),
         Driver::IoUring,
     );
-    let statuses = |n: usize| {
-        let mut c = gw.connect();
-        (0..n)
-            .map(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status)
-            .collect::<Vec<u16>>()
-    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"] != "up" {
         assert!(Instant::now() < deadline, "Redis never up");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let first = statuses(40);
-    let admitted = first.iter().filter(|&&s| s == 200).count();
-    assert!((20..=22).contains(&admitted), "{first:?}");
-    // Redis drops the node's connection: its round fails, the next one (100 ms on)
-    // reconnects. Redis keeps the key's bucket throughout.
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    gw
+}
+
+/// Redis drops its clients' connections (`CLIENT KILL TYPE normal`), keeping its data: the
+/// nodes' next rounds fail, and the ones after reconnect.
+fn drop_redis_clients(port: u16) {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     conn.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\nnormal\r\n")
         .unwrap();
     let mut reply = [0u8; 16];
     let n = conn.read(&mut reply).unwrap();
     assert!(reply[..n].starts_with(b":"), "{:?}", &reply[..n]);
+}
+
+#[test]
+fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
+    // Before: a failed round cleared every share, and the first round after it started each
+    // key from a fresh share: `burst / live nodes` more admitted, even for an exhausted key.
+    let redis = Redis::start();
+    let gw = slow_limit_node("o", redis.port, 5);
+    let statuses = |n: usize| {
+        let mut c = gw.connect();
+        (0..n)
+            .map(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status)
+            .collect::<Vec<u16>>()
+    };
+    let first = statuses(40);
+    let admitted = first.iter().filter(|&&s| s == 200).count();
+    assert!((20..=22).contains(&admitted), "{first:?}");
+    // Redis drops the node's connection: its round fails, the next one (100 ms on)
+    // reconnects. Redis keeps the key's bucket throughout.
+    drop_redis_clients(redis.port);
     gw.wait_log("failed (", Duration::from_secs(5));
     gw.wait_log("is back", Duration::from_secs(5));
     let after = statuses(20);
@@ -355,56 +368,15 @@ fn requests_admitted_before_a_failed_round_are_charged_when_redis_is_back() {
     // Rounds every second: ten requests admitted, then the round that would have charged
     // them fails. Before, their counts went with it, and the bucket in Redis never knew.
     let redis = Redis::start();
-    let gw = Gateway::start(
-        &format!(
-            r#"workers = 1
-
-[[listeners]]
-address = "127.0.0.1:0"
-
-[cluster]
-node_id = "c"
-redis = "redis://127.0.0.1:{}"
-sync_ms = 1000
-
-[[policies]]
-id = "slow"
-kind = "rate_limit"
-scope = "cluster"
-rate = 1
-per = "second"
-burst = 20
-on_store_error = "deny"
-
-[[routes]]
-id = "api"
-path_prefix = "/"
-respond = {{ body = "ok" }}
-policies = ["slow"]
-"#,
-            redis.port
-        ),
-        Driver::IoUring,
-    );
+    let gw = slow_limit_node("c", redis.port, 1000);
     let admitted = |n: usize| {
         let mut c = gw.connect();
         (0..n)
             .filter(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status == 200)
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"] != "up" {
-        assert!(Instant::now() < deadline, "Redis never up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     assert_eq!(admitted(10), 10);
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    conn.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\nnormal\r\n")
-        .unwrap();
-    let mut reply = [0u8; 16];
-    let n = conn.read(&mut reply).unwrap();
-    assert!(reply[..n].starts_with(b":"), "{:?}", &reply[..n]);
+    drop_redis_clients(redis.port);
     gw.wait_log("failed (", Duration::from_secs(5));
     gw.wait_log("is back", Duration::from_secs(5));
     // What is left of the burst of 20, over two rounds (and about 3 s of refill at 1/s).
