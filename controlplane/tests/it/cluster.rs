@@ -77,6 +77,17 @@ fn node(id: &str, redis: u16, mode: &str) -> Gateway {
 
 /// A node reconciling every `sync_ms`.
 fn node_syncing(id: &str, redis: u16, mode: &str, sync_ms: u64) -> Gateway {
+    limit_node(id, redis, mode, sync_ms, (1000, 100))
+}
+
+/// A node whose every request passes a cluster limit of `rate` per second with `burst`.
+fn limit_node(
+    id: &str,
+    redis: u16,
+    mode: &str,
+    sync_ms: u64,
+    (rate, burst): (u64, u64),
+) -> Gateway {
     Gateway::start(
         &format!(
             r#"workers = 1
@@ -93,9 +104,9 @@ sync_ms = {sync_ms}
 id = "cluster-limit"
 kind = "rate_limit"
 scope = "cluster"
-rate = 1000
+rate = {rate}
 per = "second"
-burst = 100
+burst = {burst}
 on_store_error = "{mode}"
 
 [[routes]]
@@ -285,36 +296,7 @@ fn on_store_error_decides_while_redis_is_away() {
 /// A node with a 1/s, burst-20 cluster limit on every request (`on_store_error = "deny"`),
 /// reconciling every `sync_ms`, once its first round has reached Redis.
 fn slow_limit_node(id: &str, redis: u16, sync_ms: u64) -> Gateway {
-    let gw = Gateway::start(
-        &format!(
-            r#"workers = 1
-
-[[listeners]]
-address = "127.0.0.1:0"
-
-[cluster]
-node_id = "{id}"
-redis = "redis://127.0.0.1:{redis}"
-sync_ms = {sync_ms}
-
-[[policies]]
-id = "slow"
-kind = "rate_limit"
-scope = "cluster"
-rate = 1
-per = "second"
-burst = 20
-on_store_error = "deny"
-
-[[routes]]
-id = "api"
-path_prefix = "/"
-respond = {{ body = "ok" }}
-policies = ["slow"]
-"#
-        ),
-        Driver::IoUring,
-    );
+    let gw = limit_node(id, redis, "deny", sync_ms, (1, 20));
     let deadline = Instant::now() + Duration::from_secs(10);
     while gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"] != "up" {
         assert!(Instant::now() < deadline, "Redis never up");
