@@ -272,6 +272,36 @@ fn step(id: &str, upstream: usize, extra: &str) -> String {
 }
 
 #[test]
+fn an_aggregate_route_without_methods_takes_reads_only() {
+    // Before: a DELETE ran the steps' GETs and answered 200, which a client takes for done.
+    let o = service(|_, _| json_ok(json!({"a": 1})));
+    let (gw, log) = one_aggregate(&[&o], "", &step("s", 0, ""));
+    let mut c = gw.connect();
+    for method in ["DELETE", "POST", "OPTIONS"] {
+        let r = c.roundtrip(&format!(
+            "{method} /agg HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{{}}"
+        ));
+        assert_eq!(
+            (r.status, r.header("allow")),
+            (405, Some("GET, HEAD")),
+            "{method}"
+        );
+    }
+    assert!(o.requests().is_empty());
+    assert_eq!(get(&mut c, "/agg", "").status, 200);
+    let r = c.roundtrip("HEAD /agg HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(wait_log_lines(&log, 5)[0]["status"], 405);
+    drop(gw);
+    // Named methods are the route's; a step that carries the client's body takes any.
+    let (gw, _) = one_aggregate(&[&o], "", &step("s", 0, "method = \"POST\"\nbody = true"));
+    let r = gw.connect().roundtrip(
+        "PUT /agg HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+}
+
+#[test]
 fn placeholder_values_never_climb_out_of_the_step_path() {
     // A value of the client's query or of an earlier answer that is empty or a dot segment
     // would take the step elsewhere on a server that resolves dot segments (nginx: `..`,
