@@ -1447,6 +1447,11 @@ impl Admin {
             || self.retired.load(std::sync::atomic::Ordering::Acquire) != 0
     }
 
+    /// Whether a binary upgrade has handed over to a successor, which serves as the node.
+    pub fn handed_over(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire) != 0
+    }
+
     /// The successor `pid` serves: from now on writes here are refused.
     pub fn retire(&self, frozen: Frozen<'_>, pid: u32) {
         self.retired

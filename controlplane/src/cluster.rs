@@ -93,13 +93,12 @@ impl Membership {
 }
 
 /// Starts the watch and heartbeat threads; `lease` is the one this node's record was
-/// claimed under; `successor`: this process is a binary upgrade's.
+/// claimed under.
 pub fn spawn(
     admin: Arc<Admin>,
     client: Client,
     health: Arc<Health>,
     lease: i64,
-    successor: bool,
 ) -> std::io::Result<Membership> {
     let (a, c, h) = (admin.clone(), client.clone(), health.clone());
     let state = Arc::new(WatchState {
@@ -113,7 +112,7 @@ pub fn spawn(
     let (c, s) = (client.clone(), state.clone());
     std::thread::Builder::new()
         .name("gw-etcd-node".into())
-        .spawn(move || heartbeat_forever(&admin, c, &health, &s, successor))?;
+        .spawn(move || heartbeat_forever(&admin, c, &health, &s))?;
     Ok(Membership { client, state })
 }
 
@@ -218,13 +217,7 @@ fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Opt
     })
 }
 
-fn heartbeat_forever(
-    admin: &Admin,
-    mut client: Client,
-    health: &Health,
-    state: &WatchState,
-    successor: bool,
-) {
+fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
     let mut published = u64::MAX;
     let mut next_check = Instant::now() + WATCH_CHECK;
     let mut behind = 0;
@@ -250,7 +243,10 @@ fn heartbeat_forever(
             // Held until the record is written: a node leaving meanwhile then revokes the
             // lease it was written under.
             let mut held = state.lease.lock().unwrap_or_else(|p| p.into_inner());
-            if state.leaving.load(Ordering::Relaxed) {
+            // Handed over to an upgrade's successor, whose record it is now: a process that
+            // drains no longer serves as the node (the review found one writing the record
+            // again once the successor had stopped and taken it out).
+            if state.leaving.load(Ordering::Relaxed) || admin.handed_over() {
                 return Ok(());
             }
             if *held == 0 || !client.keep_alive(*held)? {
@@ -298,12 +294,12 @@ fn heartbeat_forever(
                         }
                         return Ok(());
                     } else {
-                        // Another process of this host name, boot and data directory path.
-                        // Left alone for TWIN_RECHECK, it is a dead one's (a successor that
-                        // claimed the record and then failed to start): this one is the node.
-                        // Written meanwhile, it lives: the process a binary upgrade replaced,
-                        // still running an older build (which writes without looking), or a
-                        // twin (two containers sharing the host's name).
+                        // Another process of this node (this data directory, which only this
+                        // process or an upgrade's predecessor can have open). Left alone for
+                        // TWIN_RECHECK, it is a dead one's (a successor that claimed the
+                        // record and then failed to start): this one is the node. Written
+                        // meanwhile, it is the process a binary upgrade replaced, running an
+                        // older build (which writes without looking) while it drains.
                         let moved = foreign.is_some_and(|(m, _)| m != kv.mod_revision);
                         let since = match foreign {
                             Some((m, since)) if m == kv.mod_revision => since,
@@ -315,36 +311,26 @@ fn heartbeat_forever(
                             let taken = client.put_if(&key, &bytes, lease, again)?.is_ok();
                             if taken && !std::mem::replace(&mut took_over, true) {
                                 log::info!(
-                                    "config store: this node's record was left by a process \
-                                     that stopped (a successor that did not start?): this \
-                                     process writes it"
+                                    "config store: this node's record was left by another \
+                                     process of it that no longer writes it: this one does"
                                 );
                             }
                             foreign = None;
                             held_by = None;
                             return Ok(());
                         }
-                        if !moved {
-                            return Ok(());
-                        }
-                        if successor {
+                        if moved {
                             let why = format!(
-                                "the process this one replaced (an older build) still writes \
-                                 this node's record (node_id {id:?}): this one writes it once \
-                                 that process stops"
+                                "another process of this node (node_id {id:?}; the one a \
+                                 binary upgrade replaced, an older build?) writes its record: \
+                                 this one writes it once that process stops"
                             );
                             if held_by.as_deref() != Some(&why) {
                                 log::info!("config store: {why}");
                                 held_by = Some(why);
                             }
-                            return Ok(());
                         }
-                        format!(
-                            "node_id {id:?}: another live process with this host name, boot \
-                             and data directory path ({dir}) writes this node's record (two \
-                             containers sharing the host's name?): this one writes none while \
-                             it does; give each its own [cluster] node_id"
-                        )
+                        return Ok(());
                     };
                     if held_by.as_deref() != Some(&why) {
                         log::error!("config store: {why}");

@@ -565,9 +565,7 @@ fn refuse_paths(
 
 /// Connects to the etcd store `url` as the node described by `--config`, seeding an empty
 /// store from `--seed-from` or from the node file's shared resources.
-/// `successor`: this process is a binary upgrade's, which takes over its predecessor's
-/// record of the node.
-fn open_etcd(args: &RunArgs, url: &str, dir: &Path, successor: bool) -> Result<EtcdStore, Fail> {
+fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
     let url = crate::etcd::StoreUrl::parse(url).map_err(|e| (EXIT_INVALID, e))?;
     let Some(path) = &args.config else {
         return Err((
@@ -643,7 +641,7 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path, successor: bool) -> Result<E
             what,
         })
     };
-    let store = EtcdStore::open(url, dir, &file, seed, origin, successor).map_err(|e| match e {
+    let store = EtcdStore::open(url, dir, &file, seed, origin).map_err(|e| match e {
         OpenError::Invalid(m) => (EXIT_INVALID, m),
         OpenError::Failed(m) => (EXIT_FAILURE, m),
     })?;
@@ -755,7 +753,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .unwrap_or_else(|| PathBuf::from("data"));
     let lock = lock_data_dir(&data_dir, inherited.as_mut().and_then(|i| i.lock.take()))?;
     let mut store = match &args.store {
-        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir, inherited.is_some())?),
+        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir)?),
         None => Store::Local(open_state(&args, &data_dir, inherited.is_some())?),
     };
     let mut stored = store.config().clone();
@@ -888,8 +886,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let mut membership = None;
     if let Some((client, health, lease)) = etcd {
         health.serving();
-        let successor = inherited.is_some();
-        let m = cluster::spawn(admin.clone(), client, health, lease, successor).map_err(|e| {
+        let m = cluster::spawn(admin.clone(), client, health, lease).map_err(|e| {
             (
                 EXIT_FAILURE,
                 format!("cannot start the config store threads: {e}"),

@@ -303,7 +303,6 @@ impl EtcdStore {
         node_file: &Config,
         seed: impl FnOnce() -> Result<Seed, OpenError>,
         origin: SeedOrigin,
-        successor: bool,
     ) -> Result<EtcdStore, OpenError> {
         let cluster = node_file.cluster.as_ref().ok_or_else(|| {
             OpenError::Invalid(
@@ -349,7 +348,7 @@ impl EtcdStore {
                     store.revision
                 )));
             }
-            store.claim_node_id(successor)?;
+            store.claim_node_id()?;
             store.learn_highest();
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
@@ -363,7 +362,7 @@ impl EtcdStore {
         // A store without a config may still hold live nodes' records (its config key
         // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
         // first all the same.
-        store.claim_node_id(successor)?;
+        store.claim_node_id()?;
         // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
         // no number (no ETag) names two configs.
         store.learn_highest();
@@ -853,6 +852,7 @@ impl EtcdStore {
             "uses": uses(&self.node),
             "host": host_name(),
             "boot_id": boot_id(),
+            "data_dir_id": dir_id(&self.dir),
             "highest_revision": self.highest,
             "data_dir": self
                 .dir
@@ -875,7 +875,7 @@ impl EtcdStore {
     /// replaced under a new host name) is waited out: the node starts once it expires, within
     /// [`NODE_TTL_S`]. One whose `last_seen` moves meanwhile is a live node's. The heartbeat
     /// keeps the lease ([`EtcdStore::lease`]) and writes the record only while it holds it.
-    fn claim_node_id(&mut self, successor: bool) -> Result<(), OpenError> {
+    fn claim_node_id(&mut self) -> Result<(), OpenError> {
         let url = self.client.url().redacted();
         let key = format!("nodes/{}", self.node_id);
         let failed = |e: EtcdError| {
@@ -897,34 +897,25 @@ impl EtcdStore {
                 Some(kv) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    let own = host.is_null() || same_node(&other, &mine);
-                    let live = first_seen
-                        .as_ref()
-                        .is_some_and(|first| first["last_seen"] != other["last_seen"]);
-                    // This node's own last run: the process this successor replaces, an older
-                    // build's record, or one whose `last_seen` stood still while looked at (a
-                    // process killed). One that moves is a live process given this host name,
-                    // boot and data directory path (two containers sharing the host's name).
-                    if own && (successor || host.is_null() || (first_seen.is_some() && !live)) {
+                    // This node's own last run (this data directory, whose lock this process
+                    // holds: its writer is gone, or is the process this upgrade's successor
+                    // replaces), or an older build's record.
+                    if host.is_null() || same_node(&other, &mine) {
                         json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()})
                     } else {
+                        let live = first_seen
+                            .as_ref()
+                            .is_some_and(|first| first["last_seen"] != other["last_seen"]);
                         if live || Instant::now() >= deadline {
-                            break Some(match own {
-                                true => format!(
-                                    "node_id {:?} is in use by a live process with this host \
-                                     name, boot and data directory path ({dir}): two \
-                                     containers sharing the host's name? Give each its own \
-                                     [cluster] node_id",
-                                    self.node_id
-                                ),
-                                false => format!(
-                                    "node_id {:?} is in use by a live node (host {host}, data \
-                                     directory {dir}): give each node its own [cluster] node_id",
-                                    self.node_id
-                                ),
-                            });
+                            // Another volume at this host name and data directory path (two
+                            // containers sharing the host's name) is another node too.
+                            break Some(format!(
+                                "node_id {:?} is in use by a live node (host {host}, data \
+                                 directory {dir}): give each node its own [cluster] node_id",
+                                self.node_id
+                            ));
                         }
-                        if first_seen.is_none() && !own {
+                        if first_seen.is_none() {
                             log::warn!(
                                 "node_id {:?}: etcd holds the record of a node on host {host} \
                                  (data directory {dir}); waiting up to {NODE_TTL_S} s for it \
@@ -1031,18 +1022,33 @@ impl EtcdStore {
     }
 }
 
-/// Whether two node records are of one node: the same host name, data directory and boot
-/// (a machine's `boot_id`: two machines given one host name and one data directory path
-/// are two nodes). A record without a `boot_id` (an older build's) is judged without it.
+/// Whether two node records are of one node: the same host name, data directory path,
+/// boot (a machine's `boot_id`: two machines given one host name are two nodes) and data
+/// directory (its device and inode: two containers sharing the host's name, each with its
+/// own volume at one path, are two nodes). A field an older build's record lacks is not
+/// compared.
 pub fn same_node(a: &Value, b: &Value) -> bool {
-    let boot = |r: &Value| {
-        r["boot_id"]
-            .as_str()
-            .filter(|id| !id.is_empty())
-            .map(str::to_owned)
+    let differ = |field: &str| {
+        let of = |r: &Value| {
+            r[field]
+                .as_str()
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        matches!((of(a), of(b)), (Some(x), Some(y)) if x != y)
     };
-    let boots_differ = matches!((boot(a), boot(b)), (Some(x), Some(y)) if x != y);
-    a["host"] == b["host"] && a["data_dir"] == b["data_dir"] && !boots_differ
+    a["host"] == b["host"]
+        && a["data_dir"] == b["data_dir"]
+        && !differ("boot_id")
+        && !differ("data_dir_id")
+}
+
+/// The data directory's device and inode (`DEV:INO`), empty if unreadable.
+fn dir_id(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir)
+        .map(|m| format!("{}:{}", m.dev(), m.ino()))
+        .unwrap_or_default()
 }
 
 /// This boot of this machine (`/proc/sys/kernel/random/boot_id`), empty if unreadable.

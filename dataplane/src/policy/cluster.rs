@@ -465,15 +465,24 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
             let answer = match redis.eval(&args) {
                 Ok(answer) => answer,
                 Err(e) => {
-                    // Admitted here, not yet charged in Redis: back into their shares for
-                    // the next round that reaches it (before, lost: those requests were
-                    // admitted on top of the limit).
-                    restore(c, &batch[n * BATCH..]);
+                    // Admitted here, and Redis did not run the script (the connection was
+                    // gone): back into their shares for the next round that reaches it
+                    // (before, lost: those requests were admitted on top of the limit). A
+                    // reply late or malformed may follow a run: not put back, or a slow
+                    // Redis would have them charged again at every round.
+                    let unsent = match not_run(&e) {
+                        true => n * BATCH,
+                        false => (n + 1) * BATCH,
+                    };
+                    restore(c, batch.get(unsent..).unwrap_or_default());
                     return Err(e);
                 }
             };
             sent_any = true;
-            apply(c, &limiter.limit, interval, chunk, &answer)?;
+            if let Err(e) = apply(c, &limiter.limit, interval, chunk, &answer) {
+                restore(c, batch.get((n + 1) * BATCH..).unwrap_or_default());
+                return Err(e);
+            }
         }
     }
     if !sent_any {
@@ -487,9 +496,18 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
     Ok(())
 }
 
+/// Whether a command that failed so cannot have run: the connection was closed or reset
+/// before any reply came (Redis dropped it, or went away), or the command was never written.
+fn not_run(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+    )
+}
+
 /// Puts the counts of a round's keys that did not reach Redis back into their shares, and
-/// the keys back into the next round's list. (Should Redis have run the script and only its
-/// answer been lost, they are charged twice: the limit errs low, never high.)
+/// the keys back into the next round's list.
 fn restore(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
     for &(key, spent, demand) in unsent {
         let Some(s) = c.shares.get(&key) else {
@@ -761,6 +779,18 @@ pub(super) type ClusterLimiters = Vec<(Box<str>, Arc<Limiter>)>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_command_the_connection_lost_is_taken_for_not_run() {
+        use std::io::{Error, ErrorKind::*};
+        for kind in [UnexpectedEof, ConnectionReset, BrokenPipe] {
+            assert!(not_run(&Error::from(kind)), "{kind:?}");
+        }
+        // A reply late, or one the gateway cannot read, may follow a run.
+        for kind in [WouldBlock, TimedOut, InvalidData, Other] {
+            assert!(!not_run(&Error::from(kind)), "{kind:?}");
+        }
+    }
 
     #[test]
     fn replies_are_read() {
