@@ -93,12 +93,13 @@ impl Membership {
 }
 
 /// Starts the watch and heartbeat threads; `lease` is the one this node's record was
-/// claimed under.
+/// claimed under; `successor`: this process is a binary upgrade's.
 pub fn spawn(
     admin: Arc<Admin>,
     client: Client,
     health: Arc<Health>,
     lease: i64,
+    successor: bool,
 ) -> std::io::Result<Membership> {
     let (a, c, h) = (admin.clone(), client.clone(), health.clone());
     let state = Arc::new(WatchState {
@@ -112,7 +113,7 @@ pub fn spawn(
     let (c, s) = (client.clone(), state.clone());
     std::thread::Builder::new()
         .name("gw-etcd-node".into())
-        .spawn(move || heartbeat_forever(&admin, c, &health, &s))?;
+        .spawn(move || heartbeat_forever(&admin, c, &health, &s, successor))?;
     Ok(Membership { client, state })
 }
 
@@ -217,7 +218,13 @@ fn check_watch(client: &mut Client, state: &WatchState, behind: &mut u32) -> Opt
     })
 }
 
-fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: &WatchState) {
+fn heartbeat_forever(
+    admin: &Admin,
+    mut client: Client,
+    health: &Health,
+    state: &WatchState,
+    successor: bool,
+) {
     let mut published = u64::MAX;
     let mut next_check = Instant::now() + WATCH_CHECK;
     let mut behind = 0;
@@ -276,7 +283,7 @@ fn heartbeat_forever(admin: &Admin, mut client: Client, health: &Health, state: 
                 Err(Some(kv)) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    let why = if !same_node(&other, &record) {
+                    let why = if !same_node(&other, &record, successor) {
                         format!(
                             "node_id {id:?} is held by another node (host {host}, data \
                              directory {dir}), started while this node's record had expired: \

@@ -565,7 +565,8 @@ fn refuse_paths(
 
 /// Connects to the etcd store `url` as the node described by `--config`, seeding an empty
 /// store from `--seed-from` or from the node file's shared resources.
-fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
+/// `successor`: this process is a binary upgrade's (its predecessor's record is its own).
+fn open_etcd(args: &RunArgs, url: &str, dir: &Path, successor: bool) -> Result<EtcdStore, Fail> {
     let url = crate::etcd::StoreUrl::parse(url).map_err(|e| (EXIT_INVALID, e))?;
     let Some(path) = &args.config else {
         return Err((
@@ -641,7 +642,7 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path) -> Result<EtcdStore, Fail> {
             what,
         })
     };
-    let store = EtcdStore::open(url, dir, &file, seed, origin).map_err(|e| match e {
+    let store = EtcdStore::open(url, dir, &file, seed, origin, successor).map_err(|e| match e {
         OpenError::Invalid(m) => (EXIT_INVALID, m),
         OpenError::Failed(m) => (EXIT_FAILURE, m),
     })?;
@@ -753,7 +754,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .unwrap_or_else(|| PathBuf::from("data"));
     let lock = lock_data_dir(&data_dir, inherited.as_mut().and_then(|i| i.lock.take()))?;
     let mut store = match &args.store {
-        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir)?),
+        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir, inherited.is_some())?),
         None => Store::Local(open_state(&args, &data_dir, inherited.is_some())?),
     };
     let mut stored = store.config().clone();
@@ -886,7 +887,8 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     let mut membership = None;
     if let Some((client, health, lease)) = etcd {
         health.serving();
-        let m = cluster::spawn(admin.clone(), client, health, lease).map_err(|e| {
+        let successor = inherited.is_some();
+        let m = cluster::spawn(admin.clone(), client, health, lease, successor).map_err(|e| {
             (
                 EXIT_FAILURE,
                 format!("cannot start the config store threads: {e}"),

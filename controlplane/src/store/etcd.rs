@@ -303,6 +303,7 @@ impl EtcdStore {
         node_file: &Config,
         seed: impl FnOnce() -> Result<Seed, OpenError>,
         origin: SeedOrigin,
+        successor: bool,
     ) -> Result<EtcdStore, OpenError> {
         let cluster = node_file.cluster.as_ref().ok_or_else(|| {
             OpenError::Invalid(
@@ -348,7 +349,7 @@ impl EtcdStore {
                     store.revision
                 )));
             }
-            store.claim_node_id()?;
+            store.claim_node_id(successor)?;
             store.learn_highest();
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
                 log::warn!(
@@ -362,7 +363,7 @@ impl EtcdStore {
         // A store without a config may still hold live nodes' records (its config key
         // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
         // first all the same.
-        store.claim_node_id()?;
+        store.claim_node_id(successor)?;
         // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
         // no number (no ETag) names two configs.
         store.learn_highest();
@@ -875,7 +876,7 @@ impl EtcdStore {
     /// replaced under a new host name) is waited out: the node starts once it expires, within
     /// [`NODE_TTL_S`]. One whose `last_seen` moves meanwhile is a live node's. The heartbeat
     /// keeps the lease ([`EtcdStore::lease`]) and writes the record only while it holds it.
-    fn claim_node_id(&mut self) -> Result<(), OpenError> {
+    fn claim_node_id(&mut self, successor: bool) -> Result<(), OpenError> {
         let url = self.client.url().redacted();
         let key = format!("nodes/{}", self.node_id);
         let failed = |e: EtcdError| {
@@ -900,7 +901,7 @@ impl EtcdStore {
                     // This node's own last run (this data directory, whose lock this process
                     // holds: its writer is gone, or is the process this upgrade's successor
                     // replaces), or an older build's record.
-                    if host.is_null() || same_node(&other, &mine) {
+                    if same_node(&other, &mine, successor) {
                         json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()})
                     } else {
                         let live = first_seen
@@ -1022,25 +1023,23 @@ impl EtcdStore {
     }
 }
 
-/// Whether two node records are of one node: the same host name, data directory path,
-/// boot (a machine's `boot_id`: two machines given one host name are two nodes) and data
-/// directory (its device and inode: two containers sharing the host's name, each with its
-/// own volume at one path, are two nodes). A field an older build's record lacks is not
-/// compared.
-pub fn same_node(a: &Value, b: &Value) -> bool {
-    let differ = |field: &str| {
-        let of = |r: &Value| {
-            r[field]
-                .as_str()
-                .filter(|v| !v.is_empty())
-                .map(str::to_owned)
-        };
-        matches!((of(a), of(b)), (Some(x), Some(y)) if x != y)
-    };
-    a["host"] == b["host"]
-        && a["data_dir"] == b["data_dir"]
-        && !differ("boot_id")
-        && !differ("data_dir_id")
+/// Whether `other` is a record of the node `mine` describes: of this build, the same host
+/// name, boot (a machine's `boot_id`: two machines given one host name are two nodes) and
+/// data directory (its path, device and inode: two containers sharing the host's name, each
+/// with its own volume at one path, are two nodes). An older build's record cannot say which
+/// volume it had: it is this node's own only to an upgrade's `successor`, whose predecessor
+/// wrote it.
+pub fn same_node(other: &Value, mine: &Value, successor: bool) -> bool {
+    let field = |r: &Value, f: &str| r[f].as_str().filter(|v| !v.is_empty()).map(str::to_owned);
+    let same_place = other["host"] == mine["host"] && other["data_dir"] == mine["data_dir"];
+    match field(other, "data_dir_id") {
+        Some(id) => {
+            same_place
+                && Some(id) == field(mine, "data_dir_id")
+                && field(other, "boot_id") == field(mine, "boot_id")
+        }
+        None => successor && (other["host"].is_null() || same_place),
+    }
 }
 
 /// The data directory's device and inode (`DEV:INO`), empty if unreadable.

@@ -1289,40 +1289,50 @@ fn a_live_process_of_this_host_and_data_directory_path_is_refused_at_start() {
     let file = dir.join("node.toml");
     std::fs::write(&file, format!("{}{ADMIN_SECTION}", node_file("a", "", ""))).unwrap();
     let read = |p: &str| std::fs::read_to_string(p).unwrap().trim().to_owned();
-    // Another volume at this path: another device and inode.
-    let record = |n: u64| {
-        serde_json::json!({"id": "a", "host": read("/proc/sys/kernel/hostname"),
-                           "boot_id": read("/proc/sys/kernel/random/boot_id"),
-                           "data_dir": data.canonicalize().unwrap(), "data_dir_id": "1:1",
-                           "last_seen": n, "applied_revision": 1, "uses": []})
-    };
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let out = std::thread::scope(|s| {
-        s.spawn(|| {
-            let until = Instant::now() + Duration::from_secs(15);
-            let mut n = 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
-                let put = serde_json::json!({"key": b64(b"/t21/nodes/a"),
-                                     "value": b64(record(n).to_string().as_bytes())});
-                etcd.http("POST", "/v3/kv/put", &put.to_string());
-                n += 1;
-                std::thread::sleep(Duration::from_millis(300));
+    // Another volume at this path (another device and inode); or an older build's record,
+    // which cannot say which volume it had (this node's own only to an upgrade's successor).
+    for volume in [Some("1:1"), None] {
+        let record = |n: u64| {
+            let mut r = serde_json::json!({"id": "a", "host": read("/proc/sys/kernel/hostname"),
+                               "boot_id": read("/proc/sys/kernel/random/boot_id"),
+                               "data_dir": data.canonicalize().unwrap(),
+                               "last_seen": n, "applied_revision": 1, "uses": []});
+            if let Some(v) = volume {
+                r["data_dir_id"] = v.into();
             }
+            r
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let out = std::thread::scope(|s| {
+            s.spawn(|| {
+                let until = Instant::now() + Duration::from_secs(15);
+                let mut n = 1;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    let put = serde_json::json!({"key": b64(b"/t21/nodes/a"),
+                                         "value": b64(record(n).to_string().as_bytes())});
+                    etcd.http("POST", "/v3/kv/put", &put.to_string());
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            });
+            let out = exit_of(
+                Command::new(env!("CARGO_BIN_EXE_gateway"))
+                    .arg("--config")
+                    .arg(&file)
+                    .arg("--data-dir")
+                    .arg(&data)
+                    .args(["--store", &etcd.url("t21")]),
+            );
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            out
         });
-        let out = exit_of(
-            Command::new(env!("CARGO_BIN_EXE_gateway"))
-                .arg("--config")
-                .arg(&file)
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--store", &etcd.url("t21")]),
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{volume:?}: {text}");
+        assert!(
+            text.contains("is in use by a live node"),
+            "{volume:?}: {text}"
         );
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        out
-    });
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("is in use by a live node"), "{text}");
+    }
 }
 
 #[test]

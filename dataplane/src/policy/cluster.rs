@@ -496,15 +496,30 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
     Ok(())
 }
 
-/// Whether a command that failed so cannot have run: the connection was closed or reset
-/// before any reply came (Redis dropped it, or went away), or the command was never written.
+/// Whether a command that failed so cannot have run: Redis refused it (an error reply), or
+/// the connection was closed or reset before any of the reply came (Redis dropped it, or went
+/// away), or the command was never written.
 fn not_run(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
-    )
+    let refused = e.get_ref().is_some_and(|inner| inner.is::<Refused>());
+    refused
+        || matches!(
+            e.kind(),
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+        )
 }
+
+/// Redis's error reply to a command, which it did not run.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// Puts the counts of a round's keys that did not reach Redis back into their shares, and
 /// the keys back into the next round's list.
@@ -651,7 +666,19 @@ impl Redis {
         }
         self.writer.write_all(&out)?;
         self.reader.get_mut().renew();
-        read_reply(&mut self.reader, 0)
+        match read_reply(&mut self.reader, 0) {
+            // Cut off after a part of the reply came: the command ran.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    && self.reader.get_ref().started() =>
+            {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "reply cut short",
+                ))
+            }
+            reply => reply,
+        }
     }
 
     /// Runs the script; its answer as an array.
@@ -694,6 +721,11 @@ impl<R> Bounded<R> {
         };
         b.renew();
         b
+    }
+
+    /// Whether a byte of the current reply has come.
+    fn started(&self) -> bool {
+        self.left < MAX_REPLY_BYTES
     }
 
     /// A new reply's allowance.
@@ -740,6 +772,8 @@ fn read_reply(r: &mut impl BufRead, depth: usize) -> std::io::Result<Reply> {
     };
     match line[0] {
         b'+' => Ok(Reply::Status(body.to_owned())),
+        // Redis refused the command (LOADING, BUSY, READONLY, OOM...): it did not run.
+        b'-' if depth == 0 => Err(std::io::Error::other(Refused(format!("redis: {body}")))),
         b'-' => Err(std::io::Error::other(format!("redis: {body}"))),
         b':' => Ok(Reply::Int(int()?)),
         b'$' => {
@@ -786,10 +820,17 @@ mod tests {
         for kind in [UnexpectedEof, ConnectionReset, BrokenPipe] {
             assert!(not_run(&Error::from(kind)), "{kind:?}");
         }
-        // A reply late, or one the gateway cannot read, may follow a run.
+        // A reply late, cut short or one the gateway cannot read may follow a run.
         for kind in [WouldBlock, TimedOut, InvalidData, Other] {
             assert!(!not_run(&Error::from(kind)), "{kind:?}");
         }
+        // An error reply: Redis refused the command (a restarting Redis answers LOADING).
+        let mut r = std::io::BufReader::new(&b"-LOADING Redis is loading\r\n"[..]);
+        let e = read_reply(&mut r, 0).unwrap_err();
+        assert!(not_run(&e), "{e}");
+        assert!(e.to_string().contains("LOADING"), "{e}");
+        let mut r = std::io::BufReader::new(&b"*2\r\n:1\r\n-ERR in the answer\r\n"[..]);
+        assert!(!not_run(&read_reply(&mut r, 0).unwrap_err()));
     }
 
     #[test]
