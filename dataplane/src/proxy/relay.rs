@@ -626,12 +626,6 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         }
         return relay_response(down, req, conn, resp, http10, close_client).await;
     }
-    if resp.status == 304 {
-        // Its validator names the upstream's bytes, not the reshaped body the client holds
-        // (whose 200 went out without it): a cache freshened with it would later revalidate
-        // that body with the upstream's ETag, even after the route's shape changed.
-        policy::drop_named(&conn.buf, fs, fe, b"etag", &mut down.resp_plan.drop);
-    }
     let skip = if !whole {
         Some(SkipReason::Status)
     } else if !declared && !sniff {
