@@ -222,7 +222,8 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
         share
             .allowance
             .store(i64::try_from(start).unwrap_or(i64::MAX), Ordering::Relaxed);
-        share.spent.store(0, Ordering::Relaxed);
+        // `spent` stays: requests admitted and not yet charged (a round that failed put them
+        // back) go with the next round; reset, an outage longer than IDLE_NS lost them.
     } else if last != 0 && idle >= wanting_window_ns() {
         // Redis no longer counts this node as wanting the key (it sent no demand for it in
         // the last four rounds), so the other nodes have been given the bucket's headroom
@@ -978,6 +979,23 @@ mod tests {
             .filter(|_| c.check(&limit, None, back).allowed)
             .count();
         assert_eq!(admitted + 1, 10);
+    }
+
+    #[test]
+    fn counts_not_yet_charged_outlive_an_idle_key_restart() {
+        // A round that failed put 7 admitted requests back; the key is next checked after
+        // an outage longer than IDLE_NS, which starts its allowance afresh. Before, the 7
+        // went with it, never charged.
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        LIVE_NODES.store(1, Ordering::Relaxed);
+        let limit = Limit::new(1, 1_000_000_000, 20).unwrap();
+        let c = ClusterShares::new(StoreErrorMode::Deny, 10);
+        let t = 5_000_000_000;
+        assert!(c.check(&limit, None, t).allowed);
+        restore(&c, &[(ROUTE_KEY, 6, 6)]);
+        assert!(c.check(&limit, None, t + 3 * IDLE_NS).allowed);
+        let share = c.shares.get(&ROUTE_KEY).unwrap();
+        assert_eq!(share.spent.load(Ordering::Relaxed), 8);
     }
 
     #[test]
