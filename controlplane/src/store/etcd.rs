@@ -869,8 +869,9 @@ impl EtcdStore {
     /// holds the id the node does not start: the two would overwrite each other's record
     /// (one of them missing from `/v1/nodes` and from the check that nothing a node uses is
     /// removed) and share one share of the cluster limits. A record of this node's own last
-    /// run (same host and data directory: a restart, or the process a binary upgrade
-    /// replaces) is taken over; so is one without them (written by an older build).
+    /// run ([`same_node`]: a restart, or the process a binary upgrade replaces) is taken
+    /// over; `successor`: this process is an upgrade's, to which an older build's record of
+    /// this host and data directory path is its predecessor's.
     ///
     /// A record another node left when it stopped (its lease not yet expired: a container
     /// replaced under a new host name) is waited out: the node starts once it expires, within
@@ -900,7 +901,7 @@ impl EtcdStore {
                     let (host, dir) = (&other["host"], &other["data_dir"]);
                     // This node's own last run (this data directory, whose lock this process
                     // holds: its writer is gone, or is the process this upgrade's successor
-                    // replaces), or an older build's record.
+                    // replaces, whose older build's record says no directory).
                     if same_node(&other, &mine, successor) {
                         json!({"target": "MOD", "mod_revision": kv.mod_revision.to_string()})
                     } else {
