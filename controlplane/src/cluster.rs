@@ -283,7 +283,10 @@ fn heartbeat_forever(
                 Err(Some(kv)) => {
                     let other = serde_json::from_slice::<Value>(&kv.value).unwrap_or_default();
                     let (host, dir) = (&other["host"], &other["data_dir"]);
-                    let why = if !same_node(&other, &record, successor) {
+                    // During an upgrade an older build's record (which says no directory) is
+                    // this node's successor's too.
+                    let ours = same_node(&other, &record, successor || admin.upgrading());
+                    let why = if !ours {
                         format!(
                             "node_id {id:?} is held by another node (host {host}, data \
                              directory {dir}), started while this node's record had expired: \

@@ -502,12 +502,16 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
 /// away), or the command was never written.
 fn not_run(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    let refused = e.get_ref().is_some_and(|inner| inner.is::<Refused>());
-    refused
+    refused(e)
         || matches!(
             e.kind(),
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
         )
+}
+
+/// Whether `e` is Redis's error reply to a command.
+fn refused(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Refused>())
 }
 
 /// Redis's error reply to a command, which it did not run.
@@ -526,9 +530,9 @@ impl std::error::Error for Refused {}
 /// the keys back into the next round's list.
 fn restore(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
     for &(key, spent, demand) in unsent {
-        let Some(s) = c.shares.get(&key) else {
-            continue;
-        };
+        // Swept meanwhile (idle past its horizon through an outage): made again, holding
+        // its counts for the next round.
+        let s = c.shares.entry(key).or_default();
         s.spent.fetch_add(spent, Ordering::AcqRel);
         s.refused.fetch_add(demand - spent, Ordering::AcqRel);
         if !s.queued.swap(true, Ordering::AcqRel) {
@@ -668,16 +672,10 @@ impl Redis {
         self.writer.write_all(&out)?;
         self.reader.get_mut().renew();
         match read_reply(&mut self.reader, 0) {
-            // Cut off after a part of the reply came: the command ran.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::UnexpectedEof
-                    && self.reader.get_ref().started() =>
-            {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "reply cut short",
-                ))
-            }
+            // Cut off (closed or reset) after a part of the reply came: the command ran.
+            Err(e) if not_run(&e) && !refused(&e) && self.reader.get_ref().started() => Err(
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "reply cut short"),
+            ),
             reply => reply,
         }
     }
@@ -979,6 +977,53 @@ mod tests {
             .filter(|_| c.check(&limit, None, back).allowed)
             .count();
         assert_eq!(admitted + 1, 10);
+    }
+
+    #[test]
+    fn a_reply_reset_after_it_began_ran_and_a_swept_key_keeps_its_counts() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        // A fake Redis: its answer begins, then the connection is reset (SO_LINGER 0).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = RedisAddr {
+            address: listener.local_addr().unwrap().to_string().into(),
+            user: None,
+            password: None,
+            db: 0,
+        };
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"*4\r\n:1\r\n").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and a `linger` that lives across the call.
+            let set = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0);
+        });
+        let mut redis = Redis::connect(&addr).unwrap();
+        let e = redis.eval(&[b"EVAL".to_vec()]).unwrap_err();
+        server.join().unwrap();
+        assert!(!not_run(&e), "{e:?}");
+        // Counts put back for a key swept meanwhile: made again, not lost.
+        let c = ClusterShares::new(StoreErrorMode::Deny, 10);
+        restore(&c, &[(ROUTE_KEY, 3, 4)]);
+        let share = c.shares.get(&ROUTE_KEY).unwrap();
+        assert_eq!(share.spent.load(Ordering::Relaxed), 3);
+        assert_eq!(share.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(*c.dirty.lock().unwrap(), [ROUTE_KEY]);
     }
 
     #[test]
