@@ -135,7 +135,11 @@ pub fn compile(
         // A stored route's X-Real-IP line (tolerated above): never beside the gateway's.
         let mut kept = Vec::with_capacity(lines.len());
         for line in lines.split_inclusive(|&b| b == b'\n') {
-            if !line.to_ascii_lowercase().starts_with(b"x-real-ip:") {
+            let name = b"x-real-ip:";
+            if !line
+                .get(..name.len())
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            {
                 kept.extend_from_slice(line);
             }
         }

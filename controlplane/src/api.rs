@@ -1381,8 +1381,9 @@ impl Admin {
             // Another node's change cannot see this node's access log: one that names the
             // file it writes (a CA file, a certificate) is served here without the log, as
             // a start does, rather than have the log's lines make that file unreadable.
-            let files = process_files;
-            if let Err((at, why)) = crate::store::local::refuse_paths_in(e.dir(), &next, files) {
+            if let Err((at, why)) =
+                crate::store::local::refuse_paths_in(e.dir(), &next, process_files)
+            {
                 log::error!(
                     "etcd revision {revision}: {at}: {why}; the access log is off until the \
                      config changes"
@@ -1443,8 +1444,7 @@ impl Admin {
     /// Whether a binary upgrade is starting this process's successor or has handed over to
     /// it: the node's record in etcd is then the successor's to write.
     pub fn upgrading(&self) -> bool {
-        self.frozen.load(std::sync::atomic::Ordering::Acquire)
-            || self.retired.load(std::sync::atomic::Ordering::Acquire) != 0
+        self.frozen.load(std::sync::atomic::Ordering::Acquire) || self.handed_over()
     }
 
     /// Whether a binary upgrade has handed over to a successor, which serves as the node.

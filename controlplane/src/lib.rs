@@ -240,7 +240,13 @@ fn write_lock_pid(lock: &std::fs::File) -> std::io::Result<()> {
 
 /// Opens or seeds the data directory. A successor of a binary upgrade (`resume`) resumes the
 /// stored config whatever `--config` says.
-fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fail> {
+/// `files`: what this process reads whatever its config ([`process_files`]).
+fn open_state(
+    args: &RunArgs,
+    dir: &Path,
+    resume: bool,
+    files: &[(PathBuf, String)],
+) -> Result<LocalStore, Fail> {
     let source = match &args.config {
         Some(p) => ConfigSource::File(p.clone()),
         None => ConfigSource::Embedded,
@@ -292,7 +298,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 return Ok(store);
             }
             let mut config = applied::parse(path, bytes).map_err(describe)?;
-            refuse_paths(dir, &config, &source, args)?;
+            refuse_paths(dir, &config, &source, files)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             // Stored as compiled: API keys only as their hashes, private keys in keys/.
@@ -341,7 +347,7 @@ fn open_state(args: &RunArgs, dir: &Path, resume: bool) -> Result<LocalStore, Fa
                 }
                 ConfigSource::Embedded => (read_config(&source).map_err(describe)?, None),
             };
-            refuse_paths(dir, &config, &source, args)?;
+            refuse_paths(dir, &config, &source, files)?;
             let new_keys = keys::take_new(&config);
             keys::load(dir, &mut config);
             let config = compile_new(config, 1).map_err(describe)?.config;
@@ -552,9 +558,9 @@ fn refuse_paths(
     dir: &Path,
     config: &common::Config,
     source: &ConfigSource,
-    args: &RunArgs,
+    files: &[(PathBuf, String)],
 ) -> Result<(), Fail> {
-    store::local::refuse_paths_in(dir, config, &process_files(args)).map_err(|(at, why)| {
+    store::local::refuse_paths_in(dir, config, files).map_err(|(at, why)| {
         let what = match source {
             ConfigSource::File(p) => p.display().to_string(),
             ConfigSource::Embedded => "embedded config".to_owned(),
@@ -565,8 +571,15 @@ fn refuse_paths(
 
 /// Connects to the etcd store `url` as the node described by `--config`, seeding an empty
 /// store from `--seed-from` or from the node file's shared resources.
-/// `successor`: this process is a binary upgrade's (its predecessor's record is its own).
-fn open_etcd(args: &RunArgs, url: &str, dir: &Path, successor: bool) -> Result<EtcdStore, Fail> {
+/// `successor`: this process is a binary upgrade's (its predecessor's record is its own);
+/// `files`: what this process reads whatever its config ([`process_files`]).
+fn open_etcd(
+    args: &RunArgs,
+    url: &str,
+    dir: &Path,
+    successor: bool,
+    files: &[(PathBuf, String)],
+) -> Result<EtcdStore, Fail> {
     let url = crate::etcd::StoreUrl::parse(url).map_err(|e| (EXIT_INVALID, e))?;
     let Some(path) = &args.config else {
         return Err((
@@ -584,7 +597,7 @@ fn open_etcd(args: &RunArgs, url: &str, dir: &Path, successor: bool) -> Result<E
     let file = read_config(&ConfigSource::File(path.clone())).map_err(|e| bad(e.to_string()))?;
     // The node's access log, before etcd is touched (the shared config's files are checked
     // once it is read).
-    refuse_paths(dir, &file, &ConfigSource::File(path.clone()), args)?;
+    refuse_paths(dir, &file, &ConfigSource::File(path.clone()), files)?;
     store::local::private_dir(dir).map_err(|e| {
         (
             EXIT_FAILURE,
@@ -753,17 +766,18 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("data"));
     let lock = lock_data_dir(&data_dir, inherited.as_mut().and_then(|i| i.lock.take()))?;
+    let files = process_files(&args);
+    let successor = inherited.is_some();
     let mut store = match &args.store {
-        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir, inherited.is_some())?),
-        None => Store::Local(open_state(&args, &data_dir, inherited.is_some())?),
+        Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir, successor, &files)?),
+        None => Store::Local(open_state(&args, &data_dir, successor, &files)?),
     };
     let mut stored = store.config().clone();
     if let Store::Etcd(e) = &mut store {
         e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
     }
     keys::load(&data_dir, &mut stored);
-    if let Err((at, why)) = store::local::refuse_paths_in(&data_dir, &stored, &process_files(&args))
-    {
+    if let Err((at, why)) = store::local::refuse_paths_in(&data_dir, &stored, &files) {
         // Stored by a build that allowed it: the gateway starts without the log rather than
         // write into its own state, and a write through the API must fix it.
         log::error!(
@@ -877,17 +891,10 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         }
         Store::Local(_) => None,
     };
-    let admin = Arc::new(Admin::new(
-        store,
-        shared.clone(),
-        token,
-        upstreams,
-        process_files(&args),
-    ));
+    let admin = Arc::new(Admin::new(store, shared.clone(), token, upstreams, files));
     let mut membership = None;
     if let Some((client, health, lease)) = etcd {
         health.serving();
-        let successor = inherited.is_some();
         let m = cluster::spawn(admin.clone(), client, health, lease, successor).map_err(|e| {
             (
                 EXIT_FAILURE,
