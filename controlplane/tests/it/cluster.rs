@@ -305,6 +305,14 @@ fn slow_limit_node(id: &str, redis: u16, sync_ms: u64) -> Gateway {
     gw
 }
 
+/// The statuses of `n` requests on one connection to `gw`.
+fn statuses(gw: &Gateway, n: usize) -> Vec<u16> {
+    let mut c = gw.connect();
+    (0..n)
+        .map(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status)
+        .collect()
+}
+
 /// Redis drops its clients' connections (`CLIENT KILL TYPE normal`), keeping its data: the
 /// nodes' next rounds fail, and the ones after reconnect.
 fn drop_redis_clients(port: u16) {
@@ -323,12 +331,7 @@ fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
     // key from a fresh share: `burst / live nodes` more admitted, even for an exhausted key.
     let redis = Redis::start();
     let gw = slow_limit_node("o", redis.port, 5);
-    let statuses = |n: usize| {
-        let mut c = gw.connect();
-        (0..n)
-            .map(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status)
-            .collect::<Vec<u16>>()
-    };
+    let statuses = |n: usize| statuses(&gw, n);
     let first = statuses(40);
     let admitted = first.iter().filter(|&&s| s == 200).count();
     assert!((20..=22).contains(&admitted), "{first:?}");
@@ -351,12 +354,7 @@ fn requests_admitted_before_a_failed_round_are_charged_when_redis_is_back() {
     // them fails. Before, their counts went with it, and the bucket in Redis never knew.
     let redis = Redis::start();
     let gw = slow_limit_node("c", redis.port, 1000);
-    let admitted = |n: usize| {
-        let mut c = gw.connect();
-        (0..n)
-            .filter(|_| c.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\n\r\n").status == 200)
-            .count()
-    };
+    let admitted = |n: usize| statuses(&gw, n).iter().filter(|&&s| s == 200).count();
     assert_eq!(admitted(10), 10);
     drop_redis_clients(redis.port);
     gw.wait_log("failed (", Duration::from_secs(5));

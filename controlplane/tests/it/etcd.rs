@@ -159,6 +159,12 @@ impl Etcd {
         Some(text.split_once("\r\n\r\n")?.1.to_owned())
     }
 
+    /// Puts `value` at `key` by hand (as `etcdctl put`); whether etcd answered.
+    fn put(&self, key: &str, value: &str) -> bool {
+        let put = serde_json::json!({"key": b64(key.as_bytes()), "value": b64(value.as_bytes())});
+        self.http("POST", "/v3/kv/put", &put.to_string()).is_some()
+    }
+
     /// Every value stored under `prefix`, decoded.
     fn values_under(&self, prefix: &str) -> Vec<String> {
         let mut end = prefix.as_bytes().to_vec();
@@ -1135,9 +1141,7 @@ fn a_record_this_build_cannot_read_is_said_at_once() {
         "config": {"routes": [{"id": "n", "path": "/n", "respond": {"status": 200},
                                "future_option": true}]}
     });
-    let put = serde_json::json!({"key": b64(b"/t10/config"),
-                                 "value": b64(record.to_string().as_bytes())});
-    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    assert!(etcd.put("/t10/config", &record.to_string()));
     let started = Instant::now();
     let r = a.admin("PUT", "/v1/routes/w", Some(&respond_route("/w", "2")));
     assert_eq!(r.status, 503, "{}", r.body_str());
@@ -1308,9 +1312,7 @@ fn a_live_process_of_this_host_and_data_directory_path_is_refused_at_start() {
                 let until = Instant::now() + Duration::from_secs(15);
                 let mut n = 1;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
-                    let put = serde_json::json!({"key": b64(b"/t21/nodes/a"),
-                                         "value": b64(record(n).to_string().as_bytes())});
-                    etcd.http("POST", "/v3/kv/put", &put.to_string());
+                    etcd.put("/t21/nodes/a", &record(n).to_string());
                     n += 1;
                     std::thread::sleep(Duration::from_millis(300));
                 }
@@ -1344,9 +1346,7 @@ fn a_nodes_record_another_node_holds_is_not_written_over() {
     a.wait_log("admin API listening", Duration::from_secs(5));
     let other = serde_json::json!({"id": "a", "host": "elsewhere", "data_dir": "/srv/gw",
                                    "applied_revision": 1, "last_seen": 1, "uses": []});
-    let put = serde_json::json!({"key": b64(b"/t19/nodes/a"),
-                                 "value": b64(other.to_string().as_bytes())});
-    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    assert!(etcd.put("/t19/nodes/a", &other.to_string()));
     a.wait_log(
         "node_id \"a\" is held by another node (host \"elsewhere\"",
         Duration::from_secs(5),
@@ -1370,9 +1370,7 @@ fn a_nodes_record_another_node_holds_is_not_written_over() {
     assert_eq!(nodes["nodes"][0]["id"], "a", "{nodes}");
     assert_ne!(nodes["nodes"][0]["host"], "elsewhere", "{nodes}");
     let put_record = |record: &serde_json::Value| {
-        let put = serde_json::json!({"key": b64(b"/t19/nodes/a"),
-                                     "value": b64(record.to_string().as_bytes())});
-        assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+        assert!(etcd.put("/t19/nodes/a", &record.to_string()));
     };
     // Same host and data directory, another boot: another machine, another node.
     let mut twin = nodes["nodes"][0].clone();
@@ -1607,9 +1605,7 @@ fn a_record_numbered_past_what_a_gateway_counts_to_is_unreadable() {
     // revision seen (the second review found the next write wrapping round to 0 so).
     let beat = serde_json::json!({"id": "zz", "applied_revision": 1, "last_seen": 0,
                                   "highest_revision": u64::MAX, "uses": []});
-    let put = serde_json::json!({"key": b64(b"/t17/nodes/zz"),
-                                 "value": b64(beat.to_string().as_bytes())});
-    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    assert!(etcd.put("/t17/nodes/zz", &beat.to_string()));
     let a = node(&etcd, "t17", &node_file("a", "", ""));
     let r = a.admin("PUT", "/v1/routes/v", Some(&respond_route("/v", "1")));
     assert_eq!(r.status, 201, "{}", r.body_str());
@@ -1619,9 +1615,7 @@ fn a_record_numbered_past_what_a_gateway_counts_to_is_unreadable() {
         "revision": u64::MAX, "created_ms": 0, "source": "by hand", "item_revisions": {},
         "config": {}
     });
-    let put = serde_json::json!({"key": b64(b"/t17/config"),
-                                 "value": b64(record.to_string().as_bytes())});
-    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    assert!(etcd.put("/t17/config", &record.to_string()));
     let r = a.admin("PUT", "/v1/routes/w", Some(&respond_route("/w", "2")));
     assert_eq!(r.status, 503, "{}", r.body_str());
     let by_hand = "beyond the largest a gateway counts to (9007199254740991): written by hand";
@@ -1631,8 +1625,7 @@ fn a_record_numbered_past_what_a_gateway_counts_to_is_unreadable() {
     let text = record
         .to_string()
         .replace(&u64::MAX.to_string(), "18446744073709551616");
-    let put = serde_json::json!({"key": b64(b"/t17/config"), "value": b64(text.as_bytes())});
-    assert!(etcd.http("POST", "/v3/kv/put", &put.to_string()).is_some());
+    assert!(etcd.put("/t17/config", &text));
     let r = a.admin("PUT", "/v1/routes/w", Some(&respond_route("/w", "2")));
     assert_eq!(r.status, 503, "{}", r.body_str());
     assert!(r.body_str().contains(by_hand), "{}", r.body_str());
