@@ -256,10 +256,6 @@ fn copy_fields(buf: &[u8], start: usize, end: usize, names: &[&[u8]]) -> Vec<u8>
     out
 }
 
-fn is_read(method: &[u8]) -> bool {
-    method == b"GET" || method == b"HEAD"
-}
-
 /// Answers the request with the aggregate `snap.aggregates[index]`.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn aggregate<S: ClientStream>(
@@ -278,21 +274,9 @@ pub(super) async fn aggregate<S: ClientStream>(
     // client's body: a route that names no `methods` takes GET and HEAD, not a DELETE
     // answered with its steps' GETs, which a client would take for done.
     let method = head.method.of(&down.buf);
-    if route.methods.is_none() && !agg.steps.iter().any(|s| s.body) && !is_read(method) {
-        req.fail(ErrorKind::MethodNotAllowed);
-        const BODY: &[u8] = b"405 method not supported here.\n";
-        let answer = [
-            &b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n\
-               Allow: GET, HEAD\r\nContent-Length: 31\r\n"[..],
-            BODY,
-        ]
-        .concat();
-        let reply = super::Reply::Direct {
-            status: 405,
-            bytes: &answer,
-            head_len: answer.len() - BODY.len(),
-        };
-        return down.respond(ctx, req, head, reply).await;
+    let read = method == b"GET" || method == b"HEAD";
+    if route.methods.is_none() && !agg.steps.iter().any(|s| s.body) && !read {
+        return super::not_allowed(ctx, down, req, head, b"GET, HEAD").await;
     }
     super::add_trace_fields(down, req, head);
     let input = Input::capture(snap, down, req, head, route, agg, peer);

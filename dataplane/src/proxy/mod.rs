@@ -492,22 +492,8 @@ async fn handle<S: ClientStream>(
         // TRACE is refused where no route names it, as nginx does, with what the routes of
         // its path take (RFC 9110 15.5.6).
         if head.method.of(&down.buf) == b"TRACE" {
-            req.fail(ErrorKind::MethodNotAllowed);
-            const BODY: &[u8] = b"405 method not supported here.\n";
-            let answer = [
-                &b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                   Allow: "[..],
-                &allowed_at(snap, host, path),
-                b"\r\nContent-Length: 31\r\n",
-                BODY,
-            ]
-            .concat();
-            let reply = Reply::Direct {
-                status: 405,
-                bytes: &answer,
-                head_len: answer.len() - BODY.len(),
-            };
-            return down.respond(ctx, req, head, reply).await;
+            let allowed = allowed_at(snap, host, path);
+            return not_allowed(ctx, down, req, head, &allowed).await;
         }
         req.fail(ErrorKind::NoRoute);
         return down
@@ -1318,6 +1304,32 @@ async fn early_head(
             _ => return None,
         }
     }
+}
+
+/// Answers `405 Method Not Allowed` with `Allow: allowed` (RFC 9110 15.5.6).
+async fn not_allowed<S: ClientStream>(
+    ctx: &WorkerCtx,
+    down: &mut Downstream<S>,
+    req: &mut RequestCtx,
+    head: &RequestHead,
+    allowed: &[u8],
+) -> Next {
+    req.fail(ErrorKind::MethodNotAllowed);
+    const BODY: &[u8] = b"405 method not supported here.\n";
+    let answer = [
+        &b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n\
+           Allow: "[..],
+        allowed,
+        b"\r\nContent-Length: 31\r\n",
+        BODY,
+    ]
+    .concat();
+    let reply = Reply::Direct {
+        status: 405,
+        bytes: &answer,
+        head_len: answer.len() - BODY.len(),
+    };
+    down.respond(ctx, req, head, reply).await
 }
 
 /// Whether the client's protocol can carry `resp`'s body as the upstream coded it: neither
