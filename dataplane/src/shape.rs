@@ -210,11 +210,14 @@ pub fn is_event_stream(value: &[u8]) -> bool {
     media_type(value).eq_ignore_ascii_case(b"text/event-stream")
 }
 
-/// Whether a body that begins with `data` opens a JSON object or array (its first byte other
-/// than JSON whitespace, RFC 8259 2, is `{` or `[`, after a UTF-8 byte order mark if it has
-/// one); `None` while `data` is whitespace only, or a mark cut short. What a filtering shape
-/// takes for JSON whatever the answer's type says: parsers may ignore a mark (RFC 8259 8.1;
-/// `fetch().json()` and Python's `json.loads` do), so a body behind one is JSON to clients.
+/// Whether a body that begins with `data` opens a JSON object or array (its first character
+/// other than JSON whitespace, RFC 8259 2, is `{` or `[`); `None` while `data` is whitespace
+/// only, or too short to tell how it is encoded. What a filtering shape takes for JSON
+/// whatever the answer's type says. A body is read as the JSON readers that take bytes read
+/// it ([`Units::of`]): after a byte order mark (RFC 8259 8.1 lets parsers ignore one;
+/// `fetch().json()` and Python's `json.loads` do), and in UTF-16 or UTF-32 where its first
+/// bytes say so (Python's `json.loads` and `requests` read those too), so a body that is
+/// JSON to such clients is JSON here.
 pub fn opens_json(data: &[u8]) -> Option<bool> {
     opens_json_so_far(data, &mut 0)
 }
@@ -223,24 +226,57 @@ pub fn opens_json(data: &[u8]) -> Option<bool> {
 /// be cut across two reads), `skipped` how much of it earlier calls found to be the mark or
 /// whitespace, kept between calls so that no byte is looked at twice.
 pub fn opens_json_so_far(body: &[u8], skipped: &mut usize) -> Option<bool> {
-    const BOM: &[u8] = b"\xEF\xBB\xBF";
-    if *skipped == 0 {
-        if body.starts_with(BOM) {
-            *skipped = BOM.len();
-        } else if BOM.starts_with(body) {
-            // Empty, or a mark cut short: more bytes decide.
-            return None;
+    let units = Units::of(body)?;
+    *skipped = (*skipped).max(units.mark);
+    while let Some(unit) = body.get(*skipped..*skipped + units.width) {
+        let c = match units.big_endian {
+            true => unit.iter().fold(0u32, |c, &b| c << 8 | u32::from(b)),
+            false => unit.iter().rev().fold(0u32, |c, &b| c << 8 | u32::from(b)),
+        };
+        match c {
+            0x20 | 0x09 | 0x0A | 0x0D => *skipped += units.width,
+            _ => return Some(c == u32::from(b'{') || c == u32::from(b'[')),
         }
     }
-    let rest = &body[*skipped..];
-    match rest
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-    {
-        Some(i) => Some(matches!(rest[i], b'{' | b'[')),
-        None => {
-            *skipped = body.len();
-            None
+    None
+}
+
+/// How a body's text is encoded: the width of its code units, their byte order, and the
+/// length of its byte order mark.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Units {
+    width: usize,
+    big_endian: bool,
+    mark: usize,
+}
+
+impl Units {
+    /// As Python's `json.detect_encoding` (and RFC 4627 3) tells it: by a byte order mark,
+    /// UTF-32's before UTF-16's, or else by which of the first four bytes are NUL (JSON text
+    /// begins with two ASCII characters); `None` while the bytes so far could begin more
+    /// than one of them.
+    fn of(b: &[u8]) -> Option<Units> {
+        let units = |width, big_endian, mark| {
+            Some(Units {
+                width,
+                big_endian,
+                mark,
+            })
+        };
+        match *b {
+            [0, 0, 0xFE, 0xFF, ..] => units(4, true, 4),
+            [0xFF, 0xFE, 0, 0, ..] => units(4, false, 4),
+            // UTF-32's mark or UTF-16's: more bytes tell.
+            [0xFF, 0xFE] | [0xFF, 0xFE, 0] => None,
+            [0xFE, 0xFF, ..] => units(2, true, 2),
+            [0xFF, 0xFE, ..] => units(2, false, 2),
+            [0xEF, 0xBB, 0xBF, ..] => units(1, false, 3),
+            [0xEF] | [0xEF, 0xBB] => None,
+            [0, x, _, _, ..] => units(if x != 0 { 2 } else { 4 }, true, 0),
+            [_, 0, c, d, ..] => units(if c != 0 || d != 0 { 2 } else { 4 }, false, 0),
+            // A NUL among the first two bytes: the next ones tell UTF-16 from UTF-32.
+            [] | [_] | [0, ..] | [_, 0, ..] => None,
+            _ => units(1, false, 0),
         }
     }
 }
@@ -467,6 +503,53 @@ mod tests {
         let mut skipped = 0;
         assert_eq!(opens_json_so_far(&text[..1], &mut skipped), None);
         assert_eq!(opens_json_so_far(text, &mut skipped), Some(false));
+        // UTF-16 and UTF-32, with and without a mark, as Python's `json.loads` reads them.
+        let wide = |text: &str, width: usize, big: bool, mark: bool| {
+            let mut out = Vec::new();
+            let chars = mark.then_some('\u{feff}').into_iter().chain(text.chars());
+            for c in chars {
+                let c = c as u32;
+                let bytes = match width {
+                    2 => (c as u16).to_be_bytes().to_vec(),
+                    _ => c.to_be_bytes().to_vec(),
+                };
+                match big {
+                    true => out.extend_from_slice(&bytes),
+                    false => out.extend(bytes.iter().rev()),
+                }
+            }
+            out
+        };
+        for width in [2, 4] {
+            for big in [true, false] {
+                for mark in [true, false] {
+                    let at = format!("width {width}, big endian {big}, mark {mark}");
+                    let json = wide(" \r\n{\"cost\": 1}", width, big, mark);
+                    assert_eq!(opens_json(&json), Some(true), "{at}");
+                    assert_eq!(
+                        opens_json(&wide("\t[1]", width, big, mark)),
+                        Some(true),
+                        "{at}"
+                    );
+                    assert_eq!(
+                        opens_json(&wide("  hi {", width, big, mark)),
+                        Some(false),
+                        "{at}"
+                    );
+                    // Read by read, one byte at a time: never decided otherwise, nor twice.
+                    let mut skipped = 0;
+                    let first = (1..=json.len())
+                        .find_map(|n| opens_json_so_far(&json[..n], &mut skipped))
+                        .unwrap();
+                    assert!(first, "{at}");
+                }
+            }
+        }
+        // Binary data whose first bytes are NUL is not taken for JSON (an MP4 box).
+        assert_eq!(opens_json(b"\0\0\0\x18ftypmp42"), Some(false));
+        assert_eq!(opens_json(b"\xFF\xFE\0"), None);
+        assert_eq!(opens_json(b"{\0"), None);
+        assert_eq!(opens_json(b"{\0\"\0"), Some(true));
         assert!(is_event_stream(b"Text/Event-Stream; charset=utf-8"));
         assert!(!is_event_stream(b"text/plain"));
     }
