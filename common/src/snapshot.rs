@@ -232,6 +232,9 @@ pub struct Route {
     /// Whether a `cors` policy is among them: the route then also takes CORS preflights
     /// (`OPTIONS`), which that policy answers, whatever its `methods`.
     pub has_cors: bool,
+    /// It names no `methods` and each of its answers is an aggregate no step of which
+    /// carries the client's body: it takes reads only (GET, HEAD; others get its 405).
+    pub reads_only: bool,
     /// The segments of a parametrised `path` (empty for other routes).
     pub pattern: Box<[Seg]>,
     /// The names of its `{name}` parameters, in path order.
@@ -273,6 +276,12 @@ impl Route {
                 .iter()
                 .any(|m| &m[..] == method || (method == b"HEAD" && &m[..] == b"GET")),
         }
+    }
+
+    /// Whether this route answers `method` with what it does rather than a 405: it takes it
+    /// ([`Route::accepts`]), and a route that takes reads only is asked for a read.
+    pub fn serves(&self, method: &[u8]) -> bool {
+        self.accepts(method) && (!self.reads_only || matches!(method, b"GET" | b"HEAD"))
     }
 }
 
@@ -766,6 +775,13 @@ impl Snapshot {
                     crate::policy::PolicyKind::Cors(_)
                 )
             });
+            route.reads_only = route.methods.is_none()
+                && std::iter::once(&route.action)
+                    .chain(route.variants.iter().map(|v| &v.action))
+                    .all(|a| {
+                        matches!(a, RouteAction::Aggregate { aggregate }
+                            if !aggregates[*aggregate].takes_body())
+                    });
             let consumer_headers: Vec<(&[u8], &str)> = route
                 .policies
                 .iter()
@@ -1312,6 +1328,7 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
         metrics_slot: crate::slots::known_route_slot(&r.id),
         policies: Box::new([]),
         has_cors: false,
+        reads_only: false,
         pattern,
         params,
         rewrite,

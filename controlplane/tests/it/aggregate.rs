@@ -302,6 +302,46 @@ fn an_aggregate_route_without_methods_takes_reads_only() {
 }
 
 #[test]
+fn a_preflight_for_a_method_the_aggregate_route_refuses_is_refused() {
+    let o = service(|_, _| json_ok(json!({"a": 1})));
+    let config = format!(
+        "{}\n[[upstreams]]\nid = \"u0\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[policies]]\nid = \"c\"\nkind = \"cors\"\norigins = [\"https://app.example\"]\n\
+         methods = [\"DELETE\"]\nheaders = [\"x-a\"]\n\
+         [[aggregates]]\nid = \"agg\"\n{}\n[[routes]]\nid = \"agg\"\npath = \"/agg\"\n\
+         aggregate = \"agg\"\npolicies = [\"c\"]\n",
+        listener(),
+        o.addr,
+        step("s", 0, "")
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let ask = |c: &mut Client, method: &str| {
+        c.roundtrip(&format!(
+            "OPTIONS /agg HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example\r\n\
+             Access-Control-Request-Method: {method}\r\nAccess-Control-Request-Headers: x-a\r\n\r\n"
+        ))
+    };
+    // Before: 204 allowing DELETE, which the route answers with 405.
+    let r = ask(&mut c, "DELETE");
+    assert_eq!(r.status, 403, "{}", r.body_str());
+    assert!(
+        r.body_str().contains("no route with CORS"),
+        "{}",
+        r.body_str()
+    );
+    let r = ask(&mut c, "GET");
+    assert_eq!(r.status, 204, "{}", r.body_str());
+    // The page can read the 405 it gets anyway.
+    let r = c.roundtrip("DELETE /agg HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("access-control-allow-origin")),
+        (405, Some("https://app.example"))
+    );
+    assert!(o.requests().is_empty());
+}
+
+#[test]
 fn placeholder_values_never_climb_out_of_the_step_path() {
     // A value of the client's query or of an earlier answer that is empty or a dot segment
     // would take the step elsewhere on a server that resolves dot segments (nginx: `..`,

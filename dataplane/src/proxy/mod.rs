@@ -397,12 +397,13 @@ async fn handle<S: ClientStream>(
     };
     let path = head.path(&down.buf);
     // A preflight goes to the route the request it asks about would take, when that route
-    // has CORS (its policy answers); otherwise to the first route that takes OPTIONS or has
-    // CORS (whose policy refuses the method).
+    // has CORS (its policy answers) and does not answer that request with a 405; otherwise
+    // to the first route that takes OPTIONS or has CORS (whose policy refuses the method).
     let real = preflight
         .and_then(|m| {
             snap.router
                 .find(host, path, |id| snap.routes[id as usize].accepts(m))
+                .filter(|&id| snap.routes[id as usize].serves(m))
         })
         .filter(|&id| snap.routes[id as usize].has_cors);
     let found = match whole_server {
