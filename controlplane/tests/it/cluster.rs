@@ -325,6 +325,71 @@ fn drop_redis_clients(port: u16) {
     assert!(reply[..n].starts_with(b":"), "{:?}", &reply[..n]);
 }
 
+/// Runs one command on the Redis at `port`; returns its reply as read in one go.
+fn redis_command(port: u16, args: &[&str]) -> String {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    conn.write_all(out.as_bytes()).unwrap();
+    let mut reply = vec![0u8; 64 * 1024];
+    let n = conn.read(&mut reply).unwrap();
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
+#[test]
+fn keys_something_else_wrote_over_are_replaced_not_failing_every_round() {
+    // Before: a key of another type failed the script at every round, so the store was
+    // `down` for every key (`on_store_error = "deny"` refusing all), and the keys before it
+    // in a batch were charged again at each round.
+    let redis = Redis::start();
+    let gw = slow_limit_node("w", redis.port, 5);
+    let admitted = |n: usize| statuses(&gw, n).iter().filter(|&&s| s == 200).count();
+    assert_eq!(admitted(5), 5);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let keys = loop {
+        let reply = redis_command(redis.port, &["KEYS", "gw:*"]);
+        let keys: Vec<String> = reply
+            .lines()
+            .filter(|l| l.starts_with("gw:"))
+            .map(str::to_owned)
+            .collect();
+        if keys.len() >= 3 {
+            break keys;
+        }
+        assert!(Instant::now() < deadline, "no keys in Redis: {reply:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The node set, a bucket and its wanting set, each of another type now.
+    for key in &keys {
+        redis_command(redis.port, &["DEL", key]);
+        let put = match key.ends_with(":nodes") {
+            true => redis_command(redis.port, &["SET", key, "x"]),
+            false => redis_command(redis.port, &["RPUSH", key, "x"]),
+        };
+        assert!(put.starts_with('+') || put.starts_with(':'), "{put}");
+    }
+    // Rounds go on (the bucket starts afresh): what is left of the burst, then refused.
+    std::thread::sleep(Duration::from_millis(100));
+    let after = admitted(40);
+    assert!(
+        (14..=21).contains(&after),
+        "{after} of 40 admitted: {keys:?}"
+    );
+    assert_eq!(
+        gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"],
+        "up"
+    );
+    let failed: Vec<String> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("failed ("))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
 #[test]
 fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
     // Before: a failed round cleared every share, and the first round after it started each

@@ -268,11 +268,20 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
 /// per key its headroom, the number of nodes that want it (this one counted once, whether it
 /// does or not) and this node's rank among them (which gets a remainder that does not divide
 /// evenly). Times count from 2026-01-01 so a double keeps them to well under a microsecond.
+///
+/// A key that holds something no gateway wrote (another type, a value that is no time) is
+/// replaced rather than failing the script: a script that stops half way has charged the
+/// keys before it, and one such key would fail every round, for every key.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = (tonumber(t[1]) - 1767225600) * 1000000 + tonumber(t[2])
+local function trim(key, before)
+  if type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', before)) == 'table' then
+    redis.call('DEL', key)
+  end
+end
+trim(KEYS[1], now - 3000000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3000000)
 redis.call('PEXPIRE', KEYS[1], 60000)
 local live = redis.call('ZCARD', KEYS[1])
 local emission = tonumber(ARGV[2])
@@ -282,16 +291,17 @@ local out = {live}
 for i = 2, #KEYS do
   local spent = tonumber(ARGV[2 * i + 1])
   local demand = tonumber(ARGV[2 * i + 2])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
+  local got = redis.pcall('GET', KEYS[i])
+  local tat = type(got) == 'string' and tonumber(got) or now
+  if tat ~= tat or tat < now or tat > now + 1e15 then tat = now end
   tat = tat + spent * emission
   local ttl = math.floor((tat - now + tolerance) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', ttl)
   local headroom = math.floor((now + tolerance - tat) / emission)
   if headroom < 0 then headroom = 0 end
   local wanting = KEYS[i] .. ':nodes'
+  trim(wanting, now - window)
   if demand > 0 then redis.call('ZADD', wanting, now, ARGV[1]) end
-  redis.call('ZREMRANGEBYSCORE', wanting, '-inf', now - window)
   redis.call('PEXPIRE', wanting, ttl)
   local active = redis.call('ZCARD', wanting)
   local rank = redis.call('ZRANK', wanting, ARGV[1])
@@ -757,6 +767,12 @@ impl<R: std::io::Read> std::io::Read for Bounded<R> {
 /// Reads one RESP2 reply, `depth` arrays deep. A server that sends more than the limits
 /// above or nests deeper is an error (its connection is dropped), not memory or stack
 /// without bound; the connection's reader ([`Bounded`]) bounds the bytes and the time.
+/// Whether an error reply says a script failed as it ran (Redis names its line:
+/// `@user_script:9`; Redis 6 says `Error running script`): it may have written before.
+fn ran_partly(reply: &str) -> bool {
+    reply.contains("@user_script") || reply.contains("Error running script")
+}
+
 fn read_reply(r: &mut impl BufRead, depth: usize) -> std::io::Result<Reply> {
     let mut line = Vec::with_capacity(32);
     std::io::Read::take(&mut *r, MAX_REPLY_LINE).read_until(b'\n', &mut line)?;
@@ -772,7 +788,9 @@ fn read_reply(r: &mut impl BufRead, depth: usize) -> std::io::Result<Reply> {
     match line[0] {
         b'+' => Ok(Reply::Status(body.to_owned())),
         // Redis refused the command (LOADING, BUSY, READONLY, OOM...): it did not run.
-        b'-' if depth == 0 => Err(std::io::Error::other(Refused(format!("redis: {body}")))),
+        b'-' if depth == 0 && !ran_partly(body) => {
+            Err(std::io::Error::other(Refused(format!("redis: {body}"))))
+        }
         b'-' => Err(std::io::Error::other(format!("redis: {body}"))),
         b':' => Ok(Reply::Int(int()?)),
         b'$' => {
@@ -830,6 +848,16 @@ mod tests {
         assert!(e.to_string().contains("LOADING"), "{e}");
         let mut r = std::io::BufReader::new(&b"*2\r\n:1\r\n-ERR in the answer\r\n"[..]);
         assert!(!not_run(&read_reply(&mut r, 0).unwrap_err()));
+        // A script that failed as it ran (Redis 7's words, then Redis 6's).
+        for reply in [
+            &b"-WRONGTYPE Operation against a key holding the wrong kind of value script: \
+               3ad1, on @user_script:9.\r\n"[..],
+            b"-ERR Error running script (call to f_3ad1): @user_script:9: bad\r\n",
+        ] {
+            let mut r = std::io::BufReader::new(reply);
+            let e = read_reply(&mut r, 0).unwrap_err();
+            assert!(!not_run(&e), "{e}");
+        }
     }
 
     #[test]
