@@ -11,7 +11,8 @@ null without one), the common name of the client's certificate ("client", null w
 one), the connection's number ("conn", from 1) and the request's number on it ("req"), the
 method, path and the length of the request body ("len"). A path ending in `/big` is answered
 with 1 MiB of "x" instead; one ending in `/extra` with `{}`, then at once (in the same TCP
-segment) with a second answer nobody asked for; one ending in `/early` with a 413 at once,
+segment) with a second answer nobody asked for; one ending in `/until-close` with `the-body` ended by the connection's close (close_notify,
+then FIN), `/until-cut` the same ended by a FIN alone; one ending in `/early` with a 413 at once,
 its body left unread, the connection held open. A request with `Upgrade: websocket` is answered 101, and every
 byte the client sends after it is sent back until it closes.
 """
@@ -95,6 +96,19 @@ def serve(ctx, raw, conn_no):
                     if not data:
                         break
                     s.sendall(data)
+                break
+            if path.endswith("/until-close") or path.endswith("/until-cut"):
+                # An answer that ends where the connection does: with close_notify, then
+                # FIN; or (`/until-cut`) with a FIN alone, as an attacker's cut looks.
+                s.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe-body")
+                if path.endswith("/until-cut"):
+                    socket.socket(fileno=s.detach()).close()
+                    return
+                s.settimeout(2)
+                try:
+                    s.unwrap()
+                except (OSError, ssl.SSLError):
+                    pass
                 break
             if path.endswith("/extra"):
                 # The answer, then another nobody asked for, in records of their own but

@@ -107,6 +107,9 @@ struct Session {
     tx: Vec<u8>,
     /// TCP reached end of stream.
     eof: bool,
+    /// TCP ended without close_notify (RFC 8446 6.1): read as a close, but one an attacker
+    /// can make, so not as the end of a body that ends where the connection does.
+    truncated: bool,
     /// The TCP socket, for [`DirectSend`].
     fd: RawFd,
     /// Plaintext bytes encrypted since the last flush.
@@ -301,6 +304,7 @@ impl Session {
             rpos: 0,
             tx: Vec::new(),
             eof: false,
+            truncated: false,
             fd,
             queued: 0,
             always_direct: false,
@@ -578,8 +582,11 @@ async fn read_owned<R: CancelableAsyncReadRent, T: IoBufMut>(
                 return (Ok(n), buf);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            // End of TCP without close_notify: for HTTP the same as a close.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return (Ok(0), buf),
+            // End of TCP without close_notify: for HTTP the same as a close, but noted.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                session.borrow_mut().truncated = true;
+                return (Ok(0), buf);
+            }
             Err(e) => return (Err(e), buf),
         }
         match fill(tcp, session, cancel.clone()).await {
@@ -730,6 +737,12 @@ impl TlsStream {
             && s.conn
                 .process_new_packets()
                 .is_ok_and(|io| io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed())
+    }
+
+    /// Whether the peer's end of the stream came without close_notify (a read gave `Ok(0)`
+    /// for it): RFC 9112 9.8 takes a body that ends with the connection for cut short then.
+    pub fn truncated(&self) -> bool {
+        self.session.borrow().truncated
     }
 
     /// The SNI name the client sent, lower-case.

@@ -95,6 +95,15 @@ impl UpstreamIo {
         }
     }
 
+    /// Whether the upstream's end of the stream, once a read gave `Ok(0)`, closes what came
+    /// whole: a TCP FIN does, a TLS connection's only with close_notify (RFC 9112 9.8).
+    pub fn ended_cleanly(&self) -> bool {
+        match self {
+            UpstreamIo::Tcp(_) => true,
+            UpstreamIo::Tls(s) => !s.truncated(),
+        }
+    }
+
     /// A read half and a write half that may run at once (a tunnel, an HTTP/2 connection).
     pub fn into_halves(self) -> (UpstreamRead, UpstreamWrite) {
         match self {

@@ -243,6 +243,21 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     let (status, body) = request(&gw, "GET", "/verified/big", b"");
     assert_eq!((status, body.len()), (200, 1 << 20));
     assert!(body.iter().all(|&b| b == b'x'));
+    // An answer the connection's close ends is whole with close_notify only; a FIN alone
+    // (an attacker's cut, RFC 9112 9.8) resets the client's connection (before: relayed as
+    // whole, ended by a FIN).
+    for (path, whole) in [
+        ("/verified/until-close", true),
+        ("/verified/until-cut", false),
+    ] {
+        let mut c = gw.connect();
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        let mut got = Vec::new();
+        let end = c.stream.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("the-body"), "{path}: {text}");
+        assert_eq!(end.is_ok(), whole, "{path}: {end:?} {text}");
+    }
 
     // An upload the target refuses at once and stops reading (its socket's bytes are TLS
     // records): its 413 reaches the client once the upload stalls, not after `send_ms`.

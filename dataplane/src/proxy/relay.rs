@@ -142,7 +142,9 @@ impl BodyReader {
         }
         conn.buf.clear();
         let n = match conn.read_more(Instant::now() + self.idle).await {
-            Ok(0) if self.kind == BodyKind::UntilClose => {
+            // The close ends the body; over TLS, only with close_notify (RFC 9112 9.8: a TCP
+            // end alone may be an attacker's cut).
+            Ok(0) if self.kind == BodyKind::UntilClose && conn.stream.ended_cleanly() => {
                 self.left = 0;
                 self.clean = false;
                 return Ok(None);
