@@ -20,7 +20,9 @@ any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's
 (MAX_CONCURRENT_STREAMS 0), and a 204 to a stream that comes anyway; with `goaway-once`, the
 first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
 ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
-HTTP/2 forbids, RFC 9113 8.2.2). Each request's line also gives its content
+HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field before a 200
+"ok", `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
+200 "ok" with N fields. Each request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
 """
@@ -51,14 +53,15 @@ HEADERS = sys.argv[2:] == ["headers"]
 ZERO = sys.argv[2:] == ["zero"]
 GOAWAY_ONCE = sys.argv[2:] == ["goaway-once"]
 MALFORMED = sys.argv[2:] == ["malformed"]
+ANSWERS = sys.argv[2:] == ["answers"]
 connections = [0]
 lock = threading.Lock()
 
 
 def serve(sock):
     conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=False, validate_outbound_headers=not MALFORMED,
-        normalize_outbound_headers=not MALFORMED))
+        client_side=False, validate_outbound_headers=not (MALFORMED or ANSWERS),
+        normalize_outbound_headers=not (MALFORMED or ANSWERS)))
     conn.initiate_connection()
     if ZERO:
         conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
@@ -126,6 +129,25 @@ def serve(sock):
                                                         ("content-type", ctype)])
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
+                    continue
+                if ANSWERS:
+                    sid = event.stream_id
+                    if path.endswith("/hints"):
+                        conn.send_headers(sid, [(":status", "103"),
+                                                ("link", "</style.css>; rel=preload")])
+                        conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"ok", end_stream=True)
+                    elif path.endswith("/trailers"):
+                        conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"hello")
+                        conn.send_headers(sid, [("content-length", "999"),
+                                                ("host", "evil.example"), ("x-ok", "1")],
+                                          end_stream=True)
+                    else:
+                        count = int(path.rsplit("/", 1)[1])
+                        fields = [(f"x-h{i}", "v") for i in range(count)]
+                        conn.send_headers(sid, [(":status", "200")] + fields)
+                        conn.send_data(sid, b"ok", end_stream=True)
                     continue
                 if MALFORMED:
                     conn.send_headers(event.stream_id, [(":status", "200"),

@@ -229,10 +229,16 @@ pub(crate) struct H2Pool {
 
 impl H2Pool {
     /// A connection to `target` opened for `upstream` with room for one more stream, if
-    /// there is one.
-    pub fn take(&mut self, target: SocketAddr, upstream: &Arc<UpstreamLive>) -> Option<Rc<H2Conn>> {
+    /// there is one. `keep_idle`: one without streams may be used again (pooling is on,
+    /// `upstream_pool.max_idle_per_target` above 0); otherwise it goes (and closes).
+    pub fn take(
+        &mut self,
+        target: SocketAddr,
+        upstream: &Arc<UpstreamLive>,
+        keep_idle: bool,
+    ) -> Option<Rc<H2Conn>> {
         let list = self.conns.get_mut(target, upstream)?;
-        list.retain(|c| !c.closed.get());
+        list.retain(|c| !c.closed.get() && (keep_idle || c.open.get() > 0));
         list.iter().find(|c| c.has_room()).cloned()
     }
 
@@ -305,8 +311,10 @@ impl H2Pool {
 
     /// Drops connections that ended, and those without streams idle for `timeout` (dropping
     /// the last handle makes the driver send GOAWAY and close). More than one idle
-    /// connection to a target of an upstream is not kept.
-    pub fn sweep(&mut self, now: Instant, timeout: Duration) {
+    /// connection to a target of an upstream is not kept, nor any when `max_idle` (the
+    /// HTTP/1.1 pool's `max_idle_per_target`) is 0.
+    pub fn sweep(&mut self, now: Instant, timeout: Duration, max_idle: usize) {
+        let keep = max_idle.min(1);
         for list in self.opening.lists_mut() {
             list.retain(|c| c.outcome.borrow().is_none());
         }
@@ -319,7 +327,7 @@ impl H2Pool {
                     return true;
                 }
                 idle_kept += 1;
-                idle_kept == 1 && now.duration_since(c.idle_since.get()) < timeout
+                idle_kept <= keep && now.duration_since(c.idle_since.get()) < timeout
             });
         }
         self.conns.retain(|_, list| !list.is_empty());

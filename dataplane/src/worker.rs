@@ -394,7 +394,7 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
             pool.idle_timeout = snap.timeouts.upstream_idle;
             pool.sweep(now);
             let mut h2pool = ctx.h2pool.borrow_mut();
-            h2pool.sweep(now, snap.timeouts.upstream_idle);
+            h2pool.sweep(now, snap.timeouts.upstream_idle, snap.max_idle_per_target);
             let generation = common::live::GENERATION.load(Ordering::Relaxed);
             if generation != seen_generation {
                 // Target sets or upstreams changed: pooled connections to addresses that left

@@ -846,6 +846,69 @@ fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
     );
 }
 
+#[test]
+fn an_http2_upstreams_answers_keep_http11s_rules() {
+    let peer = ResetPeer::start_with(&["0", "answers"]);
+    let config = h2c_upstream_config(&[peer.addr], "h2c = true", "", "", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let raw = |path: &str| {
+        let mut c = gw.connect();
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes());
+        let mut got = Vec::new();
+        let _ = c.stream.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    // Interim answers are passed on (RFC 9110 15.2), before the final one, to HTTP/1.1 and
+    // HTTP/2 clients (before: dropped).
+    let text = raw("/hints");
+    assert!(
+        text.starts_with("HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n")
+            && text.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{text}"
+    );
+    let url = format!("http://{}/hints", gw.listeners[0]);
+    let out = curl_run(
+        10,
+        "",
+        &["--http2-prior-knowledge", "-D", "-", &url],
+        "HTTP/2 tests",
+    );
+    assert!(
+        out.body.starts_with("HTTP/2 103") && out.body.contains("HTTP/2 200"),
+        "{}",
+        out.body
+    );
+    // Trailers lose the fields that frame or route a message (before: relayed).
+    let text = raw("/trailers");
+    assert!(text.contains("hello\r\n0\r\nx-ok: 1\r\n\r\n"), "{text}");
+    // At most 256 field lines, as from an HTTP/1.1 upstream (before: 300 relayed).
+    assert!(raw("/250").starts_with("HTTP/1.1 200 OK"));
+    let text = raw("/300");
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+}
+
+#[test]
+fn no_pooling_closes_an_http2_upstream_connection_once_its_streams_end() {
+    // `max_idle_per_target = 0` disables pooling: before, HTTP/2 upstreams kept one idle
+    // connection anyway and used it again.
+    let peer = ResetPeer::start_with(&["0", "no-content"]);
+    let top = "[upstream_pool]\nmax_idle_per_target = 0";
+    let gw = Gateway::start(
+        &h2c_upstream_config(&[peer.addr], "", top, "", ""),
+        Driver::IoUring,
+    );
+    for _ in 0..3 {
+        let r = gw
+            .connect()
+            .roundtrip("GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.status, 204, "{}", r.head);
+    }
+    drop(gw);
+    let text = peer.output();
+    let lines = |start: &str| text.lines().filter(|l| l.starts_with(start)).count();
+    assert_eq!((lines("request "), lines("connection")), (3, 3), "{text}");
+}
+
 /// A config whose one route `all` sends everything to the h2c upstream `h2` of `targets`;
 /// the other arguments are lines for the listener (`h2c = true`), tables before the upstream
 /// (`[timeouts]`), lines for the upstream, and lines after the route (its own, or tables).

@@ -1286,6 +1286,13 @@ pub(super) async fn forward<S: ClientStream>(
     // When the last try went out: each try has its own `upstream_response_head_ms`, as on
     // HTTP/1.1 (one shared deadline left a retry none, and blamed its target for it).
     let sent_at = std::cell::Cell::new(Instant::now());
+    // The upstream's interim answers (103 Early Hints, 102), passed on to the client as they
+    // come (RFC 9110 15.2: a proxy forwards them), as from an HTTP/1.1 upstream. Not to an
+    // HTTP/1.0 client, which has none, nor through a translation (gRPC-Web, JSON), nor a
+    // `100 Continue`: the gateway answers `Expect` itself.
+    let pass_interims = call == Call::Plain && !http10;
+    let interims: RefCell<Vec<http::Response<()>>> = RefCell::new(Vec::new());
+    let response_drop = req.response_drop.clone();
     let attempt = async |target: &LiveTarget,
                          try_deadline: Option<Instant>,
                          req: &mut RequestCtx| {
@@ -1304,7 +1311,8 @@ pub(super) async fn forward<S: ClientStream>(
                     .prune(target.addr, &up.upstream.live);
                 None
             } else {
-                ctx.h2pool.borrow_mut().take(target.addr, &up.upstream.live)
+                let keep_idle = snap.max_idle_per_target > 0;
+                (ctx.h2pool.borrow_mut()).take(target.addr, &up.upstream.live, keep_idle)
             };
             // A new connection records its target once the circuit lets it be opened.
             if pooled.is_some() {
@@ -1489,6 +1497,7 @@ pub(super) async fn forward<S: ClientStream>(
                 None => sent_at.get() + timeouts.upstream_response_head,
             };
             let mut response = pin!(response);
+            let (mut got_interims, mut interim_passed) = (0, false);
             let response = loop {
                 let head_by = head_deadline();
                 let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
@@ -1497,6 +1506,19 @@ pub(super) async fn forward<S: ClientStream>(
                 }
                 let mut sleep = pin!(monoio::time::sleep_until(deadline.into()));
                 let woke = poll_fn(|cx| {
+                    // Interim answers first: polling the final one skips them.
+                    while let Poll::Ready(Some(Ok(interim))) =
+                        response.as_mut().get_mut().poll_informational(cx)
+                    {
+                        got_interims += 1;
+                        if got_interims > super::MAX_INTERIM {
+                            return Poll::Ready(Some(Err(())));
+                        }
+                        if pass_interims && interim.status() != http::StatusCode::CONTINUE {
+                            interims.borrow_mut().push(interim);
+                            interim_passed = true;
+                        }
+                    }
                     if let Poll::Ready(r) = response.as_mut().poll(cx) {
                         return Poll::Ready(Some(Ok(r)));
                     }
@@ -1513,9 +1535,17 @@ pub(super) async fn forward<S: ClientStream>(
                     Poll::Pending
                 })
                 .await;
+                if interim_passed {
+                    // Passed on: the request cannot be retried from here on.
+                    req.attempts.committed = true;
+                }
                 match woke {
                     Some(Ok(r)) => break Ok(r),
                     None => {}
+                    // More than an HTTP/1.1 upstream may send (`MAX_INTERIM`): a faulty one.
+                    Some(Err(())) if got_interims > super::MAX_INTERIM => {
+                        return Err(ProxyError::new(ErrorKind::UpstreamMalformed));
+                    }
                     // The body moved on meanwhile: the wait goes on from there.
                     Some(Err(()))
                         if head_deadline() > Instant::now()
@@ -1574,6 +1604,11 @@ pub(super) async fn forward<S: ClientStream>(
                     err.grpc_status = grpc_status_for_reset(&e);
                     Err(err)
                 }
+                // More field lines than an HTTP/1.1 upstream's head may have (`[limits]`):
+                // a 502 whatever the protocol, not relayed (the stream is reset).
+                Ok(Ok(resp)) if resp.headers().len() > common::snapshot::MAX_HEADER_COUNT => {
+                    Err(ProxyError::new(ErrorKind::UpstreamMalformed))
+                }
                 Ok(Ok(resp)) => {
                     let (parts, body) = resp.into_parts();
                     Ok(Opened {
@@ -1597,20 +1632,39 @@ pub(super) async fn forward<S: ClientStream>(
             .and_then(|v| v.parse::<u8>().ok());
         (o.parts.status.as_u16(), grpc)
     };
+    let mut interims_out = 0;
     let opened = {
         // A client that cancels (resets its stream) while the upstream works on the call
         // ends it there too: dropping the upstream stream resets it.
         let run = pin!(connector.run_h2(req, call_deadline, attempt, answer_of));
         let mut run = run;
-        let stream = &mut down.stream;
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = run.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
+        loop {
+            let woke = poll_fn(|cx| {
+                if let Poll::Ready(r) = run.as_mut().poll(cx) {
+                    return Poll::Ready(Some(Some(r)));
+                }
+                if !interims.borrow().is_empty() {
+                    return Poll::Ready(None);
+                }
+                down.stream.poll_reset(cx).map(|()| Some(None))
+            })
+            .await;
+            // Those passed on before the final answer (they may have come in its read).
+            let passed = std::mem::take(&mut *interims.borrow_mut());
+            for interim in passed {
+                let head = interim_head(&interim, response_drop.as_deref());
+                let (sent, _) = down.stream.write_all(head).await;
+                // A client gone is seen by the reset, or by the answer's own write.
+                if let Ok(n) = sent {
+                    interims_out += n as u64;
+                }
             }
-            stream.poll_reset(cx).map(|()| None)
-        })
-        .await
+            if let Some(done) = woke {
+                break done;
+            }
+        }
     };
+    req.bytes_out += interims_out;
     let Some(opened) = opened else {
         req.fail(ErrorKind::ClientClosed);
         req.status = ErrorKind::ClientClosed.status();
@@ -1673,6 +1727,33 @@ pub(super) async fn forward<S: ClientStream>(
             Next::Cut
         }
     }
+}
+
+/// An upstream's interim answer as an HTTP/1.1 head, which the client's stream sends as it
+/// speaks (informational HEADERS to an HTTP/2 client), without the fields the route's
+/// `response_headers` replace.
+fn interim_head(interim: &http::Response<()>, drop: Option<&[Box<[u8]>]>) -> Vec<u8> {
+    let status = interim.status();
+    let mut head = Vec::with_capacity(128);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in interim.headers() {
+        let dropped = drop.is_some_and(|d| {
+            d.iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        });
+        if !dropped {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+    }
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
 /// The field lines the gateway adds to an answer (the cors policy's, the request id, the
@@ -1821,12 +1902,23 @@ impl Relay {
                 }
             }
         }
-        let trailers = match self.next(sink, poll_fn(|cx| body.poll_trailers(cx))).await {
+        let mut trailers = match self.next(sink, poll_fn(|cx| body.poll_trailers(cx))).await {
             Err(None) => return Err((status, ErrorKind::ClientClosed)),
             Err(Some(deadline)) => return Err(self.expire(sink, status, deadline, &cursor).await),
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(self.cut(sink, status, &e, &cursor).await),
         };
+        if let Some(t) = trailers.as_mut() {
+            // Fields that frame or route a message have no place in trailers (RFC 9110
+            // 6.5.1): dropped, as from a client's (an HTTP/1.1 upstream's are a 502).
+            let framing: Vec<HeaderName> = (t.keys())
+                .filter(|n| crate::codec::chunked::is_framing_field(n.as_str().as_bytes()))
+                .cloned()
+                .collect();
+            for name in framing {
+                t.remove(name);
+            }
+        }
         if sink.whole_messages_only() && !cursor.at_boundary() {
             // The upstream ended inside a message (or declared more than it sent): its
             // trailers cannot follow, so the answer is cut, as one whose stream failed.
