@@ -404,6 +404,9 @@ impl TransferCodings {
 /// Whether `v` is a syntactically valid `Host` value: uri-host [ ":" port ] (RFC 9110 §7.2),
 /// with no userinfo, path or whitespace. Empty is valid syntax (an authority-less URI); the
 /// request parser refuses it for the http URIs the gateway serves.
+/// The longest DNS name, in characters without a trailing dot (RFC 1035 2.3.4).
+const MAX_DNS_NAME: usize = 253;
+
 pub(crate) fn valid_host(v: &[u8]) -> bool {
     let (host, port) = if v.first() == Some(&b'[') {
         let Some(close) = v.iter().position(|&b| b == b']') else {
@@ -441,9 +444,14 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
     // No empty label (`.a`, `a..b`; nginx refuses the second), which no DNS name has: a
     // wildcard route would otherwise take `x..a.test` for one of its names. One trailing
     // dot ends a fully qualified name.
+    // Nor one longer than a DNS name may be (253 characters, RFC 1035 2.3.4): routes match
+    // names up to that only, so a longer one took the routes of any host instead of a
+    // wildcard route's (and its policies).
     let labels_ok = host.is_empty() || {
         let name = host.strip_suffix(b".").unwrap_or(host);
-        !name.is_empty() && name.split(|&b| b == b'.').all(|l| !l.is_empty())
+        !name.is_empty()
+            && name.len() <= MAX_DNS_NAME
+            && name.split(|&b| b == b'.').all(|l| !l.is_empty())
     };
     // RFC 3986's port is any run of digits, but one past 65535 names no TCP port: a Host
     // naming one is refused (400) rather than routed as if it named a real one.
@@ -585,5 +593,10 @@ mod tests {
         ] {
             assert!(!valid_host(bad), "{bad:?}");
         }
+        // The longest name a DNS name may be, and one longer (its routes would not be found).
+        let longest = format!("{}.test", "a".repeat(248));
+        assert!(valid_host(longest.as_bytes()));
+        assert!(valid_host(format!("{longest}.:80").as_bytes()));
+        assert!(!valid_host(format!("a{longest}").as_bytes()));
     }
 }
