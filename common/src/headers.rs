@@ -26,6 +26,11 @@ pub struct RouteHeaders {
     /// `request_headers` sets `Host`: an absolute-form target's authority does not become
     /// the forwarded `Host` then.
     pub sets_host: bool,
+    /// The request fields a trailer section may not carry on this route: the policies'
+    /// ([`crate::policy::Policies::trailer_refused`]) and the names `request_headers` sets
+    /// or removes, whose copies a trailer would otherwise take to the upstream. `None`: the
+    /// policies' alone.
+    pub trailer_refused: Option<Arc<[Box<[u8]>]>>,
     /// Lower-case names whose copies leave a relayed answer: every `set` and `remove` name
     /// of `response_headers`.
     pub response_drop: Arc<[Box<[u8]>]>,
@@ -68,6 +73,7 @@ pub fn compile(
     response: Option<&HeaderEdits>,
     route: &Route,
     consumer_headers: &[(&[u8], &str)],
+    trailer_refused: &[Box<[u8]>],
     grpc: bool,
     at: &str,
 ) -> Result<Option<Arc<RouteHeaders>>, ConfigError> {
@@ -160,6 +166,15 @@ pub fn compile(
             }
         }
         out.sets_host = host.is_some();
+        if !drop.is_empty() {
+            let mut refused = trailer_refused.to_vec();
+            refused.extend(
+                drop.iter()
+                    .filter(|n| !trailer_refused.contains(n))
+                    .cloned(),
+            );
+            out.trailer_refused = Some(refused.into());
+        }
         out.request_drop = drop.into();
         out.request_lines = lines.into();
     }

@@ -799,6 +799,7 @@ impl Snapshot {
                 r.response_headers.as_ref(),
                 &route,
                 &consumer_headers,
+                &policies.trailer_refused,
                 grpc,
                 &format!("routes[{i}]"),
             )?;

@@ -1599,7 +1599,12 @@ fn a_host_no_dns_name_has_is_refused_not_routed_by_a_wildcard() {
     let long = format!("{}.a.test", "x".repeat(247));
     let longest = &long[1..];
     assert_eq!(status(longest), 200);
-    for host in ["evil.com,api.a.test", "evil.com;api.a.test", "x%2e.a.test", &long] {
+    for host in [
+        "evil.com,api.a.test",
+        "evil.com;api.a.test",
+        "x%2e.a.test",
+        &long,
+    ] {
         assert_eq!(status(host), 400, "{host}");
     }
     assert_eq!(origin.requests().len(), 2);

@@ -2246,9 +2246,11 @@ header = "X-Api-Key"
         assert_eq!(r.header("server"), None, "{}", r.head);
         assert_eq!(r.header("x-keep"), Some("1"), "the others kept");
     };
+    // Also spelled with `_`, as CGI-style upstreams read it (before: went on beside the
+    // route's value).
     let r = gw.connect().roundtrip(
         "GET /a HTTP/1.1\r\nHost: a.test\r\nX-Api-Key: key-0001\r\nX-Env: dev\r\nCookie: s=1\r\n\
-         X-Env: test\r\nConnection: close\r\n\r\n",
+         X-Env: test\r\nX_Env: cgi\r\nConnection: close\r\n\r\n",
     );
     answered(&r);
     let r = gw.connect().roundtrip(
@@ -2267,8 +2269,20 @@ header = "X-Api-Key"
         }
         assert_eq!(seen[0].header("x-env"), Some("prod"));
         assert_eq!(count(&seen[0].head, "x-env"), 1, "{}", seen[0].head);
+        assert!(!seen[0].head.contains("X_Env"), "{}", seen[0].head);
         assert_eq!(seen[0].header("cookie"), None, "{}", seen[0].head);
     }
+    // Nor may a trailer carry a field the route sets or removes (before: forwarded in the
+    // last chunk, to an upstream that may merge it into the head).
+    for trailer in ["X-Env: dev", "Cookie: s=1", "x_env: dev"] {
+        let r = gw.connect().roundtrip(&format!(
+            "POST /a HTTP/1.1\r\nHost: a.test\r\nX-Api-Key: key-0001\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+             3\r\nabc\r\n0\r\n{trailer}\r\n\r\n"
+        ));
+        assert_eq!(r.status, 400, "{trailer}: {}", r.head);
+    }
+    assert_eq!(origin.received.lock().unwrap().len(), 2);
     // The policy's refusal carries the answer's fields too.
     let r = gw
         .connect()

@@ -278,11 +278,12 @@ pub fn drop_field(
     }
 }
 
-/// Removes from a head every field line named `name` (case-insensitively) between `start`
-/// and `end`.
+/// Removes from a head every field line named `name` between `start` and `end`, in any case
+/// and with `_` for `-` ([`same_field_name`]): CGI-style servers read `X_Env` as `X-Env`,
+/// so a copy so spelled would reach them beside the value the gateway sets.
 pub fn drop_named(buf: &[u8], start: usize, end: usize, name: &[u8], drops: &mut Vec<Span>) {
     for f in lines(buf, start, end) {
-        if f.name.eq_ignore_ascii_case(name) {
+        if same_field_name(f.name, name) {
             add_drop(drops, f.line);
         }
     }

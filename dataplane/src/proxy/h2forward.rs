@@ -1292,7 +1292,6 @@ pub(super) async fn forward<S: ClientStream>(
     // `100 Continue`: the gateway answers `Expect` itself.
     let pass_interims = call == Call::Plain && !http10;
     let interims: RefCell<Vec<http::Response<()>>> = RefCell::new(Vec::new());
-    let response_drop = req.response_drop.clone();
     let attempt = async |target: &LiveTarget,
                          try_deadline: Option<Instant>,
                          req: &mut RequestCtx| {
@@ -1469,7 +1468,7 @@ pub(super) async fn forward<S: ClientStream>(
                     pump_guard = Some(AbortOnDrop(abort.clone()));
                     if let Some(to) = up_send.take() {
                         let replay = replay.clone();
-                        let refused = snap.policies.trailer_refused.clone();
+                        let refused = super::trailer_refused(snap, route).clone();
                         let moved = progress.clone();
                         monoio::spawn(async move {
                             let pump = pump(first, rest, to, &replay, refused, &moved);
@@ -1652,7 +1651,7 @@ pub(super) async fn forward<S: ClientStream>(
             // Those passed on before the final answer (they may have come in its read).
             let passed = std::mem::take(&mut *interims.borrow_mut());
             for interim in passed {
-                let head = interim_head(&interim, response_drop.as_deref());
+                let head = interim_head(&interim);
                 let (sent, _) = down.stream.write_all(head).await;
                 // A client gone is seen by the reset, or by the answer's own write.
                 if let Ok(n) = sent {
@@ -1730,9 +1729,9 @@ pub(super) async fn forward<S: ClientStream>(
 }
 
 /// An upstream's interim answer as an HTTP/1.1 head, which the client's stream sends as it
-/// speaks (informational HEADERS to an HTTP/2 client), without the fields the route's
-/// `response_headers` replace.
-fn interim_head(interim: &http::Response<()>, drop: Option<&[Box<[u8]>]>) -> Vec<u8> {
+/// speaks (informational HEADERS to an HTTP/2 client). As from an HTTP/1.1 upstream, the
+/// route's `response_headers` do not apply to it.
+fn interim_head(interim: &http::Response<()>) -> Vec<u8> {
     let status = interim.status();
     let mut head = Vec::with_capacity(128);
     head.extend_from_slice(b"HTTP/1.1 ");
@@ -1741,16 +1740,10 @@ fn interim_head(interim: &http::Response<()>, drop: Option<&[Box<[u8]>]>) -> Vec
     head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
     for (name, value) in interim.headers() {
-        let dropped = drop.is_some_and(|d| {
-            d.iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
-        });
-        if !dropped {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
     head

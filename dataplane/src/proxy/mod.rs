@@ -596,7 +596,7 @@ async fn handle<S: ClientStream>(
                     .await
                     .unwrap_or_else(|| client_left_meanwhile(req));
             }
-            let refused = &snap.policies.trailer_refused;
+            let refused = trailer_refused(snap, route);
             proxy(
                 ctx,
                 down,
@@ -1305,6 +1305,14 @@ async fn early_head(
             _ => return None,
         }
     }
+}
+
+/// The request fields a trailer section may not carry on `route`: the policies', and those
+/// its `request_headers` set or remove.
+fn trailer_refused<'a>(snap: &'a Snapshot, route: &'a Route) -> &'a std::sync::Arc<[Box<[u8]>]> {
+    (route.headers.as_ref())
+        .and_then(|h| h.trailer_refused.as_ref())
+        .unwrap_or(&snap.policies.trailer_refused)
 }
 
 /// Answers `405 Method Not Allowed` with `Allow: allowed` (RFC 9110 15.5.6).
