@@ -418,22 +418,24 @@ fn field_path(
 impl Template {
     /// Matches a request path (before `?`); the variables' raw values (still
     /// percent-encoded) as spans of `path`.
-    /// Whether this template is the more specific of two that match one path: at the first
-    /// segment where they differ a literal beats `*`, which beats `**`; equal segments, one
-    /// with a custom verb beats one without.
+    /// Whether this template is the more specific of two that match one path: one with a
+    /// custom verb beats one without; then at the first segment where they differ a literal
+    /// beats `*`, which beats `**`, and the template's end beats a `**` that matches nothing
+    /// more (two that match one path differ there only by a `**` after the other's end).
     fn more_specific_than(&self, other: &Template) -> bool {
         fn ranks(t: &Template) -> impl Iterator<Item = u8> + '_ {
-            t.units.iter().filter_map(|u| match u {
+            let units = t.units.iter().filter_map(|u| match u {
                 Unit::Literal(_) => Some(2u8),
                 Unit::One => Some(1),
                 Unit::Rest => Some(0),
                 Unit::VarStart(_) | Unit::VarEnd(_) => None,
-            })
+            });
+            units.chain(std::iter::once(3))
         }
-        match ranks(self).cmp(ranks(other)) {
-            std::cmp::Ordering::Greater => true,
-            std::cmp::Ordering::Less => false,
-            std::cmp::Ordering::Equal => self.verb.is_some() && other.verb.is_none(),
+        match (self.verb.is_some(), other.verb.is_some()) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => ranks(self).cmp(ranks(other)) == std::cmp::Ordering::Greater,
         }
     }
 
@@ -994,6 +996,12 @@ mod tests {
         assert!(param.more_specific_than(&rest));
         let verb = tpl("/v1/orders/{id}:run");
         assert!(verb.more_specific_than(&param) && !param.more_specific_than(&verb));
+        // The end beats a `**` that matches nothing more, and a verb beats longer literals
+        // (before: `/v1/orders/{id=**}` took `/v1/orders`, and `/v1/x/{id}` `/v1/x/a:run`).
+        let (list, any) = (tpl("/v1/orders"), tpl("/v1/orders/{id=**}"));
+        assert!(list.more_specific_than(&any) && !any.more_specific_than(&list));
+        let (run, longer) = (tpl("/v1/{id=**}:run"), tpl("/v1/x/{id}"));
+        assert!(run.more_specific_than(&longer) && !longer.more_specific_than(&run));
         // Both match a path with the verb; the one with it is chosen over `{id}` = "7:run".
         assert!(param.matches("/v1/orders/7:run").is_some());
         assert!(
