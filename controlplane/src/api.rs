@@ -1115,6 +1115,14 @@ impl Admin {
             let mut next = build(&store)?;
             let revision = store.next_revision();
             let new_keys = crate::keys::take_new(&next);
+            if let Store::Etcd(e) = &mut *store {
+                // A key the config names by digest (a rollback, a GET put back) that another
+                // node stored: in etcd, sealed, if not yet in this node's directory. One not
+                // there either is the compile's 422, naming the field.
+                if let Err(why) = e.fetch_keys(&next) {
+                    log::warn!("a write names a private key this node cannot fetch: {why}");
+                }
+            }
             crate::keys::load(store.dir(), &mut next);
             let mut snapshot = Snapshot::compile(next, revision).map_err(invalid)?;
             // A certificate already served may have expired since; a new one may not.

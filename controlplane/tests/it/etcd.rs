@@ -517,6 +517,30 @@ fn three_nodes_share_one_config() {
     for v in etcd.values_under("/t1/") {
         assert!(!v.contains("PRIVATE KEY"));
     }
+    // A node that started after the key changed has only the new one; a rollback to the
+    // revision with the first (or a PUT naming it by digest) fetches it from etcd (before:
+    // 422, "no stored key has this digest").
+    let with_first = c.admin("GET", "/v1/revisions", None).json()["current"]
+        .as_u64()
+        .unwrap();
+    let other = Cert::new(&secret_dir, "other.test");
+    let body = serde_json::json!({"cert_pem": other.cert_pem(), "key_pem": other.key_pem()});
+    let r = a.admin("PUT", "/v1/certificates/shared", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let d = node(&etcd, "t1", &node_file("d", "", &cluster_extra));
+    let first_key = d.data_dir.join("keys").join(format!("{sha}.pem"));
+    assert!(!first_key.exists());
+    let r = d.admin(
+        "POST",
+        &format!("/v1/revisions/{with_first}:rollback?dry_run=true"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let body = serde_json::json!({"cert_pem": cert.cert_pem(), "key_sha256": sha});
+    let r = d.admin("PUT", "/v1/certificates/shared", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(std::fs::read_to_string(&first_key).unwrap(), cert.key_pem());
+    drop(d);
 
     // A node that stops cleanly takes its record out as it exits: what only its listeners
     // used can go at once (before: 409 until its lease ran out, 10 s later).
