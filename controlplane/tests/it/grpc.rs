@@ -2027,6 +2027,37 @@ fn a_json_clients_grpc_compression_fields_do_not_reach_the_call() {
 }
 
 #[test]
+fn a_json_call_the_upstream_never_answers_is_a_504() {
+    // Before: 503 UNAVAILABLE without `grpc-timeout`, 504 with it, for the same silence.
+    let dir = temp_dir("json-timeout");
+    one_method_descriptor(&dir, "post: \"/m\" body: \"*\"");
+    let peer = ResetPeer::start_with(&["0", "silent"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [timeouts]\nupstream_response_head_ms = 300\n\n\
+         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\n\
+         [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
+         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
+        peer.addr,
+        dir.join("r.pb").display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for deadline in ["", "grpc-timeout: 10S\r\n"] {
+        let r = gw.connect().roundtrip(&format!(
+            "POST /m HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{deadline}\
+             Content-Length: 2\r\n\r\n{{}}"
+        ));
+        assert_eq!(
+            (r.status, r.json()["code"].as_u64()),
+            (504, Some(4)),
+            "{deadline}: {}",
+            r.body_str()
+        );
+    }
+}
+
+#[test]
 fn a_custom_binding_of_kind_star_takes_any_method() {
     // google/api/http.proto: `*` leaves the method unspecified (before: only a request whose
     // method was `*` matched, every other one was a 405 with `Allow: *`).

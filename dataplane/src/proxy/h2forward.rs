@@ -2074,8 +2074,17 @@ async fn fail<S: ClientStream>(
     asked: Asked,
     status: Option<u8>,
 ) -> Next {
-    let code = status.unwrap_or_else(|| grpc_code_for(kind, deadline));
+    let mut code = status.unwrap_or_else(|| grpc_code_for(kind, deadline));
     if call == Call::Json {
+        // A JSON client's call the gateway gave up on is past its time, whether or not the
+        // client named one (`grpc-timeout`): 504 DEADLINE_EXCEEDED, not 503 UNAVAILABLE.
+        let timeout = matches!(
+            kind,
+            ErrorKind::ConnectTimeout | ErrorKind::SendTimeout | ErrorKind::ResponseTimeout
+        );
+        if timeout && status.is_none() {
+            code = 4;
+        }
         req.fail(kind);
         // The client's own faults keep their status; the rest is the gRPC code's.
         let status = match kind.side() {
