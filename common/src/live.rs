@@ -518,7 +518,9 @@ impl TargetSet {
         if n == 1 {
             return 0;
         }
-        let (i, j) = if self.schedule.len() == n {
+        // Equal weights and no backups (the schedule holds the others only, each weight
+        // times: as long as the set by chance with primaries of weights 1 and 2 and a backup).
+        let (i, j) = if self.schedule.len() == n && self.balanced == n {
             let i = (random as u32 as usize) % n;
             (i, (i + 1 + ((random >> 32) as usize) % (n - 1)) % n)
         } else {
@@ -990,6 +992,22 @@ mod tests {
             let got = picks(&s, balance, Tried::default());
             assert!(!got.contains(&2), "{balance:?}: {got:?}");
         }
+    }
+
+    #[test]
+    fn least_request_never_draws_a_backup_whose_set_is_as_long_as_the_schedule() {
+        // Weights 1 and 2 and a backup: the schedule (1 + 2) is as long as the set, which
+        // was taken for equal weights, and a third of the draws went to the backup.
+        let mut s = set(3);
+        s.targets[1].weight = 2;
+        s.targets[2].backup = true;
+        let s = TargetSet::new(s.targets);
+        let mut share = [0usize; 3];
+        for c in 0..30_000u32 {
+            share[pick(&s, Balance::LeastRequest, c, 0)] += 1;
+        }
+        assert_eq!(share[2], 0, "{share:?}");
+        assert!(share[0].abs_diff(10_000) < 1_000, "{share:?}");
     }
 
     #[test]
