@@ -249,6 +249,17 @@ impl Resolver {
 const MAX_CNAMES: usize = 16;
 
 /// A name as compared: lower case, without the root's trailing dot.
+/// Whether `name` (lower-case, without its trailing dot) is a host name: labels of letters,
+/// digits, `-` and `_`, 1 to 63 long, 253 in all.
+fn host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 fn plain_name(name: &impl ToString) -> String {
     name.to_string().trim_end_matches('.').to_ascii_lowercase()
 }
@@ -297,6 +308,11 @@ fn read_answer(packet: &Packet<'_>, name: &str, qtype: TYPE) -> Result<Answer, D
                 let target = plain_name(&s.target);
                 if target.is_empty() {
                     ans.unavailable = true;
+                } else if !host_name(&target) {
+                    // RFC 2782: a domain name. Anything else (a quote, a line end) would go
+                    // on into the log, the metrics' labels and the next lookups.
+                    log::warn!("resolver: SRV {name}: {target:?} is no host name: left out");
+                    continue;
                 } else if s.port == 0 {
                     log::warn!("resolver: SRV {name}: {target} with port 0 left out");
                     continue;

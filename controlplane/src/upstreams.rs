@@ -786,6 +786,8 @@ impl Upstreams {
             .collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, stats) in names {
+            // Names from DNS answers are checked as host names; escaped all the same.
+            let name = dataplane::metrics::escape(&name);
             for (result, n) in [("ok", &stats.ok), ("failed", &stats.failed)] {
                 let _ = writeln!(
                     out,

@@ -497,13 +497,22 @@ fn steps(out: &mut String, workers: &[Arc<WorkerMetrics>]) {
     }
 }
 
-fn escape(label: &str) -> String {
-    label.replace('\\', "\\\\").replace('"', "\\\"")
+/// A label value as the Prometheus text format writes it: `\\`, `"` and a line end escaped.
+pub fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_says() {
+        assert_eq!(escape("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
 
     #[test]
     fn every_error_kind_has_a_counter() {

@@ -740,6 +740,9 @@ fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
             "_h._tcp.main.test": [
                 [10, 1, 0, "zero.test"], [10, 1, port, "ok.test"], [10, 1, port, "d1.test"],
                 [10, 1, port, "d2.test"], [10, 1, port, "d3.test"], [20, 1, port, "backup.test"],
+                // No host name: a quote and a line end, which went on into the metrics'
+                // label (a line of its own) and the log.
+                [10, 1, port, "ev\"il} 1\nfake_metric.test"],
             ],
             "_h._tcp.none.test": [[0, 0, 0, "."]],
         },
@@ -777,6 +780,12 @@ fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
         )
     };
     assert_eq!(failed("backup.test"), 0);
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    assert!(
+        !metrics.contains("fake_metric") && !metrics.contains("ev\""),
+        "{metrics}"
+    );
+    gw.wait_log("is no host name: left out", Duration::from_secs(5));
     assert!(targets("none").is_empty());
     assert_eq!(get(&gw, "/none").status, 503);
     assert_eq!(targets("u"), [(at("127.0.0.1"), false)]);
