@@ -239,6 +239,15 @@ impl monoio::io::AsyncWriteRent for UpstreamIo {
 pub struct Counted(std::sync::Arc<common::live::UpstreamLive>);
 
 impl Counted {
+    /// Counts one more connection whatever the number open: an upstream without circuit
+    /// limits counts its connections too, so that a limit set later holds for them.
+    pub fn one_more(live: &std::sync::Arc<common::live::UpstreamLive>) -> Counted {
+        live.circuit
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(live.clone())
+    }
+
     /// Counts one more connection, unless `max` are open or being opened already: taken
     /// before the connect starts, so concurrent connects cannot all pass the check.
     pub fn within(live: &std::sync::Arc<common::live::UpstreamLive>, max: u32) -> Option<Counted> {
@@ -613,6 +622,11 @@ impl<T> ByKey<T> {
         self.0.values_mut().map(|(_, list)| list)
     }
 
+    /// Every entry's key and connections.
+    pub fn keyed_lists_mut(&mut self) -> impl Iterator<Item = (&PoolKey, &mut Vec<T>)> {
+        self.0.iter_mut().map(|(key, (_, list))| (key, list))
+    }
+
     /// Keeps the entries `keep` says yes to.
     pub fn retain(&mut self, mut keep: impl FnMut(&PoolKey, &Vec<T>) -> bool) {
         self.0.retain(|key, (_, list)| keep(key, list));
@@ -688,11 +702,23 @@ impl Pool {
         }
     }
 
-    /// Closes connections idle for longer than the idle timeout.
+    /// Closes connections idle for longer than the idle timeout, and those the upstream
+    /// closed (or sent bytes on) meanwhile: they would hold places in the upstream's
+    /// `circuit.max_connections` until a request to their target found them.
     pub fn sweep(&mut self, now: Instant) {
         let timeout = self.idle_timeout;
         for list in self.idle.lists_mut() {
-            list.retain(|c| now.duration_since(c.idle_since) < timeout);
+            list.retain_mut(|c| now.duration_since(c.idle_since) < timeout && c.idle_and_open());
+        }
+    }
+
+    /// Closes the idle connections of `upstream` that its targets closed meanwhile.
+    pub fn drop_closed(&mut self, upstream: &Arc<UpstreamLive>) {
+        let ours = Arc::as_ptr(upstream) as usize;
+        for (key, list) in self.idle.keyed_lists_mut() {
+            if key.upstream == ours {
+                list.retain_mut(|c| c.idle_and_open());
+            }
         }
     }
 

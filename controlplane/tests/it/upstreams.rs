@@ -1291,6 +1291,63 @@ fn max_connections_counts_pooled_connections() {
 }
 
 #[test]
+fn a_pooled_connection_its_target_closed_holds_no_place_in_max_connections() {
+    // Each target answers keep-alive, then closes. Before: the closed connection, pooled
+    // for the first target, was found only by a request to that target, and held the one
+    // place until the idle timeout: the other target's request got 503 max_connections.
+    let closing = || {
+        Origin::start(Arc::new(|_: &Received, s: &mut TcpStream| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            Keep::Close
+        }))
+    };
+    let (a, b) = (closing(), closing());
+    let settings = "circuit = { max_connections = 1 }";
+    let gw = Gateway::start(
+        &config(1, &[target(a.addr), target(b.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    for path in ["/1", "/2", "/3", "/4"] {
+        let r = get(&gw, path);
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        // The target's close reaches the pooled connection.
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!((a.requests().len(), b.requests().len()), (2, 2));
+}
+
+#[test]
+fn a_connection_limit_set_at_runtime_counts_the_connections_already_open() {
+    // Before: connections opened while the upstream had no circuit were never counted, so a
+    // limit set later let as many more open.
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(400)));
+    let gw = Gateway::start(&config(1, &[target(slow.addr)], "", ""), Driver::IoUring);
+    assert_eq!(get(&gw, "/pooled").status, 200);
+    let r = gw.admin(
+        "PATCH",
+        "/v1/upstreams/u",
+        Some(r#"{"circuit": {"max_connections": 1}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    // The pooled connection, busy; a second request would need another.
+    let (addr, hits) = (gw.addr, slow.hits.clone());
+    let first = thread::spawn(move || {
+        Client::connect(addr)
+            .roundtrip("GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .status
+    });
+    while hits.load(SeqCst) < 2 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let r = gw.connect().roundtrip("GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("x-gateway-reason")),
+        (503, Some("max_connections"))
+    );
+    assert_eq!(first.join().unwrap(), 200);
+}
+
+#[test]
 fn upstreams_sharing_a_target_keep_their_connections_apart() {
     // `a` allows one connection, `b` (the same target) any number. A request to `b` used to
     // take `a`'s pooled connection, still counted in `a`'s limit, so a request to `a` meanwhile

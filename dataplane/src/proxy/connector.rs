@@ -108,6 +108,8 @@ pub(crate) trait SessionSource {
         timeout: Duration,
         send_timeout: Duration,
     ) -> Result<Box<UpstreamConn>, ConnectError>;
+    /// Closes the idle connections of `upstream` that its targets closed meanwhile.
+    fn drop_closed_idle(&self, _upstream: &Arc<UpstreamLive>) {}
     /// This worker's counter stripe.
     fn stripe(&self) -> usize;
     /// The next round-robin position for upstream `index` of a snapshot with `revision`
@@ -150,6 +152,10 @@ impl SessionSource for WorkerCtx {
         send_timeout: Duration,
     ) -> Result<Box<UpstreamConn>, ConnectError> {
         connect(target, timeout, send_timeout).await
+    }
+
+    fn drop_closed_idle(&self, upstream: &Arc<UpstreamLive>) {
+        self.pool.borrow_mut().drop_closed(upstream);
     }
 
     fn stripe(&self) -> usize {
@@ -498,6 +504,12 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             // Released if the connect fails.
             counted = Counted::within(live, c.max_connections);
             if counted.is_none() {
+                // Pooled connections the targets closed hold places until the next sweep
+                // finds them: this worker's go first.
+                self.source.drop_closed_idle(live);
+                counted = Counted::within(live, c.max_connections);
+            }
+            if counted.is_none() {
                 live.circuit.rejected[0].fetch_add(1, Relaxed);
                 return Err(ErrorKind::CircuitMaxConnections.into());
             }
@@ -533,7 +545,8 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 })?;
         }
         drop(pending);
-        conn.counted = counted;
+        // Counted without circuit limits too: a limit set later holds for this one.
+        conn.counted = Some(counted.unwrap_or_else(|| Counted::one_more(live)));
         rec.connect = Some(started.elapsed());
         Ok(Session {
             conn,
