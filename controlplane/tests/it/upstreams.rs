@@ -1963,6 +1963,50 @@ fn a_retry_after_its_backoff_goes_to_no_target_drained_meanwhile() {
 }
 
 #[test]
+fn a_retry_without_backoff_goes_to_no_target_drained_during_the_first_try() {
+    // Two targets slower than the per-try timeout, one retry at once. During the first try
+    // the other target is drained: before, the retry went to it all the same (the targets
+    // were looked at again only after a backoff).
+    let slow = [
+        Backend::start("s1", Mode::Slow(Duration::from_millis(800))),
+        Backend::start("s2", Mode::Slow(Duration::from_millis(800))),
+    ];
+    let targets: Vec<String> = slow.iter().map(|b| target(b.addr)).collect();
+    let settings = "retry = { attempts = 2, on = [\"timeout\"], per_try_timeout_ms = 500, \
+                    budget_min_per_s = 1000 }";
+    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
+    let hits = |i: usize| slow[i].hits.load(SeqCst);
+    thread::scope(|s| {
+        let answer = s.spawn(|| get(&gw, "/x"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hits(0) + hits(1) == 0 {
+            assert!(Instant::now() < deadline, "the first try never came");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let (first, other) = if hits(0) == 1 { (0, 1) } else { (1, 0) };
+        let body = serde_json::json!({"id": "u", "targets": [
+            {"address": slow[first].addr.to_string()},
+            {"address": slow[other].addr.to_string(), "draining": true},
+        ], "retry": {"attempts": 2, "on": ["timeout"], "per_try_timeout_ms": 500,
+                     "budget_min_per_s": 1000}});
+        let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
+        assert_eq!(r.status, 200, "{}", r.body_str());
+        assert_eq!(
+            hits(first) + hits(other),
+            1,
+            "the first try ended before the drain"
+        );
+        let r = answer.join().unwrap();
+        assert_eq!(r.status, 504, "{}", r.body_str());
+        assert_eq!(
+            (hits(first), hits(other)),
+            (2, 0),
+            "the retry went to the drained target"
+        );
+    });
+}
+
+#[test]
 fn a_body_that_comes_after_its_head_is_held_for_a_retry() {
     // A PUT whose body comes 300 ms after its head, to a target answering 503 and one
     // answering 200: the body is read whole before the first try (it has a length, at most

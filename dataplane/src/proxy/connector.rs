@@ -756,9 +756,10 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 release(slot);
                 if !wait.is_zero() {
                     self.back_off(wait).await?;
-                    // A revision during the wait may have drained or removed targets.
-                    withdrawn = self.withdrawn(set);
                 }
+                // A revision during the tries (and the wait) may have drained or removed
+                // targets: a retry goes to none of them.
+                withdrawn = self.withdrawn(set);
             }
             let Some(i) = self.pick(set, tried, withdrawn) else {
                 return Err(ErrorKind::NoTargets.into());
