@@ -22,7 +22,9 @@ first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request,
 ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
 HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field before a 200
 "ok", `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
-200 "ok" with N fields. Each request's line also gives its content
+200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
+compressed, its stream left open. A stream the gateway resets prints "reset CODE". Each
+request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
 """
@@ -54,6 +56,7 @@ ZERO = sys.argv[2:] == ["zero"]
 GOAWAY_ONCE = sys.argv[2:] == ["goaway-once"]
 MALFORMED = sys.argv[2:] == ["malformed"]
 ANSWERS = sys.argv[2:] == ["answers"]
+BAD_STREAM = sys.argv[2:] == ["bad-stream"]
 connections = [0]
 lock = threading.Lock()
 
@@ -75,6 +78,9 @@ def serve(sock):
         if not data:
             return
         for event in conn.receive_data(data):
+            if isinstance(event, h2.events.StreamReset):
+                with lock:
+                    print(f"reset {event.error_code}", flush=True)
             if TRAILERS and isinstance(event, (h2.events.TrailersReceived,
                                                h2.events.StreamEnded)):
                 if isinstance(event, h2.events.TrailersReceived):
@@ -129,6 +135,13 @@ def serve(sock):
                                                         ("content-type", ctype)])
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
+                    continue
+                if BAD_STREAM:
+                    # A message, then one marked compressed, and the stream left open.
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00"
+                                   + b"\x01\x00\x00\x00\x00")
                     continue
                 if ANSWERS:
                     sid = event.stream_id

@@ -2058,6 +2058,47 @@ fn a_json_call_the_upstream_never_answers_is_a_504() {
 }
 
 #[test]
+fn a_broken_server_stream_ends_the_json_answer_at_once() {
+    // A stream whose second message cannot be read (compressed), left open by the upstream
+    // (a watch): before, the client waited until the upstream ended it, and the upstream's
+    // stream was never cancelled.
+    let dir = temp_dir("json-broken-stream");
+    std::fs::write(
+        dir.join("r.proto"),
+        "syntax = \"proto3\";\npackage r;\nimport \"google/api/annotations.proto\";\n\
+         message F { string v = 1; }\n\
+         service S { rpc M(F) returns (stream F) { option (google.api.http) = { get: \"/s\" }; } }\n",
+    )
+    .unwrap();
+    let includes = [&*dir, Path::new(PROTOS)];
+    run_protoc(&includes, &dir.join("r.pb"), &[&dir.join("r.proto")], None);
+    let peer = ResetPeer::start_with(&["0", "bad-stream"]);
+    let gw = transcoding_to(&dir.join("r.pb"), peer.addr);
+    for accept in ["application/json", "application/x-ndjson"] {
+        let started = Instant::now();
+        let mut c = gw.connect();
+        c.send(format!("GET /s HTTP/1.1\r\nHost: t\r\nAccept: {accept}\r\n\r\n").as_bytes());
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = c.stream.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{accept}: {text}");
+        // Cut short (no last chunk): the client does not take it for whole.
+        assert!(!text.ends_with("0\r\n\r\n"), "{accept}: {text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{accept}: {:?}",
+            started.elapsed()
+        );
+    }
+    let text = peer.output();
+    let resets = text.lines().filter(|l| l.starts_with("reset ")).count();
+    assert_eq!(resets, 2, "{text}");
+}
+
+#[test]
 fn a_custom_binding_of_kind_star_takes_any_method() {
     // google/api/http.proto: `*` leaves the method unspecified (before: only a request whose
     // method was `*` matched, every other one was a 405 with `Allow: *`).

@@ -697,6 +697,11 @@ pub(super) trait Sink {
     fn whole_messages_only(&self) -> bool {
         false
     }
+    /// Whether the sink has ended the client's answer itself (a transcoded answer it found
+    /// broken): the rest of the upstream's is not waited for, and its stream is reset.
+    fn ended(&self) -> bool {
+        false
+    }
 }
 
 /// An answer on an HTTP/2 client stream.
@@ -1863,7 +1868,7 @@ impl Relay {
         if sink.head(status, headers, end).await.is_err() {
             return Err((ErrorKind::ClientClosed.status(), ErrorKind::ClientClosed));
         }
-        if end {
+        if end || sink.ended() {
             return Ok(status);
         }
         // Where the gRPC messages are: trailers may only follow a whole message.
@@ -1883,6 +1888,8 @@ impl Relay {
                         cursor.feed(&data);
                     }
                     match monoio::time::timeout(self.send, sink.data(data)).await {
+                        // Ended by the sink: dropping the stream resets it upstream.
+                        Ok(Ok(())) if sink.ended() => return Ok(status),
                         Ok(Ok(())) => {}
                         Ok(Err(())) => return Err((status, ErrorKind::ClientClosed)),
                         Err(_) => {

@@ -261,6 +261,9 @@ pub(super) struct JsonSink<K> {
     started: bool,
     /// The answer is broken (a malformed message): the rest is dropped.
     broken: Option<String>,
+    /// The client's answer is over (an error answer, or a stream cut once broken): the
+    /// upstream's rest is not waited for.
+    ended: bool,
     /// The status sent and the failure, as the access log and metrics should have them.
     verdict: Option<(u16, Option<ErrorKind>)>,
 }
@@ -277,6 +280,7 @@ impl<K: Sink> JsonSink<K> {
             unary: None,
             started: false,
             broken: None,
+            ended: false,
             verdict: None,
         }
     }
@@ -396,6 +400,7 @@ impl<K: Sink> Sink for JsonSink<K> {
             } else {
                 502
             };
+            self.ended = true;
             return self.answer(shown, body).await;
         }
         self.head = Some(headers);
@@ -413,7 +418,14 @@ impl<K: Sink> Sink for JsonSink<K> {
             return Ok(());
         }
         self.frame.extend_from_slice(&data);
-        self.messages().await
+        self.messages().await?;
+        if self.broken.is_some() {
+            // Ended now (a 502, or a stream cut short), not when the upstream ends: a stream
+            // it keeps sending on (a watch) would hold the client meanwhile.
+            self.ended = true;
+            return self.finish(None).await;
+        }
+        Ok(())
     }
 
     async fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<(), ()> {
@@ -504,6 +516,10 @@ impl<K: Sink> Sink for JsonSink<K> {
 
     fn sent(&self) -> u64 {
         self.inner.sent()
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
     }
 }
 
