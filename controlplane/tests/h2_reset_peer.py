@@ -10,7 +10,7 @@ bytes of a message come before the reset; with `silent`, nothing is ever answere
 `goaway`, the connection ends with GOAWAY CODE whose last stream id is below the request's
 (it was not acted on) and a close; with `no-content`, the answer is a 204 that carries
 `content-length: 0` (which RFC 9110 8.6 forbids); with `html`, a 200 `text/html` page (not
-gRPC), with `html-503` the same page as a 503; with `no-status`, a gRPC answer of one message that ends without trailers (no
+gRPC), with `html-503` the same page as a 503 with `content-encoding: gzip` and an `etag`; with `no-status`, a gRPC answer of one message that ends without trailers (no
 `grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`;
 with `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`,
 once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without
@@ -131,8 +131,10 @@ def serve(sock):
                 if HTML or HTML_503 or NO_STATUS:
                     ctype = "application/grpc" if NO_STATUS else "text/html"
                     status = "503" if HTML_503 else "200"
+                    # A 503 page as a proxy in front of the service sends it: compressed.
+                    about = [("content-encoding", "gzip"), ("etag", '"p1"')] if HTML_503 else []
                     conn.send_headers(event.stream_id, [(":status", status),
-                                                        ("content-type", ctype)])
+                                                        ("content-type", ctype)] + about)
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
                     continue

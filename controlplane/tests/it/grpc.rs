@@ -2844,5 +2844,9 @@ fn a_transcoded_call_answered_without_grpc_is_a_502_unless_the_status_is_an_erro
             body["message"].as_str().unwrap().contains("not gRPC"),
             "{body}"
         );
+        // The gateway's JSON is not the page: none of the fields about the page's bytes
+        // (before: `content-encoding: gzip` on plain JSON, which clients failed to read).
+        assert_eq!(r.header("content-encoding"), None, "{}", r.head);
+        assert_eq!(r.header("etag"), None, "{}", r.head);
     }
 }
