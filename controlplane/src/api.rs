@@ -1916,16 +1916,13 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
     }
 }
 
-/// Reads a JSON body: right content type (415), at most 1 MiB (413), well-formed (400).
 /// How long a request body may take to arrive whole.
 const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn json_body(
-    headers: &HeaderMap,
-    body: Body,
-    patch: bool,
-    limit: usize,
-) -> Result<Value, Problem> {
+/// What a write's head alone refuses: a type other than JSON (415), a content coding (415),
+/// a declared length past `limit` (413); [`read_json`] reads the body then. Before any precondition is looked at: RFC 9110 13.2.1 has these
+/// failures, detected before the content is processed, take precedence over a 412.
+fn refuse_by_head(headers: &HeaderMap, patch: bool, limit: usize) -> Result<(), Problem> {
     // One type: of two, which the body is would be a guess (none is taken).
     let types = headers.get_all(header::CONTENT_TYPE).iter().count();
     let ctype = match types {
@@ -1983,13 +1980,6 @@ async fn json_body(
         p.field = Some(("accept-encoding", "identity"));
         return Err(p);
     }
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Content Too Large",
-            format!("the body exceeds {limit} bytes"),
-        )
-    };
     // A declared length past the limit is refused before any of the body is read (and
     // before a `100 Continue` invites it).
     let declared = headers
@@ -1997,14 +1987,28 @@ async fn json_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Err(too_large(limit));
     }
+    Ok(())
+}
+
+/// The answer to a body past `limit` bytes.
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Content Too Large",
+        format!("the body exceeds {limit} bytes"),
+    )
+}
+
+/// Reads a body of at most `limit` bytes (413) as well-formed JSON (400).
+async fn read_json(body: Body, limit: usize) -> Result<Value, Problem> {
     // The whole body within a bound: a client that trickles it would hold a handler thread.
     let read = tokio::time::timeout(BODY_TIME, axum::body::to_bytes(body, limit));
     let bytes: Bytes = match read.await {
         Ok(Ok(bytes)) => bytes,
         // Past the limit (a chunked body, or one whose length was not declared)...
-        Ok(Err(e)) if over_limit(&e) => return Err(too_large()),
+        Ok(Err(e)) if over_limit(&e) => return Err(too_large(limit)),
         // ... or not a body at all: bad chunked framing, or a client gone mid-body.
         Ok(Err(e)) => {
             return Err(Problem::new(
@@ -2171,8 +2175,9 @@ async fn put_config(
 ) -> Result<Response, Problem> {
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
+    refuse_by_head(&headers, false, MAX_CONFIG_BODY)?;
     admin.precheck(|view| pre.check(Some(&config_etag(view.revision))))?;
-    let value = json_body(&headers, body, false, MAX_CONFIG_BODY).await?;
+    let value = read_json(body, MAX_CONFIG_BODY).await?;
     let config = typed_config(value)?;
     let applied = admin.apply(dry_run, "api: PUT /v1/config", |store| {
         pre.check(Some(&config_etag(store.revision())))?;
@@ -2247,6 +2252,7 @@ async fn write_item(
     let dry_run = q.dry_run()?;
     let pre = Preconditions::from(headers);
     let patch = method == Method::PATCH;
+    refuse_by_head(headers, patch, MAX_BODY)?;
     admin.precheck(|view| {
         let etag =
             (kind.get(&view.config, id)).map(|_| item_etag(kind, id, view.item_revision(kind, id)));
@@ -2256,7 +2262,7 @@ async fn write_item(
             false => pre.check(etag.as_deref()),
         }
     })?;
-    let input = json_body(headers, body, patch, MAX_BODY).await?;
+    let input = read_json(body, MAX_BODY).await?;
     let mut created = false;
     let (applied, (etag, value)) = admin
         .apply_then(
@@ -2456,8 +2462,9 @@ async fn batch(
 ) -> Result<Response, Problem> {
     let dry_run = WriteQuery { raw }.dry_run()?;
     let pre = Preconditions::from(&headers);
+    refuse_by_head(&headers, false, MAX_CONFIG_BODY)?;
     admin.precheck(|view| pre.check(Some(&config_etag(view.revision))))?;
-    let batch: Batch = typed(json_body(&headers, body, false, MAX_CONFIG_BODY).await?)?;
+    let batch: Batch = typed(read_json(body, MAX_CONFIG_BODY).await?)?;
     let mut candidate = None;
     let applied = admin.apply(dry_run, "api: POST /v1/config:batch", |store| {
         pre.check(Some(&config_etag(store.revision())))?;

@@ -179,7 +179,10 @@ fn conditional_writes() {
         json!("one")
     );
     // A stale ETag is a 412 whatever the body holds: preconditions come before the content
-    // (RFC 9110 13.2.1; before: 400 for a body that was not JSON, 415 for another type).
+    // (RFC 9110 13.2.1; before: 400 for a body that was not JSON). But what the head alone
+    // refuses (another type, a coding, a declared length past the limit) comes before them,
+    // as "failures that can be detected before significant processing" (before: 412, and
+    // the etcd store answered 415).
     problem(&write("{not json"), 412);
     let typed = |path: &str, body: &str| {
         let method = if path.ends_with(":batch") {
@@ -198,9 +201,17 @@ fn conditional_writes() {
             ],
         )
     };
-    problem(&typed("/v1/routes/health", "x"), 412);
-    problem(&typed("/v1/config", "x"), 412);
-    problem(&typed("/v1/config:batch", "x"), 412);
+    problem(&typed("/v1/routes/health", "x"), 415);
+    problem(&typed("/v1/config", "x"), 415);
+    problem(&typed("/v1/config:batch", "x"), 415);
+    let big = "x".repeat(1_100_000);
+    let r = gw.admin_with(
+        "PUT",
+        "/v1/routes/health",
+        Some(&big),
+        &[("Authorization", &auth), ("If-Match", "\"stale\"")],
+    );
+    problem(&r, 413);
     // If-None-Match: * creates only.
     let create_only = |id: &str| {
         gw.admin_with(
