@@ -2067,7 +2067,8 @@ fn a_broken_server_stream_ends_the_json_answer_at_once() {
         dir.join("r.proto"),
         "syntax = \"proto3\";\npackage r;\nimport \"google/api/annotations.proto\";\n\
          message F { string v = 1; }\n\
-         service S { rpc M(F) returns (stream F) { option (google.api.http) = { get: \"/s\" }; } }\n",
+         service S { rpc M(F) returns (stream F) {\n\
+         option (google.api.http) = { get: \"/s\" }; } }\n",
     )
     .unwrap();
     let includes = [&*dir, Path::new(PROTOS)];
