@@ -1580,6 +1580,19 @@ impl Admin {
     /// its body is read (RFC 9110 13.2.1: a stale `If-Match` is a `412` whatever the body
     /// holds); the write checks them again under the store's lock. Not on etcd, where the
     /// view may not have another node's change yet (the write reads it first).
+    /// Whether `headers` carry the admin token: one `Authorization: Bearer` field (of two,
+    /// which one counts would be a guess, and the data plane's `jwt` policy refuses two as
+    /// well), compared in constant time.
+    fn token_given(&self, headers: &HeaderMap) -> bool {
+        let mut fields = headers.get_all(header::AUTHORIZATION).iter();
+        let field = fields.next().filter(|_| fields.next().is_none());
+        let given = field
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token)
+            .unwrap_or("");
+        constant_time_eq(given.as_bytes(), self.token.as_bytes())
+    }
+
     fn precheck(&self, check: impl FnOnce(&View) -> Result<(), Problem>) -> Result<(), Problem> {
         let view = self.view();
         match view.health {
@@ -1843,7 +1856,7 @@ pub fn app(admin: Arc<Admin>) -> Router {
     let protected = protected
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token))
         .route_layer(middleware::from_fn(off_runtime));
-    Router::new()
+    let api = Router::new()
         .route(
             "/v1/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -1854,14 +1867,59 @@ pub fn app(admin: Arc<Admin>) -> Router {
         .route("/ui/{file}", get(crate::live::ui_file))
         .merge(protected)
         .fallback(|| async { Problem::not_found("no such endpoint".into()) })
-        .method_not_allowed_fallback(|| async {
-            Problem::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "Method Not Allowed",
-                "this endpoint does not take that method",
-            )
-        })
-        .with_state(admin)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(admin);
+    // axum names a path's methods in `Allow` on whatever its method fallback answers, after
+    // any layer of that router: a 404 there (a revision not kept) lists none.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::map_response(|mut r: Response| async move {
+            if r.status() != StatusCode::METHOD_NOT_ALLOWED {
+                r.headers_mut().remove(header::ALLOW);
+            }
+            r
+        }))
+}
+
+/// A method a path's endpoint does not take: 401 without the token, as every endpoint but
+/// the health check answers; 404 for a path that names nothing (an unknown kind, the
+/// health of what is not an upstream), whose `Allow` would list methods that all fail
+/// (RFC 9110 15.5.6: those the target resource supports); else 405.
+async fn method_not_allowed(State(admin): State<Arc<Admin>>, req: Request) -> Response {
+    if !admin.token_given(req.headers()) {
+        return unauthorized().into_response();
+    }
+    let path = req.uri().path();
+    let fixed = ENDPOINTS.iter().any(|&(_, p)| p == path);
+    if let Some(rest) = path.strip_prefix("/v1/").filter(|_| !fixed) {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if let Err(p) = Kind::parse(parts[0]) {
+            return p.into_response();
+        }
+        if let [kind, id, "health"] = parts[..] {
+            let view = admin.view();
+            let upstream = (kind == "upstreams")
+                .then(|| Kind::Upstreams.get(&view.config, id))
+                .flatten();
+            if upstream.is_none() {
+                return Problem::not_found(format!("no upstream {id:?}")).into_response();
+            }
+        }
+    }
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method Not Allowed",
+        "this endpoint does not take that method",
+    )
+    .into_response()
+}
+
+fn unauthorized() -> Problem {
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "a valid bearer token is required",
+    )
 }
 
 async fn openapi() -> Response {
@@ -1884,15 +1942,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
-    // One field only: of two, which one counts would be a guess (the data plane's `jwt`
-    // policy refuses two as well), so two are no token.
-    let mut fields = req.headers().get_all(header::AUTHORIZATION).iter();
-    let field = fields.next().filter(|_| fields.next().is_none());
-    let given = field
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), admin.token.as_bytes()) {
+    if admin.token_given(req.headers()) {
         match admin.serving() {
             Ok(()) => next.run(req).await,
             // A scrape of this process's own counters is answered (a 503 would be a failed
@@ -1907,12 +1957,7 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
             Err(p) => p.into_response(),
         }
     } else {
-        Problem::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "a valid bearer token is required",
-        )
-        .into_response()
+        unauthorized().into_response()
     }
 }
 
@@ -1920,8 +1965,9 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
 const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a write's head alone refuses: a type other than JSON (415), a content coding (415),
-/// a declared length past `limit` (413); [`read_json`] reads the body then. Before any precondition is looked at: RFC 9110 13.2.1 has these
-/// failures, detected before the content is processed, take precedence over a 412.
+/// a declared length past `limit` (413); [`read_json`] reads the body then. Before any
+/// precondition is looked at: RFC 9110 13.2.1 has these failures, detected before the
+/// content is processed, take precedence over a 412.
 fn refuse_by_head(headers: &HeaderMap, patch: bool, limit: usize) -> Result<(), Problem> {
     // One type: of two, which the body is would be a guess (none is taken).
     let types = headers.get_all(header::CONTENT_TYPE).iter().count();
@@ -2634,7 +2680,7 @@ async fn get_revision(
 ) -> Result<Response, Problem> {
     if let Some(n) = rev.strip_suffix(":rollback") {
         // The rollback action exists for a kept revision; it is POSTed, not read.
-        parse_revision(n)?;
+        kept(&admin, parse_revision(n)?)?;
         return Err(wrong_method("POST"));
     }
     let n = parse_revision(&rev)?;
@@ -2650,10 +2696,25 @@ async fn get_revision(
 }
 
 /// Any other method on `/v1/revisions/{n}` or `{n}:rollback`.
-async fn revision_other_method(Path(rev): Path<String>) -> Problem {
-    match rev.strip_suffix(":rollback") {
-        Some(_) => wrong_method("POST"),
-        None => wrong_method("GET, HEAD"),
+async fn revision_other_method(
+    State(admin): State<Arc<Admin>>,
+    Path(rev): Path<String>,
+) -> Problem {
+    let (n, allow) = match rev.strip_suffix(":rollback") {
+        Some(n) => (n, "POST"),
+        None => (&rev[..], "GET, HEAD"),
+    };
+    match parse_revision(n).and_then(|n| kept(&admin, n)) {
+        Ok(()) => wrong_method(allow),
+        Err(p) => p,
+    }
+}
+
+/// 404 unless revision `n` is kept: a revision that is not has no method to list.
+fn kept(admin: &Admin, n: u64) -> Result<(), Problem> {
+    match admin.held().load_revision(n).map_err(store_problem)? {
+        Some(_) => Ok(()),
+        None => Err(Problem::not_found(format!("revision {n} is not kept"))),
     }
 }
 
@@ -2678,7 +2739,7 @@ async fn rollback(
 ) -> Result<Response, Problem> {
     let Some(n) = rev.strip_suffix(":rollback") else {
         // A revision is read, not POSTed to: its rollback is `{n}:rollback`.
-        parse_revision(&rev)?;
+        kept(&admin, parse_revision(&rev)?)?;
         return Err(wrong_method("GET, HEAD"));
     };
     let n = parse_revision(n)?;

@@ -968,6 +968,23 @@ fn revisions_rollback_and_batches() {
         problem(&r, 405);
         assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
     }
+    // What names nothing is a 404 whatever the method (before: 405 with an `Allow` listing
+    // methods that all fail with 404); without the token, a 401 (before: 405).
+    for (method, path) in [
+        ("GET", "/v1/revisions/999:rollback"),
+        ("DELETE", "/v1/revisions/999"),
+        ("POST", "/v1/bogus"),
+        ("POST", "/v1/bogus/x"),
+        ("PUT", "/v1/routes/x/health"),
+        ("PUT", "/v1/upstreams/nothing/health"),
+    ] {
+        let r = gw.admin(method, path, None);
+        problem(&r, 404);
+        assert_eq!(r.header("allow"), None, "{method} {path}");
+    }
+    let r = gw.admin_with("DELETE", "/v1/config", None, &[]);
+    problem(&r, 401);
+    problem(&gw.admin("DELETE", "/v1/config", None), 405);
     let status = gw.admin("GET", "/v1/status", None).json();
     assert_eq!(status["revision"], json!(rev + 1));
     assert_eq!(status["published_revision"], json!(rev + 1));
