@@ -21,7 +21,7 @@ any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's
 first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
 ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
 HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field before a 200
-"ok", `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
+"ok", `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
 compressed, its stream left open. A stream the gateway resets prints "reset CODE". Each
 request's line also gives its content
@@ -31,6 +31,7 @@ Loopback only.
 import socket
 import sys
 import threading
+import time
 
 try:
     import h2.config
@@ -152,6 +153,11 @@ def serve(sock):
                                                 ("link", "</style.css>; rel=preload")])
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"ok", end_stream=True)
+                    elif path.endswith("/slow"):
+                        # Past the gateway's first look at its client (1 s).
+                        time.sleep(1.3)
+                        conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"slow", end_stream=True)
                     elif path.endswith("/trailers"):
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"hello")

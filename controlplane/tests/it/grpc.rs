@@ -885,6 +885,16 @@ fn an_http2_upstreams_answers_keep_http11s_rules() {
     assert!(raw("/250").starts_with("HTTP/1.1 200 OK"));
     let text = raw("/300");
     assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    // A client that pipelined a request behind its body and half-closed is not taken for
+    // gone while the first is answered (before: 499 at the first look, a second on).
+    let mut c = gw.connect();
+    c.send(
+        b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello\
+          GET /250 HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (200, "slow"), "{}", r.head);
 }
 
 #[test]

@@ -21,6 +21,7 @@ both_drivers!(
     response_until_close_closes_client,
     pipelined_requests_answer_in_order,
     expect_continue_gets_interim_response,
+    a_half_close_after_a_pipelined_request_behind_a_body_is_not_leaving,
     interim_answers_lose_hop_by_hop_and_framing_fields,
     limits_answer_431_414_413,
     client_header_timeout_is_408,
@@ -481,6 +482,33 @@ fn expect_continue_gets_interim_response(driver: Driver) {
     let seen = origin.wait_requests(1);
     assert_eq!(seen[0].raw_body, b"hello");
     assert!(seen[0].header("expect").is_none());
+}
+
+fn a_half_close_after_a_pipelined_request_behind_a_body_is_not_leaving(driver: Driver) {
+    // A body sent after `100 Continue` with a second request behind it, then the client's
+    // half-close: the gateway read both with the body, so the socket held only the FIN,
+    // which the watch set before the body took for the client leaving (before: the first
+    // dropped, 499, a reset). An upstream that takes a while shows it. (The second, once
+    // the only one left, meets the FIN as any half-closed request does.)
+    // Past the gateway's first look at the client (a second after the request began).
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        thread::sleep(Duration::from_millis(1300));
+        let body = format!("saw {}", req.target());
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Keep::Open
+    }));
+    let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
+    let mut c = gw.connect();
+    c.send(b"POST /one HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    assert_eq!(c.read_response().status, 100);
+    c.send(b"helloGET /two HTTP/1.1\r\nHost: a\r\n\r\n");
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (200, "saw /one"));
 }
 
 fn interim_answers_lose_hop_by_hop_and_framing_fields(driver: Driver) {

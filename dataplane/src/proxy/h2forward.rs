@@ -1057,7 +1057,9 @@ fn grpc_message(kind: ErrorKind) -> &'static str {
     }
 }
 
-/// Forwards the request to a target of `up` over HTTP/2 and relays the answer.
+/// Forwards the request to a target of `up` over HTTP/2 and relays the answer. `watched`
+/// is set false once an HTTP/1.1 client's body is read with a pipelined request behind it:
+/// its FIN may then be a half-close after sending everything, not its leaving.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn forward<S: ClientStream>(
     ctx: &WorkerCtx,
@@ -1068,6 +1070,7 @@ pub(super) async fn forward<S: ClientStream>(
     route: &Route,
     up: UpstreamRef<'_>,
     peer: IpAddr,
+    watched: &std::cell::Cell<bool>,
 ) -> Next {
     let grpc_upstream = up.upstream.protocol == common::config::UpstreamProtocol::Grpc;
     let content_type = crate::policy::field_value(
@@ -1199,9 +1202,13 @@ pub(super) async fn forward<S: ClientStream>(
             )
             .await
         }
-        None => super::fanout::read_body(down, req, head)
-            .await
-            .map(|b| Body::Whole(b.into())),
+        None => {
+            let read = super::fanout::read_body(down, req, head).await;
+            if down.pos < down.buf.len() {
+                watched.set(false);
+            }
+            read.map(|b| Body::Whole(b.into()))
+        }
     };
     let mut body = match body {
         Ok(b) => b,

@@ -587,12 +587,13 @@ async fn handle<S: ClientStream>(
             }
             if up.upstream.protocol.is_h2() {
                 let watch = down.stream.watch();
+                let watched = std::cell::Cell::new(true);
                 // Boxed: its state is larger than the HTTP/1.1 path's, and would otherwise
                 // make every connection's task that large.
                 let forward = boxed_in_place(|| {
-                    h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip)
+                    h2forward::forward(ctx, snap, down, req, head, route, up, peer.ip, &watched)
                 });
-                return unless_client_left(watch, forward)
+                return unless_client_left_while(watch, &watched, forward)
                     .await
                     .unwrap_or_else(|| client_left_meanwhile(req));
             }
@@ -625,6 +626,15 @@ async fn unless_client_left<F: std::future::Future>(
     watch: Option<crate::io::ClientWatch>,
     work: F,
 ) -> Option<F::Output> {
+    unless_client_left_while(watch, &std::cell::Cell::new(true), work).await
+}
+
+/// [`unless_client_left`], the client looked at only while `watched` holds.
+async fn unless_client_left_while<F: std::future::Future>(
+    watch: Option<crate::io::ClientWatch>,
+    watched: &std::cell::Cell<bool>,
+    work: F,
+) -> Option<F::Output> {
     let Some(watch) = watch else {
         return Some(work.await);
     };
@@ -634,7 +644,7 @@ async fn unless_client_left<F: std::future::Future>(
         if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
             return std::task::Poll::Ready(Some(out));
         }
-        if crate::io::poll_gone(watch, look.as_mut(), cx) {
+        if watched.get() && crate::io::poll_gone(watch, look.as_mut(), cx) {
             return std::task::Poll::Ready(None);
         }
         std::task::Poll::Pending
@@ -980,7 +990,15 @@ async fn proxy<S: ClientStream>(
                 relay_request_body(down, req, conn, head.body, &mut body_left, decoder.as_mut())
                     .await;
             match relayed {
-                Ok(()) => down.linger = false,
+                Ok(()) => {
+                    down.linger = false;
+                    // A pipelined request came in behind the body: the client's FIN may be a
+                    // half-close after sending everything, not its leaving (the watch was
+                    // set when only the head was here).
+                    if down.pos < down.buf.len() {
+                        conn.watch(None, req.started);
+                    }
+                }
                 Err(e) if e.kind.side() == Side::Client => {
                     // A body refused mid-way (413, 400): the client may still be sending.
                     down.linger = matches!(e.kind, ErrorKind::BadRequest | ErrorKind::BodyTooLarge);
