@@ -21,9 +21,10 @@ any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's
 first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
 ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
 HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field before a 200
-"ok", `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
+"ok", `/s101` a 101 then a 200 "ok", `/hints-cl` a 103 with `content-length: 0` then a
+204, `/hints-big` a 103 with 300 fields then a 204, `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
-compressed, its stream left open. A stream the gateway resets prints "reset CODE". Each
+compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more. A stream the gateway resets prints "reset CODE". Each
 request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
@@ -58,6 +59,7 @@ GOAWAY_ONCE = sys.argv[2:] == ["goaway-once"]
 MALFORMED = sys.argv[2:] == ["malformed"]
 ANSWERS = sys.argv[2:] == ["answers"]
 BAD_STREAM = sys.argv[2:] == ["bad-stream"]
+HEAD_SILENT = sys.argv[2:] == ["head-silent"]
 connections = [0]
 lock = threading.Lock()
 
@@ -139,6 +141,10 @@ def serve(sock):
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
                     continue
+                if HEAD_SILENT:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    continue
                 if BAD_STREAM:
                     # A message, then one marked compressed, and the stream left open.
                     conn.send_headers(event.stream_id, [(":status", "200"),
@@ -153,6 +159,18 @@ def serve(sock):
                                                 ("link", "</style.css>; rel=preload")])
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"ok", end_stream=True)
+                    elif path.endswith("/s101"):
+                        conn.send_headers(sid, [(":status", "101")])
+                        conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"ok", end_stream=True)
+                    elif path.endswith("/hints-cl"):
+                        conn.send_headers(sid, [(":status", "103"), ("link", "</a.css>"),
+                                                ("content-length", "0")])
+                        conn.send_headers(sid, [(":status", "204")], end_stream=True)
+                    elif path.endswith("/hints-big"):
+                        fields = [(f"x-h{i}", "v") for i in range(300)]
+                        conn.send_headers(sid, [(":status", "103")] + fields)
+                        conn.send_headers(sid, [(":status", "204")], end_stream=True)
                     elif path.endswith("/slow"):
                         # Past the gateway's first look at its client (1 s).
                         time.sleep(1.3)

@@ -878,6 +878,18 @@ fn an_http2_upstreams_answers_keep_http11s_rules() {
         "{}",
         out.body
     );
+    // Not a 101, which HTTP/2 has not, nor an interim with more than 256 fields: a 502 as
+    // from an HTTP/1.1 upstream (the review found both relayed); an interim's
+    // `Content-Length` goes (RFC 9110 8.6).
+    for path in ["/s101", "/hints-big"] {
+        let text = raw(path);
+        assert!(text.starts_with("HTTP/1.1 502 "), "{path}: {text}");
+    }
+    let text = raw("/hints-cl");
+    assert!(
+        text.starts_with("HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\nHTTP/1.1 204 "),
+        "{text}"
+    );
     // Trailers lose the fields that frame or route a message (before: relayed).
     let text = raw("/trailers");
     assert!(text.contains("hello\r\n0\r\nx-ok: 1\r\n\r\n"), "{text}");
@@ -2053,7 +2065,15 @@ fn a_json_call_the_upstream_never_answers_is_a_504() {
         dir.join("r.pb").display()
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    for deadline in ["", "grpc-timeout: 10S\r\n"] {
+    let quiet = ResetPeer::start_with(&["0", "head-silent"]);
+    let after_head = Gateway::start(
+        &config
+            .replace(&peer.addr.to_string(), &quiet.addr.to_string())
+            .replace("upstream_response_head_ms", "upstream_body_ms"),
+        Driver::IoUring,
+    );
+    // Silent before its head, or after it (the review found that one still a 503).
+    for (gw, deadline) in [(&gw, ""), (&gw, "grpc-timeout: 10S\r\n"), (&after_head, "")] {
         let r = gw.connect().roundtrip(&format!(
             "POST /m HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{deadline}\
              Content-Length: 2\r\n\r\n{{}}"

@@ -1508,7 +1508,7 @@ pub(super) async fn forward<S: ClientStream>(
                 None => sent_at.get() + timeouts.upstream_response_head,
             };
             let mut response = pin!(response);
-            let (mut got_interims, mut interim_passed) = (0, false);
+            let (mut got_interims, mut interim_passed, mut bad_interim) = (0, false, false);
             let response = loop {
                 let head_by = head_deadline();
                 let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
@@ -1522,7 +1522,13 @@ pub(super) async fn forward<S: ClientStream>(
                         response.as_mut().get_mut().poll_informational(cx)
                     {
                         got_interims += 1;
-                        if got_interims > super::MAX_INTERIM {
+                        // More than an HTTP/1.1 upstream may send (`MAX_INTERIM`), one with
+                        // more field lines than a head may have, or a `101`, which HTTP/2
+                        // has not (RFC 9113 8.6) and nobody asked for: a faulty upstream.
+                        bad_interim = got_interims > super::MAX_INTERIM
+                            || interim.headers().len() > common::snapshot::MAX_HEADER_COUNT
+                            || interim.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                        if bad_interim {
                             return Poll::Ready(Some(Err(())));
                         }
                         if pass_interims && interim.status() != http::StatusCode::CONTINUE {
@@ -1553,8 +1559,7 @@ pub(super) async fn forward<S: ClientStream>(
                 match woke {
                     Some(Ok(r)) => break Ok(r),
                     None => {}
-                    // More than an HTTP/1.1 upstream may send (`MAX_INTERIM`): a faulty one.
-                    Some(Err(())) if got_interims > super::MAX_INTERIM => {
+                    Some(Err(())) if bad_interim => {
                         return Err(ProxyError::new(ErrorKind::UpstreamMalformed));
                     }
                     // The body moved on meanwhile: the wait goes on from there.
@@ -1751,7 +1756,9 @@ fn interim_head(interim: &http::Response<()>) -> Vec<u8> {
     head.push(b' ');
     head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     head.extend_from_slice(b"\r\n");
-    for (name, value) in interim.headers() {
+    // A 1xx has no content and states no length (RFC 9110 8.6), as from an HTTP/1.1 one.
+    let framing = |n: &HeaderName| n == CONTENT_LENGTH || n == http::header::TRANSFER_ENCODING;
+    for (name, value) in interim.headers().iter().filter(|(n, _)| !framing(n)) {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
@@ -1981,8 +1988,12 @@ impl Relay {
         } else {
             ErrorKind::ResponseTimeout
         };
-        self.end_early(sink, grpc_code_for(kind, deadline), kind, cursor)
-            .await;
+        // A JSON call the gateway gives up on is past its time, named or not (as `fail`).
+        let code = match self.json {
+            true => 4,
+            false => grpc_code_for(kind, deadline),
+        };
+        self.end_early(sink, code, kind, cursor).await;
         (status, kind)
     }
 

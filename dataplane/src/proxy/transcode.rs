@@ -294,8 +294,11 @@ impl<K: Sink> JsonSink<K> {
     /// gateway's JSON is not: a non-gRPC answer's `Content-Encoding: gzip` on the gateway's
     /// plain JSON error made it unreadable.
     fn client_fields(&self, content_type: &'static str) -> HeaderMap {
-        const ABOUT_THE_BYTES: [&str; 11] = [
+        const ABOUT_THE_BYTES: [&str; 14] = [
             "content-encoding",
+            "content-language",
+            "content-location",
+            "content-disposition",
             "content-range",
             "accept-ranges",
             "etag",
