@@ -391,6 +391,58 @@ fn keys_something_else_wrote_over_are_replaced_not_failing_every_round() {
 }
 
 #[test]
+fn a_bucket_far_ahead_is_kept_not_taken_for_one_no_gateway_wrote() {
+    // A limit's arrival time may lie far ahead (at 1 an hour, a few million requests past
+    // the burst put it centuries on). The review of the script's check for values no
+    // gateway wrote found one past 31.7 years taken for one, and the bucket reset to full.
+    let redis = Redis::start();
+    let gw = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+             [cluster]\nnode_id = \"far\"\nredis = \"redis://127.0.0.1:{}\"\nsync_ms = 5\n\
+             [[policies]]\nid = \"hourly\"\nkind = \"rate_limit\"\nscope = \"cluster\"\n\
+             rate = 1\nper = \"hour\"\nburst = 1000\non_store_error = \"deny\"\n\
+             [[routes]]\nid = \"api\"\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n\
+             policies = [\"hourly\"]\n",
+            redis.port
+        ),
+        Driver::IoUring,
+    );
+    let admitted = |n: usize| statuses(&gw, n).iter().filter(|&&s| s == 200).count();
+    assert_eq!(admitted(1), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let key = loop {
+        let reply = redis_command(redis.port, &["KEYS", "gw:rl:*"]);
+        if let Some(k) = reply
+            .lines()
+            .find(|l| l.starts_with("gw:rl:") && !l.ends_with(":nodes"))
+        {
+            break k.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no bucket in Redis: {reply:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The bucket overspent: its arrival time 114 years ahead of Redis's clock.
+    let time = redis_command(redis.port, &["TIME"]);
+    let parts: Vec<f64> = (time.lines())
+        .filter_map(|l| l.parse::<f64>().ok())
+        .collect();
+    let now_us = (parts[0] - 1_767_225_600.0) * 1e6 + parts[1];
+    let tat = format!("{:.3}", now_us + 3.6e15);
+    let set = redis_command(redis.port, &["SET", &key, &tat, "PX", "600000000"]);
+    assert!(set.starts_with("+OK"), "{set}");
+    // One request sends the key to the next rounds (only keys that saw requests go), which
+    // find the bucket spent: then refused.
+    admitted(1);
+    std::thread::sleep(Duration::from_millis(100));
+    let after = admitted(40);
+    assert!(
+        after <= 3,
+        "{after} of 40 admitted after the bucket was spent"
+    );
+}
+
+#[test]
 fn a_key_over_its_limit_stays_over_it_after_a_redis_outage() {
     // Before: a failed round cleared every share, and the first round after it started each
     // key from a fresh share: `burst / live nodes` more admitted, even for an exhausted key.

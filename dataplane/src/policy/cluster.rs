@@ -293,10 +293,10 @@ for i = 2, #KEYS do
   local demand = tonumber(ARGV[2 * i + 2])
   local got = redis.pcall('GET', KEYS[i])
   local tat = type(got) == 'string' and tonumber(got) or now
-  if tat ~= tat or tat < now or tat > now + 1e15 then tat = now end
+  if tat ~= tat or tat < now or tat > now + 1e18 then tat = now end
   tat = tat + spent * emission
   local ttl = math.floor((tat - now + tolerance) / 1000) + 1000
-  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', ttl)
+  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', string.format('%d', ttl))
   local headroom = math.floor((now + tolerance - tat) / emission)
   if headroom < 0 then headroom = 0 end
   local wanting = KEYS[i] .. ':nodes'
@@ -768,9 +768,27 @@ impl<R: std::io::Read> std::io::Read for Bounded<R> {
 /// above or nests deeper is an error (its connection is dropped), not memory or stack
 /// without bound; the connection's reader ([`Bounded`]) bounds the bytes and the time.
 /// Whether an error reply says a script failed as it ran (Redis names its line:
-/// `@user_script:9`; Redis 6 says `Error running script`): it may have written before.
+/// `@user_script:9`; Redis 6 says `Error running script`), so that it may have written
+/// before: not when Redis refused writes (a replica's `READONLY`, `OOM`, `MISCONF`...),
+/// which it does at the script's first write, or its own state kept it from running.
 fn ran_partly(reply: &str) -> bool {
-    reply.contains("@user_script") || reply.contains("Error running script")
+    const NOT_RUN: [&str; 10] = [
+        "READONLY",
+        "OOM",
+        "MISCONF",
+        "NOREPLICAS",
+        "MASTERDOWN",
+        "LOADING",
+        "BUSY",
+        "NOPERM",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+    ];
+    // Redis 7 puts the code first, Redis 6 after its `Error running script` preamble.
+    let refused = reply
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|word| NOT_RUN.contains(&word));
+    (reply.contains("@user_script") || reply.contains("Error running script")) && !refused
 }
 
 fn read_reply(r: &mut impl BufRead, depth: usize) -> std::io::Result<Reply> {
@@ -848,6 +866,13 @@ mod tests {
         assert!(e.to_string().contains("LOADING"), "{e}");
         let mut r = std::io::BufReader::new(&b"*2\r\n:1\r\n-ERR in the answer\r\n"[..]);
         assert!(!not_run(&read_reply(&mut r, 0).unwrap_err()));
+        // Writes refused, at the script's first: nothing ran (the review found READONLY,
+        // which Redis 7 names the script's line in, taken for a script that ran).
+        let mut r = std::io::BufReader::new(
+            &b"-READONLY You can't write against a read only replica. script: 3ad1, \
+               on @user_script:6.\r\n"[..],
+        );
+        assert!(not_run(&read_reply(&mut r, 0).unwrap_err()));
         // A script that failed as it ran (Redis 7's words, then Redis 6's).
         for reply in [
             &b"-WRONGTYPE Operation against a key holding the wrong kind of value script: \
