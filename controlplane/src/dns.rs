@@ -248,7 +248,6 @@ impl Resolver {
 /// The longest CNAME chain followed in an answer.
 const MAX_CNAMES: usize = 16;
 
-/// A name as compared: lower case, without the root's trailing dot.
 /// Whether `name` (lower-case, without its trailing dot) is a host name: labels of letters,
 /// digits, `-` and `_`, 1 to 63 long, 253 in all.
 fn host_name(name: &str) -> bool {
@@ -260,6 +259,7 @@ fn host_name(name: &str) -> bool {
         })
 }
 
+/// A name as compared: lower case, without the root's trailing dot.
 fn plain_name(name: &impl ToString) -> String {
     name.to_string().trim_end_matches('.').to_ascii_lowercase()
 }

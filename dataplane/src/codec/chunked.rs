@@ -115,7 +115,8 @@ pub struct ChunkedDecoder {
     /// Bytes of chunk data the size lines seen so far declare.
     declared: u64,
     /// First bytes of the current trailer field name, lower-cased, to spot framing fields
-    /// and refused ones (policy header names are at most 64 bytes).
+    /// and refused ones (policy header names are at most 64 bytes; longer ones are told by
+    /// these and their length).
     name: [u8; 64],
     name_len: usize,
     /// A request's: more names its trailer section must not carry.
@@ -333,14 +334,20 @@ impl ChunkedDecoder {
         self.name_len <= self.name.len() && is_framing_field(&self.name[..self.name_len])
     }
 
-    /// Whether the current trailer field is one of `refused`'s.
+    /// Whether the current trailer field is one of `refused`'s. A name longer than the bytes
+    /// kept of it (a route's `request_headers` may name one) is taken for one of the same
+    /// length whose first bytes it has: refused rather than let through unchecked.
     fn is_refused_name(&self) -> bool {
         let Some(refused) = &self.refused else {
             return false;
         };
-        self.name
-            .get(..self.name_len)
-            .is_some_and(|name| names_one_of(name, refused))
+        match self.name.get(..self.name_len) {
+            Some(name) => names_one_of(name, refused),
+            None => refused.iter().any(|r| {
+                r.len() == self.name_len
+                    && crate::codec::same_field_name(&self.name, &r[..self.name.len()])
+            }),
+        }
     }
 }
 
@@ -533,6 +540,18 @@ mod tests {
         let mut d = ChunkedDecoder::request(1024, refused);
         assert_eq!(d.advance(input.as_bytes()), Ok(input.len()));
         assert!(d.is_done());
+        // A refused name longer than the bytes kept of a name (a route's header edit may
+        // name one): before, never matched. Another of its length and start is refused too.
+        let name = format!("x-{}", "a".repeat(70));
+        let refused: Arc<[Box<[u8]>]> = Arc::from([Box::from(name.as_bytes())]);
+        for trailer in [name.to_uppercase(), name.replace('-', "_")] {
+            let input = format!("0\r\n{trailer}: 1\r\n\r\n");
+            let mut d = ChunkedDecoder::request(1024, refused.clone());
+            assert_eq!(d.advance(input.as_bytes()), Err(ChunkError::RefusedTrailer));
+        }
+        let longer = format!("0\r\n{name}b: 1\r\n\r\n");
+        let mut d = ChunkedDecoder::request(1024, refused);
+        assert_eq!(d.advance(longer.as_bytes()), Ok(longer.len()));
     }
 
     #[test]

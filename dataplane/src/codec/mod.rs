@@ -401,12 +401,12 @@ impl TransferCodings {
     }
 }
 
-/// Whether `v` is a syntactically valid `Host` value: uri-host [ ":" port ] (RFC 9110 §7.2),
-/// with no userinfo, path or whitespace. Empty is valid syntax (an authority-less URI); the
-/// request parser refuses it for the http URIs the gateway serves.
 /// The longest DNS name, in characters without a trailing dot (RFC 1035 2.3.4).
 const MAX_DNS_NAME: usize = 253;
 
+/// Whether `v` is a syntactically valid `Host` value: uri-host [ ":" port ] (RFC 9110 §7.2),
+/// with no userinfo, path or whitespace. Empty is valid syntax (an authority-less URI); the
+/// request parser refuses it for the http URIs the gateway serves.
 pub(crate) fn valid_host(v: &[u8]) -> bool {
     let (host, port) = if v.first() == Some(&b'[') {
         let Some(close) = v.iter().position(|&b| b == b']') else {
