@@ -24,7 +24,8 @@ HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a 
 "ok", `/s101` a 101 then a 200 "ok", `/hints-cl` a 103 with `content-length: 0` then a
 204, `/hints-big` a 103 with 300 fields then a 204, `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
-compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more. A stream the gateway resets prints "reset CODE". Each
+compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more; with `answer-close`, a 204,
+then GOAWAY NO_ERROR and the connection closed. A stream the gateway resets prints "reset CODE". Each
 request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
@@ -60,6 +61,7 @@ MALFORMED = sys.argv[2:] == ["malformed"]
 ANSWERS = sys.argv[2:] == ["answers"]
 BAD_STREAM = sys.argv[2:] == ["bad-stream"]
 HEAD_SILENT = sys.argv[2:] == ["head-silent"]
+ANSWER_CLOSE = sys.argv[2:] == ["answer-close"]
 connections = [0]
 lock = threading.Lock()
 
@@ -141,6 +143,12 @@ def serve(sock):
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
                     continue
+                if ANSWER_CLOSE:
+                    conn.send_headers(event.stream_id, [(":status", "204")], end_stream=True)
+                    conn.close_connection(error_code=0, last_stream_id=event.stream_id)
+                    sock.sendall(conn.data_to_send())
+                    sock.close()
+                    return
                 if HEAD_SILENT:
                     conn.send_headers(event.stream_id, [(":status", "200"),
                                                         ("content-type", "application/grpc")])

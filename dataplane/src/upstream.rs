@@ -576,6 +576,11 @@ impl PoolKey {
             upstream: Arc::as_ptr(upstream) as usize,
         }
     }
+
+    /// Whether the two keys are of one upstream (whatever their targets).
+    pub fn same_upstream(&self, other: &PoolKey) -> bool {
+        self.upstream == other.upstream
+    }
 }
 
 /// Pooled connections per [`PoolKey`], for this pool and the HTTP/2 one. Each entry holds
@@ -714,9 +719,9 @@ impl Pool {
 
     /// Closes the idle connections of `upstream` that its targets closed meanwhile.
     pub fn drop_closed(&mut self, upstream: &Arc<UpstreamLive>) {
-        let ours = Arc::as_ptr(upstream) as usize;
+        let ours = PoolKey::new(SocketAddr::from(([0, 0, 0, 0], 0)), upstream);
         for (key, list) in self.idle.keyed_lists_mut() {
-            if key.upstream == ours {
+            if key.same_upstream(&ours) {
                 list.retain_mut(|c| c.idle_and_open());
             }
         }

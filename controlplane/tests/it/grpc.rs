@@ -910,6 +910,29 @@ fn an_http2_upstreams_answers_keep_http11s_rules() {
 }
 
 #[test]
+fn an_http2_connection_its_target_closed_holds_no_place_in_max_connections() {
+    // Each target answers, then closes its connection. Before, the closed connection held
+    // the upstream's one place until the pool's sweep (a second): the other target's
+    // request got 503 max_connections with nothing open.
+    let (a, b) = (
+        ResetPeer::start_with(&["0", "answer-close"]),
+        ResetPeer::start_with(&["0", "answer-close"]),
+    );
+    let circuit = "circuit = { max_connections = 1 }";
+    let gw = Gateway::start(
+        &h2c_upstream_config(&[a.addr, b.addr], "", "", circuit, ""),
+        Driver::IoUring,
+    );
+    for i in 0..4 {
+        let r = gw
+            .connect()
+            .roundtrip("GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert_eq!(r.status, 204, "{i}: {}", r.head);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn no_pooling_closes_an_http2_upstream_connection_once_its_streams_end() {
     // `max_idle_per_target = 0` disables pooling: before, HTTP/2 upstreams kept one idle
     // connection anyway and used it again.

@@ -156,6 +156,7 @@ impl SessionSource for WorkerCtx {
 
     fn drop_closed_idle(&self, upstream: &Arc<UpstreamLive>) {
         self.pool.borrow_mut().drop_closed(upstream);
+        self.h2pool.borrow_mut().drop_closed(upstream);
     }
 
     fn stripe(&self) -> usize {
