@@ -14,7 +14,8 @@ with 1 MiB of "x" instead; one ending in `/extra` with `{}`, then at once (in th
 segment) with a second answer nobody asked for; one ending in `/until-close` with `the-body` ended by the connection's close (close_notify,
 then FIN), `/until-cut` the same ended by a FIN alone; one ending in `/early` with a 413 at once,
 its body left unread, the connection held open. A request with `Upgrade: websocket` is answered 101, and every
-byte the client sends after it is sent back until it closes.
+byte the client sends after it is sent back until it closes; to a path ending in `/ws-cut`
+or `/ws-close`, "bye" follows the 101, then the end (a FIN alone, or close_notify first).
 """
 
 import json
@@ -91,6 +92,18 @@ def serve(ctx, raw, conn_no):
                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\n\r\n"
                 )
+                if path.endswith("/ws-cut") or path.endswith("/ws-close"):
+                    # "bye", then the tunnel's end: a FIN alone, or close_notify first.
+                    s.sendall(b"bye")
+                    if path.endswith("/ws-cut"):
+                        socket.socket(fileno=s.detach()).close()
+                        return
+                    s.settimeout(2)
+                    try:
+                        s.unwrap()
+                    except (OSError, ssl.SSLError):
+                        pass
+                    break
                 while True:
                     data = f.read1(65536)
                     if not data:

@@ -745,6 +745,11 @@ impl TlsStream {
         self.session.borrow().truncated
     }
 
+    /// A handle that tells [`TlsStream::truncated`] once the stream is split.
+    pub fn truncation(&self) -> Truncation {
+        Truncation(self.session.clone())
+    }
+
     /// The SNI name the client sent, lower-case.
     pub fn sni(&self) -> Option<&str> {
         self.sni.as_deref()
@@ -890,6 +895,21 @@ impl TlsWriteHalf {
 pub struct TlsReadHalf {
     tcp: OwnedReadHalf<TcpStream>,
     session: Shared,
+}
+
+/// Tells whether a TLS stream's peer ended it without close_notify ([`TlsStream::truncation`]).
+pub struct Truncation(Shared);
+
+impl Truncation {
+    pub fn get(&self) -> bool {
+        self.0.borrow().truncated
+    }
+}
+
+impl std::fmt::Debug for Truncation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Truncation")
+    }
 }
 
 /// The write half of a split [`TlsStream`].

@@ -104,6 +104,16 @@ impl UpstreamIo {
         }
     }
 
+    /// Whether the upstream's end of the stream, once a read gave `Ok(0)`, will have come
+    /// without close_notify, asked after the stream is split ([`UpstreamIo::ended_cleanly`]).
+    pub fn truncation(&self) -> impl Fn() -> bool + use<> {
+        let tls = match self {
+            UpstreamIo::Tcp(_) => None,
+            UpstreamIo::Tls(s) => Some(s.truncation()),
+        };
+        move || tls.as_ref().is_some_and(crate::tls::Truncation::get)
+    }
+
     /// A read half and a write half that may run at once (a tunnel, an HTTP/2 connection).
     pub fn into_halves(self) -> (UpstreamRead, UpstreamWrite) {
         match self {

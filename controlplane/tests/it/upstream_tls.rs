@@ -200,9 +200,12 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     ];
     let mut config = format!(
         "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = [\"front\"] }}\n\n\
+         [[certificates]]\nid = \"front\"\ncert_file = \"{own}\"\nkey_file = \"{}\"\n\n\
          [[certificates]]\nid = \"client\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
          [access_log]\npath = \"{}\"\n\n[limits]\nmax_body_bytes = 100000000\n\n\
          [timeouts]\nupstream_send_ms = 30000\n\n",
+        srv.key.display(),
         client.cert.display(),
         client.key.display(),
         log.display()
@@ -369,6 +372,23 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     s.read_exact(&mut echoed).unwrap();
     assert_eq!(&echoed, b"ping through tls");
     drop(s);
+    // A tunnel whose TLS target ends it with a FIN alone (which anyone on the path can
+    // forge) ends for a TLS client without close_notify; with close_notify, with one
+    // (before: both passed on as clean ends).
+    for (path, end) in [("ws-close", "close_notify"), ("ws-cut", "no close_notify")] {
+        let request = format!(
+            "GET /verified/{path} HTTP/1.1\r\nHost: up.test\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\n\r\n"
+        );
+        let (ended, data) =
+            crate::tls::tls_read_all(gw.listeners[1], &own.to_string(), "up.test", &request);
+        let text = String::from_utf8_lossy(&data);
+        assert!(
+            text.starts_with("HTTP/1.1 101") && text.ends_with("bye"),
+            "{path}: {text}"
+        );
+        assert_eq!(ended, end, "{path}: {text}");
+    }
 
     // Health checks over TLS: the verified upstream's target passes, the one checked against
     // the wrong authority fails.

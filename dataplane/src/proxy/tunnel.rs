@@ -86,6 +86,9 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let cut_off = &ctx.cut_off;
     let client_fd = down.stream.as_raw_fd();
     let upstream_fd = conn.stream.as_raw_fd();
+    // A TLS upstream's end without close_notify, which anyone on the path can forge, is not
+    // passed on as a clean end (RFC 8446 6.1): the client's side is aborted.
+    let upstream_truncated = conn.stream.truncation();
     let (cr, cw) = down.stream.into_halves();
     let (ur, uw) = conn.stream.into_halves();
     let activity = Cell::new(Instant::now());
@@ -106,8 +109,14 @@ pub(crate) async fn tunnel<S: ClientStream>(
             libc::shutdown(upstream_fd, libc::SHUT_RDWR);
         }
     };
-    let up = copy_half(cr, uw, down.buf, &activity, &open, &ended, &abort);
-    let down_half = copy_half(ur, cw, conn.buf, &activity, &open, &ended, &abort);
+    let tunnel = Tunnel {
+        activity: &activity,
+        open: &open,
+        watchdog: &ended,
+        abort: &abort,
+    };
+    let up = copy_half(cr, uw, down.buf, &tunnel, || false);
+    let down_half = copy_half(ur, cw, conn.buf, &tunnel, upstream_truncated);
     let watchdog = async {
         loop {
             if open.get() == 0 {
@@ -144,17 +153,34 @@ pub(crate) async fn tunnel<S: ClientStream>(
     }
 }
 
-/// Copies one direction of a tunnel until EOF, then half-closes the other side; on an error
-/// calls `abort` instead. Returns the bytes copied.
-async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
+/// What the two directions of a tunnel share.
+struct Tunnel<'a, A> {
+    /// When bytes last moved either way.
+    activity: &'a Cell<Instant>,
+    /// Directions not yet ended.
+    open: &'a Cell<u8>,
+    /// Woken when the last direction ends.
+    watchdog: &'a Cell<Option<Waker>>,
+    /// Ends both directions at once.
+    abort: &'a A,
+}
+
+/// Copies one direction of a tunnel until EOF, then half-closes the other side; on an error,
+/// or an EOF `truncated` says is no clean end, calls `abort` instead. Returns the bytes
+/// copied.
+async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn()>(
     mut from: R,
     mut to: W,
     mut buf: Vec<u8>,
-    activity: &Cell<Instant>,
-    open: &Cell<u8>,
-    watchdog: &Cell<Option<Waker>>,
-    abort: &impl Fn(),
+    t: &Tunnel<'_, A>,
+    truncated: impl Fn() -> bool,
 ) -> u64 {
+    let Tunnel {
+        activity,
+        open,
+        watchdog,
+        abort,
+    } = *t;
     if buf.capacity() < 16 * 1024 {
         buf.reserve(16 * 1024);
     }
@@ -164,7 +190,7 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent>(
         let (res, b) = from.read(buf).await;
         buf = b;
         match res {
-            Ok(0) => break true,
+            Ok(0) => break !truncated(),
             Err(_) => break false,
             Ok(n) => copied += n as u64,
         }
