@@ -148,11 +148,19 @@ pub fn parse_request(
 /// it implements as the highest minor version it implements (RFC 9112 2.3, RFC 9110 2.5),
 /// and an intermediary sends its own version on. httparse refuses any but 1.0 and 1.1.
 pub fn as_http11(buf: &mut [u8]) -> bool {
-    let line_end = buf.iter().position(|&b| b == b'\r' || b == b'\n');
-    let line = &buf[..line_end.unwrap_or(buf.len())];
-    let Some(at) = line.len().checked_sub(9) else {
+    // After the empty lines a client may send first, which the parser skips (RFC 9112 2.2).
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line_end = buf[start..]
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .map_or(buf.len(), |e| start + e);
+    let Some(at) = (line_end - start).checked_sub(9).map(|a| start + a) else {
         return false;
     };
+    let line = &buf[..line_end];
     let later = line[at..].starts_with(b" HTTP/1.") && (b'2'..=b'9').contains(&line[at + 8]);
     if later {
         buf[at + 8] = b'1';

@@ -494,6 +494,10 @@ fn a_later_minor_version_is_read_as_http11() {
             Some(&b"GET / HTTP/1.1\r\n"[..]),
         ),
         (b"GET /x HTTP/1.9", Some(b"GET /x HTTP/1.1")),
+        // After the empty lines a client may send first (before: read as an empty line).
+        (b"\r\nGET / HTTP/1.2\r\n", Some(b"\r\nGET / HTTP/1.1\r\n")),
+        (b"\n\r\nGET /x HTTP/1.3", Some(b"\n\r\nGET /x HTTP/1.1")),
+        (b"\r\n\r\n", None),
         (b"GET / HTTP/1.1\r\n", None),
         (b"GET / HTTP/1.0\r\n", None),
         (b"GET / HTTP/2.0\r\n", None),
