@@ -1576,10 +1576,6 @@ impl Admin {
         self.view.load_full()
     }
 
-    /// A write's preconditions, checked by `check` against the last change's view before
-    /// its body is read (RFC 9110 13.2.1: a stale `If-Match` is a `412` whatever the body
-    /// holds); the write checks them again under the store's lock. Not on etcd, where the
-    /// view may not have another node's change yet (the write reads it first).
     /// Whether `headers` carry the admin token: one `Authorization: Bearer` field (of two,
     /// which one counts would be a guess, and the data plane's `jwt` policy refuses two as
     /// well), compared in constant time.
@@ -1593,6 +1589,10 @@ impl Admin {
         constant_time_eq(given.as_bytes(), self.token.as_bytes())
     }
 
+    /// A write's preconditions, checked by `check` against the last change's view before
+    /// its body is read (RFC 9110 13.2.1: a stale `If-Match` is a `412` whatever the body
+    /// holds); the write checks them again under the store's lock. Not on etcd, where the
+    /// view may not have another node's change yet (the write reads it first).
     fn precheck(&self, check: impl FnOnce(&View) -> Result<(), Problem>) -> Result<(), Problem> {
         let view = self.view();
         match view.health {
@@ -1886,13 +1886,19 @@ pub fn app(admin: Arc<Admin>) -> Router {
 /// health of what is not an upstream), whose `Allow` would list methods that all fail
 /// (RFC 9110 15.5.6: those the target resource supports); else 405.
 async fn method_not_allowed(State(admin): State<Arc<Admin>>, req: Request) -> Response {
-    if !admin.token_given(req.headers()) {
+    let path = req.uri().path();
+    // The endpoints that need no token (the health check, the dashboard's files).
+    let public = path == "/v1/health" || path == "/ui" || path.starts_with("/ui/");
+    if !public && !admin.token_given(req.headers()) {
         return unauthorized().into_response();
     }
-    let path = req.uri().path();
     let fixed = ENDPOINTS.iter().any(|&(_, p)| p == path);
-    if let Some(rest) = path.strip_prefix("/v1/").filter(|_| !fixed) {
-        let parts: Vec<&str> = rest.split('/').collect();
+    if let Some(rest) = path.strip_prefix("/v1/").filter(|_| !fixed && !public) {
+        // Segments as the handlers read them: `%61pi` is `api`.
+        let parts: Vec<String> = (rest.split('/'))
+            .map(|p| common::snapshot::percent_decoded(p).unwrap_or_else(|| p.to_owned()))
+            .collect();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
         if let Err(p) = Kind::parse(parts[0]) {
             return p.into_response();
         }

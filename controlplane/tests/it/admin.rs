@@ -985,6 +985,17 @@ fn revisions_rollback_and_batches() {
     let r = gw.admin_with("DELETE", "/v1/config", None, &[]);
     problem(&r, 401);
     problem(&gw.admin("DELETE", "/v1/config", None), 405);
+    // What needs no token says 405 without one (the review found 401 asking for it).
+    for path in ["/v1/health", "/ui", "/ui/app.js"] {
+        let r = gw.admin_with("POST", path, Some("{}"), &[]);
+        assert_eq!(
+            (r.status, r.header("allow")),
+            (405, Some("GET,HEAD")),
+            "{path}"
+        );
+    }
+    // A path is read as the handlers read it: `%72outes` is `routes` (the review found 404).
+    problem(&gw.admin("POST", "/v1/%72outes", None), 405);
     let status = gw.admin("GET", "/v1/status", None).json();
     assert_eq!(status["revision"], json!(rev + 1));
     assert_eq!(status["published_revision"], json!(rev + 1));

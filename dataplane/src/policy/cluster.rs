@@ -772,7 +772,8 @@ impl<R: std::io::Read> std::io::Read for Bounded<R> {
 /// before: not when Redis refused writes (a replica's `READONLY`, `OOM`, `MISCONF`...),
 /// which it does at the script's first write, or its own state kept it from running.
 fn ran_partly(reply: &str) -> bool {
-    const NOT_RUN: [&str; 10] = [
+    // Not NOPERM: an ACL that refuses one of the script's commands does so mid-script.
+    const NOT_RUN: [&str; 9] = [
         "READONLY",
         "OOM",
         "MISCONF",
@@ -780,7 +781,6 @@ fn ran_partly(reply: &str) -> bool {
         "MASTERDOWN",
         "LOADING",
         "BUSY",
-        "NOPERM",
         "CLUSTERDOWN",
         "TRYAGAIN",
     ];
