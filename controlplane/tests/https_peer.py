@@ -15,7 +15,9 @@ segment) with a second answer nobody asked for; one ending in `/until-close` wit
 then FIN), `/until-cut` the same ended by a FIN alone; one ending in `/early` with a 413 at once,
 its body left unread, the connection held open. A request with `Upgrade: websocket` is answered 101, and every
 byte the client sends after it is sent back until it closes; to a path ending in `/ws-cut`
-or `/ws-close`, "bye" follows the 101, then the end (a FIN alone, or close_notify first).
+or `/ws-close`, "bye" follows the 101, then the end (a FIN alone, or close_notify first); to
+one ending in `/ws-report`, nothing: the peer reads to the tunnel's end and prints a line
+"ws-report clean" (close_notify) or "ws-report ragged" (a FIN alone, a reset).
 """
 
 import json
@@ -92,6 +94,19 @@ def serve(ctx, raw, conn_no):
                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\n\r\n"
                 )
+                if path.endswith("/ws-report"):
+                    # Reads to the tunnel's end, then prints how it came: "clean" after
+                    # close_notify, "ragged" after a FIN alone or a reset.
+                    s.settimeout(5)
+                    s.suppress_ragged_eofs = False
+                    try:
+                        while s.recv(65536):
+                            pass
+                        end = "clean"
+                    except (OSError, ssl.SSLError):
+                        end = "ragged"
+                    print("ws-report " + end, flush=True)
+                    break
                 if path.endswith("/ws-cut") or path.endswith("/ws-close"):
                     # "bye", then the tunnel's end: a FIN alone, or close_notify first.
                     s.sendall(b"bye")

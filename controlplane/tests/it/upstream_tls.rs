@@ -21,6 +21,8 @@ const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/https_peer.py");
 struct HttpsPeer {
     child: Child,
     addr: SocketAddr,
+    /// What it prints after its port.
+    out: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl HttpsPeer {
@@ -34,13 +36,20 @@ impl HttpsPeer {
             args.push(ca.cert.to_str().unwrap().to_owned());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, _, addr) = crate::grpc::start_peer(
+        let (child, out, addr) = crate::grpc::start_peer(
             PEER,
             &args,
             "the test HTTPS origin",
             "(none: python3's ssl module)",
         );
-        HttpsPeer { child, addr }
+        HttpsPeer { child, addr, out }
+    }
+
+    /// Its next line of output.
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut self.out, &mut line);
+        line.trim().to_owned()
     }
 }
 
@@ -111,7 +120,7 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/CN=Gateway Client",
         "URI:spiffe://example.test/gateway",
     );
-    let open = HttpsPeer::start(&leaf, None);
+    let mut open = HttpsPeer::start(&leaf, None);
     let mutual = HttpsPeer::start(&srv, Some(&client));
     let log = dir.join("access.log");
 
@@ -389,6 +398,44 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         );
         assert_eq!(ended, end, "{path}: {text}");
     }
+    // A TLS client that ends the tunnel with a FIN alone: its end is not passed on to the
+    // target as a clean one (before: close_notify); the tunnel is aborted.
+    const RAGGED: &str = r#"
+import socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                    server_hostname="up.test")
+s.sendall(b"GET /verified/ws-report HTTP/1.1\r\nHost: up.test\r\nUpgrade: websocket\r\n"
+          b"Connection: Upgrade\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+raw = socket.socket(fileno=s.detach())
+raw.shutdown(socket.SHUT_WR)
+after = b""
+try:
+    while True:
+        chunk = raw.recv(65536)
+        if not chunk:
+            break
+        after += chunk
+except OSError:
+    pass
+print(head.split(b"\r\n")[0].decode(), len(after))
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            RAGGED,
+            &gw.listeners[1].port().to_string(),
+            &own.to_string(),
+        ])
+        .output()
+        .expect("python3 runs");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.starts_with("HTTP/1.1 101 "), "{out:?}");
+    assert_eq!(open.line(), "ws-report ragged");
 
     // Health checks over TLS: the verified upstream's target passes, the one checked against
     // the wrong authority fails.

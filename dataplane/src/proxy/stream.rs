@@ -125,6 +125,13 @@ pub(crate) trait ClientStream:
     /// short.
     async fn close_whole(&mut self) {}
 
+    /// Whether the client's end of the stream, once a read gave `Ok(0)`, will have come
+    /// without close_notify (a TLS client's FIN alone, which anyone on the path can forge),
+    /// asked after the stream is split: a tunnel does not pass such an end on as a clean one.
+    fn truncation(&self) -> impl Fn() -> bool + 'static {
+        || false
+    }
+
     /// An HTTP/2 stream's request body as HTTP/2 frames (for an HTTP/2 upstream), if the
     /// client stream is one and nothing of the body was read through it yet: the bytes
     /// already taken from the stream, then the stream.
@@ -208,6 +215,11 @@ impl ClientStream for TlsStream {
     async fn close_whole(&mut self) {
         // A client that is gone makes this fail: nothing more to do either way.
         let _ = self.close_notify().await;
+    }
+
+    fn truncation(&self) -> impl Fn() -> bool + 'static {
+        let t = TlsStream::truncation(self);
+        move || t.get()
     }
 
     fn into_halves(self) -> (Self::ReadHalf, Self::WriteHalf) {

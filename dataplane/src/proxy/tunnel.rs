@@ -86,9 +86,10 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let cut_off = &ctx.cut_off;
     let client_fd = down.stream.as_raw_fd();
     let upstream_fd = conn.stream.as_raw_fd();
-    // A TLS upstream's end without close_notify, which anyone on the path can forge, is not
-    // passed on as a clean end (RFC 8446 6.1): the client's side is aborted.
+    // An end without close_notify (a TLS upstream's or client's), which anyone on the path
+    // can forge, is not passed on as a clean end (RFC 8446 6.1): both sides are aborted.
     let upstream_truncated = conn.stream.truncation();
+    let client_truncated = down.stream.truncation();
     let (cr, cw) = down.stream.into_halves();
     let (ur, uw) = conn.stream.into_halves();
     let activity = Cell::new(Instant::now());
@@ -115,7 +116,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
         watchdog: &ended,
         abort: &abort,
     };
-    let up = copy_half(cr, uw, down.buf, &tunnel, || false);
+    let up = copy_half(cr, uw, down.buf, &tunnel, client_truncated);
     let down_half = copy_half(ur, cw, conn.buf, &tunnel, upstream_truncated);
     let watchdog = async {
         loop {
