@@ -21,7 +21,7 @@ any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's
 first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
 ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
 HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field before a 200
-"ok", `/s101` a 101 then a 200 "ok", `/hints-cl` a 103 with `content-length: 0` then a
+"ok", `/hints-slow` the same with the 200 a second after the 103, `/s101` a 101 then a 200 "ok", `/hints-cl` a 103 with `content-length: 0` then a
 204, `/hints-big` a 103 with 300 fields then a 204, `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
 compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more; with `answer-close`, a 204,
@@ -165,6 +165,12 @@ def serve(sock):
                     if path.endswith("/hints"):
                         conn.send_headers(sid, [(":status", "103"),
                                                 ("link", "</style.css>; rel=preload")])
+                        conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"ok", end_stream=True)
+                    elif path.endswith("/hints-slow"):
+                        conn.send_headers(sid, [(":status", "103"), ("link", "</a.css>")])
+                        sock.sendall(conn.data_to_send())
+                        time.sleep(1)
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"ok", end_stream=True)
                     elif path.endswith("/s101"):

@@ -1509,6 +1509,8 @@ pub(super) async fn forward<S: ClientStream>(
             };
             let mut response = pin!(response);
             let (mut got_interims, mut interim_passed, mut bad_interim) = (0, false, false);
+            // When the first interim came: the upstream's first byte.
+            let mut first_interim = None;
             let response = loop {
                 let head_by = head_deadline();
                 let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
@@ -1522,6 +1524,7 @@ pub(super) async fn forward<S: ClientStream>(
                         response.as_mut().get_mut().poll_informational(cx)
                     {
                         got_interims += 1;
+                        first_interim.get_or_insert_with(Instant::now);
                         // More than an HTTP/1.1 upstream may send (`MAX_INTERIM`), one with
                         // more field lines than a head may have, or a `101`, which HTTP/2
                         // has not (RFC 9113 8.6) and nobody asked for: a faulty upstream.
@@ -1555,6 +1558,11 @@ pub(super) async fn forward<S: ClientStream>(
                 if interim_passed {
                     // Passed on: the request cannot be retried from here on.
                     req.attempts.committed = true;
+                }
+                if let Some(at) = first_interim {
+                    // The upstream's first byte, as an HTTP/1.1 upstream's interim counts.
+                    req.first_byte
+                        .get_or_insert_with(|| at.saturating_duration_since(sent_at.get()));
                 }
                 match woke {
                     Some(Ok(r)) => break Ok(r),
@@ -1702,7 +1710,8 @@ pub(super) async fn forward<S: ClientStream>(
             return fail(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
         }
     };
-    req.first_byte = Some(sent_at.get().elapsed());
+    req.first_byte
+        .get_or_insert_with(|| sent_at.get().elapsed());
     let mut opened = opened;
     let mut extra = answer_fields(req, &mut opened.parts.headers);
     if !opened.parts.headers.contains_key(http::header::DATE) {
@@ -1722,9 +1731,12 @@ pub(super) async fn forward<S: ClientStream>(
     let (result, sent, closes, verdict) = relay.run_through(sink, encoding, opened).await;
     req.bytes_out += sent;
     let clean = h1 && !closes;
+    // The sink answered whole itself (a JSON error in place of what failed): that status
+    // is the one sent, and the connection closes cleanly after it.
+    let answered_whole = result.is_err() && matches!(verdict, Some((_, None)));
     let result = match verdict {
         Some((status, Some(kind))) => Err((status, kind)),
-        Some((status, None)) => result.map(|_| status),
+        Some((status, None)) => result.map(|_| status).map_err(|(_, kind)| (status, kind)),
         None => result,
     };
     match result {
@@ -1740,7 +1752,10 @@ pub(super) async fn forward<S: ClientStream>(
             connector.answer_failed(kind);
             req.status = status;
             req.fail(kind);
-            Next::Cut
+            match answered_whole {
+                true => Next::Close,
+                false => Next::Cut,
+            }
         }
     }
 }

@@ -294,11 +294,8 @@ impl<K: Sink> JsonSink<K> {
     /// gateway's JSON is not: a non-gRPC answer's `Content-Encoding: gzip` on the gateway's
     /// plain JSON error made it unreadable.
     fn client_fields(&self, content_type: &'static str) -> HeaderMap {
-        const ABOUT_THE_BYTES: [&str; 14] = [
+        const ABOUT_THE_BYTES: [&str; 11] = [
             "content-encoding",
-            "content-language",
-            "content-location",
-            "content-disposition",
             "content-range",
             "accept-ranges",
             "etag",
@@ -408,7 +405,17 @@ impl<K: Sink> Sink for JsonSink<K> {
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if status != 200 || !grpc {
-            // Not a gRPC answer (a proxy in between, a misconfigured target).
+            // Not a gRPC answer (a proxy in between, a misconfigured target): nor do the
+            // fields about that page go with the gateway's JSON in its place (a download
+            // named after the page, its language).
+            let mut headers = headers;
+            for page in [
+                "content-language",
+                "content-location",
+                "content-disposition",
+            ] {
+                headers.remove(page);
+            }
             self.head = Some(headers);
             let code = super::h2forward::grpc_code_for_http(status);
             let message = format!("the upstream answered HTTP {status}, not gRPC");
