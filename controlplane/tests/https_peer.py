@@ -58,6 +58,20 @@ def read_body(f, fields):
     return b""
 
 
+def end(s, cut):
+    """Ends the connection: with a FIN alone when `cut` (the socket is then gone: True), else
+    with close_notify first (the caller closes it)."""
+    if cut:
+        socket.socket(fileno=s.detach()).close()
+        return True
+    s.settimeout(2)
+    try:
+        s.unwrap()
+    except (OSError, ssl.SSLError):
+        pass
+    return False
+
+
 def serve(ctx, raw, conn_no):
     raw.settimeout(30)
     # As servers set it: without, the session tickets' small writes hold the answer back
@@ -102,22 +116,16 @@ def serve(ctx, raw, conn_no):
                     try:
                         while s.recv(65536):
                             pass
-                        end = "clean"
+                        how = "clean"
                     except (OSError, ssl.SSLError):
-                        end = "ragged"
-                    print("ws-report " + end, flush=True)
+                        how = "ragged"
+                    print("ws-report " + how, flush=True)
                     break
                 if path.endswith("/ws-cut") or path.endswith("/ws-close"):
                     # "bye", then the tunnel's end: a FIN alone, or close_notify first.
                     s.sendall(b"bye")
-                    if path.endswith("/ws-cut"):
-                        socket.socket(fileno=s.detach()).close()
+                    if end(s, path.endswith("/ws-cut")):
                         return
-                    s.settimeout(2)
-                    try:
-                        s.unwrap()
-                    except (OSError, ssl.SSLError):
-                        pass
                     break
                 while True:
                     data = f.read1(65536)
@@ -129,14 +137,8 @@ def serve(ctx, raw, conn_no):
                 # An answer that ends where the connection does: with close_notify, then
                 # FIN; or (`/until-cut`) with a FIN alone, as an attacker's cut looks.
                 s.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nthe-body")
-                if path.endswith("/until-cut"):
-                    socket.socket(fileno=s.detach()).close()
+                if end(s, path.endswith("/until-cut")):
                     return
-                s.settimeout(2)
-                try:
-                    s.unwrap()
-                except (OSError, ssl.SSLError):
-                    pass
                 break
             if path.endswith("/extra"):
                 # The answer, then another nobody asked for, in records of their own but

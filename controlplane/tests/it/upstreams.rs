@@ -1918,21 +1918,19 @@ fn a_retry_backoff_counts_on_no_target_and_ends_when_the_client_leaves() {
     assert_eq!(hits(), 1, "the retry went out after the client left");
 }
 
-#[test]
-fn a_retry_after_its_backoff_goes_to_no_target_drained_meanwhile() {
-    // Two targets answering 503, one retry after a 0.6 to 1.2 s backoff. During the wait
-    // the target not tried yet is drained: the retry goes to the first one again (a
-    // draining target is the last resort). It went to the drained one, picked from the
-    // targets as they were when the request began.
-    let busy = [
-        Backend::start("b1", Mode::Status(503)),
-        Backend::start("b2", Mode::Status(503)),
-    ];
-    let targets: Vec<String> = busy.iter().map(|b| target(b.addr)).collect();
-    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
-                    backoff_ms = 1200 }";
+/// Two targets (`modes`), one retry by the policy `retry` (the upstream's TOML line, and the
+/// same as JSON): once the first try has reached its target, the other is drained; the
+/// answer must be `status`, and the retry must go to the first target again (a draining
+/// target is the last resort).
+fn a_retry_skips_the_target_drained_during_its_request(
+    modes: [Mode; 2],
+    (settings, retry): (&str, serde_json::Value),
+    status: u16,
+) {
+    let backends = modes.map(|m| Backend::start("b", m));
+    let targets: Vec<String> = backends.iter().map(|b| target(b.addr)).collect();
     let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
-    let hits = |i: usize| busy[i].hits.load(SeqCst);
+    let hits = |i: usize| backends[i].hits.load(SeqCst);
     thread::scope(|s| {
         let answer = s.spawn(|| get(&gw, "/x"));
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1942,18 +1940,18 @@ fn a_retry_after_its_backoff_goes_to_no_target_drained_meanwhile() {
         }
         let (first, other) = if hits(0) == 1 { (0, 1) } else { (1, 0) };
         let body = serde_json::json!({"id": "u", "targets": [
-            {"address": busy[first].addr.to_string()},
-            {"address": busy[other].addr.to_string(), "draining": true},
-        ], "retry": {"attempts": 2, "on": ["503"], "budget_min_per_s": 1000, "backoff_ms": 1200}});
+            {"address": backends[first].addr.to_string()},
+            {"address": backends[other].addr.to_string(), "draining": true},
+        ], "retry": retry});
         let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
         assert_eq!(r.status, 200, "{}", r.body_str());
         assert_eq!(
             hits(first) + hits(other),
             1,
-            "the retry did not wait for the drain"
+            "the first try ended before the drain"
         );
         let r = answer.join().unwrap();
-        assert_eq!(r.status, 503, "{}", r.body_str());
+        assert_eq!(r.status, status, "{}", r.body_str());
         assert_eq!(
             (hits(first), hits(other)),
             (2, 0),
@@ -1963,47 +1961,37 @@ fn a_retry_after_its_backoff_goes_to_no_target_drained_meanwhile() {
 }
 
 #[test]
+fn a_retry_after_its_backoff_goes_to_no_target_drained_meanwhile() {
+    // Two targets answering 503, one retry after a 0.6 to 1.2 s backoff, during which the
+    // target not tried yet is drained. It went to the drained one, picked from the targets
+    // as they were when the request began.
+    a_retry_skips_the_target_drained_during_its_request(
+        [Mode::Status(503), Mode::Status(503)],
+        (
+            "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, backoff_ms = 1200 }",
+            serde_json::json!({"attempts": 2, "on": ["503"], "budget_min_per_s": 1000,
+                               "backoff_ms": 1200}),
+        ),
+        503,
+    );
+}
+
+#[test]
 fn a_retry_without_backoff_goes_to_no_target_drained_during_the_first_try() {
-    // Two targets slower than the per-try timeout, one retry at once. During the first try
-    // the other target is drained: before, the retry went to it all the same (the targets
+    // Two targets slower than the per-try timeout, one retry at once; the other target is
+    // drained during the first try. Before, the retry went to it all the same (the targets
     // were looked at again only after a backoff).
-    let slow = [
-        Backend::start("s1", Mode::Slow(Duration::from_millis(800))),
-        Backend::start("s2", Mode::Slow(Duration::from_millis(800))),
-    ];
-    let targets: Vec<String> = slow.iter().map(|b| target(b.addr)).collect();
-    let settings = "retry = { attempts = 2, on = [\"timeout\"], per_try_timeout_ms = 500, \
-                    budget_min_per_s = 1000 }";
-    let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
-    let hits = |i: usize| slow[i].hits.load(SeqCst);
-    thread::scope(|s| {
-        let answer = s.spawn(|| get(&gw, "/x"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while hits(0) + hits(1) == 0 {
-            assert!(Instant::now() < deadline, "the first try never came");
-            thread::sleep(Duration::from_millis(5));
-        }
-        let (first, other) = if hits(0) == 1 { (0, 1) } else { (1, 0) };
-        let body = serde_json::json!({"id": "u", "targets": [
-            {"address": slow[first].addr.to_string()},
-            {"address": slow[other].addr.to_string(), "draining": true},
-        ], "retry": {"attempts": 2, "on": ["timeout"], "per_try_timeout_ms": 500,
-                     "budget_min_per_s": 1000}});
-        let r = gw.admin("PUT", "/v1/upstreams/u", Some(&body.to_string()));
-        assert_eq!(r.status, 200, "{}", r.body_str());
-        assert_eq!(
-            hits(first) + hits(other),
-            1,
-            "the first try ended before the drain"
-        );
-        let r = answer.join().unwrap();
-        assert_eq!(r.status, 504, "{}", r.body_str());
-        assert_eq!(
-            (hits(first), hits(other)),
-            (2, 0),
-            "the retry went to the drained target"
-        );
-    });
+    let slow = Mode::Slow(Duration::from_millis(800));
+    a_retry_skips_the_target_drained_during_its_request(
+        [slow, slow],
+        (
+            "retry = { attempts = 2, on = [\"timeout\"], per_try_timeout_ms = 500, \
+             budget_min_per_s = 1000 }",
+            serde_json::json!({"attempts": 2, "on": ["timeout"], "per_try_timeout_ms": 500,
+                               "budget_min_per_s": 1000}),
+        ),
+        504,
+    );
 }
 
 #[test]
