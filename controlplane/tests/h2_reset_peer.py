@@ -25,7 +25,8 @@ HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a 
 204, `/hints-big` a 103 with 300 fields then a 204, `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
 compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more; with `answer-close`, a 204,
-then GOAWAY NO_ERROR and the connection closed. A stream the gateway resets prints "reset CODE". Each
+then GOAWAY NO_ERROR and the connection closed; with `msg-silent`, a gRPC answer's head
+and one (empty) message, then nothing; with `interim-503`, a 103 then a 503. A stream the gateway resets prints "reset CODE". Each
 request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
@@ -62,6 +63,8 @@ ANSWERS = sys.argv[2:] == ["answers"]
 BAD_STREAM = sys.argv[2:] == ["bad-stream"]
 HEAD_SILENT = sys.argv[2:] == ["head-silent"]
 ANSWER_CLOSE = sys.argv[2:] == ["answer-close"]
+MSG_SILENT = sys.argv[2:] == ["msg-silent"]
+INTERIM_503 = sys.argv[2:] == ["interim-503"]
 connections = [0]
 lock = threading.Lock()
 
@@ -142,6 +145,15 @@ def serve(sock):
                                                         ("content-type", ctype)] + about)
                     body = b"\x00\x00\x00\x00\x02hi" if NO_STATUS else b"<html>hi</html>"
                     conn.send_data(event.stream_id, body, end_stream=True)
+                    continue
+                if MSG_SILENT:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00")
+                    continue
+                if INTERIM_503:
+                    conn.send_headers(event.stream_id, [(":status", "103"), ("link", "</a>")])
+                    conn.send_headers(event.stream_id, [(":status", "503")], end_stream=True)
                     continue
                 if ANSWER_CLOSE:
                     conn.send_headers(event.stream_id, [(":status", "204")], end_stream=True)

@@ -17,7 +17,8 @@ its body left unread, the connection held open. A request with `Upgrade: websock
 byte the client sends after it is sent back until it closes; to a path ending in `/ws-cut`
 or `/ws-close`, "bye" follows the 101, then the end (a FIN alone, or close_notify first); to
 one ending in `/ws-report`, nothing: the peer reads to the tunnel's end and prints a line
-"ws-report clean" (close_notify) or "ws-report ragged" (a FIN alone, a reset).
+"ws-report clean" (close_notify), "ws-report ragged" (a FIN alone, a reset) or
+"ws-report timeout" (no end within 5 s).
 """
 
 import json
@@ -110,13 +111,16 @@ def serve(ctx, raw, conn_no):
                 )
                 if path.endswith("/ws-report"):
                     # Reads to the tunnel's end, then prints how it came: "clean" after
-                    # close_notify, "ragged" after a FIN alone or a reset.
+                    # close_notify, "ragged" after a FIN alone or a reset, "timeout" if none
+                    # came within 5 s.
                     s.settimeout(5)
                     s.suppress_ragged_eofs = False
                     try:
                         while s.recv(65536):
                             pass
                         how = "clean"
+                    except socket.timeout:
+                        how = "timeout"
                     except (OSError, ssl.SSLError):
                         how = "ragged"
                     print("ws-report " + how, flush=True)

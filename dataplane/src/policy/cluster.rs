@@ -764,9 +764,6 @@ impl<R: std::io::Read> std::io::Read for Bounded<R> {
     }
 }
 
-/// Reads one RESP2 reply, `depth` arrays deep. A server that sends more than the limits
-/// above or nests deeper is an error (its connection is dropped), not memory or stack
-/// without bound; the connection's reader ([`Bounded`]) bounds the bytes and the time.
 /// Whether an error reply says a script failed as it ran (Redis names its line:
 /// `@user_script:9`; Redis 6 says `Error running script`), so that it may have written
 /// before: not when Redis refused writes (a replica's `READONLY`, `OOM`, `MISCONF`...),
@@ -791,6 +788,9 @@ fn ran_partly(reply: &str) -> bool {
     (reply.contains("@user_script") || reply.contains("Error running script")) && !refused
 }
 
+/// Reads one RESP2 reply, `depth` arrays deep. A server that sends more than the limits
+/// above or nests deeper is an error (its connection is dropped), not memory or stack
+/// without bound; the connection's reader ([`Bounded`]) bounds the bytes and the time.
 fn read_reply(r: &mut impl BufRead, depth: usize) -> std::io::Result<Reply> {
     let mut line = Vec::with_capacity(32);
     std::io::Read::take(&mut *r, MAX_REPLY_LINE).read_until(b'\n', &mut line)?;

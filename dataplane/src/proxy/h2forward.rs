@@ -702,6 +702,10 @@ pub(super) trait Sink {
     fn ended(&self) -> bool {
         false
     }
+    /// Whether the sink sent an answer of its own, whole (a JSON error with its length).
+    fn whole(&self) -> bool {
+        false
+    }
 }
 
 /// An answer on an HTTP/2 client stream.
@@ -1491,6 +1495,8 @@ pub(super) async fn forward<S: ClientStream>(
                 (None, None) => return Err(ProxyError::new(ErrorKind::UpstreamClosed)),
             }
             sent_at.set(Instant::now());
+            // This try's first byte, not an earlier one's (its interim) before a retry.
+            req.first_byte = None;
             // A gRPC call's upstream was told its deadline (the client's, or the cap), and
             // one that is there answers DEADLINE_EXCEEDED itself when it passes: it has
             // GRPC_GRACE more to do so before its silence is its failure. Otherwise the
@@ -1728,14 +1734,13 @@ pub(super) async fn forward<S: ClientStream>(
     let close = !keep_alive || ctx.draining.get();
     let sink = client_sink(down, &extra, http10, is_head, close);
     let h1 = matches!(sink, ClientSink::H1(_));
-    let (result, sent, closes, verdict) = relay.run_through(sink, encoding, opened).await;
+    let (result, sent, closes, verdict, whole) = relay.run_through(sink, encoding, opened).await;
     req.bytes_out += sent;
     let clean = h1 && !closes;
-    // The sink answered whole itself (a JSON error in place of what failed): that status
-    // is the one sent, and the connection closes cleanly after it.
-    let answered_whole = result.is_err() && matches!(verdict, Some((_, None)));
+    // The sink's own status is the one sent (a JSON error in place of what failed); the
+    // relay's failure, where there was one, says why (a stall, a reset), the sink's else.
     let result = match verdict {
-        Some((status, Some(kind))) => Err((status, kind)),
+        Some((status, Some(kind))) => Err((status, result.err().map_or(kind, |(_, k)| k))),
         Some((status, None)) => result.map(|_| status).map_err(|(_, kind)| (status, kind)),
         None => result,
     };
@@ -1750,11 +1755,16 @@ pub(super) async fn forward<S: ClientStream>(
         }
         Err((status, kind)) => {
             connector.answer_failed(kind);
-            req.status = status;
+            // Nothing sent (an HTTP/2 client that reset its stream before a JSON answer
+            // began): the failure's status (499), not the upstream's.
+            req.status = if sent == 0 { kind.status() } else { status };
             req.fail(kind);
-            match answered_whole {
-                true => Next::Close,
-                false => Next::Cut,
+            // The sink answered whole itself (a JSON error, length-framed): the connection
+            // goes on as after any whole answer; else the client must see the cut.
+            match (whole, clean) {
+                (true, true) => Next::KeepAlive,
+                (true, false) => Next::Close,
+                (false, _) => Next::Cut,
             }
         }
     }
@@ -1838,6 +1848,7 @@ type Relayed = (
     u64,
     bool,
     Option<(u16, Option<ErrorKind>)>,
+    bool,
 );
 
 /// How an answer is relayed.
@@ -1879,7 +1890,7 @@ impl Relay {
     /// [`Relay::run`] into `sink`, with what the sink knows afterwards.
     async fn run_into<K: Sink>(&self, mut sink: K, opened: Opened) -> Relayed {
         let r = self.run(&mut sink, opened).await;
-        (r, sink.sent(), sink.closes(), sink.verdict())
+        (r, sink.sent(), sink.closes(), sink.verdict(), sink.whole())
     }
 
     /// Relays the head, the body and the trailers of an answer to `sink`.

@@ -264,6 +264,8 @@ pub(super) struct JsonSink<K> {
     /// The client's answer is over (an error answer, or a stream cut once broken): the
     /// upstream's rest is not waited for.
     ended: bool,
+    /// An answer of the sink's own went out whole ([`JsonSink::answer`]).
+    whole: bool,
     /// The status sent and the failure, as the access log and metrics should have them.
     verdict: Option<(u16, Option<ErrorKind>)>,
 }
@@ -281,6 +283,7 @@ impl<K: Sink> JsonSink<K> {
             started: false,
             broken: None,
             ended: false,
+            whole: false,
             verdict: None,
         }
     }
@@ -333,6 +336,7 @@ impl<K: Sink> JsonSink<K> {
             self.inner.data(body.into()).await?;
             self.inner.finish(None).await?;
         }
+        self.whole = true;
         Ok(())
     }
 
@@ -549,6 +553,10 @@ impl<K: Sink> Sink for JsonSink<K> {
 
     fn ended(&self) -> bool {
         self.ended
+    }
+
+    fn whole(&self) -> bool {
+        self.whole
     }
 }
 
