@@ -1304,8 +1304,8 @@ pub(super) async fn forward<S: ClientStream>(
     let sent_at = std::cell::Cell::new(Instant::now());
     // The upstream's interim answers (103 Early Hints, 102), passed on to the client as they
     // come (RFC 9110 15.2: a proxy forwards them), as from an HTTP/1.1 upstream. Not to an
-    // HTTP/1.0 client, which has none, nor through a translation (gRPC-Web, JSON), nor a
-    // `100 Continue`: the gateway answers `Expect` itself.
+    // HTTP/1.0 client, which has none, nor to gRPC calls or through a translation (gRPC-Web,
+    // JSON), nor a `100 Continue`: the gateway answers `Expect` itself.
     let pass_interims = call == Call::Plain && !http10;
     let interims: RefCell<Vec<http::Response<()>>> = RefCell::new(Vec::new());
     let attempt = async |target: &LiveTarget,
