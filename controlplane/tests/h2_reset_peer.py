@@ -26,7 +26,8 @@ HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a 
 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
 compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more; with `answer-close`, a 204,
 then GOAWAY NO_ERROR and the connection closed; with `msg-silent`, a gRPC answer's head
-and one (empty) message, then nothing; with `interim-503`, a 103 then a 503. A stream the gateway resets prints "reset CODE". Each
+and one (empty) message, then nothing; with `interim-503`, a 103 then a 503; with
+`empty-ok`, a gRPC answer of no message and `grpc-status: 0`. A stream the gateway resets prints "reset CODE". Each
 request's line also gives its content
 type. Each connection accepted prints a line "connection". Runs until killed.
 Loopback only.
@@ -65,6 +66,7 @@ HEAD_SILENT = sys.argv[2:] == ["head-silent"]
 ANSWER_CLOSE = sys.argv[2:] == ["answer-close"]
 MSG_SILENT = sys.argv[2:] == ["msg-silent"]
 INTERIM_503 = sys.argv[2:] == ["interim-503"]
+EMPTY_OK = sys.argv[2:] == ["empty-ok"]
 connections = [0]
 lock = threading.Lock()
 
@@ -150,6 +152,11 @@ def serve(sock):
                     conn.send_headers(event.stream_id, [(":status", "200"),
                                                         ("content-type", "application/grpc")])
                     conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00")
+                    continue
+                if EMPTY_OK:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc")])
+                    conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
                     continue
                 if INTERIM_503:
                     conn.send_headers(event.stream_id, [(":status", "103"), ("link", "</a>")])

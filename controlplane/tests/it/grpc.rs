@@ -2211,6 +2211,78 @@ time.sleep(0.2)
         (Some(499), Some("client_closed")),
         "{reset}"
     );
+    // A native gRPC call over HTTP/2, its upstream silent after its head: the client got the
+    // 200 head, then the status in trailers; logged 200, the status sent (the review found
+    // the 499 rule above turning it into a 504).
+    const NATIVE: &str = r#"
+import socket, sys
+import h2.connection, h2.config, h2.events
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/r.S/M"), (":scheme", "http"),
+                   (":authority", "t"), ("content-type", "application/grpc"), ("te", "trailers")])
+c.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+s.sendall(c.data_to_send())
+status, grpc, done = None, None, False
+while not done:
+    data = s.recv(65536)
+    if not data:
+        break
+    for e in c.receive_data(data):
+        if isinstance(e, h2.events.ResponseReceived):
+            status = dict(e.headers)[b":status"].decode()
+        if isinstance(e, h2.events.TrailersReceived):
+            grpc = dict(e.headers).get(b"grpc-status", b"").decode()
+        if isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+            done = True
+    s.sendall(c.data_to_send())
+print(status, grpc)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", NATIVE, &after_head.addr.port().to_string()])
+        .output()
+        .expect("python3 with the PyPI package h2");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200 14",
+        "{out:?}"
+    );
+    let lines = wait_log_lines(&log, 4);
+    let native = lines.last().unwrap();
+    assert_eq!(
+        (native["status"].as_u64(), native["error"].as_str()),
+        (Some(200), Some("response_timeout")),
+        "{native}"
+    );
+}
+
+#[test]
+fn a_unary_ok_without_a_message_is_a_malformed_answer() {
+    // 502, logged and counted as the target's malformed answer (before: no error kind).
+    let dir = temp_dir("json-empty-ok");
+    one_method_descriptor(&dir, "post: \"/m\" body: \"*\"");
+    let peer = ResetPeer::start_with(&["0", "empty-ok"]);
+    let log = dir.join("access.log");
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [access_log]\npath = \"{}\"\n\n\
+         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\n\
+         [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
+         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
+        log.display(),
+        peer.addr,
+        dir.join("r.pb").display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = gw.connect().roundtrip(
+        "POST /m HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(r.status, 502, "{}", r.body_str());
+    let line = wait_log_lines(&log, 1).remove(0);
+    assert_eq!(line["error"], "upstream_malformed", "{line}");
 }
 
 #[test]
@@ -2291,6 +2363,19 @@ fn a_broken_server_stream_ends_the_json_answer_at_once() {
     let _ = c.stream.read_to_end(&mut got);
     let line = wait_log_lines(&log, 1).remove(0);
     assert_eq!(line["error"], "response_timeout", "{line}");
+    // An NDJSON stream ends whole with its error line: the connection goes on, and a request
+    // pipelined behind it is answered (the review found it reset).
+    let mut c = stalled.connect();
+    let ndjson = "GET /s HTTP/1.1\r\nHost: t\r\nAccept: application/x-ndjson\r\n\r\n";
+    c.send(format!("{ndjson}{ndjson}").as_bytes());
+    for _ in 0..2 {
+        let r = c.read_response();
+        assert!(
+            r.body_str().ends_with("\"details\":[]}}\n"),
+            "{}",
+            r.body_str()
+        );
+    }
 }
 
 #[test]

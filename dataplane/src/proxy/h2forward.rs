@@ -1734,13 +1734,24 @@ pub(super) async fn forward<S: ClientStream>(
     let close = !keep_alive || ctx.draining.get();
     let sink = client_sink(down, &extra, http10, is_head, close);
     let h1 = matches!(sink, ClientSink::H1(_));
+    let json = call == Call::Json;
     let (result, sent, closes, verdict, whole) = relay.run_through(sink, encoding, opened).await;
     req.bytes_out += sent;
     let clean = h1 && !closes;
+    // A JSON call whose sink sent nothing of its own (no head: the client reset its stream
+    // first): the failure's status (499), not the upstream's, which never went out.
+    let unsent = json && verdict.is_none();
     // The sink's own status is the one sent (a JSON error in place of what failed); the
-    // relay's failure, where there was one, says why (a stall, a reset), the sink's else.
+    // relay's failure, where there was one, says why (a stall, a reset), the sink's else,
+    // also when the client left while the sink wrote (the target's failure stays counted).
+    let relayed = |kind| {
+        (result.as_ref().err())
+            .map(|&(_, k)| k)
+            .filter(|&k| k != ErrorKind::ClientClosed)
+            .unwrap_or(kind)
+    };
     let result = match verdict {
-        Some((status, Some(kind))) => Err((status, result.err().map_or(kind, |(_, k)| k))),
+        Some((status, Some(kind))) => Err((status, relayed(kind))),
         Some((status, None)) => result.map(|_| status).map_err(|(_, kind)| (status, kind)),
         None => result,
     };
@@ -1755,9 +1766,7 @@ pub(super) async fn forward<S: ClientStream>(
         }
         Err((status, kind)) => {
             connector.answer_failed(kind);
-            // Nothing sent (an HTTP/2 client that reset its stream before a JSON answer
-            // began): the failure's status (499), not the upstream's.
-            req.status = if sent == 0 { kind.status() } else { status };
+            req.status = if unsent { kind.status() } else { status };
             req.fail(kind);
             // The sink answered whole itself (a JSON error, length-framed): the connection
             // goes on as after any whole answer; else the client must see the cut.

@@ -264,7 +264,8 @@ pub(super) struct JsonSink<K> {
     /// The client's answer is over (an error answer, or a stream cut once broken): the
     /// upstream's rest is not waited for.
     ended: bool,
-    /// An answer of the sink's own went out whole ([`JsonSink::answer`]).
+    /// The client's answer went out whole: one of the sink's own ([`JsonSink::answer`]), or
+    /// an NDJSON stream ended by its error line.
     whole: bool,
     /// The status sent and the failure, as the access log and metrics should have them.
     verdict: Option<(u16, Option<ErrorKind>)>,
@@ -494,7 +495,10 @@ impl<K: Sink> Sink for JsonSink<K> {
                 line.extend_from_slice(&body);
                 line.extend_from_slice(b"}\n");
                 self.inner.data(line.into()).await?;
-                return self.inner.finish(None).await;
+                self.inner.finish(None).await?;
+                // Ended whole, its error said in its last line.
+                self.whole = true;
+                return Ok(());
             }
             // A JSON array already under way cannot carry the error: cut it short.
             self.verdict = Some((200, Some(ErrorKind::UpstreamClosed)));
@@ -506,6 +510,8 @@ impl<K: Sink> Sink for JsonSink<K> {
                 Some(json) => self.answer(200, json).await,
                 None => {
                     let body = error_body(13, "the upstream answered without a message", None, &[]);
+                    // A malformed answer, logged and counted against the target as one.
+                    self.verdict = Some((502, Some(ErrorKind::UpstreamMalformed)));
                     self.answer(502, body).await
                 }
             };
