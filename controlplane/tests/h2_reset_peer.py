@@ -1,35 +1,41 @@
 #!/usr/bin/env python3
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
-Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|torn|
-                              trailers|headers|zero|goaway-once|malformed]
-Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints
-"request PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request;
-7 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
+Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|
+                              torn|trailers|headers|zero|goaway-once|malformed|answers|
+                              bad-stream|head-silent|answer-close|msg-silent|interim-503|
+                              empty-ok]
+Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints "request
+PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request; 7
+REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
 bytes of a message come before the reset; with `silent`, nothing is ever answered; with
 `goaway`, the connection ends with GOAWAY CODE whose last stream id is below the request's
 (it was not acted on) and a close; with `no-content`, the answer is a 204 that carries
 `content-length: 0` (which RFC 9110 8.6 forbids); with `html`, a 200 `text/html` page (not
-gRPC), with `html-503` the same page as a 503 with `content-encoding: gzip` and an `etag`; with `no-status`, a gRPC answer of one message that ends without trailers (no
-`grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`;
-with `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`,
-once the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without
-any) and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields
-(sorted, pseudo-fields included), and a 200 `text/plain` answer "ok" that carries
-`cache-control: private` and `server: peer`; with `zero`, SETTINGS that allow no stream
+gRPC), with `html-503` the same page as a 503 with `content-encoding: gzip` and an `etag`;
+with `no-status`, a gRPC answer of one message that ends without trailers (no
+`grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`; with
+`torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`, once
+the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without any)
+and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields (sorted,
+pseudo-fields included), and a 200 `text/plain` answer "ok" that carries `cache-control:
+private` and `server: peer`; with `zero`, SETTINGS that allow no stream
 (MAX_CONCURRENT_STREAMS 0), and a 204 to a stream that comes anyway; with `goaway-once`, the
 first connection ends with GOAWAY NO_ERROR, last stream 0, at its first request, and later
 ones answer 204; with `malformed`, a 200 whose head carries `connection: close` (a field
-HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field before a 200
-"ok", `/hints-slow` the same with the 200 a second after the 103, `/s101` a 101 then a 200 "ok", `/hints-cl` a 103 with `content-length: 0` then a
-204, `/hints-big` a 103 with 300 fields then a 204, `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`, `host` and `x-ok`, `/N` a
-200 "ok" with N fields; with `bad-stream`, a gRPC answer of one message and one marked
-compressed, its stream left open; with `head-silent`, a gRPC answer's head and nothing more; with `answer-close`, a 204,
-then GOAWAY NO_ERROR and the connection closed; with `msg-silent`, a gRPC answer's head
-and one (empty) message, then nothing; with `interim-503`, a 103 then a 503; with
-`empty-ok`, a gRPC answer of no message and `grpc-status: 0`. A stream the gateway resets prints "reset CODE". Each
-request's line also gives its content
-type. Each connection accepted prints a line "connection". Runs until killed.
+HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field
+before a 200 "ok", `/len` a 200 "ok" with its `content-length`, `/hints-slow` the same as
+`/hints` with the 200 a second after the 103, `/s101` a 101 then a 200 "ok", `/hints-cl` a
+103 with `content-length: 0` then a 204, `/hints-big` a 103 with 300 fields then a 204,
+`/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`,
+`host` and `x-ok`, `/N` a 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one
+message and one marked compressed, its stream left open; with `head-silent`, a gRPC answer's
+head and nothing more; with `answer-close`, a 204, then GOAWAY NO_ERROR and the connection
+closed; with `msg-silent`, a gRPC answer's head and one (empty) message, then nothing; with
+`interim-503`, a 103 then a 503; with `empty-ok`, a gRPC answer of no message and
+`grpc-status: 0`. A stream the gateway resets prints "reset CODE". Each request's line also
+gives its content type. Each connection accepted prints a line "connection". Runs until
+killed.
 Loopback only.
 """
 import socket
@@ -185,6 +191,9 @@ def serve(sock):
                         conn.send_headers(sid, [(":status", "103"),
                                                 ("link", "</style.css>; rel=preload")])
                         conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"ok", end_stream=True)
+                    elif path.endswith("/len"):
+                        conn.send_headers(sid, [(":status", "200"), ("content-length", "2")])
                         conn.send_data(sid, b"ok", end_stream=True)
                     elif path.endswith("/hints-slow"):
                         conn.send_headers(sid, [(":status", "103"), ("link", "</a.css>")])

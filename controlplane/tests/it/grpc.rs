@@ -909,6 +909,18 @@ fn an_http2_upstreams_answers_keep_http11s_rules() {
     assert!(raw("/250").starts_with("HTTP/1.1 200 OK"));
     let text = raw("/300");
     assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    // An HTTP/1.0 client that asks for keep-alive is told it has it (before: kept, but not
+    // told, so the client closed), and its next request goes on the connection.
+    let mut c = gw.connect();
+    for _ in 0..2 {
+        let r = c.roundtrip("GET /len HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n");
+        assert_eq!(
+            (r.status, r.header("connection")),
+            (200, Some("keep-alive")),
+            "{}",
+            r.head
+        );
+    }
     // A client that pipelined a request behind its body and half-closed is not taken for
     // gone while the first is answered (before: 499 at the first look, a second on).
     let mut c = gw.connect();

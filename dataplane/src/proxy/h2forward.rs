@@ -845,6 +845,10 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
         }
         if self.close {
             out.extend_from_slice(b"connection: close\r\n");
+        } else if self.http10 {
+            // An HTTP/1.0 client's connection ends after the answer unless it is told
+            // otherwise (RFC 9112 9.3): it asked for keep-alive, and gets it.
+            out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
         self.write_out().await
