@@ -1892,6 +1892,11 @@ async fn method_not_allowed(State(admin): State<Arc<Admin>>, req: Request) -> Re
     if !public && !admin.token_given(req.headers()) {
         return unauthorized().into_response();
     }
+    if let Some(file) = path.strip_prefix("/ui/").filter(|f| !f.is_empty()) {
+        if !crate::live::UI_FILES.contains(&file) {
+            return crate::live::no_ui_file(file).into_response();
+        }
+    }
     let fixed = ENDPOINTS.iter().any(|&(_, p)| p == path);
     if let Some(rest) = path.strip_prefix("/v1/").filter(|_| !fixed && !public) {
         // Segments as the handlers read them: `%61pi` is `api`.

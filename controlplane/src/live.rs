@@ -288,6 +288,14 @@ pub async fn ui_file(Path(file): Path<String>) -> Response {
     match file.as_str() {
         "app.js" => static_file("text/javascript; charset=utf-8", APP_JS),
         "style.css" => static_file("text/css; charset=utf-8", STYLE_CSS),
-        _ => Problem::not_found(format!("no dashboard file {file:?}")).into_response(),
+        _ => no_ui_file(&file).into_response(),
     }
+}
+
+/// The dashboard's files, by name under `/ui/`.
+pub const UI_FILES: [&str; 2] = ["app.js", "style.css"];
+
+/// The answer for a name under `/ui/` that is none of [`UI_FILES`].
+pub fn no_ui_file(file: &str) -> Problem {
+    Problem::not_found(format!("no dashboard file {file:?}"))
 }

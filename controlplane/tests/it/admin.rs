@@ -994,6 +994,7 @@ fn revisions_rollback_and_batches() {
             "{path}"
         );
     }
+    problem(&gw.admin_with("POST", "/ui/nope.js", Some("{}"), &[]), 404);
     // A path is read as the handlers read it: `%72outes` is `routes` (the review found 404).
     problem(&gw.admin("POST", "/v1/%72outes", None), 405);
     let status = gw.admin("GET", "/v1/status", None).json();
