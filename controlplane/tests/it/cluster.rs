@@ -339,6 +339,26 @@ fn redis_command(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&reply[..n]).into_owned()
 }
 
+/// The gateway's keys in the Redis at `port` once there are at least `n` (within 5 s).
+fn wait_keys(port: u16, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = redis_command(port, &["KEYS", "gw:*"]);
+        let keys: Vec<String> = (reply.lines())
+            .filter(|l| l.starts_with("gw:"))
+            .map(str::to_owned)
+            .collect();
+        if keys.len() >= n {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} keys not in Redis: {reply:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn keys_something_else_wrote_over_are_replaced_not_failing_every_round() {
     // Before: a key of another type failed the script at every round, so the store was
@@ -348,20 +368,7 @@ fn keys_something_else_wrote_over_are_replaced_not_failing_every_round() {
     let gw = slow_limit_node("w", redis.port, 5);
     let admitted = |n: usize| statuses(&gw, n).iter().filter(|&&s| s == 200).count();
     assert_eq!(admitted(5), 5);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let keys = loop {
-        let reply = redis_command(redis.port, &["KEYS", "gw:*"]);
-        let keys: Vec<String> = reply
-            .lines()
-            .filter(|l| l.starts_with("gw:"))
-            .map(str::to_owned)
-            .collect();
-        if keys.len() >= 3 {
-            break keys;
-        }
-        assert!(Instant::now() < deadline, "no keys in Redis: {reply:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let keys = wait_keys(redis.port, 3);
     // The node set, a bucket and its wanting set, each of another type now.
     for key in &keys {
         redis_command(redis.port, &["DEL", key]);
@@ -410,18 +417,11 @@ fn a_bucket_far_ahead_is_kept_not_taken_for_one_no_gateway_wrote() {
     );
     let admitted = |n: usize| statuses(&gw, n).iter().filter(|&&s| s == 200).count();
     assert_eq!(admitted(1), 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let key = loop {
-        let reply = redis_command(redis.port, &["KEYS", "gw:rl:*"]);
-        if let Some(k) = reply
-            .lines()
-            .find(|l| l.starts_with("gw:rl:") && !l.ends_with(":nodes"))
-        {
-            break k.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no bucket in Redis: {reply:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    // The node set, the bucket and its wanting set.
+    let keys = wait_keys(redis.port, 3);
+    let key = (keys.iter())
+        .find(|k| k.starts_with("gw:rl:") && !k.ends_with(":nodes"))
+        .unwrap_or_else(|| panic!("no bucket in Redis: {keys:?}"));
     // The bucket overspent: its arrival time 114 years ahead of Redis's clock.
     let time = redis_command(redis.port, &["TIME"]);
     let parts: Vec<f64> = (time.lines())
@@ -429,7 +429,7 @@ fn a_bucket_far_ahead_is_kept_not_taken_for_one_no_gateway_wrote() {
         .collect();
     let now_us = (parts[0] - 1_767_225_600.0) * 1e6 + parts[1];
     let tat = format!("{:.3}", now_us + 3.6e15);
-    let set = redis_command(redis.port, &["SET", &key, &tat, "PX", "600000000"]);
+    let set = redis_command(redis.port, &["SET", key, &tat, "PX", "600000000"]);
     assert!(set.starts_with("+OK"), "{set}");
     // One request sends the key to the next rounds (only keys that saw requests go), which
     // find the bucket spent: then refused.

@@ -2078,16 +2078,21 @@ fn transcoding_to_a_closed_port(set: &Path) -> Gateway {
 /// A gateway transcoding every request with the descriptor set `set` (service `r.S`) to the
 /// gRPC upstream `target`.
 fn transcoding_to(set: &Path, target: SocketAddr) -> Gateway {
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+    Gateway::start(&transcoding_config(set, target, "", ""), Driver::IoUring)
+}
+
+/// The config of [`transcoding_to`], with `listener` lines for its listener (`h2c = true`)
+/// and `top` tables before the upstream (`[timeouts]`, `[access_log]`).
+fn transcoding_config(set: &Path, target: SocketAddr, listener: &str, top: &str) -> String {
+    format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n{listener}\n\n{top}\n\n\
          [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
          targets = [{{ address = \"{}\" }}]\n\n\
          [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
          [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
         target,
         set.display()
-    );
-    Gateway::start(&config, Driver::IoUring)
+    )
 }
 
 fn request_status(gw: &Gateway, method: &str, path: &str) -> u16 {
@@ -2132,31 +2137,20 @@ fn a_json_call_the_upstream_never_answers_is_a_504() {
     let dir = temp_dir("json-timeout");
     one_method_descriptor(&dir, "post: \"/m\" body: \"*\"");
     let peer = ResetPeer::start_with(&["0", "silent"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [timeouts]\nupstream_response_head_ms = 300\n\n\
-         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
-         targets = [{{ address = \"{}\" }}]\n\n\
-         [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
-         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
-        peer.addr,
-        dir.join("r.pb").display()
+    let set = dir.join("r.pb");
+    let top = "[timeouts]\nupstream_response_head_ms = 300";
+    let gw = Gateway::start(
+        &transcoding_config(&set, peer.addr, "", top),
+        Driver::IoUring,
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
     let quiet = ResetPeer::start_with(&["0", "head-silent"]);
     let log = dir.join("access.log");
+    let top = format!(
+        "[timeouts]\nupstream_body_ms = 300\n[access_log]\npath = \"{}\"",
+        log.display()
+    );
     let after_head = Gateway::start(
-        &format!(
-            "{}\n[access_log]\npath = \"{}\"\n",
-            config
-                .replace(&peer.addr.to_string(), &quiet.addr.to_string())
-                .replace("upstream_response_head_ms", "upstream_body_ms")
-                .replace(
-                    "address = \"127.0.0.1:0\"\n",
-                    "address = \"127.0.0.1:0\"\nh2c = true\n"
-                ),
-            log.display()
-        ),
+        &transcoding_config(&set, quiet.addr, "h2c = true", &top),
         Driver::IoUring,
     );
     // Silent before its head, or after it (the review found that one still a 503).
@@ -2276,18 +2270,11 @@ fn a_unary_ok_without_a_message_is_a_malformed_answer() {
     one_method_descriptor(&dir, "post: \"/m\" body: \"*\"");
     let peer = ResetPeer::start_with(&["0", "empty-ok"]);
     let log = dir.join("access.log");
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [access_log]\npath = \"{}\"\n\n\
-         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
-         targets = [{{ address = \"{}\" }}]\n\n\
-         [[transcoders]]\nid = \"r\"\ndescriptor_set = \"{}\"\nservices = [\"r.S\"]\n\n\
-         [[routes]]\nid = \"r\"\npath_prefix = \"/\"\nupstream = \"g\"\ntranscoder = \"r\"\n",
-        log.display(),
-        peer.addr,
-        dir.join("r.pb").display()
+    let top = format!("[access_log]\npath = \"{}\"", log.display());
+    let gw = Gateway::start(
+        &transcoding_config(&dir.join("r.pb"), peer.addr, "", &top),
+        Driver::IoUring,
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
     let r = gw.connect().roundtrip(
         "POST /m HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
          Content-Length: 2\r\n\r\n{}",
@@ -2314,7 +2301,8 @@ fn a_broken_server_stream_ends_the_json_answer_at_once() {
     let includes = [&*dir, Path::new(PROTOS)];
     run_protoc(&includes, &dir.join("r.pb"), &[&dir.join("r.proto")], None);
     let peer = ResetPeer::start_with(&["0", "bad-stream"]);
-    let gw = transcoding_to(&dir.join("r.pb"), peer.addr);
+    let stream_set = dir.join("r.pb");
+    let gw = transcoding_to(&stream_set, peer.addr);
     for accept in ["application/json", "application/x-ndjson"] {
         let started = Instant::now();
         let mut c = gw.connect();
@@ -2359,14 +2347,12 @@ fn a_broken_server_stream_ends_the_json_answer_at_once() {
     // (before: `upstream_closed`).
     let quiet = ResetPeer::start_with(&["0", "msg-silent"]);
     let log = dir.join("access.log");
-    let config = std::fs::read_to_string(&gw.config_path)
-        .unwrap()
-        .replace(&peer.addr.to_string(), &quiet.addr.to_string());
+    let top = format!(
+        "[timeouts]\nupstream_body_ms = 300\n[access_log]\npath = \"{}\"",
+        log.display()
+    );
     let stalled = Gateway::start(
-        &format!(
-            "{config}\n[timeouts]\nupstream_body_ms = 300\n[access_log]\npath = \"{}\"\n",
-            log.display()
-        ),
+        &transcoding_config(&stream_set, quiet.addr, "", &top),
         Driver::IoUring,
     );
     let mut c = stalled.connect();
