@@ -336,17 +336,12 @@ impl H2Pool {
     /// Drops the connections of `upstream`, to any target, that have ended (they hold places
     /// in its `circuit.max_connections` until then).
     pub fn drop_closed(&mut self, upstream: &Arc<UpstreamLive>) {
-        let ours = crate::upstream::PoolKey::new(SocketAddr::from(([0, 0, 0, 0], 0)), upstream);
-        for (key, list) in self.conns.keyed_lists_mut() {
-            if key.same_upstream(&ours) {
-                list.retain(|c| !c.closed.get());
-            }
+        for list in self.conns.lists_of_mut(upstream) {
+            list.retain(|c| !c.closed.get());
         }
         // An opening that has finished holds its connection for those that joined it.
-        for (key, list) in self.opening.keyed_lists_mut() {
-            if key.same_upstream(&ours) {
-                list.retain(|c| c.outcome.borrow().is_none());
-            }
+        for list in self.opening.lists_of_mut(upstream) {
+            list.retain(|c| c.outcome.borrow().is_none());
         }
     }
 

@@ -586,11 +586,6 @@ impl PoolKey {
             upstream: Arc::as_ptr(upstream) as usize,
         }
     }
-
-    /// Whether the two keys are of one upstream (whatever their targets).
-    pub fn same_upstream(&self, other: &PoolKey) -> bool {
-        self.upstream == other.upstream
-    }
 }
 
 /// Pooled connections per [`PoolKey`], for this pool and the HTTP/2 one. Each entry holds
@@ -637,9 +632,15 @@ impl<T> ByKey<T> {
         self.0.values_mut().map(|(_, list)| list)
     }
 
-    /// Every entry's key and connections.
-    pub fn keyed_lists_mut(&mut self) -> impl Iterator<Item = (&PoolKey, &mut Vec<T>)> {
-        self.0.iter_mut().map(|(key, (_, list))| (key, list))
+    /// The connections opened for `upstream`, to each of its targets.
+    pub fn lists_of_mut(
+        &mut self,
+        upstream: &Arc<UpstreamLive>,
+    ) -> impl Iterator<Item = &mut Vec<T>> {
+        let ours = Arc::as_ptr(upstream) as usize;
+        (self.0.iter_mut())
+            .filter(move |(key, _)| key.upstream == ours)
+            .map(|(_, (_, list))| list)
     }
 
     /// Keeps the entries `keep` says yes to.
@@ -729,11 +730,8 @@ impl Pool {
 
     /// Closes the idle connections of `upstream` that its targets closed meanwhile.
     pub fn drop_closed(&mut self, upstream: &Arc<UpstreamLive>) {
-        let ours = PoolKey::new(SocketAddr::from(([0, 0, 0, 0], 0)), upstream);
-        for (key, list) in self.idle.keyed_lists_mut() {
-            if key.same_upstream(&ours) {
-                list.retain_mut(|c| c.idle_and_open());
-            }
+        for list in self.idle.lists_of_mut(upstream) {
+            list.retain_mut(|c| c.idle_and_open());
         }
     }
 
