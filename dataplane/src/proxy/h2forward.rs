@@ -1797,10 +1797,7 @@ fn interim_head(interim: &http::Response<()>) -> Vec<u8> {
     // A 1xx has no content and states no length (RFC 9110 8.6), as from an HTTP/1.1 one.
     let framing = |n: &HeaderName| n == CONTENT_LENGTH || n == http::header::TRANSFER_ENCODING;
     for (name, value) in interim.headers().iter().filter(|(n, _)| !framing(n)) {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        super::push_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     head

@@ -572,7 +572,7 @@ async fn opens_json_body(
 /// Fields about the upstream's bytes, which a reshaped body no longer is: its framing,
 /// validator and digests, the trailers it announced (the answer goes out whole, without
 /// them), and its byte ranges (nginx clears `Accept-Ranges` when it rewrites a body).
-const ABOUT_THE_UPSTREAMS_BYTES: [&[u8]; 9] = [
+pub(super) const ABOUT_THE_UPSTREAMS_BYTES: [&[u8]; 9] = [
     b"content-length",
     b"transfer-encoding",
     b"etag",

@@ -295,30 +295,18 @@ impl<K: Sink> JsonSink<K> {
 
     /// The upstream's head fields that go on to the client (custom metadata), with the JSON
     /// content type; not those about the upstream's bytes (RFC 9110 8.4, 8.8), which the
-    /// gateway's JSON is not: a non-gRPC answer's `Content-Encoding: gzip` on the gateway's
-    /// plain JSON error made it unreadable.
+    /// gateway's JSON is not: those a reshaped body drops ([`super::relay`]'s list), and its
+    /// coding, range and date (a non-gRPC answer's `Content-Encoding: gzip` on the gateway's
+    /// plain JSON error made it unreadable).
     fn client_fields(&self, content_type: &'static str) -> HeaderMap {
-        const ABOUT_THE_BYTES: [&str; 11] = [
-            "content-encoding",
-            "content-range",
-            "accept-ranges",
-            "etag",
-            "last-modified",
-            "content-md5",
-            "content-digest",
-            "repr-digest",
-            "digest",
-            "trailer",
-            "transfer-encoding",
-        ];
+        let about_the_bytes = |n: &str| {
+            super::relay::ABOUT_THE_UPSTREAMS_BYTES.contains(&n.as_bytes())
+                || ["content-encoding", "content-range", "last-modified"].contains(&n)
+        };
         let mut out = HeaderMap::new();
         for (name, value) in self.head.iter().flatten() {
             let n = name.as_str();
-            if n.starts_with("grpc-")
-                || name == CONTENT_TYPE
-                || name == CONTENT_LENGTH
-                || ABOUT_THE_BYTES.contains(&n)
-            {
+            if n.starts_with("grpc-") || name == CONTENT_TYPE || about_the_bytes(n) {
                 continue;
             }
             out.append(name.clone(), value.clone());
