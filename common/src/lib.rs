@@ -24,7 +24,7 @@ pub use config::Config;
 pub use snapshot::{
     Limits, ListenerProtocols, Route, RouteAction, Snapshot, Target, Timeouts, Upstream, Variant,
 };
-pub use validate::to_hex;
+pub use validate::{host_name, to_hex};
 
 use std::path::Path;
 

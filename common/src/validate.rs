@@ -63,11 +63,10 @@ pub(crate) fn tolerated(at: &str, why: &str) -> bool {
     true
 }
 
-/// A host name in a route or domain policy: dot-separated labels of letters, digits, `-` and
-/// `_` (a `*.` wildcard is checked by the caller), or a bracketed IPv6 literal.
-pub(crate) fn valid_host_pattern(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
+/// Whether `name` (without a trailing dot) is a host name: dot-separated labels of letters,
+/// digits, `-` and `_`, 1 to 63 long, 253 in all.
+pub fn host_name(name: &str) -> bool {
+    name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
@@ -75,6 +74,12 @@ pub(crate) fn valid_host_pattern(name: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
+}
+
+/// A host name in a route or domain policy: a [`host_name`] (a `*.` wildcard is checked by
+/// the caller), or a bracketed IPv6 literal.
+pub(crate) fn valid_host_pattern(name: &str) -> bool {
+    host_name(name)
         || name
             .strip_prefix('[')
             .and_then(|n| n.strip_suffix(']'))

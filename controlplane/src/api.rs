@@ -1893,8 +1893,8 @@ async fn method_not_allowed(State(admin): State<Arc<Admin>>, req: Request) -> Re
         return unauthorized().into_response();
     }
     if let Some(file) = path.strip_prefix("/ui/").filter(|f| !f.is_empty()) {
-        if !crate::live::UI_FILES.contains(&file) {
-            return crate::live::no_ui_file(file).into_response();
+        if let Err(p) = crate::live::ui_file_named(file) {
+            return p.into_response();
         }
     }
     let fixed = ENDPOINTS.iter().any(|&(_, p)| p == path);

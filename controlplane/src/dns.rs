@@ -248,17 +248,6 @@ impl Resolver {
 /// The longest CNAME chain followed in an answer.
 const MAX_CNAMES: usize = 16;
 
-/// Whether `name` (lower-case, without its trailing dot) is a host name: labels of letters,
-/// digits, `-` and `_`, 1 to 63 long, 253 in all.
-fn host_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|l| {
-            (1..=63).contains(&l.len())
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
 /// A name as compared: lower case, without the root's trailing dot.
 fn plain_name(name: &impl ToString) -> String {
     name.to_string().trim_end_matches('.').to_ascii_lowercase()
@@ -308,7 +297,7 @@ fn read_answer(packet: &Packet<'_>, name: &str, qtype: TYPE) -> Result<Answer, D
                 let target = plain_name(&s.target);
                 if target.is_empty() {
                     ans.unavailable = true;
-                } else if !host_name(&target) {
+                } else if !common::host_name(&target) {
                     // RFC 2782: a domain name. Anything else (a quote, a line end) would go
                     // on into the log, the metrics' labels and the next lookups.
                     log::warn!("resolver: SRV {name}: {target:?} is no host name: left out");

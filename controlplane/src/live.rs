@@ -285,17 +285,20 @@ pub async fn ui_index() -> Response {
 
 /// `GET /ui/{file}`: its script and style sheet.
 pub async fn ui_file(Path(file): Path<String>) -> Response {
-    match file.as_str() {
-        "app.js" => static_file("text/javascript; charset=utf-8", APP_JS),
-        "style.css" => static_file("text/css; charset=utf-8", STYLE_CSS),
-        _ => no_ui_file(&file).into_response(),
+    match ui_file_named(&file) {
+        Ok((_, content_type, body)) => static_file(content_type, body),
+        Err(p) => p.into_response(),
     }
 }
 
-/// The dashboard's files, by name under `/ui/`.
-pub const UI_FILES: [&str; 2] = ["app.js", "style.css"];
+/// The dashboard's files under `/ui/`: name, content type, content.
+const UI_FILES: [(&str, &str, &str); 2] = [
+    ("app.js", "text/javascript; charset=utf-8", APP_JS),
+    ("style.css", "text/css; charset=utf-8", STYLE_CSS),
+];
 
-/// The answer for a name under `/ui/` that is none of [`UI_FILES`].
-pub fn no_ui_file(file: &str) -> Problem {
-    Problem::not_found(format!("no dashboard file {file:?}"))
+/// The dashboard file `name` (under `/ui/`), or the 404 for a name that is none.
+pub fn ui_file_named(name: &str) -> Result<(&'static str, &'static str, &'static str), Problem> {
+    (UI_FILES.iter().find(|(n, ..)| *n == name).copied())
+        .ok_or_else(|| Problem::not_found(format!("no dashboard file {name:?}")))
 }
