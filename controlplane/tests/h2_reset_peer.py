@@ -77,6 +77,20 @@ connections = [0]
 lock = threading.Lock()
 
 
+def close_gracefully(sock):
+    """Closes after a GOAWAY: no more writes, then what the gateway still sends is read (for
+    up to 2 s) before the close. Closing with bytes unread sends a TCP reset, which may reach
+    the gateway before it has read the GOAWAY (a connection cut, not a refusal)."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(2)
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    sock.close()
+
+
 def serve(sock):
     conn = h2.connection.H2Connection(h2.config.H2Configuration(
         client_side=False, validate_outbound_headers=not (MALFORMED or ANSWERS),
@@ -125,7 +139,7 @@ def serve(sock):
                     # None of this connection's streams was acted on.
                     conn.close_connection(error_code=0, last_stream_id=0)
                     sock.sendall(conn.data_to_send())
-                    sock.close()
+                    close_gracefully(sock)
                     return
                 if HEADERS:
                     pairs = sorted(f"{k.decode()}={v.decode()}" for k, v in event.headers)
@@ -172,7 +186,7 @@ def serve(sock):
                     conn.send_headers(event.stream_id, [(":status", "204")], end_stream=True)
                     conn.close_connection(error_code=0, last_stream_id=event.stream_id)
                     sock.sendall(conn.data_to_send())
-                    sock.close()
+                    close_gracefully(sock)
                     return
                 if HEAD_SILENT:
                     conn.send_headers(event.stream_id, [(":status", "200"),
@@ -243,7 +257,7 @@ def serve(sock):
                 if GOAWAY:
                     conn.close_connection(error_code=CODE, last_stream_id=max(0, event.stream_id - 2))
                     sock.sendall(conn.data_to_send())
-                    sock.close()
+                    close_gracefully(sock)
                     return
                 if PARTIAL:
                     conn.send_headers(event.stream_id, [(":status", "200"),
