@@ -362,7 +362,12 @@ fn cors_preflight_and_origin_checks() {
          [[routes]]\nid = \"keyed\"\npath = \"/k\"\nupstream = \"origin\"\npolicies = [\"web\", \"keys\"]\n\
          [[routes]]\nid = \"said\"\npath = \"/said\"\nrespond = {{ body = \"said\" }}\npolicies = [\"web\"]\n\
          [[upstreams]]\nid = \"gone\"\ntargets = [{{ address = \"{}\" }}]\n\
-         [[routes]]\nid = \"down\"\npath = \"/down\"\nupstream = \"gone\"\npolicies = [\"web\"]\n",
+         [[routes]]\nid = \"down\"\npath = \"/down\"\nupstream = \"gone\"\npolicies = [\"web\"]\n\
+         [[aggregates]]\nid = \"ag\"\nsteps = [{{ id = \"s\", upstream = \"origin\", path = \"/s\" }}]\n\
+         [[routes]]\nid = \"agg\"\npath = \"/agg\"\naggregate = \"ag\"\npolicies = [\"web\"]\n\
+         response_headers = {{ set = {{ Vary = \"Accept-Encoding\" }} }}\n\
+         [[routes]]\nid = \"kv\"\npath = \"/kv\"\nupstream = \"origin\"\npolicies = [\"web\", \"keys\"]\n\
+         response_headers = {{ remove = [\"Vary\"] }}\n",
         closed_port()
     );
     // The route takes GET and POST only; preflights still reach its cors policy.
@@ -524,6 +529,40 @@ fn cors_preflight_and_origin_checks() {
     );
     assert_eq!(r.status, 422, "{}", r.body_str());
     assert!(r.body_str().contains("policies[1]"), "{}", r.body_str());
+    // A route's `response_headers` that set or remove `Vary` take nothing of the policy's
+    // `Vary: Origin` from the gateway's own answers, as from relayed ones: an aggregate's
+    // (a 502 here: the step's answer is no JSON), a later policy's refusal, a preflight.
+    // Before: gone from all three, and a shared cache gave one origin's answer to another.
+    let varies = |r: &Response| -> Vec<String> {
+        let lines = r.head.lines().map(str::to_ascii_lowercase);
+        let mut varies: Vec<String> = lines.filter(|l| l.starts_with("vary:")).collect();
+        varies.sort();
+        varies
+    };
+    let from_app = "Origin: https://app.example.com\r\n";
+    let agg = get(&gw, "/agg", from_app);
+    assert_eq!(agg.status, 502, "{}", agg.head);
+    assert_eq!(
+        varies(&agg),
+        ["vary: accept-encoding", "vary: origin"],
+        "{}",
+        agg.head
+    );
+    let agg = get(&gw, "/agg", "");
+    assert_eq!(
+        varies(&agg),
+        ["vary: accept-encoding", "vary: origin"],
+        "{}",
+        agg.head
+    );
+    let refused = get(&gw, "/kv", from_app);
+    assert_problem(&refused, 401);
+    assert_eq!(varies(&refused), ["vary: origin"], "{}", refused.head);
+    let pre = preflight("/kv", "GET", "x-api-key");
+    assert_eq!(pre.status, 204, "{}", pre.head);
+    assert_eq!(varies(&pre), ["vary: origin"], "{}", pre.head);
+    let acao = pre.header("access-control-allow-origin");
+    assert_eq!(acao, Some("https://app.example.com"), "{}", pre.head);
 }
 
 const SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!";

@@ -748,10 +748,12 @@ fn cors(
                     }
                 }
             }
+            // Beside the head, as for every answer: a route's `response_headers` that set
+            // or remove `Vary` take nothing of `Vary: Origin`.
+            allow_origin_fields(c, origin, &mut st.response_extra);
             let out = &mut st.out;
             out.clear();
             out.extend_from_slice(b"HTTP/1.1 204 No Content\r\n");
-            allow_origin_fields(c, origin, out);
             out.extend_from_slice(b"Access-Control-Allow-Methods: ");
             out.extend_from_slice(&c.allow_methods);
             out.extend_from_slice(b"\r\n");
@@ -1296,19 +1298,16 @@ fn refuse(st: &mut PolicyState, status: u16, policy: &str, detail: &str, extra: 
         "{{\"type\":\"about:blank\",\"title\":\"{title}\",\"status\":{status},\"detail\":\"{detail}\",\"policy\":\"{policy}\"}}"
     );
     let body_len = 384 - w.len();
-    let PolicyState {
-        out,
-        response_extra,
-        ..
-    } = st;
+    let out = &mut st.out;
     out.clear();
     let _ = write!(
         out,
         "HTTP/1.1 {status} {title}\r\nContent-Type: application/problem+json\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\n"
     );
     out.extend_from_slice(extra);
-    // A later policy's refusal of an allowed cross-origin call: the page may read it.
-    out.extend_from_slice(response_extra);
+    // The cors policy's fields (a later policy's refusal of an allowed cross-origin call:
+    // the page may read it) stay in `response_extra`, which goes out after the route's
+    // `response_headers` have removed their names from this head.
     st.out_head_len = out.len();
     out.extend_from_slice(&body[..body_len]);
     Verdict::Answer(status)

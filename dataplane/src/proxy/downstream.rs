@@ -388,6 +388,8 @@ impl<S: ClientStream> Downstream<S> {
         crate::status::push_date(&mut out);
         push_request_id(&mut out, req);
         out.extend_from_slice(&req.response_fields);
+        // The policies' fields (CORS, a rate limit's), which the route's edits leave alone.
+        out.extend_from_slice(&req.policy.response_extra);
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         } else if http10 {

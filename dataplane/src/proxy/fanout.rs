@@ -321,7 +321,6 @@ pub(super) async fn aggregate<S: ClientStream>(
     resp.extend_from_slice(b"Content-Length: ");
     crate::access_log::push_u64(&mut resp, out.len() as u64);
     resp.extend_from_slice(b"\r\n");
-    resp.extend_from_slice(&req.policy.response_extra);
     if input.is_head {
         out.clear();
     }

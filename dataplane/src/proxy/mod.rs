@@ -461,9 +461,8 @@ async fn handle<S: ClientStream>(
         if status >= 400 {
             req.fail(ErrorKind::PolicyDenied);
         }
+        // The cors policy's fields go out after the head (`write_answer`).
         let out = std::mem::take(&mut req.policy.out);
-        // The policy's answer carries the CORS fields already.
-        req.policy.response_extra.clear();
         let reply = Reply::Direct {
             status,
             bytes: &out,
