@@ -102,6 +102,15 @@ def serve(ctx, raw, conn_no):
                           b"Connection: close\r\n\r\ntoo big!")
                 threading.Event().wait(15)
                 break
+            if path.endswith("/early-json") or path.endswith("/early-json-close"):
+                # The same with a 200 whose JSON a route's filter is to take a member from;
+                # or that, then a close at once (a reset, with the body unread).
+                out = b'{"secret":"leaked","a":1}'
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(out), out))
+                if path.endswith("/early-json"):
+                    threading.Event().wait(15)
+                break
             body = read_body(f, fields)
             req += 1
             if fields.get("upgrade", "").lower() == "websocket":

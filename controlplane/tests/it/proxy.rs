@@ -45,6 +45,7 @@ both_drivers!(
     early_upstream_answer_to_an_unread_body_is_relayed,
     an_early_answer_reaches_a_client_that_pauses_mid_body,
     early_answer_from_an_upstream_that_stops_reading_comes_at_once,
+    an_early_answer_whose_head_comes_in_two_parts_is_read_whole_and_filtered,
     an_early_answer_on_a_pooled_connection_comes_at_once,
     an_upstream_that_answers_early_but_reads_on_gets_the_whole_body,
     a_refused_upload_gets_its_answer_through_a_lingering_close,
@@ -1741,6 +1742,38 @@ fn early_answer_from_an_upstream_that_stops_reading_comes_at_once(driver: Driver
         assert!(c.is_closed_within(Duration::from_secs(5)));
         sender.join().unwrap();
     }
+}
+
+fn an_early_answer_whose_head_comes_in_two_parts_is_read_whole_and_filtered(driver: Driver) {
+    // The upstream answers the upload at once, but the rest of its head comes 1.5 s after
+    // the status line (once the upload has stalled and the gateway has looked for the
+    // answer), then stops reading. Before: the look gave up after 100 ms and its read took
+    // the status line with it; the rest was read as an answer of its own (a 502 here; one
+    // that parsed went to the client unfiltered).
+    fn split_head(s: &mut TcpStream) {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n");
+        thread::sleep(Duration::from_millis(1500));
+        let body = br#"{"secret":"leaked","a":1}"#;
+        let _ = write!(
+            s,
+            "Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(body);
+        thread::sleep(Duration::from_secs(15));
+    }
+    let origin = head_only_origin(split_head);
+    let config = upload_config(origin).replace(
+        "upstream = \"origin\"\n",
+        "upstream = \"origin\"\nresponse = { deny = [\"secret\"] }\n",
+    );
+    let gw = Gateway::start(&config, driver);
+    let mut c = gw.connect();
+    let sender = start_upload(&mut c);
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (200, r#"{"a":1}"#), "{}", r.head);
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    sender.join().unwrap();
 }
 
 /// An origin for one keep-alive connection: answers its first request (`GET /warm`) with 200,

@@ -225,6 +225,8 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
              [[routes]]\nid = \"{id}\"\npath_prefix = \"/{id}/\"\nupstream = \"{id}\"\n\n"
         );
     }
+    config += "[[routes]]\nid = \"shaped\"\npath_prefix = \"/shaped/\"\nupstream = \"verified\"\n\
+               response = { deny = [\"secret\"] }\n";
     let gw = Gateway::start(&config, Driver::IoUring);
 
     // SNI carries the configured name; a second request reuses the pooled TLS connection.
@@ -272,32 +274,39 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     }
 
     // An upload the target refuses at once and stops reading (its socket's bytes are TLS
-    // records): its 413 reaches the client once the upload stalls, not after `send_ms`.
-    let mut c = gw.connect();
-    let size = 48 << 20;
-    c.send(
-        format!("POST /verified/early HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n")
-            .as_bytes(),
-    );
-    let mut writer = c.stream.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        let chunk = vec![b'y'; 1 << 20];
-        for _ in 0..size >> 20 {
-            if writer.write_all(&chunk).is_err() {
-                break;
+    // records): its 413 reaches the client once the upload stalls, not after `send_ms`. An
+    // early 200 on a route whose `response` filters goes through the filter, whether the
+    // target then waits or closes at once (a reset: its answer is read before the error).
+    for (path, status, body) in [
+        ("/verified/early", 413, "too big!"),
+        ("/shaped/early-json", 200, r#"{"a":1}"#),
+        ("/shaped/early-json-close", 200, r#"{"a":1}"#),
+    ] {
+        let mut c = gw.connect();
+        let size = 48 << 20;
+        c.send(
+            format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+        );
+        let mut writer = c.stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let chunk = vec![b'y'; 1 << 20];
+            for _ in 0..size >> 20 {
+                if writer.write_all(&chunk).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    let started = Instant::now();
-    let r = c.read_response_to("POST");
-    assert_eq!((r.status, r.body_str()), (413, "too big!"));
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "{:?}",
-        started.elapsed()
-    );
-    drop(c);
-    sender.join().unwrap();
+        });
+        let started = Instant::now();
+        let r = c.read_response_to("POST");
+        assert_eq!((r.status, r.body_str()), (status, body), "{path}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{path}: {:?}",
+            started.elapsed()
+        );
+        drop(c);
+        sender.join().unwrap();
+    }
 
     // Certificates that do not hold: 502, logged as `upstream_tls`.
     let refused = [

@@ -953,10 +953,26 @@ async fn proxy<S: ClientStream>(
     let mut write_failed = false;
     // Set by an attempt whose answer came before the whole request was sent.
     let mut early = false;
+    // Set by an attempt that read for an early answer and got none whole: what it read of
+    // one went with the read it gave up, so the connection is not read again.
+    let mut looked = false;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
         // Each try's own: an earlier one's failed write or early answer says nothing of it.
-        (write_failed, early) = (false, false);
+        (write_failed, early, looked) = (false, false, false);
         let reused = session.reused;
+        // Once the start of an early answer is there, the rest of its head is waited for as
+        // any answer's is.
+        let try_deadline = session.try_deadline;
+        let look = move |plan, looked| {
+            let head_deadline = Instant::now() + head_timeout;
+            EarlyLook {
+                reused,
+                is_head,
+                head_deadline: try_deadline.map_or(head_deadline, |t| t.min(head_deadline)),
+                plan,
+                looked,
+            }
+        };
         let conn = &mut session.conn;
         // The exchange's reads wait on the client connection's timer, which keeps expiring
         // later with each request instead of re-entering the timer wheel (see `ReadTimer`);
@@ -976,7 +992,7 @@ async fn proxy<S: ClientStream>(
         .await;
         if let Err(e) = sent {
             write_failed = true;
-            let answer = answered_early(conn, e, reused, is_head, &mut down.resp_plan).await;
+            let answer = answered_early(conn, e, look(&mut down.resp_plan, &mut looked)).await;
             early = answer.is_ok();
             return answer;
         }
@@ -1007,8 +1023,8 @@ async fn proxy<S: ClientStream>(
                     // The rest of the request body may still be on its way from the client.
                     down.linger = body_left > 0;
                     write_failed = true;
-                    let answer =
-                        answered_early(conn, e, reused, is_head, &mut down.resp_plan).await;
+                    let look = look(&mut down.resp_plan, &mut looked);
+                    let answer = answered_early(conn, e, look).await;
                     early = answer.is_ok();
                     return answer;
                 }
@@ -1092,10 +1108,11 @@ async fn proxy<S: ClientStream>(
                 // The client's body failed: its own status (408 has no lingering close).
                 return down.fail(req, err.kind).await;
             }
-            if let (Some(session), true) = (slot.as_mut(), write_failed) {
+            if let (Some(session), true, false) = (slot.as_mut(), write_failed, looked) {
                 // The rest of the request body may still be on its way from the client.
                 down.linger |= body_left > 0;
-                return early_answer(down, req, &mut session.conn, head, is_head, err.kind).await;
+                let conn = &mut session.conn;
+                return early_answer(ctx, down, req, conn, head, is_head, shape, err.kind).await;
             }
             return upstream_failed(ctx, down, req, head, err.kind).await;
         }
@@ -1240,20 +1257,37 @@ async fn upstream_failed<S: ClientStream>(
     }
 }
 
+/// With a `shape`, the answer is reshaped (or refused) as on the usual path: a filter holds
+/// for an early answer too.
+#[allow(clippy::too_many_arguments)]
 async fn early_answer<S: ClientStream>(
+    ctx: &WorkerCtx,
     down: &mut Downstream<S>,
     req: &mut RequestCtx,
     conn: &mut UpstreamConn,
     head: &RequestHead,
     is_head: bool,
+    shape: Option<&common::aggregate::Shape>,
     kind: ErrorKind,
 ) -> Next {
-    match early_head(conn, is_head, &mut down.resp_plan).await {
+    let deadline = Instant::now() + EARLY_ANSWER_WAIT;
+    match early_head(conn, is_head, &mut down.resp_plan, deadline).await {
         Some(resp) if !carried::<S>(&resp, head.http10) => {
             down.fail(req, ErrorKind::UpstreamMalformed).await
         }
         Some(resp) => {
-            match relay::relay_response(down, req, conn, &resp, head.http10, true).await {
+            let http10 = head.http10;
+            let relayed = match shape {
+                Some(shape) => {
+                    let metrics = &ctx.metrics;
+                    relay::relay_shaped(
+                        down, req, conn, &resp, http10, true, is_head, shape, metrics,
+                    )
+                    .await
+                }
+                None => relay::relay_response(down, req, conn, &resp, http10, true).await,
+            };
+            match relayed {
                 Ok(_) => Next::Close,
                 Err(e) => {
                     req.fail(e.kind);
@@ -1273,11 +1307,9 @@ async fn early_answer<S: ClientStream>(
 async fn answered_early(
     conn: &mut UpstreamConn,
     err: ProxyError,
-    reused: bool,
-    is_head: bool,
-    plan: &mut FieldPlan,
+    look: EarlyLook<'_>,
 ) -> Result<ResponseHead, ProxyError> {
-    if err.kind.side() == Side::Client || (reused && err.retryable) {
+    if err.kind.side() == Side::Client || (look.reused && err.retryable) {
         return Err(err);
     }
     // What a pooled connection's armed read took, if it has ended, is the start of what
@@ -1288,19 +1320,35 @@ async fn answered_early(
     if !exchange::final_answer_waiting(&conn.buf, peek) {
         return Err(err);
     }
-    early_head(conn, is_head, plan).await.ok_or(err)
+    *look.looked = true;
+    let deadline = look.head_deadline;
+    early_head(conn, look.is_head, look.plan, deadline)
+        .await
+        .ok_or(err)
+}
+
+/// What [`answered_early`] needs of the try: whether its connection was pooled, whether
+/// the request is a HEAD, the deadline for the rest of a head whose start is there, the
+/// answer's field plan, and where to say that it looked (see `looked` in [`proxy`]).
+struct EarlyLook<'a> {
+    reused: bool,
+    is_head: bool,
+    head_deadline: Instant,
+    plan: &'a mut FieldPlan,
+    looked: &'a mut bool,
 }
 
 /// The final answer head an upstream sent before taking the whole request (interim heads
-/// skipped; not a 101), if it comes within [`EARLY_ANSWER_WAIT`]: whatever the upstream sent
-/// is already in the socket's receive queue, readable even after a reset or a timeout, so the
-/// bound only matters for a socket that is still open.
+/// skipped; not a 101), if it comes by `deadline`: whatever the upstream sent is already in
+/// the socket's receive queue, readable even after a reset or a timeout, so the bound only
+/// matters for a socket that is still open. A read that times out takes what it read with
+/// it: the connection is not read again.
 async fn early_head(
     conn: &mut UpstreamConn,
     is_head: bool,
     plan: &mut FieldPlan,
+    deadline: Instant,
 ) -> Option<ResponseHead> {
-    let deadline = Instant::now() + EARLY_ANSWER_WAIT;
     // `conn.buf` holds what was read of it already, if anything (see `answered_early`).
     let mut first_byte = None;
     loop {
