@@ -34,7 +34,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug)]
 pub struct Certificate {
     pub id: String,
-    /// DNS names from subjectAltName (else the subject's common name), lower-case.
+    /// DNS names from subjectAltName (without one, the subject's common name), lower-case.
     pub names: Vec<String>,
     /// Expiry, seconds since the Unix epoch.
     pub not_after: i64,
@@ -746,48 +746,39 @@ pub struct SniResolver {
 
 impl SniResolver {
     /// The certificate for a client that sent `sni` (already lower-case ASCII, as rustls
-    /// gives it), `usable` telling whether the client can take a certificate's key (asked
-    /// only where a step has more than one certificate to choose from).
+    /// gives it), `usable` telling whether the client can take a certificate's key: the
+    /// first usable that names it exactly, else the first usable wildcard for it, else (none
+    /// naming it) the first usable of all. Where certificates name it but the client can use
+    /// none, the first of them (the handshake fails on it, as it would on any). `usable` is
+    /// not asked when the listener has only one certificate.
     pub fn pick(
         &self,
         sni: Option<&str>,
         usable: impl Fn(&Certificate) -> bool,
     ) -> Option<&Arc<Certificate>> {
-        if let Some(name) = sni {
-            let exact = self
-                .certs
-                .iter()
-                .filter(|c| c.names.iter().any(|n| n == name));
-            if let Some(c) = first_usable(exact, &usable) {
-                return Some(c);
-            }
-            if let Some((_, parent)) = name.split_once('.') {
-                let wild = self.certs.iter().filter(|c| {
-                    c.names
-                        .iter()
-                        .any(|n| n.strip_prefix("*.").is_some_and(|p| p == parent))
-                });
-                if let Some(c) = first_usable(wild, &usable) {
+        let parent = sni.and_then(|n| n.split_once('.')).map(|(_, p)| p);
+        let exact = |c: &Certificate| sni.is_some_and(|name| c.names.iter().any(|n| n == name));
+        let wild = |c: &Certificate| {
+            let covers = |n: &String| n.strip_prefix("*.").is_some_and(|p| Some(p) == parent);
+            parent.is_some() && c.names.iter().any(covers)
+        };
+        let mut first = None;
+        for step in [&exact as &dyn Fn(&Certificate) -> bool, &wild] {
+            for c in self.certs.iter().filter(|c| step(c)) {
+                first = first.or(Some(c));
+                if self.certs.len() == 1 || usable(c) {
                     return Some(c);
                 }
             }
         }
-        first_usable(self.certs.iter(), &usable)
+        if first.is_some() {
+            return first;
+        }
+        let mut all = self.certs.iter();
+        all.clone()
+            .find(|c| self.certs.len() == 1 || usable(c))
+            .or_else(|| all.next())
     }
-}
-
-/// The first of `candidates` that is `usable`, else the first (the handshake then fails on
-/// it, as it would have anyway); `usable` is not asked when there is only one.
-fn first_usable<'a>(
-    mut candidates: impl Iterator<Item = &'a Arc<Certificate>>,
-    usable: &impl Fn(&Certificate) -> bool,
-) -> Option<&'a Arc<Certificate>> {
-    let first = candidates.next()?;
-    let mut rest = candidates.peekable();
-    if rest.peek().is_none() || usable(first) {
-        return Some(first);
-    }
-    Some(rest.find(|c| usable(c)).unwrap_or(first))
 }
 
 /// Whether a client can take `key`: it offers a signature scheme the key signs with, and a
@@ -857,6 +848,7 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
     let (subject, after) = Der::read(after, 0x30)?;
     let mut rest = Der::read(after, 0x30)?.1; // subjectPublicKeyInfo
     let mut names = Vec::new();
+    let mut has_alt_names = false;
     while let Some(((tag, body), next)) = Der::any(rest) {
         rest = next;
         if tag != 0xa3 {
@@ -871,6 +863,7 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
             if oid != [0x55, 0x1d, 0x11] {
                 continue; // not subjectAltName
             }
+            has_alt_names = true;
             if ext_rest.first() == Some(&0x01) {
                 ext_rest = Der::read(ext_rest, 0x01)?.1; // critical
             }
@@ -886,8 +879,9 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
             }
         }
     }
-    if names.is_empty() {
-        // No dNSName: the subject's last common name, as older clients read it.
+    if !has_alt_names {
+        // No subjectAltName: the subject's last common name, as older clients read it. With
+        // one (an IP address, a URI), clients never read the common name (RFC 6125 6.4.4).
         let mut rdns = subject;
         while !rdns.is_empty() {
             let (set, next) = Der::read(rdns, 0x31)?;
@@ -1187,6 +1181,8 @@ mod tests {
         assert_eq!(pick(Some("api.example"), &|_| false), "api-1");
         // Without a match: the first usable of all.
         assert_eq!(pick(None, &|c| c.id == "api-2"), "api-2");
+        // Certificates for the name, none usable: not another name's.
+        assert_eq!(pick(Some("api.example"), &|c| c.id == "other"), "api-1");
         // A single candidate is taken without asking.
         let asked = std::cell::Cell::new(0);
         let r = SniResolver {

@@ -1547,4 +1547,49 @@ key_file = "{}"
         key_bits(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
         "256 bit"
     );
+
+    // An ECDSA certificate naming `x.a.test` exactly and the RSA one covering it by its
+    // wildcard: a client that can only take RSA gets the wildcard (before: the exact one,
+    // and a failed handshake). A certificate with an IP address as its only subjectAltName
+    // is never picked by its common name, which clients do not read beside one (before:
+    // SNI `ip.a.test` got it, and curl refused its name).
+    let x = Cert::new(&dir, "x.a.test");
+    let ip = Cert::with_names(&dir, "ip", "/CN=ip.a.test", "IP:127.0.0.1");
+    for (id, cert) in [("x", &x), ("ip", &ip)] {
+        let body = serde_json::json!({
+            "cert_pem": cert.cert_pem(),
+            "key_pem": cert.key_pem(),
+        });
+        let r = gw.admin(
+            "PUT",
+            &format!("/v1/certificates/{id}"),
+            Some(&body.to_string()),
+        );
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    // No names to show (before: `["ip.a.test"]`).
+    let ip_entry = gw.admin("GET", "/v1/certificates/ip", None).json();
+    assert_eq!(ip_entry["names"], serde_json::Value::Null, "{ip_entry}");
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["listeners"][0]["tls"]["certificates"] = serde_json::json!(["ip", "x", "rsa"]);
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let subject = |name: &str, args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &gw.listeners[0].to_string()])
+            .args(["-servername", name])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("subject="))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| format!("no certificate: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    assert_eq!(subject("x.a.test", &[]), "CN = x.a.test");
+    let rsa_only = ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"];
+    assert_eq!(subject("x.a.test", &rsa_only), "CN = a.test");
+    assert_eq!(subject("ip.a.test", &[]), "CN = a.test");
 }
