@@ -92,7 +92,10 @@ pub fn redact_url(url: &str) -> String {
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let query = rest.find('?').unwrap_or(rest.len());
-    let at = rest[..authority_end].rfind('@').or_else(|| {
+    let slash = rest.find('/').unwrap_or(rest.len());
+    // A password with a `?` or `#` in it: an `@` before the first `/`.
+    let at = rest[..authority_end].rfind('@');
+    let at = at.or_else(|| rest[..slash].rfind('@')).or_else(|| {
         // A password with a `/` not written `%2F` (refused, but never shown): an `@` past
         // the first `/` that a HOST:PORT follows. An `@` in a path (`/a@b`) is left.
         let at = rest[..query].rfind('@')?;

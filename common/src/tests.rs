@@ -814,6 +814,11 @@ fn urls_are_shown_without_their_passwords() {
         ),
         ("etcd://gw:p@ss@h:1/g", "etcd://gw:***@h:1/g"),
         ("etcd://gw:pa/ss@h:1/g", "etcd://gw:***@h:1/g"),
+        ("etcd://gw:pa?ss@h:1/g", "etcd://gw:***@h:1/g"),
+        (
+            "etcds://gw:pa#s?s@h:1/g?ca=/c",
+            "etcds://gw:***@h:1/g?ca=/c",
+        ),
         ("redis://10.0.0.1:6379", "redis://10.0.0.1:6379"),
         ("etcd://h:1/a@b", "etcd://h:1/a@b"),
     ] {

@@ -86,8 +86,11 @@ impl StoreUrl {
             (_, Some(r)) => (r, Some(TlsFiles::default())),
             _ => return Err(usage()),
         };
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
+        // The options start at the first `?` after the credentials, which may hold one.
+        let slash = rest.find('/').unwrap_or(rest.len());
+        let creds_end = rest[..slash].rfind('@').map_or(0, |at| at + 1);
+        let (rest, query) = match rest[creds_end..].find('?') {
+            Some(q) => (&rest[..creds_end + q], Some(&rest[creds_end + q + 1..])),
             None => (rest, None),
         };
         let mut tls = tls;
@@ -1081,6 +1084,17 @@ mod tests {
             "{e}"
         );
         assert!(StoreUrl::parse("etcd://gw:p%zz@h:1/g").is_err());
+        // A `?` or `#` in the password is the password's (before: the options started at
+        // it, and the message showed the whole password).
+        let u = StoreUrl::parse("etcds://gw:Tr0u?b#4@h:1/g?ca=/c.pem").unwrap();
+        assert_eq!(u.user, Some(("gw".into(), "Tr0u?b#4".into())));
+        assert_eq!(
+            (u.endpoints, u.prefix),
+            (vec!["h:1".to_owned()], "/g".to_owned())
+        );
+        assert_eq!(u.tls.unwrap().ca, Some(PathBuf::from("/c.pem")));
+        let e = StoreUrl::parse("etcd://gw:Tr0u?b@h:1/g?ca=/c.pem").unwrap_err();
+        assert!(e.contains("need etcds") && !e.contains("Tr0u"), "{e}");
     }
 
     #[test]
