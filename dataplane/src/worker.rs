@@ -413,6 +413,9 @@ async fn supervise(ctx: &Rc<WorkerCtx>, stop: Stop<'_>) {
             if let Some(park) = ctx.park.borrow_mut().as_mut() {
                 park.expire(now, snap.timeouts.client_idle);
             }
+            // A rate limit the config dropped lets go of its buckets now, not at this
+            // worker's next rate-limited request, which may never come.
+            ctx.limiters.borrow_mut().refresh(&snap);
             last_sweep = now;
         }
     }

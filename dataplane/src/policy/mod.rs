@@ -116,7 +116,9 @@ pub struct Limiters {
 }
 
 impl Limiters {
-    fn refresh(&mut self, snap: &Snapshot) {
+    /// Resolves the limiters of `snap` if it is not the snapshot they were resolved for:
+    /// those of policies it no longer has are let go (and freed once no worker holds them).
+    pub(crate) fn refresh(&mut self, snap: &Snapshot) {
         if self.revision == snap.revision && self.by_policy.len() == snap.policies.list.len() {
             return;
         }
@@ -1731,6 +1733,29 @@ policies = ["unit-rate-limit"]
         assert_eq!(go("192.0.2.2", 0).0, Verdict::Pass);
         assert_eq!(go("192.0.2.1", 1).0, Verdict::Pass);
         assert_eq!(go("192.0.2.1", 1).0, Verdict::Answer(429));
+    }
+
+    #[test]
+    fn a_refresh_lets_go_of_the_limiters_of_policies_the_config_dropped() {
+        let with = snapshot(
+            r#"
+[[policies]]
+id = "unit-dropped-limit"
+kind = "rate_limit"
+rate = 1
+per = "hour"
+"#,
+        );
+        let without = Snapshot::compile(parse_config(BASE, Format::Toml).unwrap(), 2).unwrap();
+        let mut limiters = Limiters::default();
+        limiters.refresh(&with);
+        let held = limiters.by_policy.iter().flatten().next().unwrap();
+        let weak = Arc::downgrade(held);
+        limiters.refresh(&without);
+        assert!(
+            weak.upgrade().is_none(),
+            "the dropped policy's buckets are freed"
+        );
     }
 
     #[test]
