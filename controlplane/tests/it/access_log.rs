@@ -528,6 +528,24 @@ fn unparsable_requests_and_sampling() {
         (Some(413), Some(chunked.len() as u64)),
         "{l}"
     );
+    // A field with a byte no field may hold, after a whole request line: that line is
+    // logged, and the client's request id kept (before: no method, no path, a new id).
+    let mut c = gw.connect();
+    c.send(
+        b"GET /b1?x=1 HTTP/1.1\r\nHost: h\r\nX-Request-Id: my-id-1\r\nUser-Agent: x\x01y\r\n\r\n",
+    );
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("x-request-id")), (400, Some("my-id-1")));
+    let l = &read_log(&log2, 5)[4];
+    assert_eq!(
+        (
+            l["method"].as_str(),
+            l["path"].as_str(),
+            l["request_id"].as_str()
+        ),
+        (Some("GET"), Some("/b1"), Some("my-id-1")),
+        "{l}"
+    );
     // A stop drains and writes the last lines, and does not wait on the log.
     let mut gw = gw;
     assert_eq!(

@@ -201,14 +201,21 @@ pub fn parse_request_into(
             }
             return Ok(false);
         }
-        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::HeadTooLarge),
-        // 505 for a version the gateway does not speak (`HTTP/2.0`); one that is no version
-        // at all (`http/1.1`: the name is case-sensitive, RFC 9112 2.3) is malformed.
-        Err(httparse::Error::Version) if versionlike(buf) => {
-            return Err(ParseError::VersionNotSupported)
+        Err(e) => {
+            // A field refused (a bad byte, too many): the request line was read whole first.
+            if let (Some(method), Some(target), Some(_)) = (req.method, req.path, req.version) {
+                out.method = span_of(buf, method.as_bytes());
+                out.target = span_of(buf, target.as_bytes());
+            }
+            return Err(match e {
+                httparse::Error::TooManyHeaders => ParseError::HeadTooLarge,
+                // 505 for a version the gateway does not speak (`HTTP/2.0`); one that is no
+                // version at all (`http/1.1`: the name is case-sensitive, RFC 9112 2.3) is
+                // malformed.
+                httparse::Error::Version if versionlike(buf) => ParseError::VersionNotSupported,
+                _ => ParseError::Malformed,
+            });
         }
-        Err(httparse::Error::Version) => return Err(ParseError::Malformed),
-        Err(_) => return Err(ParseError::Malformed),
     };
     if head_end > limits.max_header_bytes {
         return Err(head_too_large(buf, limits));
