@@ -341,8 +341,11 @@ impl EtcdStore {
         if let (true, Some((_, why))) = (found, &store.unreadable) {
             return Err(OpenError::Failed(format!("{url}: {why}")));
         }
+        // An upgrade's successor takes the store as its predecessor left it: the seed was
+        // for the first start (it is started with the same arguments).
+        let explicit = matches!(origin, SeedOrigin::Explicit) && !successor;
         if found {
-            if let SeedOrigin::Explicit = origin {
+            if explicit {
                 return Err(OpenError::Invalid(format!(
                     "{url} already holds config revision {}; --seed-from copies into an empty \
                      store only",
@@ -374,6 +377,14 @@ impl EtcdStore {
             .newest_kept()
             .map_err(|e| OpenError::Failed(format!("cannot read the history in {url}: {e}")))?
         {
+            if explicit {
+                return Err(OpenError::Invalid(format!(
+                    "{url} holds no config but the history of revisions up to {}: it is not \
+                     empty, and --seed-from copies into an empty store only (start without it \
+                     to write that revision again, or delete the prefix to seed it)",
+                    restored.revision
+                )));
+            }
             let what = format!(
                 "revision {} again ({url} held no config, but its history)",
                 restored.revision

@@ -694,6 +694,37 @@ fn seed_from_copies_a_data_directory_once() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already holds config revision 1"), "{err}");
+    // Nor one that holds no config but its history (the key deleted by hand): that is not
+    // an empty store (before: the seed was ignored, and the history's newest served).
+    let seed_into = |prefix: &str| {
+        exit_of(
+            Command::new(env!("CARGO_BIN_EXE_gateway"))
+                .args(["--store", &etcd.url(prefix), "--config"])
+                .arg(&path)
+                .arg("--seed-from")
+                .arg(&data)
+                .arg("--data-dir")
+                .arg(dir.join("data")),
+        )
+    };
+    let history = node(&etcd, "t3h", &node_file("h", "", ""));
+    put_routes(&history, 1);
+    drop(history);
+    let del = serde_json::json!({"key": b64(b"/t3h/config")});
+    assert!(etcd
+        .http("POST", "/v3/kv/deleterange", &del.to_string())
+        .is_some());
+    let out = seed_into("t3h");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("holds no config but the history"), "{err}");
+
+    // An upgrade's successor, started with the same arguments, takes the store as its
+    // predecessor left it (before: it refused it as a seed would, and the upgrade failed).
+    let chain = crate::upgrade::Chain::new();
+    let next = chain.push(crate::upgrade::upgrade(&a));
+    assert_eq!(get(&a, "/old"), (200, "from the data directory".to_owned()));
+    crate::upgrade::stop(next);
 
     // A node file without [cluster] node_id is refused.
     std::fs::write(

@@ -56,7 +56,7 @@ fn wait_exited(pid: u32, timeout: Duration) {
 }
 
 /// Sends SIGUSR2 to the serving process and waits until another one serves; its pid.
-fn upgrade(gw: &Gateway) -> u32 {
+pub(crate) fn upgrade(gw: &Gateway) -> u32 {
     let old = serving_pid(gw);
     // SAFETY: kill(2) on a gateway process this test started (directly or through upgrades).
     unsafe { libc::kill(old as i32, libc::SIGUSR2) };
@@ -76,14 +76,14 @@ fn upgrade(gw: &Gateway) -> u32 {
 
 /// The processes an upgrade chain started (not children of the test): any still running
 /// when the test ends, even by a failed assertion, are stopped by pid.
-struct Chain(std::sync::Mutex<Vec<u32>>);
+pub(crate) struct Chain(std::sync::Mutex<Vec<u32>>);
 
 impl Chain {
-    fn new() -> Chain {
+    pub(crate) fn new() -> Chain {
         Chain(std::sync::Mutex::new(Vec::new()))
     }
 
-    fn push(&self, pid: u32) -> u32 {
+    pub(crate) fn push(&self, pid: u32) -> u32 {
         self.0.lock().unwrap().push(pid);
         pid
     }
@@ -101,7 +101,7 @@ impl Drop for Chain {
 }
 
 /// Stops a process the test started through an upgrade (not a child of the test), by pid.
-fn stop(pid: u32) {
+pub(crate) fn stop(pid: u32) {
     // SAFETY: kill(2) on a gateway process this test started through an upgrade.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     wait_exited(pid, Duration::from_secs(10));
