@@ -1173,8 +1173,9 @@ impl Admin {
             }
             let changes = diff(current, &next);
             let removed = removed_items(current, &next);
+            let unfit = unfit_for_listeners(current, &next);
             if let Store::Etcd(e) = &mut *store {
-                check_cluster_write(e, &next, &new_keys, &removed)?;
+                check_cluster_write(e, &next, &new_keys, &removed, &unfit)?;
             }
             if dry_run || changes.is_empty() {
                 // A change that changes nothing makes no revision, dry run or not.
@@ -1668,14 +1669,26 @@ fn removed_items(current: &Config, next: &Config) -> Vec<String> {
         .collect()
 }
 
+/// `policies/id` of the policies a listener could have in `current` (`ip_filter`, `domain`)
+/// that `next` makes of another kind.
+fn unfit_for_listeners(current: &Config, next: &Config) -> Vec<String> {
+    let fit = |p: &PolicyConfig| matches!(p, PolicyConfig::IpFilter(_) | PolicyConfig::Domain(_));
+    let was_fit = |id: &str| current.policies.iter().any(|p| p.id() == id && fit(p));
+    (next.policies.iter())
+        .filter(|p| !fit(p) && was_fit(p.id()))
+        .map(|p| format!("policies/{}", p.id()))
+        .collect()
+}
+
 /// What an etcd store refuses: changes to this node's own settings (they live in its node
 /// file), private keys without a secret to encrypt them with, and removing what another
-/// node's listeners use.
+/// node's listeners use or making a policy they use one no listener can have.
 fn check_cluster_write(
     e: &mut EtcdStore,
     next: &Config,
     new_keys: &[crate::keys::NewKey],
     removed: &[String],
+    unfit: &[String],
 ) -> Result<(), Problem> {
     if let Some(pointer) = e.changed_node_setting(next) {
         return Err(Problem::new(
@@ -1704,6 +1717,20 @@ fn check_cluster_write(
             StatusCode::CONFLICT,
             "Still Referenced",
             format!("still used by other nodes: {}", users.join(", ")),
+        ));
+    }
+    // A policy another node's listeners use must stay one a listener can have: that node
+    // would refuse the config (and every later one) and keep serving the one before.
+    let users = e.used_elsewhere(unfit).map_err(store_problem)?;
+    if !users.is_empty() {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "Still Referenced",
+            format!(
+                "used by other nodes as a listener's policy, which can only be of kind \
+                 ip_filter or domain: {}",
+                users.join(", ")
+            ),
         ));
     }
     Ok(())

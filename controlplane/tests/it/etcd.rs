@@ -460,6 +460,12 @@ fn three_nodes_share_one_config() {
         assert_eq!(r.status, 409, "{query}: {}", r.body_str());
         assert!(r.body_str().contains("node b"), "{}", r.body_str());
     }
+    // Nor made a policy no listener can have (before: 200, and node b refused that config
+    // and every later one, serving the one before, and could not start again).
+    let rate = r#"{"kind":"rate_limit","rate":100}"#;
+    let r = a.admin("PUT", "/v1/policies/lan", Some(rate));
+    assert_eq!(r.status, 409, "{}", r.body_str());
+    assert!(r.body_str().contains("node b"), "{}", r.body_str());
 
     // Node settings stay in the node files: the config read back is accepted unchanged,
     // a change to a node setting is refused with a pointer.
