@@ -277,7 +277,7 @@ pub const ERRORS_MEMBER: &str = "_errors";
 
 /// Compiles a route's or variant's `response`.
 pub fn compile_shape(c: &ShapeConfig, at: &str) -> Result<Shape, ConfigError> {
-    shape(
+    let shape = shape(
         c.target.as_deref(),
         &c.allow,
         &c.deny,
@@ -285,7 +285,14 @@ pub fn compile_shape(c: &ShapeConfig, at: &str) -> Result<Shape, ConfigError> {
         c.group.as_deref(),
         c.max_bytes,
         at,
-    )
+    )?;
+    // It would change no answer, yet ask for answers whole and unencoded, without ranges,
+    // and drop their validators.
+    let why = "reshapes nothing: give it a target, allow, deny, rename or group";
+    if shape.is_identity() && !crate::validate::tolerated(at, why) {
+        return Err(ConfigError::field(at, why));
+    }
+    Ok(shape)
 }
 
 /// Compiles a route's `rewrite` (route parameters only; the client's query is appended).
@@ -517,8 +524,18 @@ fn compile_step(
         }
     }
     let path = Template::parse(&s.path, &format!("{at}.path"), Some(ids))?;
+    let is_head = |m: Option<&str>| m == Some("HEAD");
     for p in path.parts.iter() {
         if let Part::Step { step, .. } = p {
+            let why = "a HEAD step's answer has no body, so no field to read";
+            if is_head(a.steps[*step].method.as_deref())
+                && !crate::validate::tolerated(&format!("{at}.path"), why)
+            {
+                return Err(ConfigError::field(
+                    format!("{at}.path"),
+                    format!("uses a field of step {:?}: {why}", ids[*step]),
+                ));
+            }
             if !after.contains(step) {
                 return Err(ConfigError::field(
                     format!("{at}.path"),
@@ -569,6 +586,21 @@ fn compile_step(
             return Err(ConfigError::field(field, why));
         }
         pass.push(lower.into_boxed_str());
+    }
+    if is_head(Some(method)) {
+        let taking = [
+            ("target", s.target.is_some()),
+            ("allow", !s.allow.is_empty()),
+            ("deny", !s.deny.is_empty()),
+            ("rename", !s.rename.is_empty()),
+        ];
+        let why = "a HEAD step's answer has no body to take members from (it merges as {})";
+        if let Some((name, _)) = taking.iter().find(|(_, set)| *set) {
+            let field = format!("{at}.{name}");
+            if !crate::validate::tolerated(&field, why) {
+                return Err(ConfigError::field(field, why));
+            }
+        }
     }
     let shape = shape(
         s.target.as_deref(),

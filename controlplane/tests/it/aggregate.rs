@@ -1687,6 +1687,24 @@ fn everything_changes_at_runtime_through_the_admin_api() {
         assert_eq!(r.status, 422, "{value}: {}", r.body_str());
         assert_eq!(r.json()["pointer"], pointer, "{}", r.body_str());
     }
+    // A HEAD step's answer has no body: no member to take from it, no field to read
+    // (before: accepted, and every request a 502). Nor does a route take a `response` that
+    // reshapes nothing (before: accepted; its answers lost their validators for nothing).
+    let mut head = aggregate.clone();
+    head["steps"][0]["method"] = json!("HEAD");
+    let r = gw.admin("PUT", "/v1/aggregates/page", Some(&head.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert_eq!(r.json()["pointer"], "/steps/0/allow", "{}", r.body_str());
+    head["steps"][0]["allow"] = json!([]);
+    let r = gw.admin("PUT", "/v1/aggregates/page", Some(&head.to_string()));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert_eq!(r.json()["pointer"], "/steps/1/path", "{}", r.body_str());
+    for shape in [json!({}), json!({"max_bytes": 1000})] {
+        let route = json!({"path": "/shaped", "upstream": "catalog", "response": shape});
+        let r = gw.admin("PUT", "/v1/routes/shaped", Some(&route.to_string()));
+        assert_eq!(r.status, 422, "{shape}: {}", r.body_str());
+        assert_eq!(r.json()["pointer"], "/response", "{}", r.body_str());
+    }
     // Dry run changes nothing.
     let r = gw.admin(
         "PUT",
