@@ -878,6 +878,14 @@ fn an_http2_upstreams_answers_keep_http11s_rules() {
     let slow = lines.iter().find(|l| l["path"] == "/hints-slow").unwrap();
     let first = slow["upstream_first_byte_ms"].as_f64().unwrap();
     assert!(first < 500.0, "{slow}");
+    // The upstream-response histogram takes the final head's time, a second later (before:
+    // the interim's, as the log's first byte).
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    let waited: f64 = (metrics.lines())
+        .find_map(|l| l.strip_prefix("gateway_upstream_response_duration_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(waited >= 1.0, "{waited}");
     let url = format!("http://{}/hints", gw.listeners[0]);
     let out = curl_run(
         10,

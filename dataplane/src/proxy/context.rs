@@ -39,6 +39,10 @@ pub(crate) struct RequestCtx {
     pub attempts: Attempts,
     /// From the request fully sent upstream to the first byte of the answer.
     pub first_byte: Option<Duration>,
+    /// From the request fully sent upstream to the final answer's head (past any interim
+    /// `1xx`): `gateway_upstream_response_duration_seconds`, as nginx's
+    /// `$upstream_header_time`.
+    pub head_after: Option<Duration>,
     /// When the exchange ended, if the clock was read for it already (see `end_now`).
     pub ended: Option<Instant>,
     /// Status sent to the client (0: none yet).
@@ -104,6 +108,7 @@ impl RequestCtx {
             upstream: None,
             attempts: Attempts::default(),
             first_byte: None,
+            head_after: None,
             head_only: false,
             ended: None,
             status: 0,
@@ -136,6 +141,7 @@ impl RequestCtx {
         self.upstream = None;
         self.attempts = Attempts::default();
         self.first_byte = None;
+        self.head_after = None;
         self.ended = None;
         self.status = 0;
         self.head_only = false;
@@ -312,8 +318,8 @@ impl RequestCtx {
         if let Some(e) = self.error {
             metrics.error(e);
         }
-        if let Some(fb) = self.first_byte {
-            metrics.upstream_latency.observe(fb.as_micros() as u64);
+        if let Some(head) = self.head_after {
+            metrics.upstream_latency.observe(head.as_micros() as u64);
         }
         if self.spliced > 0 {
             metrics.spliced(self.spliced);

@@ -1720,8 +1720,9 @@ pub(super) async fn forward<S: ClientStream>(
             return fail(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
         }
     };
-    req.first_byte
-        .get_or_insert_with(|| sent_at.get().elapsed());
+    let head_after = sent_at.get().elapsed();
+    req.first_byte.get_or_insert(head_after);
+    req.head_after = Some(head_after);
     let mut opened = opened;
     let mut extra = answer_fields(req, &mut opened.parts.headers);
     if !opened.parts.headers.contains_key(http::header::DATE) {

@@ -1074,6 +1074,7 @@ async fn proxy<S: ClientStream>(
                 }
                 Ok(HeadRead::Final(resp)) => {
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
+                    req.head_after = Some(sent_at.elapsed());
                     return Ok(resp);
                 }
                 Err(e) => {
