@@ -840,7 +840,19 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
     }
     let handed_admin = inherited.as_mut().and_then(|i| i.admin.take());
     let admin_listener = match handed_admin {
-        Some(l) => Ok(l),
+        // As for a listener's: an admin address changed in the file since the start is
+        // refused (the upgrade fails, the old process serves on), not ignored.
+        Some(l) => l.local_addr().and_then(|bound| {
+            let port = admin_addr.port();
+            if bound.ip() == admin_addr.ip() && (port == 0 || port == bound.port()) {
+                Ok(l)
+            } else {
+                Err(std::io::Error::other(format!(
+                    "the socket handed over is bound to {bound}; an address changed since \
+                     the start takes a restart"
+                )))
+            }
+        }),
         None => std::net::TcpListener::bind(admin_addr),
     }
     .and_then(|l| l.set_nonblocking(true).map(|()| l))

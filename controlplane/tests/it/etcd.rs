@@ -725,6 +725,22 @@ fn seed_from_copies_a_data_directory_once() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("holds no config but the history"), "{err}");
 
+    // A node file whose admin address changed since the start: the upgrade is refused, as
+    // for a listener's, and the old process serves on (before: the successor took the
+    // handed-over socket while its config named an address nothing listened on).
+    let file = std::fs::read_to_string(&a.config_path).unwrap();
+    let moved = file.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.2:0\"");
+    assert_ne!(moved, file);
+    std::fs::write(&a.config_path, moved).unwrap();
+    a.signal(libc::SIGUSR2);
+    a.wait_log(
+        "the socket handed over is bound to",
+        Duration::from_secs(30),
+    );
+    a.wait_log("upgrade failed", Duration::from_secs(30));
+    std::fs::write(&a.config_path, file).unwrap();
+    assert_eq!(get(&a, "/old"), (200, "from the data directory".to_owned()));
+
     // An upgrade's successor, started with the same arguments, takes the store as its
     // predecessor left it (before: it refused it as a seed would, and the upgrade failed).
     let chain = crate::upgrade::Chain::new();
