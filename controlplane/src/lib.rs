@@ -113,6 +113,12 @@ pub fn check(path: &Path) -> i32 {
                 eprintln!("{}: invalid config: {at}: {why}", path.display());
                 EXIT_INVALID
             }
+            // A node file's cluster secret, which a start with --store reads.
+            Ok(()) if cluster_secret(&s.config).is_err() => {
+                let why = cluster_secret(&s.config).err().unwrap_or_default();
+                eprintln!("{}: invalid config: {why}", path.display());
+                EXIT_INVALID
+            }
             Ok(()) => {
                 println!(
                     "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
@@ -128,6 +134,18 @@ pub fn check(path: &Path) -> i32 {
             eprintln!("{}: invalid config: {e}", path.display());
             EXIT_INVALID
         }
+    }
+}
+
+/// Reads `[cluster] secret_file`, if the config names one, as a start with `--store` does.
+fn cluster_secret(config: &Config) -> Result<(), String> {
+    match config
+        .cluster
+        .as_ref()
+        .and_then(|c| c.secret_file.as_deref())
+    {
+        Some(path) => store::etcd::read_secret(path).map(|_| ()),
+        None => Ok(()),
     }
 }
 

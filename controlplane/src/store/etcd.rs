@@ -194,7 +194,7 @@ pub struct EtcdStore {
 }
 
 /// Reads `[cluster] secret_file`: 64 hex digits.
-fn read_secret(path: &str) -> Result<[u8; 32], String> {
+pub(crate) fn read_secret(path: &str) -> Result<[u8; 32], String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("cluster.secret_file {path}: {e}"))?;
     let hex = text.trim();

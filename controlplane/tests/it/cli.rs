@@ -90,6 +90,35 @@ fn check_refuses_an_exposed_admin_api_without_a_token_as_the_start_does() {
 }
 
 #[test]
+fn check_reads_the_cluster_secret_as_a_start_with_a_store_does() {
+    // Before, `--check` said OK and `--store` then refused the node file (exit 2).
+    let dir = temp_dir("cli-secret");
+    let short = dir.join("short.key");
+    std::fs::write(&short, "abc\n").unwrap();
+    let good = dir.join("good.key");
+    std::fs::write(&good, format!("{}\n", "0f".repeat(32))).unwrap();
+    for (secret, code, said) in [
+        ("/nonexistent/cluster.key".into(), 2, "No such file"),
+        (short.display().to_string(), 2, "expected 64 hex digits"),
+        (good.display().to_string(), 0, "OK"),
+    ] {
+        let f = write(
+            "node-secret.toml",
+            &format!(
+                "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                 [cluster]\nnode_id = \"a\"\nsecret_file = \"{secret}\"\n"
+            ),
+        );
+        let (got, out, err) = gateway(&["--check", &f]);
+        assert_eq!(got, Some(code), "{secret}: {err}");
+        assert!(
+            out.contains(said) || err.contains(said),
+            "{secret}: {out}{err}"
+        );
+    }
+}
+
+#[test]
 fn check_refuses_an_access_log_that_names_a_directory_as_the_start_does() {
     // Every line would be lost; before, `--check` said OK and the start then refused it.
     let dir = temp_dir("cli-log-dir");
