@@ -281,8 +281,27 @@ impl Successor {
             if n > 0 {
                 let mut buf = [0u8; 16];
                 match self.ready.read(&mut buf) {
-                    Ok(0) | Err(_) => {}
-                    Ok(k) => got.extend_from_slice(&buf[..k]),
+                    Ok(k) if k > 0 => got.extend_from_slice(&buf[..k]),
+                    // The pipe's end: it can no longer say it is ready (and poll would
+                    // return at once from here on: no busy wait for the rest of the bound).
+                    Ok(_) if !got.starts_with(b"ready") => {
+                        // A process that exits closes it first: its status, if it comes.
+                        let gone = Instant::now() + Duration::from_secs(1);
+                        while Instant::now() < gone {
+                            if let Ok(Some(status)) = self.child.try_wait() {
+                                return Err(format!(
+                                    "the new process exited ({status}) before it was ready"
+                                ));
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        let _ = self.child.kill();
+                        let _ = self.child.wait();
+                        return Err("the new process closed its ready pipe without saying it \
+                                    was ready; stopped it"
+                            .into());
+                    }
+                    _ => {}
                 }
                 if got.starts_with(b"ready") {
                     return Ok(self.child.id());

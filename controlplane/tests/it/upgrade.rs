@@ -534,6 +534,33 @@ fn an_upgrade_starts_what_the_path_it_was_started_by_names_now() {
 }
 
 #[test]
+fn a_successor_that_closes_its_ready_pipe_is_given_up_at_once() {
+    // It can no longer say it is ready: given up within a second or so, and the old process
+    // takes writes again (before: a busy wait, a CPU at 100% for the whole 60 s bound).
+    let dir = temp_dir("upgrade-closed-pipe");
+    let bin = dir.join("gateway");
+    install(env!("CARGO_BIN_EXE_gateway").as_ref(), &bin);
+    let gw = Gateway::start_binary(&bin, CONFIG, &[]);
+    let pid = serving_pid(&gw);
+    let closes = dir.join("closes.sh");
+    let script = "#!/usr/bin/env python3\nimport os, time\n\
+                  os.close(int(os.environ['GATEWAY_UPGRADE_READY']))\ntime.sleep(30)\n";
+    std::fs::write(&closes, script).unwrap();
+    std::fs::set_permissions(&closes, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(&closes, &bin);
+    // SAFETY: kill(2) on the gateway this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
+    gw.wait_log("closed its ready pipe", Duration::from_secs(10));
+    assert_eq!(serving_pid(&gw), pid);
+    let r = gw.admin(
+        "PUT",
+        "/v1/routes/later",
+        Some(r#"{"path":"/later","respond":{"body":"later"}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body_str());
+}
+
+#[test]
 fn a_successor_that_hangs_neither_stalls_the_admin_api_nor_holds_off_sigterm() {
     let dir = temp_dir("upgrade-hang");
     let bin = dir.join("gateway");
