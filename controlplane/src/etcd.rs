@@ -595,6 +595,15 @@ impl Client {
         }
     }
 
+    /// Every key under `name`, without its value (each [`Kv::value`] empty).
+    pub fn range_keys(&mut self, name: &str) -> Result<Vec<Kv>, EtcdError> {
+        let key = self.key(name);
+        let end = b64(&prefix_end(&key));
+        let req = json!({"key": b64(key.as_bytes()), "range_end": end, "keys_only": true});
+        let answer = self.call("/v3/kv/range", &req)?;
+        Ok(kvs(&answer))
+    }
+
     /// The revision at which the key `name` last changed (0 if it does not exist), without
     /// its value: a linearizable read, which a member cut off from the others cannot answer.
     pub fn mod_revision(&mut self, name: &str) -> Result<i64, EtcdError> {

@@ -191,6 +191,9 @@ pub struct EtcdStore {
     /// The lease this node's record (`P/nodes/ID`) was claimed under, for the heartbeat to
     /// keep.
     lease: i64,
+    /// What [`EtcdStore::revisions`] read of each record, by key and `mod_revision`: a
+    /// record is written once, so a listing reads only the ones it has not seen.
+    listed: std::collections::HashMap<(String, i64), (u64, u64, String)>,
 }
 
 /// Reads `[cluster] secret_file`: 64 hex digits.
@@ -333,6 +336,7 @@ impl EtcdStore {
             rejected_mod: 0,
             health: Arc::new(Health::default()),
             lease: 0,
+            listed: std::collections::HashMap::new(),
         };
         let url = store.client.url().redacted();
         let found = store
@@ -766,23 +770,40 @@ impl EtcdStore {
         Ok(Committed::Not(config))
     }
 
-    /// Stored revisions, oldest first (without their configs).
+    /// Stored revisions, oldest first (without their configs). The keys are listed without
+    /// their values; only records not listed before are read (one at a time: each holds a
+    /// whole config), so the dashboard's polling costs one small read.
     pub fn revisions(&mut self) -> Result<Vec<StoredRevision>, StoreError> {
-        // A few records a call: each holds a whole config, and a hundred large ones in one
-        // answer passed the client's bound on an answer.
-        const PAGE: usize = 4;
-        let mut list = Vec::new();
-        let r = self.client.range_pages("revisions/", PAGE, |kv| {
-            if let Ok(r) = serde_json::from_slice::<Record>(&kv.value) {
-                list.push(StoredRevision {
-                    revision: r.revision,
-                    created_ms: r.created_ms,
-                    source: r.source,
-                    config: Config::default(),
-                });
-            }
-        });
-        self.track(r).map_err(unavailable)?;
+        let keys = self.client.range_keys("revisions/");
+        let keys = self.track(keys).map_err(unavailable)?;
+        let under = self.client.key("");
+        let mut seen = std::collections::HashMap::with_capacity(keys.len());
+        let mut list = Vec::with_capacity(keys.len());
+        for kv in keys {
+            let id = (kv.key, kv.mod_revision);
+            let meta = match self.listed.remove(&id) {
+                Some(meta) => meta,
+                None => {
+                    let name = id.0.strip_prefix(&under).unwrap_or(&id.0).to_owned();
+                    // Gone since the listing (the history trimmed): left out.
+                    let Some(kv) = self.read(&name, false).map_err(unavailable)?.pop() else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<Record>(&kv.value) {
+                        Ok(r) => (r.revision, r.created_ms, r.source),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            list.push(StoredRevision {
+                revision: meta.0,
+                created_ms: meta.1,
+                source: meta.2.clone(),
+                config: Config::default(),
+            });
+            seen.insert(id, meta);
+        }
+        self.listed = seen;
         list.sort_by_key(|r| r.revision);
         let from = list.len().saturating_sub(KEEP);
         Ok(list.split_off(from))
