@@ -1515,22 +1515,24 @@ key_file = "{}"
         rsa.key.display(),
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    // The size of the key of the certificate the gateway presented to `openssl s_client`
-    // run with `args`, or what went wrong.
-    let key_bits = |args: &[&str]| {
+    // What `openssl s_client` run with SNI `name` and `args` said of the certificate the
+    // gateway presented (its line starting `prefix`), or what went wrong.
+    let presented = |name: &str, args: &[&str], prefix: &str| {
         let out = Command::new("openssl")
             .args(["s_client", "-connect", &gw.listeners[0].to_string()])
-            .args(["-servername", "a.test"])
+            .args(["-servername", name])
             .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("openssl s_client");
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
-            .find_map(|l| l.strip_prefix("Server public key is "))
-            .map(str::to_owned)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|s| s.trim().to_owned())
             .unwrap_or_else(|| format!("no certificate: {}", String::from_utf8_lossy(&out.stderr)))
     };
+    // The size of its key.
+    let key_bits = |args: &[&str]| presented("a.test", args, "Server public key is ");
     // A client that takes both gets the first listed.
     assert_eq!(key_bits(&[]), "256 bit");
     assert_eq!(key_bits(&["-tls1_2"]), "256 bit");
@@ -1574,20 +1576,7 @@ key_file = "{}"
     config["listeners"][0]["tls"]["certificates"] = serde_json::json!(["ip", "x", "rsa"]);
     let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
     assert_eq!(r.status, 200, "{}", r.body_str());
-    let subject = |name: &str, args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(["s_client", "-connect", &gw.listeners[0].to_string()])
-            .args(["-servername", name])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("openssl s_client");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("subject="))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|| format!("no certificate: {}", String::from_utf8_lossy(&out.stderr)))
-    };
+    let subject = |name: &str, args: &[&str]| presented(name, args, "subject=");
     assert_eq!(subject("x.a.test", &[]), "CN = x.a.test");
     let rsa_only = ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"];
     assert_eq!(subject("x.a.test", &rsa_only), "CN = a.test");

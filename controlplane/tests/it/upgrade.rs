@@ -297,6 +297,12 @@ fn three_upgrades_under_load_fail_nothing(driver: Driver) {
 }
 
 /// Replaces the file at `path` (a running binary) with `from`, as a package upgrade does.
+/// Writes `text` to `path` as an executable (a "new binary" that acts as a test needs).
+fn script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 fn install(from: &Path, path: &Path) {
     let tmp = path.with_extension("new");
     std::fs::copy(from, &tmp).unwrap();
@@ -332,15 +338,13 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     // taking the data directory's lock over (writing its pid) as a successor does first.
     let broken = dir.join("broken.sh");
     let lock = gw.data_dir.join("lock");
-    std::fs::write(
+    script(
         &broken,
-        format!(
+        &format!(
             "#!/bin/sh\necho $$ > {}\necho 'gateway: invalid config: simulated' >&2\nexit 2\n",
             lock.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     install(&broken, &bin);
     // SAFETY: kill(2) on the gateway this test started.
     unsafe { libc::kill(first as i32, libc::SIGUSR2) };
@@ -427,17 +431,15 @@ fn signals_during_an_upgrade_are_neither_fatal_nor_lost() {
     // which then takes a second to start the gateway. Before, the SIGUSR1 killed it: the
     // successor started with no signal blocked. (Python, not sh: dash clears the mask.)
     let slow = dir.join("slow.py");
-    std::fs::write(
+    script(
         &slow,
-        format!(
+        &format!(
             "#!/usr/bin/env python3\nimport os, signal, sys, time\n\
              os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(1)\n\
              os.execv({:?}, sys.argv)\n",
             env!("CARGO_BIN_EXE_gateway")
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     install(&slow, &bin);
     // A request head not finished keeps the old process draining after the handover.
     let mut partial = TcpStream::connect(gw.addr).unwrap();
@@ -511,15 +513,13 @@ fn an_upgrade_starts_what_the_path_it_was_started_by_names_now() {
     let gw = Gateway::start_binary(&link, CONFIG, &[]);
     let first = serving_pid(&gw);
     let v2 = dir.join("v2-gateway.sh");
-    std::fs::write(
+    script(
         &v2,
-        format!(
+        &format!(
             "#!/bin/sh\necho 'gateway: v2 starting' >&2\nexec {} \"$@\"\n",
             env!("CARGO_BIN_EXE_gateway")
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&v2, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let next = dir.join("gateway.next");
     std::os::unix::fs::symlink(&v2, &next).unwrap();
     std::fs::rename(&next, &link).unwrap();
@@ -543,10 +543,9 @@ fn a_successor_that_closes_its_ready_pipe_is_given_up_at_once() {
     let gw = Gateway::start_binary(&bin, CONFIG, &[]);
     let pid = serving_pid(&gw);
     let closes = dir.join("closes.sh");
-    let script = "#!/usr/bin/env python3\nimport os, time\n\
-                  os.close(int(os.environ['GATEWAY_UPGRADE_READY']))\ntime.sleep(30)\n";
-    std::fs::write(&closes, script).unwrap();
-    std::fs::set_permissions(&closes, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = "#!/usr/bin/env python3\nimport os, time\n\
+                os.close(int(os.environ['GATEWAY_UPGRADE_READY']))\ntime.sleep(30)\n";
+    script(&closes, text);
     install(&closes, &bin);
     // SAFETY: kill(2) on the gateway this test started.
     unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
@@ -569,8 +568,7 @@ fn a_successor_that_hangs_neither_stalls_the_admin_api_nor_holds_off_sigterm() {
     let pid = serving_pid(&gw);
     // A "new binary" that starts and never gets ready (the wait for it is 60 s).
     let hangs = dir.join("hangs.sh");
-    std::fs::write(&hangs, "#!/bin/sh\nexec sleep 30\n").unwrap();
-    std::fs::set_permissions(&hangs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script(&hangs, "#!/bin/sh\nexec sleep 30\n");
     install(&hangs, &bin);
     // SAFETY: kill(2) on the gateway this test started.
     unsafe { libc::kill(pid as i32, libc::SIGUSR2) };
