@@ -83,6 +83,26 @@ impl Format {
 }
 
 /// Parses a config text (no semantic checks: see [`Snapshot::compile`]).
+/// Where the `USER:PASSWORD` part of `rest` (a URL after its `://`) ends: the index of its
+/// `@`, if it has one. The last `@` before the first `/` (a password may hold `?`, `#` or
+/// `@`); else, for a password with a raw `/` (which parsers refuse, and which must not be
+/// shown either), the last `@` that a `HOST:PORT` follows (up to a `/`, a `?` or the end)
+/// and that is in no option's value. An `@` in a path or a query (`/a@b`, `?ca=/a@b.pem`) is
+/// no such end.
+pub fn credentials_end(rest: &str) -> Option<usize> {
+    let slash = rest.find('/').unwrap_or(rest.len());
+    rest[..slash].rfind('@').or_else(|| {
+        let ats = rest.match_indices('@').map(|(i, _)| i);
+        ats.rev().find(|&i| {
+            let after = &rest[i + 1..];
+            let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
+            // Not in an option's value (`?ca=/a@b:c.pem`).
+            let option = (rest[..i].rfind(['?', '&'])).is_some_and(|q| rest[q..i].contains('='));
+            host.contains(':') && !host.contains(['@', '=']) && !option
+        })
+    })
+}
+
 /// `url` with the password of its `USER:PASSWORD@` part (if any) written as `***`, for error
 /// messages and logs: `redis://:***@host:6379`.
 pub fn redact_url(url: &str) -> String {
@@ -90,20 +110,7 @@ pub fn redact_url(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let query = rest.find('?').unwrap_or(rest.len());
-    let slash = rest.find('/').unwrap_or(rest.len());
-    // A password with a `?` or `#` in it: an `@` before the first `/`.
-    let at = rest[..authority_end].rfind('@');
-    let at = at.or_else(|| rest[..slash].rfind('@')).or_else(|| {
-        // A password with a `/` not written `%2F` (refused, but never shown): an `@` past
-        // the first `/` that a HOST:PORT follows. An `@` in a path (`/a@b`) is left.
-        let at = rest[..query].rfind('@')?;
-        let after = &rest[at + 1..query];
-        let host_end = after.find('/').unwrap_or(after.len());
-        after[..host_end].contains(':').then_some(at)
-    });
-    let Some(at) = at else {
+    let Some(at) = credentials_end(rest) else {
         return url.to_owned();
     };
     let user_end = rest[..at].find(':').map_or(at, |c| c + 1);

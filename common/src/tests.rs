@@ -815,6 +815,17 @@ fn urls_are_shown_without_their_passwords() {
         ("etcd://gw:p@ss@h:1/g", "etcd://gw:***@h:1/g"),
         ("etcd://gw:pa/ss@h:1/g", "etcd://gw:***@h:1/g"),
         ("etcd://gw:pa?ss@h:1/g", "etcd://gw:***@h:1/g"),
+        ("etcd://gw:p@ss?word@h:1/g", "etcd://gw:***@h:1/g"),
+        ("etcd://gw:se?cret/word@h:1/g", "etcd://gw:***@h:1/g"),
+        (
+            "etcds://gw:pa/x?y@h:1/g?ca=/a@b.pem",
+            "etcds://gw:***@h:1/g?ca=/a@b.pem",
+        ),
+        (
+            "redis://:se?cret/word@10.0.0.1:6379",
+            "redis://:***@10.0.0.1:6379",
+        ),
+        ("etcds://h:1/g?ca=/a@b:c.pem", "etcds://h:1/g?ca=/a@b:c.pem"),
         (
             "etcds://gw:pa#s?s@h:1/g?ca=/c",
             "etcds://gw:***@h:1/g?ca=/c",

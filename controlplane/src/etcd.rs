@@ -86,9 +86,16 @@ impl StoreUrl {
             (_, Some(r)) => (r, Some(TlsFiles::default())),
             _ => return Err(usage()),
         };
-        // The options start at the first `?` after the credentials, which may hold one.
-        let slash = rest.find('/').unwrap_or(rest.len());
-        let creds_end = rest[..slash].rfind('@').map_or(0, |at| at + 1);
+        // The options start at the first `?` after the credentials, which may hold one; a
+        // raw `/` in them is refused before anything after it is read (or shown).
+        let at = common::credentials_end(rest);
+        if at.is_some_and(|at| rest.find('/').is_some_and(|slash| slash < at)) {
+            return Err(format!(
+                "--store {shown:?}: write a '/', '@', ':' or '%' in the user or password \
+                 as %2F, %40, %3A or %25"
+            ));
+        }
+        let creds_end = at.map_or(0, |at| at + 1);
         let (rest, query) = match rest[creds_end..].find('?') {
             Some(q) => (&rest[..creds_end + q], Some(&rest[creds_end + q + 1..])),
             None => (rest, None),
@@ -113,14 +120,6 @@ impl StoreUrl {
             }
             if files.cert.is_some() != files.key.is_some() {
                 return Err(format!("--store {shown:?}: cert and key go together"));
-            }
-        }
-        if let (Some(slash), Some(at)) = (rest.find('/'), rest.rfind('@')) {
-            if at > slash {
-                return Err(format!(
-                    "--store {shown:?}: write a '/', '@', ':' or '%' in the user or password \
-                     as %2F, %40, %3A or %25"
-                ));
             }
         }
         let (authority, prefix) = match rest.split_once('/') {
@@ -1104,6 +1103,22 @@ mod tests {
         assert_eq!(u.tls.unwrap().ca, Some(PathBuf::from("/c.pem")));
         let e = StoreUrl::parse("etcd://gw:Tr0u?b@h:1/g?ca=/c.pem").unwrap_err();
         assert!(e.contains("need etcds") && !e.contains("Tr0u"), "{e}");
+        // An `@` in the password before its `?`, a raw `/` after it: never shown either.
+        let e = StoreUrl::parse("etcd://gw:p@ss?word@h:0/g").unwrap_err();
+        assert!(!e.contains("ss?word"), "{e}");
+        for raw in [
+            "etcd://gw:se?cret/word@h:1/g",
+            "etcds://gw:pa/x?y@h:1/g?ca=/c",
+        ] {
+            let e = StoreUrl::parse(raw).unwrap_err();
+            assert!(
+                e.contains("%2F") && !e.contains("cret") && !e.contains("x?y"),
+                "{e}"
+            );
+        }
+        // An `@` in an option's file is the file's.
+        let u = StoreUrl::parse("etcds://h:1/g?ca=/a@b.pem").unwrap();
+        assert_eq!(u.tls.unwrap().ca, Some(PathBuf::from("/a@b.pem")));
     }
 
     #[test]

@@ -113,13 +113,15 @@ pub fn check(path: &Path) -> i32 {
                 eprintln!("{}: invalid config: {at}: {why}", path.display());
                 EXIT_INVALID
             }
-            // A node file's cluster secret, which a start with --store reads.
-            Ok(()) if cluster_secret(&s.config).is_err() => {
-                let why = cluster_secret(&s.config).err().unwrap_or_default();
-                eprintln!("{}: invalid config: {why}", path.display());
-                EXIT_INVALID
-            }
             Ok(()) => {
+                // A node file's cluster secret, which only a start with --store reads: said,
+                // not refused (a start without one takes the file).
+                if let Err(why) = cluster_secret(&s.config) {
+                    eprintln!(
+                        "{}: warning: {why} (a start with --store refuses this file)",
+                        path.display()
+                    );
+                }
                 println!(
                     "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
                     path.display(),

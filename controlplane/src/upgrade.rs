@@ -287,7 +287,7 @@ impl Successor {
                     Ok(_) if !got.starts_with(b"ready") => {
                         // A process that exits closes it first: its status, if it comes.
                         let gone = Instant::now() + Duration::from_secs(1);
-                        while Instant::now() < gone {
+                        while Instant::now() < gone && !stop() {
                             if let Ok(Some(status)) = self.child.try_wait() {
                                 return Err(format!(
                                     "the new process exited ({status}) before it was ready"

@@ -367,6 +367,19 @@ impl EtcdStore {
             }
             return Ok(store);
         }
+        // No config, but the history is there (the config key deleted by hand): not empty,
+        // which a seed is refused before anything is claimed.
+        let kept = store
+            .newest_kept()
+            .map_err(|e| OpenError::Failed(format!("cannot read the history in {url}: {e}")))?;
+        if let (true, Some(kept)) = (explicit, &kept) {
+            return Err(OpenError::Invalid(format!(
+                "{url} holds no config but the history of revisions up to {}: it is not \
+                 empty, and --seed-from copies into an empty store only (start without it \
+                 to write that revision again, or delete the prefix to seed it)",
+                kept.revision
+            )));
+        }
         // A store without a config may still hold live nodes' records (its config key
         // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
         // first all the same.
@@ -377,18 +390,7 @@ impl EtcdStore {
         // No config, but the history is there (the config key deleted by hand): no empty
         // store, and this node's file would replace what every node serves. The newest
         // revision kept is written again, numbered on.
-        if let Some(restored) = store
-            .newest_kept()
-            .map_err(|e| OpenError::Failed(format!("cannot read the history in {url}: {e}")))?
-        {
-            if explicit {
-                return Err(OpenError::Invalid(format!(
-                    "{url} holds no config but the history of revisions up to {}: it is not \
-                     empty, and --seed-from copies into an empty store only (start without it \
-                     to write that revision again, or delete the prefix to seed it)",
-                    restored.revision
-                )));
-            }
+        if let Some(restored) = kept {
             let what = format!(
                 "revision {} again ({url} held no config, but its history)",
                 restored.revision

@@ -724,6 +724,12 @@ fn seed_from_copies_a_data_directory_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("holds no config but the history"), "{err}");
+    // Refused before the node claimed its id: no record of it holds another node's writes.
+    let records = etcd.values_under("/t3h/nodes/");
+    assert!(
+        records.iter().all(|r| !r.contains(r#""id":"a""#)),
+        "{records:?}"
+    );
 
     // A node file whose admin address changed since the start: the upgrade is refused, as
     // for a listener's, and the old process serves on (before: the successor took the
