@@ -1277,9 +1277,12 @@ fn a_header_keyed_rate_limit_counts_requests_without_the_header_per_client() {
 fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
     let origin = Origin::echo();
     let extra = "[[policies]]\nid = \"five\"\nkind = \"rate_limit\"\nrate = 5\nper = \"minute\"\nburst = 5\nx_ratelimit_headers = true\n";
+    // The route's edits take none of the limit's own fields (before: they took them from
+    // its 429, `Retry-After` included).
     let config = proxy_config(origin.addr, extra).replace(
         "upstream = \"origin\"\n",
-        "upstream = \"origin\"\npolicies = [\"five\"]\n",
+        "upstream = \"origin\"\npolicies = [\"five\"]\n\
+         response_headers = { remove = [\"Retry-After\", \"RateLimit\", \"X-RateLimit-Limit\"] }\n",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let mut c = gw.connect();

@@ -1774,6 +1774,24 @@ fn an_early_answer_whose_head_comes_in_two_parts_is_read_whole_and_filtered(driv
     assert_eq!((r.status, r.body_str()), (200, r#"{"a":1}"#), "{}", r.head);
     assert!(c.is_closed_within(Duration::from_secs(5)));
     sender.join().unwrap();
+    // One whose head never ends: a 504 at the head's deadline, as for any answer (the
+    // review found a 502 `upstream_closed`, which the upstream was not).
+    fn never_whole(s: &mut TcpStream) {
+        let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain\r\n");
+        thread::sleep(Duration::from_secs(15));
+    }
+    let origin = head_only_origin(never_whole);
+    let config = upload_config(origin).replace(
+        "[timeouts]\n",
+        "[timeouts]\nupstream_response_head_ms = 2500\n",
+    );
+    let gw = Gateway::start(&config, driver);
+    let mut c = gw.connect();
+    let sender = start_upload(&mut c);
+    let r = c.read_response();
+    assert_eq!(r.status, 504, "{}", r.head);
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    sender.join().unwrap();
 }
 
 /// An origin for one keep-alive connection: answers its first request (`GET /warm`) with 200,

@@ -1196,14 +1196,12 @@ fn rate_limit(
     if let Some(at) = st.rate_fields_at.take() {
         st.response_extra.truncate(at);
     }
+    // The refusal's fields go with the policies' (CORS), which a route's `response_headers`
+    // leave alone: a route cannot take `Retry-After` from its 429 or 503.
     if d.unavailable {
-        return Some(refuse(
-            st,
-            503,
-            id,
-            "the cluster rate limit's store is unreachable",
-            b"Retry-After: 1\r\n",
-        ));
+        st.response_extra.extend_from_slice(b"Retry-After: 1\r\n");
+        let why = "the cluster rate limit's store is unreachable";
+        return Some(refuse(st, 503, id, why, &[]));
     }
     let retry_s = d.retry_after_ns.div_ceil(1_000_000_000).max(1);
     let reset_s = d.reset_ns.div_ceil(1_000_000_000).max(retry_s);
@@ -1220,13 +1218,8 @@ fn rate_limit(
         );
     }
     let used = 512 - w.len();
-    Some(refuse(
-        st,
-        429,
-        id,
-        "the rate limit is exceeded",
-        &fields_buf[..used],
-    ))
+    st.response_extra.extend_from_slice(&fields_buf[..used]);
+    Some(refuse(st, 429, id, "the rate limit is exceeded", &[]))
 }
 
 fn unauthorized(
@@ -1522,8 +1515,12 @@ key = "ops-secret-1"
         (verdict, st)
     }
 
+    /// The policies' answer as it goes out: its head, then the policies' fields (which
+    /// the connection writes after the route's edits of that head), then its body.
     fn answer(st: &PolicyState) -> String {
-        String::from_utf8_lossy(&st.out).into_owned()
+        let (head, body) = st.out.split_at(st.out_head_len.min(st.out.len()));
+        let whole = [head, &st.response_extra, body].concat();
+        String::from_utf8_lossy(&whole).into_owned()
     }
 
     /// Route `r` behind an API key read from `X-Api-Key`.

@@ -992,7 +992,12 @@ async fn proxy<S: ClientStream>(
         .await;
         if let Err(e) = sent {
             write_failed = true;
-            let answer = answered_early(conn, e, look(&mut down.resp_plan, &mut looked)).await;
+            let answer = answered_early(conn, e, look(&mut down.resp_plan, &mut looked));
+            // An HTTP/2 client's reset ends the wait, as the head's wait below.
+            let answer = match S::WHOLE_CONNECTION {
+                true => answer.await,
+                false => unless_reset(&mut down.stream, answer).await.and_then(|a| a),
+            };
             early = answer.is_ok();
             return answer;
         }
@@ -1024,7 +1029,11 @@ async fn proxy<S: ClientStream>(
                     down.linger = body_left > 0;
                     write_failed = true;
                     let look = look(&mut down.resp_plan, &mut looked);
-                    let answer = answered_early(conn, e, look).await;
+                    let answer = answered_early(conn, e, look);
+                    let answer = match S::WHOLE_CONNECTION {
+                        true => answer.await,
+                        false => unless_reset(&mut down.stream, answer).await.and_then(|a| a),
+                    };
                     early = answer.is_ok();
                     return answer;
                 }
@@ -1323,9 +1332,12 @@ async fn answered_early(
     }
     *look.looked = true;
     let deadline = look.head_deadline;
-    early_head(conn, look.is_head, look.plan, deadline)
-        .await
-        .ok_or(err)
+    match early_head(conn, look.is_head, look.plan, deadline).await {
+        Some(head) => Ok(head),
+        // The rest of a head whose start came never did: as any head past its deadline.
+        None if Instant::now() >= deadline => Err(ErrorKind::ResponseTimeout.into()),
+        None => Err(err),
+    }
 }
 
 /// What [`answered_early`] needs of the try: whether its connection was pooled, whether
