@@ -1299,6 +1299,9 @@ async fn early_answer<S: ClientStream>(
             };
             match relayed {
                 Ok(_) => Next::Close,
+                // Nothing of it sent (a filter refused it): the gateway's own answer, as on
+                // the usual path.
+                Err(e) if req.status == 0 => down.fail(req, e.kind).await,
                 Err(e) => {
                     req.fail(e.kind);
                     Next::Cut
