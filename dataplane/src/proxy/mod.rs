@@ -1083,7 +1083,12 @@ async fn proxy<S: ClientStream>(
                 }
                 Ok(HeadRead::Final(resp)) => {
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
-                    req.head_after = Some(sent_at.elapsed());
+                    // The final head's time: its first byte's unless interims came first
+                    // (the clock is read again only then).
+                    req.head_after = match interims {
+                        0 => req.first_byte,
+                        _ => Some(sent_at.elapsed()),
+                    };
                     return Ok(resp);
                 }
                 Err(e) => {
