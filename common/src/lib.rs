@@ -84,22 +84,46 @@ impl Format {
 
 /// Parses a config text (no semantic checks: see [`Snapshot::compile`]).
 /// Where the `USER:PASSWORD` part of `rest` (a URL after its `://`) ends: the index of its
-/// `@`, if it has one. The last `@` before the first `/` (a password may hold `?`, `#` or
-/// `@`); else, for a password with a raw `/` (which parsers refuse, and which must not be
-/// shown either), the last `@` that a `HOST:PORT` follows (up to a `/`, a `?` or the end)
-/// and that is in no option's value. An `@` in a path or a query (`/a@b`, `?ca=/a@b.pem`) is
-/// no such end.
+/// `@`, if it has one: the last `@` that a list of `HOST[:PORT]` follows, up to a `/`, a `?`
+/// or the end. A password may hold any character but those (a raw `/` is refused by the
+/// parsers, but must not be shown either), and not one in an etcd option's file name
+/// (`?ca=/a@b.pem`). An `@` in a path that a host follows (`/a@b`) is taken for one: such a
+/// URL is refused, and shown without what may be a password.
 pub fn credentials_end(rest: &str) -> Option<usize> {
-    let slash = rest.find('/').unwrap_or(rest.len());
-    rest[..slash].rfind('@').or_else(|| {
-        let ats = rest.match_indices('@').map(|(i, _)| i);
-        ats.rev().find(|&i| {
-            let after = &rest[i + 1..];
-            let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
-            // Not in an option's value (`?ca=/a@b:c.pem`).
-            let option = (rest[..i].rfind(['?', '&'])).is_some_and(|q| rest[q..i].contains('='));
-            host.contains(':') && !host.contains(['@', '=']) && !option
+    let hosts = |s: &str| {
+        !s.is_empty()
+            && s.split(',').all(|h| {
+                let (host, port) = match h.strip_prefix('[') {
+                    Some(v6) => match v6.split_once(']') {
+                        Some((addr, rest)) => (addr, rest.strip_prefix(':').or(Some(rest))),
+                        None => return false,
+                    },
+                    None => match h.split_once(':') {
+                        Some((host, port)) => (host, Some(port)),
+                        None => (h, None),
+                    },
+                };
+                let name =
+                    |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':');
+                !host.is_empty()
+                    && host.chars().all(name)
+                    && port.is_none_or(|p| p.is_empty() || p.bytes().all(|b| b.is_ascii_digit()))
+                    && !(h.starts_with('[') && port == Some("") && !h.ends_with(']'))
+            })
+    };
+    // In the file of an etcd URL's option (`?ca=/a@b.pem`): not the credentials' end.
+    let in_option = |i: usize| {
+        rest[..i].rfind(['?', '&']).is_some_and(|q| {
+            let option = &rest[q + 1..i];
+            ["ca=", "cert=", "key="]
+                .iter()
+                .any(|o| option.starts_with(o))
         })
+    };
+    let ats = rest.match_indices('@').map(|(i, _)| i);
+    ats.rev().find(|&i| {
+        let after = &rest[i + 1..];
+        hosts(&after[..after.find(['/', '?']).unwrap_or(after.len())]) && !in_option(i)
     })
 }
 

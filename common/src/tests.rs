@@ -831,7 +831,20 @@ fn urls_are_shown_without_their_passwords() {
             "etcds://gw:***@h:1/g?ca=/c",
         ),
         ("redis://10.0.0.1:6379", "redis://10.0.0.1:6379"),
-        ("etcd://h:1/a@b", "etcd://h:1/a@b"),
+        ("etcd://h:1/a@b", "etcd://h:***@b"),
+        ("etcd://gw:x&y=/z@h:1/g", "etcd://gw:***@h:1/g"),
+        ("etcd://gw:p@ss/x@h:1/g", "etcd://gw:***@h:1/g"),
+        ("etcd://gw:se?c=ret/word@h:1/g", "etcd://gw:***@h:1/g"),
+        ("redis://:pa/ss@127.0.0.1/0", "redis://:***@127.0.0.1/0"),
+        (
+            "etcds://h:1/g?ca=/x?y@z:1.pem",
+            "etcds://h:1/g?ca=/x?y@z:1.pem",
+        ),
+        ("etcds://[::1]:2379/g", "etcds://[::1]:2379/g"),
+        (
+            "etcd://u:p@[::1]:2379,h:2/g",
+            "etcd://u:***@[::1]:2379,h:2/g",
+        ),
     ] {
         assert_eq!(crate::redact_url(url), shown);
     }

@@ -1277,12 +1277,9 @@ fn a_header_keyed_rate_limit_counts_requests_without_the_header_per_client() {
 fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
     let origin = Origin::echo();
     let extra = "[[policies]]\nid = \"five\"\nkind = \"rate_limit\"\nrate = 5\nper = \"minute\"\nburst = 5\nx_ratelimit_headers = true\n";
-    // The route's edits take none of the limit's own fields (before: they took them from
-    // its 429, `Retry-After` included).
     let config = proxy_config(origin.addr, extra).replace(
         "upstream = \"origin\"\n",
-        "upstream = \"origin\"\npolicies = [\"five\"]\n\
-         response_headers = { remove = [\"Retry-After\", \"RateLimit\", \"X-RateLimit-Limit\"] }\n",
+        "upstream = \"origin\"\npolicies = [\"five\"]\n",
     );
     let gw = Gateway::start(&config, Driver::IoUring);
     let mut c = gw.connect();
@@ -1302,6 +1299,20 @@ fn rate_limit_refusals_carry_the_headers_and_state_survives_other_changes() {
     assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     assert!(r.header("x-ratelimit-reset").is_some());
+    // A route's edits may not name the limit's fields: one removed would stay, one set
+    // would go out twice (before: set, it replaced the 429's `Retry-After`; removed, it took
+    // it away; then, for a while, set, it went out beside it).
+    for edit in [
+        r#"{"set":{"Retry-After":"99"}}"#,
+        r#"{"remove":["RateLimit"]}"#,
+    ] {
+        let route = format!(
+            r#"{{"path":"/limited","respond":{{"body":"x"}},"policies":["five"],"response_headers":{edit}}}"#
+        );
+        let r = gw.admin("PUT", "/v1/routes/limited", Some(&route));
+        assert_eq!(r.status, 422, "{edit}: {}", r.body_str());
+        assert!(r.body_str().contains("rate_limit"), "{}", r.body_str());
+    }
 
     // An unrelated change keeps the bucket: still limited.
     let r = gw.admin(
