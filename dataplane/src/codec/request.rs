@@ -168,6 +168,28 @@ pub fn as_http11(buf: &mut [u8]) -> bool {
     later
 }
 
+/// Why httparse refused the head in `buf`, as a [`ParseError`]; the request line is noted in
+/// `out` where it is whole, as it is read before the fields (a field refused: a bad byte, too
+/// many). Read again here, by a parser given no room for fields, off the hot path.
+#[cold]
+#[inline(never)]
+fn refused_head(buf: &[u8], e: httparse::Error, out: &mut RequestHead) -> ParseError {
+    let mut line = httparse::Request::new(&mut []);
+    // It stops at the first field (too many for it) or at the head's end.
+    let _ = line.parse(buf);
+    if let (Some(method), Some(target), Some(_)) = (line.method, line.path, line.version) {
+        out.method = span_of(buf, method.as_bytes());
+        out.target = span_of(buf, target.as_bytes());
+    }
+    match e {
+        httparse::Error::TooManyHeaders => ParseError::HeadTooLarge,
+        // 505 for a version the gateway does not speak (`HTTP/2.0`); one that is no version
+        // at all (`http/1.1`: the name is case-sensitive, RFC 9112 2.3) is malformed.
+        httparse::Error::Version if versionlike(buf) => ParseError::VersionNotSupported,
+        _ => ParseError::Malformed,
+    }
+}
+
 /// [`parse_request`] writing the head into `out` (`Ok(true)`: complete), for the hot path:
 /// the head is written once, where the connection keeps it, instead of being returned and
 /// copied there.
@@ -201,21 +223,7 @@ pub fn parse_request_into(
             }
             return Ok(false);
         }
-        Err(e) => {
-            // A field refused (a bad byte, too many): the request line was read whole first.
-            if let (Some(method), Some(target), Some(_)) = (req.method, req.path, req.version) {
-                out.method = span_of(buf, method.as_bytes());
-                out.target = span_of(buf, target.as_bytes());
-            }
-            return Err(match e {
-                httparse::Error::TooManyHeaders => ParseError::HeadTooLarge,
-                // 505 for a version the gateway does not speak (`HTTP/2.0`); one that is no
-                // version at all (`http/1.1`: the name is case-sensitive, RFC 9112 2.3) is
-                // malformed.
-                httparse::Error::Version if versionlike(buf) => ParseError::VersionNotSupported,
-                _ => ParseError::Malformed,
-            });
-        }
+        Err(e) => return Err(refused_head(buf, e, out)),
     };
     if head_end > limits.max_header_bytes {
         return Err(head_too_large(buf, limits));
