@@ -195,15 +195,6 @@ pub fn compile(
             if name.starts_with("access-control-") && route.has_cors {
                 return Some("the route's cors policy sets these fields".into());
             }
-            // Its refusals' fields go out beside the route's: one set here would be sent
-            // twice, one removed here would stay.
-            let why = "the route's rate_limit policy sets it";
-            if RATE_LIMIT_FIELDS.contains(&name)
-                && route.has_rate_limit
-                && !crate::validate::tolerated(&at, why)
-            {
-                return Some(why.into());
-            }
             if name == "content-type" && respond {
                 return Some("`respond` has its own `content_type`".into());
             }
@@ -218,16 +209,6 @@ pub fn compile(
     }
     Ok(Some(Arc::new(out)))
 }
-
-/// The fields a `rate_limit` policy's answers carry (lower-case).
-const RATE_LIMIT_FIELDS: [&str; 6] = [
-    "retry-after",
-    "ratelimit",
-    "ratelimit-policy",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-];
 
 /// Why `name` is gRPC's, if it is: a `grpc-` field (a call's deadline, status, message and
 /// codings), or the content type on a route to a gRPC upstream (gRPC's framing says it).

@@ -83,50 +83,6 @@ impl Format {
 }
 
 /// Parses a config text (no semantic checks: see [`Snapshot::compile`]).
-/// Where the `USER:PASSWORD` part of `rest` (a URL after its `://`) ends: the index of its
-/// `@`, if it has one: the last `@` that a list of `HOST[:PORT]` follows, up to a `/`, a `?`
-/// or the end. A password may hold any character but those (a raw `/` is refused by the
-/// parsers, but must not be shown either), and not one in an etcd option's file name
-/// (`?ca=/a@b.pem`). An `@` in a path that a host follows (`/a@b`) is taken for one: such a
-/// URL is refused, and shown without what may be a password.
-pub fn credentials_end(rest: &str) -> Option<usize> {
-    let hosts = |s: &str| {
-        !s.is_empty()
-            && s.split(',').all(|h| {
-                let (host, port) = match h.strip_prefix('[') {
-                    Some(v6) => match v6.split_once(']') {
-                        Some((addr, rest)) => (addr, rest.strip_prefix(':').or(Some(rest))),
-                        None => return false,
-                    },
-                    None => match h.split_once(':') {
-                        Some((host, port)) => (host, Some(port)),
-                        None => (h, None),
-                    },
-                };
-                let name =
-                    |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':');
-                !host.is_empty()
-                    && host.chars().all(name)
-                    && port.is_none_or(|p| p.is_empty() || p.bytes().all(|b| b.is_ascii_digit()))
-                    && !(h.starts_with('[') && port == Some("") && !h.ends_with(']'))
-            })
-    };
-    // In the file of an etcd URL's option (`?ca=/a@b.pem`): not the credentials' end.
-    let in_option = |i: usize| {
-        rest[..i].rfind(['?', '&']).is_some_and(|q| {
-            let option = &rest[q + 1..i];
-            ["ca=", "cert=", "key="]
-                .iter()
-                .any(|o| option.starts_with(o))
-        })
-    };
-    let ats = rest.match_indices('@').map(|(i, _)| i);
-    ats.rev().find(|&i| {
-        let after = &rest[i + 1..];
-        hosts(&after[..after.find(['/', '?']).unwrap_or(after.len())]) && !in_option(i)
-    })
-}
-
 /// `url` with the password of its `USER:PASSWORD@` part (if any) written as `***`, for error
 /// messages and logs: `redis://:***@host:6379`.
 pub fn redact_url(url: &str) -> String {
@@ -134,16 +90,18 @@ pub fn redact_url(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let Some(at) = credentials_end(rest) else {
+    // Up to the last `@`: a password may hold any character, a raw `/`, `?` or `@` too
+    // (which the parsers refuse or read), and an `@` further on (in a path or an option's
+    // file) only hides more than it must. The user is kept where it is plainly one.
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
-    let user_end = rest[..at].find(':').map_or(at, |c| c + 1);
-    format!(
-        "{}{}***{}",
-        &url[..scheme_end + 3],
-        &rest[..user_end],
-        &rest[at..]
-    )
+    let user =
+        (rest[..at].find(':').map(|c| &rest[..c])).filter(|u| !u.contains(['@', '/', '?', '#']));
+    match user {
+        Some(user) => format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..]),
+        None => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]),
+    }
 }
 
 /// `text` with each PEM private key in it replaced by `<private key>`. An error message that

@@ -232,8 +232,6 @@ pub struct Route {
     /// Whether a `cors` policy is among them: the route then also takes CORS preflights
     /// (`OPTIONS`), which that policy answers, whatever its `methods`.
     pub has_cors: bool,
-    /// Whether a `rate_limit` policy is among them (its fields are its own).
-    pub has_rate_limit: bool,
     /// It names no `methods` and each of its answers is an aggregate no step of which
     /// carries the client's body: it takes reads only (GET, HEAD; others get its 405).
     pub reads_only: bool,
@@ -771,14 +769,12 @@ impl Snapshot {
                 &format!("routes[{i}].policies"),
             )?;
             route.vary = variants_vary(&route, &profiles, &policies, &format!("routes[{i}]"))?;
-            let mut kinds = route
-                .policies
-                .iter()
-                .map(|&p| &policies.list[p as usize].kind);
-            route.has_cors =
-                (kinds.clone()).any(|k| matches!(k, crate::policy::PolicyKind::Cors(_)));
-            route.has_rate_limit =
-                kinds.any(|k| matches!(k, crate::policy::PolicyKind::RateLimit(_)));
+            route.has_cors = route.policies.iter().any(|&p| {
+                matches!(
+                    policies.list[p as usize].kind,
+                    crate::policy::PolicyKind::Cors(_)
+                )
+            });
             route.reads_only = route.methods.is_none()
                 && std::iter::once(&route.action)
                     .chain(route.variants.iter().map(|v| &v.action))
@@ -1333,7 +1329,6 @@ fn compile_route(r: &RouteConfig, i: usize, known: &Known<'_>) -> Result<Route, 
         metrics_slot: crate::slots::known_route_slot(&r.id),
         policies: Box::new([]),
         has_cors: false,
-        has_rate_limit: false,
         reads_only: false,
         pattern,
         params,

