@@ -86,10 +86,18 @@ impl Format {
 /// `url` with the password of its `USER:PASSWORD@` part (if any) written as `***`, for error
 /// messages and logs: `redis://:***@host:6379`.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    // After `SCHEME://`; in a URL that mistypes it (`etcd:/`, `etcd//`), after a scheme's
+    // `:` or from the start: a mistyped URL is one a message shows.
+    let scheme = |c: usize| {
+        url[..c]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+')
     };
-    let rest = &url[scheme_end + 3..];
+    let scheme_end = match url.find("://") {
+        Some(i) => i + 3,
+        None => url.find(':').filter(|&c| scheme(c)).map_or(0, |c| c + 1),
+    };
+    let rest = &url[scheme_end..];
     // Up to the last `@`: a password may hold any character, a raw `/`, `?` or `@` too
     // (which the parsers refuse or read), and an `@` further on (in a path or an option's
     // file) only hides more than it must. The user is kept where it is plainly one.
@@ -99,8 +107,8 @@ pub fn redact_url(url: &str) -> String {
     let user =
         (rest[..at].find(':').map(|c| &rest[..c])).filter(|u| !u.contains(['@', '/', '?', '#']));
     match user {
-        Some(user) => format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..]),
-        None => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]),
+        Some(user) => format!("{}{user}:***{}", &url[..scheme_end], &rest[at..]),
+        None => format!("{}***{}", &url[..scheme_end], &rest[at..]),
     }
 }
 

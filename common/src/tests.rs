@@ -842,6 +842,10 @@ fn urls_are_shown_without_their_passwords() {
         ("etcd://gw:pa&key=1@h:1", "etcd://gw:***@h:1"),
         // An `@` further on (a path's, an option's file) hides more than it must, never less.
         ("etcd://h:1/a@b", "etcd://h:***@b"),
+        // A mistyped scheme.
+        ("etcd:/gw:s3cret@h:1/g", "etcd:***@h:1/g"),
+        ("etcd//gw:s3cret@h:1/g", "***@h:1/g"),
+        ("redis:/u:s3cret@127.0.0.1:6379", "redis:***@127.0.0.1:6379"),
         ("etcds://h:1/g?ca=/x?y@z:1.pem", "etcds://h:***@z:1.pem"),
         (
             "etcds://gw:pa/x?y@h:1/g?ca=/a@b.pem",

@@ -346,7 +346,7 @@ pub fn render(workers: &[Arc<WorkerMetrics>], revision: u64) -> String {
     histogram(
         &mut out,
         "gateway_upstream_response_duration_seconds",
-        "Time from the request sent upstream to the final response head received (past interim 1xx).",
+        "Time from the request sent upstream to the final response head (past any 1xx).",
         workers,
         |w| &w.upstream_latency,
     );

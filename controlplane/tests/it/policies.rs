@@ -363,10 +363,12 @@ fn cors_preflight_and_origin_checks() {
          [[routes]]\nid = \"said\"\npath = \"/said\"\nrespond = {{ body = \"said\" }}\npolicies = [\"web\"]\n\
          [[upstreams]]\nid = \"gone\"\ntargets = [{{ address = \"{}\" }}]\n\
          [[routes]]\nid = \"down\"\npath = \"/down\"\nupstream = \"gone\"\npolicies = [\"web\"]\n\
-         [[aggregates]]\nid = \"ag\"\nsteps = [{{ id = \"s\", upstream = \"origin\", path = \"/s\" }}]\n\
+         [[aggregates]]\nid = \"ag\"\n\
+         steps = [{{ id = \"s\", upstream = \"origin\", path = \"/s\" }}]\n\
          [[routes]]\nid = \"agg\"\npath = \"/agg\"\naggregate = \"ag\"\npolicies = [\"web\"]\n\
          response_headers = {{ set = {{ Vary = \"Accept-Encoding\" }} }}\n\
-         [[routes]]\nid = \"kv\"\npath = \"/kv\"\nupstream = \"origin\"\npolicies = [\"web\", \"keys\"]\n\
+         [[routes]]\nid = \"kv\"\npath = \"/kv\"\nupstream = \"origin\"\n\
+         policies = [\"web\", \"keys\"]\n\
          response_headers = {{ remove = [\"Vary\"] }}\n",
         closed_port()
     );
