@@ -2198,11 +2198,7 @@ fn a_json_call_the_upstream_never_answers_is_a_504() {
     // An HTTP/2 client that resets its stream after the upstream's head, before any of the
     // JSON answer: logged 499 (before: the upstream's 200, nothing sent).
     const RESET: &str = r#"
-import socket, sys, time
-import h2.connection, h2.config
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
+import time
 c.send_headers(1, [(":method", "POST"), (":path", "/m"), (":scheme", "http"),
                    (":authority", "t"), ("content-type", "application/json")])
 c.send_data(1, b"{}", end_stream=True)
@@ -2212,10 +2208,7 @@ c.reset_stream(1, error_code=8)
 s.sendall(c.data_to_send())
 time.sleep(0.2)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", RESET, &after_head.addr.port().to_string()])
-        .output()
-        .expect("python3 with the PyPI package h2");
+    let out = crate::http2::h2_client(&after_head, RESET);
     assert!(out.status.success(), "{out:?}");
     // The 504s above (one, and one more on its kept connection), then this one.
     let lines = wait_log_lines(&log, 3);
@@ -2229,11 +2222,6 @@ time.sleep(0.2)
     // 200 head, then the status in trailers; logged 200, the status sent (the review found
     // the 499 rule above turning it into a 504).
     const NATIVE: &str = r#"
-import socket, sys
-import h2.connection, h2.config, h2.events
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
 c.send_headers(1, [(":method", "POST"), (":path", "/r.S/M"), (":scheme", "http"),
                    (":authority", "t"), ("content-type", "application/grpc"), ("te", "trailers")])
 c.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
@@ -2253,10 +2241,7 @@ while not done:
     s.sendall(c.data_to_send())
 print(status, grpc)
 "#;
-    let out = Command::new("python3")
-        .args(["-c", NATIVE, &after_head.addr.port().to_string()])
-        .output()
-        .expect("python3 with the PyPI package h2");
+    let out = crate::http2::h2_client(&after_head, NATIVE);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "200 14",

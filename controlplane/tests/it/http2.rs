@@ -1000,7 +1000,7 @@ fn h2c_proxy(origin: &Origin, extra: &str) -> Gateway {
 
 /// Runs `script` (Python, the PyPI package h2) with `s` a socket to the gateway's first
 /// listener and `c` an HTTP/2 client connection on it, preface sent.
-fn h2_client(gw: &Gateway, script: &str) -> std::process::Output {
+pub(crate) fn h2_client(gw: &Gateway, script: &str) -> std::process::Output {
     const PREAMBLE: &str = "import socket, sys\n\
         import h2.connection, h2.config, h2.events, h2.errors\n\
         s = socket.create_connection((\"127.0.0.1\", int(sys.argv[1])), timeout=10)\n\
