@@ -1654,22 +1654,27 @@ fn start_upload(c: &mut Client) -> thread::JoinHandle<()> {
     })
 }
 
-fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
-    // Reads the request head, then nothing, for longer than the test waits.
-    let origin = head_only_origin(|_| thread::sleep(Duration::from_secs(15)));
-    let gw = Gateway::start(
-        &framing_config(
-            origin,
-            "[timeouts]\nupstream_send_ms = 500\n[limits]\nmax_body_bytes = 100000000\n",
-        ),
-        driver,
-    );
+/// The answer to a `STALL_BYTES` upload through a gateway on `config`, whose connection
+/// must then close within 5 s.
+fn upload_answer(config: &str, driver: Driver) -> Response {
+    let gw = Gateway::start(config, driver);
     let mut c = gw.connect();
     let sender = start_upload(&mut c);
     let r = c.read_response();
-    assert_eq!(r.status, 504, "{}", r.body_str());
-    assert!(c.is_closed_within(Duration::from_secs(5)));
+    assert!(c.is_closed_within(Duration::from_secs(5)), "{}", r.head);
     sender.join().unwrap();
+    r
+}
+
+fn upstream_that_stops_reading_the_body_is_504(driver: Driver) {
+    // Reads the request head, then nothing, for longer than the test waits.
+    let origin = head_only_origin(|_| thread::sleep(Duration::from_secs(15)));
+    let config = framing_config(
+        origin,
+        "[timeouts]\nupstream_send_ms = 500\n[limits]\nmax_body_bytes = 100000000\n",
+    );
+    let r = upload_answer(&config, driver);
+    assert_eq!(r.status, 504, "{}", r.body_str());
 }
 
 fn early_upstream_answer_to_an_unread_body_is_relayed(driver: Driver) {
@@ -1767,13 +1772,8 @@ fn an_early_answer_whose_head_comes_in_two_parts_is_read_whole_and_filtered(driv
         "upstream = \"origin\"\n",
         "upstream = \"origin\"\nresponse = { deny = [\"secret\"] }\n",
     );
-    let gw = Gateway::start(&config, driver);
-    let mut c = gw.connect();
-    let sender = start_upload(&mut c);
-    let r = c.read_response();
+    let r = upload_answer(&config, driver);
     assert_eq!((r.status, r.body_str()), (200, r#"{"a":1}"#), "{}", r.head);
-    assert!(c.is_closed_within(Duration::from_secs(5)));
-    sender.join().unwrap();
     // One whose head never ends: a 504 at the head's deadline, as for any answer (the
     // review found a 502 `upstream_closed`, which the upstream was not).
     fn never_whole(s: &mut TcpStream) {
@@ -1785,13 +1785,8 @@ fn an_early_answer_whose_head_comes_in_two_parts_is_read_whole_and_filtered(driv
         "[timeouts]\n",
         "[timeouts]\nupstream_response_head_ms = 2500\n",
     );
-    let gw = Gateway::start(&config, driver);
-    let mut c = gw.connect();
-    let sender = start_upload(&mut c);
-    let r = c.read_response();
+    let r = upload_answer(&config, driver);
     assert_eq!(r.status, 504, "{}", r.head);
-    assert!(c.is_closed_within(Duration::from_secs(5)));
-    sender.join().unwrap();
 }
 
 /// An origin for one keep-alive connection: answers its first request (`GET /warm`) with 200,
