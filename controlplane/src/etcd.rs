@@ -578,36 +578,6 @@ impl Client {
         Ok((kvs(&answer), num(&answer["header"]["revision"])))
     }
 
-    /// Every key under `name` with its value, `page` keys per call (so no answer weighs more
-    /// than one page of values, whatever the history holds), each handed to `each` in key
-    /// order.
-    pub fn range_pages(
-        &mut self,
-        name: &str,
-        page: usize,
-        mut each: impl FnMut(Kv),
-    ) -> Result<(), EtcdError> {
-        let prefix = self.key(name);
-        let end = b64(&prefix_end(&prefix));
-        let mut from = prefix.into_bytes();
-        loop {
-            let req = json!({"key": b64(&from), "range_end": end, "limit": page});
-            let answer = self.call("/v3/kv/range", &req)?;
-            let more = answer["more"].as_bool() == Some(true);
-            let list = kvs(&answer);
-            let next = list.last().map(|kv| kv.key.clone());
-            list.into_iter().for_each(&mut each);
-            match (more, next) {
-                (true, Some(key)) => {
-                    // The smallest key after the last one.
-                    from = key.into_bytes();
-                    from.push(0);
-                }
-                _ => return Ok(()),
-            }
-        }
-    }
-
     /// Every key under `name`, without its value (each [`Kv::value`] empty).
     pub fn range_keys(&mut self, name: &str) -> Result<Vec<Kv>, EtcdError> {
         let key = self.key(name);
