@@ -175,7 +175,16 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 let path = value("--store-file")?;
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| format!("--store-file {path:?}: {e}"))?;
-                run.store = Some(text.trim().to_owned());
+                let url = text.trim();
+                // A second line (a comment, a second URL) would otherwise end up in the
+                // key prefix. The text is not shown: it holds the password.
+                if url.chars().any(char::is_control) {
+                    return Err(format!(
+                        "--store-file {path:?}: holds more than the URL on one line \
+                         (a line break or control character inside it)"
+                    ));
+                }
+                run.store = Some(url.to_owned());
                 run.store_file = Some(PathBuf::from(path));
             }
             "--seed-from" => run.seed_from = Some(PathBuf::from(value("--seed-from")?)),
@@ -282,6 +291,15 @@ mod tests {
                 ..RunArgs::default()
             }))
         );
+        // A second line is refused, and the error does not show the password.
+        std::fs::write(&file, "etcd://gw:pw@127.0.0.1:2379/gw\n# old: etcd://x\n").unwrap();
+        let e = p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).unwrap_err();
+        assert!(
+            e.contains("more than the URL on one line") && !e.contains("pw"),
+            "{e}"
+        );
+        std::fs::write(&file, "etcd://gw:pw@127.0.0.1:2379/g\tw").unwrap();
+        assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_err());
         let _ = std::fs::remove_file(&file);
         assert!(p(&[
             "--store-file",
