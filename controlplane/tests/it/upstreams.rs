@@ -520,6 +520,57 @@ fn a_silent_target_times_out_per_try_and_a_post_is_not_retried() {
     );
 }
 
+#[test]
+fn a_slow_upload_is_the_clients_time_not_the_per_try_bound() {
+    let ok = Backend::start("ok", Mode::Answer);
+    let settings = "retry = { attempts = 2, per_try_timeout_ms = 300 }\n\
+                    passive = { consecutive_failures = 1, ejection_ms = 30000 }";
+    let gw = Gateway::start(
+        &config(1, &[target(ok.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    // Bodies the client sends in three pieces over 500 ms, longer than the try's bound: the
+    // target answers at once when it has them all. Before, each was a 504 for the target's
+    // silence (`response_timeout`), and the target was ejected for it.
+    let heads = [
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 30\r\n\r\n",
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 30\r\nExpect: 100-continue\r\n\r\n",
+    ];
+    for head in heads {
+        let mut c = gw.connect();
+        c.send(head.as_bytes());
+        if head.contains("Expect") {
+            assert_eq!(c.read_response().status, 100, "{head}");
+        }
+        for i in 0..3 {
+            std::thread::sleep(Duration::from_millis(250));
+            c.send(format!("piece-{i}---").as_bytes());
+        }
+        let r = c.read_response();
+        assert_eq!((r.status, r.body_str()), (200, "ok"), "{head}");
+    }
+    let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+    assert_eq!(health["targets"][0]["state"], "healthy", "{health}");
+    assert_eq!(ok.posts.load(SeqCst), 2);
+    // The bound still holds once the body is in: a silent target is a 504 300 ms after it.
+    let silent = Backend::start("silent", Mode::Silent);
+    let gw = Gateway::start(
+        &config(1, &[target(silent.addr)], settings, ""),
+        Driver::IoUring,
+    );
+    let mut c = gw.connect();
+    c.send(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nab");
+    std::thread::sleep(Duration::from_millis(500));
+    c.send(b"cd");
+    let sent = Instant::now();
+    assert_eq!(c.read_response().status, 504);
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
 /// A gateway whose upstream `u` has the one target `svc.test:PORT` (a name the test's DNS
 /// server gives), and `extra` config.
 fn with_svc_target(port: u16, extra: &str) -> Gateway {

@@ -652,9 +652,16 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// When a try must have its response head (`retry.per_try_timeout_ms` from now, and
     /// `retry.overall_timeout_ms` from the first try's start), if bounded.
     fn try_deadline(&self) -> Option<Instant> {
+        self.try_deadline_from(Instant::now())
+    }
+
+    /// [`Self::try_deadline`] with the try's own bound counted from `at`: for a request whose
+    /// body was streamed from the client, the moment it had all gone. The upload's pace is
+    /// the client's (`client_body_ms` bounds it), not the target's: Envoy, too, starts its
+    /// per-try timer once the downstream request is complete.
+    pub fn try_deadline_from(&self, at: Instant) -> Option<Instant> {
         let per_try = self.up.upstream.retry.as_ref().and_then(|r| r.per_try);
-        let this = per_try.map(|t| Instant::now() + t);
-        earliest(this, self.tries_end.get())
+        earliest(per_try.map(|t| at + t), self.tries_end.get())
     }
 
     /// Waits a retry's backoff, ended early with `ClientClosed` when the watched client

@@ -510,9 +510,12 @@ async fn until_aborted(abort: &Abort, work: impl Future<Output = ()>) {
 /// is the client's, bounded by `client_body`; else the upstream's, sending or answering,
 /// bounded by `upstream`). The wait for the response head sleeps until `armed`; a move that
 /// makes its bound come sooner (the body ending while the client's longer bound was armed)
-/// wakes it.
+/// wakes it, as the body's end does: the try's own bound (`retry.per_try_timeout_ms`) counts
+/// from there.
 struct Progress {
     at: Cell<Instant>,
+    /// When the body had all gone.
+    ended: Cell<Option<Instant>>,
     awaiting_client: Cell<bool>,
     client_body: Duration,
     upstream: Duration,
@@ -524,6 +527,7 @@ impl Progress {
     fn new(client_body: Duration, upstream: Duration) -> Progress {
         Progress {
             at: Cell::new(Instant::now()),
+            ended: Cell::new(None),
             awaiting_client: Cell::new(false),
             client_body,
             upstream,
@@ -539,6 +543,15 @@ impl Progress {
             false => self.upstream,
         };
         self.at.get() + bound
+    }
+
+    /// The body's end: the head's wait counts from now, and so does the try's own bound.
+    fn end(&self) {
+        self.moved(false);
+        self.ended.set(Some(Instant::now()));
+        if let Some(w) = self.waiting.borrow_mut().take() {
+            w.wake();
+        }
     }
 
     /// It moved on now; `awaiting_client`: the client's next piece is awaited.
@@ -622,7 +635,7 @@ async fn pump(
     }
     let trailers = poll_fn(|cx| from.poll_trailers(cx)).await;
     // The body's end: the wait for the response head counts from here.
-    progress.moved(false);
+    progress.end();
     match trailers {
         Ok(Some(mut trailers)) => {
             replay.borrow_mut().lost = true;
@@ -1512,6 +1525,14 @@ pub(super) async fn forward<S: ClientStream>(
             // `client_body` (HTTP/1.1's too), its end the client's timeout, not the target's.
             let client_silent = || pumped && progress.awaiting_client.get();
             let streamed = pumped && call_deadline.is_none();
+            // The try's own bound: for a body the client streams, from its end (before it,
+            // the upload's pace is the client's), as on HTTP/1.1.
+            let try_by = || match pumped {
+                true => (progress.ended.get()).and_then(|at| connector.try_deadline_from(at)),
+                false => try_deadline,
+            };
+            // Whether the body's end, yet to come, brings a bound of its own.
+            let end_bounds = |ended: bool| pumped && !ended && try_deadline.is_some();
             let head_deadline = || match call_deadline {
                 Some(d) => d + GRPC_GRACE,
                 None if pumped => progress.deadline(),
@@ -1523,10 +1544,11 @@ pub(super) async fn forward<S: ClientStream>(
             let mut first_interim = None;
             let response = loop {
                 let head_by = head_deadline();
-                let deadline = try_deadline.map_or(head_by, |t| t.min(head_by));
+                let deadline = try_by().map_or(head_by, |t| t.min(head_by));
                 if streamed {
                     progress.armed.set(Some(head_by));
                 }
+                let awaits_end = end_bounds(progress.ended.get().is_some());
                 let mut sleep = pin!(monoio::time::sleep_until(deadline.into()));
                 let woke = poll_fn(|cx| {
                     // Interim answers first: polling the final one skips them.
@@ -1555,9 +1577,11 @@ pub(super) async fn forward<S: ClientStream>(
                     if sleep.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Some(Err(())));
                     }
-                    if streamed {
-                        // A move made the deadline sooner: look again.
-                        if progress.armed.get().is_none() {
+                    if streamed || awaits_end {
+                        // A move made the deadline sooner, or the body ended: look again.
+                        if (streamed && progress.armed.get().is_none())
+                            || (awaits_end && progress.ended.get().is_some())
+                        {
                             return Poll::Ready(None);
                         }
                         *progress.waiting.borrow_mut() = Some(cx.waker().clone());
@@ -1583,7 +1607,7 @@ pub(super) async fn forward<S: ClientStream>(
                     // The body moved on meanwhile: the wait goes on from there.
                     Some(Err(()))
                         if head_deadline() > Instant::now()
-                            && try_deadline.is_none_or(|t| t > Instant::now()) => {}
+                            && try_by().is_none_or(|t| t > Instant::now()) => {}
                     Some(Err(())) => break Err(()),
                 }
             };

@@ -960,13 +960,15 @@ async fn proxy<S: ClientStream>(
     // Set by an attempt that read for an early answer and got none whole: what it read of
     // one went with the read it gave up, so the connection is not read again.
     let mut looked = false;
+    // The body comes from the client as it is relayed: the try's own bound waits for its end.
+    let streamed = body_left > 0;
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
         // Each try's own: an earlier one's failed write or early answer says nothing of it.
         (write_failed, early, looked) = (false, false, false);
         let reused = session.reused;
         // Once the start of an early answer is there, the rest of its head is waited for as
-        // any answer's is.
-        let try_deadline = session.try_deadline;
+        // any answer's is (not within the try's bound while the client is still uploading).
+        let try_deadline = session.try_deadline.filter(|_| !streamed);
         let look = move |plan, looked| {
             let head_deadline = Instant::now() + head_timeout;
             EarlyLook {
@@ -1044,6 +1046,9 @@ async fn proxy<S: ClientStream>(
             }
         }
         let sent_at = Instant::now();
+        if streamed {
+            session.try_deadline = connector.try_deadline_from(sent_at);
+        }
         let deadline = session.head_deadline(sent_at + head_timeout);
         // After a small answer, the whole next one in one read, as it comes.
         let head_read = session.conn.head_read(down.splice_socket().is_some());
