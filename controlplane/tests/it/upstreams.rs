@@ -1342,6 +1342,57 @@ fn max_connections_counts_pooled_connections() {
 }
 
 #[test]
+fn a_retry_the_circuit_refuses_is_no_retry_sent() {
+    // Two connections allowed: /a holds one on the slow target, /b takes the other to the
+    // failing one, and while its retry waits its backoff, /c takes the place /b's closed
+    // connection left. The retry, which would need a third, is refused: it reached no
+    // target, so it is not counted as a retry of the slow one's, nor in the log's `retries`
+    // (before: both, one each).
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(2500)));
+    let fail = Backend::start("fail", Mode::Status(503));
+    let settings = "circuit = { max_connections = 2 }\n\
+                    retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
+                    backoff_ms = 1000 }";
+    let log = temp_dir("circuit-retry").join("access.log");
+    let top = format!("[access_log]\npath = \"{}\"\n", log.display());
+    let targets = [target(slow.addr), target(fail.addr)];
+    let gw = Gateway::start(&config(1, &targets, settings, &top), Driver::IoUring);
+    let a = in_flight_at(&gw, &slow, "/a");
+    let addr = gw.addr;
+    let b = thread::spawn(move || {
+        let r = Client::connect(addr).roundtrip("GET /b HTTP/1.1\r\nHost: t\r\n\r\n");
+        (r.status, r.header("x-gateway-reason").map(str::to_owned))
+    });
+    // /b's first try is over (its connection closed) once it is outstanding nowhere.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+        let out = |i: usize| health["targets"][i]["outstanding"].as_u64();
+        if fail.hits.load(SeqCst) == 1 && out(1) == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let c = thread::spawn(move || {
+        let r = Client::connect(addr).roundtrip("GET /c HTTP/1.1\r\nHost: t\r\n\r\n");
+        r.status
+    });
+    assert_eq!(b.join().unwrap(), (503, Some("max_connections".to_owned())));
+    assert_eq!((a.join().unwrap(), c.join().unwrap()), (200, 200));
+    assert_eq!((slow.hits.load(SeqCst), fail.hits.load(SeqCst)), (2, 1));
+    for t in [slow.addr, fail.addr] {
+        let series = format!("gateway_target_retries_total{{upstream=\"u\",target=\"{t}\"}}");
+        assert_eq!(metric(&gw, &series), 0, "{series}");
+    }
+    let lines = wait_log_lines(&log, 3);
+    let refused = lines.iter().find(|l| l["path"] == "/b").unwrap();
+    assert_eq!(refused["retries"], 0, "{refused}");
+    assert_eq!(refused["error"], "circuit_max_connections", "{refused}");
+    assert_eq!(refused["target"], fail.addr.to_string(), "{refused}");
+}
+
+#[test]
 fn a_pooled_connection_its_target_closed_holds_no_place_in_max_connections() {
     // Each target answers keep-alive, then closes. Before: the closed connection, pooled
     // for the first target, was found only by a request to that target, and held the one
@@ -1886,23 +1937,32 @@ fn overall_timeout_ms_bounds_the_tries_together() {
     );
 
     // A backoff that would end past the bound is not waited: the first try's 503 stands.
+    // Nor does the retry not sent take from the budget (3 a second here): before, the first
+    // three took it all, and the next two were counted as denied by it.
     let busy = [
         Backend::start("b1", Mode::Status(503)),
         Backend::start("b2", Mode::Status(503)),
     ];
     let targets: Vec<String> = busy.iter().map(|b| target(b.addr)).collect();
-    let settings = "retry = { attempts = 2, on = [\"503\"], budget_min_per_s = 1000, \
-                    backoff_ms = 2000, overall_timeout_ms = 800 }";
+    let settings = "retry = { attempts = 2, on = [\"503\"], budget_percent = 0, \
+                    budget_min_per_s = 3, backoff_ms = 2000, overall_timeout_ms = 800 }";
     let gw = Gateway::start(&config(1, &targets, settings, ""), Driver::IoUring);
-    let started = Instant::now();
-    assert_eq!(get(&gw, "/x").status, 503);
-    assert!(
-        started.elapsed() < Duration::from_millis(800),
-        "{:?}",
-        started.elapsed()
-    );
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(get(&gw, "/x").status, 503);
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+    }
     let tries: usize = busy.iter().map(|b| b.hits.load(SeqCst)).sum();
-    assert_eq!(tries, 1, "the retry would have waited 1 to 2 s");
+    assert_eq!(tries, 5, "each retry would have waited 1 to 2 s");
+    let denied = metric(&gw, "gateway_retry_budget_denied_total{upstream=\"u\"}");
+    assert_eq!(
+        denied, 0,
+        "retries the deadline stopped are not the budget's"
+    );
 
     // Only a request that may be retried: a POST, sent once, has its `[timeouts]` only, and
     // an answer after 800 ms comes through a 500 ms bound that cuts a GET.

@@ -773,11 +773,14 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 return Err(ErrorKind::NoTargets.into());
             };
             let state = &set.targets[i].state;
-            if tries > 1 {
+            let result = one(self.begin(i), slot, req).await;
+            // Refused before reaching the target (max_connections, max_pending): not one of
+            // its requests, nor a retry sent to it.
+            let refused = matches!(&result, Err(e) if e.kind.reason().is_some());
+            if tries > 1 && !refused {
                 state.count_retry(stripe);
                 req.as_mut().retries = req.as_mut().retries.saturating_add(1);
             }
-            let result = one(self.begin(i), slot, req).await;
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);
@@ -793,9 +796,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     self.retry
                         .is_some_and(|r| r.on_status(status) || grpc.is_some_and(|c| r.on_grpc(c)))
                 }
-                // Refused before reaching the target (max_connections, max_pending): not
-                // counted as one of its requests.
-                Err(e) if e.kind.reason().is_some() => false,
+                Err(_) if refused => false,
                 Err(e) => match e.kind.target_failure() {
                     Some(k) => {
                         state.count_error(stripe, k);
@@ -805,23 +806,23 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     None => false,
                 },
             };
-            let again = failure
-                && !req.as_mut().committed
-                && self.retry.is_some_and(|r| {
-                    tries < r.attempts
-                        && live
-                            .budget
-                            .try_retry(now_ms(), r.budget_percent, r.budget_min_per_s)
-                });
-            if !again {
-                return result;
-            }
-            wait = self
+            let Some(r) = self
                 .retry
-                .filter(|r| r.backoff.is_some())
-                .map_or(Duration::ZERO, |r| r.backoff(tries, self.source.random()));
+                .filter(|r| failure && !req.as_mut().committed && tries < r.attempts)
+            else {
+                return result;
+            };
+            wait = match r.backoff {
+                Some(_) => r.backoff(tries, self.source.random()),
+                None => Duration::ZERO,
+            };
             if deadline.is_some_and(|d| Instant::now() + wait >= d) {
                 // The wait would outlast the request or its tries: the last answer stands.
+                return result;
+            }
+            // Last: the budget counts only the retries that go (it counted those the
+            // deadline then stopped, and said them denied).
+            if !(live.budget).try_retry(now_ms(), r.budget_percent, r.budget_min_per_s) {
                 return result;
             }
             // An answer not relayed is dropped here: its connection or stream closes.
