@@ -176,20 +176,45 @@ impl PathTable {
             if len > path.len() {
                 continue;
             }
-            let Some(ids) = self.prefix.get(&path[..len]) else {
-                continue;
-            };
             // A prefix matches at a segment boundary, or anywhere when it ends with '/'.
-            let boundary = len == path.len() || path[len] == b'/' || path[len - 1] == b'/';
-            if !boundary {
-                continue;
-            }
+            let ids = match self.prefix.get(&path[..len]) {
+                Some(ids) if len == path.len() || path[len - 1] == b'/' => ids,
+                Some(ids) if ends_segment(&path[len..]) => ids,
+                _ => match self.with_escaped_slash(path, len) {
+                    Some(ids) => ids,
+                    None => continue,
+                },
+            };
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
                 return Some(id);
             }
         }
         None
     }
+
+    /// The routes of a prefix of length `len` that ends with '/', where `path` has an escaped
+    /// `/` or `\` there (`/admin%2Fsecret` under `/admin/`; see [`ends_segment`]).
+    fn with_escaped_slash(&self, path: &[u8], len: usize) -> Option<&Vec<u32>> {
+        let escape = path.get(len - 1..len + 2)?;
+        if escape != b"%2F" && escape != b"%5C" {
+            return None;
+        }
+        let mut key = path[..len].to_vec();
+        key[len - 1] = b'/';
+        self.prefix.get(&key[..])
+    }
+}
+
+/// Whether `rest`, the path after a prefix, starts a new segment, or parameters of the last
+/// one: a `/`, a `;`, or an escaped `/` or `\` (request paths have their escapes upper-cased).
+/// Servers that decode `%2F` before they route (Flask, most frameworks) or strip `;`
+/// parameters (servlet containers) read `/admin%2Fsecret` and `/admin;x/secret` as under
+/// `/admin`, so a prefix route's policies must cover them; nginx, Envoy and Kong match
+/// prefixes as strings, which covers them too.
+fn ends_segment(rest: &[u8]) -> bool {
+    matches!(rest.first(), Some(b'/' | b';'))
+        || rest.starts_with(b"%2F")
+        || rest.starts_with(b"%5C")
 }
 
 /// Host tables, built by [`crate::Snapshot::compile`].
@@ -384,5 +409,27 @@ mod tests {
         assert_eq!(t.find(b"/apix", |_| true), None);
         assert_eq!(t.find(b"/static/a.css", |_| true), Some(1));
         assert_eq!(t.find(b"/static", |_| true), None);
+        // Spellings servers read as under the prefix: its policies hold for them (before:
+        // all four went to the catch-all, and an upstream decoding `%2F` served them).
+        t.insert_prefix(b"/", 2);
+        for path in [
+            &b"/api%2Fsecret"[..],
+            b"/api%5Csecret",
+            b"/api;x/secret",
+            b"/api;x",
+        ] {
+            assert_eq!(
+                t.find(path, |_| true),
+                Some(0),
+                "{:?}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        assert_eq!(t.find(b"/static%2Fa.css", |_| true), Some(1));
+        assert_eq!(t.find(b"/static%5Ca.css", |_| true), Some(1));
+        assert_eq!(t.find(b"/static%2", |_| true), Some(2));
+        assert_eq!(t.find(b"/static%20a", |_| true), Some(2));
+        assert_eq!(t.find(b"/api%20x", |_| true), Some(2));
+        assert_eq!(t.find(b"/apix;y", |_| true), Some(2));
     }
 }

@@ -1589,8 +1589,17 @@ fn dot_segments_cannot_route_around_a_policy() {
 fn escaped_letters_cannot_route_around_a_policy() {
     let (origin, gw) = orders_behind_an_open_catch_all();
     // Every upstream reads `/%6Frders/1` as `/orders/1`: so does the router, and the policy
-    // on `/orders` asks for the key.
-    for path in ["/%6Frders/1", "/%6f%72%64%65%72%73/1", "/o%72ders"] {
+    // on `/orders` asks for the key. Many read `/orders%2F1` so too, or drop `;x` (servlet
+    // containers): under the prefix, they are its route's (before: the catch-all's).
+    for path in [
+        "/%6Frders/1",
+        "/%6f%72%64%65%72%73/1",
+        "/o%72ders",
+        "/orders%2F1",
+        "/orders%2f1",
+        "/orders%5C1",
+        "/orders;x/1",
+    ] {
         assert_problem(&get(&gw, path, ""), 401);
     }
     assert!(origin.requests().is_empty());
