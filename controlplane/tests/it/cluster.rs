@@ -524,6 +524,157 @@ fn cluster_error_by_sync_interval() {
 }
 
 #[test]
+fn a_limit_below_one_a_round_is_shared_not_starved_nor_multiplied() {
+    // 2 a second, burst 2, three nodes: the bucket refills less than one request per round,
+    // so most rounds have one request to give and three nodes wanting it. The one left over
+    // after an even split goes to the first by name (before: to the asking node's rank by
+    // time of demand, which was always last, so nobody got it: 4 of the 10 admitted).
+    let redis = Redis::start();
+    let nodes: Vec<Gateway> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| limit_node(id, redis.port, "deny", 5, (2, 2)))
+        .collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|g| g.addr).collect();
+    let (ok, limited, took) = load(&addrs, 100, Duration::from_secs(4), |_, _| true);
+    let expected = 2.0 * took.as_secs_f64() + 2.0;
+    assert!(limited > 0);
+    assert!(
+        (ok as f64 - expected).abs() <= 2.5,
+        "spread: {ok} admitted, expected {expected:.1}"
+    );
+    // 1 a second, burst 1, requests going round the three nodes every 400 ms: each node
+    // sees the key again after 1.2 s, past its bucket's fill time, but the bucket is in debt
+    // as its last round there found it (each node started the key with one request). Before,
+    // the node took it for full again: every request passed, three times the limit.
+    let redis = Redis::start();
+    let nodes: Vec<Gateway> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|id| limit_node(id, redis.port, "deny", 5, (1, 1)))
+        .collect();
+    let started = Instant::now();
+    let mut ok = 0;
+    for i in 0..15 {
+        let at = started + Duration::from_millis(400 * i as u64);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let status = (nodes[i % 3].connect())
+            .roundtrip("GET /x HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n")
+            .status;
+        assert!(status == 200 || status == 429, "{status}");
+        ok += usize::from(status == 200);
+    }
+    // 6 s: 1 a second and the burst, and the two more the first round gave (one per node).
+    assert!((4..=9).contains(&ok), "round robin: {ok} of 15 admitted");
+}
+
+/// A TCP relay to `127.0.0.1:port` that holds each reply of Redis back for `delay_ms`: a
+/// Redis that answers, slowly. Killed when dropped.
+struct SlowRelay {
+    child: Child,
+    port: u16,
+}
+
+impl SlowRelay {
+    fn start(port: u16, delay_ms: u64) -> SlowRelay {
+        const RELAY: &str = r#"
+import socket, sys, threading, time
+to, delay = int(sys.argv[1]), int(sys.argv[2]) / 1000
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(16)
+print(ls.getsockname()[1], flush=True)
+def pipe(a, b, wait):
+    try:
+        while True:
+            data = a.recv(1 << 16)
+            if not data:
+                break
+            time.sleep(wait)
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    c, _ = ls.accept()
+    r = socket.create_connection(("127.0.0.1", to))
+    threading.Thread(target=pipe, args=(c, r, 0), daemon=True).start()
+    threading.Thread(target=pipe, args=(r, c, delay), daemon=True).start()
+"#;
+        let mut child = Command::new("python3")
+            .args(["-c", RELAY, &port.to_string(), &delay_ms.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let port = line.trim().parse().expect("the relay's port");
+        SlowRelay { child, port }
+    }
+}
+
+impl Drop for SlowRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_redis_that_answers_slowly_is_not_down() {
+    // Each reply 120 ms late. A flood of distinct keys makes rounds of many script calls,
+    // each answered: the store is up, and a client of one key meanwhile gets 200s and 429s,
+    // never the 503 of `on_store_error = "deny"` (before: a round over 300 ms in all counted
+    // as an outage, so anyone could switch the mode on for every key).
+    let redis = Redis::start();
+    let relay = SlowRelay::start(redis.port, 120);
+    let gw = Gateway::start(
+        &format!(
+            "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+             [cluster]\nnode_id = \"s\"\nredis = \"redis://127.0.0.1:{}\"\nsync_ms = 30\n\n\
+             [[policies]]\nid = \"per-key\"\nkind = \"rate_limit\"\nscope = \"cluster\"\n\
+             rate = 1000\nburst = 1000\nkey = \"header:X-Key\"\non_store_error = \"deny\"\n\n\
+             [[routes]]\nid = \"api\"\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n\
+             policies = [\"per-key\"]\n",
+            relay.port
+        ),
+        Driver::IoUring,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.admin("GET", "/v1/status", None).json()["cluster"]["redis"] != "up" {
+        assert!(Instant::now() < deadline, "Redis never up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let addr = gw.addr;
+    let flood = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        for batch in 0..16 {
+            let mut requests = String::new();
+            for k in 0..500 {
+                requests += &format!("GET /x HTTP/1.1\r\nHost: n\r\nX-Key: k{batch}-{k}\r\n\r\n");
+            }
+            c.send(requests.as_bytes());
+            for _ in 0..500 {
+                assert_eq!(c.read_response().status, 200);
+            }
+        }
+    });
+    let mut one = gw.connect();
+    let mut seen = Vec::new();
+    while !flood.is_finished() {
+        let r = one.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\nX-Key: one\r\n\r\n");
+        seen.push(r.status);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    flood.join().unwrap();
+    assert!(seen.len() > 20, "{seen:?}");
+    assert!(!seen.contains(&503), "{seen:?}");
+}
+
+#[test]
 fn a_redis_password_with_colons_is_one_password() {
     // `redis://:PASSWORD@...` with colons in the password: before, sent as a user and a
     // password (`AUTH pa ss`), which Redis refused, so the cluster limit never had its store.

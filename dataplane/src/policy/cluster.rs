@@ -20,10 +20,11 @@
 //! for four rounds (Redis has stopped counting the node as wanting it); when the load moves
 //! to another node, the old one still counts as wanting the key for four rounds. Measured by the three-node tests (README).
 //!
-//! While Redis cannot be reached (a round failed), `on_store_error` decides: `allow` admits,
-//! `deny` refuses with 503, `local` applies the limit on this node alone (the node-scoped
-//! buckets). Counts made while Redis was away are dropped, not charged when it returns; the
-//! shares are kept, so a key resumes from what it had left (and its refill since).
+//! While Redis cannot be reached (a round failed, or no reply came for ten intervals),
+//! `on_store_error` decides: `allow` admits, `deny` refuses with 503, `local` applies the
+//! limit on this node alone (the node-scoped buckets). Counts made while Redis was away are
+//! dropped, not charged when it returns; the shares are kept, so a key resumes from what it
+//! had left (and its refill since).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -44,9 +45,9 @@ const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 static STORE: AtomicU8 = AtomicU8::new(UNKNOWN);
-/// When the last round succeeded (the limiters' clock), and the interval rounds run at: a
-/// store that has not answered for ten intervals (at least 250 ms) counts as down even while
-/// a round still waits for it.
+/// When Redis last answered a round's call (the limiters' clock), and the interval rounds
+/// run at: a store that has not answered for ten intervals (at least 250 ms) counts as down
+/// even while a round still waits for it.
 static LAST_OK_NS: AtomicU64 = AtomicU64::new(0);
 static SYNC_NS: AtomicU64 = AtomicU64::new(5_000_000);
 /// Nodes that reconciled in the last 3 s, this one included.
@@ -79,6 +80,12 @@ struct Share {
     /// [`IDLE_NS`]. Dropped sooner, a key could start over from a full allowance each time
     /// and pass its limit by pausing.
     horizon_ns: AtomicU64,
+    /// When the key's bucket is full again, as its last round found it (the limiters' clock;
+    /// 0: no round yet). An idle key starts afresh from then (not after its horizon), and is
+    /// kept until then: a bucket that requests of several nodes put in debt (each starting
+    /// with at least one while `burst` is below the live nodes) is not taken for full again
+    /// after one fill time, over and over.
+    full_at_ns: AtomicU64,
     /// In the next round's list (see [`ClusterShares::dirty`]).
     queued: std::sync::atomic::AtomicBool,
 }
@@ -108,8 +115,8 @@ impl ClusterShares {
         }
     }
 
-    /// Whether the store is down (a check then follows `mode`): the last round failed, or
-    /// none has succeeded for ten intervals (at least 250 ms).
+    /// Whether the store is down (a check then follows `mode`): the last round failed, or no
+    /// reply has come for ten intervals (at least 250 ms).
     pub fn store_down() -> bool {
         match STORE.load(Ordering::Relaxed) {
             DOWN => true,
@@ -182,10 +189,12 @@ impl ClusterShares {
     }
 }
 
-/// Whether the share was used within its horizon (see [`Share::horizon_ns`]).
+/// Whether the share was used within its horizon (see [`Share::horizon_ns`]), or its bucket
+/// is not full again yet (see [`Share::full_at_ns`]).
 fn fresh(s: &Share, now_ns: u64) -> bool {
     let horizon = s.horizon_ns.load(Ordering::Relaxed).max(IDLE_NS);
     now_ns.saturating_sub(s.active_ns.load(Ordering::Relaxed)) < horizon
+        || now_ns < s.full_at_ns.load(Ordering::Relaxed)
 }
 
 /// How long after its last demand for a key Redis counts a node as wanting it: four rounds,
@@ -201,9 +210,10 @@ fn wanting_window_ns() -> u64 {
 }
 
 /// Takes one request from `share`. A share idle for [`IDLE_NS`] (no longer reconciled) first
-/// gets its allowance back: `burst / live nodes` after its bucket's fill time (or at its first
-/// use), else what it had plus its part of the refill since. `Some`: admitted, with what is
-/// left of the allowance; `None`: refused.
+/// gets its allowance back: `burst / live nodes` (at least one) once its bucket is full again
+/// as its last round found it (without one, after the bucket's fill time), or at its first
+/// use; else what it had plus its part of the refill since. `Some`: admitted, with what is left of the
+/// allowance; `None`: refused.
 fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
     let last = share.active_ns.swap(now_ns, Ordering::Relaxed);
     let idle = now_ns.saturating_sub(last);
@@ -212,7 +222,12 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
         share.horizon_ns.store(horizon, Ordering::Relaxed);
         let live = u64::from(LIVE_NODES.load(Ordering::Relaxed).max(1));
         let full = (limit.burst / live).max(1);
-        let start = if last == 0 || idle >= horizon {
+        // As the key's last round found its bucket, else after the bucket's fill time.
+        let full_again = match share.full_at_ns.load(Ordering::Relaxed) {
+            0 => idle >= horizon,
+            at => now_ns >= at,
+        };
+        let start = if last == 0 || full_again {
             full
         } else {
             let left = u64::try_from(share.allowance.load(Ordering::Acquire)).unwrap_or(0);
@@ -266,8 +281,10 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
 /// as wanting a key after it last did (microseconds), then per key the requests this node
 /// admitted and the requests it saw (admitted or not). It answers the live node count, then
 /// per key its headroom, the number of nodes that want it (this one counted once, whether it
-/// does or not) and this node's rank among them (which gets a remainder that does not divide
-/// evenly). Times count from 2026-01-01 so a double keeps them to well under a microsecond.
+/// does or not), this node's rank among them by name (the first ones get a remainder that
+/// does not divide evenly; by the time of their last demand, the asking node was always the
+/// last, and no node ever got it), and the microseconds until the bucket is full again.
+/// Times count from 2026-01-01 so a double keeps them to well under a microsecond.
 ///
 /// A key that holds something no gateway wrote (another type, a value that is no time) is
 /// replaced rather than failing the script: a script that stops half way has charged the
@@ -304,14 +321,20 @@ for i = 2, #KEYS do
   if demand > 0 then redis.call('ZADD', wanting, now, ARGV[1]) end
   redis.call('PEXPIRE', wanting, ttl)
   local active = redis.call('ZCARD', wanting)
-  local rank = redis.call('ZRANK', wanting, ARGV[1])
-  if not rank then
+  local rank = 0
+  if redis.call('ZSCORE', wanting, ARGV[1]) then
+    for _, node in ipairs(redis.call('ZRANGE', wanting, 0, -1)) do
+      if node < ARGV[1] then rank = rank + 1 end
+    end
+  else
     active = active + 1
     rank = active - 1
   end
-  out[3 * i - 4] = headroom
-  out[3 * i - 3] = active
-  out[3 * i - 2] = rank
+  local at = 4 * (i - 2) + 1
+  out[at + 1] = headroom
+  out[at + 2] = active
+  out[at + 3] = rank
+  out[at + 4] = math.floor(tat - now)
 end
 return out
 "#;
@@ -490,7 +513,11 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
                 }
             };
             sent_any = true;
-            if let Err(e) = apply(c, &limiter.limit, interval, chunk, &answer) {
+            // Redis answers: a round of many keys takes many calls, and while they come back
+            // the store is up (before, one over 250 ms in all counted as an outage, so that
+            // a flood of new keys switched `on_store_error` on for every other key).
+            LAST_OK_NS.store(super::ratelimit::now_ns(), Ordering::Relaxed);
+            if let Err(e) = apply(c, &limiter.limit, interval, now, chunk, &answer) {
                 restore(c, batch.get((n + 1) * BATCH..).unwrap_or_default());
                 return Err(e);
             }
@@ -553,11 +580,13 @@ fn restore(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
 
 /// Sets the allowances of `chunk`'s keys from a script answer: the headroom, plus what the
 /// bucket gains until the next round (granted ahead, so that a bucket which is full at a
-/// round does not lose its refill until the next), shared by the nodes that want the key.
+/// round does not lose its refill until the next), shared by the nodes that want the key;
+/// and when each bucket is full again, counted from `now_ns`.
 fn apply(
     c: &ClusterShares,
     limit: &Limit,
     sync: Duration,
+    now_ns: u64,
     chunk: &[(Key, u64, u64)],
     answer: &[Reply],
 ) -> std::io::Result<()> {
@@ -568,12 +597,12 @@ fn apply(
         _ => return Err(bad()),
     };
     LIVE_NODES.store(u32::try_from(live).unwrap_or(1), Ordering::Relaxed);
-    if answer.len() != 1 + 3 * chunk.len() {
+    if answer.len() != 1 + 4 * chunk.len() {
         return Err(bad());
     }
-    for ((key, _, _), triple) in chunk.iter().zip(answer[1..].chunks(3)) {
-        let (Reply::Int(headroom), Reply::Int(wanting), Reply::Int(rank)) =
-            (&triple[0], &triple[1], &triple[2])
+    for ((key, _, _), values) in chunk.iter().zip(answer[1..].chunks(4)) {
+        let [Reply::Int(headroom), Reply::Int(wanting), Reply::Int(rank), Reply::Int(ahead_us)] =
+            values
         else {
             return Err(bad());
         };
@@ -586,6 +615,8 @@ fn apply(
             // Requests admitted while the round was under way count against the new share.
             let since = s.spent.load(Ordering::Relaxed) as i64;
             s.allowance.store(share - since, Ordering::Release);
+            let ahead_ns = u64::try_from(*ahead_us).unwrap_or(0).saturating_mul(1000);
+            (s.full_at_ns).store(now_ns.saturating_add(ahead_ns), Ordering::Relaxed);
         }
     }
     Ok(())
@@ -994,6 +1025,30 @@ mod tests {
     }
 
     #[test]
+    fn a_bucket_in_debt_is_not_taken_for_full_after_one_fill_time() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        LIVE_NODES.store(3, Ordering::Relaxed);
+        // 1 a minute, burst 1, three live nodes: a key starts on each with one request (a
+        // share under one rounds up), so three reached the bucket at once, and its round
+        // says it is full again in three minutes. Idle past the fill time, the key does not
+        // start afresh before then (before: one more on every node each minute).
+        let limit = Limit::new(1, 60_000_000_000, 1).unwrap();
+        let c = ClusterShares::new(StoreErrorMode::Deny, 10);
+        let second = 1_000_000_000;
+        let t = 1000 * second;
+        assert!(c.check(&limit, None, t).allowed);
+        assert!(!c.check(&limit, None, t).allowed);
+        let round = [3, 0, 3, 0, 180_000_000].map(Reply::Int);
+        let sync = Duration::from_millis(5);
+        apply(&c, &limit, sync, t, &[(ROUTE_KEY, 1, 2)], &round).unwrap();
+        let later = t + 61 * second;
+        c.shares.retain(|_, s| fresh(s, later));
+        assert!(!c.check(&limit, None, later).allowed);
+        assert!(!c.check(&limit, None, t + 122 * second).allowed);
+        assert!(c.check(&limit, None, t + 181 * second).allowed);
+    }
+
+    #[test]
     fn a_share_back_after_leaving_the_wanting_window_is_capped_until_its_next_round() {
         let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         LIVE_NODES.store(3, Ordering::Relaxed);
@@ -1009,11 +1064,12 @@ mod tests {
             .unwrap()
             .spent
             .store(0, Ordering::Relaxed);
-        let answer = [Reply::Int(3), Reply::Int(29), Reply::Int(1), Reply::Int(0)];
+        let answer = [3, 29, 1, 0, 1_000_000].map(Reply::Int);
         apply(
             &c,
             &limit,
             Duration::from_millis(5),
+            t,
             &[(ROUTE_KEY, 1, 1)],
             &answer,
         )
@@ -1117,8 +1173,8 @@ mod tests {
         // 36 of headroom and 4 more refilled over the next 4 ms, for 4 nodes.
         let sync = Duration::from_millis(4);
         // Of 5 live nodes, 4 want the key.
-        let answer = [Reply::Int(5), Reply::Int(36), Reply::Int(4), Reply::Int(0)];
-        apply(&c, &limit, sync, &[(ROUTE_KEY, 25, 30)], &answer).unwrap();
+        let answer = [5, 36, 4, 0, 0].map(Reply::Int);
+        apply(&c, &limit, sync, 0, &[(ROUTE_KEY, 25, 30)], &answer).unwrap();
         let admitted = (0..100)
             .filter(|_| c.check(&limit, None, t).allowed)
             .count();
