@@ -212,8 +212,8 @@ fn wanting_window_ns() -> u64 {
 /// Takes one request from `share`. A share idle for [`IDLE_NS`] (no longer reconciled) first
 /// gets its allowance back: `burst / live nodes` (at least one) once its bucket is full again
 /// as its last round found it (without one, after the bucket's fill time), or at its first
-/// use; else what it had plus its part of the refill since. `Some`: admitted, with what is left of the
-/// allowance; `None`: refused.
+/// use; else what it had plus its part of the refill since. `Some`: admitted, with what is
+/// left of the allowance; `None`: refused.
 fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
     let last = share.active_ns.swap(now_ns, Ordering::Relaxed);
     let idle = now_ns.saturating_sub(last);
