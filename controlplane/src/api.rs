@@ -2873,6 +2873,40 @@ mod tests {
     }
 
     #[test]
+    fn openapi_one_of_never_lists_a_schema_and_its_patch() {
+        // Every item valid as `X` is valid as `XPatch` too, so `oneOf` (exactly one) refused
+        // every batch operation with a `value` (before: all of them but the policies').
+        fn walk(v: &Value, at: &str, bad: &mut Vec<String>) {
+            match v {
+                Value::Object(o) => {
+                    if let Some(Value::Array(alts)) = o.get("oneOf") {
+                        let refs: Vec<&str> =
+                            alts.iter().filter_map(|a| a["$ref"].as_str()).collect();
+                        if refs.iter().any(|r| refs.contains(&&*format!("{r}Patch"))) {
+                            bad.push(at.to_owned());
+                        }
+                    }
+                    for (k, v) in o {
+                        walk(v, &format!("{at}/{k}"), bad);
+                    }
+                }
+                Value::Array(a) => {
+                    for (i, v) in a.iter().enumerate() {
+                        walk(v, &format!("{at}/{i}"), bad);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let mut bad = Vec::new();
+        walk(&doc, "", &mut bad);
+        assert!(bad.is_empty(), "oneOf a schema and its patch at {bad:?}");
+        let batch = &doc["components"]["schemas"]["RouteOperation"]["properties"]["value"];
+        assert!(batch["anyOf"].is_array(), "{batch}");
+    }
+
+    #[test]
     fn pointers() {
         assert_eq!(
             path_to_pointer("routes[2].targets[0].weight"),
