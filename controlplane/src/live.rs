@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,13 +220,24 @@ pub async fn access_log_tail(
             ))
         }
     };
-    let read = || -> std::io::Result<Vec<String>> {
-        let mut f = match std::fs::File::open(&path) {
+    let read = || -> std::io::Result<Option<Vec<String>>> {
+        // Without waiting for a writer, should it be a FIFO.
+        let open = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path);
+        let mut f = match open {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
             Err(e) => return Err(e),
         };
-        let len = f.metadata()?.len();
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            // A FIFO (a log shipper reads it) has nothing to read back, and reading it would
+            // take lines from the shipper.
+            return Ok(None);
+        }
+        let len = meta.len();
         let from = len.saturating_sub(LOG_TAIL_BYTES);
         f.seek(SeekFrom::Start(from))?;
         let mut bytes = Vec::new();
@@ -238,15 +250,23 @@ pub async fn access_log_tail(
         }
         lines.retain(|l| l.starts_with("{\"ts\":\"") && l.ends_with('}'));
         let skip = lines.len().saturating_sub(want);
-        Ok(lines[skip..].iter().map(|l| (*l).to_owned()).collect())
+        Ok(Some(
+            lines[skip..].iter().map(|l| (*l).to_owned()).collect(),
+        ))
     };
-    let lines = read().map_err(|e| {
+    let read = read().map_err(|e| {
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Unreadable Log",
             format!("{}: {e}", path.display()),
         )
     })?;
+    let Some(lines) = read else {
+        return Err(Problem::not_found(format!(
+            "the access log goes to {}, which is not a regular file: nothing to read back",
+            path.display()
+        )));
+    };
     Ok(json_response(
         StatusCode::OK,
         None,
