@@ -599,8 +599,10 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
             }
         };
         if !api_keys.insert(digest, consumer) {
+            // The field the credential was given by.
+            let field = if c.key.is_some() { "key" } else { "key_sha256" };
             return Err(ConfigError::field(
-                format!("{at}.key"),
+                format!("{at}.{field}"),
                 "another credential has the same key",
             ));
         }

@@ -1127,7 +1127,7 @@ fn policy_resources_are_validated_like_the_rest() {
     let gw = Gateway::start(&example_config(origin.addr), Driver::IoUring);
     let rev = || gw.admin("GET", "/v1/status", None).json()["revision"].clone();
     let before = rev();
-    let cases: [(&str, &str, &str, &str); 10] = [
+    let cases: [(&str, &str, &str, &str); 11] = [
         (
             "PUT",
             "/v1/policies/bad",
@@ -1158,6 +1158,15 @@ fn policy_resources_are_validated_like_the_rest() {
             "/v1/credentials/c",
             r#"{"consumer":"mobile-app","kind":"api_key","key":"0123456789abcdef",
                 "key_sha256":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
+            "/key_sha256",
+        ),
+        // The digest of another credential's key (`s3cr3t-key-1`): the field given, not
+        // `/key`, which the request does not have.
+        (
+            "PUT",
+            "/v1/credentials/c",
+            r#"{"consumer":"mobile-app","kind":"api_key",
+                "key_sha256":"67f5d5d158c8830560a3f8e7dda66635de982a65af7c74a621444265e4bb8da4"}"#,
             "/key_sha256",
         ),
         (
