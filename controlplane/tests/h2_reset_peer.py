@@ -4,7 +4,7 @@
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|
                               torn|trailers|headers|zero|goaway-once|malformed|answers|
                               bad-stream|head-silent|answer-close|msg-silent|interim-503|
-                              empty-ok]
+                              empty-ok|caps]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints "request
 PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request; 7
 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -33,7 +33,8 @@ message and one marked compressed, its stream left open; with `head-silent`, a g
 head and nothing more; with `answer-close`, a 204, then GOAWAY NO_ERROR and the connection
 closed; with `msg-silent`, a gRPC answer's head and one (empty) message, then nothing; with
 `interim-503`, a 103 then a 503; with `empty-ok`, a gRPC answer of no message and
-`grpc-status: 0`. A stream the gateway resets prints "reset CODE". Each request's line also
+`grpc-status: 0`; with `caps`, a gRPC answer of one (empty) message whose content type is
+written `Application/GRPC+proto` (media types compare without case), and `grpc-status: 0`. A stream the gateway resets prints "reset CODE". Each request's line also
 gives its content type. Each connection accepted prints a line "connection". Runs until
 killed.
 Loopback only.
@@ -73,6 +74,7 @@ ANSWER_CLOSE = sys.argv[2:] == ["answer-close"]
 MSG_SILENT = sys.argv[2:] == ["msg-silent"]
 INTERIM_503 = sys.argv[2:] == ["interim-503"]
 EMPTY_OK = sys.argv[2:] == ["empty-ok"]
+CAPS = sys.argv[2:] == ["caps"]
 connections = [0]
 lock = threading.Lock()
 
@@ -173,9 +175,12 @@ def serve(sock):
                                                         ("content-type", "application/grpc")])
                     conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00")
                     continue
-                if EMPTY_OK:
+                if EMPTY_OK or CAPS:
+                    ctype = "Application/GRPC+proto" if CAPS else "application/grpc"
                     conn.send_headers(event.stream_id, [(":status", "200"),
-                                                        ("content-type", "application/grpc")])
+                                                        ("content-type", ctype)])
+                    if CAPS:
+                        conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00")
                     conn.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
                     continue
                 if INTERIM_503:

@@ -2289,6 +2289,19 @@ fn a_unary_ok_without_a_message_is_a_malformed_answer() {
     assert_eq!(r.status, 502, "{}", r.body_str());
     let line = wait_log_lines(&log, 1).remove(0);
     assert_eq!(line["error"], "upstream_malformed", "{line}");
+    // A gRPC answer whose content type is written `Application/GRPC+proto`: media types
+    // compare without case (RFC 9110 8.3.1), as gRPC-Web's check had it (before: a 502,
+    // "the upstream answered HTTP 200, not gRPC").
+    let caps = ResetPeer::start_with(&["0", "caps"]);
+    let gw = Gateway::start(
+        &transcoding_config(&dir.join("r.pb"), caps.addr, "", ""),
+        Driver::IoUring,
+    );
+    let r = gw.connect().roundtrip(
+        "POST /m HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!((r.status, r.body_str()), (200, "{}"), "{}", r.head);
 }
 
 #[test]
@@ -2969,6 +2982,12 @@ print("reset" if seen is not None else "held", seen)
     assert_eq!(r.status, 415, "{}", r.body_str());
     assert_eq!(r.header("accept-encoding"), Some("identity"));
     assert_eq!(json(r.body_str())["code"], 3);
+    // The gateway's own answers carry `Date` (RFC 9110 6.6.1), as its HTTP/1.1 ones do
+    // (before: none on the transcoder's).
+    assert!(
+        r.header("date").is_some_and(|d| d.ends_with(" GMT")),
+        "{r:?}"
+    );
     let (code, _, answer) = curl_json(&[&url("/v1/orders?colour=red")]);
     assert_eq!(code, 400);
     assert_eq!(json(&answer)["field"], "colour");
@@ -2998,6 +3017,7 @@ print("reset" if seen is not None else "held", seen)
     let next = c.read_response();
     assert_eq!(next.status, 404, "{}", next.body_str());
     assert_eq!(json(next.body_str())["code"], 5);
+    assert!(next.header("date").is_some(), "{next:?}");
     // The same over HTTP/2, a unary and a server-streaming method: the head only, the
     // stream ended with it. (Before, DATA followed the HEAD's answer: clients failed the
     // stream with PROTOCOL_ERROR.)

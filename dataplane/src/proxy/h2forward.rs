@@ -118,7 +118,7 @@ fn web_format(content_type: &[u8]) -> Option<&[u8]> {
 }
 
 /// Whether an answer's `Content-Type` is gRPC's (`application/grpc`, `+format` or not).
-fn grpc_content(headers: &HeaderMap) -> bool {
+pub(super) fn grpc_content(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| classify(v.as_bytes(), true) == Call::Grpc)
@@ -2185,7 +2185,9 @@ async fn fail<S: ClientStream>(
     }
     req.fail(kind);
     let mut fields = grpc_status_fields(code, grpc_message(kind));
-    let extra = answer_fields(req, &mut fields);
+    let mut extra = answer_fields(req, &mut fields);
+    // The gateway's own answer (RFC 9110 6.6.1), as its HTTP/1.1 ones.
+    crate::status::push_date(&mut extra);
     let sink = client_sink(down, &extra, false, false, true);
     let sent = match encoding {
         Encoding::Web { content_type, text } => {
@@ -2220,7 +2222,8 @@ async fn answer_json<S: ClientStream>(
     fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     // The route's fields replace the gateway's own of the same names.
-    let extra = answer_fields(req, &mut fields);
+    let mut extra = answer_fields(req, &mut fields);
+    crate::status::push_date(&mut extra);
     let mut sink = client_sink(down, &extra, asked.http10, asked.head, close);
     let keep = matches!(sink, ClientSink::H1(_)) && !close;
     let sent = async {

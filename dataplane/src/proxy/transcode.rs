@@ -394,9 +394,8 @@ impl<K: Sink> JsonSink<K> {
 
 impl<K: Sink> Sink for JsonSink<K> {
     async fn head(&mut self, status: u16, headers: HeaderMap, end: bool) -> Result<(), ()> {
-        let grpc = headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        // Media types compare without case (RFC 9110 8.3.1), as gRPC-Web's check does.
+        let grpc = super::h2forward::grpc_content(&headers);
         if status != 200 || !grpc {
             // Not a gRPC answer (a proxy in between, a misconfigured target): nor do the
             // fields about that page go with the gateway's JSON in its place (a download
