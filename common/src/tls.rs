@@ -578,6 +578,14 @@ fn upstream_roots(tls: &UpstreamTlsConfig, at: &str) -> Result<Roots, ConfigErro
             (text, "ca_file")
         }
     };
+    // What `ca_pem` holds is stored and shown as it came, as `cert_pem`'s is.
+    if tls.ca_pem.is_some() && text.contains("PRIVATE KEY-----") {
+        return Err(ConfigError::field(
+            format!("{at}.ca_pem"),
+            "holds a private key, which would be stored and shown as sent: give only the \
+             authorities' certificates",
+        ));
+    }
     let mut roots = RootCertStore::empty();
     let mut pinned = Vec::new();
     let mut bad = 0usize;

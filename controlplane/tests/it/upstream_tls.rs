@@ -492,6 +492,14 @@ print(head.split(b"\r\n")[0].decode(), len(after))
     let r = put(serde_json::json!({"ca_pem": "junk"}));
     assert_eq!(r.status, 422, "{}", r.body_str());
     assert!(r.body_str().contains("/tls/ca_pem"), "{}", r.body_str());
+    // A bundle with the authority's private key in it would be stored, journaled and shown
+    // by every GET as sent (before: 200, the key in the answer).
+    let bundle = std::fs::read_to_string(&authority.cert).unwrap()
+        + &std::fs::read_to_string(&authority.key).unwrap();
+    let r = put(serde_json::json!({"server_name": "b.up.test", "ca_pem": bundle}));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert!(r.body_str().contains("/tls/ca_pem"), "{}", r.body_str());
+    assert!(!r.body_str().contains("BEGIN"), "{}", r.body_str());
     let r = put(serde_json::json!({"verify": false, "ca_file": ca_path}));
     assert_eq!(r.status, 422, "{}", r.body_str());
 
