@@ -168,7 +168,8 @@ def serve_shop(gendir):
     UpdateOrder / Echo: the order as received
     DeleteOrder: empty; CancelOrder: CANCELLED with the reason as customer
     GetItems: GetOrder's order; WatchOrders: `count` events for the customer; count 99
-        fails with UNAVAILABLE after two events
+        fails with UNAVAILABLE after two events; count 98 sends one, then nothing for 20 s
+        unless cancelled
     """
     sys.path.insert(0, gendir)
     from shop.v1 import shop_pb2 as pb
@@ -217,10 +218,15 @@ def serve_shop(gendir):
         return pb.Order(id=req.id, customer=req.reason, status=pb.CANCELLED)
 
     def watch(req, ctx):
-        for i in range(2 if req.count == 99 else req.count):
+        for i in range(2 if req.count == 99 else 1 if req.count == 98 else req.count):
             yield pb.OrderEvent(order_id="%s-%d" % (req.customer, i), status=pb.PENDING, seq=i)
         if req.count == 99:
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "stream broke")
+        if req.count == 98:
+            # A watch that goes on: one event, then nothing for 20 s unless cancelled.
+            end = time.monotonic() + 20
+            while ctx.is_active() and time.monotonic() < end:
+                time.sleep(0.05)
 
     def h(kind, fn, req_type, resp_type):
         make = {"uu": grpc.unary_unary_rpc_method_handler, "us": grpc.unary_stream_rpc_method_handler}

@@ -3018,6 +3018,19 @@ print("reset" if seen is not None else "held", seen)
     assert_eq!(next.status, 404, "{}", next.body_str());
     assert_eq!(json(next.body_str())["code"], 5);
     assert!(next.header("date").is_some(), "{next:?}");
+    // A HEAD to a watch that goes on (one event, then nothing for 20 s): its answer is its
+    // head, and the next request on the connection is answered at once (before: after the
+    // watch ended, the upstream stream held all that time).
+    let started = std::time::Instant::now();
+    c.send(
+        b"HEAD /v1/customers/ann/events?count=98 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /v1/orders/o-1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let head = c.read_response_to("HEAD");
+    assert_eq!(head.status, 200, "{}", head.head);
+    assert_eq!(c.read_response().status, 200);
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     // The same over HTTP/2, a unary and a server-streaming method: the head only, the
     // stream ended with it. (Before, DATA followed the HEAD's answer: clients failed the
     // stream with PROTOCOL_ERROR.)

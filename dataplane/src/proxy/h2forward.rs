@@ -715,6 +715,12 @@ pub(super) trait Sink {
     fn ended(&self) -> bool {
         false
     }
+    /// Whether the client's answer is complete with the head sent (a HEAD request's, a 204's
+    /// or a 304's): the rest of the upstream's (a transcoded stream's messages) is not
+    /// waited for, and its stream is reset.
+    fn head_only(&self) -> bool {
+        false
+    }
     /// Whether the sink sent an answer of its own, whole (a JSON error with its length).
     fn whole(&self) -> bool {
         false
@@ -783,6 +789,10 @@ impl Sink for H2Sink {
 
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.answer.poll_reset(cx)
+    }
+
+    fn head_only(&self) -> bool {
+        self.ended
     }
 
     fn sent(&self) -> u64 {
@@ -896,6 +906,10 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
 
     fn abort(&mut self) {
         self.close = true;
+    }
+
+    fn head_only(&self) -> bool {
+        self.no_body
     }
 
     fn closes(&self) -> bool {
@@ -1943,7 +1957,7 @@ impl Relay {
         if sink.head(status, headers, end).await.is_err() {
             return Err((ErrorKind::ClientClosed.status(), ErrorKind::ClientClosed));
         }
-        if end || sink.ended() {
+        if end || sink.ended() || sink.head_only() {
             return Ok(status);
         }
         // Where the gRPC messages are: trailers may only follow a whole message.
@@ -1963,8 +1977,11 @@ impl Relay {
                         cursor.feed(&data);
                     }
                     match monoio::time::timeout(self.send, sink.data(data)).await {
-                        // Ended by the sink: dropping the stream resets it upstream.
-                        Ok(Ok(())) if sink.ended() => return Ok(status),
+                        // Ended by the sink, or complete with its head (a HEAD's answer to
+                        // a transcoded stream, whose head came with its first message):
+                        // dropping the stream resets it upstream. Before, a HEAD to a watch
+                        // held the upstream stream, and an HTTP/1.1 connection, to its end.
+                        Ok(Ok(())) if sink.ended() || sink.head_only() => return Ok(status),
                         Ok(Ok(())) => {}
                         Ok(Err(())) => return Err((status, ErrorKind::ClientClosed)),
                         Err(_) => {
@@ -2333,6 +2350,13 @@ impl<S: ClientStream> Sink for ClientSink<'_, S> {
         match self {
             ClientSink::H2(s) => s.closes(),
             ClientSink::H1(s) => s.closes(),
+        }
+    }
+
+    fn head_only(&self) -> bool {
+        match self {
+            ClientSink::H2(s) => s.head_only(),
+            ClientSink::H1(s) => s.head_only(),
         }
     }
 

@@ -548,6 +548,10 @@ impl<K: Sink> Sink for JsonSink<K> {
         self.ended
     }
 
+    fn head_only(&self) -> bool {
+        self.inner.head_only()
+    }
+
     fn whole(&self) -> bool {
         self.whole
     }
