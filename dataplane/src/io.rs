@@ -376,6 +376,26 @@ fn tcp_info(fd: std::os::fd::RawFd) -> Option<(libc::tcp_info, usize)> {
     (rc == 0).then_some((info, len as usize))
 }
 
+/// Aborts the TCP connection of `fd` at once (RFC 9293 3.10.5, ABORT): a reset goes to the
+/// peer, unsent data is dropped, and pending reads and writes end with `ECONNRESET`; the fd
+/// stays open (`connect` to `AF_UNSPEC` disconnects a socket). What a close with SO_LINGER 0
+/// does, for a connection whose fd cannot be closed yet, nor shut down (a FIN would go
+/// before the reset).
+pub(crate) fn abort_connection(fd: std::os::fd::RawFd) {
+    // SAFETY: an all-zero sockaddr is valid; only its family (AF_UNSPEC) is read.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: `addr` lives across the call, which reads that many bytes of it; the caller's
+    // socket is open.
+    unsafe {
+        libc::connect(
+            fd,
+            &addr,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Makes closing `fd` reset the connection (SO_LINGER on, 0 s) instead of ending it with a
 /// FIN; what it still queues to send is dropped.
 pub(crate) fn reset_when_closed(fd: std::os::fd::RawFd) {

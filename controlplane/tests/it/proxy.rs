@@ -34,6 +34,7 @@ both_drivers!(
     websocket_echo_through_upgrade,
     upgrade_offers_are_passed_on_and_switches_checked,
     a_tunnel_holds_its_target_and_is_logged_when_it_ends,
+    a_reset_on_one_side_of_a_tunnel_resets_the_other,
     malformed_request_is_400_and_closes,
     sighup_reload_applies_on_next_request_of_open_connection,
     graceful_shutdown_finishes_in_flight_request,
@@ -1170,6 +1171,78 @@ fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
     // The first tunnel, ended by its client, has none.
     assert_eq!(wait_log_lines(&log, 2)[0]["error"], serde_json::Value::Null);
     drop(c);
+}
+
+fn a_reset_on_one_side_of_a_tunnel_resets_the_other(driver: Driver) {
+    // `/up-resets`: a 101, some bytes, then the upstream resets. `/client-resets`: the
+    // origin reads until its connection ends, and says how.
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<String>();
+    let ended_tx = std::sync::Mutex::new(ended_tx);
+    let origin = Origin::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        );
+        if req.target() == "/up-resets" {
+            let _ = s.write_all(b"before the reset");
+            thread::sleep(Duration::from_millis(200));
+            return Keep::Reset;
+        }
+        let mut buf = [0u8; 1024];
+        let how = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break "end".to_owned(),
+                Ok(_) => {}
+                Err(e) => break format!("{:?}", e.kind()),
+            }
+        };
+        let _ = ended_tx.lock().unwrap().send(how);
+        Keep::Close
+    }));
+    let log = temp_dir("tunnel-reset").join("access.log");
+    let config = proxy_config(
+        origin.addr,
+        &format!("[access_log]\npath = \"{}\"\n", log.display()),
+    );
+    let gw = Gateway::start(&config, driver);
+    let open = |path: &str| {
+        let mut c = gw.connect();
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(c.read_response().status, 101);
+        c
+    };
+    // The upstream's reset reaches the client as one, after the bytes before it (before: a
+    // FIN, an end the client could not tell from a clean one).
+    let mut c = open("/up-resets");
+    let mut got = std::mem::take(&mut c.buf);
+    let end = loop {
+        let mut chunk = [0u8; 1024];
+        match c.stream.read(&mut chunk) {
+            Ok(0) => break "end".to_owned(),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => break format!("{:?}", e.kind()),
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&got), "before the reset");
+    assert_eq!(end, "ConnectionReset");
+    let line = wait_log_lines(&log, 1).remove(0);
+    assert_eq!(
+        (line["status"].as_u64(), &line["error"]),
+        (Some(101), &serde_json::json!("upstream_closed")),
+        "{line}"
+    );
+    // The client's reset reaches the upstream as one.
+    let c = open("/client-resets");
+    socket2::SockRef::from(&c.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let how = ended_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(how, "ConnectionReset");
+    let line = wait_log_lines(&log, 2).remove(1);
+    assert_eq!(line["error"], "client_closed", "{line}");
 }
 
 fn malformed_request_is_400_and_closes(driver: Driver) {

@@ -16,6 +16,7 @@ use super::relay::replace_request_id;
 use super::stream::ClientStream;
 use crate::codec::response::ResponseHead;
 use crate::codec::Span;
+use crate::error::ErrorKind;
 use crate::forward::response_pieces;
 use crate::gather::write_gathered;
 use crate::io::write_range;
@@ -95,13 +96,26 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let activity = Cell::new(Instant::now());
     let open = Cell::new(2u8);
     let cut_by_drain = Cell::new(false);
+    // The first failure, which reset both sides.
+    let failed = Cell::new(None::<ErrorKind>);
     // The watchdog's, woken when the last direction ends.
     let ended = Cell::new(None::<Waker>);
-    // Ends both directions at once, without the clean half-close an end gets: for a read or
-    // write that fails (a reset, a bad TLS record; a TLS client must not get close_notify
-    // for it), and for a tunnel gone quiet (both pending reads wake with EOF; no read is
-    // cancelled mid-flight).
-    let abort = || {
+    // Ends both directions at once, without the clean half-close an end gets. For a tunnel
+    // gone quiet, or cut by a drain's end, with a FIN each way (both pending reads wake with
+    // EOF; no read is cancelled mid-flight). For a read or write that fails (a reset, a bad
+    // TLS record, an end over TLS without close_notify), with a reset each way (TCP RST, and
+    // no close_notify), so that neither side takes the failure for an end, as a cut answer's
+    // client cannot: `connect(AF_UNSPEC)` aborts a connection (RFC 9293 3.10.5, ABORT)
+    // whose fd stays open, and wakes its pending reads and writes with the error. (Closing
+    // with SO_LINGER 0 would come too late: a stream's write half sends a FIN as it drops.)
+    let abort = |failure: Option<ErrorKind>| {
+        if let Some(kind) = failure {
+            failed.set(failed.get().or(Some(kind)));
+            for fd in [client_fd, upstream_fd] {
+                crate::io::abort_connection(fd);
+            }
+            return;
+        }
         // SAFETY: each copy future owns a half of each stream until it ends; this is called
         // from a copy future, or from the watchdog while one still runs (`open` > 0), so
         // neither fd can have been closed and reused.
@@ -115,19 +129,41 @@ pub(crate) async fn tunnel<S: ClientStream>(
         open: &open,
         watchdog: &ended,
         abort: &abort,
+        reset: &failed,
     };
-    let up = copy_half(cr, uw, down.buf, &tunnel, client_truncated);
-    let down_half = copy_half(ur, cw, conn.buf, &tunnel, upstream_truncated);
+    let (client, upstream) = (ErrorKind::ClientClosed, ErrorKind::UpstreamClosed);
+    let up = copy_half(
+        cr,
+        uw,
+        down.buf,
+        &tunnel,
+        client_truncated,
+        (client, upstream),
+    );
+    let down_half = copy_half(
+        ur,
+        cw,
+        conn.buf,
+        &tunnel,
+        upstream_truncated,
+        (upstream, client),
+    );
     let watchdog = async {
         loop {
             if open.get() == 0 {
+                return;
+            }
+            if failed.get().is_some() {
+                // A direction still runs a tick after the reset (its wake-up missed, which
+                // should not be): ended as a quiet tunnel is.
+                abort(None);
                 return;
             }
             let quiet_until = activity.get() + idle;
             if Instant::now() >= quiet_until || cut_off.get() {
                 // The drain's end cut it (logged as such), or it went quiet.
                 cut_by_drain.set(cut_off.get());
-                abort();
+                abort(None);
                 return;
             }
             let tick = monoio::time::sleep_until(
@@ -150,7 +186,10 @@ pub(crate) async fn tunnel<S: ClientStream>(
     req.bytes_in += sent_up;
     req.bytes_out += sent_down;
     if cut_by_drain.get() {
-        req.fail(crate::error::ErrorKind::DrainTimeout);
+        req.fail(ErrorKind::DrainTimeout);
+    }
+    if let Some(kind) = failed.get() {
+        req.fail(kind);
     }
 }
 
@@ -162,50 +201,58 @@ struct Tunnel<'a, A> {
     open: &'a Cell<u8>,
     /// Woken when the last direction ends.
     watchdog: &'a Cell<Option<Waker>>,
-    /// Ends both directions at once.
+    /// Ends both directions at once; with the failure, with a reset each way.
     abort: &'a A,
+    /// Set once a failure reset both sides: an end after it is not passed on.
+    reset: &'a Cell<Option<ErrorKind>>,
 }
 
 /// Copies one direction of a tunnel until EOF, then half-closes the other side; on an error,
-/// or an EOF `truncated` says is no clean end, calls `abort` instead. Returns the bytes
-/// copied.
-async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn()>(
+/// or an EOF `truncated` says is no clean end, calls `abort` instead with the failure
+/// (`kinds`: a failure reading `from`, writing `to`). Returns the bytes copied.
+async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn(Option<ErrorKind>)>(
     mut from: R,
     mut to: W,
     mut buf: Vec<u8>,
     t: &Tunnel<'_, A>,
     truncated: impl Fn() -> bool,
+    (from_failed, to_failed): (ErrorKind, ErrorKind),
 ) -> u64 {
     let Tunnel {
         activity,
         open,
         watchdog,
         abort,
+        reset,
     } = *t;
     if buf.capacity() < 16 * 1024 {
         buf.reserve(16 * 1024);
     }
     let mut copied = 0u64;
-    let ended = loop {
+    let failure = loop {
         buf.clear();
         let (res, b) = from.read(buf).await;
         buf = b;
         match res {
-            Ok(0) => break !truncated(),
-            Err(_) => break false,
+            Ok(0) if truncated() => break Some(from_failed),
+            Ok(0) => break None,
+            Err(_) => break Some(from_failed),
             Ok(n) => copied += n as u64,
         }
         activity.set(Instant::now());
         let (res, b) = to.write_all(buf).await;
         buf = b;
         if res.is_err() {
-            break false;
+            break Some(to_failed);
         }
     };
-    if ended {
-        let _ = to.shutdown().await;
-    } else {
-        abort();
+    match failure {
+        // The other side's reset woke this read: nothing to pass on.
+        _ if reset.get().is_some() => {}
+        None => {
+            let _ = to.shutdown().await;
+        }
+        Some(kind) => abort(Some(kind)),
     }
     open.set(open.get() - 1);
     if open.get() == 0 {
