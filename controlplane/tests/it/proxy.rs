@@ -1180,7 +1180,8 @@ fn a_reset_on_one_side_of_a_tunnel_resets_the_other(driver: Driver) {
     let ended_tx = std::sync::Mutex::new(ended_tx);
     let origin = Origin::start(Arc::new(move |req: &Received, s: &mut TcpStream| {
         let _ = s.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+              Connection: upgrade\r\n\r\n",
         );
         if req.target() == "/up-resets" {
             let _ = s.write_all(b"before the reset");
@@ -1207,8 +1208,11 @@ fn a_reset_on_one_side_of_a_tunnel_resets_the_other(driver: Driver) {
     let open = |path: &str| {
         let mut c = gw.connect();
         c.send(
-            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\
+                 Upgrade: websocket\r\n\r\n"
+            )
+            .as_bytes(),
         );
         assert_eq!(c.read_response().status, 101);
         c
