@@ -957,7 +957,13 @@ fn websocket_echo_through_upgrade(driver: Driver) {
         assert_eq!(req.header("upgrade"), Some("websocket"));
         assert_eq!(req.header("connection"), Some("upgrade"));
         assert_eq!(req.header("sec-websocket-key"), Some(WS_KEY));
-        let _ = write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n");
+        // Its `Connection` names a field of its own, which goes with it: the client gets
+        // the gateway's `Connection: upgrade` (before: the upstream's line, as sent).
+        let _ = write!(
+            s,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade, X-Hop\r\nX-Hop: 1\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+        );
         // Echo frames: unmask each client frame and send it back unmasked.
         let mut buf = [0u8; 4096];
         loop {
@@ -1006,6 +1012,8 @@ fn websocket_echo_through_upgrade(driver: Driver) {
     );
     assert_eq!(r.header("sec-websocket-accept"), Some(WS_ACCEPT));
     assert_eq!(r.header("upgrade"), Some("websocket"));
+    assert_eq!(r.header("connection"), Some("upgrade"), "{}", r.head);
+    assert_eq!(r.header("x-hop"), None, "{}", r.head);
     for msg in ["hello", "through the gateway"] {
         let mask = [1u8, 2, 3, 4];
         let mut frame = vec![0x81, 0x80 | msg.len() as u8];

@@ -156,7 +156,9 @@ pub fn parse_response(
                         n_options += 1;
                     }
                 }
-                drop = status != 101;
+                // A 101's too: the gateway says its own `Connection: upgrade` (RFC 9110
+                // 7.6.1, 7.8), whatever other options (or `close`) the upstream's named.
+                drop = true;
             }
             7 if name.eq_ignore_ascii_case(b"upgrade") => drop = status != 101,
             10 if name.eq_ignore_ascii_case(b"keep-alive") => drop = true,

@@ -62,7 +62,10 @@ pub(crate) async fn tunnel<S: ClientStream>(
         &resp,
         req,
     );
-    down.scratch.extend_from_slice(b"\r\n");
+    // The upstream's `Connection` is not passed on: the sender of `Upgrade` names the
+    // `upgrade` option itself (RFC 9110 7.8), as nginx does.
+    down.scratch
+        .extend_from_slice(b"Connection: upgrade\r\n\r\n");
     let tail = Span {
         start: 0,
         end: down.scratch.len(),
