@@ -2185,20 +2185,32 @@ fn http10_requests_go_on_as_http11_over_pooled_connections(driver: Driver) {
 
 fn a_status_line_without_a_reason_gets_its_space(driver: Driver) {
     // RFC 9112 4: `status-line = HTTP-version SP status-code SP [ reason-phrase ]`.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
-        let _ = s.write_all(b"HTTP/1.1 200\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok");
+    // `/10`: an HTTP/1.0 answer so, from an upstream that leaves its connection open.
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let version = if req.target() == "/10" { "1.0" } else { "1.1" };
+        let _ = write!(
+            s,
+            "HTTP/{version} 200\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok"
+        );
         Keep::Open
     }));
     let gw = Gateway::start(&framing_config(origin.addr, ""), driver);
     let mut c = gw.connect();
-    for _ in 0..2 {
-        let r = c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    for path in ["/", "/", "/10", "/10"] {
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert_eq!(
             undated(&r.head),
             "HTTP/1.1 200 \r\nContent-Length: 2\r\nX-A: 1"
         );
         assert_eq!(r.body_str(), "ok");
     }
+    // The HTTP/1.0 answers' connections are not used again (RFC 9112 9.3; before, the
+    // reason's space put in made the head read as HTTP/1.1's, and the second `/10` went on
+    // the first's connection).
+    let conns: Vec<usize> = origin.requests().iter().map(|r| r.conn).collect();
+    assert_eq!(conns.len(), 4);
+    assert_eq!(conns[1], conns[0], "{conns:?}");
+    assert!(conns[3] != conns[2], "{conns:?}");
 }
 
 /// A body that arrives after the head, shorter than the method name: the client buffer then

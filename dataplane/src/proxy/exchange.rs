@@ -79,18 +79,19 @@ pub(crate) async fn read_head(
         if !conn.buf.is_empty() {
             let mut parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
             if let Ok(Some(_)) = parsed {
+                // `HTTP/1.1 200` without the space before an absent reason phrase, which the
+                // status line must have (RFC 9112 4): rare, so the byte is inserted and the
+                // head parsed again, its offsets moved by it (its version still as sent: an
+                // HTTP/1.0 answer's connection closes after it).
+                if conn.buf.get(12) == Some(&b'\r') {
+                    conn.buf.insert(12, b' ');
+                    parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
+                }
                 // The status line carries the gateway's own version (RFC 9110 6.2), not an
                 // HTTP/1.0 upstream's: an HTTP/1.1 client would take `HTTP/1.0` for a
                 // connection that closes. Interim and early answers too.
                 if conn.buf.starts_with(b"HTTP/1.0 ") {
                     conn.buf[5..8].copy_from_slice(b"1.1");
-                }
-                // `HTTP/1.1 200` without the space before an absent reason phrase, which the
-                // status line must have (RFC 9112 4): rare, so the byte is inserted and the
-                // head parsed again, its offsets moved by it.
-                if conn.buf.get(12) == Some(&b'\r') {
-                    conn.buf.insert(12, b' ');
-                    parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
                 }
             }
             match parsed {
