@@ -1078,7 +1078,10 @@ async fn proxy<S: ClientStream>(
                     if interims > MAX_INTERIM {
                         return Err(ErrorKind::UpstreamMalformed.into());
                     }
-                    if !head.http10 {
+                    // Not a `100 Continue`: the gateway sends its own when it wants the
+                    // body (a second one, or one to a request without `Expect`, is no use
+                    // to the client), as for an HTTP/2 upstream's.
+                    if !head.http10 && interim.status != 100 {
                         // Passed on: the request cannot be retried from here on.
                         req.attempts.committed = true;
                         if relay::send_interim(down, req, &mut conn.buf, &interim)
