@@ -693,6 +693,16 @@ fn client_header_timeout_is_408(driver: Driver) {
     let r = c.read_response();
     assert_eq!(r.status, 408);
     assert!(c.is_closed_within(Duration::from_secs(5)));
+    // The first head is due 300 ms after the accept, however long the client waited before
+    // its first byte (before: 300 ms from that byte, so up to twice the bound).
+    let mut c = gw.connect();
+    let accepted = std::time::Instant::now();
+    thread::sleep(Duration::from_millis(200));
+    c.send(b"GET / HTTP/1.1\r\n");
+    let r = c.read_response();
+    let took = accepted.elapsed();
+    assert_eq!(r.status, 408);
+    assert!(took < Duration::from_millis(450), "{took:?}");
 }
 
 fn upstream_failures_are_502_and_504(driver: Driver) {

@@ -111,6 +111,9 @@ pub(crate) struct Downstream<S> {
     pub timeouts: Timeouts,
     /// Requests served on this connection.
     pub served: u64,
+    /// When the connection's first request head is due: `client_header_ms` after the
+    /// connection began (none for a connection resumed after it served requests).
+    first_head_by: Option<Instant>,
     /// Cancels the read that waits for a next request when the connection parks.
     canceller: Canceller,
     /// The deadline of its reads.
@@ -147,6 +150,7 @@ impl<S: ClientStream> Downstream<S> {
             limits,
             timeouts,
             served,
+            first_head_by: (served == 0).then(|| Instant::now() + timeouts.client_header),
             canceller: Canceller::new(),
             timer: ReadTimer::default(),
             upstream_timer: ReadTimer::default(),
@@ -192,6 +196,14 @@ impl<S: ClientStream> Downstream<S> {
             let waiting_idle = self.buf.is_empty();
             let mut deadline = match header_deadline {
                 Some(d) => d,
+                // The connection's first head is due `client_header_ms` after its start (its
+                // accept, or its TLS handshake's end), not after its first byte: a client
+                // that waits before sending it gets no more time (before, up to twice).
+                None if self.served == 0 && self.first_head_by.is_some() => {
+                    let d = self.first_head_by.unwrap_or_else(Instant::now);
+                    header_deadline = Some(d);
+                    d
+                }
                 None if !waiting_idle => {
                     let d = Instant::now() + self.timeouts.client_header;
                     header_deadline = Some(d);
