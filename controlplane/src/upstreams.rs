@@ -332,9 +332,34 @@ impl Upstreams {
         found.extend(self.first_lookups(&resolver, new_names));
 
         let mut st = lock(&self.inner.state);
+        let changed = st.resolver != resolver || (st.min_ttl, st.max_ttl) != (min_ttl, max_ttl);
         st.resolver = resolver;
         st.min_ttl = min_ttl;
         st.max_ttl = max_ttl;
+        if changed {
+            // The names known already are asked again at once, through the new servers and
+            // within the new bounds (before: each kept its answer until the TTL it had been
+            // given ran out, up to the old `max_ttl_ms`, a day by default).
+            let names: Vec<Name> = (st.hosts.keys().map(|h| Name::Host(h.clone())))
+                .chain(st.srvs.keys().map(|s| Name::Srv(s.clone())))
+                .collect();
+            for name in names {
+                let task = Some(self.refresh(name.clone(), Duration::ZERO));
+                let old = match &name {
+                    Name::Host(h) => st
+                        .hosts
+                        .get_mut(h)
+                        .and_then(|e| std::mem::replace(&mut e.task, task)),
+                    Name::Srv(s) => st
+                        .srvs
+                        .get_mut(s)
+                        .and_then(|e| std::mem::replace(&mut e.task, task)),
+                };
+                if let Some(old) = old {
+                    old.abort();
+                }
+            }
+        }
         for (name, found) in found {
             self.record_first(&mut st, name, found);
         }

@@ -774,6 +774,39 @@ fn discovery_follows_dns_answers_within_the_clamped_ttl_and_srv_weights() {
 }
 
 #[test]
+fn a_resolver_change_asks_the_names_again_through_the_new_servers() {
+    // Two DNS servers with other answers for svc.test, each for 300 s. The config moves
+    // from the first to the second: the name is asked again at once (before: the first
+    // answer was kept until its TTL ran out, and the new servers never asked meanwhile).
+    let zone = |ip: &str| serde_json::json!({"ttl": 300, "a": {"svc.test": [ip]}});
+    let (old, new) = (
+        Dns::start(&zone("127.0.0.1")),
+        Dns::start(&zone("127.0.0.2")),
+    );
+    let extra = format!("[resolver]\nnameservers = [\"127.0.0.1:{}\"]\n", old.port);
+    let port = closed_port().port();
+    let gw = with_svc_target(port, &extra);
+    let address = |gw: &Gateway| {
+        let health = gw.admin("GET", "/v1/upstreams/u/health", None).json();
+        health["targets"][0]["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(address(&gw), format!("127.0.0.1:{port}"));
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["resolver"]["nameservers"] = serde_json::json!([format!("127.0.0.1:{}", new.port)]);
+    let r = gw.admin("PUT", "/v1/config", Some(&config.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while address(&gw) != format!("127.0.0.2:{port}") {
+        assert!(Instant::now() < deadline, "{}", address(&gw));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!new.queries("svc.test", "A").is_empty());
+}
+
+#[test]
 fn srv_answers_are_read_as_rfc_2782_says_and_records_of_other_names_left_out() {
     // One SRV name with a port-0 record, three target hosts that never answer, a backup;
     // another whose only record is ".", the service not available there; and a host whose
