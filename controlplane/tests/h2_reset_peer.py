@@ -4,7 +4,7 @@
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|
                               torn|trailers|headers|zero|goaway-once|malformed|answers|
                               bad-stream|head-silent|answer-close|msg-silent|interim-503|
-                              empty-ok|caps]
+                              empty-ok|caps|slow-reader]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints "request
 PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request; 7
 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -34,7 +34,9 @@ head and nothing more; with `answer-close`, a 204, then GOAWAY NO_ERROR and the 
 closed; with `msg-silent`, a gRPC answer's head and one (empty) message, then nothing; with
 `interim-503`, a 103 then a 503; with `empty-ok`, a gRPC answer of no message and
 `grpc-status: 0`; with `caps`, a gRPC answer of one (empty) message whose content type is
-written `Application/GRPC+proto` (media types compare without case), and `grpc-status: 0`. A stream the gateway resets prints "reset CODE". Each request's line also
+written `Application/GRPC+proto` (media types compare without case), and `grpc-status: 0`;
+with `slow-reader`, a request body taken at about 200 KB/s (each DATA frame's window given
+back after its time), then a 200 whose body is the number of body bytes received. A stream the gateway resets prints "reset CODE". Each request's line also
 gives its content type. Each connection accepted prints a line "connection". Runs until
 killed.
 Loopback only.
@@ -75,6 +77,7 @@ MSG_SILENT = sys.argv[2:] == ["msg-silent"]
 INTERIM_503 = sys.argv[2:] == ["interim-503"]
 EMPTY_OK = sys.argv[2:] == ["empty-ok"]
 CAPS = sys.argv[2:] == ["caps"]
+SLOW_READER = sys.argv[2:] == ["slow-reader"]
 connections = [0]
 lock = threading.Lock()
 
@@ -105,6 +108,7 @@ def serve(sock):
         first = connections[0] == 1
     sock.sendall(conn.data_to_send())
     got_trailers = set()
+    received = {}
     while True:
         data = sock.recv(65536)
         if not data:
@@ -129,13 +133,24 @@ def serve(sock):
                 continue
             if TRAILERS and isinstance(event, h2.events.DataReceived):
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if SLOW_READER and isinstance(event, h2.events.DataReceived):
+                sid = event.stream_id
+                received[sid] = received.get(sid, 0) + len(event.data)
+                time.sleep(event.flow_controlled_length / 200_000)
+                conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                sock.sendall(conn.data_to_send())
+            if SLOW_READER and isinstance(event, h2.events.StreamEnded):
+                conn.send_headers(event.stream_id, [(":status", "200"),
+                                                    ("content-type", "text/plain")])
+                conn.send_data(event.stream_id, str(received.get(event.stream_id, 0)).encode(),
+                               end_stream=True)
             if isinstance(event, h2.events.RequestReceived):
                 fields = dict(event.headers)
                 path = fields.get(b":path", b"").decode()
                 ctype = fields.get(b"content-type", b"-").decode()
                 with lock:
                     print(f"request {path} {ctype}", flush=True)
-                if SILENT or TRAILERS:
+                if SILENT or TRAILERS or SLOW_READER:
                     continue
                 if GOAWAY_ONCE and first:
                     # None of this connection's streams was acted on.

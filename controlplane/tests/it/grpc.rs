@@ -1402,6 +1402,35 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
 }
 
 #[test]
+fn a_whole_body_an_http2_upstream_takes_slowly_is_not_its_silence() {
+    // An HTTP/1.1 client's 512 KiB body, held whole, to an h2c upstream that takes it at
+    // about 200 KB/s (2.5 s) and answers once it has it all: the head's wait counts from the
+    // body's last piece going out, as a streamed body's does (before: from when h2 was
+    // handed the body, so a 504 after 800 ms, the target charged, a third of it taken).
+    let peer = ResetPeer::start_with(&["0", "slow-reader"]);
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "",
+        "[timeouts]\nupstream_response_head_ms = 800",
+        "",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let body = vec![b'x'; 512 * 1024];
+    let mut c = gw.connect();
+    c.send(
+        format!(
+            "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&body);
+    let r = c.read_response();
+    assert_eq!((r.status, r.body_str()), (200, "524288"), "{}", r.head);
+}
+
+#[test]
 fn a_request_of_max_header_count_fields_goes_to_an_http2_upstream() {
     // 256 fields, the most `max_header_count` allows, plus the gateway's own: the forwarded
     // head was parsed into room for 256 and refused with 400.

@@ -666,6 +666,25 @@ async fn pump(
     }
 }
 
+/// Sends a body held whole that is larger than a stream's first window, in pieces as the
+/// upstream's window opens, saying each piece's going in `progress`, and its end: the wait
+/// for the response head counts from there, as for a streamed body (before, from when h2 was
+/// handed all of it, so an upstream still reading it got a 504).
+async fn send_whole(mut body: Bytes, mut to: SendStream<Bytes>, progress: &Progress) {
+    const PIECE: usize = 16 * 1024;
+    while !body.is_empty() {
+        let piece = body.split_to(PIECE.min(body.len()));
+        if send_flow(&mut to, piece, body.is_empty(), None)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        progress.moved(false);
+    }
+    progress.end();
+}
+
 /// An upstream stream whose response head has arrived.
 struct Opened {
     parts: http::response::Parts,
@@ -1495,11 +1514,24 @@ pub(super) async fn forward<S: ClientStream>(
             let mut pump_guard = None;
             let mut up_send = Some(up_send);
             let pumped = body_now.is_none();
+            // The body goes on after this, as the upstream takes it: streamed, or whole but
+            // larger than a stream's first window.
+            let paced = pumped || body_now.as_ref().is_some_and(|b| b.len() > READY_BODY);
             let progress = Rc::new(Progress::new(
                 timeouts.client_body,
                 timeouts.upstream_response_head,
             ));
             match (&body_now, stream_body.take()) {
+                (Some(b), _) if paced => {
+                    let abort = Rc::new(Abort::default());
+                    pump_guard = Some(AbortOnDrop(abort.clone()));
+                    if let Some(to) = up_send.take() {
+                        let (body, moved) = (b.clone(), progress.clone());
+                        monoio::spawn(async move {
+                            until_aborted(&abort, send_whole(body, to, &moved)).await;
+                        });
+                    }
+                }
                 (Some(b), _) if !b.is_empty() => {
                     // Within the stream's window it goes at once; beyond it, h2 holds the
                     // rest until the window opens (the body is in memory already).
@@ -1538,9 +1570,10 @@ pub(super) async fn forward<S: ClientStream>(
             // A silence while the client's next piece is awaited is the client's: bounded by
             // `client_body` (HTTP/1.1's too), its end the client's timeout, not the target's.
             let client_silent = || pumped && progress.awaiting_client.get();
-            let streamed = pumped && call_deadline.is_none();
+            let streamed = paced && call_deadline.is_none();
             // The try's own bound: for a body the client streams, from its end (before it,
-            // the upload's pace is the client's), as on HTTP/1.1.
+            // the upload's pace is the client's), as on HTTP/1.1; a body held whole counts
+            // in it from the try's start, as there.
             let try_by = || match pumped {
                 true => (progress.ended.get()).and_then(|at| connector.try_deadline_from(at)),
                 false => try_deadline,
@@ -1549,7 +1582,7 @@ pub(super) async fn forward<S: ClientStream>(
             let end_bounds = |ended: bool| pumped && !ended && try_deadline.is_some();
             let head_deadline = || match call_deadline {
                 Some(d) => d + GRPC_GRACE,
-                None if pumped => progress.deadline(),
+                None if paced => progress.deadline(),
                 None => sent_at.get() + timeouts.upstream_response_head,
             };
             let mut response = pin!(response);
