@@ -108,6 +108,14 @@ impl Drop for StreamSlot {
     }
 }
 
+/// The largest response head an upstream may send, in HPACK's measure (each field's name,
+/// value and 32 bytes, RFC 9113 6.5.2): the 64 KiB and 256 field lines an HTTP/1.1
+/// upstream's head may have, whatever the clients' `[http2] max_header_list_size` (which
+/// bounded it before: a lower one made good upstreams fail, a higher one let larger heads
+/// through).
+const MAX_HEADER_LIST: u32 =
+    (crate::upstream::UPSTREAM_BUF + common::snapshot::MAX_HEADER_COUNT * 32) as u32;
+
 /// Starts HTTP/2 with prior knowledge on a connected socket (opened with `send_timeout` as
 /// its TCP_USER_TIMEOUT) and spawns the task that drives the connection. `Err`: the
 /// handshake failed (the peer closed, or wrote garbage).
@@ -115,7 +123,6 @@ pub(crate) async fn handshake(
     stream: crate::upstream::UpstreamIo,
     max_streams: u32,
     first_streams: u32,
-    max_header_list: u32,
     counted: Option<Counted>,
     send_timeout: Duration,
 ) -> Result<Rc<H2Conn>, h2::Error> {
@@ -134,7 +141,7 @@ pub(crate) async fn handshake(
     b.initial_max_send_streams(first_streams.min(max_streams) as usize)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(connection_window)
-        .max_header_list_size(max_header_list)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_reset_streams(1024)
         .enable_push(false);
     let (send, conn) = b.handshake::<_, Bytes>(io).await?;
@@ -387,11 +394,7 @@ mod tests {
                 let conn = crate::upstream::connect(target, Duration::from_secs(5), one)
                     .await
                     .unwrap();
-                let conn = Rc::new(
-                    handshake(conn.stream, 10, 10, 16 << 10, None, one)
-                        .await
-                        .unwrap(),
-                );
+                let conn = Rc::new(handshake(conn.stream, 10, 10, None, one).await.unwrap());
                 assert_eq!(send_timeout_of(&conn), Some(one));
                 // The upstream's `send_ms` is 2.5 s by the next stream (changed at runtime).
                 let (_send, slot) = conn.open_stream(later);

@@ -1344,7 +1344,6 @@ pub(super) async fn forward<S: ClientStream>(
     let replayable = true;
 
     let connector = Connector::new(ctx, up, &timeouts, key, replayable, idempotent);
-    let max_header_list = snap.http2.max_header_list_size;
     let (whole, mut stream_body) = match body {
         Body::Whole(b) => (Some(b), None),
         Body::Stream { first, rest } => (None, Some((first, rest))),
@@ -1453,7 +1452,6 @@ pub(super) async fn forward<S: ClientStream>(
                             tcp,
                             up.upstream.max_streams,
                             first_streams,
-                            max_header_list,
                             counted,
                             timeouts.upstream_send,
                         );
