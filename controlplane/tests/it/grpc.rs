@@ -1407,6 +1407,28 @@ fn a_timeout_retry_to_an_http2_upstream_gets_its_own_head_timeout() {
 }
 
 #[test]
+fn an_http11_client_keeps_its_connection_after_the_gateways_502_from_an_http2_upstream() {
+    // Every stream reset (INTERNAL_ERROR): each request gets the gateway's 502, and the
+    // connection goes on, a body read whole or not, as on the HTTP/1.1 path (before: closed
+    // after each).
+    let peer = ResetPeer::start_with(&["2"]);
+    let config = h2c_upstream_config(&[peer.addr], "", "", "", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    for request in [
+        "POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /b HTTP/1.1\r\nHost: t\r\n\r\n",
+        "GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = c.roundtrip(request);
+        assert_eq!(r.status, 502, "{}", r.head);
+        let close = request.contains("close");
+        assert_eq!(r.header("connection") == Some("close"), close, "{}", r.head);
+    }
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+}
+
+#[test]
 fn a_whole_body_an_http2_upstream_takes_slowly_is_not_its_silence() {
     // An HTTP/1.1 client's 512 KiB body, held whole, to an h2c upstream that takes it at
     // about 200 KB/s (2.5 s) and answers once it has it all: the head's wait counts from the

@@ -529,6 +529,34 @@ impl<S: ClientStream> Downstream<S> {
         }
     }
 
+    /// Answers with the canned response for an upstream failure `kind` a request whose body
+    /// was read whole (or that had none) met before anything of its answer went out: nothing
+    /// is left to read, so the connection goes on (as nginx's after its 502 or 504), unless
+    /// the request (HTTP/1.0, `Connection: close`) or a drain ends it.
+    pub async fn fail_keeping(
+        &mut self,
+        ctx: &WorkerCtx,
+        req: &mut RequestCtx,
+        head: &RequestHead,
+        kind: ErrorKind,
+    ) -> Next {
+        let Some(status) = kind.response() else {
+            return self.fail(req, kind).await;
+        };
+        req.fail(kind);
+        let close = !head.keep_alive || head.http10 || ctx.draining.get();
+        let (head_bytes, body) = split_canned(status.response(close));
+        let body = if req.head_only { &[][..] } else { body };
+        match self
+            .write_answer(req, status.code(), head_bytes, b"", body)
+            .await
+        {
+            false => Next::Cut,
+            true if close => Next::Close,
+            true => Next::KeepAlive,
+        }
+    }
+
     /// Writes `src[range]` to the client, counting it, when the caller needs none of `src`'s
     /// bytes afterwards: `src` may come back empty (see [`ClientStream::write_spent`]).
     pub async fn send(

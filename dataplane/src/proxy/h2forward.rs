@@ -1786,6 +1786,14 @@ pub(super) async fn forward<S: ClientStream>(
                 );
             }
             let (kind, reset) = (err.kind, err.grpc_status);
+            if S::WHOLE_CONNECTION
+                && call == Call::Plain
+                && kind.side() != crate::error::Side::Client
+            {
+                // An HTTP/1.1 client's body was read whole: its connection goes on after the
+                // gateway's 502 or 504, as on the HTTP/1.1 path (before: closed).
+                return down.fail_keeping(ctx, req, head, kind).await;
+            }
             return fail(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
         }
     };
