@@ -4,7 +4,7 @@
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|
                               torn|trailers|headers|zero|goaway-once|malformed|answers|
                               bad-stream|head-silent|answer-close|msg-silent|interim-503|
-                              empty-ok|caps|slow-reader]
+                              empty-ok|caps|slow-reader|close-once]
 Listens on 127.0.0.1 (a free port), prints "port N", then for each request prints "request
 PATH" and answers it with RST_STREAM CODE (2 INTERNAL_ERROR: it had the request; 7
 REFUSED_STREAM: it did not act on it). With `partial`, a gRPC answer's head and the first
@@ -36,7 +36,9 @@ closed; with `msg-silent`, a gRPC answer's head and one (empty) message, then no
 `grpc-status: 0`; with `caps`, a gRPC answer of one (empty) message whose content type is
 written `Application/GRPC+proto` (media types compare without case), and `grpc-status: 0`;
 with `slow-reader`, a request body taken at about 200 KB/s (each DATA frame's window given
-back after its time), then a 200 whose body is the number of body bytes received. A stream the gateway resets prints "reset CODE". Each request's line also
+back after its time), then a 200 whose body is the number of body bytes received; with
+`close-once`, a 200 "ok" to every request but the first for `/close`, at which the
+connection is closed without a GOAWAY (an idle close that met a request). A stream the gateway resets prints "reset CODE". Each request's line also
 gives its content type. Each connection accepted prints a line "connection". Runs until
 killed.
 Loopback only.
@@ -78,6 +80,8 @@ INTERIM_503 = sys.argv[2:] == ["interim-503"]
 EMPTY_OK = sys.argv[2:] == ["empty-ok"]
 CAPS = sys.argv[2:] == ["caps"]
 SLOW_READER = sys.argv[2:] == ["slow-reader"]
+CLOSE_ONCE = sys.argv[2:] == ["close-once"]
+closed_once = [False]
 connections = [0]
 lock = threading.Lock()
 
@@ -151,6 +155,16 @@ def serve(sock):
                 with lock:
                     print(f"request {path} {ctype}", flush=True)
                 if SILENT or TRAILERS or SLOW_READER:
+                    continue
+                if CLOSE_ONCE:
+                    with lock:
+                        close = path == "/close" and not closed_once[0]
+                        closed_once[0] = closed_once[0] or close
+                    if close:
+                        sock.close()
+                        return
+                    conn.send_headers(event.stream_id, [(":status", "200")])
+                    conn.send_data(event.stream_id, b"ok", end_stream=True)
                     continue
                 if GOAWAY_ONCE and first:
                     # None of this connection's streams was acted on.

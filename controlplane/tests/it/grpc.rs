@@ -1429,6 +1429,36 @@ fn an_http11_client_keeps_its_connection_after_the_gateways_502_from_an_http2_up
 }
 
 #[test]
+fn a_get_on_a_pooled_http2_connection_closed_under_it_goes_once_more() {
+    // The upstream closes its pooled connection (no GOAWAY) as a GET arrives on it: the GET
+    // goes again on a new connection, as on HTTP/1.1 (before: a 502); a POST does not.
+    let peer = ResetPeer::start_with(&["0", "close-once"]);
+    let config = h2c_upstream_config(&[peer.addr], "", "", "", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let get = |c: &mut Client, path: &str| {
+        let r = c.roundtrip(&format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+        (r.status, r.body_str().to_owned())
+    };
+    assert_eq!(get(&mut c, "/warm"), (200, "ok".to_owned()));
+    assert_eq!(get(&mut c, "/close"), (200, "ok".to_owned()));
+    drop(gw);
+    let text = peer.output();
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("connection")).count(),
+        2,
+        "{text}"
+    );
+    let peer = ResetPeer::start_with(&["0", "close-once"]);
+    let config = h2c_upstream_config(&[peer.addr], "", "", "", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    assert_eq!(get(&mut c, "/warm"), (200, "ok".to_owned()));
+    let r = c.roundtrip("POST /close HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx");
+    assert_eq!(r.status, 502, "{}", r.head);
+}
+
+#[test]
 fn a_whole_body_an_http2_upstream_takes_slowly_is_not_its_silence() {
     // An HTTP/1.1 client's 512 KiB body, held whole, to an h2c upstream that takes it at
     // about 200 KB/s (2.5 s) and answers once it has it all: the head's wait counts from the

@@ -1188,7 +1188,9 @@ pub(super) async fn forward<S: ClientStream>(
     };
     // gRPC calls are all POST: on a `grpc` upstream `methods` does not hold them back (the
     // README's rule); to an `h2c` upstream a POST is a POST, whatever its content type.
-    let idempotent = (grpc_upstream && call.is_grpc()) || head.is_idempotent(&down.buf);
+    // By its method: a request a stale pooled connection may be sent again after.
+    let method_idempotent = head.is_idempotent(&down.buf);
+    let idempotent = (grpc_upstream && call.is_grpc()) || method_idempotent;
     let http10 = head.http10;
     let keep_alive = head.keep_alive;
     let key = super::select::hash_key(&up.upstream.hash_on, &down.buf, head, req.client_ip);
@@ -1691,7 +1693,12 @@ pub(super) async fn forward<S: ClientStream>(
                     if e.is_go_away() || e.is_io() {
                         conn.mark_closed();
                     }
-                    if unprocessed && !fresh && !pumped {
+                    // A pooled connection that turns out closed (no GOAWAY: the upstream
+                    // closed it idle, just as it was used) before any of the answer came:
+                    // an idempotent request with its whole body goes once more on a new
+                    // one, as on HTTP/1.1 (before: a 502).
+                    let stale = e.is_io() && reused && method_idempotent && first_interim.is_none();
+                    if (unprocessed || stale) && !fresh && !pumped {
                         // Once more on a new connection, whatever the retry policy.
                         fresh = true;
                         connector.count_resend(target, &mut req.attempts);
