@@ -1508,6 +1508,25 @@ fn a_request_of_max_header_count_fields_goes_to_an_http2_upstream() {
 }
 
 #[test]
+fn a_target_with_bytes_a_uri_may_not_have_goes_to_an_http2_upstream_escaped() {
+    // An HTTP/1.1 upstream gets `/a<b` as sent; `http::Uri` refuses it, and it was a 400
+    // towards HTTP/2 upstreams alone. Now it goes percent-encoded (RFC 3986 2.1).
+    let peer = ResetPeer::start_with(&["0", "headers"]);
+    let config = h2c_upstream_config(&[peer.addr], "", "", "", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = gw.connect().roundtrip(
+        "GET /a<b>`c?q=\"x\"&r=%41 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!((r.status, r.body_str()), (200, "ok"), "{}", r.head);
+    drop(gw);
+    let line = peer.headers_line();
+    assert!(
+        line.contains(" :path=/a%3Cb%3E%60c?q=%22x%22&r=%41 "),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_route_edits_the_fields_of_an_http2_upstreams_requests_and_answers() {
     // `request_headers` and `response_headers` towards an h2c upstream: the forwarded
     // request's fields (its `:authority` from the set Host) and the answer's, as for an

@@ -330,12 +330,19 @@ fn outgoing(
         .filter(|h| !h.is_empty())
         .unwrap_or(up.authority);
     // The target URI's scheme: `https` for a request that goes over TLS (RFC 9113 8.3.1).
-    let uri = http::Uri::builder()
-        .scheme(if up.tls { "https" } else { "http" })
-        .authority(host)
-        .path_and_query(path)
-        .build()
-        .map_err(|_| ErrorKind::BadRequest)?;
+    let uri = |path: &str| {
+        http::Uri::builder()
+            .scheme(if up.tls { "https" } else { "http" })
+            .authority(host)
+            .path_and_query(path)
+            .build()
+    };
+    // A target with bytes a URI may not have (`<`, `"`, a backtick...), which an HTTP/1.1
+    // upstream gets as sent, goes with them percent-encoded (before: a 400 here alone).
+    let uri = match uri(path) {
+        Ok(u) => u,
+        Err(_) => uri(&escape_target(path)).map_err(|_| ErrorKind::BadRequest)?,
+    };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 2);
     // A gRPC-Web call's message format (`+json` in `application/grpc-web+json`) stays the
     // upstream call's.
@@ -683,6 +690,21 @@ async fn send_whole(mut body: Bytes, mut to: SendStream<Bytes>, progress: &Progr
         progress.moved(false);
     }
     progress.end();
+}
+
+/// `target` with every byte RFC 3986 does not allow in a path or query (3.3, 3.4) written
+/// `%XX`: what `http::Uri` refuses, and HTTP/1.1 requests may carry.
+fn escape_target(target: &str) -> String {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
+    let mut out = String::with_capacity(target.len() + 16);
+    for &b in target.as_bytes() {
+        if allowed(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// An upstream stream whose response head has arrived.
