@@ -526,9 +526,10 @@ fn cluster_error_by_sync_interval() {
 #[test]
 fn a_limit_below_one_a_round_is_shared_not_starved_nor_multiplied() {
     // 2 a second, burst 2, three nodes: the bucket refills less than one request per round,
-    // so most rounds have one request to give and three nodes wanting it. The one left over
-    // after an even split goes to the first by name (before: to the asking node's rank by
-    // time of demand, which was always last, so nobody got it: 4 of the 10 admitted).
+    // so most rounds have one request to give and three nodes wanting it. What is left over
+    // after an even split goes to each node by chance, in proportion (before: to the asking
+    // node's rank by time of demand, which was always last, so nobody got it: 4 of the 10
+    // admitted).
     let redis = Redis::start();
     let nodes: Vec<Gateway> = ["n1", "n2", "n3"]
         .iter()
@@ -542,6 +543,22 @@ fn a_limit_below_one_a_round_is_shared_not_starved_nor_multiplied() {
         (ok as f64 - expected).abs() <= 2.5,
         "spread: {ok} admitted, expected {expected:.1}"
     );
+    // 10 a second, burst 10: each node gets its part, none all of it (a first fix gave the
+    // leftover to the first node by id every round: 103, 3 and 3 of 109).
+    let redis = Redis::start();
+    let nodes: Vec<Gateway> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|id| limit_node(id, redis.port, "deny", 5, (10, 10)))
+        .collect();
+    let each: Vec<u64> = std::thread::scope(|s| {
+        let runs: Vec<_> = (nodes.iter())
+            .map(|n| s.spawn(|| load(&[n.addr], 100, Duration::from_secs(4), |_, _| true).0))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let total: u64 = each.iter().sum();
+    assert!((40..=60).contains(&total), "{each:?}");
+    assert!(each.iter().all(|&n| n * 6 >= total), "{each:?}");
     // 1 a second, burst 1, requests going round the three nodes every 400 ms: each node
     // sees the key again after 1.2 s, past its bucket's fill time, but the bucket is in debt
     // as its last round there found it (each node started the key with one request). Before,
@@ -626,9 +643,11 @@ impl Drop for SlowRelay {
 #[test]
 fn a_redis_that_answers_slowly_is_not_down() {
     // Each reply 120 ms late. A flood of distinct keys makes rounds of many script calls,
-    // each answered: the store is up, and a client of one key meanwhile gets 200s and 429s,
-    // never the 503 of `on_store_error = "deny"` (before: a round over 300 ms in all counted
-    // as an outage, so anyone could switch the mode on for every key).
+    // each answered: the store is up, and a client of one key under its limit meanwhile gets
+    // 200s only: never the 503 of `on_store_error = "deny"` (before: a round over 300 ms in
+    // all counted as an outage, so anyone could switch the mode on for every key), nor 429s
+    // (a first fix left a key in use to wait for its call in a round of thousands, its share
+    // spent meanwhile).
     let redis = Redis::start();
     let relay = SlowRelay::start(redis.port, 120);
     let gw = Gateway::start(
@@ -636,7 +655,7 @@ fn a_redis_that_answers_slowly_is_not_down() {
             "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
              [cluster]\nnode_id = \"s\"\nredis = \"redis://127.0.0.1:{}\"\nsync_ms = 30\n\n\
              [[policies]]\nid = \"per-key\"\nkind = \"rate_limit\"\nscope = \"cluster\"\n\
-             rate = 1000\nburst = 1000\nkey = \"header:X-Key\"\non_store_error = \"deny\"\n\n\
+             rate = 100\nburst = 20\nkey = \"header:X-Key\"\non_store_error = \"deny\"\n\n\
              [[routes]]\nid = \"api\"\npath_prefix = \"/\"\nrespond = {{ body = \"ok\" }}\n\
              policies = [\"per-key\"]\n",
             relay.port
@@ -651,7 +670,7 @@ fn a_redis_that_answers_slowly_is_not_down() {
     let addr = gw.addr;
     let flood = std::thread::spawn(move || {
         let mut c = Client::connect(addr);
-        for batch in 0..16 {
+        for batch in 0..40 {
             let mut requests = String::new();
             for k in 0..500 {
                 requests += &format!("GET /x HTTP/1.1\r\nHost: n\r\nX-Key: k{batch}-{k}\r\n\r\n");
@@ -664,14 +683,20 @@ fn a_redis_that_answers_slowly_is_not_down() {
     });
     let mut one = gw.connect();
     let mut seen = Vec::new();
-    while !flood.is_finished() {
+    // During the flood, and the rounds that carry its keys to Redis after it.
+    let mut until = None;
+    while until.is_none_or(|u| Instant::now() < u) {
+        if until.is_none() && flood.is_finished() {
+            until = Some(Instant::now() + Duration::from_secs(3));
+        }
         let r = one.roundtrip("GET /x HTTP/1.1\r\nHost: n\r\nX-Key: one\r\n\r\n");
         seen.push(r.status);
-        std::thread::sleep(Duration::from_millis(5));
+        // About 33 a second, a third of the key's limit.
+        std::thread::sleep(Duration::from_millis(30));
     }
     flood.join().unwrap();
-    assert!(seen.len() > 20, "{seen:?}");
-    assert!(!seen.contains(&503), "{seen:?}");
+    assert!(seen.len() > 10, "{seen:?}");
+    assert!(seen.iter().all(|&s| s == 200), "{seen:?}");
 }
 
 #[test]

@@ -58,6 +58,8 @@ static LIVE_NODES: AtomicU32 = AtomicU32::new(1);
 const IDLE_NS: u64 = 1_000_000_000;
 /// Keys sent to Redis in one script call.
 const BATCH: usize = 500;
+/// Script calls per policy and round, at most.
+const ROUND_BATCHES: usize = 4;
 
 /// The key of a route-scoped policy's single bucket.
 const ROUTE_KEY: Key = [0; 32];
@@ -281,10 +283,8 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
 /// as wanting a key after it last did (microseconds), then per key the requests this node
 /// admitted and the requests it saw (admitted or not). It answers the live node count, then
 /// per key its headroom, the number of nodes that want it (this one counted once, whether it
-/// does or not), this node's rank among them by name (the first ones get a remainder that
-/// does not divide evenly; by the time of their last demand, the asking node was always the
-/// last, and no node ever got it), and the microseconds until the bucket is full again.
-/// Times count from 2026-01-01 so a double keeps them to well under a microsecond.
+/// does or not), and the microseconds until the bucket is full again. Times count from
+/// 2026-01-01 so a double keeps them to well under a microsecond.
 ///
 /// A key that holds something no gateway wrote (another type, a value that is no time) is
 /// replaced rather than failing the script: a script that stops half way has charged the
@@ -321,26 +321,16 @@ for i = 2, #KEYS do
   if demand > 0 then redis.call('ZADD', wanting, now, ARGV[1]) end
   redis.call('PEXPIRE', wanting, ttl)
   local active = redis.call('ZCARD', wanting)
-  local rank = 0
-  if redis.call('ZSCORE', wanting, ARGV[1]) then
-    for _, node in ipairs(redis.call('ZRANGE', wanting, 0, -1)) do
-      if node < ARGV[1] then rank = rank + 1 end
-    end
-  else
-    active = active + 1
-    rank = active - 1
-  end
-  local at = 4 * (i - 2) + 1
-  out[at + 1] = headroom
-  out[at + 2] = active
-  out[at + 3] = rank
-  out[at + 4] = math.floor(tat - now)
+  if not redis.call('ZSCORE', wanting, ARGV[1]) then active = active + 1 end
+  out[3 * i - 4] = headroom
+  out[3 * i - 3] = active
+  out[3 * i - 2] = math.floor(tat - now)
 end
 return out
 "#;
 
 /// The store as the last round found it, for `/v1/status`: `"up"`, `"down"` (the last round
-/// failed, or none succeeded for ten intervals) or `"unknown"` (no round yet), and the live
+/// failed, or no reply came for ten intervals) or `"unknown"` (no round yet), and the live
 /// nodes the last successful round counted.
 pub fn store_state() -> (&'static str, u32) {
     let state = if ClusterShares::store_down() {
@@ -489,6 +479,16 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
                 batch.push((key, spent, spent + refused));
             }
         }
+        // A flood of new keys would make a round of a call per BATCH of them, and a key in
+        // use could run out of its share, under its limit, long before its call came: the
+        // busiest keys go first, and at most ROUND_BATCHES calls' worth of keys per round;
+        // the others keep their counts for the next round (new keys start with a share of
+        // their own meanwhile).
+        batch.sort_by_key(|&(_, _, demand)| std::cmp::Reverse(demand));
+        if batch.len() > ROUND_BATCHES * BATCH {
+            restore(c, &batch[ROUND_BATCHES * BATCH..]);
+            batch.truncate(ROUND_BATCHES * BATCH);
+        }
         if now >= c.next_sweep_ns.load(Ordering::Relaxed) {
             // Idle keys go now and then, not every round.
             c.next_sweep_ns.store(now + IDLE_NS, Ordering::Relaxed);
@@ -597,20 +597,21 @@ fn apply(
         _ => return Err(bad()),
     };
     LIVE_NODES.store(u32::try_from(live).unwrap_or(1), Ordering::Relaxed);
-    if answer.len() != 1 + 4 * chunk.len() {
+    if answer.len() != 1 + 3 * chunk.len() {
         return Err(bad());
     }
-    for ((key, _, _), values) in chunk.iter().zip(answer[1..].chunks(4)) {
-        let [Reply::Int(headroom), Reply::Int(wanting), Reply::Int(rank), Reply::Int(ahead_us)] =
-            values
-        else {
+    for ((key, _, _), values) in chunk.iter().zip(answer[1..].chunks(3)) {
+        let [Reply::Int(headroom), Reply::Int(wanting), Reply::Int(ahead_us)] = values else {
             return Err(bad());
         };
         let wanting = (*wanting).max(1);
         let total = headroom + refill;
-        // What does not divide evenly goes to the first nodes by rank: nothing is lost to
-        // rounding, however low the rate or many the nodes.
-        let share = total / wanting + i64::from(*rank < total % wanting);
+        // What does not divide evenly goes to each node by chance in proportion (`total %
+        // wanting` of `wanting` rounds): nothing is lost to rounding, however low the rate
+        // or many the nodes (before, the remainder went to no node, so a bucket holding
+        // fewer requests than nodes wanting it admitted none), and no node is favoured (a
+        // fixed order gave it all to the first node by id, round after round).
+        let share = total / wanting + i64::from(draw(wanting as u64) < (total % wanting) as u64);
         if let Some(s) = c.shares.get(key) {
             // Requests admitted while the round was under way count against the new share.
             let since = s.spent.load(Ordering::Relaxed) as i64;
@@ -620,6 +621,27 @@ fn apply(
         }
     }
     Ok(())
+}
+
+/// A number drawn in `0..n` (`n` > 0), for the reconciling thread: xorshift, seeded from the
+/// clock.
+fn draw(n: u64) -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
+                .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
+                | 1,
+        );
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x % n.max(1)
+    })
 }
 
 /// EVAL arguments for one batch of one policy's keys.
@@ -1025,6 +1047,36 @@ mod tests {
     }
 
     #[test]
+    fn what_does_not_divide_evenly_goes_to_each_node_in_proportion() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        LIVE_NODES.store(3, Ordering::Relaxed);
+        // 1 of headroom, 3 nodes wanting it, no refill in a round: this node's share is 1
+        // in about a third of the rounds (before: never, for every node).
+        let limit = Limit::new(1, 1_000_000_000, 2).unwrap();
+        let c = ClusterShares::new(StoreErrorMode::Deny, 10);
+        let _ = c.check(&limit, None, 1);
+        let answer = [3, 1, 3, 0].map(Reply::Int);
+        let sync = Duration::from_millis(5);
+        let mut given = 0;
+        for _ in 0..3000 {
+            c.shares
+                .get(&ROUTE_KEY)
+                .unwrap()
+                .spent
+                .store(0, Ordering::Relaxed);
+            apply(&c, &limit, sync, 0, &[(ROUTE_KEY, 0, 1)], &answer).unwrap();
+            given += c
+                .shares
+                .get(&ROUTE_KEY)
+                .unwrap()
+                .allowance
+                .load(Ordering::Relaxed);
+        }
+        assert!((800..1200).contains(&given), "{given}");
+        LIVE_NODES.store(1, Ordering::Relaxed);
+    }
+
+    #[test]
     fn a_bucket_in_debt_is_not_taken_for_full_after_one_fill_time() {
         let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         LIVE_NODES.store(3, Ordering::Relaxed);
@@ -1038,7 +1090,7 @@ mod tests {
         let t = 1000 * second;
         assert!(c.check(&limit, None, t).allowed);
         assert!(!c.check(&limit, None, t).allowed);
-        let round = [3, 0, 3, 0, 180_000_000].map(Reply::Int);
+        let round = [3, 0, 3, 180_000_000].map(Reply::Int);
         let sync = Duration::from_millis(5);
         apply(&c, &limit, sync, t, &[(ROUTE_KEY, 1, 2)], &round).unwrap();
         let later = t + 61 * second;
@@ -1064,7 +1116,7 @@ mod tests {
             .unwrap()
             .spent
             .store(0, Ordering::Relaxed);
-        let answer = [3, 29, 1, 0, 1_000_000].map(Reply::Int);
+        let answer = [3, 29, 1, 1_000_000].map(Reply::Int);
         apply(
             &c,
             &limit,
@@ -1173,7 +1225,7 @@ mod tests {
         // 36 of headroom and 4 more refilled over the next 4 ms, for 4 nodes.
         let sync = Duration::from_millis(4);
         // Of 5 live nodes, 4 want the key.
-        let answer = [5, 36, 4, 0, 0].map(Reply::Int);
+        let answer = [5, 36, 4, 0].map(Reply::Int);
         apply(&c, &limit, sync, 0, &[(ROUTE_KEY, 25, 30)], &answer).unwrap();
         let admitted = (0..100)
             .filter(|_| c.check(&limit, None, t).allowed)
