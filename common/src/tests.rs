@@ -1633,6 +1633,14 @@ fn upstream_tls_is_checked_and_compiled() {
         s.upstreams[0].tls.as_ref().unwrap().config.alpn_protocols,
         [b"h2".to_vec()]
     );
+    // A private key in `ca_pem` is refused; a config stored by an earlier build that took
+    // one still starts, noting it (the first version of the rule stopped such a gateway
+    // from starting on its own state, exit 2).
+    let with_key = up("", &format!("tls = {{ ca_pem = \"\"\"{PEM}{KEY}\"\"\" }}"));
+    assert_eq!(err(&with_key).path(), "upstreams[0].tls.ca_pem");
+    let stored = parse_config(&with_key, Format::Toml).unwrap();
+    let (_, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
     // Nothing trusted, nothing to digest; one given is replaced.
     let given = "tls = { verify = false, ca_sha256 = \"00\" }";
     let s = compile(&up("", given)).unwrap();
