@@ -716,6 +716,15 @@ impl RetryBudget {
         }
     }
 
+    /// Gives back a retry [`RetryBudget::try_retry`] took that was never sent (the circuit
+    /// refused it, or its client left first). Taken from the current second's count: one
+    /// taken just before a new second began stays counted in the last, a second at most.
+    pub fn give_back(&self) {
+        let _ = self
+            .retries
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
     /// A request (not a retry) to the upstream.
     pub fn note_request(&self, now_ms: u64) {
         self.roll(now_ms);
@@ -1218,6 +1227,13 @@ mod tests {
         // A stale reading does not reset a newer second.
         b.note_request(7_000);
         assert_eq!(b.second.load(Relaxed), 8);
+        // A retry given back (never sent) leaves room for another; no more than was taken.
+        b.give_back();
+        assert!(b.try_retry(8_000, 20, 3));
+        assert!(!b.try_retry(8_000, 20, 3));
+        let fresh = RetryBudget::default();
+        fresh.give_back();
+        assert_eq!(fresh.retries.load(Relaxed), 0);
     }
 
     #[test]

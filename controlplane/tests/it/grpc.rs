@@ -998,6 +998,21 @@ fn a_retrys_first_byte_is_its_own() {
         .unwrap_or_else(|| panic!("no request retried: {lines:?}"));
     let first_byte = retried["upstream_first_byte_ms"].as_f64().unwrap();
     assert!(first_byte > 1000.0, "{retried}");
+    // A client that leaves while its retry is being answered: the retry went, and is
+    // counted as one (a first fix counted retries once their try returned, and a try the
+    // client's leaving drops never does).
+    for _ in 0..2 {
+        let mut c = gw.connect();
+        c.send(b"GET /slow HTTP/1.0\r\nHost: t\r\n\r\n");
+        std::thread::sleep(Duration::from_millis(500));
+        drop(c);
+    }
+    let lines = wait_log_lines(&log, 4);
+    let left = (lines[2..].iter())
+        .find(|l| l["status"] == 499)
+        .unwrap_or_else(|| panic!("no 499: {lines:?}"));
+    let retried = (lines[2..].iter()).filter(|l| l["retries"] == 1).count();
+    assert_eq!(retried, 1, "{left} {lines:?}");
 }
 
 #[test]
@@ -1070,7 +1085,8 @@ import h2.connection, h2.config, h2.events
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
 c.initiate_connection()
-c.send_headers(1, [(":method", "POST"), (":path", "/up"), (":scheme", "http"),
+method = sys.argv[4] if len(sys.argv) > 4 else "POST"
+c.send_headers(1, [(":method", method), (":path", "/up"), (":scheme", "http"),
                    (":authority", "t")])
 s.sendall(c.data_to_send())
 start = time.monotonic()
@@ -1105,9 +1121,16 @@ while not done:
     s.sendall(c.data_to_send())
 print(status, round(took, 1), flush=True)
 "#;
-    let run = |gw: &Gateway, pieces: &str, pause: &str| {
+    let run_as = |gw: &Gateway, pieces: &str, pause: &str, method: &str| {
         let out = Command::new("python3")
-            .args(["-c", CLIENT, &gw.addr.port().to_string(), pieces, pause])
+            .args([
+                "-c",
+                CLIENT,
+                &gw.addr.port().to_string(),
+                pieces,
+                pause,
+                method,
+            ])
             .output()
             .expect("python3 with the PyPI package h2");
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -1116,6 +1139,7 @@ print(status, round(took, 1), flush=True)
         });
         (status.to_owned(), took.parse::<f64>().unwrap())
     };
+    let run = |gw: &Gateway, pieces: &str, pause: &str| run_as(gw, pieces, pause, "POST");
     // 8 pieces 150 ms apart: 1.2 s of body, every gap within the timeout.
     let (status, took) = run(&gw, "8", "0");
     assert_eq!(status, "204", "after {took} s");
@@ -1186,6 +1210,15 @@ print(status, round(took, 1), flush=True)
             "{health}"
         );
     }
+    // Nor does `overall_timeout_ms` bound a PUT (which the policy may retry) while its body
+    // streams: such a request has its `[timeouts]` only (the review found a 504 the moment
+    // the body ended, and the target charged).
+    let overall = "retry = { attempts = 2, overall_timeout_ms = 500 }";
+    let gw = start(peer.addr, "client_body_ms = 5000\n", overall);
+    let (status, took) = run_as(&gw, "1", "1", "PUT");
+    assert_eq!(status, "204", "after {took} s");
+    let health = gw.admin("GET", "/v1/upstreams/h2/health", None).json();
+    assert_eq!(health["targets"][0]["consecutive_failures"], 0, "{health}");
 }
 
 #[test]

@@ -249,6 +249,9 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     rr: Cell<Option<u32>>,
     /// When the tries must be over (`retry.overall_timeout_ms`, from the first one's start).
     tries_end: Cell<Option<Instant>>,
+    /// The try under way is a retry not yet counted: it is once it reaches its target (see
+    /// [`Connector::arrived`]).
+    retry_owed: Cell<bool>,
     /// The client, looked at while a retry's backoff waits (see [`Connector::watching`]).
     watch: Option<crate::io::ClientWatch>,
 }
@@ -369,6 +372,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             now: Cell::new(None),
             rr: Cell::new(None),
             tries_end: Cell::new(None),
+            retry_owed: Cell::new(false),
             watch: None,
         }
     }
@@ -478,7 +482,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         let mut conn = self
             .source
             .take_idle(target.addr, &self.up.upstream.live, now)?;
-        rec.target = Some(target.addr);
+        self.arrived(target, rec);
         conn.keep_send_timeout(self.send_timeout);
         Some(Session {
             conn,
@@ -522,7 +526,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         }
         // Only a try the circuit let through reaches the target (the log's `target` stays
         // the last try's that did, or null).
-        rec.target = Some(addr);
+        self.arrived(target, rec);
         let started = Instant::now();
         let timeout = match try_deadline {
             Some(t) => self
@@ -655,13 +659,19 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         self.try_deadline_from(Instant::now())
     }
 
-    /// [`Self::try_deadline`] with the try's own bound counted from `at`: for a request whose
-    /// body was streamed from the client, the moment it had all gone. The upload's pace is
-    /// the client's (`client_body_ms` bounds it), not the target's: Envoy, too, starts its
-    /// per-try timer once the downstream request is complete.
-    pub fn try_deadline_from(&self, at: Instant) -> Option<Instant> {
+    /// [`Self::try_deadline`] with the try's own bound counted from `at`.
+    fn try_deadline_from(&self, at: Instant) -> Option<Instant> {
+        earliest(self.per_try_from(at), self.tries_end.get())
+    }
+
+    /// The try's own bound (`retry.per_try_timeout_ms`) counted from `at`, for a request
+    /// whose body was streamed from the client: the moment it had all gone. The upload's
+    /// pace is the client's (`client_body_ms` bounds it), not the target's: Envoy, too,
+    /// starts its per-try timer once the downstream request is complete. Not the tries'
+    /// bound (`overall_timeout_ms`): a request whose body streams has its `[timeouts]` only.
+    pub fn per_try_from(&self, at: Instant) -> Option<Instant> {
         let per_try = self.up.upstream.retry.as_ref().and_then(|r| r.per_try);
-        earliest(per_try.map(|t| at + t), self.tries_end.get())
+        per_try.map(|t| at + t)
     }
 
     /// Waits a retry's backoff, ended early with `ClientClosed` when the watched client
@@ -674,6 +684,18 @@ impl<'a, P: SessionSource> Connector<'a, P> {
         match slept.await {
             Some(()) => Ok(()),
             None => Err(ErrorKind::ClientClosed.into()),
+        }
+    }
+
+    /// Records that this try reached `target` (a pooled connection taken, or a new one the
+    /// circuit let be opened): the log's target, and a retry's count, once, however the try
+    /// ends. Counted before the try, a retry the circuit refused was counted as sent; after
+    /// it, one whose try was dropped (its client gone, its aggregate step cut) was not.
+    pub fn arrived(&self, target: &LiveTarget, rec: &mut Attempts) {
+        rec.target = Some(target.addr);
+        if self.retry_owed.replace(false) {
+            rec.retries = rec.retries.saturating_add(1);
+            target.state.count_retry(self.source.stripe());
         }
     }
 
@@ -763,7 +785,11 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if tries > 1 {
                 release(slot);
                 if !wait.is_zero() {
-                    self.back_off(wait).await?;
+                    if let Err(e) = self.back_off(wait).await {
+                        // Its client gone, the retry is not sent: its budget goes back.
+                        live.budget.give_back();
+                        return Err(e);
+                    }
                 }
                 // A revision during the tries (and the wait) may have drained or removed
                 // targets: a retry goes to none of them.
@@ -773,14 +799,16 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                 return Err(ErrorKind::NoTargets.into());
             };
             let state = &set.targets[i].state;
+            self.retry_owed.set(tries > 1);
             let result = one(self.begin(i), slot, req).await;
-            // Refused before reaching the target (max_connections, max_pending): not one of
-            // its requests, nor a retry sent to it.
-            let refused = matches!(&result, Err(e) if e.kind.reason().is_some());
-            if tries > 1 && !refused {
-                state.count_retry(stripe);
-                req.as_mut().retries = req.as_mut().retries.saturating_add(1);
+            if self.retry_owed.replace(false) {
+                // A retry that never reached its target (the circuit refused it): its
+                // budget goes back.
+                live.budget.give_back();
             }
+            // Refused before reaching the target (max_connections, max_pending): not one of
+            // its requests.
+            let refused = matches!(&result, Err(e) if e.kind.reason().is_some());
             let failure = match &result {
                 Ok(v) => {
                     let (status, grpc) = answer_of(v);

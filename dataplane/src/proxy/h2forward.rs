@@ -1404,7 +1404,7 @@ pub(super) async fn forward<S: ClientStream>(
             };
             // A new connection records its target once the circuit lets it be opened.
             if pooled.is_some() {
-                req.attempts.target = Some(target.addr);
+                connector.arrived(target, &mut req.attempts);
             }
             req.attempts.connect = None;
             let mut reused = pooled.is_some();
@@ -1426,14 +1426,14 @@ pub(super) async fn forward<S: ClientStream>(
                         .await
                     {
                         Ok(Ok(conn)) if conn.has_room() => {
-                            req.attempts.target = Some(target.addr);
+                            connector.arrived(target, &mut req.attempts);
                             Some(Ok(conn))
                         }
                         // The opener's failure: its connect reached the target unless the
                         // circuit refused it first.
                         Ok(Err(Some(kind))) => {
                             if kind.reason().is_none() {
-                                req.attempts.target = Some(target.addr);
+                                connector.arrived(target, &mut req.attempts);
                             }
                             Some(Err(ProxyError::new(kind)))
                         }
@@ -1597,7 +1597,7 @@ pub(super) async fn forward<S: ClientStream>(
             // the upload's pace is the client's), as on HTTP/1.1; a body held whole counts
             // in it from the try's start, as there.
             let try_by = || match pumped {
-                true => (progress.ended.get()).and_then(|at| connector.try_deadline_from(at)),
+                true => (progress.ended.get()).and_then(|at| connector.per_try_from(at)),
                 false => try_deadline,
             };
             // Whether the body's end, yet to come, brings a bound of its own.

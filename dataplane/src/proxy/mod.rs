@@ -1047,7 +1047,7 @@ async fn proxy<S: ClientStream>(
         }
         let sent_at = Instant::now();
         if streamed {
-            session.try_deadline = connector.try_deadline_from(sent_at);
+            session.try_deadline = connector.per_try_from(sent_at);
         }
         let deadline = session.head_deadline(sent_at + head_timeout);
         // After a small answer, the whole next one in one read, as it comes.
