@@ -1055,7 +1055,13 @@ fn a_websocket_tunnel_runs_over_tls() {
             Keep::Close
         },
     ));
-    let gw = Gateway::start(&tls_config(origin.addr, &a, &b), Driver::IoUring);
+    let log = dir.join("access.log");
+    let config = format!(
+        "{}\n[access_log]\npath = \"{}\"\n[timeouts]\nupstream_body_ms = 1500\n",
+        tls_config(origin.addr, &a, &b),
+        log.display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
     // The tunnel's end follows the upstream's: a close ends it with close_notify, a reset
     // without (the client must not take an abort for an orderly end).
     let upgrade = "GET /chat HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n\
@@ -1070,6 +1076,17 @@ fn a_websocket_tunnel_runs_over_tls() {
         assert!(text.ends_with("last words"), "{text}");
         assert_eq!(end, ending, "{path}");
     }
+    // A tunnel gone quiet, ended by the gateway: no side failed, though the TLS client
+    // sees an end without close_notify (the first version of the tunnel's reset logged it
+    // `client_closed`, and counted it).
+    let request = upgrade.replace("/chat", "/idle");
+    let (_, data) = tls_read_all(gw.listeners[0], ca, "a.test", &request);
+    assert!(String::from_utf8_lossy(&data).starts_with("HTTP/1.1 101"));
+    let lines = wait_log_lines(&log, 3);
+    let idle = lines.iter().find(|l| l["path"] == "/idle").unwrap();
+    assert_eq!(idle["error"], serde_json::Value::Null, "{idle}");
+    let reset = lines.iter().find(|l| l["path"] == "/resets").unwrap();
+    assert_eq!(reset["error"], "upstream_closed", "{reset}");
     let mut child = Command::new("openssl")
         .args(["s_client", "-quiet", "-ign_eof", "-servername", "a.test"])
         .args(["-connect", &gw.listeners[0].to_string()])

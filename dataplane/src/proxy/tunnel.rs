@@ -101,6 +101,9 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let cut_by_drain = Cell::new(false);
     // The first failure, which reset both sides.
     let failed = Cell::new(None::<ErrorKind>);
+    // The gateway ended the tunnel itself (gone quiet, or the drain's end): what the sides
+    // see of it (a TLS one an end without close_notify) is no failure of theirs.
+    let closing = Cell::new(false);
     // The watchdog's, woken when the last direction ends.
     let ended = Cell::new(None::<Waker>);
     // Ends both directions at once, without the clean half-close an end gets. For a tunnel
@@ -119,6 +122,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
             }
             return;
         }
+        closing.set(true);
         // SAFETY: each copy future owns a half of each stream until it ends; this is called
         // from a copy future, or from the watchdog while one still runs (`open` > 0), so
         // neither fd can have been closed and reused.
@@ -133,6 +137,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
         watchdog: &ended,
         abort: &abort,
         reset: &failed,
+        closing: &closing,
     };
     let (client, upstream) = (ErrorKind::ClientClosed, ErrorKind::UpstreamClosed);
     let up = copy_half(
@@ -208,6 +213,8 @@ struct Tunnel<'a, A> {
     abort: &'a A,
     /// Set once a failure reset both sides: an end after it is not passed on.
     reset: &'a Cell<Option<ErrorKind>>,
+    /// Set once the gateway ended the tunnel itself: what follows is no side's failure.
+    closing: &'a Cell<bool>,
 }
 
 /// Copies one direction of a tunnel until EOF, then half-closes the other side; on an error,
@@ -227,6 +234,7 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn(Option<ErrorKind>)
         watchdog,
         abort,
         reset,
+        closing,
     } = *t;
     if buf.capacity() < 16 * 1024 {
         buf.reserve(16 * 1024);
@@ -250,8 +258,9 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn(Option<ErrorKind>)
         }
     };
     match failure {
-        // The other side's reset woke this read: nothing to pass on.
-        _ if reset.get().is_some() => {}
+        // The other side's reset woke this read, or the gateway's own end of the tunnel (a
+        // TLS side then sees an end without close_notify): nothing to pass on or log.
+        _ if reset.get().is_some() || closing.get() => {}
         None => {
             let _ = to.shutdown().await;
         }
