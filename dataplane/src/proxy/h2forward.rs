@@ -1719,7 +1719,16 @@ pub(super) async fn forward<S: ClientStream>(
                     // closed it idle, just as it was used) before any of the answer came:
                     // an idempotent request with its whole body goes once more on a new
                     // one, as on HTTP/1.1 (before: a 502).
-                    let stale = e.is_io() && reused && method_idempotent && first_interim.is_none();
+                    // (Not one the gateway's own `upstream_send_ms` ended, ETIMEDOUT: an
+                    // upstream that stopped taking the body would get it all again.)
+                    let closed = e.get_io().is_some_and(|io| {
+                        use std::io::ErrorKind::*;
+                        matches!(
+                            io.kind(),
+                            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                        )
+                    });
+                    let stale = closed && reused && method_idempotent && first_interim.is_none();
                     if (unprocessed || stale) && !fresh && !pumped {
                         // Once more on a new connection, whatever the retry policy.
                         fresh = true;
