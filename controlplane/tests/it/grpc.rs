@@ -2545,6 +2545,21 @@ fn a_custom_binding_of_kind_star_takes_any_method() {
         assert_eq!(request_status(&gw, method, "/any/a"), 503, "{method}");
     }
     assert_eq!(request_status(&gw, "GET", "/other"), 404);
+    // The 503 keeps an HTTP/1.1 connection, its request read whole: the pipelined one
+    // behind it is answered (before: closed after the JSON error).
+    let mut c = gw.connect();
+    c.send(
+        b"POST /any/a HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}\
+             GET /any/b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    let first = c.read_response();
+    assert_eq!(
+        (first.status, first.header("connection")),
+        (503, None),
+        "{}",
+        first.head
+    );
+    assert_eq!(c.read_response().status, 503);
 }
 
 #[test]

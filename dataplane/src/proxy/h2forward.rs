@@ -1243,7 +1243,9 @@ pub(super) async fn forward<S: ClientStream>(
         &mut grpc_timeout,
     ) {
         Ok(o) => o,
-        Err(kind) => return fail(down, req, call, &encoding, kind, false, asked, None).await,
+        Err(kind) => {
+            return fail(down, req, call, &encoding, kind, false, asked, None, false).await
+        }
     };
     drop(h1);
     // The call's time, capped by `upstream_response_head_ms`; and the client's own
@@ -1267,6 +1269,7 @@ pub(super) async fn forward<S: ClientStream>(
                     false,
                     asked,
                     None,
+                    false,
                 )
                 .await;
             }
@@ -1293,7 +1296,7 @@ pub(super) async fn forward<S: ClientStream>(
         Err(kind) => {
             // A stalled client gets no lingering close (as on the other paths).
             down.linger &= kind != ErrorKind::ClientTimeout;
-            return fail(down, req, call, &encoding, kind, false, asked, None).await;
+            return fail(down, req, call, &encoding, kind, false, asked, None, false).await;
         }
     };
     if let (Call::Web { text: true }, Body::Whole(b)) = (call, &body) {
@@ -1308,6 +1311,7 @@ pub(super) async fn forward<S: ClientStream>(
                 false,
                 asked,
                 None,
+                false,
             )
             .await;
         }
@@ -1824,15 +1828,26 @@ pub(super) async fn forward<S: ClientStream>(
                 );
             }
             let (kind, reset) = (err.kind, err.grpc_status);
-            if S::WHOLE_CONNECTION
-                && call == Call::Plain
-                && kind.side() != crate::error::Side::Client
-            {
-                // An HTTP/1.1 client's body was read whole: its connection goes on after the
-                // gateway's 502 or 504, as on the HTTP/1.1 path (before: closed).
+            // An HTTP/1.1 client's body was read whole: its connection goes on after the
+            // gateway's 502 or 504 (a JSON call's too), as on the HTTP/1.1 path (before:
+            // closed).
+            let keep = S::WHOLE_CONNECTION && kind.side() != crate::error::Side::Client;
+            if keep && call == Call::Plain {
                 return down.fail_keeping(ctx, req, head, kind).await;
             }
-            return fail(down, req, call, &encoding, kind, deadline_hit, asked, reset).await;
+            let keep = keep && keep_alive && !http10 && !ctx.draining.get();
+            return fail(
+                down,
+                req,
+                call,
+                &encoding,
+                kind,
+                deadline_hit,
+                asked,
+                reset,
+                keep,
+            )
+            .await;
         }
     };
     let head_after = sent_at.get().elapsed();
@@ -2243,6 +2258,7 @@ struct Asked {
 /// Answers a request that failed before its answer began: a gRPC call gets a trailers-only
 /// gRPC answer (`deadline`: its `grpc-timeout` ran out; `status`: the one an upstream's
 /// reset gives, where known), a JSON call a JSON error, anything else the error's status.
+/// `keep`: an HTTP/1.1 connection may go on after a JSON error (its request read whole).
 #[allow(clippy::too_many_arguments)]
 async fn fail<S: ClientStream>(
     down: &mut Downstream<S>,
@@ -2253,6 +2269,7 @@ async fn fail<S: ClientStream>(
     deadline: bool,
     asked: Asked,
     status: Option<u8>,
+    keep: bool,
 ) -> Next {
     let mut code = status.unwrap_or_else(|| grpc_code_for(kind, deadline));
     if call == Call::Json {
@@ -2272,7 +2289,7 @@ async fn fail<S: ClientStream>(
             _ => common::transcode::http_status_for_grpc(code.into()),
         };
         let body = super::transcode::error_body(code.into(), grpc_message(kind), None, &[]);
-        return answer_json(down, req, status, body, true, asked).await;
+        return answer_json(down, req, status, body, !keep, asked).await;
     }
     if !call.grpc_answers() {
         return down.fail(req, kind).await;
