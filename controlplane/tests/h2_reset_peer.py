@@ -28,7 +28,8 @@ before a 200 "ok", `/len` a 200 "ok" with its `content-length`, `/hints-slow` th
 `/hints` with the 200 a second after the 103, `/s101` a 101 then a 200 "ok", `/hints-cl` a
 103 with `content-length: 0` then a 204, `/hints-big` a 103 with 300 fields then a 204,
 `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`,
-`host` and `x-ok`, `/N` a 200 "ok" with N fields; with `bad-stream`, a gRPC answer of one
+`host` and `x-ok`, `/big/N` a 200 "ok" with one field of N bytes, `/N` a 200 "ok" with N
+fields; with `bad-stream`, a gRPC answer of one
 message and one marked compressed, its stream left open; with `head-silent`, a gRPC answer's
 head and nothing more; with `answer-close`, a 204, then GOAWAY NO_ERROR and the connection
 closed; with `msg-silent`, a gRPC answer's head and one (empty) message, then nothing; with
@@ -266,6 +267,11 @@ def serve(sock):
                         time.sleep(1.3)
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"slow", end_stream=True)
+                    elif "/big/" in path:
+                        # One field of N bytes.
+                        size = int(path.rsplit("/", 1)[1])
+                        conn.send_headers(sid, [(":status", "200"), ("x-big", "b" * size)])
+                        conn.send_data(sid, b"ok", end_stream=True)
                     elif path.endswith("/trailers"):
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"hello")

@@ -109,10 +109,11 @@ impl Drop for StreamSlot {
 }
 
 /// The largest response head an upstream may send, in HPACK's measure (each field's name,
-/// value and 32 bytes, RFC 9113 6.5.2): the 64 KiB and 256 field lines an HTTP/1.1
+/// value and 32 bytes, RFC 9113 6.5.2): room for the 64 KiB and 256 field lines an HTTP/1.1
 /// upstream's head may have, whatever the clients' `[http2] max_header_list_size` (which
 /// bounded it before: a lower one made good upstreams fail, a higher one let larger heads
-/// through).
+/// through). The 64 KiB themselves are checked on the head as it came (see
+/// `h2forward::head_bytes`).
 const MAX_HEADER_LIST: u32 =
     (crate::upstream::UPSTREAM_BUF + common::snapshot::MAX_HEADER_COUNT * 32) as u32;
 

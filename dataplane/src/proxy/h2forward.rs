@@ -707,6 +707,16 @@ fn escape_target(target: &str) -> String {
     out
 }
 
+/// The bytes `fields` would take in an HTTP/1.1 head (`name: value` and CRLF each, and a
+/// status line's): an HTTP/2 upstream's head is bounded as an HTTP/1.1 one's is (64 KiB),
+/// whatever HPACK's measure let through.
+fn head_bytes(fields: &HeaderMap) -> usize {
+    const STATUS_LINE: usize = "HTTP/1.1 200 OK\r\n\r\n".len();
+    (fields.iter()).fold(STATUS_LINE, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + 4
+    })
+}
+
 /// An upstream stream whose response head has arrived.
 struct Opened {
     parts: http::response::Parts,
@@ -1751,7 +1761,10 @@ pub(super) async fn forward<S: ClientStream>(
                 }
                 // More field lines than an HTTP/1.1 upstream's head may have (`[limits]`):
                 // a 502 whatever the protocol, not relayed (the stream is reset).
-                Ok(Ok(resp)) if resp.headers().len() > common::snapshot::MAX_HEADER_COUNT => {
+                Ok(Ok(resp))
+                    if resp.headers().len() > common::snapshot::MAX_HEADER_COUNT
+                        || head_bytes(resp.headers()) > crate::upstream::UPSTREAM_BUF =>
+                {
                     Err(ProxyError::new(ErrorKind::UpstreamMalformed))
                 }
                 Ok(Ok(resp)) => {
