@@ -176,12 +176,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| format!("--store-file {path:?}: {e}"))?;
                 let url = text.trim();
-                // A second line (a comment, a second URL) would otherwise end up in the
-                // key prefix. The text is not shown: it holds the password.
-                if url.chars().any(char::is_control) {
+                // A second line or a comment (another URL, `# production`) would otherwise
+                // end up in the key prefix; no URL has a space. The text is not shown: it
+                // holds the password.
+                if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
                     return Err(format!(
                         "--store-file {path:?}: holds more than the URL on one line \
-                         (a line break or control character inside it)"
+                         (a space, line break or control character inside it)"
                     ));
                 }
                 run.store = Some(url.to_owned());
@@ -298,8 +299,13 @@ mod tests {
             e.contains("more than the URL on one line") && !e.contains("pw"),
             "{e}"
         );
-        std::fs::write(&file, "etcd://gw:pw@127.0.0.1:2379/g\tw").unwrap();
-        assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_err());
+        for inside in ["g\tw", "gw  # production store", "gw\u{2028}old"] {
+            std::fs::write(&file, format!("etcd://gw:pw@127.0.0.1:2379/{inside}\n")).unwrap();
+            assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_err());
+        }
+        // Line ends and spaces around it are no part of it.
+        std::fs::write(&file, " etcd://gw:pw@127.0.0.1:2379/gw \r\n\n").unwrap();
+        assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_ok());
         let _ = std::fs::remove_file(&file);
         assert!(p(&[
             "--store-file",

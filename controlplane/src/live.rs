@@ -221,7 +221,13 @@ pub async fn access_log_tail(
         }
     };
     let read = || -> std::io::Result<Option<Vec<String>>> {
-        // Without waiting for a writer, should it be a FIFO.
+        // Anything but a regular file (a FIFO a shipper reads, a socket) is not opened at
+        // all; and without waiting for a writer, should it have become a FIFO since.
+        match std::fs::metadata(&path) {
+            Ok(meta) if !meta.is_file() => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+            _ => {}
+        }
         let open = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)

@@ -990,6 +990,14 @@ fn a_fifo_no_one_reads_loses_lines_and_holds_up_no_change_of_path() {
         "{}",
         tail.body_str()
     );
+    // Nor from a socket (the review found a 500 there still: its open fails).
+    let socket = dir.join("socket");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    log_to(&socket);
+    let tail = gw.admin("GET", "/v1/access_log?lines=5", None);
+    assert_eq!(tail.status, 404, "{}", tail.body_str());
+    drop(listener);
+    log_to(&fifo);
     let deadline = Instant::now() + Duration::from_secs(5);
     while lost_lines(&gw) < 1 {
         assert!(Instant::now() < deadline, "no line counted lost");
