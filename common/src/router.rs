@@ -160,61 +160,101 @@ impl PathTable {
         }
     }
 
-    fn find(&self, path: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<u32> {
+    /// The route for `path`, and whether it was found through `seen`, the path as servers
+    /// that decode escaped slashes and drop `;` parameters read it (see [`as_read`]).
+    fn find(
+        &self,
+        path: &[u8],
+        seen: Option<&[u8]>,
+        mut accept: impl FnMut(u32) -> bool,
+    ) -> Option<(u32, bool)> {
         if let Some(ids) = self.exact.get(path) {
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
-                return Some(id);
+                return Some((id, false));
             }
         }
         let params = &self.params;
         if let (Some(rest), false) = (path.strip_prefix(b"/"), params.is_empty()) {
             if let Some(id) = params.find(Some(rest), &mut accept) {
-                return Some(id);
+                return Some((id, false));
             }
         }
+        let found = self.prefixed(path, &mut accept);
+        // The longer prefix of the two readings: the route a decoding upstream's reading
+        // names, and so its policies, is never skipped for a shorter one's.
+        match seen.and_then(|seen| self.prefixed(seen, &mut accept)) {
+            Some((len, id)) if found.is_none_or(|(raw, _)| len > raw) => Some((id, true)),
+            _ => found.map(|(_, id)| (id, false)),
+        }
+    }
+
+    /// The longest prefix route of `path` that takes the request, with the prefix's length.
+    fn prefixed(&self, path: &[u8], accept: &mut impl FnMut(u32) -> bool) -> Option<(usize, u32)> {
         for &len in &self.prefix_lens {
             if len > path.len() {
                 continue;
             }
-            // A prefix matches at a segment boundary, or anywhere when it ends with '/'.
-            let ids = match self.prefix.get(&path[..len]) {
-                Some(ids) if len == path.len() || path[len - 1] == b'/' => ids,
-                Some(ids) if ends_segment(&path[len..]) => ids,
-                _ => match self.with_escaped_slash(path, len) {
-                    Some(ids) => ids,
-                    None => continue,
-                },
+            let Some(ids) = self.prefix.get(&path[..len]) else {
+                continue;
             };
+            // A prefix matches at a segment boundary, or anywhere when it ends with '/'.
+            let boundary = len == path.len() || path[len] == b'/' || path[len - 1] == b'/';
+            if !boundary {
+                continue;
+            }
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
-                return Some(id);
+                return Some((len, id));
             }
         }
         None
     }
-
-    /// The routes of a prefix of length `len` that ends with '/', where `path` has an escaped
-    /// `/` or `\` there (`/admin%2Fsecret` under `/admin/`; see [`ends_segment`]).
-    fn with_escaped_slash(&self, path: &[u8], len: usize) -> Option<&Vec<u32>> {
-        let escape = path.get(len - 1..len + 2)?;
-        if escape != b"%2F" && escape != b"%5C" {
-            return None;
-        }
-        let mut key = path[..len].to_vec();
-        key[len - 1] = b'/';
-        self.prefix.get(&key[..])
-    }
 }
 
-/// Whether `rest`, the path after a prefix, starts a new segment, or parameters of the last
-/// one: a `/`, a `;`, or an escaped `/` or `\` (request paths have their escapes upper-cased).
-/// Servers that decode `%2F` before they route (Flask, most frameworks) or strip `;`
-/// parameters (servlet containers) read `/admin%2Fsecret` and `/admin;x/secret` as under
-/// `/admin`, so a prefix route's policies must cover them; nginx, Envoy and Kong match
-/// prefixes as strings, which covers them too.
-fn ends_segment(rest: &[u8]) -> bool {
-    matches!(rest.first(), Some(b'/' | b';'))
-        || rest.starts_with(b"%2F")
-        || rest.starts_with(b"%5C")
+/// `path` as servers read it that decode an escaped `/` or `\` before they route (Flask, most
+/// frameworks; `%2F`, `%5C`), take `\` for `/` (Windows servers), or drop `;` parameters
+/// (servlet containers): those as `/`, the parameters left out, runs of `/` merged. `None`
+/// when it has none of them (most paths: a scan, nothing made). Prefix routes are matched on
+/// it too, so that `/admin%2Fsecret`, `/v1%2Fadmin/x` or `/admin;x/secret` are not served
+/// by a shorter prefix's route (the catch-all) without the policies of the route such an
+/// upstream serves them as; nginx decodes `%2F` before matching locations.
+fn as_read(path: &[u8]) -> Option<Vec<u8>> {
+    let escaped = |i: usize| {
+        let e = path.get(i..i + 3)?;
+        (e.eq_ignore_ascii_case(b"%2F") || e.eq_ignore_ascii_case(b"%5C")).then_some(())
+    };
+    let any = path
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b';' || b == b'\\' || (b == b'%' && escaped(i).is_some()));
+    if !any {
+        return None;
+    }
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        let slash = match path[i] {
+            b'\\' => Some(1),
+            b'%' if escaped(i).is_some() => Some(3),
+            _ => None,
+        };
+        if let Some(n) = slash {
+            if out.last() != Some(&b'/') {
+                out.push(b'/');
+            }
+            i += n;
+        } else if path[i] == b';' {
+            // The parameters, up to the segment's end.
+            while i < path.len() && path[i] != b'/' && path[i] != b'\\' && escaped(i).is_none() {
+                i += 1;
+            }
+        } else if path[i] == b'/' && out.last() == Some(&b'/') {
+            i += 1;
+        } else {
+            out.push(path[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// Host tables, built by [`crate::Snapshot::compile`].
@@ -234,13 +274,27 @@ impl Router {
         &self,
         host: Option<&[u8]>,
         path: &[u8],
-        mut accept: impl FnMut(u32) -> bool,
+        accept: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
+        self.find_as_read(host, path, accept).map(|(id, _)| id)
+    }
+
+    /// [`Router::find`], and whether the route was found as servers read the path that
+    /// decode escaped slashes or drop `;` parameters (a prefix route the path itself does
+    /// not name, whose `strip_prefix` cannot cut it; see [`as_read`]).
+    pub fn find_as_read(
+        &self,
+        host: Option<&[u8]>,
+        path: &[u8],
+        mut accept: impl FnMut(u32) -> bool,
+    ) -> Option<(u32, bool)> {
+        let seen = as_read(path);
+        let seen = seen.as_deref();
         let mut lower = [0u8; MAX_HOST_LEN];
         if let Some(host) = host.and_then(|h| normalize_host(h, &mut lower)) {
             if let Some(table) = self.exact_hosts.get(host) {
-                if let Some(id) = table.find(path, &mut accept) {
-                    return Some(id);
+                if let Some(found) = table.find(path, seen, &mut accept) {
+                    return Some(found);
                 }
             }
             if !self.wildcard_hosts.is_empty() {
@@ -249,13 +303,13 @@ impl Router {
                     let Some(table) = self.wildcard_hosts.get(&host[i..]) else {
                         continue;
                     };
-                    if let Some(id) = table.find(path, &mut accept) {
-                        return Some(id);
+                    if let Some(found) = table.find(path, seen, &mut accept) {
+                        return Some(found);
                     }
                 }
             }
         }
-        self.any_host.find(path, accept)
+        self.any_host.find(path, seen, accept)
     }
 }
 
@@ -288,6 +342,11 @@ pub fn normalize_host<'a>(host: &[u8], out: &'a mut [u8; MAX_HOST_LEN]) -> Optio
 mod tests {
     use super::*;
 
+    /// [`PathTable::find`] as [`Router::find`] asks it.
+    fn look(t: &PathTable, path: &[u8], accept: impl FnMut(u32) -> bool) -> Option<u32> {
+        t.find(path, as_read(path).as_deref(), accept).map(|f| f.0)
+    }
+
     #[test]
     fn host_normalization() {
         let mut b = [0u8; MAX_HOST_LEN];
@@ -310,17 +369,17 @@ mod tests {
         t.insert_param(b"/{kind}/special", 4);
         t.insert_param(b"/products/{x}/{y}", 5);
         t.insert_param(b"/products/top/{n}", 6);
-        assert_eq!(t.find(b"/products/7", |_| true), Some(1));
-        assert_eq!(t.find(b"/products/new", |_| true), Some(2));
-        assert_eq!(t.find(b"/products/7/reviews", |_| true), Some(3));
+        assert_eq!(look(&t, b"/products/7", |_| true), Some(1));
+        assert_eq!(look(&t, b"/products/new", |_| true), Some(2));
+        assert_eq!(look(&t, b"/products/7/reviews", |_| true), Some(3));
         // Literal `products` wins over `{kind}` at the first segment.
-        assert_eq!(t.find(b"/products/special", |_| true), Some(1));
-        assert_eq!(t.find(b"/things/special", |_| true), Some(4));
-        assert_eq!(t.find(b"/products/top/3", |_| true), Some(6));
-        assert_eq!(t.find(b"/products/a/b", |_| true), Some(5));
+        assert_eq!(look(&t, b"/products/special", |_| true), Some(1));
+        assert_eq!(look(&t, b"/things/special", |_| true), Some(4));
+        assert_eq!(look(&t, b"/products/top/3", |_| true), Some(6));
+        assert_eq!(look(&t, b"/products/a/b", |_| true), Some(5));
         // An empty segment is no parameter value: the prefix route takes it.
-        assert_eq!(t.find(b"/products/", |_| true), Some(0));
-        assert_eq!(t.find(b"/products/1/2/3", |_| true), Some(0));
+        assert_eq!(look(&t, b"/products/", |_| true), Some(0));
+        assert_eq!(look(&t, b"/products/1/2/3", |_| true), Some(0));
         let mut got = Vec::new();
         let p = [Seg::Literal((*b"p").into()), Seg::Param, Seg::Param];
         assert!(match_pattern(&p, b"/p/a%20b/c", |v| got.push(v.to_vec())));
@@ -391,7 +450,7 @@ mod tests {
                     path.extend_from_slice(["a", "b", "", "c"][next(4)].as_bytes());
                 }
                 let want = find_by_scanning(&patterns, &path, accept);
-                assert_eq!(t.find(&path, accept), want, "{patterns:?} {path:?}");
+                assert_eq!(look(&t, &path, accept), want, "{patterns:?} {path:?}");
                 compared += usize::from(want.is_some());
             }
         }
@@ -404,14 +463,30 @@ mod tests {
         let mut t = PathTable::default();
         t.insert_prefix(b"/api", 0);
         t.insert_prefix(b"/static/", 1);
-        assert_eq!(t.find(b"/api", |_| true), Some(0));
-        assert_eq!(t.find(b"/api/v1", |_| true), Some(0));
-        assert_eq!(t.find(b"/apix", |_| true), None);
-        assert_eq!(t.find(b"/static/a.css", |_| true), Some(1));
-        assert_eq!(t.find(b"/static", |_| true), None);
+        assert_eq!(look(&t, b"/api", |_| true), Some(0));
+        assert_eq!(look(&t, b"/api/v1", |_| true), Some(0));
+        assert_eq!(look(&t, b"/apix", |_| true), None);
+        assert_eq!(look(&t, b"/static/a.css", |_| true), Some(1));
+        assert_eq!(look(&t, b"/static", |_| true), None);
         // Spellings servers read as under the prefix: its policies hold for them (before:
-        // all four went to the catch-all, and an upstream decoding `%2F` served them).
+        // all went to the catch-all, and an upstream decoding `%2F` served them), deeper
+        // prefixes and trailing-slash ones included (the review found a first fix missing
+        // those, and a raw `\`).
         t.insert_prefix(b"/", 2);
+        t.insert_prefix(b"/v1/admin", 3);
+        t.insert_prefix(b"/v1", 4);
+        for path in [
+            &b"/v1%2Fadmin/x"[..],
+            b"/v1%5Cadmin/x",
+            b"/v1;y/admin/x",
+            b"/v1\\admin",
+        ] {
+            let found = look(&t, path, |_| true);
+            assert_eq!(found, Some(3), "{:?}", String::from_utf8_lossy(path));
+        }
+        assert_eq!(look(&t, b"/static;x/a.css", |_| true), Some(1));
+        assert_eq!(look(&t, b"/api\\secret", |_| true), Some(0));
+        assert_eq!(look(&t, b"/v1/x", |_| true), Some(4));
         for path in [
             &b"/api%2Fsecret"[..],
             b"/api%5Csecret",
@@ -419,17 +494,17 @@ mod tests {
             b"/api;x",
         ] {
             assert_eq!(
-                t.find(path, |_| true),
+                look(&t, path, |_| true),
                 Some(0),
                 "{:?}",
                 String::from_utf8_lossy(path)
             );
         }
-        assert_eq!(t.find(b"/static%2Fa.css", |_| true), Some(1));
-        assert_eq!(t.find(b"/static%5Ca.css", |_| true), Some(1));
-        assert_eq!(t.find(b"/static%2", |_| true), Some(2));
-        assert_eq!(t.find(b"/static%20a", |_| true), Some(2));
-        assert_eq!(t.find(b"/api%20x", |_| true), Some(2));
-        assert_eq!(t.find(b"/apix;y", |_| true), Some(2));
+        assert_eq!(look(&t, b"/static%2Fa.css", |_| true), Some(1));
+        assert_eq!(look(&t, b"/static%5Ca.css", |_| true), Some(1));
+        assert_eq!(look(&t, b"/static%2", |_| true), Some(2));
+        assert_eq!(look(&t, b"/static%20a", |_| true), Some(2));
+        assert_eq!(look(&t, b"/api%20x", |_| true), Some(2));
+        assert_eq!(look(&t, b"/apix;y", |_| true), Some(2));
     }
 }

@@ -1608,6 +1608,7 @@ fn escaped_letters_cannot_route_around_a_policy() {
         "/orders%2f1",
         "/orders%5C1",
         "/orders;x/1",
+        "/orders\\1",
     ] {
         assert_problem(&get(&gw, path, ""), 401);
     }

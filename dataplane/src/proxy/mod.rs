@@ -406,13 +406,17 @@ async fn handle<S: ClientStream>(
                 .filter(|&id| snap.routes[id as usize].serves(m))
         })
         .filter(|&id| snap.routes[id as usize].has_cors);
+    // Found only as a decoding upstream reads the path (see `Router::find_as_read`).
+    let mut as_read = false;
     let found = match whole_server {
         true => None,
         false => real.or_else(|| {
-            snap.router.find(host, path, |id| {
+            let found = snap.router.find_as_read(host, path, |id| {
                 let r = &snap.routes[id as usize];
                 r.accepts(method) || (preflight.is_some() && r.has_cors)
-            })
+            });
+            as_read = found.is_some_and(|(_, read)| read);
+            found.map(|(id, _)| id)
         }),
     };
     // No route with CORS takes the method asked about: a cors policy the preflight reaches
@@ -504,6 +508,15 @@ async fn handle<S: ClientStream>(
             .respond(ctx, req, head, Reply::Canned(Status::NotFound))
             .await;
     };
+    if as_read && route.strip_prefix_len > 0 {
+        // The route's prefix is this path's only as a decoding upstream reads it (an escaped
+        // slash or `;` parameters inside it): the bytes `strip_prefix` would cut are not
+        // there as they are.
+        req.fail(ErrorKind::BadRequest);
+        return down
+            .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
+            .await;
+    }
     if let Some(h) = &route.headers {
         // After the policies, whose check starts the request's edits afresh.
         let fields = (head.fields_start, head.fields_end);
