@@ -282,9 +282,10 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
 /// the emission interval and the tolerance (microseconds, fractional), how long a node counts
 /// as wanting a key after it last did (microseconds), then per key the requests this node
 /// admitted and the requests it saw (admitted or not). It answers the live node count, then
-/// per key its headroom, the number of nodes that want it (this one counted once, whether it
-/// does or not), and the microseconds until the bucket is full again. Times count from
-/// 2026-01-01 so a double keeps them to well under a microsecond.
+/// per key its headroom (below 0 for a bucket in debt), the number of nodes that want it
+/// (this one counted once, whether it does or not), and the microseconds until the bucket is
+/// full again. Times count from 2026-01-01 so a double keeps them to well under a
+/// microsecond.
 ///
 /// A key that holds something no gateway wrote (another type, a value that is no time) is
 /// replaced rather than failing the script: a script that stops half way has charged the
@@ -315,7 +316,6 @@ for i = 2, #KEYS do
   local ttl = math.floor((tat - now + tolerance) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', string.format('%d', ttl))
   local headroom = math.floor((now + tolerance - tat) / emission)
-  if headroom < 0 then headroom = 0 end
   local wanting = KEYS[i] .. ':nodes'
   trim(wanting, now - window)
   if demand > 0 then redis.call('ZADD', wanting, now, ARGV[1]) end
@@ -605,7 +605,10 @@ fn apply(
             return Err(bad());
         };
         let wanting = (*wanting).max(1);
-        let total = headroom + refill;
+        // A bucket in debt (below 0: more was admitted than it held) has its debt taken off
+        // the refill, so that a leftover handed out by chance, or requests admitted while
+        // a round was under way, are paid back rather than left to add up.
+        let total = (headroom + refill).max(0);
         // What does not divide evenly goes to each node by chance in proportion (`total %
         // wanting` of `wanting` rounds): nothing is lost to rounding, however low the rate
         // or many the nodes (before, the remainder went to no node, so a bucket holding
@@ -1074,6 +1077,35 @@ mod tests {
         }
         assert!((800..1200).contains(&given), "{given}");
         LIVE_NODES.store(1, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_bucket_in_debt_pays_it_back_from_its_refill() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        LIVE_NODES.store(1, Ordering::Relaxed);
+        // 1000 a second, 5 a round: a bucket 3 past empty gives 2, one 9 past gives none
+        // (before: the debt was read as 0, the whole refill given, and a debt once made,
+        // by a leftover handed out by chance, was never paid back).
+        let limit = Limit::new(1000, 1_000_000_000, 10).unwrap();
+        let c = ClusterShares::new(StoreErrorMode::Deny, 10);
+        let _ = c.check(&limit, None, 1);
+        let sync = Duration::from_millis(5);
+        for (headroom, share) in [(-3, 2), (-9, 0), (4, 9)] {
+            c.shares
+                .get(&ROUTE_KEY)
+                .unwrap()
+                .spent
+                .store(0, Ordering::Relaxed);
+            let answer = [1, headroom, 1, 0].map(Reply::Int);
+            apply(&c, &limit, sync, 0, &[(ROUTE_KEY, 0, 1)], &answer).unwrap();
+            let got = c
+                .shares
+                .get(&ROUTE_KEY)
+                .unwrap()
+                .allowance
+                .load(Ordering::Relaxed);
+            assert_eq!(got, share, "{headroom}");
+        }
     }
 
     #[test]

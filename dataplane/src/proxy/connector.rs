@@ -656,12 +656,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     /// When a try must have its response head (`retry.per_try_timeout_ms` from now, and
     /// `retry.overall_timeout_ms` from the first try's start), if bounded.
     fn try_deadline(&self) -> Option<Instant> {
-        self.try_deadline_from(Instant::now())
-    }
-
-    /// [`Self::try_deadline`] with the try's own bound counted from `at`.
-    fn try_deadline_from(&self, at: Instant) -> Option<Instant> {
-        earliest(self.per_try_from(at), self.tries_end.get())
+        // The clock is read only for a bound (most upstreams have none).
+        let per_try = self.up.upstream.retry.as_ref().and_then(|r| r.per_try);
+        earliest(per_try.map(|t| Instant::now() + t), self.tries_end.get())
     }
 
     /// The try's own bound (`retry.per_try_timeout_ms`) counted from `at`, for a request
