@@ -177,12 +177,19 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     .map_err(|e| format!("--store-file {path:?}: {e}"))?;
                 let url = text.trim();
                 // A second line or a comment (another URL, `# production`) would otherwise
-                // end up in the key prefix; no URL has a space. The text is not shown: it
-                // holds the password.
-                if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                // end up in the key prefix: a line break or control character anywhere, or a
+                // space past the credentials (a password may have one, as with `--store`).
+                // The text is not shown: it holds the password.
+                let past_credentials = url.rsplit_once('@').map_or(url, |(_, rest)| rest);
+                if url
+                    .chars()
+                    .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}')
+                    || past_credentials.chars().any(char::is_whitespace)
+                {
                     return Err(format!(
-                        "--store-file {path:?}: holds more than the URL on one line \
-                         (a space, line break or control character inside it)"
+                        "--store-file {path:?}: holds more than the URL on one line (a line \
+                         break, a control character, or a space past the user and password: \
+                         write one in a path as %20)"
                     ));
                 }
                 run.store = Some(url.to_owned());
@@ -303,8 +310,11 @@ mod tests {
             std::fs::write(&file, format!("etcd://gw:pw@127.0.0.1:2379/{inside}\n")).unwrap();
             assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_err());
         }
-        // Line ends and spaces around it are no part of it.
+        // Line ends and spaces around it are no part of it; a space in the password is
+        // (`--store` takes it).
         std::fs::write(&file, " etcd://gw:pw@127.0.0.1:2379/gw \r\n\n").unwrap();
+        assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_ok());
+        std::fs::write(&file, "etcd://gw:p w@127.0.0.1:2379/gw\n").unwrap();
         assert!(p(&["--store-file", file.to_str().unwrap(), "-c", "n.toml"]).is_ok());
         let _ = std::fs::remove_file(&file);
         assert!(p(&[

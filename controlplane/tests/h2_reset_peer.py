@@ -26,7 +26,8 @@ ones answer 204; with `malformed`, a 200 whose head carries `connection: close` 
 HTTP/2 forbids, RFC 9113 8.2.2); with `answers`, by path: `/hints` a 103 with a `link` field
 before a 200 "ok", `/len` a 200 "ok" with its `content-length`, `/hints-slow` the same as
 `/hints` with the 200 a second after the 103, `/s101` a 101 then a 200 "ok", `/hints-cl` a
-103 with `content-length: 0` then a 204, `/hints-big` a 103 with 300 fields then a 204,
+103 with `content-length: 0` then a 204, `/hints-big` a 103 with 300 fields then a 204, `/hints-huge` a 103 with one field of 66,000
+bytes then a 204,
 `/slow` a 200 "slow" after 1.3 s, `/trailers` a 200 "hello" with trailers `content-length`,
 `host` and `x-ok`, `/big/N` a 200 "ok" with one field of N bytes, `/N` a 200 "ok" with N
 fields; with `bad-stream`, a gRPC answer of one
@@ -257,6 +258,10 @@ def serve(sock):
                     elif path.endswith("/hints-cl"):
                         conn.send_headers(sid, [(":status", "103"), ("link", "</a.css>"),
                                                 ("content-length", "0")])
+                        conn.send_headers(sid, [(":status", "204")], end_stream=True)
+                    elif path.endswith("/hints-huge"):
+                        # One field of 66,000 bytes: past 64 KiB as HTTP/1.1 counts it.
+                        conn.send_headers(sid, [(":status", "103"), ("x-big", "b" * 66000)])
                         conn.send_headers(sid, [(":status", "204")], end_stream=True)
                     elif path.endswith("/hints-big"):
                         fields = [(f"x-h{i}", "v") for i in range(300)]

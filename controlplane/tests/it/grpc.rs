@@ -906,7 +906,7 @@ fn an_http2_upstreams_answers_keep_http11s_rules() {
     // Not a 101, which HTTP/2 has not, nor an interim with more than 256 fields: a 502 as
     // from an HTTP/1.1 upstream (the review found both relayed); an interim's
     // `Content-Length` goes (RFC 9110 8.6).
-    for path in ["/s101", "/hints-big"] {
+    for path in ["/s101", "/hints-big", "/hints-huge"] {
         let text = raw(path);
         assert!(text.starts_with("HTTP/1.1 502 "), "{path}: {text}");
     }

@@ -1645,6 +1645,7 @@ pub(super) async fn forward<S: ClientStream>(
                         // has not (RFC 9113 8.6) and nobody asked for: a faulty upstream.
                         bad_interim = got_interims > super::MAX_INTERIM
                             || interim.headers().len() > common::snapshot::MAX_HEADER_COUNT
+                            || head_bytes(interim.headers()) > crate::upstream::UPSTREAM_BUF
                             || interim.status() == http::StatusCode::SWITCHING_PROTOCOLS;
                         if bad_interim {
                             return Poll::Ready(Some(Err(())));
