@@ -85,6 +85,18 @@ pub(crate) struct PathTable {
     prefix: FnvMap<Box<[u8]>, Vec<u32>>,
     /// Distinct prefix lengths, longest first.
     prefix_lens: Vec<usize>,
+    /// The prefixes as servers read them that decode escaped slashes and drop `;`
+    /// parameters (see [`as_read`]), and their lengths, longest first.
+    read_prefix: FnvMap<Box<[u8]>, Vec<u32>>,
+    read_lens: Vec<usize>,
+}
+
+/// How a path found its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    /// By `path` or a `{name}` pattern: the path as it is names it.
+    Exact,
+    Prefix,
 }
 
 /// Most segments a parametrised path may have: the lookup descends one level per segment,
@@ -158,69 +170,112 @@ impl PathTable {
             self.prefix_lens.push(prefix.len());
             self.prefix_lens.sort_unstable_by(|a, b| b.cmp(a));
         }
+        let read = read_as_servers_do(prefix).unwrap_or_else(|| prefix.to_vec());
+        if !self.read_lens.contains(&read.len()) {
+            self.read_lens.push(read.len());
+            self.read_lens.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        self.read_prefix.entry(read.into()).or_default().push(route);
     }
 
-    /// The route for `path`, and whether it was found through `seen`, the path as servers
-    /// that decode escaped slashes and drop `;` parameters read it (see [`as_read`]).
-    fn find(
-        &self,
-        path: &[u8],
-        seen: Option<&[u8]>,
-        mut accept: impl FnMut(u32) -> bool,
-    ) -> Option<(u32, bool)> {
-        if let Some(ids) = self.exact.get(path) {
-            if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
-                return Some((id, false));
-            }
+    /// The route for `path`, and how it matched. A prefix matches at a segment boundary, or
+    /// anywhere when it ends with '/'; and at what servers read as one (see
+    /// [`ends_segment`]).
+    fn find(&self, path: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<(u32, Match)> {
+        if let Some(id) = self.exact_or_pattern(path, &mut accept) {
+            return Some((id, Match::Exact));
         }
-        let params = &self.params;
-        if let (Some(rest), false) = (path.strip_prefix(b"/"), params.is_empty()) {
-            if let Some(id) = params.find(Some(rest), &mut accept) {
-                return Some((id, false));
-            }
-        }
-        let found = self.prefixed(path, &mut accept);
-        // The longer prefix of the two readings: the route a decoding upstream's reading
-        // names, and so its policies, is never skipped for a shorter one's.
-        match seen.and_then(|seen| self.prefixed(seen, &mut accept)) {
-            Some((len, id)) if found.is_none_or(|(raw, _)| len > raw) => Some((id, true)),
-            _ => found.map(|(_, id)| (id, false)),
-        }
-    }
-
-    /// The longest prefix route of `path` that takes the request, with the prefix's length.
-    #[inline]
-    fn prefixed(&self, path: &[u8], accept: &mut impl FnMut(u32) -> bool) -> Option<(usize, u32)> {
         for &len in &self.prefix_lens {
             if len > path.len() {
                 continue;
             }
-            let Some(ids) = self.prefix.get(&path[..len]) else {
-                continue;
+            let ids = match self.prefix.get(&path[..len]) {
+                Some(ids) if len == path.len() || path[len - 1] == b'/' => ids,
+                Some(ids) if ends_segment(&path[len..]) => ids,
+                _ => match self.with_escaped_slash(path, len) {
+                    Some(ids) => ids,
+                    None => continue,
+                },
             };
-            // A prefix matches at a segment boundary, or anywhere when it ends with '/'.
-            let boundary = len == path.len() || path[len] == b'/' || path[len - 1] == b'/';
-            if !boundary {
-                continue;
-            }
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
-                return Some((len, id));
+                return Some((id, Match::Prefix));
             }
         }
         None
     }
+
+    /// The route an `exact` path or a `{name}` pattern gives `path`.
+    fn exact_or_pattern(&self, path: &[u8], accept: &mut impl FnMut(u32) -> bool) -> Option<u32> {
+        if let Some(ids) = self.exact.get(path) {
+            if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
+                return Some(id);
+            }
+        }
+        let params = &self.params;
+        if let (Some(rest), false) = (path.strip_prefix(b"/"), params.is_empty()) {
+            if let Some(id) = params.find(Some(rest), &mut *accept) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The route for `read`, a path as servers read it that decode escaped slashes and
+    /// drop `;` parameters ([`as_read`]), its prefixes read so too.
+    fn find_read(&self, read: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<u32> {
+        if let Some(id) = self.exact_or_pattern(read, &mut accept) {
+            return Some(id);
+        }
+        for &len in &self.read_lens {
+            if len > read.len() {
+                continue;
+            }
+            let Some(ids) = self.read_prefix.get(&read[..len]) else {
+                continue;
+            };
+            let boundary = len == read.len() || read[len] == b'/' || read[len - 1] == b'/';
+            if !boundary {
+                continue;
+            }
+            if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The routes of a prefix of length `len` that ends with '/', where `path` has an escaped
+    /// `/` or `\\` there (`/admin%2Fsecret` under `/admin/`; see [`ends_segment`]).
+    fn with_escaped_slash(&self, path: &[u8], len: usize) -> Option<&Vec<u32>> {
+        let escape = path.get(len - 1..len + 2)?;
+        if escape != b"%2F" && escape != b"%5C" {
+            return None;
+        }
+        let mut key = path[..len].to_vec();
+        key[len - 1] = b'/';
+        self.prefix.get(&key[..])
+    }
 }
 
-/// `path` as servers read it that decode an escaped `/` or `\` before they route (Flask, most
-/// frameworks; `%2F`, `%5C`), take `\` for `/` (Windows servers), or drop `;` parameters
-/// (servlet containers): those as `/`, the parameters left out, runs of `/` merged. `None`
-/// when it has none of them (most paths: a scan, nothing made). Prefix routes are matched on
-/// it too, so that `/admin%2Fsecret`, `/v1%2Fadmin/x` or `/admin;x/secret` are not served
-/// by a shorter prefix's route (the catch-all) without the policies of the route such an
-/// upstream serves them as; nginx decodes `%2F` before matching locations.
+/// Whether `rest`, the path after a prefix, starts a new segment, or parameters of the last
+/// one, as servers read it: a `/`, a `;` (servlet containers drop `;` parameters), a `\\`
+/// (Windows servers), or an escaped `/` or `\\` (most frameworks decode them before they
+/// route; request paths have their escapes upper-cased). So `/admin%2Fsecret` and
+/// `/admin;x/secret` are `/admin`'s, as nginx, Envoy and Kong, which match prefixes as
+/// strings, have them.
+fn ends_segment(rest: &[u8]) -> bool {
+    matches!(rest.first(), Some(b'/' | b';' | b'\\'))
+        || rest.starts_with(b"%2F")
+        || rest.starts_with(b"%5C")
+}
+
+/// `path` as servers read it that decode an escaped `/` or `\\` before they route (Flask, most
+/// frameworks; `%2F`, `%5C`), take `\\` for `/` (Windows servers), or drop `;` parameters
+/// (servlet containers): those as `/`, the parameters left out, and a `/` so made merged
+/// with one beside it (runs of `/` the path had are left to `merge_slashes`). `None` when
+/// it has none of them (most paths: one scan, nothing made).
 #[inline]
 fn as_read(path: &[u8]) -> Option<Vec<u8>> {
-    // Most paths have none of these bytes: one plain scan, nothing more.
     if !path.iter().any(|&b| matches!(b, b'%' | b';' | b'\\')) {
         return None;
     }
@@ -241,6 +296,8 @@ fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let mut out = Vec::with_capacity(path.len());
+    // The last byte out is a `/` the reading made.
+    let mut made = false;
     let mut i = 0;
     while i < path.len() {
         let slash = match path[i] {
@@ -252,16 +309,19 @@ fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
             if out.last() != Some(&b'/') {
                 out.push(b'/');
             }
+            made = true;
             i += n;
         } else if path[i] == b';' {
             // The parameters, up to the segment's end.
             while i < path.len() && path[i] != b'/' && path[i] != b'\\' && escaped(i).is_none() {
                 i += 1;
             }
-        } else if path[i] == b'/' && out.last() == Some(&b'/') {
+        } else if path[i] == b'/' && made {
             i += 1;
+            made = false;
         } else {
             out.push(path[i]);
+            made = false;
             i += 1;
         }
     }
@@ -285,26 +345,49 @@ impl Router {
         &self,
         host: Option<&[u8]>,
         path: &[u8],
-        accept: impl FnMut(u32) -> bool,
+        mut accept: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
-        self.find_as_read(host, path, accept).map(|(id, _)| id)
+        self.walk(host, |t| t.find(path, &mut accept))
+            .map(|(id, _)| id)
     }
 
-    /// [`Router::find`], and whether the route was found as servers read the path that
-    /// decode escaped slashes or drop `;` parameters (a prefix route the path itself does
-    /// not name, whose `strip_prefix` cannot cut it; see [`as_read`]).
+    /// [`Router::find`], and whether the path is ambiguous: it has an escaped `/` or `\\`, a
+    /// raw `\\` or `;` parameters, and servers that decode or drop those (see [`as_read`])
+    /// read it as another route's than the prefix route it matches as it is
+    /// (`/v1%2Fadmin/x` under `/v1`, `/v1/admin`'s to them). Such a request is refused: its
+    /// route's policies, or its `strip_prefix`, would depend on how the upstream reads it.
+    /// A path an exact `path` or a `{name}` pattern takes as it is stays theirs
+    /// (`/products/a%2Fb` and `/products/{id}`).
     pub fn find_as_read(
         &self,
         host: Option<&[u8]>,
         path: &[u8],
         mut accept: impl FnMut(u32) -> bool,
     ) -> Option<(u32, bool)> {
-        let seen = as_read(path);
-        let seen = seen.as_deref();
+        let (id, how) = self.walk(host, |t| t.find(path, &mut accept))?;
+        if how == Match::Exact {
+            return Some((id, false));
+        }
+        let Some(read) = as_read(path) else {
+            return Some((id, false));
+        };
+        let other = self.walk(host, |t| {
+            t.find_read(&read, &mut accept).map(|id| (id, how))
+        });
+        Some((id, other.map(|(o, _)| o) != Some(id)))
+    }
+
+    /// The first table of `host` (its exact name's, its wildcards' from the longest, then
+    /// any host's) where `look` finds a route.
+    fn walk<T>(
+        &self,
+        host: Option<&[u8]>,
+        mut look: impl FnMut(&PathTable) -> Option<T>,
+    ) -> Option<T> {
         let mut lower = [0u8; MAX_HOST_LEN];
         if let Some(host) = host.and_then(|h| normalize_host(h, &mut lower)) {
             if let Some(table) = self.exact_hosts.get(host) {
-                if let Some(found) = table.find(path, seen, &mut accept) {
+                if let Some(found) = look(table) {
                     return Some(found);
                 }
             }
@@ -314,13 +397,13 @@ impl Router {
                     let Some(table) = self.wildcard_hosts.get(&host[i..]) else {
                         continue;
                     };
-                    if let Some(found) = table.find(path, seen, &mut accept) {
+                    if let Some(found) = look(table) {
                         return Some(found);
                     }
                 }
             }
         }
-        self.any_host.find(path, seen, accept)
+        look(&self.any_host)
     }
 }
 
@@ -353,9 +436,9 @@ pub fn normalize_host<'a>(host: &[u8], out: &'a mut [u8; MAX_HOST_LEN]) -> Optio
 mod tests {
     use super::*;
 
-    /// [`PathTable::find`] as [`Router::find`] asks it.
+    /// The route [`PathTable::find`] gives `path`.
     fn look(t: &PathTable, path: &[u8], accept: impl FnMut(u32) -> bool) -> Option<u32> {
-        t.find(path, as_read(path).as_deref(), accept).map(|f| f.0)
+        t.find(path, accept).map(|f| f.0)
     }
 
     #[test]
@@ -480,36 +563,17 @@ mod tests {
         assert_eq!(look(&t, b"/static/a.css", |_| true), Some(1));
         assert_eq!(look(&t, b"/static", |_| true), None);
         // Spellings servers read as under the prefix: its policies hold for them (before:
-        // all went to the catch-all, and an upstream decoding `%2F` served them), deeper
-        // prefixes and trailing-slash ones included (the review found a first fix missing
-        // those, and a raw `\`).
+        // all went to the catch-all, and an upstream decoding `%2F` served them).
         t.insert_prefix(b"/", 2);
-        t.insert_prefix(b"/v1/admin", 3);
-        t.insert_prefix(b"/v1", 4);
-        for path in [
-            &b"/v1%2Fadmin/x"[..],
-            b"/v1%5Cadmin/x",
-            b"/v1;y/admin/x",
-            b"/v1\\admin",
-        ] {
-            let found = look(&t, path, |_| true);
-            assert_eq!(found, Some(3), "{:?}", String::from_utf8_lossy(path));
-        }
-        assert_eq!(look(&t, b"/static;x/a.css", |_| true), Some(1));
-        assert_eq!(look(&t, b"/api\\secret", |_| true), Some(0));
-        assert_eq!(look(&t, b"/v1/x", |_| true), Some(4));
         for path in [
             &b"/api%2Fsecret"[..],
             b"/api%5Csecret",
             b"/api;x/secret",
             b"/api;x",
+            b"/api\\secret",
         ] {
-            assert_eq!(
-                look(&t, path, |_| true),
-                Some(0),
-                "{:?}",
-                String::from_utf8_lossy(path)
-            );
+            let found = look(&t, path, |_| true);
+            assert_eq!(found, Some(0), "{:?}", String::from_utf8_lossy(path));
         }
         assert_eq!(look(&t, b"/static%2Fa.css", |_| true), Some(1));
         assert_eq!(look(&t, b"/static%5Ca.css", |_| true), Some(1));
@@ -517,5 +581,60 @@ mod tests {
         assert_eq!(look(&t, b"/static%20a", |_| true), Some(2));
         assert_eq!(look(&t, b"/api%20x", |_| true), Some(2));
         assert_eq!(look(&t, b"/apix;y", |_| true), Some(2));
+    }
+
+    #[test]
+    fn a_path_servers_read_as_another_prefix_routes_is_ambiguous() {
+        let mut t = PathTable::default();
+        for (i, p) in [&b"/"[..], b"/v1", b"/v1/admin", b"/adm2/", b"/repos/g%2Fs"]
+            .iter()
+            .enumerate()
+        {
+            t.insert_prefix(p, i as u32);
+        }
+        t.insert_param(b"/users/{id}", 5);
+        let router = Router {
+            any_host: t,
+            ..Router::default()
+        };
+        let find = |path: &[u8]| router.find_as_read(None, path, |_| true);
+        // `/v1/admin`'s to a decoding upstream, `/v1`'s or the catch-all's as it is: refused
+        // (the review found a first fix serving these past `/v1/admin`'s policies).
+        for path in [
+            &b"/v1%2Fadmin/x"[..],
+            b"/v1%5Cadmin/x",
+            b"/v1;y/admin/x",
+            b"/v1\\admin",
+            b"/adm2;x/secret",
+        ] {
+            let found = find(path);
+            assert!(
+                found.is_some_and(|(_, a)| a),
+                "{:?}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        // The same route either way: served.
+        for (path, id) in [
+            (&b"/v1/admin/x"[..], 2),
+            (b"/v1/admin%2Fx", 2),
+            (b"/adm2%2Fx", 3),
+            (b"/repos/g%2Fs%2Fx", 4),
+            (b"/repos/g%2Fs;x", 4),
+            (b"/x%2Fy", 0),
+            (b"/users/a%2Fb", 5),
+        ] {
+            assert_eq!(
+                find(path),
+                Some((id, false)),
+                "{:?}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        // Runs of `/` the path had are the config's `merge_slashes`' to fold, not the
+        // reading's: only those its decoding makes.
+        assert_eq!(as_read(b"/a//b;x"), Some(b"/a//b".to_vec()));
+        assert_eq!(as_read(b"/a%2F/b"), Some(b"/a/b".to_vec()));
+        assert_eq!(as_read(b"/plain"), None);
     }
 }

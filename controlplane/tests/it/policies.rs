@@ -1595,6 +1595,34 @@ fn dot_segments_cannot_route_around_a_policy() {
 }
 
 #[test]
+fn a_path_servers_read_as_another_routes_is_refused() {
+    // `/v1%2Fadmin/x` is `/v1`'s as it is, `/v1/admin`'s (and its key policy's) to a server
+    // that decodes `%2F`: refused, so that no reading of it skips `/v1/admin`'s policies
+    // (before: served as `/v1`'s, the origin reading it as `/v1/admin/x`).
+    let origin = Origin::echo();
+    let policies = "[[policies]]\nid = \"deny\"\nkind = \"ip_filter\"\ndeny = [\"0.0.0.0/0\"]\n";
+    let config = format!(
+        "{}[[routes]]\nid = \"admin\"\npath_prefix = \"/v1/admin\"\nupstream = \"origin\"\n\
+         policies = [\"deny\"]\n[[routes]]\nid = \"v1\"\npath_prefix = \"/v1\"\n\
+         upstream = \"origin\"\n",
+        proxy_config(origin.addr, policies)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    for path in [
+        "/v1%2Fadmin/x",
+        "/v1%5Cadmin/x",
+        "/v1;y/admin/x",
+        "/v1\\admin/x",
+    ] {
+        assert_eq!(get(&gw, path, "").status, 400, "{path}");
+    }
+    assert_eq!(get(&gw, "/v1/admin/x", "").status, 403);
+    assert_eq!(get(&gw, "/v1/admin%2Fx", "").status, 403);
+    assert_eq!(get(&gw, "/v1/other%2Fx", "").status, 200);
+    assert_eq!(origin.requests().len(), 1);
+}
+
+#[test]
 fn escaped_letters_cannot_route_around_a_policy() {
     let (origin, gw) = orders_behind_an_open_catch_all();
     // Every upstream reads `/%6Frders/1` as `/orders/1`: so does the router, and the policy

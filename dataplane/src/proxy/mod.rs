@@ -406,8 +406,9 @@ async fn handle<S: ClientStream>(
                 .filter(|&id| snap.routes[id as usize].serves(m))
         })
         .filter(|&id| snap.routes[id as usize].has_cors);
-    // Found only as a decoding upstream reads the path (see `Router::find_as_read`).
-    let mut as_read = false;
+    // Read as another route's by servers that decode escaped slashes or drop `;`
+    // parameters (see `Router::find_as_read`).
+    let mut ambiguous = false;
     let found = match whole_server {
         true => None,
         false => real.or_else(|| {
@@ -415,7 +416,7 @@ async fn handle<S: ClientStream>(
                 let r = &snap.routes[id as usize];
                 r.accepts(method) || (preflight.is_some() && r.has_cors)
             });
-            as_read = found.is_some_and(|(_, read)| read);
+            ambiguous = found.is_some_and(|(_, a)| a);
             found.map(|(id, _)| id)
         }),
     };
@@ -508,10 +509,8 @@ async fn handle<S: ClientStream>(
             .respond(ctx, req, head, Reply::Canned(Status::NotFound))
             .await;
     };
-    if as_read && route.strip_prefix_len > 0 {
-        // The route's prefix is this path's only as a decoding upstream reads it (an escaped
-        // slash or `;` parameters inside it): the bytes `strip_prefix` would cut are not
-        // there as they are.
+    if ambiguous {
+        // Which route's policies hold would depend on how the upstream reads the path.
         req.fail(ErrorKind::BadRequest);
         return down
             .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
