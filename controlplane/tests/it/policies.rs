@@ -1613,6 +1613,7 @@ fn a_path_servers_read_as_another_routes_is_refused() {
         "/v1%5Cadmin/x",
         "/v1;y/admin/x",
         "/v1\\admin/x",
+        "/v1/;y/admin/x",
     ] {
         assert_eq!(get(&gw, path, "").status, 400, "{path}");
     }
