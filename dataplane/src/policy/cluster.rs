@@ -626,25 +626,14 @@ fn apply(
     Ok(())
 }
 
-/// A number drawn in `0..n` (`n` > 0), for the reconciling thread: xorshift, seeded from the
-/// clock.
+/// A number drawn in `0..n` (`n` > 0), for the reconciling thread: the workers' generator
+/// ([`crate::trace::Rng`]), one for the thread.
 fn draw(n: u64) -> u64 {
-    use std::cell::Cell;
     thread_local! {
-        static STATE: Cell<u64> = Cell::new(
-            (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH))
-                .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
-                | 1,
-        );
+        static RNG: std::cell::RefCell<crate::trace::Rng> =
+            std::cell::RefCell::new(crate::trace::Rng::from_entropy());
     }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x % n.max(1)
-    })
+    RNG.with(|r| r.borrow_mut().next_u64() % n.max(1))
 }
 
 /// EVAL arguments for one batch of one policy's keys.
