@@ -373,10 +373,8 @@ impl Router {
         let Some(read) = as_read(path) else {
             return Some((id, false));
         };
-        let other = self.walk(host, |t| {
-            t.find_read(&read, &mut accept).map(|id| (id, how))
-        });
-        Some((id, other.map(|(o, _)| o) != Some(id)))
+        let other = self.walk(host, |t| t.find_read(&read, &mut accept));
+        Some((id, other != Some(id)))
     }
 
     /// The first table of `host` (its exact name's, its wildcards' from the longest, then
