@@ -199,8 +199,9 @@ impl<S: ClientStream> Downstream<S> {
                 // The connection's first head is due `client_header_ms` after its start (its
                 // accept, or its TLS handshake's end), not after its first byte: a client
                 // that waits before sending it gets no more time (before, up to twice).
-                None if self.served == 0 && self.first_head_by.is_some() => {
-                    let d = self.first_head_by.unwrap_or_else(Instant::now);
+                None if self.served == 0 => {
+                    let client_header = self.timeouts.client_header;
+                    let d = (self.first_head_by).unwrap_or_else(|| Instant::now() + client_header);
                     header_deadline = Some(d);
                     d
                 }
@@ -209,8 +210,6 @@ impl<S: ClientStream> Downstream<S> {
                     header_deadline = Some(d);
                     d
                 }
-                // Waiting for the first byte of a request.
-                None if self.served == 0 => Instant::now() + self.timeouts.client_header,
                 None => {
                     // The park timer below counts from the same reading.
                     *idle_from.get_or_insert_with(Instant::now) + self.timeouts.client_idle
