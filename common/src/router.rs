@@ -94,8 +94,10 @@ pub(crate) struct PathTable {
 /// How a path found its route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Match {
-    /// By `path` or a `{name}` pattern: the path as it is names it.
+    /// By `path`: the path as it is names it.
     Exact,
+    /// By a `{name}` pattern.
+    Pattern,
     Prefix,
 }
 
@@ -122,25 +124,35 @@ impl ParamNode {
     }
 
     /// The first route accepted among the patterns below this node that match `rest` (the
-    /// segments still to match; `None` when none is left). The module's order falls out of
-    /// the walk: a literal child is tried before the parameter, and only patterns with as
-    /// many segments as the path can match it.
-    fn find(&self, rest: Option<&[u8]>, accept: &mut impl FnMut(u32) -> bool) -> Option<u32> {
+    /// segments still to match; `None` when none is left), and where in the path the last
+    /// literal segment it matched ends (`at`: where `rest` starts; `literal`: that end so
+    /// far). The module's order falls out of the walk: a literal child is tried before the
+    /// parameter, and only patterns with as many segments as the path can match it.
+    fn find(
+        &self,
+        rest: Option<&[u8]>,
+        at: usize,
+        literal: usize,
+        accept: &mut impl FnMut(u32) -> bool,
+    ) -> Option<(u32, usize)> {
         let Some(rest) = rest else {
-            return self.routes.iter().copied().find(|&id| accept(id));
+            let id = self.routes.iter().copied().find(|&id| accept(id))?;
+            return Some((id, literal));
         };
         let (seg, next) = match rest.iter().position(|&b| b == b'/') {
             Some(i) => (&rest[..i], Some(&rest[i + 1..])),
             None => (rest, None),
         };
+        let end = at + seg.len();
         if !self.literal.is_empty() {
-            if let Some(id) = self.literal.get(seg).and_then(|n| n.find(next, accept)) {
-                return Some(id);
+            let found = self.literal.get(seg);
+            if let Some(found) = found.and_then(|n| n.find(next, end + 1, end, accept)) {
+                return Some(found);
             }
         }
         match &self.param {
             // A parameter is never empty.
-            Some(n) if !seg.is_empty() => n.find(next, accept),
+            Some(n) if !seg.is_empty() => n.find(next, end + 1, literal, accept),
             _ => None,
         }
     }
@@ -170,7 +182,7 @@ impl PathTable {
             self.prefix_lens.push(prefix.len());
             self.prefix_lens.sort_unstable_by(|a, b| b.cmp(a));
         }
-        let read = read_as_servers_do(prefix).unwrap_or_else(|| prefix.to_vec());
+        let read = read_as_servers_do(prefix).map_or_else(|| prefix.to_vec(), |(r, _)| r);
         if !self.read_lens.contains(&read.len()) {
             self.read_lens.push(read.len());
             self.read_lens.sort_unstable_by(|a, b| b.cmp(a));
@@ -182,8 +194,8 @@ impl PathTable {
     /// anywhere when it ends with '/'; and at what servers read as one (see
     /// [`ends_segment`]).
     fn find(&self, path: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<(u32, Match)> {
-        if let Some(id) = self.exact_or_pattern(path, &mut accept) {
-            return Some((id, Match::Exact));
+        if let Some((id, how, _)) = self.exact_or_pattern(path, &mut accept) {
+            return Some((id, how));
         }
         for &len in &self.prefix_lens {
             if len > path.len() {
@@ -204,27 +216,33 @@ impl PathTable {
         None
     }
 
-    /// The route an `exact` path or a `{name}` pattern gives `path`.
-    fn exact_or_pattern(&self, path: &[u8], accept: &mut impl FnMut(u32) -> bool) -> Option<u32> {
+    /// The route an `exact` path or a `{name}` pattern gives `path`, how, and where in
+    /// `path` the literal part of what matched ends (all of it for an exact path).
+    fn exact_or_pattern(
+        &self,
+        path: &[u8],
+        accept: &mut impl FnMut(u32) -> bool,
+    ) -> Option<(u32, Match, usize)> {
         if let Some(ids) = self.exact.get(path) {
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
-                return Some(id);
+                return Some((id, Match::Exact, path.len()));
             }
         }
         let params = &self.params;
         if let (Some(rest), false) = (path.strip_prefix(b"/"), params.is_empty()) {
-            if let Some(id) = params.find(Some(rest), &mut *accept) {
-                return Some(id);
+            if let Some((id, literal)) = params.find(Some(rest), 1, 1, &mut *accept) {
+                return Some((id, Match::Pattern, literal));
             }
         }
         None
     }
 
     /// The route for `read`, a path as servers read it that decode escaped slashes and
-    /// drop `;` parameters ([`as_read`]), its prefixes read so too.
-    fn find_read(&self, read: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<u32> {
-        if let Some(id) = self.exact_or_pattern(read, &mut accept) {
-            return Some(id);
+    /// drop `;` parameters ([`as_read`]), its prefixes read so too; and where in `read` the
+    /// literal part of what matched ends (a prefix's end; a pattern's last literal segment's).
+    fn find_read(&self, read: &[u8], mut accept: impl FnMut(u32) -> bool) -> Option<(u32, usize)> {
+        if let Some((id, _, literal)) = self.exact_or_pattern(read, &mut accept) {
+            return Some((id, literal));
         }
         for &len in &self.read_lens {
             if len > read.len() {
@@ -238,7 +256,7 @@ impl PathTable {
                 continue;
             }
             if let Some(&id) = ids.iter().find(|&&id| accept(id)) {
-                return Some(id);
+                return Some((id, len));
             }
         }
         None
@@ -272,10 +290,11 @@ fn ends_segment(rest: &[u8]) -> bool {
 /// `path` as servers read it that decode an escaped `/` or `\\` before they route (Flask, most
 /// frameworks; `%2F`, `%5C`), take `\\` for `/` (Windows servers), or drop `;` parameters
 /// (servlet containers): those as `/`, the parameters left out, and a `/` so made merged
-/// with one beside it (runs of `/` the path had are left to `merge_slashes`). `None` when
-/// it has none of them (most paths: one scan, nothing made).
+/// with one beside it (runs of `/` the path had are left to `merge_slashes`); and where in
+/// it the first change is. `None` when it has none of them (most paths: one scan, nothing
+/// made).
 #[inline]
-fn as_read(path: &[u8]) -> Option<Vec<u8>> {
+fn as_read(path: &[u8]) -> Option<(Vec<u8>, usize)> {
     if !path.iter().any(|&b| matches!(b, b'%' | b';' | b'\\')) {
         return None;
     }
@@ -283,7 +302,7 @@ fn as_read(path: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// [`as_read`] for a path with a `%`, `;` or `\\` in it.
-fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
+fn read_as_servers_do(path: &[u8]) -> Option<(Vec<u8>, usize)> {
     let escaped = |i: usize| {
         let e = path.get(i..i + 3)?;
         (e.eq_ignore_ascii_case(b"%2F") || e.eq_ignore_ascii_case(b"%5C")).then_some(())
@@ -298,6 +317,7 @@ fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(path.len());
     // The last byte out is a `/` the reading made.
     let mut made = false;
+    let mut first = None;
     let mut i = 0;
     while i < path.len() {
         let slash = match path[i] {
@@ -306,6 +326,7 @@ fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
             _ => None,
         };
         if let Some(n) = slash {
+            first.get_or_insert(out.len());
             if out.last() != Some(&b'/') {
                 out.push(b'/');
             }
@@ -314,6 +335,7 @@ fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
         } else if path[i] == b';' {
             // The parameters, up to the segment's end: a segment of them alone leaves a `/`
             // beside the next one, which servers merge (`/admin/;x/secret`).
+            first.get_or_insert(out.len());
             while i < path.len() && path[i] != b'/' && path[i] != b'\\' && escaped(i).is_none() {
                 i += 1;
             }
@@ -327,7 +349,7 @@ fn read_as_servers_do(path: &[u8]) -> Option<Vec<u8>> {
             i += 1;
         }
     }
-    Some(out)
+    Some((out, first.unwrap_or(0)))
 }
 
 /// Host tables, built by [`crate::Snapshot::compile`].
@@ -358,8 +380,10 @@ impl Router {
     /// read it as another route's than the prefix route it matches as it is
     /// (`/v1%2Fadmin/x` under `/v1`, `/v1/admin`'s to them). Such a request is refused: its
     /// route's policies, or its `strip_prefix`, would depend on how the upstream reads it.
-    /// A path an exact `path` or a `{name}` pattern takes as it is stays theirs
-    /// (`/products/a%2Fb` and `/products/{id}`).
+    /// A path an exact `path` takes as it is stays its; so does one a `{name}` pattern takes,
+    /// unless the route it is read as names, literally, what the reading changed
+    /// (`/users/admin%2Fx` under `/users/{id}` is `/users/admin`'s to them; `/products/a%2Fb`
+    /// stays `/products/{id}`'s beside `/products`).
     pub fn find_as_read(
         &self,
         host: Option<&[u8]>,
@@ -370,11 +394,16 @@ impl Router {
         if how == Match::Exact {
             return Some((id, false));
         }
-        let Some(read) = as_read(path) else {
+        let Some((read, changed)) = as_read(path) else {
             return Some((id, false));
         };
         let other = self.walk(host, |t| t.find_read(&read, &mut accept));
-        Some((id, other != Some(id)))
+        let ambiguous = match (how, other) {
+            (Match::Pattern, Some((other, literal))) => other != id && literal >= changed,
+            (Match::Pattern, None) => false,
+            _ => other.map(|(other, _)| other) != Some(id),
+        };
+        Some((id, ambiguous))
     }
 
     /// The first table of `host` (its exact name's, its wildcards' from the longest, then
@@ -598,6 +627,7 @@ mod tests {
             ..Router::default()
         };
         let find = |path: &[u8]| router.find_as_read(None, path, |_| true);
+        let read = |path: &[u8]| as_read(path).map(|(read, _)| read);
         // `/v1/admin`'s to a decoding upstream, `/v1`'s or the catch-all's as it is: refused
         // (the review found a first fix serving these past `/v1/admin`'s policies).
         for path in [
@@ -634,16 +664,74 @@ mod tests {
         }
         // Runs of `/` the path had are the config's `merge_slashes`' to fold, not the
         // reading's: only those its decoding makes.
-        assert_eq!(as_read(b"/a//b;x"), Some(b"/a//b".to_vec()));
-        assert_eq!(as_read(b"/a%2F/b"), Some(b"/a/b".to_vec()));
+        assert_eq!(read(b"/a//b;x"), Some(b"/a//b".to_vec()));
+        assert_eq!(read(b"/a%2F/b"), Some(b"/a/b".to_vec()));
         // A segment of parameters alone leaves no `//` behind (the third review found
         // `/admin/;x/secret` read as `/admin//secret`, which no route named).
+        assert_eq!(read(b"/admin/;x/secret"), Some(b"/admin/secret".to_vec()));
+        assert_eq!(read(b"/a;x/b"), Some(b"/a/b".to_vec()));
+        assert_eq!(read(b"/v1;/;x/admin"), Some(b"/v1/admin".to_vec()));
+        assert_eq!(read(b"/plain"), None);
+        // Where the first change is: what a route named literally up to there is read past.
         assert_eq!(
-            as_read(b"/admin/;x/secret"),
-            Some(b"/admin/secret".to_vec())
+            as_read(b"/users/admin%2Fx"),
+            Some((b"/users/admin/x".to_vec(), 12))
         );
-        assert_eq!(as_read(b"/a;x/b"), Some(b"/a/b".to_vec()));
-        assert_eq!(as_read(b"/v1;/;x/admin"), Some(b"/v1/admin".to_vec()));
-        assert_eq!(as_read(b"/plain"), None);
+        assert_eq!(
+            as_read(b"/users/admin;x"),
+            Some((b"/users/admin".to_vec(), 12))
+        );
+    }
+
+    #[test]
+    fn a_pattern_keeps_its_path_unless_the_reading_reaches_another_routes_literal_part() {
+        let mut t = PathTable::default();
+        t.insert_prefix(b"/users/admin", 0);
+        t.insert_param(b"/users/{id}", 1);
+        t.insert_prefix(b"/", 2);
+        t.insert_prefix(b"/products", 3);
+        t.insert_param(b"/products/{id}", 4);
+        t.insert_param(b"/products/{id}/reviews", 5);
+        t.insert_exact(b"/users/me/keys", 6);
+        t.insert_param(b"/projects/{id}", 7);
+        t.insert_param(b"/projects/{id}/{sub}", 8);
+        let router = Router {
+            any_host: t,
+            ..Router::default()
+        };
+        let find = |path: &[u8]| router.find_as_read(None, path, |_| true);
+        // The pattern takes these as they are; a decoding upstream reads them as a route that
+        // names what the reading changed (the second review of stop 60 found the first).
+        for (path, id) in [
+            (&b"/users/admin%2Fx"[..], 1),
+            (b"/users/admin;x%2Fkeys", 1),
+            (b"/users/me%2Fkeys", 1),
+            (b"/products/a%2Freviews", 4),
+        ] {
+            let found = find(path);
+            assert_eq!(
+                found,
+                Some((id, true)),
+                "{:?}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        // Read as routes that name nothing past the change: the pattern's.
+        for (path, id) in [
+            (&b"/products/a%2Fb"[..], 4),
+            (b"/projects/group%2Fname", 7),
+            (b"/users/bob;v=1", 1),
+            // `/users/admin` is the pattern's too, whichever way it is read.
+            (b"/users/admin;jsessionid=1", 1),
+            (b"/users/x%2Fadmin", 1),
+        ] {
+            let found = find(path);
+            assert_eq!(
+                found,
+                Some((id, false)),
+                "{:?}",
+                String::from_utf8_lossy(path)
+            );
+        }
     }
 }

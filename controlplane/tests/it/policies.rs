@@ -1599,12 +1599,20 @@ fn a_path_servers_read_as_another_routes_is_refused() {
     // `/v1%2Fadmin/x` is `/v1`'s as it is, `/v1/admin`'s (and its key policy's) to a server
     // that decodes `%2F`: refused, so that no reading of it skips `/v1/admin`'s policies
     // (before: served as `/v1`'s, the origin reading it as `/v1/admin/x`).
+    // The refusal comes before the route's own policies: `/v1`'s limit of one request a
+    // minute is left for the one it serves (before: the first refused request took it, the
+    // next ones were 429s).
     let origin = Origin::echo();
-    let policies = "[[policies]]\nid = \"deny\"\nkind = \"ip_filter\"\ndeny = [\"0.0.0.0/0\"]\n";
+    let policies = "[[policies]]\nid = \"deny\"\nkind = \"ip_filter\"\ndeny = [\"0.0.0.0/0\"]\n\
+                    [[policies]]\nid = \"once\"\nkind = \"rate_limit\"\nrate = 1\n\
+                    per = \"minute\"\nburst = 1\nkey = \"route\"\n";
     let config = format!(
         "{}[[routes]]\nid = \"admin\"\npath_prefix = \"/v1/admin\"\nupstream = \"origin\"\n\
          policies = [\"deny\"]\n[[routes]]\nid = \"v1\"\npath_prefix = \"/v1\"\n\
-         upstream = \"origin\"\n",
+         upstream = \"origin\"\npolicies = [\"once\"]\n\
+         [[routes]]\nid = \"users-admin\"\npath_prefix = \"/users/admin\"\n\
+         upstream = \"origin\"\npolicies = [\"deny\"]\n\
+         [[routes]]\nid = \"user\"\npath = \"/users/{{id}}\"\nupstream = \"origin\"\n",
         proxy_config(origin.addr, policies)
     );
     let gw = Gateway::start(&config, Driver::IoUring);
@@ -1614,13 +1622,20 @@ fn a_path_servers_read_as_another_routes_is_refused() {
         "/v1;y/admin/x",
         "/v1\\admin/x",
         "/v1/;y/admin/x",
+        // `/users/{id}`'s as it is, `/users/admin`'s once decoded (before: served past its
+        // policy).
+        "/users/admin%2Fkeys",
+        "/users/admin;x%2Fkeys",
     ] {
         assert_eq!(get(&gw, path, "").status, 400, "{path}");
     }
     assert_eq!(get(&gw, "/v1/admin/x", "").status, 403);
     assert_eq!(get(&gw, "/v1/admin%2Fx", "").status, 403);
+    assert_eq!(get(&gw, "/users/admin/keys", "").status, 403);
     assert_eq!(get(&gw, "/v1/other%2Fx", "").status, 200);
-    assert_eq!(origin.requests().len(), 1);
+    // An id with an escaped slash stays the pattern's where no route names what it hides.
+    assert_eq!(get(&gw, "/users/a%2Fb", "").status, 200);
+    assert_eq!(origin.requests().len(), 2);
 }
 
 #[test]

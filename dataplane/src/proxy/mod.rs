@@ -435,6 +435,18 @@ async fn handle<S: ClientStream>(
             }
         }
     }
+    if ambiguous {
+        // Which route's policies hold would depend on how the upstream reads the path: a
+        // bad request, before any policy counts it.
+        if req.logging() {
+            req.client_ip = policy::client_ip(&snap.policies, &down.buf, head, peer.ip);
+        }
+        req.capture_head(ctx, &down.buf, head);
+        req.fail(ErrorKind::BadRequest);
+        return down
+            .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
+            .await;
+    }
     let p = &snap.policies;
     let screened = match route {
         Some(r) => !r.policies.is_empty(),
@@ -509,13 +521,6 @@ async fn handle<S: ClientStream>(
             .respond(ctx, req, head, Reply::Canned(Status::NotFound))
             .await;
     };
-    if ambiguous {
-        // Which route's policies hold would depend on how the upstream reads the path.
-        req.fail(ErrorKind::BadRequest);
-        return down
-            .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
-            .await;
-    }
     if let Some(h) = &route.headers {
         // After the policies, whose check starts the request's edits afresh.
         let fields = (head.fields_start, head.fields_end);
