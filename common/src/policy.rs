@@ -547,6 +547,8 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
 
     let mut api_keys = ApiKeys::default();
     let mut credential_ids: HashMap<&str, ()> = HashMap::new();
+    // Each key's credential, to name the first in a clash.
+    let mut key_holders: HashMap<[u8; 32], &str> = HashMap::new();
     for (i, c) in config.credentials.iter_mut().enumerate() {
         let at = format!("credentials[{i}]");
         check_id(&c.id, &format!("{at}.id"))?;
@@ -599,13 +601,19 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
             }
         };
         if !api_keys.insert(digest, consumer) {
-            // The field the credential was given by.
+            // The field the credential was given by; the other credential by its id, as the
+            // one written may be either (the pointer names the later one in the list).
             let field = if c.key.is_some() { "key" } else { "key_sha256" };
+            let first = key_holders.get(&digest).copied().unwrap_or_default();
             return Err(ConfigError::field(
                 format!("{at}.{field}"),
-                "another credential has the same key",
+                format!(
+                    "credential {:?} has the same key as credential {first:?}",
+                    c.id
+                ),
             ));
         }
+        key_holders.insert(digest, &c.id);
         c.key = None;
         c.key_sha256 = Some(to_hex(&digest));
     }

@@ -1211,6 +1211,23 @@ fn policy_resources_are_validated_like_the_rest() {
         assert_eq!(r.json()["pointer"], pointer, "{body}");
         assert_eq!(rev(), before, "a refused change changes nothing");
     }
+    // A credential given the key of one after it in the list: the clash is found at the
+    // later one, whose stored field the pointer names; the detail names both (before: "another
+    // credential has the same key", which did not say which).
+    let later = r#"{"consumer":"mobile-app","kind":"api_key","key":"another-key-9"}"#;
+    assert_eq!(
+        gw.admin("PUT", "/v1/credentials/c2", Some(later)).status,
+        201
+    );
+    let r = gw.admin("PUT", "/v1/credentials/mobile-app-key", Some(later));
+    assert_eq!(r.status, 422, "{}", r.body_str());
+    assert_eq!(r.json()["pointer"], "/credentials/1/key_sha256");
+    let detail = r.json()["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        detail.contains(r#"credential "c2" has the same key as credential "mobile-app-key""#),
+        "{detail}"
+    );
+    assert_eq!(gw.admin("DELETE", "/v1/credentials/c2", None).status, 204);
     // References block deletes.
     assert_eq!(
         gw.admin("DELETE", "/v1/consumers/mobile-app", None).status,
