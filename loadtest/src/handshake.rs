@@ -14,7 +14,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs the client on `cpus` against `addr` for `seconds`, fetching `path` once per handshake.
 pub fn drive(cpus: &str, addr: SocketAddr, seconds: u64, path: &str) -> Result<WrkResult> {
     let exe = std::env::current_exe().context("finding the loadtest binary")?;
-    let out = Command::new("taskset")
+    let out = crate::procs::command("taskset")
         .args(["-c", cpus])
         .arg(exe)
         .arg("handshake-client")

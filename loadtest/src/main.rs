@@ -48,7 +48,7 @@ options (defaults in brackets):
                         second repetition running the one before backwards; the seed is
                         printed, to run again in the same order) [the clock]
   --duration S          seconds per wrk run [5]
-  --warmup S            seconds of warm-up per proxy and body [2]
+  --warmup S            seconds of warm-up per proxy and body, 0 for none [2]
   --connections N       wrk connections [50]
   --workers N           workers/threads of every proxy and of the origin [1]
   --wrk-cpus LIST       CPUs for wrk [0]
@@ -254,8 +254,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         _ => {}
     }
     tls::check_rows(&o.rows)?;
-    if o.reps == 0 || o.duration == 0 || o.duration > 600 || o.reps > 50 {
-        bail!("--reps must be 1..50 and --duration 1..600 seconds");
+    if o.reps == 0 || o.duration == 0 || o.duration > 600 || o.reps > 50 || o.warmup > 600 {
+        bail!("--reps must be 1..50, --duration 1..600 seconds and --warmup 0..600 seconds");
     }
     Ok(o)
 }
@@ -279,6 +279,10 @@ fn main() -> Result<()> {
         let samples = report::read_csv(&csv)?;
         let summaries = report::summarize(&samples);
         println!("{}", report::table(&summaries));
+        let warnings = report::error_warnings(&samples);
+        if !warnings.is_empty() {
+            println!("{warnings}");
+        }
         print!("{}", report::paired_lines(&samples));
         print!("{}", report::p99_lines(&samples, "gateway", "nginx"));
         let svg = csv.with_extension("svg");
@@ -287,6 +291,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let opts = parse_options(&args[1..])?;
+    procs::stop_on_signals()?;
     if mode != "tls" && !opts.rows.is_empty() {
         bail!("--rows is for tls only");
     }
@@ -409,7 +414,7 @@ fn compare(opts: &Options, gateway: &Path, tag: &str) -> Result<()> {
         opts.workers, opts.wrk_cpus, opts.proxy_cpus, opts.origin_cpus
     );
     let wrk_threads = cpu_count(&opts.wrk_cpus);
-    for (name, _) in &opts.bodies {
+    for (name, _) in opts.bodies.iter().filter(|_| opts.warmup > 0) {
         for addr in std::iter::once(origin.addr).chain(proxies.iter().map(|(_, p)| p.addr)) {
             wrk::run(
                 &opts.wrk_cpus,
@@ -637,11 +642,7 @@ fn churn(opts: &Options, gw: &Proc) -> Result<String> {
         changes += count.load(Ordering::Relaxed);
         churned.push(r?);
     }
-    let med = |v: &[wrk::WrkResult]| {
-        let mut x: Vec<f64> = v.iter().map(|r| r.rps).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
+    let med = |v: &[wrk::WrkResult]| report::median(v.iter().map(|r| r.rps).collect());
     let (a, b) = (med(&plain), med(&churned));
     let non2xx: u64 = plain.iter().chain(&churned).map(|r| r.non_2xx).sum();
     let errors: u64 = plain.iter().chain(&churned).map(|r| r.socket_errors).sum();

@@ -4,8 +4,10 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +26,113 @@ pub fn body_bytes(len: usize) -> Vec<u8> {
 /// A free loopback port (bound then released).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The processes the harness started and has not yet stopped, and the cgroups it made and has
+/// not yet removed: what a signal that stops the harness must clean up.
+static LIVE: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+static CGROUPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// `program`, to be stopped with the harness: it gets SIGTERM when the harness's thread that
+/// starts it ends, whatever ends it (`PR_SET_PDEATHSIG`; SIGKILL included). Every process is
+/// started from the main thread, which ends only with the harness.
+pub fn command(program: &str) -> Command {
+    let parent = std::process::id();
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl(2) and getppid(2).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The harness may have gone before the request above: then it would never come.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the harness has exited"));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The write end of the pipe [`on_signal`] reports a signal through.
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    let byte = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; the byte outlives the call.
+    unsafe {
+        libc::write(fd, (&byte as *const u8).cast(), 1);
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, stops every process the harness started (SIGTERM, then
+/// SIGKILL after 5 s), removes its cgroups, and exits with 128 + the signal's number. Ctrl-C
+/// reaches the children too, but not the cgroups; `kill PID` or `timeout` reach the harness
+/// alone, and its children outlived it.
+pub fn stop_on_signals() -> Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) fills the two descriptors of `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe2: {}", std::io::Error::last_os_error());
+    }
+    SIGNAL_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+    let read_end = fds[0];
+    std::thread::spawn(move || {
+        let mut byte = 0u8;
+        // SAFETY: read(2) into a byte that lives on this thread's stack; blocks until a
+        // signal's handler writes.
+        let n = unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) };
+        if n == 1 {
+            stop_everything(i32::from(byte));
+        }
+    });
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a handler that only writes to a pipe; `sa` is fully initialised.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                bail!("sigaction: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn stop_everything(sig: i32) -> ! {
+    eprintln!("loadtest: signal {sig}: stopping the processes it started");
+    let pids = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+    for &pid in &pids {
+        // SAFETY: kill(2) on a child of ours not yet reaped (registered until then).
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut left = pids;
+    while !left.is_empty() {
+        let kill = Instant::now() >= deadline;
+        left.retain(|&pid| {
+            // SAFETY: kill(2) and waitpid(2) on our own child.
+            unsafe {
+                if kill {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                let mut status = 0;
+                let flags = if kill { 0 } else { libc::WNOHANG };
+                libc::waitpid(pid, &mut status, flags) == 0
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dirs = CGROUPS.lock().map(|l| l.clone()).unwrap_or_default();
+    for dir in dirs {
+        remove_cgroup(&dir);
+    }
+    std::process::exit(128 + sig)
 }
 
 /// A running process, stopped on drop.
@@ -83,14 +192,21 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        let mut done = false;
+        while !done && Instant::now() < deadline {
+            done = matches!(self.child.try_wait(), Ok(Some(_)));
+            if !done {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let pid = self.pid();
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|&p| p != pid);
+        }
     }
 }
 
@@ -154,6 +270,9 @@ impl Cgroup {
         places.into_iter().find_map(|(parent, kind)| {
             let dir = parent.join(&leaf);
             std::fs::create_dir(&dir).ok()?;
+            if let Ok(mut all) = CGROUPS.lock() {
+                all.push(dir.clone());
+            }
             let c = Cgroup { dir, kind };
             // Dropped (removed) if it cannot be read.
             c.cpu_ns().map(|_| c)
@@ -188,14 +307,22 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // Removable once its last task has gone, which may take a moment after the process
-        // it was made for has been reaped (nginx's workers exit after their master is told).
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        remove_cgroup(&self.dir);
+        if let Ok(mut all) = CGROUPS.lock() {
+            all.retain(|d| *d != self.dir);
         }
+    }
+}
+
+/// Removes a cgroup's directory: possible once its last task has gone, which may take a
+/// moment after the process it was made for has been reaped (nginx's workers exit after
+/// their master is told).
+fn remove_cgroup(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -213,7 +340,7 @@ fn spawn_pinned(
     let cgroup = Cgroup::create(name);
     let mut cmd = match &cgroup {
         Some(c) => {
-            let mut cmd = Command::new("sh");
+            let mut cmd = command("sh");
             // Joined where it may be (a security module or a delegation may refuse it: the
             // process then runs outside, and is timed from `/proc`).
             cmd.arg("-c")
@@ -222,7 +349,7 @@ fn spawn_pinned(
                 .arg("taskset");
             cmd
         }
-        None => Command::new("taskset"),
+        None => command("taskset"),
     };
     cmd.arg("-c").arg(cpus).arg(program).args(args);
     for (k, v) in env {
@@ -234,6 +361,9 @@ fn spawn_pinned(
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {name} ({program}); is it installed?"))?;
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(child.id() as i32);
+    }
     Ok((child, cgroup))
 }
 

@@ -372,7 +372,8 @@ pub fn write_csv(path: &Path, samples: &[Sample]) -> Result<()> {
     for s in samples {
         let _ = writeln!(
             out,
-            "{},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.3},{:.0},{},{},{:.3}",
+            // CPU seconds to the nanosecond: `report` recomputes the table from them.
+            "{},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.9},{:.0},{},{},{:.9}",
             s.proxy,
             s.body,
             s.rep,
@@ -428,11 +429,19 @@ pub fn write_svg(path: &Path, summaries: &[Summary], title: &str) -> Result<()> 
         .y_desc("requests per proxy CPU-second")
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
+    // One per row of the default `--proxies` and more (Tableau's ten): two rows sharing a
+    // colour could not be told apart.
     let colours = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
         RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
     ];
     for (pi, proxy) in proxies.iter().enumerate() {
         let colour = colours[pi % colours.len()];
@@ -582,6 +591,25 @@ mod tests {
             "13b: gateway+log vs gateway, paired by repetition: median -5.0% (-10.0% to -5.0%), \
              ahead in 0 of 3\n"
         );
+    }
+
+    #[test]
+    fn report_renders_the_table_the_run_printed() {
+        // CPU times with more digits than milliseconds: the CSV kept three, and `report`
+        // recomputed per-CPU-second figures 0.1% off the live table's.
+        let s = vec![
+            sample("gateway", "13b", 0, 22_835, 0.409_375_512),
+            sample("gateway", "13b", 1, 22_911, 0.408_826_104),
+            sample("nginx", "13b", 0, 17_001, 0.437_619_873),
+            sample("nginx", "13b", 1, 17_235, 0.440_003_991),
+        ];
+        let dir = std::env::temp_dir().join(format!("loadtest-csv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("r.csv");
+        write_csv(&csv, &s).unwrap();
+        let back = read_csv(&csv).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(table(&summarize(&back)), table(&summarize(&s)));
     }
 
     #[test]

@@ -82,6 +82,9 @@ enum Driver {
 const PACED_FRACTION: f64 = 0.5;
 
 pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
+    if opts.warmup == 0 {
+        bail!("tls needs a warm-up (--warmup 1 or more): the paced rows' rate comes from it");
+    }
     for tool in ["h2load", "openssl"] {
         if crate::which(tool).is_none() {
             bail!("{tool} is not installed: apt-get install nghttp2-client openssl");
@@ -267,9 +270,11 @@ pub fn run(opts: &Options, gateway: &Path) -> Result<()> {
     let table = report::table(&summaries);
     println!("\n{table}");
     // Issue 13's targets are per row against nginx, with a lower p99: how often it was lower,
-    // and the gateway against `--baseline` repetition by repetition.
+    // and the gateway against `--baseline` repetition by repetition; rows with failed answers
+    // first.
+    let warnings = report::error_warnings(&samples);
     let lines = format!(
-        "{}{}",
+        "{warnings}{}{}",
         report::p99_lines(&samples, "gateway", "nginx"),
         report::paired_lines(&samples)
     );
@@ -387,7 +392,7 @@ fn h2load(
     }
     // Paced: one stream at a time per connection (see the module's comment).
     let streams = if rps.is_some() { "-m1" } else { "-m10" };
-    let mut cmd = Command::new("taskset");
+    let mut cmd = crate::procs::command("taskset");
     cmd.args(["-c", cpus, "h2load", "-t1", streams])
         .arg(format!("-c{connections}"))
         .arg(format!("-D{seconds}"))

@@ -1,7 +1,5 @@
 //! Running wrk pinned to its CPUs and reading its report.
 
-use std::process::Command;
-
 use anyhow::{bail, Context, Result};
 
 /// What one wrk run measured.
@@ -24,7 +22,7 @@ pub fn run(
     seconds: u64,
     url: &str,
 ) -> Result<WrkResult> {
-    let out = Command::new("taskset")
+    let out = crate::procs::command("taskset")
         .args(["-c", cpus, "wrk", "--latency"])
         .arg(format!("-t{threads}"))
         .arg(format!("-c{}", connections.max(threads)))
@@ -48,7 +46,7 @@ pub fn run_script(
     script: Option<&std::path::Path>,
     url: &str,
 ) -> Result<WrkResult> {
-    let mut cmd = Command::new("taskset");
+    let mut cmd = crate::procs::command("taskset");
     cmd.args(["-c", cpus, "wrk", "--latency", "-t1"])
         .arg(format!("-c{}", connections.max(1)))
         .arg(format!("-d{seconds}s"));
