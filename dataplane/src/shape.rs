@@ -204,6 +204,20 @@ pub fn is_json_type(value: &[u8]) -> bool {
             && essence.contains(&b'/'))
 }
 
+/// Whether a `Content-Type` value names media no JSON text is sent as (images, sound, video,
+/// fonts, 3D models, PDF, archives): what a HEAD answer's fields say its GET's body is not,
+/// where a filtering shape would look at that body's first byte (see [`opens_json`]).
+pub fn is_binary_type(value: &[u8]) -> bool {
+    let essence = media_type(value);
+    let top = essence.split(|&b| b == b'/').next().unwrap_or_default();
+    ["image", "audio", "video", "font", "model"]
+        .iter()
+        .any(|t| top.eq_ignore_ascii_case(t.as_bytes()))
+        || ["application/pdf", "application/zip", "application/gzip"]
+            .iter()
+            .any(|t| essence.eq_ignore_ascii_case(t.as_bytes()))
+}
+
 /// Whether a `Content-Type` value names an event stream (`text/event-stream`): an answer
 /// relayed as its events come, never held to look at its body.
 pub fn is_event_stream(value: &[u8]) -> bool {
@@ -288,6 +302,8 @@ pub struct AnswerFields<'a> {
     pub content_type: Option<&'a [u8]>,
     /// A `Content-Encoding` other than `identity`.
     pub encoded: bool,
+    /// The `Content-Length`, where there is a valid one (the head's framing was checked).
+    pub content_length: Option<u64>,
 }
 
 impl<'a> AnswerFields<'a> {
@@ -297,6 +313,10 @@ impl<'a> AnswerFields<'a> {
         for (_, name, value) in crate::policy::each_field(buf, start, end) {
             if name.eq_ignore_ascii_case(b"content-type") {
                 f.content_type.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                f.content_length = f
+                    .content_length
+                    .or_else(|| crate::codec::parse_content_length(value));
             } else if name.eq_ignore_ascii_case(b"content-encoding") {
                 // Every line and every coding in it counts (`identity`, then `gzip` on a
                 // line of its own, is a gzipped body).

@@ -1488,6 +1488,85 @@ fn a_reshaped_answer_loses_the_fields_about_the_upstreams_bytes() {
     }
 }
 
+#[test]
+fn a_head_on_a_shaped_route_gets_what_its_get_would() {
+    // Before, a HEAD lost `Content-Length`, `ETag` and `Accept-Ranges` wherever a filter
+    // could have looked at its GET's body, or its type was JSON: for an image, and for an
+    // answer over `max_bytes` the GET relays unchanged; and it was a 200 where the GET is a
+    // 502. A 205 (no content) was a 502 where a filter looks at the body, and a step's failure.
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let head = req.request_line().starts_with("HEAD ");
+        let path = req
+            .request_line()
+            .split(' ')
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let (status, kind, body) = match path.as_str() {
+            "/png" => ("200 OK", "image/png", "\u{89}PNG\r\n\x1a\n".to_owned()),
+            "/big" => (
+                "200 OK",
+                "application/json",
+                format!("{{\"a\":\"{}\"}}", "x".repeat(2000)),
+            ),
+            _ => ("205 Reset Content", "application/json", String::new()),
+        };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+             ETag: \"v1\"\r\nAccept-Ranges: bytes\r\n\r\n{}",
+            body.len(),
+            if head { "" } else { &body }
+        );
+        Keep::Open
+    }));
+    let config = format!(
+        "{}\n[[upstreams]]\nid = \"u\"\ntargets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"filter\"\npath_prefix = \"/f/\"\nstrip_prefix = true\n\
+         upstream = \"u\"\nresponse = {{ deny = [\"cost\"], max_bytes = 1000 }}\n\
+         [[routes]]\nid = \"rename\"\npath = \"/oh\"\nupstream = \"u\"\nrewrite = \"/big\"\n\
+         response = {{ rename = {{ cost = \"price\" }}, max_bytes = 1000 }}\n\
+         [[aggregates]]\nid = \"agg\"\n{}\n\
+         [[routes]]\nid = \"agg\"\npath = \"/agg\"\naggregate = \"agg\"\n",
+        listener(),
+        origin.addr,
+        "[[aggregates.steps]]\nid = \"reset\"\nupstream = \"u\"\npath = \"/r205\"\n"
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let head = |c: &mut Client, path: &str| {
+        c.roundtrip(&format!("HEAD {path} HTTP/1.1\r\nHost: a\r\n\r\n"))
+    };
+    for (path, length) in [("/f/png", "9"), ("/oh", "2008")] {
+        let g = get(&mut c, path, "");
+        let h = head(&mut c, path);
+        for r in [&g, &h] {
+            assert_eq!(r.status, 200, "{path}: {}", r.head);
+            assert_eq!(
+                r.header("Content-Length"),
+                Some(length),
+                "{path}: {}",
+                r.head
+            );
+            assert_eq!(r.header("ETag"), Some("\"v1\""), "{path}: {}", r.head);
+            assert_eq!(
+                r.header("Accept-Ranges"),
+                Some("bytes"),
+                "{path}: {}",
+                r.head
+            );
+        }
+    }
+    // A filter and an answer over `max_bytes`: never relayed with what it should remove.
+    assert_eq!(get(&mut c, "/f/big", "").status, 502);
+    assert_eq!(head(&mut c, "/f/big").status, 502);
+    let r = get(&mut c, "/f/r205", "");
+    assert_eq!(r.status, 205, "{}", r.head);
+    let r = get(&mut c, "/agg", "");
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    assert_eq!(r.json(), json!({}));
+}
+
 /// Asserts the counts of `gateway_transform_skipped_total` by reason.
 fn skipped_are(gw: &Gateway, counts: &[(&str, u64)]) {
     let m = gw.admin("GET", "/metrics", None).body_str().to_owned();

@@ -737,7 +737,7 @@ async fn call(
         };
         return failed(StepError::TooLarge, &detail);
     }
-    let raw = if raw.is_empty() && (status == 204 || is_head) {
+    let raw = if raw.is_empty() && (matches!(status, 204 | 205) || is_head) {
         b"{}".to_vec()
     } else if encoded || !json {
         let detail = "its answer is not identity-encoded application/json";

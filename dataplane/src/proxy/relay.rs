@@ -23,7 +23,9 @@ use crate::io::ReadError;
 use crate::json;
 use crate::metrics::WorkerMetrics;
 use crate::policy;
-use crate::shape::{is_event_stream, is_json_type, opens_json_so_far, AnswerFields};
+use crate::shape::{
+    is_binary_type, is_event_stream, is_json_type, opens_json_so_far, AnswerFields,
+};
 use crate::splice::SpliceError;
 use crate::upstream::{UpstreamConn, UPSTREAM_BUF, UPSTREAM_READ};
 use common::aggregate::Shape;
@@ -589,8 +591,9 @@ pub(super) const ABOUT_THE_UPSTREAMS_BYTES: [&[u8]; 9] = [
 /// [`ABOUT_THE_UPSTREAMS_BYTES`], since the body changed); any other answer is relayed
 /// unchanged and counted in `gateway_transform_skipped_total`. With a filter (allow, deny), a
 /// 2xx answer of another type whose body opens a JSON object or array is taken as JSON too.
-/// The answer to a HEAD (`is_head`) whose GET would be reshaped is relayed without those
-/// fields, which would not be the GET answer's.
+/// A HEAD (`is_head`) gets what its GET would, as far as the head tells: without those
+/// fields where the GET's answer would (or, with a type told by the body, might) be
+/// reshaped, which would not be the GET answer's; a 502 where the GET's would be one.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn relay_shaped<S: ClientStream>(
     down: &mut Downstream<S>,
@@ -616,31 +619,39 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         && !declared
         && !fields.encoded
         && !fields.content_type.is_some_and(is_event_stream);
-    // 206 carries a range of the body, 204 none: only whole 2xx bodies are reshaped.
-    let whole = (200..300).contains(&resp.status) && !matches!(resp.status, 204 | 206);
-    if is_head {
-        // As far as a head tells, the GET's answer would be reshaped: the fields about the
-        // upstream's bytes would not be about its body.
-        if whole && (declared || sniff) && !fields.encoded {
-            for name in ABOUT_THE_UPSTREAMS_BYTES {
-                policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
-            }
-        }
-        return relay_response(down, req, conn, resp, http10, close_client).await;
-    }
+    // 206 carries a range of the body, 204 and 205 none (RFC 9110 15.3.5, 15.3.6): only
+    // whole 2xx bodies are reshaped.
+    let whole = (200..300).contains(&resp.status) && !matches!(resp.status, 204..=206);
+    // A HEAD's answer has no body to tell JSON by: media no JSON is sent as is not JSON.
+    let sniff = sniff && !(is_head && fields.content_type.is_some_and(is_binary_type));
+    let length = match (is_head, resp.body) {
+        (true, _) => fields.content_length,
+        (false, BodyKind::Length(n)) => Some(n),
+        (false, _) => None,
+    };
     let skip = if !whole {
         Some(SkipReason::Status)
     } else if !declared && !sniff {
         Some(SkipReason::NotJson)
     } else if fields.encoded {
         Some(SkipReason::Compressed)
-    } else if declared && matches!(resp.body, BodyKind::Length(n) if n > shape.max_bytes as u64) {
+    } else if declared && length.is_some_and(|n| n > shape.max_bytes as u64) {
         Some(SkipReason::TooLarge)
     } else {
         None
     };
+    if is_head && skip.is_none() {
+        // The GET's answer would be reshaped: the fields about the upstream's bytes would
+        // not be about its body.
+        for name in ABOUT_THE_UPSTREAMS_BYTES {
+            policy::drop_named(&conn.buf, fs, fe, name, &mut down.resp_plan.drop);
+        }
+        return relay_response(down, req, conn, resp, http10, close_client).await;
+    }
     if let Some(reason) = skip {
-        metrics.transform_skipped(reason);
+        if !is_head {
+            metrics.transform_skipped(reason);
+        }
         // A 206 to a request sent without `Range` breaks the protocol, and a part of a body
         // cannot be filtered: not relayed with what the filter is there to remove.
         let partial = resp.status == 206;
