@@ -718,22 +718,23 @@ fn request_ids_are_kept_made_and_replaced() {
     let id = seen.header("x-request-id").unwrap().to_owned();
     assert!(is_hex(&id, 32), "{id}");
     assert_eq!(r.header("x-request-id"), Some(id.as_str()));
-    // Replaced: too long, not visible ASCII, or sent twice.
+    // Replaced: too long, not visible ASCII, or sent twice, a second time spelled with `_`
+    // (which CGI-style upstreams read as the same; before, `X_Request_Id` reached them beside
+    // the gateway's id, and the upstream read "forged,<id>").
     let long = "x".repeat(129);
     for bad in [
         format!("X-Request-Id: {long}\r\n"),
         "X-Request-Id: has space\r\n".to_owned(),
         "X-Request-Id: one\r\nX-Request-Id: two\r\n".to_owned(),
+        "X_Request_Id: forged\r\n".to_owned(),
+        "X-Request-Id: one\r\nx_request_id: two\r\n".to_owned(),
+        "X_REQUEST_ID: two\r\nX-Request-Id: one\r\n".to_owned(),
     ] {
         let (seen, r) = through(&gw, &origin, &bad);
         let id = seen.header("x-request-id").unwrap().to_owned();
         assert!(is_hex(&id, 32), "{bad}: {id}");
-        assert_eq!(
-            seen.head.matches("X-Request-Id").count() + seen.head.matches("x-request-id").count(),
-            1,
-            "{}",
-            seen.head
-        );
+        let lower = seen.head.to_ascii_lowercase().replace('_', "-");
+        assert_eq!(lower.matches("x-request-id").count(), 1, "{}", seen.head);
         assert_eq!(r.header("x-request-id"), Some(id.as_str()));
     }
     // The gateway's id replaces the one an upstream sends back.

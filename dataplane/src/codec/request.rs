@@ -354,8 +354,15 @@ pub fn parse_request_into(
                 }
                 drop = true;
             }
-            12 if name.eq_ignore_ascii_case(b"x-request-id") => {
+            12 if super::same_field_name(name, b"x-request-id") => {
                 FieldRef::note(&mut request_id, buf, headers, i, fields_end);
+                // `X_Request_Id`, which CGI-style upstreams read as the gateway's own: no
+                // one id to keep (a client's is replaced), and every spelling is left out.
+                if !name.eq_ignore_ascii_case(b"x-request-id") {
+                    if let Some(f) = &mut request_id {
+                        f.repeated = true;
+                    }
+                }
             }
             11 if name.eq_ignore_ascii_case(b"traceparent") => {
                 FieldRef::note(&mut traceparent, buf, headers, i, fields_end);
