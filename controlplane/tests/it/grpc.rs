@@ -1466,6 +1466,45 @@ fn an_http11_client_keeps_its_connection_after_the_gateways_502_from_an_http2_up
 }
 
 #[test]
+fn a_grpc_web_client_over_http11_keeps_its_connection_after_the_gateways_error() {
+    // Every stream reset: each gRPC-Web call gets the gateway's own status in a head with its
+    // length, and the connection goes on (before: closed after each, as noted in stop 60).
+    let peer = ResetPeer::start_with(&["2"]);
+    let config = format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n",
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let mut c = gw.connect();
+    let call = frame(b"hi");
+    for close in [false, false, true] {
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        c.send(
+            format!(
+                "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc-web+proto\r\n\
+                 {connection}Content-Length: {}\r\n\r\n",
+                call.len()
+            )
+            .as_bytes(),
+        );
+        c.send(&call);
+        let r = c.read_response();
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(
+            r.header("grpc-status").is_some_and(|s| s != "0"),
+            "{}",
+            r.head
+        );
+        assert_eq!(r.header("content-length"), Some("0"), "{}", r.head);
+        assert_eq!(r.header("connection") == Some("close"), close, "{}", r.head);
+    }
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+}
+
+#[test]
 fn a_get_on_a_pooled_http2_connection_closed_under_it_goes_once_more() {
     // The upstream closes its pooled connection (no GOAWAY) as a GET arrives on it: the GET
     // goes again on a new connection, as on HTTP/1.1 (before: a 502); a POST does not.

@@ -2313,7 +2313,9 @@ async fn fail<S: ClientStream>(
     let mut extra = answer_fields(req, &mut fields);
     // The gateway's own answer (RFC 9110 6.6.1), as its HTTP/1.1 ones.
     crate::status::push_date(&mut extra);
-    let sink = client_sink(down, &extra, false, false, true);
+    // An HTTP/1.1 client's connection goes on where `keep` says (its body was read whole,
+    // the fault is not its own): a gRPC-Web call's answer is a head with its length.
+    let sink = client_sink(down, &extra, false, false, !keep);
     let sent = match encoding {
         Encoding::Web { content_type, text } => {
             send_head(WebSink::new(sink, content_type.clone(), *text), 200, fields).await
@@ -2324,7 +2326,11 @@ async fn fail<S: ClientStream>(
         Some(n) => {
             req.status = 200;
             req.bytes_out += n;
-            Next::Close
+            if keep {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            }
         }
         None => {
             req.status = ErrorKind::ClientClosed.status();
