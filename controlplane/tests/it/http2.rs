@@ -521,6 +521,77 @@ fn attacks_get_the_right_goaway_or_reset_and_others_are_served() {
 }
 
 #[test]
+fn a_reset_stream_gives_up_its_upstream_connect_at_once() {
+    // A target whose accept queue is full: connects hang until `upstream_connect_ms`. Ten
+    // streams, each reset 100 ms after its HEADERS: each exchange ends with the reset, its
+    // connect with it (before: each held its connect, a socket, until the connect timeout,
+    // so one connection could hold thousands of upstream connects by opening and resetting
+    // streams; logged 499 `connect_timeout` after 4 s).
+    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    stuck
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&stuck_addr, Duration::from_millis(100))
+        {
+            fillers.push(s);
+        }
+    }
+    let dir = temp_dir("h2-reset-connect");
+    let log = dir.join("access.log");
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [timeouts]\nupstream_connect_ms = 4000\n\
+         [[upstreams]]\nid = \"stuck\"\ntargets = [{{ address = \"{stuck_addr}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"stuck\"\n\
+         [access_log]\npath = \"{}\"\n",
+        log.display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let client = r#"
+import socket, sys, time
+import h2.config, h2.connection
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+for i in range(10):
+    sid = 1 + 2 * i
+    c.send_headers(sid, [(":method", "GET"), (":path", "/r%d" % i), (":scheme", "http"),
+                         (":authority", "t")], end_stream=True)
+    s.sendall(c.data_to_send())
+    time.sleep(0.1)
+    c.reset_stream(sid, error_code=8)
+    s.sendall(c.data_to_send())
+time.sleep(0.5)
+s.close()
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(client)
+        .arg(gw.listeners[0].to_string())
+        .output()
+        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = wait_log_lines(&log, 10);
+    for l in &lines {
+        assert_eq!(l["status"], 499, "{l}");
+        assert_eq!(l["error"], "client_closed", "{l}");
+        let ms = l["duration_ms"].as_f64().unwrap_or(f64::MAX);
+        assert!(ms < 2000.0, "{l}");
+    }
+    drop(fillers);
+}
+
+#[test]
 fn a_shut_window_or_an_unanswered_ping_does_not_hold_a_connection() {
     // A client that keeps its stream window shut stops reading: after `client_send_ms` its
     // stream is reset (and the upstream exchange ends), also when it opens the window a byte

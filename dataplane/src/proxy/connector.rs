@@ -401,8 +401,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
 
     /// A retry's backoff ends early, with `ClientClosed`, when this client leaves (looked at
     /// every [`crate::io::CLIENT_CHECK`]). For an exchange whose waits nothing else watches
-    /// the client through: an upstream read watches it itself, and an HTTP/2 stream or an
-    /// aggregate step is dropped when its client goes.
+    /// the client through: an upstream read watches it itself, and an HTTP/2 stream's
+    /// exchange or an aggregate step is dropped when its client goes (see
+    /// [`super::http2::until_reset`]).
     pub fn watching(mut self, watch: Option<crate::io::ClientWatch>) -> Self {
         self.watch = watch;
         self

@@ -330,7 +330,7 @@ async fn serve_request(
         pending: Bytes::new(),
         early_end: whole.is_some() && !early.is_empty(),
         early,
-        respond: Some(respond),
+        respond: Rc::new(RefCell::new(Some(respond))),
         send: None,
         answer: Answer::Head(Vec::new()),
         head_request: parts.method == http::Method::HEAD,
@@ -507,7 +507,9 @@ pub(crate) struct H2Stream {
     /// came with it; not yet framed or read. `early_end`: the stream's end came after them.
     early: BytesMut,
     early_end: bool,
-    respond: Option<SendResponse<Bytes>>,
+    /// Until the answer's head goes: shared with the [`ResetWatch`] that ends the
+    /// exchange's waits when the client resets the stream. Borrowed only between awaits.
+    respond: Rc<RefCell<Option<SendResponse<Bytes>>>>,
     send: Option<SendStream<Bytes>>,
     answer: Answer,
     head_request: bool,
@@ -582,7 +584,7 @@ impl H2Stream {
                 {
                     // Malformed, as such a field in the head is (RFC 9113 8.2.1): the stream
                     // is reset and the request ends unfinished, never with the last chunk.
-                    if let Some(respond) = self.respond.as_mut() {
+                    if let Some(respond) = self.respond.borrow_mut().as_mut() {
                         respond.send_reset(Reason::PROTOCOL_ERROR);
                     }
                     return Err(io::Error::new(
@@ -806,8 +808,8 @@ impl H2Stream {
             }
             response.headers_mut().append(n, v);
         }
-        let respond = self
-            .respond
+        let mut held = self.respond.borrow_mut();
+        let respond = held
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
         if informational {
@@ -829,7 +831,8 @@ impl H2Stream {
         let send = respond
             .send_response(response, end)
             .map_err(io::Error::other)?;
-        self.respond = None;
+        *held = None;
+        drop(held);
         self.send = Some(send);
         self.answer = if end {
             Answer::Done
@@ -913,11 +916,45 @@ pub(crate) async fn send_flow(
     Ok(())
 }
 
+/// A look at whether the client has reset an HTTP/2 stream before its answer's head went,
+/// without a borrow of the stream: what an exchange that borrows the stream throughout (its
+/// connect, its upload, its retries' backoff) is raced against (see [`until_reset`]).
+#[derive(Clone)]
+pub struct ResetWatch(Rc<RefCell<Option<SendResponse<Bytes>>>>);
+
+impl ResetWatch {
+    /// Ready once the client has reset the stream; pending for ever once the answer's head
+    /// has gone (its writes see a reset then).
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.0.borrow_mut().as_mut() {
+            Some(respond) => respond.poll_reset(cx).map(|_| ()),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// `wait`, unless `reset` (an HTTP/2 stream's, see [`ResetWatch`]) says the client reset
+/// the stream first: `None` then, and `wait` is dropped, its I/O with it.
+pub async fn until_reset<F: Future>(reset: Option<&ResetWatch>, wait: F) -> Option<F::Output> {
+    let Some(reset) = reset else {
+        return Some(wait.await);
+    };
+    let mut wait = std::pin::pin!(wait);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = wait.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        reset.poll(cx).map(|()| None)
+    })
+    .await
+}
+
 impl H2Stream {
     /// Whether the client has reset this stream.
     fn was_reset(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        let reset = match (self.send.as_mut(), self.respond.as_mut()) {
+        let mut respond = self.respond.borrow_mut();
+        let reset = match (self.send.as_mut(), respond.as_mut()) {
             (Some(s), _) => s.poll_reset(&mut cx),
             (None, Some(r)) => r.poll_reset(&mut cx),
             (None, None) => return false,
@@ -1027,7 +1064,7 @@ impl Drop for H2Stream {
             _ => {
                 if let Some(s) = self.send.as_mut() {
                     s.send_reset(Reason::INTERNAL_ERROR);
-                } else if let Some(r) = self.respond.as_mut() {
+                } else if let Some(r) = self.respond.borrow_mut().as_mut() {
                     r.send_reset(Reason::INTERNAL_ERROR);
                 }
             }
@@ -1514,7 +1551,7 @@ impl ClientStream for H2Stream {
         if !matches!(&self.answer, Answer::Head(b) if b.is_empty()) {
             return None;
         }
-        let respond = self.respond.take()?;
+        let respond = self.respond.borrow_mut().take()?;
         self.answer = Answer::Done;
         Some(H2Answer {
             respond,
@@ -1527,11 +1564,15 @@ impl ClientStream for H2Stream {
     fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Before the answer's head, the stream's reset is seen on its response handle; after
         // it, on its send stream (the body under way).
-        match (self.send.as_mut(), self.respond.as_mut()) {
+        match (self.send.as_mut(), self.respond.borrow_mut().as_mut()) {
             (Some(send), _) => send.poll_reset(cx).map(|_| ()),
             (None, Some(respond)) => respond.poll_reset(cx).map(|_| ()),
             (None, None) => Poll::Pending,
         }
+    }
+
+    fn reset_watch(&self) -> Option<ResetWatch> {
+        Some(ResetWatch(self.respond.clone()))
     }
 
     fn into_halves(self) -> (Refused, Refused) {
@@ -2206,7 +2247,7 @@ mod tests {
                     pending: Bytes::new(),
                     early: BytesMut::new(),
                     early_end: false,
-                    respond: Some(respond),
+                    respond: Rc::new(RefCell::new(Some(respond))),
                     send: None,
                     answer: Answer::Head(Vec::new()),
                     head_request: req.method() == http::Method::HEAD,

@@ -979,6 +979,7 @@ async fn proxy<S: ClientStream>(
     let mut looked = false;
     // The body comes from the client as it is relayed: the try's own bound waits for its end.
     let streamed = body_left > 0;
+    let reset = down.stream.reset_watch();
     let attempt = async |session: &mut connector::Session, req: &mut RequestCtx| {
         // Each try's own: an earlier one's failed write or early answer says nothing of it.
         (write_failed, early, looked) = (false, false, false);
@@ -1016,11 +1017,7 @@ async fn proxy<S: ClientStream>(
         if let Err(e) = sent {
             write_failed = true;
             let answer = answered_early(conn, e, look(&mut down.resp_plan, &mut looked));
-            // An HTTP/2 client's reset ends the wait, as the head's wait below.
-            let answer = match S::WHOLE_CONNECTION {
-                true => answer.await,
-                false => unless_reset(&mut down.stream, answer).await.and_then(|a| a),
-            };
+            let answer = answer.await;
             early = answer.is_ok();
             return answer;
         }
@@ -1052,11 +1049,7 @@ async fn proxy<S: ClientStream>(
                     down.linger = body_left > 0;
                     write_failed = true;
                     let look = look(&mut down.resp_plan, &mut looked);
-                    let answer = answered_early(conn, e, look);
-                    let answer = match S::WHOLE_CONNECTION {
-                        true => answer.await,
-                        false => unless_reset(&mut down.stream, answer).await.and_then(|a| a),
-                    };
+                    let answer = answered_early(conn, e, look).await;
                     early = answer.is_ok();
                     return answer;
                 }
@@ -1084,12 +1077,7 @@ async fn proxy<S: ClientStream>(
                 replayable,
                 head_read,
             );
-            let read = if S::WHOLE_CONNECTION {
-                read.await
-            } else {
-                unless_reset(&mut down.stream, read).await?
-            };
-            match read {
+            match read.await {
                 Ok(HeadRead::Interim(interim)) => {
                     interims += 1;
                     if interims > MAX_INTERIM {
@@ -1128,7 +1116,14 @@ async fn proxy<S: ClientStream>(
         }
     };
     let mut slot = None;
-    let resp = match connector.run(req, &mut slot, attempt, |r| r.status).await {
+    // An HTTP/2 client's reset ends the exchange wherever it is (its connect, its upload,
+    // the answer's wait, a retry's backoff): a client that opens and resets streams by the
+    // hundred (rapid reset) would otherwise keep as many upstream connects and requests
+    // running (before: only the answer's wait watched the reset).
+    let run = connector.run(req, &mut slot, attempt, |r| r.status);
+    let ran = http2::until_reset(reset.as_ref(), run).await;
+    let ran = ran.unwrap_or_else(|| Err(ErrorKind::ClientClosed.into()));
+    let resp = match ran {
         Ok(resp) => resp,
         Err(err) if err.kind.reason().is_some() => {
             // The gateway's own 503 (circuit limits, no address): the connection stays.

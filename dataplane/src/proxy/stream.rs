@@ -151,6 +151,12 @@ pub(crate) trait ClientStream:
         std::task::Poll::Pending
     }
 
+    /// [`Self::poll_reset`] without a borrow of the stream, until the answer's head goes:
+    /// `None` for a whole connection.
+    fn reset_watch(&self) -> Option<super::http2::ResetWatch> {
+        None
+    }
+
     /// The client's TCP socket when the stream writes to it unchanged (plain TCP): a large
     /// body can then be spliced into it ([`crate::splice`]).
     fn splice_socket(&self) -> Option<&TcpStream> {
