@@ -1612,6 +1612,39 @@ fn dot_segments_cannot_route_around_a_policy() {
 }
 
 #[test]
+fn a_request_one_limit_refuses_is_not_counted_by_the_others() {
+    // A site-wide limit of 10 a minute, then a route's limit of 1 a minute per tenant: the
+    // first tenant's 11 refused requests go nowhere, so the site-wide limit still has 9 for
+    // the other tenants (nginx counts a request against its zones only once all admit it).
+    // Before: each refused request had taken a site-wide token, and the next tenant got the
+    // site-wide 429.
+    let origin = Origin::echo();
+    let policies = "[[policies]]\nid = \"sitewide\"\nkind = \"rate_limit\"\nrate = 10\n\
+                    per = \"minute\"\nkey = \"route\"\n\
+                    [[policies]]\nid = \"tenant\"\nkind = \"rate_limit\"\nrate = 1\n\
+                    per = \"minute\"\nkey = \"header:X-Tenant\"\n\
+                    [[routes]]\nid = \"api\"\npath_prefix = \"/api\"\nupstream = \"origin\"\n\
+                    policies = [\"tenant\"]\n";
+    let config = format!(
+        "global_policies = [\"sitewide\"]\n{}",
+        proxy_config(origin.addr, policies)
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let statuses: Vec<u16> = (0..12)
+        .map(|_| get(&gw, "/api/x", "X-Tenant: a\r\n").status)
+        .collect();
+    assert_eq!(statuses[0], 200);
+    assert!(statuses[1..].iter().all(|&s| s == 429), "{statuses:?}");
+    for t in 1..10 {
+        let r = get(&gw, "/api/x", &format!("X-Tenant: t{t}\r\n"));
+        assert_eq!(r.status, 200, "tenant {t}: {}", r.body_str());
+    }
+    let r = get(&gw, "/api/x", "X-Tenant: t10\r\n");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["policy"], "sitewide", "{}", r.body_str());
+}
+
+#[test]
 fn a_path_servers_read_as_another_routes_is_refused() {
     // `/v1%2Fadmin/x` is `/v1`'s as it is, `/v1/admin`'s (and its key policy's) to a server
     // that decodes `%2F`: refused, so that no reading of it skips `/v1/admin`'s policies

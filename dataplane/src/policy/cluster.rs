@@ -169,6 +169,27 @@ impl ClusterShares {
 }
 
 impl ClusterShares {
+    /// Gives back one request [`ClusterShares::check`] admitted for `key` (another limit
+    /// refused it), unless a round has charged it to Redis already: it stays the node's
+    /// demand, as a refused request is.
+    pub fn give_back(&self, key: Option<&Key>) {
+        let key = key.unwrap_or(&ROUTE_KEY);
+        let Some(share) = self
+            .shares
+            .get(key)
+            .or_else(|| self.shares.get(&OVERFLOW_KEY))
+        else {
+            return;
+        };
+        let uncharged = share
+            .spent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| s.checked_sub(1));
+        if uncharged.is_ok() {
+            share.allowance.fetch_add(1, Ordering::AcqRel);
+            share.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// [`take`], and the key into the next round's list if it is not there yet.
     fn take_and_queue(&self, share: &Share, key: &Key, limit: &Limit, now_ns: u64) -> Option<u64> {
         let allowed = take(share, limit, now_ns);

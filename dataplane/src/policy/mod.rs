@@ -62,8 +62,16 @@ pub struct PolicyState {
     /// it whatever `methods` says (the real request would be a 404 without CORS fields).
     /// Set by the route lookup, before the policies run; `reset` leaves it.
     pub preflight_unrouted: bool,
+    /// The rate limits that admitted the request so far (policy and bucket key; the first
+    /// [`MAX_TAKEN`]): a later limit's refusal gives their requests back.
+    taken: [(u16, Option<ratelimit::Key>); MAX_TAKEN],
+    n_taken: usize,
     decode: Vec<u8>,
 }
+
+/// Rate limits whose admission a later one's refusal gives back (more on one request are
+/// not: a fixed array keeps the state free of allocation).
+const MAX_TAKEN: usize = 4;
 
 impl PolicyState {
     /// Empty, with room for the fields the gateway adds to a request (`X-Request-Id`,
@@ -89,6 +97,7 @@ impl PolicyState {
         self.rate_refused = false;
         self.sets_host = false;
         self.consumer = None;
+        self.n_taken = 0;
     }
 
     /// Whether the query pair starting at `at` in the buffer is one not to forward.
@@ -1218,8 +1227,24 @@ fn rate_limit(
             st.rate_fields_at.get_or_insert(st.response_extra.len());
             admitted_fields(rl, id, remaining, d.reset_ns, &mut st.response_extra);
         }
+        if let Some(slot) = st.taken.get_mut(st.n_taken) {
+            *slot = (idx, key);
+            st.n_taken += 1;
+        }
         return None;
     }
+    // The limits that admitted it before this one count it no more: it goes nowhere (before,
+    // a client over its own limit used up a shared one for everyone).
+    for &(taken, key) in &st.taken[..st.n_taken] {
+        if let Some(l) = limiters
+            .by_policy
+            .get(taken as usize)
+            .and_then(Option::as_ref)
+        {
+            l.give_back(key.as_ref());
+        }
+    }
+    st.n_taken = 0;
     // The refusal carries this limit's fields only.
     if let Some(at) = st.rate_fields_at.take() {
         st.response_extra.truncate(at);

@@ -137,6 +137,15 @@ impl Bucket {
         }
     }
 
+    /// Gives back one request admitted by [`Bucket::check`] (a later limit refused it).
+    pub fn give_back(&self, limit: &Limit) {
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(limit.emission_ns))
+            });
+    }
+
     /// The bucket's arrival time (idle buckets, whose time is past, can be evicted).
     pub fn arrival_ns(&self) -> u64 {
         self.tat.load(Ordering::Relaxed)
@@ -235,6 +244,29 @@ impl Limiter {
         }
         let bucket = self.keyed.entry(*key).or_default();
         bucket.check(&self.limit, now_ns)
+    }
+
+    /// Gives back one request that [`Limiter::check`] admitted for `key`: another limit
+    /// refused it, and it goes nowhere (nginx counts a request against its `limit_req`
+    /// zones only once all admit it).
+    pub fn give_back(&self, key: Option<&Key>) {
+        if let Some(c) = &self.cluster {
+            if !super::cluster::ClusterShares::store_down() {
+                return c.give_back(key);
+            }
+            if c.mode != StoreErrorMode::Local {
+                // Admitted without a bucket (allow), or not at all (deny).
+                return;
+            }
+        }
+        let Some(key) = key else {
+            return self.single.give_back(&self.limit);
+        };
+        match self.keyed.get(key) {
+            Some(bucket) => bucket.give_back(&self.limit),
+            // Admitted by the overflow bucket while the map was full.
+            None => self.overflow.give_back(&self.limit),
+        }
     }
 
     /// Drops the buckets that are full again, at most once per emission interval of the
@@ -354,6 +386,28 @@ mod tests {
     use common::policy::RateKey;
 
     const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_request_given_back_is_admitted_again() {
+        let limit = Limit::new(10, 60 * SECOND, 2).unwrap();
+        let l = Limiter::new(limit, 10);
+        let t0 = 10 * SECOND;
+        let key = key_of(b"a");
+        for k in [None, Some(&key)] {
+            assert!(l.check(k, t0).allowed && l.check(k, t0).allowed);
+            assert!(!l.check(k, t0).allowed);
+            l.give_back(k);
+            assert!(l.check(k, t0).allowed);
+            assert!(!l.check(k, t0).allowed);
+        }
+        // Given back to an idle bucket: no more than full.
+        let b = Bucket::default();
+        assert!(b.check(&limit, t0).allowed);
+        b.give_back(&limit);
+        b.give_back(&limit);
+        let admitted = (0..5).filter(|_| b.check(&limit, t0).allowed).count();
+        assert_eq!(admitted, 2);
+    }
 
     #[test]
     fn burst_then_exact_refill() {
