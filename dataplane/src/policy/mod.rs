@@ -1089,10 +1089,18 @@ pub(crate) fn is_query_separator(b: u8) -> bool {
 }
 
 /// Whether the raw query parameter name `raw` is `name`, as sent or percent-decoded, in any
-/// case, or as PHP reads it ([`php_name`]).
+/// case, or as PHP reads them both ([`php_name`]: `api.key` and `api_key` are one to PHP,
+/// whichever of them `name` is).
 pub(crate) fn query_name_is(raw: &[u8], name: &[u8]) -> bool {
+    // Most names PHP reads as they are: no allocation.
+    let php = php_name(name);
+    let want = php.as_deref().unwrap_or(name);
     let is = |n: &[u8]| {
-        n.eq_ignore_ascii_case(name) || php_name(n).is_some_and(|p| p.eq_ignore_ascii_case(name))
+        n.eq_ignore_ascii_case(name)
+            || php_name(n)
+                .as_deref()
+                .unwrap_or(n)
+                .eq_ignore_ascii_case(want)
     };
     is(raw) || (raw.contains(&b'%') && crate::shape::pct_decode(raw).is_some_and(|d| is(&d)))
 }
@@ -1415,6 +1423,22 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+        // A configured name PHP reads otherwise: `api.key` is `$_GET['api_key']` too (before,
+        // `api_key=` went on unchecked beside a checked `api.key=`).
+        for raw in [
+            &b"api.key"[..],
+            b"api_key",
+            b"API_KEY",
+            b"api key",
+            b"api%5Fkey",
+        ] {
+            assert!(
+                query_name_is(raw, b"api.key"),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert!(!query_name_is(b"apikey", b"api.key"));
     }
 
     #[test]
