@@ -70,6 +70,40 @@ fn check_and_run_refuse_an_invalid_file_naming_the_field() {
 }
 
 #[test]
+fn check_takes_a_node_file_whose_listeners_name_what_the_store_holds() {
+    // A node file's listener policies and certificates live in the store (the shared
+    // config): `validate` says it does not check those, and checks the rest (before: exit 2
+    // for `unknown policy`, a file the same binary starts with --store).
+    let node = "[cluster]\nnode_id = \"n1\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                policies = [\"ipf\"]\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                tls = { certificates = [\"api\"] }\n";
+    let f = write("node.toml", node);
+    let (code, out, err) = gateway(&["validate", &f]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("OK (2 listener(s)"), "{out}");
+    assert!(
+        err.contains("listeners[0].policies[0] \"ipf\"")
+            && err.contains("listeners[1].tls (certificates [\"api\"])"),
+        "{err}"
+    );
+    // The rest is checked all the same.
+    let f = write(
+        "node-bad.toml",
+        &format!("{node}[admin]\nlisten = \"nonsense\"\n"),
+    );
+    let (code, _, err) = gateway(&["validate", &f]);
+    assert_eq!(code, Some(2), "{err}");
+    // Outside a node file, a dangling listener policy is the error it is at start.
+    let f = write(
+        "plain.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\npolicies = [\"ipf\"]\n",
+    );
+    let (code, _, err) = gateway(&["validate", &f]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unknown policy \"ipf\""), "{err}");
+}
+
+#[test]
 fn check_refuses_an_exposed_admin_api_without_a_token_as_the_start_does() {
     // Before, `--check` said OK and the start then refused it (exit 2).
     let f = write(
