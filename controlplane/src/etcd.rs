@@ -259,6 +259,13 @@ enum ConnIo {
 }
 
 impl Conn {
+    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match &self.io {
+            ConnIo::Plain(s) => s.set_read_timeout(Some(timeout)),
+            ConnIo::Tls(s) => s.sock.set_read_timeout(Some(timeout)),
+        }
+    }
+
     fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match &self.io {
@@ -669,13 +676,22 @@ impl Client {
         // Progress notifications every ~10 minutes keep idle connections alive; the read
         // timeout below is longer than etcd's default progress interval.
         create["progress_notify"] = json!(true);
+        // The answer's head within a request's time, as any call's: a member (or a proxy in
+        // front of it) that takes the watch and never answers is left for the next endpoint
+        // (before: up to the stream's 15 minutes, which the stall check, knowing no socket
+        // yet, could not cut short).
         let answer = self.send(
             "/v3/watch",
             &json!({"create_request": create}),
-            Duration::from_secs(15 * 60),
+            REQUEST_TIMEOUT,
             None,
             Resend::Yes,
         )?;
+        answer
+            .reader
+            .get_ref()
+            .set_read_timeout(Duration::from_secs(15 * 60))
+            .map_err(|e| EtcdError::Unavailable(format!("watch: {e}")))?;
         let fd = answer.reader.get_ref().fd();
         Ok(Watch {
             body: Chunked::new(answer.reader),

@@ -356,14 +356,12 @@ impl EtcdStore {
                     store.revision
                 )));
             }
-            store.claim_node_id(successor)?;
+            // The highest revision the nodes saw, before this node's record (an upgrade's
+            // predecessor's) is replaced by one that says it.
             store.learn_highest();
+            store.claim_node_id(successor)?;
             if let SeedOrigin::NodeFile { has_shared: true } = origin {
-                log::warn!(
-                    "{url} holds config revision {}: the shared resources in the node file \
-                     are ignored (they seed an empty store only)",
-                    store.revision,
-                );
+                store.shared_ignored();
             }
             return Ok(store);
         }
@@ -380,13 +378,24 @@ impl EtcdStore {
                 kept.revision
             )));
         }
+        if successor && kept.is_none() {
+            // Emptied since the predecessor read it (etcd rebuilt): the successor takes the
+            // store as it finds it and seeds nothing (its --seed-from or node file would
+            // replace what every node serves). The predecessor goes on serving, its node
+            // record untouched.
+            return Err(OpenError::Failed(format!(
+                "{url} holds no config: an upgrade's successor does not seed the store; write \
+                 the config again through a running node's admin API (numbered past the \
+                 highest revision seen), then upgrade"
+            )));
+        }
+        // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
+        // no number (no ETag) names two configs.
+        store.learn_highest();
         // A store without a config may still hold live nodes' records (its config key
         // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
         // first all the same.
         store.claim_node_id(successor)?;
-        // A store rebuilt empty while nodes run: the seed's number goes on past theirs, so
-        // no number (no ETag) names two configs.
-        store.learn_highest();
         // No config, but the history is there (the config key deleted by hand): no empty
         // store, and this node's file would replace what every node serves. The newest
         // revision kept is written again, numbered on.
@@ -407,11 +416,36 @@ impl EtcdStore {
         let merged = merge(&store.node, &seed.config);
         match store.commit(merged, &seed.what, &seed.keys) {
             Ok(rev) => log::info!("seeded {url} with {} as revision {rev}", seed.what),
-            // Another node seeded it at the same moment: that config stands.
-            Err(StoreError::Conflict) => {}
+            // Another node seeded it at the same moment: that config stands, and this node
+            // is one that found it (before, a --seed-from that lost went on quietly).
+            Err(StoreError::Conflict) => {
+                store.refresh().map_err(|e| {
+                    OpenError::Failed(format!("cannot read the config from {url}: {e}"))
+                })?;
+                if explicit {
+                    return Err(OpenError::Invalid(format!(
+                        "{url} was seeded by another node at the same moment (config revision \
+                         {}); --seed-from copies into an empty store only",
+                        store.revision
+                    )));
+                }
+                if let SeedOrigin::NodeFile { has_shared: true } = origin {
+                    store.shared_ignored();
+                }
+            }
             Err(e) => return Err(OpenError::Failed(format!("cannot seed {url}: {e}"))),
         }
         Ok(store)
+    }
+
+    /// Warns that the node file's shared resources were not used: the store holds a config.
+    fn shared_ignored(&self) {
+        log::warn!(
+            "{} holds config revision {}: the shared resources in the node file are ignored \
+             (they seed an empty store only)",
+            self.client.url().redacted(),
+            self.revision,
+        );
     }
 
     pub fn url(&self) -> &StoreUrl {

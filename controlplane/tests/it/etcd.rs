@@ -752,6 +752,21 @@ fn seed_from_copies_a_data_directory_once() {
     let chain = crate::upgrade::Chain::new();
     let next = chain.push(crate::upgrade::upgrade(&a));
     assert_eq!(get(&a, "/old"), (200, "from the data directory".to_owned()));
+    // A store emptied since (etcd rebuilt, its history gone): the next successor seeds
+    // nothing, and the upgrade fails with the old process serving on (before: it seeded the
+    // store again from `--seed-from`, replacing what every node served).
+    let everything = serde_json::json!({"key": b64(b"/t3/"), "range_end": b64(b"/t30")});
+    assert!(etcd
+        .http("POST", "/v3/kv/deleterange", &everything.to_string())
+        .is_some());
+    // SAFETY: kill(2) on the gateway process this test's upgrade started.
+    unsafe { libc::kill(next as i32, libc::SIGUSR2) };
+    a.wait_log(
+        "an upgrade's successor does not seed the store",
+        Duration::from_secs(30),
+    );
+    assert_eq!(get(&a, "/old"), (200, "from the data directory".to_owned()));
+    assert!(etcd.values_under("/t3/config").is_empty());
     crate::upgrade::stop(next);
 
     // A node file without [cluster] node_id is refused.
@@ -845,12 +860,12 @@ fn tls_and_credentials_to_etcd() {
 
 /// A TCP relay to `to` that can freeze: while frozen it passes nothing on, either way,
 /// on the connections it has and on new ones (which it still accepts), as a hung etcd
-/// member's sockets do; with `txn_answers_only`, it passes everything on but the answers
-/// to transactions (a member that applies writes and whose answers are lost). Each call
-/// of the node's etcd client has a connection of its own.
+/// member's sockets do; with `answers_to` (a request line's start), it passes everything on
+/// but the answers to those requests (`POST /v3/kv/txn`: a member that applies writes and
+/// whose answers are lost). Each call of the node's etcd client has a connection of its own.
 fn freezing_relay(
     to: u16,
-    txn_answers_only: bool,
+    answers_to: Option<&'static [u8]>,
 ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -865,16 +880,19 @@ fn freezing_relay(
             };
             // Whether this connection's answer is held: the request line says.
             let mut first = [0u8; 16];
-            let txn = client
-                .peek(&mut first)
-                .is_ok_and(|n| first[..n].starts_with(b"POST /v3/kv/txn"));
+            let held = answers_to.is_some_and(|start| {
+                client
+                    .peek(&mut first)
+                    .is_ok_and(|n| first[..n].starts_with(start))
+            });
+            let txn_answers_only = answers_to.is_some();
             for (mut from, mut into, freezes) in [
                 (
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
                     !txn_answers_only,
                 ),
-                (server, client, !txn_answers_only || txn),
+                (server, client, !txn_answers_only || held),
             ] {
                 let f = f.clone();
                 std::thread::spawn(move || {
@@ -902,7 +920,7 @@ fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
     // revision every few seconds, sees its watch behind, and watches again on the endpoint
     // that answers. Before: a served the old config for as long as the watch's 15 minutes.
     let etcd = Etcd::start();
-    let (relay, frozen) = freezing_relay(etcd.port, false);
+    let (relay, frozen) = freezing_relay(etcd.port, None);
     let url = format!("etcd://127.0.0.1:{relay},127.0.0.1:{}/t5", etcd.port);
     let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
     let b = node(&etcd, "t5", &node_file("b", "", ""));
@@ -918,6 +936,25 @@ fn a_watch_that_stops_delivering_is_opened_again_elsewhere() {
 }
 
 #[test]
+fn a_watch_whose_answer_never_comes_is_opened_again_elsewhere() {
+    // Node a's first endpoint takes its watch and never answers it (a hung member, or a
+    // proxy in front of one), all else passing: the watch's head is waited for as long as
+    // any call's, and the watch opened on the endpoint that answers. Before: waited for up
+    // to 15 minutes, the stall check unable to cut it short (the watch had no socket yet),
+    // and a served the old config meanwhile.
+    let etcd = Etcd::start();
+    let (relay, frozen) = freezing_relay(etcd.port, Some(b"POST /v3/watch"));
+    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let url = format!("etcd://127.0.0.1:{relay},127.0.0.1:{}/t5w", etcd.port);
+    let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
+    let b = node(&etcd, "t5w", &node_file("b", "", ""));
+    let r = b.admin("PUT", "/v1/routes/v", Some(&respond_route("/v", "1")));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let took = wait_serves(&a, "/v", "1", Duration::from_secs(30));
+    println!("a served the change {took:?} after it was made, its watch unanswered");
+}
+
+#[test]
 fn a_write_whose_answer_is_lost_is_read_back_not_sent_to_another_endpoint() {
     // Node a's first endpoint takes its requests and holds back the answers: etcd applied
     // the write, and its answer was lost. The write is not sent again to the second
@@ -925,7 +962,7 @@ fn a_write_whose_answer_is_lost_is_read_back_not_sent_to_another_endpoint() {
     // reads the config back and finds it made. Before: a PUT with If-Match that was made
     // answered 412, and a DELETE that was made 404.
     let etcd = Etcd::start();
-    let (relay, frozen) = freezing_relay(etcd.port, true);
+    let (relay, frozen) = freezing_relay(etcd.port, Some(b"POST /v3/kv/txn"));
     let url = format!("etcd://127.0.0.1:{relay},127.0.0.1:{}/t9", etcd.port);
     let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
     let r = a.admin("PUT", "/v1/routes/d", Some(&respond_route("/d", "1")));
@@ -1000,7 +1037,7 @@ fn a_hung_etcd_holds_up_only_the_writes_that_wait_for_it() {
     // so `/v1/health` answers meanwhile (against ed1794b: after 8.9 s), and so do the reads
     // of the config and status, from what the last change left (against cb9a8e1: after 3 s).
     let etcd = Etcd::start();
-    let (relay, frozen) = freezing_relay(etcd.port, false);
+    let (relay, frozen) = freezing_relay(etcd.port, None);
     let url = format!("etcd://127.0.0.1:{relay}/t6");
     let a = Gateway::start_with(&node_file("a", "", ""), Driver::IoUring, &["--store", &url]);
     let r = a.admin("PUT", "/v1/routes/kept", Some(&respond_route("/kept", "k")));
