@@ -521,6 +521,51 @@ fn attacks_get_the_right_goaway_or_reset_and_others_are_served() {
 }
 
 #[test]
+fn a_body_against_its_content_length_is_a_bad_request_not_a_client_gone() {
+    // `content-length: 10` and 5 bytes of DATA with END_STREAM, or 3 and 5: malformed (RFC
+    // 9113 8.1.1), h2 resets the stream, and the log says `bad_request` (before:
+    // `client_closed`, 499).
+    let s = setup("h2-short-body");
+    let client = r#"
+import socket, sys, time
+import h2.config, h2.connection
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                         validate_outbound_headers=False))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/short"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "10")])
+c.send_data(1, b"12345", end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(3, [(":method", "POST"), (":path", "/long"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "3")])
+c.send_data(3, b"12345", end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.5)
+s.close()
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(client)
+        .arg(s.gw.listeners[1].to_string())
+        .output()
+        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = wait_log_lines(&s.log, 2);
+    for (l, path) in lines.iter().zip(["/short", "/long"]) {
+        assert_eq!(l["path"], path, "{l}");
+        assert_eq!(l["error"], "bad_request", "{l}");
+        assert_eq!(l["status"], 400, "{l}");
+    }
+}
+
+#[test]
 fn a_reset_stream_gives_up_its_upstream_connect_at_once() {
     // A target whose accept queue is full: connects hang until `upstream_connect_ms`. Ten
     // streams, each reset 100 ms after its HEADERS: each exchange ends with the reset, its

@@ -334,6 +334,7 @@ async fn serve_request(
         send: None,
         answer: Answer::Head(Vec::new()),
         head_request: parts.method == http::Method::HEAD,
+        malformed: false,
     };
     super::serve_h2_stream(ctx, stream, peer).await;
 }
@@ -513,6 +514,9 @@ pub(crate) struct H2Stream {
     send: Option<SendStream<Bytes>>,
     answer: Answer,
     head_request: bool,
+    /// The request turned out malformed as its body came (h2 reset the stream, or the
+    /// gateway did for a trailer): see [`ClientStream::reset_for_malformed`].
+    malformed: bool,
 }
 
 impl std::fmt::Debug for H2Stream {
@@ -566,7 +570,12 @@ impl H2Stream {
                     data
                 }
             }
-            Some(Err(e)) => return Err(io::Error::other(e)),
+            Some(Err(e)) => {
+                // h2 reset the stream for a malformed request (its DATA against its
+                // `content-length`, RFC 9113 8.1.1): a bad request, not the client leaving.
+                self.malformed |= e.is_library();
+                return Err(io::Error::other(e));
+            }
             None => {
                 // Trailers came with the stream's end, so they are here now; they go on in
                 // the last chunk (a body with a length has nowhere to carry them).
@@ -587,6 +596,7 @@ impl H2Stream {
                     if let Some(respond) = self.respond.borrow_mut().as_mut() {
                         respond.send_reset(Reason::PROTOCOL_ERROR);
                     }
+                    self.malformed = true;
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "a trailer field value with whitespace at either end",
@@ -1575,6 +1585,26 @@ impl ClientStream for H2Stream {
         Some(ResetWatch(self.respond.clone()))
     }
 
+    fn reset_for_malformed(&mut self) -> bool {
+        if self.malformed {
+            return true;
+        }
+        let Some(body) = self.body.as_mut() else {
+            return false;
+        };
+        // The body's failure says whose the reset was, after what came before it (a few
+        // frames at most: the stream has ended).
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..64 {
+            match body.poll_data(&mut cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return e.is_library(),
+                _ => return false,
+            }
+        }
+        false
+    }
+
     fn into_halves(self) -> (Refused, Refused) {
         (Refused, Refused)
     }
@@ -2251,6 +2281,7 @@ mod tests {
                     send: None,
                     answer: Answer::Head(Vec::new()),
                     head_request: req.method() == http::Method::HEAD,
+                    malformed: false,
                 };
                 for piece in pieces {
                     stream.write_bytes(piece).await.map_err(|e| e.kind())?;

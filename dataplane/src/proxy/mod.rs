@@ -1140,6 +1140,15 @@ async fn proxy<S: ClientStream>(
                 .await;
         }
         Err(err) => {
+            if err.kind == ErrorKind::ClientClosed && down.stream.reset_for_malformed() {
+                // h2 reset the stream itself for a malformed request (seen by the reset's
+                // watch or the body's read): logged as one (400, `bad_request`), as a
+                // malformed head is, though its answer is the reset (before: a 499, the
+                // client taken for gone).
+                req.fail(ErrorKind::BadRequest);
+                req.status = 400;
+                return Next::Cut;
+            }
             if err.kind.side() == Side::Client {
                 // The client's body failed: its own status (408 has no lingering close).
                 return down.fail(req, err.kind).await;

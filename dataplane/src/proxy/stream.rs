@@ -157,6 +157,13 @@ pub(crate) trait ClientStream:
         None
     }
 
+    /// After a reset [`Self::reset_watch`] saw: whether it was the HTTP/2 library's own, for
+    /// a malformed request (a body against its `content-length`, RFC 9113 8.1.1), rather
+    /// than the client's.
+    fn reset_for_malformed(&mut self) -> bool {
+        false
+    }
+
     /// The client's TCP socket when the stream writes to it unchanged (plain TCP): a large
     /// body can then be spliced into it ([`crate::splice`]).
     fn splice_socket(&self) -> Option<&TcpStream> {
