@@ -205,15 +205,27 @@ pub fn is_json_type(value: &[u8]) -> bool {
 }
 
 /// Whether a `Content-Type` value names media no JSON text is sent as (images, sound, video,
-/// fonts, 3D models, PDF, archives): what a HEAD answer's fields say its GET's body is not,
-/// where a filtering shape would look at that body's first byte (see [`opens_json`]).
+/// fonts, 3D models, PDF, archives): an answer a filtering shape does not look into for JSON
+/// (see [`opens_json`]), so that a HEAD, whose answer has no body, gets what its GET does.
 pub fn is_binary_type(value: &[u8]) -> bool {
+    const ARCHIVES: [&str; 10] = [
+        "application/pdf",
+        "application/zip",
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-tar",
+        "application/x-bzip2",
+        "application/x-xz",
+        "application/x-7z-compressed",
+        "application/vnd.rar",
+        "application/zstd",
+    ];
     let essence = media_type(value);
     let top = essence.split(|&b| b == b'/').next().unwrap_or_default();
     ["image", "audio", "video", "font", "model"]
         .iter()
         .any(|t| top.eq_ignore_ascii_case(t.as_bytes()))
-        || ["application/pdf", "application/zip", "application/gzip"]
+        || ARCHIVES
             .iter()
             .any(|t| essence.eq_ignore_ascii_case(t.as_bytes()))
 }

@@ -1509,6 +1509,16 @@ fn a_head_on_a_shaped_route_gets_what_its_get_would() {
                 "application/json",
                 format!("{{\"a\":\"{}\"}}", "x".repeat(2000)),
             ),
+            // JSON under an image's type; text over `max_bytes`; a JSON type and no body; a
+            // 205 with content (which it must not have).
+            "/imgjson" => ("200 OK", "image/png", r#"{"a":1,"cost":2}"#.to_owned()),
+            "/bigtext" => ("200 OK", "text/plain", "x".repeat(3000)),
+            "/empty" => ("200 OK", "application/json", String::new()),
+            "/r205b" => (
+                "205 Reset Content",
+                "application/json",
+                r#"{"a":1,"cost":2}"#.to_owned(),
+            ),
             _ => ("205 Reset Content", "application/json", String::new()),
         };
         let _ = write!(
@@ -1537,7 +1547,14 @@ fn a_head_on_a_shaped_route_gets_what_its_get_would() {
     let head = |c: &mut Client, path: &str| {
         c.roundtrip(&format!("HEAD {path} HTTP/1.1\r\nHost: a\r\n\r\n"))
     };
-    for (path, length) in [("/f/png", "9"), ("/oh", "2008")] {
+    // The review of f24d995 found the image's, the text's and the empty answer's HEAD and
+    // GET disagreeing, and the 205's content relayed past the filter.
+    for (path, length) in [
+        ("/f/png", "9"),
+        ("/oh", "2008"),
+        ("/f/imgjson", "16"),
+        ("/f/bigtext", "3000"),
+    ] {
         let g = get(&mut c, path, "");
         let h = head(&mut c, path);
         for r in [&g, &h] {
@@ -1560,6 +1577,10 @@ fn a_head_on_a_shaped_route_gets_what_its_get_would() {
     // A filter and an answer over `max_bytes`: never relayed with what it should remove.
     assert_eq!(get(&mut c, "/f/big", "").status, 502);
     assert_eq!(head(&mut c, "/f/big").status, 502);
+    for path in ["/f/empty", "/f/r205b"] {
+        assert_eq!(get(&mut c, path, "").status, 502, "{path}");
+        assert_eq!(head(&mut c, path).status, 502, "{path}");
+    }
     let r = get(&mut c, "/f/r205", "");
     assert_eq!(r.status, 205, "{}", r.head);
     let r = get(&mut c, "/agg", "");

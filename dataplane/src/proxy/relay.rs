@@ -612,31 +612,41 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     // read is a 502, not relayed with every member it should have removed. Nor by JSON under
     // another type (an upstream that labels its JSON text/plain, or not at all): an answer
     // not declared JSON is told by its body's first byte, unless it is compressed (asked
-    // for identity, the upstream sent it anyway) or an event stream (relayed as it comes).
+    // for identity, the upstream sent it anyway), an event stream (relayed as it comes) or
+    // media no JSON is sent as (images, archives: a HEAD, which has no body to tell by, then
+    // gets what its GET does).
     let filters = !shape.allow.is_empty() || !shape.deny.is_empty();
     let declared = fields.content_type.is_some_and(is_json_type);
     let sniff = filters
         && !declared
         && !fields.encoded
-        && !fields.content_type.is_some_and(is_event_stream);
+        && !fields
+            .content_type
+            .is_some_and(|t| is_event_stream(t) || is_binary_type(t));
     // 206 carries a range of the body, 204 and 205 none (RFC 9110 15.3.5, 15.3.6): only
     // whole 2xx bodies are reshaped.
     let whole = (200..300).contains(&resp.status) && !matches!(resp.status, 204..=206);
-    // A HEAD's answer has no body to tell JSON by: media no JSON is sent as is not JSON.
-    let sniff = sniff && !(is_head && fields.content_type.is_some_and(is_binary_type));
     let length = match (is_head, resp.body) {
         (true, _) => fields.content_length,
         (false, BodyKind::Length(n)) => Some(n),
         (false, _) => None,
     };
+    let over = length.is_some_and(|n| n > shape.max_bytes as u64);
     let skip = if !whole {
         Some(SkipReason::Status)
     } else if !declared && !sniff {
         Some(SkipReason::NotJson)
     } else if fields.encoded {
         Some(SkipReason::Compressed)
-    } else if declared && length.is_some_and(|n| n > shape.max_bytes as u64) {
+    } else if declared && over {
         Some(SkipReason::TooLarge)
+    } else if is_head && over {
+        // A type told by the body, over `max_bytes`: its GET is never reshaped, but relayed
+        // as it is (or, its body JSON, a 502 no head can foretell).
+        Some(SkipReason::NotJson)
+    } else if declared && length == Some(0) {
+        // Nothing to read as JSON.
+        Some(SkipReason::InvalidJson)
     } else {
         None
     };
@@ -653,9 +663,18 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
             metrics.transform_skipped(reason);
         }
         // A 206 to a request sent without `Range` breaks the protocol, and a part of a body
-        // cannot be filtered: not relayed with what the filter is there to remove.
+        // cannot be filtered: not relayed with what the filter is there to remove. Nor a 205
+        // with content, which it must not have (RFC 9110 15.3.6).
         let partial = resp.status == 206;
-        if filters && (partial || matches!(reason, SkipReason::Compressed | SkipReason::TooLarge)) {
+        let content = match (is_head, resp.body) {
+            (true, _) => length.is_some_and(|n| n > 0),
+            (false, b) => !matches!(b, BodyKind::None | BodyKind::Length(0)),
+        };
+        let unread = matches!(
+            reason,
+            SkipReason::Compressed | SkipReason::TooLarge | SkipReason::InvalidJson
+        );
+        if filters && (partial || (resp.status == 205 && content) || unread) {
             req.filter_refused = true;
             return Err(ErrorKind::UpstreamMalformed.into());
         }
