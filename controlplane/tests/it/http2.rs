@@ -524,8 +524,24 @@ fn attacks_get_the_right_goaway_or_reset_and_others_are_served() {
 fn a_body_against_its_content_length_is_a_bad_request_not_a_client_gone() {
     // `content-length: 10` and 5 bytes of DATA with END_STREAM, or 3 and 5: malformed (RFC
     // 9113 8.1.1), h2 resets the stream, and the log says `bad_request` (before:
-    // `client_closed`, 499).
-    let s = setup("h2-short-body");
+    // `client_closed`, 499); also where the body is read whole first, for retries (the
+    // review found those still 499). A client's own RST_STREAM(PROTOCOL_ERROR) mid-body
+    // stays a 499.
+    let origin = origin();
+    let dir = temp_dir("h2-short-body");
+    let log = dir.join("access.log");
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"o\"\ntargets = [{{ address = \"{0}\" }}]\n\
+         [[upstreams]]\nid = \"ro\"\ntargets = [{{ address = \"{0}\" }}]\n\
+         retry = {{ attempts = 2, on = [\"connect\"], methods = \"all\" }}\n\
+         [[routes]]\nid = \"ro\"\npath_prefix = \"/ro\"\nupstream = \"ro\"\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"o\"\n\
+         [access_log]\npath = \"{1}\"\n",
+        origin.addr,
+        log.display()
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
     let client = r#"
 import socket, sys, time
 import h2.config, h2.connection
@@ -543,13 +559,34 @@ c.send_headers(3, [(":method", "POST"), (":path", "/long"), (":scheme", "http"),
                    (":authority", "t"), ("content-length", "3")])
 c.send_data(3, b"12345", end_stream=True)
 s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(5, [(":method", "POST"), (":path", "/ro/short"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "10")])
+c.send_data(5, b"12345", end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(7, [(":method", "POST"), (":path", "/cancelled"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "10")])
+c.send_data(7, b"12345")
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.reset_stream(7, error_code=1)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(9, [(":method", "POST"), (":path", "/goaway"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "10")])
+c.send_data(9, b"12345")
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+# DATA on stream 0: a connection error, h2's GOAWAY ends the stream mid-body.
+s.sendall(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
 time.sleep(0.5)
 s.close()
 "#;
     let out = Command::new("python3")
         .arg("-c")
         .arg(client)
-        .arg(s.gw.listeners[1].to_string())
+        .arg(gw.listeners[0].to_string())
         .output()
         .expect("python3 with the PyPI package h2 (scripts/test installs it)");
     assert!(
@@ -557,12 +594,71 @@ s.close()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines = wait_log_lines(&s.log, 2);
-    for (l, path) in lines.iter().zip(["/short", "/long"]) {
+    let lines = wait_log_lines(&log, 5);
+    for (l, path) in lines.iter().zip(["/short", "/long", "/ro/short"]) {
         assert_eq!(l["path"], path, "{l}");
         assert_eq!(l["error"], "bad_request", "{l}");
         assert_eq!(l["status"], 400, "{l}");
     }
+    // The client's reset, and h2's GOAWAY for the connection (the review found an upload
+    // ended by it logged 400): the client gone.
+    for (l, path) in lines[3..].iter().zip(["/cancelled", "/goaway"]) {
+        assert_eq!(l["path"], path, "{l}");
+        assert_eq!(l["status"], 499, "{l}");
+    }
+}
+
+#[test]
+fn a_retry_its_client_cancels_during_the_backoff_gives_its_budget_back() {
+    // Nothing listens at either target: each try fails to connect, and a retry waits 1.5 s.
+    // The budget allows one retry a second. An HTTP/2 client's first try fails, its retry
+    // takes the budget's token, and the client resets the stream during the wait: the retry
+    // is not sent, and its token goes back, so the next request's retry is allowed (before:
+    // the token was spent on nothing, and the next retry denied).
+    let (a, b) = (closed_port(), closed_port());
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [[upstreams]]\nid = \"r\"\ntargets = [{{ address = \"{a}\" }}, {{ address = \"{b}\" }}]\n\
+         retry = {{ attempts = 3, on = [\"connect\"], methods = \"all\", backoff_ms = 1500, \
+         max_backoff_ms = 3000, budget_percent = 0, budget_min_per_s = 1 }}\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"r\"\n"
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let client = r#"
+import socket, sys, time
+import h2.config, h2.connection
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.send_headers(1, [(":method", "GET"), (":path", "/first"), (":scheme", "http"),
+                   (":authority", "t")], end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.2)
+c.reset_stream(1, error_code=8)
+s.sendall(c.data_to_send())
+time.sleep(0.1)
+s.close()
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(client)
+        .arg(gw.listeners[0].to_string())
+        .output()
+        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = Client::connect(gw.listeners[0]).roundtrip("GET /second HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 502, "{}", r.head);
+    let metrics = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    let denied = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_retry_budget_denied_total{upstream=\"r\"} "))
+        .unwrap_or("0");
+    assert_eq!(denied, "0", "{metrics}");
 }
 
 #[test]

@@ -1649,13 +1649,19 @@ fn a_path_servers_read_as_another_routes_is_refused() {
     // `/v1%2Fadmin/x` is `/v1`'s as it is, `/v1/admin`'s (and its key policy's) to a server
     // that decodes `%2F`: refused, so that no reading of it skips `/v1/admin`'s policies
     // (before: served as `/v1`'s, the origin reading it as `/v1/admin/x`).
-    // The refusal comes before the route's own policies: `/v1`'s limit of one request a
+    // The refusal takes nothing from the route's rate limits: `/v1`'s limit of one request a
     // minute is left for the one it serves (before: the first refused request took it, the
-    // next ones were 429s).
+    // next ones were 429s). It comes after the screens and CORS: it carries the CORS fields
+    // (the review found a first version without them), and a client a listener's or global
+    // ip_filter refuses gets its 403, not a 400 telling the routes apart.
     let origin = Origin::echo();
     let policies = "[[policies]]\nid = \"deny\"\nkind = \"ip_filter\"\ndeny = [\"0.0.0.0/0\"]\n\
                     [[policies]]\nid = \"once\"\nkind = \"rate_limit\"\nrate = 1\n\
-                    per = \"minute\"\nburst = 1\nkey = \"route\"\n";
+                    per = \"minute\"\nburst = 1\nkey = \"route\"\n\
+                    [[policies]]\nid = \"cors\"\nkind = \"cors\"\n\
+                    origins = [\"https://app.example\"]\n\
+                    [[policies]]\nid = \"all-out\"\nkind = \"ip_filter\"\n\
+                    deny = [\"0.0.0.0/0\"]\n";
     let config = format!(
         "{}[[routes]]\nid = \"admin\"\npath_prefix = \"/v1/admin\"\nupstream = \"origin\"\n\
          policies = [\"deny\"]\n[[routes]]\nid = \"v1\"\npath_prefix = \"/v1\"\n\
@@ -1665,7 +1671,18 @@ fn a_path_servers_read_as_another_routes_is_refused() {
          [[routes]]\nid = \"user\"\npath = \"/users/{{id}}\"\nupstream = \"origin\"\n",
         proxy_config(origin.addr, policies)
     );
-    let gw = Gateway::start(&config, Driver::IoUring);
+    let gw = Gateway::start(
+        &format!("global_policies = [\"cors\"]\n{config}"),
+        Driver::IoUring,
+    );
+    let r = get(&gw, "/v1%2Fadmin/x", "Origin: https://app.example\r\n");
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example"),
+        "{}",
+        r.head
+    );
     for path in [
         "/v1%2Fadmin/x",
         "/v1%5Cadmin/x",
@@ -1686,6 +1703,13 @@ fn a_path_servers_read_as_another_routes_is_refused() {
     // An id with an escaped slash stays the pattern's where no route names what it hides.
     assert_eq!(get(&gw, "/users/a%2Fb", "").status, 200);
     assert_eq!(origin.requests().len(), 2);
+    drop(gw);
+    // Every client refused by a global ip_filter: 403s all, ambiguous paths or not.
+    let refused = format!("global_policies = [\"all-out\"]\n{config}");
+    let gw = Gateway::start(&refused, Driver::IoUring);
+    for path in ["/v1%2Fadmin/x", "/v1%2Fadm/x", "/v1/x"] {
+        assert_eq!(get(&gw, path, "").status, 403, "{path}");
+    }
 }
 
 #[test]

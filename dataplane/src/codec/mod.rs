@@ -250,7 +250,8 @@ pub(crate) fn request_line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// The value of the one field line named `name` (case-insensitively) among the whole lines
 /// after the request line at the start of `buf`, a head that was refused before it parsed:
-/// `None` without one, or with two. Not the hot path: a refused head only.
+/// `None` without one, or with two (a second spelled with `_`, which CGI-style servers read
+/// as the same, included). Not the hot path: a refused head only.
 pub(crate) fn raw_single_field<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     // The head's whole lines, up to the empty line that ends it (CRLF or a bare LF, which
     // the parser refused): nothing of a body or of the next request behind it.
@@ -264,8 +265,8 @@ pub(crate) fn raw_single_field<'a>(buf: &'a [u8], name: &[u8]) -> Option<&'a [u8
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        if line[..colon].eq_ignore_ascii_case(name) {
-            if found.is_some() {
+        if same_field_name(&line[..colon], name) {
+            if found.is_some() || !line[..colon].eq_ignore_ascii_case(name) {
                 return None;
             }
             found = Some(trim_ows(&line[colon + 1..]));
@@ -480,6 +481,14 @@ mod tests {
             id(b"GET / HTTP/1.1\r\nx-request-id: a\r\nX-REQUEST-ID: b\r\n\r\n"),
             None
         );
+        // A copy spelled with `_` is a second one (the review of 17ae934 found it kept).
+        for head in [
+            &b"GET / HTTP/1.1\r\nX-Request-Id: a\r\nX_Request_Id: b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nx_request_id: b\r\nX-Request-Id: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX_Request_Id: b\r\n\r\n",
+        ] {
+            assert_eq!(id(head), None, "{}", String::from_utf8_lossy(head));
+        }
         // Not past the empty line, with CRLF or bare LF: a body or the next request.
         assert_eq!(
             id(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nX-Request-Id: next\r\n"),

@@ -1175,6 +1175,21 @@ pub fn sort_and_merge(drops: &mut Vec<Span>) {
     drops.truncate(kept + 1);
 }
 
+/// Gives back to the rate limits that admitted the request what they took: it goes nowhere
+/// after all (another limit refused it, or its path is refused as ambiguous).
+pub fn give_back(limiters: &Limiters, st: &mut PolicyState) {
+    for &(taken, key) in &st.taken[..st.n_taken] {
+        if let Some(l) = limiters
+            .by_policy
+            .get(taken as usize)
+            .and_then(Option::as_ref)
+        {
+            l.give_back(key.as_ref());
+        }
+    }
+    st.n_taken = 0;
+}
+
 #[allow(clippy::too_many_arguments)]
 fn rate_limit(
     snap: &Snapshot,
@@ -1243,16 +1258,7 @@ fn rate_limit(
     }
     // The limits that admitted it before this one count it no more: it goes nowhere (before,
     // a client over its own limit used up a shared one for everyone).
-    for &(taken, key) in &st.taken[..st.n_taken] {
-        if let Some(l) = limiters
-            .by_policy
-            .get(taken as usize)
-            .and_then(Option::as_ref)
-        {
-            l.give_back(key.as_ref());
-        }
-    }
-    st.n_taken = 0;
+    give_back(limiters, st);
     // The refusal carries this limit's fields only.
     if let Some(at) = st.rate_fields_at.take() {
         st.response_extra.truncate(at);

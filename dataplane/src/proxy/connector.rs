@@ -252,6 +252,10 @@ pub(crate) struct Connector<'a, P: SessionSource> {
     /// The try under way is a retry not yet counted: it is once it reaches its target (see
     /// [`Connector::arrived`]).
     retry_owed: Cell<bool>,
+    /// A retry took its token from the budget and has not reached its target yet: given
+    /// back if it never does, also when the exchange is dropped (an HTTP/2 client's reset
+    /// during the backoff).
+    budget_held: Cell<bool>,
     /// The client, looked at while a retry's backoff waits (see [`Connector::watching`]).
     watch: Option<crate::io::ClientWatch>,
 }
@@ -338,6 +342,9 @@ impl<P: SessionSource> Drop for Connector<'_, P> {
         if self.in_flight.get() {
             self.up.upstream.live.circuit.requests.fetch_sub(1, Relaxed);
         }
+        if self.budget_held.get() {
+            self.up.upstream.live.budget.give_back();
+        }
     }
 }
 
@@ -373,6 +380,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             rr: Cell::new(None),
             tries_end: Cell::new(None),
             retry_owed: Cell::new(false),
+            budget_held: Cell::new(false),
             watch: None,
         }
     }
@@ -692,6 +700,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
     pub fn arrived(&self, target: &LiveTarget, rec: &mut Attempts) {
         rec.target = Some(target.addr);
         if self.retry_owed.replace(false) {
+            self.budget_held.set(false);
             rec.retries = rec.retries.saturating_add(1);
             target.state.count_retry(self.source.stripe());
         }
@@ -783,11 +792,9 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if tries > 1 {
                 release(slot);
                 if !wait.is_zero() {
-                    if let Err(e) = self.back_off(wait).await {
-                        // Its client gone, the retry is not sent: its budget goes back.
-                        live.budget.give_back();
-                        return Err(e);
-                    }
+                    // Its client gone, the retry is not sent: its budget goes back (when the
+                    // connector goes).
+                    self.back_off(wait).await?;
                 }
                 // A revision during the tries (and the wait) may have drained or removed
                 // targets: a retry goes to none of them.
@@ -799,7 +806,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             let state = &set.targets[i].state;
             self.retry_owed.set(tries > 1);
             let result = one(self.begin(i), slot, req).await;
-            if self.retry_owed.replace(false) {
+            if self.retry_owed.replace(false) && self.budget_held.replace(false) {
                 // A retry that never reached its target (the circuit refused it): its
                 // budget goes back.
                 live.budget.give_back();
@@ -851,6 +858,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
             if !(live.budget).try_retry(now_ms(), r.budget_percent, r.budget_min_per_s) {
                 return result;
             }
+            self.budget_held.set(true);
             // An answer not relayed is dropped here: its connection or stream closes.
             drop(result);
             // The request is no longer outstanding at this target.

@@ -511,6 +511,13 @@ impl<S: ClientStream> Downstream<S> {
     /// Answers with the canned response for `kind` (if the client can still take one),
     /// records the error, and closes.
     pub async fn fail(&mut self, req: &mut RequestCtx, kind: ErrorKind) -> Next {
+        // An HTTP/2 stream h2 reset for a malformed request (its body against its
+        // `content-length`): a bad request, not the client gone (seen by the reset's watch or
+        // the body's read, whichever came first).
+        let kind = match kind == ErrorKind::ClientClosed && self.stream.reset_for_malformed() {
+            true => ErrorKind::BadRequest,
+            false => kind,
+        };
         req.fail(kind);
         match kind.response() {
             Some(status) => {
@@ -520,6 +527,11 @@ impl<S: ClientStream> Downstream<S> {
                 if self.write_answer(req, status.code(), head, b"", body).await {
                     Next::Close
                 } else {
+                    if kind == ErrorKind::BadRequest {
+                        // Logged with the status it earned, as nginx logs a 400 it could
+                        // not send (an HTTP/2 stream reset as malformed has no answer).
+                        req.status = status.code();
+                    }
                     Next::Cut
                 }
             }

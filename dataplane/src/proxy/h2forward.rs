@@ -470,7 +470,7 @@ async fn read_h2_body(
                 }
                 out.extend_from_slice(&data);
             }
-            Some(Err(_)) => return Err(ErrorKind::ClientClosed),
+            Some(Err(e)) => return Err(super::http2::body_error(&e)),
             None => return Ok(out),
         }
     }

@@ -362,6 +362,16 @@ fn has_path(parts: &http::request::Parts) -> bool {
 /// The most of a request body taken with its head to send it with its length.
 const WHOLE_BODY: usize = 64 * 1024;
 
+/// What a request body's failure is: h2's own reset of the stream, for a malformed request
+/// (its DATA against its `content-length`, RFC 9113 8.1.1), a bad request; anything else
+/// (the client's reset, the connection's end, a GOAWAY) the client gone.
+pub(super) fn body_error(e: &::h2::Error) -> crate::error::ErrorKind {
+    match e.is_reset() && e.is_library() {
+        true => crate::error::ErrorKind::BadRequest,
+        false => crate::error::ErrorKind::ClientClosed,
+    }
+}
+
 /// What an HTTP/2 client's body stream has ready right now, without waiting, appended to
 /// `out` (up to `limit` bytes, and the rest of the DATA frame that reaches it): whether the
 /// body has ended. The end of the data is not the end while trailers wait (`is_end_stream`
@@ -381,7 +391,7 @@ pub(super) fn take_ready(
                 let _ = body.flow_control().release_capacity(data.len());
                 out.extend_from_slice(&data);
             }
-            Poll::Ready(Some(Err(_))) => return Err(crate::error::ErrorKind::ClientClosed),
+            Poll::Ready(Some(Err(e))) => return Err(body_error(&e)),
             Poll::Ready(None) => return Ok(body.is_end_stream()),
             Poll::Pending => return Ok(false),
         }
@@ -571,9 +581,7 @@ impl H2Stream {
                 }
             }
             Some(Err(e)) => {
-                // h2 reset the stream for a malformed request (its DATA against its
-                // `content-length`, RFC 9113 8.1.1): a bad request, not the client leaving.
-                self.malformed |= e.is_library();
+                self.malformed |= body_error(&e) == crate::error::ErrorKind::BadRequest;
                 return Err(io::Error::other(e));
             }
             None => {
@@ -1598,7 +1606,9 @@ impl ClientStream for H2Stream {
         for _ in 0..64 {
             match body.poll_data(&mut cx) {
                 Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => return e.is_library(),
+                Poll::Ready(Some(Err(e))) => {
+                    return body_error(&e) == crate::error::ErrorKind::BadRequest
+                }
                 _ => return false,
             }
         }

@@ -435,18 +435,6 @@ async fn handle<S: ClientStream>(
             }
         }
     }
-    if ambiguous {
-        // Which route's policies hold would depend on how the upstream reads the path: a
-        // bad request, before any policy counts it.
-        if req.logging() {
-            req.client_ip = policy::client_ip(&snap.policies, &down.buf, head, peer.ip);
-        }
-        req.capture_head(ctx, &down.buf, head);
-        req.fail(ErrorKind::BadRequest);
-        return down
-            .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
-            .await;
-    }
     let p = &snap.policies;
     let screened = match route {
         Some(r) => !r.policies.is_empty(),
@@ -521,6 +509,16 @@ async fn handle<S: ClientStream>(
             .respond(ctx, req, head, Reply::Canned(Status::NotFound))
             .await;
     };
+    if ambiguous {
+        // Which route's policies hold would depend on how the upstream reads the path: a
+        // bad request, after the screens and CORS (whose fields it carries), counted in no
+        // rate limit (before: it took their tokens).
+        policy::give_back(&ctx.limiters.borrow(), &mut req.policy);
+        req.fail(ErrorKind::BadRequest);
+        return down
+            .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
+            .await;
+    }
     if let Some(h) = &route.headers {
         // After the policies, whose check starts the request's edits afresh.
         let fields = (head.fields_start, head.fields_end);
@@ -1140,15 +1138,6 @@ async fn proxy<S: ClientStream>(
                 .await;
         }
         Err(err) => {
-            if err.kind == ErrorKind::ClientClosed && down.stream.reset_for_malformed() {
-                // h2 reset the stream itself for a malformed request (seen by the reset's
-                // watch or the body's read): logged as one (400, `bad_request`), as a
-                // malformed head is, though its answer is the reset (before: a 499, the
-                // client taken for gone).
-                req.fail(ErrorKind::BadRequest);
-                req.status = 400;
-                return Next::Cut;
-            }
             if err.kind.side() == Side::Client {
                 // The client's body failed: its own status (408 has no lingering close).
                 return down.fail(req, err.kind).await;
