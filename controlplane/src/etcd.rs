@@ -680,17 +680,18 @@ impl Client {
         // front of it) that takes the watch and never answers is left for the next endpoint
         // (before: up to the stream's 15 minutes, which the stall check, knowing no socket
         // yet, could not cut short).
-        let answer = self.send(
+        // The head as a whole, not only each read of it (the review found one sent a byte at
+        // a time held the watch for minutes).
+        let mut answer = self.send(
             "/v3/watch",
             &json!({"create_request": create}),
             REQUEST_TIMEOUT,
-            None,
+            Some(Instant::now() + REQUEST_TIMEOUT),
             Resend::Yes,
         )?;
-        answer
-            .reader
-            .get_ref()
-            .set_read_timeout(Duration::from_secs(15 * 60))
+        let conn = answer.reader.get_mut();
+        conn.deadline = None;
+        conn.set_read_timeout(Duration::from_secs(15 * 60))
             .map_err(|e| EtcdError::Unavailable(format!("watch: {e}")))?;
         let fd = answer.reader.get_ref().fd();
         Ok(Watch {

@@ -716,11 +716,26 @@ fn open_etcd(
                 format!("file {}", path.display()),
             ),
         };
-        // Seeded as compiled (API keys as their hashes), as every stored config is.
+        // Seeded as compiled (API keys as their hashes), as every stored config is. A data
+        // directory's config was stored by an earlier build: what a rule added since refuses
+        // is let through, said, as at the start of a node on that directory (before: such a
+        // directory could not be seeded until fixed by hand).
         let mut check = seed;
         keys::load(dir, &mut check);
-        let compiled = compile_new(check, 1)
-            .map_err(|e| OpenError::Invalid(format!("{what}: invalid config: {e}")))?;
+        let invalid = |e: ConfigError| OpenError::Invalid(format!("{what}: invalid config: {e}"));
+        let compiled = match args.seed_from.is_some() {
+            true => {
+                let (compiled, notes) = Snapshot::compile_stored(check, 1).map_err(invalid)?;
+                for note in notes {
+                    log::warn!(
+                        "{what}: {note} (allowed by the build that stored it; a write through \
+                         the API must fix it)"
+                    );
+                }
+                compiled
+            }
+            false => compile_new(check, 1).map_err(invalid)?,
+        };
         Ok(Seed {
             config: shared_settings(&compiled.config),
             keys,

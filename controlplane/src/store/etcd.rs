@@ -396,6 +396,27 @@ impl EtcdStore {
         // deleted by hand), and two nodes may seed it at the same moment: the id is claimed
         // first all the same.
         store.claim_node_id(successor)?;
+        match store.fill_empty(kept, seed, explicit, origin) {
+            Ok(()) => Ok(store),
+            Err(e) => {
+                // Its record goes with it (before: it stood for the record's TTL, a live node
+                // to the others, holding what its listeners use).
+                store.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    /// Fills a store that holds no config, once this node's record is claimed: with the
+    /// newest revision its history `kept`, else with the `seed` (see [`EtcdStore::open`]).
+    fn fill_empty(
+        &mut self,
+        kept: Option<StoredRevision>,
+        seed: impl FnOnce() -> Result<Seed, OpenError>,
+        explicit: bool,
+        origin: SeedOrigin,
+    ) -> Result<(), OpenError> {
+        let url = self.client.url().redacted();
         // No config, but the history is there (the config key deleted by hand): no empty
         // store, and this node's file would replace what every node serves. The newest
         // revision kept is written again, numbered on.
@@ -404,38 +425,47 @@ impl EtcdStore {
                 "revision {} again ({url} held no config, but its history)",
                 restored.revision
             );
-            store.highest = store.highest.max(restored.revision);
-            match store.commit(restored.config, &what, &[]) {
+            self.highest = self.highest.max(restored.revision);
+            match self.commit(restored.config, &what, &[]) {
                 Ok(rev) => log::warn!("config store: wrote {what} as revision {rev}"),
                 Err(StoreError::Conflict) => {}
                 Err(e) => return Err(OpenError::Failed(format!("cannot restore {url}: {e}"))),
             }
-            return Ok(store);
+            return Ok(());
         }
         let seed = seed()?;
-        let merged = merge(&store.node, &seed.config);
-        match store.commit(merged, &seed.what, &seed.keys) {
+        let merged = merge(&self.node, &seed.config);
+        match self.commit(merged, &seed.what, &seed.keys) {
             Ok(rev) => log::info!("seeded {url} with {} as revision {rev}", seed.what),
             // Another node seeded it at the same moment: that config stands, and this node
             // is one that found it (before, a --seed-from that lost went on quietly).
             Err(StoreError::Conflict) => {
-                store.refresh().map_err(|e| {
+                self.refresh().map_err(|e| {
                     OpenError::Failed(format!("cannot read the config from {url}: {e}"))
                 })?;
                 if explicit {
                     return Err(OpenError::Invalid(format!(
                         "{url} was seeded by another node at the same moment (config revision \
                          {}); --seed-from copies into an empty store only",
-                        store.revision
+                        self.revision
                     )));
                 }
                 if let SeedOrigin::NodeFile { has_shared: true } = origin {
-                    store.shared_ignored();
+                    self.shared_ignored();
                 }
             }
             Err(e) => return Err(OpenError::Failed(format!("cannot seed {url}: {e}"))),
         }
-        Ok(store)
+        Ok(())
+    }
+
+    /// Lets go of this node's record (its lease revoked): a start that fails after claiming
+    /// it.
+    pub fn abandon(&mut self) {
+        if self.lease != 0 {
+            let _ = self.client.revoke(self.lease);
+            self.lease = 0;
+        }
     }
 
     /// Warns that the node file's shared resources were not used: the store holds a config.

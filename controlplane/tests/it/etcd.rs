@@ -787,6 +787,44 @@ fn seed_from_copies_a_data_directory_once() {
 }
 
 #[test]
+fn seed_from_takes_a_directory_an_earlier_build_stored_as_its_start_would() {
+    // A data directory written by a build whose rules were looser (a 204 with a body): a
+    // node starts on it, and it can be seeded into etcd as it is, what a newer rule refuses
+    // left out and said (before: "invalid config", exit 2, until fixed by hand).
+    let etcd = Etcd::start();
+    let dir = temp_dir("seed-looser");
+    let data = dir.join("data");
+    let config = common::parse_config(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [[routes]]\nid = \"nc\"\npath = \"/nc\"\nrespond = { status = 204, body = \"x\" }\n",
+        common::Format::Toml,
+    )
+    .unwrap();
+    assert!(
+        common::Snapshot::compile(config.clone(), 1).is_err(),
+        "strict today"
+    );
+    controlplane::store::LocalStore::create(&data, config, "an earlier build").unwrap();
+    let a = Gateway::start_with(
+        &node_file("a", "", ""),
+        Driver::IoUring,
+        &[
+            "--store",
+            &etcd.url("t3s"),
+            "--seed-from",
+            data.to_str().unwrap(),
+        ],
+    );
+    let r = a.connect().roundtrip("GET /nc HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.body.len()), (204, 0), "{}", r.head);
+    let warned = a.wait_log("respond.body", Duration::from_secs(5));
+    assert!(
+        warned.contains("a write through the API must fix it"),
+        "{warned}"
+    );
+}
+
+#[test]
 fn tls_and_credentials_to_etcd() {
     let etcd = Etcd::start_tls();
     // Authentication on, with a root user.
