@@ -514,12 +514,28 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         let at = format!("listeners[{i}].policies");
-        let mut ids = resolve(&l.policies, &at)?;
-        if let Some(j) = ids.iter().position(|p| !unrouted(p)) {
-            return Err(ConfigError::field(
-                format!("{at}[{j}]"),
-                "a listener can only have ip_filter and domain policies (the others need a route)",
-            ));
+        let mut ids: Vec<u16> = Vec::with_capacity(l.policies.len());
+        for (j, id) in l.policies.iter().enumerate() {
+            let field = format!("{at}[{j}]");
+            let Some(&p) = policy_index.get(id.as_str()) else {
+                // A node file checked alone leaves those it does not define to the store.
+                if crate::validate::from_store(&field, id) {
+                    continue;
+                }
+                return Err(ConfigError::field(field, format!("unknown policy {id:?}")));
+            };
+            if ids.contains(&p) {
+                let why = format!("policy {id:?} is listed twice");
+                return Err(ConfigError::field(field, why));
+            }
+            if !unrouted(&p) {
+                return Err(ConfigError::field(
+                    field,
+                    "a listener can only have ip_filter and domain policies (the others need a \
+                     route)",
+                ));
+            }
+            ids.push(p);
         }
         ids.sort_by_key(|&p| list[p as usize].stage);
         listeners.push(ids.into_boxed_slice());

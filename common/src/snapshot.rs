@@ -541,6 +541,18 @@ impl Snapshot {
     /// the etcd store's): rules added since give way instead of keeping the gateway from
     /// starting on its own state. Returns, beside the snapshot, what they let through (to
     /// log); a write through the API is held to them.
+    /// Compiles a node file alone, as `gateway validate --node` checks it: what its
+    /// listeners name and it does not define is left to the store (see
+    /// [`crate::validate::from_store`]), and returned.
+    pub fn compile_node_file(
+        config: Config,
+        revision: u64,
+    ) -> Result<(Snapshot, Vec<String>), ConfigError> {
+        let (compiled, notes) =
+            crate::validate::compiling_node_file(|| Snapshot::compile(config, revision));
+        compiled.map(|s| (s, notes))
+    }
+
     pub fn compile_stored(
         config: Config,
         revision: u64,
@@ -1005,6 +1017,9 @@ fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
                         ));
                     }
                     let Some(c) = certs.iter().find(|c| c.id == *id) else {
+                        if crate::validate::from_store(&field, id) {
+                            continue;
+                        }
                         return Err(ConfigError::field(
                             field,
                             format!("no certificate has id {id:?}"),

@@ -36,6 +36,8 @@ pub(crate) fn first_repeat<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option
 }
 
 std::thread_local! {
+    /// Set while a node file is checked on its own (see [`from_store`]).
+    static NODE_FILE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Set while a config stored by an earlier build is compiled (see [`tolerated`]).
     static STORED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// What such a compile let through, for the caller to log.
@@ -50,6 +52,26 @@ pub(crate) fn compiling_stored<T>(compile: impl FnOnce() -> T) -> (T, Vec<String
     let out = compile();
     STORED.with(|s| s.set(false));
     (out, NOTES.with(|n| std::mem::take(&mut *n.borrow_mut())))
+}
+
+/// Runs `compile` on a node file alone (`gateway validate --node`): the policies and
+/// certificates its listeners name and it does not define are the store's, which a start
+/// with `--store` adds (see [`from_store`]). Returns those left unchecked.
+pub(crate) fn compiling_node_file<T>(compile: impl FnOnce() -> T) -> (T, Vec<String>) {
+    NODE_FILE.with(|s| s.set(true));
+    let out = compile();
+    NODE_FILE.with(|s| s.set(false));
+    (out, NOTES.with(|n| std::mem::take(&mut *n.borrow_mut())))
+}
+
+/// Whether the reference at `at` to `id`, which the config does not define, is left to the
+/// store (a node file checked alone), noting it; `false` otherwise (an unknown id).
+pub(crate) fn from_store(at: &str, id: &str) -> bool {
+    if !NODE_FILE.with(std::cell::Cell::get) {
+        return false;
+    }
+    NOTES.with(|n| n.borrow_mut().push(format!("{at} {id:?}")));
+    true
 }
 
 /// Whether a rule added in a later build gives way for the config being compiled (one stored

@@ -10,7 +10,7 @@ usage: gateway [--config FILE] [--data-dir DIR] [--replace-state] [--workers N]
                [--io-driver auto|epoll]
        gateway --store etcd[s]://[USER:PASSWORD@]HOST:PORT[,...]/PREFIX
                --config NODE_FILE [--seed-from DIR] [--data-dir DIR] ...
-       gateway validate FILE | --check FILE
+       gateway validate [--node] FILE | --check [--node] FILE
        gateway --help | --version
 Try 'gateway --help' for the manual.";
 
@@ -71,6 +71,10 @@ OPTIONS
     validate FILE, --check FILE
         Validate FILE as the gateway would at start and exit: 0 valid, 2
         invalid with the offending field named.
+    validate --node FILE
+        FILE is a node file (for --store): the policies and certificates its
+        listeners name and it does not define are the store's, left
+        unchecked and named.
     --help, -h
         This manual.
     --version, -V
@@ -114,7 +118,8 @@ EXAMPLES
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Run(RunArgs),
-    Check(PathBuf),
+    /// The file, and whether it is a node file (`--node`).
+    Check(PathBuf, bool),
     Help,
     Version,
 }
@@ -139,6 +144,7 @@ pub struct RunArgs {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     let mut run = RunArgs::default();
     let mut check = None;
+    let mut node = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -155,7 +161,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         // the bare flag: that one would replace the stored config.
         let bare = matches!(
             flag.as_str(),
-            "-h" | "--help" | "-V" | "--version" | "--replace-state"
+            "-h" | "--help" | "-V" | "--version" | "--replace-state" | "--node"
         );
         if bare && inline.is_some() {
             return Err(format!("{flag} takes no value (got {arg:?})"));
@@ -164,8 +170,17 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "-c" | "--config" => run.config = Some(PathBuf::from(value("--config")?)),
-            "--check" => check = Some(PathBuf::from(value("--check")?)),
-            "validate" => check = Some(PathBuf::from(value("validate")?)),
+            "--check" | "validate" => {
+                let name = flag.clone();
+                let mut file = value(&name)?;
+                // `validate --node FILE`, the flag before the file.
+                if file == "--node" {
+                    node = true;
+                    file = value(&name)?;
+                }
+                check = Some(PathBuf::from(file));
+            }
+            "--node" => node = true,
             "--data-dir" => run.data_dir = Some(PathBuf::from(value("--data-dir")?)),
             "--replace-state" => run.replace_state = true,
             "--store" => run.store = Some(value("--store")?),
@@ -236,8 +251,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         return Err("--store needs --config NODE_FILE (with [cluster] node_id)".to_owned());
     }
     match check {
-        Some(path) if run == RunArgs::default() => Ok(Command::Check(path)),
-        Some(_) => Err("--check takes no other option".to_owned()),
+        Some(path) if run == RunArgs::default() => Ok(Command::Check(path, node)),
+        Some(_) => Err("--check takes no other option but --node".to_owned()),
+        None if node => Err("--node is for validate (or --check)".to_owned()),
         None => Ok(Command::Run(run)),
     }
 }
@@ -261,10 +277,20 @@ mod tests {
                 ..RunArgs::default()
             }))
         );
-        assert_eq!(p(&["--check=g.toml"]), Ok(Command::Check("g.toml".into())));
+        assert_eq!(
+            p(&["--check=g.toml"]),
+            Ok(Command::Check("g.toml".into(), false))
+        );
+        for args in [
+            ["validate", "--node", "g.toml"],
+            ["validate", "g.toml", "--node"],
+        ] {
+            assert_eq!(p(&args), Ok(Command::Check("g.toml".into(), true)));
+        }
+        assert!(p(&["--node"]).is_err());
         assert_eq!(
             p(&["validate", "g.toml"]),
-            Ok(Command::Check("g.toml".into()))
+            Ok(Command::Check("g.toml".into(), false))
         );
         assert!(p(&["validate"]).is_err());
         assert_eq!(

@@ -74,61 +74,62 @@ fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
     }
 }
 
-/// A node file's listeners without the policies and certificates it does not define, which
-/// a start with `--store` takes from the store (the shared config); each left out, as
-/// `listeners[N].policies[M] "id"`. Any other file as it is.
-fn without_store_references(mut config: Config) -> (Config, Vec<String>) {
-    let mut notes = Vec::new();
-    if config.cluster.is_none() {
-        return (config, notes);
-    }
-    let policies: Vec<String> = config.policies.iter().map(|p| p.id().to_owned()).collect();
-    let certificates: Vec<String> = config.certificates.iter().map(|c| c.id.clone()).collect();
-    for (i, l) in config.listeners.iter_mut().enumerate() {
-        for (j, id) in l.policies.iter().enumerate() {
-            if !policies.contains(id) {
-                notes.push(format!("listeners[{i}].policies[{j}] {id:?}"));
-            }
-        }
-        l.policies.retain(|id| policies.contains(id));
-        let tls_from_store = l
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.certificates.iter().any(|id| !certificates.contains(id)));
-        if tls_from_store {
-            notes.push(format!(
-                "listeners[{i}].tls (certificates {:?})",
-                l.tls
-                    .as_ref()
-                    .map(|t| &t.certificates)
-                    .unwrap_or(&Vec::new())
-            ));
-            l.tls = None;
-        }
-    }
-    (config, notes)
+/// For an unknown listener policy or certificate: that a node file's, taken from the store,
+/// is checked with `validate --node`.
+fn config_hint(e: &ConfigError) -> Option<String> {
+    let dangling = e.path().starts_with("listeners[")
+        && (e.path().contains(".policies[") || e.path().contains(".tls.certificates["));
+    dangling.then(|| {
+        "(a node file, whose listeners name what the store holds? check it with \
+         `gateway validate --node FILE`)"
+            .to_owned()
+    })
 }
 
-/// `gateway --check FILE`: validates and reports; returns the exit code. A node file (with
-/// `[cluster]`) is checked but for what its listeners take from the store, which it says.
-pub fn check(path: &Path) -> i32 {
+/// `gateway --check FILE`: validates and reports; returns the exit code. With `node` (a node
+/// file, for a start with `--store`), the policies and certificates its listeners name and
+/// it does not define are left to the store, and named.
+pub fn check(path: &Path, node: bool) -> i32 {
     let source = ConfigSource::File(path.to_owned());
-    let (config, from_store) = match read_config(&source) {
-        Ok(c) => without_store_references(c),
+    let config = match read_config(&source) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("{}: invalid config: {e}", path.display());
             return EXIT_INVALID;
         }
     };
-    if !from_store.is_empty() {
+    if node && config.cluster.is_none() {
         eprintln!(
-            "{}: a node file: not checked here, as a start with --store takes them from the \
-             store: {}",
-            path.display(),
-            from_store.join(", ")
+            "{}: invalid config: cluster: a node file needs [cluster] node_id",
+            path.display()
         );
+        return EXIT_INVALID;
     }
-    let loaded = compile_new(config, 1);
+    let loaded = match node {
+        false => compile_new(config, 1).map_err(|e| {
+            // A dangling listener reference in a node file: the store's, if that is one.
+            let hint = config_hint(&e);
+            (e, hint)
+        }),
+        true => Snapshot::compile_node_file(config, 1)
+            .and_then(|(s, from_store)| {
+                if !from_store.is_empty() {
+                    eprintln!(
+                        "{}: not checked here, as a start with --store takes them from the \
+                         store: {}",
+                        path.display(),
+                        from_store.join(", ")
+                    );
+                }
+                s.refuse_newly_expired(None, std::time::SystemTime::now())?;
+                Ok(s)
+            })
+            .map_err(|e| (e, None)),
+    };
+    let (loaded, hint) = match loaded {
+        Ok(s) => (Ok(s), None),
+        Err((e, hint)) => (Err(e), hint),
+    };
     // What the start refuses too: a malformed token in the environment (the config's own
     // comes first), a driver it does not know...
     let setup = loaded.as_ref().ok().and_then(|s| {
@@ -186,6 +187,9 @@ pub fn check(path: &Path) -> i32 {
         },
         Err(e) => {
             eprintln!("{}: invalid config: {e}", path.display());
+            if let Some(hint) = hint {
+                eprintln!("{}: {hint}", path.display());
+            }
             EXIT_INVALID
         }
     }

@@ -109,7 +109,7 @@ fn main() {
             println!("gateway {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Command::Check(path)) => controlplane::check(&path),
+        Ok(Command::Check(path, node)) => controlplane::check(&path, node),
         Ok(Command::Run(args)) => controlplane::run(args),
         Err(e) => {
             eprintln!("gateway: {e}\n{SYNOPSIS}");

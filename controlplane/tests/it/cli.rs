@@ -72,31 +72,54 @@ fn check_and_run_refuse_an_invalid_file_naming_the_field() {
 #[test]
 fn check_takes_a_node_file_whose_listeners_name_what_the_store_holds() {
     // A node file's listener policies and certificates live in the store (the shared
-    // config): `validate` says it does not check those, and checks the rest (before: exit 2
-    // for `unknown policy`, a file the same binary starts with --store).
+    // config): `validate --node` says it does not check those, and checks the rest (before:
+    // exit 2 for `unknown policy`, a file the same binary starts with --store).
     let node = "[cluster]\nnode_id = \"n1\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
                 policies = [\"ipf\"]\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
                 tls = { certificates = [\"api\"] }\n";
     let f = write("node.toml", node);
-    let (code, out, err) = gateway(&["validate", &f]);
+    let (code, out, err) = gateway(&["validate", "--node", &f]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("OK (2 listener(s)"), "{out}");
     assert!(
         err.contains("listeners[0].policies[0] \"ipf\"")
-            && err.contains("listeners[1].tls (certificates [\"api\"])"),
+            && err.contains("listeners[1].tls.certificates[0] \"api\""),
         "{err}"
     );
-    // The rest is checked all the same.
-    let f = write(
-        "node-bad.toml",
-        &format!("{node}[admin]\nlisten = \"nonsense\"\n"),
-    );
+    // Without --node it is checked as the start without --store would, and told how.
     let (code, _, err) = gateway(&["validate", &f]);
     assert_eq!(code, Some(2), "{err}");
-    // Outside a node file, a dangling listener policy is the error it is at start.
+    assert!(err.contains("validate --node"), "{err}");
+    // The rest is checked all the same: the listener's TLS settings, a policy of the wrong
+    // kind named at its own place in the list (the review found the tls block skipped
+    // whole, and the fields renumbered).
+    let cases = [
+        (
+            "tls = { certificates = [\"api\"], min_version = \"1.1\" }",
+            "tls.min_version",
+        ),
+        (
+            "tls = { certificates = [\"api\"] }\nh2c = true",
+            "listeners[0].h2c",
+        ),
+        ("policies = [\"ipf\", \"rl\"]", "listeners[0].policies[1]"),
+    ];
+    for (listener, field) in cases {
+        let text = format!(
+            "[cluster]\nnode_id = \"n1\"\n[[policies]]\nid = \"rl\"\nkind = \"rate_limit\"\n\
+             rate = 10\n[[listeners]]\naddress = \"127.0.0.1:0\"\n{listener}\n"
+        );
+        let f = write("node-bad.toml", &text);
+        let (code, _, err) = gateway(&["validate", "--node", &f]);
+        assert_eq!(code, Some(2), "{listener}: {err}");
+        assert!(err.contains(field), "{listener}: {err}");
+    }
+    // A file with [cluster] for Redis limits alone is no node file unless said: a dangling
+    // listener policy is the error it is at its start.
     let f = write(
-        "plain.toml",
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\npolicies = [\"ipf\"]\n",
+        "single.toml",
+        "[cluster]\nnode_id = \"gw-1\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         policies = [\"ipf\"]\n",
     );
     let (code, _, err) = gateway(&["validate", &f]);
     assert_eq!(code, Some(2));
