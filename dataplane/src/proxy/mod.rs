@@ -1118,9 +1118,16 @@ async fn proxy<S: ClientStream>(
     // the answer's wait, a retry's backoff): a client that opens and resets streams by the
     // hundred (rapid reset) would otherwise keep as many upstream connects and requests
     // running (before: only the answer's wait watched the reset).
-    let run = connector.run(req, &mut slot, attempt, |r| r.status);
-    let ran = http2::until_reset(reset.as_ref(), run).await;
-    let ran = ran.unwrap_or_else(|| Err(ErrorKind::ClientClosed.into()));
+    // A whole connection's exchange is awaited where it is: moved into the race, its large
+    // future would be copied for every request (about 800 instructions).
+    let ran = match S::WHOLE_CONNECTION {
+        true => connector.run(req, &mut slot, attempt, |r| r.status).await,
+        false => {
+            let run = connector.run(req, &mut slot, attempt, |r| r.status);
+            let ran = http2::until_reset(reset.as_ref(), run).await;
+            ran.unwrap_or_else(|| Err(ErrorKind::ClientClosed.into()))
+        }
+    };
     let resp = match ran {
         Ok(resp) => resp,
         Err(err) if err.kind.reason().is_some() => {
