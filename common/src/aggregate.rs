@@ -563,13 +563,16 @@ fn compile_step(
             ));
         }
         let lower = h.to_ascii_lowercase();
+        // Spelled with `_` too, which CGI-style upstreams read as `-` (`X_Forwarded_For` is
+        // their `X-Forwarded-For`).
+        let canon = lower.replace('_', "-");
         // Every `X-Forwarded-*` field says where the request came from, which only the
         // gateway may tell (`-Port`, `-Prefix`, `-Server` as much as `-For`).
-        let refused = if HOP_OR_GATEWAY_FIELDS.contains(&lower.as_str())
-            || lower.starts_with("x-forwarded-")
+        let refused = if HOP_OR_GATEWAY_FIELDS.contains(&canon.as_str())
+            || canon.starts_with("x-forwarded-")
         {
             Some(format!("{h:?} is set by the gateway itself"))
-        } else if PART_OR_CONDITION_FIELDS.contains(&lower.as_str()) {
+        } else if PART_OR_CONDITION_FIELDS.contains(&canon.as_str()) {
             Some(format!(
                 "{h:?} asks for part of an answer or for none (206, 304, 412), but a step's \
                  answer is merged whole"
@@ -651,7 +654,7 @@ const PART_OR_CONDITION_FIELDS: [&str; 6] = [
 
 /// Fields a step's request gets from the gateway, or that say where the request came from
 /// (which only the gateway may tell), never copied from the client.
-const HOP_OR_GATEWAY_FIELDS: [&str; 25] = [
+const HOP_OR_GATEWAY_FIELDS: [&str; 27] = [
     "host",
     "content-length",
     "content-type",
@@ -677,6 +680,10 @@ const HOP_OR_GATEWAY_FIELDS: [&str; 25] = [
     "x-real-ip",
     "http2-settings",
     "via",
+    // Path overrides IIS and Symfony-style frameworks take from a proxy: another path than
+    // the step's.
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 fn check_cycles(steps: &[Step], at: &str) -> Result<(), ConfigError> {

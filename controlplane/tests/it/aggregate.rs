@@ -2088,10 +2088,17 @@ fn validation_refuses_what_cannot_work() {
     // Fields that say where the request came from are the gateway's to set.
     // Every X-Forwarded-* field (before, -Port and -Prefix were copied from the client).
     let forwarding = ["Forwarded", "X-Real-IP", "Via", "HTTP2-Settings"];
-    for field in forwarding
-        .iter()
-        .chain(&["X-Forwarded-Port", "x-forwarded-prefix"])
-    {
+    // Spelled with `_` too, and the path overrides (an audit found `X_Forwarded_For`,
+    // `X_Real_IP` and `X-Original-URL` taken).
+    for field in forwarding.iter().chain(&[
+        "X-Forwarded-Port",
+        "x-forwarded-prefix",
+        "X_Forwarded_For",
+        "X_Real_IP",
+        "X-Original-URL",
+        "X_Rewrite_URL",
+        "If_Match",
+    ]) {
         let e = check(&format!("[[aggregates]]\nid = \"a\"\n[[aggregates.steps]]\nid = \"s\"\nupstream = \"catalog\"\npath = \"/x\"\npass_headers = [\"{field}\"]\n"));
         assert!(e.contains("pass_headers[0]"), "{field}: {e}");
     }
