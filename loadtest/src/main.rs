@@ -337,7 +337,8 @@ fn which(tool: &str) -> Option<PathBuf> {
 
 fn build_gateway() -> Result<PathBuf> {
     let root = workspace_root();
-    let status = std::process::Command::new(env!("CARGO"))
+    // Stopped with the harness too (a signal during the build).
+    let status = procs::command(env!("CARGO"))
         .args([
             "build",
             "--release",
