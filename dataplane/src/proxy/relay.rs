@@ -612,25 +612,26 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     // read is a 502, not relayed with every member it should have removed. Nor by JSON under
     // another type (an upstream that labels its JSON text/plain, or not at all): an answer
     // not declared JSON is told by its body's first byte, unless it is compressed (asked
-    // for identity, the upstream sent it anyway), an event stream (relayed as it comes) or
-    // media no JSON is sent as (images, archives: a HEAD, which has no body to tell by, then
-    // gets what its GET does).
+    // for identity, the upstream sent it anyway) or an event stream (relayed as it comes).
     let filters = !shape.allow.is_empty() || !shape.deny.is_empty();
     let declared = fields.content_type.is_some_and(is_json_type);
     let sniff = filters
         && !declared
         && !fields.encoded
-        && !fields
-            .content_type
-            .is_some_and(|t| is_event_stream(t) || is_binary_type(t));
-    // 206 carries a range of the body, 204 and 205 none (RFC 9110 15.3.5, 15.3.6): only
-    // whole 2xx bodies are reshaped.
-    let whole = (200..300).contains(&resp.status) && !matches!(resp.status, 204..=206);
+        && !fields.content_type.is_some_and(is_event_stream);
     let length = match (is_head, resp.body) {
         (true, _) => fields.content_length,
         (false, BodyKind::Length(n)) => Some(n),
+        (false, BodyKind::None) => Some(0),
         (false, _) => None,
     };
+    // 206 carries a range of the body, 204 none (RFC 9110 15.3.5); a 205 must have none
+    // either (15.3.6): one known empty is relayed as it is, one whose framing may carry
+    // content is read as a 200's is (empty, it is relayed as it is; with content, that
+    // goes through the filter). Only whole 2xx bodies are reshaped.
+    let whole = (200..300).contains(&resp.status)
+        && !matches!(resp.status, 204 | 206)
+        && !(resp.status == 205 && length == Some(0));
     let over = length.is_some_and(|n| n > shape.max_bytes as u64);
     let skip = if !whole {
         Some(SkipReason::Status)
@@ -640,13 +641,17 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         Some(SkipReason::Compressed)
     } else if declared && over {
         Some(SkipReason::TooLarge)
-    } else if is_head && over {
-        // A type told by the body, over `max_bytes`: its GET is never reshaped, but relayed
-        // as it is (or, its body JSON, a 502 no head can foretell).
+    } else if is_head && (over || fields.content_type.is_some_and(is_binary_type)) {
+        // A type told by the body, over `max_bytes` (its GET is never reshaped, but relayed
+        // as it is, or, its body JSON, a 502 no head can foretell), or media no JSON is
+        // sent as (its GET's body, looked at, is not JSON but where mislabelled).
         Some(SkipReason::NotJson)
-    } else if declared && length == Some(0) {
-        // Nothing to read as JSON.
-        Some(SkipReason::InvalidJson)
+    } else if length == Some(0) {
+        // Nothing to read as JSON: a 502 where a filter wants it to be (a JSON type).
+        Some(match declared {
+            true => SkipReason::InvalidJson,
+            false => SkipReason::NotJson,
+        })
     } else {
         None
     };
@@ -663,18 +668,13 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
             metrics.transform_skipped(reason);
         }
         // A 206 to a request sent without `Range` breaks the protocol, and a part of a body
-        // cannot be filtered: not relayed with what the filter is there to remove. Nor a 205
-        // with content, which it must not have (RFC 9110 15.3.6).
+        // cannot be filtered: not relayed with what the filter is there to remove.
         let partial = resp.status == 206;
-        let content = match (is_head, resp.body) {
-            (true, _) => length.is_some_and(|n| n > 0),
-            (false, b) => !matches!(b, BodyKind::None | BodyKind::Length(0)),
-        };
         let unread = matches!(
             reason,
             SkipReason::Compressed | SkipReason::TooLarge | SkipReason::InvalidJson
         );
-        if filters && (partial || (resp.status == 205 && content) || unread) {
+        if filters && (partial || unread) {
             req.filter_refused = true;
             return Err(ErrorKind::UpstreamMalformed.into());
         }
@@ -722,6 +722,9 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
             &wire[head_end..]
         };
         match json::parse(content) {
+            // A 205 (or a sniffed answer) that turned out empty: nothing in it to filter.
+            Err(_) if content.is_empty() && !declared => Err(SkipReason::NotJson),
+            Err(_) if content.is_empty() && resp.status == 205 => Err(SkipReason::Status),
             Err(_) => Err(SkipReason::InvalidJson),
             Ok(v) => match json::apply(shape, v) {
                 Ok(v) => {
@@ -739,7 +742,7 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         Ok(body) => body,
         Err(reason) => {
             metrics.transform_skipped(reason);
-            if filters {
+            if filters && !matches!(reason, SkipReason::Status | SkipReason::NotJson) {
                 conn.buf = Vec::with_capacity(UPSTREAM_READ);
                 req.filter_refused = true;
                 return Err(ErrorKind::UpstreamMalformed.into());
