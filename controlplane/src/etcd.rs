@@ -242,47 +242,85 @@ impl StoreUrl {
     }
 }
 
-/// A connection to one endpoint, plain or TLS, and when reading from it must stop.
+/// A connection to one endpoint, plain or TLS.
 #[derive(Debug)]
 struct Conn {
     io: ConnIo,
-    /// A call's answer must be read whole by then: each read has its own timeout, and an
-    /// endpoint that sent a little at a time would otherwise hold the call (and the store's
-    /// lock around it) for good. `None` for a watch, which streams for as long as it runs.
-    deadline: Option<Instant>,
 }
 
 #[derive(Debug)]
 enum ConnIo {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Plain(Sock),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Sock>>),
+}
+
+/// The socket under a connection, and when reading from it must stop.
+#[derive(Debug)]
+struct Sock {
+    stream: TcpStream,
+    /// A call's answer must be read whole by then: each read has its own timeout, and an
+    /// endpoint that sent a little at a time would otherwise hold the call (and the store's
+    /// lock around it) for good. Looked at by every read of the socket, so that a TLS
+    /// record trickled a byte at a time (which rustls reads in as many socket reads) is cut
+    /// short too. `None` for a watch's stream, which runs for as long as it runs.
+    deadline: Option<Instant>,
+    /// Each read's own timeout.
+    timeout: Duration,
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "answer not whole in time",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left.min(self.timeout)))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 impl Conn {
-    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
-        match &self.io {
-            ConnIo::Plain(s) => s.set_read_timeout(Some(timeout)),
-            ConnIo::Tls(s) => s.sock.set_read_timeout(Some(timeout)),
+    fn sock(&mut self) -> &mut Sock {
+        match &mut self.io {
+            ConnIo::Plain(s) => s,
+            ConnIo::Tls(s) => &mut s.sock,
         }
+    }
+
+    /// From now on, reads without a deadline, each within `timeout` (a watch's stream).
+    fn stream_on(&mut self, timeout: Duration) -> io::Result<()> {
+        let sock = self.sock();
+        sock.deadline = None;
+        sock.timeout = timeout;
+        sock.stream.set_read_timeout(Some(timeout))
     }
 
     fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match &self.io {
-            ConnIo::Plain(s) => s.as_raw_fd(),
-            ConnIo::Tls(s) => s.sock.as_raw_fd(),
+            ConnIo::Plain(s) => s.stream.as_raw_fd(),
+            ConnIo::Tls(s) => s.sock.stream.as_raw_fd(),
         }
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "answer not whole in time",
-            ));
-        }
         match &mut self.io {
             ConnIo::Plain(s) => s.read(buf),
             ConnIo::Tls(s) => s.read(buf),
@@ -314,6 +352,15 @@ pub struct Kv {
     pub mod_revision: i64,
     /// The lease the key is bound to (0: none).
     pub lease: i64,
+}
+
+/// When a call's answer must have come (see [`Sock::deadline`]).
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    /// Whichever endpoint answers.
+    At(Instant),
+    /// This long at each endpoint tried.
+    EachEndpoint(Duration),
 }
 
 /// A connection-less client: each call opens its own connection.
@@ -456,7 +503,7 @@ impl Client {
 
     fn call_once(&mut self, path: &str, body: &Value, resend: Resend) -> Result<Value, EtcdError> {
         let within = Instant::now() + CALL_WITHIN;
-        let answer = self.send(path, body, REQUEST_TIMEOUT, Some(within), resend)?;
+        let answer = self.send(path, body, REQUEST_TIMEOUT, Deadline::At(within), resend)?;
         let lost = |m: String| match resend {
             Resend::Yes => EtcdError::Unavailable(m),
             Resend::No => EtcdError::Unknown(m),
@@ -488,7 +535,7 @@ impl Client {
         path: &str,
         body: &Value,
         timeout: Duration,
-        deadline: Option<Instant>,
+        deadline: Deadline,
         resend: Resend,
     ) -> Result<Answer, EtcdError> {
         let body = serde_json::to_vec(body).map_err(|e| EtcdError::Refused(e.to_string()))?;
@@ -498,6 +545,10 @@ impl Client {
             let at = (self.preferred + i) % n;
             let endpoint = &self.url.endpoints[at];
             let mut sent = false;
+            let deadline = match deadline {
+                Deadline::At(at) => at,
+                Deadline::EachEndpoint(within) => Instant::now() + within,
+            };
             match self.send_to(endpoint, path, &body, timeout, deadline, &mut sent) {
                 Ok(s) => {
                     self.preferred = at;
@@ -521,7 +572,7 @@ impl Client {
         path: &str,
         body: &[u8],
         timeout: Duration,
-        deadline: Option<Instant>,
+        deadline: Instant,
         sent: &mut bool,
     ) -> io::Result<Answer> {
         let mut last = io::Error::other("no address");
@@ -540,6 +591,11 @@ impl Client {
                          application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
                         body.len()
                     );
+                    let sock = Sock {
+                        stream,
+                        deadline: Some(deadline),
+                        timeout,
+                    };
                     let io = match &self.tls {
                         Some(config) => {
                             let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
@@ -548,11 +604,11 @@ impl Client {
                                 .map_err(|e| io::Error::other(format!("{host}: {e}")))?;
                             let tls = rustls::ClientConnection::new(config.clone(), name)
                                 .map_err(io::Error::other)?;
-                            ConnIo::Tls(Box::new(rustls::StreamOwned::new(tls, stream)))
+                            ConnIo::Tls(Box::new(rustls::StreamOwned::new(tls, sock)))
                         }
-                        None => ConnIo::Plain(stream),
+                        None => ConnIo::Plain(sock),
                     };
-                    let mut conn = Conn { io, deadline };
+                    let mut conn = Conn { io };
                     conn.write_all(head.as_bytes())?;
                     conn.write_all(body)?;
                     conn.flush()?;
@@ -676,22 +732,22 @@ impl Client {
         // Progress notifications every ~10 minutes keep idle connections alive; the read
         // timeout below is longer than etcd's default progress interval.
         create["progress_notify"] = json!(true);
-        // The answer's head within a request's time, as any call's: a member (or a proxy in
-        // front of it) that takes the watch and never answers is left for the next endpoint
-        // (before: up to the stream's 15 minutes, which the stall check, knowing no socket
-        // yet, could not cut short).
-        // The head as a whole, not only each read of it (the review found one sent a byte at
-        // a time held the watch for minutes).
+        // The answer's head within a request's time at each endpoint, as a whole (not only
+        // each read of it): a member (or a proxy in front of it) that takes the watch and
+        // never answers, or trickles the head, is left for the next endpoint (before: up to
+        // the stream's 15 minutes, which the stall check, knowing no socket yet, could not
+        // cut short).
         let mut answer = self.send(
             "/v3/watch",
             &json!({"create_request": create}),
             REQUEST_TIMEOUT,
-            Some(Instant::now() + REQUEST_TIMEOUT),
+            Deadline::EachEndpoint(REQUEST_TIMEOUT),
             Resend::Yes,
         )?;
-        let conn = answer.reader.get_mut();
-        conn.deadline = None;
-        conn.set_read_timeout(Duration::from_secs(15 * 60))
+        answer
+            .reader
+            .get_mut()
+            .stream_on(Duration::from_secs(15 * 60))
             .map_err(|e| EtcdError::Unavailable(format!("watch: {e}")))?;
         let fd = answer.reader.get_ref().fd();
         Ok(Watch {
@@ -1035,13 +1091,16 @@ mod tests {
         far.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
         let past = Instant::now() - Duration::from_millis(1);
         let mut conn = Conn {
-            io: ConnIo::Plain(stream),
-            deadline: Some(past),
+            io: ConnIo::Plain(Sock {
+                stream,
+                deadline: Some(past),
+                timeout: REQUEST_TIMEOUT,
+            }),
         };
         let e = conn.read(&mut [0u8; 16]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         // Without one (a watch), the bytes are read.
-        conn.deadline = None;
+        conn.stream_on(REQUEST_TIMEOUT).unwrap();
         assert!(conn.read(&mut [0u8; 16]).unwrap() > 0);
     }
 

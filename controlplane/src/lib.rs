@@ -753,6 +753,19 @@ fn open_etcd(
     Ok(store)
 }
 
+/// The node record a starting node claimed in etcd, revoked (with its lease) if the start
+/// fails before it serves: it would otherwise stand for its TTL as a live node's, holding
+/// what its listeners use (the review of 0b5223f found a failed admin bind leaving it).
+struct Claim(Option<(crate::etcd::Client, i64)>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some((mut client, lease)) = self.0.take().filter(|(_, l)| *l != 0) {
+            let _ = client.revoke(lease);
+        }
+    }
+}
+
 /// `GATEWAY_ADMIN_TOKEN`, when set: refused unless it is at least 16 visible ASCII
 /// characters.
 fn env_admin_token() -> Result<Option<String>, String> {
@@ -863,6 +876,12 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         Some(url) => Store::Etcd(open_etcd(&args, url, &data_dir, successor, &files)?),
         None => Store::Local(open_state(&args, &data_dir, successor, &files)?),
     };
+    // Until it serves, a start that fails lets the node record it claimed go (an upgrade's
+    // successor leaves it to its predecessor, which serves on).
+    let mut claim = Claim(match &store {
+        Store::Etcd(e) if !successor => Some((e.client(), e.lease())),
+        _ => None,
+    });
     let mut stored = store.config().clone();
     if let Store::Etcd(e) = &mut store {
         e.fetch_keys(&stored).map_err(|e| (EXIT_FAILURE, e))?;
@@ -1029,6 +1048,7 @@ fn start(args: RunArgs) -> Result<i32, Fail> {
         }
         None => upgrade::sd_notify("READY=1"),
     }
+    claim.0 = None;
     let handover = Handover {
         origin,
         admin_fd,

@@ -825,6 +825,42 @@ fn seed_from_takes_a_directory_an_earlier_build_stored_as_its_start_would() {
 }
 
 #[test]
+fn a_start_that_fails_after_claiming_its_record_lets_it_go() {
+    // Its admin address taken: the start fails (exit 1) after the node claimed its record,
+    // which goes at once (before: it stood for its 10 s TTL as a live node's).
+    let etcd = Etcd::start();
+    let seeded = node(&etcd, "t9", &node_file("a", "", ""));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = temp_dir("claim-fails");
+    let path = dir.join("node.toml");
+    let admin = format!(
+        "\n[admin]\nlisten = \"{}\"\ntoken = \"test-admin-token-0123456789\"\n",
+        taken.local_addr().unwrap()
+    );
+    std::fs::write(&path, format!("{}{admin}", node_file("z", "", ""))).unwrap();
+    let out = exit_of(
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--store", &etcd.url("t9"), "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.join("data")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("admin API"), "{err}");
+    let records = etcd.values_under("/t9/nodes/");
+    assert!(
+        records.iter().all(|r| !r.contains(r#""id":"z""#)),
+        "{records:?}"
+    );
+    assert!(
+        records.iter().any(|r| r.contains(r#""id":"a""#)),
+        "{records:?}"
+    );
+    drop(seeded);
+}
+
+#[test]
 fn tls_and_credentials_to_etcd() {
     let etcd = Etcd::start_tls();
     // Authentication on, with a root user.
@@ -990,6 +1026,18 @@ fn a_watch_whose_answer_never_comes_is_opened_again_elsewhere() {
     assert_eq!(r.status, 201, "{}", r.body_str());
     let took = wait_serves(&a, "/v", "1", Duration::from_secs(30));
     println!("a served the change {took:?} after it was made, its watch unanswered");
+    // The watch runs on the endpoint that answers, and stays there: no outage said (the
+    // second review found a deadline set once for all endpoints leaving none for the
+    // second, so the watch failed every 3 s, each change seen only as it was read again).
+    std::thread::sleep(Duration::from_secs(7));
+    let r = b.admin("PUT", "/v1/routes/v", Some(&respond_route("/v", "2")));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let took = wait_serves(&a, "/v", "2", Duration::from_secs(5));
+    println!("and the next {took:?} after");
+    let outages: Vec<String> = (a.log_lines().into_iter())
+        .filter(|l| l.contains("config store unreachable"))
+        .collect();
+    assert!(outages.is_empty(), "{outages:?}");
 }
 
 #[test]
