@@ -787,6 +787,7 @@ fn compile_policy(
                         format!("{h:?} is not a host name or `*.` wildcard"),
                     ));
                 }
+                let name = &*crate::router::canonical_host(name);
                 if wild {
                     suffixes.push(format!(".{name}").into_bytes().into_boxed_slice());
                 } else {

@@ -352,6 +352,19 @@ fn read_as_servers_do(path: &[u8]) -> Option<(Vec<u8>, usize)> {
     Some((out, first.unwrap_or(0)))
 }
 
+/// A configured host (lower-cased, without its trailing dot) as [`normalize_host`] writes a
+/// request's: an IPv6 literal in RFC 5952's form.
+pub(crate) fn canonical_host(name: &str) -> std::borrow::Cow<'_, str> {
+    let ip = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .and_then(|n| n.parse::<std::net::Ipv6Addr>().ok());
+    match ip {
+        Some(ip) => format!("[{ip}]").into(),
+        None => name.into(),
+    }
+}
+
 /// Host tables, built by [`crate::Snapshot::compile`].
 #[derive(Debug, Default)]
 pub struct Router {
@@ -437,11 +450,20 @@ impl Router {
 }
 
 /// Strips the port and lower-cases `host` into `out`; `None` when it is too long to match any
-/// configured host.
+/// configured host. An IPv6 literal is written as RFC 5952 writes it (`[0:0::1]` is
+/// `[::1]`), as configured hosts are ([`canonical_host`]).
 pub fn normalize_host<'a>(host: &[u8], out: &'a mut [u8; MAX_HOST_LEN]) -> Option<&'a [u8]> {
     let name = if host.first() == Some(&b'[') {
         // IP literal: keep the brackets, drop ":port" after them.
         let end = host.iter().position(|&b| b == b']')?;
+        let ip = std::str::from_utf8(&host[1..end]).ok();
+        if let Some(ip) = ip.and_then(|s| s.parse::<std::net::Ipv6Addr>().ok()) {
+            use std::io::Write as _;
+            let mut w = &mut out[..];
+            write!(w, "[{ip}]").ok()?;
+            let n = MAX_HOST_LEN - w.len();
+            return Some(&out[..n]);
+        }
         &host[..=end]
     } else {
         match host.iter().rposition(|&b| b == b':') {
@@ -478,6 +500,20 @@ mod tests {
             Some(&b"api.example.com"[..])
         );
         assert_eq!(normalize_host(b"[::1]:80", &mut b), Some(&b"[::1]"[..]));
+        // An IPv6 literal as RFC 5952 writes it, on both sides (an audit found a domain
+        // policy's `[0:0:0:0:0:0:0:1]` refusing `Host: [::1]`).
+        assert_eq!(normalize_host(b"[0:0::1]:80", &mut b), Some(&b"[::1]"[..]));
+        assert_eq!(
+            normalize_host(b"[2001:DB8:0:0::1]", &mut b),
+            Some(&b"[2001:db8::1]"[..])
+        );
+        assert_eq!(canonical_host("[0:0:0:0:0:0:0:1]"), "[::1]");
+        assert_eq!(canonical_host("api.example.com"), "api.example.com");
+        // A zone id is no address: left as written.
+        assert_eq!(
+            normalize_host(b"[fe80::1%25eth0]", &mut b),
+            Some(&b"[fe80::1%25eth0]"[..])
+        );
         assert_eq!(normalize_host(b"a.b.", &mut b), Some(&b"a.b"[..]));
         assert_eq!(normalize_host(&[b'a'; 300], &mut b), None);
     }

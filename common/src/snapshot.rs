@@ -2009,6 +2009,7 @@ fn add_to_router(
                     format!("{h:?} is not a host name or `*.` wildcard"),
                 ));
             }
+            let name = &*crate::router::canonical_host(name);
             if wild {
                 let suffix = format!(".{name}").into_bytes().into_boxed_slice();
                 insert(
