@@ -517,6 +517,10 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
         let mut ids: Vec<u16> = Vec::with_capacity(l.policies.len());
         for (j, id) in l.policies.iter().enumerate() {
             let field = format!("{at}[{j}]");
+            if l.policies[..j].contains(id) {
+                let why = format!("policy {id:?} is listed twice");
+                return Err(ConfigError::field(field, why));
+            }
             let Some(&p) = policy_index.get(id.as_str()) else {
                 // A node file checked alone leaves those it does not define to the store.
                 if crate::validate::from_store(&field, id) {
@@ -524,10 +528,6 @@ pub fn compile(config: &mut Config) -> Result<Policies, ConfigError> {
                 }
                 return Err(ConfigError::field(field, format!("unknown policy {id:?}")));
             };
-            if ids.contains(&p) {
-                let why = format!("policy {id:?} is listed twice");
-                return Err(ConfigError::field(field, why));
-            }
             if !unrouted(&p) {
                 return Err(ConfigError::field(
                     field,

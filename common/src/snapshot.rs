@@ -537,10 +537,6 @@ pub struct Limits {
 }
 
 impl Snapshot {
-    /// [`Snapshot::compile`] for a config stored by an earlier build (the data directory's,
-    /// the etcd store's): rules added since give way instead of keeping the gateway from
-    /// starting on its own state. Returns, beside the snapshot, what they let through (to
-    /// log); a write through the API is held to them.
     /// Compiles a node file alone, as `gateway validate --node` checks it: what its
     /// listeners name and it does not define is left to the store (see
     /// [`crate::validate::from_store`]), and returned.
@@ -553,6 +549,10 @@ impl Snapshot {
         compiled.map(|s| (s, notes))
     }
 
+    /// [`Snapshot::compile`] for a config stored by an earlier build (the data directory's,
+    /// the etcd store's): rules added since give way instead of keeping the gateway from
+    /// starting on its own state. Returns, beside the snapshot, what they let through (to
+    /// log); a write through the API is held to them.
     pub fn compile_stored(
         config: Config,
         revision: u64,
@@ -1004,10 +1004,8 @@ fn compile_tls(config: &mut Config) -> Result<CompiledTls, ConfigError> {
                 let mut mine = Vec::with_capacity(t.certificates.len());
                 for (j, id) in t.certificates.iter().enumerate() {
                     let field = format!("{at}.tls.certificates[{j}]");
-                    if mine
-                        .iter()
-                        .any(|c: &std::sync::Arc<crate::tls::Certificate>| c.id == *id)
-                    {
+                    // By id, so that one the store holds (a node file checked alone) counts too.
+                    if t.certificates[..j].contains(id) {
                         if tolerated(&field, "listed twice") {
                             continue;
                         }

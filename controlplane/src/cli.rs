@@ -25,8 +25,8 @@ SYNOPSIS
             [--io-driver auto|epoll]
     gateway --store etcd[s]://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/PREFIX
             --config NODE_FILE [--seed-from DIR] [--data-dir DIR] [--workers N]
-    gateway validate FILE
-    gateway --check FILE
+    gateway validate [--node] FILE
+    gateway --check [--node] FILE
     gateway --help | --version
 
 DESCRIPTION

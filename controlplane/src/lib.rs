@@ -77,8 +77,9 @@ fn read_config(source: &ConfigSource) -> Result<Config, ConfigError> {
 /// For an unknown listener policy or certificate: that a node file's, taken from the store,
 /// is checked with `validate --node`.
 fn config_hint(e: &ConfigError) -> Option<String> {
+    let unknown = e.to_string();
     let dangling = e.path().starts_with("listeners[")
-        && (e.path().contains(".policies[") || e.path().contains(".tls.certificates["));
+        && (unknown.contains("unknown policy") || unknown.contains("no certificate has id"));
     dangling.then(|| {
         "(a node file, whose listeners name what the store holds? check it with \
          `gateway validate --node FILE`)"

@@ -86,10 +86,19 @@ fn check_takes_a_node_file_whose_listeners_name_what_the_store_holds() {
             && err.contains("listeners[1].tls.certificates[0] \"api\""),
         "{err}"
     );
-    // Without --node it is checked as the start without --store would, and told how.
+    // Without --node it is checked as the start without --store would, and told how; not
+    // for a listener error of another kind.
     let (code, _, err) = gateway(&["validate", &f]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("validate --node"), "{err}");
+    let f2 = write(
+        "wrong-kind.toml",
+        "[[policies]]\nid = \"rl\"\nkind = \"rate_limit\"\nrate = 10\n\
+         [[listeners]]\naddress = \"127.0.0.1:0\"\npolicies = [\"rl\"]\n",
+    );
+    let (code, _, err) = gateway(&["validate", &f2]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("validate --node"), "{err}");
     // The rest is checked all the same: the listener's TLS settings, a policy of the wrong
     // kind named at its own place in the list (the review found the tls block skipped
     // whole, and the fields renumbered).
@@ -103,6 +112,12 @@ fn check_takes_a_node_file_whose_listeners_name_what_the_store_holds() {
             "listeners[0].h2c",
         ),
         ("policies = [\"ipf\", \"rl\"]", "listeners[0].policies[1]"),
+        // Listed twice, the store's as much as the file's (the second review).
+        ("policies = [\"ipf\", \"ipf\"]", "listeners[0].policies[1]"),
+        (
+            "tls = { certificates = [\"api\", \"api\"] }",
+            "listeners[0].tls.certificates[1]",
+        ),
     ];
     for (listener, field) in cases {
         let text = format!(
