@@ -1466,6 +1466,68 @@ fn an_http11_client_keeps_its_connection_after_the_gateways_502_from_an_http2_up
 }
 
 #[test]
+fn a_body_against_its_content_length_to_an_http2_upstream_is_a_bad_request() {
+    // An HTTP/2 client's body against its `content-length`, to a gRPC upstream, whole (5
+    // of 10 bytes, then its end), as a plain POST and as a gRPC-Web call: h2 resets the
+    // client's stream, and the log says 400 `bad_request` (the second review found 499s on
+    // these paths, the gRPC-Web one as `"status":499,"error":"bad_request"`). One streamed
+    // past its length is reset as h2 schedules it, which its reader cannot tell from the
+    // connection's GOAWAY: logged as the client gone (documented).
+    // An upstream that answers once the request has ended.
+    let peer = ResetPeer::start_with(&["0", "trailers"]);
+    let dir = temp_dir("h2up-malformed");
+    let log = dir.join("access.log");
+    let config = format!(
+        "workers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\
+         [access_log]\npath = \"{}\"\n\
+         [[upstreams]]\nid = \"g\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"g\"\n",
+        log.display(),
+        peer.addr
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let client = r#"
+import socket, sys, time
+import h2.config, h2.connection
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                         validate_outbound_headers=False))
+c.initiate_connection()
+c.send_headers(1, [(":method", "POST"), (":path", "/whole"), (":scheme", "http"),
+                   (":authority", "t"), ("content-length", "10")])
+c.send_data(1, b"12345", end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.3)
+c.send_headers(3, [(":method", "POST"), (":path", "/svc.S/M"), (":scheme", "http"),
+                   (":authority", "t"), ("content-type", "application/grpc-web+proto"),
+                   ("content-length", "10")])
+c.send_data(3, b"12345", end_stream=True)
+s.sendall(c.data_to_send())
+time.sleep(0.5)
+s.close()
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(client)
+        .arg(gw.addr.to_string())
+        .output()
+        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = wait_log_lines(&log, 2);
+    for (l, path) in lines.iter().zip(["/whole", "/svc.S/M"]) {
+        assert_eq!(l["path"], path, "{l}");
+        assert_eq!(l["error"], "bad_request", "{l}");
+        assert_eq!(l["status"], 400, "{l}");
+    }
+}
+
+#[test]
 fn a_grpc_web_client_over_http11_keeps_its_connection_after_the_gateways_error() {
     // Every stream reset: each gRPC-Web call gets the gateway's own status in a head with its
     // length, and the connection goes on (before: closed after each, as noted in stop 60).

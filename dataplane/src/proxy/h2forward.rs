@@ -2333,7 +2333,11 @@ async fn fail<S: ClientStream>(
             }
         }
         None => {
-            req.status = ErrorKind::ClientClosed.status();
+            // A malformed request's stream, reset: logged with the status it earned.
+            req.status = match kind {
+                ErrorKind::BadRequest => kind.status(),
+                _ => ErrorKind::ClientClosed.status(),
+            };
             Next::Cut
         }
     }

@@ -514,6 +514,10 @@ async fn handle<S: ClientStream>(
         // bad request, after the screens and CORS (whose fields it carries), counted in no
         // rate limit (before: it took their tokens).
         policy::give_back(&ctx.limiters.borrow(), &mut req.policy);
+        // Nor does it carry their fields (`headers_on_success`), which counted it.
+        if let Some(at) = req.policy.rate_fields_at.take() {
+            req.policy.response_extra.truncate(at);
+        }
         req.fail(ErrorKind::BadRequest);
         return down
             .respond(ctx, req, head, Reply::Canned(Status::BadRequest))
