@@ -1824,9 +1824,11 @@ type SamePath = HashMap<Option<String>, Vec<usize>>;
 fn host_keys(r: &RouteConfig) -> impl Iterator<Item = Option<String>> + '_ {
     let none = r.hosts.is_empty().then_some(None);
     none.into_iter().chain(r.hosts.iter().map(|h| {
-        // As the router files it: `a.com.` is `a.com`.
+        // As the router files it: `a.com.` is `a.com`, `[0:0::1]` is `[::1]` (the review
+        // found two routes for one address written two ways both taken, one unreachable).
         let h = h.to_ascii_lowercase();
-        Some(h.strip_suffix('.').unwrap_or(&h).to_owned())
+        let h = h.strip_suffix('.').unwrap_or(&h);
+        Some(crate::router::canonical_host(h).into_owned())
     }))
 }
 

@@ -1888,3 +1888,17 @@ fn a_listener_naming_one_certificate_twice_is_refused() {
     let (_, notes) = Snapshot::compile_stored(config, 1).unwrap();
     assert_eq!(notes.len(), 1, "{notes:?}");
 }
+
+#[test]
+fn two_routes_for_one_ipv6_address_written_two_ways_clash() {
+    // The router files `[0:0::1]` as `[::1]`: the second could never be chosen (the review of
+    // b1924b6 found both taken, the second unreachable).
+    let text = "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+                [[routes]]\nid = \"a\"\npath = \"/x\"\nhosts = [\"[::1]\"]\n\
+                respond = { body = \"a\" }\n[[routes]]\nid = \"b\"\npath = \"/x\"\n\
+                hosts = [\"[0:0::1]\"]\nrespond = { body = \"b\" }\n";
+    let e = compile(text).map(drop).expect_err("refused");
+    assert!(e.to_string().contains("could never be chosen"), "{e}");
+    let s = compile(&text.replace("[0:0::1]", "[::2]")).unwrap();
+    assert_eq!(route_id(&s, Some("[0::2]:80"), "/x", "GET"), Some("b"));
+}

@@ -545,8 +545,11 @@ impl Client {
             let at = (self.preferred + i) % n;
             let endpoint = &self.url.endpoints[at];
             let mut sent = false;
+            // An endpoint tried after one that used up the call's time still gets a request's
+            // (the review found a healthy second endpoint given none after a trickling first,
+            // and blamed for it; once it answers, it is tried first).
             let deadline = match deadline {
-                Deadline::At(at) => at,
+                Deadline::At(at) => at.max(Instant::now() + REQUEST_TIMEOUT),
                 Deadline::EachEndpoint(within) => Instant::now() + within,
             };
             match self.send_to(endpoint, path, &body, timeout, deadline, &mut sent) {

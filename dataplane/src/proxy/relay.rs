@@ -629,9 +629,15 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
     // either (15.3.6): one known empty is relayed as it is, one whose framing may carry
     // content is read as a 200's is (empty, it is relayed as it is; with content, that
     // goes through the filter). Only whole 2xx bodies are reshaped.
+    // A HEAD's 205 without a length is taken for empty, as its GET most likely is (RFC
+    // 9110 15.3.6: it keeps its fields, as that GET does).
+    let empty_205 = match is_head {
+        true => length.is_none_or(|n| n == 0),
+        false => length == Some(0),
+    };
     let whole = (200..300).contains(&resp.status)
         && !matches!(resp.status, 204 | 206)
-        && !(resp.status == 205 && length == Some(0));
+        && !(resp.status == 205 && empty_205);
     let over = length.is_some_and(|n| n > shape.max_bytes as u64);
     let skip = if !whole {
         Some(SkipReason::Status)
