@@ -1487,14 +1487,9 @@ fn a_body_against_its_content_length_to_an_http2_upstream_is_a_bad_request() {
         peer.addr
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    let client = r#"
-import socket, sys, time
-import h2.config, h2.connection
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.create_connection((host, int(port)), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
-                                                         validate_outbound_headers=False))
-c.initiate_connection()
+    run_h2_client(
+        gw.addr,
+        r#"
 c.send_headers(1, [(":method", "POST"), (":path", "/whole"), (":scheme", "http"),
                    (":authority", "t"), ("content-length", "10")])
 c.send_data(1, b"12345", end_stream=True)
@@ -1505,19 +1500,7 @@ c.send_headers(3, [(":method", "POST"), (":path", "/svc.S/M"), (":scheme", "http
                    ("content-length", "10")])
 c.send_data(3, b"12345", end_stream=True)
 s.sendall(c.data_to_send())
-time.sleep(0.5)
-s.close()
-"#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(client)
-        .arg(gw.addr.to_string())
-        .output()
-        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+"#,
     );
     let lines = wait_log_lines(&log, 2);
     for (l, path) in lines.iter().zip(["/whole", "/svc.S/M"]) {

@@ -542,14 +542,9 @@ fn a_body_against_its_content_length_is_a_bad_request_not_a_client_gone() {
         log.display()
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    let client = r#"
-import socket, sys, time
-import h2.config, h2.connection
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.create_connection((host, int(port)), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
-                                                         validate_outbound_headers=False))
-c.initiate_connection()
+    run_h2_client(
+        gw.listeners[0],
+        r#"
 c.send_headers(1, [(":method", "POST"), (":path", "/short"), (":scheme", "http"),
                    (":authority", "t"), ("content-length", "10")])
 c.send_data(1, b"12345", end_stream=True)
@@ -580,19 +575,7 @@ s.sendall(c.data_to_send())
 time.sleep(0.3)
 # DATA on stream 0: a connection error, h2's GOAWAY ends the stream mid-body.
 s.sendall(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
-time.sleep(0.5)
-s.close()
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(client)
-        .arg(gw.listeners[0].to_string())
-        .output()
-        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+"#,
     );
     let lines = wait_log_lines(&log, 5);
     for (l, path) in lines.iter().zip(["/short", "/long", "/ro/short"]) {
@@ -624,32 +607,16 @@ fn a_retry_its_client_cancels_during_the_backoff_gives_its_budget_back() {
          [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"r\"\n"
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    let client = r#"
-import socket, sys, time
-import h2.config, h2.connection
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.create_connection((host, int(port)), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
+    run_h2_client(
+        gw.listeners[0],
+        r#"
 c.send_headers(1, [(":method", "GET"), (":path", "/first"), (":scheme", "http"),
                    (":authority", "t")], end_stream=True)
 s.sendall(c.data_to_send())
 time.sleep(0.2)
 c.reset_stream(1, error_code=8)
 s.sendall(c.data_to_send())
-time.sleep(0.1)
-s.close()
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(client)
-        .arg(gw.listeners[0].to_string())
-        .output()
-        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+"#,
     );
     let r = Client::connect(gw.listeners[0]).roundtrip("GET /second HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(r.status, 502, "{}", r.head);
@@ -692,14 +659,9 @@ fn a_reset_stream_gives_up_its_upstream_connect_at_once() {
         log.display()
     );
     let gw = Gateway::start(&config, Driver::IoUring);
-    let client = r#"
-import socket, sys, time
-import h2.config, h2.connection
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.create_connection((host, int(port)), timeout=10)
-c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-c.initiate_connection()
-s.sendall(c.data_to_send())
+    run_h2_client(
+        gw.listeners[0],
+        r#"
 for i in range(10):
     sid = 1 + 2 * i
     c.send_headers(sid, [(":method", "GET"), (":path", "/r%d" % i), (":scheme", "http"),
@@ -708,19 +670,7 @@ for i in range(10):
     time.sleep(0.1)
     c.reset_stream(sid, error_code=8)
     s.sendall(c.data_to_send())
-time.sleep(0.5)
-s.close()
-"#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(client)
-        .arg(gw.listeners[0].to_string())
-        .output()
-        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+"#,
     );
     let lines = wait_log_lines(&log, 10);
     for l in &lines {

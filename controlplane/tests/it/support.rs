@@ -924,3 +924,34 @@ pub fn signed_leaf(dir: &std::path::Path, name: &str, cn: &str, san: &str) {
         ],
     );
 }
+
+/// The start of a Python `h2` client script for [`run_h2_client`]: `s`, a socket to the
+/// address given as its argument, and `c`, a client connection on it (outbound fields not
+/// validated, so that a test may send what a client should not), its preface sent.
+const H2_CLIENT_START: &str = r#"
+import socket, sys, time
+import h2.config, h2.connection
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=10)
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                         validate_outbound_headers=False))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+"#;
+
+/// Runs `steps`, Python with `s` and `c` of [`H2_CLIENT_START`], against `addr` (PyPI
+/// `h2`); panics with its errors if it fails.
+pub fn run_h2_client(addr: impl std::fmt::Display, steps: &str) {
+    let script = format!("{H2_CLIENT_START}{steps}\ntime.sleep(0.5)\ns.close()\n");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(addr.to_string())
+        .output()
+        .expect("python3 with the PyPI package h2 (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
