@@ -635,19 +635,8 @@ fn a_reset_stream_gives_up_its_upstream_connect_at_once() {
     // connect with it (before: each held its connect, a socket, until the connect timeout,
     // so one connection could hold thousands of upstream connects by opening and resetting
     // streams; logged 499 `connect_timeout` after 4 s).
-    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    stuck
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    stuck.listen(0).unwrap();
-    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(s) = std::net::TcpStream::connect_timeout(&stuck_addr, Duration::from_millis(100))
-        {
-            fillers.push(s);
-        }
-    }
+    let stuck = StuckTarget::start();
+    let stuck_addr = stuck.addr;
     let dir = temp_dir("h2-reset-connect");
     let log = dir.join("access.log");
     let config = format!(
@@ -679,7 +668,7 @@ for i in range(10):
         let ms = l["duration_ms"].as_f64().unwrap_or(f64::MAX);
         assert!(ms < 2000.0, "{l}");
     }
-    drop(fillers);
+    drop(stuck);
 }
 
 #[test]

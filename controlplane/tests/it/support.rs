@@ -955,3 +955,33 @@ pub fn run_h2_client(addr: impl std::fmt::Display, steps: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A loopback listener whose accept queue is full (it never accepts): connects to its address
+/// hang until their timeout. Keep the value: dropped, the queue empties.
+pub struct StuckTarget {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl StuckTarget {
+    pub fn start() -> StuckTarget {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let fillers = (0..4)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()
+            })
+            .collect();
+        StuckTarget {
+            addr,
+            _socket: socket,
+            _fillers: fillers,
+        }
+    }
+}

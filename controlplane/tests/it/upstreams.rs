@@ -1279,18 +1279,8 @@ fn circuit_limits_answer_503_with_the_reason() {
     drop(gw);
 
     // max_pending: a target whose accept queue is full leaves connects hanging.
-    let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    stuck
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    stuck.listen(0).unwrap();
-    let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(s) = TcpStream::connect_timeout(&stuck_addr, Duration::from_millis(100)) {
-            fillers.push(s);
-        }
-    }
+    let stuck = StuckTarget::start();
+    let stuck_addr = stuck.addr;
     let settings = "circuit = { max_pending = 1, max_connections = 100 }";
     let gw = Gateway::start(
         &config(
@@ -1323,7 +1313,7 @@ fn circuit_limits_answer_503_with_the_reason() {
     // zero when the pending one ended: every later connect was a 503 max_pending.)
     let r = gw.connect().roundtrip("GET /c HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!((r.status, r.header("x-gateway-reason")), (504, None));
-    drop(fillers);
+    drop(stuck);
 }
 
 /// A GET of `path` on its own connection, from a thread, once `backend` (which has answered
