@@ -107,29 +107,19 @@ pub fn check(path: &Path, node: bool) -> i32 {
         return EXIT_INVALID;
     }
     let loaded = match node {
-        false => compile_new(config, 1).map_err(|e| {
-            // A dangling listener reference in a node file: the store's, if that is one.
-            let hint = config_hint(&e);
-            (e, hint)
-        }),
-        true => Snapshot::compile_node_file(config, 1)
-            .and_then(|(s, from_store)| {
-                if !from_store.is_empty() {
-                    eprintln!(
-                        "{}: not checked here, as a start with --store takes them from the \
+        false => compile_new(config, 1),
+        true => Snapshot::compile_node_file(config, 1).and_then(|(s, from_store)| {
+            if !from_store.is_empty() {
+                eprintln!(
+                    "{}: not checked here, as a start with --store takes them from the \
                          store: {}",
-                        path.display(),
-                        from_store.join(", ")
-                    );
-                }
-                s.refuse_newly_expired(None, std::time::SystemTime::now())?;
-                Ok(s)
-            })
-            .map_err(|e| (e, None)),
-    };
-    let (loaded, hint) = match loaded {
-        Ok(s) => (Ok(s), None),
-        Err((e, hint)) => (Err(e), hint),
+                    path.display(),
+                    from_store.join(", ")
+                );
+            }
+            s.refuse_newly_expired(None, std::time::SystemTime::now())?;
+            Ok(s)
+        }),
     };
     // What the start refuses too: a malformed token in the environment (the config's own
     // comes first), a driver it does not know...
@@ -188,7 +178,8 @@ pub fn check(path: &Path, node: bool) -> i32 {
         },
         Err(e) => {
             eprintln!("{}: invalid config: {e}", path.display());
-            if let Some(hint) = hint {
+            // A dangling listener reference in a node file: the store's, if that is one.
+            if let Some(hint) = config_hint(&e).filter(|_| !node) {
                 eprintln!("{}: {hint}", path.display());
             }
             EXIT_INVALID

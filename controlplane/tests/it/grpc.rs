@@ -1515,13 +1515,7 @@ fn a_grpc_web_client_over_http11_keeps_its_connection_after_the_gateways_error()
     // Every stream reset: each gRPC-Web call gets the gateway's own status in a head with its
     // length, and the connection goes on (before: closed after each, as noted in stop 60).
     let peer = ResetPeer::start_with(&["2"]);
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
-         targets = [{{ address = \"{}\" }}]\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n",
-        peer.addr
-    );
+    let config = grpc_upstream_config(peer.addr);
     let gw = Gateway::start(&config, Driver::IoUring);
     let mut c = gw.connect();
     let call = frame(b"hi");
@@ -1717,6 +1711,16 @@ fn overall_timeout_ms_bounds_the_tries_to_an_http2_upstream() {
     assert_eq!(tries, 3, "tries within 1 s (took {took:?})");
 }
 
+/// One listener and a catch-all route to a `grpc` upstream at `target`.
+fn grpc_upstream_config(target: SocketAddr) -> String {
+    format!(
+        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
+         targets = [{{ address = \"{target}\" }}]\n\n\
+         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n"
+    )
+}
+
 /// A gRPC-Web call (binary, one message "hi") to `gw` over HTTP/1.1; the client, to read
 /// the answer.
 fn web_call(gw: &Gateway) -> Client {
@@ -1740,13 +1744,7 @@ fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() 
     // after them would be read as the rest of that message, and its status never seen.
     let mut peer = ResetPeer::start_with(&["0", "torn"]);
     let other = peer.addr.to_string();
-    let config = format!(
-        "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-         [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
-         targets = [{{ address = \"{}\" }}]\n\n\
-         [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n",
-        peer.addr
-    );
+    let config = grpc_upstream_config(peer.addr);
     let gw = Gateway::start(&config, Driver::IoUring);
     let mut c = web_call(&gw);
     let mut got = Vec::new();
@@ -1790,13 +1788,7 @@ fn grpc_web_answers_always_carry_a_status_and_keep_their_message_format() {
         ("no-status", "the upstream's answer has no grpc-status"),
     ] {
         let mut peer = ResetPeer::start_with(&["0", mode]);
-        let config = format!(
-            "workers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
-             [[upstreams]]\nid = \"grpc\"\nprotocol = \"grpc\"\n\
-             targets = [{{ address = \"{}\" }}]\n\n\
-             [[routes]]\nid = \"all\"\npath_prefix = \"/\"\nupstream = \"grpc\"\n",
-            peer.addr
-        );
+        let config = grpc_upstream_config(peer.addr);
         let gw = Gateway::start(&config, Driver::IoUring);
         let format = if mode == "html" { "+json" } else { "" };
         let mut c = gw.connect();

@@ -985,3 +985,14 @@ impl StuckTarget {
         }
     }
 }
+
+/// A data directory at `data` holding `text`, a config a build with looser rules stored
+/// and this one refuses as new (asserted).
+pub fn stored_by_an_earlier_build(data: &std::path::Path, text: &str) {
+    let config = common::parse_config(text, common::Format::Toml).unwrap();
+    assert!(
+        common::Snapshot::compile(config.clone(), 1).is_err(),
+        "strict today"
+    );
+    controlplane::store::LocalStore::create(data, config, "an earlier build").unwrap();
+}
