@@ -625,12 +625,11 @@ pub(crate) async fn relay_shaped<S: ClientStream>(
         (false, BodyKind::None) => Some(0),
         (false, _) => None,
     };
-    // 206 carries a range of the body, 204 none (RFC 9110 15.3.5); a 205 must have none
-    // either (15.3.6): one known empty is relayed as it is, one whose framing may carry
-    // content is read as a 200's is (empty, it is relayed as it is; with content, that
-    // goes through the filter). Only whole 2xx bodies are reshaped.
-    // A HEAD's 205 without a length is taken for empty, as its GET most likely is (RFC
-    // 9110 15.3.6: it keeps its fields, as that GET does).
+    // Only whole 2xx bodies are reshaped: 206 carries a range of the body, 204 none (RFC
+    // 9110 15.3.5). A 205 must have none either (15.3.6): one known empty is relayed as it
+    // is, one whose framing may carry content is read as a 200's is (empty, it is relayed
+    // as it is; with content, that goes through the filter). A HEAD's 205 without a length
+    // is taken for empty, as its GET most likely is, and keeps its fields as that GET does.
     let empty_205 = match is_head {
         true => length.is_none_or(|n| n == 0),
         false => length == Some(0),
