@@ -663,6 +663,12 @@ fn open_etcd(
     };
     // EtcdStore::open refuses a node file without [cluster] node_id.
     let file = read_config(&ConfigSource::File(path.clone())).map_err(|e| bad(e.to_string()))?;
+    // Held to what `validate --node` holds it to: the store's configs are compiled with the
+    // tolerance an earlier build's state gets, which let through a node file the check
+    // refuses (a listener naming one certificate twice).
+    if file.cluster.is_some() {
+        Snapshot::compile_node_file(file.clone(), 1).map_err(|e| bad(e.to_string()))?;
+    }
     // The node's access log, before etcd is touched (the shared config's files are checked
     // once it is read).
     refuse_paths(dir, &file, &ConfigSource::File(path.clone()), files)?;

@@ -855,6 +855,50 @@ fn a_start_that_fails_after_claiming_its_record_lets_it_go() {
 }
 
 #[test]
+fn a_start_takes_only_a_node_file_validate_node_takes() {
+    // The store holds certificate `api`; a node file whose listener names it twice is
+    // refused at the start (exit 2, the field named) as `validate --node` refuses it
+    // (before: it started, compiled with the tolerance stored configs get).
+    let etcd = Etcd::start();
+    let dir = temp_dir("node-file-checked");
+    let secret = dir.join("secret.hex");
+    std::fs::write(&secret, format!("{}\n", "5a".repeat(32))).unwrap();
+    let extra = format!("secret_file = \"{}\"", secret.display());
+    let seeded = node(&etcd, "t10", &node_file("a", "", &extra));
+    let cert = Cert::new(&dir, "api.test");
+    let body = serde_json::json!({"cert_pem": cert.cert_pem(), "key_pem": cert.key_pem()});
+    let r = seeded.admin("PUT", "/v1/certificates/api", Some(&body.to_string()));
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    let path = dir.join("node.toml");
+    let twice = "tls = { certificates = [\"api\", \"api\"] }";
+    std::fs::write(&path, node_file("z", twice, &extra)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["validate", "--node"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("listeners[0].tls.certificates[1]"), "{err}");
+    let out = exit_of(
+        Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["--store", &etcd.url("t10"), "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.join("data")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("listeners[0].tls.certificates[1]"), "{err}");
+    // Named once: it starts, and serves the store's certificate.
+    let once = "tls = { certificates = [\"api\"] }";
+    let started = node(&etcd, "t10", &node_file("z", once, &extra));
+    let (status, _, err) = crate::tls::curl_tls(started.addr, "api.test", "/", &cert.cert, &[]);
+    assert_eq!(status, 404, "{err}");
+    drop(seeded);
+}
+
+#[test]
 fn tls_and_credentials_to_etcd() {
     let etcd = Etcd::start_tls();
     // Authentication on, with a root user.
