@@ -142,6 +142,12 @@ pub struct RunArgs {
 
 /// Parses the arguments after the program name.
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let args: Vec<String> = args.into_iter().collect();
+    // `-h` anywhere asks for the manual, also where a value is due (`validate --help`, which
+    // was read as a file to check: "invalid config", exit 2).
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
     let mut run = RunArgs::default();
     let mut check = None;
     let mut node = false;
@@ -293,6 +299,15 @@ mod tests {
             Ok(Command::Check("g.toml".into(), false))
         );
         assert!(p(&["validate"]).is_err());
+        for args in [
+            &["validate", "--help"][..],
+            &["validate", "-h"],
+            &["--check", "--help"],
+            &["validate", "--node", "--help"],
+            &["--config", "g.toml", "-h"],
+        ] {
+            assert_eq!(p(args), Ok(Command::Help), "{args:?}");
+        }
         assert_eq!(
             p(&["--io-driver", "epoll"]),
             Ok(Command::Run(RunArgs {
