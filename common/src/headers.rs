@@ -134,7 +134,7 @@ pub fn compile(
             }
             consumer_headers
                 .iter()
-                .find(|(h, _)| h.eq_ignore_ascii_case(name.as_bytes()))
+                .find(|(h, _)| cgi_name(h) == name.as_bytes())
                 .map(|(_, p)| format!("policy {p:?} sets it (its consumer_header)"))
         };
         let (drop, mut lines) = edits_of(edits, &at, refused)?;
@@ -142,10 +142,7 @@ pub fn compile(
         let mut kept = Vec::with_capacity(lines.len());
         for line in lines.split_inclusive(|&b| b == b'\n') {
             let name = b"x-real-ip:";
-            if !line
-                .get(..name.len())
-                .is_some_and(|n| n.eq_ignore_ascii_case(name))
-            {
+            if line.get(..name.len()).is_none_or(|n| cgi_name(n) != name) {
                 kept.extend_from_slice(line);
             }
         }
@@ -251,6 +248,15 @@ fn reserved(name: &str, gateway: &[&str], what: &str) -> Option<String> {
         .then(|| format!("the gateway sets it on every {what}"))
 }
 
+/// `name` lower-case and with `-` for `_`, as CGI-style upstreams read it.
+fn cgi_name(name: &[u8]) -> Vec<u8> {
+    let norm = |b: &u8| match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    name.iter().map(norm).collect()
+}
+
 /// One side's edits: the lower-case names to drop (set and removed ones), and the lines to
 /// add.
 type Edits = (Vec<Box<[u8]>>, Vec<u8>);
@@ -270,6 +276,11 @@ fn edits_of(
     }
     let mut drop: Vec<Box<[u8]>> = Vec::new();
     let mut lines = Vec::new();
+    // A name is checked as CGI-style upstreams read it, `_` for `-` (`Content_Length` is
+    // their `CONTENT_LENGTH`), which is also how the edit matches the message's fields: before,
+    // `remove = ["Content_Length"]` passed and dropped the real `Content-Length`, unframing
+    // the request (a second one smuggled in its body) or the answer. `None`: an edit a stored
+    // config holds that is refused now, ignored.
     let named = |name: &str, path: String, removing: bool, drop: &[Box<[u8]>]| {
         if name.is_empty() || !name.bytes().all(is_tchar) {
             return Err(ConfigError::field(
@@ -278,20 +289,31 @@ fn edits_of(
             ));
         }
         let lower = name.to_ascii_lowercase();
-        if drop.iter().any(|d| **d == *lower.as_bytes()) {
+        let read = lower.replace('_', "-");
+        if drop.iter().any(|d| cgi_name(d) == read.as_bytes()) {
             return Err(ConfigError::field(
                 path,
-                format!("{name:?} is named twice (names are case-insensitive)"),
+                format!(
+                    "{name:?} is named twice (names are case-insensitive, and `_` is `-` to \
+                     CGI-style upstreams)"
+                ),
             ));
         }
-        if let Some(why) = refused(&lower, removing) {
+        if let Some(why) = refused(&read, removing) {
+            let spelled = lower != read;
+            let ignored = format!("{why} (spelled with `_`); the edit is ignored");
+            if spelled && crate::validate::tolerated(&path, &ignored) {
+                return Ok(None);
+            }
             return Err(ConfigError::field(path, format!("{name:?}: {why}")));
         }
-        Ok(lower.into_bytes().into_boxed_slice())
+        Ok(Some(lower.into_bytes().into_boxed_slice()))
     };
     for (name, value) in &edits.set {
         let path = format!("{at}.set.{name}");
-        let lower = named(name, path.clone(), false, &drop)?;
+        let Some(lower) = named(name, path.clone(), false, &drop)? else {
+            continue;
+        };
         let visible = |b: u8| b == b'\t' || (0x20..0x7f).contains(&b);
         let trimmed = value.trim_matches([' ', '\t']);
         if value.len() > MAX_VALUE || !value.bytes().all(visible) || trimmed.len() != value.len() {
@@ -310,8 +332,9 @@ fn edits_of(
         lines.extend_from_slice(b"\r\n");
     }
     for (j, name) in edits.remove.iter().enumerate() {
-        let lower = named(name, format!("{at}.remove[{j}]"), true, &drop)?;
-        drop.push(lower);
+        if let Some(lower) = named(name, format!("{at}.remove[{j}]"), true, &drop)? {
+            drop.push(lower);
+        }
     }
     Ok((drop, lines))
 }

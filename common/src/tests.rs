@@ -1341,10 +1341,71 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
             "response_headers = { remove = [\"Access-Control-Allow-Origin\"] }",
             format!("{at}.response_headers.remove[0]"),
         ),
+        // Spelled with `_`, as CGI-style upstreams read names and as the edits match
+        // fields (before: accepted, and `Content_Length` dropped the real one).
+        (
+            "upstream = \"u\"",
+            "request_headers = { remove = [\"Content_Length\"] }",
+            format!("{at}.request_headers.remove[0]"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"Transfer_Encoding\" = \"chunked\" } }",
+            format!("{at}.request_headers.set.Transfer_Encoding"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X_Forwarded_For\" = \"6.6.6.6\" } }",
+            format!("{at}.request_headers.set.X_Forwarded_For"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X_Request_Id\" = \"forged\" } }",
+            format!("{at}.request_headers.set.X_Request_Id"),
+        ),
+        (
+            "upstream = \"u\"\npolicies = [\"key\"]",
+            "request_headers = { set = { \"X_Consumer_Id\" = \"forged\" } }",
+            format!("{at}.request_headers.set.X_Consumer_Id"),
+        ),
+        (
+            "upstream = \"u\"",
+            "request_headers = { set = { \"X-A\" = \"1\" }, remove = [\"x_a\"] }",
+            format!("{at}.request_headers.remove[0]"),
+        ),
+        (
+            "upstream = \"u\"",
+            "response_headers = { remove = [\"Content_Length\"] }",
+            format!("{at}.response_headers.remove[0]"),
+        ),
+        (
+            "upstream = \"u\"",
+            "response_headers = { set = { \"Transfer_Encoding\" = \"chunked\" } }",
+            format!("{at}.response_headers.set.Transfer_Encoding"),
+        ),
     ] {
         let e = err(&route(action, extra));
         assert_eq!(e.path(), path, "{action} {extra}: {e}");
     }
+    // Stored by an earlier build, such an edit is noted and ignored: neither its drop nor
+    // its line is made.
+    let stored = parse_config(
+        &up(
+            "request_headers = { set = { \"Content_Length\" = \"0\", \"X-Env\" = \"p\" }, \
+             remove = [\"X_Real_IP\", \"Cookie\"] }\n\
+             response_headers = { remove = [\"Content_Length\"] }",
+        ),
+        Format::Toml,
+    )
+    .unwrap();
+    let (s, notes) = Snapshot::compile_stored(stored, 1).unwrap();
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert!(notes[0].contains("set.Content_Length"), "{notes:?}");
+    let h = s.routes[0].headers.as_ref().unwrap();
+    assert_eq!(&*h.request_lines, b"X-Env: p\r\n");
+    // (`X_Real_IP`'s drop stays: the client's copies go whatever routes say.)
+    assert_eq!(names(&h.request_drop), ["x-env", "x_real_ip", "cookie"]);
+    assert!(h.response_drop.is_empty());
     // A route an earlier build stored with an X-Real-IP edit starts, noted; the edit is
     // dropped, so the gateway's own goes out alone (before: two X-Real-IP lines).
     let stored = parse_config(
