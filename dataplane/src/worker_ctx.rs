@@ -78,11 +78,13 @@ pub(crate) struct SetCache {
     sets: Vec<Option<Rc<Arc<common::live::TargetSet>>>>,
 }
 
-/// Per-upstream position in its round-robin schedule, reset when the snapshot changes.
+/// Per-upstream position in its round-robin schedule, kept across snapshots: by upstream
+/// index, the upstream's live state (its address, the same while the upstream keeps its id)
+/// and its next position. Before, every new revision restarted every schedule, so an
+/// automation writing consumers every few seconds sent most requests to the first targets.
 #[derive(Debug, Default)]
 pub(crate) struct RoundRobin {
-    revision: u64,
-    next: Vec<u32>,
+    next: Vec<(usize, u32)>,
 }
 
 impl WorkerCtx {
@@ -144,17 +146,30 @@ impl WorkerCtx {
 }
 
 impl RoundRobin {
-    /// The next position in upstream `index`'s schedule; positions restart (each worker at
-    /// its own offset, so they do not all hit the same target first) when the snapshot
-    /// changes.
-    pub fn next(&mut self, revision: u64, count: usize, index: usize, offset: u32) -> u32 {
-        if self.revision != revision || self.next.len() != count {
-            self.revision = revision;
-            self.next.clear();
-            self.next.resize(count, offset);
+    /// The next position in the schedule of the upstream whose live state is at `live`,
+    /// upstream `index` of a snapshot with `count`. A new upstream starts at `offset` (each
+    /// worker at its own, so they do not all hit the same target first); one a new snapshot
+    /// moved to another index takes its position along.
+    pub fn next(&mut self, live: usize, count: usize, index: usize, offset: u32) -> u32 {
+        if self.next.len() < count {
+            self.next.resize(count, (0, 0));
         }
-        let n = self.next[index];
-        self.next[index] = n.wrapping_add(1);
+        if self.next[index].0 != live {
+            match self.next.iter().position(|&(l, _)| l == live) {
+                Some(at) => self.next.swap(at, index),
+                None => {
+                    // What held the index goes to the end, where its upstream (moved to an
+                    // index not looked up yet) finds it; upstreams since removed are let go
+                    // once they outnumber the current ones.
+                    let moved = std::mem::replace(&mut self.next[index], (live, offset));
+                    if moved.0 != 0 && self.next.len() < 2 * count + 16 {
+                        self.next.push(moved);
+                    }
+                }
+            }
+        }
+        let n = self.next[index].1;
+        self.next[index].1 = n.wrapping_add(1);
         n
     }
 }
@@ -216,5 +231,32 @@ impl CutList {
         for waker in self.slots.iter_mut().filter_map(Option::take) {
             waker.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RoundRobin;
+
+    #[test]
+    fn round_robin_positions_follow_their_upstream_across_snapshots() {
+        let mut rr = RoundRobin::default();
+        // Upstreams at 0x10 and 0x20, indexes 0 and 1; this worker starts at 5.
+        assert_eq!(rr.next(0x10, 2, 0, 5), 5);
+        assert_eq!(rr.next(0x10, 2, 0, 5), 6);
+        assert_eq!(rr.next(0x20, 2, 1, 5), 5);
+        // A new snapshot puts 0x30 first: the others move and keep their positions.
+        assert_eq!(rr.next(0x20, 3, 2, 5), 6);
+        assert_eq!(rr.next(0x30, 3, 0, 5), 5);
+        assert_eq!(rr.next(0x10, 3, 1, 5), 7);
+        assert_eq!(rr.next(0x10, 3, 1, 5), 8);
+        // 0x30 goes; 0x10 back at index 0 keeps its position, 0x20 too.
+        assert_eq!(rr.next(0x10, 2, 0, 5), 9);
+        assert_eq!(rr.next(0x20, 2, 1, 5), 7);
+        // The list stays bounded however many upstreams come and go.
+        for live in 0x100..0x200 {
+            rr.next(live, 2, 0, 0);
+        }
+        assert!(rr.next.len() <= 2 * 2 + 16, "{}", rr.next.len());
     }
 }

@@ -1188,6 +1188,32 @@ fn a_retry_tries_every_target_once_before_any_again() {
 }
 
 #[test]
+fn round_robin_goes_on_across_config_changes_that_leave_its_upstream_alone() {
+    // A write between every two requests (a consumer, then an upstream listed before `u`,
+    // which moves it to another index): the rotation goes on (before: each revision
+    // restarted it, and every request went to the first target).
+    let backends: Vec<Backend> = (0..3)
+        .map(|i| Backend::start(&format!("t{i}"), Mode::Answer))
+        .collect();
+    let targets: Vec<String> = backends.iter().map(|b| target(b.addr)).collect();
+    let gw = Gateway::start(&config(1, &targets, "", ""), Driver::IoUring);
+    for i in 0..12 {
+        assert_eq!(get(&gw, "/x").status, 200);
+        let r = match i % 2 {
+            0 => gw.admin("PUT", &format!("/v1/consumers/c{i}"), Some("{}")),
+            _ => gw.admin(
+                "PUT",
+                &format!("/v1/upstreams/a{i}"),
+                Some(r#"{"targets":[{"address":"127.0.0.1:9"}]}"#),
+            ),
+        };
+        assert_eq!(r.status, 201, "{}", r.body_str());
+    }
+    let hits: Vec<usize> = backends.iter().map(|b| b.hits.load(SeqCst)).collect();
+    assert_eq!(hits, [4, 4, 4]);
+}
+
+#[test]
 fn hashing_keeps_keys_on_their_target_and_removing_one_of_ten_moves_a_tenth() {
     let backends: Vec<Backend> = (0..10)
         .map(|i| Backend::start(&format!("t{i}"), Mode::Answer))

@@ -112,9 +112,9 @@ pub(crate) trait SessionSource {
     fn drop_closed_idle(&self, _upstream: &Arc<UpstreamLive>) {}
     /// This worker's counter stripe.
     fn stripe(&self) -> usize;
-    /// The next round-robin position for upstream `index` of a snapshot with `revision`
-    /// and `count` upstreams.
-    fn next_rr(&self, revision: u64, count: usize, index: usize) -> u32;
+    /// The next round-robin position for `upstream`, upstream `index` of a snapshot with
+    /// `count` upstreams.
+    fn next_rr(&self, upstream: &Arc<UpstreamLive>, count: usize, index: usize) -> u32;
     /// Random bits.
     fn random(&self) -> u64;
     /// The upstream's current target set.
@@ -163,10 +163,11 @@ impl SessionSource for WorkerCtx {
         self.index
     }
 
-    fn next_rr(&self, revision: u64, count: usize, index: usize) -> u32 {
+    fn next_rr(&self, upstream: &Arc<UpstreamLive>, count: usize, index: usize) -> u32 {
+        let live = Arc::as_ptr(upstream) as usize;
         self.rr
             .borrow_mut()
-            .next(revision, count, index, self.index as u32)
+            .next(live, count, index, self.index as u32)
     }
 
     fn random(&self) -> u64 {
@@ -437,9 +438,7 @@ impl<'a, P: SessionSource> Connector<'a, P> {
                     // the schedule, and takes no turn from the rotation: taking one, with
                     // two targets, started every request on the same (failing) target.
                     Some(last) if !tried.is_empty() => last.wrapping_add(1),
-                    _ => self
-                        .source
-                        .next_rr(self.up.revision, self.up.count, self.up.index),
+                    _ => self.source.next_rr(&u.live, self.up.count, self.up.index),
                 };
                 self.rr.set(Some(turn));
                 turn
@@ -1012,7 +1011,7 @@ mod tests {
             0
         }
 
-        fn next_rr(&self, _revision: u64, _count: usize, _index: usize) -> u32 {
+        fn next_rr(&self, _upstream: &Arc<UpstreamLive>, _count: usize, _index: usize) -> u32 {
             0
         }
 
