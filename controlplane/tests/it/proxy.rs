@@ -636,6 +636,30 @@ fn limits_answer_431_414_413(driver: Driver) {
     assert_eq!(origin.requests().len(), 0);
 }
 
+#[test]
+fn limits_changed_at_runtime_hold_for_the_next_request_on_an_open_connection() {
+    // Connections opened before the change, not parked (`client_park_ms = 0`): the next
+    // head on each is read under the new limits, loosened or tightened (before: under the
+    // old ones until a request had been parsed, 414 and 200).
+    let origin = Origin::echo();
+    let extra = "[timeouts]\nclient_park_ms = 0\n[limits]\nmax_uri_bytes = 128\n";
+    let gw = Gateway::start(&framing_config(origin.addr, extra), Driver::IoUring);
+    let mut loosened = gw.connect();
+    let mut tightened = gw.connect();
+    for c in [&mut loosened, &mut tightened] {
+        assert_eq!(c.roundtrip("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    }
+    let mut whole = gw.admin("GET", "/v1/config", None).json();
+    whole["limits"]["max_uri_bytes"] = serde_json::json!(8192);
+    whole["limits"]["max_header_count"] = serde_json::json!(5);
+    let r = gw.admin("PUT", "/v1/config", Some(&whole.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(300));
+    assert_eq!(loosened.roundtrip(&long).status, 200);
+    let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(10));
+    assert_eq!(tightened.roundtrip(&many).status, 431);
+}
+
 fn at_max_connections_new_ones_wait_until_one_closes(driver: Driver) {
     // With `[limits] max_connections = 2` and two clients connected (parked by then, which
     // count too), a third's connection waits in the listen backlog, its request unanswered,

@@ -281,6 +281,14 @@ impl<S: ClientStream> Downstream<S> {
                 // order too (RFC 8446 6.1: close_notify in reply). Or the drain shut an idle
                 // socket's reading down (`worker::supervise`): an end of the gateway's making.
                 Ok(Some(0)) => return Ok(Head::Done),
+                // A new request's first bytes: it is read under the config in force now (a
+                // change made while the connection waited for it holds for it; before, its
+                // head was read under the last request's limits and header timeout).
+                Ok(Some(_)) if waiting_idle => {
+                    let snap = ctx.config.load();
+                    self.limits = snap.limits;
+                    self.timeouts = snap.timeouts;
+                }
                 Ok(Some(_)) => {}
                 Err(ReadError::Timeout) if waiting_idle => return Ok(Head::Done),
                 Err(ReadError::Timeout) => return Err(ErrorKind::ClientTimeout),
