@@ -1127,6 +1127,7 @@ struct AdminListener {
     stopped: bool,
     /// One permit per open connection ([`ADMIN_MAX_CONNECTIONS`]).
     slots: Arc<tokio::sync::Semaphore>,
+    failures: dataplane::FailureLog,
 }
 
 /// Most admin API connections open at once: past it, new ones wait in the listen backlog.
@@ -1269,7 +1270,11 @@ impl axum::serve::Listener for AdminListener {
                 accepted = accept_in_a_slot(&self.inner, &self.slots) => match accepted {
                     Ok((inner, addr, slot)) => return (AdminConn::new(inner, slot), addr),
                     Err(e) => {
-                        log::warn!("admin API: accept failed: {e}");
+                        if let Some(more) = self.failures.due(Instant::now()) {
+                            log::warn!(
+                                "admin API: accept failed: {e}{more} (said at most once a minute)"
+                            );
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -1342,6 +1347,7 @@ fn spawn_admin(
                     stop,
                     stopped: false,
                     slots: Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS)),
+                    failures: dataplane::FailureLog::default(),
                 };
                 if let Err(e) = axum::serve(listener, api::app(admin)).await {
                     log::error!("admin API stopped: {e}");

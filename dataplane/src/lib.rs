@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use common::Snapshot;
 
-pub use worker::allowed_cpus;
+pub use worker::{allowed_cpus, FailureLog};
 
 /// Which I/O driver to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

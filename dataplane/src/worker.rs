@@ -290,6 +290,7 @@ async fn accept_until_drained(
     index: u16,
     cancel: monoio::io::CancelHandle,
 ) {
+    let mut failures = FailureLog::default();
     loop {
         if !room_for_one_more(ctx).await {
             break;
@@ -312,10 +313,44 @@ async fn accept_until_drained(
                     break;
                 }
                 // Out of fds or memory: back off instead of spinning.
-                log::warn!("accept failed: {e}");
+                if let Some(more) = failures.due(Instant::now()) {
+                    log::warn!(
+                        "worker {}: accept failed: {e}{more} (said at most once a minute)",
+                        ctx.index
+                    );
+                }
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// A failure that repeats (an accept out of file descriptors, retried every 50 ms): logged
+/// at most once a minute, with how many were not (before: 20 lines a second per listener
+/// and worker for as long as it lasted).
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    logged: Option<Instant>,
+    unsaid: u64,
+}
+
+impl FailureLog {
+    /// Whether to log the failure that happened at `now`; if so, what to add about the ones
+    /// left unsaid since the last line.
+    pub fn due(&mut self, now: Instant) -> Option<String> {
+        let due = self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60));
+        if !due {
+            self.unsaid += 1;
+            return None;
+        }
+        self.logged = Some(now);
+        let more = match std::mem::take(&mut self.unsaid) {
+            0 => String::new(),
+            n => format!("; {n} more since the last line"),
+        };
+        Some(more)
     }
 }
 
@@ -717,6 +752,19 @@ fn pin_to_cpu(cpu: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeating_failure_is_said_once_a_minute_with_the_count_left_unsaid() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.due(t0).as_deref(), Some(""));
+        for ms in (50..60_000).step_by(50) {
+            assert_eq!(log.due(t0 + Duration::from_millis(ms)), None);
+        }
+        let more = log.due(t0 + Duration::from_secs(60));
+        assert_eq!(more.as_deref(), Some("; 1199 more since the last line"));
+        assert_eq!(log.due(t0 + Duration::from_secs(200)).as_deref(), Some(""));
+    }
 
     #[test]
     fn a_panicking_task_is_contained_and_the_runtime_goes_on() {
