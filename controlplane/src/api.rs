@@ -1904,6 +1904,14 @@ pub fn app(admin: Arc<Admin>) -> Router {
             if r.status() != StatusCode::METHOD_NOT_ALLOWED {
                 r.headers_mut().remove(header::ALLOW);
             }
+            // Answers carry secrets (a JWT policy's `secret`, `[cluster] redis`'s password,
+            // the `[admin]` token): kept out of every cache (RFC 9111 5.2.2.5), the
+            // dashboard's browser's included, which wrote them to its disk cache. The
+            // dashboard's own files say `no-cache`.
+            if !r.headers().contains_key(header::CACHE_CONTROL) {
+                (r.headers_mut())
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
             r
         }))
 }

@@ -269,6 +269,14 @@ fn conditional_writes() {
     };
     problem(&put("\"stale\""), 412);
     assert_eq!(put(&cfg_etag).status, 200);
+    // Refusals and the token-free endpoints too; the dashboard's files are `no-cache`.
+    let refused = gw.admin_with("GET", "/v1/config", None, &[]);
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.header("cache-control"), Some("no-store"));
+    let health = gw.admin_with("GET", "/v1/health", None, &[]);
+    assert_eq!(health.header("cache-control"), Some("no-store"));
+    let ui = gw.admin_with("GET", "/ui/app.js", None, &[]);
+    assert_eq!(ui.header("cache-control"), Some("no-cache"));
 }
 
 #[test]
@@ -285,11 +293,11 @@ fn conditional_reads() {
         )
     };
     for path in ["/v1/config", "/v1/routes", "/v1/routes/health"] {
-        let etag = gw
-            .admin("GET", path, None)
-            .header("etag")
-            .unwrap()
-            .to_owned();
+        let r = gw.admin("GET", path, None);
+        // Kept out of caches: answers carry secrets (before: no Cache-Control, and the
+        // dashboard's browser stored them on disk).
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{path}");
+        let etag = r.header("etag").unwrap().to_owned();
         // A cache that holds the current answer gets 304, the ETag and no body (RFC 9110
         // 13.1.2, 15.4.5); a weak copy of the tag and a list naming it match too.
         let weak = format!("W/{etag}");
