@@ -24,9 +24,12 @@ use crate::api::{json_response, only_param, Admin, Problem};
 
 /// Longest a stream runs before the page must open it again.
 const MAX_STREAM_SECONDS: u64 = 3600;
-/// Most access log lines one request returns, and how far back from the end it looks.
+/// Most access log lines one request returns; how far back from the end it looks first, and
+/// at most (doubling the window while the lines asked for are not in it: long lines, a
+/// `user_agent` or `path` of kilobytes, left 244 of 1,000 in the first).
 const MAX_LOG_LINES: usize = 1000;
 const LOG_TAIL_BYTES: u64 = 512 * 1024;
+const LOG_TAIL_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One query parameter `name` as a number in `1..=max`, `default` when absent.
 fn number_param(raw: Option<&str>, name: &str, default: u64, max: u64) -> Result<u64, Problem> {
@@ -220,12 +223,14 @@ pub async fn access_log_tail(
             ))
         }
     };
-    let read = || -> std::io::Result<Option<Vec<String>>> {
+    let read = || -> std::io::Result<Option<(Vec<String>, bool)>> {
         // Anything but a regular file (a FIFO a shipper reads, a socket) is not opened at
         // all; and without waiting for a writer, should it have become a FIFO since.
         match std::fs::metadata(&path) {
             Ok(meta) if !meta.is_file() => return Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some((Vec::new(), false)))
+            }
             _ => {}
         }
         let open = std::fs::OpenOptions::new()
@@ -234,7 +239,9 @@ pub async fn access_log_tail(
             .open(&path);
         let mut f = match open {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some((Vec::new(), false)))
+            }
             Err(e) => return Err(e),
         };
         let meta = f.metadata()?;
@@ -244,21 +251,28 @@ pub async fn access_log_tail(
             return Ok(None);
         }
         let len = meta.len();
-        let from = len.saturating_sub(LOG_TAIL_BYTES);
-        f.seek(SeekFrom::Start(from))?;
-        let mut bytes = Vec::new();
-        f.take(LOG_TAIL_BYTES).read_to_end(&mut bytes)?;
-        let text = String::from_utf8_lossy(&bytes);
-        let mut lines: Vec<&str> = text.lines().collect();
-        if from > 0 && !lines.is_empty() {
-            // The first line was cut by the window.
-            lines.remove(0);
+        let mut window = LOG_TAIL_BYTES;
+        loop {
+            let from = len.saturating_sub(window);
+            f.seek(SeekFrom::Start(from))?;
+            let mut bytes = Vec::new();
+            (&mut f).take(window).read_to_end(&mut bytes)?;
+            let text = String::from_utf8_lossy(&bytes);
+            let mut lines: Vec<&str> = text.lines().collect();
+            if from > 0 && !lines.is_empty() {
+                // The first line was cut by the window.
+                lines.remove(0);
+            }
+            lines.retain(|l| l.starts_with("{\"ts\":\"") && l.ends_with('}'));
+            let short = lines.len() < want && from > 0;
+            if short && window < LOG_TAIL_MAX_BYTES {
+                window *= 2;
+                continue;
+            }
+            let skip = lines.len().saturating_sub(want);
+            let lines = lines[skip..].iter().map(|l| (*l).to_owned()).collect();
+            return Ok(Some((lines, short)));
         }
-        lines.retain(|l| l.starts_with("{\"ts\":\"") && l.ends_with('}'));
-        let skip = lines.len().saturating_sub(want);
-        Ok(Some(
-            lines[skip..].iter().map(|l| (*l).to_owned()).collect(),
-        ))
     };
     let read = read().map_err(|e| {
         Problem::new(
@@ -267,7 +281,7 @@ pub async fn access_log_tail(
             format!("{}: {e}", path.display()),
         )
     })?;
-    let Some(lines) = read else {
+    let Some((lines, cut)) = read else {
         return Err(Problem::not_found(format!(
             "the access log goes to {}, which is not a regular file: nothing to read back",
             path.display()
@@ -276,7 +290,8 @@ pub async fn access_log_tail(
     Ok(json_response(
         StatusCode::OK,
         None,
-        json!({"path": path.display().to_string(), "lines": lines}),
+        // `truncated`: fewer lines than asked, as the file's last 16 MiB hold no more.
+        json!({"path": path.display().to_string(), "lines": lines, "truncated": cut}),
     ))
 }
 

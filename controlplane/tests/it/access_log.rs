@@ -316,6 +316,34 @@ fn the_admin_tail_shows_log_lines_only_whatever_the_file_holds() {
 }
 
 #[test]
+fn the_admin_tail_gives_as_many_long_lines_as_asked_and_says_when_it_cannot() {
+    // Lines of 4 KiB: the first 512 KiB held 127 of the 1,000 asked for (before: 127, said
+    // nowhere); 20 KiB ones: the last 16 MiB hold 819, and the answer says it is short.
+    let origin = Origin::echo();
+    let slow = slow_origin(Duration::from_millis(10));
+    for (size, want_lines, truncated) in [(4096, 1000, false), (20 * 1024, 819, true)] {
+        let dir = temp_dir("access-log-long-tail");
+        let log = dir.join("access.log");
+        let mut text = String::new();
+        for i in 0..1200 {
+            let line = format!("{{\"ts\":\"t\",\"n\":{i},\"pad\":\"");
+            let pad = "p".repeat(size - line.len() - 3);
+            text.push_str(&format!("{line}{pad}\"}}\n"));
+        }
+        std::fs::write(&log, text).unwrap();
+        let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+        let tail = gw.admin("GET", "/v1/access_log?lines=1000", None).json();
+        let lines = tail["lines"].as_array().unwrap();
+        assert_eq!(lines.len(), want_lines, "{size}");
+        assert!(lines[lines.len() - 1]
+            .as_str()
+            .unwrap()
+            .contains("\"n\":1199,"));
+        assert_eq!(tail["truncated"], truncated, "{size}");
+    }
+}
+
+#[test]
 fn a_client_that_leaves_before_the_answer_is_logged_as_499() {
     let origin = Origin::echo();
     let slow = slow_origin(Duration::from_millis(200));
