@@ -1,11 +1,15 @@
 // The gateway dashboard: plain JavaScript, no build step, nothing fetched from elsewhere.
 // The token lives in sessionStorage (this tab only) and travels in the Authorization header of
 // every data request, the live stream included (a streamed fetch; EventSource cannot send it).
+// One tab at a time holds the live stream (a Web Lock) and passes its ticks to the others
+// (a BroadcastChannel): a stream per tab held one of the browser's six connections to the
+// admin API each, and six tabs stopped every tab's refresh.
 "use strict";
 
 const HISTORY = 300;            // seconds kept for the plots: bounded, however long the page stays open
 const REFRESH_MS = 5000;        // resources, revisions and the access log
-const state = { token: null, timer: null, streamAbort: null, rps: [], p99: [], live: new Map(), configEtag: null };
+const state = { token: null, timer: null, streamAbort: null, signingIn: false, rps: [], p99: [], live: new Map(), configEtag: null };
+const ticks = "BroadcastChannel" in window ? new BroadcastChannel("gateway-dashboard-live") : null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -34,19 +38,41 @@ async function getJson(path) {
 
 // ---- sign in / out -------------------------------------------------------------------------
 
+// One sign-in at a time: a double click started two refresh timers and two streams, of
+// which a sign-out stopped one (the other polled on with no token).
 async function signIn(token) {
-  state.token = token;
-  const res = await fetch("/v1/status", { headers: { Authorization: "Bearer " + token } });
+  if (state.signingIn) return;
+  state.signingIn = true;
+  try {
+    await trySignIn(token);
+  } finally {
+    state.signingIn = false;
+  }
+}
+
+async function trySignIn(token) {
+  // What the gateway takes (GATEWAY_ADMIN_TOKEN): a header could not carry anything else.
+  if (!/^[\x21-\x7e]+$/.test(token)) {
+    $("login-error").textContent = "a token is visible ASCII characters only (no spaces)";
+    return;
+  }
+  let res;
+  try {
+    res = await fetch("/v1/status", { headers: { Authorization: "Bearer " + token } });
+  } catch (e) {
+    $("login-error").textContent = "cannot reach the admin API: " + e.message;
+    return;
+  }
   if (res.status === 401) {
-    state.token = null;
     $("login-error").textContent = "401 Unauthorized: the token was refused";
     return;
   }
   if (!res.ok) {
-    state.token = null;
     $("login-error").textContent = "the admin API answered " + res.status;
     return;
   }
+  stopActivity();
+  state.token = token;
   sessionStorage.setItem("gw-token", token);
   $("login-error").textContent = "";
   $("login").hidden = true;
@@ -54,14 +80,20 @@ async function signIn(token) {
   $("signout").hidden = false;
   refresh();
   state.timer = setInterval(refresh, REFRESH_MS);
-  openStream();
+  startStream();
+}
+
+function stopActivity() {
+  clearInterval(state.timer);
+  state.timer = null;
+  if (state.streamAbort) state.streamAbort.abort();
+  state.streamAbort = null;
 }
 
 function signOut(message) {
   sessionStorage.removeItem("gw-token");
   state.token = null;
-  clearInterval(state.timer);
-  if (state.streamAbort) state.streamAbort.abort();
+  stopActivity();
   $("app").hidden = true;
   $("signout").hidden = true;
   $("login").hidden = false;
@@ -70,10 +102,31 @@ function signOut(message) {
 
 // ---- live stream ---------------------------------------------------------------------------
 
-async function openStream() {
-  if (!state.token) return;
+// Takes the stream when no other tab of this browser holds it (at once without Web Locks,
+// which need a secure context: each tab its own then), and holds it until signed out.
+function startStream() {
   const abort = new AbortController();
   state.streamAbort = abort;
+  if (!navigator.locks || !ticks) {
+    leadStream(abort);
+    return;
+  }
+  $("stream-state").textContent = "live (from another tab)";
+  navigator.locks
+    .request("gateway-dashboard-stream", { signal: abort.signal }, () => leadStream(abort))
+    .catch(() => { /* aborted while waiting: signed out */ });
+}
+
+// Reads the stream, again a second after it ends or fails, until `abort`.
+async function leadStream(abort) {
+  while (state.token && !abort.signal.aborted) {
+    await readStream(abort);
+    if (abort.signal.aborted) return;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+async function readStream(abort) {
   try {
     const res = await api("/v1/stream", { signal: abort.signal });
     if (!res.ok) throw new Error("stream: " + res.status);
@@ -89,14 +142,16 @@ async function openStream() {
       while ((nl = pending.indexOf("\n")) >= 0) {
         const line = pending.slice(0, nl);
         pending = pending.slice(nl + 1);
-        if (line.trim()) onTick(JSON.parse(line));
+        if (!line.trim()) continue;
+        const tick = JSON.parse(line);
+        onTick(tick);
+        if (ticks) ticks.postMessage(tick);
       }
     }
   } catch (e) {
     if (abort.signal.aborted) return;
     $("stream-state").textContent = "stream interrupted (" + e.message + "); reconnecting";
   }
-  if (state.token && !abort.signal.aborted) setTimeout(openStream, 1000);
 }
 
 function fmtMs(v) { return v === null || v === undefined ? "–" : (v < 10 ? v.toFixed(2) : v.toFixed(0)) + " ms"; }
@@ -220,9 +275,9 @@ async function loadUpstreams() {
 }
 
 async function loadRevisions() {
-  const res = await api("/v1/config");
+  // Its ETag, for a rollback's If-Match: the head alone, not the whole config.
+  const res = await api("/v1/config", { method: "HEAD" });
   state.configEtag = res.headers.get("etag");
-  await res.body.cancel();
   const list = await getJson("/v1/revisions");
   const revs = list.revisions.slice().reverse();
   const body = $("revisions").querySelector("tbody");
@@ -308,6 +363,7 @@ async function loadLog() {
 document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("token").value); });
   $("signout").addEventListener("click", () => signOut(""));
+  if (ticks) ticks.onmessage = (e) => { if (state.token) onTick(e.data); };
   $("diff-show").addEventListener("click", showDiff);
   for (const id of ["diff-a", "diff-b"]) $(id).addEventListener("change", (e) => { e.target.dataset.touched = "1"; });
   const saved = sessionStorage.getItem("gw-token");

@@ -1,6 +1,8 @@
 // Drives the admin dashboard in headless Chromium (Debian `chromium`) through playwright-core:
-// a wrong token gets 401, the right one signs in, a route added through the API appears, the
-// req/s number moves under load, a rollback (confirmed) takes the route away again.
+// a wrong token gets 401 (one that is not ASCII a message), the right one signs in, a route
+// added through the API appears, the req/s number moves under load in two tabs over one live
+// stream, a rollback (confirmed) takes the route away again, and a double-clicked sign-in
+// leaves nothing running after the sign-out.
 // Screenshots go to SHOTS_DIR. Run by tests/it/dashboard.rs:
 //   node dashboard.mjs ADMIN_URL TOKEN DATA_URL SHOTS_DIR
 import { chromium } from "playwright-core";
@@ -10,7 +12,14 @@ const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
 });
-const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+const context = await browser.newContext({ viewport: { width: 1280, height: 1100 } });
+const page = await context.newPage();
+// Every request the dashboard's tabs make, by path: [tab, path, Authorization].
+const requests = [];
+function watch(p, tab) {
+  p.on("request", (r) => requests.push([tab, new URL(r.url()).pathname, r.headers()["authorization"] || ""]));
+}
+watch(page, 1);
 // Script errors (uncaught exceptions), not the browser's notes about non-2xx answers (the
 // wrong token's 401 is one on purpose).
 const consoleErrors = [];
@@ -42,6 +51,11 @@ try {
   if (await page.isVisible("#app")) await fail("the dashboard opened with a wrong token");
   await page.screenshot({ path: shots + "/01-wrong-token.png" });
 
+  step = "a token that is not ASCII gets a message";
+  await page.fill("#token", "t\u00f6ken-0123456789abcdef");
+  await page.click("#login-form button[type=submit]");
+  await page.waitForFunction(() => document.getElementById("login-error").textContent.includes("ASCII"), null, { timeout: 10000 });
+
   step = "sign in";
   await page.fill("#token", token);
   await page.click("#login-form button[type=submit]");
@@ -68,6 +82,15 @@ try {
   if (moved.status !== 308) await fail("/added answered " + moved.status + ", not its redirect");
   await page.screenshot({ path: shots + "/02-route-added.png", fullPage: true });
 
+  step = "a second tab signs in";
+  const page2 = await context.newPage();
+  watch(page2, 2);
+  page2.on("pageerror", (e) => consoleErrors.push("tab 2: " + e.message));
+  await page2.goto(admin + "/ui");
+  await page2.fill("#token", token);
+  await page2.click("#login-form button[type=submit]");
+  await page2.waitForSelector("#app", { state: "visible", timeout: 10000 });
+
   step = "req/s moves under load";
   let loading = true;
   const load = (async () => {
@@ -84,6 +107,10 @@ try {
     return row && parseFloat(row.textContent) > 20;
   }, null, { timeout: 10000 });
   const rps = await page.textContent("#live-rps");
+  step = "the second tab shows it too, over the first tab's stream";
+  await page2.waitForFunction(() => parseFloat(document.getElementById("live-rps").textContent) > 20, null, { timeout: 20000 });
+  const streams = requests.filter(([, path]) => path === "/v1/stream");
+  if (streams.length !== 1) await fail("live streams opened: " + JSON.stringify(streams.map(([tab]) => tab)));
   await page.waitForTimeout(3000);
   await page.screenshot({ path: shots + "/03-live-under-load.png", fullPage: true });
   loading = false;
@@ -110,6 +137,25 @@ try {
   await page.waitForFunction(() => document.getElementById("log").textContent.includes("\"route\":\"hello\""), null, { timeout: 15000 });
 
   await page.screenshot({ path: shots + "/05-overview.png", fullPage: true });
+
+  step = "a double-clicked sign-in leaves nothing running after the sign-out";
+  await page2.click("#signout");
+  await page2.waitForSelector("#login", { state: "visible", timeout: 10000 });
+  await page2.fill("#token", token);
+  await page2.evaluate(() => {
+    const form = document.getElementById("login-form");
+    form.requestSubmit();
+    form.requestSubmit();
+  });
+  await page2.waitForSelector("#app", { state: "visible", timeout: 10000 });
+  await page2.waitForTimeout(1000);
+  await page2.click("#signout");
+  const signedOut = requests.length;
+  await page2.waitForTimeout(6000);
+  const after = requests.slice(signedOut).filter(([tab]) => tab === 2);
+  if (after.length) await fail("requests after the sign-out: " + JSON.stringify(after));
+  const said = await page2.textContent("#login-error");
+  if (said) await fail("the sign-out says " + JSON.stringify(said));
 
   if (consoleErrors.length) await fail("script errors: " + consoleErrors.join(" | "));
 } catch (e) {
