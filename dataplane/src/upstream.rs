@@ -683,6 +683,10 @@ impl Pool {
         now: Instant,
     ) -> Option<Box<UpstreamConn>> {
         let list = self.idle.get_mut(addr, upstream)?;
+        if self.max_idle == 0 {
+            // Pooling turned off since these were put: the next sweep closes them.
+            return None;
+        }
         while let Some(mut conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
             if idle < self.idle_timeout && conn.idle_and_open() {
@@ -720,11 +724,17 @@ impl Pool {
 
     /// Closes connections idle for longer than the idle timeout, and those the upstream
     /// closed (or sent bytes on) meanwhile: they would hold places in the upstream's
-    /// `circuit.max_connections` until a request to their target found them.
+    /// `circuit.max_connections` until a request to their target found them. Past
+    /// `max_idle` (lowered at runtime, to 0 to turn pooling off) the least recently used go
+    /// too: before, they stayed, and were reused, until their idle timeout.
     pub fn sweep(&mut self, now: Instant) {
         let timeout = self.idle_timeout;
+        let most = self.max_idle;
         for list in self.idle.lists_mut() {
             list.retain_mut(|c| now.duration_since(c.idle_since) < timeout && c.idle_and_open());
+            // The most recently used are at the end.
+            let over = list.len().saturating_sub(most);
+            list.drain(..over);
         }
     }
 

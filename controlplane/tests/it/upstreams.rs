@@ -1354,6 +1354,48 @@ fn in_flight_at(gw: &Gateway, backend: &Backend, path: &str) -> thread::JoinHand
 }
 
 #[test]
+fn lowering_max_idle_per_target_closes_the_idle_connections_past_it() {
+    // Four connections pooled; the limit lowered to 1, then 0 (pooling off): the ones past
+    // it close within a sweep, and with 0 the next request opens its own (before: all four
+    // stayed, and served, until their idle timeout).
+    let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(300)));
+    let gw = Gateway::start(&config(1, &[target(slow.addr)], "", ""), Driver::IoUring);
+    let busy: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = gw.addr;
+            thread::spawn(move || {
+                let req = format!("GET /{i} HTTP/1.1\r\nHost: t\r\n\r\n");
+                Client::connect(addr).roundtrip(&req).status
+            })
+        })
+        .collect();
+    for b in busy {
+        assert_eq!(b.join().unwrap(), 200);
+    }
+    assert_eq!(slow.conns.lock().unwrap().len(), 4);
+    let closed_within = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while slow.closed.load(SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} closed",
+                slow.closed.load(SeqCst)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for (most, closed) in [(1, 3), (0, 4)] {
+        let mut whole = gw.admin("GET", "/v1/config", None).json();
+        whole["upstream_pool"]["max_idle_per_target"] = serde_json::json!(most);
+        let r = gw.admin("PUT", "/v1/config", Some(&whole.to_string()));
+        assert_eq!(r.status, 200, "{}", r.body_str());
+        closed_within(closed);
+    }
+    assert_eq!(get(&gw, "/x").status, 200);
+    assert_eq!(slow.conns.lock().unwrap().len(), 5);
+}
+
+#[test]
 fn max_connections_counts_pooled_connections() {
     let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(400)));
     let settings = "circuit = { max_connections = 1 }";
