@@ -94,6 +94,11 @@ pub enum ErrorKind {
     CircuitMaxPending,
     /// `circuit.max_requests` requests to the upstream are already in flight (503).
     CircuitMaxRequests,
+    /// The gateway could not open a socket to the target: out of file descriptors, memory or
+    /// local ports (503, `X-Gateway-Reason: no_socket`). Its own shortage, not the target's
+    /// failure: not counted against the target (before, `connect_failed` ejected healthy
+    /// targets), never retried.
+    NoSocket,
     /// The drain after SIGTERM (`shutdown.drain_timeout_ms`) ended before the answer was
     /// complete: the request was given up and its connection closed (stream reset) without
     /// a canned answer, whatever had been sent (logged as 503 when nothing had).
@@ -101,7 +106,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 29] = [
         ErrorKind::BadRequest,
         ErrorKind::UriTooLong,
         ErrorKind::HeadTooLarge,
@@ -129,6 +134,7 @@ impl ErrorKind {
         ErrorKind::CircuitMaxConnections,
         ErrorKind::CircuitMaxPending,
         ErrorKind::CircuitMaxRequests,
+        ErrorKind::NoSocket,
         ErrorKind::DrainTimeout,
     ];
 
@@ -162,6 +168,7 @@ impl ErrorKind {
             ErrorKind::CircuitMaxConnections => "circuit_max_connections",
             ErrorKind::CircuitMaxPending => "circuit_max_pending",
             ErrorKind::CircuitMaxRequests => "circuit_max_requests",
+            ErrorKind::NoSocket => "no_socket",
             ErrorKind::DrainTimeout => "drain_timeout",
         }
     }
@@ -173,6 +180,7 @@ impl ErrorKind {
             ErrorKind::CircuitMaxConnections => b"max_connections",
             ErrorKind::CircuitMaxPending => b"max_pending",
             ErrorKind::CircuitMaxRequests => b"max_requests",
+            ErrorKind::NoSocket => b"no_socket",
             _ => return None,
         })
     }
@@ -211,6 +219,7 @@ impl ErrorKind {
             | ErrorKind::CircuitMaxConnections
             | ErrorKind::CircuitMaxPending
             | ErrorKind::CircuitMaxRequests
+            | ErrorKind::NoSocket
             | ErrorKind::DrainTimeout => Side::Gateway,
             ErrorKind::ConnectFailed
             | ErrorKind::ConnectTimeout
@@ -252,7 +261,8 @@ impl ErrorKind {
             ErrorKind::NoTargets
             | ErrorKind::CircuitMaxConnections
             | ErrorKind::CircuitMaxPending
-            | ErrorKind::CircuitMaxRequests => Status::ServiceUnavailable,
+            | ErrorKind::CircuitMaxRequests
+            | ErrorKind::NoSocket => Status::ServiceUnavailable,
             ErrorKind::ClientClosed | ErrorKind::PolicyDenied | ErrorKind::DrainTimeout => {
                 return None
             }

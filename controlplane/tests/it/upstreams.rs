@@ -1396,6 +1396,61 @@ fn lowering_max_idle_per_target_closes_the_idle_connections_past_it() {
 }
 
 #[test]
+fn a_gateway_out_of_file_descriptors_blames_no_target() {
+    // The gateway's own fd limit reached: a request that needs an upstream connection is a
+    // 503 `no_socket`, the (healthy) target is not ejected, and once fds are free again it
+    // serves (before: 502 `connect_failed`, counted against the target, which was ejected).
+    let ok = Backend::start("ok", Mode::Answer);
+    let settings = "passive = { consecutive_failures = 2, ejection_ms = 30000 }";
+    let top = "[upstream_pool]\nmax_idle_per_target = 0\n";
+    let gw = Gateway::start(
+        &config(1, &[target(ok.addr)], settings, top),
+        Driver::IoUring,
+    );
+    let mut c = gw.connect();
+    let ask = |c: &mut Client| c.roundtrip("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(ask(&mut c).status, 200);
+    // New descriptors take the lowest free numbers: a limit of as many as are open, and 8,
+    // leaves 8 (those open above it, the io_uring ring's, stay).
+    let open = std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+        .unwrap()
+        .count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: open + 8,
+        rlim_max: open + 8,
+    };
+    // SAFETY: sets a resource limit of a child process this test started; no pointers kept.
+    let set = unsafe { libc::prlimit(gw.pid(), libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+    // Idle clients take every descriptor left (the accepts past them fail).
+    let idle: Vec<Client> = (0..40).map(|_| gw.connect()).collect();
+    thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let r = ask(&mut c);
+        assert_eq!(
+            (r.status, r.header("x-gateway-reason")),
+            (503, Some("no_socket")),
+            "{}",
+            r.head
+        );
+    }
+    // (The admin API, in the same process, needs a descriptor too.)
+    drop(idle);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        states(&gw).get(&ok.addr.to_string()).map(String::as_str),
+        Some("healthy")
+    );
+    assert!(
+        metric(
+            &gw,
+            "gateway_errors_total{side=\"gateway\",kind=\"no_socket\"}"
+        ) >= 3
+    );
+    assert_eq!(ask(&mut c).status, 200);
+}
+
+#[test]
 fn max_connections_counts_pooled_connections() {
     let slow = Backend::start("slow", Mode::Slow(Duration::from_millis(400)));
     let settings = "circuit = { max_connections = 1 }";
