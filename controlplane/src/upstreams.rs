@@ -1084,13 +1084,28 @@ async fn health_checks(
 ) {
     let interval = hc.interval.as_millis() as u64;
     tokio::time::sleep(Duration::from_millis(jitter(interval))).await;
+    let mut no_socket = dataplane::FailureLog::default();
     loop {
         // The next check starts an interval after this one started, whatever this one
         // takes (up to `timeout_ms`, at most the interval): a target that stops answering
         // is noticed within `unhealthy_after` intervals and one timeout.
         let next = tokio::time::Instant::now()
             + Duration::from_millis(interval - interval / 10 + jitter(interval / 5));
-        let status = check_once(addr, &hc, &host).await;
+        let status = match check_once(addr, &hc, &host).await {
+            Ok(status) => status,
+            // The gateway's own want of a socket says nothing of the target: no result
+            // (before, a gateway out of file descriptors marked every target unhealthy).
+            Err(e) => {
+                if let Some(more) = no_socket.due(std::time::Instant::now()) {
+                    log::warn!(
+                        "health: cannot check {addr}: {e}{more} (not counted; said at most \
+                         once a minute)"
+                    );
+                }
+                tokio::time::sleep_until(next).await;
+                continue;
+            }
+        };
         let ok = status.is_some_and(|s| hc.expect_status.contains(&s));
         {
             let mut c = state.check.lock().unwrap_or_else(|p| p.into_inner());
@@ -1138,12 +1153,21 @@ fn jitter(max: u64) -> u64 {
 /// upstream's `tls`), or for a gRPC upstream the unary call `path` with an empty message.
 /// The status answered (a gRPC call counts as 200 only when its `grpc-status` is 0 and, for
 /// the standard health service, the answer says SERVING), or `None` when the target did not
-/// answer within the timeout (a failed TLS handshake included).
-async fn check_once(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u16> {
+/// answer within the timeout (a failed TLS handshake included); `Err` when the gateway had
+/// no socket to check with ([`dataplane::upstream::no_socket`]).
+async fn check_once(
+    addr: SocketAddr,
+    hc: &HealthCheck,
+    host: &str,
+) -> Result<Option<u16>, std::io::Error> {
     let check = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let tcp = match tokio::net::TcpStream::connect(addr).await {
+            Ok(tcp) => tcp,
+            Err(e) if dataplane::upstream::no_socket(&e) => return Err(e),
+            Err(_) => return Ok(None),
+        };
         let Some(tls) = &hc.tls else {
-            return check_on(tcp, hc, host, "http").await;
+            return Ok(check_on(tcp, hc, host, "http").await);
         };
         // `host` is `NAME:PORT`, or the target's address when it has no name.
         let name = match host.parse::<SocketAddr>() {
@@ -1153,14 +1177,16 @@ async fn check_once(addr: SocketAddr, hc: &HealthCheck, host: &str) -> Option<u1
         let name = tls.name_for(name, addr.ip());
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
         match connector.connect(name, tcp).await {
-            Ok(s) => check_on(s, hc, host, "https").await,
+            Ok(s) => Ok(check_on(s, hc, host, "https").await),
             Err(e) => {
                 log::debug!("health: TLS with {addr} failed: {e}");
-                None
+                Ok(None)
             }
         }
     };
-    tokio::time::timeout(hc.timeout, check).await.ok().flatten()
+    tokio::time::timeout(hc.timeout, check)
+        .await
+        .unwrap_or(Ok(None))
 }
 
 /// [`check_once`] on an open connection.

@@ -461,6 +461,15 @@ pub enum ConnectError {
     Tls(io::Error),
 }
 
+/// Whether a connect failed for want of a socket of the gateway's own (file descriptors,
+/// memory, local ports), which says nothing of the target.
+pub fn no_socket(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Opens a connection with TCP_NODELAY, failing after `timeout`; bytes it sends that the
 /// upstream leaves unacknowledged (or its window shut) for `send_timeout` make the
 /// connection fail with `ETIMEDOUT`.

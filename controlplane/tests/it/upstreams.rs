@@ -1398,10 +1398,13 @@ fn lowering_max_idle_per_target_closes_the_idle_connections_past_it() {
 #[test]
 fn a_gateway_out_of_file_descriptors_blames_no_target() {
     // The gateway's own fd limit reached: a request that needs an upstream connection is a
-    // 503 `no_socket`, the (healthy) target is not ejected, and once fds are free again it
-    // serves (before: 502 `connect_failed`, counted against the target, which was ejected).
+    // 503 `no_socket`, the (healthy) target is neither ejected nor checked unhealthy, and
+    // once fds are free again it serves (before: 502 `connect_failed`, counted against the
+    // target, which was ejected; and its active checks failed).
     let ok = Backend::start("ok", Mode::Answer);
-    let settings = "passive = { consecutive_failures = 2, ejection_ms = 30000 }";
+    let settings = "passive = { consecutive_failures = 2, ejection_ms = 30000 }\n\
+                    health_check = { path = \"/healthz\", interval_ms = 100, timeout_ms = 100, \
+                    healthy_after = 50, unhealthy_after = 1 }";
     let top = "[upstream_pool]\nmax_idle_per_target = 0\n";
     let gw = Gateway::start(
         &config(1, &[target(ok.addr)], settings, top),
@@ -1424,7 +1427,8 @@ fn a_gateway_out_of_file_descriptors_blames_no_target() {
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
     // Idle clients take every descriptor left (the accepts past them fail).
     let idle: Vec<Client> = (0..40).map(|_| gw.connect()).collect();
-    thread::sleep(Duration::from_millis(300));
+    // Long enough for a few health checks.
+    thread::sleep(Duration::from_millis(500));
     for _ in 0..3 {
         let r = ask(&mut c);
         assert_eq!(

@@ -274,7 +274,7 @@ impl Drop for Held<'_> {
 fn connect_error(e: &ConnectError) -> ProxyError {
     ProxyError::new(match e {
         ConnectError::Timeout => ErrorKind::ConnectTimeout,
-        ConnectError::Io(e) if no_socket(e) => ErrorKind::NoSocket,
+        ConnectError::Io(e) if crate::upstream::no_socket(e) => ErrorKind::NoSocket,
         ConnectError::Io(_) => ErrorKind::ConnectFailed,
         ConnectError::Tls(e) => match e.kind() {
             std::io::ErrorKind::TimedOut => ErrorKind::ConnectTimeout,
@@ -282,15 +282,6 @@ fn connect_error(e: &ConnectError) -> ProxyError {
             _ => ErrorKind::ConnectFailed,
         },
     })
-}
-
-/// Whether a connect failed for want of a socket of the gateway's own (file descriptors,
-/// memory, local ports), which says nothing of the target.
-fn no_socket(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
-    )
 }
 
 /// Logs why a TLS handshake with a target failed (an untrusted certificate, a name it does
