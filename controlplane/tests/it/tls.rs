@@ -417,6 +417,78 @@ fn min_version_1_3_refuses_tls_1_2() {
 
 /// One request with `openssl s_client` (`version`: `-tls1_2` or `-tls1_3`), saving the session
 /// to `sess_out` or resuming `sess_in`: its output.
+#[test]
+fn a_listener_that_takes_tls_up_ends_its_cleartext_connections() {
+    // The cleartext listener (h2c too) gets TLS at runtime: a keep-alive HTTP/1.1
+    // connection's next request is answered with `Connection: close` and the connection
+    // ends; an h2c connection gets a GOAWAY (before: both went on in cleartext for good).
+    let origin = Origin::echo();
+    let dir = temp_dir("tls-taken-up");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let text = tls_config(origin.addr, &a, &b).replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[upstreams]]",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nh2c = true\n\n[[upstreams]]",
+        1,
+    );
+    let gw = Gateway::start(&text, Driver::IoUring);
+    let clear = gw.listeners[1];
+    let mut c = Client::connect(clear);
+    assert_eq!(
+        c.roundtrip("GET /x HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        200
+    );
+    let mut config = gw.admin("GET", "/v1/config", None).json();
+    config["listeners"][1]["h2c"] = serde_json::json!(false);
+    config["listeners"][1]["tls"] = serde_json::json!({"certificates": ["a"]});
+    // An h2c client that has been answered once makes the change itself, then waits for
+    // its GOAWAY.
+    run_h2_client(
+        clear,
+        &format!(
+            r#"import json, urllib.request, h2.events, h2.exceptions
+c.send_headers(1, [(":method", "GET"), (":path", "/x"), (":scheme", "http"),
+                   (":authority", "a")], end_stream=True)
+s.sendall(c.data_to_send())
+done = False
+while not done:
+    for e in c.receive_data(s.recv(65536)):
+        done = done or isinstance(e, h2.events.StreamEnded)
+    s.sendall(c.data_to_send())
+put = urllib.request.Request("http://{admin}/v1/config", data=bytes.fromhex("{body}"),
+                             method="PUT", headers={{"Authorization": "Bearer {ADMIN_TOKEN}",
+                                                     "Content-Type": "application/json"}})
+assert urllib.request.urlopen(put).status == 200
+started, gone = time.time(), False
+while not gone and time.time() - started < 5:
+    data = s.recv(65536)
+    if not data:
+        break
+    try:
+        for e in c.receive_data(data):
+            gone = gone or isinstance(e, h2.events.ConnectionTerminated)
+    except h2.exceptions.ProtocolError:
+        # The GOAWAY closed h2's side; the PING behind it (in the same read) is refused.
+        gone = c.state_machine.state == h2.connection.ConnectionState.CLOSED
+        assert gone
+    s.sendall(c.data_to_send())
+assert gone, "no GOAWAY within 5 s"
+"#,
+            admin = gw.admin,
+            body = config
+                .to_string()
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        ),
+    );
+    let r = c.roundtrip("GET /y HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(c.is_closed_within(Duration::from_secs(5)));
+    // New connections there speak TLS.
+    let (status, _, err) = curl_tls(clear, "a.test", "/z", &a.cert, &[]);
+    assert_eq!(status, 200, "{err}");
+}
+
 fn s_client_request(addr: std::net::SocketAddr, version: &str, session: (&str, &Path)) -> String {
     let mut child = Command::new("openssl")
         .args([

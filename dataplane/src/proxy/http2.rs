@@ -162,8 +162,14 @@ pub(crate) async fn serve<S: ClientStream>(
                 tick = Box::pin(monoio::time::sleep(TICK));
                 let idle =
                     conn_info.open.get() == 0 && conn_info.last_end.get().elapsed() >= idle_timeout;
+                // Its listener's TLS or `h2c` changed since it was accepted: it ends as in
+                // a drain, its streams finishing (before: it went on for good).
+                let outdated = goaway_at.is_none() && {
+                    let tls = conn_info.scheme == super::stream::Scheme::Https;
+                    super::outdated(&ctx.config.load(), peer.listener, tls, !tls)
+                };
                 match goaway_at {
-                    None if ctx.draining.get() || idle => {
+                    None if ctx.draining.get() || idle || outdated => {
                         // GOAWAY with the last stream id: streams already open finish.
                         conn.graceful_shutdown();
                         goaway_at = Some(Instant::now());

@@ -221,6 +221,12 @@ async fn serve_stream<S: ClientStream>(
         down.timeouts = snap.timeouts;
         down.splice = snap.splice;
         down.served += 1;
+        let tls = down.stream.scheme() == stream::Scheme::Https;
+        if S::WHOLE_CONNECTION && outdated(&snap, peer.listener, tls, false) {
+            // Its listener took TLS up (or dropped it) since: this request is answered, with
+            // `Connection: close` (before: the connection went on in cleartext for good).
+            head.keep_alive = false;
+        }
         // Until its body has been read, closing means a lingering close (RFC 9112 9.6).
         down.linger = S::WHOLE_CONNECTION
             && match head.body {
@@ -332,6 +338,17 @@ impl<F: std::future::Future> std::future::Future for UnlessCut<'_, F> {
         }
         ctx.cut.borrow_mut().set(slot, cx.waker());
         std::task::Poll::Pending
+    }
+}
+
+/// Whether a connection accepted on `listener` with TLS (`tls`), or as cleartext HTTP/2
+/// (`h2c`), is no longer what the listener serves: TLS turned on or off, `h2c` off, or the
+/// listener gone since. Such a connection ends: after its request, or with a GOAWAY, as a
+/// reload ends nginx's old workers' keep-alive connections.
+pub(crate) fn outdated(snap: &Snapshot, listener: u16, tls: bool, h2c: bool) -> bool {
+    match snap.listener_protocols.get(usize::from(listener)) {
+        Some(l) => l.tls.is_some() != tls || (h2c && !l.h2c),
+        None => true,
     }
 }
 
