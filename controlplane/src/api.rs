@@ -1513,16 +1513,19 @@ impl Admin {
         }
         // Revisions made through the API since the file was last applied: the file replaces
         // them, which must not go unsaid.
-        let by_api: Vec<u64> = self
-            .held()
-            .revisions()
-            .unwrap_or_default()
-            .iter()
-            .rev()
-            .take_while(|r| r.source != "file reload" && !r.source.starts_with("file "))
+        let kept = self.held().revisions().unwrap_or_default();
+        let from_file = |r: &&crate::store::StoredRevision| {
+            r.source == "file reload" || r.source.starts_with("file ")
+        };
+        let by_api: Vec<u64> = (kept.iter().rev())
+            .take_while(|r| !from_file(r))
             .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
             .map(|r| r.revision)
             .collect();
+        // No file revision among those kept: the API's changes may go back past them (before,
+        // the oldest kept was named as the first).
+        let older =
+            !kept.iter().any(|r| from_file(&r)) && kept.first().is_some_and(|r| r.revision > 1);
         // Read once: what is applied is what the data directory then remembers as taken
         // (see `crate::applied`), so that a restart with the same file resumes.
         let text = std::fs::read(path);
@@ -1548,10 +1551,14 @@ impl Admin {
             Ok(a) => match (by_api.first(), by_api.last()) {
                 (Some(&last), Some(&first)) => log::warn!(
                     "reloaded {} (revision {}): it replaced the changes made through the admin \
-                     API since it was last applied (revisions {first} to {last}); \
+                     API since it was last applied (revisions {} to {last}); \
                      POST /v1/revisions/{last}:rollback brings them back",
                     path.display(),
-                    a.revision
+                    a.revision,
+                    match older {
+                        true => format!("from before {first}, the oldest kept,"),
+                        false => first.to_string(),
+                    }
                 ),
                 _ => log::info!("reloaded {} (revision {})", path.display(), a.revision),
             },
