@@ -783,6 +783,58 @@ time.sleep(3)
 }
 
 #[test]
+fn a_connection_serves_as_before_once_its_idle_buffers_went_back() {
+    // Two 1 MiB answers on one connection, over h2c and over TLS, 1.2 s apart: between them
+    // the idle connection gave its write buffers and answer scratch back (at its tick), and
+    // the second answer comes whole all the same.
+    let s = setup("h2-idle-release");
+    let script = r#"
+import socket, ssl, sys, time
+import h2.config, h2.connection, h2.events
+host, port = sys.argv[1].rsplit(":", 1)
+sock = socket.create_connection((host, int(port)), timeout=10)
+scheme = "http"
+if sys.argv[2] != "-":
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(sock, server_hostname="a.test")
+    scheme = "https"
+c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+sock.sendall(c.data_to_send())
+for sid in (1, 3):
+    c.send_headers(sid, [(":method", "GET"), (":path", "/big"), (":scheme", scheme),
+                         (":authority", "a.test")], end_stream=True)
+    sock.sendall(c.data_to_send())
+    body, done = bytearray(), False
+    while not done:
+        for e in c.receive_data(sock.recv(65536)):
+            if isinstance(e, h2.events.DataReceived):
+                body += e.data
+                c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            done = done or isinstance(e, h2.events.StreamEnded)
+        sock.sendall(c.data_to_send())
+    want = bytes(i % 251 for i in range(len(body)))
+    print(sid, len(body), body == want)
+    time.sleep(1.2)
+"#;
+    let ca = s.a.cert.to_str().unwrap();
+    for (addr, ca) in [(s.gw.listeners[1], "-"), (s.gw.listeners[0], ca)] {
+        let out = Command::new("python3")
+            .args(["-c", script, &addr.to_string(), ca])
+            .output()
+            .expect("python3 with the PyPI package h2");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.trim(),
+            format!("1 {BIG} True\n3 {BIG} True"),
+            "{addr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn an_h2c_preface_that_arrives_in_pieces_is_still_http2() {
     // Split inside `PRI * HTTP/2.0\r\n\r\n`, the preface's part an HTTP/1.1 parser would read
     // as a request line with version 2.0 (a 505 before), and at its end.

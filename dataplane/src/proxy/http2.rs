@@ -58,8 +58,10 @@ const WRITE_BUF: usize = 64 * 1024;
 /// On TLS, the smallest rest of a write (beyond whole records) that goes into a record of
 /// its own at once instead of waiting in `wbuf` for the next write.
 const SEAL_TAIL: usize = 4 * 1024;
-/// The least a connection's answer scratch grows by.
-const SCRATCH: usize = 64 * 1024;
+/// The least a connection's answer scratch, or its write buffer, is given at once: they grow
+/// as answers need (to 64 KiB and more under large answers) and are given back when the
+/// connection is idle, so that one serving small answers holds little.
+const SCRATCH: usize = 4 * 1024;
 /// How often an idle or draining connection is looked at.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -86,7 +88,10 @@ pub(crate) async fn serve<S: ClientStream>(
         scratch: RefCell::new(BytesMut::new()),
     });
     let (r, w) = stream.into_halves();
-    let io = PollIo::new(r, w, prefix);
+    // Set while no stream is served: the connection's write buffers go back to the
+    // allocator, as does its answer scratch (before, an idle connection held about 200 KiB).
+    let idle = Rc::new(Cell::new(false));
+    let io = PollIo::new(r, w, prefix).releasing_when(idle.clone());
     let mut builder = ::h2::server::Builder::new();
     builder
         .max_concurrent_streams(h.max_concurrent_streams)
@@ -134,6 +139,7 @@ pub(crate) async fn serve<S: ClientStream>(
         .await;
         match event {
             Some(Some(Ok((req, respond)))) => {
+                idle.set(false);
                 let info = conn_info.clone();
                 let ctx = ctx.clone();
                 info.open.set(info.open.get() + 1);
@@ -160,6 +166,12 @@ pub(crate) async fn serve<S: ClientStream>(
             Some(None) => break,
             None => {
                 tick = Box::pin(monoio::time::sleep(TICK));
+                if conn_info.open.get() == 0 && !idle.get() {
+                    // Nothing served since the last tick: the buffers are let go (the write
+                    // buffers at the flush this loop's next poll makes).
+                    idle.set(true);
+                    *conn_info.scratch.borrow_mut() = BytesMut::new();
+                }
                 let idle =
                     conn_info.open.get() == 0 && conn_info.last_end.get().elapsed() >= idle_timeout;
                 // Its listener's TLS or `h2c` changed since it was accepted: it ends as in
@@ -1655,6 +1667,8 @@ pub(crate) struct PollIo<R, W> {
     records: Option<PlainQueue>,
     /// Plaintext bytes encrypted since the last write of records began.
     encrypted: usize,
+    /// While set, a flush that leaves nothing to write lets the write buffers go.
+    idle: Option<Rc<Cell<bool>>>,
 }
 
 impl<R, W: WriteHalf> PollIo<R, W> {
@@ -1662,28 +1676,29 @@ impl<R, W: WriteHalf> PollIo<R, W> {
         let mut rbuf = Vec::with_capacity(16 * 1024);
         rbuf.extend_from_slice(prefix);
         let records = writer.plain_queue();
-        let wbuf_size = if records.is_some() {
-            PlainQueue::RECORD
-        } else {
-            WRITE_BUF
-        };
         PollIo {
             reader: Some(reader),
             rbuf,
             rpos: 0,
             reading: None,
             writer: Some(writer),
-            wbuf: Vec::with_capacity(wbuf_size),
-            spare: if records.is_some() {
-                Vec::new()
-            } else {
-                Vec::with_capacity(WRITE_BUF)
-            },
+            // Allocated as the first frames are written, and grown as they need; an idle
+            // connection holds none (see `releasing_when`).
+            wbuf: Vec::new(),
+            spare: Vec::new(),
             writing: None,
             shut: false,
             records,
             encrypted: 0,
+            idle: None,
         }
+    }
+
+    /// Lets the write buffers go at a flush that leaves nothing to write while `idle` is
+    /// set: capacity held is resident, and an idle client connection held 128 KiB of them.
+    pub(crate) fn releasing_when(mut self, idle: Rc<Cell<bool>>) -> Self {
+        self.idle = Some(idle);
+        self
     }
 }
 
@@ -1710,9 +1725,11 @@ impl<R: AsyncReadRent + 'static, W: AsyncWriteRent + 'static> PollIo<R, W> {
                     self.wbuf.clear();
                 }
                 if !records.pending() {
+                    self.release_if_idle();
                     return Poll::Ready(Ok(()));
                 }
             } else if self.wbuf.is_empty() {
+                self.release_if_idle();
                 return Poll::Ready(Ok(()));
             }
             let Some(mut w) = self.writer.take() else {
@@ -1733,6 +1750,24 @@ impl<R: AsyncReadRent + 'static, W: AsyncWriteRent + 'static> PollIo<R, W> {
                 })
             });
         }
+    }
+}
+
+impl<R, W> PollIo<R, W> {
+    /// With nothing left to write: the write buffers go while the connection is idle.
+    fn release_if_idle(&mut self) {
+        if self.wbuf.is_empty() && self.idle.as_ref().is_some_and(|i| i.get()) {
+            self.wbuf = Vec::new();
+            self.spare = Vec::new();
+        }
+    }
+
+    /// `wbuf`, with some room if it had none.
+    fn wbuf(&mut self) -> &mut Vec<u8> {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve(SCRATCH);
+        }
+        &mut self.wbuf
     }
 }
 
@@ -1892,6 +1927,7 @@ impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> to
                 ready!(this.poll_write_out(cx, false))?;
             }
             let data = &data[..data.len().min(SmallPieces::MAX - 1)];
+            this.wbuf();
             if let Some(records) = &this.records {
                 this.encrypted += encrypt(records, &mut this.wbuf, data)?;
             }
@@ -1901,8 +1937,9 @@ impl<R: AsyncReadRent + Unpin + 'static, W: AsyncWriteRent + Unpin + 'static> to
             ready!(this.poll_flush_inner(cx))?;
         }
         let mut n = 0;
+        let wbuf = this.wbuf();
         for d in data {
-            this.wbuf.extend_from_slice(d);
+            wbuf.extend_from_slice(d);
             n += d.len();
         }
         Poll::Ready(Ok(n))
