@@ -227,6 +227,7 @@ async fn worker_main(spec: WorkerSpec) {
     let ctx = Rc::new(WorkerCtx {
         config: spec.config.clone(),
         current: RefCell::new(Rc::new(spec.config.load_full())),
+        published: RefCell::new(arc_swap::Cache::new(spec.config.clone())),
         h2pool: RefCell::default(),
         pool: RefCell::new(Pool::new(
             snap.max_idle_per_target,

@@ -285,7 +285,7 @@ impl<S: ClientStream> Downstream<S> {
                 // change made while the connection waited for it holds for it; before, its
                 // head was read under the last request's limits and header timeout).
                 Ok(Some(_)) if waiting_idle => {
-                    let snap = ctx.config.load();
+                    let snap = ctx.snapshot();
                     self.limits = snap.limits;
                     self.timeouts = snap.timeouts;
                 }
