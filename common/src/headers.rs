@@ -291,13 +291,14 @@ fn edits_of(
         let lower = name.to_ascii_lowercase();
         let read = lower.replace('_', "-");
         if drop.iter().any(|d| cgi_name(d) == read.as_bytes()) {
-            return Err(ConfigError::field(
-                path,
-                format!(
-                    "{name:?} is named twice (names are case-insensitive, and `_` is `-` to \
-                     CGI-style upstreams)"
-                ),
-            ));
+            // Stored by a build that told `x_a` from `X-A`: the later one is left out.
+            let why = "named twice (names are case-insensitive, and `_` is `-` to CGI-style \
+                       upstreams)";
+            if lower.contains('_') && crate::validate::tolerated(&path, &format!("{why}; ignored"))
+            {
+                return Ok(None);
+            }
+            return Err(ConfigError::field(path, format!("{name:?} is {why}")));
         }
         if let Some(why) = refused(&read, removing) {
             let spelled = lower != read;
