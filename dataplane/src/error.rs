@@ -94,8 +94,8 @@ pub enum ErrorKind {
     CircuitMaxPending,
     /// `circuit.max_requests` requests to the upstream are already in flight (503).
     CircuitMaxRequests,
-    /// The gateway could not open a socket to the target: out of file descriptors, memory or
-    /// local ports (503, `X-Gateway-Reason: no_socket`). Its own shortage, not the target's
+    /// The gateway could not open a socket to the target: out of file descriptors or memory
+    /// (503, `X-Gateway-Reason: no_socket`). Its own shortage, not the target's
     /// failure: not counted against the target (before, `connect_failed` ejected healthy
     /// targets), never retried.
     NoSocket,

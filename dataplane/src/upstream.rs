@@ -462,11 +462,13 @@ pub enum ConnectError {
 }
 
 /// Whether a connect failed for want of a socket of the gateway's own (file descriptors,
-/// memory, local ports), which says nothing of the target.
+/// memory), which says nothing of the target. Not `EADDRNOTAVAIL`: besides local ports run
+/// out, it is what a target the host has no address to reach from gets (`[::1]` with IPv6
+/// off), which must stay that target's failure.
 pub fn no_socket(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
 }
 
