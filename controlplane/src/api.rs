@@ -1522,10 +1522,15 @@ impl Admin {
             .filter(|r| r.source.starts_with("api") || r.source.starts_with("rollback"))
             .map(|r| r.revision)
             .collect();
-        // No file revision among those kept: the API's changes may go back past them (before,
-        // the oldest kept was named as the first).
-        let older =
-            !kept.iter().any(|r| from_file(&r)) && kept.first().is_some_and(|r| r.revision > 1);
+        // The API's changes go back past the oldest kept when revisions not kept lie between
+        // it and the file's (before, the oldest kept was named as the first).
+        let file_at = match &*self.held() {
+            Store::Local(local) => crate::applied::read(local.dir()).map(|t| t.revision),
+            Store::Etcd(_) => None,
+        };
+        let older = kept.first().is_some_and(|oldest| {
+            !from_file(&oldest) && oldest.revision > file_at.unwrap_or(0) + 1
+        });
         // Read once: what is applied is what the data directory then remembers as taken
         // (see `crate::applied`), so that a restart with the same file resumes.
         let text = std::fs::read(path);

@@ -1374,7 +1374,9 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
         "{line}"
     );
     // More changes through the API (5 to 109) than the journal keeps (100): the range says
-    // it goes back past the oldest kept (before: "revisions 10 to 109").
+    // it goes back past the oldest kept (before: "revisions 10 to 109"). Then 100 exactly
+    // (111 to 210, the file's 110 just out of the journal): named as they are (the review
+    // found "from before 111").
     for i in 0..105 {
         let body = format!(r#"{{"path":"/extra","respond":{{"body":"api{i}"}}}}"#);
         let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
@@ -1387,6 +1389,15 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
         line.contains("revisions from before 10, the oldest kept, to 109"),
         "{line}"
     );
+    for i in 0..100 {
+        let body = format!(r#"{{"path":"/extra","respond":{{"body":"again{i}"}}}}"#);
+        let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
+        assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
+    }
+    std::fs::write(&gw.config_path, next.replace("\"two\"", "\"five\"")).unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.wait_log("(revision 211)", Duration::from_secs(5));
+    assert!(line.contains("(revisions 111 to 210)"), "{line}");
 }
 
 fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
