@@ -98,15 +98,19 @@ fn configure_allocator() {
     }
 }
 
+use std::io::Write as _;
+
 fn main() {
     configure_allocator();
     let code = match cli::parse(std::env::args().skip(1)) {
+        // Written, not `println!`: a reader that stops early (`gateway --help | head`) is no
+        // reason to panic (println! did, on the broken pipe).
         Ok(Command::Help) => {
-            println!("{USAGE}");
+            let _ = writeln!(std::io::stdout(), "{USAGE}");
             0
         }
         Ok(Command::Version) => {
-            println!("gateway {}", env!("CARGO_PKG_VERSION"));
+            let _ = writeln!(std::io::stdout(), "gateway {}", env!("CARGO_PKG_VERSION"));
             0
         }
         Ok(Command::Check(path, node)) => controlplane::check(&path, node),

@@ -70,6 +70,25 @@ fn check_and_run_refuse_an_invalid_file_naming_the_field() {
 }
 
 #[test]
+fn help_goes_to_a_reader_that_stops_early_without_a_panic() {
+    // `gateway --help | head -1`: the pipe closes under the manual (before: a panic
+    // message, "failed printing to stdout: Broken pipe", and exit 101).
+    for args in [&["--help"][..], &["validate", "--help"], &["--version"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn check_takes_a_node_file_whose_listeners_name_what_the_store_holds() {
     // A node file's listener policies and certificates live in the store (the shared
     // config): `validate --node` says it does not check those, and checks the rest (before:
