@@ -181,7 +181,8 @@ def serve(sock):
                     conn.send_headers(event.stream_id, [(":status", "200"),
                                                         ("content-type", "text/plain"),
                                                         ("cache-control", "private"),
-                                                        ("server", "peer")])
+                                                        ("server", "peer"),
+                                                        ("x_powered_by", "peer")])
                     conn.send_data(event.stream_id, b"ok", end_stream=True)
                     continue
                 if TWO or TORN:

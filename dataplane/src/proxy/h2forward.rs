@@ -1969,9 +1969,17 @@ fn answer_fields(req: &RequestCtx, upstream: &mut HeaderMap) -> Vec<u8> {
         upstream.remove("x-request-id");
         push_request_id(&mut extra, req);
     }
-    // The route's `response_headers`: its values replace the upstream's.
-    for name in req.response_drop.iter().flat_map(|n| n.iter()) {
-        if let Ok(name) = HeaderName::from_bytes(name) {
+    // The route's `response_headers`: its values replace the upstream's, every spelling
+    // the HTTP/1.1 relay drops (`_` for `-`) too (before: the exact name only).
+    if let Some(names) = &req.response_drop {
+        let named: Vec<HeaderName> = (upstream.keys())
+            .filter(|k| {
+                let k = k.as_str().as_bytes();
+                names.iter().any(|n| crate::codec::same_field_name(k, n))
+            })
+            .cloned()
+            .collect();
+        for name in named {
             upstream.remove(name);
         }
     }
