@@ -341,6 +341,25 @@ fn the_admin_tail_gives_as_many_long_lines_as_asked_and_says_when_it_cannot() {
             .contains("\"n\":1199,"));
         assert_eq!(tail["truncated"], truncated, "{size}");
     }
+    // A window that starts where a line does: its first line is whole (the review found it
+    // dropped, and `truncated` said): 1,000 lines of exactly 16 MiB after a short one.
+    let dir = temp_dir("access-log-boundary");
+    let log = dir.join("access.log");
+    let mut text = format!("{{\"ts\":\"t\",\"n\":0,\"pad\":\"{}\"}}\n", "q".repeat(70));
+    for i in 1..=1000 {
+        let size = if i <= 784 { 16_777 } else { 16_778 };
+        let line = format!("{{\"ts\":\"t\",\"n\":{i},\"pad\":\"");
+        let pad = "p".repeat(size - line.len() - 3);
+        text.push_str(&format!("{line}{pad}\"}}\n"));
+    }
+    assert_eq!(text.len() - text.find("\n").unwrap() - 1, 16 * 1024 * 1024);
+    std::fs::write(&log, text).unwrap();
+    let gw = Gateway::start(&log_config(&origin, &slow, &log, ""), Driver::IoUring);
+    let tail = gw.admin("GET", "/v1/access_log?lines=1000", None).json();
+    let lines = tail["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 1000);
+    assert!(lines[0].as_str().unwrap().contains("\"n\":1,"));
+    assert_eq!(tail["truncated"], false);
 }
 
 #[test]
