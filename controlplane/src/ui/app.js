@@ -9,7 +9,10 @@
 const HISTORY = 300;            // seconds kept for the plots: bounded, however long the page stays open
 const REFRESH_MS = 5000;        // resources, revisions and the access log
 const state = { token: null, timer: null, streamAbort: null, signingIn: false, rps: [], p99: [], live: new Map(), configEtag: null };
-const ticks = "BroadcastChannel" in window ? new BroadcastChannel("gateway-dashboard-live") : null;
+// Only where tabs can agree which one holds the stream: without Web Locks (not a secure
+// context) every tab streams, and passing ticks on too gave each tab every tab's.
+const ticks = "BroadcastChannel" in window && navigator.locks
+  ? new BroadcastChannel("gateway-dashboard-live") : null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -51,17 +54,23 @@ async function signIn(token) {
 }
 
 async function trySignIn(token) {
-  // What the gateway takes (GATEWAY_ADMIN_TOKEN): a header could not carry anything else.
-  if (!/^[\x21-\x7e]+$/.test(token)) {
-    $("login-error").textContent = "a token is visible ASCII characters only (no spaces)";
+  // A header carries Latin-1 at most (fetch throws for more); every token the gateway takes
+  // fits, those of its admin-token file with spaces too.
+  if (/[^\x00-\xff]/.test(token)) {
+    $("login-error").textContent = "this token cannot be sent: it has characters a header cannot carry";
     return;
   }
   let res;
+  const giveUp = new AbortController();
+  const timer = setTimeout(() => giveUp.abort(), 10000);
   try {
-    res = await fetch("/v1/status", { headers: { Authorization: "Bearer " + token } });
+    res = await fetch("/v1/status", { headers: { Authorization: "Bearer " + token }, signal: giveUp.signal });
   } catch (e) {
-    $("login-error").textContent = "cannot reach the admin API: " + e.message;
+    $("login-error").textContent = "cannot reach the admin API: " +
+      (giveUp.signal.aborted ? "no answer within 10 s" : e.message);
     return;
+  } finally {
+    clearTimeout(timer);
   }
   if (res.status === 401) {
     $("login-error").textContent = "401 Unauthorized: the token was refused";
@@ -130,7 +139,7 @@ async function readStream(abort) {
   try {
     const res = await api("/v1/stream", { signal: abort.signal });
     if (!res.ok) throw new Error("stream: " + res.status);
-    $("stream-state").textContent = "live";
+    streamState("live");
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let pending = "";
@@ -150,8 +159,14 @@ async function readStream(abort) {
     }
   } catch (e) {
     if (abort.signal.aborted) return;
-    $("stream-state").textContent = "stream interrupted (" + e.message + "); reconnecting";
+    streamState("stream interrupted (" + e.message + "); reconnecting");
   }
+}
+
+// The stream's state, here and in the tabs it feeds.
+function streamState(text) {
+  $("stream-state").textContent = text;
+  if (ticks) ticks.postMessage({ state: text });
 }
 
 function fmtMs(v) { return v === null || v === undefined ? "–" : (v < 10 ? v.toFixed(2) : v.toFixed(0)) + " ms"; }
@@ -363,7 +378,13 @@ async function loadLog() {
 document.addEventListener("DOMContentLoaded", () => {
   $("login-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("token").value); });
   $("signout").addEventListener("click", () => signOut(""));
-  if (ticks) ticks.onmessage = (e) => { if (state.token) onTick(e.data); };
+  if (ticks) {
+    ticks.onmessage = (e) => {
+      if (!state.token) return;
+      if (e.data.state) $("stream-state").textContent = e.data.state + " (another tab's stream)";
+      else onTick(e.data);
+    };
+  }
   $("diff-show").addEventListener("click", showDiff);
   for (const id of ["diff-a", "diff-b"]) $(id).addEventListener("change", (e) => { e.target.dataset.touched = "1"; });
   const saved = sessionStorage.getItem("gw-token");

@@ -1,6 +1,6 @@
 //! The admin dashboard in a real browser: headless Chromium (Debian `chromium`) driven by
 //! `tests/ui/dashboard.mjs` through playwright-core (npm; `scripts/test` installs both). It
-//! signs in (a wrong token gets 401 first, one that is not ASCII a message), sees an
+//! signs in (a wrong token gets 401 first, one no header can carry a message), sees an
 //! upstream's backup target marked and a route added through the API appear, watches req/s
 //! move under load in two tabs over one live stream, rolls back a revision with its
 //! confirmation, shows a diff and the access log, and signs out of a double-clicked sign-in
