@@ -694,10 +694,6 @@ impl Pool {
         now: Instant,
     ) -> Option<Box<UpstreamConn>> {
         let list = self.idle.get_mut(addr, upstream)?;
-        if self.max_idle == 0 {
-            // Pooling turned off since these were put: the next sweep closes them.
-            return None;
-        }
         while let Some(mut conn) = list.pop() {
             let idle = now.duration_since(conn.idle_since);
             if idle < self.idle_timeout && conn.idle_and_open() {
