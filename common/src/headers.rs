@@ -291,11 +291,12 @@ fn edits_of(
         let lower = name.to_ascii_lowercase();
         let read = lower.replace('_', "-");
         if drop.iter().any(|d| cgi_name(d) == read.as_bytes()) {
-            // Stored by a build that told `x_a` from `X-A`: the later one is left out.
+            // Stored by a build that told `x_a` from `X-A` (it refused only the same name in
+            // another case): the later one is left out, whichever has the `_`.
             let why = "named twice (names are case-insensitive, and `_` is `-` to CGI-style \
                        upstreams)";
-            if lower.contains('_') && crate::validate::tolerated(&path, &format!("{why}; ignored"))
-            {
+            let same = drop.iter().any(|d| **d == *lower.as_bytes());
+            if !same && crate::validate::tolerated(&path, &format!("{why}; ignored")) {
                 return Ok(None);
             }
             return Err(ConfigError::field(path, format!("{name:?} is {why}")));

@@ -1404,6 +1404,20 @@ fn route_header_edits_compile_and_refuse_what_the_gateway_writes() {
     assert_eq!(notes.len(), 4, "{notes:?}");
     let twice = |n: &String| n.contains("remove[2]") && n.contains("named twice");
     assert!(notes.iter().any(twice), "{notes:?}");
+    // Whichever of the two has the `_` (the second review found the `_` one first refused);
+    // the same name in another case stays refused, as earlier builds refused it.
+    let stored = |edits: &str| {
+        let text = up(&format!("request_headers = {{ {edits} }}"));
+        Snapshot::compile_stored(parse_config(&text, Format::Toml).unwrap(), 1)
+    };
+    for edits in [
+        "remove = [\"x_one\", \"X-One\"]",
+        "set = { \"x_two\" = \"1\" }, remove = [\"X-Two\"]",
+    ] {
+        let (_, notes) = stored(edits).unwrap_or_else(|e| panic!("{edits}: {e}"));
+        assert_eq!(notes.len(), 1, "{edits}: {notes:?}");
+    }
+    assert!(stored("remove = [\"X-One\", \"x-one\"]").is_err());
     assert!(notes[0].contains("set.Content_Length"), "{notes:?}");
     let h = s.routes[0].headers.as_ref().unwrap();
     assert_eq!(&*h.request_lines, b"X-Env: p\r\n");
