@@ -1524,10 +1524,12 @@ impl Admin {
             .collect();
         // The API's changes go back past the oldest kept when revisions not kept lie between
         // it and the file's (before, the oldest kept was named as the first).
-        let file_at = match &*self.held() {
+        let recorded = match &*self.held() {
             Store::Local(local) => crate::applied::read(local.dir()).map(|t| t.revision),
             Store::Etcd(_) => None,
         };
+        // Without the record (an earlier build's directory), the newest file revision kept.
+        let file_at = recorded.or_else(|| kept.iter().rev().find(from_file).map(|r| r.revision));
         let older = kept.first().is_some_and(|oldest| {
             !from_file(&oldest) && oldest.revision > file_at.unwrap_or(0) + 1
         });

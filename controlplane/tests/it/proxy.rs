@@ -1398,6 +1398,19 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
     gw.signal(libc::SIGHUP);
     let line = gw.wait_log("(revision 211)", Duration::from_secs(5));
     assert!(line.contains("(revisions 111 to 210)"), "{line}");
+    // A data directory without the file's record (an earlier build's): the newest file
+    // revision kept says where the API's changes began (the second review found "from
+    // before 162").
+    std::fs::remove_file(gw.data_dir.join("applied-file")).unwrap();
+    for i in 0..50 {
+        let body = format!(r#"{{"path":"/extra","respond":{{"body":"late{i}"}}}}"#);
+        let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
+        assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
+    }
+    std::fs::write(&gw.config_path, next.replace("\"two\"", "\"six\"")).unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.wait_log("(revision 262)", Duration::from_secs(5));
+    assert!(line.contains("(revisions 212 to 261)"), "{line}");
 }
 
 fn graceful_shutdown_finishes_in_flight_request(driver: Driver) {
