@@ -166,7 +166,9 @@ pub fn check(path: &Path, node: bool) -> i32 {
                         path.display()
                     );
                 }
-                println!(
+                // A reader gone (`| head`) is no reason to panic: the exit code says it.
+                let _ = writeln!(
+                    std::io::stdout(),
                     "{}: OK ({} listener(s), {} upstream(s), {} route(s))",
                     path.display(),
                     s.listeners.len(),
@@ -786,6 +788,20 @@ fn admin_token(admin: &AdminConfig, dir: &Path) -> Result<(String, String), Fail
     let path = dir.join("admin-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
+        // What an `Authorization` header can carry and the API reads: visible ASCII, spaces
+        // and tabs (before, such a file's token was taken, and no client could present it).
+        if t.bytes()
+            .any(|b| !(b == b'\t' || (0x20..0x7f).contains(&b)))
+        {
+            return Err((
+                EXIT_INVALID,
+                format!(
+                    "{}: holds characters no HTTP header can carry (visible ASCII, spaces and \
+                     tabs only): no client could present the token",
+                    path.display()
+                ),
+            ));
+        }
         if t.len() >= 16 {
             return Ok((t, path.display().to_string()));
         }

@@ -54,10 +54,11 @@ async function signIn(token) {
 }
 
 async function trySignIn(token) {
-  // A header carries Latin-1 at most (fetch throws for more); every token the gateway takes
-  // fits, those of its admin-token file with spaces too.
-  if (/[^\x00-\xff]/.test(token)) {
-    $("login-error").textContent = "this token cannot be sent: it has characters a header cannot carry";
+  // What the API reads from `Authorization`: visible ASCII, spaces and tabs (every token the
+  // gateway takes, those of its admin-token file with spaces too); fetch throws beyond
+  // Latin-1, and the API would refuse the rest.
+  if (/[^\x20-\x7e\t]/.test(token)) {
+    $("login-error").textContent = "this token cannot be sent: a header carries visible ASCII, spaces and tabs only";
     return;
   }
   let res;

@@ -73,7 +73,17 @@ fn check_and_run_refuse_an_invalid_file_naming_the_field() {
 fn help_goes_to_a_reader_that_stops_early_without_a_panic() {
     // `gateway --help | head -1`: the pipe closes under the manual (before: a panic
     // message, "failed printing to stdout: Broken pipe", and exit 101).
-    for args in [&["--help"][..], &["validate", "--help"], &["--version"]] {
+    let file = write(
+        "pipe.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    // And `validate FILE`'s OK line (the review found it panicking the same way).
+    for args in [
+        &["--help"][..],
+        &["validate", "--help"],
+        &["--version"],
+        &["validate", &file],
+    ] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(args)
             .stdout(std::process::Stdio::piped())
@@ -86,6 +96,41 @@ fn help_goes_to_a_reader_that_stops_early_without_a_panic() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn an_admin_token_file_no_header_can_carry_is_refused_at_start() {
+    // Before: taken, and every API call then 401 (no client can send `ö` in a header the
+    // API reads).
+    let dir = temp_dir("token-file");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(
+        dir.join("data/admin-token"),
+        "t\u{f6}ken-0123456789abcdef\n",
+    )
+    .unwrap();
+    let f = write(
+        "token-file.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["--config", &f, "--data-dir"])
+        .arg(dir.join("data"))
+        .env_remove("GATEWAY_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // One that starts (the old behaviour) is stopped after 10 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no HTTP header can carry"), "{err}");
 }
 
 #[test]

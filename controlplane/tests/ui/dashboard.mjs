@@ -53,7 +53,7 @@ try {
   await page.screenshot({ path: shots + "/01-wrong-token.png" });
 
   step = "a token no header can carry gets a message";
-  await page.fill("#token", "t\u20acken-0123456789abcdef");
+  await page.fill("#token", "t\u00f6ken-0123456789abcdef");
   await page.click("#login-form button[type=submit]");
   await page.waitForFunction(() => document.getElementById("login-error").textContent.includes("cannot be sent"), null, { timeout: 10000 });
 
