@@ -874,7 +874,17 @@ fn dry_runs_and_refused_writes_use_up_no_metric_slots() {
             200
         );
     }
-    let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+    // A request is counted as its answer is logged, just after it went out: waited for
+    // (a full run under load once read 2).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = gw.admin("GET", "/metrics", None).body_str().to_owned();
+        let counted = m.contains("gateway_requests_total{route=\"real\",class=\"2xx\"} 3");
+        if counted || std::time::Instant::now() > deadline {
+            break m;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         m.contains("gateway_requests_total{route=\"real\",class=\"2xx\"} 3"),
         "{}",
