@@ -122,7 +122,10 @@ fn fields<'a>(buf: &'a [u8], head: &RequestHead) -> Vec<(&'a [u8], &'a [u8])> {
         .filter(|l| !l.is_empty())
         .map(|l| {
             let l = l.strip_suffix(b"\r").unwrap_or(l);
-            let colon = l.iter().position(|&b| b == b':').expect("a field line has a colon");
+            let colon = l
+                .iter()
+                .position(|&b| b == b':')
+                .expect("a field line has a colon");
             (&l[..colon], &l[colon + 1..])
         })
         .collect()
@@ -131,10 +134,18 @@ fn fields<'a>(buf: &'a [u8], head: &RequestHead) -> Vec<(&'a [u8], &'a [u8])> {
 /// How many lines are named `name`, ignoring case and taking `_` for `-` (as CGI-style
 /// upstreams read names).
 fn count(lines: &[(&[u8], &[u8])], name: &str) -> usize {
-    let norm = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+    let norm = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
     lines
         .iter()
-        .filter(|(n, _)| n.len() == name.len() && n.iter().zip(name.bytes()).all(|(&a, b)| norm(a) == b))
+        .filter(|(n, _)| {
+            n.len() == name.len() && n.iter().zip(name.bytes()).all(|(&a, b)| norm(a) == b)
+        })
         .count()
 }
 
@@ -150,7 +161,17 @@ fn run_check(
         mono_ns: 1_000_000_000_000,
         unix_s: 1_800_000_000,
     };
-    policy::check(snap, Some(route), 0, buf, head, client, &mut Limiters::default(), clock, st)
+    policy::check(
+        snap,
+        Some(route),
+        0,
+        buf,
+        head,
+        client,
+        &mut Limiters::default(),
+        clock,
+        st,
+    )
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -192,7 +213,13 @@ fuzz_target!(|data: &[u8]| {
     // The route's edits, as the proxy makes them after the policies.
     if let Some(h) = &route.headers {
         for name in h.request_drop.iter() {
-            policy::drop_named(&buf, head.fields_start, head.fields_end, name, &mut st.drops);
+            policy::drop_named(
+                &buf,
+                head.fields_start,
+                head.fields_end,
+                name,
+                &mut st.drops,
+            );
         }
         st.extra.extend_from_slice(&h.request_lines);
         st.sets_host = h.sets_host;
@@ -204,7 +231,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(head.fields_start <= d.start && d.start < d.end && d.end <= head.fields_end);
     }
     for w in plan.drop.windows(2) {
-        assert!(w[0].end <= w[1].start, "drops out of order: {:?}", plan.drop);
+        assert!(
+            w[0].end <= w[1].start,
+            "drops out of order: {:?}",
+            plan.drop
+        );
     }
     let mut scratch = Vec::new();
     let (line, added) = request_extras(
@@ -250,7 +281,10 @@ fuzz_target!(|data: &[u8]| {
     for name in ["host", "x-forwarded-host", "forwarded", "connection"] {
         assert!(count(&lines, name) <= 1, "{name}:\n{text}");
     }
-    let (te, cl) = (count(&lines, "transfer-encoding"), count(&lines, "content-length"));
+    let (te, cl) = (
+        count(&lines, "transfer-encoding"),
+        count(&lines, "content-length"),
+    );
     match head.body {
         BodyKind::Chunked => assert!(te == 1 && cl == 0, "{text}"),
         BodyKind::Length(_) => assert!(te == 0 && cl == 1, "{text}"),
@@ -269,7 +303,8 @@ fuzz_target!(|data: &[u8]| {
             let name = std::str::from_utf8(name).expect("a configured name is text");
             let name = name.to_ascii_lowercase();
             let set = h.request_lines.split(|&b| b == b'\n').filter(|l| {
-                l.len() > name.len() && l[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+                l.len() > name.len()
+                    && l[..name.len()].eq_ignore_ascii_case(name.as_bytes())
                     && l[name.len()] == b':'
             });
             assert_eq!(count(&lines, &name), set.count(), "{name}:\n{text}");

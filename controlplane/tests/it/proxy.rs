@@ -1373,43 +1373,37 @@ fn sighup_reload_applies_on_next_request_of_open_connection(driver: Driver) {
             && line.contains("/v1/revisions/3:rollback"),
         "{line}"
     );
+    // `n` changes through the API, then the file again with `word`: the reload's warning.
+    let changes_then_reload = |n: usize, word: &str, revision: u64| {
+        for i in 0..n {
+            let body = format!(r#"{{"path":"/extra","respond":{{"body":"{word}{i}"}}}}"#);
+            let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
+            assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
+        }
+        std::fs::write(
+            &gw.config_path,
+            next.replace("\"two\"", &format!("\"{word}\"")),
+        )
+        .unwrap();
+        gw.signal(libc::SIGHUP);
+        gw.wait_log(&format!("(revision {revision})"), Duration::from_secs(5))
+    };
     // More changes through the API (5 to 109) than the journal keeps (100): the range says
     // it goes back past the oldest kept (before: "revisions 10 to 109"). Then 100 exactly
     // (111 to 210, the file's 110 just out of the journal): named as they are (the review
     // found "from before 111").
-    for i in 0..105 {
-        let body = format!(r#"{{"path":"/extra","respond":{{"body":"api{i}"}}}}"#);
-        let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
-        assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
-    }
-    std::fs::write(&gw.config_path, next.replace("\"two\"", "\"four\"")).unwrap();
-    gw.signal(libc::SIGHUP);
-    let line = gw.wait_log("(revision 110)", Duration::from_secs(5));
+    let line = changes_then_reload(105, "four", 110);
     assert!(
         line.contains("revisions from before 10, the oldest kept, to 109"),
         "{line}"
     );
-    for i in 0..100 {
-        let body = format!(r#"{{"path":"/extra","respond":{{"body":"again{i}"}}}}"#);
-        let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
-        assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
-    }
-    std::fs::write(&gw.config_path, next.replace("\"two\"", "\"five\"")).unwrap();
-    gw.signal(libc::SIGHUP);
-    let line = gw.wait_log("(revision 211)", Duration::from_secs(5));
+    let line = changes_then_reload(100, "five", 211);
     assert!(line.contains("(revisions 111 to 210)"), "{line}");
     // A data directory without the file's record (an earlier build's): the newest file
     // revision kept says where the API's changes began (the second review found "from
     // before 162").
     std::fs::remove_file(gw.data_dir.join("applied-file")).unwrap();
-    for i in 0..50 {
-        let body = format!(r#"{{"path":"/extra","respond":{{"body":"late{i}"}}}}"#);
-        let r = gw.admin("PUT", "/v1/routes/extra", Some(&body));
-        assert!(r.status == 200 || r.status == 201, "{}", r.body_str());
-    }
-    std::fs::write(&gw.config_path, next.replace("\"two\"", "\"six\"")).unwrap();
-    gw.signal(libc::SIGHUP);
-    let line = gw.wait_log("(revision 262)", Duration::from_secs(5));
+    let line = changes_then_reload(50, "six", 262);
     assert!(line.contains("(revisions 212 to 261)"), "{line}");
 }
 
