@@ -565,7 +565,7 @@ fn compile_step(
         let lower = h.to_ascii_lowercase();
         // Spelled with `_` too, which CGI-style upstreams read as `-` (`X_Forwarded_For` is
         // their `X-Forwarded-For`).
-        let canon = lower.replace('_', "-");
+        let canon = crate::validate::cgi_name(h);
         // Every `X-Forwarded-*` field says where the request came from, which only the
         // gateway may tell (`-Port`, `-Prefix`, `-Server` as much as `-For`).
         let refused = if HOP_OR_GATEWAY_FIELDS.contains(&canon.as_str())

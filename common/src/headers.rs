@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::HeaderEdits;
 use crate::snapshot::{Route, RouteAction};
-use crate::validate::is_tchar;
+use crate::validate::{cgi_name, is_tchar};
 use crate::ConfigError;
 
 /// Most fields one `set` or `remove` may name.
@@ -134,14 +134,14 @@ pub fn compile(
             }
             consumer_headers
                 .iter()
-                .find(|(h, _)| cgi_name(h) == name.as_bytes())
+                .find(|(h, _)| cgi_name(h) == name)
                 .map(|(_, p)| format!("policy {p:?} sets it (its consumer_header)"))
         };
         let (drop, mut lines) = edits_of(edits, &at, refused)?;
         // A stored route's X-Real-IP line (tolerated above): never beside the gateway's.
         let mut kept = Vec::with_capacity(lines.len());
         for line in lines.split_inclusive(|&b| b == b'\n') {
-            let name = b"x-real-ip:";
+            let name = "x-real-ip:";
             if line.get(..name.len()).is_none_or(|n| cgi_name(n) != name) {
                 kept.extend_from_slice(line);
             }
@@ -248,15 +248,6 @@ fn reserved(name: &str, gateway: &[&str], what: &str) -> Option<String> {
         .then(|| format!("the gateway sets it on every {what}"))
 }
 
-/// `name` lower-case and with `-` for `_`, as CGI-style upstreams read it.
-fn cgi_name(name: &[u8]) -> Vec<u8> {
-    let norm = |b: &u8| match b {
-        b'_' => b'-',
-        b => b.to_ascii_lowercase(),
-    };
-    name.iter().map(norm).collect()
-}
-
 /// One side's edits: the lower-case names to drop (set and removed ones), and the lines to
 /// add.
 type Edits = (Vec<Box<[u8]>>, Vec<u8>);
@@ -289,8 +280,8 @@ fn edits_of(
             ));
         }
         let lower = name.to_ascii_lowercase();
-        let read = lower.replace('_', "-");
-        if drop.iter().any(|d| cgi_name(d) == read.as_bytes()) {
+        let read = cgi_name(name);
+        if drop.iter().any(|d| cgi_name(d) == read) {
             // Stored by a build that told `x_a` from `X-A` (it refused only the same name in
             // another case): the later one is left out, whichever has the `_`.
             let why = "named twice (names are case-insensitive, and `_` is `-` to CGI-style \

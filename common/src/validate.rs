@@ -85,6 +85,16 @@ pub(crate) fn tolerated(at: &str, why: &str) -> bool {
     true
 }
 
+/// A field name as CGI-style upstreams read it: lower-case, `-` for `_` (`X_Forwarded_For`
+/// is their `HTTP_X_FORWARDED_FOR`, as `X-Forwarded-For` is).
+pub(crate) fn cgi_name(name: impl AsRef<[u8]>) -> String {
+    let norm = |&b: &u8| match b {
+        b'_' => '-',
+        b => char::from(b.to_ascii_lowercase()),
+    };
+    name.as_ref().iter().map(norm).collect()
+}
+
 /// Whether `name` (without a trailing dot) is a host name: dot-separated labels of letters,
 /// digits, `-` and `_`, 1 to 63 long, 253 in all.
 pub fn host_name(name: &str) -> bool {
