@@ -1513,7 +1513,14 @@ impl Admin {
         }
         // Revisions made through the API since the file was last applied: the file replaces
         // them, which must not go unsaid.
-        let kept = self.held().revisions().unwrap_or_default();
+        let (kept, recorded) = {
+            let mut held = self.held();
+            let recorded = match &*held {
+                Store::Local(local) => crate::applied::read(local.dir()).map(|t| t.revision),
+                Store::Etcd(_) => None,
+            };
+            (held.revisions().unwrap_or_default(), recorded)
+        };
         let from_file = |r: &&crate::store::StoredRevision| {
             r.source == "file reload" || r.source.starts_with("file ")
         };
@@ -1523,12 +1530,9 @@ impl Admin {
             .map(|r| r.revision)
             .collect();
         // The API's changes go back past the oldest kept when revisions not kept lie between
-        // it and the file's (before, the oldest kept was named as the first).
-        let recorded = match &*self.held() {
-            Store::Local(local) => crate::applied::read(local.dir()).map(|t| t.revision),
-            Store::Etcd(_) => None,
-        };
-        // Without the record (an earlier build's directory), the newest file revision kept.
+        // it and the file's, as the data directory recorded it or else the newest file
+        // revision kept (an earlier build's directory has no record); before, the oldest
+        // kept was named as the first.
         let file_at = recorded.or_else(|| kept.iter().rev().find(from_file).map(|r| r.revision));
         let older = kept.first().is_some_and(|oldest| {
             !from_file(&oldest) && oldest.revision > file_at.unwrap_or(0) + 1
