@@ -259,19 +259,17 @@ pub async fn access_log_tail(
         let mut window = LOG_TAIL_BYTES;
         loop {
             let from = len.saturating_sub(window);
-            f.seek(SeekFrom::Start(from))?;
+            // Read from the byte before the window: the first line is then what the window
+            // cut, or, where a line ended just before it, empty; never a whole line, and it
+            // goes (the review found a whole one dropped, and `truncated` said, when the
+            // window began where a line did).
+            let at = from.saturating_sub(1);
+            f.seek(SeekFrom::Start(at))?;
             let mut bytes = Vec::new();
-            (&mut f).take(window).read_to_end(&mut bytes)?;
+            (&mut f).take(len - at).read_to_end(&mut bytes)?;
             let text = String::from_utf8_lossy(&bytes);
             let mut lines: Vec<&str> = text.lines().collect();
-            // The window's first line is whole only if a line ended just before it (the
-            // review found one dropped, and `truncated` said, when one did).
-            let cut = from > 0 && {
-                let mut before = [0u8; 1];
-                f.seek(SeekFrom::Start(from - 1))?;
-                !(f.read(&mut before)? == 1 && before[0] == b'\n')
-            };
-            if cut && !lines.is_empty() {
+            if from > 0 && !lines.is_empty() {
                 lines.remove(0);
             }
             lines.retain(|l| l.starts_with("{\"ts\":\"") && l.ends_with('}'));
