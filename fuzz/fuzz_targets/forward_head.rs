@@ -210,19 +210,9 @@ fuzz_target!(|data: &[u8]| {
     if verdict != Verdict::Pass || ambiguous {
         return;
     }
-    // The route's edits, as the proxy makes them after the policies.
+    // The route's edits, by the proxy's own code, after the policies.
     if let Some(h) = &route.headers {
-        for name in h.request_drop.iter() {
-            policy::drop_named(
-                &buf,
-                head.fields_start,
-                head.fields_end,
-                name,
-                &mut st.drops,
-            );
-        }
-        st.extra.extend_from_slice(&h.request_lines);
-        st.sets_host = h.sets_host;
+        policy::route_edits(h, &buf, &head, &mut st);
     }
     for &d in &st.drops {
         policy::add_drop(&mut plan.drop, d);

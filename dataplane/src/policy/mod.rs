@@ -1043,6 +1043,21 @@ fn strip_api_keys(k: &ApiKey, buf: &[u8], head: &RequestHead, st: &mut PolicySta
     }
 }
 
+/// A route's `request_headers` on the request the policies passed: the copies of the names
+/// it sets or removes dropped, its lines added.
+pub fn route_edits(
+    h: &common::headers::RouteHeaders,
+    buf: &[u8],
+    head: &RequestHead,
+    st: &mut PolicyState,
+) {
+    for name in h.request_drop.iter() {
+        drop_named(buf, head.fields_start, head.fields_end, name, &mut st.drops);
+    }
+    st.extra.extend_from_slice(&h.request_lines);
+    st.sets_host = h.sets_host;
+}
+
 fn consumer_field(st: &mut PolicyState, name: &[u8], id: &str) {
     st.extra.extend_from_slice(name);
     st.extra.extend_from_slice(b": ");

@@ -542,12 +542,7 @@ async fn handle<S: ClientStream>(
     }
     if let Some(h) = &route.headers {
         // After the policies, whose check starts the request's edits afresh.
-        let fields = (head.fields_start, head.fields_end);
-        for name in h.request_drop.iter() {
-            policy::drop_named(&down.buf, fields.0, fields.1, name, &mut req.policy.drops);
-        }
-        req.policy.extra.extend_from_slice(&h.request_lines);
-        req.policy.sets_host = h.sets_host;
+        policy::route_edits(h, &down.buf, head, &mut req.policy);
     }
     let choice = if route.variants.is_empty() {
         select::Choice {
