@@ -24,6 +24,7 @@ both_drivers!(
     a_half_close_after_a_pipelined_request_behind_a_body_is_not_leaving,
     interim_answers_lose_hop_by_hop_and_framing_fields,
     limits_answer_431_414_413,
+    heads_in_small_pieces_are_answered_as_whole_ones,
     client_header_timeout_is_408,
     at_max_connections_new_ones_wait_until_one_closes,
     upstream_failures_are_502_and_504,
@@ -712,6 +713,77 @@ fn at_max_connections_new_ones_wait_until_one_closes(driver: Driver) {
         .unwrap_or_else(|| panic!("{}", metrics.body_str()));
     assert!(paused >= 1, "{paused}");
     gw.wait_log("max_connections is 2", Duration::from_secs(1));
+}
+
+/// A head is parsed again only where the answer can have changed (the first bytes, each
+/// doubling, a size bound, its end), not after each read: sent a few bytes per packet, each
+/// still gets its answer, and at once, not at the header timeout. The upstream's answer too.
+fn heads_in_small_pieces_are_answered_as_whole_ones(driver: Driver) {
+    let origin = Origin::start(Arc::new(|req: &Received, s: &mut TcpStream| {
+        let body = format!("origin saw {}", req.target());
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nX-Pad: {}\r\nContent-Length: {}\r\n\r\n{body}",
+            "p".repeat(300),
+            body.len()
+        );
+        for piece in answer.as_bytes().chunks(24) {
+            let _ = s.write_all(piece);
+            thread::sleep(Duration::from_millis(1));
+        }
+        Keep::Open
+    }));
+    let config = framing_config(
+        origin.addr,
+        "[limits]\nmax_header_bytes = 2048\nmax_header_count = 10\nmax_uri_bytes = 256\n",
+    );
+    let gw = Gateway::start(&config, driver);
+    let cases = [
+        // Empty lines before it, then fields: served when the empty line after them comes.
+        (
+            format!(
+                "\r\n\r\nGET /dribbled HTTP/1.1\r\nHost: a\r\nX-A: {}\r\n\r\n",
+                "a".repeat(300)
+            ),
+            200,
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(300)),
+            414,
+        ),
+        // Never ended: the bad byte, the URI bound, the head bound, the empty lines that
+        // fill it, the field count.
+        ("GET /a\x01b HTTP/1.1\r\nHost: a\r\n".to_owned(), 400),
+        (format!("GET /{}", "u".repeat(400)), 414),
+        (
+            format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "y".repeat(3000)),
+            431,
+        ),
+        (format!("{}GET / HTTP/1.1\r\n", "\r\n".repeat(1500)), 400),
+        (
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{}", "X: y\r\n".repeat(20)),
+            431,
+        ),
+    ];
+    for (req, status) in cases {
+        let mut c = gw.connect();
+        c.stream.set_nodelay(true).unwrap();
+        let sent = std::time::Instant::now();
+        // 24 bytes at a time (no power of two: the doublings fall between the bounds), until
+        // the gateway answers and closes.
+        for piece in req.as_bytes().chunks(24) {
+            if c.stream.write_all(piece).is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let r = c.read_response();
+        assert_eq!(r.status, status, "{:?}", &req[..40]);
+        if status == 200 {
+            assert_eq!(r.body_str(), "origin saw /dribbled");
+        }
+        // Well before the 10 s header timeout.
+        assert!(sent.elapsed() < Duration::from_secs(5), "{:?}", &req[..40]);
+    }
 }
 
 fn client_header_timeout_is_408(driver: Driver) {

@@ -93,6 +93,80 @@ pub enum BodyKind {
     UntilClose,
 }
 
+/// When a head that is arriving in pieces is worth parsing again. A parse starts from the
+/// head's first byte, so parsing after every read would cost the head's length squared when
+/// a peer sends it a few bytes per packet (a 256 KiB head in 1-byte writes: about a second of
+/// a worker's time, and `max_header_bytes` goes up to 1 MiB). A parse is due only where its
+/// answer can have changed, so a head costs a few times its length whatever its pieces:
+/// - the first bytes (a peer speaking another protocol is refused at once);
+/// - the head doubled since the last parse (a bad byte is refused by twice the bytes);
+/// - a size bound of the parser's was crossed (`marks`: 431, 414);
+/// - a line ended with an empty line after the head's first byte, which ends the head (or
+///   makes it malformed). Empty lines before a request line (RFC 9112 2.2) do not count.
+#[derive(Debug, Default)]
+pub(crate) struct Reparse {
+    /// The head's length at the last parse (0: none yet).
+    parsed: usize,
+    /// How much of it was looked at for the empty line (each byte once).
+    scanned: usize,
+    /// Where its first byte that is not CR or LF is, once one came.
+    content: Option<usize>,
+}
+
+impl Reparse {
+    /// Whether `buf` (the head so far) is worth parsing; if so, noted as parsed.
+    #[inline]
+    pub(crate) fn due(&mut self, buf: &[u8], marks: &[usize]) -> bool {
+        if self.parsed == 0 {
+            // The first bytes: parsed at once, scanned later (a head that came whole costs
+            // nothing more).
+            self.parsed = buf.len();
+            return true;
+        }
+        self.due_again(buf, marks)
+    }
+
+    fn due_again(&mut self, buf: &[u8], marks: &[usize]) -> bool {
+        let (last, len) = (self.parsed, buf.len());
+        if len < last.max(self.scanned) {
+            // A new head in the buffer: its first bytes.
+            *self = Self {
+                parsed: len,
+                ..Self::default()
+            };
+            return true;
+        }
+        let from = self.scanned;
+        if self.content.is_none() {
+            let skip = buf[from..].iter().position(|&b| b != b'\r' && b != b'\n');
+            self.content = skip.map(|i| from + i);
+        }
+        self.scanned = len;
+        // The scan last: a parse that is due anyway covers an end among the bytes.
+        let due = len >= last.saturating_mul(2)
+            || marks.iter().any(|&m| last < m && m <= len)
+            || self
+                .content
+                .is_some_and(|c| ends_head(buf, from.max(c + 1)));
+        if due {
+            self.parsed = len;
+        }
+        due
+    }
+}
+
+/// Whether an LF at `from` or after ends an empty line (`LF LF` or `LF CR LF`).
+fn ends_head(buf: &[u8], from: usize) -> bool {
+    (from..buf.len()).any(|i| {
+        buf[i] == b'\n'
+            && match i.checked_sub(1).map(|j| buf[j]) {
+                Some(b'\n') => true,
+                Some(b'\r') => i >= 2 && buf[i - 2] == b'\n',
+                _ => false,
+            }
+    })
+}
+
 /// RFC 3986 §2.3: letters, digits, `-`, `.`, `_` and `~`, the characters a URI never needs
 /// to escape.
 pub(crate) fn is_unreserved(c: u8) -> bool {
@@ -467,6 +541,81 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `head` to a [`Reparse`] in pieces of `step` bytes: the lengths at which a parse
+    /// was due.
+    fn parses(head: &[u8], step: usize, marks: &[usize]) -> Vec<usize> {
+        let mut r = Reparse::default();
+        let mut due = Vec::new();
+        for end in (step..head.len() + step).step_by(step) {
+            let buf = &head[..end.min(head.len())];
+            if r.due(buf, marks) {
+                due.push(buf.len());
+            }
+        }
+        due
+    }
+
+    #[test]
+    fn a_head_in_pieces_is_parsed_a_few_times_and_when_it_ends() {
+        let mut head = b"\r\n\r\nGET /a HTTP/1.1\r\nHost: a\r\n".to_vec();
+        for i in 0..200 {
+            head.extend_from_slice(format!("X-Field-{i}: {}\r\n", "v".repeat(40)).as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        let len = head.len();
+        for step in [1, 2, 3, 7, 64] {
+            let due = parses(&head, step, &[]);
+            // The first piece, each doubling, and the end: never once per line or per piece.
+            assert_eq!(due[0], step, "step {step}");
+            assert_eq!(*due.last().unwrap(), len, "step {step}: {due:?}");
+            assert!(
+                due.len() <= 2 + len.ilog2() as usize,
+                "step {step}: {due:?}"
+            );
+            assert!(
+                due.windows(2).all(|w| w[1] >= 2 * w[0] || w[1] == len),
+                "{due:?}"
+            );
+        }
+        // The empty line's CR LF split over two pieces, and a bare LF ending it.
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: aaaaaaaaaaaaaaaaaaaaa\r\n\r\n"[..],
+            b"GET / HTTP/1.1\n\n",
+        ] {
+            for step in 1..head.len() {
+                assert_eq!(
+                    *parses(head, step, &[]).last().unwrap(),
+                    head.len(),
+                    "{step}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_lines_before_a_head_and_crossed_bounds() {
+        // Empty lines before a request line (RFC 9112 2.2) do not end anything.
+        let blank = b"\r\n".repeat(4000);
+        let due = parses(&blank, 2, &[]);
+        assert_eq!(due, [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]);
+        assert_eq!(parses(b"\n\n\n\nG\n\n", 1, &[]), [1, 2, 4, 7]);
+        // The parser's size bounds: a parse where each is reached, whatever else.
+        let long = b"GET /"
+            .iter()
+            .copied()
+            .chain([b'a'; 5000])
+            .collect::<Vec<_>>();
+        assert_eq!(
+            parses(&long, 100, &[1000, 3001]),
+            [100, 200, 400, 800, 1000, 2000, 3100]
+        );
+        // A new head in the same buffer starts over.
+        let mut r = Reparse::default();
+        assert!(r.due(b"GET / HTTP/1.1\r\n", &[]));
+        assert!(!r.due(b"GET / HTTP/1.1\r\nA", &[]));
+        assert!(r.due(b"GE", &[]));
+    }
 
     #[test]
     fn a_refused_heads_fields_are_read_up_to_its_end_only() {

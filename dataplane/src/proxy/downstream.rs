@@ -19,7 +19,7 @@ use crate::codec::request::{
     as_http11, normalize_path, parse_request_into, ParseError, RequestHead,
 };
 use crate::codec::response::ResponseHead;
-use crate::codec::{BodyKind, FieldPlan, Span};
+use crate::codec::{BodyKind, FieldPlan, Reparse, Span};
 use crate::error::ErrorKind;
 use crate::gather::{write_gathered, Piece};
 use crate::io::{read_more, read_more_keeping, write_range, ReadError, ReadTimer};
@@ -188,8 +188,15 @@ impl<S: ClientStream> Downstream<S> {
         let mut header_deadline = None;
         // No request line read yet (an error before one was is logged without one).
         head.method = Span::default();
+        let mut reparse = Reparse::default();
         loop {
-            if !self.buf.is_empty() && !self.preface_so_far() && self.parse_head(head)? {
+            // Where the parser's answer turns into a 431 or a 414 (`parse_request_into`).
+            let marks = [self.limits.max_header_bytes, self.limits.max_uri_bytes + 65];
+            if !self.buf.is_empty()
+                && !self.preface_so_far()
+                && reparse.due(&self.buf, &marks)
+                && self.parse_head(head)?
+            {
                 normalize_path(&mut self.buf, head);
                 return Ok(Head::Request);
             }

@@ -18,7 +18,7 @@ use super::relay::BodyReader;
 use super::stream::ClientStream;
 use crate::codec::chunked::ChunkedDecoder;
 use crate::codec::response::{parse_response, ResponseHead};
-use crate::codec::{BodyKind, FieldPlan};
+use crate::codec::{BodyKind, FieldPlan, Reparse};
 use crate::error::{ErrorKind, ProxyError};
 use crate::gather::{write_gathered, Piece, COALESCE_MAX};
 use crate::io::{peek_into, Peeked, ReadError};
@@ -75,8 +75,9 @@ pub(crate) async fn read_head(
     replayable: bool,
     most: usize,
 ) -> Result<HeadRead, ProxyError> {
+    let mut reparse = Reparse::default();
     loop {
-        if !conn.buf.is_empty() {
+        if !conn.buf.is_empty() && reparse.due(&conn.buf, &[UPSTREAM_BUF]) {
             let mut parsed = parse_response(&conn.buf, is_head, UPSTREAM_BUF, plan);
             if let Ok(Some(_)) = parsed {
                 // `HTTP/1.1 200` without the space before an absent reason phrase, which the
