@@ -700,6 +700,45 @@ fn a_redis_that_answers_slowly_is_not_down() {
 }
 
 #[test]
+fn a_redis_answer_later_than_the_bound_is_logged() {
+    // Each reply 400 ms late, past the 250 ms a call may wait before the store counts as
+    // down: `on_store_error` applies while a call waits, and the node says so once the
+    // answer comes (before, such stalls switched the mode on and left no trace in the log).
+    let redis = Redis::start();
+    let relay = SlowRelay::start(redis.port, 400);
+    let gw = node("late", relay.port, "deny");
+    let line = gw.wait_log(" to answer (the bound is 250 ms)", Duration::from_secs(10));
+    assert!(line.contains("on_store_error applied meanwhile"), "{line}");
+    // Once a minute at most.
+    std::thread::sleep(Duration::from_millis(1000));
+    let lines = gw.log_lines();
+    let late = lines
+        .iter()
+        .filter(|l| l.contains(" to answer (the bound"))
+        .count();
+    assert_eq!(late, 1, "{lines:?}");
+}
+
+#[test]
+fn a_bucket_key_expires_once_the_bucket_is_full_again() {
+    // One request on a 1/s, burst-20 limit: the bucket is full again a second later, and its
+    // keys expire a second after that (before, 20 s later: a whole fill time on top).
+    let redis = Redis::start();
+    let gw = slow_limit_node("ttl", redis.port, 5);
+    assert_eq!(statuses(&gw, 1), [200]);
+    let keys = wait_keys(redis.port, 3);
+    let bucket = keys
+        .iter()
+        .find(|k| k.starts_with("gw:rl:") && !k.ends_with(":nodes"));
+    let bucket = bucket.expect("the bucket's key");
+    for key in [bucket.clone(), format!("{bucket}:nodes")] {
+        let reply = redis_command(redis.port, &["PTTL", &key]);
+        let ms: i64 = reply.trim().trim_start_matches(':').parse().expect(&reply);
+        assert!((1000..=2000).contains(&ms), "{key}: {ms} ms");
+    }
+}
+
+#[test]
 fn a_redis_password_with_colons_is_one_password() {
     // `redis://:PASSWORD@...` with colons in the password: before, sent as a user and a
     // password (`AUTH pa ss`), which Redis refused, so the cluster limit never had its store.

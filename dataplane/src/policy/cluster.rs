@@ -45,10 +45,15 @@ const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 static STORE: AtomicU8 = AtomicU8::new(UNKNOWN);
-/// When Redis last answered a round's call (the limiters' clock), and the interval rounds
-/// run at: a store that has not answered for ten intervals (at least 250 ms) counts as down
-/// even while a round still waits for it.
-static LAST_OK_NS: AtomicU64 = AtomicU64::new(0);
+/// When the call a round waits on went to Redis (the limiters' clock; 0: none waits), and
+/// the interval rounds run at: a store that has not answered a call for ten intervals (at
+/// least 250 ms) counts as down even while the round still waits for it. Only a wait counts:
+/// a round busy with many keys of its own, or asleep between rounds, is no outage (before,
+/// the time since the last answer counted, so that a flood of new keys, whose sorting took
+/// longer than that, switched `on_store_error` on for every cluster policy).
+static WAITING_SINCE_NS: AtomicU64 = AtomicU64::new(0);
+/// The longest a call waited for its answer since the reconciling thread last looked.
+static LONGEST_WAIT_NS: AtomicU64 = AtomicU64::new(0);
 static SYNC_NS: AtomicU64 = AtomicU64::new(5_000_000);
 /// Nodes that reconciled in the last 3 s, this one included.
 static LIVE_NODES: AtomicU32 = AtomicU32::new(1);
@@ -88,9 +93,15 @@ struct Share {
     /// with at least one while `burst` is below the live nodes) is not taken for full again
     /// after one fill time, over and over.
     full_at_ns: AtomicU64,
-    /// In the next round's list (see [`ClusterShares::dirty`]).
-    queued: std::sync::atomic::AtomicBool,
+    /// In the next round's list ([`DIRTY`], see [`ClusterShares::dirty`]), in the backlog
+    /// ([`BACKLOG`]), or in neither ([`IDLE`]).
+    queued: AtomicU8,
 }
+
+/// [`Share::queued`]'s states.
+const IDLE: u8 = 0;
+const DIRTY: u8 = 1;
+const BACKLOG: u8 = 2;
 
 /// A cluster-scoped limiter's state on this node.
 #[derive(Debug)]
@@ -104,6 +115,10 @@ pub struct ClusterShares {
     /// The keys that saw requests since the last round: a round visits only these, so its
     /// cost follows the traffic, not the number of keys held.
     dirty: std::sync::Mutex<Vec<Key>>,
+    /// Keys with counts not sent yet that did not fit in their round (more keys than
+    /// [`ROUND_BATCHES`] calls take), first come first sent once the round's dirty keys are.
+    /// A key that sees a request meanwhile is dirty again and goes with the next round.
+    backlog: std::sync::Mutex<std::collections::VecDeque<Key>>,
 }
 
 impl ClusterShares {
@@ -114,19 +129,19 @@ impl ClusterShares {
             max_keys,
             next_sweep_ns: AtomicU64::new(0),
             dirty: std::sync::Mutex::new(Vec::new()),
+            backlog: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
-    /// Whether the store is down (a check then follows `mode`): the last round failed, or no
-    /// reply has come for ten intervals (at least 250 ms).
+    /// Whether the store is down (a check then follows `mode`): the last round failed, or a
+    /// call has waited for its answer for ten intervals (at least 250 ms).
     pub fn store_down() -> bool {
         match STORE.load(Ordering::Relaxed) {
             DOWN => true,
-            UP => {
-                let silent =
-                    super::ratelimit::now_ns().saturating_sub(LAST_OK_NS.load(Ordering::Relaxed));
-                silent > (SYNC_NS.load(Ordering::Relaxed) * 10).max(250_000_000)
-            }
+            UP => match WAITING_SINCE_NS.load(Ordering::Relaxed) {
+                0 => false,
+                since => super::ratelimit::now_ns().saturating_sub(since) > silence_ns(),
+            },
             _ => false,
         }
     }
@@ -193,7 +208,7 @@ impl ClusterShares {
     /// [`take`], and the key into the next round's list if it is not there yet.
     fn take_and_queue(&self, share: &Share, key: &Key, limit: &Limit, now_ns: u64) -> Option<u64> {
         let allowed = take(share, limit, now_ns);
-        if !share.queued.swap(true, Ordering::AcqRel) {
+        if share.queued.swap(DIRTY, Ordering::AcqRel) != DIRTY {
             self.dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -218,6 +233,8 @@ fn fresh(s: &Share, now_ns: u64) -> bool {
     let horizon = s.horizon_ns.load(Ordering::Relaxed).max(IDLE_NS);
     now_ns.saturating_sub(s.active_ns.load(Ordering::Relaxed)) < horizon
         || now_ns < s.full_at_ns.load(Ordering::Relaxed)
+        // Counts waiting in the backlog to be sent.
+        || s.queued.load(Ordering::Relaxed) == BACKLOG
 }
 
 /// How long after its last demand for a key Redis counts a node as wanting it: four rounds,
@@ -308,6 +325,11 @@ fn take(share: &Share, limit: &Limit, now_ns: u64) -> Option<u64> {
 /// full again. Times count from 2026-01-01 so a double keeps them to well under a
 /// microsecond.
 ///
+/// A bucket's key expires a second after the bucket is full again (its arrival time passed,
+/// it holds nothing a fresh one does not; before, a whole fill time later, so that a limit
+/// per client held a hundred times the memory in Redis it needs), and its `:nodes` set of the
+/// nodes that want it with it, or when no node counts as wanting it any more.
+///
 /// A key that holds something no gateway wrote (another type, a value that is no time) is
 /// replaced rather than failing the script: a script that stops half way has charged the
 /// keys before it, and one such key would fail every round, for every key.
@@ -334,13 +356,13 @@ for i = 2, #KEYS do
   local tat = type(got) == 'string' and tonumber(got) or now
   if tat ~= tat or tat < now or tat > now + 1e18 then tat = now end
   tat = tat + spent * emission
-  local ttl = math.floor((tat - now + tolerance) / 1000) + 1000
+  local ttl = math.floor((tat - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', string.format('%d', ttl))
   local headroom = math.floor((now + tolerance - tat) / emission)
   local wanting = KEYS[i] .. ':nodes'
   trim(wanting, now - window)
   if demand > 0 then redis.call('ZADD', wanting, now, ARGV[1]) end
-  redis.call('PEXPIRE', wanting, ttl)
+  redis.call('PEXPIRE', wanting, math.max(ttl, math.floor(window / 1000) + 1000))
   local active = redis.call('ZCARD', wanting)
   if not redis.call('ZSCORE', wanting, ARGV[1]) then active = active + 1 end
   out[3 * i - 4] = headroom
@@ -381,6 +403,8 @@ pub fn start(config: Arc<ArcSwap<Snapshot>>) {
 
 /// The least time between two log lines of one Redis outage whose reason changed.
 const REASON_RELOG: Duration = Duration::from_secs(2);
+/// The least time between two log lines of answers that came late.
+const SLOW_RELOG: Duration = Duration::from_secs(60);
 
 fn reconcile_forever(config: &ArcSwap<Snapshot>) {
     let mut conn: Option<(RedisAddr, Redis)> = None;
@@ -389,6 +413,7 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
     // its reason changes (a password refused once the network is back), at most every
     // REASON_RELOG, as a reason that quotes changing details must not log every round.
     let mut logged: Option<(String, Instant)> = None;
+    let mut slow_logged: Option<Instant> = None;
     loop {
         let snap = config.load_full();
         let Some((cluster, addr)) = snap
@@ -440,8 +465,22 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
             }
             None => false,
         };
-        if ok {
-            LAST_OK_NS.store(super::ratelimit::now_ns(), Ordering::Relaxed);
+        // A call that waited past the silence bound had `on_store_error` apply meanwhile,
+        // though the round went on: said too (before, such a stall left no trace), at most
+        // once a minute.
+        let longest = LONGEST_WAIT_NS.swap(0, Ordering::Relaxed);
+        if ok
+            && longest > silence_ns()
+            && slow_logged.is_none_or(|at: Instant| at.elapsed() >= SLOW_RELOG)
+        {
+            log::warn!(
+                "cluster rate limits: Redis at {} took {} ms to answer (the bound is {} ms); \
+                 on_store_error applied meanwhile",
+                addr.address,
+                longest / 1_000_000,
+                silence_ns() / 1_000_000
+            );
+            slow_logged = Some(Instant::now());
         }
         let before = STORE.swap(if ok { UP } else { DOWN }, Ordering::Relaxed);
         if !ok {
@@ -484,32 +523,7 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
     let mut sent_any = false;
     for (id, limiter) in &limiters {
         let Some(c) = &limiter.cluster else { continue };
-        let mut batch: Vec<(Key, u64, u64)> = Vec::new();
-        // Only the keys this node saw requests for since the last round: the others keep
-        // their allowance, and the load on Redis follows the traffic, not the key count.
-        let dirty = std::mem::take(&mut *c.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        for key in dirty {
-            let Some(s) = c.shares.get(&key) else {
-                continue;
-            };
-            // Requests from here on queue the key again for the next round.
-            s.queued.store(false, Ordering::Release);
-            let spent = s.spent.swap(0, Ordering::AcqRel);
-            let refused = s.refused.swap(0, Ordering::AcqRel);
-            if spent + refused > 0 {
-                batch.push((key, spent, spent + refused));
-            }
-        }
-        // A flood of new keys would make a round of a call per BATCH of them, and a key in
-        // use could run out of its share, under its limit, long before its call came: the
-        // busiest keys go first, and at most ROUND_BATCHES calls' worth of keys per round;
-        // the others keep their counts for the next round (new keys start with a share of
-        // their own meanwhile).
-        batch.sort_by_key(|&(_, _, demand)| std::cmp::Reverse(demand));
-        if batch.len() > ROUND_BATCHES * BATCH {
-            restore(c, &batch[ROUND_BATCHES * BATCH..]);
-            batch.truncate(ROUND_BATCHES * BATCH);
-        }
+        let batch = next_batch(c);
         if now >= c.next_sweep_ns.load(Ordering::Relaxed) {
             // Idle keys go now and then, not every round.
             c.next_sweep_ns.store(now + IDLE_NS, Ordering::Relaxed);
@@ -517,7 +531,7 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
         }
         for (n, chunk) in batch.chunks(BATCH).enumerate() {
             let args = script_args(id, &limiter.limit, node, interval, chunk);
-            let answer = match redis.eval(&args) {
+            let answer = match eval_waited(redis, &args) {
                 Ok(answer) => answer,
                 Err(e) => {
                     // Admitted here, and Redis did not run the script (the connection was
@@ -534,10 +548,6 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
                 }
             };
             sent_any = true;
-            // Redis answers: a round of many keys takes many calls, and while they come back
-            // the store is up (before, one over 250 ms in all counted as an outage, so that
-            // a flood of new keys switched `on_store_error` on for every other key).
-            LAST_OK_NS.store(super::ratelimit::now_ns(), Ordering::Relaxed);
             if let Err(e) = apply(c, &limiter.limit, interval, now, chunk, &answer) {
                 restore(c, batch.get((n + 1) * BATCH..).unwrap_or_default());
                 return Err(e);
@@ -547,7 +557,7 @@ fn round(redis: &mut Redis, node: &str, interval: Duration) -> std::io::Result<(
     if !sent_any {
         // Keeps this node counted as live, and checks the connection.
         let idle = Limit::new(1, 1, 1).expect("valid");
-        let answer = redis.eval(&script_args("-", &idle, node, interval, &[]))?;
+        let answer = eval_waited(redis, &script_args("-", &idle, node, interval, &[]))?;
         if let Some(Reply::Int(n)) = answer.first() {
             LIVE_NODES.store(u32::try_from(*n).unwrap_or(1).max(1), Ordering::Relaxed);
         }
@@ -593,10 +603,98 @@ fn restore(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
         let s = c.shares.entry(key).or_default();
         s.spent.fetch_add(spent, Ordering::AcqRel);
         s.refused.fetch_add(demand - spent, Ordering::AcqRel);
-        if !s.queued.swap(true, Ordering::AcqRel) {
+        if s.queued.swap(DIRTY, Ordering::AcqRel) != DIRTY {
             c.dirty.lock().unwrap_or_else(|p| p.into_inner()).push(key);
         }
     }
+}
+
+/// The keys a round sends for one limiter, with their counts (admitted, seen), busiest first.
+///
+/// Only the keys this node saw requests for since the last round: the others keep their
+/// allowance, and the load on Redis follows the traffic, not the key count. A flood of new
+/// keys would make a round of a call per [`BATCH`] of them, and a key in use could run out of
+/// its share, under its limit, long before its call came: the busiest keys go first, and at
+/// most [`ROUND_BATCHES`] calls' worth of keys per round; the others keep their counts in
+/// the backlog, sent first come first in the rounds after (new keys start with a share of
+/// their own meanwhile). A round visits its dirty keys and what it sends, not the whole
+/// backlog (before, every round sorted the backlog again: a flood of 800,000 keys kept the
+/// thread busy for tens of seconds).
+fn next_batch(c: &ClusterShares) -> Vec<(Key, u64, u64)> {
+    let mut batch = Vec::new();
+    let dirty = std::mem::take(&mut *c.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+    for key in dirty {
+        take_counts(c, key, DIRTY, &mut batch);
+    }
+    let room = ROUND_BATCHES * BATCH;
+    if batch.len() > room {
+        batch.select_nth_unstable_by_key(room, |&(_, _, demand)| std::cmp::Reverse(demand));
+        to_backlog(c, &batch[room..]);
+        batch.truncate(room);
+    }
+    batch.sort_by_key(|&(_, _, demand)| std::cmp::Reverse(demand));
+    let mut backlog = c.backlog.lock().unwrap_or_else(|p| p.into_inner());
+    while batch.len() < room {
+        let Some(key) = backlog.pop_front() else {
+            break;
+        };
+        take_counts(c, key, BACKLOG, &mut batch);
+    }
+    batch
+}
+
+/// Moves a queued key's counts into `batch`, if it is still queued as `from` says (a key in
+/// the backlog that became dirty meanwhile goes with the dirty ones instead).
+fn take_counts(c: &ClusterShares, key: Key, from: u8, batch: &mut Vec<(Key, u64, u64)>) {
+    let Some(s) = c.shares.get(&key) else {
+        return;
+    };
+    // Requests from here on queue the key again for the next round.
+    if s.queued
+        .compare_exchange(from, IDLE, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let spent = s.spent.swap(0, Ordering::AcqRel);
+    let refused = s.refused.swap(0, Ordering::AcqRel);
+    if spent + refused > 0 {
+        batch.push((key, spent, spent + refused));
+    }
+}
+
+/// Puts counts that did not fit in a round back into their shares, their keys at the end of
+/// the backlog (unless a request made one dirty again meanwhile).
+fn to_backlog(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
+    let mut backlog = c.backlog.lock().unwrap_or_else(|p| p.into_inner());
+    for &(key, spent, demand) in unsent {
+        let s = c.shares.entry(key).or_default();
+        s.spent.fetch_add(spent, Ordering::AcqRel);
+        s.refused.fetch_add(demand - spent, Ordering::AcqRel);
+        if s.queued
+            .compare_exchange(IDLE, BACKLOG, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            backlog.push_back(key);
+        }
+    }
+}
+
+/// The longest a call may wait for its answer before the store counts as down: ten
+/// intervals, at least 250 ms.
+fn silence_ns() -> u64 {
+    (SYNC_NS.load(Ordering::Relaxed) * 10).max(250_000_000)
+}
+
+/// One script call, while [`WAITING_SINCE_NS`] says since when it waits.
+fn eval_waited(redis: &mut Redis, args: &[Vec<u8>]) -> std::io::Result<Vec<Reply>> {
+    let sent = super::ratelimit::now_ns().max(1);
+    WAITING_SINCE_NS.store(sent, Ordering::Relaxed);
+    let answer = redis.eval(args);
+    WAITING_SINCE_NS.store(0, Ordering::Relaxed);
+    let waited = super::ratelimit::now_ns().saturating_sub(sent);
+    LONGEST_WAIT_NS.fetch_max(waited, Ordering::Relaxed);
+    answer
 }
 
 /// Sets the allowances of `chunk`'s keys from a script answer: the headroom, plus what the
@@ -914,6 +1012,53 @@ pub(super) type ClusterLimiters = Vec<(Box<str>, Arc<Limiter>)>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_keys_waits_in_the_backlog_and_keys_in_use_go_first() {
+        let limit = Limit::new(1, 1_000_000_000, 5).expect("valid");
+        let c = ClusterShares::new(StoreErrorMode::Allow, 1_000_000);
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        let room = ROUND_BATCHES * BATCH;
+        let flood = 3 * room as u32 + 100;
+        let mut seen = 0;
+        for i in 0..flood {
+            c.check(&limit, Some(&key(i)), 1);
+            seen += 1;
+        }
+        // A key in use: three requests.
+        for _ in 0..3 {
+            c.check(&limit, Some(&key(0)), 1);
+            seen += 1;
+        }
+        let first = next_batch(&c);
+        assert_eq!(first.len(), room);
+        assert_eq!((first[0].0, first[0].2), (key(0), 4), "the busiest first");
+        assert_eq!(c.backlog.lock().unwrap().len(), flood as usize - room);
+        // The next rounds send the backlog, first come first, a round's worth each; a key of
+        // it that sees a request meanwhile goes with the dirty keys, first, and once.
+        let waiting = c.backlog.lock().unwrap().back().copied().unwrap();
+        c.check(&limit, Some(&waiting), 1);
+        seen += 1;
+        let second = next_batch(&c);
+        assert_eq!(second.len(), room);
+        assert_eq!((second[0].0, second[0].2), (waiting, 2));
+        // (Its old place there is skipped when its turn comes.)
+        assert_eq!(
+            c.backlog.lock().unwrap().len(),
+            flood as usize - 2 * room + 1
+        );
+        let mut all = [first, second, next_batch(&c), next_batch(&c)].concat();
+        assert!(next_batch(&c).is_empty() && c.backlog.lock().unwrap().is_empty());
+        // Every request counted once, every key sent once.
+        assert_eq!(all.iter().map(|&(_, _, seen)| seen).sum::<u64>(), seen);
+        all.sort();
+        all.dedup_by_key(|(k, _, _)| *k);
+        assert_eq!(all.len(), flood as usize);
+    }
 
     #[test]
     fn only_a_command_the_connection_lost_is_taken_for_not_run() {
