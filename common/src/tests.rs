@@ -1856,6 +1856,36 @@ fn a_health_check_expects_final_statuses_only() {
 }
 
 #[test]
+fn a_grpc_health_check_lists_no_statuses() {
+    let text = |statuses: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[upstreams]]\nid = \"u\"\n\
+             protocol = \"grpc\"\ntargets = [{{ address = \"127.0.0.1:1\" }}]\n\
+             health_check = {{ path = \"/grpc.health.v1.Health/Check\"{statuses} }}\n"
+        )
+    };
+    // A failed call is no status to list: one listing 503 passed a NOT_SERVING target.
+    let e = err(&text(", expect_status = [200, 503]"));
+    assert_eq!(e.path(), "upstreams[0].health_check.expect_status");
+    assert!(e.to_string().contains("grpc-status 0 only"), "{e}");
+    for ok in ["", ", expect_status = [200]"] {
+        let s = compile(&text(ok)).unwrap();
+        assert_eq!(
+            *s.upstreams[0].health_check.as_ref().unwrap().expect_status,
+            [200]
+        );
+    }
+    // Stored by an earlier build: starts, passing on grpc-status 0 only.
+    let config = parse_config(&text(", expect_status = [503]"), Format::Toml).unwrap();
+    let (s, notes) = Snapshot::compile_stored(config, 1).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(
+        *s.upstreams[0].health_check.as_ref().unwrap().expect_status,
+        [200]
+    );
+}
+
+#[test]
 fn one_target_spelled_two_ways_is_refused() {
     let text = |a: &str, b: &str| {
         format!(

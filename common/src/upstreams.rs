@@ -176,6 +176,16 @@ pub(crate) fn compile_upstream(
                     expect.push(200);
                 }
             }
+            // A gRPC check passes on `grpc-status: 0` only (and SERVING): a failed call is
+            // no HTTP status to list (before, one listing 503 passed a NOT_SERVING target).
+            if u.protocol == UpstreamProtocol::Grpc && *expect != [200] {
+                let why = "a grpc check passes on grpc-status 0 only: expect_status does \
+                           not apply to it";
+                if !crate::validate::tolerated("health_check.expect_status", why) {
+                    return Err(field("health_check.expect_status", why.into()));
+                }
+                expect = vec![200];
+            }
             Some(HealthCheck {
                 path: h.path.as_str().into(),
                 interval: Duration::from_millis(h.interval_ms),

@@ -1106,7 +1106,11 @@ async fn health_checks(
                 continue;
             }
         };
-        let ok = status.is_some_and(|s| hc.expect_status.contains(&s));
+        let ok = status.is_some_and(|s| match hc.protocol {
+            // Its 200 is `grpc-status: 0` (and SERVING); anything else is no pass.
+            UpstreamProtocol::Grpc => s == 200,
+            _ => hc.expect_status.contains(&s),
+        });
         {
             let mut c = state.check.lock().unwrap_or_else(|p| p.into_inner());
             if c.owner != owner {
