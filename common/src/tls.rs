@@ -620,8 +620,8 @@ fn upstream_roots(tls: &UpstreamTlsConfig, at: &str) -> Result<Roots, ConfigErro
 /// Checks a target's certificate as webpki does (a chain to a trusted authority, the name,
 /// validity), and also takes one that is itself among the authorities given: a self-signed
 /// certificate given as its own authority, which webpki refuses as a CA used as an end
-/// entity while OpenSSL (and so nginx's `proxy_ssl_trusted_certificate`) takes it. Its name
-/// and validity are still checked.
+/// entity while OpenSSL (and so nginx's `proxy_ssl_trusted_certificate`) takes it. Its name,
+/// validity and purposes (key usage, extended key usage) are still checked.
 #[derive(Debug)]
 struct Pinning {
     webpki: Arc<rustls::client::WebPkiServerVerifier>,
@@ -652,6 +652,12 @@ impl rustls::client::danger::ServerCertVerifier for Pinning {
         let leaf = parse_leaf(end_entity).ok_or(rustls::Error::InvalidCertificate(
             rustls::CertificateError::BadEncoding,
         ))?;
+        // What it may be used for is checked too, as OpenSSL does (before, a pinned
+        // certificate made for clients only, or a CA's that signs certificates only, was
+        // taken to serve).
+        if !leaf.serves_tls {
+            return Err(rustls::CertificateError::InvalidPurpose.into());
+        }
         let now = now.as_secs() as i64;
         if now >= leaf.not_after {
             return Err(rustls::CertificateError::Expired.into());
@@ -831,6 +837,10 @@ pub struct Leaf {
     pub names: Vec<String>,
     pub not_before: i64,
     pub not_after: i64,
+    /// Whether its extensions let it serve TLS, as OpenSSL's purpose check for a server
+    /// takes it: no extended key usage, or one with `serverAuth`; no key usage, or one with
+    /// `digitalSignature`, `keyEncipherment` or `keyAgreement`.
+    pub serves_tls: bool,
 }
 
 /// Whether `der` is one whole X.509 certificate, as far as [`parse_leaf`] reads one (its
@@ -860,6 +870,7 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
     let mut rest = Der::read(after, 0x30)?.1; // subjectPublicKeyInfo
     let mut names = Vec::new();
     let mut has_alt_names = false;
+    let mut serves_tls = true;
     while let Some(((tag, body), next)) = Der::any(rest) {
         rest = next;
         if tag != 0xa3 {
@@ -871,14 +882,36 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
             let (ext, next) = Der::read(exts, 0x30)?;
             exts = next;
             let (oid, mut ext_rest) = Der::read(ext, 0x06)?;
-            if oid != [0x55, 0x1d, 0x11] {
-                continue; // not subjectAltName
-            }
-            has_alt_names = true;
             if ext_rest.first() == Some(&0x01) {
                 ext_rest = Der::read(ext_rest, 0x01)?.1; // critical
             }
             let (value, _) = Der::read(ext_rest, 0x04)?;
+            match oid {
+                // extKeyUsage: a list of purposes, serverAuth among them.
+                [0x55, 0x1d, 0x25] => {
+                    serves_tls &= Der::read(value, 0x30).is_some_and(|(mut list, _)| {
+                        while let Some((purpose, next)) = Der::read(list, 0x06) {
+                            if purpose == [0x2b, 6, 1, 5, 5, 7, 3, 1] {
+                                return true;
+                            }
+                            list = next;
+                        }
+                        false
+                    });
+                }
+                // keyUsage: a bit string whose first bits are digitalSignature (0),
+                // nonRepudiation, keyEncipherment (2), dataEncipherment, keyAgreement (4).
+                [0x55, 0x1d, 0x0f] => {
+                    serves_tls &= Der::read(value, 0x03).is_some_and(|(bits, _)| {
+                        bits.get(1).is_some_and(|b| b & (0x80 | 0x20 | 0x08) != 0)
+                    });
+                }
+                _ => {}
+            }
+            if oid != [0x55, 0x1d, 0x11] {
+                continue; // not subjectAltName
+            }
+            has_alt_names = true;
             let (mut general, _) = Der::read(value, 0x30)?;
             while !general.is_empty() {
                 let (t, next) = Der::any(general)?;
@@ -913,6 +946,7 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
         names,
         not_before,
         not_after,
+        serves_tls,
     })
 }
 

@@ -120,8 +120,47 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/CN=Gateway Client",
         "URI:spiffe://example.test/gateway",
     );
+    // Self-signed for up.test but made for clients only (extendedKeyUsage clientAuth): not
+    // one to serve, trusted as its own authority or not (before: taken when pinned).
+    // The same for one whose key may only sign certificates (a CA's).
+    let purposed = |file: &str, purpose: &str| {
+        let cert = Cert {
+            cert: dir.join(format!("{file}.pem")),
+            key: dir.join(format!("{file}.key")),
+        };
+        let (key, out) = (cert.key.to_str().unwrap(), cert.cert.to_str().unwrap());
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "30",
+                "-keyout",
+                key,
+                "-out",
+                out,
+                "-subj",
+                "/CN=up.test",
+                "-addext",
+                "subjectAltName=DNS:up.test",
+                "-addext",
+                purpose,
+            ],
+        );
+        cert
+    };
+    let client_only = purposed("client-only", "extendedKeyUsage=clientAuth");
+    let signer = purposed("signer", "keyUsage=critical,keyCertSign,cRLSign");
     let mut open = HttpsPeer::start(&leaf, None);
     let mutual = HttpsPeer::start(&srv, Some(&client));
+    let clients_only = HttpsPeer::start(&client_only, None);
+    let signs_only = HttpsPeer::start(&signer, None);
     let log = dir.join("access.log");
 
     // The gateway's TLS listener offering only h2, as an HTTP/2 upstream.
@@ -204,6 +243,23 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
             format!(
                 "tls = {{ server_name = \"other.test\", ca_file = \"{own}\", \
                  certificate = \"client\" }}"
+            ),
+        ),
+        // ... and a purpose that lets it serve.
+        (
+            "own-client-only",
+            clients_only.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}",
+                client_only.cert.display()
+            ),
+        ),
+        (
+            "own-signer",
+            signs_only.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}",
+                signer.cert.display()
             ),
         ),
     ];
@@ -316,6 +372,8 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/h2-only/",
         "/h2-no-alpn/",
         "/own-wrong-name/",
+        "/own-client-only/",
+        "/own-signer/",
     ];
     for path in refused {
         let (status, body) = request(&gw, "GET", path, b"");
@@ -342,7 +400,7 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     // Every request above has its line: the access log is written behind the answers, so
     // a count short of them all could read the log before the last ones (a run of the whole
     // suite found `/own-wrong-name/`'s missing with 16).
-    let lines = wait_log_lines(&log, 20);
+    let lines = wait_log_lines(&log, 22);
     let kind = |path: &str| {
         lines
             .iter()
@@ -356,6 +414,8 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/h2-only/",
         "/h2-no-alpn/",
         "/own-wrong-name/",
+        "/own-client-only/",
+        "/own-signer/",
     ];
     for path in tls_failures {
         assert_eq!(kind(path), "upstream_tls", "{path}");
