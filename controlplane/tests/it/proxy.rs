@@ -35,6 +35,8 @@ both_drivers!(
     websocket_echo_through_upgrade,
     upgrade_offers_are_passed_on_and_switches_checked,
     a_tunnel_holds_its_target_and_is_logged_when_it_ends,
+    an_upgrade_whose_101_never_reached_the_client_is_not_logged_as_one,
+    a_tunnel_to_a_client_that_reads_nothing_ends_when_quiet,
     a_reset_on_one_side_of_a_tunnel_resets_the_other,
     malformed_request_is_400_and_closes,
     sighup_reload_applies_on_next_request_of_open_connection,
@@ -1225,6 +1227,92 @@ fn upgrade_offers_are_passed_on_and_switches_checked(driver: Driver) {
             assert_eq!(r.status, 101, "{} bytes, chunked {chunked}", body.len());
         }
     }
+}
+
+fn a_tunnel_to_a_client_that_reads_nothing_ends_when_quiet(driver: Driver) {
+    // Sends far more than the sockets hold after its 101: the gateway's write to the client
+    // waits for good, and nothing moves either way. The tunnel is ended at the idle timeout
+    // all the same (the reads end first, then, a moment later, the stuck write).
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        );
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..STALL_BYTES >> 20 {
+            if s.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        Keep::Close
+    }));
+    let dir = temp_dir("tunnel-stuck");
+    let log = dir.join("access.log");
+    let config = proxy_config(
+        origin.addr,
+        &format!(
+            "[access_log]\npath = \"{}\"\n[timeouts]\nupstream_body_ms = 500\n",
+            log.display()
+        ),
+    );
+    let gw = Gateway::start(&config, driver);
+    let mut c = gw.connect();
+    let started = std::time::Instant::now();
+    c.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+    let line = wait_log_lines(&log, 1).remove(0);
+    assert_eq!(
+        (&line["status"], &line["error"]),
+        (&serde_json::json!(101), &serde_json::Value::Null),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(c);
+}
+
+fn an_upgrade_whose_101_never_reached_the_client_is_not_logged_as_one(driver: Driver) {
+    // Switches 300 ms after the request, then echoes.
+    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+        thread::sleep(Duration::from_millis(300));
+        let _ = s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        );
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        Keep::Close
+    }));
+    let dir = temp_dir("tunnel-gone");
+    let log = dir.join("access.log");
+    let config = proxy_config(
+        origin.addr,
+        &format!("[access_log]\npath = \"{}\"\n", log.display()),
+    );
+    let gw = Gateway::start(&config, driver);
+    // The client sends the new protocol's first bytes with its request, and resets the
+    // connection before the 101 comes: the gateway's write of the 101 fails. Logged as the
+    // client's leaving (before: a 101 with no error).
+    let c = gw.connect();
+    let head = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    (&c.stream)
+        .write_all(format!("{head}hello").as_bytes())
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    socket2::SockRef::from(&c.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let line = wait_log_lines(&log, 1).remove(0);
+    assert_eq!(
+        (&line["status"], &line["error"]),
+        (&serde_json::json!(499), &serde_json::json!("client_closed")),
+        "{line}"
+    );
 }
 
 fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {

@@ -1148,12 +1148,13 @@ fn a_websocket_tunnel_runs_over_tls() {
         assert!(text.ends_with("last words"), "{text}");
         assert_eq!(end, ending, "{path}");
     }
-    // A tunnel gone quiet, ended by the gateway: no side failed, though the TLS client
-    // sees an end without close_notify (the first version of the tunnel's reset logged it
-    // `client_closed`, and counted it).
+    // A tunnel gone quiet, ended by the gateway: no side failed (the first version of the
+    // tunnel's reset logged it `client_closed`, and counted it), and the TLS client sees an
+    // orderly end, with close_notify (before: a FIN alone, a truncation).
     let request = upgrade.replace("/chat", "/idle");
-    let (_, data) = tls_read_all(gw.listeners[0], ca, "a.test", &request);
+    let (end, data) = tls_read_all(gw.listeners[0], ca, "a.test", &request);
     assert!(String::from_utf8_lossy(&data).starts_with("HTTP/1.1 101"));
+    assert_eq!(end, "close_notify");
     let lines = wait_log_lines(&log, 3);
     let idle = lines.iter().find(|l| l["path"] == "/idle").unwrap();
     assert_eq!(idle["error"], serde_json::Value::Null, "{idle}");

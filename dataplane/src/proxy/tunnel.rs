@@ -39,6 +39,11 @@ pub(crate) async fn tunnel<S: ClientStream>(
             .await
             .is_err()
         {
+            // The upstream went away after its 101, before the client had any of it: the
+            // client gets the 502 (before, a close without an answer, logged as a 101).
+            req.status = 0;
+            let _ = down.fail(req, ErrorKind::UpstreamClosed).await;
+            down.stream.close_whole().await;
             return;
         }
         req.bytes_in += n;
@@ -83,7 +88,12 @@ pub(crate) async fn tunnel<S: ClientStream>(
     .await
     {
         Ok(n) => req.bytes_out += n as u64,
-        Err(_) => return,
+        Err(_) => {
+            // The client went away before it had the 101 (before, logged as a 101).
+            req.status = 0;
+            req.fail(ErrorKind::ClientClosed);
+            return;
+        }
     }
 
     let idle = down.timeouts.upstream_body;
@@ -106,14 +116,27 @@ pub(crate) async fn tunnel<S: ClientStream>(
     let closing = Cell::new(false);
     // The watchdog's, woken when the last direction ends.
     let ended = Cell::new(None::<Waker>);
-    // Ends both directions at once, without the clean half-close an end gets. For a tunnel
-    // gone quiet, or cut by a drain's end, with a FIN each way (both pending reads wake with
-    // EOF; no read is cancelled mid-flight). For a read or write that fails (a reset, a bad
-    // TLS record, an end over TLS without close_notify), with a reset each way (TCP RST, and
-    // no close_notify), so that neither side takes the failure for an end, as a cut answer's
-    // client cannot: `connect(AF_UNSPEC)` aborts a connection (RFC 9293 3.10.5, ABORT)
-    // whose fd stays open, and wakes its pending reads and writes with the error. (Closing
-    // with SO_LINGER 0 would come too late: a stream's write half sends a FIN as it drops.)
+    // Shuts both sockets' reading (`SHUT_RD`) or the whole of them (`SHUT_RDWR`).
+    let shut = |how: libc::c_int| {
+        // SAFETY: each copy future owns a half of each stream until it ends; this is called
+        // from a copy future, or from the watchdog while one still runs (`open` > 0), so
+        // neither fd can have been closed and reused.
+        unsafe {
+            libc::shutdown(client_fd, how);
+            libc::shutdown(upstream_fd, how);
+        }
+    };
+    // Ends both directions at once. For a tunnel gone quiet, or cut by a drain's end, as an
+    // end each way: both pending reads wake with EOF (their sockets' reading shut down; no
+    // read is cancelled mid-flight), and each direction ends its other side as a clean end
+    // does, a TLS side with close_notify (RFC 8446 6.1; before, the sockets were shut whole,
+    // a FIN without close_notify: a truncation to a TLS peer). For a read or write that
+    // fails (a reset, a bad TLS record, an end over TLS without close_notify), with a reset
+    // each way (TCP RST, and no close_notify), so that neither side takes the failure for an
+    // end, as a cut answer's client cannot: `connect(AF_UNSPEC)` aborts a connection (RFC
+    // 9293 3.10.5, ABORT) whose fd stays open, and wakes its pending reads and writes with
+    // the error. (Closing with SO_LINGER 0 would come too late: a stream's write half sends
+    // a FIN as it drops.)
     let abort = |failure: Option<ErrorKind>| {
         if let Some(kind) = failure {
             failed.set(failed.get().or(Some(kind)));
@@ -123,13 +146,7 @@ pub(crate) async fn tunnel<S: ClientStream>(
             return;
         }
         closing.set(true);
-        // SAFETY: each copy future owns a half of each stream until it ends; this is called
-        // from a copy future, or from the watchdog while one still runs (`open` > 0), so
-        // neither fd can have been closed and reused.
-        unsafe {
-            libc::shutdown(client_fd, libc::SHUT_RDWR);
-            libc::shutdown(upstream_fd, libc::SHUT_RDWR);
-        }
+        shut(libc::SHUT_RD);
     };
     let tunnel = Tunnel {
         activity: &activity,
@@ -163,8 +180,9 @@ pub(crate) async fn tunnel<S: ClientStream>(
             }
             if failed.get().is_some() {
                 // A direction still runs a tick after the reset (its wake-up missed, which
-                // should not be): ended as a quiet tunnel is.
-                abort(None);
+                // should not be): its sockets are shut whole.
+                closing.set(true);
+                shut(libc::SHUT_RDWR);
                 return;
             }
             let quiet_until = activity.get() + idle;
@@ -172,6 +190,22 @@ pub(crate) async fn tunnel<S: ClientStream>(
                 // The drain's end cut it (logged as such), or it went quiet.
                 cut_by_drain.set(cut_off.get());
                 abort(None);
+                // A write waiting on a peer that reads nothing does not end with the reads
+                // (nor a close_notify that cannot go out): a moment later, the sockets are
+                // shut whole, which ends it.
+                let grace = monoio::time::sleep(CLOSING_GRACE);
+                let mut grace = std::pin::pin!(grace);
+                std::future::poll_fn(|cx| {
+                    if open.get() == 0 {
+                        return Poll::Ready(());
+                    }
+                    ended.set(Some(cx.waker().clone()));
+                    grace.as_mut().poll(cx)
+                })
+                .await;
+                if open.get() > 0 {
+                    shut(libc::SHUT_RDWR);
+                }
                 return;
             }
             let tick = monoio::time::sleep_until(
@@ -200,6 +234,10 @@ pub(crate) async fn tunnel<S: ClientStream>(
         req.fail(kind);
     }
 }
+
+/// How long the directions of a tunnel the gateway ends have to end in order (a close_notify
+/// out, a FIN) before their sockets are shut whole.
+const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the two directions of a tunnel share.
 struct Tunnel<'a, A> {
@@ -258,10 +296,15 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn(Option<ErrorKind>)
         }
     };
     match failure {
-        // The other side's reset woke this read, or the gateway's own end of the tunnel (a
-        // TLS side then sees an end without close_notify): nothing to pass on or log.
-        _ if reset.get().is_some() || closing.get() => {}
+        // The other side's reset woke this read: nothing to pass on or log.
+        _ if reset.get().is_some() => {}
+        // An end, or the gateway's own end of the tunnel (the read then sees an end without
+        // close_notify from a TLS side, which is no failure of its): the other side is ended
+        // in order.
         None => {
+            let _ = to.shutdown().await;
+        }
+        _ if closing.get() => {
             let _ = to.shutdown().await;
         }
         Some(kind) => abort(Some(kind)),
