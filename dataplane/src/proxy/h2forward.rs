@@ -981,12 +981,14 @@ struct WebSink<K> {
     content_type: HeaderValue,
     /// Bytes not yet encoded (fewer than 3), for `-text`.
     carry: Vec<u8>,
-    /// The upstream answered 200 with something other than gRPC: no message of it goes
-    /// out, and the trailer frame says UNKNOWN (a gRPC-Web client would read an answer
-    /// without `grpc-status` as a success).
+    /// The upstream answered something other than gRPC: no byte of its body goes out, and
+    /// the trailer frame says what its status maps to, UNKNOWN for a 200 (a gRPC-Web client
+    /// would read an answer without `grpc-status` as a success).
     foreign: bool,
+    /// The upstream's HTTP status.
+    status: u16,
     /// The upstream answered 200 with gRPC: its body is messages, and trailers may only
-    /// follow a whole one (another answer's body is passed on as it is, and mapped).
+    /// follow a whole one.
     messages: bool,
 }
 
@@ -998,6 +1000,7 @@ impl<K: Sink> WebSink<K> {
             content_type,
             carry: Vec::new(),
             foreign: false,
+            status: 200,
             messages: false,
         }
     }
@@ -1006,7 +1009,13 @@ impl<K: Sink> WebSink<K> {
     /// the upstream's answer was not gRPC or ended without one.
     fn trailer_frame(&self, trailers: Option<HeaderMap>) -> Vec<u8> {
         let trailers = match trailers {
-            _ if self.foreign => Some(status_only(2, "the upstream's answer is not gRPC")),
+            _ if self.foreign => Some(match self.status {
+                200 => status_only(2, "the upstream's answer is not gRPC"),
+                status => status_only(
+                    grpc_code_for_http(status),
+                    &format!("the upstream answered HTTP {status}, not gRPC"),
+                ),
+            }),
             Some(t) if t.contains_key("grpc-status") => Some(t),
             _ => Some(status_only(2, "the upstream's answer has no grpc-status")),
         };
@@ -1049,10 +1058,12 @@ impl<K: Sink> Sink for WebSink<K> {
     }
 
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
-        // Another status is the client's to map (gRPC-Web clients read a non-200 as an
-        // error); a 200 must be gRPC, or a trailer frame says it was not.
-        self.foreign =
-            status == 200 && !grpc_content(&headers) && !headers.contains_key("grpc-status");
+        // An answer that is not gRPC (a proxy's 503 page, a 404) has no messages for the
+        // client: its body is dropped, and the trailer frame carries the status its HTTP
+        // status maps to (UNKNOWN for a 200). Before, another status's body went out as if
+        // it were frames, and its trailer frame said UNKNOWN.
+        self.foreign = !grpc_content(&headers) && !headers.contains_key("grpc-status");
+        self.status = status;
         self.messages = status == 200 && grpc_content(&headers);
         headers.remove(CONTENT_LENGTH);
         if self.foreign {
