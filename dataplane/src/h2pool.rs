@@ -63,10 +63,12 @@ impl std::fmt::Debug for H2Conn {
 }
 
 impl H2Conn {
-    /// Whether it can take one more stream now (the target's SETTINGS may allow none).
-    pub fn has_room(&self) -> bool {
+    /// Whether it can take one more stream now (the target's SETTINGS may allow none), its
+    /// upstream's `max_streams` being `limit` now: lowered, it holds for the connections
+    /// open already (before, they kept the number they were opened with for good).
+    pub fn has_room(&self, limit: u32) -> bool {
         let peer = u32::try_from(self.send.current_max_send_streams()).unwrap_or(u32::MAX);
-        !self.closed.get() && self.open.get() < self.max_streams.min(peer)
+        !self.closed.get() && self.open.get() < self.max_streams.min(limit).min(peer)
     }
 
     /// A handle that opens streams on the connection, and the slot the stream holds.
@@ -237,17 +239,19 @@ pub(crate) struct H2Pool {
 
 impl H2Pool {
     /// A connection to `target` opened for `upstream` with room for one more stream, if
-    /// there is one. `keep_idle`: one without streams may be used again (pooling is on,
-    /// `upstream_pool.max_idle_per_target` above 0); otherwise it goes (and closes).
+    /// there is one (`max_streams`: the upstream's now). `keep_idle`: one without streams may
+    /// be used again (pooling is on, `upstream_pool.max_idle_per_target` above 0); otherwise
+    /// it goes (and closes).
     pub fn take(
         &mut self,
         target: SocketAddr,
         upstream: &Arc<UpstreamLive>,
+        max_streams: u32,
         keep_idle: bool,
     ) -> Option<Rc<H2Conn>> {
         let list = self.conns.get_mut(target, upstream)?;
         list.retain(|c| !c.closed.get() && (keep_idle || c.open.get() > 0));
-        list.iter().find(|c| c.has_room()).cloned()
+        list.iter().find(|c| c.has_room(max_streams)).cloned()
     }
 
     /// The most streams a new connection to `target` for `upstream` should send before its

@@ -828,6 +828,38 @@ fn http2_upstreams_sharing_a_target_keep_their_connections_apart() {
 }
 
 #[test]
+fn lowering_max_streams_holds_for_the_connections_open_already() {
+    // One connection with room for 100 streams, then max_streams lowered to 1: three calls
+    // at once take a connection each (before, all three went on the one open already, for
+    // as long as traffic kept it in use).
+    let peer = ResetPeer::start_with(&["0", "answers"]);
+    let config = h2c_upstream_config(&[peer.addr], "", "", "max_streams = 100", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let get = |path: &str| {
+        gw.connect()
+            .roundtrip(&format!(
+                "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            ))
+            .status
+    };
+    assert_eq!(get("/len"), 200);
+    let mut upstream = gw.admin("GET", "/v1/upstreams/h2", None).json();
+    upstream["max_streams"] = 1.into();
+    let r = gw.admin("PUT", "/v1/upstreams/h2", Some(&upstream.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body_str());
+    std::thread::scope(|s| {
+        let calls: Vec<_> = (0..3).map(|_| s.spawn(|| get("/slow"))).collect();
+        for call in calls {
+            assert_eq!(call.join().unwrap(), 200);
+        }
+    });
+    drop(gw);
+    let text = peer.output();
+    let connections = text.lines().filter(|l| l.starts_with("connection")).count();
+    assert_eq!(connections, 3, "{text}");
+}
+
+#[test]
 fn a_burst_to_a_cold_http2_upstream_shares_the_connection_being_opened() {
     // 50 streams at once from one client, and no connection to the upstream yet: the first
     // request opens one and the others wait for it (up to max_streams) instead of opening

@@ -1425,7 +1425,8 @@ pub(super) async fn forward<S: ClientStream>(
                 None
             } else {
                 let keep_idle = snap.max_idle_per_target > 0;
-                (ctx.h2pool.borrow_mut()).take(target.addr, &up.upstream.live, keep_idle)
+                let limit = up.upstream.max_streams;
+                (ctx.h2pool.borrow_mut()).take(target.addr, &up.upstream.live, limit, keep_idle)
             };
             // A new connection records its target once the circuit lets it be opened.
             if pooled.is_some() {
@@ -1450,7 +1451,7 @@ pub(super) async fn forward<S: ClientStream>(
                     match monoio::time::timeout_at((*joins_by.get_or_insert(by)).into(), c.wait())
                         .await
                     {
-                        Ok(Ok(conn)) if conn.has_room() => {
+                        Ok(Ok(conn)) if conn.has_room(up.upstream.max_streams) => {
                             connector.arrived(target, &mut req.attempts);
                             Some(Ok(conn))
                         }
