@@ -2,6 +2,7 @@
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|
+                              failed-length|
                               torn|trailers|headers|zero|goaway-once|malformed|answers|
                               bad-stream|head-silent|answer-close|msg-silent|interim-503|
                               empty-ok|caps|slow-reader|close-once]
@@ -15,6 +16,8 @@ bytes of a message come before the reset; with `silent`, nothing is ever answere
 gRPC), with `html-503` the same page as a 503 with `content-encoding: gzip` and an `etag`;
 with `no-status`, a gRPC answer of one message that ends without trailers (no
 `grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`; with
+`failed-length`, a gRPC answer of one (empty) message with its `content-length`, then
+`grpc-status: 9` and `grpc-message: nope`; with
 `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`, once
 the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without any)
 and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields (sorted,
@@ -67,6 +70,7 @@ HTML = sys.argv[2:] == ["html"]
 HTML_503 = sys.argv[2:] == ["html-503"]
 NO_STATUS = sys.argv[2:] == ["no-status"]
 TWO = sys.argv[2:] == ["two"]
+FAILED_LENGTH = sys.argv[2:] == ["failed-length"]
 TORN = sys.argv[2:] == ["torn"]
 TRAILERS = sys.argv[2:] == ["trailers"]
 HEADERS = sys.argv[2:] == ["headers"]
@@ -184,6 +188,15 @@ def serve(sock):
                                                         ("server", "peer"),
                                                         ("x_powered_by", "peer")])
                     conn.send_data(event.stream_id, b"ok", end_stream=True)
+                    continue
+                if FAILED_LENGTH:
+                    conn.send_headers(event.stream_id, [(":status", "200"),
+                                                        ("content-type", "application/grpc"),
+                                                        ("content-length", "5")])
+                    conn.send_data(event.stream_id, b"\x00\x00\x00\x00\x00")
+                    conn.send_headers(event.stream_id, [("grpc-status", "9"),
+                                                        ("grpc-message", "nope")],
+                                      end_stream=True)
                     continue
                 if TWO or TORN:
                     conn.send_headers(event.stream_id, [(":status", "200"),

@@ -1755,6 +1755,41 @@ fn grpc_upstream_config(target: SocketAddr) -> String {
     )
 }
 
+#[test]
+fn a_grpc_answer_with_a_length_keeps_its_status_for_an_http11_client() {
+    // The upstream gives its answer's length, then `grpc-status: 9` in its trailers: an
+    // HTTP/1.1 client gets the answer chunked, with the trailers (before: by the length,
+    // the status left out, so the failed call read as a success).
+    let mut peer = ResetPeer::start_with(&["0", "failed-length"]);
+    let gw = Gateway::start(&grpc_upstream_config(peer.addr), Driver::IoUring);
+    let mut c = gw.connect();
+    let call = frame(b"hi");
+    c.send(
+        format!(
+            "POST /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc\r\n\
+             TE: trailers\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            call.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&call);
+    let mut got = Vec::new();
+    let _ = c.stream.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200 "), "{text:?}");
+    assert!(
+        text.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{text:?}"
+    );
+    assert!(!text.contains("content-length"), "{text:?}");
+    assert!(
+        text.ends_with("\r\n5\r\n\0\0\0\0\0\r\n0\r\ngrpc-status: 9\r\ngrpc-message: nope\r\n\r\n"),
+        "{text:?}"
+    );
+    drop(gw);
+    peer.stop();
+}
+
 /// A gRPC-Web call (binary, one message "hi") to `gw` over HTTP/1.1; the client, to read
 /// the answer.
 fn web_call(gw: &Gateway) -> Client {

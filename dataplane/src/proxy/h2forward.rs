@@ -864,6 +864,9 @@ struct H1Sink<'a, S> {
     chunked: bool,
     /// The answer has no body (HEAD, 1xx, 204, 304): body bytes are dropped.
     no_body: bool,
+    /// Its trailers carry its outcome (a gRPC call's `grpc-status`): sent chunked, so that
+    /// they can follow, whatever length the upstream gave.
+    trailers: bool,
     out: Vec<u8>,
     sent: u64,
 }
@@ -893,8 +896,11 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
         out.extend_from_slice(code.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         let mut length = false;
+        // A gRPC call's status comes in its trailers, which a length would leave out (before,
+        // an upstream's `content-length` made a failed call read as a success).
+        let drop_length = self.trailers && !end && !self.http10;
         for (name, value) in headers.iter() {
-            if hop_by_hop(name.as_str()) {
+            if hop_by_hop(name.as_str()) || (drop_length && name == CONTENT_LENGTH) {
                 continue;
             }
             length |= name == CONTENT_LENGTH;
@@ -1893,7 +1899,7 @@ pub(super) async fn forward<S: ClientStream>(
         send: timeouts.client_send,
     };
     let close = !keep_alive || ctx.draining.get();
-    let sink = client_sink(down, &extra, http10, is_head, close);
+    let sink = client_sink(down, &extra, http10, is_head, close, call == Call::Grpc);
     let h1 = matches!(sink, ClientSink::H1(_));
     let json = call == Call::Json;
     let (result, sent, closes, verdict, whole) = relay.run_through(sink, encoding, opened).await;
@@ -2335,7 +2341,7 @@ async fn fail<S: ClientStream>(
     crate::status::push_date(&mut extra);
     // An HTTP/1.1 client's connection goes on where `keep` says (its body was read whole,
     // the fault is not its own): a gRPC-Web call's answer is a head with its length.
-    let sink = client_sink(down, &extra, false, false, !keep);
+    let sink = client_sink(down, &extra, false, false, !keep, false);
     let sent = match encoding {
         Encoding::Web { content_type, text } => {
             send_head(WebSink::new(sink, content_type.clone(), *text), 200, fields).await
@@ -2379,7 +2385,7 @@ async fn answer_json<S: ClientStream>(
     // The route's fields replace the gateway's own of the same names.
     let mut extra = answer_fields(req, &mut fields);
     crate::status::push_date(&mut extra);
-    let mut sink = client_sink(down, &extra, asked.http10, asked.head, close);
+    let mut sink = client_sink(down, &extra, asked.http10, asked.head, close, false);
     let keep = matches!(sink, ClientSink::H1(_)) && !close;
     let sent = async {
         // The answer to a HEAD ends with its head (with the length a GET would get): body
@@ -2418,13 +2424,15 @@ enum ClientSink<'a, S> {
 }
 
 /// The sink for answering on `down`: `extra` are the gateway's field lines; for HTTP/1.1,
-/// `close` closes the connection after the answer.
+/// `close` closes the connection after the answer, and `trailers` says they carry the
+/// answer's outcome (a gRPC call's).
 fn client_sink<'a, S: ClientStream>(
     down: &'a mut Downstream<S>,
     extra: &'a [u8],
     http10: bool,
     head_request: bool,
     close: bool,
+    trailers: bool,
 ) -> ClientSink<'a, S> {
     if let Some(answer) = down.stream.take_h2_respond() {
         return ClientSink::H2(H2Sink {
@@ -2443,6 +2451,7 @@ fn client_sink<'a, S: ClientStream>(
         close,
         chunked: false,
         no_body: false,
+        trailers,
         out: Vec::with_capacity(1024),
         sent: 0,
     })
