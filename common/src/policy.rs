@@ -787,6 +787,14 @@ fn compile_policy(
                         format!("{h:?} is not a host name or `*.` wildcard"),
                     ));
                 }
+                // Names under an IP address: none a request can carry (a stored config's
+                // matches nothing, as it did).
+                if wild && name.starts_with('[') {
+                    let why = format!("{h:?}: a `*.` wildcard names the names under a DNS name");
+                    if !crate::validate::tolerated(&format!("{at}.hosts[{j}]"), &why) {
+                        return Err(ConfigError::field(format!("{at}.hosts[{j}]"), why));
+                    }
+                }
                 let name = &*crate::router::canonical_host(name);
                 if wild {
                     suffixes.push(format!(".{name}").into_bytes().into_boxed_slice());
@@ -910,8 +918,9 @@ fn browser_origin(o: &str) -> Result<String, NotAnOrigin> {
     if !crate::validate::valid_host_name(host) {
         return Err(refuse("the host is a name or an IP address"));
     }
+    let host = browser_host(host).map_err(&refuse)?;
     let Some(port) = port else {
-        return Ok(lower);
+        return Ok(format!("{scheme}://{host}"));
     };
     match port.parse::<u16>() {
         Ok(n) if n > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {
@@ -924,6 +933,68 @@ fn browser_origin(o: &str) -> Result<String, NotAnOrigin> {
         }
         _ => Err(refuse("the port is a number from 1 to 65535")),
     }
+}
+
+/// `host` (lower case) as a browser writes it in an origin (the WHATWG URL standard's host
+/// serialisation): an IPv6 address compressed, in hex throughout (an IPv4-mapped one too:
+/// `[::ffff:7f00:1]`), an IPv4 address in dotted decimal. Before, `[0:0::1]` or
+/// `[::ffff:127.0.0.1]` was stored as written and matched no browser's `Origin`. A host
+/// that browsers read as an IPv4 address written another way (`127.0.0.01`, `2130706433`:
+/// its last label is a number) is refused.
+fn browser_host(host: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    if let Some(ip) = (host.strip_prefix('['))
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+    {
+        return Ok(format!("[{}]", ipv6_as_browsers_write_it(ip)).into());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let numeric = !last.is_empty()
+        && (last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())));
+    if !numeric {
+        return Ok(host.into());
+    }
+    match name.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) if ip.to_string() == name => Ok(name.to_owned().into()),
+        _ => Err("an IPv4 address as browsers write it, in dotted decimal (127.0.0.1)"),
+    }
+}
+
+/// An IPv6 address as the WHATWG URL standard serialises it: lower-case hex pieces, the
+/// first longest run of two or more zero pieces as `::`, never a dotted IPv4 tail (which
+/// Rust's own formatting writes for IPv4-mapped addresses).
+fn ipv6_as_browsers_write_it(ip: std::net::Ipv6Addr) -> String {
+    let pieces = ip.segments();
+    let (mut best, mut run) = ((0, 0), (0, 0));
+    for (i, &p) in pieces.iter().enumerate() {
+        if p == 0 {
+            run = if run.1 == 0 {
+                (i, 1)
+            } else {
+                (run.0, run.1 + 1)
+            };
+            if run.1 > best.1 {
+                best = run;
+            }
+        } else {
+            run = (0, 0);
+        }
+    }
+    let hex = |ps: &[u16]| {
+        ps.iter()
+            .map(|p| format!("{p:x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    if best.1 < 2 {
+        return hex(&pieces);
+    }
+    let (start, end) = (best.0, best.0 + best.1);
+    format!("{}::{}", hex(&pieces[..start]), hex(&pieces[end..]))
 }
 
 fn compile_cors(c: &CorsConfig, at: &str) -> Result<Cors, ConfigError> {

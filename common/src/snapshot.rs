@@ -2009,6 +2009,14 @@ fn add_to_router(
                     format!("{h:?} is not a host name or `*.` wildcard"),
                 ));
             }
+            // Names under an IP address: none a request can carry (a stored config's
+            // matches nothing, as it did).
+            if wild && name.starts_with('[') {
+                let why = format!("{h:?}: a `*.` wildcard names the names under a DNS name");
+                if !crate::validate::tolerated(&format!("{at}.hosts[{j}]"), &why) {
+                    return Err(ConfigError::field(format!("{at}.hosts[{j}]"), why));
+                }
+            }
             let name = &*crate::router::canonical_host(name);
             if wild {
                 let suffix = format!(".{name}").into_bytes().into_boxed_slice();

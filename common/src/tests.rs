@@ -1928,6 +1928,42 @@ fn a_toml_syntax_error_names_its_line() {
 }
 
 #[test]
+fn a_wildcard_under_an_ip_address_is_refused() {
+    // No request can carry a name under an IP address: `a.[::1]` is no Host (before,
+    // accepted and matching nothing).
+    let route = |host: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\nid = \"r\"\npath = \"/\"\n\
+             hosts = [\"{host}\"]\nrespond = {{ body = \"x\" }}\n"
+        )
+    };
+    let domain = |host: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[policies]]\nid = \"d\"\n\
+             kind = \"domain\"\nhosts = [\"{host}\"]\n"
+        )
+    };
+    for (text, at) in [
+        (route("*.[::1]"), "routes[0].hosts[0]"),
+        (domain("*.[::1]"), "policies[0].hosts[0]"),
+    ] {
+        let e = err(&text);
+        assert_eq!(e.path(), at);
+        assert!(
+            e.to_string()
+                .contains("wildcard names the names under a DNS name"),
+            "{e}"
+        );
+        // Stored by an earlier build: starts, noting it.
+        let (_, notes) =
+            Snapshot::compile_stored(parse_config(&text, Format::Toml).unwrap(), 1).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+    }
+    assert!(compile(&route("[::1]")).is_ok());
+    assert!(compile(&domain("*.example.com")).is_ok());
+}
+
+#[test]
 fn cors_origins_are_the_ones_browsers_send() {
     let cors = |origin: &str| {
         format!(
@@ -1947,6 +1983,10 @@ fn cors_origins_are_the_ones_browsers_send() {
         "https://[::1",
         "https://a..example.com",
         "ftp://a.example.com",
+        // Browsers read these as 127.0.0.1, and send that.
+        "http://127.0.0.01:8080",
+        "http://2130706433",
+        "http://a.0x7f",
     ] {
         let e = err(&cors(bad));
         assert_eq!(e.path(), "policies[0].origins[0]", "{bad}");
@@ -1964,6 +2004,16 @@ fn cors_origins_are_the_ones_browsers_send() {
         ("http://127.0.0.1", "http://127.0.0.1"),
         // A fully qualified name, as a page at it sends it.
         ("https://example.com.", "https://example.com."),
+        // IP addresses as browsers write them (before, as written: never matched).
+        ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
+        ("http://[::FFFF:127.0.0.1]", "http://[::ffff:7f00:1]"),
+        (
+            "http://[2001:DB8:0:0:1:0:0:1]",
+            "http://[2001:db8::1:0:0:1]",
+        ),
+        ("http://[1:0:0:2:0:0:0:3]", "http://[1:0:0:2::3]"),
+        ("http://[1:2:3:4:5:6:7:0]", "http://[1:2:3:4:5:6:7:0]"),
+        ("http://127.0.0.1.", "http://127.0.0.1"),
     ] {
         let s = compile(&cors(written)).unwrap();
         let crate::policy::PolicyKind::Cors(c) = &s.policies.list[0].kind else {

@@ -686,7 +686,15 @@ fn screen(
 
 /// The origin (`scheme://authority`) of a `Referer` URL.
 fn referer_origin(r: &[u8]) -> Option<&[u8]> {
-    let scheme_end = r.windows(3).position(|w| w == b"://")?;
+    // A scheme at the start (RFC 3986 3.1), or the reference is relative, whatever `://` its
+    // query holds (before, `/page?next=https://x` was read as the origin `/page?next=https://x`).
+    let scheme_end = r.iter().position(|&b| b == b':')?;
+    let scheme = &r[..scheme_end];
+    let is_scheme = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && (scheme.iter()).all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if !is_scheme || !r[scheme_end..].starts_with(b"://") {
+        return None;
+    }
     let rest = &r[scheme_end + 3..];
     let auth_end = rest
         .iter()
@@ -1528,6 +1536,15 @@ mod tests {
             Some(&b"http://a:8080"[..])
         );
         assert_eq!(referer_origin(b"nonsense"), None);
+        // Relative references, whatever their query or fragment holds.
+        for relative in [
+            &b"/page?next=https://app.example/"[..],
+            b"page.html#https://x",
+            b"//app.example/x",
+            b"1http://a/",
+        ] {
+            assert_eq!(referer_origin(relative), None, "{relative:?}");
+        }
     }
 
     #[test]
