@@ -3229,6 +3229,15 @@ print("reset" if seen is not None else "held", seen)
     // The stream failed after two events: the last line says how.
     assert_eq!(lines[2]["error"]["code"], 14, "{body}");
     assert_eq!(lines[2]["error"]["message"], "stream broke");
+    // The weights decide (before, any range naming NDJSON did), and the answer says it was
+    // chosen by `Accept`.
+    let events = url("/v1/customers/ann/events?count=2");
+    let prefers_json = "Accept: application/json, application/x-ndjson;q=0.1";
+    let (code, ct, body) = curl_json(&["-H", prefers_json, &events]);
+    assert_eq!((code, ct.as_str()), (200, "application/json"), "{body}");
+    assert!(json(&body).is_array(), "{body}");
+    let vary = curl_run(20, "%header{vary}", &["-H", prefers_json, &events], "curl");
+    assert_eq!(vary.last, "accept");
 
     // gRPC errors become HTTP statuses with a JSON body (and the status details), with the
     // custom metadata of a trailers-only answer (before: dropped).

@@ -87,7 +87,7 @@ pub(super) fn prepare(
     framed.push(0);
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
-    let ndjson = accept.split(|&b| b == b',').any(asks_for_ndjson);
+    let ndjson = prefers_ndjson(accept);
     Ok(Prepared {
         binding: index,
         framed: framed.into(),
@@ -95,18 +95,64 @@ pub(super) fn prepare(
     })
 }
 
-/// Whether one element of `Accept` takes NDJSON: its media type (in any case, RFC 9110
-/// 8.3.1) with a weight other than 0 (`q=0` says "not this one", 12.4.2).
-fn asks_for_ndjson(range: &[u8]) -> bool {
-    let mut parts = range.split(|&b| b == b';');
-    let media = parts.next().unwrap_or_default().trim_ascii();
-    media.eq_ignore_ascii_case(b"application/x-ndjson")
-        && !parts.any(|p| {
-            let p = p.trim_ascii();
-            p.len() >= 2
-                && p[..2].eq_ignore_ascii_case(b"q=")
-                && p[2..].iter().all(|&b| b == b'0' || b == b'.')
-        })
+/// Whether `Accept` prefers NDJSON to the JSON array (RFC 9110 12.5.1): each one's weight
+/// is the one of the most specific range that matches it (`application/x-ndjson` before
+/// `application/*` before `*/*`, media types in any case, 8.3.1), 0 where none does (`q=0`
+/// says "not this one", 12.4.2); NDJSON when its weight is the higher (a tie, or no
+/// `Accept`, is the array). Before, any range naming NDJSON with a weight above 0 chose it,
+/// even `application/json, application/x-ndjson;q=0.1`.
+fn prefers_ndjson(accept: &[u8]) -> bool {
+    // (specificity: 0 no range, 1 `*/*`, 2 `application/*`, 3 the type; weight in
+    // thousandths) for NDJSON, then for JSON.
+    let mut best = [(0u8, 0u16); 2];
+    for range in accept.split(|&b| b == b',') {
+        let mut parts = range.split(|&b| b == b';');
+        let media = parts.next().unwrap_or_default().trim_ascii();
+        let Some(slash) = media.iter().position(|&b| b == b'/') else {
+            continue;
+        };
+        let (kind, sub) = (&media[..slash], &media[slash + 1..]);
+        let weight = parts.find_map(|p| weight(p.trim_ascii())).unwrap_or(1000);
+        for (slot, wanted) in best.iter_mut().zip([&b"x-ndjson"[..], b"json"]) {
+            let specificity = match (kind, sub) {
+                (b"*", b"*") => 1,
+                _ if !kind.eq_ignore_ascii_case(b"application") => 0,
+                (_, b"*") => 2,
+                _ if sub.eq_ignore_ascii_case(wanted) => 3,
+                _ => 0,
+            };
+            if specificity > slot.0 {
+                *slot = (specificity, weight);
+            } else if specificity == slot.0 && specificity > 0 {
+                slot.1 = slot.1.max(weight);
+            }
+        }
+    }
+    best[0].1 > best[1].1
+}
+
+/// A `q=` parameter's weight in thousandths (RFC 9110 12.4.2: 0 to 1, up to three
+/// decimals); `None` for another parameter. A malformed one counts as 1.
+fn weight(p: &[u8]) -> Option<u16> {
+    if p.len() < 2 || !p[..2].eq_ignore_ascii_case(b"q=") {
+        return None;
+    }
+    let v = &p[2..];
+    let (int, frac) = match v.iter().position(|&b| b == b'.') {
+        Some(i) => (&v[..i], &v[i + 1..]),
+        None => (v, &b""[..]),
+    };
+    let digits = |d: &[u8]| d.iter().all(u8::is_ascii_digit);
+    let whole = match int {
+        b"0" if digits(frac) && frac.len() <= 3 => 0,
+        b"1" if frac.iter().all(|&b| b == b'0') && frac.len() <= 3 => return Some(1000),
+        _ => return Some(1000),
+    };
+    let mut thousandths = 0u16;
+    for i in 0..3 {
+        thousandths = thousandths * 10 + u16::from(frac.get(i).map_or(0, |d| d - b'0'));
+    }
+    Some(whole + thousandths)
 }
 
 /// `{"code": N, "message": "...", "field": "...", "details": [...]}`.
@@ -377,7 +423,10 @@ impl<K: Sink> JsonSink<K> {
                     piece.push(b'[');
                     "application/json"
                 };
-                let fields = self.client_fields(ct);
+                let mut fields = self.client_fields(ct);
+                // Chosen by `Accept` (RFC 9110 12.5.5): a cache must not hand the array to
+                // a client that asked for NDJSON, nor the other way round.
+                fields.append(http::header::VARY, HeaderValue::from_static("accept"));
                 self.inner.head(200, fields, false).await?;
             } else if !self.ndjson {
                 piece.push(b',');
@@ -510,7 +559,8 @@ impl<K: Sink> Sink for JsonSink<K> {
             } else {
                 ("application/json", b"[]")
             };
-            let fields = self.client_fields(ct);
+            let mut fields = self.client_fields(ct);
+            fields.append(http::header::VARY, HeaderValue::from_static("accept"));
             self.inner.head(200, fields, body.is_empty()).await?;
             if body.is_empty() {
                 return Ok(());
@@ -562,24 +612,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ndjson_is_asked_for_by_its_type_in_any_case_with_a_weight() {
+    fn ndjson_is_chosen_where_accept_prefers_it() {
         for (accept, yes) in [
             (&b"application/x-ndjson"[..], true),
             (b" Application/X-NDJSON ; q=0.5", true),
             (b"application/x-ndjson;q=1", true),
-            // Before, taken as a request for NDJSON.
             (b"application/x-ndjson;q=0", false),
             (b"application/x-ndjson; Q=0.000", false),
             (b"application/x-ndjsonx", false),
             (b"application/json", false),
+            (b"", false),
+            (b"*/*", false),
+            (b"application/*", false),
+            // The higher weight wins (before, any NDJSON range did).
+            (b"application/json, application/x-ndjson;q=0.1", false),
+            (b"application/x-ndjson;q=0.9, application/json;q=0.5", true),
+            (
+                b"application/json;q=0.5, application/x-ndjson;q=0.501",
+                true,
+            ),
+            // The most specific range gives a type its weight.
+            (b"*/*;q=0.1, application/x-ndjson", true),
+            (b"application/*;q=0.2, application/json;q=0.1", true),
+            (b"application/x-ndjson;q=0.5, */*", false),
         ] {
             assert_eq!(
-                asks_for_ndjson(accept),
+                prefers_ndjson(accept),
                 yes,
                 "{}",
                 String::from_utf8_lossy(accept)
             );
         }
+        assert_eq!(weight(b"q=0.25"), Some(250));
+        assert_eq!(weight(b"Q=1.000"), Some(1000));
+        assert_eq!(weight(b"q=0"), Some(0));
+        assert_eq!(weight(b"charset=utf-8"), None);
     }
 
     #[test]
