@@ -1655,6 +1655,24 @@ fn a_request_of_max_header_count_fields_goes_to_an_http2_upstream() {
 }
 
 #[test]
+fn an_http11_requests_trailer_field_does_not_go_to_an_http2_upstream() {
+    // The body is read whole, its chunked trailer section left out: the `Trailer` field
+    // that announces it does not go on either (before, it did, for fields that never came).
+    let peer = ResetPeer::start_with(&["0", "headers"]);
+    let config = h2c_upstream_config(&[peer.addr], "", "", "", "");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = gw.connect().roundtrip(
+        "POST /x HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\
+         Connection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n",
+    );
+    assert_eq!((r.status, r.body_str()), (200, "ok"), "{}", r.head);
+    drop(gw);
+    let line = peer.headers_line();
+    assert!(line.contains(" content-length=5"), "{line}");
+    assert!(!line.contains(" trailer="), "{line}");
+}
+
+#[test]
 fn a_target_with_bytes_a_uri_may_not_have_goes_to_an_http2_upstream_escaped() {
     // An HTTP/1.1 upstream gets `/a<b` as sent; `http::Uri` refuses it, and it was a 400
     // towards HTTP/2 upstreams alone. Now it goes percent-encoded (RFC 3986 2.1).

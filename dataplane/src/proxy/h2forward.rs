@@ -1315,6 +1315,10 @@ pub(super) async fn forward<S: ClientStream>(
             if down.pos < down.buf.len() {
                 watched.set(false);
             }
+            // The body is read whole and its chunked trailer section left out (as Envoy's
+            // HTTP/1 codec does by default): no `Trailer` field announces fields that never
+            // come (RFC 9110 6.6.2; before, it went on).
+            out.headers.remove(http::header::TRAILER);
             read.map(|b| Body::Whole(b.into()))
         }
     };
