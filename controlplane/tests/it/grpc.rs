@@ -763,6 +763,32 @@ fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
 }
 
 #[test]
+fn a_refused_stream_is_sent_again_on_its_live_connection() {
+    // Every stream refused (REFUSED_STREAM), the connection going on, the circuit allowing
+    // one connection: the request goes once more on that connection, and is the upstream's
+    // 502 (before, the resend wanted a new connection, which the circuit refused: a 503
+    // `max_connections` for one request on one connection).
+    let peer = ResetPeer::start_with(&["7"]);
+    let config = h2c_upstream_config(
+        &[peer.addr],
+        "",
+        "",
+        "circuit = { max_connections = 1 }",
+        "",
+    );
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let r = gw
+        .connect()
+        .roundtrip("GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert_eq!(r.header("x-gateway-reason"), None, "{}", r.head);
+    drop(gw);
+    let text = peer.output();
+    let lines = |start: &str| text.lines().filter(|l| l.starts_with(start)).count();
+    assert_eq!((lines("request "), lines("connection")), (2, 1), "{text}");
+}
+
+#[test]
 fn a_grpc_content_type_does_not_make_a_post_to_an_h2c_upstream_idempotent() {
     // Two targets that never answer, a retry policy on timeouts for idempotent methods: a
     // POST (gRPC or not) reaches one of them once and times out (a gRPC call gets that as

@@ -1420,6 +1420,8 @@ pub(super) async fn forward<S: ClientStream>(
                          try_deadline: Option<Instant>,
                          req: &mut RequestCtx| {
         let mut fresh = false;
+        // Sent once more already (a refused stream, or a stale connection's).
+        let mut resent = false;
         // Connections others were opening that came to nothing for this request (their
         // opener went away, or no room after all): after a few, it opens its own.
         let mut rejoins = 0u8;
@@ -1561,8 +1563,9 @@ pub(super) async fn forward<S: ClientStream>(
                     // A connection that ended (GOAWAY, closed) while pooled.
                     log::debug!("upstream HTTP/2 stream not opened: {e}");
                     conn.mark_closed();
-                    if reused && !fresh {
+                    if reused && !fresh && !resent {
                         fresh = true;
+                        resent = true;
                         connector.count_resend(target, &mut req.attempts);
                         continue;
                     }
@@ -1766,9 +1769,14 @@ pub(super) async fn forward<S: ClientStream>(
                         )
                     });
                     let stale = closed && reused && method_idempotent && first_interim.is_none();
-                    if (unprocessed || stale) && !fresh && !pumped {
-                        // Once more on a new connection, whatever the retry policy.
-                        fresh = true;
+                    if (unprocessed || stale) && !resent && !pumped {
+                        // Once more, whatever the retry policy: on a new connection where
+                        // this one is done (GOAWAY, closed); a stream refused on one that goes
+                        // on goes through the pool, which may pick it again (RFC 9113 8.7),
+                        // so that a circuit's `max_connections` it fills is no 503 (before,
+                        // always a new connection, which that limit refused).
+                        fresh = e.is_go_away() || e.is_io() || stale;
+                        resent = true;
                         connector.count_resend(target, &mut req.attempts);
                         continue;
                     }
