@@ -763,6 +763,35 @@ fn a_grpc_call_goes_to_another_target_only_if_the_upstream_did_not_take_it() {
 }
 
 #[test]
+fn the_gateways_own_grpc_answer_over_http2_counts_its_head() {
+    // A call to a target that refuses connections: the gateway's trailers-only UNAVAILABLE
+    // to an HTTP/2 client is logged with its head's bytes, as to an HTTP/1.1 client (before,
+    // `bytes_out` 0).
+    let log = temp_dir("grpc-own-bytes").join("access.log");
+    let top = format!("[access_log]\npath = \"{}\"\n", log.display());
+    let config = h2c_upstream_config(&[closed_port()], "h2c = true", &top, "", "")
+        .replace("protocol = \"h2c\"", "protocol = \"grpc\"");
+    let gw = Gateway::start(&config, Driver::IoUring);
+    let url = format!("http://{}/svc.S/M", gw.listeners[0]);
+    let out = curl_run(
+        10,
+        "%{http_code}",
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            "content-type: application/grpc",
+            "--data-binary",
+            "",
+            &url,
+        ],
+        "HTTP/2 tests",
+    );
+    assert_eq!(out.last, "200", "{}", out.body);
+    let line = wait_log_lines(&log, 1).remove(0);
+    assert!(line["bytes_out"].as_u64().unwrap() > 40, "{line}");
+}
+
+#[test]
 fn a_refused_stream_is_sent_again_on_its_live_connection() {
     // Every stream refused (REFUSED_STREAM), the connection going on, the circuit allowing
     // one connection: the request goes once more on that connection, and is the upstream's

@@ -813,6 +813,9 @@ impl Sink for H2Sink {
                 headers.append(n.clone(), value);
             }
         }
+        // Its HTTP/1.1 form's bytes, as an HTTP/1.1 client's head counts (before, none: the
+        // gateway's own trailers-only gRPC answer was logged with `bytes_out` 0).
+        self.sent += head_bytes(&headers) as u64;
         let mut resp = http::Response::new(());
         *resp.status_mut() = http::StatusCode::from_u16(status).map_err(|_| ())?;
         *resp.headers_mut() = headers;
