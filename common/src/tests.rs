@@ -1875,10 +1875,15 @@ fn a_grpc_health_check_lists_no_statuses() {
             [200]
         );
     }
-    // Stored by an earlier build: starts, passing on grpc-status 0 only.
+    // Stored by an earlier build: starts, passing on grpc-status 0 only, the note naming
+    // the upstream.
     let config = parse_config(&text(", expect_status = [503]"), Format::Toml).unwrap();
     let (s, notes) = Snapshot::compile_stored(config, 1).unwrap();
     assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("upstreams[0].health_check.expect_status: "),
+        "{notes:?}"
+    );
     assert_eq!(
         *s.upstreams[0].health_check.as_ref().unwrap().expect_status,
         [200]

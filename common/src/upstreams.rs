@@ -168,7 +168,7 @@ pub(crate) fn compile_upstream(
             if expect.iter().any(|s| *s < 200) {
                 let why = "a 1xx is an interim answer, which a check skips: must list \
                            statuses from 200 to 599";
-                if !crate::validate::tolerated("health_check.expect_status", why) {
+                if !crate::validate::tolerated(&format!("{at}.health_check.expect_status"), why) {
                     return Err(field("health_check.expect_status", why.into()));
                 }
                 expect.retain(|s| *s >= 200);
@@ -181,7 +181,7 @@ pub(crate) fn compile_upstream(
             if u.protocol == UpstreamProtocol::Grpc && *expect != [200] {
                 let why = "a grpc check passes on grpc-status 0 only: expect_status does \
                            not apply to it";
-                if !crate::validate::tolerated("health_check.expect_status", why) {
+                if !crate::validate::tolerated(&format!("{at}.health_check.expect_status"), why) {
                     return Err(field("health_check.expect_status", why.into()));
                 }
                 expect = vec![200];

@@ -2,7 +2,7 @@
 """An HTTP/2 (h2c) upstream that resets every stream it is sent, for the gateway's tests.
 
 Usage: h2_reset_peer.py CODE [partial|silent|goaway|no-content|html|html-503|no-status|two|
-                              failed-length|
+                              failed-length|html-reset|
                               torn|trailers|headers|zero|goaway-once|malformed|answers|
                               bad-stream|head-silent|answer-close|msg-silent|interim-503|
                               empty-ok|caps|slow-reader|close-once]
@@ -17,7 +17,8 @@ gRPC), with `html-503` the same page as a 503 with `content-encoding: gzip` and 
 with `no-status`, a gRPC answer of one message that ends without trailers (no
 `grpc-status`); with `two`, a gRPC answer of two (empty) messages and `grpc-status: 0`; with
 `failed-length`, a gRPC answer of one (empty) message with its `content-length`, then
-`grpc-status: 9` and `grpc-message: nope`; with
+`grpc-status: 9` and `grpc-message: nope`; with `html-reset`, a 503 `text/html` head and
+"hello", then RST_STREAM INTERNAL_ERROR; with
 `torn`, one message and the start of another, then `grpc-status: 0`; with `trailers`, once
 the request has ended, a line "trailers NAME=VALUE ..." (sorted; "trailers -" without any)
 and a 204; with `headers`, a line "headers NAME=VALUE ..." of the request's fields (sorted,
@@ -71,6 +72,7 @@ HTML_503 = sys.argv[2:] == ["html-503"]
 NO_STATUS = sys.argv[2:] == ["no-status"]
 TWO = sys.argv[2:] == ["two"]
 FAILED_LENGTH = sys.argv[2:] == ["failed-length"]
+HTML_RESET = sys.argv[2:] == ["html-reset"]
 TORN = sys.argv[2:] == ["torn"]
 TRAILERS = sys.argv[2:] == ["trailers"]
 HEADERS = sys.argv[2:] == ["headers"]
@@ -188,6 +190,12 @@ def serve(sock):
                                                         ("server", "peer"),
                                                         ("x_powered_by", "peer")])
                     conn.send_data(event.stream_id, b"ok", end_stream=True)
+                    continue
+                if HTML_RESET:
+                    conn.send_headers(event.stream_id, [(":status", "503"),
+                                                        ("content-type", "text/html")])
+                    conn.send_data(event.stream_id, b"hello")
+                    conn.reset_stream(event.stream_id, error_code=2)
                     continue
                 if FAILED_LENGTH:
                     conn.send_headers(event.stream_id, [(":status", "200"),

@@ -1859,6 +1859,14 @@ fn a_grpc_answer_with_a_length_keeps_its_status_for_an_http11_client() {
         text.ends_with("\r\n5\r\n\0\0\0\0\0\r\n0\r\ngrpc-status: 9\r\ngrpc-message: nope\r\n\r\n"),
         "{text:?}"
     );
+    // A HEAD's answer has no body to chunk: its length is the one a GET would get.
+    let mut c = gw.connect();
+    c.send(
+        b"HEAD /svc.S/M HTTP/1.1\r\nHost: t\r\nContent-Type: application/grpc\r\n\
+          Connection: close\r\n\r\n",
+    );
+    let r = c.read_response_to("HEAD");
+    assert_eq!(r.header("content-length"), Some("5"), "{}", r.head);
     drop(gw);
     peer.stop();
 }
@@ -1918,6 +1926,23 @@ fn a_grpc_web_answer_that_ends_inside_a_message_is_cut_not_given_its_trailers() 
     assert_eq!(got[0].0, 0x80, "{trailer}");
     assert!(trailer.contains("grpc-status:14\r\n"), "{trailer}");
     assert!(trailer.contains("HTTP 503, not gRPC"), "{trailer}");
+    drop(gw);
+    peer.stop();
+
+    // The same page cut by a reset: none of it went out, so the answer still ends with its
+    // trailer frame (the first version of the fix read the page as messages, and cut the
+    // answer without one).
+    let mut peer = ResetPeer::start_with(&["0", "html-reset"]);
+    let gw = Gateway::start(
+        &config.replace(&other, &peer.addr.to_string()),
+        Driver::IoUring,
+    );
+    let mut c = web_call(&gw);
+    let r = c.read_response();
+    assert_eq!(r.status, 503, "{}", r.head);
+    let got = frames(&r.body);
+    assert_eq!(got.len(), 1, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(got[0].0, 0x80);
     drop(gw);
     peer.stop();
 }

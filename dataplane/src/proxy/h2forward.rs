@@ -761,6 +761,11 @@ pub(super) trait Sink {
     fn whole_messages_only(&self) -> bool {
         false
     }
+    /// Whether none of the body goes to the client (a gRPC-Web answer that is not gRPC):
+    /// its bytes are no messages, so an end at any point can still get its trailers.
+    fn drops_body(&self) -> bool {
+        false
+    }
     /// Whether the sink has ended the client's answer itself (a transcoded answer it found
     /// broken): the rest of the upstream's is not waited for, and its stream is reset.
     fn ended(&self) -> bool {
@@ -899,9 +904,12 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
         out.extend_from_slice(code.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         let mut length = false;
+        // RFC 9110 6.4.1: these answers have no body, whatever follows on the stream.
+        let bodiless = status < 200 || status == 204 || status == 304;
         // A gRPC call's status comes in its trailers, which a length would leave out (before,
-        // an upstream's `content-length` made a failed call read as a success).
-        let drop_length = self.trailers && !end && !self.http10;
+        // an upstream's `content-length` made a failed call read as a success); not where no
+        // body follows (a HEAD's, a 304's length is the one a GET would get).
+        let drop_length = self.trailers && !end && !self.http10 && !self.head_request && !bodiless;
         for (name, value) in headers.iter() {
             if hop_by_hop(name.as_str()) || (drop_length && name == CONTENT_LENGTH) {
                 continue;
@@ -910,8 +918,6 @@ impl<S: ClientStream> Sink for H1Sink<'_, S> {
             super::push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         out.extend_from_slice(self.extra);
-        // RFC 9110 6.4.1: these answers have no body, whatever follows on the stream.
-        let bodiless = status < 200 || status == 204 || status == 304;
         self.no_body = self.head_request || bodiless;
         if self.no_body {
         } else if end {
@@ -1064,6 +1070,10 @@ impl<K: Sink> WebSink<K> {
 impl<K: Sink> Sink for WebSink<K> {
     fn whole_messages_only(&self) -> bool {
         self.messages
+    }
+
+    fn drops_body(&self) -> bool {
+        self.foreign
     }
 
     async fn head(&mut self, status: u16, mut headers: HeaderMap, end: bool) -> Result<(), ()> {
@@ -2120,7 +2130,9 @@ impl Relay {
                 Ok(Some(Err(e))) => return Err(self.cut(sink, status, &e, &cursor).await),
                 Ok(Some(Ok(data))) => {
                     let n = data.len();
-                    if self.grpc {
+                    // Not a body that goes nowhere (before, a 503 page read as messages left
+                    // the answer cut, without its trailer frame, at a reset or a deadline).
+                    if self.grpc && !sink.drops_body() {
                         cursor.feed(&data);
                     }
                     match monoio::time::timeout(self.send, sink.data(data)).await {
