@@ -138,7 +138,10 @@ impl ClusterShares {
     pub fn store_down() -> bool {
         match STORE.load(Ordering::Relaxed) {
             DOWN => true,
-            UP => match WAITING_SINCE_NS.load(Ordering::Relaxed) {
+            // Not known yet (the first round's connect or call still under way): a Redis that
+            // hangs from the start is down as one that hangs later is (before, requests were
+            // admitted under `deny` for as long as the first call waited).
+            UP | UNKNOWN => match WAITING_SINCE_NS.load(Ordering::Relaxed) {
                 0 => false,
                 since => super::ratelimit::now_ns().saturating_sub(since) > silence_ns(),
             },
@@ -437,10 +440,14 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
         // not read as a network outage.
         let mut why = String::new();
         if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
-            conn = match Redis::connect(&addr) {
+            // Its handshake (AUTH, SELECT) is a call waited on too.
+            WAITING_SINCE_NS.store(super::ratelimit::now_ns().max(1), Ordering::Relaxed);
+            let connected = Redis::connect(&addr);
+            WAITING_SINCE_NS.store(0, Ordering::Relaxed);
+            conn = match connected {
                 Ok(r) => Some((addr.clone(), r)),
                 Err(e) => {
-                    why = format!("cannot connect: {e}");
+                    why = format!("cannot connect: {}", reason(&e));
                     None
                 }
             };
@@ -454,7 +461,7 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
                 })) {
                     Ok(Ok(())) => true,
                     Ok(Err(e)) => {
-                        why = e.to_string();
+                        why = reason(&e);
                         false
                     }
                     Err(_) => {
@@ -677,6 +684,15 @@ fn to_backlog(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
         {
             backlog.push_back(key);
         }
+    }
+}
+
+/// A failure as the log says it: a read that timed out is no answer in time (before, "Resource
+/// temporarily unavailable (os error 11)").
+fn reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock => "no answer within 500 ms".to_owned(),
+        _ => e.to_string(),
     }
 }
 
@@ -1061,6 +1077,14 @@ mod tests {
     }
 
     #[test]
+    fn a_read_timed_out_is_said_as_no_answer() {
+        let e = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        assert_eq!(reason(&e), "no answer within 500 ms");
+        let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "reply not whole in time");
+        assert_eq!(reason(&e), "reply not whole in time");
+    }
+
+    #[test]
     fn only_a_command_the_connection_lost_is_taken_for_not_run() {
         use std::io::{Error, ErrorKind::*};
         for kind in [UnexpectedEof, ConnectionReset, BrokenPipe] {
@@ -1169,6 +1193,29 @@ mod tests {
 
     /// Held by the tests that set [`LIVE_NODES`] (a process-wide count).
     static LIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn only_a_call_waiting_past_the_bound_makes_the_store_down() {
+        let _live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        let now = super::super::ratelimit::now_ns();
+        let second_ago = now.saturating_sub(1_000_000_000).max(1);
+        for state in [UNKNOWN, UP] {
+            STORE.store(state, Ordering::Relaxed);
+            // Nothing waits: a round busy with keys of its own, or asleep, is no outage.
+            WAITING_SINCE_NS.store(0, Ordering::Relaxed);
+            assert!(!ClusterShares::store_down(), "{state}");
+            WAITING_SINCE_NS.store(now, Ordering::Relaxed);
+            assert!(!ClusterShares::store_down(), "{state}");
+            // A call a second without its answer: down, also before the first round ended
+            // (before, a Redis that hung from the start was never down while it did).
+            WAITING_SINCE_NS.store(second_ago, Ordering::Relaxed);
+            assert!(ClusterShares::store_down(), "{state}");
+        }
+        WAITING_SINCE_NS.store(0, Ordering::Relaxed);
+        STORE.store(DOWN, Ordering::Relaxed);
+        assert!(ClusterShares::store_down());
+        STORE.store(UNKNOWN, Ordering::Relaxed);
+    }
 
     #[test]
     fn a_pause_shorter_than_the_fill_time_gives_back_only_the_refill() {
