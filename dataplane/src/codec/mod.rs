@@ -102,7 +102,9 @@ pub enum BodyKind {
 /// - the head doubled since the last parse (a bad byte is refused by twice the bytes);
 /// - a size bound of the parser's was crossed (`marks`: 431, 414);
 /// - a line ended with an empty line after the head's first byte, which ends the head (or
-///   makes it malformed). Empty lines before a request line (RFC 9112 2.2) do not count.
+///   makes it malformed). Empty lines before a request line (RFC 9112 2.2) do not count;
+/// - a CR came that no LF follows, which no head may hold (a peer that ends its lines so
+///   would otherwise wait for the header timeout, not get its 400 or 502 at once).
 #[derive(Debug, Default)]
 pub(crate) struct Reparse {
     /// The head's length at the last parse (0: none yet).
@@ -145,6 +147,7 @@ impl Reparse {
         // The scan last: a parse that is due anyway covers an end among the bytes.
         let due = len >= last.saturating_mul(2)
             || marks.iter().any(|&m| last < m && m <= len)
+            || bare_cr(buf, from.saturating_sub(1))
             || self
                 .content
                 .is_some_and(|c| ends_head(buf, from.max(c + 1)));
@@ -153,6 +156,12 @@ impl Reparse {
         }
         due
     }
+}
+
+/// Whether a CR at `from` or after is followed by a byte other than LF.
+fn bare_cr(buf: &[u8], from: usize) -> bool {
+    buf.get(from..)
+        .is_some_and(|b| b.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n'))
 }
 
 /// Whether an LF at `from` or after ends an empty line (`LF LF` or `LF CR LF`).
@@ -610,6 +619,14 @@ mod tests {
             parses(&long, 100, &[1000, 3001]),
             [100, 200, 400, 800, 1000, 2000, 3100]
         );
+        // A CR no LF follows: malformed, parsed at once (the first version waited for the
+        // header timeout); one at the end of a piece once the next piece comes.
+        let mut r = Reparse::default();
+        assert!(r.due(b"GET /r HTTP/1.1\r\nHost: a\r\n", &[]));
+        assert!(r.due(b"GET /r HTTP/1.1\r\nHost: a\r\n\r\r", &[]));
+        let mut r = Reparse::default();
+        assert!(r.due(b"GET /r HTTP/1.1\r", &[]));
+        assert!(r.due(b"GET /r HTTP/1.1\rHost: a\r\r", &[]));
         // A new head in the same buffer starts over.
         let mut r = Reparse::default();
         assert!(r.due(b"GET / HTTP/1.1\r\n", &[]));
