@@ -96,6 +96,8 @@ struct Share {
     /// In the next round's list ([`DIRTY`], see [`ClusterShares::dirty`]), in the backlog
     /// ([`BACKLOG`]), or in neither ([`IDLE`]).
     queued: AtomicU8,
+    /// It has a place in the backlog's queue (one at most, whatever its state now).
+    in_backlog: std::sync::atomic::AtomicBool,
 }
 
 /// [`Share::queued`]'s states.
@@ -641,10 +643,17 @@ fn next_batch(c: &ClusterShares) -> Vec<(Key, u64, u64)> {
     }
     batch.sort_by_key(|&(_, _, demand)| std::cmp::Reverse(demand));
     let mut backlog = c.backlog.lock().unwrap_or_else(|p| p.into_inner());
-    while batch.len() < room {
+    // Places whose key went dirty since (or was swept) are skipped, a bounded number a round.
+    for _ in 0..4 * room {
+        if batch.len() >= room {
+            break;
+        }
         let Some(key) = backlog.pop_front() else {
             break;
         };
+        if let Some(s) = c.shares.get(&key) {
+            s.in_backlog.store(false, Ordering::Release);
+        }
         take_counts(c, key, BACKLOG, &mut batch);
     }
     batch
@@ -678,12 +687,30 @@ fn to_backlog(c: &ClusterShares, unsent: &[(Key, u64, u64)]) {
         let s = c.shares.entry(key).or_default();
         s.spent.fetch_add(spent, Ordering::AcqRel);
         s.refused.fetch_add(demand - spent, Ordering::AcqRel);
+        // A key keeps the place it has (before, one that went dirty and back got another
+        // each round, and while rounds were full of dirty keys the queue grew without end).
         if s.queued
             .compare_exchange(IDLE, BACKLOG, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+            && !s.in_backlog.swap(true, Ordering::AcqRel)
         {
             backlog.push_back(key);
         }
+    }
+    // Places of swept keys (made again since, with a place of their own) pile up while
+    // rounds are full: dropped once they are as many as the keys held.
+    if backlog.len() > 2 * c.shares.len() + ROUND_BATCHES * BATCH {
+        for key in backlog.iter() {
+            if let Some(s) = c.shares.get(key) {
+                s.in_backlog.store(false, Ordering::Release);
+            }
+        }
+        backlog.retain(|key| {
+            c.shares.get(key).is_some_and(|s| {
+                s.queued.load(Ordering::Acquire) == BACKLOG
+                    && !s.in_backlog.swap(true, Ordering::AcqRel)
+            })
+        });
     }
 }
 
@@ -793,7 +820,10 @@ fn script_args(
         limit.rate, limit.period_ns, limit.burst
     );
     for (key, _, _) in chunk {
-        args.push(format!("{prefix}{}", common::to_hex(key)).into_bytes());
+        // Hashed: a short key is held as its bytes (`ratelimit::key_of`), and an API key or
+        // a client's address is none of Redis's business (before, readable there in hex).
+        let hashed = <sha2::Sha256 as sha2::Digest>::digest(key);
+        args.push(format!("{prefix}{}", common::to_hex(&hashed)).into_bytes());
     }
     args.push(node.as_bytes().to_vec());
     args.push(format!("{emission_us:.6}").into_bytes());
@@ -1030,6 +1060,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keys_that_keep_overflowing_the_rounds_keep_one_place_in_the_backlog() {
+        // More keys in use than a round takes, every one seeing a request each round: the
+        // backlog holds each at most once (before, those sent back each round got another
+        // place, never taken while the rounds were full: 1,000 more a round here).
+        let limit = Limit::new(1, 1_000_000_000, 5).expect("valid");
+        let c = ClusterShares::new(StoreErrorMode::Allow, 1_000_000);
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        };
+        let keys = (ROUND_BATCHES * BATCH) as u32 + 1000;
+        for _ in 0..50 {
+            for i in 0..keys {
+                c.check(&limit, Some(&key(i)), 1);
+            }
+            assert_eq!(next_batch(&c).len(), ROUND_BATCHES * BATCH);
+            assert!(c.backlog.lock().unwrap().len() <= keys as usize);
+        }
+    }
+
+    #[test]
     fn a_flood_of_keys_waits_in_the_backlog_and_keys_in_use_go_first() {
         let limit = Limit::new(1, 1_000_000_000, 5).expect("valid");
         let c = ClusterShares::new(StoreErrorMode::Allow, 1_000_000);
@@ -1074,6 +1126,18 @@ mod tests {
         all.sort();
         all.dedup_by_key(|(k, _, _)| *k);
         assert_eq!(all.len(), flood as usize);
+    }
+
+    #[test]
+    fn a_key_goes_to_redis_hashed() {
+        // Before, a short key (an API key, a client address) went as its bytes in hex.
+        let limit = Limit::new(1, 1_000_000_000, 5).expect("valid");
+        let key = super::super::ratelimit::key_of(b"secret-api-key");
+        let args = script_args("p", &limit, "n", Duration::from_millis(5), &[(key, 1, 1)]);
+        let name = String::from_utf8(args[4].clone()).unwrap();
+        let hex = name.strip_prefix("gw:rl:p:1-1000000000-5:").expect(&name);
+        assert_eq!(hex.len(), 64, "{name}");
+        assert!(!hex.contains(&common::to_hex(b"secret")), "{name}");
     }
 
     #[test]
