@@ -1276,20 +1276,7 @@ fn a_tunnel_to_a_client_that_reads_nothing_ends_when_quiet(driver: Driver) {
 }
 
 fn an_upgrade_whose_101_never_reached_the_client_is_not_logged_as_one(driver: Driver) {
-    // Switches 300 ms after the request, then echoes.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
-        thread::sleep(Duration::from_millis(300));
-        let _ = s.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-        );
-        let mut buf = [0u8; 1024];
-        while let Ok(n @ 1..) = s.read(&mut buf) {
-            if s.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        Keep::Close
-    }));
+    let origin = switching_echo(Duration::from_millis(300));
     let dir = temp_dir("tunnel-gone");
     let log = dir.join("access.log");
     let config = proxy_config(
@@ -1318,9 +1305,11 @@ fn an_upgrade_whose_101_never_reached_the_client_is_not_logged_as_one(driver: Dr
     );
 }
 
-fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
-    // Echoes what comes after the 101 until the client's end, then ends too.
-    let origin = Origin::start(Arc::new(|_req: &Received, s: &mut TcpStream| {
+/// An origin that switches to WebSocket `after` the request, then echoes what comes until
+/// the client's end, and ends too.
+fn switching_echo(after: Duration) -> Origin {
+    Origin::start(Arc::new(move |_req: &Received, s: &mut TcpStream| {
+        thread::sleep(after);
         let _ = s.write_all(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
         );
@@ -1331,7 +1320,11 @@ fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
             }
         }
         Keep::Close
-    }));
+    }))
+}
+
+fn a_tunnel_holds_its_target_and_is_logged_when_it_ends(driver: Driver) {
+    let origin = switching_echo(Duration::ZERO);
     let dir = temp_dir("tunnel-log");
     let log = dir.join("access.log");
     let config = proxy_config(

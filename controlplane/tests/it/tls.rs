@@ -40,30 +40,39 @@ impl Cert {
     /// A self-signed P-256 certificate in `FILE.pem` with `subject` (`/CN=...`) and the
     /// subjectAltName `names` (`URI:spiffe://...`), as client certificates have them.
     pub fn with_names(dir: &Path, file: &str, subject: &str, names: &str) -> Cert {
+        Self::with_extensions(dir, file, subject, &[&format!("subjectAltName={names}")])
+    }
+
+    /// A self-signed P-256 certificate in `FILE.pem` with `subject` and these X.509v3
+    /// `extensions` (`-addext` values, such as `extendedKeyUsage=clientAuth`).
+    pub fn with_extensions(dir: &Path, file: &str, subject: &str, extensions: &[&str]) -> Cert {
         let key_args = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
-        Self::make(
-            dir,
-            file,
-            subject,
-            &format!("subjectAltName={names}"),
-            &key_args,
-        )
+        Self::make(dir, file, subject, extensions, &key_args)
     }
 
     fn made(dir: &Path, name: &str, suffix: &str, key_args: &[&str]) -> Cert {
         let subject = format!("/CN={name}");
         let names = format!("subjectAltName=DNS:{name},DNS:*.{name}");
-        Self::make(dir, &format!("{name}{suffix}"), &subject, &names, key_args)
+        Self::make(
+            dir,
+            &format!("{name}{suffix}"),
+            &subject,
+            &[&names],
+            key_args,
+        )
     }
 
-    fn make(dir: &Path, file: &str, subject: &str, names: &str, key_args: &[&str]) -> Cert {
+    fn make(dir: &Path, file: &str, subject: &str, extensions: &[&str], key_args: &[&str]) -> Cert {
         let cert = dir.join(format!("{file}.pem"));
         let key = dir.join(format!("{file}.key"));
         let mut args = vec!["req", "-x509"];
         args.extend_from_slice(key_args);
         args.extend_from_slice(&["-nodes", "-days", "30", "-keyout"]);
         args.extend_from_slice(&[key.to_str().unwrap(), "-out", cert.to_str().unwrap()]);
-        args.extend_from_slice(&["-subj", subject, "-addext", names]);
+        args.extend_from_slice(&["-subj", subject]);
+        for e in extensions {
+            args.extend_from_slice(&["-addext", e]);
+        }
         openssl(dir, &args);
         Cert { cert, key }
     }

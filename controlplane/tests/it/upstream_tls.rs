@@ -124,36 +124,12 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     // one to serve, trusted as its own authority or not (before: taken when pinned).
     // The same for one whose key may only sign certificates (a CA's).
     let purposed = |file: &str, purpose: &str| {
-        let cert = Cert {
-            cert: dir.join(format!("{file}.pem")),
-            key: dir.join(format!("{file}.key")),
-        };
-        let (key, out) = (cert.key.to_str().unwrap(), cert.cert.to_str().unwrap());
-        openssl(
+        Cert::with_extensions(
             &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "30",
-                "-keyout",
-                key,
-                "-out",
-                out,
-                "-subj",
-                "/CN=up.test",
-                "-addext",
-                "subjectAltName=DNS:up.test",
-                "-addext",
-                purpose,
-            ],
-        );
-        cert
+            file,
+            "/CN=up.test",
+            &["subjectAltName=DNS:up.test", purpose],
+        )
     };
     let client_only = purposed("client-only", "extendedKeyUsage=clientAuth");
     let signer = purposed("signer", "keyUsage=critical,keyCertSign,cRLSign");
