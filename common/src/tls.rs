@@ -644,20 +644,24 @@ impl rustls::client::danger::ServerCertVerifier for Pinning {
             ocsp_response,
             now,
         );
-        if checked.is_ok() || !self.pinned.iter().any(|p| p[..] == end_entity[..]) {
+        if !self.pinned.iter().any(|p| p[..] == end_entity[..]) {
+            return checked;
+        }
+        let leaf = parse_leaf(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        // What it may be used for is checked too, as OpenSSL does, also where webpki took it
+        // (a self-signed end entity as its own anchor, whose key usage webpki does not read):
+        // before, a pinned certificate made for clients only, or a CA's that signs
+        // certificates only, was taken to serve.
+        if !leaf.serves_tls {
+            return Err(rustls::CertificateError::InvalidPurpose.into());
+        }
+        if checked.is_ok() {
             return checked;
         }
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_name(&parsed, server_name)?;
-        let leaf = parse_leaf(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::BadEncoding,
-        ))?;
-        // What it may be used for is checked too, as OpenSSL does (before, a pinned
-        // certificate made for clients only, or a CA's that signs certificates only, was
-        // taken to serve).
-        if !leaf.serves_tls {
-            return Err(rustls::CertificateError::InvalidPurpose.into());
-        }
         let now = now.as_secs() as i64;
         if now >= leaf.not_after {
             return Err(rustls::CertificateError::Expired.into());
@@ -838,8 +842,10 @@ pub struct Leaf {
     pub not_before: i64,
     pub not_after: i64,
     /// Whether its extensions let it serve TLS, as OpenSSL's purpose check for a server
-    /// takes it: no extended key usage, or one with `serverAuth`; no key usage, or one with
-    /// `digitalSignature`, `keyEncipherment` or `keyAgreement`.
+    /// takes it: no extended key usage, or one with `serverAuth` (or a server-gated-crypto
+    /// purpose, Microsoft's or Netscape's); no key usage, or one with `digitalSignature`,
+    /// `keyEncipherment` or `keyAgreement`; no Netscape certificate type, or one with its
+    /// SSL server bit.
     pub serves_tls: bool,
 }
 
@@ -891,13 +897,24 @@ pub fn parse_leaf(der: &[u8]) -> Option<Leaf> {
                 [0x55, 0x1d, 0x25] => {
                     serves_tls &= Der::read(value, 0x30).is_some_and(|(mut list, _)| {
                         while let Some((purpose, next)) = Der::read(list, 0x06) {
-                            if purpose == [0x2b, 6, 1, 5, 5, 7, 3, 1] {
+                            // serverAuth, msSGC (1.3.6.1.4.1.311.10.3.3), nsSGC
+                            // (2.16.840.1.113730.4.1), as OpenSSL's server check takes them.
+                            if purpose == [0x2b, 6, 1, 5, 5, 7, 3, 1]
+                                || purpose == [0x2b, 6, 1, 4, 1, 0x82, 0x37, 0x0a, 3, 3]
+                                || purpose == [0x60, 0x86, 0x48, 1, 0x86, 0xf8, 0x42, 4, 1]
+                            {
                                 return true;
                             }
                             list = next;
                         }
                         false
                     });
+                }
+                // Netscape's certificate type (2.16.840.1.113730.1.1): a bit string whose
+                // second bit is "SSL server".
+                [0x60, 0x86, 0x48, 1, 0x86, 0xf8, 0x42, 1, 1] => {
+                    serves_tls &= Der::read(value, 0x03)
+                        .is_some_and(|(bits, _)| bits.get(1).is_some_and(|b| b & 0x40 != 0));
                 }
                 // keyUsage: a bit string whose first bits are digitalSignature (0),
                 // nonRepudiation, keyEncipherment (2), dataEncipherment, keyAgreement (4).

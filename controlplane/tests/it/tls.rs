@@ -1098,6 +1098,45 @@ fn lines_origin() -> Origin {
 }
 
 #[test]
+fn a_busy_tunnel_cut_by_the_drain_ends_with_close_notify() {
+    // An origin that switches, then sends 64 KiB every millisecond: never quiet. The drain's end
+    // cuts the tunnel, and the TLS client sees an orderly end, with close_notify (the first
+    // version of the change shut the sockets' reading, which on Linux still returns what
+    // comes, so the busy direction relayed on until the sockets were shut whole).
+    let dir = temp_dir("tls-ws-busy");
+    let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));
+    let origin = Origin::start(std::sync::Arc::new(
+        |_req: &Received, s: &mut std::net::TcpStream| {
+            let _ = s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\n\r\n",
+            );
+            for _ in 0..5000 {
+                if s.write_all(&[b'x'; 64 << 10]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Keep::Close
+        },
+    ));
+    let config = format!(
+        "{}\n[shutdown]\ndrain_timeout_ms = 300\n",
+        tls_config(origin.addr, &a, &b)
+    );
+    let mut gw = Gateway::start(&config, Driver::IoUring);
+    let request = "GET /busy HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\n\r\n";
+    let mut reader = TlsReader::spawn(gw.listeners[0], a.cert.to_str().unwrap(), "a.test", request);
+    reader.wait_answered();
+    gw.signal(libc::SIGTERM);
+    let (end, data) = reader.finish();
+    assert!(String::from_utf8_lossy(&data[..20]).starts_with("HTTP/1.1 101"));
+    assert_eq!(end, "close_notify");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
 fn a_websocket_tunnel_runs_over_tls() {
     let dir = temp_dir("tls-ws");
     let (a, b) = (Cert::new(&dir, "a.test"), Cert::new(&dir, "b.test"));

@@ -133,10 +133,28 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     };
     let client_only = purposed("client-only", "extendedKeyUsage=clientAuth");
     let signer = purposed("signer", "keyUsage=critical,keyCertSign,cRLSign");
+    // Not a CA, so webpki takes it as its own anchor without reading its key usage (the
+    // first version of the check ran only where webpki refused); a Netscape type for
+    // clients only; and one for server-gated crypto, which OpenSSL takes for a server.
+    let end_crl = Cert::with_extensions(
+        &dir,
+        "end-crl",
+        "/CN=up.test",
+        &[
+            "subjectAltName=DNS:up.test",
+            "basicConstraints=critical,CA:FALSE",
+            "keyUsage=cRLSign",
+        ],
+    );
+    let ns_client = purposed("ns-client", "nsCertType=client");
+    let sgc = purposed("sgc", "extendedKeyUsage=msSGC");
     let mut open = HttpsPeer::start(&leaf, None);
     let mutual = HttpsPeer::start(&srv, Some(&client));
     let clients_only = HttpsPeer::start(&client_only, None);
     let signs_only = HttpsPeer::start(&signer, None);
+    let crl_only = HttpsPeer::start(&end_crl, None);
+    let ns_clients = HttpsPeer::start(&ns_client, None);
+    let gated = HttpsPeer::start(&sgc, None);
     let log = dir.join("access.log");
 
     // The gateway's TLS listener offering only h2, as an HTTP/2 upstream.
@@ -236,6 +254,30 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
             format!(
                 "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}",
                 signer.cert.display()
+            ),
+        ),
+        (
+            "own-crl",
+            crl_only.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}",
+                end_crl.cert.display()
+            ),
+        ),
+        (
+            "own-ns-client",
+            ns_clients.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}",
+                ns_client.cert.display()
+            ),
+        ),
+        (
+            "own-sgc",
+            gated.addr,
+            format!(
+                "tls = {{ server_name = \"up.test\", ca_file = \"{}\" }}",
+                sgc.cert.display()
             ),
         ),
     ];
@@ -350,6 +392,8 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/own-wrong-name/",
         "/own-client-only/",
         "/own-signer/",
+        "/own-crl/",
+        "/own-ns-client/",
     ];
     for path in refused {
         let (status, body) = request(&gw, "GET", path, b"");
@@ -376,7 +420,10 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
     // Every request above has its line: the access log is written behind the answers, so
     // a count short of them all could read the log before the last ones (a run of the whole
     // suite found `/own-wrong-name/`'s missing with 16).
-    let lines = wait_log_lines(&log, 22);
+    // Server-gated crypto is a purpose OpenSSL takes for a server (the first version of the
+    // check refused it).
+    assert_eq!(answer(&gw, "/own-sgc/")["sni"], "up.test");
+    let lines = wait_log_lines(&log, 25);
     let kind = |path: &str| {
         lines
             .iter()
@@ -392,6 +439,8 @@ fn https_upstreams_are_verified_pooled_and_health_checked() {
         "/own-wrong-name/",
         "/own-client-only/",
         "/own-signer/",
+        "/own-crl/",
+        "/own-ns-client/",
     ];
     for path in tls_failures {
         assert_eq!(kind(path), "upstream_tls", "{path}");

@@ -286,6 +286,11 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn(Option<ErrorKind>)
             Ok(0) if truncated() => break Some(from_failed),
             Ok(0) => break None,
             Err(_) => break Some(from_failed),
+            // Ended by the gateway: a socket whose reading is shut still returns what was
+            // queued or comes after (Linux), so a busy direction stops here and ends its
+            // other side in order (the first version relayed on until the 200 ms shut, and
+            // the close_notify never went).
+            Ok(_) if closing.get() => break None,
             Ok(n) => copied += n as u64,
         }
         activity.set(Instant::now());
