@@ -236,8 +236,9 @@ pub(crate) async fn tunnel<S: ClientStream>(
 }
 
 /// How long the directions of a tunnel the gateway ends have to end in order (a close_notify
-/// out, a FIN) before their sockets are shut whole.
-const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+/// out, a FIN) before their sockets are shut whole: a write under way to a side that reads,
+/// slowly, finishes within it (200 ms was not always enough on a loaded machine).
+const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the two directions of a tunnel share.
 struct Tunnel<'a, A> {
@@ -288,7 +289,7 @@ async fn copy_half<R: AsyncReadRent, W: AsyncWriteRent, A: Fn(Option<ErrorKind>)
             Err(_) => break Some(from_failed),
             // Ended by the gateway: a socket whose reading is shut still returns what was
             // queued or comes after (Linux), so a busy direction stops here and ends its
-            // other side in order (the first version relayed on until the 200 ms shut, and
+            // other side in order (the first version relayed on until the sockets were shut, and
             // the close_notify never went).
             Ok(_) if closing.get() => break None,
             Ok(n) => copied += n as u64,
