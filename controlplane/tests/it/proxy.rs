@@ -768,6 +768,8 @@ fn heads_in_small_pieces_are_answered_as_whole_ones(driver: Driver) {
         // Ended with a stray CR (no empty line the parser takes for one): refused at once,
         // not at the header timeout (the first version of the change waited for that).
         ("GET / HTTP/1.1\r\nHost: a\r\r\n".to_owned(), 400),
+        // And with a line of whitespace only.
+        ("GET / HTTP/1.1\r\nHost: a\r\n \r\n".to_owned(), 400),
     ];
     for (req, status) in cases {
         let mut c = gw.connect();

@@ -103,8 +103,9 @@ pub enum BodyKind {
 /// - a size bound of the parser's was crossed (`marks`: 431, 414);
 /// - a line ended with an empty line after the head's first byte, which ends the head (or
 ///   makes it malformed). Empty lines before a request line (RFC 9112 2.2) do not count;
-/// - a CR came that no LF follows, which no head may hold (a peer that ends its lines so
-///   would otherwise wait for the header timeout, not get its 400 or 502 at once).
+/// - a CR came that no LF follows, or a line that starts with whitespace, which no head may
+///   hold (a peer that sent such a head whole would otherwise wait for the header timeout,
+///   not get its 400 or 502 at once).
 #[derive(Debug, Default)]
 pub(crate) struct Reparse {
     /// The head's length at the last parse (0: none yet).
@@ -158,10 +159,14 @@ impl Reparse {
     }
 }
 
-/// Whether a CR at `from` or after is followed by a byte other than LF.
+/// Whether a CR at `from` or after is followed by a byte other than LF, or an LF by a space
+/// or a tab (a line folded or of whitespace only, which no head may hold either).
 fn bare_cr(buf: &[u8], from: usize) -> bool {
-    buf.get(from..)
-        .is_some_and(|b| b.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n'))
+    buf.get(from..).is_some_and(|b| {
+        b.windows(2).any(|w| {
+            (w[0] == b'\r' && w[1] != b'\n') || (w[0] == b'\n' && matches!(w[1], b' ' | b'\t'))
+        })
+    })
 }
 
 /// Whether an LF at `from` or after ends an empty line (`LF LF` or `LF CR LF`).
@@ -627,6 +632,17 @@ mod tests {
         let mut r = Reparse::default();
         assert!(r.due(b"GET /r HTTP/1.1\r", &[]));
         assert!(r.due(b"GET /r HTTP/1.1\rHost: a\r\r", &[]));
+        // A line of whitespace (or folded) after the fields.
+        for (first, then) in [
+            (&b"\r\n"[..], &b" \r\n"[..]),
+            (b"\r\n", b"\t\r\n"),
+            (b"\n", b" \n"),
+        ] {
+            let mut r = Reparse::default();
+            let head = [&b"GET /r HTTP/1.1\r\nHost: a"[..], first].concat();
+            assert!(r.due(&head, &[]));
+            assert!(r.due(&[&head[..], then].concat(), &[]), "{then:?}");
+        }
         // A new head in the same buffer starts over.
         let mut r = Reparse::default();
         assert!(r.due(b"GET / HTTP/1.1\r\n", &[]));

@@ -819,8 +819,13 @@ impl Sink for H2Sink {
             }
         }
         // Its HTTP/1.1 form's bytes, as an HTTP/1.1 client's head counts (before, none: the
-        // gateway's own trailers-only gRPC answer was logged with `bytes_out` 0).
-        self.sent += head_bytes(&headers) as u64;
+        // gateway's own trailers-only gRPC answer was logged with `bytes_out` 0), its own
+        // status line's.
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|c| c.canonical_reason());
+        let line = "HTTP/1.1 200 \r\n".len() + reason.map_or(0, str::len);
+        self.sent += (head_bytes(&headers) - "HTTP/1.1 200 OK\r\n".len() + line) as u64;
         let mut resp = http::Response::new(());
         *resp.status_mut() = http::StatusCode::from_u16(status).map_err(|_| ())?;
         *resp.headers_mut() = headers;
@@ -1576,7 +1581,9 @@ pub(super) async fn forward<S: ClientStream>(
                     // A connection that ended (GOAWAY, closed) while pooled.
                     log::debug!("upstream HTTP/2 stream not opened: {e}");
                     conn.mark_closed();
-                    if reused && !fresh && !resent {
+                    // Also after a refused stream's resend on it (found gone away since: the
+                    // review of the first version saw a 502 where a new connection served).
+                    if reused && !fresh {
                         fresh = true;
                         resent = true;
                         connector.count_resend(target, &mut req.attempts);

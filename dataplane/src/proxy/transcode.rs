@@ -144,7 +144,9 @@ fn weight(p: &[u8]) -> Option<u16> {
     };
     let digits = |d: &[u8]| d.iter().all(u8::is_ascii_digit);
     let whole = match int {
-        b"0" if digits(frac) && frac.len() <= 3 => 0,
+        // More than three decimals is no weight RFC 9110 allows; its first three count
+        // (`q=0.0000` is still "not this one").
+        b"0" if digits(frac) => 0,
         b"1" if frac.iter().all(|&b| b == b'0') && frac.len() <= 3 => return Some(1000),
         _ => return Some(1000),
     };
@@ -646,6 +648,7 @@ mod tests {
         assert_eq!(weight(b"q=0.25"), Some(250));
         assert_eq!(weight(b"Q=1.000"), Some(1000));
         assert_eq!(weight(b"q=0"), Some(0));
+        assert_eq!(weight(b"q=0.0000"), Some(0));
         assert_eq!(weight(b"charset=utf-8"), None);
     }
 
