@@ -443,10 +443,7 @@ fn reconcile_forever(config: &ArcSwap<Snapshot>) {
         let mut why = String::new();
         if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
             // Its handshake (AUTH, SELECT) is a call waited on too.
-            WAITING_SINCE_NS.store(super::ratelimit::now_ns().max(1), Ordering::Relaxed);
-            let connected = Redis::connect(&addr);
-            WAITING_SINCE_NS.store(0, Ordering::Relaxed);
-            conn = match connected {
+            conn = match waited(|| Redis::connect(&addr)) {
                 Ok(r) => Some((addr.clone(), r)),
                 Err(e) => {
                     why = format!("cannot connect: {}", reason(&e));
@@ -731,9 +728,15 @@ fn silence_ns() -> u64 {
 
 /// One script call, while [`WAITING_SINCE_NS`] says since when it waits.
 fn eval_waited(redis: &mut Redis, args: &[Vec<u8>]) -> std::io::Result<Vec<Reply>> {
+    waited(|| redis.eval(args))
+}
+
+/// Runs `call` (one that waits on Redis) with [`WAITING_SINCE_NS`] saying since when, and
+/// its wait counted in [`LONGEST_WAIT_NS`].
+fn waited<T>(call: impl FnOnce() -> T) -> T {
     let sent = super::ratelimit::now_ns().max(1);
     WAITING_SINCE_NS.store(sent, Ordering::Relaxed);
-    let answer = redis.eval(args);
+    let answer = call();
     WAITING_SINCE_NS.store(0, Ordering::Relaxed);
     let waited = super::ratelimit::now_ns().saturating_sub(sent);
     LONGEST_WAIT_NS.fetch_max(waited, Ordering::Relaxed);

@@ -821,13 +821,11 @@ impl Sink for H2Sink {
         // Its HTTP/1.1 form's bytes, as an HTTP/1.1 client's head counts (before, none: the
         // gateway's own trailers-only gRPC answer was logged with `bytes_out` 0), its own
         // status line's.
-        let reason = http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|c| c.canonical_reason());
-        let line = "HTTP/1.1 200 \r\n".len() + reason.map_or(0, str::len);
+        let code = http::StatusCode::from_u16(status).map_err(|_| ())?;
+        let line = "HTTP/1.1 200 \r\n".len() + code.canonical_reason().map_or(0, str::len);
         self.sent += (head_bytes(&headers) - "HTTP/1.1 200 OK\r\n".len() + line) as u64;
         let mut resp = http::Response::new(());
-        *resp.status_mut() = http::StatusCode::from_u16(status).map_err(|_| ())?;
+        *resp.status_mut() = code;
         *resp.headers_mut() = headers;
         self.answer.send_head(resp, end).map_err(|_| ())
     }

@@ -173,6 +173,18 @@ pub(crate) async fn tunnel<S: ClientStream>(
         upstream_truncated,
         (upstream, client),
     );
+    // Waits until `at`, or less, until both directions are done.
+    let ended_or = async |at: Instant| {
+        let mut timer = std::pin::pin!(monoio::time::sleep_until(at.into()));
+        std::future::poll_fn(|cx| {
+            if open.get() == 0 {
+                return Poll::Ready(());
+            }
+            ended.set(Some(cx.waker().clone()));
+            timer.as_mut().poll(cx)
+        })
+        .await;
+    };
     let watchdog = async {
         loop {
             if open.get() == 0 {
@@ -193,35 +205,15 @@ pub(crate) async fn tunnel<S: ClientStream>(
                 // A write waiting on a peer that reads nothing does not end with the reads
                 // (nor a close_notify that cannot go out): a moment later, the sockets are
                 // shut whole, which ends it.
-                let grace = monoio::time::sleep(CLOSING_GRACE);
-                let mut grace = std::pin::pin!(grace);
-                std::future::poll_fn(|cx| {
-                    if open.get() == 0 {
-                        return Poll::Ready(());
-                    }
-                    ended.set(Some(cx.waker().clone()));
-                    grace.as_mut().poll(cx)
-                })
-                .await;
+                ended_or(Instant::now() + CLOSING_GRACE).await;
                 if open.get() > 0 {
                     shut(libc::SHUT_RDWR);
                 }
                 return;
             }
-            let tick = monoio::time::sleep_until(
-                quiet_until.min(Instant::now() + super::TUNNEL_TICK).into(),
-            );
-            let mut tick = std::pin::pin!(tick);
             // Until the tick, or at once when both directions are done: the request's end
             // (its log entry, `duration_ms`, what it holds on the upstream) does not wait.
-            std::future::poll_fn(|cx| {
-                if open.get() == 0 {
-                    return Poll::Ready(());
-                }
-                ended.set(Some(cx.waker().clone()));
-                tick.as_mut().poll(cx)
-            })
-            .await;
+            ended_or(quiet_until.min(Instant::now() + super::TUNNEL_TICK)).await;
         }
     };
     let (sent_up, sent_down, ()) = monoio::join!(up, down_half, watchdog);
